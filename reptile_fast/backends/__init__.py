@@ -1,0 +1,54 @@
+"""Inner-loop backends behind one protocol, and how ``backend="auto"`` picks one.
+
+Each backend lives in its own module and is imported only when asked for (no import-time side
+effects, and Triton is never imported on a machine that does not use it).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError
+
+__all__ = ["Backend", "InnerConfig", "InnerResult", "UnsupportedModelError", "BACKENDS",
+           "get_backend", "resolve_backend"]
+
+#: backend name -> "module:Class"
+BACKENDS = {
+    "reference": "reptile_fast.backends.reference:ReferenceBackend",
+}
+
+#: tried in this order by ``backend="auto"``; the first that supports the model wins.
+AUTO_ORDER = ("triton", "torch", "reference")
+
+
+def get_backend(name: str) -> Backend:
+    """A fresh instance of the backend called ``name``."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS) + ['auto']}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def resolve_backend(name: str, model, device: torch.device, config: InnerConfig) -> Backend:
+    """The backend for ``name``; for "auto", the fastest registered one that supports the model.
+
+    A named backend that cannot run the model raises ``UnsupportedModelError`` saying why.
+    """
+    if name != "auto":
+        backend = get_backend(name)
+        backend.check_supported(model, device, config)
+        return backend
+    for candidate in AUTO_ORDER:
+        if candidate not in BACKENDS:
+            continue
+        try:
+            backend = get_backend(candidate)
+            backend.check_supported(model, device, config)
+        except (UnsupportedModelError, ImportError):
+            continue
+        return backend
+    raise UnsupportedModelError("no backend supports this model")  # reference supports all

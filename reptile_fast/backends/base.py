@@ -1,0 +1,110 @@
+"""The small protocol every inner-loop backend implements.
+
+The trainer (``reptile_fast.Reptile``) owns φ, the outer loop and the outer update; a backend
+owns only the inner loop: given the model (whose current parameters are φ), a ``TaskBatch`` and
+the plan of minibatch indices, it returns every task's adapted parameters φ̃_i and inner losses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..tasks.base import TaskBatch
+
+__all__ = ["InnerConfig", "InnerResult", "Backend", "UnsupportedModelError"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model (or loss, device, optimizer) is outside what a backend can run."""
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """How each task's inner loop runs.
+
+    Attributes:
+        lr: inner learning rate.
+        optimizer: "sgd" (the seed's) or "adam" (β1 = ``adam_betas[0]``, fresh state per task).
+        loss: a name in ``reptile_fast.losses.LOSSES`` or a callable ``(pred, target) -> scalar``.
+        algorithm: "reptile" (pseudo-gradient φ − φ̃) or "fomaml" (gradient on a final, separate
+            minibatch at φ̃: the plan then holds ``steps + 1`` rows and the last is that batch).
+        grad_weights: optional ``(w_1, …, w_k)``: pseudo-gradient Σ w_i g_i over the inner
+            gradients (the paper's §6.2); all ones with SGD gives Reptile's direction / lr.
+    """
+
+    lr: float = 0.02
+    optimizer: str = "sgd"
+    loss: Union[str, Callable] = "mse"
+    algorithm: str = "reptile"
+    grad_weights: Optional[Tuple[float, ...]] = None
+    adam_betas: Tuple[float, float] = (0.0, 0.999)
+    adam_eps: float = 1e-8
+
+    @property
+    def needs_meta_grads(self) -> bool:
+        return self.algorithm == "fomaml" or self.grad_weights is not None
+
+    def train_steps(self, plan_rows: int) -> int:
+        """Inner updates taken for a plan with ``plan_rows`` rows (FOMAML keeps one back)."""
+        return plan_rows - 1 if self.algorithm == "fomaml" else plan_rows
+
+
+@dataclass
+class InnerResult:
+    """What a backend's inner loop returns, for ``T`` tasks and ``S`` inner updates.
+
+    Attributes:
+        params: name -> adapted parameters φ̃_i, ``[T, *param.shape]``, in ``model.named_parameters()`` order.
+        losses: ``[T, S]`` minibatch loss at each inner step, before that step's update.
+        meta_grads: name -> ``[T, *param.shape]`` per-task pseudo-gradient when the algorithm is
+            not plain Reptile (FOMAML or ``grad_weights``); None for Reptile.
+    """
+
+    params: Dict[str, torch.Tensor]
+    losses: torch.Tensor
+    meta_grads: Optional[Dict[str, torch.Tensor]] = None
+
+
+class Backend:
+    """Base class of inner-loop backends; subclasses set ``name`` and implement ``inner_loop``."""
+
+    name: ClassVar[str] = "?"
+
+    def check_supported(self, model: nn.Module, device: torch.device, config: InnerConfig) -> None:
+        """Raise ``UnsupportedModelError`` naming what this backend cannot run; None when it can."""
+
+    def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
+                   config: InnerConfig) -> InnerResult:
+        """Run every task's inner loop from the model's current parameters φ.
+
+        Args:
+            model: the meta-model; its parameters are φ and must not be modified.
+            tasks: ``T`` tasks on the model's device.
+            indices: long ``[T, R, B]`` plan; row ``s`` is the minibatch of inner step ``s``.
+            config: the inner-loop settings.
+        """
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, params: Dict[str, torch.Tensor], tasks: TaskBatch,
+                 config: InnerConfig) -> torch.Tensor:
+        """Loss of each task on all its points at its own parameters: float ``[T]``.
+
+        ``params`` maps names to ``[T, *shape]``.  The default runs ``functional_call`` task by
+        task on copies of the buffers (BatchNorm in train mode uses the batch's statistics and
+        the model's running statistics stay untouched).
+        """
+        from ..losses import resolve_loss
+
+        loss_fn = resolve_loss(config.loss)
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        out = []
+        with torch.no_grad():
+            for i in range(tasks.n_tasks):
+                p_i = {k: v[i] for k, v in params.items()}
+                b_i = {k: v.clone() for k, v in buffers.items()}
+                pred = torch.func.functional_call(model, {**p_i, **b_i}, (tasks.x[i],))
+                out.append(loss_fn(pred, tasks.y[i]).reshape(()))
+        return torch.stack(out)

@@ -1,0 +1,78 @@
+"""Models: a configurable MLP with the seed's defaults, and the paper's Omniglot conv net."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["MLP", "OmniglotConvNet", "ACTIVATIONS"]
+
+ACTIVATIONS = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,
+}
+
+
+class MLP(nn.Module):
+    """``in → hidden[0] → … → hidden[-1] → out`` with one activation between Linear layers.
+
+    ``MLP()`` is the seed's model (1 → 64 → 64 → 1, tanh) with the seed's state_dict keys
+    (``network.0.weight`` …).  Input ``[batch, input_dim]``, output ``[batch, output_dim]``.
+
+    Args:
+        input_dim, output_dim: feature sizes.
+        hidden_dim: width of every hidden layer (used when ``hidden_dims`` is None).
+        depth: number of hidden layers (used when ``hidden_dims`` is None); the seed's is 2.
+        hidden_dims: explicit widths, one per hidden layer.
+        activation: "tanh", "relu", "sigmoid" or "identity".
+    """
+
+    def __init__(self, input_dim: int = 1, hidden_dim: int = 64, output_dim: int = 1, *,
+                 depth: int = 2, hidden_dims: Sequence[int] | None = None, activation: str = "tanh"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if hidden_dims is None:
+            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+                raise ValueError(f"depth must be a non-negative int, got {depth!r}")
+            hidden_dims = [hidden_dim] * depth
+        dims = [input_dim, *hidden_dims, output_dim]
+        for d in dims:
+            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+                raise ValueError(f"layer sizes must be positive ints, got {dims}")
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                layers.append(ACTIVATIONS[activation]())
+        self.network = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+
+class OmniglotConvNet(nn.Module):
+    """The paper's Omniglot net: 4 × [conv 3×3, ``channels``, stride 2, BatchNorm, ReLU] + linear.
+
+    Input ``[batch, in_channels, H, W]`` (28×28 in the paper), output ``[batch, n_classes]`` logits.
+    """
+
+    def __init__(self, n_classes: int = 5, in_channels: int = 1, channels: int = 64,
+                 image_size: int = 28, n_blocks: int = 4):
+        super().__init__()
+        if n_classes < 1 or in_channels < 1 or channels < 1 or image_size < 1 or n_blocks < 1:
+            raise ValueError("OmniglotConvNet sizes must be positive")
+        blocks: list[nn.Module] = []
+        c, s = in_channels, image_size
+        for _ in range(n_blocks):
+            blocks += [nn.Conv2d(c, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels),
+                       nn.ReLU()]
+            c, s = channels, (s + 1) // 2
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(channels * s * s, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))

@@ -1,0 +1,47 @@
+"""Figures written by the jobs (matplotlib's object API: no global pyplot state, no display)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_before_after", "plot_learning_curve"]
+
+
+def plot_before_after(x, before, after, true, path, title: str = "") -> Path:
+    """The seed's figure: predictions before / after adaptation and the true function."""
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(np.asarray(x), np.asarray(before), label="Before")
+    ax.plot(np.asarray(x), np.asarray(after), label="After")
+    ax.plot(np.asarray(x), np.asarray(true), label="True")
+    ax.legend(fontsize=11)
+    if title:
+        ax.set_title(title)
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_learning_curve(losses: Sequence[float], path, window: int = 100,
+                        ylabel: str = "inner-loop loss") -> Path:
+    """Per-meta-step inner loss and its moving average, log scale."""
+    y = np.asarray(losses, dtype=np.float64)
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(np.arange(1, len(y) + 1), y, alpha=0.3, label="per meta-step")
+    w = max(1, min(window, len(y)))
+    if len(y) >= w > 1:
+        ma = np.convolve(y, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(w, len(y) + 1), ma, label=f"moving mean ({w})")
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel(ylabel)
+    if len(y) and np.all(y > 0):
+        ax.set_yscale("log")
+    ax.legend()
+    fig.savefig(path)
+    return Path(path)

@@ -1,0 +1,155 @@
+"""The data every backend shares: a batch of tasks and the minibatch plan.
+
+``TaskBatch`` holds the points of ``T`` tasks; ``sample_indices`` draws the plan of which points
+each inner step uses.  Making the plan explicit is what lets every backend see exactly the same
+minibatches, so equivalence tests can compare backends to the last float.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["TaskBatch", "TaskDistribution", "sample_indices"]
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """Points of ``T`` tasks with ``N`` points each.
+
+    Attributes:
+        x: float ``[T, N, *in_shape]`` inputs (``[T, N, in_features]`` for an MLP,
+            ``[T, N, C, H, W]`` for a conv net).
+        y: float ``[T, N, out_features]`` regression targets, or long ``[T, N]`` class labels.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        x, y = self.x, self.y
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"TaskBatch.x must be a torch.Tensor, got {type(x).__name__}")
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"TaskBatch.y must be a torch.Tensor, got {type(y).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"TaskBatch.x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 3:
+            raise ValueError(
+                f"TaskBatch.x must have shape [tasks, points, *features] (3 or more dims), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"TaskBatch.x needs at least one task and one point, got shape {tuple(x.shape)}")
+        if y.is_floating_point():
+            if y.dim() != 3:
+                raise ValueError(
+                    f"TaskBatch.y (regression targets) must have shape [tasks, points, out_features], "
+                    f"got shape {tuple(y.shape)}"
+                )
+            if y.dtype != x.dtype:
+                raise TypeError(f"TaskBatch.y dtype {y.dtype} differs from TaskBatch.x dtype {x.dtype}")
+        elif y.dtype == torch.long:
+            if y.dim() != 2:
+                raise ValueError(
+                    f"TaskBatch.y (class labels) must have shape [tasks, points], got shape {tuple(y.shape)}"
+                )
+            if y.numel() and int(y.min()) < 0:
+                raise ValueError("TaskBatch.y class labels must be non-negative")
+        else:
+            raise TypeError(
+                f"TaskBatch.y must be float (regression) or torch.long (class labels), got dtype {y.dtype}"
+            )
+        if tuple(y.shape[:2]) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"TaskBatch.x and TaskBatch.y disagree on [tasks, points]: "
+                f"{tuple(x.shape[:2])} vs {tuple(y.shape[:2])}"
+            )
+        if x.device != y.device:
+            raise ValueError(f"TaskBatch.x is on {x.device} but TaskBatch.y is on {y.device}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("TaskBatch.x contains NaN or infinite values")
+        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            raise ValueError("TaskBatch.y contains NaN or infinite values")
+
+    @property
+    def n_tasks(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def n_points(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def is_classification(self) -> bool:
+        return self.y.dtype == torch.long
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def to(self, device=None, dtype=None) -> "TaskBatch":
+        """Move to ``device``; ``dtype`` casts the inputs (and float targets)."""
+        x = self.x.to(device=device, dtype=dtype)
+        y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
+        return TaskBatch(x, y)
+
+    def __getitem__(self, item) -> "TaskBatch":
+        """Select tasks: ``tasks[0:4]`` or ``tasks[[0, 2]]`` keeps the task dimension."""
+        if isinstance(item, int):
+            item = slice(item, item + 1 if item != -1 else None)
+        return TaskBatch(self.x[item], self.y[item])
+
+
+@runtime_checkable
+class TaskDistribution(Protocol):
+    """Anything with ``sample(n_tasks, *, generator=None, device=None) -> TaskBatch``."""
+
+    def sample(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
+               device=None) -> TaskBatch: ...
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def sample_indices(
+    n_tasks: int,
+    inner_steps: int,
+    n_points: int,
+    batch_size: int,
+    *,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+) -> torch.Tensor:
+    """Draw the minibatch plan: long ``[n_tasks, inner_steps, batch_size]``.
+
+    For every task and step, ``batch_size`` distinct point indices drawn uniformly from
+    ``range(n_points)`` in random order: the distribution of ``torch.randperm(n_points)[:batch_size]``
+    that the seed draws at every inner step.  Drawn on the generator's device (CPU by default)
+    and moved to ``device``, so a seeded generator gives the same plan wherever it is used.
+    """
+    _check_positive_int("n_tasks", n_tasks)
+    _check_positive_int("inner_steps", inner_steps)
+    _check_positive_int("n_points", n_points)
+    _check_positive_int("batch_size", batch_size)
+    if batch_size > n_points:
+        raise ValueError(
+            f"batch_size ({batch_size}) must not exceed n_points ({n_points}): "
+            f"a minibatch holds distinct points"
+        )
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    # A uniformly random permutation per (task, step): argsort of i.i.d. uniforms.  Ties have
+    # probability ~N^2 / 2^24 per row in fp32, so draw in float64 where they are negligible.
+    keys = torch.rand(n_tasks, inner_steps, n_points, generator=generator, device=draw_device,
+                      dtype=torch.float64)
+    if batch_size == n_points:
+        idx = keys.argsort(dim=-1)
+    else:
+        idx = keys.topk(batch_size, dim=-1, largest=False, sorted=True).indices
+    return idx.to(device=device if device is not None else draw_device)

@@ -1,0 +1,78 @@
+"""Sine-wave regression, the seed's task family: y = a·sin(x + b) on a fixed grid."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .base import TaskBatch, _check_positive_int
+
+__all__ = ["Sine"]
+
+
+def _check_range(name: str, value) -> Tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if hi < lo:
+        raise ValueError(f"{name} must have low <= high, got {value!r}")
+    return lo, hi
+
+
+class Sine:
+    """Sine tasks ``y = a·sin(x + b)``, ``a ~ U[amplitude]``, ``b ~ U[phase]``.
+
+    Every task uses the same grid ``x = linspace(*x_range, n_points)``, as the seed does.
+
+    Args:
+        amplitude: (low, high) of the uniform amplitude; the seed's is (0.1, 5.0).
+        phase: (low, high) of the uniform phase; the seed's is (0, 2π).
+        n_points: points on the grid (the seed's 50).
+        x_range: the grid's ends (the seed's (-5, 5)).
+    """
+
+    def __init__(self, amplitude=(0.1, 5.0), phase=(0.0, 2 * math.pi), n_points: int = 50,
+                 x_range=(-5.0, 5.0)):
+        self.amplitude = _check_range("amplitude", amplitude)
+        self.phase = _check_range("phase", phase)
+        self.n_points = _check_positive_int("n_points", n_points)
+        self.x_range = _check_range("x_range", x_range)
+
+    def __repr__(self) -> str:
+        return (f"Sine(amplitude={self.amplitude}, phase={self.phase}, n_points={self.n_points}, "
+                f"x_range={self.x_range})")
+
+    def grid(self, device=None) -> torch.Tensor:
+        """The shared inputs, float32 ``[n_points]``."""
+        return torch.linspace(self.x_range[0], self.x_range[1], self.n_points, device=device)
+
+    def sample_params(self, n_tasks: int, *, generator: Optional[torch.Generator] = None):
+        """Amplitudes and phases, float64 ``[n_tasks]`` each, drawn on the generator's device."""
+        _check_positive_int("n_tasks", n_tasks)
+        dev = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(2, n_tasks, generator=generator, device=dev, dtype=torch.float64)
+        a = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]
+        b = self.phase[0] + (self.phase[1] - self.phase[0]) * u[1]
+        return a, b
+
+    def make(self, amplitude: torch.Tensor, phase: torch.Tensor, device=None) -> TaskBatch:
+        """Tasks with the given amplitudes and phases (``[T]`` each), as the seed computes them:
+        ``float32(a) * sin(grid + float32(b))``."""
+        a = torch.as_tensor(amplitude, dtype=torch.float32).reshape(-1, 1)
+        b = torch.as_tensor(phase, dtype=torch.float32).reshape(-1, 1)
+        if a.shape != b.shape:
+            raise ValueError(f"amplitude and phase must have the same length, got {a.shape[0]} and {b.shape[0]}")
+        a, b = a.to(device), b.to(device)
+        x = self.grid(device).unsqueeze(0)
+        y = a * torch.sin(x + b)
+        return TaskBatch(x.expand(a.shape[0], -1).unsqueeze(-1).contiguous(), y.unsqueeze(-1))
+
+    def sample(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
+               device=None) -> TaskBatch:
+        """``n_tasks`` tasks: x float32 ``[T, n_points, 1]`` (the grid), y float32 ``[T, n_points, 1]``."""
+        a, b = self.sample_params(n_tasks, generator=generator)
+        return self.make(a, b, device=device if device is not None else a.device)

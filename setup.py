@@ -1,0 +1,31 @@
+"""Install reptile_fast; the Triton kernels in ``kernels/`` install as ``reptile_fast.kernels``."""
+from setuptools import setup
+
+setup(
+    name="reptile_fast",
+    version="0.1.0",
+    description="Fast Reptile meta-learning (Nichol, Achiam, Schulman 2018) with a seed-faithful reference",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "reptile_fast",
+        "reptile_fast.backends",
+        "reptile_fast.tasks",
+        "reptile_fast.kernels",
+    ],
+    # kernels/ lives at the top of the tree (the user's layout) but is imported as
+    # reptile_fast.kernels: a top-level module named ``kernels`` would clash with PyPI.
+    package_dir={"reptile_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["reptile-fast=reptile_fast.cli:main"]},
+)

@@ -1,0 +1,37 @@
+"""Test setup: the Triton interpreter on machines without CUDA, TF32 off, fixed seeds."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Must happen before any Triton kernel module is imported: @triton.jit reads it at decoration.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Correctness tests compare fp32 results to the last float: no TF32 anywhere.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SEED_PROGRAM = SHARED / "seed" / "seed_program.py"
+OMNIGLOT = SHARED / "data" / "omniglot"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def seed_module():
+    """The user's seed program, imported from ../shared (skipped where it is absent)."""
+    if not SEED_PROGRAM.exists():
+        pytest.skip("../shared/seed/seed_program.py is not present")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seed_program", SEED_PROGRAM)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # its __main__ block does not run
+    return module

@@ -1,0 +1,115 @@
+"""TaskBatch validation, the sample_indices plan and the Sine task family."""
+import math
+
+import pytest
+import torch
+
+from reptile_fast import Sine, TaskBatch, reference, sample_indices
+
+
+def test_taskbatch_shapes_regression_and_classification():
+    tb = TaskBatch(torch.zeros(3, 7, 2), torch.zeros(3, 7, 4))
+    assert (tb.n_tasks, tb.n_points, tb.is_classification) == (3, 7, False)
+    tc = TaskBatch(torch.zeros(2, 5, 1, 4, 4), torch.zeros(2, 5, dtype=torch.long))
+    assert tc.is_classification
+    assert tb[1].n_tasks == 1 and tb[0:2].n_tasks == 2
+
+
+@pytest.mark.parametrize("x, y, exc, words", [
+    (torch.zeros(3, 7), torch.zeros(3, 7, 1), ValueError, "shape"),
+    (torch.zeros(3, 7, 1, dtype=torch.long), torch.zeros(3, 7, 1), TypeError, "floating"),
+    (torch.zeros(3, 7, 1), torch.zeros(3, 6, 1), ValueError, "disagree"),
+    (torch.zeros(3, 7, 1), torch.zeros(3, 7), ValueError, "out_features"),
+    (torch.zeros(3, 7, 1), torch.zeros(3, 7, 1, dtype=torch.long), ValueError, "labels"),
+    (torch.zeros(3, 7, 1), torch.zeros(3, 7, 1, dtype=torch.int32), TypeError, "long"),
+    (torch.zeros(3, 7, 1), torch.zeros(3, 7, 1, dtype=torch.float64), TypeError, "dtype"),
+    (torch.full((3, 7, 1), math.nan), torch.zeros(3, 7, 1), ValueError, "NaN"),
+    (torch.zeros(3, 7, 1), torch.full((3, 7, 1), math.inf), ValueError, "NaN or infinite"),
+    (torch.zeros(0, 7, 1), torch.zeros(0, 7, 1), ValueError, "at least one task"),
+    ([[0.0]], torch.zeros(1, 1, 1), TypeError, "torch.Tensor"),
+    (torch.zeros(2, 3, 1), -torch.ones(2, 3, dtype=torch.long), ValueError, "non-negative"),
+])
+def test_taskbatch_rejects_bad_input(x, y, exc, words):
+    with pytest.raises(exc, match=words):
+        TaskBatch(x, y)
+
+
+def test_sample_indices_shape_distinct_and_range():
+    idx = sample_indices(64, 5, 50, 10, generator=torch.Generator().manual_seed(0))
+    assert idx.shape == (64, 5, 10) and idx.dtype == torch.long
+    assert int(idx.min()) >= 0 and int(idx.max()) < 50
+    sorted_idx = idx.sort(-1).values
+    assert bool((sorted_idx[..., 1:] != sorted_idx[..., :-1]).all()), "indices repeat within a step"
+
+
+def test_sample_indices_full_batch_is_permutation():
+    idx = sample_indices(4, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(idx.sort(-1).values, torch.arange(9).expand(4, 3, 9))
+
+
+def test_sample_indices_deterministic_with_generator():
+    a = sample_indices(8, 5, 50, 10, generator=torch.Generator().manual_seed(7))
+    b = sample_indices(8, 5, 50, 10, generator=torch.Generator().manual_seed(7))
+    c = sample_indices(8, 5, 50, 10, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sample_indices_uniform_frequencies():
+    """Each point is in a batch with probability B/N and each position is uniform over points:
+    chi-square over 20k draws at a threshold ~ 6 standard deviations above its mean."""
+    n, b, draws = 20, 5, 20000
+    idx = sample_indices(draws, 1, n, b, generator=torch.Generator().manual_seed(3))
+    for counts in (torch.bincount(idx.flatten(), minlength=n).double(),
+                   torch.bincount(idx[:, 0, 0], minlength=n).double()):
+        expected = counts.sum() / n
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        dof = n - 1
+        assert chi2 < dof + 6 * math.sqrt(2 * dof), chi2
+
+
+@pytest.mark.parametrize("args, exc", [
+    ((4, 5, 10, 11), ValueError),
+    ((0, 5, 10, 2), ValueError),
+    ((4, 0, 10, 2), ValueError),
+    ((4, 5, 10, 0), ValueError),
+    ((4.0, 5, 10, 2), TypeError),
+])
+def test_sample_indices_rejects_bad_input(args, exc):
+    with pytest.raises(exc):
+        sample_indices(*args)
+
+
+def test_sine_shapes_ranges_determinism():
+    sine = Sine()
+    g = torch.Generator().manual_seed(0)
+    tb = sine.sample(500, generator=g)
+    assert tb.x.shape == (500, 50, 1) and tb.y.shape == (500, 50, 1)
+    assert torch.equal(tb.x[0, :, 0], torch.linspace(-5, 5, 50))
+    assert torch.equal(tb.x[0], tb.x[-1])
+    a, b = sine.sample_params(10000, generator=torch.Generator().manual_seed(1))
+    assert 0.1 <= float(a.min()) and float(a.max()) <= 5.0
+    assert 0.0 <= float(b.min()) and float(b.max()) <= 2 * math.pi
+    assert abs(float(a.mean()) - 2.55) < 0.05 and abs(float(b.mean()) - math.pi) < 0.05
+    amp = tb.y.abs().amax(dim=(1, 2))
+    assert float(amp.max()) <= 5.0 + 1e-5
+    t1 = sine.sample(4, generator=torch.Generator().manual_seed(9))
+    t2 = sine.sample(4, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(t1.y, t2.y)
+
+
+def test_sine_make_matches_seed_arithmetic():
+    torch.manual_seed(4)
+    a = torch.rand(1).item() * 4.9 + .1
+    b = torch.rand(1).item() * 2 * math.pi
+    torch.manual_seed(4)
+    x, y, _ = reference.sample_task()
+    tb = Sine().make(torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64))
+    assert torch.equal(tb.x[0, :, 0], x) and torch.equal(tb.y[0, :, 0], y)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"amplitude": (5.0, 0.1)}, {"phase": (0.0, math.inf)}, {"n_points": 0}, {"amplitude": 3.0},
+])
+def test_sine_rejects_bad_config(kwargs):
+    with pytest.raises((ValueError, TypeError)):
+        Sine(**kwargs)

@@ -1,0 +1,188 @@
+"""The Reptile trainer: outer update, schedule, fit/adapt/evaluate, and clear errors for bad input."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from reptile_fast import MLP, NonFiniteError, Reptile, Sine, TaskBatch, sample_indices
+from reptile_fast.backends import UnsupportedModelError
+
+
+def sine_batch(T, seed=0):
+    return Sine().sample(T, generator=torch.Generator().manual_seed(seed))
+
+
+def test_meta_step_is_interpolation_toward_mean_adapted():
+    """φ_new = φ + ε·mean_i(φ̃_i − φ), with φ̃_i from adapt() on the same plan (float64 check)."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    tasks = sine_batch(4).to(dtype=torch.float64)
+    idx = sample_indices(4, 5, 50, 10, generator=torch.Generator().manual_seed(1))
+    trainer = Reptile(model, backend="reference", outer_lr=0.3)
+    phi = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapted = trainer.adapt(tasks, 5, idx).params
+    trainer.meta_step(tasks, idx)
+    for n, p in model.named_parameters():
+        expected = phi[n] + 0.3 * (adapted[n] - phi[n]).mean(0)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12, msg=n)
+
+
+def test_outer_optimizer_sgd_equals_interpolation():
+    torch.manual_seed(0)
+    m1 = MLP()
+    m2 = copy.deepcopy(m1)
+    tasks = sine_batch(3)
+    idx = sample_indices(3, 5, 50, 10, generator=torch.Generator().manual_seed(2))
+    Reptile(m1, backend="reference", outer_lr=0.5).meta_step(tasks, idx)
+    opt = torch.optim.SGD(m2.parameters(), lr=0.5)
+    Reptile(m2, backend="reference", outer_optimizer=opt).meta_step(tasks, idx)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_linear_annealing_schedule():
+    trainer = Reptile(MLP(), backend="reference", outer_lr=1.0, outer_lr_final=0.0)
+    assert trainer.outer_lr_at(0, 100) == 1.0
+    assert trainer.outer_lr_at(50, 100) == pytest.approx(0.5)
+    assert trainer.outer_lr_at(100, 100) == pytest.approx(0.0)
+    seen = []
+    trainer.fit(Sine(), 4, progress=False, callback=lambda i, m: seen.append(m["outer_lr"]))
+    assert seen == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+def test_fit_is_reproducible_and_reduces_loss():
+    def run():
+        torch.manual_seed(0)
+        model = MLP()
+        trainer = Reptile(model, backend="reference", outer_lr=1.0)
+        trainer.fit(Sine(), 30, meta_batch_size=4, generator=torch.Generator().manual_seed(5), progress=False)
+        return model, trainer
+
+    m1, t1 = run()
+    m2, _ = run()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    held_out = sine_batch(16, seed=99)
+    post = t1.evaluate(held_out, 20, generator=torch.Generator().manual_seed(0))
+    pre = t1.evaluate(held_out, 0)
+    assert post.shape == (16,) and float(post.mean()) < float(pre.mean())
+
+
+def test_adapt_and_evaluate_leave_model_unchanged():
+    model = MLP()
+    before = copy.deepcopy(model.state_dict())
+    trainer = Reptile(model, backend="reference")
+    trainer.evaluate(sine_batch(2), 10)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_evaluate_zero_steps_is_loss_at_phi():
+    model = MLP()
+    tasks = sine_batch(3)
+    loss = Reptile(model, backend="reference").evaluate(tasks, 0)
+    with torch.no_grad():
+        expected = torch.stack([((model(tasks.x[i]) - tasks.y[i]) ** 2).mean() for i in range(3)])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_non_finite_update_raises_and_keeps_phi():
+    model = MLP()
+    before = copy.deepcopy(model.state_dict())
+    trainer = Reptile(model, backend="reference", inner_lr=1e30)
+    with pytest.raises(NonFiniteError, match="meta-step 1"):
+        trainer.meta_step(TaskBatch(torch.full((1, 50, 1), 1e30), torch.full((1, 50, 1), 1e30)))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+class Unpicklable(nn.Module):
+    pass
+
+
+T1 = sine_batch(2)
+GOOD_IDX = sample_indices(2, 5, 50, 10)
+
+BAD_CONSTRUCTOR = [
+    (dict(model="not a module"), TypeError, "nn.Module"),
+    (dict(model=Unpicklable()), ValueError, "no parameters"),
+    (dict(inner_lr=0.0), ValueError, "inner_lr"),
+    (dict(inner_lr=-1.0), ValueError, "inner_lr"),
+    (dict(inner_lr=math.nan), ValueError, "inner_lr"),
+    (dict(inner_lr="0.1"), TypeError, "inner_lr"),
+    (dict(inner_steps=0), ValueError, "inner_steps"),
+    (dict(inner_steps=2.5), TypeError, "inner_steps"),
+    (dict(inner_batch_size=0), ValueError, "inner_batch_size"),
+    (dict(outer_lr=0), ValueError, "outer_lr"),
+    (dict(outer_lr=math.inf), ValueError, "outer_lr"),
+    (dict(outer_lr_final=-0.1), ValueError, "outer_lr_final"),
+    (dict(loss="hinge"), ValueError, "loss"),
+    (dict(loss=3), TypeError, "loss"),
+    (dict(backend="cuda-magic"), ValueError, "unknown backend"),
+    (dict(backend=1), TypeError, "backend"),
+    (dict(inner_optimizer="rmsprop"), ValueError, "inner_optimizer"),
+    (dict(algorithm="maml"), ValueError, "algorithm"),
+    (dict(inner_grad_weights=(1.0, 2.0)), ValueError, "inner_grad_weights"),
+    (dict(inner_grad_weights=(1.0,) * 5, algorithm="fomaml"), ValueError, "inner_grad_weights"),
+    (dict(outer_optimizer="adam"), TypeError, "outer_optimizer"),
+    (dict(outer_optimizer=torch.optim.SGD(MLP().parameters(), lr=0.1)), ValueError, "outer_optimizer"),
+    (dict(adam_betas=(0.0, 1.5)), ValueError, "adam_betas"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, words", BAD_CONSTRUCTOR)
+def test_bad_constructor_arguments(kwargs, exc, words):
+    kwargs = dict(kwargs)
+    model = kwargs.pop("model", MLP())
+    with pytest.raises(exc, match=words):
+        Reptile(model, **kwargs)
+
+
+BAD_META_STEP = [
+    (lambda: ("tasks", GOOD_IDX), TypeError, "TaskBatch"),
+    (lambda: (TaskBatch(torch.zeros(2, 50, 3), torch.zeros(2, 50, 1)), None), ValueError, "inputs of shape"),
+    (lambda: (TaskBatch(torch.zeros(2, 50, 1), torch.zeros(2, 50, 3)), None), ValueError, "does not match"),
+    (lambda: (TaskBatch(torch.zeros(2, 5, 1), torch.zeros(2, 5, 1)), None), ValueError, "inner_batch_size"),
+    (lambda: (TaskBatch(torch.zeros(2, 50, 1), torch.zeros(2, 50, dtype=torch.long)), None), TypeError, "mse"),
+    (lambda: (T1.to(dtype=torch.float64), None), TypeError, "dtype"),
+    (lambda: (T1, GOOD_IDX.float()), TypeError, "torch.long"),
+    (lambda: (T1, GOOD_IDX[:, :3]), ValueError, "shape"),
+    (lambda: (T1, GOOD_IDX[:1]), ValueError, "shape"),
+    (lambda: (T1, GOOD_IDX + 50), ValueError, r"\[0, 50\)"),
+    (lambda: (T1, GOOD_IDX - 1), ValueError, r"\[0, 50\)"),
+]
+
+
+@pytest.mark.parametrize("make, exc, words", BAD_META_STEP)
+def test_bad_meta_step_arguments(make, exc, words):
+    trainer = Reptile(MLP(), backend="reference")
+    tasks, idx = make()
+    with pytest.raises(exc, match=words):
+        trainer.meta_step(tasks, idx)
+
+
+def test_cross_entropy_label_out_of_range():
+    model = MLP(2, 16, 3)
+    trainer = Reptile(model, backend="reference", loss="cross_entropy")
+    tasks = TaskBatch(torch.zeros(1, 20, 2), torch.full((1, 20), 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="out of range"):
+        trainer.meta_step(tasks)
+
+
+@pytest.mark.parametrize("call, exc", [
+    (lambda t: t.fit("sine", 3), TypeError),
+    (lambda t: t.fit(Sine(), 0), ValueError),
+    (lambda t: t.fit(Sine(), 2, meta_batch_size=0), ValueError),
+    (lambda t: t.fit(Sine(), 2, generator=3), TypeError),
+    (lambda t: t.evaluate(T1, -1), ValueError),
+    (lambda t: t.adapt(T1, 0), ValueError),
+])
+def test_bad_fit_and_adapt_arguments(call, exc):
+    with pytest.raises(exc):
+        call(Reptile(MLP(), backend="reference"))
+
+
+def test_unsupported_backend_error_type():
+    assert issubclass(UnsupportedModelError, ValueError)
