@@ -17,6 +17,8 @@ __all__ = ["Backend", "InnerConfig", "InnerResult", "UnsupportedModelError", "BA
 #: backend name -> "module:Class"
 BACKENDS = {
     "reference": "reptile_fast.backends.reference:ReferenceBackend",
+    "torch": "reptile_fast.backends.torch_func:TorchBackend",
+    "triton": "reptile_fast.backends.triton:TritonBackend",
 }
 
 #: tried in this order by ``backend="auto"``; the first that supports the model wins.

@@ -1,0 +1,129 @@
+"""Recognise models that are a plain chain of ``nn.Linear`` layers and elementwise activations.
+
+The fast paths (the batched-matmul torch path, the fused Triton kernel, the compiled drop-in) run
+such models with hand-written forward/backward code; this module tells them whether a model is
+one, and how it is laid out.  It traces the model with ``torch.fx``, so reptile_fast's ``MLP``, a
+plain ``nn.Sequential`` and a user's module wrapping one (like the seed's ``MLP``) all qualify.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backends.base import UnsupportedModelError
+
+__all__ = ["MLPSpec", "extract_mlp_spec", "ACTIVATION_NAMES"]
+
+ACTIVATION_NAMES = ("identity", "tanh", "relu", "sigmoid")
+
+_MODULE_ACTS = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+_FUNCTION_ACTS = {torch.tanh: "tanh", torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid",
+                  F.sigmoid: "sigmoid", F.tanh: "tanh"}
+_METHOD_ACTS = {"tanh": "tanh", "relu": "relu", "sigmoid": "sigmoid"}
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """A chain ``x → Linear_0 → act_0 → Linear_1 → act_1 → … → Linear_{L-1} → act_{L-1}``.
+
+    Attributes:
+        dims: ``(in_features, hidden_1, …, out_features)``, length ``L + 1``.
+        activations: ``L`` names from ``ACTIVATION_NAMES``; the last is usually "identity".
+        weight_names, bias_names: the ``L`` parameter names, as in ``model.named_parameters()``.
+    """
+
+    dims: Tuple[int, ...]
+    activations: Tuple[str, ...]
+    weight_names: Tuple[str, ...]
+    bias_names: Tuple[str, ...]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.dims) - 1
+
+    @property
+    def n_hidden(self) -> int:
+        return self.n_layers - 1
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.dims[i] * self.dims[i + 1] + self.dims[i + 1] for i in range(self.n_layers))
+
+
+def extract_mlp_spec(model: nn.Module) -> MLPSpec:
+    """The model's ``MLPSpec``; raises ``UnsupportedModelError`` naming what does not fit."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means "not a plain chain"
+        raise UnsupportedModelError(f"{type(model).__name__} cannot be traced as a Linear/activation chain: {exc}") from None
+    modules = dict(gm.named_modules())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedModelError(f"{type(model).__name__}.forward must take exactly one input tensor")
+    current = placeholders[0]
+    dims: list[int] = []
+    acts: list[str] = []
+    weights: list[str] = []
+    biases: list[str] = []
+
+    def set_activation(name: str, node) -> None:
+        if not weights:
+            raise UnsupportedModelError(f"activation '{node.target}' before the first nn.Linear is not supported")
+        if acts[-1] != "identity" and name != "identity":
+            raise UnsupportedModelError(f"two activations in a row ({acts[-1]}, {name}) are not supported")
+        if name != "identity":
+            acts[-1] = name
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            if node.args[0] is not current:
+                raise UnsupportedModelError(f"{type(model).__name__} does not return the chain's last output")
+            break
+        if len(node.all_input_nodes) != 1 or node.all_input_nodes[0] is not current or node.kwargs and \
+                node.op != "call_function":
+            raise UnsupportedModelError(f"{type(model).__name__} is not a single chain of layers (at '{node.name}')")
+        if node.op == "call_module":
+            mod = modules[node.target]
+            if type(mod) is nn.Linear:
+                if mod.bias is None:
+                    raise UnsupportedModelError(f"nn.Linear '{node.target}' has no bias; only Linear layers with bias are supported")
+                if dims and dims[-1] != mod.in_features:
+                    raise UnsupportedModelError(f"nn.Linear '{node.target}' expects {mod.in_features} inputs, gets {dims[-1]}")
+                if not dims:
+                    dims.append(mod.in_features)
+                dims.append(mod.out_features)
+                acts.append("identity")
+                weights.append(f"{node.target}.weight")
+                biases.append(f"{node.target}.bias")
+            elif type(mod) in _MODULE_ACTS:
+                set_activation(_MODULE_ACTS[type(mod)], node)
+            else:
+                raise UnsupportedModelError(f"layer '{node.target}' ({type(mod).__name__}) is not supported; only "
+                                            f"nn.Linear and {sorted(ACTIVATION_NAMES)} activations")
+        elif node.op == "call_function" and node.target in _FUNCTION_ACTS and len(node.args) == 1:
+            set_activation(_FUNCTION_ACTS[node.target], node)
+        elif node.op == "call_method" and node.target in _METHOD_ACTS and len(node.args) == 1:
+            set_activation(_METHOD_ACTS[node.target], node)
+        else:
+            target = getattr(node.target, "__name__", node.target)
+            raise UnsupportedModelError(f"operation '{target}' in {type(model).__name__}.forward is not supported; "
+                                        f"only nn.Linear and {sorted(ACTIVATION_NAMES)} activations")
+        current = node
+    if not weights:
+        raise UnsupportedModelError(f"{type(model).__name__} has no nn.Linear layer")
+    used = set(weights) | set(biases)
+    names = [n for n, _ in model.named_parameters()]
+    if set(names) != used or len(used) != 2 * len(weights):
+        extra = sorted(set(names) - used)
+        raise UnsupportedModelError(f"{type(model).__name__} has parameters outside the Linear chain or shared "
+                                    f"between layers: {extra or 'shared weights'}")
+    return MLPSpec(tuple(dims), tuple(acts), tuple(weights), tuple(biases))
