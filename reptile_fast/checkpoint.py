@@ -1,17 +1,55 @@
-"""Atomic writes: a crash in the middle of a save never leaves a corrupt file behind."""
+"""Checkpoints for exact resume, written atomically and loaded safely.
+
+Atomic writes: a temporary file beside the target, flushed and fsync'ed, then renamed over it, so
+a crash in the middle of a save never leaves a corrupt file behind.
+
+A training checkpoint (``save_checkpoint``) holds everything needed to continue a run so that it
+ends with exactly the parameters of an uninterrupted one: the trainer's state (model parameters
+and buffers, outer-optimizer state, iteration, schedule length, hyper-parameters), every RNG in
+play (the ``torch.Generator`` given to ``fit``, torch's global CPU RNG, CUDA's when initialised,
+numpy's and Python's), the loss history and the caller's ``extra`` (e.g. the CLI job's config).
+Everything is stored as tensors, lists, dicts, strings and numbers, so ``load_checkpoint`` reads
+it with ``torch.load(weights_only=True)``: a checkpoint cannot run code.  Files are also checked
+against the CRC-32 that torch's zip format stores for every record, so a truncated or
+bit-flipped file is reported instead of loading wrong numbers.
+
+Layout of a checkpoint directory: ``checkpoint.pt`` (the latest) and ``checkpoint.prev.pt`` (the
+one before it, kept until the new one is in place).
+"""
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
 import tempfile
+import time
+import warnings
+import zipfile
 from pathlib import Path
-from typing import Any, Union
+from collections import OrderedDict
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
+           "CHECKPOINT_NAME", "PREVIOUS_NAME", "FORMAT", "VERSION",
+           "save_checkpoint", "load_checkpoint", "restore_checkpoint", "resolve_checkpoint_path",
+           "capture_rng_state", "restore_rng_state", "prepare_directory", "remove_stale_temporaries"]
 
 PathLike = Union[str, os.PathLike]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, racing other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _atomic_write(path: PathLike, write) -> Path:
@@ -24,6 +62,7 @@ def _atomic_write(path: PathLike, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
     except BaseException:
         try:
@@ -57,3 +96,345 @@ def atomic_write_json(path: PathLike, obj: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ---------------------------------------------------------------------------------- directories
+CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"
+FORMAT = "reptile_fast.checkpoint"
+VERSION = 1
+
+
+def _as_path(path, what: str) -> Path:
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
+    if str(path) == "":
+        raise ValueError(f"{what} must not be empty")
+    return Path(path)
+
+
+def prepare_directory(path: PathLike, what: str = "directory") -> Path:
+    """Create ``path`` (and parents) if needed and check that files can be written into it.
+
+    Raises ``NotADirectoryError`` when it (or a parent) is a file, ``PermissionError`` when it
+    cannot be created or written, each naming the path.
+    """
+    path = _as_path(path, what)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        parent = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        raise NotADirectoryError(f"cannot create {what} {path}: "
+                                 f"{parent if parent is not None else 'a parent'} is a file, not a directory") from None
+    except PermissionError:
+        raise PermissionError(f"cannot create {what} {path}: permission denied") from None
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create {what} {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path} is not writable")
+    return path
+
+
+def resolve_checkpoint_path(path: PathLike) -> Path:
+    """The checkpoint file for ``path``: a checkpoint file, or a directory holding ``checkpoint.pt``.
+
+    Raises ``FileNotFoundError`` / ``PermissionError`` / ``ValueError`` naming the path.
+    """
+    path = _as_path(path, "checkpoint path")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        file = path / CHECKPOINT_NAME
+        if not file.exists():
+            raise FileNotFoundError(f"no checkpoint in directory {path}: expected {file} (written by "
+                                    f"fit(checkpoint_dir=...) or `reptile-fast sine --out DIR`)")
+        path = file
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"checkpoint {path} is not readable (permission denied)")
+    return path
+
+
+# ---------------------------------------------------------------------------------- RNG states
+def capture_rng_state(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+    """Every RNG state in play, in forms ``torch.load(weights_only=True)`` reads back.
+
+    Returns a dict: ``torch`` (uint8 tensor), ``cuda`` (list of uint8 tensors, or None when CUDA
+    is not initialised), ``numpy`` (dict of name, int64 ``[624]`` keys, pos, has_gauss,
+    cached_gaussian), ``python`` (dict of version, int64 ``[625]`` internal state, gauss_next) and
+    ``generator`` (``{"state": uint8 tensor, "device": str}`` or None).
+    """
+    import numpy as np
+
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    py_version, py_internal, py_gauss_next = random.getstate()
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = [s.clone() for s in torch.cuda.get_rng_state_all()]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "numpy": {"name": str(np_name), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
+        "python": {"version": int(py_version), "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss_next},
+        "generator": None if generator is None else {"state": generator.get_state(),
+                                                     "device": str(generator.device)},
+    }
+
+
+def _check_generator_compatible(rng: Mapping, generator: Optional[torch.Generator], source) -> None:
+    saved = rng.get("generator")
+    if saved is not None and generator is None:
+        raise ValueError(f"checkpoint {source} was written by a run that drew tasks from a "
+                         f"torch.Generator: pass generator=torch.Generator(device='{saved['device']}') "
+                         f"to resume it (its state is restored from the checkpoint)")
+    if saved is None and generator is not None:
+        raise ValueError(f"checkpoint {source} was written by a run that drew tasks from torch's "
+                         f"global RNG (generator=None): resume it with generator=None")
+    if saved is not None and torch.device(saved["device"]) != generator.device:
+        raise ValueError(f"checkpoint {source} holds the state of a generator on {saved['device']}, "
+                         f"but the generator given is on {generator.device}")
+
+
+def restore_rng_state(state: Mapping[str, Any], generator: Optional[torch.Generator] = None) -> None:
+    """Set every RNG from ``capture_rng_state``'s dict (``generator``'s too, when saved)."""
+    import numpy as np
+
+    _check_generator_compatible(state, generator, "state")
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        saved = state["cuda"]
+        if len(saved) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(saved)
+        else:
+            warnings.warn(f"checkpoint holds CUDA RNG states for {len(saved)} devices but "
+                          f"{torch.cuda.device_count()} are visible: CUDA RNGs not restored")
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), int(npst["pos"]),
+                         int(npst["has_gauss"]), float(npst["cached_gaussian"])))
+    pyst = state["python"]
+    random.setstate((int(pyst["version"]), tuple(int(v) for v in pyst["internal"].tolist()),
+                     pyst["gauss_next"]))
+    if generator is not None:
+        generator.set_state(state["generator"]["state"])
+
+
+# ---------------------------------------------------------------------------------- save
+_SAFE_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_loadable(obj, where: str) -> None:
+    """Raise ``TypeError`` if ``obj`` holds something ``weights_only`` loading would refuse."""
+    # Exact types: subclasses (torch's TorchVersion is a str) are globals weights_only refuses.
+    if isinstance(obj, torch.Tensor) or type(obj) in _SAFE_SCALARS:
+        return
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: keys must be str or int, got {type(k).__name__}")
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(obj).__name__}; a checkpoint holds only tensors, dicts, lists, "
+                    f"strings, numbers and None (so that it loads with weights_only=True)")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` an exact copy of ``src`` atomically (a hard link where the filesystem allows)."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_stale_temporaries(directory: PathLike) -> None:
+    """Delete temporaries a killed writer left in a checkpoint directory (``.checkpoint.pt.*.tmp``).
+
+    Only for a directory that one run owns: a concurrent writer's temporary would go too.
+    """
+    for pattern in (f".{CHECKPOINT_NAME}.*.tmp", f".{PREVIOUS_NAME}.*.tmp"):
+        for stale in Path(directory).glob(pattern):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+
+
+def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.Generator] = None,
+                    history: Optional[Mapping[str, Any]] = None,
+                    extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``directory/checkpoint.pt`` atomically; the one it replaces becomes ``checkpoint.prev.pt``.
+
+    Args:
+        directory: created if missing.
+        trainer: a ``Reptile`` (anything with ``state_dict()``).
+        generator: the ``torch.Generator`` the run draws tasks and plans from, if any.
+        history: e.g. ``{"loss": [...]}``, stored as float64 tensors.
+        extra: the caller's data (tensors, dicts, lists, strings, numbers), returned by
+            ``load_checkpoint`` under ``"extra"``.
+
+    Returns the path of the checkpoint written.
+    """
+    directory = prepare_directory(directory, "checkpoint directory")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "trainer": trainer.state_dict(),
+        "rng": capture_rng_state(generator),
+        "history": {str(k): torch.as_tensor(list(v), dtype=torch.float64) for k, v in (history or {}).items()},
+        "extra": {str(k): v for k, v in (extra or {}).items()},
+        "info": {"torch": str(torch.__version__), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    }
+    _check_loadable(state, "checkpoint")
+    path = directory / CHECKPOINT_NAME
+    if path.exists():
+        # Keep the previous checkpoint under its own name before the new one replaces it; the
+        # latest name always points at a complete file (the rename below is atomic).
+        _link_or_copy(path, directory / PREVIOUS_NAME)
+    return atomic_torch_save(state, path)
+
+
+# ---------------------------------------------------------------------------------- load
+def _fail(path, problem: str) -> ValueError:
+    return ValueError(f"checkpoint {path} {problem}")
+
+
+def _require(mapping: Mapping, key: str, types, path, where: str):
+    if key not in mapping:
+        raise _fail(path, f"is missing {where}{key!r}: it is not a complete reptile_fast checkpoint")
+    value = mapping[key]
+    if not isinstance(value, types):
+        raise _fail(path, f"has {where}{key!r} of type {type(value).__name__}; expected "
+                          f"{getattr(types, '__name__', None) or ' or '.join(t.__name__ for t in types)}")
+    return value
+
+
+def _validate(obj, path) -> Dict[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise _fail(path, f"is not a reptile_fast checkpoint: it holds a {type(obj).__name__}")
+    if obj.get("format") != FORMAT:
+        hint = (" (a model.pt holds only the weights: load it with torch.load)" if "state_dict" in obj else "")
+        raise _fail(path, f"is not a reptile_fast checkpoint: no 'format': {FORMAT!r} entry{hint}")
+    version = obj.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise _fail(path, f"has format version {version!r}; this reptile_fast reads versions 1..{VERSION}")
+    trainer = _require(obj, "trainer", Mapping, path, "")
+    model = _require(trainer, "model", Mapping, path, "trainer.")
+    for k, v in model.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise _fail(path, f"has a malformed model state entry {k!r}")
+    opt = _require(trainer, "outer_optimizer", (Mapping, type(None)), path, "trainer.")
+    if opt is not None and ("state" not in opt or "param_groups" not in opt):
+        raise _fail(path, "has a malformed outer_optimizer state (needs 'state' and 'param_groups')")
+    iteration = _require(trainer, "iteration", int, path, "trainer.")
+    if isinstance(iteration, bool) or iteration < 0:
+        raise _fail(path, f"has an invalid iteration {iteration!r}")
+    _require(trainer, "total_iterations", (int, type(None)), path, "trainer.")
+    _require(trainer, "config", Mapping, path, "trainer.")
+    rng = _require(obj, "rng", Mapping, path, "")
+    _require(rng, "torch", torch.Tensor, path, "rng.")
+    npst = _require(rng, "numpy", Mapping, path, "rng.")
+    pyst = _require(rng, "python", Mapping, path, "rng.")
+    gen = _require(rng, "generator", (Mapping, type(None)), path, "rng.")
+    _require(rng, "cuda", (list, tuple, type(None)), path, "rng.")
+    if rng["torch"].dtype != torch.uint8:
+        raise _fail(path, "has a malformed torch RNG state")
+    for key in ("name", "keys", "pos", "has_gauss", "cached_gaussian"):
+        if key not in npst:
+            raise _fail(path, f"has a malformed numpy RNG state (no {key!r})")
+    for key in ("version", "internal", "gauss_next"):
+        if key not in pyst:
+            raise _fail(path, f"has a malformed Python RNG state (no {key!r})")
+    if gen is not None and (not isinstance(gen.get("state"), torch.Tensor) or not isinstance(gen.get("device"), str)):
+        raise _fail(path, "has a malformed generator state")
+    history = _require(obj, "history", Mapping, path, "")
+    for k, v in history.items():
+        if not isinstance(v, torch.Tensor) or v.dim() != 1:
+            raise _fail(path, f"has a malformed history entry {k!r}")
+    _require(obj, "extra", Mapping, path, "")
+    return dict(obj)
+
+
+def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Read and validate a checkpoint written by ``save_checkpoint``; tensors land on the CPU.
+
+    ``path`` is a checkpoint file or a directory holding ``checkpoint.pt``.  Loading uses
+    ``torch.load(weights_only=True)``, so a file cannot run code.  Raises ``FileNotFoundError``
+    for a missing file, and ``ValueError`` naming the file and the problem for an empty,
+    truncated, corrupted (CRC mismatch) or foreign file.
+
+    Returns the checkpoint dict: ``trainer`` (``Reptile.state_dict()``), ``rng``
+    (``capture_rng_state()``), ``history`` (name -> float64 ``[n]``), ``extra``, ``info``.
+    """
+    path = resolve_checkpoint_path(path)
+    try:
+        return _load_checked(path)
+    except ValueError as exc:
+        previous = path.with_name(PREVIOUS_NAME)
+        if path.name == CHECKPOINT_NAME and previous.exists():
+            raise ValueError(f"{exc}; the previous checkpoint {previous} may be intact: resume from "
+                             f"that file") from None
+        raise
+
+
+def _load_checked(path: Path) -> Dict[str, Any]:
+    size = path.stat().st_size
+    if size == 0:
+        raise _fail(path, "is empty (0 bytes): it was truncated, e.g. by an interrupted copy")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise _fail(path, f"is not a torch checkpoint archive ({size} bytes): truncated, corrupted "
+                              f"or a different kind of file")
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except ValueError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+        raise _fail(path, f"is corrupted: its archive cannot be read ({exc})") from None
+    if bad is not None:
+        raise _fail(path, f"is corrupted: checksum mismatch in record {bad!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            reason = next((line.strip() for line in str(exc).splitlines() if "WeightsUnpickler" in line), "")
+            raise _fail(path, "holds objects that safe loading (torch.load(weights_only=True)) refuses: "
+                              f"it is not a reptile_fast checkpoint, and loading it could run code. {reason}") from None
+        raise _fail(path, f"cannot be read (corrupted?): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged archives
+        raise _fail(path, f"cannot be read (truncated or corrupted?): {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return _validate(obj, path)
+
+
+def restore_checkpoint(trainer, source, *, generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+    """Load ``source`` (a path, or a dict from ``load_checkpoint``) into ``trainer`` and every RNG.
+
+    Validates everything (file, model keys/shapes/dtypes, outer optimizer, generator) before it
+    changes anything.  Returns the checkpoint dict (its ``history`` and ``extra``).
+    """
+    ckpt = source if isinstance(source, Mapping) else load_checkpoint(source)
+    name = source if not isinstance(source, Mapping) else "state"
+    _check_generator_compatible(ckpt["rng"], generator, name)
+    trainer.load_state_dict(ckpt["trainer"])
+    restore_rng_state(ckpt["rng"], generator)
+    return ckpt

@@ -52,6 +52,12 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+#: sine flags that set a ``SineConfig`` field (argparse dest == field name).
+CONFIG_FLAGS = ("iterations", "meta_batch_size", "outer_lr", "outer_lr_final", "inner_lr", "inner_steps",
+                "inner_batch_size", "backend", "device", "seed", "eval_tasks", "eval_steps",
+                "checkpoint_every")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .jobs import SineConfig
 
@@ -60,55 +66,117 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sine = sub.add_parser("sine", help="meta-train the seed's MLP on sine-wave regression",
                           description="Meta-train the seed's MLP on sine tasks and write the figure, "
-                                      "learning curve, checkpoint and metrics into --out.")
-    sine.add_argument("--iterations", type=_positive_int, default=d.iterations, help="meta-steps")
-    sine.add_argument("--meta-batch-size", type=_positive_int, default=d.meta_batch_size,
-                      help="tasks per meta-step")
-    sine.add_argument("--outer-lr", type=_positive_float, default=d.outer_lr, help="ε, the outer step")
-    sine.add_argument("--outer-lr-final", type=_nonneg_float, default=d.outer_lr_final,
-                      help="anneal ε linearly to this value")
-    sine.add_argument("--inner-lr", type=_positive_float, default=d.inner_lr)
-    sine.add_argument("--inner-steps", type=_positive_int, default=d.inner_steps)
-    sine.add_argument("--inner-batch-size", type=_positive_int, default=d.inner_batch_size)
-    sine.add_argument("--backend", default=d.backend, choices=["auto", *sorted(BACKENDS)])
-    sine.add_argument("--device", default=d.device, help="cpu (default) or cuda")
-    sine.add_argument("--seed", type=_nonneg_int, default=d.seed)
-    sine.add_argument("--eval-tasks", type=_positive_int, default=d.eval_tasks,
-                      help="held-out tasks for the post-adaptation MSE")
-    sine.add_argument("--out", default="runs/sine", help="output directory")
+                                      "learning curve, model, metrics and resumable checkpoints into --out. "
+                                      "Ctrl-C / SIGTERM finish the current meta-step, write "
+                                      "OUT/checkpoint.pt and exit; --resume OUT continues exactly.")
+    # Defaults are None so that main() can tell which flags were given (they override a
+    # checkpoint's settings with --resume); the values come from SineConfig, in one place.
+    sine.add_argument("--iterations", type=_positive_int, help=f"meta-steps (default {d.iterations})")
+    sine.add_argument("--meta-batch-size", type=_positive_int,
+                      help=f"tasks per meta-step (default {d.meta_batch_size})")
+    sine.add_argument("--outer-lr", type=_positive_float, help=f"ε, the outer step (default {d.outer_lr})")
+    sine.add_argument("--outer-lr-final", type=_nonneg_float,
+                      help="anneal ε linearly to this value (default: no annealing)")
+    sine.add_argument("--inner-lr", type=_positive_float, help=f"(default {d.inner_lr})")
+    sine.add_argument("--inner-steps", type=_positive_int, help=f"(default {d.inner_steps})")
+    sine.add_argument("--inner-batch-size", type=_positive_int, help=f"(default {d.inner_batch_size})")
+    sine.add_argument("--backend", choices=["auto", *sorted(BACKENDS)], help=f"(default {d.backend})")
+    sine.add_argument("--device", help=f"cpu or cuda (default {d.device})")
+    sine.add_argument("--seed", type=_nonneg_int, help=f"(default {d.seed})")
+    sine.add_argument("--eval-tasks", type=_positive_int,
+                      help=f"held-out tasks for the post-adaptation MSE (default {d.eval_tasks})")
+    sine.add_argument("--eval-steps", type=_positive_int,
+                      help=f"adaptation steps per held-out task (default {d.eval_steps}, the seed's demo)")
+    sine.add_argument("--checkpoint-every", type=_nonneg_int, metavar="N",
+                      help=f"write OUT/checkpoint.pt every N meta-steps; 0: only at the end and on "
+                           f"Ctrl-C/SIGTERM (default {d.checkpoint_every})")
+    sine.add_argument("--resume", metavar="DIR",
+                      help="continue the run whose checkpoint is in DIR (its --out, or a checkpoint "
+                           "file) with the settings stored in it; flags given as well override them")
+    sine.add_argument("--out", help="output directory (default runs/sine, or DIR with --resume)")
     sine.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
+def _error(message: str, code: int = 2) -> int:
+    print(f"reptile-fast: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import load_checkpoint, resolve_checkpoint_path
+    from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
+    from .signals import TrainingInterrupted
+    from .trainer import NonFiniteError
+
+    given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+    resume = None
+    if args.resume is not None:
+        try:
+            resume = resolve_checkpoint_path(args.resume)
+            base = sine_config_from_checkpoint(load_checkpoint(resume), f"checkpoint {resume}")
+        except (OSError, ValueError, TypeError) as exc:
+            return _error(f"--resume {args.resume}: {exc}")
+        for key, value in given.items():
+            if getattr(base, key) != value:
+                print(f"note: --{key.replace('_', '-')} {value} overrides the checkpoint's "
+                      f"{getattr(base, key)!r}", file=sys.stderr)
+        settings = {**dataclasses.asdict(base), **given}
+        out = args.out if args.out is not None else str(Path(args.resume) if Path(args.resume).is_dir()
+                                                           else resume.parent)
+    else:
+        settings = given
+        out = args.out if args.out is not None else "runs/sine"
+    try:
+        config = SineConfig(**settings)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        parser.error(f"--device: unknown device {config.device!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {config.device}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {config.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        parser.error(f"--device {config.device}: the sine job runs on cpu or cuda")
+    try:
+        metrics = run_sine(config, out, progress=not args.no_progress, resume=resume)
+    except TrainingInterrupted as exc:
+        print(f"reptile-fast: {exc.__class__.__name__}: stopped after meta-step {exc.iteration}; "
+              f"checkpoint written to {exc.checkpoint}.\nResume with: reptile-fast sine --resume {out}",
+              file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return _error(f"interrupted without writing a new checkpoint; the last one in {out} (if any) is "
+                      f"intact: continue with reptile-fast sine --resume {out}", 130)
+    except NonFiniteError as exc:
+        hint = (f"the last good checkpoint ({exc.checkpoint}, meta-step {exc.checkpoint_iteration}) was kept; "
+                f"continue from it with lower learning rates: reptile-fast sine --resume {out} "
+                f"--inner-lr ... --outer-lr ..." if exc.checkpoint else "no checkpoint had been written yet")
+        print(f"reptile-fast: error: {exc.__cause__ or exc}\n{hint}", file=sys.stderr)
+        return 3
+    except (ValueError, TypeError, OSError) as exc:
+        return _error(str(exc))
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote figure.png, learning_curve.png, model.pt, config.json, metrics.json, checkpoint.pt to {out}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input, 3 non-finite training,
+    128 + signal number when interrupted with a checkpoint written)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "sine":
-        import torch
-
-        from .jobs import SineConfig, run_sine
-
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: CUDA is not available on this machine")
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            parser.error(f"--device: unknown device {args.device!r}")
-        config = SineConfig(iterations=args.iterations, meta_batch_size=args.meta_batch_size,
-                            outer_lr=args.outer_lr, outer_lr_final=args.outer_lr_final,
-                            inner_lr=args.inner_lr, inner_steps=args.inner_steps,
-                            inner_batch_size=args.inner_batch_size, backend=args.backend,
-                            seed=args.seed, eval_tasks=args.eval_tasks, device=args.device)
-        if config.inner_batch_size > 50:
-            parser.error(f"--inner-batch-size {config.inner_batch_size} exceeds the 50 points of a sine task")
-        try:
-            metrics = run_sine(config, args.out, progress=not args.no_progress)
-        except (ValueError, TypeError, PermissionError, OSError) as exc:
-            print(f"reptile-fast: error: {exc}", file=sys.stderr)
-            return 2
-        print(json.dumps(metrics, indent=2))
-        print(f"wrote figure.png, learning_curve.png, model.pt, config.json, metrics.json to {args.out}")
-        return 0
+        return _run_sine_command(parser, args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -1,22 +1,40 @@
 """The jobs the CLI runs, as plain functions (the CLI only parses arguments)."""
 from __future__ import annotations
 
-import json
 import math
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Optional
+from dataclasses import asdict, dataclass, fields
+from numbers import Real
+from typing import Any, Mapping, Optional
 
 import torch
 
-from .checkpoint import atomic_torch_save, atomic_write_json
+from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
+                         prepare_directory)
 from .models import MLP
 from .tasks import Sine
 from .trainer import Reptile
 
-__all__ = ["SineConfig", "run_sine", "SEED_CONFIG"]
+__all__ = ["SineConfig", "run_sine", "SEED_CONFIG", "sine_config_from_checkpoint", "SINE_JOB"]
+
+SINE_JOB = "sine"
+SINE_POINTS = 50  # points per sine task (the seed's grid)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 @dataclass
@@ -36,33 +54,83 @@ class SineConfig:
     eval_tasks: int = 200
     eval_steps: int = 160  # the seed's demo: perform_k_training_steps(model, task, 32)
     device: str = "cpu"
+    checkpoint_every: int = 1000  # meta-steps between checkpoints in --out; 0: only at the end / on a signal
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("iterations", 1), ("meta_batch_size", 1), ("inner_steps", 1),
+                              ("inner_batch_size", 1), ("hidden_dim", 1), ("seed", 0),
+                              ("eval_tasks", 1), ("eval_steps", 1), ("checkpoint_every", 0)):
+            _check_int(name, getattr(self, name), minimum)
+        for name in ("outer_lr", "inner_lr"):
+            _check_float(name, getattr(self, name))
+            setattr(self, name, float(getattr(self, name)))  # plain floats: checkpoints store them
+        if self.outer_lr_final is not None:
+            _check_float("outer_lr_final", self.outer_lr_final, allow_zero=True)
+            self.outer_lr_final = float(self.outer_lr_final)
+        if self.inner_batch_size > SINE_POINTS:
+            raise ValueError(f"inner_batch_size {self.inner_batch_size} exceeds the {SINE_POINTS} points of a sine task")
+        for name in ("backend", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
 
 
 SEED_CONFIG = SineConfig()
 
 
-def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True) -> dict:
+def sine_config_from_checkpoint(ckpt: Mapping[str, Any], source="checkpoint") -> SineConfig:
+    """The ``SineConfig`` stored in a checkpoint dict written by ``run_sine``.
+
+    Raises ``ValueError`` naming ``source`` when the checkpoint is not a sine job's.
+    """
+    extra = ckpt.get("extra", {})
+    if extra.get("job") != SINE_JOB or not isinstance(extra.get("job_config"), Mapping):
+        raise ValueError(f"{source} was not written by the sine job (no sine configuration in it); "
+                         f"resume it from Python with Reptile.fit(..., resume_from=...)")
+    saved = dict(extra["job_config"])
+    known = {f.name for f in fields(SineConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"{source} holds sine settings this version does not know: {unknown}")
+    return SineConfig(**saved)
+
+
+def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True,
+             resume: Optional[os.PathLike] = None) -> dict:
     """Meta-train the seed's MLP on sine tasks, evaluate on held-out tasks, write everything to ``out``.
 
     Writes ``figure.png`` (before / after / true on a held-out task, the seed's figure),
     ``learning_curve.png``, ``model.pt`` (state_dict + config), ``config.json`` and ``metrics.json``.
+    During training ``out/checkpoint.pt`` is written every ``config.checkpoint_every`` meta-steps,
+    at the end and on SIGINT/SIGTERM (``reptile_fast.checkpoint``).  ``resume``: a checkpoint
+    file or directory to continue from (exactly: the result equals an uninterrupted run's).
     Returns the metrics.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"output directory {out} is not writable")
+    if not isinstance(config, SineConfig):
+        raise TypeError(f"config must be a SineConfig, got {type(config).__name__}")
+    out = prepare_directory(out, "output directory")
+    start_iteration = 0
+    if resume is not None:
+        start_iteration = load_checkpoint(resume)["trainer"]["iteration"]
+        if start_iteration > config.iterations:
+            raise ValueError(f"the checkpoint {resume} is at meta-step {start_iteration}, beyond "
+                             f"iterations={config.iterations}")
+    elif (out / CHECKPOINT_NAME).exists():
+        print(f"note: {out} already holds a checkpoint; this new run replaces it (the old one is kept "
+              f"as the previous checkpoint until the next save). Use --resume {out} to continue it.",
+              file=sys.stderr)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     model = MLP(1, config.hidden_dim, 1).to(device)
     trainer = Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                       inner_batch_size=config.inner_batch_size, outer_lr=config.outer_lr,
                       outer_lr_final=config.outer_lr_final, loss="mse", backend=config.backend)
-    dist = Sine()
+    dist = Sine(n_points=SINE_POINTS)
     gen = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
     history = trainer.fit(dist, config.iterations, meta_batch_size=config.meta_batch_size,
-                          generator=gen, progress=progress)
+                          generator=gen, progress=progress, checkpoint_dir=out,
+                          checkpoint_every=config.checkpoint_every or None, resume_from=resume,
+                          checkpoint_extra={"job": SINE_JOB, "job_config": asdict(config)})
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
@@ -83,7 +151,8 @@ def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True) -> 
         "eval_steps": config.eval_steps,
         "train_seconds": train_s,
         "eval_seconds": eval_s,
-        "ms_per_iteration": 1e3 * train_s / max(config.iterations, 1),
+        "ms_per_iteration": 1e3 * train_s / max(config.iterations - start_iteration, 1),
+        "resumed_from_iteration": start_iteration,
         "backend": trainer.backend.name,
         "final_inner_loss": history["loss"][-1] if history["loss"] else math.nan,
         "torch": torch.__version__,

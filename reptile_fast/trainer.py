@@ -3,8 +3,10 @@ schedule and validation; a backend (``reptile_fast.backends``) runs only the inn
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from numbers import Real
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -12,16 +14,28 @@ from tqdm import tqdm
 
 from .backends import InnerConfig, InnerResult, resolve_backend
 from .losses import loss_name, resolve_loss
+from .signals import DeferredSignals, TrainingInterrupted, signal_name
 from .tasks.base import TaskBatch, sample_indices
 
-__all__ = ["Reptile", "NonFiniteError"]
+__all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
 
 ALGORITHMS = ("reptile", "fomaml")
 INNER_OPTIMIZERS = ("sgd", "adam")
 
 
 class NonFiniteError(FloatingPointError):
-    """A meta-step produced a NaN or infinite loss or update; φ was left as it was before it."""
+    """A meta-step produced a NaN or infinite loss or update; φ was left as it was before it.
+
+    Raised from ``fit``, it also names the last good checkpoint (``checkpoint``: its path or
+    None, ``checkpoint_iteration``), which ``fit`` never overwrites with the failed state.
+    """
+
+    def __init__(self, message: str, *, iteration: Optional[int] = None,
+                 checkpoint: Optional[str] = None, checkpoint_iteration: Optional[int] = None):
+        super().__init__(message)
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+        self.checkpoint_iteration = checkpoint_iteration
 
 
 def _positive_float(name: str, value, *, allow_zero: bool = False) -> float:
@@ -84,6 +98,10 @@ class Reptile:
             raise ValueError(f"model parameters must all be on one device, found {sorted(map(str, devices))}")
         if len(dtypes) != 1 or not params[0].is_floating_point():
             raise TypeError(f"model parameters must share one floating-point dtype, found {dtypes}")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+                    raise ValueError(f"model parameter {name} contains NaN or infinite values")
         self.model = model
         self.device = params[0].device
         self.dtype = params[0].dtype
@@ -250,7 +268,8 @@ class Reptile:
         if not bool(finite):
             raise NonFiniteError(
                 f"meta-step {self.iteration + 1}: non-finite inner loss or update (NaN/inf); the "
-                f"parameters were left as they were before this step. Lower inner_lr/outer_lr or check the data.")
+                f"parameters were left as they were before this step. Lower inner_lr/outer_lr or check the data.",
+                iteration=self.iteration + 1)
         if self.outer_optimizer is not None:
             for (_, p), d in zip(named, deltas):
                 p.grad = -d
@@ -262,29 +281,223 @@ class Reptile:
 
     def fit(self, task_distribution, iterations: int, *, meta_batch_size: int = 1,
             generator: Optional[torch.Generator] = None, progress: bool = True,
-            callback: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, list]:
+            callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
+            checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+            checkpoint_every: Optional[int] = None,
+            resume_from: Optional[Union[str, os.PathLike]] = None,
+            checkpoint_extra: Optional[Mapping[str, Any]] = None,
+            handle_signals: bool = True) -> Dict[str, list]:
         """Meta-train for ``iterations`` meta-steps of ``meta_batch_size`` tasks each.
 
         Tasks come from ``task_distribution.sample(meta_batch_size, generator=..., device=...)``
         and plans from ``sample_indices`` with the same generator (the global RNG when None).
         ``callback(iteration, metrics)`` runs after every meta-step.  Continues from
-        ``self.iteration`` (so a restored trainer resumes).  Returns ``{"loss": [...]}``.
+        ``self.iteration`` (so a restored trainer resumes).  Returns ``{"loss": [...]}``: this
+        call's losses, preceded by the checkpoint's when resuming.
+
+        Checkpoints and exact resume:
+            checkpoint_dir: write ``checkpoint_dir/checkpoint.pt`` (``reptile_fast.checkpoint``)
+                at the end, on SIGINT/SIGTERM, and every ``checkpoint_every`` meta-steps if set.
+            resume_from: a checkpoint file or directory: restore φ, the outer optimizer, the
+                iteration, the loss history and every RNG (``generator``'s included) first, so
+                that the run ends with exactly the parameters of an uninterrupted one.  Pass the
+                same kind of ``generator`` as the original run (its state is overwritten).
+            checkpoint_extra: the caller's data stored in every checkpoint (``"extra"``).
+            handle_signals: with ``checkpoint_dir``, SIGINT/SIGTERM (main thread only) finish the
+                current meta-step, write a checkpoint and raise ``TrainingInterrupted`` (a
+                ``KeyboardInterrupt``); the previous handlers are restored afterwards.
+
+        A non-finite meta-step raises ``NonFiniteError`` naming it; φ and the last checkpoint are
+        left as they were (the failed state is never written).
         """
+        from .checkpoint import (CHECKPOINT_NAME, prepare_directory, remove_stale_temporaries,
+                                 resolve_checkpoint_path, restore_checkpoint, save_checkpoint)
+
         if not hasattr(task_distribution, "sample") or not callable(task_distribution.sample):
             raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
         _positive_int("iterations", iterations)
         _positive_int("meta_batch_size", meta_batch_size)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        self.total_iterations = iterations
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if checkpoint_every is not None:
+            _positive_int("checkpoint_every", checkpoint_every)
+            if checkpoint_dir is None:
+                raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
+        if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
+            raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
+        # Paths are checked before anything changes, so a typo costs nothing.
+        ckpt_dir = None if checkpoint_dir is None else prepare_directory(checkpoint_dir, "checkpoint_dir")
+        if ckpt_dir is not None:
+            remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
         history: Dict[str, list] = {"loss": []}
-        for _ in tqdm(range(self.iteration, iterations), disable=not progress, desc="meta-train"):
-            tasks = task_distribution.sample(meta_batch_size, generator=generator, device=self.device)
-            metrics = self.meta_step(tasks, generator=generator)
-            history["loss"].append(metrics["loss"])
-            if callback is not None:
-                callback(self.iteration, metrics)
+        last_saved: Optional[int] = None
+        last_path: Optional[str] = None
+        if resume_from is not None:
+            ckpt = restore_checkpoint(self, resume_from, generator=generator)
+            history["loss"] = [float(v) for v in ckpt["history"].get("loss", torch.zeros(0)).tolist()]
+            saved_total = ckpt["trainer"]["total_iterations"]
+            if self.outer_lr_final is not None and saved_total is not None and saved_total != iterations:
+                warnings.warn(f"the checkpoint's run annealed the outer step over {saved_total} iterations, "
+                              f"this fit over {iterations}: the result will differ from an uninterrupted run",
+                              stacklevel=2)
+            if ckpt_dir is not None:
+                latest = ckpt_dir / CHECKPOINT_NAME
+                if latest.exists() and latest.resolve() == resolve_checkpoint_path(resume_from).resolve():
+                    last_saved, last_path = self.iteration, str(latest)
+        self.total_iterations = iterations
+
+        def save() -> None:
+            nonlocal last_saved, last_path
+            try:
+                self._check_finite_parameters()  # never write a bad state over a good one
+            except NonFiniteError as exc:
+                raise self._non_finite_from_fit(exc, last_path, last_saved, ckpt_dir) from exc
+            last_path = str(save_checkpoint(ckpt_dir, self, generator=generator, history=history,
+                                            extra=checkpoint_extra))
+            last_saved = self.iteration
+
+        start = self.iteration
+        with DeferredSignals(enabled=handle_signals and ckpt_dir is not None) as signals:
+            for _ in tqdm(range(start, iterations), disable=not progress, desc="meta-train",
+                          initial=start, total=max(iterations, start)):
+                tasks = task_distribution.sample(meta_batch_size, generator=generator, device=self.device)
+                try:
+                    metrics = self.meta_step(tasks, generator=generator)
+                except NonFiniteError as exc:
+                    raise self._non_finite_from_fit(exc, last_path, last_saved, ckpt_dir) from exc
+                history["loss"].append(metrics["loss"])
+                if callback is not None:
+                    callback(self.iteration, metrics)
+                if checkpoint_every is not None and self.iteration % checkpoint_every == 0:
+                    save()
+                if signals.received is not None:
+                    break
+            if ckpt_dir is not None and last_saved != self.iteration:
+                save()
+            if signals.received is not None:
+                name = signal_name(signals.received)
+                raise TrainingInterrupted(
+                    f"training interrupted by {name} after meta-step {self.iteration} of {iterations}; "
+                    f"checkpoint written to {last_path}. Resume with "
+                    f"Reptile.fit(..., resume_from={str(ckpt_dir)!r}) "
+                    f"(or `reptile-fast sine --resume {ckpt_dir}` for the CLI's job)",
+                    signal_number=signals.received, iteration=self.iteration, checkpoint=last_path)
         return history
+
+    def _non_finite_from_fit(self, exc: NonFiniteError, last_path, last_saved, ckpt_dir) -> NonFiniteError:
+        if ckpt_dir is None:
+            where = "No checkpoint_dir was given, so no checkpoint exists."
+        elif last_path is None:
+            where = f"No checkpoint had been written to {ckpt_dir} yet in this run."
+        else:
+            where = (f"The last good checkpoint, {last_path} (meta-step {last_saved}), was kept; "
+                     f"resume from it with fit(..., resume_from={str(ckpt_dir)!r}) after lowering "
+                     f"inner_lr/outer_lr.")
+        return NonFiniteError(f"{exc} {where}", iteration=exc.iteration, checkpoint=last_path,
+                              checkpoint_iteration=last_saved)
+
+    def _check_finite_parameters(self) -> None:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if not bool(torch.isfinite(p).all()):
+                    raise NonFiniteError(f"after meta-step {self.iteration}: parameter {name} holds NaN/inf; "
+                                         f"no checkpoint was written", iteration=self.iteration)
+
+    # ------------------------------------------------------------------ state
+    def hparams(self) -> Dict[str, Any]:
+        """The trainer's hyper-parameters as plain values (stored in checkpoints)."""
+        loss = loss_name(self.loss)
+        if loss is None:
+            loss = f"callable:{getattr(self.loss, '__qualname__', type(self.loss).__name__)}"
+        c = self.config
+        return {
+            "inner_lr": self.inner_lr, "inner_steps": self.inner_steps,
+            "inner_batch_size": self.inner_batch_size, "outer_lr": self.outer_lr,
+            "outer_lr_final": self.outer_lr_final, "loss": loss, "inner_optimizer": c.optimizer,
+            "algorithm": c.algorithm,
+            "inner_grad_weights": None if c.grad_weights is None else list(c.grad_weights),
+            "adam_betas": list(c.adam_betas), "backend": self.backend_name,
+            "outer_optimizer": None if self.outer_optimizer is None else type(self.outer_optimizer).__name__,
+            "model": type(self.model).__name__,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything of the trainer a resumed run needs (the RNGs are the checkpoint's job).
+
+        Returns ``{"model": model.state_dict() (parameters and buffers), "outer_optimizer":
+        its state_dict or None, "iteration", "total_iterations", "config": hparams()}``.  Like
+        ``nn.Module.state_dict`` the tensors are references: save or deep-copy to snapshot.
+        """
+        return {
+            "model": self.model.state_dict(),
+            "outer_optimizer": None if self.outer_optimizer is None else self.outer_optimizer.state_dict(),
+            "iteration": self.iteration,
+            "total_iterations": self.total_iterations,
+            "config": self.hparams(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``'s output.  Checks everything before changing anything.
+
+        Raises ``ValueError`` naming the entry for a model with other keys, shapes or dtypes,
+        non-finite parameters, or an outer optimizer present on one side only.  Hyper-parameters
+        that differ from this trainer's give a warning (the run then differs from the original).
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from Reptile.state_dict(), got {type(state).__name__}")
+        missing = [k for k in ("model", "outer_optimizer", "iteration", "total_iterations") if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing}: not a Reptile.state_dict()")
+        model_state = state["model"]
+        if not isinstance(model_state, Mapping):
+            raise TypeError(f"state['model'] must be a dict of tensors, got {type(model_state).__name__}")
+        own = self.model.state_dict()
+        absent = sorted(set(own) - set(model_state))
+        unexpected = sorted(set(model_state) - set(own))
+        if absent or unexpected:
+            raise ValueError(f"the saved model does not match this model: missing {absent}, unexpected {unexpected}")
+        for k, v in model_state.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"saved model entry {k} is a {type(v).__name__}, not a tensor")
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"saved model entry {k} has shape {tuple(v.shape)}, this model's is {tuple(own[k].shape)}")
+            if v.dtype != own[k].dtype:
+                raise ValueError(f"saved model entry {k} has dtype {v.dtype}, this model's is {own[k].dtype}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"saved model entry {k} contains NaN or infinite values")
+        opt_state = state["outer_optimizer"]
+        if (opt_state is None) != (self.outer_optimizer is None):
+            raise ValueError("the saved state has " + ("no " if opt_state is None else "an ") +
+                             "outer_optimizer state but this trainer has " +
+                             ("one" if self.outer_optimizer is not None else "none") +
+                             ": build the trainer with the same outer_optimizer")
+        iteration = state["iteration"]
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise ValueError(f"state['iteration'] must be an int >= 0, got {iteration!r}")
+        total = state["total_iterations"]
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+            raise ValueError(f"state['total_iterations'] must be None or an int >= 1, got {total!r}")
+        saved_config = state.get("config")
+        if isinstance(saved_config, Mapping):
+            mine = self.hparams()
+            diffs = [f"{k}: saved {saved_config[k]!r}, now {mine[k]!r}" for k in sorted(mine)
+                     if k in saved_config and k != "backend" and saved_config[k] != mine[k]]
+            if diffs:
+                warnings.warn("resuming with different hyper-parameters (" + "; ".join(diffs) +
+                              "): the run will not match an uninterrupted one", stacklevel=2)
+        if opt_state is not None:
+            backup = self.outer_optimizer.state_dict()
+            try:
+                self.outer_optimizer.load_state_dict(opt_state)
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                self.outer_optimizer.load_state_dict(backup)
+                raise ValueError(f"the saved outer_optimizer state does not fit this optimizer: {exc}") from None
+        with torch.no_grad():
+            self.model.load_state_dict(model_state, strict=True)
+        self.iteration = iteration
+        self.total_iterations = total
 
     # ------------------------------------------------------------------ adaptation
     def _adapt_config(self) -> InnerConfig:
@@ -321,3 +534,4 @@ class Reptile:
         else:
             params = self.adapt(tasks, steps, indices, generator=generator).params
         return self.backend.evaluate(self.model, params, tasks, self._adapt_config())
+

@@ -6,16 +6,22 @@ import sys
 import pytest
 import torch
 
+from reptile_fast.checkpoint import load_checkpoint
 from reptile_fast.cli import main
 
 
 def test_sine_smoke(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["sine", "--iterations", "20", "--meta-batch-size", "2", "--eval-tasks", "8",
-               "--backend", "reference", "--out", str(out), "--no-progress"])
+               "--eval-steps", "40", "--checkpoint-every", "10", "--backend", "reference",
+               "--out", str(out), "--no-progress"])
     assert rc == 0
-    for name in ("figure.png", "learning_curve.png", "model.pt", "config.json", "metrics.json"):
+    for name in ("figure.png", "learning_curve.png", "model.pt", "config.json", "metrics.json",
+                 "checkpoint.pt", "checkpoint.prev.pt"):
         assert (out / name).stat().st_size > 0, name
+    ckpt = load_checkpoint(out)
+    assert ckpt["trainer"]["iteration"] == 20 and ckpt["extra"]["job_config"]["iterations"] == 20
+    assert load_checkpoint(out / "checkpoint.prev.pt")["trainer"]["iteration"] == 10
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_tasks"] == 8 and metrics["post_adaptation_mse"] > 0
     assert metrics["post_adaptation_mse"] < metrics["pre_adaptation_mse"]
@@ -46,4 +52,33 @@ def test_bad_cli_arguments(argv, words, capsys):
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "reptile_fast", "sine", "--help"],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "--meta-batch-size" in out.stdout
+    assert out.returncode == 0 and "--meta-batch-size" in out.stdout and "--resume" in out.stdout
+
+
+def test_resume_a_finished_run_redoes_only_the_evaluation(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--backend", "reference", "--eval-tasks", "2", "--eval-steps", "5", "--no-progress"]
+    assert main(["sine", "--iterations", "6", "--out", str(out), *args]) == 0
+    before = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    capsys.readouterr()
+    assert main(["sine", "--resume", str(out), "--eval-tasks", "3", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "--eval-tasks 3 overrides the checkpoint's 2" in captured.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_iteration"] == 6 and metrics["eval_tasks"] == 3
+    after = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_resume_extends_a_run_exactly(tmp_path):
+    """Without annealing, 4 meta-steps then --resume --iterations 9 equals 9 at once."""
+    args = ["--backend", "reference", "--eval-tasks", "1", "--eval-steps", "1", "--no-progress",
+            "--meta-batch-size", "2"]
+    assert main(["sine", "--iterations", "4", "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["sine", "--resume", str(tmp_path / "a"), "--iterations", "9", "--no-progress"]) == 0
+    assert main(["sine", "--iterations", "9", "--out", str(tmp_path / "b"), *args]) == 0
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
