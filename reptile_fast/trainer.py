@@ -78,6 +78,8 @@ class Reptile:
             Σ w_i g_i of the inner gradients (paper §6.2).
         outer_optimizer: a ``torch.optim.Optimizer`` over the model's parameters, fed the mean
             pseudo-gradient (φ − φ̃ for Reptile) instead of the interpolation update.
+        backend_options: keyword arguments for the named backend's constructor, e.g.
+            ``{"precision": "tf32"}`` for "triton" (not allowed with "auto").
     """
 
     def __init__(self, model: nn.Module, *, inner_lr: float = 0.02, inner_steps: int = 5,
@@ -86,7 +88,7 @@ class Reptile:
                  backend: str = "auto", inner_optimizer: str = "sgd", algorithm: str = "reptile",
                  inner_grad_weights: Optional[Sequence[float]] = None,
                  outer_optimizer: Optional[torch.optim.Optimizer] = None,
-                 adam_betas=(0.0, 0.999)):
+                 adam_betas=(0.0, 0.999), backend_options: Optional[dict] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         params = list(model.parameters())
@@ -152,7 +154,9 @@ class Reptile:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         self.backend_name = backend
-        self.backend = resolve_backend(backend, model, self.device, self.config)
+        if backend_options is not None and not isinstance(backend_options, dict):
+            raise TypeError(f"backend_options must be a dict, got {type(backend_options).__name__}")
+        self.backend = resolve_backend(backend, model, self.device, self.config, backend_options)
         self.iteration = 0
         self.total_iterations: Optional[int] = None
         self._checked_shapes: set = set()

@@ -187,3 +187,22 @@ def test_bad_fit_and_adapt_arguments(call, exc):
 
 def test_unsupported_backend_error_type():
     assert issubclass(UnsupportedModelError, ValueError)
+
+
+def test_backend_options_reach_the_backend_and_are_checked():
+    trainer = Reptile(MLP(), backend="reference", backend_options={})
+    assert trainer.backend.name == "reference"
+    with pytest.raises(TypeError, match="does not accept options"):
+        Reptile(MLP(), backend="reference", backend_options={"precision": "tf32"})
+    with pytest.raises(ValueError, match="named backend"):
+        Reptile(MLP(), backend="auto", backend_options={"precision": "tf32"})
+    with pytest.raises(TypeError, match="backend_options"):
+        Reptile(MLP(), backend="reference", backend_options=["tf32"])
+
+
+def test_auto_never_picks_a_backend_that_declines_the_device(monkeypatch):
+    from reptile_fast.backends.reference import ReferenceBackend
+
+    monkeypatch.setattr(ReferenceBackend, "auto_candidate", lambda self, device: False)
+    trainer = Reptile(MLP(), backend="auto")
+    assert trainer.backend.name != "reference"

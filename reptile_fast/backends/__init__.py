@@ -25,30 +25,40 @@ BACKENDS = {
 AUTO_ORDER = ("triton", "torch", "reference")
 
 
-def get_backend(name: str) -> Backend:
-    """A fresh instance of the backend called ``name``."""
+def get_backend(name: str, **options) -> Backend:
+    """A fresh instance of the backend called ``name``, constructed with ``options``."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS) + ['auto']}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    backend_cls = getattr(importlib.import_module(module), cls)
+    try:
+        return backend_cls(**options)
+    except TypeError as exc:
+        raise TypeError(f"backend {name!r} does not accept options {sorted(options)}: {exc}") from None
 
 
-def resolve_backend(name: str, model, device: torch.device, config: InnerConfig) -> Backend:
+def resolve_backend(name: str, model, device: torch.device, config: InnerConfig,
+                    options: dict | None = None) -> Backend:
     """The backend for ``name``; for "auto", the fastest registered one that supports the model.
 
     A named backend that cannot run the model raises ``UnsupportedModelError`` saying why.
+    ``options`` go to the named backend's constructor (not allowed with "auto").
     """
     if name != "auto":
-        backend = get_backend(name)
+        backend = get_backend(name, **(options or {}))
         backend.check_supported(model, device, config)
         return backend
+    if options:
+        raise ValueError("backend_options need a named backend, not 'auto'")
     for candidate in AUTO_ORDER:
         if candidate not in BACKENDS:
             continue
         try:
             backend = get_backend(candidate)
+            if not backend.auto_candidate(device):
+                continue
             backend.check_supported(model, device, config)
         except (UnsupportedModelError, ImportError):
             continue

@@ -73,6 +73,12 @@ class Backend:
 
     name: ClassVar[str] = "?"
 
+    def auto_candidate(self, device: torch.device) -> bool:
+        """Whether ``backend="auto"`` may pick this backend on ``device`` (before ``check_supported``).
+
+        A backend that can run somewhere only slowly (Triton's CPU interpreter) says no there."""
+        return True
+
     def check_supported(self, model: nn.Module, device: torch.device, config: InnerConfig) -> None:
         """Raise ``UnsupportedModelError`` naming what this backend cannot run; None when it can."""
 

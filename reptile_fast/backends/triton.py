@@ -1,0 +1,245 @@
+"""Backend "triton": every task's whole inner loop in one fused Triton kernel launch.
+
+Runs models that ``reptile_fast.mlp_spec.extract_mlp_spec`` recognises (chains of ``nn.Linear``
+with bias and tanh / relu / sigmoid / identity: reptile_fast's ``MLP``, a plain ``nn.Sequential``,
+the seed's ``MLP``) with 1 to 5 Linear layers and feature sizes up to 256, float32, inner SGD,
+loss "mse" or "cross_entropy", algorithm "reptile".  The kernel is in
+``reptile_fast.kernels.mlp_inner_loop``; this module only checks, dispatches and names results.
+
+On a CUDA device it is what ``backend="auto"`` picks for such models.  On the CPU it runs only
+under the Triton interpreter (``TRITON_INTERPRET=1`` set before the kernel module is imported),
+which is for tests: ``auto_candidate`` keeps "auto" from picking it there.
+
+Options (``Reptile`` builds backends by name, so each also has a process-wide default):
+    precision: ``tl.dot`` input precision, "ieee" (default; matches the reference up to
+        summation order) or "tf32" (tensor cores; inputs rounded to a 10-bit mantissa, so ~1e-3
+        relative error per product; bench/bench_triton_kernel.py records its error on a GPU).
+        Default: ``$REPTILE_FAST_TRITON_PRECISION`` or ``DEFAULT_PRECISION``.
+    cuda_graphs: replay a captured CUDA graph per input shape instead of launching (for small
+        meta-batches, where launch overhead dominates).  Default: off, or
+        ``$REPTILE_FAST_TRITON_CUDA_GRAPHS=1``.  Ignored off CUDA.
+    launch: ``LaunchConfig`` overrides (``mode``, ``num_warps``, tile sizes, …) for tuning.
+    validate: check plan indices and class labels are in range (one device sync per call).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import weakref
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..losses import loss_name
+from ..mlp_spec import MLPSpec, extract_mlp_spec
+from ..tasks.base import TaskBatch
+from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError
+
+__all__ = ["TritonBackend", "DEFAULT_PRECISION", "PRECISION_ENV", "CUDA_GRAPHS_ENV"]
+
+PRECISIONS = ("ieee", "tf32")
+#: ``tl.dot`` input precision of ``TritonBackend()`` when neither the argument nor the
+#: environment variable says otherwise.
+DEFAULT_PRECISION = "ieee"
+PRECISION_ENV = "REPTILE_FAST_TRITON_PRECISION"
+CUDA_GRAPHS_ENV = "REPTILE_FAST_TRITON_CUDA_GRAPHS"
+_GRAPH_CACHE_SIZE = 8
+
+
+def _kernels():
+    """The kernel module, imported on first use (it imports triton)."""
+    return importlib.import_module("reptile_fast.kernels.mlp_inner_loop")
+
+
+class _GraphedLaunch:
+    """One kernel launch captured in a CUDA graph for fixed shapes.
+
+    Inputs are copied into static buffers before each replay and outputs cloned after it, so
+    results never alias the next call's.
+    """
+
+    def __init__(self, run, inputs):
+        self.inputs = [t.clone() for t in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run(*self.inputs)  # compiles the kernel outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = run(*self.inputs)
+
+    def __call__(self, inputs):
+        for static, t in zip(self.inputs, inputs):
+            static.copy_(t)
+        self.graph.replay()
+        return tuple(o.clone() for o in self.outputs)
+
+
+class TritonBackend(Backend):
+    """The fused Triton inner loop (see the module docstring for options)."""
+
+    name = "triton"
+
+    def __init__(self, precision: Optional[str] = None, *, cuda_graphs: Optional[bool] = None,
+                 launch: Optional[dict] = None, validate: bool = True):
+        if precision is None:
+            precision = os.environ.get(PRECISION_ENV, DEFAULT_PRECISION)
+        if precision not in PRECISIONS:
+            raise ValueError(f"triton precision must be one of {PRECISIONS} (argument or "
+                             f"${PRECISION_ENV}), got {precision!r}")
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "0") == "1"
+        if launch is not None and not isinstance(launch, dict):
+            raise TypeError(f"launch must be a dict of LaunchConfig fields, got {type(launch).__name__}")
+        self.precision = precision
+        self.cuda_graphs = bool(cuda_graphs)
+        self.launch = dict(launch or {})
+        self.validate = bool(validate)
+        self._specs: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+        self._graphs: "OrderedDict[tuple, _GraphedLaunch]" = OrderedDict()
+
+    # ------------------------------------------------------------------ support
+    def auto_candidate(self, device) -> bool:
+        """Whether ``backend="auto"`` may pick this backend on ``device``: CUDA only (the CPU
+        interpreter is for tests and far slower than the torch backend)."""
+        return torch.device(device).type == "cuda"
+
+    def _spec(self, model: nn.Module) -> MLPSpec:
+        # fx tracing costs ~1 ms: cache per model, re-traced if its parameters change shape
+        key = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+        hit = self._specs.get(model)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        try:
+            spec = extract_mlp_spec(model)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"backend 'triton': {exc}") from None
+        self._specs[model] = (key, spec)
+        return spec
+
+    def check_supported(self, model: nn.Module, device, config: InnerConfig) -> None:
+        device = torch.device(device)
+        try:
+            importlib.import_module("triton")
+        except ImportError:
+            raise UnsupportedModelError("backend 'triton' needs the triton package "
+                                        "(pip install 'reptile_fast[triton]')") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UnsupportedModelError(f"backend 'triton': device {device} but CUDA is not available")
+        elif device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET", "0") != "1":
+                raise UnsupportedModelError("backend 'triton' needs a CUDA device; on the CPU it runs "
+                                            "only under the Triton interpreter (TRITON_INTERPRET=1)")
+            if not _kernels().INTERPRETED:
+                raise UnsupportedModelError("backend 'triton' on the CPU: reptile_fast.kernels.mlp_inner_loop "
+                                            "was imported before TRITON_INTERPRET=1 was set")
+        else:
+            raise UnsupportedModelError(f"backend 'triton' runs on CUDA devices, got device {device}")
+        spec = self._spec(model)
+        k = _kernels()
+        if spec.n_layers > k.MAX_LAYERS:
+            raise UnsupportedModelError(f"backend 'triton' supports at most {k.MAX_LAYERS} Linear layers "
+                                        f"({k.MAX_LAYERS - 1} hidden), the model has {spec.n_layers}")
+        if max(spec.dims) > k.MAX_FEATURES:
+            raise UnsupportedModelError(f"backend 'triton' supports feature sizes up to {k.MAX_FEATURES}, "
+                                        f"the model has {list(spec.dims)}")
+        for n, p in model.named_parameters():
+            if p.dtype != torch.float32:
+                raise UnsupportedModelError(f"backend 'triton' supports float32 parameters only, "
+                                            f"'{n}' is {p.dtype}")
+            if p.device != device:
+                raise UnsupportedModelError(f"backend 'triton': parameter '{n}' is on {p.device}, not {device}")
+        self._check_config(config)
+
+    @staticmethod
+    def _check_config(config: InnerConfig) -> str:
+        if config.optimizer != "sgd":
+            raise UnsupportedModelError(f"backend 'triton' supports inner_optimizer='sgd' only, "
+                                        f"got {config.optimizer!r}")
+        name = loss_name(config.loss)
+        if name is None:
+            raise UnsupportedModelError("backend 'triton' supports loss 'mse' or 'cross_entropy', "
+                                        "not a custom loss callable")
+        if config.algorithm != "reptile":
+            raise UnsupportedModelError(f"backend 'triton' supports algorithm='reptile' only, "
+                                        f"got {config.algorithm!r}")
+        if config.grad_weights is not None:
+            raise UnsupportedModelError("backend 'triton' does not support inner_grad_weights")
+        return name
+
+    # ------------------------------------------------------------------ inner loop
+    def _check_data(self, spec: MLPSpec, tasks: TaskBatch, indices: torch.Tensor, loss: str) -> None:
+        x, y = tasks.x, tasks.y
+        if x.dim() != 3 or x.shape[2] != spec.dims[0]:
+            raise ValueError(f"backend 'triton' needs inputs [tasks, points, {spec.dims[0]}], "
+                             f"got {tuple(x.shape)}")
+        if loss == "mse" and (tasks.is_classification or tuple(y.shape[2:]) != (spec.dims[-1],)):
+            raise ValueError(f"loss 'mse' needs float targets [tasks, points, {spec.dims[-1]}], "
+                             f"got {y.dtype} {tuple(y.shape)}")
+        if loss == "cross_entropy" and not tasks.is_classification:
+            raise ValueError(f"loss 'cross_entropy' needs long class labels [tasks, points], got {y.dtype}")
+        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or indices.dim() != 3 \
+                or indices.shape[0] != tasks.n_tasks:
+            raise ValueError(f"indices must be a long [tasks={tasks.n_tasks}, steps, batch] tensor, got "
+                             f"{getattr(indices, 'dtype', type(indices).__name__)} "
+                             f"{tuple(getattr(indices, 'shape', ()))}")
+        if indices.device != x.device:
+            raise ValueError(f"indices are on {indices.device} but the tasks on {x.device}")
+        if self.validate:
+            # one sync for both checks: out-of-range values would read outside the task's rows
+            bad = ((indices < 0) | (indices >= tasks.n_points)).any()
+            if loss == "cross_entropy":
+                bad_labels = ((y < 0) | (y >= spec.dims[-1])).any()
+                flags = torch.stack([bad, bad_labels]).tolist()
+            else:
+                flags = [bool(bad), False]
+            if flags[0]:
+                raise ValueError(f"indices must lie in [0, {tasks.n_points})")
+            if flags[1]:
+                raise ValueError(f"class labels must lie in [0, {spec.dims[-1]}) for a model with "
+                                 f"{spec.dims[-1]} outputs")
+
+    def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
+                   config: InnerConfig) -> InnerResult:
+        """Every task's inner loop in one launch; see ``Backend.inner_loop``.
+
+        Returns adapted parameters ``[T, *shape]`` (views into one flat ``[T, row]`` buffer) in
+        ``model.named_parameters()`` order and losses ``[T, steps]``.
+        """
+        loss = self._check_config(config)
+        spec = self._spec(model)
+        self._check_data(spec, tasks, indices, loss)
+        k = _kernels()
+        steps = config.train_steps(indices.shape[1])
+        named = dict(model.named_parameters())
+        layer_names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
+        params = [named[n].detach() for n in layer_names]
+        launch = k.choose_launch_config(spec.dims, indices.shape[2], **self.launch)
+
+        def run(x, y, idx, *phi):
+            return k.mlp_inner_loop(x, y, idx, phi, spec.activations, lr=config.lr, loss=loss,
+                                    steps=steps, precision=self.precision, config=launch)
+
+        inputs = (tasks.x, tasks.y, indices, *params)
+        if self.cuda_graphs and tasks.x.is_cuda and torch.cuda.is_available():
+            flat, losses = self._graphed(run, inputs, (spec, loss, config.lr, steps, launch))
+        else:
+            flat, losses = run(*inputs)
+        by_name = dict(zip(layer_names, k.split_params(flat, spec.dims)))
+        return InnerResult(params={n: by_name[n] for n in named}, losses=losses)
+
+    def _graphed(self, run, inputs, settings):
+        key = settings + tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            graphed = _GraphedLaunch(run, inputs)
+            self._graphs[key] = graphed
+            if len(self._graphs) > _GRAPH_CACHE_SIZE:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        return graphed(inputs)
