@@ -1,18 +1,24 @@
 """reptile_fast: Reptile meta-learning, fast, with the seed's exact results.
 
 Public API:
-    Reptile                      the trainer (one API over every backend)
-    TaskBatch, sample_indices    the data every backend shares
-    tasks.Sine                   the seed's sine-wave task family
-    MLP, OmniglotConvNet         models
-    reference                    the seed's program, faithfully (the oracle)
+    Reptile                          the trainer (one API over every backend)
+    reptile                          drop-in for the seed's reptile() call, on the fast backends
+    TaskBatch, sample_indices        the data every backend shares
+    tasks.Sine                       the seed's sine-wave task family
+    MLP, OmniglotConvNet             models
+    save_checkpoint, load_checkpoint atomic checkpoints for exact resume
+    reference                        the seed's program, faithfully (the oracle)
 """
 from . import reference, tasks
+from .checkpoint import load_checkpoint, save_checkpoint
+from .dropin import reptile
 from .models import MLP, OmniglotConvNet
+from .signals import TrainingInterrupted
 from .tasks import Sine, TaskBatch, sample_indices
 from .trainer import NonFiniteError, Reptile
 
 __version__ = "0.1.0"
 
-__all__ = ["Reptile", "NonFiniteError", "TaskBatch", "sample_indices", "Sine", "MLP",
-           "OmniglotConvNet", "reference", "tasks", "__version__"]
+__all__ = ["Reptile", "reptile", "NonFiniteError", "TrainingInterrupted", "TaskBatch",
+           "sample_indices", "Sine", "MLP", "OmniglotConvNet", "save_checkpoint",
+           "load_checkpoint", "reference", "tasks", "__version__"]

@@ -1,0 +1,552 @@
+"""The ways of running one meta-batch's inner loops that the benchmarks compare ("providers"),
+the seeded problems they all run, and the check against the reference that precedes any timing.
+
+Every provider has one interface::
+
+    provider.unavailable(device) -> None | reason        # cannot run here at all (import, device)
+    provider.skip_reason(point, device) -> None | reason # not at this size/device
+    prepared = provider.prepare(problem)                 # untimed: build, copy inputs, compile
+    out = prepared.run(i)                                # timed: inner loops on input set i % R
+    prepared.to_params(out) -> {name: [T, *shape]}       # the adapted parameters, for the check
+
+All providers see the same seeded model φ, the same tasks and the same minibatch plan
+(``indices [T, steps, batch]``), so their adapted parameters must agree with the reference
+backend to fp32 rounding (``check_prepared``) before a time means anything.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from reptile_fast.backends import InnerConfig, UnsupportedModelError, get_backend
+from reptile_fast.backends.reference import ReferenceBackend
+from reptile_fast.models import MLP
+from reptile_fast.tasks import Sine, TaskBatch, sample_indices
+
+__all__ = ["bench_mode", "bench_device", "ProviderSkip", "Point", "Problem", "Prepared", "Provider",
+           "CheckResult", "PROVIDERS", "provider_names", "get_provider", "make_problem", "check_prepared",
+           "check_subset", "sweep_points", "SMOKE_POINTS", "RTOL", "ATOL", "TIMED_LIMITS",
+           "COMPILE_POINTS", "timed_skip_reason"]
+
+#: The project's equivalence tolerance for fp32 results against the fp32 reference.
+RTOL, ATOL = 1e-5, 1e-6
+
+#: Providers that loop over tasks in Python are timed only up to this meta-batch in the sweeps
+#: (their cost per task does not depend on the meta-batch; larger sizes only burn the budget),
+#: per device type.
+TIMED_LIMITS = {"cpu": {"seed": 256, "reference": 32}, "cuda": {"seed": 32, "reference": 1}}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One benchmark size: ``meta_batch`` tasks, an MLP ``in → width × depth → out``, ``steps``
+    SGD steps (lr ``lr``) of ``inner_batch`` of each task's ``n_points`` points."""
+
+    meta_batch: int
+    width: int = 64
+    steps: int = 5
+    depth: int = 2
+    inner_batch: int = 10
+    n_points: int = 50
+    lr: float = 0.02
+    activation: str = "tanh"
+
+    @property
+    def dims(self) -> Tuple[int, ...]:
+        return (1,) + (self.width,) * self.depth + (1,)
+
+    @property
+    def id(self) -> str:
+        return f"T{self.meta_batch}-H{self.width}-S{self.steps}"
+
+    def __str__(self) -> str:
+        return self.id
+
+
+#: Tiny sizes for the CI smoke run (correctness of every provider, seconds on 2 cores).
+SMOKE_POINTS = (Point(meta_batch=3, width=8, steps=2), Point(meta_batch=1, width=12, steps=3, inner_batch=7))
+
+
+def sweep_points(mode: str, device_type: str) -> List[Point]:
+    """The sizes a sweep times.
+
+    - "smoke": one tiny point (exercises the timing path once; CI).
+    - "full" on the CPU: meta-batch 1, 32, 256, 4096 at width 64 / 5 steps; widths 32, 128, 256
+      at meta-batch 256 / 5 steps; 32 steps at meta-batch 256 / width 64 (not the full cross
+      product: it would take an hour on 2 shared cores).
+    - "full" on CUDA: meta-batch 1 … 16384 at width 64 and widths 32 … 256 at meta-batch 4096,
+      first for 5 steps, then for 32 (in that order: the GPU check stops when its time is up).
+    - "tiny" (the GPU check's CPU smoke): two tiny points.
+    """
+    if mode == "smoke":
+        return [Point(meta_batch=4, width=16, steps=2)]
+    if mode == "tiny":
+        return [Point(meta_batch=1, width=16, steps=2), Point(meta_batch=4, width=16, steps=2)]
+    if mode != "full":
+        raise ValueError(f"sweep mode must be 'smoke', 'tiny' or 'full', got {mode!r}")
+    if device_type == "cuda":
+        pts = []
+        for s in (5, 32):
+            pts += [Point(meta_batch=t, width=64, steps=s) for t in (1, 32, 256, 4096, 16384)]
+            pts += [Point(meta_batch=4096, width=w, steps=s) for w in (32, 128, 256)]
+        return pts
+    pts = [Point(meta_batch=t, width=64, steps=5) for t in (1, 32, 256, 4096)]
+    pts += [Point(meta_batch=256, width=w, steps=5) for w in (32, 128, 256)]
+    pts += [Point(meta_batch=256, width=64, steps=32)]
+    return pts
+
+
+def bench_mode() -> str:
+    """The sweep mode from ``REPTILE_BENCH``: "smoke" (default; CI) or "full"."""
+    mode = os.environ.get("REPTILE_BENCH", "smoke") or "smoke"
+    if mode not in ("smoke", "full"):
+        raise ValueError(f"REPTILE_BENCH must be 'smoke' or 'full', got {mode!r}")
+    return mode
+
+
+def bench_device() -> torch.device:
+    """``REPTILE_BENCH_DEVICE`` if set, else CUDA when present, else the CPU."""
+    name = os.environ.get("REPTILE_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------- problems
+@dataclass
+class Problem:
+    """A seeded benchmark problem on one device.
+
+    Attributes:
+        point: the size.
+        model: the meta-model (φ), reptile_fast ``MLP`` with ``point.dims``, on ``device``.
+        tasks: ``R`` rotations of sine tasks, each ``TaskBatch`` x, y ``[T, n_points, 1]``.
+        plans: ``R`` plans, long ``[T, steps, inner_batch]``; rotation 0 is the one checked.
+        config: the inner-loop settings (SGD, MSE, ``point.lr``).
+    """
+
+    point: Point
+    device: torch.device
+    model: nn.Module
+    tasks: List[TaskBatch]
+    plans: List[torch.Tensor]
+    config: InnerConfig
+    _oracle: Dict[Any, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def rotations(self) -> int:
+        return len(self.tasks)
+
+
+def make_problem(point: Point, device, *, rotations: int = 1, seed: int = 0, gen_device=None) -> Problem:
+    """The problem every provider runs at ``point``: model, tasks and plans drawn from ``seed``.
+
+    Tasks and plans are drawn on ``gen_device`` (default the CPU, so every device sees the same
+    numbers; the GPU check draws its large meta-batches on the GPU) and moved to ``device``.
+    The model is initialised from ``seed`` on the CPU; the global RNG is left as it was."""
+    device = torch.device(device)
+    if rotations < 1:
+        raise ValueError(f"rotations must be >= 1, got {rotations}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MLP(1, point.width, 1, depth=point.depth, activation=point.activation)
+    model = model.to(device)
+    g = torch.Generator(device=gen_device or "cpu").manual_seed(seed + 1)
+    sine = Sine(n_points=point.n_points)
+    tasks, plans = [], []
+    for _ in range(rotations):
+        tasks.append(sine.sample(point.meta_batch, generator=g).to(device))
+        plans.append(sample_indices(point.meta_batch, point.steps, point.n_points, point.inner_batch,
+                                    generator=g).to(device))
+    return Problem(point, device, model, tasks, plans, InnerConfig(lr=point.lr, loss="mse"))
+
+
+# ---------------------------------------------------------------------------------- providers
+@dataclass
+class Prepared:
+    """A provider ready to run a problem.
+
+    Attributes:
+        run: ``run(i)`` runs every task's inner loop on input set ``i % R`` and returns the raw
+            output (asynchronously on a GPU).
+        to_params: raw output -> ``{name: [T, *shape]}`` torch tensors (any device).
+        sync: for outputs outside torch's CUDA stream (JAX): ``sync(out)`` waits for them; None
+            means torch's stream (CUDA events time it).
+    """
+
+    run: Callable[[int], Any]
+    to_params: Callable[[Any], Dict[str, torch.Tensor]]
+    sync: Optional[Callable[[Any], None]] = None
+
+
+class ProviderSkip(Exception):
+    """``prepare`` found the provider cannot run here (e.g. torch.compile has no compiler)."""
+
+
+class Provider:
+    """One way of running a meta-batch of inner loops (see the module docstring)."""
+
+    name: str = "?"
+    #: True: checked at RTOL/ATOL against the fp32 reference.  False (tf32): only its error
+    #: against the float64 oracle is recorded, and it must stay under ``error_bound``.
+    exact: bool = True
+    error_bound: float = 0.0
+    #: False: never timed on the CPU (the Triton interpreter).
+    timed_on_cpu: bool = True
+
+    def unavailable(self, device: torch.device) -> Optional[str]:
+        return None
+
+    def skip_reason(self, point: Point, device: torch.device) -> Optional[str]:
+        return None
+
+    def prepare(self, problem: Problem) -> Prepared:
+        raise NotImplementedError
+
+
+def _stack(per_task: List[List[torch.Tensor]], names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    return {n: torch.stack([task[j] for task in per_task]) for j, n in enumerate(names)}
+
+
+class SeedProvider(Provider):
+    """The seed's loop: per task a deep copy of the model, ``torch.optim.SGD`` and
+    ``nn.MSELoss``, one backward per step — fed the plan's minibatches instead of randperm."""
+
+    name = "seed"
+
+    def prepare(self, problem: Problem) -> Prepared:
+        model, lr = problem.model, problem.point.lr
+        names = [n for n, _ in model.named_parameters()]
+        loss_fct = nn.MSELoss()
+
+        def run(i):
+            tasks, plan = problem.tasks[i % problem.rotations], problem.plans[i % problem.rotations]
+            out = []
+            for t in range(tasks.n_tasks):
+                m = copy.deepcopy(model)
+                opt = torch.optim.SGD(m.parameters(), lr=lr)
+                x, y = tasks.x[t], tasks.y[t]
+                for s in range(plan.shape[1]):
+                    ind = plan[t, s]
+                    loss = loss_fct(m(x[ind]), y[ind])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                out.append([p.detach() for p in m.parameters()])
+            return out
+
+        return Prepared(run, lambda out: _stack(out, names))
+
+
+class BackendProvider(Provider):
+    """A registered reptile_fast backend (``reference``, ``torch``, ``triton``), optionally
+    constructed with keyword options (``options``) that select one of its paths."""
+
+    def __init__(self, name: str, backend: str, options: Optional[Dict[str, Any]] = None,
+                 exact: bool = True, error_bound: float = 0.0, timed_on_cpu: bool = True):
+        self.name, self.backend, self.options = name, backend, dict(options or {})
+        self.exact, self.error_bound, self.timed_on_cpu = exact, error_bound, timed_on_cpu
+        self._instance = None
+
+    def _make(self):
+        if self.backend == "reference":
+            return ReferenceBackend()
+        if not self.options:
+            return get_backend(self.backend)
+        cls = type(get_backend(self.backend))
+        params = inspect.signature(cls).parameters
+        unknown = [k for k in self.options if k not in params]
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise UnsupportedModelError(f"{cls.__name__} takes no option {unknown}")
+        return cls(**self.options)
+
+    def backend_instance(self):
+        if self._instance is None:
+            self._instance = self._make()
+        return self._instance
+
+    def unavailable(self, device: torch.device) -> Optional[str]:
+        if self.backend == "triton":
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                return "triton needs CUDA or TRITON_INTERPRET=1 (set before the kernel is imported)"
+            try:
+                importlib.import_module("triton")
+            except ImportError as exc:
+                return f"triton not importable: {exc}"
+        try:
+            self.backend_instance()
+        except (ImportError, AttributeError) as exc:
+            return f"backend {self.backend!r} not importable yet: {type(exc).__name__}: {exc}"
+        except (UnsupportedModelError, TypeError, ValueError) as exc:
+            return f"backend {self.backend!r} cannot be built with {self.options}: {exc}"
+        return None
+
+    def skip_reason(self, point: Point, device: torch.device) -> Optional[str]:
+        backend = self.backend_instance()
+        model = MLP(1, point.width, 1, depth=point.depth, activation=point.activation).to(device)
+        try:
+            backend.check_supported(model, device, InnerConfig(lr=point.lr, loss="mse"))
+        except UnsupportedModelError as exc:
+            return f"{self.name} does not support {point}: {exc}"
+        return None
+
+    def prepare(self, problem: Problem) -> Prepared:
+        backend = self.backend_instance()
+
+        def run(i):
+            r = i % problem.rotations
+            return backend.inner_loop(problem.model, problem.tasks[r], problem.plans[r], problem.config)
+
+        return Prepared(run, lambda out: out.params)
+
+
+class JaxProvider(Provider):
+    """The same inner loop in JAX (``bench.jax_peer``): jit(vmap(lax.scan(SGD step)))."""
+
+    name = "jax"
+
+    def unavailable(self, device: torch.device) -> Optional[str]:
+        from bench import jax_peer
+
+        return jax_peer.unavailable(device)
+
+    def prepare(self, problem: Problem) -> Prepared:
+        from bench import jax_peer
+
+        return jax_peer.prepare(problem)
+
+
+class TorchCompileProvider(Provider):
+    """The batched-MLP inner loop under ``torch.compile`` (inductor, static shapes, full graph):
+    ``reptile_fast.compiled_step.fused_inner_loop`` (the compiled drop-in's formulation: batched
+    forward, hand-written backward, SGD) plus the plan's gather, compiled as one function.
+    Compiling takes 10-30 s per shape, so the sweeps time it only at ``COMPILE_POINTS``."""
+
+    name = "torch-compile"
+
+    def unavailable(self, device: torch.device) -> Optional[str]:
+        try:
+            mod = importlib.import_module("reptile_fast.compiled_step")
+        except ImportError as exc:
+            return f"reptile_fast.compiled_step not importable yet: {exc}"
+        if not hasattr(mod, "fused_inner_loop"):
+            return "reptile_fast.compiled_step has no fused_inner_loop"
+        if not hasattr(torch, "compile"):
+            return "torch.compile is not available in this torch"
+        return None
+
+    def prepare(self, problem: Problem) -> Prepared:
+        from reptile_fast.compiled_step import fused_inner_loop
+        from reptile_fast.mlp_spec import extract_mlp_spec
+
+        spec = extract_mlp_spec(problem.model)
+        named = dict(problem.model.named_parameters())
+        names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
+        phi = [named[n].detach() for n in names]
+        lr = problem.point.lr
+
+        def inner(x, y, idx, *phi):
+            # x, y [T, N, 1]; idx [T, S, B] -> minibatches [S, T, B, 1], step-major
+            rows = torch.arange(x.shape[0], device=x.device).view(1, -1, 1)
+            plan = idx.transpose(0, 1)
+            adapted, _ = fused_inner_loop(spec, phi, x[rows, plan], y[rows, plan], lr, "mse")
+            return adapted
+
+        # Every prepare compiles the same code object: reset, or dynamo would hit its recompile
+        # limit after a few sizes and silently run eagerly.
+        torch._dynamo.reset()
+        compiled = torch.compile(inner, dynamic=False, fullgraph=True)
+
+        def run(i):
+            r = i % problem.rotations
+            return compiled(problem.tasks[r].x, problem.tasks[r].y, problem.plans[r], *phi)
+
+        try:
+            run(0)  # compile here, untimed
+        except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler for inductor on this machine
+            raise ProviderSkip(f"torch.compile failed here: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        return Prepared(run, lambda out: dict(zip(names, out)))
+
+
+#: torch-compile is timed only here (compiling costs 10-60 s per shape): the sine MLP's size,
+#: meta-batches 32, 256, 4096 on the CPU; 4096 on CUDA (the GPU check's budget is 5 minutes).
+COMPILE_POINTS = {"cpu": {(t, 64, 5) for t in (32, 256, 4096)}, "cuda": {(4096, 64, 5)}}
+
+
+class _CudaOnly(BackendProvider):
+    def unavailable(self, device):
+        if device.type != "cuda":
+            return f"{self.name} applies only on CUDA"
+        return super().unavailable(device)
+
+
+def _build_providers() -> Dict[str, Provider]:
+    provs: Dict[str, Provider] = {
+        "seed": SeedProvider(),
+        "reference": BackendProvider("reference", "reference"),
+        "torch": BackendProvider("torch", "torch"),
+    }
+    # TorchBackend(fast_mlp=False): the generic torch.func vmap(grad(functional_call)) path.
+    provs["torch-vmap"] = BackendProvider("torch-vmap", "torch", {"fast_mlp": False})
+    provs["torch-compile"] = TorchCompileProvider()
+    provs["triton"] = BackendProvider("triton", "triton", timed_on_cpu=False)
+    # Kernel launches replayed from a captured CUDA graph (small meta-batches are launch-bound).
+    provs["triton-graphs"] = _CudaOnly("triton-graphs", "triton", {"cuda_graphs": True})
+    # tf32 dot inputs: not exact by design; its error against float64 is what is measured.  The
+    # bound is loose (tf32 keeps 10 mantissa bits, u = 2^-11, over a few layers and steps).
+    provs["triton-tf32"] = BackendProvider("triton-tf32", "triton", {"precision": "tf32"}, exact=False,
+                                           error_bound=2e-2, timed_on_cpu=False)
+    provs["jax"] = JaxProvider()
+    return provs
+
+
+_PROVIDERS: Optional[Dict[str, Provider]] = None
+
+
+def _providers() -> Dict[str, Provider]:
+    global _PROVIDERS
+    if _PROVIDERS is None:
+        _PROVIDERS = _build_providers()
+    return _PROVIDERS
+
+
+#: Every provider's name, in table order.
+PROVIDERS = ("seed", "reference", "torch-vmap", "torch", "torch-compile", "triton", "triton-graphs",
+             "triton-tf32", "jax")
+
+
+def provider_names() -> Tuple[str, ...]:
+    return PROVIDERS
+
+
+def get_provider(name: str) -> Provider:
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown provider {name!r}; choose one of {PROVIDERS}")
+    return _providers()[name]
+
+
+def timed_skip_reason(name: str, point: Point, device: torch.device, mode: str) -> Optional[str]:
+    """Why a sweep does not time ``name`` at ``point`` (None: it does).  Correctness checks are
+    not affected.  Only "full" sweeps leave sizes out."""
+    provider = get_provider(name)
+    if device.type == "cpu" and not provider.timed_on_cpu:
+        return f"{name} runs on the CPU only under the Triton interpreter: never timed"
+    if mode != "full":
+        if name == "torch-compile":
+            return "smoke run: torch-compile is checked once in test_provider_matches_reference (compiling takes 10-25 s)"
+        return None
+    limit = TIMED_LIMITS[device.type].get(name)
+    if limit is not None and point.meta_batch > limit:
+        return f"{name} is timed up to meta-batch {limit} (its cost per task does not depend on the meta-batch)"
+    if name == "torch-compile" and (point.meta_batch, point.width, point.steps) not in COMPILE_POINTS[device.type]:
+        return f"torch-compile is timed only at {sorted(COMPILE_POINTS[device.type])} (compiling costs 10-30 s per shape)"
+    return None
+
+
+# ---------------------------------------------------------------------------------- checking
+@dataclass
+class CheckResult:
+    """Outcome of comparing a provider's adapted parameters with the reference.
+
+    Attributes:
+        ok: passed (exact providers: every parameter within RTOL/ATOL of the fp32 reference on
+            the checked tasks, and of ``compare_to``'s full output when given).
+        max_abs_err: largest |provider − fp32 reference| over the checked tasks.
+        rel_err_f64: ‖provider − float64 oracle‖ / ‖oracle‖ over the checked tasks (all params).
+        ref_rel_err_f64: the same for the fp32 reference itself (what fp32 rounding gives).
+        tasks_checked: how many tasks were compared with the reference.
+        message: why it failed ("" when ok).
+    """
+
+    ok: bool
+    max_abs_err: float
+    rel_err_f64: float
+    ref_rel_err_f64: float
+    tasks_checked: int
+    message: str = ""
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(ok=self.ok, max_abs_err=self.max_abs_err, rel_err_f64=self.rel_err_f64,
+                    ref_rel_err_f64=self.ref_rel_err_f64, tasks_checked=self.tasks_checked,
+                    message=self.message)
+
+
+def check_subset(n_tasks: int, k: int = 16) -> torch.Tensor:
+    """Indices of at most ``k`` tasks spread over ``range(n_tasks)`` (first and last included):
+    the tasks compared with the per-task reference, which is too slow to run on all of 16384."""
+    if n_tasks <= k:
+        return torch.arange(n_tasks)
+    return torch.unique(torch.linspace(0, n_tasks - 1, k).round().long())
+
+
+def oracle_params(problem: Problem, subset: torch.Tensor, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """The reference backend's adapted parameters for rotation 0's tasks ``subset``, computed in
+    ``dtype``: float32 on the problem's device (the reference the tests compare with), float64
+    on the CPU (the oracle).  Returned on the CPU; cached per problem."""
+    key = (tuple(subset.tolist()), dtype)
+    if key not in problem._oracle:
+        device = problem.device if dtype == torch.float32 else torch.device("cpu")
+        model = copy.deepcopy(problem.model).to(device=device, dtype=dtype)
+        sel = subset.to(problem.device)
+        tasks = problem.tasks[0][sel].to(device, dtype=dtype)
+        plan = problem.plans[0][sel].to(device)
+        res = ReferenceBackend().inner_loop(model, tasks, plan, problem.config)
+        problem._oracle[key] = {k: v.detach().cpu() for k, v in res.params.items()}
+    return problem._oracle[key]
+
+
+def _flat(params: Dict[str, torch.Tensor], names: Sequence[str], dtype=torch.float64) -> torch.Tensor:
+    return torch.cat([params[n].reshape(params[n].shape[0], -1).to(dtype) for n in names], dim=1)
+
+
+def check_prepared(provider: Provider, prepared: Prepared, problem: Problem, *,
+                   compare_to: Optional[Dict[str, torch.Tensor]] = None, k: int = 16) -> Tuple[CheckResult, Dict[str, torch.Tensor]]:
+    """Run ``prepared`` on rotation 0 and compare it with the reference (before any timing).
+
+    ``compare_to``: another provider's full output (e.g. backend torch's, already checked) to
+    compare every task with, not only the subset.  Returns the result and the provider's
+    parameters (CPU) so they can serve as ``compare_to`` for the next provider.
+    """
+    names = [n for n, _ in problem.model.named_parameters()]
+    T = problem.point.meta_batch
+    out = prepared.to_params(prepared.run(0))
+    missing = [n for n in names if n not in out]
+    if missing:
+        return CheckResult(False, float("nan"), float("nan"), float("nan"), 0,
+                           f"output lacks parameters {missing}"), {}
+    params = {n: torch.as_tensor(out[n]).detach().to("cpu") for n in names}
+    for n, p in problem.model.named_parameters():
+        if tuple(params[n].shape) != (T, *p.shape):
+            return CheckResult(False, float("nan"), float("nan"), float("nan"), 0,
+                               f"{n} has shape {tuple(params[n].shape)}, expected {(T, *p.shape)}"), params
+    subset = check_subset(T, k)
+    ref = oracle_params(problem, subset, torch.float32)
+    f64 = oracle_params(problem, subset, torch.float64)
+    mine = {n: params[n][subset] for n in names}
+    a, r, o = _flat(mine, names), _flat(ref, names), _flat(f64, names)
+    finite = all(bool(torch.isfinite(params[n]).all()) for n in names)
+    max_abs = float((a - r).abs().max())
+    rel64 = float((a - o).norm() / o.norm())
+    ref_rel64 = float((r - o).norm() / o.norm())
+    msg = ""
+    if not finite:
+        msg = "non-finite values in the adapted parameters"
+    elif provider.exact:
+        bad = [n for n in names if not torch.allclose(mine[n], ref[n], rtol=RTOL, atol=ATOL)]
+        if bad:
+            msg = (f"differs from the fp32 reference beyond rtol {RTOL}/atol {ATOL} in {bad} "
+                   f"(max |diff| {max_abs:.3g}; rel err vs float64 {rel64:.3g}, reference's own {ref_rel64:.3g})")
+        elif compare_to is not None:
+            bad = [n for n in names if not torch.allclose(params[n], compare_to[n].to(params[n].dtype),
+                                                          rtol=RTOL, atol=ATOL)]
+            if bad:
+                worst = max(float((params[n] - compare_to[n]).abs().max()) for n in bad)
+                msg = f"differs from the checked torch output on some of all {T} tasks in {bad} (max |diff| {worst:.3g})"
+    elif not rel64 <= provider.error_bound:
+        msg = f"rel err vs float64 {rel64:.3g} exceeds its bound {provider.error_bound:g}"
+    return CheckResult(not msg, max_abs, rel64, ref_rel64, int(subset.numel()), msg), params

@@ -1,0 +1,404 @@
+"""Batched inner loops for plain MLPs: batched matmuls with a hand-written backward.
+
+The fast path of backend "torch" (and the core that ``reptile_fast.compiled_step`` reuses) for
+models that ``reptile_fast.mlp_spec.extract_mlp_spec`` accepts: chains of ``nn.Linear`` layers
+and tanh / relu / sigmoid / identity activations.  All ``T`` tasks' parameters live in one flat
+buffer (``StackedMLP``: per layer a ``[T, out, in]`` weight view and a ``[T, out]`` bias view),
+and one inner step of every task is a handful of ``torch.baddbmm`` / ``torch.bmm`` calls plus
+elementwise ops, with no autograd graph and no ``vmap`` dispatch:
+
+    forward   z_l = h_l W_lᵀ + b_l  (baddbmm; addcmul when d_l = 1)      h_{l+1} = act_l(z_l)
+    loss      MSE: mean over all B·d_L elements;  cross-entropy: mean over the B rows
+    backward  g_L = dloss/dz_L  (the formulas of aten's mse_loss / nll_loss / log_softmax backward)
+              dW_l = g_lᵀ h_l,  db_l = Σ_rows g_l,  g_{l-1} = act'(g_l W_l)   (bmm, aten *_backward)
+    update    SGD fused into the backward matmuls: W ← W − lr·gᵀh as ``W.baddbmm_(gᵀ, h, alpha=-lr)``
+              (no gradient tensor is written); with Adam or ``grad_weights`` the gradients go to
+              a flat buffer and ``flat.add_(grad_flat, alpha=-lr)`` / ``optimizer.step`` apply them
+
+The floating-point operations are the reference backend's (``F.linear``, ``aten::tanh_backward``,
+``aten::mse_loss_backward``'s ``norm · (pred − y)``, ``_log_softmax_backward_data``, SGD's
+``p + (−lr)·g`` as one fused multiply-add) except for three documented differences: the order of
+the additions inside a matrix product (MKL picks different kernels for one ``[B, in]`` matrix and
+a batch of them); the fused SGD update does not round ``gᵀh`` before the multiply-add (≤ 1 ulp
+of lr·g); and, on CPU by default, tanh computed as 2·σ(2z) − 1 (``fast_tanh``: ``torch.tanh`` is a
+scalar loop on CPU and would cost more than all the matrix products at large meta-batches; the
+two agree to ~1.2e-7 absolute in fp32).  Adapted parameters agree with the reference backend within the
+project's rtol 1e-5 / atol 1e-6, and both sit equally close to a float64 run
+(tests/test_backend_torch.py).
+
+Shapes used throughout: ``T`` tasks, ``R`` plan rows (inner steps, plus one for FOMAML), ``S``
+inner updates, ``B`` points per minibatch, ``dims = (d_0, …, d_L)`` the layer sizes.
+
+Example (one meta-batch of SGD inner loops, as ``TorchBackend`` runs it)::
+
+    spec = extract_mlp_spec(model)
+    params = stack_mlp_params(spec, dict(model.named_parameters()), T)   # flat [T · n_params]
+    xs, ys = gather_minibatches(tasks.x, tasks.y, indices)              # [R, T, B, d_0], ...
+    out = mlp_inner_loop(spec, params, xs, ys, lr=0.02, loss="mse")
+    out.params.named()   # name -> adapted [T, *shape];  out.losses: [T, S]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..mlp_spec import MLPSpec
+
+__all__ = ["StackedMLP", "MLPInnerOutput", "gather_minibatches", "stack_mlp_params", "mlp_forward",
+           "mlp_inner_loop", "default_fast_tanh", "FAST_LOSSES"]
+
+#: losses the fast path differentiates by hand; other losses take the generic vmap path.
+FAST_LOSSES = ("mse", "cross_entropy")
+
+_aten = torch.ops.aten
+
+
+def gather_minibatches(x: torch.Tensor, y: torch.Tensor,
+                       indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every plan row's minibatch, step-major so that each step's slice is contiguous.
+
+    Args:
+        x: ``[T, N, *in_shape]`` task inputs.
+        y: ``[T, N, *out_shape]`` float targets or ``[T, N]`` long labels.
+        indices: long ``[T, R, B]`` plan.
+
+    Returns:
+        ``xs [R, T, B, *in_shape]`` and ``ys [R, T, B, *out_shape]`` (``[R, T, B]`` for labels).
+    """
+    T = x.shape[0]
+    rows = torch.arange(T, device=x.device).view(1, T, 1)
+    plan = indices.transpose(0, 1)  # [R, T, B]
+    return x[rows, plan], y[rows, plan]
+
+
+class StackedMLP:
+    """``T`` tasks' copies of an MLP's parameters in one flat buffer.
+
+    The buffer is laid out tensor by tensor (``W_0, b_0, W_1, b_1, …``), each block holding all
+    ``T`` tasks' copies contiguously, so that every per-layer view is a contiguous batch for
+    ``bmm`` and a whole optimizer step is one elementwise op on ``flat``.
+
+    Attributes:
+        flat: ``[T · n_params]``.
+        weights: ``L`` views ``[T, d_{l+1}, d_l]``.
+        biases: ``L`` views ``[T, d_{l+1}]``.
+    """
+
+    def __init__(self, spec: MLPSpec, flat: torch.Tensor, n_tasks: int):
+        self.spec, self.flat, self.n_tasks = spec, flat, n_tasks
+        self.weights: List[torch.Tensor] = []
+        self.biases: List[torch.Tensor] = []
+        off = 0
+        for l in range(spec.n_layers):
+            d_in, d_out = spec.dims[l], spec.dims[l + 1]
+            self.weights.append(flat[off:off + n_tasks * d_out * d_in].view(n_tasks, d_out, d_in))
+            off += n_tasks * d_out * d_in
+            self.biases.append(flat[off:off + n_tasks * d_out].view(n_tasks, d_out))
+            off += n_tasks * d_out
+
+    @classmethod
+    def empty(cls, spec: MLPSpec, n_tasks: int, *, dtype=None, device=None) -> "StackedMLP":
+        return cls(spec, torch.empty(n_tasks * spec.n_params, dtype=dtype, device=device), n_tasks)
+
+    def zeros_like(self) -> "StackedMLP":
+        return StackedMLP(self.spec, torch.zeros_like(self.flat), self.n_tasks)
+
+    def named(self) -> Dict[str, torch.Tensor]:
+        """name -> view, with the model's parameter names (weights first, then biases)."""
+        return dict(zip(self.spec.weight_names + self.spec.bias_names, self.weights + self.biases))
+
+
+def stack_mlp_params(spec: MLPSpec, params: Mapping[str, torch.Tensor], n_tasks: int) -> StackedMLP:
+    """Per-task copies of an MLP's parameters, ready for ``mlp_inner_loop`` to update in place.
+
+    Args:
+        spec: the model's ``MLPSpec``.
+        params: name -> tensor, ``[out, in]`` / ``[out]`` (e.g. ``dict(model.named_parameters())``),
+            or already stacked ``[T, out, in]`` / ``[T, out]``.
+        n_tasks: ``T``.
+
+    Returns:
+        A ``StackedMLP`` in fresh memory, detached from ``params``.
+    """
+    first = params[spec.weight_names[0]]
+    out = StackedMLP.empty(spec, n_tasks, dtype=first.dtype, device=first.device)
+    with torch.no_grad():
+        for dst, name in zip(out.weights + out.biases, spec.weight_names + spec.bias_names):
+            dst.copy_(params[name].detach().expand(dst.shape))
+    return out
+
+
+@dataclass
+class MLPInnerOutput:
+    """What ``mlp_inner_loop`` returns.
+
+    Attributes:
+        params: the adapted parameters (the ``StackedMLP`` given, updated in place).
+        losses: ``[T, S]`` minibatch loss of each inner step, before that step's update.
+        meta_grads: the FOMAML gradient at the adapted weights on the last plan row, or
+            Σ_s w_s g_s for ``grad_weights``, in the same layout; None when neither was asked for.
+    """
+
+    params: StackedMLP
+    losses: torch.Tensor
+    meta_grads: Optional[StackedMLP] = None
+
+
+def _tanh_via_sigmoid_(z2: torch.Tensor) -> torch.Tensor:
+    """tanh(z) = 2·σ(2z) − 1, in place on ``z2 = 2z``; within ~1.2e-7 (absolute) of ``torch.tanh``
+    in fp32.
+
+    ``torch.tanh`` runs a scalar loop on CPU (about 9× slower than the vectorised sigmoid), and at
+    large meta-batches it costs more than the matrix products.  Doubling is exact in floating
+    point, so the matmul producing ``z`` produces ``2z`` instead (alpha = beta = 2) for free.
+    """
+    return z2.sigmoid_().mul_(2.0).sub_(1.0)
+
+
+def _activation_(name: str, z: torch.Tensor, fast_tanh: bool) -> torch.Tensor:
+    """``act(z)`` in place on ``z`` (a fresh matmul output; ``2z`` for tanh when ``fast_tanh``)."""
+    if name == "tanh":
+        return _tanh_via_sigmoid_(z) if fast_tanh else z.tanh_()
+    if name == "relu":
+        return z.relu_()
+    if name == "sigmoid":
+        return z.sigmoid_()
+    return z
+
+
+def _activation_backward(name: str, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """dloss/dz from dloss/dact and the activation's output, as autograd computes it."""
+    if name == "tanh":
+        return _aten.tanh_backward(grad, out)
+    if name == "relu":
+        return _aten.threshold_backward(grad, out, 0)
+    if name == "sigmoid":
+        return _aten.sigmoid_backward(grad, out)
+    return grad
+
+
+def default_fast_tanh(device) -> bool:
+    """Whether tanh goes through the sigmoid by default: on CPU only, where ``torch.tanh`` is
+    not vectorised; GPUs keep ``torch.tanh``."""
+    return torch.device(device).type == "cpu"
+
+
+def _forward_layers(spec: MLPSpec, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                    fast_tanh: bool) -> list:
+    """Per layer ``(Wᵀ [T, in, out], b [T, 1, out], activation, scale)``: views made once per
+    inner loop (they follow in-place updates of the weights)."""
+    return [(W.transpose(1, 2), b.unsqueeze(1), act, 2.0 if fast_tanh and act == "tanh" else 1.0)
+            for W, b, act in zip(weights, biases, spec.activations)]
+
+
+def _run_forward(layers: list, x: torch.Tensor, fast_tanh: bool):
+    """Forward through ``_forward_layers``: the output and every layer's input (``[x, h_1, …]``)."""
+    hs = [x]
+    h = x
+    for Wt, b, act, scale in layers:
+        # scale · F.linear(h, W, b); scale 2 (exact) feeds _tanh_via_sigmoid_ its 2z.
+        if Wt.shape[1] == 1:
+            # One input feature: an outer product; bmm with K = 1 is several times slower.
+            z = torch.addcmul(b, h, Wt)
+            if scale != 1.0:
+                z.mul_(scale)
+        else:
+            z = torch.baddbmm(b, h, Wt, beta=scale, alpha=scale)
+        h = _activation_(act, z, fast_tanh)
+        hs.append(h)
+    return h, hs[:-1]
+
+
+def mlp_forward(spec: MLPSpec, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                x: torch.Tensor, *, fast_tanh: Optional[bool] = None, keep: bool = False):
+    """Batched forward pass of ``T`` MLPs.
+
+    Args:
+        spec: the layer layout.
+        weights, biases: ``[T, d_{l+1}, d_l]`` / ``[T, d_{l+1}]`` per layer (any strides).
+        x: ``[T, B, d_0]``.
+        fast_tanh: tanh through the sigmoid (``default_fast_tanh`` when None).
+        keep: also return the activations the backward pass needs.
+
+    Returns:
+        The output ``[T, B, d_L]``; with ``keep``, ``(output, hs)`` where ``hs[l]`` is the input
+        of layer ``l`` (``hs[0] = x``).
+    """
+    if fast_tanh is None:
+        fast_tanh = default_fast_tanh(x.device)
+    out, hs = _run_forward(_forward_layers(spec, weights, biases, fast_tanh), x, fast_tanh)
+    return (out, hs) if keep else out
+
+
+def _output_grad(loss: str, out: torch.Tensor, y: torch.Tensor, save: Optional[torch.Tensor]) -> torch.Tensor:
+    """dloss/dout ``[T, B, d_L]`` for one minibatch, as autograd computes it.
+
+    ``out``: ``[T, B, d_L]``; ``y``: ``[T, B, d_L]`` float targets (MSE) or ``[T, B]`` labels.
+    ``save`` (``[T, B, d_L]``) receives what the step's loss is computed from afterwards:
+    ``out − y`` for MSE, the log-probabilities for cross-entropy.
+    """
+    if loss == "mse":
+        diff = torch.sub(out, y) if save is None else torch.sub(out, y, out=save)
+        # aten::mse_loss_backward: (2 / numel) · (input − target) · grad_output(=1)
+        return diff * (2.0 / (out.shape[1] * out.shape[2]))
+    logp = torch.log_softmax(out, -1) if save is None else torch.log_softmax(out, -1, out=save)
+    # nll_loss_backward writes −1/total_weight at the target; then log_softmax's backward.
+    grad_logp = torch.zeros_like(logp).scatter_(-1, y.unsqueeze(-1), -1.0 / out.shape[1])
+    return torch._log_softmax_backward_data(grad_logp, logp, -1, out.dtype)
+
+
+def _losses_from(loss: str, saved: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Per-step losses ``[T, S]`` from what ``_output_grad`` saved: ``saved [S, T, B, d_L]``."""
+    if loss == "mse":
+        return saved.square().mean(dim=(2, 3)).t()
+    picked = saved.gather(-1, ys.unsqueeze(-1))  # [S, T, B, 1] log-probabilities of the labels
+    return picked.sum(dim=(2, 3)).neg_().div_(saved.shape[2]).t()
+
+
+def _backward_layers(spec: MLPSpec, params: StackedMLP, grads: StackedMLP) -> list:
+    """Per layer, from the last: ``(l, W, dW out-view, db out, weight-grad-transposed)``, views
+    made once per inner loop."""
+    layers = []
+    for l in range(spec.n_layers - 1, -1, -1):
+        gW = grads.weights[l]
+        # One input feature: compute (hᵀ g)ᵀ, as bmm with N = 1 is far slower than with M = 1.
+        transposed = spec.dims[l] == 1
+        out = gW.view(gW.shape[0], 1, gW.shape[1]) if transposed else gW
+        layers.append((l, params.weights[l], out, grads.biases[l], transposed))
+    return layers
+
+
+def _run_backward(layers: list, acts: Sequence[str], hs, out: torch.Tensor, g: torch.Tensor) -> None:
+    """All layers' gradients into the out-views of ``_backward_layers`` from dloss/dout ``g``."""
+    if acts[-1] != "identity":
+        g = _activation_backward(acts[-1], g, out)
+    for l, W, gW, gb, transposed in layers:
+        h = hs[l]
+        if transposed:
+            torch.bmm(h.transpose(1, 2), g, out=gW)
+        else:
+            torch.bmm(g.transpose(1, 2), h, out=gW)
+        torch.sum(g, 1, out=gb)
+        if l > 0:
+            # dloss/dh = g W; with one output feature an outer product (exactly a K = 1 product).
+            gh = g * W if W.shape[1] == 1 else torch.bmm(g, W)
+            g = _activation_backward(acts[l - 1], gh, h)
+
+
+def _sgd_layers(spec: MLPSpec, params: StackedMLP, batch: int) -> list:
+    """Per layer, from the last: ``(l, W, W update-view, transposed, b as [T, 1, out])`` for
+    ``_run_backward_sgd``, and the ``[T, 1, B]`` ones that sum a minibatch inside a matmul."""
+    T = params.n_tasks
+    layers = []
+    for l in range(spec.n_layers - 1, -1, -1):
+        W, b = params.weights[l], params.biases[l]
+        transposed = spec.dims[l] == 1  # see _backward_layers
+        layers.append((l, W, W.view(T, 1, W.shape[1]) if transposed else W, transposed,
+                       b.view(T, 1, b.shape[1])))
+    return layers, params.flat.new_ones((T, 1, batch))
+
+
+def _run_backward_sgd(layers: list, ones: torch.Tensor, acts: Sequence[str], hs, out: torch.Tensor,
+                      g: torch.Tensor, lr: float) -> None:
+    """Backward pass fused with the SGD step: ``W ← W − lr·(gᵀh)`` inside the matmul
+    (``baddbmm_``, alpha = −lr), and ``b ← b − lr·Σ_rows g`` as a ``[1, B] @ g`` product.
+
+    Each layer's update comes after the gradient it passes down was computed from its
+    pre-update weights.  No gradient tensor is written: at large meta-batches this halves the
+    memory traffic of a step.  (Compared with ``torch.optim.SGD``'s ``add_(grad, alpha=-lr)``
+    the product's sum is not rounded before the update: a difference of ≤ 1 ulp of lr·grad.)
+    """
+    if acts[-1] != "identity":
+        g = _activation_backward(acts[-1], g, out)
+    neg_lr = -lr
+    for l, W, W_upd, transposed, b in layers:
+        h = hs[l]
+        g_next = None
+        if l > 0:
+            gh = g * W if W.shape[1] == 1 else torch.bmm(g, W)
+            g_next = _activation_backward(acts[l - 1], gh, h)
+        if transposed:
+            W_upd.baddbmm_(h.transpose(1, 2), g, alpha=neg_lr)
+        else:
+            W_upd.baddbmm_(g.transpose(1, 2), h, alpha=neg_lr)
+        b.baddbmm_(ones, g, alpha=neg_lr)
+        g = g_next
+
+
+def mlp_inner_loop(spec: MLPSpec, params: StackedMLP, xs: torch.Tensor, ys: torch.Tensor, *,
+                   lr: float, loss: str = "mse", fomaml: bool = False,
+                   grad_weights: Optional[Sequence[float]] = None, fast_tanh: Optional[bool] = None,
+                   optimizer=None) -> MLPInnerOutput:
+    """Run ``T`` tasks' inner loops at once, updating ``params`` in place.
+
+    Step ``s`` trains every task on its minibatch ``xs[s]``: forward, the loss's gradient, the
+    backward pass layer by layer, and the update.  Plain SGD fuses the update into the backward
+    matmuls (``W.baddbmm_(gᵀ, h, alpha=-lr)``, see ``_run_backward_sgd``); with ``optimizer`` or
+    ``grad_weights`` the gradients are written to a flat buffer and applied as
+    ``optimizer.step([params.flat], [grads.flat])``.
+
+    Args:
+        spec: the MLP's layout (``extract_mlp_spec(model)``); its last activation applies to
+            the output before the loss, as in the model.
+        params: ``T`` tasks' starting parameters (``stack_mlp_params``); updated in place.
+        xs: ``[R, T, B, d_0]`` minibatch inputs, step-major (``gather_minibatches``).
+        ys: ``[R, T, B, d_L]`` float targets (MSE) or ``[R, T, B]`` long labels (cross-entropy).
+        lr: the SGD learning rate (unused when ``optimizer`` is given).
+        loss: "mse" or "cross_entropy" (the mean over the minibatch, as ``F.mse_loss`` /
+            ``F.cross_entropy``).
+        fomaml: the last plan row is not trained on: return the gradient there, at the adapted
+            weights, as the meta-gradient (``S = R - 1`` updates).
+        grad_weights: ``(w_1, …, w_S)``: also return Σ_s w_s g_s over the inner gradients
+            (accumulated as the reference does, ``acc += w_s * g_s``; SGD then runs unfused,
+            ``flat.add_(grads, alpha=-lr)`` exactly as ``torch.optim.SGD``).
+        fast_tanh: tanh as 2σ(2z) − 1 (``default_fast_tanh`` when None: on CPU).
+        optimizer: an object with ``step(params: list, grads: list)`` updating ``[T·n]`` flat
+            tensors in place (e.g. ``torch_func.StackedAdam``); None for SGD.
+
+    Returns:
+        ``MLPInnerOutput``: the adapted ``params``, losses ``[T, S]`` and, when asked for, the
+        meta-gradients.
+    """
+    if loss not in FAST_LOSSES:
+        raise ValueError(f"the batched MLP path supports losses {FAST_LOSSES}, got {loss!r}")
+    if fast_tanh is None:
+        fast_tanh = default_fast_tanh(xs.device)
+    steps = xs.shape[0] - 1 if fomaml else xs.shape[0]
+    if steps < 1:
+        raise ValueError(f"the plan has {xs.shape[0]} rows: no inner step to take")
+    if grad_weights is not None and len(grad_weights) != steps:
+        raise ValueError(f"grad_weights has {len(grad_weights)} entries for {steps} inner steps")
+    T = xs.shape[1]
+    fused = optimizer is None and grad_weights is None
+    grads = bwd = None
+    if fused:
+        sgd_layers, ones = _sgd_layers(spec, params, xs.shape[2])
+    if not fused or fomaml:
+        grads = StackedMLP.empty(spec, T, dtype=params.flat.dtype, device=params.flat.device)
+        bwd = _backward_layers(spec, params, grads)
+    acc = params.zeros_like() if grad_weights is not None else None
+    fwd = _forward_layers(spec, params.weights, params.biases, fast_tanh)
+    acts = spec.activations
+    # What each step's loss is computed from at the end, in one op: [S, T, B, d_L].
+    saved = xs.new_empty((steps, T, xs.shape[2], spec.dims[-1]))
+    for s in range(steps):
+        out, hs = _run_forward(fwd, xs[s], fast_tanh)
+        g = _output_grad(loss, out, ys[s], saved[s])
+        if fused:
+            _run_backward_sgd(sgd_layers, ones, acts, hs, out, g, lr)
+            continue
+        _run_backward(bwd, acts, hs, out, g)
+        if acc is not None:
+            acc.flat += grad_weights[s] * grads.flat
+        if optimizer is None:
+            params.flat.add_(grads.flat, alpha=-lr)
+        else:
+            optimizer.step([params.flat], [grads.flat])
+    losses = _losses_from(loss, saved, ys[:steps])
+    if fomaml:
+        out, hs = _run_forward(fwd, xs[steps], fast_tanh)
+        _run_backward(bwd, acts, hs, out, _output_grad(loss, out, ys[steps], None))
+        acc = grads
+    return MLPInnerOutput(params, losses, acc)

@@ -1,0 +1,493 @@
+"""The whole Reptile meta-step of a plain MLP as one compiled CPU program: small meta-batches fast.
+
+At the seed's setting (meta-batch 1, an MLP of ~4K parameters, 5 inner steps of 10 points) a
+meta-step is ~150 tiny tensor ops; eager PyTorch pays a few microseconds of dispatch for each,
+so the seed's loop spends ~1.4 ms per iteration on overhead, not arithmetic.  Here every task's
+SGD inner loop (``fused_inner_loop``: forward, the loss's gradient and the backward pass written
+out by hand with autograd's formulas) and the outer update ``φ ← φ + ε · mean_i(φ̃_i − φ)`` are
+traced once and compiled by ``torch.compile`` (inductor's C++ backend) together with a ``scan``
+over a chunk of meta-steps: hundreds of meta-steps are one call into generated C++ with no
+Python in between.
+
+Modes (``MetaStepProgram.mode``), tried in this order, each falling back with a warning:
+    "scan"   one compiled call per chunk of meta-steps (``torch._higher_order_ops.scan``);
+    "step"   one compiled call per meta-step (when scan is unavailable or fails to compile);
+    "eager"  the same function without compilation (no C++ compiler, ``torch.compile`` broken).
+"fused" asks for "eager" directly (the non-compiled fast path).
+
+Programs are cached per (layer sizes, activations, loss, inner lr, inner steps, tasks per
+meta-step, minibatch size, dtype, mode); compilation happens on first use and its time is kept
+in ``compile_seconds``, apart from the per-iteration time.  Everything runs on one CPU thread:
+at these sizes OpenMP fork/join costs more than it saves (measured: several times slower with
+two threads on the 2-core machine).
+
+``compiled_fit(trainer, task_distribution, iterations)`` is ``Reptile.fit`` on this path, for
+the CLI's sine job and for ``reptile_fast.reptile``.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .backends.base import UnsupportedModelError
+from .backends.mlp_batched import FAST_LOSSES, mlp_inner_loop, stack_mlp_params
+from .losses import loss_name
+from .mlp_spec import MLPSpec, extract_mlp_spec
+from .tasks.base import TaskBatch, sample_indices
+
+__all__ = ["MetaStepProgram", "get_program", "compiled_fit", "check_compiled_supported", "MODES",
+           "DEFAULT_CHUNK"]
+
+MODES = ("scan", "step", "eager")
+#: meta-steps per compiled call (and per draw of tasks / minibatch plans)
+DEFAULT_CHUNK = 500
+
+# cpp_wrapper: the generated program's glue is C++ rather than Python (measured in "step" mode:
+# 136 -> 89 µs per call).  cpp.threads = 1: see the module docstring.
+_INDUCTOR_OPTIONS = {"cpp_wrapper": True, "cpp.threads": 1}
+
+_PROGRAMS: Dict[tuple, "MetaStepProgram"] = {}
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run the block with ``torch.set_num_threads(1)``, restoring the previous count after."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
+def _inductor_options() -> dict:
+    """The options this torch's inductor knows (older versions lack some)."""
+    try:
+        import torch._inductor.config as cfg
+    except Exception:  # noqa: BLE001 - no inductor at all: compile will fail and fall back
+        return {}
+    out = {}
+    for key, value in _INDUCTOR_OPTIONS.items():
+        obj = cfg
+        for part in key.split(".")[:-1]:
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, key.split(".")[-1]):
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------- the inner loop, for the compiler
+# Written for inductor rather than for eager PyTorch: every matrix product is a broadcast
+# multiply + sum, which inductor fuses with its neighbours into a few C++ loops.  The eager-tuned
+# ``mlp_batched.mlp_inner_loop`` (BLAS bmm, ``out=`` into flat buffers) compiles to 20 separate
+# BLAS calls per meta-step and runs slower under torch.compile (the comparison is in
+# bench/results/dropin_cpu.json, "meta_step_program_variants"); the eager fallback uses it.  The derivative formulas are the
+# ones autograd uses (aten's *_backward kernels), so both agree with the reference to a few ulps.
+
+def _linear(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``h [T, B, i]``, ``W [T, o, i]``, ``b [T, o]`` → ``h Wᵀ + b``: ``[T, B, o]``."""
+    return (h.unsqueeze(2) * W.unsqueeze(1)).sum(-1) + b.unsqueeze(1)
+
+
+def _act(name: str, z: torch.Tensor) -> torch.Tensor:
+    if name == "tanh":
+        return torch.tanh(z)
+    if name == "relu":
+        return torch.relu(z)
+    if name == "sigmoid":
+        return torch.sigmoid(z)
+    return z
+
+
+def _act_backward(name: str, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """dloss/dz from dloss/dy and y = act(z): aten's tanh/sigmoid/threshold_backward."""
+    if name == "tanh":
+        return g * (1 - y * y)
+    if name == "relu":
+        return torch.where(y <= 0, torch.zeros_like(g), g)
+    if name == "sigmoid":
+        return g * (1 - y) * y
+    return g
+
+
+def _loss_and_grad(loss: str, out: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-task minibatch loss ``[T]`` and dloss/dout ``[T, B, o]`` (``y``: ``[T, B, o]`` or labels ``[T, B]``)."""
+    n = out.shape[1]
+    if loss == "mse":
+        diff = out - y
+        # aten::mse_loss_backward: (2 / numel) · (input − target)
+        return diff.square().mean(dim=(1, 2)), diff * (2.0 / (n * out.shape[2]))
+    logp = torch.log_softmax(out, -1)
+    onehot = torch.nn.functional.one_hot(y, out.shape[-1]).to(out.dtype)
+    # nll_loss_backward puts −1/n at the label; _log_softmax_backward_data: g − exp(logp)·Σg.
+    g = onehot * (-1.0 / n)
+    return -(logp * onehot).sum(dim=(1, 2)) / n, g + torch.exp(logp) * (1.0 / n)
+
+
+def fused_inner_loop(spec: MLPSpec, params: Sequence[torch.Tensor], xs: torch.Tensor, ys: torch.Tensor,
+                     lr: float, loss: str) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """``T`` tasks' SGD inner loops from φ, functionally (the compiled path's formulation).
+
+    Args:
+        params: φ as ``[W_0, b_0, W_1, b_1, …]`` (``[d_{l+1}, d_l]`` / ``[d_{l+1}]``).
+        xs: ``[S, T, B, d_0]``; ys: ``[S, T, B, d_L]`` float or ``[S, T, B]`` long labels.
+
+    Returns:
+        The adapted parameters ``[T, *shape]`` in the same order, and the losses ``[T, S]``.
+    """
+    T, L, acts = xs.shape[1], spec.n_layers, spec.activations
+    theta = [p.unsqueeze(0).expand(T, *p.shape) for p in params]
+    losses = []
+    for s in range(xs.shape[0]):
+        hs = [xs[s]]
+        for l in range(L):
+            hs.append(_act(acts[l], _linear(hs[l], theta[2 * l], theta[2 * l + 1])))
+        loss_s, g = _loss_and_grad(loss, hs[L], ys[s])
+        losses.append(loss_s)
+        new = [None] * (2 * L)
+        for l in range(L - 1, -1, -1):
+            g = _act_backward(acts[l], g, hs[l + 1])           # dloss/dz_l  [T, B, d_{l+1}]
+            gW = (g.unsqueeze(3) * hs[l].unsqueeze(2)).sum(1)  # g_lᵀ h_l    [T, d_{l+1}, d_l]
+            gb = g.sum(1)
+            if l > 0:
+                g = (g.unsqueeze(3) * theta[2 * l].unsqueeze(1)).sum(2)  # g_l W_l [T, B, d_l]
+            new[2 * l], new[2 * l + 1] = theta[2 * l] - lr * gW, theta[2 * l + 1] - lr * gb
+        theta = new
+    return theta, torch.stack(losses, 1)
+
+
+def _eager_inner_loop(spec: MLPSpec, params: Sequence[torch.Tensor], xs: torch.Tensor, ys: torch.Tensor,
+                      lr: float, loss: str) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """``fused_inner_loop``'s contract on ``mlp_batched.mlp_inner_loop`` (fastest without a compiler)."""
+    names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
+    stacked = stack_mlp_params(spec, dict(zip(names, params)), xs.shape[1])
+    out = mlp_inner_loop(spec, stacked, xs, ys, lr=lr, loss=loss, fast_tanh=False)
+    return [t for pair in zip(out.params.weights, out.params.biases) for t in pair], out.losses
+
+
+def _meta_step(inner: Callable, spec: MLPSpec, lr: float, loss: str, params: List[torch.Tensor],
+               xs: torch.Tensor, ys: torch.Tensor, eps: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """One meta-step: every task's inner loop from φ (``inner``), then the interpolation update.
+
+    Args:
+        params: φ as ``[W_0, b_0, W_1, b_1, …]``; not modified.
+        xs: ``[S, T, B, d_0]`` minibatch inputs of the ``S`` inner steps of ``T`` tasks.
+        ys: ``[S, T, B, d_L]`` float targets, or ``[S, T, B]`` long labels.
+        eps: 0-d tensor, the outer step ε.
+
+    Returns:
+        The new φ (same layout) and the inner losses ``[T, S]``.
+    """
+    adapted, losses = inner(spec, params, xs, ys, lr, loss)
+    # The trainer's outer update: d = mean_i(φ̃_i − φ); φ + ε·d (one task: the seed's φ + ε(φ̃ − φ)).
+    return [p + eps * (q - p).mean(0) for p, q in zip(params, adapted)], losses
+
+
+class MetaStepProgram:
+    """Meta-steps of one MLP shape and inner-loop setting, compiled once (see module docstring).
+
+    Call it as ``program(params, xs, ys, eps)`` with a chunk of ``M`` meta-steps:
+
+    Args:
+        params: φ as ``[W_0, b_0, W_1, b_1, …]`` in the spec's layer order; not modified.
+        xs: ``[M, S, T, B, d_0]`` minibatch inputs (``S`` inner steps, ``T`` tasks per meta-step).
+        ys: ``[M, S, T, B, d_L]`` float targets or ``[M, S, T, B]`` long labels.
+        eps: ``[M]`` outer step of each meta-step, in φ's dtype.
+
+    Returns:
+        ``(new_params, losses)``: φ after the ``M`` meta-steps, and the inner losses ``[M, T, S]``.
+    """
+
+    def __init__(self, spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int,
+                 batch: int, dtype: torch.dtype, mode: str = "scan"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.spec, self.lr, self.loss = spec, float(lr), loss
+        self.steps, self.n_tasks, self.batch, self.dtype = steps, n_tasks, batch, dtype
+        self.requested_mode = mode
+        self.mode = mode
+        self.compile_seconds = 0.0
+        self.fallback_reason: Optional[str] = None
+        self._fn: Optional[Callable] = None
+        self._ready = False
+
+    # ---------------------------------------------------------------- building
+    def _step_fn(self, mode: str):
+        spec, lr, loss = self.spec, self.lr, self.loss
+        inner = _eager_inner_loop if mode == "eager" else fused_inner_loop
+
+        def step(params, xs, ys, eps):
+            return _meta_step(inner, spec, lr, loss, list(params), xs, ys, eps)
+        return step
+
+    def _build(self, mode: str) -> Callable:
+        step = self._step_fn(mode)
+        if mode == "eager":
+            def run_eager(params, xs, ys, eps):
+                losses = []
+                for i in range(xs.shape[0]):
+                    params, l_i = step(params, xs[i], ys[i], eps[i])
+                    losses.append(l_i)
+                return params, torch.stack(losses)
+            return run_eager
+        if mode == "step":
+            compiled = torch.compile(step, fullgraph=True, dynamic=False, options=_inductor_options())
+
+            def run_step(params, xs, ys, eps):
+                losses = []
+                for i in range(xs.shape[0]):
+                    params, l_i = compiled(params, xs[i], ys[i], eps[i])
+                    losses.append(l_i)
+                return params, torch.stack(losses)
+            return run_step
+        from torch._higher_order_ops.scan import scan  # private API: absent or broken -> fallback
+
+        def combine(carry, slices):
+            x_i, y_i, eps_i = slices
+            new, l_i = step(carry, x_i, y_i, eps_i)
+            return new, l_i
+
+        def chunk(params, xs, ys, eps):
+            return scan(combine, list(params), (xs, ys, eps))
+
+        compiled = torch.compile(chunk, fullgraph=True, dynamic=False, options=_inductor_options())
+
+        def run_scan(params, xs, ys, eps):
+            if xs.shape[0] == 1:
+                # torch.compile specialises sizes 0 and 1: a one-step chunk would cost a second
+                # compilation, so that step runs the same formulation uncompiled.
+                new, l_1 = step(params, xs[0], ys[0], eps[0])
+                return new, l_1.unsqueeze(0)
+            # One program for every chunk length M >= 2: only dim 0 is symbolic.
+            for t in (xs, ys, eps):
+                torch._dynamo.mark_dynamic(t, 0)
+            return compiled(params, xs, ys, eps)
+        return run_scan
+
+    def _dummy(self, m: int):
+        dims, T, S, B = self.spec.dims, self.n_tasks, self.steps, self.batch
+        params = []
+        for i in range(len(dims) - 1):
+            params += [torch.zeros(dims[i + 1], dims[i], dtype=self.dtype),
+                       torch.zeros(dims[i + 1], dtype=self.dtype)]
+        xs = torch.zeros(m, S, T, B, dims[0], dtype=self.dtype)
+        if self.loss == "cross_entropy":
+            ys = torch.zeros(m, S, T, B, dtype=torch.long)
+        else:
+            ys = torch.zeros(m, S, T, B, dims[-1], dtype=self.dtype)
+        return params, xs, ys, torch.zeros(m, dtype=self.dtype)
+
+    def prepare(self) -> "MetaStepProgram":
+        """Compile now (on a 2-step dummy chunk), falling back "scan" → "step" → "eager" with a
+        warning if compilation fails.  ``compile_seconds`` records the time; idempotent."""
+        if self._ready:
+            return self
+        order = MODES[MODES.index(self.requested_mode):]
+        errors = []
+        for mode in order:
+            t0 = time.perf_counter()
+            try:
+                fn = self._build(mode)
+                with torch.no_grad(), single_thread():
+                    fn(*self._dummy(2))
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: use the next mode
+                errors.append(f"{mode}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                continue
+            self.compile_seconds = time.perf_counter() - t0 if mode != "eager" else 0.0
+            self.mode, self._fn, self._ready = mode, fn, True
+            if errors:
+                self.fallback_reason = "; ".join(errors)
+                warnings.warn(f"reptile_fast: the compiled meta-step is unavailable here, running the "
+                              f"'{mode}' path instead ({self.fallback_reason})", RuntimeWarning, stacklevel=3)
+            return self
+        raise RuntimeError("no meta-step mode could run: " + "; ".join(errors))  # eager never fails
+
+    # ---------------------------------------------------------------- running
+    def __call__(self, params: Sequence[torch.Tensor], xs: torch.Tensor, ys: torch.Tensor,
+                 eps: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        self.prepare()
+        params = [p.detach() for p in params]
+        with torch.no_grad(), single_thread():
+            try:
+                new, losses = self._fn(params, xs, ys, eps)
+            except Exception as exc:  # noqa: BLE001 - a compiled program failing at run time
+                if self.mode == "eager":
+                    raise
+                # e.g. a recompilation that the compiler cannot do: finish on the eager path.
+                self.fallback_reason = f"{self.mode} failed at run time: {type(exc).__name__}: {exc}"
+                warnings.warn(f"reptile_fast: {self.fallback_reason}; continuing on the eager path",
+                              RuntimeWarning, stacklevel=2)
+                self.mode, self._fn = "eager", self._build("eager")
+                new, losses = self._fn(params, xs, ys, eps)
+        return list(new), losses
+
+
+def get_program(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int, batch: int,
+                dtype: torch.dtype, mode: str = "scan") -> MetaStepProgram:
+    """The cached ``MetaStepProgram`` for this shape and setting (built on first request)."""
+    key = (spec.dims, spec.activations, float(lr), loss, steps, n_tasks, batch, dtype, mode)
+    program = _PROGRAMS.get(key)
+    if program is None:
+        program = _PROGRAMS[key] = MetaStepProgram(spec, lr=lr, loss=loss, steps=steps,
+                                                   n_tasks=n_tasks, batch=batch, dtype=dtype,
+                                                   mode=mode)
+    return program
+
+
+# -------------------------------------------------------------------- the trainer's fit, compiled
+def check_compiled_supported(trainer) -> MLPSpec:
+    """The model's ``MLPSpec`` if ``trainer`` can run on this path; else ``UnsupportedModelError``
+    saying why (a CPU MLP chain, SGD inner loop, plain Reptile, "mse"/"cross_entropy", no outer
+    optimizer)."""
+    if trainer.device.type != "cpu":
+        raise UnsupportedModelError(f"the compiled meta-step is the CPU path; the model is on {trainer.device}")
+    cfg = trainer.config
+    if cfg.optimizer != "sgd":
+        raise UnsupportedModelError(f"the compiled meta-step runs SGD inner loops, not {cfg.optimizer!r}")
+    if cfg.algorithm != "reptile" or cfg.grad_weights is not None:
+        raise UnsupportedModelError("the compiled meta-step runs plain Reptile (no FOMAML, no inner_grad_weights)")
+    if loss_name(cfg.loss) not in FAST_LOSSES:
+        raise UnsupportedModelError(f"the compiled meta-step supports losses {FAST_LOSSES}")
+    if trainer.outer_optimizer is not None:
+        raise UnsupportedModelError("the compiled meta-step runs the interpolation update, not an outer_optimizer")
+    if len(list(trainer.model.buffers())):
+        raise UnsupportedModelError("the compiled meta-step supports models without buffers")
+    return extract_mlp_spec(trainer.model)
+
+
+def gather_chunk(tasks: TaskBatch, plans: torch.Tensor, n_tasks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The minibatches of ``M`` meta-steps in the layout ``MetaStepProgram`` takes.
+
+    Args:
+        tasks: ``M · T`` tasks, meta-step-major (tasks ``m·T … m·T+T−1`` form meta-step ``m``).
+        plans: long ``[M · T, S, B]``.
+        n_tasks: ``T``.
+
+    Returns:
+        ``xs [M, S, T, B, *in]`` and ``ys [M, S, T, B, *out]`` (``[M, S, T, B]`` for labels).
+    """
+    rows = torch.arange(plans.shape[0], device=plans.device).view(-1, 1, 1)
+    xs, ys = tasks.x[rows, plans], tasks.y[rows, plans]  # [M·T, S, B, ...]
+    M = plans.shape[0] // n_tasks
+
+    def layout(t):
+        t = t.reshape(M, n_tasks, *t.shape[1:]).transpose(1, 2).contiguous()
+        # .view gives canonical strides even on size-1 dims (the compiled program guards on them)
+        return t.view(t.shape)
+    return layout(xs), layout(ys)
+
+
+def compiled_fit(trainer, task_distribution, iterations: int, *, meta_batch_size: int = 1,
+                 generator: Optional[torch.Generator] = None, progress: bool = True,
+                 indices: Optional[torch.Tensor] = None, chunk_size: int = DEFAULT_CHUNK,
+                 mode: str = "scan", callback: Optional[Callable[[int, List[float]], None]] = None) -> Dict:
+    """``trainer.fit`` on the compiled CPU path: the same maths, chunks of meta-steps per call.
+
+    Runs meta-steps ``trainer.iteration … iterations − 1`` (so it continues a trainer that has
+    already trained), each on ``meta_batch_size`` tasks from ``task_distribution.sample`` with
+    minibatch plans from ``sample_indices`` — drawn ``chunk_size`` meta-steps at a time from
+    ``generator`` (the global RNG when None), so the draws come in another order than
+    ``Reptile.fit``'s, from the same distributions.  ε follows ``trainer.outer_lr_at``.
+
+    Args:
+        trainer: a ``reptile_fast.Reptile`` that ``check_compiled_supported`` accepts; its model
+            is updated in place and ``trainer.iteration`` advanced.
+        task_distribution: ``sample(n, *, generator, device) -> TaskBatch``.
+        indices: optional long ``[iterations − trainer.iteration, meta_batch_size, S, B]`` plan
+            to use instead of drawing one (for exact comparisons with other paths).
+        mode: "scan" (default), "step" or "eager" (see the module docstring).
+        chunk_size: meta-steps per compiled call and per draw of tasks and plans.  Chunks start
+            at ``trainer.iteration``, so a run resumed at a multiple of ``chunk_size`` (with the
+            generator's state restored) draws exactly what an uninterrupted one does.
+        callback: ``callback(iteration, losses)`` after each chunk, with ``losses`` the list of
+            per-meta-step losses so far (e.g. to write a checkpoint every ``chunk_size`` steps).
+
+    Returns:
+        ``{"loss": [mean inner-loop loss of each meta-step], "compile_seconds", "train_seconds",
+        "ms_per_iteration" (after compilation), "mode", "fallback_reason"}``.
+
+    Raises ``NonFiniteError`` (φ left as it was before the failing chunk) on NaN/inf.
+    """
+    from .trainer import NonFiniteError, _positive_int
+
+    spec = check_compiled_supported(trainer)
+    _positive_int("iterations", iterations)
+    _positive_int("meta_batch_size", meta_batch_size)
+    _positive_int("chunk_size", chunk_size)
+    if not hasattr(task_distribution, "sample") or not callable(task_distribution.sample):
+        raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
+    T, S, B = meta_batch_size, trainer.inner_steps, trainer.inner_batch_size
+    start = trainer.iteration
+    total = iterations - start
+    if indices is not None:
+        expected = (total, T, S, B)
+        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or tuple(indices.shape) != expected:
+            raise ValueError(f"indices must be a long tensor of shape {expected} "
+                             f"[iterations, meta_batch_size, inner_steps, inner_batch_size], got "
+                             f"{getattr(indices, 'dtype', type(indices).__name__)} {tuple(getattr(indices, 'shape', ()))}")
+    program = get_program(spec, lr=trainer.inner_lr, loss=loss_name(trainer.config.loss), steps=S,
+                          n_tasks=T, batch=B, dtype=trainer.dtype, mode=mode)
+    compile_s = 0.0 if program._ready else None
+    t_compile = time.perf_counter()
+    program.prepare()
+    if compile_s is None:
+        compile_s = time.perf_counter() - t_compile
+    model = trainer.model
+    names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
+    live = [model.get_parameter(n) for n in names]
+    history: List[float] = []
+    trainer.total_iterations = iterations
+
+    from tqdm import tqdm
+    bar = tqdm(total=iterations, initial=start, disable=not progress, desc="meta-train")
+    stack = contextlib.ExitStack()
+    t0 = time.perf_counter()
+    done = 0
+    try:
+        # One thread for the whole loop, not just the program: the per-chunk draws and gathers
+        # are small too, and OpenMP fork/join on a busy 2-core machine costs ~10x their work.
+        stack.enter_context(single_thread())
+        while done < total:
+            m = min(chunk_size, total - done)
+            tasks = task_distribution.sample(m * T, generator=generator, device=trainer.device)
+            trainer._check_tasks(tasks, B if indices is None else 1)
+            if indices is None:
+                plans = sample_indices(m * T, S, tasks.n_points, B, generator=generator, device=trainer.device)
+            else:
+                plans = indices[done:done + m].reshape(m * T, S, B)
+                trainer._check_indices(plans, tasks, S)
+            xs, ys = gather_chunk(tasks, plans, T)
+            eps = torch.tensor([trainer.outer_lr_at(start + done + i, iterations) for i in range(m)],
+                               dtype=trainer.dtype)
+            new, losses = program(live, xs, ys, eps)
+            finite = torch.isfinite(losses).all() & torch.stack([torch.isfinite(p).all() for p in new]).all()
+            if not bool(finite):
+                err = NonFiniteError(
+                    f"meta-steps {start + done + 1}–{start + done + m}: non-finite inner loss or update "
+                    f"(NaN/inf); the parameters were left as they were after meta-step {start + done}. "
+                    f"Lower inner_lr/outer_lr or check the data.")
+                err.iteration = start + done + 1
+                raise err
+            with torch.no_grad():
+                for p, q in zip(live, new):
+                    p.copy_(q)
+            done += m
+            trainer.iteration = start + done
+            chunk_losses = losses.mean(dim=(1, 2))
+            history.extend(chunk_losses.tolist())
+            bar.update(m)
+            if callback is not None:
+                callback(trainer.iteration, history)
+    finally:
+        stack.close()
+        bar.close()
+    train_s = time.perf_counter() - t0
+    return {"loss": history, "compile_seconds": compile_s, "train_seconds": train_s,
+            "ms_per_iteration": 1e3 * train_s / max(total, 1), "mode": program.mode,
+            "fallback_reason": program.fallback_reason}
