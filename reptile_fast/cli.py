@@ -55,7 +55,7 @@ def _nonneg_float(text: str) -> float:
 #: sine flags that set a ``SineConfig`` field (argparse dest == field name).
 CONFIG_FLAGS = ("iterations", "meta_batch_size", "outer_lr", "outer_lr_final", "inner_lr", "inner_steps",
                 "inner_batch_size", "backend", "device", "seed", "eval_tasks", "eval_steps",
-                "checkpoint_every")
+                "checkpoint_every", "hidden_dim")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     sine.add_argument("--inner-lr", type=_positive_float, help=f"(default {d.inner_lr})")
     sine.add_argument("--inner-steps", type=_positive_int, help=f"(default {d.inner_steps})")
     sine.add_argument("--inner-batch-size", type=_positive_int, help=f"(default {d.inner_batch_size})")
-    sine.add_argument("--backend", choices=["auto", *sorted(BACKENDS)], help=f"(default {d.backend})")
+    sine.add_argument("--hidden-dim", type=_positive_int, help=f"MLP width (default {d.hidden_dim}, the seed's)")
+    sine.add_argument("--backend", choices=["auto", "compiled", *sorted(BACKENDS)],
+                      help=f"(default {d.backend}; auto = the compiled CPU path at meta-batch 1, else the fastest backend)")
     sine.add_argument("--device", help=f"cpu or cuda (default {d.device})")
     sine.add_argument("--seed", type=_nonneg_int, help=f"(default {d.seed})")
     sine.add_argument("--eval-tasks", type=_positive_int,

@@ -123,14 +123,30 @@ def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True,
     model = MLP(1, config.hidden_dim, 1).to(device)
     trainer = Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                       inner_batch_size=config.inner_batch_size, outer_lr=config.outer_lr,
-                      outer_lr_final=config.outer_lr_final, loss="mse", backend=config.backend)
+                      outer_lr_final=config.outer_lr_final, loss="mse",
+                      backend="auto" if config.backend == "compiled" else config.backend)
+    # The seed's setting (meta-batch 1) on the CPU runs on the compiled whole-meta-step path
+    # (reptile_fast.compiled_step): eager PyTorch is overhead-bound there.
+    compiled = config.backend == "compiled" or (
+        config.backend == "auto" and config.meta_batch_size == 1 and device.type == "cpu")
+    if compiled:
+        from .backends import UnsupportedModelError
+        from .compiled_step import check_compiled_supported
+
+        try:
+            check_compiled_supported(trainer)
+        except UnsupportedModelError:
+            if config.backend == "compiled":
+                raise
+            compiled = False
     dist = Sine(n_points=SINE_POINTS)
     gen = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
     history = trainer.fit(dist, config.iterations, meta_batch_size=config.meta_batch_size,
                           generator=gen, progress=progress, checkpoint_dir=out,
                           checkpoint_every=config.checkpoint_every or None, resume_from=resume,
-                          checkpoint_extra={"job": SINE_JOB, "job_config": asdict(config)})
+                          checkpoint_extra={"job": SINE_JOB, "job_config": asdict(config)},
+                          compiled=compiled)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
@@ -151,9 +167,13 @@ def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True,
         "eval_steps": config.eval_steps,
         "train_seconds": train_s,
         "eval_seconds": eval_s,
-        "ms_per_iteration": 1e3 * train_s / max(config.iterations - start_iteration, 1),
+        # after compilation: the compiled path reports its own per-iteration time
+        "ms_per_iteration": ((trainer.last_compiled_stats or {}).get("ms_per_iteration")
+                             if compiled and trainer.last_compiled_stats else
+                             1e3 * train_s / max(config.iterations - start_iteration, 1)),
         "resumed_from_iteration": start_iteration,
-        "backend": trainer.backend.name,
+        "backend": "compiled" if compiled else trainer.backend.name,
+        "compile_seconds": (trainer.last_compiled_stats or {}).get("compile_seconds", 0.0) if compiled else 0.0,
         "final_inner_loss": history["loss"][-1] if history["loss"] else math.nan,
         "torch": torch.__version__,
     }

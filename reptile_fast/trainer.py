@@ -159,6 +159,7 @@ class Reptile:
         self.backend = resolve_backend(backend, model, self.device, self.config, backend_options)
         self.iteration = 0
         self.total_iterations: Optional[int] = None
+        self.last_compiled_stats: Optional[dict] = None  # fit(compiled=True)'s timing
         self._checked_shapes: set = set()
 
     # ------------------------------------------------------------------ validation
@@ -290,7 +291,7 @@ class Reptile:
             checkpoint_every: Optional[int] = None,
             resume_from: Optional[Union[str, os.PathLike]] = None,
             checkpoint_extra: Optional[Mapping[str, Any]] = None,
-            handle_signals: bool = True) -> Dict[str, list]:
+            handle_signals: bool = True, compiled: bool = False) -> Dict[str, list]:
         """Meta-train for ``iterations`` meta-steps of ``meta_batch_size`` tasks each.
 
         Tasks come from ``task_distribution.sample(meta_batch_size, generator=..., device=...)``
@@ -313,6 +314,13 @@ class Reptile:
 
         A non-finite meta-step raises ``NonFiniteError`` naming it; φ and the last checkpoint are
         left as they were (the failed state is never written).
+
+        compiled: run the meta-steps on the compiled CPU path (``reptile_fast.compiled_step``):
+            the same maths, in chunks of ``checkpoint_every`` (else 500) meta-steps per compiled
+            call, with tasks and plans drawn a chunk at a time (another order than the default
+            loop's, from the same distributions).  Checkpoints and signals are honoured at chunk
+            ends; ``callback`` is called once per chunk with ``{"loss", "iteration"}``.  Raises
+            ``UnsupportedModelError`` when the model/config/device is outside that path.
         """
         from .checkpoint import (CHECKPOINT_NAME, prepare_directory, remove_stale_temporaries,
                                  resolve_checkpoint_path, restore_checkpoint, save_checkpoint)
@@ -363,6 +371,37 @@ class Reptile:
             last_saved = self.iteration
 
         start = self.iteration
+        if compiled:
+            from .compiled_step import DEFAULT_CHUNK, check_compiled_supported, compiled_fit
+
+            check_compiled_supported(self)
+            prior = list(history["loss"])
+
+            class _Stop(Exception):
+                pass
+
+            with DeferredSignals(enabled=handle_signals and ckpt_dir is not None) as signals:
+                def on_chunk(iteration: int, losses: list) -> None:
+                    history["loss"] = prior + losses
+                    if callback is not None:
+                        callback(iteration, {"loss": losses[-1], "iteration": iteration})
+                    if checkpoint_every is not None and iteration % checkpoint_every == 0:
+                        save()
+                    if signals.received is not None:
+                        raise _Stop
+
+                try:
+                    stats = compiled_fit(self, task_distribution, iterations, meta_batch_size=meta_batch_size,
+                                         generator=generator, progress=progress,
+                                         chunk_size=checkpoint_every or DEFAULT_CHUNK, callback=on_chunk)
+                    self.last_compiled_stats = stats
+                except _Stop:
+                    pass
+                except NonFiniteError as exc:
+                    raise self._non_finite_from_fit(exc, last_path, last_saved, ckpt_dir) from exc
+                self._finish_fit(signals, save, ckpt_dir, last_saved_fn=lambda: last_saved,
+                                 last_path_fn=lambda: last_path, iterations=iterations)
+            return history
         with DeferredSignals(enabled=handle_signals and ckpt_dir is not None) as signals:
             for _ in tqdm(range(start, iterations), disable=not progress, desc="meta-train",
                           initial=start, total=max(iterations, start)):
@@ -378,17 +417,22 @@ class Reptile:
                     save()
                 if signals.received is not None:
                     break
-            if ckpt_dir is not None and last_saved != self.iteration:
-                save()
-            if signals.received is not None:
-                name = signal_name(signals.received)
-                raise TrainingInterrupted(
-                    f"training interrupted by {name} after meta-step {self.iteration} of {iterations}; "
-                    f"checkpoint written to {last_path}. Resume with "
-                    f"Reptile.fit(..., resume_from={str(ckpt_dir)!r}) "
-                    f"(or `reptile-fast sine --resume {ckpt_dir}` for the CLI's job)",
-                    signal_number=signals.received, iteration=self.iteration, checkpoint=last_path)
+            self._finish_fit(signals, save, ckpt_dir, last_saved_fn=lambda: last_saved,
+                             last_path_fn=lambda: last_path, iterations=iterations)
         return history
+
+    def _finish_fit(self, signals, save, ckpt_dir, *, last_saved_fn, last_path_fn, iterations) -> None:
+        """The end of ``fit``: the final checkpoint, then ``TrainingInterrupted`` if a signal came."""
+        if ckpt_dir is not None and last_saved_fn() != self.iteration:
+            save()
+        if signals.received is not None:
+            name = signal_name(signals.received)
+            raise TrainingInterrupted(
+                f"training interrupted by {name} after meta-step {self.iteration} of {iterations}; "
+                f"checkpoint written to {last_path_fn()}. Resume with "
+                f"Reptile.fit(..., resume_from={str(ckpt_dir)!r}) "
+                f"(or `reptile-fast sine --resume {ckpt_dir}` for the CLI's job)",
+                signal_number=signals.received, iteration=self.iteration, checkpoint=last_path_fn())
 
     def _non_finite_from_fit(self, exc: NonFiniteError, last_path, last_saved, ckpt_dir) -> NonFiniteError:
         if ckpt_dir is None:
