@@ -25,7 +25,6 @@ every case (median and best call), speed-ups over the seed, and the fraction of 
 reached (FLOPs per task from ``bench.flops.inner_loop_flops``), with the machine stamp, the load
 average and the command.  ``REPTILE_BENCH_THREADS=1`` (bench/conftest.py) pins one thread.
 """
-import copy
 import importlib.util
 import json
 import os

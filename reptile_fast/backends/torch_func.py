@@ -16,10 +16,10 @@ order, SGD fused into the matmul, tanh as 2σ(2z) − 1 on CPU; see ``mlp_batche
 ``TorchBackend(fast_mlp=False)`` forces the generic path; ``uses_fast_path`` says which one a
 call takes.
 
-Measured on the 2-core CPU (bench/results/torch_throughput_cpu*.json): the MLP path is ~5× (meta-
-batch 256) to ~30× (meta-batch 16) faster than the generic path for the sine MLP; ``torch.compile``
-of the MLP path was slower than eager at meta-batches 16 and 256 and takes 30-60 s to compile, so
-it is not used.
+Measured on the 2-core CPU (bench/results/torch_throughput_cpu*.json): for the sine MLP the MLP
+path is 3-4× (meta-batch 256) to 5-10× (meta-batch 1-16) faster than the generic path;
+``torch.compile`` of the MLP path ran at 0.5-0.9× of eager at meta-batches 16 and 256 and takes
+10-60 s to compile, so it is not used.
 """
 from __future__ import annotations
 
