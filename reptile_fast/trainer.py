@@ -266,11 +266,13 @@ class Reptile:
         # The mean pseudo-gradient per parameter.  For Reptile the update is written as the seed
         # writes it, φ + ε·(φ̃ − φ), so that one task reproduces the seed bit for bit.
         if result.meta_grads is None:
-            deltas = [(result.params[n] - p).mean(0) for n, p in named]  # mean_i (φ̃_i − φ)
+            # mean_i(φ̃_i) − φ: with one task exactly the seed's (φ̃ − φ); no [T, ...] temporaries.
+            deltas = [result.params[n].mean(0) - p for n, p in named]
         else:
             deltas = [-result.meta_grads[n].mean(0) for n, _ in named]
-        finite = torch.stack([torch.isfinite(d).all() for d in deltas]).all() & torch.isfinite(result.losses).all()
-        if not bool(finite):
+        # One reduction and one host sync for the whole check: NaN and ±inf propagate through sums.
+        total = torch.stack([d.sum() for d in deltas]).sum() + result.losses.sum()
+        if not bool(torch.isfinite(total)):
             raise NonFiniteError(
                 f"meta-step {self.iteration + 1}: non-finite inner loss or update (NaN/inf); the "
                 f"parameters were left as they were before this step. Lower inner_lr/outer_lr or check the data.",
