@@ -55,7 +55,7 @@ def _nonneg_float(text: str) -> float:
 #: sine flags that set a ``SineConfig`` field (argparse dest == field name).
 CONFIG_FLAGS = ("iterations", "meta_batch_size", "outer_lr", "outer_lr_final", "inner_lr", "inner_steps",
                 "inner_batch_size", "backend", "device", "seed", "eval_tasks", "eval_steps",
-                "checkpoint_every", "hidden_dim")
+                "checkpoint_every", "hidden_dim", "threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sine.add_argument("--backend", choices=["auto", "compiled", *sorted(BACKENDS)],
                       help=f"(default {d.backend}; auto = the compiled CPU path at meta-batch 1, else the fastest backend)")
     sine.add_argument("--device", help=f"cpu or cuda (default {d.device})")
+    sine.add_argument("--threads", type=_nonneg_int,
+                      help=f"CPU threads, 0 = torch's default (default {d.threads}: the job's ops are tiny)")
     sine.add_argument("--seed", type=_nonneg_int, help=f"(default {d.seed})")
     sine.add_argument("--eval-tasks", type=_positive_int,
                       help=f"held-out tasks for the post-adaptation MSE (default {d.eval_tasks})")

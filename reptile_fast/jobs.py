@@ -55,11 +55,15 @@ class SineConfig:
     eval_steps: int = 160  # the seed's demo: perform_k_training_steps(model, task, 32)
     device: str = "cpu"
     checkpoint_every: int = 1000  # meta-steps between checkpoints in --out; 0: only at the end / on a signal
+    # CPU threads for the run (0: torch's default).  The sine job's ops are tiny: one thread
+    # avoids OpenMP fork/join costs that dominate them and is robust on a busy machine.
+    threads: int = 1
 
     def __post_init__(self) -> None:
         for name, minimum in (("iterations", 1), ("meta_batch_size", 1), ("inner_steps", 1),
                               ("inner_batch_size", 1), ("hidden_dim", 1), ("seed", 0),
-                              ("eval_tasks", 1), ("eval_steps", 1), ("checkpoint_every", 0)):
+                              ("eval_tasks", 1), ("eval_steps", 1), ("checkpoint_every", 0),
+                              ("threads", 0)):
             _check_int(name, getattr(self, name), minimum)
         for name in ("outer_lr", "inner_lr"):
             _check_float(name, getattr(self, name))
@@ -119,6 +123,18 @@ def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True,
               f"as the previous checkpoint until the next save). Use --resume {out} to continue it.",
               file=sys.stderr)
     device = torch.device(config.device)
+    if config.threads:
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads)
+        try:
+            return _run_sine(config, out, device, start_iteration, progress=progress, resume=resume)
+        finally:
+            torch.set_num_threads(previous_threads)
+    return _run_sine(config, out, device, start_iteration, progress=progress, resume=resume)
+
+
+def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: int, *, progress: bool,
+              resume) -> dict:
     torch.manual_seed(config.seed)
     model = MLP(1, config.hidden_dim, 1).to(device)
     trainer = Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
