@@ -101,6 +101,25 @@ def test_seed_loop(benchmark):
     _time(benchmark, run, n, "seed")
 
 
+def _check_against_reference(fast_mlp: bool, T: int) -> None:
+    """A wrong fast answer is not a result: one meta-step of the timed configuration must leave
+    the parameters the reference backend leaves (rtol 1e-5 / atol 1e-6, fp32) before timing."""
+    import copy
+
+    from reptile_fast import sample_indices
+
+    torch.manual_seed(0)
+    model = MLP().to(DEVICE)
+    twin = copy.deepcopy(model)
+    tasks = Sine().sample(T, generator=torch.Generator().manual_seed(1), device=DEVICE)
+    idx = sample_indices(T, 5, tasks.n_points, 10, generator=torch.Generator().manual_seed(2), device=DEVICE)
+    fast = Reptile(model, backend="torch", outer_lr=1.0, backend_options={"fast_mlp": fast_mlp})
+    Reptile(twin, backend="reference", outer_lr=1.0).meta_step(tasks, idx)
+    fast.meta_step(tasks, idx)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} differs from the reference")
+
+
 @pytest.mark.parametrize("T", SIZES)
 @pytest.mark.parametrize("path", list(PATHS))
 def test_fit_throughput(benchmark, path, T):
@@ -110,6 +129,7 @@ def test_fit_throughput(benchmark, path, T):
     trainer = Reptile(model, backend="torch", outer_lr=1.0)
     trainer.backend.fast_mlp = PATHS[path]
     assert trainer.backend.uses_fast_path(model, Sine().sample(1, device=DEVICE), trainer.config) == PATHS[path]
+    _check_against_reference(PATHS[path], T)
     dist, gen = Sine(), torch.Generator().manual_seed(0)
     n = max(1, 64 // T) if MODE == "full" else 1
 
@@ -194,6 +214,7 @@ def test_speedup_interleaved():
     seed_n, rounds = (20, 15) if full else (1, 1)
     T = 256 if full else 4
     seed_run, source = _seed_runner(seed_n)
+    _check_against_reference(True, T)
     torch.manual_seed(0)
     model = MLP().to(DEVICE)
     trainer = Reptile(model, backend="torch", outer_lr=1.0)
@@ -219,7 +240,6 @@ def test_speedup_interleaved():
         series["seed"].append(seed_n / timed(seed_run))
         series["fit"].append(2 * T / timed(fit_run))
         series["bmm"].append(20 * 2.0 * 256 * 10 * 64 * 64 / timed(bmm_run))
-    assert all(v > 0 for vs in series.values() for v in vs)
     if full:
         ratios = sorted(f / s for f, s in zip(series["fit"], series["seed"]))
         _MEASURED["interleaved"] = {

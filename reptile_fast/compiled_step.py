@@ -36,7 +36,7 @@ import torch
 from .backends.base import UnsupportedModelError
 from .backends.mlp_batched import FAST_LOSSES, mlp_inner_loop, stack_mlp_params
 from .losses import loss_name
-from .mlp_spec import MLPSpec, extract_mlp_spec
+from .mlp_spec import MLPSpec, cached_mlp_spec
 from .tasks.base import TaskBatch, sample_indices
 
 __all__ = ["MetaStepProgram", "get_program", "compiled_fit", "check_compiled_supported", "MODES",
@@ -358,7 +358,7 @@ def check_compiled_supported(trainer) -> MLPSpec:
         raise UnsupportedModelError("the compiled meta-step runs the interpolation update, not an outer_optimizer")
     if len(list(trainer.model.buffers())):
         raise UnsupportedModelError("the compiled meta-step supports models without buffers")
-    return extract_mlp_spec(trainer.model)
+    return cached_mlp_spec(trainer.model)
 
 
 def gather_chunk(tasks: TaskBatch, plans: torch.Tensor, n_tasks: int) -> Tuple[torch.Tensor, torch.Tensor]:

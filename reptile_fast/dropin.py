@@ -374,7 +374,7 @@ def _trainer_loop(trainer, source, nb_iterations, meta_batch_size, generator, in
     with tqdm(total=nb_iterations, disable=not progress, desc="meta-train") as bar:
         while done < nb_iterations:
             m = min(chunk_size, nb_iterations - done)
-            tasks = source.sample(m * T, device=trainer.device)
+            tasks = source.sample(m * T, generator=generator, device=trainer.device)
             if indices is None:
                 plans = sample_indices(m * T, S, tasks.n_points, B, generator=generator, device=trainer.device)
             else:
@@ -474,7 +474,9 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
 
     path = "trainer"
     trainer = None
-    if backend in ("auto", "compiled", "fused"):
+    # auto: the compiled program only at the seed's meta-batch 1, where eager PyTorch is
+    # overhead-bound; larger meta-batches measured faster on the torch backend.
+    if backend in ("compiled", "fused") or (backend == "auto" and meta_batch_size == 1):
         # The compiled path needs the trainer only for validation and the ε schedule.
         trainer = make_trainer("reference")
         try:

@@ -7,7 +7,7 @@ plain ``nn.Sequential`` and a user's module wrapping one (like the seed's ``MLP`
 """
 from __future__ import annotations
 
-import operator
+import weakref
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .backends.base import UnsupportedModelError
 
-__all__ = ["MLPSpec", "extract_mlp_spec", "ACTIVATION_NAMES"]
+__all__ = ["MLPSpec", "extract_mlp_spec", "cached_mlp_spec", "ACTIVATION_NAMES"]
 
 ACTIVATION_NAMES = ("identity", "tanh", "relu", "sigmoid")
 
@@ -59,6 +59,7 @@ def extract_mlp_spec(model: nn.Module) -> MLPSpec:
     """The model's ``MLPSpec``; raises ``UnsupportedModelError`` naming what does not fit."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_no_hooks(model)
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "not a plain chain"
@@ -127,3 +128,40 @@ def extract_mlp_spec(model: nn.Module) -> MLPSpec:
         raise UnsupportedModelError(f"{type(model).__name__} has parameters outside the Linear chain or shared "
                                     f"between layers: {extra or 'shared weights'}")
     return MLPSpec(tuple(dims), tuple(acts), tuple(weights), tuple(biases))
+
+
+def _check_no_hooks(model: nn.Module) -> None:
+    # Hand-written forward/backward code would silently skip what a hook does.
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None) \
+                or getattr(m, "_backward_pre_hooks", None):
+            raise UnsupportedModelError(f"module '{name or type(model).__name__}' has hooks, which the "
+                                        f"fused MLP paths would not run")
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def cached_mlp_spec(model: nn.Module) -> MLPSpec:
+    """``extract_mlp_spec`` cached per model (fx tracing costs about a millisecond).
+
+    The cache is keyed on the identity of every submodule and every parameter's name and shape, so
+    a layer swapped in place (``model.network[1] = nn.ReLU()``) is re-traced; hooks are checked on
+    every call because they can be added at any time.
+    """
+    key = (tuple(map(id, model.modules())),
+           tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
+    hit = _CACHE.get(model)
+    if hit is not None and hit[0] == key:
+        _check_no_hooks(model)
+        if isinstance(hit[1], UnsupportedModelError):
+            raise UnsupportedModelError(str(hit[1]))
+        return hit[1]
+    try:
+        spec = extract_mlp_spec(model)
+    except UnsupportedModelError as exc:
+        if "has hooks" not in str(exc):
+            _CACHE[model] = (key, exc)
+        raise
+    _CACHE[model] = (key, spec)
+    return spec

@@ -100,6 +100,12 @@ class Reptile:
             raise ValueError(f"model parameters must all be on one device, found {sorted(map(str, devices))}")
         if len(dtypes) != 1 or not params[0].is_floating_point():
             raise TypeError(f"model parameters must share one floating-point dtype, found {dtypes}")
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        if frozen:
+            # torch.optim skips them in the seed's loop while batched paths would train them:
+            # rather than two answers, refuse.
+            raise ValueError(f"model has frozen parameters (requires_grad=False): {frozen}; "
+                             f"Reptile meta-learns every parameter — remove them or unfreeze them")
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.device.type != "meta" and not bool(torch.isfinite(p).all()):
@@ -202,6 +208,17 @@ class Reptile:
                 raise ValueError(f"cross_entropy needs logits [batch, classes]; the model gives {tuple(out.shape)}")
             if key[3] >= out.shape[1]:
                 raise ValueError(f"class label {key[3]} out of range for a model with {out.shape[1]} outputs")
+        if name is None:  # a callable loss: it must give one floating-point number per minibatch
+            try:
+                with torch.no_grad():
+                    value = resolve_loss(self.loss)(out, tasks.y[0, :2])
+            except Exception as exc:  # noqa: BLE001 - re-raised naming the loss
+                raise ValueError(f"the loss callable failed on a model output {tuple(out.shape)} and targets "
+                                 f"{tuple(tasks.y[0, :2].shape)}: {exc}") from exc
+            if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.is_floating_point():
+                raise TypeError("the loss callable must return a 0-dim floating-point tensor (the mean loss), got "
+                                + (f"shape {tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
+                                   else type(value).__name__))
         self._checked_shapes.add(key)
 
     def _plan_rows(self, steps: int) -> int:
@@ -266,13 +283,12 @@ class Reptile:
         # The mean pseudo-gradient per parameter.  For Reptile the update is written as the seed
         # writes it, φ + ε·(φ̃ − φ), so that one task reproduces the seed bit for bit.
         if result.meta_grads is None:
-            # mean_i(φ̃_i) − φ: with one task exactly the seed's (φ̃ − φ); no [T, ...] temporaries.
-            deltas = [result.params[n].mean(0) - p for n, p in named]
+            # mean_i(φ̃_i − φ), as compiled_step and the drop-in compute it; one task: the seed's φ̃ − φ
+            deltas = [(result.params[n] - p).mean(0) for n, p in named]
         else:
             deltas = [-result.meta_grads[n].mean(0) for n, _ in named]
-        # One reduction and one host sync for the whole check: NaN and ±inf propagate through sums.
-        total = torch.stack([d.sum() for d in deltas]).sum() + result.losses.sum()
-        if not bool(torch.isfinite(total)):
+        finite = torch.stack([torch.isfinite(d).all() for d in deltas]).all() & torch.isfinite(result.losses).all()
+        if not bool(finite):
             raise NonFiniteError(
                 f"meta-step {self.iteration + 1}: non-finite inner loss or update (NaN/inf); the "
                 f"parameters were left as they were before this step. Lower inner_lr/outer_lr or check the data.",
@@ -283,8 +299,9 @@ class Reptile:
             self.outer_optimizer.step()
             self.outer_optimizer.zero_grad(set_to_none=True)
         else:
-            for (_, p), d in zip(named, deltas):
-                p += eps * d
+            # φ += ε·d in one call: a Ctrl-C (handled between Python bytecodes) cannot land
+            # half-way through the parameters.  Same arithmetic as the seed's p += ε·(φ̃ − φ).
+            torch._foreach_add_([p for _, p in named], torch._foreach_mul(deltas, eps))
 
     def fit(self, task_distribution, iterations: int, *, meta_batch_size: int = 1,
             generator: Optional[torch.Generator] = None, progress: bool = True,
@@ -373,6 +390,9 @@ class Reptile:
             last_saved = self.iteration
 
         start = self.iteration
+        if resume_from is None and start >= iterations:
+            raise ValueError(f"iterations={iterations} is the total number of meta-steps, and this trainer has "
+                             f"already taken {start}; pass a larger total to train further")
         if compiled:
             from .compiled_step import DEFAULT_CHUNK, check_compiled_supported, compiled_fit
 

@@ -166,7 +166,7 @@ class ConvBN(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("T", [1, 4, 32])
 def test_omniglot_convnet_batchnorm_matches_reference(T):
     torch.manual_seed(6)
     model = OmniglotConvNet(n_classes=3, channels=4, image_size=8, n_blocks=2)

@@ -307,3 +307,65 @@ def test_bad_input(name, call, exc, words, tmp_path, capsys):
 def test_table_is_broad():
     assert len(TABLE) >= 30
     assert sum(1 for r in TABLE if (r.values if hasattr(r, "values") else r)[2] is CLIFailed) >= 15
+
+
+# Found in review: inputs that used to fail deep inside torch or give two different answers.
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda: __import__("reptile_fast").sample_indices(2, 3, 10, 4, generator=3), TypeError, "torch.Generator"),
+    (lambda: __import__("reptile_fast").sample_indices(2, 3, 10, 4, device="foo"), ValueError, "device"),
+    (lambda: __import__("reptile_fast").Sine().sample(2, generator="g"), TypeError, "torch.Generator"),
+    (lambda: __import__("reptile_fast").Sine().sample(2, device="nowhere"), ValueError, "device"),
+    (lambda: __import__("reptile_fast").TaskBatch(torch.zeros(1, 2, 0), torch.zeros(1, 2, 1)), ValueError, "empty feature"),
+    (lambda: __import__("reptile_fast").TaskBatch(torch.zeros(1, 2, 1), torch.zeros(1, 2, 0)), ValueError, "no output"),
+])
+def test_review_bad_inputs(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+@pytest.mark.parametrize("loss, exc, words", [
+    (lambda p, t: ((p - t) ** 2).mean(dim=1), TypeError, "0-dim"),
+    (lambda p, t: 1.0, TypeError, "0-dim"),
+    (lambda p, t: p.unknown(), ValueError, "loss callable failed"),
+])
+def test_callable_loss_checked_before_training(loss, exc, words):
+    from reptile_fast import MLP, Reptile, Sine
+
+    trainer = Reptile(MLP(1, 8, 1), backend="reference", loss=loss)
+    with pytest.raises(exc, match=words):
+        trainer.meta_step(Sine().sample(2))
+
+
+def test_frozen_parameters_are_refused():
+    from reptile_fast import MLP, Reptile
+
+    model = MLP(1, 8, 1)
+    model.network[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        Reptile(model, backend="reference")
+
+
+def test_fit_total_already_reached_is_refused():
+    from reptile_fast import MLP, Reptile, Sine
+
+    trainer = Reptile(MLP(1, 8, 1), backend="reference")
+    trainer.fit(Sine(), 2, progress=False)
+    with pytest.raises(ValueError, match="already taken 2"):
+        trainer.fit(Sine(), 2, progress=False)
+
+
+def test_hooks_and_swapped_layers_leave_the_fused_paths():
+    """A forward hook or a layer replaced in place must not be skipped by a cached MLP spec."""
+    from reptile_fast import MLP
+    from reptile_fast.backends import UnsupportedModelError
+    from reptile_fast.mlp_spec import cached_mlp_spec
+
+    model = MLP(1, 8, 1)
+    assert cached_mlp_spec(model).activations[0] == "tanh"
+    model.network[1] = torch.nn.ReLU()
+    assert cached_mlp_spec(model).activations[0] == "relu"
+    handle = model.network[0].register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(UnsupportedModelError, match="hooks"):
+        cached_mlp_spec(model)
+    handle.remove()
+    assert cached_mlp_spec(model).activations[0] == "relu"

@@ -23,7 +23,6 @@ path is 3-4× (meta-batch 256) to 5-10× (meta-batch 1-16) faster than the gener
 """
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -95,7 +94,6 @@ class TorchBackend(Backend):
             raise TypeError(f"fast_tanh must be a bool or None, got {type(fast_tanh).__name__}")
         self.fast_mlp = fast_mlp
         self.fast_tanh = fast_tanh
-        self._specs: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ dispatch
     def check_supported(self, model: nn.Module, device: torch.device, config: InnerConfig) -> None:
@@ -113,22 +111,12 @@ class TorchBackend(Backend):
 
         Cached per model and re-derived when its submodules change (a layer swapped in place).
         """
-        modules = tuple(model.modules())
-        key = tuple(map(id, modules))
-        cached = self._specs.get(model)
-        if cached is not None and cached[0] == key:
-            spec = cached[1]
-        else:
-            from ..mlp_spec import extract_mlp_spec
+        from ..mlp_spec import cached_mlp_spec
 
-            try:
-                spec = extract_mlp_spec(model)
-            except UnsupportedModelError:
-                spec = None
-            self._specs[model] = (key, spec)
-        if spec is not None and any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        try:
+            return cached_mlp_spec(model)
+        except UnsupportedModelError:
             return None
-        return spec
 
     def uses_fast_path(self, model: nn.Module, tasks: TaskBatch, config: InnerConfig) -> bool:
         """Whether ``inner_loop`` takes the batched-MLP path for this model, data and config."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import weakref
 from collections import OrderedDict
 from typing import Optional
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..losses import loss_name
-from ..mlp_spec import MLPSpec, extract_mlp_spec
+from ..mlp_spec import MLPSpec, cached_mlp_spec
 from ..tasks.base import TaskBatch
 from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError
 
@@ -98,7 +97,6 @@ class TritonBackend(Backend):
         self.cuda_graphs = bool(cuda_graphs)
         self.launch = dict(launch or {})
         self.validate = bool(validate)
-        self._specs: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
         self._graphs: "OrderedDict[tuple, _GraphedLaunch]" = OrderedDict()
 
     # ------------------------------------------------------------------ support
@@ -108,17 +106,10 @@ class TritonBackend(Backend):
         return torch.device(device).type == "cuda"
 
     def _spec(self, model: nn.Module) -> MLPSpec:
-        # fx tracing costs ~1 ms: cache per model, re-traced if its parameters change shape
-        key = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
-        hit = self._specs.get(model)
-        if hit is not None and hit[0] == key:
-            return hit[1]
         try:
-            spec = extract_mlp_spec(model)
+            return cached_mlp_spec(model)
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"backend 'triton': {exc}") from None
-        self._specs[model] = (key, spec)
-        return spec
 
     def check_supported(self, model: nn.Module, device, config: InnerConfig) -> None:
         device = torch.device(device)

@@ -42,6 +42,10 @@ class TaskBatch:
             )
         if x.shape[0] < 1 or x.shape[1] < 1:
             raise ValueError(f"TaskBatch.x needs at least one task and one point, got shape {tuple(x.shape)}")
+        if any(d < 1 for d in x.shape[2:]):
+            raise ValueError(f"TaskBatch.x has an empty feature dimension: shape {tuple(x.shape)}")
+        if y.is_floating_point() and y.dim() == 3 and y.shape[2] < 1:
+            raise ValueError(f"TaskBatch.y has no output features: shape {tuple(y.shape)}")
         if y.is_floating_point():
             if y.dim() != 3:
                 raise ValueError(
@@ -110,6 +114,25 @@ class TaskDistribution(Protocol):
                device=None) -> TaskBatch: ...
 
 
+def _check_generator(generator) -> torch.device:
+    """The device to draw on: the generator's (CPU when None); a clear error for anything else."""
+    if generator is None:
+        return torch.device("cpu")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator.device
+
+
+def _check_device(device):
+    """``device`` as a ``torch.device`` (None stays None); ValueError naming a bad one."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from None
+
+
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -143,7 +166,8 @@ def sample_indices(
             f"batch_size ({batch_size}) must not exceed n_points ({n_points}): "
             f"a minibatch holds distinct points"
         )
-    draw_device = generator.device if generator is not None else torch.device("cpu")
+    draw_device = _check_generator(generator)
+    device = _check_device(device)
     # A uniformly random permutation per (task, step): argsort of i.i.d. uniforms.  Ties have
     # probability ~N^2 / 2^24 per row in fp32, so draw in float64 where they are negligible.
     keys = torch.rand(n_tasks, inner_steps, n_points, generator=generator, device=draw_device,

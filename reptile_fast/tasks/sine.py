@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import TaskBatch, _check_positive_int
+from .base import TaskBatch, _check_device, _check_generator, _check_positive_int
 
 __all__ = ["Sine"]
 
@@ -53,7 +53,7 @@ class Sine:
     def sample_params(self, n_tasks: int, *, generator: Optional[torch.Generator] = None):
         """Amplitudes and phases, float64 ``[n_tasks]`` each, drawn on the generator's device."""
         _check_positive_int("n_tasks", n_tasks)
-        dev = generator.device if generator is not None else torch.device("cpu")
+        dev = _check_generator(generator)
         u = torch.rand(2, n_tasks, generator=generator, device=dev, dtype=torch.float64)
         a = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]
         b = self.phase[0] + (self.phase[1] - self.phase[0]) * u[1]
@@ -74,5 +74,6 @@ class Sine:
     def sample(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
                device=None) -> TaskBatch:
         """``n_tasks`` tasks: x float32 ``[T, n_points, 1]`` (the grid), y float32 ``[T, n_points, 1]``."""
+        device = _check_device(device)
         a, b = self.sample_params(n_tasks, generator=generator)
         return self.make(a, b, device=device if device is not None else a.device)
