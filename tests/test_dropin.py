@@ -431,3 +431,28 @@ def test_indices_with_the_reference_path_is_an_error():
     with pytest.raises(ValueError, match="reference loop"):
         call(perform_k_training_steps=lambda m, t, k: list(m.parameters()),
              indices=torch.zeros(2, 1, 5, 10, dtype=torch.long))
+
+
+def test_seed_full_experiment_lands_in_the_quality_band():
+    """The seed's whole experiment through the drop-in (30000 iterations, meta-batch 1, the seed's
+    functions), evaluated as the seed's demo adapts: 200 held-out tasks, 160 SGD steps of 10
+    points at lr 0.02, MSE on all 50 points.  Band: <= 0.035 (the seed gives 0.016-0.038 over
+    training seeds 0-5 here; this uses training seed 0, the first of the issue's three)."""
+    torch.manual_seed(0)
+    model = reference.MLP()
+    stats = reptile_fast.reptile(model, 30000, reference.sample_task, reference.perform_k_training_steps,
+                                 progress=False)
+    assert stats["path"] in ("compiled", "fused"), stats["path"]
+    # The seed's demo, verbatim: new_task = sample_task(); perform_k_training_steps(model, new_task, 32)
+    # (held-out draws from torch.manual_seed(10_000), as bench/dropin_experiment.py records them).
+    torch.manual_seed(10_000)
+    errors = []
+    for _ in range(200):
+        task = reference.sample_task()
+        adapted = copy.deepcopy(model)
+        reference.perform_k_training_steps(adapted, task, 32)
+        x, y, _ = task
+        with torch.no_grad():
+            errors.append(float(((adapted(x.unsqueeze(-1)).squeeze(-1) - y) ** 2).mean()))
+    mse = sum(errors) / len(errors)
+    assert mse <= 0.035, mse
