@@ -41,7 +41,6 @@ import math
 import time
 import types
 import warnings
-from numbers import Real
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -53,6 +52,7 @@ from .backends import BACKENDS
 from .backends.base import UnsupportedModelError
 from .compiled_step import DEFAULT_CHUNK, check_compiled_supported, compiled_fit
 from .tasks.base import TaskBatch, sample_indices
+from .validation import check_float, check_int
 
 __all__ = ["reptile", "standard_inner_loop", "is_standard_inner_loop", "is_seed_sample_task",
            "ReferencePathWarning", "BACKEND_CHOICES"]
@@ -284,11 +284,7 @@ class _SineSource:
 
 # ---------------------------------------------------------------------- validation
 def _int_arg(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return check_int(name, value, minimum)
 
 
 def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, epsilon,
@@ -304,11 +300,7 @@ def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, 
         raise TypeError(f"perform_k_training_steps must be callable or None, got "
                         f"{type(perform_k_training_steps).__name__}")
     _int_arg("k", k)
-    if isinstance(epsilon, bool) or not isinstance(epsilon, Real):
-        raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__}")
-    epsilon = float(epsilon)
-    if not math.isfinite(epsilon) or epsilon <= 0:
-        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon}")
+    epsilon = check_float("epsilon", epsilon)
     _int_arg("meta_batch_size", meta_batch_size)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")

@@ -6,7 +6,6 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from numbers import Real
 from typing import Any, Mapping, Optional
 
 import torch
@@ -16,6 +15,7 @@ from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, 
 from .models import MLP
 from .tasks import Sine
 from .trainer import Reptile
+from .validation import check_float, check_int
 
 __all__ = ["SineConfig", "run_sine", "SEED_CONFIG", "sine_config_from_checkpoint", "SINE_JOB"]
 
@@ -24,17 +24,11 @@ SINE_POINTS = 50  # points per sine task (the seed's grid)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    check_int(name, value, minimum)
 
 
 def _check_float(name: str, value, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+    check_float(name, value, allow_zero=allow_zero)
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from numbers import Real
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
@@ -16,6 +15,7 @@ from .backends import InnerConfig, InnerResult, resolve_backend
 from .losses import loss_name, resolve_loss
 from .signals import DeferredSignals, TrainingInterrupted, signal_name
 from .tasks.base import TaskBatch, sample_indices
+from .validation import check_float, check_int
 
 __all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
 
@@ -39,20 +39,11 @@ class NonFiniteError(FloatingPointError):
 
 
 def _positive_float(name: str, value, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
+    return check_float(name, value, allow_zero=allow_zero)
 
 
 def _positive_int(name: str, value, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
-    return value
+    return check_int(name, value, 0 if allow_zero else 1)
 
 
 class Reptile:

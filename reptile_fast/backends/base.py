@@ -6,7 +6,7 @@ the plan of minibatch indices, it returns every task's adapted parameters φ̃_i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Dict, Optional, Tuple, Union
 
 import torch

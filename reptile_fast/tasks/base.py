@@ -11,6 +11,8 @@ from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
+from ..validation import check_int
+
 __all__ = ["TaskBatch", "TaskDistribution", "sample_indices"]
 
 
@@ -134,11 +136,7 @@ def _check_device(device):
 
 
 def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return check_int(name, value, 1)
 
 
 def sample_indices(
