@@ -228,24 +228,18 @@ class MetaStepProgram:
 
     def _build(self, mode: str) -> Callable:
         step = self._step_fn(mode)
-        if mode == "eager":
-            def run_eager(params, xs, ys, eps):
-                losses = []
-                for i in range(xs.shape[0]):
-                    params, l_i = step(params, xs[i], ys[i], eps[i])
-                    losses.append(l_i)
-                return params, torch.stack(losses)
-            return run_eager
-        if mode == "step":
-            compiled = torch.compile(step, fullgraph=True, dynamic=False, options=_inductor_options())
+        if mode in ("eager", "step"):
+            # one Python call per meta-step, compiled or not
+            one = step if mode == "eager" else torch.compile(step, fullgraph=True, dynamic=False,
+                                                             options=_inductor_options())
 
-            def run_step(params, xs, ys, eps):
+            def run_steps(params, xs, ys, eps):
                 losses = []
                 for i in range(xs.shape[0]):
-                    params, l_i = compiled(params, xs[i], ys[i], eps[i])
+                    params, l_i = one(params, xs[i], ys[i], eps[i])
                     losses.append(l_i)
                 return params, torch.stack(losses)
-            return run_step
+            return run_steps
         from torch._higher_order_ops.scan import scan  # private API: absent or broken -> fallback
 
         def combine(carry, slices):
@@ -383,6 +377,13 @@ def gather_chunk(tasks: TaskBatch, plans: torch.Tensor, n_tasks: int) -> Tuple[t
     return layout(xs), layout(ys)
 
 
+def check_plan_shape(indices, expected: tuple, layout: str) -> None:
+    """ValueError unless ``indices`` is a long tensor of shape ``expected`` (described by ``layout``)."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or tuple(indices.shape) != expected:
+        raise ValueError(f"indices must be a long tensor of shape {expected} {layout}, got "
+                         f"{getattr(indices, 'dtype', type(indices).__name__)} {tuple(getattr(indices, 'shape', ()))}")
+
+
 def compiled_fit(trainer, task_distribution, iterations: int, *, meta_batch_size: int = 1,
                  generator: Optional[torch.Generator] = None, progress: bool = True,
                  indices: Optional[torch.Tensor] = None, chunk_size: int = DEFAULT_CHUNK,
@@ -426,11 +427,7 @@ def compiled_fit(trainer, task_distribution, iterations: int, *, meta_batch_size
     start = trainer.iteration
     total = iterations - start
     if indices is not None:
-        expected = (total, T, S, B)
-        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or tuple(indices.shape) != expected:
-            raise ValueError(f"indices must be a long tensor of shape {expected} "
-                             f"[iterations, meta_batch_size, inner_steps, inner_batch_size], got "
-                             f"{getattr(indices, 'dtype', type(indices).__name__)} {tuple(getattr(indices, 'shape', ()))}")
+        check_plan_shape(indices, (total, T, S, B), "[iterations, meta_batch_size, inner_steps, inner_batch_size]")
     program = get_program(spec, lr=trainer.inner_lr, loss=loss_name(trainer.config.loss), steps=S,
                           n_tasks=T, batch=B, dtype=trainer.dtype, mode=mode)
     compile_s = 0.0 if program._ready else None

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from .backends import BACKENDS
 from .backends.base import UnsupportedModelError
-from .compiled_step import DEFAULT_CHUNK, check_compiled_supported, compiled_fit
+from .compiled_step import DEFAULT_CHUNK, check_compiled_supported, check_plan_shape, compiled_fit
 from .tasks.base import TaskBatch, sample_indices
 from .validation import check_float, check_int
 
@@ -454,11 +454,8 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
                          f"would never change; use k >= {math.ceil(batch / n_points)}")
     batch = min(batch, n_points)  # randperm(N)[:batch] holds all N points when N < batch
     if indices is not None:
-        expected = (nb_iterations, meta_batch_size, steps, batch)
-        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or tuple(indices.shape) != expected:
-            raise ValueError(f"indices must be a long tensor of shape {expected} [nb_iterations, "
-                             f"meta_batch_size, steps, batch], got {getattr(indices, 'dtype', type(indices).__name__)} "
-                             f"{tuple(getattr(indices, 'shape', ()))}")
+        check_plan_shape(indices, (nb_iterations, meta_batch_size, steps, batch),
+                         "[nb_iterations, meta_batch_size, steps, batch]")
 
     def make_trainer(name: str):
         return Reptile(model, inner_lr=SEED_INNER_LR, inner_steps=steps, inner_batch_size=batch,
