@@ -52,6 +52,7 @@ def cases(draw, *, max_width, max_tasks, max_steps, max_batch):
         points=draw(st.integers(batch, batch + 6)),
         inner_lr=draw(st.floats(1e-3, 0.05)),
         outer_lr=draw(st.floats(0.05, 1.0)),
+        loss=draw(st.sampled_from(["mse", "cross_entropy"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -59,23 +60,34 @@ def cases(draw, *, max_width, max_tasks, max_steps, max_batch):
 def make_problem(case):
     g = torch.Generator().manual_seed(case["seed"])
     torch.manual_seed(case["seed"])
-    model = MLP(case["in_features"], output_dim=case["out_features"], hidden_dims=case["hidden"],
+    classes = max(2, case["out_features"])  # cross-entropy: out_features are the classes
+    out = classes if case["loss"] == "cross_entropy" else case["out_features"]
+    model = MLP(case["in_features"], output_dim=out, hidden_dims=case["hidden"],
                 activation=case["activation"])
     steps = []
     for _ in range(META_STEPS):
         x = torch.rand(case["tasks"], case["points"], case["in_features"], generator=g) * 4 - 2
-        y = torch.rand(case["tasks"], case["points"], case["out_features"], generator=g) * 2 - 1
+        if case["loss"] == "cross_entropy":
+            y = torch.randint(0, classes, (case["tasks"], case["points"]), generator=g)
+        else:
+            y = torch.rand(case["tasks"], case["points"], case["out_features"], generator=g) * 2 - 1
         idx = sample_indices(case["tasks"], case["inner_steps"], case["points"], case["batch"], generator=g)
         steps.append((TaskBatch(x, y), idx))
     return model, steps
+
+
+#: variants run under a backend's name: (backend, backend_options)
+VARIANTS = {"torch-vmap": ("torch", {"fast_mlp": False})}
 
 
 def run(model, steps, case, backend, dtype):
     # Triton runs on CUDA where there is one (on the CPU only under the interpreter).
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     model = copy.deepcopy(model).to(device=device, dtype=dtype)
-    trainer = Reptile(model, backend=backend, inner_lr=case["inner_lr"], inner_steps=case["inner_steps"],
-                      inner_batch_size=case["batch"], outer_lr=case["outer_lr"])
+    name, options = VARIANTS.get(backend, (backend, None))
+    trainer = Reptile(model, backend=name, backend_options=options, inner_lr=case["inner_lr"],
+                      inner_steps=case["inner_steps"], inner_batch_size=case["batch"],
+                      outer_lr=case["outer_lr"], loss=case["loss"])
     for tasks, idx in steps:
         trainer.meta_step(tasks.to(device=device, dtype=dtype), idx.to(device))
     return {k: v.detach().cpu() for k, v in model.named_parameters()}
@@ -105,6 +117,8 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None,
 @given(case=cases(max_width=48, max_tasks=4, max_steps=4, max_batch=8))
 def test_every_backend_equals_the_float64_reference(case):
     backends = [b for b in available_backends() if b != "triton"]
+    if "torch" in backends:
+        backends.append("torch-vmap")  # the generic path as well as the batched-MLP one
     assert check_backends(case, backends) >= 1  # the fp32 reference at least
 
 
