@@ -15,17 +15,11 @@ from reptile_fast import MLP, OmniglotConvNet, Reptile, Sine, reference, sample_
 from reptile_fast.backends import InnerConfig, UnsupportedModelError, get_backend  # noqa: E402
 from reptile_fast.backends.reference import ReferenceBackend  # noqa: E402
 from reptile_fast.backends.triton import PRECISION_ENV, TritonBackend  # noqa: E402
-from reptile_fast.kernels import mlp_inner_loop as K  # noqa: E402
+from _triton_devices import DEVICES  # noqa: E402
 from reptile_fast.tasks import TaskBatch  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not K.INTERPRETED,
-                                                 reason="CPU runs need TRITON_INTERPRET=1 at import")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                    reason="needs CUDA")]),
-]
 
 
 class Wrapped(nn.Module):

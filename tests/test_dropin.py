@@ -443,16 +443,9 @@ def test_seed_full_experiment_lands_in_the_quality_band():
     stats = reptile_fast.reptile(model, 30000, reference.sample_task, reference.perform_k_training_steps,
                                  progress=False)
     assert stats["path"] in ("compiled", "fused"), stats["path"]
-    # The seed's demo, verbatim: new_task = sample_task(); perform_k_training_steps(model, new_task, 32)
-    # (held-out draws from torch.manual_seed(10_000), as bench/dropin_experiment.py records them).
-    torch.manual_seed(10_000)
-    errors = []
-    for _ in range(200):
-        task = reference.sample_task()
-        adapted = copy.deepcopy(model)
-        reference.perform_k_training_steps(adapted, task, 32)
-        x, y, _ = task
-        with torch.no_grad():
-            errors.append(float(((adapted(x.unsqueeze(-1)).squeeze(-1) - y) ** 2).mean()))
-    mse = sum(errors) / len(errors)
+    # The seed's demo: new_task = sample_task(); perform_k_training_steps(model, new_task, 32), on
+    # held-out draws from torch.manual_seed(10_000), as bench/dropin_experiment.py records them.
+    from bench.seed_experiment import held_out_mse
+
+    mse = held_out_mse(reference, model, 200, 10_000)
     assert mse <= 0.035, mse

@@ -19,17 +19,12 @@ from reptile_fast import MLP, Sine, reference, sample_indices  # noqa: E402
 from reptile_fast.backends import InnerConfig  # noqa: E402
 from reptile_fast.backends.reference import ReferenceBackend  # noqa: E402
 from reptile_fast.kernels import mlp_inner_loop as K  # noqa: E402
+from _triton_devices import DEVICES  # noqa: E402
 from reptile_fast.mlp_spec import extract_mlp_spec  # noqa: E402
 from reptile_fast.tasks import TaskBatch  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not K.INTERPRETED,
-                                                 reason="CPU runs need TRITON_INTERPRET=1 at import")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                    reason="needs CUDA")]),
-]
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,7 +1,6 @@
 """reptile_fast.reference reproduces the seed; the reference backend's meta_step is one seed iteration."""
 import copy
 
-import pytest
 import torch
 
 from reptile_fast import Reptile, TaskBatch, reference
