@@ -49,14 +49,15 @@ import torch
 import triton
 import triton.language as tl
 
+# activation name -> the kernel's compile-time code: the one table of MLP maths
+from reptile_fast.mlp_math import ACTIVATION_CODES
+
 __all__ = [
     "ACTIVATION_CODES", "LOSS_CODES", "MAX_LAYERS", "MAX_FEATURES", "INTERPRETED", "LaunchConfig",
     "padded", "param_layout", "n_flat_params", "choose_launch_config", "split_params",
     "mlp_inner_loop", "compile_for_target",
 ]
 
-#: activation name -> the kernel's compile-time code
-ACTIVATION_CODES = {"identity": 0, "tanh": 1, "relu": 2, "sigmoid": 3}
 #: loss name -> the kernel's compile-time code
 LOSS_CODES = {"mse": 0, "cross_entropy": 1}
 #: at most 5 Linear layers (4 hidden layers)

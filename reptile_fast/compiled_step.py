@@ -34,8 +34,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .backends.base import UnsupportedModelError
-from .backends.mlp_batched import FAST_LOSSES, mlp_inner_loop, stack_mlp_params
+from .backends.mlp_batched import mlp_inner_loop, stack_mlp_params
 from .losses import loss_name
+from .mlp_math import ACTIVATIONS, FAST_LOSSES, loss_and_grad
 from .mlp_spec import MLPSpec, cached_mlp_spec
 from .tasks.base import TaskBatch, sample_indices
 
@@ -95,41 +96,6 @@ def _linear(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (h.unsqueeze(2) * W.unsqueeze(1)).sum(-1) + b.unsqueeze(1)
 
 
-def _act(name: str, z: torch.Tensor) -> torch.Tensor:
-    if name == "tanh":
-        return torch.tanh(z)
-    if name == "relu":
-        return torch.relu(z)
-    if name == "sigmoid":
-        return torch.sigmoid(z)
-    return z
-
-
-def _act_backward(name: str, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """dloss/dz from dloss/dy and y = act(z): aten's tanh/sigmoid/threshold_backward."""
-    if name == "tanh":
-        return g * (1 - y * y)
-    if name == "relu":
-        return torch.where(y <= 0, torch.zeros_like(g), g)
-    if name == "sigmoid":
-        return g * (1 - y) * y
-    return g
-
-
-def _loss_and_grad(loss: str, out: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-task minibatch loss ``[T]`` and dloss/dout ``[T, B, o]`` (``y``: ``[T, B, o]`` or labels ``[T, B]``)."""
-    n = out.shape[1]
-    if loss == "mse":
-        diff = out - y
-        # aten::mse_loss_backward: (2 / numel) · (input − target)
-        return diff.square().mean(dim=(1, 2)), diff * (2.0 / (n * out.shape[2]))
-    logp = torch.log_softmax(out, -1)
-    onehot = torch.nn.functional.one_hot(y, out.shape[-1]).to(out.dtype)
-    # nll_loss_backward puts −1/n at the label; _log_softmax_backward_data: g − exp(logp)·Σg.
-    g = onehot * (-1.0 / n)
-    return -(logp * onehot).sum(dim=(1, 2)) / n, g + torch.exp(logp) * (1.0 / n)
-
-
 def fused_inner_loop(spec: MLPSpec, params: Sequence[torch.Tensor], xs: torch.Tensor, ys: torch.Tensor,
                      lr: float, loss: str) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """``T`` tasks' SGD inner loops from φ, functionally (the compiled path's formulation).
@@ -147,12 +113,12 @@ def fused_inner_loop(spec: MLPSpec, params: Sequence[torch.Tensor], xs: torch.Te
     for s in range(xs.shape[0]):
         hs = [xs[s]]
         for l in range(L):
-            hs.append(_act(acts[l], _linear(hs[l], theta[2 * l], theta[2 * l + 1])))
-        loss_s, g = _loss_and_grad(loss, hs[L], ys[s])
+            hs.append(ACTIVATIONS[acts[l]].forward(_linear(hs[l], theta[2 * l], theta[2 * l + 1])))
+        loss_s, g = loss_and_grad(loss, hs[L], ys[s])
         losses.append(loss_s)
         new = [None] * (2 * L)
         for l in range(L - 1, -1, -1):
-            g = _act_backward(acts[l], g, hs[l + 1])           # dloss/dz_l  [T, B, d_{l+1}]
+            g = ACTIVATIONS[acts[l]].backward(g, hs[l + 1])           # dloss/dz_l  [T, B, d_{l+1}]
             gW = (g.unsqueeze(3) * hs[l].unsqueeze(2)).sum(1)  # g_lᵀ h_l    [T, d_{l+1}, d_l]
             gb = g.sum(1)
             if l > 0:

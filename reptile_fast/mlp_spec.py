@@ -16,10 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends.base import UnsupportedModelError
+from .mlp_math import ACTIVATION_NAMES
 
 __all__ = ["MLPSpec", "extract_mlp_spec", "cached_mlp_spec", "ACTIVATION_NAMES"]
-
-ACTIVATION_NAMES = ("identity", "tanh", "relu", "sigmoid")
 
 _MODULE_ACTS = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
 _FUNCTION_ACTS = {torch.tanh: "tanh", torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid",

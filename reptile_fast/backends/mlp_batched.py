@@ -44,15 +44,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..mlp_math import ACTIVATIONS, FAST_LOSSES, output_grad
 from ..mlp_spec import MLPSpec
 
 __all__ = ["StackedMLP", "MLPInnerOutput", "gather_minibatches", "stack_mlp_params", "mlp_forward",
            "mlp_inner_loop", "default_fast_tanh", "FAST_LOSSES"]
 
-#: losses the fast path differentiates by hand; other losses take the generic vmap path.
-FAST_LOSSES = ("mse", "cross_entropy")
-
-_aten = torch.ops.aten
 
 
 def gather_minibatches(x: torch.Tensor, y: torch.Tensor,
@@ -159,24 +156,14 @@ def _tanh_via_sigmoid_(z2: torch.Tensor) -> torch.Tensor:
 
 def _activation_(name: str, z: torch.Tensor, fast_tanh: bool) -> torch.Tensor:
     """``act(z)`` in place on ``z`` (a fresh matmul output; ``2z`` for tanh when ``fast_tanh``)."""
-    if name == "tanh":
-        return _tanh_via_sigmoid_(z) if fast_tanh else z.tanh_()
-    if name == "relu":
-        return z.relu_()
-    if name == "sigmoid":
-        return z.sigmoid_()
-    return z
+    if name == "tanh" and fast_tanh:
+        return _tanh_via_sigmoid_(z)
+    return ACTIVATIONS[name].forward_(z)
 
 
 def _activation_backward(name: str, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """dloss/dz from dloss/dact and the activation's output, as autograd computes it."""
-    if name == "tanh":
-        return _aten.tanh_backward(grad, out)
-    if name == "relu":
-        return _aten.threshold_backward(grad, out, 0)
-    if name == "sigmoid":
-        return _aten.sigmoid_backward(grad, out)
-    return grad
+    return ACTIVATIONS[name].backward(grad, out)
 
 
 def default_fast_tanh(device) -> bool:
@@ -239,11 +226,13 @@ def _output_grad(loss: str, out: torch.Tensor, y: torch.Tensor, save: Optional[t
     ``save`` (``[T, B, d_L]``) receives what the step's loss is computed from afterwards:
     ``out − y`` for MSE, the log-probabilities for cross-entropy.
     """
+    if save is None:
+        return output_grad(loss, out, y)
     if loss == "mse":
-        diff = torch.sub(out, y) if save is None else torch.sub(out, y, out=save)
+        diff = torch.sub(out, y, out=save)
         # aten::mse_loss_backward: (2 / numel) · (input − target) · grad_output(=1)
         return diff * (2.0 / (out.shape[1] * out.shape[2]))
-    logp = torch.log_softmax(out, -1) if save is None else torch.log_softmax(out, -1, out=save)
+    logp = torch.log_softmax(out, -1, out=save)
     # nll_loss_backward writes −1/total_weight at the target; then log_softmax's backward.
     grad_logp = torch.zeros_like(logp).scatter_(-1, y.unsqueeze(-1), -1.0 / out.shape[1])
     return torch._log_softmax_backward_data(grad_logp, logp, -1, out.dtype)
