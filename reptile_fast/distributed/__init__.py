@@ -4,18 +4,18 @@
   group; collectives that raise ``DistributedError`` instead of hanging);
 * ``sampler``: ``IndexedSampler`` (task j of meta-step t drawn from ``(seed, t, j)``: the same
   tasks whatever the number of ranks);
-* ``reducers``: ``AllReduceMean`` (default, one all_reduce per meta-step) and ``OrderedGather``
+* ``reducers``: ``MeanReducer`` (default, one all_reduce per meta-step) and ``OrderedGather``
   (bitwise equal to one process);
 * ``training``: ``distributed_fit`` (the loop: sampler → inner loops → reducer → update).
 
 Importing this package initialises nothing; ``torch.distributed`` is imported only when used.
 """
 from .context import DEFAULT_TIMEOUT_S, DistContext, DistributedError, setup_from_env
-from .reducers import AllReduceMean, OrderedGather, local_mean, make_reducer
+from .reducers import MeanReducer, OrderedGather, local_mean, make_reducer
 from .sampler import DEFAULT_BLOCK_SIZE, IndexedSampler, split_tasks, stream_seed
 from .training import distributed_fit, distributed_meta_step
 
-__all__ = ["DistContext", "DistributedError", "setup_from_env", "DEFAULT_TIMEOUT_S", "AllReduceMean",
+__all__ = ["DistContext", "DistributedError", "setup_from_env", "DEFAULT_TIMEOUT_S", "MeanReducer",
            "OrderedGather", "local_mean", "make_reducer", "IndexedSampler", "split_tasks", "stream_seed",
            "DEFAULT_BLOCK_SIZE", "distributed_fit", "distributed_meta_step", "is_main"]
 

@@ -10,15 +10,20 @@ A reducer is called once per meta-step as ``reducer(deltas, losses) -> (mean_del
 
 ``local_mean`` is the one-process reduction (``d.mean(0)``, ``losses.mean()``).
 
-``AllReduceMean`` (the default): one ``all_reduce(SUM)`` per meta-step of a flat buffer holding
-every parameter's ``Σ_i D_i``, ``Σ loss`` and the task count, then a division.  Every rank gets
-the same bits (the collective returns one result to all), so φ stays identical across ranks;
-the mean equals one process's within fp32 summation-order rounding (the sum is grouped by rank).
+``MeanReducer`` (the default): one collective per meta-step of a flat buffer holding every
+parameter's ``Σ_i D_i`` over this rank's tasks, ``Σ loss`` and the task count; every rank adds
+the ranks' buffers in rank order and divides.  Every rank computes the same bits, so φ stays
+identical across ranks; the mean equals one process's within fp32 summation-order rounding (the
+sum is grouped by rank).
 
 ``OrderedGather``: ``all_gather`` of every rank's per-task rows (padded to the largest share;
 uneven shares handled) into ``[T, …]`` in global task order, then exactly ``local_mean`` on the
-full tensor: the same bits as one process that drew the same tasks.  Costs ``T/T_local`` times the
-default's traffic and two collectives (the shares' sizes, then the rows): for checking.
+full tensor: the same bits as one process given the same per-task updates.  End to end (training
+equal to one process bit for bit) this also needs a backend whose per-task results do not depend
+on how many tasks share a call: true of "reference" (one task at a time); not of "torch" on the
+CPU, whose batched matmuls may round differently for another batch count (measured ~1e-8 after
+five meta-steps), so there ordered training equals one process within fp32 rounding.  Costs ``T·F`` traffic per rank (the
+default: ``W·F``) and two collectives (the shares' sizes, then the rows): for checking.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import torch
 
 from .context import DistContext
 
-__all__ = ["local_mean", "AllReduceMean", "OrderedGather", "make_reducer", "REDUCTIONS"]
+__all__ = ["local_mean", "MeanReducer", "OrderedGather", "make_reducer", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "ordered")
 
@@ -36,6 +41,19 @@ REDUCTIONS = ("mean", "ordered")
 def local_mean(deltas: Sequence[torch.Tensor], losses: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """The one-process reduction: ``[d.mean(0) for d in deltas], losses.mean()``."""
     return [d.mean(0) for d in deltas], losses.mean()
+
+
+def _same_layout(full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``full`` (contiguous ``[T, ...]``) stored with ``local``'s dimension order.
+
+    A backend may return a transposed view (the torch backend's losses are ``[T, S]`` with
+    strides ``(1, T)``); a reduction over another layout may sum in another order, so the gathered
+    tensor takes the layout one process would have reduced."""
+    if local.dim() < 2 or local.is_contiguous():
+        return full.contiguous()
+    order = sorted(range(local.dim()), key=lambda d: (-local.stride(d), d))
+    inverse = [order.index(d) for d in range(local.dim())]
+    return full.permute(order).contiguous().permute(inverse)
 
 
 def _check(deltas, losses) -> int:
@@ -50,16 +68,30 @@ def _check(deltas, losses) -> int:
     return n
 
 
-class AllReduceMean:
-    """The default reducer: one all_reduce(SUM) per meta-step (see the module docstring).
+class MeanReducer:
+    """The default reducer: one collective per meta-step (see the module docstring).
 
-    ``context``: the ``DistContext``; with one process this is ``local_mean`` exactly.
+    Args:
+        context: the ``DistContext``; with one process this is ``local_mean`` exactly.
+        collective: "all_gather" (default): every rank gathers every rank's flat sum ``[W, F]``
+            and adds the rows in rank order itself — the same bits on every rank whatever the
+            collective's algorithm, and deterministic from run to run; traffic ``W·F`` per rank
+            (F = number of parameters + 2: small for Reptile's models).
+            "all_reduce": ``all_reduce(SUM)``, traffic ~``2F`` per rank: for large models on many
+            ranks.  φ then stays identical across ranks only if the collective's algorithm hands
+            every rank the same bits (NCCL's ring and tree reduce once and broadcast the result);
+            the sum's order is the algorithm's, not rank order.
     """
 
-    def __init__(self, context: DistContext):
+    COLLECTIVES = ("all_gather", "all_reduce")
+
+    def __init__(self, context: DistContext, collective: str = "all_gather"):
         if not isinstance(context, DistContext):
             raise TypeError(f"context must be a DistContext, got {type(context).__name__}")
+        if collective not in self.COLLECTIVES:
+            raise ValueError(f"collective must be one of {self.COLLECTIVES}, got {collective!r}")
         self.context = context
+        self.collective = collective
         self.calls = 0
 
     def __call__(self, deltas: Sequence[torch.Tensor], losses: torch.Tensor):
@@ -69,10 +101,14 @@ class AllReduceMean:
         self.calls += 1
         dtype = deltas[0].dtype
         count = torch.full((1,), float(losses.shape[0]), dtype=dtype, device=losses.device)
-        # [Σ_i D_i of every parameter..., Σ losses, tasks, steps × tasks]
+        # [Σ_i D_i of every parameter..., Σ losses, tasks, tasks × steps]
         flat = torch.cat([d.sum(0).reshape(-1).to(dtype) for d in deltas]
                          + [losses.sum().reshape(1).to(dtype), count, count * losses.shape[1]])
-        self.context.all_reduce_(flat, f"all_reduce of the meta-step's update (call {self.calls})")
+        what = f"{self.collective} of the meta-step's update (call {self.calls})"
+        if self.collective == "all_reduce":
+            self.context.all_reduce_(flat, what)
+        else:
+            flat = torch.stack(self.context.all_gather(flat, what)).sum(0)
         n_tasks, n_losses = flat[-2], flat[-1]
         out, offset = [], 0
         for d in deltas:
@@ -114,15 +150,15 @@ class OrderedGather:
         full = torch.cat([g[:c] for g, c in zip(gathered, counts)])  # [T, F] in global task order
         total = full.shape[0]
         parts = torch.split(full, widths, dim=1)
-        full_deltas = [p.reshape(total, *d.shape[1:]).to(d.dtype).contiguous() for p, d in zip(parts, deltas)]
-        full_losses = parts[-1].to(losses.dtype).contiguous()
+        full_deltas = [_same_layout(p.reshape(total, *d.shape[1:]).to(d.dtype), d) for p, d in zip(parts, deltas)]
+        full_losses = _same_layout(parts[-1].to(losses.dtype), losses)
         return local_mean(full_deltas, full_losses)
 
 
 def make_reducer(reduction: str, context: DistContext):
-    """``"mean"`` → ``AllReduceMean``, ``"ordered"`` → ``OrderedGather``."""
+    """``"mean"`` → ``MeanReducer``, ``"ordered"`` → ``OrderedGather``."""
     if reduction == "mean":
-        return AllReduceMean(context)
+        return MeanReducer(context)
     if reduction == "ordered":
         return OrderedGather(context)
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
