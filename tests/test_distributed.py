@@ -343,3 +343,58 @@ def test_a_dead_or_hung_rank_stops_the_job_with_a_clear_error(tmp_path, fault):
         assert codes[1] == -signal.SIGKILL
     # Rank 0 kept writing only complete checkpoints: the last one loads.
     assert load_checkpoint(tmp_path / "ckpt")["trainer"]["iteration"] >= 2
+
+
+# ---------------------------------------------------------------------------------- CLI under torchrun
+def _sine_trainer_like_the_cli(iterations, out_dir=None):
+    """What `reptile-fast sine --backend torch --meta-batch-size 5` trains, in this process, by index."""
+    from reptile_fast.distributed import DistContext
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        trainer = Reptile(MLP(1, 64, 1), backend="torch")
+        distributed_fit(trainer, Sine(n_points=50), iterations, meta_batch_size=5, seed=0,
+                        context=DistContext.single(), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return trainer.model.state_dict()
+
+
+def test_cli_under_torchrun_trains_one_model_and_rank_0_alone_writes(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from reptile_fast.cli import main
+
+    out = tmp_path / "run"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "REPTILE_FAST_DIST_TIMEOUT": "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "reptile_fast", "sine", "--iterations", "6", "--meta-batch-size", "5", "--backend", "torch",
+           "--eval-tasks", "4", "--eval-steps", "3", "--checkpoint-every", "3", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"post_adaptation_mse"') == 1, "rank 0 alone prints the metrics"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["task_sampler"] == "indexed"
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    ckpt = load_checkpoint(out)
+    assert ckpt["trainer"]["iteration"] == 6 and ckpt["extra"]["world_size"] == 2
+    assert load_checkpoint(out / "checkpoint.prev.pt")["trainer"]["iteration"] == 3
+    got = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    for k, want in _sine_trainer_like_the_cli(6).items():
+        torch.testing.assert_close(got[k], want, rtol=RTOL, atol=ATOL, msg=k)
+
+    # The same run continues in one process (tasks still drawn by index) to meta-step 8.
+    assert main(["sine", "--resume", str(out), "--iterations", "8", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["resumed_from_iteration"] == 6
+    got = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    for k, want in _sine_trainer_like_the_cli(8).items():
+        torch.testing.assert_close(got[k], want, rtol=RTOL, atol=ATOL, msg=k)
+    # The compiled path draws from one stream: refused for an indexed run, saying why.
+    assert main(["sine", "--resume", str(out), "--iterations", "9", "--backend", "compiled", "--no-progress"]) == 2
