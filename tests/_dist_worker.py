@@ -19,7 +19,7 @@ import torch
 
 BASE = dict(backend="torch", reduction="mean", iterations=4, meta_batch_size=7, seed=3, init_seed=0,
             outer_optimizer=False, algorithm="reptile", checkpoint_dir=None, checkpoint_every=None,
-            resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False)
+            resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02)
 
 
 def make_trainer(s):
@@ -31,12 +31,16 @@ def make_trainer(s):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.1 * s["perturb_rank"])
-    kwargs = dict(backend=s["backend"], inner_steps=3, inner_batch_size=5, algorithm=s["algorithm"])
+    kwargs = dict(backend=s["backend"], inner_steps=3, inner_batch_size=5, algorithm=s["algorithm"],
+                  inner_lr=s["inner_lr"])
     if s["outer_optimizer"]:
         kwargs["outer_optimizer"] = torch.optim.Adam(model.parameters(), lr=0.01)
     else:
         kwargs["outer_lr"] = 0.5
     return Reptile(model, **kwargs)
+
+
+_last_trainer = []
 
 
 def train(s, context):
@@ -45,6 +49,7 @@ def train(s, context):
     from reptile_fast.distributed import distributed_fit
 
     trainer = make_trainer({**s, "perturb_rank": context.rank if s.get("perturb") else 0})
+    _last_trainer[:] = [trainer]
 
     def callback(iteration, _metrics):
         if context.rank == context.world_size - 1:
@@ -95,6 +100,8 @@ def run_scenario(s, context, out: Path) -> None:
         result["history"] = history["loss"]
     except BaseException as exc:  # noqa: BLE001 - reported to the test
         result["error"] = (type(exc).__name__, str(exc))
+        if isinstance(exc, FloatingPointError):  # NonFiniteError: φ as it was left
+            result["params"] = {k: v.detach().clone() for k, v in _last_trainer[0].model.state_dict().items()}
     result["seconds"] = time.perf_counter() - t0
     rank = context.rank if context is not None else 0
     torch.save(result, out / f"{s['name']}.{rank}.pt")

@@ -234,6 +234,7 @@ def two_ranks(tmp_path_factory):
     ckpt = out / "ckpt"
     scenarios = EQUIVALENCE + [
         dict(name="reducers", meta_batch_size=7),
+        dict(name="nonfinite", inner_lr=1e30, checkpoint_dir=str(out / "nan")),
         dict(name="interrupted", backend="reference", reduction="ordered", iterations=6, checkpoint_dir=str(ckpt), checkpoint_every=2,
              signal_at=3),
         dict(name="resumed", backend="reference", reduction="ordered", iterations=6, resume_from=str(ckpt), checkpoint_dir=str(ckpt),
@@ -275,6 +276,14 @@ def _check_reducers(out: Path, name: str, world: int):
 
 def test_two_ranks_reducers_on_synthetic_updates(two_ranks):
     _check_reducers(two_ranks, "reducers", 2)
+
+
+def test_a_non_finite_step_stops_every_rank_and_leaves_phi_as_it_was(two_ranks):
+    start = W.make_trainer({**W.BASE, "inner_lr": 1e30}).model.state_dict()
+    for res in _results(two_ranks, "nonfinite", 2):
+        assert res["error"][0] == "NonFiniteError" and "meta-step 1: non-finite" in res["error"][1], res["error"]
+        assert all(torch.equal(res["params"][k], v) for k, v in start.items())
+    assert not (two_ranks / "nan" / "checkpoint.pt").exists()
 
 
 def test_sigterm_on_one_rank_stops_all_after_the_same_step_and_resume_is_exact(two_ranks, tmp_path):
