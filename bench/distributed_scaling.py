@@ -47,7 +47,7 @@ def _worker(rank, world, port, device, meta_batch, seconds, threads, queue):
             return out
         return wrapper
 
-    S.IndexedSampler.draw = timed(S.IndexedSampler.draw, "draw")
+    S.IndexedSampler.draw = timed(S.IndexedSampler.draw, "draw")  # the loop calls draw(first, m)
     R.MeanReducer.__call__ = timed(R.MeanReducer.__call__, "reduce")
     torch.manual_seed(0)
     trainer = Reptile(MLP(1, 64, 1).to(ctx.device), backend="torch")
@@ -106,10 +106,10 @@ def sampler_cost(meta_batch: int, repeats: int = 5):
                  "ms_per_draw": 1e3 * (time.perf_counter() - t0) / repeats})
     for block in (1, 16, 64, 256):
         s = IndexedSampler(Sine(), meta_batch, seed=0, plan_rows=5, batch_size=10, block_size=block)
-        s.draw(0)
+        s.draw_step(0)
         t0 = time.perf_counter()
         for t in range(repeats):
-            s.draw(t)
+            s.draw_step(t)
         rows.append({"meta_batch_size": meta_batch, "block_size": block,
                      "ms_per_draw": 1e3 * (time.perf_counter() - t0) / repeats})
     return rows

@@ -19,7 +19,8 @@ import torch
 
 BASE = dict(backend="torch", reduction="mean", iterations=4, meta_batch_size=7, seed=3, init_seed=0,
             outer_optimizer=False, algorithm="reptile", checkpoint_dir=None, checkpoint_every=None,
-            resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02)
+            resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02,
+            stop_check_every=10)
 
 
 def make_trainer(s):
@@ -63,7 +64,8 @@ def train(s, context):
     history = distributed_fit(trainer, Sine(), s["iterations"], meta_batch_size=s["meta_batch_size"],
                               seed=s["seed"], context=context, reduction=s["reduction"], progress=False,
                               callback=callback, checkpoint_dir=s["checkpoint_dir"],
-                              checkpoint_every=s["checkpoint_every"], resume_from=s["resume_from"])
+                              checkpoint_every=s["checkpoint_every"], resume_from=s["resume_from"],
+                              stop_check_every=s["stop_check_every"])
     return trainer, history
 
 

@@ -60,18 +60,22 @@ def test_rank_shares_concatenate_to_the_one_process_draw(dist_cls, block_size):
     T = 11
     whole = IndexedSampler(dist_cls(), T, seed=5, plan_rows=3, batch_size=4, block_size=block_size)
     for t in (0, 7):
-        tasks, plan = whole.draw(t)
+        tasks, plan = whole.draw_step(t)
         assert tasks.n_tasks == T and plan.shape == (T, 3, 4)
         for world in (2, 3, 5):
             parts = [IndexedSampler(dist_cls(), T, seed=5, plan_rows=3, batch_size=4, rank=r,
-                                    world_size=world, block_size=block_size).draw(t) for r in range(world)]
+                                    world_size=world, block_size=block_size).draw_step(t) for r in range(world)]
             assert torch.equal(torch.cat([p[0].x for p in parts]), tasks.x)
             assert torch.equal(torch.cat([p[0].y for p in parts]), tasks.y)
             assert torch.equal(torch.cat([p[1] for p in parts]), plan)
     # Other steps and other seeds draw other tasks.
-    assert not torch.equal(whole.draw(1)[0].y, whole.draw(0)[0].y)
+    assert not torch.equal(whole.draw_step(1)[0].y, whole.draw_step(0)[0].y)
     other = IndexedSampler(dist_cls(), T, seed=6, plan_rows=3, batch_size=4, block_size=block_size)
-    assert not torch.equal(other.draw(0)[0].y, whole.draw(0)[0].y)
+    assert not torch.equal(other.draw_step(0)[0].y, whole.draw_step(0)[0].y)
+    # The loop's protocol: 1-based meta-step numbers, m meta-steps meta-step-major.
+    tasks, plan = whole.draw(3, 2)
+    assert torch.equal(tasks.x, torch.cat([whole.draw_step(2)[0].x, whole.draw_step(3)[0].x]))
+    assert torch.equal(plan, torch.cat([whole.draw_step(2)[1], whole.draw_step(3)[1]]))
 
 
 def test_stream_seeds_are_64_bit_and_distinct():
@@ -168,7 +172,7 @@ def test_one_process_fit_is_the_trainers_meta_step_on_the_sampler_draws(backend)
     b = trainer()
     b.total_iterations = 4
     sampler = IndexedSampler(Sine(), 6, seed=2, plan_rows=3, batch_size=5)
-    losses = [b.meta_step(*sampler.draw(t))["loss"] for t in range(4)]
+    losses = [float(b.meta_step(*sampler.draw_step(t))["loss"]) for t in range(4)]
     assert history["loss"] == losses
     for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         assert torch.equal(p, q), name
@@ -236,7 +240,7 @@ def two_ranks(tmp_path_factory):
         dict(name="reducers", meta_batch_size=7),
         dict(name="nonfinite", inner_lr=1e30, checkpoint_dir=str(out / "nan")),
         dict(name="interrupted", backend="reference", reduction="ordered", iterations=6, checkpoint_dir=str(ckpt), checkpoint_every=2,
-             signal_at=3),
+             signal_at=3, stop_check_every=1),
         dict(name="resumed", backend="reference", reduction="ordered", iterations=6, resume_from=str(ckpt), checkpoint_dir=str(ckpt),
              init_seed=99),
     ]

@@ -6,18 +6,19 @@
   tasks whatever the number of ranks);
 * ``reducers``: ``MeanReducer`` (default, one all_reduce per meta-step) and ``OrderedGather``
   (bitwise equal to one process);
-* ``training``: ``distributed_fit`` (the loop: sampler → inner loops → reducer → update).
+* ``training``: ``distributed_fit`` (``Reptile.fit`` with the sampler, the reducer and the
+  ranks' agreement on stopping; rank 0 alone prints and writes).
 
 Importing this package initialises nothing; ``torch.distributed`` is imported only when used.
 """
 from .context import DEFAULT_TIMEOUT_S, DistContext, DistributedError, setup_from_env
 from .reducers import MeanReducer, OrderedGather, local_mean, make_reducer
 from .sampler import DEFAULT_BLOCK_SIZE, IndexedSampler, split_tasks, stream_seed
-from .training import distributed_fit, distributed_meta_step
+from .training import distributed_fit
 
 __all__ = ["DistContext", "DistributedError", "setup_from_env", "DEFAULT_TIMEOUT_S", "MeanReducer",
            "OrderedGather", "local_mean", "make_reducer", "IndexedSampler", "split_tasks", "stream_seed",
-           "DEFAULT_BLOCK_SIZE", "distributed_fit", "distributed_meta_step", "is_main"]
+           "DEFAULT_BLOCK_SIZE", "distributed_fit", "is_main"]
 
 
 def is_main() -> bool:

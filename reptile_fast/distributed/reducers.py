@@ -27,20 +27,16 @@ default: ``W·F``) and two collectives (the shares' sizes, then the rows): for c
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Sequence
 
 import torch
 
+from ..core import local_mean  # the one-process reduction: one definition for every path
 from .context import DistContext
 
 __all__ = ["local_mean", "MeanReducer", "OrderedGather", "make_reducer", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "ordered")
-
-
-def local_mean(deltas: Sequence[torch.Tensor], losses: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """The one-process reduction: ``[d.mean(0) for d in deltas], losses.mean()``."""
-    return [d.mean(0) for d in deltas], losses.mean()
 
 
 def _same_layout(full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

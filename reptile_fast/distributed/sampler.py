@@ -63,6 +63,17 @@ def split_tasks(meta_batch_size: int, world_size: int, rank: int) -> Tuple[int, 
     return rank * meta_batch_size // world_size, (rank + 1) * meta_batch_size // world_size
 
 
+def _concat(parts) -> Tuple[TaskBatch, torch.Tensor]:
+    """One ``TaskBatch`` and plan from drawn pieces (valid already: no second validation)."""
+    if len(parts) == 1:
+        return parts[0]
+    batches = [t for t, _ in parts]
+    bounds = [t.n_classes for t in batches if t.n_classes is not None]
+    return (TaskBatch.trusted(torch.cat([t.x for t in batches]), torch.cat([t.y for t in batches]),
+                              max(bounds) if bounds else None),
+            torch.cat([p for _, p in parts]))
+
+
 class IndexedSampler:
     """This rank's share of every meta-batch, drawn by global task index.
 
@@ -77,11 +88,15 @@ class IndexedSampler:
         rank, world_size: this process's place (``split_tasks``).
         block_size: tasks per random stream (see the module docstring); a property of the run:
             changing it changes the draws.
+        check: called on every ``TaskBatch`` drawn (the trainer's cached compatibility check).
+
+    ``draw(first_iteration, m)`` is the training loop's ``Sampler`` protocol (1-based meta-step
+    numbers, ``m`` meta-steps meta-step-major); ``draw_step(t)`` draws the 0-based meta-step ``t``.
     """
 
     def __init__(self, task_distribution, meta_batch_size: int, *, seed: int, plan_rows: int,
                  batch_size: int, device=None, rank: int = 0, world_size: int = 1,
-                 block_size: int = DEFAULT_BLOCK_SIZE):
+                 block_size: int = DEFAULT_BLOCK_SIZE, check=None):
         if not hasattr(task_distribution, "sample") or not callable(task_distribution.sample):
             raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
         self.task_distribution = task_distribution
@@ -95,6 +110,9 @@ class IndexedSampler:
         self.lo, self.hi = split_tasks(self.meta_batch_size, world_size, rank)
         self._k = min(self.block_size, self.meta_batch_size)
         self._generator = torch.Generator()  # reseeded per block: cheaper than a new one
+        if check is not None and not callable(check):
+            raise TypeError(f"check must be callable, got {type(check).__name__}")
+        self.check = check
 
     @property
     def n_local(self) -> int:
@@ -114,7 +132,7 @@ class IndexedSampler:
                               device=self.device)
         return tasks, plan
 
-    def draw(self, iteration: int) -> Tuple[TaskBatch, torch.Tensor]:
+    def draw_step(self, iteration: int) -> Tuple[TaskBatch, torch.Tensor]:
         """This rank's tasks and plan of meta-step ``iteration`` (0-based).
 
         Returns a ``TaskBatch`` of ``n_local`` tasks and long ``[n_local, plan_rows, batch_size]``
@@ -122,17 +140,23 @@ class IndexedSampler:
         """
         check_int("iteration", iteration, 0)
         first, last = self.lo // self._k, (self.hi - 1) // self._k
-        xs, ys, plans = [], [], []
+        parts = []
         for block in range(first, last + 1):
             tasks, plan = self._draw_block(iteration, block)
             start = block * self._k
             a, b = max(self.lo - start, 0), min(self.hi - start, tasks.n_tasks)
-            xs.append(tasks.x[a:b])
-            ys.append(tasks.y[a:b])
-            plans.append(plan[a:b])
-        if len(xs) == 1 and xs[0].shape[0] == tasks.n_tasks:
-            return tasks, plans[0]
-        return TaskBatch(torch.cat(xs), torch.cat(ys)), torch.cat(plans)
+            parts.append((tasks, plan) if (a, b) == (0, tasks.n_tasks) else (tasks[a:b], plan[a:b]))
+        return _concat(parts)
+
+    def draw(self, first_iteration: int, m: int = 1) -> Tuple[TaskBatch, torch.Tensor]:
+        """Meta-steps ``first_iteration … first_iteration + m − 1`` (1-based, the training loop's
+        ``Sampler`` protocol): ``m · n_local`` tasks and plans, meta-step-major."""
+        check_int("first_iteration", first_iteration, 1)
+        check_int("m", m, 1)
+        tasks, plan = _concat([self.draw_step(first_iteration - 1 + k) for k in range(m)])
+        if self.check is not None:
+            self.check(tasks)
+        return tasks, plan
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

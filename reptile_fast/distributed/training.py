@@ -1,68 +1,65 @@
 """Meta-training across the ranks of a torch.distributed job (also runs in one process).
 
-Per meta-step ``t``, on every rank: draw this rank's share of the global meta-batch
-(``IndexedSampler.draw(t)``) → the backend's inner loops → per-task ``D_i = φ̃_i − φ`` → the
-reducer (one collective) → the same outer update ``φ ← φ + ε·mean_i D_i`` (or the outer
-optimizer's step) on every rank.  Rank 0 alone prints and writes checkpoints.
-
-This module holds the step and loop that the issue-11 refactor replaces by its stepper (with a
-``reducer``) and ``run_loop`` (with the ``IndexedSampler`` and rank-0-only callbacks).
+``distributed_fit`` runs ``Reptile.fit`` — the one training loop — on every rank with three
+plug-ins: the ``IndexedSampler`` (this rank's share of every meta-batch), a reducer (one
+collective per meta-step; every rank gets the same mean update, so φ stays identical) and a
+callback that lets the ranks agree on stopping after a signal.  Per meta-step on every rank:
+draw the share → the backend's inner loops → per-task ``D_i = φ̃_i − φ`` → the reducer →
+``φ ← φ + ε·mean_i D_i`` (core's ``OuterUpdate``).  Rank 0 alone shows progress and writes
+checkpoints; every rank reads device values at the same meta-steps, so a non-finite step stops
+every rank at the same read.
 """
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-import torch
-from tqdm import tqdm
-
+from ..checkpoint import CHECKPOINT_NAME
+from ..loop import DEFAULT_LOG_EVERY, Callback
 from ..signals import DeferredSignals, TrainingInterrupted, signal_name
 from ..validation import check_int
-from .context import DistContext, DistributedError, setup_from_env
+from .context import DistContext, setup_from_env
 from .reducers import make_reducer
 from .sampler import DEFAULT_BLOCK_SIZE, IndexedSampler
 
-__all__ = ["distributed_fit", "distributed_meta_step"]
+__all__ = ["distributed_fit", "DEFAULT_STOP_CHECK_EVERY"]
+
+#: meta-steps between the ranks' agreements on stopping after SIGINT/SIGTERM (a 1-float
+#: all-reduce; only while checkpointing).  torchrun gives workers 30 s after its SIGTERM.
+DEFAULT_STOP_CHECK_EVERY = 10
 
 
-@torch.no_grad()
-def _apply(trainer, mean_deltas, mean_loss, iteration: int, eps: float) -> None:
-    from ..trainer import NonFiniteError
+class _RankCallback(Callback):
+    """What every rank adds to ``fit``'s callbacks.
 
-    named = list(trainer.model.named_parameters())
-    finite = torch.stack([torch.isfinite(d).all() for d in mean_deltas]).all() & torch.isfinite(mean_loss)
-    # The reduced values are the same bits on every rank, so every rank takes the same branch.
-    if not bool(finite):
-        raise NonFiniteError(f"meta-step {iteration + 1}: non-finite inner loss or update (NaN/inf) on some "
-                             f"rank; the parameters were left as they were before this step. Lower "
-                             f"inner_lr/outer_lr or check the data.", iteration=iteration + 1)
-    if trainer.outer_optimizer is not None:
-        for (_, p), d in zip(named, mean_deltas):
-            p.grad = -d
-        trainer.outer_optimizer.step()
-        trainer.outer_optimizer.zero_grad(set_to_none=True)
-    else:
-        torch._foreach_add_([p for _, p in named], torch._foreach_mul(list(mean_deltas), eps))
+    * reads at the checkpoint meta-steps on every rank (rank 0 reads there to save), so every
+      rank reads — and sees a non-finite step — at the same meta-steps;
+    * every ``stop_every`` meta-steps, one all-reduce of "did this rank receive a signal": when
+      any did, every rank stops after that same meta-step.
+    """
 
+    def __init__(self, context: DistContext, signals: DeferredSignals, checkpoint_every: Optional[int],
+                 stop_every: int):
+        self.context, self.signals = context, signals
+        self.checkpoint_every, self.stop_every = checkpoint_every, stop_every
+        self.stopped = False
 
-def distributed_meta_step(trainer, tasks, indices, reducer, eps: float) -> torch.Tensor:
-    """One meta-step over this rank's ``tasks`` and plan, reduced across ranks; returns the mean loss (0-dim)."""
-    result = trainer.backend.inner_loop(trainer.model, tasks, indices, trainer.config)
-    named = list(trainer.model.named_parameters())
-    if result.meta_grads is None:
-        deltas = [result.params[n] - p.detach() for n, p in named]  # [T_local, *shape]
-    else:
-        deltas = [-result.meta_grads[n] for n, _ in named]
-    mean_deltas, mean_loss = reducer(deltas, result.losses)
-    _apply(trainer, mean_deltas, mean_loss, trainer.iteration, eps)
-    trainer.iteration += 1
-    return mean_loss
+    def wants_read(self, loop) -> bool:
+        return self.checkpoint_every is not None and loop.iteration % self.checkpoint_every == 0
+
+    def on_chunk_end(self, loop, read):
+        if not self.signals.installed:
+            return
+        if loop.iteration % self.stop_every == 0:  # the same meta-steps on every rank
+            if self.context.any(self.signals.received is not None,
+                                f"agreement on stopping after meta-step {loop.iteration}"):
+                self.stopped = True
+                loop.stop()
 
 
 def _load_on_main(ctx: DistContext, source) -> Dict[str, Any]:
-    """Rank 0 reads the checkpoint and sends it to every rank (other machines need no shared disk);
-    a file that cannot be read raises the same error on every rank."""
+    """Rank 0 reads the checkpoint and sends it to every rank (other machines need no copy); a
+    file that cannot be read raises the same error on every rank."""
     from ..checkpoint import load_checkpoint
 
     payload = None
@@ -74,7 +71,7 @@ def _load_on_main(ctx: DistContext, source) -> Dict[str, Any]:
     payload = ctx.broadcast_object(payload, "broadcast of the checkpoint to resume from")
     if payload[0] == "error":
         kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError,
-                "TypeError": TypeError}.get(payload[1], ValueError)
+                "TypeError": TypeError, "NotADirectoryError": NotADirectoryError}.get(payload[1], ValueError)
         raise kind(payload[2])
     return payload[1]
 
@@ -82,49 +79,49 @@ def _load_on_main(ctx: DistContext, source) -> Dict[str, Any]:
 def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_size: int, seed: int,
                     context: Optional[DistContext] = None, reduction: str = "mean",
                     block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True,
-                    callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
+                    callback: Optional[Callable[[int, Dict[str, Any]], None]] = None,
                     checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
                     checkpoint_every: Optional[int] = None,
                     resume_from: Optional[Union[str, os.PathLike]] = None,
                     checkpoint_extra: Optional[Mapping[str, Any]] = None,
-                    handle_signals: bool = True) -> Dict[str, list]:
+                    handle_signals: bool = True, log_every: int = DEFAULT_LOG_EVERY,
+                    stop_check_every: int = DEFAULT_STOP_CHECK_EVERY) -> Dict[str, list]:
     """Meta-train ``trainer`` for ``iterations`` meta-steps of ``meta_batch_size`` tasks split over the ranks.
 
     Args:
-        trainer: a ``Reptile`` on this rank's device (every rank builds the same one; rank 0's φ
-            is broadcast at the start, so the ranks begin identical).
+        trainer: a ``Reptile`` on this rank's device (``context.device``); every rank builds the
+            same one (rank 0's φ is broadcast at the start, so the ranks begin identical).
         task_distribution: ``sample(n, *, generator, device) -> TaskBatch``.
         iterations: the total number of meta-steps (continues from ``trainer.iteration``).
         meta_batch_size: ``T``, the global number of tasks per meta-step (split over the ranks;
             uneven shares are fine; fewer tasks than ranks is refused).
         seed: task j of meta-step t is drawn from ``(seed, t, j)`` (``IndexedSampler``).
         context: the ``DistContext`` (default: ``setup_from_env(device=trainer.device)``).
-        reduction: "mean" (one all_reduce per step; equal to one process within fp32 rounding) or
-            "ordered" (all_gather in task order; the same bits as one process).
+        reduction: "mean" (one collective per meta-step; equal to one process within fp32
+            rounding) or "ordered" (gather in task order: one process's reduction, bitwise).
         block_size: tasks per random stream (part of the run's definition, stored in checkpoints).
-        callback: ``callback(iteration, {"loss", "iteration"})`` after every meta-step, on every rank.
-        checkpoint_dir, checkpoint_every, resume_from, checkpoint_extra, handle_signals: as
-            ``Reptile.fit``; rank 0 alone writes; ``resume_from`` is read by rank 0 and sent to
-            every rank, and may come from a run with another number of ranks (the draws depend
-            only on the seed and the iteration).
+        callback: ``callback(iteration, {"loss", "outer_lr", "iteration"})`` after every
+            meta-step, on every rank (it makes every rank read every meta-step).
+        checkpoint_dir, checkpoint_every, checkpoint_extra, handle_signals, log_every: as
+            ``Reptile.fit``; rank 0 alone writes.  Checkpoints also hold ``extra["sampler"]``
+            and ``extra["world_size"]``.
+        resume_from: a checkpoint written by an indexed run with any number of ranks (one
+            process included); read by rank 0 and sent to every rank.
+        stop_check_every: meta-steps between the ranks' agreements on stopping after a signal.
 
     Returns ``{"loss": [...]}`` (the global mean inner loss per meta-step; the same on every rank).
-    Raises ``DistributedError`` when another rank dies or hangs (after at most the context's timeout),
+    Raises ``DistributedError`` when another rank dies or hangs (within the context's timeout),
     ``TrainingInterrupted`` on every rank after SIGINT/SIGTERM to any rank (all stop after the same
-    meta-step; rank 0 writes the checkpoint first), ``NonFiniteError`` on every rank for a NaN/inf step.
+    meta-step; rank 0's checkpoint is complete before any rank raises), ``NonFiniteError`` on every
+    rank for a NaN/inf meta-step (the same read on every rank).
     """
-    from ..checkpoint import (CHECKPOINT_NAME, prepare_directory, remove_stale_temporaries,
-                              resolve_checkpoint_path, restore_checkpoint, save_checkpoint)
-    from ..trainer import NonFiniteError
-
     check_int("iterations", iterations, 1)
     check_int("meta_batch_size", meta_batch_size, 1)
+    check_int("stop_check_every", stop_check_every, 1)
     if checkpoint_every is not None:
         check_int("checkpoint_every", checkpoint_every, 1)
         if checkpoint_dir is None:
             raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
         raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
     ctx = context if context is not None else setup_from_env(device=trainer.device)
@@ -134,88 +131,42 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         raise ValueError(f"this rank trains on {ctx.device} but the model is on {trainer.device}: move the "
                          f"model to context.device before building the trainer")
     reducer = make_reducer(reduction, ctx)
+    if ctx.is_distributed and trainer.compiled_options is not None:
+        raise ValueError("backend 'compiled' applies its own outer update in one process; across processes "
+                         "use an eager backend (auto, torch, reference, triton)")
     sampler = IndexedSampler(task_distribution, meta_batch_size, seed=seed,
-                             plan_rows=trainer._plan_rows(trainer.inner_steps),
-                             batch_size=trainer.inner_batch_size, device=trainer.device,
-                             rank=ctx.rank, world_size=ctx.world_size, block_size=block_size)
-    ckpt_dir = None
-    if checkpoint_dir is not None and ctx.is_main:
-        ckpt_dir = prepare_directory(checkpoint_dir, "checkpoint_dir")
-        remove_stale_temporaries(ckpt_dir)
-    history: Dict[str, list] = {"loss": []}
-    last_saved: Optional[int] = None
-    last_path: Optional[str] = None
+                             plan_rows=trainer._rows(trainer.inner_steps), batch_size=trainer.inner_batch_size,
+                             device=trainer.device, rank=ctx.rank, world_size=ctx.world_size,
+                             block_size=block_size,
+                             check=lambda tasks: trainer.checker.tasks(tasks, trainer.inner_batch_size))
+    resume = None
     if resume_from is not None:
         ckpt = _load_on_main(ctx, resume_from)
         sampler.check_resumable(ckpt["extra"].get("sampler"), f"checkpoint {resume_from}")
-        restore_checkpoint(trainer, ckpt, generator=None)
-        history["loss"] = [float(v) for v in ckpt["history"].get("loss", torch.zeros(0)).tolist()]
-        saved_total = ckpt["trainer"]["total_iterations"]
-        if trainer.outer_lr_final is not None and saved_total is not None and saved_total != iterations:
-            warnings.warn(f"the checkpoint's run annealed the outer step over {saved_total} iterations, "
-                          f"this fit over {iterations}: the result will differ from an uninterrupted run",
-                          stacklevel=2)
-        if ckpt_dir is not None:
-            latest = ckpt_dir / CHECKPOINT_NAME
-            if latest.exists() and latest.resolve() == resolve_checkpoint_path(resume_from).resolve():
-                last_saved, last_path = trainer.iteration, str(latest)
-    elif trainer.iteration >= iterations:
-        raise ValueError(f"iterations={iterations} is the total number of meta-steps, and this trainer has "
-                         f"already taken {trainer.iteration}; pass a larger total to train further")
-    trainer.total_iterations = iterations
-    # Rank 0's φ (and buffers) everywhere: ranks built with other initial seeds start identical.
+        # Rank 0 resumes from the path (fit then knows whether it is the directory's latest
+        # checkpoint); the others from the dict rank 0 sent.
+        resume = resume_from if ctx.is_main else ckpt
+    # Rank 0's φ and buffers everywhere: ranks built from other initial seeds start identical.
     ctx.broadcast_module(trainer.model, "broadcast of the initial parameters from rank 0")
     extra = {**(checkpoint_extra or {}), "sampler": sampler.state_dict(), "world_size": ctx.world_size}
-
-    def save() -> None:
-        nonlocal last_saved, last_path
-        if ckpt_dir is not None:  # rank 0 only
-            last_path = str(save_checkpoint(ckpt_dir, trainer, generator=None, history=history, extra=extra))
-        last_saved = trainer.iteration
-
-    want_signals = handle_signals and checkpoint_dir is not None
-    checked = False
-    try:
-        with DeferredSignals(enabled=want_signals) as signals:
-            stop = False
-            for _ in tqdm(range(trainer.iteration, iterations), disable=not (progress and ctx.is_main),
-                          desc=f"meta-train ({ctx.world_size} ranks)", initial=trainer.iteration,
-                          total=max(iterations, trainer.iteration)):
-                tasks, plan = sampler.draw(trainer.iteration)
-                if not checked:  # first draw: the trainer's shape/dtype/loss checks, once
-                    trainer._check_tasks(tasks, trainer.inner_batch_size)
-                    checked = True
-                eps = trainer.outer_lr_at(trainer.iteration)
-                loss = float(distributed_meta_step(trainer, tasks, plan, reducer, eps))
-                history["loss"].append(loss)
-                if callback is not None:
-                    callback(trainer.iteration, {"loss": loss, "iteration": trainer.iteration})
-                if checkpoint_every is not None and trainer.iteration % checkpoint_every == 0:
-                    save()
-                # Ranks get a signal at different moments; agreeing on it keeps them in step.
-                if want_signals and ctx.any(signals.received is not None,
-                                            f"agreement on stopping after meta-step {trainer.iteration}"):
-                    stop = True
-                    break
-            if checkpoint_dir is not None and last_saved != trainer.iteration:
-                save()
-            # Nobody leaves before rank 0's checkpoint is complete (a launcher kills the rest
-            # when one rank exits with an error code).
-            ctx.barrier(f"barrier after the checkpoint of meta-step {trainer.iteration}")
-            if stop:
-                signum = signals.received if signals.received is not None else 15
-                raise TrainingInterrupted(
-                    f"training interrupted by {signal_name(signum)} after meta-step {trainer.iteration} of "
-                    f"{iterations} ({ctx.describe()}); checkpoint written to "
-                    f"{os.path.join(str(checkpoint_dir), CHECKPOINT_NAME)} by rank 0. Resume with "
-                    f"resume_from={str(checkpoint_dir)!r} (any number of ranks)",
-                    signal_number=signum, iteration=trainer.iteration,
-                    checkpoint=last_path if ctx.is_main else os.path.join(str(checkpoint_dir), CHECKPOINT_NAME))
-    except NonFiniteError as exc:
-        where = (f"The last good checkpoint, {last_path} (meta-step {last_saved}), was kept."
-                 if last_path is not None else "No checkpoint had been written by this run yet.")
-        raise NonFiniteError(f"{exc} {where}", iteration=exc.iteration, checkpoint=last_path,
-                             checkpoint_iteration=last_saved) from exc
+    main = ctx.is_main
+    with DeferredSignals(enabled=handle_signals and checkpoint_dir is not None) as signals:
+        ranks = _RankCallback(ctx, signals, checkpoint_every, stop_check_every)
+        history = trainer.fit(
+            task_distribution, iterations, meta_batch_size=sampler.n_local, generator=None,
+            progress=progress and main, callback=callback, checkpoint_dir=checkpoint_dir if main else None,
+            checkpoint_every=checkpoint_every if main else None, resume_from=resume,
+            checkpoint_extra=extra, handle_signals=False, log_every=log_every, sampler=sampler,
+            reducer=reducer if ctx.is_distributed else None, callbacks=[ranks])
+        # Nobody leaves before rank 0's last checkpoint is complete (a launcher stops every
+        # rank when one exits with an error code, as an interrupted one does).
+        ctx.barrier(f"barrier after the checkpoint of meta-step {trainer.iteration}")
+    if ranks.stopped:
+        signum = signals.received if signals.received is not None else 15  # another rank's signal
+        path = os.path.join(str(checkpoint_dir), CHECKPOINT_NAME)
+        raise TrainingInterrupted(
+            f"training interrupted by {signal_name(signum)} after meta-step {trainer.iteration} of "
+            f"{iterations} ({ctx.describe()}); rank 0 wrote the checkpoint {path}. Resume with "
+            f"resume_from={str(checkpoint_dir)!r}, with any number of processes",
+            signal_number=signum, iteration=trainer.iteration, checkpoint=path)
     return history
-
-
