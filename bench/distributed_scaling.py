@@ -5,8 +5,9 @@
 
 Each configuration runs ``distributed_fit`` (sine MLP 1-64-64-1, backend torch, 5 inner steps of
 10 points, default reduction) in fresh processes, one thread per rank, for a few warm-up meta-steps
-and then for about ``--seconds``; rank 0's wall time is reported, split into the time spent
-drawing tasks (``IndexedSampler.draw``) and in the reducer (the collective included).  Also: one
+and then for about ``--seconds``; rank 0's wall time is reported, with the time spent drawing
+tasks (``IndexedSampler.draw``) and in the reducer (the collective included, with any wait for a
+slower rank), and every rank's CPU time per meta-step (the work, whatever the machine's load).  Also: one
 process with as many threads as the ranks would use (the alternative on one machine), and the
 indexed sampler's cost by block size against one generator stream.
 """
@@ -60,14 +61,18 @@ def _worker(rank, world, port, device, meta_batch, seconds, threads, queue):
     steps = ctx.broadcast_object(max(5, int(seconds / per_step)), "steps")
     for k in timers:
         timers[k] = 0.0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     distributed_fit(trainer, sine, 6 + steps, meta_batch_size=meta_batch, seed=0, context=ctx, progress=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # CPU seconds of every rank: the work a meta-step costs in all, whatever the machine's load.
+    cpu_all = [float(t) for t in ctx.all_gather(torch.tensor([cpu], dtype=torch.float64), "cpu times")]
     if ctx.is_main:
         queue.put({"world_size": world, "threads_per_rank": threads, "meta_batch_size": meta_batch,
                    "steps": steps, "seconds": wall, "meta_steps_per_s": steps / wall,
                    "tasks_per_s": steps * meta_batch / wall, "draw_ms_per_step": 1e3 * timers["draw"] / steps,
-                   "reduce_ms_per_step": 1e3 * timers["reduce"] / steps})
+                   "reduce_ms_per_step": 1e3 * timers["reduce"] / steps,
+                   "cpu_ms_per_step_each_rank": [1e3 * c / steps for c in cpu_all],
+                   "cpu_ms_per_step_all_ranks": 1e3 * sum(cpu_all) / steps})
     ctx.close()
 
 

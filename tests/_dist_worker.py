@@ -80,8 +80,11 @@ def synthetic_updates(lo: int, hi: int):
 
 def check_reducers(s, context, out: Path) -> None:
     """The reducers on synthetic per-task updates of a meta-batch of ``s["meta_batch_size"]``."""
-    from reptile_fast.distributed import MeanReducer, OrderedGather, split_tasks
+    from reptile_fast.distributed import DistContext, MeanReducer, OrderedGather, split_tasks
 
+    # An already initialised default group, wrapped (not owned): what a user's own launcher gives.
+    context = DistContext.from_group(timeout=context.timeout)
+    assert not context.owns_group and context.world_size == s["world_size"], context
     lo, hi = split_tasks(s["meta_batch_size"], context.world_size, context.rank)
     deltas, losses = synthetic_updates(lo, hi)
     result = {name: reducer(deltas, losses) for name, reducer in
@@ -93,7 +96,7 @@ def check_reducers(s, context, out: Path) -> None:
 def run_scenario(s, context, out: Path) -> None:
     s = {**BASE, **s}
     if s["name"].startswith("reducers"):
-        return check_reducers(s, context, out)
+        return check_reducers({**s, "world_size": context.world_size}, context, out)
     t0 = time.perf_counter()
     result = {"params": None, "history": None, "error": None}
     try:

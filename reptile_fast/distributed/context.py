@@ -124,6 +124,9 @@ class DistContext:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         return cls(rank=dist.get_rank(group), world_size=dist.get_world_size(group), local_rank=local_rank,
                    device=torch.device(device), group=group if group is not None else dist.group.WORLD,
                    backend=backend, timeout=_timeout(timeout), owns_group=False)
@@ -151,7 +154,7 @@ class DistContext:
             return fn()
         except DistributedError:
             raise
-        except (RuntimeError, ValueError, ConnectionError) as exc:
+        except (RuntimeError, ConnectionError) as exc:  # DistBackendError is a RuntimeError
             # gloo: "Connection closed by peer" (a rank died) / "Timed out waiting ..." (a rank
             # hangs); NCCL: the watchdog's timeout or a remote error.  Name the situation.
             self.failed = True
