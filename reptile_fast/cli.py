@@ -166,6 +166,8 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
         return _error(f"interrupted without writing a new checkpoint; the last one in {out} (if any) is "
                       f"intact: continue with reptile-fast sine --resume {out}", 130)
     except NonFiniteError as exc:
+        if not main_rank:  # every rank stops at the same meta-step; rank 0 reports it and its checkpoint
+            return 3
         hint = (f"the last good checkpoint ({exc.checkpoint}, meta-step {exc.checkpoint_iteration}) was kept; "
                 f"continue from it with lower learning rates: reptile-fast sine --resume {out} "
                 f"--inner-lr ... --outer-lr ..." if exc.checkpoint else "no checkpoint had been written yet")
