@@ -20,7 +20,7 @@ import torch
 BASE = dict(backend="torch", reduction="mean", iterations=4, meta_batch_size=7, seed=3, init_seed=0,
             outer_optimizer=False, algorithm="reptile", checkpoint_dir=None, checkpoint_every=None,
             resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02,
-            stop_check_every=10)
+            stop_check_every=10, meta_batch_size_last_rank=None)
 
 
 def make_trainer(s):
@@ -61,7 +61,10 @@ def train(s, context):
             if s["hang_at"] == iteration:
                 time.sleep(120)
 
-    history = distributed_fit(trainer, Sine(), s["iterations"], meta_batch_size=s["meta_batch_size"],
+    meta_batch_size = s["meta_batch_size"]
+    if s["meta_batch_size_last_rank"] is not None and context.rank == context.world_size - 1:
+        meta_batch_size = s["meta_batch_size_last_rank"]  # a mis-launched rank
+    history = distributed_fit(trainer, Sine(), s["iterations"], meta_batch_size=meta_batch_size,
                               seed=s["seed"], context=context, reduction=s["reduction"], progress=False,
                               callback=callback, checkpoint_dir=s["checkpoint_dir"],
                               checkpoint_every=s["checkpoint_every"], resume_from=s["resume_from"],

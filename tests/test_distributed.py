@@ -239,6 +239,7 @@ def two_ranks(tmp_path_factory):
     scenarios = EQUIVALENCE + [
         dict(name="reducers", meta_batch_size=7),
         dict(name="nonfinite", inner_lr=1e30, checkpoint_dir=str(out / "nan")),
+        dict(name="mislaunched", meta_batch_size_last_rank=8),
         dict(name="interrupted", backend="reference", reduction="ordered", iterations=6, checkpoint_dir=str(ckpt), checkpoint_every=2,
              signal_at=3, stop_check_every=1),
         dict(name="resumed", backend="reference", reduction="ordered", iterations=6, resume_from=str(ckpt), checkpoint_dir=str(ckpt),
@@ -288,6 +289,12 @@ def test_a_non_finite_step_stops_every_rank_and_leaves_phi_as_it_was(two_ranks):
         assert res["error"][0] == "NonFiniteError" and "meta-step 1: non-finite" in res["error"][1], res["error"]
         assert all(torch.equal(res["params"][k], v) for k, v in start.items())
     assert not (two_ranks / "nan" / "checkpoint.pt").exists()
+
+
+def test_ranks_started_with_different_settings_are_refused_on_every_rank(two_ranks):
+    for res in _results(two_ranks, "mislaunched", 2):
+        assert res["error"][0] == "ValueError", res["error"]
+        assert "different settings (listed by rank): meta_batch_size: [7, 8]" in res["error"][1]
 
 
 def test_sigterm_on_one_rank_stops_all_after_the_same_step_and_resume_is_exact(two_ranks, tmp_path):

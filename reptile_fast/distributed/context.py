@@ -192,6 +192,16 @@ class DistContext:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.all_reduce_(t, what, op="max").item() > 0)
 
+    def all_gather_object(self, obj: Any, what: str) -> List[Any]:
+        """Every rank's ``obj`` (pickled; small things), in rank order."""
+        if not self.is_distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        self._run(what, lambda: dist.all_gather_object(out, obj, group=self.group))
+        return out
+
     def broadcast_object(self, obj: Any, what: str, src: int = 0) -> Any:
         """``obj`` from rank ``src`` on every rank (pickled; use for small things)."""
         if not self.is_distributed:

@@ -57,6 +57,16 @@ class _RankCallback(Callback):
                 loop.stop()
 
 
+def _check_ranks_agree(ctx: DistContext, settings: Dict[str, Any]) -> None:
+    """Raise the same ``ValueError`` on every rank when the ranks were started with different
+    settings (a mis-launch would otherwise train on a wrong split of tasks, or hang)."""
+    every = ctx.all_gather_object(settings, "comparison of the ranks' settings")
+    diffs = [f"{k}: {[s.get(k) for s in every]}" for k in settings if any(s.get(k) != settings[k] for s in every)]
+    if diffs:
+        raise ValueError("the ranks were started with different settings (listed by rank): " + "; ".join(diffs)
+                         + ". Every rank must build the same trainer and call distributed_fit with the same arguments")
+
+
 def _load_on_main(ctx: DistContext, source) -> Dict[str, Any]:
     """Rank 0 reads the checkpoint and sends it to every rank (other machines need no copy); a
     file that cannot be read raises the same error on every rank."""
@@ -139,6 +149,13 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
                              device=trainer.device, rank=ctx.rank, world_size=ctx.world_size,
                              block_size=block_size,
                              check=lambda tasks: trainer.checker.tasks(tasks, trainer.inner_batch_size))
+    _check_ranks_agree(ctx, {
+        "iterations": iterations, "meta_batch_size": meta_batch_size, "seed": seed, "block_size": block_size,
+        "reduction": reduction, "trainer": trainer.hparams(), "iteration": trainer.iteration,
+        "parameters": [(n, tuple(p.shape), str(p.dtype)) for n, p in trainer.model.named_parameters()],
+        "resume": resume_from is not None, "checkpointing": checkpoint_dir is not None and handle_signals,
+        "log_every": log_every, "checkpoint_every": checkpoint_every, "stop_check_every": stop_check_every,
+        "callback": callback is not None})
     resume = None
     if resume_from is not None:
         ckpt = _load_on_main(ctx, resume_from)
