@@ -418,3 +418,17 @@ def test_cli_under_torchrun_trains_one_model_and_rank_0_alone_writes(tmp_path):
         torch.testing.assert_close(got[k], want, rtol=RTOL, atol=ATOL, msg=k)
     # The compiled path draws from one stream: refused for an indexed run, saying why.
     assert main(["sine", "--resume", str(out), "--iterations", "9", "--backend", "compiled", "--no-progress"]) == 2
+
+
+def test_a_job_whose_other_ranks_never_come_fails_to_start_with_a_clear_error(monkeypatch):
+    import time
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(W.free_port())}.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.monotonic()
+    with pytest.raises(DistributedError, match=r"rank 1 of 2: could not join the job at 127\.0\.0\.1:\d+ \(gloo\) "
+                                               r"within 1 s: another process did not start"):
+        setup_from_env(timeout=1)
+    assert time.monotonic() - t0 < 30
+    assert not torch.distributed.is_initialized()

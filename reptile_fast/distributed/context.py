@@ -321,6 +321,13 @@ def setup_from_env(*, device: Union[str, torch.device, None] = None, timeout=Non
     elif backend == "nccl":
         raise ValueError("the NCCL backend needs device cuda; use gloo for CPU training")
     kwargs = {"device_id": dev} if backend == "nccl" else {}
-    dist.init_process_group(backend=backend, timeout=td, rank=rank, world_size=world_size, **kwargs)
+    try:
+        dist.init_process_group(backend=backend, timeout=td, rank=rank, world_size=world_size, **kwargs)
+    except (RuntimeError, ConnectionError) as exc:  # DistStoreError, DistNetworkError: RuntimeErrors
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DistributedError(
+            f"rank {rank} of {world_size}: could not join the job at {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']} ({backend}) within {td.total_seconds():g} s: another process did not "
+            f"start, or the address is wrong. Cause: {cause}", rank=rank, what="init_process_group") from exc
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
                        group=dist.group.WORLD, backend=backend, timeout=td, owns_group=True)
