@@ -20,7 +20,7 @@ import torch
 BASE = dict(backend="torch", reduction="mean", iterations=4, meta_batch_size=7, seed=3, init_seed=0,
             outer_optimizer=False, algorithm="reptile", checkpoint_dir=None, checkpoint_every=None,
             resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02,
-            stop_check_every=10, meta_batch_size_last_rank=None)
+            stop_check_every=10, meta_batch_size_last_rank=None, backend_options=None)
 
 
 def make_trainer(s):
@@ -33,7 +33,7 @@ def make_trainer(s):
             for p in model.parameters():
                 p.add_(0.1 * s["perturb_rank"])
     kwargs = dict(backend=s["backend"], inner_steps=3, inner_batch_size=5, algorithm=s["algorithm"],
-                  inner_lr=s["inner_lr"])
+                  inner_lr=s["inner_lr"], backend_options=s["backend_options"])
     if s["outer_optimizer"]:
         kwargs["outer_optimizer"] = torch.optim.Adam(model.parameters(), lr=0.01)
     else:
