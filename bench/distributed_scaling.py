@@ -54,6 +54,22 @@ def _worker(rank, world, port, device, meta_batch, seconds, threads, queue):
     trainer = Reptile(MLP(1, 64, 1).to(ctx.device), backend="torch")
     sine = Sine()
     distributed_fit(trainer, sine, 3, meta_batch_size=meta_batch, seed=0, context=ctx, progress=False)
+    # Checked before timed: φ is the same bits on every rank, and one process (the whole
+    # meta-batch, same draws) reaches it within the fp32 tolerance.
+    flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+    same = all(torch.equal(f, flat) for f in ctx.all_gather(flat, "check of φ across ranks"))
+    if ctx.is_main:
+        from reptile_fast.distributed import DistContext
+
+        torch.manual_seed(0)
+        alone = Reptile(MLP(1, 64, 1).to(ctx.device), backend="torch")
+        distributed_fit(alone, sine, 3, meta_batch_size=meta_batch, seed=0, context=DistContext.single(ctx.device),
+                        progress=False)
+        want = torch.cat([p.detach().reshape(-1) for p in alone.model.parameters()])
+        close = bool(torch.allclose(flat, want, rtol=1e-5, atol=1e-6))
+        if not (same and close):
+            raise AssertionError(f"{world} ranks, meta-batch {meta_batch}: φ identical across ranks: {same}, "
+                                 f"equal to one process within rtol 1e-5 / atol 1e-6: {close}")
     # Steps for about `seconds`, agreed by all ranks (rank 0's estimate).
     t0 = time.perf_counter()
     distributed_fit(trainer, sine, 6, meta_batch_size=meta_batch, seed=0, context=ctx, progress=False)
@@ -69,7 +85,8 @@ def _worker(rank, world, port, device, meta_batch, seconds, threads, queue):
     if ctx.is_main:
         queue.put({"world_size": world, "threads_per_rank": threads, "meta_batch_size": meta_batch,
                    "steps": steps, "seconds": wall, "meta_steps_per_s": steps / wall,
-                   "tasks_per_s": steps * meta_batch / wall, "draw_ms_per_step": 1e3 * timers["draw"] / steps,
+                   "tasks_per_s": steps * meta_batch / wall, "checked": "after 3 meta-steps: phi bitwise "
+                   "identical on every rank, and equal to one process within rtol 1e-5 / atol 1e-6", "draw_ms_per_step": 1e3 * timers["draw"] / steps,
                    "reduce_ms_per_step": 1e3 * timers["reduce"] / steps,
                    "cpu_ms_per_step_each_rank": [1e3 * c / steps for c in cpu_all],
                    "cpu_ms_per_step_all_ranks": 1e3 * sum(cpu_all) / steps})
