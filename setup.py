@@ -11,6 +11,7 @@ setup(
     packages=[
         "reptile_fast",
         "reptile_fast.backends",
+        "reptile_fast.distributed",
         "reptile_fast.tasks",
         "reptile_fast.kernels",
     ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import List, Optional
 
@@ -111,6 +112,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     import torch
 
     from .checkpoint import load_checkpoint, resolve_checkpoint_path
+    from .distributed import DistributedError, is_main
     from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
@@ -124,7 +126,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
         except (OSError, ValueError, TypeError) as exc:
             return _error(f"--resume {args.resume}: {exc}")
         for key, value in given.items():
-            if getattr(base, key) != value:
+            if getattr(base, key) != value and is_main():
                 print(f"note: --{key.replace('_', '-')} {value} overrides the checkpoint's "
                       f"{getattr(base, key)!r}", file=sys.stderr)
         settings = {**dataclasses.asdict(base), **given}
@@ -148,17 +150,24 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
             parser.error(f"--device {config.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     elif device.type != "cpu":
         parser.error(f"--device {config.device}: the sine job runs on cpu or cuda")
+    main_rank = is_main()  # rank 0 of a torchrun job (or the only process) prints the results
     try:
         metrics = run_sine(config, out, progress=not args.no_progress, resume=resume)
     except TrainingInterrupted as exc:
-        print(f"reptile-fast: {exc.__class__.__name__}: stopped after meta-step {exc.iteration}; "
-              f"checkpoint written to {exc.checkpoint}.\nResume with: reptile-fast sine --resume {out}",
-              file=sys.stderr)
+        if main_rank:
+            print(f"reptile-fast: {exc.__class__.__name__}: stopped after meta-step {exc.iteration}; "
+                  f"checkpoint written to {exc.checkpoint}.\nResume with: reptile-fast sine --resume {out}"
+                  + (" (under torchrun with any number of processes, or alone)"
+                     if "WORLD_SIZE" in os.environ else ""), file=sys.stderr)
         return exc.exit_code
+    except DistributedError as exc:
+        return _error(f"{exc}\nContinue from the last checkpoint with --resume {out}", 4)
     except KeyboardInterrupt:
         return _error(f"interrupted without writing a new checkpoint; the last one in {out} (if any) is "
                       f"intact: continue with reptile-fast sine --resume {out}", 130)
     except NonFiniteError as exc:
+        if not main_rank:  # every rank stops at the same meta-step; rank 0 reports it and its checkpoint
+            return 3
         hint = (f"the last good checkpoint ({exc.checkpoint}, meta-step {exc.checkpoint_iteration}) was kept; "
                 f"continue from it with lower learning rates: reptile-fast sine --resume {out} "
                 f"--inner-lr ... --outer-lr ..." if exc.checkpoint else "no checkpoint had been written yet")
@@ -166,6 +175,8 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
         return 3
     except (ValueError, TypeError, OSError) as exc:
         return _error(str(exc))
+    if not main_rank:
+        return 0
     print(json.dumps(metrics, indent=2))
     print(f"wrote figure.png, learning_curve.png, model.pt, config.json, metrics.json, checkpoint.pt to {out}")
     return 0
@@ -173,7 +184,8 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad input, 3 non-finite training,
-    128 + signal number when interrupted with a checkpoint written)."""
+    4 another process of a torchrun job died or hung, 128 + signal number when interrupted with a
+    checkpoint written).  Under torchrun every process runs this; rank 0 alone prints and writes."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "sine":

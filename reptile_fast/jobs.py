@@ -106,30 +106,51 @@ def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True,
     """
     if not isinstance(config, SineConfig):
         raise TypeError(f"config must be a SineConfig, got {type(config).__name__}")
+    from .distributed import setup_from_env
+
+    # Under torchrun (WORLD_SIZE > 1) this joins the job: gloo on the CPU, NCCL on cuda:LOCAL_RANK.
+    context = setup_from_env(device=config.device)
+    try:
+        return _run_sine_ranked(config, out, context, progress=progress, resume=resume)
+    finally:
+        if not context.failed:
+            context.close()
+
+
+def _run_sine_ranked(config: SineConfig, out, context, *, progress: bool, resume) -> dict:
     out = prepare_directory(out, "output directory")
     start_iteration = 0
+    indexed = context.is_distributed
     if resume is not None:
-        start_iteration = load_checkpoint(resume)["trainer"]["iteration"]
+        ckpt = load_checkpoint(resume)
+        start_iteration = ckpt["trainer"]["iteration"]
         if start_iteration > config.iterations:
             raise ValueError(f"the checkpoint {resume} is at meta-step {start_iteration}, beyond "
                              f"iterations={config.iterations}")
-    elif (out / CHECKPOINT_NAME).exists():
+        # A run that drew tasks by global index (torchrun) continues that way, with any number of processes.
+        indexed = indexed or (ckpt["extra"].get("sampler") or {}).get("kind") == "indexed"
+    elif (out / CHECKPOINT_NAME).exists() and context.is_main:
         print(f"note: {out} already holds a checkpoint; this new run replaces it (the old one is kept "
               f"as the previous checkpoint until the next save). Use --resume {out} to continue it.",
               file=sys.stderr)
-    device = torch.device(config.device)
+    if indexed and config.backend == "compiled":
+        raise ValueError("--backend compiled runs one process drawing from one random stream; under torchrun "
+                         "(or resuming a torchrun run) use --backend auto, torch or reference")
+    device = context.device
     if config.threads:
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(config.threads)
         try:
-            return _run_sine(config, out, device, start_iteration, progress=progress, resume=resume)
+            return _run_sine(config, out, device, start_iteration, progress=progress, resume=resume,
+                             context=context, indexed=indexed)
         finally:
             torch.set_num_threads(previous_threads)
-    return _run_sine(config, out, device, start_iteration, progress=progress, resume=resume)
+    return _run_sine(config, out, device, start_iteration, progress=progress, resume=resume,
+                     context=context, indexed=indexed)
 
 
 def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: int, *, progress: bool,
-              resume) -> dict:
+              resume, context, indexed: bool) -> dict:
     torch.manual_seed(config.seed)
     model = MLP(1, config.hidden_dim, 1).to(device)
     kwargs = dict(inner_lr=config.inner_lr, inner_steps=config.inner_steps, inner_batch_size=config.inner_batch_size,
@@ -137,7 +158,7 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
     trainer = None
     # The seed's setting (meta-batch 1) on the CPU runs on the compiled whole-meta-step path
     # (backend "compiled"): eager PyTorch is overhead-bound there.
-    if config.backend == "auto" and config.meta_batch_size == 1 and device.type == "cpu":
+    if config.backend == "auto" and config.meta_batch_size == 1 and device.type == "cpu" and not indexed:
         try:
             trainer = Reptile(model, backend="compiled", **kwargs)
         except UnsupportedModelError:
@@ -147,13 +168,25 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
     dist = Sine(n_points=SINE_POINTS)
     gen = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
-    history = trainer.fit(dist, config.iterations, meta_batch_size=config.meta_batch_size,
-                          generator=gen, progress=progress, checkpoint_dir=out,
-                          checkpoint_every=config.checkpoint_every or None, resume_from=resume,
-                          checkpoint_extra={"job": SINE_JOB, "job_config": asdict(config)})
+    extra = {"job": SINE_JOB, "job_config": asdict(config)}
+    if indexed:
+        from .distributed import distributed_fit
+
+        # Task j of meta-step t from (seed, t, j): the same run whatever the number of processes.
+        history = distributed_fit(trainer, dist, config.iterations, meta_batch_size=config.meta_batch_size,
+                                  seed=config.seed, context=context, progress=progress, checkpoint_dir=out,
+                                  checkpoint_every=config.checkpoint_every or None, resume_from=resume,
+                                  checkpoint_extra=extra)
+    else:
+        history = trainer.fit(dist, config.iterations, meta_batch_size=config.meta_batch_size,
+                              generator=gen, progress=progress, checkpoint_dir=out,
+                              checkpoint_every=config.checkpoint_every or None, resume_from=resume,
+                              checkpoint_extra=extra)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
+    if not context.is_main:  # rank 0 alone evaluates and writes the outputs
+        return {"rank": context.rank, "world_size": context.world_size}
 
     # Held-out tasks from a separate stream, adapted as the seed's demo does (160 SGD steps).
     eval_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
@@ -181,6 +214,8 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
         "compile_seconds": trainer.last_fit_stats["compile_seconds"],
         "final_inner_loss": history["loss"][-1] if history["loss"] else math.nan,
         "torch": torch.__version__,
+        "world_size": context.world_size,
+        "task_sampler": "indexed" if indexed else "generator",
     }
 
     # The seed's figure on the first held-out task.
@@ -196,7 +231,7 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
                       demo.y[0].squeeze(-1).cpu(), out / "figure.png",
                       title=f"Reptile on a held-out sine task ({config.iterations} meta-steps)")
     plot_learning_curve(history["loss"], out / "learning_curve.png")
-    cfg = asdict(config)
+    cfg = {**asdict(config), "world_size": context.world_size}
     atomic_torch_save({"state_dict": model.state_dict(), "config": cfg}, out / "model.pt")
     atomic_write_json(out / "config.json", cfg)
     atomic_write_json(out / "metrics.json", metrics)

@@ -1,0 +1,178 @@
+"""Tasks and minibatch plans drawn by global task index, so that N ranks train what one process does.
+
+The meta-batch of meta-step ``t`` holds global tasks ``j = 0 … T-1``.  They are cut into fixed
+blocks of ``K = min(block_size, T)`` consecutive tasks (the last block may be shorter); block
+``b`` is drawn from a ``torch.Generator`` seeded with ``stream_seed(seed, t, b)``:
+``task_distribution.sample(K_b, generator=g)`` then ``sample_indices(K_b, rows, N, B,
+generator=g)``.  Task ``j``'s points and plan therefore depend only on ``(seed, t, j)`` and the
+run's fixed ``T`` and ``K`` — never on the number of ranks or on which rank draws it.  Rank ``r``
+of ``W`` takes the contiguous slice ``[r·T // W, (r+1)·T // W)`` (sizes differ by at most one when
+``W`` does not divide ``T``), drawing the blocks that overlap it.
+
+Why blocks and not one generator per task: a task distribution's ``sample`` is called once per
+block, and at meta-batch 4096 one call per task costs more than the inner loops
+(``bench/results/distributed_cpu.json``).  ``block_size=1`` gives one stream per task.
+
+The sampler's whole state is ``(seed, meta_batch_size, block_size)`` plus the iteration, so a run
+resumes exactly from a checkpoint under any number of ranks.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from ..tasks.base import TaskBatch, _check_device, sample_indices
+from ..validation import check_int
+
+__all__ = ["IndexedSampler", "split_tasks", "stream_seed", "DEFAULT_BLOCK_SIZE", "SAMPLER_KIND"]
+
+DEFAULT_BLOCK_SIZE = 64
+SAMPLER_KIND = "indexed"
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of SplitMix64 (Steele, Lea, Flood 2014): a bijective 64-bit mix."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_seed(seed: int, iteration: int, block: int) -> int:
+    """The 64-bit seed of block ``block`` of meta-step ``iteration`` (nested SplitMix64 hashing)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ iteration) ^ block)
+
+
+def split_tasks(meta_batch_size: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """Rank ``rank``'s global tasks ``[lo, hi)``: contiguous, sizes ``T // W`` or ``T // W + 1``.
+
+    Raises ``ValueError`` when ``meta_batch_size < world_size``: a rank without a task would have
+    nothing to run (use fewer processes or a larger meta-batch).
+    """
+    check_int("meta_batch_size", meta_batch_size, 1)
+    check_int("world_size", world_size, 1)
+    check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank {rank} must be < world_size {world_size}")
+    if meta_batch_size < world_size:
+        raise ValueError(f"meta_batch_size ({meta_batch_size}) is smaller than the number of processes "
+                         f"({world_size}): every rank needs at least one task; use a meta-batch of at least "
+                         f"{world_size} or fewer processes")
+    return rank * meta_batch_size // world_size, (rank + 1) * meta_batch_size // world_size
+
+
+def _concat(parts) -> Tuple[TaskBatch, torch.Tensor]:
+    """One ``TaskBatch`` and plan from drawn pieces (valid already: no second validation)."""
+    if len(parts) == 1:
+        return parts[0]
+    batches = [t for t, _ in parts]
+    bounds = [t.n_classes for t in batches if t.n_classes is not None]
+    return (TaskBatch.trusted(torch.cat([t.x for t in batches]), torch.cat([t.y for t in batches]),
+                              max(bounds) if bounds else None),
+            torch.cat([p for _, p in parts]))
+
+
+class IndexedSampler:
+    """This rank's share of every meta-batch, drawn by global task index.
+
+    Args:
+        task_distribution: anything with ``sample(n, *, generator, device) -> TaskBatch``.
+        meta_batch_size: ``T``, the global number of tasks per meta-step.
+        seed: the run's seed (an int >= 0).
+        plan_rows: rows of the minibatch plan (``inner_steps``, or ``inner_steps + 1`` for FOMAML).
+        batch_size: points per inner minibatch.
+        device: where tasks and plans go (the draws themselves happen on the CPU, so they are the
+            same bits whatever the device).
+        rank, world_size: this process's place (``split_tasks``).
+        block_size: tasks per random stream (see the module docstring); a property of the run:
+            changing it changes the draws.
+        check: called on every ``TaskBatch`` drawn (the trainer's cached compatibility check).
+
+    ``draw(first_iteration, m)`` is the training loop's ``Sampler`` protocol (1-based meta-step
+    numbers, ``m`` meta-steps meta-step-major); ``draw_step(t)`` draws the 0-based meta-step ``t``.
+    """
+
+    def __init__(self, task_distribution, meta_batch_size: int, *, seed: int, plan_rows: int,
+                 batch_size: int, device=None, rank: int = 0, world_size: int = 1,
+                 block_size: int = DEFAULT_BLOCK_SIZE, check=None):
+        if not hasattr(task_distribution, "sample") or not callable(task_distribution.sample):
+            raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
+        self.task_distribution = task_distribution
+        self.meta_batch_size = check_int("meta_batch_size", meta_batch_size, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.plan_rows = check_int("plan_rows", plan_rows, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.block_size = check_int("block_size", block_size, 1)
+        self.device = _check_device(device) or torch.device("cpu")
+        self.rank, self.world_size = rank, world_size
+        self.lo, self.hi = split_tasks(self.meta_batch_size, world_size, rank)
+        self._k = min(self.block_size, self.meta_batch_size)
+        self._generator = torch.Generator()  # reseeded per block: cheaper than a new one
+        if check is not None and not callable(check):
+            raise TypeError(f"check must be callable, got {type(check).__name__}")
+        self.check = check
+
+    @property
+    def n_local(self) -> int:
+        """Tasks this rank runs per meta-step."""
+        return self.hi - self.lo
+
+    def _draw_block(self, iteration: int, block: int) -> Tuple[TaskBatch, torch.Tensor]:
+        start = block * self._k
+        n = min(self._k, self.meta_batch_size - start)
+        g = self._generator
+        g.manual_seed(stream_seed(self.seed, iteration, block))
+        tasks = self.task_distribution.sample(n, generator=g, device=self.device)
+        if not isinstance(tasks, TaskBatch) or tasks.n_tasks != n:
+            raise TypeError(f"task_distribution.sample({n}) must return a TaskBatch of {n} tasks, got "
+                            + (f"{tasks.n_tasks} tasks" if isinstance(tasks, TaskBatch) else type(tasks).__name__))
+        plan = sample_indices(n, self.plan_rows, tasks.n_points, self.batch_size, generator=g,
+                              device=self.device)
+        return tasks, plan
+
+    def draw_step(self, iteration: int) -> Tuple[TaskBatch, torch.Tensor]:
+        """This rank's tasks and plan of meta-step ``iteration`` (0-based).
+
+        Returns a ``TaskBatch`` of ``n_local`` tasks and long ``[n_local, plan_rows, batch_size]``
+        indices: global tasks ``lo … hi-1`` of that meta-step.
+        """
+        check_int("iteration", iteration, 0)
+        first, last = self.lo // self._k, (self.hi - 1) // self._k
+        parts = []
+        for block in range(first, last + 1):
+            tasks, plan = self._draw_block(iteration, block)
+            start = block * self._k
+            a, b = max(self.lo - start, 0), min(self.hi - start, tasks.n_tasks)
+            parts.append((tasks, plan) if (a, b) == (0, tasks.n_tasks) else (tasks[a:b], plan[a:b]))
+        return _concat(parts)
+
+    def draw(self, first_iteration: int, m: int = 1) -> Tuple[TaskBatch, torch.Tensor]:
+        """Meta-steps ``first_iteration … first_iteration + m − 1`` (1-based, the training loop's
+        ``Sampler`` protocol): ``m · n_local`` tasks and plans, meta-step-major."""
+        check_int("first_iteration", first_iteration, 1)
+        check_int("m", m, 1)
+        tasks, plan = _concat([self.draw_step(first_iteration - 1 + k) for k in range(m)])
+        if self.check is not None:
+            self.check(tasks)
+        return tasks, plan
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint stores: with the iteration, everything that decides the draws."""
+        return {"kind": SAMPLER_KIND, "seed": self.seed, "meta_batch_size": self.meta_batch_size,
+                "block_size": self.block_size}
+
+    def check_resumable(self, saved: Optional[Mapping[str, Any]], source="the checkpoint") -> None:
+        """Raise ``ValueError`` unless ``saved`` (a ``state_dict()``) draws the same tasks as this sampler."""
+        if not isinstance(saved, Mapping) or saved.get("kind") != SAMPLER_KIND:
+            raise ValueError(f"{source} was written by a run that drew its tasks from one torch.Generator "
+                             f"stream, not by global task index: a distributed (or indexed-sampler) run "
+                             f"cannot continue it exactly; resume it in one process without torchrun")
+        mine = self.state_dict()
+        diffs = [f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in ("seed", "meta_batch_size", "block_size")
+                 if saved.get(k) != mine[k]]
+        if diffs:
+            raise ValueError(f"{source} drew its tasks with other settings ({'; '.join(diffs)}): resuming "
+                             f"would not continue the same run; use the saved values")

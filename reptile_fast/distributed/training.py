@@ -1,0 +1,189 @@
+"""Meta-training across the ranks of a torch.distributed job (also runs in one process).
+
+``distributed_fit`` runs ``Reptile.fit`` — the one training loop — on every rank with three
+plug-ins: the ``IndexedSampler`` (this rank's share of every meta-batch), a reducer (one
+collective per meta-step; every rank gets the same mean update, so φ stays identical) and a
+callback that lets the ranks agree on stopping after a signal.  Per meta-step on every rank:
+draw the share → the backend's inner loops → per-task ``D_i = φ̃_i − φ`` → the reducer →
+``φ ← φ + ε·mean_i D_i`` (core's ``OuterUpdate``).  Rank 0 alone shows progress and writes
+checkpoints; every rank reads device values at the same meta-steps, so a non-finite step stops
+every rank at the same read.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+from ..checkpoint import CHECKPOINT_NAME
+from ..loop import DEFAULT_LOG_EVERY, Callback
+from ..signals import DeferredSignals, TrainingInterrupted, signal_name
+from ..validation import check_int
+from .context import DistContext, setup_from_env
+from .reducers import make_reducer
+from .sampler import DEFAULT_BLOCK_SIZE, IndexedSampler
+
+__all__ = ["distributed_fit", "DEFAULT_STOP_CHECK_EVERY"]
+
+#: meta-steps between the ranks' agreements on stopping after SIGINT/SIGTERM (a 1-float
+#: all-reduce; only while checkpointing).  torchrun gives workers 30 s after its SIGTERM.
+DEFAULT_STOP_CHECK_EVERY = 10
+
+
+class _RankCallback(Callback):
+    """What every rank adds to ``fit``'s callbacks.
+
+    * reads at the checkpoint meta-steps on every rank (rank 0 reads there to save), so every
+      rank reads — and sees a non-finite step — at the same meta-steps;
+    * every ``stop_every`` meta-steps, one all-reduce of "did this rank receive a signal": when
+      any did, every rank stops after that same meta-step.
+    """
+
+    def __init__(self, context: DistContext, signals: DeferredSignals, checkpoint_every: Optional[int],
+                 stop_every: int):
+        self.context, self.signals = context, signals
+        self.checkpoint_every, self.stop_every = checkpoint_every, stop_every
+        self.stopped = False
+
+    def wants_read(self, loop) -> bool:
+        return self.checkpoint_every is not None and loop.iteration % self.checkpoint_every == 0
+
+    def on_chunk_end(self, loop, read):
+        if not self.signals.installed:
+            return
+        if loop.iteration % self.stop_every == 0:  # the same meta-steps on every rank
+            if self.context.any(self.signals.received is not None,
+                                f"agreement on stopping after meta-step {loop.iteration}"):
+                self.stopped = True
+                loop.stop()
+
+
+def _check_ranks_agree(ctx: DistContext, settings: Dict[str, Any]) -> None:
+    """Raise the same ``ValueError`` on every rank when the ranks were started with different
+    settings (a mis-launch would otherwise train on a wrong split of tasks, or hang)."""
+    every = ctx.all_gather_object(settings, "comparison of the ranks' settings")
+    diffs = [f"{k}: {[s.get(k) for s in every]}" for k in settings if any(s.get(k) != settings[k] for s in every)]
+    if diffs:
+        raise ValueError("the ranks were started with different settings (listed by rank): " + "; ".join(diffs)
+                         + ". Every rank must build the same trainer and call distributed_fit with the same arguments")
+
+
+def _load_on_main(ctx: DistContext, source) -> Dict[str, Any]:
+    """Rank 0 reads the checkpoint and sends it to every rank (other machines need no copy); a
+    file that cannot be read raises the same error on every rank."""
+    from ..checkpoint import load_checkpoint
+
+    payload = None
+    if ctx.is_main:
+        try:
+            payload = ("ok", load_checkpoint(source))
+        except (OSError, ValueError, TypeError) as exc:
+            payload = ("error", type(exc).__name__, str(exc))
+    payload = ctx.broadcast_object(payload, "broadcast of the checkpoint to resume from")
+    if payload[0] == "error":
+        kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError,
+                "TypeError": TypeError, "NotADirectoryError": NotADirectoryError}.get(payload[1], ValueError)
+        raise kind(payload[2])
+    return payload[1]
+
+
+def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_size: int, seed: int,
+                    context: Optional[DistContext] = None, reduction: str = "mean",
+                    block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True,
+                    callback: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+                    checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+                    checkpoint_every: Optional[int] = None,
+                    resume_from: Optional[Union[str, os.PathLike]] = None,
+                    checkpoint_extra: Optional[Mapping[str, Any]] = None,
+                    handle_signals: bool = True, log_every: int = DEFAULT_LOG_EVERY,
+                    stop_check_every: int = DEFAULT_STOP_CHECK_EVERY) -> Dict[str, list]:
+    """Meta-train ``trainer`` for ``iterations`` meta-steps of ``meta_batch_size`` tasks split over the ranks.
+
+    Args:
+        trainer: a ``Reptile`` on this rank's device (``context.device``); every rank builds the
+            same one (rank 0's φ is broadcast at the start, so the ranks begin identical).
+        task_distribution: ``sample(n, *, generator, device) -> TaskBatch``.
+        iterations: the total number of meta-steps (continues from ``trainer.iteration``).
+        meta_batch_size: ``T``, the global number of tasks per meta-step (split over the ranks;
+            uneven shares are fine; fewer tasks than ranks is refused).
+        seed: task j of meta-step t is drawn from ``(seed, t, j)`` (``IndexedSampler``).
+        context: the ``DistContext`` (default: ``setup_from_env(device=trainer.device)``).
+        reduction: "mean" (one collective per meta-step; equal to one process within fp32
+            rounding) or "ordered" (gather in task order: one process's reduction, bitwise).
+        block_size: tasks per random stream (part of the run's definition, stored in checkpoints).
+        callback: ``callback(iteration, {"loss", "outer_lr", "iteration"})`` after every
+            meta-step, on every rank (it makes every rank read every meta-step).
+        checkpoint_dir, checkpoint_every, checkpoint_extra, handle_signals, log_every: as
+            ``Reptile.fit``; rank 0 alone writes.  Checkpoints also hold ``extra["sampler"]``
+            and ``extra["world_size"]``.
+        resume_from: a checkpoint written by an indexed run with any number of ranks (one
+            process included); read by rank 0 and sent to every rank.
+        stop_check_every: meta-steps between the ranks' agreements on stopping after a signal.
+
+    Returns ``{"loss": [...]}`` (the global mean inner loss per meta-step; the same on every rank).
+    Raises ``DistributedError`` when another rank dies or hangs (within the context's timeout),
+    ``TrainingInterrupted`` on every rank after SIGINT/SIGTERM to any rank (all stop after the same
+    meta-step; rank 0's checkpoint is complete before any rank raises), ``NonFiniteError`` on every
+    rank for a NaN/inf meta-step (the same read on every rank).
+    """
+    check_int("iterations", iterations, 1)
+    check_int("meta_batch_size", meta_batch_size, 1)
+    check_int("stop_check_every", stop_check_every, 1)
+    if checkpoint_every is not None:
+        check_int("checkpoint_every", checkpoint_every, 1)
+        if checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
+    if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
+        raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
+    ctx = context if context is not None else setup_from_env(device=trainer.device)
+    if not isinstance(ctx, DistContext):
+        raise TypeError(f"context must be a DistContext, got {type(ctx).__name__}")
+    if ctx.device != trainer.device:
+        raise ValueError(f"this rank trains on {ctx.device} but the model is on {trainer.device}: move the "
+                         f"model to context.device before building the trainer")
+    reducer = make_reducer(reduction, ctx)
+    if ctx.is_distributed and trainer.compiled_options is not None:
+        raise ValueError("backend 'compiled' applies its own outer update in one process; across processes "
+                         "use an eager backend (auto, torch, reference, triton)")
+    sampler = IndexedSampler(task_distribution, meta_batch_size, seed=seed,
+                             plan_rows=trainer._rows(trainer.inner_steps), batch_size=trainer.inner_batch_size,
+                             device=trainer.device, rank=ctx.rank, world_size=ctx.world_size,
+                             block_size=block_size,
+                             check=lambda tasks: trainer.checker.tasks(tasks, trainer.inner_batch_size))
+    _check_ranks_agree(ctx, {
+        "iterations": iterations, "meta_batch_size": meta_batch_size, "seed": seed, "block_size": block_size,
+        "reduction": reduction, "trainer": trainer.hparams(), "iteration": trainer.iteration,
+        "parameters": [(n, tuple(p.shape), str(p.dtype)) for n, p in trainer.model.named_parameters()],
+        "resume": resume_from is not None, "checkpointing": checkpoint_dir is not None and handle_signals,
+        "log_every": log_every, "checkpoint_every": checkpoint_every, "stop_check_every": stop_check_every,
+        "callback": callback is not None})
+    resume = None
+    if resume_from is not None:
+        ckpt = _load_on_main(ctx, resume_from)
+        sampler.check_resumable(ckpt["extra"].get("sampler"), f"checkpoint {resume_from}")
+        # Rank 0 resumes from the path (fit then knows whether it is the directory's latest
+        # checkpoint); the others from the dict rank 0 sent.
+        resume = resume_from if ctx.is_main else ckpt
+    # Rank 0's φ and buffers everywhere: ranks built from other initial seeds start identical.
+    ctx.broadcast_module(trainer.model, "broadcast of the initial parameters from rank 0")
+    extra = {**(checkpoint_extra or {}), "sampler": sampler.state_dict(), "world_size": ctx.world_size}
+    main = ctx.is_main
+    with DeferredSignals(enabled=handle_signals and checkpoint_dir is not None) as signals:
+        ranks = _RankCallback(ctx, signals, checkpoint_every, stop_check_every)
+        history = trainer.fit(
+            task_distribution, iterations, meta_batch_size=sampler.n_local, generator=None,
+            progress=progress and main, callback=callback, checkpoint_dir=checkpoint_dir if main else None,
+            checkpoint_every=checkpoint_every if main else None, resume_from=resume,
+            checkpoint_extra=extra, handle_signals=False, log_every=log_every, sampler=sampler,
+            reducer=reducer if ctx.is_distributed else None, callbacks=[ranks])
+        # Nobody leaves before rank 0's last checkpoint is complete (a launcher stops every
+        # rank when one exits with an error code, as an interrupted one does).
+        ctx.barrier(f"barrier after the checkpoint of meta-step {trainer.iteration}")
+    if ranks.stopped:
+        signum = signals.received if signals.received is not None else 15  # another rank's signal
+        path = os.path.join(str(checkpoint_dir), CHECKPOINT_NAME)
+        raise TrainingInterrupted(
+            f"training interrupted by {signal_name(signum)} after meta-step {trainer.iteration} of "
+            f"{iterations} ({ctx.describe()}); rank 0 wrote the checkpoint {path}. Resume with "
+            f"resume_from={str(checkpoint_dir)!r}, with any number of processes",
+            signal_number=signum, iteration=trainer.iteration, checkpoint=path)
+    return history
