@@ -106,7 +106,15 @@ def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: t
             images, the query last); True: all ``Q`` query images in one batch.
     The model runs in its current mode (``evaluate_episodes`` puts it in train mode).
     """
+    if not isinstance(params, dict) or not params:
+        raise TypeError("params must be a dict name -> [T, *shape] (Reptile.adapt(...).params)")
+    if support_x.dim() < 3 or query_x.dim() != support_x.dim():
+        raise ValueError(f"support_x {tuple(support_x.shape)} and query_x {tuple(query_x.shape)} must be "
+                         f"[T, S, *image] and [T, Q, *image]")
     T, Q = query_x.shape[0], query_x.shape[1]
+    bad = [n for n, p in params.items() if p.shape[0] != T] + ([] if support_x.shape[0] == T else ["support_x"])
+    if bad:
+        raise ValueError(f"{bad} do not have the query set's {T} tasks in their first dimension")
 
     def forward(p, b, x):
         return functional_call(model, (p, b), (x,))

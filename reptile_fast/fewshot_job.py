@@ -30,7 +30,7 @@ from .trainer import Reptile
 from .validation import check_float, check_int
 
 __all__ = ["OmniglotConfig", "omniglot_preset", "run_omniglot", "run_omniglot_runs", "add_parser",
-           "run_command", "OMNIGLOT_JOB"]
+           "run_command", "config_from_args", "load_trained", "OMNIGLOT_JOB"]
 
 OMNIGLOT_JOB = "omniglot"
 VALIDATION_NAME = "validation.json"
@@ -416,6 +416,33 @@ def _check_device(name: str) -> Optional[str]:
     return None
 
 
+def config_from_args(args):
+    """``(OmniglotConfig, out, resume)`` for parsed ``omniglot`` arguments: the preset for
+    ``--ways`` (or the checkpoint's settings with ``--resume``), overridden by the flags given."""
+    given = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
+    if args.train is not None:
+        given["train"] = args.train
+    if args.test is not None:
+        given["test"] = args.test
+    resume = None
+    if args.resume is not None:
+        try:
+            resume = resolve_checkpoint_path(args.resume)
+            extra = load_checkpoint(resume).get("extra", {})
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"--resume {args.resume}: {exc}") from None
+        if extra.get("job") != OMNIGLOT_JOB or not isinstance(extra.get("job_config"), Mapping):
+            raise ValueError(f"--resume {args.resume}: not a checkpoint of the omniglot job")
+        settings = {**extra["job_config"], **given}
+        out = args.out if args.out is not None else str(resume.parent)
+    else:
+        if "train" not in given or "test" not in given:
+            raise ValueError("omniglot needs --train PATH and --test PATH (or --resume DIR)")
+        settings = {**omniglot_preset(given.get("ways", 5)), **given}
+        out = args.out if args.out is not None else "runs/omniglot"
+    return OmniglotConfig(**settings), out, resume
+
+
 def run_command(args) -> int:
     """Run ``omniglot`` or ``omniglot-runs`` from parsed arguments; returns the exit status."""
     from .signals import TrainingInterrupted
@@ -430,30 +457,9 @@ def run_command(args) -> int:
             return _err(str(exc))
         print(json.dumps(metrics, indent=2))
         return 0
-    given = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
-    if args.train is not None:
-        given["train"] = args.train
-    if args.test is not None:
-        given["test"] = args.test
-    resume = None
-    if args.resume is not None:
-        try:
-            resume = resolve_checkpoint_path(args.resume)
-            extra = load_checkpoint(resume).get("extra", {})
-        except (OSError, ValueError, TypeError) as exc:
-            return _err(f"--resume {args.resume}: {exc}")
-        if extra.get("job") != OMNIGLOT_JOB or not isinstance(extra.get("job_config"), Mapping):
-            return _err(f"--resume {args.resume}: not a checkpoint of the omniglot job")
-        settings = {**extra["job_config"], **given}
-        out = args.out if args.out is not None else str(resume.parent)
-    else:
-        if "train" not in given or "test" not in given:
-            return _err("omniglot needs --train PATH and --test PATH (or --resume DIR)")
-        settings = {**omniglot_preset(given.get("ways", 5)), **given}
-        out = args.out if args.out is not None else "runs/omniglot"
     try:
-        config = OmniglotConfig(**settings)
-    except (ValueError, TypeError) as exc:
+        config, out, resume = config_from_args(args)
+    except (OSError, ValueError, TypeError) as exc:
         return _err(str(exc))
     problem = _check_device(config.device)
     if problem:

@@ -93,16 +93,13 @@ def load_omniglot_images(sources, image_size: int = 28) -> OmniglotImages:
     file name: small1 and small2 share Greek and Latin) is read once.
     """
     check_int("image_size", image_size, 1)
-    files: Dict[Tuple[str, str], Dict[str, object]] = {}
-    found_any = False
-    for path in _sources(sources):
-        for (alphabet, character, fname), read in _png_entries(path):
-            found_any = True
-            per_char = files.setdefault((alphabet, character), {})
-            if fname not in per_char:
-                per_char[fname] = (path, read)
-    if not found_any:
-        raise ValueError(f"no alphabet/characterNN/*.png images found in {[str(p) for p in _sources(sources)]}")
+    paths = _sources(sources)
+    files: Dict[Tuple[str, str], Dict[str, Path]] = {}  # character -> file name -> its source
+    for path in paths:
+        for (alphabet, character, fname), _ in _png_entries(path):
+            files.setdefault((alphabet, character), {}).setdefault(fname, path)
+    if not files:
+        raise ValueError(f"no alphabet/characterNN/*.png images found in {[str(p) for p in paths]}")
     characters = sorted(files)
     images, rows = [], []
     # Zip members are read while their archive is open: group the reads by source.
@@ -111,7 +108,7 @@ def load_omniglot_images(sources, image_size: int = 28) -> OmniglotImages:
     for ci, key in enumerate(characters):
         row = []
         for fname in sorted(files[key]):
-            src, _ = files[key][fname]
+            src = files[key][fname]
             by_source.setdefault(src, []).append((index, "/".join((*key, fname))))
             row.append(index)
             index += 1
