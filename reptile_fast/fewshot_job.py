@@ -8,8 +8,6 @@ Lake et al. 2015 and reports their error rate.  Both write into an output folder
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os

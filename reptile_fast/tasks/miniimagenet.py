@@ -8,7 +8,6 @@ Tensors are float32 ``[3, S, S]`` in [0, 1] (84×84 in the paper).
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Dict, List, Optional
 

@@ -217,7 +217,8 @@ class Omniglot:
         kw.update(changes)
         return Omniglot(self.data, **kw)
 
-    def _draw(self, n_tasks: int, per_class: int, generator, device):
+    def _draw(self, n_tasks: int, per_class: int, generator):
+        """Images ``[T, N, P, 1, S, S]`` and labels ``[T, N, P]`` of ``n_tasks`` tasks."""
         classes, picks = draw_episode_plan(self._class_counts, n_tasks, self.ways, per_class,
                                            generator=generator)
         R = len(self.rotations)
@@ -230,14 +231,14 @@ class Omniglot:
                 sel = turns == k
                 x[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
         y = torch.arange(self.ways).view(1, self.ways, 1).expand(n_tasks, self.ways, per_class)
-        return x, y, device
+        return x, y
 
     def sample(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
                device=None) -> TaskBatch:
         """``n_tasks`` tasks of ``ways × shots`` images: x float32 ``[T, N·K, 1, S, S]``,
         y long ``[T, N·K]`` (labels ``0..N-1``, class-major order)."""
         device = _check_device(device)
-        x, y, _ = self._draw(n_tasks, self.shots, generator, device)
+        x, y = self._draw(n_tasks, self.shots, generator)
         T = x.shape[0]
         return TaskBatch(x.reshape(T, -1, *x.shape[3:]).to(device),
                          y.reshape(T, -1).contiguous().to(device))
@@ -250,7 +251,7 @@ class Omniglot:
             raise ValueError("sample_episodes needs query_shots >= 1 (this Omniglot has 0)")
         device = _check_device(device)
         K = self.shots
-        x, y, _ = self._draw(n_tasks, K + self.query_shots, generator, device)
+        x, y = self._draw(n_tasks, K + self.query_shots, generator)
         T = x.shape[0]
         flat = lambda t: t.reshape(T, -1, *t.shape[3:]).contiguous().to(device)  # noqa: E731
         return Episodes(TaskBatch(flat(x[:, :, :K]), flat(y[:, :, :K])),
