@@ -3,15 +3,18 @@ the real data in ../shared/data/omniglot is checked where present."""
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from _fake_omniglot import ALPHABETS, IMAGES, drawing, make_folder, make_runs, make_zip
-from conftest import OMNIGLOT
 from reptile_fast.tasks import Episodes, Omniglot, TaskBatch, load_official_runs
 from reptile_fast.tasks.omniglot import ROTATIONS, load_omniglot_images
+
+# as tests/conftest.py's OMNIGLOT (not imported from it: bench/ has a conftest module too)
+OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 
 
 def as_tensor(img: np.ndarray) -> torch.Tensor:
