@@ -140,6 +140,7 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
         steps: inner steps of adaptation per task (50 in the paper's evaluation).
         batch_size: support images per inner step (at most the support set's size).
         transductive: predict all query images of a task in one batch (see module doc).
+            A model with more outputs than ``episodes.ways`` predicts among the first ``ways``.
         generator: draws the adaptation minibatches (one plan for all tasks, drawn first, so
             the result does not depend on ``max_images``).
         max_images: images per batched forward pass; tasks are processed in chunks under it.
@@ -179,7 +180,8 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
             if logits.dim() != 3 or logits.shape[-1] < episodes.ways:
                 raise ValueError(f"the model gives logits {tuple(logits.shape[2:])} per image; "
                                  f"{episodes.ways}-way tasks need at least {episodes.ways} classes")
-            preds.append(logits.argmax(-1))
+            # labels are 0..ways-1: a model with more outputs predicts among the first ``ways``
+            preds.append(logits[..., :episodes.ways].argmax(-1))
     finally:
         model.train(was_training)
     return score_predictions(torch.cat(preds), episodes.query.y)

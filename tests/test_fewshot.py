@@ -206,3 +206,13 @@ def test_query_logits_bad_input():
         query_logits(model, params, ep.support.x[:2], ep.query.x[:2])
     with pytest.raises(ValueError, match=r"\[T, S, \*image\]"):
         query_logits(model, params, ep.support.x, ep.query.x[0])
+
+
+def test_a_model_with_more_outputs_predicts_among_the_tasks_classes():
+    torch.manual_seed(0)
+    wide = OmniglotConvNet(WAYS + 4, channels=4, image_size=8, n_blocks=2)
+    with torch.no_grad():
+        wide.classifier.bias[WAYS:] = 100.0  # the extra outputs would win every argmax
+    result = evaluate_episodes(trainer_for(wide), episodes(), steps=1, batch_size=3,
+                               generator=torch.Generator().manual_seed(0))
+    assert int(result.predictions.max()) < WAYS
