@@ -169,6 +169,12 @@ def test_bad_input(fake, data, tmp_path):
         Omniglot(data, ways=2, query_shots=0).sample_episodes(1)
     with pytest.raises(TypeError, match="generator"):
         Omniglot(data, ways=2).sample(1, generator=0)
+    debris = tmp_path / "debris.zip"
+    with zipfile.ZipFile(debris, "w") as zf:
+        zf.write(fake["folder"] / "Alpha" / "character01" / "0000_01.png", "bg/Alpha/character01/0000_01.png")
+        zf.writestr("__MACOSX/bg/Alpha/character01/._0000_01.png", b"resource fork")
+        zf.writestr("bg/Alpha/character01/._0000_02.png", b"resource fork")
+    assert load_omniglot_images(debris).images.shape[0] == 1
     bad = tmp_path / "bad.zip"
     with zipfile.ZipFile(bad, "w") as zf:
         zf.writestr("X/character01/a.png", b"not a png")

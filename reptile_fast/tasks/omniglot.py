@@ -51,18 +51,24 @@ def _sources(sources) -> List[Path]:
     return paths
 
 
+def _is_image(parts) -> bool:
+    # alphabet/characterNN/file.png; macOS archive debris (__MACOSX/, ._file.png) is not data
+    return (len(parts) >= 3 and parts[-1].endswith(".png") and parts[-2].startswith("character")
+            and not parts[-1].startswith("._") and "__MACOSX" not in parts)
+
+
 def _png_entries(path: Path) -> Iterable[Tuple[Tuple[str, str, str], object]]:
     """``((alphabet, character, file), read)`` for every ``alphabet/character*/file.png``."""
     if path.is_dir():
         for f in sorted(path.rglob("*.png")):
             parts = f.relative_to(path).parts
-            if len(parts) >= 3 and parts[-2].startswith("character"):
+            if _is_image(parts):
                 yield (parts[-3], parts[-2], parts[-1]), f.read_bytes
     else:
         with zipfile.ZipFile(path) as zf:
             for name in sorted(zf.namelist()):
                 parts = [p for p in name.split("/") if p]
-                if name.endswith(".png") and len(parts) >= 3 and parts[-2].startswith("character"):
+                if _is_image(parts):
                     yield (parts[-3], parts[-2], parts[-1]), (lambda n=name: zf.read(n))
 
 
