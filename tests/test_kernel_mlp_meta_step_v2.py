@@ -117,7 +117,7 @@ def _apply(fn_name, x, device):
             r = V._log(v)
         tl.store(y_ptr + offs, r, mask=offs < n)
 
-    x = x.to(device)
+    x = x.to(device).contiguous()  # the kernel reads x as a flat array
     y = torch.full_like(x, float("nan"))
     code = ["exp", "tanh", "sigmoid", "log"].index(fn_name)
     assert fn is not None
