@@ -267,7 +267,9 @@ def _backward(g, a_in, a_out, w, b, lr, ACT: tl.constexpr, INPUT_GRAD: tl.conste
         if DOT:
             g_in = tl.dot(g, w, input_precision=PRECISION)
         else:
-            g_in = tl.sum(g[:, :, None] * w[None, :, :], axis=1)
+            # reduced over the last axis on purpose: Triton (3.6) rewrites sum(a[:, :, None] *
+            # b[None, :, :], axis=1) into a tl.dot with the default (tf32) precision
+            g_in = tl.sum(g[:, None, :] * tl.trans(w)[None, :, :], axis=2)
     else:
         g_in = g
     return g_in, w - lr * grad_w, b - lr * grad_b
