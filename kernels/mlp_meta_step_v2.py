@@ -275,6 +275,98 @@ def _backward(g, a_in, a_out, w, b, lr, ACT: tl.constexpr, INPUT_GRAD: tl.conste
     return g_in, w - lr * grad_w, b - lr * grad_b
 
 
+
+# ----------------------------------------------------------------------------- streamed wide layers
+# With ``V2Config(stream=True)`` a wide x wide layer keeps its weights in the program's own scratch
+# row (global memory, private, L1/L2-resident) instead of registers, and its three products run
+# as fp32 K-loops of rank-1 updates (exact fp32, any ``precision``): registers hold only the
+# [BB, P] accumulators, so 4 warps fit without spills.  Activations / gradients feeding the loops
+# go through the scratch too, with a CTA barrier between the writes and the reads.
+@triton.jit
+def _layer_init(phi_ptr, w_scr, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                P_IN: tl.constexpr, P_OUT: tl.constexpr, S: tl.constexpr):
+    """(w, b) of a layer from φ: w in registers, or (S) copied to the scratch ``[P_OUT, P_IN]``
+    (zero-padded) with a ``[1, 1]`` placeholder returned."""
+    w, b = _load_layer(phi_ptr, OFF, D_IN, D_OUT, P_IN, P_OUT)
+    if S:
+        rows = tl.arange(0, P_OUT)
+        cols = tl.arange(0, P_IN)
+        tl.store(w_scr + rows[:, None] * P_IN + cols[None, :], w)
+        w = tl.zeros((1, 1), dtype=tl.float32)
+    return w, b
+
+
+@triton.jit
+def _layer_final(w, w_scr, P_IN: tl.constexpr, P_OUT: tl.constexpr, S: tl.constexpr):
+    """The layer's current weights as a register tile ``[P_OUT, P_IN]``."""
+    if S:
+        rows = tl.arange(0, P_OUT)
+        cols = tl.arange(0, P_IN)
+        w = tl.load(w_scr + rows[:, None] * P_IN + cols[None, :])
+    return w
+
+
+@triton.jit
+def _layer_forward(a, w, b, w_scr, a_scr, ACT: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                   P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, S: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+    if S:
+        rows = tl.arange(0, BLOCK_B)
+        cin = tl.arange(0, P_IN)
+        cout = tl.arange(0, P_OUT)
+        tl.store(a_scr + rows[:, None] * P_IN + cin[None, :], a)
+        tl.debug_barrier()
+        z = tl.zeros((BLOCK_B, P_OUT), dtype=tl.float32)
+        for k in range(0, D_IN):
+            a_k = tl.load(a_scr + rows * P_IN + k)
+            w_k = tl.load(w_scr + cout * P_IN + k)
+            z += a_k[:, None] * w_k[None, :]
+        h = _activation(z + b[None, :], ACT)
+        if ACT == 3:
+            if D_OUT < P_OUT:
+                h = tl.where(cout[None, :] < D_OUT, h, 0.0)
+    else:
+        h = _forward(a, w, b, ACT, D_OUT, P_OUT, DOT, PRECISION)
+    return h
+
+
+@triton.jit
+def _layer_backward(g, a_in, a_out, w, b, lr, batch, w_scr, a_scr, g_scr, ACT: tl.constexpr,
+                    INPUT_GRAD: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                    P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, S: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+    if S:
+        rows = tl.arange(0, BLOCK_B)
+        cin = tl.arange(0, P_IN)
+        cout = tl.arange(0, P_OUT)
+        g = _activation_grad(g, a_out, ACT)
+        tl.store(g_scr + rows[:, None] * P_OUT + cout[None, :], g)
+        tl.debug_barrier()
+        if INPUT_GRAD:
+            g_in = tl.zeros((BLOCK_B, P_IN), dtype=tl.float32)
+            for o in range(0, D_OUT):
+                g_o = tl.load(g_scr + rows * P_OUT + o)
+                w_o = tl.load(w_scr + o * P_IN + cin)
+                g_in += g_o[:, None] * w_o[None, :]
+        else:
+            g_in = g
+        # dW = Σ over the real batch rows of g[r]^T a[r] (a_scr still holds this step's input)
+        grad_w = tl.zeros((P_OUT, P_IN), dtype=tl.float32)
+        for r in range(0, batch):
+            g_r = tl.load(g_scr + r * P_OUT + cout)
+            a_r = tl.load(a_scr + r * P_IN + cin)
+            grad_w += g_r[:, None] * a_r[None, :]
+        grad_b = tl.sum(g, axis=0)
+        tl.debug_barrier()  # every read of W, g and a above before W is rewritten / g_scr reused
+        w_ptrs = w_scr + cout[:, None] * P_IN + cin[None, :]
+        tl.store(w_ptrs, tl.load(w_ptrs) - lr * grad_w)
+        tl.debug_barrier()
+        b = b - lr * grad_b
+    else:
+        g_in, w, b = _backward(g, a_in, a_out, w, b, lr, ACT, INPUT_GRAD, DOT, PRECISION)
+    return g_in, w, b
+
+
 @triton.jit
 def _loss_tile(out, target, label, row_ok, grad_scale, LOSS: tl.constexpr, D_OUT: tl.constexpr,
                P_OUT: tl.constexpr):
@@ -324,6 +416,9 @@ def _meta_step_kernel(
     # outputs: partial sums [n_programs, part_stride] f32 of Σ(φ̃ − φ), loss sums [n_programs] f32,
     # adapted parameters [T, out_stride] f32 (WRITE_ADAPTED), losses [T, STEPS] f32 (WRITE_LOSSES)
     part_ptr, loss_part_ptr, out_ptr, loss_ptr,
+    # stream=True: per-program scratch [n_programs, scr_stride] f32 (weights of the streamed layers
+    # at WOFF_l, their inputs at AOFF_l, one gradient tile at GOFF)
+    scr_ptr, scr_stride,
     # sizes (elements)
     n_tasks, n_points, batch, idx_stride, part_stride, out_stride, n_programs,
     # inner loop
@@ -343,6 +438,11 @@ def _meta_step_kernel(
     DL: tl.constexpr, PL: tl.constexpr, LOSS: tl.constexpr, BLOCK_B: tl.constexpr,
     STEPS: tl.constexpr, S_P: tl.constexpr,
     PRELOAD: tl.constexpr, PRECISION: tl.constexpr,
+    # streamed layers (S_l = DOT_l and stream) and their scratch offsets
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, S4: tl.constexpr,
+    WOFF0: tl.constexpr, WOFF1: tl.constexpr, WOFF2: tl.constexpr, WOFF3: tl.constexpr,
+    WOFF4: tl.constexpr, AOFF0: tl.constexpr, AOFF1: tl.constexpr, AOFF2: tl.constexpr,
+    AOFF3: tl.constexpr, AOFF4: tl.constexpr, GOFF: tl.constexpr,
     # what to write
     ACCUMULATE: tl.constexpr, WRITE_ADAPTED: tl.constexpr, WRITE_LOSSES: tl.constexpr,
 ):
@@ -352,6 +452,7 @@ def _meta_step_kernel(
     OFF4: tl.constexpr = OFF3 + D4 * D3 + D4
     # int64 program id: task offsets t * (N * D0), t * out_stride overflow int32 for large T
     pid = tl.program_id(0).to(tl.int64)
+    scr = scr_ptr + pid * scr_stride
     rows = tl.arange(0, BLOCK_B)
     row_ok = rows < batch
     c0 = tl.arange(0, P0)
@@ -402,15 +503,17 @@ def _meta_step_kernel(
                                 mask=plan_ok[:, :, None] & (cl[None, None, :] < DL), other=0.0)
             else:
                 lab_all = tl.load(y_ptr + pt_all, mask=plan_ok, other=0)
-        w0, b0 = _load_layer(phi_ptr, 0, D0, D1, P0, P1)
+        w0, b0 = _layer_init(phi_ptr, scr + WOFF0, 0, D0, D1, P0, P1, S0)
         if N_LAYERS > 1:
-            w1, b1 = _load_layer(phi_ptr, OFF1, D1, D2, P1, P2)
+            w1, b1 = _layer_init(phi_ptr, scr + WOFF1, OFF1, D1, D2, P1, P2, S1)
         if N_LAYERS > 2:
-            w2, b2 = _load_layer(phi_ptr, OFF2, D2, D3, P2, P3)
+            w2, b2 = _layer_init(phi_ptr, scr + WOFF2, OFF2, D2, D3, P2, P3, S2)
         if N_LAYERS > 3:
-            w3, b3 = _load_layer(phi_ptr, OFF3, D3, D4, P3, P4)
+            w3, b3 = _layer_init(phi_ptr, scr + WOFF3, OFF3, D3, D4, P3, P4, S3)
         if N_LAYERS > 4:
-            w4, b4 = _load_layer(phi_ptr, OFF4, D4, D5, P4, P5)
+            w4, b4 = _layer_init(phi_ptr, scr + WOFF4, OFF4, D4, D5, P4, P5, S4)
+        if S0 or S1 or S2 or S3 or S4:
+            tl.debug_barrier()  # the copies of φ before the first read of the scratch
         for s in range(0, STEPS):
             # this step's minibatch
             if PRELOAD:
@@ -434,19 +537,24 @@ def _meta_step_kernel(
                     target = tl.zeros((BLOCK_B, PL), dtype=tl.float32)
                     label = tl.load(y_ptr + point, mask=row_ok, other=0)
             # forward; a_l is kept for the backward pass
-            a1 = _forward(a0, w0, b0, ACT0, D1, P1, DOT0, PRECISION)
+            a1 = _layer_forward(a0, w0, b0, scr + WOFF0, scr + AOFF0, ACT0, D0, D1, P0, P1, DOT0, S0,
+                                PRECISION, BLOCK_B)
             out = a1
             if N_LAYERS > 1:
-                a2 = _forward(a1, w1, b1, ACT1, D2, P2, DOT1, PRECISION)
+                a2 = _layer_forward(a1, w1, b1, scr + WOFF1, scr + AOFF1, ACT1, D1, D2, P1, P2, DOT1, S1,
+                                    PRECISION, BLOCK_B)
                 out = a2
             if N_LAYERS > 2:
-                a3 = _forward(a2, w2, b2, ACT2, D3, P3, DOT2, PRECISION)
+                a3 = _layer_forward(a2, w2, b2, scr + WOFF2, scr + AOFF2, ACT2, D2, D3, P2, P3, DOT2, S2,
+                                    PRECISION, BLOCK_B)
                 out = a3
             if N_LAYERS > 3:
-                a4 = _forward(a3, w3, b3, ACT3, D4, P4, DOT3, PRECISION)
+                a4 = _layer_forward(a3, w3, b3, scr + WOFF3, scr + AOFF3, ACT3, D3, D4, P3, P4, DOT3, S3,
+                                    PRECISION, BLOCK_B)
                 out = a4
             if N_LAYERS > 4:
-                a5 = _forward(a4, w4, b4, ACT4, D5, P5, DOT4, PRECISION)
+                a5 = _layer_forward(a4, w4, b4, scr + WOFF4, scr + AOFF4, ACT4, D4, D5, P4, P5, DOT4, S4,
+                                    PRECISION, BLOCK_B)
                 out = a5
             g, loss_sum = _loss_tile(out, target, label, row_ok, grad_scale, LOSS, DL, PL)
             step_loss = tl.math.div_rn(loss_sum, loss_count)
@@ -455,14 +563,29 @@ def _meta_step_kernel(
                 tl.store(loss_ptr + t * STEPS + s, step_loss)
             # backward and SGD, last layer first
             if N_LAYERS > 4:
-                g, w4, b4 = _backward(g, a4, a5, w4, b4, lr, ACT4, True, DOT4, PRECISION)
+                g, w4, b4 = _layer_backward(g, a4, a5, w4, b4, lr, batch, scr + WOFF4, scr + AOFF4, scr + GOFF,
+                                            ACT4, True, D4, D5, P4, P5, DOT4, S4, PRECISION, BLOCK_B)
             if N_LAYERS > 3:
-                g, w3, b3 = _backward(g, a3, a4, w3, b3, lr, ACT3, True, DOT3, PRECISION)
+                g, w3, b3 = _layer_backward(g, a3, a4, w3, b3, lr, batch, scr + WOFF3, scr + AOFF3, scr + GOFF,
+                                            ACT3, True, D3, D4, P3, P4, DOT3, S3, PRECISION, BLOCK_B)
             if N_LAYERS > 2:
-                g, w2, b2 = _backward(g, a2, a3, w2, b2, lr, ACT2, True, DOT2, PRECISION)
+                g, w2, b2 = _layer_backward(g, a2, a3, w2, b2, lr, batch, scr + WOFF2, scr + AOFF2, scr + GOFF,
+                                            ACT2, True, D2, D3, P2, P3, DOT2, S2, PRECISION, BLOCK_B)
             if N_LAYERS > 1:
-                g, w1, b1 = _backward(g, a1, a2, w1, b1, lr, ACT1, True, DOT1, PRECISION)
-            g, w0, b0 = _backward(g, a0, a1, w0, b0, lr, ACT0, False, DOT0, PRECISION)
+                g, w1, b1 = _layer_backward(g, a1, a2, w1, b1, lr, batch, scr + WOFF1, scr + AOFF1, scr + GOFF,
+                                            ACT1, True, D1, D2, P1, P2, DOT1, S1, PRECISION, BLOCK_B)
+            g, w0, b0 = _layer_backward(g, a0, a1, w0, b0, lr, batch, scr + WOFF0, scr + AOFF0, scr + GOFF,
+                                        ACT0, False, D0, D1, P0, P1, DOT0, S0, PRECISION, BLOCK_B)
+        # streamed layers: their weights back into registers for the writes below
+        w0 = _layer_final(w0, scr + WOFF0, P0, P1, S0)
+        if N_LAYERS > 1:
+            w1 = _layer_final(w1, scr + WOFF1, P1, P2, S1)
+        if N_LAYERS > 2:
+            w2 = _layer_final(w2, scr + WOFF2, P2, P3, S2)
+        if N_LAYERS > 3:
+            w3 = _layer_final(w3, scr + WOFF3, P3, P4, S3)
+        if N_LAYERS > 4:
+            w4 = _layer_final(w4, scr + WOFF4, P4, P5, S4)
         if WRITE_ADAPTED:
             out_row = out_ptr + t * out_stride
             _store_layer(out_row, w0, b0, 0, D0, D1, P0, P1)
@@ -507,6 +630,8 @@ def _meta_step_kernel(
                 _accumulate_layer(part_row, phi_ptr, w4, b4, OFF4, D4, D5, P4, P5)
             # the next task's read-modify-write may run on other threads
             tl.debug_barrier()
+        elif S0 or S1 or S2 or S3 or S4:
+            tl.debug_barrier()  # the reads of the streamed weights before the next task's copy
     if ACCUMULATE == 1:
         # every program writes its whole partial row (zeros if it ran no task)
         _store_layer(part_row, acc_w0, acc_b0, 0, D0, D1, P0, P1)
@@ -620,6 +745,10 @@ class V2Config:
             copy of the weights in registers) or "memory" (its own partial row, read-modified-
             written once per task, L1/L2-resident); None: "registers" while the padded weights
             are at most ``ACC_REGISTERS_LIMIT`` elements, else "memory".
+        stream: wide x wide layers keep their weights in a per-program scratch row and run their
+            products as fp32 K-loops (see "streamed wide layers"): far fewer registers (no spills
+            at 4 warps, sm_90a), extra L1 traffic and barriers; exact fp32 whatever ``precision``
+            says.  Off by default until a GPU measurement says which is faster.
     """
 
     num_warps: Optional[int] = None
@@ -627,6 +756,7 @@ class V2Config:
     max_programs: Optional[int] = None
     preload: Optional[bool] = None
     accumulate: Optional[str] = None
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
@@ -637,6 +767,8 @@ class V2Config:
             raise ValueError(f"max_programs must be None or an int >= 1, got {self.max_programs!r}")
         if self.preload not in (None, True, False):
             raise ValueError(f"preload must be None, True or False, got {self.preload!r}")
+        if not isinstance(self.stream, bool):
+            raise ValueError(f"stream must be True or False, got {self.stream!r}")
         if self.accumulate not in (None, "registers", "memory"):
             raise ValueError(f"accumulate must be None, 'registers' or 'memory', got {self.accumulate!r}")
 
@@ -653,6 +785,8 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
     if any(dots):
         block_b = max(16, block_b)  # tl.dot's M (forward) and K (weight gradient)
     s_p = triton.next_power_of_2(max(1, int(steps)))
+    streamed = [dot and config.stream for dot in dots]
+    layout, _ = _scratch_layout(dims, block_b) if config.stream else ({}, 0)
     mode = config.accumulate
     if mode is None:
         weights = sum(a * b for a, b in zip(p[:n_layers], p[1:n_layers + 1]))
@@ -669,7 +803,36 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
                 STEPS=int(steps), S_P=s_p,
                 PRELOAD=bool(preload), PRECISION=precision, ACCUMULATE=accumulate,
                 WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses,
-                num_warps=config.num_warps or (8 if any(dots) else 4), num_stages=1)
+                S0=streamed[0], S1=streamed[1], S2=streamed[2], S3=streamed[3], S4=streamed[4],
+                **{f"WOFF{l}": layout.get(f"w{l}", 0) for l in range(MAX_LAYERS)},
+                **{f"AOFF{l}": layout.get(f"a{l}", 0) for l in range(MAX_LAYERS)}, GOFF=layout.get("g", 0),
+                num_warps=config.num_warps or (8 if any(dots) and not config.stream else 4), num_stages=1)
+
+
+def _scratch_layout(dims: Sequence[int], block_b: int):
+    """Offsets (elements) in a program's scratch row of each streamed layer's weights ``w{l}``
+    ``[P_OUT, P_IN]``, its input ``a{l}`` ``[BB, P_IN]`` and the gradient tile ``g``; and the row
+    length (a multiple of 4: 16-byte aligned rows)."""
+    p = [feature_tile(v) for v in dims]
+    layout, off, widest = {}, 0, 0
+    for l, dot in enumerate(_uses_dot(dims)):
+        if dot:
+            layout[f"w{l}"] = off
+            off += p[l + 1] * p[l]
+            layout[f"a{l}"] = off
+            off += block_b * p[l]
+            widest = max(widest, p[l + 1])
+    layout["g"] = off
+    off += block_b * widest
+    return layout, -(-max(off, 1) // 4) * 4
+
+
+def _scratch(dims, meta, n_programs, device, config: V2Config):
+    """The streamed layers' scratch ``[n_programs, row]`` (a 1-element dummy when not streaming)."""
+    if not config.stream or not any(_uses_dot(dims)):
+        return torch.empty(1, device=device, dtype=torch.float32), 0
+    _, row = _scratch_layout(dims, meta["BLOCK_B"])
+    return torch.empty(n_programs, row, device=device, dtype=torch.float32), row
 
 
 def _n_programs(T: int, device: torch.device, config: V2Config) -> int:
@@ -702,7 +865,7 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
     kernel = _meta_step_kernel
     pointers = {"x_ptr": "*fp32", "y_ptr": "*fp32" if loss == "mse" else "*i64", "idx_ptr": "*i64",
                 "phi_ptr": "*fp32", "part_ptr": "*fp32", "loss_part_ptr": "*fp32", "out_ptr": "*fp32",
-                "loss_ptr": "*fp32"}
+                "loss_ptr": "*fp32", "scr_ptr": "*fp32"}
     floats = ("lr", "grad_scale", "loss_count")
     signature = {name: "constexpr" if name in meta else pointers.get(name, "fp32" if name in floats else "i32")
                  for name in kernel.arg_names}
@@ -883,8 +1046,9 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
     mean_loss = torch.empty(1, device=device, dtype=torch.float32)
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
     meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, True, False, task_losses)
+    scratch, scr_stride = _scratch(c.dims, meta, n_programs, device, config)
     _meta_step_kernel[(n_programs,)](
-        c.x, c.y, c.indices, c.phi, partials, loss_part, partials, losses,
+        c.x, c.y, c.indices, c.phi, partials, loss_part, partials, losses, scratch, scr_stride,
         T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, part_stride, 0, n_programs,
         float(lr), grad_scale, loss_count, **meta)
     block = 1024
@@ -930,8 +1094,9 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
     n_programs = _n_programs(T, device, config)
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
     meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, False, True, True)
+    scratch, scr_stride = _scratch(c.dims, meta, n_programs, device, config)
     _meta_step_kernel[(n_programs,)](
-        c.x, c.y, c.indices, c.phi, out, out_losses, out, out_losses,
+        c.x, c.y, c.indices, c.phi, out, out_losses, out, out_losses, scratch, scr_stride,
         T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, 0, row_stride, n_programs,
         float(lr), grad_scale, loss_count, **meta)
     return out, out_losses

@@ -204,9 +204,31 @@ def test_mse_depth_width_batch_activation(device, case):
     model = MLP(d_in, output_dim=d_out, hidden_dims=hidden, activation=act).to(device)
     tasks = regression_tasks(T, 40, d_in, d_out, seed=5)
     indices = sample_indices(T, S, 40, B, generator=torch.Generator().manual_seed(6))
-    params, losses = run_inner(model, tasks, indices, device, row_pad=3)
-    assert_inner_matches(params, losses, reference_inner(model, tasks, indices), f"MLP {case}")
-    assert_near_float64(params, model, tasks, indices, f"MLP {case}")
+    # the wide layers streamed through the scratch on every other case (both code paths covered)
+    stream = CASES.index(case) % 2 == 1
+    params, losses = run_inner(model, tasks, indices, device, row_pad=3, stream=stream)
+    assert_inner_matches(params, losses, reference_inner(model, tasks, indices), f"MLP {case} (stream={stream})")
+    assert_near_float64(params, model, tasks, indices, f"MLP {case} (stream={stream})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streamed_wide_layers_match(device):
+    """stream=True (wide layers' weights in the per-program scratch, K-loops) on the seed's MLP:
+    the reference, the register variant, and the fused meta-step, with programs looping (3 tasks
+    on 2 programs: the scratch is reused task after task)."""
+    torch.manual_seed(40)
+    model = MLP().to(device)
+    spec, _, phi = spec_of(model)
+    tasks = Sine().sample(3, generator=torch.Generator().manual_seed(41))
+    indices = sample_indices(3, 2, 50, 10, generator=torch.Generator().manual_seed(42))
+    expected = reference_inner(model, tasks, indices)
+    params, losses = run_inner(model, tasks, indices, device, stream=True, max_programs=2, row_pad=2)
+    assert_inner_matches(params, losses, expected, "streamed 1-64-64-1")
+    args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
+    a = V.meta_step(*args, lr=0.02, eps=0.5, config=V.V2Config(stream=True, max_programs=2))
+    b = V.meta_step(*args, lr=0.02, eps=0.5, config=V.V2Config(max_programs=2))
+    torch.testing.assert_close(a.params, b.params, rtol=RTOL, atol=ATOL, msg="streamed vs register meta-step")
+    torch.testing.assert_close(a.loss, b.loss, rtol=RTOL, atol=ATOL, msg="streamed vs register mean loss")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -382,4 +404,8 @@ def test_config_validation_and_support():
     assert not V.supports_v2((1, 128, 1), 10) and "up to 64" in V.unsupported_reason((1, 128, 1), 10)
     assert not V.supports_v2((1, 64, 1), 33)
     assert [V.feature_tile(d) for d in (1, 3, 4, 5, 40, 64)] == [1, 4, 4, 16, 64, 64]
+    with pytest.raises(ValueError, match="stream"):
+        V.V2Config(stream=1)
+    layout, row = V._scratch_layout((1, 64, 64, 1), 16)
+    assert layout == {"w1": 0, "a1": 4096, "g": 4096 + 1024} and row == 4096 + 2048
     assert V._uses_dot((1, 64, 64, 1)) == [False, True, False]
