@@ -48,9 +48,11 @@ TIMED_T = (1, 256, 4096, 65536)
 VARIANTS = [("v1", "v1", "ieee", "inner"), ("v1-tf32x3", "v1", "tf32x3", "inner"), ("v1-tf32", "v1", "tf32", "inner"),
             ("v2", "v2", "ieee", "inner"), ("v2-tf32x3", "v2", "tf32x3", "inner"), ("v2-tf32", "v2", "tf32", "inner"),
             ("v2-meta", "v2", "ieee", "meta"), ("v2-meta-tf32x3", "v2", "tf32x3", "meta"),
-            ("v2-meta-tf32", "v2", "tf32", "meta")]
+            ("v2-meta-tf32", "v2", "tf32", "meta"),
+            # wide layers streamed through a per-program scratch (V2Config(stream=True), 4 warps)
+            ("v2s", "v2s", "ieee", "inner"), ("v2s-meta", "v2s", "ieee", "meta")]
 #: the CPU smoke's (interpreter) subset: each code path once
-SMOKE_VARIANTS = [v for v in VARIANTS if v[0] in ("v1", "v2-tf32x3", "v2-meta")]
+SMOKE_VARIANTS = [v for v in VARIANTS if v[0] in ("v1", "v2-tf32x3", "v2-meta", "v2s-meta")]
 
 
 class Log:
@@ -111,13 +113,15 @@ def launcher(variant, T, device, dims, tasks, plan, params, phi):
         return lambda: K.mlp_inner_loop(x, y, plan, params, ACTS[:len(dims) - 2] + ("identity",), lr=LR,
                                         precision=prec, config=config, out=out, out_losses=losses)
     acts = ACTS[:len(dims) - 2] + ("identity",)
+    config = V.V2Config(stream=kernel == "v2s")
     if what == "inner":
         out = torch.empty(T, -(-n // 4) * 4, device=device)
         losses = torch.empty(T, STEPS, device=device)
-        return lambda: V.inner_loop(x, y, plan, phi, dims, acts, lr=LR, precision=prec, out=out, out_losses=losses)
+        return lambda: V.inner_loop(x, y, plan, phi, dims, acts, lr=LR, precision=prec, config=config, out=out,
+                                    out_losses=losses)
     new = torch.empty(n, device=device)
     eps = torch.full((1,), EPS, device=device)
-    return lambda: V.meta_step(x, y, plan, phi, dims, acts, lr=LR, eps=eps, precision=prec, out=new)
+    return lambda: V.meta_step(x, y, plan, phi, dims, acts, lr=LR, eps=eps, precision=prec, config=config, out=new)
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -227,7 +231,7 @@ def stage_correctness(log, device, smoke):
                                      out_losses=losses, scratch_fill=float("nan"))
                 else:
                     V.inner_loop(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, precision=prec, out=out,
-                                 out_losses=losses)
+                                 out_losses=losses, config=V.V2Config(stream=kernel == "v2s"))
                 got = out[:, :n]
                 row["unwritten"] = int(torch.isnan(got).sum()) + int(torch.isnan(losses).sum())
                 row["wrote_past_row"] = bool(not torch.isnan(out[:, n:]).all())
@@ -243,9 +247,11 @@ def stage_correctness(log, device, smoke):
                                   inner_steps=STEPS, inner_batch_size=BATCH)
                 want = trainer.meta_step(cpu_tasks, cpu_plan)
                 want_phi = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+                cfg = V.V2Config(stream=kernel == "v2s")
                 res = V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=EPS, precision=prec,
-                                  out=torch.full_like(phi, float("nan")))
-                again = V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=EPS, precision=prec)
+                                  config=cfg, out=torch.full_like(phi, float("nan")))
+                again = V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=EPS, precision=prec,
+                                    config=cfg)
                 row["unwritten"] = int(torch.isnan(res.params).sum())
                 row["deterministic"] = bool(torch.equal(res.params, again.params) and torch.equal(res.loss, again.loss))
                 row["max_abs_vs_trainer"] = float((res.params.cpu() - want_phi).abs().max())
@@ -449,7 +455,7 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
     for tool in tools:
         if tool_name == "ncu":
             cmd = [exe, "--section", "SpeedOfLight", "--section", "Occupancy", "--clock-control", "none",
-                   "-k", "regex:_meta_step_kernel", "--launch-skip", "1", "--launch-count", "1",
+                   "-k", "regex:_meta_step_kernel", "--launch-skip", "1", "--launch-count", "3",
                    sys.executable, "-m", "bench.gpu_check", "--target", "profile", str(out)]
         else:
             cmd = [exe, "--tool", tool, "--error-exitcode", "9", sys.executable, "-m", "bench.gpu_check",
@@ -479,7 +485,7 @@ def run_target(kind: str) -> int:
     device = torch.device("cuda")
     T = 3 if kind == "tiny" else 4096
     model, tasks, plan, params, phi = problem(T, device, seed=3)
-    for variant in (VARIANTS if kind == "tiny" else [v for v in VARIANTS if v[0] == "v2-meta"]):
+    for variant in (VARIANTS if kind == "tiny" else [v for v in VARIANTS if v[0] in ("v2-meta", "v2s-meta")]):
         fn = launcher(variant, T, device, DIMS, tasks, plan, params, phi)
         fn()
         fn()
@@ -598,9 +604,9 @@ def main(argv=None) -> int:
         ("3", "correctness", lambda: stage_correctness(log, device, args.cpu_smoke), 60),
         ("4", "timing", lambda: stage_timing(log, device, args.cpu_smoke, Budget(min(150, max(10, budget.left() - 90))),
                                              results, out), 150),
-        ("5", "sanitizer", lambda: stage_tools(log, out, device, "sanitizer", 25,
-                                               ("memcheck", "initcheck", "synccheck")), 75),
-        ("6", "ncu", lambda: stage_tools(log, out, device, "ncu", 40, ("ncu",)), 40),
+        ("5", "sanitizer", lambda: stage_tools(log, out, device, "sanitizer", max(10, min(40, (budget.left() - 45) / 3)),
+                                               ("memcheck", "initcheck", "synccheck")), 120),
+        ("6", "ncu", lambda: stage_tools(log, out, device, "ncu", max(10, min(45, budget.left() - 5)), ("ncu",)), 45),
     ]
     for number, name, fn, _cap in stages:
         if number not in wanted:

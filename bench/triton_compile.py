@@ -79,24 +79,27 @@ def facts(kernel, arch: int) -> dict:
 
 
 def v2_rows(arch: int = 90, warps=(4, 8), cases=V2_CASES, precisions=V2_PRECISIONS, modes=V2_MODES,
-            log=None):
-    """Compile kernel v2 for every case x precision x mode x warps; one dict per compile."""
+            streams=(False, True), log=None):
+    """Compile kernel v2 for every case x precision x mode x warps (and the streamed variant,
+    whose wide layers ignore the precision: "ieee" only); one dict per compile."""
     import triton
 
     from reptile_fast.kernels import mlp_meta_step_v2 as V
 
     rows = []
+    combos = [(prec, mode, nw, False) for prec in precisions for mode in modes for nw in warps]
+    if True in streams:
+        combos += [("ieee", mode, nw, True) for mode in modes for nw in warps]
     for name, dims, acts, loss, batch, steps in cases:
-        for prec in precisions:
-            for mode in modes:
-                for nw in warps:
-                    row = {"kernel": "v2", "case": name, "dims": list(dims), "activations": list(acts), "loss": loss,
+        for prec, mode, nw, stream in combos:
+                    row = {"kernel": "v2-stream" if stream else "v2", "case": name, "dims": list(dims),
+                           "activations": list(acts), "loss": loss,
                            "batch": batch, "steps": steps, "precision": prec, "mode": mode, "num_warps": nw,
                            "arch": f"sm_{arch}a", "triton": triton.__version__}
                     t0 = time.perf_counter()
                     try:
                         k = V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=prec,
-                                                 config=V.V2Config(num_warps=nw), arch=arch,
+                                                 config=V.V2Config(num_warps=nw, stream=stream), arch=arch,
                                                  accumulate=mode == "meta-step", write_adapted=mode == "adapt",
                                                  write_losses=mode == "adapt")
                         row.update(facts(k, arch))
@@ -157,7 +160,8 @@ def main(argv=None) -> int:
         ap.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the JIT kernels")
     rows = []
     v2_kw = {"all": {}, "gpu": {"cases": V2_CASES[:1]},
-             "smoke": {"cases": V2_CASES[:1], "precisions": ("ieee",), "modes": ("meta-step",), "warps": (8,)}}
+             "smoke": {"cases": V2_CASES[:1], "precisions": ("ieee",), "modes": ("meta-step",), "warps": (8,),
+                       "streams": (False,)}}
     v1_kw = {"all": {}, "gpu": {"cases": V1_CASES[:1]}, "smoke": {"cases": V1_CASES[:1], "precisions": ("ieee",)}}
     if args.kernel in ("v2", "all"):
         rows += v2_rows(args.arch, log=print, **v2_kw[args.cases])
