@@ -25,6 +25,11 @@ Design (what differs from v1, ``kernels/mlp_inner_loop.py``):
   order (deterministic: no atomics, the same order on every run for a given grid) and applies
   ``φ + ε·Σ/T``, ε read from a device tensor (so a CUDA graph can replay with a new ε).
   Per-task adapted parameters and per-step losses are written only when asked (adapt/evaluate).
+* **Where the wide weights live.** By default in registers (Triton's fp32 FMA ``tl.dot`` then
+  needs ~250 registers at 8 warps for a 64 x 64 layer); with ``V2Config(stream=True)`` in a
+  per-program scratch row, the products running as fp32 K-loops of rank-1 updates (128 registers,
+  no spills at 4 warps on sm_90a with Triton 3.8).  Which is faster is a GPU question: the GPU
+  check times both.
 * **Accuracy-bounded special functions.** On NVIDIA, fp32 ``tl.exp`` lowers to ``ex2.approx``
   and ``/`` to ``div.full`` (both approximate).  v2's ``_exp`` is a Cody–Waite range reduction
   plus a degree-7 polynomial in plain FMA arithmetic, ``_log`` an atanh series, and divisions go

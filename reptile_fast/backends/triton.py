@@ -26,7 +26,7 @@ Options (``Reptile`` builds backends by name, so each also has a process-wide de
         ``$REPTILE_FAST_TRITON_CUDA_GRAPHS=1``.  Ignored off CUDA.
     launch: launch overrides for tuning: ``LaunchConfig`` fields (``mode``, ``num_warps``, tile
         sizes, …) for v1, ``V2Config`` fields (``num_warps``, ``programs_per_sm``, ``max_programs``,
-        ``preload``, ``accumulate``) for v2.
+        ``preload``, ``accumulate``, ``stream``) for v2.
 
 ``TritonFusedStepper`` runs whole meta-steps through kernel v2's fused outer update (the
 training loop's stepper protocol: ``chunk``, ``name``, ``run``, ``check``).
@@ -103,7 +103,7 @@ def _v2_config(launch: dict):
         return _kernels_v2().V2Config(**launch)
     except TypeError as exc:
         raise TypeError(f"launch options for kernel v2 are V2Config fields (num_warps, programs_per_sm, "
-                        f"max_programs, preload, accumulate): {exc}") from None
+                        f"max_programs, preload, accumulate, stream): {exc}") from None
 
 
 class TritonBackend(Backend):
