@@ -541,6 +541,20 @@ def summary_lines(results: dict) -> list:
             lines.append(f"  {p:>18} " + " ".join(cells))
         lines.append("  targets at T=4096: >= 10x torch-vmap, >= 3x torch, >= 3x jax, >= 30% of fp32 peak; "
                      "T=1: >= 50x the seed loop")
+
+        def rate(p, T):
+            r = next((r for r in timing if r["provider"] == p and r["T"] == T and "tasks_per_s" in r), None)
+            return r["tasks_per_s"] if r else None
+
+        for T, base in ((4096, ("torch-vmap", "torch", "torch-graph", "jax")), (1, ("seed", "torch"))):
+            best = max(((rate(p, T), p) for p in provs if p.startswith("v") and rate(p, T)), default=None)
+            if best:
+                ratios = ", ".join(f"{best[0] / rate(b, T):.1f}x {b}" for b in base if rate(b, T))
+                lines.append(f"  T={T}: fastest Triton variant {best[1]}: {ratios or 'no baseline timed'}")
+        full = next((r for r in timing if r["provider"] == "v2-meta-graph-full" and r["T"] == 1 and "ms" in r), None)
+        if full:
+            lines.append(f"  the seed's setting (meta-batch 1, 30000 meta-steps) as one graphed meta-step each: "
+                         f"{full['ms']:.4f} ms -> {30 * full['ms']:.2f} s of training (goal < 1 s)")
     for name in ("sanitizer", "ncu"):
         st = results["stages"].get(name) or {}
         for tool, r in st.items():
