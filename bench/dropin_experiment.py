@@ -37,6 +37,7 @@ from bench.seed_experiment import held_out_mse, load_seed
 import reptile_fast
 from reptile_fast import compiled_step
 from reptile_fast.mlp_spec import extract_mlp_spec
+from reptile_fast.steppers import gather_chunk
 from reptile_fast.tasks import Sine, sample_indices
 
 ITERATIONS = 30000
@@ -82,24 +83,18 @@ def time_programs(chunk: int = 500, rounds: int = 20) -> dict:
     live = [model.get_parameter(n).detach() for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
     gen = torch.Generator().manual_seed(0)
     tasks = Sine().sample(chunk, generator=gen)
-    xs, ys = compiled_step.gather_chunk(tasks, sample_indices(chunk, 5, 50, 10, generator=gen), 1)
+    xs, ys = gather_chunk(tasks, sample_indices(chunk, 5, 50, 10, generator=gen), 1)
     eps = torch.full((chunk,), 0.1)
     variants = {
         "scan (fused_inner_loop, the default)": ("scan", compiled_step.fused_inner_loop),
         "step (fused_inner_loop, one compiled call per meta-step)": ("step", compiled_step.fused_inner_loop),
         "eager (mlp_batched.mlp_inner_loop, no compiler)": ("eager", None),
-        "scan (mlp_batched.mlp_inner_loop compiled)": ("scan", compiled_step._eager_inner_loop),
+        "scan (mlp_batched.mlp_inner_loop compiled)": ("scan", compiled_step.eager_inner_loop),
     }
     programs, out = {}, {}
     for name, (mode, inner) in variants.items():
         program = compiled_step.MetaStepProgram(spec, lr=0.02, loss="mse", steps=5, n_tasks=1, batch=10,
-                                                dtype=torch.float32, mode=mode)
-        if inner is not None:
-            def step_fn(_mode, inner=inner):
-                def step(params, x, y, e):
-                    return compiled_step._meta_step(inner, spec, 0.02, "mse", list(params), x, y, e)
-                return step
-            program._step_fn = step_fn
+                                                dtype=torch.float32, mode=mode, inner=inner)
         programs[name] = program.prepare()
     times = {name: [] for name in programs}
     for _ in range(rounds):

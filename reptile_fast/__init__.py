@@ -8,6 +8,9 @@ Public API:
     MLP, OmniglotConvNet             models
     save_checkpoint, load_checkpoint atomic checkpoints for exact resume
     reference                        the seed's program, faithfully (the oracle)
+
+Architecture (README "Architecture"): ``core`` (the outer update), ``backends`` (inner loops),
+``steppers`` (one meta-step), ``loop`` (the training loop) and ``callbacks``.
 """
 from . import reference, tasks
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -15,7 +18,8 @@ from .dropin import reptile
 from .models import MLP, OmniglotConvNet
 from .signals import TrainingInterrupted
 from .tasks import Sine, TaskBatch, sample_indices
-from .trainer import NonFiniteError, Reptile
+from .core import NonFiniteError
+from .trainer import Reptile
 
 __version__ = "0.1.0"
 

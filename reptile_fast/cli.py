@@ -40,11 +40,26 @@ CONFIG_FLAGS = ("iterations", "meta_batch_size", "outer_lr", "outer_lr_final", "
                 "checkpoint_every", "hidden_dim", "threads")
 
 
+def _version_string() -> str:
+    """reptile_fast's version with the torch and Triton it runs on (no heavy imports)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    return f"reptile-fast {__version__} (torch {installed('torch')}, triton {installed('triton')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .jobs import SineConfig
 
     d = SineConfig()
     parser = argparse.ArgumentParser(prog="reptile-fast", description="Fast Reptile meta-learning.")
+    parser.add_argument("--version", action="version", version=_version_string())
     sub = parser.add_subparsers(dest="command", required=True)
     sine = sub.add_parser("sine", help="meta-train the seed's MLP on sine-wave regression",
                           description="Meta-train the seed's MLP on sine tasks and write the figure, "

@@ -13,7 +13,6 @@ Modes (``MetaStepProgram.mode``), tried in this order, each falling back with a 
     "scan"   one compiled call per chunk of meta-steps (``torch._higher_order_ops.scan``);
     "step"   one compiled call per meta-step (when scan is unavailable or fails to compile);
     "eager"  the same function without compilation (no C++ compiler, ``torch.compile`` broken).
-"fused" asks for "eager" directly (the non-compiled fast path).
 
 Programs are cached per (layer sizes, activations, loss, inner lr, inner steps, tasks per
 meta-step, minibatch size, dtype, mode); compilation happens on first use and its time is kept
@@ -21,8 +20,8 @@ in ``compile_seconds``, apart from the per-iteration time.  Everything runs on o
 at these sizes OpenMP fork/join costs more than it saves (measured: several times slower with
 two threads on the 2-core machine).
 
-``compiled_fit(trainer, task_distribution, iterations)`` is ``Reptile.fit`` on this path, for
-the CLI's sine job and for ``reptile_fast.reptile``.
+``reptile_fast.steppers.CompiledStepper`` runs these programs in the training loop (backend
+"compiled" of ``Reptile``, the CLI's sine job and ``reptile_fast.reptile`` at meta-batch 1).
 """
 from __future__ import annotations
 
@@ -33,19 +32,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .backends.base import UnsupportedModelError
 from .backends.mlp_batched import mlp_inner_loop, stack_mlp_params
-from .losses import loss_name
-from .mlp_math import ACTIVATIONS, FAST_LOSSES, loss_and_grad
-from .mlp_spec import MLPSpec, cached_mlp_spec
-from .tasks.base import TaskBatch, sample_indices
+from .mlp_math import ACTIVATIONS, loss_and_grad
+from .mlp_spec import MLPSpec
 
-__all__ = ["MetaStepProgram", "get_program", "compiled_fit", "check_compiled_supported", "MODES",
-           "DEFAULT_CHUNK"]
+__all__ = ["MetaStepProgram", "get_program", "fused_inner_loop", "eager_inner_loop", "MODES"]
 
 MODES = ("scan", "step", "eager")
-#: meta-steps per compiled call (and per draw of tasks / minibatch plans)
-DEFAULT_CHUNK = 500
 
 # cpp_wrapper: the generated program's glue is C++ rather than Python (measured in "step" mode:
 # 136 -> 89 µs per call).  cpp.threads = 1: see the module docstring.
@@ -128,7 +121,7 @@ def fused_inner_loop(spec: MLPSpec, params: Sequence[torch.Tensor], xs: torch.Te
     return theta, torch.stack(losses, 1)
 
 
-def _eager_inner_loop(spec: MLPSpec, params: Sequence[torch.Tensor], xs: torch.Tensor, ys: torch.Tensor,
+def eager_inner_loop(spec: MLPSpec, params: Sequence[torch.Tensor], xs: torch.Tensor, ys: torch.Tensor,
                       lr: float, loss: str) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """``fused_inner_loop``'s contract on ``mlp_batched.mlp_inner_loop`` (fastest without a compiler)."""
     names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
@@ -137,7 +130,7 @@ def _eager_inner_loop(spec: MLPSpec, params: Sequence[torch.Tensor], xs: torch.T
     return [t for pair in zip(out.params.weights, out.params.biases) for t in pair], out.losses
 
 
-def _meta_step(inner: Callable, spec: MLPSpec, lr: float, loss: str, params: List[torch.Tensor],
+def meta_step(inner: Callable, spec: MLPSpec, lr: float, loss: str, params: List[torch.Tensor],
                xs: torch.Tensor, ys: torch.Tensor, eps: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """One meta-step: every task's inner loop from φ (``inner``), then the interpolation update.
 
@@ -171,7 +164,7 @@ class MetaStepProgram:
     """
 
     def __init__(self, spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int,
-                 batch: int, dtype: torch.dtype, mode: str = "scan"):
+                 batch: int, dtype: torch.dtype, mode: str = "scan", inner: Optional[Callable] = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.spec, self.lr, self.loss = spec, float(lr), loss
@@ -182,14 +175,17 @@ class MetaStepProgram:
         self.fallback_reason: Optional[str] = None
         self._fn: Optional[Callable] = None
         self._ready = False
+        #: the inner-loop formulation to compile (``fused_inner_loop`` by default; benchmarks
+        #: compare others with the same contract, e.g. ``eager_inner_loop``)
+        self.inner = inner
 
     # ---------------------------------------------------------------- building
     def _step_fn(self, mode: str):
         spec, lr, loss = self.spec, self.lr, self.loss
-        inner = _eager_inner_loop if mode == "eager" else fused_inner_loop
+        inner = eager_inner_loop if mode == "eager" else (self.inner or fused_inner_loop)
 
         def step(params, xs, ys, eps):
-            return _meta_step(inner, spec, lr, loss, list(params), xs, ys, eps)
+            return meta_step(inner, spec, lr, loss, list(params), xs, ys, eps)
         return step
 
     def _build(self, mode: str) -> Callable:
@@ -298,159 +294,3 @@ def get_program(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int
                                                    n_tasks=n_tasks, batch=batch, dtype=dtype,
                                                    mode=mode)
     return program
-
-
-# -------------------------------------------------------------------- the trainer's fit, compiled
-def check_compiled_supported(trainer) -> MLPSpec:
-    """The model's ``MLPSpec`` if ``trainer`` can run on this path; else ``UnsupportedModelError``
-    saying why (a CPU MLP chain, SGD inner loop, plain Reptile, "mse"/"cross_entropy", no outer
-    optimizer)."""
-    if trainer.device.type != "cpu":
-        raise UnsupportedModelError(f"the compiled meta-step is the CPU path; the model is on {trainer.device}")
-    cfg = trainer.config
-    if cfg.optimizer != "sgd":
-        raise UnsupportedModelError(f"the compiled meta-step runs SGD inner loops, not {cfg.optimizer!r}")
-    if cfg.algorithm != "reptile" or cfg.grad_weights is not None:
-        raise UnsupportedModelError("the compiled meta-step runs plain Reptile (no FOMAML, no inner_grad_weights)")
-    if loss_name(cfg.loss) not in FAST_LOSSES:
-        raise UnsupportedModelError(f"the compiled meta-step supports losses {FAST_LOSSES}")
-    if trainer.outer_optimizer is not None:
-        raise UnsupportedModelError("the compiled meta-step runs the interpolation update, not an outer_optimizer")
-    if len(list(trainer.model.buffers())):
-        raise UnsupportedModelError("the compiled meta-step supports models without buffers")
-    return cached_mlp_spec(trainer.model)
-
-
-def gather_chunk(tasks: TaskBatch, plans: torch.Tensor, n_tasks: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The minibatches of ``M`` meta-steps in the layout ``MetaStepProgram`` takes.
-
-    Args:
-        tasks: ``M · T`` tasks, meta-step-major (tasks ``m·T … m·T+T−1`` form meta-step ``m``).
-        plans: long ``[M · T, S, B]``.
-        n_tasks: ``T``.
-
-    Returns:
-        ``xs [M, S, T, B, *in]`` and ``ys [M, S, T, B, *out]`` (``[M, S, T, B]`` for labels).
-    """
-    rows = torch.arange(plans.shape[0], device=plans.device).view(-1, 1, 1)
-    xs, ys = tasks.x[rows, plans], tasks.y[rows, plans]  # [M·T, S, B, ...]
-    M = plans.shape[0] // n_tasks
-
-    def layout(t):
-        t = t.reshape(M, n_tasks, *t.shape[1:]).transpose(1, 2).contiguous()
-        # .view gives canonical strides even on size-1 dims (the compiled program guards on them)
-        return t.view(t.shape)
-    return layout(xs), layout(ys)
-
-
-def check_plan_shape(indices, expected: tuple, layout: str) -> None:
-    """ValueError unless ``indices`` is a long tensor of shape ``expected`` (described by ``layout``)."""
-    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or tuple(indices.shape) != expected:
-        raise ValueError(f"indices must be a long tensor of shape {expected} {layout}, got "
-                         f"{getattr(indices, 'dtype', type(indices).__name__)} {tuple(getattr(indices, 'shape', ()))}")
-
-
-def compiled_fit(trainer, task_distribution, iterations: int, *, meta_batch_size: int = 1,
-                 generator: Optional[torch.Generator] = None, progress: bool = True,
-                 indices: Optional[torch.Tensor] = None, chunk_size: int = DEFAULT_CHUNK,
-                 mode: str = "scan", callback: Optional[Callable[[int, List[float]], None]] = None) -> Dict:
-    """``trainer.fit`` on the compiled CPU path: the same maths, chunks of meta-steps per call.
-
-    Runs meta-steps ``trainer.iteration … iterations − 1`` (so it continues a trainer that has
-    already trained), each on ``meta_batch_size`` tasks from ``task_distribution.sample`` with
-    minibatch plans from ``sample_indices`` — drawn ``chunk_size`` meta-steps at a time from
-    ``generator`` (the global RNG when None), so the draws come in another order than
-    ``Reptile.fit``'s, from the same distributions.  ε follows ``trainer.outer_lr_at``.
-
-    Args:
-        trainer: a ``reptile_fast.Reptile`` that ``check_compiled_supported`` accepts; its model
-            is updated in place and ``trainer.iteration`` advanced.
-        task_distribution: ``sample(n, *, generator, device) -> TaskBatch``.
-        indices: optional long ``[iterations − trainer.iteration, meta_batch_size, S, B]`` plan
-            to use instead of drawing one (for exact comparisons with other paths).
-        mode: "scan" (default), "step" or "eager" (see the module docstring).
-        chunk_size: meta-steps per compiled call and per draw of tasks and plans.  Chunks start
-            at ``trainer.iteration``, so a run resumed at a multiple of ``chunk_size`` (with the
-            generator's state restored) draws exactly what an uninterrupted one does.
-        callback: ``callback(iteration, losses)`` after each chunk, with ``losses`` the list of
-            per-meta-step losses so far (e.g. to write a checkpoint every ``chunk_size`` steps).
-
-    Returns:
-        ``{"loss": [mean inner-loop loss of each meta-step], "compile_seconds", "train_seconds",
-        "ms_per_iteration" (after compilation), "mode", "fallback_reason"}``.
-
-    Raises ``NonFiniteError`` (φ left as it was before the failing chunk) on NaN/inf.
-    """
-    from .trainer import NonFiniteError, _positive_int
-
-    spec = check_compiled_supported(trainer)
-    _positive_int("iterations", iterations)
-    _positive_int("meta_batch_size", meta_batch_size)
-    _positive_int("chunk_size", chunk_size)
-    if not hasattr(task_distribution, "sample") or not callable(task_distribution.sample):
-        raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
-    T, S, B = meta_batch_size, trainer.inner_steps, trainer.inner_batch_size
-    start = trainer.iteration
-    total = iterations - start
-    if indices is not None:
-        check_plan_shape(indices, (total, T, S, B), "[iterations, meta_batch_size, inner_steps, inner_batch_size]")
-    program = get_program(spec, lr=trainer.inner_lr, loss=loss_name(trainer.config.loss), steps=S,
-                          n_tasks=T, batch=B, dtype=trainer.dtype, mode=mode)
-    compile_s = 0.0 if program._ready else None
-    t_compile = time.perf_counter()
-    program.prepare()
-    if compile_s is None:
-        compile_s = time.perf_counter() - t_compile
-    model = trainer.model
-    names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
-    live = [model.get_parameter(n) for n in names]
-    history: List[float] = []
-    trainer.total_iterations = iterations
-
-    from tqdm import tqdm
-    bar = tqdm(total=iterations, initial=start, disable=not progress, desc="meta-train")
-    stack = contextlib.ExitStack()
-    t0 = time.perf_counter()
-    done = 0
-    try:
-        # One thread for the whole loop, not just the program: the per-chunk draws and gathers
-        # are small too, and OpenMP fork/join on a busy 2-core machine costs ~10x their work.
-        stack.enter_context(single_thread())
-        while done < total:
-            m = min(chunk_size, total - done)
-            tasks = task_distribution.sample(m * T, generator=generator, device=trainer.device)
-            trainer._check_tasks(tasks, B if indices is None else 1)
-            if indices is None:
-                plans = sample_indices(m * T, S, tasks.n_points, B, generator=generator, device=trainer.device)
-            else:
-                plans = indices[done:done + m].reshape(m * T, S, B)
-                trainer._check_indices(plans, tasks, S)
-            xs, ys = gather_chunk(tasks, plans, T)
-            eps = torch.tensor([trainer.outer_lr_at(start + done + i, iterations) for i in range(m)],
-                               dtype=trainer.dtype)
-            new, losses = program(live, xs, ys, eps)
-            finite = torch.isfinite(losses).all() & torch.stack([torch.isfinite(p).all() for p in new]).all()
-            if not bool(finite):
-                err = NonFiniteError(
-                    f"meta-steps {start + done + 1}–{start + done + m}: non-finite inner loss or update "
-                    f"(NaN/inf); the parameters were left as they were after meta-step {start + done}. "
-                    f"Lower inner_lr/outer_lr or check the data.")
-                err.iteration = start + done + 1
-                raise err
-            with torch.no_grad():
-                for p, q in zip(live, new):
-                    p.copy_(q)
-            done += m
-            trainer.iteration = start + done
-            chunk_losses = losses.mean(dim=(1, 2))
-            history.extend(chunk_losses.tolist())
-            bar.update(m)
-            if callback is not None:
-                callback(trainer.iteration, history)
-    finally:
-        stack.close()
-        bar.close()
-    train_s = time.perf_counter() - t0
-    return {"loss": history, "compile_seconds": compile_s, "train_seconds": train_s,
-            "ms_per_iteration": 1e3 * train_s / max(total, 1), "mode": program.mode,
-            "fallback_reason": program.fallback_reason}

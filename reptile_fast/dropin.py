@@ -8,25 +8,21 @@ A seed script changes one import::
 and gets the same algorithm: φ ← φ + ε (φ̃ − φ) after ``k · N // batch_size`` SGD steps
 (lr 0.02) on randperm-style minibatches of ``batch_size`` points of each sampled task.
 
-Which path runs:
-    * the inner loop is the standard one — ``None``, ``reptile_fast.reference.
-      perform_k_training_steps`` or a function with the same code (the seed's own, recognised by
-      its bytecode; a ``functools.partial`` of it setting ``batch_size`` too) — and the task's
-      loss is ``nn.MSELoss()`` or ``nn.CrossEntropyLoss()`` with default settings (or
-      ``F.mse_loss`` / ``F.cross_entropy``):
-        - CPU, plain MLP (Linear + tanh/relu/sigmoid chain): ``reptile_fast.compiled_step``, the
-          whole meta-step compiled (``backend="auto"`` or ``"compiled"``; ``"fused"`` is the
-          same maths without compilation);
-        - anything else (a GPU, other models, or ``backend="torch"/"triton"/"reference"``): the
-          ``Reptile`` trainer's ``meta_step`` with that backend ("auto": the fastest that fits,
-          the fused Triton kernel on a GPU).
-    * otherwise (a custom inner loop, another loss, the seed's loop on non-1-D data): the
-      reference loop, exactly ``reptile_fast.reference.reptile`` (bit for bit with the seed at
-      meta-batch 1), with one warning (``ReferencePathWarning``) saying why.
+Which path runs (``stats["path"]`` names it, with the trainer's backend names):
+    * the inner loop is the standard one (``reptile_fast.seed_recognition``: ``None``, the
+      seed's or the reference's ``perform_k_training_steps``, or a ``functools.partial`` of it
+      setting ``batch_size``) and the task's loss is ``nn.MSELoss()`` / ``nn.CrossEntropyLoss()``
+      with default settings (or ``F.mse_loss`` / ``F.cross_entropy``): a ``Reptile`` trainer
+      with ``backend`` — "auto" is "compiled" (the whole meta-step of a CPU MLP compiled) at
+      meta-batch 1 when the model fits it, else the trainer's "auto" (the fastest backend that
+      fits; the fused Triton kernel on a GPU);
+    * otherwise (a custom inner loop, another loss, the seed's loop on non-1-D data): path
+      "reference", the seed's loop — the user's inner loop on a deep copy per task, then the
+      trainer's outer update — with one warning (``ReferencePathWarning``) saying why.
 
-The fast paths draw tasks by calling ``sample_task`` (in chunks of ``chunk_size`` meta-steps;
-the seed's own ``sample_task``, recognised by its code, is drawn vectorised with
-``reptile_fast.Sine``, the same distribution) and the minibatch plans with
+Every path runs the one training loop (``reptile_fast.loop``).  The fast paths draw tasks by
+calling ``sample_task`` (the seed's own ``sample_task``, recognised by its code, is drawn
+vectorised with ``reptile_fast.Sine``, the same distribution) and the minibatch plans with
 ``reptile_fast.sample_indices`` from ``generator`` (the global RNG by default): the same
 distributions as the seed's, drawn in another order.  ``indices=`` feeds the plans instead (for
 exact comparisons; pass a ``sample_task`` that replays recorded tasks to fix those too).
@@ -34,160 +30,31 @@ exact comparisons; pass a ``sample_task`` that replays recorded tasks to fix tho
 from __future__ import annotations
 
 import copy
-import dis
-import functools
-import inspect
 import math
-import time
-import types
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from .backends import BACKENDS
-from .backends.base import UnsupportedModelError
-from .compiled_step import DEFAULT_CHUNK, check_compiled_supported, check_plan_shape, compiled_fit
-from .tasks.base import TaskBatch, sample_indices
+from .backends import BACKENDS, UnsupportedModelError
+from .compat import check_plan_shape
+from .core import OuterUpdate
+from .loop import PlanSampler, ProgressCallback, Sampler, TrainingLoop
+from .seed_recognition import SEED_INNER_LR, classify_inner_loop, is_seed_sample_task, points, standard_inner_loop
+from .steppers import DEFAULT_CHUNK, Stepper
+from .tasks.base import TaskBatch
 from .validation import check_float, check_int
 
-__all__ = ["reptile", "standard_inner_loop", "is_standard_inner_loop", "is_seed_sample_task",
-           "ReferencePathWarning", "BACKEND_CHOICES"]
+__all__ = ["reptile", "ReferencePathWarning", "BACKEND_CHOICES"]
 
-#: "compiled"/"fused": the CPU meta-step of ``reptile_fast.compiled_step`` (with / without
-#: torch.compile); the others are ``Reptile`` trainer backends.
-BACKEND_CHOICES = ("auto", "compiled", "fused", *BACKENDS)
-
-#: the seed's inner learning rate (``torch.optim.SGD(..., lr=0.02)`` in its loop)
-SEED_INNER_LR = 0.02
+#: the trainer's backends, plus "compiled" (the whole meta-step of a CPU MLP compiled)
+BACKEND_CHOICES = ("auto", "compiled", *BACKENDS)
 
 
 class ReferencePathWarning(UserWarning):
     """The drop-in runs the (slow, exact) reference loop; the message says why."""
-
-
-# ---------------------------------------------------------------------- the standard inner loop
-def _points(t: torch.Tensor) -> torch.Tensor:
-    """The seed's ``t[ind].unsqueeze(-1)`` for 1-D data; ``[B, features]`` is used as it is."""
-    return t.unsqueeze(-1) if t.dim() == 1 else t
-
-
-def standard_inner_loop(model, task, k, batch_size=10):
-    """The seed's ``perform_k_training_steps`` for inputs ``[N]`` or ``[N, in]`` and targets
-    ``[N]``, ``[N, out]`` or long labels ``[N]``: ``k · N // batch_size`` SGD steps (lr 0.02) on
-    ``torch.randperm(N)[:batch_size]`` minibatches.  On 1-D data it is the seed's function,
-    operation for operation.  Trains ``model`` in place and returns its parameters."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=SEED_INNER_LR)
-    train_x, train_y, loss_fct = task
-    labels = not train_y.is_floating_point()
-    for _ in range(k * train_x.shape[0] // batch_size):
-        ind = torch.randperm(train_x.shape[0])[:batch_size]
-        x_batch = _points(train_x[ind])
-        target = train_y[ind] if labels else _points(train_y[ind])
-        loss = loss_fct(model(x_batch), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return [p for p in model.parameters()]
-
-
-def _code_fingerprint(code: types.CodeType) -> tuple:
-    """The instruction stream with local-variable names and nested code objects normalised: two
-    functions with equal fingerprints run the same operations on the same globals."""
-    out = []
-    for ins in dis.get_instructions(code):
-        if ins.opname in ("NOP", "RESUME", "CACHE", "EXTENDED_ARG"):
-            continue
-        if "FAST" in ins.opname or "DEREF" in ins.opname or "CLOSURE" in ins.opname or ins.opname == "MAKE_CELL":
-            arg = ins.arg  # slot number: names of locals do not matter
-        elif isinstance(ins.argval, types.CodeType):
-            arg = _code_fingerprint(ins.argval)
-        else:
-            arg = ins.argval
-        # 3.11 compiles ``obj.f(...)`` to LOAD_METHOD or LOAD_ATTR depending on context; same op.
-        out.append(("LOAD_ATTR" if ins.opname == "LOAD_METHOD" else ins.opname, arg))
-    return (code.co_argcount, code.co_kwonlyargcount, tuple(code.co_names), tuple(out))
-
-
-@functools.lru_cache(maxsize=None)
-def _standard_fingerprints() -> Dict[tuple, bool]:
-    """fingerprint -> whether that loop takes any data shape (True) or, like the seed's, 1-D."""
-    from . import reference
-
-    return {_code_fingerprint(reference.perform_k_training_steps.__code__): False,
-            _code_fingerprint(standard_inner_loop.__code__): True}
-
-
-def _classify_inner_loop(fn) -> Tuple[Optional[int], bool]:
-    """``(batch_size, any_shape)`` for a standard inner loop; ``(None, False)`` otherwise."""
-    if fn is None:
-        return 10, True
-    keywords = {}
-    if isinstance(fn, functools.partial):
-        if fn.args or set(fn.keywords) - {"batch_size"}:
-            return None, False
-        keywords, fn = fn.keywords, fn.func
-    fn = inspect.unwrap(fn)
-    code = getattr(fn, "__code__", None)
-    any_shape = _standard_fingerprints().get(_code_fingerprint(code)) if isinstance(code, types.CodeType) else None
-    if any_shape is None or fn.__globals__.get("torch") is not torch:
-        return None, False
-    batch = keywords.get("batch_size", (fn.__defaults__ or (None,))[-1])
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        return None, False
-    return batch, any_shape
-
-
-def is_standard_inner_loop(fn) -> Optional[int]:
-    """The minibatch size if ``fn`` is the standard inner loop (None, the reference's, the seed's
-    or another function with the same code, ``standard_inner_loop``, or a ``functools.partial``
-    of one of them that only sets ``batch_size``); None otherwise."""
-    return _classify_inner_loop(fn)[0]
-
-
-# The seed's sample_task, as its text reads (the seed program lives outside this package):
-# recognising it lets the fast paths draw the same tasks vectorised (``Sine``), ~40 µs per
-# iteration less than calling it.
-_SEED_SAMPLE_TASK_SOURCE = """
-def sample_task():
-    a = torch.rand(1).item() * 4.9 + .1  # Sample a in [0.1, 5.0]
-    b = torch.rand(1).item() * 2 * np.pi  # Sample b in [0, 2pi]
-    x = torch.linspace(-5, 5, 50)
-    y = a * torch.sin(x + b)
-    loss_fct = nn.MSELoss()
-    return x, y, loss_fct
-"""
-
-
-@functools.lru_cache(maxsize=None)
-def _seed_sample_task_fingerprints() -> Dict[tuple, str]:
-    """fingerprint -> the global name its π comes from ("np" in the seed, "math" in reference)."""
-    from . import reference
-
-    module = compile(_SEED_SAMPLE_TASK_SOURCE, "<seed sample_task>", "exec")
-    seed_code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
-    return {_code_fingerprint(seed_code): "np",
-            _code_fingerprint(inspect.unwrap(reference.sample_task).__code__): "math"}
-
-
-def is_seed_sample_task(fn) -> bool:
-    """Whether ``fn`` is the seed's ``sample_task`` (its code, with ``torch``, ``nn`` and ``np`` /
-    ``math`` bound to the real modules): sine tasks a·sin(x + b), a ~ U[0.1, 5], b ~ U[0, 2π],
-    x = linspace(−5, 5, 50), MSE."""
-    fn = inspect.unwrap(fn)
-    code = getattr(fn, "__code__", None)
-    if not isinstance(code, types.CodeType) or code.co_argcount or code.co_kwonlyargcount:
-        return False
-    pi_module = _seed_sample_task_fingerprints().get(_code_fingerprint(code))
-    if pi_module is None:
-        return False
-    import numpy
-
-    expected = {"torch": torch, "nn": nn, pi_module: numpy if pi_module == "np" else math}
-    return all(fn.__globals__.get(name) is module for name, module in expected.items())
 
 
 # ---------------------------------------------------------------------- tasks
@@ -256,8 +123,8 @@ class _SampleTaskSource:
         xs, ys = [], []
         for _ in range(n):
             x, y, _ = self._next()
-            xs.append(_points(x))
-            ys.append(y if self.kind == "cross_entropy" else _points(y))
+            xs.append(points(x))
+            ys.append(y if self.kind == "cross_entropy" else points(y))
         return TaskBatch(torch.stack(xs).to(device), torch.stack(ys).to(device))
 
 
@@ -279,7 +146,7 @@ class _SineSource:
         if n == 1:
             return head
         rest = self.sine.sample(n - 1, generator=generator, device=device)
-        return TaskBatch(torch.cat([head.x, rest.x]), torch.cat([head.y, rest.y]))
+        return TaskBatch.trusted(torch.cat([head.x, rest.x]), torch.cat([head.y, rest.y]))  # both validated
 
 
 # ---------------------------------------------------------------------- validation
@@ -288,7 +155,7 @@ def _int_arg(name: str, value, minimum: int = 1) -> int:
 
 
 def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, epsilon,
-                meta_batch_size, backend, generator, chunk_size) -> float:
+                meta_batch_size, backend, generator, chunk_size, backend_options) -> float:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not any(True for _ in model.parameters()):
@@ -304,8 +171,13 @@ def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, 
     _int_arg("meta_batch_size", meta_batch_size)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "fused":
+        raise ValueError("backend 'fused' is now backend='compiled' with backend_options={'mode': 'eager'} "
+                         "(the same maths without a compiler)")
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKEND_CHOICES)}")
+    if backend_options is not None and not isinstance(backend_options, dict):
+        raise TypeError(f"backend_options must be a dict, got {type(backend_options).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     _int_arg("chunk_size", chunk_size)
@@ -331,63 +203,86 @@ def _reference_reason(any_shape: bool, task, kind) -> Optional[str]:
     return None
 
 
-# ---------------------------------------------------------------------- the paths
-def _reference_loop(model, nb_iterations, sample_task, inner, k, epsilon, meta_batch_size, first,
-                    progress) -> None:
-    """``reptile_fast.reference.reptile`` (the seed's loop), with ``meta_batch_size`` tasks per
-    outer step averaged as ``Reptile.meta_step`` does."""
-    pending = first
-    for _ in tqdm(range(nb_iterations), disable=not progress):
-        if meta_batch_size == 1:
-            task = pending if pending is not None else sample_task()
-            pending = None
-            phi_tilde = inner(copy.deepcopy(model), task, k)
+
+def _reference_reason(any_shape: bool, task, kind) -> Optional[str]:
+    """Why the fast paths cannot run the standard inner loop on this task (None when they can)."""
+    x, y, loss_fct = task
+    if kind is None:
+        return (f"the task's loss_fct ({type(loss_fct).__name__}) is not nn.MSELoss() or "
+                f"nn.CrossEntropyLoss() with default settings")
+    if not any_shape and (x.dim() != 1 or y.dim() != 1 or kind != "mse"):
+        return (f"the seed's perform_k_training_steps unsqueezes 1-D data; with x {tuple(x.shape)}, "
+                f"y {tuple(y.shape)} {y.dtype} it computes something else than the standard loop "
+                f"(pass perform_k_training_steps=None for [N, in] / [N, out] / label data)")
+    if kind == "mse" and (not y.is_floating_point() or y.dtype != x.dtype):
+        return f"MSE targets must be floating point like x ({x.dtype}), got {y.dtype}"
+    if kind == "cross_entropy" and (y.dtype != torch.long or y.dim() != 1):
+        return f"cross-entropy targets must be long class labels [N], got {y.dtype} {tuple(y.shape)}"
+    if y.dim() > 2:
+        return f"targets must be [N] or [N, out], got {tuple(y.shape)}"
+    return None
+
+
+# ---------------------------------------------------------------------- the reference path
+class _RawTaskSampler(Sampler):
+    """``sample_task()`` results as they are (a custom inner loop may read any format)."""
+
+    def __init__(self, sample_task: Callable, first, meta_batch_size: int):
+        self.sample_task, self.pending, self.T = sample_task, first, meta_batch_size
+
+    def draw(self, first_iteration: int, m: int):
+        tasks = []
+        for _ in range(m * self.T):
+            task, self.pending = (self.pending, None) if self.pending is not None else (self.sample_task(), None)
+            tasks.append(task)
+        return tasks, None
+
+
+class _SeedLoopStepper(Stepper):
+    """The seed's meta-step: the user's inner loop on a deep copy of the model per task, then the
+    trainer's outer update (``core.OuterUpdate``: one task gives the seed's ``p += ε(φ̃ − p)``)."""
+
+    chunk = 1
+    name = "reference"
+
+    def __init__(self, model: nn.Module, inner: Callable, k: int, meta_batch_size: int):
+        self.model, self.inner, self.k, self.T = model, inner, k, meta_batch_size
+        self.named = list(model.named_parameters())
+        self.outer = OuterUpdate(self.named)
+
+    def run(self, tasks, plans, eps, first_iteration):
+        for step in range(len(eps)):
+            adapted = [[g.detach() for g in self.inner(copy.deepcopy(self.model), task, self.k)]
+                       for task in tasks[step * self.T:(step + 1) * self.T]]
             with torch.no_grad():
-                for p, g in zip(model.parameters(), phi_tilde):
-                    p += epsilon * (g - p)
-            continue
-        adapted = []
-        for _ in range(meta_batch_size):
-            task = pending if pending is not None else sample_task()
-            pending = None
-            adapted.append([g.detach() for g in inner(copy.deepcopy(model), task, k)])
-        with torch.no_grad():
-            for j, p in enumerate(model.parameters()):
-                p += epsilon * (torch.stack([a[j] for a in adapted]) - p).mean(0)
+                deltas = [torch.stack([a[j] for a in adapted]) - p for j, (_, p) in enumerate(self.named)]
+                self.outer.apply([d.mean(0) for d in deltas], torch.zeros(()), eps[step], first_iteration + step)
+        return torch.full((len(eps),), math.nan)  # the user's loop reports no loss
+
+    def check(self) -> None:
+        self.outer.check()
 
 
-def _trainer_loop(trainer, source, nb_iterations, meta_batch_size, generator, indices, chunk_size,
-                  progress) -> Dict:
-    """``Reptile.meta_step`` per iteration, tasks and plans drawn ``chunk_size`` steps at a time."""
-    T, S, B = meta_batch_size, trainer.inner_steps, trainer.inner_batch_size
-    history = []
-    t0 = time.perf_counter()
-    done = 0
-    with tqdm(total=nb_iterations, disable=not progress, desc="meta-train") as bar:
-        while done < nb_iterations:
-            m = min(chunk_size, nb_iterations - done)
-            tasks = source.sample(m * T, generator=generator, device=trainer.device)
-            if indices is None:
-                plans = sample_indices(m * T, S, tasks.n_points, B, generator=generator, device=trainer.device)
-            else:
-                plans = indices[done:done + m].reshape(m * T, S, B).to(trainer.device)
-            for i in range(m):
-                metrics = trainer.meta_step(tasks[i * T:(i + 1) * T], plans[i * T:(i + 1) * T])
-                history.append(metrics["loss"])
-            done += m
-            bar.update(m)
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize(trainer.device)
-    train_s = time.perf_counter() - t0
-    return {"loss": history, "compile_seconds": 0.0, "train_seconds": train_s,
-            "ms_per_iteration": 1e3 * train_s / nb_iterations}
+class _Counter:
+    iteration = 0
 
 
+def _run_reference_path(model, nb_iterations, sample_task, inner, k, epsilon, meta_batch_size, first,
+                        progress) -> dict:
+    stepper = _SeedLoopStepper(model, inner, k, meta_batch_size)
+    loop = TrainingLoop(_Counter(), stepper, _RawTaskSampler(sample_task, first, meta_batch_size), nb_iterations,
+                        outer_lr_at=lambda i: epsilon, callbacks=[ProgressCallback(progress)])
+    loop.run()
+    return {"loss": [], "compile_seconds": 0.0, "train_seconds": loop.train_seconds,
+            "ms_per_iteration": 1e3 * loop.train_seconds / nb_iterations, "mode": None, "fallback_reason": None}
+
+
+# ---------------------------------------------------------------------- the entry point
 def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
             perform_k_training_steps: Optional[Callable] = None, k: int = 1, epsilon: float = 0.1, *,
             meta_batch_size: int = 1, backend: str = "auto", progress: bool = True,
             generator: Optional[torch.Generator] = None, indices: Optional[torch.Tensor] = None,
-            chunk_size: int = DEFAULT_CHUNK) -> Dict:
+            chunk_size: int = DEFAULT_CHUNK, backend_options: Optional[dict] = None) -> Dict:
     """The seed's ``reptile(model, nb_iterations, sample_task, perform_k_training_steps, k,
     epsilon)``, fast: meta-trains ``model`` in place (see the module docstring for the paths).
 
@@ -401,23 +296,24 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         k: epochs of inner training; ``k · N // batch_size`` SGD steps per task.
         epsilon: the outer step ε.
         meta_batch_size: tasks per outer step; their (φ̃_i − φ) are averaged.
-        backend: "auto", "compiled", "fused", or a trainer backend ("reference", "torch", "triton").
+        backend: "auto", "compiled", "reference", "torch" or "triton" (``Reptile``'s names).
         progress: show a tqdm bar (the seed always does).
         generator: draws the minibatch plans on the fast paths (default: the global RNG).
         indices: long ``[nb_iterations, meta_batch_size, steps, batch]``: the minibatch plans to use
             instead of drawing them (fast paths only), e.g. the seed's own randperm draws.
-        chunk_size: meta-steps per compiled call / per draw of tasks and plans.
+        chunk_size: meta-steps per compiled call / per draw of tasks and plans ("compiled").
+        backend_options: passed to ``Reptile`` (e.g. ``{"mode": "eager"}`` for "compiled").
 
     Returns:
-        A dict: ``path`` ("compiled", "fused", "trainer" or "reference"), ``backend``, ``mode``,
-        ``reason`` (why the reference path ran), ``tasks`` (how tasks were drawn), ``inner_steps``, ``inner_batch_size``,
-        ``compile_seconds``, ``train_seconds`` and ``ms_per_iteration`` (after compilation) and
-        ``loss`` (mean inner-loop loss per iteration; empty on the reference path).  Seed
-        scripts may ignore it.
+        A dict: ``path`` (the backend that ran: "compiled", "torch", "triton" or "reference"),
+        ``mode``, ``reason`` (why the reference path ran), ``tasks`` (how tasks were drawn),
+        ``inner_steps``, ``inner_batch_size``, ``compile_seconds``, ``train_seconds`` and
+        ``ms_per_iteration`` (after compilation) and ``loss`` (mean inner-loop loss per
+        iteration; empty on the reference path).  Seed scripts may ignore it.
     """
     epsilon = _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, epsilon,
-                          meta_batch_size, backend, generator, chunk_size)
-    batch, any_shape = _classify_inner_loop(perform_k_training_steps)
+                          meta_batch_size, backend, generator, chunk_size, backend_options)
+    batch, any_shape = classify_inner_loop(perform_k_training_steps)
     first = sample_task()
     kind = None
     if batch is None:
@@ -429,8 +325,7 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         first = _check_task(first, 0)
         kind = _loss_kind(first[2])
         reason = _reference_reason(any_shape, first, kind)
-    stats = {"iterations": nb_iterations, "meta_batch_size": meta_batch_size, "reason": reason,
-             "mode": None, "fallback_reason": None}
+    stats = {"iterations": nb_iterations, "meta_batch_size": meta_batch_size, "reason": reason}
     if reason is not None:
         if indices is not None:
             raise ValueError(f"indices feeds the fast paths' minibatch draws, but this call runs the "
@@ -438,11 +333,9 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         warnings.warn(f"reptile_fast.reptile runs the reference loop (the seed's speed): {reason}",
                       ReferencePathWarning, stacklevel=2)
         inner = perform_k_training_steps if perform_k_training_steps is not None else standard_inner_loop
-        t0 = time.perf_counter()
-        _reference_loop(model, nb_iterations, sample_task, inner, k, epsilon, meta_batch_size, first, progress)
-        train_s = time.perf_counter() - t0
-        stats.update(path="reference", backend=None, loss=[], compile_seconds=0.0, train_seconds=train_s,
-                     ms_per_iteration=1e3 * train_s / nb_iterations, inner_steps=None, inner_batch_size=None)
+        stats.update(_run_reference_path(model, nb_iterations, sample_task, inner, k, epsilon, meta_batch_size,
+                                         first, progress))
+        stats.update(path="reference", backend="reference", inner_steps=None, inner_batch_size=None)
         return stats
 
     from .trainer import Reptile
@@ -455,41 +348,40 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
     batch = min(batch, n_points)  # randperm(N)[:batch] holds all N points when N < batch
     if indices is not None:
         check_plan_shape(indices, (nb_iterations, meta_batch_size, steps, batch),
-                         "[nb_iterations, meta_batch_size, steps, batch]")
+                         "[nb_iterations, meta_batch_size, steps, batch]", n_points)
 
-    def make_trainer(name: str):
+    def make_trainer(name: str, options: Optional[dict]):
         return Reptile(model, inner_lr=SEED_INNER_LR, inner_steps=steps, inner_batch_size=batch,
-                       outer_lr=epsilon, loss=kind, backend=name)
+                       outer_lr=epsilon, loss=kind, backend=name, backend_options=options)
 
-    path = "trainer"
+    options = dict(backend_options or {})
+    if backend == "compiled":
+        options.setdefault("chunk", chunk_size)
     trainer = None
     # auto: the compiled program only at the seed's meta-batch 1, where eager PyTorch is
     # overhead-bound; larger meta-batches measured faster on the torch backend.
-    if backend in ("compiled", "fused") or (backend == "auto" and meta_batch_size == 1):
-        # The compiled path needs the trainer only for validation and the ε schedule.
-        trainer = make_trainer("reference")
+    if backend == "auto" and meta_batch_size == 1 and not options:
         try:
-            check_compiled_supported(trainer)
-            path = "fused" if backend == "fused" else "compiled"
+            trainer = make_trainer("compiled", {"chunk": chunk_size})
         except UnsupportedModelError:
-            if backend != "auto":
-                raise
-    if path == "trainer":
-        trainer = make_trainer(backend)
+            trainer = None
+    if trainer is None:
+        trainer = make_trainer(backend, options or None)
     if is_seed_sample_task(sample_task) and kind == "mse" and first[0].shape == (50,):
         source = _SineSource(first)
         stats["tasks"] = "the seed's sample_task, drawn vectorised (reptile_fast.Sine)"
     else:
         source = _SampleTaskSource(sample_task, first, kind)
         stats["tasks"] = "sample_task() calls"
-    if path == "trainer":
-        result = _trainer_loop(trainer, source, nb_iterations, meta_batch_size, generator, indices,
-                               chunk_size, progress)
-        stats.update(backend=trainer.backend.name)
-    else:
-        result = compiled_fit(trainer, source, nb_iterations, meta_batch_size=meta_batch_size,
-                              generator=generator, progress=progress, indices=indices,
-                              chunk_size=chunk_size, mode="eager" if path == "fused" else "scan")
-        stats.update(backend=path)
-    stats.update(result, path=path, inner_steps=steps, inner_batch_size=batch)
+    sampler = None
+    if indices is not None:
+        sampler = PlanSampler(source, indices.to(trainer.device), generator=generator, device=trainer.device,
+                              check=lambda t: trainer.checker.tasks(t, 1))
+    history = trainer.fit(source, nb_iterations, meta_batch_size=meta_batch_size, generator=generator,
+                          progress=progress, sampler=sampler, handle_signals=False)
+    fit_stats = trainer.last_fit_stats
+    stats.update(path=fit_stats["stepper"], backend=fit_stats["stepper"], mode=fit_stats["mode"],
+                 fallback_reason=fit_stats["fallback_reason"], compile_seconds=fit_stats["compile_seconds"],
+                 train_seconds=fit_stats["train_seconds"], ms_per_iteration=fit_stats["ms_per_iteration"],
+                 loss=history["loss"], inner_steps=steps, inner_batch_size=batch)
     return stats

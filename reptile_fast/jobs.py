@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from .backends import UnsupportedModelError
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory)
 from .models import MLP
@@ -131,32 +132,25 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
               resume) -> dict:
     torch.manual_seed(config.seed)
     model = MLP(1, config.hidden_dim, 1).to(device)
-    trainer = Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-                      inner_batch_size=config.inner_batch_size, outer_lr=config.outer_lr,
-                      outer_lr_final=config.outer_lr_final, loss="mse",
-                      backend="auto" if config.backend == "compiled" else config.backend)
+    kwargs = dict(inner_lr=config.inner_lr, inner_steps=config.inner_steps, inner_batch_size=config.inner_batch_size,
+                  outer_lr=config.outer_lr, outer_lr_final=config.outer_lr_final, loss="mse")
+    trainer = None
     # The seed's setting (meta-batch 1) on the CPU runs on the compiled whole-meta-step path
-    # (reptile_fast.compiled_step): eager PyTorch is overhead-bound there.
-    compiled = config.backend == "compiled" or (
-        config.backend == "auto" and config.meta_batch_size == 1 and device.type == "cpu")
-    if compiled:
-        from .backends import UnsupportedModelError
-        from .compiled_step import check_compiled_supported
-
+    # (backend "compiled"): eager PyTorch is overhead-bound there.
+    if config.backend == "auto" and config.meta_batch_size == 1 and device.type == "cpu":
         try:
-            check_compiled_supported(trainer)
+            trainer = Reptile(model, backend="compiled", **kwargs)
         except UnsupportedModelError:
-            if config.backend == "compiled":
-                raise
-            compiled = False
+            trainer = None
+    if trainer is None:
+        trainer = Reptile(model, backend=config.backend, **kwargs)
     dist = Sine(n_points=SINE_POINTS)
     gen = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
     history = trainer.fit(dist, config.iterations, meta_batch_size=config.meta_batch_size,
                           generator=gen, progress=progress, checkpoint_dir=out,
                           checkpoint_every=config.checkpoint_every or None, resume_from=resume,
-                          checkpoint_extra={"job": SINE_JOB, "job_config": asdict(config)},
-                          compiled=compiled)
+                          checkpoint_extra={"job": SINE_JOB, "job_config": asdict(config)})
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
@@ -177,13 +171,11 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
         "eval_steps": config.eval_steps,
         "train_seconds": train_s,
         "eval_seconds": eval_s,
-        # after compilation: the compiled path reports its own per-iteration time
-        "ms_per_iteration": ((trainer.last_compiled_stats or {}).get("ms_per_iteration")
-                             if compiled and trainer.last_compiled_stats else
-                             1e3 * train_s / max(config.iterations - start_iteration, 1)),
+        # after compilation (the fit's own timing)
+        "ms_per_iteration": trainer.last_fit_stats["ms_per_iteration"],
         "resumed_from_iteration": start_iteration,
-        "backend": "compiled" if compiled else trainer.backend.name,
-        "compile_seconds": (trainer.last_compiled_stats or {}).get("compile_seconds", 0.0) if compiled else 0.0,
+        "backend": trainer.last_fit_stats["stepper"],
+        "compile_seconds": trainer.last_fit_stats["compile_seconds"],
         "final_inner_loss": history["loss"][-1] if history["loss"] else math.nan,
         "torch": torch.__version__,
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-__all__ = ["check_int", "check_float"]
+__all__ = ["check_int", "check_float", "check_meta_model", "check_inner_options"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -24,3 +24,62 @@ def check_float(name: str, value, *, allow_zero: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
     return value
+
+
+def check_meta_model(model):
+    """``(params, device, dtype)`` of a model Reptile can meta-learn; TypeError/ValueError naming
+    what is wrong (not a module, no parameters, several devices or dtypes, frozen or non-finite
+    parameters)."""
+    import torch
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("model has no parameters to meta-learn")
+    devices = {p.device for p in params}
+    dtypes = {p.dtype for p in params}
+    if len(devices) != 1:
+        raise ValueError(f"model parameters must all be on one device, found {sorted(map(str, devices))}")
+    if len(dtypes) != 1 or not params[0].is_floating_point():
+        raise TypeError(f"model parameters must share one floating-point dtype, found {dtypes}")
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        # torch.optim skips them in the seed's loop while batched paths would train them:
+        # rather than two answers, refuse.
+        raise ValueError(f"model has frozen parameters (requires_grad=False): {frozen}; "
+                         f"Reptile meta-learns every parameter — remove them or unfreeze them")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+                raise ValueError(f"model parameter {name} contains NaN or infinite values")
+    return params, params[0].device, params[0].dtype
+
+
+def check_inner_options(*, inner_steps: int, algorithm: str, inner_optimizer: str, inner_grad_weights,
+                        adam_betas, algorithms, optimizers):
+    """``(grad_weights tuple or None, betas tuple)`` after checking the inner loop's options."""
+    if inner_optimizer not in optimizers:
+        raise ValueError(f"inner_optimizer must be one of {optimizers}, got {inner_optimizer!r}")
+    if algorithm not in algorithms:
+        raise ValueError(f"algorithm must be one of {algorithms}, got {algorithm!r}")
+    weights = None
+    if inner_grad_weights is not None:
+        if algorithm != "reptile":
+            raise ValueError("inner_grad_weights defines its own outer direction; use it with algorithm='reptile'")
+        try:
+            weights = tuple(float(w) for w in inner_grad_weights)
+        except (TypeError, ValueError):
+            raise TypeError("inner_grad_weights must be a sequence of numbers") from None
+        if len(weights) != inner_steps:
+            raise ValueError(f"inner_grad_weights must have inner_steps={inner_steps} entries, got {len(weights)}")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError("inner_grad_weights must be finite")
+    try:
+        betas = tuple(float(b) for b in adam_betas)
+    except (TypeError, ValueError):
+        raise TypeError("adam_betas must be a pair of numbers") from None
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
+    return weights, betas

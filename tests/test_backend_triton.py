@@ -48,7 +48,7 @@ def test_reptile_meta_steps_match_reference(device, meta_steps):
         indices = sample_indices(2, 5, 50, 10, generator=gen)
         m_ref = ref.meta_step(tasks, indices)
         m_tri = tri.meta_step(tasks.to(device), indices.to(device))
-        assert m_tri["loss"] == pytest.approx(m_ref["loss"], rel=RTOL, abs=ATOL), f"meta-step {step} loss"
+        assert float(m_tri["loss"]) == pytest.approx(float(m_ref["loss"]), rel=RTOL, abs=ATOL), f"meta-step {step} loss"
     for (name, p_ref), p_tri in zip(model_ref.named_parameters(), model_tri.parameters()):
         torch.testing.assert_close(p_tri.detach().cpu(), p_ref.detach(), rtol=RTOL, atol=ATOL,
                                    msg=lambda m, n=name: f"φ '{n}' after {meta_steps} meta-steps\n{m}")

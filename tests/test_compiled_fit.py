@@ -1,43 +1,116 @@
-"""Reptile.fit(compiled=True) and the CLI's compiled path: checkpoints, exact resume, metrics."""
+"""Backend "compiled" (the whole meta-step as one compiled program) through Reptile.fit and the
+CLI: really compiled, equal to the reference on fed-in plans, checkpoints and exact resume."""
 import json
 
 import pytest
 import torch
 
-from reptile_fast import MLP, Reptile, Sine
+from reptile_fast import MLP, Reptile, Sine, TaskBatch, sample_indices
 from reptile_fast.backends import UnsupportedModelError
 from reptile_fast.cli import main
+from reptile_fast.loop import PlanSampler
+
+RTOL, ATOL = 1e-5, 1e-6  # fp32 paths against the fp32 reference backend
 
 
-def _trainer():
+def _trainer(backend="compiled", **kw):
     torch.manual_seed(0)
-    return Reptile(MLP(1, 16, 1), backend="torch", outer_lr=0.5)
+    return Reptile(MLP(1, 16, 1), backend=backend, outer_lr=0.5, **kw)
+
+
+class Replay:
+    """A task distribution that hands out a fixed pool of tasks in order (so that paths drawing
+    different chunk sizes see the same tasks)."""
+
+    def __init__(self, tasks: TaskBatch):
+        self.tasks, self.next = tasks, 0
+
+    def sample(self, n, *, generator=None, device=None):
+        out = self.tasks[self.next:self.next + n]
+        self.next += n
+        return out
 
 
 def test_compiled_fit_resume_is_exact(tmp_path):
     full = _trainer()
     hist = full.fit(Sine(), 60, generator=torch.Generator().manual_seed(3), progress=False,
-                    compiled=True, checkpoint_dir=tmp_path / "full", checkpoint_every=20)
+                    checkpoint_dir=tmp_path / "full", checkpoint_every=20)
     assert len(hist["loss"]) == 60 and full.iteration == 60
-    assert full.last_compiled_stats["ms_per_iteration"] > 0
+    assert full.last_fit_stats["stepper"] == "compiled"
 
     part = _trainer()
     part.fit(Sine(), 40, generator=torch.Generator().manual_seed(3), progress=False,
-             compiled=True, checkpoint_dir=tmp_path / "part", checkpoint_every=20)
+             checkpoint_dir=tmp_path / "part", checkpoint_every=20)
     resumed = _trainer()
-    hist2 = resumed.fit(Sine(), 60, generator=torch.Generator(), progress=False, compiled=True,
-                        checkpoint_dir=tmp_path / "part", checkpoint_every=20,
-                        resume_from=tmp_path / "part")
+    hist2 = resumed.fit(Sine(), 60, generator=torch.Generator(), progress=False,
+                        checkpoint_dir=tmp_path / "part", checkpoint_every=20, resume_from=tmp_path / "part")
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
     assert hist2["loss"] == hist["loss"]
 
 
-def test_compiled_fit_rejects_unsupported_model():
-    trainer = Reptile(torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1)),
-                      backend="reference")
+@pytest.mark.parametrize("meta_batch, annealed", [(1, False), (3, True)])
+def test_compiled_fit_equals_reference_on_fed_plans(meta_batch, annealed):
+    """20 meta-steps in chunks of 7 (a partial last chunk included), tasks and plans fed in:
+    within fp32 rounding of the reference backend, with a constant and an annealed ε."""
+    iterations, steps, batch = 20, 5, 10
+    gen = torch.Generator().manual_seed(11)
+    tasks = Sine().sample(iterations * meta_batch, generator=gen)
+    plans = sample_indices(iterations * meta_batch, steps, 50, batch, generator=gen).view(
+        iterations, meta_batch, steps, batch)
+    kw = {"outer_lr_final": 0.0} if annealed else {}
+    compiled = _trainer("compiled", backend_options={"chunk": 7}, **kw)
+    reference = _trainer("reference", **kw)
+    before = [p.detach().clone() for p in compiled.model.parameters()]
+    hist = {}
+    for name, trainer in (("compiled", compiled), ("reference", reference)):
+        hist[name] = trainer.fit(Replay(tasks), iterations, meta_batch_size=meta_batch, progress=False,
+                                 sampler=PlanSampler(Replay(tasks), plans))["loss"]
+    assert compiled.last_fit_stats["mode"] == "scan" and compiled.last_fit_stats["fallback_reason"] is None
+    for (name, a), b, b0 in zip(compiled.model.named_parameters(), reference.model.parameters(), before):
+        assert not torch.equal(b, b0), f"{name}: the reference did not train"
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"parameter {name}: {m}")
+    torch.testing.assert_close(torch.tensor(hist["compiled"]), torch.tensor(hist["reference"]),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_compiled_path_really_compiles():
+    """A shape no other test uses: dynamo must capture and compile a graph for it (a torch.compile
+    that silently returned the function uncompiled would leave the counters unchanged)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    trainer = Reptile(MLP(1, 13, 1), backend="compiled", outer_lr=0.5)
+    before = counters["stats"]["unique_graphs"]
+    trainer.fit(Sine(), 4, progress=False, generator=torch.Generator().manual_seed(0))
+    stats = trainer.last_fit_stats
+    assert stats["mode"] == "scan" and stats["fallback_reason"] is None
+    assert counters["stats"]["unique_graphs"] > before, "torch.compile captured no graph"
+    assert stats["compile_seconds"] > 0
+
+
+def test_compiled_fallback_is_loud(monkeypatch):
+    """When the compiler fails, the eager path runs with a RuntimeWarning saying why."""
+    import reptile_fast.compiled_step as cs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cs.torch, "compile", broken)
+    monkeypatch.setattr(cs, "_PROGRAMS", {})
+    torch.manual_seed(0)
+    trainer = Reptile(MLP(1, 11, 1), backend="compiled", outer_lr=0.5)
+    with pytest.warns(RuntimeWarning, match="compiled meta-step is unavailable"):
+        trainer.fit(Sine(), 3, progress=False)
+    assert trainer.last_fit_stats["mode"] == "eager" and "no compiler here" in trainer.last_fit_stats["fallback_reason"]
+
+
+def test_compiled_rejects_unsupported_model():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
     with pytest.raises(UnsupportedModelError):
-        trainer.fit(Sine(), 2, progress=False, compiled=True)
+        Reptile(model, backend="compiled")
+    with pytest.raises(TypeError, match="does not accept options"):
+        Reptile(MLP(), backend="compiled", backend_options={"precision": "tf32"})
 
 
 def test_cli_seed_setting_runs_compiled(tmp_path):
@@ -46,5 +119,5 @@ def test_cli_seed_setting_runs_compiled(tmp_path):
                  "--eval-steps", "5", "--checkpoint-every", "10", "--out", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["backend"] == "compiled"
-    assert metrics["compile_seconds"] >= 0 and metrics["ms_per_iteration"] > 0
+    assert metrics["ms_per_iteration"] > 0
     assert (out / "checkpoint.pt").exists() and (out / "figure.png").exists()

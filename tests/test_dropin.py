@@ -19,8 +19,11 @@ import reptile_fast
 from reptile_fast import Reptile, TaskBatch, reference
 from reptile_fast import compiled_step
 from reptile_fast.backends.base import UnsupportedModelError
-from reptile_fast.dropin import (ReferencePathWarning, is_seed_sample_task, is_standard_inner_loop,
-                                 standard_inner_loop)
+from reptile_fast.dropin import ReferencePathWarning
+from reptile_fast.seed_recognition import is_seed_sample_task, is_standard_inner_loop, standard_inner_loop
+
+#: the compiled path's maths without a compiler (fast to set up in tests)
+EAGER = {"backend": "compiled", "backend_options": {"mode": "eager"}}
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -63,8 +66,8 @@ def no_reference_warning(record):
 
 
 # ---------------------------------------------------------------------- same draws, same numbers
-@pytest.mark.parametrize("backend, chunk_size", [("compiled", 500), ("compiled", 19), ("fused", 500)])
-def test_meta_batch_1_equals_reference_with_same_draws(backend, chunk_size):
+@pytest.mark.parametrize("mode, chunk_size", [("scan", 500), ("scan", 19), ("eager", 500)])
+def test_meta_batch_1_equals_reference_with_same_draws(mode, chunk_size):
     """20 meta-steps of the seed's experiment: the drop-in fed the seed's own task and randperm
     draws ends where reference.reptile (the seed's loop) ends under the same manual_seed.
     (chunk_size 19: a chunk of 19 compiled meta-steps, then a chunk of one.)"""
@@ -78,12 +81,11 @@ def test_meta_batch_1_equals_reference_with_same_draws(backend, chunk_size):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         stats = reptile_fast.reptile(model_fast, 20, replay(tasks), reference.perform_k_training_steps,
-                                     backend=backend, progress=False, indices=plans[:, None],
-                                     chunk_size=chunk_size)
+                                     backend="compiled", backend_options={"mode": mode}, progress=False,
+                                     indices=plans[:, None], chunk_size=chunk_size)
     assert no_reference_warning(record)
-    assert stats["path"] == backend and stats["inner_steps"] == 5 and stats["inner_batch_size"] == 10
-    if backend == "compiled" and stats["fallback_reason"] is None:
-        assert stats["mode"] == "scan"
+    assert stats["path"] == "compiled" and stats["inner_steps"] == 5 and stats["inner_batch_size"] == 10
+    assert stats["mode"] == mode and stats["fallback_reason"] is None
     assert len(stats["loss"]) == 20
     assert [id(p) for p in model_fast.parameters()] == params_before  # updated in place
     assert_params_close(model_ref, model_fast)
@@ -180,7 +182,7 @@ def test_batch_size_of_a_partial_is_used():
     tasks, plans = record_seed_draws(reference.sample_task, 6, seed=2, k=2, batch=25)
     torch.manual_seed(2)
     reference.reptile(model_ref, 6, reference.sample_task, inner, k=2, progress=False)
-    stats = reptile_fast.reptile(model_fast, 6, replay(tasks), inner, k=2, backend="fused", progress=False,
+    stats = reptile_fast.reptile(model_fast, 6, replay(tasks), inner, k=2, **EAGER, progress=False,
                                  indices=plans[:, None])
     assert stats["inner_steps"] == 4 and stats["inner_batch_size"] == 25
     assert_params_close(model_ref, model_fast)
@@ -271,8 +273,8 @@ def stacked(tasks):
                                   for t in tasks]))
 
 
-@pytest.mark.parametrize("backend", ["fused", "auto", "reference"])
-def test_meta_batch_4_equals_trainer_meta_step(backend):
+@pytest.mark.parametrize("options", [EAGER, {"backend": "auto"}, {"backend": "reference"}])
+def test_meta_batch_4_equals_trainer_meta_step(options):
     """meta_batch_size 4: the mean over tasks, exactly Reptile(backend='reference').meta_step on
     the same stacked tasks and plans."""
     T, n = 4, 5
@@ -283,7 +285,7 @@ def test_meta_batch_4_equals_trainer_meta_step(backend):
     trainer = Reptile(model_ref, backend="reference")
     for i in range(n):
         trainer.meta_step(stacked(tasks[i * T:(i + 1) * T]), plans[i * T:(i + 1) * T])
-    stats = reptile_fast.reptile(model_fast, n, replay(tasks), meta_batch_size=T, backend=backend,
+    stats = reptile_fast.reptile(model_fast, n, replay(tasks), meta_batch_size=T, **options,
                                  progress=False, indices=plans.view(n, T, 5, 10))
     assert stats["meta_batch_size"] == T
     assert_params_close(model_ref, model_fast)
@@ -313,9 +315,9 @@ def test_classification_and_multi_dimensional_regression():
             trainer.meta_step(stacked(tasks[i:i + 1]), plans[i])
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            stats = reptile_fast.reptile(model_fast, 6, replay(tasks), k=2, backend="fused", progress=False,
+            stats = reptile_fast.reptile(model_fast, 6, replay(tasks), k=2, **EAGER, progress=False,
                                          indices=plans)
-        assert no_reference_warning(record) and stats["path"] == "fused"
+        assert no_reference_warning(record) and stats["path"] == "compiled" and stats["mode"] == "eager"
         assert_params_close(model_ref, model_fast)
 
 
@@ -336,7 +338,7 @@ def test_non_mlp_model_uses_the_trainer():
     torch.manual_seed(3)
     reference.reptile(model_ref, 5, reference.sample_task, reference.perform_k_training_steps, progress=False)
     stats = reptile_fast.reptile(model_fast, 5, replay(tasks), progress=False, indices=plans[:, None])
-    assert stats["path"] == "trainer"
+    assert stats["path"] == "torch"  # the trainer's "auto" on the CPU
     assert_params_close(model_ref, model_fast)
     with pytest.raises(UnsupportedModelError, match="scale|not supported|operation"):
         reptile_fast.reptile(Scaled(), 1, reference.sample_task, backend="compiled", progress=False)
@@ -369,7 +371,7 @@ def test_nan_raises_and_keeps_parameters():
     model = reference.MLP()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(reptile_fast.NonFiniteError, match="non-finite"):
-        reptile_fast.reptile(model, 3, bad_task, backend="fused", progress=False)
+        reptile_fast.reptile(model, 3, bad_task, **EAGER, progress=False)
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
 
@@ -424,7 +426,7 @@ def test_tasks_that_change_shape_are_rejected():
         return torch.linspace(-5, 5, n), torch.zeros(n), nn.MSELoss()
 
     with pytest.raises(ValueError, match="must agree"):
-        call(sample_task=varying, nb_iterations=3, backend="fused")
+        call(sample_task=varying, nb_iterations=3, **EAGER)
 
 
 def test_indices_with_the_reference_path_is_an_error():
@@ -442,7 +444,7 @@ def test_seed_full_experiment_lands_in_the_quality_band():
     model = reference.MLP()
     stats = reptile_fast.reptile(model, 30000, reference.sample_task, reference.perform_k_training_steps,
                                  progress=False)
-    assert stats["path"] in ("compiled", "fused"), stats["path"]
+    assert stats["path"] == "compiled" and stats["mode"] == "scan", stats
     # The seed's demo: new_task = sample_task(); perform_k_training_steps(model, new_task, 32), on
     # held-out draws from torch.manual_seed(10_000), as bench/dropin_experiment.py records them.
     from bench.seed_experiment import held_out_mse

@@ -88,14 +88,29 @@ def test_evaluate_zero_steps_is_loss_at_phi():
     torch.testing.assert_close(loss, expected)
 
 
-def test_non_finite_update_raises_and_keeps_phi():
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_non_finite_update_is_skipped_and_reported(backend):
+    """meta_step reads nothing: a non-finite step is skipped on the device, and so is every later
+    one until check_finite() raises naming the first; φ and iteration are as before it."""
     model = MLP()
-    before = copy.deepcopy(model.state_dict())
-    trainer = Reptile(model, backend="reference", inner_lr=1e30)
-    with pytest.raises(NonFiniteError, match="meta-step 1"):
-        trainer.meta_step(TaskBatch(torch.full((1, 50, 1), 1e30), torch.full((1, 50, 1), 1e30)))
+    trainer = Reptile(model, backend=backend, inner_lr=0.02)
+    good = Sine().sample(1, generator=torch.Generator().manual_seed(0))
+    trainer.meta_step(good)
+    after_one = copy.deepcopy(model.state_dict())
+    huge = TaskBatch(torch.full((1, 50, 1), 1e30), torch.full((1, 50, 1), 1e30))
+    out = trainer.meta_step(huge)                       # meta-step 2: overflows
+    assert isinstance(out["loss"], torch.Tensor) and out["loss"].dim() == 0
+    assert not torch.isfinite(out["loss"])
+    trainer.meta_step(good)                             # meta-step 3: finite, but skipped too
     for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k])
+        assert torch.equal(v, after_one[k]), k
+    with pytest.raises(NonFiniteError, match="meta-step 2") as info:
+        trainer.check_finite()
+    assert info.value.iteration == 2 and trainer.iteration == 1
+    trainer.check_finite()                              # re-armed: nothing pending
+    trainer.meta_step(good)                             # training goes on from meta-step 1
+    assert trainer.iteration == 2
+    assert any(not torch.equal(v, after_one[k]) for k, v in model.state_dict().items())
 
 
 class Unpicklable(nn.Module):

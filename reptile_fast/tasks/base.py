@@ -6,7 +6,7 @@ minibatches, so equivalence tests can compare backends to the last float.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Protocol, runtime_checkable
 
 import torch
@@ -24,10 +24,26 @@ class TaskBatch:
         x: float ``[T, N, *in_shape]`` inputs (``[T, N, in_features]`` for an MLP,
             ``[T, N, C, H, W]`` for a conv net).
         y: float ``[T, N, out_features]`` regression targets, or long ``[T, N]`` class labels.
+        n_classes: for class labels, a bound: every label is ``< n_classes``.  Computed from
+            ``y`` when not given (one read of ``y``), checked against ``y`` when given.
+
+    Construction validates shapes, dtypes, devices, finiteness and label range, reading the
+    values once: validation happens where data enters.  ``TaskBatch.trusted`` skips it, for
+    the library's task families (which generate valid data) and for slices of a validated batch.
     """
 
     x: torch.Tensor
     y: torch.Tensor
+    n_classes: Optional[int] = field(default=None, compare=False)
+
+    @classmethod
+    def trusted(cls, x: torch.Tensor, y: torch.Tensor, n_classes: Optional[int] = None) -> "TaskBatch":
+        """A ``TaskBatch`` built without validation (no host read): for data known to be valid."""
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "x", x)
+        object.__setattr__(obj, "y", y)
+        object.__setattr__(obj, "n_classes", n_classes)
+        return obj
 
     def __post_init__(self) -> None:
         x, y = self.x, self.y
@@ -61,12 +77,20 @@ class TaskBatch:
                 raise ValueError(
                     f"TaskBatch.y (class labels) must have shape [tasks, points], got shape {tuple(y.shape)}"
                 )
-            if y.numel() and int(y.min()) < 0:
+            lo, hi = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
+            if lo < 0:
                 raise ValueError("TaskBatch.y class labels must be non-negative")
+            if self.n_classes is None:
+                object.__setattr__(self, "n_classes", hi + 1)
+            elif isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int) or hi >= self.n_classes:
+                raise ValueError(f"TaskBatch.n_classes={self.n_classes!r} must be an int above every label "
+                                 f"(the largest is {hi})")
         else:
             raise TypeError(
                 f"TaskBatch.y must be float (regression) or torch.long (class labels), got dtype {y.dtype}"
             )
+        if y.is_floating_point() and self.n_classes is not None:
+            raise ValueError("TaskBatch.n_classes is for class labels; these targets are floats")
         if tuple(y.shape[:2]) != tuple(x.shape[:2]):
             raise ValueError(
                 f"TaskBatch.x and TaskBatch.y disagree on [tasks, points]: "
@@ -99,13 +123,18 @@ class TaskBatch:
         """Move to ``device``; ``dtype`` casts the inputs (and float targets)."""
         x = self.x.to(device=device, dtype=dtype)
         y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
-        return TaskBatch(x, y)
+        if dtype is None or dtype == self.x.dtype:
+            return TaskBatch.trusted(x, y, self.n_classes)  # the same values: already validated
+        return TaskBatch(x, y)  # a cast can overflow to inf: validate again
 
     def __getitem__(self, item) -> "TaskBatch":
         """Select tasks: ``tasks[0:4]`` or ``tasks[[0, 2]]`` keeps the task dimension."""
         if isinstance(item, int):
             item = slice(item, item + 1 if item != -1 else None)
-        return TaskBatch(self.x[item], self.y[item])
+        x, y = self.x[item], self.y[item]
+        if x.dim() != self.x.dim() or x.shape[0] < 1:
+            raise IndexError(f"TaskBatch[{item!r}] must select one or more tasks")
+        return TaskBatch.trusted(x, y, self.n_classes)
 
 
 @runtime_checkable

@@ -1,0 +1,123 @@
+"""Training-loop callbacks for checkpoints and signals (the loop itself is ``reptile_fast.loop``)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, List, Mapping, Optional
+
+import torch
+
+from .checkpoint import CHECKPOINT_NAME, resolve_checkpoint_path, restore_checkpoint, save_checkpoint
+from .core import NonFiniteError
+from .loop import Callback
+from .signals import DeferredSignals, TrainingInterrupted, signal_name
+
+__all__ = ["CheckpointCallback", "SignalCallback", "resume_for_fit"]
+
+
+def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: Optional[Path]):
+    """Restore ``trainer`` (and every RNG) from ``resume_from`` for ``fit``.
+
+    Returns ``(loss history so far, whether resume_from is ckpt_dir's latest checkpoint)``; warns
+    when an annealed run is resumed with another total than it was started with.
+    """
+    ckpt = restore_checkpoint(trainer, resume_from, generator=generator)
+    history = [float(v) for v in ckpt["history"].get("loss", torch.zeros(0)).tolist()]
+    saved_total = ckpt["trainer"]["total_iterations"]
+    if trainer.outer_lr_final is not None and saved_total is not None and saved_total != iterations:
+        warnings.warn(f"the checkpoint's run annealed the outer step over {saved_total} iterations, "
+                      f"this fit over {iterations}: the result will differ from an uninterrupted run",
+                      stacklevel=3)
+    latest = None if ckpt_dir is None else ckpt_dir / CHECKPOINT_NAME
+    is_latest = latest is not None and latest.exists() and \
+        latest.resolve() == resolve_checkpoint_path(resume_from).resolve()
+    return history, is_latest
+
+
+class CheckpointCallback(Callback):
+    """Writes ``directory/checkpoint.pt`` every ``every`` meta-steps (if set) and at the end.
+
+    Owns the last checkpoint's path and meta-step (``last_path``, ``last_saved``), so a failure
+    can name the last good one.  Never writes parameters holding NaN/inf.
+
+    Args:
+        trainer: the ``Reptile`` whose ``state_dict()`` is saved.
+        directory: a prepared directory, or None (then only ``describe`` is useful).
+        every: meta-steps between checkpoints, or None for the end only.
+        generator: the run's ``torch.Generator`` (its state is saved).
+        history: the loss list to store (the ``HistoryCallback``'s, read at every checkpoint).
+        extra: the caller's data stored under ``"extra"``.
+    """
+
+    def __init__(self, trainer, directory: Optional[Path], every: Optional[int], *,
+                 generator: Optional[torch.Generator], history: List[float],
+                 extra: Optional[Mapping[str, Any]] = None):
+        self.trainer, self.directory, self.every = trainer, directory, every
+        self.generator, self.history, self.extra = generator, history, extra
+        self.last_path: Optional[str] = None
+        self.last_saved: Optional[int] = None
+
+    def _due(self, loop) -> bool:
+        return self.directory is not None and self.every is not None and loop.iteration % self.every == 0
+
+    def wants_read(self, loop) -> bool:
+        return self._due(loop)
+
+    def on_chunk_end(self, loop, read):
+        if self._due(loop) and self.last_saved != loop.iteration:
+            self.save()
+
+    def on_end(self, loop):
+        if self.directory is not None and self.last_saved != self.trainer.iteration:
+            self.save()
+
+    def save(self) -> None:
+        with torch.no_grad():
+            for name, p in self.trainer.model.named_parameters():
+                if not bool(torch.isfinite(p).all()):
+                    raise self.explain(NonFiniteError(
+                        f"after meta-step {self.trainer.iteration}: parameter {name} holds NaN/inf; no "
+                        f"checkpoint was written", iteration=self.trainer.iteration))
+        self.last_path = str(save_checkpoint(self.directory, self.trainer, generator=self.generator,
+                                             history={"loss": self.history}, extra=self.extra))
+        self.last_saved = self.trainer.iteration
+
+    def explain(self, exc: NonFiniteError) -> NonFiniteError:
+        """``exc`` with the last good checkpoint named (``fit`` raises this one)."""
+        if self.directory is None:
+            where = "No checkpoint_dir was given, so no checkpoint exists."
+        elif self.last_path is None:
+            where = f"No checkpoint had been written to {self.directory} yet in this run."
+        else:
+            where = (f"The last good checkpoint, {self.last_path} (meta-step {self.last_saved}), was kept; "
+                     f"resume from it with fit(..., resume_from={str(self.directory)!r}) after lowering "
+                     f"inner_lr/outer_lr.")
+        return NonFiniteError(f"{exc} {where}", iteration=exc.iteration, checkpoint=self.last_path,
+                              checkpoint_iteration=self.last_saved)
+
+
+class SignalCallback(Callback):
+    """Ends the run after the current chunk on SIGINT/SIGTERM (received by ``signals``) and,
+    after the final checkpoint (put ``checkpoint`` before this callback), raises
+    ``TrainingInterrupted`` naming it."""
+
+    def __init__(self, signals: DeferredSignals, checkpoint: CheckpointCallback):
+        self.signals, self.checkpoint = signals, checkpoint
+
+    def wants_read(self, loop) -> bool:
+        return self.signals.received is not None
+
+    def on_chunk_end(self, loop, read):
+        if self.signals.received is not None:
+            loop.stop()
+
+    def on_end(self, loop):
+        if self.signals.received is None:
+            return
+        directory = self.checkpoint.directory
+        raise TrainingInterrupted(
+            f"training interrupted by {signal_name(self.signals.received)} after meta-step {loop.iteration} "
+            f"of {loop.iterations}; checkpoint written to {self.checkpoint.last_path}. Resume with "
+            f"Reptile.fit(..., resume_from={str(directory)!r}) "
+            f"(or `reptile-fast sine --resume {directory}` for the CLI's job)",
+            signal_number=self.signals.received, iteration=loop.iteration, checkpoint=self.checkpoint.last_path)

@@ -1,0 +1,132 @@
+"""The core every training path shares: the data, the inner-loop contract and the one outer update.
+
+One meta-step of Reptile (Nichol, Achiam, Schulman 2018):
+
+    tasks  ──sample_indices──▶  plan [T, R, B]
+    backend.inner_loop(φ, tasks, plan)  ──▶  InnerResult: φ̃_i [T, ...], losses [T, S]
+    per_task_deltas  ──▶  D_i = φ̃_i − φ            (or −g_i: FOMAML / weighted inner gradients)
+    reducer          ──▶  mean_i D_i, mean loss    (one process: mean over dim 0;
+                                                    torch.distributed: a collective)
+    OuterUpdate      ──▶  φ ← φ + ε · mean_i D_i   (or an outer optimizer's step on −mean D)
+
+``OuterUpdate`` is the only place φ changes during training.  It never reads a tensor value on
+the host: a meta-step whose loss or update is not finite is skipped on the device (a select),
+and from then on every update is skipped until ``check()`` — called by the training loop at its
+reads — raises ``NonFiniteError`` naming the first bad meta-step, with φ exactly as after the
+meta-step before it.  (An outer ``torch.optim`` optimizer cannot be skipped on the device: with
+one, every meta-step reads its finiteness flag once.)
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .backends.base import InnerConfig, InnerResult
+from .tasks.base import TaskBatch, sample_indices
+
+__all__ = ["TaskBatch", "sample_indices", "InnerConfig", "InnerResult", "NonFiniteError",
+           "Reducer", "per_task_deltas", "local_mean", "OuterUpdate"]
+
+#: ``reducer(deltas, losses) -> (mean_deltas, mean_loss)``: per-task deltas ``[T_local, *shape]``
+#: of every parameter and losses ``[T_local, S]`` to the meta-batch's means (``[*shape]`` each,
+#: 0-dim).  ``local_mean`` on one process; ``reptile_fast.distributed`` across processes.
+Reducer = Callable[[List[torch.Tensor], torch.Tensor], Tuple[List[torch.Tensor], torch.Tensor]]
+
+
+class NonFiniteError(FloatingPointError):
+    """A meta-step produced a NaN or infinite loss or update; φ was left as it was before it.
+
+    Attributes: ``iteration`` (the first bad meta-step, 1-based), and from ``fit`` the last good
+    checkpoint (``checkpoint``: its path or None, ``checkpoint_iteration``), which ``fit`` never
+    overwrites with a failed state.
+    """
+
+    def __init__(self, message: str, *, iteration: Optional[int] = None,
+                 checkpoint: Optional[str] = None, checkpoint_iteration: Optional[int] = None):
+        super().__init__(message)
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+        self.checkpoint_iteration = checkpoint_iteration
+
+
+def per_task_deltas(params: Sequence[Tuple[str, torch.Tensor]], result: InnerResult) -> List[torch.Tensor]:
+    """Each task's update direction ``[T, *shape]`` per parameter, in ``params``' order.
+
+    Reptile: ``φ̃_i − φ``.  FOMAML or weighted inner gradients: ``−g_i`` (the negated
+    pseudo-gradient, so that ``φ + ε · mean D`` is a descent step in both cases).
+    """
+    if result.meta_grads is None:
+        return [result.params[n] - p for n, p in params]
+    return [-result.meta_grads[n] for n, _ in params]
+
+
+def local_mean(deltas: List[torch.Tensor], losses: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """The one-process reducer: means over the task dimension (one task: the delta itself, so
+    the update is the seed's ``φ + ε(φ̃ − φ)`` bit for bit)."""
+    return [d.mean(0) for d in deltas], losses.mean()
+
+
+class OuterUpdate:
+    """``φ ← φ + ε · mean_i D_i`` on a model's parameters, with the device-side finiteness guard.
+
+    Args:
+        params: the model's ``(name, parameter)`` pairs (φ), updated in place.
+        outer_optimizer: a ``torch.optim.Optimizer`` over exactly those parameters, fed the
+            pseudo-gradient ``−mean D`` instead of the interpolation (optional).
+    """
+
+    def __init__(self, params: Sequence[Tuple[str, torch.Tensor]],
+                 outer_optimizer: Optional[torch.optim.Optimizer] = None):
+        self.params = list(params)
+        self.outer_optimizer = outer_optimizer
+        device = self.params[0][1].device
+        # healthy: no bad meta-step since the last check; first_bad: its 1-based number (0: none)
+        self._healthy = torch.ones((), dtype=torch.bool, device=device)
+        self._first_bad = torch.zeros((), dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def apply(self, mean_deltas: List[torch.Tensor], mean_loss: torch.Tensor, eps, iteration: int) -> None:
+        """Apply meta-step ``iteration`` (1-based) with outer step ``eps`` (a float or 0-dim tensor).
+
+        Reads nothing on the host (except with an outer optimizer: see the module docstring)."""
+        tensors = [p for _, p in self.params]
+        finite = torch.isfinite(mean_loss)
+        for d in mean_deltas:
+            finite = finite & torch.isfinite(d).all()
+        ok = finite & self._healthy
+        if self.outer_optimizer is not None:
+            if not bool(ok):
+                self._mark_bad(finite, iteration)
+                return
+            for p, d in zip(tensors, mean_deltas):
+                p.grad = -d
+            self.outer_optimizer.step()
+            self.outer_optimizer.zero_grad(set_to_none=True)
+            return
+        # φ + ok·ε·D would turn a NaN D into NaN; select instead.  Written as the seed writes it,
+        # φ + ε·(φ̃ − φ), so one task reproduces the seed bit for bit; all parameters in one
+        # _foreach call, so a Ctrl-C (handled between bytecodes) cannot split the update.
+        steps = [torch.where(ok, s, 0.0) for s in torch._foreach_mul(mean_deltas, eps)]
+        torch._foreach_add_(tensors, steps)
+        self._mark_bad(finite, iteration)
+
+    def _mark_bad(self, finite: torch.Tensor, iteration: int) -> None:
+        first = self._healthy & ~finite
+        self._first_bad = torch.where(first, torch.full_like(self._first_bad, iteration), self._first_bad)
+        self._healthy = self._healthy & finite
+
+    def first_bad(self) -> int:
+        """The first non-finite meta-step since the last ``check`` (0: none).  Reads the device."""
+        return int(self._first_bad)
+
+    def check(self) -> None:
+        """Raise ``NonFiniteError`` (and re-arm) if a meta-step since the last check was not finite."""
+        bad = self.first_bad()
+        if bad:
+            self._healthy.fill_(True)
+            self._first_bad.zero_()
+            raise NonFiniteError(
+                f"meta-step {bad}: non-finite inner loss or update (NaN/inf); the parameters were left "
+                f"as they were after meta-step {bad - 1} and no later meta-step was applied. Lower "
+                f"inner_lr/outer_lr or check the data.", iteration=bad)

@@ -1,0 +1,240 @@
+"""The training loop: the only one.  ``Reptile.fit``, the drop-in and the CLI jobs all run it.
+
+Per chunk of ``m = stepper.chunk`` meta-steps it draws the tasks and plans (``sampler.draw``),
+computes the outer steps ε, and calls ``stepper.run``; the per-step losses stay on the device.
+Every ``log_every`` meta-steps, when a callback asks (a checkpoint is due) and at the end it
+*reads*: ``stepper.check()`` (raises ``NonFiniteError`` for a skipped non-finite meta-step) and
+the pending losses, which go to the callbacks' ``on_read``.  Between reads it reads nothing, so
+on a GPU the meta-steps are queued back to back.
+
+Callbacks (``Callback``) do everything else: the loss history, the progress bar, checkpoints,
+signal handling; distributed synchronisation and periodic validation plug in the same way.
+"""
+from __future__ import annotations
+
+import time
+from typing import List, Optional, Sequence
+
+import torch
+
+from .tasks.base import TaskBatch, sample_indices
+
+__all__ = ["Sampler", "StreamSampler", "PlanSampler", "Callback", "HistoryCallback", "ProgressCallback",
+           "FunctionCallback", "TrainingLoop", "DEFAULT_LOG_EVERY"]
+
+#: meta-steps between reads of device values in ``fit`` (progress loss, history, finiteness)
+DEFAULT_LOG_EVERY = 100
+
+
+class Sampler:
+    """``draw(first_iteration, m) -> (tasks, plans)``: the ``m · T`` tasks and plans of meta-steps
+    ``first_iteration … first_iteration + m − 1`` (1-based), meta-step-major."""
+
+    def draw(self, first_iteration: int, m: int):
+        raise NotImplementedError
+
+
+class StreamSampler(Sampler):
+    """Tasks from ``task_distribution.sample(m · T, generator=, device=)``, then their plans from
+    ``sample_indices`` with the same generator: one stream of draws, in meta-step order.
+
+    Args:
+        check: called on every drawn ``TaskBatch`` (the trainer's cached compatibility check).
+    """
+
+    def __init__(self, task_distribution, meta_batch_size: int, rows: int, batch: int, *,
+                 generator: Optional[torch.Generator], device, check=None):
+        self.dist, self.T, self.rows, self.batch = task_distribution, meta_batch_size, rows, batch
+        self.generator, self.device, self.check = generator, device, check
+
+    def draw(self, first_iteration: int, m: int):
+        tasks = self.dist.sample(m * self.T, generator=self.generator, device=self.device)
+        if self.check is not None:
+            self.check(tasks)
+        plans = sample_indices(m * self.T, self.rows, tasks.n_points, self.batch,
+                               generator=self.generator, device=self.device)
+        return tasks, plans
+
+
+class PlanSampler(StreamSampler):
+    """Tasks drawn as ``StreamSampler`` does, plans taken from a fixed tensor.
+
+    Args:
+        indices: long ``[iterations, T, R, B]``; meta-step ``t`` (1-based, counted from
+            ``offset + 1``) uses ``indices[t − offset − 1]``.
+    """
+
+    def __init__(self, task_distribution, indices: torch.Tensor, *, offset: int = 0, generator=None,
+                 device=None, check=None):
+        super().__init__(task_distribution, indices.shape[1], indices.shape[2], indices.shape[3],
+                         generator=generator, device=device, check=check)
+        self.indices, self.offset = indices, offset
+
+    def draw(self, first_iteration: int, m: int):
+        tasks = self.dist.sample(m * self.T, generator=self.generator, device=self.device)
+        if self.check is not None:
+            self.check(tasks)
+        start = first_iteration - self.offset - 1
+        plans = self.indices[start:start + m].reshape(m * self.T, self.rows, self.batch)
+        return tasks, plans.to(tasks.device if isinstance(tasks, TaskBatch) else self.device)
+
+
+class Callback:
+    """Hooks of ``TrainingLoop``; every method is optional."""
+
+    def on_start(self, loop: "TrainingLoop") -> None:
+        """Before the first meta-step."""
+
+    def wants_read(self, loop: "TrainingLoop") -> bool:
+        """Whether the loop must read after the chunk that just ended (e.g. a checkpoint is due)."""
+        return False
+
+    def on_read(self, loop: "TrainingLoop", losses: List[float]) -> None:
+        """After a read: ``losses`` are the mean inner losses of the meta-steps since the last read."""
+
+    def on_chunk_end(self, loop: "TrainingLoop", read: bool) -> None:
+        """After every chunk (``read``: whether the loop just read); may call ``loop.stop()``."""
+
+    def on_end(self, loop: "TrainingLoop") -> None:
+        """After the last meta-step (also after ``stop()``), once the final read is done."""
+
+    def on_abort(self, loop: "TrainingLoop", exc: BaseException) -> None:
+        """When an exception (e.g. ``NonFiniteError``) ends the run; it is re-raised after."""
+
+
+class HistoryCallback(Callback):
+    """Keeps every meta-step's mean inner loss in ``history`` (a list of floats)."""
+
+    def __init__(self, history: Optional[List[float]] = None):
+        self.history = history if history is not None else []
+
+    def on_read(self, loop, losses):
+        self.history.extend(losses)
+
+
+class ProgressCallback(Callback):
+    """A tqdm bar: advanced after every chunk (no read needed), the loss shown at reads."""
+
+    def __init__(self, enabled: bool = True, desc: str = "meta-train"):
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def on_start(self, loop):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=max(loop.iterations, loop.start), initial=loop.start,
+                        disable=not self.enabled, desc=self.desc)
+
+    def on_read(self, loop, losses):
+        if losses and self.bar is not None:
+            self.bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+
+    def on_chunk_end(self, loop, read):
+        if self.bar is not None:
+            self.bar.update(loop.iteration - self.bar.n)
+
+    def on_end(self, loop):
+        if self.bar is not None:
+            self.bar.close()
+
+    def on_abort(self, loop, exc):
+        self.on_end(loop)
+
+
+class FunctionCallback(Callback):
+    """A user's ``callback(iteration, metrics)`` after every meta-step, with ``metrics =
+    {"loss", "outer_lr", "iteration"}``.  It needs the values, so the loop reads after every
+    chunk (every meta-step on the eager path) while one is installed."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def wants_read(self, loop) -> bool:
+        return True
+
+    def on_read(self, loop, losses):
+        first = loop.iteration - len(losses) + 1
+        for k, (loss, eps) in enumerate(zip(losses, loop.read_outer_lrs)):
+            self.fn(first + k, {"loss": loss, "outer_lr": eps, "iteration": first + k})
+
+
+class TrainingLoop:
+    """Runs meta-steps ``start + 1 … iterations`` of ``stepper`` on ``sampler``'s draws.
+
+    Args:
+        state: the object whose ``iteration`` attribute counts meta-steps (the trainer); set
+            after every chunk, and to the last good meta-step when a non-finite one is found.
+        stepper: a ``reptile_fast.steppers.Stepper``.
+        sampler: a ``Sampler``.
+        iterations: the total number of meta-steps (the run ends when ``state.iteration`` reaches it).
+        outer_lr_at: ``iteration -> ε`` (0-based meta-step index: the schedule's argument).
+        callbacks: ``Callback`` objects, called in order.
+        log_every: read device values at most every this many meta-steps (and when a callback
+            asks, and at the end).
+    """
+
+    def __init__(self, state, stepper, sampler: Sampler, iterations: int, *, outer_lr_at,
+                 callbacks: Sequence[Callback] = (), log_every: int = DEFAULT_LOG_EVERY):
+        self.state, self.stepper, self.sampler = state, stepper, sampler
+        self.start = self.iteration = state.iteration
+        self.iterations, self.outer_lr_at = iterations, outer_lr_at
+        self.callbacks, self.log_every = list(callbacks), log_every
+        self._pending: List[torch.Tensor] = []
+        self._pending_eps: List[float] = []
+        #: the outer steps of the meta-steps whose losses the latest read handed out
+        self.read_outer_lrs: List[float] = []
+        self._last_read = self.start
+        self._stop = False
+        self.train_seconds = 0.0
+
+    def stop(self) -> None:
+        """End the run after the current chunk (e.g. on a signal)."""
+        self._stop = True
+
+    def read(self) -> None:
+        """Check finiteness and hand the pending losses to the callbacks (one host read)."""
+        try:
+            self.stepper.check()
+        except Exception as exc:
+            bad = getattr(exc, "iteration", None)
+            if bad is not None:  # φ is as after the meta-step before the first bad one
+                self.iteration = self.state.iteration = bad - 1
+            self._pending, self._pending_eps = [], []
+            raise
+        losses = torch.cat(self._pending).tolist() if self._pending else []
+        self.read_outer_lrs = self._pending_eps
+        self._pending, self._pending_eps = [], []
+        self._last_read = self.iteration
+        for cb in self.callbacks:
+            cb.on_read(self, losses)
+
+    def run(self) -> "TrainingLoop":
+        for cb in self.callbacks:
+            cb.on_start(self)
+        t0 = time.perf_counter()
+        try:
+            while self.iteration < self.iterations and not self._stop:
+                m = min(self.stepper.chunk, self.iterations - self.iteration)
+                first = self.iteration + 1
+                tasks, plans = self.sampler.draw(first, m)
+                eps = [self.outer_lr_at(self.iteration + k) for k in range(m)]
+                losses = self.stepper.run(tasks, plans, eps, first)
+                self._pending.append(losses)
+                self._pending_eps.extend(eps)
+                self.iteration = self.state.iteration = self.iteration + m
+                due = (self.iteration - self._last_read >= self.log_every or self.iteration >= self.iterations
+                       or any(cb.wants_read(self) for cb in self.callbacks))
+                if due:
+                    self.read()
+                for cb in self.callbacks:
+                    cb.on_chunk_end(self, due)
+            if self._pending:
+                self.read()
+        except BaseException as exc:
+            self.train_seconds = time.perf_counter() - t0
+            for cb in self.callbacks:
+                cb.on_abort(self, exc)
+            raise
+        self.train_seconds = time.perf_counter() - t0
+        for cb in self.callbacks:
+            cb.on_end(self)
+        return self

@@ -1,0 +1,213 @@
+"""Steppers: one meta-step = a backend's inner loop + the outer update, behind one small protocol.
+
+The training loop (``reptile_fast.loop``) draws ``m`` meta-steps' tasks and plans at a time —
+``m = stepper.chunk`` — and hands them to ``stepper.run``.  Two implementations:
+
+* ``EagerStepper``: per meta-step, ``backend.inner_loop`` (reference / torch / triton), the
+  reducer (``core.local_mean``, or a collective across processes) and ``core.OuterUpdate``.
+  Reads no tensor value on the host (non-finite steps are skipped on the device and reported by
+  ``check``).  ``chunk = 1``: tasks and plans are drawn every meta-step.
+* ``CompiledStepper``: the whole meta-step of a plain MLP on the CPU — every task's SGD inner
+  loop and the interpolation update — as one compiled program over a chunk of meta-steps
+  (``reptile_fast.compiled_step.MetaStepProgram``).  It checks finiteness once per chunk (a CPU
+  program: there is no device queue to drain) and raises ``NonFiniteError`` with φ as before the
+  chunk.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .backends.base import Backend, InnerConfig, UnsupportedModelError
+from .core import NonFiniteError, OuterUpdate, Reducer, local_mean, per_task_deltas
+from .losses import loss_name
+from .mlp_math import FAST_LOSSES
+from .mlp_spec import MLPSpec, cached_mlp_spec
+from .tasks.base import TaskBatch
+
+__all__ = ["Stepper", "EagerStepper", "CompiledStepper", "check_compiled_supported", "gather_chunk",
+           "DEFAULT_CHUNK"]
+
+#: meta-steps per compiled call (and per draw of tasks / minibatch plans) on the compiled path
+DEFAULT_CHUNK = 500
+
+
+class Stepper:
+    """The protocol: ``run`` takes ``m`` meta-steps; ``check`` reports a non-finite one."""
+
+    #: meta-steps the stepper takes per ``run`` call (and the loop draws at once)
+    chunk: int = 1
+    #: the name reported in stats and metrics ("eager" paths report their backend's name)
+    name: str = "?"
+
+    def run(self, tasks: TaskBatch, plans: torch.Tensor, eps: Sequence[float], first_iteration: int) -> torch.Tensor:
+        """Take ``m = len(eps)`` meta-steps.
+
+        Args:
+            tasks: ``m · T`` tasks, meta-step-major (tasks ``k·T … k·T + T − 1`` are meta-step k's).
+            plans: long ``[m · T, R, B]`` minibatch plans, in the same order.
+            eps: the outer step of each meta-step.
+            first_iteration: the 1-based number of the first of these meta-steps.
+
+        Returns:
+            The mean inner loss of each meta-step, ``[m]``, on the model's device (not read).
+        """
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise ``NonFiniteError`` if a meta-step since the last check was skipped as non-finite."""
+
+
+class EagerStepper(Stepper):
+    """``backend.inner_loop`` + ``reducer`` + ``OuterUpdate``, one meta-step at a time.
+
+    Args:
+        backend: an inner-loop backend that supports ``model`` with ``config``.
+        model: the meta-model; its parameters are φ and are updated in place.
+        config: the inner loop's settings.
+        outer_optimizer: optional ``torch.optim`` optimizer fed the pseudo-gradient.
+        reducer: turns per-task deltas into means (default: ``core.local_mean``).
+    """
+
+    chunk = 1
+
+    def __init__(self, backend: Backend, model: nn.Module, config: InnerConfig,
+                 outer_optimizer: Optional[torch.optim.Optimizer] = None, reducer: Optional[Reducer] = None):
+        self.backend, self.model, self.config = backend, model, config
+        self.named = list(model.named_parameters())
+        self.outer = OuterUpdate(self.named, outer_optimizer)
+        self.reducer = reducer or local_mean
+        self.name = backend.name
+
+    def step(self, tasks: TaskBatch, plan: torch.Tensor, eps, iteration: int) -> torch.Tensor:
+        """One meta-step on ``T`` tasks with plan ``[T, R, B]``; returns the mean loss (0-dim)."""
+        result = self.backend.inner_loop(self.model, tasks, plan, self.config)
+        mean_deltas, mean_loss = self.reducer(per_task_deltas(self.named, result), result.losses)
+        self.outer.apply(mean_deltas, mean_loss, eps, iteration)
+        return mean_loss
+
+    def run(self, tasks, plans, eps, first_iteration):
+        m = len(eps)
+        if m == 1:
+            return self.step(tasks, plans, eps[0], first_iteration).reshape(1)
+        T = tasks.n_tasks // m
+        return torch.stack([self.step(tasks[k * T:(k + 1) * T], plans[k * T:(k + 1) * T], eps[k],
+                                      first_iteration + k) for k in range(m)])
+
+    def check(self) -> None:
+        self.outer.check()
+
+
+def check_compiled_supported(model: nn.Module, config: InnerConfig, device: torch.device,
+                             outer_optimizer=None) -> MLPSpec:
+    """The model's ``MLPSpec`` if the compiled stepper can run it; else ``UnsupportedModelError``
+    saying why (a CPU MLP chain without buffers, SGD inner loop, plain Reptile,
+    "mse"/"cross_entropy", no outer optimizer)."""
+    if torch.device(device).type != "cpu":
+        raise UnsupportedModelError(f"the compiled meta-step is the CPU path; the model is on {device}")
+    if config.optimizer != "sgd":
+        raise UnsupportedModelError(f"the compiled meta-step runs SGD inner loops, not {config.optimizer!r}")
+    if config.algorithm != "reptile" or config.grad_weights is not None:
+        raise UnsupportedModelError("the compiled meta-step runs plain Reptile (no FOMAML, no inner_grad_weights)")
+    if loss_name(config.loss) not in FAST_LOSSES:
+        raise UnsupportedModelError(f"the compiled meta-step supports losses {FAST_LOSSES}")
+    if outer_optimizer is not None:
+        raise UnsupportedModelError("the compiled meta-step runs the interpolation update, not an outer_optimizer")
+    if len(list(model.buffers())):
+        raise UnsupportedModelError("the compiled meta-step supports models without buffers")
+    return cached_mlp_spec(model)
+
+
+def gather_chunk(tasks: TaskBatch, plans: torch.Tensor, n_tasks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The minibatches of ``M`` meta-steps in the layout ``MetaStepProgram`` takes.
+
+    Args:
+        tasks: ``M · T`` tasks, meta-step-major (tasks ``m·T … m·T+T−1`` form meta-step ``m``).
+        plans: long ``[M · T, S, B]``.
+        n_tasks: ``T``.
+
+    Returns:
+        ``xs [M, S, T, B, *in]`` and ``ys [M, S, T, B, *out]`` (``[M, S, T, B]`` for labels).
+    """
+    rows = torch.arange(plans.shape[0], device=plans.device).view(-1, 1, 1)
+    xs, ys = tasks.x[rows, plans], tasks.y[rows, plans]  # [M·T, S, B, ...]
+    M = plans.shape[0] // n_tasks
+
+    def layout(t):
+        t = t.reshape(M, n_tasks, *t.shape[1:]).transpose(1, 2).contiguous()
+        # .view gives canonical strides even on size-1 dims (the compiled program guards on them)
+        return t.view(t.shape)
+    return layout(xs), layout(ys)
+
+
+class CompiledStepper(Stepper):
+    """The whole meta-step of a plain MLP (SGD inner loops + interpolation update) compiled for
+    chunks of ``chunk`` meta-steps (``reptile_fast.compiled_step``).
+
+    Args:
+        model: a CPU MLP that ``check_compiled_supported`` accepts; updated in place.
+        config: the inner loop (SGD, "mse"/"cross_entropy").
+        n_tasks, steps, batch: ``T`` tasks per meta-step, ``S`` inner steps, ``B`` points each.
+        chunk: meta-steps per compiled call.
+        mode: "scan" (default), "step" or "eager" (the same maths without a compiler; see
+            ``compiled_step``), falling back in that order with a warning.
+        announce: called with a message before a long compilation (e.g. ``print``).
+    """
+
+    name = "compiled"
+
+    def __init__(self, model: nn.Module, config: InnerConfig, *, n_tasks: int, steps: int, batch: int,
+                 chunk: int = DEFAULT_CHUNK, mode: str = "scan", announce: Optional[Callable[[str], None]] = None):
+        from .compiled_step import get_program
+
+        spec = check_compiled_supported(model, config, next(model.parameters()).device)
+        self.model, self.n_tasks, self.chunk = model, n_tasks, chunk
+        self.dtype = next(model.parameters()).dtype
+        names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
+        self.live = [model.get_parameter(n) for n in names]
+        self.program = get_program(spec, lr=config.lr, loss=loss_name(config.loss), steps=steps,
+                                   n_tasks=n_tasks, batch=batch, dtype=self.dtype, mode=mode)
+        self.compile_seconds = 0.0
+        self.announce = announce
+
+    def prepare(self) -> "CompiledStepper":
+        """Compile now (once per shape and process); ``compile_seconds`` records the time."""
+        if not self.program._ready:
+            if self.announce is not None:
+                self.announce("compiling the meta-step program (once per shape and process)...")
+            t0 = time.perf_counter()
+            self.program.prepare()
+            self.compile_seconds = time.perf_counter() - t0
+            if self.announce is not None:
+                self.announce(f"compiled in {self.compile_seconds:.1f} s ({self.program.mode} mode)")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return self.program.mode
+
+    @property
+    def fallback_reason(self) -> Optional[str]:
+        return self.program.fallback_reason
+
+    def run(self, tasks, plans, eps, first_iteration):
+        self.prepare()
+        m = len(eps)
+        xs, ys = gather_chunk(tasks, plans, self.n_tasks)
+        new, losses = self.program(self.live, xs, ys, torch.tensor(list(eps), dtype=self.dtype))
+        # One read per chunk (a CPU program): a non-finite chunk leaves φ as before it.
+        finite = torch.isfinite(losses).all()
+        for p in new:
+            finite = finite & torch.isfinite(p).all()
+        if not bool(finite):
+            last = first_iteration + m - 1
+            raise NonFiniteError(
+                f"meta-steps {first_iteration}–{last}: non-finite inner loss or update (NaN/inf); the "
+                f"parameters were left as they were after meta-step {first_iteration - 1}. Lower "
+                f"inner_lr/outer_lr or check the data.", iteration=first_iteration)
+        with torch.no_grad():
+            torch._foreach_copy_(self.live, new)
+        return losses.mean(dim=(1, 2))

@@ -1,0 +1,111 @@
+"""A trainer's state as plain data: hyper-parameters, ``state_dict`` and its checked restore.
+
+``Reptile.hparams`` / ``state_dict`` / ``load_state_dict`` delegate here; checkpoints
+(``reptile_fast.checkpoint``) store and restore this state with the RNGs.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Mapping
+
+import torch
+
+from .losses import loss_name
+
+__all__ = ["trainer_hparams", "trainer_state_dict", "load_trainer_state"]
+
+
+def trainer_hparams(trainer) -> Dict[str, Any]:
+    """A ``Reptile``'s hyper-parameters as plain values (stored in checkpoints)."""
+    loss = loss_name(trainer.loss)
+    if loss is None:
+        loss = f"callable:{getattr(trainer.loss, '__qualname__', type(trainer.loss).__name__)}"
+    c = trainer.config
+    return {
+        "inner_lr": trainer.inner_lr, "inner_steps": trainer.inner_steps,
+        "inner_batch_size": trainer.inner_batch_size, "outer_lr": trainer.outer_lr,
+        "outer_lr_final": trainer.outer_lr_final, "loss": loss, "inner_optimizer": c.optimizer,
+        "algorithm": c.algorithm,
+        "inner_grad_weights": None if c.grad_weights is None else list(c.grad_weights),
+        "adam_betas": list(c.adam_betas), "backend": trainer.backend_name,
+        "outer_optimizer": None if trainer.outer_optimizer is None else type(trainer.outer_optimizer).__name__,
+        "model": type(trainer.model).__name__,
+    }
+
+
+def trainer_state_dict(trainer) -> Dict[str, Any]:
+    """Everything of the trainer a resumed run needs (the RNGs are the checkpoint's job).
+
+    Returns ``{"model": model.state_dict() (parameters and buffers), "outer_optimizer":
+    its state_dict or None, "iteration", "total_iterations", "config": hparams()}``.  Like
+    ``nn.Module.state_dict`` the tensors are references: save or deep-copy to snapshot.
+    """
+    return {
+        "model": trainer.model.state_dict(),
+        "outer_optimizer": None if trainer.outer_optimizer is None else trainer.outer_optimizer.state_dict(),
+        "iteration": trainer.iteration,
+        "total_iterations": trainer.total_iterations,
+        "config": trainer_hparams(trainer),
+    }
+
+
+def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
+    """Restore ``state_dict()``'s output.  Checks everything before changing anything.
+
+    Raises ``ValueError`` naming the entry for a model with other keys, shapes or dtypes,
+    non-finite parameters, or an outer optimizer present on one side only.  Hyper-parameters
+    that differ from this trainer's give a warning (the run then differs from the original).
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict from Reptile.state_dict(), got {type(state).__name__}")
+    missing = [k for k in ("model", "outer_optimizer", "iteration", "total_iterations") if k not in state]
+    if missing:
+        raise ValueError(f"state is missing {missing}: not a Reptile.state_dict()")
+    model_state = state["model"]
+    if not isinstance(model_state, Mapping):
+        raise TypeError(f"state['model'] must be a dict of tensors, got {type(model_state).__name__}")
+    own = trainer.model.state_dict()
+    absent = sorted(set(own) - set(model_state))
+    unexpected = sorted(set(model_state) - set(own))
+    if absent or unexpected:
+        raise ValueError(f"the saved model does not match this model: missing {absent}, unexpected {unexpected}")
+    for k, v in model_state.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"saved model entry {k} is a {type(v).__name__}, not a tensor")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"saved model entry {k} has shape {tuple(v.shape)}, this model's is {tuple(own[k].shape)}")
+        if v.dtype != own[k].dtype:
+            raise ValueError(f"saved model entry {k} has dtype {v.dtype}, this model's is {own[k].dtype}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"saved model entry {k} contains NaN or infinite values")
+    opt_state = state["outer_optimizer"]
+    if (opt_state is None) != (trainer.outer_optimizer is None):
+        raise ValueError("the saved state has " + ("no " if opt_state is None else "an ") +
+                         "outer_optimizer state but this trainer has " +
+                         ("one" if trainer.outer_optimizer is not None else "none") +
+                         ": build the trainer with the same outer_optimizer")
+    iteration = state["iteration"]
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise ValueError(f"state['iteration'] must be an int >= 0, got {iteration!r}")
+    total = state["total_iterations"]
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+        raise ValueError(f"state['total_iterations'] must be None or an int >= 1, got {total!r}")
+    saved_config = state.get("config")
+    if isinstance(saved_config, Mapping):
+        mine = trainer_hparams(trainer)
+        diffs = [f"{k}: saved {saved_config[k]!r}, now {mine[k]!r}" for k in sorted(mine)
+                 if k in saved_config and k != "backend" and saved_config[k] != mine[k]]
+        if diffs:
+            warnings.warn("resuming with different hyper-parameters (" + "; ".join(diffs) +
+                          "): the run will not match an uninterrupted one", stacklevel=2)
+    if opt_state is not None:
+        backup = trainer.outer_optimizer.state_dict()
+        try:
+            trainer.outer_optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            trainer.outer_optimizer.load_state_dict(backup)
+            raise ValueError(f"the saved outer_optimizer state does not fit this optimizer: {exc}") from None
+    with torch.no_grad():
+        trainer.model.load_state_dict(model_state, strict=True)
+    trainer.iteration = iteration
+    trainer.total_iterations = total
