@@ -255,7 +255,7 @@ def stage_correctness(log, device, smoke):
                 row["unwritten"] = int(torch.isnan(res.params).sum())
                 row["deterministic"] = bool(torch.equal(res.params, again.params) and torch.equal(res.loss, again.loss))
                 row["max_abs_vs_trainer"] = float((res.params.cpu() - want_phi).abs().max())
-                row["loss_abs_vs_trainer"] = abs(float(res.loss) - want["loss"])
+                row["loss_abs_vs_trainer"] = abs(float(res.loss) - float(want["loss"]))
                 row["ok_rtol1e-5"] = bool(torch.allclose(res.params.cpu(), want_phi, rtol=1e-5, atol=1e-6))
         except Exception as exc:  # noqa: BLE001 - recorded; the other variants go on
             row["error"] = f"{type(exc).__name__}: {exc}"[:1000]

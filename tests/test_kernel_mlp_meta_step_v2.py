@@ -353,8 +353,8 @@ def test_fused_meta_step_matches_the_trainer(device, loss):
         for n, p in trainer.model.named_parameters():
             torch.testing.assert_close(got[n].cpu(), p.detach(), rtol=RTOL, atol=ATOL,
                                        msg=lambda m, n=n: f"meta-step {step}: φ '{n}' vs the trainer\n{m}")
-        assert float(res.loss) == pytest.approx(want["loss"], rel=RTOL, abs=ATOL), f"meta-step {step}: loss"
-        assert res.task_losses.shape == (4, 4) and float(res.task_losses.mean()) == pytest.approx(want["loss"], rel=RTOL)
+        assert float(res.loss) == pytest.approx(float(want["loss"]), rel=RTOL, abs=ATOL), f"meta-step {step}: loss"
+        assert res.task_losses.shape == (4, 4) and float(res.task_losses.mean()) == pytest.approx(float(want["loss"]), rel=RTOL)
         phi = res.params
 
 

@@ -42,8 +42,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..core import NonFiniteError
 from ..losses import loss_name
 from ..mlp_spec import MLPSpec, cached_mlp_spec
+from ..steppers import Stepper
 from ..tasks.base import TaskBatch
 from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError
 
@@ -287,14 +289,15 @@ class TritonBackend(Backend):
         return graphed(inputs)
 
 
-class TritonFusedStepper:
+class TritonFusedStepper(Stepper):
     """Whole Reptile meta-steps in two launches: kernel v2's inner loops with the outer update fused
     (``reptile_fast.kernels.mlp_meta_step_v2.meta_step``).
 
-    Implements the training loop's stepper protocol (``chunk``, ``name``, ``run``, ``check``) like
-    the eager stepper does with ``backend.inner_loop`` + the outer update, for models kernel v2
-    runs (``TritonBackend(kernel="v2").check_supported``) with plain Reptile and the
-    interpolation update (no outer optimizer).  Reads nothing on the host per meta-step (except
+    A ``reptile_fast.steppers.Stepper`` (``chunk``, ``name``, ``run``, ``check``), like the eager
+    stepper with ``backend.inner_loop`` + ``core.OuterUpdate``, for models kernel v2 runs
+    (``TritonBackend(kernel="v2").check_supported``) with plain Reptile and the interpolation
+    update (no outer optimizer, no cross-process reducer: the per-program sums are reduced inside
+    the launch).  Reads nothing on the host per meta-step (except
     with ``validate``: one sync to check plan indices and labels): a non-finite meta-step leaves
     φ unchanged, as do the ones after it, until ``check`` raises ``NonFiniteError``.
 
@@ -345,6 +348,17 @@ class TritonFusedStepper:
         self._healthy = self._healthy & finite
         return res.loss
 
+    @property
+    def reducer(self):
+        """Always None: the fused meta-step reduces over one process's tasks inside the launch."""
+        return None
+
+    @reducer.setter
+    def reducer(self, value) -> None:
+        if value is not None:
+            raise UnsupportedModelError("the fused Triton stepper reduces within one process; a reducer "
+                                        "(e.g. across processes) needs the eager stepper")
+
     def run(self, tasks: TaskBatch, plans: torch.Tensor, eps, first_iteration: int) -> torch.Tensor:
         """``m = len(eps)`` meta-steps on ``m · T`` tasks (meta-step-major) and plans ``[m · T, R, B]``;
         returns their mean inner losses ``[m]`` on the device."""
@@ -357,10 +371,6 @@ class TritonFusedStepper:
         """Raise ``NonFiniteError`` (and re-arm) if a meta-step since the last check was not finite."""
         bad = int(self._first_bad)
         if bad:
-            try:
-                from ..core import NonFiniteError
-            except ImportError:  # before the training-loop refactor
-                from ..trainer import NonFiniteError
             self._healthy.fill_(True)
             self._first_bad.zero_()
             raise NonFiniteError(f"meta-step {bad}: non-finite inner loss or update (NaN/inf); the parameters "
