@@ -111,6 +111,14 @@ def test_kernel_option_and_environment(monkeypatch):
     with pytest.raises(ValueError, match="triton kernel must be one of"):
         TritonBackend()
     assert TritonBackend(kernel="v1", precision="tf32x3").precision == "tf32x3"
+    with pytest.raises(ValueError, match="needs kernel='v2'"):
+        TritonBackend(kernel="v1", fused=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = TritonBackend(kernel="v2", fused=True, launch={"stream": True})
+    stepper = backend.make_stepper(MLP(1, 8, 1, depth=1).to(device), InnerConfig())
+    assert isinstance(stepper, TritonFusedStepper) and stepper.launch.stream
+    with pytest.raises(UnsupportedModelError, match="outer_optimizer"):
+        backend.make_stepper(MLP().to(device), InnerConfig(), outer_optimizer=object())
 
 
 def test_v2_refuses_what_it_cannot_run():

@@ -31,6 +31,8 @@ Options (``Reptile`` builds backends by name, so each also has a process-wide de
 ``TritonFusedStepper`` runs whole meta-steps through kernel v2's fused outer update (the
 training loop's stepper protocol: ``chunk``, ``name``, ``run``, ``check``).
     validate: check plan indices and class labels are in range (one device sync per call).
+    fused: with kernel "v2", ``make_stepper`` gives the training loop ``TritonFusedStepper``
+        (inner loops and outer update fused; the trainer must ask for it: see NOTES-kernel.md).
 """
 from __future__ import annotations
 
@@ -114,11 +116,17 @@ class TritonBackend(Backend):
     name = "triton"
 
     def __init__(self, precision: Optional[str] = None, *, kernel: Optional[str] = None,
-                 cuda_graphs: Optional[bool] = None, launch: Optional[dict] = None, validate: bool = True):
+                 cuda_graphs: Optional[bool] = None, launch: Optional[dict] = None, validate: bool = True,
+                 fused: bool = False):
         if kernel is None:
             kernel = os.environ.get(KERNEL_ENV, DEFAULT_KERNEL)
         if kernel not in KERNELS:
             raise ValueError(f"triton kernel must be one of {KERNELS} (argument or ${KERNEL_ENV}), got {kernel!r}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False, got {fused!r}")
+        if fused and kernel != "v2":
+            raise ValueError("fused=True (the whole meta-step in kernel v2) needs kernel='v2'")
+        self.fused = fused
         if precision is None:
             precision = os.environ.get(PRECISION_ENV, DEFAULT_PRECISION)
         if precision not in PRECISIONS:
@@ -134,6 +142,16 @@ class TritonBackend(Backend):
         self.launch = dict(launch or {})
         self.validate = bool(validate)
         self._graphs: "OrderedDict[tuple, _GraphedLaunch]" = OrderedDict()
+
+    def make_stepper(self, model: nn.Module, config: InnerConfig, outer_optimizer=None) -> "TritonFusedStepper":
+        """The fused meta-step stepper for ``model`` (``fused=True``): kernel v2's inner loops and
+        outer update in two launches.  ``UnsupportedModelError`` when it cannot run them (an outer
+        optimizer, a model or setting outside kernel v2)."""
+        if outer_optimizer is not None:
+            raise UnsupportedModelError("backend 'triton' with fused=True applies the interpolation update; "
+                                        "an outer_optimizer needs the eager stepper (fused=False)")
+        return TritonFusedStepper(model, config, precision=self.precision, launch=self.launch,
+                                  validate=self.validate)
 
     # ------------------------------------------------------------------ support
     def auto_candidate(self, device) -> bool:
