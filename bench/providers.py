@@ -681,10 +681,13 @@ def check_prepared(provider: Provider, prepared: Prepared, problem: Problem, *,
                          f"would pass)", r), first
         bad = ~(err <= bound)
         if bool(bad.any()):
+            where = [n for n in names if not float((params[n][i].double() - phi[n] - oracle[n][i]).norm())
+                     <= float(bound[i] * ref_norm[i])]
             res = CheckResult(False, float("nan"), float("nan"), float("nan"), T,
                               f"its update φ̃ − φ differs from the float64 oracle's on {int(bad.sum())} of {T} "
                               f"tasks of input set {r} (task {i}: rel err {float(err[i]):.3g} > bound "
-                              f"{float(bound[i]):.3g} for {provider.precision}, {problem.point.steps} steps)",
+                              f"{float(bound[i]):.3g} for {provider.precision}, {problem.point.steps} steps; "
+                              f"in {where})",
                               update_rel_err=float(err[i]), update_bound=float(bound[i]),
                               update_margin=float(margin[i]), rotations_checked=r + 1)
             return res, first
