@@ -285,10 +285,13 @@ def test_37_tasks_on_8_programs_and_one_task(device):
         want_phi = phi + 0.5 * torch.cat([(expected.params[n] - p.detach().cpu()).mean(0).reshape(-1)
                                           for n, p in model.named_parameters()])
         for mode in (("memory",) if T > 1 else ("registers",)):
+            # partial sums poisoned too: every program must write its whole row
+            partials = torch.full((min(T, 8), spec.n_params + 3), float("nan"), device=device)
             res = V.meta_step(tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims,
                               spec.activations, lr=0.02, eps=0.5,
                               config=V.V2Config(max_programs=8, accumulate=mode),
-                              out=torch.full_like(phi, float("nan"), device=device))
+                              out=torch.full_like(phi, float("nan"), device=device), partials=partials)
+            assert not torch.isnan(partials[:, :spec.n_params]).any(), f"{T} tasks: a partial sum was not written"
             torch.testing.assert_close(res.params.cpu(), want_phi, rtol=RTOL, atol=ATOL,
                                        msg=lambda m: f"{T} tasks, accumulate={mode}: new φ\n{m}")
             torch.testing.assert_close(res.loss.cpu(), expected.losses.mean(), rtol=RTOL, atol=ATOL,
