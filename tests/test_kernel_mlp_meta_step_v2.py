@@ -177,10 +177,13 @@ def test_seed_mlp_sine_each_precision(device, precision):
         assert_inner_matches(params, losses, reference_inner(model, tasks, indices), f"sine ({precision})")
     ref64 = reference_inner(model, tasks, indices, dtype=torch.float64)
     ref32 = reference_inner(model, tasks, indices)
-    # tf32x3: within 2x the ieee path's error (the bar); tf32: 10-bit operands, ~1e-3
+    # tf32x3: within 2x the ieee path's error (the bar).  tf32: 10-bit operands in the
+    # 64 x 64 layer; a CPU emulation of this arithmetic gives 0.9-2.2e-5 (bench.tf32_emulation,
+    # bench/results/triton-tf32-emulated-cpu.json), so 1e-3 leaves ~45x room and still catches
+    # bf16-like (8-bit) or broken operands
     for name, want in ref64.params.items():
         e, e_ref = rel_err(params[name], want), rel_err(ref32.params[name], want)
-        bound = {"ieee": 2 * e_ref + ULP1, "tf32x3": 2 * e_ref + ULP1, "tf32": 1e-2}[precision]
+        bound = {"ieee": 2 * e_ref + ULP1, "tf32x3": 2 * e_ref + ULP1, "tf32": 1e-3}[precision]
         assert e <= bound, f"{precision} on {device}: '{name}' rel. error vs float64 {e:.3g} > {bound:.3g}"
 
 
