@@ -285,7 +285,7 @@ def stage_correctness(log, device, smoke):
             special[fn] = {"max_rel_err_in_2^-23": float(((got.double() - exact).abs() / scale).max() / 2.0 ** -23),
                            "stated_bound": V.ACCURACY[fn]}
         rows.append({"variant": "special-functions", **special})
-        log(f"  special functions (max error in 2^-23 units, bound): "
+        log("  special functions (max error in 2^-23 units, bound): "
             + ", ".join(f"{k} {v['max_rel_err_in_2^-23']:.2f} ({v['stated_bound']})" for k, v in special.items()))
     except Exception as exc:  # noqa: BLE001
         rows.append({"variant": "special-functions", "error": f"{type(exc).__name__}: {exc}"})
@@ -307,8 +307,6 @@ def _time_ms(fn, device, graph):
 
 
 def stage_timing(log, device, smoke, budget, results, out):
-    import torch
-
     from bench.flops import inner_loop_flops
     from bench.providers import Point, get_provider, make_problem
 

@@ -703,7 +703,6 @@ def flat_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def unflatten_params(flat: torch.Tensor, dims: Sequence[int]):
     """Views ``[W_0 [..., D1, D0], b_0 [..., D1], …]`` into a flat ``[..., >= n_params]`` tensor."""
-    lead = flat.shape[:-1]
     views = []
     for (w_off, b_off), d_in, d_out in zip(param_layout(dims), dims[:-1], dims[1:]):
         views.append(flat[..., w_off:b_off].unflatten(-1, (d_out, d_in)))

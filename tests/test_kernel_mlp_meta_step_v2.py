@@ -177,10 +177,13 @@ def test_seed_mlp_sine_each_precision(device, precision):
         assert_inner_matches(params, losses, reference_inner(model, tasks, indices), f"sine ({precision})")
     ref64 = reference_inner(model, tasks, indices, dtype=torch.float64)
     ref32 = reference_inner(model, tasks, indices)
-    # tf32x3: within 2x the ieee path's error (the bar); tf32: 10-bit operands, ~1e-3
+    # tf32x3: within 2x the ieee path's error (the bar).  tf32: 10-bit operands in the
+    # 64 x 64 layer; a CPU emulation of this arithmetic gives 0.9-2.2e-5 (bench.tf32_emulation,
+    # bench/results/triton-tf32-emulated-cpu.json), so 1e-3 leaves ~45x room for the
+    # hardware's rounding and accumulation order
     for name, want in ref64.params.items():
         e, e_ref = rel_err(params[name], want), rel_err(ref32.params[name], want)
-        bound = {"ieee": 2 * e_ref + ULP1, "tf32x3": 2 * e_ref + ULP1, "tf32": 1e-2}[precision]
+        bound = {"ieee": 2 * e_ref + ULP1, "tf32x3": 2 * e_ref + ULP1, "tf32": 1e-3}[precision]
         assert e <= bound, f"{precision} on {device}: '{name}' rel. error vs float64 {e:.3g} > {bound:.3g}"
 
 
@@ -285,10 +288,13 @@ def test_37_tasks_on_8_programs_and_one_task(device):
         want_phi = phi + 0.5 * torch.cat([(expected.params[n] - p.detach().cpu()).mean(0).reshape(-1)
                                           for n, p in model.named_parameters()])
         for mode in (("memory",) if T > 1 else ("registers",)):
+            # partial sums poisoned too: every program must write its whole row
+            partials = torch.full((min(T, 8), spec.n_params + 3), float("nan"), device=device)
             res = V.meta_step(tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims,
                               spec.activations, lr=0.02, eps=0.5,
                               config=V.V2Config(max_programs=8, accumulate=mode),
-                              out=torch.full_like(phi, float("nan"), device=device))
+                              out=torch.full_like(phi, float("nan"), device=device), partials=partials)
+            assert not torch.isnan(partials[:, :spec.n_params]).any(), f"{T} tasks: a partial sum was not written"
             torch.testing.assert_close(res.params.cpu(), want_phi, rtol=RTOL, atol=ATOL,
                                        msg=lambda m: f"{T} tasks, accumulate={mode}: new φ\n{m}")
             torch.testing.assert_close(res.loss.cpu(), expected.losses.mean(), rtol=RTOL, atol=ATOL,

@@ -27,12 +27,12 @@ Options (``Reptile`` builds backends by name, so each also has a process-wide de
     launch: launch overrides for tuning: ``LaunchConfig`` fields (``mode``, ``num_warps``, tile
         sizes, …) for v1, ``V2Config`` fields (``num_warps``, ``programs_per_sm``, ``max_programs``,
         ``preload``, ``accumulate``, ``stream``) for v2.
-
-``TritonFusedStepper`` runs whole meta-steps through kernel v2's fused outer update (the
-training loop's stepper protocol: ``chunk``, ``name``, ``run``, ``check``).
     validate: check plan indices and class labels are in range (one device sync per call).
     fused: with kernel "v2", ``make_stepper`` gives the training loop ``TritonFusedStepper``
         (inner loops and outer update fused; the trainer must ask for it: see NOTES-kernel.md).
+
+``TritonFusedStepper`` runs whole meta-steps through kernel v2's fused outer update (a
+``steppers.Stepper``: ``chunk``, ``name``, ``run``, ``check``).
 """
 from __future__ import annotations
 
