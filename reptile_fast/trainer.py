@@ -107,6 +107,9 @@ class Reptile:
         self.backend = resolve_backend(backend, model, self.device, self.config, backend_options)
         self.checker = InputChecker(model, loss, self.device, self.dtype)
         self._eager = EagerStepper(self.backend, model, self.config, outer_optimizer)
+        # a backend that fuses the outer update too (triton with {"fused": True}) brings its own stepper
+        self._fused = (self.backend.make_stepper(model, self.config, outer_optimizer)
+                       if getattr(self.backend, "fused", False) else None)
         self._compiled: Dict[tuple, CompiledStepper] = {}
         self.iteration = 0
         self.total_iterations: Optional[int] = None
@@ -120,7 +123,7 @@ class Reptile:
         """The stepper for meta-batches of ``n_tasks``: the compiled program (backend "compiled",
         ``chunk`` meta-steps per call) or the eager one (the backend's inner loop)."""
         if self.compiled_options is None:
-            return self._eager
+            return self._fused if self._fused is not None else self._eager
         opts = self.compiled_options
         chunk = chunk or opts.get("chunk", DEFAULT_CHUNK)
         key = (n_tasks, chunk)
@@ -136,7 +139,8 @@ class Reptile:
         every later one were skipped: φ and ``iteration`` are as after the meta-step before it).
         Reads one flag from the device; ``fit`` calls it at every read."""
         try:
-            self._eager.check()
+            for stepper in filter(None, (self._eager, self._fused)):
+                stepper.check()
         except NonFiniteError as exc:
             self.iteration = exc.iteration - 1
             raise
@@ -231,8 +235,9 @@ class Reptile:
                 raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
         if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
             raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
-        if reducer is not None and self.compiled_options is not None:
-            raise ValueError("backend 'compiled' applies its own outer update; a reducer needs an eager backend")
+        if reducer is not None and (self.compiled_options is not None or self._fused is not None):
+            raise ValueError("this backend applies its own outer update (compiled / fused); a reducer needs "
+                             "an eager backend")
         # Paths are checked before anything changes, so a typo costs nothing.
         ckpt_dir = None if checkpoint_dir is None else prepare_directory(checkpoint_dir, "checkpoint_dir")
         if ckpt_dir is not None:

@@ -159,3 +159,22 @@ def test_fused_stepper_refuses_a_reducer():
     stepper.reducer = None
     with pytest.raises(UnsupportedModelError, match="reducer"):
         stepper.reducer = lambda deltas, losses: (deltas, losses)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reptile_picks_the_fused_stepper(device):
+    """Reptile(backend="triton", backend_options={"kernel": "v2", "fused": True}) trains with the
+    fused stepper, through fit and meta_step, equal to backend "reference"."""
+    torch.manual_seed(0)
+    model_ref = MLP(1, 16, 1)
+    model_tri = copy.deepcopy(model_ref).to(device)
+    ref = Reptile(model_ref, backend="reference", outer_lr=0.5)
+    tri = Reptile(model_tri, backend="triton", outer_lr=0.5, backend_options={"kernel": "v2", "fused": True})
+    assert isinstance(tri.stepper(2), TritonFusedStepper)
+    for trainer in (ref, tri):
+        trainer.fit(Sine(), 3, meta_batch_size=2, generator=torch.Generator().manual_seed(1), progress=False)
+    assert tri.last_fit_stats["stepper"] == TritonFusedStepper.name
+    for (name, a), b in zip(model_tri.named_parameters(), model_ref.parameters()):
+        torch.testing.assert_close(a.cpu(), b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(ValueError, match="own outer update"):
+        tri.fit(Sine(), 4, meta_batch_size=2, progress=False, reducer=lambda d, l: (d, l))
