@@ -1,59 +1,61 @@
-"""The one-command GPU check: correctness tests, then the benchmark sweep and the GPU targets.
+"""The first GPU run: six stages in at most ~6 minutes, results saved after every stage.
 
-    PYTHONPATH=. python3 -m bench.gpu_check OUT_DIR            # on a GPU machine (< 5 min)
-    PYTHONPATH=. python3 -m bench.gpu_check --cpu-smoke OUT_DIR  # here: tiny sizes, Triton interpreter
+    bench/gpu_check.sh OUT_DIR               # on one H100/H200 (device tool: `bench/gpu_check.sh $OUT`)
+    bench/gpu_check.sh --cpu-smoke OUT_DIR   # anywhere: the same path at tiny sizes, Triton interpreter
 
-(``bench/gpu_check.sh`` wraps it.)  Needs only what the GPU image has: torch, Triton, JAX,
-matplotlib; pytest is used for the correctness tests when present.  Stages, each guarded so one
-failure does not stop the rest, all against one time budget (``--budget`` seconds):
+No stage stops the others: each runs under its own guard and time cap, and ``results.json`` is
+rewritten (atomically) after every stage, so a kill loses at most the stage in flight.
 
-1. stamp: GPU, driver, versions, date, command;
-2. correctness: ``pytest -x`` over the tests with CUDA cases (TF32 off), log in pytest.log;
-3. the fp32 matmul peak (TF32 off), measured here;
-4. the key size first — sine MLP 1-64-64-1, 5 steps of 10 points, meta-batch 4096 — for every
-   provider (seed, torch-vmap, torch, triton, triton-graphs, triton-tf32, jax), each checked
-   against the reference (and triton against backend torch on every task) before it is timed;
-5. meta-batch 1: time per meta-step of the seed's loop on the GPU against ``Reptile.meta_step``
-   with backends triton (plain and CUDA-graphed) and torch, and the drop-in
-   ``reptile_fast.reptile``; the trainers' φ after a few steps is compared with the seed loop's;
-6. time to train (backend triton) to post-adaptation MSE <= 0.035 on held-out sine tasks;
-7. the rest of the sweep (meta-batch 1 … 16384, widths 32 … 256, 5 and 32 steps) until the
-   budget runs out (on a GPU it leaves 110 s for the next two stages);
-8. backend triton's launch variants at meta-batch 1, 4096, 16384 (bench/bench_triton_kernel.py's
-   sweep under pytest-benchmark: JSON in triton_kernel.json, output in the log; its timed cases skip on
-   the CPU);
-9. on a GPU, torch-compile at the key size (compiling takes 30-60 s) if 75 s are left.
+1. env: versions, GPU, SM count, driver, which of nvcc / ncu / compute-sanitizer exist, the fp32
+   matmul rate (TF32 off) measured here.
+2. compile: every kernel variant x precision for this GPU's sm_XXa (``bench.triton_compile``, a
+   subprocess without TRITON_INTERPRET): registers, spills, shared memory, PTX facts (mma, wgmma,
+   ex2.approx, div.full).
+3. correctness at T=64 (smoke: T=4): each Triton variant x precision on NaN-poisoned outputs
+   against the fp32 reference backend (CPU) and a float64 oracle, and against backend torch on
+   the device; v2's fused meta-step against the trainer's outer update.  Recorded, never blocking.
+4. timing, kernel alone (``triton.testing.do_bench_cudagraph``: a CUDA graph of the launches,
+   timed with CUDA events, so Python launch overhead and input checks are not counted) for
+   T in {1, 256, 4096, 65536} x variant x precision; beside torch batched (events, and under a
+   CUDA graph), torch vmap, JAX, the seed's loop (small T), and the whole v2 meta-step under one
+   CUDA graph (task sampling and plans on the device, inner loops, outer update, ε on the device).
+5. compute-sanitizer memcheck, initcheck, synccheck at T=3, each under a timeout.
+6. ncu SpeedOfLight + Occupancy of one T=4096 v2 meta-step launch (when ncu exists).
 
-Writes into OUT_DIR (flat, at most 8 files): gpu_check.log (everything printed), pytest.log,
-results.json (records + stamp + targets; ``python -m bench.report`` reads it), results.md,
-results_tasks_per_s.png, results_speedup.png, summary.txt (the table printed last) and
-triton_kernel.json.
+Files in OUT_DIR (flat): results.json, gpu_check.log (everything printed), compile.json,
+sanitizer.log, ncu.log, summary.txt (the table printed last).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
-import re
+import shutil
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-#: Test files with CUDA cases (the ones that exist are run).
-#: backend triton's launch-variant sweep (pytest-benchmark), run on a GPU when time is left.
-VARIANTS_FILE = "bench/bench_triton_kernel.py"
-TEST_FILES = ("tests/test_kernel_mlp_inner_loop.py", "tests/test_backend_triton.py",
-              "tests/test_backend_torch.py")
-#: Post-adaptation MSE of the seed's quality band (issue 7: the seed gives 0.013–0.028).
-QUALITY_MSE = 0.035
-KEY = dict(meta_batch=4096, width=64, steps=5)
+ROOT = Path(__file__).resolve().parents[1]
+DIMS = (1, 64, 64, 1)
+ACTS = ("tanh", "tanh", "identity")
+STEPS, BATCH, N_POINTS, LR, EPS = 5, 10, 50, 0.02, 0.1
+TIMED_T = (1, 256, 4096, 65536)
+#: kernel variants: (name, kernel, precision, what) -- what: "inner" (adapted params per task) or "meta" (fused meta-step)
+VARIANTS = [("v1", "v1", "ieee", "inner"), ("v1-tf32x3", "v1", "tf32x3", "inner"), ("v1-tf32", "v1", "tf32", "inner"),
+            ("v2", "v2", "ieee", "inner"), ("v2-tf32x3", "v2", "tf32x3", "inner"), ("v2-tf32", "v2", "tf32", "inner"),
+            ("v2-meta", "v2", "ieee", "meta"), ("v2-meta-tf32x3", "v2", "tf32x3", "meta"),
+            ("v2-meta-tf32", "v2", "tf32", "meta"),
+            # wide layers streamed through a per-program scratch (V2Config(stream=True), 4 warps)
+            ("v2s", "v2s", "ieee", "inner"), ("v2s-meta", "v2s", "ieee", "meta")]
+#: the CPU smoke's (interpreter) subset: each code path once
+SMOKE_VARIANTS = [v for v in VARIANTS if v[0] in ("v1", "v2-tf32x3", "v2-meta", "v2s-meta")]
 
 
-class Tee:
-    """Print to stdout and to the log file."""
-
+class Log:
     def __init__(self, path: Path):
         self.f = open(path, "a", buffering=1)
 
@@ -63,546 +65,587 @@ class Tee:
         self.f.write(msg + "\n")
 
 
+def save(out: Path, results: dict) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    tmp.replace(out / "results.json")
+
+
+def find_tool(name: str):
+    for p in (shutil.which(name), f"/usr/local/cuda/bin/{name}", f"/opt/nvidia/nsight-compute/{name}"):
+        if p and Path(p).exists():
+            return p
+    return None
+
+
+# ------------------------------------------------------------------------------------- problems
+def problem(T, device, seed=0, width=64):
+    """Sine tasks, plans and the seed MLP's φ (flat and per layer), drawn on the device."""
+    import torch
+
+    from reptile_fast import MLP, Sine, sample_indices
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MLP(1, width, 1).to(device)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    tasks = Sine(n_points=N_POINTS).sample(T, generator=g, device=device)
+    plan = sample_indices(T, STEPS, N_POINTS, BATCH, generator=g).to(device)
+    params = [p.detach() for p in model.parameters()]
+    return model, tasks, plan, params, V.flat_params(params)
+
+
+def launcher(variant, T, device, dims, tasks, plan, params, phi):
+    """fn() launching one variant with preallocated outputs (what do_bench_cudagraph replays)."""
+    import torch
+
+    from reptile_fast.kernels import mlp_inner_loop as K
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    _, kernel, prec, what = variant
+    x, y = tasks.x, tasks.y
+    n = V.n_flat_params(dims)
+    if kernel == "v1":
+        out = torch.empty(T, -(-n // 4) * 4, device=device)
+        losses = torch.empty(T, STEPS, device=device)
+        config = K.choose_launch_config(dims, BATCH)
+        return lambda: K.mlp_inner_loop(x, y, plan, params, ACTS[:len(dims) - 2] + ("identity",), lr=LR,
+                                        precision=prec, config=config, out=out, out_losses=losses)
+    acts = ACTS[:len(dims) - 2] + ("identity",)
+    config = V.V2Config(stream=kernel == "v2s")
+    if what == "inner":
+        out = torch.empty(T, -(-n // 4) * 4, device=device)
+        losses = torch.empty(T, STEPS, device=device)
+        return lambda: V.inner_loop(x, y, plan, phi, dims, acts, lr=LR, precision=prec, config=config, out=out,
+                                    out_losses=losses)
+    new = torch.empty(n, device=device)
+    eps = torch.full((1,), EPS, device=device)
+    return lambda: V.meta_step(x, y, plan, phi, dims, acts, lr=LR, eps=eps, precision=prec, config=config, out=new)
+
+
+# ------------------------------------------------------------------------------------- stages
+def stage_env(log, device, smoke):
+    import torch
+    import triton
+
+    from bench.env import machine_stamp
+
+    r = machine_stamp()
+    r["command"] = "bench/gpu_check.sh " + " ".join(sys.argv[1:])
+    r["mode"] = "cpu-smoke (tiny sizes, Triton interpreter: timings meaningless)" if smoke else "gpu"
+    r["triton"] = triton.__version__
+    try:
+        import jax
+
+        r["jax"] = jax.__version__
+    except Exception as exc:  # noqa: BLE001 - optional peer
+        r["jax"] = f"not importable ({type(exc).__name__})"
+    r["tools"] = {t: find_tool(t) for t in ("nvcc", "ncu", "compute-sanitizer")}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        r.update(gpu=p.name, sms=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
+                 memory_gib=round(p.total_memory / 2 ** 30, 1))
+        try:
+            r["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception as exc:  # noqa: BLE001
+            r["nvidia_smi"] = f"unavailable: {exc}"
+    from bench.flops import measure_matmul_peak
+
+    peak = measure_matmul_peak(device, n=256 if smoke else None, min_time=0.05 if smoke else 0.3)
+    r["fp32_matmul_flops_per_s"] = peak["flops_per_s"]
+    for k, v in r.items():
+        log(f"  {k}: {v}")
+    return r
+
+
+def stage_compile(log, out: Path, device, smoke, timeout):
+    arch = 90
+    if device.type == "cuda":
+        import torch
+
+        cap = torch.cuda.get_device_capability(device)
+        arch = cap[0] * 10 + cap[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "bench.triton_compile", "--kernel", "all", "--arch", str(arch),
+           "--cases", "smoke" if smoke else "gpu", "--out", str(out / "compile.json")]
+    log("  $ " + " ".join(cmd[1:]))
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        log(proc.stdout[-6000:] + proc.stderr[-3000:])
+        rows = json.loads((out / "compile.json").read_text())["rows"] if (out / "compile.json").exists() else []
+        return {"status": "ok" if proc.returncode == 0 else f"exit {proc.returncode}", "arch": arch, "rows": rows}
+    except subprocess.TimeoutExpired:
+        rows = json.loads((out / "compile.json").read_text())["rows"] if (out / "compile.json").exists() else []
+        return {"status": f"timeout after {timeout} s", "arch": arch, "rows": rows}
+
+
+def _rel(a, b64):
+    return float((a.double().cpu() - b64).norm() / b64.norm().clamp_min(1e-300))
+
+
+def stage_correctness(log, device, smoke):
+    """Every variant at T=64 (smoke: T=4) on NaN-poisoned outputs vs the references."""
+    import torch
+
+    from reptile_fast import Reptile
+    from reptile_fast.backends import InnerConfig
+    from reptile_fast.backends.reference import ReferenceBackend
+    from reptile_fast.kernels import mlp_inner_loop as K
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    T, width = (3, 16) if smoke else (64, 64)
+    dims = (1, width, width, 1)
+    model, tasks, plan, params, phi = problem(T, device, seed=7, width=width)
+    cpu_tasks, cpu_plan = tasks.to("cpu"), plan.cpu()
+    ref32 = ReferenceBackend().inner_loop(copy.deepcopy(model).cpu(), cpu_tasks, cpu_plan, InnerConfig(lr=LR))
+    ref64 = ReferenceBackend().inner_loop(copy.deepcopy(model).cpu().double(), cpu_tasks.to(dtype=torch.float64),
+                                          cpu_plan, InnerConfig(lr=LR))
+    names = list(ref32.params)
+    flat32 = torch.cat([ref32.params[n].reshape(T, -1) for n in names], 1)
+    flat64 = torch.cat([ref64.params[n].reshape(T, -1) for n in names], 1)
+    rows = []
+    torch_flat = None
+    try:
+        from reptile_fast.backends.torch_func import TorchBackend
+
+        tb = TorchBackend().inner_loop(model, tasks, plan, InnerConfig(lr=LR))
+        torch_flat = torch.cat([tb.params[n].reshape(T, -1) for n in names], 1)
+        rows.append({"variant": "torch", "max_abs_vs_ref32": float((torch_flat.cpu() - flat32).abs().max()),
+                     "rel_vs_f64": _rel(torch_flat, flat64)})
+    except Exception as exc:  # noqa: BLE001
+        rows.append({"variant": "torch", "error": f"{type(exc).__name__}: {exc}"})
+    n = V.n_flat_params(dims)
+    for variant in (SMOKE_VARIANTS if smoke else VARIANTS):
+        name, kernel, prec, what = variant
+        row = {"variant": name, "T": T}
+        try:
+            if what == "inner":
+                out = torch.full((T, n + 3), float("nan"), device=device)
+                losses = torch.full((T, STEPS), float("nan"), device=device)
+                if kernel == "v1":
+                    K.mlp_inner_loop(tasks.x, tasks.y, plan, params, ACTS, lr=LR, precision=prec, out=out,
+                                     out_losses=losses, scratch_fill=float("nan"))
+                else:
+                    V.inner_loop(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, precision=prec, out=out,
+                                 out_losses=losses, config=V.V2Config(stream=kernel == "v2s"))
+                got = out[:, :n]
+                row["unwritten"] = int(torch.isnan(got).sum()) + int(torch.isnan(losses).sum())
+                row["wrote_past_row"] = bool(not torch.isnan(out[:, n:]).all())
+                row["max_abs_vs_ref32"] = float((got.cpu() - flat32).abs().max())
+                row["rel_vs_f64"] = _rel(got, flat64)
+                row["ref32_rel_vs_f64"] = _rel(flat32, flat64)
+                row["loss_max_abs_vs_ref32"] = float((losses.cpu() - ref32.losses).abs().max())
+                if torch_flat is not None:
+                    row["max_abs_vs_torch"] = float((got - torch_flat).abs().max())
+                row["ok_rtol1e-5"] = bool(torch.allclose(got.cpu(), flat32, rtol=1e-5, atol=1e-6))
+            else:
+                trainer = Reptile(copy.deepcopy(model).cpu(), backend="reference", outer_lr=EPS, inner_lr=LR,
+                                  inner_steps=STEPS, inner_batch_size=BATCH)
+                want = trainer.meta_step(cpu_tasks, cpu_plan)
+                want_phi = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+                cfg = V.V2Config(stream=kernel == "v2s")
+                res = V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=EPS, precision=prec,
+                                  config=cfg, out=torch.full_like(phi, float("nan")))
+                again = V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=EPS, precision=prec,
+                                    config=cfg)
+                row["unwritten"] = int(torch.isnan(res.params).sum())
+                row["deterministic"] = bool(torch.equal(res.params, again.params) and torch.equal(res.loss, again.loss))
+                row["max_abs_vs_trainer"] = float((res.params.cpu() - want_phi).abs().max())
+                row["loss_abs_vs_trainer"] = abs(float(res.loss) - float(want["loss"]))
+                row["ok_rtol1e-5"] = bool(torch.allclose(res.params.cpu(), want_phi, rtol=1e-5, atol=1e-6))
+        except Exception as exc:  # noqa: BLE001 - recorded; the other variants go on
+            row["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        rows.append(row)
+        log(f"  {name:>15}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in row.items() if k not in ("variant", "T")))
+    # special functions against float64 on this device
+    try:
+        import importlib
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        tmod = importlib.import_module("test_kernel_mlp_meta_step_v2")
+        x = tmod._special_values()
+        x = x[::20] if smoke else x
+        special = {}
+        for fn in ("exp", "tanh", "sigmoid", "log"):
+            xs = x
+            if fn == "exp":
+                xs = x[x.abs() <= 87]
+            elif fn == "sigmoid":
+                xs = x[x >= -80]
+            elif fn == "log":
+                xs = torch.logspace(0, 38, 1001 if smoke else 20001).float()
+            exact = getattr(torch, fn)(xs.double())
+            got = tmod._apply(fn, xs, device)
+            scale = exact.abs().clamp_min(1.0) if fn == "log" else exact.abs().clamp_min(1e-300)
+            special[fn] = {"max_rel_err_in_2^-23": float(((got.double() - exact).abs() / scale).max() / 2.0 ** -23),
+                           "stated_bound": V.ACCURACY[fn]}
+        rows.append({"variant": "special-functions", **special})
+        log(f"  special functions (max error in 2^-23 units, bound): "
+            + ", ".join(f"{k} {v['max_rel_err_in_2^-23']:.2f} ({v['stated_bound']})" for k, v in special.items()))
+    except Exception as exc:  # noqa: BLE001
+        rows.append({"variant": "special-functions", "error": f"{type(exc).__name__}: {exc}"})
+    return {"rows": rows}
+
+
+def _time_ms(fn, device, graph):
+    """Median-free mean ms of fn: a CUDA graph of launches timed with events (do_bench_cudagraph),
+    or events around each call (do_bench); on the CPU one host-clock call (meaningless)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0), "host clock, 1 call (interpreter)"
+    import triton.testing as tt
+
+    if graph:
+        return tt.do_bench_cudagraph(fn, rep=40), "do_bench_cudagraph (CUDA graph of launches, events)"
+    return tt.do_bench(fn, warmup=10, rep=60), "do_bench (events around each call)"
+
+
+def stage_timing(log, device, smoke, budget, results, out):
+    import torch
+
+    from bench.flops import inner_loop_flops
+    from bench.providers import Point, get_provider, make_problem
+
+    Ts = (1, 2) if smoke else TIMED_T
+    width = 16 if smoke else 64
+    dims = (1, width, width, 1)
+    peak = (results["stages"].get("env") or {}).get("fp32_matmul_flops_per_s")
+    rows = results["stages"].setdefault("timing", {"rows": []})["rows"]
+
+    def record(**r):
+        r["flops"] = inner_loop_flops(dims, BATCH, STEPS, r["T"])
+        if "ms" in r and r["ms"]:
+            r["tasks_per_s"] = r["T"] / (r["ms"] / 1e3)
+            r["flops_per_s"] = r["flops"] / (r["ms"] / 1e3)
+            if peak:
+                r["pct_fp32_matmul_peak"] = 100 * r["flops_per_s"] / peak
+        rows.append(r)
+        log(f"  T={r['T']:>6} {r['provider']:>16}: " + (f"{r['ms']:.4f} ms  {r.get('tasks_per_s', 0):,.0f} tasks/s"
+                                                         if "ms" in r else f"{r.get('status')}: {r.get('reason', '')[:150]}"))
+
+    for T in Ts:
+        if budget.left() < 20:
+            record(T=T, provider="*", status="skipped", reason="time budget spent")
+            continue
+        try:
+            model, tasks, plan, params, phi = problem(T, device, seed=11, width=width)
+        except Exception as exc:  # noqa: BLE001
+            record(T=T, provider="*", status="error", reason=f"problem: {exc}")
+            continue
+        for variant in (SMOKE_VARIANTS if smoke else VARIANTS):
+            if budget.left() < 15:
+                record(T=T, provider=variant[0], status="skipped", reason="time budget spent")
+                continue
+            try:
+                fn = launcher(variant, T, device, dims, tasks, plan, params, phi)
+                fn()  # compile outside the timing
+                ms, timer = _time_ms(fn, device, graph=True)
+                record(T=T, provider=variant[0], ms=ms, timer=timer)
+            except Exception as exc:  # noqa: BLE001
+                record(T=T, provider=variant[0], status="error", reason=f"{type(exc).__name__}: {exc}")
+        # the whole v2 meta-step, sampling included, under one CUDA graph
+        if device.type == "cuda" and budget.left() > 15:
+            try:
+                ms = _graphed_full_meta_step_ms(T, device, dims)
+                record(T=T, provider="v2-meta-graph-full", ms=ms,
+                       timer="one CUDA graph: device sampling + plans + meta-step, events around 20 replays")
+            except Exception as exc:  # noqa: BLE001
+                record(T=T, provider="v2-meta-graph-full", status="error", reason=f"{type(exc).__name__}: {exc}")
+        # torch / vmap / jax / seed through bench.providers (inner loop of every task)
+        point = Point(meta_batch=T, width=width, steps=STEPS)
+        try:
+            prob = make_problem(point, device, gen_device=device if device.type == "cuda" else None)
+        except Exception as exc:  # noqa: BLE001
+            record(T=T, provider="providers", status="error", reason=str(exc))
+            continue
+        for name in ("torch", "torch-graph", "torch-vmap", "jax", "seed")[:(2 if smoke else 5)]:
+            if budget.left() < 15:
+                record(T=T, provider=name, status="skipped", reason="time budget spent")
+                continue
+            if name == "seed" and T > 32:
+                record(T=T, provider=name, status="skipped", reason="the seed loop is timed up to T=32 (per-task cost)")
+                continue
+            if name == "torch-vmap" and T > 4096:
+                record(T=T, provider=name, status="skipped", reason="torch-vmap timed up to T=4096")
+                continue
+            if name == "torch-graph" and device.type != "cuda":
+                continue
+            try:
+                prov = get_provider("torch" if name == "torch-graph" else name)
+                reason = prov.unavailable(device)
+                if reason:
+                    record(T=T, provider=name, status="skipped", reason=reason)
+                    continue
+                prepared = prov.prepare(prob)
+                prepared.run(0)
+                if prepared.sync is not None:  # JAX: host clock around block_until_ready
+                    from bench.flops import time_calls
+
+                    t = time_calls(prepared.run, device, sync=prepared.sync, min_time=0.1, repeats=3, warmup=1,
+                                   max_time=2.0)
+                    record(T=T, provider=name, ms=1e3 * t["median"], timer="host clock + block_until_ready")
+                else:
+                    ms, timer = _time_ms(lambda: prepared.run(0), device, graph=name == "torch-graph")
+                    record(T=T, provider=name, ms=ms, timer=timer)
+            except Exception as exc:  # noqa: BLE001
+                record(T=T, provider=name, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
+        save(out, results)
+    return results["stages"]["timing"]
+
+
+def _graphed_full_meta_step_ms(T, device, dims, replays=20):
+    """ms per meta-step of one CUDA graph: sine tasks and plans sampled on the device (default
+    CUDA RNG), the fused v2 meta-step, φ copied back; ε a device tensor."""
+    import torch
+
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    n = V.n_flat_params(dims)
+    phi = torch.randn(n, device=device) * 0.1
+    new = torch.empty_like(phi)
+    eps = torch.full((1,), EPS, device=device)
+    grid = torch.linspace(-5, 5, N_POINTS, device=device)
+    acts = ACTS[:len(dims) - 2] + ("identity",)
+
+    def step():
+        u = torch.rand(2, T, 1, device=device)
+        amp, phase = 0.1 + 4.9 * u[0], math.pi * 2 * u[1]
+        x = grid.expand(T, N_POINTS).unsqueeze(-1)
+        y = (amp * torch.sin(grid + phase)).unsqueeze(-1)
+        plan = torch.rand(T, STEPS, N_POINTS, device=device).argsort(-1)[..., :BATCH]
+        V.meta_step(x.contiguous(), y, plan, phi, dims, acts, lr=LR, eps=eps, out=new)
+        phi.copy_(new)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    if not torch.isfinite(phi).all():
+        raise FloatingPointError("φ went non-finite in the graphed meta-steps")
+    return start.elapsed_time(end) / replays
+
+
+def stage_tools(log, out, device, tool_name, timeout, tools):
+    """compute-sanitizer (memcheck / initcheck / synccheck) or ncu over `--target tiny|profile`."""
+    exe = find_tool("compute-sanitizer" if tool_name != "ncu" else "ncu")
+    if device.type != "cuda" or exe is None:
+        return {"status": "skipped", "reason": "needs CUDA and the tool" + ("" if exe else " (not found)")}
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = {}
+    logf = out / ("ncu.log" if tool_name == "ncu" else "sanitizer.log")
+    for tool in tools:
+        if tool_name == "ncu":
+            cmd = [exe, "--section", "SpeedOfLight", "--section", "Occupancy", "--clock-control", "none",
+                   "-k", "regex:_meta_step_kernel", "--launch-skip", "1", "--launch-count", "3",
+                   sys.executable, "-m", "bench.gpu_check", "--target", "profile", str(out)]
+        else:
+            cmd = [exe, "--tool", tool, "--error-exitcode", "9", sys.executable, "-m", "bench.gpu_check",
+                   "--target", "tiny", str(out)]
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            text, rc = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            rc = f"timeout after {timeout} s"
+        with open(logf, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n{text}\n[rc {rc}]\n\n")
+        summary = [l for l in text.splitlines() if "ERROR SUMMARY" in l or "Duration" in l or "Throughput" in l
+                   or "Achieved Occupancy" in l or "Registers Per Thread" in l or "Theoretical Occupancy" in l]
+        res[tool] = {"returncode": rc, "seconds": round(time.monotonic() - t0, 1), "summary": summary[:20],
+                     "tail": text[-1500:]}
+        log(f"  {tool}: rc {rc}; " + " | ".join(s.strip() for s in summary[:8]))
+    return res
+
+
+def run_target(kind: str) -> int:
+    """Child process for the sanitizer ("tiny": every variant at T=3) and ncu ("profile": the v2
+    meta-step at T=4096, launched twice)."""
+    import torch
+
+    device = torch.device("cuda")
+    T = 3 if kind == "tiny" else 4096
+    model, tasks, plan, params, phi = problem(T, device, seed=3)
+    for variant in (VARIANTS if kind == "tiny" else [v for v in VARIANTS if v[0] in ("v2-meta", "v2s-meta")]):
+        fn = launcher(variant, T, device, DIMS, tasks, plan, params, phi)
+        fn()
+        fn()
+    torch.cuda.synchronize()
+    return 0
+
+
+# ------------------------------------------------------------------------------------- summary
+def summary_lines(results: dict) -> list:
+    env = results["stages"].get("env") or {}
+    lines = [f"GPU check — {env.get('gpu') or env.get('cpu')} ({env.get('sms', '?')} SMs) — torch {env.get('torch')}, "
+             f"triton {env.get('triton')}, jax {env.get('jax')} — {env.get('date')}", f"mode: {env.get('mode')}"]
+    for name, st in results["stages"].items():
+        status = st.get("status") if isinstance(st, dict) else None
+        lines.append(f"stage {name}: {status or 'done'} ({results['seconds'].get(name, '?')} s)")
+    comp = (results["stages"].get("compile") or {}).get("rows") or []
+    if comp:
+        lines.append("compile (sm_XXa): kernel case precision mode warps -> regs, spill B, shared B, mma/wgmma, ex2.approx, div.full")
+        for r in comp[:24]:
+            p = r.get("ptx", {})
+            lines.append(f"  {r['kernel']} {r['case']} {r['precision']} {r['mode']} w{r['num_warps']} -> "
+                         + (r["error"][:80] if "error" in r else
+                            f"{r.get('registers')} regs, {r.get('spill_store_bytes')} B, {r.get('shared_bytes')} B, "
+                            f"{p.get('mma')}/{p.get('wgmma')}, {p.get('ex2.approx')}, {p.get('div.full')}"))
+    corr = (results["stages"].get("correctness") or {}).get("rows") or []
+    for r in corr:
+        if "error" in r:
+            lines.append(f"correctness {r['variant']}: ERROR {r['error'][:120]}")
+        elif r["variant"] == "special-functions":
+            lines.append("special functions, max rel. error (2^-23 units) / bound: " + ", ".join(
+                f"{k} {v['max_rel_err_in_2^-23']:.2f}/{v['stated_bound']}" for k, v in r.items() if isinstance(v, dict)))
+        else:
+            keys = ("ok_rtol1e-5", "max_abs_vs_ref32", "rel_vs_f64", "max_abs_vs_trainer", "unwritten", "deterministic")
+            lines.append(f"correctness {r['variant']}: " + ", ".join(
+                f"{k} {r[k]:.2g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in keys if k in r))
+    timing = (results["stages"].get("timing") or {}).get("rows") or []
+    if timing:
+        provs = []
+        for r in timing:
+            if r["provider"] not in provs and r["provider"] != "*":
+                provs.append(r["provider"])
+        Ts = sorted({r["T"] for r in timing})
+        lines.append("tasks/s (kernel alone: CUDA graph + events; % = of the fp32 matmul rate):")
+        lines.append(f"  {'provider':>18} " + " ".join(f"{'T=' + str(T):>20}" for T in Ts))
+        for p in provs:
+            cells = []
+            for T in Ts:
+                r = next((r for r in timing if r["provider"] == p and r["T"] == T), None)
+                if r is None or "tasks_per_s" not in r:
+                    cells.append(f"{(r or {}).get('status', '-'):>20}")
+                else:
+                    cells.append(f"{r['tasks_per_s']:>12,.0f} {r.get('pct_fp32_matmul_peak', 0):>6.2f}%")
+            lines.append(f"  {p:>18} " + " ".join(cells))
+        lines.append("  targets at T=4096: >= 10x torch-vmap, >= 3x torch, >= 3x jax, >= 30% of fp32 peak; "
+                     "T=1: >= 50x the seed loop")
+
+        def rate(p, T):
+            r = next((r for r in timing if r["provider"] == p and r["T"] == T and "tasks_per_s" in r), None)
+            return r["tasks_per_s"] if r else None
+
+        for T, base in ((4096, ("torch-vmap", "torch", "torch-graph", "jax")), (1, ("seed", "torch"))):
+            best = max(((rate(p, T), p) for p in provs if p.startswith("v") and rate(p, T)), default=None)
+            if best:
+                ratios = ", ".join(f"{best[0] / rate(b, T):.1f}x {b}" for b in base if rate(b, T))
+                lines.append(f"  T={T}: fastest Triton variant {best[1]}: {ratios or 'no baseline timed'}")
+        full = next((r for r in timing if r["provider"] == "v2-meta-graph-full" and r["T"] == 1 and "ms" in r), None)
+        if full:
+            lines.append(f"  the seed's setting (meta-batch 1, 30000 meta-steps) as one graphed meta-step each: "
+                         f"{full['ms']:.4f} ms -> {30 * full['ms']:.2f} s of training (goal < 1 s)")
+    for name in ("sanitizer", "ncu"):
+        st = results["stages"].get(name) or {}
+        for tool, r in st.items():
+            if isinstance(r, dict):
+                lines.append(f"{tool}: rc {r.get('returncode')} " + " | ".join(s.strip() for s in r.get("summary", [])[:4]))
+            elif tool == "reason":
+                lines.append(f"{name}: skipped ({r})")
+    return lines
+
+
 class Budget:
-    def __init__(self, seconds: float):
+    def __init__(self, seconds):
         self.t0, self.seconds = time.monotonic(), seconds
 
-    def elapsed(self) -> float:
+    def elapsed(self):
         return time.monotonic() - self.t0
 
-    def left(self) -> float:
+    def left(self):
         return self.seconds - self.elapsed()
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="bench/gpu_check.sh", description="One-command GPU check.")
-    ap.add_argument("out", help="output directory (e.g. the device tool's $OUT)")
-    ap.add_argument("--cpu-smoke", action="store_true",
-                    help="run end to end on the CPU at tiny sizes under TRITON_INTERPRET=1 (no GPU needed)")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole check (default 290 on a GPU, 900 for --cpu-smoke)")
-    ap.add_argument("--tests-timeout", type=float, default=None,
-                    help="seconds for the pytest stage (default 110 on a GPU, 420 for --cpu-smoke)")
-    ap.add_argument("--skip-tests", action="store_true", help="skip the pytest stage")
-    ap.add_argument("--skip-variants", action="store_true",
-                    help="skip backend triton's launch-variant sweep (bench/bench_triton_kernel.py)")
-    ap.add_argument("--ttq", default="16:1.0,64:1.0,256:1.0",
-                    help="time-to-quality runs as meta_batch:outer_lr,... (backend triton)")
+    ap = argparse.ArgumentParser(prog="bench/gpu_check.sh", description="The first GPU run, six stages.")
+    ap.add_argument("out", help="output directory (the device tool's $OUT)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, Triton interpreter")
+    ap.add_argument("--budget", type=float, default=None, help="seconds in all (default 330 on a GPU, 240 smoke)")
+    ap.add_argument("--stages", default="1,2,3,4,5,6", help="comma-separated stage numbers to run")
+    ap.add_argument("--target", choices=("tiny", "profile"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
-
-
-# ------------------------------------------------------------------------------------ stages
-def stage_stamp(log, args, device):
-    import torch
-
-    from bench.env import machine_stamp
-
-    stamp = machine_stamp()
-    stamp["command"] = "bench/gpu_check.sh " + " ".join(sys.argv[1:])
-    stamp["device"] = str(device)
-    stamp["mode"] = "cpu-smoke (tiny sizes, Triton interpreter: timings meaningless)" if args.cpu_smoke else "gpu"
-    try:
-        from bench import jax_peer
-
-        stamp["jax"] = jax_peer.load_jax().__version__
-    except Exception as exc:  # noqa: BLE001 - JAX is an optional peer
-        stamp["jax"] = f"not importable ({type(exc).__name__})"
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        stamp["gpu_sms"] = p.multi_processor_count
-        stamp["gpu_memory_gib"] = round(p.total_memory / 2 ** 30, 1)
-        try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,"
-                                  "power.draw,temperature.gpu", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
-            stamp["nvidia_smi"] = smi.stdout.strip()
-        except Exception as exc:  # noqa: BLE001
-            stamp["nvidia_smi"] = f"unavailable: {exc}"
-    if hasattr(os, "getloadavg"):
-        stamp["loadavg_1min"] = round(os.getloadavg()[0], 2)
-    stamp["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-    for k, v in stamp.items():
-        log(f"  {k}: {v}")
-    return stamp
-
-
-def stage_tests(log, args, out: Path, root: Path):
-    files = [f for f in TEST_FILES if (root / f).exists()]
-    if not files:
-        return {"status": "skipped", "reason": "no test files with CUDA cases found"}
-    try:
-        import pytest  # noqa: F401
-    except ImportError:
-        return {"status": "skipped", "reason": "pytest is not installed: the sweep's per-provider "
-                "checks against the reference are the correctness check"}
-    timeout = args.tests_timeout or (420 if args.cpu_smoke else 110)
-    # addopts cleared: pytest-benchmark's --benchmark-disable would fail where it is missing.
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           "-W", "ignore::DeprecationWarning", "--durations=15", *files]
-    log("  $ " + " ".join(cmd[1:]))
-    t0 = time.monotonic()
-    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    try:
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-        text, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        text += f"\n[gpu_check] pytest killed after {timeout:.0f} s\n"
-        rc = "timeout"
-    (out / "pytest.log").write_text(" ".join(cmd) + "\n\n" + text)
-    last = [l for l in text.strip().splitlines() if l.strip()][-1:] or [""]
-    res = {"status": "passed" if rc == 0 else "failed", "returncode": rc, "files": files,
-           "summary": last[0], "seconds": round(time.monotonic() - t0, 1)}
-    log(f"  pytest: {res['status']} ({res['summary']}) in {res['seconds']} s")
-    return res
-
-
-def stage_variants(log, out: Path, root: Path, budget):
-    """Backend triton's own launch variants (bench/bench_triton_kernel.py's GPU sweep) under
-    pytest-benchmark, JSON into OUT/triton_kernel.json, output into the log."""
-    try:
-        import pytest  # noqa: F401
-        import pytest_benchmark  # noqa: F401
-    except ImportError as exc:
-        return {"status": "skipped", "reason": f"needs pytest-benchmark: {exc}"}
-    timeout = budget.left() - 35
-    if timeout < 45:
-        return {"status": "skipped", "reason": f"time budget spent ({budget.elapsed():.0f} s)"}
-    env = dict(os.environ, REPTILE_BENCH="full",
-               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore"]
-    # meta-batch 1, 4096 and 16384 only (the targets' sizes; all 30 cases would not fit the time)
-    listed = subprocess.run(base + ["--collect-only", VARIANTS_FILE, "-k", "test_triton_kernel_speed"],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=60).stdout
-    ids = [l.strip() for l in listed.splitlines() if re.search(r"-(1|4096|16384)\]$", l.strip())]
-    if not ids:
-        return {"status": "skipped", "reason": "no test_triton_kernel_speed cases at meta-batch 1/4096/16384 collected"}
-    cmd = base + [*ids, "--benchmark-enable", f"--benchmark-json={out / 'triton_kernel.json'}",
-                  "--benchmark-columns=median,rounds"]
-    log("  $ REPTILE_BENCH=full " + " ".join(cmd[1:]))
-    try:
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-        text, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        text, rc = text + f"\n[gpu_check] killed after {timeout:.0f} s\n", "timeout"
-    log(text[-6000:])
-    last = [l for l in text.strip().splitlines() if l.strip()][-1:] or [""]
-    res = {"status": "passed" if rc == 0 else "failed", "returncode": rc, "summary": last[0]}
-    try:  # tasks/s per variant and meta-batch, for the summary
-        data = json.loads((out / "triton_kernel.json").read_text())
-        table = {}
-        for b in data.get("benchmarks", []):
-            ei = b.get("extra_info", {})
-            if "meta_batch" in ei and "provider" in ei:
-                table.setdefault(str(ei["meta_batch"]), {})[ei["provider"]] = ei["meta_batch"] / b["stats"]["median"]
-        res["tasks_per_s"] = table
-    except Exception as exc:  # noqa: BLE001 - the JSON is missing when pytest failed early
-        res["tasks_per_s_error"] = f"{type(exc).__name__}: {exc}"
-    return res
-
-
-def stage_peak(log, device, smoke):
-    from bench.flops import measure_matmul_peak
-
-    peak = measure_matmul_peak(device, n=256 if smoke else None, min_time=0.05 if smoke else 0.5)
-    log(f"  fp32 matmul (TF32 off) n={peak['n']}: {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s")
-    return peak
-
-
-def run_point(log, point, device, providers, peak, budget, *, smoke, reserve):
-    """Check then time every provider at ``point``; returns records (one per provider)."""
-    import torch
-
-    from bench.flops import inner_loop_flops, time_calls
-    from bench.providers import ProviderSkip, check_prepared, get_provider, make_problem, timed_skip_reason
-
-    records = []
-    gen_dev = device if device.type == "cuda" else None
-    problem = make_problem(point, device, rotations=1 if smoke else 4, gen_device=gen_dev)
-    flops = inner_loop_flops(point.dims, point.inner_batch, point.steps, point.meta_batch)
-    torch_params = None
-    for name in providers:
-        base = dict(provider=name, point=point.id, meta_batch=point.meta_batch, width=point.width,
-                    depth=point.depth, steps=point.steps, inner_batch=point.inner_batch, flops=flops,
-                    device=str(device))
-        provider = get_provider(name)
-        reason = provider.unavailable(device) or provider.skip_reason(point, device)
-        if not reason and not smoke:
-            reason = timed_skip_reason(name, point, device, "full")
-        if not reason and budget.left() < reserve:
-            reason = f"time budget spent ({budget.elapsed():.0f} s)"
-        if reason:
-            records.append({**base, "status": "skipped", "reason": reason})
-            continue
-        t0 = time.monotonic()
-        try:
-            prepared = provider.prepare(problem)
-            compare = torch_params if (provider.exact and name.startswith(("triton", "torch-compile"))) else None
-            check, params = check_prepared(provider, prepared, problem, compare_to=compare)
-            if name == "torch" and check.ok:
-                torch_params = params
-            if not check.ok:
-                records.append({**base, "status": "failed", "reason": check.message, "check": check.as_dict()})
-                log(f"  {name:>13} {point.id}: WRONG, not timed: {check.message}")
-                continue
-            t = time_calls(prepared.run, device, sync=prepared.sync,
-                           min_time=0.01 if smoke else 0.15, repeats=2 if smoke else 5, warmup=1,
-                           max_time=1.0 if smoke else 3.0)
-            rec = {**base, "status": "ok", "seconds": t["median"], "seconds_min": t["min"],
-                   "seconds_max": t["max"], "calls_per_repeat": t["calls_per_repeat"],
-                   "peak_flops_per_s": peak["flops_per_s"] if peak else None, "check": check.as_dict(),
-                   "timer": "host clock + block_until_ready" if prepared.sync else
-                   ("CUDA events" if device.type == "cuda" else "host clock")}
-            records.append(rec)
-            log(f"  {name:>13} {point.id}: {1e3 * t['median']:9.3f} ms/call  {point.meta_batch / t['median']:12,.0f} "
-                f"tasks/s  max|Δref| {check.max_abs_err:.2g}  rel err f64 {check.rel_err_f64:.2g}  "
-                f"({time.monotonic() - t0:.1f} s)")
-        except ProviderSkip as exc:
-            records.append({**base, "status": "skipped", "reason": str(exc)})
-        except Exception as exc:  # noqa: BLE001 - record and go on with the next provider
-            records.append({**base, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:500]}"})
-            log(f"  {name:>13} {point.id}: ERROR {type(exc).__name__}: {exc}")
-            log(traceback.format_exc())
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return records
-
-
-def _seed_meta_step(model, x, y, plan, lr, eps):
-    """One iteration of the seed's loop on the model's device: deep copy, ``torch.optim.SGD``,
-    ``nn.MSELoss``, one backward per step over the plan's rows, then φ += ε (φ̃ − φ)."""
-    import copy
-
-    import torch
-    import torch.nn as nn
-
-    m = copy.deepcopy(model)
-    opt = torch.optim.SGD(m.parameters(), lr=lr)
-    loss_fct = nn.MSELoss()
-    for s in range(plan.shape[0]):
-        ind = plan[s]
-        loss = loss_fct(m(x[ind]), y[ind])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        for p, g in zip(model.parameters(), m.parameters()):
-            p += eps * (g - p)
-
-
-def stage_meta_batch_1(log, device, smoke):
-    """Seconds per meta-step at meta-batch 1 (the seed's setting), same tasks and plans."""
-    import copy
-
-    import torch
-
-    from bench.flops import time_calls
-    from bench.providers import Point, make_problem
-    from reptile_fast import Reptile
-
-    n = 8 if smoke else 64
-    point = Point(meta_batch=1, width=64, steps=5)
-    # n single-task problems in rotation: tasks [n] of 1 task each
-    big = make_problem(Point(meta_batch=n, width=64, steps=5), device,
-                       gen_device=device if device.type == "cuda" else None)
-    tasks, plan = big.tasks[0], big.plans[0]
-    singles = [(tasks[i], plan[i:i + 1]) for i in range(n)]
-    model0 = big.model
-    res = {"point": point.id, "tasks_rotated": n}
-
-    seed_model = copy.deepcopy(model0)
-
-    def seed_step(i):
-        tb, pl = singles[i % n]
-        _seed_meta_step(seed_model, tb.x[0], tb.y[0], pl[0], 0.02, 0.1)
-
-    kw = dict(min_time=0.01 if smoke else 0.5, repeats=2 if smoke else 5, warmup=1 if smoke else 3)
-    t = time_calls(seed_step, device, **kw)
-    res["seed_loop_ms"] = 1e3 * t["median"]
-    log(f"  seed loop (deepcopy + SGD + MSELoss per task): {res['seed_loop_ms']:.3f} ms / meta-step")
-
-    variants = [("triton", "triton", {}), ("triton-graphs", "triton", {"REPTILE_FAST_TRITON_CUDA_GRAPHS": "1"}),
-                ("torch", "torch", {})]
-    for label, backend, env in variants:
-        if label == "triton-graphs" and device.type != "cuda":
-            continue
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            trainer = Reptile(copy.deepcopy(model0), inner_lr=0.02, inner_steps=5, inner_batch_size=10,
-                              outer_lr=0.1, backend=backend)
-
-            def step(i, trainer=trainer):
-                tb, pl = singles[i % n]
-                trainer.meta_step(tb, pl)
-
-            t = time_calls(step, device, **kw)
-            res[f"{label}_ms"] = 1e3 * t["median"]
-            res[f"seed_over_{label}"] = res["seed_loop_ms"] / res[f"{label}_ms"]
-            log(f"  Reptile(backend={backend}{', CUDA graphs' if env else ''}).meta_step: "
-                f"{res[f'{label}_ms']:.3f} ms / meta-step  ({res[f'seed_over_{label}']:.1f}x the seed loop)")
-            # Same results: k meta-steps from the same φ on the same tasks and plans.
-            k = 3
-            ref_model, fast = copy.deepcopy(model0), Reptile(copy.deepcopy(model0), inner_lr=0.02, inner_steps=5,
-                                                             inner_batch_size=10, outer_lr=0.1, backend=backend)
-            for i in range(k):
-                tb, pl = singles[i]
-                _seed_meta_step(ref_model, tb.x[0], tb.y[0], pl[0], 0.02, 0.1)
-                fast.meta_step(tb, pl)
-            diff = max(float((a - b).detach().abs().max())
-                       for a, b in zip(ref_model.parameters(), fast.model.parameters()))
-            ok = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-                     for a, b in zip(fast.model.parameters(), ref_model.parameters()))
-            res[f"{label}_phi_max_abs_diff_after_{k}"] = diff
-            res[f"{label}_phi_matches_seed"] = ok
-            log(f"    φ after {k} meta-steps vs the seed loop: max |Δ| {diff:.2g} ({'ok' if ok else 'MISMATCH'})")
-        except Exception as exc:  # noqa: BLE001
-            res[f"{label}_error"] = f"{type(exc).__name__}: {exc}"
-            log(f"  {label}: ERROR {type(exc).__name__}: {exc}")
-            log(traceback.format_exc())
-        finally:
-            for k_, v in old.items():
-                if v is None:
-                    os.environ.pop(k_, None)
-                else:
-                    os.environ[k_] = v
-    # The drop-in: the seed's own call, reptile(model, N, sample_task, perform_k_training_steps).
-    try:
-        import warnings
-
-        from reptile_fast import reference
-        from reptile_fast.dropin import reptile as dropin_reptile
-
-        model = copy.deepcopy(model0)
-        iters = 20 if smoke else 300
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dropin_reptile(model, 5 if smoke else 50, reference.sample_task, reference.perform_k_training_steps,
-                           progress=False)  # warm-up: compilation, first launches
-            stats = dropin_reptile(model, iters, reference.sample_task, reference.perform_k_training_steps,
-                                   progress=False)
-        res["dropin_ms"] = stats.get("ms_per_iteration")
-        res["dropin_path"] = f"{stats.get('path')}/{stats.get('backend')}"
-        if res["dropin_ms"]:
-            res["seed_over_dropin"] = res["seed_loop_ms"] / res["dropin_ms"]
-        log(f"  drop-in reptile_fast.reptile ({res['dropin_path']}): {res['dropin_ms']:.3f} ms / iteration "
-            f"(includes the seed's sample_task on the CPU)")
-    except Exception as exc:  # noqa: BLE001
-        res["dropin_error"] = f"{type(exc).__name__}: {exc}"
-        log(f"  drop-in: ERROR {type(exc).__name__}: {exc}")
-    return res
-
-
-def stage_time_to_quality(log, device, smoke, configs, budget):
-    """Meta-train the sine MLP with backend triton until the post-adaptation MSE (200 held-out
-    tasks, each adapted 160 SGD steps as the seed's demo does) is <= QUALITY_MSE; the time
-    counted is the meta-steps' (synchronized), not the evaluations'."""
-    import torch
-
-    from reptile_fast import MLP, Reptile, Sine
-    from reptile_fast.backends.triton import TritonBackend  # noqa: F401 - fail early if missing
-
-    gen_dev = device if device.type == "cuda" else torch.device("cpu")
-    eval_tasks = Sine().sample(8 if smoke else 200, generator=torch.Generator(gen_dev).manual_seed(10_000),
-                               device=device)
-    results = []
-    for spec in configs:
-        mb, lr = spec.split(":")
-        mb, lr = int(mb), float(lr)
-        every = 2 if smoke else 100
-        max_steps = 4 if smoke else 6000
-        cap = 20 if smoke else 15.0
-        torch.manual_seed(0)
-        trainer = Reptile(MLP().to(device), inner_lr=0.02, inner_steps=5, inner_batch_size=10, outer_lr=lr,
-                          backend="triton")
-        g = torch.Generator(gen_dev).manual_seed(1)
-        ge = torch.Generator(gen_dev).manual_seed(2)
-        sine = Sine()
-        train_s, steps, curve, reached = 0.0, 0, [], None
-        while steps < max_steps and train_s < cap and budget.left() > 60:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(every):
-                trainer.meta_step(sine.sample(mb, generator=g, device=device), generator=g)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_s += time.perf_counter() - t0
-            steps += every
-            mse = float(trainer.evaluate(eval_tasks, steps=160, generator=ge).mean())
-            curve.append((steps, round(train_s, 4), mse))
-            if mse <= QUALITY_MSE:
-                reached = {"meta_steps": steps, "train_seconds": train_s, "mse": mse}
-                break
-        r = {"meta_batch": mb, "outer_lr": lr, "eval_every": every, "reached": reached,
-             "final": curve[-1] if curve else None, "curve": curve[-20:]}
-        results.append(r)
-        if reached:
-            log(f"  meta-batch {mb}, outer lr {lr}: MSE {reached['mse']:.4f} <= {QUALITY_MSE} after "
-                f"{steps} meta-steps, {train_s:.3f} s of training")
-        else:
-            log(f"  meta-batch {mb}, outer lr {lr}: not reached; last (steps, s, MSE) = {r['final']}")
-    return results
-
-
-# ------------------------------------------------------------------------------------ summary
-def summary_lines(records, extras, stamp):
-    from bench.report import derive
-
-    d = [r for r in derive(records) if "tasks_per_s" in r]
-
-    def get(p, T=4096, H=64, S=5):
-        return next((r for r in d if r["provider"] == p and r["meta_batch"] == T and r["width"] == H
-                     and r["steps"] == S), None)
-
-    lines = [f"GPU check summary — {stamp.get('gpu') or stamp.get('cpu')} — torch {stamp.get('torch')}, "
-             f"triton {stamp.get('triton')}, jax {stamp.get('jax')} — {stamp.get('date')}",
-             f"mode: {stamp.get('mode')}"]
-    t = extras.get("tests", {})
-    lines.append(f"tests: {t.get('status')} {t.get('summary', t.get('reason', ''))}")
-    pk = extras.get("fp32_peak") or {}
-    if pk:
-        lines.append(f"fp32 matmul peak (TF32 off, n={pk.get('n')}): {pk.get('flops_per_s', 0) / 1e9:,.1f} GFLOP/s")
-    key = extras.get("key") or KEY
-    T, H, S = key["meta_batch"], key["width"], key["steps"]
-    lines.append(f"meta-batch {T}, MLP 1-{H}-{H}-1, {S} steps of 10 points:")
-    lines.append(f"  {'provider':>13} {'tasks/s':>12} {'% peak':>7} {'x torch':>8} {'x jax':>7}")
-    jax_r = get("jax", T, H, S)
-    for p in ("seed", "torch-vmap", "torch", "torch-compile", "triton", "triton-graphs", "triton-tf32", "jax"):
-        r = get(p, T, H, S)
-        if r is None:
-            continue
-        xj = r["tasks_per_s"] / jax_r["tasks_per_s"] if jax_r else None
-        lines.append(f"  {p:>13} {r['tasks_per_s']:12,.0f} {r['pct_peak'] or 0:7.2f} "
-                     f"{(r.get('x_torch') or 0):8.2f} {(xj or 0):7.2f}")
-    lines.append("  targets: triton >= 10x torch, >= 3x jax, >= 30% of peak")
-    mb1 = extras.get("meta_batch_1") or {}
-    if mb1:
-        parts = [f"seed loop {mb1.get('seed_loop_ms', float('nan')):.3f} ms"]
-        for k in ("triton", "triton-graphs", "torch", "dropin"):
-            if f"{k}_ms" in mb1 and mb1[f"{k}_ms"]:
-                parts.append(f"{k} {mb1[f'{k}_ms']:.3f} ms ({mb1.get(f'seed_over_{k}', 0):.1f}x)")
-        lines.append("meta-batch 1, per meta-step: " + ", ".join(parts) + "  [target >= 50x]")
-    for r in extras.get("time_to_quality") or []:
-        reached = r.get("reached")
-        lines.append(f"time to MSE <= {QUALITY_MSE} (triton, meta-batch {r['meta_batch']}, outer lr {r['outer_lr']}): "
-                     + (f"{reached['train_seconds']:.3f} s, {reached['meta_steps']} meta-steps, MSE {reached['mse']:.4f}"
-                        if reached else f"not reached (last steps, s, MSE: {r.get('final')})") + "  [target < 0.3 s]")
-    kv = extras.get("kernel_variants") or {}
-    if kv:
-        lines.append(f"kernel variants (bench_triton_kernel.py): {kv.get('status')} {kv.get('summary', kv.get('reason', ''))}")
-        for T, row in sorted((kv.get("tasks_per_s") or {}).items(), key=lambda kv_: int(kv_[0])):
-            lines.append(f"  T={T}: " + ", ".join(f"{v} {x:,.0f}" for v, x in row.items()) + " tasks/s")
-    tf = [r for r in d if r["provider"] == "triton-tf32"]
-    if tf:
-        worst = max(tf, key=lambda r: r["check"]["rel_err_f64"])
-        lines.append(f"triton tf32: rel err vs float64 up to {worst['check']['rel_err_f64']:.2e} "
-                     f"(ieee fp32 reference: {worst['check']['ref_rel_err_f64']:.2e}) at {worst['point']}")
-    bad = [r for r in records if r.get("status") == "failed"]
-    lines.append(f"timed: {len(d)}, failed: {len(bad)}, skipped: "
-                 f"{sum(1 for r in records if r.get('status') == 'skipped')}")
-    for r in bad[:8]:
-        lines.append(f"  FAILED {r['provider']} {r['point']}: {str(r.get('reason'))[:160]}")
-    return lines
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.target:
+        return run_target(args.target)
     if args.cpu_smoke:
-        # Before anything imports Triton: the kernels run in the interpreter.
-        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a kernel module
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(__file__).resolve().parents[1]
-    log = Tee(out / "gpu_check.log")
-    budget = Budget(args.budget or (900 if args.cpu_smoke else 290))
-
+    log = Log(out / "gpu_check.log")
+    budget = Budget(args.budget or (240 if args.cpu_smoke else 330))
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if args.cpu_smoke:
         device = torch.device("cpu")
-        torch.set_num_threads(1)  # a smoke test on a possibly shared CPU: no OpenMP waits
+        torch.set_num_threads(1)
     elif not torch.cuda.is_available():
         log("no CUDA device: run with --cpu-smoke for the CPU smoke test")
         return 2
     else:
         device = torch.device("cuda")
-
-    from bench.providers import PROVIDERS, Point, sweep_points
-    from bench.report import write_report
-
-    extras = {"smoke": args.cpu_smoke}
-    records = []
-
-    def stage(name, fn, *a):
-        log(f"== {name} [{budget.elapsed():.0f} s]")
-        try:
-            return fn(*a)
-        except Exception as exc:  # noqa: BLE001 - the other stages still run
-            log(f"  {name} ERROR {type(exc).__name__}: {exc}")
-            log(traceback.format_exc())
-            return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-
-    stamp = stage("stamp", stage_stamp, log, args, device)
-    extras["tests"] = ({"status": "skipped", "reason": "--skip-tests"} if args.skip_tests
-                       else stage("correctness tests", stage_tests, log, args, out, root))
-    peak = stage("fp32 peak", stage_peak, log, device, args.cpu_smoke)
-    extras["fp32_peak"] = peak
-    peak = peak if isinstance(peak, dict) and "flops_per_s" in peak else None
-    # The seed loop is the reference's loop; on a GPU torch-compile (30-60 s of compiling) runs
-    # last, at the key size only, if the budget allows.
-    providers = [p for p in PROVIDERS if p != "reference" and not (p == "torch-compile" and device.type == "cuda")]
-    points = sweep_points("tiny" if args.cpu_smoke else "full", device.type)
-    key = Point(**KEY) if not args.cpu_smoke else points[-1]
-    rest = [p for p in points if p != key]
-    extras["key"] = {"meta_batch": key.meta_batch, "width": key.width, "steps": key.steps}
-    reserve = 30 if args.cpu_smoke else 25
-
-    def sweep(pts, reserve):
-        for pt in pts:
-            log(f"-- {pt.id} [{budget.elapsed():.0f} s]")
-            records.extend(run_point(log, pt, device, providers, peak, budget, smoke=args.cpu_smoke,
-                                     reserve=reserve))
-
-    stage(f"key size {key.id}", sweep, [key], reserve)
-    extras["meta_batch_1"] = stage("meta-batch 1: time per meta-step", stage_meta_batch_1, log, device, args.cpu_smoke)
-    configs = [c for c in args.ttq.split(",") if c][: 1 if args.cpu_smoke else None]
-    extras["time_to_quality"] = stage("time to quality (backend triton)", stage_time_to_quality, log, device,
-                                      args.cpu_smoke, configs, budget)
-    # (On the CPU the variant sweep's timed tests skip: only its plumbing is exercised.)
-    variants = not args.skip_variants and (root / VARIANTS_FILE).exists()
-    # On a GPU the sweep leaves time for the kernel-variant sweep (about a minute).
-    stage("sweep", sweep, rest, 110 if variants and device.type == "cuda" else reserve)
-    if variants:
-        extras["kernel_variants"] = stage("kernel variants (bench/bench_triton_kernel.py)", stage_variants,
-                                          log, out, root, budget)
-    if device.type == "cuda":
-        log(f"== torch-compile at {key.id} [{budget.elapsed():.0f} s]")
-        if budget.left() > 75:
-            records.extend(run_point(log, key, device, ["torch-compile"], peak, budget, smoke=False, reserve=60))
+    wanted = {s.strip() for s in args.stages.split(",") if s.strip()}
+    results = {"stages": {}, "seconds": {}, "budget_s": budget.seconds}
+    # (number, name, function, cap in seconds on a GPU)
+    stages = [
+        ("1", "env", lambda: stage_env(log, device, args.cpu_smoke), 30),
+        ("2", "compile", lambda: stage_compile(log, out, device, args.cpu_smoke,
+                                               90 if args.cpu_smoke else min(100, max(10, budget.left() - 230))), 100),
+        ("3", "correctness", lambda: stage_correctness(log, device, args.cpu_smoke), 60),
+        ("4", "timing", lambda: stage_timing(log, device, args.cpu_smoke, Budget(min(150, max(10, budget.left() - 90))),
+                                             results, out), 150),
+        ("5", "sanitizer", lambda: stage_tools(log, out, device, "sanitizer", max(10, min(40, (budget.left() - 45) / 3)),
+                                               ("memcheck", "initcheck", "synccheck")), 120),
+        ("6", "ncu", lambda: stage_tools(log, out, device, "ncu", max(10, min(45, budget.left() - 5)), ("ncu",)), 45),
+    ]
+    for number, name, fn, _cap in stages:
+        if number not in wanted:
+            continue
+        log(f"== stage {number}: {name} [{budget.elapsed():.0f} s]")
+        t0 = time.monotonic()
+        if budget.left() < 5:
+            results["stages"][name] = {"status": "skipped", "reason": "time budget spent"}
         else:
-            log("  skipped: time budget spent")
-    log(f"== report [{budget.elapsed():.0f} s]")
-    stamp = stamp if isinstance(stamp, dict) and "torch" in stamp else {}
-    stamp["seconds"] = round(budget.elapsed(), 1)
-    (out / "results.json").write_text(json.dumps({"stamp": stamp, "records": records, "extras": extras},
-                                                 indent=1, default=str) + "\n")
+            try:
+                results["stages"][name] = fn()
+            except Exception as exc:  # noqa: BLE001 - the other stages still run
+                log(f"  {name} ERROR {type(exc).__name__}: {exc}")
+                log(traceback.format_exc())
+                results["stages"][name] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+        results["seconds"][name] = round(time.monotonic() - t0, 1)
+        save(out, results)
+    results["seconds"]["total"] = round(budget.elapsed(), 1)
     try:
-        lines = summary_lines(records, extras, stamp)
+        lines = summary_lines(results)
     except Exception as exc:  # noqa: BLE001
         lines = [f"summary ERROR {type(exc).__name__}: {exc}"]
         log(traceback.format_exc())
-    try:
-        title = f"GPU check — {stamp.get('gpu') or stamp.get('cpu')}" + (" (CPU smoke)" if args.cpu_smoke else "")
-        write_report(records, stamp, out / "results", title=title, extras=extras, source="results.json",
-                     summary=lines)
-    except Exception as exc:  # noqa: BLE001
-        log(f"  report ERROR {type(exc).__name__}: {exc}")
-        log(traceback.format_exc())
+    results["summary"] = lines
+    save(out, results)
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     log("")
     for line in lines:

@@ -743,7 +743,7 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         lr: SGD learning rate.
         loss: "mse" (mean over ``B * D_L`` elements) or "cross_entropy" (mean over ``B`` rows).
         steps: inner steps, ``<= R`` (default ``R``).
-        precision: ``tl.dot`` input precision, "ieee" (default) or "tf32".
+        precision: ``tl.dot`` input precision, "ieee" (default), "tf32x3" or "tf32".
         config: launch settings; ``choose_launch_config`` by default.
         out, out_losses: optional preallocated outputs (shapes as returned; tests fill them with
             NaN to catch unwritten elements).
@@ -804,8 +804,8 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     steps = R if steps is None else int(steps)
     if not 0 <= steps <= R:
         raise ValueError(f"steps must lie in [0, {R}] (the plan's rows), got {steps}")
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    if precision not in ("ieee", "tf32x3", "tf32"):
+        raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number, got {lr!r}")
     if N * max(D0, dims[-1]) >= 2 ** 31 or R * B >= 2 ** 31:

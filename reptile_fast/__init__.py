@@ -5,7 +5,8 @@ Public API:
     reptile                          drop-in for the seed's reptile() call, on the fast backends
     TaskBatch, sample_indices        the data every backend shares
     tasks.Sine                       the seed's sine-wave task family
-    MLP, OmniglotConvNet             models
+    Omniglot, MiniImageNet           few-shot image classification tasks (fewshot: evaluation)
+    MLP, OmniglotConvNet, MiniImageNetConvNet   models
     save_checkpoint, load_checkpoint atomic checkpoints for exact resume
     reference                        the seed's program, faithfully (the oracle)
 
@@ -15,14 +16,15 @@ Architecture (README "Architecture"): ``core`` (the outer update), ``backends`` 
 from . import reference, tasks
 from .checkpoint import load_checkpoint, save_checkpoint
 from .dropin import reptile
-from .models import MLP, OmniglotConvNet
+from .models import MLP, MiniImageNetConvNet, OmniglotConvNet
 from .signals import TrainingInterrupted
-from .tasks import Sine, TaskBatch, sample_indices
 from .core import NonFiniteError
+from .tasks import Episodes, MiniImageNet, Omniglot, Sine, TaskBatch, sample_indices
 from .trainer import Reptile
 
 __version__ = "0.1.0"
 
 __all__ = ["Reptile", "reptile", "NonFiniteError", "TrainingInterrupted", "TaskBatch",
-           "sample_indices", "Sine", "MLP", "OmniglotConvNet", "save_checkpoint",
+           "sample_indices", "Sine", "Omniglot", "MiniImageNet", "Episodes", "MLP", "OmniglotConvNet",
+           "MiniImageNetConvNet", "save_checkpoint",
            "load_checkpoint", "reference", "tasks", "__version__"]

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "file) with the settings stored in it; flags given as well override them")
     sine.add_argument("--out", help="output directory (default runs/sine, or DIR with --resume)")
     sine.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    # --- few-shot jobs (issue 13): `omniglot`, `omniglot-runs` ---
+    from .fewshot_job import add_parser as add_fewshot_parsers
+    add_fewshot_parsers(sub)
+    # --- end few-shot jobs ---
     return parser
 
 
@@ -190,6 +194,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "sine":
         return _run_sine_command(parser, args)
+    # --- few-shot jobs (issue 13) ---
+    if args.command in ("omniglot", "omniglot-runs"):
+        from .fewshot_job import run_command as run_fewshot_command
+        return run_fewshot_command(args)
+    # --- end few-shot jobs ---
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -191,6 +191,9 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
     # Held-out tasks from a separate stream, adapted as the seed's demo does (160 SGD steps).
     eval_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
     held_out = dist.sample(config.eval_tasks, generator=eval_gen, device=device)
+    if progress:
+        print(f"reptile_fast: evaluating on {config.eval_tasks} held-out tasks ({config.eval_steps} adaptation "
+              f"steps each)...", file=sys.stderr, flush=True)
     t1 = time.perf_counter()
     post = trainer.evaluate(held_out, config.eval_steps, generator=eval_gen)
     pre = trainer.evaluate(held_out, 0)

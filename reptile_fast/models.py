@@ -1,4 +1,4 @@
-"""Models: a configurable MLP with the seed's defaults, and the paper's Omniglot conv net."""
+"""Models: a configurable MLP with the seed's defaults, and the paper's Omniglot and Mini-ImageNet conv nets."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["MLP", "OmniglotConvNet", "ACTIVATIONS"]
+__all__ = ["MLP", "OmniglotConvNet", "MiniImageNetConvNet", "ACTIVATIONS"]
 
 ACTIVATIONS = {
     "tanh": nn.Tanh,
@@ -70,6 +70,41 @@ class OmniglotConvNet(nn.Module):
         for _ in range(n_blocks):
             blocks += [nn.Conv2d(c, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels),
                        nn.ReLU()]
+            c, s = channels, (s + 1) // 2
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(channels * s * s, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class MiniImageNetConvNet(nn.Module):
+    """The paper's Mini-ImageNet net: 4 × [conv 3×3, ``channels``, BatchNorm, ReLU, max-pool 2] + linear.
+
+    Input ``[batch, in_channels, H, W]`` (3×84×84 in the paper), output ``[batch, n_classes]``
+    logits.  The pooling rounds up (``ceil_mode``), as the official code's "same"-padded
+    pooling does: 84 → 42 → 21 → 11 → 6, so the classifier sees 32 × 6 × 6 features.
+
+    ``pool_first=True`` gives the official code's order, conv → max-pool → BatchNorm → ReLU
+    (openai/supervised-reptile ``MiniImageNetModel``): not the same function, since BatchNorm's
+    statistics are then taken over the pooled activations.
+    """
+
+    def __init__(self, n_classes: int = 5, in_channels: int = 3, channels: int = 32,
+                 image_size: int = 84, n_blocks: int = 4, pool_first: bool = False):
+        super().__init__()
+        for name, v in (("n_classes", n_classes), ("in_channels", in_channels), ("channels", channels),
+                        ("image_size", image_size), ("n_blocks", n_blocks)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MiniImageNetConvNet {name} must be a positive int, got {v!r}")
+        if not isinstance(pool_first, bool):
+            raise TypeError(f"MiniImageNetConvNet pool_first must be a bool, got {type(pool_first).__name__}")
+        blocks: list[nn.Module] = []
+        c, s = in_channels, image_size
+        for _ in range(n_blocks):
+            conv, pool = nn.Conv2d(c, channels, 3, padding=1), nn.MaxPool2d(2, ceil_mode=True)
+            norm_relu = [nn.BatchNorm2d(channels), nn.ReLU()]
+            blocks += [conv, pool, *norm_relu] if pool_first else [conv, *norm_relu, pool]
             c, s = channels, (s + 1) // 2
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Linear(channels * s * s, n_classes)

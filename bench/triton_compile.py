@@ -1,0 +1,185 @@
+"""Ahead-of-time compile facts of the Triton kernels (no GPU needed): registers, spills, shared
+memory, and what the PTX contains.
+
+    python -m bench.triton_compile [--kernel v1|v2|all] [--arch 90] [--out bench/results/FILE.json]
+
+Runs in a process where the kernel modules are imported *without* ``TRITON_INTERPRET=1``.
+Registers and spills come from ``ptxas -v`` shipped inside the Triton wheel, for ``sm_<arch>a``;
+PTX facts are instruction counts: ``mma`` (tensor-core ``mma.sync``), ``wgmma``, ``ex2.approx``
+(fp32 ``tl.exp``'s lowering), ``lg2.approx``, ``div.full`` (fp32 ``/``: approximate),
+``div.rn`` (IEEE division), ``ld.local`` / ``st.local`` (spilled or stack arrays).  These are
+records of a compiler version, never test assertions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SINE = ((1, 64, 64, 1), ("tanh", "tanh", "identity"))
+
+#: v2 cases: (name, dims, activations, loss, batch, steps)
+V2_CASES = [
+    ("sine-1-64-64-1", *SINE, "mse", 10, 5),
+    ("sine-1-40-40-1", (1, 40, 40, 1), ("tanh", "tanh", "identity"), "mse", 10, 5),
+    ("sine-1-64-1", (1, 64, 1), ("tanh", "identity"), "mse", 10, 5),
+    ("ce-4-64-64-5-relu", (4, 64, 64, 5), ("relu", "relu", "identity"), "cross_entropy", 10, 5),
+]
+V2_PRECISIONS = ("ieee", "tf32x3", "tf32")
+#: v2 launch modes: the meta-step (partials, no per-task outputs) and adapt (per-task outputs)
+V2_MODES = ("meta-step", "adapt")
+
+#: v1 cases: (name, dims, activations, loss, batch, forced mode or None)
+V1_CASES = [
+    ("sine-1-64-64-1", *SINE, "mse", 10, None),
+    ("sine-1-64-64-1-tiled", *SINE, "mse", 10, "tiled"),
+    ("2-256-256-3", (2, 256, 256, 3), ("tanh", "tanh", "identity"), "mse", 10, None),
+]
+
+PTX_FACTS = {"mma": r"\bmma\.sync", "wgmma": r"\bwgmma\.", "ex2.approx": r"\bex2\.approx",
+             "lg2.approx": r"\blg2\.approx", "div.full": r"\bdiv\.full", "div.rn": r"\bdiv\.rn",
+             "ld.local": r"\bld\.local", "st.local": r"\bst\.local"}
+
+
+def ptxas_path():
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()), None)
+
+
+def facts(kernel, arch: int) -> dict:
+    """Registers / spills (ptxas -v), shared bytes and PTX instruction counts of a CompiledKernel."""
+    ptx = kernel.asm["ptx"]
+    row = {"shared_bytes": kernel.metadata.shared,
+           "ptx": {k: len(re.findall(p, ptx)) for k, p in PTX_FACTS.items()}}
+    ptxas = ptxas_path()
+    if ptxas is None:
+        row["ptxas"] = "not found in the Triton wheel"
+        return row
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "k.ptx"
+        f.write_text(ptx)
+        out = subprocess.run([str(ptxas), f"-arch=sm_{arch}a", "-v", str(f), "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    stack = re.search(r"(\d+) bytes stack frame", out)
+    row["registers"] = int(regs.group(1)) if regs else None
+    row["spill_store_bytes"] = int(spill.group(1)) if spill else None
+    row["spill_load_bytes"] = int(spill.group(2)) if spill else None
+    row["stack_frame_bytes"] = int(stack.group(1)) if stack else None
+    return row
+
+
+def v2_rows(arch: int = 90, warps=(4, 8), cases=V2_CASES, precisions=V2_PRECISIONS, modes=V2_MODES,
+            streams=(False, True), log=None):
+    """Compile kernel v2 for every case x precision x mode x warps (and the streamed variant,
+    whose wide layers ignore the precision: "ieee" only); one dict per compile."""
+    import triton
+
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    rows = []
+    combos = [(prec, mode, nw, False) for prec in precisions for mode in modes for nw in warps]
+    if True in streams:
+        combos += [("ieee", mode, nw, True) for mode in modes for nw in warps]
+    for name, dims, acts, loss, batch, steps in cases:
+        for prec, mode, nw, stream in combos:
+                    row = {"kernel": "v2-stream" if stream else "v2", "case": name, "dims": list(dims),
+                           "activations": list(acts), "loss": loss,
+                           "batch": batch, "steps": steps, "precision": prec, "mode": mode, "num_warps": nw,
+                           "arch": f"sm_{arch}a", "triton": triton.__version__}
+                    t0 = time.perf_counter()
+                    try:
+                        k = V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=prec,
+                                                 config=V.V2Config(num_warps=nw, stream=stream), arch=arch,
+                                                 accumulate=mode == "meta-step", write_adapted=mode == "adapt",
+                                                 write_losses=mode == "adapt")
+                        row.update(facts(k, arch))
+                    except Exception as exc:  # noqa: BLE001 - recorded per case
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                    row["compile_seconds"] = round(time.perf_counter() - t0, 2)
+                    rows.append(row)
+                    if log:
+                        log(line(row))
+    return rows
+
+
+def v1_rows(arch: int = 90, cases=V1_CASES, precisions=("ieee", "tf32x3", "tf32"), log=None):
+    import triton
+
+    from reptile_fast.kernels import mlp_inner_loop as K
+
+    rows = []
+    for name, dims, acts, loss, batch, mode in cases:
+        for prec in precisions:
+            config = K.choose_launch_config(dims, batch, mode=mode)
+            row = {"kernel": "v1", "case": name, "dims": list(dims), "activations": list(acts), "loss": loss,
+                   "batch": batch, "precision": prec, "mode": config.mode, "num_warps": config.num_warps,
+                   "arch": f"sm_{arch}a", "triton": triton.__version__}
+            t0 = time.perf_counter()
+            try:
+                row.update(facts(K.compile_for_target(dims, acts, loss=loss, batch=batch, precision=prec,
+                                                      config=config, arch=arch), arch))
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            row["compile_seconds"] = round(time.perf_counter() - t0, 2)
+            rows.append(row)
+            if log:
+                log(line(row))
+    return rows
+
+
+def line(r: dict) -> str:
+    head = f"{r['kernel']} {r['case']:22s} {r['precision']:6s} {r['mode']:9s} w{r['num_warps']}"
+    if "error" in r:
+        return f"{head}: ERROR {r['error'][:200]}"
+    p = r.get("ptx", {})
+    return (f"{head}: {r.get('registers')} regs, spill {r.get('spill_store_bytes')}/{r.get('spill_load_bytes')} B, "
+            f"shared {r.get('shared_bytes')} B, mma {p.get('mma')} wgmma {p.get('wgmma')} "
+            f"ex2.approx {p.get('ex2.approx')} div.full {p.get('div.full')} div.rn {p.get('div.rn')}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernel", choices=("v1", "v2", "all"), default="v2")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--cases", choices=("all", "gpu", "smoke"), default="all",
+                    help="all: every case (the records in bench/results); gpu: the sine MLP, every precision "
+                         "and mode at 4 and 8 warps, plus v1 (the GPU check's stage 2); smoke: one compile each")
+    ap.add_argument("--out", help="write {stamp, rows} JSON here")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the JIT kernels")
+    rows = []
+    v2_kw = {"all": {}, "gpu": {"cases": V2_CASES[:1]},
+             "smoke": {"cases": V2_CASES[:1], "precisions": ("ieee",), "modes": ("meta-step",), "warps": (8,),
+                       "streams": (False,)}}
+    v1_kw = {"all": {}, "gpu": {"cases": V1_CASES[:1]}, "smoke": {"cases": V1_CASES[:1], "precisions": ("ieee",)}}
+    if args.kernel in ("v2", "all"):
+        rows += v2_rows(args.arch, log=print, **v2_kw[args.cases])
+    if args.kernel in ("v1", "all"):
+        rows += v1_rows(args.arch, log=print, **v1_kw[args.cases])
+    if args.out:
+        from bench.env import machine_stamp
+
+        stamp = {**machine_stamp(), "python_executable": sys.executable,
+                 "command": " ".join(["python -m bench.triton_compile", *(argv if argv is not None else sys.argv[1:])]),
+                 "ptxas": str(ptxas_path())}
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "note": "compile only (no GPU): registers and spills from "
+                                   "ptxas -v of the Triton wheel; PTX facts are instruction counts", "rows": rows},
+                                  indent=1) + "\n")
+        tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

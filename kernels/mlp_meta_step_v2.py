@@ -1,0 +1,1113 @@
+"""Fused Triton kernel v2: a persistent meta-step for small MLPs, the outer update fused in.
+
+One launch runs every task's SGD inner loop *and* the Reptile outer update's reduction; a second,
+tiny launch sums the per-program partials in a fixed order and applies φ ← φ + ε·mean_i(φ̃_i − φ).
+
+Design (what differs from v1, ``kernels/mlp_inner_loop.py``):
+
+* **Persistent grid.** ``n_programs = min(T, programs_per_sm × SMs)`` programs; program ``p``
+  runs tasks ``p, p + n_programs, …`` (any ``T``: a task count that is not a multiple of the
+  program count leaves the last round part-empty).  4 warps per program (8 when a wide x wide
+  layer keeps its weights in registers: see below).
+* **1-wide layers without padding.** A layer whose input or output has at most ``NARROW_MAX``
+  (4) features (the sine MLP's 1 → 64 input and 64 → 1 output layers) is computed as exact fp32
+  outer products / row reductions (broadcast-multiply-sum), with no ``tl.dot`` and no padding of
+  the narrow side to 16.  ``tl.dot`` is used only between two wide (≥ 16, padded) feature sizes.
+* **Precision** of those dots: ``"ieee"`` (exact fp32 FMA, the default), ``"tf32x3"`` (tensor
+  cores, three tf32 products per product: near-fp32 accuracy) or ``"tf32"`` (one tf32 product:
+  ~10-bit operand mantissas).  The narrow layers, activations, loss and updates are always fp32.
+* **Minibatches loaded up front.** Each task's indices, inputs and targets for all inner steps
+  are loaded into registers before its first step (when they fit: ``PRELOAD``), so no step waits
+  on a dependent index → point load; a step selects its rows with a masked reduction.
+* **Outer update fused.** Each program accumulates Σ(φ̃_i − φ) over its tasks (in registers for
+  small models, else in its own partial row: ``V2Config.accumulate``) and the sum of its tasks'
+  inner losses, and writes them once, to ``partials[p]`` /
+  ``loss_partials[p]``; ``_outer_update_kernel`` then sums the ``n_programs`` rows in program
+  order (deterministic: no atomics, the same order on every run for a given grid) and applies
+  ``φ + ε·Σ/T``, ε read from a device tensor (so a CUDA graph can replay with a new ε).
+  Per-task adapted parameters and per-step losses are written only when asked (adapt/evaluate).
+* **Where the wide weights live.** By default in registers (Triton's fp32 FMA ``tl.dot`` then
+  needs ~250 registers at 8 warps for a 64 x 64 layer); with ``V2Config(stream=True)`` in a
+  per-program scratch row, the products running as fp32 K-loops of rank-1 updates (128 registers,
+  no spills at 4 warps on sm_90a with Triton 3.8).  Which is faster is a GPU question: the GPU
+  check times both.
+* **Accuracy-bounded special functions.** On NVIDIA, fp32 ``tl.exp`` lowers to ``ex2.approx``
+  and ``/`` to ``div.full`` (both approximate).  v2's ``_exp`` is a Cody–Waite range reduction
+  plus a degree-7 polynomial in plain FMA arithmetic, ``_log`` an atanh series, and divisions go
+  through ``tl.math.div_rn`` (IEEE round-to-nearest), so the same error bound holds under the
+  interpreter and on a GPU: see ``ACCURACY`` (checked against float64 by
+  ``tests/test_kernel_mlp_meta_step_v2.py``, on CUDA too when present).
+
+Supported models: 1–5 Linear layers (bias) with identity / tanh / relu / sigmoid, every feature
+size ≤ ``MAX_FEATURES_V2`` (64), inner batch ≤ ``MAX_BATCH_V2`` (32), loss "mse" or
+"cross_entropy" (long labels).  ``supports_v2`` says whether a shape fits; wider models use v1.
+
+Public entry points: ``meta_step`` (the fused Reptile meta-step: new φ and the mean inner loss)
+and ``inner_loop`` (adapted parameters and losses per task, for adapt/evaluate).  Both take φ as
+one flat float32 vector in ``param_layout(dims)`` order (``torch.cat([p.reshape(-1) …])`` of
+``[W_0, b_0, W_1, b_1, …]``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+# activation name -> compile-time code: the one table of MLP maths
+from reptile_fast.mlp_math import ACTIVATION_CODES
+
+__all__ = [
+    "ACCURACY", "MAX_LAYERS", "MAX_FEATURES_V2", "MAX_BATCH_V2", "NARROW_MAX", "PRECISIONS",
+    "INTERPRETED", "V2Config", "MetaStepResult", "supports_v2", "unsupported_reason", "feature_tile",
+    "param_layout", "n_flat_params", "flat_params", "unflatten_params", "meta_step", "inner_loop",
+    "compile_for_target",
+]
+
+#: loss name -> compile-time code (as v1)
+LOSS_CODES = {"mse": 0, "cross_entropy": 1}
+MAX_LAYERS = 5
+#: every feature size at most this (weights and the outer-update accumulator live in registers)
+MAX_FEATURES_V2 = 64
+#: inner batch at most this
+MAX_BATCH_V2 = 32
+#: a feature size <= NARROW_MAX is "narrow": its layers use fp32 broadcast-sums, not tl.dot
+NARROW_MAX = 4
+#: ``tl.dot`` input precisions v2 accepts
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+#: Preload a task's whole plan (x, y of every step) when it needs at most this many elements
+#: (16 fp32 registers per thread at 4 warps).
+PRELOAD_LIMIT = 2048
+#: ``V2Config(accumulate=None)`` keeps the meta-step's sums in registers up to this many padded
+#: weights (1-64-1: 128), in memory beyond (1-64-64-1: 4224; sm_90a ptxas: see NOTES-kernel.md).
+ACC_REGISTERS_LIMIT = 1024
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Error bounds of the special functions, relative to the float64 value, in units of
+#: 2^-23 (fp32's ulp at 1): asserted against float64 by the tests on every device they run on.
+#:   exp:     |x| <= 87 (finite, normal result)
+#:   tanh:    all finite x (odd Taylor series to x^15 for |x| < 0.4, else (1 - e^{-2|x|}) / (1 + e^{-2|x|}))
+#:   sigmoid: x >= -80 (beyond, the result is < 2e-35 and its absolute error < 1e-38)
+#:   log:     x >= 1 (the softmax's sum of exponentials; absolute error in units of 2^-23 · max(1, |log x|))
+#: Why: the polynomials' truncation errors are < 0.1 ulp; each exp rounds the reduced argument,
+#: ~7 Horner steps (≈ 1 ulp together) and the scaling (0.5); tanh's (1 - e) / (1 + e) with
+#: e <= e^-0.8 adds <= 0.82·err(e) + 1.5 ulp; sigmoid <= err(e) + 1 ulp.  Measured maxima over ~46k
+#: points under the interpreter: 0.72, 1.25, 1.07, 0.72; the bounds leave room for a GPU's FMA
+#: contraction, which changes the roundings (the GPU check records the measured maxima there).
+ACCURACY = {"exp": 2.0, "tanh": 3.0, "sigmoid": 3.0, "log": 2.0}
+
+
+# ----------------------------------------------------------------------------- special functions
+@triton.jit
+def _exp(x):
+    """e^x in fp32 arithmetic only (no ex2.approx): Cody–Waite reduction x = k ln2 + r,
+    |r| <= ln2 / 2, degree-7 Taylor polynomial (truncation < 6e-9 relative), scaled by 2^k built
+    from exponent bits.  NaN stays NaN, overflow gives inf, x < -104 gives 0."""
+    xc = tl.minimum(tl.maximum(x, -104.0), 89.0)
+    k = tl.floor(xc * 1.4426950408889634 + 0.5)
+    # ln2 = 0.693145751953125 (exact in 16 bits, so k * hi is exact for |k| <= 150) + 1.4286e-6
+    r = xc - k * 0.693145751953125
+    r = r - k * 1.428606765330187e-06
+    p = 1.9841269841269841e-04  # 1/5040
+    p = p * r + 1.3888888888888889e-03  # 1/720
+    p = p * r + 8.3333333333333333e-03  # 1/120
+    p = p * r + 4.1666666666666667e-02  # 1/24
+    p = p * r + 1.6666666666666667e-01  # 1/6
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    # 2^k as two normal powers of two (k in [-150, 128]): p * 2^k1 is exact, one rounding after
+    ki = k.to(tl.int32)
+    k1 = ki >> 1
+    k2 = ki - k1
+    s1 = ((k1 + 127) << 23).to(tl.float32, bitcast=True)
+    s2 = ((k2 + 127) << 23).to(tl.float32, bitcast=True)
+    y = p * s1 * s2
+    return tl.where(x != x, x, y)
+
+
+@triton.jit
+def _log(x):
+    """ln x for x >= 1 (finite), fp32 arithmetic only: x = 2^k m, m in [1/√2, √2),
+    ln m = 2 atanh((m - 1) / (m + 1)) by its odd series to s^15 (|s| <= 0.172: truncation < 1e-13)."""
+    bits = x.to(tl.int32, bitcast=True)
+    k = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    big = m > 1.4142135623730951
+    m = tl.where(big, m * 0.5, m)
+    k = tl.where(big, k + 1, k)
+    s = tl.math.div_rn(m - 1.0, m + 1.0)
+    s2 = s * s
+    p = 0.06666666666666667
+    p = p * s2 + 0.07692307692307693
+    p = p * s2 + 0.09090909090909091
+    p = p * s2 + 0.1111111111111111
+    p = p * s2 + 0.14285714285714285
+    p = p * s2 + 0.2
+    p = p * s2 + 0.3333333333333333
+    log_m = 2.0 * s + (2.0 * s) * (s2 * p)
+    kf = k.to(tl.float32)
+    y = kf * 0.693145751953125 + (kf * 1.428606765330187e-06 + log_m)
+    return tl.where(x != x, x, y)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh with a bounded error (``ACCURACY["tanh"]``); NaN stays NaN."""
+    ax = tl.abs(x)
+    e = _exp(-2.0 * ax)
+    big = tl.math.div_rn(1.0 - e, 1.0 + e)
+    x2 = x * x
+    p = -1.4558343870513183e-03  # -929569/638512875
+    p = p * x2 + 3.5921280365724810e-03  # 21844/6081075
+    p = p * x2 - 8.8632355299021966e-03  # -1382/155925
+    p = p * x2 + 2.1869488536155203e-02  # 62/2835
+    p = p * x2 - 5.3968253968253968e-02  # -17/315
+    p = p * x2 + 1.3333333333333333e-01  # 2/15
+    p = p * x2 - 3.3333333333333333e-01  # -1/3
+    small = x + x * x2 * p
+    return tl.where(ax < 0.4, small, tl.where(x < 0.0, -big, big))
+
+
+@triton.jit
+def _sigmoid(x):
+    """1 / (1 + e^{-x}) with ``_exp`` and an IEEE division (``ACCURACY["sigmoid"]``)."""
+    return tl.math.div_rn(1.0, 1.0 + _exp(-x))
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    """act(z) for ACT in ACTIVATION_CODES (0 identity, 1 tanh, 2 relu, 3 sigmoid)."""
+    if ACT == 1:
+        z = _tanh(z)
+    elif ACT == 2:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 3:
+        z = _sigmoid(z)
+    return z
+
+
+@triton.jit
+def _activation_grad(g, a, ACT: tl.constexpr):
+    """dL/dz from dL/da and the activation's output a = act(z), as autograd writes it."""
+    if ACT == 1:
+        g = g * (1.0 - a * a)
+    elif ACT == 2:
+        g = tl.where(a > 0.0, g, 0.0)
+    elif ACT == 3:
+        g = g * (1.0 - a) * a
+    return g
+
+
+# ----------------------------------------------------------------------------- layers
+@triton.jit
+def _load_layer(ptr, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                P_IN: tl.constexpr, P_OUT: tl.constexpr):
+    """Weight ``[P_OUT, P_IN]`` and bias ``[P_OUT]`` of one layer, zero-padded, from a flat row."""
+    rows = tl.arange(0, P_OUT)
+    cols = tl.arange(0, P_IN)
+    w = tl.load(ptr + OFF + rows[:, None] * D_IN + cols[None, :],
+                mask=(rows[:, None] < D_OUT) & (cols[None, :] < D_IN), other=0.0)
+    b = tl.load(ptr + OFF + D_OUT * D_IN + rows, mask=rows < D_OUT, other=0.0)
+    return w, b
+
+
+@triton.jit
+def _store_layer(ptr, w, b, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                 P_IN: tl.constexpr, P_OUT: tl.constexpr):
+    rows = tl.arange(0, P_OUT)
+    cols = tl.arange(0, P_IN)
+    tl.store(ptr + OFF + rows[:, None] * D_IN + cols[None, :], w,
+             mask=(rows[:, None] < D_OUT) & (cols[None, :] < D_IN))
+    tl.store(ptr + OFF + D_OUT * D_IN + rows, b, mask=rows < D_OUT)
+
+
+@triton.jit
+def _zero_layer(ptr, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                P_IN: tl.constexpr, P_OUT: tl.constexpr):
+    _store_layer(ptr, tl.zeros((P_OUT, P_IN), dtype=tl.float32), tl.zeros((P_OUT,), dtype=tl.float32),
+                 OFF, D_IN, D_OUT, P_IN, P_OUT)
+
+
+@triton.jit
+def _accumulate_layer(row, phi_ptr, w, b, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                      P_IN: tl.constexpr, P_OUT: tl.constexpr):
+    """row[layer] += (w, b) − φ[layer]: one task's φ̃ − φ added to a program's partial row."""
+    p_w, p_b = _load_layer(phi_ptr, OFF, D_IN, D_OUT, P_IN, P_OUT)
+    a_w, a_b = _load_layer(row, OFF, D_IN, D_OUT, P_IN, P_OUT)
+    _store_layer(row, a_w + (w - p_w), a_b + (b - p_b), OFF, D_IN, D_OUT, P_IN, P_OUT)
+
+
+@triton.jit
+def _forward(a, w, b, ACT: tl.constexpr, D_OUT: tl.constexpr, P_OUT: tl.constexpr,
+             DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """act(a @ w.T + b): ``[BB, P_IN] -> [BB, P_OUT]``; padded columns are exactly 0.
+
+    DOT: ``tl.dot`` (both sides wide); else a broadcast-multiply-sum in fp32, e.g. the outer
+    product of a 1-wide input with a 64-wide weight column, or a 64 -> 1 row reduction."""
+    if DOT:
+        z = tl.dot(a, tl.trans(w), input_precision=PRECISION)
+    else:
+        z = tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+    h = _activation(z + b[None, :], ACT)
+    if ACT == 3:
+        if D_OUT < P_OUT:  # sigmoid(0) = 0.5: zero the padded units so they add nothing downstream
+            h = tl.where(tl.arange(0, P_OUT)[None, :] < D_OUT, h, 0.0)
+    return h
+
+
+@triton.jit
+def _backward(g, a_in, a_out, w, b, lr, ACT: tl.constexpr, INPUT_GRAD: tl.constexpr,
+              DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward through ``a_out = act(a_in @ w.T + b)`` and the SGD step on ``w, b``.
+
+    ``g``: dL/d a_out ``[BB, P_OUT]`` (zero on padded rows).  Returns ``(dL/d a_in`` before the
+    previous layer's activation, ``[BB, P_IN]`` (g itself when not INPUT_GRAD), ``w - lr dW,
+    b - lr db)``; dL/d a_in uses w before its update, as autograd does."""
+    g = _activation_grad(g, a_out, ACT)
+    if DOT:
+        grad_w = tl.dot(tl.trans(g), a_in, input_precision=PRECISION)
+    else:
+        grad_w = tl.sum(g[:, :, None] * a_in[:, None, :], axis=0)
+    grad_b = tl.sum(g, axis=0)
+    if INPUT_GRAD:
+        if DOT:
+            g_in = tl.dot(g, w, input_precision=PRECISION)
+        else:
+            # reduced over the last axis on purpose: Triton (3.6) rewrites sum(a[:, :, None] *
+            # b[None, :, :], axis=1) into a tl.dot with the default (tf32) precision
+            g_in = tl.sum(g[:, None, :] * tl.trans(w)[None, :, :], axis=2)
+    else:
+        g_in = g
+    return g_in, w - lr * grad_w, b - lr * grad_b
+
+
+
+# ----------------------------------------------------------------------------- streamed wide layers
+# With ``V2Config(stream=True)`` a wide x wide layer keeps its weights in the program's own scratch
+# row (global memory, private, L1/L2-resident) instead of registers, and its three products run
+# as fp32 K-loops of rank-1 updates (exact fp32, any ``precision``): registers hold only the
+# [BB, P] accumulators, so 4 warps fit without spills.  Activations / gradients feeding the loops
+# go through the scratch too, with a CTA barrier between the writes and the reads.
+@triton.jit
+def _layer_init(phi_ptr, w_scr, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                P_IN: tl.constexpr, P_OUT: tl.constexpr, S: tl.constexpr):
+    """(w, b) of a layer from φ: w in registers, or (S) copied to the scratch ``[P_OUT, P_IN]``
+    (zero-padded) with a ``[1, 1]`` placeholder returned."""
+    w, b = _load_layer(phi_ptr, OFF, D_IN, D_OUT, P_IN, P_OUT)
+    if S:
+        rows = tl.arange(0, P_OUT)
+        cols = tl.arange(0, P_IN)
+        tl.store(w_scr + rows[:, None] * P_IN + cols[None, :], w)
+        w = tl.zeros((1, 1), dtype=tl.float32)
+    return w, b
+
+
+@triton.jit
+def _layer_final(w, w_scr, P_IN: tl.constexpr, P_OUT: tl.constexpr, S: tl.constexpr):
+    """The layer's current weights as a register tile ``[P_OUT, P_IN]``."""
+    if S:
+        rows = tl.arange(0, P_OUT)
+        cols = tl.arange(0, P_IN)
+        w = tl.load(w_scr + rows[:, None] * P_IN + cols[None, :])
+    return w
+
+
+@triton.jit
+def _layer_forward(a, w, b, w_scr, a_scr, ACT: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                   P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, S: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+    if S:
+        rows = tl.arange(0, BLOCK_B)
+        cin = tl.arange(0, P_IN)
+        cout = tl.arange(0, P_OUT)
+        tl.store(a_scr + rows[:, None] * P_IN + cin[None, :], a)
+        tl.debug_barrier()
+        z = tl.zeros((BLOCK_B, P_OUT), dtype=tl.float32)
+        for k in range(0, D_IN):
+            a_k = tl.load(a_scr + rows * P_IN + k)
+            w_k = tl.load(w_scr + cout * P_IN + k)
+            z += a_k[:, None] * w_k[None, :]
+        h = _activation(z + b[None, :], ACT)
+        if ACT == 3:
+            if D_OUT < P_OUT:
+                h = tl.where(cout[None, :] < D_OUT, h, 0.0)
+    else:
+        h = _forward(a, w, b, ACT, D_OUT, P_OUT, DOT, PRECISION)
+    return h
+
+
+@triton.jit
+def _layer_backward(g, a_in, a_out, w, b, lr, batch, w_scr, a_scr, g_scr, ACT: tl.constexpr,
+                    INPUT_GRAD: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                    P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, S: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+    if S:
+        rows = tl.arange(0, BLOCK_B)
+        cin = tl.arange(0, P_IN)
+        cout = tl.arange(0, P_OUT)
+        g = _activation_grad(g, a_out, ACT)
+        tl.store(g_scr + rows[:, None] * P_OUT + cout[None, :], g)
+        tl.debug_barrier()
+        if INPUT_GRAD:
+            g_in = tl.zeros((BLOCK_B, P_IN), dtype=tl.float32)
+            for o in range(0, D_OUT):
+                g_o = tl.load(g_scr + rows * P_OUT + o)
+                w_o = tl.load(w_scr + o * P_IN + cin)
+                g_in += g_o[:, None] * w_o[None, :]
+        else:
+            g_in = g
+        # dW = Σ over the real batch rows of g[r]^T a[r] (a_scr still holds this step's input)
+        grad_w = tl.zeros((P_OUT, P_IN), dtype=tl.float32)
+        for r in range(0, batch):
+            g_r = tl.load(g_scr + r * P_OUT + cout)
+            a_r = tl.load(a_scr + r * P_IN + cin)
+            grad_w += g_r[:, None] * a_r[None, :]
+        grad_b = tl.sum(g, axis=0)
+        tl.debug_barrier()  # every read of W, g and a above before W is rewritten / g_scr reused
+        w_ptrs = w_scr + cout[:, None] * P_IN + cin[None, :]
+        tl.store(w_ptrs, tl.load(w_ptrs) - lr * grad_w)
+        tl.debug_barrier()
+        b = b - lr * grad_b
+    else:
+        g_in, w, b = _backward(g, a_in, a_out, w, b, lr, ACT, INPUT_GRAD, DOT, PRECISION)
+    return g_in, w, b
+
+
+@triton.jit
+def _loss_tile(out, target, label, row_ok, grad_scale, LOSS: tl.constexpr, D_OUT: tl.constexpr,
+               P_OUT: tl.constexpr):
+    """dL/d out ``[BB, P_OUT]`` and the un-normalised loss sum of one minibatch.
+
+    ``target``: ``[BB, P_OUT]`` float targets (MSE); ``label``: ``[BB]`` int64 labels (CE).
+    grad_scale: 2 / (batch * D_OUT) for MSE (torch's mse_loss backward), 1 / batch for CE."""
+    cols = tl.arange(0, P_OUT)
+    col_ok = cols < D_OUT
+    ok = row_ok[:, None] & col_ok[None, :]
+    if LOSS == 0:
+        diff = tl.where(ok, out - target, 0.0)
+        s = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+        g = grad_scale * diff
+    else:
+        z = tl.where(col_ok[None, :], out, float("-inf"))
+        z_max = tl.max(z, axis=1)
+        e = _exp(z - z_max[:, None])
+        e_sum = tl.sum(e, axis=1)
+        is_label = cols[None, :] == label[:, None]
+        z_label = tl.sum(tl.where(is_label, out, 0.0), axis=1)
+        row_loss = z_max + _log(e_sum) - z_label
+        s = tl.sum(tl.where(row_ok, row_loss, 0.0), axis=0)
+        p = tl.math.div_rn(e, e_sum[:, None])
+        g = tl.where(ok, (p - tl.where(is_label, 1.0, 0.0)) * grad_scale, 0.0)
+    return g, s
+
+
+@triton.jit
+def _select_step(all_steps, s, S_P: tl.constexpr):
+    """Row ``s`` of a ``[S_P, BB, C]`` register tensor (masked sum: exact)."""
+    sel = tl.arange(0, S_P)[:, None, None] == s
+    return tl.sum(tl.where(sel, all_steps, 0.0), axis=0)
+
+
+@triton.jit
+def _select_step_int(all_steps, s, S_P: tl.constexpr):
+    sel = tl.arange(0, S_P)[:, None] == s
+    return tl.sum(tl.where(sel, all_steps, 0), axis=0)
+
+
+# ----------------------------------------------------------------------------- the meta-step kernel
+@triton.jit
+def _meta_step_kernel(
+    # inputs: x [T, N, D0] f32, y [T, N, D_L] f32 or [T, N] i64, plan [T, R, batch] i64, phi [n_params] f32
+    x_ptr, y_ptr, idx_ptr, phi_ptr,
+    # outputs: partial sums [n_programs, part_stride] f32 of Σ(φ̃ − φ), loss sums [n_programs] f32,
+    # adapted parameters [T, out_stride] f32 (WRITE_ADAPTED), losses [T, STEPS] f32 (WRITE_LOSSES)
+    part_ptr, loss_part_ptr, out_ptr, loss_ptr,
+    # stream=True: per-program scratch [n_programs, scr_stride] f32 (weights of the streamed layers
+    # at WOFF_l, their inputs at AOFF_l, one gradient tile at GOFF)
+    scr_ptr, scr_stride,
+    # sizes (elements)
+    n_tasks, n_points, batch, idx_stride, part_stride, out_stride, n_programs,
+    # inner loop
+    lr, grad_scale, loss_count,
+    # model: layer count, feature sizes D0..D5, tile sizes P0..P5, activations, dot per layer
+    N_LAYERS: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
+    D5: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr,
+    P5: tl.constexpr,
+    ACT0: tl.constexpr, ACT1: tl.constexpr, ACT2: tl.constexpr, ACT3: tl.constexpr,
+    ACT4: tl.constexpr,
+    DOT0: tl.constexpr, DOT1: tl.constexpr, DOT2: tl.constexpr, DOT3: tl.constexpr,
+    DOT4: tl.constexpr,
+    # output size and tile, loss, padded batch, inner steps (and their power of two), plan
+    # preloading, dot precision
+    DL: tl.constexpr, PL: tl.constexpr, LOSS: tl.constexpr, BLOCK_B: tl.constexpr,
+    STEPS: tl.constexpr, S_P: tl.constexpr,
+    PRELOAD: tl.constexpr, PRECISION: tl.constexpr,
+    # streamed layers (S_l = DOT_l and stream) and their scratch offsets
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, S4: tl.constexpr,
+    WOFF0: tl.constexpr, WOFF1: tl.constexpr, WOFF2: tl.constexpr, WOFF3: tl.constexpr,
+    WOFF4: tl.constexpr, AOFF0: tl.constexpr, AOFF1: tl.constexpr, AOFF2: tl.constexpr,
+    AOFF3: tl.constexpr, AOFF4: tl.constexpr, GOFF: tl.constexpr,
+    # what to write
+    ACCUMULATE: tl.constexpr, WRITE_ADAPTED: tl.constexpr, WRITE_LOSSES: tl.constexpr,
+):
+    OFF1: tl.constexpr = D1 * D0 + D1
+    OFF2: tl.constexpr = OFF1 + D2 * D1 + D2
+    OFF3: tl.constexpr = OFF2 + D3 * D2 + D3
+    OFF4: tl.constexpr = OFF3 + D4 * D3 + D4
+    # int64 program id: task offsets t * (N * D0), t * out_stride overflow int32 for large T
+    pid = tl.program_id(0).to(tl.int64)
+    scr = scr_ptr + pid * scr_stride
+    rows = tl.arange(0, BLOCK_B)
+    row_ok = rows < batch
+    c0 = tl.arange(0, P0)
+    cl = tl.arange(0, PL)
+    steps_r = tl.arange(0, S_P)
+    plan_ok = (steps_r[:, None] < STEPS) & row_ok[None, :]
+    # Σ(φ̃ − φ) over this program's tasks, layer by layer: in registers (ACCUMULATE == 1) or in
+    # this program's own partial row (ACCUMULATE == 2: no registers, a cached read-modify-write
+    # per task); and Σ of their inner losses
+    part_row = part_ptr + pid * part_stride
+    if ACCUMULATE == 2:
+        _zero_layer(part_row, 0, D0, D1, P0, P1)
+        if N_LAYERS > 1:
+            _zero_layer(part_row, OFF1, D1, D2, P1, P2)
+        if N_LAYERS > 2:
+            _zero_layer(part_row, OFF2, D2, D3, P2, P3)
+        if N_LAYERS > 3:
+            _zero_layer(part_row, OFF3, D3, D4, P3, P4)
+        if N_LAYERS > 4:
+            _zero_layer(part_row, OFF4, D4, D5, P4, P5)
+        tl.debug_barrier()
+    acc_w0 = tl.zeros((P1, P0), dtype=tl.float32)
+    acc_b0 = tl.zeros((P1,), dtype=tl.float32)
+    if N_LAYERS > 1:
+        acc_w1 = tl.zeros((P2, P1), dtype=tl.float32)
+        acc_b1 = tl.zeros((P2,), dtype=tl.float32)
+    if N_LAYERS > 2:
+        acc_w2 = tl.zeros((P3, P2), dtype=tl.float32)
+        acc_b2 = tl.zeros((P3,), dtype=tl.float32)
+    if N_LAYERS > 3:
+        acc_w3 = tl.zeros((P4, P3), dtype=tl.float32)
+        acc_b3 = tl.zeros((P4,), dtype=tl.float32)
+    if N_LAYERS > 4:
+        acc_w4 = tl.zeros((P5, P4), dtype=tl.float32)
+        acc_b4 = tl.zeros((P5,), dtype=tl.float32)
+    loss_acc = tl.zeros((1,), dtype=tl.float32)
+    for t in range(pid, n_tasks, n_programs):
+        point0 = t * n_points
+        plan_row = idx_ptr + t * idx_stride
+        if PRELOAD:
+            # the whole plan of this task: indices [S_P, BB], inputs [S_P, BB, P0], targets
+            idx_all = tl.load(plan_row + steps_r[:, None] * batch + rows[None, :], mask=plan_ok, other=0)
+            pt_all = point0 + idx_all
+            x_all = tl.load(x_ptr + pt_all[:, :, None] * D0 + c0[None, None, :],
+                            mask=plan_ok[:, :, None] & (c0[None, None, :] < D0), other=0.0)
+            if LOSS == 0:
+                y_all = tl.load(y_ptr + pt_all[:, :, None] * DL + cl[None, None, :],
+                                mask=plan_ok[:, :, None] & (cl[None, None, :] < DL), other=0.0)
+            else:
+                lab_all = tl.load(y_ptr + pt_all, mask=plan_ok, other=0)
+        w0, b0 = _layer_init(phi_ptr, scr + WOFF0, 0, D0, D1, P0, P1, S0)
+        if N_LAYERS > 1:
+            w1, b1 = _layer_init(phi_ptr, scr + WOFF1, OFF1, D1, D2, P1, P2, S1)
+        if N_LAYERS > 2:
+            w2, b2 = _layer_init(phi_ptr, scr + WOFF2, OFF2, D2, D3, P2, P3, S2)
+        if N_LAYERS > 3:
+            w3, b3 = _layer_init(phi_ptr, scr + WOFF3, OFF3, D3, D4, P3, P4, S3)
+        if N_LAYERS > 4:
+            w4, b4 = _layer_init(phi_ptr, scr + WOFF4, OFF4, D4, D5, P4, P5, S4)
+        if S0 or S1 or S2 or S3 or S4:
+            tl.debug_barrier()  # the copies of φ before the first read of the scratch
+        for s in range(0, STEPS):
+            # this step's minibatch
+            if PRELOAD:
+                a0 = _select_step(x_all, s, S_P)
+                if LOSS == 0:
+                    target = _select_step(y_all, s, S_P)
+                    label = rows
+                else:
+                    target = tl.zeros((BLOCK_B, PL), dtype=tl.float32)
+                    label = _select_step_int(lab_all, s, S_P)
+            else:
+                idx = tl.load(plan_row + s * batch + rows, mask=row_ok, other=0)
+                point = point0 + idx
+                a0 = tl.load(x_ptr + point[:, None] * D0 + c0[None, :],
+                             mask=row_ok[:, None] & (c0[None, :] < D0), other=0.0)
+                if LOSS == 0:
+                    target = tl.load(y_ptr + point[:, None] * DL + cl[None, :],
+                                     mask=row_ok[:, None] & (cl[None, :] < DL), other=0.0)
+                    label = rows
+                else:
+                    target = tl.zeros((BLOCK_B, PL), dtype=tl.float32)
+                    label = tl.load(y_ptr + point, mask=row_ok, other=0)
+            # forward; a_l is kept for the backward pass
+            a1 = _layer_forward(a0, w0, b0, scr + WOFF0, scr + AOFF0, ACT0, D0, D1, P0, P1, DOT0, S0,
+                                PRECISION, BLOCK_B)
+            out = a1
+            if N_LAYERS > 1:
+                a2 = _layer_forward(a1, w1, b1, scr + WOFF1, scr + AOFF1, ACT1, D1, D2, P1, P2, DOT1, S1,
+                                    PRECISION, BLOCK_B)
+                out = a2
+            if N_LAYERS > 2:
+                a3 = _layer_forward(a2, w2, b2, scr + WOFF2, scr + AOFF2, ACT2, D2, D3, P2, P3, DOT2, S2,
+                                    PRECISION, BLOCK_B)
+                out = a3
+            if N_LAYERS > 3:
+                a4 = _layer_forward(a3, w3, b3, scr + WOFF3, scr + AOFF3, ACT3, D3, D4, P3, P4, DOT3, S3,
+                                    PRECISION, BLOCK_B)
+                out = a4
+            if N_LAYERS > 4:
+                a5 = _layer_forward(a4, w4, b4, scr + WOFF4, scr + AOFF4, ACT4, D4, D5, P4, P5, DOT4, S4,
+                                    PRECISION, BLOCK_B)
+                out = a5
+            g, loss_sum = _loss_tile(out, target, label, row_ok, grad_scale, LOSS, DL, PL)
+            step_loss = tl.math.div_rn(loss_sum, loss_count)
+            loss_acc += step_loss
+            if WRITE_LOSSES:
+                tl.store(loss_ptr + t * STEPS + s, step_loss)
+            # backward and SGD, last layer first
+            if N_LAYERS > 4:
+                g, w4, b4 = _layer_backward(g, a4, a5, w4, b4, lr, batch, scr + WOFF4, scr + AOFF4, scr + GOFF,
+                                            ACT4, True, D4, D5, P4, P5, DOT4, S4, PRECISION, BLOCK_B)
+            if N_LAYERS > 3:
+                g, w3, b3 = _layer_backward(g, a3, a4, w3, b3, lr, batch, scr + WOFF3, scr + AOFF3, scr + GOFF,
+                                            ACT3, True, D3, D4, P3, P4, DOT3, S3, PRECISION, BLOCK_B)
+            if N_LAYERS > 2:
+                g, w2, b2 = _layer_backward(g, a2, a3, w2, b2, lr, batch, scr + WOFF2, scr + AOFF2, scr + GOFF,
+                                            ACT2, True, D2, D3, P2, P3, DOT2, S2, PRECISION, BLOCK_B)
+            if N_LAYERS > 1:
+                g, w1, b1 = _layer_backward(g, a1, a2, w1, b1, lr, batch, scr + WOFF1, scr + AOFF1, scr + GOFF,
+                                            ACT1, True, D1, D2, P1, P2, DOT1, S1, PRECISION, BLOCK_B)
+            g, w0, b0 = _layer_backward(g, a0, a1, w0, b0, lr, batch, scr + WOFF0, scr + AOFF0, scr + GOFF,
+                                        ACT0, False, D0, D1, P0, P1, DOT0, S0, PRECISION, BLOCK_B)
+        # streamed layers: their weights back into registers for the writes below
+        w0 = _layer_final(w0, scr + WOFF0, P0, P1, S0)
+        if N_LAYERS > 1:
+            w1 = _layer_final(w1, scr + WOFF1, P1, P2, S1)
+        if N_LAYERS > 2:
+            w2 = _layer_final(w2, scr + WOFF2, P2, P3, S2)
+        if N_LAYERS > 3:
+            w3 = _layer_final(w3, scr + WOFF3, P3, P4, S3)
+        if N_LAYERS > 4:
+            w4 = _layer_final(w4, scr + WOFF4, P4, P5, S4)
+        if WRITE_ADAPTED:
+            out_row = out_ptr + t * out_stride
+            _store_layer(out_row, w0, b0, 0, D0, D1, P0, P1)
+            if N_LAYERS > 1:
+                _store_layer(out_row, w1, b1, OFF1, D1, D2, P1, P2)
+            if N_LAYERS > 2:
+                _store_layer(out_row, w2, b2, OFF2, D2, D3, P2, P3)
+            if N_LAYERS > 3:
+                _store_layer(out_row, w3, b3, OFF3, D3, D4, P3, P4)
+            if N_LAYERS > 4:
+                _store_layer(out_row, w4, b4, OFF4, D4, D5, P4, P5)
+        if ACCUMULATE == 1:
+            # φ̃ − φ with φ re-read (cached) rather than kept: it would double the weight registers
+            p_w, p_b = _load_layer(phi_ptr, 0, D0, D1, P0, P1)
+            acc_w0 += w0 - p_w
+            acc_b0 += b0 - p_b
+            if N_LAYERS > 1:
+                p_w, p_b = _load_layer(phi_ptr, OFF1, D1, D2, P1, P2)
+                acc_w1 += w1 - p_w
+                acc_b1 += b1 - p_b
+            if N_LAYERS > 2:
+                p_w, p_b = _load_layer(phi_ptr, OFF2, D2, D3, P2, P3)
+                acc_w2 += w2 - p_w
+                acc_b2 += b2 - p_b
+            if N_LAYERS > 3:
+                p_w, p_b = _load_layer(phi_ptr, OFF3, D3, D4, P3, P4)
+                acc_w3 += w3 - p_w
+                acc_b3 += b3 - p_b
+            if N_LAYERS > 4:
+                p_w, p_b = _load_layer(phi_ptr, OFF4, D4, D5, P4, P5)
+                acc_w4 += w4 - p_w
+                acc_b4 += b4 - p_b
+        elif ACCUMULATE == 2:
+            _accumulate_layer(part_row, phi_ptr, w0, b0, 0, D0, D1, P0, P1)
+            if N_LAYERS > 1:
+                _accumulate_layer(part_row, phi_ptr, w1, b1, OFF1, D1, D2, P1, P2)
+            if N_LAYERS > 2:
+                _accumulate_layer(part_row, phi_ptr, w2, b2, OFF2, D2, D3, P2, P3)
+            if N_LAYERS > 3:
+                _accumulate_layer(part_row, phi_ptr, w3, b3, OFF3, D3, D4, P3, P4)
+            if N_LAYERS > 4:
+                _accumulate_layer(part_row, phi_ptr, w4, b4, OFF4, D4, D5, P4, P5)
+            # the next task's read-modify-write may run on other threads
+            tl.debug_barrier()
+        elif S0 or S1 or S2 or S3 or S4:
+            tl.debug_barrier()  # the reads of the streamed weights before the next task's copy
+    if ACCUMULATE == 1:
+        # every program writes its whole partial row (zeros if it ran no task)
+        _store_layer(part_row, acc_w0, acc_b0, 0, D0, D1, P0, P1)
+        if N_LAYERS > 1:
+            _store_layer(part_row, acc_w1, acc_b1, OFF1, D1, D2, P1, P2)
+        if N_LAYERS > 2:
+            _store_layer(part_row, acc_w2, acc_b2, OFF2, D2, D3, P2, P3)
+        if N_LAYERS > 3:
+            _store_layer(part_row, acc_w3, acc_b3, OFF3, D3, D4, P3, P4)
+        if N_LAYERS > 4:
+            _store_layer(part_row, acc_w4, acc_b4, OFF4, D4, D5, P4, P5)
+    if ACCUMULATE > 0:
+        tl.store(loss_part_ptr + pid + tl.arange(0, 1), loss_acc)
+
+
+@triton.jit
+def _outer_update_kernel(phi_ptr, part_ptr, loss_part_ptr, eps_ptr, new_phi_ptr, loss_ptr,
+                         n_params, part_stride, n_programs, n_tasks_f, n_losses_f,
+                         BLOCK: tl.constexpr):
+    """φ_new = φ + ε · (Σ_p partials[p]) / T, summed in program order; program 0 also writes the
+    mean inner loss Σ_p loss_partials[p] / (T · steps).  ``eps_ptr``: a 1-element device tensor."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_params
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p in range(0, n_programs):
+        acc += tl.load(part_ptr + p * part_stride + cols, mask=ok, other=0.0)
+    eps = tl.load(eps_ptr + tl.arange(0, 1))
+    phi = tl.load(phi_ptr + cols, mask=ok, other=0.0)
+    # the trainer's φ + ε · mean_i(φ̃_i − φ); mean = sum / T with an IEEE division, as torch's mean
+    tl.store(new_phi_ptr + cols, phi + eps * tl.math.div_rn(acc, n_tasks_f), mask=ok)
+    if pid == 0:
+        lacc = tl.zeros((1,), dtype=tl.float32)
+        for p in range(0, n_programs):
+            lacc += tl.load(loss_part_ptr + p + tl.arange(0, 1))
+        tl.store(loss_ptr + tl.arange(0, 1), tl.math.div_rn(lacc, n_losses_f))
+
+
+# ----------------------------------------------------------------------------- host side
+def param_layout(dims: Sequence[int]):
+    """``(weight_offset, bias_offset)`` of each layer in a flat parameter row (as v1)."""
+    offsets, off = [], 0
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        offsets.append((off, off + d_out * d_in))
+        off += d_out * d_in + d_out
+    return offsets
+
+
+def n_flat_params(dims: Sequence[int]) -> int:
+    """Number of parameters of the MLP with feature sizes ``dims``."""
+    return sum(d_out * d_in + d_out for d_in, d_out in zip(dims[:-1], dims[1:]))
+
+
+def flat_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[W_0 [D1, D0], b_0 [D1], …]`` -> one flat float32 ``[n_params]`` vector (a copy)."""
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def unflatten_params(flat: torch.Tensor, dims: Sequence[int]):
+    """Views ``[W_0 [..., D1, D0], b_0 [..., D1], …]`` into a flat ``[..., >= n_params]`` tensor."""
+    lead = flat.shape[:-1]
+    views = []
+    for (w_off, b_off), d_in, d_out in zip(param_layout(dims), dims[:-1], dims[1:]):
+        views.append(flat[..., w_off:b_off].unflatten(-1, (d_out, d_in)))
+        views.append(flat[..., b_off:b_off + d_out])
+    return views
+
+
+def feature_tile(d: int) -> int:
+    """Register tile of a feature size: its power of two when narrow (<= NARROW_MAX), else a power
+    of two >= 16 (``tl.dot``'s minimum)."""
+    p = triton.next_power_of_2(int(d))
+    return p if d <= NARROW_MAX else max(16, p)
+
+
+def _uses_dot(dims: Sequence[int]):
+    """Per layer: True when both its sides are wide (``tl.dot``), False for a narrow side."""
+    return [d_in > NARROW_MAX and d_out > NARROW_MAX for d_in, d_out in zip(dims[:-1], dims[1:])]
+
+
+def unsupported_reason(dims: Sequence[int], batch: int) -> Optional[str]:
+    """Why kernel v2 cannot run an MLP with feature sizes ``dims`` and inner batch ``batch``
+    (None when it can)."""
+    if not 2 <= len(dims) <= MAX_LAYERS + 1:
+        return f"kernel v2 runs 1 to {MAX_LAYERS} Linear layers, got {len(dims) - 1}"
+    if max(dims) > MAX_FEATURES_V2:
+        return f"kernel v2 supports feature sizes up to {MAX_FEATURES_V2}, got {list(dims)} (use kernel 'v1')"
+    if batch > MAX_BATCH_V2:
+        return f"kernel v2 supports inner batches up to {MAX_BATCH_V2}, got {batch} (use kernel 'v1')"
+    return None
+
+
+def supports_v2(dims: Sequence[int], batch: int) -> bool:
+    """Whether kernel v2 can run this MLP shape (``unsupported_reason`` says why not)."""
+    return unsupported_reason(dims, batch) is None
+
+
+@dataclass(frozen=True)
+class V2Config:
+    """How v2 launches.
+
+    Attributes:
+        num_warps: warps per program; None: 4 for models without a wide x wide layer, 8 with one
+            (Triton's fp32 FMA dot keeps its operands in registers: at 4 warps the 64 x 64 layer
+            spills; sm_90a figures in bench/results/triton-compile-sm90-v2-*.json).
+        programs_per_sm: persistent grid = min(T, programs_per_sm × SM count) on a GPU.
+        max_programs: a fixed grid cap instead (tests use it to make programs loop over tasks);
+            under the interpreter the default is min(T, 8).
+        preload: load each task's whole plan up front (None: when it fits ``PRELOAD_LIMIT``).
+        accumulate: where a program sums its tasks' φ̃ − φ in a meta-step: "registers" (a second
+            copy of the weights in registers) or "memory" (its own partial row, read-modified-
+            written once per task, L1/L2-resident); None: "registers" while the padded weights
+            are at most ``ACC_REGISTERS_LIMIT`` elements, else "memory".
+        stream: wide x wide layers keep their weights in a per-program scratch row and run their
+            products as fp32 K-loops (see "streamed wide layers"): far fewer registers (no spills
+            at 4 warps, sm_90a), extra L1 traffic and barriers; exact fp32 whatever ``precision``
+            says.  Off by default until a GPU measurement says which is faster.
+    """
+
+    num_warps: Optional[int] = None
+    programs_per_sm: int = 4
+    max_programs: Optional[int] = None
+    preload: Optional[bool] = None
+    accumulate: Optional[str] = None
+    stream: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of two in 1..16, got {self.num_warps}")
+        if not isinstance(self.programs_per_sm, int) or self.programs_per_sm < 1:
+            raise ValueError(f"programs_per_sm must be an int >= 1, got {self.programs_per_sm!r}")
+        if self.max_programs is not None and (not isinstance(self.max_programs, int) or self.max_programs < 1):
+            raise ValueError(f"max_programs must be None or an int >= 1, got {self.max_programs!r}")
+        if self.preload not in (None, True, False):
+            raise ValueError(f"preload must be None, True or False, got {self.preload!r}")
+        if not isinstance(self.stream, bool):
+            raise ValueError(f"stream must be True or False, got {self.stream!r}")
+        if self.accumulate not in (None, "registers", "memory"):
+            raise ValueError(f"accumulate must be None, 'registers' or 'memory', got {self.accumulate!r}")
+
+
+def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
+          accumulate: bool, write_adapted: bool, write_losses: bool):
+    """Compile-time arguments of ``_meta_step_kernel`` (plus num_warps / num_stages)."""
+    n_layers = len(dims) - 1
+    d = list(dims) + [1] * (MAX_LAYERS + 1 - len(dims))
+    p = [feature_tile(v) for v in d]
+    dots = _uses_dot(dims) + [False] * (MAX_LAYERS - n_layers)
+    acts = [ACTIVATION_CODES[a] for a in activations] + [0] * (MAX_LAYERS - n_layers)
+    block_b = triton.next_power_of_2(int(batch))
+    if any(dots):
+        block_b = max(16, block_b)  # tl.dot's M (forward) and K (weight gradient)
+    s_p = triton.next_power_of_2(max(1, int(steps)))
+    streamed = [dot and config.stream for dot in dots]
+    layout, _ = _scratch_layout(dims, block_b) if config.stream else ({}, 0)
+    mode = config.accumulate
+    if mode is None:
+        weights = sum(a * b for a, b in zip(p[:n_layers], p[1:n_layers + 1]))
+        mode = "registers" if weights <= ACC_REGISTERS_LIMIT else "memory"
+    accumulate = (1 if mode == "registers" else 2) if accumulate else 0
+    preload = config.preload
+    if preload is None:
+        preload = s_p * block_b * (p[0] + p[n_layers]) <= PRELOAD_LIMIT
+    return dict(N_LAYERS=n_layers, D0=d[0], D1=d[1], D2=d[2], D3=d[3], D4=d[4], D5=d[5],
+                P0=p[0], P1=p[1], P2=p[2], P3=p[3], P4=p[4], P5=p[5],
+                ACT0=acts[0], ACT1=acts[1], ACT2=acts[2], ACT3=acts[3], ACT4=acts[4],
+                DOT0=dots[0], DOT1=dots[1], DOT2=dots[2], DOT3=dots[3], DOT4=dots[4],
+                DL=d[n_layers], PL=p[n_layers], LOSS=LOSS_CODES[loss], BLOCK_B=block_b,
+                STEPS=int(steps), S_P=s_p,
+                PRELOAD=bool(preload), PRECISION=precision, ACCUMULATE=accumulate,
+                WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses,
+                S0=streamed[0], S1=streamed[1], S2=streamed[2], S3=streamed[3], S4=streamed[4],
+                **{f"WOFF{l}": layout.get(f"w{l}", 0) for l in range(MAX_LAYERS)},
+                **{f"AOFF{l}": layout.get(f"a{l}", 0) for l in range(MAX_LAYERS)}, GOFF=layout.get("g", 0),
+                num_warps=config.num_warps or (8 if any(dots) and not config.stream else 4), num_stages=1)
+
+
+def _scratch_layout(dims: Sequence[int], block_b: int):
+    """Offsets (elements) in a program's scratch row of each streamed layer's weights ``w{l}``
+    ``[P_OUT, P_IN]``, its input ``a{l}`` ``[BB, P_IN]`` and the gradient tile ``g``; and the row
+    length (a multiple of 4: 16-byte aligned rows)."""
+    p = [feature_tile(v) for v in dims]
+    layout, off, widest = {}, 0, 0
+    for l, dot in enumerate(_uses_dot(dims)):
+        if dot:
+            layout[f"w{l}"] = off
+            off += p[l + 1] * p[l]
+            layout[f"a{l}"] = off
+            off += block_b * p[l]
+            widest = max(widest, p[l + 1])
+    layout["g"] = off
+    off += block_b * widest
+    return layout, -(-max(off, 1) // 4) * 4
+
+
+def _scratch(dims, meta, n_programs, device, config: V2Config):
+    """The streamed layers' scratch ``[n_programs, row]`` (a 1-element dummy when not streaming)."""
+    if not config.stream or not any(_uses_dot(dims)):
+        return torch.empty(1, device=device, dtype=torch.float32), 0
+    _, row = _scratch_layout(dims, meta["BLOCK_B"])
+    return torch.empty(n_programs, row, device=device, dtype=torch.float32), row
+
+
+def _n_programs(T: int, device: torch.device, config: V2Config) -> int:
+    if config.max_programs is not None:
+        cap = config.max_programs
+    elif device.type == "cuda":
+        cap = config.programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        cap = 8
+    return max(1, min(T, cap))
+
+
+def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss: str = "mse",
+                       batch: int = 10, steps: int = 5, precision: str = "ieee",
+                       config: Optional[V2Config] = None, arch: int = 90, accumulate: bool = True,
+                       write_adapted: bool = False, write_losses: bool = False):
+    """Compile the v2 meta-step kernel ahead of time for CUDA ``sm_<arch>`` (no GPU needed).
+
+    Needs the module imported without ``TRITON_INTERPRET=1``.  Returns Triton's ``CompiledKernel``
+    (``.asm["ptx"]``, ``.metadata.shared``; run ptxas -v on the PTX for registers / spills)."""
+    if INTERPRETED:
+        raise RuntimeError("compile_for_target needs the kernels compiled, not interpreted: "
+                           "import this module without TRITON_INTERPRET=1")
+    from triton.backends.compiler import GPUTarget
+
+    config = config or V2Config()
+    meta = _meta(dims, activations, loss, batch, steps, precision, config, accumulate, write_adapted,
+                 write_losses)
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
+    kernel = _meta_step_kernel
+    pointers = {"x_ptr": "*fp32", "y_ptr": "*fp32" if loss == "mse" else "*i64", "idx_ptr": "*i64",
+                "phi_ptr": "*fp32", "part_ptr": "*fp32", "loss_part_ptr": "*fp32", "out_ptr": "*fp32",
+                "loss_ptr": "*fp32", "scr_ptr": "*fp32"}
+    floats = ("lr", "grad_scale", "loss_count")
+    signature = {name: "constexpr" if name in meta else pointers.get(name, "fp32" if name in floats else "i32")
+                 for name in kernel.arg_names}
+    source = triton.compiler.ASTSource(kernel, signature, constexprs=meta)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} like x")
+
+
+class _Checked(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: torch.Tensor
+    phi: torch.Tensor
+    dims: Tuple[int, ...]
+    activations: Tuple[str, ...]
+    steps: int
+    batch: int
+
+
+def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precision) -> _Checked:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    device = x.device
+    _check_tensor("x", x, torch.float32, 3, device)
+    T, N, D0 = x.shape
+    if T < 1 or N < 1:
+        raise ValueError(f"x needs at least one task and one point, got shape {tuple(x.shape)}")
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"tensors are on {device}: kernel v2 needs a CUDA device, or "
+                         f"TRITON_INTERPRET=1 set before reptile_fast.kernels.mlp_meta_step_v2 is imported")
+    try:
+        dims = tuple(int(d) for d in dims)
+    except TypeError:
+        raise TypeError(f"dims must be a sequence of feature sizes, got {dims!r}") from None
+    if len(dims) < 2 or min(dims) < 1:
+        raise ValueError(f"dims must hold >= 2 positive feature sizes, got {list(dims)}")
+    if dims[0] != D0:
+        raise ValueError(f"dims[0] = {dims[0]} but x has {D0} input features")
+    activations = tuple(activations) if not isinstance(activations, str) else (activations,)
+    if len(activations) != len(dims) - 1:
+        raise ValueError(f"need one activation per layer ({len(dims) - 1}), got {len(activations)}")
+    for a in activations:
+        if a not in ACTIVATION_CODES:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {a!r}")
+    if loss not in LOSS_CODES:
+        raise ValueError(f"loss must be one of {sorted(LOSS_CODES)}, got {loss!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number, got {lr!r}")
+    _check_tensor("params_flat", phi, torch.float32, 1, device)
+    if phi.shape[0] != n_flat_params(dims):
+        raise ValueError(f"params_flat must hold {n_flat_params(dims)} parameters for dims {list(dims)}, "
+                         f"got {phi.shape[0]}")
+    if loss == "mse":
+        _check_tensor("y", y, torch.float32, 3, device)
+        if tuple(y.shape) != (T, N, dims[-1]):
+            raise ValueError(f"y must have shape {(T, N, dims[-1])} for loss 'mse', got {tuple(y.shape)}")
+    else:
+        _check_tensor("y", y, torch.int64, 2, device)
+        if tuple(y.shape) != (T, N):
+            raise ValueError(f"y must be class labels of shape {(T, N)} for loss 'cross_entropy', "
+                             f"got {tuple(y.shape)}")
+    _check_tensor("indices", indices, torch.int64, 3, device)
+    if indices.shape[0] != T or indices.shape[2] < 1:
+        raise ValueError(f"indices must have shape [T={T}, steps, batch>=1], got {tuple(indices.shape)}")
+    R, B = indices.shape[1], indices.shape[2]
+    steps = R if steps is None else steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= R:
+        raise ValueError(f"steps must be an int in [0, {R}] (the plan's rows), got {steps!r}")
+    reason = unsupported_reason(dims, B)
+    if reason:
+        raise ValueError(reason)
+    if N * max(D0, dims[-1]) >= 2 ** 31 or R * B >= 2 ** 31:
+        raise ValueError("one task's points or plan exceed 2^31 elements")
+    return _Checked(x.contiguous(), y.contiguous(), indices.contiguous(), phi.contiguous(), dims,
+                    activations, steps, B)
+
+
+def _scalars(loss: str, batch: int, d_out: int):
+    if loss == "mse":
+        return 2.0 / (batch * d_out), float(batch * d_out)
+    return 1.0 / batch, float(batch)
+
+
+# ----------------------------------------------------------------------------- public functions
+class MetaStepResult(NamedTuple):
+    """What ``meta_step`` returns.
+
+    Attributes:
+        params: float32 ``[n_params]``: φ + ε · mean_i(φ̃_i − φ), flat (``unflatten_params``).
+        loss: float32 0-dim tensor: the mean inner minibatch loss over tasks and steps (the
+            trainer's ``meta_step()["loss"]``), on the device: reading it syncs.
+        task_losses: float32 ``[T, steps]`` per-step losses when ``task_losses=True``, else None.
+    """
+
+    params: torch.Tensor
+    loss: torch.Tensor
+    task_losses: Optional[torch.Tensor]
+
+
+def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_flat: torch.Tensor,
+              dims: Sequence[int], activations: Sequence[str], *, lr: float,
+              eps: Union[float, torch.Tensor], loss: str = "mse", steps: Optional[int] = None,
+              precision: str = "ieee", config: Optional[V2Config] = None,
+              out: Optional[torch.Tensor] = None, task_losses: bool = False,
+              partials: Optional[torch.Tensor] = None) -> MetaStepResult:
+    """One fused Reptile meta-step: every task's SGD inner loop, then φ ← φ + ε·mean_i(φ̃_i − φ).
+
+    Two launches, no host synchronisation and no allocation-size that depends on data, so it can
+    be captured in a CUDA graph (pass ε as a device tensor to change it between replays).
+
+    Args:
+        x: float32 ``[T, N, D0]`` inputs of ``T`` tasks with ``N`` points each.
+        y: float32 ``[T, N, D_L]`` targets ("mse") or int64 ``[T, N]`` labels ("cross_entropy").
+        indices: int64 ``[T, R, B]`` minibatch plan, values in ``[0, N)`` (not checked here: that
+            needs a device sync; ``TritonBackend`` checks).
+        params_flat: float32 ``[n_params]`` φ, flat in ``param_layout(dims)`` order.
+        dims: feature sizes ``(D0, D1, …, D_L)``; activations: ``L`` names (``ACTIVATION_CODES``).
+        lr: inner SGD learning rate; eps: outer step size ε, a float or a 1-element float32
+            tensor on x's device.
+        loss: "mse" (mean over ``B · D_L``) or "cross_entropy" (mean over ``B``).
+        steps: inner steps ``<= R`` (default ``R``).
+        precision: "ieee" (default), "tf32x3" or "tf32" for the wide layers' ``tl.dot``.
+        config: ``V2Config`` (warps, grid).
+        out: optional float32 ``[n_params]`` for the new φ (may not alias ``params_flat``).
+        task_losses: also return the ``[T, steps]`` per-step losses.
+        partials: optional float32 ``[n_programs, >= n_params]`` scratch for the per-program sums.
+
+    Returns:
+        ``MetaStepResult(params, loss, task_losses)``.
+    """
+    c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision)
+    config = config or V2Config()
+    device = x.device
+    T = x.shape[0]
+    n_params = n_flat_params(c.dims)
+    n_programs = _n_programs(T, device, config)
+    if isinstance(eps, torch.Tensor):
+        if eps.dtype != torch.float32 or eps.numel() != 1 or eps.device != device:
+            raise ValueError(f"eps as a tensor must be one float32 element on {device}, got "
+                             f"{eps.dtype} {tuple(eps.shape)} on {eps.device}")
+        eps_t = eps.reshape(1)
+    elif isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps):
+        eps_t = torch.full((1,), float(eps), device=device, dtype=torch.float32)
+    else:
+        raise ValueError(f"eps must be a finite number or a float32 device tensor, got {eps!r}")
+    if out is None:
+        out = torch.empty(n_params, device=device, dtype=torch.float32)
+    else:
+        _check_tensor("out", out, torch.float32, 1, device)
+        if out.shape[0] != n_params or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous [{n_params}] tensor, got {tuple(out.shape)}")
+        if out.data_ptr() == c.phi.data_ptr():
+            raise ValueError("out must not alias params_flat (the update reads φ while writing)")
+    part_stride = -(-n_params // 4) * 4
+    if partials is None:
+        partials = torch.empty(n_programs, part_stride, device=device, dtype=torch.float32)
+    else:
+        _check_tensor("partials", partials, torch.float32, 2, device)
+        if partials.shape[0] != n_programs or partials.shape[1] < n_params or partials.stride(1) != 1:
+            raise ValueError(f"partials must be a row-contiguous [{n_programs}, >={n_params}] buffer, "
+                             f"got {tuple(partials.shape)}")
+        part_stride = partials.stride(0)
+    loss_part = torch.empty(n_programs, device=device, dtype=torch.float32)
+    losses = torch.empty(T, c.steps, device=device, dtype=torch.float32) if task_losses else loss_part
+    mean_loss = torch.empty(1, device=device, dtype=torch.float32)
+    grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
+    meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, True, False, task_losses)
+    scratch, scr_stride = _scratch(c.dims, meta, n_programs, device, config)
+    _meta_step_kernel[(n_programs,)](
+        c.x, c.y, c.indices, c.phi, partials, loss_part, partials, losses, scratch, scr_stride,
+        T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, part_stride, 0, n_programs,
+        float(lr), grad_scale, loss_count, **meta)
+    block = 1024
+    _outer_update_kernel[(triton.cdiv(n_params, block),)](
+        c.phi, partials, loss_part, eps_t, out, mean_loss, n_params, part_stride, n_programs,
+        float(T), float(T * max(c.steps, 1)) if c.steps else float("nan"), BLOCK=block, num_warps=4)
+    return MetaStepResult(out, mean_loss.reshape(()), losses if task_losses else None)
+
+
+def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_flat: torch.Tensor,
+               dims: Sequence[int], activations: Sequence[str], *, lr: float, loss: str = "mse",
+               steps: Optional[int] = None, precision: str = "ieee", config: Optional[V2Config] = None,
+               out: Optional[torch.Tensor] = None,
+               out_losses: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every task's SGD inner loop in one launch (adapt / evaluate): no outer update.
+
+    Arguments as ``meta_step``.  ``out``: optional row-contiguous float32 ``[T, >= n_params]``;
+    ``out_losses``: optional contiguous float32 ``[T, steps]`` (tests fill both with NaN).
+
+    Returns:
+        ``(adapted, losses)``: float32 ``[T, row_stride]`` flat adapted parameters
+        (``unflatten_params(adapted, dims)`` gives per-layer views) and ``[T, steps]`` losses.
+    """
+    c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision)
+    config = config or V2Config()
+    device = x.device
+    T = x.shape[0]
+    n_params = n_flat_params(c.dims)
+    row_stride = -(-n_params // 4) * 4
+    if out is None:
+        out = torch.empty(T, row_stride, device=device, dtype=torch.float32)
+    else:
+        _check_tensor("out", out, torch.float32, 2, device)
+        if out.shape[0] != T or out.shape[1] < n_params or out.stride(1) != 1:
+            raise ValueError(f"out must be a row-contiguous [T={T}, >={n_params}] buffer, got {tuple(out.shape)}")
+        row_stride = out.stride(0)
+    if out_losses is None:
+        out_losses = torch.empty(T, c.steps, device=device, dtype=torch.float32)
+    else:
+        _check_tensor("out_losses", out_losses, torch.float32, 2, device)
+        if tuple(out_losses.shape) != (T, c.steps) or not out_losses.is_contiguous():
+            raise ValueError(f"out_losses must be a contiguous [{T}, {c.steps}] tensor, got {tuple(out_losses.shape)}")
+    n_programs = _n_programs(T, device, config)
+    grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
+    meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, False, True, True)
+    scratch, scr_stride = _scratch(c.dims, meta, n_programs, device, config)
+    _meta_step_kernel[(n_programs,)](
+        c.x, c.y, c.indices, c.phi, out, out_losses, out, out_losses, scratch, scr_stride,
+        T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, 0, row_stride, n_programs,
+        float(lr), grad_scale, loss_count, **meta)
+    return out, out_losses

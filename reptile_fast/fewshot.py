@@ -1,0 +1,198 @@
+"""Few-shot evaluation: adapt on each task's support set, predict its query set, score.
+
+The protocol of the paper's official code (openai/supervised-reptile), spelled out:
+
+* **Adaptation**: a fresh copy of φ per task takes ``steps`` inner steps (the trainer's inner
+  optimizer and learning rate) on minibatches of ``batch_size`` support images (50 steps of 5
+  images for 5-way Omniglot, of 10 for 20-way).  Only support images are seen.
+* **BatchNorm**: batch statistics everywhere (train mode), never running statistics, as the
+  official code runs ``batch_normalization(training=True)`` at test time too.  So how query
+  images are batched matters:
+* **Non-transductive** (default): each query image is predicted in a batch made of the support
+  set plus that one image, so the BatchNorm statistics never mix query images; the prediction
+  is the last row.  No query image can influence another's prediction.
+* **Transductive** (``transductive=True``): all of a task's query images in one batch, so the
+  statistics are computed over the query set (the paper's "transduction" numbers).
+  For a model without BatchNorm both give the same predictions.
+* **Score**: per task, the fraction of its query images predicted right; reported as the mean
+  over tasks with a 95 % confidence interval ``1.96 · std / sqrt(T)`` (normal approximation).
+
+The official code draws one query image per class (``query_shots=1``); so do the job's defaults.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, vmap
+
+from .tasks.base import sample_indices
+from .tasks.episodes import Episodes
+from .validation import check_int
+
+__all__ = ["FewShotResult", "evaluate_episodes", "query_logits", "mean_ci95",
+           "nearest_neighbour_predictions", "score_predictions"]
+
+#: images in one batched forward pass of the evaluation (bounds its memory)
+DEFAULT_MAX_IMAGES = 2048
+
+
+@dataclass
+class FewShotResult:
+    """Accuracy over ``T`` few-shot tasks.
+
+    Attributes:
+        accuracy: mean over tasks of the per-task accuracy (a fraction).
+        ci95: half-width of its 95 % confidence interval (NaN with one task).
+        per_task: float ``[T]``, each task's fraction of query images predicted right.
+        predictions: long ``[T, Q]``, the predicted labels.
+    """
+
+    accuracy: float
+    ci95: float
+    per_task: torch.Tensor
+    predictions: torch.Tensor
+
+    @property
+    def n_tasks(self) -> int:
+        return int(self.per_task.numel())
+
+    def as_dict(self) -> Dict[str, object]:
+        """JSON-ready summary (``ci95`` None when undefined)."""
+        return {"accuracy": self.accuracy,
+                "ci95": None if math.isnan(self.ci95) else self.ci95,
+                "n_tasks": self.n_tasks,
+                "queries_per_task": int(self.predictions.shape[1])}
+
+
+def mean_ci95(values: torch.Tensor) -> tuple:
+    """``(mean, 1.96 · std / sqrt(n))`` of a 1-D tensor (the half-width is NaN for n < 2)."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() < 1:
+        raise ValueError("mean_ci95 needs a non-empty 1-D tensor")
+    v = values.double()
+    n = v.numel()
+    half = 1.96 * float(v.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
+    return float(v.mean()), half
+
+
+def score_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> FewShotResult:
+    """Per-task accuracy of ``predictions`` against ``labels`` (both long ``[T, Q]``)."""
+    if predictions.shape != labels.shape or predictions.dim() != 2:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must "
+                         f"both be [tasks, queries]")
+    per_task = (predictions.to(labels.device) == labels).double().mean(1).cpu()
+    acc, ci = mean_ci95(per_task)
+    return FewShotResult(acc, ci, per_task, predictions.cpu())
+
+
+def _stacked_buffers(model: nn.Module, *lead: int) -> Dict[str, torch.Tensor]:
+    # Private copies per forward pass: train-mode BatchNorm writes its running statistics into
+    # the buffers it is given, and must neither touch the model's nor share them across vmap.
+    return {n: b.detach().expand(*lead, *b.shape).clone() for n, b in model.named_buffers()}
+
+
+def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: torch.Tensor,
+                 query_x: torch.Tensor, *, transductive: bool = False) -> torch.Tensor:
+    """Logits of every query image at its task's adapted parameters: ``[T, Q, classes]``.
+
+    Args:
+        model: the module whose ``functional_call`` is evaluated (its own parameters unused).
+        params: name -> ``[T, *shape]`` per-task parameters (``Reptile.adapt(...).params``).
+        support_x: ``[T, S, *image]``; query_x: ``[T, Q, *image]``.
+        transductive: False: each query image in a batch with the support set (``S + 1``
+            images, the query last); True: all ``Q`` query images in one batch.
+    The model runs in its current mode (``evaluate_episodes`` puts it in train mode).
+    """
+    if not isinstance(params, dict) or not params:
+        raise TypeError("params must be a dict name -> [T, *shape] (Reptile.adapt(...).params)")
+    if support_x.dim() < 3 or query_x.dim() != support_x.dim():
+        raise ValueError(f"support_x {tuple(support_x.shape)} and query_x {tuple(query_x.shape)} must be "
+                         f"[T, S, *image] and [T, Q, *image]")
+    T, Q = query_x.shape[0], query_x.shape[1]
+    bad = [n for n, p in params.items() if p.shape[0] != T] + ([] if support_x.shape[0] == T else ["support_x"])
+    if bad:
+        raise ValueError(f"{bad} do not have the query set's {T} tasks in their first dimension")
+
+    def forward(p, b, x):
+        return functional_call(model, (p, b), (x,))
+
+    if transductive:
+        return vmap(forward)(params, _stacked_buffers(model, T), query_x)
+    S = support_x.shape[1]
+    groups = torch.cat([support_x.unsqueeze(1).expand(T, Q, *support_x.shape[1:]),
+                        query_x.unsqueeze(2)], dim=2)                       # [T, Q, S+1, *image]
+    per_query = vmap(forward, in_dims=(None, 0, 0))                         # over queries
+    logits = vmap(per_query)(params, _stacked_buffers(model, T, Q), groups)  # [T, Q, S+1, C]
+    return logits[:, :, S]
+
+
+def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: int,
+                      transductive: bool = False, generator: Optional[torch.Generator] = None,
+                      max_images: int = DEFAULT_MAX_IMAGES) -> FewShotResult:
+    """Adapt on each episode's support set, predict its query set, score (see the module doc).
+
+    Args:
+        trainer: a ``reptile_fast.Reptile``; its model (φ) is not changed.
+        episodes: ``T`` tasks on the trainer's device, labels below the model's outputs.
+        steps: inner steps of adaptation per task (50 in the paper's evaluation).
+        batch_size: support images per inner step (at most the support set's size).
+        transductive: predict all query images of a task in one batch (see module doc).
+            A model with more outputs than ``episodes.ways`` predicts among the first ``ways``.
+        generator: draws the adaptation minibatches (one plan for all tasks, drawn first, so
+            the result does not depend on ``max_images``).
+        max_images: images per batched forward pass; tasks are processed in chunks under it.
+    """
+    from .trainer import Reptile
+
+    if not isinstance(trainer, Reptile):
+        raise TypeError(f"trainer must be a reptile_fast.Reptile, got {type(trainer).__name__}")
+    if not isinstance(episodes, Episodes):
+        raise TypeError(f"episodes must be reptile_fast.tasks.Episodes, got {type(episodes).__name__}")
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("max_images", max_images, 1)
+    if not isinstance(transductive, bool):
+        raise TypeError(f"transductive must be a bool, got {type(transductive).__name__}")
+    if episodes.device != trainer.device:
+        raise ValueError(f"episodes are on {episodes.device} but the model is on {trainer.device}")
+    S = episodes.support.n_points
+    Q = episodes.query.n_points
+    if batch_size > S:
+        raise ValueError(f"batch_size ({batch_size}) exceeds the support set ({S} images per task)")
+    model = trainer.model
+    indices = sample_indices(episodes.n_tasks, steps, S, batch_size, generator=generator,
+                             device=trainer.device)
+    per_task = max(Q * (S + 1) if not transductive else Q, batch_size)
+    chunk = max(1, min(episodes.n_tasks, max_images // per_task))
+    was_training = model.training
+    preds = []
+    try:
+        model.train()  # BatchNorm on batch statistics, as the official code evaluates
+        for start in range(0, episodes.n_tasks, chunk):
+            part = episodes[start:start + chunk]
+            adapted = trainer.adapt(part.support, steps, indices[start:start + chunk]).params
+            with torch.no_grad():
+                logits = query_logits(model, adapted, part.support.x, part.query.x,
+                                      transductive=transductive)
+            if logits.dim() != 3 or logits.shape[-1] < episodes.ways:
+                raise ValueError(f"the model gives logits {tuple(logits.shape[2:])} per image; "
+                                 f"{episodes.ways}-way tasks need at least {episodes.ways} classes")
+            # labels are 0..ways-1: a model with more outputs predicts among the first ``ways``
+            preds.append(logits[..., :episodes.ways].argmax(-1))
+    finally:
+        model.train(was_training)
+    return score_predictions(torch.cat(preds), episodes.query.y)
+
+
+def nearest_neighbour_predictions(episodes: Episodes) -> torch.Tensor:
+    """The pixel baseline: each query image gets the label of its nearest support image in
+    Euclidean pixel distance (ties: the lowest support index).  Returns long ``[T, Q]``."""
+    if not isinstance(episodes, Episodes):
+        raise TypeError(f"episodes must be reptile_fast.tasks.Episodes, got {type(episodes).__name__}")
+    s = episodes.support.x.flatten(2).double()
+    q = episodes.query.x.flatten(2).double()
+    nearest = torch.cdist(q, s).argmin(-1)                                  # [T, Q]
+    return episodes.support.y.gather(1, nearest)

@@ -1,0 +1,499 @@
+"""The few-shot jobs: ``reptile-fast omniglot`` (meta-train + test) and ``reptile-fast omniglot-runs``.
+
+``omniglot`` meta-trains the paper's Omniglot conv net with Reptile on the training alphabets
+(90° rotations as extra classes), then tests N-way K-shot on the held-out alphabets of
+``--test`` (alphabets seen in training are removed from it) with ``reptile_fast.fewshot``'s
+protocol.  ``omniglot-runs`` adapts a trained 20-way model on the 20 official one-shot runs of
+Lake et al. 2015 and reports their error rate.  Both write into an output folder like the sine job.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
+                         prepare_directory, resolve_checkpoint_path)
+from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
+from .models import OmniglotConvNet
+from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
+from .trainer import Reptile
+from .validation import check_float, check_int
+
+__all__ = ["OmniglotConfig", "omniglot_preset", "run_omniglot", "run_omniglot_runs", "add_parser",
+           "run_command", "config_from_args", "load_trained", "OMNIGLOT_JOB"]
+
+OMNIGLOT_JOB = "omniglot"
+VALIDATION_NAME = "validation.json"
+
+
+@dataclass
+class OmniglotConfig:
+    """The omniglot job.  Defaults: the paper's 5-way protocol (``omniglot_preset(20)`` for 20-way).
+
+    ``shots`` lists the K of the K-shot tests (the model is trained the same way for each: on
+    ``train_shots`` images per class, as the official code does with ``--train-shots 10``).
+    """
+
+    train: List[str] = field(default_factory=list)
+    test: str = ""
+    ways: int = 5
+    shots: List[int] = field(default_factory=lambda: [1])
+    iterations: int = 100000
+    meta_batch_size: int = 5
+    inner_steps: int = 5
+    inner_batch_size: int = 10
+    inner_lr: float = 1e-3
+    train_shots: int = 10
+    outer_lr: float = 1.0
+    outer_lr_final: float = 0.0
+    eval_steps: int = 50
+    eval_batch_size: int = 5
+    eval_tasks: int = 1000
+    query_shots: int = 1
+    transductive: bool = False
+    validate_every: int = 1000
+    validation_tasks: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"
+    checkpoint_every: int = 1000
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, (str, os.PathLike)):
+            self.train = [self.train]
+        self.train = [str(p) for p in self.train]
+        if not self.train:
+            raise ValueError("train: give at least one Omniglot folder or zip to meta-train on")
+        if not isinstance(self.test, (str, os.PathLike)) or not str(self.test):
+            raise ValueError("test: give the Omniglot folder or zip to test on")
+        self.test = str(self.test)
+        if isinstance(self.shots, int):
+            self.shots = [self.shots]
+        self.shots = list(self.shots)
+        if not self.shots:
+            raise ValueError("shots: give at least one K")
+        for k in self.shots:
+            check_int("shots", k, 1)
+        for name, minimum in (("ways", 2), ("iterations", 1), ("meta_batch_size", 1), ("inner_steps", 1),
+                              ("inner_batch_size", 1), ("train_shots", 1), ("eval_steps", 1),
+                              ("eval_batch_size", 1), ("eval_tasks", 1), ("query_shots", 1),
+                              ("validate_every", 0), ("validation_tasks", 1), ("seed", 0),
+                              ("checkpoint_every", 0), ("threads", 0)):
+            check_int(name, getattr(self, name), minimum)
+        for name in ("inner_lr", "outer_lr"):
+            setattr(self, name, check_float(name, getattr(self, name)))
+        self.outer_lr_final = check_float("outer_lr_final", self.outer_lr_final, allow_zero=True)
+        if self.inner_batch_size > self.ways * self.train_shots:
+            raise ValueError(f"inner_batch_size {self.inner_batch_size} exceeds a training task's "
+                             f"{self.ways} × {self.train_shots} images")
+        if self.eval_batch_size > self.ways * min(self.shots):
+            raise ValueError(f"eval_batch_size {self.eval_batch_size} exceeds the support set of "
+                             f"{self.ways} × {min(self.shots)} images")
+        if not isinstance(self.transductive, bool):
+            raise TypeError("transductive must be a bool")
+        for name in ("backend", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string")
+
+
+def omniglot_preset(ways: int) -> Dict[str, Any]:
+    """The paper's settings for ``ways``-way Omniglot (5-way values for ways other than 20)."""
+    if ways == 20:
+        return dict(ways=20, inner_batch_size=20, inner_steps=10, inner_lr=5e-4, iterations=200000,
+                    eval_batch_size=10)
+    return dict(ways=ways, inner_batch_size=10, inner_steps=5, inner_lr=1e-3, iterations=100000,
+                eval_batch_size=5)
+
+
+def _trainer(config: OmniglotConfig, model) -> Reptile:
+    return Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+                   inner_batch_size=config.inner_batch_size, outer_lr=config.outer_lr,
+                   outer_lr_final=config.outer_lr_final, loss="cross_entropy",
+                   inner_optimizer="adam", backend=config.backend)
+
+
+def _with_threads(threads: int, fn):
+    if not threads:
+        return fn()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _plot_curves(losses: List[float], validation: List[dict], path) -> None:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.6, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1)
+    y = np.asarray(losses, dtype=np.float64)
+    if len(y):
+        ax.plot(np.arange(1, len(y) + 1), y, alpha=0.3, label="per meta-step")
+        w = max(1, min(100, len(y)))
+        if w > 1:
+            ax.plot(np.arange(w, len(y) + 1), np.convolve(y, np.ones(w) / w, mode="valid"),
+                    label=f"moving mean ({w})")
+        ax.legend()
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("inner-loop cross-entropy")
+    ax2 = fig.add_subplot(1, 2, 2)
+    if validation:
+        it = [v["iteration"] for v in validation]
+        acc = [100 * v["accuracy"] for v in validation]
+        ci = [100 * (v["ci95"] or 0.0) for v in validation]
+        ax2.errorbar(it, acc, yerr=ci, marker="o", capsize=3)
+    ax2.set_xlabel("meta-step")
+    ax2.set_ylabel("validation accuracy (%), held-out alphabets")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def run_omniglot(config: OmniglotConfig, out: os.PathLike, *, progress: bool = True,
+                 resume: Optional[os.PathLike] = None, log=print) -> dict:
+    """Meta-train on ``config.train``, test on ``config.test``'s held-out alphabets, write ``out``.
+
+    Writes ``metrics.json`` (``test_accuracy`` a fraction for ``shots[0]``, ``test_accuracy_ci95``,
+    ``results`` per K, the pixel 1-NN baseline on the same episodes, ``train_alphabets``,
+    ``test_alphabets``, ``train_seconds``), ``config.json``, ``model.pt`` (state_dict + config),
+    ``learning_curve.png``, ``validation.json`` and ``checkpoint.pt`` (every
+    ``checkpoint_every`` meta-steps, at the end and on SIGINT/SIGTERM; ``resume`` continues
+    exactly).  Returns the metrics.
+    """
+    if not isinstance(config, OmniglotConfig):
+        raise TypeError(f"config must be an OmniglotConfig, got {type(config).__name__}")
+    out = prepare_directory(out, "output directory")
+    device = torch.device(config.device)
+    return _with_threads(config.threads, lambda: _run(config, out, device, progress, resume, log))
+
+
+def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log) -> dict:
+    t_load = time.perf_counter()
+    train_data = load_omniglot_images(config.train)
+    test_data = load_omniglot_images([config.test])
+    train_alphabets = train_data.alphabets
+    test_alphabets = [a for a in test_data.alphabets if a not in set(train_alphabets)]
+    if not test_alphabets:
+        raise ValueError(f"every alphabet of --test {config.test} is also in the training data "
+                         f"({train_alphabets}): nothing is left to test on")
+    log(f"train alphabets ({len(train_alphabets)}): {', '.join(train_alphabets)}")
+    log(f"test alphabets ({len(test_alphabets)}, training alphabets removed): {', '.join(test_alphabets)}")
+    train_dist = Omniglot(train_data, ways=config.ways, shots=config.train_shots, query_shots=0,
+                          rotations=ROTATIONS)
+    test_sets = {k: Omniglot(test_data, ways=config.ways, shots=k, query_shots=config.query_shots,
+                             alphabets=test_alphabets) for k in config.shots}
+    load_s = time.perf_counter() - t_load
+
+    torch.manual_seed(config.seed)
+    model = OmniglotConvNet(config.ways).to(device)
+    trainer = _trainer(config, model)
+
+    start = 0
+    validation: List[dict] = []
+    if resume is not None:
+        start = load_checkpoint(resume)["trainer"]["iteration"]
+        if start > config.iterations:
+            raise ValueError(f"the checkpoint {resume} is at meta-step {start}, beyond iterations={config.iterations}")
+        vpath = Path(resolve_checkpoint_path(resume)).parent / VALIDATION_NAME
+        if vpath.exists():
+            validation = [v for v in json.loads(vpath.read_text()) if v["iteration"] <= start]
+    elif (out / CHECKPOINT_NAME).exists():
+        log(f"note: {out} already holds a checkpoint; this new run replaces it. Use --resume {out} to continue it.")
+
+    k0 = config.shots[0]
+
+    def evaluate(dist: Omniglot, n: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        episodes = dist.sample_episodes(n, generator=gen, device=device)
+        result = evaluate_episodes(trainer, episodes, steps=config.eval_steps,
+                                   batch_size=min(config.eval_batch_size, episodes.support.n_points),
+                                   transductive=config.transductive, generator=gen)
+        return result, episodes
+
+    def callback(iteration: int, metrics: Mapping) -> None:
+        if config.validate_every and iteration % config.validate_every == 0:
+            # Its own generator per validation point: the training stream is untouched, so a
+            # resumed run is exactly an uninterrupted one.  Monitoring only, no model selection.
+            result, _ = evaluate(test_sets[k0], config.validation_tasks, 7919 * config.seed + iteration)
+            validation.append({"iteration": iteration, **result.as_dict()})
+            atomic_write_json(out / VALIDATION_NAME, validation)
+            if not progress:
+                log(f"meta-step {iteration}: validation {k0}-shot accuracy {100 * result.accuracy:.1f} % "
+                    f"± {100 * (result.ci95 if not math.isnan(result.ci95) else 0):.1f}")
+
+    gen = torch.Generator().manual_seed(config.seed)
+    t0 = time.perf_counter()
+    history = trainer.fit(train_dist, config.iterations, meta_batch_size=config.meta_batch_size,
+                          generator=gen, progress=progress, callback=callback, checkpoint_dir=out,
+                          checkpoint_every=config.checkpoint_every or None, resume_from=resume,
+                          checkpoint_extra={"job": OMNIGLOT_JOB, "job_config": asdict(config)})
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t0
+
+    results = []
+    t1 = time.perf_counter()
+    for k in config.shots:
+        result, episodes = evaluate(test_sets[k], config.eval_tasks, config.seed + 1_000_003 + k)
+        nn = score_predictions(nearest_neighbour_predictions(episodes), episodes.query.y)
+        results.append({"ways": config.ways, "shots": k, **result.as_dict(),
+                        "transductive": config.transductive,
+                        "nearest_neighbour_accuracy": nn.accuracy,
+                        "nearest_neighbour_ci95": None if math.isnan(nn.ci95) else nn.ci95})
+        log(f"{config.ways}-way {k}-shot on held-out alphabets: {100 * result.accuracy:.2f} % "
+            f"± {100 * (result.ci95 if not math.isnan(result.ci95) else 0):.2f} over {config.eval_tasks} tasks "
+            f"(pixel 1-NN: {100 * nn.accuracy:.2f} %)")
+    eval_s = time.perf_counter() - t1
+    first = results[0]
+    metrics = {
+        "test_accuracy": first["accuracy"], "test_accuracy_ci95": first["ci95"],
+        "ways": config.ways, "shots": k0, "results": results,
+        "train_alphabets": train_alphabets, "test_alphabets": test_alphabets,
+        "train_characters": train_dist.n_characters, "train_classes": train_dist.n_classes,
+        "test_characters": test_sets[k0].n_characters,
+        "iterations": config.iterations, "resumed_from_iteration": start,
+        "train_seconds": train_s, "eval_seconds": eval_s, "load_seconds": load_s,
+        "ms_per_iteration": 1e3 * train_s / max(config.iterations - start, 1),
+        "final_inner_loss": history["loss"][-1] if history["loss"] else None,
+        "backend": trainer.backend.name, "device": str(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "protocol": ("adapt on the support set (inner Adam, fresh state per task), predict the query set; "
+                     + ("transductive: all queries of a task in one batch" if config.transductive else
+                        "non-transductive: each query image in a batch with the support set") +
+                     "; BatchNorm on batch statistics"),
+    }
+    _plot_curves(history["loss"], validation, out / "learning_curve.png")
+    cfg = asdict(config)
+    atomic_torch_save({"state_dict": model.state_dict(), "config": cfg, "model": "OmniglotConvNet",
+                       "ways": config.ways}, out / "model.pt")
+    atomic_write_json(out / "config.json", cfg)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def load_trained(model_dir: os.PathLike, device="cpu"):
+    """``(config, trainer)`` from an omniglot job's output folder (its ``model.pt``)."""
+    path = Path(model_dir)
+    path = path / "model.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: give the --out folder of a `reptile-fast omniglot` run")
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one message
+        raise ValueError(f"{path} is not a readable model file: {exc}") from None
+    if not isinstance(saved, dict) or saved.get("model") != "OmniglotConvNet" or "config" not in saved:
+        raise ValueError(f"{path} was not written by the omniglot job")
+    known = {f.name for f in fields(OmniglotConfig)}
+    config = OmniglotConfig(**{k: v for k, v in saved["config"].items() if k in known})
+    model = OmniglotConvNet(config.ways).to(device)
+    model.load_state_dict(saved["state_dict"])
+    return config, _trainer(config, model)
+
+
+def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[os.PathLike] = None, *,
+                      seed: int = 0, transductive: Optional[bool] = None, log=print) -> dict:
+    """Adapt a trained model on each official run's 20 training images, classify its 20 test
+    images; write ``runs_metrics.json`` (``error_rate``: the mean over runs, a fraction, and
+    each run's error) into ``out`` (default: ``model_dir``).  Raises ``ValueError`` for a model
+    trained with another number of ways than the runs'."""
+    check_int("seed", seed, 0)
+    config, trainer = load_trained(model_dir)
+    episodes, names = load_official_runs(runs)
+    if config.ways != episodes.ways:
+        raise ValueError(f"the model in {model_dir} was trained for {config.ways}-way tasks; the official "
+                         f"runs are {episodes.ways}-way: train one with --ways {episodes.ways}")
+    transductive = config.transductive if transductive is None else transductive
+    gen = torch.Generator().manual_seed(seed)
+    result = evaluate_episodes(trainer, episodes, steps=config.eval_steps,
+                               batch_size=min(config.eval_batch_size, episodes.support.n_points),
+                               transductive=transductive, generator=gen)
+    nn = score_predictions(nearest_neighbour_predictions(episodes), episodes.query.y)
+    per_run = {n: 1.0 - float(a) for n, a in zip(names, result.per_task)}
+    metrics = {"error_rate": 1.0 - result.accuracy, "error_rate_ci95": result.as_dict()["ci95"],
+               "per_run_error": per_run, "nearest_neighbour_error_rate": 1.0 - nn.accuracy,
+               "transductive": transductive, "eval_steps": config.eval_steps, "seed": seed,
+               "model": str(model_dir), "runs": str(runs)}
+    for n in names:
+        log(f"{n}: error {100 * per_run[n]:.1f} %")
+    log(f"error rate over {len(names)} runs: {100 * metrics['error_rate']:.2f} % "
+        f"(pixel 1-NN: {100 * metrics['nearest_neighbour_error_rate']:.2f} %)")
+    atomic_write_json(Path(out if out is not None else model_dir) / "runs_metrics.json", metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------------- command line
+_FLAGS = ("ways", "shots", "iterations", "meta_batch_size", "inner_steps", "inner_batch_size", "inner_lr",
+          "train_shots", "outer_lr", "outer_lr_final", "eval_steps", "eval_batch_size", "eval_tasks",
+          "query_shots", "transductive", "validate_every", "validation_tasks", "seed", "device", "backend",
+          "checkpoint_every", "threads")
+
+
+def _number(kind: type, *, allow_zero: bool):
+    """An argparse ``type=`` converter for finite ints/floats > 0 (or >= 0 with ``allow_zero``).
+
+    Kept here rather than imported from ``cli`` so this module does not depend on its internals."""
+    import argparse
+
+    what = ("non-negative" if allow_zero else "positive") + (" integer" if kind is int else " number")
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"expected a finite {what}, got {text}")
+        return value
+
+    return convert
+
+
+def add_parser(subparsers) -> None:
+    """Register ``omniglot`` and ``omniglot-runs`` on the CLI's subparsers."""
+    from .backends import BACKENDS
+
+    _positive_int, _nonneg_int = _number(int, allow_zero=False), _number(int, allow_zero=True)
+    _positive_float, _nonneg_float = _number(float, allow_zero=False), _number(float, allow_zero=True)
+
+    d = OmniglotConfig(train=["-"], test="-")
+    p = subparsers.add_parser(
+        "omniglot", help="meta-train the paper's conv net on Omniglot and test few-shot accuracy",
+        description="Meta-train on --train's alphabets (with 90° rotations), test N-way K-shot on "
+                    "--test's alphabets that are not in the training data, write metrics, model, "
+                    "learning curve and resumable checkpoints into --out. Defaults are the paper's "
+                    "protocol for --ways 5, and for --ways 20 its 20-way settings.")
+    p.add_argument("--train", action="append", metavar="PATH",
+                   help="Omniglot folder or zip to meta-train on (repeatable)")
+    p.add_argument("--test", metavar="PATH", help="Omniglot folder or zip to test on")
+    p.add_argument("--ways", type=_positive_int, help=f"N (default {d.ways}; 20 selects the 20-way preset)")
+    p.add_argument("--shots", type=_positive_int, nargs="+", help="K of the tests; several K are all "
+                   "tested, the first is metrics.json's test_accuracy (default 1)")
+    p.add_argument("--iterations", type=_positive_int, help="meta-steps (default 100000; 200000 at 20-way)")
+    p.add_argument("--meta-batch-size", type=_positive_int, help=f"(default {d.meta_batch_size})")
+    p.add_argument("--inner-steps", type=_positive_int, help="(default 5; 10 at 20-way)")
+    p.add_argument("--inner-batch-size", type=_positive_int, help="(default 10; 20 at 20-way)")
+    p.add_argument("--inner-lr", type=_positive_float, help="inner Adam lr, β1 = 0 (default 1e-3; 5e-4 at 20-way)")
+    p.add_argument("--train-shots", type=_positive_int, help=f"images per class in training tasks (default {d.train_shots})")
+    p.add_argument("--outer-lr", type=_positive_float, help=f"ε (default {d.outer_lr})")
+    p.add_argument("--outer-lr-final", type=_nonneg_float, help=f"ε annealed linearly to this (default {d.outer_lr_final})")
+    p.add_argument("--eval-steps", type=_positive_int, help=f"adaptation steps at test time (default {d.eval_steps})")
+    p.add_argument("--eval-batch-size", type=_positive_int, help="support images per adaptation step (default 5; 10 at 20-way)")
+    p.add_argument("--eval-tasks", type=_positive_int, help=f"test tasks (default {d.eval_tasks})")
+    p.add_argument("--query-shots", type=_positive_int, help=f"query images per class (default {d.query_shots})")
+    p.add_argument("--transductive", action="store_true", default=None,
+                   help="predict all query images of a task in one batch (default: each with the support set)")
+    p.add_argument("--validate-every", type=_nonneg_int, help=f"meta-steps between validations, 0 = none (default {d.validate_every})")
+    p.add_argument("--validation-tasks", type=_positive_int, help=f"(default {d.validation_tasks})")
+    p.add_argument("--seed", type=_nonneg_int, help=f"(default {d.seed})")
+    p.add_argument("--device", help=f"cpu or cuda (default {d.device})")
+    p.add_argument("--backend", choices=["auto", *sorted(BACKENDS)], help=f"(default {d.backend})")
+    p.add_argument("--threads", type=_nonneg_int, help="CPU threads, 0 = torch's default (default 0)")
+    p.add_argument("--checkpoint-every", type=_nonneg_int, metavar="N",
+                   help=f"write OUT/checkpoint.pt every N meta-steps; 0: only at the end (default {d.checkpoint_every})")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its stored settings "
+                   "(flags given as well override them)")
+    p.add_argument("--out", help="output directory (default runs/omniglot, or DIR with --resume)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    r = subparsers.add_parser("omniglot-runs", help="the 20 official one-shot runs' error of a trained 20-way model",
+                              description="Adapt a model trained by `reptile-fast omniglot --ways 20` on each "
+                                          "of the 20 official runs' training images, classify the test images, "
+                                          "print and write runs_metrics.json (error_rate, a fraction).")
+    r.add_argument("--runs", required=True, metavar="PATH", help="all_runs.zip or its extracted folder")
+    r.add_argument("--model", required=True, metavar="DIR", help="the --out folder of an omniglot run")
+    r.add_argument("--out", metavar="DIR", help="where runs_metrics.json goes (default: --model)")
+    r.add_argument("--seed", type=_nonneg_int, default=0, help="draws the adaptation minibatches (default 0)")
+    r.add_argument("--transductive", action="store_true", default=None, help="(default: as the model's run)")
+
+
+def _err(message: str, code: int = 2) -> int:
+    print(f"reptile-fast: error: {message}", file=sys.stderr)
+    return code
+
+
+def _check_device(name: str) -> Optional[str]:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device: unknown device {name!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: CUDA is not available on this machine"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {name}: the omniglot job runs on cpu or cuda"
+    return None
+
+
+def config_from_args(args):
+    """``(OmniglotConfig, out, resume)`` for parsed ``omniglot`` arguments: the preset for
+    ``--ways`` (or the checkpoint's settings with ``--resume``), overridden by the flags given."""
+    given = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
+    if args.train is not None:
+        given["train"] = args.train
+    if args.test is not None:
+        given["test"] = args.test
+    resume = None
+    if args.resume is not None:
+        try:
+            resume = resolve_checkpoint_path(args.resume)
+            extra = load_checkpoint(resume).get("extra", {})
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"--resume {args.resume}: {exc}") from None
+        if extra.get("job") != OMNIGLOT_JOB or not isinstance(extra.get("job_config"), Mapping):
+            raise ValueError(f"--resume {args.resume}: not a checkpoint of the omniglot job")
+        settings = {**extra["job_config"], **given}
+        out = args.out if args.out is not None else str(resume.parent)
+    else:
+        if "train" not in given or "test" not in given:
+            raise ValueError("omniglot needs --train PATH and --test PATH (or --resume DIR)")
+        settings = {**omniglot_preset(given.get("ways", 5)), **given}
+        out = args.out if args.out is not None else "runs/omniglot"
+    return OmniglotConfig(**settings), out, resume
+
+
+def run_command(args) -> int:
+    """Run ``omniglot`` or ``omniglot-runs`` from parsed arguments; returns the exit status."""
+    from .signals import TrainingInterrupted
+    from .trainer import NonFiniteError
+
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731 - stdout carries the JSON
+    if args.command == "omniglot-runs":
+        try:
+            metrics = run_omniglot_runs(args.runs, args.model, args.out, seed=args.seed,
+                                        transductive=args.transductive, log=log)
+        except (OSError, ValueError, TypeError) as exc:
+            return _err(str(exc))
+        print(json.dumps(metrics, indent=2))
+        return 0
+    try:
+        config, out, resume = config_from_args(args)
+    except (OSError, ValueError, TypeError) as exc:
+        return _err(str(exc))
+    problem = _check_device(config.device)
+    if problem:
+        return _err(problem)
+    try:
+        metrics = run_omniglot(config, out, progress=not args.no_progress, resume=resume, log=log)
+    except TrainingInterrupted as exc:
+        log(f"reptile-fast: stopped after meta-step {exc.iteration}; checkpoint written to {exc.checkpoint}.\n"
+            f"Resume with: reptile-fast omniglot --resume {out}")
+        return exc.exit_code
+    except NonFiniteError as exc:
+        return _err(f"{exc}", 3)
+    except (OSError, ValueError, TypeError) as exc:
+        return _err(str(exc))
+    print(json.dumps(metrics, indent=2))
+    log(f"wrote metrics.json, config.json, model.pt, learning_curve.png, validation.json, checkpoint.pt to {out}")
+    return 0

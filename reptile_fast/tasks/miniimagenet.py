@@ -1,0 +1,126 @@
+"""Mini-ImageNet (Vinyals et al. 2016, the split of Ravi & Larochelle 2017): N-way K-shot tasks.
+
+The standard layout: ``ROOT/images/<file>.jpg`` and ``ROOT/{train,val,test}.csv`` with a header
+line ``filename,label`` and one image per line.  Images are read lazily when an episode first
+uses them (the training split is 38400 images) and kept decoded as uint8 when ``cache=True``.
+Tensors are float32 ``[3, S, S]`` in [0, 1] (84×84 in the paper).
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .base import TaskBatch, _check_device, _check_positive_int
+from .episodes import Episodes, draw_episode_plan
+from .images import decode_rgb
+from ..validation import check_int
+
+__all__ = ["MiniImageNet", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+
+
+class MiniImageNet:
+    """Few-shot tasks from one split of Mini-ImageNet.
+
+    Args:
+        root: folder holding ``images/`` and ``<split>.csv``.
+        split: "train", "val" or "test" (classes are disjoint between splits).
+        ways, shots, query_shots: as for ``Omniglot`` (``sample`` gives ``ways × shots``
+            images per task; ``sample_episodes`` adds ``ways × query_shots`` query images).
+        image_size: side of the square images (84); other sizes are resized (bilinear).
+        cache: keep decoded images in memory (uint8) after their first use.
+    """
+
+    def __init__(self, root, split: str = "train", *, ways: int = 5, shots: int = 1,
+                 query_shots: int = 1, image_size: int = 84, cache: bool = True):
+        self.ways = _check_positive_int("ways", ways)
+        self.shots = _check_positive_int("shots", shots)
+        self.query_shots = check_int("query_shots", query_shots, 0)
+        self.image_size = check_int("image_size", image_size, 1)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.root, self.split, self.cache = Path(root), split, bool(cache)
+        csv_path = self.root / f"{split}.csv"
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"{csv_path} does not exist (expected ROOT/{{train,val,test}}.csv "
+                                    f"and ROOT/images/)")
+        by_class: Dict[str, List[str]] = {}
+        with open(csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or [c.strip() for c in rows[0][:2]] != ["filename", "label"]:
+            raise ValueError(f"{csv_path}: the first line must be the header 'filename,label'")
+        for n, row in enumerate(rows[1:], start=2):
+            if not row:
+                continue
+            if len(row) != 2 or not row[0] or not row[1]:
+                raise ValueError(f"{csv_path}:{n}: expected 'filename,label', got {row!r}")
+            by_class.setdefault(row[1], []).append(row[0])
+        if not by_class:
+            raise ValueError(f"{csv_path} lists no images")
+        self.classes = sorted(by_class)
+        self.files = [by_class[c] for c in self.classes]
+        self.counts = torch.tensor([len(f) for f in self.files], dtype=torch.long)
+        need = self.shots + self.query_shots
+        if int(self.counts.min()) < need:
+            i = int(self.counts.argmin())
+            raise ValueError(f"class {self.classes[i]} has {int(self.counts[i])} images; tasks need "
+                             f"shots + query_shots = {need} per class")
+        if self.ways > len(self.classes):
+            raise ValueError(f"{self.ways}-way tasks need {self.ways} classes; {split} has {len(self.classes)}")
+        self._cache: Dict[tuple, torch.Tensor] = {}
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:
+        return (f"MiniImageNet({str(self.root)!r}, split={self.split!r}, {self.n_classes} classes, "
+                f"ways={self.ways}, shots={self.shots}, query_shots={self.query_shots})")
+
+    def _image(self, c: int, i: int) -> torch.Tensor:
+        key = (c, i)
+        img = self._cache.get(key)
+        if img is None:
+            path = self.root / "images" / self.files[c][i]
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise FileNotFoundError(f"image {path} listed in {self.split}.csv cannot be read: {exc}") from None
+            img = decode_rgb(data, self.image_size, name=str(path))
+            if self.cache:
+                self._cache[key] = img
+        return img
+
+    def _draw(self, n_tasks: int, per_class: int, generator):
+        classes, picks = draw_episode_plan(self.counts, n_tasks, self.ways, per_class, generator=generator)
+        x = torch.stack([torch.stack([torch.stack([self._image(int(c), int(i)) for i in picks[t, j]])
+                                      for j, c in enumerate(classes[t])]) for t in range(n_tasks)])
+        y = torch.arange(self.ways).view(1, self.ways, 1).expand(n_tasks, self.ways, per_class)
+        return x.to(torch.float32) / 255.0, y
+
+    def sample(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
+               device=None) -> TaskBatch:
+        """x float32 ``[T, N·K, 3, S, S]``, y long ``[T, N·K]`` (class-major)."""
+        device = _check_device(device)
+        x, y = self._draw(n_tasks, self.shots, generator)
+        return TaskBatch(x.reshape(n_tasks, -1, *x.shape[3:]).to(device),
+                         y.reshape(n_tasks, -1).contiguous().to(device))
+
+    def sample_episodes(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
+                        device=None) -> Episodes:
+        """Support ``[T, N·shots, 3, S, S]`` and query ``[T, N·query_shots, 3, S, S]`` episodes."""
+        if self.query_shots < 1:
+            raise ValueError("sample_episodes needs query_shots >= 1 (this MiniImageNet has 0)")
+        device = _check_device(device)
+        K = self.shots
+        x, y = self._draw(n_tasks, K + self.query_shots, generator)
+
+        def flat(t):
+            return t.reshape(n_tasks, -1, *t.shape[3:]).contiguous().to(device)
+
+        return Episodes(TaskBatch(flat(x[:, :, :K]), flat(y[:, :, :K])),
+                        TaskBatch(flat(x[:, :, K:]), flat(y[:, :, K:])), self.ways)

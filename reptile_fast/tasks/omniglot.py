@@ -1,0 +1,335 @@
+"""Omniglot (Lake et al. 2015): N-way K-shot character classification tasks.
+
+Reads the standard layout ``alphabet/characterNN/*.png`` from a folder or straight from the
+official zips (``images_background.zip``, ``images_background_small1.zip``,
+``images_evaluation.zip`` …; nothing is extracted), at any depth (``images_background/Greek/…``
+and ``Greek/…`` both work).  Images become float32 ``[1, 28, 28]`` with strokes 1 on a 0
+background (area-averaged resize, see ``images.decode_grey``).
+
+Classes are characters; ``rotations=(0, 90, 180, 270)`` adds each character's rotations as
+extra classes (the paper's augmentation, for training only).  Classes are split by alphabet
+(``alphabets=`` / ``exclude_alphabets=``), so test alphabets can be kept out of training.
+
+``load_official_runs`` reads the 20 within-alphabet 20-way one-shot runs of Lake et al. 2015
+(``all_runs.zip``) for evaluation only.
+"""
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .base import TaskBatch, _check_device, _check_positive_int
+from .episodes import Episodes, draw_episode_plan
+from .images import decode_grey
+from ..validation import check_int
+
+__all__ = ["Omniglot", "OmniglotImages", "load_omniglot_images", "load_official_runs", "ROTATIONS"]
+
+ROTATIONS = (0, 90, 180, 270)
+PathLike = Union[str, os.PathLike]
+
+
+def _sources(sources) -> List[Path]:
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    try:
+        paths = [Path(s) for s in sources]
+    except TypeError:
+        raise TypeError("sources must be a path or a list of paths (folders or .zip files)") from None
+    if not paths:
+        raise ValueError("sources is empty: give at least one Omniglot folder or zip")
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"Omniglot source {p} does not exist")
+        if not (p.is_dir() or zipfile.is_zipfile(p)):
+            raise ValueError(f"Omniglot source {p} is neither a folder nor a zip file")
+    return paths
+
+
+def _is_image(parts) -> bool:
+    # alphabet/characterNN/file.png; macOS archive debris (__MACOSX/, ._file.png) is not data
+    return (len(parts) >= 3 and parts[-1].endswith(".png") and parts[-2].startswith("character")
+            and not parts[-1].startswith("._") and "__MACOSX" not in parts)
+
+
+def _png_entries(path: Path) -> Iterable[Tuple[Tuple[str, str, str], object]]:
+    """``((alphabet, character, file), read)`` for every ``alphabet/character*/file.png``."""
+    if path.is_dir():
+        for f in sorted(path.rglob("*.png")):
+            parts = f.relative_to(path).parts
+            if _is_image(parts):
+                yield (parts[-3], parts[-2], parts[-1]), f.read_bytes
+    else:
+        with zipfile.ZipFile(path) as zf:
+            for name in sorted(zf.namelist()):
+                parts = [p for p in name.split("/") if p]
+                if _is_image(parts):
+                    yield (parts[-3], parts[-2], parts[-1]), (lambda n=name: zf.read(n))
+
+
+class OmniglotImages:
+    """Decoded Omniglot images, grouped by character.
+
+    Attributes:
+        images: float32 ``[n_images, 1, S, S]``.
+        characters: ``[(alphabet, character), ...]``, sorted; class ``c`` of this list.
+        table: long ``[n_characters, max_count]``: the image indices of each character
+            (padded with -1), ``counts``: long ``[n_characters]``.
+    """
+
+    def __init__(self, images: torch.Tensor, characters: List[Tuple[str, str]], table: torch.Tensor,
+                 counts: torch.Tensor, image_size: int):
+        self.images, self.characters, self.table, self.counts = images, characters, table, counts
+        self.image_size = image_size
+
+    @property
+    def alphabets(self) -> List[str]:
+        return sorted({a for a, _ in self.characters})
+
+
+def load_omniglot_images(sources, image_size: int = 28) -> OmniglotImages:
+    """Read every ``alphabet/characterNN/*.png`` under ``sources`` (folders or zips).
+
+    Several sources are merged; an image present in two of them (same alphabet, character and
+    file name: small1 and small2 share Greek and Latin) is read once.
+    """
+    check_int("image_size", image_size, 1)
+    paths = _sources(sources)
+    files: Dict[Tuple[str, str], Dict[str, Path]] = {}  # character -> file name -> its source
+    for path in paths:
+        for (alphabet, character, fname), _ in _png_entries(path):
+            files.setdefault((alphabet, character), {}).setdefault(fname, path)
+    if not files:
+        raise ValueError(f"no alphabet/characterNN/*.png images found in {[str(p) for p in paths]}")
+    characters = sorted(files)
+    images, rows = [], []
+    # Zip members are read while their archive is open: group the reads by source.
+    by_source: Dict[Path, List[Tuple[int, str]]] = {}
+    index = 0
+    for ci, key in enumerate(characters):
+        row = []
+        for fname in sorted(files[key]):
+            src = files[key][fname]
+            by_source.setdefault(src, []).append((index, "/".join((*key, fname))))
+            row.append(index)
+            index += 1
+        rows.append(row)
+    out = torch.empty(index, 1, image_size, image_size)
+    for src, wanted in by_source.items():
+        want = {name: i for i, name in wanted}
+        for (alphabet, character, fname), read in _png_entries(src):
+            name = f"{alphabet}/{character}/{fname}"
+            if name in want:
+                out[want.pop(name), 0] = decode_grey(read(), image_size, name=f"{src}:{name}")
+    counts = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    table = torch.full((len(rows), int(counts.max())), -1, dtype=torch.long)
+    for ci, row in enumerate(rows):
+        table[ci, :len(row)] = torch.tensor(row)
+    return OmniglotImages(out, characters, table, counts, image_size)
+
+
+def _check_rotations(rotations) -> Tuple[int, ...]:
+    try:
+        rots = tuple(int(r) for r in rotations)
+    except (TypeError, ValueError):
+        raise TypeError(f"rotations must be a sequence of degrees, got {rotations!r}") from None
+    if not rots or any(r not in ROTATIONS for r in rots) or len(set(rots)) != len(rots):
+        raise ValueError(f"rotations must be distinct values among {ROTATIONS}, got {rotations!r}")
+    return rots
+
+
+class Omniglot:
+    """N-way K-shot Omniglot tasks: ``sample`` for meta-training, ``sample_episodes`` for testing.
+
+    Args:
+        sources: a folder or zip (or a list of them) in the standard layout, or an
+            ``OmniglotImages`` already loaded (shared between splits without re-reading).
+        ways: N, classes per task.
+        shots: K, images per class in ``sample``'s tasks and in an episode's support set
+            (the paper trains on 10 "training shots" per class and tests with 1 or 5).
+        query_shots: images per class in an episode's query set (0: ``sample`` only).
+        rotations: degrees; each character at each rotation is a class.  ``ROTATIONS`` is the
+            paper's training augmentation; ``(0,)`` (the default) for testing.
+        alphabets: keep only these alphabets (None: all); ``exclude_alphabets``: drop these.
+        image_size: side of the square images (28 in the paper).
+    """
+
+    def __init__(self, sources, *, ways: int = 5, shots: int = 1, query_shots: int = 1,
+                 rotations: Sequence[int] = (0,), alphabets: Optional[Sequence[str]] = None,
+                 exclude_alphabets: Sequence[str] = (), image_size: int = 28):
+        self.ways = _check_positive_int("ways", ways)
+        self.shots = _check_positive_int("shots", shots)
+        self.query_shots = check_int("query_shots", query_shots, 0)
+        self.rotations = _check_rotations(rotations)
+        data = sources if isinstance(sources, OmniglotImages) else load_omniglot_images(sources, image_size)
+        self.data = data
+        present = set(data.alphabets)
+        for name, given in (("alphabets", alphabets), ("exclude_alphabets", exclude_alphabets)):
+            if given is None:
+                continue
+            if isinstance(given, str):
+                raise TypeError(f"{name} must be a list of alphabet names, not one string")
+            unknown = sorted(set(given) - present)
+            if unknown and name == "alphabets":
+                raise ValueError(f"alphabets {unknown} are not in the data (it has {sorted(present)})")
+        keep = present if alphabets is None else set(alphabets)
+        keep -= set(exclude_alphabets)
+        self.char_ids = torch.tensor([i for i, (a, _) in enumerate(data.characters) if a in keep],
+                                     dtype=torch.long)
+        if self.char_ids.numel() == 0:
+            raise ValueError("no characters left after selecting alphabets "
+                             f"(data has {sorted(present)}, kept {sorted(keep)})")
+        self.alphabets = sorted(keep & present)
+        counts = data.counts[self.char_ids]
+        need = self.shots + self.query_shots
+        if int(counts.min()) < need:
+            i = int(counts.argmin())
+            a, c = data.characters[int(self.char_ids[i])]
+            raise ValueError(f"character {a}/{c} has {int(counts[i])} images; tasks need "
+                             f"shots + query_shots = {need} per class")
+        if self.ways > self.n_classes:
+            raise ValueError(f"{self.ways}-way tasks need {self.ways} classes; the selected alphabets "
+                             f"give {self.n_classes} ({len(self.char_ids)} characters × "
+                             f"{len(self.rotations)} rotations)")
+        # class c ↔ character char_ids[c // R] rotated by rotations[c % R]
+        self._class_counts = counts.repeat_interleave(len(self.rotations))
+
+    @property
+    def n_characters(self) -> int:
+        return int(self.char_ids.numel())
+
+    @property
+    def n_classes(self) -> int:
+        return self.n_characters * len(self.rotations)
+
+    @property
+    def characters(self) -> List[Tuple[str, str]]:
+        return [self.data.characters[int(i)] for i in self.char_ids]
+
+    def __repr__(self) -> str:
+        return (f"Omniglot({len(self.alphabets)} alphabets, {self.n_characters} characters × "
+                f"{len(self.rotations)} rotations, ways={self.ways}, shots={self.shots}, "
+                f"query_shots={self.query_shots})")
+
+    def subset(self, **changes) -> "Omniglot":
+        """A copy with other settings (``ways``, ``shots``, ``alphabets`` …), sharing the images."""
+        kw = dict(ways=self.ways, shots=self.shots, query_shots=self.query_shots,
+                  rotations=self.rotations, alphabets=self.alphabets)
+        kw.update(changes)
+        return Omniglot(self.data, **kw)
+
+    def _draw(self, n_tasks: int, per_class: int, generator):
+        """Images ``[T, N, P, 1, S, S]`` and labels ``[T, N, P]`` of ``n_tasks`` tasks."""
+        classes, picks = draw_episode_plan(self._class_counts, n_tasks, self.ways, per_class,
+                                           generator=generator)
+        R = len(self.rotations)
+        chars = self.char_ids[classes // R]                                  # [T, N]
+        idx = self.data.table[chars.unsqueeze(-1), picks]                   # [T, N, P]
+        x = self.data.images[idx]                                           # [T, N, P, 1, S, S]
+        turns = torch.tensor([r // 90 for r in self.rotations])[classes % R]  # [T, N]
+        for k in turns.unique().tolist():
+            if k:
+                sel = turns == k
+                x[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
+        y = torch.arange(self.ways).view(1, self.ways, 1).expand(n_tasks, self.ways, per_class)
+        return x, y
+
+    def sample(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
+               device=None) -> TaskBatch:
+        """``n_tasks`` tasks of ``ways × shots`` images: x float32 ``[T, N·K, 1, S, S]``,
+        y long ``[T, N·K]`` (labels ``0..N-1``, class-major order)."""
+        device = _check_device(device)
+        x, y = self._draw(n_tasks, self.shots, generator)
+        T = x.shape[0]
+        return TaskBatch(x.reshape(T, -1, *x.shape[3:]).to(device),
+                         y.reshape(T, -1).contiguous().to(device))
+
+    def sample_episodes(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
+                        device=None) -> Episodes:
+        """``n_tasks`` episodes: support ``[T, N·shots, 1, S, S]`` and query
+        ``[T, N·query_shots, 1, S, S]``, disjoint images of the same ``N`` classes."""
+        if self.query_shots < 1:
+            raise ValueError("sample_episodes needs query_shots >= 1 (this Omniglot has 0)")
+        device = _check_device(device)
+        K = self.shots
+        x, y = self._draw(n_tasks, K + self.query_shots, generator)
+        T = x.shape[0]
+        flat = lambda t: t.reshape(T, -1, *t.shape[3:]).contiguous().to(device)  # noqa: E731
+        return Episodes(TaskBatch(flat(x[:, :, :K]), flat(y[:, :, :K])),
+                        TaskBatch(flat(x[:, :, K:]), flat(y[:, :, K:])), self.ways)
+
+
+_RUN = re.compile(r"^run(\d+)$")
+
+
+def load_official_runs(path: PathLike, image_size: int = 28) -> Tuple[Episodes, List[str]]:
+    """The 20 official one-shot runs of Lake et al. 2015 (``all_runs.zip`` or its extracted folder).
+
+    Each ``runNN/`` holds ``training/classMM.png`` (one image of each of 20 characters of one
+    alphabet), ``test/itemMM.png`` and ``class_labels.txt`` (lines ``runNN/test/itemMM.png
+    runNN/training/classKK.png``).  Returns ``(episodes, run_names)``: one 20-way 1-shot
+    episode per run, support ``[R, 20, 1, S, S]`` with labels ``classMM → MM - 1`` and query
+    ``[R, 20, 1, S, S]`` labelled through ``class_labels.txt``.  For evaluation only.
+    """
+    check_int("image_size", image_size, 1)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"official runs {path} do not exist")
+    if path.is_dir():
+        names = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
+        read = lambda n: (path / n).read_bytes()  # noqa: E731
+        zf = None
+    elif zipfile.is_zipfile(path):
+        zf = zipfile.ZipFile(path)
+        names = zf.namelist()
+        read = zf.read
+    else:
+        raise ValueError(f"official runs {path} is neither a folder nor a zip file")
+    try:
+        runs: Dict[str, str] = {}
+        for n in names:
+            parts = [p for p in n.split("/") if p]
+            if len(parts) >= 2 and parts[-1] == "class_labels.txt" and _RUN.match(parts[-2]):
+                runs[parts[-2]] = n
+        if not runs:
+            raise ValueError(f"no runNN/class_labels.txt found in {path}: not the official runs layout")
+        run_names = sorted(runs, key=lambda r: int(_RUN.match(r).group(1)))
+        sx, sy, qx, qy = [], [], [], []
+        for run in run_names:
+            prefix = runs[run][: -len("class_labels.txt")]
+            pairs = []
+            for line in read(runs[run]).decode().splitlines():
+                if line.strip():
+                    fields = line.split()
+                    if len(fields) != 2:
+                        raise ValueError(f"{path}:{runs[run]}: expected 'test/itemNN.png training/classNN.png', got {line!r}")
+                    pairs.append((fields[0].split("/")[-1], fields[1].split("/")[-1]))
+            classes = sorted({c for _, c in pairs})
+            train_files = sorted(n.split("/")[-1] for n in names
+                                 if n.startswith(prefix + "training/") and n.endswith(".png"))
+            if train_files != classes or len(classes) < 2:
+                raise ValueError(f"{path}:{run}: class_labels.txt names {classes} but training/ holds "
+                                 f"{train_files}")
+            label = {c: i for i, c in enumerate(classes)}
+            sx.append(torch.stack([decode_grey(read(prefix + "training/" + c), image_size, name=f"{run}/training/{c}")
+                                   for c in classes]))
+            sy.append(torch.arange(len(classes)))
+            qx.append(torch.stack([decode_grey(read(prefix + "test/" + t), image_size, name=f"{run}/test/{t}")
+                                   for t, _ in pairs]))
+            qy.append(torch.tensor([label[c] for _, c in pairs]))
+    except KeyError as exc:
+        raise ValueError(f"{path}: a file named in class_labels.txt is missing: {exc}") from None
+    finally:
+        if zf is not None:
+            zf.close()
+    ways = {len(s) for s in sy} | {len(q) for q in qy}
+    if len(ways) != 1:
+        raise ValueError(f"{path}: runs have different numbers of classes or test items: {sorted(ways)}")
+    support = TaskBatch(torch.stack(sx).unsqueeze(2), torch.stack(sy))
+    query = TaskBatch(torch.stack(qx).unsqueeze(2), torch.stack(qy))
+    return Episodes(support, query, len(sy[0])), run_names

@@ -1,0 +1,161 @@
+"""Backend "triton" with kernel v2, and the fused stepper, against the reference trainer.
+
+Without CUDA these run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), at small
+sizes; with CUDA the same checks run on the GPU.  Tolerance rtol 1e-5 / atol 1e-6 (fp32 vs fp32).
+"""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from reptile_fast import MLP, Reptile, Sine, reference, sample_indices  # noqa: E402
+from reptile_fast.backends import InnerConfig, UnsupportedModelError, get_backend  # noqa: E402
+from reptile_fast.backends.triton import KERNEL_ENV, TritonBackend, TritonFusedStepper  # noqa: E402
+from _triton_devices import DEVICES  # noqa: E402
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _try_nonfinite_error():
+    from reptile_fast.core import NonFiniteError
+
+    return NonFiniteError
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_reptile_with_kernel_v2_matches_reference(device, precision):
+    """Two meta-steps of Reptile(backend=TritonBackend(kernel="v2")) vs backend "reference"."""
+    torch.manual_seed(0)
+    model_ref = reference.MLP()
+    model_tri = copy.deepcopy(model_ref).to(device)
+    ref = Reptile(model_ref, backend="reference", outer_lr=0.1, inner_steps=3)
+    tri = Reptile(model_tri, backend="triton", outer_lr=0.1, inner_steps=3,
+                  backend_options={"kernel": "v2", "precision": precision})
+    assert (tri.backend.kernel, tri.backend.precision) == ("v2", precision)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2):
+        tasks = Sine().sample(2, generator=gen)
+        indices = sample_indices(2, 3, 50, 10, generator=gen)
+        m_ref = ref.meta_step(tasks, indices)
+        m_tri = tri.meta_step(tasks.to(device), indices.to(device))
+        if precision == "ieee" or device == "cpu":  # the interpreter computes tf32x3 dots in fp32
+            assert float(m_tri["loss"]) == pytest.approx(float(m_ref["loss"]), rel=RTOL, abs=ATOL), f"meta-step {step} loss"
+    if precision == "ieee" or device == "cpu":
+        for (name, p_ref), p_tri in zip(model_ref.named_parameters(), model_tri.parameters()):
+            torch.testing.assert_close(p_tri.detach().cpu(), p_ref.detach(), rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name: f"φ '{n}' after 2 meta-steps ({precision})\n{m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_v2_adapt_and_evaluate(device):
+    torch.manual_seed(4)
+    model = MLP(1, 40, 1, depth=1)
+    tasks = Sine().sample(2, generator=torch.Generator().manual_seed(5))
+    indices = sample_indices(2, 4, 50, 10, generator=torch.Generator().manual_seed(6))
+    want = Reptile(copy.deepcopy(model), backend="reference").evaluate(tasks, 4, indices)
+    got = Reptile(copy.deepcopy(model).to(device), backend="triton", backend_options={"kernel": "v2"}).evaluate(
+        tasks.to(device), 4, indices.to(device))
+    torch.testing.assert_close(got.cpu(), want, rtol=RTOL, atol=ATOL, msg="post-adaptation loss (v2)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_stepper_matches_the_trainer(device):
+    """TritonFusedStepper.run over 2 meta-steps (one call, meta-step-major tasks) vs the trainer."""
+    torch.manual_seed(7)
+    model = MLP(1, 24, 1, depth=1)
+    trainer = Reptile(copy.deepcopy(model), backend="reference", outer_lr=0.2, inner_steps=2)
+    fused_model = copy.deepcopy(model).to(device)
+    stepper = TritonFusedStepper(fused_model, InnerConfig(lr=0.02), launch={"max_programs": 2})
+    gen = torch.Generator().manual_seed(8)
+    tasks = Sine().sample(6, generator=gen)
+    plans = sample_indices(6, 2, 50, 10, generator=gen)
+    want = [float(trainer.meta_step(tasks[k * 3:(k + 1) * 3], plans[k * 3:(k + 1) * 3])["loss"]) for k in range(2)]
+    losses = stepper.run(tasks.to(device), plans.to(device), [0.2, 0.2], first_iteration=1)
+    stepper.check()
+    assert losses.shape == (2,)
+    for k in range(2):
+        assert float(losses[k]) == pytest.approx(want[k], rel=RTOL, abs=ATOL), f"meta-step {k + 1} loss"
+    for (name, p_ref), p in zip(trainer.model.named_parameters(), fused_model.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), p_ref.detach(), rtol=RTOL, atol=ATOL, msg=f"φ '{name}'")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf - inf
+def test_fused_stepper_leaves_phi_on_a_nonfinite_step(device):
+    torch.manual_seed(9)
+    model = MLP(1, 16, 1, depth=1).to(device)
+    before = [p.detach().clone() for p in model.parameters()]
+    stepper = TritonFusedStepper(model, InnerConfig(lr=0.02))
+    g = torch.Generator().manual_seed(10)
+    tasks = Sine().sample(2, generator=g)
+    stepper.config = InnerConfig(lr=1e30)  # the inner loop overflows to inf / NaN
+    bad = tasks
+    plans = sample_indices(2, 2, 50, 10, generator=g)
+    stepper.run(bad.to(device), plans.to(device), [0.5], first_iteration=7)
+    with pytest.raises(_try_nonfinite_error(), match="meta-step 7"):
+        stepper.check()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q), "φ changed on a non-finite meta-step"
+    stepper.check()  # re-armed
+
+
+def test_kernel_option_and_environment(monkeypatch):
+    assert TritonBackend().kernel == "v1"
+    assert TritonBackend(kernel="v2").kernel == "v2"
+    monkeypatch.setenv(KERNEL_ENV, "v2")
+    assert get_backend("triton").kernel == "v2"
+    monkeypatch.setenv(KERNEL_ENV, "v3")
+    with pytest.raises(ValueError, match="triton kernel must be one of"):
+        TritonBackend()
+    assert TritonBackend(kernel="v1", precision="tf32x3").precision == "tf32x3"
+    with pytest.raises(ValueError, match="needs kernel='v2'"):
+        TritonBackend(kernel="v1", fused=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = TritonBackend(kernel="v2", fused=True, launch={"stream": True})
+    stepper = backend.make_stepper(MLP(1, 8, 1, depth=1).to(device), InnerConfig())
+    assert isinstance(stepper, TritonFusedStepper) and stepper.launch.stream
+    with pytest.raises(UnsupportedModelError, match="outer_optimizer"):
+        backend.make_stepper(MLP().to(device), InnerConfig(), outer_optimizer=object())
+
+
+def test_v2_refuses_what_it_cannot_run():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with pytest.raises(UnsupportedModelError, match="feature sizes up to 64"):
+        TritonBackend(kernel="v2").check_supported(MLP(1, 100, 1).to(device), torch.device(device), InnerConfig())
+    with pytest.raises(UnsupportedModelError, match="feature sizes up to 64"):
+        TritonFusedStepper(MLP(1, 100, 1).to(device), InnerConfig())
+    with pytest.raises(UnsupportedModelError, match="inner_optimizer='sgd'"):
+        TritonFusedStepper(MLP().to(device), InnerConfig(optimizer="adam"))
+    with pytest.raises(TypeError, match="V2Config fields"):
+        TritonFusedStepper(MLP().to(device), InnerConfig(), launch={"mode": "tiled"})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_stepper_in_the_training_loop(device):
+    """Reptile.fit's loop driving TritonFusedStepper (how the trainer would plug it in) gives the
+    parameters and losses of the same fit with backend "reference" (same generator, same draws)."""
+    torch.manual_seed(12)
+    model = MLP(1, 16, 1, depth=1)
+    ref = Reptile(copy.deepcopy(model), backend="reference", inner_steps=2, outer_lr=0.3)
+    fused = Reptile(copy.deepcopy(model).to(device), backend="triton", inner_steps=2, outer_lr=0.3)
+    stepper = TritonFusedStepper(fused.model, fused.config)
+    fused.stepper = lambda n_tasks, **kw: stepper  # the lead's integration picks it in Reptile.stepper
+    want = ref.fit(Sine(), 3, meta_batch_size=2, generator=torch.Generator().manual_seed(13), handle_signals=False,
+                   progress=False)
+    got = fused.fit(Sine(), 3, meta_batch_size=2, generator=torch.Generator().manual_seed(13), handle_signals=False,
+                    progress=False)
+    stepper.check()
+    assert [float(v) for v in got["loss"]] == pytest.approx([float(v) for v in want["loss"]], rel=RTOL, abs=ATOL)
+    for (name, p_ref), p in zip(ref.model.named_parameters(), fused.model.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), p_ref.detach(), rtol=RTOL, atol=ATOL, msg=f"φ '{name}' after fit")
+
+
+def test_fused_stepper_refuses_a_reducer():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stepper = TritonFusedStepper(MLP(1, 8, 1, depth=1).to(device), InnerConfig())
+    stepper.reducer = None
+    with pytest.raises(UnsupportedModelError, match="reducer"):
+        stepper.reducer = lambda deltas, losses: (deltas, losses)

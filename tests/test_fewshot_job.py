@@ -1,0 +1,109 @@
+"""`reptile-fast omniglot` and `reptile-fast omniglot-runs` end to end on a tiny fake Omniglot."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _fake_omniglot import make_folder, make_runs, make_zip
+from reptile_fast.cli import build_parser, main
+from reptile_fast.fewshot_job import OmniglotConfig, config_from_args, omniglot_preset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fewshot_job")
+    train = make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
+                     root / "small1.zip")
+    test = make_folder(root / "b", {"Beta": 2, "Gamma": 3}, prefix="images_background_small2")
+    return {"train": str(train), "test": str(test), "root": root}
+
+
+def tiny_args(data, out, *extra):
+    return ["omniglot", "--train", data["train"], "--test", data["test"], "--ways", "3", "--shots", "1",
+            "--train-shots", "2", "--inner-batch-size", "3", "--inner-steps", "2", "--eval-steps", "2",
+            "--eval-batch-size", "2", "--eval-tasks", "3", "--validation-tasks", "2", "--validate-every", "2",
+            "--iterations", "4", "--checkpoint-every", "2", "--threads", "1", "--no-progress",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    out = data["root"] / "run"
+    assert main(tiny_args(data, out)) == 0
+    return out
+
+
+def test_job_writes_its_outputs(trained, capsys):
+    for name in ("metrics.json", "config.json", "model.pt", "learning_curve.png", "checkpoint.pt",
+                 "validation.json"):
+        assert (trained / name).is_file(), name
+    m = json.loads((trained / "metrics.json").read_text())
+    assert 0.0 <= m["test_accuracy"] <= 1.0 and m["test_accuracy_ci95"] >= 0.0
+    assert m["train_alphabets"] == ["Alpha", "Beta"]
+    assert m["test_alphabets"] == ["Gamma"]  # Beta is in both: removed from the test set
+    assert m["train_classes"] == 5 * 4  # 90° rotations as extra classes
+    assert m["train_seconds"] > 0 and m["results"][0]["n_tasks"] == 3
+    assert [v["iteration"] for v in json.loads((trained / "validation.json").read_text())] == [2, 4]
+    saved = torch.load(trained / "model.pt", weights_only=True)
+    assert saved["ways"] == 3 and saved["model"] == "OmniglotConvNet"
+
+
+def test_resume_is_exact(data, trained, tmp_path):
+    # continue from the meta-step-2 checkpoint the first run left behind, in a fresh folder
+    assert main(["omniglot", "--resume", str(trained / "checkpoint.prev.pt"), "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    a = torch.load(trained / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = json.loads((trained / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "metrics.json").read_text())
+    assert mb["resumed_from_iteration"] == 2 and mb["test_accuracy"] == ma["test_accuracy"]
+
+
+def test_official_runs_command(data, trained, tmp_path, capsys):
+    runs = make_runs(tmp_path, n_runs=2, ways=3)
+    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(trained), "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "runs_metrics.json").read_text())
+    assert sorted(m["per_run_error"]) == ["run01", "run02"]
+    assert m["error_rate"] == pytest.approx(sum(m["per_run_error"].values()) / 2)
+    other = make_runs(tmp_path / "four", n_runs=1, ways=4)
+    capsys.readouterr()
+    assert main(["omniglot-runs", "--runs", str(other), "--model", str(trained)]) == 2
+    assert "trained for 3-way tasks" in capsys.readouterr().err
+    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(tmp_path / "none")]) == 2
+
+
+def test_defaults_are_the_papers_protocol(data):
+    parser = build_parser()
+    five, _, _ = config_from_args(parser.parse_args(["omniglot", "--train", "x", "--test", "y"]))
+    assert (five.ways, five.inner_lr, five.inner_batch_size, five.inner_steps, five.train_shots,
+            five.meta_batch_size, five.outer_lr, five.outer_lr_final, five.iterations, five.eval_steps,
+            five.eval_batch_size, five.transductive) == (5, 1e-3, 10, 5, 10, 5, 1.0, 0.0, 100000, 50, 5, False)
+    twenty, _, _ = config_from_args(parser.parse_args(["omniglot", "--train", "x", "--test", "y", "--ways", "20"]))
+    assert (twenty.inner_batch_size, twenty.inner_steps, twenty.inner_lr, twenty.iterations,
+            twenty.eval_batch_size) == (20, 10, 5e-4, 200000, 10)
+    flagged, _, _ = config_from_args(parser.parse_args(["omniglot", "--train", "x", "--test", "y", "--ways", "20",
+                                                        "--inner-lr", "0.01", "--transductive"]))
+    assert flagged.inner_lr == 0.01 and flagged.transductive and flagged.inner_steps == 10
+    assert omniglot_preset(5)["iterations"] == 100000
+
+
+def test_bad_input(data, tmp_path, capsys):
+    assert main(["omniglot", "--train", data["train"], "--out", str(tmp_path)]) == 2
+    assert "--test" in capsys.readouterr().err
+    # every test alphabet also trained on
+    assert main(tiny_args(data, tmp_path, "--test", data["train"])) == 2
+    assert "nothing is left to test on" in capsys.readouterr().err
+    assert main(tiny_args(data, tmp_path, "--eval-batch-size", "9")) == 2
+    assert "eval_batch_size" in capsys.readouterr().err
+    assert main(tiny_args(data, tmp_path, "--device", "tpu")) == 2
+    assert main(["omniglot", "--resume", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(SystemExit):
+        main(["omniglot", "--ways", "0"])
+    with pytest.raises(ValueError, match="train"):
+        OmniglotConfig(train=[], test="y")
+    with pytest.raises(ValueError, match="inner_batch_size"):
+        OmniglotConfig(train=["x"], test="y", inner_batch_size=51)

@@ -1,0 +1,38 @@
+"""bench/gpu_check.sh --cpu-smoke: the GPU check's whole path at tiny sizes on the CPU (Triton
+interpreter), so the script a GPU session runs once is known to work end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_gpu_check_cpu_smoke(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
+    env["PYTHON"] = sys.executable
+    # stages 1 (env), 3 (correctness), 4 (timing), 5-6 (skipped without CUDA): the compile stage
+    # is bench/bench_triton_kernel.py's test_kernel_compiles_for_sm90
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", str(tmp_path),
+                           "--stages", "1,3,4,5,6"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    stages = results["stages"]
+    assert set(stages) == {"env", "correctness", "timing", "sanitizer", "ncu"}
+    corr = {r["variant"]: r for r in stages["correctness"]["rows"]}
+    for name in ("v1", "v2-tf32x3", "v2-meta"):
+        assert "error" not in corr[name] and corr[name]["ok_rtol1e-5"], corr[name]
+        assert corr[name]["unwritten"] == 0
+    assert corr["v2-meta"]["deterministic"]
+    special = corr["special-functions"]
+    assert all(special[f]["max_rel_err_in_2^-23"] <= special[f]["stated_bound"] for f in ("exp", "tanh", "sigmoid", "log"))
+    timed = {(r["provider"], r["T"]) for r in stages["timing"]["rows"] if "ms" in r}
+    assert {("v1", 1), ("v2-meta", 2), ("torch", 1)} <= timed
+    assert stages["sanitizer"]["status"] == "skipped"
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.splitlines()[-1].startswith("ncu: skipped") and "tasks/s" in summary

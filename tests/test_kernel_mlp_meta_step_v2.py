@@ -1,0 +1,411 @@
+"""Kernel v2 (``kernels/mlp_meta_step_v2.py``): the fused meta-step against the reference backend,
+the trainer's outer update and a float64 oracle; its special functions against float64.
+
+Without CUDA these run under the Triton interpreter (conftest sets TRITON_INTERPRET=1 first), at
+small sizes; with CUDA the same cases run on the GPU too.  Every output is poisoned with NaN
+before the kernel writes it.  Tolerances: rtol 1e-5 / atol 1e-6 between fp32 paths that differ
+only in summation order (the project's); the special functions against float64 within
+``ACCURACY`` (units of 2^-23 relative).
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from reptile_fast import MLP, Reptile, Sine, reference, sample_indices  # noqa: E402
+from reptile_fast.backends import InnerConfig  # noqa: E402
+from reptile_fast.backends.reference import ReferenceBackend  # noqa: E402
+from reptile_fast.kernels import mlp_meta_step_v2 as V  # noqa: E402
+from reptile_fast.mlp_spec import extract_mlp_spec  # noqa: E402
+from reptile_fast.tasks import TaskBatch  # noqa: E402
+from _triton_devices import DEVICES  # noqa: E402
+
+RTOL, ATOL = 1e-5, 1e-6
+ULP1 = 2.0 ** -23
+
+
+# ----------------------------------------------------------------------------- helpers
+def regression_tasks(T, N, d_in, d_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, N, d_in, generator=g)
+    w = torch.randn(T, d_in, d_out, generator=g)
+    return TaskBatch(x, torch.sin(x @ w) * (1 + torch.rand(T, 1, 1, generator=g) * 4))
+
+
+def classification_tasks(T, N, d_in, n_classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return TaskBatch(torch.randn(T, N, d_in, generator=g) * 2, torch.randint(0, n_classes, (T, N), generator=g))
+
+
+def spec_of(model):
+    spec = extract_mlp_spec(model)
+    named = dict(model.named_parameters())
+    names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
+    return spec, names, V.flat_params([named[n] for n in names])
+
+
+def run_inner(model, tasks, indices, device, *, lr=0.02, loss="mse", precision="ieee", row_pad=0, **config):
+    """v2's inner loop on NaN-poisoned outputs -> ({name: [T, *shape]}, losses [T, S])."""
+    spec, names, phi = spec_of(model)
+    T, S = indices.shape[:2]
+    out = torch.full((T, spec.n_params + row_pad), float("nan"), device=device)
+    out_losses = torch.full((T, S), float("nan"), device=device)
+    flat, losses = V.inner_loop(tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device),
+                                spec.dims, spec.activations, lr=lr, loss=loss, precision=precision,
+                                config=V.V2Config(**config), out=out, out_losses=out_losses)
+    assert flat is out and losses is out_losses
+    if row_pad:
+        assert torch.isnan(flat[:, spec.n_params:]).all(), "kernel v2 wrote past a task's parameters"
+    return dict(zip(names, V.unflatten_params(flat, spec.dims))), losses
+
+
+def reference_inner(model, tasks, indices, *, lr=0.02, loss="mse", dtype=torch.float32):
+    model = copy.deepcopy(model).cpu().to(dtype)
+    tasks = TaskBatch(tasks.x.cpu().to(dtype), tasks.y.cpu() if loss != "mse" else tasks.y.cpu().to(dtype))
+    return ReferenceBackend().inner_loop(model, tasks, indices.cpu(), InnerConfig(lr=lr, loss=loss))
+
+
+def assert_inner_matches(params, losses, expected, what):
+    for name, ref in expected.params.items():
+        torch.testing.assert_close(params[name].cpu(), ref, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, n=name: f"{what}: adapted '{n}' differs from the reference\n{m}")
+    torch.testing.assert_close(losses.cpu(), expected.losses, rtol=RTOL, atol=ATOL,
+                               msg=lambda m: f"{what}: inner losses differ from the reference\n{m}")
+
+
+def rel_err(got, want64):
+    return float((got.double() - want64).norm() / want64.norm().clamp_min(1e-300))
+
+
+def assert_near_float64(params, model, tasks, indices, what, *, lr=0.02, loss="mse"):
+    """v2's error against a float64 oracle is within 2x the fp32 reference's, plus 2^-23: both
+    are fp32 computations of the same sums in different orders."""
+    ref32 = reference_inner(model, tasks, indices, lr=lr, loss=loss)
+    ref64 = reference_inner(model, tasks, indices, lr=lr, loss=loss, dtype=torch.float64)
+    for name, want in ref64.params.items():
+        e_v2, e_ref = rel_err(params[name].cpu(), want), rel_err(ref32.params[name], want)
+        assert e_v2 <= 2 * e_ref + ULP1, f"{what}: '{name}' rel. error vs float64 {e_v2:.3g} > 2 x fp32 reference's {e_ref:.3g} + 2^-23"
+
+
+# ----------------------------------------------------------------------------- special functions
+def _special_values():
+    x = torch.cat([torch.linspace(-20, 20, 40001), torch.logspace(-8, 1.3, 3001), -torch.logspace(-8, 1.3, 3001),
+                   torch.tensor([0.0, 0.4, -0.4, 0.39999998, 0.40000001, 87.0, -87.0, 0.5 * math.log(2)])])
+    return x.float()
+
+
+def _apply(fn_name, x, device):
+    import triton
+    import triton.language as tl
+
+    fn = {"exp": V._exp, "tanh": V._tanh, "sigmoid": V._sigmoid, "log": V._log}[fn_name]
+
+    @triton.jit
+    def kernel(x_ptr, y_ptr, n, F: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs, mask=offs < n, other=1.0)
+        if F == 0:
+            r = V._exp(v)
+        elif F == 1:
+            r = V._tanh(v)
+        elif F == 2:
+            r = V._sigmoid(v)
+        else:
+            r = V._log(v)
+        tl.store(y_ptr + offs, r, mask=offs < n)
+
+    x = x.to(device).contiguous()  # the kernel reads x as a flat array
+    y = torch.full_like(x, float("nan"))
+    code = ["exp", "tanh", "sigmoid", "log"].index(fn_name)
+    assert fn is not None
+    kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), F=code, BLOCK=1024)
+    return y.cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn", ["exp", "tanh", "sigmoid", "log"])
+def test_special_functions_within_stated_bound(device, fn):
+    """Relative error against float64 (computed from the same fp32 input) <= ACCURACY[fn] x 2^-23."""
+    x = _special_values()
+    if fn == "exp":
+        x = x[x.abs() <= 87]
+        exact = torch.exp(x.double())
+    elif fn == "tanh":
+        exact = torch.tanh(x.double())
+    elif fn == "sigmoid":
+        x = x[x >= -80]
+        exact = torch.sigmoid(x.double())
+    else:
+        x = torch.cat([torch.linspace(1, 64, 20001), torch.logspace(0, 38, 4001),
+                       1 + torch.logspace(-7, -1, 2001)]).float()
+        exact = torch.log(x.double())
+    got = _apply(fn, x, device)
+    assert torch.isfinite(got).all(), f"{fn}: non-finite results"
+    scale = exact.abs().clamp_min(1.0) if fn == "log" else exact.abs().clamp_min(1e-300)  # tanh(0) = 0 exactly
+    worst = float(((got.double() - exact).abs() / scale).max() / ULP1)
+    print(f"{fn} on {device}: max error {worst:.3f} x 2^-23")
+    assert worst <= V.ACCURACY[fn], f"{fn} on {device}: max error {worst:.2f} x 2^-23 > stated {V.ACCURACY[fn]}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf - inf
+def test_special_functions_edge_values(device):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 100.0, -200.0, 0.0, -0.0])
+    e = _apply("exp", x, device)
+    assert math.isnan(e[0]) and e[1] == math.inf and e[2] == 0 and e[3] == math.inf and e[4] == 0 and e[5] == 1
+    t = _apply("tanh", x, device)
+    assert math.isnan(t[0]) and t[1] == 1 and t[2] == -1 and t[3] == 1 and t[4] == -1 and t[5] == 0
+    s = _apply("sigmoid", x, device)
+    assert math.isnan(s[0]) and s[1] == 1 and s[2] == 0 and s[3] == 1 and s[4] == 0 and s[5] == 0.5
+
+
+# ----------------------------------------------------------------------------- inner loop vs the reference
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", V.PRECISIONS)
+def test_seed_mlp_sine_each_precision(device, precision):
+    """The seed's MLP on sine tasks.  The interpreter computes every dot in fp32, so each precision
+    must match the reference there; on CUDA, tf32x3 and tf32 are held to float64 bounds instead."""
+    torch.manual_seed(1)
+    model = reference.MLP().to(device)
+    tasks = Sine().sample(2, generator=torch.Generator().manual_seed(2))
+    indices = sample_indices(2, 3, 50, 10, generator=torch.Generator().manual_seed(3))
+    params, losses = run_inner(model, tasks, indices, device, precision=precision)
+    if precision == "ieee" or device == "cpu":
+        assert_inner_matches(params, losses, reference_inner(model, tasks, indices), f"sine ({precision})")
+    ref64 = reference_inner(model, tasks, indices, dtype=torch.float64)
+    ref32 = reference_inner(model, tasks, indices)
+    # tf32x3: within 2x the ieee path's error (the issue's bar); tf32: 10-bit operands, ~1e-3
+    for name, want in ref64.params.items():
+        e, e_ref = rel_err(params[name], want), rel_err(ref32.params[name], want)
+        bound = {"ieee": 2 * e_ref + ULP1, "tf32x3": 2 * e_ref + ULP1, "tf32": 1e-2}[precision]
+        assert e <= bound, f"{precision} on {device}: '{name}' rel. error vs float64 {e:.3g} > {bound:.3g}"
+
+
+CASES = [
+    # (in, hidden widths, out, activation, inner batch, steps, tasks): v1's shapes that v2 runs
+    (1, [40], 1, "tanh", 1, 3, 2),
+    (3, [64, 64], 2, "relu", 7, 3, 3),
+    (1, [40, 40, 40, 40], 1, "relu", 10, 2, 3),
+    (5, [40], 4, "sigmoid", 7, 3, 2),
+    (2, [64, 64, 64, 64], 3, "sigmoid", 1, 2, 2),
+    (4, [], 3, "identity", 7, 3, 2),
+    (6, [20, 3], 8, "tanh", 32, 2, 2),  # narrow hidden layer between wide ones, batch 32, no preload
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'-'.join(map(str, c[1]))}-{c[2]}-{c[3]}-B{c[4]}")
+def test_mse_depth_width_batch_activation(device, case):
+    d_in, hidden, d_out, act, B, S, T = case
+    torch.manual_seed(4)
+    model = MLP(d_in, output_dim=d_out, hidden_dims=hidden, activation=act).to(device)
+    tasks = regression_tasks(T, 40, d_in, d_out, seed=5)
+    indices = sample_indices(T, S, 40, B, generator=torch.Generator().manual_seed(6))
+    # the wide layers streamed through the scratch on every other case (both code paths covered)
+    stream = CASES.index(case) % 2 == 1
+    params, losses = run_inner(model, tasks, indices, device, row_pad=3, stream=stream)
+    assert_inner_matches(params, losses, reference_inner(model, tasks, indices), f"MLP {case} (stream={stream})")
+    assert_near_float64(params, model, tasks, indices, f"MLP {case} (stream={stream})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streamed_wide_layers_match(device):
+    """stream=True (wide layers' weights in the per-program scratch, K-loops) on the seed's MLP:
+    the reference, the register variant, and the fused meta-step, with programs looping (3 tasks
+    on 2 programs: the scratch is reused task after task)."""
+    torch.manual_seed(40)
+    model = MLP().to(device)
+    spec, _, phi = spec_of(model)
+    tasks = Sine().sample(3, generator=torch.Generator().manual_seed(41))
+    indices = sample_indices(3, 2, 50, 10, generator=torch.Generator().manual_seed(42))
+    expected = reference_inner(model, tasks, indices)
+    params, losses = run_inner(model, tasks, indices, device, stream=True, max_programs=2, row_pad=2)
+    assert_inner_matches(params, losses, expected, "streamed 1-64-64-1")
+    args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
+    a = V.meta_step(*args, lr=0.02, eps=0.5, config=V.V2Config(stream=True, max_programs=2))
+    b = V.meta_step(*args, lr=0.02, eps=0.5, config=V.V2Config(max_programs=2))
+    torch.testing.assert_close(a.params, b.params, rtol=RTOL, atol=ATOL, msg="streamed vs register meta-step")
+    torch.testing.assert_close(a.loss, b.loss, rtol=RTOL, atol=ATOL, msg="streamed vs register mean loss")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [(4, [40], 5, "tanh", 7), (3, [64, 40], 3, "relu", 10), (2, [], 6, "identity", 1),
+                                  (2, [16], 2, "sigmoid", 5)],
+                         ids=lambda c: f"{c[0]}-{'-'.join(map(str, c[1]))}-{c[2]}-{c[3]}-B{c[4]}")
+def test_cross_entropy(device, case):
+    d_in, hidden, n_classes, act, B = case
+    torch.manual_seed(7)
+    model = MLP(d_in, output_dim=n_classes, hidden_dims=hidden, activation=act).to(device)
+    tasks = classification_tasks(3, 15, d_in, n_classes, seed=8)
+    indices = sample_indices(3, 3, 15, B, generator=torch.Generator().manual_seed(9))
+    params, losses = run_inner(model, tasks, indices, device, lr=0.1, loss="cross_entropy")
+    assert_inner_matches(params, losses, reference_inner(model, tasks, indices, lr=0.1, loss="cross_entropy"),
+                         f"cross-entropy {case}")
+    assert_near_float64(params, model, tasks, indices, f"cross-entropy {case}", lr=0.1, loss="cross_entropy")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("preload", [True, False])
+def test_unplanned_points_are_never_read(device, preload):
+    """Points outside the plan hold NaN: an unmasked read of one would poison the result."""
+    torch.manual_seed(19)
+    model = MLP(2, 24, 2, depth=2).to(device)
+    clean = regression_tasks(3, 16, 2, 2, seed=20)
+    indices = sample_indices(3, 3, 12, 7, generator=torch.Generator().manual_seed(21))  # points 12..15 unused
+    expected = reference_inner(model, clean, indices)
+    x, y = clean.x.clone(), clean.y.clone()
+    x[:, 12:], y[:, 12:] = float("nan"), float("nan")
+
+    class Dirty:  # not a TaskBatch: that would refuse the NaN
+        pass
+
+    dirty = Dirty()
+    dirty.x, dirty.y = x, y
+    params, losses = run_inner(model, dirty, indices, device, preload=preload)
+    assert_inner_matches(params, losses, expected, f"NaN outside the plan (preload={preload})")
+
+
+# ----------------------------------------------------------------------------- grid shapes and options
+@pytest.mark.parametrize("device", DEVICES)
+def test_37_tasks_on_8_programs_and_one_task(device):
+    """A task count that is not a multiple of the program count (37 on 8: the last round part-empty)
+    and T = 1, for the inner loop and the fused meta-step (partials in memory, then in registers)."""
+    torch.manual_seed(22)
+    model = MLP(1, 16, 1, depth=1).to(device)
+    spec, _, phi = spec_of(model)
+    for T in (37, 1):
+        tasks = Sine().sample(T, generator=torch.Generator().manual_seed(23))
+        indices = sample_indices(T, 2, 50, 6, generator=torch.Generator().manual_seed(24))
+        expected = reference_inner(model, tasks, indices)
+        params, losses = run_inner(model, tasks, indices, device, max_programs=8, row_pad=5)
+        assert_inner_matches(params, losses, expected, f"{T} tasks on 8 programs")
+        want_phi = phi + 0.5 * torch.cat([(expected.params[n] - p.detach().cpu()).mean(0).reshape(-1)
+                                          for n, p in model.named_parameters()])
+        for mode in (("memory",) if T > 1 else ("registers",)):
+            res = V.meta_step(tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims,
+                              spec.activations, lr=0.02, eps=0.5,
+                              config=V.V2Config(max_programs=8, accumulate=mode),
+                              out=torch.full_like(phi, float("nan"), device=device))
+            torch.testing.assert_close(res.params.cpu(), want_phi, rtol=RTOL, atol=ATOL,
+                                       msg=lambda m: f"{T} tasks, accumulate={mode}: new φ\n{m}")
+            torch.testing.assert_close(res.loss.cpu(), expected.losses.mean(), rtol=RTOL, atol=ATOL,
+                                       msg=lambda m: f"{T} tasks, accumulate={mode}: mean loss\n{m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_options_give_the_same_result(device):
+    """preload on/off, warps, accumulation mode: the same arithmetic."""
+    torch.manual_seed(25)
+    model = MLP(2, 20, 1).to(device)
+    tasks = regression_tasks(5, 12, 2, 1, seed=26)
+    indices = sample_indices(5, 3, 12, 4, generator=torch.Generator().manual_seed(27))
+    base, base_losses = run_inner(model, tasks, indices, device)
+    for cfg in ({"preload": False}, {"num_warps": 2, "max_programs": 2}):
+        p, l = run_inner(model, tasks, indices, device, **cfg)
+        for n in base:
+            torch.testing.assert_close(p[n], base[n], rtol=0, atol=0, msg=f"{cfg}: '{n}'")
+        torch.testing.assert_close(l, base_losses, rtol=0, atol=0, msg=f"{cfg}: losses")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_steps(device):
+    model = MLP(2, 20, 1).to(device)
+    spec, _, phi = spec_of(model)
+    tasks = regression_tasks(2, 8, 2, 1, seed=28)
+    indices = sample_indices(2, 3, 8, 4, generator=torch.Generator().manual_seed(29))
+    flat, losses = V.inner_loop(tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device),
+                                spec.dims, spec.activations, lr=0.02, steps=0)
+    assert losses.shape == (2, 0)
+    torch.testing.assert_close(flat[:, :spec.n_params].cpu(), phi.expand(2, -1), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the fused outer update
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_fused_meta_step_matches_the_trainer(device, loss):
+    """Two meta-steps of v2's meta_step (4 tasks on 3 programs) against Reptile(backend="reference").meta_step: φ and the
+    reported loss; ε as a float and as a device tensor; the same result twice (deterministic)."""
+    torch.manual_seed(30)
+    if loss == "mse":
+        model = MLP(1, 40, 1, depth=1)
+        make = lambda s: Sine().sample(4, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    else:
+        model = MLP(3, 24, 4, depth=1, activation="relu")
+        make = lambda s: classification_tasks(4, 20, 3, 4, seed=s)  # noqa: E731
+    trainer = Reptile(copy.deepcopy(model), backend="reference", inner_lr=0.05, outer_lr=0.3, loss=loss,
+                      inner_steps=4, inner_batch_size=5)
+    spec, _, phi = spec_of(model)
+    phi = phi.to(device)
+    for step in range(2):
+        tasks = make(31 + step)
+        indices = sample_indices(4, 4, tasks.x.shape[1], 5, generator=torch.Generator().manual_seed(40 + step))
+        want = trainer.meta_step(tasks, indices)
+        eps = 0.3 if step % 2 == 0 else torch.tensor([0.3], device=device)
+        args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi, spec.dims, spec.activations)
+        res = V.meta_step(*args, lr=0.05, eps=eps, loss=loss, config=V.V2Config(max_programs=3), task_losses=True)
+        again = V.meta_step(*args, lr=0.05, eps=eps, loss=loss, config=V.V2Config(max_programs=3))
+        assert torch.equal(res.params, again.params) and torch.equal(res.loss, again.loss), "not deterministic"
+        got = dict(zip([n for pair in zip(spec.weight_names, spec.bias_names) for n in pair],
+                       V.unflatten_params(res.params, spec.dims)))
+        for n, p in trainer.model.named_parameters():
+            torch.testing.assert_close(got[n].cpu(), p.detach(), rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=n: f"meta-step {step}: φ '{n}' vs the trainer\n{m}")
+        assert float(res.loss) == pytest.approx(float(want["loss"]), rel=RTOL, abs=ATOL), f"meta-step {step}: loss"
+        assert res.task_losses.shape == (4, 4) and float(res.task_losses.mean()) == pytest.approx(float(want["loss"]), rel=RTOL)
+        phi = res.params
+
+
+# ----------------------------------------------------------------------------- what it refuses
+def _ok_args():
+    model = MLP(2, 20, 1)
+    spec, _, phi = spec_of(model)
+    tasks = regression_tasks(2, 8, 2, 1, seed=34)
+    indices = sample_indices(2, 3, 8, 4, generator=torch.Generator().manual_seed(35))
+    return dict(x=tasks.x, y=tasks.y, indices=indices, params_flat=phi, dims=spec.dims,
+                activations=list(spec.activations), lr=0.02, eps=0.1)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda a: a.update(x=a["x"].double()), TypeError, "x must be torch.float32"),
+    (lambda a: a.update(indices=a["indices"].int()), TypeError, "indices must be torch.int64"),
+    (lambda a: a.update(y=a["y"][:, :, :0]), ValueError, "y must have shape"),
+    (lambda a: a.update(params_flat=a["params_flat"][:-1]), ValueError, "params_flat must hold"),
+    (lambda a: a.update(dims=(3, 20, 1)), ValueError, "dims.0. = 3 but x has 2"),
+    (lambda a: a.update(activations=["tanh", "gelu", "identity"]), ValueError, "activation must be one of"),
+    (lambda a: a.update(activations=["tanh"]), ValueError, "one activation per layer"),
+    (lambda a: a.update(dims=(2, 100, 1), activations=["tanh", "identity"], params_flat=torch.zeros(401)), ValueError, "feature sizes up to 64"),
+    (lambda a: a.update(lr=math.inf), ValueError, "lr must be a finite"),
+    (lambda a: a.update(eps=math.nan), ValueError, "eps must be a finite"),
+    (lambda a: a.update(eps=torch.tensor([0.1, 0.2])), ValueError, "eps as a tensor"),
+    (lambda a: a.update(precision="bf16"), ValueError, "precision must be one of"),
+    (lambda a: a.update(loss="hinge"), ValueError, "loss must be one of"),
+    (lambda a: a.update(steps=4), ValueError, "steps must be an int"),
+])
+def test_meta_step_rejects_bad_input(change, error, words):
+    args = _ok_args()
+    change(args)
+    extra = {k: args.pop(k) for k in ("precision", "loss", "steps") if k in args}
+    with pytest.raises(error, match=words):
+        V.meta_step(args["x"], args["y"], args["indices"], args["params_flat"], args["dims"], args["activations"],
+                    lr=args["lr"], eps=args["eps"], **extra)
+
+
+def test_config_validation_and_support():
+    with pytest.raises(ValueError, match="num_warps"):
+        V.V2Config(num_warps=3)
+    with pytest.raises(ValueError, match="accumulate"):
+        V.V2Config(accumulate="atomics")
+    with pytest.raises(ValueError, match="max_programs"):
+        V.V2Config(max_programs=0)
+    assert V.supports_v2((1, 64, 64, 1), 10)
+    assert not V.supports_v2((1, 128, 1), 10) and "up to 64" in V.unsupported_reason((1, 128, 1), 10)
+    assert not V.supports_v2((1, 64, 1), 33)
+    assert [V.feature_tile(d) for d in (1, 3, 4, 5, 40, 64)] == [1, 4, 4, 16, 64, 64]
+    with pytest.raises(ValueError, match="stream"):
+        V.V2Config(stream=1)
+    layout, row = V._scratch_layout((1, 64, 64, 1), 16)
+    assert layout == {"w1": 0, "a1": 4096, "g": 4096 + 1024} and row == 4096 + 2048
+    assert V._uses_dot((1, 64, 64, 1)) == [False, True, False]
