@@ -9,9 +9,11 @@ Every provider has one interface::
     out = prepared.run(i)                                # timed: inner loops on input set i % R
     prepared.to_params(out) -> {name: [T, *shape]}       # the adapted parameters, for the check
 
-All providers see the same seeded model φ, the same tasks and the same minibatch plan
-(``indices [T, steps, batch]``), so their adapted parameters must agree with the reference
-backend to fp32 rounding (``check_prepared``) before a time means anything.
+All providers see the same seeded model φ, the same tasks and the same minibatch plans
+(``indices [T, steps, batch]``), so before a time means anything ``check_prepared`` runs the
+provider on every input set it will be timed on and holds every task's update φ̃ − φ to a
+bound derived for its precision against a float64 oracle (see "the gate" below); fp32 providers
+must also match the fp32 reference backend at rtol 1e-5 / atol 1e-6.
 """
 from __future__ import annotations
 
@@ -33,10 +35,48 @@ from reptile_fast.tasks import Sine, TaskBatch, sample_indices
 __all__ = ["bench_mode", "bench_device", "ProviderSkip", "Point", "Problem", "Prepared", "Provider",
            "CheckResult", "PROVIDERS", "provider_names", "get_provider", "make_problem", "check_prepared",
            "check_subset", "sweep_points", "SMOKE_POINTS", "RTOL", "ATOL", "TIMED_LIMITS",
-           "COMPILE_POINTS", "timed_skip_reason"]
+           "COMPILE_POINTS", "timed_skip_reason", "UNIT_ROUNDOFF", "GATE_K", "GATE_CAP",
+           "update_error_bound", "oracle_updates"]
 
 #: The project's equivalence tolerance for fp32 results against the fp32 reference.
 RTOL, ATOL = 1e-5, 1e-6
+
+# ---------------------------------------------------------------------------------- the gate
+# Before a provider is timed, its *update* Δ_i = φ̃_i − φ on every task i of every input set it
+# will be timed on is compared with a float64 oracle's (``oracle_updates``):
+#
+#     e_i = ‖Δ_i − Δ_i^f64‖₂ / ‖Δ_i^f64‖₂   (all parameters of task i)   must be ≤ b_i.
+#
+# Measured on the update, not on the weights: φ̃ ≈ φ + Δ with ‖Δ‖ ~ 1 % of ‖φ‖, so a weight-level
+# relative error is dominated by φ — a provider returning φ unchanged scores ~1e-2 there, but
+# e_i = 1 here; one at half the learning rate scores e_i ≈ 0.5.
+#
+# The bound, from the rounding errors of S inner SGD steps through L linear layers:
+#   1. each step stores θ ← θ − lr·g in fp32: an absolute error of up to u₃₂·|θ| per step, i.e.
+#      S·u₃₂·ρ_i relative to the update, with ρ_i = ‖φ‖ / ‖Δ_i^f64‖ and u₃₂ = 2^-24 (fp32
+#      storage, so the same for tf32 providers, which keep fp32 weights);
+#   2. each step's gradient passes through L matrix products forward and L back whose inputs are
+#      rounded to the precision's unit roundoff u (fp32: 2^-24; tf32 keeps 10 mantissa bits:
+#      2^-11): a relative gradient error of order L·u per step, S·L·u on the update.
+#   b_i = K · S · (u₃₂·ρ_i + L·u)
+# K is measured (bench/gate_calibration.py → bench/results/gate_calibration_cpu.json): the largest
+# K any fp32 provider needed against this oracle, on the smoke shapes and the CPU sweep's sizes
+# (widths 8-256, 2-32 steps, meta-batch up to 256), was 0.71 (backend torch's batched path,
+# T3-H8-S2; the reference: 0.33); the same loop with every matmul input rounded to tf32 (an
+# emulation of the GPU's tf32 mode, round to nearest) needed 0.35.  K = 4 leaves a factor 5.6
+# for fp32 (other accumulation orders, FMA contraction, a GPU's tanh) and 11 for tf32 (hardware
+# truncation instead of rounding doubles u).  For the sine MLP (L = 3, ρ ≤ 520) that is, in
+# fp32, b ≈ 2e-4-6e-4 at 5 steps; in tf32, b ≈ 0.03 at 5 steps and 0.19 at 32.
+#
+# A bound above GATE_CAP could not tell a correct provider from one at half the learning rate
+# (e ≈ 0.5), so the gate then refuses the provider at that point rather than time it.
+
+#: unit roundoff of the numbers a matrix product's inputs are rounded to, per provider precision
+UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "tf32": 2.0 ** -11}
+#: the measured constant of the bound, with its safety factor (see above)
+GATE_K = 4.0
+#: the largest bound the gate accepts: half of what a half-learning-rate provider scores
+GATE_CAP = 0.25
 
 #: Providers that loop over tasks in Python are timed only up to this meta-batch in the sweeps
 #: (their cost per task does not depend on the meta-batch; larger sizes only burn the budget),
@@ -192,12 +232,16 @@ class Provider:
     """One way of running a meta-batch of inner loops (see the module docstring)."""
 
     name: str = "?"
-    #: True: checked at RTOL/ATOL against the fp32 reference.  False (tf32): only its error
-    #: against the float64 oracle is recorded, and it must stay under ``error_bound``.
-    exact: bool = True
-    error_bound: float = 0.0
+    #: the precision of its matrix products' inputs ("fp32" or "tf32"), which sets its bound
+    #: against the float64 oracle (``update_error_bound``).
+    precision: str = "fp32"
     #: False: never timed on the CPU (the Triton interpreter).
     timed_on_cpu: bool = True
+
+    @property
+    def exact(self) -> bool:
+        """fp32 providers are also held to RTOL/ATOL against the fp32 reference."""
+        return self.precision == "fp32"
 
     def unavailable(self, device: torch.device) -> Optional[str]:
         return None
@@ -248,9 +292,11 @@ class BackendProvider(Provider):
     constructed with keyword options (``options``) that select one of its paths."""
 
     def __init__(self, name: str, backend: str, options: Optional[Dict[str, Any]] = None,
-                 exact: bool = True, error_bound: float = 0.0, timed_on_cpu: bool = True):
+                 precision: str = "fp32", timed_on_cpu: bool = True):
+        if precision not in UNIT_ROUNDOFF:
+            raise ValueError(f"precision must be one of {sorted(UNIT_ROUNDOFF)}, got {precision!r}")
         self.name, self.backend, self.options = name, backend, dict(options or {})
-        self.exact, self.error_bound, self.timed_on_cpu = exact, error_bound, timed_on_cpu
+        self.precision, self.timed_on_cpu = precision, timed_on_cpu
         self._instance = None
 
     def _make(self):
@@ -397,10 +443,9 @@ def _build_providers() -> Dict[str, Provider]:
     provs["triton"] = BackendProvider("triton", "triton", timed_on_cpu=False)
     # Kernel launches replayed from a captured CUDA graph (small meta-batches are launch-bound).
     provs["triton-graphs"] = _CudaOnly("triton-graphs", "triton", {"cuda_graphs": True})
-    # tf32 dot inputs: not exact by design; its error against float64 is what is measured.  The
-    # bound is loose (tf32 keeps 10 mantissa bits, u = 2^-11, over a few layers and steps).
-    provs["triton-tf32"] = BackendProvider("triton-tf32", "triton", {"precision": "tf32"}, exact=False,
-                                           error_bound=2e-2, timed_on_cpu=False)
+    # tf32 dot inputs: not exact by design; gated against float64 with tf32's unit roundoff.
+    provs["triton-tf32"] = BackendProvider("triton-tf32", "triton", {"precision": "tf32"}, precision="tf32",
+                                           timed_on_cpu=False)
     provs["jax"] = JaxProvider()
     return provs
 
@@ -451,16 +496,22 @@ def timed_skip_reason(name: str, point: Point, device: torch.device, mode: str) 
 # ---------------------------------------------------------------------------------- checking
 @dataclass
 class CheckResult:
-    """Outcome of comparing a provider's adapted parameters with the reference.
+    """Outcome of the check that precedes any timing.
 
     Attributes:
-        ok: passed (exact providers: every parameter within RTOL/ATOL of the fp32 reference on
-            the checked tasks, and of ``compare_to``'s full output when given).
-        max_abs_err: largest |provider − fp32 reference| over the checked tasks.
-        rel_err_f64: ‖provider − float64 oracle‖ / ‖oracle‖ over the checked tasks (all params).
+        ok: passed: on every task of every input set the update is within its bound of the
+            float64 oracle's (``update_margin <= 1``); fp32 providers also match the fp32
+            reference at RTOL/ATOL on the checked subset, and ``compare_to``'s full output.
+        max_abs_err: largest |provider − fp32 reference| over the subset of input set 0.
+        rel_err_f64: ‖provider − float64 oracle‖ / ‖oracle‖ over the subset of input set 0
+            (adapted weights, all parameters; for the record, not the gate).
         ref_rel_err_f64: the same for the fp32 reference itself (what fp32 rounding gives).
-        tasks_checked: how many tasks were compared with the reference.
+        tasks_checked: tasks per input set compared with the float64 oracle (all of them).
         message: why it failed ("" when ok).
+        update_rel_err: the largest e_i = ‖Δ_i − Δ_i^f64‖ / ‖Δ_i^f64‖ over all tasks and input sets.
+        update_bound: the bound b_i of the task where e_i / b_i is largest.
+        update_margin: max_i e_i / b_i (the gate passes at <= 1).
+        rotations_checked: input sets checked (all that the timing cycles through).
     """
 
     ok: bool
@@ -469,84 +520,196 @@ class CheckResult:
     ref_rel_err_f64: float
     tasks_checked: int
     message: str = ""
+    update_rel_err: float = float("nan")
+    update_bound: float = float("nan")
+    update_margin: float = float("nan")
+    rotations_checked: int = 0
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(ok=self.ok, max_abs_err=self.max_abs_err, rel_err_f64=self.rel_err_f64,
                     ref_rel_err_f64=self.ref_rel_err_f64, tasks_checked=self.tasks_checked,
-                    message=self.message)
+                    message=self.message, update_rel_err=self.update_rel_err,
+                    update_bound=self.update_bound, update_margin=self.update_margin,
+                    rotations_checked=self.rotations_checked)
 
 
 def check_subset(n_tasks: int, k: int = 16) -> torch.Tensor:
     """Indices of at most ``k`` tasks spread over ``range(n_tasks)`` (first and last included):
-    the tasks compared with the per-task reference, which is too slow to run on all of 16384."""
+    the tasks also compared with the per-task fp32 reference (too slow to run on all of 16384;
+    every task is compared with the batched float64 oracle)."""
     if n_tasks <= k:
         return torch.arange(n_tasks)
     return torch.unique(torch.linspace(0, n_tasks - 1, k).round().long())
 
 
-def oracle_params(problem: Problem, subset: torch.Tensor, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """The reference backend's adapted parameters for rotation 0's tasks ``subset``, computed in
-    ``dtype``: float32 on the problem's device (the reference the tests compare with), float64
-    on the CPU (the oracle).  Returned on the CPU; cached per problem."""
-    key = (tuple(subset.tolist()), dtype)
+def oracle_params(problem: Problem, subset: torch.Tensor, dtype: torch.dtype, rotation: int = 0) -> Dict[str, torch.Tensor]:
+    """The reference backend's adapted parameters for input set ``rotation``'s tasks ``subset``,
+    computed in ``dtype``: float32 on the problem's device (the reference the tests compare
+    with), float64 on the CPU.  Returned on the CPU; cached per problem."""
+    key = (tuple(subset.tolist()), dtype, rotation)
     if key not in problem._oracle:
         device = problem.device if dtype == torch.float32 else torch.device("cpu")
         model = copy.deepcopy(problem.model).to(device=device, dtype=dtype)
         sel = subset.to(problem.device)
-        tasks = problem.tasks[0][sel].to(device, dtype=dtype)
-        plan = problem.plans[0][sel].to(device)
+        tasks = problem.tasks[rotation][sel].to(device, dtype=dtype)
+        plan = problem.plans[rotation][sel].to(device)
         res = ReferenceBackend().inner_loop(model, tasks, plan, problem.config)
         problem._oracle[key] = {k: v.detach().cpu() for k, v in res.params.items()}
     return problem._oracle[key]
+
+
+def oracle_updates(problem: Problem, rotation: int = 0, *, chunk: int = 4096) -> Dict[str, torch.Tensor]:
+    """The float64 oracle: every task's update Δ_i = φ̃_i − φ for input set ``rotation``.
+
+    Plain SGD on the MSE of the plan's minibatches, in float64, written here with torch.func
+    (``vmap`` over tasks of ``grad`` of ``functional_call``) so that it shares no code with any
+    provider; tests/test_bench_gates.py checks it against the reference backend run in float64.
+    Runs on the problem's device in chunks of ``chunk`` tasks.  Returns ``{name: [T, *shape]}``
+    float64 on the CPU; cached per problem and input set.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    key = ("update", rotation)
+    if key in problem._oracle:
+        return problem._oracle[key]
+    if problem.config.loss != "mse" or problem.config.optimizer != "sgd":
+        raise ValueError("the oracle covers SGD on MSE, the benchmark problems' inner loop")
+    model = copy.deepcopy(problem.model).to(dtype=torch.float64)
+    phi = {n: p.detach() for n, p in model.named_parameters()}
+    lr = problem.config.lr
+
+    def loss(params, x, y):
+        return torch.nn.functional.mse_loss(functional_call(model, params, (x,)), y)
+
+    step_grad = grad(loss)
+
+    def one_task(x, y, plan):
+        params = phi
+        for s in range(plan.shape[0]):
+            g = step_grad(params, x[plan[s]], y[plan[s]])
+            params = {n: params[n] - lr * g[n] for n in params}
+        return {n: params[n] - phi[n] for n in params}
+
+    tasks, plan = problem.tasks[rotation], problem.plans[rotation]
+    parts = []
+    for lo in range(0, tasks.n_tasks, chunk):
+        hi = min(lo + chunk, tasks.n_tasks)
+        with torch.no_grad():
+            out = vmap(one_task)(tasks.x[lo:hi].to(torch.float64), tasks.y[lo:hi].to(torch.float64), plan[lo:hi])
+        parts.append({n: v.cpu() for n, v in out.items()})
+    problem._oracle[key] = {n: torch.cat([p[n] for p in parts]) for n in phi}
+    return problem._oracle[key]
+
+
+def update_error_bound(point: Point, precision: str, rho: torch.Tensor) -> torch.Tensor:
+    """b_i = GATE_K · S · (u₃₂·ρ_i + L·u): the largest relative error of task i's update against
+    float64 that a correct provider of ``precision`` may have (derivation above ``GATE_K``).
+
+    Args:
+        point: the size (S = ``point.steps``, L = ``len(point.dims) - 1`` linear layers).
+        precision: "fp32" or "tf32".
+        rho: ``[T]`` ‖φ‖ / ‖Δ_i^f64‖ per task.
+    """
+    if precision not in UNIT_ROUNDOFF:
+        raise ValueError(f"precision must be one of {sorted(UNIT_ROUNDOFF)}, got {precision!r}")
+    layers = len(point.dims) - 1
+    return GATE_K * point.steps * (UNIT_ROUNDOFF["fp32"] * rho + layers * UNIT_ROUNDOFF[precision])
 
 
 def _flat(params: Dict[str, torch.Tensor], names: Sequence[str], dtype=torch.float64) -> torch.Tensor:
     return torch.cat([params[n].reshape(params[n].shape[0], -1).to(dtype) for n in names], dim=1)
 
 
+def _fail(message: str, rotations: int = 0) -> CheckResult:
+    nan = float("nan")
+    return CheckResult(False, nan, nan, nan, 0, message, rotations_checked=rotations)
+
+
 def check_prepared(provider: Provider, prepared: Prepared, problem: Problem, *,
                    compare_to: Optional[Dict[str, torch.Tensor]] = None, k: int = 16) -> Tuple[CheckResult, Dict[str, torch.Tensor]]:
-    """Run ``prepared`` on rotation 0 and compare it with the reference (before any timing).
+    """Run ``prepared`` on every input set the timing will cycle through and check it (before
+    any timing).
 
-    ``compare_to``: another provider's full output (e.g. backend torch's, already checked) to
-    compare every task with, not only the subset.  Returns the result and the provider's
-    parameters (CPU) so they can serve as ``compare_to`` for the next provider.
+    1. The gate: on every task of every input set, the update φ̃_i − φ is within
+       ``update_error_bound`` of the float64 oracle's (``oracle_updates``).
+    2. fp32 providers: the adapted parameters of ``check_subset``'s tasks of every input set
+       within RTOL/ATOL of the fp32 reference backend (the project's equivalence standard).
+    3. ``compare_to``: another provider's full output for input set 0 (e.g. backend torch's,
+       already checked), compared at RTOL/ATOL on every task.
+
+    Returns the result and the provider's parameters for input set 0 (CPU), which can serve as
+    ``compare_to`` for the next provider.
     """
     names = [n for n, _ in problem.model.named_parameters()]
-    T = problem.point.meta_batch
-    out = prepared.to_params(prepared.run(0))
-    missing = [n for n in names if n not in out]
-    if missing:
-        return CheckResult(False, float("nan"), float("nan"), float("nan"), 0,
-                           f"output lacks parameters {missing}"), {}
-    params = {n: torch.as_tensor(out[n]).detach().to("cpu") for n in names}
-    for n, p in problem.model.named_parameters():
-        if tuple(params[n].shape) != (T, *p.shape):
-            return CheckResult(False, float("nan"), float("nan"), float("nan"), 0,
-                               f"{n} has shape {tuple(params[n].shape)}, expected {(T, *p.shape)}"), params
+    T, R = problem.point.meta_batch, problem.rotations
+    phi = {n: p.detach().to("cpu", torch.float64) for n, p in problem.model.named_parameters()}
+    phi_norm = float(torch.cat([v.reshape(-1) for v in phi.values()]).norm())
     subset = check_subset(T, k)
-    ref = oracle_params(problem, subset, torch.float32)
-    f64 = oracle_params(problem, subset, torch.float64)
-    mine = {n: params[n][subset] for n in names}
-    a, r, o = _flat(mine, names), _flat(ref, names), _flat(f64, names)
-    finite = all(bool(torch.isfinite(params[n]).all()) for n in names)
-    max_abs = float((a - r).abs().max())
-    rel64 = float((a - o).norm() / o.norm())
-    ref_rel64 = float((r - o).norm() / o.norm())
+    first: Dict[str, torch.Tensor] = {}
+    worst = dict(margin=-1.0, err=float("nan"), bound=float("nan"))
+    max_abs = 0.0
+    for r in range(R):
+        out = prepared.to_params(prepared.run(r))
+        missing = [n for n in names if n not in out]
+        if missing:
+            return _fail(f"output lacks parameters {missing}", r), first
+        # Copies, taken before the next run: an output may live in a buffer the next call reuses.
+        params = {n: torch.as_tensor(out[n]).detach().to("cpu").clone() for n in names}
+        for n, p in problem.model.named_parameters():
+            if tuple(params[n].shape) != (T, *p.shape):
+                return _fail(f"{n} has shape {tuple(params[n].shape)}, expected {(T, *p.shape)}", r), params
+        if r == 0:
+            first = params
+        if not all(bool(torch.isfinite(params[n]).all()) for n in names):
+            return _fail(f"non-finite values in the adapted parameters (input set {r})", r), first
+        # 1. the gate on the update, every task
+        oracle = oracle_updates(problem, r)
+        mine = _flat({n: params[n].to(torch.float64) - phi[n] for n in names}, names)
+        ref = _flat(oracle, names)
+        ref_norm = ref.norm(dim=1)
+        err = (mine - ref).norm(dim=1) / ref_norm
+        bound = update_error_bound(problem.point, provider.precision, phi_norm / ref_norm)
+        margin = err / bound
+        i = int(torch.nan_to_num(margin, nan=float("inf")).argmax())
+        if not float(margin[i]) <= worst["margin"]:
+            worst = dict(margin=float(margin[i]), err=float(err[i]), bound=float(bound[i]))
+        loose = (bound > GATE_CAP) | ~torch.isfinite(bound)
+        if bool(loose.any()):
+            j = int(loose.nonzero()[0])
+            return _fail(f"cannot be verified at {problem.point}: task {j}'s {provider.precision} bound "
+                         f"{float(bound[j]):.3g} exceeds {GATE_CAP} (a provider at half the learning rate "
+                         f"would pass)", r), first
+        bad = ~(err <= bound)
+        if bool(bad.any()):
+            where = [n for n in names if not float((params[n][i].double() - phi[n] - oracle[n][i]).norm())
+                     <= float(bound[i] * ref_norm[i])]
+            res = CheckResult(False, float("nan"), float("nan"), float("nan"), T,
+                              f"its update φ̃ − φ differs from the float64 oracle's on {int(bad.sum())} of {T} "
+                              f"tasks of input set {r} (task {i}: rel err {float(err[i]):.3g} > bound "
+                              f"{float(bound[i]):.3g} for {provider.precision}, {problem.point.steps} steps; "
+                              f"in {where})",
+                              update_rel_err=float(err[i]), update_bound=float(bound[i]),
+                              update_margin=float(margin[i]), rotations_checked=r + 1)
+            return res, first
+        # 2. fp32 providers: the fp32 reference on the subset, at the project's tolerance
+        ref32 = oracle_params(problem, subset, torch.float32, r)
+        sub = {n: params[n][subset] for n in names}
+        max_abs = max(max_abs, float((_flat(sub, names) - _flat(ref32, names)).abs().max()))
+        if provider.exact:
+            off = [n for n in names if not torch.allclose(sub[n], ref32[n], rtol=RTOL, atol=ATOL)]
+            if off:
+                return _fail(f"differs from the fp32 reference beyond rtol {RTOL}/atol {ATOL} in {off} "
+                             f"on input set {r} (max |diff| {max_abs:.3g})", r + 1), first
+    # for the record: weight-level relative errors on input set 0's subset
+    o = _flat({n: phi[n] + oracle_updates(problem, 0)[n][subset] for n in names}, names)
+    a = _flat({n: first[n][subset] for n in names}, names)
+    r32 = _flat(oracle_params(problem, subset, torch.float32, 0), names)
+    rel64, ref_rel64 = float((a - o).norm() / o.norm()), float((r32 - o).norm() / o.norm())
     msg = ""
-    if not finite:
-        msg = "non-finite values in the adapted parameters"
-    elif provider.exact:
-        bad = [n for n in names if not torch.allclose(mine[n], ref[n], rtol=RTOL, atol=ATOL)]
-        if bad:
-            msg = (f"differs from the fp32 reference beyond rtol {RTOL}/atol {ATOL} in {bad} "
-                   f"(max |diff| {max_abs:.3g}; rel err vs float64 {rel64:.3g}, reference's own {ref_rel64:.3g})")
-        elif compare_to is not None:
-            bad = [n for n in names if not torch.allclose(params[n], compare_to[n].to(params[n].dtype),
-                                                          rtol=RTOL, atol=ATOL)]
-            if bad:
-                worst = max(float((params[n] - compare_to[n]).abs().max()) for n in bad)
-                msg = f"differs from the checked torch output on some of all {T} tasks in {bad} (max |diff| {worst:.3g})"
-    elif not rel64 <= provider.error_bound:
-        msg = f"rel err vs float64 {rel64:.3g} exceeds its bound {provider.error_bound:g}"
-    return CheckResult(not msg, max_abs, rel64, ref_rel64, int(subset.numel()), msg), params
+    if provider.exact and compare_to is not None:
+        off = [n for n in names if not torch.allclose(first[n], compare_to[n].to(first[n].dtype), rtol=RTOL, atol=ATOL)]
+        if off:
+            worst_diff = max(float((first[n] - compare_to[n]).abs().max()) for n in off)
+            msg = f"differs from the checked torch output on some of all {T} tasks in {off} (max |diff| {worst_diff:.3g})"
+    return CheckResult(not msg, max_abs, rel64, ref_rel64, T, msg, update_rel_err=worst["err"],
+                       update_bound=worst["bound"], update_margin=worst["margin"], rotations_checked=R), first

@@ -72,12 +72,16 @@ def test_check_rejects_a_wrong_fast_answer():
     last = _Perturbed(39, 1e-3)
     res, _ = check_prepared(last, last.prepare(problem), problem)
     assert not res.ok and "network.2.weight" in res.message
-    # a task outside the checked subset is caught by the full comparison with another provider
+    # a task outside the subset compared with the fp32 reference is caught by the float64 gate,
+    # which sees every task
     hidden = _Perturbed(1, 1e-3)
     assert 1 not in check_subset(40).tolist()
     res, _ = check_prepared(hidden, hidden.prepare(problem), problem)
-    assert res.ok
-    res, _ = check_prepared(hidden, hidden.prepare(problem), problem, compare_to=params)
+    assert not res.ok and "1 of 40 tasks" in res.message and "network.2.weight" in res.message
+    # compare_to: every task against another provider's output (here one that differs on task 1)
+    other = {k: v.clone() for k, v in params.items()}
+    other["network.2.weight"][1, 3, 5] += 1e-4
+    res, _ = check_prepared(get_provider("seed"), get_provider("seed").prepare(problem), problem, compare_to=other)
     assert not res.ok and "all 40 tasks" in res.message
     nan = _Perturbed(0, float("nan"))
     res, _ = check_prepared(nan, nan.prepare(problem), problem)

@@ -10,6 +10,8 @@ from reptile_fast.backends import UnsupportedModelError
 from reptile_fast.cli import main
 from reptile_fast.loop import PlanSampler
 
+from _compiled import compiled_calls  # noqa: E402
+
 RTOL, ATOL = 1e-5, 1e-6  # fp32 paths against the fp32 reference backend
 
 
@@ -49,10 +51,12 @@ def test_compiled_fit_resume_is_exact(tmp_path):
     assert hist2["loss"] == hist["loss"]
 
 
-@pytest.mark.parametrize("meta_batch, annealed", [(1, False), (3, True)])
+@pytest.mark.parametrize("annealed", [False, True], ids=["constant", "annealed"])
+@pytest.mark.parametrize("meta_batch", [1, 3])
 def test_compiled_fit_equals_reference_on_fed_plans(meta_batch, annealed):
     """20 meta-steps in chunks of 7 (a partial last chunk included), tasks and plans fed in:
-    within fp32 rounding of the reference backend, with a constant and an annealed ε."""
+    within fp32 rounding of the reference backend, with a constant and an annealed ε, at
+    meta-batch 1 and 3; and the 3 chunks ran as compiled code (the profiler sees them)."""
     iterations, steps, batch = 20, 5, 10
     gen = torch.Generator().manual_seed(11)
     tasks = Sine().sample(iterations * meta_batch, generator=gen)
@@ -62,10 +66,13 @@ def test_compiled_fit_equals_reference_on_fed_plans(meta_batch, annealed):
     compiled = _trainer("compiled", backend_options={"chunk": 7}, **kw)
     reference = _trainer("reference", **kw)
     before = [p.detach().clone() for p in compiled.model.parameters()]
+    compiled.stepper(meta_batch).prepare()  # compile (once per shape and process) outside the count
     hist = {}
     for name, trainer in (("compiled", compiled), ("reference", reference)):
-        hist[name] = trainer.fit(Replay(tasks), iterations, meta_batch_size=meta_batch, progress=False,
-                                 sampler=PlanSampler(Replay(tasks), plans))["loss"]
+        hist[name], ran = compiled_calls(trainer.fit, Replay(tasks), iterations, meta_batch_size=meta_batch,
+                                         progress=False, sampler=PlanSampler(Replay(tasks), plans))
+        hist[name] = hist[name]["loss"]
+        assert ran == (3 if name == "compiled" else 0), f"{name}: {ran} compiled calls for chunks of 7, 7, 6"
     assert compiled.last_fit_stats["mode"] == "scan" and compiled.last_fit_stats["fallback_reason"] is None
     for (name, a), b, b0 in zip(compiled.model.named_parameters(), reference.model.parameters(), before):
         assert not torch.equal(b, b0), f"{name}: the reference did not train"
@@ -82,10 +89,13 @@ def test_compiled_path_really_compiles():
     torch.manual_seed(0)
     trainer = Reptile(MLP(1, 13, 1), backend="compiled", outer_lr=0.5)
     before = counters["stats"]["unique_graphs"]
-    trainer.fit(Sine(), 4, progress=False, generator=torch.Generator().manual_seed(0))
+    _, ran = compiled_calls(trainer.fit, Sine(), 4, progress=False, generator=torch.Generator().manual_seed(0))
     stats = trainer.last_fit_stats
     assert stats["mode"] == "scan" and stats["fallback_reason"] is None
-    assert counters["stats"]["unique_graphs"] > before, "torch.compile captured no graph"
+    # one graph for the shape (the scan over a chunk); it ran for the compile's dummy chunk and
+    # for the one chunk of 4 meta-steps
+    assert counters["stats"]["unique_graphs"] == before + 1, "torch.compile captured no graph"
+    assert ran == 2
     assert stats["compile_seconds"] > 0
 
 
@@ -101,8 +111,9 @@ def test_compiled_fallback_is_loud(monkeypatch):
     torch.manual_seed(0)
     trainer = Reptile(MLP(1, 11, 1), backend="compiled", outer_lr=0.5)
     with pytest.warns(RuntimeWarning, match="compiled meta-step is unavailable"):
-        trainer.fit(Sine(), 3, progress=False)
+        _, ran = compiled_calls(trainer.fit, Sine(), 3, progress=False)
     assert trainer.last_fit_stats["mode"] == "eager" and "no compiler here" in trainer.last_fit_stats["fallback_reason"]
+    assert ran == 0
 
 
 def test_compiled_rejects_unsupported_model():

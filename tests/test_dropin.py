@@ -20,7 +20,10 @@ from reptile_fast import Reptile, TaskBatch, reference
 from reptile_fast import compiled_step
 from reptile_fast.backends.base import UnsupportedModelError
 from reptile_fast.dropin import ReferencePathWarning
+from reptile_fast.mlp_spec import extract_mlp_spec
 from reptile_fast.seed_recognition import is_seed_sample_task, is_standard_inner_loop, standard_inner_loop
+
+from _compiled import compiled_calls  # noqa: E402
 
 #: the compiled path's maths without a compiler (fast to set up in tests)
 EAGER = {"backend": "compiled", "backend_options": {"mode": "eager"}}
@@ -78,14 +81,22 @@ def test_meta_batch_1_equals_reference_with_same_draws(mode, chunk_size):
     tasks, plans = record_seed_draws(reference.sample_task, 20, seed=7)
     torch.manual_seed(7)
     reference.reptile(model_ref, 20, reference.sample_task, reference.perform_k_training_steps, progress=False)
+    # the drop-in's program for this shape, compiled now (once per process) so that the count
+    # below sees only the training
+    compiled_step.get_program(extract_mlp_spec(model_fast), lr=0.02, loss="mse", steps=5, n_tasks=1, batch=10,
+                              dtype=torch.float32, mode=mode).prepare()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        stats = reptile_fast.reptile(model_fast, 20, replay(tasks), reference.perform_k_training_steps,
-                                     backend="compiled", backend_options={"mode": mode}, progress=False,
-                                     indices=plans[:, None], chunk_size=chunk_size)
+        stats, ran = compiled_calls(reptile_fast.reptile, model_fast, 20, replay(tasks),
+                                    reference.perform_k_training_steps, backend="compiled",
+                                    backend_options={"mode": mode}, progress=False,
+                                    indices=plans[:, None], chunk_size=chunk_size)
     assert no_reference_warning(record)
     assert stats["path"] == "compiled" and stats["inner_steps"] == 5 and stats["inner_batch_size"] == 10
     assert stats["mode"] == mode and stats["fallback_reason"] is None
+    # Compiled code really ran in scan mode: one call for the chunk of 20 (chunk_size 500) or of
+    # 19 (the last, single meta-step runs uncompiled by design); none in eager mode.
+    assert ran == (1 if mode == "scan" else 0), ran
     assert len(stats["loss"]) == 20
     assert [id(p) for p in model_fast.parameters()] == params_before  # updated in place
     assert_params_close(model_ref, model_fast)

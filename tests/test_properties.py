@@ -5,18 +5,21 @@ The oracle is the reference backend run in float64; each backend runs in float32
 conftest) and must agree within rtol 1e-5 / atol 1e-6: fp32 rounding (~6e-8 relative per op)
 accumulated over a few short inner loops at moderate learning rates stays well inside that,
 while a wrong minibatch, step count, learning rate or outer update is off by orders of magnitude
-more.  Backends are taken from ``reptile_fast.backends.BACKENDS``; one that cannot be imported
-or does not support an example is skipped for it, so this file works before and after a backend
-lands.  Examples are derandomized (the same on every run) to keep CI deterministic.
+more.  Every example must run on exactly the backends expected for it (``EXPECTED``: all of
+them support every plain MLP here); a backend that fails to import or refuses an example fails
+the test instead of dropping out.  Triton runs where it can (CUDA, or the interpreter) and is
+expected whenever the ``triton`` package is installed.  Examples are derandomized (the same on
+every run) to keep CI deterministic.
 """
 import copy
+import importlib.util
 import os
 
 import pytest
 import torch
 
 from reptile_fast import MLP, Reptile, TaskBatch, sample_indices
-from reptile_fast.backends import BACKENDS, UnsupportedModelError, get_backend
+from reptile_fast.backends import BACKENDS, get_backend
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -26,15 +29,18 @@ RTOL, ATOL = 1e-5, 1e-6
 META_STEPS = 2
 
 
-def available_backends():
-    names = []
-    for name in sorted(BACKENDS):
-        try:
-            get_backend(name)
-        except ImportError:
-            continue
-        names.append(name)
-    return names
+#: the backends (and variants) every example below must run on, and match the oracle with:
+#: backend "compiled" in its eager mode (the compiled program's maths without compiling a
+#: program per example), and backend torch's generic path as well as its batched-MLP one.
+EXPECTED = ("reference", "torch", "torch-vmap", "compiled-eager")
+
+
+def test_expected_backends_are_the_registered_ones():
+    """A backend added to the registry must be added here (or to the Triton test) too."""
+    assert set(BACKENDS) == {"reference", "torch", "triton"}
+    for name in BACKENDS:
+        if name != "triton" or importlib.util.find_spec("triton") is not None:
+            get_backend(name)  # importable: an ImportError fails this test
 
 
 @st.composite
@@ -77,7 +83,7 @@ def make_problem(case):
 
 
 #: variants run under a backend's name: (backend, backend_options)
-VARIANTS = {"torch-vmap": ("torch", {"fast_mlp": False})}
+VARIANTS = {"torch-vmap": ("torch", {"fast_mlp": False}), "compiled-eager": ("compiled", {"mode": "eager"})}
 
 
 def run(model, steps, case, backend, dtype):
@@ -94,16 +100,17 @@ def run(model, steps, case, backend, dtype):
 
 
 def check_backends(case, backends):
+    """Every backend in ``backends`` runs the case (an ImportError or UnsupportedModelError
+    propagates and fails the test) and ends within RTOL/ATOL of the float64 reference; returns
+    the names compared."""
     model, steps = make_problem(case)
     oracle = run(model, steps, case, "reference", torch.float64)
-    compared = 0
+    compared = []
     for name in backends:
-        try:
-            got = run(model, steps, case, name, torch.float32)
-        except UnsupportedModelError:
-            continue
-        compared += 1
+        got = run(model, steps, case, name, torch.float32)
+        compared.append(name)
         for k, v in oracle.items():
+            assert not torch.equal(v, model.get_parameter(k).detach().double()), f"{k}: the oracle did not move"
             torch.testing.assert_close(got[k], v.float(), rtol=RTOL, atol=ATOL,
                                        msg=lambda m, k=k, name=name: f"backend {name!r}, {k}, case {case}: {m}")
     return compared
@@ -116,23 +123,22 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None,
 @settings(max_examples=20, **SETTINGS)
 @given(case=cases(max_width=48, max_tasks=4, max_steps=4, max_batch=8))
 def test_every_backend_equals_the_float64_reference(case):
-    backends = [b for b in available_backends() if b != "triton"]
-    if "torch" in backends:
-        backends.append("torch-vmap")  # the generic path as well as the batched-MLP one
-    assert check_backends(case, backends) >= 1  # the fp32 reference at least
+    assert check_backends(case, EXPECTED) == list(EXPECTED)
 
 
 def triton_runnable():
-    if "triton" not in available_backends():
+    """Whether the Triton backend can run here; with the triton package installed, the backend
+    module must import (an ImportError then fails the test rather than skip it)."""
+    if importlib.util.find_spec("triton") is None:
         return False
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     return True
 
 
-@pytest.mark.skipif(not triton_runnable(), reason="triton backend not importable or not runnable here")
+@pytest.mark.skipif(not triton_runnable(), reason="the triton package is not installed, or no CUDA and no interpreter")
 @settings(max_examples=6, **SETTINGS)
 @given(case=cases(max_width=8, max_tasks=2, max_steps=2, max_batch=4))
 def test_triton_equals_the_float64_reference(case):
     # Under TRITON_INTERPRET=1 (no CUDA) the kernel runs on CPU tensors, slowly: tiny and few.
-    assert check_backends(case, ["triton"]) == 1
+    assert check_backends(case, ["triton"]) == ["triton"]

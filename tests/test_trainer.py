@@ -10,6 +10,16 @@ from reptile_fast import MLP, NonFiniteError, Reptile, Sine, TaskBatch, sample_i
 from reptile_fast.backends import UnsupportedModelError
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Thousands of tiny ops: on a busy 2-core CI box OpenMP's thread hand-offs make them many
+    # times slower than one thread (the sine job itself runs on one thread by default).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 def sine_batch(T, seed=0):
     return Sine().sample(T, generator=torch.Generator().manual_seed(seed))
 
@@ -52,22 +62,41 @@ def test_linear_annealing_schedule():
     assert seen == pytest.approx([1.0, 0.75, 0.5, 0.25])
 
 
-def test_fit_is_reproducible_and_reduces_loss():
+def test_fit_is_reproducible():
     def run():
         torch.manual_seed(0)
         model = MLP()
+        before = copy.deepcopy(model.state_dict())
         trainer = Reptile(model, backend="reference", outer_lr=1.0)
         trainer.fit(Sine(), 30, meta_batch_size=4, generator=torch.Generator().manual_seed(5), progress=False)
-        return model, trainer
+        return model, before
 
-    m1, t1 = run()
+    m1, before = run()
     m2, _ = run()
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
-    held_out = sine_batch(16, seed=99)
-    post = t1.evaluate(held_out, 20, generator=torch.Generator().manual_seed(0))
-    pre = t1.evaluate(held_out, 0)
-    assert post.shape == (16,) and float(post.mean()) < float(pre.mean())
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), name
+        assert not torch.equal(a, before[name]), f"{name}: fit left it unchanged"
+
+
+def test_training_helps_on_held_out_tasks():
+    """After the same adaptation (20 SGD steps) on 64 held-out tasks, the meta-trained model's
+    MSE is at most half the untrained model's (the same initialisation, not trained).  Comparing
+    with the untrained model, not with the loss before adaptation: adaptation alone lowers the
+    loss of any model.  Measured: 0.46 trained vs 3.26 untrained (ratio 0.14)."""
+    torch.manual_seed(0)
+    untrained = MLP()
+    model = copy.deepcopy(untrained)
+    trainer = Reptile(model, backend="torch", outer_lr=1.0)
+    trainer.fit(Sine(), 300, meta_batch_size=8, generator=torch.Generator().manual_seed(5), progress=False)
+    held_out = sine_batch(64, seed=99)
+
+    def post_adaptation(m):
+        losses = Reptile(m, backend="reference").evaluate(held_out, 20, generator=torch.Generator().manual_seed(0))
+        assert losses.shape == (64,)
+        return float(losses.mean())
+
+    trained_mse, untrained_mse = post_adaptation(model), post_adaptation(untrained)
+    assert trained_mse <= 0.5 * untrained_mse, (trained_mse, untrained_mse)
 
 
 def test_adapt_and_evaluate_leave_model_unchanged():

@@ -1,0 +1,180 @@
+"""The gate in front of every benchmark timing (bench/providers.py ``check_prepared``): a provider
+returning φ, one at half the learning rate, one wrong on a single task, or one that ignores new
+inputs is refused, in fp32 and in tf32, and is never timed; correct providers pass.  The float64
+oracle it compares with is itself checked against the reference backend run in float64."""
+import pytest
+import torch
+
+import bench.bench_inner_loop as bench_inner_loop
+from bench.gate_calibration import EmulatedTF32Provider, round_to_tf32
+from bench.providers import (GATE_CAP, Point, Prepared, Provider, check_prepared, check_subset, get_provider,
+                             make_problem, oracle_updates, update_error_bound)
+from reptile_fast.backends import InnerConfig
+from reptile_fast.backends.reference import ReferenceBackend
+
+SMALL = Point(meta_batch=5, width=8, steps=3)
+#: 40 tasks: more than check_subset's 16, so some tasks are compared only by the oracle gate
+WIDE = Point(meta_batch=40, width=8, steps=2)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_problem(SMALL, "cpu", rotations=2)
+
+
+@pytest.fixture(scope="module")
+def wide():
+    return make_problem(WIDE, "cpu", rotations=2)
+
+
+class Broken(Provider):
+    """The reference backend's answer, broken in one way (``how``), declared ``precision``."""
+
+    def __init__(self, how, precision="fp32", task=0):
+        self.name, self.how, self.precision, self.task = f"broken-{how}", how, precision, task
+
+    def prepare(self, problem):
+        backend = ReferenceBackend()
+
+        def inner(r, lr):
+            return backend.inner_loop(problem.model, problem.tasks[r], problem.plans[r],
+                                      InnerConfig(lr=lr, loss="mse")).params
+
+        def run(i):
+            r, lr = i % problem.rotations, problem.point.lr
+            if self.how == "returns_phi":  # skips the inner loop
+                return {n: p.detach().expand(problem.point.meta_batch, *p.shape).clone()
+                        for n, p in problem.model.named_parameters()}
+            if self.how == "half_lr":
+                return inner(r, lr / 2)
+            if self.how == "one_task_half_lr":
+                good, half = inner(r, lr), inner(r, lr / 2)
+                for n in good:
+                    good[n][self.task] = half[n][self.task]
+                return good
+            if self.how == "ignores_new_inputs":  # a replay that always shows input set 0's answer
+                return inner(0, lr)
+            if self.how == "correct":
+                return inner(r, lr)
+            raise ValueError(self.how)
+
+        return Prepared(run, lambda out: out)
+
+
+def check(provider, problem):
+    result, _ = check_prepared(provider, provider.prepare(problem), problem)
+    return result
+
+
+# ---------------------------------------------------------------------------- the oracle
+def test_oracle_equals_the_reference_backend_in_float64(small):
+    """The gate's oracle (torch.func, float64, all tasks at once) is the reference's maths."""
+    phi = {n: p.detach().double() for n, p in small.model.named_parameters()}
+    for r in range(small.rotations):
+        model64 = type(small.model)(1, SMALL.width, 1, depth=SMALL.depth).double()
+        model64.load_state_dict({k: v.double() for k, v in small.model.state_dict().items()})
+        ref = ReferenceBackend().inner_loop(model64, small.tasks[r].to(dtype=torch.float64), small.plans[r],
+                                            small.config).params
+        got = oracle_updates(small, r)
+        for n in phi:
+            torch.testing.assert_close(got[n], ref[n] - phi[n], rtol=1e-12, atol=1e-14, msg=n)
+            assert got[n].abs().max() > 1e-4, f"{n}: the update must not be trivial"
+
+
+# ---------------------------------------------------------------------------- broken providers
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("how", ["returns_phi", "half_lr"])
+def test_gate_refuses_phi_and_half_learning_rate(small, how, precision):
+    result = check(Broken(how, precision), small)
+    assert not result.ok
+    assert "update" in result.message and "float64 oracle" in result.message
+    assert result.update_margin > 1
+    # e = 1 for φ, ≈ 0.5 for half the learning rate: far above either precision's bound
+    assert result.update_rel_err == pytest.approx(1.0 if how == "returns_phi" else 0.5, rel=0.2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_gate_refuses_a_single_wrong_task_outside_the_reference_subset(wide, precision):
+    task = 1
+    assert task not in check_subset(WIDE.meta_batch).tolist()
+    result = check(Broken("one_task_half_lr", precision, task=task), wide)
+    assert not result.ok and "on 1 of 40 tasks of input set 0" in result.message
+
+
+def test_gate_refuses_a_provider_that_ignores_new_inputs(small):
+    """Input set 0 right, input set 1 answered with input set 0's result (a stale replay)."""
+    result = check(Broken("ignores_new_inputs"), small)
+    assert not result.ok and "input set 1" in result.message
+
+
+@pytest.mark.parametrize("name", ["seed", "reference", "torch", "torch-vmap"])
+def test_gate_passes_correct_providers_on_every_task_and_input_set(wide, name):
+    result = check(get_provider(name), wide)
+    assert result.ok, result.message
+    assert result.tasks_checked == WIDE.meta_batch and result.rotations_checked == 2
+    assert 0 <= result.update_margin <= 1
+
+
+def test_tf32_bound_passes_tf32_rounding_and_the_fp32_bound_does_not(small):
+    """A loop with tf32 matrix-product inputs is within the tf32 bound, and far outside the fp32
+    one: the bounds are per precision, and the fp32 one is tight enough to see tf32 rounding."""
+    # tf32 spacing at 1 is 2^-10: below half rounds down, a tie away from zero, above half up
+    x = torch.tensor([1.0 + 2 ** -12, 1.0 + 2 ** -11, 1.0 + 2 ** -10 + 2 ** -11 + 2 ** -13])
+    assert round_to_tf32(x).tolist() == [1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -9]
+    tf32 = check(EmulatedTF32Provider("tf32"), small)
+    assert tf32.ok, tf32.message
+    assert 1e-5 < tf32.update_rel_err
+    as_fp32 = check(EmulatedTF32Provider("fp32"), small)
+    assert not as_fp32.ok and as_fp32.update_margin > 10
+
+
+def test_bound_follows_the_derivation():
+    """b = K·S·(u32·ρ + L·u): linear in steps, in ρ (fp32 storage) and per precision."""
+    rho = torch.tensor([0.0, 100.0])
+    pt = Point(meta_batch=2, width=64, steps=5)  # L = 3
+    b32, b_tf = update_error_bound(pt, "fp32", rho), update_error_bound(pt, "tf32", rho)
+    torch.testing.assert_close(b32[0], torch.tensor(4.0 * 5 * 3 * 2.0 ** -24))
+    torch.testing.assert_close(b_tf[1] - b_tf[0], b32[1] - b32[0])  # storage term is fp32 in both
+    torch.testing.assert_close(b_tf[0], torch.tensor(4.0 * 5 * 3 * 2.0 ** -11))
+    assert float(update_error_bound(Point(meta_batch=2, width=64, steps=32), "tf32", rho).max()) < GATE_CAP
+    with pytest.raises(ValueError, match="precision"):
+        update_error_bound(pt, "bf16", rho)
+
+
+def test_a_bound_too_loose_to_tell_half_the_learning_rate_is_refused():
+    """tf32 at 60 steps: the derived bound passes GATE_CAP, so nothing at that point is trusted."""
+    problem = make_problem(Point(meta_batch=2, width=8, steps=60, inner_batch=5), "cpu")
+    result = check(Broken("correct", "tf32"), problem)
+    assert not result.ok and "cannot be verified" in result.message
+    assert check(Broken("correct", "fp32"), problem).ok
+
+
+# ---------------------------------------------------------------------------- never timed
+class FakeBenchmark:
+    enabled, disabled = True, False
+
+    def __init__(self):
+        self.extra_info, self.timed = {}, False
+
+    def pedantic(self, *args, **kwargs):
+        self.timed = True
+
+
+@pytest.mark.parametrize("how", ["returns_phi", "half_lr"])
+def test_a_refused_provider_is_never_timed(monkeypatch, how):
+    broken = Broken(how)
+    monkeypatch.setattr(bench_inner_loop, "get_provider", lambda name: broken)
+    monkeypatch.setattr(bench_inner_loop, "timed_skip_reason", lambda *a: None)
+    problems = {}
+
+    def get(point, rotations=1):
+        return problems.setdefault((point, rotations), make_problem(point, "cpu", rotations=rotations))
+
+    benchmark = FakeBenchmark()
+    with pytest.raises(pytest.fail.Exception, match="is wrong, so it is not timed"):
+        bench_inner_loop.test_inner_loop_speed(benchmark, SMALL, broken.name, torch.device("cpu"), get, None)
+    assert not benchmark.timed
+    # the same path times a correct provider
+    monkeypatch.setattr(bench_inner_loop, "get_provider", lambda name: get_provider("reference"))
+    bench_inner_loop.test_inner_loop_speed(benchmark, SMALL, "reference", torch.device("cpu"), get, None)
+    assert benchmark.timed and benchmark.extra_info["check"]["ok"]
