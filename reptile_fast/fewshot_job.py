@@ -176,11 +176,20 @@ def run_omniglot(config: OmniglotConfig, out: os.PathLike, *, progress: bool = T
     if not isinstance(config, OmniglotConfig):
         raise TypeError(f"config must be an OmniglotConfig, got {type(config).__name__}")
     out = prepare_directory(out, "output directory")
-    device = torch.device(config.device)
-    return _with_threads(config.threads, lambda: _run(config, out, device, progress, resume, log))
+    from .distributed import setup_from_env
+
+    # Under torchrun (WORLD_SIZE > 1) this joins the job: gloo on the CPU, NCCL on cuda:LOCAL_RANK.
+    context = setup_from_env(device=config.device)
+    quiet = log if context.is_main else (lambda message: None)  # rank 0 alone reports
+    try:
+        return _with_threads(config.threads, lambda: _run(config, out, context.device, progress, resume, quiet,
+                                                          context))
+    finally:
+        if not context.failed:
+            context.close()
 
 
-def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log) -> dict:
+def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log, context) -> dict:
     t_load = time.perf_counter()
     train_data = load_omniglot_images(config.train)
     test_data = load_omniglot_images([config.test])
@@ -203,8 +212,11 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log)
 
     start = 0
     validation: List[dict] = []
+    indexed = context.is_distributed  # tasks drawn by global index: the same run on any number of ranks
     if resume is not None:
-        start = load_checkpoint(resume)["trainer"]["iteration"]
+        ckpt = load_checkpoint(resume)
+        start = ckpt["trainer"]["iteration"]
+        indexed = indexed or (ckpt["extra"].get("sampler") or {}).get("kind") == "indexed"
         if start > config.iterations:
             raise ValueError(f"the checkpoint {resume} is at meta-step {start}, beyond iterations={config.iterations}")
         vpath = Path(resolve_checkpoint_path(resume)).parent / VALIDATION_NAME
@@ -224,7 +236,7 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log)
         return result, episodes
 
     def callback(iteration: int, metrics: Mapping) -> None:
-        if config.validate_every and iteration % config.validate_every == 0:
+        if config.validate_every and iteration % config.validate_every == 0 and context.is_main:
             # Its own generator per validation point: the training stream is untouched, so a
             # resumed run is exactly an uninterrupted one.  Monitoring only, no model selection.
             result, _ = evaluate(test_sets[k0], config.validation_tasks, 7919 * config.seed + iteration)
@@ -236,13 +248,24 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log)
 
     gen = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
-    history = trainer.fit(train_dist, config.iterations, meta_batch_size=config.meta_batch_size,
-                          generator=gen, progress=progress, callback=callback, checkpoint_dir=out,
-                          checkpoint_every=config.checkpoint_every or None, resume_from=resume,
-                          checkpoint_extra={"job": OMNIGLOT_JOB, "job_config": asdict(config)})
+    extra = {"job": OMNIGLOT_JOB, "job_config": asdict(config)}
+    if indexed:
+        from .distributed import distributed_fit
+
+        history = distributed_fit(trainer, train_dist, config.iterations, meta_batch_size=config.meta_batch_size,
+                                  seed=config.seed, context=context, progress=progress, callback=callback,
+                                  checkpoint_dir=out, checkpoint_every=config.checkpoint_every or None,
+                                  resume_from=resume, checkpoint_extra=extra)
+    else:
+        history = trainer.fit(train_dist, config.iterations, meta_batch_size=config.meta_batch_size,
+                              generator=gen, progress=progress, callback=callback, checkpoint_dir=out,
+                              checkpoint_every=config.checkpoint_every or None, resume_from=resume,
+                              checkpoint_extra=extra)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
+    if not context.is_main:  # rank 0 alone evaluates and writes the outputs
+        return {"rank": context.rank, "world_size": context.world_size}
 
     results = []
     t1 = time.perf_counter()
@@ -270,13 +293,14 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log)
         "final_inner_loss": history["loss"][-1] if history["loss"] else None,
         "backend": trainer.backend.name, "device": str(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "world_size": context.world_size, "task_sampler": "indexed" if indexed else "generator",
         "protocol": ("adapt on the support set (inner Adam, fresh state per task), predict the query set; "
                      + ("transductive: all queries of a task in one batch" if config.transductive else
                         "non-transductive: each query image in a batch with the support set") +
                      "; BatchNorm on batch statistics"),
     }
     _plot_curves(history["loss"], validation, out / "learning_curve.png")
-    cfg = asdict(config)
+    cfg = {**asdict(config), "world_size": context.world_size}
     atomic_torch_save({"state_dict": model.state_dict(), "config": cfg, "model": "OmniglotConvNet",
                        "ways": config.ways}, out / "model.pt")
     atomic_write_json(out / "config.json", cfg)
@@ -465,10 +489,12 @@ def config_from_args(args):
 
 def run_command(args) -> int:
     """Run ``omniglot`` or ``omniglot-runs`` from parsed arguments; returns the exit status."""
+    from .distributed import DistributedError, is_main
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
 
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731 - stdout carries the JSON
+    main_rank = is_main()  # under torchrun, rank 0 alone prints
+    log = (lambda m: print(m, file=sys.stderr)) if main_rank else (lambda m: None)  # noqa: E731 - stdout: JSON
     if args.command == "omniglot-runs":
         try:
             metrics = run_omniglot_runs(args.runs, args.model, args.out, seed=args.seed,
@@ -490,10 +516,14 @@ def run_command(args) -> int:
         log(f"reptile-fast: stopped after meta-step {exc.iteration}; checkpoint written to {exc.checkpoint}.\n"
             f"Resume with: reptile-fast omniglot --resume {out}")
         return exc.exit_code
+    except DistributedError as exc:
+        return _err(f"{exc}\nContinue from the last checkpoint with --resume {out}", 4)
     except NonFiniteError as exc:
-        return _err(f"{exc}", 3)
+        return _err(f"{exc}", 3) if main_rank else 3
     except (OSError, ValueError, TypeError) as exc:
         return _err(str(exc))
+    if not main_rank:
+        return 0
     print(json.dumps(metrics, indent=2))
     log(f"wrote metrics.json, config.json, model.pt, learning_curve.png, validation.json, checkpoint.pt to {out}")
     return 0
