@@ -275,7 +275,7 @@ TABLE = [
      "exit 2: .*not written by the sine job"),
     ("--resume with fewer --iterations", lambda c: _resume_beyond(c), CLIFailed,
      "exit 2: .*meta-step 2, beyond iterations=1"),
-    ("unknown command", lambda c: c.cli("omniglot"), CLIFailed, "exit 2: .*invalid choice"),
+    ("unknown command", lambda c: c.cli("mnist"), CLIFailed, "exit 2: .*invalid choice"),
 ]
 
 
