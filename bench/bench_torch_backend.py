@@ -164,7 +164,7 @@ def test_inner_loop_throughput(benchmark, path, T):
 def test_inner_loop_compiled(benchmark, T):
     """``torch.compile`` (inductor, static shapes) of the batched-MLP inner loop, for the record:
     the compile time and the steady-state tasks/s next to the eager ``inner-fast`` case."""
-    from reptile_fast.backends.mlp_batched import (default_fast_tanh, gather_minibatches,
+    from reptile_fast.backends.mlp_batched import (StackedMLP, default_fast_tanh, gather_minibatches,
                                                    mlp_inner_loop, stack_mlp_params)
     from reptile_fast.mlp_spec import extract_mlp_spec
 
@@ -190,7 +190,15 @@ def test_inner_loop_compiled(benchmark, T):
     except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler: recorded, not a failure here
         pytest.skip(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}")
     compile_s = time.perf_counter() - t0
-    torch.testing.assert_close(got, inner(tasks.x, tasks.y, idx, *phi), rtol=1e-5, atol=1e-6)
+    # A wrong compiled answer is never timed: every task against the reference backend (not the
+    # same code run eagerly, which would share its mistakes), fp32 rtol 1e-5 / atol 1e-6.
+    from reptile_fast.backends.reference import ReferenceBackend
+
+    ref = ReferenceBackend().inner_loop(model, tasks, idx, InnerConfig(lr=0.02)).params
+    adapted = StackedMLP(spec, got, T).named()
+    assert set(adapted) == set(ref)
+    for n in ref:
+        torch.testing.assert_close(adapted[n], ref[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
     benchmark.extra_info["compile_seconds"] = compile_s
     _MEASURED[f"compile_seconds-T{T}"] = compile_s
     _time(benchmark, lambda: compiled(tasks.x, tasks.y, idx, *phi), T, f"inner-compiled-T{T}")

@@ -105,12 +105,13 @@ def check_backends(case, backends):
     the names compared."""
     model, steps = make_problem(case)
     oracle = run(model, steps, case, "reference", torch.float64)
+    # the comparison means something only if training moved φ (dead ReLUs may freeze a layer)
+    assert any(not torch.equal(v, model.get_parameter(k).detach().double()) for k, v in oracle.items())
     compared = []
     for name in backends:
         got = run(model, steps, case, name, torch.float32)
         compared.append(name)
         for k, v in oracle.items():
-            assert not torch.equal(v, model.get_parameter(k).detach().double()), f"{k}: the oracle did not move"
             torch.testing.assert_close(got[k], v.float(), rtol=RTOL, atol=ATOL,
                                        msg=lambda m, k=k, name=name: f"backend {name!r}, {k}, case {case}: {m}")
     return compared
