@@ -18,6 +18,16 @@ SEED_PROGRAM = SHARED / "seed" / "seed_program.py"
 OMNIGLOT = SHARED / "data" / "omniglot"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The tests' tensors are tiny: with 2+ threads on a busy 2-core CI box their time goes to
+    # OpenMP hand-offs (measured: test_trainer + test_cli 269 s with 2 threads, 20 s with 1).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
