@@ -178,3 +178,40 @@ def test_a_refused_provider_is_never_timed(monkeypatch, how):
     monkeypatch.setattr(bench_inner_loop, "get_provider", lambda name: get_provider("reference"))
     bench_inner_loop.test_inner_loop_speed(benchmark, SMALL, "reference", torch.device("cpu"), get, None)
     assert benchmark.timed and benchmark.extra_info["check"]["ok"]
+
+
+def test_triton_benchmark_gate_checks_every_timed_set():
+    """bench_triton_kernel's gate (every timed input set, sampled tasks' updates vs float64):
+    passes a correct backend, refuses one returning φ, one at half the learning rate and one
+    that ignores new inputs (answers every set with the first set's result)."""
+    pytest.importorskip("triton")
+    import copy as _copy
+
+    from bench import bench_triton_kernel as B
+    from reptile_fast.backends import InnerConfig as _Config
+    from reptile_fast.backends.torch_func import TorchBackend
+
+    model, _, _ = B._problem(8, "cpu")
+    sets = [B._problem(8, "cpu", seed=s)[1:] for s in range(1, 4)]
+    B._update_gate(TorchBackend(), model, sets, "fp32")
+
+    class Broken:
+        def __init__(self, kind):
+            self.kind, self.inner, self.first = kind, TorchBackend(), None
+
+        def inner_loop(self, model, tasks, indices, config):
+            if self.kind == "phi":
+                config = _Config(lr=0.0 + 1e-30)
+            elif self.kind == "half_lr":
+                config = _Config(lr=config.lr / 2)
+            result = self.inner.inner_loop(model, tasks, indices, config)
+            if self.kind == "stale":
+                self.first = self.first or _copy.deepcopy(result)
+                return self.first
+            return result
+
+    for kind in ("phi", "half_lr", "stale"):
+        with pytest.raises(pytest.fail.Exception, match="not timed"):
+            B._update_gate(Broken(kind), model, sets, "fp32")
+        with pytest.raises(pytest.fail.Exception, match="not timed"):
+            B._update_gate(Broken(kind), model, sets, "tf32")
