@@ -3,23 +3,28 @@
 At the seed's setting (meta-batch 1, an MLP of ~4K parameters, 5 inner steps of 10 points) a
 meta-step is ~150 tiny tensor ops; eager PyTorch pays a few microseconds of dispatch for each,
 so the seed's loop spends ~1.4 ms per iteration on overhead, not arithmetic.  Here every task's
-SGD inner loop (``fused_inner_loop``: forward, the loss's gradient and the backward pass written
-out by hand with autograd's formulas) and the outer update ``φ ← φ + ε · mean_i(φ̃_i − φ)`` are
-traced once and compiled by ``torch.compile`` (inductor's C++ backend) together with a ``scan``
-over a chunk of meta-steps: hundreds of meta-steps are one call into generated C++ with no
-Python in between.
+SGD inner loop (forward, the loss's gradient and the backward pass written out by hand with
+autograd's formulas) and the outer update ``φ ← φ + ε · mean_i(φ̃_i − φ)`` for a whole chunk of
+meta-steps is one call into compiled code with no Python in between.
 
-Modes (``MetaStepProgram.mode``), tried in this order, each falling back with a warning:
-    "scan"   one compiled call per chunk of meta-steps (``torch._higher_order_ops.scan``);
-    "step"   one compiled call per meta-step (when scan is unavailable or fails to compile);
-    "eager"  the same function without compilation (no C++ compiler, ``torch.compile`` broken).
-"fused" asks for "eager" directly (the non-compiled fast path).
+Modes (``MetaStepProgram.mode``), tried in this order from the requested one, each falling back
+with a warning:
+    "native" the chunk as a small C function generated for this shape, compiled once by the system
+             C compiler and cached on disk across processes (``reptile_fast.native_step``): about
+             1 s to compile on a machine's first run, milliseconds to load after;
+    "scan"   ``fused_inner_loop`` + a ``scan`` over the chunk under ``torch.compile`` (inductor's
+             C++ backend): 10–25 s to compile in every new process (inductor does not cache the
+             ``scan`` across processes);
+    "step"   one ``torch.compile``d call per meta-step (when scan is unavailable or fails);
+    "eager"  the same maths without compilation (``mlp_batched.mlp_inner_loop``: no C compiler).
+"fused" asks for "eager" directly (the non-compiled fast path).  ``DEFAULT_MODE`` is "native".
 
 Programs are cached per (layer sizes, activations, loss, inner lr, inner steps, tasks per
-meta-step, minibatch size, dtype, mode); compilation happens on first use and its time is kept
-in ``compile_seconds``, apart from the per-iteration time.  Everything runs on one CPU thread:
-at these sizes OpenMP fork/join costs more than it saves (measured: several times slower with
-two threads on the 2-core machine).
+meta-step, minibatch size, dtype, mode); compilation happens on first use (``prepare``, which can
+report a long compile through its ``progress`` callback) and its time is kept in
+``compile_seconds``, apart from the per-iteration time.  Everything runs on one CPU thread: at
+these sizes OpenMP fork/join costs more than it saves (measured: several times slower with two
+threads on the 2-core machine).
 
 ``compiled_fit(trainer, task_distribution, iterations)`` is ``Reptile.fit`` on this path, for
 the CLI's sine job and for ``reptile_fast.reptile``.
@@ -41,9 +46,11 @@ from .mlp_spec import MLPSpec, cached_mlp_spec
 from .tasks.base import TaskBatch, sample_indices
 
 __all__ = ["MetaStepProgram", "get_program", "compiled_fit", "check_compiled_supported", "MODES",
-           "DEFAULT_CHUNK"]
+           "DEFAULT_MODE", "DEFAULT_CHUNK"]
 
-MODES = ("scan", "step", "eager")
+MODES = ("native", "scan", "step", "eager")
+#: the mode programs start from (falling back along ``MODES``)
+DEFAULT_MODE = "native"
 #: meta-steps per compiled call (and per draw of tasks / minibatch plans)
 DEFAULT_CHUNK = 500
 
@@ -171,7 +178,7 @@ class MetaStepProgram:
     """
 
     def __init__(self, spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int,
-                 batch: int, dtype: torch.dtype, mode: str = "scan"):
+                 batch: int, dtype: torch.dtype, mode: str = DEFAULT_MODE):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.spec, self.lr, self.loss = spec, float(lr), loss
@@ -182,6 +189,8 @@ class MetaStepProgram:
         self.fallback_reason: Optional[str] = None
         self._fn: Optional[Callable] = None
         self._ready = False
+        #: "native" mode: whether the compiled library came from the on-disk cache (None before)
+        self.cache_hit: Optional[bool] = None
 
     # ---------------------------------------------------------------- building
     def _step_fn(self, mode: str):
@@ -192,7 +201,17 @@ class MetaStepProgram:
             return _meta_step(inner, spec, lr, loss, list(params), xs, ys, eps)
         return step
 
-    def _build(self, mode: str) -> Callable:
+    def _build(self, mode: str, progress: Optional[Callable[[str], None]] = None) -> Callable:
+        if mode == "native":
+            from .native_step import NativeProgram
+
+            native = NativeProgram(self.spec, lr=self.lr, loss=self.loss, steps=self.steps,
+                                   n_tasks=self.n_tasks, batch=self.batch, dtype=self.dtype)
+            native.build(progress)
+            self.cache_hit = native.cache_hit
+            return native
+        if progress is not None and mode in ("scan", "step"):
+            progress(f"compiling the meta-step with torch.compile ({mode} mode; 10-25 s, in every new process)")
         step = self._step_fn(mode)
         if mode in ("eager", "step"):
             # one Python call per meta-step, compiled or not
@@ -243,9 +262,17 @@ class MetaStepProgram:
             ys = torch.zeros(m, S, T, B, dims[-1], dtype=self.dtype)
         return params, xs, ys, torch.zeros(m, dtype=self.dtype)
 
-    def prepare(self) -> "MetaStepProgram":
-        """Compile now (on a 2-step dummy chunk), falling back "scan" → "step" → "eager" with a
-        warning if compilation fails.  ``compile_seconds`` records the time; idempotent."""
+    def prepare(self, progress: Optional[Callable[[str], None]] = None) -> "MetaStepProgram":
+        """Compile now (and run a 2-step dummy chunk), falling back along ``MODES`` ("native" →
+        "scan" → "step" → "eager") with a warning if compilation fails.  ``compile_seconds``
+        records the time; idempotent.
+
+        Args:
+            progress: optional ``progress(message)``, called before a step that takes long (a C
+                compile on a machine's first run, ~1 s; a ``torch.compile``, 10–25 s) — e.g.
+                ``print`` or ``tqdm.write``, so a front end never sits silent.  Loading a cached
+                program says nothing.
+        """
         if self._ready:
             return self
         order = MODES[MODES.index(self.requested_mode):]
@@ -253,7 +280,7 @@ class MetaStepProgram:
         for mode in order:
             t0 = time.perf_counter()
             try:
-                fn = self._build(mode)
+                fn = self._build(mode, progress)
                 with torch.no_grad(), single_thread():
                     fn(*self._dummy(2))
             except Exception as exc:  # noqa: BLE001 - any compiler failure: use the next mode
@@ -277,8 +304,8 @@ class MetaStepProgram:
             try:
                 new, losses = self._fn(params, xs, ys, eps)
             except Exception as exc:  # noqa: BLE001 - a compiled program failing at run time
-                if self.mode == "eager":
-                    raise
+                if self.mode == "eager" or (self.mode == "native" and isinstance(exc, (ValueError, TypeError))):
+                    raise  # bad input (e.g. a class label out of range), not a compiler problem
                 # e.g. a recompilation that the compiler cannot do: finish on the eager path.
                 self.fallback_reason = f"{self.mode} failed at run time: {type(exc).__name__}: {exc}"
                 warnings.warn(f"reptile_fast: {self.fallback_reason}; continuing on the eager path",
@@ -289,7 +316,7 @@ class MetaStepProgram:
 
 
 def get_program(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int, batch: int,
-                dtype: torch.dtype, mode: str = "scan") -> MetaStepProgram:
+                dtype: torch.dtype, mode: str = DEFAULT_MODE) -> MetaStepProgram:
     """The cached ``MetaStepProgram`` for this shape and setting (built on first request)."""
     key = (spec.dims, spec.activations, float(lr), loss, steps, n_tasks, batch, dtype, mode)
     program = _PROGRAMS.get(key)
@@ -353,7 +380,7 @@ def check_plan_shape(indices, expected: tuple, layout: str) -> None:
 def compiled_fit(trainer, task_distribution, iterations: int, *, meta_batch_size: int = 1,
                  generator: Optional[torch.Generator] = None, progress: bool = True,
                  indices: Optional[torch.Tensor] = None, chunk_size: int = DEFAULT_CHUNK,
-                 mode: str = "scan", callback: Optional[Callable[[int, List[float]], None]] = None) -> Dict:
+                 mode: str = DEFAULT_MODE, callback: Optional[Callable[[int, List[float]], None]] = None) -> Dict:
     """``trainer.fit`` on the compiled CPU path: the same maths, chunks of meta-steps per call.
 
     Runs meta-steps ``trainer.iteration … iterations − 1`` (so it continues a trainer that has
@@ -368,7 +395,7 @@ def compiled_fit(trainer, task_distribution, iterations: int, *, meta_batch_size
         task_distribution: ``sample(n, *, generator, device) -> TaskBatch``.
         indices: optional long ``[iterations − trainer.iteration, meta_batch_size, S, B]`` plan
             to use instead of drawing one (for exact comparisons with other paths).
-        mode: "scan" (default), "step" or "eager" (see the module docstring).
+        mode: "native" (default), "scan", "step" or "eager" (see the module docstring).
         chunk_size: meta-steps per compiled call and per draw of tasks and plans.  Chunks start
             at ``trainer.iteration``, so a run resumed at a multiple of ``chunk_size`` (with the
             generator's state restored) draws exactly what an uninterrupted one does.

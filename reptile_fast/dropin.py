@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from .backends import BACKENDS
 from .backends.base import UnsupportedModelError
-from .compiled_step import DEFAULT_CHUNK, check_compiled_supported, check_plan_shape, compiled_fit
+from .compiled_step import DEFAULT_CHUNK, DEFAULT_MODE, check_compiled_supported, check_plan_shape, compiled_fit
 from .tasks.base import TaskBatch, sample_indices
 from .validation import check_float, check_int
 
@@ -489,7 +489,7 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
     else:
         result = compiled_fit(trainer, source, nb_iterations, meta_batch_size=meta_batch_size,
                               generator=generator, progress=progress, indices=indices,
-                              chunk_size=chunk_size, mode="eager" if path == "fused" else "scan")
+                              chunk_size=chunk_size, mode="eager" if path == "fused" else DEFAULT_MODE)
         stats.update(backend=path)
     stats.update(result, path=path, inner_steps=steps, inner_batch_size=batch)
     return stats

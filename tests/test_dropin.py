@@ -83,7 +83,7 @@ def test_meta_batch_1_equals_reference_with_same_draws(backend, chunk_size):
     assert no_reference_warning(record)
     assert stats["path"] == backend and stats["inner_steps"] == 5 and stats["inner_batch_size"] == 10
     if backend == "compiled" and stats["fallback_reason"] is None:
-        assert stats["mode"] == "scan"
+        assert stats["mode"] == compiled_step.DEFAULT_MODE
     assert len(stats["loss"]) == 20
     assert [id(p) for p in model_fast.parameters()] == params_before  # updated in place
     assert_params_close(model_ref, model_fast)
@@ -343,10 +343,13 @@ def test_non_mlp_model_uses_the_trainer():
 
 
 def test_falls_back_to_eager_when_torch_compile_fails(monkeypatch):
+    from reptile_fast import native_step
+
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(native_step, "find_compiler", lambda: None)  # no C compiler either
     monkeypatch.setattr(compiled_step, "_PROGRAMS", {})
     torch.manual_seed(0)
     model_ref = reference.MLP()
