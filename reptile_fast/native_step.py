@@ -53,11 +53,14 @@ __all__ = ["NativeProgram", "NativeCompilerError", "find_compiler", "cache_dir",
 _VERSION = 1
 _SUPPORTED_ACTS = ("identity", "tanh", "relu", "sigmoid")
 _LOSSES = ("mse", "cross_entropy")
-# -O3: vectorise the loops over a layer's width; -march=native: this CPU's vector width (the CPU's
-# flags are in the cache key); no -ffast-math: nothing is reordered and NaN/inf survive.
-_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing",
+# -O2: the products are written with explicit vectors, -O2 vectorises the elementwise loops
+# (activations) and compiles ~25 % faster than -O3, which ran no faster here; -march=native:
+# this CPU's vector width (the CPU's flags are in the cache key); -ffp-contract=fast: a·b + c as
+# one fused multiply-add where the CPU has one; no -ffast-math: nothing is reassociated and
+# NaN/inf survive.
+_FLAGS = ("-O2", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing",
           "-ffp-contract=fast", "-std=gnu99")
-_FLAGS_PORTABLE = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing", "-std=gnu99")
+_FLAGS_PORTABLE = ("-O2", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing", "-std=gnu99")
 
 
 class NativeCompilerError(RuntimeError):
