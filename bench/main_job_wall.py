@@ -13,7 +13,7 @@ Each round, in a rotating order so that the shared machine's drifting load hits 
 Whole process wall time (subprocess start to exit, imports included).  Optionally, once each:
 ``--baseline REV`` — the main job of an earlier commit (``git archive REV``, e.g. 3f7f800, whose
 compiled path was ``torch.compile``'s ``scan``), cold and warm; ``--seed-program`` — the seed's
-own ``seed_program.py`` (its 30000 iterations and its demo).
+own ``seed_program.py`` (its 30000 iterations and its demo; ``SEED_THREADS=1`` pins its threads).
 
     python -m bench.main_job_wall --rounds 5 --jax-python /work/venvs/cpu/bin/python \\
         --baseline 3f7f800 --seed-program --out bench/results/main_job_wall_cpu.json
@@ -101,6 +101,27 @@ def main(argv=None) -> int:
               "jax_command": f"{jax_python} bench/jax_sine_job.py --out <tmp>",
               "note": "whole-process wall time; rounds in rotating order; the machine's 2 cores are shared "
                       "with other jobs (load average recorded per run), so ratios are taken within a round"}
+    def write(final: bool = False) -> None:
+        """Write what has been measured so far (a crash or Ctrl-C later keeps it)."""
+        if series["cold"] and series["warm"] and series["jax"]:
+            result["summary"] = {k: summary(v) for k, v in series.items()}
+            done = min(len(ratios["cold_over_jax"]), len(ratios["warm_over_jax"]))
+            if done:
+                result["ratios"] = {k: {"per_round": v, "median": statistics.median(v)} for k, v in ratios.items()}
+                result["targets"] = {"cold_over_jax_max": 2.0, "warm_over_jax_max": 1.0,
+                                     "cold_met": result["ratios"]["cold_over_jax"]["median"] <= 2.0,
+                                     "warm_met": result["ratios"]["warm_over_jax"]["median"] <= 1.0}
+        result["runs"] = series
+        result["complete"] = final
+        result.update(machine_stamp(), jax=jax_version)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    try:
+        jax_version = subprocess.run([jax_python, "-c", "import jax; print(jax.__version__)"],
+                                     capture_output=True, text=True).stdout.strip()
+    except OSError:
+        jax_version = None
     with tempfile.TemporaryDirectory(prefix="main_job_wall_") as tmp:
         tmp = Path(tmp)
         for r in range(args.rounds):
@@ -116,12 +137,7 @@ def main(argv=None) -> int:
                 print(r, kind, json.dumps(got[kind]), flush=True)
             ratios["cold_over_jax"].append(got["cold"]["wall_seconds"] / got["jax"]["wall_seconds"])
             ratios["warm_over_jax"].append(got["warm"]["wall_seconds"] / got["jax"]["wall_seconds"])
-        result["runs"] = series
-        result["summary"] = {k: summary(v) for k, v in series.items()}
-        result["ratios"] = {k: {"per_round": v, "median": statistics.median(v)} for k, v in ratios.items()}
-        result["targets"] = {"cold_over_jax_max": 2.0, "warm_over_jax_max": 1.0,
-                             "cold_met": result["ratios"]["cold_over_jax"]["median"] <= 2.0,
-                             "warm_met": result["ratios"]["warm_over_jax"]["median"] <= 1.0}
+            write()
         if args.baseline:
             src = tmp / "baseline"
             src.mkdir()
@@ -137,6 +153,7 @@ def main(argv=None) -> int:
             base["cold_over_jax"] = base["cold"]["wall_seconds"] / base["jax"]["wall_seconds"]
             base["warm_over_jax"] = base["warm"]["wall_seconds"] / base["jax"]["wall_seconds"]
             result["baseline"] = base
+            write()
         if args.seed_program:
             if not SEED.exists():
                 result["seed_program"] = {"skipped": f"{SEED} not found"}
@@ -144,17 +161,13 @@ def main(argv=None) -> int:
                 cwd = tmp / "seed"
                 (cwd / "Imgs").mkdir(parents=True)
                 env = dict(os.environ, MPLBACKEND="Agg")
+                threads = os.environ.get("SEED_THREADS")
+                if threads:  # e.g. 1: torch's default two threads crawl on a loaded 2-core machine
+                    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
                 result["seed_program"] = _timed([args.python, str(SEED)], env=env, cwd=str(cwd))
                 result["seed_program"]["command"] = f"python {SEED.name} (its 30000 iterations and demo)"
                 print("seed", json.dumps(result["seed_program"]), flush=True)
-    try:
-        jax_version = subprocess.run([jax_python, "-c", "import jax; print(jax.__version__)"],
-                                     capture_output=True, text=True).stdout.strip()
-    except OSError:
-        jax_version = None
-    result.update(machine_stamp(), jax=jax_version)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write(final=True)
     print(json.dumps({"summary": result["summary"], "ratios": {k: v["median"] for k, v in result["ratios"].items()}},
                      indent=2))
     print("wrote", args.out)

@@ -11,7 +11,8 @@ through ``ctypes`` on the tensors' memory.  One call runs a whole chunk of meta-
                            φ ← φ + ε_m · d / T
 
 The library is cached under ``cache_dir()`` (``$REPTILE_FAST_CACHE_DIR``, else
-``$XDG_CACHE_HOME/reptile_fast``, else ``~/.cache/reptile_fast``), named by a hash of the C
+``$XDG_CACHE_HOME/reptile_fast``, else ``~/.cache/reptile_fast``; a per-user folder in the temporary
+directory when that one is not writable), named by a hash of the C
 source, the compiler's identity, its flags and the CPU's feature flags, so a second process loads
 it in milliseconds; a first one compiles in about a second (``torch.compile``'s ``scan`` of the
 same program takes 10–25 s and inductor does not cache it across processes).  Files are written to
@@ -89,6 +90,19 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "reptile_fast"
+
+
+def _usable_cache_dir() -> Path:
+    """``cache_dir()`` if it can be created and written, else a per-user folder in the temporary
+    directory (e.g. a read-only home): the program still compiles once per machine boot."""
+    for path in (cache_dir(), Path(tempfile.gettempdir()) / f"reptile_fast-{os.getuid() if hasattr(os, 'getuid') else 'user'}"):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if os.access(path, os.W_OK):
+                return path
+        except OSError:
+            continue
+    raise NativeCompilerError(f"no writable cache directory ({cache_dir()} nor the temporary directory)")
 
 
 def _cpu_identity() -> str:
@@ -519,7 +533,7 @@ class NativeProgram:
         cc = find_compiler()
         if cc is None:
             return None
-        path = cache_dir() / f"meta_step_{self._key(cc, _FLAGS)}.so"
+        path = _usable_cache_dir() / f"meta_step_{self._key(cc, _FLAGS)}.so"
         return path if path.exists() else None
 
     def build(self, progress: Optional[Callable[[str], None]] = None) -> "NativeProgram":
@@ -530,8 +544,9 @@ class NativeProgram:
         if cc is None:
             raise NativeCompilerError("no C compiler found (set CC, or install gcc or clang)")
         errors = []
+        directory = _usable_cache_dir()
         for flags in (_FLAGS, _FLAGS_PORTABLE):
-            path = cache_dir() / f"meta_step_{self._key(cc, flags)}.so"
+            path = directory / f"meta_step_{self._key(cc, flags)}.so"
             hit = path.exists()
             if not hit:
                 if progress is not None:
@@ -555,10 +570,6 @@ class NativeProgram:
         raise NativeCompilerError("; ".join(errors))
 
     def _compile(self, cc: str, flags: Sequence[str], path: Path) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise NativeCompilerError(f"cannot create the cache directory {path.parent}: {exc}") from exc
         with tempfile.TemporaryDirectory(prefix="reptile_fast_cc_") as tmp:
             src = Path(tmp) / "meta_step.c"
             src.write_text(self.source)

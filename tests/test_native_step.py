@@ -194,3 +194,14 @@ def test_generate_source_validates():
         native_step.generate_source(spec, lr=0.1, loss="mse", steps=1, n_tasks=1, batch=1, dtype=torch.float16)
     with pytest.raises(ValueError, match="losses"):
         native_step.generate_source(spec, lr=0.1, loss="l1", steps=1, n_tasks=1, batch=1, dtype=torch.float32)
+
+
+def test_unwritable_cache_dir_falls_back_to_temp(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("REPTILE_FAST_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(native_step.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    spec = extract_mlp_spec(MLP(1, 8, 1))
+    program = native_step.NativeProgram(spec, lr=0.02, loss="mse", steps=2, n_tasks=1, batch=3,
+                                        dtype=torch.float32).build()
+    assert program.library.parent.parent == tmp_path / "tmp"
