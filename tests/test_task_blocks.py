@@ -38,6 +38,10 @@ def test_blocked_equals_unblocked_bitwise(loss):
                                  task_block=block)
         assert torch.equal(blocked.params.flat, whole.params.flat), block
         assert torch.equal(blocked.losses, whole.losses), block
+        # φ copied block by block (init=) instead of stacked up front: the same numbers
+        lazy = mlp_inner_loop(spec, StackedMLP.empty(spec, 37), xs, ys, lr=0.05, loss=loss, task_block=block,
+                              init=named)
+        assert torch.equal(lazy.params.flat, whole.params.flat), block
 
 
 def test_backend_blocks_match_reference_and_unblocked():

@@ -345,7 +345,8 @@ def default_task_block(spec: MLPSpec, batch: int, element_size: int = 4) -> int:
 def mlp_inner_loop(spec: MLPSpec, params: StackedMLP, xs: torch.Tensor, ys: torch.Tensor, *,
                    lr: float, loss: str = "mse", fomaml: bool = False,
                    grad_weights: Optional[Sequence[float]] = None, fast_tanh: Optional[bool] = None,
-                   optimizer=None, task_block: Optional[int] = None) -> MLPInnerOutput:
+                   optimizer=None, task_block: Optional[int] = None,
+                   init: Optional[Mapping[str, torch.Tensor]] = None) -> MLPInnerOutput:
     """Run ``T`` tasks' inner loops at once, updating ``params`` in place.
 
     Step ``s`` trains every task on its minibatch ``xs[s]``: forward, the loss's gradient, the
@@ -375,6 +376,10 @@ def mlp_inner_loop(spec: MLPSpec, params: StackedMLP, xs: torch.Tensor, ys: torc
             least 2 tasks each; plain SGD without FOMAML): every task's arithmetic is independent
             of the others', so the result is the same, and each block's weights stay in cache
             through all its steps.  None or ``>= T``: all at once.
+        init: name -> φ (``[out, in]`` / ``[out]``, as ``stack_mlp_params`` takes): copied into
+            every task's parameters first — with task blocks, block by block just before the block
+            runs, so its copy is written straight into cache (``params`` may then be
+            ``StackedMLP.empty``).  None: ``params`` already holds the starting parameters.
 
     Returns:
         ``MLPInnerOutput``: the adapted ``params``, losses ``[T, S]`` and, when asked for, the
@@ -403,9 +408,13 @@ def mlp_inner_loop(spec: MLPSpec, params: StackedMLP, xs: torch.Tensor, ys: torc
             for i in range(n_blocks):
                 t1 = t0 + T // n_blocks + (1 if i < T % n_blocks else 0)
                 losses.append(mlp_inner_loop(spec, params.block(t0, t1), xs[:, t0:t1], ys[:, t0:t1], lr=lr,
-                                             loss=loss, fast_tanh=fast_tanh).losses)
+                                             loss=loss, fast_tanh=fast_tanh, init=init).losses)
                 t0 = t1
             return MLPInnerOutput(params, torch.cat(losses))
+    if init is not None:
+        with torch.no_grad():
+            for dst, name in zip(params.weights + params.biases, spec.weight_names + spec.bias_names):
+                dst.copy_(init[name].detach().expand(dst.shape))
     if params.flat is None and not fused:
         raise ValueError("a block of tasks (StackedMLP.block) runs only the fused SGD inner loop")
     grads = bwd = None

@@ -32,8 +32,8 @@ from torch.func import functional_call, grad, vmap
 from ..losses import loss_name, resolve_loss
 from ..tasks.base import TaskBatch
 from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError
-from .mlp_batched import (FAST_LOSSES, default_task_block, gather_minibatches, mlp_forward, mlp_inner_loop,
-                          stack_mlp_params)
+from .mlp_batched import (FAST_LOSSES, StackedMLP, default_task_block, gather_minibatches, mlp_forward,
+                          mlp_inner_loop)
 
 __all__ = ["TorchBackend", "StackedAdam"]
 
@@ -171,14 +171,17 @@ class TorchBackend(Backend):
     def _mlp_inner_loop(self, model, tasks, indices, config: InnerConfig) -> InnerResult:
         spec = self.mlp_spec(model)
         named = dict(model.named_parameters())
-        params = stack_mlp_params(spec, named, tasks.n_tasks)
+        # φ is copied into the per-task parameters inside mlp_inner_loop (block by block when it
+        # runs in task blocks: each copy lands in cache right before its block runs).
+        first = named[spec.weight_names[0]]
+        params = StackedMLP.empty(spec, tasks.n_tasks, dtype=first.dtype, device=first.device)
         xs, ys = gather_minibatches(tasks.x, tasks.y, indices)
         adam = StackedAdam([params.flat], config.lr, config.adam_betas, config.adam_eps) \
             if config.optimizer == "adam" else None
         out = mlp_inner_loop(spec, params, xs, ys, lr=config.lr, loss=loss_name(config.loss),
                              fomaml=config.algorithm == "fomaml", grad_weights=config.grad_weights,
                              fast_tanh=self._fast_tanh(tasks.device), optimizer=adam,
-                             task_block=self._task_block(spec, tasks, indices.shape[2]))
+                             task_block=self._task_block(spec, tasks, indices.shape[2]), init=named)
         adapted = out.params.named()
         meta = None
         if out.meta_grads is not None:
