@@ -166,6 +166,8 @@ def main(argv=None) -> int:
                     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
                 result["seed_program"] = _timed([args.python, str(SEED)], env=env, cwd=str(cwd))
                 result["seed_program"]["command"] = f"python {SEED.name} (its 30000 iterations and demo)"
+                result["seed_program"]["threads"] = (f"OMP_NUM_THREADS=MKL_NUM_THREADS={threads} (SEED_THREADS)"
+                                                     if threads else "torch's default")
                 print("seed", json.dumps(result["seed_program"]), flush=True)
     write(final=True)
     print(json.dumps({"summary": result["summary"], "ratios": {k: v["median"] for k, v in result["ratios"].items()}},

@@ -1,34 +1,42 @@
 """The whole Reptile meta-step of a plain MLP as a small C function: compiled once, cached on disk.
 
-``MetaStepProgram``'s "native" mode (``reptile_fast.compiled_step``).  For one MLP shape and inner
--loop setting this module writes ~200 lines of C (every size, the learning rate, the activations
-and the loss are compile-time constants), compiles it with the system C compiler (``$CC``, else
-``cc``/``gcc``/``clang``: the compiler inductor itself needs) into a shared library, and calls it
-through ``ctypes`` on the tensors' memory.  One call runs a whole chunk of meta-steps:
+``MetaStepProgram``'s "native" mode (``reptile_fast.compiled_step``).  For one MLP shape and inner-
+loop setting this module generates a C program (every size, the learning rate, the activations and
+the loss are compile-time constants; ~1000 lines for the seed's MLP, most of it unrolled register
+tiles), compiles it with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``: the
+compiler inductor itself needs) into a shared library, and calls it through ``ctypes`` on the
+tensors' memory.  One call runs a whole chunk of meta-steps:
 
     for each meta-step m:  for each task t:  θ ← φ;  S × (forward, loss gradient, backward, SGD);
                            d += θ − φ
                            φ ← φ + ε_m · d / T
 
 The library is cached under ``cache_dir()`` (``$REPTILE_FAST_CACHE_DIR``, else
-``$XDG_CACHE_HOME/reptile_fast``, else ``~/.cache/reptile_fast``; a per-user folder in the temporary
-directory when that one is not writable), named by a hash of the C
-source, the compiler's identity, its flags and the CPU's feature flags, so a second process loads
-it in milliseconds; a first one compiles in about a second (``torch.compile``'s ``scan`` of the
-same program takes 10–25 s and inductor does not cache it across processes).  Files are written to
-a temporary name and renamed: concurrent processes never load a half-written library.
+``$XDG_CACHE_HOME/reptile_fast``, else ``~/.cache/reptile_fast``; a per-user folder in the
+temporary directory when that one is not writable), named by a hash of the C source, the
+compiler's identity, its flags and the CPU's feature flags, so a later process loads it in
+milliseconds; the first one compiles it in about 0.5 s of CPU (``torch.compile``'s ``scan`` of
+the same program takes 10–25 s, in every process: inductor does not cache it across processes).
+Files are written to a temporary name and renamed: concurrent processes never load a half-written
+library.
+
+Layout: every matrix is padded to whole vectors of this CPU's widest vector (``vector_bytes``) and
+kept in the layout its products read (``W [out][in]``, ``Wᵀ [in][out]``, or both with the same
+numbers); products are register tiles of explicit vectors (GCC/Clang ``vector_size``) with the
+reduction index innermost.
 
 Arithmetic (fp32 or fp64, the parameters' dtype): the reference's formulas in a fixed order —
-``z = b + Σ_i h_i W_{oi}`` (i ascending), the aten backward formulas (``tanh_backward``
-``g·(1 − y²)``, ``sigmoid_backward`` ``g·(1 − y)·y``, ``threshold_backward``, ``mse_loss_backward``
+``z = b + Σ_i h_i W_{oi}`` (i ascending; outputs narrower than half a vector: lane-wise partial
+sums, then the lanes in order), the aten backward formulas (``tanh_backward`` ``g·(1 − y²)``,
+``sigmoid_backward`` ``g·(1 − y)·y``, ``threshold_backward``, ``mse_loss_backward``
 ``(2/n)·(out − y)``, ``_log_softmax_backward_data``), SGD as ``p + (−lr)·g``, sums over the
-minibatch in row order.  The C compiler may contract ``a·b + c`` into one fused multiply-add
-(``-ffp-contract=fast``, gcc's default; more accurate, never less); nothing is reassociated
-(no ``-ffast-math``).  In fp32, tanh and the sigmoid's exponential are branch-free polynomials
+minibatch in row order.  ``a·b + c`` becomes one fused multiply-add where the CPU has one
+(``-ffp-contract=fast``: one rounding instead of two); nothing is reassociated (no
+``-ffast-math``).  In fp32, tanh and the sigmoid's exponential are branch-free polynomials
 (Cephes' ``tanhf``/``expf``, within 2 ulp) so that the compiler vectorises them; fp64 and the
-cross-entropy's exp/log use libm.  NaN/inf propagate (the callers check each chunk).
-Results agree with the reference backend within the project's rtol 1e-5 / atol 1e-6
-(tests/test_native_step.py).
+cross-entropy's exp/log use libm.  NaN/inf propagate (the callers check each chunk).  Results
+agree with the reference backend within the project's rtol 1e-5 / atol 1e-6, and fp64 within
+1e-10 (tests/test_native_step.py); a given CPU, compiler and flags give bitwise-repeatable results.
 """
 from __future__ import annotations
 
