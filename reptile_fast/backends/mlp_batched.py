@@ -30,8 +30,8 @@ Large meta-batches: ``task_block`` runs the plain-SGD inner loops over blocks of
 sizes, ≥ 2 tasks) whose weights fit an L2 cache (``default_task_block``: 2 MiB of per-task state,
 63 tasks of the sine MLP), copying φ into each block just before it runs (``init=``); the results
 are bitwise those of all tasks at once.  At meta-batch 4096 the stacked weights (71 MB for the
-sine MLP) otherwise stream through memory at every product: measured 0.56× the meta-batch-256
-rate unblocked, 1.1× blocked (bench/results/large_meta_batch_cpu.json).
+sine MLP) otherwise stream through memory at every product: measured 0.60× the meta-batch-256
+rate unblocked, 1.03× blocked (bench/results/large_meta_batch_cpu.json).
 
 Shapes used throughout: ``T`` tasks, ``R`` plan rows (inner steps, plus one for FOMAML), ``S``
 inner updates, ``B`` points per minibatch, ``dims = (d_0, …, d_L)`` the layer sizes.
