@@ -44,6 +44,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -78,16 +79,22 @@ class NativeCompilerError(RuntimeError):
 
 # ----------------------------------------------------------------------------- environment
 def find_compiler() -> Optional[str]:
-    """The C compiler to use: ``$CC`` if set (and found), else the first of cc, gcc, clang on PATH."""
+    """The C compiler to use: ``$CC`` if set (its first word, found on PATH; further words are
+    passed as arguments), else the first of cc, gcc, clang on PATH."""
     env = os.environ.get("CC")
-    if env:
-        first = env.split()[0]
-        return shutil.which(first)
+    if env and shlex.split(env):
+        return shutil.which(shlex.split(env)[0])
     for name in ("cc", "gcc", "clang"):
         path = shutil.which(name)
         if path:
             return path
     return None
+
+
+def _compiler_extra_args() -> List[str]:
+    """Words after the first in ``$CC`` (e.g. ``CC="gcc -m64"``)."""
+    env = os.environ.get("CC")
+    return shlex.split(env)[1:] if env else []
 
 
 def cache_dir() -> Path:
@@ -530,7 +537,8 @@ class NativeProgram:
 
     def _key(self, cc: str, flags: Sequence[str]) -> str:
         h = hashlib.sha256()
-        for part in (self.source, _compiler_identity(cc), os.path.realpath(cc), " ".join(flags),
+        for part in (self.source, _compiler_identity(cc), os.path.realpath(cc),
+                     " ".join(_compiler_extra_args() + list(flags)),
                      _cpu_identity(), sys.platform, str(_VERSION)):
             h.update(part.encode())
             h.update(b"\0")
@@ -569,7 +577,17 @@ class NativeProgram:
                 lib = ctypes.CDLL(str(path))
             except OSError as exc:
                 errors.append(f"{path} does not load: {exc}")
-                continue
+                if hit:  # a damaged cache entry: drop it, compile afresh
+                    path.unlink(missing_ok=True)
+                    try:
+                        self._compile(cc, flags, path)
+                        lib = ctypes.CDLL(str(path))
+                        hit = False
+                    except (NativeCompilerError, OSError) as exc2:
+                        errors.append(str(exc2))
+                        continue
+                else:
+                    continue
             fn = lib.rf_meta_steps
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
@@ -582,7 +600,7 @@ class NativeProgram:
             src = Path(tmp) / "meta_step.c"
             src.write_text(self.source)
             out = Path(tmp) / "meta_step.so"
-            cmd = [cc, *flags, str(src), "-o", str(out), "-lm"]
+            cmd = [cc, *_compiler_extra_args(), *flags, str(src), "-o", str(out), "-lm"]
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.SubprocessError) as exc:

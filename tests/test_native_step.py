@@ -205,3 +205,20 @@ def test_unwritable_cache_dir_falls_back_to_temp(tmp_path, monkeypatch):
     program = native_step.NativeProgram(spec, lr=0.02, loss="mse", steps=2, n_tasks=1, batch=3,
                                         dtype=torch.float32).build()
     assert program.library.parent.parent == tmp_path / "tmp"
+
+
+def test_damaged_cache_entry_is_rebuilt():
+    """A cache file that does not load (e.g. damaged on disk) is dropped and compiled afresh.
+    (The junk is written before this process loads anything from that path: rewriting a loaded
+    library in place would break the running process, which the atomic rename prevents.)"""
+    model = MLP(1, 9, 1)
+    spec = extract_mlp_spec(model)
+    program = native_step.NativeProgram(spec, lr=0.02, loss="mse", steps=2, n_tasks=1, batch=3,
+                                        dtype=torch.float32)
+    path = native_step._usable_cache_dir() / f"meta_step_{program._key(native_step.find_compiler(), native_step._FLAGS)}.so"
+    path.write_bytes(b"not a shared library")
+    program.build()
+    assert program.cache_hit is False and program.library == path
+    phi = [p.detach() for p in model.parameters()]
+    new, losses = program(phi, torch.zeros(1, 2, 1, 3, 1), torch.ones(1, 2, 1, 3, 1), torch.ones(1))
+    assert torch.isfinite(losses).all()
