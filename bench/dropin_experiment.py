@@ -7,9 +7,9 @@ Speed (``--speed``, writes ``bench/results/dropin_cpu.json``): in one process,
       seed's functions, ``--repeats`` times: compile time (first call of the process) and the
       wall time of the 30000 iterations after compilation (median);
     * the same with a ``sample_task`` the drop-in does not recognise (called once per task);
-    * the meta-step program alone in each mode ("scan", "step" = one compiled call per step,
-      "eager" = no compiler), and the batched-matmul inner loop of ``mlp_batched`` compiled the
-      same way, for the record of what was tried.
+    * the meta-step program alone in each mode ("native" = generated C, "scan", "step" = one
+      compiled call per step, "eager" = no compiler), and the batched-matmul inner loop of
+      ``mlp_batched`` compiled the same way, for the record of what was tried.
 Quality (``--quality``, writes ``bench/results/dropin_quality_cpu.json``): the full experiment
 (30000 iterations) through the drop-in for ``--seeds``, then the post-adaptation MSE over
 ``--eval-tasks`` held-out tasks adapted as the seed's demo does (``perform_k_training_steps(model,
@@ -86,7 +86,8 @@ def time_programs(chunk: int = 500, rounds: int = 20) -> dict:
     xs, ys = gather_chunk(tasks, sample_indices(chunk, 5, 50, 10, generator=gen), 1)
     eps = torch.full((chunk,), 0.1)
     variants = {
-        "scan (fused_inner_loop, the default)": ("scan", compiled_step.fused_inner_loop),
+        "native (generated C, cached on disk; the default)": ("native", None),
+        "scan (fused_inner_loop under torch.compile)": ("scan", compiled_step.fused_inner_loop),
         "step (fused_inner_loop, one compiled call per meta-step)": ("step", compiled_step.fused_inner_loop),
         "eager (mlp_batched.mlp_inner_loop, no compiler)": ("eager", None),
         "scan (mlp_batched.mlp_inner_loop compiled)": ("scan", compiled_step.eager_inner_loop),

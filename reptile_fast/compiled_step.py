@@ -3,22 +3,28 @@
 At the seed's setting (meta-batch 1, an MLP of ~4K parameters, 5 inner steps of 10 points) a
 meta-step is ~150 tiny tensor ops; eager PyTorch pays a few microseconds of dispatch for each,
 so the seed's loop spends ~1.4 ms per iteration on overhead, not arithmetic.  Here every task's
-SGD inner loop (``fused_inner_loop``: forward, the loss's gradient and the backward pass written
-out by hand with autograd's formulas) and the outer update ``φ ← φ + ε · mean_i(φ̃_i − φ)`` are
-traced once and compiled by ``torch.compile`` (inductor's C++ backend) together with a ``scan``
-over a chunk of meta-steps: hundreds of meta-steps are one call into generated C++ with no
-Python in between.
+SGD inner loop (forward, the loss's gradient and the backward pass written out by hand with
+autograd's formulas) and the outer update ``φ ← φ + ε · mean_i(φ̃_i − φ)`` for a whole chunk of
+meta-steps is one call into compiled code with no Python in between.
 
-Modes (``MetaStepProgram.mode``), tried in this order, each falling back with a warning:
-    "scan"   one compiled call per chunk of meta-steps (``torch._higher_order_ops.scan``);
-    "step"   one compiled call per meta-step (when scan is unavailable or fails to compile);
-    "eager"  the same function without compilation (no C++ compiler, ``torch.compile`` broken).
+Modes (``MetaStepProgram.mode``), tried in this order from the requested one, each falling back
+with a warning:
+    "native" the chunk as a small C function generated for this shape, compiled once by the system
+             C compiler and cached on disk across processes (``reptile_fast.native_step``): about
+             1 s to compile on a machine's first run, milliseconds to load after;
+    "scan"   ``fused_inner_loop`` + a ``scan`` over the chunk under ``torch.compile`` (inductor's
+             C++ backend): 10–25 s to compile in every new process (inductor does not cache the
+             ``scan`` across processes);
+    "step"   one ``torch.compile``d call per meta-step (when scan is unavailable or fails);
+    "eager"  the same maths without compilation (``mlp_batched.mlp_inner_loop``: no C compiler).
+``DEFAULT_MODE`` is "native".
 
 Programs are cached per (layer sizes, activations, loss, inner lr, inner steps, tasks per
-meta-step, minibatch size, dtype, mode); compilation happens on first use and its time is kept
-in ``compile_seconds``, apart from the per-iteration time.  Everything runs on one CPU thread:
-at these sizes OpenMP fork/join costs more than it saves (measured: several times slower with
-two threads on the 2-core machine).
+meta-step, minibatch size, dtype, mode); compilation happens on first use (``prepare``, which can
+report a long compile through its ``progress`` callback) and its time is kept in
+``compile_seconds``, apart from the per-iteration time.  Everything runs on one CPU thread: at
+these sizes OpenMP fork/join costs more than it saves (measured: several times slower with two
+threads on the 2-core machine).
 
 ``reptile_fast.steppers.CompiledStepper`` runs these programs in the training loop (backend
 "compiled" of ``Reptile``, the CLI's sine job and ``reptile_fast.reptile`` at meta-batch 1).
@@ -36,9 +42,12 @@ from .backends.mlp_batched import mlp_inner_loop, stack_mlp_params
 from .mlp_math import ACTIVATIONS, loss_and_grad
 from .mlp_spec import MLPSpec
 
-__all__ = ["MetaStepProgram", "get_program", "fused_inner_loop", "eager_inner_loop", "MODES"]
+__all__ = ["MetaStepProgram", "get_program", "fused_inner_loop", "eager_inner_loop", "MODES",
+           "DEFAULT_MODE"]
 
-MODES = ("scan", "step", "eager")
+MODES = ("native", "scan", "step", "eager")
+#: the mode programs start from (falling back along ``MODES``)
+DEFAULT_MODE = "native"
 
 # cpp_wrapper: the generated program's glue is C++ rather than Python (measured in "step" mode:
 # 136 -> 89 µs per call).  cpp.threads = 1: see the module docstring.
@@ -164,7 +173,7 @@ class MetaStepProgram:
     """
 
     def __init__(self, spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int,
-                 batch: int, dtype: torch.dtype, mode: str = "scan", inner: Optional[Callable] = None):
+                 batch: int, dtype: torch.dtype, mode: str = DEFAULT_MODE, inner: Optional[Callable] = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.spec, self.lr, self.loss = spec, float(lr), loss
@@ -178,6 +187,8 @@ class MetaStepProgram:
         #: the inner-loop formulation to compile (``fused_inner_loop`` by default; benchmarks
         #: compare others with the same contract, e.g. ``eager_inner_loop``)
         self.inner = inner
+        #: "native" mode: whether the compiled library came from the on-disk cache (None before)
+        self.cache_hit: Optional[bool] = None
 
     # ---------------------------------------------------------------- building
     def _step_fn(self, mode: str):
@@ -188,7 +199,17 @@ class MetaStepProgram:
             return meta_step(inner, spec, lr, loss, list(params), xs, ys, eps)
         return step
 
-    def _build(self, mode: str) -> Callable:
+    def _build(self, mode: str, progress: Optional[Callable[[str], None]] = None) -> Callable:
+        if mode == "native":
+            from .native_step import NativeProgram
+
+            native = NativeProgram(self.spec, lr=self.lr, loss=self.loss, steps=self.steps,
+                                   n_tasks=self.n_tasks, batch=self.batch, dtype=self.dtype)
+            native.build(progress)
+            self.cache_hit = native.cache_hit
+            return native
+        if progress is not None and mode in ("scan", "step"):
+            progress(f"compiling the meta-step with torch.compile ({mode} mode; 10-25 s, in every new process)")
         step = self._step_fn(mode)
         if mode in ("eager", "step"):
             # one Python call per meta-step, compiled or not
@@ -239,9 +260,17 @@ class MetaStepProgram:
             ys = torch.zeros(m, S, T, B, dims[-1], dtype=self.dtype)
         return params, xs, ys, torch.zeros(m, dtype=self.dtype)
 
-    def prepare(self) -> "MetaStepProgram":
-        """Compile now (on a 2-step dummy chunk), falling back "scan" → "step" → "eager" with a
-        warning if compilation fails.  ``compile_seconds`` records the time; idempotent."""
+    def prepare(self, progress: Optional[Callable[[str], None]] = None) -> "MetaStepProgram":
+        """Compile now (and run a 2-step dummy chunk), falling back along ``MODES`` ("native" →
+        "scan" → "step" → "eager") with a warning if compilation fails.  ``compile_seconds``
+        records the time; idempotent.
+
+        Args:
+            progress: optional ``progress(message)``, called before a step that takes long (a C
+                compile on a machine's first run, ~1 s; a ``torch.compile``, 10–25 s) — e.g.
+                ``print`` or ``tqdm.write``, so a front end never sits silent.  Loading a cached
+                program says nothing.
+        """
         if self._ready:
             return self
         order = MODES[MODES.index(self.requested_mode):]
@@ -249,7 +278,7 @@ class MetaStepProgram:
         for mode in order:
             t0 = time.perf_counter()
             try:
-                fn = self._build(mode)
+                fn = self._build(mode, progress)
                 with torch.no_grad(), single_thread():
                     fn(*self._dummy(2))
             except Exception as exc:  # noqa: BLE001 - any compiler failure: use the next mode
@@ -273,8 +302,8 @@ class MetaStepProgram:
             try:
                 new, losses = self._fn(params, xs, ys, eps)
             except Exception as exc:  # noqa: BLE001 - a compiled program failing at run time
-                if self.mode == "eager":
-                    raise
+                if self.mode == "eager" or (self.mode == "native" and isinstance(exc, (ValueError, TypeError))):
+                    raise  # bad input (e.g. a class label out of range), not a compiler problem
                 # e.g. a recompilation that the compiler cannot do: finish on the eager path.
                 self.fallback_reason = f"{self.mode} failed at run time: {type(exc).__name__}: {exc}"
                 warnings.warn(f"reptile_fast: {self.fallback_reason}; continuing on the eager path",
@@ -285,7 +314,7 @@ class MetaStepProgram:
 
 
 def get_program(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int, batch: int,
-                dtype: torch.dtype, mode: str = "scan") -> MetaStepProgram:
+                dtype: torch.dtype, mode: str = DEFAULT_MODE) -> MetaStepProgram:
     """The cached ``MetaStepProgram`` for this shape and setting (built on first request)."""
     key = (spec.dims, spec.activations, float(lr), loss, steps, n_tasks, batch, dtype, mode)
     program = _PROGRAMS.get(key)

@@ -152,16 +152,18 @@ class CompiledStepper(Stepper):
         config: the inner loop (SGD, "mse"/"cross_entropy").
         n_tasks, steps, batch: ``T`` tasks per meta-step, ``S`` inner steps, ``B`` points each.
         chunk: meta-steps per compiled call.
-        mode: "scan" (default), "step" or "eager" (the same maths without a compiler; see
-            ``compiled_step``), falling back in that order with a warning.
+        mode: "native" (default: a C program compiled once and cached on disk), "scan", "step"
+            or "eager" (the same maths without a compiler); see ``compiled_step``.  Each falls
+            back along that order with a warning.
         announce: called with a message before a long compilation (e.g. ``print``).
     """
 
     name = "compiled"
 
     def __init__(self, model: nn.Module, config: InnerConfig, *, n_tasks: int, steps: int, batch: int,
-                 chunk: int = DEFAULT_CHUNK, mode: str = "scan", announce: Optional[Callable[[str], None]] = None):
-        from .compiled_step import get_program
+                 chunk: int = DEFAULT_CHUNK, mode: Optional[str] = None,
+                 announce: Optional[Callable[[str], None]] = None):
+        from .compiled_step import DEFAULT_MODE, get_program
 
         spec = check_compiled_supported(model, config, next(model.parameters()).device)
         self.model, self.n_tasks, self.chunk = model, n_tasks, chunk
@@ -169,20 +171,17 @@ class CompiledStepper(Stepper):
         names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
         self.live = [model.get_parameter(n) for n in names]
         self.program = get_program(spec, lr=config.lr, loss=loss_name(config.loss), steps=steps,
-                                   n_tasks=n_tasks, batch=batch, dtype=self.dtype, mode=mode)
+                                   n_tasks=n_tasks, batch=batch, dtype=self.dtype, mode=mode or DEFAULT_MODE)
         self.compile_seconds = 0.0
         self.announce = announce
 
     def prepare(self) -> "CompiledStepper":
-        """Compile now (once per shape and process); ``compile_seconds`` records the time."""
+        """Compile (or load from the disk cache) now, once per shape and process; the program says
+        through ``announce`` when a long compile starts; ``compile_seconds`` records the time."""
         if not self.program._ready:
-            if self.announce is not None:
-                self.announce("compiling the meta-step program (once per shape and process)...")
             t0 = time.perf_counter()
-            self.program.prepare()
+            self.program.prepare(progress=self.announce)
             self.compile_seconds = time.perf_counter() - t0
-            if self.announce is not None:
-                self.announce(f"compiled in {self.compile_seconds:.1f} s ({self.program.mode} mode)")
         return self
 
     @property

@@ -130,7 +130,7 @@ class Reptile:
         if key not in self._compiled:
             self._compiled[key] = CompiledStepper(self.model, self.config, n_tasks=n_tasks, steps=self.inner_steps,
                                                   batch=self.inner_batch_size, chunk=chunk,
-                                                  mode=opts.get("mode", "scan"), announce=announce)
+                                                  mode=opts.get("mode"), announce=announce)
         self._compiled[key].announce = announce
         return self._compiled[key]
 

@@ -19,11 +19,13 @@ call takes.
 Measured on the 2-core CPU (bench/results/torch_throughput_cpu*.json): for the sine MLP the MLP
 path is 3-4× (meta-batch 256) to 5-10× (meta-batch 1-16) faster than the generic path;
 ``torch.compile`` of the MLP path ran at 0.5-0.9× of eager at meta-batches 16 and 256 and takes
-10-60 s to compile, so it is not used.
+10-60 s to compile, so it is not used.  On the CPU the MLP path runs in cache-sized task blocks
+(``task_block="auto"``): meta-batch 4096 keeps the tasks/s of meta-batch 256
+(bench/results/large_meta_batch_cpu.json).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -32,7 +34,8 @@ from torch.func import functional_call, grad, vmap
 from ..losses import loss_name, resolve_loss
 from ..tasks.base import TaskBatch
 from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError
-from .mlp_batched import FAST_LOSSES, gather_minibatches, mlp_forward, mlp_inner_loop, stack_mlp_params
+from .mlp_batched import (FAST_LOSSES, StackedMLP, default_task_block, gather_minibatches, mlp_forward,
+                          mlp_inner_loop)
 
 __all__ = ["TorchBackend", "StackedAdam"]
 
@@ -83,17 +86,27 @@ class TorchBackend(Backend):
             generic ``vmap`` path for every model.
         fast_tanh: on the MLP path, tanh as 2σ(2z) − 1 (vectorised; within ~1e-7 of
             ``torch.tanh``).  None (default): on CPU only, where ``torch.tanh`` is a scalar loop.
+        task_block: on the MLP path with SGD (no FOMAML, no ``inner_grad_weights``), run the
+            inner loops this many tasks at a time, so that a block's stacked weights stay in cache
+            through all its inner steps (same results: the tasks' arithmetic is independent).
+            "auto" (default): ``mlp_batched.default_task_block`` on the CPU (about an L2 cache of
+            state per block), no blocking on GPUs; None: never; or a positive int.
     """
 
     name = "torch"
 
-    def __init__(self, fast_mlp: bool = True, fast_tanh: Optional[bool] = None):
+    def __init__(self, fast_mlp: bool = True, fast_tanh: Optional[bool] = None,
+                 task_block: Union[int, str, None] = "auto"):
         if not isinstance(fast_mlp, bool):
             raise TypeError(f"fast_mlp must be a bool, got {type(fast_mlp).__name__}")
         if fast_tanh is not None and not isinstance(fast_tanh, bool):
             raise TypeError(f"fast_tanh must be a bool or None, got {type(fast_tanh).__name__}")
+        if not (task_block is None or task_block == "auto" or
+                (isinstance(task_block, int) and not isinstance(task_block, bool) and task_block >= 1)):
+            raise ValueError(f"task_block must be 'auto', None or a positive int, got {task_block!r}")
         self.fast_mlp = fast_mlp
         self.fast_tanh = fast_tanh
+        self.task_block = task_block
 
     # ------------------------------------------------------------------ dispatch
     def check_supported(self, model: nn.Module, device: torch.device, config: InnerConfig) -> None:
@@ -135,6 +148,13 @@ class TorchBackend(Backend):
 
         return default_fast_tanh(device) if self.fast_tanh is None else self.fast_tanh
 
+    def _task_block(self, spec, tasks: TaskBatch, batch: int) -> Optional[int]:
+        if self.task_block != "auto":
+            return self.task_block
+        if tasks.device.type != "cpu":
+            return None
+        return default_task_block(spec, batch, tasks.x.element_size())
+
     def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
                    config: InnerConfig) -> InnerResult:
         if indices.dim() != 3 or indices.shape[0] != tasks.n_tasks:
@@ -153,13 +173,17 @@ class TorchBackend(Backend):
     def _mlp_inner_loop(self, model, tasks, indices, config: InnerConfig) -> InnerResult:
         spec = self.mlp_spec(model)
         named = dict(model.named_parameters())
-        params = stack_mlp_params(spec, named, tasks.n_tasks)
+        # φ is copied into the per-task parameters inside mlp_inner_loop (block by block when it
+        # runs in task blocks: each copy lands in cache right before its block runs).
+        first = named[spec.weight_names[0]]
+        params = StackedMLP.empty(spec, tasks.n_tasks, dtype=first.dtype, device=first.device)
         xs, ys = gather_minibatches(tasks.x, tasks.y, indices)
         adam = StackedAdam([params.flat], config.lr, config.adam_betas, config.adam_eps) \
             if config.optimizer == "adam" else None
         out = mlp_inner_loop(spec, params, xs, ys, lr=config.lr, loss=loss_name(config.loss),
                              fomaml=config.algorithm == "fomaml", grad_weights=config.grad_weights,
-                             fast_tanh=self._fast_tanh(tasks.device), optimizer=adam)
+                             fast_tanh=self._fast_tanh(tasks.device), optimizer=adam,
+                             task_block=self._task_block(spec, tasks, indices.shape[2]), init=named)
         adapted = out.params.named()
         meta = None
         if out.meta_grads is not None:
