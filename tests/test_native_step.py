@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from reptile_fast import MLP, Reptile, TaskBatch, compiled_step, native_step
 from reptile_fast.mlp_spec import extract_mlp_spec
+from reptile_fast.steppers import gather_chunk
 from reptile_fast.tasks import Sine, sample_indices
 
 pytestmark = pytest.mark.skipif(native_step.find_compiler() is None, reason="no C compiler here")
@@ -51,11 +52,11 @@ def _run_both(model, *, kind, loss, M, T, S, B, lr, eps, dtype, seed=0):
     ref_losses = []
     for m in range(M):
         sl = slice(m * T, (m + 1) * T)
-        ref_losses.append(ref.meta_step(TaskBatch(tasks.x[sl], tasks.y[sl]), plans[sl])["loss"])
+        ref_losses.append(float(ref.meta_step(TaskBatch(tasks.x[sl], tasks.y[sl]), plans[sl])["loss"]))
     program = native_step.NativeProgram(spec, lr=lr, loss=loss, steps=S, n_tasks=T, batch=B, dtype=dtype)
     names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
     phi = [model.get_parameter(n).detach() for n in names]
-    xs, ys = compiled_step.gather_chunk(tasks, plans, T)
+    xs, ys = gather_chunk(tasks, plans, T)
     new, losses = program(phi, xs, ys, torch.full((M,), eps, dtype=dtype))
     ref_phi = [ref_model.get_parameter(n).detach() for n in names]
     return names, new, ref_phi, losses, ref_losses, program
