@@ -3,31 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import List, Optional
 
 from .backends import BACKENDS
+from .validation import argparse_number as _number
 
 __all__ = ["main", "build_parser"]
-
-
-def _number(kind: type, *, allow_zero: bool):
-    """An argparse ``type=`` converter for finite ints/floats > 0 (or >= 0 with ``allow_zero``)."""
-    what = ("non-negative" if allow_zero else "positive") + (" integer" if kind is int else " number")
-
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            raise argparse.ArgumentTypeError(f"expected a finite {what}, got {text}")
-        return value
-
-    return convert
-
 
 _positive_int = _number(int, allow_zero=False)
 _nonneg_int = _number(int, allow_zero=True)

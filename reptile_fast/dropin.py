@@ -203,26 +203,6 @@ def _reference_reason(any_shape: bool, task, kind) -> Optional[str]:
     return None
 
 
-
-def _reference_reason(any_shape: bool, task, kind) -> Optional[str]:
-    """Why the fast paths cannot run the standard inner loop on this task (None when they can)."""
-    x, y, loss_fct = task
-    if kind is None:
-        return (f"the task's loss_fct ({type(loss_fct).__name__}) is not nn.MSELoss() or "
-                f"nn.CrossEntropyLoss() with default settings")
-    if not any_shape and (x.dim() != 1 or y.dim() != 1 or kind != "mse"):
-        return (f"the seed's perform_k_training_steps unsqueezes 1-D data; with x {tuple(x.shape)}, "
-                f"y {tuple(y.shape)} {y.dtype} it computes something else than the standard loop "
-                f"(pass perform_k_training_steps=None for [N, in] / [N, out] / label data)")
-    if kind == "mse" and (not y.is_floating_point() or y.dtype != x.dtype):
-        return f"MSE targets must be floating point like x ({x.dtype}), got {y.dtype}"
-    if kind == "cross_entropy" and (y.dtype != torch.long or y.dim() != 1):
-        return f"cross-entropy targets must be long class labels [N], got {y.dtype} {tuple(y.shape)}"
-    if y.dim() > 2:
-        return f"targets must be [N] or [N, out], got {tuple(y.shape)}"
-    return None
-
-
 # ---------------------------------------------------------------------- the reference path
 class _RawTaskSampler(Sampler):
     """``sample_task()`` results as they are (a custom inner loop may read any format)."""

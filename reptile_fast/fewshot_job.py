@@ -365,29 +365,11 @@ _FLAGS = ("ways", "shots", "iterations", "meta_batch_size", "inner_steps", "inne
           "checkpoint_every", "threads")
 
 
-def _number(kind: type, *, allow_zero: bool):
-    """An argparse ``type=`` converter for finite ints/floats > 0 (or >= 0 with ``allow_zero``).
-
-    Kept here rather than imported from ``cli`` so this module does not depend on its internals."""
-    import argparse
-
-    what = ("non-negative" if allow_zero else "positive") + (" integer" if kind is int else " number")
-
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            raise argparse.ArgumentTypeError(f"expected a finite {what}, got {text}")
-        return value
-
-    return convert
-
-
 def add_parser(subparsers) -> None:
     """Register ``omniglot`` and ``omniglot-runs`` on the CLI's subparsers."""
     from .backends import BACKENDS
+
+    from .validation import argparse_number as _number
 
     _positive_int, _nonneg_int = _number(int, allow_zero=False), _number(int, allow_zero=True)
     _positive_float, _nonneg_float = _number(float, allow_zero=False), _number(float, allow_zero=True)

@@ -49,7 +49,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 

@@ -16,7 +16,7 @@ The training loop (``reptile_fast.loop``) draws ``m`` meta-steps' tasks and plan
 from __future__ import annotations
 
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-__all__ = ["check_int", "check_float", "check_meta_model", "check_inner_options"]
+__all__ = ["check_int", "check_float", "check_meta_model", "check_inner_options", "argparse_number"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -83,3 +83,22 @@ def check_inner_options(*, inner_steps: int, algorithm: str, inner_optimizer: st
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
     return weights, betas
+
+
+def argparse_number(kind: type, *, allow_zero: bool):
+    """An argparse ``type=`` converter for finite ints/floats > 0 (or >= 0 with ``allow_zero``),
+    shared by the CLI's jobs."""
+    import argparse
+
+    what = ("non-negative" if allow_zero else "positive") + (" integer" if kind is int else " number")
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"expected a finite {what}, got {text}")
+        return value
+
+    return convert

@@ -7,7 +7,6 @@ per step, as the other fast paths); fp64 against the fp64 reference, rtol 1e-10 
 (the same differences at fp64 rounding, over 10 meta-steps of ~100 operations per parameter).
 """
 import copy
-import warnings
 
 import pytest
 import torch

@@ -107,7 +107,7 @@ def load_omniglot_images(sources, image_size: int = 28) -> OmniglotImages:
     if not files:
         raise ValueError(f"no alphabet/characterNN/*.png images found in {[str(p) for p in paths]}")
     characters = sorted(files)
-    images, rows = [], []
+    rows = []
     # Zip members are read while their archive is open: group the reads by source.
     by_source: Dict[Path, List[Tuple[int, str]]] = {}
     index = 0
