@@ -168,15 +168,33 @@ def test_precision_option_and_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_launch_overrides_reach_the_kernel(device):
+def test_launch_overrides_reach_the_kernel(device, monkeypatch):
+    """The launch overrides are what the kernel is launched with (seen at the launcher), and the
+    result still equals the reference backend (an independent oracle, not the kernel itself)."""
+    from reptile_fast.backends.reference import ReferenceBackend
+    from reptile_fast.kernels import mlp_inner_loop as K
+
     torch.manual_seed(8)
     model = MLP(1, 24, 1).to(device)
     tasks = Sine().sample(3, generator=torch.Generator().manual_seed(9)).to(device)
     indices = sample_indices(3, 2, 50, 10, generator=torch.Generator().manual_seed(10)).to(device)
-    a = TritonBackend(launch={"mode": "tiled", "max_programs": 2}).inner_loop(model, tasks, indices, InnerConfig())
-    b = TritonBackend().inner_loop(model, tasks, indices, InnerConfig())
-    for n in a.params:
-        torch.testing.assert_close(a.params[n], b.params[n], rtol=RTOL, atol=ATOL, msg=f"tiled vs registers '{n}'")
+    seen = []
+    launch = K.mlp_inner_loop
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["config"])
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(K, "mlp_inner_loop", spy)
+    got = TritonBackend(launch={"mode": "tiled", "max_programs": 2}).inner_loop(model, tasks, indices, InnerConfig())
+    default = TritonBackend().inner_loop(model, tasks, indices, InnerConfig())
+    assert seen[0].mode == "tiled" and seen[0].max_programs == 2, seen[0]
+    assert seen[1] != seen[0], "the default launch should differ from the override"
+    want = ReferenceBackend().inner_loop(copy.deepcopy(model).cpu(), tasks.to("cpu"), indices.cpu(), InnerConfig())
+    for name, result in (("override", got), ("default", default)):
+        for n in want.params:
+            torch.testing.assert_close(result.params[n].cpu(), want.params[n], rtol=RTOL, atol=ATOL,
+                                       msg=lambda m: f"{name} launch, '{n}' vs the reference: {m}")
 
 
 @pytest.mark.gpu
