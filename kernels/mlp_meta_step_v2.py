@@ -61,6 +61,9 @@ import triton.language as tl
 # activation name -> compile-time code: the one table of MLP maths
 from reptile_fast.mlp_math import ACTIVATION_CODES
 
+# v1's flat parameter layout, its layer loads/stores and its input checks: one copy for both kernels
+from .mlp_inner_loop import _check_tensor, _load_layer, _store_layer, n_flat_params, param_layout  # noqa: F401
+
 __all__ = [
     "ACCURACY", "MAX_LAYERS", "MAX_FEATURES_V2", "MAX_BATCH_V2", "NARROW_MAX", "PRECISIONS",
     "INTERPRETED", "V2Config", "MetaStepResult", "supports_v2", "unsupported_reason", "feature_tile",
@@ -204,26 +207,6 @@ def _activation_grad(g, a, ACT: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- layers
-@triton.jit
-def _load_layer(ptr, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
-                P_IN: tl.constexpr, P_OUT: tl.constexpr):
-    """Weight ``[P_OUT, P_IN]`` and bias ``[P_OUT]`` of one layer, zero-padded, from a flat row."""
-    rows = tl.arange(0, P_OUT)
-    cols = tl.arange(0, P_IN)
-    w = tl.load(ptr + OFF + rows[:, None] * D_IN + cols[None, :],
-                mask=(rows[:, None] < D_OUT) & (cols[None, :] < D_IN), other=0.0)
-    b = tl.load(ptr + OFF + D_OUT * D_IN + rows, mask=rows < D_OUT, other=0.0)
-    return w, b
-
-
-@triton.jit
-def _store_layer(ptr, w, b, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
-                 P_IN: tl.constexpr, P_OUT: tl.constexpr):
-    rows = tl.arange(0, P_OUT)
-    cols = tl.arange(0, P_IN)
-    tl.store(ptr + OFF + rows[:, None] * D_IN + cols[None, :], w,
-             mask=(rows[:, None] < D_OUT) & (cols[None, :] < D_IN))
-    tl.store(ptr + OFF + D_OUT * D_IN + rows, b, mask=rows < D_OUT)
 
 
 @triton.jit
@@ -284,7 +267,6 @@ def _backward(g, a_in, a_out, w, b, lr, ACT: tl.constexpr, INPUT_GRAD: tl.conste
     else:
         g_in = g
     return g_in, w - lr * grad_w, b - lr * grad_b
-
 
 
 # ----------------------------------------------------------------------------- streamed wide layers
@@ -682,18 +664,6 @@ def _outer_update_kernel(phi_ptr, part_ptr, loss_part_ptr, eps_ptr, new_phi_ptr,
 
 
 # ----------------------------------------------------------------------------- host side
-def param_layout(dims: Sequence[int]):
-    """``(weight_offset, bias_offset)`` of each layer in a flat parameter row (as v1)."""
-    offsets, off = [], 0
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
-        offsets.append((off, off + d_out * d_in))
-        off += d_out * d_in + d_out
-    return offsets
-
-
-def n_flat_params(dims: Sequence[int]) -> int:
-    """Number of parameters of the MLP with feature sizes ``dims``."""
-    return sum(d_out * d_in + d_out for d_in, d_out in zip(dims[:-1], dims[1:]))
 
 
 def flat_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -884,15 +854,6 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} like x")
 
 
 class _Checked(NamedTuple):

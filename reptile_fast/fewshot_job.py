@@ -22,6 +22,7 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
+from .jobs import train_job
 from .models import OmniglotConvNet
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
@@ -246,21 +247,11 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
                 log(f"meta-step {iteration}: validation {k0}-shot accuracy {100 * result.accuracy:.1f} % "
                     f"± {100 * (result.ci95 if not math.isnan(result.ci95) else 0):.1f}")
 
-    gen = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
     extra = {"job": OMNIGLOT_JOB, "job_config": asdict(config)}
-    if indexed:
-        from .distributed import distributed_fit
-
-        history = distributed_fit(trainer, train_dist, config.iterations, meta_batch_size=config.meta_batch_size,
-                                  seed=config.seed, context=context, progress=progress, callback=callback,
-                                  checkpoint_dir=out, checkpoint_every=config.checkpoint_every or None,
-                                  resume_from=resume, checkpoint_extra=extra)
-    else:
-        history = trainer.fit(train_dist, config.iterations, meta_batch_size=config.meta_batch_size,
-                              generator=gen, progress=progress, callback=callback, checkpoint_dir=out,
-                              checkpoint_every=config.checkpoint_every or None, resume_from=resume,
-                              checkpoint_extra=extra)
+    history = train_job(trainer, train_dist, iterations=config.iterations, meta_batch_size=config.meta_batch_size,
+                        seed=config.seed, indexed=indexed, context=context, progress=progress, out=out,
+                        checkpoint_every=config.checkpoint_every, resume=resume, extra=extra, callback=callback)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0

@@ -93,6 +93,22 @@ def sine_config_from_checkpoint(ckpt: Mapping[str, Any], source="checkpoint") ->
     return SineConfig(**saved)
 
 
+def train_job(trainer, task_distribution, *, iterations: int, meta_batch_size: int, seed: int, indexed: bool,
+              context, progress: bool, out, checkpoint_every: int, resume, extra: Mapping[str, Any],
+              callback=None) -> dict:
+    """A CLI job's training: ``Reptile.fit`` with a generator seeded by ``seed``, or, across
+    processes (``indexed``), ``distributed_fit``: task j of meta-step t drawn from (seed, t, j),
+    the same run whatever the number of processes.  Checkpoints go to ``out`` every
+    ``checkpoint_every`` meta-steps (0: at the end and on signals only)."""
+    common = dict(meta_batch_size=meta_batch_size, progress=progress, callback=callback, checkpoint_dir=out,
+                  checkpoint_every=checkpoint_every or None, resume_from=resume, checkpoint_extra=extra)
+    if indexed:
+        from .distributed import distributed_fit
+
+        return distributed_fit(trainer, task_distribution, iterations, seed=seed, context=context, **common)
+    return trainer.fit(task_distribution, iterations, generator=torch.Generator().manual_seed(seed), **common)
+
+
 def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True,
              resume: Optional[os.PathLike] = None) -> dict:
     """Meta-train the seed's MLP on sine tasks, evaluate on held-out tasks, write everything to ``out``.
@@ -166,22 +182,11 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
     if trainer is None:
         trainer = Reptile(model, backend=config.backend, **kwargs)
     dist = Sine(n_points=SINE_POINTS)
-    gen = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
     extra = {"job": SINE_JOB, "job_config": asdict(config)}
-    if indexed:
-        from .distributed import distributed_fit
-
-        # Task j of meta-step t from (seed, t, j): the same run whatever the number of processes.
-        history = distributed_fit(trainer, dist, config.iterations, meta_batch_size=config.meta_batch_size,
-                                  seed=config.seed, context=context, progress=progress, checkpoint_dir=out,
-                                  checkpoint_every=config.checkpoint_every or None, resume_from=resume,
-                                  checkpoint_extra=extra)
-    else:
-        history = trainer.fit(dist, config.iterations, meta_batch_size=config.meta_batch_size,
-                              generator=gen, progress=progress, checkpoint_dir=out,
-                              checkpoint_every=config.checkpoint_every or None, resume_from=resume,
-                              checkpoint_extra=extra)
+    history = train_job(trainer, dist, iterations=config.iterations, meta_batch_size=config.meta_batch_size,
+                        seed=config.seed, indexed=indexed, context=context, progress=progress, out=out,
+                        checkpoint_every=config.checkpoint_every, resume=resume, extra=extra)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
