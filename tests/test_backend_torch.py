@@ -23,16 +23,6 @@ from reptile_fast.mlp_spec import extract_mlp_spec
 RTOL, ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tests run thousands of tiny ops; on 2 shared cores OpenMP's thread hand-offs make
-    # them several times slower than one thread.  Both backends see the same setting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------- helpers
 def regression_tasks(T, n_in=1, n_out=1, n_points=50, seed=0):
     """Sine tasks for 1-in/1-out models; smooth random regression targets otherwise."""

@@ -11,16 +11,6 @@ from reptile_fast.checkpoint import load_checkpoint
 from reptile_fast.cli import main
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Thousands of tiny ops: on a busy 2-core CI box OpenMP's thread hand-offs make them many
-    # times slower than one thread (the sine job itself runs on one thread by default).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def test_sine_smoke(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["sine", "--iterations", "300", "--meta-batch-size", "8", "--outer-lr", "1.0", "--eval-tasks", "8",

@@ -31,15 +31,6 @@ EAGER = {"backend": "compiled", "backend_options": {"mode": "eager"}}
 RTOL, ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The reference loops are ~150 tiny ops per step: one thread keeps them fast on a busy CI box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def record_seed_draws(sample_task, n_tasks, seed, k=1, batch=10):
     """Tasks and randperm plans in the seed's order from the global RNG: ``(tasks, plans)`` with
     plans long ``[n_tasks, k·N//batch, batch]``."""

@@ -10,16 +10,6 @@ from reptile_fast import MLP, NonFiniteError, Reptile, Sine, TaskBatch, sample_i
 from reptile_fast.backends import UnsupportedModelError
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Thousands of tiny ops: on a busy 2-core CI box OpenMP's thread hand-offs make them many
-    # times slower than one thread (the sine job itself runs on one thread by default).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def sine_batch(T, seed=0):
     return Sine().sample(T, generator=torch.Generator().manual_seed(seed))
 
