@@ -116,7 +116,8 @@ class Reptile:
         self.last_fit_stats: Optional[dict] = None
 
     # ------------------------------------------------------------------ steppers
-    def _rows(self, steps: int) -> int:
+    def plan_rows(self, steps: int) -> int:
+        """Rows of a minibatch plan for ``steps`` inner steps (FOMAML adds its meta-gradient's batch)."""
         return steps + 1 if self.config.algorithm == "fomaml" else steps
 
     def stepper(self, n_tasks: int, *, chunk: Optional[int] = None, announce=None):
@@ -167,7 +168,7 @@ class Reptile:
         ``check_finite`` (``fit`` does it at its reads).
         """
         self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
-        rows = self._rows(self.inner_steps)
+        rows = self.plan_rows(self.inner_steps)
         if indices is None:
             indices = sample_indices(tasks.n_tasks, rows, tasks.n_points, self.inner_batch_size,
                                      generator=generator, device=self.device)
@@ -253,7 +254,7 @@ class Reptile:
         announce = (lambda msg: print(f"reptile_fast: {msg}", file=sys.stderr, flush=True)) if progress else None
         stepper = self.stepper(meta_batch_size, chunk=checkpoint_every, announce=announce)
         if sampler is None:
-            sampler = StreamSampler(task_distribution, meta_batch_size, self._rows(self.inner_steps),
+            sampler = StreamSampler(task_distribution, meta_batch_size, self.plan_rows(self.inner_steps),
                                     self.inner_batch_size, generator=generator, device=self.device,
                                     check=lambda tasks: self.checker.tasks(tasks, self.inner_batch_size))
         ckpt = CheckpointCallback(self, ckpt_dir, checkpoint_every, generator=generator, history=history,

@@ -145,7 +145,7 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         raise ValueError("backend 'compiled' applies its own outer update in one process; across processes "
                          "use an eager backend (auto, torch, reference, triton)")
     sampler = IndexedSampler(task_distribution, meta_batch_size, seed=seed,
-                             plan_rows=trainer._rows(trainer.inner_steps), batch_size=trainer.inner_batch_size,
+                             plan_rows=trainer.plan_rows(trainer.inner_steps), batch_size=trainer.inner_batch_size,
                              device=trainer.device, rank=ctx.rank, world_size=ctx.world_size,
                              block_size=block_size,
                              check=lambda tasks: trainer.checker.tasks(tasks, trainer.inner_batch_size))
