@@ -61,8 +61,10 @@ import triton.language as tl
 # activation name -> compile-time code: the one table of MLP maths
 from reptile_fast.mlp_math import ACTIVATION_CODES
 
-# v1's flat parameter layout, its layer loads/stores and its input checks: one copy for both kernels
-from .mlp_inner_loop import _check_tensor, _load_layer, _store_layer, n_flat_params, param_layout  # noqa: F401
+# v1's flat parameter layout, layer loads/stores, activation derivatives (autograd's formulas: no
+# special function involved) and input checks: one copy for both kernels
+from .mlp_inner_loop import (_activation_grad, _check_tensor, _load_layer, _store_layer,  # noqa: F401
+                             n_flat_params, param_layout)
 
 __all__ = [
     "ACCURACY", "MAX_LAYERS", "MAX_FEATURES_V2", "MAX_BATCH_V2", "NARROW_MAX", "PRECISIONS",
@@ -192,18 +194,6 @@ def _activation(z, ACT: tl.constexpr):
     elif ACT == 3:
         z = _sigmoid(z)
     return z
-
-
-@triton.jit
-def _activation_grad(g, a, ACT: tl.constexpr):
-    """dL/dz from dL/da and the activation's output a = act(z), as autograd writes it."""
-    if ACT == 1:
-        g = g * (1.0 - a * a)
-    elif ACT == 2:
-        g = tl.where(a > 0.0, g, 0.0)
-    elif ACT == 3:
-        g = g * (1.0 - a) * a
-    return g
 
 
 # ----------------------------------------------------------------------------- layers
