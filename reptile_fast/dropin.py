@@ -281,7 +281,8 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         generator: draws the minibatch plans on the fast paths (default: the global RNG).
         indices: long ``[nb_iterations, meta_batch_size, steps, batch]``: the minibatch plans to use
             instead of drawing them (fast paths only), e.g. the seed's own randperm draws.
-        chunk_size: meta-steps per compiled call / per draw of tasks and plans ("compiled").
+        chunk_size: meta-steps per compiled call / per draw of tasks and plans ("compiled"; and
+            per CUDA-graph replay for "triton" with ``{"fused": True, "cuda_graphs": True}``).
         backend_options: passed to ``Reptile`` (e.g. ``{"mode": "eager"}`` for "compiled").
 
     Returns:
@@ -335,7 +336,7 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
                        outer_lr=epsilon, loss=kind, backend=name, backend_options=options)
 
     options = dict(backend_options or {})
-    if backend == "compiled":
+    if backend == "compiled" or (backend == "triton" and options.get("fused") and options.get("cuda_graphs")):
         options.setdefault("chunk", chunk_size)
     trainer = None
     # auto: the compiled program only at the seed's meta-batch 1, where eager PyTorch is

@@ -122,9 +122,11 @@ class Reptile:
 
     def stepper(self, n_tasks: int, *, chunk: Optional[int] = None, announce=None):
         """The stepper for meta-batches of ``n_tasks``: the compiled program (backend "compiled",
-        ``chunk`` meta-steps per call) or the eager one (the backend's inner loop)."""
+        ``chunk`` meta-steps per call), the fused one (triton ``{"fused": True}``; with CUDA graphs
+        its chunk is made a divisor of ``chunk``) or the eager one (the backend's inner loop)."""
         if self.compiled_options is None:
-            return self._fused if self._fused is not None else self._eager
+            # the fused stepper draws chunks when it replays CUDA graphs (boundaries on chunk's multiples)
+            return self._fused.set_chunk(n_tasks, chunk) if self._fused is not None else self._eager
         opts = self.compiled_options
         chunk = chunk or opts.get("chunk", DEFAULT_CHUNK)
         key = (n_tasks, chunk)
@@ -192,7 +194,7 @@ class Reptile:
         Tasks come from ``task_distribution.sample(meta_batch_size, generator=..., device=...)``
         and plans from ``sample_indices`` with the same generator (the global RNG when None);
         backend "compiled" draws a chunk of meta-steps at a time (``checkpoint_every``, else its
-        ``chunk`` option, else 500).  Continues from ``self.iteration`` (a restored trainer
+        ``chunk`` option, else 500), and so does triton's fused stepper replaying CUDA graphs.  Continues from ``self.iteration`` (a restored trainer
         resumes).  Returns ``{"loss": [...]}``: every meta-step's mean inner loss, preceded by
         the checkpoint's when resuming.  ``last_fit_stats`` holds the timings.
 

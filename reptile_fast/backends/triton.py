@@ -23,13 +23,16 @@ Options (``Reptile`` builds backends by name, so each also has a process-wide de
         Default: ``$REPTILE_FAST_TRITON_PRECISION`` or ``DEFAULT_PRECISION``.
     cuda_graphs: replay a captured CUDA graph per input shape instead of launching (for small
         meta-batches, where launch overhead dominates).  Default: off, or
-        ``$REPTILE_FAST_TRITON_CUDA_GRAPHS=1``.  Ignored off CUDA.
+        ``$REPTILE_FAST_TRITON_CUDA_GRAPHS=1``.  Ignored off CUDA.  With ``fused``, a whole
+        chunk of meta-steps (inner loops, outer updates, finiteness guard) is one graph.
+    chunk: with ``fused`` and ``cuda_graphs``: meta-steps per graph replay and per draw of
+        tasks and plans (default ``DEFAULT_GRAPH_CHUNK``).
     launch: launch overrides for tuning: ``LaunchConfig`` fields (``mode``, ``num_warps``, tile
         sizes, …) for v1, ``V2Config`` fields (``num_warps``, ``programs_per_sm``, ``max_programs``,
         ``preload``, ``accumulate``, ``stream``) for v2.
     validate: check plan indices and class labels are in range (one device sync per call).
     fused: with kernel "v2", ``make_stepper`` gives the training loop ``TritonFusedStepper``
-        (inner loops and outer update fused; the trainer must ask for it: see NOTES-kernel.md).
+        (inner loops and outer update fused; ``Reptile`` picks it when this is set).
 
 ``TritonFusedStepper`` runs whole meta-steps through kernel v2's fused outer update (a
 ``steppers.Stepper``: ``chunk``, ``name``, ``run``, ``check``).
@@ -38,8 +41,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -49,10 +53,11 @@ from ..losses import loss_name
 from ..mlp_spec import MLPSpec, cached_mlp_spec
 from ..steppers import Stepper
 from ..tasks.base import TaskBatch
+from ..validation import check_int
 from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError
 
 __all__ = ["TritonBackend", "TritonFusedStepper", "DEFAULT_PRECISION", "DEFAULT_KERNEL", "PRECISION_ENV",
-           "KERNEL_ENV", "CUDA_GRAPHS_ENV"]
+           "KERNEL_ENV", "CUDA_GRAPHS_ENV", "DEFAULT_GRAPH_CHUNK", "GRAPH_MAX_TASKS"]
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 KERNELS = ("v1", "v2")
@@ -65,6 +70,11 @@ DEFAULT_PRECISION = "ieee"
 PRECISION_ENV = "REPTILE_FAST_TRITON_PRECISION"
 CUDA_GRAPHS_ENV = "REPTILE_FAST_TRITON_CUDA_GRAPHS"
 _GRAPH_CACHE_SIZE = 8
+#: meta-steps per CUDA-graph replay of the fused stepper (and per draw of tasks and plans): the
+#: seed's 30000 meta-steps of meta-batch 1 are 300 replays
+DEFAULT_GRAPH_CHUNK = 100
+#: at most this many tasks (meta-steps x meta-batch) in one replay's static buffers
+GRAPH_MAX_TASKS = 1 << 16
 
 
 def _kernels():
@@ -75,6 +85,11 @@ def _kernels():
 def _kernels_v2():
     """Kernel v2's module, imported on first use."""
     return importlib.import_module("reptile_fast.kernels.mlp_meta_step_v2")
+
+
+def _guard():
+    """The fused stepper's accept-or-skip kernel, imported on first use."""
+    return importlib.import_module("reptile_fast.kernels.meta_step_guard")
 
 
 class _GraphedLaunch:
@@ -117,7 +132,7 @@ class TritonBackend(Backend):
 
     def __init__(self, precision: Optional[str] = None, *, kernel: Optional[str] = None,
                  cuda_graphs: Optional[bool] = None, launch: Optional[dict] = None, validate: bool = True,
-                 fused: bool = False):
+                 fused: bool = False, chunk: Optional[int] = None):
         if kernel is None:
             kernel = os.environ.get(KERNEL_ENV, DEFAULT_KERNEL)
         if kernel not in KERNELS:
@@ -127,6 +142,11 @@ class TritonBackend(Backend):
         if fused and kernel != "v2":
             raise ValueError("fused=True (the whole meta-step in kernel v2) needs kernel='v2'")
         self.fused = fused
+        if chunk is not None:
+            if not fused:
+                raise ValueError("chunk (meta-steps per CUDA-graph replay) needs fused=True")
+            chunk = check_int("chunk", chunk)
+        self.chunk = chunk
         if precision is None:
             precision = os.environ.get(PRECISION_ENV, DEFAULT_PRECISION)
         if precision not in PRECISIONS:
@@ -151,7 +171,7 @@ class TritonBackend(Backend):
             raise UnsupportedModelError("backend 'triton' with fused=True applies the interpolation update; "
                                         "an outer_optimizer needs the eager stepper (fused=False)")
         return TritonFusedStepper(model, config, precision=self.precision, launch=self.launch,
-                                  validate=self.validate)
+                                  validate=self.validate, cuda_graphs=self.cuda_graphs, chunk=self.chunk)
 
     # ------------------------------------------------------------------ support
     def auto_candidate(self, device) -> bool:
@@ -307,64 +327,208 @@ class TritonBackend(Backend):
         return graphed(inputs)
 
 
+class _Chunk(NamedTuple):
+    """The tensors one chunk program reads and writes: ``m`` meta-steps of ``T`` tasks."""
+
+    x: torch.Tensor        # [m·T, N, D0] f32
+    y: torch.Tensor        # [m·T, N, D_L] f32 or [m·T, N] i64
+    plans: torch.Tensor    # [m·T, R, B] i64
+    eps: torch.Tensor      # [m] f32: each meta-step's ε
+    iters: torch.Tensor    # [m] i64: each meta-step's 1-based number
+    losses: torch.Tensor   # [m] f32: each meta-step's mean inner loss (written)
+    phi: torch.Tensor      # [n_params] f32: φ, flat (scratch: gathered from the model, written back)
+    new: torch.Tensor      # [n_params] f32: a meta-step's proposed φ (scratch)
+
+
+class _CudaGraph:
+    """``body()`` captured once in a CUDA graph; ``replay()`` runs it again on the current stream."""
+
+    def __init__(self, body: Callable[[], None]):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            body()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class _Replay:
+    """A captured chunk program and the static buffers it reads (filled before every replay)."""
+
+    def __init__(self, chunk: _Chunk, graph):
+        self.chunk, self.graph = chunk, graph
+
+
 class TritonFusedStepper(Stepper):
-    """Whole Reptile meta-steps in two launches: kernel v2's inner loops with the outer update fused
-    (``reptile_fast.kernels.mlp_meta_step_v2.meta_step``).
+    """Whole Reptile meta-steps on the device: per meta-step kernel v2's fused launch (every
+    task's inner loop + the per-program sums), its outer update (φ + ε·mean, summed in a fixed
+    order) and a one-program guard (``kernels/meta_step_guard.py``: φ ← new only if finite) —
+    three launches, and with ``cuda_graphs`` a whole chunk of meta-steps replayed as one CUDA graph.
 
     A ``reptile_fast.steppers.Stepper`` (``chunk``, ``name``, ``run``, ``check``), like the eager
     stepper with ``backend.inner_loop`` + ``core.OuterUpdate``, for models kernel v2 runs
     (``TritonBackend(kernel="v2").check_supported``) with plain Reptile and the interpolation
     update (no outer optimizer, no cross-process reducer: the per-program sums are reduced inside
-    the launch).  Reads nothing on the host per meta-step (except
-    with ``validate``: one sync to check plan indices and labels): a non-finite meta-step leaves
-    φ unchanged, as do the ones after it, until ``check`` raises ``NonFiniteError``.
+    the launch).  Reads nothing on the host per meta-step (with ``validate``: one sync per
+    ``run`` to check plan indices and labels): a non-finite meta-step leaves φ unchanged, as do
+    the ones after it, until ``check`` raises ``NonFiniteError`` naming it.
+
+    CUDA graphs (``cuda_graphs=True``, CUDA only): ``chunk`` meta-steps (default
+    ``DEFAULT_GRAPH_CHUNK``; at most ``GRAPH_MAX_TASKS`` tasks in all) form one program — φ
+    gathered from the model, ``chunk`` x (meta-step, outer update, guard), φ written back — that
+    is captured once per shape and replayed; the training loop draws a chunk's tasks and plans at
+    once (on the device, like backend "compiled" draws its chunks) and ``run`` copies them, the
+    ε values and the meta-step numbers into the graph's static buffers before each replay.  The
+    first chunk of a shape runs un-captured (it compiles the kernels) and is then captured.  A
+    failed capture warns once and the stepper carries on without graphs (same results).
+    Shorter runs (``meta_step``, a last partial chunk) run the same program un-captured: every
+    path launches the same kernels on the same values, so graphed and plain runs are bitwise equal.
 
     Args:
         model: the meta-model (φ, updated in place), on CUDA (or the CPU under the interpreter).
         config: the inner loop (SGD, "mse" / "cross_entropy", algorithm "reptile").
         precision, launch, validate: as ``TritonBackend``.
+        cuda_graphs: replay chunks as CUDA graphs (ignored off CUDA).
+        chunk: meta-steps per ``run`` / per draw (default ``DEFAULT_GRAPH_CHUNK`` with graphs, else 1).
     """
 
-    chunk = 1
     name = "triton-fused"
 
     def __init__(self, model: nn.Module, config: InnerConfig, *, precision: Optional[str] = None,
-                 launch: Optional[dict] = None, validate: bool = True):
+                 launch: Optional[dict] = None, validate: bool = True, cuda_graphs: bool = False,
+                 chunk: Optional[int] = None, _capture: Optional[Callable] = None):
         self.backend = TritonBackend(precision, kernel="v2", launch=launch, validate=validate)
         device = next(model.parameters()).device
         self.backend.check_supported(model, device, config)
         self.loss = self.backend._check_config(config)
         self.spec = self.backend._spec(model)
-        self.model, self.config = model, config
+        self.model, self.config, self.device = model, config, device
         names = [n for pair in zip(self.spec.weight_names, self.spec.bias_names) for n in pair]
         self.live = [model.get_parameter(n) for n in names]
         self.launch = _v2_config(self.backend.launch)
-        self._healthy = torch.ones((), dtype=torch.bool, device=device)
-        self._first_bad = torch.zeros((), dtype=torch.long, device=device)
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        # _capture(body) -> object with replay(): tests put an un-captured stand-in here to run
+        # the replay bookkeeping on the CPU; on CUDA it is a real graph
+        self._capture = _capture or (_CudaGraph if device.type == "cuda" else None)
+        self.cuda_graphs = cuda_graphs and self._capture is not None
+        if chunk is not None:
+            chunk = check_int("chunk", chunk)
+        self.default_chunk = chunk or (DEFAULT_GRAPH_CHUNK if self.cuda_graphs else 1)
+        self.chunk = self.default_chunk
+        #: why graphs were turned off after a failed capture (None while they work)
+        self.graph_fallback_reason: Optional[str] = None
+        self._graphs: "OrderedDict[tuple, _Replay]" = OrderedDict()
+        self._state = _guard().new_state(device)
+        self._n_params = _kernels_v2().n_flat_params(self.spec.dims)
 
-    @torch.no_grad()
-    def step(self, tasks: TaskBatch, plan: torch.Tensor, eps, iteration: int) -> torch.Tensor:
-        """One meta-step on ``T`` tasks with plan ``[T, R, B]`` and outer step ``eps`` (float or
-        a 1-element float32 device tensor); returns the mean inner loss (0-dim, on the device)."""
-        k2 = _kernels_v2()
-        self.backend._check_data(self.spec, tasks, plan, self.loss)
-        reason = k2.unsupported_reason(self.spec.dims, plan.shape[2])
+    def set_chunk(self, n_tasks: int, every: Optional[int] = None) -> "TritonFusedStepper":
+        """Meta-steps per ``run`` for meta-batches of ``n_tasks``: the default, capped so that a
+        graph's buffers hold at most ``GRAPH_MAX_TASKS`` tasks, and made a divisor of ``every``
+        (e.g. ``checkpoint_every``) so chunk boundaries fall on its multiples."""
+        chunk = max(1, min(self.default_chunk, GRAPH_MAX_TASKS // max(n_tasks, 1)))
+        if every:
+            chunk = next(d for d in range(min(chunk, every), 0, -1) if every % d == 0)
+        self.chunk = chunk
+        return self
+
+    # ------------------------------------------------------------------ the chunk program
+    def _program(self, c: _Chunk, T: int) -> None:
+        """``len(c.eps)`` meta-steps on ``c``'s tasks: φ from the model, 3 launches per meta-step,
+        φ back into the model.  No host read, no data-dependent allocation (graph-capturable)."""
+        k2, guard = _kernels_v2(), _guard()
+        torch.cat([p.detach().reshape(-1) for p in self.live], out=c.phi)
+        steps = self.config.train_steps(c.plans.shape[1])
+        for k in range(c.eps.shape[0]):
+            rows = slice(k * T, (k + 1) * T)
+            res = k2.meta_step(c.x[rows], c.y[rows], c.plans[rows], c.phi, self.spec.dims, self.spec.activations,
+                               lr=self.config.lr, eps=c.eps[k:k + 1], loss=self.loss, steps=steps,
+                               precision=self.backend.precision, config=self.launch, out=c.new)
+            guard.accept_step(c.phi, c.new, res.loss, self._state, c.iters[k:k + 1], c.losses[k:k + 1])
+        with torch.no_grad():
+            torch._foreach_copy_(self.live, [v.view_as(p) for v, p in
+                                             zip(k2.unflatten_params(c.phi, self.spec.dims), self.live)])
+
+    def _host_values(self, eps, first_iteration: int):
+        """ε ``[m]`` and meta-step numbers ``[m]`` on the device, without waiting for it (pinned
+        host memory and an asynchronous copy on CUDA)."""
+        eps_t = torch.tensor([float(e) for e in eps], dtype=torch.float32)
+        if self.device.type == "cuda":
+            eps_t = eps_t.pin_memory().to(self.device, non_blocking=True)
+        iters = torch.arange(first_iteration, first_iteration + len(eps), dtype=torch.int64, device=self.device)
+        return eps_t, iters
+
+    def run(self, tasks: TaskBatch, plans: torch.Tensor, eps, first_iteration: int) -> torch.Tensor:
+        """``m = len(eps)`` meta-steps on ``m · T`` tasks (meta-step-major) and plans ``[m · T, R, B]``;
+        returns their mean inner losses ``[m]`` on the device (not read)."""
+        m = len(eps)
+        if m < 1 or tasks.n_tasks % m:
+            raise ValueError(f"run needs m >= 1 meta-steps of equal meta-batches, got {tasks.n_tasks} tasks "
+                             f"for {m} meta-steps")
+        T = tasks.n_tasks // m
+        self.backend._check_data(self.spec, tasks, plans, self.loss)
+        reason = _kernels_v2().unsupported_reason(self.spec.dims, plans.shape[2])
         if reason:
             raise UnsupportedModelError(f"backend 'triton': {reason}")
-        phi = k2.flat_params(self.live)
-        res = k2.meta_step(tasks.x, tasks.y, plan, phi, self.spec.dims, self.spec.activations,
-                           lr=self.config.lr, eps=eps, loss=self.loss,
-                           steps=self.config.train_steps(plan.shape[1]), precision=self.backend.precision,
-                           config=self.launch)
-        finite = torch.isfinite(res.loss) & torch.isfinite(res.params).all()
-        ok = finite & self._healthy
-        new = torch.where(ok, res.params, phi)
-        torch._foreach_copy_(self.live, [v.view_as(p) for v, p in zip(k2.unflatten_params(new, self.spec.dims),
-                                                                      self.live)])
-        first = self._healthy & ~finite
-        self._first_bad = torch.where(first, torch.full_like(self._first_bad, iteration), self._first_bad)
-        self._healthy = self._healthy & finite
-        return res.loss
+        eps_t, iters = self._host_values(eps, first_iteration)
+        if self.cuda_graphs and m == self.chunk and m > 1:
+            return self._replay(tasks, plans, eps_t, iters, T)
+        c = _Chunk(tasks.x.contiguous(), tasks.y.contiguous(), plans.contiguous(), eps_t, iters,
+                   torch.empty(m, device=self.device), torch.empty(self._n_params, device=self.device),
+                   torch.empty(self._n_params, device=self.device))
+        self._program(c, T)
+        return c.losses
+
+    def _replay(self, tasks: TaskBatch, plans: torch.Tensor, eps_t, iters, T: int) -> torch.Tensor:
+        key = (T, tuple(tasks.x.shape), tuple(tasks.y.shape), tasks.y.dtype, tuple(plans.shape))
+        replay = self._graphs.get(key)
+        if replay is not None:
+            self._graphs.move_to_end(key)
+            c = replay.chunk
+            for static, value in ((c.x, tasks.x), (c.y, tasks.y), (c.plans, plans), (c.eps, eps_t), (c.iters, iters)):
+                static.copy_(value)
+            replay.graph.replay()
+            return c.losses.clone()  # the next replay rewrites the static buffer
+        c = _Chunk(tasks.x.contiguous().clone(), tasks.y.contiguous().clone(), plans.contiguous().clone(),
+                   eps_t.clone(), iters.clone(), torch.empty(len(eps_t), device=self.device),
+                   torch.empty(self._n_params, device=self.device), torch.empty(self._n_params, device=self.device))
+        # The first chunk of a shape runs plainly (compiling the kernels: nothing may compile
+        # during a capture), on a side stream as torch's graph warm-up asks; then the capture.
+        self._side_stream(lambda: self._program(c, T))
+        losses = c.losses.clone()
+        try:
+            graph = self._capture(lambda: self._program(c, T))
+        except Exception as exc:  # noqa: BLE001 - any capture failure: warn and run without graphs
+            self.cuda_graphs = False
+            self.graph_fallback_reason = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"backend 'triton' (fused): capturing the meta-step chunk in a CUDA graph failed "
+                          f"({self.graph_fallback_reason}); running the same launches without graphs",
+                          RuntimeWarning, stacklevel=3)
+            return losses
+        self._graphs[key] = _Replay(c, graph)
+        if len(self._graphs) > _GRAPH_CACHE_SIZE:
+            self._graphs.popitem(last=False)
+        return losses
+
+    def _side_stream(self, fn) -> None:
+        if self.device.type != "cuda":
+            fn()
+            return
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def mode(self) -> str:
+        """"graphs" while chunks are replayed as CUDA graphs, else "launches"."""
+        return "graphs" if self.cuda_graphs else "launches"
+
+    @property
+    def fallback_reason(self) -> Optional[str]:
+        return self.graph_fallback_reason
 
     @property
     def reducer(self):
@@ -377,19 +541,12 @@ class TritonFusedStepper(Stepper):
             raise UnsupportedModelError("the fused Triton stepper reduces within one process; a reducer "
                                         "(e.g. across processes) needs the eager stepper")
 
-    def run(self, tasks: TaskBatch, plans: torch.Tensor, eps, first_iteration: int) -> torch.Tensor:
-        """``m = len(eps)`` meta-steps on ``m · T`` tasks (meta-step-major) and plans ``[m · T, R, B]``;
-        returns their mean inner losses ``[m]`` on the device."""
-        m = len(eps)
-        T = tasks.n_tasks // m
-        return torch.stack([self.step(tasks[k * T:(k + 1) * T], plans[k * T:(k + 1) * T], eps[k],
-                                      first_iteration + k) for k in range(m)])
-
     def check(self) -> None:
-        """Raise ``NonFiniteError`` (and re-arm) if a meta-step since the last check was not finite."""
-        bad = int(self._first_bad)
-        if bad:
-            self._healthy.fill_(True)
-            self._first_bad.zero_()
+        """Raise ``NonFiniteError`` (and re-arm) if a meta-step since the last check was not finite:
+        one read of the device's flags."""
+        healthy, bad = self._state.tolist()
+        if not healthy:
+            self._state.copy_(_guard().new_state(self.device))
             raise NonFiniteError(f"meta-step {bad}: non-finite inner loss or update (NaN/inf); the parameters "
-                                 f"were left as they were before that step. Lower inner_lr/outer_lr or check the data.")
+                                 f"were left as they were before that step. Lower inner_lr/outer_lr or check "
+                                 f"the data.", iteration=bad)

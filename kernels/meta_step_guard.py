@@ -1,0 +1,111 @@
+"""Accept or skip one fused meta-step on the device: φ ← new only if everything is finite.
+
+The trainer's rule (``reptile_fast.core.OuterUpdate``) is that a meta-step whose inner loss or
+new parameters hold a NaN or an inf is skipped, and so is every later one until the host next
+reads the flag; the host then raises ``NonFiniteError`` naming the first bad meta-step.  With
+torch ops that rule costs ~8 small kernels per meta-step (isfinite, all, and, where, copies);
+inside a CUDA graph replaying thousands of meta-steps each node counts, so here it is one launch
+of one program:
+
+    pass 1  finite = isfinite(loss) and all(isfinite(new))      (reads new once)
+    pass 2  φ ← new where finite and healthy                    (reads new again, writes φ)
+    flags   first_bad ← iteration if healthy and not finite;  healthy ← healthy and finite
+            losses[k] ← loss (the training loop's per-meta-step loss, read later)
+
+One program on purpose: the decision needs every element of ``new`` before any element of φ is
+written, and a single program sees them all without a grid-wide barrier.  The models this runs
+for (kernel v2: feature sizes <= 64, at most five layers) have at most ~17k parameters, two
+passes of which are a few microseconds.  No host synchronisation, no allocation: it can be
+captured in a CUDA graph; ``iteration`` is read from a device tensor so a replay can move it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# v1's input checks: one copy for every launcher
+from .mlp_inner_loop import _check_tensor
+
+__all__ = ["accept_step", "new_state", "BLOCK"]
+
+#: elements per pass-iteration of the one program (4 warps x 8 per thread)
+BLOCK = 1024
+
+
+@triton.jit
+def _is_bad(v):
+    """1 where v is NaN or ±inf, else 0 (int32): NaN != NaN, and |±inf| is the only value equal
+    to inf."""
+    return ((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32)
+
+
+@triton.jit
+def _accept_kernel(
+    # φ [n] f32 (updated in place), the meta-step's new φ [n] f32, its mean inner loss [1] f32
+    phi_ptr, new_ptr, loss_ptr,
+    # state [2] i64 (healthy 0/1, first bad iteration or 0), this meta-step's number [1] i64,
+    # where to write its loss [1] f32
+    state_ptr, iteration_ptr, loss_out_ptr,
+    n,
+    BLOCK: tl.constexpr,
+):
+    one = tl.arange(0, 1)
+    loss = tl.load(loss_ptr + one)
+    n_bad = tl.sum(_is_bad(loss), axis=0)
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, n, BLOCK):
+        v = tl.load(new_ptr + start + cols, mask=start + cols < n, other=0.0)
+        n_bad += tl.sum(_is_bad(v), axis=0)
+    healthy = tl.load(state_ptr + one)  # [1] i64
+    first_bad = tl.load(state_ptr + 1 + one)
+    iteration = tl.load(iteration_ptr + one)
+    finite = n_bad == 0
+    accept = finite & (healthy != 0)  # [1]
+    for start in range(0, n, BLOCK):
+        ok = start + cols < n
+        v = tl.load(new_ptr + start + cols, mask=ok, other=0.0)
+        # a [BLOCK] mask from the [1] decision: a broadcast, then the store writes nothing if skipped
+        tl.store(phi_ptr + start + cols, v, mask=ok & (tl.sum(accept.to(tl.int32), axis=0) > 0))
+    newly_bad = (healthy != 0) & (n_bad > 0)
+    tl.store(state_ptr + 1 + one, tl.where(newly_bad, iteration, first_bad))
+    tl.store(state_ptr + one, tl.where(accept, 1, 0).to(tl.int64))
+    tl.store(loss_out_ptr + one, loss)
+
+
+def new_state(device) -> torch.Tensor:
+    """A fresh guard state: int64 ``[2]`` = (healthy = 1, first bad iteration = 0)."""
+    return torch.tensor([1, 0], dtype=torch.int64, device=device)
+
+
+def accept_step(phi: torch.Tensor, new: torch.Tensor, loss: torch.Tensor, state: torch.Tensor,
+                iteration: torch.Tensor, loss_out: torch.Tensor) -> None:
+    """φ ← new if ``loss`` and ``new`` are finite and no earlier step since the last reset was bad.
+
+    Args:
+        phi: float32 ``[n]`` contiguous, updated in place (must not alias ``new``).
+        new: float32 ``[n]``: the meta-step's φ + ε·mean(φ̃ − φ).
+        loss: float32, 1 element: the meta-step's mean inner loss.
+        state: int64 ``[2]`` (``new_state``): healthy flag, first bad iteration (0: none).
+        iteration: int64, 1 element: this meta-step's 1-based number.
+        loss_out: float32, 1 element: receives ``loss`` (e.g. a slot of a per-chunk loss buffer).
+
+    One launch of one program; no host synchronisation (CUDA-graph capturable).
+    """
+    device = phi.device
+    _check_tensor("phi", phi, torch.float32, 1, device)
+    _check_tensor("new", new, torch.float32, 1, device)
+    if new.shape != phi.shape or not (phi.is_contiguous() and new.is_contiguous()):
+        raise ValueError(f"phi and new must be contiguous and of one shape, got {tuple(phi.shape)} and "
+                         f"{tuple(new.shape)}")
+    if new.data_ptr() == phi.data_ptr():
+        raise ValueError("new must not alias phi (pass 2 reads new while writing phi)")
+    for name, t, dtype in (("loss", loss, torch.float32), ("state", state, torch.int64),
+                           ("iteration", iteration, torch.int64), ("loss_out", loss_out, torch.float32)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != device:
+            raise TypeError(f"{name} must be a {dtype} tensor on {device}, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}")
+    if loss.numel() != 1 or iteration.numel() != 1 or loss_out.numel() != 1 or state.shape != (2,):
+        raise ValueError(f"loss, iteration and loss_out hold one element and state two, got "
+                         f"{loss.numel()}, {iteration.numel()}, {loss_out.numel()}, {tuple(state.shape)}")
+    _accept_kernel[(1,)](phi, new, loss, state, iteration, loss_out, phi.numel(), BLOCK=BLOCK, num_warps=4)

@@ -1,0 +1,170 @@
+"""The fused Triton stepper replaying chunks of whole meta-steps (CUDA graphs) in the training loop.
+
+On CUDA the real graphs run.  On the CPU (Triton interpreter) a stand-in "graph" that records the
+chunk program at capture and runs it at replay exercises everything around the capture: static
+buffers refilled before every replay, ε and meta-step numbers moved on the device, the losses
+copied out, the first chunk run plainly, remainders run plainly, a failed capture falling back.
+
+Oracles: the same stepper without graphs, chunk 1 (bitwise: the same kernels on the same values),
+and backend "reference" (rtol 1e-5 / atol 1e-6: fp32 against fp32 in another summation order).
+Every run sees the same per-meta-step tasks and plans, whatever its chunking (``FixedDraws``).
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from reptile_fast import MLP, Reptile, Sine, sample_indices  # noqa: E402
+from reptile_fast.backends.triton import GRAPH_MAX_TASKS, TritonBackend, TritonFusedStepper  # noqa: E402
+from reptile_fast.core import NonFiniteError  # noqa: E402
+from reptile_fast.loop import Sampler  # noqa: E402
+from reptile_fast.tasks.base import TaskBatch  # noqa: E402
+from _triton_devices import DEVICES  # noqa: E402
+
+RTOL, ATOL = 1e-5, 1e-6
+T, STEPS, BATCH = 3, 2, 10
+OPTIONS = {"kernel": "v2", "fused": True, "cuda_graphs": True, "chunk": 4}
+
+
+class FixedDraws(Sampler):
+    """Meta-step t's tasks and plans are fixed in advance: chunking cannot change what a step sees."""
+
+    def __init__(self, iterations, device, poison_step=None):
+        g = torch.Generator().manual_seed(21)
+        draws = [(Sine().sample(T, generator=g), sample_indices(T, STEPS, 50, BATCH, generator=g))
+                 for _ in range(iterations)]  # step t's draw does not depend on how many follow
+        self.tasks, self.plans = [d[0] for d in draws], [d[1] for d in draws]
+        if poison_step is not None:  # finite targets whose squared error overflows to inf
+            y = self.tasks[poison_step - 1].y.clone()
+            y[1, :, 0] = 3e38
+            self.tasks[poison_step - 1] = TaskBatch(self.tasks[poison_step - 1].x, y)
+        self.device = device
+
+    def draw(self, first_iteration, m):
+        rows = range(first_iteration - 1, first_iteration - 1 + m)
+        x = torch.cat([self.tasks[i].x for i in rows]).to(self.device)
+        y = torch.cat([self.tasks[i].y for i in rows]).to(self.device)
+        return TaskBatch(x, y), torch.cat([self.plans[i] for i in rows]).to(self.device)
+
+
+class StandInGraph:
+    """Capture records the body without running it (as a CUDA graph capture); replay runs it."""
+
+    captures = replays = 0
+
+    def __init__(self, body):
+        self.body = body
+        StandInGraph.captures += 1
+
+    def replay(self):
+        StandInGraph.replays += 1
+        self.body()
+
+
+def _trainer(model, device, options, final=0.05):
+    tri = Reptile(copy.deepcopy(model).to(device), backend="triton", inner_steps=STEPS, inner_batch_size=BATCH,
+                  outer_lr=0.3, outer_lr_final=final, backend_options=options)
+    if device == "cpu" and options.get("cuda_graphs"):
+        tri._fused._capture, tri._fused.cuda_graphs = StandInGraph, True  # off CUDA: the stand-in
+    return tri
+
+
+def _fit(trainer, iterations, device, **kw):
+    return trainer.fit(None, iterations, meta_batch_size=T, sampler=FixedDraws(iterations, device, **kw),
+                       progress=False, handle_signals=False)
+
+
+def _params(trainer):
+    return [p.detach().cpu() for p in trainer.model.parameters()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replayed_chunks_equal_plain_launches_and_the_reference(device):
+    """14 meta-steps in chunks of 4: warm-up + capture, 2 replays, a plain remainder of 2."""
+    torch.manual_seed(3)
+    model = MLP(1, 16, 1, depth=2)
+    StandInGraph.captures = StandInGraph.replays = 0
+    graphed = _trainer(model, device, OPTIONS)
+    plain = _trainer(model, device, {"kernel": "v2", "fused": True})
+    ref = Reptile(copy.deepcopy(model), backend="reference", inner_steps=STEPS, inner_batch_size=BATCH,
+                  outer_lr=0.3, outer_lr_final=0.05)
+    got, same, want = _fit(graphed, 14, device), _fit(plain, 14, device), _fit(ref, 14, "cpu")
+    stepper = graphed._fused
+    assert stepper.chunk == 4 and plain._fused.chunk == 1
+    assert graphed.last_fit_stats["mode"] == "graphs" and stepper.graph_fallback_reason is None
+    if device == "cpu":
+        assert (StandInGraph.captures, StandInGraph.replays) == (1, 2), "one capture, replayed twice"
+    assert got["loss"] == same["loss"], "per-meta-step losses: graphs vs plain launches (bitwise)"
+    for k, (a, b) in enumerate(zip(_params(graphed), _params(plain))):
+        assert torch.equal(a, b), f"φ[{k}] after 14 meta-steps: graphs vs plain launches"
+    assert got["loss"] == pytest.approx(want["loss"], rel=RTOL, abs=ATOL), "losses vs the reference"
+    for k, (a, b) in enumerate(zip(_params(graphed), _params(ref))):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m, k=k: f"φ[{k}] vs the reference\n{m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN arithmetic
+def test_a_nonfinite_meta_step_inside_a_replayed_chunk(device):
+    """Meta-step 7 (the 3rd of the 2nd chunk: a replay) overflows to inf: fit raises naming it,
+    with φ and the iteration as after meta-step 6."""
+    torch.manual_seed(4)
+    model = MLP(1, 16, 1, depth=2)
+    graphed = _trainer(model, device, OPTIONS, final=None)  # constant ε: 6 steps of a 12-step run = a 6-step run
+    with pytest.raises(NonFiniteError, match="meta-step 7") as info:
+        _fit(graphed, 12, device, poison_step=7)
+    assert info.value.iteration == 7 and graphed.iteration == 6
+    six = _trainer(model, device, {"kernel": "v2", "fused": True}, final=None)
+    _fit(six, 6, device)
+    for k, (a, b) in enumerate(zip(_params(graphed), _params(six))):
+        assert torch.equal(a, b), f"φ[{k}] after the failed run vs 6 good meta-steps"
+    graphed.check_finite()  # re-armed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_failed_capture_warns_and_carries_on_without_graphs(device):
+    def broken(body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    torch.manual_seed(5)
+    model = MLP(1, 16, 1, depth=1)
+    graphed = _trainer(model, device, OPTIONS)
+    graphed._fused._capture, graphed._fused.cuda_graphs = broken, True
+    plain = _trainer(model, device, {"kernel": "v2", "fused": True})
+    with pytest.warns(RuntimeWarning, match="CUDA graph failed.*not permitted"):
+        got = _fit(graphed, 9, device)
+    assert graphed._fused.mode == "launches" and "not permitted" in graphed.last_fit_stats["fallback_reason"]
+    assert got["loss"] == _fit(plain, 9, device)["loss"]
+    for a, b in zip(_params(graphed), _params(plain)):
+        assert torch.equal(a, b)
+
+
+def test_chunk_sizes():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = MLP(1, 8, 1, depth=1).to(device)
+    tri = Reptile(model, backend="triton", backend_options={"kernel": "v2", "fused": True, "chunk": 100})
+    assert tri.stepper(1).chunk == 100
+    assert tri.stepper(1, chunk=150).chunk == 75, "a divisor of checkpoint_every"
+    assert tri.stepper(1, chunk=7).chunk == 7
+    assert tri.stepper(GRAPH_MAX_TASKS // 10, chunk=None).chunk == 10, "at most GRAPH_MAX_TASKS tasks per replay"
+    assert tri.stepper(2 * GRAPH_MAX_TASKS).chunk == 1
+    assert tri.stepper(1, chunk=1).chunk == 1, "meta_step"
+    with pytest.raises(ValueError, match="needs fused=True"):
+        TritonBackend(kernel="v2", chunk=4)
+    with pytest.raises(ValueError, match="chunk"):
+        TritonBackend(kernel="v2", fused=True, chunk=0)
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        TritonFusedStepper(model, tri.config, cuda_graphs="yes")
+
+
+def test_graphs_are_off_on_the_cpu():
+    """cuda_graphs is ignored off CUDA: one meta-step per run, no capture, mode "launches"."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tri = Reptile(MLP(1, 8, 1, depth=1), backend="triton", backend_options={"kernel": "v2", "fused": True,
+                                                                                 "cuda_graphs": True})
+    assert tri.stepper(2).chunk == 1 and tri._fused.mode == "launches"
