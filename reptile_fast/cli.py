@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sine.add_argument("--inner-batch-size", type=_positive_int, help=f"(default {d.inner_batch_size})")
     sine.add_argument("--hidden-dim", type=_positive_int, help=f"MLP width (default {d.hidden_dim}, the seed's)")
     sine.add_argument("--backend", choices=["auto", "compiled", *sorted(BACKENDS)],
-                      help=f"(default {d.backend}; auto = the compiled CPU path at meta-batch 1, else the fastest backend)")
+                      help=f"(default {d.backend}; auto = the compiled path on the CPU, else the fastest backend)")
     sine.add_argument("--device", help=f"cpu or cuda (default {d.device})")
     sine.add_argument("--threads", type=_nonneg_int,
                       help=f"CPU threads, 0 = torch's default (default {d.threads}: the job's ops are tiny)")

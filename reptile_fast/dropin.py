@@ -13,9 +13,9 @@ Which path runs (``stats["path"]`` names it, with the trainer's backend names):
       seed's or the reference's ``perform_k_training_steps``, or a ``functools.partial`` of it
       setting ``batch_size``) and the task's loss is ``nn.MSELoss()`` / ``nn.CrossEntropyLoss()``
       with default settings (or ``F.mse_loss`` / ``F.cross_entropy``): a ``Reptile`` trainer
-      with ``backend`` — "auto" is "compiled" (the whole meta-step of a CPU MLP compiled) at
-      meta-batch 1 when the model fits it, else the trainer's "auto" (the fastest backend that
-      fits; the fused Triton kernel on a GPU);
+      with ``backend`` — "auto" is "compiled" (the whole meta-step of a CPU MLP compiled) when
+      the model fits it, else the trainer's "auto" (the fastest backend that fits; the fused
+      Triton kernel on a GPU);
     * otherwise (a custom inner loop, another loss, the seed's loop on non-1-D data): path
       "reference", the seed's loop — the user's inner loop on a deep copy per task, then the
       trainer's outer update — with one warning (``ReferencePathWarning``) saying why.
@@ -339,9 +339,10 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
     if backend == "compiled" or (backend == "triton" and options.get("fused") and options.get("cuda_graphs")):
         options.setdefault("chunk", chunk_size)
     trainer = None
-    # auto: the compiled program only at the seed's meta-batch 1, where eager PyTorch is
-    # overhead-bound; larger meta-batches measured faster on the torch backend.
-    if backend == "auto" and meta_batch_size == 1 and not options:
+    # auto: the compiled program (the native C meta-step) wherever it runs the model: measured
+    # 1.75x (meta-batch 1024) to 32x (meta-batch 1) backend torch's tasks/s on the CPU
+    # (bench/results/native_meta_batch_cpu.json).
+    if backend == "auto" and not options:
         try:
             trainer = make_trainer("compiled", {"chunk": chunk_size})
         except UnsupportedModelError:

@@ -1,0 +1,136 @@
+"""Whole meta-steps per second on the CPU across meta-batch sizes: backend "compiled" (the native C
+meta-step) beside backend "torch", through ``Reptile.fit``, with this CPU's fp32 matmul peak
+measured in every round.
+
+Sine MLP 1-64-64-1 (the seed's), 5 inner SGD steps of 10 points, one thread.  Each round times
+every (meta-batch, backend) case once, back to back (interleaved rounds: a shared machine's load
+hits them alike); reported: median tasks/s over rounds, the median over rounds of the per-round
+ratio compiled / torch, and useful FLOP/s (``bench.flops.inner_loop_flops``: the inner loops'
+matmul FLOP; activations and the outer update not counted) as a fraction of the same round's
+1024² sgemm rate.
+
+Before any timing each case's backend is checked against backend "reference" on the same draws
+(2 meta-steps at that meta-batch, capped at 32 tasks: rtol 1e-5 / atol 1e-6 on φ); a case that
+fails is reported and not timed.
+
+    python -m bench.native_meta_batch --rounds 5 --out bench/results/native_meta_batch_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.env import machine_stamp
+from bench.flops import inner_loop_flops, measure_matmul_peak
+
+SIZES = (1, 8, 32, 256, 1024)
+BACKENDS = {"compiled": {"mode": "native"}, "torch": None}
+DIMS, STEPS, BATCH = (1, 64, 64, 1), 5, 10
+
+
+class _FixedDraws:
+    """Meta-step t's tasks and plans drawn in advance: runs chunked differently see the same data."""
+
+    def __init__(self, iterations, T, seed=0):
+        from reptile_fast import Sine, sample_indices
+
+        g = torch.Generator().manual_seed(seed)
+        self.tasks = Sine().sample(iterations * T, generator=g)
+        self.plans = sample_indices(iterations * T, STEPS, 50, BATCH, generator=g)
+        self.T = T
+
+    def draw(self, first_iteration, m):
+        rows = slice((first_iteration - 1) * self.T, (first_iteration - 1 + m) * self.T)
+        return self.tasks[rows], self.plans[rows]
+
+
+def _trainer(backend):
+    from reptile_fast import MLP, Reptile
+
+    torch.manual_seed(0)
+    return Reptile(MLP(), backend=backend, backend_options=BACKENDS.get(backend))
+
+
+def check(T: int) -> dict:
+    """Each backend vs "reference" over 2 meta-steps of min(T, 32) tasks on the same draws."""
+    T = min(T, 32)
+    draws = _FixedDraws(2, T)
+    ref = _trainer("reference")
+    ref.fit(None, 2, meta_batch_size=T, sampler=draws, progress=False, handle_signals=False)
+    want = torch.cat([p.detach().reshape(-1) for p in ref.model.parameters()])
+    out = {}
+    for backend in BACKENDS:
+        t = _trainer(backend)
+        t.fit(None, 2, meta_batch_size=T, sampler=draws, progress=False, handle_signals=False)
+        got = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+        out[backend] = {"tasks": T, "max_abs_err": float((got - want).abs().max()),
+                        "ok": bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6))}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds of meta-steps per case and round")
+    p.add_argument("--out", default="bench/results/native_meta_batch_cpu.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    from reptile_fast import Sine
+
+    checks = {T: check(T) for T in SIZES}
+    trainers, iters = {}, {}
+    for T in SIZES:
+        for backend in BACKENDS:
+            if checks[T][backend]["ok"]:
+                t = _trainer(backend)
+                t.fit(Sine(), 2, meta_batch_size=T, progress=False, handle_signals=False)  # compile
+                t0 = time.perf_counter()
+                t.fit(Sine(), t.iteration + 2, meta_batch_size=T, progress=False, handle_signals=False)
+                per_step = (time.perf_counter() - t0) / 2
+                trainers[T, backend] = t
+                iters[T, backend] = max(2, int(args.min_time / per_step))
+    rates = {key: [] for key in trainers}
+    peaks = []
+    for _ in range(args.rounds):
+        peaks.append(measure_matmul_peak(torch.device("cpu"))["flops_per_s"])
+        for (T, backend), t in trainers.items():
+            n = iters[T, backend]
+            t0 = time.perf_counter()
+            t.fit(Sine(), t.iteration + n, meta_batch_size=T, progress=False, handle_signals=False)
+            rates[T, backend].append(T * n / (time.perf_counter() - t0))
+    flops = inner_loop_flops(DIMS, BATCH, STEPS, 1)
+    cases = {}
+    for (T, backend), r in rates.items():
+        cases[f"{backend}-T{T}"] = {
+            "tasks_per_s_median": statistics.median(r), "per_round": r, "meta_steps_per_round": iters[T, backend],
+            "fraction_of_round_peak_median": statistics.median(x * flops / pk for x, pk in zip(r, peaks))}
+    ratios = {}
+    for T in SIZES:
+        if (T, "compiled") in rates and (T, "torch") in rates:
+            per = [a / b for a, b in zip(rates[T, "compiled"], rates[T, "torch"])]
+            ratios[f"compiled / torch at T{T}"] = {"median_of_rounds": statistics.median(per), "per_round": per}
+    result = {"experiment": __doc__.split("\n\n")[0], "flops_per_task": flops, "rounds": args.rounds,
+              "peak_flops_per_s": {"median": statistics.median(peaks), "per_round": peaks,
+                                   "what": "1024x1024 fp32 matmul, best of repeats, measured each round"},
+              "checks": {str(T): c for T, c in checks.items()}, "cases": cases, "ratios": ratios,
+              "note": "whole meta-steps through Reptile.fit (draws, chunk gathers and the outer update "
+                      "included); the machine's 2 cores are shared: ratios are within a round",
+              **machine_stamp(), "command": "python -m bench.native_meta_batch " + " ".join(sys.argv[1:] if argv is None else argv)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    for k, v in cases.items():
+        print(f"{k:>16}: {v['tasks_per_s_median']:>10,.0f} tasks/s  "
+              f"{100 * v['fraction_of_round_peak_median']:.1f}% of the round's sgemm peak")
+    for k, v in ratios.items():
+        print(f"{k}: {v['median_of_rounds']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
