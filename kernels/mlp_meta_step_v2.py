@@ -28,9 +28,14 @@ Design (what differs from v1, ``kernels/mlp_inner_loop.py``):
   Per-task adapted parameters and per-step losses are written only when asked (adapt/evaluate).
 * **Where the wide weights live.** By default in registers (Triton's fp32 FMA ``tl.dot`` then
   needs ~250 registers at 8 warps for a 64 x 64 layer); with ``V2Config(stream=True)`` in a
-  per-program scratch row, the products running as fp32 K-loops of rank-1 updates (128 registers,
-  no spills at 4 warps on sm_90a with Triton 3.8).  Which is faster is a GPU question: the GPU
-  check times both.
+  per-program scratch row, the products running as fp32 K-loops of rank-1 updates.  The streamed
+  kernel never holds a whole ``[P_OUT, P_IN]`` tile: weights are copied, updated and written
+  ``STREAM_TILE`` elements at a time (Triton 3.6 otherwise keeps one 64-bit scratch address per
+  tile element live across the task loop: 255 registers), a streamed layer's input is re-read
+  from the scratch in the backward pass, and ptxas is capped at ``STREAM_MAX_REGISTERS`` (128:
+  4 programs of 4 warps per SM); sm_90a, 4 warps, 1-64-64-1: 128 registers, no spills, with
+  Triton 3.6 and 3.8 (bench/results/triton-compile-sm90-v2-*.json).  Which is faster is a GPU
+  question: the GPU check times both.
 * **Accuracy-bounded special functions.** On NVIDIA, fp32 ``tl.exp`` lowers to ``ex2.approx``
   and ``/`` to ``div.full`` (both approximate).  v2's ``_exp`` is a Cody–Waite range reduction
   plus a degree-7 polynomial in plain FMA arithmetic, ``_log`` an atanh series, and divisions go
@@ -606,20 +611,24 @@ def _meta_step_kernel(
             loss_acc += step_loss
             if WRITE_LOSSES:
                 tl.store(loss_ptr + t * STEPS + s, step_loss)
-            # backward and SGD, last layer first
+            # backward and SGD, last layer first; a streamed layer's input re-read from its scratch
             if N_LAYERS > 4:
                 g, w4, b4 = _layer_backward(g, a4, a5, w4, b4, lr, batch, scr + WOFF4, scr + AOFF4, scr + GOFF,
                                             ACT4, True, D4, D5, P4, P5, DOT4, S4, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 3:
-                g, w3, b3 = _layer_backward(g, a3, _stashed(a4, scr + AOFF4, P4, S4, BLOCK_B), w3, b3, lr, batch, scr + WOFF3, scr + AOFF3, scr + GOFF,
+                g, w3, b3 = _layer_backward(g, a3, _stashed(a4, scr + AOFF4, P4, S4, BLOCK_B), w3, b3, lr, batch,
+                                            scr + WOFF3, scr + AOFF3, scr + GOFF,
                                             ACT3, True, D3, D4, P3, P4, DOT3, S3, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 2:
-                g, w2, b2 = _layer_backward(g, a2, _stashed(a3, scr + AOFF3, P3, S3, BLOCK_B), w2, b2, lr, batch, scr + WOFF2, scr + AOFF2, scr + GOFF,
+                g, w2, b2 = _layer_backward(g, a2, _stashed(a3, scr + AOFF3, P3, S3, BLOCK_B), w2, b2, lr, batch,
+                                            scr + WOFF2, scr + AOFF2, scr + GOFF,
                                             ACT2, True, D2, D3, P2, P3, DOT2, S2, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 1:
-                g, w1, b1 = _layer_backward(g, a1, _stashed(a2, scr + AOFF2, P2, S2, BLOCK_B), w1, b1, lr, batch, scr + WOFF1, scr + AOFF1, scr + GOFF,
+                g, w1, b1 = _layer_backward(g, a1, _stashed(a2, scr + AOFF2, P2, S2, BLOCK_B), w1, b1, lr, batch,
+                                            scr + WOFF1, scr + AOFF1, scr + GOFF,
                                             ACT1, True, D1, D2, P1, P2, DOT1, S1, PRECISION, BLOCK_B, TILE)
-            g, w0, b0 = _layer_backward(g, a0, _stashed(a1, scr + AOFF1, P1, S1, BLOCK_B), w0, b0, lr, batch, scr + WOFF0, scr + AOFF0, scr + GOFF,
+            g, w0, b0 = _layer_backward(g, a0, _stashed(a1, scr + AOFF1, P1, S1, BLOCK_B), w0, b0, lr, batch,
+                                        scr + WOFF0, scr + AOFF0, scr + GOFF,
                                         ACT0, False, D0, D1, P0, P1, DOT0, S0, PRECISION, BLOCK_B, TILE)
         if WRITE_ADAPTED:
             # a streamed layer straight from its scratch, a tile at a time
@@ -780,9 +789,12 @@ class V2Config:
             written once per task, L1/L2-resident); None: "registers" while the padded weights
             are at most ``ACC_REGISTERS_LIMIT`` elements, else "memory".
         stream: wide x wide layers keep their weights in a per-program scratch row and run their
-            products as fp32 K-loops (see "streamed wide layers"): far fewer registers (no spills
-            at 4 warps, sm_90a), extra L1 traffic and barriers; exact fp32 whatever ``precision``
-            says.  Off by default until a GPU measurement says which is faster.
+            products as fp32 K-loops (see "streamed wide layers"): at most 128 registers (no
+            spills at 4 warps, sm_90a, Triton 3.6 and 3.8, by ahead-of-time compilation), extra
+            L1 traffic and barriers; exact fp32 whatever ``precision`` says.  Off by default
+            although it meets the register goal: no GPU timing of either variant exists yet, so
+            nothing shows that the occupancy it buys outweighs its scratch traffic and barriers
+            (and it would silently turn "tf32x3" / "tf32" into fp32).
     """
 
     num_warps: Optional[int] = None
