@@ -54,27 +54,38 @@ def ptxas_path():
     return next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()), None)
 
 
-def facts(kernel, arch: int) -> dict:
-    """Registers / spills (ptxas -v), shared bytes and PTX instruction counts of a CompiledKernel."""
-    ptx = kernel.asm["ptx"]
-    row = {"shared_bytes": kernel.metadata.shared,
-           "ptx": {k: len(re.findall(p, ptx)) for k, p in PTX_FACTS.items()}}
-    ptxas = ptxas_path()
-    if ptxas is None:
-        row["ptxas"] = "not found in the Triton wheel"
-        return row
+def _ptxas(ptx: str, arch: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "k.ptx"
         f.write_text(ptx)
-        out = subprocess.run([str(ptxas), f"-arch=sm_{arch}a", "-v", str(f), "-o", os.devnull],
+        out = subprocess.run([str(ptxas_path()), f"-arch=sm_{arch}a", "-v", str(f), "-o", os.devnull],
                              capture_output=True, text=True).stderr
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     stack = re.search(r"(\d+) bytes stack frame", out)
-    row["registers"] = int(regs.group(1)) if regs else None
-    row["spill_store_bytes"] = int(spill.group(1)) if spill else None
-    row["spill_load_bytes"] = int(spill.group(2)) if spill else None
-    row["stack_frame_bytes"] = int(stack.group(1)) if stack else None
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spill.group(1)) if spill else None,
+            "spill_load_bytes": int(spill.group(2)) if spill else None,
+            "stack_frame_bytes": int(stack.group(1)) if stack else None}
+
+
+def facts(kernel, arch: int) -> dict:
+    """Registers / spills (ptxas -v), shared bytes and PTX instruction counts of a CompiledKernel.
+
+    A kernel compiled with a register cap (PTX ``.maxnreg``: v2's streamed variant) also gets
+    ``maxnreg`` and ``uncapped``: ptxas -v of the same PTX without the cap (what ptxas would
+    choose on its own)."""
+    ptx = kernel.asm["ptx"]
+    row = {"shared_bytes": kernel.metadata.shared,
+           "ptx": {k: len(re.findall(p, ptx)) for k, p in PTX_FACTS.items()}}
+    if ptxas_path() is None:
+        row["ptxas"] = "not found in the Triton wheel"
+        return row
+    row.update(_ptxas(ptx, arch))
+    cap = re.search(r"^\.maxnreg (\d+)", ptx, flags=re.M)
+    if cap:
+        row["maxnreg"] = int(cap.group(1))
+        row["uncapped"] = _ptxas(re.sub(r"^\.maxnreg \d+\n", "", ptx, flags=re.M), arch)
     return row
 
 
@@ -142,7 +153,9 @@ def line(r: dict) -> str:
     if "error" in r:
         return f"{head}: ERROR {r['error'][:200]}"
     p = r.get("ptx", {})
-    return (f"{head}: {r.get('registers')} regs, spill {r.get('spill_store_bytes')}/{r.get('spill_load_bytes')} B, "
+    cap = (f" (cap {r['maxnreg']}; uncapped {r['uncapped']['registers']} regs, spill "
+           f"{r['uncapped']['spill_store_bytes']}/{r['uncapped']['spill_load_bytes']} B)") if "maxnreg" in r else ""
+    return (f"{head}: {r.get('registers')} regs, spill {r.get('spill_store_bytes')}/{r.get('spill_load_bytes')} B{cap}, "
             f"shared {r.get('shared_bytes')} B, mma {p.get('mma')} wgmma {p.get('wgmma')} "
             f"ex2.approx {p.get('ex2.approx')} div.full {p.get('div.full')} div.rn {p.get('div.rn')}")
 

@@ -28,9 +28,14 @@ Design (what differs from v1, ``kernels/mlp_inner_loop.py``):
   Per-task adapted parameters and per-step losses are written only when asked (adapt/evaluate).
 * **Where the wide weights live.** By default in registers (Triton's fp32 FMA ``tl.dot`` then
   needs ~250 registers at 8 warps for a 64 x 64 layer); with ``V2Config(stream=True)`` in a
-  per-program scratch row, the products running as fp32 K-loops of rank-1 updates (128 registers,
-  no spills at 4 warps on sm_90a with Triton 3.8).  Which is faster is a GPU question: the GPU
-  check times both.
+  per-program scratch row, the products running as fp32 K-loops of rank-1 updates.  The streamed
+  kernel never holds a whole ``[P_OUT, P_IN]`` tile: weights are copied, updated and written
+  ``STREAM_TILE`` elements at a time (Triton 3.6 otherwise keeps one 64-bit scratch address per
+  tile element live across the task loop: 255 registers), a streamed layer's input is re-read
+  from the scratch in the backward pass, and ptxas is capped at ``STREAM_MAX_REGISTERS`` (128:
+  4 programs of 4 warps per SM); sm_90a, 4 warps, 1-64-64-1: 128 registers, no spills, with
+  Triton 3.6 and 3.8 (bench/results/triton-compile-sm90-v2-*.json).  Which is faster is a GPU
+  question: the GPU check times both.
 * **Accuracy-bounded special functions.** On NVIDIA, fp32 ``tl.exp`` lowers to ``ex2.approx``
   and ``/`` to ``div.full`` (both approximate).  v2's ``_exp`` is a Cody–Waite range reduction
   plus a degree-7 polynomial in plain FMA arithmetic, ``_log`` an atanh series, and divisions go
@@ -90,6 +95,11 @@ PRELOAD_LIMIT = 2048
 #: ``V2Config(accumulate=None)`` keeps the meta-step's sums in registers up to this many padded
 #: weights (1-64-1: 128), in memory beyond (1-64-64-1: 4224; sm_90a ptxas: see NOTES-kernel.md).
 ACC_REGISTERS_LIMIT = 1024
+#: A streamed layer's weights are copied, updated and written this many elements at a time (8 fp32
+#: registers per thread at 4 warps), never as a whole ``[P_OUT, P_IN]`` register tile.
+STREAM_TILE = 1024
+#: Register cap (ptxas ``.maxnreg``) of a kernel with streamed layers: 4 programs of 4 warps per SM
+STREAM_MAX_REGISTERS = 128
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: Error bounds of the special functions, relative to the float64 value, in units of
@@ -200,10 +210,12 @@ def _activation(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _zero_layer(ptr, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
-                P_IN: tl.constexpr, P_OUT: tl.constexpr):
-    _store_layer(ptr, tl.zeros((P_OUT, P_IN), dtype=tl.float32), tl.zeros((P_OUT,), dtype=tl.float32),
-                 OFF, D_IN, D_OUT, P_IN, P_OUT)
+def _zero_layer(ptr, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr, TILE: tl.constexpr):
+    """Zero a layer's ``D_OUT * D_IN + D_OUT`` flat parameters, ``TILE`` at a time."""
+    END: tl.constexpr = OFF + D_OUT * D_IN + D_OUT
+    for i in range(OFF, END, TILE):
+        offs = i + tl.arange(0, TILE)
+        tl.store(ptr + offs, tl.zeros((TILE,), dtype=tl.float32), mask=offs < END)
 
 
 @triton.jit
@@ -267,15 +279,22 @@ def _backward(g, a_in, a_out, w, b, lr, ACT: tl.constexpr, INPUT_GRAD: tl.conste
 # go through the scratch too, with a CTA barrier between the writes and the reads.
 @triton.jit
 def _layer_init(phi_ptr, w_scr, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
-                P_IN: tl.constexpr, P_OUT: tl.constexpr, S: tl.constexpr):
+                P_IN: tl.constexpr, P_OUT: tl.constexpr, S: tl.constexpr, TILE: tl.constexpr):
     """(w, b) of a layer from φ: w in registers, or (S) copied to the scratch ``[P_OUT, P_IN]``
-    (zero-padded) with a ``[1, 1]`` placeholder returned."""
-    w, b = _load_layer(phi_ptr, OFF, D_IN, D_OUT, P_IN, P_OUT)
+    (zero-padded), ``TILE`` elements at a time, with a ``[1, 1]`` placeholder returned."""
     if S:
-        rows = tl.arange(0, P_OUT)
+        CH: tl.constexpr = min(P_OUT, max(1, TILE // P_IN))
         cols = tl.arange(0, P_IN)
-        tl.store(w_scr + rows[:, None] * P_IN + cols[None, :], w)
+        for c in range(0, P_OUT, CH):
+            r = c + tl.arange(0, CH)
+            w = tl.load(phi_ptr + OFF + r[:, None] * D_IN + cols[None, :],
+                        mask=(r[:, None] < D_OUT) & (cols[None, :] < D_IN), other=0.0)
+            tl.store(w_scr + r[:, None] * P_IN + cols[None, :], w)
+        rows = tl.arange(0, P_OUT)
+        b = tl.load(phi_ptr + OFF + D_OUT * D_IN + rows, mask=rows < D_OUT, other=0.0)
         w = tl.zeros((1, 1), dtype=tl.float32)
+    else:
+        w, b = _load_layer(phi_ptr, OFF, D_IN, D_OUT, P_IN, P_OUT)
     return w, b
 
 
@@ -287,6 +306,39 @@ def _layer_final(w, w_scr, P_IN: tl.constexpr, P_OUT: tl.constexpr, S: tl.conste
         cols = tl.arange(0, P_IN)
         w = tl.load(w_scr + rows[:, None] * P_IN + cols[None, :])
     return w
+
+
+@triton.jit
+def _layer_write(row, phi_ptr, w, b, w_scr, OFF: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+                 P_IN: tl.constexpr, P_OUT: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr,
+                 TILE: tl.constexpr):
+    """A task's adapted layer into a flat row: stored (ACC False) or, ACC, ``row += (w, b) − φ``
+    (``_accumulate_layer``).  A streamed layer (S) goes from its scratch ``TILE`` elements at a
+    time, never whole in registers."""
+    if S:
+        CH: tl.constexpr = min(P_OUT, max(1, TILE // P_IN))
+        cols = tl.arange(0, P_IN)
+        for c in range(0, P_OUT, CH):
+            r = c + tl.arange(0, CH)
+            m = (r[:, None] < D_OUT) & (cols[None, :] < D_IN)
+            flat = OFF + r[:, None] * D_IN + cols[None, :]
+            w_c = tl.load(w_scr + r[:, None] * P_IN + cols[None, :])
+            if ACC:
+                p_w = tl.load(phi_ptr + flat, mask=m, other=0.0)
+                a_w = tl.load(row + flat, mask=m, other=0.0)
+                w_c = a_w + (w_c - p_w)
+            tl.store(row + flat, w_c, mask=m)
+        rows = tl.arange(0, P_OUT)
+        b_ok = rows < D_OUT
+        if ACC:
+            p_b = tl.load(phi_ptr + OFF + D_OUT * D_IN + rows, mask=b_ok, other=0.0)
+            a_b = tl.load(row + OFF + D_OUT * D_IN + rows, mask=b_ok, other=0.0)
+            b = a_b + (b - p_b)
+        tl.store(row + OFF + D_OUT * D_IN + rows, b, mask=b_ok)
+    elif ACC:
+        _accumulate_layer(row, phi_ptr, w, b, OFF, D_IN, D_OUT, P_IN, P_OUT)
+    else:
+        _store_layer(row, w, b, OFF, D_IN, D_OUT, P_IN, P_OUT)
 
 
 @triton.jit
@@ -317,13 +369,14 @@ def _layer_forward(a, w, b, w_scr, a_scr, ACT: tl.constexpr, D_IN: tl.constexpr,
 def _layer_backward(g, a_in, a_out, w, b, lr, batch, w_scr, a_scr, g_scr, ACT: tl.constexpr,
                     INPUT_GRAD: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
                     P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, S: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+                    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, TILE: tl.constexpr):
     if S:
         rows = tl.arange(0, BLOCK_B)
         cin = tl.arange(0, P_IN)
         cout = tl.arange(0, P_OUT)
         g = _activation_grad(g, a_out, ACT)
         tl.store(g_scr + rows[:, None] * P_OUT + cout[None, :], g)
+        grad_b = tl.sum(g, axis=0)
         tl.debug_barrier()
         if INPUT_GRAD:
             g_in = tl.zeros((BLOCK_B, P_IN), dtype=tl.float32)
@@ -331,23 +384,37 @@ def _layer_backward(g, a_in, a_out, w, b, lr, batch, w_scr, a_scr, g_scr, ACT: t
                 g_o = tl.load(g_scr + rows * P_OUT + o)
                 w_o = tl.load(w_scr + o * P_IN + cin)
                 g_in += g_o[:, None] * w_o[None, :]
+            tl.debug_barrier()  # every read of W above before W is rewritten below
         else:
             g_in = g
+        # W -= lr dW, TILE elements of W at a time (never the whole dW in registers):
         # dW = Σ over the real batch rows of g[r]^T a[r] (a_scr still holds this step's input)
-        grad_w = tl.zeros((P_OUT, P_IN), dtype=tl.float32)
-        for r in range(0, batch):
-            g_r = tl.load(g_scr + r * P_OUT + cout)
-            a_r = tl.load(a_scr + r * P_IN + cin)
-            grad_w += g_r[:, None] * a_r[None, :]
-        grad_b = tl.sum(g, axis=0)
-        tl.debug_barrier()  # every read of W, g and a above before W is rewritten / g_scr reused
-        w_ptrs = w_scr + cout[:, None] * P_IN + cin[None, :]
-        tl.store(w_ptrs, tl.load(w_ptrs) - lr * grad_w)
-        tl.debug_barrier()
+        CH: tl.constexpr = min(P_OUT, max(1, TILE // P_IN))
+        for c in range(0, P_OUT, CH):
+            co = c + tl.arange(0, CH)
+            grad_w = tl.zeros((CH, P_IN), dtype=tl.float32)
+            for r in range(0, batch):
+                g_r = tl.load(g_scr + r * P_OUT + co)
+                a_r = tl.load(a_scr + r * P_IN + cin)
+                grad_w += g_r[:, None] * a_r[None, :]
+            w_ptrs = w_scr + co[:, None] * P_IN + cin[None, :]
+            tl.store(w_ptrs, tl.load(w_ptrs) - lr * grad_w)
+        tl.debug_barrier()  # the new W and the reads of g_scr before the next use
         b = b - lr * grad_b
     else:
         g_in, w, b = _backward(g, a_in, a_out, w, b, lr, ACT, INPUT_GRAD, DOT, PRECISION)
     return g_in, w, b
+
+
+@triton.jit
+def _stashed(a, a_scr, P: tl.constexpr, S: tl.constexpr, BLOCK_B: tl.constexpr):
+    """A streamed layer's input activation ``[BB, P]`` re-read from its scratch (S), where its
+    forward pass stored it, rather than kept in registers across the K-loops; else ``a``."""
+    if S:
+        rows = tl.arange(0, BLOCK_B)
+        cols = tl.arange(0, P)
+        a = tl.load(a_scr + rows[:, None] * P + cols[None, :])
+    return a
 
 
 @triton.jit
@@ -425,7 +492,7 @@ def _meta_step_kernel(
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, S4: tl.constexpr,
     WOFF0: tl.constexpr, WOFF1: tl.constexpr, WOFF2: tl.constexpr, WOFF3: tl.constexpr,
     WOFF4: tl.constexpr, AOFF0: tl.constexpr, AOFF1: tl.constexpr, AOFF2: tl.constexpr,
-    AOFF3: tl.constexpr, AOFF4: tl.constexpr, GOFF: tl.constexpr,
+    AOFF3: tl.constexpr, AOFF4: tl.constexpr, GOFF: tl.constexpr, TILE: tl.constexpr,
     # what to write
     ACCUMULATE: tl.constexpr, WRITE_ADAPTED: tl.constexpr, WRITE_LOSSES: tl.constexpr,
 ):
@@ -447,15 +514,15 @@ def _meta_step_kernel(
     # per task); and Σ of their inner losses
     part_row = part_ptr + pid * part_stride
     if ACCUMULATE == 2:
-        _zero_layer(part_row, 0, D0, D1, P0, P1)
+        _zero_layer(part_row, 0, D0, D1, TILE)
         if N_LAYERS > 1:
-            _zero_layer(part_row, OFF1, D1, D2, P1, P2)
+            _zero_layer(part_row, OFF1, D1, D2, TILE)
         if N_LAYERS > 2:
-            _zero_layer(part_row, OFF2, D2, D3, P2, P3)
+            _zero_layer(part_row, OFF2, D2, D3, TILE)
         if N_LAYERS > 3:
-            _zero_layer(part_row, OFF3, D3, D4, P3, P4)
+            _zero_layer(part_row, OFF3, D3, D4, TILE)
         if N_LAYERS > 4:
-            _zero_layer(part_row, OFF4, D4, D5, P4, P5)
+            _zero_layer(part_row, OFF4, D4, D5, TILE)
         tl.debug_barrier()
     acc_w0 = tl.zeros((P1, P0), dtype=tl.float32)
     acc_b0 = tl.zeros((P1,), dtype=tl.float32)
@@ -486,15 +553,15 @@ def _meta_step_kernel(
                                 mask=plan_ok[:, :, None] & (cl[None, None, :] < DL), other=0.0)
             else:
                 lab_all = tl.load(y_ptr + pt_all, mask=plan_ok, other=0)
-        w0, b0 = _layer_init(phi_ptr, scr + WOFF0, 0, D0, D1, P0, P1, S0)
+        w0, b0 = _layer_init(phi_ptr, scr + WOFF0, 0, D0, D1, P0, P1, S0, TILE)
         if N_LAYERS > 1:
-            w1, b1 = _layer_init(phi_ptr, scr + WOFF1, OFF1, D1, D2, P1, P2, S1)
+            w1, b1 = _layer_init(phi_ptr, scr + WOFF1, OFF1, D1, D2, P1, P2, S1, TILE)
         if N_LAYERS > 2:
-            w2, b2 = _layer_init(phi_ptr, scr + WOFF2, OFF2, D2, D3, P2, P3, S2)
+            w2, b2 = _layer_init(phi_ptr, scr + WOFF2, OFF2, D2, D3, P2, P3, S2, TILE)
         if N_LAYERS > 3:
-            w3, b3 = _layer_init(phi_ptr, scr + WOFF3, OFF3, D3, D4, P3, P4, S3)
+            w3, b3 = _layer_init(phi_ptr, scr + WOFF3, OFF3, D3, D4, P3, P4, S3, TILE)
         if N_LAYERS > 4:
-            w4, b4 = _layer_init(phi_ptr, scr + WOFF4, OFF4, D4, D5, P4, P5, S4)
+            w4, b4 = _layer_init(phi_ptr, scr + WOFF4, OFF4, D4, D5, P4, P5, S4, TILE)
         if S0 or S1 or S2 or S3 or S4:
             tl.debug_barrier()  # the copies of φ before the first read of the scratch
         for s in range(0, STEPS):
@@ -544,42 +611,48 @@ def _meta_step_kernel(
             loss_acc += step_loss
             if WRITE_LOSSES:
                 tl.store(loss_ptr + t * STEPS + s, step_loss)
-            # backward and SGD, last layer first
+            # backward and SGD, last layer first; a streamed layer's input re-read from its scratch
             if N_LAYERS > 4:
                 g, w4, b4 = _layer_backward(g, a4, a5, w4, b4, lr, batch, scr + WOFF4, scr + AOFF4, scr + GOFF,
-                                            ACT4, True, D4, D5, P4, P5, DOT4, S4, PRECISION, BLOCK_B)
+                                            ACT4, True, D4, D5, P4, P5, DOT4, S4, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 3:
-                g, w3, b3 = _layer_backward(g, a3, a4, w3, b3, lr, batch, scr + WOFF3, scr + AOFF3, scr + GOFF,
-                                            ACT3, True, D3, D4, P3, P4, DOT3, S3, PRECISION, BLOCK_B)
+                g, w3, b3 = _layer_backward(g, a3, _stashed(a4, scr + AOFF4, P4, S4, BLOCK_B), w3, b3, lr, batch,
+                                            scr + WOFF3, scr + AOFF3, scr + GOFF,
+                                            ACT3, True, D3, D4, P3, P4, DOT3, S3, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 2:
-                g, w2, b2 = _layer_backward(g, a2, a3, w2, b2, lr, batch, scr + WOFF2, scr + AOFF2, scr + GOFF,
-                                            ACT2, True, D2, D3, P2, P3, DOT2, S2, PRECISION, BLOCK_B)
+                g, w2, b2 = _layer_backward(g, a2, _stashed(a3, scr + AOFF3, P3, S3, BLOCK_B), w2, b2, lr, batch,
+                                            scr + WOFF2, scr + AOFF2, scr + GOFF,
+                                            ACT2, True, D2, D3, P2, P3, DOT2, S2, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 1:
-                g, w1, b1 = _layer_backward(g, a1, a2, w1, b1, lr, batch, scr + WOFF1, scr + AOFF1, scr + GOFF,
-                                            ACT1, True, D1, D2, P1, P2, DOT1, S1, PRECISION, BLOCK_B)
-            g, w0, b0 = _layer_backward(g, a0, a1, w0, b0, lr, batch, scr + WOFF0, scr + AOFF0, scr + GOFF,
-                                        ACT0, False, D0, D1, P0, P1, DOT0, S0, PRECISION, BLOCK_B)
-        # streamed layers: their weights back into registers for the writes below
-        w0 = _layer_final(w0, scr + WOFF0, P0, P1, S0)
-        if N_LAYERS > 1:
-            w1 = _layer_final(w1, scr + WOFF1, P1, P2, S1)
-        if N_LAYERS > 2:
-            w2 = _layer_final(w2, scr + WOFF2, P2, P3, S2)
-        if N_LAYERS > 3:
-            w3 = _layer_final(w3, scr + WOFF3, P3, P4, S3)
-        if N_LAYERS > 4:
-            w4 = _layer_final(w4, scr + WOFF4, P4, P5, S4)
+                g, w1, b1 = _layer_backward(g, a1, _stashed(a2, scr + AOFF2, P2, S2, BLOCK_B), w1, b1, lr, batch,
+                                            scr + WOFF1, scr + AOFF1, scr + GOFF,
+                                            ACT1, True, D1, D2, P1, P2, DOT1, S1, PRECISION, BLOCK_B, TILE)
+            g, w0, b0 = _layer_backward(g, a0, _stashed(a1, scr + AOFF1, P1, S1, BLOCK_B), w0, b0, lr, batch,
+                                        scr + WOFF0, scr + AOFF0, scr + GOFF,
+                                        ACT0, False, D0, D1, P0, P1, DOT0, S0, PRECISION, BLOCK_B, TILE)
         if WRITE_ADAPTED:
+            # a streamed layer straight from its scratch, a tile at a time
             out_row = out_ptr + t * out_stride
-            _store_layer(out_row, w0, b0, 0, D0, D1, P0, P1)
+            _layer_write(out_row, phi_ptr, w0, b0, scr + WOFF0, 0, D0, D1, P0, P1, S0, False, TILE)
             if N_LAYERS > 1:
-                _store_layer(out_row, w1, b1, OFF1, D1, D2, P1, P2)
+                _layer_write(out_row, phi_ptr, w1, b1, scr + WOFF1, OFF1, D1, D2, P1, P2, S1, False, TILE)
             if N_LAYERS > 2:
-                _store_layer(out_row, w2, b2, OFF2, D2, D3, P2, P3)
+                _layer_write(out_row, phi_ptr, w2, b2, scr + WOFF2, OFF2, D2, D3, P2, P3, S2, False, TILE)
             if N_LAYERS > 3:
-                _store_layer(out_row, w3, b3, OFF3, D3, D4, P3, P4)
+                _layer_write(out_row, phi_ptr, w3, b3, scr + WOFF3, OFF3, D3, D4, P3, P4, S3, False, TILE)
             if N_LAYERS > 4:
-                _store_layer(out_row, w4, b4, OFF4, D4, D5, P4, P5)
+                _layer_write(out_row, phi_ptr, w4, b4, scr + WOFF4, OFF4, D4, D5, P4, P5, S4, False, TILE)
+        if ACCUMULATE == 1:
+            # streamed layers: their weights back into registers for the sums in registers
+            w0 = _layer_final(w0, scr + WOFF0, P0, P1, S0)
+            if N_LAYERS > 1:
+                w1 = _layer_final(w1, scr + WOFF1, P1, P2, S1)
+            if N_LAYERS > 2:
+                w2 = _layer_final(w2, scr + WOFF2, P2, P3, S2)
+            if N_LAYERS > 3:
+                w3 = _layer_final(w3, scr + WOFF3, P3, P4, S3)
+            if N_LAYERS > 4:
+                w4 = _layer_final(w4, scr + WOFF4, P4, P5, S4)
         if ACCUMULATE == 1:
             # φ̃ − φ with φ re-read (cached) rather than kept: it would double the weight registers
             p_w, p_b = _load_layer(phi_ptr, 0, D0, D1, P0, P1)
@@ -602,15 +675,15 @@ def _meta_step_kernel(
                 acc_w4 += w4 - p_w
                 acc_b4 += b4 - p_b
         elif ACCUMULATE == 2:
-            _accumulate_layer(part_row, phi_ptr, w0, b0, 0, D0, D1, P0, P1)
+            _layer_write(part_row, phi_ptr, w0, b0, scr + WOFF0, 0, D0, D1, P0, P1, S0, True, TILE)
             if N_LAYERS > 1:
-                _accumulate_layer(part_row, phi_ptr, w1, b1, OFF1, D1, D2, P1, P2)
+                _layer_write(part_row, phi_ptr, w1, b1, scr + WOFF1, OFF1, D1, D2, P1, P2, S1, True, TILE)
             if N_LAYERS > 2:
-                _accumulate_layer(part_row, phi_ptr, w2, b2, OFF2, D2, D3, P2, P3)
+                _layer_write(part_row, phi_ptr, w2, b2, scr + WOFF2, OFF2, D2, D3, P2, P3, S2, True, TILE)
             if N_LAYERS > 3:
-                _accumulate_layer(part_row, phi_ptr, w3, b3, OFF3, D3, D4, P3, P4)
+                _layer_write(part_row, phi_ptr, w3, b3, scr + WOFF3, OFF3, D3, D4, P3, P4, S3, True, TILE)
             if N_LAYERS > 4:
-                _accumulate_layer(part_row, phi_ptr, w4, b4, OFF4, D4, D5, P4, P5)
+                _layer_write(part_row, phi_ptr, w4, b4, scr + WOFF4, OFF4, D4, D5, P4, P5, S4, True, TILE)
             # the next task's read-modify-write may run on other threads
             tl.debug_barrier()
         elif S0 or S1 or S2 or S3 or S4:
@@ -716,9 +789,12 @@ class V2Config:
             written once per task, L1/L2-resident); None: "registers" while the padded weights
             are at most ``ACC_REGISTERS_LIMIT`` elements, else "memory".
         stream: wide x wide layers keep their weights in a per-program scratch row and run their
-            products as fp32 K-loops (see "streamed wide layers"): far fewer registers (no spills
-            at 4 warps, sm_90a), extra L1 traffic and barriers; exact fp32 whatever ``precision``
-            says.  Off by default until a GPU measurement says which is faster.
+            products as fp32 K-loops (see "streamed wide layers"): at most 128 registers (no
+            spills at 4 warps, sm_90a, Triton 3.6 and 3.8, by ahead-of-time compilation), extra
+            L1 traffic and barriers; exact fp32 whatever ``precision`` says.  Off by default
+            although it meets the register goal: no GPU timing of either variant exists yet, so
+            nothing shows that the occupancy it buys outweighs its scratch traffic and barriers
+            (and it would silently turn "tf32x3" / "tf32" into fp32).
     """
 
     num_warps: Optional[int] = None
@@ -776,7 +852,9 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
                 S0=streamed[0], S1=streamed[1], S2=streamed[2], S3=streamed[3], S4=streamed[4],
                 **{f"WOFF{l}": layout.get(f"w{l}", 0) for l in range(MAX_LAYERS)},
                 **{f"AOFF{l}": layout.get(f"a{l}", 0) for l in range(MAX_LAYERS)}, GOFF=layout.get("g", 0),
-                num_warps=config.num_warps or (8 if any(dots) and not config.stream else 4), num_stages=1)
+                TILE=STREAM_TILE,
+                num_warps=config.num_warps or (8 if any(dots) and not config.stream else 4), num_stages=1,
+                **({"maxnreg": STREAM_MAX_REGISTERS} if any(streamed) else {}))
 
 
 def _scratch_layout(dims: Sequence[int], block_b: int):
@@ -831,7 +909,7 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
     config = config or V2Config()
     meta = _meta(dims, activations, loss, batch, steps, precision, config, accumulate, write_adapted,
                  write_losses)
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
     kernel = _meta_step_kernel
     pointers = {"x_ptr": "*fp32", "y_ptr": "*fp32" if loss == "mse" else "*i64", "idx_ptr": "*i64",
                 "phi_ptr": "*fp32", "part_ptr": "*fp32", "loss_part_ptr": "*fp32", "out_ptr": "*fp32",

@@ -228,10 +228,37 @@ def test_streamed_wide_layers_match(device):
     params, losses = run_inner(model, tasks, indices, device, stream=True, max_programs=2, row_pad=2)
     assert_inner_matches(params, losses, expected, "streamed 1-64-64-1")
     args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
-    a = V.meta_step(*args, lr=0.02, eps=0.5, config=V.V2Config(stream=True, max_programs=2))
     b = V.meta_step(*args, lr=0.02, eps=0.5, config=V.V2Config(max_programs=2))
-    torch.testing.assert_close(a.params, b.params, rtol=RTOL, atol=ATOL, msg="streamed vs register meta-step")
-    torch.testing.assert_close(a.loss, b.loss, rtol=RTOL, atol=ATOL, msg="streamed vs register mean loss")
+    # the streamed layers' sums in the partial row (tile by tile) and in registers
+    for acc in (None, "registers"):
+        a = V.meta_step(*args, lr=0.02, eps=0.5, config=V.V2Config(stream=True, max_programs=2, accumulate=acc))
+        torch.testing.assert_close(a.params, b.params, rtol=RTOL, atol=ATOL,
+                                   msg=f"streamed (accumulate={acc}) vs register meta-step")
+        torch.testing.assert_close(a.loss, b.loss, rtol=RTOL, atol=ATOL,
+                                   msg=f"streamed (accumulate={acc}) vs register mean loss")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streamed_padded_layers_meta_step(device):
+    """stream=True on 1-40-40-1 (40 padded to 64: the weight tiles' masks), 5 tasks on 2 programs:
+    the fused meta-step against the reference's adapted parameters and the register variant."""
+    torch.manual_seed(43)
+    model = MLP(1, 40, 1, depth=2).to(device)
+    spec, names, phi = spec_of(model)
+    tasks = Sine().sample(5, generator=torch.Generator().manual_seed(44))
+    indices = sample_indices(5, 3, 50, 10, generator=torch.Generator().manual_seed(45))
+    expected = reference_inner(model, tasks, indices)
+    named = dict(model.named_parameters())
+    want_phi = phi + 0.5 * torch.cat([(expected.params[n] - named[n].detach().cpu()).mean(0).reshape(-1)
+                                      for n in names])
+    args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
+    for acc in ("memory", "registers"):
+        res = V.meta_step(*args, lr=0.02, eps=0.5, config=V.V2Config(stream=True, max_programs=2, accumulate=acc),
+                          out=torch.full_like(phi, float("nan"), device=device))
+        torch.testing.assert_close(res.params.cpu(), want_phi, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m: f"streamed 1-40-40-1, accumulate={acc}: new φ\n{m}")
+        torch.testing.assert_close(res.loss.cpu(), expected.losses.mean(), rtol=RTOL, atol=ATOL,
+                                   msg=lambda m: f"streamed 1-40-40-1, accumulate={acc}: mean loss\n{m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
