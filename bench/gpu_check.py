@@ -265,6 +265,27 @@ def stage_correctness(log, device, smoke):
         rows.append(row)
         log(f"  {name:>15}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in row.items() if k not in ("variant", "T")))
+    # one program finishing the meta-step itself (T=1: one launch) vs meta_step + accept_step
+    row = {"variant": "v2-guarded-1", "T": 1}
+    try:
+        from reptile_fast.kernels import meta_step_guard as G
+
+        _, t1, p1, _, phi1 = problem(1, device, seed=8, width=width)
+        it = torch.ones(1, dtype=torch.int64, device=device)
+        got, want = phi1.clone(), phi1.clone()
+        st_got, st_want = G.new_state(device), G.new_state(device)
+        l_got, l_want = torch.full((1,), float("nan"), device=device), torch.full((1,), float("nan"), device=device)
+        V.guarded_meta_step(t1.x, t1.y, p1, got, dims, ACTS, lr=LR, eps=EPS, state=st_got, iteration=it,
+                            loss_out=l_got)
+        res = V.meta_step(t1.x, t1.y, p1, want, dims, ACTS, lr=LR, eps=EPS)
+        G.accept_step(want, res.params, res.loss, st_want, it, l_want)
+        row["bitwise_vs_three_launches"] = bool(torch.equal(got, want) and torch.equal(l_got, l_want)
+                                                and torch.equal(st_got, st_want))
+        row["accepted"] = st_got.tolist() == [1, 0]
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+    rows.append(row)
+    log("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
     # special functions against float64 on this device
     try:
         import importlib
@@ -613,7 +634,8 @@ def summary_lines(results: dict) -> list:
             lines.append("special functions, max rel. error (2^-23 units) / bound: " + ", ".join(
                 f"{k} {v['max_rel_err_in_2^-23']:.2f}/{v['stated_bound']}" for k, v in r.items() if isinstance(v, dict)))
         else:
-            keys = ("ok_rtol1e-5", "max_abs_vs_ref32", "rel_vs_f64", "max_abs_vs_trainer", "unwritten", "deterministic")
+            keys = ("ok_rtol1e-5", "max_abs_vs_ref32", "rel_vs_f64", "max_abs_vs_trainer", "unwritten", "deterministic",
+                    "bitwise_vs_three_launches", "accepted")
             lines.append(f"correctness {r['variant']}: " + ", ".join(
                 f"{k} {r[k]:.2g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in keys if k in r))
     timing = (results["stages"].get("timing") or {}).get("rows") or []

@@ -32,7 +32,8 @@ V2_CASES = [
     ("ce-4-64-64-5-relu", (4, 64, 64, 5), ("relu", "relu", "identity"), "cross_entropy", 10, 5),
 ]
 V2_PRECISIONS = ("ieee", "tf32x3", "tf32")
-#: v2 launch modes: the meta-step (partials, no per-task outputs) and adapt (per-task outputs)
+#: v2 launch modes: the meta-step (partials, no per-task outputs) and adapt (per-task outputs); the
+#: meta-step also as "meta-step-1" (one program applies the update and the guard: FINALIZE)
 V2_MODES = ("meta-step", "adapt")
 
 #: v1 cases: (name, dims, activations, loss, batch, forced mode or None)
@@ -101,6 +102,8 @@ def v2_rows(arch: int = 90, warps=(4, 8), cases=V2_CASES, precisions=V2_PRECISIO
     combos = [(prec, mode, nw, False) for prec in precisions for mode in modes for nw in warps]
     if True in streams:
         combos += [("ieee", mode, nw, True) for mode in modes for nw in warps]
+    if "meta-step" in modes:  # one program finishing the meta-step itself (FINALIZE: meta-batch 1)
+        combos += [("ieee", "meta-step-1", nw, stream) for stream in streams for nw in warps]
     for name, dims, acts, loss, batch, steps in cases:
         for prec, mode, nw, stream in combos:
                     row = {"kernel": "v2-stream" if stream else "v2", "case": name, "dims": list(dims),
@@ -111,8 +114,9 @@ def v2_rows(arch: int = 90, warps=(4, 8), cases=V2_CASES, precisions=V2_PRECISIO
                     try:
                         k = V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=prec,
                                                  config=V.V2Config(num_warps=nw, stream=stream), arch=arch,
-                                                 accumulate=mode == "meta-step", write_adapted=mode == "adapt",
-                                                 write_losses=mode == "adapt")
+                                                 accumulate=mode.startswith("meta-step"),
+                                                 write_adapted=mode == "adapt", write_losses=mode == "adapt",
+                                                 finalize=mode == "meta-step-1")
                         row.update(facts(k, arch))
                     except Exception as exc:  # noqa: BLE001 - recorded per case
                         row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -148,6 +152,25 @@ def v1_rows(arch: int = 90, cases=V1_CASES, precisions=("ieee", "tf32x3", "tf32"
     return rows
 
 
+def guard_rows(arch: int = 90, log=None):
+    """The fused stepper's accept-or-skip kernel (``kernels/meta_step_guard.py``): one row."""
+    import triton
+
+    from reptile_fast.kernels import meta_step_guard as G
+
+    row = {"kernel": "guard", "case": "accept_step", "precision": "-", "mode": "1 program", "num_warps": 4,
+           "arch": f"sm_{arch}a", "triton": triton.__version__}
+    t0 = time.perf_counter()
+    try:
+        row.update(facts(G.compile_for_target(arch), arch))
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    row["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    if log:
+        log(line(row))
+    return [row]
+
+
 def line(r: dict) -> str:
     head = f"{r['kernel']} {r['case']:22s} {r['precision']:6s} {r['mode']:9s} w{r['num_warps']}"
     if "error" in r:
@@ -178,6 +201,7 @@ def main(argv=None) -> int:
     v1_kw = {"all": {}, "gpu": {"cases": V1_CASES[:1]}, "smoke": {"cases": V1_CASES[:1], "precisions": ("ieee",)}}
     if args.kernel in ("v2", "all"):
         rows += v2_rows(args.arch, log=print, **v2_kw[args.cases])
+        rows += guard_rows(args.arch, log=print)
     if args.kernel in ("v1", "all"):
         rows += v1_rows(args.arch, log=print, **v1_kw[args.cases])
     if args.out:

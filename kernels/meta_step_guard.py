@@ -27,7 +27,7 @@ import triton.language as tl
 # v1's input checks: one copy for every launcher
 from .mlp_inner_loop import _check_tensor
 
-__all__ = ["accept_step", "new_state", "BLOCK"]
+__all__ = ["accept_step", "check_state", "new_state", "compile_for_target", "BLOCK"]
 
 #: elements per pass-iteration of the one program (4 warps x 8 per thread)
 BLOCK = 1024
@@ -78,6 +78,23 @@ def new_state(device) -> torch.Tensor:
     return torch.tensor([1, 0], dtype=torch.int64, device=device)
 
 
+def check_state(phi: torch.Tensor, state: torch.Tensor, iteration: torch.Tensor, loss_out: torch.Tensor) -> None:
+    """TypeError/ValueError unless φ is a contiguous float32 vector and ``state`` (int64 [2]),
+    ``iteration`` (int64, 1 element) and ``loss_out`` (float32, 1 element) are on its device."""
+    device = phi.device
+    _check_tensor("phi", phi, torch.float32, 1, device)
+    if not phi.is_contiguous():
+        raise ValueError("phi must be contiguous (it is updated in place)")
+    for name, t, dtype in (("state", state, torch.int64), ("iteration", iteration, torch.int64),
+                           ("loss_out", loss_out, torch.float32)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != device:
+            raise TypeError(f"{name} must be a {dtype} tensor on {device}, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}")
+    if iteration.numel() != 1 or loss_out.numel() != 1 or state.shape != (2,):
+        raise ValueError(f"iteration and loss_out hold one element and state two, got "
+                         f"{iteration.numel()}, {loss_out.numel()}, {tuple(state.shape)}")
+
+
 def accept_step(phi: torch.Tensor, new: torch.Tensor, loss: torch.Tensor, state: torch.Tensor,
                 iteration: torch.Tensor, loss_out: torch.Tensor) -> None:
     """φ ← new if ``loss`` and ``new`` are finite and no earlier step since the last reset was bad.
@@ -92,20 +109,25 @@ def accept_step(phi: torch.Tensor, new: torch.Tensor, loss: torch.Tensor, state:
 
     One launch of one program; no host synchronisation (CUDA-graph capturable).
     """
-    device = phi.device
-    _check_tensor("phi", phi, torch.float32, 1, device)
-    _check_tensor("new", new, torch.float32, 1, device)
-    if new.shape != phi.shape or not (phi.is_contiguous() and new.is_contiguous()):
+    check_state(phi, state, iteration, loss_out)
+    _check_tensor("new", new, torch.float32, 1, phi.device)
+    if new.shape != phi.shape or not new.is_contiguous():
         raise ValueError(f"phi and new must be contiguous and of one shape, got {tuple(phi.shape)} and "
                          f"{tuple(new.shape)}")
     if new.data_ptr() == phi.data_ptr():
         raise ValueError("new must not alias phi (pass 2 reads new while writing phi)")
-    for name, t, dtype in (("loss", loss, torch.float32), ("state", state, torch.int64),
-                           ("iteration", iteration, torch.int64), ("loss_out", loss_out, torch.float32)):
-        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != device:
-            raise TypeError(f"{name} must be a {dtype} tensor on {device}, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}")
-    if loss.numel() != 1 or iteration.numel() != 1 or loss_out.numel() != 1 or state.shape != (2,):
-        raise ValueError(f"loss, iteration and loss_out hold one element and state two, got "
-                         f"{loss.numel()}, {iteration.numel()}, {loss_out.numel()}, {tuple(state.shape)}")
+    if not isinstance(loss, torch.Tensor) or loss.dtype != torch.float32 or loss.device != phi.device \
+            or loss.numel() != 1:
+        raise TypeError(f"loss must be a one-element torch.float32 tensor on {phi.device}")
     _accept_kernel[(1,)](phi, new, loss, state, iteration, loss_out, phi.numel(), BLOCK=BLOCK, num_warps=4)
+
+
+def compile_for_target(arch: int = 90):
+    """Compile the guard ahead of time for CUDA ``sm_<arch>`` (no GPU needed; the module must be
+    imported without ``TRITON_INTERPRET=1``).  Returns Triton's ``CompiledKernel``."""
+    from triton.backends.compiler import GPUTarget
+
+    signature = {"phi_ptr": "*fp32", "new_ptr": "*fp32", "loss_ptr": "*fp32", "state_ptr": "*i64",
+                 "iteration_ptr": "*i64", "loss_out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+    source = triton.compiler.ASTSource(_accept_kernel, signature, constexprs={"BLOCK": BLOCK})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})

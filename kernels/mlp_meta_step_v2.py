@@ -70,12 +70,14 @@ from reptile_fast.mlp_math import ACTIVATION_CODES
 # special function involved) and input checks: one copy for both kernels
 from .mlp_inner_loop import (_activation_grad, _check_tensor, _load_layer, _store_layer,  # noqa: F401
                              n_flat_params, param_layout)
+# the fused stepper's finiteness rule (one NaN/inf test for both kernels)
+from .meta_step_guard import _is_bad, accept_step, check_state
 
 __all__ = [
     "ACCURACY", "MAX_LAYERS", "MAX_FEATURES_V2", "MAX_BATCH_V2", "NARROW_MAX", "PRECISIONS",
     "INTERPRETED", "V2Config", "MetaStepResult", "supports_v2", "unsupported_reason", "feature_tile",
-    "param_layout", "n_flat_params", "flat_params", "unflatten_params", "meta_step", "inner_loop",
-    "compile_for_target",
+    "param_layout", "n_flat_params", "flat_params", "unflatten_params", "meta_step", "guarded_meta_step",
+    "inner_loop", "compile_for_target",
 ]
 
 #: loss name -> compile-time code (as v1)
@@ -458,6 +460,40 @@ def _select_step_int(all_steps, s, S_P: tl.constexpr):
     return tl.sum(tl.where(sel, all_steps, 0), axis=0)
 
 
+# ----------------------------------------------------------------------------- the fused finish
+@triton.jit
+def _accept_from_partials(phi_ptr, part_row, loss_sum, eps_ptr, state_ptr, iter_ptr, loss_out_ptr,
+                          n_params, n_tasks_f, n_losses_f, BLOCK: tl.constexpr):
+    """With one program: φ ← φ + ε·Σ/T from this program's partial row, under the guard's rule
+    (``meta_step_guard``: only if the mean loss and every new parameter are finite and the state
+    is healthy), in place.  The same expressions as ``_outer_update_kernel`` (a zero-started
+    sum, ``φ + ε·div_rn(acc, T)``), so the result is bitwise that of the three-launch path."""
+    one = tl.arange(0, 1)
+    cols = tl.arange(0, BLOCK)
+    eps = tl.load(eps_ptr + one)
+    loss = tl.math.div_rn(tl.zeros((1,), dtype=tl.float32) + loss_sum, n_losses_f)
+    n_bad = tl.sum(_is_bad(loss), axis=0)
+    for start in range(0, n_params, BLOCK):
+        ok = start + cols < n_params
+        acc = tl.zeros((BLOCK,), dtype=tl.float32) + tl.load(part_row + start + cols, mask=ok, other=0.0)
+        phi = tl.load(phi_ptr + start + cols, mask=ok, other=0.0)
+        n_bad += tl.sum(_is_bad(phi + eps * tl.math.div_rn(acc, n_tasks_f)), axis=0)
+    healthy = tl.load(state_ptr + one)
+    first_bad = tl.load(state_ptr + 1 + one)
+    iteration = tl.load(iter_ptr + one)
+    accept = (n_bad == 0) & (healthy != 0)  # [1]
+    take = tl.sum(accept.to(tl.int32), axis=0) > 0
+    tl.debug_barrier()  # every read of φ above before the writes below
+    for start in range(0, n_params, BLOCK):
+        ok = start + cols < n_params
+        acc = tl.zeros((BLOCK,), dtype=tl.float32) + tl.load(part_row + start + cols, mask=ok, other=0.0)
+        phi = tl.load(phi_ptr + start + cols, mask=ok, other=0.0)
+        tl.store(phi_ptr + start + cols, phi + eps * tl.math.div_rn(acc, n_tasks_f), mask=ok & take)
+    tl.store(state_ptr + 1 + one, tl.where((healthy != 0) & (n_bad > 0), iteration, first_bad))
+    tl.store(state_ptr + one, tl.where(accept, 1, 0).to(tl.int64))
+    tl.store(loss_out_ptr + one, loss)
+
+
 # ----------------------------------------------------------------------------- the meta-step kernel
 @triton.jit
 def _meta_step_kernel(
@@ -469,10 +505,13 @@ def _meta_step_kernel(
     # stream=True: per-program scratch [n_programs, scr_stride] f32 (weights of the streamed layers
     # at WOFF_l, their inputs at AOFF_l, one gradient tile at GOFF)
     scr_ptr, scr_stride,
+    # FINALIZE (one program runs every task): ε [1] f32, the guard's state [2] i64, this
+    # meta-step's number [1] i64 and its loss slot [1] f32 (kernels/meta_step_guard.py's rule)
+    eps_ptr, state_ptr, iter_ptr, loss_out_ptr,
     # sizes (elements)
-    n_tasks, n_points, batch, idx_stride, part_stride, out_stride, n_programs,
-    # inner loop
-    lr, grad_scale, loss_count,
+    n_tasks, n_points, batch, idx_stride, part_stride, out_stride, n_programs, n_params,
+    # inner loop; T and T · steps as floats (FINALIZE's means)
+    lr, grad_scale, loss_count, n_tasks_f, n_losses_f,
     # model: layer count, feature sizes D0..D5, tile sizes P0..P5, activations, dot per layer
     N_LAYERS: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
@@ -495,6 +534,7 @@ def _meta_step_kernel(
     AOFF3: tl.constexpr, AOFF4: tl.constexpr, GOFF: tl.constexpr, TILE: tl.constexpr,
     # what to write
     ACCUMULATE: tl.constexpr, WRITE_ADAPTED: tl.constexpr, WRITE_LOSSES: tl.constexpr,
+    FINALIZE: tl.constexpr,
 ):
     OFF1: tl.constexpr = D1 * D0 + D1
     OFF2: tl.constexpr = OFF1 + D2 * D1 + D2
@@ -701,6 +741,12 @@ def _meta_step_kernel(
             _store_layer(part_row, acc_w4, acc_b4, OFF4, D4, D5, P4, P5)
     if ACCUMULATE > 0:
         tl.store(loss_part_ptr + pid + tl.arange(0, 1), loss_acc)
+    if FINALIZE:
+        # One program ran every task: it applies the outer update and the guard itself (no
+        # second and third launch).  The partial row's writes by every thread before its reads.
+        tl.debug_barrier()
+        _accept_from_partials(phi_ptr, part_row, loss_acc, eps_ptr, state_ptr, iter_ptr, loss_out_ptr,
+                              n_params, n_tasks_f, n_losses_f, 1024)
 
 
 @triton.jit
@@ -820,7 +866,7 @@ class V2Config:
 
 
 def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
-          accumulate: bool, write_adapted: bool, write_losses: bool):
+          accumulate: bool, write_adapted: bool, write_losses: bool, finalize: bool = False):
     """Compile-time arguments of ``_meta_step_kernel`` (plus num_warps / num_stages)."""
     n_layers = len(dims) - 1
     d = list(dims) + [1] * (MAX_LAYERS + 1 - len(dims))
@@ -848,7 +894,7 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
                 DL=d[n_layers], PL=p[n_layers], LOSS=LOSS_CODES[loss], BLOCK_B=block_b,
                 STEPS=int(steps), S_P=s_p,
                 PRELOAD=bool(preload), PRECISION=precision, ACCUMULATE=accumulate,
-                WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses,
+                WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses, FINALIZE=finalize,
                 S0=streamed[0], S1=streamed[1], S2=streamed[2], S3=streamed[3], S4=streamed[4],
                 **{f"WOFF{l}": layout.get(f"w{l}", 0) for l in range(MAX_LAYERS)},
                 **{f"AOFF{l}": layout.get(f"a{l}", 0) for l in range(MAX_LAYERS)}, GOFF=layout.get("g", 0),
@@ -896,7 +942,7 @@ def _n_programs(T: int, device: torch.device, config: V2Config) -> int:
 def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss: str = "mse",
                        batch: int = 10, steps: int = 5, precision: str = "ieee",
                        config: Optional[V2Config] = None, arch: int = 90, accumulate: bool = True,
-                       write_adapted: bool = False, write_losses: bool = False):
+                       write_adapted: bool = False, write_losses: bool = False, finalize: bool = False):
     """Compile the v2 meta-step kernel ahead of time for CUDA ``sm_<arch>`` (no GPU needed).
 
     Needs the module imported without ``TRITON_INTERPRET=1``.  Returns Triton's ``CompiledKernel``
@@ -908,13 +954,14 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
 
     config = config or V2Config()
     meta = _meta(dims, activations, loss, batch, steps, precision, config, accumulate, write_adapted,
-                 write_losses)
+                 write_losses, finalize)
     options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
     kernel = _meta_step_kernel
     pointers = {"x_ptr": "*fp32", "y_ptr": "*fp32" if loss == "mse" else "*i64", "idx_ptr": "*i64",
                 "phi_ptr": "*fp32", "part_ptr": "*fp32", "loss_part_ptr": "*fp32", "out_ptr": "*fp32",
-                "loss_ptr": "*fp32", "scr_ptr": "*fp32"}
-    floats = ("lr", "grad_scale", "loss_count")
+                "loss_ptr": "*fp32", "scr_ptr": "*fp32", "eps_ptr": "*fp32", "state_ptr": "*i64",
+                "iter_ptr": "*i64", "loss_out_ptr": "*fp32"}
+    floats = ("lr", "grad_scale", "loss_count", "n_tasks_f", "n_losses_f")
     signature = {name: "constexpr" if name in meta else pointers.get(name, "fp32" if name in floats else "i32")
                  for name in kernel.arg_names}
     source = triton.compiler.ASTSource(kernel, signature, constexprs=meta)
@@ -995,6 +1042,18 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
                     activations, steps, B)
 
 
+def _eps_tensor(eps, device) -> torch.Tensor:
+    """ε as a 1-element float32 tensor on ``device`` (a device tensor is used as it is)."""
+    if isinstance(eps, torch.Tensor):
+        if eps.dtype != torch.float32 or eps.numel() != 1 or eps.device != device:
+            raise ValueError(f"eps as a tensor must be one float32 element on {device}, got "
+                             f"{eps.dtype} {tuple(eps.shape)} on {eps.device}")
+        return eps.reshape(1)
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps):
+        return torch.full((1,), float(eps), device=device, dtype=torch.float32)
+    raise ValueError(f"eps must be a finite number or a float32 device tensor, got {eps!r}")
+
+
 def _scalars(loss: str, batch: int, d_out: int):
     if loss == "mse":
         return 2.0 / (batch * d_out), float(batch * d_out)
@@ -1054,15 +1113,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
     T = x.shape[0]
     n_params = n_flat_params(c.dims)
     n_programs = _n_programs(T, device, config)
-    if isinstance(eps, torch.Tensor):
-        if eps.dtype != torch.float32 or eps.numel() != 1 or eps.device != device:
-            raise ValueError(f"eps as a tensor must be one float32 element on {device}, got "
-                             f"{eps.dtype} {tuple(eps.shape)} on {eps.device}")
-        eps_t = eps.reshape(1)
-    elif isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps):
-        eps_t = torch.full((1,), float(eps), device=device, dtype=torch.float32)
-    else:
-        raise ValueError(f"eps must be a finite number or a float32 device tensor, got {eps!r}")
+    eps_t = _eps_tensor(eps, device)
     if out is None:
         out = torch.empty(n_params, device=device, dtype=torch.float32)
     else:
@@ -1086,15 +1137,67 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
     meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, True, False, task_losses)
     scratch, scr_stride = _scratch(c.dims, meta, n_programs, device, config)
+    n_losses = float(T * max(c.steps, 1)) if c.steps else float("nan")
+    # (the FINALIZE pointers are not read: placeholders of their types)
     _meta_step_kernel[(n_programs,)](
         c.x, c.y, c.indices, c.phi, partials, loss_part, partials, losses, scratch, scr_stride,
-        T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, part_stride, 0, n_programs,
-        float(lr), grad_scale, loss_count, **meta)
+        eps_t, c.indices, c.indices, mean_loss,
+        T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, part_stride, 0, n_programs, n_params,
+        float(lr), grad_scale, loss_count, float(T), n_losses, **meta)
     block = 1024
     _outer_update_kernel[(triton.cdiv(n_params, block),)](
         c.phi, partials, loss_part, eps_t, out, mean_loss, n_params, part_stride, n_programs,
-        float(T), float(T * max(c.steps, 1)) if c.steps else float("nan"), BLOCK=block, num_warps=4)
+        float(T), n_losses, BLOCK=block, num_warps=4)
     return MetaStepResult(out, mean_loss.reshape(()), losses if task_losses else None)
+
+
+def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_flat: torch.Tensor,
+                      dims: Sequence[int], activations: Sequence[str], *, lr: float,
+                      eps: Union[float, torch.Tensor], state: torch.Tensor, iteration: torch.Tensor,
+                      loss_out: torch.Tensor, loss: str = "mse", steps: Optional[int] = None,
+                      precision: str = "ieee", config: Optional[V2Config] = None,
+                      scratch: Optional[torch.Tensor] = None) -> None:
+    """One meta-step applied to φ in place under the fused stepper's rule
+    (``kernels/meta_step_guard.py``): φ ← φ + ε·mean_i(φ̃_i − φ) only if the mean loss and
+    every new parameter are finite and ``state`` is healthy; else φ stays and ``state`` records
+    ``iteration`` as the first bad meta-step.  The mean loss goes to ``loss_out``.
+
+    With one program (``T = 1``, or ``config.max_programs = 1``) it is **one launch**: the program
+    that ran every task applies the update and the guard itself; otherwise ``meta_step`` (two
+    launches) + ``accept_step`` (one).  Both give bitwise the same φ, loss and state.  No host
+    synchronisation (CUDA-graph capturable).
+
+    Args as ``meta_step``, plus ``state`` int64 ``[2]`` (``meta_step_guard.new_state``),
+    ``iteration`` int64 (1 element), ``loss_out`` float32 (1 element), and ``scratch``: optional
+    float32 ``[n_params]`` for the proposed φ of the multi-program path.  ``params_flat`` must
+    be contiguous (it is updated in place).
+    """
+    check_state(params_flat, state, iteration, loss_out)
+    c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision)
+    config = config or V2Config()
+    device = x.device
+    T = x.shape[0]
+    n_programs = _n_programs(T, device, config)
+    if n_programs > 1:
+        res = meta_step(x, y, indices, params_flat, dims, activations, lr=lr, eps=eps, loss=loss, steps=steps,
+                        precision=precision, config=config, out=scratch)
+        accept_step(params_flat, res.params, res.loss, state, iteration, loss_out)
+        return
+    n_params = n_flat_params(c.dims)
+    eps_t = _eps_tensor(eps, device)
+    part_stride = -(-n_params // 4) * 4
+    partials = torch.empty(1, part_stride, device=device, dtype=torch.float32)
+    loss_part = torch.empty(1, device=device, dtype=torch.float32)
+    grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
+    n_losses = float(T * max(c.steps, 1)) if c.steps else float("nan")
+    meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, True, False, False,
+                 finalize=True)
+    scr, scr_stride = _scratch(c.dims, meta, 1, device, config)
+    _meta_step_kernel[(1,)](
+        c.x, c.y, c.indices, params_flat, partials, loss_part, partials, loss_part, scr, scr_stride,
+        eps_t, state, iteration, loss_out,
+        T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, part_stride, 0, 1, n_params,
+        float(lr), grad_scale, loss_count, float(T), n_losses, **meta)
 
 
 def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_flat: torch.Tensor,
@@ -1136,6 +1239,7 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
     scratch, scr_stride = _scratch(c.dims, meta, n_programs, device, config)
     _meta_step_kernel[(n_programs,)](
         c.x, c.y, c.indices, c.phi, out, out_losses, out, out_losses, scratch, scr_stride,
-        T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, 0, row_stride, n_programs,
-        float(lr), grad_scale, loss_count, **meta)
+        out_losses, c.indices, c.indices, out_losses,  # FINALIZE's pointers: unused placeholders
+        T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, 0, row_stride, n_programs, n_params,
+        float(lr), grad_scale, loss_count, float(T), float(T * max(c.steps, 1)), **meta)
     return out, out_losses

@@ -91,5 +91,76 @@ def test_refuses_bad_arguments():
         G.accept_step(phi.double(), new, one, st, it, one.clone())
     with pytest.raises(TypeError, match="iteration must be a torch.int64"):
         G.accept_step(phi, new, one, st, it.float(), one.clone())
+    with pytest.raises(TypeError, match="loss must be"):
+        G.accept_step(phi, new, torch.zeros(2), st, it, one.clone())
     with pytest.raises(ValueError, match="state two"):
         G.accept_step(phi, new, one, torch.zeros(3, dtype=torch.int64), it, one.clone())
+
+
+# ----------------------------------------------------------------------------- guarded_meta_step
+def _problem(T, dims, seed, device, scale=1.0):
+    from reptile_fast import Sine, sample_indices
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    g = torch.Generator().manual_seed(seed)
+    tasks = Sine().sample(T, generator=g)
+    y = tasks.y * scale
+    plan = sample_indices(T, 3, 50, 10, generator=g)
+    phi = torch.randn(V.n_flat_params(dims), generator=g) * 0.3
+    return tasks.x.to(device), y.to(device), plan.to(device), phi.to(device)
+
+
+CASES = [  # (T, dims, V2Config fields): one program (one launch) unless max_programs says more
+    (1, (1, 16, 16, 1), {}),
+    (3, (1, 16, 16, 1), {"max_programs": 1}),
+    (3, (1, 16, 16, 1), {"max_programs": 1, "stream": True}),
+    (1, (1, 24, 1), {}),
+    (3, (1, 16, 16, 1), {"max_programs": 2}),  # two programs: meta_step + accept_step
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,dims,launch", CASES)
+@pytest.mark.parametrize("scale", [1.0, 1e19])  # 1e19: the squared error overflows (a skipped step)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_guarded_meta_step_is_bitwise_meta_step_then_accept_step(device, T, dims, launch, scale):
+    """guarded_meta_step (one launch with one program) == meta_step + accept_step, bit for bit:
+    φ, the loss slot and the state, for an accepted and a skipped meta-step."""
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    x, y, plan, phi = _problem(T, dims, 7, device, scale)
+    acts = ("tanh",) * (len(dims) - 2) + ("identity",)
+    config = V.V2Config(**launch)
+    got_phi, want_phi = phi.clone(), phi.clone()
+    got_state, want_state = G.new_state(device), G.new_state(device)
+    it = torch.tensor([9], device=device)
+    got_loss, want_loss = (torch.full((1,), math.nan, device=device) for _ in range(2))
+    V.guarded_meta_step(x, y, plan, got_phi, dims, acts, lr=0.02, eps=0.3, state=got_state, iteration=it,
+                        loss_out=got_loss, config=config)
+    res = V.meta_step(x, y, plan, want_phi, dims, acts, lr=0.02, eps=0.3, config=config)
+    G.accept_step(want_phi, res.params, res.loss, want_state, it, want_loss)
+    assert torch.equal(got_phi, want_phi), "φ"
+    assert torch.equal(got_state, want_state), "state"
+    assert torch.equal(got_loss.isnan(), want_loss.isnan()) and torch.equal(
+        torch.nan_to_num(got_loss), torch.nan_to_num(want_loss)), "loss slot"
+    if scale == 1.0:
+        assert got_state.tolist() == [1, 0] and not torch.equal(got_phi, phi), "an accepted step moved φ"
+    else:
+        assert got_state.tolist() == [0, 9] and torch.equal(got_phi, phi), "a skipped step left φ"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_guarded_meta_step_skips_while_unhealthy(device):
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    dims = (1, 16, 1)
+    x, y, plan, phi = _problem(1, dims, 3, device)
+    state = torch.tensor([0, 4], device=device)
+    before = phi.clone()
+    V.guarded_meta_step(x, y, plan, phi, dims, ("tanh", "identity"), lr=0.02, eps=0.5, state=state,
+                        iteration=torch.tensor([5], device=device), loss_out=torch.zeros(1, device=device))
+    assert torch.equal(phi, before) and state.tolist() == [0, 4]
+    with pytest.raises(ValueError, match="contiguous"):
+        V.guarded_meta_step(x, y, plan, torch.zeros(2 * phi.numel(), device=device)[::2], dims, ("tanh", "identity"),
+                            lr=0.02, eps=0.5, state=state, iteration=torch.tensor([5], device=device),
+                            loss_out=torch.zeros(1, device=device))

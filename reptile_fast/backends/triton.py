@@ -363,7 +363,9 @@ class TritonFusedStepper(Stepper):
     """Whole Reptile meta-steps on the device: per meta-step kernel v2's fused launch (every
     task's inner loop + the per-program sums), its outer update (φ + ε·mean, summed in a fixed
     order) and a one-program guard (``kernels/meta_step_guard.py``: φ ← new only if finite) —
-    three launches, and with ``cuda_graphs`` a whole chunk of meta-steps replayed as one CUDA graph.
+    three launches, or one when a single program runs the meta-batch (meta-batch 1: the kernel
+    applies the update and the guard itself; ``mlp_meta_step_v2.guarded_meta_step``) — and with
+    ``cuda_graphs`` a whole chunk of meta-steps replayed as one CUDA graph.
 
     A ``reptile_fast.steppers.Stepper`` (``chunk``, ``name``, ``run``, ``check``), like the eager
     stepper with ``backend.inner_loop`` + ``core.OuterUpdate``, for models kernel v2 runs
@@ -436,15 +438,16 @@ class TritonFusedStepper(Stepper):
     def _program(self, c: _Chunk, T: int) -> None:
         """``len(c.eps)`` meta-steps on ``c``'s tasks: φ from the model, 3 launches per meta-step,
         φ back into the model.  No host read, no data-dependent allocation (graph-capturable)."""
-        k2, guard = _kernels_v2(), _guard()
+        k2 = _kernels_v2()
         torch.cat([p.detach().reshape(-1) for p in self.live], out=c.phi)
         steps = self.config.train_steps(c.plans.shape[1])
         for k in range(c.eps.shape[0]):
             rows = slice(k * T, (k + 1) * T)
-            res = k2.meta_step(c.x[rows], c.y[rows], c.plans[rows], c.phi, self.spec.dims, self.spec.activations,
-                               lr=self.config.lr, eps=c.eps[k:k + 1], loss=self.loss, steps=steps,
-                               precision=self.backend.precision, config=self.launch, out=c.new)
-            guard.accept_step(c.phi, c.new, res.loss, self._state, c.iters[k:k + 1], c.losses[k:k + 1])
+            # one launch when one program runs the meta-batch (T = 1: the seed's setting), else three
+            k2.guarded_meta_step(c.x[rows], c.y[rows], c.plans[rows], c.phi, self.spec.dims, self.spec.activations,
+                                 lr=self.config.lr, eps=c.eps[k:k + 1], state=self._state, iteration=c.iters[k:k + 1],
+                                 loss_out=c.losses[k:k + 1], loss=self.loss, steps=steps,
+                                 precision=self.backend.precision, config=self.launch, scratch=c.new)
         with torch.no_grad():
             torch._foreach_copy_(self.live, [v.view_as(p) for v, p in
                                              zip(k2.unflatten_params(c.phi, self.spec.dims), self.live)])
