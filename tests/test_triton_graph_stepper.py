@@ -168,3 +168,27 @@ def test_graphs_are_off_on_the_cpu():
         tri = Reptile(MLP(1, 8, 1, depth=1), backend="triton", backend_options={"kernel": "v2", "fused": True,
                                                                                  "cuda_graphs": True})
     assert tri.stepper(2).chunk == 1 and tri._fused.mode == "launches"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoints_on_chunk_boundaries_and_exact_resume(device, tmp_path):
+    """checkpoint_every=6 with chunks of 4 asked: chunks of 3 (a divisor), checkpoints at 6 and 12,
+    and a run resumed from meta-step 6 ends bitwise where the uninterrupted one does."""
+    torch.manual_seed(6)
+    model = MLP(1, 16, 1, depth=1)  # constant ε: a 6-step fit is the first half of a 12-step one
+    gen_device = device if device == "cuda" else "cpu"
+
+    def fit(trainer, iterations, **kw):
+        return trainer.fit(Sine(), iterations, meta_batch_size=T, progress=False, handle_signals=False,
+                           generator=torch.Generator(gen_device).manual_seed(2), checkpoint_every=6, **kw)
+
+    whole = _trainer(model, device, OPTIONS, final=None)
+    fit(whole, 12, checkpoint_dir=tmp_path / "whole")
+    assert whole._fused.chunk == 3
+    first = _trainer(model, device, OPTIONS, final=None)
+    fit(first, 6, checkpoint_dir=tmp_path / "part")
+    resumed = _trainer(model, device, OPTIONS, final=None)
+    fit(resumed, 12, checkpoint_dir=tmp_path / "part", resume_from=tmp_path / "part")
+    assert resumed.iteration == 12
+    for k, (a, b) in enumerate(zip(_params(resumed), _params(whole))):
+        assert torch.equal(a, b), f"φ[{k}]: resumed at 6 vs uninterrupted"
