@@ -353,7 +353,7 @@ def stage_timing(log, device, smoke, budget, results, out):
 
     # the seed's setting through Reptile.fit first: the issue's headline goal (< 1 s on one GPU)
     try:
-        rows.extend(fit_rows(log, device, smoke, Budget(min(60, max(10, budget.left() - 60)))))
+        rows.extend(fit_rows(log, device, smoke, Budget(min(90, max(10, budget.left() - 60))), out))
     except Exception as exc:  # noqa: BLE001
         rows.append({"provider": "fit-v2-graphs", "T": 1, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
     save(out, results)
@@ -448,7 +448,37 @@ class _FixedDraws:
         return TaskBatch.trusted(self.x[rows], self.y[rows]), self.plans[rows]
 
 
-def fit_rows(log, device, smoke, budget):
+def cli_sine_row(log, out: Path, timeout: float) -> dict:
+    """The main job on the GPU: ``reptile-fast sine --device cuda --backend triton`` (the seed's
+    experiment, 30000 meta-steps + the held-out evaluation) with the fused v2 stepper and CUDA
+    graphs chosen through the environment; whole-process wall time and the job's metrics."""
+    run_dir = out / "sine_gpu"
+    env = dict(os.environ, REPTILE_FAST_TRITON_KERNEL="v2", REPTILE_FAST_TRITON_FUSED="1",
+               REPTILE_FAST_TRITON_CUDA_GRAPHS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "reptile_fast", "sine", "--device", "cuda", "--backend", "triton",
+           "--no-progress", "--out", str(run_dir)]
+    row = {"provider": "cli-sine-gpu", "T": 1, "command": "REPTILE_FAST_TRITON_KERNEL=v2 REPTILE_FAST_TRITON_FUSED=1 "
+           "REPTILE_FAST_TRITON_CUDA_GRAPHS=1 " + " ".join(["python"] + cmd[1:])}
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        row["wall_seconds"] = time.monotonic() - t0
+        row["returncode"] = proc.returncode
+        row["output_tail"] = (proc.stdout + proc.stderr)[-1500:]
+        metrics = run_dir / "metrics.json"
+        if metrics.exists():
+            m = json.loads(metrics.read_text())
+            row.update({k: m.get(k) for k in ("train_seconds", "ms_per_iteration", "post_adaptation_mse", "backend",
+                                               "mode", "fallback_reason", "eval_seconds")})
+    except subprocess.TimeoutExpired:
+        row["status"] = f"timeout after {timeout:.0f} s"
+    log("  " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "output_tail"))
+    return row
+
+
+def fit_rows(log, device, smoke, budget, out: Path = None):
     """The seed's setting through ``Reptile.fit`` (meta-batch 1, 5 inner steps of 10 points, the
     seed's MLP): kernel v2's fused stepper replaying chunks of 100 meta-steps as CUDA graphs,
     against the same stepper's plain launches (bitwise: same kernels) and backend "torch"
@@ -512,6 +542,8 @@ def fit_rows(log, device, smoke, budget):
             log(traceback.format_exc())
         rows.append(row)
         log("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    if device.type == "cuda" and out is not None and budget.left() > 30:
+        rows.append(cli_sine_row(log, out, timeout=min(90.0, budget.left() - 5)))
     return rows
 
 
@@ -673,6 +705,12 @@ def summary_lines(results: dict) -> list:
             lines.append("  Reptile.fit, seed setting, fused v2 stepper: " + ", ".join(
                 f"{k} {check[k]}" for k in ("mode", "bitwise_graphs_vs_launches", "phi_max_abs_vs_torch",
                                             "fallback_reason", "error") if check.get(k) is not None))
+        cli = next((r for r in timing if r["provider"] == "cli-sine-gpu"), None)
+        if cli:
+            lines.append("  main job on the GPU (reptile-fast sine, fused v2 + graphs): " + ", ".join(
+                f"{k} {cli[k]:.4g}" if isinstance(cli.get(k), float) else f"{k} {cli.get(k)}"
+                for k in ("wall_seconds", "train_seconds", "post_adaptation_mse", "mode", "returncode", "status")
+                if cli.get(k) is not None))
         for name in ("fit-v2-graphs", "fit-v2-launches"):
             r = next((r for r in timing if r["provider"] == name and "ms" in r), None)
             if r:

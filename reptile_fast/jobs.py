@@ -216,6 +216,8 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
         "ms_per_iteration": trainer.last_fit_stats["ms_per_iteration"],
         "resumed_from_iteration": start_iteration,
         "backend": trainer.last_fit_stats["stepper"],
+        "mode": trainer.last_fit_stats["mode"],
+        "fallback_reason": trainer.last_fit_stats["fallback_reason"],
         "compile_seconds": trainer.last_fit_stats["compile_seconds"],
         "final_inner_loss": history["loss"][-1] if history["loss"] else math.nan,
         "torch": torch.__version__,

@@ -192,3 +192,18 @@ def test_checkpoints_on_chunk_boundaries_and_exact_resume(device, tmp_path):
     assert resumed.iteration == 12
     for k, (a, b) in enumerate(zip(_params(resumed), _params(whole))):
         assert torch.equal(a, b), f"φ[{k}]: resumed at 6 vs uninterrupted"
+
+
+def test_fused_and_graphs_from_the_environment(monkeypatch):
+    """How the CLI jobs opt in: $REPTILE_FAST_TRITON_KERNEL=v2, _FUSED=1, _CUDA_GRAPHS=1."""
+    from reptile_fast.backends.triton import CUDA_GRAPHS_ENV, FUSED_ENV, KERNEL_ENV
+
+    monkeypatch.setenv(KERNEL_ENV, "v2")
+    monkeypatch.setenv(FUSED_ENV, "1")
+    monkeypatch.setenv(CUDA_GRAPHS_ENV, "1")
+    backend = TritonBackend()
+    assert (backend.kernel, backend.fused, backend.cuda_graphs) == ("v2", True, True)
+    assert TritonBackend(fused=False).fused is False, "an argument wins over the environment"
+    monkeypatch.setenv(KERNEL_ENV, "v1")
+    with pytest.raises(ValueError, match="REPTILE_FAST_TRITON_KERNEL=v2"):
+        TritonBackend()

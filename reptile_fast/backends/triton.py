@@ -32,7 +32,9 @@ Options (``Reptile`` builds backends by name, so each also has a process-wide de
         ``preload``, ``accumulate``, ``stream``) for v2.
     validate: check plan indices and class labels are in range (one device sync per call).
     fused: with kernel "v2", ``make_stepper`` gives the training loop ``TritonFusedStepper``
-        (inner loops and outer update fused; ``Reptile`` picks it when this is set).
+        (inner loops and outer update fused; ``Reptile`` picks it when this is set).  Default:
+        off, or ``$REPTILE_FAST_TRITON_FUSED=1`` (with ``$REPTILE_FAST_TRITON_KERNEL=v2``: how the
+        CLI jobs opt in).
 
 ``TritonFusedStepper`` runs whole meta-steps through kernel v2's fused outer update (a
 ``steppers.Stepper``: ``chunk``, ``name``, ``run``, ``check``).
@@ -57,7 +59,7 @@ from ..validation import check_int
 from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError
 
 __all__ = ["TritonBackend", "TritonFusedStepper", "DEFAULT_PRECISION", "DEFAULT_KERNEL", "PRECISION_ENV",
-           "KERNEL_ENV", "CUDA_GRAPHS_ENV", "DEFAULT_GRAPH_CHUNK", "GRAPH_MAX_TASKS"]
+           "KERNEL_ENV", "CUDA_GRAPHS_ENV", "FUSED_ENV", "DEFAULT_GRAPH_CHUNK", "GRAPH_MAX_TASKS"]
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 KERNELS = ("v1", "v2")
@@ -69,6 +71,7 @@ KERNEL_ENV = "REPTILE_FAST_TRITON_KERNEL"
 DEFAULT_PRECISION = "ieee"
 PRECISION_ENV = "REPTILE_FAST_TRITON_PRECISION"
 CUDA_GRAPHS_ENV = "REPTILE_FAST_TRITON_CUDA_GRAPHS"
+FUSED_ENV = "REPTILE_FAST_TRITON_FUSED"
 _GRAPH_CACHE_SIZE = 8
 #: meta-steps per CUDA-graph replay of the fused stepper (and per draw of tasks and plans): the
 #: seed's 30000 meta-steps of meta-batch 1 are 300 replays
@@ -132,15 +135,18 @@ class TritonBackend(Backend):
 
     def __init__(self, precision: Optional[str] = None, *, kernel: Optional[str] = None,
                  cuda_graphs: Optional[bool] = None, launch: Optional[dict] = None, validate: bool = True,
-                 fused: bool = False, chunk: Optional[int] = None):
+                 fused: Optional[bool] = None, chunk: Optional[int] = None):
         if kernel is None:
             kernel = os.environ.get(KERNEL_ENV, DEFAULT_KERNEL)
         if kernel not in KERNELS:
             raise ValueError(f"triton kernel must be one of {KERNELS} (argument or ${KERNEL_ENV}), got {kernel!r}")
+        if fused is None:
+            fused = os.environ.get(FUSED_ENV, "0") == "1"
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
         if fused and kernel != "v2":
-            raise ValueError("fused=True (the whole meta-step in kernel v2) needs kernel='v2'")
+            raise ValueError(f"fused=True (argument or ${FUSED_ENV}=1: the whole meta-step in kernel v2) needs "
+                             f"kernel='v2' (argument or ${KERNEL_ENV}=v2)")
         self.fused = fused
         if chunk is not None:
             if not fused:
