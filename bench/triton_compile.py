@@ -90,6 +90,19 @@ def facts(kernel, arch: int) -> dict:
     return row
 
 
+def _record(row: dict, compile_fn, arch: int, log) -> dict:
+    """``row`` completed with ``facts`` of ``compile_fn()`` (or the error) and the compile time."""
+    t0 = time.perf_counter()
+    try:
+        row.update(facts(compile_fn(), arch))
+    except Exception as exc:  # noqa: BLE001 - recorded per case
+        row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    row["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    if log:
+        log(line(row))
+    return row
+
+
 def v2_rows(arch: int = 90, warps=(4, 8), cases=V2_CASES, precisions=V2_PRECISIONS, modes=V2_MODES,
             streams=(False, True), log=None):
     """Compile kernel v2 for every case x precision x mode x warps (and the streamed variant,
@@ -98,32 +111,25 @@ def v2_rows(arch: int = 90, warps=(4, 8), cases=V2_CASES, precisions=V2_PRECISIO
 
     from reptile_fast.kernels import mlp_meta_step_v2 as V
 
-    rows = []
     combos = [(prec, mode, nw, False) for prec in precisions for mode in modes for nw in warps]
     if True in streams:
         combos += [("ieee", mode, nw, True) for mode in modes for nw in warps]
     if "meta-step" in modes:  # one program finishing the meta-step itself (FINALIZE: meta-batch 1)
         combos += [("ieee", "meta-step-1", nw, stream) for stream in streams for nw in warps]
+    rows = []
     for name, dims, acts, loss, batch, steps in cases:
         for prec, mode, nw, stream in combos:
-                    row = {"kernel": "v2-stream" if stream else "v2", "case": name, "dims": list(dims),
-                           "activations": list(acts), "loss": loss,
-                           "batch": batch, "steps": steps, "precision": prec, "mode": mode, "num_warps": nw,
-                           "arch": f"sm_{arch}a", "triton": triton.__version__}
-                    t0 = time.perf_counter()
-                    try:
-                        k = V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=prec,
-                                                 config=V.V2Config(num_warps=nw, stream=stream), arch=arch,
-                                                 accumulate=mode.startswith("meta-step"),
-                                                 write_adapted=mode == "adapt", write_losses=mode == "adapt",
-                                                 finalize=mode == "meta-step-1")
-                        row.update(facts(k, arch))
-                    except Exception as exc:  # noqa: BLE001 - recorded per case
-                        row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-                    row["compile_seconds"] = round(time.perf_counter() - t0, 2)
-                    rows.append(row)
-                    if log:
-                        log(line(row))
+            row = {"kernel": "v2-stream" if stream else "v2", "case": name, "dims": list(dims),
+                   "activations": list(acts), "loss": loss, "batch": batch, "steps": steps, "precision": prec,
+                   "mode": mode, "num_warps": nw, "arch": f"sm_{arch}a", "triton": triton.__version__}
+
+            def build(dims=dims, acts=acts, loss=loss, batch=batch, steps=steps, prec=prec, mode=mode, nw=nw,
+                      stream=stream):
+                return V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=prec,
+                                            config=V.V2Config(num_warps=nw, stream=stream), arch=arch,
+                                            accumulate=mode.startswith("meta-step"), write_adapted=mode == "adapt",
+                                            write_losses=mode == "adapt", finalize=mode == "meta-step-1")
+            rows.append(_record(row, build, arch, log))
     return rows
 
 
@@ -139,16 +145,8 @@ def v1_rows(arch: int = 90, cases=V1_CASES, precisions=("ieee", "tf32x3", "tf32"
             row = {"kernel": "v1", "case": name, "dims": list(dims), "activations": list(acts), "loss": loss,
                    "batch": batch, "precision": prec, "mode": config.mode, "num_warps": config.num_warps,
                    "arch": f"sm_{arch}a", "triton": triton.__version__}
-            t0 = time.perf_counter()
-            try:
-                row.update(facts(K.compile_for_target(dims, acts, loss=loss, batch=batch, precision=prec,
-                                                      config=config, arch=arch), arch))
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            row["compile_seconds"] = round(time.perf_counter() - t0, 2)
-            rows.append(row)
-            if log:
-                log(line(row))
+            rows.append(_record(row, lambda: K.compile_for_target(dims, acts, loss=loss, batch=batch, precision=prec,
+                                                                  config=config, arch=arch), arch, log))
     return rows
 
 
@@ -160,15 +158,7 @@ def guard_rows(arch: int = 90, log=None):
 
     row = {"kernel": "guard", "case": "accept_step", "precision": "-", "mode": "1 program", "num_warps": 4,
            "arch": f"sm_{arch}a", "triton": triton.__version__}
-    t0 = time.perf_counter()
-    try:
-        row.update(facts(G.compile_for_target(arch), arch))
-    except Exception as exc:  # noqa: BLE001
-        row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-    row["compile_seconds"] = round(time.perf_counter() - t0, 2)
-    if log:
-        log(line(row))
-    return [row]
+    return [_record(row, lambda: G.compile_for_target(arch), arch, log)]
 
 
 def line(r: dict) -> str:
