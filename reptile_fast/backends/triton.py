@@ -383,7 +383,7 @@ class TritonFusedStepper(Stepper):
 
     CUDA graphs (``cuda_graphs=True``, CUDA only): ``chunk`` meta-steps (default
     ``DEFAULT_GRAPH_CHUNK``; at most ``GRAPH_MAX_TASKS`` tasks in all) form one program — φ
-    gathered from the model, ``chunk`` x (meta-step, outer update, guard), φ written back — that
+    gathered from the model, ``chunk`` guarded meta-steps, φ written back — that
     is captured once per shape and replayed; the training loop draws a chunk's tasks and plans at
     once (on the device, like backend "compiled" draws its chunks) and ``run`` copies them, the
     ε values and the meta-step numbers into the graph's static buffers before each replay.  The
@@ -442,8 +442,9 @@ class TritonFusedStepper(Stepper):
 
     # ------------------------------------------------------------------ the chunk program
     def _program(self, c: _Chunk, T: int) -> None:
-        """``len(c.eps)`` meta-steps on ``c``'s tasks: φ from the model, 3 launches per meta-step,
-        φ back into the model.  No host read, no data-dependent allocation (graph-capturable)."""
+        """``len(c.eps)`` meta-steps on ``c``'s tasks: φ from the model, 1 or 3 launches per
+        meta-step, φ back into the model.  No host read, no data-dependent allocation
+        (graph-capturable)."""
         k2 = _kernels_v2()
         torch.cat([p.detach().reshape(-1) for p in self.live], out=c.phi)
         steps = self.config.train_steps(c.plans.shape[1])
