@@ -115,6 +115,7 @@ CASES = [  # (T, dims, V2Config fields): one program (one launch) unless max_pro
     (3, (1, 16, 16, 1), {"max_programs": 1}),
     (3, (1, 16, 16, 1), {"max_programs": 1, "stream": True}),
     (1, (1, 24, 1), {}),
+    (3, (1, 16, 16, 1), {"max_programs": 1, "accumulate": "memory"}),  # partial row in memory (1-64-64-1's mode)
     (3, (1, 16, 16, 1), {"max_programs": 2}),  # two programs: meta_step + accept_step
 ]
 
