@@ -19,7 +19,7 @@ import torch
 
 from .tasks.base import TaskBatch, sample_indices
 
-__all__ = ["Sampler", "StreamSampler", "PlanSampler", "Callback", "HistoryCallback", "ProgressCallback",
+__all__ = ["Sampler", "StreamSampler", "PlanSampler", "CheckedDraws", "Callback", "HistoryCallback", "ProgressCallback",
            "FunctionCallback", "TrainingLoop", "DEFAULT_LOG_EVERY"]
 
 #: meta-steps between reads of device values in ``fit`` (progress loss, history, finiteness)
@@ -28,7 +28,13 @@ DEFAULT_LOG_EVERY = 100
 
 class Sampler:
     """``draw(first_iteration, m) -> (tasks, plans)``: the ``m · T`` tasks and plans of meta-steps
-    ``first_iteration … first_iteration + m − 1`` (1-based), meta-step-major."""
+    ``first_iteration … first_iteration + m − 1`` (1-based), meta-step-major.
+
+    ``checked``: True when every draw's tasks went through the trainer's compatibility check and
+    its plans lie in ``[0, points)`` by construction; ``Reptile.fit`` checks the draws of any
+    other sampler itself (one read of the plan's range per draw), so backends never need to."""
+
+    checked: bool = False
 
     def draw(self, first_iteration: int, m: int):
         raise NotImplementedError
@@ -46,6 +52,7 @@ class StreamSampler(Sampler):
                  generator: Optional[torch.Generator], device, check=None):
         self.dist, self.T, self.rows, self.batch = task_distribution, meta_batch_size, rows, batch
         self.generator, self.device, self.check = generator, device, check
+        self.checked = check is not None  # plans from sample_indices: in range by construction
 
     def draw(self, first_iteration: int, m: int):
         tasks = self.dist.sample(m * self.T, generator=self.generator, device=self.device)
@@ -61,7 +68,8 @@ class PlanSampler(StreamSampler):
 
     Args:
         indices: long ``[iterations, T, R, B]``; meta-step ``t`` (1-based, counted from
-            ``offset + 1``) uses ``indices[t − offset − 1]``.
+            ``offset + 1``) uses ``indices[t − offset − 1]``.  Their range is checked against the
+            tasks' points once, at the first draw (one read).
     """
 
     def __init__(self, task_distribution, indices: torch.Tensor, *, offset: int = 0, generator=None,
@@ -69,14 +77,35 @@ class PlanSampler(StreamSampler):
         super().__init__(task_distribution, indices.shape[1], indices.shape[2], indices.shape[3],
                          generator=generator, device=device, check=check)
         self.indices, self.offset = indices, offset
+        self._range_checked = False
 
     def draw(self, first_iteration: int, m: int):
         tasks = self.dist.sample(m * self.T, generator=self.generator, device=self.device)
         if self.check is not None:
             self.check(tasks)
+        if not self._range_checked:
+            lo, hi = (int(v) for v in torch.stack([self.indices.min(), self.indices.max()]).tolist())
+            if lo < 0 or hi >= tasks.n_points:
+                raise ValueError(f"indices must lie in [0, {tasks.n_points}), got values in [{lo}, {hi}]")
+            self._range_checked = True
         start = first_iteration - self.offset - 1
         plans = self.indices[start:start + m].reshape(m * self.T, self.rows, self.batch)
         return tasks, plans.to(tasks.device if isinstance(tasks, TaskBatch) else self.device)
+
+
+class CheckedDraws(Sampler):
+    """Another sampler's draws, each passed to ``check(tasks, plans)`` (which raises on a bad
+    one) before the stepper sees it: how ``Reptile.fit`` guards a sampler that is not ``checked``."""
+
+    checked = True
+
+    def __init__(self, sampler: Sampler, check):
+        self.sampler, self.check = sampler, check
+
+    def draw(self, first_iteration: int, m: int):
+        tasks, plans = self.sampler.draw(first_iteration, m)
+        self.check(tasks, plans)
+        return tasks, plans
 
 
 class Callback:

@@ -15,7 +15,7 @@ from .backends import InnerConfig, InnerResult, resolve_backend
 from .compat import InputChecker
 from .core import NonFiniteError, Reducer
 from .losses import resolve_loss
-from .loop import (DEFAULT_LOG_EVERY, Callback, FunctionCallback, HistoryCallback, ProgressCallback,
+from .loop import (DEFAULT_LOG_EVERY, Callback, CheckedDraws, FunctionCallback, HistoryCallback, ProgressCallback,
                    StreamSampler, TrainingLoop)
 from .signals import TrainingInterrupted
 from .steppers import DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_supported
@@ -105,6 +105,10 @@ class Reptile:
             self.compiled_options = dict(backend_options or {})
             backend, backend_options = "torch", None
         self.backend = resolve_backend(backend, model, self.device, self.config, backend_options)
+        if hasattr(self.backend, "validate") and "validate" not in (backend_options or {}):
+            # The trainer checks plans and labels where they enter (InputChecker, checked samplers):
+            # a backend's own per-call check would read the device every meta-step.
+            self.backend.validate = False
         self.checker = InputChecker(model, loss, self.device, self.dtype)
         self._eager = EagerStepper(self.backend, model, self.config, outer_optimizer)
         # a backend that fuses the outer update too (triton with {"fused": True}) brings its own stepper
@@ -259,6 +263,10 @@ class Reptile:
             sampler = StreamSampler(task_distribution, meta_batch_size, self.plan_rows(self.inner_steps),
                                     self.inner_batch_size, generator=generator, device=self.device,
                                     check=lambda tasks: self.checker.tasks(tasks, self.inner_batch_size))
+        elif not getattr(sampler, "checked", False):
+            rows = self.plan_rows(self.inner_steps)
+            sampler = CheckedDraws(sampler, lambda tasks, plans: (self.checker.tasks(tasks, 1),
+                                                                  self.checker.indices(plans, tasks, rows)))
         ckpt = CheckpointCallback(self, ckpt_dir, checkpoint_every, generator=generator, history=history,
                                   extra=checkpoint_extra)
         if resumed_latest:

@@ -129,3 +129,64 @@ def test_fit_reports_the_first_non_finite_step_at_its_next_read():
     assert info.value.iteration == 13 and trainer.iteration == 12
     for a, b in zip(trainer.model.parameters(), snapshots[12]):
         assert torch.equal(a, b)
+
+
+class _Draws:
+    """A sampler of fixed tasks and plans (not ``checked``): fit must check its draws itself."""
+
+    def __init__(self, plans):
+        self.tasks, self.plans = Sine().sample(plans.shape[0], generator=torch.Generator().manual_seed(3)), plans
+
+    def draw(self, first_iteration, m):
+        return self.tasks, self.plans
+
+
+def test_fit_checks_the_draws_of_an_unchecked_sampler():
+    """A custom sampler's plans are range-checked by fit (the backends no longer check per call)."""
+    trainer = Reptile(MLP(1, 8, 1, depth=1), backend="torch", inner_steps=2)
+    bad = torch.zeros(2, 2, 10, dtype=torch.long)
+    bad[1, 1, 3] = 50  # Sine tasks have 50 points: 50 is out of range
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 50\)"):
+        trainer.fit(None, 1, meta_batch_size=2, sampler=_Draws(bad), progress=False)
+    assert trainer.iteration == 0
+    from reptile_fast.loop import PlanSampler
+
+    plans = torch.zeros(1, 2, 2, 10, dtype=torch.long)
+    plans[0, 0, 0, 0] = -1
+    with pytest.raises(ValueError, match="indices must lie in"):
+        trainer.fit(Sine(), 1, meta_batch_size=2, sampler=PlanSampler(Sine(), plans), progress=False)
+
+
+def test_the_trainer_turns_the_triton_backends_own_check_off():
+    """The trainer validates where data enters, so backend "triton" skips its per-call device read,
+    unless the user asks for it."""
+    pytest.importorskip("triton")
+    from reptile_fast.backends.triton import TritonBackend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        from reptile_fast.kernels import mlp_inner_loop as K
+        if not K.INTERPRETED:
+            pytest.skip("needs TRITON_INTERPRET=1 at import")
+    model = MLP(1, 8, 1, depth=1).to(device)
+    assert Reptile(model, backend="triton").backend.validate is False
+    assert Reptile(model, backend="triton", backend_options={"validate": True}).backend.validate is True
+    assert TritonBackend().validate is True, "the backend alone still checks"
+    trainer = Reptile(model, backend="triton", inner_steps=2)
+    tasks = Sine().sample(2).to(device)
+    bad = torch.full((2, 2, 10), 50, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="indices must lie in"):
+        trainer.meta_step(tasks, bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton interpreter itself reads tensors")
+@pytest.mark.parametrize("options", [{}, {"kernel": "v2"}, {"kernel": "v2", "fused": True}])
+def test_triton_meta_step_reads_nothing(monkeypatch, options):
+    torch.manual_seed(0)
+    trainer = Reptile(MLP().cuda(), backend="triton", outer_lr=0.5, backend_options=options or None)
+    dist, gen = Sine(), torch.Generator("cuda").manual_seed(1)
+    trainer.meta_step(dist.sample(4, generator=gen, device="cuda"), generator=gen)  # first sight: checks
+    with no_host_reads(monkeypatch):
+        for _ in range(5):
+            trainer.meta_step(dist.sample(4, generator=gen, device="cuda"), generator=gen)
+    trainer.check_finite()

@@ -31,6 +31,8 @@ Options (``Reptile`` builds backends by name, so each also has a process-wide de
         sizes, …) for v1, ``V2Config`` fields (``num_warps``, ``programs_per_sm``, ``max_programs``,
         ``preload``, ``accumulate``, ``stream``) for v2.
     validate: check plan indices and class labels are in range (one device sync per call).
+        ``Reptile`` turns it off unless its ``backend_options`` set it: the trainer checks plans
+        and labels where they enter (``compat.InputChecker``, ``loop.Sampler.checked``).
     fused: with kernel "v2", ``make_stepper`` gives the training loop ``TritonFusedStepper``
         (inner loops and outer update fused; ``Reptile`` picks it when this is set).  Default:
         off, or ``$REPTILE_FAST_TRITON_FUSED=1`` (with ``$REPTILE_FAST_TRITON_KERNEL=v2``: how the

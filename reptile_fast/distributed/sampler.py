@@ -113,6 +113,8 @@ class IndexedSampler:
         if check is not None and not callable(check):
             raise TypeError(f"check must be callable, got {type(check).__name__}")
         self.check = check
+        # loop.Sampler's flag: tasks checked, plans drawn in range by construction
+        self.checked = check is not None
 
     @property
     def n_local(self) -> int:
