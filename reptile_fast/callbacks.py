@@ -56,9 +56,18 @@ class CheckpointCallback(Callback):
         self.generator, self.history, self.extra = generator, history, extra
         self.last_path: Optional[str] = None
         self.last_saved: Optional[int] = None
+        self._chunk_start: Optional[int] = None
+
+    def on_start(self, loop):
+        self._chunk_start = loop.start
 
     def _due(self, loop) -> bool:
-        return self.directory is not None and self.every is not None and loop.iteration % self.every == 0
+        """A multiple of ``every`` was reached within the chunk that just ended (a run that does not
+        start on a multiple, e.g. after ``meta_step`` calls, still saves at every multiple it passes)."""
+        if self.directory is None or self.every is None:
+            return False
+        start = loop.start if self._chunk_start is None else self._chunk_start
+        return loop.iteration // self.every > start // self.every
 
     def wants_read(self, loop) -> bool:
         return self._due(loop)
@@ -66,6 +75,7 @@ class CheckpointCallback(Callback):
     def on_chunk_end(self, loop, read):
         if self._due(loop) and self.last_saved != loop.iteration:
             self.save()
+        self._chunk_start = loop.iteration
 
     def on_end(self, loop):
         if self.directory is not None and self.last_saved != self.trainer.iteration:

@@ -68,8 +68,8 @@ class PlanSampler(StreamSampler):
 
     Args:
         indices: long ``[iterations, T, R, B]``; meta-step ``t`` (1-based, counted from
-            ``offset + 1``) uses ``indices[t − offset − 1]``.  Their range is checked against the
-            tasks' points once, at the first draw (one read).
+            ``offset + 1``) uses ``indices[t − offset − 1]``.  Their range is read once (at the
+            first draw) and compared with every draw's number of points.
     """
 
     def __init__(self, task_distribution, indices: torch.Tensor, *, offset: int = 0, generator=None,
@@ -77,17 +77,17 @@ class PlanSampler(StreamSampler):
         super().__init__(task_distribution, indices.shape[1], indices.shape[2], indices.shape[3],
                          generator=generator, device=device, check=check)
         self.indices, self.offset = indices, offset
-        self._range_checked = False
+        self._range: Optional[tuple] = None
 
     def draw(self, first_iteration: int, m: int):
         tasks = self.dist.sample(m * self.T, generator=self.generator, device=self.device)
         if self.check is not None:
             self.check(tasks)
-        if not self._range_checked:
-            lo, hi = (int(v) for v in torch.stack([self.indices.min(), self.indices.max()]).tolist())
-            if lo < 0 or hi >= tasks.n_points:
-                raise ValueError(f"indices must lie in [0, {tasks.n_points}), got values in [{lo}, {hi}]")
-            self._range_checked = True
+        if self._range is None:  # one read; the indices tensor is the caller's and fixed
+            self._range = tuple(int(v) for v in torch.stack([self.indices.min(), self.indices.max()]).tolist())
+        lo, hi = self._range
+        if lo < 0 or hi >= tasks.n_points:
+            raise ValueError(f"indices must lie in [0, {tasks.n_points}), got values in [{lo}, {hi}]")
         start = first_iteration - self.offset - 1
         plans = self.indices[start:start + m].reshape(m * self.T, self.rows, self.batch)
         return tasks, plans.to(tasks.device if isinstance(tasks, TaskBatch) else self.device)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .backends import InnerConfig, InnerResult, resolve_backend
+from .backends import InnerConfig, InnerResult, UnsupportedModelError, resolve_backend
 from .compat import InputChecker
 from .core import NonFiniteError, Reducer
 from .losses import resolve_loss
@@ -111,9 +111,15 @@ class Reptile:
             self.backend.validate = False
         self.checker = InputChecker(model, loss, self.device, self.dtype)
         self._eager = EagerStepper(self.backend, model, self.config, outer_optimizer)
-        # a backend that fuses the outer update too (triton with {"fused": True}) brings its own stepper
-        self._fused = (self.backend.make_stepper(model, self.config, outer_optimizer)
-                       if getattr(self.backend, "fused", False) else None)
+        # a backend that fuses the outer update too (triton with {"fused": True}) brings its own
+        # stepper; asked for by the environment only (a preference), it gives way where it cannot run
+        self._fused = None
+        if getattr(self.backend, "fused", False):
+            try:
+                self._fused = self.backend.make_stepper(model, self.config, outer_optimizer)
+            except UnsupportedModelError:
+                if getattr(self.backend, "fused_explicit", True):
+                    raise
         self._compiled: Dict[tuple, CompiledStepper] = {}
         self.iteration = 0
         self.total_iterations: Optional[int] = None
@@ -242,7 +248,8 @@ class Reptile:
                 raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
         if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
             raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
-        if reducer is not None and (self.compiled_options is not None or self._fused is not None):
+        fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
+        if reducer is not None and (self.compiled_options is not None or fused_demanded):
             raise ValueError("this backend applies its own outer update (compiled / fused); a reducer needs "
                              "an eager backend")
         # Paths are checked before anything changes, so a typo costs nothing.
@@ -259,6 +266,8 @@ class Reptile:
 
         announce = (lambda msg: print(f"reptile_fast: {msg}", file=sys.stderr, flush=True)) if progress else None
         stepper = self.stepper(meta_batch_size, chunk=checkpoint_every, announce=announce)
+        if reducer is not None and stepper is self._fused:
+            stepper = self._eager  # the environment's fused preference: a reducer needs the eager stepper
         if sampler is None:
             sampler = StreamSampler(task_distribution, meta_batch_size, self.plan_rows(self.inner_steps),
                                     self.inner_batch_size, generator=generator, device=self.device,

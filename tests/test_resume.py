@@ -260,3 +260,23 @@ def test_resume_with_another_schedule_length_warns(tmp_path):
     trainer.fit(Sine(), 3, generator=torch.Generator().manual_seed(0), progress=False, checkpoint_dir=tmp_path)
     with pytest.warns(UserWarning, match="annealed the outer step over 3 iterations"):
         make_trainer().fit(Sine(), 5, generator=torch.Generator(), progress=False, resume_from=tmp_path)
+
+
+def test_periodic_checkpoints_when_the_run_starts_off_a_multiple(tmp_path, monkeypatch):
+    """Chunks counted from a start that is not a multiple of checkpoint_every (here 1, after a
+    meta_step) still save once per multiple they pass: at the ends of the chunks holding 5 and 10."""
+    from reptile_fast.callbacks import CheckpointCallback
+
+    torch.manual_seed(0)
+    trainer = Reptile(MLP(1, 8, 1, depth=1), backend="compiled", backend_options={"mode": "eager"})
+    trainer.meta_step(Sine().sample(1), generator=torch.Generator().manual_seed(0))
+    saved, original = [], CheckpointCallback.save
+
+    def spy(self):
+        saved.append(self.trainer.iteration)
+        original(self)
+
+    monkeypatch.setattr(CheckpointCallback, "save", spy)
+    trainer.fit(Sine(), 13, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False,
+                generator=torch.Generator().manual_seed(1))
+    assert saved == [6, 11, 13]

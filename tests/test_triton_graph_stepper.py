@@ -148,6 +148,8 @@ def test_chunk_sizes():
     assert tri.stepper(1).chunk == 100
     assert tri.stepper(1, chunk=150).chunk == 75, "a divisor of checkpoint_every"
     assert tri.stepper(1, chunk=7).chunk == 7
+    assert tri.stepper(1, chunk=101).chunk == 1, "a prime checkpoint interval: one meta-step per run"
+    assert tri._fused.mode == "launches", "no graph has run"
     assert tri.stepper(GRAPH_MAX_TASKS // 10, chunk=None).chunk == 10, "at most GRAPH_MAX_TASKS tasks per replay"
     assert tri.stepper(2 * GRAPH_MAX_TASKS).chunk == 1
     assert tri.stepper(1, chunk=1).chunk == 1, "meta_step"
@@ -204,6 +206,18 @@ def test_fused_and_graphs_from_the_environment(monkeypatch):
     backend = TritonBackend()
     assert (backend.kernel, backend.fused, backend.cuda_graphs) == ("v2", True, True)
     assert TritonBackend(fused=False).fused is False, "an argument wins over the environment"
+    # the environment's fused is a preference: it gives way where the fused stepper cannot run
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = MLP(1, 8, 1, depth=1).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with_optimizer = Reptile(model, backend="triton", outer_optimizer=optimizer)
+    assert with_optimizer._fused is None and with_optimizer.stepper(1) is with_optimizer._eager
+    env_fused = Reptile(MLP(1, 8, 1, depth=1).to(device), backend="triton", inner_steps=1)
+    assert env_fused.stepper(2) is env_fused._fused
+    env_fused.fit(Sine(), 1, meta_batch_size=2, progress=False, reducer=lambda d, l: (
+        [x.mean(0) for x in d], l.mean()))  # a reducer: this fit runs the eager stepper
+    assert env_fused.last_fit_stats["stepper"] == "triton"
     monkeypatch.setenv(KERNEL_ENV, "v1")
+    assert TritonBackend().fused is False, "kernel v1: the fused preference does not apply"
     with pytest.raises(ValueError, match="REPTILE_FAST_TRITON_KERNEL=v2"):
-        TritonBackend()
+        TritonBackend(fused=True)

@@ -35,14 +35,16 @@ Options (``Reptile`` builds backends by name, so each also has a process-wide de
         and labels where they enter (``compat.InputChecker``, ``loop.Sampler.checked``).
     fused: with kernel "v2", ``make_stepper`` gives the training loop ``TritonFusedStepper``
         (inner loops and outer update fused; ``Reptile`` picks it when this is set).  Default:
-        off, or ``$REPTILE_FAST_TRITON_FUSED=1`` (with ``$REPTILE_FAST_TRITON_KERNEL=v2``: how the
-        CLI jobs opt in).
+        off, or ``$REPTILE_FAST_TRITON_FUSED=1`` (how the CLI jobs opt in), a preference that
+        applies only where the fused stepper runs: kernel v2 (``$REPTILE_FAST_TRITON_KERNEL=v2``),
+        no outer optimizer, no cross-process reducer; elsewhere the eager stepper runs.
 
 ``TritonFusedStepper`` runs whole meta-steps through kernel v2's fused outer update (a
 ``steppers.Stepper``: ``chunk``, ``name``, ``run``, ``check``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -122,6 +124,11 @@ class _GraphedLaunch:
         return tuple(o.clone() for o in self.outputs)
 
 
+def _on(device: torch.device):
+    """The device's context on CUDA (Triton launches on the current device, not the tensors')."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _v2_config(launch: dict):
     try:
         return _kernels_v2().V2Config(**launch)
@@ -142,13 +149,16 @@ class TritonBackend(Backend):
             kernel = os.environ.get(KERNEL_ENV, DEFAULT_KERNEL)
         if kernel not in KERNELS:
             raise ValueError(f"triton kernel must be one of {KERNELS} (argument or ${KERNEL_ENV}), got {kernel!r}")
+        #: fused was an argument (a demand) rather than the environment's preference, which
+        #: applies only where the fused stepper can run (kernel v2, no outer optimizer, no reducer)
+        self.fused_explicit = fused is not None
         if fused is None:
-            fused = os.environ.get(FUSED_ENV, "0") == "1"
+            fused = os.environ.get(FUSED_ENV, "0") == "1" and kernel == "v2"
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
         if fused and kernel != "v2":
-            raise ValueError(f"fused=True (argument or ${FUSED_ENV}=1: the whole meta-step in kernel v2) needs "
-                             f"kernel='v2' (argument or ${KERNEL_ENV}=v2)")
+            raise ValueError(f"fused=True (the whole meta-step in kernel v2) needs kernel='v2' (argument or "
+                             f"${KERNEL_ENV}=v2)")
         self.fused = fused
         if chunk is not None:
             if not fused:
@@ -315,10 +325,11 @@ class TritonBackend(Backend):
             split = k.split_params
 
         inputs = (tasks.x, tasks.y, indices, *params)
-        if self.cuda_graphs and tasks.x.is_cuda and torch.cuda.is_available():
-            flat, losses = self._graphed(run, inputs, (self.kernel, spec, loss, config.lr, steps, launch))
-        else:
-            flat, losses = run(*inputs)
+        with _on(tasks.x.device):
+            if self.cuda_graphs and tasks.x.is_cuda and torch.cuda.is_available():
+                flat, losses = self._graphed(run, inputs, (self.kernel, spec, loss, config.lr, steps, launch))
+            else:
+                flat, losses = run(*inputs)
         by_name = dict(zip(layer_names, split(flat, spec.dims)))
         return InnerResult(params={n: by_name[n] for n in named}, losses=losses)
 
@@ -353,8 +364,16 @@ class _CudaGraph:
 
     def __init__(self, body: Callable[[], None]):
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            body()
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(self.graph):
+                body()
+        except BaseException:
+            # an invalidated capture can leave its capture stream current (torch's __exit__ ends
+            # the capture before restoring the stream): put the caller's stream back, drain
+            torch.cuda.set_stream(stream)
+            torch.cuda.synchronize()
+            raise
 
     def replay(self) -> None:
         self.graph.replay()
@@ -428,6 +447,8 @@ class TritonFusedStepper(Stepper):
         self.chunk = self.default_chunk
         #: why graphs were turned off after a failed capture (None while they work)
         self.graph_fallback_reason: Optional[str] = None
+        #: chunks captured or replayed since the last ``set_chunk`` (``mode`` says "graphs" only then)
+        self.graphed_chunks = 0
         self._graphs: "OrderedDict[tuple, _Replay]" = OrderedDict()
         self._state = _guard().new_state(device)
         self._n_params = _kernels_v2().n_flat_params(self.spec.dims)
@@ -440,6 +461,7 @@ class TritonFusedStepper(Stepper):
         if every:
             chunk = next(d for d in range(min(chunk, every), 0, -1) if every % d == 0)
         self.chunk = chunk
+        self.graphed_chunks = 0
         return self
 
     # ------------------------------------------------------------------ the chunk program
@@ -482,14 +504,18 @@ class TritonFusedStepper(Stepper):
         reason = _kernels_v2().unsupported_reason(self.spec.dims, plans.shape[2])
         if reason:
             raise UnsupportedModelError(f"backend 'triton': {reason}")
-        eps_t, iters = self._host_values(eps, first_iteration)
-        if self.cuda_graphs and m == self.chunk and m > 1:
-            return self._replay(tasks, plans, eps_t, iters, T)
-        c = _Chunk(tasks.x.contiguous(), tasks.y.contiguous(), plans.contiguous(), eps_t, iters,
-                   torch.empty(m, device=self.device), torch.empty(self._n_params, device=self.device),
-                   torch.empty(self._n_params, device=self.device))
-        self._program(c, T)
-        return c.losses
+        with _on(self.device):
+            eps_t, iters = self._host_values(eps, first_iteration)
+            if self.cuda_graphs and m == self.chunk and m > 1:
+                return self._replay(tasks, plans, eps_t, iters, T)
+            c = _Chunk(tasks.x.contiguous(), tasks.y.contiguous(), plans.contiguous(), eps_t, iters,
+                       *self._buffers(m))
+            self._program(c, T)
+            return c.losses
+
+    def _buffers(self, m: int):
+        """Fresh ``losses [m]``, ``phi`` and ``new`` ``[n_params]`` (float32, on the device)."""
+        return [torch.empty(n, device=self.device, dtype=torch.float32) for n in (m, self._n_params, self._n_params)]
 
     def _replay(self, tasks: TaskBatch, plans: torch.Tensor, eps_t, iters, T: int) -> torch.Tensor:
         key = (T, tuple(tasks.x.shape), tuple(tasks.y.shape), tasks.y.dtype, tuple(plans.shape))
@@ -500,10 +526,10 @@ class TritonFusedStepper(Stepper):
             for static, value in ((c.x, tasks.x), (c.y, tasks.y), (c.plans, plans), (c.eps, eps_t), (c.iters, iters)):
                 static.copy_(value)
             replay.graph.replay()
+            self.graphed_chunks += 1
             return c.losses.clone()  # the next replay rewrites the static buffer
         c = _Chunk(tasks.x.contiguous().clone(), tasks.y.contiguous().clone(), plans.contiguous().clone(),
-                   eps_t.clone(), iters.clone(), torch.empty(len(eps_t), device=self.device),
-                   torch.empty(self._n_params, device=self.device), torch.empty(self._n_params, device=self.device))
+                   eps_t.clone(), iters.clone(), *self._buffers(len(eps_t)))
         # The first chunk of a shape runs plainly (compiling the kernels: nothing may compile
         # during a capture), on a side stream as torch's graph warm-up asks; then the capture.
         self._side_stream(lambda: self._program(c, T))
@@ -518,6 +544,7 @@ class TritonFusedStepper(Stepper):
                           RuntimeWarning, stacklevel=3)
             return losses
         self._graphs[key] = _Replay(c, graph)
+        self.graphed_chunks += 1
         if len(self._graphs) > _GRAPH_CACHE_SIZE:
             self._graphs.popitem(last=False)
         return losses
@@ -535,8 +562,10 @@ class TritonFusedStepper(Stepper):
     # ------------------------------------------------------------------ protocol
     @property
     def mode(self) -> str:
-        """"graphs" while chunks are replayed as CUDA graphs, else "launches"."""
-        return "graphs" if self.cuda_graphs else "launches"
+        """"graphs" when chunks were captured or replayed as CUDA graphs since the last
+        ``set_chunk`` (a fit's start), else "launches" (graphs off, failed, or no full chunk:
+        e.g. a ``checkpoint_every`` whose divisors are all 1, or fewer meta-steps than a chunk)."""
+        return "graphs" if self.cuda_graphs and self.graphed_chunks else "launches"
 
     @property
     def fallback_reason(self) -> Optional[str]:
