@@ -22,8 +22,9 @@ library.
 
 Layout: every matrix is padded to whole vectors of this CPU's widest vector (``vector_bytes``) and
 kept in the layout its products read (``W [out][in]``, ``Wᵀ [in][out]``, or both with the same
-numbers); products are register tiles of explicit vectors (GCC/Clang ``vector_size``) with the
-reduction index innermost.
+numbers: the SGD step updates ``W`` and copies it into ``Wᵀ`` by in-register block transposes,
+cheaper than a second weight-gradient product); products are register tiles of explicit vectors
+(GCC/Clang ``vector_size``) with the reduction index innermost.
 
 Arithmetic (fp32 or fp64, the parameters' dtype): the reference's formulas in a fixed order —
 ``z = b + Σ_i h_i W_{oi}`` (i ascending; outputs narrower than half a vector: lane-wise partial
@@ -60,6 +61,8 @@ __all__ = ["NativeProgram", "NativeCompilerError", "find_compiler", "cache_dir",
 
 #: bump when the generated code changes meaning (it is part of every cache key anyway)
 _VERSION = 1
+#: a layer kept in both layouts: WT ← Wᵀ by block transposes (False: a second gradient product)
+_TRANSPOSE = True
 _SUPPORTED_ACTS = ("identity", "tanh", "relu", "sigmoid")
 _LOSSES = ("mse", "cross_entropy")
 # -O2: the products are written with explicit vectors, -O2 vectorises the elementwise loops
@@ -277,6 +280,38 @@ def _gemm(w: _Emitter, *, R: int, K: int, NV: int, VL: int, a, brow, init, epi, 
             w.close()
 
 
+def _emit_transpose(w: _Emitter, VL: int, size: int) -> None:
+    """Emit ``transpose(src, ss, rows, nbi, dst, ds, cols, nbo)``: ``dst[i][o] = src[o][i]`` for ``o <
+    rows``, ``i < cols`` (``ss``, ``ds`` row strides; ``nbi``, ``nbo`` blocks of VL along i and o),
+    by VL × VL blocks in registers: log2(VL) rounds of interleaving row j with row j + VL/2
+    (lanes of the low halves, then of the high halves).  Rows past ``rows`` are read as zeros,
+    so dst's pad lanes stay 0; dst rows past ``cols`` are not written."""
+    half = VL // 2
+    lo = [k // 2 + (VL if k % 2 else 0) for k in range(VL)]
+    hi = [half + k // 2 + (VL if k % 2 else 0) for k in range(VL)]
+    ity = "int32_t" if size == 4 else "int64_t"
+    w("#if defined(__clang__) || __GNUC__ >= 12")
+    w("#define ZIP(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)")
+    w("#else")
+    w(f"typedef {ity} ivec __attribute__((vector_size(sizeof(vec))));")
+    w("#define ZIP(x, y, ...) __builtin_shuffle(x, y, (ivec){__VA_ARGS__})")
+    w("#endif")
+    w.open("static inline void transpose(const real *restrict src, int ss, int rows, int nbi, "
+           "real *restrict dst, int ds, int cols, int nbo)")
+    w.open("for (int bo = 0; bo < nbo; bo++) for (int bi = 0; bi < nbi; bi++)")
+    n_rounds = VL.bit_length() - 1
+    for j in range(VL):
+        w(f"vec r0_{j} = bo * VL + {j} < rows ? LD(src + (bo * VL + {j}) * ss + bi * VL) : VZERO;")
+    for k in range(n_rounds):  # unrolled: the VL rows stay in registers
+        for j in range(half):
+            w(f"vec r{k + 1}_{2 * j} = ZIP(r{k}_{j}, r{k}_{j + half}, {', '.join(map(str, lo))});")
+            w(f"vec r{k + 1}_{2 * j + 1} = ZIP(r{k}_{j}, r{k}_{j + half}, {', '.join(map(str, hi))});")
+    for j in range(VL):
+        w(f"if (bi * VL + {j} < cols) ST(dst + (bi * VL + {j}) * ds + bo * VL, r{n_rounds}_{j});")
+    w.close()
+    w.close()
+
+
 def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int, batch: int,
                     dtype: torch.dtype, vec_bytes: Optional[int] = None) -> str:
     """The C program for one shape and setting (see the module docstring).
@@ -291,8 +326,10 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
     widest, ``vector_bytes()``), in the layouts its products read: ``WT [in][out]`` for a layer
     whose forward pass is a product over its inputs, ``W [out][in]`` for the backward product
     ``g W`` and for narrow outputs (fewer than half a vector: the forward is then a dot product
-    summed lane-wise, then over the lanes in order).  Both layouts get the same gradient, summed
-    over the minibatch rows in the same order, so they hold identical numbers.  Pad lanes stay 0.
+    summed lane-wise, then over the lanes in order).  Where both layouts are kept, the SGD step
+    updates ``W`` and ``WT ← Wᵀ`` by block transposes, so they hold identical numbers (the module's
+    ``_TRANSPOSE = False`` applies the gradient to each layout instead: the same numbers, one more
+    product; kept for the tests and benchmarks that compare the two).  Pad lanes stay 0.
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the native meta-step runs float32 or float64, got {dtype}")
@@ -303,6 +340,8 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
             raise ValueError(f"the native meta-step supports activations {_SUPPORTED_ACTS}, got {act!r}")
     real = "float" if dtype == torch.float32 else "double"
     size = 4 if real == "float" else 8
+    if vec_bytes is not None and vec_bytes not in (16, 32, 64):
+        raise ValueError(f"vec_bytes must be 16, 32 or 64 (or None: this CPU's widest), got {vec_bytes!r}")
     VB = int(vec_bytes or vector_bytes())
     VL = VB // size
     budget = 24 if VB == 64 else 12  # accumulators per tile: 32 vector registers with AVX-512, else 16
@@ -348,6 +387,8 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
     w("#define ST(p, v) (*(vec *)(p) = (v))")
     w("#define VZERO ((vec){0})")
     w("static inline vec splat(real s) { return (vec){" + ", ".join(["s"] * VL) + "}; }")
+    if _TRANSPOSE and any(has_W[l] and has_WT[l] for l in range(L)):
+        _emit_transpose(w, VL, size)
     w(_MATH_F32 if real == "float" else _MATH_F64)
     w.open("int rf_meta_steps(int64_t M, const real *restrict xs, const void *restrict ys_,"
            " const real *restrict eps, real *restrict phi, real *restrict losses)")
@@ -472,7 +513,10 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
                   epi=lambda r, c, acc, Wl=Wl, l=l: w(
                       f"ST(TH + {Wl} + {r} * {P[l]} + {c * VL}, LD(TH + {Wl} + {r} * {P[l]} + {c * VL}) "
                       f"+ splat({neg_lr}) * {acc});"))
-        if has_WT[l]:
+        if has_WT[l] and has_W[l] and _TRANSPOSE:
+            # WT ← Wᵀ: the same numbers as applying the gradient to WT, for a third of a product
+            w(f"transpose(TH + {state[f'W{l}']}, {P[l]}, {O}, {P[l] // VL}, TH + {state[f'WT{l}']}, {P[l + 1]}, {I}, {P[l + 1] // VL});")
+        elif has_WT[l]:
             # WT[i][:] += (−lr) Σ_b H[b][i] G[b][:]
             WTl = state[f"WT{l}"]
             _gemm(w, R=I, K=B, NV=P[l + 1] // VL, VL=VL, budget=budget,
@@ -521,15 +565,16 @@ class NativeProgram:
     """The compiled C meta-step for one shape and setting (see the module docstring).
 
     ``build(progress)`` compiles (or loads from the on-disk cache); calling it runs chunks of
-    meta-steps with ``MetaStepProgram``'s contract.
+    meta-steps with ``MetaStepProgram``'s contract.  ``vec_bytes``: the vector width the program
+    is written for (None: this CPU's widest; a narrower one runs anywhere, e.g. in tests).
     """
 
     def __init__(self, spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int, batch: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, vec_bytes: Optional[int] = None):
         self.spec, self.lr, self.loss = spec, float(lr), loss
         self.steps, self.n_tasks, self.batch, self.dtype = int(steps), int(n_tasks), int(batch), dtype
         self.source = generate_source(spec, lr=lr, loss=loss, steps=steps, n_tasks=n_tasks, batch=batch,
-                                      dtype=dtype)
+                                      dtype=dtype, vec_bytes=vec_bytes)
         self.library: Optional[Path] = None
         self.cache_hit: Optional[bool] = None
         self._fn = None

@@ -222,3 +222,46 @@ def test_damaged_cache_entry_is_rebuilt():
     phi = [p.detach() for p in model.parameters()]
     new, losses = program(phi, torch.zeros(1, 2, 1, 3, 1), torch.ones(1, 2, 1, 3, 1), torch.ones(1))
     assert torch.isfinite(losses).all()
+
+
+@pytest.mark.parametrize("vec_bytes", [16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_transpose_equals_a_second_gradient_product(vec_bytes, dtype, monkeypatch):
+    """A layer kept in both layouts (W and Wᵀ): copying the updated W into Wᵀ by in-register block
+    transposes gives bitwise the numbers of applying the gradient to Wᵀ by its own product, at
+    every vector width, for widths that are not whole vectors (37 → 29: partial blocks and rows
+    past the matrix), and both agree with the reference backend."""
+    dims = (3, 37, 29, 2)
+    torch.manual_seed(3)
+    model = _model(dims, "tanh").to(dtype)
+    gen = torch.Generator().manual_seed(4)
+    M, T, S, B = 3, 2, 3, 4
+    tasks = _tasks("reg", M * T, 20, dims[0], dims[-1], gen, dtype)
+    plans = sample_indices(M * T, S, 20, B, generator=gen)
+    xs, ys = gather_chunk(tasks, plans, T)
+    spec = extract_mlp_spec(model)
+    names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
+    phi = [model.get_parameter(n).detach().clone() for n in names]
+    eps = torch.full((M,), 0.5, dtype=dtype)
+    out = {}
+    for transpose in (True, False):
+        monkeypatch.setattr(native_step, "_TRANSPOSE", transpose)
+        program = native_step.NativeProgram(spec, lr=0.1, loss="mse", steps=S, n_tasks=T, batch=B,
+                                            dtype=dtype, vec_bytes=vec_bytes)
+        assert ("transpose(" in program.source) == transpose
+        out[transpose] = program(phi, xs, ys, eps)
+    for n, a, b in zip(names, out[True][0], out[False][0]):
+        assert torch.equal(a, b), f"{n}: the transposed Wᵀ differs from the second product's"
+    assert torch.equal(out[True][1], out[False][1]), "losses differ"
+    _, new, ref_phi, _, _, _ = _run_both(model, kind="reg", loss="mse", M=M, T=T, S=S, B=B, lr=0.1, eps=0.5,
+                                         dtype=dtype, seed=4)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for n, a, b in zip(names, out[True][0], ref_phi):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{n} vs reference: {m}")
+
+
+def test_vec_bytes_is_checked():
+    spec = extract_mlp_spec(MLP(1, 8, 1))
+    with pytest.raises(ValueError, match="vec_bytes"):
+        native_step.generate_source(spec, lr=0.1, loss="mse", steps=1, n_tasks=1, batch=2,
+                                    dtype=torch.float32, vec_bytes=24)
