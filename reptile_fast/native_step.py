@@ -42,20 +42,14 @@ agree with the reference backend within the project's rtol 1e-5 / atol 1e-6, and
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from .mlp_spec import MLPSpec
+from .native_build import (_FLAGS, NativeCompilerError, _cpu_identity, _usable_cache_dir, cache_dir,
+                           find_compiler, library_key, load_library)
 
 __all__ = ["NativeProgram", "NativeCompilerError", "find_compiler", "cache_dir", "generate_source"]
 
@@ -65,92 +59,6 @@ _VERSION = 1
 _TRANSPOSE = True
 _SUPPORTED_ACTS = ("identity", "tanh", "relu", "sigmoid")
 _LOSSES = ("mse", "cross_entropy")
-# -O2: the products are written with explicit vectors, -O2 vectorises the elementwise loops
-# (activations) and compiles ~25 % faster than -O3, which ran no faster here; -march=native:
-# this CPU's vector width (the CPU's flags are in the cache key); -ffp-contract=fast: a·b + c as
-# one fused multiply-add where the CPU has one; no -ffast-math: nothing is reassociated and
-# NaN/inf survive.
-_FLAGS = ("-O2", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing",
-          "-ffp-contract=fast", "-std=gnu99")
-_FLAGS_PORTABLE = ("-O2", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing", "-std=gnu99")
-
-
-class NativeCompilerError(RuntimeError):
-    """No working C compiler, or it failed on the generated program (the message says which)."""
-
-
-# ----------------------------------------------------------------------------- environment
-def find_compiler() -> Optional[str]:
-    """The C compiler to use: ``$CC`` if set (its first word, found on PATH; further words are
-    passed as arguments), else the first of cc, gcc, clang on PATH."""
-    env = os.environ.get("CC")
-    if env and shlex.split(env):
-        return shutil.which(shlex.split(env)[0])
-    for name in ("cc", "gcc", "clang"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def _compiler_extra_args() -> List[str]:
-    """Words after the first in ``$CC`` (e.g. ``CC="gcc -m64"``)."""
-    env = os.environ.get("CC")
-    return shlex.split(env)[1:] if env else []
-
-
-def cache_dir() -> Path:
-    """Where compiled programs live: ``$REPTILE_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/reptile_fast``,
-    else ``~/.cache/reptile_fast``."""
-    env = os.environ.get("REPTILE_FAST_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "reptile_fast"
-
-
-def _usable_cache_dir() -> Path:
-    """``cache_dir()`` if it can be created and written, else a per-user folder in the temporary
-    directory (e.g. a read-only home): the program still compiles once per machine boot."""
-    for path in (cache_dir(), Path(tempfile.gettempdir()) / f"reptile_fast-{os.getuid() if hasattr(os, 'getuid') else 'user'}"):
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            if os.access(path, os.W_OK):
-                return path
-        except OSError:
-            continue
-    raise NativeCompilerError(f"no writable cache directory ({cache_dir()} nor the temporary directory)")
-
-
-def _cpu_identity() -> str:
-    """The CPU's model and feature flags (``-march=native`` depends on them)."""
-    parts = [platform.machine(), platform.processor()]
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "model name", "Features", "CPU part")):
-                    parts.append(line.strip())
-                if len(parts) > 6:
-                    break
-    except OSError:
-        pass
-    return "\n".join(parts)
-
-
-_COMPILER_IDS = {}
-
-
-def _compiler_identity(cc: str) -> str:
-    """``cc --version``'s first line (cached per process)."""
-    if cc not in _COMPILER_IDS:
-        try:
-            out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-            _COMPILER_IDS[cc] = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else cc
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise NativeCompilerError(f"the C compiler {cc} does not run: {exc}") from exc
-    return _COMPILER_IDS[cc]
-
-
 # ----------------------------------------------------------------------------- C source
 def _lit(value: float, real: str) -> str:
     """An exact C literal of ``value`` rounded to ``real`` (hex float, then the cast rounds)."""
@@ -580,13 +488,7 @@ class NativeProgram:
         self._fn = None
 
     def _key(self, cc: str, flags: Sequence[str]) -> str:
-        h = hashlib.sha256()
-        for part in (self.source, _compiler_identity(cc), os.path.realpath(cc),
-                     " ".join(_compiler_extra_args() + list(flags)),
-                     _cpu_identity(), sys.platform, str(_VERSION)):
-            h.update(part.encode())
-            h.update(b"\0")
-        return h.hexdigest()[:32]
+        return library_key(self.source, cc, flags)
 
     def cached_library(self) -> Optional[Path]:
         """The cached library for this program, if one was compiled before (no compiling here)."""
@@ -600,69 +502,13 @@ class NativeProgram:
         """Load the cached library or compile it (``progress(message)`` is told before a compile)."""
         if self._fn is not None:
             return self
-        cc = find_compiler()
-        if cc is None:
-            raise NativeCompilerError("no C compiler found (set CC, or install gcc or clang)")
-        errors = []
-        directory = _usable_cache_dir()
-        for flags in (_FLAGS, _FLAGS_PORTABLE):
-            path = directory / f"meta_step_{self._key(cc, flags)}.so"
-            hit = path.exists()
-            if not hit:
-                if progress is not None:
-                    progress(f"compiling the meta-step program with {os.path.basename(cc)} "
-                             f"(first run only, about 1 s)")
-                try:
-                    self._compile(cc, flags, path)
-                except NativeCompilerError as exc:
-                    errors.append(str(exc))
-                    continue
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as exc:
-                errors.append(f"{path} does not load: {exc}")
-                if hit:  # a damaged cache entry: drop it, compile afresh
-                    path.unlink(missing_ok=True)
-                    try:
-                        self._compile(cc, flags, path)
-                        lib = ctypes.CDLL(str(path))
-                        hit = False
-                    except (NativeCompilerError, OSError) as exc2:
-                        errors.append(str(exc2))
-                        continue
-                else:
-                    continue
-            fn = lib.rf_meta_steps
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
-            self._lib, self._fn, self.library, self.cache_hit = lib, fn, path, hit
-            return self
-        raise NativeCompilerError("; ".join(errors))
-
-    def _compile(self, cc: str, flags: Sequence[str], path: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix="reptile_fast_cc_") as tmp:
-            src = Path(tmp) / "meta_step.c"
-            src.write_text(self.source)
-            out = Path(tmp) / "meta_step.so"
-            cmd = [cc, *_compiler_extra_args(), *flags, str(src), "-o", str(out), "-lm"]
-            try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            except (OSError, subprocess.SubprocessError) as exc:
-                raise NativeCompilerError(f"{' '.join(cmd)}: {exc}") from exc
-            if res.returncode != 0 or not out.exists():
-                msg = (res.stderr or res.stdout or "").strip().splitlines()
-                raise NativeCompilerError(f"{os.path.basename(cc)} {' '.join(flags)} failed: "
-                                          f"{msg[0] if msg else 'exit ' + str(res.returncode)}")
-            # a unique temporary name in the cache directory, then an atomic rename
-            fd, tmp_dst = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-            os.close(fd)
-            try:
-                shutil.copyfile(out, tmp_dst)
-                os.chmod(tmp_dst, 0o755)
-                os.replace(tmp_dst, path)
-            except OSError as exc:
-                Path(tmp_dst).unlink(missing_ok=True)
-                raise NativeCompilerError(f"cannot write {path}: {exc}") from exc
+        lib, path, hit = load_library(self.source, "meta_step", progress=progress,
+                                      what="the meta-step program")
+        fn = lib.rf_meta_steps
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
+        self._lib, self._fn, self.library, self.cache_hit = lib, fn, path, hit
+        return self
 
     def __call__(self, params: Sequence[torch.Tensor], xs: torch.Tensor, ys: torch.Tensor,
                  eps: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:

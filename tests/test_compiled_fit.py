@@ -110,10 +110,10 @@ def test_compiled_fallback_is_loud(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
-    from reptile_fast import native_step
+    from reptile_fast import native_build
 
     monkeypatch.setattr(cs.torch, "compile", broken)
-    monkeypatch.setattr(native_step, "find_compiler", lambda: None)  # and no C compiler
+    monkeypatch.setattr(native_build, "find_compiler", lambda: None)  # and no C compiler
     monkeypatch.setattr(cs, "_PROGRAMS", {})
     torch.manual_seed(0)
     trainer = Reptile(MLP(1, 11, 1), backend="compiled", outer_lr=0.5)

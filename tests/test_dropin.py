@@ -353,10 +353,10 @@ def test_falls_back_to_eager_when_torch_compile_fails(monkeypatch):
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
 
-    from reptile_fast import native_step
+    from reptile_fast import native_build
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(native_step, "find_compiler", lambda: None)  # no C compiler either
+    monkeypatch.setattr(native_build, "find_compiler", lambda: None)  # no C compiler either
     monkeypatch.setattr(compiled_step, "_PROGRAMS", {})
     torch.manual_seed(0)
     model_ref = reference.MLP()

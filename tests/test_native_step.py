@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from reptile_fast import MLP, Reptile, TaskBatch, compiled_step, native_step
+from reptile_fast import MLP, Reptile, TaskBatch, compiled_step, native_build, native_step
 from reptile_fast.mlp_spec import extract_mlp_spec
 from reptile_fast.steppers import gather_chunk
 from reptile_fast.tasks import Sine, sample_indices
@@ -138,7 +138,7 @@ def test_no_compiler_falls_back_loudly(monkeypatch):
     def broken_compile(*args, **kwargs):
         raise RuntimeError("inductor needs a compiler too")
 
-    monkeypatch.setattr(native_step, "find_compiler", lambda: None)
+    monkeypatch.setattr(native_build, "find_compiler", lambda: None)
     monkeypatch.setattr(torch, "compile", broken_compile)
     spec = extract_mlp_spec(MLP(1, 8, 1))
     program = compiled_step.MetaStepProgram(spec, lr=0.02, loss="mse", steps=2, n_tasks=1, batch=3,
@@ -200,7 +200,7 @@ def test_unwritable_cache_dir_falls_back_to_temp(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("REPTILE_FAST_CACHE_DIR", str(blocker / "cache"))
-    monkeypatch.setattr(native_step.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     spec = extract_mlp_spec(MLP(1, 8, 1))
     program = native_step.NativeProgram(spec, lr=0.02, loss="mse", steps=2, n_tasks=1, batch=3,
                                         dtype=torch.float32).build()

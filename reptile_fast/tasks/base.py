@@ -11,6 +11,7 @@ from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
+from ..native_select import smallest_k
 from ..validation import check_int
 
 __all__ = ["TaskBatch", "TaskDistribution", "sample_indices"]
@@ -202,5 +203,9 @@ def sample_indices(
     if batch_size == n_points:
         idx = keys.argsort(dim=-1)
     else:
-        idx = keys.topk(batch_size, dim=-1, largest=False, sorted=True).indices
+        # the same indices as topk, several times faster on the CPU where a C compiler exists
+        # (from 64 rows: below, the call's fixed cost makes topk as fast)
+        idx = smallest_k(keys, batch_size) if n_tasks * inner_steps >= 64 else None
+        if idx is None:
+            idx = keys.topk(batch_size, dim=-1, largest=False, sorted=True).indices
     return idx.to(device=device if device is not None else draw_device)
