@@ -4,7 +4,9 @@
    sine MLP 1-64-64-1, 5 inner steps of 10 points, meta-batch T: the hidden layer's ``Wᵀ`` copied
    from the updated ``W`` by block transposes (the default) against a second weight-gradient
    product (``native_step._TRANSPOSE = False``).  Useful FLOP/s (``bench.flops``) as a fraction of
-   the same round's 1024² sgemm rate.  Both programs are first checked bitwise equal.
+   the same round's 1024² sgemm rate.  Both programs are first checked bitwise equal.  Beside
+   them, the same program for the MLP without activations (identity instead of tanh: the same
+   products, another model) prices the tanh: time of the tanh MLP over time of the linear one.
 2. The minibatch plan's selection (``sample_indices``: the 10 smallest of 50 keys per task and
    step): ``native_select.smallest_k`` against ``torch.topk``, ns per row, after checking equal
    indices.
@@ -30,14 +32,17 @@ from bench.flops import inner_loop_flops, measure_matmul_peak
 DIMS, STEPS, BATCH, N_POINTS = (1, 64, 64, 1), 5, 10, 50
 
 
-def _program(T: int, transpose: bool):
+def _program(T: int, transpose: bool, activation: str = "tanh"):
     from reptile_fast import MLP, native_step
-    from reptile_fast.mlp_spec import extract_mlp_spec
+    from reptile_fast.mlp_spec import MLPSpec, extract_mlp_spec
 
     saved = native_step._TRANSPOSE
     native_step._TRANSPOSE = transpose
     try:
         spec = extract_mlp_spec(MLP(1, 64, 1))
+        if activation != "tanh":
+            spec = MLPSpec(spec.dims, (activation,) * (len(spec.dims) - 2) + ("identity",),
+                           spec.weight_names, spec.bias_names)
         return native_step.NativeProgram(spec, lr=0.02, loss="mse", steps=STEPS, n_tasks=T, batch=BATCH,
                                          dtype=torch.float32).build()
     finally:
@@ -84,7 +89,8 @@ def main(argv=None) -> int:
     for T in sizes:
         M = max(1, 256 // T)
         inputs[T] = _inputs(T, M)
-        programs[T] = {"transpose": _program(T, True), "two products": _program(T, False)}
+        programs[T] = {"transpose": _program(T, True), "two products": _program(T, False),
+                       "linear MLP": _program(T, True, "identity")}
         a = programs[T]["transpose"](*inputs[T])
         b = programs[T]["two products"](*inputs[T])
         checks[f"program T{T}"] = bool(all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and torch.equal(a[1], b[1]))
@@ -97,7 +103,7 @@ def main(argv=None) -> int:
         print("checks failed:", checks)
         return 1
 
-    frac = {(T, v): [] for T in sizes for v in ("transpose", "two products")}
+    frac = {(T, v): [] for T in sizes for v in ("transpose", "two products", "linear MLP")}
     sel = {(T, v): [] for T in sizes for v in ("C", "topk")}
     peaks = []
     for _ in range(args.rounds):
@@ -116,7 +122,9 @@ def main(argv=None) -> int:
     program = {f"T{T}": {"transpose_fraction_of_peak": med(frac[T, "transpose"]),
                          "two_products_fraction_of_peak": med(frac[T, "two products"]),
                          "speedup_median_of_rounds": med(a / b for a, b in zip(frac[T, "transpose"], frac[T, "two products"])),
-                         "per_round": {"transpose": frac[T, "transpose"], "two products": frac[T, "two products"]}}
+                         "tanh_mlp_time_over_linear_mlp_time": med(b / a for a, b in zip(frac[T, "transpose"], frac[T, "linear MLP"])),
+                         "per_round": {"transpose": frac[T, "transpose"], "two products": frac[T, "two products"],
+                                       "linear MLP (same FLOP count used)": frac[T, "linear MLP"]}}
                for T in sizes}
     selection = {f"T{T}": {"rows": T * STEPS, "C_ns_per_row": med(sel[T, "C"]), "topk_ns_per_row": med(sel[T, "topk"]),
                            "speedup_median_of_rounds": med(b / a for a, b in zip(sel[T, "C"], sel[T, "topk"]))}
@@ -133,7 +141,8 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for k, v in program.items():
         print(f"program {k}: transpose {100 * v['transpose_fraction_of_peak']:.1f}% of peak, two products "
-              f"{100 * v['two_products_fraction_of_peak']:.1f}% ({v['speedup_median_of_rounds']:.2f}x)")
+              f"{100 * v['two_products_fraction_of_peak']:.1f}% ({v['speedup_median_of_rounds']:.2f}x); "
+              f"tanh MLP / linear MLP time {v['tanh_mlp_time_over_linear_mlp_time']:.2f}")
     for k, v in selection.items():
         print(f"selection {k}: C {v['C_ns_per_row']:.0f} ns/row, topk {v['topk_ns_per_row']:.0f} ns/row "
               f"({v['speedup_median_of_rounds']:.1f}x)")
