@@ -3,7 +3,7 @@
 1. The native C program alone (``NativeProgram`` on ready tensors: no sampling, no gathering),
    sine MLP 1-64-64-1, 5 inner steps of 10 points, meta-batch T: the hidden layer's ``Wᵀ`` copied
    from the updated ``W`` by block transposes (the default) against a second weight-gradient
-   product (``native_step._TRANSPOSE = False``).  Useful FLOP/s (``bench.flops``) as a fraction of
+   product (``NativeProgram(transpose=False)``).  Useful FLOP/s (``bench.flops``) as a fraction of
    the same round's 1024² sgemm rate.  Both programs are first checked bitwise equal.  Beside
    them, the same program for the MLP without activations (identity instead of tanh: the same
    products, another model) prices the tanh: time of the tanh MLP over time of the linear one.
@@ -36,17 +36,12 @@ def _program(T: int, transpose: bool, activation: str = "tanh"):
     from reptile_fast import MLP, native_step
     from reptile_fast.mlp_spec import MLPSpec, extract_mlp_spec
 
-    saved = native_step._TRANSPOSE
-    native_step._TRANSPOSE = transpose
-    try:
-        spec = extract_mlp_spec(MLP(1, 64, 1))
-        if activation != "tanh":
-            spec = MLPSpec(spec.dims, (activation,) * (len(spec.dims) - 2) + ("identity",),
-                           spec.weight_names, spec.bias_names)
-        return native_step.NativeProgram(spec, lr=0.02, loss="mse", steps=STEPS, n_tasks=T, batch=BATCH,
-                                         dtype=torch.float32).build()
-    finally:
-        native_step._TRANSPOSE = saved
+    spec = extract_mlp_spec(MLP(1, 64, 1))
+    if activation != "tanh":
+        spec = MLPSpec(spec.dims, (activation,) * (len(spec.dims) - 2) + ("identity",),
+                       spec.weight_names, spec.bias_names)
+    return native_step.NativeProgram(spec, lr=0.02, loss="mse", steps=STEPS, n_tasks=T, batch=BATCH,
+                                     dtype=torch.float32, transpose=transpose).build()
 
 
 def _inputs(T: int, M: int):

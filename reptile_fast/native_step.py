@@ -55,8 +55,6 @@ __all__ = ["NativeProgram", "NativeCompilerError", "find_compiler", "cache_dir",
 
 #: bump when the generated code changes meaning (it is part of every cache key anyway)
 _VERSION = 1
-#: a layer kept in both layouts: WT ← Wᵀ by block transposes (False: a second gradient product)
-_TRANSPOSE = True
 _SUPPORTED_ACTS = ("identity", "tanh", "relu", "sigmoid")
 _LOSSES = ("mse", "cross_entropy")
 # ----------------------------------------------------------------------------- C source
@@ -221,7 +219,7 @@ def _emit_transpose(w: _Emitter, VL: int, size: int) -> None:
 
 
 def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int, batch: int,
-                    dtype: torch.dtype, vec_bytes: Optional[int] = None) -> str:
+                    dtype: torch.dtype, vec_bytes: Optional[int] = None, transpose: bool = True) -> str:
     """The C program for one shape and setting (see the module docstring).
 
     Its entry point ``int rf_meta_steps(int64_t M, const real *xs, const void *ys, const real *eps,
@@ -235,8 +233,8 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
     whose forward pass is a product over its inputs, ``W [out][in]`` for the backward product
     ``g W`` and for narrow outputs (fewer than half a vector: the forward is then a dot product
     summed lane-wise, then over the lanes in order).  Where both layouts are kept, the SGD step
-    updates ``W`` and ``WT ← Wᵀ`` by block transposes, so they hold identical numbers (the module's
-    ``_TRANSPOSE = False`` applies the gradient to each layout instead: the same numbers, one more
+    updates ``W`` and ``WT ← Wᵀ`` by block transposes, so they hold identical numbers
+    (``transpose=False`` applies the gradient to each layout instead: the same numbers, one more
     product; kept for the tests and benchmarks that compare the two).  Pad lanes stay 0.
     """
     if dtype not in (torch.float32, torch.float64):
@@ -295,7 +293,7 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
     w("#define ST(p, v) (*(vec *)(p) = (v))")
     w("#define VZERO ((vec){0})")
     w("static inline vec splat(real s) { return (vec){" + ", ".join(["s"] * VL) + "}; }")
-    if _TRANSPOSE and any(has_W[l] and has_WT[l] for l in range(L)):
+    if transpose and any(has_W[l] and has_WT[l] for l in range(L)):
         _emit_transpose(w, VL, size)
     w(_MATH_F32 if real == "float" else _MATH_F64)
     w.open("int rf_meta_steps(int64_t M, const real *restrict xs, const void *restrict ys_,"
@@ -421,7 +419,7 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
                   epi=lambda r, c, acc, Wl=Wl, l=l: w(
                       f"ST(TH + {Wl} + {r} * {P[l]} + {c * VL}, LD(TH + {Wl} + {r} * {P[l]} + {c * VL}) "
                       f"+ splat({neg_lr}) * {acc});"))
-        if has_WT[l] and has_W[l] and _TRANSPOSE:
+        if has_WT[l] and has_W[l] and transpose:
             # WT ← Wᵀ: the same numbers as applying the gradient to WT, for a third of a product
             w(f"transpose(TH + {state[f'W{l}']}, {P[l]}, {O}, {P[l] // VL}, TH + {state[f'WT{l}']}, {P[l + 1]}, {I}, {P[l + 1] // VL});")
         elif has_WT[l]:
@@ -474,15 +472,16 @@ class NativeProgram:
 
     ``build(progress)`` compiles (or loads from the on-disk cache); calling it runs chunks of
     meta-steps with ``MetaStepProgram``'s contract.  ``vec_bytes``: the vector width the program
-    is written for (None: this CPU's widest; a narrower one runs anywhere, e.g. in tests).
+    is written for (None: this CPU's widest; a narrower one runs anywhere, e.g. in tests);
+    ``transpose``: see ``generate_source`` (False only to compare).
     """
 
     def __init__(self, spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int, batch: int,
-                 dtype: torch.dtype, vec_bytes: Optional[int] = None):
+                 dtype: torch.dtype, vec_bytes: Optional[int] = None, transpose: bool = True):
         self.spec, self.lr, self.loss = spec, float(lr), loss
         self.steps, self.n_tasks, self.batch, self.dtype = int(steps), int(n_tasks), int(batch), dtype
         self.source = generate_source(spec, lr=lr, loss=loss, steps=steps, n_tasks=n_tasks, batch=batch,
-                                      dtype=dtype, vec_bytes=vec_bytes)
+                                      dtype=dtype, vec_bytes=vec_bytes, transpose=transpose)
         self.library: Optional[Path] = None
         self.cache_hit: Optional[bool] = None
         self._fn = None

@@ -226,7 +226,7 @@ def test_damaged_cache_entry_is_rebuilt():
 
 @pytest.mark.parametrize("vec_bytes", [16, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_block_transpose_equals_a_second_gradient_product(vec_bytes, dtype, monkeypatch):
+def test_block_transpose_equals_a_second_gradient_product(vec_bytes, dtype):
     """A layer kept in both layouts (W and Wᵀ): copying the updated W into Wᵀ by in-register block
     transposes gives bitwise the numbers of applying the gradient to Wᵀ by its own product, at
     every vector width, for widths that are not whole vectors (37 → 29: partial blocks and rows
@@ -245,9 +245,8 @@ def test_block_transpose_equals_a_second_gradient_product(vec_bytes, dtype, monk
     eps = torch.full((M,), 0.5, dtype=dtype)
     out = {}
     for transpose in (True, False):
-        monkeypatch.setattr(native_step, "_TRANSPOSE", transpose)
         program = native_step.NativeProgram(spec, lr=0.1, loss="mse", steps=S, n_tasks=T, batch=B,
-                                            dtype=dtype, vec_bytes=vec_bytes)
+                                            dtype=dtype, vec_bytes=vec_bytes, transpose=transpose)
         assert ("transpose(" in program.source) == transpose
         out[transpose] = program(phi, xs, ys, eps)
     for n, a, b in zip(names, out[True][0], out[False][0]):
