@@ -529,10 +529,12 @@ def fit_rows(log, device, smoke, budget):
             continue
         row = {"provider": name, "T": 1, "meta_steps": iterations}
         try:
-            trainer("triton", options).fit(Sine(), 2 * chunk, progress=False, handle_signals=False)  # compile
+            trainer("triton", options).fit(Sine(), 2 * chunk, progress=False, handle_signals=False,
+                                           draw_chunks=True)  # compile
             t = trainer("triton", options)
             g = torch.Generator(device=device).manual_seed(3)
-            t.fit(Sine(), iterations, generator=g, progress=False, handle_signals=False)
+            # a chunk's draws at once, on the device (as the CLI job draws): one draw per graph replay
+            t.fit(Sine(), iterations, generator=g, progress=False, handle_signals=False, draw_chunks=True)
             st = t.last_fit_stats
             row.update(mode=st["mode"], fallback_reason=st["fallback_reason"], train_seconds=st["train_seconds"],
                        ms=st["ms_per_iteration"], finite=bool(torch.isfinite(phi(t)).all()),

@@ -2,6 +2,11 @@
 meta-step) beside backend "torch", through ``Reptile.fit``, with this CPU's fp32 matmul peak
 measured in every round.
 
+Backend compiled runs twice: "compiled" draws each chunk's tasks and plans in one call each
+(``fit(draw_chunks=True)``, as the CLI sine job and the drop-in draw), "compiled-stepwise-draws"
+with ``fit``'s default, meta-step by meta-step (the draws every backend makes, so results match
+the other backends'); backend torch runs one meta-step at a time, where the two are the same.
+
 Sine MLP 1-64-64-1 (the seed's), 5 inner SGD steps of 10 points, one thread.  Each round times
 every (meta-batch, backend) case once, back to back (interleaved rounds: a shared machine's load
 hits them alike); reported: median tasks/s over rounds, the median over rounds of the per-round
@@ -31,6 +36,8 @@ from bench.flops import inner_loop_flops, measure_matmul_peak
 
 SIZES = (1, 8, 32, 256, 1024)
 BACKENDS = {"compiled": {"mode": "native"}, "torch": None}
+#: timed cases: name -> (backend, fit's draw_chunks)
+CASES = {"compiled": ("compiled", True), "compiled-stepwise-draws": ("compiled", False), "torch": ("torch", False)}
 DIMS, STEPS, BATCH = (1, 64, 64, 1), 5, 10
 
 
@@ -86,46 +93,49 @@ def main(argv=None) -> int:
     checks = {T: check(T) for T in SIZES}
     trainers, iters = {}, {}
     for T in SIZES:
-        for backend in BACKENDS:
+        for case, (backend, chunks) in CASES.items():
             if checks[T][backend]["ok"]:
+                kw = dict(meta_batch_size=T, progress=False, handle_signals=False, draw_chunks=chunks)
                 t = _trainer(backend)
-                t.fit(Sine(), 2, meta_batch_size=T, progress=False, handle_signals=False)  # compile
+                t.fit(Sine(), 2, **kw)  # compile
                 t0 = time.perf_counter()
-                t.fit(Sine(), t.iteration + 2, meta_batch_size=T, progress=False, handle_signals=False)
+                t.fit(Sine(), t.iteration + 2, **kw)
                 per_step = (time.perf_counter() - t0) / 2
-                trainers[T, backend] = t
-                iters[T, backend] = max(2, int(args.min_time / per_step))
+                trainers[T, case] = (t, kw)
+                iters[T, case] = max(2, int(args.min_time / per_step))
     rates = {key: [] for key in trainers}
     peaks = []
     for _ in range(args.rounds):
         peaks.append(measure_matmul_peak(torch.device("cpu"))["flops_per_s"])
-        for (T, backend), t in trainers.items():
-            n = iters[T, backend]
+        for (T, case), (t, kw) in trainers.items():
+            n = iters[T, case]
             t0 = time.perf_counter()
-            t.fit(Sine(), t.iteration + n, meta_batch_size=T, progress=False, handle_signals=False)
-            rates[T, backend].append(T * n / (time.perf_counter() - t0))
+            t.fit(Sine(), t.iteration + n, **kw)
+            rates[T, case].append(T * n / (time.perf_counter() - t0))
     flops = inner_loop_flops(DIMS, BATCH, STEPS, 1)
     cases = {}
-    for (T, backend), r in rates.items():
-        cases[f"{backend}-T{T}"] = {
-            "tasks_per_s_median": statistics.median(r), "per_round": r, "meta_steps_per_round": iters[T, backend],
+    for (T, case), r in rates.items():
+        cases[f"{case}-T{T}"] = {
+            "tasks_per_s_median": statistics.median(r), "per_round": r, "meta_steps_per_round": iters[T, case],
             "fraction_of_round_peak_median": statistics.median(x * flops / pk for x, pk in zip(r, peaks))}
     ratios = {}
     for T in SIZES:
-        if (T, "compiled") in rates and (T, "torch") in rates:
-            per = [a / b for a, b in zip(rates[T, "compiled"], rates[T, "torch"])]
-            ratios[f"compiled / torch at T{T}"] = {"median_of_rounds": statistics.median(per), "per_round": per}
+        for case in ("compiled", "compiled-stepwise-draws"):
+            if (T, case) in rates and (T, "torch") in rates:
+                per = [a / b for a, b in zip(rates[T, case], rates[T, "torch"])]
+                ratios[f"{case} / torch at T{T}"] = {"median_of_rounds": statistics.median(per), "per_round": per}
     result = {"experiment": __doc__.split("\n\n")[0], "flops_per_task": flops, "rounds": args.rounds,
               "peak_flops_per_s": {"median": statistics.median(peaks), "per_round": peaks,
                                    "what": "1024x1024 fp32 matmul, best of repeats, measured each round"},
               "checks": {str(T): c for T, c in checks.items()}, "cases": cases, "ratios": ratios,
               "note": "whole meta-steps through Reptile.fit (draws, chunk gathers and the outer update "
-                      "included); the machine's 2 cores are shared: ratios are within a round",
+                      "included); compiled: fit(draw_chunks=True); compiled-stepwise-draws: fit's default "
+                      "draws; the machine's 2 cores are shared: ratios are within a round",
               **machine_stamp(), "command": "python -m bench.native_meta_batch " + " ".join(sys.argv[1:] if argv is None else argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for k, v in cases.items():
-        print(f"{k:>16}: {v['tasks_per_s_median']:>10,.0f} tasks/s  "
+        print(f"{k:>31}: {v['tasks_per_s_median']:>10,.0f} tasks/s  "
               f"{100 * v['fraction_of_round_peak_median']:.1f}% of the round's sgemm peak")
     for k, v in ratios.items():
         print(f"{k}: {v['median_of_rounds']:.2f}x")

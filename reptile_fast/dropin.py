@@ -358,9 +358,11 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
     sampler = None
     if indices is not None:
         sampler = PlanSampler(source, indices.to(trainer.device), generator=generator, device=trainer.device,
-                              check=lambda t: trainer.checker.tasks(t, 1))
+                              check=lambda t: trainer.checker.tasks(t, 1), draw_chunks=True)
+    # a chunk's draws at once (Reptile.fit's draw_chunks): the compiled path's speed at meta-batch 1
     history = trainer.fit(source, nb_iterations, meta_batch_size=meta_batch_size, generator=generator,
-                          progress=progress, sampler=sampler, handle_signals=False)
+                          progress=progress, sampler=sampler, handle_signals=False,
+                          draw_chunks=sampler is None)
     fit_stats = trainer.last_fit_stats
     stats.update(path=fit_stats["stepper"], backend=fit_stats["stepper"], mode=fit_stats["mode"],
                  fallback_reason=fit_stats["fallback_reason"], compile_seconds=fit_stats["compile_seconds"],

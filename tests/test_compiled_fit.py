@@ -140,3 +140,43 @@ def test_cli_seed_setting_runs_compiled(tmp_path):
     assert metrics["backend"] == "compiled"
     assert metrics["ms_per_iteration"] > 0
     assert (out / "checkpoint.pt").exists() and (out / "figure.png").exists()
+
+
+@pytest.mark.parametrize("meta_batch", [1, 3])
+def test_compiled_fit_draws_as_the_other_backends(meta_batch):
+    """``fit`` with a generator: backend compiled (chunks of 7, and chunks of 500 cut short)
+    trains on the draws the reference backend makes meta-step by meta-step, so the results agree
+    within fp32 rounding; ``draw_chunks=True`` (the CLI's and the drop-in's speed option) draws
+    other tasks, so its result differs."""
+    def run(backend, draw_chunks=False, **options):
+        t = _trainer(backend, backend_options=options or None)
+        hist = t.fit(Sine(), 20, meta_batch_size=meta_batch, generator=torch.Generator().manual_seed(5),
+                     progress=False, draw_chunks=draw_chunks)["loss"]
+        return torch.cat([p.detach().reshape(-1) for p in t.model.parameters()]), torch.tensor(hist)
+
+    ref_phi, ref_loss = run("reference")
+    for options in ({"chunk": 7}, {}):
+        phi, loss = run("compiled", **options)
+        torch.testing.assert_close(phi, ref_phi, rtol=RTOL, atol=ATOL, msg=lambda m: f"phi {options}: {m}")
+        torch.testing.assert_close(loss, ref_loss, rtol=RTOL, atol=ATOL, msg=lambda m: f"loss {options}: {m}")
+    chunked_phi, _ = run("compiled", draw_chunks=True, chunk=7)
+    assert (chunked_phi - ref_phi).abs().max() > 1e-4, "draw_chunks=True should draw other tasks"
+
+
+def test_plan_sampler_draws_tasks_meta_step_by_meta_step():
+    """A chunk of a PlanSampler's tasks is the tasks of its meta-steps drawn one at a time."""
+    plans = sample_indices(12, 5, 50, 10, generator=torch.Generator().manual_seed(0)).reshape(4, 3, 5, 10)
+    chunk = PlanSampler(Sine(), plans, generator=torch.Generator().manual_seed(1)).draw(1, 4)
+    single = PlanSampler(Sine(), plans, generator=torch.Generator().manual_seed(1))
+    steps = [single.draw(t, 1) for t in range(1, 5)]
+    assert torch.equal(chunk[0].y, torch.cat([s[0].y for s in steps]))
+    assert torch.equal(chunk[1], torch.cat([s[1] for s in steps]))
+
+
+def test_draw_chunks_is_checked():
+    t = _trainer("reference")
+    with pytest.raises(TypeError, match="draw_chunks"):
+        t.fit(Sine(), 1, progress=False, draw_chunks="yes")
+    plans = sample_indices(1, 5, 50, 10).reshape(1, 1, 5, 10)
+    with pytest.raises(ValueError, match="draw_chunks"):
+        t.fit(Sine(), 1, progress=False, draw_chunks=True, sampler=PlanSampler(Sine(), plans))

@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..tasks.base import TaskBatch, _check_device, sample_indices
+from ..tasks.base import TaskBatch, _check_device, concat_draws, sample_indices
 from ..validation import check_int
 
 __all__ = ["IndexedSampler", "split_tasks", "stream_seed", "DEFAULT_BLOCK_SIZE", "SAMPLER_KIND"]
@@ -61,17 +61,6 @@ def split_tasks(meta_batch_size: int, world_size: int, rank: int) -> Tuple[int, 
                          f"({world_size}): every rank needs at least one task; use a meta-batch of at least "
                          f"{world_size} or fewer processes")
     return rank * meta_batch_size // world_size, (rank + 1) * meta_batch_size // world_size
-
-
-def _concat(parts) -> Tuple[TaskBatch, torch.Tensor]:
-    """One ``TaskBatch`` and plan from drawn pieces (valid already: no second validation)."""
-    if len(parts) == 1:
-        return parts[0]
-    batches = [t for t, _ in parts]
-    bounds = [t.n_classes for t in batches if t.n_classes is not None]
-    return (TaskBatch.trusted(torch.cat([t.x for t in batches]), torch.cat([t.y for t in batches]),
-                              max(bounds) if bounds else None),
-            torch.cat([p for _, p in parts]))
 
 
 class IndexedSampler:
@@ -148,14 +137,14 @@ class IndexedSampler:
             start = block * self._k
             a, b = max(self.lo - start, 0), min(self.hi - start, tasks.n_tasks)
             parts.append((tasks, plan) if (a, b) == (0, tasks.n_tasks) else (tasks[a:b], plan[a:b]))
-        return _concat(parts)
+        return concat_draws(parts)
 
     def draw(self, first_iteration: int, m: int = 1) -> Tuple[TaskBatch, torch.Tensor]:
         """Meta-steps ``first_iteration … first_iteration + m − 1`` (1-based, the training loop's
         ``Sampler`` protocol): ``m · n_local`` tasks and plans, meta-step-major."""
         check_int("first_iteration", first_iteration, 1)
         check_int("m", m, 1)
-        tasks, plan = _concat([self.draw_step(first_iteration - 1 + k) for k in range(m)])
+        tasks, plan = concat_draws([self.draw_step(first_iteration - 1 + k) for k in range(m)])
         if self.check is not None:
             self.check(tasks)
         return tasks, plan

@@ -14,7 +14,7 @@ import torch
 from ..native_select import smallest_k
 from ..validation import check_int
 
-__all__ = ["TaskBatch", "TaskDistribution", "sample_indices"]
+__all__ = ["TaskBatch", "TaskDistribution", "sample_indices", "concat_draws"]
 
 
 @dataclass(frozen=True)
@@ -209,3 +209,16 @@ def sample_indices(
         if idx is None:
             idx = keys.topk(batch_size, dim=-1, largest=False, sorted=True).indices
     return idx.to(device=device if device is not None else draw_device)
+
+
+def concat_draws(parts):
+    """One ``TaskBatch`` and plan from drawn pieces ``[(TaskBatch, plan or None), ...]``, in order
+    (each piece valid already: no second validation).  The plan is None when the pieces have none."""
+    if len(parts) == 1:
+        return parts[0]
+    batches = [t for t, _ in parts]
+    bounds = [t.n_classes for t in batches if t.n_classes is not None]
+    tasks = TaskBatch.trusted(torch.cat([t.x for t in batches]), torch.cat([t.y for t in batches]),
+                              max(bounds) if bounds else None)
+    plans = [p for _, p in parts]
+    return tasks, (None if plans[0] is None else torch.cat(plans))
