@@ -425,3 +425,22 @@ def test_fast_path_follows_model_changes_and_hooks():
                         get_backend("reference").inner_loop(model, tasks, idx, config).params)
     handle.remove()
     assert backend.uses_fast_path(model, tasks, config)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_tasks_that_require_grad_give_the_same_numbers(fast):
+    """Data that requires grad (e.g. from a user's pipeline) is data: both paths train and
+    evaluate on it as on its detached copy (the reference does), instead of failing inside an
+    ``out=`` op of the hand-written backward."""
+    torch.manual_seed(23)
+    tasks = regression_tasks(3, 2, 1, 20)
+    grad_tasks = TaskBatch(tasks.x.clone().requires_grad_(), tasks.y.clone().requires_grad_())
+    idx = plans(3, 1, 4, 20, 5)[0]
+    config = InnerConfig(lr=0.1)
+    backend = TorchBackend(fast_mlp=fast)
+    model = MLP(2, 16, 1)
+    expected = get_backend("reference").inner_loop(model, tasks, idx, config)
+    got = backend.inner_loop(model, grad_tasks, idx, config)
+    assert_params_close(got.params, expected.params)
+    torch.testing.assert_close(backend.evaluate(model, got.params, grad_tasks, config),
+                               backend.evaluate(model, got.params, tasks, config), rtol=0, atol=0)
