@@ -166,7 +166,7 @@ class CompiledStepper(Stepper):
         from .compiled_step import DEFAULT_MODE, get_program
 
         spec = check_compiled_supported(model, config, next(model.parameters()).device)
-        self.model, self.n_tasks, self.chunk = model, n_tasks, chunk
+        self.model, self.n_tasks, self.chunk, self.batch = model, n_tasks, chunk, batch
         self.dtype = next(model.parameters()).dtype
         names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
         self.live = [model.get_parameter(n) for n in names]
@@ -193,6 +193,10 @@ class CompiledStepper(Stepper):
         return self.program.fallback_reason
 
     def run(self, tasks, plans, eps, first_iteration):
+        if plans.shape[2] != self.batch:
+            # the program's shapes are fixed when it is built: say so instead of failing inside it
+            raise ValueError(f"the plans hold minibatches of {plans.shape[2]} points but this compiled "
+                             f"meta-step was built for inner_batch_size={self.batch}")
         self.prepare()
         m = len(eps)
         xs, ys = gather_chunk(tasks, plans, self.n_tasks)

@@ -130,19 +130,21 @@ class Reptile:
         """Rows of a minibatch plan for ``steps`` inner steps (FOMAML adds its meta-gradient's batch)."""
         return steps + 1 if self.config.algorithm == "fomaml" else steps
 
-    def stepper(self, n_tasks: int, *, chunk: Optional[int] = None, announce=None):
+    def stepper(self, n_tasks: int, *, chunk: Optional[int] = None, announce=None, batch: Optional[int] = None):
         """The stepper for meta-batches of ``n_tasks``: the compiled program (backend "compiled",
-        ``chunk`` meta-steps per call), the fused one (triton ``{"fused": True}``; with CUDA graphs
-        its chunk is made a divisor of ``chunk``) or the eager one (the backend's inner loop)."""
+        ``chunk`` meta-steps per call, minibatches of ``batch`` points, default ``inner_batch_size``),
+        the fused one (triton ``{"fused": True}``; with CUDA graphs its chunk is made a divisor of
+        ``chunk``) or the eager one (the backend's inner loop)."""
         if self.compiled_options is None:
             # the fused stepper draws chunks when it replays CUDA graphs (boundaries on chunk's multiples)
             return self._fused.set_chunk(n_tasks, chunk) if self._fused is not None else self._eager
         opts = self.compiled_options
         chunk = chunk or opts.get("chunk", DEFAULT_CHUNK)
-        key = (n_tasks, chunk)
+        batch = batch or self.inner_batch_size
+        key = (n_tasks, chunk, batch)
         if key not in self._compiled:
             self._compiled[key] = CompiledStepper(self.model, self.config, n_tasks=n_tasks, steps=self.inner_steps,
-                                                  batch=self.inner_batch_size, chunk=chunk,
+                                                  batch=batch, chunk=chunk,
                                                   mode=opts.get("mode"), announce=announce)
         self._compiled[key].announce = announce
         return self._compiled[key]
@@ -187,7 +189,8 @@ class Reptile:
         else:
             self.checker.indices(indices, tasks, rows)
         eps = self.outer_lr_at(self.iteration) if outer_lr is None else check_float("outer_lr", outer_lr)
-        loss = self.stepper(tasks.n_tasks, chunk=1).run(tasks, indices, [eps], self.iteration + 1)[0]
+        # a user's plan may use another minibatch size than inner_batch_size, as on every backend
+        loss = self.stepper(tasks.n_tasks, chunk=1, batch=indices.shape[2]).run(tasks, indices, [eps], self.iteration + 1)[0]
         self.iteration += 1
         return {"loss": loss, "outer_lr": eps, "iteration": self.iteration}
 

@@ -140,3 +140,22 @@ def test_cli_seed_setting_runs_compiled(tmp_path):
     assert metrics["backend"] == "compiled"
     assert metrics["ms_per_iteration"] > 0
     assert (out / "checkpoint.pt").exists() and (out / "figure.png").exists()
+
+
+def test_compiled_meta_step_takes_a_plan_of_another_batch_size():
+    """A user's plan may hold minibatches of another size than inner_batch_size (every backend
+    takes it): the compiled meta-step builds its program for the plan's size and matches the
+    reference; a sampler whose plans disagree with the built program gets a clear ValueError."""
+    g = torch.Generator().manual_seed(5)
+    tasks = Sine().sample(3, generator=g)
+    plans = [sample_indices(3, 5, 50, 7, generator=g) for _ in range(2)]
+    ref, got = _trainer("reference"), _trainer()
+    for plan in plans:
+        ref.meta_step(tasks, plan)
+        got.meta_step(tasks, plan)
+    for a, b in zip(got.model.parameters(), ref.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="inner_batch_size=10"):
+        _trainer().fit(Sine(), 2, meta_batch_size=3, progress=False,
+                       sampler=PlanSampler(Replay(Sine().sample(6, generator=g)),
+                                           sample_indices(6, 5, 50, 7, generator=g).view(2, 3, 5, 7)))
