@@ -444,3 +444,28 @@ def test_tasks_that_require_grad_give_the_same_numbers(fast):
     assert_params_close(got.params, expected.params)
     torch.testing.assert_close(backend.evaluate(model, got.params, grad_tasks, config),
                                backend.evaluate(model, got.params, tasks, config), rtol=0, atol=0)
+
+
+def test_module_used_twice_keeps_its_parameters():
+    """A layer applied twice (one module at two paths of a Sequential, weights shared): torch's
+    functional_call swaps its tensors twice and restored the second swap's, leaving the model
+    holding a task's tensor instead of its Parameter (an escaped vmap tensor after the torch
+    backend, a plain tensor after the reference backend's evaluate).  Both backends now leave the
+    model's Parameters in place, and agree with each other."""
+    torch.manual_seed(24)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(8, 1))
+    before = list(model.parameters())
+    tasks, idx = regression_tasks(2, n_points=20), plans(2, 1, 3, 20, 5)[0]
+    results = {}
+    for name in ("reference", "torch"):
+        m = copy.deepcopy(model)
+        params = list(m.parameters())
+        trainer = Reptile(m, backend=name, inner_steps=3, inner_batch_size=5)
+        trainer.meta_step(tasks, idx)
+        results[name] = (trainer.evaluate(tasks, 3, idx), [p.detach().clone() for p in m.parameters()])
+        assert all(a is b for a, b in zip(m.parameters(), params)) and len(list(m.parameters())) == len(before)
+        assert all(isinstance(m[k].weight, nn.Parameter) for k in (0, 2, 4, 6))
+    torch.testing.assert_close(results["torch"][0], results["reference"][0], rtol=RTOL, atol=ATOL)
+    for a, b in zip(results["torch"][1], results["reference"][1]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
