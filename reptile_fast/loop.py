@@ -246,7 +246,14 @@ class TrainingLoop:
                 first = self.iteration + 1
                 tasks, plans = self.sampler.draw(first, m)
                 eps = [self.outer_lr_at(self.iteration + k) for k in range(m)]
-                losses = self.stepper.run(tasks, plans, eps, first)
+                try:
+                    losses = self.stepper.run(tasks, plans, eps, first)
+                except FloatingPointError as exc:  # NonFiniteError from a stepper that checks at once
+                    bad = getattr(exc, "iteration", None)
+                    if bad is not None:  # φ is as after the meta-step before the first bad one
+                        self.iteration = self.state.iteration = bad - 1
+                    self._pending, self._pending_eps = [], []
+                    raise
                 self._pending.append(losses)
                 self._pending_eps.extend(eps)
                 self.iteration = self.state.iteration = self.iteration + m

@@ -159,3 +159,28 @@ def test_compiled_meta_step_takes_a_plan_of_another_batch_size():
         _trainer().fit(Sine(), 2, meta_batch_size=3, progress=False,
                        sampler=PlanSampler(Replay(Sine().sample(6, generator=g)),
                                            sample_indices(6, 5, 50, 7, generator=g).view(2, 3, 5, 7)))
+
+
+def test_compiled_non_finite_names_the_first_bad_meta_step():
+    """A non-finite meta-step in the middle of a compiled chunk: NonFiniteError names it (not the
+    chunk's first meta-step), and φ and the trainer's iteration are exactly those after the
+    meta-step before it (bitwise those of a clean run that stops there), as on every backend."""
+    from reptile_fast import NonFiniteError
+
+    T, iterations = 2, 12
+    gen = torch.Generator().manual_seed(13)
+    pool = Sine().sample(iterations * T, generator=gen)
+    plans = sample_indices(iterations * T, 5, 50, 10, generator=gen).view(iterations, T, 5, 10)
+    y = pool.y.clone()
+    y[6 * T + 1] *= 1e30  # a task of meta-step 7: its inner loss overflows to inf
+    poisoned = TaskBatch(pool.x, y)
+    clean = _trainer()
+    clean.fit(Replay(pool), 6, meta_batch_size=T, progress=False, sampler=PlanSampler(Replay(pool), plans))
+    trainer = _trainer()
+    with pytest.raises(NonFiniteError, match="meta-step 7") as info:
+        trainer.fit(Replay(poisoned), iterations, meta_batch_size=T, progress=False,
+                    sampler=PlanSampler(Replay(poisoned), plans))
+    assert trainer.last_fit_stats["stepper"] == "compiled"
+    assert info.value.iteration == 7 and trainer.iteration == 6
+    for a, b in zip(trainer.model.parameters(), clean.model.parameters()):
+        assert torch.equal(a, b)
