@@ -54,10 +54,18 @@ class StreamSampler(Sampler):
         self.generator, self.device, self.check = generator, device, check
         self.checked = check is not None  # plans from sample_indices: in range by construction
 
-    def draw(self, first_iteration: int, m: int):
-        tasks = self.dist.sample(m * self.T, generator=self.generator, device=self.device)
+    def _sample(self, n: int):
+        tasks = self.dist.sample(n, generator=self.generator, device=self.device)
         if self.check is not None:
             self.check(tasks)
+        if isinstance(tasks, TaskBatch) and tasks.n_tasks != n:
+            # the plans have n rows: more tasks would be dropped silently, fewer fail deep inside
+            raise ValueError(f"task_distribution.sample({n}, ...) returned {tasks.n_tasks} tasks; "
+                             f"it must return exactly {n}")
+        return tasks
+
+    def draw(self, first_iteration: int, m: int):
+        tasks = self._sample(m * self.T)
         plans = sample_indices(m * self.T, self.rows, tasks.n_points, self.batch,
                                generator=self.generator, device=self.device)
         return tasks, plans
@@ -80,9 +88,7 @@ class PlanSampler(StreamSampler):
         self._range: Optional[tuple] = None
 
     def draw(self, first_iteration: int, m: int):
-        tasks = self.dist.sample(m * self.T, generator=self.generator, device=self.device)
-        if self.check is not None:
-            self.check(tasks)
+        tasks = self._sample(m * self.T)
         if self._range is None:  # one read; the indices tensor is the caller's and fixed
             self._range = tuple(int(v) for v in torch.stack([self.indices.min(), self.indices.max()]).tolist())
         lo, hi = self._range

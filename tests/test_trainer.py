@@ -240,3 +240,21 @@ def test_auto_never_picks_a_backend_that_declines_the_device(monkeypatch):
     monkeypatch.setattr(ReferenceBackend, "auto_candidate", lambda self, device: False)
     trainer = Reptile(MLP(), backend="auto")
     assert trainer.backend.name != "reference"
+
+
+class _OneTooMany:
+    """A task distribution that hands out one task more than asked for."""
+
+    def sample(self, n, *, generator=None, device=None):
+        return Sine().sample(n + 1, generator=generator, device=device)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "compiled"])
+def test_fit_refuses_a_distribution_returning_the_wrong_number_of_tasks(backend):
+    """sample(n) must return n tasks: the reference and compiled paths silently trained on the
+    wrong tasks (the plan had n rows), the torch backend complained about indices nobody passed."""
+    torch.manual_seed(0)
+    trainer = Reptile(MLP(1, 8, 1), backend=backend)
+    with pytest.raises(ValueError, match=r"sample\([24], \.\.\.\) returned [35] tasks"):
+        trainer.fit(_OneTooMany(), 2, meta_batch_size=2, progress=False)
+    assert trainer.iteration == 0
