@@ -113,19 +113,46 @@ class Reptile:
         self._eager = EagerStepper(self.backend, model, self.config, outer_optimizer)
         # a backend that fuses the outer update too (triton with {"fused": True}) brings its own
         # stepper; asked for by the environment only (a preference), it gives way where it cannot run
-        self._fused = None
-        if getattr(self.backend, "fused", False):
-            try:
-                self._fused = self.backend.make_stepper(model, self.config, outer_optimizer)
-            except UnsupportedModelError:
-                if getattr(self.backend, "fused_explicit", True):
-                    raise
+        self._make_fused()
         self._compiled: Dict[tuple, CompiledStepper] = {}
+        self._structure = self._structure_key()
         self.iteration = 0
         self.total_iterations: Optional[int] = None
         self.last_fit_stats: Optional[dict] = None
 
     # ------------------------------------------------------------------ steppers
+    def _make_fused(self) -> None:
+        self._fused = None
+        if getattr(self.backend, "fused", False):
+            try:
+                self._fused = self.backend.make_stepper(self.model, self.config, self.outer_optimizer)
+            except UnsupportedModelError:
+                if getattr(self.backend, "fused_explicit", True):
+                    raise
+
+    def _structure_key(self) -> tuple:
+        return tuple(map(id, self.model.modules())), tuple(map(id, self.model.parameters()))
+
+    def _check_structure(self) -> None:
+        """Follow a layer swapped in the model since the steppers were built (an activation: the
+        compiled and fused programs are rebuilt for it); refuse replaced parameters, which the
+        outer update (and an outer optimizer) would not see.  No device read unless it changed."""
+        key = self._structure_key()
+        if key == self._structure:
+            return
+        if key[1] != self._structure[1]:
+            raise ValueError("the model's parameters were replaced after Reptile(...) was built (a layer "
+                             "with parameters swapped in, or a parameter reassigned): the outer update "
+                             "would not reach them; build a new Reptile (and outer optimizer) for the "
+                             "changed model")
+        self.check_finite()  # report a pending non-finite step of the old steppers first
+        if self.compiled_options is not None:
+            check_compiled_supported(self.model, self.config, self.device, self.outer_optimizer)
+        self._compiled = {}
+        self._make_fused()
+        self.checker = InputChecker(self.model, self.loss, self.device, self.dtype)
+        self._structure = key
+
     def plan_rows(self, steps: int) -> int:
         """Rows of a minibatch plan for ``steps`` inner steps (FOMAML adds its meta-gradient's batch)."""
         return steps + 1 if self.config.algorithm == "fomaml" else steps
@@ -181,6 +208,7 @@ class Reptile:
         a task shape has been seen: a non-finite step is skipped on the device and reported by
         ``check_finite`` (``fit`` does it at its reads).
         """
+        self._check_structure()
         self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
         rows = self.plan_rows(self.inner_steps)
         if indices is None:
@@ -236,6 +264,7 @@ class Reptile:
         from .compiled_step import single_thread
         from .signals import DeferredSignals
 
+        self._check_structure()
         if sampler is None and (not hasattr(task_distribution, "sample") or not callable(task_distribution.sample)):
             raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
         check_int("iterations", iterations)

@@ -258,3 +258,43 @@ def test_fit_refuses_a_distribution_returning_the_wrong_number_of_tasks(backend)
     with pytest.raises(ValueError, match=r"sample\([24], \.\.\.\) returned [35] tasks"):
         trainer.fit(_OneTooMany(), 2, meta_batch_size=2, progress=False)
     assert trainer.iteration == 0
+
+
+_SWAP_BACKENDS = [("reference", None), ("torch", None), ("compiled", None), ("triton", None),
+                  ("triton", {"kernel": "v2", "fused": True})]
+
+
+@pytest.mark.parametrize("backend, options", _SWAP_BACKENDS, ids=["reference", "torch", "compiled", "triton",
+                                                                  "triton-fused"])
+def test_an_activation_swapped_after_construction_is_honoured(backend, options):
+    """``model.network[1] = nn.ReLU()`` between meta-steps: every backend then trains the changed
+    model (the compiled program and the fused stepper were built for the old activation once and
+    kept running it, silently)."""
+    g = torch.Generator().manual_seed(0)
+    tasks, plan = Sine().sample(2, generator=g), sample_indices(2, 5, 50, 10, generator=g)
+    torch.manual_seed(0)
+    model = MLP(1, 16, 1)
+    trainer = Reptile(model, backend=backend, backend_options=options)
+    trainer.meta_step(tasks, plan)
+    model.network[1] = nn.ReLU()
+    expected = copy.deepcopy(model)
+    Reptile(expected, backend="reference").meta_step(tasks, plan)
+    trainer.meta_step(tasks, plan)
+    trainer.check_finite()
+    for a, b in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "compiled"])
+def test_parameters_replaced_after_construction_are_refused(backend):
+    """A layer with parameters replaced after ``Reptile(...)``: the outer update held the old
+    Parameters and silently trained them instead; now a ValueError says to build a new trainer."""
+    torch.manual_seed(0)
+    model = MLP(1, 16, 1)
+    trainer = Reptile(model, backend=backend)
+    trainer.meta_step(Sine().sample(2))
+    model.network[0] = nn.Linear(1, 16)
+    with pytest.raises(ValueError, match="parameters were replaced"):
+        trainer.meta_step(Sine().sample(2))
+    with pytest.raises(ValueError, match="parameters were replaced"):
+        trainer.fit(Sine(), 5, progress=False)
