@@ -103,6 +103,13 @@ class Reptile:
                 raise TypeError(f"backend 'compiled' does not accept options {unknown}; it takes {COMPILED_OPTIONS}")
             check_compiled_supported(model, self.config, self.device, outer_optimizer)
             self.compiled_options = dict(backend_options or {})
+            if "chunk" in self.compiled_options:
+                check_int("chunk", self.compiled_options["chunk"])
+            if "mode" in self.compiled_options and self.compiled_options["mode"] is not None:
+                from .compiled_step import MODES
+
+                if self.compiled_options["mode"] not in MODES:
+                    raise ValueError(f"mode must be one of {MODES}, got {self.compiled_options['mode']!r}")
             backend, backend_options = "torch", None
         self.backend = resolve_backend(backend, model, self.device, self.config, backend_options)
         if hasattr(self.backend, "validate") and "validate" not in (backend_options or {}):

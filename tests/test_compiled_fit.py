@@ -132,6 +132,17 @@ def test_compiled_rejects_unsupported_model():
         Reptile(MLP(), backend="compiled", backend_options={"precision": "tf32"})
 
 
+@pytest.mark.parametrize("options, exc, words", [
+    ({"mode": "jit"}, ValueError, "mode must be one of"),
+    ({"chunk": 0}, ValueError, "chunk must be >= 1"),
+    ({"chunk": 2.5}, TypeError, "chunk must be an int"),
+])
+def test_compiled_options_are_checked_at_construction(options, exc, words):
+    """A bad mode was accepted until fit; chunk=0 was reported as 'n_tasks must be >= 1'."""
+    with pytest.raises(exc, match=words):
+        Reptile(MLP(1, 8, 1), backend="compiled", backend_options=options)
+
+
 def test_cli_seed_setting_runs_compiled(tmp_path):
     out = tmp_path / "run"
     assert main(["sine", "--iterations", "30", "--hidden-dim", "16", "--eval-tasks", "3",
