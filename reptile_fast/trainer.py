@@ -138,12 +138,17 @@ class Reptile:
                     raise
 
     def _structure_key(self) -> tuple:
-        return tuple(map(id, self.model.modules())), tuple(map(id, self.model.parameters()))
+        """``(modules and their hooks, parameters)`` by identity: what the steppers were built for."""
+        modules = tuple((id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+                         tuple(getattr(m, "_backward_hooks", None) or ()),
+                         tuple(getattr(m, "_backward_pre_hooks", None) or ())) for m in self.model.modules())
+        return modules, tuple(map(id, self.model.parameters()))
 
     def _check_structure(self) -> None:
         """Follow a layer swapped in the model since the steppers were built (an activation: the
-        compiled and fused programs are rebuilt for it); refuse replaced parameters, which the
-        outer update (and an outer optimizer) would not see.  No device read unless it changed."""
+        compiled and fused programs are rebuilt for it, or refuse a hook they cannot run); refuse
+        replaced parameters, which the outer update (and an outer optimizer) would not see.  No
+        device read unless it changed."""
         key = self._structure_key()
         if key == self._structure:
             return

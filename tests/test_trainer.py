@@ -298,3 +298,22 @@ def test_parameters_replaced_after_construction_are_refused(backend):
         trainer.meta_step(Sine().sample(2))
     with pytest.raises(ValueError, match="parameters were replaced"):
         trainer.fit(Sine(), 5, progress=False)
+
+
+@pytest.mark.parametrize("backend, options", [("compiled", None), ("triton", {"kernel": "v2", "fused": True})],
+                         ids=["compiled", "triton-fused"])
+def test_a_hook_added_after_construction_is_not_skipped(backend, options):
+    """A forward hook registered after the compiled / fused stepper was built was silently skipped
+    (the hand-written programs do not run hooks); now it is refused, as at construction, and the
+    stepper runs again once the hook is removed."""
+    torch.manual_seed(0)
+    model = MLP(1, 16, 1)
+    trainer = Reptile(model, backend=backend, backend_options=options)
+    tasks = Sine().sample(2)
+    trainer.meta_step(tasks)
+    handle = model.network[0].register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(UnsupportedModelError, match="hooks"):
+        trainer.meta_step(tasks)
+    handle.remove()
+    trainer.meta_step(tasks)
+    assert trainer.iteration == 2
