@@ -142,7 +142,8 @@ class Reptile:
         modules = tuple((id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
                          tuple(getattr(m, "_backward_hooks", None) or ()),
                          tuple(getattr(m, "_backward_pre_hooks", None) or ())) for m in self.model.modules())
-        return modules, tuple(map(id, self.model.parameters()))
+        params = list(self.model.parameters())
+        return modules, tuple(map(id, params)), tuple((p.dtype, p.device) for p in params)
 
     def _check_structure(self) -> None:
         """Follow a layer swapped in the model since the steppers were built (an activation: the
@@ -157,6 +158,11 @@ class Reptile:
                              "with parameters swapped in, or a parameter reassigned): the outer update "
                              "would not reach them; build a new Reptile (and outer optimizer) for the "
                              "changed model")
+        if key[2] != self._structure[2]:
+            was, now = next((a, b) for a, b in zip(self._structure[2], key[2]) if a != b)
+            raise ValueError(f"the model was moved or cast after Reptile(...) was built (from {was[0]} on {was[1]} "
+                             f"to {now[0]} on {now[1]}): the trainer's checks and programs are for the old "
+                             f"one; build a new Reptile for the moved model")
         self.check_finite()  # report a pending non-finite step of the old steppers first
         if self.compiled_options is not None:
             check_compiled_supported(self.model, self.config, self.device, self.outer_optimizer)
@@ -230,7 +236,8 @@ class Reptile:
             self.checker.indices(indices, tasks, rows)
         eps = self.outer_lr_at(self.iteration) if outer_lr is None else check_float("outer_lr", outer_lr)
         # a user's plan may use another minibatch size than inner_batch_size, as on every backend
-        loss = self.stepper(tasks.n_tasks, chunk=1, batch=indices.shape[2]).run(tasks, indices, [eps], self.iteration + 1)[0]
+        stepper = self.stepper(tasks.n_tasks, chunk=1, batch=indices.shape[2])
+        loss = stepper.run(tasks, indices, [eps], self.iteration + 1)[0]
         self.iteration += 1
         return {"loss": loss, "outer_lr": eps, "iteration": self.iteration}
 

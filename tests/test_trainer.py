@@ -317,3 +317,19 @@ def test_a_hook_added_after_construction_is_not_skipped(backend, options):
     handle.remove()
     trainer.meta_step(tasks)
     assert trainer.iteration == 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "compiled"])
+def test_a_model_cast_after_construction_is_refused_clearly(backend):
+    """``model.double()`` after ``Reptile(...)``: the checks kept the old dtype (fp64 tasks were
+    refused as not float32, fp32 tasks failed inside torch, the compiled path ran its float32
+    program into float64 parameters); now one ValueError says what changed."""
+    torch.manual_seed(0)
+    model = MLP(1, 8, 1)
+    trainer = Reptile(model, backend=backend)
+    tasks = Sine().sample(2)
+    trainer.meta_step(tasks)
+    model.double()
+    for batch in (tasks, tasks.to(dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"torch.float32 on cpu to torch.float64 on cpu"):
+            trainer.meta_step(batch)
