@@ -138,12 +138,16 @@ class Reptile:
                     raise
 
     def _structure_key(self) -> tuple:
-        """``(modules and their hooks, parameters)`` by identity: what the steppers were built for."""
-        modules = tuple((id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
-                         tuple(getattr(m, "_backward_hooks", None) or ()),
-                         tuple(getattr(m, "_backward_pre_hooks", None) or ())) for m in self.model.modules())
-        params = list(self.model.parameters())
-        return modules, tuple(map(id, params)), tuple((p.dtype, p.device) for p in params)
+        """``(modules and their hooks, parameters, their dtypes and devices)`` by identity: what the
+        steppers were built for.  About 10 µs for an MLP (per ``meta_step`` and per ``fit``)."""
+        modules, hooks = list(self.model.modules()), []
+        for m in modules:
+            hooks.append(id(m))
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                hooks.append((tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks),
+                              tuple(m._backward_pre_hooks)))
+        params = [p for m in modules for p in m._parameters.values() if p is not None]
+        return tuple(hooks), tuple(map(id, params)), tuple((p.dtype, p.device) for p in params)
 
     def _check_structure(self) -> None:
         """Follow a layer swapped in the model since the steppers were built (an activation: the
