@@ -1,4 +1,5 @@
 """The Reptile trainer: outer update, schedule, fit/adapt/evaluate, and clear errors for bad input."""
+import contextlib
 import copy
 import math
 
@@ -333,3 +334,24 @@ def test_a_model_cast_after_construction_is_refused_clearly(backend):
     for batch in (tasks, tasks.to(dtype=torch.float64)):
         with pytest.raises(ValueError, match=r"torch.float32 on cpu to torch.float64 on cpu"):
             trainer.meta_step(batch)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+@pytest.mark.parametrize("backend, options", [("reference", None), ("torch", None), ("torch", {"fast_mlp": False})],
+                         ids=["reference", "torch", "torch-vmap"])
+def test_meta_step_and_evaluate_under_no_grad(backend, options, context):
+    """``with torch.no_grad(): trainer.evaluate(...)`` is a common pattern: backend reference
+    failed there ("element 0 of tensors does not require grad"), the others ran; all give the
+    numbers they give outside it."""
+    g = torch.Generator().manual_seed(0)
+    tasks, plan = Sine().sample(2, generator=g), sample_indices(2, 5, 50, 10, generator=g)
+    results = []
+    for ctx in (contextlib.nullcontext, context):
+        torch.manual_seed(0)
+        trainer = Reptile(MLP(1, 8, 1), backend=backend, backend_options=options)
+        with ctx():
+            trainer.meta_step(tasks, plan)
+            post = trainer.evaluate(tasks, 3, plan[:, :3])
+        results.append([p.detach().clone() for p in trainer.model.parameters()] + [post.clone()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
