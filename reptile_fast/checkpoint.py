@@ -305,6 +305,11 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
         "info": {"torch": str(torch.__version__), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
     _check_loadable(state, "checkpoint")
+    # never replace the last good checkpoint with one that loading would refuse
+    for name, value in state["trainer"]["model"].items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"model entry {name} holds NaN or inf values: not writing a checkpoint from it "
+                             f"(the previous one in {directory} is kept)")
     path = directory / CHECKPOINT_NAME
     if path.exists():
         # Keep the previous checkpoint under its own name before the new one replaces it; the

@@ -79,12 +79,16 @@ class InputChecker:
             was_training = self.model.training
             try:
                 self.model.eval()
-                return self.model(tasks.x[0, :2])
+                out = self.model(tasks.x[0, :2])
             except Exception as exc:  # noqa: BLE001 - re-raised with the shapes that caused it
                 raise ValueError(f"the model cannot take task inputs of shape {tuple(tasks.x.shape[2:])} "
                                  f"per point: {exc}") from exc
             finally:
                 self.model.train(was_training)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the model must return a tensor (predictions [batch, ...]) for the loss, got "
+                            f"{type(out).__name__}")
+        return out
 
     def _check_callable_loss(self, out: torch.Tensor, tasks: TaskBatch) -> None:
         """A callable loss must give one floating-point number per minibatch."""

@@ -27,8 +27,9 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
+from .backends.base import functional_call
 from .tasks.base import sample_indices
 from .tasks.episodes import Episodes
 from .validation import check_int

@@ -137,6 +137,7 @@ def _plot_curves(losses: List[float], validation: List[dict], path) -> None:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from .plots import save_figure
 
     fig = Figure(figsize=(9.6, 4.2))
     FigureCanvasAgg(fig)
@@ -160,7 +161,7 @@ def _plot_curves(losses: List[float], validation: List[dict], path) -> None:
     ax2.set_xlabel("meta-step")
     ax2.set_ylabel("validation accuracy (%), held-out alphabets")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def run_omniglot(config: OmniglotConfig, out: os.PathLike, *, progress: bool = True,

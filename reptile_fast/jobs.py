@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .backends import UnsupportedModelError
+from .backends.base import functional_call
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory)
 from .models import MLP
@@ -235,7 +236,7 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
     with torch.no_grad():
         xg = demo.x[0]
         before = model(xg)
-        after = torch.func.functional_call(model, {k: v[0] for k, v in adapted.items()}, (xg,))
+        after = functional_call(model, {k: v[0] for k, v in adapted.items()}, (xg,))
     plot_before_after(xg.squeeze(-1).cpu(), before.squeeze(-1).cpu(), after.squeeze(-1).cpu(),
                       demo.y[0].squeeze(-1).cpu(), out / "figure.png",
                       title=f"Reptile on a held-out sine task ({config.iterations} meta-steps)")

@@ -65,7 +65,12 @@ class StreamSampler(Sampler):
         self.checked = check is not None  # plans from sample_indices: in range by construction
 
     def _sample(self, n: int) -> TaskBatch:
-        return self.dist.sample(n, generator=self.generator, device=self.device)
+        tasks = self.dist.sample(n, generator=self.generator, device=self.device)
+        if isinstance(tasks, TaskBatch) and tasks.n_tasks != n:
+            # the plans have n rows: more tasks would be dropped silently, fewer fail deep inside
+            raise ValueError(f"task_distribution.sample({n}, ...) returned {tasks.n_tasks} tasks; "
+                             f"it must return exactly {n}")
+        return tasks
 
     def _plans(self, n: int, n_points: int) -> torch.Tensor:
         return sample_indices(n, self.rows, n_points, self.batch, generator=self.generator, device=self.device)
@@ -79,10 +84,10 @@ class StreamSampler(Sampler):
         parts = []
         for _ in range(m):
             tasks = self._sample(self.T)
+            if self.check is not None:
+                self.check(tasks)
             parts.append((tasks, self._plans(self.T, tasks.n_points)))
         tasks, plans = concat_draws(parts)
-        if self.check is not None:
-            self.check(tasks)
         return tasks, plans
 
 
@@ -106,8 +111,12 @@ class PlanSampler(StreamSampler):
         if m == 1 or self.draw_chunks:
             tasks = self._sample(m * self.T)
         else:  # as m single meta-steps draw them
-            tasks = concat_draws([(self._sample(self.T), None) for _ in range(m)])[0]
-        if self.check is not None:
+            tasks = [self._sample(self.T) for _ in range(m)]
+            if self.check is not None:
+                for t in tasks:
+                    self.check(t)
+            tasks = concat_draws([(t, None) for t in tasks])[0]
+        if self.check is not None and (m == 1 or self.draw_chunks):
             self.check(tasks)
         if self._range is None:  # one read; the indices tensor is the caller's and fixed
             self._range = tuple(int(v) for v in torch.stack([self.indices.min(), self.indices.max()]).tolist())
@@ -272,7 +281,14 @@ class TrainingLoop:
                 first = self.iteration + 1
                 tasks, plans = self.sampler.draw(first, m)
                 eps = [self.outer_lr_at(self.iteration + k) for k in range(m)]
-                losses = self.stepper.run(tasks, plans, eps, first)
+                try:
+                    losses = self.stepper.run(tasks, plans, eps, first)
+                except FloatingPointError as exc:  # NonFiniteError from a stepper that checks at once
+                    bad = getattr(exc, "iteration", None)
+                    if bad is not None:  # φ is as after the meta-step before the first bad one
+                        self.iteration = self.state.iteration = bad - 1
+                    self._pending, self._pending_eps = [], []
+                    raise
                 self._pending.append(losses)
                 self._pending_eps.extend(eps)
                 self.iteration = self.state.iteration = self.iteration + m

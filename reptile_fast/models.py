@@ -63,8 +63,10 @@ class OmniglotConvNet(nn.Module):
     def __init__(self, n_classes: int = 5, in_channels: int = 1, channels: int = 64,
                  image_size: int = 28, n_blocks: int = 4):
         super().__init__()
-        if n_classes < 1 or in_channels < 1 or channels < 1 or image_size < 1 or n_blocks < 1:
-            raise ValueError("OmniglotConvNet sizes must be positive")
+        for name, v in (("n_classes", n_classes), ("in_channels", in_channels), ("channels", channels),
+                        ("image_size", image_size), ("n_blocks", n_blocks)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"OmniglotConvNet {name} must be a positive int, got {v!r}")
         blocks: list[nn.Module] = []
         c, s = in_channels, image_size
         for _ in range(n_blocks):

@@ -8,7 +8,19 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_before_after", "plot_learning_curve"]
+__all__ = ["plot_before_after", "plot_learning_curve", "save_figure"]
+
+
+def save_figure(fig: Figure, path) -> Path:
+    """Render ``fig`` as PNG in memory, then write it atomically (temporary file, fsync, rename),
+    like every other output: a crash never leaves a truncated figure."""
+    import io
+
+    from .checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_before_after(x, before, after, true, path, title: str = "") -> Path:
@@ -22,7 +34,7 @@ def plot_before_after(x, before, after, true, path, title: str = "") -> Path:
     ax.legend(fontsize=11)
     if title:
         ax.set_title(title)
-    fig.savefig(path)
+    save_figure(fig, path)
     return Path(path)
 
 
@@ -62,5 +74,5 @@ def plot_learning_curve(losses: Sequence[float], path, window: int = 100,
     if len(y) and np.all(y > 0):
         ax.set_yscale("log")
     ax.legend()
-    fig.savefig(path)
+    save_figure(fig, path)
     return Path(path)

@@ -10,8 +10,8 @@ The training loop (``reptile_fast.loop``) draws ``m`` meta-steps' tasks and plan
 * ``CompiledStepper``: the whole meta-step of a plain MLP on the CPU — every task's SGD inner
   loop and the interpolation update — as one compiled program over a chunk of meta-steps
   (``reptile_fast.compiled_step.MetaStepProgram``).  It checks finiteness once per chunk (a CPU
-  program: there is no device queue to drain) and raises ``NonFiniteError`` with φ as before the
-  chunk.
+  program: there is no device queue to drain) and raises ``NonFiniteError`` naming the first bad
+  meta-step, with φ as after the one before it.
 """
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ class CompiledStepper(Stepper):
         from .compiled_step import DEFAULT_MODE, get_program
 
         spec = check_compiled_supported(model, config, next(model.parameters()).device)
-        self.model, self.n_tasks, self.chunk = model, n_tasks, chunk
+        self.model, self.n_tasks, self.chunk, self.batch = model, n_tasks, chunk, batch
         self.dtype = next(model.parameters()).dtype
         names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
         self.live = [model.get_parameter(n) for n in names]
@@ -193,20 +193,44 @@ class CompiledStepper(Stepper):
         return self.program.fallback_reason
 
     def run(self, tasks, plans, eps, first_iteration):
+        if plans.shape[2] != self.batch:
+            # the program's shapes are fixed when it is built: say so instead of failing inside it
+            raise ValueError(f"the plans hold minibatches of {plans.shape[2]} points but this compiled "
+                             f"meta-step was built for inner_batch_size={self.batch}")
         self.prepare()
         m = len(eps)
         xs, ys = gather_chunk(tasks, plans, self.n_tasks)
-        new, losses = self.program(self.live, xs, ys, torch.tensor(list(eps), dtype=self.dtype))
-        # One read per chunk (a CPU program): a non-finite chunk leaves φ as before it.
-        finite = torch.isfinite(losses).all()
-        for p in new:
-            finite = finite & torch.isfinite(p).all()
-        if not bool(finite):
-            last = first_iteration + m - 1
-            raise NonFiniteError(
-                f"meta-steps {first_iteration}–{last}: non-finite inner loss or update (NaN/inf); the "
-                f"parameters were left as they were after meta-step {first_iteration - 1}. Lower "
-                f"inner_lr/outer_lr or check the data.", iteration=first_iteration)
+        eps_t = torch.tensor(list(eps), dtype=self.dtype)
+        new, losses = self.program(self.live, xs, ys, eps_t)
+        # One read per chunk (a CPU program).
+        if not self._finite(new, losses):
+            self._raise_first_bad(xs, ys, eps_t, losses, first_iteration)
         with torch.no_grad():
             torch._foreach_copy_(self.live, new)
         return losses.mean(dim=(1, 2))
+
+    @staticmethod
+    def _finite(params, losses) -> bool:
+        finite = torch.isfinite(losses).all()
+        for p in params:
+            finite = finite & torch.isfinite(p).all()
+        return bool(finite)
+
+    def _raise_first_bad(self, xs, ys, eps_t, losses, first_iteration: int):
+        """Find the chunk's first non-finite meta-step, leave φ as after the one before it (the
+        good prefix run again: the same program on the same draws gives the same bits) and raise
+        ``NonFiniteError`` naming it, as the eager steppers do."""
+        per_step = torch.isfinite(losses.reshape(losses.shape[0], -1)).all(dim=1)
+        bad = int((~per_step).nonzero()[0]) if not bool(per_step.all()) else losses.shape[0] - 1
+        while bad > 0:  # a finite loss may still be followed by a non-finite update: step back
+            good, good_losses = self.program(self.live, xs[:bad], ys[:bad], eps_t[:bad])
+            if self._finite(good, good_losses):
+                with torch.no_grad():
+                    torch._foreach_copy_(self.live, good)
+                break
+            bad -= 1
+        it = first_iteration + bad
+        raise NonFiniteError(
+            f"meta-step {it}: non-finite inner loss or update (NaN/inf); the parameters were left as "
+            f"they were after meta-step {it - 1} and no later meta-step was applied. Lower "
+            f"inner_lr/outer_lr or check the data.", iteration=it)

@@ -425,3 +425,47 @@ def test_fast_path_follows_model_changes_and_hooks():
                         get_backend("reference").inner_loop(model, tasks, idx, config).params)
     handle.remove()
     assert backend.uses_fast_path(model, tasks, config)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_tasks_that_require_grad_give_the_same_numbers(fast):
+    """Data that requires grad (e.g. from a user's pipeline) is data: both paths train and
+    evaluate on it as on its detached copy (the reference does), instead of failing inside an
+    ``out=`` op of the hand-written backward."""
+    torch.manual_seed(23)
+    tasks = regression_tasks(3, 2, 1, 20)
+    grad_tasks = TaskBatch(tasks.x.clone().requires_grad_(), tasks.y.clone().requires_grad_())
+    idx = plans(3, 1, 4, 20, 5)[0]
+    config = InnerConfig(lr=0.1)
+    backend = TorchBackend(fast_mlp=fast)
+    model = MLP(2, 16, 1)
+    expected = get_backend("reference").inner_loop(model, tasks, idx, config)
+    got = backend.inner_loop(model, grad_tasks, idx, config)
+    assert_params_close(got.params, expected.params)
+    torch.testing.assert_close(backend.evaluate(model, got.params, grad_tasks, config),
+                               backend.evaluate(model, got.params, tasks, config), rtol=0, atol=0)
+
+
+def test_module_used_twice_keeps_its_parameters():
+    """A layer applied twice (one module at two paths of a Sequential, weights shared): torch's
+    functional_call swaps its tensors twice and restored the second swap's, leaving the model
+    holding a task's tensor instead of its Parameter (an escaped vmap tensor after the torch
+    backend, a plain tensor after the reference backend's evaluate).  Both backends now leave the
+    model's Parameters in place, and agree with each other."""
+    torch.manual_seed(24)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(8, 1))
+    before = list(model.parameters())
+    tasks, idx = regression_tasks(2, n_points=20), plans(2, 1, 3, 20, 5)[0]
+    results = {}
+    for name in ("reference", "torch"):
+        m = copy.deepcopy(model)
+        params = list(m.parameters())
+        trainer = Reptile(m, backend=name, inner_steps=3, inner_batch_size=5)
+        trainer.meta_step(tasks, idx)
+        results[name] = (trainer.evaluate(tasks, 3, idx), [p.detach().clone() for p in m.parameters()])
+        assert all(a is b for a, b in zip(m.parameters(), params)) and len(list(m.parameters())) == len(before)
+        assert all(isinstance(m[k].weight, nn.Parameter) for k in (0, 2, 4, 6))
+    torch.testing.assert_close(results["torch"][0], results["reference"][0], rtol=RTOL, atol=ATOL)
+    for a, b in zip(results["torch"][1], results["reference"][1]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)

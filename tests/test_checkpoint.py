@@ -110,6 +110,19 @@ def test_unloadable_extra_is_refused_before_writing(tmp_path):
     assert not (tmp_path / CHECKPOINT_NAME).exists()
 
 
+def test_parameters_holding_nan_are_never_written(tmp_path):
+    """The README: a checkpoint is never written from parameters holding NaN/inf (load refuses
+    them anyway, so such a file could only replace the last good one)."""
+    trainer, gen = trained(1)
+    save_checkpoint(tmp_path, trainer, generator=gen)
+    good = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with torch.no_grad():
+        trainer.model.network[2].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"network\.2\.weight.*NaN or inf"):
+        save_checkpoint(tmp_path, trainer, generator=gen)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == good
+
+
 def test_rng_states_round_trip():
     gen = torch.Generator().manual_seed(5)
     torch.rand(3, generator=gen)

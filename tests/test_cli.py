@@ -96,3 +96,20 @@ def test_resume_extends_a_run_exactly(tmp_path):
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_every_output_of_the_sine_job_is_written_atomically(tmp_path, monkeypatch):
+    """Every file the job writes lands through a rename of a finished temporary file (figures
+    included: a crash while matplotlib writes must not leave a truncated figure.png)."""
+    import os
+
+    renamed, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(os.path.basename(dst)),
+                                                          real_replace(src, dst))[1])
+    out = tmp_path / "run"
+    assert main(["sine", "--iterations", "4", "--backend", "torch", "--eval-tasks", "2", "--eval-steps", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    written = {p.name for p in out.iterdir()}
+    assert {"figure.png", "learning_curve.png", "model.pt", "metrics.json"} <= written
+    assert written <= set(renamed), sorted(written - set(renamed))
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -132,6 +132,17 @@ def test_compiled_rejects_unsupported_model():
         Reptile(MLP(), backend="compiled", backend_options={"precision": "tf32"})
 
 
+@pytest.mark.parametrize("options, exc, words", [
+    ({"mode": "jit"}, ValueError, "mode must be one of"),
+    ({"chunk": 0}, ValueError, "chunk must be >= 1"),
+    ({"chunk": 2.5}, TypeError, "chunk must be an int"),
+])
+def test_compiled_options_are_checked_at_construction(options, exc, words):
+    """A bad mode was accepted until fit; chunk=0 was reported as 'n_tasks must be >= 1'."""
+    with pytest.raises(exc, match=words):
+        Reptile(MLP(1, 8, 1), backend="compiled", backend_options=options)
+
+
 def test_cli_seed_setting_runs_compiled(tmp_path):
     out = tmp_path / "run"
     assert main(["sine", "--iterations", "30", "--hidden-dim", "16", "--eval-tasks", "3",
@@ -180,3 +191,45 @@ def test_draw_chunks_is_checked():
     plans = sample_indices(1, 5, 50, 10).reshape(1, 1, 5, 10)
     with pytest.raises(ValueError, match="draw_chunks"):
         t.fit(Sine(), 1, progress=False, draw_chunks=True, sampler=PlanSampler(Sine(), plans))
+def test_compiled_meta_step_takes_a_plan_of_another_batch_size():
+    """A user's plan may hold minibatches of another size than inner_batch_size (every backend
+    takes it): the compiled meta-step builds its program for the plan's size and matches the
+    reference; a sampler whose plans disagree with the built program gets a clear ValueError."""
+    g = torch.Generator().manual_seed(5)
+    tasks = Sine().sample(3, generator=g)
+    plans = [sample_indices(3, 5, 50, 7, generator=g) for _ in range(2)]
+    ref, got = _trainer("reference"), _trainer()
+    for plan in plans:
+        ref.meta_step(tasks, plan)
+        got.meta_step(tasks, plan)
+    for a, b in zip(got.model.parameters(), ref.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="inner_batch_size=10"):
+        _trainer().fit(Sine(), 2, meta_batch_size=3, progress=False,
+                       sampler=PlanSampler(Replay(Sine().sample(6, generator=g)),
+                                           sample_indices(6, 5, 50, 7, generator=g).view(2, 3, 5, 7)))
+
+
+def test_compiled_non_finite_names_the_first_bad_meta_step():
+    """A non-finite meta-step in the middle of a compiled chunk: NonFiniteError names it (not the
+    chunk's first meta-step), and φ and the trainer's iteration are exactly those after the
+    meta-step before it (bitwise those of a clean run that stops there), as on every backend."""
+    from reptile_fast import NonFiniteError
+
+    T, iterations = 2, 12
+    gen = torch.Generator().manual_seed(13)
+    pool = Sine().sample(iterations * T, generator=gen)
+    plans = sample_indices(iterations * T, 5, 50, 10, generator=gen).view(iterations, T, 5, 10)
+    y = pool.y.clone()
+    y[6 * T + 1] *= 1e30  # a task of meta-step 7: its inner loss overflows to inf
+    poisoned = TaskBatch(pool.x, y)
+    clean = _trainer()
+    clean.fit(Replay(pool), 6, meta_batch_size=T, progress=False, sampler=PlanSampler(Replay(pool), plans))
+    trainer = _trainer()
+    with pytest.raises(NonFiniteError, match="meta-step 7") as info:
+        trainer.fit(Replay(poisoned), iterations, meta_batch_size=T, progress=False,
+                    sampler=PlanSampler(Replay(poisoned), plans))
+    assert trainer.last_fit_stats["stepper"] == "compiled"
+    assert info.value.iteration == 7 and trainer.iteration == 6
+    for a, b in zip(trainer.model.parameters(), clean.model.parameters()):
+        assert torch.equal(a, b)

@@ -216,3 +216,13 @@ def test_a_model_with_more_outputs_predicts_among_the_tasks_classes():
     result = evaluate_episodes(trainer_for(wide), episodes(), steps=1, batch_size=3,
                                generator=torch.Generator().manual_seed(0))
     assert int(result.predictions.max()) < WAYS
+
+
+@pytest.mark.parametrize("kwargs, name", [({"n_classes": 2.5}, "n_classes"), ({"n_classes": True}, "n_classes"),
+                                          ({"channels": 0}, "channels"), ({"image_size": "28"}, "image_size"),
+                                          ({"n_blocks": 1.0}, "n_blocks")])
+def test_omniglot_convnet_names_a_bad_size(kwargs, name):
+    """Sizes that are not positive ints get a ValueError naming the argument (a float reached
+    torch's tensor constructor, a string failed on '<')."""
+    with pytest.raises(ValueError, match=f"OmniglotConvNet {name} must be a positive int"):
+        OmniglotConvNet(**kwargs)

@@ -107,3 +107,16 @@ def test_bad_input(data, tmp_path, capsys):
         OmniglotConfig(train=[], test="y")
     with pytest.raises(ValueError, match="inner_batch_size"):
         OmniglotConfig(train=["x"], test="y", inner_batch_size=51)
+
+
+def test_every_output_is_written_atomically(data, tmp_path, monkeypatch):
+    """The learning curve too lands through a rename of a finished temporary file."""
+    import os
+
+    renamed, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(os.path.basename(dst)),
+                                                          real_replace(src, dst))[1])
+    out = tmp_path / "run"
+    assert main(tiny_args(data, out)) == 0
+    written = {p.name for p in out.iterdir()}
+    assert "learning_curve.png" in written and written <= set(renamed), sorted(written - set(renamed))

@@ -240,3 +240,10 @@ def test_real_official_runs():
     assert episodes.support.x.shape == (20, 20, 1, 28, 28) and episodes.query.x.shape == (20, 20, 1, 28, 28)
     # every run's test items use each of its 20 classes exactly once
     assert torch.equal(episodes.query.y.sort(1).values, torch.arange(20).expand(20, 20))
+
+
+def test_excluding_every_alphabet_names_what_the_data_has(data):
+    """The error lists the data's alphabets (the kept set aliased them: it said "data has []")."""
+    with pytest.raises(ValueError, match=r"no characters left .*data has \['") as info:
+        Omniglot(data, ways=2, shots=1, exclude_alphabets=list(data.alphabets))
+    assert all(a in str(info.value) for a in data.alphabets)

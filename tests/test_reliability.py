@@ -424,3 +424,21 @@ def test_hooks_and_swapped_layers_leave_the_fused_paths():
         cached_mlp_spec(model)
     handle.remove()
     assert cached_mlp_spec(model).activations[0] == "relu"
+
+
+class _ReturnsTuple(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = MLP(1, 8, 1)
+
+    def forward(self, x):
+        return (self.mlp(x),)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_model_returning_a_non_tensor_is_named(backend):
+    """A model whose forward returns a tuple got "'tuple' object has no attribute 'shape'" from
+    the input check; it is a TypeError saying what the model must return."""
+    trainer = Reptile(_ReturnsTuple(), backend=backend)
+    with pytest.raises(TypeError, match="model must return a tensor .* got tuple"):
+        trainer.meta_step(Sine().sample(2))

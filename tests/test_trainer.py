@@ -1,4 +1,5 @@
 """The Reptile trainer: outer update, schedule, fit/adapt/evaluate, and clear errors for bad input."""
+import contextlib
 import copy
 import math
 
@@ -240,3 +241,117 @@ def test_auto_never_picks_a_backend_that_declines_the_device(monkeypatch):
     monkeypatch.setattr(ReferenceBackend, "auto_candidate", lambda self, device: False)
     trainer = Reptile(MLP(), backend="auto")
     assert trainer.backend.name != "reference"
+
+
+class _OneTooMany:
+    """A task distribution that hands out one task more than asked for."""
+
+    def sample(self, n, *, generator=None, device=None):
+        return Sine().sample(n + 1, generator=generator, device=device)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "compiled"])
+def test_fit_refuses_a_distribution_returning_the_wrong_number_of_tasks(backend):
+    """sample(n) must return n tasks: the reference and compiled paths silently trained on the
+    wrong tasks (the plan had n rows), the torch backend complained about indices nobody passed."""
+    torch.manual_seed(0)
+    trainer = Reptile(MLP(1, 8, 1), backend=backend)
+    with pytest.raises(ValueError, match=r"sample\([24], \.\.\.\) returned [35] tasks"):
+        trainer.fit(_OneTooMany(), 2, meta_batch_size=2, progress=False)
+    assert trainer.iteration == 0
+
+
+_SWAP_BACKENDS = [("reference", None), ("torch", None), ("compiled", None), ("triton", None),
+                  ("triton", {"kernel": "v2", "fused": True})]
+
+
+@pytest.mark.parametrize("backend, options", _SWAP_BACKENDS, ids=["reference", "torch", "compiled", "triton",
+                                                                  "triton-fused"])
+def test_an_activation_swapped_after_construction_is_honoured(backend, options):
+    """``model.network[1] = nn.ReLU()`` between meta-steps: every backend then trains the changed
+    model (the compiled program and the fused stepper were built for the old activation once and
+    kept running it, silently)."""
+    g = torch.Generator().manual_seed(0)
+    tasks, plan = Sine().sample(2, generator=g), sample_indices(2, 5, 50, 10, generator=g)
+    torch.manual_seed(0)
+    model = MLP(1, 16, 1)
+    trainer = Reptile(model, backend=backend, backend_options=options)
+    trainer.meta_step(tasks, plan)
+    model.network[1] = nn.ReLU()
+    expected = copy.deepcopy(model)
+    Reptile(expected, backend="reference").meta_step(tasks, plan)
+    trainer.meta_step(tasks, plan)
+    trainer.check_finite()
+    for a, b in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "compiled"])
+def test_parameters_replaced_after_construction_are_refused(backend):
+    """A layer with parameters replaced after ``Reptile(...)``: the outer update held the old
+    Parameters and silently trained them instead; now a ValueError says to build a new trainer."""
+    torch.manual_seed(0)
+    model = MLP(1, 16, 1)
+    trainer = Reptile(model, backend=backend)
+    trainer.meta_step(Sine().sample(2))
+    model.network[0] = nn.Linear(1, 16)
+    with pytest.raises(ValueError, match="parameters were replaced"):
+        trainer.meta_step(Sine().sample(2))
+    with pytest.raises(ValueError, match="parameters were replaced"):
+        trainer.fit(Sine(), 5, progress=False)
+
+
+@pytest.mark.parametrize("backend, options", [("compiled", None), ("triton", {"kernel": "v2", "fused": True})],
+                         ids=["compiled", "triton-fused"])
+def test_a_hook_added_after_construction_is_not_skipped(backend, options):
+    """A forward hook registered after the compiled / fused stepper was built was silently skipped
+    (the hand-written programs do not run hooks); now it is refused, as at construction, and the
+    stepper runs again once the hook is removed."""
+    torch.manual_seed(0)
+    model = MLP(1, 16, 1)
+    trainer = Reptile(model, backend=backend, backend_options=options)
+    tasks = Sine().sample(2)
+    trainer.meta_step(tasks)
+    handle = model.network[0].register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(UnsupportedModelError, match="hooks"):
+        trainer.meta_step(tasks)
+    handle.remove()
+    trainer.meta_step(tasks)
+    assert trainer.iteration == 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "compiled"])
+def test_a_model_cast_after_construction_is_refused_clearly(backend):
+    """``model.double()`` after ``Reptile(...)``: the checks kept the old dtype (fp64 tasks were
+    refused as not float32, fp32 tasks failed inside torch, the compiled path ran its float32
+    program into float64 parameters); now one ValueError says what changed."""
+    torch.manual_seed(0)
+    model = MLP(1, 8, 1)
+    trainer = Reptile(model, backend=backend)
+    tasks = Sine().sample(2)
+    trainer.meta_step(tasks)
+    model.double()
+    for batch in (tasks, tasks.to(dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"torch.float32 on cpu to torch.float64 on cpu"):
+            trainer.meta_step(batch)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+@pytest.mark.parametrize("backend, options", [("reference", None), ("torch", None), ("torch", {"fast_mlp": False})],
+                         ids=["reference", "torch", "torch-vmap"])
+def test_meta_step_and_evaluate_under_no_grad(backend, options, context):
+    """``with torch.no_grad(): trainer.evaluate(...)`` is a common pattern: backend reference
+    failed there ("element 0 of tensors does not require grad"), the others ran; all give the
+    numbers they give outside it."""
+    g = torch.Generator().manual_seed(0)
+    tasks, plan = Sine().sample(2, generator=g), sample_indices(2, 5, 50, 10, generator=g)
+    results = []
+    for ctx in (contextlib.nullcontext, context):
+        torch.manual_seed(0)
+        trainer = Reptile(MLP(1, 8, 1), backend=backend, backend_options=options)
+        with ctx():
+            trainer.meta_step(tasks, plan)
+            post = trainer.evaluate(tasks, 3, plan[:, :3])
+        results.append([p.detach().clone() for p in trainer.model.parameters()] + [post.clone()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -14,7 +14,24 @@ import torch.nn as nn
 
 from ..tasks.base import TaskBatch
 
-__all__ = ["InnerConfig", "InnerResult", "Backend", "UnsupportedModelError"]
+__all__ = ["InnerConfig", "InnerResult", "Backend", "UnsupportedModelError", "functional_call"]
+
+
+def functional_call(model: nn.Module, tensors, args: tuple):
+    """``torch.func.functional_call(model, tensors, args)`` that always gives the model its own
+    tensors back.
+
+    torch swaps a module's tensors once per *path*: a module registered at two paths (one layer
+    applied twice, ``nn.Sequential(l, act, l)``) is swapped twice and left holding the call's
+    tensors afterwards (torch 2.14).  Every module's parameter and buffer slots are put back here.
+    """
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        return torch.func.functional_call(model, tensors, args)
+    finally:
+        for m, params, buffers in saved:
+            m._parameters.update(params)
+            m._buffers.update(buffers)
 
 
 class UnsupportedModelError(ValueError):
@@ -111,6 +128,6 @@ class Backend:
             for i in range(tasks.n_tasks):
                 p_i = {k: v[i] for k, v in params.items()}
                 b_i = {k: v.clone() for k, v in buffers.items()}
-                pred = torch.func.functional_call(model, {**p_i, **b_i}, (tasks.x[i],))
+                pred = functional_call(model, {**p_i, **b_i}, (tasks.x[i],))
                 out.append(loss_fn(pred, tasks.y[i]).reshape(()))
         return torch.stack(out)

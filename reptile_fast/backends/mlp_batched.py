@@ -71,6 +71,9 @@ def gather_minibatches(x: torch.Tensor, y: torch.Tensor,
     Returns:
         ``xs [R, T, B, *in_shape]`` and ``ys [R, T, B, *out_shape]`` (``[R, T, B]`` for labels).
     """
+    # Data is data: a task tensor that requires grad must not reach the hand-written backward's
+    # out= ops (autograd refuses them); nothing differentiates through the tasks.
+    x, y = x.detach(), y.detach()
     T = x.shape[0]
     rows = torch.arange(T, device=x.device).view(1, T, 1)
     plan = indices.transpose(0, 1)  # [R, T, B]

@@ -27,6 +27,12 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def inner_loop(self, model, tasks, indices, config: InnerConfig) -> InnerResult:
+        # The inner loop is training (autograd + torch.optim) even when the caller evaluates
+        # under torch.no_grad() / inference_mode(), as the batched backends' torch.func does.
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._inner_loop(model, tasks, indices, config)
+
+    def _inner_loop(self, model, tasks, indices, config: InnerConfig) -> InnerResult:
         loss_fn = resolve_loss(config.loss)
         T, R = indices.shape[0], indices.shape[1]
         steps = config.train_steps(R)

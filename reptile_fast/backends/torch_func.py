@@ -29,11 +29,11 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ..losses import loss_name, resolve_loss
 from ..tasks.base import TaskBatch
-from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError
+from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError, functional_call
 from .mlp_batched import (FAST_LOSSES, StackedMLP, default_task_block, gather_minibatches, mlp_forward,
                           mlp_inner_loop)
 

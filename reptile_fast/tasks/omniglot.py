@@ -177,7 +177,7 @@ class Omniglot:
             unknown = sorted(set(given) - present)
             if unknown and name == "alphabets":
                 raise ValueError(f"alphabets {unknown} are not in the data (it has {sorted(present)})")
-        keep = present if alphabets is None else set(alphabets)
+        keep = set(present) if alphabets is None else set(alphabets)
         keep -= set(exclude_alphabets)
         self.char_ids = torch.tensor([i for i, (a, _) in enumerate(data.characters) if a in keep],
                                      dtype=torch.long)
