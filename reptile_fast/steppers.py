@@ -29,10 +29,13 @@ from .mlp_spec import MLPSpec, cached_mlp_spec
 from .tasks.base import TaskBatch
 
 __all__ = ["Stepper", "EagerStepper", "CompiledStepper", "check_compiled_supported", "gather_chunk",
-           "DEFAULT_CHUNK"]
+           "DEFAULT_CHUNK", "CHUNK_MAX_TASKS"]
 
 #: meta-steps per compiled call (and per draw of tasks / minibatch plans) on the compiled path
 DEFAULT_CHUNK = 500
+#: at most this many tasks per chunk of the compiled stepper: a chunk's draws are held at once
+#: (a sine task with its plan keys: ~2.4 kB, so ~80 MB per chunk)
+CHUNK_MAX_TASKS = 32768
 
 
 class Stepper:

@@ -18,7 +18,7 @@ from .losses import resolve_loss
 from .loop import (DEFAULT_LOG_EVERY, Callback, CheckedDraws, FunctionCallback, HistoryCallback, ProgressCallback,
                    StreamSampler, TrainingLoop)
 from .signals import TrainingInterrupted
-from .steppers import DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_supported
+from .steppers import CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_supported
 from .tasks.base import TaskBatch, sample_indices
 from .trainer_state import load_trainer_state, trainer_hparams, trainer_state_dict
 from .validation import check_float, check_inner_options, check_int, check_meta_model
@@ -181,7 +181,8 @@ class Reptile:
 
     def stepper(self, n_tasks: int, *, chunk: Optional[int] = None, announce=None, batch: Optional[int] = None):
         """The stepper for meta-batches of ``n_tasks``: the compiled program (backend "compiled",
-        ``chunk`` meta-steps per call, minibatches of ``batch`` points, default ``inner_batch_size``),
+        ``chunk`` meta-steps per call — cut to its largest divisor that keeps a chunk within
+        ``CHUNK_MAX_TASKS`` tasks —, minibatches of ``batch`` points, default ``inner_batch_size``),
         the fused one (triton ``{"fused": True}``; with CUDA graphs its chunk is made a divisor of
         ``chunk``) or the eager one (the backend's inner loop)."""
         if self.compiled_options is None:
@@ -189,6 +190,8 @@ class Reptile:
             return self._fused.set_chunk(n_tasks, chunk) if self._fused is not None else self._eager
         opts = self.compiled_options
         chunk = chunk or opts.get("chunk", DEFAULT_CHUNK)
+        if chunk * n_tasks > CHUNK_MAX_TASKS:  # cut to a divisor: boundaries stay on chunk's multiples
+            chunk = next(d for d in range(max(1, CHUNK_MAX_TASKS // n_tasks), 0, -1) if chunk % d == 0)
         batch = batch or self.inner_batch_size
         key = (n_tasks, chunk, batch)
         if key not in self._compiled:

@@ -233,3 +233,15 @@ def test_compiled_non_finite_names_the_first_bad_meta_step():
     assert info.value.iteration == 7 and trainer.iteration == 6
     for a, b in zip(trainer.model.parameters(), clean.model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("T,asked,want", [(1, None, 500), (256, None, 125), (4096, None, 5), (4096, 1000, 8),
+                                          (70000, None, 1), (64, 997, 1)])
+def test_compiled_chunk_holds_a_bounded_number_of_tasks(T, asked, want):
+    """A chunk's draws are held at once: at most CHUNK_MAX_TASKS tasks per chunk, cut to the
+    largest divisor of the chunk asked for (the default 500, or checkpoint_every)."""
+    from reptile_fast.steppers import CHUNK_MAX_TASKS
+
+    stepper = _trainer().stepper(T, chunk=asked)
+    assert stepper.chunk == want
+    assert stepper.chunk * T <= max(CHUNK_MAX_TASKS, T) and (asked or 500) % stepper.chunk == 0
