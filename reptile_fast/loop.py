@@ -109,15 +109,13 @@ class PlanSampler(StreamSampler):
 
     def draw(self, first_iteration: int, m: int):
         if m == 1 or self.draw_chunks:
-            tasks = self._sample(m * self.T)
+            pieces = [self._sample(m * self.T)]
         else:  # as m single meta-steps draw them
-            tasks = [self._sample(self.T) for _ in range(m)]
-            if self.check is not None:
-                for t in tasks:
-                    self.check(t)
-            tasks = concat_draws([(t, None) for t in tasks])[0]
-        if self.check is not None and (m == 1 or self.draw_chunks):
-            self.check(tasks)
+            pieces = [self._sample(self.T) for _ in range(m)]
+        if self.check is not None:
+            for t in pieces:
+                self.check(t)
+        tasks = concat_draws([(t, None) for t in pieces])[0]
         if self._range is None:  # one read; the indices tensor is the caller's and fixed
             self._range = tuple(int(v) for v in torch.stack([self.indices.min(), self.indices.max()]).tolist())
         lo, hi = self._range
