@@ -113,3 +113,39 @@ def test_sine_make_matches_seed_arithmetic():
 def test_sine_rejects_bad_config(kwargs):
     with pytest.raises((ValueError, TypeError)):
         Sine(**kwargs)
+
+
+@pytest.mark.parametrize("n_steps,n_tasks,rows,batch", [(1, 1, 5, 10), (500, 1, 5, 10), (7, 3, 6, 10),
+                                                        (4, 20, 5, 50), (3, 100, 2, 4)])
+def test_sine_sample_steps_is_the_round_by_round_draws(n_steps, n_tasks, rows, batch):
+    """``Sine.sample_steps`` gives bitwise the tasks and plans of ``n_steps`` rounds of
+    ``sample(n_tasks)`` then ``sample_indices(...)`` on the same generator, and leaves the
+    generator where those rounds leave it (batch = n_points: the argsort path; 500 × 5 rows and
+    100 × 2: the C selection; 5 rows: topk)."""
+    sine = Sine()
+    g = torch.Generator().manual_seed(n_steps * 1000 + n_tasks)
+    want_t, want_p = [], []
+    for _ in range(n_steps):
+        t = sine.sample(n_tasks, generator=g)
+        want_t.append(t)
+        want_p.append(sample_indices(n_tasks, rows, t.n_points, batch, generator=g))
+    g2 = torch.Generator().manual_seed(n_steps * 1000 + n_tasks)
+    tasks, plans = sine.sample_steps(n_steps, n_tasks, rows, batch, generator=g2)
+    assert torch.equal(tasks.x, torch.cat([t.x for t in want_t]))
+    assert torch.equal(tasks.y, torch.cat([t.y for t in want_t]))
+    assert torch.equal(plans, torch.cat(want_p))
+    assert torch.equal(g.get_state(), g2.get_state())
+
+
+def test_sine_sample_steps_on_the_global_generator_and_bad_arguments():
+    torch.manual_seed(11)
+    t1 = Sine().sample(2)
+    p1 = sample_indices(2, 5, 50, 10)
+    torch.manual_seed(11)
+    tasks, plans = Sine().sample_steps(1, 2, 5, 10)
+    assert torch.equal(tasks.y, t1.y) and torch.equal(plans, p1)
+    with pytest.raises(ValueError, match="batch_size"):
+        Sine().sample_steps(2, 1, 5, 51)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises((ValueError, TypeError)):
+            Sine().sample_steps(bad, 1, 5, 10)

@@ -200,15 +200,20 @@ def sample_indices(
     # probability ~N^2 / 2^24 per row in fp32, so draw in float64 where they are negligible.
     keys = torch.rand(n_tasks, inner_steps, n_points, generator=generator, device=draw_device,
                       dtype=torch.float64)
-    if batch_size == n_points:
-        idx = keys.argsort(dim=-1)
-    else:
-        # the same indices as topk, several times faster on the CPU where a C compiler exists
-        # (from 64 rows: below, the call's fixed cost makes topk as fast)
-        idx = smallest_k(keys, batch_size) if n_tasks * inner_steps >= 64 else None
-        if idx is None:
-            idx = keys.topk(batch_size, dim=-1, largest=False, sorted=True).indices
-    return idx.to(device=device if device is not None else draw_device)
+    return plan_from_keys(keys, batch_size).to(device=device if device is not None else draw_device)
+
+
+def plan_from_keys(keys: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The plan ``sample_indices`` makes of its keys: long ``[..., batch_size]``, the indices of
+    each row's ``batch_size`` smallest keys in ascending order of key (float64 ``keys [..., N]``)."""
+    if batch_size == keys.shape[-1]:
+        return keys.argsort(dim=-1)
+    # the same indices as topk, several times faster on the CPU where a C compiler exists
+    # (from 64 rows: below, the call's fixed cost makes topk as fast)
+    idx = smallest_k(keys, batch_size) if keys.numel() >= 64 * keys.shape[-1] else None
+    if idx is None:
+        idx = keys.topk(batch_size, dim=-1, largest=False, sorted=True).indices
+    return idx
 
 
 def concat_draws(parts):

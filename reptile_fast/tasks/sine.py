@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import TaskBatch, _check_device, _check_generator, _check_positive_int
+from .base import TaskBatch, _check_device, _check_generator, _check_positive_int, plan_from_keys
 
 __all__ = ["Sine"]
 
@@ -74,6 +74,35 @@ class Sine:
         y = a * torch.sin(x + b)
         xs, ys = x.expand(a.shape[0], -1).unsqueeze(-1).contiguous(), y.unsqueeze(-1)
         return TaskBatch.trusted(xs, ys) if trusted else TaskBatch(xs, ys)
+
+    def sample_steps(self, n_steps: int, n_tasks: int, plan_rows: int, batch_size: int, *,
+                     generator: Optional[torch.Generator] = None, device=None) -> Tuple[TaskBatch, torch.Tensor]:
+        """``n_steps`` meta-steps' tasks and plans in one go — the numbers of ``n_steps`` rounds of
+        ``sample(n_tasks)`` then ``sample_indices(n_tasks, plan_rows, n_points, batch_size)``
+        with the same generator: only the random draws run round by round (two ``torch.rand``
+        calls each, in that order), the tasks and the plans' selection are computed once for all
+        rounds.  Returns tasks ``[n_steps · n_tasks, ...]`` and long plans ``[n_steps · n_tasks,
+        plan_rows, batch_size]``, meta-step-major (``loop.StreamSampler``'s chunks)."""
+        _check_positive_int("n_steps", n_steps)
+        _check_positive_int("n_tasks", n_tasks)
+        _check_positive_int("plan_rows", plan_rows)
+        _check_positive_int("batch_size", batch_size)
+        if batch_size > self.n_points:
+            raise ValueError(f"batch_size ({batch_size}) must not exceed n_points ({self.n_points}): "
+                             f"a minibatch holds distinct points")
+        device = _check_device(device)
+        dev = _check_generator(generator)
+        params, keys = [], []
+        for _ in range(n_steps):  # the generator's numbers in the order the rounds consume them
+            params.append(torch.rand(2, n_tasks, generator=generator, device=dev, dtype=torch.float64))
+            keys.append(torch.rand(n_tasks, plan_rows, self.n_points, generator=generator, device=dev,
+                                   dtype=torch.float64))
+        u = torch.stack(params, dim=1).reshape(2, n_steps * n_tasks)
+        a = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]
+        b = self.phase[0] + (self.phase[1] - self.phase[0]) * u[1]
+        device = device if device is not None else dev
+        plans = plan_from_keys(torch.cat(keys), batch_size).to(device)
+        return self._make(a, b, device, trusted=True), plans
 
     def sample(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
                device=None) -> TaskBatch:
