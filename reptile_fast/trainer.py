@@ -263,8 +263,8 @@ class Reptile:
         meta-step by meta-step, so every backend trains on the same draws for a given generator
         — also backend "compiled" and triton's fused graphs, which run chunks of meta-steps
         (``checkpoint_every``, else their ``chunk`` option).  ``draw_chunks=True`` lets them draw
-        a chunk's tasks and plans in one call each instead: much faster at small meta-batches (a
-        sine task per meta-step: ~2 µs instead of ~50 µs of drawing), the same distribution, but
+        a chunk's tasks and plans in one call each instead: faster at small meta-batches (for a
+        task distribution without ``sample_steps``, much faster), the same distribution, but
         other draws than the other backends' (and than another chunk size's); the CLI sine job
         and the drop-in use it.  Continues from ``self.iteration`` (a restored trainer
         resumes).  Returns ``{"loss": [...]}``: every meta-step's mean inner loss, preceded by
