@@ -58,7 +58,8 @@ class StreamSampler(Sampler):
 
     A task distribution with ``sample_steps(m, T, rows, batch, *, generator, device)`` (``Sine``)
     makes a chunk's meta-step-by-meta-step draws in one go; others are called meta-step by
-    meta-step (for one sine task that way: about 50 µs of drawing per meta-step).
+    meta-step (two calls per meta-step: at small meta-batches that can cost more than the
+    compiled meta-step itself).
     """
 
     def __init__(self, task_distribution, meta_batch_size: int, rows: int, batch: int, *,
