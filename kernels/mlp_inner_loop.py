@@ -721,6 +721,20 @@ def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.devi
         raise ValueError(f"{name} is on {t.device}, expected {device} like x")
 
 
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory of ``a`` and ``b`` intersects (non-negative strides): a partial overlap
+    races on the GPU as an exact alias does, so output checks use this, not ``data_ptr`` equality."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+        return lo, lo + extent * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
                    params: Sequence[torch.Tensor], activations: Sequence[str], *, lr: float,
                    loss: str = "mse", steps: Optional[int] = None, precision: str = "ieee",
@@ -801,9 +815,10 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     if indices.shape[0] != T or indices.shape[2] < 1:
         raise ValueError(f"indices must have shape [T={T}, steps, batch>=1], got {tuple(indices.shape)}")
     R, B = indices.shape[1], indices.shape[2]
-    steps = R if steps is None else int(steps)
-    if not 0 <= steps <= R:
-        raise ValueError(f"steps must lie in [0, {R}] (the plan's rows), got {steps}")
+    steps = R if steps is None else steps
+    # an int, as in kernel v2: int(1.5) would run 1 step silently
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= R:
+        raise ValueError(f"steps must lie in [0, {R}] (the plan's rows) and be an int, got {steps!r}")
     if precision not in ("ieee", "tf32x3", "tf32"):
         raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr)):

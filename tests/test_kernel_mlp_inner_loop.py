@@ -290,6 +290,9 @@ def _ok_inputs():
     (lambda a: a.update(loss="hinge"), ValueError, "loss must be one of"),
     (lambda a: a.update(precision="bf16"), ValueError, "precision must be"),
     (lambda a: a.update(steps=4), ValueError, "steps must lie in"),
+    # int(1.5) ran one step silently (kernel v2 refuses it)
+    (lambda a: a.update(steps=1.5), ValueError, "be an int"),
+    (lambda a: a.update(steps=True), ValueError, "be an int"),
     (lambda a: a.update(lr=math.nan), ValueError, "lr must be a finite"),
 ])
 def test_launcher_rejects_bad_input(change, error, words):
