@@ -327,6 +327,8 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
     trained with another number of ways than the runs'."""
     check_int("seed", seed, 0)
     config, trainer = load_trained(model_dir)
+    # checked before the evaluation, named like the omniglot job's --out
+    out_dir = prepare_directory(out if out is not None else model_dir, "output directory")
     episodes, names = load_official_runs(runs)
     if config.ways != episodes.ways:
         raise ValueError(f"the model in {model_dir} was trained for {config.ways}-way tasks; the official "
@@ -346,7 +348,7 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
         log(f"{n}: error {100 * per_run[n]:.1f} %")
     log(f"error rate over {len(names)} runs: {100 * metrics['error_rate']:.2f} % "
         f"(pixel 1-NN: {100 * metrics['nearest_neighbour_error_rate']:.2f} %)")
-    atomic_write_json(Path(out if out is not None else model_dir) / "runs_metrics.json", metrics)
+    atomic_write_json(out_dir / "runs_metrics.json", metrics)
     return metrics
 
 

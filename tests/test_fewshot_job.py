@@ -76,6 +76,20 @@ def test_official_runs_command(data, trained, tmp_path, capsys):
     assert main(["omniglot-runs", "--runs", str(runs), "--model", str(tmp_path / "none")]) == 2
 
 
+def test_official_runs_command_names_an_output_that_is_a_file(data, trained, tmp_path, capsys):
+    """--out pointing at a file failed with a bare "[Errno 17] File exists", and only after the
+    whole evaluation; the omniglot job says what is wrong before any work."""
+    runs = make_runs(tmp_path, n_runs=1, ways=3)
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(trained), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "output directory" in err and "afile" in err and "not a directory" in err, err
+    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(trained), "--out",
+                 str(tmp_path / "afile" / "sub")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
 def test_defaults_are_the_papers_protocol(data):
     parser = build_parser()
     five, _, _ = config_from_args(parser.parse_args(["omniglot", "--train", "x", "--test", "y"]))
