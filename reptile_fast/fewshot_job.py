@@ -22,7 +22,7 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
-from .jobs import train_job
+from .jobs import resume_hint, train_job
 from .models import OmniglotConvNet
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
@@ -493,7 +493,7 @@ def run_command(args) -> int:
             f"Resume with: reptile-fast omniglot --resume {out}")
         return exc.exit_code
     except DistributedError as exc:
-        return _err(f"{exc}\nContinue from the last checkpoint with --resume {out}", 4)
+        return _err(f"{exc}{resume_hint(out)}", 4)
     except NonFiniteError as exc:
         return _err(f"{exc}", 3) if main_rank else 3
     except (OSError, ValueError, TypeError) as exc:

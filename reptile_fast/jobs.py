@@ -94,6 +94,16 @@ def sine_config_from_checkpoint(ckpt: Mapping[str, Any], source="checkpoint") ->
     return SineConfig(**saved)
 
 
+def resume_hint(out) -> str:
+    """The "--resume OUT" line after a failed distributed job, only where OUT holds a checkpoint
+    (a job that failed to start has none, and --resume OUT would then fail)."""
+    from pathlib import Path
+
+    if not (Path(out) / CHECKPOINT_NAME).is_file():
+        return f"\nNo checkpoint was written to {out}: start the job again."
+    return f"\nContinue from the last checkpoint with --resume {out}"
+
+
 def train_job(trainer, task_distribution, *, iterations: int, meta_batch_size: int, seed: int, indexed: bool,
               context, progress: bool, out, checkpoint_every: int, resume, extra: Mapping[str, Any],
               callback=None) -> dict:

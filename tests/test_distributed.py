@@ -434,6 +434,27 @@ def test_a_job_whose_other_ranks_never_come_fails_to_start_with_a_clear_error(mo
     assert not torch.distributed.is_initialized()
 
 
+def test_cli_job_whose_ranks_never_come_gives_no_resume_hint_without_a_checkpoint(monkeypatch, tmp_path, capsys):
+    from reptile_fast.cli import main
+
+    """A rendezvous that fails before any training ended with "Continue from the last checkpoint
+    with --resume OUT" although OUT held no checkpoint (and --resume OUT then failed)."""
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(W.free_port()), "REPTILE_FAST_DIST_TIMEOUT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "run"
+    assert main(["sine", "--iterations", "2", "--meta-batch-size", "2", "--no-progress", "--out", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert "could not join the job" in err and "--resume" not in err, err
+    assert not torch.distributed.is_initialized()
+
+
+def test_timeouts_that_round_to_zero_are_refused():
+    """timedelta keeps microseconds: 1e-9 s passed the > 0 check and became a 0 s timeout."""
+    with pytest.raises(ValueError, match="timeout must be"):
+        setup_from_env(timeout=1e-9)
+
+
 def test_omniglot_job_on_two_ranks_writes_once_and_resumes_alone(tmp_path):
     """The few-shot job (conv net with BatchNorm, Adam inner loop) across 2 ranks, then resumed in one process."""
     import json
