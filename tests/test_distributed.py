@@ -434,6 +434,21 @@ def test_a_job_whose_other_ranks_never_come_fails_to_start_with_a_clear_error(mo
     assert not torch.distributed.is_initialized()
 
 
+def test_a_bad_checkpoint_dir_is_refused_on_every_rank_and_the_group_stays_usable(tmp_path):
+    """checkpoint_dir a file: rank 0 alone raised inside fit while rank 1 waited in the first
+    meta-step's all_gather (it then blamed a dead rank), and rank 0's next collective made gloo
+    abort the process (mismatched collectives)."""
+    (tmp_path / "afile").write_text("x")
+    codes = W.run_job(2, tmp_path, [dict(name="baddir", checkpoint_dir=str(tmp_path / "afile"), checkpoint_every=1),
+                                    dict(name="next", iterations=2)], timeout=10, wait=60, grace=10)
+    assert codes == [0, 0], codes
+    for res in _results(tmp_path, "baddir", 2):
+        assert res["error"] is not None and res["error"][0] == "NotADirectoryError", res["error"]
+        assert "checkpoint_dir" in res["error"][1] and "not a directory" in res["error"][1]
+    for res in _results(tmp_path, "next", 2):
+        assert res["error"] is None, res["error"]
+
+
 def test_cli_job_whose_ranks_never_come_gives_no_resume_hint_without_a_checkpoint(monkeypatch, tmp_path, capsys):
     from reptile_fast.cli import main
 
