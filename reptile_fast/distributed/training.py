@@ -80,7 +80,8 @@ def _on_main(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any:
     payload = ctx.broadcast_object(payload, what)
     if payload[0] == "error":
         kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError,
-                "TypeError": TypeError, "NotADirectoryError": NotADirectoryError}.get(payload[1], ValueError)
+                "TypeError": TypeError, "NotADirectoryError": NotADirectoryError,
+                "IsADirectoryError": IsADirectoryError}.get(payload[1], ValueError)
         raise kind(payload[2])
     return payload[1]
 
@@ -97,11 +98,11 @@ def _prepare_on_main(ctx: DistContext, checkpoint_dir) -> None:
     """Rank 0 (the one that writes) creates and checks ``checkpoint_dir`` before training: a bad
     one raised on rank 0 alone inside ``fit`` while the other ranks entered the first meta-step's
     collective (they then reported a dead rank, or gloo aborted on mismatched collectives)."""
-    from ..checkpoint import prepare_directory
+    from ..checkpoint import prepare_checkpoint_directory
 
     def check() -> None:
         if checkpoint_dir is not None:
-            prepare_directory(checkpoint_dir, "checkpoint_dir")
+            prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
     _on_main(ctx, check, "broadcast of the checkpoint directory's check")
 
 
