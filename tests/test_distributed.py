@@ -88,6 +88,8 @@ def test_sampler_validates_and_checks_resumable_state():
         IndexedSampler(object(), 4, seed=0, plan_rows=1, batch_size=1)
     with pytest.raises(ValueError, match="seed must be >= 0"):
         IndexedSampler(Sine(), 4, seed=-1, plan_rows=1, batch_size=1)
+    with pytest.raises(ValueError, match="seed must be < 2..64"):  # its streams would be seed 0's
+        IndexedSampler(Sine(), 4, seed=2 ** 64, plan_rows=1, batch_size=1)
     s = IndexedSampler(Sine(), 4, seed=0, plan_rows=1, batch_size=1)
     s.check_resumable(dict(s.state_dict()))
     with pytest.raises(ValueError, match="one torch.Generator stream"):

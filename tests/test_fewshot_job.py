@@ -121,6 +121,9 @@ def test_bad_input(data, tmp_path, capsys):
         OmniglotConfig(train=[], test="y")
     with pytest.raises(ValueError, match="inner_batch_size"):
         OmniglotConfig(train=["x"], test="y", inner_batch_size=51)
+    # validation and test episodes are drawn from seeds derived from it: 2**64 failed mid-training
+    with pytest.raises(ValueError, match="seed must be < 2..64"):
+        OmniglotConfig(train=["x"], test="y", seed=2 ** 64)
 
 
 def test_every_output_is_written_atomically(data, tmp_path, monkeypatch):
