@@ -93,6 +93,9 @@ def check_state(phi: torch.Tensor, state: torch.Tensor, iteration: torch.Tensor,
     if iteration.numel() != 1 or loss_out.numel() != 1 or state.shape != (2,):
         raise ValueError(f"iteration and loss_out hold one element and state two, got "
                          f"{iteration.numel()}, {loss_out.numel()}, {tuple(state.shape)}")
+    if not state.is_contiguous():
+        # the kernel reads and writes state[1] at state's address + 1 element
+        raise ValueError(f"state must be contiguous, got stride {state.stride()}")
 
 
 def accept_step(phi: torch.Tensor, new: torch.Tensor, loss: torch.Tensor, state: torch.Tensor,

@@ -95,6 +95,10 @@ def test_refuses_bad_arguments():
         G.accept_step(phi, new, torch.zeros(2), st, it, one.clone())
     with pytest.raises(ValueError, match="state two"):
         G.accept_step(phi, new, one, torch.zeros(3, dtype=torch.int64), it, one.clone())
+    # a strided state (a view of every other element) had its first bad iteration written one
+    # element off, outside the view: state then read [0, 0] after a bad meta-step 1
+    with pytest.raises(ValueError, match="state must be contiguous"):
+        G.accept_step(phi, new, one, torch.tensor([1, 0, 0, 0])[::2], it, one.clone())
     buf = torch.zeros(9)  # new one element past phi in the same buffer: pass 2 would read what it wrote
     with pytest.raises(ValueError, match="alias or overlap"):
         G.accept_step(buf[:8], buf[1:], one, st, it, one.clone())
