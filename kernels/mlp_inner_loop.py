@@ -571,8 +571,21 @@ def n_flat_params(dims: Sequence[int]) -> int:
     return sum(d_out * d_in + d_out for d_in, d_out in zip(dims[:-1], dims[1:]))
 
 
+def _check_flat_width(flat, dims: Sequence[int]) -> None:
+    """A flat parameter buffer holds at least the MLP's parameters (a shorter one gave a
+    truncated last bias, or a torch shape error)."""
+    if not isinstance(flat, torch.Tensor) or flat.dim() < 1:
+        raise TypeError(f"flat must be a tensor [..., n_params], got {type(flat).__name__}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
+        raise TypeError(f"dims must be positive ints (feature sizes), got {list(dims)}")
+    if flat.shape[-1] < n_flat_params(dims):
+        raise ValueError(f"flat has {flat.shape[-1]} values per row but dims {list(dims)} need "
+                         f"{n_flat_params(dims)}")
+
+
 def split_params(flat: torch.Tensor, dims: Sequence[int]) -> List[torch.Tensor]:
     """Views ``[W_0 [T, D1, D0], b_0 [T, D1], …]`` into a flat ``[T, >= n_params]`` buffer."""
+    _check_flat_width(flat, dims)
     views = []
     for (w_off, b_off), d_in, d_out in zip(param_layout(dims), dims[:-1], dims[1:]):
         views.append(flat[:, w_off:b_off].view(flat.shape[0], d_out, d_in))

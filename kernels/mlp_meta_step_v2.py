@@ -68,7 +68,7 @@ from reptile_fast.mlp_math import ACTIVATION_CODES
 
 # v1's flat parameter layout, layer loads/stores, activation derivatives (autograd's formulas: no
 # special function involved) and input checks: one copy for both kernels
-from .mlp_inner_loop import (_activation_grad, _check_tensor, _overlaps, _load_layer, _store_layer,  # noqa: F401
+from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_tensor, _overlaps, _load_layer, _store_layer,  # noqa: F401
                              n_flat_params, param_layout)
 # the fused stepper's finiteness rule (one NaN/inf test for both kernels)
 from .meta_step_guard import _is_bad, accept_step, check_state
@@ -782,6 +782,7 @@ def flat_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def unflatten_params(flat: torch.Tensor, dims: Sequence[int]):
     """Views ``[W_0 [..., D1, D0], b_0 [..., D1], …]`` into a flat ``[..., >= n_params]`` tensor."""
+    _check_flat_width(flat, dims)
     views = []
     for (w_off, b_off), d_in, d_out in zip(param_layout(dims), dims[:-1], dims[1:]):
         views.append(flat[..., w_off:b_off].unflatten(-1, (d_out, d_in)))

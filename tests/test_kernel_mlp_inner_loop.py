@@ -305,6 +305,11 @@ def test_launcher_rejects_bad_input(change, error, words):
                          lr=args["lr"], loss=args["loss"], precision=args["precision"], steps=args["steps"])
 
 
+def test_split_params_refuses_a_buffer_too_short():
+    with pytest.raises(ValueError, match=r"flat has 24 values per row but dims \[1, 8, 1\] need 25"):
+        K.split_params(torch.zeros(2, 24), (1, 8, 1))
+
+
 def test_launch_config_validation_and_choice():
     with pytest.raises(ValueError, match="mode must be"):
         K.LaunchConfig(mode="fast", num_warps=4)

@@ -447,6 +447,13 @@ def test_outputs_that_overlap_their_inputs_are_refused():
     V.inner_loop(a["x"], a["y"], a["indices"], rows[T, :n], a["dims"], a["activations"], lr=0.02, out=rows[:T])
 
 
+def test_unflatten_params_refuses_a_buffer_too_short():
+    """A flat vector one value short gave a last bias of shape (0,) silently."""
+    with pytest.raises(ValueError, match=r"flat has 24 values per row but dims \[1, 8, 1\] need 25"):
+        V.unflatten_params(torch.zeros(24), (1, 8, 1))
+    assert [tuple(t.shape) for t in V.unflatten_params(torch.zeros(3, 28), (1, 8, 1))] == [(3, 8, 1), (3, 8), (3, 1, 8), (3, 1)]
+
+
 def test_config_validation_and_support():
     with pytest.raises(ValueError, match="num_warps"):
         V.V2Config(num_warps=3)
