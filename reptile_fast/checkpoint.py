@@ -309,7 +309,7 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
 
     Returns the path of the checkpoint written.
     """
-    directory = prepare_directory(directory, "checkpoint directory")
+    directory = prepare_checkpoint_directory(directory, "checkpoint directory")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     state = {

@@ -287,6 +287,8 @@ def test_a_directory_in_place_of_a_checkpoint_file_is_refused_before_training(tm
         trainer.fit(Sine(), 4, generator=torch.Generator().manual_seed(0), progress=False, checkpoint_dir=tmp_path,
                     checkpoint_every=1, callback=lambda i, m: steps.append(i))
     assert steps == [] and trainer.iteration == 0
+    with pytest.raises(IsADirectoryError, match=f"{name} there is not a regular file"):
+        save_checkpoint(tmp_path, trainer)
 
 
 def test_a_dangling_symlink_as_checkpoint_dir_is_named(tmp_path):
