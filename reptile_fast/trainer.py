@@ -324,7 +324,8 @@ class Reptile:
         if resume_from is not None:
             history, resumed_latest = resume_for_fit(self, resume_from, generator, iterations, ckpt_dir)
             if self.iteration > iterations:  # as without resume_from (and the CLI's --resume)
-                raise ValueError(f"the checkpoint {resume_from} is at meta-step {self.iteration}, beyond "
+                where = "" if isinstance(resume_from, Mapping) else f" {resume_from}"  # a dict: rank 0's, sent
+                raise ValueError(f"the checkpoint{where} is at meta-step {self.iteration}, beyond "
                                  f"iterations={iterations} (the total number of meta-steps); pass a total of at "
                                  f"least {self.iteration}")
         elif self.iteration >= iterations:

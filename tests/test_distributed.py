@@ -441,12 +441,20 @@ def test_a_bad_checkpoint_dir_is_refused_on_every_rank_and_the_group_stays_usabl
     meta-step's all_gather (it then blamed a dead rank), and rank 0's next collective made gloo
     abort the process (mismatched collectives)."""
     (tmp_path / "afile").write_text("x")
+    ckpt = str(tmp_path / "ckpt")
     codes = W.run_job(2, tmp_path, [dict(name="baddir", checkpoint_dir=str(tmp_path / "afile"), checkpoint_every=1),
+                                    dict(name="four", iterations=4, checkpoint_dir=ckpt),
+                                    dict(name="past", iterations=3, resume_from=ckpt),
                                     dict(name="next", iterations=2)], timeout=10, wait=60, grace=10)
     assert codes == [0, 0], codes
     for res in _results(tmp_path, "baddir", 2):
         assert res["error"] is not None and res["error"][0] == "NotADirectoryError", res["error"]
         assert "checkpoint_dir" in res["error"][1] and "not a directory" in res["error"][1]
+    # a resume past the requested total: the same short message on every rank (rank 1 resumes
+    # from the dict rank 0 sent, which the message must not print)
+    for res in _results(tmp_path, "past", 2):
+        assert res["error"] is not None and res["error"][0] == "ValueError", res["error"]
+        assert "at meta-step 4, beyond iterations=3" in res["error"][1] and len(res["error"][1]) < 300
     for res in _results(tmp_path, "next", 2):
         assert res["error"] is None, res["error"]
 
