@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 # v1's input checks: one copy for every launcher
-from .mlp_inner_loop import _check_tensor
+from .mlp_inner_loop import _check_tensor, _overlaps
 
 __all__ = ["accept_step", "check_state", "new_state", "compile_for_target", "BLOCK"]
 
@@ -93,6 +93,9 @@ def check_state(phi: torch.Tensor, state: torch.Tensor, iteration: torch.Tensor,
     if iteration.numel() != 1 or loss_out.numel() != 1 or state.shape != (2,):
         raise ValueError(f"iteration and loss_out hold one element and state two, got "
                          f"{iteration.numel()}, {loss_out.numel()}, {tuple(state.shape)}")
+    if not state.is_contiguous():
+        # the kernel reads and writes state[1] at state's address + 1 element
+        raise ValueError(f"state must be contiguous, got stride {state.stride()}")
 
 
 def accept_step(phi: torch.Tensor, new: torch.Tensor, loss: torch.Tensor, state: torch.Tensor,
@@ -114,8 +117,8 @@ def accept_step(phi: torch.Tensor, new: torch.Tensor, loss: torch.Tensor, state:
     if new.shape != phi.shape or not new.is_contiguous():
         raise ValueError(f"phi and new must be contiguous and of one shape, got {tuple(phi.shape)} and "
                          f"{tuple(new.shape)}")
-    if new.data_ptr() == phi.data_ptr():
-        raise ValueError("new must not alias phi (pass 2 reads new while writing phi)")
+    if _overlaps(new, phi):
+        raise ValueError("new must not alias or overlap phi (pass 2 reads new while writing phi)")
     if not isinstance(loss, torch.Tensor) or loss.dtype != torch.float32 or loss.device != phi.device \
             or loss.numel() != 1:
         raise TypeError(f"loss must be a one-element torch.float32 tensor on {phi.device}")

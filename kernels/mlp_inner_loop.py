@@ -571,8 +571,21 @@ def n_flat_params(dims: Sequence[int]) -> int:
     return sum(d_out * d_in + d_out for d_in, d_out in zip(dims[:-1], dims[1:]))
 
 
+def _check_flat_width(flat, dims: Sequence[int]) -> None:
+    """A flat parameter buffer holds at least the MLP's parameters (a shorter one gave a
+    truncated last bias, or a torch shape error)."""
+    if not isinstance(flat, torch.Tensor) or flat.dim() < 1:
+        raise TypeError(f"flat must be a tensor [..., n_params], got {type(flat).__name__}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
+        raise TypeError(f"dims must be positive ints (feature sizes), got {list(dims)}")
+    if flat.shape[-1] < n_flat_params(dims):
+        raise ValueError(f"flat has {flat.shape[-1]} values per row but dims {list(dims)} need "
+                         f"{n_flat_params(dims)}")
+
+
 def split_params(flat: torch.Tensor, dims: Sequence[int]) -> List[torch.Tensor]:
     """Views ``[W_0 [T, D1, D0], b_0 [T, D1], …]`` into a flat ``[T, >= n_params]`` buffer."""
+    _check_flat_width(flat, dims)
     views = []
     for (w_off, b_off), d_in, d_out in zip(param_layout(dims), dims[:-1], dims[1:]):
         views.append(flat[:, w_off:b_off].view(flat.shape[0], d_out, d_in))
@@ -721,6 +734,20 @@ def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.devi
         raise ValueError(f"{name} is on {t.device}, expected {device} like x")
 
 
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory of ``a`` and ``b`` intersects (non-negative strides): a partial overlap
+    races on the GPU as an exact alias does, so output checks use this, not ``data_ptr`` equality."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+        return lo, lo + extent * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
                    params: Sequence[torch.Tensor], activations: Sequence[str], *, lr: float,
                    loss: str = "mse", steps: Optional[int] = None, precision: str = "ieee",
@@ -801,9 +828,10 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     if indices.shape[0] != T or indices.shape[2] < 1:
         raise ValueError(f"indices must have shape [T={T}, steps, batch>=1], got {tuple(indices.shape)}")
     R, B = indices.shape[1], indices.shape[2]
-    steps = R if steps is None else int(steps)
-    if not 0 <= steps <= R:
-        raise ValueError(f"steps must lie in [0, {R}] (the plan's rows), got {steps}")
+    steps = R if steps is None else steps
+    # an int, as in kernel v2: int(1.5) would run 1 step silently
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= R:
+        raise ValueError(f"steps must lie in [0, {R}] (the plan's rows) and be an int, got {steps!r}")
     if precision not in ("ieee", "tf32x3", "tf32"):
         raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr)):

@@ -68,7 +68,7 @@ from reptile_fast.mlp_math import ACTIVATION_CODES
 
 # v1's flat parameter layout, layer loads/stores, activation derivatives (autograd's formulas: no
 # special function involved) and input checks: one copy for both kernels
-from .mlp_inner_loop import (_activation_grad, _check_tensor, _load_layer, _store_layer,  # noqa: F401
+from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_tensor, _overlaps, _load_layer, _store_layer,  # noqa: F401
                              n_flat_params, param_layout)
 # the fused stepper's finiteness rule (one NaN/inf test for both kernels)
 from .meta_step_guard import _is_bad, accept_step, check_state
@@ -782,6 +782,7 @@ def flat_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def unflatten_params(flat: torch.Tensor, dims: Sequence[int]):
     """Views ``[W_0 [..., D1, D0], b_0 [..., D1], …]`` into a flat ``[..., >= n_params]`` tensor."""
+    _check_flat_width(flat, dims)
     views = []
     for (w_off, b_off), d_in, d_out in zip(param_layout(dims), dims[:-1], dims[1:]):
         views.append(flat[..., w_off:b_off].unflatten(-1, (d_out, d_in)))
@@ -994,14 +995,20 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
         raise ValueError(f"tensors are on {device}: kernel v2 needs a CUDA device, or "
                          f"TRITON_INTERPRET=1 set before reptile_fast.kernels.mlp_meta_step_v2 is imported")
     try:
-        dims = tuple(int(d) for d in dims)
+        dims = tuple(dims)
     except TypeError:
         raise TypeError(f"dims must be a sequence of feature sizes, got {dims!r}") from None
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        # int(8.7) would run an 8-wide layer silently
+        raise TypeError(f"dims must be ints (feature sizes), got {list(dims)}")
     if len(dims) < 2 or min(dims) < 1:
         raise ValueError(f"dims must hold >= 2 positive feature sizes, got {list(dims)}")
     if dims[0] != D0:
         raise ValueError(f"dims[0] = {dims[0]} but x has {D0} input features")
-    activations = tuple(activations) if not isinstance(activations, str) else (activations,)
+    try:
+        activations = tuple(activations) if not isinstance(activations, str) else (activations,)
+    except TypeError:
+        raise TypeError(f"activations must be a sequence of names, got {activations!r}") from None
     if len(activations) != len(dims) - 1:
         raise ValueError(f"need one activation per layer ({len(dims) - 1}), got {len(activations)}")
     for a in activations:
@@ -1120,8 +1127,8 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
         _check_tensor("out", out, torch.float32, 1, device)
         if out.shape[0] != n_params or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous [{n_params}] tensor, got {tuple(out.shape)}")
-        if out.data_ptr() == c.phi.data_ptr():
-            raise ValueError("out must not alias params_flat (the update reads φ while writing)")
+        if _overlaps(out, c.phi):
+            raise ValueError("out must not alias or overlap params_flat (the update reads φ while writing)")
     part_stride = -(-n_params // 4) * 4
     if partials is None:
         partials = torch.empty(n_programs, part_stride, device=device, dtype=torch.float32)
@@ -1174,6 +1181,10 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     """
     check_state(params_flat, state, iteration, loss_out)
     c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision)
+    if c.steps == 0:
+        # the mean loss of no inner steps is NaN, which the guard would record as a bad meta-step
+        raise ValueError("guarded_meta_step needs steps >= 1: a meta-step without inner steps has no mean "
+                         "loss, and the guard would record it as non-finite (use meta_step)")
     config = config or V2Config()
     device = x.device
     T = x.shape[0]
@@ -1227,6 +1238,9 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
         if out.shape[0] != T or out.shape[1] < n_params or out.stride(1) != 1:
             raise ValueError(f"out must be a row-contiguous [T={T}, >={n_params}] buffer, got {tuple(out.shape)}")
         row_stride = out.stride(0)
+        if _overlaps(out, c.phi) or _overlaps(out, c.x) or _overlaps(out, c.y) or _overlaps(out, c.indices):
+            raise ValueError("out must not overlap params_flat, x, y or indices (programs read them while "
+                             "others write their rows)")
     if out_losses is None:
         out_losses = torch.empty(T, c.steps, device=device, dtype=torch.float32)
     else:

@@ -35,7 +35,8 @@ import torch
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
            "CHECKPOINT_NAME", "PREVIOUS_NAME", "FORMAT", "VERSION",
            "save_checkpoint", "load_checkpoint", "restore_checkpoint", "resolve_checkpoint_path",
-           "capture_rng_state", "restore_rng_state", "prepare_directory", "remove_stale_temporaries"]
+           "capture_rng_state", "restore_rng_state", "prepare_directory", "prepare_checkpoint_directory",
+           "remove_stale_temporaries"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -122,6 +123,9 @@ def prepare_directory(path: PathLike, what: str = "directory") -> Path:
     path = _as_path(path, what)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{what} {path} exists and is not a directory")
+    if path.is_symlink() and not path.exists():
+        # mkdir fails on it with FileExistsError, which would be blamed on a parent below
+        raise NotADirectoryError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -134,6 +138,19 @@ def prepare_directory(path: PathLike, what: str = "directory") -> Path:
         raise OSError(exc.errno, f"cannot create {what} {path}: {exc.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise PermissionError(f"{what} {path} is not writable")
+    return path
+
+
+def prepare_checkpoint_directory(path: PathLike, what: str = "checkpoint_dir") -> Path:
+    """``prepare_directory``, and refuse a ``checkpoint.pt`` or ``checkpoint.prev.pt`` in it that is
+    not a regular file (a directory there made the first save fail, after training up to it)."""
+    path = prepare_directory(path, what)
+    for name in (CHECKPOINT_NAME, PREVIOUS_NAME):
+        f = path / name
+        if (f.exists() or f.is_symlink()) and not f.is_file():
+            kind = IsADirectoryError if f.is_dir() else ValueError
+            raise kind(f"{what} {path}: {name} there is not a regular file; checkpoints are written under "
+                       f"that name: move it away or choose another directory")
     return path
 
 
@@ -292,7 +309,7 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
 
     Returns the path of the checkpoint written.
     """
-    directory = prepare_directory(directory, "checkpoint directory")
+    directory = prepare_checkpoint_directory(directory, "checkpoint directory")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     state = {

@@ -148,7 +148,9 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
                      if "WORLD_SIZE" in os.environ else ""), file=sys.stderr)
         return exc.exit_code
     except DistributedError as exc:
-        return _error(f"{exc}\nContinue from the last checkpoint with --resume {out}", 4)
+        from .jobs import resume_hint
+
+        return _error(f"{exc}{resume_hint(out)}", 4)
     except KeyboardInterrupt:
         return _error(f"interrupted without writing a new checkpoint; the last one in {out} (if any) is "
                       f"intact: continue with reptile-fast sine --resume {out}", 130)

@@ -22,7 +22,7 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
-from .jobs import train_job
+from .jobs import check_seed, derived_seed, resume_hint, train_job
 from .models import OmniglotConvNet
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
@@ -90,6 +90,7 @@ class OmniglotConfig:
                               ("validate_every", 0), ("validation_tasks", 1), ("seed", 0),
                               ("checkpoint_every", 0), ("threads", 0)):
             check_int(name, getattr(self, name), minimum)
+        check_seed(self.seed)
         for name in ("inner_lr", "outer_lr"):
             setattr(self, name, check_float(name, getattr(self, name)))
         self.outer_lr_final = check_float("outer_lr_final", self.outer_lr_final, allow_zero=True)
@@ -241,7 +242,7 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
         if config.validate_every and iteration % config.validate_every == 0 and context.is_main:
             # Its own generator per validation point: the training stream is untouched, so a
             # resumed run is exactly an uninterrupted one.  Monitoring only, no model selection.
-            result, _ = evaluate(test_sets[k0], config.validation_tasks, 7919 * config.seed + iteration)
+            result, _ = evaluate(test_sets[k0], config.validation_tasks, derived_seed(7919 * config.seed, iteration))
             validation.append({"iteration": iteration, **result.as_dict()})
             atomic_write_json(out / VALIDATION_NAME, validation)
             if not progress:
@@ -262,7 +263,7 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
     results = []
     t1 = time.perf_counter()
     for k in config.shots:
-        result, episodes = evaluate(test_sets[k], config.eval_tasks, config.seed + 1_000_003 + k)
+        result, episodes = evaluate(test_sets[k], config.eval_tasks, derived_seed(config.seed, 1_000_003 + k))
         nn = score_predictions(nearest_neighbour_predictions(episodes), episodes.query.y)
         results.append({"ways": config.ways, "shots": k, **result.as_dict(),
                         "transductive": config.transductive,
@@ -326,7 +327,10 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
     each run's error) into ``out`` (default: ``model_dir``).  Raises ``ValueError`` for a model
     trained with another number of ways than the runs'."""
     check_int("seed", seed, 0)
+    check_seed(seed)
     config, trainer = load_trained(model_dir)
+    # checked before the evaluation, named like the omniglot job's --out
+    out_dir = prepare_directory(out if out is not None else model_dir, "output directory")
     episodes, names = load_official_runs(runs)
     if config.ways != episodes.ways:
         raise ValueError(f"the model in {model_dir} was trained for {config.ways}-way tasks; the official "
@@ -346,7 +350,7 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
         log(f"{n}: error {100 * per_run[n]:.1f} %")
     log(f"error rate over {len(names)} runs: {100 * metrics['error_rate']:.2f} % "
         f"(pixel 1-NN: {100 * metrics['nearest_neighbour_error_rate']:.2f} %)")
-    atomic_write_json(Path(out if out is not None else model_dir) / "runs_metrics.json", metrics)
+    atomic_write_json(out_dir / "runs_metrics.json", metrics)
     return metrics
 
 
@@ -491,7 +495,7 @@ def run_command(args) -> int:
             f"Resume with: reptile-fast omniglot --resume {out}")
         return exc.exit_code
     except DistributedError as exc:
-        return _err(f"{exc}\nContinue from the last checkpoint with --resume {out}", 4)
+        return _err(f"{exc}{resume_hint(out)}", 4)
     except NonFiniteError as exc:
         return _err(f"{exc}", 3) if main_rank else 3
     except (OSError, ValueError, TypeError) as exc:

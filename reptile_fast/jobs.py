@@ -25,6 +25,22 @@ SINE_JOB = "sine"
 SINE_POINTS = 50  # points per sine task (the seed's grid)
 
 
+#: torch generators take seeds below 2**64; derived seeds (held-out tasks, validation) wrap there
+SEED_LIMIT = 2 ** 64
+
+
+def check_seed(seed: int) -> None:
+    """A job's seed: the held-out and validation streams are seeded from it, and a seed at or above
+    2**64 failed there ("Overflow when unpacking long long") after the whole training."""
+    if seed >= SEED_LIMIT:
+        raise ValueError(f"seed must be < 2**64 (torch generators take 64-bit seeds), got {seed}")
+
+
+def derived_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` wrapped to 64 bits (the same value as before for every seed < 2**64 - offset)."""
+    return (seed + offset) % SEED_LIMIT
+
+
 def _check_int(name: str, value, minimum: int) -> None:
     check_int(name, value, minimum)
 
@@ -61,6 +77,7 @@ class SineConfig:
                               ("eval_tasks", 1), ("eval_steps", 1), ("checkpoint_every", 0),
                               ("threads", 0)):
             _check_int(name, getattr(self, name), minimum)
+        check_seed(self.seed)
         for name in ("outer_lr", "inner_lr"):
             _check_float(name, getattr(self, name))
             setattr(self, name, float(getattr(self, name)))  # plain floats: checkpoints store them
@@ -92,6 +109,16 @@ def sine_config_from_checkpoint(ckpt: Mapping[str, Any], source="checkpoint") ->
     if unknown:
         raise ValueError(f"{source} holds sine settings this version does not know: {unknown}")
     return SineConfig(**saved)
+
+
+def resume_hint(out) -> str:
+    """The "--resume OUT" line after a failed distributed job, only where OUT holds a checkpoint
+    (a job that failed to start has none, and --resume OUT would then fail)."""
+    from pathlib import Path
+
+    if not (Path(out) / CHECKPOINT_NAME).is_file():
+        return f"\nNo checkpoint was written to {out}: start the job again."
+    return f"\nContinue from the last checkpoint with --resume {out}"
 
 
 def train_job(trainer, task_distribution, *, iterations: int, meta_batch_size: int, seed: int, indexed: bool,
@@ -197,7 +224,7 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
         return {"rank": context.rank, "world_size": context.world_size}
 
     # Held-out tasks from a separate stream, adapted as the seed's demo does (160 SGD steps).
-    eval_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
+    eval_gen = torch.Generator().manual_seed(derived_seed(config.seed, 1_000_003))
     held_out = dist.sample(config.eval_tasks, generator=eval_gen, device=device)
     if progress:
         print(f"reptile_fast: evaluating on {config.eval_tasks} held-out tasks ({config.eval_steps} adaptation "

@@ -291,7 +291,7 @@ class Reptile:
         updates to means, eager steppers only), ``callbacks`` (more ``loop.Callback`` objects).
         """
         from .callbacks import CheckpointCallback, SignalCallback, resume_for_fit
-        from .checkpoint import CHECKPOINT_NAME, prepare_directory, remove_stale_temporaries
+        from .checkpoint import CHECKPOINT_NAME, prepare_checkpoint_directory, remove_stale_temporaries
         from .compiled_step import single_thread
         from .signals import DeferredSignals
 
@@ -320,12 +320,17 @@ class Reptile:
             raise ValueError("this backend applies its own outer update (compiled / fused); a reducer needs "
                              "an eager backend")
         # Paths are checked before anything changes, so a typo costs nothing.
-        ckpt_dir = None if checkpoint_dir is None else prepare_directory(checkpoint_dir, "checkpoint_dir")
+        ckpt_dir = None if checkpoint_dir is None else prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
         if ckpt_dir is not None:
             remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
         history, resumed_latest = [], False
         if resume_from is not None:
             history, resumed_latest = resume_for_fit(self, resume_from, generator, iterations, ckpt_dir)
+            if self.iteration > iterations:  # as without resume_from (and the CLI's --resume)
+                where = "" if isinstance(resume_from, Mapping) else f" {resume_from}"  # a dict: rank 0's, sent
+                raise ValueError(f"the checkpoint{where} is at meta-step {self.iteration}, beyond "
+                                 f"iterations={iterations} (the total number of meta-steps); pass a total of at "
+                                 f"least {self.iteration}")
         elif self.iteration >= iterations:
             raise ValueError(f"iterations={iterations} is the total number of meta-steps, and this trainer has "
                              f"already taken {self.iteration}; pass a larger total to train further")

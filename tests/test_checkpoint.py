@@ -273,3 +273,28 @@ def test_fit_removes_temporaries_of_a_killed_writer(tmp_path):
     trainer.fit(Sine(), 1, progress=False, checkpoint_dir=tmp_path)
     assert not stale.exists() and keep.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "notes.txt"]
+
+
+# ------------------------------------------------------------------ odd checkpoint directories
+@pytest.mark.parametrize("name", [CHECKPOINT_NAME, PREVIOUS_NAME])
+def test_a_directory_in_place_of_a_checkpoint_file_is_refused_before_training(tmp_path, name):
+    """A directory named checkpoint.pt or checkpoint.prev.pt made the first save (after training up
+    to it) fail with a bare IsADirectoryError from shutil."""
+    (tmp_path / name).mkdir()
+    trainer = Reptile(MLP(1, 8, 1), backend="torch", inner_steps=1, inner_batch_size=5)
+    steps = []
+    with pytest.raises(IsADirectoryError, match=f"{name} there is not a regular file"):
+        trainer.fit(Sine(), 4, generator=torch.Generator().manual_seed(0), progress=False, checkpoint_dir=tmp_path,
+                    checkpoint_every=1, callback=lambda i, m: steps.append(i))
+    assert steps == [] and trainer.iteration == 0
+    with pytest.raises(IsADirectoryError, match=f"{name} there is not a regular file"):
+        save_checkpoint(tmp_path, trainer)
+
+
+def test_a_dangling_symlink_as_checkpoint_dir_is_named(tmp_path):
+    """It was reported as "a parent is a file, not a directory"."""
+    os.symlink(tmp_path / "missing", tmp_path / "link")
+    trainer = Reptile(MLP(1, 8, 1), backend="torch", inner_steps=1, inner_batch_size=5)
+    with pytest.raises(NotADirectoryError, match="is a symbolic link to .*missing, which does not exist"):
+        trainer.fit(Sine(), 2, generator=torch.Generator().manual_seed(0), progress=False,
+                    checkpoint_dir=tmp_path / "link")

@@ -113,3 +113,15 @@ def test_every_output_of_the_sine_job_is_written_atomically(tmp_path, monkeypatc
     assert {"figure.png", "learning_curve.png", "model.pt", "metrics.json"} <= written
     assert written <= set(renamed), sorted(written - set(renamed))
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_beyond_64_bits_are_refused_before_training(tmp_path, capsys):
+    """--seed 2**64 - 1 trained, then failed at the held-out evaluation (its seed + 1000003
+    overflowed torch's generator: "Overflow when unpacking long long"); 2**64 and above likewise."""
+    args = ["--iterations", "2", "--eval-tasks", "2", "--eval-steps", "1", "--backend", "torch", "--no-progress"]
+    assert main(["sine", "--seed", str(2 ** 64 - 1), "--out", str(tmp_path / "a"), *args]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # an argument error, as for the other bad settings
+        main(["sine", "--seed", str(2 ** 64), "--out", str(tmp_path / "b"), *args])
+    assert stop.value.code == 2 and "seed must be < 2**64" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()

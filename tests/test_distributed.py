@@ -88,6 +88,8 @@ def test_sampler_validates_and_checks_resumable_state():
         IndexedSampler(object(), 4, seed=0, plan_rows=1, batch_size=1)
     with pytest.raises(ValueError, match="seed must be >= 0"):
         IndexedSampler(Sine(), 4, seed=-1, plan_rows=1, batch_size=1)
+    with pytest.raises(ValueError, match="seed must be < 2..64"):  # its streams would be seed 0's
+        IndexedSampler(Sine(), 4, seed=2 ** 64, plan_rows=1, batch_size=1)
     s = IndexedSampler(Sine(), 4, seed=0, plan_rows=1, batch_size=1)
     s.check_resumable(dict(s.state_dict()))
     with pytest.raises(ValueError, match="one torch.Generator stream"):
@@ -432,6 +434,50 @@ def test_a_job_whose_other_ranks_never_come_fails_to_start_with_a_clear_error(mo
         setup_from_env(timeout=1)
     assert time.monotonic() - t0 < 30
     assert not torch.distributed.is_initialized()
+
+
+def test_a_bad_checkpoint_dir_is_refused_on_every_rank_and_the_group_stays_usable(tmp_path):
+    """checkpoint_dir a file: rank 0 alone raised inside fit while rank 1 waited in the first
+    meta-step's all_gather (it then blamed a dead rank), and rank 0's next collective made gloo
+    abort the process (mismatched collectives)."""
+    (tmp_path / "afile").write_text("x")
+    ckpt = str(tmp_path / "ckpt")
+    codes = W.run_job(2, tmp_path, [dict(name="baddir", checkpoint_dir=str(tmp_path / "afile"), checkpoint_every=1),
+                                    dict(name="four", iterations=4, checkpoint_dir=ckpt),
+                                    dict(name="past", iterations=3, resume_from=ckpt),
+                                    dict(name="next", iterations=2)], timeout=10, wait=60, grace=10)
+    assert codes == [0, 0], codes
+    for res in _results(tmp_path, "baddir", 2):
+        assert res["error"] is not None and res["error"][0] == "NotADirectoryError", res["error"]
+        assert "checkpoint_dir" in res["error"][1] and "not a directory" in res["error"][1]
+    # a resume past the requested total: the same short message on every rank (rank 1 resumes
+    # from the dict rank 0 sent, which the message must not print)
+    for res in _results(tmp_path, "past", 2):
+        assert res["error"] is not None and res["error"][0] == "ValueError", res["error"]
+        assert "at meta-step 4, beyond iterations=3" in res["error"][1] and len(res["error"][1]) < 300
+    for res in _results(tmp_path, "next", 2):
+        assert res["error"] is None, res["error"]
+
+
+def test_cli_job_whose_ranks_never_come_gives_no_resume_hint_without_a_checkpoint(monkeypatch, tmp_path, capsys):
+    from reptile_fast.cli import main
+
+    """A rendezvous that fails before any training ended with "Continue from the last checkpoint
+    with --resume OUT" although OUT held no checkpoint (and --resume OUT then failed)."""
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(W.free_port()), "REPTILE_FAST_DIST_TIMEOUT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "run"
+    assert main(["sine", "--iterations", "2", "--meta-batch-size", "2", "--no-progress", "--out", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert "could not join the job" in err and "--resume" not in err, err
+    assert not torch.distributed.is_initialized()
+
+
+def test_timeouts_that_round_to_zero_are_refused():
+    """timedelta keeps microseconds: 1e-9 s passed the > 0 check and became a 0 s timeout."""
+    with pytest.raises(ValueError, match="timeout must be"):
+        setup_from_env(timeout=1e-9)
 
 
 def test_omniglot_job_on_two_ranks_writes_once_and_resumes_alone(tmp_path):

@@ -76,6 +76,20 @@ def test_official_runs_command(data, trained, tmp_path, capsys):
     assert main(["omniglot-runs", "--runs", str(runs), "--model", str(tmp_path / "none")]) == 2
 
 
+def test_official_runs_command_names_an_output_that_is_a_file(data, trained, tmp_path, capsys):
+    """--out pointing at a file failed with a bare "[Errno 17] File exists", and only after the
+    whole evaluation; the omniglot job says what is wrong before any work."""
+    runs = make_runs(tmp_path, n_runs=1, ways=3)
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(trained), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "output directory" in err and "afile" in err and "not a directory" in err, err
+    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(trained), "--out",
+                 str(tmp_path / "afile" / "sub")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
 def test_defaults_are_the_papers_protocol(data):
     parser = build_parser()
     five, _, _ = config_from_args(parser.parse_args(["omniglot", "--train", "x", "--test", "y"]))
@@ -107,6 +121,9 @@ def test_bad_input(data, tmp_path, capsys):
         OmniglotConfig(train=[], test="y")
     with pytest.raises(ValueError, match="inner_batch_size"):
         OmniglotConfig(train=["x"], test="y", inner_batch_size=51)
+    # validation and test episodes are drawn from seeds derived from it: 2**64 failed mid-training
+    with pytest.raises(ValueError, match="seed must be < 2..64"):
+        OmniglotConfig(train=["x"], test="y", seed=2 ** 64)
 
 
 def test_every_output_is_written_atomically(data, tmp_path, monkeypatch):

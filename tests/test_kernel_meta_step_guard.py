@@ -95,6 +95,27 @@ def test_refuses_bad_arguments():
         G.accept_step(phi, new, torch.zeros(2), st, it, one.clone())
     with pytest.raises(ValueError, match="state two"):
         G.accept_step(phi, new, one, torch.zeros(3, dtype=torch.int64), it, one.clone())
+    # a strided state (a view of every other element) had its first bad iteration written one
+    # element off, outside the view: state then read [0, 0] after a bad meta-step 1
+    with pytest.raises(ValueError, match="state must be contiguous"):
+        G.accept_step(phi, new, one, torch.tensor([1, 0, 0, 0])[::2], it, one.clone())
+    buf = torch.zeros(9)  # new one element past phi in the same buffer: pass 2 would read what it wrote
+    with pytest.raises(ValueError, match="alias or overlap"):
+        G.accept_step(buf[:8], buf[1:], one, st, it, one.clone())
+
+
+def test_guarded_meta_step_refuses_zero_inner_steps():
+    """steps=0 was accepted: its mean loss (of no steps) is NaN, so the guard marked a meta-step
+    that changed nothing as the first bad one and skipped every later step."""
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    dims = (1, 8, 1)
+    x, y, plan, phi = _problem(1, dims, 5, "cpu")
+    state, it, loss_out = G.new_state("cpu"), torch.tensor([7]), torch.zeros(1)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        V.guarded_meta_step(x, y, plan, phi, dims, ("tanh", "identity"), lr=0.02, eps=0.1, state=state,
+                            iteration=it, loss_out=loss_out, steps=0)
+    assert state.tolist() == [1, 0]
 
 
 # ----------------------------------------------------------------------------- guarded_meta_step

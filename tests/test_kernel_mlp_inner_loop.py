@@ -290,6 +290,9 @@ def _ok_inputs():
     (lambda a: a.update(loss="hinge"), ValueError, "loss must be one of"),
     (lambda a: a.update(precision="bf16"), ValueError, "precision must be"),
     (lambda a: a.update(steps=4), ValueError, "steps must lie in"),
+    # int(1.5) ran one step silently (kernel v2 refuses it)
+    (lambda a: a.update(steps=1.5), ValueError, "be an int"),
+    (lambda a: a.update(steps=True), ValueError, "be an int"),
     (lambda a: a.update(lr=math.nan), ValueError, "lr must be a finite"),
 ])
 def test_launcher_rejects_bad_input(change, error, words):
@@ -300,6 +303,11 @@ def test_launcher_rejects_bad_input(change, error, words):
     with pytest.raises(error, match=words):
         K.mlp_inner_loop(args["x"], args["y"], args["indices"], args["params"], args["activations"],
                          lr=args["lr"], loss=args["loss"], precision=args["precision"], steps=args["steps"])
+
+
+def test_split_params_refuses_a_buffer_too_short():
+    with pytest.raises(ValueError, match=r"flat has 24 values per row but dims \[1, 8, 1\] need 25"):
+        K.split_params(torch.zeros(2, 24), (1, 8, 1))
 
 
 def test_launch_config_validation_and_choice():

@@ -416,6 +416,10 @@ def _ok_args():
     (lambda a: a.update(precision="bf16"), ValueError, "precision must be one of"),
     (lambda a: a.update(loss="hinge"), ValueError, "loss must be one of"),
     (lambda a: a.update(steps=4), ValueError, "steps must be an int"),
+    # a fractional width was truncated by int() and an 8-wide layer ran silently
+    (lambda a: a.update(dims=(2, 20.5, 1)), TypeError, "dims must be ints"),
+    (lambda a: a.update(dims=(2, 20, True)), TypeError, "dims must be ints"),
+    (lambda a: a.update(activations=None), TypeError, "activations must be a sequence"),
 ])
 def test_meta_step_rejects_bad_input(change, error, words):
     args = _ok_args()
@@ -424,6 +428,30 @@ def test_meta_step_rejects_bad_input(change, error, words):
     with pytest.raises(error, match=words):
         V.meta_step(args["x"], args["y"], args["indices"], args["params_flat"], args["dims"], args["activations"],
                     lr=args["lr"], eps=args["eps"], **extra)
+
+
+def test_outputs_that_overlap_their_inputs_are_refused():
+    """Only an exact alias of out and φ was refused; an out shifted by one element inside φ's
+    buffer (a race on the GPU: programs read φ while the update writes) ran."""
+    a = _ok_args()
+    n = a["params_flat"].numel()
+    buf = torch.cat([a["params_flat"], a["params_flat"]])
+    args = (a["x"], a["y"], a["indices"], buf[:n], a["dims"], a["activations"])
+    with pytest.raises(ValueError, match="must not alias or overlap params_flat"):
+        V.meta_step(*args, lr=0.02, eps=0.1, out=buf[1:n + 1])
+    V.meta_step(*args, lr=0.02, eps=0.1, out=buf[n:])  # adjacent, not overlapping: fine
+    T = a["x"].shape[0]
+    rows = torch.zeros(T + 1, n + 3)
+    with pytest.raises(ValueError, match="must not overlap params_flat"):
+        V.inner_loop(a["x"], a["y"], a["indices"], rows[0, :n], a["dims"], a["activations"], lr=0.02, out=rows[:T])
+    V.inner_loop(a["x"], a["y"], a["indices"], rows[T, :n], a["dims"], a["activations"], lr=0.02, out=rows[:T])
+
+
+def test_unflatten_params_refuses_a_buffer_too_short():
+    """A flat vector one value short gave a last bias of shape (0,) silently."""
+    with pytest.raises(ValueError, match=r"flat has 24 values per row but dims \[1, 8, 1\] need 25"):
+        V.unflatten_params(torch.zeros(24), (1, 8, 1))
+    assert [tuple(t.shape) for t in V.unflatten_params(torch.zeros(3, 28), (1, 8, 1))] == [(3, 8, 1), (3, 8), (3, 1, 8), (3, 1)]
 
 
 def test_config_validation_and_support():

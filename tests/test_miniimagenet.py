@@ -122,5 +122,9 @@ def test_bad_input(root, tmp_path):
         d.sample(1)
     with pytest.raises(ValueError, match="need 5 classes"):
         MiniImageNet(root, "val", ways=5)
+    # an image listed twice was counted twice: an episode could use it as support and as query
+    (tmp_path / "train.csv").write_text("filename,label\na.png,n1\nb.png,n1\na.png,n1\nc.png,n2\nd.png,n2\n")
+    with pytest.raises(ValueError, match=r"train.csv:4: image a.png is listed again \(first on line 2\)"):
+        MiniImageNet(tmp_path, "train", ways=2, shots=1, query_shots=1)
     with pytest.raises(ValueError, match="query_shots >= 1"):
         MiniImageNet(root, "val", ways=2, query_shots=0, image_size=SIZE).sample_episodes(1)

@@ -262,6 +262,20 @@ def test_resume_with_another_schedule_length_warns(tmp_path):
         make_trainer().fit(Sine(), 5, generator=torch.Generator(), progress=False, resume_from=tmp_path)
 
 
+def test_resuming_past_the_requested_total_is_refused(tmp_path):
+    """fit(iterations=3, resume_from=a meta-step-4 checkpoint) returned silently without training
+    (fit refuses the same total without resume_from, and so does the CLI's --resume)."""
+    make_trainer().fit(Sine(), 4, generator=torch.Generator().manual_seed(0), progress=False, checkpoint_dir=tmp_path)
+    import warnings
+
+    with pytest.raises(ValueError, match=r"at meta-step 4, beyond iterations=3"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the annealing-length warning comes first
+        make_trainer().fit(Sine(), 3, generator=torch.Generator(), progress=False, resume_from=tmp_path)
+    finished = make_trainer()  # resuming a finished run with its own total stays a no-op
+    finished.fit(Sine(), 4, generator=torch.Generator(), progress=False, resume_from=tmp_path)
+    assert finished.iteration == 4
+
+
 def test_periodic_checkpoints_when_the_run_starts_off_a_multiple(tmp_path, monkeypatch):
     """Chunks counted from a start that is not a multiple of checkpoint_every (here 1, after a
     meta_step) still save once per multiple they pass: at the ends of the chunks holding 5 and 10."""

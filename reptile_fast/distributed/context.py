@@ -73,8 +73,9 @@ def _timeout(timeout) -> timedelta:
         seconds = float(timeout)
     else:
         raise TypeError(f"timeout must be seconds (a number) or a datetime.timedelta, got {type(timeout).__name__}")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {seconds}")
+    # timedelta keeps whole microseconds: a smaller timeout would become 0 s
+    if not seconds >= 1e-6 or seconds == float("inf"):
+        raise ValueError(f"timeout must be a finite number of seconds > 0 (at least 1e-6), got {seconds}")
     return timedelta(seconds=seconds)
 
 

@@ -91,6 +91,8 @@ class IndexedSampler:
         self.task_distribution = task_distribution
         self.meta_batch_size = check_int("meta_batch_size", meta_batch_size, 1)
         self.seed = check_int("seed", seed, 0)
+        if self.seed >= 2 ** 64:  # streams are seeded from its low 64 bits: seed 2**64 would be seed 0
+            raise ValueError(f"seed must be < 2**64, got {seed}")
         self.plan_rows = check_int("plan_rows", plan_rows, 1)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.block_size = check_int("block_size", block_size, 1)

@@ -67,23 +67,43 @@ def _check_ranks_agree(ctx: DistContext, settings: Dict[str, Any]) -> None:
                          + ". Every rank must build the same trainer and call distributed_fit with the same arguments")
 
 
+def _on_main(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any:
+    """``fn()`` on rank 0, its result sent to every rank; an error it raises (a file or directory
+    that cannot be read or written) is raised on every rank alike, so no rank is left waiting in
+    a collective the others never reach."""
+    payload = None
+    if ctx.is_main:
+        try:
+            payload = ("ok", fn())
+        except (OSError, ValueError, TypeError) as exc:
+            payload = ("error", type(exc).__name__, str(exc))
+    payload = ctx.broadcast_object(payload, what)
+    if payload[0] == "error":
+        kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError,
+                "TypeError": TypeError, "NotADirectoryError": NotADirectoryError,
+                "IsADirectoryError": IsADirectoryError}.get(payload[1], ValueError)
+        raise kind(payload[2])
+    return payload[1]
+
+
 def _load_on_main(ctx: DistContext, source) -> Dict[str, Any]:
     """Rank 0 reads the checkpoint and sends it to every rank (other machines need no copy); a
     file that cannot be read raises the same error on every rank."""
     from ..checkpoint import load_checkpoint
 
-    payload = None
-    if ctx.is_main:
-        try:
-            payload = ("ok", load_checkpoint(source))
-        except (OSError, ValueError, TypeError) as exc:
-            payload = ("error", type(exc).__name__, str(exc))
-    payload = ctx.broadcast_object(payload, "broadcast of the checkpoint to resume from")
-    if payload[0] == "error":
-        kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError,
-                "TypeError": TypeError, "NotADirectoryError": NotADirectoryError}.get(payload[1], ValueError)
-        raise kind(payload[2])
-    return payload[1]
+    return _on_main(ctx, lambda: load_checkpoint(source), "broadcast of the checkpoint to resume from")
+
+
+def _prepare_on_main(ctx: DistContext, checkpoint_dir) -> None:
+    """Rank 0 (the one that writes) creates and checks ``checkpoint_dir`` before training: a bad
+    one raised on rank 0 alone inside ``fit`` while the other ranks entered the first meta-step's
+    collective (they then reported a dead rank, or gloo aborted on mismatched collectives)."""
+    from ..checkpoint import prepare_checkpoint_directory
+
+    def check() -> None:
+        if checkpoint_dir is not None:
+            prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
+    _on_main(ctx, check, "broadcast of the checkpoint directory's check")
 
 
 def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_size: int, seed: int,
@@ -156,6 +176,7 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         "resume": resume_from is not None, "checkpointing": checkpoint_dir is not None and handle_signals,
         "log_every": log_every, "checkpoint_every": checkpoint_every, "stop_check_every": stop_check_every,
         "callback": callback is not None})
+    _prepare_on_main(ctx, checkpoint_dir)
     resume = None
     if resume_from is not None:
         ckpt = _load_on_main(ctx, resume_from)

@@ -49,6 +49,7 @@ class MiniImageNet:
             raise FileNotFoundError(f"{csv_path} does not exist (expected ROOT/{{train,val,test}}.csv "
                                     f"and ROOT/images/)")
         by_class: Dict[str, List[str]] = {}
+        first_line: Dict[str, int] = {}
         with open(csv_path, newline="") as f:
             rows = list(csv.reader(f))
         if not rows or [c.strip() for c in rows[0][:2]] != ["filename", "label"]:
@@ -58,6 +59,11 @@ class MiniImageNet:
                 continue
             if len(row) != 2 or not row[0] or not row[1]:
                 raise ValueError(f"{csv_path}:{n}: expected 'filename,label', got {row!r}")
+            if row[0] in first_line:
+                # the same image twice could be drawn as both a support and a query image
+                raise ValueError(f"{csv_path}:{n}: image {row[0]} is listed again (first on line "
+                                 f"{first_line[row[0]]}); every image must appear once")
+            first_line[row[0]] = n
             by_class.setdefault(row[1], []).append(row[0])
         if not by_class:
             raise ValueError(f"{csv_path} lists no images")
