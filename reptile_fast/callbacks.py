@@ -15,11 +15,13 @@ from .signals import DeferredSignals, TrainingInterrupted, signal_name
 __all__ = ["CheckpointCallback", "SignalCallback", "resume_for_fit"]
 
 
-def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: Optional[Path]):
+def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: Optional[Path], *,
+                   meta_batch_size: Optional[int] = None):
     """Restore ``trainer`` (and every RNG) from ``resume_from`` for ``fit``.
 
     Returns ``(loss history so far, whether resume_from is ckpt_dir's latest checkpoint)``; warns
-    when an annealed run is resumed with another total than it was started with.
+    when an annealed run is resumed with another total than it was started with, and when the
+    checkpoint's run drew another ``meta_batch_size`` (when both are known).
     """
     ckpt = restore_checkpoint(trainer, resume_from, generator=generator)
     history = [float(v) for v in ckpt["history"].get("loss", torch.zeros(0)).tolist()]
@@ -28,6 +30,10 @@ def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: O
         warnings.warn(f"the checkpoint's run annealed the outer step over {saved_total} iterations, "
                       f"this fit over {iterations}: the result will differ from an uninterrupted run",
                       stacklevel=3)
+    saved_batch = ckpt["trainer"].get("meta_batch_size")
+    if meta_batch_size is not None and saved_batch is not None and saved_batch != meta_batch_size:
+        warnings.warn(f"the checkpoint's run drew {saved_batch} tasks per meta-step, this fit {meta_batch_size}: "
+                      f"the result will differ from an uninterrupted run", stacklevel=3)
     latest = None if ckpt_dir is None else ckpt_dir / CHECKPOINT_NAME
     is_latest = latest is not None and latest.exists() and \
         latest.resolve() == resolve_checkpoint_path(resume_from).resolve()

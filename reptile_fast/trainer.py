@@ -126,6 +126,8 @@ class Reptile:
         self.iteration = 0
         self.total_iterations: Optional[int] = None
         self.last_fit_stats: Optional[dict] = None
+        #: the meta-batch of the last ``fit`` that drew its own tasks (recorded in checkpoints)
+        self.meta_batch_size: Optional[int] = None
 
     # ------------------------------------------------------------------ steppers
     def _make_fused(self) -> None:
@@ -325,7 +327,8 @@ class Reptile:
             remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
         history, resumed_latest = [], False
         if resume_from is not None:
-            history, resumed_latest = resume_for_fit(self, resume_from, generator, iterations, ckpt_dir)
+            history, resumed_latest = resume_for_fit(self, resume_from, generator, iterations, ckpt_dir,
+                                                     meta_batch_size=meta_batch_size if sampler is None else None)
             if self.iteration > iterations:  # as without resume_from (and the CLI's --resume)
                 where = "" if isinstance(resume_from, Mapping) else f" {resume_from}"  # a dict: rank 0's, sent
                 raise ValueError(f"the checkpoint{where} is at meta-step {self.iteration}, beyond "
@@ -335,6 +338,8 @@ class Reptile:
             raise ValueError(f"iterations={iterations} is the total number of meta-steps, and this trainer has "
                              f"already taken {self.iteration}; pass a larger total to train further")
         self.total_iterations = iterations
+        if sampler is None:
+            self.meta_batch_size = meta_batch_size
 
         announce = (lambda msg: print(f"reptile_fast: {msg}", file=sys.stderr, flush=True)) if progress else None
         stepper = self.stepper(meta_batch_size, chunk=checkpoint_every, announce=announce)

@@ -37,7 +37,8 @@ def trainer_state_dict(trainer) -> Dict[str, Any]:
     """Everything of the trainer a resumed run needs (the RNGs are the checkpoint's job).
 
     Returns ``{"model": model.state_dict() (parameters and buffers), "outer_optimizer":
-    its state_dict or None, "iteration", "total_iterations", "config": hparams()}``.  Like
+    its state_dict or None, "iteration", "total_iterations", "config": hparams(), "meta_batch_size":
+    the last ``fit``'s, or None}``.  Like
     ``nn.Module.state_dict`` the tensors are references: save or deep-copy to snapshot.
     """
     return {
@@ -46,6 +47,7 @@ def trainer_state_dict(trainer) -> Dict[str, Any]:
         "iteration": trainer.iteration,
         "total_iterations": trainer.total_iterations,
         "config": trainer_hparams(trainer),
+        "meta_batch_size": getattr(trainer, "meta_batch_size", None),
     }
 
 

@@ -294,3 +294,26 @@ def test_periodic_checkpoints_when_the_run_starts_off_a_multiple(tmp_path, monke
     trainer.fit(Sine(), 13, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False,
                 generator=torch.Generator().manual_seed(1))
     assert saved == [6, 11, 13]
+
+
+def test_resuming_with_another_meta_batch_warns(tmp_path):
+    """The checkpoint records fit's meta-batch; resuming with another one warns (the run then
+    differs from an uninterrupted one), with the same one it does not."""
+    import warnings as _warnings
+
+    from reptile_fast import MLP, Reptile, Sine
+
+    torch.manual_seed(0)
+    t = Reptile(MLP(1, 8, 1), backend="torch")
+    t.fit(Sine(), 3, meta_batch_size=2, generator=torch.Generator().manual_seed(0), progress=False,
+          checkpoint_dir=tmp_path)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["trainer"]["meta_batch_size"] == 2
+    for batch, warns in ((3, True), (2, False)):
+        torch.manual_seed(0)
+        r = Reptile(MLP(1, 8, 1), backend="torch")
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            r.fit(Sine(), 5, meta_batch_size=batch, generator=torch.Generator(), progress=False,
+                  resume_from=tmp_path)
+        hit = [w for w in caught if "tasks per meta-step" in str(w.message)]
+        assert bool(hit) == warns, (batch, [str(w.message) for w in caught])
