@@ -2,10 +2,10 @@
 
 ``sample_indices`` draws a plan as the ``batch_size`` smallest of ``n_points`` uniform keys per
 (task, step), in ascending order of key: ``keys.topk(k, largest=False, sorted=True).indices``.
-On the CPU that ``topk`` costs about 0.8 µs per 50-key row, a fifth of a whole meta-step of the
-seed's MLP at meta-batch 256 on the compiled path; this function gives the same indices in
-about 0.1 µs per row by one pass over the row with a sorted buffer of ``k`` (insertion), four rows
-at a time (``bench/plan_selection.py``).
+On the CPU that ``topk`` costs about 0.7 µs per 50-key row (3.4 µs per sine task and meta-step,
+against ~23 µs for the whole compiled meta-step at meta-batch 256); this function gives the same
+indices in about 0.07 µs per row by one pass over the row with a sorted buffer of ``k``
+(insertion), four rows at a time (``bench/results/native_step_parts_cpu.json``).
 
 Same indices: every key is compared exactly (no arithmetic), so the result is the ``k``
 smallest in ascending order, as ``topk`` returns them.  Equal keys (probability about
