@@ -54,7 +54,10 @@ class Sine:
         """Amplitudes and phases, float64 ``[n_tasks]`` each, drawn on the generator's device."""
         _check_positive_int("n_tasks", n_tasks)
         dev = _check_generator(generator)
-        u = torch.rand(2, n_tasks, generator=generator, device=dev, dtype=torch.float64)
+        return self._params(torch.rand(2, n_tasks, generator=generator, device=dev, dtype=torch.float64))
+
+    def _params(self, u: torch.Tensor):
+        """Amplitudes and phases from uniforms ``u [2, T]`` (float64)."""
         a = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]
         b = self.phase[0] + (self.phase[1] - self.phase[0]) * u[1]
         return a, b
@@ -97,9 +100,7 @@ class Sine:
             params.append(torch.rand(2, n_tasks, generator=generator, device=dev, dtype=torch.float64))
             keys.append(torch.rand(n_tasks, plan_rows, self.n_points, generator=generator, device=dev,
                                    dtype=torch.float64))
-        u = torch.stack(params, dim=1).reshape(2, n_steps * n_tasks)
-        a = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]
-        b = self.phase[0] + (self.phase[1] - self.phase[0]) * u[1]
+        a, b = self._params(torch.stack(params, dim=1).reshape(2, n_steps * n_tasks))
         device = device if device is not None else dev
         plans = plan_from_keys(torch.cat(keys), batch_size).to(device)
         return self._make(a, b, device, trusted=True), plans
