@@ -25,8 +25,9 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
 5. compute-sanitizer memcheck, initcheck, synccheck at T=3, each under a timeout.
 6. ncu SpeedOfLight + Occupancy of one T=4096 v2 meta-step launch (when ncu exists).
 
-Files in OUT_DIR (flat): results.json, gpu_check.log (everything printed), compile.json,
-sanitizer.log, ncu.log, summary.txt (the table printed last).
+Files in OUT_DIR (flat, at most 7: the device tool brings back 8): results.json, gpu_check.log
+(everything printed), compile.json, sanitizer.log, ncu.log, summary.txt (the table printed last),
+sine_gpu_metrics.json (the main job's metrics; the job's other files stay in a temporary folder).
 """
 from __future__ import annotations
 
@@ -354,7 +355,9 @@ def stage_timing(log, device, smoke, budget, results, out):
     # the seed's setting through Reptile.fit first: the issue's headline goal (< 1 s on one GPU)
     try:
         rows.extend(fit_rows(log, device, smoke, Budget(min(60, max(10, budget.left() - 60)))))
-        if device.type == "cuda" and budget.left() > 120:  # its own time, kept apart from the fits'
+        if smoke:
+            rows.append(cli_sine_row(log, out, timeout=120.0, smoke=True))
+        elif device.type == "cuda" and budget.left() > 120:  # its own time, kept apart from the fits'
             rows.append(cli_sine_row(log, out, timeout=min(75.0, budget.left() - 90)))
     except Exception as exc:  # noqa: BLE001
         rows.append({"provider": "fit-v2-graphs", "T": 1, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
@@ -450,17 +453,25 @@ class _FixedDraws:
         return TaskBatch.trusted(self.x[rows], self.y[rows]), self.plans[rows]
 
 
-def cli_sine_row(log, out: Path, timeout: float) -> dict:
+def cli_sine_row(log, out: Path, timeout: float, smoke: bool = False) -> dict:
     """The main job on the GPU: ``reptile-fast sine --device cuda --backend triton`` (the seed's
     experiment, 30000 meta-steps + the held-out evaluation) with the fused v2 stepper and CUDA
-    graphs chosen through the environment; whole-process wall time and the job's metrics."""
-    run_dir = out / "sine_gpu"
+    graphs chosen through the environment; whole-process wall time and the job's metrics.
+    ``smoke``: 3 meta-steps on the CPU (backend torch), to check this row's own path."""
+    # The job writes five files; the device tool brings back at most 8 files from $OUT, so the run
+    # goes to a temporary folder and only its metrics come back (sine_gpu_metrics.json).
+    import tempfile
+
+    run_dir = Path(tempfile.mkdtemp(prefix="reptile_fast_sine_gpu_")) / "run"
     env = dict(os.environ, REPTILE_FAST_TRITON_KERNEL="v2", REPTILE_FAST_TRITON_FUSED="1",
                REPTILE_FAST_TRITON_CUDA_GRAPHS="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "reptile_fast", "sine", "--device", "cuda", "--backend", "triton",
            "--no-progress", "--out", str(run_dir)]
+    if smoke:
+        cmd[4:8] = ["--device", "cpu", "--backend", "torch", "--iterations", "3", "--eval-tasks", "2",
+                    "--eval-steps", "1"]
     row = {"provider": "cli-sine-gpu", "T": 1, "command": "REPTILE_FAST_TRITON_KERNEL=v2 REPTILE_FAST_TRITON_FUSED=1 "
            "REPTILE_FAST_TRITON_CUDA_GRAPHS=1 " + " ".join(["python"] + cmd[1:])}
     t0 = time.monotonic()
@@ -472,6 +483,7 @@ def cli_sine_row(log, out: Path, timeout: float) -> dict:
         metrics = run_dir / "metrics.json"
         if metrics.exists():
             m = json.loads(metrics.read_text())
+            shutil.copyfile(metrics, out / "sine_gpu_metrics.json")
             row.update({k: m.get(k) for k in ("train_seconds", "ms_per_iteration", "post_adaptation_mse", "backend",
                                                "mode", "fallback_reason", "eval_seconds")})
     except subprocess.TimeoutExpired:

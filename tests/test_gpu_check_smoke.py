@@ -2,6 +2,7 @@
 interpreter), so the script a GPU session runs once is known to work end to end."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,5 +35,15 @@ def test_gpu_check_cpu_smoke(tmp_path):
     timed = {(r["provider"], r["T"]) for r in stages["timing"]["rows"] if "ms" in r}
     assert {("v1", 1), ("v2-meta", 2), ("torch", 1)} <= timed
     assert stages["sanitizer"]["status"] == "skipped"
+    cli = next(r for r in stages["timing"]["rows"] if r["provider"] == "cli-sine-gpu")
+    assert cli["returncode"] == 0 and cli["post_adaptation_mse"] > 0, cli
+    assert json.loads((tmp_path / "sine_gpu_metrics.json").read_text())["post_adaptation_mse"] == cli["post_adaptation_mse"]
+    # the device tool brings back at most 8 files from $OUT, two folders down at most, named in
+    # letters, digits, '.', '_' and '-': the GPU run writes only flat, plain names (sanitizer.log
+    # and ncu.log join these with CUDA)
+    files = [p for p in tmp_path.rglob("*")]
+    assert all(p.is_file() and p.parent == tmp_path for p in files), files
+    assert len(files) + 2 <= 8, files
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), files
     summary = (tmp_path / "summary.txt").read_text()
     assert summary.splitlines()[-1].startswith("ncu: skipped") and "tasks/s" in summary
