@@ -62,11 +62,13 @@ def _accept_kernel(
     iteration = tl.load(iteration_ptr + one)
     finite = n_bad == 0
     accept = finite & (healthy != 0)  # [1]
+    # the [1] decision as a [BLOCK] vector, compared as a vector: Triton 3.9's interpreter gives a
+    # scalar comparison int32 data, which a store then refuses as a mask
+    accept_cols = (tl.zeros([BLOCK], dtype=tl.int32) + tl.sum(accept.to(tl.int32), axis=0)) > 0
     for start in range(0, n, BLOCK):
         ok = start + cols < n
         v = tl.load(new_ptr + start + cols, mask=ok, other=0.0)
-        # a [BLOCK] mask from the [1] decision: a broadcast, then the store writes nothing if skipped
-        tl.store(phi_ptr + start + cols, v, mask=ok & (tl.sum(accept.to(tl.int32), axis=0) > 0))
+        tl.store(phi_ptr + start + cols, v, mask=ok & accept_cols)  # writes nothing if skipped
     newly_bad = (healthy != 0) & (n_bad > 0)
     tl.store(state_ptr + 1 + one, tl.where(newly_bad, iteration, first_bad))
     tl.store(state_ptr + one, tl.where(accept, 1, 0).to(tl.int64))

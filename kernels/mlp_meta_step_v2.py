@@ -482,7 +482,9 @@ def _accept_from_partials(phi_ptr, part_row, loss_sum, eps_ptr, state_ptr, iter_
     first_bad = tl.load(state_ptr + 1 + one)
     iteration = tl.load(iter_ptr + one)
     accept = (n_bad == 0) & (healthy != 0)  # [1]
-    take = tl.sum(accept.to(tl.int32), axis=0) > 0
+    # compared as a [BLOCK] vector: Triton 3.9's interpreter gives a scalar comparison int32 data,
+    # which a store then refuses as a mask
+    take = (tl.zeros((BLOCK,), dtype=tl.int32) + tl.sum(accept.to(tl.int32), axis=0)) > 0
     tl.debug_barrier()  # every read of φ above before the writes below
     for start in range(0, n_params, BLOCK):
         ok = start + cols < n_params
