@@ -340,8 +340,8 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         options.setdefault("chunk", chunk_size)
     trainer = None
     # auto: the compiled program (the native C meta-step) wherever it runs the model: measured
-    # 1.75x (meta-batch 1024) to 32x (meta-batch 1) backend torch's tasks/s on the CPU
-    # (bench/results/native_meta_batch_cpu.json).
+    # 2.0x (meta-batch 1024) to 38x (meta-batch 1) backend torch's tasks/s on the CPU with the
+    # chunked draws used here (bench/results/native_meta_batch_cpu.json).
     if backend == "auto" and not options:
         try:
             trainer = make_trainer("compiled", {"chunk": chunk_size})
