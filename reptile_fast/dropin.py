@@ -230,9 +230,30 @@ class _SeedLoopStepper(Stepper):
         self.named = list(model.named_parameters())
         self.outer = OuterUpdate(self.named)
 
+    def _adapted(self, result) -> list:
+        """The inner loop's result as detached tensors, one per model parameter in order; a
+        ValueError/TypeError naming the problem otherwise (the seed's ``zip`` would leave the
+        parameters past a short list untrained, or fail deep inside the update)."""
+        where = f"perform_k_training_steps ({getattr(self.inner, '__qualname__', type(self.inner).__name__)})"
+        if isinstance(result, (torch.Tensor, dict, str)) or not hasattr(result, "__iter__"):
+            raise TypeError(f"{where} returned {type(result).__name__}; it must return the adapted model's "
+                            f"parameters, a list of tensors in model.parameters() order")
+        result = list(result)
+        if len(result) != len(self.named):
+            raise ValueError(f"{where} returned {len(result)} tensors; the model has {len(self.named)} "
+                             f"parameters, and each must have its adapted value")
+        for g, (name, p) in zip(result, self.named):
+            if not isinstance(g, torch.Tensor):
+                raise TypeError(f"{where} returned a {type(g).__name__} for parameter {name}; it must return "
+                                f"a list of tensors in model.parameters() order")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(f"{where} returned {name} with shape {tuple(g.shape)} {g.dtype} on {g.device}; "
+                                 f"the parameter has shape {tuple(p.shape)} {p.dtype} on {p.device}")
+        return [g.detach() for g in result]
+
     def run(self, tasks, plans, eps, first_iteration):
         for step in range(len(eps)):
-            adapted = [[g.detach() for g in self.inner(copy.deepcopy(self.model), task, self.k)]
+            adapted = [self._adapted(self.inner(copy.deepcopy(self.model), task, self.k))
                        for task in tasks[step * self.T:(step + 1) * self.T]]
             with torch.no_grad():
                 deltas = [torch.stack([a[j] for a in adapted]) - p for j, (_, p) in enumerate(self.named)]
