@@ -22,7 +22,7 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
-from .jobs import check_seed, derived_seed, resume_hint, train_job
+from .jobs import check_seed, check_threads, derived_seed, resume_hint, train_job
 from .models import OmniglotConvNet
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
@@ -178,6 +178,7 @@ def run_omniglot(config: OmniglotConfig, out: os.PathLike, *, progress: bool = T
     """
     if not isinstance(config, OmniglotConfig):
         raise TypeError(f"config must be an OmniglotConfig, got {type(config).__name__}")
+    check_threads(config.threads)
     out = prepare_directory(out, "output directory")
     from .distributed import setup_from_env
 
