@@ -461,7 +461,14 @@ def config_from_args(args):
     else:
         if "train" not in given or "test" not in given:
             raise ValueError("omniglot needs --train PATH and --test PATH (or --resume DIR)")
-        settings = {**omniglot_preset(given.get("ways", 5)), **given}
+        ways = given.get("ways", 5)
+        preset = omniglot_preset(ways)
+        # The preset's batch sizes are capped at what a task holds (fewer ways or shots than the
+        # paper's; evaluation capped it there anyway); a batch size given as a flag is checked as given.
+        preset["inner_batch_size"] = min(preset["inner_batch_size"],
+                                         ways * given.get("train_shots", OmniglotConfig.train_shots))
+        preset["eval_batch_size"] = min(preset["eval_batch_size"], ways * min(given.get("shots", [1])))
+        settings = {**preset, **given}
         out = args.out if args.out is not None else "runs/omniglot"
     return OmniglotConfig(**settings), out, resume
 
