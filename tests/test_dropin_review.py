@@ -46,3 +46,21 @@ def test_custom_inner_loop_may_return_a_generator_or_a_tuple():
             warnings.simplefilter("ignore")
             reptile_fast.reptile(model, 3, reference.sample_task, _inner(transform), progress=False)
         assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+
+
+def test_numpy_integers_are_accepted_as_the_seed_accepts_them():
+    """The seed's loop takes any integer (``range(nb_iterations)``, ``k * N // batch_size``), so
+    a sweep such as ``for k in np.arange(1, 4)`` works there; the drop-in raised TypeError
+    "k must be an int, got int64". Same numbers as with Python ints."""
+    import numpy as np
+
+    results = []
+    for cast in (int, np.int64):
+        torch.manual_seed(0)
+        model = reference.MLP()
+        reptile_fast.reptile(model, cast(3), reference.sample_task, reference.perform_k_training_steps,
+                             k=cast(2), meta_batch_size=cast(2), chunk_size=cast(2), progress=False)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    with pytest.raises(TypeError, match="k must be an int"):
+        reptile_fast.reptile(reference.MLP(), 3, reference.sample_task, k=True, progress=False)
