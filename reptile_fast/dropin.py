@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from typing import Callable, Dict, Optional
 
@@ -151,24 +152,29 @@ class _SineSource:
 
 # ---------------------------------------------------------------------- validation
 def _int_arg(name: str, value, minimum: int = 1) -> int:
+    # the seed's loop takes any integer (``range(nb_iterations)``, ``k * N // batch_size``): numpy's too
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
     return check_int(name, value, minimum)
 
 
 def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, epsilon,
-                meta_batch_size, backend, generator, chunk_size, backend_options) -> float:
+                meta_batch_size, backend, generator, chunk_size, backend_options) -> tuple:
+    """``(nb_iterations, k, epsilon, meta_batch_size, chunk_size)`` as Python numbers, after checking
+    every argument."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not any(True for _ in model.parameters()):
         raise ValueError("model has no parameters to meta-learn")
-    _int_arg("nb_iterations", nb_iterations)
+    nb_iterations = _int_arg("nb_iterations", nb_iterations)
     if not callable(sample_task):
         raise TypeError(f"sample_task must be callable (returning (x, y, loss_fct)), got {type(sample_task).__name__}")
     if perform_k_training_steps is not None and not callable(perform_k_training_steps):
         raise TypeError(f"perform_k_training_steps must be callable or None, got "
                         f"{type(perform_k_training_steps).__name__}")
-    _int_arg("k", k)
+    k = _int_arg("k", k)
     epsilon = check_float("epsilon", epsilon)
-    _int_arg("meta_batch_size", meta_batch_size)
+    meta_batch_size = _int_arg("meta_batch_size", meta_batch_size)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "fused":
@@ -180,8 +186,8 @@ def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, 
         raise TypeError(f"backend_options must be a dict, got {type(backend_options).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    _int_arg("chunk_size", chunk_size)
-    return epsilon
+    chunk_size = _int_arg("chunk_size", chunk_size)
+    return nb_iterations, k, epsilon, meta_batch_size, chunk_size
 
 
 def _reference_reason(any_shape: bool, task, kind) -> Optional[str]:
@@ -230,9 +236,30 @@ class _SeedLoopStepper(Stepper):
         self.named = list(model.named_parameters())
         self.outer = OuterUpdate(self.named)
 
+    def _adapted(self, result) -> list:
+        """The inner loop's result as detached tensors, one per model parameter in order; a
+        ValueError/TypeError naming the problem otherwise (the seed's ``zip`` would leave the
+        parameters past a short list untrained, or fail deep inside the update)."""
+        where = f"perform_k_training_steps ({getattr(self.inner, '__qualname__', type(self.inner).__name__)})"
+        if isinstance(result, (torch.Tensor, dict, str)) or not hasattr(result, "__iter__"):
+            raise TypeError(f"{where} returned {type(result).__name__}; it must return the adapted model's "
+                            f"parameters, a list of tensors in model.parameters() order")
+        result = list(result)
+        if len(result) != len(self.named):
+            raise ValueError(f"{where} returned {len(result)} tensors; the model has {len(self.named)} "
+                             f"parameters, and each must have its adapted value")
+        for g, (name, p) in zip(result, self.named):
+            if not isinstance(g, torch.Tensor):
+                raise TypeError(f"{where} returned a {type(g).__name__} for parameter {name}; it must return "
+                                f"a list of tensors in model.parameters() order")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(f"{where} returned {name} with shape {tuple(g.shape)} {g.dtype} on {g.device}; "
+                                 f"the parameter has shape {tuple(p.shape)} {p.dtype} on {p.device}")
+        return [g.detach() for g in result]
+
     def run(self, tasks, plans, eps, first_iteration):
         for step in range(len(eps)):
-            adapted = [[g.detach() for g in self.inner(copy.deepcopy(self.model), task, self.k)]
+            adapted = [self._adapted(self.inner(copy.deepcopy(self.model), task, self.k))
                        for task in tasks[step * self.T:(step + 1) * self.T]]
             with torch.no_grad():
                 deltas = [torch.stack([a[j] for a in adapted]) - p for j, (_, p) in enumerate(self.named)]
@@ -292,8 +319,9 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         ``ms_per_iteration`` (after compilation) and ``loss`` (mean inner-loop loss per
         iteration; empty on the reference path).  Seed scripts may ignore it.
     """
-    epsilon = _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, epsilon,
-                          meta_batch_size, backend, generator, chunk_size, backend_options)
+    nb_iterations, k, epsilon, meta_batch_size, chunk_size = _check_args(
+        model, nb_iterations, sample_task, perform_k_training_steps, k, epsilon, meta_batch_size, backend,
+        generator, chunk_size, backend_options)
     batch, any_shape = classify_inner_loop(perform_k_training_steps)
     first = sample_task()
     kind = None

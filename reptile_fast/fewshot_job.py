@@ -22,7 +22,7 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
-from .jobs import check_seed, derived_seed, resume_hint, train_job
+from .jobs import check_seed, check_threads, derived_seed, resume_hint, train_job
 from .models import OmniglotConvNet
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
@@ -178,6 +178,7 @@ def run_omniglot(config: OmniglotConfig, out: os.PathLike, *, progress: bool = T
     """
     if not isinstance(config, OmniglotConfig):
         raise TypeError(f"config must be an OmniglotConfig, got {type(config).__name__}")
+    check_threads(config.threads)
     out = prepare_directory(out, "output directory")
     from .distributed import setup_from_env
 
@@ -460,7 +461,14 @@ def config_from_args(args):
     else:
         if "train" not in given or "test" not in given:
             raise ValueError("omniglot needs --train PATH and --test PATH (or --resume DIR)")
-        settings = {**omniglot_preset(given.get("ways", 5)), **given}
+        ways = given.get("ways", 5)
+        preset = omniglot_preset(ways)
+        # The preset's batch sizes are capped at what a task holds (fewer ways or shots than the
+        # paper's; evaluation capped it there anyway); a batch size given as a flag is checked as given.
+        preset["inner_batch_size"] = min(preset["inner_batch_size"],
+                                         ways * given.get("train_shots", OmniglotConfig.train_shots))
+        preset["eval_batch_size"] = min(preset["eval_batch_size"], ways * min(given.get("shots", [1])))
+        settings = {**preset, **given}
         out = args.out if args.out is not None else "runs/omniglot"
     return OmniglotConfig(**settings), out, resume
 

@@ -36,6 +36,15 @@ def check_seed(seed: int) -> None:
         raise ValueError(f"seed must be < 2**64 (torch generators take 64-bit seeds), got {seed}")
 
 
+def check_threads(threads: int) -> None:
+    """A job's ``threads``: at most the machine's CPUs.  torch starts that many OpenMP threads, and
+    far more than the machine has ended in a crash (``--threads 100000``: SIGSEGV), not an error."""
+    cpus = os.cpu_count() or 1
+    if threads > cpus:
+        raise ValueError(f"threads {threads} exceeds the {cpus} CPUs of this machine: use at most {cpus} "
+                         f"(0: torch's default)")
+
+
 def derived_seed(seed: int, offset: int) -> int:
     """``seed + offset`` wrapped to 64 bits (the same value as before for every seed < 2**64 - offset)."""
     return (seed + offset) % SEED_LIMIT
@@ -152,6 +161,7 @@ def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True,
     """
     if not isinstance(config, SineConfig):
         raise TypeError(f"config must be a SineConfig, got {type(config).__name__}")
+    check_threads(config.threads)
     from .distributed import setup_from_env
 
     # Under torchrun (WORLD_SIZE > 1) this joins the job: gloo on the CPU, NCCL on cuda:LOCAL_RANK.

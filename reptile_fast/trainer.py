@@ -345,6 +345,17 @@ class Reptile:
         stepper = self.stepper(meta_batch_size, chunk=checkpoint_every, announce=announce)
         if reducer is not None and stepper is self._fused:
             stepper = self._eager  # the environment's fused preference: a reducer needs the eager stepper
+        if (resume_from is not None and draw_chunks and self.iteration % stepper.chunk
+                and self.iteration < iterations):
+            # chunk-drawn runs draw [c·j, c·(j+1)) at once: a run ended inside one of those chunks
+            # (its total was not a multiple of c) and extended drew that chunk's first part apart
+            import warnings
+
+            warnings.warn(f"the checkpoint's run ended at meta-step {self.iteration}, inside a chunk of "
+                          f"{stepper.chunk} meta-steps whose tasks and plans this fit draws at once "
+                          f"(draw_chunks=True): extended to {iterations}, the result will differ from an "
+                          f"uninterrupted run (checkpoints every multiple of the chunk resume exactly)",
+                          stacklevel=2)
         if sampler is None:
             sampler = StreamSampler(task_distribution, meta_batch_size, self.plan_rows(self.inner_steps),
                                     self.inner_batch_size, generator=generator, device=self.device,
