@@ -43,29 +43,57 @@ def test_omniglot_presets_fit_fewer_ways_or_shots(flags, inner_batch, eval_batch
 
 
 def test_extending_a_chunk_drawn_run_warns_that_it_differs(tmp_path):
-    """The default (compiled) sine job draws a chunk's tasks at once (chunks end at multiples of
-    --checkpoint-every and at the total), so a run of 4 extended with --resume --iterations 9
-    trains on other draws than 9 at once. That used to pass silently, while the README says only
-    other hyper-parameters, meta-batch or an annealed total make a resumed run differ."""
+    """fit(draw_chunks=True) draws a chunk's tasks at once (chunks end at multiples of
+    checkpoint_every and at the total), so a run of 4 extended to 9 from its checkpoint trains on
+    other draws than 9 at once: a warning says so.  A checkpoint on a chunk boundary resumes
+    exactly, without one."""
+    import warnings
+
+    import torch
+
+    from reptile_fast import MLP, Reptile, Sine
+
+    def run(total, ckpt, every=None, resume=None):
+        torch.manual_seed(0)
+        t = Reptile(MLP(1, 8, 1), backend="compiled")
+        t.fit(Sine(), total, generator=torch.Generator().manual_seed(1), progress=False, draw_chunks=True,
+              checkpoint_dir=ckpt, checkpoint_every=every, resume_from=resume)
+        return torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+
+    run(4, tmp_path / "a")
+    with pytest.warns(UserWarning, match="differ from an uninterrupted run"):
+        extended = run(9, tmp_path / "a", resume=tmp_path / "a")
+    assert not torch.equal(extended, run(9, tmp_path / "b"))  # what the warning is about
+    run(4, tmp_path / "c", every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        extended = run(8, tmp_path / "c", every=2, resume=tmp_path / "c")
+    assert torch.equal(extended, run(8, tmp_path / "d", every=2))
+
+
+def test_the_sine_job_is_exact_across_resume_and_checkpoint_intervals(tmp_path):
+    """The sine job draws every meta-step as every backend does (on the CPU): its model does not
+    depend on --checkpoint-every, extending a finished run with --resume equals running the total
+    at once, and backend reference trains the same model within fp32 rounding."""
     import warnings
 
     import torch
 
     args = ["--eval-tasks", "1", "--eval-steps", "1", "--no-progress"]
-    assert main(["sine", "--iterations", "4", "--out", str(tmp_path / "a"), *args]) == 0
-    assert main(["sine", "--iterations", "9", "--out", str(tmp_path / "b"), *args]) == 0
-    with pytest.warns(UserWarning, match="differ from an uninterrupted run"):
-        assert main(["sine", "--resume", str(tmp_path / "a"), "--iterations", "9", "--no-progress"]) == 0
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
-    assert not all(torch.equal(a[k], b[k]) for k in a)  # what the warning is about
-    # a checkpoint on a chunk boundary (every 2 meta-steps here) resumes exactly, without a warning
-    args += ["--checkpoint-every", "2"]
+
+    def model(name):
+        return torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"]
+
+    assert main(["sine", "--iterations", "9", "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["sine", "--iterations", "9", "--checkpoint-every", "2", "--out", str(tmp_path / "b"), *args]) == 0
     assert main(["sine", "--iterations", "4", "--out", str(tmp_path / "c"), *args]) == 0
-    assert main(["sine", "--iterations", "8", "--out", str(tmp_path / "d"), *args]) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        assert main(["sine", "--resume", str(tmp_path / "c"), "--iterations", "8", "--no-progress"]) == 0
-    c = torch.load(tmp_path / "c" / "model.pt", weights_only=True)["state_dict"]
-    d = torch.load(tmp_path / "d" / "model.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(c[k], d[k]) for k in c)
+        assert main(["sine", "--resume", str(tmp_path / "c"), "--iterations", "9", "--no-progress"]) == 0
+    assert main(["sine", "--iterations", "9", "--backend", "reference", "--out", str(tmp_path / "r"), *args]) == 0
+    a = model("a")
+    for other in ("b", "c"):
+        assert all(torch.equal(a[k], model(other)[k]) for k in a), other
+    r = model("r")
+    for k in a:
+        torch.testing.assert_close(a[k], r[k], rtol=1e-5, atol=1e-6)
