@@ -172,7 +172,8 @@ def run_omniglot(config: OmniglotConfig, out: os.PathLike, *, progress: bool = T
     Writes ``metrics.json`` (``test_accuracy`` a fraction for ``shots[0]``, ``test_accuracy_ci95``,
     ``results`` per K, the pixel 1-NN baseline on the same episodes, ``train_alphabets``,
     ``test_alphabets``, ``train_seconds``), ``config.json``, ``model.pt`` (state_dict + config),
-    ``learning_curve.png``, ``validation.json`` and ``checkpoint.pt`` (every
+    ``learning_curve.png``, ``validation.json`` (when a validation ran: every ``validate_every``
+    meta-steps) and ``checkpoint.pt`` (every
     ``checkpoint_every`` meta-steps, at the end and on SIGINT/SIGTERM; ``resume`` continues
     exactly).  Returns the metrics.
     """
@@ -511,5 +512,7 @@ def run_command(args) -> int:
     if not main_rank:
         return 0
     print(json.dumps(metrics, indent=2))
-    log(f"wrote metrics.json, config.json, model.pt, learning_curve.png, validation.json, checkpoint.pt to {out}")
+    written = [n for n in ("metrics.json", "config.json", "model.pt", "learning_curve.png", VALIDATION_NAME,
+                           CHECKPOINT_NAME) if (Path(out) / n).is_file()]  # validation.json: only if one ran
+    log(f"wrote {', '.join(written)} to {out}")
     return 0

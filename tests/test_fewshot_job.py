@@ -137,3 +137,17 @@ def test_every_output_is_written_atomically(data, tmp_path, monkeypatch):
     assert main(tiny_args(data, out)) == 0
     written = {p.name for p in out.iterdir()}
     assert "learning_curve.png" in written and written <= set(renamed), sorted(written - set(renamed))
+
+
+def test_the_last_line_names_only_the_files_written(data, tmp_path, capsys):
+    """Without validation (--validate-every 0) no validation.json is written, and the job's last
+    line does not claim one."""
+    out = tmp_path / "novalidation"
+    args = tiny_args(data, out)
+    args[args.index("--validate-every") + 1] = "0"
+    capsys.readouterr()
+    assert main(args) == 0
+    assert not (out / "validation.json").exists()
+    captured = capsys.readouterr()
+    last = next(l for l in (captured.out + captured.err).splitlines() if l.startswith("wrote "))
+    assert last.startswith("wrote metrics.json") and "checkpoint.pt" in last and "validation.json" not in last, last
