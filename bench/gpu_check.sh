@@ -3,6 +3,8 @@
 #   bench/gpu_check.sh OUT_DIR              on one H100/H200, <= 6 minutes (device tool: bench/gpu_check.sh $OUT)
 #   bench/gpu_check.sh --cpu-smoke OUT_DIR  anywhere: the same path at tiny sizes on the CPU,
 #                                           Triton kernels under TRITON_INTERPRET=1 (CI runs it)
+#   bench/gpu_check.sh --sweep OUT_DIR      kernel v2's launch settings swept (bench/gpu_sweep.py,
+#                                           <= ~4 minutes): the second call of a GPU session
 # Extra flags go to bench/gpu_check.py (--stages 1,3,4  --budget SECONDS).  Needs no installs:
 # torch and triton (JAX, nvcc, ncu, compute-sanitizer are used when present); runs from the source
 # tree.  results.json in OUT_DIR is rewritten after every stage; the summary table is printed last.
@@ -24,4 +26,9 @@ if [ -d kernels ] && [ ! -e reptile_fast/kernels ]; then
 fi
 cleanup() { if [ -n "$LINK" ]; then rm -f "$LINK"; fi; }
 trap cleanup EXIT
-$PY -m bench.gpu_check "$@"
+if [ "${1:-}" = "--sweep" ]; then
+  shift
+  $PY -m bench.gpu_sweep "$@"
+else
+  $PY -m bench.gpu_check "$@"
+fi

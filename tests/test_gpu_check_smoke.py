@@ -47,3 +47,19 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), files
     summary = (tmp_path / "summary.txt").read_text()
     assert summary.splitlines()[-1].startswith("ncu: skipped") and "tasks/s" in summary
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_gpu_sweep_cpu_smoke(tmp_path):
+    """bench/gpu_check.sh --sweep --cpu-smoke: every launch setting's φ checked against the
+    default's, then timed; sweep.json holds both task counts."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--sweep", "--cpu-smoke", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert {r["T"] for r in rows} == {1, 5}
+    assert all(r.get("ok") and "ms" in r for r in rows), [r for r in rows if not r.get("ok")]
+    assert any(r["config"].get("stream") for r in rows) and any(not r["config"] for r in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.log"]

@@ -1,0 +1,161 @@
+"""Kernel v2's launch settings swept on a GPU, to choose its defaults from measurements.
+
+    PYTHONPATH=. python -m bench.gpu_sweep OUT_DIR               # one H100/H200, <= ~4 minutes
+    PYTHONPATH=. python -m bench.gpu_sweep --cpu-smoke OUT_DIR   # anywhere: tiny sizes, interpreter
+
+The GPU check (``bench/gpu_check.sh``) times each kernel variant at its default settings; this
+sweeps the settings ``V2Config`` exposes -- warps per program, programs per SM (the persistent
+grid), where a program accumulates its tasks' updates, streamed wide layers -- for the fused
+meta-step (``meta_step``: T = 4096 and 65536 tasks) and for the seed's setting (``guarded_meta_step``
+at T = 1, one launch, what the fused CUDA-graph stepper replays), sine MLP 1-64-64-1, 5 inner
+steps of 10 points, precision "ieee".  Every setting's φ is checked against the default
+setting's before it is timed (the settings change only the order of the outer sum: equal within
+fp32 rounding of a T-term mean, rtol 1e-5 / atol 1e-6), so no wrong answer is timed.
+
+Timing: ``triton.testing.do_bench_cudagraph`` (a CUDA graph of launches, CUDA events).  Writes
+``OUT_DIR/sweep.json`` after every T (a kill loses at most one T) and prints the table, best first.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+SWEEP_T = (1, 4096, 65536)
+
+
+def settings(T: int, smoke: bool):
+    """V2Config keyword sets for T tasks: the default first (the correctness baseline)."""
+    yield {}
+    warps, accumulate, stream = (4, 8), ("registers", "memory"), (False, True)
+    per_sm = (1,) if T == 1 else (1, 2, 4, 8)  # one task: one program whatever the grid
+    if smoke:  # each code path once
+        warps, accumulate, per_sm = (4,), ("memory",), per_sm[:2]
+    for w, acc, st, p in itertools.product(warps, accumulate, stream, per_sm):
+        yield {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p}
+
+
+def sweep_T(T, device, width, smoke, budget, log):
+    import torch
+
+    from bench.gpu_check import ACTS, EPS, LR, _time_ms, problem
+    from reptile_fast.kernels import meta_step_guard as G
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    dims = (1, width, width, 1)
+    _, tasks, plan, _, phi = problem(T, device, seed=21, width=width)
+    eps = torch.full((1,), EPS, device=device)
+    it = torch.ones(1, dtype=torch.int64, device=device)
+    rows, want = [], None
+    for kw in settings(T, smoke):
+        if budget.left() < 10:
+            rows.append({"T": T, "config": kw, "status": "skipped", "reason": "time budget spent"})
+            continue
+        row = {"T": T, "config": kw, "launch": "guarded_meta_step" if T == 1 else "meta_step"}
+        try:
+            cfg = V.V2Config(**kw)
+            if T == 1:  # the fused stepper's one-launch meta-step, applied in place
+                work, state, loss_out = phi.clone(), G.new_state(device), torch.empty(1, device=device)
+
+                def fn():
+                    V.guarded_meta_step(tasks.x, tasks.y, plan, work, dims, ACTS, lr=LR, eps=eps, state=state,
+                                        iteration=it, loss_out=loss_out, config=cfg)
+
+                fn()
+                got = work.clone()
+                # timed replays keep stepping φ: start each setting from the same φ, check once
+            else:
+                new = torch.empty_like(phi)
+
+                def fn():
+                    V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=eps, config=cfg, out=new)
+
+                fn()
+                got = new.clone()
+            if want is None:
+                want = got
+            row["max_abs_vs_default"] = float((got - want).abs().max())
+            row["ok"] = bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6)) and bool(torch.isfinite(got).all())
+            if row["ok"]:
+                ms, timer = _time_ms(fn, device, graph=True)
+                row.update(ms=ms, timer=timer, tasks_per_s=T / (ms / 1e3))
+            else:
+                row["status"] = "not timed: result differs from the default setting's"
+        except Exception as exc:  # noqa: BLE001 - recorded; the other settings go on
+            row["status"] = "error"
+            row["reason"] = f"{type(exc).__name__}: {exc}"[:500]
+        rows.append(row)
+        log(f"  T={T:>6} {kw or 'default'}: " + (f"{row['ms']:.4f} ms, {row['tasks_per_s']:,.0f} tasks/s"
+                                                   if "ms" in row else f"{row.get('status')} {row.get('reason', '')}"))
+    return rows
+
+
+def table(rows):
+    lines = []
+    for T in sorted({r["T"] for r in rows}):
+        timed = sorted((r for r in rows if r["T"] == T and "ms" in r), key=lambda r: r["ms"])
+        default = next((r for r in timed if not r["config"]), None)
+        lines.append(f"T={T}: {len(timed)} settings timed" + (f"; default {default['ms']:.4f} ms" if default else ""))
+        for r in timed[:8]:
+            ratio = f"  {default['ms'] / r['ms']:.2f}x the default" if default else ""
+            lines.append(f"  {r['ms']:9.4f} ms {r['tasks_per_s']:>14,.0f} tasks/s  {r['config'] or 'default'}{ratio}")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_sweep", description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="output directory")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, Triton interpreter")
+    ap.add_argument("--budget", type=float, default=None, help="seconds in all (default 220 on a GPU, 120 smoke)")
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before a kernel module is imported
+    import torch
+
+    from bench.env import machine_stamp
+    from bench.gpu_check import Budget, Log
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "sweep.log")
+    if args.cpu_smoke:
+        device, Ts, width = torch.device("cpu"), (1, 5), 16
+        torch.set_num_threads(1)
+    elif not torch.cuda.is_available():
+        log("no CUDA device: run with --cpu-smoke for the CPU smoke test")
+        return 2
+    else:
+        device, Ts, width = torch.device("cuda"), SWEEP_T, 64
+    budget = Budget(args.budget or (120 if args.cpu_smoke else 220))
+    stamp = machine_stamp()
+    stamp["command"] = "python -m bench.gpu_sweep " + " ".join(sys.argv[1:] if argv is None else argv)
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        stamp.update(gpu=p.name, sms=p.multi_processor_count)
+    results = {"stamp": stamp, "mode": "cpu-smoke (timings meaningless)" if args.cpu_smoke else "gpu",
+               "dims": [1, width, width, 1], "rows": []}
+    for T in Ts:
+        t0 = time.monotonic()
+        try:
+            results["rows"] += sweep_T(T, device, width, args.cpu_smoke, budget, log)
+        except Exception as exc:  # noqa: BLE001
+            results["rows"].append({"T": T, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
+            log(traceback.format_exc())
+        log(f"  T={T} done in {time.monotonic() - t0:.1f} s")
+        results["table"] = table(results["rows"])
+        tmp = out / "sweep.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        tmp.replace(out / "sweep.json")
+    for line in results["table"]:
+        log(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
