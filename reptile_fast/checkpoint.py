@@ -19,6 +19,7 @@ one before it, kept until the new one is in place).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -91,8 +92,21 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _strict_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as None: strict JSON has no NaN token (Python's reader accepts
+    one, most others refuse the whole file), and a diverged run's metrics must stay readable."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Write ``obj`` as strict JSON (non-finite floats as null), atomically."""
+    return atomic_write_text(path, json.dumps(_strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:

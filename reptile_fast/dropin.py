@@ -164,8 +164,12 @@ def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, 
     every argument."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(True for _ in model.parameters()):
+    first = next(iter(model.parameters()), None)
+    if first is None:
         raise ValueError("model has no parameters to meta-learn")
+    if first.device.type == "meta":
+        raise ValueError("model is on the meta device (parameters without data): materialise it first, "
+                         "e.g. model.to_empty(device='cpu') and initialise its parameters")
     nb_iterations = _int_arg("nb_iterations", nb_iterations)
     if not callable(sample_task):
         raise TypeError(f"sample_task must be callable (returning (x, y, loss_fct)), got {type(sample_task).__name__}")
@@ -173,6 +177,9 @@ def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, 
         raise TypeError(f"perform_k_training_steps must be callable or None, got "
                         f"{type(perform_k_training_steps).__name__}")
     k = _int_arg("k", k)
+    if (isinstance(epsilon, torch.Tensor) and epsilon.dim() == 0 and not epsilon.is_complex()
+            and epsilon.dtype != torch.bool):
+        epsilon = epsilon.item()  # the seed's arithmetic takes a 0-dim tensor ε too
     epsilon = check_float("epsilon", epsilon)
     meta_batch_size = _int_arg("meta_batch_size", meta_batch_size)
     if not isinstance(backend, str):

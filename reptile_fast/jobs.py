@@ -110,8 +110,10 @@ def sine_config_from_checkpoint(ckpt: Mapping[str, Any], source="checkpoint") ->
     """
     extra = ckpt.get("extra", {})
     if extra.get("job") != SINE_JOB or not isinstance(extra.get("job_config"), Mapping):
-        raise ValueError(f"{source} was not written by the sine job (no sine configuration in it); "
-                         f"resume it from Python with Reptile.fit(..., resume_from=...)")
+        job = extra.get("job")
+        hint = (f"it is a {job} job's: continue it with reptile-fast {job} --resume DIR" if isinstance(job, str)
+                and job.isidentifier() else "resume it from Python with Reptile.fit(..., resume_from=...)")
+        raise ValueError(f"{source} was not written by the sine job (no sine configuration in it); {hint}")
     saved = dict(extra["job_config"])
     known = {f.name for f in fields(SineConfig)}
     unknown = sorted(set(saved) - known)

@@ -201,7 +201,6 @@ class CompiledStepper(Stepper):
             raise ValueError(f"the plans hold minibatches of {plans.shape[2]} points but this compiled "
                              f"meta-step was built for inner_batch_size={self.batch}")
         self.prepare()
-        m = len(eps)
         xs, ys = gather_chunk(tasks, plans, self.n_tasks)
         eps_t = torch.tensor(list(eps), dtype=self.dtype)
         new, losses = self.program(self.live, xs, ys, eps_t)

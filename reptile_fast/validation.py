@@ -44,6 +44,9 @@ def check_meta_model(model):
         raise ValueError(f"model parameters must all be on one device, found {sorted(map(str, devices))}")
     if len(dtypes) != 1 or not params[0].is_floating_point():
         raise TypeError(f"model parameters must share one floating-point dtype, found {dtypes}")
+    if params[0].device.type == "meta":
+        raise ValueError("model is on the meta device (parameters without data): materialise it first, "
+                         "e.g. model.to_empty(device='cpu') and initialise its parameters")
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         # torch.optim skips them in the seed's loop while batched paths would train them:
@@ -52,7 +55,7 @@ def check_meta_model(model):
                          f"Reptile meta-learns every parameter — remove them or unfreeze them")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"model parameter {name} contains NaN or infinite values")
     return params, params[0].device, params[0].dtype
 

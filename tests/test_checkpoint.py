@@ -298,3 +298,18 @@ def test_a_dangling_symlink_as_checkpoint_dir_is_named(tmp_path):
     with pytest.raises(NotADirectoryError, match="is a symbolic link to .*missing, which does not exist"):
         trainer.fit(Sine(), 2, generator=torch.Generator().manual_seed(0), progress=False,
                     checkpoint_dir=tmp_path / "link")
+
+
+def test_json_outputs_are_strict_json_with_null_for_nonfinite(tmp_path):
+    """A diverged evaluation's NaN metric is written as null: strict JSON readers refuse NaN tokens."""
+    import json
+    import math
+
+    from reptile_fast.checkpoint import atomic_write_json
+
+    path = atomic_write_json(tmp_path / "metrics.json", {"mse": float("nan"), "per_k": [1.5, float("inf")],
+                                                        "nested": {"x": -math.inf, "ok": 2.0}, "n": 3})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict token {c}")) == {
+        "mse": None, "per_k": [1.5, None], "nested": {"x": None, "ok": 2.0}, "n": 3}

@@ -97,3 +97,12 @@ def test_the_sine_job_is_exact_across_resume_and_checkpoint_intervals(tmp_path):
     r = model("r")
     for k in a:
         torch.testing.assert_close(a[k], r[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_another_jobs_checkpoint_names_that_job():
+    from reptile_fast.jobs import sine_config_from_checkpoint
+
+    with pytest.raises(ValueError, match="reptile-fast omniglot --resume"):
+        sine_config_from_checkpoint({"extra": {"job": "omniglot", "job_config": {"ways": 5}}}, source="run/x")
+    with pytest.raises(ValueError, match=r"Reptile.fit\(\.\.\., resume_from"):
+        sine_config_from_checkpoint({"extra": {}}, source="run/x")

@@ -64,3 +64,20 @@ def test_numpy_integers_are_accepted_as_the_seed_accepts_them():
     assert all(torch.equal(a, b) for a, b in zip(*results))
     with pytest.raises(TypeError, match="k must be an int"):
         reptile_fast.reptile(reference.MLP(), 3, reference.sample_task, k=True, progress=False)
+
+
+def test_a_zero_dim_tensor_epsilon_is_accepted_as_the_seed_accepts_it():
+    """The seed's update ``p + epsilon * (q - p)`` takes a 0-dim tensor ε (e.g. from a schedule
+    built with torch); the drop-in gives the same numbers as with the float."""
+    results = []
+    for eps in (0.1, torch.tensor(0.1, dtype=torch.float64)):
+        torch.manual_seed(0)
+        model = reference.MLP()
+        reptile_fast.reptile(model, 3, reference.sample_task, reference.perform_k_training_steps, epsilon=eps,
+                             progress=False)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for bad, error in ((torch.tensor([0.1, 0.2]), TypeError), (torch.tensor(True), TypeError),
+                       (torch.tensor(-0.1), ValueError)):
+        with pytest.raises(error, match="epsilon"):
+            reptile_fast.reptile(reference.MLP(), 3, reference.sample_task, epsilon=bad, progress=False)

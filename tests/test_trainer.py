@@ -355,3 +355,16 @@ def test_meta_step_and_evaluate_under_no_grad(backend, options, context):
         results.append([p.detach().clone() for p in trainer.model.parameters()] + [post.clone()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_model_on_the_meta_device_is_refused_up_front():
+    """Parameters without data (``device="meta"``) used to pass construction and fail in fit with a
+    RuntimeError about .item(); the trainer and the drop-in now say what is wrong."""
+    import reptile_fast
+
+    with torch.device("meta"):
+        model = MLP(1, 8, 1)
+    with pytest.raises(ValueError, match="meta device"):
+        Reptile(model)
+    with pytest.raises(ValueError, match="meta device"):
+        reptile_fast.reptile(model, 2, lambda: None, progress=False)
