@@ -27,6 +27,7 @@ from .losses import loss_name
 from .mlp_math import FAST_LOSSES
 from .mlp_spec import MLPSpec, cached_mlp_spec
 from .tasks.base import TaskBatch
+from .validation import check_int
 
 __all__ = ["Stepper", "EagerStepper", "CompiledStepper", "check_compiled_supported", "gather_chunk",
            "DEFAULT_CHUNK", "CHUNK_MAX_TASKS"]
@@ -122,6 +123,26 @@ def check_compiled_supported(model: nn.Module, config: InnerConfig, device: torc
     if len(list(model.buffers())):
         raise UnsupportedModelError("the compiled meta-step supports models without buffers")
     return cached_mlp_spec(model)
+
+
+#: options of backend "compiled" (``Reptile(..., backend_options=...)``): see ``CompiledStepper``
+COMPILED_OPTIONS = ("mode", "chunk")
+
+
+def check_compiled_options(options: Optional[dict]) -> dict:
+    """Backend "compiled"'s ``backend_options`` as a new dict; TypeError/ValueError naming an
+    unknown option or a bad value."""
+    from .compiled_step import MODES
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(COMPILED_OPTIONS))
+    if unknown:
+        raise TypeError(f"backend 'compiled' does not accept options {unknown}; it takes {COMPILED_OPTIONS}")
+    if "chunk" in options:
+        check_int("chunk", options["chunk"])
+    if options.get("mode") is not None and options["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {options['mode']!r}")
+    return options
 
 
 def gather_chunk(tasks: TaskBatch, plans: torch.Tensor, n_tasks: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -15,20 +15,20 @@ from .backends import InnerConfig, InnerResult, UnsupportedModelError, resolve_b
 from .compat import InputChecker
 from .core import NonFiniteError, Reducer
 from .losses import resolve_loss
+from .model_watch import check_followable, structure_key
 from .loop import (DEFAULT_LOG_EVERY, Callback, CheckedDraws, FunctionCallback, HistoryCallback, ProgressCallback,
                    StreamSampler, TrainingLoop)
 from .signals import TrainingInterrupted
-from .steppers import CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_supported
+from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_options,
+                       check_compiled_supported)
 from .tasks.base import TaskBatch, sample_indices
 from .trainer_state import load_trainer_state, trainer_hparams, trainer_state_dict
-from .validation import check_float, check_inner_options, check_int, check_meta_model
+from .validation import check_fit_args, check_float, check_inner_options, check_int, check_meta_model
 
 __all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
 
 ALGORITHMS = ("reptile", "fomaml")
 INNER_OPTIMIZERS = ("sgd", "adam")
-#: options of backend "compiled" (``backend_options``): see ``steppers.CompiledStepper``
-COMPILED_OPTIONS = ("mode", "chunk")
 
 
 class Reptile:
@@ -98,18 +98,8 @@ class Reptile:
         self.backend_name = backend
         self.compiled_options: Optional[dict] = None
         if backend == "compiled":
-            unknown = sorted(set(backend_options or {}) - set(COMPILED_OPTIONS))
-            if unknown:
-                raise TypeError(f"backend 'compiled' does not accept options {unknown}; it takes {COMPILED_OPTIONS}")
+            self.compiled_options = check_compiled_options(backend_options)
             check_compiled_supported(model, self.config, self.device, outer_optimizer)
-            self.compiled_options = dict(backend_options or {})
-            if "chunk" in self.compiled_options:
-                check_int("chunk", self.compiled_options["chunk"])
-            if "mode" in self.compiled_options and self.compiled_options["mode"] is not None:
-                from .compiled_step import MODES
-
-                if self.compiled_options["mode"] not in MODES:
-                    raise ValueError(f"mode must be one of {MODES}, got {self.compiled_options['mode']!r}")
             backend, backend_options = "torch", None
         self.backend = resolve_backend(backend, model, self.device, self.config, backend_options)
         if hasattr(self.backend, "validate") and "validate" not in (backend_options or {}):
@@ -122,7 +112,7 @@ class Reptile:
         # stepper; asked for by the environment only (a preference), it gives way where it cannot run
         self._make_fused()
         self._compiled: Dict[tuple, CompiledStepper] = {}
-        self._structure = self._structure_key()
+        self._structure = structure_key(model)
         self.iteration = 0
         self.total_iterations: Optional[int] = None
         self.last_fit_stats: Optional[dict] = None
@@ -139,36 +129,14 @@ class Reptile:
                 if getattr(self.backend, "fused_explicit", True):
                     raise
 
-    def _structure_key(self) -> tuple:
-        """``(modules and their hooks, parameters, their dtypes and devices)`` by identity: what the
-        steppers were built for.  About 10 µs for an MLP (per ``meta_step`` and per ``fit``)."""
-        modules, hooks = list(self.model.modules()), []
-        for m in modules:
-            hooks.append(id(m))
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-                hooks.append((tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks),
-                              tuple(m._backward_pre_hooks)))
-        params = [p for m in modules for p in m._parameters.values() if p is not None]
-        return tuple(hooks), tuple(map(id, params)), tuple((p.dtype, p.device) for p in params)
-
     def _check_structure(self) -> None:
         """Follow a layer swapped in the model since the steppers were built (an activation: the
         compiled and fused programs are rebuilt for it, or refuse a hook they cannot run); refuse
-        replaced parameters, which the outer update (and an outer optimizer) would not see.  No
-        device read unless it changed."""
-        key = self._structure_key()
+        replaced, moved or cast parameters (``model_watch``).  No device read unless it changed."""
+        key = structure_key(self.model)
         if key == self._structure:
             return
-        if key[1] != self._structure[1]:
-            raise ValueError("the model's parameters were replaced after Reptile(...) was built (a layer "
-                             "with parameters swapped in, or a parameter reassigned): the outer update "
-                             "would not reach them; build a new Reptile (and outer optimizer) for the "
-                             "changed model")
-        if key[2] != self._structure[2]:
-            was, now = next((a, b) for a, b in zip(self._structure[2], key[2]) if a != b)
-            raise ValueError(f"the model was moved or cast after Reptile(...) was built (from {was[0]} on {was[1]} "
-                             f"to {now[0]} on {now[1]}): the trainer's checks and programs are for the old "
-                             f"one; build a new Reptile for the moved model")
+        check_followable(self._structure, key)
         self.check_finite()  # report a pending non-finite step of the old steppers first
         if self.compiled_options is not None:
             check_compiled_supported(self.model, self.config, self.device, self.outer_optimizer)
@@ -298,25 +266,10 @@ class Reptile:
         from .signals import DeferredSignals
 
         self._check_structure()
-        if sampler is None and (not hasattr(task_distribution, "sample") or not callable(task_distribution.sample)):
-            raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
-        check_int("iterations", iterations)
-        check_int("meta_batch_size", meta_batch_size)
-        check_int("log_every", log_every)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        if checkpoint_every is not None:
-            check_int("checkpoint_every", checkpoint_every)
-            if checkpoint_dir is None:
-                raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
-        if not isinstance(draw_chunks, bool):
-            raise TypeError(f"draw_chunks must be True or False, got {draw_chunks!r}")
-        if draw_chunks and sampler is not None:
-            raise ValueError("draw_chunks is how fit's own sampler draws; a given sampler draws as it likes")
-        if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
-            raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
+        check_fit_args(task_distribution, iterations, meta_batch_size=meta_batch_size, generator=generator,
+                       callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                       checkpoint_extra=checkpoint_extra, log_every=log_every, sampler=sampler,
+                       draw_chunks=draw_chunks)
         fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
         if reducer is not None and (self.compiled_options is not None or fused_demanded):
             raise ValueError("this backend applies its own outer update (compiled / fused); a reducer needs "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Real
 
 __all__ = ["check_int", "check_float", "check_meta_model", "check_inner_options", "argparse_number"]
@@ -105,3 +106,30 @@ def argparse_number(kind: type, *, allow_zero: bool):
         return value
 
     return convert
+
+
+def check_fit_args(task_distribution, iterations, *, meta_batch_size, generator, callback, checkpoint_dir,
+                   checkpoint_every, checkpoint_extra, log_every, sampler, draw_chunks) -> None:
+    """TypeError/ValueError naming the first bad argument of ``Reptile.fit`` (paths are checked
+    by ``checkpoint.prepare_checkpoint_directory``)."""
+    import torch
+
+    if sampler is None and (not hasattr(task_distribution, "sample") or not callable(task_distribution.sample)):
+        raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
+    check_int("iterations", iterations)
+    check_int("meta_batch_size", meta_batch_size)
+    check_int("log_every", log_every)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    if checkpoint_every is not None:
+        check_int("checkpoint_every", checkpoint_every)
+        if checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
+    if not isinstance(draw_chunks, bool):
+        raise TypeError(f"draw_chunks must be True or False, got {draw_chunks!r}")
+    if draw_chunks and sampler is not None:
+        raise ValueError("draw_chunks is how fit's own sampler draws; a given sampler draws as it likes")
+    if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
+        raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
