@@ -63,3 +63,20 @@ def test_gpu_sweep_cpu_smoke(tmp_path):
     assert all(r.get("ok") and "ms" in r for r in rows), [r for r in rows if not r.get("ok")]
     assert any(r["config"].get("stream") for r in rows) and any(not r["config"] for r in rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.log"]
+
+
+def test_triton_compile_writes_each_row_as_it_goes(tmp_path, monkeypatch):
+    """The GPU check's compile stage kills bench.triton_compile at its time cap and reads the rows
+    done by then: --out must hold every finished row, not only a complete run's."""
+    from bench import triton_compile as TC
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the kill after the v2 rows
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(TC, "guard_rows", killed)
+    out = tmp_path / "compile.json"
+    with pytest.raises(KeyboardInterrupt):
+        TC.main(["--kernel", "v2", "--cases", "smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["mode"]) for r in rows] == [("v2", "meta-step"), ("v2", "meta-step-1")]
