@@ -359,6 +359,10 @@ def stage_timing(log, device, smoke, budget, results, out):
             rows.append(cli_sine_row(log, out, timeout=120.0, smoke=True))
         elif device.type == "cuda" and budget.left() > 120:  # its own time, kept apart from the fits'
             rows.append(cli_sine_row(log, out, timeout=min(75.0, budget.left() - 90)))
+        elif device.type == "cuda":  # said, not silently left out of the table
+            rows.append({"provider": "cli-sine-gpu", "T": 1, "status": "skipped",
+                         "reason": f"time budget: {budget.left():.0f} s left in the timing stage, the job runs from 120"})
+            log(f"  cli-sine-gpu: skipped ({rows[-1]['reason']})")
     except Exception as exc:  # noqa: BLE001
         rows.append({"provider": "fit-v2-graphs", "T": 1, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
     save(out, results)
