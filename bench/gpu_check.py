@@ -37,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -627,11 +628,20 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
             cmd = [exe, "--tool", tool, "--error-exitcode", "9", sys.executable, "-m", "bench.gpu_check",
                    "--target", "tiny", str(out)]
         t0 = time.monotonic()
+        # its own process group: on a timeout the tool *and* the python it runs are killed (killing
+        # only the tool can leave that python on the GPU through ncu and the session's sweep)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-            text, rc = proc.stdout + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as exc:
-            text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            stdout, stderr = proc.communicate(timeout=timeout)
+            text, rc = stdout + stderr, proc.returncode
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            stdout, stderr = proc.communicate()
+            text = (stdout or "") + (stderr or "")
             rc = f"timeout after {timeout} s"
         with open(logf, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n{text}\n[rc {rc}]\n\n")
