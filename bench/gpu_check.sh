@@ -19,12 +19,21 @@ done
 PY=${PYTHON:-python3}
 # kernels/ is installed as reptile_fast.kernels (setup.py's package_dir).  In a source tree where
 # the link reptile_fast/kernels -> ../kernels did not survive the copy, link it for this run.
+# A copy that kept the link as a plain file (its target's text) or a dangling link would shadow
+# the package: moved aside for this run and put back after.
 LINK=""
-if [ -d kernels ] && [ ! -e reptile_fast/kernels ]; then
+ASIDE=""
+if [ -d kernels ] && [ ! -d reptile_fast/kernels ]; then
+  if [ -e reptile_fast/kernels ] || [ -L reptile_fast/kernels ]; then
+    ASIDE="reptile_fast/kernels.gpu_check.$$" && mv reptile_fast/kernels "$ASIDE"
+  fi
   ln -s ../kernels reptile_fast/kernels && LINK=reptile_fast/kernels
   echo "[gpu_check] linked reptile_fast/kernels -> ../kernels for this run"
 fi
-cleanup() { if [ -n "$LINK" ]; then rm -f "$LINK"; fi; }
+cleanup() {
+  if [ -n "$LINK" ]; then rm -f "$LINK"; fi
+  if [ -n "$ASIDE" ]; then mv "$ASIDE" reptile_fast/kernels; fi
+}
 trap cleanup EXIT
 if [ "${1:-}" = "--sweep" ]; then
   shift

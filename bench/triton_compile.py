@@ -90,6 +90,10 @@ def facts(kernel, arch: int) -> dict:
     return row
 
 
+#: called with every finished row (``main`` rewrites ``--out`` with the rows so far)
+_on_row = None
+
+
 def _record(row: dict, compile_fn, arch: int, log) -> dict:
     """``row`` completed with ``facts`` of ``compile_fn()`` (or the error) and the compile time."""
     t0 = time.perf_counter()
@@ -100,6 +104,8 @@ def _record(row: dict, compile_fn, arch: int, log) -> dict:
     row["compile_seconds"] = round(time.perf_counter() - t0, 2)
     if log:
         log(line(row))
+    if _on_row is not None:
+        _on_row(row)
     return row
 
 
@@ -184,7 +190,28 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the JIT kernels")
-    rows = []
+    global _on_row
+    rows, done = [], []
+    stamp = None
+
+    def write(rows):
+        nonlocal stamp
+        if stamp is None:
+            from bench.env import machine_stamp
+
+            stamp = {**machine_stamp(), "python_executable": sys.executable,
+                     "command": " ".join(["python -m bench.triton_compile", *(argv if argv is not None else sys.argv[1:])]),
+                     "ptxas": str(ptxas_path())}
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "note": "compile only (no GPU): registers and spills from "
+                                   "ptxas -v of the Triton wheel; PTX facts are instruction counts", "rows": rows},
+                                  indent=1) + "\n")
+        tmp.replace(args.out)
+
+    if args.out:
+        # rewritten after every compile: the GPU check kills this process at its stage's time cap
+        # and reads the rows done by then
+        _on_row = lambda row: (done.append(row), write(done))  # noqa: E731
     v2_kw = {"all": {}, "gpu": {"cases": V2_CASES[:1]},
              "smoke": {"cases": V2_CASES[:1], "precisions": ("ieee",), "modes": ("meta-step",), "warps": (8,),
                        "streams": (False,)}}
@@ -194,17 +221,9 @@ def main(argv=None) -> int:
         rows += guard_rows(args.arch, log=print)
     if args.kernel in ("v1", "all"):
         rows += v1_rows(args.arch, log=print, **v1_kw[args.cases])
+    _on_row = None
     if args.out:
-        from bench.env import machine_stamp
-
-        stamp = {**machine_stamp(), "python_executable": sys.executable,
-                 "command": " ".join(["python -m bench.triton_compile", *(argv if argv is not None else sys.argv[1:])]),
-                 "ptxas": str(ptxas_path())}
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stamp": stamp, "note": "compile only (no GPU): registers and spills from "
-                                   "ptxas -v of the Triton wheel; PTX facts are instruction counts", "rows": rows},
-                                  indent=1) + "\n")
-        tmp.replace(args.out)
+        write(rows)
     return 0
 
 

@@ -216,3 +216,21 @@ def test_cuda_graphs_give_the_same_results():
             for p in model.parameters():  # φ changes between calls: the graph must see it
                 p.add_(0.01)
     assert len(graphed._graphs) == 1
+
+
+def test_check_supported_takes_cuda_without_an_index(monkeypatch):
+    """device "cuda" is the current CUDA device: parameters report theirs as "cuda:0", which must
+    not read as another device (the GPU benchmarks pass torch.device("cuda"))."""
+    from types import SimpleNamespace
+
+    model = MLP(1, 8, 1)
+    params = [(n, SimpleNamespace(dtype=p.dtype, shape=p.shape, device=torch.device("cuda", 0))) for n, p in model.named_parameters()]
+    monkeypatch.setattr(model, "named_parameters", lambda *a, **k: iter(params))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    backend = TritonBackend()
+    backend.check_supported(model, torch.device("cuda"), InnerConfig(lr=0.02))
+    backend.check_supported(model, "cuda", InnerConfig(lr=0.02))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    with pytest.raises(UnsupportedModelError, match="not cuda:1"):
+        backend.check_supported(model, "cuda", InnerConfig(lr=0.02))

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,47 @@ def test_gpu_sweep_cpu_smoke(tmp_path):
     assert all(r.get("ok") and "ms" in r for r in rows), [r for r in rows if not r.get("ok")]
     assert any(r["config"].get("stream") for r in rows) and any(not r["config"] for r in rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.log"]
+
+
+def test_triton_compile_writes_each_row_as_it_goes(tmp_path, monkeypatch):
+    """The GPU check's compile stage kills bench.triton_compile at its time cap and reads the rows
+    done by then: --out must hold every finished row, not only a complete run's."""
+    from bench import triton_compile as TC
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the kill after the v2 rows
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(TC, "guard_rows", killed)
+    out = tmp_path / "compile.json"
+    with pytest.raises(KeyboardInterrupt):
+        TC.main(["--kernel", "v2", "--cases", "smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["mode"]) for r in rows] == [("v2", "meta-step"), ("v2", "meta-step-1")]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups")
+def test_tool_stage_timeout_kills_the_python_the_tool_runs(tmp_path, monkeypatch):
+    """compute-sanitizer / ncu run python as their child: on a timeout both must die, or that python
+    keeps the GPU busy through the next stages and the session's sweep."""
+    from types import SimpleNamespace
+
+    from bench import gpu_check as GC
+
+    pidfile = tmp_path / "child.pid"
+    tool = tmp_path / "fake-tool"
+    tool.write_text(f"#!/bin/bash\nsleep 60 &\necho $! > {pidfile}\nwait\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(GC, "find_tool", lambda name: str(tool))
+    res = GC.stage_tools(lambda *a: None, tmp_path, SimpleNamespace(type="cuda"), "sanitizer", 2, ("memcheck",))
+    assert str(res["memcheck"]["returncode"]).startswith("timeout")
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the tool's child outlived the timeout")

@@ -213,6 +213,9 @@ class TritonBackend(Backend):
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise UnsupportedModelError(f"backend 'triton': device {device} but CUDA is not available")
+            if device.index is None:
+                # "cuda" is the current device; parameters always report theirs as "cuda:N"
+                device = torch.device("cuda", torch.cuda.current_device())
         elif device.type == "cpu":
             if os.environ.get("TRITON_INTERPRET", "0") != "1":
                 raise UnsupportedModelError("backend 'triton' needs a CUDA device; on the CPU it runs "
