@@ -9,7 +9,8 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
 1. env: versions, GPU, SM count, driver, which of nvcc / ncu / compute-sanitizer exist, the fp32
    matmul rate (TF32 off) measured here.
 2. compile: every kernel variant x precision for this GPU's sm_XXa (``bench.triton_compile``, a
-   subprocess without TRITON_INTERPRET): registers, spills, shared memory, PTX facts (mma, wgmma,
+   subprocess without TRITON_INTERPRET, running beside stage 3 and joined before stage 4, so its
+   host load overlaps no timed row): registers, spills, shared memory, PTX facts (mma, wgmma,
    ex2.approx, div.full).
 3. correctness at T=64 (smoke: T=4): each Triton variant x precision on NaN-poisoned outputs
    against the fp32 reference backend (CPU) and a float64 oracle, and against backend torch on
@@ -166,26 +167,54 @@ def stage_env(log, device, smoke):
     return r
 
 
-def stage_compile(log, out: Path, device, smoke, timeout):
-    arch = 90
-    if device.type == "cuda":
-        import torch
+class BackgroundCompile:
+    """Stage 2 in a subprocess (``bench.triton_compile``: ptxas on the host, no GPU work) running
+    beside stage 3, joined before the timing stage so that its CPU load overlaps no timed row."""
 
-        cap = torch.cuda.get_device_capability(device)
-        arch = cap[0] * 10 + cap[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "bench.triton_compile", "--kernel", "all", "--arch", str(arch),
-           "--cases", "smoke" if smoke else "gpu", "--out", str(out / "compile.json")]
-    log("  $ " + " ".join(cmd[1:]))
+    def __init__(self, log, out: Path, device, smoke, timeout: float):
+        import tempfile
+
+        self.arch = 90
+        if device.type == "cuda":
+            import torch
+
+            cap = torch.cuda.get_device_capability(device)
+            self.arch = cap[0] * 10 + cap[1]
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.json = out / "compile.json"
+        cmd = [sys.executable, "-m", "bench.triton_compile", "--kernel", "all", "--arch", str(self.arch),
+               "--cases", "smoke" if smoke else "gpu", "--out", str(self.json)]
+        log("  $ " + " ".join(cmd[1:]) + f"  (in the background, beside stage 3; at most {timeout:.0f} s)")
+        # its output goes to a file outside OUT (the device tool brings back 8 files), then to the log
+        self.output = tempfile.TemporaryFile(mode="w+")
+        self.t0, self.deadline = time.monotonic(), time.monotonic() + timeout
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.output, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+
+    def finish(self, log) -> dict:
+        try:
+            rc = self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+            status = "ok" if rc == 0 else f"exit {rc}"
+        except subprocess.TimeoutExpired:
+            _kill_group(self.proc)
+            self.proc.wait()
+            status = f"timeout after {self.deadline - self.t0:.0f} s"
+        self.seconds = time.monotonic() - self.t0
+        self.output.seek(0)
+        text = self.output.read()
+        log(text[-6000:])
+        # compile.json is rewritten after every compile: a timeout keeps the rows done by then
+        rows = json.loads(self.json.read_text())["rows"] if self.json.exists() else []
+        return {"status": status, "arch": self.arch, "rows": rows}
+
+
+def _kill_group(proc) -> None:
+    """SIGKILL a child started with ``start_new_session=True`` and everything it started."""
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        log(proc.stdout[-6000:] + proc.stderr[-3000:])
-        rows = json.loads((out / "compile.json").read_text())["rows"] if (out / "compile.json").exists() else []
-        return {"status": "ok" if proc.returncode == 0 else f"exit {proc.returncode}", "arch": arch, "rows": rows}
-    except subprocess.TimeoutExpired:
-        rows = json.loads((out / "compile.json").read_text())["rows"] if (out / "compile.json").exists() else []
-        return {"status": f"timeout after {timeout} s", "arch": arch, "rows": rows}
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _rel(a, b64):
@@ -358,11 +387,11 @@ def stage_timing(log, device, smoke, budget, results, out):
         rows.extend(fit_rows(log, device, smoke, Budget(min(60, max(10, budget.left() - 60)))))
         if smoke:
             rows.append(cli_sine_row(log, out, timeout=120.0, smoke=True))
-        elif device.type == "cuda" and budget.left() > 120:  # its own time, kept apart from the fits'
-            rows.append(cli_sine_row(log, out, timeout=min(75.0, budget.left() - 90)))
+        elif device.type == "cuda" and budget.left() > 60:  # its own time, kept apart from the fits'
+            rows.append(cli_sine_row(log, out, timeout=min(75.0, budget.left() - 30)))
         elif device.type == "cuda":  # said, not silently left out of the table
             rows.append({"provider": "cli-sine-gpu", "T": 1, "status": "skipped",
-                         "reason": f"time budget: {budget.left():.0f} s left in the timing stage, the job runs from 120"})
+                         "reason": f"time budget: {budget.left():.0f} s left in the timing stage, the job runs from 60"})
             log(f"  cli-sine-gpu: skipped ({rows[-1]['reason']})")
     except Exception as exc:  # noqa: BLE001
         rows.append({"provider": "fit-v2-graphs", "T": 1, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
@@ -636,10 +665,7 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
             stdout, stderr = proc.communicate(timeout=timeout)
             text, rc = stdout + stderr, proc.returncode
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(proc)
             stdout, stderr = proc.communicate()
             text = (stdout or "") + (stderr or "")
             rc = f"timeout after {timeout} s"
@@ -777,7 +803,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="bench/gpu_check.sh", description="The first GPU run, six stages.")
     ap.add_argument("out", help="output directory (the device tool's $OUT)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, Triton interpreter")
-    ap.add_argument("--budget", type=float, default=None, help="seconds in all (default 330 on a GPU, 240 smoke)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds in all (default 345 on a GPU, 240 smoke)")
     ap.add_argument("--stages", default="1,2,3,4,5,6", help="comma-separated stage numbers to run")
     ap.add_argument("--target", choices=("tiny", "profile"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -792,7 +818,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "gpu_check.log")
-    budget = Budget(args.budget or (240 if args.cpu_smoke else 330))
+    budget = Budget(args.budget or (240 if args.cpu_smoke else 345))
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -810,31 +836,53 @@ def main(argv=None) -> int:
     # (number, name, function, cap in seconds on a GPU)
     stages = [
         ("1", "env", lambda: stage_env(log, device, args.cpu_smoke), 30),
-        ("2", "compile", lambda: stage_compile(log, out, device, args.cpu_smoke,
-                                               90 if args.cpu_smoke else min(100, max(10, budget.left() - 230))), 100),
+        ("2", "compile", lambda: BackgroundCompile(log, out, device, args.cpu_smoke,
+                                                   90 if args.cpu_smoke else min(110, max(20, budget.left() - 220))),
+         110),
         ("3", "correctness", lambda: stage_correctness(log, device, args.cpu_smoke), 60),
-        ("4", "timing", lambda: stage_timing(log, device, args.cpu_smoke, Budget(min(150, max(10, budget.left() - 90))),
-                                             results, out), 150),
+        ("4", "timing", lambda: stage_timing(log, device, args.cpu_smoke, Budget(min(170, max(10, budget.left() - 75))),
+                                             results, out), 170),
         ("5", "sanitizer", lambda: stage_tools(log, out, device, "sanitizer", max(10, min(40, (budget.left() - 45) / 3)),
                                                ("memcheck", "initcheck", "synccheck")), 120),
         ("6", "ncu", lambda: stage_tools(log, out, device, "ncu", max(10, min(45, budget.left() - 5)), ("ncu",)), 45),
     ]
+    pending = []  # stage 2's compile, running beside stage 3
+
+    def join_compile():
+        if pending:
+            compile_ = pending.pop()
+            log(f"== stage 2: compile, joined [{budget.elapsed():.0f} s]")
+            try:
+                results["stages"]["compile"] = compile_.finish(log)
+            except Exception as exc:  # noqa: BLE001
+                results["stages"]["compile"] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+            results["seconds"]["compile"] = round(time.monotonic() - compile_.t0, 1)
+            save(out, results)
+
     for number, name, fn, _cap in stages:
         if number not in wanted:
             continue
+        if number >= "4":
+            join_compile()
         log(f"== stage {number}: {name} [{budget.elapsed():.0f} s]")
         t0 = time.monotonic()
         if budget.left() < 5:
             results["stages"][name] = {"status": "skipped", "reason": "time budget spent"}
         else:
             try:
-                results["stages"][name] = fn()
+                result = fn()
+                if isinstance(result, BackgroundCompile):
+                    pending.append(result)
+                    results["stages"][name] = {"status": "running beside stage 3"}
+                    continue
+                results["stages"][name] = result
             except Exception as exc:  # noqa: BLE001 - the other stages still run
                 log(f"  {name} ERROR {type(exc).__name__}: {exc}")
                 log(traceback.format_exc())
                 results["stages"][name] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
         results["seconds"][name] = round(time.monotonic() - t0, 1)
         save(out, results)
+    join_compile()
     results["seconds"]["total"] = round(budget.elapsed(), 1)
     try:
         lines = summary_lines(results)
