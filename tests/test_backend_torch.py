@@ -469,3 +469,21 @@ def test_module_used_twice_keeps_its_parameters():
     torch.testing.assert_close(results["torch"][0], results["reference"][0], rtol=RTOL, atol=ATOL)
     for a, b in zip(results["torch"][1], results["reference"][1]):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_dropout_runs_on_both_backends_and_agrees_in_eval_mode():
+    """Dropout in training mode draws its masks from the global RNG in each backend's own order
+    (README: agreement in distribution only); in eval mode the backends agree as for any model."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Linear(16, 2))
+    tasks = TaskBatch(torch.randn(3, 12, 5), torch.randn(3, 12, 2))
+    plan = sample_indices(3, 3, 12, 4, generator=torch.Generator().manual_seed(1))
+    for train_mode in (True, False):
+        got = {}
+        for backend in ("reference", "torch"):
+            model = copy.deepcopy(base).train(train_mode)
+            Reptile(model, backend=backend, inner_steps=3, inner_batch_size=4).meta_step(tasks, plan)
+            got[backend] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            assert torch.isfinite(got[backend]).all()
+        if not train_mode:
+            torch.testing.assert_close(got["torch"], got["reference"], rtol=1e-5, atol=1e-6)
