@@ -487,3 +487,45 @@ def test_dropout_runs_on_both_backends_and_agrees_in_eval_mode():
             assert torch.isfinite(got[backend]).all()
         if not train_mode:
             torch.testing.assert_close(got["torch"], got["reference"], rtol=1e-5, atol=1e-6)
+
+
+class _TokenTasks:
+    """Few-shot regression on token ids: x int64 ids [T, N, 4], y = a task-specific linear
+    function of the ids' embedding-free features (any target works for the equivalence)."""
+
+    def sample(self, n, *, generator=None, device=None):
+        x = torch.randint(0, 10, (n, 12, 4), generator=generator)
+        w = torch.randn(n, 1, 4, generator=generator)
+        y = (x.float() * w).sum(-1, keepdim=True) / 10
+        return TaskBatch(x.to(device), y.to(device))
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_integer_inputs_train_an_embedding_model_on_both_backends(id_dtype):
+    """Token ids as inputs (an nn.Embedding first): TaskBatch takes int32/int64 x, and backends
+    reference and torch (vmap path) train the same model through fit, adapt and evaluate."""
+
+    class Ids(_TokenTasks):
+        def sample(self, n, *, generator=None, device=None):
+            t = super().sample(n, generator=generator, device=device)
+            return TaskBatch(t.x.to(id_dtype), t.y)
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1))
+    got = {}
+    for backend in ("reference", "torch"):
+        model = copy.deepcopy(base)
+        trainer = Reptile(model, backend=backend, inner_steps=3, inner_batch_size=4)
+        hist = trainer.fit(Ids(), 6, meta_batch_size=3, generator=torch.Generator().manual_seed(2),
+                           progress=False)["loss"]
+        tasks = Ids().sample(4, generator=torch.Generator().manual_seed(3))
+        post = trainer.evaluate(tasks, steps=2, generator=torch.Generator().manual_seed(4))
+        got[backend] = (torch.cat([p.detach().reshape(-1) for p in model.parameters()]), torch.tensor(hist), post)
+    for a, b, what in zip(got["torch"], got["reference"], ("phi", "losses", "evaluate")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what)
+
+
+def test_integer_inputs_are_refused_by_a_model_that_cannot_take_them():
+    tasks = _TokenTasks().sample(2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="cannot take task inputs"):
+        Reptile(MLP(4, 8, 1), backend="torch").meta_step(tasks)

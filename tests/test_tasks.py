@@ -17,7 +17,8 @@ def test_taskbatch_shapes_regression_and_classification():
 
 @pytest.mark.parametrize("x, y, exc, words", [
     (torch.zeros(3, 7), torch.zeros(3, 7, 1), ValueError, "shape"),
-    (torch.zeros(3, 7, 1, dtype=torch.long), torch.zeros(3, 7, 1), TypeError, "floating"),
+    (torch.zeros(3, 7, 1, dtype=torch.int8), torch.zeros(3, 7, 1), TypeError, "floating"),
+    (torch.zeros(3, 7, 1, dtype=torch.bool), torch.zeros(3, 7, 1), TypeError, "floating"),
     (torch.zeros(3, 7, 1), torch.zeros(3, 6, 1), ValueError, "disagree"),
     (torch.zeros(3, 7, 1), torch.zeros(3, 7), ValueError, "out_features"),
     (torch.zeros(3, 7, 1), torch.zeros(3, 7, 1, dtype=torch.long), ValueError, "labels"),
@@ -149,3 +150,15 @@ def test_sine_sample_steps_on_the_global_generator_and_bad_arguments():
     for bad in (0, -1, 1.5, True):
         with pytest.raises((ValueError, TypeError)):
             Sine().sample_steps(bad, 1, 5, 10)
+
+
+def test_taskbatch_takes_integer_ids_as_inputs():
+    """Token ids (int64 / int32, for a model starting with nn.Embedding) are inputs too: float
+    targets of any float dtype, class labels; ``to(dtype=...)`` casts float targets, not the ids."""
+    ids = torch.randint(0, 10, (3, 7, 4))
+    tb = TaskBatch(ids, torch.zeros(3, 7, 1, dtype=torch.float64))
+    assert tb.x.dtype == torch.long and not tb.is_classification
+    tc = TaskBatch(ids.int(), torch.zeros(3, 7, dtype=torch.long))
+    assert tc.is_classification and tc.x.dtype == torch.int32
+    moved = tb.to(dtype=torch.float32)
+    assert moved.x.dtype == torch.long and moved.y.dtype == torch.float32 and torch.equal(moved.x, ids)

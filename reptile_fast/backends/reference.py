@@ -39,7 +39,7 @@ class ReferenceBackend(Backend):
         names = [n for n, _ in model.named_parameters()]
         adapted = {n: [] for n in names}
         meta = {n: [] for n in names} if config.needs_meta_grads else None
-        losses = torch.empty(T, steps, dtype=tasks.x.dtype, device=tasks.device)
+        losses = torch.empty(T, steps, dtype=next(model.parameters()).dtype, device=tasks.device)
         for i in range(T):
             task_model = copy.deepcopy(model)
             params = list(task_model.parameters())

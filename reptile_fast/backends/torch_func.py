@@ -216,7 +216,7 @@ class TorchBackend(Backend):
         buffers = {n: _stack(b, T) for n, b in model.named_buffers()}
         xs, ys = gather_minibatches(tasks.x, tasks.y, indices)
         step_grads = vmap(grad(self._functional_loss(model, loss_fn), has_aux=True), randomness="different")
-        losses = torch.empty(T, steps, dtype=tasks.x.dtype, device=tasks.device)
+        losses = torch.empty(T, steps, dtype=next(model.parameters()).dtype, device=tasks.device)
         plist = [params[n] for n in names]
         adam = StackedAdam(plist, config.lr, config.adam_betas, config.adam_eps) \
             if config.optimizer == "adam" else None

@@ -16,6 +16,10 @@ from ..validation import check_int
 
 __all__ = ["TaskBatch", "TaskDistribution", "sample_indices", "concat_draws"]
 
+#: integer inputs a TaskBatch takes besides floats: ids for an ``nn.Embedding`` (any value; the
+#: model's forward range-checks them)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
 
 @dataclass(frozen=True)
 class TaskBatch:
@@ -52,8 +56,9 @@ class TaskBatch:
             raise TypeError(f"TaskBatch.x must be a torch.Tensor, got {type(x).__name__}")
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"TaskBatch.y must be a torch.Tensor, got {type(y).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"TaskBatch.x must be a floating-point tensor, got dtype {x.dtype}")
+        if not x.is_floating_point() and x.dtype not in INDEX_DTYPES:
+            raise TypeError(f"TaskBatch.x must be a floating-point tensor (or integer ids, int32/int64, for "
+                            f"an embedding), got dtype {x.dtype}")
         if x.dim() < 3:
             raise ValueError(
                 f"TaskBatch.x must have shape [tasks, points, *features] (3 or more dims), "
@@ -71,7 +76,7 @@ class TaskBatch:
                     f"TaskBatch.y (regression targets) must have shape [tasks, points, out_features], "
                     f"got shape {tuple(y.shape)}"
                 )
-            if y.dtype != x.dtype:
+            if x.is_floating_point() and y.dtype != x.dtype:
                 raise TypeError(f"TaskBatch.y dtype {y.dtype} differs from TaskBatch.x dtype {x.dtype}")
         elif y.dtype == torch.long:
             if y.dim() != 2:
@@ -99,7 +104,7 @@ class TaskBatch:
             )
         if x.device != y.device:
             raise ValueError(f"TaskBatch.x is on {x.device} but TaskBatch.y is on {y.device}")
-        if not bool(torch.isfinite(x).all()):
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError("TaskBatch.x contains NaN or infinite values")
         if y.is_floating_point() and not bool(torch.isfinite(y).all()):
             raise ValueError("TaskBatch.y contains NaN or infinite values")
@@ -121,10 +126,11 @@ class TaskBatch:
         return self.x.device
 
     def to(self, device=None, dtype=None) -> "TaskBatch":
-        """Move to ``device``; ``dtype`` casts the inputs (and float targets)."""
-        x = self.x.to(device=device, dtype=dtype)
+        """Move to ``device``; ``dtype`` casts the float inputs and float targets (integer ids and
+        class labels keep theirs)."""
+        x = self.x.to(device=device, dtype=dtype if self.x.is_floating_point() else None)
         y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
-        if dtype is None or dtype == self.x.dtype:
+        if dtype is None or (x.dtype == self.x.dtype and y.dtype == self.y.dtype):
             return TaskBatch.trusted(x, y, self.n_classes)  # the same values: already validated
         return TaskBatch(x, y)  # a cast can overflow to inf: validate again
 
