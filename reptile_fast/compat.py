@@ -78,7 +78,8 @@ class InputChecker:
         # One forward on two points catches shape mismatches that torch would broadcast silently
         # (MSE of [B, 1] against [B, 3]) or report from deep inside a layer.
         with torch.no_grad():
-            was_training = self.model.training
+            # each submodule's own mode: a train-mode model may hold a BatchNorm frozen in eval mode
+            modes = [(m, m.training) for m in self.model.modules()]
             try:
                 self.model.eval()
                 out = self.model(tasks.x[0, :2])
@@ -86,7 +87,8 @@ class InputChecker:
                 raise ValueError(f"the model cannot take task inputs of shape {tuple(tasks.x.shape[2:])} "
                                  f"per point: {exc}") from exc
             finally:
-                self.model.train(was_training)
+                for m, training in modes:
+                    m.training = training
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model must return a tensor (predictions [batch, ...]) for the loss, got "
                             f"{type(out).__name__}")
