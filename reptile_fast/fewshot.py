@@ -168,7 +168,7 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
                              device=trainer.device)
     per_task = max(Q * (S + 1) if not transductive else Q, batch_size)
     chunk = max(1, min(episodes.n_tasks, max_images // per_task))
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each submodule's own, put back below
     preds = []
     try:
         model.train()  # BatchNorm on batch statistics, as the official code evaluates
@@ -184,7 +184,8 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
             # labels are 0..ways-1: a model with more outputs predicts among the first ``ways``
             preds.append(logits[..., :episodes.ways].argmax(-1))
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return score_predictions(torch.cat(preds), episodes.query.y)
 
 

@@ -132,3 +132,23 @@ def test_forward_depending_on_train_mode_follows_a_mode_switch(backend):
     for got, ref in zip(out[backend][0], out["reference"][0]):
         torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(out[backend][1], out["reference"][1], rtol=RTOL, atol=ATOL)
+
+
+def test_few_shot_evaluation_restores_each_submodule_mode():
+    """``evaluate_episodes`` runs the model in train mode and puts back each submodule's own mode
+    (it used to restore only the top module's, with ``model.train(was_training)``)."""
+    from reptile_fast import OmniglotConvNet
+    from reptile_fast.fewshot import evaluate_episodes
+    from reptile_fast.tasks import Episodes
+
+    torch.manual_seed(0)
+    model = OmniglotConvNet(3, channels=4, image_size=8, n_blocks=2)
+    model.features[1].eval()  # one BatchNorm frozen on its running statistics
+    before = modes(model)
+    g = torch.Generator().manual_seed(0)
+    ys = torch.arange(3).repeat_interleave(2).expand(2, -1).contiguous()
+    ep = Episodes(TaskBatch(torch.rand(2, 6, 1, 8, 8, generator=g), ys),
+                  TaskBatch(torch.rand(2, 6, 1, 8, 8, generator=g), ys), 3)
+    trainer = Reptile(model, inner_steps=2, inner_batch_size=3, loss="cross_entropy")
+    evaluate_episodes(trainer, ep, steps=2, batch_size=3, generator=torch.Generator().manual_seed(1))
+    assert modes(model) == before
