@@ -152,3 +152,18 @@ def test_few_shot_evaluation_restores_each_submodule_mode():
     trainer = Reptile(model, inner_steps=2, inner_batch_size=3, loss="cross_entropy")
     evaluate_episodes(trainer, ep, steps=2, batch_size=3, generator=torch.Generator().manual_seed(1))
     assert modes(model) == before
+
+
+def test_a_vmap_refusal_after_construction_is_a_clear_error():
+    """BatchNorm(momentum=None) in eval mode runs on backend "torch"; switched to train mode
+    afterwards, the meta-step raises UnsupportedModelError (a ValueError) naming the way out."""
+    torch.manual_seed(0)
+    model = _bn_cumulative().eval()
+    trainer = Reptile(model, backend="torch", inner_steps=2, inner_batch_size=5)
+    tasks = reg_tasks(2, (4,), 2)
+    trainer.meta_step(tasks, generator=torch.Generator().manual_seed(0))
+    model.train()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(UnsupportedModelError, match="reference"):
+        trainer.meta_step(tasks, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

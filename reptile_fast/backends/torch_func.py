@@ -73,6 +73,37 @@ class StackedAdam:
             p.addcdiv_(m, denom, value=-step_size)
 
 
+def check_vmappable(model: nn.Module) -> None:
+    """``UnsupportedModelError`` for layers ``torch.func.vmap`` cannot run per task (torch 2.14):
+    the fused recurrent ops (no batching rule) and BatchNorm's cumulative average
+    (``momentum=None`` reads its per-task batch count as a Python float) in training mode."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.RNNBase):
+            raise UnsupportedModelError(
+                f"backend 'torch' cannot run {type(m).__name__} layer '{name}': torch.func.vmap has no "
+                f"batching rule for it; use backend='reference' (backend='auto' does)")
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.momentum is None and m.training \
+                and m.track_running_stats:
+            raise UnsupportedModelError(
+                f"backend 'torch' cannot run {type(m).__name__} layer '{name}' with momentum=None in "
+                f"training mode under torch.func.vmap (its cumulative average reads the batch count as a "
+                f"float); give it a momentum, put it in eval mode, or use backend='reference' "
+                f"(backend='auto' does)")
+
+
+def _vmap_errors(call: Callable, *args):
+    """``call(*args)``, with vmap's own refusals of an operation in the model re-raised as
+    ``UnsupportedModelError`` naming the way out."""
+    try:
+        return call(*args)
+    except RuntimeError as exc:
+        text = str(exc)
+        if "Batching rule not implemented" in text or text.startswith("vmap:"):
+            raise UnsupportedModelError(f"backend 'torch' cannot run this model under torch.func.vmap: "
+                                        f"{text.splitlines()[0]} Use backend='reference'.") from exc
+        raise
+
+
 def _stack(t: torch.Tensor, n: int) -> torch.Tensor:
     """``n`` contiguous copies of ``t``: ``[n, *t.shape]``."""
     return t.detach().unsqueeze(0).expand(n, *t.shape).clone()
@@ -117,6 +148,7 @@ class TorchBackend(Backend):
             raise UnsupportedModelError(f"backend 'torch' supports algorithms {_ALGORITHMS}, "
                                         f"got {config.algorithm!r}")
         resolve_loss(config.loss)
+        check_vmappable(model)
 
     def mlp_spec(self, model: nn.Module):
         """The model's ``MLPSpec``, or None when it is not a plain MLP (or has forward hooks,
@@ -222,7 +254,7 @@ class TorchBackend(Backend):
             if config.optimizer == "adam" else None
         acc = [torch.zeros_like(p) for p in plist] if config.grad_weights is not None else None
         for s in range(steps):
-            grads, (loss, buffers) = step_grads(params, buffers, xs[s], ys[s])
+            grads, (loss, buffers) = _vmap_errors(step_grads, params, buffers, xs[s], ys[s])
             losses[:, s] = loss
             glist = [grads[n] for n in names]
             if acc is not None:
@@ -236,7 +268,7 @@ class TorchBackend(Backend):
                     p.add_(g, alpha=-config.lr)
         meta = None
         if config.algorithm == "fomaml":
-            grads, _ = step_grads(params, buffers, xs[steps], ys[steps])
+            grads, _ = _vmap_errors(step_grads, params, buffers, xs[steps], ys[steps])
             meta = {n: grads[n] for n in names}
         elif acc is not None:
             meta = dict(zip(names, acc))
@@ -263,6 +295,6 @@ class TorchBackend(Backend):
             loss_fn = resolve_loss(config.loss)
             buffers = {n: _stack(b, T) for n, b in model.named_buffers()}
             task_loss = self._functional_loss(model, loss_fn)
-            loss, _ = vmap(lambda p, b, x, y: task_loss(p, b, x, y)[1], randomness="different")(
-                params, buffers, tasks.x, tasks.y)
+            loss, _ = _vmap_errors(vmap(lambda p, b, x, y: task_loss(p, b, x, y)[1], randomness="different"),
+                                   params, buffers, tasks.x, tasks.y)
             return loss
