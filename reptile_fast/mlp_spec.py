@@ -59,6 +59,12 @@ def extract_mlp_spec(model: nn.Module) -> MLPSpec:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_no_hooks(model)
+    buffers = [n for n, _ in model.named_buffers()]
+    if buffers:
+        # a Linear/activation chain has no state; and tracing runs the forward on the real
+        # buffers (an in-place update would land in the model) — refuse before tracing
+        raise UnsupportedModelError(f"{type(model).__name__} has buffers {buffers}; a plain Linear/activation "
+                                    f"chain has none")
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "not a plain chain"
@@ -144,11 +150,13 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionar
 def cached_mlp_spec(model: nn.Module) -> MLPSpec:
     """``extract_mlp_spec`` cached per model (fx tracing costs about a millisecond).
 
-    The cache is keyed on the identity of every submodule and every parameter's name and shape, so
-    a layer swapped in place (``model.network[1] = nn.ReLU()``) is re-traced; hooks are checked on
+    The cache is keyed on the identity and train/eval mode of every submodule and every parameter's
+    name and shape, so a layer swapped in place (``model.network[1] = nn.ReLU()``) or a forward
+    branching on ``self.training`` after ``model.eval()`` is re-traced; hooks are checked on
     every call because they can be added at any time.
     """
-    key = (tuple(map(id, model.modules())),
+    # the trace follows Python branches on ``self.training``: a mode switch is re-traced too
+    key = (tuple((id(m), m.training) for m in model.modules()),
            tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
     hit = _CACHE.get(model)
     if hit is not None and hit[0] == key:
