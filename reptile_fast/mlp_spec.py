@@ -62,7 +62,12 @@ def extract_mlp_spec(model: nn.Module) -> MLPSpec:
     buffers = [n for n, _ in model.named_buffers()]
     if buffers:
         # a Linear/activation chain has no state; and tracing runs the forward on the real
-        # buffers (an in-place update would land in the model) — refuse before tracing
+        # buffers (an in-place update would land in the model) — refuse before tracing, naming
+        # the first layer that is not Linear/activation as the trace would
+        for name, mod in model.named_modules():
+            if not mod._modules and type(mod) is not nn.Linear and type(mod) not in _MODULE_ACTS:
+                raise UnsupportedModelError(f"layer '{name}' ({type(mod).__name__}) is not supported; only "
+                                            f"nn.Linear and {sorted(ACTIVATION_NAMES)} activations")
         raise UnsupportedModelError(f"{type(model).__name__} has buffers {buffers}; a plain Linear/activation "
                                     f"chain has none")
     try:
