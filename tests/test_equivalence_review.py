@@ -52,22 +52,39 @@ def _bn_cumulative():
     return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=None), nn.Tanh(), nn.Linear(6, 2))
 
 
-@pytest.mark.parametrize("make, in_shape", [(lambda: _Recurrent(nn.GRU), (4, 3)), (lambda: _Recurrent(nn.LSTM), (4, 3)),
-                                            (lambda: _Recurrent(nn.RNN), (4, 3)), (_bn_cumulative, (4,))],
-                         ids=["gru", "lstm", "rnn", "batchnorm-momentum-none"])
-def test_models_vmap_cannot_run_are_refused_and_auto_falls_back(make, in_shape):
-    """torch.func.vmap has no batching rule for the fused RNN ops and cannot read BatchNorm's
-    cumulative-average count as a float: backend "torch" refuses such models by name (it used
-    to crash inside vmap at the first meta-step) and "auto" runs them on "reference"."""
+def test_a_model_vmap_cannot_run_is_refused_and_auto_falls_back():
+    """BatchNorm's cumulative average (momentum=None) in training mode reads its batch count as a
+    float, which torch.func.vmap cannot: backend "torch" refuses it by name (it used to crash inside
+    vmap at the first meta-step) and "auto" runs it on "reference"."""
     torch.manual_seed(0)
-    model = make()
+    model = _bn_cumulative()
     with pytest.raises(UnsupportedModelError, match="reference"):
         Reptile(copy.deepcopy(model), backend="torch")
     auto = Reptile(copy.deepcopy(model), backend="auto", inner_steps=2, inner_batch_size=5)
     assert auto.backend.name == "reference"
-    tasks = reg_tasks(2, in_shape, 2)
+    tasks = reg_tasks(2, (4,), 2)
     auto.meta_step(tasks, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(auto.evaluate(tasks, 1, generator=torch.Generator().manual_seed(1))).all()
+
+
+@pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM, nn.RNN], ids=["gru", "lstm", "rnn"])
+def test_recurrent_models_train_and_evaluate_on_backend_torch(cls):
+    """Recurrent layers run under vmap(grad(...)) (they decompose into batchable ops), but their
+    gradient-free forward is one fused op without a batching rule: evaluate crashed inside vmap.
+    It now takes those losses one task at a time; fit, adapt and evaluate agree with reference."""
+    torch.manual_seed(0)
+    base = _Recurrent(cls)
+    tasks = reg_tasks(3, (4, 3), 2)
+    got = {}
+    for backend in ("reference", "torch"):
+        model = copy.deepcopy(base)
+        trainer = Reptile(model, backend=backend, inner_steps=2, inner_batch_size=5)
+        trainer.meta_step(tasks, generator=torch.Generator().manual_seed(0))
+        got[backend] = (torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                        trainer.evaluate(tasks, 2, generator=torch.Generator().manual_seed(1)),
+                        trainer.evaluate(tasks, 0))
+    for a, b in zip(got["torch"], got["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 class _Counter(nn.Module):

@@ -75,13 +75,10 @@ class StackedAdam:
 
 def check_vmappable(model: nn.Module) -> None:
     """``UnsupportedModelError`` for layers ``torch.func.vmap`` cannot run per task (torch 2.14):
-    the fused recurrent ops (no batching rule) and BatchNorm's cumulative average
-    (``momentum=None`` reads its per-task batch count as a Python float) in training mode."""
+    BatchNorm's cumulative average (``momentum=None`` reads its per-task batch count as a Python
+    float) in training mode.  (Recurrent layers run: under ``grad`` they decompose into
+    batchable ops; ``evaluate``'s gradient-free forward falls back to one task at a time.)"""
     for name, m in model.named_modules():
-        if isinstance(m, nn.RNNBase):
-            raise UnsupportedModelError(
-                f"backend 'torch' cannot run {type(m).__name__} layer '{name}': torch.func.vmap has no "
-                f"batching rule for it; use backend='reference' (backend='auto' does)")
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.momentum is None and m.training \
                 and m.track_running_stats:
             raise UnsupportedModelError(
@@ -89,6 +86,10 @@ def check_vmappable(model: nn.Module) -> None:
                 f"training mode under torch.func.vmap (its cumulative average reads the batch count as a "
                 f"float); give it a momentum, put it in eval mode, or use backend='reference' "
                 f"(backend='auto' does)")
+
+
+def _no_batching_rule(exc: RuntimeError) -> bool:
+    return "Batching rule not implemented" in str(exc)
 
 
 def _vmap_errors(call: Callable, *args):
@@ -295,6 +296,15 @@ class TorchBackend(Backend):
             loss_fn = resolve_loss(config.loss)
             buffers = {n: _stack(b, T) for n, b in model.named_buffers()}
             task_loss = self._functional_loss(model, loss_fn)
-            loss, _ = _vmap_errors(vmap(lambda p, b, x, y: task_loss(p, b, x, y)[1], randomness="different"),
-                                   params, buffers, tasks.x, tasks.y)
+            try:
+                loss, _ = vmap(lambda p, b, x, y: task_loss(p, b, x, y)[1], randomness="different")(
+                    params, buffers, tasks.x, tasks.y)
+            except RuntimeError as exc:
+                if not _no_batching_rule(exc):
+                    raise
+                # e.g. recurrent layers: without autograd they run one fused op that has no batching
+                # rule; the same losses one task at a time (evaluation only, no gradients)
+                loss = torch.stack([
+                    task_loss({n: v[i] for n, v in params.items()}, {n: v[i] for n, v in buffers.items()},
+                              tasks.x[i], tasks.y[i])[0] for i in range(T)])
             return loss
