@@ -221,7 +221,7 @@ TABLE = [
     ("triton on a CPU model without the interpreter", triton_on_cpu_without_interpreter, UnsupportedModelError,
      r"backend 'triton' needs a CUDA device"),
     ("unknown backend", lambda c: c.trainer(backend="tpu"), ValueError, "unknown backend 'tpu'"),
-    ("TaskBatch of ints", lambda c: TaskBatch(torch.zeros(1, 5, 1, dtype=torch.int32), torch.zeros(1, 5, 1)),
+    ("TaskBatch of int16", lambda c: TaskBatch(torch.zeros(1, 5, 1, dtype=torch.int16), torch.zeros(1, 5, 1)),
      TypeError, "floating-point"),
     ("TaskBatch with inf", lambda c: TaskBatch(torch.full((1, 5, 1), math.inf), torch.zeros(1, 5, 1)),
      ValueError, "NaN or infinite"),
