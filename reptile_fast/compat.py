@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .losses import loss_name, resolve_loss
+from .model_watch import modes_kept
 from .tasks.base import TaskBatch
 
 __all__ = ["InputChecker", "check_plan_shape"]
@@ -77,18 +78,13 @@ class InputChecker:
     def _probe(self, tasks: TaskBatch) -> torch.Tensor:
         # One forward on two points catches shape mismatches that torch would broadcast silently
         # (MSE of [B, 1] against [B, 3]) or report from deep inside a layer.
-        with torch.no_grad():
-            # each submodule's own mode: a train-mode model may hold a BatchNorm frozen in eval mode
-            modes = [(m, m.training) for m in self.model.modules()]
+        with torch.no_grad(), modes_kept(self.model):
             try:
                 self.model.eval()
                 out = self.model(tasks.x[0, :2])
             except Exception as exc:  # noqa: BLE001 - re-raised with the shapes that caused it
                 raise ValueError(f"the model cannot take task inputs of shape {tuple(tasks.x.shape[2:])} "
                                  f"per point: {exc}") from exc
-            finally:
-                for m, training in modes:
-                    m.training = training
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model must return a tensor (predictions [batch, ...]) for the loss, got "
                             f"{type(out).__name__}")

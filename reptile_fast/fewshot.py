@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.func import vmap
 
 from .backends.base import functional_call
+from .model_watch import modes_kept
 from .tasks.base import sample_indices
 from .tasks.episodes import Episodes
 from .validation import check_int
@@ -168,9 +169,8 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
                              device=trainer.device)
     per_task = max(Q * (S + 1) if not transductive else Q, batch_size)
     chunk = max(1, min(episodes.n_tasks, max_images // per_task))
-    modes = [(m, m.training) for m in model.modules()]  # each submodule's own, put back below
     preds = []
-    try:
+    with modes_kept(model):  # each submodule's own mode, put back after
         model.train()  # BatchNorm on batch statistics, as the official code evaluates
         for start in range(0, episodes.n_tasks, chunk):
             part = episodes[start:start + chunk]
@@ -183,9 +183,6 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
                                  f"{episodes.ways}-way tasks need at least {episodes.ways} classes")
             # labels are 0..ways-1: a model with more outputs predicts among the first ``ways``
             preds.append(logits[..., :episodes.ways].argmax(-1))
-    finally:
-        for m, training in modes:
-            m.training = training
     return score_predictions(torch.cat(preds), episodes.query.y)
 
 

@@ -3,14 +3,28 @@ their dtypes and devices, by identity.  ``Reptile`` compares it before each ``me
 to follow a swapped layer (its programs are rebuilt) and to refuse changes it cannot follow."""
 from __future__ import annotations
 
+import contextlib
+
 import torch.nn as nn
 
-__all__ = ["structure_key", "check_followable"]
+__all__ = ["structure_key", "check_followable", "modes_kept"]
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module):
+    """Put back every submodule's own train/eval mode on exit (``model.train(m)`` would set them
+    all alike: a train-mode model may hold a BatchNorm frozen in eval mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def structure_key(model: nn.Module) -> tuple:
-    """``(modules with their train/eval mode and hooks, parameter ids, (dtype, device) per parameter)``: about 10 µs
-    for an MLP."""
+    """``(modules with their train/eval mode and hooks, parameter ids, (dtype, device) per
+    parameter)``: about 10 µs for an MLP."""
     modules, hooks = list(model.modules()), []
     for m in modules:
         hooks.append((id(m), m.training))  # a forward may branch on the mode: programs follow it

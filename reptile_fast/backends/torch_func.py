@@ -99,7 +99,7 @@ def _vmap_errors(call: Callable, *args):
         return call(*args)
     except RuntimeError as exc:
         text = str(exc)
-        if "Batching rule not implemented" in text or text.startswith("vmap:"):
+        if _no_batching_rule(exc) or text.startswith("vmap:"):
             raise UnsupportedModelError(f"backend 'torch' cannot run this model under torch.func.vmap: "
                                         f"{text.splitlines()[0]} Use backend='reference'.") from exc
         raise
