@@ -46,7 +46,7 @@ from .loop import PlanSampler, ProgressCallback, Sampler, TrainingLoop
 from .seed_recognition import SEED_INNER_LR, classify_inner_loop, is_seed_sample_task, points, standard_inner_loop
 from .steppers import DEFAULT_CHUNK, Stepper
 from .tasks.base import TaskBatch
-from .validation import check_float, check_int
+from .validation import check_float, check_int, check_materialised
 
 __all__ = ["reptile", "ReferencePathWarning", "BACKEND_CHOICES"]
 
@@ -167,9 +167,7 @@ def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, 
     first = next(iter(model.parameters()), None)
     if first is None:
         raise ValueError("model has no parameters to meta-learn")
-    if first.device.type == "meta":
-        raise ValueError("model is on the meta device (parameters without data): materialise it first, "
-                         "e.g. model.to_empty(device='cpu') and initialise its parameters")
+    check_materialised(first)
     nb_iterations = _int_arg("nb_iterations", nb_iterations)
     if not callable(sample_task):
         raise TypeError(f"sample_task must be callable (returning (x, y, loss_fct)), got {type(sample_task).__name__}")

@@ -27,6 +27,13 @@ def check_float(name: str, value, *, allow_zero: bool = False) -> float:
     return value
 
 
+def check_materialised(param) -> None:
+    """ValueError for a model on the meta device (parameters without data)."""
+    if param.device.type == "meta":
+        raise ValueError("model is on the meta device (parameters without data): materialise it first, "
+                         "e.g. model.to_empty(device='cpu') and initialise its parameters")
+
+
 def check_meta_model(model):
     """``(params, device, dtype)`` of a model Reptile can meta-learn; TypeError/ValueError naming
     what is wrong (not a module, no parameters, several devices or dtypes, frozen or non-finite
@@ -45,9 +52,7 @@ def check_meta_model(model):
         raise ValueError(f"model parameters must all be on one device, found {sorted(map(str, devices))}")
     if len(dtypes) != 1 or not params[0].is_floating_point():
         raise TypeError(f"model parameters must share one floating-point dtype, found {dtypes}")
-    if params[0].device.type == "meta":
-        raise ValueError("model is on the meta device (parameters without data): materialise it first, "
-                         "e.g. model.to_empty(device='cpu') and initialise its parameters")
+    check_materialised(params[0])
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         # torch.optim skips them in the seed's loop while batched paths would train them:
