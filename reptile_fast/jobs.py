@@ -147,8 +147,8 @@ def train_job(trainer, task_distribution, *, iterations: int, meta_batch_size: i
         return distributed_fit(trainer, task_distribution, iterations, seed=seed, context=context, **common)
     # On the CPU every meta-step's tasks and plans are drawn as every backend draws them (Reptile.fit's
     # default), so the job's model does not depend on --checkpoint-every or on the backend's chunking,
-    # and extending a finished run with --resume is exact; it costs the compiled path ~25 % of its
-    # training time at meta-batch 1 (0.2 s of 30000 meta-steps).  The fused CUDA-graph stepper
+    # and extending a finished run with --resume is exact; at meta-batch 1 the compiled path then
+    # runs 31.4k instead of 37.5k tasks/s (bench/results/native_meta_batch_cpu.json).  The fused CUDA-graph stepper
     # draws a chunk at once: per-step draws would be launches between its graph replays.
     return trainer.fit(task_distribution, iterations, generator=torch.Generator().manual_seed(seed),
                        draw_chunks=trainer.device.type == "cuda", **common)
