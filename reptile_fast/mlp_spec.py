@@ -70,6 +70,11 @@ def extract_mlp_spec(model: nn.Module) -> MLPSpec:
                                             f"nn.Linear and {sorted(ACTIVATION_NAMES)} activations")
         raise UnsupportedModelError(f"{type(model).__name__} has buffers {buffers}; a plain Linear/activation "
                                     f"chain has none")
+    if type(model) is nn.Linear:
+        # fx keeps a root leaf module's own forward (F.linear on get_attr nodes), not a call_module
+        if model.bias is None:
+            raise UnsupportedModelError("nn.Linear has no bias; only Linear layers with bias are supported")
+        return MLPSpec((model.in_features, model.out_features), ("identity",), ("weight",), ("bias",))
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "not a plain chain"

@@ -184,3 +184,23 @@ def test_a_vmap_refusal_after_construction_is_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="reference"):
         trainer.meta_step(tasks, generator=torch.Generator().manual_seed(1))
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_a_bare_linear_is_a_one_layer_mlp_on_the_fast_paths(backend):
+    """``nn.Linear`` itself (not wrapped in a Sequential) is the simplest MLP; the recogniser
+    traced its own forward (F.linear on get_attr nodes) and refused it, so backend compiled
+    failed with "not a single chain" and torch fell back to its generic vmap path."""
+    tasks = reg_tasks(3, (4,), 2)
+    out = {}
+    for name in ("reference", backend):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        trainer = Reptile(model, backend=name, inner_steps=3, inner_batch_size=5)
+        for s in range(2):
+            trainer.meta_step(tasks, generator=torch.Generator().manual_seed(s))
+        out[name] = ([p.detach().clone() for p in model.parameters()],
+                     trainer.evaluate(tasks, 2, generator=torch.Generator().manual_seed(5)))
+    for got, ref in zip(out[backend][0], out["reference"][0]):
+        torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out[backend][1], out["reference"][1], rtol=RTOL, atol=ATOL)

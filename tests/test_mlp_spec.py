@@ -24,6 +24,7 @@ class Wrapped(nn.Module):
     (nn.Sequential(nn.Linear(2, 5), nn.Sigmoid(), nn.Linear(5, 1)), (2, 5, 1), ("sigmoid", "identity")),
     (Wrapped(), (3, 8, 2), ("relu", "identity")),
     (MLP(1, 5, 1, depth=0), (1, 1), ("identity",)),
+    (nn.Linear(3, 2), (3, 2), ("identity",)),  # a bare Linear is the root module itself
 ])
 def test_recognised(model, dims, acts):
     spec = extract_mlp_spec(model)
@@ -36,6 +37,7 @@ def test_recognised(model, dims, acts):
 @pytest.mark.parametrize("model, words", [
     (OmniglotConvNet(), "Conv2d"),
     (nn.Sequential(nn.Linear(2, 3, bias=False)), "no bias"),
+    (nn.Linear(2, 3, bias=False), "no bias"),
     (nn.Sequential(nn.Linear(2, 3), nn.Dropout(), nn.Linear(3, 1)), "Dropout"),
     (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.ReLU(), nn.Linear(3, 1)), "two activations"),
     (nn.Sequential(nn.Tanh(), nn.Linear(2, 3)), "before the first"),
