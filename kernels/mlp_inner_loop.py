@@ -41,6 +41,7 @@ cannot run it with numpy >= 2.4: its scalar ``__index__`` rejects 1-element arra
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -723,6 +724,37 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def _check_number(name: str, v) -> float:
+    """``v`` as a Python float if it is a finite real number (numpy scalars included)."""
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    raise ValueError(f"{name} must be a finite number, got {v!r}")
+
+
+def _check_values(indices: torch.Tensor, steps: int, n_points: int, y: torch.Tensor, loss: str,
+                  n_classes: int) -> None:
+    """Plan indices in ``[0, N)`` and class labels in ``[0, D_L)``, with one device sync.
+
+    An out-of-range value would make a program read outside its task's rows (an illegal access on
+    a GPU, a crash or garbage under the interpreter).  Skipped while a CUDA graph is captured:
+    what a replay will read is not known then, and a sync is not allowed.
+    """
+    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    plan = indices[:, :steps]
+    flags = [((plan < 0) | (plan >= n_points)).any()] if plan.numel() else []
+    if loss == "cross_entropy":
+        flags.append(((y < 0) | (y >= n_classes)).any())
+    if not flags:
+        return
+    bad = torch.stack(flags).tolist()
+    if bad[0] and plan.numel():
+        raise ValueError(f"indices must lie in [0, {n_points}) (the tasks' points); the plan has values "
+                         f"outside it")
+    if bad[-1] and loss == "cross_entropy":
+        raise ValueError(f"class labels y must lie in [0, {n_classes}) for a model with {n_classes} outputs")
+
+
 def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -753,7 +785,8 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
                    loss: str = "mse", steps: Optional[int] = None, precision: str = "ieee",
                    config: Optional[LaunchConfig] = None, out: Optional[torch.Tensor] = None,
                    out_losses: Optional[torch.Tensor] = None,
-                   scratch_fill: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   scratch_fill: Optional[float] = None,
+                   check_values: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run every task's SGD inner loop of an MLP in one kernel launch.
 
     Task ``i`` starts from ``params`` (φ) and takes ``steps`` SGD steps of learning rate ``lr``;
@@ -763,8 +796,7 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         x: float32 ``[T, N, D0]`` inputs of ``T`` tasks with ``N`` points each.
         y: float32 ``[T, N, D_L]`` regression targets (loss "mse") or int64 ``[T, N]`` class
             labels in ``[0, D_L)`` (loss "cross_entropy").
-        indices: int64 ``[T, R, B]`` minibatch plan, values in ``[0, N)`` (not checked here:
-            checking needs a device sync; ``TritonBackend`` checks).
+        indices: int64 ``[T, R, B]`` minibatch plan, values in ``[0, N)``.
         params: φ as ``[W_0 [D1, D0], b_0 [D1], …, W_{L-1}, b_{L-1}]``, float32, 1 <= L <= 5.
         activations: ``L`` names from ``ACTIVATION_CODES``; layer l computes act_l(a W_l^T + b_l).
         lr: SGD learning rate.
@@ -775,6 +807,9 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         out, out_losses: optional preallocated outputs (shapes as returned; tests fill them with
             NaN to catch unwritten elements).
         scratch_fill: tiled variant only: fill the scratch with this value first (tests use NaN).
+        check_values: check that the plan's indices lie in ``[0, N)`` and labels in ``[0, D_L)``
+            (one device sync; skipped during CUDA-graph capture).  ``TritonBackend`` checks where
+            data enters and passes False.
 
     Returns:
         ``(adapted, losses)``: float32 ``[T, row_stride]`` flat adapted parameters (row layout
@@ -834,10 +869,11 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         raise ValueError(f"steps must lie in [0, {R}] (the plan's rows) and be an int, got {steps!r}")
     if precision not in ("ieee", "tf32x3", "tf32"):
         raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number, got {lr!r}")
+    lr = _check_number("lr", lr)
     if N * max(D0, dims[-1]) >= 2 ** 31 or R * B >= 2 ** 31:
         raise ValueError("one task's points or plan exceed 2^31 elements")
+    if check_values:
+        _check_values(indices, steps, N, y, loss, dims[-1])
     if config is None:
         config = choose_launch_config(dims, B)
     x, y, indices = x.contiguous(), y.contiguous(), indices.contiguous()

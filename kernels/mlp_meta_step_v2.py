@@ -54,7 +54,6 @@ one flat float32 vector in ``param_layout(dims)`` order (``torch.cat([p.reshape(
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -68,7 +67,7 @@ from reptile_fast.mlp_math import ACTIVATION_CODES
 
 # v1's flat parameter layout, layer loads/stores, activation derivatives (autograd's formulas: no
 # special function involved) and input checks: one copy for both kernels
-from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_tensor, _overlaps, _load_layer, _store_layer,  # noqa: F401
+from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_number, _check_tensor, _check_values, _overlaps, _load_layer, _store_layer,  # noqa: F401
                              n_flat_params, param_layout)
 # the fused stepper's finiteness rule (one NaN/inf test for both kernels)
 from .meta_step_guard import _is_bad, accept_step, check_state
@@ -985,7 +984,8 @@ class _Checked(NamedTuple):
     batch: int
 
 
-def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precision) -> _Checked:
+def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precision,
+                  check_values: bool = True) -> _Checked:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     device = x.device
@@ -1020,8 +1020,7 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
         raise ValueError(f"loss must be one of {sorted(LOSS_CODES)}, got {loss!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number, got {lr!r}")
+    _check_number("lr", lr)
     _check_tensor("params_flat", phi, torch.float32, 1, device)
     if phi.shape[0] != n_flat_params(dims):
         raise ValueError(f"params_flat must hold {n_flat_params(dims)} parameters for dims {list(dims)}, "
@@ -1047,6 +1046,8 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
         raise ValueError(reason)
     if N * max(D0, dims[-1]) >= 2 ** 31 or R * B >= 2 ** 31:
         raise ValueError("one task's points or plan exceed 2^31 elements")
+    if check_values:
+        _check_values(indices, steps, N, y, loss, dims[-1])
     return _Checked(x.contiguous(), y.contiguous(), indices.contiguous(), phi.contiguous(), dims,
                     activations, steps, B)
 
@@ -1058,9 +1059,11 @@ def _eps_tensor(eps, device) -> torch.Tensor:
             raise ValueError(f"eps as a tensor must be one float32 element on {device}, got "
                              f"{eps.dtype} {tuple(eps.shape)} on {eps.device}")
         return eps.reshape(1)
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps):
-        return torch.full((1,), float(eps), device=device, dtype=torch.float32)
-    raise ValueError(f"eps must be a finite number or a float32 device tensor, got {eps!r}")
+    try:
+        value = _check_number("eps", eps)
+    except ValueError:
+        raise ValueError(f"eps must be a finite number or a float32 device tensor, got {eps!r}") from None
+    return torch.full((1,), value, device=device, dtype=torch.float32)
 
 
 def _scalars(loss: str, batch: int, d_out: int):
@@ -1090,7 +1093,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
               eps: Union[float, torch.Tensor], loss: str = "mse", steps: Optional[int] = None,
               precision: str = "ieee", config: Optional[V2Config] = None,
               out: Optional[torch.Tensor] = None, task_losses: bool = False,
-              partials: Optional[torch.Tensor] = None) -> MetaStepResult:
+              partials: Optional[torch.Tensor] = None, check_values: bool = True) -> MetaStepResult:
     """One fused Reptile meta-step: every task's SGD inner loop, then φ ← φ + ε·mean_i(φ̃_i − φ).
 
     Two launches, no host synchronisation and no allocation-size that depends on data, so it can
@@ -1099,8 +1102,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
     Args:
         x: float32 ``[T, N, D0]`` inputs of ``T`` tasks with ``N`` points each.
         y: float32 ``[T, N, D_L]`` targets ("mse") or int64 ``[T, N]`` labels ("cross_entropy").
-        indices: int64 ``[T, R, B]`` minibatch plan, values in ``[0, N)`` (not checked here: that
-            needs a device sync; ``TritonBackend`` checks).
+        indices: int64 ``[T, R, B]`` minibatch plan, values in ``[0, N)``.
         params_flat: float32 ``[n_params]`` φ, flat in ``param_layout(dims)`` order.
         dims: feature sizes ``(D0, D1, …, D_L)``; activations: ``L`` names (``ACTIVATION_CODES``).
         lr: inner SGD learning rate; eps: outer step size ε, a float or a 1-element float32
@@ -1112,11 +1114,14 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
         out: optional float32 ``[n_params]`` for the new φ (may not alias ``params_flat``).
         task_losses: also return the ``[T, steps]`` per-step losses.
         partials: optional float32 ``[n_programs, >= n_params]`` scratch for the per-program sums.
+        check_values: check that the plan's indices lie in ``[0, N)`` and labels in ``[0, D_L)``
+            (one device sync; skipped during CUDA-graph capture).  ``TritonBackend`` checks where
+            data enters and passes False, which keeps a meta-step free of host synchronisation.
 
     Returns:
         ``MetaStepResult(params, loss, task_losses)``.
     """
-    c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision)
+    c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision, check_values)
     config = config or V2Config()
     device = x.device
     T = x.shape[0]
@@ -1165,7 +1170,7 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
                       eps: Union[float, torch.Tensor], state: torch.Tensor, iteration: torch.Tensor,
                       loss_out: torch.Tensor, loss: str = "mse", steps: Optional[int] = None,
                       precision: str = "ieee", config: Optional[V2Config] = None,
-                      scratch: Optional[torch.Tensor] = None) -> None:
+                      scratch: Optional[torch.Tensor] = None, check_values: bool = True) -> None:
     """One meta-step applied to φ in place under the fused stepper's rule
     (``kernels/meta_step_guard.py``): φ ← φ + ε·mean_i(φ̃_i − φ) only if the mean loss and
     every new parameter are finite and ``state`` is healthy; else φ stays and ``state`` records
@@ -1179,10 +1184,11 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     Args as ``meta_step``, plus ``state`` int64 ``[2]`` (``meta_step_guard.new_state``),
     ``iteration`` int64 (1 element), ``loss_out`` float32 (1 element), and ``scratch``: optional
     float32 ``[n_params]`` for the proposed φ of the multi-program path.  ``params_flat`` must
-    be contiguous (it is updated in place).
+    be contiguous (it is updated in place).  ``check_values`` as in ``meta_step``: pass False
+    for a launch without host synchronisation.
     """
     check_state(params_flat, state, iteration, loss_out)
-    c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision)
+    c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision, check_values)
     if c.steps == 0:
         # the mean loss of no inner steps is NaN, which the guard would record as a bad meta-step
         raise ValueError("guarded_meta_step needs steps >= 1: a meta-step without inner steps has no mean "
@@ -1193,7 +1199,7 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     n_programs = _n_programs(T, device, config)
     if n_programs > 1:
         res = meta_step(x, y, indices, params_flat, dims, activations, lr=lr, eps=eps, loss=loss, steps=steps,
-                        precision=precision, config=config, out=scratch)
+                        precision=precision, config=config, out=scratch, check_values=False)
         accept_step(params_flat, res.params, res.loss, state, iteration, loss_out)
         return
     n_params = n_flat_params(c.dims)
@@ -1216,18 +1222,19 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
 def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_flat: torch.Tensor,
                dims: Sequence[int], activations: Sequence[str], *, lr: float, loss: str = "mse",
                steps: Optional[int] = None, precision: str = "ieee", config: Optional[V2Config] = None,
-               out: Optional[torch.Tensor] = None,
-               out_losses: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               out: Optional[torch.Tensor] = None, out_losses: Optional[torch.Tensor] = None,
+               check_values: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every task's SGD inner loop in one launch (adapt / evaluate): no outer update.
 
-    Arguments as ``meta_step``.  ``out``: optional row-contiguous float32 ``[T, >= n_params]``;
+    Arguments as ``meta_step`` (``check_values`` included).  ``out``: optional row-contiguous
+    float32 ``[T, >= n_params]``;
     ``out_losses``: optional contiguous float32 ``[T, steps]`` (tests fill both with NaN).
 
     Returns:
         ``(adapted, losses)``: float32 ``[T, row_stride]`` flat adapted parameters
         (``unflatten_params(adapted, dims)`` gives per-layer views) and ``[T, steps]`` losses.
     """
-    c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision)
+    c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision, check_values)
     config = config or V2Config()
     device = x.device
     T = x.shape[0]

@@ -7,6 +7,8 @@ Tolerance: rtol 1e-5 / atol 1e-6 — both sides are fp32 and differ only in summ
 """
 import copy
 import math
+
+import numpy as np
 from types import SimpleNamespace
 
 import pytest
@@ -294,6 +296,10 @@ def _ok_inputs():
     (lambda a: a.update(steps=1.5), ValueError, "be an int"),
     (lambda a: a.update(steps=True), ValueError, "be an int"),
     (lambda a: a.update(lr=math.nan), ValueError, "lr must be a finite"),
+    (lambda a: a.update(lr="0.02"), ValueError, "lr must be a finite"),
+    # out-of-range plan values read outside the task's rows: a segfault under the interpreter
+    (lambda a: a.update(indices=_poke(a["indices"], 8)), ValueError, r"indices must lie in \[0, 8\)"),
+    (lambda a: a.update(indices=_poke(a["indices"], -1)), ValueError, r"indices must lie in \[0, 8\)"),
 ])
 def test_launcher_rejects_bad_input(change, error, words):
     x, y, indices, params, acts = _ok_inputs()
@@ -303,6 +309,37 @@ def test_launcher_rejects_bad_input(change, error, words):
     with pytest.raises(error, match=words):
         K.mlp_inner_loop(args["x"], args["y"], args["indices"], args["params"], args["activations"],
                          lr=args["lr"], loss=args["loss"], precision=args["precision"], steps=args["steps"])
+
+
+def _poke(t, value):
+    t = t.clone()
+    t[1, 2, 3] = value
+    return t
+
+
+def test_launcher_checks_class_labels_and_takes_numpy_scalars():
+    """Labels outside [0, D_L) index past the logits (refused); a numpy lr is a number (it was
+    refused as "not a finite number").  ``check_values=False`` skips the one sync for callers
+    that checked already, and gives the same numbers on valid input."""
+    model = MLP(3, 16, 4, activation="relu")
+    params, _, spec = layer_params(model)
+    g = torch.Generator().manual_seed(3)
+    x, labels = torch.randn(2, 8, 3, generator=g), torch.randint(0, 4, (2, 8), generator=g)
+    indices = sample_indices(2, 2, 8, 4, generator=g)
+    acts = list(spec.activations)
+    with pytest.raises(ValueError, match=r"class labels y must lie in \[0, 4\)"):
+        K.mlp_inner_loop(x, _poke_labels(labels, 4), indices, params, acts, lr=0.1, loss="cross_entropy")
+    want = K.mlp_inner_loop(x, labels, indices, params, acts, lr=0.1, loss="cross_entropy")
+    got = K.mlp_inner_loop(x, labels, indices, params, acts, lr=np.float32(0.1), loss="cross_entropy",
+                           check_values=False)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+def _poke_labels(t, value):
+    t = t.clone()
+    t[0, 5] = value
+    return t
 
 
 def test_split_params_refuses_a_buffer_too_short():

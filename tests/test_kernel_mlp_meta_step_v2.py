@@ -10,6 +10,8 @@ only in summation order (the project's); the special functions against float64 w
 import copy
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ pytest.importorskip("triton")
 from reptile_fast import MLP, Reptile, Sine, reference, sample_indices  # noqa: E402
 from reptile_fast.backends import InnerConfig  # noqa: E402
 from reptile_fast.backends.reference import ReferenceBackend  # noqa: E402
+from reptile_fast.kernels import meta_step_guard as G  # noqa: E402
 from reptile_fast.kernels import mlp_meta_step_v2 as V  # noqa: E402
 from reptile_fast.mlp_spec import extract_mlp_spec  # noqa: E402
 from reptile_fast.tasks import TaskBatch  # noqa: E402
@@ -420,6 +423,9 @@ def _ok_args():
     (lambda a: a.update(dims=(2, 20.5, 1)), TypeError, "dims must be ints"),
     (lambda a: a.update(dims=(2, 20, True)), TypeError, "dims must be ints"),
     (lambda a: a.update(activations=None), TypeError, "activations must be a sequence"),
+    # out-of-range plan values read outside the task's rows: a segfault under the interpreter
+    (lambda a: a.update(indices=_poke(a["indices"], 8)), ValueError, r"indices must lie in \[0, 8\)"),
+    (lambda a: a.update(indices=_poke(a["indices"], -3)), ValueError, r"indices must lie in \[0, 8\)"),
 ])
 def test_meta_step_rejects_bad_input(change, error, words):
     args = _ok_args()
@@ -428,6 +434,47 @@ def test_meta_step_rejects_bad_input(change, error, words):
     with pytest.raises(error, match=words):
         V.meta_step(args["x"], args["y"], args["indices"], args["params_flat"], args["dims"], args["activations"],
                     lr=args["lr"], eps=args["eps"], **extra)
+
+
+def _poke(t, value):
+    t = t.clone()
+    t[0, 1, 2] = value
+    return t
+
+
+def test_every_launcher_checks_plan_values_and_labels():
+    """inner_loop and guarded_meta_step check the plan as meta_step does; class labels outside
+    [0, D_L) are refused; only the rows the inner loop reads are checked (steps < R)."""
+    a = _ok_args()
+    bad = _poke(a["indices"], 99)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 8\)"):
+        V.inner_loop(a["x"], a["y"], bad, a["params_flat"], a["dims"], a["activations"], lr=0.02)
+    state, it, loss_out = G.new_state("cpu"), torch.ones(1, dtype=torch.int64), torch.zeros(1)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 8\)"):
+        V.guarded_meta_step(a["x"], a["y"], bad, a["params_flat"].clone(), a["dims"], a["activations"], lr=0.02,
+                            eps=0.1, state=state, iteration=it, loss_out=loss_out)
+    # row 1 is not read with steps=1: a value there is not the inner loop's business
+    V.meta_step(a["x"], a["y"], bad, a["params_flat"], a["dims"], a["activations"], lr=0.02, eps=0.1, steps=1)
+    g = torch.Generator().manual_seed(4)
+    x, labels = torch.randn(2, 8, 3, generator=g), torch.randint(0, 5, (2, 8), generator=g)
+    model = MLP(3, 16, 5, activation="relu")
+    spec, _, phi = spec_of(model)
+    labels[1, 7] = 5
+    with pytest.raises(ValueError, match=r"class labels y must lie in \[0, 5\)"):
+        V.meta_step(x, labels, a["indices"], phi, spec.dims, list(spec.activations), lr=0.1, eps=0.5,
+                    loss="cross_entropy")
+
+
+def test_numpy_scalars_are_numbers():
+    """lr and eps as numpy scalars (a config read with numpy) were refused as "not a finite
+    number"; they give bitwise the float's result."""
+    a = _ok_args()
+    common = (a["x"], a["y"], a["indices"], a["params_flat"], a["dims"], a["activations"])
+    want = V.meta_step(*common, lr=0.02, eps=0.1)
+    got = V.meta_step(*common, lr=np.float64(0.02), eps=np.float32(0.1), check_values=False)
+    torch.testing.assert_close(got.params, want.params, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="eps must be a finite"):
+        V.meta_step(*common, lr=0.02, eps=np.float32("nan"))
 
 
 def test_outputs_that_overlap_their_inputs_are_refused():

@@ -317,14 +317,16 @@ class TritonBackend(Backend):
 
             def run(x, y, idx, *phi):
                 return k2.inner_loop(x, y, idx, k2.flat_params(phi), spec.dims, spec.activations, lr=config.lr,
-                                     loss=loss, steps=steps, precision=self.precision, config=launch)
+                                     loss=loss, steps=steps, precision=self.precision, config=launch,
+                                     check_values=False)  # _check_data checked them (validate)
             split = k2.unflatten_params
         else:
             launch = k.choose_launch_config(spec.dims, indices.shape[2], **self.launch)
 
             def run(x, y, idx, *phi):
                 return k.mlp_inner_loop(x, y, idx, phi, spec.activations, lr=config.lr, loss=loss,
-                                        steps=steps, precision=self.precision, config=launch)
+                                        steps=steps, precision=self.precision, config=launch,
+                                        check_values=False)  # _check_data checked them (validate)
             split = k.split_params
 
         inputs = (tasks.x, tasks.y, indices, *params)
@@ -481,7 +483,8 @@ class TritonFusedStepper(Stepper):
             k2.guarded_meta_step(c.x[rows], c.y[rows], c.plans[rows], c.phi, self.spec.dims, self.spec.activations,
                                  lr=self.config.lr, eps=c.eps[k:k + 1], state=self._state, iteration=c.iters[k:k + 1],
                                  loss_out=c.losses[k:k + 1], loss=self.loss, steps=steps,
-                                 precision=self.backend.precision, config=self.launch, scratch=c.new)
+                                 precision=self.backend.precision, config=self.launch, scratch=c.new,
+                                 check_values=False)  # checked where drawn; no sync inside a capture
         with torch.no_grad():
             torch._foreach_copy_(self.live, [v.view_as(p) for v, p in
                                              zip(k2.unflatten_params(c.phi, self.spec.dims), self.live)])
