@@ -69,8 +69,9 @@ def single_thread():
             torch.set_num_threads(before)
 
 
-def _inductor_options() -> dict:
-    """The options this torch's inductor knows (older versions lack some)."""
+def _inductor_options(cpp_wrapper: bool = True) -> dict:
+    """The options this torch's inductor knows (older versions lack some); ``cpp_wrapper=False``
+    drops the C++ glue (torch 2.11's inductor cannot generate it for the scan's while_loop)."""
     try:
         import torch._inductor.config as cfg
     except Exception:  # noqa: BLE001 - no inductor at all: compile will fail and fall back
@@ -82,6 +83,8 @@ def _inductor_options() -> dict:
             obj = getattr(obj, part, None)
         if obj is not None and hasattr(obj, key.split(".")[-1]):
             out[key] = value
+    if not cpp_wrapper:
+        out.pop("cpp_wrapper", None)
     return out
 
 
@@ -199,7 +202,8 @@ class MetaStepProgram:
             return meta_step(inner, spec, lr, loss, list(params), xs, ys, eps)
         return step
 
-    def _build(self, mode: str, progress: Optional[Callable[[str], None]] = None) -> Callable:
+    def _build(self, mode: str, progress: Optional[Callable[[str], None]] = None,
+               cpp_wrapper: bool = True) -> Callable:
         if mode == "native":
             from .native_step import NativeProgram
 
@@ -214,7 +218,7 @@ class MetaStepProgram:
         if mode in ("eager", "step"):
             # one Python call per meta-step, compiled or not
             one = step if mode == "eager" else torch.compile(step, fullgraph=True, dynamic=False,
-                                                             options=_inductor_options())
+                                                             options=_inductor_options(cpp_wrapper))
 
             def run_steps(params, xs, ys, eps):
                 losses = []
@@ -233,7 +237,7 @@ class MetaStepProgram:
         def chunk(params, xs, ys, eps):
             return scan(combine, list(params), (xs, ys, eps))
 
-        compiled = torch.compile(chunk, fullgraph=True, dynamic=False, options=_inductor_options())
+        compiled = torch.compile(chunk, fullgraph=True, dynamic=False, options=_inductor_options(cpp_wrapper))
 
         def run_scan(params, xs, ys, eps):
             if xs.shape[0] == 1:
@@ -278,9 +282,7 @@ class MetaStepProgram:
         for mode in order:
             t0 = time.perf_counter()
             try:
-                fn = self._build(mode, progress)
-                with torch.no_grad(), single_thread():
-                    fn(*self._dummy(2))
+                fn = self._try_build(mode, progress)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: use the next mode
                 errors.append(f"{mode}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 continue
@@ -292,6 +294,22 @@ class MetaStepProgram:
                               f"'{mode}' path instead ({self.fallback_reason})", RuntimeWarning, stacklevel=3)
             return self
         raise RuntimeError("no meta-step mode could run: " + "; ".join(errors))  # eager never fails
+
+    def _try_build(self, mode: str, progress) -> Callable:
+        """``_build(mode)`` run once on a dummy chunk; a ``torch.compile`` mode that fails with the
+        C++ wrapper is tried again without it (the same numbers: only the glue between kernels
+        differs) before the caller falls back to the next mode."""
+        retry = mode in ("scan", "step") and "cpp_wrapper" in _inductor_options()
+        for cpp_wrapper in ((True, False) if retry else (True,)):
+            try:
+                fn = self._build(mode, progress, cpp_wrapper)
+                with torch.no_grad(), single_thread():
+                    fn(*self._dummy(2))
+                return fn
+            except Exception:  # noqa: BLE001 - retried without the wrapper, then reported
+                if not (retry and cpp_wrapper):
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     # ---------------------------------------------------------------- running
     def __call__(self, params: Sequence[torch.Tensor], xs: torch.Tensor, ys: torch.Tensor,

@@ -124,6 +124,45 @@ def test_compiled_fallback_is_loud(monkeypatch):
     assert ran == 0
 
 
+@pytest.mark.parametrize("mode", ["scan", "step"])
+def test_a_compile_failing_with_the_cpp_wrapper_is_retried_without_it(monkeypatch, mode):
+    """torch 2.11's inductor cannot generate the C++ wrapper of the scan's while_loop
+    (InductorError in codegen_subgraph_prefix): the program fell back to "step" with a warning.
+    It now compiles the same mode again without the wrapper (Python glue, same kernels)."""
+    import warnings
+
+    import reptile_fast.compiled_step as cs
+
+    wrappers, real_compile = [], torch.compile
+
+    def fake_compile(fn, **kwargs):
+        options = kwargs.pop("options", {})
+        wrappers.append(options.get("cpp_wrapper", False))
+        if wrappers[-1]:
+            def fails(*args, **kw):
+                raise AssertionError("inductor: codegen_subgraph_prefix")
+            return fails
+        return real_compile(fn, backend="eager", **kwargs)  # dynamo's graph, run without inductor
+
+    monkeypatch.setattr(cs.torch, "compile", fake_compile)
+    monkeypatch.setattr(cs, "_PROGRAMS", {})
+    g = torch.Generator().manual_seed(3)
+    tasks = Sine().sample(6, generator=g)
+    plans = sample_indices(6, 5, 50, 10, generator=g).view(6, 1, 5, 10)
+    trainers = {}
+    for backend, options in (("compiled", {"mode": mode, "chunk": 3}), ("reference", None)):
+        trainers[backend] = _trainer(backend, backend_options=options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback warning
+            trainers[backend].fit(Replay(tasks), 6, meta_batch_size=1, progress=False,
+                                  sampler=PlanSampler(Replay(tasks), plans))
+    stats = trainers["compiled"].last_fit_stats
+    assert stats["mode"] == mode and stats["fallback_reason"] is None
+    assert wrappers == [True, False]
+    for a, b in zip(trainers["compiled"].model.parameters(), trainers["reference"].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
 def test_compiled_rejects_unsupported_model():
     model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
     with pytest.raises(UnsupportedModelError):

@@ -200,7 +200,10 @@ class TorchBackend(Backend):
             raise ValueError(f"grad_weights has {len(config.grad_weights)} entries for {steps} inner steps")
         if self.uses_fast_path(model, tasks, config):
             return self._mlp_inner_loop(model, tasks, indices, config)
-        return self._vmap_inner_loop(model, tasks, indices, config)
+        # torch.func.grad under a caller's inference_mode() returned zero gradients on torch 2.11
+        # (the GPU machine's version): no inner step at all, silently.  Training is training.
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._vmap_inner_loop(model, tasks, indices, config)
 
     # ------------------------------------------------------------------ fast path
     def _mlp_inner_loop(self, model, tasks, indices, config: InnerConfig) -> InnerResult:
