@@ -93,7 +93,8 @@ def score_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> FewSho
 def _stacked_buffers(model: nn.Module, *lead: int) -> Dict[str, torch.Tensor]:
     # Private copies per forward pass: train-mode BatchNorm writes its running statistics into
     # the buffers it is given, and must neither touch the model's nor share them across vmap.
-    return {n: b.detach().expand(*lead, *b.shape).clone() for n, b in model.named_buffers()}
+    return {n: b.detach().expand(*lead, *b.shape).clone() if lead else b.detach().clone()
+            for n, b in model.named_buffers()}
 
 
 def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: torch.Tensor,
@@ -121,14 +122,32 @@ def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: t
     def forward(p, b, x):
         return functional_call(model, (p, b), (x,))
 
-    if transductive:
-        return vmap(forward)(params, _stacked_buffers(model, T), query_x)
     S = support_x.shape[1]
-    groups = torch.cat([support_x.unsqueeze(1).expand(T, Q, *support_x.shape[1:]),
-                        query_x.unsqueeze(2)], dim=2)                       # [T, Q, S+1, *image]
-    per_query = vmap(forward, in_dims=(None, 0, 0))                         # over queries
-    logits = vmap(per_query)(params, _stacked_buffers(model, T, Q), groups)  # [T, Q, S+1, C]
-    return logits[:, :, S]
+    groups = None if transductive else torch.cat(
+        [support_x.unsqueeze(1).expand(T, Q, *support_x.shape[1:]), query_x.unsqueeze(2)], dim=2)  # [T, Q, S+1, *image]
+    try:
+        # randomness="different": a stochastic layer (Dropout in train mode) draws per task and
+        # per query, as the batched backend's inner loop does
+        if transductive:
+            return vmap(forward, randomness="different")(params, _stacked_buffers(model, T), query_x)
+        per_query = vmap(forward, in_dims=(None, 0, 0), randomness="different")       # over queries
+        logits = vmap(per_query, randomness="different")(params, _stacked_buffers(model, T, Q), groups)
+        return logits[:, :, S]                                               # [T, Q, classes]
+    except RuntimeError as exc:
+        from .backends.torch_func import vmap_refused
+
+        if not vmap_refused(exc):
+            raise
+    # A model vmap cannot batch (BatchNorm with momentum=None in train mode, which backend
+    # "auto" trains on "reference"; a recurrent layer's fused op): the same batches, one by one.
+    out = []
+    for t in range(T):
+        p_t = {n: v[t] for n, v in params.items()}
+        if transductive:
+            out.append(forward(p_t, _stacked_buffers(model), query_x[t]))
+        else:
+            out.append(torch.stack([forward(p_t, _stacked_buffers(model), groups[t, q])[S] for q in range(Q)]))
+    return torch.stack(out)
 
 
 def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: int,
