@@ -122,6 +122,8 @@ def test_bad_input(root, tmp_path):
         d.sample(1)
     with pytest.raises(ValueError, match="need 5 classes"):
         MiniImageNet(root, "val", ways=5)
+    with pytest.raises(ValueError, match="ways must be >= 2"):  # a 1-way task is always "right"
+        MiniImageNet(root, "val", ways=1)
     # an image listed twice was counted twice: an episode could use it as support and as query
     (tmp_path / "train.csv").write_text("filename,label\na.png,n1\nb.png,n1\na.png,n1\nc.png,n2\nd.png,n2\n")
     with pytest.raises(ValueError, match=r"train.csv:4: image a.png is listed again \(first on line 2\)"):

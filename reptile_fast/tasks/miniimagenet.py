@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .base import TaskBatch, _check_device, _check_positive_int
-from .episodes import Episodes, draw_episode_plan
+from .episodes import Episodes, check_ways, draw_episode_plan
 from .images import decode_rgb
 from ..validation import check_int
 
@@ -37,7 +37,7 @@ class MiniImageNet:
 
     def __init__(self, root, split: str = "train", *, ways: int = 5, shots: int = 1,
                  query_shots: int = 1, image_size: int = 84, cache: bool = True):
-        self.ways = _check_positive_int("ways", ways)
+        self.ways = check_ways(ways)
         self.shots = _check_positive_int("shots", shots)
         self.query_shots = check_int("query_shots", query_shots, 0)
         self.image_size = check_int("image_size", image_size, 1)
