@@ -262,3 +262,16 @@ def test_ways_rotations_and_exclusions_are_checked_as_given(data, tmp_path):
     assert Omniglot(data, ways=2, rotations=(np.int64(0), 90)).rotations == (0, 90)
     assert Omniglot(data, ways=2, rotations=iter((0, 180))).rotations == (0, 180)
     assert Omniglot(data, ways=2, exclude_alphabets=None).alphabets == sorted(ALPHABETS)
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_an_empty_character_folder_is_refused(tmp_path, as_zip):
+    """A character folder without images (an empty class) was skipped silently: the data then
+    had one class fewer than the folders say."""
+    folder = make_folder(tmp_path, {"Alpha": 2})
+    (folder / "Alpha" / "character03").mkdir()
+    source = make_zip(folder, tmp_path / "bg.zip") if as_zip else folder
+    with pytest.raises(ValueError, match="character folder Alpha/character03 .* holds no .png image"):
+        load_omniglot_images(source)
+    with pytest.raises(ValueError, match="Alpha/character03"):
+        Omniglot(source, ways=2)

@@ -73,6 +73,22 @@ def _png_entries(path: Path) -> Iterable[Tuple[Tuple[str, str, str], object]]:
                     yield (parts[-3], parts[-2], parts[-1]), (lambda n=name: zf.read(n))
 
 
+def _character_dirs(path: Path) -> Iterable[Tuple[str, str]]:
+    """``(alphabet, character)`` of every ``alphabet/character*/`` folder (a zip's explicit
+    folder entries; a zip without them has no empty folders to find)."""
+    if path.is_dir():
+        for d in sorted(path.rglob("character*")):
+            if d.is_dir() and "__MACOSX" not in d.relative_to(path).parts and d.parent != path:
+                yield d.parent.name, d.name
+    else:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                parts = [p for p in name.split("/") if p]
+                if name.endswith("/") and len(parts) >= 2 and parts[-1].startswith("character") \
+                        and "__MACOSX" not in parts:
+                    yield parts[-2], parts[-1]
+
+
 class OmniglotImages:
     """Decoded Omniglot images, grouped by character.
 
@@ -107,6 +123,11 @@ def load_omniglot_images(sources, image_size: int = 28) -> OmniglotImages:
             files.setdefault((alphabet, character), {}).setdefault(fname, path)
     if not files:
         raise ValueError(f"no alphabet/characterNN/*.png images found in {[str(p) for p in paths]}")
+    for path in paths:
+        for key in _character_dirs(path):
+            if key not in files:  # an empty class would silently be no class at all
+                raise ValueError(f"character folder {'/'.join(key)} in {path} holds no .png image: "
+                                 f"restore its images or remove the folder")
     characters = sorted(files)
     rows = []
     # Zip members are read while their archive is open: group the reads by source.
