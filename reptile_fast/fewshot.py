@@ -107,7 +107,9 @@ def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: t
         support_x: ``[T, S, *image]``; query_x: ``[T, Q, *image]``.
         transductive: False: each query image in a batch with the support set (``S + 1``
             images, the query last); True: all ``Q`` query images in one batch.
-    The model runs in its current mode (``evaluate_episodes`` puts it in train mode).
+    The model runs in its current mode (``evaluate_episodes`` puts it in train mode); all tasks
+    (and queries) at once under ``torch.func.vmap``, or one by one, with the same batches, for a
+    model vmap cannot batch (BatchNorm with ``momentum=None`` in train mode, recurrent layers).
     """
     if not isinstance(params, dict) or not params:
         raise TypeError("params must be a dict name -> [T, *shape] (Reptile.adapt(...).params)")
