@@ -82,6 +82,10 @@ def mean_ci95(values: torch.Tensor) -> tuple:
 
 def score_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> FewShotResult:
     """Per-task accuracy of ``predictions`` against ``labels`` (both long ``[T, Q]``)."""
+    for name, t in (("predictions", predictions), ("labels", labels)):
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of class labels [tasks, queries], got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
     if predictions.shape != labels.shape or predictions.dim() != 2:
         raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must "
                          f"both be [tasks, queries]")
@@ -113,9 +117,17 @@ def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: t
     """
     if not isinstance(params, dict) or not params:
         raise TypeError("params must be a dict name -> [T, *shape] (Reptile.adapt(...).params)")
-    if support_x.dim() < 3 or query_x.dim() != support_x.dim():
+    names = [n for n, _ in model.named_parameters()]
+    if set(params) != set(names):
+        # functional_call would silently take the model's own tensor for a missing name
+        raise ValueError(f"params must hold exactly the model's parameters: missing "
+                         f"{[n for n in names if n not in params]}, unknown {[n for n in params if n not in names]}")
+    if not isinstance(support_x, torch.Tensor) or not isinstance(query_x, torch.Tensor):
+        raise TypeError(f"support_x and query_x must be tensors, got {type(support_x).__name__} and "
+                        f"{type(query_x).__name__}")
+    if support_x.dim() < 3 or query_x.dim() != support_x.dim() or support_x.shape[2:] != query_x.shape[2:]:
         raise ValueError(f"support_x {tuple(support_x.shape)} and query_x {tuple(query_x.shape)} must be "
-                         f"[T, S, *image] and [T, Q, *image]")
+                         f"[T, S, *image] and [T, Q, *image] with the same image shape")
     T, Q = query_x.shape[0], query_x.shape[1]
     bad = [n for n, p in params.items() if p.shape[0] != T] + ([] if support_x.shape[0] == T else ["support_x"])
     if bad:

@@ -281,3 +281,28 @@ def test_a_model_with_dropout_is_evaluated():
                                    generator=torch.Generator().manual_seed(0))
         assert result.predictions.shape == ep.query.y.shape
         assert 0 <= int(result.predictions.min()) and int(result.predictions.max()) < WAYS
+
+
+def test_query_logits_and_scores_name_bad_arguments():
+    """A params dict missing a parameter was completed silently with φ's own tensor by
+    functional_call; lists and mismatched image shapes failed with AttributeError/RuntimeError;
+    float predictions were scored as labels."""
+    model = tiny_conv(bn=True)
+    ep = episodes()
+    params = {n: p.detach().expand(T, *p.shape) for n, p in model.named_parameters()}
+    partial = {n: v for n, v in params.items() if n != "classifier.bias"}
+    with pytest.raises(ValueError, match=r"missing \['classifier.bias'\], unknown \[\]"):
+        query_logits(model, partial, ep.support.x, ep.query.x)
+    with pytest.raises(ValueError, match=r"unknown \['extra'\]"):
+        query_logits(model, {**params, "extra": params["classifier.bias"]}, ep.support.x, ep.query.x)
+    with pytest.raises(TypeError, match="support_x and query_x must be tensors"):
+        query_logits(model, params, ep.support.x.tolist(), ep.query.x)
+    for transductive in (False, True):
+        with pytest.raises(ValueError, match="same image shape"):
+            query_logits(model, params, ep.support.x, ep.query.x[..., :6, :6], transductive=transductive)
+    with pytest.raises(TypeError, match="predictions must be an integer tensor"):
+        score_predictions([[0, 1]], torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="predictions must be an integer tensor"):
+        score_predictions(torch.tensor([[0.0, 1.0]]), torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        score_predictions(torch.tensor([[0, 1]]), torch.tensor([[True, False]]))
