@@ -82,6 +82,10 @@ def mean_ci95(values: torch.Tensor) -> tuple:
 
 def score_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> FewShotResult:
     """Per-task accuracy of ``predictions`` against ``labels`` (both long ``[T, Q]``)."""
+    for name, t in (("predictions", predictions), ("labels", labels)):
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of class labels [tasks, queries], got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
     if predictions.shape != labels.shape or predictions.dim() != 2:
         raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must "
                          f"both be [tasks, queries]")
@@ -93,7 +97,8 @@ def score_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> FewSho
 def _stacked_buffers(model: nn.Module, *lead: int) -> Dict[str, torch.Tensor]:
     # Private copies per forward pass: train-mode BatchNorm writes its running statistics into
     # the buffers it is given, and must neither touch the model's nor share them across vmap.
-    return {n: b.detach().expand(*lead, *b.shape).clone() for n, b in model.named_buffers()}
+    return {n: b.detach().expand(*lead, *b.shape).clone() if lead else b.detach().clone()
+            for n, b in model.named_buffers()}
 
 
 def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: torch.Tensor,
@@ -106,13 +111,23 @@ def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: t
         support_x: ``[T, S, *image]``; query_x: ``[T, Q, *image]``.
         transductive: False: each query image in a batch with the support set (``S + 1``
             images, the query last); True: all ``Q`` query images in one batch.
-    The model runs in its current mode (``evaluate_episodes`` puts it in train mode).
+    The model runs in its current mode (``evaluate_episodes`` puts it in train mode); all tasks
+    (and queries) at once under ``torch.func.vmap``, or one by one, with the same batches, for a
+    model vmap cannot batch (BatchNorm with ``momentum=None`` in train mode, recurrent layers).
     """
     if not isinstance(params, dict) or not params:
         raise TypeError("params must be a dict name -> [T, *shape] (Reptile.adapt(...).params)")
-    if support_x.dim() < 3 or query_x.dim() != support_x.dim():
+    names = [n for n, _ in model.named_parameters()]
+    if set(params) != set(names):
+        # functional_call would silently take the model's own tensor for a missing name
+        raise ValueError(f"params must hold exactly the model's parameters: missing "
+                         f"{[n for n in names if n not in params]}, unknown {[n for n in params if n not in names]}")
+    if not isinstance(support_x, torch.Tensor) or not isinstance(query_x, torch.Tensor):
+        raise TypeError(f"support_x and query_x must be tensors, got {type(support_x).__name__} and "
+                        f"{type(query_x).__name__}")
+    if support_x.dim() < 3 or query_x.dim() != support_x.dim() or support_x.shape[2:] != query_x.shape[2:]:
         raise ValueError(f"support_x {tuple(support_x.shape)} and query_x {tuple(query_x.shape)} must be "
-                         f"[T, S, *image] and [T, Q, *image]")
+                         f"[T, S, *image] and [T, Q, *image] with the same image shape")
     T, Q = query_x.shape[0], query_x.shape[1]
     bad = [n for n, p in params.items() if p.shape[0] != T] + ([] if support_x.shape[0] == T else ["support_x"])
     if bad:
@@ -121,14 +136,32 @@ def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: t
     def forward(p, b, x):
         return functional_call(model, (p, b), (x,))
 
-    if transductive:
-        return vmap(forward)(params, _stacked_buffers(model, T), query_x)
     S = support_x.shape[1]
-    groups = torch.cat([support_x.unsqueeze(1).expand(T, Q, *support_x.shape[1:]),
-                        query_x.unsqueeze(2)], dim=2)                       # [T, Q, S+1, *image]
-    per_query = vmap(forward, in_dims=(None, 0, 0))                         # over queries
-    logits = vmap(per_query)(params, _stacked_buffers(model, T, Q), groups)  # [T, Q, S+1, C]
-    return logits[:, :, S]
+    groups = None if transductive else torch.cat(
+        [support_x.unsqueeze(1).expand(T, Q, *support_x.shape[1:]), query_x.unsqueeze(2)], dim=2)  # [T, Q, S+1, *image]
+    try:
+        # randomness="different": a stochastic layer (Dropout in train mode) draws per task and
+        # per query, as the batched backend's inner loop does
+        if transductive:
+            return vmap(forward, randomness="different")(params, _stacked_buffers(model, T), query_x)
+        per_query = vmap(forward, in_dims=(None, 0, 0), randomness="different")       # over queries
+        logits = vmap(per_query, randomness="different")(params, _stacked_buffers(model, T, Q), groups)
+        return logits[:, :, S]                                               # [T, Q, classes]
+    except RuntimeError as exc:
+        from .backends.torch_func import vmap_refused
+
+        if not vmap_refused(exc):
+            raise
+    # A model vmap cannot batch (BatchNorm with momentum=None in train mode, which backend
+    # "auto" trains on "reference"; a recurrent layer's fused op): the same batches, one by one.
+    out = []
+    for t in range(T):
+        p_t = {n: v[t] for n, v in params.items()}
+        if transductive:
+            out.append(forward(p_t, _stacked_buffers(model), query_x[t]))
+        else:
+            out.append(torch.stack([forward(p_t, _stacked_buffers(model), groups[t, q])[S] for q in range(Q)]))
+    return torch.stack(out)
 
 
 def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: int,

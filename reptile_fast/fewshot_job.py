@@ -180,6 +180,9 @@ def run_omniglot(config: OmniglotConfig, out: os.PathLike, *, progress: bool = T
     if not isinstance(config, OmniglotConfig):
         raise TypeError(f"config must be an OmniglotConfig, got {type(config).__name__}")
     check_threads(config.threads)
+    problem = _check_device(config.device, "device")  # else torch's RuntimeError, from deep inside
+    if problem:
+        raise ValueError(problem)
     out = prepare_directory(out, "output directory")
     from .distributed import setup_from_env
 
@@ -428,15 +431,18 @@ def _err(message: str, code: int = 2) -> int:
     return code
 
 
-def _check_device(name: str) -> Optional[str]:
+def _check_device(name: str, what: str = "--device") -> Optional[str]:
+    """What is wrong with the job's device ``name`` (None: nothing), worded for ``what``."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        return f"--device: unknown device {name!r}"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return f"--device {name}: CUDA is not available on this machine"
+        return f"{what}: unknown device {name!r}"
     if device.type not in ("cpu", "cuda"):
-        return f"--device {name}: the omniglot job runs on cpu or cuda"
+        return f"{what} {name}: the omniglot job runs on cpu or cuda"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{what} {name}: CUDA is not available on this machine"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"{what} {name}: only {torch.cuda.device_count()} CUDA device(s) visible"
     return None
 
 

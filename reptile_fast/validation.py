@@ -78,6 +78,8 @@ def check_inner_options(*, inner_steps: int, algorithm: str, inner_optimizer: st
         if algorithm != "reptile":
             raise ValueError("inner_grad_weights defines its own outer direction; use it with algorithm='reptile'")
         try:
+            if isinstance(inner_grad_weights, (str, bytes)):  # "12345" would read as five weights
+                raise TypeError
             weights = tuple(float(w) for w in inner_grad_weights)
         except (TypeError, ValueError):
             raise TypeError("inner_grad_weights must be a sequence of numbers") from None

@@ -406,6 +406,13 @@ def test_bad_arguments():
         mlp_inner_loop(spec, params, xs, ys, lr=0.1, loss="hinge")
 
 
+def test_inner_grad_weights_given_as_a_string_are_refused():
+    """float() read each character of "12345" as a weight: five weights, silently."""
+    for weights in ("12345", b"12345"):
+        with pytest.raises(TypeError, match="inner_grad_weights must be a sequence of numbers"):
+            Reptile(MLP(), backend="torch", inner_grad_weights=weights)
+
+
 def test_fast_path_follows_model_changes_and_hooks():
     """A layer swapped after first use is seen; a forward hook sends the model to the generic path."""
     torch.manual_seed(18)

@@ -226,3 +226,83 @@ def test_omniglot_convnet_names_a_bad_size(kwargs, name):
     torch's tensor constructor, a string failed on '<')."""
     with pytest.raises(ValueError, match=f"OmniglotConvNet {name} must be a positive int"):
         OmniglotConvNet(**kwargs)
+
+
+class _GRUNet(nn.Module):
+    """A recurrent layer reads each 8×8 image row by row: its gradient-free forward is one fused
+    op without a vmap batching rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(8, 6, batch_first=True)
+        self.head = nn.Linear(6, WAYS)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.reshape(x.shape[0], 8, 8))
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("transductive", [False, True])
+def test_models_vmap_cannot_batch_are_evaluated_one_by_one(transductive):
+    """BatchNorm with momentum=None (trained on backend "reference", as "auto" picks) and a GRU
+    crashed in query_logits with vmap's RuntimeError; they now match the per-task oracle."""
+    model = tiny_conv(bn=True)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: vmap cannot read its batch count
+    trainer = trainer_for(model)
+    assert trainer.backend.name == "reference"
+    ep = episodes()
+    result = evaluate_episodes(trainer, ep, steps=3, batch_size=3, transductive=transductive,
+                               generator=torch.Generator().manual_seed(7))
+    assert torch.equal(result.predictions, oracle_predictions(model, ep, 3, 3, transductive, 7))
+
+    torch.manual_seed(1)
+    gru = _GRUNet()
+    params = trainer_for(gru).adapt(ep.support, 2, generator=torch.Generator().manual_seed(0)).params
+    got = query_logits(gru, params, ep.support.x, ep.query.x, transductive=transductive)
+    want = torch.empty_like(got)
+    for t in range(T):
+        m = copy.deepcopy(gru)
+        m.load_state_dict({k: v[t] for k, v in params.items()})
+        with torch.no_grad():
+            want[t] = m(ep.query.x[t])  # no BatchNorm: the batch does not matter
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_with_dropout_is_evaluated():
+    """Dropout (train mode, as evaluation runs the model) crashed query_logits' vmap ("random
+    operation while in randomness error mode"); masks are now drawn per task and query."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, WAYS))
+    ep = episodes()
+    for transductive in (False, True):
+        result = evaluate_episodes(trainer_for(model), ep, steps=2, batch_size=3, transductive=transductive,
+                                   generator=torch.Generator().manual_seed(0))
+        assert result.predictions.shape == ep.query.y.shape
+        assert 0 <= int(result.predictions.min()) and int(result.predictions.max()) < WAYS
+
+
+def test_query_logits_and_scores_name_bad_arguments():
+    """A params dict missing a parameter was completed silently with φ's own tensor by
+    functional_call; lists and mismatched image shapes failed with AttributeError/RuntimeError;
+    float predictions were scored as labels."""
+    model = tiny_conv(bn=True)
+    ep = episodes()
+    params = {n: p.detach().expand(T, *p.shape) for n, p in model.named_parameters()}
+    partial = {n: v for n, v in params.items() if n != "classifier.bias"}
+    with pytest.raises(ValueError, match=r"missing \['classifier.bias'\], unknown \[\]"):
+        query_logits(model, partial, ep.support.x, ep.query.x)
+    with pytest.raises(ValueError, match=r"unknown \['extra'\]"):
+        query_logits(model, {**params, "extra": params["classifier.bias"]}, ep.support.x, ep.query.x)
+    with pytest.raises(TypeError, match="support_x and query_x must be tensors"):
+        query_logits(model, params, ep.support.x.tolist(), ep.query.x)
+    for transductive in (False, True):
+        with pytest.raises(ValueError, match="same image shape"):
+            query_logits(model, params, ep.support.x, ep.query.x[..., :6, :6], transductive=transductive)
+    with pytest.raises(TypeError, match="predictions must be an integer tensor"):
+        score_predictions([[0, 1]], torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="predictions must be an integer tensor"):
+        score_predictions(torch.tensor([[0.0, 1.0]]), torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        score_predictions(torch.tensor([[0, 1]]), torch.tensor([[True, False]]))

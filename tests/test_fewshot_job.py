@@ -151,3 +151,21 @@ def test_the_last_line_names_only_the_files_written(data, tmp_path, capsys):
     captured = capsys.readouterr()
     last = next(l for l in (captured.out + captured.err).splitlines() if l.startswith("wrote "))
     assert last.startswith("wrote metrics.json") and "checkpoint.pt" in last and "validation.json" not in last, last
+
+
+def test_run_omniglot_names_a_bad_device(data, tmp_path, monkeypatch):
+    """From Python (the CLI checked it), a bad device failed with torch's RuntimeError ("Expected
+    one of cpu, cuda, ipu, ..." / "Found no NVIDIA driver") after the data was read."""
+    from reptile_fast.fewshot_job import run_omniglot
+
+    def config(device):
+        return OmniglotConfig(train=[data["train"]], test=data["test"], ways=3, train_shots=2,
+                              inner_batch_size=3, eval_batch_size=3, iterations=1, device=device)
+
+    with pytest.raises(ValueError, match="device: unknown device 'tpu0'"):
+        run_omniglot(config("tpu0"), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="device meta: the omniglot job runs on cpu or cuda"):
+        run_omniglot(config("meta"), tmp_path / "b", progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device cuda: CUDA is not available"):
+        run_omniglot(config("cuda"), tmp_path / "c", progress=False)

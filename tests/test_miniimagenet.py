@@ -122,9 +122,28 @@ def test_bad_input(root, tmp_path):
         d.sample(1)
     with pytest.raises(ValueError, match="need 5 classes"):
         MiniImageNet(root, "val", ways=5)
+    with pytest.raises(ValueError, match="ways must be >= 2"):  # a 1-way task is always "right"
+        MiniImageNet(root, "val", ways=1)
     # an image listed twice was counted twice: an episode could use it as support and as query
     (tmp_path / "train.csv").write_text("filename,label\na.png,n1\nb.png,n1\na.png,n1\nc.png,n2\nd.png,n2\n")
     with pytest.raises(ValueError, match=r"train.csv:4: image a.png is listed again \(first on line 2\)"):
         MiniImageNet(tmp_path, "train", ways=2, shots=1, query_shots=1)
     with pytest.raises(ValueError, match="query_shots >= 1"):
         MiniImageNet(root, "val", ways=2, query_shots=0, image_size=SIZE).sample_episodes(1)
+
+
+def test_a_class_shared_with_the_training_split_is_refused(root, tmp_path):
+    """Test classes seen in meta-training were accepted silently (inflated accuracy)."""
+    import shutil
+
+    leak = tmp_path / "leak"
+    shutil.copytree(root, leak)
+    train = (leak / "train.csv").read_text()
+    (leak / "train.csv").write_text(train + "n00700000000.png,n007\nn00700000001.png,n007\n")  # a test class
+    for split in ("train", "test"):
+        with pytest.raises(ValueError, match="train.csv and test.csv share 1 classes .e.g. n007."
+                           if split == "train" else "test.csv and train.csv share 1 classes"):
+            MiniImageNet(leak, split, ways=2, image_size=SIZE)
+    MiniImageNet(leak, "val", ways=2, image_size=SIZE)  # val shares nothing
+    (leak / "train.csv").unlink()
+    MiniImageNet(leak, "test", ways=2, image_size=SIZE)  # nothing to compare with

@@ -247,3 +247,31 @@ def test_excluding_every_alphabet_names_what_the_data_has(data):
     with pytest.raises(ValueError, match=r"no characters left .*data has \['") as info:
         Omniglot(data, ways=2, shots=1, exclude_alphabets=list(data.alphabets))
     assert all(a in str(info.value) for a in data.alphabets)
+
+
+def test_ways_rotations_and_exclusions_are_checked_as_given(data, tmp_path):
+    """A 1-way task was accepted (every prediction is right whatever the model); rotations "0"
+    (a string) and 90.5 were read as (0,) and 90 by int(); exclude_alphabets=None failed with
+    "'NoneType' object is not iterable"."""
+    for ways in (1, 0):
+        with pytest.raises(ValueError, match="ways must be >= 2"):
+            Omniglot(data, ways=ways)
+    for rotations in ("0", "90", (90.5,), (0, True), 90, (0.0, 90.0)):
+        with pytest.raises(TypeError, match="rotations must be a sequence of int degrees"):
+            Omniglot(data, ways=2, rotations=rotations)
+    assert Omniglot(data, ways=2, rotations=(np.int64(0), 90)).rotations == (0, 90)
+    assert Omniglot(data, ways=2, rotations=iter((0, 180))).rotations == (0, 180)
+    assert Omniglot(data, ways=2, exclude_alphabets=None).alphabets == sorted(ALPHABETS)
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_an_empty_character_folder_is_refused(tmp_path, as_zip):
+    """A character folder without images (an empty class) was skipped silently: the data then
+    had one class fewer than the folders say."""
+    folder = make_folder(tmp_path, {"Alpha": 2})
+    (folder / "Alpha" / "character03").mkdir()
+    source = make_zip(folder, tmp_path / "bg.zip") if as_zip else folder
+    with pytest.raises(ValueError, match="character folder Alpha/character03 .* holds no .png image"):
+        load_omniglot_images(source)
+    with pytest.raises(ValueError, match="Alpha/character03"):
+        Omniglot(source, ways=2)

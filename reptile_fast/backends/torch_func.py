@@ -92,16 +92,22 @@ def _no_batching_rule(exc: RuntimeError) -> bool:
     return "Batching rule not implemented" in str(exc)
 
 
+def vmap_refused(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is ``torch.func.vmap`` refusing an operation of the model: no batching rule
+    (a recurrent layer's fused op without autograd), or one of vmap's own "vmap: ..." errors
+    (``.item()``, e.g. BatchNorm with ``momentum=None`` in training mode)."""
+    return _no_batching_rule(exc) or str(exc).startswith("vmap:")
+
+
 def _vmap_errors(call: Callable, *args):
     """``call(*args)``, with vmap's own refusals of an operation in the model re-raised as
     ``UnsupportedModelError`` naming the way out."""
     try:
         return call(*args)
     except RuntimeError as exc:
-        text = str(exc)
-        if _no_batching_rule(exc) or text.startswith("vmap:"):
+        if vmap_refused(exc):
             raise UnsupportedModelError(f"backend 'torch' cannot run this model under torch.func.vmap: "
-                                        f"{text.splitlines()[0]} Use backend='reference'.") from exc
+                                        f"{str(exc).splitlines()[0]} Use backend='reference'.") from exc
         raise
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .base import TaskBatch, _check_generator, _check_positive_int
 
-__all__ = ["Episodes", "draw_episode_plan"]
+__all__ = ["Episodes", "draw_episode_plan", "check_ways"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,16 @@ class Episodes:
     def __getitem__(self, item) -> "Episodes":
         """Select tasks (keeps the task dimension), e.g. ``episodes[0:50]``."""
         return Episodes(self.support[item], self.query[item], self.ways)
+
+
+def check_ways(ways) -> int:
+    """An image task family's N: an int >= 2 (a 1-way "classification" task is scored 100 %
+    whatever the model does)."""
+    if isinstance(ways, bool) or not isinstance(ways, int):
+        raise TypeError(f"ways must be an int, got {type(ways).__name__}")
+    if ways < 2:
+        raise ValueError(f"ways must be >= 2 (N-way classification needs at least 2 classes), got {ways}")
+    return ways
 
 
 def draw_episode_plan(counts: torch.Tensor, n_tasks: int, ways: int, per_class: int, *,

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .base import TaskBatch, _check_device, _check_positive_int
-from .episodes import Episodes, draw_episode_plan
+from .episodes import Episodes, check_ways, draw_episode_plan
 from .images import decode_rgb
 from ..validation import check_int
 
@@ -37,7 +37,7 @@ class MiniImageNet:
 
     def __init__(self, root, split: str = "train", *, ways: int = 5, shots: int = 1,
                  query_shots: int = 1, image_size: int = 84, cache: bool = True):
-        self.ways = _check_positive_int("ways", ways)
+        self.ways = check_ways(ways)
         self.shots = _check_positive_int("shots", shots)
         self.query_shots = check_int("query_shots", query_shots, 0)
         self.image_size = check_int("image_size", image_size, 1)
@@ -77,7 +77,24 @@ class MiniImageNet:
                              f"shots + query_shots = {need} per class")
         if self.ways > len(self.classes):
             raise ValueError(f"{self.ways}-way tasks need {self.ways} classes; {split} has {len(self.classes)}")
+        self._check_disjoint_from_training(set(by_class))
         self._cache: Dict[tuple, torch.Tensor] = {}
+
+    def _check_disjoint_from_training(self, classes) -> None:
+        """ValueError when this split shares a class with the training split (or, for "train",
+        with val/test): a test class seen in meta-training inflates few-shot accuracy silently.
+        Splits whose CSV is absent are not checked; val and test may share classes."""
+        others = ("val", "test") if self.split == "train" else ("train",)
+        for other in others:
+            path = self.root / f"{other}.csv"
+            if not path.is_file():
+                continue
+            with open(path, newline="") as f:
+                labels = {row[1] for row in list(csv.reader(f))[1:] if len(row) == 2}
+            shared = sorted(classes & labels)
+            if shared:
+                raise ValueError(f"{self.split}.csv and {other}.csv share {len(shared)} classes (e.g. {shared[0]}): "
+                                 f"few-shot splits must have disjoint classes")
 
     @property
     def n_classes(self) -> int:

@@ -15,6 +15,7 @@ extra classes (the paper's augmentation, for training only).  Classes are split 
 """
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import zipfile
@@ -24,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .base import TaskBatch, _check_device, _check_positive_int
-from .episodes import Episodes, draw_episode_plan
+from .episodes import Episodes, check_ways, draw_episode_plan
 from .images import decode_grey
 from ..validation import check_int
 
@@ -72,6 +73,22 @@ def _png_entries(path: Path) -> Iterable[Tuple[Tuple[str, str, str], object]]:
                     yield (parts[-3], parts[-2], parts[-1]), (lambda n=name: zf.read(n))
 
 
+def _character_dirs(path: Path) -> Iterable[Tuple[str, str]]:
+    """``(alphabet, character)`` of every ``alphabet/character*/`` folder (a zip's explicit
+    folder entries; a zip without them has no empty folders to find)."""
+    if path.is_dir():
+        for d in sorted(path.rglob("character*")):
+            if d.is_dir() and "__MACOSX" not in d.relative_to(path).parts and d.parent != path:
+                yield d.parent.name, d.name
+    else:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                parts = [p for p in name.split("/") if p]
+                if name.endswith("/") and len(parts) >= 2 and parts[-1].startswith("character") \
+                        and "__MACOSX" not in parts:
+                    yield parts[-2], parts[-1]
+
+
 class OmniglotImages:
     """Decoded Omniglot images, grouped by character.
 
@@ -106,6 +123,11 @@ def load_omniglot_images(sources, image_size: int = 28) -> OmniglotImages:
             files.setdefault((alphabet, character), {}).setdefault(fname, path)
     if not files:
         raise ValueError(f"no alphabet/characterNN/*.png images found in {[str(p) for p in paths]}")
+    for path in paths:
+        for key in _character_dirs(path):
+            if key not in files:  # an empty class would silently be no class at all
+                raise ValueError(f"character folder {'/'.join(key)} in {path} holds no .png image: "
+                                 f"restore its images or remove the folder")
     characters = sorted(files)
     rows = []
     # Zip members are read while their archive is open: group the reads by source.
@@ -134,10 +156,17 @@ def load_omniglot_images(sources, image_size: int = 28) -> OmniglotImages:
 
 
 def _check_rotations(rotations) -> Tuple[int, ...]:
+    # int() would read "90" as 90 and truncate 90.5 to 90: only whole numbers of degrees are taken
+    message = f"rotations must be a sequence of int degrees among {ROTATIONS}, got {rotations!r}"
+    if isinstance(rotations, (str, bytes)):
+        raise TypeError(message)
     try:
-        rots = tuple(int(r) for r in rotations)
-    except (TypeError, ValueError):
-        raise TypeError(f"rotations must be a sequence of degrees, got {rotations!r}") from None
+        rots = tuple(rotations)
+    except TypeError:
+        raise TypeError(message) from None
+    if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in rots):
+        raise TypeError(message)
+    rots = tuple(int(r) for r in rots)
     if not rots or any(r not in ROTATIONS for r in rots) or len(set(rots)) != len(rots):
         raise ValueError(f"rotations must be distinct values among {ROTATIONS}, got {rotations!r}")
     return rots
@@ -149,23 +178,26 @@ class Omniglot:
     Args:
         sources: a folder or zip (or a list of them) in the standard layout, or an
             ``OmniglotImages`` already loaded (shared between splits without re-reading).
-        ways: N, classes per task.
+        ways: N >= 2, classes per task.
         shots: K, images per class in ``sample``'s tasks and in an episode's support set
             (the paper trains on 10 "training shots" per class and tests with 1 or 5).
         query_shots: images per class in an episode's query set (0: ``sample`` only).
         rotations: degrees; each character at each rotation is a class.  ``ROTATIONS`` is the
             paper's training augmentation; ``(0,)`` (the default) for testing.
-        alphabets: keep only these alphabets (None: all); ``exclude_alphabets``: drop these.
+        alphabets: keep only these alphabets (None: all); ``exclude_alphabets``: drop these
+            (None: none).
         image_size: side of the square images (28 in the paper).
     """
 
     def __init__(self, sources, *, ways: int = 5, shots: int = 1, query_shots: int = 1,
                  rotations: Sequence[int] = (0,), alphabets: Optional[Sequence[str]] = None,
-                 exclude_alphabets: Sequence[str] = (), image_size: int = 28):
-        self.ways = _check_positive_int("ways", ways)
+                 exclude_alphabets: Optional[Sequence[str]] = (), image_size: int = 28):
+        self.ways = check_ways(ways)
         self.shots = _check_positive_int("shots", shots)
         self.query_shots = check_int("query_shots", query_shots, 0)
         self.rotations = _check_rotations(rotations)
+        if exclude_alphabets is None:
+            exclude_alphabets = ()
         data = sources if isinstance(sources, OmniglotImages) else load_omniglot_images(sources, image_size)
         self.data = data
         present = set(data.alphabets)
