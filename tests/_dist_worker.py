@@ -19,7 +19,8 @@ import torch
 BASE = dict(backend="torch", reduction="mean", iterations=4, meta_batch_size=7, seed=3, init_seed=0,
             outer_optimizer=False, algorithm="reptile", checkpoint_dir=None, checkpoint_every=None,
             resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02,
-            stop_check_every=10, meta_batch_size_last_rank=None, backend_options=None)
+            stop_check_every=10, meta_batch_size_last_rank=None, backend_options=None, adam_lr=0.01,
+            adam_lr_last_rank=None, group_ranks=None)
 
 
 def make_trainer(s):
@@ -34,7 +35,7 @@ def make_trainer(s):
     kwargs = dict(backend=s["backend"], inner_steps=3, inner_batch_size=5, algorithm=s["algorithm"],
                   inner_lr=s["inner_lr"], backend_options=s["backend_options"])
     if s["outer_optimizer"]:
-        kwargs["outer_optimizer"] = torch.optim.Adam(model.parameters(), lr=0.01)
+        kwargs["outer_optimizer"] = torch.optim.Adam(model.parameters(), lr=s.get("adam_lr", 0.01))
     else:
         kwargs["outer_lr"] = 0.5
     return Reptile(model, **kwargs)
@@ -48,7 +49,9 @@ def train(s, context):
     from reptile_fast import Sine
     from reptile_fast.distributed import distributed_fit
 
-    trainer = make_trainer({**s, "perturb_rank": context.rank if s.get("perturb") else 0})
+    last = context.rank == context.world_size - 1
+    trainer = make_trainer({**s, "perturb_rank": context.rank if s.get("perturb") else 0,
+                            **({"adam_lr": s["adam_lr_last_rank"]} if last and s.get("adam_lr_last_rank") else {})})
     _last_trainer[:] = [trainer]
 
     def callback(iteration, _metrics):
@@ -114,6 +117,17 @@ def run_scenario(s, context, out: Path) -> None:
     if s["name"].startswith("omniglot"):
         return run_job_function(s, context, out)
     s = {**BASE, **s}
+    if s["group_ranks"] is not None and context is not None and context.is_distributed:
+        # Train on a subgroup of the job (DistContext.from_group): every rank makes the group,
+        # the ranks in it train, the others only save a marker.  Results are saved under the
+        # rank in the group.
+        import torch.distributed as dist
+        from reptile_fast.distributed import DistContext
+
+        group = dist.new_group(s["group_ranks"])
+        if context.rank not in s["group_ranks"]:
+            return
+        context = DistContext.from_group(group, timeout=context.timeout)
     if s["name"].startswith("reducers"):
         return check_reducers({**s, "world_size": context.world_size}, context, out)
     t0 = time.perf_counter()

@@ -145,6 +145,11 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
     meta-step; rank 0's checkpoint is complete before any rank raises), ``NonFiniteError`` on every
     rank for a NaN/inf meta-step (the same read on every rank).
     """
+    # duck-typed (this package sits below the trainer): a model or a string reached ``trainer.device``
+    # and failed there with an AttributeError
+    if not all(hasattr(trainer, a) for a in ("fit", "hparams", "device", "model")):
+        raise TypeError(f"trainer must be a reptile_fast.Reptile (wrap the model: Reptile(model, ...)), got "
+                        f"{type(trainer).__name__}")
     check_int("iterations", iterations, 1)
     check_int("meta_batch_size", meta_batch_size, 1)
     check_int("stop_check_every", stop_check_every, 1)
@@ -173,6 +178,10 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         "iterations": iterations, "meta_batch_size": meta_batch_size, "seed": seed, "block_size": block_size,
         "reduction": reduction, "trainer": trainer.hparams(), "iteration": trainer.iteration,
         "parameters": [(n, tuple(p.shape), str(p.dtype)) for n, p in trainer.model.named_parameters()],
+        # hparams() names the outer optimizer's class only: ranks with another lr or betas would
+        # apply other updates to the same mean, and φ would differ across ranks from the first step
+        "outer_optimizer": None if trainer.outer_optimizer is None else
+        repr([{k: v for k, v in sorted(g.items()) if k != "params"} for g in trainer.outer_optimizer.param_groups]),
         "resume": resume_from is not None, "checkpointing": checkpoint_dir is not None and handle_signals,
         "log_every": log_every, "checkpoint_every": checkpoint_every, "stop_check_every": stop_check_every,
         "callback": callback is not None})

@@ -1,0 +1,149 @@
+"""Review of distributed training and resume (issues 14 and 6): defects found and fixed.
+
+* ``DistContext.from_group`` with a subgroup that does not hold global rank 0: the broadcasts
+  passed the group's rank 0 as torch.distributed's *global* source rank and failed ("Global rank 0
+  is not part of group");
+* ranks whose outer optimizers differ (Adam's lr) were not refused: φ then differed across ranks;
+* ``Reptile.fit`` continued a ``distributed_fit`` checkpoint silently from one generator stream
+  (other tasks than the uninterrupted run's); the reverse was already refused;
+* a checkpoint with a malformed RNG state replaced the model, then failed deep in torch / numpy /
+  random (RuntimeError, IndexError);
+* a model or a string as ``distributed_fit``'s trainer failed with an AttributeError; a bad device
+  name or CUDA without a GPU reached torch (RuntimeError) or passed.
+
+The multi-process checks share one 3-process gloo job (loopback, one thread each).
+"""
+import copy
+
+import pytest
+import torch
+
+import _dist_worker as W
+from reptile_fast import MLP, Reptile, Sine
+from reptile_fast.checkpoint import atomic_torch_save, load_checkpoint, restore_checkpoint
+from reptile_fast.distributed import DistContext, distributed_fit, setup_from_env
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _trainer():
+    torch.manual_seed(0)
+    return Reptile(MLP(1, 8, 1), backend="torch", inner_steps=2, inner_batch_size=4)
+
+
+# ---------------------------------------------------------------------------------- in-process
+def test_fit_refuses_to_continue_a_distributed_checkpoint_from_one_stream(tmp_path):
+    """distributed_fit draws task j of step t from (seed, t, j); Reptile.fit from one generator.
+    Continuing the one with the other gave another run without a word."""
+    distributed_fit(_trainer(), Sine(), 3, meta_batch_size=4, seed=5, context=DistContext.single(), progress=False,
+                    checkpoint_dir=tmp_path)
+    fresh = _trainer()
+    before = copy.deepcopy(fresh.model.state_dict())
+    for generator in (None, torch.Generator()):
+        with pytest.raises(ValueError, match=r"written by distributed_fit.*seed 5, meta_batch_size 4.*"
+                                             r"distributed_fit\(\.\.\., seed=5, meta_batch_size=4"):
+            fresh.fit(Sine(), 6, meta_batch_size=4, generator=generator, progress=False, resume_from=tmp_path)
+    assert fresh.iteration == 0 and all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
+    # distributed_fit continues it (one process here), to where an uninterrupted run ends
+    distributed_fit(fresh, Sine(), 6, meta_batch_size=4, seed=5, context=DistContext.single(), progress=False,
+                    resume_from=tmp_path)
+    whole = _trainer()
+    distributed_fit(whole, Sine(), 6, meta_batch_size=4, seed=5, context=DistContext.single(), progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.model.parameters(), whole.model.parameters()))
+
+
+def _corrupt(rng, what):
+    if what == "torch":
+        rng["torch"] = rng["torch"][:100]
+    elif what == "numpy":
+        rng["numpy"]["keys"] = rng["numpy"]["keys"][:10]
+    elif what == "python":
+        rng["python"]["internal"] = rng["python"]["internal"][:10]
+    elif what == "generator":
+        rng["generator"]["state"] = rng["generator"]["state"][:10]
+    elif what == "cuda":
+        rng["cuda"] = ["not a state"]
+
+
+@pytest.mark.parametrize("what", ["torch", "numpy", "python", "generator", "cuda"])
+def test_a_malformed_rng_state_is_refused_before_anything_changes(tmp_path, what):
+    """Such a file passed load_checkpoint; restoring it replaced φ and the iteration, then failed
+    inside torch.set_rng_state (RuntimeError), numpy (IndexError) or random (ValueError)."""
+    _trainer().fit(Sine(), 2, generator=torch.Generator().manual_seed(0), progress=False, checkpoint_dir=tmp_path / "a")
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    _corrupt(state["rng"], what)
+    atomic_torch_save(state, tmp_path / "b" / "checkpoint.pt")
+    words = {"torch": "malformed torch RNG state", "numpy": "malformed numpy RNG state",
+             "python": "malformed Python RNG state", "generator": "malformed generator state",
+             "cuda": "malformed CUDA RNG state"}[what]
+    with pytest.raises(ValueError, match=f"checkpoint .*checkpoint.pt has a {words}"):
+        load_checkpoint(tmp_path / "b")
+    fresh = _trainer()
+    before = copy.deepcopy(fresh.model.state_dict())
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=words):  # a dict (as distributed_fit's ranks get) is checked too
+        restore_checkpoint(fresh, state, generator=torch.Generator())
+    assert fresh.iteration == 0 and all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("trainer", ["model", "name"])
+def test_distributed_fit_names_a_trainer_that_is_not_one(trainer):
+    value = MLP() if trainer == "model" else "torch"
+    with pytest.raises(TypeError, match="trainer must be a reptile_fast.Reptile"):
+        distributed_fit(value, Sine(), 2, meta_batch_size=2, seed=0, context=DistContext.single())
+
+
+@pytest.mark.parametrize("device, exc, words", [
+    ("gpu0", ValueError, "device must be a torch.device or a name"),
+    (1.5, TypeError, "device must be a torch.device or a name"),
+    pytest.param("cuda", ValueError, "CUDA is not available", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="CUDA is available here")),
+])
+def test_setup_from_env_names_a_bad_device(monkeypatch, device, exc, words):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(exc, match=words):
+        setup_from_env(device=device)
+    if device != "cuda":
+        with pytest.raises(exc, match=words):
+            DistContext.single(device)
+
+
+# ---------------------------------------------------------------------------------- three processes
+SUBGROUP = dict(name="subgroup", group_ranks=[1, 2], backend="torch", reduction="mean", meta_batch_size=5)
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("three_ranks")
+    scenarios = [SUBGROUP,
+                 dict(name="adam_lr", outer_optimizer=True, adam_lr_last_rank=0.02),
+                 dict(name="after", iterations=2)]
+    codes = W.run_job(3, out, scenarios, timeout=30)
+    assert codes == [0, 0, 0], codes
+    return out
+
+
+def test_a_subgroup_without_global_rank_0_trains_what_one_process_does(three_ranks, tmp_path):
+    """Ranks 1 and 2 of 3 train on DistContext.from_group(new_group([1, 2])); rank 0 is not in it."""
+    ranks = [torch.load(three_ranks / f"subgroup.{r}.pt") for r in range(2)]  # saved by group rank
+    for res in ranks:
+        assert res["error"] is None, res["error"]
+    baseline = W.single_process({k: v for k, v in SUBGROUP.items() if k != "group_ranks"}, tmp_path)
+    for k, want in baseline["params"].items():
+        assert torch.equal(ranks[1]["params"][k], ranks[0]["params"][k]), k
+        torch.testing.assert_close(ranks[0]["params"][k], want, rtol=RTOL, atol=ATOL, msg=k)
+
+
+def test_ranks_with_other_outer_optimizer_settings_are_refused_on_every_rank(three_ranks):
+    for r in range(3):
+        res = torch.load(three_ranks / f"adam_lr.{r}.pt")
+        assert res["error"] is not None and res["error"][0] == "ValueError", res["error"]
+        assert "different settings" in res["error"][1] and "outer_optimizer" in res["error"][1]
+        assert "'lr': 0.01" in res["error"][1] and "'lr': 0.02" in res["error"][1]
+    for r in range(3):  # the group stays usable
+        assert torch.load(three_ranks / f"after.{r}.pt")["error"] is None
