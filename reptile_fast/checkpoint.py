@@ -403,11 +403,25 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
             raise ValueError(f"model entry {name} holds NaN or inf values: not writing a checkpoint from it "
                              f"(the previous one in {directory} is kept)")
     path = directory / CHECKPOINT_NAME
-    if path.exists():
+    if path.exists() and _intact(path):
         # Keep the previous checkpoint under its own name before the new one replaces it; the
-        # latest name always points at a complete file (the rename below is atomic).
+        # latest name always points at a complete file (the rename below is atomic).  A damaged
+        # latest is not kept: copied over checkpoint.prev.pt (the file a run resumes from when
+        # its latest is damaged) it would leave no loadable checkpoint should this write fail.
         _link_or_copy(path, directory / PREVIOUS_NAME)
     return atomic_torch_save(state, path)
+
+
+def _intact(path: Path) -> bool:
+    """Whether ``path`` is a readable archive whose records match their CRC-32 (one read of the
+    file, which the last save left in the page cache: ~0.5 ms for a 37 KB sine checkpoint here)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------- load

@@ -147,3 +147,27 @@ def test_ranks_with_other_outer_optimizer_settings_are_refused_on_every_rank(thr
         assert "'lr': 0.01" in res["error"][1] and "'lr': 0.02" in res["error"][1]
     for r in range(3):  # the group stays usable
         assert torch.load(three_ranks / f"after.{r}.pt")["error"] is None
+
+
+def test_resuming_from_the_previous_checkpoint_never_rotates_a_damaged_latest_over_it(tmp_path, monkeypatch):
+    """load_checkpoint's advice for a damaged checkpoint.pt is to resume from checkpoint.prev.pt.
+    The next save then copied the damaged latest over checkpoint.prev.pt before writing the new
+    one: a crash (or a full disk) in that write left no loadable checkpoint in the directory."""
+    from reptile_fast import checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    trainer = _trainer()
+    trainer.fit(Sine(), 4, generator=gen, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
+    latest = tmp_path / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:300])  # damaged on disk
+    with pytest.raises(ValueError, match="may be intact"):
+        load_checkpoint(tmp_path)
+
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _trainer().fit(Sine(), 6, generator=torch.Generator(), progress=False, checkpoint_dir=tmp_path,
+                       checkpoint_every=2, resume_from=tmp_path / "checkpoint.prev.pt")
+    assert load_checkpoint(tmp_path / "checkpoint.prev.pt")["trainer"]["iteration"] == 2
