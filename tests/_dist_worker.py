@@ -20,7 +20,7 @@ BASE = dict(backend="torch", reduction="mean", iterations=4, meta_batch_size=7, 
             outer_optimizer=False, algorithm="reptile", checkpoint_dir=None, checkpoint_every=None,
             resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02,
             stop_check_every=10, meta_batch_size_last_rank=None, backend_options=None, adam_lr=0.01,
-            adam_lr_last_rank=None, group_ranks=None)
+            adam_lr_last_rank=None, group_ranks=None, thread_last_rank=False)
 
 
 def make_trainer(s):
@@ -46,9 +46,6 @@ _last_trainer = []
 
 def train(s, context):
     """One scenario's training on this rank; returns (trainer, history)."""
-    from reptile_fast import Sine
-    from reptile_fast.distributed import distributed_fit
-
     last = context.rank == context.world_size - 1
     trainer = make_trainer({**s, "perturb_rank": context.rank if s.get("perturb") else 0,
                             **({"adam_lr": s["adam_lr_last_rank"]} if last and s.get("adam_lr_last_rank") else {})})
@@ -66,14 +63,36 @@ def train(s, context):
     meta_batch_size = s["meta_batch_size"]
     if s["meta_batch_size_last_rank"] is not None and context.rank == context.world_size - 1:
         meta_batch_size = s["meta_batch_size_last_rank"]  # a mis-launched rank
-    history = distributed_fit(trainer, Sine(), s["iterations"], meta_batch_size=meta_batch_size,
-                              seed=s["seed"], context=context, reduction=s["reduction"], progress=False,
-                              # only where needed: a callback makes every rank read every meta-step
-                              callback=callback if (s["signal_at"] or s["die_at"] or s["hang_at"]) else None,
-                              checkpoint_dir=s["checkpoint_dir"],
-                              checkpoint_every=s["checkpoint_every"], resume_from=s["resume_from"],
-                              stop_check_every=s["stop_check_every"])
-    return trainer, history
+    if s.get("thread_last_rank") and last:  # this rank trains outside the main thread (no signal handlers)
+        import threading
+
+        box = {}
+
+        def target():
+            try:
+                box["value"] = _fit(s, trainer, context, meta_batch_size, callback)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = exc
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return trainer, box["value"]
+    return trainer, _fit(s, trainer, context, meta_batch_size, callback)
+
+
+def _fit(s, trainer, context, meta_batch_size, callback):
+    from reptile_fast import Sine
+    from reptile_fast.distributed import distributed_fit
+
+    return distributed_fit(trainer, Sine(), s["iterations"], meta_batch_size=meta_batch_size,
+                           seed=s["seed"], context=context, reduction=s["reduction"], progress=False,
+                           # only where needed: a callback makes every rank read every meta-step
+                           callback=callback if (s["signal_at"] or s["die_at"] or s["hang_at"]) else None,
+                           checkpoint_dir=s["checkpoint_dir"],
+                           checkpoint_every=s["checkpoint_every"], resume_from=s["resume_from"],
+                           stop_check_every=s["stop_check_every"])
 
 
 def synthetic_updates(lo: int, hi: int):

@@ -122,8 +122,10 @@ def three_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("three_ranks")
     scenarios = [SUBGROUP,
                  dict(name="adam_lr", outer_optimizer=True, adam_lr_last_rank=0.02),
+                 dict(name="thread", iterations=5, stop_check_every=1, checkpoint_dir=str(out / "thread"),
+                      thread_last_rank=True),
                  dict(name="after", iterations=2)]
-    codes = W.run_job(3, out, scenarios, timeout=30)
+    codes = W.run_job(3, out, scenarios, timeout=15)
     assert codes == [0, 0, 0], codes
     return out
 
@@ -171,3 +173,18 @@ def test_resuming_from_the_previous_checkpoint_never_rotates_a_damaged_latest_ov
         _trainer().fit(Sine(), 6, generator=torch.Generator(), progress=False, checkpoint_dir=tmp_path,
                        checkpoint_every=2, resume_from=tmp_path / "checkpoint.prev.pt")
     assert load_checkpoint(tmp_path / "checkpoint.prev.pt")["trainer"]["iteration"] == 2
+
+
+def test_a_rank_training_outside_the_main_thread_keeps_step_with_the_others(three_ranks, tmp_path):
+    """With checkpoint_dir and handle_signals, the ranks agree on stopping every stop_check_every
+    meta-steps (one all-reduce) -- but only the ranks whose signal handlers were installed did, and
+    Python installs none outside the main thread: such a rank skipped the all-reduce and the
+    collectives of the ranks no longer matched (a DistributedError, or wrong sums)."""
+    ranks = [torch.load(three_ranks / f"thread.{r}.pt") for r in range(3)]
+    for res in ranks:
+        assert res["error"] is None, res["error"]
+    baseline = W.single_process(dict(name="thread1", iterations=5), tmp_path)
+    for k, want in baseline["params"].items():
+        for res in ranks:
+            torch.testing.assert_close(res["params"][k], want, rtol=RTOL, atol=ATOL, msg=k)
+    assert load_checkpoint(three_ranks / "thread")["trainer"]["iteration"] == 5

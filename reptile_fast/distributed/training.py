@@ -39,16 +39,20 @@ class _RankCallback(Callback):
     """
 
     def __init__(self, context: DistContext, signals: DeferredSignals, checkpoint_every: Optional[int],
-                 stop_every: int):
+                 stop_every: int, agree: bool):
         self.context, self.signals = context, signals
         self.checkpoint_every, self.stop_every = checkpoint_every, stop_every
+        # Whether the ranks agree on stopping: the setting every rank compared at the start, not
+        # ``signals.installed`` (False on a rank training outside the main thread, which would
+        # then skip the all-reduce the others wait in)
+        self.agree = agree
         self.stopped = False
 
     def wants_read(self, loop) -> bool:
         return self.checkpoint_every is not None and loop.iteration % self.checkpoint_every == 0
 
     def on_chunk_end(self, loop, read):
-        if not self.signals.installed:
+        if not self.agree:
             return
         if loop.iteration % self.stop_every == 0:  # the same meta-steps on every rank
             if self.context.any(self.signals.received is not None,
@@ -197,8 +201,9 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
     ctx.broadcast_module(trainer.model, "broadcast of the initial parameters from rank 0")
     extra = {**(checkpoint_extra or {}), "sampler": sampler.state_dict(), "world_size": ctx.world_size}
     main = ctx.is_main
-    with DeferredSignals(enabled=handle_signals and checkpoint_dir is not None) as signals:
-        ranks = _RankCallback(ctx, signals, checkpoint_every, stop_check_every)
+    checkpointing = handle_signals and checkpoint_dir is not None
+    with DeferredSignals(enabled=checkpointing) as signals:
+        ranks = _RankCallback(ctx, signals, checkpoint_every, stop_check_every, agree=checkpointing)
         history = trainer.fit(
             task_distribution, iterations, meta_batch_size=sampler.n_local, generator=None,
             progress=progress and main, callback=callback, checkpoint_dir=checkpoint_dir if main else None,
