@@ -188,3 +188,23 @@ def test_a_rank_training_outside_the_main_thread_keeps_step_with_the_others(thre
         for res in ranks:
             torch.testing.assert_close(res["params"][k], want, rtol=RTOL, atol=ATOL, msg=k)
     assert load_checkpoint(three_ranks / "thread")["trainer"]["iteration"] == 5
+
+
+def test_one_process_stops_after_the_meta_step_that_got_the_signal(tmp_path):
+    """Alone (e.g. `reptile-fast sine --resume` of a torchrun run without torchrun) there is no rank
+    to agree with, yet the run went on to the next multiple of stop_check_every (10) meta-steps."""
+    import os
+    import signal
+
+    from reptile_fast.signals import TrainingInterrupted
+
+    def callback(iteration, _metrics):
+        if iteration == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = _trainer()
+    with pytest.raises(TrainingInterrupted, match="after meta-step 3 of 50") as info:
+        distributed_fit(trainer, Sine(), 50, meta_batch_size=2, seed=0, context=DistContext.single(),
+                        progress=False, callback=callback, checkpoint_dir=tmp_path)
+    assert info.value.exit_code == 143 and trainer.iteration == 3
+    assert load_checkpoint(tmp_path)["trainer"]["iteration"] == 3

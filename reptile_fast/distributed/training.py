@@ -54,6 +54,11 @@ class _RankCallback(Callback):
     def on_chunk_end(self, loop, read):
         if not self.agree:
             return
+        if not self.context.is_distributed:  # nobody to agree with: stop after this meta-step
+            if self.signals.received is not None:
+                self.stopped = True
+                loop.stop()
+            return
         if loop.iteration % self.stop_every == 0:  # the same meta-steps on every rank
             if self.context.any(self.signals.received is not None,
                                 f"agreement on stopping after meta-step {loop.iteration}"):
