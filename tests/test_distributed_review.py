@@ -208,3 +208,25 @@ def test_one_process_stops_after_the_meta_step_that_got_the_signal(tmp_path):
                         progress=False, callback=callback, checkpoint_dir=tmp_path)
     assert info.value.exit_code == 143 and trainer.iteration == 3
     assert load_checkpoint(tmp_path)["trainer"]["iteration"] == 3
+
+
+@pytest.mark.parametrize("other", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                                   lambda p: torch.optim.AdamW(p, lr=0.01)], ids=["SGD", "AdamW"])
+def test_resuming_with_another_outer_optimizer_class_is_refused_before_anything_changes(tmp_path, other):
+    """torch's load_state_dict took Adam's state into SGD (then KeyError 'momentum' at the first
+    step, after φ had been replaced) or into AdamW (which ran with Adam's settings); only a
+    warning named the difference."""
+    def trainer(make):
+        torch.manual_seed(0)
+        model = MLP(1, 8, 1)
+        return Reptile(model, backend="torch", inner_steps=2, inner_batch_size=4, outer_optimizer=make(model.parameters()))
+
+    trainer(lambda p: torch.optim.Adam(p, lr=0.01)).fit(Sine(), 2, generator=torch.Generator().manual_seed(0),
+                                                        progress=False, checkpoint_dir=tmp_path)
+    fresh = trainer(other)
+    before = copy.deepcopy(fresh.model.state_dict())
+    with pytest.raises(ValueError, match=r"outer_optimizer state is Adam state, but this trainer's outer optimizer "
+                                         r"is (SGD|AdamW)"):
+        fresh.fit(Sine(), 4, generator=torch.Generator(), progress=False, resume_from=tmp_path)
+    assert fresh.iteration == 0 and all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
+    assert not fresh.outer_optimizer.state
