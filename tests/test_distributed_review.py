@@ -230,3 +230,24 @@ def test_resuming_with_another_outer_optimizer_class_is_refused_before_anything_
         fresh.fit(Sine(), 4, generator=torch.Generator(), progress=False, resume_from=tmp_path)
     assert fresh.iteration == 0 and all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
     assert not fresh.outer_optimizer.state
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(reducer="mean"), TypeError, "reducer must be callable"),
+    (dict(reducer=lambda d, l: (d, l)), ValueError, "reducer's mean loss must be a one-element tensor, got \\(2, 2\\)"),
+    (dict(reducer=lambda d, l: ([x.mean(0) for x in d][:-1], l.mean())), ValueError,
+     "one mean delta per parameter \\(6\\), got 5"),
+    (dict(reducer=lambda d, l: (list(d), l.mean())), ValueError,
+     "mean delta for network.0.weight must be \\(8, 1\\) torch.float32 on cpu .*got \\(2, 8, 1\\)"),
+    (dict(sampler="indexed"), TypeError, "sampler must have a draw\\(first_iteration, m\\) method"),
+    (dict(callbacks=[1]), TypeError, "callbacks\\[0\\] must be a reptile_fast.loop.Callback"),
+    (dict(callbacks=3), TypeError, "callbacks must be a list"),
+])
+def test_fit_extension_points_name_a_wrong_object(kwargs, exc, words):
+    """fit's sampler / reducer / callbacks (what distributed_fit plugs in): a wrong one failed deep
+    in the loop ("'str' object is not callable", an AttributeError, a size mismatch in the update)."""
+    trainer = _trainer()
+    before = copy.deepcopy(trainer.model.state_dict())
+    with pytest.raises(exc, match=words):
+        trainer.fit(Sine(), 2, meta_batch_size=2, progress=False, **kwargs)
+    assert trainer.iteration == 0 and all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
