@@ -384,6 +384,10 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
 
     Returns the path of the checkpoint written.
     """
+    # a Reptile: a plain nn.Module has a state_dict too, but not the trainer's (KeyError 'model')
+    if not callable(getattr(trainer, "state_dict", None)) or not hasattr(trainer, "iteration"):
+        raise TypeError(f"trainer must be a reptile_fast.Reptile (its state_dict() holds the model, the outer "
+                        f"optimizer and the iteration), got {type(trainer).__name__}")
     directory = prepare_checkpoint_directory(directory, "checkpoint directory")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -398,6 +402,7 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
     }
     _check_loadable(state, "checkpoint")
     # never replace the last good checkpoint with one that loading would refuse
+    _validate(state, directory / CHECKPOINT_NAME)
     for name, value in state["trainer"]["model"].items():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"model entry {name} holds NaN or inf values: not writing a checkpoint from it "

@@ -251,3 +251,14 @@ def test_fit_extension_points_name_a_wrong_object(kwargs, exc, words):
     with pytest.raises(exc, match=words):
         trainer.fit(Sine(), 2, meta_batch_size=2, progress=False, **kwargs)
     assert trainer.iteration == 0 and all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize("obj", [MLP(1, 8, 1), "trainer"], ids=["module", "string"])
+def test_save_checkpoint_names_an_object_that_is_not_a_trainer(tmp_path, obj):
+    """A model (it has a state_dict, not the trainer's) failed with KeyError 'model', a string
+    with AttributeError."""
+    from reptile_fast import save_checkpoint
+
+    with pytest.raises(TypeError, match="trainer must be a reptile_fast.Reptile"):
+        save_checkpoint(tmp_path, obj)
+    assert not (tmp_path / "checkpoint.pt").exists()
