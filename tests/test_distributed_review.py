@@ -120,7 +120,12 @@ SUBGROUP = dict(name="subgroup", group_ranks=[1, 2], backend="torch", reduction=
 @pytest.fixture(scope="module")
 def three_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("three_ranks")
+    # a truncated checkpoint: rank 0 reads it, every rank must raise the same error
+    bad = out / "truncated"
+    W.single_process(dict(name="writer", iterations=2, checkpoint_dir=str(bad)), out)
+    (bad / "checkpoint.pt").write_bytes((bad / "checkpoint.pt").read_bytes()[:500])
     scenarios = [SUBGROUP,
+                 dict(name="truncated", iterations=4, resume_from=str(bad)),
                  dict(name="adam_lr", outer_optimizer=True, adam_lr_last_rank=0.02),
                  dict(name="thread", iterations=5, stop_check_every=1, checkpoint_dir=str(out / "thread"),
                       thread_last_rank=True),
@@ -262,3 +267,10 @@ def test_save_checkpoint_names_an_object_that_is_not_a_trainer(tmp_path, obj):
     with pytest.raises(TypeError, match="trainer must be a reptile_fast.Reptile"):
         save_checkpoint(tmp_path, obj)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_truncated_checkpoint_is_refused_on_every_rank(three_ranks):
+    for r in range(3):
+        res = torch.load(three_ranks / f"truncated.{r}.pt")
+        assert res["error"] is not None and res["error"][0] == "ValueError", res["error"]
+        assert "checkpoint.pt is not a torch checkpoint archive (500 bytes): truncated" in res["error"][1]
