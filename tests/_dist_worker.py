@@ -145,6 +145,12 @@ def run_scenario(s, context, out: Path) -> None:
 
         group = dist.new_group(s["group_ranks"])
         if context.rank not in s["group_ranks"]:
+            outside = {"error": None}
+            try:
+                DistContext.from_group(group, timeout=context.timeout)
+            except BaseException as exc:  # noqa: BLE001 - reported to the test
+                outside["error"] = (type(exc).__name__, str(exc))
+            torch.save(outside, out / f"{s['name']}-outside.{context.rank}.pt")
             return
         context = DistContext.from_group(group, timeout=context.timeout)
     if s["name"].startswith("reducers"):

@@ -144,6 +144,10 @@ def test_a_subgroup_without_global_rank_0_trains_what_one_process_does(three_ran
     for k, want in baseline["params"].items():
         assert torch.equal(ranks[1]["params"][k], ranks[0]["params"][k]), k
         torch.testing.assert_close(ranks[0]["params"][k], want, rtol=RTOL, atol=ATOL, msg=k)
+    # global rank 0, outside the group, is told so (it got rank -1 and trained as a bogus rank)
+    outside = torch.load(three_ranks / "subgroup-outside.0.pt")
+    assert outside["error"] is not None and outside["error"][0] == "ValueError", outside["error"]
+    assert "global rank 0) is not a member of the group" in outside["error"][1]
 
 
 def test_ranks_with_other_outer_optimizer_settings_are_refused_on_every_rank(three_ranks):

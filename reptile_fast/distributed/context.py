@@ -135,6 +135,14 @@ class DistContext:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("torch.distributed has no initialised default process group; call "
                              "setup_from_env() (under torchrun) or dist.init_process_group first")
+        # new_group hands the processes outside it a marker (GroupMember.NON_GROUP_MEMBER), not a group
+        outside = group is dist.GroupMember.NON_GROUP_MEMBER
+        if not outside and group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed ProcessGroup (e.g. from dist.new_group) or None "
+                            f"for the default group, got {type(group).__name__}")
+        if outside or dist.get_rank(group) < 0:
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the group: only "
+                             f"the group's ranks can train on it")
         backend = str(dist.get_backend(group))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
