@@ -54,7 +54,7 @@ def train(s, context):
     def callback(iteration, _metrics):
         if context.rank == context.world_size - 1:
             if s["signal_at"] == iteration:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), s.get("signal", signal.SIGTERM))
             if s["die_at"] == iteration:
                 os.kill(os.getpid(), signal.SIGKILL)
             if s["hang_at"] == iteration:

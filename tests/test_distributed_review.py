@@ -129,6 +129,8 @@ def three_ranks(tmp_path_factory):
                  dict(name="adam_lr", outer_optimizer=True, adam_lr_last_rank=0.02),
                  dict(name="thread", iterations=5, stop_check_every=1, checkpoint_dir=str(out / "thread"),
                       thread_last_rank=True),
+                 dict(name="sigint", iterations=6, checkpoint_dir=str(out / "sigint"), signal_at=2,
+                      signal=2, stop_check_every=1),
                  dict(name="after", iterations=2)]
     codes = W.run_job(3, out, scenarios, timeout=15)
     assert codes == [0, 0, 0], codes
@@ -278,3 +280,13 @@ def test_a_truncated_checkpoint_is_refused_on_every_rank(three_ranks):
         res = torch.load(three_ranks / f"truncated.{r}.pt")
         assert res["error"] is not None and res["error"][0] == "ValueError", res["error"]
         assert "checkpoint.pt is not a torch checkpoint archive (500 bytes): truncated" in res["error"][1]
+
+
+def test_every_rank_reports_the_signal_another_rank_received(three_ranks):
+    """SIGINT to the last rank: the others reported SIGTERM (their fallback) and would exit 143,
+    that rank 130."""
+    for r in range(3):
+        res = torch.load(three_ranks / f"sigint.{r}.pt")
+        assert res["error"] is not None and res["error"][0] == "TrainingInterrupted", res["error"]
+        assert "interrupted by SIGINT after meta-step 2 of 6" in res["error"][1], res["error"]
+    assert load_checkpoint(three_ranks / "sigint")["trainer"]["iteration"] == 2

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
+import torch
+
 from ..checkpoint import CHECKPOINT_NAME
 from ..loop import DEFAULT_LOG_EVERY, Callback
 from ..signals import DeferredSignals, TrainingInterrupted, signal_name
@@ -47,6 +49,7 @@ class _RankCallback(Callback):
         # then skip the all-reduce the others wait in)
         self.agree = agree
         self.stopped = False
+        self.signum: Optional[int] = None  # the signal the ranks stopped on
 
     def wants_read(self, loop) -> bool:
         return self.checkpoint_every is not None and loop.iteration % self.checkpoint_every == 0
@@ -56,13 +59,17 @@ class _RankCallback(Callback):
             return
         if not self.context.is_distributed:  # nobody to agree with: stop after this meta-step
             if self.signals.received is not None:
-                self.stopped = True
+                self.signum, self.stopped = self.signals.received, True
                 loop.stop()
             return
         if loop.iteration % self.stop_every == 0:  # the same meta-steps on every rank
-            if self.context.any(self.signals.received is not None,
-                                f"agreement on stopping after meta-step {loop.iteration}"):
-                self.stopped = True
+            # the largest signal number any rank received (0: none), so every rank reports the
+            # same signal and exits with the same 128 + signal
+            received = torch.tensor([float(self.signals.received or 0)], device=self.context.device)
+            signum = int(self.context.all_reduce_(received, f"agreement on stopping after meta-step {loop.iteration}",
+                                                  op="max").item())
+            if signum:
+                self.signum, self.stopped = signum, True
                 loop.stop()
 
 
@@ -219,7 +226,7 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         # rank when one exits with an error code, as an interrupted one does).
         ctx.barrier(f"barrier after the checkpoint of meta-step {trainer.iteration}")
     if ranks.stopped:
-        signum = signals.received if signals.received is not None else 15  # another rank's signal
+        signum = ranks.signum
         path = os.path.join(str(checkpoint_dir), CHECKPOINT_NAME)
         raise TrainingInterrupted(
             f"training interrupted by {signal_name(signum)} after meta-step {trainer.iteration} of "
