@@ -7,7 +7,8 @@ from typing import Any, List, Mapping, Optional
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, resolve_checkpoint_path, restore_checkpoint, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint_path, restore_checkpoint,
+                         save_checkpoint)
 from .core import NonFiniteError
 from .loop import Callback
 from .signals import DeferredSignals, TrainingInterrupted, signal_name
@@ -16,14 +17,30 @@ __all__ = ["CheckpointCallback", "SignalCallback", "resume_for_fit"]
 
 
 def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: Optional[Path], *,
-                   meta_batch_size: Optional[int] = None):
+                   meta_batch_size: Optional[int] = None, one_stream: bool = False):
     """Restore ``trainer`` (and every RNG) from ``resume_from`` for ``fit``.
 
     Returns ``(loss history so far, whether resume_from is ckpt_dir's latest checkpoint)``; warns
     when an annealed run is resumed with another total than it was started with, and when the
-    checkpoint's run drew another ``meta_batch_size`` (when both are known).
+    checkpoint's run drew another ``meta_batch_size`` (when both are known).  ``one_stream``: this
+    fit draws its tasks from one generator stream; a checkpoint of a run that drew them by global
+    task index (``distributed_fit``) is then refused before anything changes (it would continue
+    silently with other tasks than the uninterrupted run).
     """
-    ckpt = restore_checkpoint(trainer, resume_from, generator=generator)
+    ckpt = resume_from if isinstance(resume_from, Mapping) else load_checkpoint(resume_from)
+    sampler = ckpt["extra"].get("sampler")
+    # "indexed": reptile_fast.distributed.sampler.SAMPLER_KIND (that package sits above this one)
+    if one_stream and isinstance(sampler, Mapping) and sampler.get("kind") == "indexed":
+        where = "" if isinstance(resume_from, Mapping) else f" {resume_from}"
+        raise ValueError(f"the checkpoint{where} was written by distributed_fit, which draws task j of meta-step t "
+                         f"from (seed, t, j) (seed {sampler.get('seed')!r}, meta_batch_size "
+                         f"{sampler.get('meta_batch_size')!r}); Reptile.fit draws from one generator stream and "
+                         f"would not continue the same run. Continue it with reptile_fast.distributed."
+                         f"distributed_fit(..., seed={sampler.get('seed')!r}, meta_batch_size="
+                         f"{sampler.get('meta_batch_size')!r}, resume_from=...) (any number of processes, one "
+                         f"included) or the job's --resume")
+    ckpt = restore_checkpoint(trainer, ckpt, generator=generator,
+                              name="state" if isinstance(resume_from, Mapping) else str(resume_from))
     history = [float(v) for v in ckpt["history"].get("loss", torch.zeros(0)).tolist()]
     saved_total = ckpt["trainer"]["total_iterations"]
     if trainer.outer_lr_final is not None and saved_total is not None and saved_total != iterations:

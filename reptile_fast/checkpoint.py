@@ -36,7 +36,7 @@ import torch
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
            "CHECKPOINT_NAME", "PREVIOUS_NAME", "FORMAT", "VERSION",
            "save_checkpoint", "load_checkpoint", "restore_checkpoint", "resolve_checkpoint_path",
-           "capture_rng_state", "restore_rng_state", "prepare_directory", "prepare_checkpoint_directory",
+           "capture_rng_state", "restore_rng_state", "rng_state_problem", "prepare_directory", "prepare_checkpoint_directory",
            "remove_stale_temporaries"]
 
 PathLike = Union[str, os.PathLike]
@@ -231,10 +231,71 @@ def _check_generator_compatible(rng: Mapping, generator: Optional[torch.Generato
                          f"but the generator given is on {generator.device}")
 
 
+_NUMPY_KEYS = 624    # MT19937's state words (numpy's legacy RandomState)
+_PYTHON_STATE = 625  # random.getstate()'s internal tuple: 624 words and the position
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def rng_state_problem(rng: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with ``capture_rng_state``'s dict ``rng``, or None when every RNG can be set
+    from it.  Checked before anything is restored: torch, numpy and ``random`` would otherwise
+    fail deep inside (a RuntimeError, an IndexError) after the model had been replaced."""
+    if not isinstance(rng, Mapping):
+        return f"the RNG state is a {type(rng).__name__}, not a dict"
+    cpu_size = torch.get_rng_state().numel()
+
+    def bad_cpu_state(t) -> bool:
+        return not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != cpu_size
+    if bad_cpu_state(rng.get("torch")):
+        return f"a malformed torch RNG state (expected a uint8 tensor of {cpu_size} bytes)"
+    cuda = rng.get("cuda")
+    if cuda is not None and (not isinstance(cuda, (list, tuple))
+                             or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)):
+        return "a malformed CUDA RNG state (expected a list of uint8 tensors)"
+    npst = rng.get("numpy")
+    if (not isinstance(npst, Mapping) or npst.get("name") != "MT19937"
+            or not isinstance(npst.get("keys"), torch.Tensor) or tuple(npst["keys"].shape) != (_NUMPY_KEYS,)
+            or npst["keys"].is_floating_point() or npst["keys"].is_complex()
+            or not _is_int(npst.get("pos")) or not 0 <= npst["pos"] <= _NUMPY_KEYS
+            or npst.get("has_gauss") not in (0, 1) or not isinstance(npst.get("cached_gaussian"), (int, float))):
+        return f"a malformed numpy RNG state (expected MT19937 with {_NUMPY_KEYS} integer keys)"
+    pyst = rng.get("python")
+    if (not isinstance(pyst, Mapping) or not _is_int(pyst.get("version"))
+            or not isinstance(pyst.get("internal"), torch.Tensor) or tuple(pyst["internal"].shape) != (_PYTHON_STATE,)
+            or pyst["internal"].is_floating_point() or pyst["internal"].is_complex()
+            or not (pyst.get("gauss_next") is None or isinstance(pyst["gauss_next"], (int, float)))):
+        return f"a malformed Python RNG state (expected {_PYTHON_STATE} integers)"
+    try:
+        random.Random().setstate((int(pyst["version"]), tuple(int(v) for v in pyst["internal"].tolist()),
+                                  pyst["gauss_next"]))
+    except (ValueError, TypeError, OverflowError) as exc:
+        return f"a malformed Python RNG state ({exc})"
+    gen = rng.get("generator")
+    if gen is not None:
+        if not isinstance(gen, Mapping) or not isinstance(gen.get("state"), torch.Tensor) \
+                or gen["state"].dtype != torch.uint8 or not isinstance(gen.get("device"), str):
+            return "a malformed generator state"
+        try:
+            device = torch.device(gen["device"])
+        except (RuntimeError, ValueError):
+            return f"a generator state on an unknown device {gen['device']!r}"
+        if device.type == "cpu" and bad_cpu_state(gen["state"]):
+            return f"a malformed generator state (expected a uint8 tensor of {cpu_size} bytes)"
+    return None
+
+
 def restore_rng_state(state: Mapping[str, Any], generator: Optional[torch.Generator] = None) -> None:
-    """Set every RNG from ``capture_rng_state``'s dict (``generator``'s too, when saved)."""
+    """Set every RNG from ``capture_rng_state``'s dict (``generator``'s too, when saved).
+
+    Raises ``ValueError`` naming the problem, before setting any RNG, for a malformed state."""
     import numpy as np
 
+    problem = rng_state_problem(state)
+    if problem is not None:
+        raise ValueError(f"the RNG state to restore has {problem}")
     _check_generator_compatible(state, generator, "state")
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
@@ -347,11 +408,25 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
             raise ValueError(f"model entry {name} holds NaN or inf values: not writing a checkpoint from it "
                              f"(the previous one in {directory} is kept)")
     path = directory / CHECKPOINT_NAME
-    if path.exists():
+    if path.exists() and _intact(path):
         # Keep the previous checkpoint under its own name before the new one replaces it; the
-        # latest name always points at a complete file (the rename below is atomic).
+        # latest name always points at a complete file (the rename below is atomic).  A damaged
+        # latest is not kept: copied over checkpoint.prev.pt (the file a run resumes from when
+        # its latest is damaged) it would leave no loadable checkpoint should this write fail.
         _link_or_copy(path, directory / PREVIOUS_NAME)
     return atomic_torch_save(state, path)
+
+
+def _intact(path: Path) -> bool:
+    """Whether ``path`` is a readable archive whose records match their CRC-32 (one read of the
+    file, which the last save left in the page cache: ~0.5 ms for a 37 KB sine checkpoint here)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------- load
@@ -395,18 +470,17 @@ def _validate(obj, path) -> Dict[str, Any]:
     _require(rng, "torch", torch.Tensor, path, "rng.")
     npst = _require(rng, "numpy", Mapping, path, "rng.")
     pyst = _require(rng, "python", Mapping, path, "rng.")
-    gen = _require(rng, "generator", (Mapping, type(None)), path, "rng.")
+    _require(rng, "generator", (Mapping, type(None)), path, "rng.")
     _require(rng, "cuda", (list, tuple, type(None)), path, "rng.")
-    if rng["torch"].dtype != torch.uint8:
-        raise _fail(path, "has a malformed torch RNG state")
     for key in ("name", "keys", "pos", "has_gauss", "cached_gaussian"):
         if key not in npst:
             raise _fail(path, f"has a malformed numpy RNG state (no {key!r})")
     for key in ("version", "internal", "gauss_next"):
         if key not in pyst:
             raise _fail(path, f"has a malformed Python RNG state (no {key!r})")
-    if gen is not None and (not isinstance(gen.get("state"), torch.Tensor) or not isinstance(gen.get("device"), str)):
-        raise _fail(path, "has a malformed generator state")
+    problem = rng_state_problem(rng)
+    if problem is not None:
+        raise _fail(path, f"has {problem}")
     history = _require(obj, "history", Mapping, path, "")
     for k, v in history.items():
         if not isinstance(v, torch.Tensor) or v.dim() != 1:
@@ -467,14 +541,20 @@ def _load_checked(path: Path) -> Dict[str, Any]:
     return _validate(obj, path)
 
 
-def restore_checkpoint(trainer, source, *, generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+def restore_checkpoint(trainer, source, *, generator: Optional[torch.Generator] = None,
+                       name: Optional[str] = None) -> Dict[str, Any]:
     """Load ``source`` (a path, or a dict from ``load_checkpoint``) into ``trainer`` and every RNG.
 
-    Validates everything (file, model keys/shapes/dtypes, outer optimizer, generator) before it
-    changes anything.  Returns the checkpoint dict (its ``history`` and ``extra``).
+    Validates everything (file, model keys/shapes/dtypes, outer optimizer, RNG states, generator)
+    before it changes anything.  ``name``: how messages call a dict ``source`` (default "state").
+    Returns the checkpoint dict (its ``history`` and ``extra``).
     """
     ckpt = source if isinstance(source, Mapping) else load_checkpoint(source)
-    name = source if not isinstance(source, Mapping) else "state"
+    if name is None:
+        name = source if not isinstance(source, Mapping) else "state"
+    problem = rng_state_problem(ckpt.get("rng"))
+    if problem is not None:  # before the trainer changes (a file was checked by load_checkpoint)
+        raise ValueError(f"checkpoint {name} has {problem}")
     _check_generator_compatible(ckpt["rng"], generator, name)
     trainer.load_state_dict(ckpt["trainer"])
     restore_rng_state(ckpt["rng"], generator)

@@ -84,14 +84,38 @@ class EagerStepper(Stepper):
         self.named = list(model.named_parameters())
         self.outer = OuterUpdate(self.named, outer_optimizer)
         self.reducer = reducer or local_mean
+        self._checked_reducer = local_mean
         self.name = backend.name
 
     def step(self, tasks: TaskBatch, plan: torch.Tensor, eps, iteration: int) -> torch.Tensor:
         """One meta-step on ``T`` tasks with plan ``[T, R, B]``; returns the mean loss (0-dim)."""
         result = self.backend.inner_loop(self.model, tasks, plan, self.config)
-        mean_deltas, mean_loss = self.reducer(per_task_deltas(self.named, result), result.losses)
+        reduced = self.reducer(per_task_deltas(self.named, result), result.losses)
+        if self.reducer is not self._checked_reducer:  # another reducer's first answer (metadata only)
+            self._check_reduced(reduced)
+            self._checked_reducer = self.reducer
+        mean_deltas, mean_loss = reduced
         self.outer.apply(mean_deltas, mean_loss, eps, iteration)
         return mean_loss
+
+    def _check_reduced(self, reduced) -> None:
+        """ValueError/TypeError unless ``reduced`` is ``(one tensor per parameter, shaped like it, a
+        one-element loss)``: a reducer returning per-task rows failed deep inside the update."""
+        if not isinstance(reduced, (tuple, list)) or len(reduced) != 2:
+            raise TypeError(f"the reducer must return (mean_deltas, mean_loss), got {type(reduced).__name__}")
+        deltas, loss = reduced
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"the reducer's mean loss must be a one-element tensor, got "
+                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+        if not isinstance(deltas, (tuple, list)) or len(deltas) != len(self.named):
+            raise ValueError(f"the reducer must return one mean delta per parameter ({len(self.named)}), got "
+                             f"{len(deltas) if isinstance(deltas, (tuple, list)) else type(deltas).__name__}")
+        for (name, p), d in zip(self.named, deltas):
+            if not isinstance(d, torch.Tensor) or d.shape != p.shape or d.dtype != p.dtype or d.device != p.device:
+                got = (f"{tuple(d.shape)} {d.dtype} on {d.device}" if isinstance(d, torch.Tensor)
+                       else type(d).__name__)
+                raise ValueError(f"the reducer's mean delta for {name} must be {tuple(p.shape)} {p.dtype} on "
+                                 f"{p.device} (the parameter's), got {got}")
 
     def run(self, tasks, plans, eps, first_iteration):
         m = len(eps)

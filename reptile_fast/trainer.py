@@ -269,7 +269,7 @@ class Reptile:
         check_fit_args(task_distribution, iterations, meta_batch_size=meta_batch_size, generator=generator,
                        callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        checkpoint_extra=checkpoint_extra, log_every=log_every, sampler=sampler,
-                       draw_chunks=draw_chunks)
+                       draw_chunks=draw_chunks, reducer=reducer, callbacks=callbacks)
         fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
         if reducer is not None and (self.compiled_options is not None or fused_demanded):
             raise ValueError("this backend applies its own outer update (compiled / fused); a reducer needs "
@@ -281,7 +281,8 @@ class Reptile:
         history, resumed_latest = [], False
         if resume_from is not None:
             history, resumed_latest = resume_for_fit(self, resume_from, generator, iterations, ckpt_dir,
-                                                     meta_batch_size=meta_batch_size if sampler is None else None)
+                                                     meta_batch_size=meta_batch_size if sampler is None else None,
+                                                     one_stream=sampler is None)
             if self.iteration > iterations:  # as without resume_from (and the CLI's --resume)
                 where = "" if isinstance(resume_from, Mapping) else f" {resume_from}"  # a dict: rank 0's, sent
                 raise ValueError(f"the checkpoint{where} is at meta-step {self.iteration}, beyond "

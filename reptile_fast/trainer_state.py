@@ -86,13 +86,22 @@ def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
                          "outer_optimizer state but this trainer has " +
                          ("one" if trainer.outer_optimizer is not None else "none") +
                          ": build the trainer with the same outer_optimizer")
+    saved_config = state.get("config")
+    saved_class = saved_config.get("outer_optimizer") if isinstance(saved_config, Mapping) else None
+    mine_class = None if trainer.outer_optimizer is None else type(trainer.outer_optimizer).__name__
+    if opt_state is not None and isinstance(saved_class, str) and saved_class != mine_class:
+        # torch's load_state_dict takes another class's state without a word (it checks only the
+        # parameter counts); the first step then failed deep inside (SGD: KeyError 'momentum'), or
+        # ran with the other class's hyper-parameters (Adam's state in AdamW)
+        raise ValueError(f"the saved outer_optimizer state is {saved_class} state, but this trainer's outer "
+                         f"optimizer is {mine_class}: build the trainer with the checkpoint's optimizer class "
+                         f"({saved_class})")
     iteration = state["iteration"]
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"state['iteration'] must be an int >= 0, got {iteration!r}")
     total = state["total_iterations"]
     if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
         raise ValueError(f"state['total_iterations'] must be None or an int >= 1, got {total!r}")
-    saved_config = state.get("config")
     if isinstance(saved_config, Mapping):
         mine = trainer_hparams(trainer)
         diffs = [f"{k}: saved {saved_config[k]!r}, now {mine[k]!r}" for k in sorted(mine)

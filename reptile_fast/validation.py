@@ -115,11 +115,32 @@ def argparse_number(kind: type, *, allow_zero: bool):
     return convert
 
 
+#: the hooks ``loop.TrainingLoop`` calls on every callback (``loop.Callback`` defines them all)
+CALLBACK_HOOKS = ("on_start", "wants_read", "on_read", "on_chunk_end", "on_end", "on_abort")
+
+
 def check_fit_args(task_distribution, iterations, *, meta_batch_size, generator, callback, checkpoint_dir,
-                   checkpoint_every, checkpoint_extra, log_every, sampler, draw_chunks) -> None:
+                   checkpoint_every, checkpoint_extra, log_every, sampler, draw_chunks, reducer=None,
+                   callbacks=()) -> None:
     """TypeError/ValueError naming the first bad argument of ``Reptile.fit`` (paths are checked
     by ``checkpoint.prepare_checkpoint_directory``)."""
     import torch
+
+    # the extension points: a wrong object failed deep in the loop (AttributeError, "'str' object is
+    # not callable") after the checkpoint had been restored
+    if sampler is not None and not callable(getattr(sampler, "draw", None)):
+        raise TypeError(f"sampler must have a draw(first_iteration, m) method (a reptile_fast.loop.Sampler), "
+                        f"got {type(sampler).__name__}")
+    if reducer is not None and not callable(reducer):
+        raise TypeError(f"reducer must be callable as reducer(deltas, losses) -> (mean_deltas, mean_loss), got "
+                        f"{type(reducer).__name__}")
+    if isinstance(callbacks, (str, bytes, Mapping)) or not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of reptile_fast.loop.Callback objects, got {type(callbacks).__name__}")
+    for i, cb in enumerate(callbacks):
+        missing = [h for h in CALLBACK_HOOKS if not callable(getattr(cb, h, None))]
+        if missing:
+            raise TypeError(f"callbacks[{i}] must be a reptile_fast.loop.Callback (subclass it), got "
+                            f"{type(cb).__name__} without {', '.join(missing)}")
 
     if sampler is None and (not hasattr(task_distribution, "sample") or not callable(task_distribution.sample)):
         raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")

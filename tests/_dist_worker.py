@@ -19,7 +19,8 @@ import torch
 BASE = dict(backend="torch", reduction="mean", iterations=4, meta_batch_size=7, seed=3, init_seed=0,
             outer_optimizer=False, algorithm="reptile", checkpoint_dir=None, checkpoint_every=None,
             resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02,
-            stop_check_every=10, meta_batch_size_last_rank=None, backend_options=None)
+            stop_check_every=10, meta_batch_size_last_rank=None, backend_options=None, adam_lr=0.01,
+            adam_lr_last_rank=None, group_ranks=None, thread_last_rank=False)
 
 
 def make_trainer(s):
@@ -34,7 +35,7 @@ def make_trainer(s):
     kwargs = dict(backend=s["backend"], inner_steps=3, inner_batch_size=5, algorithm=s["algorithm"],
                   inner_lr=s["inner_lr"], backend_options=s["backend_options"])
     if s["outer_optimizer"]:
-        kwargs["outer_optimizer"] = torch.optim.Adam(model.parameters(), lr=0.01)
+        kwargs["outer_optimizer"] = torch.optim.Adam(model.parameters(), lr=s.get("adam_lr", 0.01))
     else:
         kwargs["outer_lr"] = 0.5
     return Reptile(model, **kwargs)
@@ -45,16 +46,15 @@ _last_trainer = []
 
 def train(s, context):
     """One scenario's training on this rank; returns (trainer, history)."""
-    from reptile_fast import Sine
-    from reptile_fast.distributed import distributed_fit
-
-    trainer = make_trainer({**s, "perturb_rank": context.rank if s.get("perturb") else 0})
+    last = context.rank == context.world_size - 1
+    trainer = make_trainer({**s, "perturb_rank": context.rank if s.get("perturb") else 0,
+                            **({"adam_lr": s["adam_lr_last_rank"]} if last and s.get("adam_lr_last_rank") else {})})
     _last_trainer[:] = [trainer]
 
     def callback(iteration, _metrics):
         if context.rank == context.world_size - 1:
             if s["signal_at"] == iteration:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), s.get("signal", signal.SIGTERM))
             if s["die_at"] == iteration:
                 os.kill(os.getpid(), signal.SIGKILL)
             if s["hang_at"] == iteration:
@@ -63,14 +63,36 @@ def train(s, context):
     meta_batch_size = s["meta_batch_size"]
     if s["meta_batch_size_last_rank"] is not None and context.rank == context.world_size - 1:
         meta_batch_size = s["meta_batch_size_last_rank"]  # a mis-launched rank
-    history = distributed_fit(trainer, Sine(), s["iterations"], meta_batch_size=meta_batch_size,
-                              seed=s["seed"], context=context, reduction=s["reduction"], progress=False,
-                              # only where needed: a callback makes every rank read every meta-step
-                              callback=callback if (s["signal_at"] or s["die_at"] or s["hang_at"]) else None,
-                              checkpoint_dir=s["checkpoint_dir"],
-                              checkpoint_every=s["checkpoint_every"], resume_from=s["resume_from"],
-                              stop_check_every=s["stop_check_every"])
-    return trainer, history
+    if s.get("thread_last_rank") and last:  # this rank trains outside the main thread (no signal handlers)
+        import threading
+
+        box = {}
+
+        def target():
+            try:
+                box["value"] = _fit(s, trainer, context, meta_batch_size, callback)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = exc
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return trainer, box["value"]
+    return trainer, _fit(s, trainer, context, meta_batch_size, callback)
+
+
+def _fit(s, trainer, context, meta_batch_size, callback):
+    from reptile_fast import Sine
+    from reptile_fast.distributed import distributed_fit
+
+    return distributed_fit(trainer, Sine(), s["iterations"], meta_batch_size=meta_batch_size,
+                           seed=s["seed"], context=context, reduction=s["reduction"], progress=False,
+                           # only where needed: a callback makes every rank read every meta-step
+                           callback=callback if (s["signal_at"] or s["die_at"] or s["hang_at"]) else None,
+                           checkpoint_dir=s["checkpoint_dir"],
+                           checkpoint_every=s["checkpoint_every"], resume_from=s["resume_from"],
+                           stop_check_every=s["stop_check_every"])
 
 
 def synthetic_updates(lo: int, hi: int):
@@ -114,6 +136,23 @@ def run_scenario(s, context, out: Path) -> None:
     if s["name"].startswith("omniglot"):
         return run_job_function(s, context, out)
     s = {**BASE, **s}
+    if s["group_ranks"] is not None and context is not None and context.is_distributed:
+        # Train on a subgroup of the job (DistContext.from_group): every rank makes the group,
+        # the ranks in it train, the others only save a marker.  Results are saved under the
+        # rank in the group.
+        import torch.distributed as dist
+        from reptile_fast.distributed import DistContext
+
+        group = dist.new_group(s["group_ranks"])
+        if context.rank not in s["group_ranks"]:
+            outside = {"error": None}
+            try:
+                DistContext.from_group(group, timeout=context.timeout)
+            except BaseException as exc:  # noqa: BLE001 - reported to the test
+                outside["error"] = (type(exc).__name__, str(exc))
+            torch.save(outside, out / f"{s['name']}-outside.{context.rank}.pt")
+            return
+        context = DistContext.from_group(group, timeout=context.timeout)
     if s["name"].startswith("reducers"):
         return check_reducers({**s, "world_size": context.world_size}, context, out)
     t0 = time.perf_counter()

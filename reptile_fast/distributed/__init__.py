@@ -4,8 +4,9 @@
   group; collectives that raise ``DistributedError`` instead of hanging);
 * ``sampler``: ``IndexedSampler`` (task j of meta-step t drawn from ``(seed, t, j)``: the same
   tasks whatever the number of ranks);
-* ``reducers``: ``MeanReducer`` (default, one all_reduce per meta-step) and ``OrderedGather``
-  (bitwise equal to one process);
+* ``reducers``: ``MeanReducer`` (default: one all_gather of every rank's flat sum per meta-step,
+  added in rank order; ``collective="all_reduce"`` on request) and ``OrderedGather`` (bitwise
+  equal to one process given the same per-task updates);
 * ``training``: ``distributed_fit`` (``Reptile.fit`` with the sampler, the reducer and the
   ranks' agreement on stopping; rank 0 alone prints and writes).
 

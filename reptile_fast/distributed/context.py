@@ -44,6 +44,20 @@ class DistributedError(RuntimeError):
         self.what = what
 
 
+def _check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``; ValueError naming a bad name (torch raises a RuntimeError
+    listing every device type it knows)."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got "
+                        f"{type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from None
+
+
 def _env_int(name: str, minimum: int) -> int:
     text = os.environ.get(name)
     if text is None:
@@ -107,7 +121,7 @@ class DistContext:
     @classmethod
     def single(cls, device="cpu") -> "DistContext":
         """One process, no collectives."""
-        return cls(device=torch.device(device))
+        return cls(device=_check_device(device))
 
     @classmethod
     def from_group(cls, group=None, *, device=None, timeout=None) -> "DistContext":
@@ -121,6 +135,14 @@ class DistContext:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("torch.distributed has no initialised default process group; call "
                              "setup_from_env() (under torchrun) or dist.init_process_group first")
+        # new_group hands the processes outside it a marker (GroupMember.NON_GROUP_MEMBER), not a group
+        outside = group is dist.GroupMember.NON_GROUP_MEMBER
+        if not outside and group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed ProcessGroup (e.g. from dist.new_group) or None "
+                            f"for the default group, got {type(group).__name__}")
+        if outside or dist.get_rank(group) < 0:
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the group: only "
+                             f"the group's ranks can train on it")
         backend = str(dist.get_backend(group))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
@@ -211,7 +233,8 @@ class DistContext:
 
         box = [obj if self.rank == src else None]
         kwargs = {"device": self.device} if self.backend == "nccl" else {}
-        self._run(what, lambda: dist.broadcast_object_list(box, src=src, group=self.group, **kwargs))
+        root = self._global_rank(src)
+        self._run(what, lambda: dist.broadcast_object_list(box, src=root, group=self.group, **kwargs))
         return box[0]
 
     @torch.no_grad()
@@ -225,17 +248,27 @@ class DistContext:
         if not tensors:
             return
         # One flat buffer per dtype: one collective each, whatever the number of tensors.
+        root = self._global_rank(src)
         by_dtype = {}
         for t in tensors:
             by_dtype.setdefault(t.dtype, []).append(t)
         for dtype, group in by_dtype.items():
             flat = torch.cat([t.detach().reshape(-1) for t in group]).to(self.device)
-            self._run(what, lambda: dist.broadcast(flat, src=src, group=self.group))
+            self._run(what, lambda: dist.broadcast(flat, src=root, group=self.group))
             offset = 0
             for t in group:
                 n = t.numel()
                 t.copy_(flat[offset:offset + n].view_as(t))
                 offset += n
+
+    def _global_rank(self, rank: int) -> int:
+        """``rank`` of this context's group as torch.distributed's global rank (what ``src`` of a
+        broadcast means): the same number in the default group, another in a subgroup."""
+        import torch.distributed as dist
+
+        if self.group is None or self.group is dist.group.WORLD:
+            return rank
+        return dist.get_global_rank(self.group, rank)
 
     def barrier(self, what: str) -> None:
         """Wait for every rank.  With gloo, ``monitored_barrier`` names the ranks that did not come."""
@@ -285,9 +318,11 @@ def setup_from_env(*, device: Union[str, torch.device, None] = None, timeout=Non
     """
     import torch.distributed as dist
 
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = _check_device(device) if device is not None else torch.device("cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"distributed training runs on cpu or cuda, got device {dev}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {dev} was asked for but CUDA is not available on this machine")
     if backend is not None and backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if dist.is_available() and dist.is_initialized():
@@ -312,8 +347,6 @@ def setup_from_env(*, device: Union[str, torch.device, None] = None, timeout=Non
     if backend is None:
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device cuda was asked for but CUDA is not available on this machine")
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
                              f"start at most that many processes per node (--nproc_per_node)")

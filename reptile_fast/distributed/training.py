@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
+import torch
+
 from ..checkpoint import CHECKPOINT_NAME
 from ..loop import DEFAULT_LOG_EVERY, Callback
 from ..signals import DeferredSignals, TrainingInterrupted, signal_name
@@ -39,21 +41,35 @@ class _RankCallback(Callback):
     """
 
     def __init__(self, context: DistContext, signals: DeferredSignals, checkpoint_every: Optional[int],
-                 stop_every: int):
+                 stop_every: int, agree: bool):
         self.context, self.signals = context, signals
         self.checkpoint_every, self.stop_every = checkpoint_every, stop_every
+        # Whether the ranks agree on stopping: the setting every rank compared at the start, not
+        # ``signals.installed`` (False on a rank training outside the main thread, which would
+        # then skip the all-reduce the others wait in)
+        self.agree = agree
         self.stopped = False
+        self.signum: Optional[int] = None  # the signal the ranks stopped on
 
     def wants_read(self, loop) -> bool:
         return self.checkpoint_every is not None and loop.iteration % self.checkpoint_every == 0
 
     def on_chunk_end(self, loop, read):
-        if not self.signals.installed:
+        if not self.agree:
+            return
+        if not self.context.is_distributed:  # nobody to agree with: stop after this meta-step
+            if self.signals.received is not None:
+                self.signum, self.stopped = self.signals.received, True
+                loop.stop()
             return
         if loop.iteration % self.stop_every == 0:  # the same meta-steps on every rank
-            if self.context.any(self.signals.received is not None,
-                                f"agreement on stopping after meta-step {loop.iteration}"):
-                self.stopped = True
+            # the largest signal number any rank received (0: none), so every rank reports the
+            # same signal and exits with the same 128 + signal
+            received = torch.tensor([float(self.signals.received or 0)], device=self.context.device)
+            signum = int(self.context.all_reduce_(received, f"agreement on stopping after meta-step {loop.iteration}",
+                                                  op="max").item())
+            if signum:
+                self.signum, self.stopped = signum, True
                 loop.stop()
 
 
@@ -145,6 +161,11 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
     meta-step; rank 0's checkpoint is complete before any rank raises), ``NonFiniteError`` on every
     rank for a NaN/inf meta-step (the same read on every rank).
     """
+    # duck-typed (this package sits below the trainer): a model or a string reached ``trainer.device``
+    # and failed there with an AttributeError
+    if not all(hasattr(trainer, a) for a in ("fit", "hparams", "device", "model")):
+        raise TypeError(f"trainer must be a reptile_fast.Reptile (wrap the model: Reptile(model, ...)), got "
+                        f"{type(trainer).__name__}")
     check_int("iterations", iterations, 1)
     check_int("meta_batch_size", meta_batch_size, 1)
     check_int("stop_check_every", stop_check_every, 1)
@@ -173,6 +194,10 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         "iterations": iterations, "meta_batch_size": meta_batch_size, "seed": seed, "block_size": block_size,
         "reduction": reduction, "trainer": trainer.hparams(), "iteration": trainer.iteration,
         "parameters": [(n, tuple(p.shape), str(p.dtype)) for n, p in trainer.model.named_parameters()],
+        # hparams() names the outer optimizer's class only: ranks with another lr or betas would
+        # apply other updates to the same mean, and φ would differ across ranks from the first step
+        "outer_optimizer": None if trainer.outer_optimizer is None else
+        repr([{k: v for k, v in sorted(g.items()) if k != "params"} for g in trainer.outer_optimizer.param_groups]),
         "resume": resume_from is not None, "checkpointing": checkpoint_dir is not None and handle_signals,
         "log_every": log_every, "checkpoint_every": checkpoint_every, "stop_check_every": stop_check_every,
         "callback": callback is not None})
@@ -188,8 +213,9 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
     ctx.broadcast_module(trainer.model, "broadcast of the initial parameters from rank 0")
     extra = {**(checkpoint_extra or {}), "sampler": sampler.state_dict(), "world_size": ctx.world_size}
     main = ctx.is_main
-    with DeferredSignals(enabled=handle_signals and checkpoint_dir is not None) as signals:
-        ranks = _RankCallback(ctx, signals, checkpoint_every, stop_check_every)
+    checkpointing = handle_signals and checkpoint_dir is not None
+    with DeferredSignals(enabled=checkpointing) as signals:
+        ranks = _RankCallback(ctx, signals, checkpoint_every, stop_check_every, agree=checkpointing)
         history = trainer.fit(
             task_distribution, iterations, meta_batch_size=sampler.n_local, generator=None,
             progress=progress and main, callback=callback, checkpoint_dir=checkpoint_dir if main else None,
@@ -200,7 +226,7 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         # rank when one exits with an error code, as an interrupted one does).
         ctx.barrier(f"barrier after the checkpoint of meta-step {trainer.iteration}")
     if ranks.stopped:
-        signum = signals.received if signals.received is not None else 15  # another rank's signal
+        signum = ranks.signum
         path = os.path.join(str(checkpoint_dir), CHECKPOINT_NAME)
         raise TrainingInterrupted(
             f"training interrupted by {signal_name(signum)} after meta-step {trainer.iteration} of "
