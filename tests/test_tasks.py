@@ -162,3 +162,18 @@ def test_taskbatch_takes_integer_ids_as_inputs():
     assert tc.is_classification and tc.x.dtype == torch.int32
     moved = tb.to(dtype=torch.float32)
     assert moved.x.dtype == torch.long and moved.y.dtype == torch.float32 and torch.equal(moved.x, ids)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda")])
+def test_sampling_on_an_unavailable_device_is_a_clear_error(device):
+    """``Sine().sample(2, device="cuda")`` on a machine without CUDA failed inside torch
+    ("Found no NVIDIA driver ...", a RuntimeError); the task families now name the device."""
+    from reptile_fast import sample_indices
+
+    with pytest.raises(ValueError, match="is not available on this machine"):
+        Sine().sample(2, device=device)
+    with pytest.raises(ValueError, match="is not available on this machine"):
+        Sine().sample_steps(2, 1, 5, 10, device=device)
+    with pytest.raises(ValueError, match="is not available on this machine"):
+        sample_indices(2, 5, 50, 10, device=device)

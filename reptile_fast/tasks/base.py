@@ -6,6 +6,7 @@ minibatches, so equivalence tests can compare backends to the last float.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, runtime_checkable
 
@@ -162,13 +163,30 @@ def _check_generator(generator) -> torch.device:
 
 
 def _check_device(device):
-    """``device`` as a ``torch.device`` (None stays None); ValueError naming a bad one."""
-    if device is None or isinstance(device, torch.device):
+    """``device`` as a ``torch.device`` (None stays None); ValueError naming a bad or unavailable one."""
+    if device is None:
         return device
+    if not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type not in ("cpu", "meta"):
+        problem = _unavailable(str(device))
+        if problem:
+            raise ValueError(f"device {device} is not available on this machine: {problem}")
+    return device
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable(name: str) -> str:
+    """Why tensors cannot be made on device ``name`` ("" if they can); asked once per name, since
+    a sampler asks on every draw (torch would raise its own RuntimeError/AssertionError later)."""
     try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from None
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ""
 
 
 def _check_positive_int(name: str, value) -> int:
