@@ -103,6 +103,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
+    from .validation import out_of_memory_message
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     resume = None
@@ -164,6 +165,12 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
         return 3
     except (ValueError, TypeError, OSError) as exc:
         return _error(str(exc))
+    except (MemoryError, RuntimeError) as exc:
+        message = out_of_memory_message(exc, f"--meta-batch-size {config.meta_batch_size} does not fit "
+                                             f"in this machine's memory; lower it")
+        if message is None:
+            raise
+        return _error(message)
     if not main_rank:
         return 0
     print(json.dumps(metrics, indent=2))
@@ -172,7 +179,8 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 bad input, 3 non-finite training,
+    """Run the command line; returns the exit status (0 ok, 2 bad input (a meta-batch that does
+    not fit in memory included), 3 non-finite training,
     4 another process of a torchrun job died or hung, 128 + signal number when interrupted with a
     checkpoint written).  Under torchrun every process runs this; rank 0 alone prints and writes."""
     parser = build_parser()

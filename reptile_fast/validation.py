@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from numbers import Real
 
@@ -161,3 +162,20 @@ def check_fit_args(task_distribution, iterations, *, meta_batch_size, generator,
         raise ValueError("draw_chunks is how fit's own sampler draws; a given sampler draws as it likes")
     if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
         raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
+
+
+_OOM_WORDS = ("can't allocate memory", "out of memory", "cannot allocate memory")
+
+
+def out_of_memory_message(exc: BaseException, hint: str) -> "str | None":
+    """A one-line message for an allocation failure anywhere in ``exc``'s chain (a ``MemoryError``,
+    torch's ``OutOfMemoryError`` or an allocator's RuntimeError, also wrapped by the compiled
+    path's fallback); None for any other error.  ``hint`` says what to lower."""
+    seen = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, MemoryError) or any(w in text.lower() for w in _OOM_WORDS):
+            size = re.search(r"tried to allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", text)
+            return f"out of memory{f' (tried to allocate {size.group(1)})' if size else ''}: {hint}"
+        seen = seen.__cause__ or seen.__context__
+    return None

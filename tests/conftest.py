@@ -13,6 +13,25 @@ if not torch.cuda.is_available():
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
+
+
+def pytest_configure(config):
+    # Triton 3.6's interpreter breaks on loops with runtime bounds under NumPy >= 2.4
+    # (triton-lang/triton#9171): every kernel test would fail with a cryptic TypeError.
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+    version = lambda text: tuple(int(p) for p in text.split(".")[:2] if p.isdigit())  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter cannot run with NumPy "
+                                f"{numpy.__version__} (triton-lang/triton#9171): install 'numpy<2.4' "
+                                f"or Triton >= 3.8 to run the kernel tests on a CPU")
+
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SEED_PROGRAM = SHARED / "seed" / "seed_program.py"
 OMNIGLOT = SHARED / "data" / "omniglot"

@@ -106,3 +106,28 @@ def test_resuming_another_jobs_checkpoint_names_that_job():
         sine_config_from_checkpoint({"extra": {"job": "omniglot", "job_config": {"ways": 5}}}, source="run/x")
     with pytest.raises(ValueError, match=r"Reptile.fit\(\.\.\., resume_from"):
         sine_config_from_checkpoint({"extra": {}}, source="run/x")
+
+
+def test_a_meta_batch_beyond_memory_is_an_error_not_a_traceback(tmp_path, capsys):
+    """``--meta-batch-size 10000000000000`` ended in the allocator's RuntimeError, wrapped by the
+    compiled path's fallback; the CLI now names the flag and exits 2.  (4 PB is past any
+    machine's address space, so the allocation fails at once everywhere.)"""
+    code = main(["sine", "--out", str(tmp_path / "run"), "--meta-batch-size", "10000000000000",
+                 "--iterations", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "out of memory" in err and "--meta-batch-size 10000000000000" in err and "Traceback" not in err
+
+
+def test_out_of_memory_message_reads_the_whole_chain():
+    from reptile_fast.validation import out_of_memory_message
+
+    try:
+        try:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4096 bytes")
+        except RuntimeError as inner:
+            raise RuntimeError("no meta-step mode could run") from inner
+    except RuntimeError as exc:
+        assert out_of_memory_message(exc, "lower it") == "out of memory (tried to allocate 4096 bytes): lower it"
+    assert out_of_memory_message(MemoryError(), "lower it") == "out of memory: lower it"
+    assert out_of_memory_message(RuntimeError("shape mismatch"), "lower it") is None
