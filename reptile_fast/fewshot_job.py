@@ -463,6 +463,12 @@ def config_from_args(args):
             raise ValueError(f"--resume {args.resume}: {exc}") from None
         if extra.get("job") != OMNIGLOT_JOB or not isinstance(extra.get("job_config"), Mapping):
             raise ValueError(f"--resume {args.resume}: not a checkpoint of the omniglot job")
+        saved_ways = extra["job_config"].get("ways")
+        if "ways" in given and saved_ways is not None and given["ways"] != saved_ways:
+            # the classifier's shape is the number of ways: the saved model cannot take another
+            raise ValueError(f"--ways {given['ways']}: the checkpoint's model was trained for {saved_ways}-way "
+                             f"tasks (its classifier has {saved_ways} outputs); resume with --ways {saved_ways} "
+                             f"or start a new run")
         settings = {**extra["job_config"], **given}
         out = args.out if args.out is not None else str(resume.parent)
     else:

@@ -63,6 +63,14 @@ def test_resume_is_exact(data, trained, tmp_path):
     assert mb["resumed_from_iteration"] == 2 and mb["test_accuracy"] == ma["test_accuracy"]
 
 
+def test_resume_with_other_ways_names_the_flag(trained, tmp_path, capsys):
+    """The model's classifier has one output per way: --resume with another --ways failed with
+    "saved model entry classifier.weight has shape ..."; now the flag and both counts are named."""
+    assert main(["omniglot", "--resume", str(trained), "--ways", "4", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--ways 4" in err and "trained for 3-way tasks" in err and "classifier.weight" not in err
+
+
 def test_official_runs_command(data, trained, tmp_path, capsys):
     runs = make_runs(tmp_path, n_runs=2, ways=3)
     assert main(["omniglot-runs", "--runs", str(runs), "--model", str(trained), "--out", str(tmp_path)]) == 0
