@@ -46,7 +46,7 @@ from .loop import PlanSampler, ProgressCallback, Sampler, TrainingLoop
 from .seed_recognition import SEED_INNER_LR, classify_inner_loop, is_seed_sample_task, points, standard_inner_loop
 from .steppers import DEFAULT_CHUNK, Stepper
 from .tasks.base import TaskBatch
-from .validation import check_float, check_int, check_materialised
+from .validation import check_bool, check_float, check_int, check_materialised
 
 __all__ = ["reptile", "ReferencePathWarning", "BACKEND_CHOICES"]
 
@@ -327,6 +327,7 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
     nb_iterations, k, epsilon, meta_batch_size, chunk_size = _check_args(
         model, nb_iterations, sample_task, perform_k_training_steps, k, epsilon, meta_batch_size, backend,
         generator, chunk_size, backend_options)
+    check_bool("progress", progress)
     batch, any_shape = classify_inner_loop(perform_k_training_steps)
     first = sample_task()
     kind = None

@@ -269,7 +269,8 @@ class Reptile:
         check_fit_args(task_distribution, iterations, meta_batch_size=meta_batch_size, generator=generator,
                        callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        checkpoint_extra=checkpoint_extra, log_every=log_every, sampler=sampler,
-                       draw_chunks=draw_chunks, reducer=reducer, callbacks=callbacks)
+                       draw_chunks=draw_chunks, reducer=reducer, callbacks=callbacks, progress=progress,
+                       handle_signals=handle_signals)
         fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
         if reducer is not None and (self.compiled_options is not None or fused_demanded):
             raise ValueError("this backend applies its own outer update (compiled / fused); a reducer needs "

@@ -18,6 +18,14 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is True or False (numpy's bool too); a string such as "no" is truthy, so
+    it would silently mean yes."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_float(name: str, value, *, allow_zero: bool = False) -> float:
     """``value`` as a finite float > 0 (>= 0 with ``allow_zero``); TypeError/ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -122,7 +130,7 @@ CALLBACK_HOOKS = ("on_start", "wants_read", "on_read", "on_chunk_end", "on_end",
 
 def check_fit_args(task_distribution, iterations, *, meta_batch_size, generator, callback, checkpoint_dir,
                    checkpoint_every, checkpoint_extra, log_every, sampler, draw_chunks, reducer=None,
-                   callbacks=()) -> None:
+                   callbacks=(), progress=True, handle_signals=True) -> None:
     """TypeError/ValueError naming the first bad argument of ``Reptile.fit`` (paths are checked
     by ``checkpoint.prepare_checkpoint_directory``)."""
     import torch
@@ -156,8 +164,9 @@ def check_fit_args(task_distribution, iterations, *, meta_batch_size, generator,
         check_int("checkpoint_every", checkpoint_every)
         if checkpoint_dir is None:
             raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
-    if not isinstance(draw_chunks, bool):
-        raise TypeError(f"draw_chunks must be True or False, got {draw_chunks!r}")
+    check_bool("draw_chunks", draw_chunks)
+    check_bool("progress", progress)
+    check_bool("handle_signals", handle_signals)
     if draw_chunks and sampler is not None:
         raise ValueError("draw_chunks is how fit's own sampler draws; a given sampler draws as it likes")
     if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):

@@ -372,6 +372,14 @@ def test_table_rows():
     (lambda: __import__("reptile_fast").Sine().sample(2, device="nowhere"), ValueError, "device"),
     (lambda: __import__("reptile_fast").TaskBatch(torch.zeros(1, 2, 0), torch.zeros(1, 2, 1)), ValueError, "empty feature"),
     (lambda: __import__("reptile_fast").TaskBatch(torch.zeros(1, 2, 1), torch.zeros(1, 2, 0)), ValueError, "no output"),
+    # "no" is truthy: it showed a bar and handled signals, the opposite of what it says
+    (lambda: Reptile(MLP(1, 8, 1)).fit(Sine(), 1, progress="no"), TypeError, "progress must be True or False"),
+    (lambda: Reptile(MLP(1, 8, 1)).fit(Sine(), 1, handle_signals="no"), TypeError, "handle_signals must be True"),
+    (lambda: __import__("reptile_fast.distributed", fromlist=["distributed_fit"]).distributed_fit(
+        Reptile(MLP(1, 8, 1)), Sine(), 1, meta_batch_size=1, seed=0, progress="no"), TypeError,
+     "progress must be True"),
+    (lambda: __import__("reptile_fast").reptile(MLP(1, 8, 1), 1, lambda: None, progress="no"), TypeError,
+     "progress must be True or False"),
 ])
 def test_review_bad_inputs(call, exc, words):
     with pytest.raises(exc, match=words):

@@ -19,7 +19,7 @@ import torch
 from ..checkpoint import CHECKPOINT_NAME
 from ..loop import DEFAULT_LOG_EVERY, Callback
 from ..signals import DeferredSignals, TrainingInterrupted, signal_name
-from ..validation import check_int
+from ..validation import check_bool, check_int
 from .context import DistContext, setup_from_env
 from .reducers import make_reducer
 from .sampler import DEFAULT_BLOCK_SIZE, IndexedSampler
@@ -169,6 +169,8 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
     check_int("iterations", iterations, 1)
     check_int("meta_batch_size", meta_batch_size, 1)
     check_int("stop_check_every", stop_check_every, 1)
+    check_bool("progress", progress)
+    check_bool("handle_signals", handle_signals)
     if checkpoint_every is not None:
         check_int("checkpoint_every", checkpoint_every, 1)
         if checkpoint_dir is None:
