@@ -95,6 +95,9 @@ def check_state(phi: torch.Tensor, state: torch.Tensor, iteration: torch.Tensor,
     if iteration.numel() != 1 or loss_out.numel() != 1 or state.shape != (2,):
         raise ValueError(f"iteration and loss_out hold one element and state two, got "
                          f"{iteration.numel()}, {loss_out.numel()}, {tuple(state.shape)}")
+    if _overlaps(loss_out, phi):
+        # the loss is written after φ: it would overwrite a parameter, silently
+        raise ValueError("loss_out must not overlap phi")
     if not state.is_contiguous():
         # the kernel reads and writes state[1] at state's address + 1 element
         raise ValueError(f"state must be contiguous, got stride {state.stride()}")

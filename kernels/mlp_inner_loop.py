@@ -594,6 +594,12 @@ def split_params(flat: torch.Tensor, dims: Sequence[int]) -> List[torch.Tensor]:
     return views
 
 
+def _check_int_field(name: str, v) -> None:
+    """TypeError unless ``v`` is an int (not a bool, not a float with an integral value)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """How ``mlp_inner_loop`` launches.
@@ -624,6 +630,12 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("registers", "tiled"):
             raise ValueError(f"mode must be 'registers' or 'tiled', got {self.mode!r}")
+        # ints only: 4.0 == 4 passed the range checks and reached the launch (a float grid, a
+        # float warp count); True == 1 likewise
+        for name in ("num_warps", "num_stages", "block_b", "block_m", "block_n", "block_k", "tasks_per_program"):
+            _check_int_field(name, getattr(self, name))
+        if self.max_programs is not None:
+            _check_int_field("max_programs", self.max_programs)
         if self.num_warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"num_warps must be a power of two in 1..32, got {self.num_warps}")
         if self.num_stages < 1:
@@ -876,6 +888,8 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         _check_values(indices, steps, N, y, loss, dims[-1])
     if config is None:
         config = choose_launch_config(dims, B)
+    elif not isinstance(config, LaunchConfig):
+        raise TypeError(f"config must be a LaunchConfig (or None), got {type(config).__name__}")
     x, y, indices = x.contiguous(), y.contiguous(), indices.contiguous()
     n_params = n_flat_params(dims)
     # -- allocate
@@ -884,8 +898,13 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         out = torch.empty(T, row_stride, device=device, dtype=torch.float32)
     else:
         _check_tensor("out", out, torch.float32, 2, device)
-        if out.shape[0] != T or out.shape[1] < n_params or out.stride(1) != 1:
-            raise ValueError(f"out must be a row-contiguous [T={T}, >={n_params}] buffer, got {tuple(out.shape)}")
+        if out.shape[0] != T or out.shape[1] < n_params or out.stride(1) != 1 or (T > 1 and out.stride(0) < n_params):
+            raise ValueError(f"out must be a row-contiguous [T={T}, >={n_params}] buffer with rows that do not "
+                             f"overlap, got shape {tuple(out.shape)} stride {out.stride()}")
+        # the tiled variant keeps each task's working weights in its out row while other programs
+        # read x, y and the plan: an overlap corrupts them silently
+        if _overlaps(out, x) or _overlaps(out, y) or _overlaps(out, indices):
+            raise ValueError("out must not overlap x, y or indices (programs read them while others write their rows)")
         row_stride = out.stride(0)
     if out_losses is None:
         out_losses = torch.empty(T, steps, device=device, dtype=torch.float32)
@@ -893,6 +912,8 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         _check_tensor("out_losses", out_losses, torch.float32, 2, device)
         if tuple(out_losses.shape) != (T, steps) or not out_losses.is_contiguous():
             raise ValueError(f"out_losses must be a contiguous [{T}, {steps}] tensor, got {tuple(out_losses.shape)}")
+        if any(_overlaps(out_losses, t) for t in (out, x, y, indices)):
+            raise ValueError("out_losses must not overlap out, x, y or indices")
     phi = torch.cat([p.detach().reshape(-1) for p in params])
     if loss == "mse":
         grad_scale, loss_count = 2.0 / (B * dims[-1]), float(B * dims[-1])

@@ -67,7 +67,7 @@ from reptile_fast.mlp_math import ACTIVATION_CODES
 
 # v1's flat parameter layout, layer loads/stores, activation derivatives (autograd's formulas: no
 # special function involved) and input checks: one copy for both kernels
-from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_number, _check_tensor, _check_values, _overlaps, _load_layer, _store_layer,  # noqa: F401
+from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_int_field, _check_number, _check_tensor, _check_values, _overlaps, _load_layer, _store_layer,  # noqa: F401
                              n_flat_params, param_layout)
 # the fused stepper's finiteness rule (one NaN/inf test for both kernels)
 from .meta_step_guard import _is_bad, accept_step, check_state
@@ -853,6 +853,11 @@ class V2Config:
     stream: bool = False
 
     def __post_init__(self) -> None:
+        # ints only (not bools, not 4.0): True passed as one program, 4.0 reached the launch
+        for name in ("num_warps", "programs_per_sm", "max_programs"):
+            v = getattr(self, name)
+            if v is not None or name == "programs_per_sm":
+                _check_int_field(name, v)
         if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be a power of two in 1..16, got {self.num_warps}")
         if not isinstance(self.programs_per_sm, int) or self.programs_per_sm < 1:
@@ -954,7 +959,7 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
                            "import this module without TRITON_INTERPRET=1")
     from triton.backends.compiler import GPUTarget
 
-    config = config or V2Config()
+    config = _config(config)
     meta = _meta(dims, activations, loss, batch, steps, precision, config, accumulate, write_adapted,
                  write_losses, finalize)
     options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
@@ -1052,6 +1057,16 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
                     activations, steps, B)
 
 
+def _config(config) -> "V2Config":
+    """``config`` or the default ``V2Config()``; TypeError for anything else (a dict of fields
+    failed with an AttributeError deep in the launcher)."""
+    if config is None:
+        return V2Config()
+    if not isinstance(config, V2Config):
+        raise TypeError(f"config must be a V2Config (or None), got {type(config).__name__}")
+    return config
+
+
 def _eps_tensor(eps, device) -> torch.Tensor:
     """ε as a 1-element float32 tensor on ``device`` (a device tensor is used as it is)."""
     if isinstance(eps, torch.Tensor):
@@ -1122,7 +1137,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
         ``MetaStepResult(params, loss, task_losses)``.
     """
     c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision, check_values)
-    config = config or V2Config()
+    config = _config(config)
     device = x.device
     T = x.shape[0]
     n_params = n_flat_params(c.dims)
@@ -1141,9 +1156,14 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
         partials = torch.empty(n_programs, part_stride, device=device, dtype=torch.float32)
     else:
         _check_tensor("partials", partials, torch.float32, 2, device)
-        if partials.shape[0] != n_programs or partials.shape[1] < n_params or partials.stride(1) != 1:
-            raise ValueError(f"partials must be a row-contiguous [{n_programs}, >={n_params}] buffer, "
-                             f"got {tuple(partials.shape)}")
+        if partials.shape[0] != n_programs or partials.shape[1] < n_params or partials.stride(1) != 1 \
+                or (n_programs > 1 and partials.stride(0) < n_params):
+            raise ValueError(f"partials must be a row-contiguous [{n_programs}, >={n_params}] buffer with rows "
+                             f"that do not overlap, got shape {tuple(partials.shape)} stride {partials.stride()}")
+        # each program writes its row while others read φ, and the second launch reads the rows
+        # while writing out: an overlap gives wrong sums or a corrupted φ, silently
+        if any(_overlaps(partials, t) for t in (c.phi, out, c.x, c.y, c.indices)):
+            raise ValueError("partials must not overlap params_flat, out, x, y or indices")
         part_stride = partials.stride(0)
     loss_part = torch.empty(n_programs, device=device, dtype=torch.float32)
     losses = torch.empty(T, c.steps, device=device, dtype=torch.float32) if task_losses else loss_part
@@ -1193,7 +1213,7 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
         # the mean loss of no inner steps is NaN, which the guard would record as a bad meta-step
         raise ValueError("guarded_meta_step needs steps >= 1: a meta-step without inner steps has no mean "
                          "loss, and the guard would record it as non-finite (use meta_step)")
-    config = config or V2Config()
+    config = _config(config)
     device = x.device
     T = x.shape[0]
     n_programs = _n_programs(T, device, config)
@@ -1235,7 +1255,7 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
         (``unflatten_params(adapted, dims)`` gives per-layer views) and ``[T, steps]`` losses.
     """
     c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision, check_values)
-    config = config or V2Config()
+    config = _config(config)
     device = x.device
     T = x.shape[0]
     n_params = n_flat_params(c.dims)
@@ -1244,8 +1264,9 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
         out = torch.empty(T, row_stride, device=device, dtype=torch.float32)
     else:
         _check_tensor("out", out, torch.float32, 2, device)
-        if out.shape[0] != T or out.shape[1] < n_params or out.stride(1) != 1:
-            raise ValueError(f"out must be a row-contiguous [T={T}, >={n_params}] buffer, got {tuple(out.shape)}")
+        if out.shape[0] != T or out.shape[1] < n_params or out.stride(1) != 1 or (T > 1 and out.stride(0) < n_params):
+            raise ValueError(f"out must be a row-contiguous [T={T}, >={n_params}] buffer with rows that do not "
+                             f"overlap, got shape {tuple(out.shape)} stride {out.stride()}")
         row_stride = out.stride(0)
         if _overlaps(out, c.phi) or _overlaps(out, c.x) or _overlaps(out, c.y) or _overlaps(out, c.indices):
             raise ValueError("out must not overlap params_flat, x, y or indices (programs read them while "
@@ -1256,6 +1277,8 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
         _check_tensor("out_losses", out_losses, torch.float32, 2, device)
         if tuple(out_losses.shape) != (T, c.steps) or not out_losses.is_contiguous():
             raise ValueError(f"out_losses must be a contiguous [{T}, {c.steps}] tensor, got {tuple(out_losses.shape)}")
+        if any(_overlaps(out_losses, t) for t in (out, c.phi, c.x, c.y, c.indices)):
+            raise ValueError("out_losses must not overlap out, params_flat, x, y or indices")
     n_programs = _n_programs(T, device, config)
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
     meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, False, True, True)

@@ -234,3 +234,26 @@ def test_check_supported_takes_cuda_without_an_index(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     with pytest.raises(UnsupportedModelError, match="not cuda:1"):
         backend.check_supported(model, "cuda", InnerConfig(lr=0.02))
+
+
+def test_options_are_checked_when_the_backend_is_built():
+    """cuda_graphs="no" and validate="no" meant yes (bool() of a string); a misspelt or float
+    launch field failed only at the first meta-step (a float max_programs as torch.empty's error
+    there).  All refused by the constructor now, naming the option."""
+    for name in ("cuda_graphs", "validate"):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            TritonBackend(**{name: "no"})
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            Reptile(MLP(1, 8, 1), backend="triton", backend_options={name: 1})
+    with pytest.raises(TypeError, match="LaunchConfig fields"):
+        TritonBackend(launch={"mdoe": "tiled"})
+    with pytest.raises(ValueError, match="mode must be"):
+        TritonBackend(launch={"mode": "fast"})
+    with pytest.raises(TypeError, match="max_programs must be an int"):
+        TritonBackend(launch={"max_programs": 2.5})
+    with pytest.raises(TypeError, match="V2Config fields"):
+        TritonBackend(kernel="v2", launch={"mode": "tiled"})
+    with pytest.raises(TypeError, match="max_programs must be an int"):
+        TritonBackend(kernel="v2", launch={"max_programs": True})
+    assert TritonBackend(launch={"num_warps": 2}).launch == {"num_warps": 2}
+    assert TritonBackend(cuda_graphs=False, validate=False).validate is False

@@ -186,3 +186,12 @@ def test_guarded_meta_step_skips_while_unhealthy(device):
         V.guarded_meta_step(x, y, plan, torch.zeros(2 * phi.numel(), device=device)[::2], dims, ("tanh", "identity"),
                             lr=0.02, eps=0.5, state=state, iteration=torch.tensor([5], device=device),
                             loss_out=torch.zeros(1, device=device))
+
+
+def test_loss_out_over_phi_is_refused():
+    """The loss is written after φ: a ``loss_out`` inside φ's buffer overwrote a parameter with
+    the loss, silently."""
+    phi, new = torch.zeros(8), torch.ones(8)
+    one, it, st = torch.zeros(1), torch.ones(1, dtype=torch.int64), G.new_state("cpu")
+    with pytest.raises(ValueError, match="loss_out must not overlap phi"):
+        G.accept_step(phi, new, one, st, it, phi[3:4])

@@ -384,3 +384,37 @@ def test_tanh_is_accurate():
     exact = torch.tanh(x.double())
     ulp = (exact.abs().float().nextafter(torch.tensor(math.inf)) - exact.abs().float()).double()
     assert ((y.double() - exact).abs() / ulp).max() <= 4
+
+
+def test_launch_config_fields_are_ints_and_config_a_launch_config():
+    """4.0, 2.5 and True passed LaunchConfig's range checks: a float grid reached torch.empty
+    ("takes 1 positional argument"), a float tasks_per_program an InterpreterError, a float block
+    size a TypeError from ``&``; a dict as config an AttributeError inside the launcher."""
+    for field, value in (("num_warps", 4.0), ("num_warps", True), ("num_stages", 1.5), ("block_m", 16.0),
+                         ("tasks_per_program", 1.5), ("max_programs", 2.5)):
+        with pytest.raises(TypeError, match=f"{field} must be an int"):
+            K.LaunchConfig(**{"mode": "tiled", "num_warps": 4, field: value})
+    x, y, indices, params, acts = _ok_inputs()
+    with pytest.raises(TypeError, match="config must be a LaunchConfig"):
+        K.mlp_inner_loop(x, y, indices, params, acts, lr=0.02, config={"mode": "tiled"})
+
+
+def test_outputs_that_overlap_are_refused():
+    """``out`` rows that overlap (stride 0: several programs write one row), ``out`` over x (the
+    tiled variant keeps its working weights there while others read x) and ``out_losses`` inside
+    ``out`` all ran silently; refused now."""
+    x, y, indices, params, acts = _ok_inputs()
+    n = sum(p.numel() for p in params)
+    T, S = indices.shape[:2]
+    with pytest.raises(ValueError, match="rows that do not overlap"):
+        K.mlp_inner_loop(x, y, indices, params, acts, lr=0.02, out=torch.zeros(1, n).expand(T, n))
+    big = torch.zeros(T * (n + x[0].numel()))
+    xs = big[:x.numel()].view_as(x)
+    xs.copy_(x)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        K.mlp_inner_loop(xs, y, indices, params, acts, lr=0.02,
+                         out=torch.as_strided(big, (T, n), (n, 1), x.numel() - 1))
+    buf = torch.zeros(T * (n + 3))
+    with pytest.raises(ValueError, match="out_losses must not overlap out"):
+        K.mlp_inner_loop(x, y, indices, params, acts, lr=0.02, out=buf.view(T, n + 3),
+                         out_losses=buf[2:2 + T * S].view(T, S))

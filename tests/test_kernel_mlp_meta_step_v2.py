@@ -517,3 +517,56 @@ def test_config_validation_and_support():
     layout, row = V._scratch_layout((1, 64, 64, 1), 16)
     assert layout == {"w1": 0, "a1": 4096, "g": 4096 + 1024} and row == 4096 + 2048
     assert V._uses_dot((1, 64, 64, 1)) == [False, True, False]
+
+
+def test_partials_with_overlapping_rows_or_over_phi_are_refused():
+    """A caller's ``partials`` whose rows overlap (an expand: stride 0) made two programs sum
+    into one row: a wrong φ, silently (off by 0.06 here); ``partials`` over φ's own buffer
+    overwrote φ while programs read it (off by 2.6, φ changed); over ``out`` the second launch
+    reads rows while it writes.  All refused now; separate buffers give the default's result."""
+    a = _ok_args()
+    n = a["params_flat"].numel()
+    common = (a["x"], a["y"], a["indices"], a["params_flat"], a["dims"], a["activations"])
+    one = V.V2Config(max_programs=2)
+    want = V.meta_step(*common, lr=0.02, eps=0.1, config=one)
+    with pytest.raises(ValueError, match="rows that do not overlap"):
+        V.meta_step(*common, lr=0.02, eps=0.1, config=one, partials=torch.zeros(1, n + 3).expand(2, n + 3))
+    phi = a["params_flat"].clone()
+    with pytest.raises(ValueError, match="rows that do not overlap"):
+        V.meta_step(*common[:3], phi, *common[4:], lr=0.02, eps=0.1, config=one, partials=phi.view(1, n).expand(2, n))
+    buf = torch.cat([phi, phi, phi])
+    with pytest.raises(ValueError, match="partials must not overlap params_flat"):
+        V.meta_step(*common[:3], buf[:n], *common[4:], lr=0.02, eps=0.1, config=one,
+                    partials=buf[n - 1:3 * n - 1].view(2, n))  # row 0 starts on φ's last element
+    store = torch.zeros(3 * (n + 3))
+    with pytest.raises(ValueError, match="partials must not overlap params_flat, out"):
+        V.meta_step(*common, lr=0.02, eps=0.1, config=one, out=store[:n], partials=store[:2 * (n + 3)].view(2, n + 3))
+    got = V.meta_step(*common, lr=0.02, eps=0.1, config=one, out=store[2 * (n + 3):2 * (n + 3) + n],
+                      partials=store[:2 * (n + 3)].view(2, n + 3))
+    torch.testing.assert_close(got.params, want.params, rtol=0, atol=0)
+
+
+def test_inner_loop_outputs_with_overlapping_rows_are_refused():
+    """``out`` rows that overlap (stride 0) and ``out_losses`` inside ``out`` were written by
+    several programs at once; refused."""
+    a = _ok_args()
+    n = a["params_flat"].numel()
+    args = (a["x"], a["y"], a["indices"], a["params_flat"], a["dims"], a["activations"])
+    with pytest.raises(ValueError, match="rows that do not overlap"):
+        V.inner_loop(*args, lr=0.02, out=torch.full((1, n), float("nan")).expand(2, n))
+    buf = torch.zeros(2 * n + 6)
+    with pytest.raises(ValueError, match="out_losses must not overlap out"):
+        V.inner_loop(*args, lr=0.02, out=buf.view(2, n + 3), out_losses=buf[1:7].view(2, 3))
+
+
+def test_config_fields_are_ints_and_config_a_v2config():
+    """True and 4.0 passed the range checks (True == 1, 4.0 == 4) and reached the launch; a dict
+    as config failed with an AttributeError inside the launcher."""
+    for field, value in (("max_programs", True), ("programs_per_sm", True), ("num_warps", 4.0),
+                         ("max_programs", 2.0)):
+        with pytest.raises(TypeError, match=f"{field} must be an int"):
+            V.V2Config(**{field: value})
+    a = _ok_args()
+    with pytest.raises(TypeError, match="config must be a V2Config"):
+        V.meta_step(a["x"], a["y"], a["indices"], a["params_flat"], a["dims"], a["activations"], lr=0.02,
+                    eps=0.1, config={"max_programs": 1})

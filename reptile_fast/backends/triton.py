@@ -59,7 +59,7 @@ from ..losses import loss_name
 from ..mlp_spec import MLPSpec, cached_mlp_spec
 from ..steppers import Stepper
 from ..tasks.base import TaskBatch
-from ..validation import check_int
+from ..validation import check_bool, check_int
 from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError
 
 __all__ = ["TritonBackend", "TritonFusedStepper", "DEFAULT_PRECISION", "DEFAULT_KERNEL", "PRECISION_ENV",
@@ -137,6 +137,24 @@ def _v2_config(launch: dict):
                         f"max_programs, preload, accumulate, stream): {exc}") from None
 
 
+def _check_launch(kernel: str, launch: dict) -> None:
+    """TypeError/ValueError for launch overrides the kernel's config would refuse at launch time.
+    (Nothing to check, nothing imported: the kernel module reads TRITON_INTERPRET when imported.)"""
+    if not launch:
+        return
+    if kernel == "v2":
+        _v2_config(launch)
+        return
+    k = _kernels()
+    fields = set(k.LaunchConfig.__dataclass_fields__)
+    unknown = sorted(set(launch) - fields)
+    if unknown:
+        raise TypeError(f"launch options for kernel v1 are LaunchConfig fields ({', '.join(sorted(fields))}), "
+                        f"got {unknown}")
+    # mode and num_warps are chosen per model when absent: check the given values with stand-ins
+    k.LaunchConfig(**{"mode": "tiled", "num_warps": 4, **launch})
+
+
 class TritonBackend(Backend):
     """The fused Triton inner loop (see the module docstring for options)."""
 
@@ -172,13 +190,18 @@ class TritonBackend(Backend):
                              f"${PRECISION_ENV}), got {precision!r}")
         if cuda_graphs is None:
             cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "0") == "1"
+        # True/False only: bool("no") is True, so a string meant the opposite silently
+        cuda_graphs = check_bool("cuda_graphs", cuda_graphs)
+        validate = check_bool("validate", validate)
         if launch is not None and not isinstance(launch, dict):
             raise TypeError(f"launch must be a dict of LaunchConfig fields, got {type(launch).__name__}")
         self.kernel = kernel
         self.precision = precision
-        self.cuda_graphs = bool(cuda_graphs)
+        self.cuda_graphs = cuda_graphs
         self.launch = dict(launch or {})
-        self.validate = bool(validate)
+        # a misspelt or out-of-range launch field fails here, not at the first meta-step
+        _check_launch(kernel, self.launch)
+        self.validate = validate
         self._graphs: "OrderedDict[tuple, _GraphedLaunch]" = OrderedDict()
 
     def make_stepper(self, model: nn.Module, config: InnerConfig, outer_optimizer=None) -> "TritonFusedStepper":
