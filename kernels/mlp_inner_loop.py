@@ -577,8 +577,9 @@ def _check_flat_width(flat, dims: Sequence[int]) -> None:
     truncated last bias, or a torch shape error)."""
     if not isinstance(flat, torch.Tensor) or flat.dim() < 1:
         raise TypeError(f"flat must be a tensor [..., n_params], got {type(flat).__name__}")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in dims):
         raise TypeError(f"dims must be positive ints (feature sizes), got {list(dims)}")
+    dims = [int(d) for d in dims]
     if flat.shape[-1] < n_flat_params(dims):
         raise ValueError(f"flat has {flat.shape[-1]} values per row but dims {list(dims)} need "
                          f"{n_flat_params(dims)}")
@@ -877,8 +878,9 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     R, B = indices.shape[1], indices.shape[2]
     steps = R if steps is None else steps
     # an int, as in kernel v2: int(1.5) would run 1 step silently
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= R:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 0 <= steps <= R:
         raise ValueError(f"steps must lie in [0, {R}] (the plan's rows) and be an int, got {steps!r}")
+    steps = int(steps)  # a numpy integer too
     if precision not in ("ieee", "tf32x3", "tf32"):
         raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
     lr = _check_number("lr", lr)

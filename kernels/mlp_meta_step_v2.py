@@ -54,6 +54,7 @@ one flat float32 vector in ``param_layout(dims)`` order (``torch.cat([p.reshape(
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -1005,9 +1006,10 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
         dims = tuple(dims)
     except TypeError:
         raise TypeError(f"dims must be a sequence of feature sizes, got {dims!r}") from None
-    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
-        # int(8.7) would run an 8-wide layer silently
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        # int(8.7) would run an 8-wide layer silently; numpy integers are ints
         raise TypeError(f"dims must be ints (feature sizes), got {list(dims)}")
+    dims = tuple(int(d) for d in dims)
     if len(dims) < 2 or min(dims) < 1:
         raise ValueError(f"dims must hold >= 2 positive feature sizes, got {list(dims)}")
     if dims[0] != D0:
@@ -1044,8 +1046,9 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
         raise ValueError(f"indices must have shape [T={T}, steps, batch>=1], got {tuple(indices.shape)}")
     R, B = indices.shape[1], indices.shape[2]
     steps = R if steps is None else steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= R:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 0 <= steps <= R:
         raise ValueError(f"steps must be an int in [0, {R}] (the plan's rows), got {steps!r}")
+    steps = int(steps)  # a numpy integer too
     reason = unsupported_reason(dims, B)
     if reason:
         raise ValueError(reason)

@@ -475,6 +475,11 @@ def test_numpy_scalars_are_numbers():
     torch.testing.assert_close(got.params, want.params, rtol=0, atol=0)
     with pytest.raises(ValueError, match="eps must be a finite"):
         V.meta_step(*common, lr=0.02, eps=np.float32("nan"))
+    # dims and steps as numpy integers (read from an array) were refused as "must be an int"
+    dims = tuple(np.array(a["dims"]))
+    got = V.meta_step(a["x"], a["y"], a["indices"], a["params_flat"], dims, a["activations"], lr=0.02, eps=0.1,
+                      steps=np.int64(3))
+    torch.testing.assert_close(got.params, want.params, rtol=0, atol=0)
 
 
 def test_outputs_that_overlap_their_inputs_are_refused():
