@@ -229,6 +229,12 @@ def test_backend_options_reach_the_backend_and_are_checked():
     assert trainer.backend.name == "reference"
     with pytest.raises(TypeError, match="does not accept options"):
         Reptile(MLP(), backend="reference", backend_options={"precision": "tf32"})
+    # a known option with a bad value is not "does not accept options" (it named the option)
+    with pytest.raises(TypeError, match=r"does not accept options \['fast_mlpp'\]; it takes"):
+        Reptile(MLP(), backend="torch", backend_options={"fast_mlpp": False})
+    with pytest.raises(TypeError) as info:
+        Reptile(MLP(), backend="torch", backend_options={"fast_tanh": "no"})
+    assert "does not accept" not in str(info.value) and "fast_tanh" in str(info.value)
     with pytest.raises(ValueError, match="named backend"):
         Reptile(MLP(), backend="auto", backend_options={"precision": "tf32"})
     with pytest.raises(TypeError, match="backend_options"):

@@ -33,10 +33,19 @@ def get_backend(name: str, **options) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS) + ['auto']}")
     module, cls = BACKENDS[name].split(":")
     backend_cls = getattr(importlib.import_module(module), cls)
+    import inspect
+
+    params = inspect.signature(backend_cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(k for k in options if k not in params)
+        if unknown:
+            raise TypeError(f"backend {name!r} does not accept options {unknown}; it takes "
+                            f"{sorted(params) or 'none'}")
     try:
         return backend_cls(**options)
     except TypeError as exc:
-        raise TypeError(f"backend {name!r} does not accept options {sorted(options)}: {exc}") from None
+        # a known option with a bad value: the constructor's own message names it
+        raise TypeError(f"backend {name!r}, options {sorted(options)}: {exc}") from None
 
 
 def resolve_backend(name: str, model, device: torch.device, config: InnerConfig,
