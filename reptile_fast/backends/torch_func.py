@@ -172,15 +172,19 @@ class TorchBackend(Backend):
 
     def uses_fast_path(self, model: nn.Module, tasks: TaskBatch, config: InnerConfig) -> bool:
         """Whether ``inner_loop`` takes the batched-MLP path for this model, data and config."""
+        return self._fast_spec(model, tasks, config) is not None
+
+    def _fast_spec(self, model: nn.Module, tasks: TaskBatch, config: InnerConfig):
+        """The ``MLPSpec`` the batched-MLP path runs, or None when it does not apply."""
         name = loss_name(config.loss)
         if not self.fast_mlp or name not in FAST_LOSSES:
-            return False
+            return None
         spec = self.mlp_spec(model)
         if spec is None or tasks.x.dim() != 3 or tasks.x.shape[2] != spec.dims[0]:
-            return False
+            return None
         if tasks.is_classification:
-            return name == "cross_entropy"
-        return name == "mse" and tasks.y.shape[2] == spec.dims[-1]
+            return spec if name == "cross_entropy" else None
+        return spec if name == "mse" and tasks.y.shape[2] == spec.dims[-1] else None
 
     def _fast_tanh(self, device: torch.device) -> bool:
         from .mlp_batched import default_fast_tanh
@@ -204,16 +208,16 @@ class TorchBackend(Backend):
             raise ValueError(f"the plan has {indices.shape[1]} rows: no inner step to take")
         if config.grad_weights is not None and len(config.grad_weights) != steps:
             raise ValueError(f"grad_weights has {len(config.grad_weights)} entries for {steps} inner steps")
-        if self.uses_fast_path(model, tasks, config):
-            return self._mlp_inner_loop(model, tasks, indices, config)
+        spec = self._fast_spec(model, tasks, config)
+        if spec is not None:
+            return self._mlp_inner_loop(model, tasks, indices, config, spec)
         # torch.func.grad under a caller's inference_mode() returned zero gradients on torch 2.11
         # (the GPU machine's version): no inner step at all, silently.  Training is training.
         with torch.inference_mode(False), torch.enable_grad():
             return self._vmap_inner_loop(model, tasks, indices, config)
 
     # ------------------------------------------------------------------ fast path
-    def _mlp_inner_loop(self, model, tasks, indices, config: InnerConfig) -> InnerResult:
-        spec = self.mlp_spec(model)
+    def _mlp_inner_loop(self, model, tasks, indices, config: InnerConfig, spec) -> InnerResult:
         named = dict(model.named_parameters())
         # φ is copied into the per-task parameters inside mlp_inner_loop (block by block when it
         # runs in task blocks: each copy lands in cache right before its block runs).
