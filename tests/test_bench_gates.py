@@ -215,3 +215,29 @@ def test_triton_benchmark_gate_checks_every_timed_set():
             B._update_gate(Broken(kind), model, sets, "fp32")
         with pytest.raises(pytest.fail.Exception, match="not timed"):
             B._update_gate(Broken(kind), model, sets, "tf32")
+
+
+def test_torch_backend_benchmark_checks_every_task_before_timing(monkeypatch):
+    """bench_torch_backend's inner-loop case compares every task with the reference before it
+    times anything: a backend right on the first tasks and wrong on a later one (here task 11
+    of 16, at half the learning rate) is refused and never timed."""
+    from bench import bench_torch_backend as B
+    from reptile_fast.backends.torch_func import TorchBackend
+
+    class WrongOnOneTask(TorchBackend):
+        def inner_loop(self, model, tasks, indices, config):
+            result = super().inner_loop(model, tasks, indices, config)
+            half = super().inner_loop(model, tasks[11:12], indices[11:12], InnerConfig(lr=config.lr / 2))
+            for n, v in result.params.items():
+                v[11] = half.params[n][0]
+            return result
+
+    monkeypatch.setattr(B, "TorchBackend", WrongOnOneTask)
+    monkeypatch.setattr(B, "_time", lambda benchmark, *a: setattr(benchmark, "timed", True))
+    benchmark = FakeBenchmark()
+    with pytest.raises(AssertionError):
+        B.test_inner_loop_throughput(benchmark, "fast", 16)
+    assert not benchmark.timed
+    monkeypatch.setattr(B, "TorchBackend", TorchBackend)
+    B.test_inner_loop_throughput(benchmark, "fast", 16)
+    assert benchmark.timed
