@@ -217,6 +217,37 @@ def test_triton_benchmark_gate_checks_every_timed_set():
             B._update_gate(Broken(kind), model, sets, "tf32")
 
 
+def test_triton_benchmark_gate_checks_every_task():
+    """bench_triton_kernel's gate sees every task of every timed set, not a sample: a backend at
+    half the learning rate on one task of 100 (one that a 64-task random sample per set, as the
+    gate once drew, would miss in all three sets) is refused, in fp32 and tf32."""
+    pytest.importorskip("triton")
+    from bench import bench_triton_kernel as B
+    from reptile_fast.backends.torch_func import TorchBackend
+
+    T = 100
+    model, _, _ = B._problem(T, "cpu")
+    sets = [B._problem(T, "cpu", seed=s)[1:] for s in range(1, 4)]
+    sampled = set()
+    for k in range(len(sets)):
+        sampled |= set(torch.randperm(T, generator=torch.Generator().manual_seed(k))[:64].tolist())
+    task = min(set(range(T)) - sampled)
+
+    class WrongOnOneTask(TorchBackend):
+        def inner_loop(self, model, tasks, indices, config):
+            result = super().inner_loop(model, tasks, indices, config)
+            half = super().inner_loop(model, tasks[task:task + 1], indices[task:task + 1],
+                                      InnerConfig(lr=config.lr / 2))
+            for n, v in result.params.items():
+                v[task] = half.params[n][0]
+            return result
+
+    B._update_gate(TorchBackend(), model, sets, "fp32")
+    for precision in ("fp32", "tf32"):
+        with pytest.raises(pytest.fail.Exception, match=f"task {task}'s update.*on 1 of {T} tasks; not timed"):
+            B._update_gate(WrongOnOneTask(), model, sets, precision)
+
+
 def test_torch_backend_benchmark_checks_every_task_before_timing(monkeypatch):
     """bench_torch_backend's inner-loop case compares every task with the reference before it
     times anything: a backend right on the first tasks and wrong on a later one (here task 11
