@@ -272,3 +272,25 @@ def test_torch_backend_benchmark_checks_every_task_before_timing(monkeypatch):
     monkeypatch.setattr(B, "TorchBackend", TorchBackend)
     B.test_inner_loop_throughput(benchmark, "fast", 16)
     assert benchmark.timed
+
+
+def test_main_job_wall_refuses_a_run_whose_answer_is_wrong_or_missing(tmp_path):
+    """bench/main_job_wall.py times whole processes; a run is a result only if its answer is a
+    trained model's: a job that writes no metrics, or one whose post-adaptation MSE is an untrained
+    model's (or NaN), raises instead of being recorded as a timing."""
+    import json
+    import sys
+
+    from bench import main_job_wall as W
+
+    metrics = tmp_path / "metrics.json"
+
+    def job(mse):
+        code = "" if mse is None else f"open({str(metrics)!r}, 'w').write({json.dumps(json.dumps({'post_adaptation_mse': mse}))})"
+        metrics.unlink(missing_ok=True)
+        return W._timed([sys.executable, "-c", code or "pass"], env=None, metrics=metrics)
+
+    assert job(0.03)["post_adaptation_mse"] == 0.03
+    for bad in (None, 0.4, float("nan")):
+        with pytest.raises(RuntimeError, match="not a result"):
+            job(bad)
