@@ -47,6 +47,9 @@ class Broken(Provider):
                         for n, p in problem.model.named_parameters()}
             if self.how == "half_lr":
                 return inner(r, lr / 2)
+            if self.how == "wrong_sign":  # the update's sign flipped: φ − Δ
+                good = inner(r, lr)
+                return {n: 2 * p.detach() - good[n] for n, p in problem.model.named_parameters()}
             if self.how == "one_task_half_lr":
                 good, half = inner(r, lr), inner(r, lr / 2)
                 for n in good:
@@ -91,6 +94,14 @@ def test_gate_refuses_phi_and_half_learning_rate(small, how, precision):
     assert result.update_margin > 1
     # e = 1 for φ, ≈ 0.5 for half the learning rate: far above either precision's bound
     assert result.update_rel_err == pytest.approx(1.0 if how == "returns_phi" else 0.5, rel=0.2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_gate_refuses_a_wrong_sign(small, precision):
+    """The update's sign flipped (φ − Δ): e = 2 on every task."""
+    result = check(Broken("wrong_sign", precision), small)
+    assert not result.ok and "float64 oracle" in result.message
+    assert result.update_rel_err == pytest.approx(2.0, rel=1e-3)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])
@@ -205,12 +216,15 @@ def test_triton_benchmark_gate_checks_every_timed_set():
             elif self.kind == "half_lr":
                 config = _Config(lr=config.lr / 2)
             result = self.inner.inner_loop(model, tasks, indices, config)
+            if self.kind == "wrong_sign":  # φ − Δ
+                phi = dict(model.named_parameters())
+                result.params.update({n: 2 * phi[n].detach() - v for n, v in result.params.items()})
             if self.kind == "stale":
                 self.first = self.first or _copy.deepcopy(result)
                 return self.first
             return result
 
-    for kind in ("phi", "half_lr", "stale"):
+    for kind in ("phi", "half_lr", "wrong_sign", "stale"):
         with pytest.raises(pytest.fail.Exception, match="not timed"):
             B._update_gate(Broken(kind), model, sets, "fp32")
         with pytest.raises(pytest.fail.Exception, match="not timed"):
