@@ -308,3 +308,61 @@ def test_main_job_wall_refuses_a_run_whose_answer_is_wrong_or_missing(tmp_path):
     for bad in (None, 0.4, float("nan")):
         with pytest.raises(RuntimeError, match="not a result"):
             job(bad)
+
+
+# ---------------------------------------------------------------------------- the GPU check's timing stage
+def _gpu_check_problem(T=6):
+    pytest.importorskip("triton")
+    from bench import gpu_check as G
+    from bench.providers import float64_updates
+
+    model, tasks, plan, params, phi = G.problem(T, torch.device("cpu"), seed=3, width=16)
+    oracle = float64_updates(model, tasks.x, tasks.y, plan, G.LR)
+
+    def adapted(lr):  # the reference's adapted parameters, flat per task [T, n]
+        res = ReferenceBackend().inner_loop(model, tasks, plan, InnerConfig(lr=lr)).params
+        return torch.cat([res[n].reshape(T, -1) for n, _ in model.named_parameters()], 1)
+
+    return G, model, tasks, plan, phi, oracle, adapted
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_gpu_check_variant_gate_passes_right_and_refuses_wrong_outputs(precision):
+    """bench/gpu_check.py's check before each kernel variant is timed: every task's update (inner
+    variants) or the outer update (meta variants) against float64, per precision."""
+    G, model, tasks, plan, phi, oracle, adapted = _gpu_check_problem()
+    good = adapted(G.LR)
+    wrong = {"returns φ": phi.expand_as(good), "half lr": adapted(G.LR / 2), "sign flipped": 2 * phi - good}
+    wrong["one task at half lr"] = good.clone()
+    wrong["one task at half lr"][4] = adapted(G.LR / 2)[4]
+    inner, meta = ("v", "v2", precision, "inner"), ("v-meta", "v2", precision, "meta")
+    args = (model, tasks, plan, phi, oracle)
+    assert G.check_variant(inner, good, *args) is None
+    for what, out in wrong.items():
+        assert "differs from float64" in (G.check_variant(inner, out, *args) or ""), what
+    step = lambda out: phi + G.EPS * (out - phi).mean(0)  # noqa: E731 - the outer update of outputs
+    assert G.check_variant(meta, step(good), *args) is None
+    for what in ("returns φ", "half lr", "sign flipped"):
+        assert "differs from float64" in (G.check_variant(meta, step(wrong[what]), *args) or ""), what
+    assert "non-finite" in G.check_variant(inner, torch.full_like(good, float("nan")), *args)
+
+
+def test_gpu_check_times_no_wrong_kernel_variant_or_provider(tmp_path, monkeypatch):
+    """The timing stage checks each variant's output (and each provider, by the providers' gate)
+    before timing it: a variant returning φ is recorded as wrong, with no time."""
+    G, *_ = _gpu_check_problem()
+
+    def broken_launcher(variant, T, device, dims, tasks, plan, params, phi):
+        fn = lambda: None  # noqa: E731
+        fn.result = (lambda: phi.expand(T, -1)) if variant[3] == "inner" else (lambda: phi)
+        return fn
+
+    monkeypatch.setattr(G, "launcher", broken_launcher)
+    monkeypatch.setattr(G, "fit_rows", lambda *a, **k: [])
+    monkeypatch.setattr(G, "cli_sine_row", lambda *a, **k: {"provider": "cli-sine-gpu", "T": 1, "status": "skipped"})
+    results = {"stages": {}}
+    rows = G.stage_timing(lambda *a: None, torch.device("cpu"), True, G.Budget(300), results, tmp_path)["rows"]
+    kernel_rows = [r for r in rows if r["provider"] in {v[0] for v in G.SMOKE_VARIANTS}]
+    assert kernel_rows and all(r.get("status") == "wrong" and "ms" not in r for r in kernel_rows), kernel_rows
+    torch_rows = [r for r in rows if r["provider"] == "torch"]
+    assert torch_rows and all("ms" in r for r in torch_rows), torch_rows  # the providers' gate passed it
