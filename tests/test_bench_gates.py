@@ -366,3 +366,21 @@ def test_gpu_check_times_no_wrong_kernel_variant_or_provider(tmp_path, monkeypat
     assert kernel_rows and all(r.get("status") == "wrong" and "ms" not in r for r in kernel_rows), kernel_rows
     torch_rows = [r for r in rows if r["provider"] == "torch"]
     assert torch_rows and all("ms" in r for r in torch_rows), torch_rows  # the providers' gate passed it
+
+
+def test_gpu_sweep_checks_the_default_setting_too(monkeypatch):
+    """bench/gpu_sweep.py compared each launch setting with the default setting's φ only: a
+    meta-step wrong in every setting alike (here: φ returned unchanged) was timed throughout.
+    Every setting, the default included, is now checked against float64 first."""
+    pytest.importorskip("triton")
+    from bench import gpu_check as G
+    from bench import gpu_sweep as S
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    def returns_phi(x, y, plan, phi, dims, acts, *, out=None, **kw):
+        out.copy_(phi)
+
+    monkeypatch.setattr(V, "meta_step", returns_phi)
+    rows = S.sweep_T(5, torch.device("cpu"), 16, True, G.Budget(120), lambda *a: None)
+    assert rows and all(not r.get("ok") and "ms" not in r for r in rows), rows
+    assert all("differs from float64" in r["status"] for r in rows), rows
