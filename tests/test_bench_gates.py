@@ -384,3 +384,26 @@ def test_gpu_sweep_checks_the_default_setting_too(monkeypatch):
     rows = S.sweep_T(5, torch.device("cpu"), 16, True, G.Budget(120), lambda *a: None)
     assert rows and all(not r.get("ok") and "ms" not in r for r in rows), rows
     assert all("differs from float64" in r["status"] for r in rows), rows
+
+
+def test_gpu_check_fit_rows_time_nothing_that_failed_its_check(monkeypatch):
+    """gpu_check's seed-setting rows (Reptile.fit with the fused stepper) recorded their check and
+    timed anyway; a stepper that disagrees with backend torch (here: backend "triton" swapped for
+    torch at half the inner learning rate) is now recorded as wrong and not timed."""
+    pytest.importorskip("triton")
+    import reptile_fast
+    from bench import gpu_check as G
+
+    real = reptile_fast.Reptile
+
+    def reptile(model, *, backend="auto", backend_options=None, **kw):
+        if backend == "triton":
+            return real(model, backend="torch", inner_lr=0.01, **kw)
+        return real(model, backend=backend, backend_options=backend_options, **kw)
+
+    monkeypatch.setattr(reptile_fast, "Reptile", reptile)
+    rows = G.fit_rows(lambda *a: None, torch.device("cpu"), True, G.Budget(120))
+    check = next(r for r in rows if r["provider"] == "fit-v2-graphs-check")
+    assert check["ok"] is False and check["phi_rel_vs_torch_movement"] > 0.1, check
+    timed = [r for r in rows if r["provider"] in ("fit-v2-graphs", "fit-v2-launches")]
+    assert len(timed) == 2 and all(r["status"] == "wrong" and "ms" not in r for r in timed), timed
