@@ -595,6 +595,16 @@ def cli_sine_row(log, out: Path, timeout: float, smoke: bool = False) -> dict:
             shutil.copyfile(metrics, out / "sine_gpu_metrics.json")
             row.update({k: m.get(k) for k in ("train_seconds", "ms_per_iteration", "post_adaptation_mse", "backend",
                                                "mode", "fallback_reason", "eval_seconds")})
+        if not smoke:  # a time is a result only for a trained model (the smoke's 3 meta-steps train nothing)
+            from bench.main_job_wall import MAX_TRAINED_MSE
+
+            mse = row.get("post_adaptation_mse")
+            if proc.returncode != 0 or not isinstance(mse, (int, float)) or not 0 <= mse <= MAX_TRAINED_MSE:
+                for k in ("wall_seconds", "train_seconds", "ms_per_iteration"):
+                    if k in row:
+                        row[f"{k}_not_a_result"] = row.pop(k)
+                row["status"] = (f"wrong: returncode {proc.returncode}, post-adaptation MSE {mse!r} "
+                                 f"(a trained model's is <= {MAX_TRAINED_MSE}); not timed")
     except subprocess.TimeoutExpired:
         row["status"] = f"timeout after {timeout:.0f} s"
     log("  " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "output_tail"))

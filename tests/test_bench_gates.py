@@ -1,7 +1,12 @@
 """The gate in front of every benchmark timing (bench/providers.py ``check_prepared``): a provider
-returning φ, one at half the learning rate, one wrong on a single task, or one that ignores new
-inputs is refused, in fp32 and in tf32, and is never timed; correct providers pass.  The float64
-oracle it compares with is itself checked against the reference backend run in float64."""
+returning φ, one at half the learning rate, one with the update's sign flipped, one wrong on a
+single task, or one that ignores new inputs is refused, in fp32 and in tf32, and is never timed;
+correct providers pass.  The float64 oracle it compares with is itself checked against the
+reference backend run in float64.  The same for the other timed benchmarks: bench_torch_backend,
+bench_triton_kernel, main_job_wall, and the GPU check's timing stage, seed-setting rows, main-job
+row and launch-settings sweep."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -407,3 +412,28 @@ def test_gpu_check_fit_rows_time_nothing_that_failed_its_check(monkeypatch):
     assert check["ok"] is False and check["phi_rel_vs_torch_movement"] > 0.1, check
     timed = [r for r in rows if r["provider"] in ("fit-v2-graphs", "fit-v2-launches")]
     assert len(timed) == 2 and all(r["status"] == "wrong" and "ms" not in r for r in timed), timed
+
+
+def test_gpu_check_main_job_row_is_a_time_only_for_a_trained_model(tmp_path, monkeypatch):
+    """gpu_check's main-job row (reptile-fast sine on the GPU) recorded its wall time whatever the
+    job's answer; one whose post-adaptation MSE is an untrained model's is now marked wrong and
+    its times kept apart (``*_not_a_result``)."""
+    pytest.importorskip("triton")
+    import json
+    import subprocess as sp
+
+    from bench import gpu_check as G
+
+    def fake_run(cmd, **kw):
+        run = Path(cmd[cmd.index("--out") + 1])
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.json").write_text(json.dumps({"post_adaptation_mse": fake_run.mse, "train_seconds": 0.5}))
+        return sp.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(G.subprocess, "run", fake_run)
+    fake_run.mse = 0.4
+    row = G.cli_sine_row(lambda *a: None, tmp_path, timeout=10.0)
+    assert row["status"].startswith("wrong") and "wall_seconds" not in row and "train_seconds" not in row, row
+    fake_run.mse = 0.03
+    row = G.cli_sine_row(lambda *a: None, tmp_path, timeout=10.0)
+    assert "status" not in row and row["train_seconds"] == 0.5 and "wall_seconds" in row, row
