@@ -18,7 +18,10 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
 4. first the seed's setting through ``Reptile.fit`` (meta-batch 1): kernel v2's fused stepper
    replaying chunks of 100 whole meta-steps as CUDA graphs, checked bitwise against its plain
    launches and against backend torch, then 30000 meta-steps timed (goal < 1 s of training).
-   Then timing, kernel alone (``triton.testing.do_bench_cudagraph``: a CUDA graph of the launches,
+   Then timing, each case checked first (a kernel variant's output on every task against a
+   float64 oracle within the benchmark gate's bound for its precision, ``check_variant``; the
+   torch/vmap/JAX/seed providers through ``bench.providers.check_prepared``): a wrong one is
+   recorded as "wrong" and not timed.  Kernel alone (``triton.testing.do_bench_cudagraph``: a CUDA graph of the launches,
    timed with CUDA events, so Python launch overhead and input checks are not counted) for
    T in {1, 256, 4096, 65536} x variant x precision; beside torch batched (events, and under a
    CUDA graph), torch vmap, JAX, the seed's loop (small T), and the whole v2 meta-step under one
@@ -116,20 +119,80 @@ def launcher(variant, T, device, dims, tasks, plan, params, phi):
         out = torch.empty(T, -(-n // 4) * 4, device=device)
         losses = torch.empty(T, STEPS, device=device)
         config = K.choose_launch_config(dims, BATCH)
-        return lambda: K.mlp_inner_loop(x, y, plan, params, ACTS[:len(dims) - 2] + ("identity",), lr=LR,
-                                        precision=prec, config=config, out=out, out_losses=losses,
-                                        check_values=False)  # timed: no host sync per launch
+        fn = lambda: K.mlp_inner_loop(x, y, plan, params, ACTS[:len(dims) - 2] + ("identity",), lr=LR,  # noqa: E731
+                                      precision=prec, config=config, out=out, out_losses=losses,
+                                      check_values=False)  # timed: no host sync per launch
+        fn.result = lambda: out[:, :n]
+        return fn
     acts = ACTS[:len(dims) - 2] + ("identity",)
     config = V.V2Config(stream=kernel == "v2s")
     if what == "inner":
         out = torch.empty(T, -(-n // 4) * 4, device=device)
         losses = torch.empty(T, STEPS, device=device)
-        return lambda: V.inner_loop(x, y, plan, phi, dims, acts, lr=LR, precision=prec, config=config, out=out,
-                                    out_losses=losses, check_values=False)
+        fn = lambda: V.inner_loop(x, y, plan, phi, dims, acts, lr=LR, precision=prec, config=config,  # noqa: E731
+                                  out=out, out_losses=losses, check_values=False)
+        fn.result = lambda: out[:, :n]
+        return fn
     new = torch.empty(n, device=device)
     eps = torch.full((1,), EPS, device=device)
-    return lambda: V.meta_step(x, y, plan, phi, dims, acts, lr=LR, eps=eps, precision=prec, config=config, out=new,
-                               check_values=False)
+    fn = lambda: V.meta_step(x, y, plan, phi, dims, acts, lr=LR, eps=eps, precision=prec, config=config,  # noqa: E731
+                             out=new, check_values=False)
+    fn.result = lambda: new
+    return fn
+
+
+def check_variant(variant, result, model, tasks, plan, phi, oracle):
+    """Why ``result`` (a launcher's output after a call) is not a result, or None when it is: the
+    benchmark gate's bound (``bench.providers.update_error_bound``, per precision: "tf32" for
+    tf32, "fp32" for ieee and tf32x3) against the float64 oracle ``oracle`` (``float64_updates``
+    of this problem), on every task.
+
+    Args:
+        variant: a ``VARIANTS`` entry; "inner" results are ``[T, n]`` adapted flat parameters,
+            "meta" results the flat ``[n]`` φ after the outer update (ε = ``EPS``).
+        result: the output on the device; model, tasks, plan, phi: the problem (``problem``).
+        oracle: ``{name: [T, *shape]}`` float64 updates.
+    """
+    import torch
+
+    from bench.providers import GATE_CAP, GATE_K, UNIT_ROUNDOFF, update_error_bound
+
+    _, _, prec, what = variant
+    precision = "tf32" if prec == "tf32" else "fp32"
+    T = tasks.n_tasks
+    names = [n for n, _ in model.named_parameters()]
+    dims = (tasks.x.shape[-1],) + tuple(p.shape[0] for n, p in model.named_parameters() if n.endswith("weight"))
+    point = type("P", (), {"steps": STEPS, "dims": dims})()
+    want = torch.cat([oracle[n].reshape(T, -1) for n in names], 1)
+    phi64 = phi.detach().double().cpu()
+    norms = want.norm(dim=1)
+    bound = update_error_bound(point, precision, phi64.norm() / norms)
+    got = result.detach().double().cpu()
+    if not bool(torch.isfinite(got).all()):
+        return "non-finite values in its output"
+    if what == "inner":
+        err = (got - phi64 - want).norm(dim=1) / norms
+        bad = ~(err <= bound)
+        if bool((bound > GATE_CAP).any()):
+            return f"cannot be verified: {precision} bound {float(bound.max()):.3g} > {GATE_CAP}"
+        if bool(bad.any()):
+            i = int(torch.nan_to_num(err / bound, nan=float("inf")).argmax())
+            return (f"its update differs from float64 on {int(bad.sum())} of {T} tasks (task {i}: rel err "
+                    f"{float(err[i]):.3g} > bound {float(bound[i]):.3g}, {precision})")
+        return None
+    # meta: (φ' − φ)/ε against the tasks' mean update; allowed: the tasks' own bounds, the fp32 sum
+    # over T tasks (worst case γ_{T−1}·mean‖Δᵢ‖, any summation order) and φ' = φ + ε·m stored in fp32
+    u = UNIT_ROUNDOFF["fp32"]
+    mean = want.mean(0)
+    allowed = (float((bound * norms).mean())
+               + GATE_K * ((T - 1) * u / (1 - (T - 1) * u) * float(norms.mean()) + u * float(phi64.norm()) * (1 + 1 / EPS)))
+    rel_allowed = allowed / float(mean.norm())
+    if not rel_allowed <= GATE_CAP:
+        return f"cannot be verified: allowed rel err {rel_allowed:.3g} > {GATE_CAP}"
+    rel = float(((got - phi64) / EPS - mean).norm() / mean.norm())
+    if not rel <= rel_allowed:
+        return f"its outer update differs from float64 (rel err {rel:.3g} > allowed {rel_allowed:.3g}, {precision})"
+    return None
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -365,7 +428,7 @@ def _time_ms(fn, device, graph):
 
 def stage_timing(log, device, smoke, budget, results, out):
     from bench.flops import inner_loop_flops
-    from bench.providers import Point, get_provider, make_problem
+    from bench.providers import Point, check_prepared, float64_updates, get_provider, make_problem
 
     Ts = (1, 2) if smoke else TIMED_T
     width = 16 if smoke else 64
@@ -407,13 +470,20 @@ def stage_timing(log, device, smoke, budget, results, out):
         except Exception as exc:  # noqa: BLE001
             record(T=T, provider="*", status="error", reason=f"problem: {exc}")
             continue
+        oracle = None
         for variant in (SMOKE_VARIANTS if smoke else VARIANTS):
             if budget.left() < 15:
                 record(T=T, provider=variant[0], status="skipped", reason="time budget spent")
                 continue
             try:
                 fn = launcher(variant, T, device, dims, tasks, plan, params, phi)
-                fn()  # compile outside the timing
+                fn()  # compile outside the timing; its output is checked before anything is timed
+                if oracle is None:
+                    oracle = float64_updates(model, tasks.x, tasks.y, plan, LR)
+                wrong = check_variant(variant, fn.result(), model, tasks, plan, phi, oracle)
+                if wrong:
+                    record(T=T, provider=variant[0], status="wrong", reason=f"not timed: {wrong}")
+                    continue
                 ms, timer = _time_ms(fn, device, graph=True)
                 record(T=T, provider=variant[0], ms=ms, timer=timer)
             except Exception as exc:  # noqa: BLE001
@@ -452,7 +522,10 @@ def stage_timing(log, device, smoke, budget, results, out):
                     record(T=T, provider=name, status="skipped", reason=reason)
                     continue
                 prepared = prov.prepare(prob)
-                prepared.run(0)
+                checked, _ = check_prepared(prov, prepared, prob)  # runs it; every task vs float64
+                if not checked.ok:
+                    record(T=T, provider=name, status="wrong", reason=f"not timed: {checked.message}")
+                    continue
                 if prepared.sync is not None:  # JAX: host clock around block_until_ready
                     from bench.flops import time_calls
 
@@ -522,17 +595,33 @@ def cli_sine_row(log, out: Path, timeout: float, smoke: bool = False) -> dict:
             shutil.copyfile(metrics, out / "sine_gpu_metrics.json")
             row.update({k: m.get(k) for k in ("train_seconds", "ms_per_iteration", "post_adaptation_mse", "backend",
                                                "mode", "fallback_reason", "eval_seconds")})
+        if not smoke:  # a time is a result only for a trained model (the smoke's 3 meta-steps train nothing)
+            from bench.main_job_wall import MAX_TRAINED_MSE
+
+            mse = row.get("post_adaptation_mse")
+            if proc.returncode != 0 or not isinstance(mse, (int, float)) or not 0 <= mse <= MAX_TRAINED_MSE:
+                for k in ("wall_seconds", "train_seconds", "ms_per_iteration"):
+                    if k in row:
+                        row[f"{k}_not_a_result"] = row.pop(k)
+                row["status"] = (f"wrong: returncode {proc.returncode}, post-adaptation MSE {mse!r} "
+                                 f"(a trained model's is <= {MAX_TRAINED_MSE}); not timed")
     except subprocess.TimeoutExpired:
         row["status"] = f"timeout after {timeout:.0f} s"
     log("  " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "output_tail"))
     return row
 
 
+#: fit_rows' check: the fused stepper's φ after the check's meta-steps may differ from backend
+#: torch's by at most this fraction of the distance torch's φ moved (see fit_rows)
+FIT_CHECK_REL = 1e-2
+
+
 def fit_rows(log, device, smoke, budget):
     """The seed's setting through ``Reptile.fit`` (meta-batch 1, 5 inner steps of 10 points, the
     seed's MLP): kernel v2's fused stepper replaying chunks of 100 meta-steps as CUDA graphs,
     against the same stepper's plain launches (bitwise: same kernels) and backend "torch"
-    (tolerance), then timed over 30000 meta-steps (the issue's goal: < 1 s of training)."""
+    (``FIT_CHECK_REL`` of φ's movement), then, only if both hold, timed over 30000 meta-steps (the
+    issue's goal: < 1 s of training)."""
     import torch
 
     from reptile_fast import MLP, Reptile, Sine
@@ -565,13 +654,28 @@ def fit_rows(log, device, smoke, budget):
         row["phi_max_abs_vs_torch"] = float((runs["graphs"][0] - runs["torch"][0]).abs().max())
         row["phi_max_abs_torch_scale"] = float(runs["torch"][0].abs().max())
         row["loss_max_abs_vs_torch"] = max(abs(a - b) for a, b in zip(runs["graphs"][1], runs["torch"][1]))
+        # How far φ is from backend torch's, relative to how far torch's φ moved from the start:
+        # fp32 trajectories of 300 meta-steps drift apart far less than 1 % of the movement, while
+        # φ left unchanged scores 1, half the inner learning rate about 0.5, a flipped sign 2.
+        moved = runs["torch"][0] - phi(trainer("torch", None))
+        row["phi_rel_vs_torch_movement"] = float((runs["graphs"][0] - runs["torch"][0]).norm() / moved.norm())
+        row["ok"] = bool(row["bitwise_graphs_vs_launches"] and torch.isfinite(runs["graphs"][0]).all()
+                         and row["phi_rel_vs_torch_movement"] <= FIT_CHECK_REL)
     except Exception as exc:  # noqa: BLE001 - recorded; timing still runs
         row["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        row["ok"] = False
         log(traceback.format_exc())
     rows.append(row)
     log("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    check = row
     for name, options, iterations in (("fit-v2-graphs", {**fused, "cuda_graphs": graphs}, n_time),
                                       ("fit-v2-launches", fused, n_time // 10)):
+        if not check["ok"]:
+            reason = check.get("error") or (f"bitwise graphs vs launches {check.get('bitwise_graphs_vs_launches')}, "
+                                            f"φ vs torch {check.get('phi_rel_vs_torch_movement'):.3g} of the "
+                                            f"movement (allowed {FIT_CHECK_REL})")
+            rows.append({"provider": name, "T": 1, "status": "wrong", "reason": f"not timed: the check failed: {reason}"})
+            continue
         if budget.left() < 20:
             rows.append({"provider": name, "T": 1, "status": "skipped", "reason": "time budget spent"})
             continue
@@ -763,8 +867,9 @@ def summary_lines(results: dict) -> list:
         check = next((r for r in timing if r["provider"] == "fit-v2-graphs-check"), None)
         if check:
             lines.append("  Reptile.fit, seed setting, fused v2 stepper: " + ", ".join(
-                f"{k} {check[k]}" for k in ("mode", "bitwise_graphs_vs_launches", "phi_max_abs_vs_torch",
-                                            "fallback_reason", "error") if check.get(k) is not None))
+                f"{k} {check[k]}" for k in ("ok", "mode", "bitwise_graphs_vs_launches", "phi_max_abs_vs_torch",
+                                            "phi_rel_vs_torch_movement", "fallback_reason", "error")
+                if check.get(k) is not None))
         cli = next((r for r in timing if r["provider"] == "cli-sine-gpu"), None)
         if cli:
             lines.append("  main job on the GPU (reptile-fast sine, fused v2 + graphs): " + ", ".join(

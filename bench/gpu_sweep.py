@@ -8,9 +8,10 @@ sweeps the settings ``V2Config`` exposes -- warps per program, programs per SM (
 grid), where a program accumulates its tasks' updates, streamed wide layers -- for the fused
 meta-step (``meta_step``: T = 4096 and 65536 tasks) and for the seed's setting (``guarded_meta_step``
 at T = 1, one launch, what the fused CUDA-graph stepper replays), sine MLP 1-64-64-1, 5 inner
-steps of 10 points, precision "ieee".  Every setting's φ is checked against the default
-setting's before it is timed (the settings change only the order of the outer sum: equal within
-fp32 rounding of a T-term mean, rtol 1e-5 / atol 1e-6), so no wrong answer is timed.
+steps of 10 points, precision "ieee".  Before it is timed, every setting's outer update (the
+default's included) is checked against a float64 oracle (``bench.gpu_check.check_variant``), and
+its φ against the default setting's (the settings change only the order of the outer sum: equal
+within fp32 rounding of a T-term mean, rtol 1e-5 / atol 1e-6), so no wrong answer is timed.
 
 Timing: ``triton.testing.do_bench_cudagraph`` (a CUDA graph of launches, CUDA events).  Writes
 ``OUT_DIR/sweep.json`` after every T (a kill loses at most one T) and prints the table, best first.
@@ -43,12 +44,14 @@ def settings(T: int, smoke: bool):
 def sweep_T(T, device, width, smoke, budget, log):
     import torch
 
-    from bench.gpu_check import ACTS, EPS, LR, _time_ms, problem
+    from bench.gpu_check import ACTS, EPS, LR, _time_ms, check_variant, problem
+    from bench.providers import float64_updates
     from reptile_fast.kernels import meta_step_guard as G
     from reptile_fast.kernels import mlp_meta_step_v2 as V
 
     dims = (1, width, width, 1)
-    _, tasks, plan, _, phi = problem(T, device, seed=21, width=width)
+    model, tasks, plan, _, phi = problem(T, device, seed=21, width=width)
+    oracle = None
     eps = torch.full((1,), EPS, device=device)
     it = torch.ones(1, dtype=torch.int64, device=device)
     rows, want = [], None
@@ -78,15 +81,22 @@ def sweep_T(T, device, width, smoke, budget, log):
 
                 fn()
                 got = new.clone()
-            if want is None:
+            # every setting's outer update against the float64 oracle (the default's included: the
+            # settings are compared with it, so it must be right itself), then with the default's φ
+            if oracle is None:
+                oracle = float64_updates(model, tasks.x, tasks.y, plan, LR)
+            wrong = check_variant(("sweep", "v2", "ieee", "meta"), got, model, tasks, plan, phi, oracle)
+            if want is None and not wrong:
                 want = got
-            row["max_abs_vs_default"] = float((got - want).abs().max())
-            row["ok"] = bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6)) and bool(torch.isfinite(got).all())
+            if want is not None:
+                row["max_abs_vs_default"] = float((got - want).abs().max())
+            row["ok"] = (not wrong and want is not None and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6))
+                         and bool(torch.isfinite(got).all()))
             if row["ok"]:
                 ms, timer = _time_ms(fn, device, graph=True)
                 row.update(ms=ms, timer=timer, tasks_per_s=T / (ms / 1e3))
             else:
-                row["status"] = "not timed: result differs from the default setting's"
+                row["status"] = "not timed: " + (wrong or "result differs from the default setting's")
         except Exception as exc:  # noqa: BLE001 - recorded; the other settings go on
             row["status"] = "error"
             row["reason"] = f"{type(exc).__name__}: {exc}"[:500]

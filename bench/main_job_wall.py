@@ -46,15 +46,31 @@ def _fresh_cache_env(base: Path) -> dict:
     return env
 
 
+#: A job's run counts as a timing only if its post-adaptation MSE is a trained model's: the seed's
+#: own program gives 0.016-0.038 over training seeds 0-5 (bench/results/seed_experiment_cpu*.json);
+#: an untrained or barely trained model scores 0.15 or more.
+MAX_TRAINED_MSE = 0.06
+
+
 def _timed(cmd, *, env, cwd=None, metrics: Path = None) -> dict:
+    """Run ``cmd``, time it, and (with ``metrics``) check its answer: a run that writes no
+    metrics, or whose post-adaptation MSE is not finite or above ``MAX_TRAINED_MSE``, raises
+    instead of being recorded as a timing."""
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     out = {"wall_seconds": wall, "loadavg_1min": os.getloadavg()[0]}
-    if metrics is not None and metrics.exists():
+    if metrics is not None:
+        if not metrics.exists():
+            raise RuntimeError(f"{' '.join(map(str, cmd))} wrote no {metrics.name}: its answer cannot be checked, "
+                               f"so its time is not a result")
         m = json.loads(metrics.read_text())
+        mse = m.get("post_adaptation_mse")
+        if not isinstance(mse, (int, float)) or not 0 <= mse <= MAX_TRAINED_MSE:
+            raise RuntimeError(f"{' '.join(map(str, cmd))}: post-adaptation MSE {mse!r} is not a trained model's "
+                               f"(<= {MAX_TRAINED_MSE}), so its time is not a result")
         out.update({k: m[k] for k in ("post_adaptation_mse", "train_seconds", "compile_seconds", "eval_seconds",
                                       "ms_per_iteration", "import_seconds", "eval_compile_seconds")
                     if k in m})

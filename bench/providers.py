@@ -36,7 +36,7 @@ __all__ = ["bench_mode", "bench_device", "ProviderSkip", "Point", "Problem", "Pr
            "CheckResult", "PROVIDERS", "provider_names", "get_provider", "make_problem", "check_prepared",
            "check_subset", "sweep_points", "SMOKE_POINTS", "RTOL", "ATOL", "TIMED_LIMITS",
            "COMPILE_POINTS", "timed_skip_reason", "UNIT_ROUNDOFF", "GATE_K", "GATE_CAP",
-           "update_error_bound", "oracle_updates"]
+           "update_error_bound", "oracle_updates", "float64_updates"]
 
 #: The project's equivalence tolerance for fp32 results against the fp32 reference.
 RTOL, ATOL = 1e-5, 1e-6
@@ -558,46 +558,61 @@ def oracle_params(problem: Problem, subset: torch.Tensor, dtype: torch.dtype, ro
     return problem._oracle[key]
 
 
-def oracle_updates(problem: Problem, rotation: int = 0, *, chunk: int = 4096) -> Dict[str, torch.Tensor]:
-    """The float64 oracle: every task's update Δ_i = φ̃_i − φ for input set ``rotation``.
+def float64_updates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: torch.Tensor, lr: float, *,
+                    chunk: int = 4096) -> Dict[str, torch.Tensor]:
+    """Every task's update Δ_i = φ̃_i − φ of plain SGD on the MSE of the plan's minibatches, in
+    float64: the benchmark gate's oracle.
 
-    Plain SGD on the MSE of the plan's minibatches, in float64, written here with torch.func
-    (``vmap`` over tasks of ``grad`` of ``functional_call``) so that it shares no code with any
-    provider; tests/test_bench_gates.py checks it against the reference backend run in float64.
-    Runs on the problem's device in chunks of ``chunk`` tasks.  Returns ``{name: [T, *shape]}``
-    float64 on the CPU; cached per problem and input set.
+    Written here with torch.func (``vmap`` over tasks of ``grad`` of ``functional_call``) so that
+    it shares no code with any provider; tests/test_bench_gates.py checks it against the
+    reference backend run in float64.
+
+    Args:
+        model: the MLP φ (any device/dtype; a float64 copy is used, ``model`` is not changed).
+        x: ``[T, N, in]``; y: ``[T, N, out]``; plan: long ``[T, steps, batch]`` (same device).
+        lr: the inner SGD learning rate.
+        chunk: tasks per vmap call.
+
+    Returns ``{name: [T, *shape]}`` float64 on the CPU.
     """
     from torch.func import functional_call, grad, vmap
 
+    model = copy.deepcopy(model).to(device=x.device, dtype=torch.float64)
+    phi = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(params, xb, yb):
+        return torch.nn.functional.mse_loss(functional_call(model, params, (xb,)), yb)
+
+    step_grad = grad(loss)
+
+    def one_task(xt, yt, pt):
+        params = phi
+        for s in range(pt.shape[0]):
+            g = step_grad(params, xt[pt[s]], yt[pt[s]])
+            params = {n: params[n] - lr * g[n] for n in params}
+        return {n: params[n] - phi[n] for n in params}
+
+    parts = []
+    for lo in range(0, x.shape[0], chunk):
+        hi = min(lo + chunk, x.shape[0])
+        with torch.no_grad():
+            out = vmap(one_task)(x[lo:hi].to(torch.float64), y[lo:hi].to(torch.float64), plan[lo:hi])
+        parts.append({n: v.cpu() for n, v in out.items()})
+    return {n: torch.cat([p[n] for p in parts]) for n in phi}
+
+
+def oracle_updates(problem: Problem, rotation: int = 0, *, chunk: int = 4096) -> Dict[str, torch.Tensor]:
+    """The float64 oracle (``float64_updates``): every task's update Δ_i = φ̃_i − φ for input set
+    ``rotation``, on the problem's device in chunks of ``chunk`` tasks.  Returns
+    ``{name: [T, *shape]}`` float64 on the CPU; cached per problem and input set.
+    """
     key = ("update", rotation)
     if key in problem._oracle:
         return problem._oracle[key]
     if problem.config.loss != "mse" or problem.config.optimizer != "sgd":
         raise ValueError("the oracle covers SGD on MSE, the benchmark problems' inner loop")
-    model = copy.deepcopy(problem.model).to(dtype=torch.float64)
-    phi = {n: p.detach() for n, p in model.named_parameters()}
-    lr = problem.config.lr
-
-    def loss(params, x, y):
-        return torch.nn.functional.mse_loss(functional_call(model, params, (x,)), y)
-
-    step_grad = grad(loss)
-
-    def one_task(x, y, plan):
-        params = phi
-        for s in range(plan.shape[0]):
-            g = step_grad(params, x[plan[s]], y[plan[s]])
-            params = {n: params[n] - lr * g[n] for n in params}
-        return {n: params[n] - phi[n] for n in params}
-
     tasks, plan = problem.tasks[rotation], problem.plans[rotation]
-    parts = []
-    for lo in range(0, tasks.n_tasks, chunk):
-        hi = min(lo + chunk, tasks.n_tasks)
-        with torch.no_grad():
-            out = vmap(one_task)(tasks.x[lo:hi].to(torch.float64), tasks.y[lo:hi].to(torch.float64), plan[lo:hi])
-        parts.append({n: v.cpu() for n, v in out.items()})
-    problem._oracle[key] = {n: torch.cat([p[n] for p in parts]) for n in phi}
+    problem._oracle[key] = float64_updates(problem.model, tasks.x, tasks.y, plan, problem.config.lr, chunk=chunk)
     return problem._oracle[key]
 
 

@@ -1,7 +1,12 @@
 """The gate in front of every benchmark timing (bench/providers.py ``check_prepared``): a provider
-returning φ, one at half the learning rate, one wrong on a single task, or one that ignores new
-inputs is refused, in fp32 and in tf32, and is never timed; correct providers pass.  The float64
-oracle it compares with is itself checked against the reference backend run in float64."""
+returning φ, one at half the learning rate, one with the update's sign flipped, one wrong on a
+single task, or one that ignores new inputs is refused, in fp32 and in tf32, and is never timed;
+correct providers pass.  The float64 oracle it compares with is itself checked against the
+reference backend run in float64.  The same for the other timed benchmarks: bench_torch_backend,
+bench_triton_kernel, main_job_wall, and the GPU check's timing stage, seed-setting rows, main-job
+row and launch-settings sweep."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,6 +52,9 @@ class Broken(Provider):
                         for n, p in problem.model.named_parameters()}
             if self.how == "half_lr":
                 return inner(r, lr / 2)
+            if self.how == "wrong_sign":  # the update's sign flipped: φ − Δ
+                good = inner(r, lr)
+                return {n: 2 * p.detach() - good[n] for n, p in problem.model.named_parameters()}
             if self.how == "one_task_half_lr":
                 good, half = inner(r, lr), inner(r, lr / 2)
                 for n in good:
@@ -91,6 +99,14 @@ def test_gate_refuses_phi_and_half_learning_rate(small, how, precision):
     assert result.update_margin > 1
     # e = 1 for φ, ≈ 0.5 for half the learning rate: far above either precision's bound
     assert result.update_rel_err == pytest.approx(1.0 if how == "returns_phi" else 0.5, rel=0.2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_gate_refuses_a_wrong_sign(small, precision):
+    """The update's sign flipped (φ − Δ): e = 2 on every task."""
+    result = check(Broken("wrong_sign", precision), small)
+    assert not result.ok and "float64 oracle" in result.message
+    assert result.update_rel_err == pytest.approx(2.0, rel=1e-3)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])
@@ -205,13 +221,219 @@ def test_triton_benchmark_gate_checks_every_timed_set():
             elif self.kind == "half_lr":
                 config = _Config(lr=config.lr / 2)
             result = self.inner.inner_loop(model, tasks, indices, config)
+            if self.kind == "wrong_sign":  # φ − Δ
+                phi = dict(model.named_parameters())
+                result.params.update({n: 2 * phi[n].detach() - v for n, v in result.params.items()})
             if self.kind == "stale":
                 self.first = self.first or _copy.deepcopy(result)
                 return self.first
             return result
 
-    for kind in ("phi", "half_lr", "stale"):
+    for kind in ("phi", "half_lr", "wrong_sign", "stale"):
         with pytest.raises(pytest.fail.Exception, match="not timed"):
             B._update_gate(Broken(kind), model, sets, "fp32")
         with pytest.raises(pytest.fail.Exception, match="not timed"):
             B._update_gate(Broken(kind), model, sets, "tf32")
+
+
+def test_triton_benchmark_gate_checks_every_task():
+    """bench_triton_kernel's gate sees every task of every timed set, not a sample: a backend at
+    half the learning rate on one task of 100 (one that a 64-task random sample per set, as the
+    gate once drew, would miss in all three sets) is refused, in fp32 and tf32."""
+    pytest.importorskip("triton")
+    from bench import bench_triton_kernel as B
+    from reptile_fast.backends.torch_func import TorchBackend
+
+    T = 100
+    model, _, _ = B._problem(T, "cpu")
+    sets = [B._problem(T, "cpu", seed=s)[1:] for s in range(1, 4)]
+    sampled = set()
+    for k in range(len(sets)):
+        sampled |= set(torch.randperm(T, generator=torch.Generator().manual_seed(k))[:64].tolist())
+    task = min(set(range(T)) - sampled)
+
+    class WrongOnOneTask(TorchBackend):
+        def inner_loop(self, model, tasks, indices, config):
+            result = super().inner_loop(model, tasks, indices, config)
+            half = super().inner_loop(model, tasks[task:task + 1], indices[task:task + 1],
+                                      InnerConfig(lr=config.lr / 2))
+            for n, v in result.params.items():
+                v[task] = half.params[n][0]
+            return result
+
+    B._update_gate(TorchBackend(), model, sets, "fp32")
+    for precision in ("fp32", "tf32"):
+        with pytest.raises(pytest.fail.Exception, match=f"task {task}'s update.*on 1 of {T} tasks; not timed"):
+            B._update_gate(WrongOnOneTask(), model, sets, precision)
+
+
+def test_torch_backend_benchmark_checks_every_task_before_timing(monkeypatch):
+    """bench_torch_backend's inner-loop case compares every task with the reference before it
+    times anything: a backend right on the first tasks and wrong on a later one (here task 11
+    of 16, at half the learning rate) is refused and never timed."""
+    from bench import bench_torch_backend as B
+    from reptile_fast.backends.torch_func import TorchBackend
+
+    class WrongOnOneTask(TorchBackend):
+        def inner_loop(self, model, tasks, indices, config):
+            result = super().inner_loop(model, tasks, indices, config)
+            half = super().inner_loop(model, tasks[11:12], indices[11:12], InnerConfig(lr=config.lr / 2))
+            for n, v in result.params.items():
+                v[11] = half.params[n][0]
+            return result
+
+    monkeypatch.setattr(B, "TorchBackend", WrongOnOneTask)
+    monkeypatch.setattr(B, "_time", lambda benchmark, *a: setattr(benchmark, "timed", True))
+    benchmark = FakeBenchmark()
+    with pytest.raises(AssertionError):
+        B.test_inner_loop_throughput(benchmark, "fast", 16)
+    assert not benchmark.timed
+    monkeypatch.setattr(B, "TorchBackend", TorchBackend)
+    B.test_inner_loop_throughput(benchmark, "fast", 16)
+    assert benchmark.timed
+
+
+def test_main_job_wall_refuses_a_run_whose_answer_is_wrong_or_missing(tmp_path):
+    """bench/main_job_wall.py times whole processes; a run is a result only if its answer is a
+    trained model's: a job that writes no metrics, or one whose post-adaptation MSE is an untrained
+    model's (or NaN), raises instead of being recorded as a timing."""
+    import json
+    import sys
+
+    from bench import main_job_wall as W
+
+    metrics = tmp_path / "metrics.json"
+
+    def job(mse):
+        code = "" if mse is None else f"open({str(metrics)!r}, 'w').write({json.dumps(json.dumps({'post_adaptation_mse': mse}))})"
+        metrics.unlink(missing_ok=True)
+        return W._timed([sys.executable, "-c", code or "pass"], env=None, metrics=metrics)
+
+    assert job(0.03)["post_adaptation_mse"] == 0.03
+    for bad in (None, 0.4, float("nan")):
+        with pytest.raises(RuntimeError, match="not a result"):
+            job(bad)
+
+
+# ---------------------------------------------------------------------------- the GPU check's timing stage
+def _gpu_check_problem(T=6):
+    pytest.importorskip("triton")
+    from bench import gpu_check as G
+    from bench.providers import float64_updates
+
+    model, tasks, plan, params, phi = G.problem(T, torch.device("cpu"), seed=3, width=16)
+    oracle = float64_updates(model, tasks.x, tasks.y, plan, G.LR)
+
+    def adapted(lr):  # the reference's adapted parameters, flat per task [T, n]
+        res = ReferenceBackend().inner_loop(model, tasks, plan, InnerConfig(lr=lr)).params
+        return torch.cat([res[n].reshape(T, -1) for n, _ in model.named_parameters()], 1)
+
+    return G, model, tasks, plan, phi, oracle, adapted
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_gpu_check_variant_gate_passes_right_and_refuses_wrong_outputs(precision):
+    """bench/gpu_check.py's check before each kernel variant is timed: every task's update (inner
+    variants) or the outer update (meta variants) against float64, per precision."""
+    G, model, tasks, plan, phi, oracle, adapted = _gpu_check_problem()
+    good = adapted(G.LR)
+    wrong = {"returns φ": phi.expand_as(good), "half lr": adapted(G.LR / 2), "sign flipped": 2 * phi - good}
+    wrong["one task at half lr"] = good.clone()
+    wrong["one task at half lr"][4] = adapted(G.LR / 2)[4]
+    inner, meta = ("v", "v2", precision, "inner"), ("v-meta", "v2", precision, "meta")
+    args = (model, tasks, plan, phi, oracle)
+    assert G.check_variant(inner, good, *args) is None
+    for what, out in wrong.items():
+        assert "differs from float64" in (G.check_variant(inner, out, *args) or ""), what
+    step = lambda out: phi + G.EPS * (out - phi).mean(0)  # noqa: E731 - the outer update of outputs
+    assert G.check_variant(meta, step(good), *args) is None
+    for what in ("returns φ", "half lr", "sign flipped"):
+        assert "differs from float64" in (G.check_variant(meta, step(wrong[what]), *args) or ""), what
+    assert "non-finite" in G.check_variant(inner, torch.full_like(good, float("nan")), *args)
+
+
+def test_gpu_check_times_no_wrong_kernel_variant_or_provider(tmp_path, monkeypatch):
+    """The timing stage checks each variant's output (and each provider, by the providers' gate)
+    before timing it: a variant returning φ is recorded as wrong, with no time."""
+    G, *_ = _gpu_check_problem()
+
+    def broken_launcher(variant, T, device, dims, tasks, plan, params, phi):
+        fn = lambda: None  # noqa: E731
+        fn.result = (lambda: phi.expand(T, -1)) if variant[3] == "inner" else (lambda: phi)
+        return fn
+
+    monkeypatch.setattr(G, "launcher", broken_launcher)
+    monkeypatch.setattr(G, "fit_rows", lambda *a, **k: [])
+    monkeypatch.setattr(G, "cli_sine_row", lambda *a, **k: {"provider": "cli-sine-gpu", "T": 1, "status": "skipped"})
+    results = {"stages": {}}
+    rows = G.stage_timing(lambda *a: None, torch.device("cpu"), True, G.Budget(300), results, tmp_path)["rows"]
+    kernel_rows = [r for r in rows if r["provider"] in {v[0] for v in G.SMOKE_VARIANTS}]
+    assert kernel_rows and all(r.get("status") == "wrong" and "ms" not in r for r in kernel_rows), kernel_rows
+    torch_rows = [r for r in rows if r["provider"] == "torch"]
+    assert torch_rows and all("ms" in r for r in torch_rows), torch_rows  # the providers' gate passed it
+
+
+def test_gpu_sweep_checks_the_default_setting_too(monkeypatch):
+    """bench/gpu_sweep.py compared each launch setting with the default setting's φ only: a
+    meta-step wrong in every setting alike (here: φ returned unchanged) was timed throughout.
+    Every setting, the default included, is now checked against float64 first."""
+    pytest.importorskip("triton")
+    from bench import gpu_check as G
+    from bench import gpu_sweep as S
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    def returns_phi(x, y, plan, phi, dims, acts, *, out=None, **kw):
+        out.copy_(phi)
+
+    monkeypatch.setattr(V, "meta_step", returns_phi)
+    rows = S.sweep_T(5, torch.device("cpu"), 16, True, G.Budget(120), lambda *a: None)
+    assert rows and all(not r.get("ok") and "ms" not in r for r in rows), rows
+    assert all("differs from float64" in r["status"] for r in rows), rows
+
+
+def test_gpu_check_fit_rows_time_nothing_that_failed_its_check(monkeypatch):
+    """gpu_check's seed-setting rows (Reptile.fit with the fused stepper) recorded their check and
+    timed anyway; a stepper that disagrees with backend torch (here: backend "triton" swapped for
+    torch at half the inner learning rate) is now recorded as wrong and not timed."""
+    pytest.importorskip("triton")
+    import reptile_fast
+    from bench import gpu_check as G
+
+    real = reptile_fast.Reptile
+
+    def reptile(model, *, backend="auto", backend_options=None, **kw):
+        if backend == "triton":
+            return real(model, backend="torch", inner_lr=0.01, **kw)
+        return real(model, backend=backend, backend_options=backend_options, **kw)
+
+    monkeypatch.setattr(reptile_fast, "Reptile", reptile)
+    rows = G.fit_rows(lambda *a: None, torch.device("cpu"), True, G.Budget(120))
+    check = next(r for r in rows if r["provider"] == "fit-v2-graphs-check")
+    assert check["ok"] is False and check["phi_rel_vs_torch_movement"] > 0.1, check
+    timed = [r for r in rows if r["provider"] in ("fit-v2-graphs", "fit-v2-launches")]
+    assert len(timed) == 2 and all(r["status"] == "wrong" and "ms" not in r for r in timed), timed
+
+
+def test_gpu_check_main_job_row_is_a_time_only_for_a_trained_model(tmp_path, monkeypatch):
+    """gpu_check's main-job row (reptile-fast sine on the GPU) recorded its wall time whatever the
+    job's answer; one whose post-adaptation MSE is an untrained model's is now marked wrong and
+    its times kept apart (``*_not_a_result``)."""
+    pytest.importorskip("triton")
+    import json
+    import subprocess as sp
+
+    from bench import gpu_check as G
+
+    def fake_run(cmd, **kw):
+        run = Path(cmd[cmd.index("--out") + 1])
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.json").write_text(json.dumps({"post_adaptation_mse": fake_run.mse, "train_seconds": 0.5}))
+        return sp.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(G.subprocess, "run", fake_run)
+    fake_run.mse = 0.4
+    row = G.cli_sine_row(lambda *a: None, tmp_path, timeout=10.0)
+    assert row["status"].startswith("wrong") and "wall_seconds" not in row and "train_seconds" not in row, row
+    fake_run.mse = 0.03
+    row = G.cli_sine_row(lambda *a: None, tmp_path, timeout=10.0)
+    assert "status" not in row and row["train_seconds"] == 0.5 and "wall_seconds" in row, row

@@ -1,6 +1,7 @@
 """reptile_fast.reference reproduces the seed; the reference backend's meta_step is one seed iteration."""
 import copy
 
+import pytest
 import torch
 
 from reptile_fast import Reptile, TaskBatch, reference
@@ -17,7 +18,11 @@ def replay_seed_draws(n_iterations, torch_seed, k=1, n=50, batch=10):
     return tasks, plans
 
 
-def test_matches_seed_program_bitwise(seed_module):
+@pytest.mark.parametrize("k, epsilon", [(None, None), (2, 0.3)])
+def test_matches_seed_program_bitwise(seed_module, k, epsilon):
+    """The seed's defaults, and k / epsilon passed (a reference that ignored them would pass with
+    the defaults alone)."""
+    kwargs = {} if k is None else {"k": k, "epsilon": epsilon}
     torch.manual_seed(3)
     seed_model = seed_module.MLP()
     torch.manual_seed(3)
@@ -26,9 +31,10 @@ def test_matches_seed_program_bitwise(seed_module):
     for a, b in zip(seed_model.parameters(), ours.parameters()):
         assert torch.equal(a, b)
     torch.manual_seed(11)
-    seed_module.reptile(seed_model, 30, seed_module.sample_task, seed_module.perform_k_training_steps)
+    seed_module.reptile(seed_model, 30, seed_module.sample_task, seed_module.perform_k_training_steps, **kwargs)
     torch.manual_seed(11)
-    reference.reptile(ours, 30, reference.sample_task, reference.perform_k_training_steps, progress=False)
+    reference.reptile(ours, 30, reference.sample_task, reference.perform_k_training_steps, progress=False,
+                      **kwargs)
     for (name, a), b in zip(seed_model.named_parameters(), ours.parameters()):
         assert torch.equal(a, b), name
 
