@@ -50,7 +50,11 @@ def test_first_run_announces_compile_and_evaluation(tmp_path, monkeypatch, capsy
 
     if find_compiler() is None:
         pytest.skip("no C compiler: the job falls back (loudly) to another path")
+    import reptile_fast.compiled_step as cs
+
     monkeypatch.setenv("REPTILE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    # a fresh process: no program built by an earlier test in this one (the in-memory cache)
+    monkeypatch.setattr(cs, "_PROGRAMS", {})
     rc = main(["sine", "--iterations", "20", "--eval-tasks", "4", "--eval-steps", "5", "--seed", "0",
                "--out", str(tmp_path / "run")])
     assert rc == 0
