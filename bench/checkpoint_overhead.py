@@ -24,13 +24,30 @@ from reptile_fast.checkpoint import load_checkpoint, save_checkpoint  # noqa: E4
 
 
 def fit_seconds(iterations, every, directory):
+    """Seconds of one fit, and its final parameters (checked before any time is kept)."""
     torch.manual_seed(0)
     trainer = Reptile(MLP(), backend="reference")
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     trainer.fit(Sine(), iterations, generator=gen, progress=False,
                 checkpoint_dir=directory if every else None, checkpoint_every=every or None)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def check_same_training(plain, checkpointed) -> None:
+    """Checkpointing must not change what is trained: the two fits end bitwise equal."""
+    if len(plain) != len(checkpointed) or not all(torch.equal(a, b) for a, b in zip(plain, checkpointed)):
+        raise SystemExit("checkpoint_overhead: the checkpointed fit ended with other parameters than the plain "
+                         "one; nothing is timed")
+
+
+def check_round_trip(trainer, loaded, history_length: int) -> None:
+    """A load must give back what was saved (the trainer's parameters and the whole history)."""
+    saved = trainer.model.state_dict()
+    model = loaded["trainer"]["model"]
+    if set(model) != set(saved) or not all(torch.equal(model[k], saved[k]) for k in saved) \
+            or len(loaded.get("history", {}).get("loss", [])) != history_length:
+        raise SystemExit("checkpoint_overhead: a loaded checkpoint differs from what was saved; nothing is timed")
 
 
 def main() -> None:
@@ -52,14 +69,18 @@ def main() -> None:
             path = save_checkpoint(tmp / "s", trainer, generator=gen, history=history)
             saves.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            load_checkpoint(tmp / "s")
+            loaded = load_checkpoint(tmp / "s")
             loads.append(time.perf_counter() - t0)
+            check_round_trip(trainer, loaded, args.history)
         size = path.stat().st_size
 
         plain, with_ckpt = [], []
         for r in range(args.repeats):
-            plain.append(fit_seconds(args.iterations, 0, None))
-            with_ckpt.append(fit_seconds(args.iterations, args.every, tmp / f"fit{r}"))
+            seconds, params_plain = fit_seconds(args.iterations, 0, None)
+            plain.append(seconds)
+            seconds, params_ckpt = fit_seconds(args.iterations, args.every, tmp / f"fit{r}")
+            with_ckpt.append(seconds)
+            check_same_training(params_plain, params_ckpt)
 
     result = {
         "what": "checkpoint save/load of the seed MLP (1-64-64-1) with a loss history, and fit() "

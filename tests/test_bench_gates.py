@@ -437,3 +437,26 @@ def test_gpu_check_main_job_row_is_a_time_only_for_a_trained_model(tmp_path, mon
     fake_run.mse = 0.03
     row = G.cli_sine_row(lambda *a: None, tmp_path, timeout=10.0)
     assert "status" not in row and row["train_seconds"] == 0.5 and "wall_seconds" in row, row
+
+
+def test_checkpoint_overhead_times_nothing_that_trained_otherwise_or_loads_wrong(tmp_path):
+    """bench/checkpoint_overhead.py timed fits and loads without looking at what they gave: a
+    checkpointed fit ending elsewhere than the plain one, or a load that lost the history, passed."""
+    from bench.checkpoint_overhead import check_round_trip, check_same_training
+    from reptile_fast import MLP, Reptile
+    from reptile_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    a = [torch.ones(2), torch.zeros(3)]
+    check_same_training(a, [t.clone() for t in a])
+    with pytest.raises(SystemExit, match="other parameters"):
+        check_same_training(a, [a[0] + 1e-7, a[1]])
+    trainer = Reptile(MLP(1, 8, 1), backend="reference")
+    save_checkpoint(tmp_path / "c", trainer, history={"loss": [0.1] * 5})
+    loaded = load_checkpoint(tmp_path / "c")
+    check_round_trip(trainer, loaded, 5)
+    with pytest.raises(SystemExit, match="differs from what was saved"):
+        check_round_trip(trainer, loaded, 6)
+    with torch.no_grad():
+        next(trainer.model.parameters()).add_(1.0)
+    with pytest.raises(SystemExit, match="differs from what was saved"):
+        check_round_trip(trainer, loaded, 5)
