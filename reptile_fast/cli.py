@@ -103,7 +103,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
-    from .validation import out_of_memory_message
+    from .validation import out_of_memory_or_raise
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     resume = None
@@ -166,11 +166,8 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     except (ValueError, TypeError, OSError) as exc:
         return _error(str(exc))
     except (MemoryError, RuntimeError) as exc:
-        message = out_of_memory_message(exc, f"--meta-batch-size {config.meta_batch_size} does not fit "
-                                             f"in this machine's memory; lower it")
-        if message is None:
-            raise
-        return _error(message)
+        return _error(out_of_memory_or_raise(exc, f"--meta-batch-size {config.meta_batch_size} does not fit "
+                                                  f"in this machine's memory; lower it"))
     if not main_rank:
         return 0
     print(json.dumps(metrics, indent=2))

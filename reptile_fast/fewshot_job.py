@@ -491,7 +491,7 @@ def run_command(args) -> int:
     from .distributed import DistributedError, is_main
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
-    from .validation import out_of_memory_message
+    from .validation import out_of_memory_or_raise
 
     main_rank = is_main()  # under torchrun, rank 0 alone prints
     log = (lambda m: print(m, file=sys.stderr)) if main_rank else (lambda m: None)  # noqa: E731 - stdout: JSON
@@ -523,11 +523,8 @@ def run_command(args) -> int:
     except (OSError, ValueError, TypeError) as exc:
         return _err(str(exc))
     except (MemoryError, RuntimeError) as exc:
-        message = out_of_memory_message(exc, f"--meta-batch-size {config.meta_batch_size} (or the batch "
-                                             f"sizes) does not fit in this machine's memory; lower it")
-        if message is None:
-            raise
-        return _err(message)
+        return _err(out_of_memory_or_raise(exc, f"--meta-batch-size {config.meta_batch_size} (or the batch "
+                                                f"sizes) does not fit in this machine's memory; lower it"))
     if not main_rank:
         return 0
     print(json.dumps(metrics, indent=2))

@@ -188,3 +188,11 @@ def out_of_memory_message(exc: BaseException, hint: str) -> "str | None":
             return f"out of memory{f' (tried to allocate {size.group(1)})' if size else ''}: {hint}"
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def out_of_memory_or_raise(exc: BaseException, hint: str) -> str:
+    """``out_of_memory_message(exc, hint)``; re-raises ``exc`` when it is not an allocation failure."""
+    message = out_of_memory_message(exc, hint)
+    if message is None:
+        raise exc
+    return message
