@@ -469,6 +469,13 @@ def config_from_args(args):
             raise ValueError(f"--ways {given['ways']}: the checkpoint's model was trained for {saved_ways}-way "
                              f"tasks (its classifier has {saved_ways} outputs); resume with --ways {saved_ways} "
                              f"or start a new run")
+        from .distributed import is_main
+
+        for key, value in given.items():
+            saved = extra["job_config"].get(key)
+            if saved != value and is_main():  # as the sine job says it: the run then differs
+                print(f"note: --{key.replace('_', '-')} {value} overrides the checkpoint's {saved!r}",
+                      file=sys.stderr)
         settings = {**extra["job_config"], **given}
         out = args.out if args.out is not None else str(resume.parent)
     else:

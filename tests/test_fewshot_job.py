@@ -71,6 +71,15 @@ def test_resume_with_other_ways_names_the_flag(trained, tmp_path, capsys):
     assert "--ways 4" in err and "trained for 3-way tasks" in err and "classifier.weight" not in err
 
 
+def test_resume_names_the_flags_that_override_the_checkpoint(trained, tmp_path, capsys):
+    """As the sine job does: a flag given with --resume that differs from the stored setting is
+    named on stderr (the run then differs from an uninterrupted one)."""
+    assert main(["omniglot", "--resume", str(trained / "checkpoint.prev.pt"), "--out", str(tmp_path),
+                 "--eval-steps", "3", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --eval-steps 3 overrides the checkpoint's 2" in err
+
+
 def test_official_runs_command(data, trained, tmp_path, capsys):
     runs = make_runs(tmp_path, n_runs=2, ways=3)
     assert main(["omniglot-runs", "--runs", str(runs), "--model", str(trained), "--out", str(tmp_path)]) == 0
