@@ -4,6 +4,7 @@ delegates: backends (``reptile_fast.backends``) run the inner loops, steppers
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
@@ -69,12 +70,12 @@ class Reptile:
                  adam_betas=(0.0, 0.999), backend_options: Optional[dict] = None):
         params, self.device, self.dtype = check_meta_model(model)
         self.model = model
-        self.inner_lr = check_float("inner_lr", inner_lr)
-        self.inner_steps = check_int("inner_steps", inner_steps)
-        self.inner_batch_size = check_int("inner_batch_size", inner_batch_size)
-        self.outer_lr = check_float("outer_lr", outer_lr)
-        self.outer_lr_final = None if outer_lr_final is None else check_float("outer_lr_final", outer_lr_final,
-                                                                             allow_zero=True)
+        inner_lr = check_float("inner_lr", inner_lr)
+        self._inner_steps = check_int("inner_steps", inner_steps)
+        self.inner_batch_size = inner_batch_size
+        self.outer_lr = outer_lr
+        if outer_lr_final is not None:
+            outer_lr_final = check_float("outer_lr_final", outer_lr_final, allow_zero=True)
         resolve_loss(loss)
         self.loss = loss
         weights, betas = check_inner_options(inner_steps=self.inner_steps, algorithm=algorithm,
@@ -89,7 +90,8 @@ class Reptile:
                 raise ValueError("outer_lr_final anneals the interpolation step; with outer_optimizer "
                                  "use a torch.optim.lr_scheduler instead")
         self.outer_optimizer = outer_optimizer
-        self.config = InnerConfig(lr=self.inner_lr, optimizer=inner_optimizer, loss=loss, algorithm=algorithm,
+        self.outer_lr_final = outer_lr_final
+        self.config = InnerConfig(lr=inner_lr, optimizer=inner_optimizer, loss=loss, algorithm=algorithm,
                                   grad_weights=weights, adam_betas=betas)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
@@ -118,6 +120,78 @@ class Reptile:
         self.last_fit_stats: Optional[dict] = None
         #: the meta-batch of the last ``fit`` that drew its own tasks (recorded in checkpoints)
         self.meta_batch_size: Optional[int] = None
+
+    # ------------------------------------------------------------------ hyper-parameters
+    # Assignable between fits (``trainer.inner_lr = 0.01``): checked as the constructor checks
+    # them, and followed by every stepper (the compiled and fused programs, which bake the inner
+    # loop in, are rebuilt).  Before, a new inner_lr was silently ignored.
+    @property
+    def inner_lr(self) -> float:
+        """The inner loop's learning rate (``config.lr``)."""
+        return self.config.lr
+
+    @inner_lr.setter
+    def inner_lr(self, value) -> None:
+        value = check_float("inner_lr", value)
+        if value != self.config.lr:
+            self._set_config(dataclasses.replace(self.config, lr=value))
+
+    @property
+    def inner_steps(self) -> int:
+        """Inner steps per task and meta-step."""
+        return self._inner_steps
+
+    @inner_steps.setter
+    def inner_steps(self, value) -> None:
+        value = check_int("inner_steps", value)
+        weights = self.config.grad_weights
+        if weights is not None and len(weights) != value:
+            raise ValueError(f"inner_steps={value}, but inner_grad_weights has {len(weights)} entries (one per "
+                             f"inner step): build a new Reptile with both")
+        if value != self._inner_steps:
+            self._inner_steps = value
+            self._set_config(self.config)
+
+    @property
+    def inner_batch_size(self) -> int:
+        """Points per inner minibatch."""
+        return self._inner_batch_size
+
+    @inner_batch_size.setter
+    def inner_batch_size(self, value) -> None:
+        self._inner_batch_size = check_int("inner_batch_size", value)
+
+    @property
+    def outer_lr(self) -> float:
+        """ε, the outer step (the start of the schedule when ``outer_lr_final`` is set)."""
+        return self._outer_lr
+
+    @outer_lr.setter
+    def outer_lr(self, value) -> None:
+        self._outer_lr = check_float("outer_lr", value)
+
+    @property
+    def outer_lr_final(self) -> Optional[float]:
+        """ε at the end of ``fit``'s schedule (None: constant ε)."""
+        return self._outer_lr_final
+
+    @outer_lr_final.setter
+    def outer_lr_final(self, value) -> None:
+        if value is not None:
+            value = check_float("outer_lr_final", value, allow_zero=True)
+            if self.outer_optimizer is not None:
+                raise ValueError("outer_lr_final anneals the interpolation step; with outer_optimizer "
+                                 "use a torch.optim.lr_scheduler instead")
+        self._outer_lr_final = value
+
+    def _set_config(self, config: InnerConfig) -> None:
+        """Use ``config`` (and the current inner_steps) from the next meta-step on."""
+        if self._fused is not None:
+            self.check_finite()  # the fused stepper is rebuilt: report its pending non-finite step first
+        self.config = config
+        self._eager.config = config
+        self._compiled = {}
+        self._make_fused()
 
     # ------------------------------------------------------------------ steppers
     def _make_fused(self) -> None:
