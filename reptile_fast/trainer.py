@@ -442,8 +442,15 @@ class Reptile:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``'s output, checking everything before changing anything
-        (``reptile_fast.trainer_state.load_trainer_state``)."""
+        (``reptile_fast.trainer_state.load_trainer_state``).  A non-finite meta-step skipped
+        since the last read is dropped: it was about the parameters this state replaces (kept,
+        it skipped every later meta-step and was reported after them, rewinding ``iteration``)."""
         load_trainer_state(self, state)
+        for stepper in filter(None, (self._eager, self._fused)):
+            try:
+                stepper.check()  # one read; re-arms the device-side guard
+            except NonFiniteError:
+                pass
 
     # ------------------------------------------------------------------ adaptation
     def _adapt_config(self) -> InnerConfig:

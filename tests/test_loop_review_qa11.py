@@ -61,3 +61,36 @@ def test_inner_steps_assignment_checks_inner_grad_weights():
     with pytest.raises(ValueError, match="inner_grad_weights"):
         trainer.inner_steps = 3
     assert trainer.inner_steps == 2
+
+
+@pytest.mark.parametrize("backend", ("reference", "torch"))
+def test_load_state_dict_drops_a_non_finite_step_pending_from_before(backend):
+    """A skipped non-finite meta-step not yet read is about the φ that ``load_state_dict`` replaces:
+    the meta-steps after the load train (they were skipped too) and no NonFiniteError names the
+    old step (it rewound ``iteration`` below the loaded one)."""
+    from reptile_fast import NonFiniteError, TaskBatch
+
+    torch.manual_seed(0)
+    base = MLP(hidden_dim=16)
+    trainer = Reptile(copy.deepcopy(base), backend=backend)
+    tasks = Sine().sample(2, generator=torch.Generator().manual_seed(0))
+    good = Reptile(copy.deepcopy(base), backend=backend)
+    for _ in range(3):
+        good.meta_step(tasks, generator=torch.Generator().manual_seed(1))
+    state = copy.deepcopy(good.state_dict())
+
+    trainer.meta_step(tasks)
+    trainer.meta_step(TaskBatch.trusted(tasks.x, torch.full_like(tasks.y, float("nan"))))  # skipped, pending
+    trainer.load_state_dict(state)
+    trainer.meta_step(tasks, generator=torch.Generator().manual_seed(2))
+    trainer.check_finite()
+    assert trainer.iteration == 4
+
+    good.meta_step(tasks, generator=torch.Generator().manual_seed(2))
+    for a, b in zip(_params(trainer.model), _params(good.model)):
+        assert torch.equal(a, b)
+    # a non-finite step after the load is still reported
+    trainer.meta_step(TaskBatch.trusted(tasks.x, torch.full_like(tasks.y, float("nan"))))
+    with pytest.raises(NonFiniteError, match="meta-step 5"):
+        trainer.check_finite()
+    assert trainer.iteration == 4
