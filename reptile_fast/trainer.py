@@ -116,6 +116,7 @@ class Reptile:
         self._compiled: Dict[tuple, CompiledStepper] = {}
         self._structure = structure_key(model)
         self.iteration = 0
+        self._fitting = False  # True while fit's loop runs (the inner loop's settings are then fixed)
         self.total_iterations: Optional[int] = None
         self.last_fit_stats: Optional[dict] = None
         #: the meta-batch of the last ``fit`` that drew its own tasks (recorded in checkpoints)
@@ -132,6 +133,7 @@ class Reptile:
 
     @inner_lr.setter
     def inner_lr(self, value) -> None:
+        self._not_fitting("inner_lr")
         value = check_float("inner_lr", value)
         if value != self.config.lr:
             self._set_config(dataclasses.replace(self.config, lr=value))
@@ -143,6 +145,7 @@ class Reptile:
 
     @inner_steps.setter
     def inner_steps(self, value) -> None:
+        self._not_fitting("inner_steps")
         value = check_int("inner_steps", value)
         weights = self.config.grad_weights
         if weights is not None and len(weights) != value:
@@ -159,6 +162,7 @@ class Reptile:
 
     @inner_batch_size.setter
     def inner_batch_size(self, value) -> None:
+        self._not_fitting("inner_batch_size")
         self._inner_batch_size = check_int("inner_batch_size", value)
 
     @property
@@ -183,6 +187,13 @@ class Reptile:
                 raise ValueError("outer_lr_final anneals the interpolation step; with outer_optimizer "
                                  "use a torch.optim.lr_scheduler instead")
         self._outer_lr_final = value
+
+    def _not_fitting(self, name: str) -> None:
+        # fit builds its sampler (plan rows, minibatch size) and stepper (the compiled program bakes
+        # the inner loop in) at its start: a change from a callback would be ignored for the rest of it
+        if getattr(self, "_fitting", False):
+            raise ValueError(f"{name} cannot change while fit runs (its sampler and stepper are built at its "
+                             f"start); set it between fits (outer_lr and outer_lr_final may change at any time)")
 
     def _set_config(self, config: InnerConfig) -> None:
         """Use ``config`` (and the current inner_steps) from the next meta-step on."""
@@ -413,10 +424,12 @@ class Reptile:
                 loop = TrainingLoop(self, stepper, sampler, iterations, callbacks=[*cbs, SignalCallback(signals, ckpt)],
                                     outer_lr_at=lambda i: self.outer_lr_at(i, iterations), log_every=log_every)
                 try:
+                    self._fitting = True
                     loop.run()
                 except NonFiniteError as exc:
                     raise ckpt.explain(exc) from exc
                 finally:
+                    self._fitting = False
                     done = loop.iteration - loop.start
                     self.last_fit_stats = {
                         "stepper": stepper.name, "mode": getattr(stepper, "mode", "eager"),

@@ -94,3 +94,40 @@ def test_load_state_dict_drops_a_non_finite_step_pending_from_before(backend):
     with pytest.raises(NonFiniteError, match="meta-step 5"):
         trainer.check_finite()
     assert trainer.iteration == 4
+
+
+@pytest.mark.parametrize("backend", ("torch", "compiled"))
+@pytest.mark.parametrize("attr, value", [("inner_lr", 0.05), ("inner_steps", 2), ("inner_batch_size", 5)])
+def test_inner_loop_settings_cannot_change_inside_fit(backend, attr, value):
+    """From a callback, a new inner_lr / inner_steps / inner_batch_size would be ignored for the
+    rest of the fit (the sampler and the compiled program are built at its start): refused."""
+    trainer = Reptile(MLP(hidden_dim=8), backend=backend)
+
+    def callback(i, metrics):
+        if i == 2:
+            setattr(trainer, attr, value)
+
+    with pytest.raises(ValueError, match=f"{attr} cannot change while fit runs"):
+        trainer.fit(Sine(), 4, generator=torch.Generator().manual_seed(0), progress=False, callback=callback)
+    setattr(trainer, attr, value)  # between fits: taken
+    assert getattr(trainer, attr) == value
+
+
+def test_outer_lr_may_change_inside_fit():
+    """outer_lr is read by the schedule at every meta-step: a callback's change applies from the
+    next one, exactly as a run whose ε changed there (compared step by step with meta_step)."""
+    torch.manual_seed(0)
+    base = MLP(hidden_dim=8)
+    trainer = Reptile(copy.deepcopy(base), backend="torch")
+
+    def callback(i, metrics):
+        if i == 2:
+            trainer.outer_lr = 0.5
+
+    trainer.fit(Sine(), 4, generator=torch.Generator().manual_seed(0), progress=False, callback=callback)
+    other = Reptile(copy.deepcopy(base), backend="torch")
+    g = torch.Generator().manual_seed(0)
+    for eps in (0.1, 0.1, 0.5, 0.5):
+        other.meta_step(Sine().sample(1, generator=g), generator=g, outer_lr=eps)
+    for a, b in zip(_params(trainer.model), _params(other.model)):
+        assert torch.equal(a, b)
