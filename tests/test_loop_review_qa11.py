@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from reptile_fast import MLP, Reptile, Sine
+from reptile_fast import MLP, Reptile, Sine, sample_indices
+from reptile_fast.loop import Sampler
 
 BACKENDS = ("reference", "torch", "compiled")
 
@@ -131,3 +132,32 @@ def test_outer_lr_may_change_inside_fit():
         other.meta_step(Sine().sample(1, generator=g), generator=g, outer_lr=eps)
     for a, b in zip(_params(trainer.model), _params(other.model)):
         assert torch.equal(a, b)
+
+
+class UserSampler(Sampler):
+    """A user's sampler: ``n(m)`` Sine tasks and plans per draw (or a 3-tuple with ``bad_result``)."""
+
+    def __init__(self, n, bad_result=False):
+        self.n, self.bad_result, self.g = n, bad_result, torch.Generator().manual_seed(0)
+
+    def draw(self, first_iteration, m):
+        n = self.n(m)
+        tasks, plans = Sine().sample(n, generator=self.g), sample_indices(n, 5, 50, 10, generator=self.g)
+        return (tasks, plans, None) if self.bad_result else (tasks, plans)
+
+
+@pytest.mark.parametrize("n", [lambda m: 2, lambda m: 3 * m], ids=["ignores_m", "other_meta_batch"])
+def test_compiled_refuses_a_sampler_draw_of_the_wrong_size(n):
+    """backend compiled runs chunks of meta_batch_size tasks per meta-step: a user sampler's draw of
+    another size failed inside the program ("eps must have shape (1,), got (6,)")."""
+    trainer = Reptile(MLP(hidden_dim=8), backend="compiled")
+    with pytest.raises(ValueError, match="m \\* meta_batch_size tasks"):
+        trainer.fit(None, 6, meta_batch_size=2, sampler=UserSampler(n), progress=False)
+    assert trainer.iteration == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sampler_returning_other_than_two_things_is_named(backend):
+    trainer = Reptile(MLP(hidden_dim=8), backend=backend)
+    with pytest.raises(TypeError, match=r"UserSampler.draw\(first_iteration, m\) must return \(tasks, plans\)"):
+        trainer.fit(None, 3, meta_batch_size=2, sampler=UserSampler(lambda m: 2 * m, bad_result=True), progress=False)
