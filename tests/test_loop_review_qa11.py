@@ -161,3 +161,12 @@ def test_a_sampler_returning_other_than_two_things_is_named(backend):
     trainer = Reptile(MLP(hidden_dim=8), backend=backend)
     with pytest.raises(TypeError, match=r"UserSampler.draw\(first_iteration, m\) must return \(tasks, plans\)"):
         trainer.fit(None, 3, meta_batch_size=2, sampler=UserSampler(lambda m: 2 * m, bad_result=True), progress=False)
+
+
+def test_reference_path_warning_is_importable_from_the_package():
+    """README names ``ReferencePathWarning`` (to filter or catch it); it lived in a submodule only."""
+    import reptile_fast
+    from reptile_fast.dropin import ReferencePathWarning
+
+    assert reptile_fast.ReferencePathWarning is ReferencePathWarning
+    assert "ReferencePathWarning" in reptile_fast.__all__
