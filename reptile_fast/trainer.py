@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
@@ -338,8 +339,10 @@ class Reptile:
                 iteration, the loss history and every RNG (``generator``'s included) first, so
                 that the run ends with exactly the parameters of an uninterrupted one.
             checkpoint_extra: the caller's data stored in every checkpoint (``"extra"``).
-            handle_signals: with ``checkpoint_dir``, SIGINT/SIGTERM (main thread only) finish the
-                current chunk, write a checkpoint and raise ``TrainingInterrupted``.
+            handle_signals: SIGINT (Ctrl-C) and, with ``checkpoint_dir``, SIGTERM (main thread
+                only) finish the current chunk, write a checkpoint (with ``checkpoint_dir``) and
+                raise ``TrainingInterrupted`` (a ``KeyboardInterrupt``), with φ and ``iteration``
+                as after that chunk; a second signal stops at once.
 
         Extension points (the distributed trainer uses them): ``sampler`` (a ``loop.Sampler``
         drawing each meta-step's tasks and plans), ``reducer`` (``core.Reducer``: per-task
@@ -348,7 +351,7 @@ class Reptile:
         from .callbacks import CheckpointCallback, SignalCallback, resume_for_fit
         from .checkpoint import CHECKPOINT_NAME, prepare_checkpoint_directory, remove_stale_temporaries
         from .compiled_step import single_thread
-        from .signals import DeferredSignals
+        from .signals import DEFAULT_SIGNALS, DeferredSignals
 
         self._check_structure()
         check_fit_args(task_distribution, iterations, meta_batch_size=meta_batch_size, generator=generator,
@@ -420,7 +423,11 @@ class Reptile:
         try:
             if isinstance(stepper, CompiledStepper):
                 stepper.prepare()  # compile before the clock and the progress bar start
-            with threads, DeferredSignals(enabled=handle_signals and ckpt_dir is not None) as signals:
+            # Without a checkpoint_dir only SIGINT is deferred (SIGTERM keeps its default): a Ctrl-C
+            # raised in the middle of a meta-step could leave φ one step ahead of self.iteration.
+            deferred = DEFAULT_SIGNALS if ckpt_dir is not None else (signal.SIGINT,)
+            with threads, DeferredSignals(deferred, enabled=handle_signals,
+                                          checkpointing=ckpt_dir is not None) as signals:
                 loop = TrainingLoop(self, stepper, sampler, iterations, callbacks=[*cbs, SignalCallback(signals, ckpt)],
                                     outer_lr_at=lambda i: self.outer_lr_at(i, iterations), log_every=log_every)
                 try:

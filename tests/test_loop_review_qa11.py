@@ -170,3 +170,40 @@ def test_reference_path_warning_is_importable_from_the_package():
 
     assert reptile_fast.ReferencePathWarning is ReferencePathWarning
     assert "ReferencePathWarning" in reptile_fast.__all__
+
+
+@pytest.mark.parametrize("backend", ("reference", "torch"))
+def test_ctrl_c_inside_an_outer_update_keeps_iteration_and_phi_together(backend, monkeypatch):
+    """A SIGINT that arrives while the outer update runs (here: right after φ was written, as a
+    real Ctrl-C does in about 1 of 40 tries) must not leave φ one meta-step ahead of
+    ``trainer.iteration``: without a checkpoint_dir the plain KeyboardInterrupt fired there, so
+    a later fit took that meta-step twice.  Now the meta-step finishes and ``TrainingInterrupted``
+    (a KeyboardInterrupt) is raised after it."""
+    import os
+    import signal
+
+    from reptile_fast import TrainingInterrupted
+    from reptile_fast.core import OuterUpdate
+
+    torch.manual_seed(0)
+    base = MLP(hidden_dim=8)
+    expected = Reptile(copy.deepcopy(base), backend=backend)
+    _fit(expected, 3, seed=1)
+
+    original = OuterUpdate._mark_bad
+
+    def mark_bad(self, finite, iteration):
+        if iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, finite, iteration)
+
+    monkeypatch.setattr(OuterUpdate, "_mark_bad", mark_bad)
+    previous = signal.getsignal(signal.SIGINT)
+    trainer = Reptile(copy.deepcopy(base), backend=backend)
+    with pytest.raises(TrainingInterrupted, match="after meta-step 3 of 10.*no checkpoint") as info:
+        _fit(trainer, 10, seed=1)
+    assert info.value.checkpoint is None and info.value.iteration == 3
+    assert trainer.iteration == 3
+    for a, b in zip(_params(trainer.model), _params(expected.model)):
+        assert torch.equal(a, b)
+    assert signal.getsignal(signal.SIGINT) is previous
