@@ -153,8 +153,8 @@ class Reptile:
             raise ValueError(f"inner_steps={value}, but inner_grad_weights has {len(weights)} entries (one per "
                              f"inner step): build a new Reptile with both")
         if value != self._inner_steps:
+            self._set_config(self.config)  # first: it may report a pending non-finite step
             self._inner_steps = value
-            self._set_config(self.config)
 
     @property
     def inner_batch_size(self) -> int:
@@ -463,8 +463,9 @@ class Reptile:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``'s output, checking everything before changing anything
         (``reptile_fast.trainer_state.load_trainer_state``).  A non-finite meta-step skipped
-        since the last read is dropped: it was about the parameters this state replaces (kept,
-        it skipped every later meta-step and was reported after them, rewinding ``iteration``)."""
+        since the last read is dropped: it was about the parameters this state replaces (before,
+        it went on skipping every meta-step after the load, then was reported, rewinding
+        ``iteration`` below the loaded one)."""
         load_trainer_state(self, state)
         for stepper in filter(None, (self._eager, self._fused)):
             try:
