@@ -207,3 +207,32 @@ def test_ctrl_c_inside_an_outer_update_keeps_iteration_and_phi_together(backend,
     for a, b in zip(_params(trainer.model), _params(expected.model)):
         assert torch.equal(a, b)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_standard_inner_loop_on_integer_regression_targets_is_the_seeds():
+    """perform_k_training_steps=None on 1-D integer targets with nn.MSELoss (the reference path:
+    the fast paths take float targets) computes the seed's loop, which unsqueezes the targets.
+    The standard loop took every integer target for a class label: MSE of [10, 1] against [10]
+    broadcast to [10, 10]."""
+    import warnings
+
+    import torch.nn as nn
+
+    from reptile_fast import reference, reptile
+
+    def int_task():
+        x, y, _ = reference.sample_task()
+        return x, y.round().long(), nn.MSELoss()
+
+    torch.manual_seed(0)
+    seed_model = reference.MLP()
+    none_model = copy.deepcopy(seed_model)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.manual_seed(3)
+        reptile(seed_model, 4, int_task, reference.perform_k_training_steps, progress=False)
+        torch.manual_seed(3)
+        reptile(none_model, 4, int_task, None, progress=False)
+    assert not [w for w in record if "broadcasting" in str(w.message)]
+    for a, b in zip(seed_model.parameters(), none_model.parameters()):
+        assert torch.equal(a, b)
