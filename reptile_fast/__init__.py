@@ -3,6 +3,7 @@
 Public API:
     Reptile                          the trainer (one API over every backend)
     reptile                          drop-in for the seed's reptile() call, on the fast backends
+    ReferencePathWarning             the drop-in runs the reference loop (the message says why)
     TaskBatch, sample_indices        the data every backend shares
     tasks.Sine                       the seed's sine-wave task family
     Omniglot, MiniImageNet           few-shot image classification tasks (fewshot: evaluation)
@@ -15,7 +16,7 @@ Architecture (README "Architecture"): ``core`` (the outer update), ``backends`` 
 """
 from . import reference, tasks
 from .checkpoint import load_checkpoint, save_checkpoint
-from .dropin import reptile
+from .dropin import ReferencePathWarning, reptile
 from .models import MLP, MiniImageNetConvNet, OmniglotConvNet
 from .signals import TrainingInterrupted
 from .core import NonFiniteError
@@ -24,7 +25,7 @@ from .trainer import Reptile
 
 __version__ = "0.1.0"
 
-__all__ = ["Reptile", "reptile", "NonFiniteError", "TrainingInterrupted", "TaskBatch",
+__all__ = ["Reptile", "reptile", "ReferencePathWarning", "NonFiniteError", "TrainingInterrupted", "TaskBatch",
            "sample_indices", "Sine", "Omniglot", "MiniImageNet", "Episodes", "MLP", "OmniglotConvNet",
            "MiniImageNetConvNet", "save_checkpoint",
            "load_checkpoint", "reference", "tasks", "__version__"]

@@ -148,6 +148,12 @@ class SignalCallback(Callback):
         if self.signals.received is None:
             return
         directory = self.checkpoint.directory
+        if directory is None:
+            raise TrainingInterrupted(
+                f"training interrupted by {signal_name(self.signals.received)} after meta-step {loop.iteration} "
+                f"of {loop.iterations}; no checkpoint_dir was given, so no checkpoint was written. The model and "
+                f"trainer.iteration are as after meta-step {loop.iteration}: fit(...) again continues from there",
+                signal_number=self.signals.received, iteration=loop.iteration, checkpoint=None)
         raise TrainingInterrupted(
             f"training interrupted by {signal_name(self.signals.received)} after meta-step {loop.iteration} "
             f"of {loop.iterations}; checkpoint written to {self.checkpoint.last_path}. Resume with "

@@ -147,7 +147,13 @@ class CheckedDraws(Sampler):
         self.sampler, self.check = sampler, check
 
     def draw(self, first_iteration: int, m: int):
-        tasks, plans = self.sampler.draw(first_iteration, m)
+        drawn = self.sampler.draw(first_iteration, m)
+        if not isinstance(drawn, (tuple, list)) or len(drawn) != 2:
+            got = f"{type(drawn).__name__} of length {len(drawn)}" if isinstance(drawn, (tuple, list)) \
+                else type(drawn).__name__
+            raise TypeError(f"{type(self.sampler).__name__}.draw(first_iteration, m) must return (tasks, plans), "
+                            f"got {got}")
+        tasks, plans = drawn
         self.check(tasks, plans)
         return tasks, plans
 

@@ -33,17 +33,22 @@ def points(t: torch.Tensor) -> torch.Tensor:
 
 def standard_inner_loop(model, task, k, batch_size=10):
     """The seed's ``perform_k_training_steps`` for inputs ``[N]`` or ``[N, in]`` and targets
-    ``[N]``, ``[N, out]`` or long labels ``[N]``: ``k · N // batch_size`` SGD steps (lr 0.02) on
-    ``torch.randperm(N)[:batch_size]`` minibatches.  On 1-D data it is the seed's function,
-    operation for operation.  Trains ``model`` in place and returns its parameters."""
+    ``[N]``, ``[N, out]`` or integer class labels ``[N]`` (for a model with several outputs per
+    point): ``k · N // batch_size`` SGD steps (lr 0.02) on ``torch.randperm(N)[:batch_size]``
+    minibatches.  On 1-D data it computes the seed's function, operation for operation.  Trains
+    ``model`` in place and returns its parameters."""
     optimizer = torch.optim.SGD(model.parameters(), lr=SEED_INNER_LR)
     train_x, train_y, loss_fct = task
-    labels = not train_y.is_floating_point()
     for _ in range(k * train_x.shape[0] // batch_size):
         ind = torch.randperm(train_x.shape[0])[:batch_size]
         x_batch = points(train_x[ind])
-        target = train_y[ind] if labels else points(train_y[ind])
-        loss = loss_fct(model(x_batch), target)
+        output = model(x_batch)
+        target = train_y[ind]
+        # Integer targets are class labels [B] only against several outputs per point; otherwise
+        # the seed's unsqueeze (integer MSE targets: [B, 1] against [B, 1], not a [B, B] broadcast)
+        if train_y.is_floating_point() or output.dim() != 2 or output.shape[-1] == 1:
+            target = points(target)
+        loss = loss_fct(output, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -27,7 +27,8 @@ def signal_name(signum: int) -> str:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT/SIGTERM after a whole meta-step; a checkpoint was written.
+    """Training stopped on SIGINT/SIGTERM after a whole meta-step; a checkpoint was written when
+    the run had a checkpoint directory (``checkpoint`` is None otherwise).
 
     A ``KeyboardInterrupt``, so code that already handles Ctrl-C keeps working.
 
@@ -60,11 +61,14 @@ class DeferredSignals:
         signals: the signals to defer (SIGINT and SIGTERM by default).
         enabled: when False (or outside the main thread) nothing is installed and ``received``
             stays None, so the caller's loop behaves as without it.
+        checkpointing: whether the caller writes a checkpoint when it stops (the message says so).
     """
 
-    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS, *, enabled: bool = True):
+    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS, *, enabled: bool = True,
+                 checkpointing: bool = True):
         self.signals = tuple(signals)
         self.enabled = enabled
+        self.checkpointing = checkpointing  # only for the message: whether a checkpoint follows
         self.received: Optional[int] = None
         self.installed = False
         self._previous: Dict[int, object] = {}
@@ -76,8 +80,9 @@ class DeferredSignals:
             raise KeyboardInterrupt(f"second {signal_name(signum)}: stopped without writing a checkpoint")
         self.received = signum
         try:
-            sys.stderr.write(f"\n{signal_name(signum)} received: finishing the current meta-step and "
-                             f"writing a checkpoint (send it again to stop at once)\n")
+            then = "writing a checkpoint" if self.checkpointing else "stopping (no checkpoint_dir: nothing is written)"
+            sys.stderr.write(f"\n{signal_name(signum)} received: finishing the current meta-step and {then} "
+                             f"(send it again to stop at once)\n")
             sys.stderr.flush()
         except (OSError, RuntimeError, ValueError):  # a closed or busy stderr must not stop the save
             pass

@@ -122,6 +122,9 @@ class EagerStepper(Stepper):
         if m == 1:
             return self.step(tasks, plans, eps[0], first_iteration).reshape(1)
         T = tasks.n_tasks // m
+        if T * m != tasks.n_tasks:  # the slices below would drop the remainder silently
+            raise ValueError(f"{tasks.n_tasks} tasks do not split into {m} meta-steps: a sampler's "
+                             f"draw(first_iteration, m) must return m * meta_batch_size tasks and plans")
         return torch.stack([self.step(tasks[k * T:(k + 1) * T], plans[k * T:(k + 1) * T], eps[k],
                                       first_iteration + k) for k in range(m)])
 
@@ -245,6 +248,12 @@ class CompiledStepper(Stepper):
             # the program's shapes are fixed when it is built: say so instead of failing inside it
             raise ValueError(f"the plans hold minibatches of {plans.shape[2]} points but this compiled "
                              f"meta-step was built for inner_batch_size={self.batch}")
+        if tasks.n_tasks != len(eps) * self.n_tasks:
+            # a sampler's draw that ignored m or the meta-batch failed inside the program ("eps must
+            # have shape ...") or, for a multiple, ran other meta-steps than the loop counted
+            raise ValueError(f"{len(eps)} meta-step(s) of {self.n_tasks} tasks (fit's meta_batch_size) need "
+                             f"{len(eps) * self.n_tasks} tasks, got {tasks.n_tasks}: a sampler's "
+                             f"draw(first_iteration, m) must return m * meta_batch_size tasks and plans")
         self.prepare()
         xs, ys = gather_chunk(tasks, plans, self.n_tasks)
         eps_t = torch.tensor(list(eps), dtype=self.dtype)

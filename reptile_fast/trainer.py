@@ -4,7 +4,9 @@ delegates: backends (``reptile_fast.backends``) run the inner loops, steppers
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import signal
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
@@ -69,12 +71,12 @@ class Reptile:
                  adam_betas=(0.0, 0.999), backend_options: Optional[dict] = None):
         params, self.device, self.dtype = check_meta_model(model)
         self.model = model
-        self.inner_lr = check_float("inner_lr", inner_lr)
-        self.inner_steps = check_int("inner_steps", inner_steps)
-        self.inner_batch_size = check_int("inner_batch_size", inner_batch_size)
-        self.outer_lr = check_float("outer_lr", outer_lr)
-        self.outer_lr_final = None if outer_lr_final is None else check_float("outer_lr_final", outer_lr_final,
-                                                                             allow_zero=True)
+        inner_lr = check_float("inner_lr", inner_lr)
+        self._inner_steps = check_int("inner_steps", inner_steps)
+        self.inner_batch_size = inner_batch_size
+        self.outer_lr = outer_lr
+        if outer_lr_final is not None:
+            outer_lr_final = check_float("outer_lr_final", outer_lr_final, allow_zero=True)
         resolve_loss(loss)
         self.loss = loss
         weights, betas = check_inner_options(inner_steps=self.inner_steps, algorithm=algorithm,
@@ -89,7 +91,8 @@ class Reptile:
                 raise ValueError("outer_lr_final anneals the interpolation step; with outer_optimizer "
                                  "use a torch.optim.lr_scheduler instead")
         self.outer_optimizer = outer_optimizer
-        self.config = InnerConfig(lr=self.inner_lr, optimizer=inner_optimizer, loss=loss, algorithm=algorithm,
+        self.outer_lr_final = outer_lr_final
+        self.config = InnerConfig(lr=inner_lr, optimizer=inner_optimizer, loss=loss, algorithm=algorithm,
                                   grad_weights=weights, adam_betas=betas)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
@@ -114,10 +117,93 @@ class Reptile:
         self._compiled: Dict[tuple, CompiledStepper] = {}
         self._structure = structure_key(model)
         self.iteration = 0
+        self._fitting = False  # True while fit's loop runs (the inner loop's settings are then fixed)
         self.total_iterations: Optional[int] = None
         self.last_fit_stats: Optional[dict] = None
         #: the meta-batch of the last ``fit`` that drew its own tasks (recorded in checkpoints)
         self.meta_batch_size: Optional[int] = None
+
+    # ------------------------------------------------------------------ hyper-parameters
+    # Assignable between fits (``trainer.inner_lr = 0.01``): checked as the constructor checks
+    # them, and followed by every stepper (the compiled and fused programs, which bake the inner
+    # loop in, are rebuilt).  Before, a new inner_lr was silently ignored.
+    @property
+    def inner_lr(self) -> float:
+        """The inner loop's learning rate (``config.lr``)."""
+        return self.config.lr
+
+    @inner_lr.setter
+    def inner_lr(self, value) -> None:
+        self._not_fitting("inner_lr")
+        value = check_float("inner_lr", value)
+        if value != self.config.lr:
+            self._set_config(dataclasses.replace(self.config, lr=value))
+
+    @property
+    def inner_steps(self) -> int:
+        """Inner steps per task and meta-step."""
+        return self._inner_steps
+
+    @inner_steps.setter
+    def inner_steps(self, value) -> None:
+        self._not_fitting("inner_steps")
+        value = check_int("inner_steps", value)
+        weights = self.config.grad_weights
+        if weights is not None and len(weights) != value:
+            raise ValueError(f"inner_steps={value}, but inner_grad_weights has {len(weights)} entries (one per "
+                             f"inner step): build a new Reptile with both")
+        if value != self._inner_steps:
+            self._set_config(self.config)  # first: it may report a pending non-finite step
+            self._inner_steps = value
+
+    @property
+    def inner_batch_size(self) -> int:
+        """Points per inner minibatch."""
+        return self._inner_batch_size
+
+    @inner_batch_size.setter
+    def inner_batch_size(self, value) -> None:
+        self._not_fitting("inner_batch_size")
+        self._inner_batch_size = check_int("inner_batch_size", value)
+
+    @property
+    def outer_lr(self) -> float:
+        """ε, the outer step (the start of the schedule when ``outer_lr_final`` is set)."""
+        return self._outer_lr
+
+    @outer_lr.setter
+    def outer_lr(self, value) -> None:
+        self._outer_lr = check_float("outer_lr", value)
+
+    @property
+    def outer_lr_final(self) -> Optional[float]:
+        """ε at the end of ``fit``'s schedule (None: constant ε)."""
+        return self._outer_lr_final
+
+    @outer_lr_final.setter
+    def outer_lr_final(self, value) -> None:
+        if value is not None:
+            value = check_float("outer_lr_final", value, allow_zero=True)
+            if self.outer_optimizer is not None:
+                raise ValueError("outer_lr_final anneals the interpolation step; with outer_optimizer "
+                                 "use a torch.optim.lr_scheduler instead")
+        self._outer_lr_final = value
+
+    def _not_fitting(self, name: str) -> None:
+        # fit builds its sampler (plan rows, minibatch size) and stepper (the compiled program bakes
+        # the inner loop in) at its start: a change from a callback would be ignored for the rest of it
+        if getattr(self, "_fitting", False):
+            raise ValueError(f"{name} cannot change while fit runs (its sampler and stepper are built at its "
+                             f"start); set it between fits (outer_lr and outer_lr_final may change at any time)")
+
+    def _set_config(self, config: InnerConfig) -> None:
+        """Use ``config`` (and the current inner_steps) from the next meta-step on."""
+        if self._fused is not None:
+            self.check_finite()  # the fused stepper is rebuilt: report its pending non-finite step first
+        self.config = config
+        self._eager.config = config
+        self._compiled = {}
+        self._make_fused()
 
     # ------------------------------------------------------------------ steppers
     def _make_fused(self) -> None:
@@ -253,8 +339,10 @@ class Reptile:
                 iteration, the loss history and every RNG (``generator``'s included) first, so
                 that the run ends with exactly the parameters of an uninterrupted one.
             checkpoint_extra: the caller's data stored in every checkpoint (``"extra"``).
-            handle_signals: with ``checkpoint_dir``, SIGINT/SIGTERM (main thread only) finish the
-                current chunk, write a checkpoint and raise ``TrainingInterrupted``.
+            handle_signals: SIGINT (Ctrl-C) and, with ``checkpoint_dir``, SIGTERM (main thread
+                only) finish the current chunk, write a checkpoint (with ``checkpoint_dir``) and
+                raise ``TrainingInterrupted`` (a ``KeyboardInterrupt``), with φ and ``iteration``
+                as after that chunk; a second signal stops at once.
 
         Extension points (the distributed trainer uses them): ``sampler`` (a ``loop.Sampler``
         drawing each meta-step's tasks and plans), ``reducer`` (``core.Reducer``: per-task
@@ -263,7 +351,7 @@ class Reptile:
         from .callbacks import CheckpointCallback, SignalCallback, resume_for_fit
         from .checkpoint import CHECKPOINT_NAME, prepare_checkpoint_directory, remove_stale_temporaries
         from .compiled_step import single_thread
-        from .signals import DeferredSignals
+        from .signals import DEFAULT_SIGNALS, DeferredSignals
 
         self._check_structure()
         check_fit_args(task_distribution, iterations, meta_batch_size=meta_batch_size, generator=generator,
@@ -335,14 +423,20 @@ class Reptile:
         try:
             if isinstance(stepper, CompiledStepper):
                 stepper.prepare()  # compile before the clock and the progress bar start
-            with threads, DeferredSignals(enabled=handle_signals and ckpt_dir is not None) as signals:
+            # Without a checkpoint_dir only SIGINT is deferred (SIGTERM keeps its default): a Ctrl-C
+            # raised in the middle of a meta-step could leave φ one step ahead of self.iteration.
+            deferred = DEFAULT_SIGNALS if ckpt_dir is not None else (signal.SIGINT,)
+            with threads, DeferredSignals(deferred, enabled=handle_signals,
+                                          checkpointing=ckpt_dir is not None) as signals:
                 loop = TrainingLoop(self, stepper, sampler, iterations, callbacks=[*cbs, SignalCallback(signals, ckpt)],
                                     outer_lr_at=lambda i: self.outer_lr_at(i, iterations), log_every=log_every)
                 try:
+                    self._fitting = True
                     loop.run()
                 except NonFiniteError as exc:
                     raise ckpt.explain(exc) from exc
                 finally:
+                    self._fitting = False
                     done = loop.iteration - loop.start
                     self.last_fit_stats = {
                         "stepper": stepper.name, "mode": getattr(stepper, "mode", "eager"),
@@ -368,8 +462,16 @@ class Reptile:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``'s output, checking everything before changing anything
-        (``reptile_fast.trainer_state.load_trainer_state``)."""
+        (``reptile_fast.trainer_state.load_trainer_state``).  A non-finite meta-step skipped
+        since the last read is dropped: it was about the parameters this state replaces (before,
+        it went on skipping every meta-step after the load, then was reported, rewinding
+        ``iteration`` below the loaded one)."""
         load_trainer_state(self, state)
+        for stepper in filter(None, (self._eager, self._fused)):
+            try:
+                stepper.check()  # one read; re-arms the device-side guard
+            except NonFiniteError:
+                pass
 
     # ------------------------------------------------------------------ adaptation
     def _adapt_config(self) -> InnerConfig:
