@@ -1,0 +1,92 @@
+"""The trainer's hyper-parameters as checked properties, assignable between fits.
+
+``Reptile`` inherits them.  Before, a new ``trainer.inner_lr`` was silently ignored (it had been
+copied into the inner loop's config) and a new ``inner_steps`` crashed the compiled program.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from .validation import check_float, check_int
+
+__all__ = ["HyperParameters"]
+
+
+class HyperParameters:
+    """``inner_lr``, ``inner_steps``, ``inner_batch_size``, ``outer_lr``, ``outer_lr_final``.
+
+    Checked as the constructor checks them, and followed by every stepper: a new inner setting
+    goes through ``self._set_config`` (the subclass rebuilds the compiled and fused programs,
+    which bake the inner loop in).  During ``fit`` (``self._fitting``) only the outer step may
+    change: the sampler and the stepper were built at its start.
+    """
+
+    @property
+    def inner_lr(self) -> float:
+        """The inner loop's learning rate (``config.lr``)."""
+        return self.config.lr
+
+    @inner_lr.setter
+    def inner_lr(self, value) -> None:
+        self._not_fitting("inner_lr")
+        value = check_float("inner_lr", value)
+        if value != self.config.lr:
+            self._set_config(dataclasses.replace(self.config, lr=value))
+
+    @property
+    def inner_steps(self) -> int:
+        """Inner steps per task and meta-step."""
+        return self._inner_steps
+
+    @inner_steps.setter
+    def inner_steps(self, value) -> None:
+        self._not_fitting("inner_steps")
+        value = check_int("inner_steps", value)
+        weights = self.config.grad_weights
+        if weights is not None and len(weights) != value:
+            raise ValueError(f"inner_steps={value}, but inner_grad_weights has {len(weights)} entries (one per "
+                             f"inner step): build a new Reptile with both")
+        if value != self._inner_steps:
+            self._set_config(self.config)  # first: it may report a pending non-finite step
+            self._inner_steps = value
+
+    @property
+    def inner_batch_size(self) -> int:
+        """Points per inner minibatch."""
+        return self._inner_batch_size
+
+    @inner_batch_size.setter
+    def inner_batch_size(self, value) -> None:
+        self._not_fitting("inner_batch_size")
+        self._inner_batch_size = check_int("inner_batch_size", value)
+
+    @property
+    def outer_lr(self) -> float:
+        """ε, the outer step (the start of the schedule when ``outer_lr_final`` is set)."""
+        return self._outer_lr
+
+    @outer_lr.setter
+    def outer_lr(self, value) -> None:
+        self._outer_lr = check_float("outer_lr", value)
+
+    @property
+    def outer_lr_final(self) -> Optional[float]:
+        """ε at the end of ``fit``'s schedule (None: constant ε)."""
+        return self._outer_lr_final
+
+    @outer_lr_final.setter
+    def outer_lr_final(self, value) -> None:
+        if value is not None:
+            value = check_float("outer_lr_final", value, allow_zero=True)
+            if self.outer_optimizer is not None:
+                raise ValueError("outer_lr_final anneals the interpolation step; with outer_optimizer "
+                                 "use a torch.optim.lr_scheduler instead")
+        self._outer_lr_final = value
+
+    def _not_fitting(self, name: str) -> None:
+        # fit builds its sampler (plan rows, minibatch size) and stepper (the compiled program bakes
+        # the inner loop in) at its start: a change from a callback would be ignored for the rest of it
+        if getattr(self, "_fitting", False):
+            raise ValueError(f"{name} cannot change while fit runs (its sampler and stepper are built at its "
+                             f"start); set it between fits (outer_lr and outer_lr_final may change at any time)")
