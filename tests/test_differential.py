@@ -361,9 +361,116 @@ def test_adapt_and_evaluate_agree_across_cpu_backends(case, data):
         torch.testing.assert_close(pre, ref[3], rtol=RTOL, atol=ATOL, msg=lambda m: f"evaluate(0) {variant}: {m}")
 
 
+#: launch settings that make programs loop over tasks (meta-batches that are not a multiple of
+#: the program count leave a part-empty last round), per kernel
+TRITON_LAUNCHES = {
+    "triton-v1": [None, {"mode": "registers", "num_warps": 4, "tasks_per_program": 2},
+                  {"mode": "registers", "num_warps": 4, "tasks_per_program": 3},
+                  {"mode": "tiled", "num_warps": 4, "max_programs": 2}],
+    "triton-v2": [None, {"max_programs": 2}, {"max_programs": 4, "accumulate": "memory"},
+                  {"max_programs": 3, "stream": True}, {"preload": False, "max_programs": 2}],
+}
+
+
 @pytest.mark.skipif(not triton_runnable(), reason="triton not installed, or no CUDA and no interpreter")
 @settings(max_examples=EXAMPLES or 3, **SETTINGS)
-@given(case=cases(max_width=8, max_tasks=9, max_steps=2, max_batch=4, plain=True))
-def test_meta_steps_agree_on_triton(case):
+@given(case=cases(max_width=8, max_tasks=9, max_steps=2, max_batch=4, plain=True), data=st.data())
+def test_meta_steps_agree_on_triton(case, data):
     case = dict(case, meta_steps=min(case["meta_steps"], 2))
-    check_meta_steps(case, TRITON_VARIANTS)
+    saved = dict(VARIANTS)
+    try:
+        for variant in TRITON_VARIANTS:
+            launch = data.draw(st.sampled_from(TRITON_LAUNCHES[variant.replace("-fused", "")]), label=variant)
+            if launch is not None:
+                VARIANTS[variant] = (VARIANTS[variant][0], dict(VARIANTS[variant][1], launch=launch))
+        check_meta_steps(case, TRITON_VARIANTS)
+    finally:
+        VARIANTS.clear()
+        VARIANTS.update(saved)
+
+
+# ---------------------------------------------------------------------- the drop-in
+DROPIN_VARIANTS = ("compiled-native", "compiled-eager", "torch", "torch-vmap", "reference")
+
+
+@settings(max_examples=EXAMPLES or 3, **SETTINGS)
+@given(model=models(max_width=12), data=st.data())
+def test_dropin_equals_the_seed_loop_on_the_same_draws(model, data):
+    """``reptile_fast.reptile(model, n, sample_task, partial(perform_k_training_steps,
+    batch_size=b), k, epsilon)`` fed the seed loop's own task and randperm draws (``indices=``, the
+    documented way to compare) ends where ``reference.reptile`` does, on every backend.  The seed's
+    inner loop reads 1-D tasks (it unsqueezes the last dimension): one input, one output."""
+    import functools
+
+    import reptile_fast
+
+    spec = dict(model, d_in=1, d_out=1)
+    n = data.draw(st.integers(1, 6), label="iterations")
+    points = data.draw(st.integers(1, 12), label="points")
+    batch = data.draw(st.integers(1, points), label="batch_size")
+    k = data.draw(st.integers(1, 2), label="k")
+    epsilon = data.draw(st.floats(0.05, 1.0), label="epsilon")
+    variant = data.draw(st.sampled_from(DROPIN_VARIANTS), label="variant")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    gen = torch.Generator().manual_seed(seed)
+    tasks = [(torch.rand(points, generator=gen) * 10 - 5, torch.rand(points, generator=gen) * 2 - 1, nn.MSELoss())
+             for _ in range(n)]
+    steps = k * points // batch
+    torch.manual_seed(seed + 1)
+    plans = torch.stack([torch.randperm(points)[:batch] for _ in range(n * steps)]).view(n, 1, steps, batch)
+    inner = functools.partial(reference.perform_k_training_steps, batch_size=batch)
+
+    torch.manual_seed(seed)
+    want = build_model(spec, 1)
+    got = copy.deepcopy(want)
+    torch.manual_seed(seed + 1)  # the seed loop draws its randperms from the global RNG
+    reference.reptile(want, n, iter(tasks).__next__, inner, k=k, epsilon=epsilon, progress=False)
+    name, options = VARIANTS[variant]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the standard inner loop: no ReferencePathWarning
+        stats = reptile_fast.reptile(got, n, iter(tasks).__next__, inner, k=k, epsilon=epsilon, backend=name,
+                                     backend_options=options, progress=False, indices=plans)
+    assert stats["path"] == name and stats["inner_steps"] == steps and stats["inner_batch_size"] == batch
+    assert_close(params(got), params(want), f"drop-in {variant} vs reference.reptile, {spec}, n={n} "
+                                            f"points={points} batch={batch} k={k} eps={epsilon}")
+
+
+# ---------------------------------------------------------------------- fit(draw_chunks=True)
+@settings(max_examples=EXAMPLES or 3, **SETTINGS)
+@given(case=cases(fit=True, max_tasks=4, max_steps=3, plain=True), data=st.data())
+def test_draw_chunks_trains_on_the_chunks_draws(case, data):
+    """``fit(draw_chunks=True)`` on backend "compiled" with chunk ``c`` draws each chunk's ``m·T``
+    tasks in one ``sample`` call and their plans in one ``sample_indices`` call (``m = c``, the
+    last chunk cut at the total).  Replaying exactly those draws through the reference backend's
+    ``meta_step`` with the annealed ε must give the same φ; and with ``c = 1`` the draws are
+    ``fit``'s default ones."""
+    case = dict(case, outer="interp")
+    iterations = data.draw(st.integers(1, 7), label="iterations")
+    chunk = data.draw(st.integers(1, 4), label="chunk")
+    variant = data.draw(st.sampled_from(["compiled-native", "compiled-eager"]), label="variant")
+    dist = distribution(case)
+    model = base_model(case)
+    name, options = VARIANTS[variant]
+    trainer = make_trainer(model, case, variant)
+    trainer.compiled_options["chunk"] = chunk
+    trainer.fit(dist, iterations, meta_batch_size=case["tasks"], generator=torch.Generator().manual_seed(case["seed"]),
+                progress=False, draw_chunks=True)
+    got = params(model)
+
+    ref_model = base_model(case)
+    ref = make_trainer(ref_model, case, "reference")
+    g = torch.Generator().manual_seed(case["seed"])
+    T, done = case["tasks"], 0
+    while done < iterations:
+        m = min(chunk, iterations - done)
+        tasks = dist.sample(m * T, generator=g)
+        plans = sample_indices(m * T, case["inner_steps"], case["points"], case["batch"], generator=g)
+        for j in range(m):
+            rows = slice(j * T, (j + 1) * T)
+            ref.meta_step(TaskBatch(tasks.x[rows], tasks.y[rows]), plans[rows],
+                          outer_lr=ref.outer_lr_at(done + j, iterations))
+        done += m
+    assert_close(got, params(ref_model), f"draw_chunks {variant} chunk={chunk} iterations={iterations}, {case}")
+    if chunk == 1:
+        default = run_fit(case, "reference", iterations)
+        assert_close(got, default, f"draw_chunks chunk=1 vs default draws, {case}")
