@@ -323,14 +323,14 @@ def run_fit(case, variant, iterations, *, draw_chunks=False, ckpt=None, split=No
 
 
 # ---------------------------------------------------------------------- tests
-@settings(max_examples=EXAMPLES or 6, **SETTINGS)
+@settings(max_examples=EXAMPLES or 25, **SETTINGS)
 @given(case=st.one_of(cases(), cases(plain=True)))
 def test_meta_steps_agree_across_cpu_backends(case):
     ran = check_meta_steps(case, CPU_VARIANTS[1:])
     assert "torch" in ran and "torch-vmap" in ran
 
 
-@settings(max_examples=EXAMPLES or 4, **SETTINGS)
+@settings(max_examples=EXAMPLES or 15, **SETTINGS)
 @given(case=st.one_of(cases(fit=True, max_tasks=5, max_steps=4), cases(fit=True, max_tasks=5, max_steps=4, plain=True)),
        data=st.data())
 def test_fit_agrees_across_cpu_backends_and_with_resume(case, data, tmp_path_factory):
@@ -356,7 +356,7 @@ def test_fit_agrees_across_cpu_backends_and_with_resume(case, data, tmp_path_fac
         assert torch.equal(resumed[k], got[k]), (variant, k, split, case)
 
 
-@settings(max_examples=EXAMPLES or 4, **SETTINGS)
+@settings(max_examples=EXAMPLES or 15, **SETTINGS)
 @given(case=cases(max_tasks=6), data=st.data())
 def test_adapt_and_evaluate_agree_across_cpu_backends(case, data):
     steps = data.draw(st.integers(1, 6))
@@ -393,7 +393,7 @@ TRITON_LAUNCHES = {
 
 
 @pytest.mark.skipif(not triton_runnable(), reason="triton not installed, or no CUDA and no interpreter")
-@settings(max_examples=EXAMPLES or 3, **SETTINGS)
+@settings(max_examples=EXAMPLES or 6, **SETTINGS)
 @given(case=cases(max_width=8, max_tasks=9, max_steps=2, max_batch=4, plain=True), data=st.data())
 def test_meta_steps_agree_on_triton(case, data):
     case = dict(case, meta_steps=min(case["meta_steps"], 2))
@@ -413,7 +413,7 @@ def test_meta_steps_agree_on_triton(case, data):
 DROPIN_VARIANTS = ("compiled-native", "compiled-eager", "torch", "torch-vmap", "reference")
 
 
-@settings(max_examples=EXAMPLES or 3, **SETTINGS)
+@settings(max_examples=EXAMPLES or 10, **SETTINGS)
 @given(model=models(max_width=12), data=st.data())
 def test_dropin_equals_the_seed_loop_on_the_same_draws(model, data):
     """``reptile_fast.reptile(model, n, sample_task, partial(perform_k_training_steps,
@@ -456,7 +456,7 @@ def test_dropin_equals_the_seed_loop_on_the_same_draws(model, data):
 
 
 # ---------------------------------------------------------------------- fit(draw_chunks=True)
-@settings(max_examples=EXAMPLES or 3, **SETTINGS)
+@settings(max_examples=EXAMPLES or 10, **SETTINGS)
 @given(case=cases(fit=True, max_tasks=4, max_steps=3, plain=True), data=st.data())
 def test_draw_chunks_trains_on_the_chunks_draws(case, data):
     """``fit(draw_chunks=True)`` on backend "compiled" with chunk ``c`` draws each chunk's ``m·T``
