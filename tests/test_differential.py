@@ -7,9 +7,12 @@ promises beyond it: model forms (bare ``nn.Linear``, ``nn.Sequential`` with iden
 annealed ε, checkpoint + resume, ``draw_chunks``, and ``adapt`` / ``evaluate`` on explicit plans.
 
 Oracle and tolerance: every variant runs in float32 (TF32 off, see conftest) and must end within
-rtol 1e-5 / atol 1e-6 of the float32 reference *and* of a float64 run of the reference (the
-project's bound: a few short inner loops at moderate rates accumulate ~1e-7 relative rounding,
-while a wrong plan, step count, rate or update is off by orders of magnitude more).  Variants that
+rtol 1e-5 / atol 1e-6 of the float32 reference (the project's bound: a few short inner loops at
+moderate rates accumulate ~1e-7 relative rounding, while a wrong plan, step count, rate or update
+is off by orders of magnitude more) — or, in ill-conditioned cases where the float32 reference is
+itself beyond that from a float64 run, no further from float64 than twice the reference's own
+error (``assert_agrees``).  Torch, vmap and compiled-eager also run in float64 and must match the
+float64 reference within rtol 1e-10.  Variants that
 refuse a configuration must do so with ``UnsupportedModelError`` / ``ValueError`` / ``TypeError``
 at construction — which ones refuse is predicted (``expected_refusal``) and checked, so a variant
 cannot silently drop out.  Documented exceptions kept out of the draws: Dropout (agrees in
