@@ -230,7 +230,12 @@ def test_standard_inner_loop_on_integer_regression_targets_is_the_seeds():
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         torch.manual_seed(3)
-        reptile(seed_model, 4, int_task, reference.perform_k_training_steps, progress=False)
+        try:
+            reptile(seed_model, 4, int_task, reference.perform_k_training_steps, progress=False)
+        except RuntimeError as exc:  # torch 2.11's MSE backward refuses integer targets
+            if "dtype Long" not in str(exc):
+                raise
+            pytest.skip(f"the seed's own loop cannot run integer MSE targets on torch {torch.__version__}: {exc}")
         torch.manual_seed(3)
         reptile(none_model, 4, int_task, None, progress=False)
     assert not [w for w in record if "broadcasting" in str(w.message)]
