@@ -186,9 +186,9 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
         raise TypeError(f"trainer must be a reptile_fast.Reptile, got {type(trainer).__name__}")
     if not isinstance(episodes, Episodes):
         raise TypeError(f"episodes must be reptile_fast.tasks.Episodes, got {type(episodes).__name__}")
-    check_int("steps", steps, 1)
-    check_int("batch_size", batch_size, 1)
-    check_int("max_images", max_images, 1)
+    steps = check_int("steps", steps, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    max_images = check_int("max_images", max_images, 1)
     if not isinstance(transductive, bool):
         raise TypeError(f"transductive must be a bool, got {type(transductive).__name__}")
     if episodes.device != trainer.device:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -77,19 +78,18 @@ class OmniglotConfig:
         if not isinstance(self.test, (str, os.PathLike)) or not str(self.test):
             raise ValueError("test: give the Omniglot folder or zip to test on")
         self.test = str(self.test)
-        if isinstance(self.shots, int):
+        if isinstance(self.shots, Integral):
             self.shots = [self.shots]
         self.shots = list(self.shots)
         if not self.shots:
             raise ValueError("shots: give at least one K")
-        for k in self.shots:
-            check_int("shots", k, 1)
+        self.shots = [check_int("shots", k, 1) for k in self.shots]
         for name, minimum in (("ways", 2), ("iterations", 1), ("meta_batch_size", 1), ("inner_steps", 1),
                               ("inner_batch_size", 1), ("train_shots", 1), ("eval_steps", 1),
                               ("eval_batch_size", 1), ("eval_tasks", 1), ("query_shots", 1),
                               ("validate_every", 0), ("validation_tasks", 1), ("seed", 0),
                               ("checkpoint_every", 0), ("threads", 0)):
-            check_int(name, getattr(self, name), minimum)
+            setattr(self, name, check_int(name, getattr(self, name), minimum))  # numpy ints as ints
         check_seed(self.seed)
         for name in ("inner_lr", "outer_lr"):
             setattr(self, name, check_float(name, getattr(self, name)))
@@ -331,7 +331,7 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
     images; write ``runs_metrics.json`` (``error_rate``: the mean over runs, a fraction, and
     each run's error) into ``out`` (default: ``model_dir``).  Raises ``ValueError`` for a model
     trained with another number of ways than the runs'."""
-    check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0)
     check_seed(seed)
     config, trainer = load_trained(model_dir)
     # checked before the evaluation, named like the omniglot job's --out

@@ -50,10 +50,6 @@ def derived_seed(seed: int, offset: int) -> int:
     return (seed + offset) % SEED_LIMIT
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    check_int(name, value, minimum)
-
-
 def _check_float(name: str, value, *, allow_zero: bool = False) -> None:
     check_float(name, value, allow_zero=allow_zero)
 
@@ -85,7 +81,7 @@ class SineConfig:
                               ("inner_batch_size", 1), ("hidden_dim", 1), ("seed", 0),
                               ("eval_tasks", 1), ("eval_steps", 1), ("checkpoint_every", 0),
                               ("threads", 0)):
-            _check_int(name, getattr(self, name), minimum)
+            setattr(self, name, check_int(name, getattr(self, name), minimum))  # numpy ints as ints
         check_seed(self.seed)
         for name in ("outer_lr", "inner_lr"):
             _check_float(name, getattr(self, name))

@@ -1,6 +1,7 @@
 """Models: a configurable MLP with the seed's defaults, and the paper's Omniglot and Mini-ImageNet conv nets."""
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Sequence
 
 import torch
@@ -14,6 +15,11 @@ ACTIVATIONS = {
     "sigmoid": nn.Sigmoid,
     "identity": nn.Identity,
 }
+
+
+def _is_int(v) -> bool:
+    """An integral number (numpy's too), not a bool."""
+    return isinstance(v, Integral) and not isinstance(v, bool)
 
 
 class MLP(nn.Module):
@@ -36,13 +42,14 @@ class MLP(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if hidden_dims is None:
-            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            if not _is_int(depth) or depth < 0:
                 raise ValueError(f"depth must be a non-negative int, got {depth!r}")
-            hidden_dims = [hidden_dim] * depth
+            hidden_dims = [hidden_dim] * int(depth)
         dims = [input_dim, *hidden_dims, output_dim]
         for d in dims:
-            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            if not _is_int(d) or d < 1:
                 raise ValueError(f"layer sizes must be positive ints, got {dims}")
+        dims = [int(d) for d in dims]  # numpy integers as ints
         layers: list[nn.Module] = []
         for i in range(len(dims) - 1):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
@@ -65,8 +72,10 @@ class OmniglotConvNet(nn.Module):
         super().__init__()
         for name, v in (("n_classes", n_classes), ("in_channels", in_channels), ("channels", channels),
                         ("image_size", image_size), ("n_blocks", n_blocks)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ValueError(f"OmniglotConvNet {name} must be a positive int, got {v!r}")
+        n_classes, in_channels, channels, image_size, n_blocks = map(
+            int, (n_classes, in_channels, channels, image_size, n_blocks))
         blocks: list[nn.Module] = []
         c, s = in_channels, image_size
         for _ in range(n_blocks):
@@ -97,8 +106,10 @@ class MiniImageNetConvNet(nn.Module):
         super().__init__()
         for name, v in (("n_classes", n_classes), ("in_channels", in_channels), ("channels", channels),
                         ("image_size", image_size), ("n_blocks", n_blocks)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ValueError(f"MiniImageNetConvNet {name} must be a positive int, got {v!r}")
+        n_classes, in_channels, channels, image_size, n_blocks = map(
+            int, (n_classes, in_channels, channels, image_size, n_blocks))
         if not isinstance(pool_first, bool):
             raise TypeError(f"MiniImageNetConvNet pool_first must be a bool, got {type(pool_first).__name__}")
         blocks: list[nn.Module] = []

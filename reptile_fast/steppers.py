@@ -166,7 +166,7 @@ def check_compiled_options(options: Optional[dict]) -> dict:
     if unknown:
         raise TypeError(f"backend 'compiled' does not accept options {unknown}; it takes {COMPILED_OPTIONS}")
     if "chunk" in options:
-        check_int("chunk", options["chunk"])
+        options["chunk"] = check_int("chunk", options["chunk"])
     if options.get("mode") is not None and options["mode"] not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {options['mode']!r}")
     return options

@@ -286,6 +286,9 @@ class Reptile(HyperParameters):
                        checkpoint_extra=checkpoint_extra, log_every=log_every, sampler=sampler,
                        draw_chunks=draw_chunks, reducer=reducer, callbacks=callbacks, progress=progress,
                        handle_signals=handle_signals)
+        # numpy integers pass the checks; plain ints from here on (the checkpoint stores some of them)
+        iterations, meta_batch_size, log_every = int(iterations), int(meta_batch_size), int(log_every)
+        checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
         if reducer is not None and (self.compiled_options is not None or fused_demanded):
             raise ValueError("this backend applies its own outer update (compiled / fused); a reducer needs "
@@ -411,7 +414,7 @@ class Reptile(HyperParameters):
 
         Returns the ``InnerResult``: adapted parameters ``[T, *shape]`` and losses ``[T, steps]``.
         """
-        check_int("steps", steps)
+        steps = check_int("steps", steps)
         self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
         if indices is None:
             indices = sample_indices(tasks.n_tasks, steps, tasks.n_points, self.inner_batch_size,
@@ -427,7 +430,7 @@ class Reptile(HyperParameters):
         ``steps=0`` gives the loss at φ.  The seed's demo adapts with 32 epochs of 50 points in
         batches of 10, i.e. ``steps=160``.
         """
-        check_int("steps", steps, 0)
+        steps = check_int("steps", steps, 0)
         self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
         self.check_finite()
         if steps == 0:

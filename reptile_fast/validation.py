@@ -4,15 +4,21 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from numbers import Real
+from numbers import Integral, Real
 
 __all__ = ["check_int", "check_float", "check_meta_model", "check_inner_options", "argparse_number"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``; TypeError/ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int >= ``minimum``; TypeError/ValueError naming ``name`` otherwise.
+
+    Any integral number is taken (``numpy.int64`` from ``np.arange``, say) and returned as an
+    ``int``, so callers must use the returned value: a numpy integer stored in a checkpoint would
+    not load under ``weights_only``.  Booleans are refused (``True`` is not a count).
+    """
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value

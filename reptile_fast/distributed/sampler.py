@@ -51,9 +51,9 @@ def split_tasks(meta_batch_size: int, world_size: int, rank: int) -> Tuple[int, 
     Raises ``ValueError`` when ``meta_batch_size < world_size``: a rank without a task would have
     nothing to run (use fewer processes or a larger meta-batch).
     """
-    check_int("meta_batch_size", meta_batch_size, 1)
-    check_int("world_size", world_size, 1)
-    check_int("rank", rank, 0)
+    meta_batch_size = check_int("meta_batch_size", meta_batch_size, 1)
+    world_size = check_int("world_size", world_size, 1)
+    rank = check_int("rank", rank, 0)
     if rank >= world_size:
         raise ValueError(f"rank {rank} must be < world_size {world_size}")
     if meta_batch_size < world_size:
@@ -131,7 +131,7 @@ class IndexedSampler:
         Returns a ``TaskBatch`` of ``n_local`` tasks and long ``[n_local, plan_rows, batch_size]``
         indices: global tasks ``lo … hi-1`` of that meta-step.
         """
-        check_int("iteration", iteration, 0)
+        iteration = check_int("iteration", iteration, 0)
         first, last = self.lo // self._k, (self.hi - 1) // self._k
         parts = []
         for block in range(first, last + 1):
@@ -144,8 +144,8 @@ class IndexedSampler:
     def draw(self, first_iteration: int, m: int = 1) -> Tuple[TaskBatch, torch.Tensor]:
         """Meta-steps ``first_iteration … first_iteration + m − 1`` (1-based, the training loop's
         ``Sampler`` protocol): ``m · n_local`` tasks and plans, meta-step-major."""
-        check_int("first_iteration", first_iteration, 1)
-        check_int("m", m, 1)
+        first_iteration = check_int("first_iteration", first_iteration, 1)
+        m = check_int("m", m, 1)
         tasks, plan = concat_draws([self.draw_step(first_iteration - 1 + k) for k in range(m)])
         if self.check is not None:
             self.check(tasks)

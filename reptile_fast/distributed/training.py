@@ -166,13 +166,13 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
     if not all(hasattr(trainer, a) for a in ("fit", "hparams", "device", "model")):
         raise TypeError(f"trainer must be a reptile_fast.Reptile (wrap the model: Reptile(model, ...)), got "
                         f"{type(trainer).__name__}")
-    check_int("iterations", iterations, 1)
-    check_int("meta_batch_size", meta_batch_size, 1)
-    check_int("stop_check_every", stop_check_every, 1)
+    iterations = check_int("iterations", iterations, 1)
+    meta_batch_size = check_int("meta_batch_size", meta_batch_size, 1)
+    stop_check_every = check_int("stop_check_every", stop_check_every, 1)
     check_bool("progress", progress)
     check_bool("handle_signals", handle_signals)
     if checkpoint_every is not None:
-        check_int("checkpoint_every", checkpoint_every, 1)
+        checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
         if checkpoint_dir is None:
             raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
     if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):

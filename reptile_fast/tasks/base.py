@@ -209,10 +209,10 @@ def sample_indices(
     that the seed draws at every inner step.  Drawn on the generator's device (CPU by default)
     and moved to ``device``, so a seeded generator gives the same plan wherever it is used.
     """
-    _check_positive_int("n_tasks", n_tasks)
-    _check_positive_int("inner_steps", inner_steps)
-    _check_positive_int("n_points", n_points)
-    _check_positive_int("batch_size", batch_size)
+    n_tasks = _check_positive_int("n_tasks", n_tasks)
+    inner_steps = _check_positive_int("inner_steps", inner_steps)
+    n_points = _check_positive_int("n_points", n_points)
+    batch_size = _check_positive_int("batch_size", batch_size)
     if batch_size > n_points:
         raise ValueError(
             f"batch_size ({batch_size}) must not exceed n_points ({n_points}): "

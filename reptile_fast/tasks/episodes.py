@@ -6,6 +6,7 @@ is the class/image draw that the image task families (Omniglot, Mini-ImageNet) s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Optional, Tuple
 
 import torch
@@ -38,7 +39,7 @@ class Episodes:
                 raise TypeError(f"Episodes.{name} must be a TaskBatch, got {type(tb).__name__}")
             if not tb.is_classification:
                 raise TypeError(f"Episodes.{name}.y must be long class labels [tasks, points]")
-        _check_positive_int("ways", self.ways)
+        object.__setattr__(self, "ways", _check_positive_int("ways", self.ways))  # frozen; numpy ints as ints
         s, q = self.support, self.query
         if s.n_tasks != q.n_tasks:
             raise ValueError(f"support has {s.n_tasks} tasks but query has {q.n_tasks}")
@@ -72,8 +73,9 @@ class Episodes:
 def check_ways(ways) -> int:
     """An image task family's N: an int >= 2 (a 1-way "classification" task is scored 100 %
     whatever the model does)."""
-    if isinstance(ways, bool) or not isinstance(ways, int):
+    if isinstance(ways, bool) or not isinstance(ways, Integral):
         raise TypeError(f"ways must be an int, got {type(ways).__name__}")
+    ways = int(ways)
     if ways < 2:
         raise ValueError(f"ways must be >= 2 (N-way classification needs at least 2 classes), got {ways}")
     return ways
@@ -93,9 +95,9 @@ def draw_episode_plan(counts: torch.Tensor, n_tasks: int, ways: int, per_class: 
         ``classes`` long ``[T, ways]`` and ``picks`` long ``[T, ways, per_class]``: positions
         in ``range(counts[class])``, distinct and in random order.
     """
-    _check_positive_int("n_tasks", n_tasks)
-    _check_positive_int("ways", ways)
-    _check_positive_int("per_class", per_class)
+    n_tasks = _check_positive_int("n_tasks", n_tasks)
+    ways = _check_positive_int("ways", ways)
+    per_class = _check_positive_int("per_class", per_class)
     dev = _check_generator(generator)
     n_classes = counts.numel()
     if ways > n_classes:

@@ -115,7 +115,7 @@ def load_omniglot_images(sources, image_size: int = 28) -> OmniglotImages:
     Several sources are merged; an image present in two of them (same alphabet, character and
     file name: small1 and small2 share Greek and Latin) is read once.
     """
-    check_int("image_size", image_size, 1)
+    image_size = check_int("image_size", image_size, 1)
     paths = _sources(sources)
     files: Dict[Tuple[str, str], Dict[str, Path]] = {}  # character -> file name -> its source
     for path in paths:
@@ -308,7 +308,7 @@ def load_official_runs(path: PathLike, image_size: int = 28) -> Tuple[Episodes, 
     episode per run, support ``[R, 20, 1, S, S]`` with labels ``classMM → MM - 1`` and query
     ``[R, 20, 1, S, S]`` labelled through ``class_labels.txt``.  For evaluation only.
     """
-    check_int("image_size", image_size, 1)
+    image_size = check_int("image_size", image_size, 1)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"official runs {path} do not exist")

@@ -52,7 +52,7 @@ class Sine:
 
     def sample_params(self, n_tasks: int, *, generator: Optional[torch.Generator] = None):
         """Amplitudes and phases, float64 ``[n_tasks]`` each, drawn on the generator's device."""
-        _check_positive_int("n_tasks", n_tasks)
+        n_tasks = _check_positive_int("n_tasks", n_tasks)
         dev = _check_generator(generator)
         return self._params(torch.rand(2, n_tasks, generator=generator, device=dev, dtype=torch.float64))
 
@@ -86,10 +86,10 @@ class Sine:
         calls each, in that order), the tasks and the plans' selection are computed once for all
         rounds.  Returns tasks ``[n_steps · n_tasks, ...]`` and long plans ``[n_steps · n_tasks,
         plan_rows, batch_size]``, meta-step-major (``loop.StreamSampler``'s chunks)."""
-        _check_positive_int("n_steps", n_steps)
-        _check_positive_int("n_tasks", n_tasks)
-        _check_positive_int("plan_rows", plan_rows)
-        _check_positive_int("batch_size", batch_size)
+        n_steps = _check_positive_int("n_steps", n_steps)
+        n_tasks = _check_positive_int("n_tasks", n_tasks)
+        plan_rows = _check_positive_int("plan_rows", plan_rows)
+        batch_size = _check_positive_int("batch_size", batch_size)
         if batch_size > self.n_points:
             raise ValueError(f"batch_size ({batch_size}) must not exceed n_points ({self.n_points}): "
                              f"a minibatch holds distinct points")
