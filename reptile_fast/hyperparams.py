@@ -59,7 +59,10 @@ class HyperParameters:
     @inner_batch_size.setter
     def inner_batch_size(self, value) -> None:
         self._not_fitting("inner_batch_size")
-        self._inner_batch_size = check_int("inner_batch_size", value)
+        value = check_int("inner_batch_size", value)
+        if getattr(self, "backend", None) is not None:  # not yet while the trainer is built
+            self.backend.check_batch_size(self.model, value)
+        self._inner_batch_size = value
 
     @property
     def outer_lr(self) -> float:

@@ -104,7 +104,8 @@ class Reptile(HyperParameters):
             self.compiled_options = check_compiled_options(backend_options)
             check_compiled_supported(model, self.config, self.device, outer_optimizer)
             backend, backend_options = "torch", None
-        self.backend = resolve_backend(backend, model, self.device, self.config, backend_options)
+        self.backend = resolve_backend(backend, model, self.device, self.config, backend_options,
+                                       batch_size=self.inner_batch_size)
         if hasattr(self.backend, "validate") and "validate" not in (backend_options or {}):
             # The trainer checks plans and labels where they enter (InputChecker, checked samplers):
             # a backend's own per-call check would read the device every meta-step.

@@ -178,3 +178,24 @@ def test_reptile_picks_the_fused_stepper(device):
         torch.testing.assert_close(a.cpu(), b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
     with pytest.raises(ValueError, match="own outer update"):
         tri.fit(Sine(), 4, meta_batch_size=2, progress=False, reducer=lambda d, l: (d, l))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_v2_inner_batch_beyond_its_limit_is_refused_when_the_trainer_is_built(device):
+    """Kernel v2 runs inner minibatches of up to 32 points: a trainer with 33 used to be built and
+    fail at its first meta-step; it is refused at construction and when inner_batch_size is set,
+    and v1 (or auto) still takes it."""
+    from reptile_fast.kernels.mlp_meta_step_v2 import MAX_BATCH_V2
+
+    model = MLP().to(device)
+    too_big = MAX_BATCH_V2 + 1
+    with pytest.raises(UnsupportedModelError, match=f"inner batches up to {MAX_BATCH_V2}, got {too_big}"):
+        Reptile(model, backend="triton", inner_batch_size=too_big, backend_options={"kernel": "v2"})
+    with pytest.raises(UnsupportedModelError, match="inner batches up to"):
+        Reptile(model, backend="triton", inner_batch_size=too_big, backend_options={"kernel": "v2", "fused": True})
+    trainer = Reptile(model, backend="triton", inner_batch_size=MAX_BATCH_V2, backend_options={"kernel": "v2"})
+    with pytest.raises(UnsupportedModelError, match="inner batches up to"):
+        trainer.inner_batch_size = too_big
+    assert trainer.inner_batch_size == MAX_BATCH_V2  # unchanged by the refused setting
+    assert Reptile(model, backend="triton", inner_batch_size=too_big,
+                   backend_options={"kernel": "v1"}).inner_batch_size == too_big

@@ -49,15 +49,18 @@ def get_backend(name: str, **options) -> Backend:
 
 
 def resolve_backend(name: str, model, device: torch.device, config: InnerConfig,
-                    options: dict | None = None) -> Backend:
+                    options: dict | None = None, batch_size: int | None = None) -> Backend:
     """The backend for ``name``; for "auto", the fastest registered one that supports the model.
 
     A named backend that cannot run the model raises ``UnsupportedModelError`` saying why.
-    ``options`` go to the named backend's constructor (not allowed with "auto").
+    ``options`` go to the named backend's constructor (not allowed with "auto").  With
+    ``batch_size``, the inner minibatch size is checked too.
     """
     if name != "auto":
         backend = get_backend(name, **(options or {}))
         backend.check_supported(model, device, config)
+        if batch_size is not None:
+            backend.check_batch_size(model, batch_size)
         return backend
     if options:
         raise ValueError("backend_options need a named backend, not 'auto'")
@@ -69,6 +72,8 @@ def resolve_backend(name: str, model, device: torch.device, config: InnerConfig,
             if not backend.auto_candidate(device):
                 continue
             backend.check_supported(model, device, config)
+            if batch_size is not None:
+                backend.check_batch_size(model, batch_size)
         except (UnsupportedModelError, ImportError):
             continue
         return backend

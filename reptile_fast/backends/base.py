@@ -99,6 +99,11 @@ class Backend:
     def check_supported(self, model: nn.Module, device: torch.device, config: InnerConfig) -> None:
         """Raise ``UnsupportedModelError`` naming what this backend cannot run; None when it can."""
 
+    def check_batch_size(self, model: nn.Module, batch_size: int) -> None:
+        """Raise ``UnsupportedModelError`` when this backend cannot run inner minibatches of
+        ``batch_size`` points (checked when the trainer is built and when its
+        ``inner_batch_size`` changes, not at the first meta-step)."""
+
     def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
                    config: InnerConfig) -> InnerResult:
         """Run every task's inner loop from the model's current parameters φ.

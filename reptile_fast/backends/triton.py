@@ -268,6 +268,12 @@ class TritonBackend(Backend):
                 raise UnsupportedModelError(f"backend 'triton': parameter '{n}' is on {p.device}, not {device}")
         self._check_config(config)
 
+    def check_batch_size(self, model: nn.Module, batch_size: int) -> None:
+        if self.kernel == "v2":
+            reason = _kernels_v2().unsupported_reason(self._spec(model).dims, batch_size)
+            if reason:
+                raise UnsupportedModelError(f"backend 'triton': {reason}")
+
     @staticmethod
     def _check_config(config: InnerConfig) -> str:
         if config.optimizer != "sgd":
