@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from .backends import BACKENDS
 from .validation import argparse_number as _number
+from .validation import check_device
 
 __all__ = ["main", "build_parser"]
 
@@ -96,8 +97,6 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     import dataclasses
     from pathlib import Path
 
-    import torch
-
     from .checkpoint import load_checkpoint, resolve_checkpoint_path
     from .distributed import DistributedError, is_main
     from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
@@ -128,16 +127,9 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     try:
-        device = torch.device(config.device)
-    except RuntimeError:
-        parser.error(f"--device: unknown device {config.device!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error(f"--device {config.device}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            parser.error(f"--device {config.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif device.type != "cpu":
-        parser.error(f"--device {config.device}: the sine job runs on cpu or cuda")
+        check_device(config.device, what="--device", allowed=("cpu", "cuda"), job="the sine job")
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
     main_rank = is_main()  # rank 0 of a torchrun job (or the only process) prints the results
     try:
         metrics = run_sine(config, out, progress=not args.no_progress, resume=resume)

@@ -27,7 +27,7 @@ from .jobs import check_seed, check_threads, derived_seed, resume_hint, train_jo
 from .models import OmniglotConvNet
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
-from .validation import check_float, check_int
+from .validation import check_device, check_float, check_int
 
 __all__ = ["OmniglotConfig", "omniglot_preset", "run_omniglot", "run_omniglot_runs", "add_parser",
            "run_command", "config_from_args", "load_trained", "OMNIGLOT_JOB"]
@@ -434,15 +434,9 @@ def _err(message: str, code: int = 2) -> int:
 def _check_device(name: str, what: str = "--device") -> Optional[str]:
     """What is wrong with the job's device ``name`` (None: nothing), worded for ``what``."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        return f"{what}: unknown device {name!r}"
-    if device.type not in ("cpu", "cuda"):
-        return f"{what} {name}: the omniglot job runs on cpu or cuda"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return f"{what} {name}: CUDA is not available on this machine"
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        return f"{what} {name}: only {torch.cuda.device_count()} CUDA device(s) visible"
+        check_device(name, what=what, allowed=("cpu", "cuda"), job="the omniglot job")
+    except (TypeError, ValueError) as exc:
+        return str(exc)
     return None
 
 

@@ -1,12 +1,13 @@
 """Argument checks shared by the API, the jobs and the drop-in: one wording for every message."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
 from numbers import Integral, Real
 
-__all__ = ["check_int", "check_float", "check_meta_model", "check_inner_options", "argparse_number"]
+__all__ = ["check_int", "check_float", "check_device", "check_meta_model", "check_inner_options", "argparse_number"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -40,6 +41,62 @@ def check_float(name: str, value, *, allow_zero: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
     return value
+
+
+def check_device(device, *, what: str = "device", allowed=None, job: str = "this", check_index: bool = True):
+    """``device`` (a ``torch.device``, a name such as "cuda:1", or an index) as a ``torch.device``.
+
+    TypeError for another kind of object; ValueError naming ``what`` for an unknown name, a type
+    outside ``allowed`` (e.g. ``("cpu", "cuda")``: "``job`` runs on cpu or cuda"; None allows any)
+    or a device this machine does not have (``check_index=False``: the type only, where the index is
+    chosen later, as torchrun's LOCAL_RANK does).  The one check behind every device argument: torch's
+    own errors come later and from deep inside (a RuntimeError listing every device type it knows).
+    """
+    import torch
+
+    if not isinstance(device, torch.device):
+        if isinstance(device, bool) or not isinstance(device, (str, Integral)):
+            raise TypeError(f"{what} must be a torch.device or a name such as 'cpu' or 'cuda', got "
+                            f"{type(device).__name__}")
+        try:
+            device = torch.device(device if isinstance(device, str) else int(device))
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(f"{what}: unknown device {device!r} (a torch.device or a name such as 'cpu', "
+                             f"'cuda' or 'cuda:1')") from None
+    if allowed is not None and device.type not in allowed:
+        raise ValueError(f"{what} {device}: {job} runs on {' or '.join(allowed)}")
+    problem = device_unavailable(device if check_index else torch.device(device.type))
+    if problem:
+        raise ValueError(f"{what} {device}: {problem}")
+    return device
+
+
+def device_unavailable(device) -> str:
+    """Why tensors cannot be made on ``device`` ("" if they can)."""
+    import torch
+
+    if device.type in ("cpu", "meta"):
+        return ""
+    if device.type == "cuda":  # asked each time: cheap, and tests may pretend either way
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this machine"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"only {torch.cuda.device_count()} CUDA device(s) visible"
+        return ""
+    return _probe(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(name: str) -> str:
+    """For other device types (mps, xpu, ...): make an empty tensor there, once per name (a
+    sampler asks on every draw)."""
+    import torch
+
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as exc:
+        return f"not available on this machine ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return ""
 
 
 def check_materialised(param) -> None:

@@ -98,7 +98,7 @@ def test_distributed_fit_names_a_trainer_that_is_not_one(trainer):
 
 
 @pytest.mark.parametrize("device, exc, words", [
-    ("gpu0", ValueError, "device must be a torch.device or a name"),
+    ("gpu0", ValueError, "unknown device .gpu0."),
     (1.5, TypeError, "device must be a torch.device or a name"),
     pytest.param("cuda", ValueError, "CUDA is not available", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="CUDA is available here")),

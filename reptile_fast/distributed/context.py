@@ -20,6 +20,8 @@ from typing import Any, Callable, List, Optional, Union
 
 import torch
 
+from ..validation import check_device
+
 __all__ = ["DistContext", "DistributedError", "setup_from_env", "DEFAULT_TIMEOUT_S", "TORCHRUN_VARIABLES"]
 
 #: Seconds a collective (or the rendezvous) may wait for the other ranks before the job stops.
@@ -44,18 +46,10 @@ class DistributedError(RuntimeError):
         self.what = what
 
 
-def _check_device(device) -> torch.device:
-    """``device`` as a ``torch.device``; ValueError naming a bad name (torch raises a RuntimeError
-    listing every device type it knows)."""
-    if isinstance(device, torch.device):
-        return device
-    if isinstance(device, bool) or not isinstance(device, (str, int)):
-        raise TypeError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got "
-                        f"{type(device).__name__}")
-    try:
-        return torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from None
+def _check_device(device, check_index: bool = True) -> torch.device:
+    """``device`` as a ``torch.device``: TypeError/ValueError naming a bad, unavailable or
+    non-cpu/cuda one."""
+    return check_device(device, allowed=("cpu", "cuda"), job="distributed training", check_index=check_index)
 
 
 def _env_int(name: str, minimum: int) -> int:
@@ -318,11 +312,8 @@ def setup_from_env(*, device: Union[str, torch.device, None] = None, timeout=Non
     """
     import torch.distributed as dist
 
-    dev = _check_device(device) if device is not None else torch.device("cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"distributed training runs on cpu or cuda, got device {dev}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {dev} was asked for but CUDA is not available on this machine")
+    # under torchrun a CUDA index is replaced by LOCAL_RANK: only the type must be available here
+    dev = _check_device(device, check_index=False) if device is not None else torch.device("cpu")
     if backend is not None and backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if dist.is_available() and dist.is_initialized():

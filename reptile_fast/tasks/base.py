@@ -6,14 +6,13 @@ minibatches, so equivalence tests can compare backends to the last float.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
 from ..native_select import smallest_k
-from ..validation import check_int
+from ..validation import check_device, check_int
 
 __all__ = ["TaskBatch", "TaskDistribution", "sample_indices", "concat_draws"]
 
@@ -164,29 +163,7 @@ def _check_generator(generator) -> torch.device:
 
 def _check_device(device):
     """``device`` as a ``torch.device`` (None stays None); ValueError naming a bad or unavailable one."""
-    if device is None:
-        return device
-    if not isinstance(device, torch.device):
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from None
-    if device.type not in ("cpu", "meta"):
-        problem = _unavailable(str(device))
-        if problem:
-            raise ValueError(f"device {device} is not available on this machine: {problem}")
-    return device
-
-
-@functools.lru_cache(maxsize=None)
-def _unavailable(name: str) -> str:
-    """Why tensors cannot be made on device ``name`` ("" if they can); asked once per name, since
-    a sampler asks on every draw (torch would raise its own RuntimeError/AssertionError later)."""
-    try:
-        torch.empty(0, device=name)
-    except (RuntimeError, AssertionError) as exc:
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return ""
+    return None if device is None else check_device(device)
 
 
 def _check_positive_int(name: str, value) -> int:
