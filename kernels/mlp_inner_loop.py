@@ -765,7 +765,7 @@ def _check_values(indices: torch.Tensor, steps: int, n_points: int, y: torch.Ten
         raise ValueError(f"indices must lie in [0, {n_points}) (the tasks' points); the plan has values "
                          f"outside it")
     if bad[-1] and loss == "cross_entropy":
-        raise ValueError(f"class labels y must lie in [0, {n_classes}) for a model with {n_classes} outputs")
+        raise ValueError(f"class labels must lie in [0, {n_classes}) for a model with {n_classes} outputs")
 
 
 def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.device) -> None:

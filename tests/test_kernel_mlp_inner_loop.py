@@ -338,7 +338,7 @@ def test_launcher_checks_class_labels_and_takes_numpy_scalars():
     x, labels = torch.randn(2, 8, 3, generator=g), torch.randint(0, 4, (2, 8), generator=g)
     indices = sample_indices(2, 2, 8, 4, generator=g)
     acts = list(spec.activations)
-    with pytest.raises(ValueError, match=r"class labels y must lie in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 4\)"):
         K.mlp_inner_loop(x, _poke_labels(labels, 4), indices, params, acts, lr=0.1, loss="cross_entropy")
     want = K.mlp_inner_loop(x, labels, indices, params, acts, lr=0.1, loss="cross_entropy")
     got = K.mlp_inner_loop(x, labels, indices, params, acts, lr=np.float32(0.1), loss="cross_entropy",

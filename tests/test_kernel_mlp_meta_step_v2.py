@@ -460,7 +460,7 @@ def test_every_launcher_checks_plan_values_and_labels():
     model = MLP(3, 16, 5, activation="relu")
     spec, _, phi = spec_of(model)
     labels[1, 7] = 5
-    with pytest.raises(ValueError, match=r"class labels y must lie in \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 5\)"):
         V.meta_step(x, labels, a["indices"], phi, spec.dims, list(spec.activations), lr=0.1, eps=0.5,
                     loss="cross_entropy")
 

@@ -309,18 +309,8 @@ class TritonBackend(Backend):
         if indices.device != x.device:
             raise ValueError(f"indices are on {indices.device} but the tasks on {x.device}")
         if self.validate:
-            # one sync for both checks: out-of-range values would read outside the task's rows
-            bad = ((indices < 0) | (indices >= tasks.n_points)).any()
-            if loss == "cross_entropy":
-                bad_labels = ((y < 0) | (y >= spec.dims[-1])).any()
-                flags = torch.stack([bad, bad_labels]).tolist()
-            else:
-                flags = [bool(bad), False]
-            if flags[0]:
-                raise ValueError(f"indices must lie in [0, {tasks.n_points})")
-            if flags[1]:
-                raise ValueError(f"class labels must lie in [0, {spec.dims[-1]}) for a model with "
-                                 f"{spec.dims[-1]} outputs")
+            # the launchers' own check (one sync for plan and labels), on every row of the plan
+            _kernels()._check_values(indices, indices.shape[1], tasks.n_points, y, loss, spec.dims[-1])
 
     def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
                    config: InnerConfig) -> InnerResult:
