@@ -290,3 +290,47 @@ def test_every_rank_reports_the_signal_another_rank_received(three_ranks):
         assert res["error"] is not None and res["error"][0] == "TrainingInterrupted", res["error"]
         assert "interrupted by SIGINT after meta-step 2 of 6" in res["error"][1], res["error"]
     assert load_checkpoint(three_ranks / "sigint")["trainer"]["iteration"] == 2
+
+
+def test_stop_agreements_come_sooner_when_meta_steps_are_slow(monkeypatch):
+    """The ranks agree on stopping every stop_check_every meta-steps at most, and after about
+    STOP_CHECK_SECONDS of meta-steps when they are slow: at 10 s per meta-step, 10 meta-steps
+    between agreements made a SIGTERM wait ~100 s, past torchrun's 30 s before its SIGKILL."""
+    from reptile_fast.distributed import training as T
+    from reptile_fast.signals import DeferredSignals
+
+    clock = [0.0]
+    monkeypatch.setattr(T.time, "monotonic", lambda: clock[0])
+
+    class Ctx:  # a distributed context whose all-reduce is the identity (one rank's view)
+        is_distributed, device = True, torch.device("cpu")
+
+        def all_reduce_(self, t, what, op="sum"):
+            assert op == "max"
+            return t
+
+    class Loop:
+        iteration = 0
+        stopped = False
+
+        def stop(self):
+            self.stopped = True
+
+    def agreements_at(seconds_per_step, steps=40):
+        cb = T._RankCallback(Ctx(), DeferredSignals(), None, 10, agree=True)
+        loop = Loop()
+        cb.on_start(loop)
+        at = []
+        for i in range(1, steps + 1):
+            clock[0] += seconds_per_step
+            loop.iteration = i
+            before = cb.agreements
+            cb.on_chunk_end(loop, read=False)
+            if cb.agreements > before:
+                at.append(i)
+        return at
+
+    assert agreements_at(0.01) == [1, 11, 21, 31]               # fast: every 10, after a first measure
+    assert agreements_at(1.0) == [1, 6, 11, 16, 21, 26, 31, 36]  # 5 s worth
+    assert agreements_at(10.0, 5) == [1, 2, 3, 4, 5]             # slower than 5 s: every meta-step
+    assert T.next_agreement_gap(0.0, 10) == 10 and T.next_agreement_gap(float("nan"), 10) == 10

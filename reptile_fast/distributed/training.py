@@ -12,6 +12,7 @@ every rank at the same read.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
@@ -26,9 +27,13 @@ from .sampler import DEFAULT_BLOCK_SIZE, IndexedSampler
 
 __all__ = ["distributed_fit", "DEFAULT_STOP_CHECK_EVERY"]
 
-#: meta-steps between the ranks' agreements on stopping after SIGINT/SIGTERM (a 1-float
-#: all-reduce; only while checkpointing).  torchrun gives workers 30 s after its SIGTERM.
+#: meta-steps between the ranks' agreements on stopping after SIGINT/SIGTERM (a 2-float
+#: all-reduce; only while checkpointing), at most.  torchrun gives workers 30 s after its SIGTERM.
 DEFAULT_STOP_CHECK_EVERY = 10
+#: ... and at most about this many seconds of meta-steps, as measured by the slowest rank: slow
+#: meta-steps (a large model, a loaded machine) make the agreements more frequent, so that the
+#: ranks stop, and rank 0 writes its checkpoint, well within torchrun's 30 s.
+STOP_CHECK_SECONDS = 5.0
 
 
 class _RankCallback(Callback):
@@ -36,8 +41,11 @@ class _RankCallback(Callback):
 
     * reads at the checkpoint meta-steps on every rank (rank 0 reads there to save), so every
       rank reads — and sees a non-finite step — at the same meta-steps;
-    * every ``stop_every`` meta-steps, one all-reduce of "did this rank receive a signal": when
-      any did, every rank stops after that same meta-step.
+    * at most every ``stop_every`` meta-steps (fewer when meta-steps are slow: about
+      ``STOP_CHECK_SECONDS`` of them), one all-reduce of "did this rank receive a signal" and of
+      the seconds per meta-step since the last agreement: when any rank received a signal, every
+      rank stops after that same meta-step.  The next agreement's meta-step is computed from the
+      reduced (identical) values, so every rank enters it at the same meta-step.
     """
 
     def __init__(self, context: DistContext, signals: DeferredSignals, checkpoint_every: Optional[int],
@@ -50,6 +58,14 @@ class _RankCallback(Callback):
         self.agree = agree
         self.stopped = False
         self.signum: Optional[int] = None  # the signal the ranks stopped on
+        self.agreements = 0  # all-reduces made (tests count them)
+        self._next = self._last_iteration = 0
+        self._last_time = 0.0
+
+    def on_start(self, loop) -> None:
+        # the first agreement after one meta-step: it measures how long they take
+        self._last_iteration, self._last_time = loop.iteration, time.monotonic()
+        self._next = loop.iteration + 1
 
     def wants_read(self, loop) -> bool:
         return self.checkpoint_every is not None and loop.iteration % self.checkpoint_every == 0
@@ -62,15 +78,29 @@ class _RankCallback(Callback):
                 self.signum, self.stopped = self.signals.received, True
                 loop.stop()
             return
-        if loop.iteration % self.stop_every == 0:  # the same meta-steps on every rank
+        if loop.iteration >= self._next:  # the same meta-steps on every rank
             # the largest signal number any rank received (0: none), so every rank reports the
-            # same signal and exits with the same 128 + signal
-            received = torch.tensor([float(self.signals.received or 0)], device=self.context.device)
-            signum = int(self.context.all_reduce_(received, f"agreement on stopping after meta-step {loop.iteration}",
-                                                  op="max").item())
+            # same signal and exits with the same 128 + signal; the slowest rank's time per step
+            steps = max(loop.iteration - self._last_iteration, 1)
+            values = torch.tensor([float(self.signals.received or 0), (time.monotonic() - self._last_time) / steps],
+                                  dtype=torch.float64, device=self.context.device)
+            signum, per_step = self.context.all_reduce_(
+                values, f"agreement on stopping after meta-step {loop.iteration}", op="max").tolist()
+            self.agreements += 1
             if signum:
-                self.signum, self.stopped = signum, True
+                self.signum, self.stopped = int(signum), True
                 loop.stop()
+                return
+            self._next = loop.iteration + next_agreement_gap(per_step, self.stop_every)
+            self._last_iteration, self._last_time = loop.iteration, time.monotonic()
+
+
+def next_agreement_gap(seconds_per_step: float, at_most: int) -> int:
+    """Meta-steps until the next stop agreement: ``at_most``, or fewer so that they take about
+    ``STOP_CHECK_SECONDS`` at ``seconds_per_step``; at least 1."""
+    if not seconds_per_step > 0:
+        return at_most
+    return max(1, min(at_most, int(STOP_CHECK_SECONDS / seconds_per_step)))
 
 
 def _check_ranks_agree(ctx: DistContext, settings: Dict[str, Any]) -> None:
