@@ -34,6 +34,10 @@ __all__ = ["TaskBatch", "sample_indices", "InnerConfig", "InnerResult", "NonFini
 Reducer = Callable[[List[torch.Tensor], torch.Tensor], Tuple[List[torch.Tensor], torch.Tensor]]
 
 
+#: the end of every NonFiniteError message from the trainer (the drop-in words it its own way)
+NONFINITE_HINT = "Lower inner_lr/outer_lr or check the data."
+
+
 class NonFiniteError(FloatingPointError):
     """A meta-step produced a NaN or infinite loss or update; φ was left as it was before it.
 
@@ -128,5 +132,5 @@ class OuterUpdate:
             self._first_bad.zero_()
             raise NonFiniteError(
                 f"meta-step {bad}: non-finite inner loss or update (NaN/inf); the parameters were left "
-                f"as they were after meta-step {bad - 1} and no later meta-step was applied. Lower "
-                f"inner_lr/outer_lr or check the data.", iteration=bad)
+                f"as they were after meta-step {bad - 1} and no later meta-step was applied. {NONFINITE_HINT}",
+                iteration=bad)

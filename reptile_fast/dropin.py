@@ -29,6 +29,7 @@ exact comparisons; pass a ``sample_task`` that replays recorded tasks to fix tho
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from .backends import BACKENDS, UnsupportedModelError
 from .compat import check_plan_shape
-from .core import OuterUpdate
+from .core import NONFINITE_HINT, NonFiniteError, OuterUpdate
 from .loop import PlanSampler, ProgressCallback, Sampler, TrainingLoop
 from .seed_recognition import SEED_INNER_LR, classify_inner_loop, is_seed_sample_task, points, standard_inner_loop
 from .steppers import DEFAULT_CHUNK, Stepper
@@ -289,6 +290,18 @@ def _run_reference_path(model, nb_iterations, sample_task, inner, k, epsilon, me
             "ms_per_iteration": 1e3 * loop.train_seconds / nb_iterations, "mode": None, "fallback_reason": None}
 
 
+@contextlib.contextmanager
+def _dropin_words():
+    """A ``NonFiniteError`` worded for the seed's call, which has no ``inner_lr``/``outer_lr``."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        hint = ("Lower epsilon (or, with your own perform_k_training_steps, its learning rate) or check "
+                "what sample_task returns.")
+        raise NonFiniteError(str(exc).replace(NONFINITE_HINT, hint), iteration=exc.iteration,
+                             checkpoint=exc.checkpoint, checkpoint_iteration=exc.checkpoint_iteration) from None
+
+
 # ---------------------------------------------------------------------- the entry point
 def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
             perform_k_training_steps: Optional[Callable] = None, k: int = 1, epsilon: float = 0.1, *,
@@ -348,8 +361,9 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         warnings.warn(f"reptile_fast.reptile runs the reference loop (the seed's speed): {reason}",
                       ReferencePathWarning, stacklevel=2)
         inner = perform_k_training_steps if perform_k_training_steps is not None else standard_inner_loop
-        stats.update(_run_reference_path(model, nb_iterations, sample_task, inner, k, epsilon, meta_batch_size,
-                                         first, progress))
+        with _dropin_words():
+            stats.update(_run_reference_path(model, nb_iterations, sample_task, inner, k, epsilon, meta_batch_size,
+                                             first, progress))
         stats.update(path="reference", backend="reference", inner_steps=None, inner_batch_size=None)
         return stats
 
@@ -394,9 +408,10 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         sampler = PlanSampler(source, indices.to(trainer.device), generator=generator, device=trainer.device,
                               check=lambda t: trainer.checker.tasks(t, 1), draw_chunks=True)
     # a chunk's draws at once (Reptile.fit's draw_chunks): the compiled path's speed at meta-batch 1
-    history = trainer.fit(source, nb_iterations, meta_batch_size=meta_batch_size, generator=generator,
-                          progress=progress, sampler=sampler, handle_signals=False,
-                          draw_chunks=sampler is None)
+    with _dropin_words():
+        history = trainer.fit(source, nb_iterations, meta_batch_size=meta_batch_size, generator=generator,
+                              progress=progress, sampler=sampler, handle_signals=False,
+                              draw_chunks=sampler is None)
     fit_stats = trainer.last_fit_stats
     stats.update(path=fit_stats["stepper"], backend=fit_stats["stepper"], mode=fit_stats["mode"],
                  fallback_reason=fit_stats["fallback_reason"], compile_seconds=fit_stats["compile_seconds"],

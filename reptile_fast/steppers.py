@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .backends.base import Backend, InnerConfig, UnsupportedModelError
-from .core import NonFiniteError, OuterUpdate, Reducer, local_mean, per_task_deltas
+from .core import NONFINITE_HINT, NonFiniteError, OuterUpdate, Reducer, local_mean, per_task_deltas
 from .losses import loss_name
 from .mlp_math import FAST_LOSSES
 from .mlp_spec import MLPSpec, cached_mlp_spec
@@ -288,5 +288,5 @@ class CompiledStepper(Stepper):
         it = first_iteration + bad
         raise NonFiniteError(
             f"meta-step {it}: non-finite inner loss or update (NaN/inf); the parameters were left as "
-            f"they were after meta-step {it - 1} and no later meta-step was applied. Lower "
-            f"inner_lr/outer_lr or check the data.", iteration=it)
+            f"they were after meta-step {it - 1} and no later meta-step was applied. {NONFINITE_HINT}",
+            iteration=it)

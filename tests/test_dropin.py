@@ -378,10 +378,27 @@ def test_nan_raises_and_keeps_parameters():
 
     model = reference.MLP()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(reptile_fast.NonFiniteError, match="non-finite"):
+    with pytest.raises(reptile_fast.NonFiniteError, match="non-finite") as info:
         reptile_fast.reptile(model, 3, bad_task, **EAGER, progress=False)
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
+    # in the words of the seed's call, which has no inner_lr/outer_lr arguments
+    assert "Lower epsilon" in str(info.value) and "inner_lr" not in str(info.value)
+    assert info.value.iteration == 1
+
+
+def test_nan_on_the_reference_path_is_worded_for_the_seed_call():
+    def perform(model, task, k):  # a custom inner loop: the reference path
+        return reference.perform_k_training_steps(model, task, k)
+
+    def nan_task():
+        x, y, loss = reference.sample_task()
+        return x, y * float("nan"), loss
+
+    with pytest.warns(reptile_fast.ReferencePathWarning):
+        with pytest.raises(reptile_fast.NonFiniteError, match="Lower epsilon") as info:
+            reptile_fast.reptile(reference.MLP(), 3, nan_task, perform, progress=False)
+    assert "inner_lr" not in str(info.value) and info.value.iteration == 1
 
 
 # ---------------------------------------------------------------------- bad input

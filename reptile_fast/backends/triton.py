@@ -54,7 +54,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from ..core import NonFiniteError
+from ..core import NONFINITE_HINT, NonFiniteError
 from ..losses import loss_name
 from ..mlp_spec import MLPSpec, cached_mlp_spec
 from ..steppers import Stepper
@@ -614,5 +614,4 @@ class TritonFusedStepper(Stepper):
         if not healthy:
             self._state.copy_(_guard().new_state(self.device))
             raise NonFiniteError(f"meta-step {bad}: non-finite inner loss or update (NaN/inf); the parameters "
-                                 f"were left as they were before that step. Lower inner_lr/outer_lr or check "
-                                 f"the data.", iteration=bad)
+                                 f"were left as they were before that step. {NONFINITE_HINT}", iteration=bad)
