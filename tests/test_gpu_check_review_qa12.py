@@ -1,6 +1,7 @@
 """The GPU check's CUDA-only paths reviewed on the CPU (QA12): the run's hard deadline (a hung GPU
 call must not cost the session its summary or leave children on the GPU), the tool lookup, and
-the JIT-launch compile harness (bench/jit_launches.py) on the installed Triton."""
+the JIT-launch compile harness (bench/jit_launches.py) on the installed Triton, and the
+checkpoint's CUDA RNG states (checked on the CPU: their sizes are torch's, not a device's)."""
 import json
 import os
 import subprocess
@@ -133,3 +134,26 @@ def test_jit_launch_harness_compiles_one_launch_for_sm90(tmp_path):
     assert rows[0]["kernel"] == "_accept_kernel" and rows[0]["num_warps"] == 4
     if rows[0].get("ptxas") is None:  # registers come from the wheel's ptxas when it has one
         assert isinstance(rows[0]["registers"], int) and isinstance(rows[0]["loads"], bool)
+
+
+def test_a_malformed_cuda_rng_state_is_refused_before_any_rng_is_set():
+    """A checkpoint's CUDA RNG states (torch.cuda.get_rng_state_all, a CUDA torch.Generator) were
+    checked for dtype only: a wrong size passed, the CPU, numpy and Python RNGs were restored, and
+    then torch raised "RNG state is wrong size" (on a GPU) or the state was silently not used.
+    Now refused by rng_state_problem, before anything is set (torch takes 16 bytes, or 8)."""
+    import torch
+
+    from reptile_fast.checkpoint import capture_rng_state, restore_rng_state, rng_state_problem
+
+    good = capture_rng_state()
+    u8 = lambda n: torch.zeros(n, dtype=torch.uint8)  # noqa: E731
+    assert rng_state_problem(dict(good, cuda=[u8(16), u8(8)],
+                                  generator={"state": u8(16), "device": "cuda:0"})) is None
+    assert "CUDA RNG state" in rng_state_problem(dict(good, cuda=[u8(16), u8(5)]))
+    assert "16 bytes" in rng_state_problem(dict(good, generator={"state": u8(5016), "device": "cuda"}))
+    old = torch.get_rng_state()
+    torch.rand(3)
+    now = torch.get_rng_state()
+    with pytest.raises(ValueError, match="CUDA RNG state"):
+        restore_rng_state(dict(good, torch=old, cuda=[u8(12)]))
+    assert torch.equal(torch.get_rng_state(), now)
