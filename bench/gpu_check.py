@@ -29,6 +29,10 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
 5. compute-sanitizer memcheck, initcheck, synccheck at T=16, each under a timeout.
 6. ncu SpeedOfLight + Occupancy of one T=4096 v2 meta-step launch (when ncu exists).
 
+A run that cannot end by itself (a GPU call that never returns) is ended ``DEADLINE_GRACE`` s after
+the budget (355 s on a GPU): results.json with the rows made so far, summary.txt, children
+killed, exit code 3.  Give the device tool's run timeout_s >= 360.
+
 Files in OUT_DIR (flat, at most 7: the device tool brings back 8): results.json, gpu_check.log
 (everything printed), compile.json, sanitizer.log, ncu.log, summary.txt (the table printed last),
 sine_gpu_metrics.json (the main job's metrics; the job's other files stay in a temporary folder).
@@ -140,6 +144,10 @@ def _snapshot(results: dict) -> dict:
         except (RuntimeError, ValueError):
             time.sleep(0.05)
     return {"stages": {}, "seconds": {}, "note": "results changed too fast to be copied at the deadline"}
+
+
+#: seconds past the budget at which ``Deadline`` ends a run (345 + 10: before a 6-minute limit)
+DEADLINE_GRACE = 10.0
 
 
 class Deadline:
@@ -1057,8 +1065,9 @@ def main(argv=None) -> int:
     wanted = {s.strip() for s in args.stages.split(",") if s.strip()}
     results = {"stages": {}, "seconds": {}, "budget_s": budget.seconds}
     correctness_rows = []  # stage 3's rows as they are made (in results while it runs)
-    # the hard end of a run that cannot end by itself (a hung GPU call): 45 s past the budget
-    deadline = Deadline(budget.seconds + min(45.0, max(5.0, 0.15 * budget.seconds)), out, results, log).start()
+    # the hard end of a run that cannot end by itself (a hung GPU call): DEADLINE_GRACE s past the
+    # budget, before the device tool's limit for a "<= 6 minutes" run (give it timeout_s >= 360)
+    deadline = Deadline(budget.seconds + DEADLINE_GRACE, out, results, log).start()
     try:
         # (number, name, function, cap in seconds on a GPU)
         stages = [
