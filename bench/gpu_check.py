@@ -174,6 +174,12 @@ class Deadline:
         self._timer.cancel()
 
     def _fire(self) -> None:
+        try:
+            self._write()
+        finally:
+            self._exit(3)
+
+    def _write(self) -> None:
         stage = self.stage
         for proc in list(_CHILDREN):
             _kill_group(proc)
@@ -191,14 +197,11 @@ class Deadline:
         except Exception as exc:  # noqa: BLE001
             lines = [f"summary ERROR {type(exc).__name__}: {exc}"]
         snap["summary"] = lines + [reason]
-        try:
-            save(self.out, snap, "results.json.deadline.tmp")
-            (self.out / "summary.txt").write_text("\n".join(snap["summary"]) + "\n")
-            self.log(f"== {reason}")
-            for line in snap["summary"]:
-                self.log(line)
-        finally:
-            self._exit(3)
+        save(self.out, snap, "results.json.deadline.tmp")
+        (self.out / "summary.txt").write_text("\n".join(snap["summary"]) + "\n")
+        self.log(f"== {reason}")
+        for line in snap["summary"]:
+            self.log(line)
 
 
 # ------------------------------------------------------------------------------------- problems
@@ -400,7 +403,7 @@ def _kill_group(proc) -> None:
     """SIGKILL a child started with ``start_new_session=True`` and everything it started."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # gone (its group id may be reused: not ours then)
         pass
 
 
