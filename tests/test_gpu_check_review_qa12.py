@@ -157,3 +157,25 @@ def test_a_malformed_cuda_rng_state_is_refused_before_any_rng_is_set():
     with pytest.raises(ValueError, match="CUDA RNG state"):
         restore_rng_state(dict(good, torch=old, cuda=[u8(12)]))
     assert torch.equal(torch.get_rng_state(), now)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="subprocess timing")
+def test_sweep_deadline_keeps_the_rows_of_a_hung_T(tmp_path):
+    """The sweep (the session's second GPU call) held a hung run until the tool's limit too, and
+    a T's rows reached sweep.json only when the T was done.  Now rows go into sweep.json's list as
+    they are made and the deadline (budget + 10 s) writes it with a "cut short" row, exit 3."""
+    out = tmp_path / "out"
+    script = ("import sys, time\n"
+              "from bench import gpu_sweep as S\n"
+              "def hung(T, device, width, smoke, budget, log, rows=None):\n"
+              "    rows.append({'T': T, 'config': {}, 'ok': True, 'ms': 1.0, 'tasks_per_s': 1e3 * T})\n"
+              "    time.sleep(120)\n"
+              "S.sweep_T = hung\n"
+              f"sys.exit(S.main(['--cpu-smoke', '--budget', '4', {str(out)!r}]))\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=90)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert rows[0]["ms"] == 1.0 and rows[-1]["status"] == "cut short" and rows[-1]["T"] == 1, rows
