@@ -254,9 +254,13 @@ def rng_state_problem(rng: Mapping[str, Any]) -> Optional[str]:
         return not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != cpu_size
     if bad_cpu_state(rng.get("torch")):
         return f"a malformed torch RNG state (expected a uint8 tensor of {cpu_size} bytes)"
+    cuda_sizes = set(_CUDA_STATE_BYTES)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this torch's own size, whatever it is
+        cuda_sizes.add(torch.cuda.get_rng_state().numel())
+
     def bad_cuda_state(t) -> bool:
         return (not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1
-                or t.numel() not in _CUDA_STATE_BYTES)
+                or t.numel() not in cuda_sizes)
     cuda = rng.get("cuda")
     if cuda is not None and (not isinstance(cuda, (list, tuple)) or any(bad_cuda_state(t) for t in cuda)):
         return "a malformed CUDA RNG state (expected a list of 16-byte uint8 tensors, one per device)"
