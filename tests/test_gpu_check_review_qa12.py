@@ -48,6 +48,7 @@ def test_deadline_ends_a_hung_run_with_its_rows_and_a_summary(tmp_path):
               f"    open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
               "    time.sleep(120)\n"
               "GC.stage_correctness = hung\n"
+              "GC.DEADLINE_GRACE = 1.0  # (10 s on a real run)\n"
               f"sys.exit(GC.main(['--cpu-smoke', '--budget', '8', '--stages', '3', {str(out)!r}]))\n")
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -171,6 +172,8 @@ def test_sweep_deadline_keeps_the_rows_of_a_hung_T(tmp_path):
               "    rows.append({'T': T, 'config': {}, 'ok': True, 'ms': 1.0, 'tasks_per_s': 1e3 * T})\n"
               "    time.sleep(120)\n"
               "S.sweep_T = hung\n"
+              "import bench.gpu_check as GC\n"
+              "GC.DEADLINE_GRACE = 1.0  # (10 s on a real run)\n"
               f"sys.exit(S.main(['--cpu-smoke', '--budget', '4', {str(out)!r}]))\n")
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
