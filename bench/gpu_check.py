@@ -29,6 +29,10 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
 5. compute-sanitizer memcheck, initcheck, synccheck at T=16, each under a timeout.
 6. ncu SpeedOfLight + Occupancy of one T=4096 v2 meta-step launch (when ncu exists).
 
+A run that cannot end by itself (a GPU call that never returns) is ended ``DEADLINE_GRACE`` s after
+the budget (355 s on a GPU): results.json with the rows made so far, summary.txt, children
+killed, exit code 3.  Give the device tool's run timeout_s >= 360.
+
 Files in OUT_DIR (flat, at most 7: the device tool brings back 8): results.json, gpu_check.log
 (everything printed), compile.json, sanitizer.log, ncu.log, summary.txt (the table printed last),
 sine_gpu_metrics.json (the main job's metrics; the job's other files stay in a temporary folder).
@@ -44,6 +48,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -74,17 +79,129 @@ class Log:
         self.f.write(msg + "\n")
 
 
-def save(out: Path, results: dict) -> None:
-    tmp = out / "results.json.tmp"
+def save(out: Path, results: dict, tmp_name: str = "results.json.tmp") -> None:
+    tmp = out / tmp_name
     tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
     tmp.replace(out / "results.json")
 
 
+#: where Nsight Compute installs itself: ``<root>/<version>/ncu`` (e.g. 2025.3.1), not always on PATH
+NSIGHT_COMPUTE_ROOT = Path("/opt/nvidia/nsight-compute")
+
+
 def find_tool(name: str):
-    for p in (shutil.which(name), f"/usr/local/cuda/bin/{name}", f"/opt/nvidia/nsight-compute/{name}"):
-        if p and Path(p).exists():
+    """The tool's path: PATH, the CUDA toolkit's bin, Nsight Compute's install folders (newest
+    version first); None when absent."""
+    candidates = [shutil.which(name), f"/usr/local/cuda/bin/{name}", str(NSIGHT_COMPUTE_ROOT / name)]
+    if name == "ncu" and NSIGHT_COMPUTE_ROOT.is_dir():
+        versions = [d for d in NSIGHT_COMPUTE_ROOT.iterdir() if (d / name).is_file()]
+        candidates += [str(d / name) for d in sorted(versions, key=lambda d: _version_key(d.name), reverse=True)]
+    if name == "compute-sanitizer":
+        candidates.append("/usr/local/cuda/compute-sanitizer/compute-sanitizer")
+    for p in candidates:
+        if p and Path(p).is_file():
             return p
     return None
+
+
+def _version_key(text: str):
+    return tuple(int(p) if p.isdigit() else -1 for p in text.split("."))
+
+
+#: children started in their own session (the compile, the tools, the CLI job): a run cut short
+#: by its deadline kills their process groups, or they keep the GPU through the session's next call
+_CHILDREN: set = set()
+
+
+def _start(cmd, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` in a new session, registered in ``_CHILDREN``."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    _CHILDREN.add(proc)
+    return proc
+
+
+def _run(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(capture_output=True, text=True)`` in its own session, registered in
+    ``_CHILDREN``; on a timeout its whole process group is killed and ``TimeoutExpired`` raised."""
+    proc = _start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        raise
+    finally:
+        _CHILDREN.discard(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _snapshot(results: dict) -> dict:
+    """A JSON copy of ``results`` taken from another thread while the main thread may be adding
+    rows (a dict or list changing size mid-copy raises: try again)."""
+    for _ in range(20):
+        try:
+            return json.loads(json.dumps(results, default=str))
+        except (RuntimeError, ValueError):
+            time.sleep(0.05)
+    return {"stages": {}, "seconds": {}, "note": "results changed too fast to be copied at the deadline"}
+
+
+#: seconds past the budget at which ``Deadline`` ends a run (345 + 10: before a 6-minute limit)
+DEADLINE_GRACE = 10.0
+
+
+class Deadline:
+    """The run's hard end: ``seconds`` after ``start()`` a daemon thread marks the stage in flight
+    (``stage``) as cut short, kills the children in ``_CHILDREN``, writes results.json (every
+    row the stages have recorded so far) and summary.txt, and ends the process with exit code 3.
+
+    A normal run ends well before it (the stages keep to the budget; ``seconds`` is the budget
+    plus a grace).  It is for a run that cannot end: a GPU kernel that never finishes blocks the
+    main thread inside the driver, where no Python timeout reaches, and the device tool would
+    otherwise stop the run at its own limit with no summary and the stage in flight lost."""
+
+    def __init__(self, seconds: float, out: Path, results: dict, log, exit_fn=os._exit):
+        self.seconds, self.out, self.results, self.log, self._exit = seconds, out, results, log, exit_fn
+        self.stage = None
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def start(self) -> "Deadline":
+        self._timer.start()
+        return self
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        try:
+            self._write()
+        finally:
+            self._exit(3)
+
+    def _write(self) -> None:
+        stage = self.stage
+        for proc in list(_CHILDREN):
+            _kill_group(proc)
+        snap = _snapshot(self.results)
+        reason = (f"cut short: the run passed its deadline ({self.seconds:.0f} s, the budget plus a grace) "
+                  f"in stage {stage}; its children were killed")
+        if stage is not None:
+            st = snap.setdefault("stages", {}).get(stage)
+            st = dict(st) if isinstance(st, dict) else {}
+            st.update(status="cut short", reason=reason)
+            snap["stages"][stage] = st
+        snap.setdefault("seconds", {})["total"] = round(self.seconds, 1)
+        try:
+            lines = summary_lines(snap)
+        except Exception as exc:  # noqa: BLE001
+            lines = [f"summary ERROR {type(exc).__name__}: {exc}"]
+        snap["summary"] = lines + [reason]
+        save(self.out, snap, "results.json.deadline.tmp")
+        (self.out / "summary.txt").write_text("\n".join(snap["summary"]) + "\n")
+        self.log(f"== {reason}")
+        for line in snap["summary"]:
+            self.log(line)
 
 
 # ------------------------------------------------------------------------------------- problems
@@ -262,8 +379,7 @@ class BackgroundCompile:
         # its output goes to a file outside OUT (the device tool brings back 8 files), then to the log
         self.output = tempfile.TemporaryFile(mode="w+")
         self.t0, self.deadline = time.monotonic(), time.monotonic() + timeout
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.output, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        self.proc = _start(cmd, cwd=ROOT, env=env, stdout=self.output, stderr=subprocess.STDOUT, text=True)
 
     def finish(self, log) -> dict:
         try:
@@ -273,6 +389,7 @@ class BackgroundCompile:
             _kill_group(self.proc)
             self.proc.wait()
             status = f"timeout after {self.deadline - self.t0:.0f} s"
+        _CHILDREN.discard(self.proc)
         self.seconds = time.monotonic() - self.t0
         self.output.seek(0)
         text = self.output.read()
@@ -286,7 +403,7 @@ def _kill_group(proc) -> None:
     """SIGKILL a child started with ``start_new_session=True`` and everything it started."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # gone (its group id may be reused: not ours then)
         pass
 
 
@@ -294,8 +411,10 @@ def _rel(a, b64):
     return float((a.double().cpu() - b64).norm() / b64.norm().clamp_min(1e-300))
 
 
-def stage_correctness(log, device, smoke):
-    """Every variant at T=64 (smoke: T=4) on NaN-poisoned outputs vs the references."""
+def stage_correctness(log, device, smoke, rows=None):
+    """Every variant at T=64 (smoke: T=4) on NaN-poisoned outputs vs the references.  ``rows``:
+    a list the rows are appended to as they are made (``main`` keeps it in results.json's stage
+    entry, so a run cut short by its ``Deadline`` still reports the rows done)."""
     import torch
 
     from reptile_fast import Reptile
@@ -314,7 +433,7 @@ def stage_correctness(log, device, smoke):
     names = list(ref32.params)
     flat32 = torch.cat([ref32.params[n].reshape(T, -1) for n in names], 1)
     flat64 = torch.cat([ref64.params[n].reshape(T, -1) for n in names], 1)
-    rows = []
+    rows = [] if rows is None else rows
     torch_flat = None
     try:
         from reptile_fast.backends.torch_func import TorchBackend
@@ -593,7 +712,7 @@ def cli_sine_row(log, out: Path, timeout: float, smoke: bool = False) -> dict:
            "REPTILE_FAST_TRITON_CUDA_GRAPHS=1 " + " ".join(["python"] + cmd[1:])}
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = _run(cmd, timeout, cwd=ROOT, env=env)
         row["wall_seconds"] = time.monotonic() - t0
         row["returncode"] = proc.returncode
         row["output_tail"] = (proc.stdout + proc.stderr)[-1500:]
@@ -773,8 +892,7 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
         t0 = time.monotonic()
         # its own process group: on a timeout the tool *and* the python it runs are killed (killing
         # only the tool can leave that python on the GPU through ncu and the session's sweep)
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        proc = _start(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
             text, rc = stdout + stderr, proc.returncode
@@ -783,6 +901,7 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
             stdout, stderr = proc.communicate()
             text = (stdout or "") + (stderr or "")
             rc = f"timeout after {timeout} s"
+        _CHILDREN.discard(proc)
         with open(logf, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n{text}\n[rc {rc}]\n\n")
         summary = [l for l in text.splitlines() if "ERROR SUMMARY" in l or "Duration" in l or "Throughput" in l
@@ -948,69 +1067,84 @@ def main(argv=None) -> int:
         device = torch.device("cuda")
     wanted = {s.strip() for s in args.stages.split(",") if s.strip()}
     results = {"stages": {}, "seconds": {}, "budget_s": budget.seconds}
-    # (number, name, function, cap in seconds on a GPU)
-    stages = [
-        ("1", "env", lambda: stage_env(log, device, args.cpu_smoke), 30),
-        ("2", "compile", lambda: BackgroundCompile(log, out, device, args.cpu_smoke,
-                                                   90 if args.cpu_smoke else min(110, max(20, budget.left() - 220))),
-         110),
-        ("3", "correctness", lambda: stage_correctness(log, device, args.cpu_smoke), 60),
-        ("4", "timing", lambda: stage_timing(log, device, args.cpu_smoke, Budget(min(170, max(10, budget.left() - 75))),
-                                             results, out), 170),
-        ("5", "sanitizer", lambda: stage_tools(log, out, device, "sanitizer", max(10, min(40, (budget.left() - 45) / 3)),
-                                               ("memcheck", "initcheck", "synccheck")), 120),
-        ("6", "ncu", lambda: stage_tools(log, out, device, "ncu", max(10, min(45, budget.left() - 5)), ("ncu",)), 45),
-    ]
-    pending = []  # stage 2's compile, running beside stage 3
-
-    def join_compile():
-        if pending:
-            compile_ = pending.pop()
-            log(f"== stage 2: compile, joined [{budget.elapsed():.0f} s]")
-            try:
-                results["stages"]["compile"] = compile_.finish(log)
-            except Exception as exc:  # noqa: BLE001
-                results["stages"]["compile"] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-            results["seconds"]["compile"] = round(time.monotonic() - compile_.t0, 1)
-            save(out, results)
-
-    for number, name, fn, _cap in stages:
-        if number not in wanted:
-            continue
-        if number >= "4":
-            join_compile()
-        log(f"== stage {number}: {name} [{budget.elapsed():.0f} s]")
-        t0 = time.monotonic()
-        if budget.left() < 5:
-            results["stages"][name] = {"status": "skipped", "reason": "time budget spent"}
-        else:
-            try:
-                result = fn()
-                if isinstance(result, BackgroundCompile):
-                    pending.append(result)
-                    results["stages"][name] = {"status": "running beside stage 3"}
-                    continue
-                results["stages"][name] = result
-            except Exception as exc:  # noqa: BLE001 - the other stages still run
-                log(f"  {name} ERROR {type(exc).__name__}: {exc}")
-                log(traceback.format_exc())
-                results["stages"][name] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-        results["seconds"][name] = round(time.monotonic() - t0, 1)
-        save(out, results)
-    join_compile()
-    results["seconds"]["total"] = round(budget.elapsed(), 1)
+    correctness_rows = []  # stage 3's rows as they are made (in results while it runs)
+    # the hard end of a run that cannot end by itself (a hung GPU call): DEADLINE_GRACE s past the
+    # budget, before the device tool's limit for a "<= 6 minutes" run (give it timeout_s >= 360)
+    deadline = Deadline(budget.seconds + DEADLINE_GRACE, out, results, log).start()
     try:
-        lines = summary_lines(results)
-    except Exception as exc:  # noqa: BLE001
-        lines = [f"summary ERROR {type(exc).__name__}: {exc}"]
-        log(traceback.format_exc())
-    results["summary"] = lines
-    save(out, results)
-    (out / "summary.txt").write_text("\n".join(lines) + "\n")
-    log("")
-    for line in lines:
-        log(line)
-    return 0
+        # (number, name, function, cap in seconds on a GPU)
+        stages = [
+            ("1", "env", lambda: stage_env(log, device, args.cpu_smoke), 30),
+            ("2", "compile", lambda: BackgroundCompile(log, out, device, args.cpu_smoke,
+                                                       90 if args.cpu_smoke else min(110, max(20, budget.left() - 220))),
+             110),
+            ("3", "correctness", lambda: stage_correctness(log, device, args.cpu_smoke, correctness_rows), 60),
+            ("4", "timing", lambda: stage_timing(log, device, args.cpu_smoke, Budget(min(170, max(10, budget.left() - 75))),
+                                                 results, out), 170),
+            ("5", "sanitizer", lambda: stage_tools(log, out, device, "sanitizer", max(10, min(40, (budget.left() - 45) / 3)),
+                                                   ("memcheck", "initcheck", "synccheck")), 120),
+            ("6", "ncu", lambda: stage_tools(log, out, device, "ncu", max(10, min(45, budget.left() - 5)), ("ncu",)), 45),
+        ]
+        pending = []  # stage 2's compile, running beside stage 3
+
+        def join_compile():
+            if pending:
+                deadline.stage = "compile"
+                compile_ = pending.pop()
+                log(f"== stage 2: compile, joined [{budget.elapsed():.0f} s]")
+                try:
+                    results["stages"]["compile"] = compile_.finish(log)
+                except Exception as exc:  # noqa: BLE001
+                    results["stages"]["compile"] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+                results["seconds"]["compile"] = round(time.monotonic() - compile_.t0, 1)
+                save(out, results)
+
+        for number, name, fn, _cap in stages:
+            if number not in wanted:
+                continue
+            if number >= "4":
+                join_compile()
+            log(f"== stage {number}: {name} [{budget.elapsed():.0f} s]")
+            t0 = time.monotonic()
+            deadline.stage = name
+            if name == "correctness":
+                results["stages"][name] = {"status": "running", "rows": correctness_rows}
+            if budget.left() < 5:
+                results["stages"][name] = {"status": "skipped", "reason": "time budget spent"}
+            else:
+                try:
+                    result = fn()
+                    if isinstance(result, BackgroundCompile):
+                        pending.append(result)
+                        results["stages"][name] = {"status": "running beside stage 3"}
+                        continue
+                    results["stages"][name] = result
+                except Exception as exc:  # noqa: BLE001 - the other stages still run
+                    log(f"  {name} ERROR {type(exc).__name__}: {exc}")
+                    log(traceback.format_exc())
+                    prev = results["stages"].get(name)
+                    results["stages"][name] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+                    if isinstance(prev, dict) and prev.get("rows"):  # the rows made before the error
+                        results["stages"][name]["rows"] = prev["rows"]
+            results["seconds"][name] = round(time.monotonic() - t0, 1)
+            save(out, results)
+        join_compile()
+        deadline.stage = None
+        results["seconds"]["total"] = round(budget.elapsed(), 1)
+        try:
+            lines = summary_lines(results)
+        except Exception as exc:  # noqa: BLE001
+            lines = [f"summary ERROR {type(exc).__name__}: {exc}"]
+            log(traceback.format_exc())
+        results["summary"] = lines
+        save(out, results)
+        (out / "summary.txt").write_text("\n".join(lines) + "\n")
+        log("")
+        for line in lines:
+            log(line)
+        return 0
+    finally:
+        deadline.cancel()  # a run that ended (or raised) must not be ended later by the timer
 
 
 if __name__ == "__main__":

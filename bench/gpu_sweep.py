@@ -41,7 +41,9 @@ def settings(T: int, smoke: bool):
         yield {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p}
 
 
-def sweep_T(T, device, width, smoke, budget, log):
+def sweep_T(T, device, width, smoke, budget, log, rows=None):
+    """Every setting at T tasks, checked then timed; rows appended to ``rows`` as they are made
+    (``main`` passes sweep.json's list, so a run cut short by its deadline keeps them)."""
     import torch
 
     from bench.gpu_check import ACTS, EPS, LR, _time_ms, check_variant, problem
@@ -54,7 +56,8 @@ def sweep_T(T, device, width, smoke, budget, log):
     oracle = None
     eps = torch.full((1,), EPS, device=device)
     it = torch.ones(1, dtype=torch.int64, device=device)
-    rows, want = [], None
+    rows = [] if rows is None else rows
+    want = None
     for kw in settings(T, smoke):
         if budget.left() < 10:
             rows.append({"T": T, "config": kw, "status": "skipped", "reason": "time budget spent"})
@@ -106,6 +109,48 @@ def sweep_T(T, device, width, smoke, budget, log):
     return rows
 
 
+class _Deadline:
+    """The sweep's hard end (``bench.gpu_check.Deadline``'s rule: a hung GPU call blocks the main
+    thread where no Python timeout reaches): sweep.json with the rows made so far, a "cut short"
+    row for the T in flight, the table; exit code 3."""
+
+    def __init__(self, seconds, out, results, log, exit_fn=os._exit):
+        import threading
+
+        self.seconds, self.out, self.results, self.log, self._exit = seconds, out, results, log, exit_fn
+        self.T = None
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def start(self):
+        self._timer.start()
+        return self
+
+    def cancel(self):
+        self._timer.cancel()
+
+    def _fire(self):
+        try:
+            from bench.gpu_check import _snapshot
+
+            snap = _snapshot(self.results)
+            snap.setdefault("rows", []).append({"T": self.T, "status": "cut short", "reason": (
+                f"the sweep passed its deadline ({self.seconds:.0f} s, the budget plus a grace) at T={self.T}")})
+            snap["table"] = table([r for r in snap["rows"] if r.get("T") is not None])
+            _write(self.out, snap)
+            self.log(f"== cut short at T={self.T}: the deadline ({self.seconds:.0f} s) passed")
+            for line in snap["table"]:
+                self.log(line)
+        finally:
+            self._exit(3)
+
+
+def _write(out: Path, results: dict) -> None:
+    tmp = out / "sweep.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    tmp.replace(out / "sweep.json")
+
+
 def table(rows):
     lines = []
     for T in sorted({r["T"] for r in rows}):
@@ -151,21 +196,26 @@ def main(argv=None) -> int:
         stamp.update(gpu=p.name, sms=p.multi_processor_count)
     results = {"stamp": stamp, "mode": "cpu-smoke (timings meaningless)" if args.cpu_smoke else "gpu",
                "dims": [1, width, width, 1], "rows": []}
-    for T in Ts:
-        t0 = time.monotonic()
-        try:
-            results["rows"] += sweep_T(T, device, width, args.cpu_smoke, budget, log)
-        except Exception as exc:  # noqa: BLE001
-            results["rows"].append({"T": T, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
-            log(traceback.format_exc())
-        log(f"  T={T} done in {time.monotonic() - t0:.1f} s")
-        results["table"] = table(results["rows"])
-        tmp = out / "sweep.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        tmp.replace(out / "sweep.json")
-    for line in results["table"]:
-        log(line)
-    return 0
+    from bench.gpu_check import DEADLINE_GRACE
+
+    deadline = _Deadline(budget.seconds + DEADLINE_GRACE, out, results, log).start()
+    try:
+        for T in Ts:
+            t0 = time.monotonic()
+            deadline.T = T
+            try:
+                sweep_T(T, device, width, args.cpu_smoke, budget, log, rows=results["rows"])
+            except Exception as exc:  # noqa: BLE001
+                results["rows"].append({"T": T, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
+                log(traceback.format_exc())
+            log(f"  T={T} done in {time.monotonic() - t0:.1f} s")
+            results["table"] = table(results["rows"])
+            _write(out, results)
+        for line in results["table"]:
+            log(line)
+        return 0
+    finally:
+        deadline.cancel()
 
 
 if __name__ == "__main__":

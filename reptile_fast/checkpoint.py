@@ -232,6 +232,9 @@ def _check_generator_compatible(rng: Mapping, generator: Optional[torch.Generato
 
 
 _NUMPY_KEYS = 624    # MT19937's state words (numpy's legacy RandomState)
+#: byte sizes torch's CUDA generators take as a state: seed + Philox offset (16; 8, a seed alone,
+#: torch still accepts); any other size fails in torch.cuda.set_rng_state_all / Generator.set_state
+_CUDA_STATE_BYTES = (16, 8)
 _PYTHON_STATE = 625  # random.getstate()'s internal tuple: 624 words and the position
 
 
@@ -251,10 +254,16 @@ def rng_state_problem(rng: Mapping[str, Any]) -> Optional[str]:
         return not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != cpu_size
     if bad_cpu_state(rng.get("torch")):
         return f"a malformed torch RNG state (expected a uint8 tensor of {cpu_size} bytes)"
+    cuda_sizes = set(_CUDA_STATE_BYTES)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this torch's own size, whatever it is
+        cuda_sizes.add(torch.cuda.get_rng_state().numel())
+
+    def bad_cuda_state(t) -> bool:
+        return (not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1
+                or t.numel() not in cuda_sizes)
     cuda = rng.get("cuda")
-    if cuda is not None and (not isinstance(cuda, (list, tuple))
-                             or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)):
-        return "a malformed CUDA RNG state (expected a list of uint8 tensors)"
+    if cuda is not None and (not isinstance(cuda, (list, tuple)) or any(bad_cuda_state(t) for t in cuda)):
+        return "a malformed CUDA RNG state (expected a list of 16-byte uint8 tensors, one per device)"
     npst = rng.get("numpy")
     if (not isinstance(npst, Mapping) or npst.get("name") != "MT19937"
             or not isinstance(npst.get("keys"), torch.Tensor) or tuple(npst["keys"].shape) != (_NUMPY_KEYS,)
@@ -284,6 +293,8 @@ def rng_state_problem(rng: Mapping[str, Any]) -> Optional[str]:
             return f"a generator state on an unknown device {gen['device']!r}"
         if device.type == "cpu" and bad_cpu_state(gen["state"]):
             return f"a malformed generator state (expected a uint8 tensor of {cpu_size} bytes)"
+        if device.type == "cuda" and bad_cuda_state(gen["state"]):
+            return "a malformed generator state (expected a uint8 tensor of 16 bytes for a CUDA generator)"
     return None
 
 
