@@ -176,14 +176,14 @@ def _patch_host(monkey):
 
     monkey.append((K, "INTERPRETED", K.INTERPRETED))
     monkey.append((V, "INTERPRETED", V.INTERPRETED))
-    monkey.append((V, "_n_programs", V._n_programs))
+    monkey.append((V, "grid_size", V.grid_size))
     K.INTERPRETED = V.INTERPRETED = True
 
     def n_programs(T, device, config):
         cap = config.max_programs if config.max_programs is not None else config.programs_per_sm * SMS
         return max(1, min(T, cap))
 
-    V._n_programs = n_programs
+    V.grid_size = n_programs
 
 
 def run_sites(rec: Recorder, quick: bool) -> None:

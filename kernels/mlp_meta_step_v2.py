@@ -77,7 +77,7 @@ __all__ = [
     "ACCURACY", "MAX_LAYERS", "MAX_FEATURES_V2", "MAX_BATCH_V2", "NARROW_MAX", "PRECISIONS",
     "INTERPRETED", "V2Config", "MetaStepResult", "supports_v2", "unsupported_reason", "feature_tile",
     "param_layout", "n_flat_params", "flat_params", "unflatten_params", "meta_step", "guarded_meta_step",
-    "inner_loop", "compile_for_target",
+    "inner_loop", "compile_for_target", "grid_size",
 ]
 
 #: loss name -> compile-time code (as v1)
@@ -937,7 +937,9 @@ def _scratch(dims, meta, n_programs, device, config: V2Config):
     return torch.empty(n_programs, row, device=device, dtype=torch.float32), row
 
 
-def _n_programs(T: int, device: torch.device, config: V2Config) -> int:
+def grid_size(T: int, device: torch.device, config: V2Config) -> int:
+    """Programs of the persistent grid for ``T`` tasks: ``min(T, programs_per_sm × SMs)`` on a GPU
+    (``max_programs`` instead when set; 8 under the interpreter)."""
     if config.max_programs is not None:
         cap = config.max_programs
     elif device.type == "cuda":
@@ -1144,7 +1146,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
     device = x.device
     T = x.shape[0]
     n_params = n_flat_params(c.dims)
-    n_programs = _n_programs(T, device, config)
+    n_programs = grid_size(T, device, config)
     eps_t = _eps_tensor(eps, device)
     if out is None:
         out = torch.empty(n_params, device=device, dtype=torch.float32)
@@ -1219,7 +1221,7 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     config = _config(config)
     device = x.device
     T = x.shape[0]
-    n_programs = _n_programs(T, device, config)
+    n_programs = grid_size(T, device, config)
     if n_programs > 1:
         res = meta_step(x, y, indices, params_flat, dims, activations, lr=lr, eps=eps, loss=loss, steps=steps,
                         precision=precision, config=config, out=scratch, check_values=False)
@@ -1282,7 +1284,7 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
             raise ValueError(f"out_losses must be a contiguous [{T}, {c.steps}] tensor, got {tuple(out_losses.shape)}")
         if any(_overlaps(out_losses, t) for t in (out, c.phi, c.x, c.y, c.indices)):
             raise ValueError("out_losses must not overlap out, params_flat, x, y or indices")
-    n_programs = _n_programs(T, device, config)
+    n_programs = grid_size(T, device, config)
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
     meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, False, True, True)
     scratch, scr_stride = _scratch(c.dims, meta, n_programs, device, config)
