@@ -92,10 +92,10 @@ class OuterUpdate:
         Reads nothing on the host (except with an outer optimizer: see the module docstring)."""
         tensors = [p for _, p in self.params]
         finite = torch.isfinite(mean_loss)
-        for d in mean_deltas:
-            finite = finite & torch.isfinite(d).all()
-        ok = finite & self._healthy
         if self.outer_optimizer is not None:
+            for d in mean_deltas:
+                finite = finite & torch.isfinite(d).all()
+            ok = finite & self._healthy
             if not bool(ok):
                 self._mark_bad(finite, iteration)
                 return
@@ -107,7 +107,13 @@ class OuterUpdate:
         # φ + ok·ε·D would turn a NaN D into NaN; select instead.  Written as the seed writes it,
         # φ + ε·(φ̃ − φ), so one task reproduces the seed bit for bit; all parameters in one
         # _foreach call, so a Ctrl-C (handled between bytecodes) cannot split the update.
-        steps = [torch.where(ok, s, 0.0) for s in torch._foreach_mul(mean_deltas, eps)]
+        # The guard reads the new φ, not only D: a finite D times a large ε (1e300: inf in fp32,
+        # or an fp16 model's 7e4) overflowed into φ unnoticed.
+        steps = torch._foreach_mul(mean_deltas, eps)
+        for new in torch._foreach_add(tensors, steps):
+            finite = finite & torch.isfinite(new).all()
+        ok = finite & self._healthy
+        steps = [torch.where(ok, s, 0.0) for s in steps]
         torch._foreach_add_(tensors, steps)
         self._mark_bad(finite, iteration)
 
