@@ -71,7 +71,7 @@ class Reptile(HyperParameters):
                  adam_betas=(0.0, 0.999), backend_options: Optional[dict] = None):
         params, self.device, self.dtype = check_meta_model(model)
         self.model = model
-        inner_lr = check_float("inner_lr", inner_lr)
+        inner_lr = self._checked_inner_lr(inner_lr)
         self._inner_steps = check_int("inner_steps", inner_steps)
         self.inner_batch_size = inner_batch_size
         self.outer_lr = outer_lr
@@ -338,7 +338,8 @@ class Reptile(HyperParameters):
         elif not getattr(sampler, "checked", False):
             rows = self.plan_rows(self.inner_steps)
             sampler = CheckedDraws(sampler, lambda tasks, plans: (self.checker.tasks(tasks, 1),
-                                                                  self.checker.indices(plans, tasks, rows)))
+                                                                  self.checker.indices(plans, tasks, rows)),
+                                   per_step=meta_batch_size)
         ckpt = CheckpointCallback(self, ckpt_dir, checkpoint_every, generator=generator, history=history,
                                   extra=checkpoint_extra)
         if resumed_latest:
