@@ -7,6 +7,8 @@ minibatches, so equivalence tests can compare backends to the last float.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, runtime_checkable
 
@@ -87,6 +89,8 @@ class TaskBatch:
             lo, hi = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
             if lo < 0:
                 raise ValueError("TaskBatch.y class labels must be non-negative")
+            if isinstance(self.n_classes, numbers.Integral) and not isinstance(self.n_classes, bool):
+                object.__setattr__(self, "n_classes", int(self.n_classes))  # numpy's too, stored as an int
             if self.n_classes is None:
                 object.__setattr__(self, "n_classes", hi + 1)
             elif isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int) or hi >= self.n_classes:
@@ -193,6 +197,26 @@ def _check_positive_int(name: str, value) -> int:
     return check_int(name, value, 1)
 
 
+def uniform_keys(names: str, *sizes: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """float64 uniforms ``[*sizes]`` for a draw, or a ValueError naming ``names`` (the arguments the
+    sizes come from) when they cannot exist: torch raised a RuntimeError from inside for a count
+    whose bytes overflow ("Storage size calculation overflowed", ``inner_steps=2**62``) or that
+    exceeds memory."""
+    from ..validation import out_of_memory_message
+
+    count = math.prod(sizes)
+    if count * 8 >= 2 ** 63:
+        raise ValueError(f"{names} = {' x '.join(map(str, sizes))}: {count} random numbers cannot be drawn "
+                         f"(more bytes than a 64-bit size holds)")
+    try:
+        return torch.rand(*sizes, generator=generator, device=device, dtype=torch.float64)
+    except RuntimeError as exc:
+        message = out_of_memory_message(exc, f"lower {names}")
+        if message is None:
+            raise
+        raise ValueError(f"{names} = {' x '.join(map(str, sizes))}: {message}") from None
+
+
 def sample_indices(
     n_tasks: int,
     inner_steps: int,
@@ -222,8 +246,8 @@ def sample_indices(
     device = _check_device(device)
     # A uniformly random permutation per (task, step): argsort of i.i.d. uniforms.  Ties have
     # probability ~N^2 / 2^24 per row in fp32, so draw in float64 where they are negligible.
-    keys = torch.rand(n_tasks, inner_steps, n_points, generator=generator, device=draw_device,
-                      dtype=torch.float64)
+    keys = uniform_keys("n_tasks x inner_steps x n_points", n_tasks, inner_steps, n_points, generator=generator,
+                        device=draw_device)
     return plan_from_keys(keys, batch_size).to(device=device if device is not None else draw_device)
 
 
