@@ -8,6 +8,7 @@ Tensors are float32 ``[3, S, S]`` in [0, 1] (84×84 in the paper).
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -37,6 +38,9 @@ class MiniImageNet:
 
     def __init__(self, root, split: str = "train", *, ways: int = 5, shots: int = 1,
                  query_shots: int = 1, image_size: int = 84, cache: bool = True):
+        if not isinstance(root, (str, os.PathLike)):  # Path(None) said only "expected str, bytes or os.PathLike"
+            raise TypeError(f"root must be a path (the folder holding images/ and <split>.csv), got "
+                            f"{type(root).__name__}")
         self.ways = check_ways(ways)
         self.shots = _check_positive_int("shots", shots)
         self.query_shots = check_int("query_shots", query_shots, 0)
