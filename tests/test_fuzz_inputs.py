@@ -1125,8 +1125,99 @@ def distributed_cases():
     return cases
 
 
+# ---------------------------------------------------------------------- cases: models, few-shot evaluation, contexts
+def models_fewshot_cases():
+    from reptile_fast import MLP, Episodes, MiniImageNetConvNet, OmniglotConvNet, TaskBatch
+    from reptile_fast.distributed import DistContext
+    from reptile_fast.fewshot import evaluate_episodes
+
+    cases = []
+    for arg, good, minimum in [("input_dim", 2, 1), ("hidden_dim", 4, 1), ("output_dim", 3, 1), ("depth", 2, 0)]:
+        for label, value, expect, plain in int_palette(good, minimum):
+            cases.append(Case(f"MLP({arg}=)", label, lambda a=arg, v=value: _seeded(lambda: MLP(**{a: v})), expect,
+                              (arg, "layer sizes", "depth"),
+                              (lambda a=arg, p=plain: _seeded(lambda: MLP(**{a: p}))) if expect != REJECT else None))
+    for label, value in [("bogus", "gelu"), ("None", None), ("module", torch.nn.Tanh())]:
+        cases.append(Case("MLP(activation=)", label, lambda v=value: MLP(activation=v), REJECT, ("activation",)))
+    for label, value in [("zero", [4, 0]), ("str", "44"), ("float", [4.5]), ("None-entry", [None])]:
+        cases.append(Case("MLP(hidden_dims=)", label, lambda v=value: MLP(hidden_dims=v), REJECT,
+                          ("hidden_dims", "layer sizes")))
+    for cls in (OmniglotConvNet, MiniImageNetConvNet):
+        for arg, good in [("n_classes", 3), ("in_channels", 1), ("channels", 4)]:
+            for label, value, expect, plain in int_palette(good):
+                cases.append(Case(f"{cls.__name__}({arg}=)", label, lambda c=cls, a=arg, v=value: _seeded(
+                    lambda: c(**{a: v})), expect, (arg,),
+                    (lambda c=cls, a=arg, p=plain: _seeded(lambda: c(**{a: p}))) if expect != REJECT else None))
+    for label, value, expect, plain in bool_palette():
+        cases.append(Case("MiniImageNetConvNet(pool_first=)", label, lambda v=value: _seeded(
+            lambda: MiniImageNetConvNet(3, channels=4, pool_first=v)), expect, ("pool_first",),
+            (lambda p=plain: _seeded(lambda: MiniImageNetConvNet(3, channels=4, pool_first=p)))
+            if expect != REJECT else None))
+
+    # few-shot episodes of a tiny image task, and the evaluation
+    g = torch.Generator().manual_seed(0)
+    sx, qx = torch.rand(2, 6, 1, 28, 28, generator=g), torch.rand(2, 3, 1, 28, 28, generator=g)
+    sy, qy = torch.arange(3).repeat(2, 2), torch.arange(3).repeat(2, 1)
+    support, query = TaskBatch(sx, sy), TaskBatch(qx, qy)
+
+    def conv_trainer():
+        from reptile_fast import Reptile
+
+        torch.manual_seed(0)
+        return Reptile(OmniglotConvNet(3, channels=4), loss="cross_entropy", backend="torch", inner_lr=0.1)
+
+    def ev(**kw):
+        args = dict(steps=2, batch_size=3, generator=torch.Generator().manual_seed(1))
+        args.update(kw)
+        episodes = args.pop("episodes", Episodes(support, query, 3))
+        trainer = args.pop("trainer", None) or conv_trainer()
+        return evaluate_episodes(trainer, episodes, **args).accuracy
+
+    for arg, good in [("steps", 2), ("batch_size", 3), ("max_images", 4)]:
+        for label, value, expect, plain in int_palette(good):
+            cases.append(Case(f"evaluate_episodes({arg}=)", label, lambda a=arg, v=value: ev(**{a: v}), expect, (arg,),
+                              (lambda a=arg, p=plain: ev(**{a: p})) if expect != REJECT else None))
+    cases.append(Case("evaluate_episodes(batch_size=)", "above-support", lambda: ev(batch_size=7), REJECT,
+                      ("batch_size",)))
+    for label, value, expect, plain in bool_palette():
+        cases.append(Case("evaluate_episodes(transductive=)", label, lambda v=value: ev(transductive=v), expect,
+                          ("transductive",), (lambda p=plain: ev(transductive=p)) if expect != REJECT else None))
+    for label, value in [("None", None), ("taskbatch", support), ("tuple", (support, query))]:
+        cases.append(Case("evaluate_episodes(episodes=)", label, lambda v=value: ev(episodes=v), REJECT,
+                          ("episodes",)))
+    cases.append(Case("evaluate_episodes(trainer=)", "model", lambda: ev(trainer=OmniglotConvNet(3, channels=4)),
+                      REJECT, ("trainer",)))
+    cases.append(Case("evaluate_episodes(episodes=)", "4-way-labels-3-outputs", lambda: ev(
+        episodes=Episodes(TaskBatch(sx, sy.clamp(max=2) + (sy == 2).long()), query, 4)), REJECT,
+        ("label", "out", "class", "ways")))
+    for label, kw in [("ways-0", dict(ways=0)), ("ways-str", dict(ways="3")), ("label>=ways", dict(ways=2)),
+                      ("query-float", dict(query=TaskBatch(qx, qy.float().unsqueeze(-1)))),
+                      ("support-None", dict(support=None)),
+                      ("image-mismatch", dict(query=TaskBatch(torch.rand(2, 3, 1, 27, 27), qy))),
+                      ("tasks-mismatch", dict(query=query[0:1]))]:
+        args = dict(support=support, query=query, ways=3)
+        args.update(kw)
+        cases.append(Case("Episodes(...)", label, lambda a=args: Episodes(a["support"], a["query"], a["ways"]),
+                          REJECT, ("ways", "label", "query", "support", "episodes")))
+    cases.append(Case("Episodes(ways=)", "np.int64", lambda: Episodes(support, query, np.int64(3)).ways, ACCEPT, (),
+                      lambda: Episodes(support, query, 3).ways))
+    for label, value in [("bogus", "gpu"), ("None", None), ("list", ["cpu"])]:
+        cases.append(Case("DistContext.single(device=)", label, lambda v=value: DistContext.single(v), REJECT,
+                          ("device",)))
+    # "meta" and an absent "cuda" became ValueErrors on main (check_device) while this sweep was written
+    for label, value in [("meta", "meta"), ("cuda", "cuda")]:
+        cases.append(Case("DistContext.single(device=)", label, lambda v=value: DistContext.single(v), EITHER,
+                          ("device",)))
+    return cases
+
+
+def _seeded(make):
+    torch.manual_seed(0)
+    return make()
+
+
 # ---------------------------------------------------------------------- the sweep
-GROUPS = {"constructor": reptile_constructor_cases, "model": model_cases, "setters": setter_cases,
+GROUPS = {"models_fewshot": models_fewshot_cases, "constructor": reptile_constructor_cases, "model": model_cases, "setters": setter_cases,
           "taskbatch": taskbatch_cases, "meta_step": meta_step_cases, "adapt_evaluate": adapt_evaluate_cases,
           "get_backend": get_backend_cases, "dropin": dropin_cases, "distributed": distributed_cases,
           "kernels": kernel_cases, "fit": fit_cases, "state": state_cases, "task_families": task_family_cases,
@@ -1319,3 +1410,18 @@ def test_kernel_v1_params_of_another_type():
     t = _tasks(2)
     with pytest.raises(TypeError, match="params"):
         K.mlp_inner_loop(t.x, t.y, _plan(2, 2, 4), None, ("tanh", "identity"), lr=0.02)
+
+
+def test_numpy_bools_for_model_and_evaluation_flags():
+    """MiniImageNetConvNet(pool_first=np.True_) and evaluate_episodes(transductive=np.False_) were
+    refused as "must be a bool, got bool" (isinstance(np.bool_, bool) is False)."""
+    from reptile_fast import MiniImageNetConvNet
+
+    torch.manual_seed(0)
+    got = MiniImageNetConvNet(3, channels=4, pool_first=np.True_)
+    torch.manual_seed(0)
+    want = MiniImageNetConvNet(3, channels=4, pool_first=True)
+    assert str(got) == str(want)
+    cases = [c for c in models_fewshot_cases() if c.entry == "evaluate_episodes(transductive=)"
+             and c.label == "np.bool_"]
+    assert cases and outcome(cases[0]) == ("ok", "accepted")
