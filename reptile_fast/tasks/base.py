@@ -133,6 +133,7 @@ class TaskBatch:
     def to(self, device=None, dtype=None) -> "TaskBatch":
         """Move to ``device``; ``dtype`` casts the float inputs and float targets (integer ids and
         class labels keep theirs)."""
+        device = _check_device(device)  # torch's RuntimeError listed every device type it knows
         x = self.x.to(device=device, dtype=dtype if self.x.is_floating_point() else None)
         y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
         if dtype is None or (x.dtype == self.x.dtype and y.dtype == self.y.dtype):
@@ -141,9 +142,14 @@ class TaskBatch:
 
     def __getitem__(self, item) -> "TaskBatch":
         """Select tasks: ``tasks[0:4]`` or ``tasks[[0, 2]]`` keeps the task dimension."""
-        if isinstance(item, int):
+        if isinstance(item, numbers.Integral) and not isinstance(item, bool):  # numpy's ints too
+            item = int(item)
             item = slice(item, item + 1 if item != -1 else None)
-        x, y = self.x[item], self.y[item]
+        try:
+            x, y = self.x[item], self.y[item]
+        except TypeError as exc:  # torch said "new(): invalid data type 'str'"
+            raise TypeError(f"TaskBatch[{item!r}]: select tasks with an int, a slice, a list of ints or an "
+                            f"index tensor ({exc})") from None
         if x.dim() != self.x.dim() or x.shape[0] < 1:
             raise IndexError(f"TaskBatch[{item!r}] must select one or more tasks")
         return TaskBatch.trusted(x, y, self.n_classes)
