@@ -284,6 +284,24 @@ def reptile_constructor_cases():
                 v = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
             return Reptile(model, backend="torch", outer_optimizer=v)
         cases.append(Case("Reptile(outer_optimizer=)", label, make, REJECT, ("outer_optimizer",)))
+    for label, lr in [("lr-huge", 1e300), ("lr-nan", NAN), ("lr-inf", INF)]:
+        def make(lr=lr):
+            from reptile_fast import Reptile
+
+            model = _model()
+            return Reptile(model, backend="torch", outer_optimizer=torch.optim.SGD(model.parameters(), lr=lr))
+        cases.append(Case("Reptile(outer_optimizer=)", label, make, REJECT, ("outer_optimizer", "lr")))
+
+    def lr_set_later():
+        from reptile_fast import Reptile
+
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tr = Reptile(model, backend="torch", outer_optimizer=opt)
+        opt.param_groups[0]["lr"] = NAN  # as a scheduler could
+        tr.meta_step(_tasks(), _plan())
+        return tr
+    cases.append(Case("meta_step(outer_optimizer lr set later)", "nan", lr_set_later, REJECT, ("outer_optimizer", "lr")))
     for label, value in [("list", [1]), ("str", "mode=eager"), ("unknown-key", {"bogus": 1}),
                          ("mode-bad", {"mode": "fast"}), ("chunk-0", {"chunk": 0}), ("chunk-bool", {"chunk": True}),
                          ("chunk-float", {"chunk": 2.5})]:
@@ -420,6 +438,15 @@ def taskbatch_cases():
     cases.append(Case("TaskBatch(n_classes=)", "np.int64", lambda: TaskBatch(x, labels, np.int64(5)), ACCEPT, (),
                       lambda: TaskBatch(x, labels, 5)))
     cases.append(Case("TaskBatch(n_classes=)", "float-targets", lambda: TaskBatch(x, y, 3), REJECT, ("n_classes",)))
+    t = _tasks()
+    for label, value in [("bogus", "gpu"), ("list", ["cpu"]), ("cuda", "cuda:3")]:
+        cases.append(Case("TaskBatch.to(device=)", label, lambda v=value: t.to(device=v), REJECT, ("device",)))
+    # indexing answers IndexError for what selects no task (Python's protocol: iteration stops on it)
+    for label, value in [("str", "a"), ("float", 1.5), ("None", None), ("out-of-range", 5), ("list-out", [5])]:
+        cases.append(Case("TaskBatch[item]", label, lambda v=value: t[v], REJECT, ("taskbatch", "tasks", "ind"),
+                          also=(IndexError,)))
+    cases.append(Case("TaskBatch[item]", "np.int64", lambda: t[np.int64(1)], ACCEPT, (), lambda: t[1]))
+    cases.append(Case("TaskBatch[item]", "tensor-index", lambda: t[torch.tensor([0, 2])], ACCEPT, (), lambda: t[[0, 2]]))
     return cases
 
 
@@ -1068,7 +1095,21 @@ def cli_cases(tmp):
         "--inner-steps": ["0"],
         "--device": ["gpu", "cuda"],
         "--train": ["NOWHERE"],
-        "--seed": ["-1"],
+        "--seed": ["-1", str(2 ** 64)],
+        "--threads": ["100000", "-1"],
+        "--train-shots": ["0", "100"],
+        "--query-shots": ["0", "100"],
+        "--inner-batch-size": ["0", "1000"],
+        "--eval-batch-size": ["0", "1000"],
+        "--eval-steps": ["0"],
+        "--eval-tasks": ["0"],
+        "--validation-tasks": ["0"],
+        "--validate-every": ["-1"],
+        "--checkpoint-every": ["-1"],
+        "--outer-lr-final": ["nan", "-1"],
+        "--backend": ["compiled", "jax"],
+        "--resume": ["NOWHERE"],
+        "--test": ["NOWHERE"],
     }
     for flag, values in om_bad.items():
         for v in values:
@@ -1076,12 +1117,22 @@ def cli_cases(tmp):
                 v = str(tmp / "no-omniglot")
             argv = ["omniglot", "--train", str(data), "--test", str(test_data), "--no-progress", "--out",
                     str(tmp / "om-out"), flag, v]
-            if flag == "--train":
-                argv = ["omniglot", "--train", v, "--test", str(test_data), "--no-progress", "--out",
-                        str(tmp / "om-out")]
+            if flag in ("--train", "--test", "--resume"):
+                argv = ["omniglot", "--train", str(data), "--test", str(test_data), "--no-progress", "--out",
+                        str(tmp / "om-out"), flag, v]
+                if flag == "--resume":
+                    argv = ["omniglot", "--resume", v, "--no-progress"]
             names = (flag.lstrip("-"), flag.lstrip("-").replace("-", "_"), "argument", "device", "no-omniglot",
-                     "cuda", "ways", "classes")
+                     "cuda", "ways", "classes", "shots", "images", "support", "seed", "threads", "backend")
             cases.append(Case(f"cli omniglot {flag}", repr(v), cli_case(argv, tmp), REJECT, names))
+    runs = fake.make_runs(tmp / "cli-runs")
+    for label, argv in [("runs-missing", ["omniglot-runs", "--runs", str(tmp / "no-runs"), "--model", str(tmp)]),
+                        ("model-missing", ["omniglot-runs", "--runs", str(runs), "--model", str(tmp / "no-model")]),
+                        ("model-not-a-run", ["omniglot-runs", "--runs", str(runs), "--model", str(data)]),
+                        ("seed-negative", ["omniglot-runs", "--runs", str(runs), "--model", str(tmp), "--seed", "-1"]),
+                        ("no-runs-flag", ["omniglot-runs", "--model", str(tmp)])]:
+        cases.append(Case("cli omniglot-runs", label, cli_case(argv, tmp), REJECT,
+                          ("runs", "model", "seed", "required", "argument")))
     return cases
 
 
@@ -1410,6 +1461,28 @@ def test_kernel_v1_params_of_another_type():
     t = _tasks(2)
     with pytest.raises(TypeError, match="params"):
         K.mlp_inner_loop(t.x, t.y, _plan(2, 2, 4), None, ("tanh", "identity"), lr=0.02)
+
+
+def test_outer_optimizer_learning_rates_torch_cannot_use():
+    """torch.optim took lr=1e300 and failed inside its step (RuntimeError), and lr=NaN, which turned
+    φ into NaN without a NonFiniteError; both are named now, at construction and at each step."""
+    from reptile_fast import Reptile
+
+    for lr in (1e300, NAN):
+        model = _model()
+        with pytest.raises(ValueError, match="outer_optimizer"):
+            Reptile(model, outer_optimizer=torch.optim.SGD(model.parameters(), lr=lr))
+    case = next(c for c in reptile_constructor_cases() if c.entry.startswith("meta_step(outer_optimizer"))
+    assert outcome(case)[0] == "ok"
+
+
+def test_taskbatch_to_and_indexing():
+    t = _tasks()
+    with pytest.raises(ValueError, match="device"):
+        t.to(device="gpu")  # RuntimeError listing torch's device types before
+    assert torch.equal(t[np.int64(1)].x, t[1].x)  # IndexError before: the task dimension was dropped
+    with pytest.raises(TypeError, match="TaskBatch"):
+        t["a"]
 
 
 def test_numpy_bools_for_model_and_evaluation_flags():
