@@ -146,8 +146,10 @@ class TaskBatch:
             item = int(item)
             item = slice(item, item + 1 if item != -1 else None)
         try:
+            if isinstance(item, (str, bytes)):  # torch warned of "multidimensional indexing", then failed
+                raise TypeError("a string selects no tasks")
             x, y = self.x[item], self.y[item]
-        except TypeError as exc:  # torch said "new(): invalid data type 'str'"
+        except TypeError as exc:
             raise TypeError(f"TaskBatch[{item!r}]: select tasks with an int, a slice, a list of ints or an "
                             f"index tensor ({exc})") from None
         if x.dim() != self.x.dim() or x.shape[0] < 1:
