@@ -373,6 +373,61 @@ def model_cases():
     return cases
 
 
+class _TupleOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+
+    def forward(self, x):
+        return (self.lin(x),)
+
+
+def _embedding_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(4, 1))
+
+
+def _ids(bad: Optional[int] = None):
+    ids = torch.randint(0, 10, (3, 50, 1), generator=torch.Generator().manual_seed(0))
+    if bad is not None:
+        ids[2, 30, 0] = bad  # past the two points the model is probed on
+    return ids
+
+
+def loss_and_output_cases():
+    """Model outputs and callable losses the inner loop cannot use, ids out of an embedding's range."""
+    from reptile_fast import Reptile, TaskBatch
+
+    cases = []
+    losses = [("non-scalar", lambda p, y: (p - y) ** 2, ("loss",)), ("float", lambda p, y: 1.0, ("loss",)),
+              ("raises", lambda p, y: 1 / 0, ("loss",)), ("int-tensor", lambda p, y: torch.tensor(1), ("loss",)),
+              ("detached", lambda p, y: (p - y).detach().pow(2).mean(), ("loss",))]
+    for backend in ("torch", "reference"):
+        for label, fn, names in losses:
+            cases.append(Case(f"Reptile[{backend}](loss=callable)", label, lambda f=fn, b=backend: _one_step(
+                backend=b, loss=f), REJECT, names))
+        # (a callable takes the generic path, "mse" the batched-matmul one: equal within rounding only)
+        cases.append(Case(f"Reptile[{backend}](loss=callable)", "plain", lambda b=backend: _one_step(
+            backend=b, loss=lambda p, y: (p - y).pow(2).mean()), ACCEPT, ()))
+        cases.append(Case(f"meta_step[{backend}](model returns a tuple)", "tuple", lambda b=backend: Reptile(
+            _TupleOut(), backend=b).meta_step(_tasks(), _plan()), REJECT, ("tensor", "model")))
+        for label, bad in [("id-too-large", 100), ("id-negative", -1)]:
+            cases.append(Case(f"meta_step[{backend}](tasks=ids)", label, lambda b=backend, v=bad: Reptile(
+                _embedding_model(), backend=b).meta_step(TaskBatch(_ids(v), _tasks().y), _plan()), REJECT,
+                ("ids", "embedding")))
+        cases.append(Case(f"meta_step[{backend}](tasks=ids)", "in-range-int32", lambda b=backend: _emb_step(
+            b, _ids().int()), ACCEPT, (), lambda b=backend: _emb_step(b, _ids())))
+    return cases
+
+
+def _emb_step(backend, ids):
+    from reptile_fast import Reptile, TaskBatch
+
+    tr = Reptile(_embedding_model(), backend=backend)
+    tr.meta_step(TaskBatch(ids, _tasks().y), _plan())
+    return tr
+
+
 def _step_dtype(dtype, **kw):
     from reptile_fast import Reptile
 
@@ -1268,7 +1323,7 @@ def _seeded(make):
 
 
 # ---------------------------------------------------------------------- the sweep
-GROUPS = {"models_fewshot": models_fewshot_cases, "constructor": reptile_constructor_cases, "model": model_cases, "setters": setter_cases,
+GROUPS = {"models_fewshot": models_fewshot_cases, "loss_output": loss_and_output_cases, "constructor": reptile_constructor_cases, "model": model_cases, "setters": setter_cases,
           "taskbatch": taskbatch_cases, "meta_step": meta_step_cases, "adapt_evaluate": adapt_evaluate_cases,
           "get_backend": get_backend_cases, "dropin": dropin_cases, "distributed": distributed_cases,
           "kernels": kernel_cases, "fit": fit_cases, "state": state_cases, "task_families": task_family_cases,
@@ -1483,6 +1538,27 @@ def test_taskbatch_to_and_indexing():
     assert torch.equal(t[np.int64(1)].x, t[1].x)  # IndexError before: the task dimension was dropped
     with pytest.raises(TypeError, match="TaskBatch"):
         t["a"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_ids_outside_the_embedding_are_refused(backend):
+    """An id past the probed points: IndexError inside the inner loop (reference) or, negative, taken
+    silently under vmap (torch: other rows than the reference's)."""
+    from reptile_fast import Reptile, TaskBatch
+
+    for bad in (100, -1):
+        tr = Reptile(_embedding_model(), backend=backend)
+        with pytest.raises(ValueError, match="nn.Embedding has 10 rows"):
+            tr.meta_step(TaskBatch(_ids(bad), _tasks().y), _plan())
+        assert tr.iteration == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_a_detached_callable_loss_is_refused(backend):
+    """Backend torch trained with a zero gradient (the model never moved); reference failed inside
+    backward with a RuntimeError."""
+    with pytest.raises(ValueError, match="does not depend on the prediction"):
+        _one_step(backend=backend, loss=lambda p, y: (p - y).detach().pow(2).mean())
 
 
 def test_numpy_bools_for_model_and_evaluation_flags():
