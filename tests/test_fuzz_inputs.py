@@ -943,9 +943,18 @@ def dropin_cases():
                          ("returns-pair", lambda: (torch.zeros(5), torch.zeros(5))),
                          ("nan-x", lambda: (torch.full((50,), NAN), torch.zeros(50), torch.nn.MSELoss())),
                          ("int-x", lambda: (torch.zeros(50, dtype=torch.long), torch.zeros(50), torch.nn.MSELoss())),
-                         ("mismatch", lambda: (torch.zeros(50), torch.zeros(40), torch.nn.MSELoss()))]:
+                         ("mismatch", lambda: (torch.zeros(50), torch.zeros(40), torch.nn.MSELoss())),
+                         ("meta", lambda: (torch.zeros(50, device="meta"), torch.zeros(50, device="meta"),
+                                           torch.nn.MSELoss())),
+                         ("x-f64", lambda: (torch.zeros(50, dtype=torch.float64), torch.zeros(50), torch.nn.MSELoss())),
+                         ("x-3d", lambda: (torch.zeros(50, 1, 1), torch.zeros(50), torch.nn.MSELoss()))]:
         cases.append(Case("reptile(sample_task=)", label, lambda v=value: _dropin(sample_task=v), REJECT,
-                          ("sample_task", "x", "y", "nan")))
+                          ("sample_task", "x", "y", "nan", "dtype")))
+    for label, change in [("x-requires-grad", lambda x, y, f: (x.clone().requires_grad_(), y, f)),
+                          ("x-strided", lambda x, y, f: (torch.stack([x, x], 1)[:, 0], y, f)),
+                          ("x-column", lambda x, y, f: (x[:, None], y[:, None], f))]:
+        cases.append(Case("reptile(sample_task=)", label, lambda c=change: _dropin(sample_task=lambda: c(
+            *_seed_task())), ACCEPT, (), lambda: _dropin()))
     for label, value in [("str", "x"), ("wrong-return", lambda m, t, k: None)]:
         cases.append(Case("reptile(perform_k_training_steps=)", label,
                           lambda v=value: _dropin_warned(perform_k_training_steps=v), REJECT,
@@ -1559,6 +1568,20 @@ def test_a_detached_callable_loss_is_refused(backend):
     backward with a RuntimeError."""
     with pytest.raises(ValueError, match="does not depend on the prediction"):
         _one_step(backend=backend, loss=lambda p, y: (p - y).detach().pow(2).mean())
+
+
+def test_dropin_tasks_without_data_or_in_another_dtype():
+    """Meta-device tasks failed inside the stacking (NotImplementedError); float64 inputs with float32
+    targets went to the reference path (their dtypes differ) and failed in the model's first Linear."""
+    import warnings
+
+    with pytest.raises(ValueError, match="meta device"):
+        _dropin(sample_task=lambda: (torch.zeros(50, device="meta"), torch.zeros(50, device="meta"),
+                                     torch.nn.MSELoss()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before any path is chosen (no ReferencePathWarning)
+        with pytest.raises(TypeError, match="dtype"):
+            _dropin(sample_task=lambda: (torch.zeros(50, dtype=torch.float64), torch.zeros(50), torch.nn.MSELoss()))
 
 
 def test_numpy_bools_for_model_and_evaluation_flags():
