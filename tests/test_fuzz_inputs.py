@@ -593,10 +593,16 @@ def adapt_evaluate_cases():
                             ("float", p.float()), ("list", p.tolist())]:
             cases.append(Case(f"{meth}(indices=)", label,
                               lambda m=meth, v=plan: getattr(_trainer(), m)(_tasks(), 3, v), REJECT, ("indices",)))
-        for label, tasks in _views():
-            cases.append(Case(f"{meth}(tasks=)", label,
-                              lambda m=meth, t=tasks: getattr(_trainer(), m)(t, 3, _plan(steps=3)), ACCEPT, (),
-                              lambda m=meth: getattr(_trainer(), m)(_tasks(), 3, _plan(steps=3))))
+        for backend in ("torch", "reference", "triton"):
+            for label, tasks in _views():
+                cases.append(Case(f"{meth}[{backend}](tasks=)", label, lambda m=meth, t=tasks, b=backend: getattr(
+                    _trainer(b), m)(t, 3, _plan(steps=3)), ACCEPT, (),
+                    lambda m=meth, b=backend: getattr(_trainer(b), m)(_tasks(), 3, _plan(steps=3))))
+            for label, plan in [("transposed", p.transpose(0, 1).contiguous().transpose(0, 1)),
+                                ("expanded", p[:1].expand(3, -1, -1))]:
+                cases.append(Case(f"{meth}[{backend}](indices=)", label, lambda m=meth, v=plan, b=backend: getattr(
+                    _trainer(b), m)(_tasks(), 3, v), ACCEPT, (),
+                    lambda m=meth, v=plan.contiguous(), b=backend: getattr(_trainer(b), m)(_tasks(), 3, v)))
         cases.append(Case(f"{meth}(tasks=)", "None", lambda m=meth: getattr(_trainer(), m)(None, 3), REJECT,
                           ("tasks",)))
     return cases
