@@ -7,10 +7,10 @@ minibatches, so equivalence tests can compare backends to the last float.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, runtime_checkable
+import math
+import numbers
 
 import torch
 
