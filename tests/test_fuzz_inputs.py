@@ -847,6 +847,11 @@ def task_family_cases(tmp):
                               .sample(2, generator=torch.Generator().manual_seed(0)), expect, (arg,),
                               (lambda a=arg, p=plain: Omniglot(data, **{a: p}, **({"ways": 2} if a != "ways" else {}))
                                .sample(2, generator=torch.Generator().manual_seed(0))) if expect != REJECT else None))
+    for label, value, expect, plain in int_palette(28):
+        cases.append(Case("Omniglot(image_size=)", label, lambda v=value: Omniglot(data, ways=2, image_size=v).sample(
+            2, generator=torch.Generator().manual_seed(0)), expect, ("image_size",),
+            (lambda p=plain: Omniglot(data, ways=2, image_size=p).sample(2, generator=torch.Generator().manual_seed(0)))
+            if expect != REJECT else None))
     for label, value in [("bad-angle", (0, 45)), ("str", "0"), ("None", None), ("dup", (0, 0)), ("neg", (-90,))]:
         cases.append(Case("Omniglot(rotations=)", label, lambda v=value: Omniglot(data, ways=2, rotations=v), REJECT,
                           ("rotations",)))
@@ -899,6 +904,11 @@ def miniimagenet_cases(tmp):
                               .sample(2, generator=torch.Generator().manual_seed(0)), expect, (arg,),
                               (lambda a=arg, p=plain, kw=kw: MiniImageNet(root, "train", **{"image_size": 8, **kw, a: p})
                                .sample(2, generator=torch.Generator().manual_seed(0))) if expect != REJECT else None))
+    for label, value, expect, plain in bool_palette():
+        cases.append(Case("MiniImageNet(cache=)", label, lambda v=value: MiniImageNet(
+            root, "train", ways=2, image_size=8, cache=v).sample(2, generator=torch.Generator().manual_seed(0)), expect,
+            ("cache",), (lambda p=plain: MiniImageNet(root, "train", ways=2, image_size=8, cache=p).sample(
+                2, generator=torch.Generator().manual_seed(0))) if expect != REJECT else None))
     for label, value in [("None", None), ("bogus", "holdout"), ("int", 0)]:
         cases.append(Case("MiniImageNet(split=)", label, lambda v=value: MiniImageNet(root, v, ways=2), REJECT,
                           ("split",)))

@@ -17,7 +17,7 @@ import torch
 from .base import TaskBatch, _check_device, _check_positive_int
 from .episodes import Episodes, check_ways, draw_episode_plan
 from .images import decode_rgb
-from ..validation import check_int
+from ..validation import check_bool, check_int
 
 __all__ = ["MiniImageNet", "SPLITS"]
 
@@ -47,7 +47,8 @@ class MiniImageNet:
         self.image_size = check_int("image_size", image_size, 1)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.root, self.split, self.cache = Path(root), split, bool(cache)
+        # check_bool: cache="no" was truthy (it cached)
+        self.root, self.split, self.cache = Path(root), split, check_bool("cache", cache)
         csv_path = self.root / f"{split}.csv"
         if not csv_path.is_file():
             raise FileNotFoundError(f"{csv_path} does not exist (expected ROOT/{{train,val,test}}.csv "
