@@ -1347,8 +1347,40 @@ def _seeded(make):
     return make()
 
 
+# ---------------------------------------------------------------------- cases: settings that meet at their edges
+def interaction_cases():
+    """Every backend × Reptile/FOMAML × SGD/Adam × tasks of 1, 2 or 10 points × a minibatch of
+    N - 1, N or N + 1 points × 1 or 3 inner steps × meta-batches of 1 or 2, through ``fit``,
+    ``evaluate``: finite results, or a named refusal (a backend that cannot run the setting says
+    so; a minibatch above the task's points names inner_batch_size on every backend)."""
+    import itertools
+
+    cases = []
+    for be, alg, opt, n, delta, steps, t in itertools.product(
+            ("torch", "reference", "compiled", "triton"), ("reptile", "fomaml"), ("sgd", "adam"), (1, 2, 10),
+            (-1, 0, 1), (1, 3), (1, 2)):
+        b = n + delta
+        if b < 1:
+            continue
+
+        def run(be=be, alg=alg, opt=opt, n=n, b=b, steps=steps, t=t):
+            from reptile_fast import Reptile, Sine
+
+            torch.manual_seed(0)
+            tr = Reptile(_model(4), backend=be, algorithm=alg, inner_optimizer=opt, inner_steps=steps,
+                         inner_batch_size=b)
+            tr.fit(Sine(n_points=n), 2, meta_batch_size=t, generator=torch.Generator().manual_seed(0), progress=False)
+            return tr.evaluate(Sine(n_points=n).sample(t, generator=torch.Generator().manual_seed(1)), 2)
+        label = f"{be},{alg},{opt},N={n},B={b},S={steps},T={t}"
+        cases.append(Case("fit+evaluate", label, run, REJECT if b > n else EITHER,
+                          # (a setting the backend cannot run is refused first, naming the backend)
+                          ("inner_batch_size", "backend 'triton' supports", "compiled meta-step runs") if b > n
+                          else ()))
+    return cases
+
+
 # ---------------------------------------------------------------------- the sweep
-GROUPS = {"models_fewshot": models_fewshot_cases, "loss_output": loss_and_output_cases, "constructor": reptile_constructor_cases, "model": model_cases, "setters": setter_cases,
+GROUPS = {"interactions": interaction_cases, "models_fewshot": models_fewshot_cases, "loss_output": loss_and_output_cases, "constructor": reptile_constructor_cases, "model": model_cases, "setters": setter_cases,
           "taskbatch": taskbatch_cases, "meta_step": meta_step_cases, "adapt_evaluate": adapt_evaluate_cases,
           "get_backend": get_backend_cases, "dropin": dropin_cases, "distributed": distributed_cases,
           "kernels": kernel_cases, "fit": fit_cases, "state": state_cases, "task_families": task_family_cases,

@@ -105,8 +105,9 @@ class Sine:
         plan_rows = _check_positive_int("plan_rows", plan_rows)
         batch_size = _check_positive_int("batch_size", batch_size)
         if batch_size > self.n_points:
-            raise ValueError(f"batch_size ({batch_size}) must not exceed n_points ({self.n_points}): "
-                             f"a minibatch holds distinct points")
+            # fit draws this way on the compiled path: say which setting it is there too
+            raise ValueError(f"batch_size ({batch_size}; a trainer's inner_batch_size) must not exceed n_points "
+                             f"({self.n_points}): a minibatch holds distinct points")
         device = _check_device(device)
         dev = _check_generator(generator)
         params, keys = [], []
