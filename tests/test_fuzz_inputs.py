@@ -1020,9 +1020,29 @@ def get_backend_cases():
         cases.append(Case("get_backend(...)", label, lambda n=name, o=opts: get_backend(n, **o), REJECT,
                           ("backend", "bogus", "fast_mlp", "task_block", "kernel", "precision", "validate", "chunk",
                            "launch", "num_warps", "x")))
+    for var, value in [("REPTILE_FAST_TRITON_KERNEL", "v3"), ("REPTILE_FAST_TRITON_PRECISION", "fp8"),
+                       ("REPTILE_FAST_TRITON_FUSED", "yes"), ("REPTILE_FAST_TRITON_CUDA_GRAPHS", "true")]:
+        cases.append(Case("get_backend('triton') with $" + var, value,
+                          lambda n=var, v=value: _with_env(n, v, lambda: get_backend("triton")), REJECT, (var,)))
+    cases.append(Case("get_backend('triton') with $REPTILE_FAST_TRITON_FUSED", "0",
+                      lambda: _with_env("REPTILE_FAST_TRITON_FUSED", "0", lambda: get_backend("triton").fused), EITHER))
     cases.append(Case("get_backend(...)", "torch-task_block-np.int64",
                       lambda: get_backend("torch", task_block=np.int64(2)).task_block, EITHER, ("task_block",)))
     return cases
+
+
+def _with_env(name: str, value: str, fn):
+    import os
+
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 # ---------------------------------------------------------------------- cases: kernels (interpreter)
