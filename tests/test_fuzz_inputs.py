@@ -301,7 +301,8 @@ def reptile_constructor_cases():
         opt.param_groups[0]["lr"] = NAN  # as a scheduler could
         tr.meta_step(_tasks(), _plan())
         return tr
-    cases.append(Case("meta_step(outer_optimizer lr set later)", "nan", lr_set_later, REJECT, ("outer_optimizer", "lr")))
+    cases.append(Case("meta_step(outer_optimizer lr set later)", "nan", lr_set_later, REJECT,
+                      ("outer_optimizer", "lr")))
     for label, value in [("list", [1]), ("str", "mode=eager"), ("unknown-key", {"bogus": 1}),
                          ("mode-bad", {"mode": "fast"}), ("chunk-0", {"chunk": 0}), ("chunk-bool", {"chunk": True}),
                          ("chunk-float", {"chunk": 2.5})]:
@@ -352,10 +353,6 @@ def model_cases():
 
     def meta():
         return _model().to("meta")
-
-    def nonleaf_view_params():
-        m = _model()
-        return m
 
     cases = [Case("Reptile(model=)", label, lambda f=f: Reptile(f(), backend="torch"), REJECT, names)
              for label, f, names in [
@@ -501,7 +498,8 @@ def taskbatch_cases():
         cases.append(Case("TaskBatch[item]", label, lambda v=value: t[v], REJECT, ("taskbatch", "tasks", "ind"),
                           also=(IndexError,)))
     cases.append(Case("TaskBatch[item]", "np.int64", lambda: t[np.int64(1)], ACCEPT, (), lambda: t[1]))
-    cases.append(Case("TaskBatch[item]", "tensor-index", lambda: t[torch.tensor([0, 2])], ACCEPT, (), lambda: t[[0, 2]]))
+    cases.append(Case("TaskBatch[item]", "tensor-index", lambda: t[torch.tensor([0, 2])], ACCEPT, (),
+                      lambda: t[[0, 2]]))
     return cases
 
 
@@ -542,10 +540,12 @@ def meta_step_cases():
                               ACCEPT, (), lambda b=backend: step(_tasks, backend=b)))
     t = _tasks()
     bad_tasks = [("None", None), ("tuple", (t.x, t.y)), ("dict", {"x": t.x, "y": t.y}),
-                 ("f64", TaskBatch(t.x.double(), t.y.double())), ("labels", lambda: TaskBatch(t.x, torch.zeros(3, 50).long())),
+                 ("f64", TaskBatch(t.x.double(), t.y.double())),
+                 ("labels", lambda: TaskBatch(t.x, torch.zeros(3, 50).long())),
                  ("2-features", TaskBatch(t.x.expand(-1, -1, 2), t.y)),
                  ("3-outputs", TaskBatch(t.x, t.y.expand(-1, -1, 3))),
-                 ("5-points", TaskBatch(t.x[:, :5], t.y[:, :5])), ("meta", lambda: TaskBatch.trusted(t.x.to("meta"), t.y.to("meta"))),
+                 ("5-points", TaskBatch(t.x[:, :5], t.y[:, :5])),
+                 ("meta", lambda: TaskBatch.trusted(t.x.to("meta"), t.y.to("meta"))),
                  ("int-ids", TaskBatch(torch.zeros(3, 50, 1, dtype=torch.long), t.y))]
     for backend in ("torch", "reference", "compiled"):
         for label, tasks in bad_tasks:
@@ -585,7 +585,8 @@ def adapt_evaluate_cases():
         for label, value, expect, plain in int_palette(3, minimum):
             cases.append(Case(f"{meth}(steps=)", label, lambda m=meth, v=value: getattr(_trainer(), m)(_tasks(), v),
                               expect, ("steps",),
-                              (lambda m=meth, p=plain: getattr(_trainer(), m)(_tasks(), p)) if expect != REJECT else None))
+                              (lambda m=meth, p=plain: getattr(_trainer(), m)(_tasks(), p))
+                              if expect != REJECT else None))
         cases.append(Case(f"{meth}(steps=)", "huge", lambda m=meth: getattr(_trainer(), m)(_tasks(), HUGE_INT),
                           EITHER, ("steps", "memory")))
         p = _plan(steps=3)
@@ -728,9 +729,11 @@ def state_cases(tmp):
             ("iteration-str", lambda s: {**s, "iteration": "3"}), ("iteration-neg", lambda s: {**s, "iteration": -1}),
             ("iteration-float", lambda s: {**s, "iteration": 2.5}),
             ("iteration-None", lambda s: {**s, "iteration": None}),
-            ("w-shape", set_model(w, torch.zeros(3, 3))), ("w-f64", set_model(w, torch.zeros(8, 1, dtype=torch.float64))),
+            ("w-shape", set_model(w, torch.zeros(3, 3))),
+            ("w-f64", set_model(w, torch.zeros(8, 1, dtype=torch.float64))),
             ("w-nan", set_model(w, torch.full((8, 1), NAN))), ("w-list", set_model(w, [[0.0]] * 8)),
-            ("w-meta", set_model(w, torch.zeros(8, 1, device="meta"))), ("w-int", set_model(w, torch.zeros(8, 1).long())),
+            ("w-meta", set_model(w, torch.zeros(8, 1, device="meta"))),
+            ("w-int", set_model(w, torch.zeros(8, 1).long())),
             ("extra-key", set_model("bogus", torch.zeros(1))),
             ("config-str", lambda s: {**s, "config": "x"})]
     for label, mut in muts:
@@ -781,10 +784,6 @@ def state_cases(tmp):
         cases.append(Case("load_checkpoint(path=)", label, run, REJECT,
                           ("path", "checkpoint", "missing", "empty", "garb", "emptydir")))
     return cases
-
-
-def _isfilenotfound(exc):  # FileNotFoundError is an OSError: accepted as the answer for a missing file
-    return isinstance(exc, FileNotFoundError)
 
 
 # ---------------------------------------------------------------------- cases: task families, samplers
@@ -841,7 +840,8 @@ def task_family_cases(tmp):
 
     data = fake.make_folder(tmp / "omni")
     for arg, good in [("ways", 2), ("shots", 1), ("query_shots", 1)]:
-        for label, value, expect, plain in int_palette(good, 2 if arg == "ways" else (0 if arg == "query_shots" else 1)):
+        minimum = {"ways": 2, "query_shots": 0}.get(arg, 1)
+        for label, value, expect, plain in int_palette(good, minimum):
             cases.append(Case(f"Omniglot({arg}=)", label,
                               lambda a=arg, v=value: Omniglot(data, **{a: v}, **({"ways": 2} if a != "ways" else {}))
                               .sample(2, generator=torch.Generator().manual_seed(0)), expect, (arg,),
@@ -902,7 +902,8 @@ def miniimagenet_cases(tmp):
             cases.append(Case(f"MiniImageNet({arg}=)", label,
                               lambda a=arg, v=value, kw=kw: MiniImageNet(root, "train", **{"image_size": 8, **kw, a: v})
                               .sample(2, generator=torch.Generator().manual_seed(0)), expect, (arg,),
-                              (lambda a=arg, p=plain, kw=kw: MiniImageNet(root, "train", **{"image_size": 8, **kw, a: p})
+                              (lambda a=arg, p=plain, kw=kw: MiniImageNet(root, "train",
+                                                                          **{"image_size": 8, **kw, a: p})
                                .sample(2, generator=torch.Generator().manual_seed(0))) if expect != REJECT else None))
     for label, value, expect, plain in bool_palette():
         cases.append(Case("MiniImageNet(cache=)", label, lambda v=value: MiniImageNet(
@@ -1400,11 +1401,12 @@ def interaction_cases():
 
 
 # ---------------------------------------------------------------------- the sweep
-GROUPS = {"interactions": interaction_cases, "models_fewshot": models_fewshot_cases, "loss_output": loss_and_output_cases, "constructor": reptile_constructor_cases, "model": model_cases, "setters": setter_cases,
+GROUPS = {"constructor": reptile_constructor_cases, "model": model_cases, "setters": setter_cases,
           "taskbatch": taskbatch_cases, "meta_step": meta_step_cases, "adapt_evaluate": adapt_evaluate_cases,
           "get_backend": get_backend_cases, "dropin": dropin_cases, "distributed": distributed_cases,
           "kernels": kernel_cases, "fit": fit_cases, "state": state_cases, "task_families": task_family_cases,
-          "miniimagenet": miniimagenet_cases, "cli": cli_cases}
+          "miniimagenet": miniimagenet_cases, "cli": cli_cases, "models_fewshot": models_fewshot_cases,
+          "loss_output": loss_and_output_cases, "interactions": interaction_cases}
 NEEDS_TMP = {"fit", "state", "task_families", "miniimagenet", "cli"}
 
 
