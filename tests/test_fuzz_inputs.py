@@ -874,6 +874,16 @@ def task_family_cases(tmp):
                               v, generator=torch.Generator().manual_seed(0)).support, expect, ("n_tasks",),
                           (lambda p=plain: Omniglot(data, ways=2).sample_episodes(
                               p, generator=torch.Generator().manual_seed(0)).support) if expect != REJECT else None))
+    from reptile_fast.tasks.omniglot import load_official_runs
+
+    runs = fake.make_runs(tmp / "runs")
+    for label, value in [("None", None), ("int", 3), ("missing", str(tmp / "no-runs")), ("omniglot-folder", data)]:
+        cases.append(Case("load_official_runs(path=)", label, lambda v=value: load_official_runs(v), REJECT,
+                          ("official runs", "path must")))
+    for label, value, expect, plain in int_palette(28):
+        cases.append(Case("load_official_runs(image_size=)", label, lambda v=value: load_official_runs(runs, v)[0].support,
+                          expect, ("image_size",),
+                          (lambda p=plain: load_official_runs(runs, p)[0].support) if expect != REJECT else None))
     cases.append(Case("Omniglot.sample(generator=)", "str", lambda: Omniglot(data, ways=2).sample(2, generator="g"),
                       REJECT, ("generator",)))
     cases.append(Case("Omniglot.sample(device=)", "bogus", lambda: Omniglot(data, ways=2).sample(2, device="gpu"),
