@@ -840,6 +840,10 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     if device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"tensors are on {device}: the kernel needs a CUDA device, or "
                          f"TRITON_INTERPRET=1 set before reptile_fast.kernels.mlp_inner_loop is imported")
+    # list(None) said only "'NoneType' object is not iterable"; a string would be split into letters
+    for name, seq in (("params", params), ("activations", activations)):
+        if isinstance(seq, (str, bytes, torch.Tensor)) or not hasattr(seq, "__iter__"):
+            raise TypeError(f"{name} must be a list or tuple, got {type(seq).__name__}")
     params = list(params)
     activations = list(activations)
     n_layers = len(params) // 2

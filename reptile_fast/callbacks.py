@@ -8,7 +8,7 @@ from typing import Any, List, Mapping, Optional
 import torch
 
 from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint_path, restore_checkpoint,
-                         save_checkpoint)
+                         save_checkpoint, validate_checkpoint)
 from .core import NonFiniteError
 from .loop import Callback
 from .signals import DeferredSignals, TrainingInterrupted, signal_name
@@ -27,7 +27,10 @@ def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: O
     task index (``distributed_fit``) is then refused before anything changes (it would continue
     silently with other tasks than the uninterrupted run).
     """
-    ckpt = resume_from if isinstance(resume_from, Mapping) else load_checkpoint(resume_from)
+    # a dict (rank 0's checkpoint, sent to the other ranks) is checked as a file is: {"a": 1} failed
+    # with KeyError 'extra'
+    ckpt = validate_checkpoint(resume_from, "resume_from (a dict)") if isinstance(resume_from, Mapping) \
+        else load_checkpoint(resume_from)
     sampler = ckpt["extra"].get("sampler")
     # "indexed": reptile_fast.distributed.sampler.SAMPLER_KIND (that package sits above this one)
     if one_stream and isinstance(sampler, Mapping) and sampler.get("kind") == "indexed":

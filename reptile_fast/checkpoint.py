@@ -33,7 +33,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
+__all__ = ["validate_checkpoint", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
            "CHECKPOINT_NAME", "PREVIOUS_NAME", "FORMAT", "VERSION",
            "save_checkpoint", "load_checkpoint", "restore_checkpoint", "resolve_checkpoint_path",
            "capture_rng_state", "restore_rng_state", "rng_state_problem", "prepare_directory", "prepare_checkpoint_directory",
@@ -402,12 +402,23 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
     directory = prepare_checkpoint_directory(directory, "checkpoint directory")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    # checked here: a list or a string failed with AttributeError ('items'), a list of strings with
+    # torch's "too many dimensions 'str'"
+    for what, value in (("history", history), ("extra", extra)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
+    curves = {}
+    for k, v in (history or {}).items():
+        try:
+            curves[str(k)] = torch.as_tensor(list(v), dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"history[{k!r}] must be a sequence of numbers, got {v!r:.80}") from None
     state = {
         "format": FORMAT,
         "version": VERSION,
         "trainer": trainer.state_dict(),
         "rng": capture_rng_state(generator),
-        "history": {str(k): torch.as_tensor(list(v), dtype=torch.float64) for k, v in (history or {}).items()},
+        "history": curves,
         "extra": {str(k): v for k, v in (extra or {}).items()},
         "info": {"torch": str(torch.__version__), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
@@ -498,6 +509,12 @@ def _validate(obj, path) -> Dict[str, Any]:
             raise _fail(path, f"has a malformed history entry {k!r}")
     _require(obj, "extra", Mapping, path, "")
     return dict(obj)
+
+
+def validate_checkpoint(obj, name: str = "state") -> Dict[str, Any]:
+    """``obj`` (a dict such as ``load_checkpoint``'s, e.g. rank 0's sent to the other ranks) as a
+    checkpoint dict, after the checks a file's contents get; ``ValueError`` naming ``name``."""
+    return _validate(obj, name)
 
 
 def load_checkpoint(path: PathLike) -> Dict[str, Any]:

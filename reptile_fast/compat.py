@@ -59,6 +59,8 @@ class InputChecker:
         n_classes = tasks.n_classes
         if tasks.is_classification and n_classes is None:  # a trusted batch without a bound: one read
             n_classes = int(tasks.y.max()) + 1
+        if not tasks.x.is_floating_point():
+            self._check_ids(tasks.x)
         key = (tuple(tasks.x.shape[2:]), tuple(tasks.y.shape[2:]), tasks.y.dtype, n_classes)
         if key in self._seen:
             return
@@ -74,6 +76,19 @@ class InputChecker:
         if name is None:
             self._check_callable_loss(out, tasks)
         self._seen.add(key)
+
+    def _check_ids(self, x: torch.Tensor) -> None:
+        """Integer inputs are ids into the model's first ``nn.Embedding``: each must lie in
+        ``[0, num_embeddings)``.  One read per call (id inputs only): the probe sees two points,
+        and past it an id out of range raised IndexError deep inside the inner loop (reference) or,
+        negative, was taken silently under vmap (torch), training on other rows than the reference."""
+        emb = next((m for m in self.model.modules() if isinstance(m, nn.Embedding)), None)
+        if emb is None or not x.numel():
+            return
+        lo, hi = (int(v) for v in torch.stack([x.min(), x.max()]).tolist())
+        if lo < 0 or hi >= emb.num_embeddings:
+            raise ValueError(f"tasks.x holds ids in [{lo}, {hi}], but the model's nn.Embedding has "
+                             f"{emb.num_embeddings} rows: ids must lie in [0, {emb.num_embeddings})")
 
     def _probe(self, tasks: TaskBatch) -> torch.Tensor:
         # One forward on two points catches shape mismatches that torch would broadcast silently
@@ -92,9 +107,10 @@ class InputChecker:
 
     def _check_callable_loss(self, out: torch.Tensor, tasks: TaskBatch) -> None:
         """A callable loss must give one floating-point number per minibatch."""
+        pred = out.detach().requires_grad_(out.is_floating_point())
         try:
-            with torch.no_grad():
-                value = resolve_loss(self.loss)(out, tasks.y[0, :2])
+            with torch.enable_grad():
+                value = resolve_loss(self.loss)(pred, tasks.y[0, :2])
         except Exception as exc:  # noqa: BLE001 - re-raised naming the loss
             raise ValueError(f"the loss callable failed on a model output {tuple(out.shape)} and targets "
                              f"{tuple(tasks.y[0, :2].shape)}: {exc}") from exc
@@ -102,6 +118,11 @@ class InputChecker:
             raise TypeError("the loss callable must return a 0-dim floating-point tensor (the mean loss), got "
                             + (f"shape {tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
                                else type(value).__name__))
+        if pred.requires_grad and not value.requires_grad:
+            # a detached loss: backend torch took a zero gradient (the model never moved), reference
+            # failed inside backward ("element 0 of tensors does not require grad")
+            raise ValueError("the loss callable's result does not depend on the prediction (detached, or computed "
+                             "without autograd): the inner steps would have no gradient")
 
     def indices(self, indices: torch.Tensor, tasks: TaskBatch, rows: int) -> torch.Tensor:
         """A user's plan: long ``[T, rows, B]`` on the model's device, values in ``[0, N)``."""

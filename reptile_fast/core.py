@@ -18,6 +18,7 @@ one, every meta-step reads its finiteness flag once.)
 """
 from __future__ import annotations
 
+from numbers import Real
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -71,6 +72,21 @@ def local_mean(deltas: List[torch.Tensor], losses: torch.Tensor) -> Tuple[List[t
     return [d.mean(0) for d in deltas], losses.mean()
 
 
+def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> None:
+    """ValueError naming a learning rate of ``optimizer`` that ``torch.optim`` takes and then fails
+    on deep inside (above ``dtype``'s largest value: "value cannot be converted to type float
+    without overflow") or turns φ into NaN silently (NaN, inf: torch only refuses lr < 0).  Read
+    from the host values only (a tensor lr is left to torch)."""
+    top = torch.finfo(dtype).max
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            continue
+        if isinstance(lr, bool) or not isinstance(lr, Real) or not 0 <= lr <= top:
+            raise ValueError(f"outer_optimizer's learning rate (param_groups[{i}]['lr']) must be a finite number "
+                             f"in [0, {top:.4g}] for {dtype} parameters, got {lr!r}")
+
+
 class OuterUpdate:
     """``φ ← φ + ε · mean_i D_i`` on a model's parameters, with the device-side finiteness guard.
 
@@ -96,10 +112,11 @@ class OuterUpdate:
         Reads nothing on the host (except with an outer optimizer: see the module docstring)."""
         tensors = [p for _, p in self.params]
         finite = torch.isfinite(mean_loss)
-        for d in mean_deltas:
-            finite = finite & torch.isfinite(d).all()
-        ok = finite & self._healthy
         if self.outer_optimizer is not None:
+            for d in mean_deltas:
+                finite = finite & torch.isfinite(d).all()
+            ok = finite & self._healthy
+            check_outer_optimizer_lr(self.outer_optimizer, tensors[0].dtype)  # a scheduler may have set it
             if not bool(ok):
                 self._mark_bad(finite, iteration)
                 return
@@ -111,7 +128,13 @@ class OuterUpdate:
         # φ + ok·ε·D would turn a NaN D into NaN; select instead.  Written as the seed writes it,
         # φ + ε·(φ̃ − φ), so one task reproduces the seed bit for bit; all parameters in one
         # _foreach call, so a Ctrl-C (handled between bytecodes) cannot split the update.
-        steps = [torch.where(ok, s, 0.0) for s in torch._foreach_mul(mean_deltas, eps)]
+        # The guard reads the new φ, not only D: a finite D times a large ε (1e300: inf in fp32,
+        # or an fp16 model's 7e4) overflowed into φ unnoticed.
+        steps = torch._foreach_mul(mean_deltas, eps)
+        for new in torch._foreach_add(tensors, steps):
+            finite = finite & torch.isfinite(new).all()
+        ok = finite & self._healthy
+        steps = [torch.where(ok, s, 0.0) for s in steps]
         torch._foreach_add_(tensors, steps)
         self._mark_bad(finite, iteration)
 

@@ -91,6 +91,8 @@ def _check_task(task, i: int):
         raise ValueError(f"{where}: x must have shape [N] or [N, in_features] with N >= 1, got {tuple(x.shape)}")
     if y.dim() < 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"{where}: y must have one row per point of x ({x.shape[0]}), got shape {tuple(y.shape)}")
+    if "meta" in (x.device.type, y.device.type):  # stacking failed inside torch ("Cannot copy out of meta tensor")
+        raise ValueError(f"{where}: x and y must hold data, got tensors on the meta device")
     return x, y, loss_fct
 
 
@@ -351,6 +353,12 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
                   f"perform_k_training_steps), so the fast paths cannot know what it computes")
     else:
         first = _check_task(first, 0)
+        dtype = next(model.parameters()).dtype
+        if first[0].dtype != dtype:
+            # the standard loop feeds x to the model as it is: on the reference path (chosen for the
+            # y/x dtype mismatch) this failed inside the first Linear ("mat1 and mat2 must have the same dtype")
+            raise TypeError(f"sample_task() (call 1): x dtype {first[0].dtype} differs from the model's {dtype} "
+                            f"(the inner loop feeds x to the model as it is)")
         kind = _loss_kind(first[2])
         reason = _reference_reason(any_shape, first, kind)
     stats = {"iterations": nb_iterations, "meta_batch_size": meta_batch_size, "reason": reason}

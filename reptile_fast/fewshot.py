@@ -33,7 +33,7 @@ from .backends.base import functional_call
 from .model_watch import modes_kept
 from .tasks.base import sample_indices
 from .tasks.episodes import Episodes
-from .validation import check_int
+from .validation import check_bool, check_int
 
 __all__ = ["FewShotResult", "evaluate_episodes", "query_logits", "mean_ci95",
            "nearest_neighbour_predictions", "score_predictions"]
@@ -189,8 +189,7 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
     steps = check_int("steps", steps, 1)
     batch_size = check_int("batch_size", batch_size, 1)
     max_images = check_int("max_images", max_images, 1)
-    if not isinstance(transductive, bool):
-        raise TypeError(f"transductive must be a bool, got {type(transductive).__name__}")
+    transductive = check_bool("transductive", transductive)  # numpy's bool too
     if episodes.device != trainer.device:
         raise ValueError(f"episodes are on {episodes.device} but the model is on {trainer.device}")
     S = episodes.support.n_points

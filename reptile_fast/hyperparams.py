@@ -30,9 +30,22 @@ class HyperParameters:
     @inner_lr.setter
     def inner_lr(self, value) -> None:
         self._not_fitting("inner_lr")
-        value = check_float("inner_lr", value)
+        value = self._checked_inner_lr(value)
         if value != self.config.lr:
             self._set_config(dataclasses.replace(self.config, lr=value))
+
+    def _checked_inner_lr(self, value) -> float:
+        """``check_float``, and within the model's dtype: the inner step multiplies gradients in
+        that dtype, and torch refused 1e300 there deep inside ("cannot be converted to type float
+        without overflow")."""
+        import torch
+
+        value = check_float("inner_lr", value)
+        top = torch.finfo(self.dtype).max
+        if value > top:
+            raise ValueError(f"inner_lr must be at most {top:.4g} (the largest {self.dtype} the model's inner "
+                             f"steps can multiply by), got {value}")
+        return value
 
     @property
     def inner_steps(self) -> int:

@@ -143,8 +143,8 @@ class CheckedDraws(Sampler):
 
     checked = True
 
-    def __init__(self, sampler: Sampler, check):
-        self.sampler, self.check = sampler, check
+    def __init__(self, sampler: Sampler, check, per_step: Optional[int] = None):
+        self.sampler, self.check, self.per_step = sampler, check, per_step
 
     def draw(self, first_iteration: int, m: int):
         drawn = self.sampler.draw(first_iteration, m)
@@ -154,6 +154,13 @@ class CheckedDraws(Sampler):
             raise TypeError(f"{type(self.sampler).__name__}.draw(first_iteration, m) must return (tasks, plans), "
                             f"got {got}")
         tasks, plans = drawn
+        n = getattr(tasks, "n_tasks", None)
+        if self.per_step is not None and n is not None and n != m * self.per_step:
+            # the eager stepper took any count (a short draw trained fewer tasks per meta-step than
+            # fit was given, silently); the compiled one refused it
+            raise ValueError(f"{m} meta-step(s) of {self.per_step} tasks (fit's meta_batch_size) need "
+                             f"{m * self.per_step} tasks, got {n}: a sampler's draw(first_iteration, m) must "
+                             f"return m * meta_batch_size tasks and plans")
         self.check(tasks, plans)
         return tasks, plans
 

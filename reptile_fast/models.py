@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .validation import check_bool
+
 __all__ = ["MLP", "OmniglotConvNet", "MiniImageNetConvNet", "ACTIVATIONS"]
 
 ACTIVATIONS = {
@@ -110,8 +112,7 @@ class MiniImageNetConvNet(nn.Module):
                 raise ValueError(f"MiniImageNetConvNet {name} must be a positive int, got {v!r}")
         n_classes, in_channels, channels, image_size, n_blocks = map(
             int, (n_classes, in_channels, channels, image_size, n_blocks))
-        if not isinstance(pool_first, bool):
-            raise TypeError(f"MiniImageNetConvNet pool_first must be a bool, got {type(pool_first).__name__}")
+        pool_first = check_bool("MiniImageNetConvNet pool_first", pool_first)  # numpy's bool too
         blocks: list[nn.Module] = []
         c, s = in_channels, image_size
         for _ in range(n_blocks):

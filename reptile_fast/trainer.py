@@ -15,7 +15,7 @@ import torch.nn as nn
 from .backends import InnerConfig, InnerResult, UnsupportedModelError, resolve_backend
 from .compat import InputChecker
 from .hyperparams import HyperParameters
-from .core import NonFiniteError, Reducer
+from .core import NonFiniteError, Reducer, check_outer_optimizer_lr
 from .losses import resolve_loss
 from .model_watch import check_followable, structure_key
 from .loop import (DEFAULT_LOG_EVERY, Callback, CheckedDraws, FunctionCallback, HistoryCallback, ProgressCallback,
@@ -71,7 +71,7 @@ class Reptile(HyperParameters):
                  adam_betas=(0.0, 0.999), backend_options: Optional[dict] = None):
         params, self.device, self.dtype = check_meta_model(model)
         self.model = model
-        inner_lr = check_float("inner_lr", inner_lr)
+        inner_lr = self._checked_inner_lr(inner_lr)
         self._inner_steps = check_int("inner_steps", inner_steps)
         self.inner_batch_size = inner_batch_size
         self.outer_lr = outer_lr
@@ -87,6 +87,7 @@ class Reptile(HyperParameters):
                 raise TypeError(f"outer_optimizer must be a torch.optim.Optimizer, got {type(outer_optimizer).__name__}")
             if {id(p) for g in outer_optimizer.param_groups for p in g["params"]} != {id(p) for p in params}:
                 raise ValueError("outer_optimizer must optimise exactly the model's parameters")
+            check_outer_optimizer_lr(outer_optimizer, self.dtype)
             if outer_lr_final is not None:
                 raise ValueError("outer_lr_final anneals the interpolation step; with outer_optimizer "
                                  "use a torch.optim.lr_scheduler instead")
@@ -338,7 +339,8 @@ class Reptile(HyperParameters):
         elif not getattr(sampler, "checked", False):
             rows = self.plan_rows(self.inner_steps)
             sampler = CheckedDraws(sampler, lambda tasks, plans: (self.checker.tasks(tasks, 1),
-                                                                  self.checker.indices(plans, tasks, rows)))
+                                                                  self.checker.indices(plans, tasks, rows)),
+                                   per_step=meta_batch_size)
         ckpt = CheckpointCallback(self, ckpt_dir, checkpoint_every, generator=generator, history=history,
                                   extra=checkpoint_extra)
         if resumed_latest:

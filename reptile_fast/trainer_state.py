@@ -78,6 +78,8 @@ def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
             raise ValueError(f"saved model entry {k} has shape {tuple(v.shape)}, this model's is {tuple(own[k].shape)}")
         if v.dtype != own[k].dtype:
             raise ValueError(f"saved model entry {k} has dtype {v.dtype}, this model's is {own[k].dtype}")
+        if v.device.type == "meta":  # reading it failed inside torch ("item() cannot be called on meta tensors")
+            raise ValueError(f"saved model entry {k} is on the meta device (a tensor without data)")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise ValueError(f"saved model entry {k} contains NaN or infinite values")
     opt_state = state["outer_optimizer"]
@@ -87,6 +89,9 @@ def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
                          ("one" if trainer.outer_optimizer is not None else "none") +
                          ": build the trainer with the same outer_optimizer")
     saved_config = state.get("config")
+    if saved_config is not None and not isinstance(saved_config, Mapping):
+        raise TypeError(f"state['config'] must be a dict (Reptile.hparams()) or absent, got "
+                        f"{type(saved_config).__name__}")
     saved_class = saved_config.get("outer_optimizer") if isinstance(saved_config, Mapping) else None
     mine_class = None if trainer.outer_optimizer is None else type(trainer.outer_optimizer).__name__
     if opt_state is not None and isinstance(saved_class, str) and saved_class != mine_class:

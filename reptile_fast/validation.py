@@ -28,7 +28,8 @@ def check_int(name: str, value, minimum: int = 1) -> int:
 def check_bool(name: str, value) -> bool:
     """``value`` if it is True or False (numpy's bool too); a string such as "no" is truthy, so
     it would silently mean yes."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    # numpy's bool is ``numpy.bool_`` (named "bool" since numpy 2), not a subclass of bool
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {value!r}")
 

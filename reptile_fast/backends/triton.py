@@ -155,6 +155,15 @@ def _check_launch(kernel: str, launch: dict) -> None:
     k.LaunchConfig(**{"mode": "tiled", "num_warps": 4, **launch})
 
 
+def _env_flag(name: str) -> bool:
+    """An opt-in environment variable: "1" on, "0" or unset off; anything else ("yes", "true") is a
+    ValueError naming it (it meant off silently: the user asked for a mode and ran another)."""
+    value = os.environ.get(name, "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"${name} must be 1 (on) or 0 (off), got {value!r}")
+    return value == "1"
+
+
 class TritonBackend(Backend):
     """The fused Triton inner loop (see the module docstring for options)."""
 
@@ -171,7 +180,7 @@ class TritonBackend(Backend):
         #: applies only where the fused stepper can run (kernel v2, no outer optimizer, no reducer)
         self.fused_explicit = fused is not None
         if fused is None:
-            fused = os.environ.get(FUSED_ENV, "0") == "1" and kernel == "v2"
+            fused = _env_flag(FUSED_ENV) and kernel == "v2"
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
         if fused and kernel != "v2":
@@ -189,7 +198,7 @@ class TritonBackend(Backend):
             raise ValueError(f"triton precision must be one of {PRECISIONS} (argument or "
                              f"${PRECISION_ENV}), got {precision!r}")
         if cuda_graphs is None:
-            cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "0") == "1"
+            cuda_graphs = _env_flag(CUDA_GRAPHS_ENV)
         # True/False only: bool("no") is True, so a string meant the opposite silently
         cuda_graphs = check_bool("cuda_graphs", cuda_graphs)
         validate = check_bool("validate", validate)

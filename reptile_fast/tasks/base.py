@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, runtime_checkable
+import math
+import numbers
 
 import torch
 
@@ -86,6 +88,8 @@ class TaskBatch:
             lo, hi = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
             if lo < 0:
                 raise ValueError("TaskBatch.y class labels must be non-negative")
+            if isinstance(self.n_classes, numbers.Integral) and not isinstance(self.n_classes, bool):
+                object.__setattr__(self, "n_classes", int(self.n_classes))  # numpy's too, stored as an int
             if self.n_classes is None:
                 object.__setattr__(self, "n_classes", hi + 1)
             elif isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int) or hi >= self.n_classes:
@@ -128,6 +132,7 @@ class TaskBatch:
     def to(self, device=None, dtype=None) -> "TaskBatch":
         """Move to ``device``; ``dtype`` casts the float inputs and float targets (integer ids and
         class labels keep theirs)."""
+        device = _check_device(device)  # torch's RuntimeError listed every device type it knows
         x = self.x.to(device=device, dtype=dtype if self.x.is_floating_point() else None)
         y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
         if dtype is None or (x.dtype == self.x.dtype and y.dtype == self.y.dtype):
@@ -136,9 +141,16 @@ class TaskBatch:
 
     def __getitem__(self, item) -> "TaskBatch":
         """Select tasks: ``tasks[0:4]`` or ``tasks[[0, 2]]`` keeps the task dimension."""
-        if isinstance(item, int):
+        if isinstance(item, numbers.Integral) and not isinstance(item, bool):  # numpy's ints too
+            item = int(item)
             item = slice(item, item + 1 if item != -1 else None)
-        x, y = self.x[item], self.y[item]
+        try:
+            if isinstance(item, (str, bytes)):  # torch warned of "multidimensional indexing", then failed
+                raise TypeError("a string selects no tasks")
+            x, y = self.x[item], self.y[item]
+        except TypeError as exc:
+            raise TypeError(f"TaskBatch[{item!r}]: select tasks with an int, a slice, a list of ints or an "
+                            f"index tensor ({exc})") from None
         if x.dim() != self.x.dim() or x.shape[0] < 1:
             raise IndexError(f"TaskBatch[{item!r}] must select one or more tasks")
         return TaskBatch.trusted(x, y, self.n_classes)
@@ -170,6 +182,26 @@ def _check_positive_int(name: str, value) -> int:
     return check_int(name, value, 1)
 
 
+def uniform_keys(names: str, *sizes: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """float64 uniforms ``[*sizes]`` for a draw, or a ValueError naming ``names`` (the arguments the
+    sizes come from) when they cannot exist: torch raised a RuntimeError from inside for a count
+    whose bytes overflow ("Storage size calculation overflowed", ``inner_steps=2**62``) or that
+    exceeds memory."""
+    from ..validation import out_of_memory_message
+
+    count = math.prod(sizes)
+    if count * 8 >= 2 ** 63:
+        raise ValueError(f"{names} = {' x '.join(map(str, sizes))}: {count} random numbers cannot be drawn "
+                         f"(more bytes than a 64-bit size holds)")
+    try:
+        return torch.rand(*sizes, generator=generator, device=device, dtype=torch.float64)
+    except RuntimeError as exc:
+        message = out_of_memory_message(exc, f"lower {names}")
+        if message is None:
+            raise
+        raise ValueError(f"{names} = {' x '.join(map(str, sizes))}: {message}") from None
+
+
 def sample_indices(
     n_tasks: int,
     inner_steps: int,
@@ -199,8 +231,8 @@ def sample_indices(
     device = _check_device(device)
     # A uniformly random permutation per (task, step): argsort of i.i.d. uniforms.  Ties have
     # probability ~N^2 / 2^24 per row in fp32, so draw in float64 where they are negligible.
-    keys = torch.rand(n_tasks, inner_steps, n_points, generator=generator, device=draw_device,
-                      dtype=torch.float64)
+    keys = uniform_keys("n_tasks x inner_steps x n_points", n_tasks, inner_steps, n_points, generator=generator,
+                        device=draw_device)
     return plan_from_keys(keys, batch_size).to(device=device if device is not None else draw_device)
 
 

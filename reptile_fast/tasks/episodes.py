@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import TaskBatch, _check_generator, _check_positive_int
+from .base import TaskBatch, _check_generator, _check_positive_int, uniform_keys
 
 __all__ = ["Episodes", "draw_episode_plan", "check_ways"]
 
@@ -107,10 +107,10 @@ def draw_episode_plan(counts: torch.Tensor, n_tasks: int, ways: int, per_class: 
     counts = counts.to(dev)
     # Uniform random subsets in random order: the smallest keys of i.i.d. uniforms (float64:
     # ties are negligible), as sample_indices draws minibatches.
-    keys = torch.rand(n_tasks, n_classes, generator=generator, device=dev, dtype=torch.float64)
+    keys = uniform_keys("n_tasks x classes", n_tasks, n_classes, generator=generator, device=dev)
     classes = keys.topk(ways, dim=-1, largest=False, sorted=True).indices
     width = int(counts.max())
-    keys = torch.rand(n_tasks, ways, width, generator=generator, device=dev, dtype=torch.float64)
+    keys = uniform_keys("n_tasks x ways x images", n_tasks, ways, width, generator=generator, device=dev)
     missing = torch.arange(width, device=dev) >= counts[classes].unsqueeze(-1)
     keys = keys.masked_fill(missing, 2.0)  # never among the smallest
     picks = keys.topk(per_class, dim=-1, largest=False, sorted=True).indices

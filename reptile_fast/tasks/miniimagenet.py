@@ -8,6 +8,7 @@ Tensors are float32 ``[3, S, S]`` in [0, 1] (84×84 in the paper).
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -16,7 +17,7 @@ import torch
 from .base import TaskBatch, _check_device, _check_positive_int
 from .episodes import Episodes, check_ways, draw_episode_plan
 from .images import decode_rgb
-from ..validation import check_int
+from ..validation import check_bool, check_int
 
 __all__ = ["MiniImageNet", "SPLITS"]
 
@@ -37,13 +38,17 @@ class MiniImageNet:
 
     def __init__(self, root, split: str = "train", *, ways: int = 5, shots: int = 1,
                  query_shots: int = 1, image_size: int = 84, cache: bool = True):
+        if not isinstance(root, (str, os.PathLike)):  # Path(None) said only "expected str, bytes or os.PathLike"
+            raise TypeError(f"root must be a path (the folder holding images/ and <split>.csv), got "
+                            f"{type(root).__name__}")
         self.ways = check_ways(ways)
         self.shots = _check_positive_int("shots", shots)
         self.query_shots = check_int("query_shots", query_shots, 0)
         self.image_size = check_int("image_size", image_size, 1)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.root, self.split, self.cache = Path(root), split, bool(cache)
+        # check_bool: cache="no" was truthy (it cached)
+        self.root, self.split, self.cache = Path(root), split, check_bool("cache", cache)
         csv_path = self.root / f"{split}.csv"
         if not csv_path.is_file():
             raise FileNotFoundError(f"{csv_path} does not exist (expected ROOT/{{train,val,test}}.csv "

@@ -309,6 +309,8 @@ def load_official_runs(path: PathLike, image_size: int = 28) -> Tuple[Episodes, 
     ``[R, 20, 1, S, S]`` labelled through ``class_labels.txt``.  For evaluation only.
     """
     image_size = check_int("image_size", image_size, 1)
+    if not isinstance(path, (str, os.PathLike)):  # Path(None): "expected str, bytes or os.PathLike object"
+        raise TypeError(f"path must be the official runs' zip or folder, got {type(path).__name__}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"official runs {path} do not exist")

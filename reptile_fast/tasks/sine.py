@@ -6,7 +6,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import TaskBatch, _check_device, _check_generator, _check_positive_int, plan_from_keys
+from .base import (TaskBatch, _check_device, _check_generator, _check_positive_int, plan_from_keys,
+                   uniform_keys)
 
 __all__ = ["Sine"]
 
@@ -16,11 +17,23 @@ def _check_range(name: str, value) -> Tuple[float, float]:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+    # tasks are float32: a bound beyond its range became inf (amplitude), NaN (phase: sin(inf)) or
+    # a RuntimeError inside torch.linspace (x_range)
+    top = torch.finfo(torch.float32).max
+    if not (math.isfinite(lo) and math.isfinite(hi)) or max(abs(lo), abs(hi)) > top:
+        raise ValueError(f"{name} must be finite in float32 (at most {top:.4g} in magnitude), got {value!r}")
     if hi < lo:
         raise ValueError(f"{name} must have low <= high, got {value!r}")
     return lo, hi
+
+
+def _as_float32(name: str, value) -> torch.Tensor:
+    """``value`` (numbers, a tensor or an array) as float32 ``[T, 1]``; TypeError naming ``name``
+    for anything else (torch said "new(): invalid data type 'str'" or "must be real number")."""
+    try:
+        return torch.as_tensor(value, dtype=torch.float32).reshape(-1, 1)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be numbers (a tensor, an array or a list), got {value!r:.80}") from None
 
 
 class Sine:
@@ -41,6 +54,8 @@ class Sine:
         self.phase = _check_range("phase", phase)
         self.n_points = _check_positive_int("n_points", n_points)
         self.x_range = _check_range("x_range", x_range)
+        if not bool(torch.isfinite(self.grid()).all()):  # (-3e38, 3e38): the grid's step overflows
+            raise ValueError(f"x_range {x_range!r} is too wide for a float32 grid of {self.n_points} points")
 
     def __repr__(self) -> str:
         return (f"Sine(amplitude={self.amplitude}, phase={self.phase}, n_points={self.n_points}, "
@@ -54,7 +69,7 @@ class Sine:
         """Amplitudes and phases, float64 ``[n_tasks]`` each, drawn on the generator's device."""
         n_tasks = _check_positive_int("n_tasks", n_tasks)
         dev = _check_generator(generator)
-        return self._params(torch.rand(2, n_tasks, generator=generator, device=dev, dtype=torch.float64))
+        return self._params(uniform_keys("2 x n_tasks", 2, n_tasks, generator=generator, device=dev))
 
     def _params(self, u: torch.Tensor):
         """Amplitudes and phases from uniforms ``u [2, T]`` (float64)."""
@@ -68,8 +83,7 @@ class Sine:
         return self._make(amplitude, phase, device, trusted=False)
 
     def _make(self, amplitude, phase, device, *, trusted: bool) -> TaskBatch:
-        a = torch.as_tensor(amplitude, dtype=torch.float32).reshape(-1, 1)
-        b = torch.as_tensor(phase, dtype=torch.float32).reshape(-1, 1)
+        a, b = (_as_float32(name, v) for name, v in (("amplitude", amplitude), ("phase", phase)))
         if a.shape != b.shape:
             raise ValueError(f"amplitude and phase must have the same length, got {a.shape[0]} and {b.shape[0]}")
         a, b = a.to(device), b.to(device)
@@ -91,15 +105,16 @@ class Sine:
         plan_rows = _check_positive_int("plan_rows", plan_rows)
         batch_size = _check_positive_int("batch_size", batch_size)
         if batch_size > self.n_points:
-            raise ValueError(f"batch_size ({batch_size}) must not exceed n_points ({self.n_points}): "
-                             f"a minibatch holds distinct points")
+            # fit draws this way on the compiled path: say which setting it is there too
+            raise ValueError(f"batch_size ({batch_size}; a trainer's inner_batch_size) must not exceed n_points "
+                             f"({self.n_points}): a minibatch holds distinct points")
         device = _check_device(device)
         dev = _check_generator(generator)
         params, keys = [], []
         for _ in range(n_steps):  # the generator's numbers in the order the rounds consume them
-            params.append(torch.rand(2, n_tasks, generator=generator, device=dev, dtype=torch.float64))
-            keys.append(torch.rand(n_tasks, plan_rows, self.n_points, generator=generator, device=dev,
-                                   dtype=torch.float64))
+            params.append(uniform_keys("2 x n_tasks", 2, n_tasks, generator=generator, device=dev))
+            keys.append(uniform_keys("n_tasks x plan_rows x n_points", n_tasks, plan_rows, self.n_points,
+                                     generator=generator, device=dev))
         a, b = self._params(torch.stack(params, dim=1).reshape(2, n_steps * n_tasks))
         device = device if device is not None else dev
         plans = plan_from_keys(torch.cat(keys), batch_size).to(device)
