@@ -100,6 +100,23 @@ def _probe(name: str) -> str:
     return ""
 
 
+def check_arity(name: str, fn, call: str, n_args: int) -> None:
+    """TypeError naming ``name`` when ``fn`` cannot be called with ``n_args`` positional arguments
+    (else Python's own TypeError comes at the first call, deep in the loop, naming no argument).
+    Callables whose signature Python cannot read (some builtins) are taken as they are."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*range(n_args))
+    except TypeError as exc:
+        raise TypeError(f"{name} is called as {call}, but {getattr(fn, '__qualname__', type(fn).__name__)}"
+                        f"{sig} cannot take that: {exc}") from None
+
+
 def check_materialised(param) -> None:
     """ValueError for a model on the meta device (parameters without data)."""
     if param.device.type == "meta":
@@ -224,6 +241,8 @@ def check_fit_args(task_distribution, iterations, *, meta_batch_size, generator,
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    if callback is not None:
+        check_arity("callback", callback, "callback(iteration, metrics)", 2)
     if checkpoint_every is not None:
         check_int("checkpoint_every", checkpoint_every)
         if checkpoint_dir is None:

@@ -71,3 +71,4 @@ def test_models_and_job_configs_store_python_ints():
     OmniglotConvNet(n_classes=np.int64(5), image_size=np.int64(28))
     cfg = SineConfig(iterations=np.int64(10), meta_batch_size=np.int32(2), seed=np.int64(3))
     assert all(type(getattr(cfg, k)) is int for k in ("iterations", "meta_batch_size", "seed"))
+

@@ -374,3 +374,19 @@ def test_a_model_on_the_meta_device_is_refused_up_front():
         Reptile(model)
     with pytest.raises(ValueError, match="meta device"):
         reptile_fast.reptile(model, 2, lambda: None, progress=False)
+
+
+@pytest.mark.parametrize("callback", [lambda: None, lambda i: None, lambda i, m, extra: None])
+def test_a_callback_of_the_wrong_arity_is_named_before_training(callback):
+    """fit calls callback(iteration, metrics): another arity failed at the first meta-step with
+    Python's own TypeError, naming no argument."""
+    trainer = Reptile(MLP(), backend="torch")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(TypeError, match=r"callback is called as callback\(iteration, metrics\)"):
+        trainer.fit(Sine(), 2, callback=callback, progress=False)
+    assert trainer.iteration == 0 and all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+
+
+@pytest.mark.parametrize("callback", [lambda i, m: None, lambda *a: None, lambda i, m, extra=1: None, print])
+def test_callbacks_that_take_two_arguments_are_accepted(callback):
+    Reptile(MLP(), backend="torch").fit(Sine(), 1, callback=callback, progress=False)
