@@ -424,13 +424,14 @@ def test_gpu_check_main_job_row_is_a_time_only_for_a_trained_model(tmp_path, mon
 
     from bench import gpu_check as G
 
-    def fake_run(cmd, **kw):
+    def fake_run(cmd, timeout, **kw):
         run = Path(cmd[cmd.index("--out") + 1])
         run.mkdir(parents=True, exist_ok=True)
         (run / "metrics.json").write_text(json.dumps({"post_adaptation_mse": fake_run.mse, "train_seconds": 0.5}))
         return sp.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(G.subprocess, "run", fake_run)
+    # the job runs through gpu_check's registered child runner (killed at the hard deadline)
+    monkeypatch.setattr(G, "_run", fake_run)
     fake_run.mse = 0.4
     row = G.cli_sine_row(lambda *a: None, tmp_path, timeout=10.0)
     assert row["status"].startswith("wrong") and "wall_seconds" not in row and "train_seconds" not in row, row
