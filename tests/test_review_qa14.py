@@ -1,0 +1,91 @@
+"""QA14's review of the session's changes: regressions found in them, each checked against what the
+code did before (the embedding-id check held every integer input to the *first* nn.Embedding's
+range; the GPU check's and sweep's deadlines could be overwritten by the main thread)."""
+import json
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from reptile_fast import Reptile, TaskBatch
+
+
+class UserItem(nn.Module):
+    """Two id columns read by two embeddings of different sizes (a recommender's user and item)."""
+
+    def __init__(self):
+        super().__init__()
+        self.user, self.item = nn.Embedding(4, 8), nn.Embedding(50, 8)
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):  # x: long [B, 2]
+        return self.out(self.user(x[:, 0]) * self.item(x[:, 1]))
+
+
+class PositionFirst(nn.Module):
+    """A position embedding (registered first, fed torch.arange) and a token embedding fed x."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.tok = nn.Embedding(3, 4), nn.Embedding(20, 4)
+        self.out = nn.Linear(12, 1)
+
+    def forward(self, x):  # x: long [B, 3]
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+        return self.out(h.flatten(1))
+
+
+class IdAndFeature(nn.Module):
+    """An id column into an embedding and an integer feature (may be negative) used as a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(5, 1), nn.Linear(1, 1)
+
+    def forward(self, x):  # x: long [B, 2]
+        return self.emb(x[:, 0]) + self.lin(x[:, 1:].float())
+
+
+def _user_item_ids(T=3, N=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(0, 4, (T, N), generator=g), torch.randint(0, 50, (T, N), generator=g)], -1)
+
+
+def _adapt(model_fn, x, backend, steps=3, batch=5):
+    torch.manual_seed(0)
+    tr = Reptile(model_fn(), backend=backend, inner_batch_size=batch, inner_steps=steps)
+    y = torch.randn(x.shape[0], x.shape[1], 1, generator=torch.Generator().manual_seed(1))
+    plan = torch.stack([torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(i))[:batch]
+                        for i in range(x.shape[0] * steps)]).view(x.shape[0], steps, batch)
+    return tr.adapt(TaskBatch(x, y), steps=steps, indices=plan)
+
+
+@pytest.mark.parametrize("model_fn, x", [
+    (UserItem, _user_item_ids()),
+    (PositionFirst, torch.randint(0, 20, (3, 20, 3), generator=torch.Generator().manual_seed(2))),
+    (IdAndFeature, torch.stack([torch.randint(0, 5, (3, 20), generator=torch.Generator().manual_seed(3)),
+                                torch.randint(-9, 9, (3, 20), generator=torch.Generator().manual_seed(4))], -1)),
+])
+def test_valid_ids_of_a_model_with_several_embeddings_or_features_train_on_both_backends(model_fn, x):
+    """Each held every integer input to the model's first nn.Embedding (4, 3, 5 rows): item ids,
+    token ids and a negative feature were refused though the model takes them."""
+    ref, fast = _adapt(model_fn, x, "reference"), _adapt(model_fn, x, "torch")
+    assert set(ref.params) == set(fast.params)
+    for k in ref.params:
+        torch.testing.assert_close(fast.params[k], ref.params[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.losses, ref.losses, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_ids_out_of_the_range_of_the_embedding_that_reads_them_are_refused(backend):
+    for column, bad, name in ((1, 50, "item"), (0, 4, "user"), (0, -1, "user")):
+        x = _user_item_ids()
+        x[2, 15, column] = bad  # past the two points the model is probed on
+        with pytest.raises(ValueError, match=f"nn.Embedding '{name}'.*has {50 if name == 'item' else 4} rows"):
+            _adapt(UserItem, x, backend)
+        x = _user_item_ids()
+        x[0, 0, column] = bad  # among the probed points: the same words, not torch's IndexError
+        with pytest.raises(ValueError, match=f"nn.Embedding '{name}'"):
+            _adapt(UserItem, x, backend)
