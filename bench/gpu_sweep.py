@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -115,10 +116,9 @@ class _Deadline:
     row for the T in flight, the table; exit code 3."""
 
     def __init__(self, seconds, out, results, log, exit_fn=os._exit):
-        import threading
-
         self.seconds, self.out, self.results, self.log, self._exit = seconds, out, results, log, exit_fn
         self.T = None
+        self.done = False  # set by main once sweep.json is final
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
 
@@ -130,6 +130,10 @@ class _Deadline:
         self._timer.cancel()
 
     def _fire(self):
+        _WRITE_LOCK.acquire(timeout=30)  # never released: as bench.gpu_check.Deadline
+        if self.done:
+            _WRITE_LOCK.release()
+            return
         try:
             from bench.gpu_check import _snapshot
 
@@ -145,10 +149,17 @@ class _Deadline:
             self._exit(3)
 
 
+#: held while sweep.json is written; the deadline keeps it until the process ends (the main
+#: thread wrote the same sweep.json.tmp at the same time, or replaced the deadline's file with one
+#: without the "cut short" row)
+_WRITE_LOCK = threading.RLock()
+
+
 def _write(out: Path, results: dict) -> None:
-    tmp = out / "sweep.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    tmp.replace(out / "sweep.json")
+    with _WRITE_LOCK:
+        tmp = out / "sweep.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        tmp.replace(out / "sweep.json")
 
 
 def table(rows):
@@ -211,6 +222,8 @@ def main(argv=None) -> int:
             log(f"  T={T} done in {time.monotonic() - t0:.1f} s")
             results["table"] = table(results["rows"])
             _write(out, results)
+        with _WRITE_LOCK:
+            deadline.done = True
         for line in results["table"]:
             log(line)
         return 0

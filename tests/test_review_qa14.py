@@ -89,3 +89,90 @@ def test_ids_out_of_the_range_of_the_embedding_that_reads_them_are_refused(backe
         x[0, 0, column] = bad  # among the probed points: the same words, not torch's IndexError
         with pytest.raises(ValueError, match=f"nn.Embedding '{name}'"):
             _adapt(UserItem, x, backend)
+
+
+def _fire_and_hold(deadline, lock):
+    """Run ``deadline._fire`` on a thread as its timer would, with an exit that (instead of
+    ending the process) waits for ``go`` and then lets ``lock`` go (os._exit would free it)."""
+    go, exits = threading.Event(), []
+
+    def fake_exit(code):
+        exits.append(code)
+        go.wait(10)
+        try:
+            lock.release()
+        except RuntimeError:  # the old code took no lock
+            pass
+
+    deadline._exit = fake_exit
+    t = threading.Thread(target=deadline._fire, daemon=True)
+    t.start()
+    for _ in range(200):
+        if exits:
+            break
+        time.sleep(0.01)
+    return t, go, exits
+
+
+def _write_is_held_back(write, path, mark):
+    """Whether ``write`` (the main thread's next save) waits while the deadline is ending the
+    process, leaving the deadline's file (which holds ``mark``) in place."""
+    w = threading.Thread(target=write, daemon=True)
+    w.start()
+    w.join(0.5)
+    return w, w.is_alive() and mark in path.read_text()
+
+
+def test_gpu_check_deadline_files_are_not_replaced_by_the_main_thread(tmp_path, monkeypatch):
+    """The main thread of a slow (not hung) stage went on between the deadline's write and its
+    exit: its next save replaced results.json with one without the "cut short" mark."""
+    pytest.importorskip("triton")
+    from bench import gpu_check as GC
+
+    lock = threading.RLock()
+    monkeypatch.setattr(GC, "SAVE_LOCK", lock, raising=False)
+    results = {"stages": {"timing": {"status": "running", "rows": [{"T": 1}]}}, "seconds": {}}
+    deadline = GC.Deadline(60, tmp_path, results, log=lambda *a: None)
+    deadline.stage = "timing"
+    t, go, exits = _fire_and_hold(deadline, lock)
+    assert exits == [3]
+    assert json.loads((tmp_path / "results.json").read_text())["stages"]["timing"]["status"] == "cut short"
+    w, held = _write_is_held_back(lambda: GC.save(tmp_path, results), tmp_path / "results.json", "cut short")
+    go.set()
+    t.join(5), w.join(5)
+    assert held, "the main thread's save replaced the deadline's results.json before the exit"
+
+
+def test_gpu_check_deadline_after_the_final_files_leaves_the_run_be(tmp_path, monkeypatch):
+    """Timer.cancel does not stop a callback already running: a deadline firing as main wrote its
+    last files marked a finished run "cut short" and ended it with exit code 3."""
+    pytest.importorskip("triton")
+    from bench import gpu_check as GC
+
+    lock = threading.RLock()
+    monkeypatch.setattr(GC, "SAVE_LOCK", lock, raising=False)
+    deadline = GC.Deadline(60, tmp_path, {"stages": {}, "seconds": {}}, log=lambda *a: None)
+    deadline.done = True  # what main sets, holding the lock, after its final save
+    t, go, exits = _fire_and_hold(deadline, lock)
+    go.set()
+    t.join(5)
+    assert exits == [] and not (tmp_path / "results.json").exists()
+
+
+def test_gpu_sweep_deadline_file_is_not_replaced_by_the_main_thread(tmp_path, monkeypatch):
+    """The sweep's deadline and main thread wrote the same sweep.json.tmp: interleaved, or the
+    main thread's later file without the "cut short" row replacing the deadline's."""
+    pytest.importorskip("triton")
+    from bench import gpu_sweep as S
+
+    lock = threading.RLock()
+    monkeypatch.setattr(S, "_WRITE_LOCK", lock, raising=False)
+    results = {"rows": [{"T": 1, "config": {}, "ok": True, "ms": 1.0, "tasks_per_s": 1e3}]}
+    deadline = S._Deadline(60, tmp_path, results, log=lambda *a: None)
+    deadline.T = 1
+    t, go, exits = _fire_and_hold(deadline, lock)
+    assert exits == [3]
+    w, held = _write_is_held_back(lambda: S._write(tmp_path, results), tmp_path / "sweep.json", "cut short")
+    go.set()
+    t.join(5), w.join(5)
+    assert held, "the main thread's write replaced the deadline's sweep.json before the exit"
