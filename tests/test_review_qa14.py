@@ -176,3 +176,20 @@ def test_gpu_sweep_deadline_file_is_not_replaced_by_the_main_thread(tmp_path, mo
     go.set()
     t.join(5), w.join(5)
     assert held, "the main thread's write replaced the deadline's sweep.json before the exit"
+
+
+def test_numpy_counts_for_backend_task_block_and_seconds_for_the_distributed_timeout():
+    """task_block=np.int64(4) was refused as "must be 'auto', None or a positive int, got 4", and
+    a numpy integer timeout as "timeout must be seconds (a number)"."""
+    import datetime
+
+    import numpy as np
+
+    from reptile_fast.backends.torch_func import TorchBackend
+    from reptile_fast.distributed.context import _timeout
+
+    backend = TorchBackend(task_block=np.int64(4))
+    assert backend.task_block == 4 and type(backend.task_block) is int
+    assert _timeout(np.int64(60)) == datetime.timedelta(seconds=60)
+    with pytest.raises(ValueError, match="task_block"):
+        TorchBackend(task_block=np.int64(0))
