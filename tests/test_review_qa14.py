@@ -193,3 +193,70 @@ def test_numpy_counts_for_backend_task_block_and_seconds_for_the_distributed_tim
     assert _timeout(np.int64(60)) == datetime.timedelta(seconds=60)
     with pytest.raises(ValueError, match="task_block"):
         TorchBackend(task_block=np.int64(0))
+
+
+def test_ranks_with_different_clocks_enter_the_same_stop_agreements(monkeypatch):
+    """The time-aware stop agreement (distributed_fit): two ranks on threads, one 2.3x slower and with
+    another clock origin, resumed at meta-step 7; every rank must enter the same all-reduces at
+    the same meta-steps (a rank entering one more would wait in it until the timeout), and a
+    signal on one rank stops both after the same meta-step."""
+    import types
+
+    from reptile_fast.distributed import training as T
+    from reptile_fast.signals import DeferredSignals
+
+    local = threading.local()
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(monotonic=lambda: local.clock))
+    barrier, slots = threading.Barrier(2, timeout=10), {}
+
+    class Ctx:  # an all-reduce between the two threads (op max), as gloo/NCCL would do it
+        is_distributed, device = True, torch.device("cpu")
+
+        def __init__(self, rank):
+            self.rank, self.seen = rank, []
+
+        def all_reduce_(self, t, what, op="sum"):
+            assert op == "max" and t.dtype == torch.float64 and t.device == self.device
+            self.seen.append(what)
+            slots[self.rank] = t.clone()
+            barrier.wait()
+            out = torch.maximum(slots[0], slots[1])
+            barrier.wait()
+            return t.copy_(out)
+
+    class Loop:
+        def __init__(self, start):
+            self.iteration, self._stop = start, False
+
+        def stop(self):
+            self._stop = True
+
+    results = {}
+
+    def rank(r, seconds_per_step, origin, signal_at):
+        local.clock = origin
+        signals = DeferredSignals()
+        ctx, loop = Ctx(r), Loop(7)
+        cb = T._RankCallback(ctx, signals, None, 10, agree=True)
+        cb.on_start(loop)
+        while loop.iteration < 400 and not loop._stop:
+            local.clock += seconds_per_step
+            loop.iteration += 1
+            if loop.iteration == signal_at:
+                signals.received = 15  # SIGTERM, as DeferredSignals records it
+            cb.on_chunk_end(loop, read=False)
+        results[r] = (ctx.seen, loop.iteration, cb.signum)
+
+    threads = [threading.Thread(target=rank, args=(0, 0.3, 0.0, None)),
+               threading.Thread(target=rank, args=(1, 0.7, 1e6, 250))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(results) == {0, 1}, "a rank waited in an all-reduce the other never entered"
+    assert results[0] == results[1]
+    seen, stopped_at, signum = results[0]
+    assert 250 <= stopped_at < 257 and signum == 15
+    # the slow rank sets the pace: 5 s / 0.7 s per step -> an agreement every 7 meta-steps
+    steps = [int(w.rsplit(" ", 1)[1]) for w in seen]
+    assert steps[0] == 8 and {b - a for a, b in zip(steps, steps[1:])} == {7}
