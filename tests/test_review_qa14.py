@@ -260,3 +260,54 @@ def test_ranks_with_different_clocks_enter_the_same_stop_agreements(monkeypatch)
     # the slow rank sets the pace: 5 s / 0.7 s per step -> an agreement every 7 meta-steps
     steps = [int(w.rsplit(" ", 1)[1]) for w in seen]
     assert steps[0] == 8 and {b - a for a, b in zip(steps, steps[1:])} == {7}
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_an_outer_optimizer_step_that_overflows_phi_is_a_skipped_meta_step(backend):
+    """QA13 guarded the interpolation's new φ (outer_lr=1e300), not an outer optimizer's step: a
+    finite pseudo-gradient (|D| ~ 12 here) times an accepted lr of 3e38 made φ inf with no
+    NonFiniteError at that meta-step (the next one then failed on the inf φ)."""
+    from reptile_fast import NonFiniteError
+    from reptile_fast.models import MLP
+    from reptile_fast.tasks import Sine
+
+    torch.manual_seed(0)
+    model = MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    tasks = Sine(amplitude=(1000.0, 1000.0)).sample(1, generator=torch.Generator().manual_seed(0))
+    plan = torch.arange(10).view(1, 1, 10)
+    tr = Reptile(model, backend=backend, inner_steps=1,
+                 outer_optimizer=torch.optim.SGD(model.parameters(), lr=3e38))
+    tr.meta_step(tasks, plan)
+    with pytest.raises(NonFiniteError) as info:
+        tr.check_finite()
+    assert info.value.iteration == 1
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_outer_optimizer_guard_leaves_valid_steps_bitwise_unchanged():
+    """The guard's select must not change a finite step: φ after 3 meta-steps with Adam equals the
+    optimizer's own update computed by hand, bit for bit."""
+    from reptile_fast.models import MLP
+    from reptile_fast.tasks import Sine
+
+    torch.manual_seed(0)
+    model, twin = MLP(), MLP()
+    twin.load_state_dict(model.state_dict())
+    tr = Reptile(model, backend="torch", inner_steps=2, outer_optimizer=torch.optim.Adam(model.parameters(), lr=1e-2))
+    ref = Reptile(twin, backend="torch", inner_steps=2)
+    opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tasks = Sine().sample(4, generator=g)
+        plan = torch.stack([torch.randperm(50, generator=g)[:10] for _ in range(8)]).view(4, 2, 10)
+        tr.meta_step(tasks, plan)
+        res = ref.adapt(tasks, steps=2, indices=plan)
+        for n, p in twin.named_parameters():
+            p.grad = -(res.params[n] - p.detach()).mean(0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    tr.check_finite()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
