@@ -168,13 +168,15 @@ class Deadline:
     main thread inside the driver, where no Python timeout reaches, and the device tool would
     otherwise stop the run at its own limit with no summary and the stage in flight lost."""
 
-    def __init__(self, seconds: float, out: Path, results: dict, log, exit_fn=os._exit):
+    def __init__(self, seconds: float, out: Path, results: dict, log, exit_fn=os._exit, elapsed: float = 0.0):
+        # elapsed: seconds of the run already spent (main's budget starts before `import torch`,
+        # which takes seconds on a fresh machine): the deadline is ``seconds`` after the run's start
         self.seconds, self.out, self.results, self.log, self._exit = seconds, out, results, log, exit_fn
         self.stage = None
         #: set by ``main`` (holding ``SAVE_LOCK``) once its final files are written: a timer firing
         #: after that (``cancel`` does not stop a callback already running) leaves the run be
         self.done = False
-        self._timer = threading.Timer(seconds, self._fire)
+        self._timer = threading.Timer(max(0.0, seconds - elapsed), self._fire)
         self._timer.daemon = True
 
     def start(self) -> "Deadline":
@@ -1087,7 +1089,7 @@ def main(argv=None) -> int:
     correctness_rows = []  # stage 3's rows as they are made (in results while it runs)
     # the hard end of a run that cannot end by itself (a hung GPU call): DEADLINE_GRACE s past the
     # budget, before the device tool's limit for a "<= 6 minutes" run (give it timeout_s >= 360)
-    deadline = Deadline(budget.seconds + DEADLINE_GRACE, out, results, log).start()
+    deadline = Deadline(budget.seconds + DEADLINE_GRACE, out, results, log, elapsed=budget.elapsed()).start()
     try:
         # (number, name, function, cap in seconds on a GPU)
         stages = [

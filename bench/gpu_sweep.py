@@ -115,11 +115,12 @@ class _Deadline:
     thread where no Python timeout reaches): sweep.json with the rows made so far, a "cut short"
     row for the T in flight, the table; exit code 3."""
 
-    def __init__(self, seconds, out, results, log, exit_fn=os._exit):
+    def __init__(self, seconds, out, results, log, exit_fn=os._exit, elapsed=0.0):
         self.seconds, self.out, self.results, self.log, self._exit = seconds, out, results, log, exit_fn
         self.T = None
         self.done = False  # set by main once sweep.json is final
-        self._timer = threading.Timer(seconds, self._fire)
+        # elapsed: seconds since the budget's start (before `import torch`), as gpu_check's
+        self._timer = threading.Timer(max(0.0, seconds - elapsed), self._fire)
         self._timer.daemon = True
 
     def start(self):
@@ -182,10 +183,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before a kernel module is imported
+    from bench.gpu_check import Budget, Log
+
+    # the budget starts before `import torch` (seconds on a fresh machine): the device tool's
+    # limit counts from the process's start
+    budget = Budget(args.budget or (120 if args.cpu_smoke else 220))
     import torch
 
     from bench.env import machine_stamp
-    from bench.gpu_check import Budget, Log
 
     torch.backends.cuda.matmul.allow_tf32 = False
     out = Path(args.out)
@@ -199,7 +204,6 @@ def main(argv=None) -> int:
         return 2
     else:
         device, Ts, width = torch.device("cuda"), SWEEP_T, 64
-    budget = Budget(args.budget or (120 if args.cpu_smoke else 220))
     stamp = machine_stamp()
     stamp["command"] = "python -m bench.gpu_sweep " + " ".join(sys.argv[1:] if argv is None else argv)
     if device.type == "cuda":
@@ -209,7 +213,7 @@ def main(argv=None) -> int:
                "dims": [1, width, width, 1], "rows": []}
     from bench.gpu_check import DEADLINE_GRACE
 
-    deadline = _Deadline(budget.seconds + DEADLINE_GRACE, out, results, log).start()
+    deadline = _Deadline(budget.seconds + DEADLINE_GRACE, out, results, log, elapsed=budget.elapsed()).start()
     try:
         for T in Ts:
             t0 = time.monotonic()

@@ -311,3 +311,69 @@ def test_the_outer_optimizer_guard_leaves_valid_steps_bitwise_unchanged():
     tr.check_finite()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+def test_gpu_check_deadline_counts_from_the_budget_start_not_after_import_torch(tmp_path, monkeypatch):
+    """main's budget starts before `import torch`; the deadline's timer started after it with the
+    whole budget + grace: on a fresh GPU machine (torch's import takes seconds) the run's end moved
+    past the 355 s the README gives, towards the device tool's 360 s limit."""
+    pytest.importorskip("triton")
+    import os
+
+    from bench import gpu_check as GC
+
+    made = []
+
+    class Recorded(GC.Deadline):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, exit_fn=lambda code: None, **kwargs)
+            made.append(self)
+
+    class SlowStart(GC.Budget):
+        def elapsed(self):  # as if `import torch` had taken 7 s
+            return super().elapsed() + 7.0
+
+    monkeypatch.setattr(GC, "Deadline", Recorded)
+    monkeypatch.setattr(GC, "Budget", SlowStart)
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))  # main sets it
+    threads = torch.get_num_threads()
+    try:
+        assert GC.main(["--cpu-smoke", "--budget", "100", "--stages", "", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    interval = made[0]._timer.interval
+    assert 100 + GC.DEADLINE_GRACE - 7.5 < interval <= 100 + GC.DEADLINE_GRACE - 7.0
+
+
+def test_gpu_sweep_deadline_counts_from_the_budget_start(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    import os
+
+    from bench import gpu_check as GC
+    from bench import gpu_sweep as S
+
+    made = []
+
+    class Recorded(S._Deadline):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, exit_fn=lambda code: None, **kwargs)
+            made.append(self)
+
+    class SlowStart(GC.Budget):
+        def elapsed(self):
+            return super().elapsed() + 7.0
+
+    def no_sweep(T, device, width, smoke, budget, log, rows=None):
+        return rows
+
+    monkeypatch.setattr(S, "_Deadline", Recorded)
+    monkeypatch.setattr(GC, "Budget", SlowStart)
+    monkeypatch.setattr(S, "sweep_T", no_sweep)
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    threads = torch.get_num_threads()
+    try:
+        assert S.main(["--cpu-smoke", "--budget", "50", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    interval = made[0]._timer.interval
+    assert 50 + GC.DEADLINE_GRACE - 7.5 < interval <= 50 + GC.DEADLINE_GRACE - 7.0
