@@ -79,10 +79,18 @@ class Log:
         self.f.write(msg + "\n")
 
 
+#: held while results.json or summary.txt is written.  ``Deadline`` takes it before its own write
+#: and keeps it until the process ends, so the main thread (still running: a slow stage, not a
+#: hung one) cannot replace the deadline's files with ones that lack the "cut short" mark, nor
+#: write the same temporary file at the same time; re-entrant for the deadline's own ``save``.
+SAVE_LOCK = threading.RLock()
+
+
 def save(out: Path, results: dict, tmp_name: str = "results.json.tmp") -> None:
-    tmp = out / tmp_name
-    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    tmp.replace(out / "results.json")
+    with SAVE_LOCK:
+        tmp = out / tmp_name
+        tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        tmp.replace(out / "results.json")
 
 
 #: where Nsight Compute installs itself: ``<root>/<version>/ncu`` (e.g. 2025.3.1), not always on PATH
@@ -160,10 +168,15 @@ class Deadline:
     main thread inside the driver, where no Python timeout reaches, and the device tool would
     otherwise stop the run at its own limit with no summary and the stage in flight lost."""
 
-    def __init__(self, seconds: float, out: Path, results: dict, log, exit_fn=os._exit):
+    def __init__(self, seconds: float, out: Path, results: dict, log, exit_fn=os._exit, elapsed: float = 0.0):
+        # elapsed: seconds of the run already spent (main's budget starts before `import torch`,
+        # which takes seconds on a fresh machine): the deadline is ``seconds`` after the run's start
         self.seconds, self.out, self.results, self.log, self._exit = seconds, out, results, log, exit_fn
         self.stage = None
-        self._timer = threading.Timer(seconds, self._fire)
+        #: set by ``main`` (holding ``SAVE_LOCK``) once its final files are written: a timer firing
+        #: after that (``cancel`` does not stop a callback already running) leaves the run be
+        self.done = False
+        self._timer = threading.Timer(max(0.0, seconds - elapsed), self._fire)
         self._timer.daemon = True
 
     def start(self) -> "Deadline":
@@ -174,6 +187,12 @@ class Deadline:
         self._timer.cancel()
 
     def _fire(self) -> None:
+        # never released: the process ends below (a main thread stuck inside a write for 30 s is
+        # not waited for longer)
+        SAVE_LOCK.acquire(timeout=30)
+        if self.done:
+            SAVE_LOCK.release()
+            return
         try:
             self._write()
         finally:
@@ -1070,7 +1089,7 @@ def main(argv=None) -> int:
     correctness_rows = []  # stage 3's rows as they are made (in results while it runs)
     # the hard end of a run that cannot end by itself (a hung GPU call): DEADLINE_GRACE s past the
     # budget, before the device tool's limit for a "<= 6 minutes" run (give it timeout_s >= 360)
-    deadline = Deadline(budget.seconds + DEADLINE_GRACE, out, results, log).start()
+    deadline = Deadline(budget.seconds + DEADLINE_GRACE, out, results, log, elapsed=budget.elapsed()).start()
     try:
         # (number, name, function, cap in seconds on a GPU)
         stages = [
@@ -1137,8 +1156,10 @@ def main(argv=None) -> int:
             lines = [f"summary ERROR {type(exc).__name__}: {exc}"]
             log(traceback.format_exc())
         results["summary"] = lines
-        save(out, results)
-        (out / "summary.txt").write_text("\n".join(lines) + "\n")
+        with SAVE_LOCK:  # the deadline's files or these, never a mix
+            save(out, results)
+            (out / "summary.txt").write_text("\n".join(lines) + "\n")
+            deadline.done = True
         log("")
         for line in lines:
             log(line)

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -114,12 +115,12 @@ class _Deadline:
     thread where no Python timeout reaches): sweep.json with the rows made so far, a "cut short"
     row for the T in flight, the table; exit code 3."""
 
-    def __init__(self, seconds, out, results, log, exit_fn=os._exit):
-        import threading
-
+    def __init__(self, seconds, out, results, log, exit_fn=os._exit, elapsed=0.0):
         self.seconds, self.out, self.results, self.log, self._exit = seconds, out, results, log, exit_fn
         self.T = None
-        self._timer = threading.Timer(seconds, self._fire)
+        self.done = False  # set by main once sweep.json is final
+        # elapsed: seconds since the budget's start (before `import torch`), as gpu_check's
+        self._timer = threading.Timer(max(0.0, seconds - elapsed), self._fire)
         self._timer.daemon = True
 
     def start(self):
@@ -130,6 +131,10 @@ class _Deadline:
         self._timer.cancel()
 
     def _fire(self):
+        _WRITE_LOCK.acquire(timeout=30)  # never released: as bench.gpu_check.Deadline
+        if self.done:
+            _WRITE_LOCK.release()
+            return
         try:
             from bench.gpu_check import _snapshot
 
@@ -145,10 +150,17 @@ class _Deadline:
             self._exit(3)
 
 
+#: held while sweep.json is written; the deadline keeps it until the process ends (the main
+#: thread wrote the same sweep.json.tmp at the same time, or replaced the deadline's file with one
+#: without the "cut short" row)
+_WRITE_LOCK = threading.RLock()
+
+
 def _write(out: Path, results: dict) -> None:
-    tmp = out / "sweep.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    tmp.replace(out / "sweep.json")
+    with _WRITE_LOCK:
+        tmp = out / "sweep.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        tmp.replace(out / "sweep.json")
 
 
 def table(rows):
@@ -171,10 +183,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before a kernel module is imported
+    from bench.gpu_check import Budget, Log
+
+    # the budget starts before `import torch` (seconds on a fresh machine): the device tool's
+    # limit counts from the process's start
+    budget = Budget(args.budget or (120 if args.cpu_smoke else 220))
     import torch
 
     from bench.env import machine_stamp
-    from bench.gpu_check import Budget, Log
 
     torch.backends.cuda.matmul.allow_tf32 = False
     out = Path(args.out)
@@ -188,7 +204,6 @@ def main(argv=None) -> int:
         return 2
     else:
         device, Ts, width = torch.device("cuda"), SWEEP_T, 64
-    budget = Budget(args.budget or (120 if args.cpu_smoke else 220))
     stamp = machine_stamp()
     stamp["command"] = "python -m bench.gpu_sweep " + " ".join(sys.argv[1:] if argv is None else argv)
     if device.type == "cuda":
@@ -198,7 +213,7 @@ def main(argv=None) -> int:
                "dims": [1, width, width, 1], "rows": []}
     from bench.gpu_check import DEADLINE_GRACE
 
-    deadline = _Deadline(budget.seconds + DEADLINE_GRACE, out, results, log).start()
+    deadline = _Deadline(budget.seconds + DEADLINE_GRACE, out, results, log, elapsed=budget.elapsed()).start()
     try:
         for T in Ts:
             t0 = time.monotonic()
@@ -211,6 +226,8 @@ def main(argv=None) -> int:
             log(f"  T={T} done in {time.monotonic() - t0:.1f} s")
             results["table"] = table(results["rows"])
             _write(out, results)
+        with _WRITE_LOCK:
+            deadline.done = True
         for line in results["table"]:
             log(line)
         return 0

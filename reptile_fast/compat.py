@@ -38,6 +38,9 @@ class InputChecker:
     def __init__(self, model: nn.Module, loss: Union[str, Callable], device: torch.device, dtype: torch.dtype):
         self.model, self.loss, self.device, self.dtype = model, loss, device, dtype
         self._seen: set = set()
+        #: per probed input (point shape, dtype): the (nn.Embedding's name, rows, per-point
+        #: positions of x) of each embedding that reads straight from x (see ``_probe``)
+        self._id_readers: dict = {}
 
     def tasks(self, tasks: TaskBatch, min_points: int) -> None:
         """TypeError/ValueError naming what does not fit (device, dtype, points, targets, shapes)."""
@@ -59,12 +62,15 @@ class InputChecker:
         n_classes = tasks.n_classes
         if tasks.is_classification and n_classes is None:  # a trusted batch without a bound: one read
             n_classes = int(tasks.y.max()) + 1
-        if not tasks.x.is_floating_point():
-            self._check_ids(tasks.x)
-        key = (tuple(tasks.x.shape[2:]), tuple(tasks.y.shape[2:]), tasks.y.dtype, n_classes)
+        # x's dtype too: which embeddings read integer inputs is found by the probe (float x: none)
+        key = (tuple(tasks.x.shape[2:]), tasks.x.dtype, tuple(tasks.y.shape[2:]), tasks.y.dtype, n_classes)
         if key in self._seen:
+            if not tasks.x.is_floating_point():
+                self._check_ids(tasks.x, self._id_readers.get(key[:2], ()))
             return
         out = self._probe(tasks)
+        if not tasks.x.is_floating_point():
+            self._check_ids(tasks.x, self._id_readers.get(key[:2], ()))
         if name == "mse" and tuple(out.shape) != tuple(tasks.y[0, :2].shape):
             raise ValueError(f"model output per point {tuple(out.shape[1:])} does not match targets "
                              f"{tuple(tasks.y.shape[2:])}")
@@ -77,29 +83,72 @@ class InputChecker:
             self._check_callable_loss(out, tasks)
         self._seen.add(key)
 
-    def _check_ids(self, x: torch.Tensor) -> None:
-        """Integer inputs are ids into the model's first ``nn.Embedding``: each must lie in
-        ``[0, num_embeddings)``.  One read per call (id inputs only): the probe sees two points,
-        and past it an id out of range raised IndexError deep inside the inner loop (reference) or,
-        negative, was taken silently under vmap (torch), training on other rows than the reference."""
-        emb = next((m for m in self.model.modules() if isinstance(m, nn.Embedding)), None)
-        if emb is None or not x.numel():
+    def _check_ids(self, x: torch.Tensor, readers) -> None:
+        """Integer inputs are ids: each position of a point that an ``nn.Embedding`` of the model
+        reads straight from x (``readers``, found by ``_probe``) must lie in ``[0, rows)`` of that
+        embedding.  One read per call (id inputs only): the probe sees two points, and past it an id
+        out of range raised IndexError deep inside the inner loop (reference) or, negative, was taken
+        silently under vmap (torch), training on other rows than the reference.  Positions no
+        embedding reads (a second id column of another embedding, an integer feature) are not held
+        to the first embedding's range."""
+        if not readers or not x.numel():
             return
-        lo, hi = (int(v) for v in torch.stack([x.min(), x.max()]).tolist())
-        if lo < 0 or hi >= emb.num_embeddings:
-            raise ValueError(f"tasks.x holds ids in [{lo}, {hi}], but the model's nn.Embedding has "
-                             f"{emb.num_embeddings} rows: ids must lie in [0, {emb.num_embeddings})")
+        flat = x.reshape(-1, x[0, 0].numel())
+        ends = torch.stack([torch.stack([flat[:, cols].min(), flat[:, cols].max()]) for _, _, cols in readers])
+        for (name, rows, _), (lo, hi) in zip(readers, ends.tolist()):
+            if lo < 0 or hi >= rows:
+                raise ValueError(f"tasks.x holds ids in [{lo}, {hi}] where the model's nn.Embedding {name!r} reads "
+                                 f"them, but that nn.Embedding has {rows} rows: ids must lie in [0, {rows})")
+
+    def _hook_id_readers(self, xp: torch.Tensor, found: list) -> list:
+        """Forward pre-hooks on the model's ``nn.Embedding``s that record, into ``found``, each one
+        whose input is a view of the probe's contiguous input ``xp [2, *point]`` (x itself, a
+        column ``x[:, 0]``, ``x.squeeze(-1)``): its name, rows and the positions within a point it
+        reads.  An embedding fed something computed from x (``x + 1``) is not recorded: its range
+        in x is not known."""
+        if xp.is_floating_point():
+            return []
+        per_point = xp[0].numel()
+        base, span = xp.storage_offset(), xp.numel()
+        storage = xp.untyped_storage().data_ptr()
+
+        def hook(name, module):
+            def record(_module, args):
+                a = args[0] if args else None
+                if (not isinstance(a, torch.Tensor) or a.device != xp.device or not a.numel()
+                        or a.untyped_storage().data_ptr() != storage):
+                    return
+                offset = a.storage_offset() - base
+                reach = offset + sum((n - 1) * st for n, st in zip(a.shape, a.stride()))
+                if offset < 0 or reach >= span or min(a.stride(), default=0) < 0:
+                    return
+                flat = torch.as_strided(torch.arange(span), a.shape, a.stride(), offset)
+                found.append((name, module.num_embeddings, torch.unique(flat % per_point).to(xp.device)))
+            return record
+
+        return [m.register_forward_pre_hook(hook(n, m)) for n, m in self.model.named_modules()
+                if isinstance(m, nn.Embedding)]
 
     def _probe(self, tasks: TaskBatch) -> torch.Tensor:
         # One forward on two points catches shape mismatches that torch would broadcast silently
         # (MSE of [B, 1] against [B, 3]) or report from deep inside a layer.
+        # contiguous (a view of x when x is): the id check's positions are read from its layout
+        xp = tasks.x[0, :2].contiguous()
+        found: list = []
+        handles = self._hook_id_readers(xp, found)
         with torch.no_grad(), modes_kept(self.model):
             try:
                 self.model.eval()
-                out = self.model(tasks.x[0, :2])
+                out = self.model(xp)
             except Exception as exc:  # noqa: BLE001 - re-raised with the shapes that caused it
+                if found:  # an id out of range among the probed points: say so, not torch's IndexError
+                    self._check_ids(tasks.x, found)
                 raise ValueError(f"the model cannot take task inputs of shape {tuple(tasks.x.shape[2:])} "
                                  f"per point: {exc}") from exc
+            finally:
+                for h in handles:
+                    h.remove()
+        self._id_readers[(tuple(tasks.x.shape[2:]), tasks.x.dtype)] = tuple(found)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model must return a tensor (predictions [batch, ...]) for the loss, got "
                             f"{type(out).__name__}")

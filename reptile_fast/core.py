@@ -120,10 +120,20 @@ class OuterUpdate:
             if not bool(ok):
                 self._mark_bad(finite, iteration)
                 return
+            saved = [p.detach().clone() for p in tensors]
             for p, d in zip(tensors, mean_deltas):
                 p.grad = -d
             self.outer_optimizer.step()
             self.outer_optimizer.zero_grad(set_to_none=True)
+            # The step itself can overflow φ (a finite pseudo-gradient of 12 times lr=3e38): as the
+            # interpolation's guard, φ is put back (a select on the device, no read) and this
+            # meta-step is the one reported.  (The optimizer's own state keeps this step.)
+            after = torch.ones_like(finite)
+            for p in tensors:
+                after = after & torch.isfinite(p).all()
+            for p, s in zip(tensors, saved):
+                p.copy_(torch.where(after, p, s))
+            self._mark_bad(after, iteration)
             return
         # φ + ok·ε·D would turn a NaN D into NaN; select instead.  Written as the seed writes it,
         # φ + ε·(φ̃ − φ), so one task reproduces the seed bit for bit; all parameters in one

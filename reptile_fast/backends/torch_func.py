@@ -25,6 +25,7 @@ path is 3-4× (meta-batch 256) to 5-10× (meta-batch 1-16) faster than the gener
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
@@ -139,7 +140,9 @@ class TorchBackend(Backend):
             raise TypeError(f"fast_mlp must be a bool, got {type(fast_mlp).__name__}")
         if fast_tanh is not None and not isinstance(fast_tanh, bool):
             raise TypeError(f"fast_tanh must be a bool or None, got {type(fast_tanh).__name__}")
-        if not (task_block is None or task_block == "auto" or
+        if isinstance(task_block, numbers.Integral) and not isinstance(task_block, bool):
+            task_block = int(task_block)  # numpy's integers too (a count), stored as an int
+        if not (task_block is None or (isinstance(task_block, str) and task_block == "auto") or
                 (isinstance(task_block, int) and not isinstance(task_block, bool) and task_block >= 1)):
             raise ValueError(f"task_block must be 'auto', None or a positive int, got {task_block!r}")
         self.fast_mlp = fast_mlp

@@ -13,6 +13,7 @@ than ``timeout`` (the process group's): a job never hangs silently.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -77,7 +78,7 @@ def _timeout(timeout) -> timedelta:
             raise ValueError(f"REPTILE_FAST_DIST_TIMEOUT={text!r} is not a number of seconds") from None
     if isinstance(timeout, timedelta):
         seconds = timeout.total_seconds()
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+    elif isinstance(timeout, numbers.Real) and not isinstance(timeout, bool):  # numpy's numbers too
         seconds = float(timeout)
     else:
         raise TypeError(f"timeout must be seconds (a number) or a datetime.timedelta, got {type(timeout).__name__}")
