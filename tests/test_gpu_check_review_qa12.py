@@ -21,6 +21,17 @@ def _env():
     return env
 
 
+def _run_until_cut_short(script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` (a GPU check or sweep with a stage that hangs); its deadline must end it with
+    exit code 3 well within a minute."""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=90)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    return proc
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -50,11 +61,7 @@ def test_deadline_ends_a_hung_run_with_its_rows_and_a_summary(tmp_path):
               "GC.stage_correctness = hung\n"
               "GC.DEADLINE_GRACE = 1.0  # (10 s on a real run)\n"
               f"sys.exit(GC.main(['--cpu-smoke', '--budget', '8', '--stages', '3', {str(out)!r}]))\n")
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=90)
-    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert time.monotonic() - t0 < 60
+    _run_until_cut_short(script)
     results = json.loads((out / "results.json").read_text())
     corr = results["stages"]["correctness"]
     assert corr["status"] == "cut short" and corr["rows"] == [{"variant": "v1", "T": 3, "ok_rtol1e-5": True}]
@@ -175,10 +182,6 @@ def test_sweep_deadline_keeps_the_rows_of_a_hung_T(tmp_path):
               "import bench.gpu_check as GC\n"
               "GC.DEADLINE_GRACE = 1.0  # (10 s on a real run)\n"
               f"sys.exit(S.main(['--cpu-smoke', '--budget', '4', {str(out)!r}]))\n")
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=90)
-    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert time.monotonic() - t0 < 60
+    _run_until_cut_short(script)
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert rows[0]["ms"] == 1.0 and rows[-1]["status"] == "cut short" and rows[-1]["T"] == 1, rows
