@@ -41,6 +41,7 @@ import torch
 from .backends.mlp_batched import mlp_inner_loop, stack_mlp_params
 from .mlp_math import ACTIVATIONS, loss_and_grad
 from .mlp_spec import MLPSpec
+from .validation import out_of_memory_message
 
 __all__ = ["MetaStepProgram", "get_program", "fused_inner_loop", "eager_inner_loop", "MODES",
            "DEFAULT_MODE"]
@@ -284,6 +285,10 @@ class MetaStepProgram:
             try:
                 fn = self._try_build(mode, progress)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: use the next mode
+                oom = out_of_memory_message(exc, "lower meta_batch_size (tasks per call), inner_steps or the batch")
+                if oom is not None:  # every mode needs the same buffers: say so, not four tracebacks
+                    raise ValueError(f"{self.n_tasks} tasks x {self.steps} inner steps x {self.batch} points: "
+                                     f"{oom}") from exc
                 errors.append(f"{mode}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 continue
             self.compile_seconds = time.perf_counter() - t0 if mode != "eager" else 0.0

@@ -14,10 +14,13 @@ the host: a meta-step whose loss or update is not finite is skipped on the devic
 and from then on every update is skipped until ``check()`` — called by the training loop at its
 reads — raises ``NonFiniteError`` naming the first bad meta-step, with φ exactly as after the
 meta-step before it.  (An outer ``torch.optim`` optimizer cannot be skipped on the device: with
-one, every meta-step reads its finiteness flag once.)
+one, every meta-step reads its finiteness flag once, and once more after the optimizer's step,
+which is undone, state included, if it overflowed φ.)
 """
 from __future__ import annotations
 
+import copy
+import math
 from numbers import Real
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -73,18 +76,42 @@ def local_mean(deltas: List[torch.Tensor], losses: torch.Tensor) -> Tuple[List[t
 
 
 def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> None:
-    """ValueError naming a learning rate of ``optimizer`` that ``torch.optim`` takes and then fails
-    on deep inside (above ``dtype``'s largest value: "value cannot be converted to type float
-    without overflow") or turns φ into NaN silently (NaN, inf: torch only refuses lr < 0).  Read
-    from the host values only (a tensor lr is left to torch)."""
+    """ValueError naming a hyper-parameter of ``optimizer`` that would turn φ into NaN silently
+    or that ``torch.optim`` takes and then fails on deep inside.
+
+    The learning rate must lie in ``[0, largest dtype value]`` (above it torch failed with "value
+    cannot be converted to type float without overflow"; NaN and inf turned φ into NaN: torch
+    only refuses lr < 0).  Every other number of a param group (momentum, weight decay, betas,
+    eps, ...) must be finite: torch takes NaN momentum or weight decay and writes NaN into φ.
+    Reads host values only (a tensor hyper-parameter is left to torch)."""
     top = torch.finfo(dtype).max
     for i, group in enumerate(optimizer.param_groups):
         lr = group.get("lr")
-        if isinstance(lr, torch.Tensor):
-            continue
-        if isinstance(lr, bool) or not isinstance(lr, Real) or not 0 <= lr <= top:
+        if not isinstance(lr, torch.Tensor) and (isinstance(lr, bool) or not isinstance(lr, Real)
+                                                 or not 0 <= lr <= top):
             raise ValueError(f"outer_optimizer's learning rate (param_groups[{i}]['lr']) must be a finite number "
                              f"in [0, {top:.4g}] for {dtype} parameters, got {lr!r}")
+        for key, value in group.items():
+            values = value if isinstance(value, (tuple, list)) and key != "params" else (value,)
+            for v in values:
+                if isinstance(v, Real) and not isinstance(v, bool) and not math.isfinite(v):
+                    raise ValueError(f"outer_optimizer's param_groups[{i}][{key!r}] must be finite, got {value!r}")
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list:
+    """A copy of ``optimizer``'s per-parameter state (None for a parameter without any yet)."""
+    state = optimizer.state
+    return [None if p not in state else
+            {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state[p].items()}
+            for p in params]
+
+
+def _restore_optimizer_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], saved: list) -> None:
+    for p, s in zip(params, saved):
+        if s is None:
+            optimizer.state.pop(p, None)
+        else:
+            optimizer.state[p] = s
 
 
 class OuterUpdate:
@@ -121,18 +148,34 @@ class OuterUpdate:
                 self._mark_bad(finite, iteration)
                 return
             saved = [p.detach().clone() for p in tensors]
+            saved_state = _optimizer_state(self.outer_optimizer, tensors)
             for p, d in zip(tensors, mean_deltas):
                 p.grad = -d
-            self.outer_optimizer.step()
-            self.outer_optimizer.zero_grad(set_to_none=True)
-            # The step itself can overflow φ (a finite pseudo-gradient of 12 times lr=3e38): as the
-            # interpolation's guard, φ is put back (a select on the device, no read) and this
-            # meta-step is the one reported.  (The optimizer's own state keeps this step.)
+
+            def undo():
+                for p, s in zip(tensors, saved):
+                    p.copy_(s)
+                _restore_optimizer_state(self.outer_optimizer, tensors, saved_state)
+
             after = torch.ones_like(finite)
+            try:
+                self.outer_optimizer.step()
+            except RuntimeError as exc:
+                # Adam's lr / (1 − β1^t) above the dtype's largest value: torch fails half-way
+                # through the parameters ("cannot be converted to type float without overflow")
+                if "without overflow" not in str(exc):
+                    undo()
+                    raise
+                after = torch.zeros_like(finite)
+            finally:
+                self.outer_optimizer.zero_grad(set_to_none=True)
+            # The step itself can overflow φ (a finite pseudo-gradient of 12 times lr=3e38): as the
+            # interpolation's guard, φ and the optimizer's state (momentum, moments, step count)
+            # are put back and this meta-step is the one reported.  One more read, on this path only.
             for p in tensors:
                 after = after & torch.isfinite(p).all()
-            for p, s in zip(tensors, saved):
-                p.copy_(torch.where(after, p, s))
+            if not bool(after):
+                undo()
             self._mark_bad(after, iteration)
             return
         # φ + ok·ε·D would turn a NaN D into NaN; select instead.  Written as the seed writes it,

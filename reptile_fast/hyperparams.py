@@ -74,7 +74,7 @@ class HyperParameters:
         self._not_fitting("inner_batch_size")
         value = check_int("inner_batch_size", value)
         if getattr(self, "backend", None) is not None:  # not yet while the trainer is built
-            self.backend.check_batch_size(self.model, value)
+            self._follow_batch_size(value)
         self._inner_batch_size = value
 
     @property

@@ -69,8 +69,18 @@ class StreamSampler(Sampler):
         self.draw_chunks = bool(draw_chunks)
         self.checked = check is not None  # plans from sample_indices: in range by construction
 
+    def _failed(self, what: str, exc: ValueError) -> ValueError:
+        """``exc`` from the task family's draw, saying which trainer setting asked for it (its own
+        words name its arguments: ``n_tasks`` is ``meta_batch_size`` here)."""
+        return ValueError(f"meta_batch_size={self.T}: {what} failed: {exc}")
+
     def _sample(self, n: int) -> TaskBatch:
-        tasks = self.dist.sample(n, generator=self.generator, device=self.device)
+        try:
+            tasks = self.dist.sample(n, generator=self.generator, device=self.device)
+        except ValueError as exc:
+            if type(exc) is not ValueError:
+                raise
+            raise self._failed(f"task_distribution.sample({n}, ...)", exc) from exc
         if isinstance(tasks, TaskBatch) and tasks.n_tasks != n:
             # the plans have n rows: more tasks would be dropped silently, fewer fail deep inside
             raise ValueError(f"task_distribution.sample({n}, ...) returned {tasks.n_tasks} tasks; "
@@ -88,7 +98,12 @@ class StreamSampler(Sampler):
             return tasks, self._plans(m * self.T, tasks.n_points)
         steps = getattr(self.dist, "sample_steps", None)
         if callable(steps):  # the same draws, computed in one go (e.g. Sine)
-            tasks, plans = steps(m, self.T, self.rows, self.batch, generator=self.generator, device=self.device)
+            try:
+                tasks, plans = steps(m, self.T, self.rows, self.batch, generator=self.generator, device=self.device)
+            except ValueError as exc:
+                if type(exc) is not ValueError:
+                    raise
+                raise self._failed(f"task_distribution.sample_steps({m}, {self.T}, ...)", exc) from exc
             if self.check is not None:
                 self.check(tasks)
             return tasks, plans

@@ -105,18 +105,11 @@ class Reptile(HyperParameters):
             self.compiled_options = check_compiled_options(backend_options)
             check_compiled_supported(model, self.config, self.device, outer_optimizer)
             backend, backend_options = "torch", None
-        self.backend = resolve_backend(backend, model, self.device, self.config, backend_options,
-                                       batch_size=self.inner_batch_size)
-        if hasattr(self.backend, "validate") and "validate" not in (backend_options or {}):
-            # The trainer checks plans and labels where they enter (InputChecker, checked samplers):
-            # a backend's own per-call check would read the device every meta-step.
-            self.backend.validate = False
+        self._backend_options = backend_options
+        backend = resolve_backend(backend, model, self.device, self.config, backend_options,
+                                  batch_size=self.inner_batch_size)
         self.checker = InputChecker(model, loss, self.device, self.dtype)
-        self._eager = EagerStepper(self.backend, model, self.config, outer_optimizer)
-        # a backend that fuses the outer update too (triton with {"fused": True}) brings its own
-        # stepper; asked for by the environment only (a preference), it gives way where it cannot run
-        self._make_fused()
-        self._compiled: Dict[tuple, CompiledStepper] = {}
+        self._use_backend(backend)
         self._structure = structure_key(model)
         self.iteration = 0
         self._fitting = False  # True while fit's loop runs (the inner loop's settings are then fixed)
@@ -124,6 +117,32 @@ class Reptile(HyperParameters):
         self.last_fit_stats: Optional[dict] = None
         #: the meta-batch of the last ``fit`` that drew its own tasks (recorded in checkpoints)
         self.meta_batch_size: Optional[int] = None
+
+    def _use_backend(self, backend) -> None:
+        """Run the inner loops on ``backend`` (built or swapped in between fits) from now on."""
+        self.backend = backend
+        if hasattr(backend, "validate") and "validate" not in (self._backend_options or {}):
+            # The trainer checks plans and labels where they enter (InputChecker, checked samplers):
+            # a backend's own per-call check would read the device every meta-step.
+            backend.validate = False
+        self._eager = EagerStepper(backend, self.model, self.config, self.outer_optimizer)
+        # a backend that fuses the outer update too (triton with {"fused": True}) brings its own
+        # stepper; asked for by the environment only (a preference), it gives way where it cannot run
+        self._make_fused()
+        self._compiled: Dict[tuple, CompiledStepper] = {}
+
+    def _follow_batch_size(self, batch_size: int) -> None:
+        """A new ``inner_batch_size``: a named backend that cannot take it refuses it
+        (``UnsupportedModelError``); under ``backend="auto"`` the trainer moves to the backend
+        ``auto`` picks for it (kernel v2 takes at most 32 points: torch beyond), as a trainer built
+        with it would."""
+        if self.backend_name != "auto":
+            self.backend.check_batch_size(self.model, batch_size)
+            return
+        backend = resolve_backend("auto", self.model, self.device, self.config, batch_size=batch_size)
+        if type(backend) is not type(self.backend):
+            self.check_finite()  # report a pending non-finite step of the old steppers first
+            self._use_backend(backend)
 
     def _set_config(self, config: InnerConfig) -> None:
         """Use ``config`` (and the current inner_steps) from the next meta-step on."""

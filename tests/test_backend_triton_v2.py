@@ -199,3 +199,40 @@ def test_v2_inner_batch_beyond_its_limit_is_refused_when_the_trainer_is_built(de
     assert trainer.inner_batch_size == MAX_BATCH_V2  # unchanged by the refused setting
     assert Reptile(model, backend="triton", inner_batch_size=too_big,
                    backend_options={"kernel": "v1"}).inner_batch_size == too_big
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_follows_inner_batch_size_across_v2s_limit(device, monkeypatch):
+    """Under backend="auto" a new inner_batch_size gives the backend a trainer built with it gets:
+    beyond kernel v2's limit auto picks torch (session 7 refused the setting instead), back within
+    it triton again; the trained φ matches the reference either way."""
+    from reptile_fast.backends.torch_func import TorchBackend
+    from reptile_fast.kernels.mlp_meta_step_v2 import MAX_BATCH_V2
+
+    monkeypatch.setenv(KERNEL_ENV, "v2")
+    # on the CPU auto never picks the interpreter: let it, so the GPU's choice is tested here
+    monkeypatch.setattr(TritonBackend, "auto_candidate", lambda self, dev: True)
+    torch.manual_seed(0)
+    model = MLP(1, 16, 1, depth=1)
+    twin = copy.deepcopy(model)
+    trainer = Reptile(model.to(device), backend="auto", inner_steps=2)
+    ref = Reptile(twin, backend="reference", inner_steps=2)
+    assert isinstance(trainer.backend, TritonBackend) and trainer.backend.kernel == "v2"
+    gen = torch.Generator().manual_seed(1)
+    for batch, want in [(MAX_BATCH_V2 + 1, TorchBackend), (10, TritonBackend)]:
+        trainer.inner_batch_size = batch
+        ref.inner_batch_size = batch
+        assert isinstance(trainer.backend, want), f"inner_batch_size={batch}: {type(trainer.backend).__name__}"
+        assert Reptile(copy.deepcopy(model), backend="auto", inner_batch_size=batch).backend.__class__ is want
+        tasks = Sine(n_points=40).sample(2, generator=gen)
+        indices = sample_indices(2, 2, tasks.n_points, batch, generator=gen)
+        trainer.meta_step(tasks.to(device), indices.to(device))
+        ref.meta_step(tasks, indices)
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name, k=batch: f"φ '{n}' after inner_batch_size={k}\n{m}")
+    with monkeypatch.context() as m:  # a named backend still refuses what it cannot run
+        m.delenv(KERNEL_ENV)
+        named = Reptile(copy.deepcopy(model).to(device), backend="triton", backend_options={"kernel": "v2"})
+        with pytest.raises(UnsupportedModelError, match="inner batches up to"):
+            named.inner_batch_size = MAX_BATCH_V2 + 1

@@ -1,0 +1,148 @@
+"""An outer ``torch.optim`` optimizer: its hyper-parameters are checked where torch does not
+check them, and a step that overflows φ is undone whole (φ and the optimizer's state).
+
+Session 7 left two holes: NaN momentum or weight decay turned φ into NaN with no error, and
+after an overflowing step φ was restored but the optimizer's state (momentum buffer, Adam
+moments, step count) kept the skipped step, so training on after the ``NonFiniteError`` (at a
+lower learning rate) differed from a run that never tried it.
+"""
+import pytest
+import torch
+
+from reptile_fast import NonFiniteError, Reptile
+from reptile_fast.models import MLP
+from reptile_fast.tasks import Sine
+
+
+def _draw(g, n=2, steps=1):
+    tasks = Sine().sample(n, generator=g)
+    plan = torch.stack([torch.randperm(50, generator=g)[:10] for _ in range(n * steps)]).view(n, steps, 10)
+    return tasks, plan
+
+
+def _state(opt, model):
+    return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+            if p in opt.state else None for p in model.parameters()]
+
+
+def _assert_same_state(a, b):
+    assert len(a) == len(b)
+    for i, (sa, sb) in enumerate(zip(a, b)):
+        assert (sa is None) == (sb is None), f"parameter {i}: state present in one only"
+        if sa is None:
+            continue
+        assert sa.keys() == sb.keys(), f"parameter {i}: state keys {sorted(sa)} vs {sorted(sb)}"
+        for k in sa:
+            va, vb = sa[k], sb[k]
+            same = torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
+            assert same, f"parameter {i}: state[{k!r}] differs"
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2),
+], ids=["sgd-momentum", "adam"])
+def test_an_overflowing_outer_step_is_undone_with_the_optimizer_state(backend, make_opt):
+    torch.manual_seed(0)
+    model, twin = MLP(), MLP()
+    twin.load_state_dict(model.state_dict())
+    opt, twin_opt = make_opt(model.parameters()), make_opt(twin.parameters())
+    tr = Reptile(model, backend=backend, inner_steps=1, outer_optimizer=opt)
+    ref = Reptile(twin, backend=backend, inner_steps=1, outer_optimizer=twin_opt)
+    g, g_twin = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(2):
+        tr.meta_step(*_draw(g))
+        ref.meta_step(*_draw(g_twin))
+    tr.check_finite()
+    state_before = _state(opt, model)
+    phi_before = [p.detach().clone() for p in model.parameters()]
+
+    # a finite step that overflows φ: the largest float32 learning rate on a loud task
+    opt.param_groups[0]["lr"] = 3.4e38
+    loud = Sine(amplitude=(1000.0, 1000.0)).sample(2, generator=torch.Generator().manual_seed(2))
+    tr.meta_step(loud, torch.arange(10).repeat(2, 1, 1))
+    with pytest.raises(NonFiniteError) as info:
+        tr.check_finite()
+    assert info.value.iteration == 3
+    for i, (a, b) in enumerate(zip(phi_before, model.parameters())):
+        assert torch.equal(a, b), f"phi[{i}] was not restored"
+    _assert_same_state(state_before, _state(opt, model))
+
+    # training on at the old rate equals the twin that never tried the overflowing step
+    opt.param_groups[0]["lr"] = 1e-2
+    for _ in range(2):
+        tr.meta_step(*_draw(g))
+        ref.meta_step(*_draw(g_twin))
+    tr.check_finite()
+    for i, (a, b) in enumerate(zip(model.parameters(), twin.parameters())):
+        assert torch.equal(a, b), f"phi[{i}] differs from the twin's after training on"
+    _assert_same_state(_state(twin_opt, twin), _state(opt, model))
+
+
+def test_an_overflowing_first_step_leaves_no_optimizer_state():
+    """Before its first step the optimizer has no state: a skipped first step leaves none."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=3.4e38, momentum=0.5)
+    tr = Reptile(model, backend="torch", inner_steps=1, outer_optimizer=opt)
+    loud = Sine(amplitude=(1000.0, 1000.0)).sample(1, generator=torch.Generator().manual_seed(0))
+    tr.meta_step(loud, torch.arange(10).view(1, 1, 10))
+    with pytest.raises(NonFiniteError):
+        tr.check_finite()
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("make_opt, name", [
+    (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=float("nan")), "momentum"),
+    (lambda ps: torch.optim.SGD(ps, lr=1e-2, weight_decay=float("inf")), "weight_decay"),
+    (lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=float("nan")), "weight_decay"),
+    (lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=float("inf")), "eps"),
+], ids=["sgd-nan-momentum", "sgd-inf-weight-decay", "adam-nan-weight-decay", "adam-inf-eps"])
+def test_a_non_finite_optimizer_hyperparameter_is_refused_at_construction(make_opt, name):
+    model = MLP()
+    try:
+        opt = make_opt(model.parameters())
+    except ValueError:
+        pytest.skip("this torch refuses the value itself")
+    with pytest.raises(ValueError, match=rf"outer_optimizer's param_groups\[0\]\['{name}'\] must be finite"):
+        Reptile(model, backend="torch", outer_optimizer=opt)
+
+
+def test_a_non_finite_hyperparameter_set_later_is_refused_before_phi_changes():
+    """A scheduler or the user may change a param group between meta-steps: NaN Adam betas (torch
+    takes them) made φ NaN; the meta-step now refuses them with φ unchanged."""
+    model = MLP()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tr = Reptile(model, backend="torch", inner_steps=1, outer_optimizer=opt)
+    g = torch.Generator().manual_seed(0)
+    tr.meta_step(*_draw(g))
+    opt.param_groups[0]["betas"] = (float("nan"), 0.999)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['betas'\] must be finite"):
+        tr.meta_step(*_draw(g))
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_an_optimizer_step_that_fails_half_way_leaves_phi_and_state_as_they_were():
+    """A step that raises after writing some parameters (as torch's Adam did on an overflowing
+    step size) must not leave φ half-updated."""
+
+    class HalfWay(torch.optim.SGD):
+        def step(self, closure=None):
+            ps = self.param_groups[0]["params"]
+            with torch.no_grad():
+                ps[0].add_(1.0)
+            self.state[ps[0]]["touched"] = torch.ones(())
+            raise RuntimeError("the optimizer failed")
+
+    model = MLP()
+    tr = Reptile(model, backend="torch", inner_steps=1, outer_optimizer=HalfWay(model.parameters(), lr=1e-2))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="the optimizer failed"):
+        tr.meta_step(*_draw(torch.Generator().manual_seed(0)))
+    for i, (a, b) in enumerate(zip(before, model.parameters())):
+        assert torch.equal(a, b), f"phi[{i}] was left half-updated"
+    assert len(tr.outer_optimizer.state) == 0
+    assert all(p.grad is None for p in model.parameters())
