@@ -75,6 +75,13 @@ def local_mean(deltas: List[torch.Tensor], losses: torch.Tensor) -> Tuple[List[t
     return [d.mean(0) for d in deltas], losses.mean()
 
 
+#: torch.optim's hyper-parameters that inf turns into NaN or inf in φ.  Other keys may use inf
+#: for "no limit" (a custom optimizer's max norm): only NaN, never meaningful, is refused there.
+_FINITE_OPTIMIZER_KEYS = frozenset({"momentum", "dampening", "weight_decay", "betas", "eps", "alpha", "rho",
+                                    "lr_decay", "initial_accumulator_value", "etas", "step_sizes", "lambd",
+                                    "t0", "momentum_decay", "beta1", "beta2"})
+
+
 def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> None:
     """ValueError naming a hyper-parameter of ``optimizer`` that would turn φ into NaN silently
     or that ``torch.optim`` takes and then fails on deep inside.
@@ -82,7 +89,8 @@ def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtyp
     The learning rate must lie in ``[0, largest dtype value]`` (above it torch failed with "value
     cannot be converted to type float without overflow"; NaN and inf turned φ into NaN: torch
     only refuses lr < 0).  Every other number of a param group (momentum, weight decay, betas,
-    eps, ...) must be finite: torch takes NaN momentum or weight decay and writes NaN into φ.
+    eps, ...) must not be NaN, and torch.optim's own ones not inf: torch takes NaN momentum or
+    weight decay and writes NaN into φ.
     Reads host values only (a tensor hyper-parameter is left to torch)."""
     top = torch.finfo(dtype).max
     for i, group in enumerate(optimizer.param_groups):
@@ -94,7 +102,8 @@ def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtyp
         for key, value in group.items():
             values = value if isinstance(value, (tuple, list)) and key != "params" else (value,)
             for v in values:
-                if isinstance(v, Real) and not isinstance(v, bool) and not math.isfinite(v):
+                if isinstance(v, Real) and not isinstance(v, bool) and (
+                        math.isnan(v) or (math.isinf(v) and key in _FINITE_OPTIMIZER_KEYS)):
                     raise ValueError(f"outer_optimizer's param_groups[{i}][{key!r}] must be finite, got {value!r}")
 
 

@@ -146,3 +146,23 @@ def test_an_optimizer_step_that_fails_half_way_leaves_phi_and_state_as_they_were
         assert torch.equal(a, b), f"phi[{i}] was left half-updated"
     assert len(tr.outer_optimizer.state) == 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_inf_in_a_custom_optimizers_own_setting_is_taken_nan_is_not():
+    """A custom optimizer may use inf for "no limit"; only torch.optim's own hyper-parameters
+    (momentum, weight decay, betas, eps, ...) must be finite, and NaN nowhere."""
+
+    class Clipped(torch.optim.SGD):
+        def __init__(self, params, lr, max_norm):
+            super().__init__(params, lr=lr)
+            for group in self.param_groups:
+                group["max_norm"] = max_norm
+
+    model = MLP()
+    tr = Reptile(model, backend="torch", inner_steps=1,
+                 outer_optimizer=Clipped(model.parameters(), lr=1e-2, max_norm=float("inf")))
+    tr.meta_step(*_draw(torch.Generator().manual_seed(0)))
+    tr.check_finite()
+    model = MLP()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['max_norm'\] must be finite"):
+        Reptile(model, backend="torch", outer_optimizer=Clipped(model.parameters(), lr=1e-2, max_norm=float("nan")))
