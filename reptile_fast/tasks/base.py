@@ -7,7 +7,7 @@ minibatches, so equivalence tests can compare backends to the last float.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, runtime_checkable
+from typing import Callable, Optional, Protocol, Tuple, runtime_checkable
 import math
 import numbers
 
@@ -182,19 +182,34 @@ def _check_positive_int(name: str, value) -> int:
     return check_int(name, value, 1)
 
 
-def uniform_keys(names: str, *sizes: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
+def uniform_keys(names: str, *sizes: int, generator: Optional[torch.Generator], device,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float64 uniforms ``[*sizes]`` for a draw, or a ValueError naming ``names`` (the arguments the
     sizes come from) when they cannot exist: torch raised a RuntimeError from inside for a count
     whose bytes overflow ("Storage size calculation overflowed", ``inner_steps=2**62``) or that
-    exceeds memory."""
+    exceeds memory.  ``out``: a contiguous float64 ``[*sizes]`` slice of a buffer from
+    ``empty_keys`` to fill instead (the same numbers: ``torch.rand`` is ``empty().uniform_()``)."""
     # (a module-level import: a function-level one cost ~1.5 us per call, two calls per meta-step
     # in Sine.sample_steps, about 5 % of a compiled meta-step at meta-batch 1)
+    if out is not None:
+        return torch.rand(*sizes, generator=generator, dtype=torch.float64, out=out)
+    return _allocated(names, sizes, lambda: torch.rand(*sizes, generator=generator, device=device,
+                                                        dtype=torch.float64))
+
+
+def empty_keys(names: str, *sizes: int, device) -> torch.Tensor:
+    """An uninitialised float64 ``[*sizes]`` buffer that ``uniform_keys(..., out=)`` fills part by
+    part (a chunk of draws without a ``torch.cat`` copy); the same ValueErrors."""
+    return _allocated(names, sizes, lambda: torch.empty(*sizes, device=device, dtype=torch.float64))
+
+
+def _allocated(names: str, sizes: Tuple[int, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
     count = math.prod(sizes)
     if count * 8 >= 2 ** 63:
         raise ValueError(f"{names} = {' x '.join(map(str, sizes))}: {count} random numbers cannot be drawn "
                          f"(more bytes than a 64-bit size holds)")
     try:
-        return torch.rand(*sizes, generator=generator, device=device, dtype=torch.float64)
+        return make()
     except RuntimeError as exc:
         message = out_of_memory_message(exc, f"lower {names}")
         if message is None:
