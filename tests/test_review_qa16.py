@@ -138,3 +138,66 @@ def test_float16_model_trains_across_ranks_as_in_one_process(two_ranks):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(history["loss"]), rtol=1e-3, atol=0)
     for a, b in zip(two_ranks[0]["fit"][0], two_ranks[1]["fit"][0]):
         assert torch.equal(a, b)  # φ bitwise identical on every rank
+
+
+# ------------------------------------------------------------------------- 2. the omniglot bench's gate
+def _tiny_pair(lr_torch: float = 1e-3):
+    from reptile_fast import OmniglotConvNet, Reptile
+
+    trainers = {}
+    for backend, lr in (("reference", 1e-3), ("torch", lr_torch)):
+        torch.manual_seed(0)
+        trainers[backend] = Reptile(OmniglotConvNet(3, channels=4, image_size=8, n_blocks=2), inner_lr=lr,
+                                    inner_steps=3, inner_batch_size=4, loss="cross_entropy",
+                                    inner_optimizer="adam", backend=backend)
+    g = torch.Generator().manual_seed(2)
+    from reptile_fast import TaskBatch
+    from reptile_fast.tasks import sample_indices
+
+    tasks = TaskBatch(torch.rand(3, 12, 1, 8, 8, generator=g), torch.arange(3).repeat_interleave(4).expand(3, -1).contiguous())
+    return trainers, tasks, sample_indices(3, 3, 12, 4, generator=g)
+
+
+def test_omniglot_speed_bench_checks_the_timed_adam_setting():
+    """bench.omniglot_meta_step_speed timed the paper's inner Adam after checking only one inner
+    SGD step: a torch backend whose Adam was wrong (half the learning rate) would have been timed.
+    ``check_timed`` compares the timed configuration on every task with a float64 run."""
+    from bench.omniglot_meta_step_speed import ADAM_GATE, check_timed
+
+    trainers, tasks, plan = _tiny_pair()
+    errors = check_timed(trainers, tasks, plan)
+    assert errors["torch_vs_float64"] <= ADAM_GATE
+    trainers, tasks, plan = _tiny_pair(lr_torch=5e-4)
+    with pytest.raises(RuntimeError, match="not timed"):
+        check_timed(trainers, tasks, plan)
+
+
+def test_omniglot_speed_bench_refuses_a_backend_returning_phi(monkeypatch, tmp_path):
+    """The bench's own run (5-way, meta-batch 1): a torch backend whose inner Adam returns φ is
+    refused before any timing and nothing is written (before: timed and written)."""
+    import sys
+
+    import bench.omniglot_meta_step_speed as bench
+
+    real_make = bench.make
+
+    def make(ways, backend, optimizer="adam"):
+        trainer = real_make(ways, backend, optimizer)
+        if backend == "torch" and optimizer == "adam":
+            real = trainer.backend.inner_loop
+
+            def returns_phi(model, tasks, indices, config):
+                out = real(model, tasks, indices, config)
+                T = tasks.n_tasks
+                out.params.update({n: p.detach().expand(T, *p.shape).clone() for n, p in model.named_parameters()})
+                return out
+            trainer.backend.inner_loop = returns_phi
+        return trainer
+
+    monkeypatch.setattr(bench, "make", make)
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["omniglot_meta_step_speed", "--ways", "5", "--meta-batches", "1",
+                                      "--repeats", "1", "--out", str(out)])
+    with pytest.raises(RuntimeError, match="not timed"):
+        bench.main()
+    assert not out.exists()
