@@ -201,3 +201,37 @@ def test_omniglot_speed_bench_refuses_a_backend_returning_phi(monkeypatch, tmp_p
     with pytest.raises(RuntimeError, match="not timed"):
         bench.main()
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------- 3. omniglot --resume --shots
+def test_omniglot_resume_with_fewer_shots_caps_the_stored_evaluation_batch(tmp_path, capsys):
+    """A run made with --shots 2 (evaluation batch 5 of the 3 × 2 support images), resumed with
+    --shots 1: a new run with --shots 1 caps the preset's evaluation batch at the 3 support images;
+    the resume refused ("eval_batch_size 5 exceeds the support set of 3 × 1 images") although no
+    batch size was given.  Training is unchanged by it (evaluation only)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fake_omniglot import make_folder
+
+    from reptile_fast.cli import main
+
+    train = make_folder(tmp_path, {"Alpha": 3, "Beta": 2}, prefix="train")
+    test = make_folder(tmp_path, {"Beta": 2, "Gamma": 3}, prefix="test")
+    out = tmp_path / "run"
+    common = ["--no-progress"]
+    assert main(["omniglot", "--train", str(train), "--test", str(test), "--ways", "3", "--shots", "2",
+                 "--train-shots", "3", "--iterations", "2", "--checkpoint-every", "1", "--eval-tasks", "2",
+                 "--eval-steps", "1", "--validate-every", "0", "--out", str(out), *common]) == 0
+    assert json.loads((out / "config.json").read_text())["eval_batch_size"] == 5
+    capsys.readouterr()
+    assert main(["omniglot", "--resume", str(out / "checkpoint.prev.pt"), "--shots", "1", *common]) == 0, \
+        capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["shots"] == [1] and config["eval_batch_size"] == 3
+    assert json.loads((out / "metrics.json").read_text())["results"][0]["shots"] == 1
+    # a batch size given as a flag is still checked as given
+    assert main(["omniglot", "--resume", str(out / "checkpoint.prev.pt"), "--shots", "1", "--eval-batch-size", "4",
+                 *common]) == 2
+    assert "eval_batch_size 4 exceeds the support set of 3 × 1 images" in capsys.readouterr().err
