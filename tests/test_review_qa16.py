@@ -6,6 +6,10 @@ areas, each with a test that failed on the code before its fix.
    of losses itself overflows above 65504), so the mean loss was NaN and every rank raised
    ``NonFiniteError`` where one process trains; bfloat16 cannot hold every task count (257 → 256),
    so the mean was divided by the wrong number of tasks.
+2. ``bench.omniglot_meta_step_speed`` checked one inner SGD step and then timed the paper's inner
+   Adam unchecked: a backend returning φ, or at half the learning rate, was timed.
+3. ``reptile-fast omniglot --resume DIR --shots 1`` after a ``--shots 2`` run refused the
+   checkpoint's evaluation batch size, which a new run caps at the support set.
 """
 from __future__ import annotations
 
