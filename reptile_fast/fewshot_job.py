@@ -471,6 +471,13 @@ def config_from_args(args):
                 print(f"note: --{key.replace('_', '-')} {value} overrides the checkpoint's {saved!r}",
                       file=sys.stderr)
         settings = {**extra["job_config"], **given}
+        shots = settings.get("shots")
+        shots = [shots] if isinstance(shots, int) else shots
+        if "eval_batch_size" not in given and isinstance(settings.get("eval_batch_size"), int) \
+                and isinstance(settings.get("ways"), int) and shots and all(isinstance(k, int) for k in shots):
+            # As for a new run: an evaluation batch size not given as a flag is capped at the
+            # support set (--shots 1 after a --shots 5 run); evaluation only, training unchanged.
+            settings["eval_batch_size"] = min(settings["eval_batch_size"], settings["ways"] * min(shots))
         out = args.out if args.out is not None else str(resume.parent)
     else:
         if "train" not in given or "test" not in given:

@@ -11,7 +11,8 @@ A reducer is called once per meta-step as ``reducer(deltas, losses) -> (mean_del
 ``local_mean`` is the one-process reduction (``d.mean(0)``, ``losses.mean()``).
 
 ``MeanReducer`` (the default): one collective per meta-step of a flat buffer holding every
-parameter's ``Σ_i D_i`` over this rank's tasks, ``Σ loss`` and the task count; every rank adds
+parameter's ``Σ_i D_i`` over this rank's tasks, ``Σ loss`` and the task count (in float32 for
+float16 / bfloat16 models, else in the model's dtype); every rank adds
 the ranks' buffers in rank order and divides.  Every rank computes the same bits, so φ stays
 identical across ranks; the mean equals one process's within fp32 summation-order rounding (the
 sum is grouped by rank).
@@ -95,11 +96,17 @@ class MeanReducer:
         if not self.context.is_distributed:
             return local_mean(deltas, losses)
         self.calls += 1
-        dtype = deltas[0].dtype
+        # The sums travel in at least float32: in a float16 model's dtype the loss sum of a few
+        # tasks overflowed (inf/inf: a NaN meta-step where one process trains), and float16 /
+        # bfloat16 cannot hold every task count (bfloat16: 257 → 256).  float32 / float64 models:
+        # the same bits as before.
+        dtype = torch.promote_types(deltas[0].dtype, torch.float32)
         count = torch.full((1,), float(losses.shape[0]), dtype=dtype, device=losses.device)
         # [Σ_i D_i of every parameter..., Σ losses, tasks, tasks × steps]
-        flat = torch.cat([d.sum(0).reshape(-1).to(dtype) for d in deltas]
-                         + [losses.sum().reshape(1).to(dtype), count, count * losses.shape[1]])
+        flat = torch.cat([d.sum(0, dtype=torch.promote_types(d.dtype, torch.float32)).reshape(-1).to(dtype)
+                          for d in deltas]
+                         + [losses.sum(dtype=torch.promote_types(losses.dtype, torch.float32)).reshape(1).to(dtype),
+                            count, count * losses.shape[1]])
         what = f"{self.collective} of the meta-step's update (call {self.calls})"
         if self.collective == "all_reduce":
             self.context.all_reduce_(flat, what)
