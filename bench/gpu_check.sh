@@ -35,9 +35,14 @@ cleanup() {
   if [ -n "$ASIDE" ]; then mv "$ASIDE" reptile_fast/kernels; fi
 }
 trap cleanup EXIT
-if [ "${1:-}" = "--sweep" ]; then
-  shift
-  $PY -m bench.gpu_sweep "$@"
+# --sweep anywhere among the arguments (--cpu-smoke --sweep OUT failed: only a first --sweep counted)
+SWEEP=0
+ARGS=()
+for a in "$@"; do
+  if [ "$a" = "--sweep" ]; then SWEEP=1; else ARGS+=("$a"); fi
+done
+if [ "$SWEEP" = 1 ]; then
+  $PY -m bench.gpu_sweep ${ARGS[@]+"${ARGS[@]}"}
 else
-  $PY -m bench.gpu_check "$@"
+  $PY -m bench.gpu_check ${ARGS[@]+"${ARGS[@]}"}
 fi

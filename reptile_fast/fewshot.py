@@ -220,7 +220,9 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
 
 def nearest_neighbour_predictions(episodes: Episodes) -> torch.Tensor:
     """The pixel baseline: each query image gets the label of its nearest support image in
-    Euclidean pixel distance (ties: the lowest support index).  Returns long ``[T, Q]``."""
+    Euclidean pixel distance (ties in the computed distance: the lowest support index; distances
+    equal in exact arithmetic may differ by rounding, more often above 25 support images, where
+    ``torch.cdist`` uses its matmul formula).  Returns long ``[T, Q]``."""
     if not isinstance(episodes, Episodes):
         raise TypeError(f"episodes must be reptile_fast.tasks.Episodes, got {type(episodes).__name__}")
     s = episodes.support.x.flatten(2).double()

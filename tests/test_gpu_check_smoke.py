@@ -52,11 +52,12 @@ def test_gpu_check_cpu_smoke(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 def test_gpu_sweep_cpu_smoke(tmp_path):
-    """bench/gpu_check.sh --sweep --cpu-smoke: every launch setting's φ checked against the
-    default's, then timed; sweep.json holds both task counts."""
+    """bench/gpu_check.sh --cpu-smoke --sweep: every launch setting's φ checked against the
+    default's, then timed; sweep.json holds both task counts.  (--sweep after another flag: it
+    counted only as the first argument.)"""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
     env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--sweep", "--cpu-smoke", str(tmp_path)],
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", "--sweep", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
