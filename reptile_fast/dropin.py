@@ -372,7 +372,9 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         with _dropin_words():
             stats.update(_run_reference_path(model, nb_iterations, sample_task, inner, k, epsilon, meta_batch_size,
                                              first, progress))
-        stats.update(path="reference", backend="reference", inner_steps=None, inner_batch_size=None)
+        # "tasks" as on the fast paths: the docstring promises it (a KeyError here before)
+        stats.update(path="reference", backend="reference", inner_steps=None, inner_batch_size=None,
+                     tasks="sample_task() calls")
         return stats
 
     from .trainer import Reptile

@@ -1,0 +1,61 @@
+"""QA15 review: defects found acting as the held-out checks of issues 2, 3, 6, 8 and 11 would.
+
+Each test failed on the code before its fix (named in NOTES-qa15.md)."""
+import warnings
+
+import pytest
+import torch
+
+from reptile_fast import MLP, ReferencePathWarning, Reptile, Sine, reptile
+from reptile_fast import reference as R
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_resume_beyond_the_total_is_refused_before_anything_changes(tmp_path):
+    """fit(resume_from=..., iterations below the checkpoint's meta-step) raised its ValueError
+    after restoring the checkpoint: the trainer kept the checkpoint's φ and iteration and torch's
+    global RNG had moved to the checkpoint's state, although the call failed."""
+    done = Reptile(MLP(hidden_dim=8), backend="torch")
+    done.fit(Sine(), 5, generator=torch.Generator().manual_seed(0), checkpoint_dir=tmp_path, progress=False)
+
+    torch.manual_seed(123)
+    trainer = Reptile(MLP(hidden_dim=8), backend="torch")
+    before, rng = _params(trainer.model), torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"meta-step 5, beyond iterations=3"):
+        trainer.fit(Sine(), 3, generator=torch.Generator(), resume_from=tmp_path, progress=False)
+    assert trainer.iteration == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert torch.equal(rng, torch.get_rng_state())
+    # the same trainer then resumes with a valid total, as an untouched one would
+    trainer.fit(Sine(), 7, generator=torch.Generator(), resume_from=tmp_path, progress=False)
+    assert trainer.iteration == 7
+
+
+def test_unknown_backend_error_lists_every_choice_reptile_takes():
+    """Reptile(backend="xx") answered "choose one of ['reference', 'torch', 'triton', 'auto']",
+    leaving out "compiled", which Reptile takes."""
+    with pytest.raises(ValueError, match="unknown backend 'xx'") as info:
+        Reptile(MLP(hidden_dim=8), backend="xx")
+    for name in ("auto", "compiled", "reference", "torch", "triton"):
+        assert repr(name) in str(info.value)
+    assert Reptile(MLP(hidden_dim=8), backend="compiled").backend_name == "compiled"
+
+
+def test_dropin_reference_path_stats_hold_the_documented_keys():
+    """reptile()'s docstring lists ``tasks`` among the returned stats; the reference path (a
+    custom inner loop) returned no ``tasks`` key (KeyError)."""
+    def my_loop(model, task, k):
+        return R.perform_k_training_steps(model, task, k)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReferencePathWarning)
+        stats = reptile(MLP(hidden_dim=8), 2, R.sample_task, my_loop, progress=False)
+    fast = reptile(MLP(hidden_dim=8), 2, R.sample_task, None, backend="torch", progress=False)
+    documented = {"path", "mode", "reason", "tasks", "inner_steps", "inner_batch_size", "compile_seconds",
+                  "train_seconds", "ms_per_iteration", "loss"}
+    assert documented <= set(stats), documented - set(stats)
+    assert documented <= set(fast), documented - set(fast)
+    assert stats["path"] == "reference" and fast["path"] == "torch"
