@@ -26,10 +26,20 @@ def check_plan_shape(indices, expected: tuple, layout: str, n_points: Optional[i
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or tuple(indices.shape) != expected:
         raise ValueError(f"indices must be a long tensor of shape {expected} {layout}, got "
                          f"{getattr(indices, 'dtype', type(indices).__name__)} {tuple(getattr(indices, 'shape', ()))}")
+    _check_dense_plan(indices)
     if n_points is not None and indices.numel():
         lo, hi = (int(v) for v in torch.stack([indices.min(), indices.max()]).tolist())
         if lo < 0 or hi >= n_points:
             raise ValueError(f"indices must lie in [0, {n_points}), got values in [{lo}, {hi}]")
+
+
+def _check_dense_plan(indices: torch.Tensor) -> None:
+    """A plan must hold data in the strided layout: a sparse one failed inside torch
+    (NotImplementedError "Could not run 'aten::min' ... 'SparseCPU'"), a meta one at the read."""
+    if indices.layout != torch.strided:
+        raise TypeError(f"indices must be a dense tensor, got layout {indices.layout} (use .to_dense())")
+    if indices.is_meta:
+        raise ValueError("indices are on the meta device (a tensor without data)")
 
 
 class InputChecker:
@@ -179,6 +189,7 @@ class InputChecker:
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dtype != torch.long:
             raise TypeError(f"indices must be torch.long, got {indices.dtype}")
+        _check_dense_plan(indices)
         if indices.dim() != 3 or indices.shape[0] != tasks.n_tasks or indices.shape[1] != rows \
                 or indices.shape[2] < 1:
             raise ValueError(f"indices must have shape [tasks={tasks.n_tasks}, steps={rows}, batch], "

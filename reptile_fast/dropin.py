@@ -333,7 +333,8 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         backend_options: passed to ``Reptile`` (e.g. ``{"mode": "eager"}`` for "compiled").
 
     Returns:
-        A dict: ``path`` (the backend that ran: "compiled", "torch", "triton" or "reference"),
+        A dict: ``path`` (the backend that ran: "compiled", "torch", "triton", "reference", or
+        "triton-fused" for triton's fused stepper, ``backend_options={"fused": True}``),
         ``mode``, ``reason`` (why the reference path ran), ``tasks`` (how tasks were drawn),
         ``inner_steps``, ``inner_batch_size``, ``compile_seconds``, ``train_seconds`` and
         ``ms_per_iteration`` (after compilation) and ``loss`` (mean inner-loop loss per

@@ -59,3 +59,48 @@ def test_dropin_reference_path_stats_hold_the_documented_keys():
     assert documented <= set(stats), documented - set(stats)
     assert documented <= set(fast), documented - set(fast)
     assert stats["path"] == "reference" and fast["path"] == "torch"
+
+
+def _dense_tasks():
+    from reptile_fast import TaskBatch
+
+    return TaskBatch(torch.randn(2, 12, 1), torch.randn(2, 12, 1))
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda x, y: (x.to_sparse(), y), TypeError, "TaskBatch.x must be a dense tensor"),
+    (lambda x, y: (x, y.to_sparse()), TypeError, "TaskBatch.y must be a dense tensor"),
+    (lambda x, y: (x.to_mkldnn(), y), TypeError, "TaskBatch.x must be a dense tensor"),
+    (lambda x, y: (x.to("meta"), y.to("meta")), ValueError, "TaskBatch.x is on the meta device"),
+    (lambda x, y: (x.to("meta"), torch.zeros(2, 12, dtype=torch.long, device="meta")), ValueError, "meta device"),
+], ids=["sparse-x", "sparse-y", "mkldnn-x", "meta-both", "meta-labels"])
+def test_taskbatch_of_sparse_or_meta_tensors_is_refused_by_name(make, error, match):
+    """Sparse / mkldnn tensors failed inside torch (NotImplementedError "Could not run
+    'aten::ne.Scalar' ... 'SparseCPU'"); x and y both on the meta device failed at the value read
+    (RuntimeError "Tensor.item() cannot be called on meta tensors")."""
+    from reptile_fast import TaskBatch
+
+    t = _dense_tasks()
+    with pytest.raises(error, match=match):
+        TaskBatch(*make(t.x, t.y))
+
+
+def test_sparse_plans_are_refused_by_name_on_every_entry_point():
+    """A sparse plan failed inside torch (NotImplementedError "Could not run 'aten::min' ...
+    'SparseCPU'") in meta_step, adapt, evaluate and the drop-in's ``indices=``; a meta plan in the
+    drop-in at the value read."""
+    from reptile_fast import sample_indices
+
+    tasks = _dense_tasks()
+    trainer = Reptile(MLP(hidden_dim=8), inner_steps=2, inner_batch_size=4)
+    plan = sample_indices(2, 2, 12, 4, generator=torch.Generator().manual_seed(0))
+    for call in (lambda: trainer.meta_step(tasks, plan.to_sparse()), lambda: trainer.adapt(tasks, 2, plan.to_sparse()),
+                 lambda: trainer.evaluate(tasks, 2, plan.to_sparse())):
+        with pytest.raises(TypeError, match="indices must be a dense tensor"):
+            call()
+    assert trainer.iteration == 0
+    drop = sample_indices(2, 5, 50, 10, generator=torch.Generator().manual_seed(0)).reshape(2, 1, 5, 10)
+    with pytest.raises(TypeError, match="indices must be a dense tensor"):
+        reptile(MLP(hidden_dim=8), 2, R.sample_task, None, indices=drop.to_sparse(), progress=False)
+    with pytest.raises(ValueError, match="indices are on the meta device"):
+        reptile(MLP(hidden_dim=8), 2, R.sample_task, None, indices=drop.to("meta"), progress=False)

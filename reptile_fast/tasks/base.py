@@ -58,6 +58,13 @@ class TaskBatch:
             raise TypeError(f"TaskBatch.x must be a torch.Tensor, got {type(x).__name__}")
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"TaskBatch.y must be a torch.Tensor, got {type(y).__name__}")
+        for name, t in (("x", x), ("y", y)):
+            # a sparse / mkldnn tensor failed inside torch (NotImplementedError "Could not run
+            # 'aten::ne.Scalar' ... 'SparseCPU'"), a meta one at the value read (RuntimeError)
+            if t.layout != torch.strided:
+                raise TypeError(f"TaskBatch.{name} must be a dense tensor, got layout {t.layout} (use .to_dense())")
+            if t.is_meta:
+                raise ValueError(f"TaskBatch.{name} is on the meta device (a tensor without data)")
         if not x.is_floating_point() and x.dtype not in INDEX_DTYPES:
             raise TypeError(f"TaskBatch.x must be a floating-point tensor (or integer ids, int32/int64, for "
                             f"an embedding), got dtype {x.dtype}")
