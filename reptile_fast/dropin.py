@@ -85,6 +85,11 @@ def _check_task(task, i: int):
         raise TypeError(f"{where}: x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
     if not callable(loss_fct):
         raise TypeError(f"{where}: loss_fct must be callable, got {type(loss_fct).__name__}")
+    if x.layout != torch.strided or y.layout != torch.strided:
+        # mkldnn failed inside torch ("Could not run 'aten::as_strided' ... 'MkldnnCPU'"), sparse was
+        # named as a TaskBatch the caller never built
+        raise TypeError(f"{where}: x and y must be dense tensors, got layouts {x.layout} and {y.layout} "
+                        f"(use .to_dense())")
     if not x.is_floating_point():
         raise TypeError(f"{where}: x must be a floating-point tensor, got {x.dtype}")
     if x.dim() not in (1, 2) or x.shape[0] < 1:

@@ -104,3 +104,14 @@ def test_sparse_plans_are_refused_by_name_on_every_entry_point():
         reptile(MLP(hidden_dim=8), 2, R.sample_task, None, indices=drop.to_sparse(), progress=False)
     with pytest.raises(ValueError, match="indices are on the meta device"):
         reptile(MLP(hidden_dim=8), 2, R.sample_task, None, indices=drop.to("meta"), progress=False)
+
+
+@pytest.mark.parametrize("layout", ["sparse-x", "mkldnn-x", "sparse-y"])
+def test_dropin_sample_task_of_non_dense_tensors_is_named(layout):
+    """The drop-in's mkldnn x failed inside torch ("Could not run 'aten::as_strided'"); a sparse one
+    was named as a ``TaskBatch`` the seed script never built."""
+    x, y = torch.linspace(-5, 5, 50), torch.sin(torch.linspace(-5, 5, 50))
+    x = x.to_sparse() if layout == "sparse-x" else x.to_mkldnn() if layout == "mkldnn-x" else x
+    y = y.to_sparse() if layout == "sparse-y" else y
+    with pytest.raises(TypeError, match=r"sample_task\(\) \(call 1\): x and y must be dense tensors"):
+        reptile(MLP(hidden_dim=8), 2, lambda: (x, y, torch.nn.MSELoss()), None, progress=False)
