@@ -115,3 +115,14 @@ def test_dropin_sample_task_of_non_dense_tensors_is_named(layout):
     y = y.to_sparse() if layout == "sparse-y" else y
     with pytest.raises(TypeError, match=r"sample_task\(\) \(call 1\): x and y must be dense tensors"):
         reptile(MLP(hidden_dim=8), 2, lambda: (x, y, torch.nn.MSELoss()), None, progress=False)
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_reference_reptile_progress_flag_is_checked(value):
+    """README: a flag such as ``progress`` given as anything but True/False raises, for every
+    public entry point.  ``reference.reptile(..., progress="no")`` showed the bar (a truthy string)."""
+    model = R.MLP(hidden_dim=4)
+    before = _params(model)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        R.reptile(model, 1, R.sample_task, R.perform_k_training_steps, progress=value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
