@@ -126,3 +126,30 @@ def test_reference_reptile_progress_flag_is_checked(value):
     with pytest.raises(TypeError, match="progress must be True or False"):
         R.reptile(model, 1, R.sample_task, R.perform_k_training_steps, progress=value)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class _PointsVaryBetweenDraws:
+    """A task family whose number of points changes from one ``sample`` call to the next."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def sample(self, n, *, generator=None, device=None):
+        self.calls += 1
+        return Sine(n_points=(50, 40, 12)[self.calls % 3]).sample(n, generator=generator, device=device)
+
+
+def test_points_that_vary_within_a_compiled_chunk_are_named():
+    """fit on backend "compiled" stacks a chunk's meta-step-by-meta-step draws; tasks whose number
+    of points changes between meta-steps failed inside torch.cat ("Sizes of tensors must match
+    except in dimension 0").  The eager backends take such a distribution one meta-step at a time."""
+    trainer = Reptile(MLP(hidden_dim=8), backend="compiled", inner_steps=2, inner_batch_size=10)
+    before = _params(trainer.model)
+    with pytest.raises(ValueError, match=r"x \(2, 40, 1\).*x \(2, 12, 1\).*points and features must agree"):
+        trainer.fit(_PointsVaryBetweenDraws(), 6, meta_batch_size=2, generator=torch.Generator().manual_seed(0),
+                    progress=False)
+    assert trainer.iteration == 0 and all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    eager = Reptile(MLP(hidden_dim=8), backend="torch", inner_steps=2, inner_batch_size=10)
+    eager.fit(_PointsVaryBetweenDraws(), 6, meta_batch_size=2, generator=torch.Generator().manual_seed(0),
+              progress=False)
+    assert eager.iteration == 6

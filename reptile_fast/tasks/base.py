@@ -262,6 +262,18 @@ def concat_draws(parts):
     if len(parts) == 1:
         return parts[0]
     batches = [t for t, _ in parts]
+    first = batches[0]
+    for other in batches[1:]:
+        if (other.x.shape[1:], other.y.shape[1:], other.x.dtype, other.y.dtype) != \
+                (first.x.shape[1:], first.y.shape[1:], first.x.dtype, first.y.dtype):
+            # torch.cat failed with "Sizes of tensors must match except in dimension 0"
+            raise ValueError(
+                f"task_distribution.sample returned tasks of x {tuple(first.x.shape)} {first.x.dtype}, y "
+                f"{tuple(first.y.shape)} and, in a draw that runs in the same call, x {tuple(other.x.shape)} "
+                f"{other.x.dtype}, y {tuple(other.y.shape)}: a chunk of meta-steps (backend 'compiled', "
+                f"triton's fused stepper) or the blocks of one distributed meta-step are stacked, so their "
+                f"points and features must agree. Keep the number of points fixed, or train such a "
+                f"distribution on backend 'torch' or 'reference' (one meta-step per call)")
     bounds = [t.n_classes for t in batches if t.n_classes is not None]
     tasks = TaskBatch.trusted(torch.cat([t.x for t in batches]), torch.cat([t.y for t in batches]),
                               max(bounds) if bounds else None)
