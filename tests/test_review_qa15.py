@@ -153,3 +153,33 @@ def test_points_that_vary_within_a_compiled_chunk_are_named():
     eager.fit(_PointsVaryBetweenDraws(), 6, meta_batch_size=2, generator=torch.Generator().manual_seed(0),
               progress=False)
     assert eager.iteration == 6
+
+
+def test_native_cache_fallback_in_the_shared_temp_directory_must_be_private(tmp_path, monkeypatch):
+    """When the cache directory is unusable, compiled programs went to ``$TMPDIR/reptile_fast-<uid>``
+    whenever it was writable: a directory another user created first (world-writable, or theirs)
+    was used, and the shared libraries in it are loaded into this process (their names are
+    predictable)."""
+    import os
+    import tempfile
+
+    from reptile_fast import native_build
+    from reptile_fast.native_build import NativeCompilerError
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("REPTILE_FAST_CACHE_DIR", str(blocker / "cache"))  # under a file: unusable
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shared = tmp_path / f"reptile_fast-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)  # planted: anyone may write into it
+    with pytest.raises(NativeCompilerError, match="no writable cache directory"):
+        native_build._usable_cache_dir()
+    shared.chmod(0o700)
+    assert native_build._usable_cache_dir() == shared
+    if os.getuid() == 0:  # root can give it away: a directory owned by someone else
+        os.chown(shared, 65534, 65534)
+        with pytest.raises(NativeCompilerError):
+            native_build._usable_cache_dir()
+    shared.rmdir()
+    assert native_build._usable_cache_dir() == shared and (shared.stat().st_mode & 0o777) == 0o700
