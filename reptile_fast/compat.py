@@ -79,6 +79,7 @@ class InputChecker:
                 self._check_ids(tasks.x, self._id_readers.get(key[:2], ()))
             return
         out = self._probe(tasks)
+        self._check_differentiable(tasks, out)
         if not tasks.x.is_floating_point():
             self._check_ids(tasks.x, self._id_readers.get(key[:2], ()))
         if name == "mse" and tuple(out.shape) != tuple(tasks.y[0, :2].shape):
@@ -163,6 +164,25 @@ class InputChecker:
             raise TypeError(f"the model must return a tensor (predictions [batch, ...]) for the loss, got "
                             f"{type(out).__name__}")
         return out
+
+    def _check_differentiable(self, tasks: TaskBatch, out: torch.Tensor) -> None:
+        """The model's predictions must depend on its parameters: an integer output (``.long()``,
+        ``.argmax()``) or a detached one gave backend torch zero gradients (the model never moved,
+        silently) and failed inside backward on reference ("element 0 of tensors does not require
+        grad").  One more forward on the probe's two points, with autograd on (once per shape)."""
+        if not out.is_floating_point():
+            raise TypeError(f"the model returns {out.dtype} predictions; they must be floating point (an "
+                            f"integer output has no gradient, so the inner steps could not train it)")
+        # the caller may hold no_grad / inference_mode (even have built the model under it): the
+        # inner loops run with autograd on anyway, on copies of the parameters and buffers
+        with torch.inference_mode(False), torch.enable_grad(), modes_kept(self.model):
+            self.model.eval()
+            state = {n: p.detach().clone().requires_grad_(True) for n, p in self.model.named_parameters()}
+            state.update({n: b.detach().clone() for n, b in self.model.named_buffers()})
+            pred = torch.func.functional_call(self.model, state, (tasks.x[0, :2].clone(),))
+        if isinstance(pred, torch.Tensor) and not pred.requires_grad:
+            raise ValueError("the model's output does not depend on its parameters (detached, or computed "
+                             "without autograd): the inner steps would have no gradient")
 
     def _check_callable_loss(self, out: torch.Tensor, tasks: TaskBatch) -> None:
         """A callable loss must give one floating-point number per minibatch."""

@@ -183,3 +183,43 @@ def test_native_cache_fallback_in_the_shared_temp_directory_must_be_private(tmp_
             native_build._usable_cache_dir()
     shared.rmdir()
     assert native_build._usable_cache_dir() == shared and (shared.stat().st_mode & 0o777) == 0o700
+
+
+class _IntegerOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.layer(x).round().long()
+
+
+class _DetachedOutput(_IntegerOutput):
+    def forward(self, x):
+        return self.layer(x).detach()
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("model_cls, error, match", [
+    (_IntegerOutput, TypeError, "predictions; they must be floating point"),
+    (_DetachedOutput, ValueError, "output does not depend on its parameters"),
+], ids=["integer", "detached"])
+def test_a_model_whose_output_has_no_gradient_is_refused(backend, model_cls, error, match):
+    """A model whose predictions do not depend on its parameters: backend torch trained with zero
+    gradients (the model never moved, no error), reference failed inside backward
+    ("element 0 of tensors does not require grad")."""
+    from reptile_fast import TaskBatch
+
+    trainer = Reptile(model_cls(), backend=backend, inner_batch_size=5)
+    with pytest.raises(error, match=match):
+        trainer.meta_step(TaskBatch(torch.randn(2, 10, 1), torch.randn(2, 10, 1)))
+    assert trainer.iteration == 0
+
+
+def test_models_built_under_inference_mode_still_train():
+    """The check above runs a forward with autograd on copies of the parameters: a model built
+    (and trained) under the caller's inference_mode keeps working."""
+    with torch.inference_mode():
+        trainer = Reptile(MLP(hidden_dim=8), backend="torch")
+        trainer.fit(Sine(), 2, generator=torch.Generator().manual_seed(0), progress=False)
+    assert trainer.iteration == 2
