@@ -13,6 +13,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
+from .backends.base import functional_call
 from .losses import loss_name, resolve_loss
 from .model_watch import modes_kept
 from .tasks.base import TaskBatch
@@ -179,7 +180,7 @@ class InputChecker:
             self.model.eval()
             state = {n: p.detach().clone().requires_grad_(True) for n, p in self.model.named_parameters()}
             state.update({n: b.detach().clone() for n, b in self.model.named_buffers()})
-            pred = torch.func.functional_call(self.model, state, (tasks.x[0, :2].clone(),))
+            pred = functional_call(self.model, state, (tasks.x[0, :2].clone(),))
         if isinstance(pred, torch.Tensor) and not pred.requires_grad:
             raise ValueError("the model's output does not depend on its parameters (detached, or computed "
                              "without autograd): the inner steps would have no gradient")
