@@ -42,6 +42,13 @@ def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: O
                          f"distributed_fit(..., seed={sampler.get('seed')!r}, meta_batch_size="
                          f"{sampler.get('meta_batch_size')!r}, resume_from=...) (any number of processes, one "
                          f"included) or the job's --resume")
+    saved_iteration = ckpt["trainer"].get("iteration")
+    if isinstance(saved_iteration, int) and not isinstance(saved_iteration, bool) and saved_iteration > iterations:
+        # refused before restore_checkpoint: raised after it, the error left the trainer holding the
+        # checkpoint's φ and iteration, and torch's global RNG moved to the checkpoint's state
+        where = "" if isinstance(resume_from, Mapping) else f" {resume_from}"
+        raise ValueError(f"the checkpoint{where} is at meta-step {saved_iteration}, beyond iterations={iterations} "
+                         f"(the total number of meta-steps); pass a total of at least {saved_iteration}")
     ckpt = restore_checkpoint(trainer, ckpt, generator=generator,
                               name="state" if isinstance(resume_from, Mapping) else str(resume_from))
     history = [float(v) for v in ckpt["history"].get("loss", torch.zeros(0)).tolist()]

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
+from .backends.base import functional_call
 from .losses import loss_name, resolve_loss
 from .model_watch import modes_kept
 from .tasks.base import TaskBatch
@@ -26,10 +27,20 @@ def check_plan_shape(indices, expected: tuple, layout: str, n_points: Optional[i
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or tuple(indices.shape) != expected:
         raise ValueError(f"indices must be a long tensor of shape {expected} {layout}, got "
                          f"{getattr(indices, 'dtype', type(indices).__name__)} {tuple(getattr(indices, 'shape', ()))}")
+    _check_dense_plan(indices)
     if n_points is not None and indices.numel():
         lo, hi = (int(v) for v in torch.stack([indices.min(), indices.max()]).tolist())
         if lo < 0 or hi >= n_points:
             raise ValueError(f"indices must lie in [0, {n_points}), got values in [{lo}, {hi}]")
+
+
+def _check_dense_plan(indices: torch.Tensor) -> None:
+    """A plan must hold data in the strided layout: a sparse one failed inside torch
+    (NotImplementedError "Could not run 'aten::min' ... 'SparseCPU'"), a meta one at the read."""
+    if indices.layout != torch.strided:
+        raise TypeError(f"indices must be a dense tensor, got layout {indices.layout} (use .to_dense())")
+    if indices.is_meta:
+        raise ValueError("indices are on the meta device (a tensor without data)")
 
 
 class InputChecker:
@@ -69,6 +80,7 @@ class InputChecker:
                 self._check_ids(tasks.x, self._id_readers.get(key[:2], ()))
             return
         out = self._probe(tasks)
+        self._check_differentiable(tasks, out)
         if not tasks.x.is_floating_point():
             self._check_ids(tasks.x, self._id_readers.get(key[:2], ()))
         if name == "mse" and tuple(out.shape) != tuple(tasks.y[0, :2].shape):
@@ -154,6 +166,25 @@ class InputChecker:
                             f"{type(out).__name__}")
         return out
 
+    def _check_differentiable(self, tasks: TaskBatch, out: torch.Tensor) -> None:
+        """The model's predictions must depend on its parameters: an integer output (``.long()``,
+        ``.argmax()``) or a detached one gave backend torch zero gradients (the model never moved,
+        silently) and failed inside backward on reference ("element 0 of tensors does not require
+        grad").  One more forward on the probe's two points, with autograd on (once per shape)."""
+        if not out.is_floating_point():
+            raise TypeError(f"the model returns {out.dtype} predictions; they must be floating point (an "
+                            f"integer output has no gradient, so the inner steps could not train it)")
+        # the caller may hold no_grad / inference_mode (even have built the model under it): the
+        # inner loops run with autograd on anyway, on copies of the parameters and buffers
+        with torch.inference_mode(False), torch.enable_grad(), modes_kept(self.model):
+            self.model.eval()
+            state = {n: p.detach().clone().requires_grad_(True) for n, p in self.model.named_parameters()}
+            state.update({n: b.detach().clone() for n, b in self.model.named_buffers()})
+            pred = functional_call(self.model, state, (tasks.x[0, :2].clone(),))
+        if isinstance(pred, torch.Tensor) and not pred.requires_grad:
+            raise ValueError("the model's output does not depend on its parameters (detached, or computed "
+                             "without autograd): the inner steps would have no gradient")
+
     def _check_callable_loss(self, out: torch.Tensor, tasks: TaskBatch) -> None:
         """A callable loss must give one floating-point number per minibatch."""
         pred = out.detach().requires_grad_(out.is_floating_point())
@@ -179,6 +210,7 @@ class InputChecker:
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dtype != torch.long:
             raise TypeError(f"indices must be torch.long, got {indices.dtype}")
+        _check_dense_plan(indices)
         if indices.dim() != 3 or indices.shape[0] != tasks.n_tasks or indices.shape[1] != rows \
                 or indices.shape[2] < 1:
             raise ValueError(f"indices must have shape [tasks={tasks.n_tasks}, steps={rows}, batch], "

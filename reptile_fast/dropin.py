@@ -85,6 +85,11 @@ def _check_task(task, i: int):
         raise TypeError(f"{where}: x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
     if not callable(loss_fct):
         raise TypeError(f"{where}: loss_fct must be callable, got {type(loss_fct).__name__}")
+    if x.layout != torch.strided or y.layout != torch.strided:
+        # mkldnn failed inside torch ("Could not run 'aten::as_strided' ... 'MkldnnCPU'"), sparse was
+        # named as a TaskBatch the caller never built
+        raise TypeError(f"{where}: x and y must be dense tensors, got layouts {x.layout} and {y.layout} "
+                        f"(use .to_dense())")
     if not x.is_floating_point():
         raise TypeError(f"{where}: x must be a floating-point tensor, got {x.dtype}")
     if x.dim() not in (1, 2) or x.shape[0] < 1:
@@ -333,7 +338,8 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         backend_options: passed to ``Reptile`` (e.g. ``{"mode": "eager"}`` for "compiled").
 
     Returns:
-        A dict: ``path`` (the backend that ran: "compiled", "torch", "triton" or "reference"),
+        A dict: ``path`` (the backend that ran: "compiled", "torch", "triton", "reference", or
+        "triton-fused" for triton's fused stepper, ``backend_options={"fused": True}``),
         ``mode``, ``reason`` (why the reference path ran), ``tasks`` (how tasks were drawn),
         ``inner_steps``, ``inner_batch_size``, ``compile_seconds``, ``train_seconds`` and
         ``ms_per_iteration`` (after compilation) and ``loss`` (mean inner-loop loss per
@@ -372,7 +378,9 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         with _dropin_words():
             stats.update(_run_reference_path(model, nb_iterations, sample_task, inner, k, epsilon, meta_batch_size,
                                              first, progress))
-        stats.update(path="reference", backend="reference", inner_steps=None, inner_batch_size=None)
+        # "tasks" as on the fast paths: the docstring promises it (a KeyError here before)
+        stats.update(path="reference", backend="reference", inner_steps=None, inner_batch_size=None,
+                     tasks="sample_task() calls")
         return stats
 
     from .trainer import Reptile

@@ -69,12 +69,30 @@ def cache_dir() -> Path:
     return Path(base) / "reptile_fast"
 
 
+def _private(path: Path) -> bool:
+    """Whether ``path`` (in the shared temporary directory) is ours alone: owned by this user and
+    writable by nobody else.  Its libraries are loaded into this process, and its name is
+    predictable, so another user could otherwise create it first and plant a library there."""
+    if not hasattr(os, "getuid"):
+        return True
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    import stat
+
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _usable_cache_dir() -> Path:
     """``cache_dir()`` if it can be created and written, else a per-user folder in the temporary
     directory (e.g. a read-only home): the program still compiles once per machine boot."""
-    for path in (cache_dir(), Path(tempfile.gettempdir()) / f"reptile_fast-{os.getuid() if hasattr(os, 'getuid') else 'user'}"):
+    shared = Path(tempfile.gettempdir()) / f"reptile_fast-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    for path in (cache_dir(), shared):
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if path == shared and not _private(path):
+                continue
             if os.access(path, os.W_OK):
                 return path
         except OSError:

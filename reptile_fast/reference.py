@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .validation import check_bool
+
 __all__ = ["MLP", "sample_task", "perform_k_training_steps", "reptile"]
 
 
@@ -73,6 +75,9 @@ def reptile(model, nb_iterations: int, sample_task: Callable, perform_k_training
             k=1, epsilon=0.1, progress: bool = True):
     """The seed's Reptile loop: for each iteration, adapt a deep copy to one sampled task and move
     the parameters ``φ ← φ + ε (φ̃ − φ)``.  ``progress=False`` turns the tqdm bar off."""
+    # the one argument the seed does not have is checked (progress="no" showed the bar); the
+    # seed's own arguments are taken as the seed takes them
+    progress = check_bool("progress", progress)
     for _ in tqdm(range(nb_iterations), disable=not progress):
         task = sample_task()
         phi_tilde = perform_k_training_steps(copy.deepcopy(model), task, k)

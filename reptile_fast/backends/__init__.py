@@ -29,8 +29,13 @@ def get_backend(name: str, **options) -> Backend:
     """A fresh instance of the backend called ``name``, constructed with ``options``."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name == "compiled":
+        raise ValueError("backend 'compiled' is the trainer's whole-meta-step program, not an inner-loop "
+                         "backend: pass it to Reptile(..., backend='compiled')")
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS) + ['auto']}")
+        # the names Reptile(backend=...) takes ("compiled" was missing from this list, so Reptile's
+        # own error hid one of its choices)
+        raise ValueError(f"unknown backend {name!r}; choose one of {['auto', 'compiled', *sorted(BACKENDS)]}")
     module, cls = BACKENDS[name].split(":")
     backend_cls = getattr(importlib.import_module(module), cls)
     import inspect

@@ -58,6 +58,13 @@ class TaskBatch:
             raise TypeError(f"TaskBatch.x must be a torch.Tensor, got {type(x).__name__}")
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"TaskBatch.y must be a torch.Tensor, got {type(y).__name__}")
+        for name, t in (("x", x), ("y", y)):
+            # a sparse / mkldnn tensor failed inside torch (NotImplementedError "Could not run
+            # 'aten::ne.Scalar' ... 'SparseCPU'"), a meta one at the value read (RuntimeError)
+            if t.layout != torch.strided:
+                raise TypeError(f"TaskBatch.{name} must be a dense tensor, got layout {t.layout} (use .to_dense())")
+            if t.is_meta:
+                raise ValueError(f"TaskBatch.{name} is on the meta device (a tensor without data)")
         if not x.is_floating_point() and x.dtype not in INDEX_DTYPES:
             raise TypeError(f"TaskBatch.x must be a floating-point tensor (or integer ids, int32/int64, for "
                             f"an embedding), got dtype {x.dtype}")
@@ -270,6 +277,18 @@ def concat_draws(parts):
     if len(parts) == 1:
         return parts[0]
     batches = [t for t, _ in parts]
+    first = batches[0]
+    for other in batches[1:]:
+        if (other.x.shape[1:], other.y.shape[1:], other.x.dtype, other.y.dtype) != \
+                (first.x.shape[1:], first.y.shape[1:], first.x.dtype, first.y.dtype):
+            # torch.cat failed with "Sizes of tensors must match except in dimension 0"
+            raise ValueError(
+                f"task_distribution.sample returned tasks of x {tuple(first.x.shape)} {first.x.dtype}, y "
+                f"{tuple(first.y.shape)} and, in a draw that runs in the same call, x {tuple(other.x.shape)} "
+                f"{other.x.dtype}, y {tuple(other.y.shape)}: a chunk of meta-steps (backend 'compiled', "
+                f"triton's fused stepper) or the blocks of one distributed meta-step are stacked, so their "
+                f"points and features must agree. Keep the number of points fixed, or train such a "
+                f"distribution on backend 'torch' or 'reference' (one meta-step per call)")
     bounds = [t.n_classes for t in batches if t.n_classes is not None]
     tasks = TaskBatch.trusted(torch.cat([t.x for t in batches]), torch.cat([t.y for t in batches]),
                               max(bounds) if bounds else None)
