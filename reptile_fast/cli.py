@@ -102,7 +102,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
-    from .validation import out_of_memory_or_raise
+    from .validation import out_of_memory_message, out_of_memory_or_raise
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     resume = None
@@ -131,6 +131,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     main_rank = is_main()  # rank 0 of a torchrun job (or the only process) prints the results
+    oom_hint = f"--meta-batch-size {config.meta_batch_size} does not fit in this machine's memory; lower it"
     try:
         metrics = run_sine(config, out, progress=not args.no_progress, resume=resume)
     except TrainingInterrupted as exc:
@@ -156,10 +157,10 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
         print(f"reptile-fast: error: {exc.__cause__ or exc}\n{hint}", file=sys.stderr)
         return 3
     except (ValueError, TypeError, OSError) as exc:
-        return _error(str(exc))
+        # the library's out-of-memory ValueErrors name its arguments: here the flag is what to lower
+        return _error(isinstance(exc, ValueError) and out_of_memory_message(exc, oom_hint) or str(exc))
     except (MemoryError, RuntimeError) as exc:
-        return _error(out_of_memory_or_raise(exc, f"--meta-batch-size {config.meta_batch_size} does not fit "
-                                                  f"in this machine's memory; lower it"))
+        return _error(out_of_memory_or_raise(exc, oom_hint))
     if not main_rank:
         return 0
     print(json.dumps(metrics, indent=2))

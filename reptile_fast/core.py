@@ -107,6 +107,33 @@ def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtyp
                     raise ValueError(f"outer_optimizer's param_groups[{i}][{key!r}] must be finite, got {value!r}")
 
 
+def check_outer_optimizer_kind(optimizer: torch.optim.Optimizer) -> None:
+    """ValueError for an optimizer that cannot take Reptile's dense pseudo-gradient with a plain
+    ``step()``: one whose ``step`` needs a closure (``LBFGS``), ``SparseAdam`` (sparse gradients
+    only), or a ``capturable=True`` group over parameters torch cannot capture (CPU).  torch failed
+    at the first meta-step instead, with its own TypeError/RuntimeError/AssertionError."""
+    import inspect
+
+    name = type(optimizer).__name__
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        closure = None
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(f"outer_optimizer {name} needs a closure in step() (it re-evaluates the loss), which "
+                         f"Reptile's pseudo-gradient cannot give: use a first-order optimizer (SGD, Adam, ...)")
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise ValueError("outer_optimizer SparseAdam takes sparse gradients only; Reptile's pseudo-gradient is "
+                         "dense: use Adam")
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("capturable"):
+            for p in group["params"]:
+                if p.device.type == "cpu":
+                    raise ValueError(f"outer_optimizer's param_groups[{i}] has capturable=True, which torch runs "
+                                     f"on accelerator parameters only; a parameter is on the CPU: use "
+                                     f"capturable=False")
+
+
 def _optimizer_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list:
     """A copy of ``optimizer``'s per-parameter state (None for a parameter without any yet)."""
     state = optimizer.state

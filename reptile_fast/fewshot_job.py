@@ -499,7 +499,7 @@ def run_command(args) -> int:
     from .distributed import DistributedError, is_main
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
-    from .validation import out_of_memory_or_raise
+    from .validation import out_of_memory_message, out_of_memory_or_raise
 
     main_rank = is_main()  # under torchrun, rank 0 alone prints
     log = (lambda m: print(m, file=sys.stderr)) if main_rank else (lambda m: None)  # noqa: E731 - stdout: JSON
@@ -518,6 +518,8 @@ def run_command(args) -> int:
     problem = _check_device(config.device)
     if problem:
         return _err(problem)
+    oom_hint = (f"--meta-batch-size {config.meta_batch_size} (or the batch sizes) does not fit in this "
+                f"machine's memory; lower it")
     try:
         metrics = run_omniglot(config, out, progress=not args.no_progress, resume=resume, log=log)
     except TrainingInterrupted as exc:
@@ -529,10 +531,10 @@ def run_command(args) -> int:
     except NonFiniteError as exc:
         return _err(f"{exc}", 3) if main_rank else 3
     except (OSError, ValueError, TypeError) as exc:
-        return _err(str(exc))
+        # the library's out-of-memory ValueErrors name its arguments: here the flags are what to lower
+        return _err(isinstance(exc, ValueError) and out_of_memory_message(exc, oom_hint) or str(exc))
     except (MemoryError, RuntimeError) as exc:
-        return _err(out_of_memory_or_raise(exc, f"--meta-batch-size {config.meta_batch_size} (or the batch "
-                                                f"sizes) does not fit in this machine's memory; lower it"))
+        return _err(out_of_memory_or_raise(exc, oom_hint))
     if not main_rank:
         return 0
     print(json.dumps(metrics, indent=2))

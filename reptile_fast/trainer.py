@@ -15,7 +15,7 @@ import torch.nn as nn
 from .backends import InnerConfig, InnerResult, UnsupportedModelError, resolve_backend
 from .compat import InputChecker
 from .hyperparams import HyperParameters
-from .core import NonFiniteError, Reducer, check_outer_optimizer_lr
+from .core import NonFiniteError, Reducer, check_outer_optimizer_kind, check_outer_optimizer_lr
 from .losses import resolve_loss
 from .model_watch import check_followable, structure_key
 from .loop import (DEFAULT_LOG_EVERY, Callback, CheckedDraws, FunctionCallback, HistoryCallback, ProgressCallback,
@@ -88,6 +88,7 @@ class Reptile(HyperParameters):
             if {id(p) for g in outer_optimizer.param_groups for p in g["params"]} != {id(p) for p in params}:
                 raise ValueError("outer_optimizer must optimise exactly the model's parameters")
             check_outer_optimizer_lr(outer_optimizer, self.dtype)
+            check_outer_optimizer_kind(outer_optimizer)
             if outer_lr_final is not None:
                 raise ValueError("outer_lr_final anneals the interpolation step; with outer_optimizer "
                                  "use a torch.optim.lr_scheduler instead")

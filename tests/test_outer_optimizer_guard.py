@@ -166,3 +166,21 @@ def test_inf_in_a_custom_optimizers_own_setting_is_taken_nan_is_not():
     model = MLP()
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['max_norm'\] must be finite"):
         Reptile(model, backend="torch", outer_optimizer=Clipped(model.parameters(), lr=1e-2, max_norm=float("nan")))
+
+
+@pytest.mark.parametrize("make_opt, words", [
+    (lambda ps: torch.optim.LBFGS(ps, lr=1e-2), "needs a closure"),
+    (lambda ps: torch.optim.SparseAdam(ps, lr=1e-2), "sparse gradients only"),
+    (lambda ps: torch.optim.Adam(ps, lr=1e-2, capturable=True), "capturable=True"),
+], ids=["lbfgs", "sparse-adam", "capturable-on-cpu"])
+def test_optimizers_that_cannot_take_the_pseudo_gradient_are_refused_at_construction(make_opt, words):
+    """QA15: these failed at the first meta-step with torch's own TypeError ("missing 1 required
+    positional argument: 'closure'"), RuntimeError ("SparseAdam does not support dense gradients")
+    or AssertionError (capturable on the CPU)."""
+    model = MLP()
+    try:
+        opt = make_opt(model.parameters())
+    except (ValueError, TypeError, RuntimeError):
+        pytest.skip("this torch refuses the optimizer itself")
+    with pytest.raises(ValueError, match=words):
+        Reptile(model, backend="torch", outer_optimizer=opt)
