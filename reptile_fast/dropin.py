@@ -38,11 +38,11 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .backends import BACKENDS, UnsupportedModelError
 from .compat import check_plan_shape
 from .core import NONFINITE_HINT, NonFiniteError, OuterUpdate
+from .losses import loss_name
 from .loop import PlanSampler, ProgressCallback, Sampler, TrainingLoop
 from .seed_recognition import SEED_INNER_LR, classify_inner_loop, is_seed_sample_task, points, standard_inner_loop
 from .steppers import DEFAULT_CHUNK, Stepper
@@ -62,16 +62,7 @@ class ReferencePathWarning(UserWarning):
 # ---------------------------------------------------------------------- tasks
 def _loss_kind(loss_fct) -> Optional[str]:
     """"mse" / "cross_entropy" when the fast paths compute exactly this loss; else None."""
-    if loss_fct is F.mse_loss:
-        return "mse"
-    if loss_fct is F.cross_entropy:
-        return "cross_entropy"
-    if type(loss_fct) is nn.MSELoss and loss_fct.reduction == "mean":
-        return "mse"
-    if (type(loss_fct) is nn.CrossEntropyLoss and loss_fct.reduction == "mean" and loss_fct.weight is None
-            and loss_fct.label_smoothing == 0.0 and loss_fct.ignore_index < 0):
-        return "cross_entropy"
-    return None
+    return loss_name(loss_fct) if callable(loss_fct) else None
 
 
 def _check_task(task, i: int):
