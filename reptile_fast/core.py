@@ -108,11 +108,33 @@ def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtyp
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list:
-    """A copy of ``optimizer``'s per-parameter state (None for a parameter without any yet)."""
+    """A copy of ``optimizer``'s per-parameter state (None for a parameter without any yet).
+
+    Tensors are cloned once each (a tensor shared by several parameters' states stays shared; a
+    reference to a parameter stays that parameter, which the undo restores in place); other
+    values are deep-copied, or kept as they are where they cannot be (a lock, a stream, a
+    generator object: torch.optim replaces such values rather than changing them, and a
+    custom optimizer that holds one trained before the undo existed)."""
     state = optimizer.state
-    return [None if p not in state else
-            {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state[p].items()}
-            for p in params]
+    memo = {id(p): p for p in params}
+    saved = []
+    for p in params:
+        if p not in state:
+            saved.append(None)
+            continue
+        entry = {}
+        for k, v in state[p].items():
+            if isinstance(v, torch.Tensor):
+                if id(v) not in memo:
+                    memo[id(v)] = v.clone()
+                entry[k] = memo[id(v)]
+            else:
+                try:
+                    entry[k] = copy.deepcopy(v, memo)
+                except Exception:  # noqa: BLE001 - not copyable (TypeError, pickling errors): keep it
+                    entry[k] = v
+        saved.append(entry)
+    return saved
 
 
 def _restore_optimizer_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], saved: list) -> None:
@@ -169,10 +191,12 @@ class OuterUpdate:
             after = torch.ones_like(finite)
             try:
                 self.outer_optimizer.step()
-            except RuntimeError as exc:
+            except BaseException as exc:
                 # Adam's lr / (1 − β1^t) above the dtype's largest value: torch fails half-way
-                # through the parameters ("cannot be converted to type float without overflow")
-                if "without overflow" not in str(exc):
+                # through the parameters ("cannot be converted to type float without overflow").
+                # Anything else (a custom optimizer's own error, a Ctrl-C outside fit's deferral)
+                # is raised with φ and the state as before the step: iteration did not advance.
+                if not (isinstance(exc, RuntimeError) and "without overflow" in str(exc)):
                     undo()
                     raise
                 after = torch.zeros_like(finite)

@@ -140,9 +140,16 @@ class Reptile(HyperParameters):
             self.backend.check_batch_size(self.model, batch_size)
             return
         backend = resolve_backend("auto", self.model, self.device, self.config, batch_size=batch_size)
-        if type(backend) is not type(self.backend):
-            self.check_finite()  # report a pending non-finite step of the old steppers first
-            self._use_backend(backend)
+        if type(backend) is type(self.backend):
+            # keep the trainer's own (its kernel, graphs, fused stepper) where it takes the batch:
+            # the class alone said nothing (kernel v2 kept for 40 points when auto now picks v1)
+            try:
+                self.backend.check_batch_size(self.model, batch_size)
+                return
+            except UnsupportedModelError:
+                pass
+        self.check_finite()  # report a pending non-finite step of the old steppers first
+        self._use_backend(backend)
 
     def _set_config(self, config: InnerConfig) -> None:
         """Use ``config`` (and the current inner_steps) from the next meta-step on."""
