@@ -189,3 +189,27 @@ def test_sample_steps_still_equals_rounds_of_sample_and_sample_indices():
         p = sample_indices(2, 4, t.n_points, 7, generator=g2)
         assert torch.equal(tasks.x[2 * i:2 * i + 2], t.x) and torch.equal(tasks.y[2 * i:2 * i + 2], t.y)
         assert torch.equal(plans[2 * i:2 * i + 2], p)
+
+
+def test_the_undo_puts_the_state_back_into_the_optimizers_own_tensors():
+    """Adam's moments after an undone step are the same tensor objects, with their old values
+    (afe4347 swapped in clones: anything holding the optimizer's tensors, such as a compiled or
+    captured step, kept the stepped values).  The snapshot's buffers are reused, not reallocated."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tr = Reptile(model, backend="torch", inner_steps=1, outer_optimizer=opt)
+    g = torch.Generator().manual_seed(1)
+    tr.meta_step(*_draw(g))
+    tr.meta_step(*_draw(g))
+    objects = {id(p): dict(opt.state[p]) for p in model.parameters()}
+    values = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    _overflow(tr, opt)
+    for p in model.parameters():
+        for k, v in opt.state[p].items():
+            assert v is objects[id(p)][k], f"state[{k!r}] is a new tensor"
+            assert torch.equal(v, values[id(p)][k]), f"state[{k!r}] keeps the undone step"
+    before = [b for _, b in tr._eager.outer._snapshot._buffers.values()]
+    tr.meta_step(*_draw(g))
+    after = [b for _, b in tr._eager.outer._snapshot._buffers.values()]
+    assert len(after) == len(before) and all(a is b for a, b in zip(before, after))
