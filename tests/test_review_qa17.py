@@ -213,3 +213,31 @@ def test_the_undo_puts_the_state_back_into_the_optimizers_own_tensors():
     tr.meta_step(*_draw(g))
     after = [b for _, b in tr._eager.outer._snapshot._buffers.values()]
     assert len(after) == len(before) and all(a is b for a, b in zip(before, after))
+
+
+def test_an_inner_loop_out_of_memory_in_fit_is_a_value_error(monkeypatch):
+    """README (afe4347): "a meta-batch beyond memory is a ValueError saying 'out of memory' on
+    every backend" held for the draws and the compiled program only: draws that fit with inner
+    loops that do not (a task's parameters and activations outgrow its points) raised torch's
+    allocator error from deep inside fit."""
+    model = MLP(1, 8, 1, depth=1)
+    tr = Reptile(model, backend="torch", inner_steps=1)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def inner_loop(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(tr.backend, "inner_loop", inner_loop)
+    with pytest.raises(ValueError, match=r"meta-step 1: out of memory \(tried to allocate 20.00 GiB\): lower "
+                                         r"meta_batch_size \(3\) or inner_batch_size \(10\)"):
+        tr.fit(Sine(), 2, meta_batch_size=3, progress=False)
+    assert tr.iteration == 0
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(tr.backend, "inner_loop", broken)
+    with pytest.raises(RuntimeError, match="some other failure"):  # not an allocation failure: as it was
+        tr.fit(Sine(), 2, meta_batch_size=3, progress=False)
