@@ -102,7 +102,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
-    from .validation import out_of_memory_or_raise
+    from .validation import out_of_memory_message, out_of_memory_or_raise
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     resume = None
@@ -156,7 +156,11 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
         print(f"reptile-fast: error: {exc.__cause__ or exc}\n{hint}", file=sys.stderr)
         return 3
     except (ValueError, TypeError, OSError) as exc:
-        return _error(str(exc))
+        # fit's and the compiled program's out-of-memory ValueErrors name the library's setting:
+        # name the flag, as for the allocator's own error
+        oom = out_of_memory_message(exc, f"--meta-batch-size {config.meta_batch_size} does not fit in this "
+                                         f"machine's memory; lower it") if isinstance(exc, ValueError) else None
+        return _error(oom or str(exc))
     except (MemoryError, RuntimeError) as exc:
         return _error(out_of_memory_or_raise(exc, f"--meta-batch-size {config.meta_batch_size} does not fit "
                                                   f"in this machine's memory; lower it"))

@@ -499,7 +499,7 @@ def run_command(args) -> int:
     from .distributed import DistributedError, is_main
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
-    from .validation import out_of_memory_or_raise
+    from .validation import out_of_memory_message, out_of_memory_or_raise
 
     main_rank = is_main()  # under torchrun, rank 0 alone prints
     log = (lambda m: print(m, file=sys.stderr)) if main_rank else (lambda m: None)  # noqa: E731 - stdout: JSON
@@ -529,7 +529,11 @@ def run_command(args) -> int:
     except NonFiniteError as exc:
         return _err(f"{exc}", 3) if main_rank else 3
     except (OSError, ValueError, TypeError) as exc:
-        return _err(str(exc))
+        # fit's out-of-memory ValueErrors name the library's settings: name the flags instead
+        oom = out_of_memory_message(exc, f"--meta-batch-size {config.meta_batch_size} (or the batch sizes) does "
+                                         f"not fit in this machine's memory; lower it") \
+            if isinstance(exc, ValueError) else None
+        return _err(oom or str(exc))
     except (MemoryError, RuntimeError) as exc:
         return _err(out_of_memory_or_raise(exc, f"--meta-batch-size {config.meta_batch_size} (or the batch "
                                                 f"sizes) does not fit in this machine's memory; lower it"))
