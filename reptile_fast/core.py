@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -79,7 +79,7 @@ def local_mean(deltas: List[torch.Tensor], losses: torch.Tensor) -> Tuple[List[t
 #: for "no limit" (a custom optimizer's max norm): only NaN, never meaningful, is refused there.
 _FINITE_OPTIMIZER_KEYS = frozenset({"momentum", "dampening", "weight_decay", "betas", "eps", "alpha", "rho",
                                     "lr_decay", "initial_accumulator_value", "etas", "step_sizes", "lambd",
-                                    "t0", "momentum_decay", "beta1", "beta2"})
+                                    "momentum_decay", "beta1", "beta2"})  # (ASGD's t0=inf: never average)
 
 
 def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> None:
@@ -102,7 +102,8 @@ def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtyp
         for key, value in group.items():
             values = value if isinstance(value, (tuple, list)) and key != "params" else (value,)
             for v in values:
-                if isinstance(v, Real) and not isinstance(v, bool) and (
+                # (an Integral is never NaN or inf, and math.isnan(10**400) overflows)
+                if isinstance(v, Real) and not isinstance(v, (bool, Integral)) and (
                         math.isnan(v) or (math.isinf(v) and key in _FINITE_OPTIMIZER_KEYS)):
                     raise ValueError(f"outer_optimizer's param_groups[{i}][{key!r}] must be finite, got {value!r}")
 
@@ -134,20 +135,67 @@ def check_outer_optimizer_kind(optimizer: torch.optim.Optimizer) -> None:
                                      f"capturable=False")
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list:
-    """A copy of ``optimizer``'s per-parameter state (None for a parameter without any yet)."""
-    state = optimizer.state
-    return [None if p not in state else
-            {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state[p].items()}
-            for p in params]
+class _StepSnapshot:
+    """φ and an outer optimizer's per-parameter state as before its step, to put back when the
+    step overflowed or raised.
 
+    The values are copied into buffers kept from one meta-step to the next (a fresh clone of
+    every state tensor per meta-step doubled ``apply`` for a 264k-parameter MLP with Adam on the
+    CPU: the allocations, not the copies), and put back into the same tensor objects, so
+    anything holding them (a state tensor shared by several parameters, a compiled or captured
+    optimizer step) still sees the optimizer's own state.  Other values are deep-copied, or kept
+    as they are where they cannot be copied (a lock, a stream: torch.optim replaces such values
+    rather than changing them, and a custom optimizer holding one trained before the undo existed).
+    """
 
-def _restore_optimizer_state(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], saved: list) -> None:
-    for p, s in zip(params, saved):
-        if s is None:
-            optimizer.state.pop(p, None)
-        else:
-            optimizer.state[p] = s
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.params = list(params)
+        self._phi = [torch.empty_like(p) for p in self.params]
+        self._buffers: dict = {}  # id(state tensor) -> (that tensor, its buffer)
+
+    def take(self, optimizer: torch.optim.Optimizer) -> tuple:
+        torch._foreach_copy_(self._phi, self.params)  # one device and dtype (check_meta_model)
+        state = optimizer.state
+        memo = {id(p): p for p in self.params}
+        saved, live, buffers = [], [], {}
+        for p in self.params:
+            own = state.get(p)  # (one Tensor.__hash__ call, and no entry made in the defaultdict)
+            if own is None:
+                saved.append(None)
+                continue
+            entry = {}
+            for k, v in own.items():
+                if isinstance(v, torch.Tensor):
+                    key = id(v)
+                    if key not in memo:  # once per tensor; a parameter is put back with φ
+                        memo[key] = v
+                        kept = self._buffers.get(key)
+                        if kept is None or kept[0] is not v or kept[1].shape != v.shape \
+                                or kept[1].dtype != v.dtype or kept[1].device != v.device:
+                            kept = (v, torch.empty_like(v))
+                        buffers[key] = kept
+                        kept[1].copy_(v)  # (one by one: Adam's step count may sit on the CPU)
+                        live.append(kept)
+                    entry[k] = v
+                else:
+                    try:
+                        entry[k] = copy.deepcopy(v, memo)
+                    except Exception:  # noqa: BLE001 - not copyable (TypeError, pickling errors): keep it
+                        entry[k] = v
+            saved.append(entry)
+        self._buffers = buffers  # tensors the state no longer holds are let go
+        return saved, live
+
+    def restore(self, optimizer: torch.optim.Optimizer, taken: tuple) -> None:
+        saved, live = taken
+        torch._foreach_copy_(self.params, self._phi)
+        for v, buffer in live:
+            v.copy_(buffer)
+        for p, s in zip(self.params, saved):
+            if s is None:
+                optimizer.state.pop(p, None)
+            else:
+                optimizer.state[p] = s
 
 
 class OuterUpdate:
@@ -167,6 +215,7 @@ class OuterUpdate:
         # healthy: no bad meta-step since the last check; first_bad: its 1-based number (0: none)
         self._healthy = torch.ones((), dtype=torch.bool, device=device)
         self._first_bad = torch.zeros((), dtype=torch.long, device=device)
+        self._snapshot: Optional[_StepSnapshot] = None  # φ and the outer optimizer's state before its step
 
     @torch.no_grad()
     def apply(self, mean_deltas: List[torch.Tensor], mean_loss: torch.Tensor, eps, iteration: int) -> None:
@@ -183,23 +232,24 @@ class OuterUpdate:
             if not bool(ok):
                 self._mark_bad(finite, iteration)
                 return
-            saved = [p.detach().clone() for p in tensors]
-            saved_state = _optimizer_state(self.outer_optimizer, tensors)
+            if self._snapshot is None:
+                self._snapshot = _StepSnapshot(tensors)
+            taken = self._snapshot.take(self.outer_optimizer)
             for p, d in zip(tensors, mean_deltas):
                 p.grad = -d
 
             def undo():
-                for p, s in zip(tensors, saved):
-                    p.copy_(s)
-                _restore_optimizer_state(self.outer_optimizer, tensors, saved_state)
+                self._snapshot.restore(self.outer_optimizer, taken)
 
             after = torch.ones_like(finite)
             try:
                 self.outer_optimizer.step()
-            except RuntimeError as exc:
+            except BaseException as exc:
                 # Adam's lr / (1 − β1^t) above the dtype's largest value: torch fails half-way
-                # through the parameters ("cannot be converted to type float without overflow")
-                if "without overflow" not in str(exc):
+                # through the parameters ("cannot be converted to type float without overflow").
+                # Anything else (a custom optimizer's own error, a Ctrl-C outside fit's deferral)
+                # is raised with φ and the state as before the step: iteration did not advance.
+                if not (isinstance(exc, RuntimeError) and "without overflow" in str(exc)):
                     undo()
                     raise
                 after = torch.zeros_like(finite)

@@ -69,10 +69,12 @@ class StreamSampler(Sampler):
         self.draw_chunks = bool(draw_chunks)
         self.checked = check is not None  # plans from sample_indices: in range by construction
 
-    def _failed(self, what: str, exc: ValueError) -> ValueError:
-        """``exc`` from the task family's draw, saying which trainer setting asked for it (its own
-        words name its arguments: ``n_tasks`` is ``meta_batch_size`` here)."""
-        return ValueError(f"meta_batch_size={self.T}: {what} failed: {exc}")
+    def _failed(self, what: str, exc: ValueError, settings: str) -> ValueError:
+        """``exc`` from the task family's draw, the call first, then which of fit's settings its
+        arguments came from (its own words name them: ``n_tasks`` is ``meta_batch_size``).  Not
+        "meta_batch_size=...: ..." up front: the error may be about another argument
+        (``batch_size``: inner_batch_size) or about nothing fit passed (a family's own check)."""
+        return ValueError(f"{what} raised: {exc} (fit's arguments to it: {settings})")
 
     def _sample(self, n: int) -> TaskBatch:
         try:
@@ -80,7 +82,9 @@ class StreamSampler(Sampler):
         except ValueError as exc:
             if type(exc) is not ValueError:
                 raise
-            raise self._failed(f"task_distribution.sample({n}, ...)", exc) from exc
+            chunk = "" if n == self.T else f"{n // self.T} meta-steps drawn at once x "
+            raise self._failed(f"task_distribution.sample({n}, ...)", exc,
+                               f"n_tasks = {chunk}meta_batch_size={self.T}") from exc
         if isinstance(tasks, TaskBatch) and tasks.n_tasks != n:
             # the plans have n rows: more tasks would be dropped silently, fewer fail deep inside
             raise ValueError(f"task_distribution.sample({n}, ...) returned {tasks.n_tasks} tasks; "
@@ -103,7 +107,10 @@ class StreamSampler(Sampler):
             except ValueError as exc:
                 if type(exc) is not ValueError:
                     raise
-                raise self._failed(f"task_distribution.sample_steps({m}, {self.T}, ...)", exc) from exc
+                raise self._failed(f"task_distribution.sample_steps({m}, {self.T}, {self.rows}, {self.batch}, ...)", exc,
+                                   f"n_steps={m} meta-steps per chunk, n_tasks = meta_batch_size={self.T}, "
+                                   f"plan_rows={self.rows} from inner_steps, batch_size = inner_batch_size="
+                                   f"{self.batch}") from exc
             if self.check is not None:
                 self.check(tasks)
             return tasks, plans

@@ -25,7 +25,8 @@ from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerSte
                        check_compiled_supported)
 from .tasks.base import TaskBatch, sample_indices
 from .trainer_state import load_trainer_state, trainer_hparams, trainer_state_dict
-from .validation import check_fit_args, check_float, check_inner_options, check_int, check_meta_model
+from .validation import (check_fit_args, check_float, check_inner_options, check_int, check_meta_model,
+                         out_of_memory_message)
 
 __all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
 
@@ -141,9 +142,16 @@ class Reptile(HyperParameters):
             self.backend.check_batch_size(self.model, batch_size)
             return
         backend = resolve_backend("auto", self.model, self.device, self.config, batch_size=batch_size)
-        if type(backend) is not type(self.backend):
-            self.check_finite()  # report a pending non-finite step of the old steppers first
-            self._use_backend(backend)
+        if type(backend) is type(self.backend):
+            # keep the trainer's own (its kernel, graphs, fused stepper) where it takes the batch:
+            # the class alone said nothing (kernel v2 kept for 40 points when auto now picks v1)
+            try:
+                self.backend.check_batch_size(self.model, batch_size)
+                return
+            except UnsupportedModelError:
+                pass
+        self.check_finite()  # report a pending non-finite step of the old steppers first
+        self._use_backend(backend)
 
     def _set_config(self, config: InnerConfig) -> None:
         """Use ``config`` (and the current inner_steps) from the next meta-step on."""
@@ -388,6 +396,15 @@ class Reptile(HyperParameters):
                     loop.run()
                 except NonFiniteError as exc:
                     raise ckpt.explain(exc) from exc
+                except (RuntimeError, MemoryError) as exc:
+                    # draws that fit but inner loops that do not (per-task parameters and
+                    # activations outgrow the draws): as the draws' and the compiled program's
+                    # errors, a ValueError saying which setting to lower (φ is as before the step)
+                    oom = out_of_memory_message(exc, f"lower meta_batch_size ({meta_batch_size}) or "
+                                                     f"inner_batch_size ({self.inner_batch_size})")
+                    if oom is None:
+                        raise
+                    raise ValueError(f"meta-step {self.iteration + 1}: {oom}") from exc
                 finally:
                     self._fitting = False
                     done = loop.iteration - loop.start

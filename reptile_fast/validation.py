@@ -267,7 +267,7 @@ def out_of_memory_message(exc: BaseException, hint: str) -> "str | None":
     while seen is not None:
         text = str(seen)
         if isinstance(seen, MemoryError) or any(w in text.lower() for w in _OOM_WORDS):
-            size = re.search(r"tried to allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", text)
+            size = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", text)  # CUDA: "Tried"
             return f"out of memory{f' (tried to allocate {size.group(1)})' if size else ''}: {hint}"
         seen = seen.__cause__ or seen.__context__
     return None

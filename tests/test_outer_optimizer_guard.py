@@ -184,3 +184,14 @@ def test_optimizers_that_cannot_take_the_pseudo_gradient_are_refused_at_construc
         pytest.skip("this torch refuses the optimizer itself")
     with pytest.raises(ValueError, match=words):
         Reptile(model, backend="torch", outer_optimizer=opt)
+
+
+def test_huge_integers_and_asgds_infinite_t0_are_taken():
+    """QA17: math.isnan(10**400) raised OverflowError from the check; ASGD's t0=inf ("never
+    average") is harmless and was refused."""
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    opt.param_groups[0]["my_counter"] = 10 ** 400
+    Reptile(model, backend="torch", outer_optimizer=opt)
+    model = MLP()
+    Reptile(model, backend="torch", outer_optimizer=torch.optim.ASGD(model.parameters(), lr=1e-2, t0=float("inf")))

@@ -113,15 +113,16 @@ class Sine:
         params = []
         # the rounds' plan keys go straight into one buffer (a torch.cat of them cost ~5 % of a
         # compiled meta-step at meta-batch 256)
-        keys = empty_keys("n_steps x n_tasks x plan_rows x n_points", n_steps * n_tasks, plan_rows, self.n_points,
+        # (one size per name: the error for a buffer too large names each, not n_steps·n_tasks as one)
+        keys = empty_keys("n_steps x n_tasks x plan_rows x n_points", n_steps, n_tasks, plan_rows, self.n_points,
                           device=dev)
         for i in range(n_steps):  # the generator's numbers in the order the rounds consume them
             params.append(uniform_keys("2 x n_tasks", 2, n_tasks, generator=generator, device=dev))
             uniform_keys("n_tasks x plan_rows x n_points", n_tasks, plan_rows, self.n_points,
-                         generator=generator, device=dev, out=keys[i * n_tasks:(i + 1) * n_tasks])
+                         generator=generator, device=dev, out=keys[i])
         a, b = self._params(torch.stack(params, dim=1).reshape(2, n_steps * n_tasks))
         device = device if device is not None else dev
-        plans = plan_from_keys(keys, batch_size).to(device)
+        plans = plan_from_keys(keys.view(n_steps * n_tasks, plan_rows, self.n_points), batch_size).to(device)
         return self._make(a, b, device, trusted=True), plans
 
     def sample(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
