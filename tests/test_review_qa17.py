@@ -102,10 +102,11 @@ def test_the_undo_keeps_shared_state_shared_and_parameter_references():
     assert float(opt.state[params[-1]]["count"]) == 2.0
 
 
-@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+@pytest.mark.parametrize("error", [RuntimeError, ValueError, KeyboardInterrupt])
 def test_any_exception_from_the_step_leaves_phi_and_state_as_before(error):
     """afe4347 undid a RuntimeError only: a custom optimizer's ValueError, or Ctrl-C in a bare
-    meta_step loop (fit defers it), left φ half-stepped with iteration not advanced."""
+    meta_step loop (fit defers it), left φ half-stepped with iteration not advanced.  (ad53e0b
+    left φ half-stepped for a RuntimeError too, as torch's Adam raised on an overflowing step.)"""
 
     class HalfWay(torch.optim.SGD):
         def step(self, closure=None):
