@@ -167,17 +167,19 @@ def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, 
     if first is None:
         raise ValueError("model has no parameters to meta-learn")
     check_materialised(first)
-    nb_iterations = _int_arg("nb_iterations", nb_iterations)
+    # 0 iterations, k = 0 and ε = 0 run in the seed as no-ops (the model is left as it was); a
+    # negative count or step is refused: the seed would run it silently, but it is never meant
+    nb_iterations = _int_arg("nb_iterations", nb_iterations, minimum=0)
     if not callable(sample_task):
         raise TypeError(f"sample_task must be callable (returning (x, y, loss_fct)), got {type(sample_task).__name__}")
     if perform_k_training_steps is not None and not callable(perform_k_training_steps):
         raise TypeError(f"perform_k_training_steps must be callable or None, got "
                         f"{type(perform_k_training_steps).__name__}")
-    k = _int_arg("k", k)
+    k = _int_arg("k", k, minimum=0)
     if (isinstance(epsilon, torch.Tensor) and epsilon.dim() == 0 and not epsilon.is_complex()
             and epsilon.dtype != torch.bool):
         epsilon = epsilon.item()  # the seed's arithmetic takes a 0-dim tensor ε too
-    epsilon = check_float("epsilon", epsilon)
+    epsilon = check_float("epsilon", epsilon, allow_zero=True)
     meta_batch_size = _int_arg("meta_batch_size", meta_batch_size)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
@@ -341,6 +343,17 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         generator, chunk_size, backend_options)
     check_bool("progress", progress)
     batch, any_shape = classify_inner_loop(perform_k_training_steps)
+    if nb_iterations == 0:
+        # the seed's ``for _ in range(0)``: no task is drawn and the model is left as it was
+        if indices is not None and (not isinstance(indices, torch.Tensor) or indices.dim() != 4
+                                    or indices.shape[0] != 0):
+            raise ValueError(f"indices must be [nb_iterations, meta_batch_size, steps, batch] = [0, ...] "
+                             f"for nb_iterations=0, got "
+                             f"{tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__}")
+        return {"iterations": 0, "meta_batch_size": meta_batch_size, "reason": "nb_iterations=0: nothing to run",
+                "path": None, "backend": None, "mode": None, "fallback_reason": None, "tasks": "none drawn",
+                "inner_steps": None, "inner_batch_size": None, "compile_seconds": 0.0, "train_seconds": 0.0,
+                "ms_per_iteration": None, "loss": []}
     first = sample_task()
     kind = None
     if batch is None:
@@ -358,6 +371,13 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
                             f"(the inner loop feeds x to the model as it is)")
         kind = _loss_kind(first[2])
         reason = _reference_reason(any_shape, first, kind)
+        steps = k * first[0].shape[0] // batch
+        if reason is None and (steps < 1 or epsilon == 0):
+            # the model does not move; the seed's loop still draws every task (and, for ε = 0, trains
+            # on each), which the reference path does as the seed does, rather than refusing the call
+            reason = ("epsilon=0: the model is left as it was (the outer update adds 0)" if epsilon == 0 else
+                      f"k * N // batch_size = {k} * {first[0].shape[0]} // {batch} = 0 inner steps: the "
+                      f"model is left as it was")
     stats = {"iterations": nb_iterations, "meta_batch_size": meta_batch_size, "reason": reason}
     if reason is not None:
         if indices is not None:
@@ -377,10 +397,6 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
     from .trainer import Reptile
 
     n_points = first[0].shape[0]
-    steps = k * n_points // batch
-    if steps < 1:
-        raise ValueError(f"k * N // batch_size = {k} * {n_points} // {batch} = 0 inner steps: the model "
-                         f"would never change; use k >= {math.ceil(batch / n_points)}")
     batch = min(batch, n_points)  # randperm(N)[:batch] holds all N points when N < batch
     if indices is not None:
         check_plan_shape(indices, (nb_iterations, meta_batch_size, steps, batch),
