@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .backends.base import Backend, InnerConfig, UnsupportedModelError
-from .core import NONFINITE_HINT, NonFiniteError, OuterUpdate, Reducer, local_mean, per_task_deltas
+from .core import NONFINITE_HINT, NonFiniteError, OuterUpdate, Reducer, all_finite, local_mean, per_task_deltas
 from .losses import loss_name
 from .mlp_math import FAST_LOSSES
 from .mlp_spec import MLPSpec, cached_mlp_spec
@@ -267,10 +267,7 @@ class CompiledStepper(Stepper):
 
     @staticmethod
     def _finite(params, losses) -> bool:
-        finite = torch.isfinite(losses).all()
-        for p in params:
-            finite = finite & torch.isfinite(p).all()
-        return bool(finite)
+        return bool(all_finite([losses, *params]))
 
     def _raise_first_bad(self, xs, ys, eps_t, losses, first_iteration: int):
         """Find the chunk's first non-finite meta-step, leave φ as after the one before it (the

@@ -955,9 +955,10 @@ def _dropin(**kw):
 
 def dropin_cases():
     cases = []
-    for arg, palette in [("nb_iterations", int_palette(2)), ("k", int_palette(1)),
+    # 0 iterations, k = 0 and ε = 0 run in the seed as no-ops, and so in the drop-in (test_dropin_noops)
+    for arg, palette in [("nb_iterations", int_palette(2, 0)), ("k", int_palette(1, 0)),
                          ("meta_batch_size", int_palette(2)), ("chunk_size", int_palette(2)),
-                         ("epsilon", float_palette(0.1))]:
+                         ("epsilon", float_palette(0.1, allow_zero=True))]:
         for label, value, expect, plain in palette:
             cases.append(Case(f"reptile({arg}=)", label, lambda a=arg, v=value: _dropin(**{a: v}), expect, (arg,),
                               (lambda a=arg, p=plain: _dropin(**{a: p})) if expect != REJECT else None))

@@ -21,8 +21,9 @@ def _draw(g, n=2, steps=1):
 
 
 def _state(opt, model):
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
     return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
-            if p in opt.state else None for p in model.parameters()]
+            if p in opt.state else None for p in params]
 
 
 def _assert_same_state(a, b):
@@ -172,3 +173,40 @@ def test_huge_integers_and_asgds_infinite_t0_are_taken():
     Reptile(model, backend="torch", outer_optimizer=opt)
     model = MLP()
     Reptile(model, backend="torch", outer_optimizer=torch.optim.ASGD(model.parameters(), lr=1e-2, t0=float("inf")))
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
+], ids=["adam", "rmsprop"])
+def test_a_step_that_overflows_only_the_optimizer_state_is_undone(make_opt):
+    """A finite pseudo-gradient whose square times (1 − β2) passes float32's largest value
+    (|g| > 5.8e20 with Adam's defaults) makes Adam's (RMSprop's) second moment inf while φ stays finite: the update of that weight is then 0 at every later step, a
+    silent freeze.  It is reported as a non-finite meta-step and undone, state included, so that
+    training on equals a run that never tried the step."""
+    from reptile_fast.core import OuterUpdate
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    twin = torch.nn.Parameter(w.detach().clone())
+    opt, twin_opt = make_opt([w]), make_opt([twin])
+    update, twin_update = OuterUpdate([("w", w)], opt), OuterUpdate([("w", twin)], twin_opt)
+    good = torch.full((3, 2), 0.5)
+    update.apply([good], torch.zeros(()), 1.0, 1)
+    twin_update.apply([good], torch.zeros(()), 1.0, 1)
+    state_before, phi_before = _state(opt, [w]), w.detach().clone()
+
+    huge = torch.full((3, 2), 1e30)
+    assert torch.isfinite(huge).all() and torch.isinf(1e-3 * huge * huge).all()  # the premise, in float32
+    update.apply([huge], torch.zeros(()), 1.0, 2)
+    with pytest.raises(NonFiniteError, match="meta-step 2") as info:
+        update.check()
+    assert info.value.iteration == 2
+    assert torch.equal(w.detach(), phi_before), "φ"
+    _assert_same_state(_state(opt, [w]), state_before)
+
+    update.apply([good], torch.zeros(()), 1.0, 3)
+    twin_update.apply([good], torch.zeros(()), 1.0, 2)
+    update.check()
+    assert torch.equal(w.detach(), twin.detach()), "φ after training on"
+    _assert_same_state(_state(opt, [w]), _state(twin_opt, [twin]))
