@@ -36,8 +36,11 @@ print(json.dumps({"file": reptile_fast.__file__, "ms_per_iteration": m["ms_per_i
 """
 
 
-def run_once(tree: str, iterations: int, seed: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, tree, str(iterations), str(seed)], check=True,
+def run_in_tree(child: str, tree: str, *args) -> dict:
+    """Run ``child`` (Python source that puts ``sys.argv[1]`` first on sys.path and prints a JSON
+    line with the imported ``reptile_fast.__file__`` as "file") in a fresh process for ``tree``;
+    its last line, checked to come from that tree's code."""
+    out = subprocess.run([sys.executable, "-c", child, tree, *map(str, args)], check=True,
                          capture_output=True, text=True, cwd=tree).stdout
     row = json.loads(out.strip().splitlines()[-1])
     if not Path(row["file"]).resolve().is_relative_to(Path(tree).resolve()):
@@ -56,7 +59,7 @@ def main(argv=None) -> None:
     rows = {t: [] for t in args.trees}
     for r in range(args.rounds):
         for tree in (args.trees if r % 2 == 0 else args.trees[::-1]):  # alternate which goes first
-            rows[tree].append(run_once(tree, args.iterations, args.seed))
+            rows[tree].append(run_in_tree(CHILD, tree, args.iterations, args.seed))
             print(tree, rows[tree][-1], flush=True)
     mse = {t: {row["post_adaptation_mse"] for row in rs} for t, rs in rows.items()}
     if len(set.union(*mse.values())) != 1:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
+from bench.compare_trees import run_in_tree
 from bench.env import machine_stamp
 
 CHILD = r"""
@@ -53,15 +53,6 @@ print(json.dumps({"file": reptile_fast.__file__, "min_us": min(times), "median_u
 CONFIGS = [(64, "interp"), (512, "interp"), (64, "adam"), (512, "adam")]
 
 
-def run_once(tree: str, hidden: int, mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, tree, str(hidden), mode], check=True,
-                         capture_output=True, text=True, cwd=tree).stdout
-    row = json.loads(out.strip().splitlines()[-1])
-    if not Path(row["file"]).resolve().is_relative_to(Path(tree).resolve()):
-        raise SystemExit(f"{tree}: imported reptile_fast from {row['file']}, not from the tree")
-    return row
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--trees", nargs=2, required=True, help="two source trees (old, new)")
@@ -72,7 +63,7 @@ def main(argv=None) -> None:
     for r in range(args.rounds):
         for h, m in CONFIGS:
             for tree in (args.trees if r % 2 == 0 else args.trees[::-1]):  # alternate which goes first
-                rows[f"H{h}-{m}"][tree].append(run_once(tree, h, m))
+                rows[f"H{h}-{m}"][tree].append(run_in_tree(CHILD, tree, h, m))
     summary = {}
     for key, per_tree in rows.items():
         digests = {row["phi_sha256"] for tree in args.trees for row in per_tree[tree]}
