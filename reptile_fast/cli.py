@@ -102,7 +102,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
-    from .validation import out_of_memory_message, out_of_memory_or_raise
+    from .validation import as_flags, out_of_memory_message, out_of_memory_or_raise
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     resume = None
@@ -125,7 +125,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     try:
         config = SineConfig(**settings)
     except (ValueError, TypeError) as exc:
-        parser.error(str(exc))
+        parser.error(as_flags(str(exc), CONFIG_FLAGS))
     try:
         check_device(config.device, what="--device", allowed=("cpu", "cuda"), job="the sine job")
     except (TypeError, ValueError) as exc:
@@ -158,7 +158,8 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
         return 3
     except (ValueError, TypeError, OSError) as exc:
         # the library's out-of-memory ValueErrors name its arguments: here the flag is what to lower
-        return _error(isinstance(exc, ValueError) and out_of_memory_message(exc, oom_hint) or str(exc))
+        return _error(isinstance(exc, ValueError) and out_of_memory_message(exc, oom_hint)
+                      or as_flags(str(exc), CONFIG_FLAGS))
     except (MemoryError, RuntimeError) as exc:
         return _error(out_of_memory_or_raise(exc, oom_hint))
     if not main_rank:

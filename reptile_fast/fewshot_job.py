@@ -499,8 +499,9 @@ def run_command(args) -> int:
     from .distributed import DistributedError, is_main
     from .signals import TrainingInterrupted
     from .trainer import NonFiniteError
-    from .validation import out_of_memory_message, out_of_memory_or_raise
+    from .validation import as_flags, out_of_memory_message, out_of_memory_or_raise
 
+    flags = [f.name for f in fields(OmniglotConfig)]
     main_rank = is_main()  # under torchrun, rank 0 alone prints
     log = (lambda m: print(m, file=sys.stderr)) if main_rank else (lambda m: None)  # noqa: E731 - stdout: JSON
     if args.command == "omniglot-runs":
@@ -514,7 +515,7 @@ def run_command(args) -> int:
     try:
         config, out, resume = config_from_args(args)
     except (OSError, ValueError, TypeError) as exc:
-        return _err(str(exc))
+        return _err(as_flags(str(exc), flags))
     problem = _check_device(config.device)
     if problem:
         return _err(problem)
@@ -532,7 +533,8 @@ def run_command(args) -> int:
         return _err(f"{exc}", 3) if main_rank else 3
     except (OSError, ValueError, TypeError) as exc:
         # the library's out-of-memory ValueErrors name its arguments: here the flags are what to lower
-        return _err(isinstance(exc, ValueError) and out_of_memory_message(exc, oom_hint) or str(exc))
+        return _err(isinstance(exc, ValueError) and out_of_memory_message(exc, oom_hint)
+                    or as_flags(str(exc), flags))
     except (MemoryError, RuntimeError) as exc:
         return _err(out_of_memory_or_raise(exc, oom_hint))
     if not main_rank:

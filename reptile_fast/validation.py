@@ -279,3 +279,19 @@ def out_of_memory_or_raise(exc: BaseException, hint: str) -> str:
     if message is None:
         raise exc
     return message
+
+
+def as_flags(message: str, names) -> str:
+    """``message`` (a library error) in a command line's words: each setting of ``names`` that the
+    message names as the library spells it, ``inner_batch_size`` or ``iterations=100``, becomes the
+    flag that sets it, ``--inner-batch-size`` / ``--iterations 100``.  Plain words without an
+    underscore ("shots", "seed") are changed only in the ``name=value`` form, as they also occur
+    in ordinary prose."""
+    import re
+
+    for name in sorted(names, key=len, reverse=True):  # (outer_lr_final before outer_lr)
+        flag = "--" + name.replace("_", "-")
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}=(?=\S)", flag + " ", message)
+        if "_" in name:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=])", flag, message)
+    return message

@@ -131,3 +131,24 @@ def test_out_of_memory_message_reads_the_whole_chain():
         assert out_of_memory_message(exc, "lower it") == "out of memory (tried to allocate 4096 bytes): lower it"
     assert out_of_memory_message(MemoryError(), "lower it") == "out of memory: lower it"
     assert out_of_memory_message(RuntimeError("shape mismatch"), "lower it") is None
+
+
+def test_cross_setting_errors_name_the_flags(tmp_path, capsys):
+    """An error about two settings together came in the library's words ("inner_batch_size 60
+    exceeds ..."); the CLI now names the flag the user typed."""
+    with pytest.raises(SystemExit) as info:  # (argparse's error: exit status 2)
+        main(["sine", "--inner-batch-size", "60", "--iterations", "2", "--out", str(tmp_path / "run"),
+              "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--inner-batch-size 60 exceeds the 50 points" in err and "inner_batch_size" not in err
+
+
+def test_as_flags_changes_setting_names_only():
+    from reptile_fast.validation import as_flags
+
+    names = ["iterations", "outer_lr", "outer_lr_final", "shots", "inner_batch_size"]
+    assert as_flags("beyond iterations=3; outer_lr_final and outer_lr; shots: give K; my_inner_batch_size; "
+                    "--inner-batch-size 4", names) == (
+        "beyond --iterations 3; --outer-lr-final and --outer-lr; shots: give K; my_inner_batch_size; "
+        "--inner-batch-size 4")

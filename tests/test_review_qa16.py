@@ -238,4 +238,4 @@ def test_omniglot_resume_with_fewer_shots_caps_the_stored_evaluation_batch(tmp_p
     # a batch size given as a flag is still checked as given
     assert main(["omniglot", "--resume", str(out / "checkpoint.prev.pt"), "--shots", "1", "--eval-batch-size", "4",
                  *common]) == 2
-    assert "eval_batch_size 4 exceeds the support set of 3 × 1 images" in capsys.readouterr().err
+    assert "--eval-batch-size 4 exceeds the support set of 3 × 1 images" in capsys.readouterr().err
