@@ -14,8 +14,9 @@ the host: a meta-step whose loss or update is not finite is skipped on the devic
 and from then on every update is skipped until ``check()`` — called by the training loop at its
 reads — raises ``NonFiniteError`` naming the first bad meta-step, with φ exactly as after the
 meta-step before it.  (An outer ``torch.optim`` optimizer cannot be skipped on the device: with
-one, every meta-step reads its finiteness flag once, and once more after the optimizer's step,
-which is undone, state included, if it overflowed φ or the optimizer's per-parameter state.)
+one, every meta-step reads one flag after the optimizer's step, which is undone, state included,
+if the meta-step's loss or deltas were not finite, or the step overflowed φ or the optimizer's
+per-parameter state.)
 """
 from __future__ import annotations
 
@@ -248,51 +249,7 @@ class OuterUpdate:
         Reads nothing on the host (except with an outer optimizer: see the module docstring)."""
         tensors = [p for _, p in self.params]
         if self.outer_optimizer is not None:
-            finite = all_finite([mean_loss, *mean_deltas])
-            ok = finite & self._healthy
-            check_outer_optimizer_lr(self.outer_optimizer, tensors[0].dtype)  # a scheduler may have set it
-            if not bool(ok):
-                self._mark_bad(finite, iteration)
-                return
-            if self._snapshot is None:
-                self._snapshot = _StepSnapshot(tensors)
-            taken = self._snapshot.take(self.outer_optimizer)
-            for p, d in zip(tensors, mean_deltas):
-                p.grad = -d
-
-            def undo():
-                self._snapshot.restore(self.outer_optimizer, taken)
-
-            stepped = True
-            try:
-                self.outer_optimizer.step()
-            except BaseException as exc:
-                # Adam's lr / (1 − β1^t) above the dtype's largest value: torch fails half-way
-                # through the parameters ("cannot be converted to type float without overflow").
-                # Anything else (a custom optimizer's own error, a Ctrl-C outside fit's deferral)
-                # is raised with φ and the state as before the step: iteration did not advance.
-                if not (isinstance(exc, RuntimeError) and "without overflow" in str(exc)):
-                    undo()
-                    raise
-                stepped = False
-            finally:
-                self.outer_optimizer.zero_grad(set_to_none=True)
-            # The step itself can overflow φ (a finite pseudo-gradient of 12 times lr=3e38), or
-            # only the optimizer's per-parameter state: Adam's second moment of a delta beyond
-            # 1.8e19 (fp32) is inf while φ stays finite, and that weight then never moves again.
-            # As the interpolation's guard, φ and the state (momentum, moments, step count) are
-            # put back and this meta-step is the one reported.  One more read, on this path only.
-            state, checked = self.outer_optimizer.state, list(tensors)
-            for p in tensors:
-                own = state.get(p)
-                # the tensors shaped like the parameter are the ones its update reads (moments,
-                # momentum); a custom optimizer may keep other values at inf on purpose
-                checked.extend(v for v in (own.values() if own else ())
-                               if isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape)
-            after = all_finite(checked) if stepped else torch.zeros_like(finite)
-            if not bool(after):
-                undo()
-            self._mark_bad(after, iteration)
+            self._optimizer_step(tensors, mean_deltas, mean_loss, iteration)
             return
         # φ + ok·ε·D would turn a NaN D into NaN; select instead.  Written as the seed writes it,
         # φ + ε·(φ̃ − φ), so one task reproduces the seed bit for bit; all parameters in one
@@ -305,6 +262,58 @@ class OuterUpdate:
         steps = [torch.where(ok, s, 0.0) for s in steps]
         torch._foreach_add_(tensors, steps)
         self._mark_bad(finite, iteration)
+
+    def _optimizer_step(self, tensors: List[torch.Tensor], mean_deltas: List[torch.Tensor],
+                        mean_loss: torch.Tensor, iteration: int) -> None:
+        """The outer optimizer's step on the pseudo-gradient ``−mean D``, undone (φ and state) when
+        the meta-step is not good; one host read.
+
+        A torch.optim step cannot be skipped on the device, so it always runs, on zeros where
+        the meta-step's loss or deltas are not finite (no NaN reaches the optimizer), and is
+        undone after it when anything was not finite: the deltas, or what the step made of φ (a
+        finite pseudo-gradient times lr=3e38), or only the optimizer's per-parameter state (Adam's
+        second moment of a pseudo-gradient beyond ~5.8e20 in fp32 is inf while φ stays finite, and
+        that weight would never move again).  As the interpolation's guard, φ and the state
+        (momentum, moments, step count) are then as before the step, and this meta-step is the
+        one reported."""
+        optimizer = self.outer_optimizer
+        finite = all_finite([mean_loss, *mean_deltas])
+        ok = finite & self._healthy
+        check_outer_optimizer_lr(optimizer, tensors[0].dtype)  # a scheduler may have set it
+        if self._snapshot is None:
+            self._snapshot = _StepSnapshot(tensors)
+        taken = self._snapshot.take(optimizer)
+        for p, d in zip(tensors, mean_deltas):
+            p.grad = torch.where(ok, -d, 0.0)
+
+        def undo():
+            self._snapshot.restore(optimizer, taken)
+
+        stepped = True
+        try:
+            optimizer.step()
+        except BaseException as exc:
+            # Adam's lr / (1 − β1^t) above the dtype's largest value: torch fails half-way
+            # through the parameters ("cannot be converted to type float without overflow").
+            # Anything else (a custom optimizer's own error, a Ctrl-C outside fit's deferral) is
+            # raised with φ and the state as before the step: iteration did not advance.
+            if not (isinstance(exc, RuntimeError) and "without overflow" in str(exc)):
+                undo()
+                raise
+            stepped = False
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+        checked = list(tensors)
+        for p in tensors:
+            own = optimizer.state.get(p)
+            # the tensors shaped like the parameter are the ones its update reads (moments,
+            # momentum); a custom optimizer may keep other values at inf on purpose
+            checked.extend(v for v in (own.values() if own else ())
+                           if isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape)
+        good = finite & all_finite(checked) if stepped else torch.zeros_like(finite)
+        if not bool(good & self._healthy):
+            undo()
+        self._mark_bad(good, iteration)
 
     def _mark_bad(self, finite: torch.Tensor, iteration: int) -> None:
         first = self._healthy & ~finite

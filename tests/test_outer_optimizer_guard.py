@@ -210,3 +210,43 @@ def test_a_step_that_overflows_only_the_optimizer_state_is_undone(make_opt):
     update.check()
     assert torch.equal(w.detach(), twin.detach()), "φ after training on"
     _assert_same_state(_state(opt, [w]), _state(twin_opt, [twin]))
+
+
+class _RecordsGradients(torch.optim.SGD):
+    """SGD that keeps every gradient it was given (to check that no NaN reached it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen += [p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return super().step(closure)
+
+
+def test_one_host_read_per_meta_step_and_no_nan_reaches_the_optimizer(monkeypatch):
+    """With an outer optimizer the step always runs (on zeros where the meta-step is not finite)
+    and one flag is read after it (there were two per good meta-step: before the step and after
+    it): a NaN delta is reported as the bad meta-step, with φ and the state as before it, and
+    the optimizer never sees the NaN."""
+    from reptile_fast.core import OuterUpdate
+
+    w = torch.nn.Parameter(torch.randn(4))
+    opt = _RecordsGradients([w], lr=0.1, momentum=0.9)
+    update = OuterUpdate([("w", w)], opt)
+    update.apply([torch.ones(4)], torch.zeros(()), 1.0, 1)
+
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    update.apply([torch.full((4,), 0.5)], torch.zeros(()), 1.0, 2)
+    state_before, phi_before = _state(opt, [w]), w.detach().clone()
+    update.apply([torch.full((4,), float("nan"))], torch.zeros(()), 1.0, 3)
+    update.apply([torch.ones(4)], torch.zeros(()), 1.0, 4)  # after a bad one: skipped until the check
+    monkeypatch.undo()
+    assert len(reads) == 3, f"{len(reads)} host reads for 3 meta-steps"
+    with pytest.raises(NonFiniteError, match="meta-step 3"):
+        update.check()
+    assert torch.equal(w.detach(), phi_before), "φ"
+    _assert_same_state(_state(opt, [w]), state_before)
+    assert all(torch.isfinite(g).all() for g in opt.seen), "a NaN gradient reached the optimizer"
