@@ -313,13 +313,14 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
 
     Args:
         model: an ``nn.Module`` (the seed's ``MLP``, any MLP, or any model the trainer runs).
-        nb_iterations: outer steps.
+        nb_iterations: outer steps (0: nothing is drawn or changed, as in the seed).
         sample_task: ``() -> (x, y, loss_fct)``: x ``[N]`` (the seed) or ``[N, in]``; y ``[N]``,
             ``[N, out]`` or long labels ``[N]`` (with ``nn.CrossEntropyLoss()``).
         perform_k_training_steps: the inner loop ``(model, task, k) -> parameters``; None or the
             seed's runs the fast paths, anything else the reference loop (with a warning).
-        k: epochs of inner training; ``k · N // batch_size`` SGD steps per task.
-        epsilon: the outer step ε.
+        k: epochs of inner training; ``k · N // batch_size`` SGD steps per task (0 steps, e.g.
+            ``k=0``, and ``epsilon=0`` leave the model as it was: they run the seed's loop).
+        epsilon: the outer step ε (>= 0).
         meta_batch_size: tasks per outer step; their (φ̃_i − φ) are averaged.
         backend: "auto", "compiled", "reference", "torch" or "triton" (``Reptile``'s names).
         progress: show a tqdm bar (the seed always does).
