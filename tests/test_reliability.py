@@ -320,7 +320,7 @@ TABLE = [
     ("--resume an API checkpoint", lambda c: c.cli("sine", "--resume", c.checkpoint()), CLIFailed,
      "exit 2: .*not written by the sine job"),
     ("--resume with fewer --iterations", lambda c: _resume_beyond(c), CLIFailed,
-     "exit 2: .*meta-step 2, beyond iterations=1"),
+     "exit 2: .*meta-step 2, beyond --iterations 1"),
     ("unknown command", lambda c: c.cli("mnist"), CLIFailed, "exit 2: .*invalid choice"),
 ]
 
