@@ -268,8 +268,8 @@ class OuterUpdate:
         """The outer optimizer's step on the pseudo-gradient ``−mean D``, undone (φ and state) when
         the meta-step is not good; one host read.
 
-        A torch.optim step cannot be skipped on the device, so it always runs, on zeros where
-        the meta-step's loss or deltas are not finite (no NaN reaches the optimizer), and is
+        A torch.optim step cannot be skipped on the device, so it always runs, with NaN and ±inf
+        in the pseudo-gradient set to 0 (no NaN reaches the optimizer), and is
         undone after it when anything was not finite: the deltas, or what the step made of φ (a
         finite pseudo-gradient times lr=3e38), or only the optimizer's per-parameter state (Adam's
         second moment of a pseudo-gradient beyond ~5.8e20 in fp32 is inf while φ stays finite, and
@@ -278,13 +278,14 @@ class OuterUpdate:
         one reported."""
         optimizer = self.outer_optimizer
         finite = all_finite([mean_loss, *mean_deltas])
-        ok = finite & self._healthy
         check_outer_optimizer_lr(optimizer, tensors[0].dtype)  # a scheduler may have set it
         if self._snapshot is None:
             self._snapshot = _StepSnapshot(tensors)
         taken = self._snapshot.take(optimizer)
-        for p, d in zip(tensors, mean_deltas):
-            p.grad = torch.where(ok, -d, 0.0)
+        for p, g in zip(tensors, torch._foreach_neg(mean_deltas)):
+            # finite pseudo-gradients, in place: a torch.where copy per parameter made this call
+            # up to 3x slower on the CPU (one more large allocation per parameter)
+            p.grad = g.nan_to_num_(0.0, 0.0, 0.0)
 
         def undo():
             self._snapshot.restore(optimizer, taken)
