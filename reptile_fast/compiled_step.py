@@ -281,6 +281,11 @@ class MetaStepProgram:
         order = MODES[MODES.index(self.requested_mode):]
         errors = []
         for mode in order:
+            if errors and progress is not None:
+                # say why before the slower path starts (a torch.compile takes 10-25 s): the warning
+                # below comes only after it, and "install gcc" is the fix a newcomer needs to read
+                progress(f"the {order[len(errors) - 1]!r} meta-step is unavailable ({errors[-1]}); "
+                         f"trying the {mode!r} path")
             t0 = time.perf_counter()
             try:
                 fn = self._try_build(mode, progress)

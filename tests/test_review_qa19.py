@@ -237,3 +237,28 @@ def test_models_torch_func_cannot_transform_are_refused_by_name(fast_mlp):
         _phi_after_one_step(model, "reference")  # the seed's way runs it
         with pytest.raises(UnsupportedModelError, match=f"{words}.*backend='reference'"):
             _phi_after_one_step(model, "torch", backend_options={"fast_mlp": fast_mlp})
+
+
+def test_the_fallback_reason_is_announced_before_the_slow_compile(monkeypatch):
+    """Issue 15, a machine without a C compiler: the main job said "compiling the meta-step with
+    torch.compile (scan mode; 10-25 s ...)" and only after that wait (80 s on this loaded machine)
+    warned why ("no C compiler found (set CC, or install gcc or clang)").  The reason now comes
+    through ``progress`` before the slower path starts."""
+    import reptile_fast.compiled_step as cs
+    from reptile_fast import MLP, native_build
+    from reptile_fast.mlp_spec import extract_mlp_spec
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no inductor here")
+
+    monkeypatch.setattr(native_build, "find_compiler", lambda: None)
+    monkeypatch.setattr(cs.torch, "compile", broken)
+    program = cs.MetaStepProgram(extract_mlp_spec(MLP(1, 8, 1)), lr=0.02, loss="mse", steps=2, n_tasks=1,
+                                 batch=3, dtype=torch.float32)
+    said = []
+    with pytest.warns(RuntimeWarning, match="compiled meta-step is unavailable"):
+        program.prepare(progress=said.append)
+    assert program.mode == "eager"
+    first_compile = next(i for i, m in enumerate(said) if m.startswith("compiling the meta-step with torch.compile"))
+    why = [i for i, m in enumerate(said) if "'native' meta-step is unavailable" in m and "no C compiler" in m]
+    assert why and why[0] < first_compile, said
