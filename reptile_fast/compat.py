@@ -170,7 +170,9 @@ class InputChecker:
         with torch.no_grad(), modes_kept(self.model):
             try:
                 self.model.eval()
-                out = self.model(xp)
+                # on copies of the buffers: a forward that writes one (a call counter, a custom running
+                # average) changed the meta-model's, which every backend leaves untouched
+                out = functional_call(self.model, {n: b.clone() for n, b in self.model.named_buffers()}, (xp,))
             except Exception as exc:  # noqa: BLE001 - re-raised with the shapes that caused it
                 if found:  # an id out of range among the probed points: say so, not torch's IndexError
                     self._check_ids(tasks.x, found)

@@ -262,3 +262,180 @@ def test_the_fallback_reason_is_announced_before_the_slow_compile(monkeypatch):
     first_compile = next(i for i, m in enumerate(said) if m.startswith("compiling the meta-step with torch.compile"))
     why = [i for i, m in enumerate(said) if "'native' meta-step is unavailable" in m and "no C compiler" in m]
     assert why and why[0] < first_compile, said
+
+
+# ---------------------------------------------------------------------------- models a researcher passes
+class _Counter(nn.Module):
+    """A buffer written in forward (a call counter) that scales the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x) * (1 + 0.1 * self.calls)
+
+
+class _Tied(nn.Module):
+    """Encoder weight reused transposed by the decoder (an autoencoder's tie) and a layer tied to another."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(5, 8)
+        self.mid = nn.Linear(5, 5)
+        self.mid2 = nn.Linear(5, 5)
+        self.mid2.weight = self.mid.weight
+        self.dec_bias = nn.Parameter(torch.zeros(5))
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = nn.functional.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+        return self.out(torch.tanh(self.mid2(torch.tanh(self.mid(h)))))
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.relu_()
+        h = h * 2
+        h.add_(1)
+        return self.b(h)
+
+
+class _Plist(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ws = nn.ParameterList([nn.Parameter(torch.randn(5, 8) * 0.3), nn.Parameter(torch.randn(8, 2) * 0.3)])
+        self.bs = nn.ParameterDict({"out": nn.Parameter(torch.zeros(2))})
+
+    def forward(self, x):
+        return torch.tanh(x @ self.ws[0]) @ self.ws[1] + self.bs["out"]
+
+
+class _LSTMCellLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell, self.out = nn.LSTMCell(5, 6), nn.Linear(6, 2)
+
+    def forward(self, x):  # x [B, 5]: three steps of the same input
+        h = c = x.new_zeros(x.shape[0], 6)
+        for _ in range(3):
+            h, c = self.cell(x, (h, c))
+        return self.out(h)
+
+
+def _conv(norm):
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1),
+                         norm(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3))
+
+
+def _researcher_models():
+    from torch.nn.utils import parametrizations
+
+    image = ("image", "cross_entropy")
+    vector = ("vector", "mse")
+    return {
+        "conv+GroupNorm": (lambda: _conv(lambda c: nn.GroupNorm(1, c)), image),
+        "conv+InstanceNorm(running stats)": (lambda: _conv(lambda c: nn.InstanceNorm2d(c, affine=True,
+                                                                                         track_running_stats=True)), image),
+        "conv+BatchNorm(no running stats)": (lambda: _conv(lambda c: nn.BatchNorm2d(c, track_running_stats=False)), image),
+        "Linear+LayerNorm": (lambda: nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 2)), vector),
+        "Linear+BatchNorm1d": (lambda: nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)), vector),
+        "buffer written in forward": (_Counter, vector),
+        "tied weights": (_Tied, vector),
+        "in-place ops": (_InPlace, vector),
+        "ReLU(inplace=True)": (lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)), vector),
+        "ParameterList/Dict": (_Plist, vector),
+        "LSTMCell loop": (_LSTMCellLoop, vector),
+        "weight_norm parametrization": (lambda: nn.Sequential(parametrizations.weight_norm(nn.Linear(5, 8)), nn.Tanh(),
+                                                              nn.Linear(8, 2)), vector),
+        "GELU/SiLU/PReLU": (lambda: nn.Sequential(nn.Linear(5, 8), nn.GELU(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8),
+                                                  nn.PReLU(), nn.Linear(8, 2)), vector),
+    }
+
+
+def _model_tasks(kind, T=3, n=8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "image":
+        x = torch.randn(T, n, 1, 4, 4, generator=g, dtype=torch.float64).to(dtype)
+        return TaskBatch(x, torch.arange(n).remainder(3).repeat(T, 1))
+    return _tasks(T, n, seed, dtype)
+
+
+@pytest.mark.parametrize("name", list(_researcher_models()))
+def test_models_a_researcher_passes_match_reference(name):
+    """Backend torch (generic path) against reference, fp32 at rtol 1e-5 / atol 1e-6 after 1 and 2
+    meta-steps (FOMAML's last row included in the plans) and float64 within 1e-12; the meta-model's
+    buffers (running statistics, counters) are left as they were on both backends."""
+    make, (kind, loss) = _researcher_models()[name]
+    torch.manual_seed(0)
+    base = make()
+    g = torch.Generator().manual_seed(1)
+    steps = [(k, sample_indices(3, 3, 8, 4, generator=g)) for k in range(2)]
+    buffers = {n: b.clone() for n, b in base.named_buffers()}
+    got = {}
+    for backend in ("reference", "torch"):
+        for dtype in (torch.float32, torch.float64):
+            model = copy.deepcopy(base).to(dtype)
+            trainer = Reptile(model, backend=backend, loss=loss, inner_steps=3, inner_batch_size=4, inner_lr=0.05,
+                              outer_lr=0.5)
+            snaps = []
+            for k, plan in steps:
+                trainer.meta_step(_model_tasks(kind, seed=k, dtype=dtype), plan)
+                snaps.append(torch.cat([p.detach().reshape(-1).double() for p in model.parameters()]))
+            trainer.check_finite()
+            got[backend, dtype] = snaps
+            for n, b in model.named_buffers():
+                assert torch.equal(b, buffers[n].to(b.dtype)), (backend, n)
+    for k in range(2):
+        torch.testing.assert_close(got["torch", torch.float32][k], got["reference", torch.float32][k], rtol=RTOL,
+                                   atol=ATOL, msg=lambda m: f"fp32 after meta-step {k + 1}: {m}")
+        torch.testing.assert_close(got["torch", torch.float64][k], got["reference", torch.float64][k], rtol=1e-12,
+                                   atol=1e-12, msg=lambda m: f"float64 after meta-step {k + 1}: {m}")
+
+
+def _bool_mask_model():
+    class Clip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 2)
+
+        def forward(self, x):
+            y = self.lin(x).clone()
+            y[y < 0] = 0  # boolean-mask indexing: a data-dependent shape under vmap
+            return y
+    return Clip()
+
+
+@pytest.mark.parametrize("case", ["spectral_norm", "bool mask", "BatchNorm momentum=None", "frozen", "mixed dtype"])
+def test_models_backend_torch_cannot_run_are_refused_by_name(case):
+    """What the torch backend cannot run is a ValueError/TypeError naming the problem, never other
+    numbers and never a RuntimeError from inside torch."""
+    from torch.nn.utils import parametrizations
+
+    from reptile_fast.backends import UnsupportedModelError
+
+    torch.manual_seed(0)
+    if case == "spectral_norm":  # its power iteration writes with out= (no batching rule)
+        model, error, words = nn.Sequential(parametrizations.spectral_norm(nn.Linear(5, 8)), nn.Tanh(),
+                                            nn.Linear(8, 2)), UnsupportedModelError, "backend='reference'"
+    elif case == "bool mask":
+        model, error, words = _bool_mask_model(), UnsupportedModelError, "boolean mask.*backend='reference'"
+    elif case == "BatchNorm momentum=None":
+        model, error, words = (nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 2)),
+                               UnsupportedModelError, "momentum=None")
+    elif case == "frozen":
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+        model[0].weight.requires_grad_(False)
+        error, words = ValueError, "frozen parameters"
+    else:
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2).double())
+        error, words = TypeError, "share one floating-point dtype"
+    with pytest.raises(error, match=words):
+        _phi_after_one_step(model, "torch")
