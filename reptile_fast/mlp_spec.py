@@ -160,13 +160,14 @@ def _check_autograd_agrees(model: nn.Module, spec: MLPSpec) -> None:
 
     named = dict(model.named_parameters())
     first = named[spec.weight_names[0]]
-    if first.device.type == "meta":  # no data to run on: nothing can run it yet, and the trainer refuses it
-        return
-    g = torch.Generator().manual_seed(0)
-    x, r = (torch.randn(2, d, generator=g, dtype=torch.float64).to(first.device, first.dtype)
-            for d in (spec.dims[0], spec.dims[-1]))
+    if not isinstance(first, torch.Tensor) or first.device.type == "meta":
+        return  # no data to run on (the trainer refuses a meta model; tests fake parameters)
     names = list(named)
+    # under a caller's inference_mode too (x made inside: an inference tensor cannot be saved for backward)
     with torch.inference_mode(False), torch.enable_grad():
+        g = torch.Generator().manual_seed(0)
+        x, r = (torch.randn(2, d, generator=g, dtype=torch.float64).to(first.device, first.dtype)
+                for d in (spec.dims[0], spec.dims[-1]))
         leaves = {n: p.detach().clone().requires_grad_(True) for n, p in named.items()}
         try:
             out = functional_call(model, leaves, (x,))
