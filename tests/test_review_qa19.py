@@ -253,6 +253,7 @@ def test_the_fallback_reason_is_announced_before_the_slow_compile(monkeypatch):
 
     monkeypatch.setattr(native_build, "find_compiler", lambda: None)
     monkeypatch.setattr(cs.torch, "compile", broken)
+    monkeypatch.setattr(cs, "_inductor_compiler_missing", lambda: None)  # as where g++ is installed
     program = cs.MetaStepProgram(extract_mlp_spec(MLP(1, 8, 1)), lr=0.02, loss="mse", steps=2, n_tasks=1,
                                  batch=3, dtype=torch.float32)
     said = []
@@ -439,3 +440,34 @@ def test_models_backend_torch_cannot_run_are_refused_by_name(case):
         error, words = TypeError, "share one floating-point dtype"
     with pytest.raises(error, match=words):
         _phi_after_one_step(model, "torch")
+
+
+def test_without_any_compiler_the_torch_compile_modes_are_not_tried(monkeypatch):
+    """Issue 15 on a machine without C or C++ compilers (a slim container image): after the C
+    program, "scan" and "step" were each compiled twice (with and without the C++ wrapper) and each
+    failed only at inductor's codegen, 29 s in all on this machine, before the eager path ran.
+    Inductor's compiler is now asked first (one --version call) and the two modes are skipped."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    import reptile_fast.compiled_step as cs
+    from reptile_fast import MLP, native_build
+    from reptile_fast.mlp_spec import extract_mlp_spec
+
+    calls = []
+
+    def compile_spy(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("torch.compile must not be tried without a C++ compiler")
+
+    def no_cxx():
+        raise RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx: (None, 'g++')")
+
+    monkeypatch.setattr(native_build, "find_compiler", lambda: None)
+    monkeypatch.setattr(cs.torch, "compile", compile_spy)
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_cxx)
+    program = cs.MetaStepProgram(extract_mlp_spec(MLP(1, 8, 1)), lr=0.02, loss="mse", steps=2, n_tasks=1,
+                                 batch=3, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler for torch.compile"):
+        program.prepare()
+    assert program.mode == "eager" and calls == []
+    assert "install g++" in program.fallback_reason and "install gcc or clang" in program.fallback_reason
