@@ -195,6 +195,45 @@ class NumpyInForward(nn.Module):
         return self.lin(x) * float(x.detach().numpy().std())
 
 
+class _ReverseGrad(torch.autograd.Function):
+    """A gradient-reversal layer (domain-adversarial training): identity forward, -g backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class _ReverseGradFunc(torch.autograd.Function):
+    """The same, written for torch.func (setup_context, a generated vmap rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class GradientReversal(FrozenTrunk):
+    def __init__(self, function=_ReverseGrad):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.head(self.function.apply(torch.tanh(self.trunk(x))))
+
+
 def _phi_after_one_step(model, backend, **kw):
     model = copy.deepcopy(model)
     tasks, plan = _tasks(), sample_indices(3, 3, 12, 4, generator=torch.Generator().manual_seed(1))
@@ -228,12 +267,14 @@ def test_a_trunk_under_no_grad_is_not_trained_by_the_mlp_paths():
 def test_models_torch_func_cannot_transform_are_refused_by_name(fast_mlp):
     """A reentrant torch.utils.checkpoint: the MLP path trained the checkpointed layer (reference,
     eager autograd, gives it no gradient: 1.2e-3 apart, silently), the generic path raised torch.func's
-    RuntimeError from inside vmap.  A .numpy() read in forward raised "Cannot access data pointer"
+    RuntimeError from inside vmap.  A gradient-reversal autograd.Function: the MLP path ran the model
+    as a plain chain, the trunk's gradient with the wrong sign.  A .numpy() read in forward raised "Cannot access data pointer"
     from inside vmap.  Both are now UnsupportedModelError (a ValueError) naming backend reference."""
     from reptile_fast.backends import UnsupportedModelError
 
     torch.manual_seed(0)
-    for model, words in ((ReentrantCheckpoint(), "autograd.Function"), (NumpyInForward(), "data pointer")):
+    for model, words in ((ReentrantCheckpoint(), "autograd.Function"), (NumpyInForward(), "data pointer"),
+                         (GradientReversal(), "autograd.Function")):
         _phi_after_one_step(model, "reference")  # the seed's way runs it
         with pytest.raises(UnsupportedModelError, match=f"{words}.*backend='reference'"):
             _phi_after_one_step(model, "torch", backend_options={"fast_mlp": fast_mlp})
@@ -485,3 +526,20 @@ def test_without_any_compiler_the_torch_compile_modes_are_not_tried(monkeypatch)
         program.prepare()
     assert program.mode == "eager" and calls == []
     assert "install g++" in program.fallback_reason and "install gcc or clang" in program.fallback_reason
+
+
+def test_a_gradient_reversal_written_for_torch_func_matches_reference():
+    """The MLP recogniser refuses a gradient-reversal layer (the trunk's gradient is reversed), where it
+    used to run the model as a plain chain; written for torch.func (setup_context,
+    generate_vmap_rule), the layer runs on backend torch's generic path and equals reference."""
+    from reptile_fast.mlp_spec import extract_mlp_spec
+    from reptile_fast.backends import UnsupportedModelError
+
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModelError, match="'trunk.weight' another gradient"):
+        extract_mlp_spec(GradientReversal())  # fx traces through the identity forward
+    model = GradientReversal(_ReverseGradFunc)
+    _, ref = _phi_after_one_step(model, "reference")
+    _, got = _phi_after_one_step(model, "torch")
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=RTOL, atol=ATOL, msg=n)
