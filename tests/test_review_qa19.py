@@ -543,3 +543,16 @@ def test_a_gradient_reversal_written_for_torch_func_matches_reference():
     _, got = _phi_after_one_step(model, "torch")
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=RTOL, atol=ATOL, msg=n)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_torchscript_model_is_refused_by_name(whole):
+    """A scripted model (or submodule) failed in the input check with AttributeError "'OrderedDictWrapper'
+    object has no attribute 'update'" from inside torch (functional_call cannot swap a ScriptModule's
+    tensors).  It is a TypeError at construction now, saying to pass the module before scripting."""
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+    model = torch.jit.script(net) if whole else nn.Sequential(torch.jit.script(net[0]), net[1], net[2])
+    for backend in ("reference", "torch"):
+        with pytest.raises(TypeError, match=("the model" if whole else "submodule '0'") + " is a TorchScript module"):
+            Reptile(model, backend=backend)
