@@ -12,6 +12,7 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .backends.base import functional_call
 from .losses import loss_name, resolve_loss
@@ -41,6 +42,24 @@ def _check_dense_plan(indices: torch.Tensor) -> None:
         raise TypeError(f"indices must be a dense tensor, got layout {indices.layout} (use .to_dense())")
     if indices.is_meta:
         raise ValueError("indices are on the meta device (a tensor without data)")
+
+
+def _output_leaves(out) -> "list[torch.Tensor] | None":
+    """The tensors a model's output holds: ``[out]`` for a tensor, the leaves of a (nested) tuple,
+    list or dict of tensors (several heads), None for anything else (or no tensor at all)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if not isinstance(out, (tuple, list, dict)):
+        return None
+    leaves, _ = tree_flatten(out)
+    return leaves if leaves and all(isinstance(t, torch.Tensor) for t in leaves) else None
+
+
+def _describe(out) -> str:
+    """A model output's shape (a tensor) or its leaves' shapes (several heads), for messages."""
+    if isinstance(out, torch.Tensor):
+        return str(tuple(out.shape))
+    return f"{type(out).__name__} of shapes {[tuple(t.shape) for t in _output_leaves(out) or ()]}"
 
 
 class InputChecker:
@@ -151,7 +170,9 @@ class InputChecker:
         with torch.no_grad(), modes_kept(self.model):
             try:
                 self.model.eval()
-                out = self.model(xp)
+                # on copies of the buffers: a forward that writes one (a call counter, a custom running
+                # average) changed the meta-model's, which every backend leaves untouched
+                out = functional_call(self.model, {n: b.clone() for n, b in self.model.named_buffers()}, (xp,))
             except Exception as exc:  # noqa: BLE001 - re-raised with the shapes that caused it
                 if found:  # an id out of range among the probed points: say so, not torch's IndexError
                     self._check_ids(tasks.x, found)
@@ -161,9 +182,10 @@ class InputChecker:
                 for h in handles:
                     h.remove()
         self._id_readers[(tuple(tasks.x.shape[2:]), tasks.x.dtype)] = tuple(found)
-        if not isinstance(out, torch.Tensor):
+        if not isinstance(out, torch.Tensor) and (loss_name(self.loss) is not None or _output_leaves(out) is None):
             raise TypeError(f"the model must return a tensor (predictions [batch, ...]) for the loss, got "
-                            f"{type(out).__name__}")
+                            f"{type(out).__name__} (a tuple, list or dict of tensors, e.g. several heads, "
+                            f"needs a callable loss that takes it)")
         return out
 
     def _check_differentiable(self, tasks: TaskBatch, out: torch.Tensor) -> None:
@@ -171,9 +193,11 @@ class InputChecker:
         ``.argmax()``) or a detached one gave backend torch zero gradients (the model never moved,
         silently) and failed inside backward on reference ("element 0 of tensors does not require
         grad").  One more forward on the probe's two points, with autograd on (once per shape)."""
-        if not out.is_floating_point():
-            raise TypeError(f"the model returns {out.dtype} predictions; they must be floating point (an "
-                            f"integer output has no gradient, so the inner steps could not train it)")
+        dtypes = [t.dtype for t in _output_leaves(out)]
+        if not any(t.is_floating_point for t in dtypes):
+            raise TypeError(f"the model returns {dtypes[0] if len(dtypes) == 1 else dtypes} predictions; they must "
+                            f"be floating point (an integer output has no gradient, so the inner steps could not "
+                            f"train it)")
         # the caller may hold no_grad / inference_mode (even have built the model under it): the
         # inner loops run with autograd on anyway, on copies of the parameters and buffers
         with torch.inference_mode(False), torch.enable_grad(), modes_kept(self.model):
@@ -181,24 +205,26 @@ class InputChecker:
             state = {n: p.detach().clone().requires_grad_(True) for n, p in self.model.named_parameters()}
             state.update({n: b.detach().clone() for n, b in self.model.named_buffers()})
             pred = functional_call(self.model, state, (tasks.x[0, :2].clone(),))
-        if isinstance(pred, torch.Tensor) and not pred.requires_grad:
+        if not any(t.requires_grad for t in _output_leaves(pred) or ()):
             raise ValueError("the model's output does not depend on its parameters (detached, or computed "
                              "without autograd): the inner steps would have no gradient")
 
     def _check_callable_loss(self, out: torch.Tensor, tasks: TaskBatch) -> None:
         """A callable loss must give one floating-point number per minibatch."""
-        pred = out.detach().requires_grad_(out.is_floating_point())
+        # one detached leaf per output tensor (several heads: a tuple, list or dict of them)
+        pred = tree_map(lambda t: t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor)
+                        else t, out)
         try:
             with torch.enable_grad():
                 value = resolve_loss(self.loss)(pred, tasks.y[0, :2])
         except Exception as exc:  # noqa: BLE001 - re-raised naming the loss
-            raise ValueError(f"the loss callable failed on a model output {tuple(out.shape)} and targets "
+            raise ValueError(f"the loss callable failed on a model output {_describe(out)} and targets "
                              f"{tuple(tasks.y[0, :2].shape)}: {exc}") from exc
         if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.is_floating_point():
             raise TypeError("the loss callable must return a 0-dim floating-point tensor (the mean loss), got "
                             + (f"shape {tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
                                else type(value).__name__))
-        if pred.requires_grad and not value.requires_grad:
+        if any(t.requires_grad for t in _output_leaves(pred)) and not value.requires_grad:
             # a detached loss: backend torch took a zero gradient (the model never moved), reference
             # failed inside backward ("element 0 of tensors does not require grad")
             raise ValueError("the loss callable's result does not depend on the prediction (detached, or computed "

@@ -280,7 +280,20 @@ class MetaStepProgram:
             return self
         order = MODES[MODES.index(self.requested_mode):]
         errors = []
+        no_cxx: Optional[str] = None  # asked only when a torch.compile mode is reached (importing inductor costs seconds)
+        asked = False
         for mode in order:
+            if errors and progress is not None:
+                # say why before the slower path starts (a torch.compile takes 10-25 s): the warning
+                # below comes only after it, and "install gcc" is the fix a newcomer needs to read
+                progress(f"the {order[len(errors) - 1]!r} meta-step is unavailable ({errors[-1]}); "
+                         f"trying the {mode!r} path")
+            if mode in ("scan", "step") and not asked:
+                no_cxx, asked = _inductor_compiler_missing(), True
+            if no_cxx is not None and mode in ("scan", "step"):
+                # inductor's C++ backend cannot build anything here: each attempt took 4-10 s to fail
+                errors.append(f"{mode}: {no_cxx}")
+                continue
             t0 = time.perf_counter()
             try:
                 fn = self._try_build(mode, progress)
@@ -334,6 +347,28 @@ class MetaStepProgram:
                 self.mode, self._fn = "eager", self._build("eager")
                 new, losses = self._fn(params, xs, ys, eps)
         return list(new), losses
+
+
+def _inductor_compiler_missing() -> Optional[str]:
+    """Why ``torch.compile``'s CPU backend (inductor, which builds C++) cannot compile here, or None.
+
+    Asks inductor for its C++ compiler (``$CXX`` or g++, one ``--version`` call).  On a machine
+    without one (a slim container image) the "scan" and "step" modes each failed only after
+    tracing, 4-10 s per attempt and two attempts each; they are skipped instead.  None when this
+    torch cannot say (no such function): then the modes are tried.
+    """
+    try:
+        from torch._inductor import cpp_builder
+
+        find = cpp_builder.get_cpp_compiler
+    except (ImportError, AttributeError):
+        return None
+    try:
+        find()
+    except Exception as exc:  # noqa: BLE001 - InvalidCxxCompiler, or anything else: no compiler usable
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        return f"no C++ compiler for torch.compile: {type(exc).__name__}: {text} (set CXX, or install g++)"
+    return None
 
 
 def get_program(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks: int, batch: int,

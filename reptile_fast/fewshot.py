@@ -134,7 +134,11 @@ def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: t
         raise ValueError(f"{bad} do not have the query set's {T} tasks in their first dimension")
 
     def forward(p, b, x):
-        return functional_call(model, (p, b), (x,))
+        out = functional_call(model, (p, b), (x,))
+        if not isinstance(out, torch.Tensor):  # several heads (a callable loss can train them)
+            raise TypeError(f"query_logits predicts classes from the model's logits [batch, classes]; the model "
+                            f"returns a {type(out).__name__}")
+        return out
 
     S = support_x.shape[1]
     groups = None if transductive else torch.cat(

@@ -142,7 +142,68 @@ def extract_mlp_spec(model: nn.Module) -> MLPSpec:
         extra = sorted(set(names) - used)
         raise UnsupportedModelError(f"{type(model).__name__} has parameters outside the Linear chain or shared "
                                     f"between layers: {extra or 'shared weights'}")
-    return MLPSpec(tuple(dims), tuple(acts), tuple(weights), tuple(biases))
+    spec = MLPSpec(tuple(dims), tuple(acts), tuple(weights), tuple(biases))
+    _check_autograd_agrees(model, spec)
+    return spec
+
+
+def _check_autograd_agrees(model: nn.Module, spec: MLPSpec) -> None:
+    """``UnsupportedModelError`` unless autograd through the model's own forward gives the chain's
+    output and gradients.  ``torch.fx`` records the layers but not how autograd sees them: a
+    ``with torch.no_grad():`` around a layer (a frozen trunk), a reentrant
+    ``torch.utils.checkpoint``, a custom ``autograd.Function`` traced through; the hand-written
+    paths then trained parameters that the reference (eager autograd) leaves alone, silently.
+    One forward and backward on two random points, on copies of the parameters (once per model:
+    ``cached_mlp_spec``)."""
+    from .backends.base import functional_call
+    from .mlp_math import ACTIVATIONS
+
+    named = dict(model.named_parameters())
+    first = named[spec.weight_names[0]]
+    if not isinstance(first, torch.Tensor) or first.device.type == "meta":
+        return  # no data to run on (the trainer refuses a meta model; tests fake parameters)
+    names = list(named)
+    # under a caller's inference_mode too (x made inside: an inference tensor cannot be saved for backward)
+    with torch.inference_mode(False), torch.enable_grad():
+        g = torch.Generator().manual_seed(0)
+        x, r = (torch.randn(2, d, generator=g, dtype=torch.float64).to(first.device, first.dtype)
+                for d in (spec.dims[0], spec.dims[-1]))
+        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in named.items()}
+        try:
+            out = functional_call(model, leaves, (x,))
+        except Exception as exc:  # noqa: BLE001 - any failure means "not this chain"
+            raise UnsupportedModelError(f"{type(model).__name__} traced as a Linear/activation chain, but its "
+                                        f"forward failed on two points: {exc}") from None
+        h = x
+        for w, b, act in zip(spec.weight_names, spec.bias_names, spec.activations):
+            h = ACTIVATIONS[act].forward(torch.nn.functional.linear(h, leaves[w], leaves[b]))
+        if not isinstance(out, torch.Tensor) or out.shape != h.shape:
+            raise UnsupportedModelError(f"{type(model).__name__} traced as a Linear/activation chain, but its forward "
+                                        f"returns {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}, "
+                                        f"not the chain's {tuple(h.shape)}")
+        chain = torch.autograd.grad((h * r).sum(), [leaves[n] for n in names])
+        own = (torch.autograd.grad((out * r).sum(), [leaves[n] for n in names], allow_unused=True)
+               if out.requires_grad else [None] * len(names))
+    rtol = 1e-2 if first.dtype in (torch.float16, torch.bfloat16) else 1e-4
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        # the same operations on both sides: equal up to rounding (values are compared where finite:
+        # a model whose parameters overflow is refused elsewhere, by name)
+        a, b = a.detach(), b.detach()
+        if not bool(torch.isfinite(b).all()):
+            return True
+        return torch.allclose(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+
+    if not close(out, h):
+        raise UnsupportedModelError(f"{type(model).__name__} traced as a Linear/activation chain, but its forward "
+                                    f"computes something else")
+    for n, a, b in zip(names, own, chain):
+        if a is None or not close(a, b):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} traced as a Linear/activation chain, but autograd gives parameter "
+                f"'{n}' {'no gradient' if a is None else 'another gradient'} through its forward (torch.no_grad, "
+                f"a reentrant torch.utils.checkpoint or a custom autograd.Function in forward?): the hand-written "
+                f"MLP paths do not run it")
 
 
 def _check_no_hooks(model: nn.Module, modules=None) -> None:

@@ -133,6 +133,13 @@ def check_meta_model(model):
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    scripted = next((f"submodule '{n}'" if n else "the model" for n, m in model.named_modules()
+                     if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        # torch.func (functional_call, vmap) cannot swap a TorchScript module's tensors: the input check
+        # failed with "'OrderedDictWrapper' object has no attribute 'update'" from inside torch
+        raise TypeError(f"{scripted} is a TorchScript module (torch.jit.script / torch.jit.trace); Reptile needs "
+                        f"the Python nn.Module: pass the module before scripting it")
     params = list(model.parameters())
     if not params:
         raise ValueError("model has no parameters to meta-learn")

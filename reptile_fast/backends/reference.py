@@ -54,13 +54,16 @@ class ReferenceBackend(Backend):
                     w = config.grad_weights[s]
                     with torch.no_grad():
                         for a, p in zip(acc, params):
-                            a += w * p.grad
+                            if p.grad is not None:  # a parameter the loss does not use: gradient zero
+                                a += w * p.grad
                 optimizer.step()
                 losses[i, s] = loss.detach()
             if config.algorithm == "fomaml":
                 ind = indices[i, steps]
                 final = loss_fn(task_model(tasks.x[i][ind]), tasks.y[i][ind])
-                grads = torch.autograd.grad(final, params)
+                # a parameter the loss does not use (an unused head) has gradient zero, as under
+                # torch.func.grad; autograd.grad alone raised "appears to not have been used in the graph"
+                grads = torch.autograd.grad(final, params, allow_unused=True, materialize_grads=True)
                 for n, g in zip(names, grads):
                     meta[n].append(g.detach())
             elif acc is not None:

@@ -93,11 +93,20 @@ def _no_batching_rule(exc: RuntimeError) -> bool:
     return "Batching rule not implemented" in str(exc)
 
 
+#: torch.func's refusals that do not start with "vmap:": an ``autograd.Function`` without functorch
+#: support (a reentrant ``torch.utils.checkpoint``), and a batched tensor's data read on the host
+#: (``.numpy()``, ``.data_ptr()`` in forward)
+_FUNC_REFUSALS = ("In order to use an autograd.Function with functorch transforms",
+                  "Cannot access data pointer of Tensor that doesn't have storage")
+
+
 def vmap_refused(exc: RuntimeError) -> bool:
     """Whether ``exc`` is ``torch.func.vmap`` refusing an operation of the model: no batching rule
-    (a recurrent layer's fused op without autograd), or one of vmap's own "vmap: ..." errors
-    (``.item()``, e.g. BatchNorm with ``momentum=None`` in training mode)."""
-    return _no_batching_rule(exc) or str(exc).startswith("vmap:")
+    (a recurrent layer's fused op without autograd), one of vmap's own "vmap: ..." errors
+    (``.item()``, e.g. BatchNorm with ``momentum=None`` in training mode), an ``autograd.Function``
+    torch.func cannot transform, or a read of a batched tensor's data (``.numpy()``)."""
+    text = str(exc)
+    return _no_batching_rule(exc) or text.startswith("vmap:") or any(text.startswith(m) for m in _FUNC_REFUSALS)
 
 
 def _vmap_errors(call: Callable, *args):
@@ -107,8 +116,9 @@ def _vmap_errors(call: Callable, *args):
         return call(*args)
     except RuntimeError as exc:
         if vmap_refused(exc):
+            first = str(exc).splitlines()[0].rstrip()
             raise UnsupportedModelError(f"backend 'torch' cannot run this model under torch.func.vmap: "
-                                        f"{str(exc).splitlines()[0]} Use backend='reference'.") from exc
+                                        f"{first}{'' if first.endswith('.') else '.'} Use backend='reference'.") from exc
         raise
 
 
