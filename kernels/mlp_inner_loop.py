@@ -52,6 +52,7 @@ import triton.language as tl
 
 # activation name -> the kernel's compile-time code: the one table of MLP maths
 from reptile_fast.mlp_math import ACTIVATION_CODES
+from reptile_fast.validation import check_bool
 
 __all__ = [
     "ACTIVATION_CODES", "LOSS_CODES", "MAX_LAYERS", "MAX_FEATURES", "INTERPRETED", "LaunchConfig",
@@ -890,7 +891,8 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     lr = _check_number("lr", lr)
     if N * max(D0, dims[-1]) >= 2 ** 31 or R * B >= 2 ** 31:
         raise ValueError("one task's points or plan exceed 2^31 elements")
-    if check_values:
+    # True or False only: check_values='no' is truthy and meant a host sync the caller refused
+    if check_bool("check_values", check_values):
         _check_values(indices, steps, N, y, loss, dims[-1])
     if config is None:
         config = choose_launch_config(dims, B)

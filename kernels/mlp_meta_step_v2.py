@@ -72,6 +72,7 @@ from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_int_fie
                              n_flat_params, param_layout)
 # the fused stepper's finiteness rule (one NaN/inf test for both kernels)
 from .meta_step_guard import _is_bad, accept_step, check_state
+from reptile_fast.validation import check_bool
 
 __all__ = [
     "ACCURACY", "MAX_LAYERS", "MAX_FEATURES_V2", "MAX_BATCH_V2", "NARROW_MAX", "PRECISIONS",
@@ -1056,7 +1057,8 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
         raise ValueError(reason)
     if N * max(D0, dims[-1]) >= 2 ** 31 or R * B >= 2 ** 31:
         raise ValueError("one task's points or plan exceed 2^31 elements")
-    if check_values:
+    # True or False only: check_values='no' is truthy and meant a host sync the caller refused
+    if check_bool("check_values", check_values):
         _check_values(indices, steps, N, y, loss, dims[-1])
     return _Checked(x.contiguous(), y.contiguous(), indices.contiguous(), phi.contiguous(), dims,
                     activations, steps, B)
@@ -1142,6 +1144,8 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
         ``MetaStepResult(params, loss, task_losses)``.
     """
     c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision, check_values)
+    # True or False only: task_losses='no' is truthy and returned the losses
+    task_losses = check_bool("task_losses", task_losses)
     config = _config(config)
     device = x.device
     T = x.shape[0]
@@ -1156,6 +1160,10 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
             raise ValueError(f"out must be a contiguous [{n_params}] tensor, got {tuple(out.shape)}")
         if _overlaps(out, c.phi):
             raise ValueError("out must not alias or overlap params_flat (the update reads φ while writing)")
+        # the README's rule for every caller buffer: the inputs are never written (a later meta-step
+        # or the caller would read the new φ as its data)
+        if any(_overlaps(out, t) for t in (c.x, c.y, c.indices)):
+            raise ValueError("out must not overlap x, y or indices")
     part_stride = -(-n_params // 4) * 4
     if partials is None:
         partials = torch.empty(n_programs, part_stride, device=device, dtype=torch.float32)
@@ -1221,13 +1229,23 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     config = _config(config)
     device = x.device
     T = x.shape[0]
+    n_params = n_flat_params(c.dims)
+    # loss_out is written, and scratch (the proposed φ) is written then read while φ is written:
+    # neither may overlap an input or each other (check_state has checked loss_out against φ)
+    if any(_overlaps(loss_out, t) for t in (c.x, c.y, c.indices, state, iteration)):
+        raise ValueError("loss_out must not overlap x, y, indices, state or iteration")
+    if scratch is not None:
+        _check_tensor("scratch", scratch, torch.float32, 1, device)
+        if scratch.shape[0] != n_params or not scratch.is_contiguous():
+            raise ValueError(f"scratch must be a contiguous [{n_params}] tensor, got {tuple(scratch.shape)}")
+        if any(_overlaps(scratch, t) for t in (params_flat, c.x, c.y, c.indices, state, iteration, loss_out)):
+            raise ValueError("scratch must not overlap params_flat, x, y, indices, state, iteration or loss_out")
     n_programs = grid_size(T, device, config)
     if n_programs > 1:
         res = meta_step(x, y, indices, params_flat, dims, activations, lr=lr, eps=eps, loss=loss, steps=steps,
                         precision=precision, config=config, out=scratch, check_values=False)
         accept_step(params_flat, res.params, res.loss, state, iteration, loss_out)
         return
-    n_params = n_flat_params(c.dims)
     eps_t = _eps_tensor(eps, device)
     part_stride = -(-n_params // 4) * 4
     partials = torch.empty(1, part_stride, device=device, dtype=torch.float32)
