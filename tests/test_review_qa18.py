@@ -200,3 +200,32 @@ def test_sine_1_64_64_1_one_task_each_precision(precision):
                         state=state, iteration=torch.ones(1, dtype=torch.int64, device=DEVICE), loss_out=loss_out)
     assert torch.equal(work, results[1].params) and torch.equal(loss_out, results[1].loss.reshape(1))
     assert state.tolist() == [1, 0]
+
+
+# ----------------------------------------------------------------------------- the GPU check's time budget
+def test_gpu_check_times_t4096_first_and_caps_the_main_job(tmp_path, monkeypatch):
+    """Stage 4 on a GPU (stood in for: the stage's logic only): the fit rows, the main job and ~11
+    cases per T with their compiles at T = 1 fill the stage's ~170 s, so a budget that runs out
+    must cost the least informative T, not T = 4096 (the issue's targets' size: it ran third);
+    the main job, ~20 s expected, may take at most 45 s of it (it could take 75 s before any T)."""
+    from types import SimpleNamespace
+
+    from bench import gpu_check as GC
+
+    seen = {}
+
+    def cli_row(log, out, timeout, smoke=False):
+        seen["cli_timeout"] = timeout
+        return {"provider": "cli-sine-gpu", "T": 1, "status": "stood in"}
+
+    def no_problem(T, device, **kw):
+        raise RuntimeError("stood in")
+
+    monkeypatch.setattr(GC, "fit_rows", lambda *a, **k: [])
+    monkeypatch.setattr(GC, "cli_sine_row", cli_row)
+    monkeypatch.setattr(GC, "problem", no_problem)
+    results = {"stages": {}, "seconds": {}}
+    GC.stage_timing(lambda *a: None, SimpleNamespace(type="cuda"), False, GC.Budget(170), results, tmp_path)
+    order = [r["T"] for r in results["stages"]["timing"]["rows"] if r["provider"] == "*"]
+    assert order[0] == 4096 and sorted(order) == [1, 256, 4096, 65536], order
+    assert seen["cli_timeout"] <= 45
