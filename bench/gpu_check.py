@@ -23,7 +23,7 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
    torch/vmap/JAX/seed providers through ``bench.providers.check_prepared``): a wrong one is
    recorded as "wrong" and not timed.  Kernel alone (``triton.testing.do_bench_cudagraph``: a CUDA graph of the launches,
    timed with CUDA events, so Python launch overhead and input checks are not counted) for
-   T in {1, 256, 4096, 65536} x variant x precision; beside torch batched (events, and under a
+   T in {4096, 1, 65536, 256} (``TIMED_T``, in that order) x variant x precision; beside torch batched (events, and under a
    CUDA graph), torch vmap, JAX, the seed's loop (small T), and the whole v2 meta-step under one
    CUDA graph (task sampling and plans on the device, inner loops, outer update, ε on the device).
 5. compute-sanitizer memcheck, initcheck, synccheck at T=16, each under a timeout.
