@@ -780,18 +780,35 @@ def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.devi
         raise ValueError(f"{name} is on {t.device}, expected {device} like x")
 
 
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """The byte range ``[lo, hi)`` that a non-empty tensor's elements lie in (strides >= 0)."""
+    lo = t.data_ptr()
+    if t.is_contiguous():  # the common case, without a Python loop over dims (launchers check ~20 pairs)
+        return lo, lo + t.numel() * t.element_size()
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    return lo, lo + extent * t.element_size()
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the memory of ``a`` and ``b`` intersects (non-negative strides): a partial overlap
     races on the GPU as an exact alias does, so output checks use this, not ``data_ptr`` equality."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
-
-    def span(t):
-        lo = t.data_ptr()
-        extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
-        return lo, lo + extent * t.element_size()
-    (a0, a1), (b0, b1) = span(a), span(b)
+    (a0, a1), (b0, b1) = _span(a), _span(b)
     return a0 < b1 and b0 < a1
+
+
+def _overlaps_any(a: torch.Tensor, others) -> bool:
+    """Whether ``a``'s memory intersects any of ``others`` (``_overlaps`` with ``a``'s span taken once)."""
+    if a.numel() == 0:
+        return False
+    a0, a1 = _span(a)
+    for b in others:
+        if b.numel() and b.device == a.device:
+            b0, b1 = _span(b)
+            if a0 < b1 and b0 < a1:
+                return True
+    return False
 
 
 def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,

@@ -68,7 +68,7 @@ from reptile_fast.mlp_math import ACTIVATION_CODES
 
 # v1's flat parameter layout, layer loads/stores, activation derivatives (autograd's formulas: no
 # special function involved) and input checks: one copy for both kernels
-from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_int_field, _check_number, _check_tensor, _check_values, _overlaps, _load_layer, _store_layer,  # noqa: F401
+from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_int_field, _check_number, _check_tensor, _check_values, _overlaps, _overlaps_any, _load_layer, _store_layer,  # noqa: F401
                              n_flat_params, param_layout)
 # the fused stepper's finiteness rule (one NaN/inf test for both kernels)
 from .meta_step_guard import _is_bad, accept_step, check_state
@@ -1162,7 +1162,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
             raise ValueError("out must not alias or overlap params_flat (the update reads φ while writing)")
         # the README's rule for every caller buffer: the inputs are never written (a later meta-step
         # or the caller would read the new φ as its data)
-        if any(_overlaps(out, t) for t in (c.x, c.y, c.indices)):
+        if _overlaps_any(out, (c.x, c.y, c.indices)):
             raise ValueError("out must not overlap x, y or indices")
     part_stride = -(-n_params // 4) * 4
     if partials is None:
@@ -1175,7 +1175,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
                              f"that do not overlap, got shape {tuple(partials.shape)} stride {partials.stride()}")
         # each program writes its row while others read φ, and the second launch reads the rows
         # while writing out: an overlap gives wrong sums or a corrupted φ, silently
-        if any(_overlaps(partials, t) for t in (c.phi, out, c.x, c.y, c.indices)):
+        if _overlaps_any(partials, (c.phi, out, c.x, c.y, c.indices)):
             raise ValueError("partials must not overlap params_flat, out, x, y or indices")
         part_stride = partials.stride(0)
     loss_part = torch.empty(n_programs, device=device, dtype=torch.float32)
@@ -1232,13 +1232,13 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     n_params = n_flat_params(c.dims)
     # loss_out is written, and scratch (the proposed φ) is written then read while φ is written:
     # neither may overlap an input or each other (check_state has checked loss_out against φ)
-    if any(_overlaps(loss_out, t) for t in (c.x, c.y, c.indices, state, iteration)):
+    if _overlaps_any(loss_out, (c.x, c.y, c.indices, state, iteration)):
         raise ValueError("loss_out must not overlap x, y, indices, state or iteration")
     if scratch is not None:
         _check_tensor("scratch", scratch, torch.float32, 1, device)
         if scratch.shape[0] != n_params or not scratch.is_contiguous():
             raise ValueError(f"scratch must be a contiguous [{n_params}] tensor, got {tuple(scratch.shape)}")
-        if any(_overlaps(scratch, t) for t in (params_flat, c.x, c.y, c.indices, state, iteration, loss_out)):
+        if _overlaps_any(scratch, (params_flat, c.x, c.y, c.indices, state, iteration, loss_out)):
             raise ValueError("scratch must not overlap params_flat, x, y, indices, state, iteration or loss_out")
     n_programs = grid_size(T, device, config)
     if n_programs > 1:
@@ -1291,7 +1291,7 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
             raise ValueError(f"out must be a row-contiguous [T={T}, >={n_params}] buffer with rows that do not "
                              f"overlap, got shape {tuple(out.shape)} stride {out.stride()}")
         row_stride = out.stride(0)
-        if _overlaps(out, c.phi) or _overlaps(out, c.x) or _overlaps(out, c.y) or _overlaps(out, c.indices):
+        if _overlaps_any(out, (c.phi, c.x, c.y, c.indices)):
             raise ValueError("out must not overlap params_flat, x, y or indices (programs read them while "
                              "others write their rows)")
     if out_losses is None:
@@ -1300,7 +1300,7 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
         _check_tensor("out_losses", out_losses, torch.float32, 2, device)
         if tuple(out_losses.shape) != (T, c.steps) or not out_losses.is_contiguous():
             raise ValueError(f"out_losses must be a contiguous [{T}, {c.steps}] tensor, got {tuple(out_losses.shape)}")
-        if any(_overlaps(out_losses, t) for t in (out, c.phi, c.x, c.y, c.indices)):
+        if _overlaps_any(out_losses, (out, c.phi, c.x, c.y, c.indices)):
             raise ValueError("out_losses must not overlap out, params_flat, x, y or indices")
     n_programs = grid_size(T, device, config)
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
