@@ -578,6 +578,10 @@ def _check_flat_width(flat, dims: Sequence[int]) -> None:
     truncated last bias, or a torch shape error)."""
     if not isinstance(flat, torch.Tensor) or flat.dim() < 1:
         raise TypeError(f"flat must be a tensor [..., n_params], got {type(flat).__name__}")
+    try:
+        dims = list(dims)
+    except TypeError:
+        raise TypeError(f"dims must be a sequence of feature sizes, got {dims!r}") from None
     if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in dims):
         raise TypeError(f"dims must be positive ints (feature sizes), got {list(dims)}")
     dims = [int(d) for d in dims]

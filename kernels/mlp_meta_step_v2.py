@@ -779,7 +779,24 @@ def _outer_update_kernel(phi_ptr, part_ptr, loss_part_ptr, eps_ptr, new_phi_ptr,
 
 
 def flat_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[W_0 [D1, D0], b_0 [D1], …]`` -> one flat float32 ``[n_params]`` vector (a copy)."""
+    """``[W_0 [D1, D0], b_0 [D1], …]`` -> one flat float32 ``[n_params]`` vector (a copy).
+
+    TypeError unless ``params`` is a non-empty sequence of float32 tensors on one device (an int
+    in the list failed with an AttributeError, an empty list inside ``torch.cat``, and a float64
+    tensor among them made the whole vector float64)."""
+    try:
+        params = list(params) if not isinstance(params, torch.Tensor) else None  # model.parameters() too
+    except TypeError:
+        params = None
+    if params is None:
+        raise TypeError("params must be a sequence of tensors [W_0, b_0, W_1, …] (a list, or model.parameters())")
+    if not params:
+        raise ValueError("params must hold at least one tensor (W_0, b_0, …), got an empty sequence")
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor) or p.dtype != torch.float32:
+            raise TypeError(f"params[{i}] must be a float32 tensor, got {getattr(p, 'dtype', type(p).__name__)}")
+        if p.device != params[0].device:
+            raise TypeError(f"params[{i}] is on {p.device}, params[0] on {params[0].device}: one device for all")
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 

@@ -229,3 +229,23 @@ def test_gpu_check_times_t4096_first_and_caps_the_main_job(tmp_path, monkeypatch
     order = [r["T"] for r in results["stages"]["timing"]["rows"] if r["provider"] == "*"]
     assert order[0] == 4096 and sorted(order) == [1, 256, 4096, 65536], order
     assert seen["cli_timeout"] <= 45
+
+
+def test_flat_params_and_unflatten_params_name_bad_input():
+    """flat_params: an int in the list was an AttributeError, an empty list torch.cat's error, a
+    float64 tensor among float32 ones made the whole vector float64 (its docstring: float32);
+    unflatten_params(flat, None) was a bare "'NoneType' object is not iterable"."""
+    from reptile_fast import MLP
+
+    model = MLP(1, 8, 1, depth=1)
+    assert V.flat_params(model.parameters()).shape == (V.n_flat_params((1, 8, 1)),)  # an iterator too
+    with pytest.raises(TypeError, match=r"params\[0\] must be a float32 tensor, got int"):
+        V.flat_params([1, 2])
+    with pytest.raises(ValueError, match="at least one tensor"):
+        V.flat_params([])
+    with pytest.raises(TypeError, match=r"params\[1\] must be a float32 tensor, got torch.float64"):
+        V.flat_params([torch.zeros(2), torch.zeros(3, dtype=torch.float64)])
+    with pytest.raises(TypeError, match="params must be a sequence of tensors"):
+        V.flat_params(None)
+    with pytest.raises(TypeError, match="dims must be a sequence of feature sizes"):
+        V.unflatten_params(torch.zeros(25), None)
