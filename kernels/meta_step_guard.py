@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 # v1's input checks: one copy for every launcher
-from .mlp_inner_loop import _check_tensor, _overlaps
+from .mlp_inner_loop import _check_tensor, _overlaps, _overlaps_any
 
 __all__ = ["accept_step", "check_state", "new_state", "compile_for_target", "BLOCK"]
 
@@ -98,6 +98,12 @@ def check_state(phi: torch.Tensor, state: torch.Tensor, iteration: torch.Tensor,
     if _overlaps(loss_out, phi):
         # the loss is written after φ: it would overwrite a parameter, silently
         raise ValueError("loss_out must not overlap phi")
+    # state is read and rewritten, loss_out written, beside φ: one written buffer over another (or
+    # over the iteration number, read) corrupts it silently
+    if _overlaps_any(state, (phi, loss_out, iteration)):
+        raise ValueError("state must not overlap phi, loss_out or iteration")
+    if _overlaps(loss_out, iteration):
+        raise ValueError("loss_out must not overlap iteration")
     if not state.is_contiguous():
         # the kernel reads and writes state[1] at state's address + 1 element
         raise ValueError(f"state must be contiguous, got stride {state.stride()}")
@@ -124,6 +130,9 @@ def accept_step(phi: torch.Tensor, new: torch.Tensor, loss: torch.Tensor, state:
                          f"{tuple(new.shape)}")
     if _overlaps(new, phi):
         raise ValueError("new must not alias or overlap phi (pass 2 reads new while writing phi)")
+    if _overlaps_any(new, (loss_out, state)):
+        # other threads may still read new in pass 2 when the loss and the flags are written
+        raise ValueError("loss_out and state must not overlap new")
     if not isinstance(loss, torch.Tensor) or loss.dtype != torch.float32 or loss.device != phi.device \
             or loss.numel() != 1:
         raise TypeError(f"loss must be a one-element torch.float32 tensor on {phi.device}")

@@ -52,6 +52,7 @@ import triton.language as tl
 
 # activation name -> the kernel's compile-time code: the one table of MLP maths
 from reptile_fast.mlp_math import ACTIVATION_CODES
+from reptile_fast.validation import check_bool
 
 __all__ = [
     "ACTIVATION_CODES", "LOSS_CODES", "MAX_LAYERS", "MAX_FEATURES", "INTERPRETED", "LaunchConfig",
@@ -577,6 +578,10 @@ def _check_flat_width(flat, dims: Sequence[int]) -> None:
     truncated last bias, or a torch shape error)."""
     if not isinstance(flat, torch.Tensor) or flat.dim() < 1:
         raise TypeError(f"flat must be a tensor [..., n_params], got {type(flat).__name__}")
+    try:
+        dims = list(dims)
+    except TypeError:
+        raise TypeError(f"dims must be a sequence of feature sizes, got {dims!r}") from None
     if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in dims):
         raise TypeError(f"dims must be positive ints (feature sizes), got {list(dims)}")
     dims = [int(d) for d in dims]
@@ -779,18 +784,35 @@ def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.devi
         raise ValueError(f"{name} is on {t.device}, expected {device} like x")
 
 
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """The byte range ``[lo, hi)`` that a non-empty tensor's elements lie in (strides >= 0)."""
+    lo = t.data_ptr()
+    if t.is_contiguous():  # the common case, without a Python loop over dims (launchers check ~20 pairs)
+        return lo, lo + t.numel() * t.element_size()
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    return lo, lo + extent * t.element_size()
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the memory of ``a`` and ``b`` intersects (non-negative strides): a partial overlap
     races on the GPU as an exact alias does, so output checks use this, not ``data_ptr`` equality."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
-
-    def span(t):
-        lo = t.data_ptr()
-        extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
-        return lo, lo + extent * t.element_size()
-    (a0, a1), (b0, b1) = span(a), span(b)
+    (a0, a1), (b0, b1) = _span(a), _span(b)
     return a0 < b1 and b0 < a1
+
+
+def _overlaps_any(a: torch.Tensor, others) -> bool:
+    """Whether ``a``'s memory intersects any of ``others`` (``_overlaps`` with ``a``'s span taken once)."""
+    if a.numel() == 0:
+        return False
+    a0, a1 = _span(a)
+    for b in others:
+        if b.numel() and b.device == a.device:
+            b0, b1 = _span(b)
+            if a0 < b1 and b0 < a1:
+                return True
+    return False
 
 
 def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
@@ -890,7 +912,8 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     lr = _check_number("lr", lr)
     if N * max(D0, dims[-1]) >= 2 ** 31 or R * B >= 2 ** 31:
         raise ValueError("one task's points or plan exceed 2^31 elements")
-    if check_values:
+    # True or False only: check_values='no' is truthy and meant a host sync the caller refused
+    if check_bool("check_values", check_values):
         _check_values(indices, steps, N, y, loss, dims[-1])
     if config is None:
         config = choose_launch_config(dims, B)

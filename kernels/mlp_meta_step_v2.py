@@ -68,10 +68,11 @@ from reptile_fast.mlp_math import ACTIVATION_CODES
 
 # v1's flat parameter layout, layer loads/stores, activation derivatives (autograd's formulas: no
 # special function involved) and input checks: one copy for both kernels
-from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_int_field, _check_number, _check_tensor, _check_values, _overlaps, _load_layer, _store_layer,  # noqa: F401
+from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_int_field, _check_number, _check_tensor, _check_values, _overlaps, _overlaps_any, _load_layer, _store_layer,  # noqa: F401
                              n_flat_params, param_layout)
 # the fused stepper's finiteness rule (one NaN/inf test for both kernels)
 from .meta_step_guard import _is_bad, accept_step, check_state
+from reptile_fast.validation import check_bool
 
 __all__ = [
     "ACCURACY", "MAX_LAYERS", "MAX_FEATURES_V2", "MAX_BATCH_V2", "NARROW_MAX", "PRECISIONS",
@@ -778,7 +779,24 @@ def _outer_update_kernel(phi_ptr, part_ptr, loss_part_ptr, eps_ptr, new_phi_ptr,
 
 
 def flat_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[W_0 [D1, D0], b_0 [D1], …]`` -> one flat float32 ``[n_params]`` vector (a copy)."""
+    """``[W_0 [D1, D0], b_0 [D1], …]`` -> one flat float32 ``[n_params]`` vector (a copy).
+
+    TypeError unless ``params`` is a non-empty sequence of float32 tensors on one device (an int
+    in the list failed with an AttributeError, an empty list inside ``torch.cat``, and a float64
+    tensor among them made the whole vector float64)."""
+    try:
+        params = list(params) if not isinstance(params, torch.Tensor) else None  # model.parameters() too
+    except TypeError:
+        params = None
+    if params is None:
+        raise TypeError("params must be a sequence of tensors [W_0, b_0, W_1, …] (a list, or model.parameters())")
+    if not params:
+        raise ValueError("params must hold at least one tensor (W_0, b_0, …), got an empty sequence")
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor) or p.dtype != torch.float32:
+            raise TypeError(f"params[{i}] must be a float32 tensor, got {getattr(p, 'dtype', type(p).__name__)}")
+        if p.device != params[0].device:
+            raise TypeError(f"params[{i}] is on {p.device}, params[0] on {params[0].device}: one device for all")
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
@@ -1056,7 +1074,8 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
         raise ValueError(reason)
     if N * max(D0, dims[-1]) >= 2 ** 31 or R * B >= 2 ** 31:
         raise ValueError("one task's points or plan exceed 2^31 elements")
-    if check_values:
+    # True or False only: check_values='no' is truthy and meant a host sync the caller refused
+    if check_bool("check_values", check_values):
         _check_values(indices, steps, N, y, loss, dims[-1])
     return _Checked(x.contiguous(), y.contiguous(), indices.contiguous(), phi.contiguous(), dims,
                     activations, steps, B)
@@ -1142,6 +1161,8 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
         ``MetaStepResult(params, loss, task_losses)``.
     """
     c = _check_inputs(x, y, indices, params_flat, dims, activations, lr, loss, steps, precision, check_values)
+    # True or False only: task_losses='no' is truthy and returned the losses
+    task_losses = check_bool("task_losses", task_losses)
     config = _config(config)
     device = x.device
     T = x.shape[0]
@@ -1156,6 +1177,10 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
             raise ValueError(f"out must be a contiguous [{n_params}] tensor, got {tuple(out.shape)}")
         if _overlaps(out, c.phi):
             raise ValueError("out must not alias or overlap params_flat (the update reads φ while writing)")
+        # the README's rule for every caller buffer: the inputs are never written (a later meta-step
+        # or the caller would read the new φ as its data)
+        if _overlaps_any(out, (c.x, c.y, c.indices)):
+            raise ValueError("out must not overlap x, y or indices")
     part_stride = -(-n_params // 4) * 4
     if partials is None:
         partials = torch.empty(n_programs, part_stride, device=device, dtype=torch.float32)
@@ -1167,7 +1192,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
                              f"that do not overlap, got shape {tuple(partials.shape)} stride {partials.stride()}")
         # each program writes its row while others read φ, and the second launch reads the rows
         # while writing out: an overlap gives wrong sums or a corrupted φ, silently
-        if any(_overlaps(partials, t) for t in (c.phi, out, c.x, c.y, c.indices)):
+        if _overlaps_any(partials, (c.phi, out, c.x, c.y, c.indices)):
             raise ValueError("partials must not overlap params_flat, out, x, y or indices")
         part_stride = partials.stride(0)
     loss_part = torch.empty(n_programs, device=device, dtype=torch.float32)
@@ -1221,13 +1246,23 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     config = _config(config)
     device = x.device
     T = x.shape[0]
+    n_params = n_flat_params(c.dims)
+    # loss_out is written, and scratch (the proposed φ) is written then read while φ is written:
+    # neither may overlap an input or each other (check_state has checked loss_out against φ)
+    if _overlaps_any(loss_out, (c.x, c.y, c.indices, state, iteration)):
+        raise ValueError("loss_out must not overlap x, y, indices, state or iteration")
+    if scratch is not None:
+        _check_tensor("scratch", scratch, torch.float32, 1, device)
+        if scratch.shape[0] != n_params or not scratch.is_contiguous():
+            raise ValueError(f"scratch must be a contiguous [{n_params}] tensor, got {tuple(scratch.shape)}")
+        if _overlaps_any(scratch, (params_flat, c.x, c.y, c.indices, state, iteration, loss_out)):
+            raise ValueError("scratch must not overlap params_flat, x, y, indices, state, iteration or loss_out")
     n_programs = grid_size(T, device, config)
     if n_programs > 1:
         res = meta_step(x, y, indices, params_flat, dims, activations, lr=lr, eps=eps, loss=loss, steps=steps,
                         precision=precision, config=config, out=scratch, check_values=False)
         accept_step(params_flat, res.params, res.loss, state, iteration, loss_out)
         return
-    n_params = n_flat_params(c.dims)
     eps_t = _eps_tensor(eps, device)
     part_stride = -(-n_params // 4) * 4
     partials = torch.empty(1, part_stride, device=device, dtype=torch.float32)
@@ -1273,7 +1308,7 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
             raise ValueError(f"out must be a row-contiguous [T={T}, >={n_params}] buffer with rows that do not "
                              f"overlap, got shape {tuple(out.shape)} stride {out.stride()}")
         row_stride = out.stride(0)
-        if _overlaps(out, c.phi) or _overlaps(out, c.x) or _overlaps(out, c.y) or _overlaps(out, c.indices):
+        if _overlaps_any(out, (c.phi, c.x, c.y, c.indices)):
             raise ValueError("out must not overlap params_flat, x, y or indices (programs read them while "
                              "others write their rows)")
     if out_losses is None:
@@ -1282,7 +1317,7 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
         _check_tensor("out_losses", out_losses, torch.float32, 2, device)
         if tuple(out_losses.shape) != (T, c.steps) or not out_losses.is_contiguous():
             raise ValueError(f"out_losses must be a contiguous [{T}, {c.steps}] tensor, got {tuple(out_losses.shape)}")
-        if any(_overlaps(out_losses, t) for t in (out, c.phi, c.x, c.y, c.indices)):
+        if _overlaps_any(out_losses, (out, c.phi, c.x, c.y, c.indices)):
             raise ValueError("out_losses must not overlap out, params_flat, x, y or indices")
     n_programs = grid_size(T, device, config)
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
