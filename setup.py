@@ -19,13 +19,13 @@ setup(
     # reptile_fast.kernels: a top-level module named ``kernels`` would clash with PyPI.
     package_dir={"reptile_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4,<2.16",  # tested: 2.13, 2.14.1 and 2.15.0 (CPU), 2.11 is the GPU machine's
+        "torch>=2.11,<2.16",  # tested: 2.11 (the GPU machine's), 2.13, 2.14.1 and 2.15.0; nothing older
         "numpy",
         "matplotlib",
         "tqdm",
     ],
     extras_require={
-        "triton": ["triton>=3.0,<3.10"],  # tested: 3.6, 3.8 and 3.9 (interpreter, sm_90a AOT)
+        "triton": ["triton>=3.6,<3.10"],  # tested: 3.6, 3.8 and 3.9 (interpreter, sm_90a AOT); nothing older
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
     },
     entry_points={"console_scripts": ["reptile-fast=reptile_fast.cli:main"]},

@@ -74,13 +74,17 @@ class EagerStepper(Stepper):
         config: the inner loop's settings.
         outer_optimizer: optional ``torch.optim`` optimizer fed the pseudo-gradient.
         reducer: turns per-task deltas into means (default: ``core.local_mean``).
+        fallback: ``UnsupportedModelError -> backend or None``: where the backend refuses the
+            model only when it runs (``backend="auto"``'s torch under vmap), the backend to run
+            this and every later meta-step on (None: the error is raised).
     """
 
     chunk = 1
 
     def __init__(self, backend: Backend, model: nn.Module, config: InnerConfig,
-                 outer_optimizer: Optional[torch.optim.Optimizer] = None, reducer: Optional[Reducer] = None):
-        self.backend, self.model, self.config = backend, model, config
+                 outer_optimizer: Optional[torch.optim.Optimizer] = None, reducer: Optional[Reducer] = None,
+                 fallback: Optional[Callable[[UnsupportedModelError], Optional[Backend]]] = None):
+        self.backend, self.model, self.config, self.fallback = backend, model, config, fallback
         self.named = list(model.named_parameters())
         self.outer = OuterUpdate(self.named, outer_optimizer)
         self.reducer = reducer or local_mean
@@ -89,7 +93,15 @@ class EagerStepper(Stepper):
 
     def step(self, tasks: TaskBatch, plan: torch.Tensor, eps, iteration: int) -> torch.Tensor:
         """One meta-step on ``T`` tasks with plan ``[T, R, B]``; returns the mean loss (0-dim)."""
-        result = self.backend.inner_loop(self.model, tasks, plan, self.config)
+        try:
+            result = self.backend.inner_loop(self.model, tasks, plan, self.config)
+        except UnsupportedModelError as exc:
+            backend = self.fallback(exc) if self.fallback is not None else None
+            if backend is None:
+                raise
+            # (the inner loop raised before φ changed: the same draws run on the new backend)
+            self.backend, self.name = backend, backend.name
+            result = backend.inner_loop(self.model, tasks, plan, self.config)
         reduced = self.reducer(per_task_deltas(self.named, result), result.losses)
         if self.reducer is not self._checked_reducer:  # another reducer's first answer (metadata only)
             self._check_reduced(reduced)

@@ -127,11 +127,45 @@ class Reptile(HyperParameters):
             # The trainer checks plans and labels where they enter (InputChecker, checked samplers):
             # a backend's own per-call check would read the device every meta-step.
             backend.validate = False
-        self._eager = EagerStepper(backend, self.model, self.config, self.outer_optimizer)
+        self._eager = EagerStepper(backend, self.model, self.config, self.outer_optimizer,
+                                   fallback=self._auto_fallback)
         # a backend that fuses the outer update too (triton with {"fused": True}) brings its own
         # stepper; asked for by the environment only (a preference), it gives way where it cannot run
         self._make_fused()
         self._compiled: Dict[tuple, CompiledStepper] = {}
+
+    def _auto_fallback(self, exc: UnsupportedModelError):
+        """Under ``backend="auto"``: backend reference, in use from now on, when backend torch's
+        vmap refuses an operation of the model as it runs (``.item()``, a data-dependent ``if``,
+        boolean-mask indexing, a reentrant checkpoint: seen only in the forward, after auto chose);
+        None otherwise (the error stands).  The refused call had not changed φ."""
+        import warnings
+
+        from .backends.torch_func import vmap_refused
+
+        cause = exc.__cause__
+        if (self.backend_name != "auto" or self.backend.name != "torch" or not isinstance(cause, RuntimeError)
+                or not vmap_refused(cause)):
+            return None
+        backend = resolve_backend("reference", self.model, self.device, self.config,
+                                  batch_size=self.inner_batch_size)
+        warnings.warn(f"backend='auto' moves to backend 'reference' for this model (the seed's loop, "
+                      f"task by task): {exc}", UserWarning, stacklevel=4)
+        if hasattr(backend, "validate") and "validate" not in (self._backend_options or {}):
+            backend.validate = False  # as _use_backend: the trainer checks inputs where they enter
+        self.backend = backend
+        return backend
+
+    def _inner(self, method: str, *args):
+        """``self.backend.<method>(*args)``, with auto's move to reference (``_auto_fallback``)."""
+        try:
+            return getattr(self.backend, method)(*args)
+        except UnsupportedModelError as exc:
+            backend = self._auto_fallback(exc)
+            if backend is None:
+                raise
+            self._eager.backend, self._eager.name = backend, backend.name
+            return getattr(backend, method)(*args)
 
     def _follow_batch_size(self, batch_size: int) -> None:
         """A new ``inner_batch_size``: a named backend that cannot take it refuses it
@@ -461,7 +495,7 @@ class Reptile(HyperParameters):
                                      generator=generator, device=self.device)
         else:
             self.checker.indices(indices, tasks, steps)
-        return self.backend.inner_loop(self.model, tasks, indices, self._adapt_config())
+        return self._inner("inner_loop", self.model, tasks, indices, self._adapt_config())
 
     def evaluate(self, tasks: TaskBatch, steps: int, indices: Optional[torch.Tensor] = None, *,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -478,4 +512,4 @@ class Reptile(HyperParameters):
                       for n, p in self.model.named_parameters()}
         else:
             params = self.adapt(tasks, steps, indices, generator=generator).params
-        return self.backend.evaluate(self.model, params, tasks, self._adapt_config())
+        return self._inner("evaluate", self.model, params, tasks, self._adapt_config())
