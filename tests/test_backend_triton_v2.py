@@ -54,6 +54,7 @@ def test_reptile_with_kernel_v2_matches_reference(device, precision):
             torch.testing.assert_close(p_tri.detach().cpu(), p_ref.detach(), rtol=RTOL, atol=ATOL,
                                        msg=lambda m, n=name: f"φ '{n}' after 2 meta-steps ({precision})\n{m}")
     for (name, p64), p_ref, p_tri in zip(model_64.named_parameters(), model_ref.parameters(), model_tri.parameters()):
+        p64 = p64.detach()
         e_tri = float((p_tri.detach().cpu().double() - p64).norm() / p64.norm())
         e_ref = float((p_ref.detach().double() - p64).norm() / p64.norm())
         assert e_tri <= 2 * e_ref + 2.0 ** -23, \
