@@ -21,8 +21,8 @@ from .model_watch import check_followable, structure_key
 from .loop import (DEFAULT_LOG_EVERY, Callback, CheckedDraws, FunctionCallback, HistoryCallback, ProgressCallback,
                    StreamSampler, TrainingLoop)
 from .signals import TrainingInterrupted
-from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_options,
-                       check_compiled_supported)
+from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, RngMark,
+                       check_compiled_options, check_compiled_supported)
 from .tasks.base import TaskBatch, sample_indices
 from .trainer_state import load_trainer_state, trainer_hparams, trainer_state_dict
 from .validation import (check_fit_args, check_float, check_inner_options, check_int, check_meta_model,
@@ -127,8 +127,10 @@ class Reptile(HyperParameters):
             # The trainer checks plans and labels where they enter (InputChecker, checked samplers):
             # a backend's own per-call check would read the device every meta-step.
             backend.validate = False
+        # (only auto's torch can move: no RNG mark per meta-step on any other backend)
+        movable = self.backend_name == "auto" and backend.name == "torch"
         self._eager = EagerStepper(backend, self.model, self.config, self.outer_optimizer,
-                                   fallback=self._auto_fallback)
+                                   fallback=self._auto_fallback if movable else None)
         # a backend that fuses the outer update too (triton with {"fused": True}) brings its own
         # stepper; asked for by the environment only (a preference), it gives way where it cannot run
         self._make_fused()
@@ -158,13 +160,15 @@ class Reptile(HyperParameters):
 
     def _inner(self, method: str, *args):
         """``self.backend.<method>(*args)``, with auto's move to reference (``_auto_fallback``)."""
+        mark = RngMark(self.device) if self._eager.fallback is not None else None
         try:
             return getattr(self.backend, method)(*args)
         except UnsupportedModelError as exc:
-            backend = self._auto_fallback(exc)
+            backend = self._auto_fallback(exc) if mark is not None else None
             if backend is None:
                 raise
-            self._eager.backend, self._eager.name = backend, backend.name
+            mark.restore()  # (the refused call may have drawn a dropout mask: rerun on the same RNG)
+            self._eager.move_to(backend)
             return getattr(backend, method)(*args)
 
     def _follow_batch_size(self, batch_size: int) -> None:
