@@ -161,8 +161,8 @@ def check_outer_optimizer_kind(optimizer: torch.optim.Optimizer) -> None:
 
 
 class _StepSnapshot:
-    """φ and an outer optimizer's per-parameter state as before its step, to put back when the
-    step overflowed or raised.
+    """φ, an outer optimizer's per-parameter state and its param groups' values (other than the
+    parameters) as before its step, to put back when the step is undone.
 
     The values are copied into buffers kept from one meta-step to the next (a fresh clone of
     every state tensor per meta-step doubled ``apply`` for a 264k-parameter MLP with Adam on the
@@ -208,11 +208,28 @@ class _StepSnapshot:
                     except Exception:  # noqa: BLE001 - not copyable (TypeError, pickling errors): keep it
                         entry[k] = v
             saved.append(entry)
+        # A param group's own values: an optimizer may keep state there (D-Adaptation's and
+        # Prodigy's step count and scale d), which an undone step must not keep either.  Shallow
+        # copies (a step replaces a number; a tensor value is copied like the state's).
+        groups = []
+        for group in optimizer.param_groups:
+            values = {k: v for k, v in group.items() if k != "params"}
+            for v in values.values():
+                if isinstance(v, torch.Tensor) and id(v) not in memo:
+                    memo[id(v)] = v
+                    kept = self._buffers.get(id(v))
+                    if kept is None or kept[0] is not v or kept[1].shape != v.shape \
+                            or kept[1].dtype != v.dtype or kept[1].device != v.device:
+                        kept = (v, torch.empty_like(v))
+                    buffers[id(v)] = kept
+                    kept[1].copy_(v)
+                    live.append(kept)
+            groups.append(values)
         self._buffers = buffers  # tensors the state no longer holds are let go
-        return saved, live
+        return saved, live, groups
 
     def restore(self, optimizer: torch.optim.Optimizer, taken: tuple) -> None:
-        saved, live = taken
+        saved, live, groups = taken
         torch._foreach_copy_(self.params, self._phi)
         for v, buffer in live:
             v.copy_(buffer)
@@ -221,6 +238,10 @@ class _StepSnapshot:
                 optimizer.state.pop(p, None)
             else:
                 optimizer.state[p] = s
+        for group, values in zip(optimizer.param_groups, groups):
+            for k in [k for k in group if k != "params" and k not in values]:
+                del group[k]  # (a value the undone step added)
+            group.update(values)
 
 
 class OuterUpdate:

@@ -55,3 +55,59 @@ def test_the_move_reruns_on_the_rng_as_before_the_refused_call(call):
     assert auto.backend.name == "reference"
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the outer optimizer's undo
+class GroupStateSGD(torch.optim.Optimizer):
+    """Keeps state in its param group (a step count k and a scale d, as D-Adaptation and Prodigy
+    do) and a per-parameter momentum."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, dict(lr=lr, k=0, d=1.0, scale=torch.ones(())))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["k"] += 1
+            group["d"] = group["d"] * 2
+            group["scale"].mul_(3)
+            group.setdefault("added", 1)
+            for p in group["params"]:
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(0.9).add_(p.grad)
+                p.add_(buf, alpha=-group["lr"] * group["d"])
+
+
+def _group_values(opt):
+    return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != "params"}
+            for g in opt.param_groups]
+
+
+def _same_groups(a, b):
+    assert [sorted(x) for x in a] == [sorted(x) for x in b]
+    for x, y in zip(a, b):
+        for k in x:
+            assert (torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k]), k
+
+
+@pytest.mark.parametrize("bad", ["nan-deltas", "overflow"])
+def test_an_undone_step_puts_back_the_param_groups_state_too(bad):
+    """Since the optimizer steps on every meta-step (NaN set to 0) and is undone after, a NaN
+    meta-step changed an optimizer's param-group state (k, d, a tensor scale, an added key):
+    before this session's change it did not step at all."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = GroupStateSGD([p], lr=0.1)
+    outer = OuterUpdate([("p", p)], opt)
+    outer.apply([torch.randn(4, 3)], torch.zeros(()), 0.1, 1)
+    outer.check()
+    if bad == "overflow":
+        opt.param_groups[0]["lr"] = 100.0  # a finite pseudo-gradient that the step takes past float32's range
+    groups, phi = _group_values(opt), p.detach().clone()
+    momentum = opt.state[p]["momentum"].clone()
+    deltas = torch.full((4, 3), float("nan")) if bad == "nan-deltas" else torch.full((4, 3), 3e38)
+    outer.apply([deltas], torch.zeros(()), 0.1, 2)
+    with pytest.raises(NonFiniteError):
+        outer.check()
+    _same_groups(groups, _group_values(opt))
+    assert torch.equal(p, phi) and torch.equal(opt.state[p]["momentum"], momentum)
