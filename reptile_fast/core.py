@@ -88,6 +88,8 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         if t.is_complex():
             t = torch.view_as_real(t)
         if t.numel() and t.is_floating_point():  # (integers and bools are always finite)
+            if t.element_size() == 1:
+                t = t.float()  # float8 formats: torch has no aminmax for them (exact in float32)
             ends.extend(torch.aminmax(t))
     if not ends:
         return torch.ones((), dtype=torch.bool, device=tensors[0].device if len(tensors) else None)

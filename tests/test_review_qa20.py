@@ -111,3 +111,16 @@ def test_an_undone_step_puts_back_the_param_groups_state_too(bad):
         outer.check()
     _same_groups(groups, _group_values(opt))
     assert torch.equal(p, phi) and torch.equal(opt.state[p]["momentum"], momentum)
+
+
+# ---------------------------------------------------------------- all_finite
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+                                   torch.float8_e5m2fnuz], ids=str)
+def test_all_finite_takes_the_float8_formats(dtype):
+    """``all_finite`` (public in reptile_fast.core) raised NotImplementedError ("aminmax_cpu" not
+    implemented for 'Float8_e4m3fn') for a float8 tensor instead of answering."""
+    t = torch.linspace(-2, 2, 33).to(dtype)
+    assert bool(all_finite([t, torch.ones(2)]))
+    bad = torch.tensor([1.0, float("nan"), 2.0]).to(dtype)
+    assert not bool(all_finite([torch.ones(2), bad]))
+    assert not bool(all_finite([bad]))
