@@ -124,3 +124,29 @@ def test_all_finite_takes_the_float8_formats(dtype):
     bad = torch.tensor([1.0, float("nan"), 2.0]).to(dtype)
     assert not bool(all_finite([torch.ones(2), bad]))
     assert not bool(all_finite([bad]))
+
+
+# ---------------------------------------------------------------- CLI errors in flag words
+def test_as_flags_leaves_paths_as_they_are():
+    """A folder named like a setting (``seed=3``, ``inner_lr``: hyper-parameter sweep folders) was
+    rewritten in the error as if it were one: 'blocker/--seed 3/--inner-lr'."""
+    from reptile_fast.validation import as_flags
+
+    names = ["seed", "inner_lr", "inner_batch_size"]
+    message = "cannot write runs/seed=3/inner_lr: it is a file; inner_batch_size=60 exceeds 50 points"
+    assert as_flags(message, names) == ("cannot write runs/seed=3/inner_lr: it is a file; "
+                                        "--inner-batch-size 60 exceeds 50 points")
+    assert as_flags("output directory seed=3 exists; inner_lr", names, keep=["seed=3", None]) == (
+        "output directory seed=3 exists; --inner-lr")
+
+
+@pytest.mark.parametrize("command", ["sine", "omniglot"])
+def test_the_jobs_name_their_paths_unchanged(tmp_path, capsys, monkeypatch, command):
+    from reptile_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seed=3").write_text("a file")
+    extra = [] if command == "sine" else ["--train", "inner_lr=1.zip", "--test", "inner_lr=1.zip"]
+    rc = main([command, "--iterations", "1", "--out", "seed=3", "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and "seed=3" in err and "--seed 3" not in err and "--inner-lr" not in err, err
