@@ -108,6 +108,7 @@ class EagerStepper(Stepper):
         self.reducer = reducer or local_mean
         self._checked_reducer = local_mean
         self.name = backend.name
+        self.fallback_reason: Optional[str] = None  # why the stepper moved to another backend
 
     def step(self, tasks: TaskBatch, plan: torch.Tensor, eps, iteration: int) -> torch.Tensor:
         """One meta-step on ``T`` tasks with plan ``[T, R, B]``; returns the mean loss (0-dim)."""
@@ -121,7 +122,7 @@ class EagerStepper(Stepper):
             # (the inner loop raised before φ changed: the same draws run on the new backend, and
             # the model's own random operations draw from the RNG as it was before the call)
             mark.restore()
-            self.move_to(backend)
+            self.move_to(backend, str(exc))
             result = backend.inner_loop(self.model, tasks, plan, self.config)
         reduced = self.reducer(per_task_deltas(self.named, result), result.losses)
         if self.reducer is not self._checked_reducer:  # another reducer's first answer (metadata only)
@@ -131,9 +132,11 @@ class EagerStepper(Stepper):
         self.outer.apply(mean_deltas, mean_loss, eps, iteration)
         return mean_loss
 
-    def move_to(self, backend: Backend) -> None:
-        """Run every later meta-step on ``backend``; no further move (nor RNG mark) after it."""
+    def move_to(self, backend: Backend, reason: str) -> None:
+        """Run every later meta-step on ``backend`` (``reason``: why, in ``fit``'s stats as
+        ``fallback_reason``); no further move (nor RNG mark) after it."""
         self.backend, self.name, self.fallback = backend, backend.name, None
+        self.fallback_reason = reason
 
     def _check_reduced(self, reduced) -> None:
         """ValueError/TypeError unless ``reduced`` is ``(one tensor per parameter, shaped like it, a

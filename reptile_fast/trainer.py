@@ -111,6 +111,7 @@ class Reptile(HyperParameters):
         backend = resolve_backend(backend, model, self.device, self.config, backend_options,
                                   batch_size=self.inner_batch_size)
         self.checker = InputChecker(model, loss, self.device, self.dtype)
+        self._auto_moved = False  # auto moved to reference (_auto_fallback): it stays there
         self._use_backend(backend)
         self._structure = structure_key(model)
         self.iteration = 0
@@ -155,7 +156,7 @@ class Reptile(HyperParameters):
                       f"task by task): {exc}", UserWarning, stacklevel=4)
         if hasattr(backend, "validate") and "validate" not in (self._backend_options or {}):
             backend.validate = False  # as _use_backend: the trainer checks inputs where they enter
-        self.backend = backend
+        self.backend, self._auto_moved = backend, True
         return backend
 
     def _inner(self, method: str, *args):
@@ -168,7 +169,7 @@ class Reptile(HyperParameters):
             if backend is None:
                 raise
             mark.restore()  # (the refused call may have drawn a dropout mask: rerun on the same RNG)
-            self._eager.move_to(backend)
+            self._eager.move_to(backend, str(exc))
             return getattr(backend, method)(*args)
 
     def _follow_batch_size(self, batch_size: int) -> None:
@@ -176,7 +177,8 @@ class Reptile(HyperParameters):
         (``UnsupportedModelError``); under ``backend="auto"`` the trainer moves to the backend
         ``auto`` picks for it (kernel v2 takes at most 32 points: torch beyond), as a trainer built
         with it would."""
-        if self.backend_name != "auto":
+        if self.backend_name != "auto" or self._auto_moved:
+            # (after auto's move to reference: torch would refuse the model again, warning again)
             self.backend.check_batch_size(self.model, batch_size)
             return
         backend = resolve_backend("auto", self.model, self.device, self.config, batch_size=batch_size)

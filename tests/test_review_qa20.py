@@ -57,6 +57,54 @@ def test_the_move_reruns_on_the_rng_as_before_the_refused_call(call):
         assert torch.equal(a, b)
 
 
+
+class DataDependentIf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_after_the_move_a_new_batch_size_stays_on_reference():
+    """Setting inner_batch_size after the move rebuilt auto's choice, backend torch: the next
+    meta-step refused again and warned again (the move promised one warning)."""
+    torch.manual_seed(0)
+    model, twin = DataDependentIf(), DataDependentIf()
+    twin.load_state_dict(model.state_dict())
+    auto = Reptile(model, backend="auto", inner_steps=2, inner_batch_size=4)
+    ref = Reptile(twin, backend="reference", inner_steps=2, inner_batch_size=4)
+    g = torch.Generator().manual_seed(1)
+    with pytest.warns(UserWarning, match="moves to backend 'reference'"):
+        auto.meta_step(_tasks(g), sample_indices(3, 2, 12, 4, generator=torch.Generator().manual_seed(2)))
+    ref.meta_step(_tasks(torch.Generator().manual_seed(1)),
+                  sample_indices(3, 2, 12, 4, generator=torch.Generator().manual_seed(2)))
+    auto.inner_batch_size = ref.inner_batch_size = 3
+    tasks, plan = _tasks(g), sample_indices(3, 2, 12, 3, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto.meta_step(tasks, plan)
+    ref.meta_step(tasks, plan)
+    assert auto.backend.name == "reference"
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_fit_stats_say_why_the_run_moved():
+    class Family:
+        def sample(self, n, *, generator=None, device=None):
+            return _tasks(generator, n)
+
+    torch.manual_seed(0)
+    trainer = Reptile(DataDependentIf(), backend="auto", inner_steps=2, inner_batch_size=4)
+    with pytest.warns(UserWarning, match="moves to backend 'reference'"):
+        trainer.fit(Family(), 2, meta_batch_size=2, generator=torch.Generator().manual_seed(3), progress=False)
+    stats = trainer.last_fit_stats
+    assert stats["stepper"] == "reference" and "vmap" in (stats["fallback_reason"] or ""), stats
+
+
 # ---------------------------------------------------------------- the outer optimizer's undo
 class GroupStateSGD(torch.optim.Optimizer):
     """Keeps state in its param group (a step count k and a scale d, as D-Adaptation and Prodigy
