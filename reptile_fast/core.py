@@ -117,9 +117,12 @@ def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtyp
     cannot be converted to type float without overflow"; NaN and inf turned φ into NaN: torch
     only refuses lr < 0).  Every other number of a param group (momentum, weight decay, betas,
     eps, ...) must not be NaN, and torch.optim's own ones not inf: torch takes NaN momentum or
-    weight decay and writes NaN into φ.
+    weight decay and writes NaN into φ.  A positive ``eps`` must not round to 0 in ``dtype``
+    (Adam's default 1e-8 in float16: 0/0 where a pseudo-gradient element is 0), except in a
+    ``fused`` group (float32 arithmetic).
     Reads host values only (a tensor hyper-parameter is left to torch)."""
     top = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps / 2  # half the least subnormal
     for i, group in enumerate(optimizer.param_groups):
         lr = group.get("lr")
         if not isinstance(lr, torch.Tensor) and (isinstance(lr, bool) or not isinstance(lr, Real)
@@ -133,6 +136,14 @@ def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtyp
                 if isinstance(v, Real) and not isinstance(v, (bool, Integral)) and (
                         math.isnan(v) or (math.isinf(v) and key in _FINITE_OPTIMIZER_KEYS)):
                     raise ValueError(f"outer_optimizer's param_groups[{i}][{key!r}] must be finite, got {value!r}")
+                if key == "eps" and isinstance(v, Real) and 0 < v <= tiny and not group.get("fused"):
+                    # torch adds eps in the parameters' dtype (its fused kernels in float32): Adam's
+                    # default 1e-8 is 0 in float16, and where a pseudo-gradient element is 0 (or its
+                    # square underflows) the step divides by 0: NaN/inf in φ at the first meta-step
+                    raise ValueError(
+                        f"outer_optimizer's param_groups[{i}]['eps'] = {v!r} is 0 in {dtype} (values up to "
+                        f"{tiny:.3g} round to 0), so its step divides by zero where a pseudo-gradient element "
+                        f"is 0: use eps=1e-4 or larger for {dtype} parameters, or float32 parameters")
 
 
 def check_outer_optimizer_kind(optimizer: torch.optim.Optimizer) -> None:

@@ -198,3 +198,29 @@ def test_the_jobs_name_their_paths_unchanged(tmp_path, capsys, monkeypatch, comm
     rc = main([command, "--iterations", "1", "--out", "seed=3", "--no-progress", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and "seed=3" in err and "--seed 3" not in err and "--inner-lr" not in err, err
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+    lambda ps: torch.optim.Adagrad(ps, lr=1e-3),
+], ids=["adam", "rmsprop", "adagrad"])
+def test_an_eps_that_is_zero_in_float16_is_refused_by_name(make):
+    """A float16 model with Adam's default eps=1e-8 (0 in float16): the first meta-step divided 0
+    by 0 where a pseudo-gradient element was 0 and ended in NonFiniteError telling the user to
+    lower inner_lr/outer_lr, which cannot help."""
+    from reptile_fast.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP().to(torch.float16)
+    with pytest.raises(ValueError, match=r"\['eps'\] = 1e-(08|10) is 0 in torch.float16"):
+        Reptile(model, backend="reference", inner_steps=1, outer_optimizer=make(model.parameters()))
+    # eps=1e-4 trains; bfloat16 holds 1e-8
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+    trainer = Reptile(model, backend="reference", inner_steps=1, outer_optimizer=opt)
+    g = torch.Generator().manual_seed(1)
+    tasks = TaskBatch(torch.randn(2, 20, 1, generator=g).half(), torch.randn(2, 20, 1, generator=g).half())
+    trainer.meta_step(tasks, sample_indices(2, 1, 20, 10, generator=g))
+    trainer.check_finite()
+    bf = MLP().to(torch.bfloat16)
+    Reptile(bf, backend="reference", inner_steps=1, outer_optimizer=torch.optim.Adam(bf.parameters(), lr=1e-3))
