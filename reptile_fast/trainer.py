@@ -97,6 +97,14 @@ class Reptile(HyperParameters):
         self.outer_lr_final = outer_lr_final
         self.config = InnerConfig(lr=inner_lr, optimizer=inner_optimizer, loss=loss, algorithm=algorithm,
                                   grad_weights=weights, adam_betas=betas)
+        info = torch.finfo(self.dtype)
+        if inner_optimizer == "adam" and self.config.adam_eps <= info.smallest_normal * info.eps / 2:
+            # every backend adds eps in the parameters' dtype: 1e-8 is 0 in float16, and the first
+            # step divided 0 by 0 where a gradient element was 0 (a NonFiniteError at meta-step 1
+            # advising lower rates, which cannot help)
+            raise ValueError(f"inner_optimizer='adam' cannot train {self.dtype} parameters: its eps "
+                             f"({self.config.adam_eps:g}) is 0 in {self.dtype}, so each step divides by zero where a "
+                             f"gradient element is 0; use bfloat16 or float32 parameters, or inner_optimizer='sgd'")
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         if backend_options is not None and not isinstance(backend_options, dict):

@@ -224,3 +224,14 @@ def test_an_eps_that_is_zero_in_float16_is_refused_by_name(make):
     trainer.check_finite()
     bf = MLP().to(torch.bfloat16)
     Reptile(bf, backend="reference", inner_steps=1, outer_optimizer=torch.optim.Adam(bf.parameters(), lr=1e-3))
+
+
+def test_inner_adam_on_float16_parameters_is_refused_by_name():
+    """inner_optimizer='adam' on a float16 model: Adam's eps 1e-8 is 0 in float16, and every run
+    ended at meta-step 1 in NonFiniteError advising lower inner_lr/outer_lr (on every backend)."""
+    from reptile_fast.models import MLP
+
+    with pytest.raises(ValueError, match=r"inner_optimizer='adam' cannot train torch.float16 parameters: its eps"):
+        Reptile(MLP().half(), backend="reference", inner_steps=2, inner_optimizer="adam")
+    Reptile(MLP().to(torch.bfloat16), backend="reference", inner_steps=2, inner_optimizer="adam")
+    Reptile(MLP().half(), backend="reference", inner_steps=2, inner_optimizer="sgd")
