@@ -105,6 +105,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     from .validation import as_flags, out_of_memory_message, out_of_memory_or_raise
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+    paths = (args.out, args.resume)  # left as they are in errors worded with flags (as_flags)
     resume = None
     if args.resume is not None:
         try:
@@ -125,7 +126,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     try:
         config = SineConfig(**settings)
     except (ValueError, TypeError) as exc:
-        parser.error(as_flags(str(exc), CONFIG_FLAGS))
+        parser.error(as_flags(str(exc), CONFIG_FLAGS, keep=paths))
     try:
         check_device(config.device, what="--device", allowed=("cpu", "cuda"), job="the sine job")
     except (TypeError, ValueError) as exc:
@@ -159,7 +160,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     except (ValueError, TypeError, OSError) as exc:
         # the library's out-of-memory ValueErrors name its arguments: here the flag is what to lower
         return _error(isinstance(exc, ValueError) and out_of_memory_message(exc, oom_hint)
-                      or as_flags(str(exc), CONFIG_FLAGS))
+                      or as_flags(str(exc), CONFIG_FLAGS, keep=paths))
     except (MemoryError, RuntimeError) as exc:
         return _error(out_of_memory_or_raise(exc, oom_hint))
     if not main_rank:

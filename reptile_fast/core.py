@@ -88,6 +88,8 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         if t.is_complex():
             t = torch.view_as_real(t)
         if t.numel() and t.is_floating_point():  # (integers and bools are always finite)
+            if t.element_size() == 1:
+                t = t.float()  # float8 formats: torch has no aminmax for them (exact in float32)
             ends.extend(torch.aminmax(t))
     if not ends:
         return torch.ones((), dtype=torch.bool, device=tensors[0].device if len(tensors) else None)
@@ -115,9 +117,12 @@ def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtyp
     cannot be converted to type float without overflow"; NaN and inf turned φ into NaN: torch
     only refuses lr < 0).  Every other number of a param group (momentum, weight decay, betas,
     eps, ...) must not be NaN, and torch.optim's own ones not inf: torch takes NaN momentum or
-    weight decay and writes NaN into φ.
+    weight decay and writes NaN into φ.  A positive ``eps`` must not round to 0 in ``dtype``
+    (Adam's default 1e-8 in float16: 0/0 where a pseudo-gradient element is 0), except in a
+    ``fused`` group (float32 arithmetic).
     Reads host values only (a tensor hyper-parameter is left to torch)."""
     top = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps / 2  # half the least subnormal
     for i, group in enumerate(optimizer.param_groups):
         lr = group.get("lr")
         if not isinstance(lr, torch.Tensor) and (isinstance(lr, bool) or not isinstance(lr, Real)
@@ -131,6 +136,14 @@ def check_outer_optimizer_lr(optimizer: torch.optim.Optimizer, dtype: torch.dtyp
                 if isinstance(v, Real) and not isinstance(v, (bool, Integral)) and (
                         math.isnan(v) or (math.isinf(v) and key in _FINITE_OPTIMIZER_KEYS)):
                     raise ValueError(f"outer_optimizer's param_groups[{i}][{key!r}] must be finite, got {value!r}")
+                if key == "eps" and isinstance(v, Real) and 0 < v <= tiny and not group.get("fused"):
+                    # torch adds eps in the parameters' dtype (its fused kernels in float32): Adam's
+                    # default 1e-8 is 0 in float16, and where a pseudo-gradient element is 0 (or its
+                    # square underflows) the step divides by 0: NaN/inf in φ at the first meta-step
+                    raise ValueError(
+                        f"outer_optimizer's param_groups[{i}]['eps'] = {v!r} is 0 in {dtype} (values up to "
+                        f"{tiny:.3g} round to 0), so its step divides by zero where a pseudo-gradient element "
+                        f"is 0: use eps=1e-4 or larger for {dtype} parameters, or float32 parameters")
 
 
 def check_outer_optimizer_kind(optimizer: torch.optim.Optimizer) -> None:
@@ -161,8 +174,8 @@ def check_outer_optimizer_kind(optimizer: torch.optim.Optimizer) -> None:
 
 
 class _StepSnapshot:
-    """φ and an outer optimizer's per-parameter state as before its step, to put back when the
-    step overflowed or raised.
+    """φ, an outer optimizer's per-parameter state and its param groups' values (other than the
+    parameters) as before its step, to put back when the step is undone.
 
     The values are copied into buffers kept from one meta-step to the next (a fresh clone of
     every state tensor per meta-step doubled ``apply`` for a 264k-parameter MLP with Adam on the
@@ -208,11 +221,28 @@ class _StepSnapshot:
                     except Exception:  # noqa: BLE001 - not copyable (TypeError, pickling errors): keep it
                         entry[k] = v
             saved.append(entry)
+        # A param group's own values: an optimizer may keep state there (D-Adaptation's and
+        # Prodigy's step count and scale d), which an undone step must not keep either.  Shallow
+        # copies (a step replaces a number; a tensor value is copied like the state's).
+        groups = []
+        for group in optimizer.param_groups:
+            values = {k: v for k, v in group.items() if k != "params"}
+            for v in values.values():
+                if isinstance(v, torch.Tensor) and id(v) not in memo:
+                    memo[id(v)] = v
+                    kept = self._buffers.get(id(v))
+                    if kept is None or kept[0] is not v or kept[1].shape != v.shape \
+                            or kept[1].dtype != v.dtype or kept[1].device != v.device:
+                        kept = (v, torch.empty_like(v))
+                    buffers[id(v)] = kept
+                    kept[1].copy_(v)
+                    live.append(kept)
+            groups.append(values)
         self._buffers = buffers  # tensors the state no longer holds are let go
-        return saved, live
+        return saved, live, groups
 
     def restore(self, optimizer: torch.optim.Optimizer, taken: tuple) -> None:
-        saved, live = taken
+        saved, live, groups = taken
         torch._foreach_copy_(self.params, self._phi)
         for v, buffer in live:
             v.copy_(buffer)
@@ -221,6 +251,10 @@ class _StepSnapshot:
                 optimizer.state.pop(p, None)
             else:
                 optimizer.state[p] = s
+        for group, values in zip(optimizer.param_groups, groups):
+            for k in [k for k in group if k != "params" and k not in values]:
+                del group[k]  # (a value the undone step added)
+            group.update(values)
 
 
 class OuterUpdate:

@@ -502,6 +502,9 @@ def run_command(args) -> int:
     from .validation import as_flags, out_of_memory_message, out_of_memory_or_raise
 
     flags = [f.name for f in fields(OmniglotConfig)]
+    # the command's paths are left as they are in errors worded with flags (as_flags)
+    paths = [getattr(args, k, None) for k in ("out", "resume", "test", "runs", "model")]
+    paths += list(getattr(args, "train", None) or [])
     main_rank = is_main()  # under torchrun, rank 0 alone prints
     log = (lambda m: print(m, file=sys.stderr)) if main_rank else (lambda m: None)  # noqa: E731 - stdout: JSON
     if args.command == "omniglot-runs":
@@ -515,7 +518,7 @@ def run_command(args) -> int:
     try:
         config, out, resume = config_from_args(args)
     except (OSError, ValueError, TypeError) as exc:
-        return _err(as_flags(str(exc), flags))
+        return _err(as_flags(str(exc), flags, keep=paths))
     problem = _check_device(config.device)
     if problem:
         return _err(problem)
@@ -534,7 +537,7 @@ def run_command(args) -> int:
     except (OSError, ValueError, TypeError) as exc:
         # the library's out-of-memory ValueErrors name its arguments: here the flags are what to lower
         return _err(isinstance(exc, ValueError) and out_of_memory_message(exc, oom_hint)
-                    or as_flags(str(exc), flags))
+                    or as_flags(str(exc), flags, keep=paths))
     except (MemoryError, RuntimeError) as exc:
         return _err(out_of_memory_or_raise(exc, oom_hint))
     if not main_rank:

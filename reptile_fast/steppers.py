@@ -65,6 +65,23 @@ class Stepper:
         """Raise ``NonFiniteError`` if a meta-step since the last check was skipped as non-finite."""
 
 
+class RngMark:
+    """The global RNG states a model's own random operations draw from (the CPU's, and the CUDA
+    device's), taken before a call a fallback may rerun and put back before the rerun: backend
+    torch draws a model's dropout masks under vmap before refusing a later operation, and the
+    rerun must draw what the new backend alone would have drawn.  ~1 µs on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
 class EagerStepper(Stepper):
     """``backend.inner_loop`` + ``reducer`` + ``OuterUpdate``, one meta-step at a time.
 
@@ -76,7 +93,8 @@ class EagerStepper(Stepper):
         reducer: turns per-task deltas into means (default: ``core.local_mean``).
         fallback: ``UnsupportedModelError -> backend or None``: where the backend refuses the
             model only when it runs (``backend="auto"``'s torch under vmap), the backend to run
-            this and every later meta-step on (None: the error is raised).
+            this and every later meta-step on (None: the error is raised).  The global RNG is
+            put back as before the refused call first (``RngMark``), so the rerun draws the same.
     """
 
     chunk = 1
@@ -90,17 +108,21 @@ class EagerStepper(Stepper):
         self.reducer = reducer or local_mean
         self._checked_reducer = local_mean
         self.name = backend.name
+        self.fallback_reason: Optional[str] = None  # why the stepper moved to another backend
 
     def step(self, tasks: TaskBatch, plan: torch.Tensor, eps, iteration: int) -> torch.Tensor:
         """One meta-step on ``T`` tasks with plan ``[T, R, B]``; returns the mean loss (0-dim)."""
+        mark = RngMark(self.named[0][1].device) if self.fallback is not None else None
         try:
             result = self.backend.inner_loop(self.model, tasks, plan, self.config)
         except UnsupportedModelError as exc:
             backend = self.fallback(exc) if self.fallback is not None else None
             if backend is None:
                 raise
-            # (the inner loop raised before φ changed: the same draws run on the new backend)
-            self.backend, self.name = backend, backend.name
+            # (the inner loop raised before φ changed: the same draws run on the new backend, and
+            # the model's own random operations draw from the RNG as it was before the call)
+            mark.restore()
+            self.move_to(backend, str(exc))
             result = backend.inner_loop(self.model, tasks, plan, self.config)
         reduced = self.reducer(per_task_deltas(self.named, result), result.losses)
         if self.reducer is not self._checked_reducer:  # another reducer's first answer (metadata only)
@@ -109,6 +131,12 @@ class EagerStepper(Stepper):
         mean_deltas, mean_loss = reduced
         self.outer.apply(mean_deltas, mean_loss, eps, iteration)
         return mean_loss
+
+    def move_to(self, backend: Backend, reason: str) -> None:
+        """Run every later meta-step on ``backend`` (``reason``: why, in ``fit``'s stats as
+        ``fallback_reason``); no further move (nor RNG mark) after it."""
+        self.backend, self.name, self.fallback = backend, backend.name, None
+        self.fallback_reason = reason
 
     def _check_reduced(self, reduced) -> None:
         """ValueError/TypeError unless ``reduced`` is ``(one tensor per parameter, shaped like it, a

@@ -21,8 +21,8 @@ from .model_watch import check_followable, structure_key
 from .loop import (DEFAULT_LOG_EVERY, Callback, CheckedDraws, FunctionCallback, HistoryCallback, ProgressCallback,
                    StreamSampler, TrainingLoop)
 from .signals import TrainingInterrupted
-from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_options,
-                       check_compiled_supported)
+from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, RngMark,
+                       check_compiled_options, check_compiled_supported)
 from .tasks.base import TaskBatch, sample_indices
 from .trainer_state import load_trainer_state, trainer_hparams, trainer_state_dict
 from .validation import (check_fit_args, check_float, check_inner_options, check_int, check_meta_model,
@@ -97,6 +97,14 @@ class Reptile(HyperParameters):
         self.outer_lr_final = outer_lr_final
         self.config = InnerConfig(lr=inner_lr, optimizer=inner_optimizer, loss=loss, algorithm=algorithm,
                                   grad_weights=weights, adam_betas=betas)
+        info = torch.finfo(self.dtype)
+        if inner_optimizer == "adam" and self.config.adam_eps <= info.smallest_normal * info.eps / 2:
+            # every backend adds eps in the parameters' dtype: 1e-8 is 0 in float16, and the first
+            # step divided 0 by 0 where a gradient element was 0 (a NonFiniteError at meta-step 1
+            # advising lower rates, which cannot help)
+            raise ValueError(f"inner_optimizer='adam' cannot train {self.dtype} parameters: its eps "
+                             f"({self.config.adam_eps:g}) is 0 in {self.dtype}, so each step divides by zero where a "
+                             f"gradient element is 0; use bfloat16 or float32 parameters, or inner_optimizer='sgd'")
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         if backend_options is not None and not isinstance(backend_options, dict):
@@ -111,6 +119,7 @@ class Reptile(HyperParameters):
         backend = resolve_backend(backend, model, self.device, self.config, backend_options,
                                   batch_size=self.inner_batch_size)
         self.checker = InputChecker(model, loss, self.device, self.dtype)
+        self._auto_moved = False  # auto moved to reference (_auto_fallback): it stays there
         self._use_backend(backend)
         self._structure = structure_key(model)
         self.iteration = 0
@@ -127,8 +136,10 @@ class Reptile(HyperParameters):
             # The trainer checks plans and labels where they enter (InputChecker, checked samplers):
             # a backend's own per-call check would read the device every meta-step.
             backend.validate = False
+        # (only auto's torch can move: no RNG mark per meta-step on any other backend)
+        movable = self.backend_name == "auto" and backend.name == "torch"
         self._eager = EagerStepper(backend, self.model, self.config, self.outer_optimizer,
-                                   fallback=self._auto_fallback)
+                                   fallback=self._auto_fallback if movable else None)
         # a backend that fuses the outer update too (triton with {"fused": True}) brings its own
         # stepper; asked for by the environment only (a preference), it gives way where it cannot run
         self._make_fused()
@@ -153,18 +164,20 @@ class Reptile(HyperParameters):
                       f"task by task): {exc}", UserWarning, stacklevel=4)
         if hasattr(backend, "validate") and "validate" not in (self._backend_options or {}):
             backend.validate = False  # as _use_backend: the trainer checks inputs where they enter
-        self.backend = backend
+        self.backend, self._auto_moved = backend, True
         return backend
 
     def _inner(self, method: str, *args):
         """``self.backend.<method>(*args)``, with auto's move to reference (``_auto_fallback``)."""
+        mark = RngMark(self.device) if self._eager.fallback is not None else None
         try:
             return getattr(self.backend, method)(*args)
         except UnsupportedModelError as exc:
-            backend = self._auto_fallback(exc)
+            backend = self._auto_fallback(exc) if mark is not None else None
             if backend is None:
                 raise
-            self._eager.backend, self._eager.name = backend, backend.name
+            mark.restore()  # (the refused call may have drawn a dropout mask: rerun on the same RNG)
+            self._eager.move_to(backend, str(exc))
             return getattr(backend, method)(*args)
 
     def _follow_batch_size(self, batch_size: int) -> None:
@@ -172,7 +185,8 @@ class Reptile(HyperParameters):
         (``UnsupportedModelError``); under ``backend="auto"`` the trainer moves to the backend
         ``auto`` picks for it (kernel v2 takes at most 32 points: torch beyond), as a trainer built
         with it would."""
-        if self.backend_name != "auto":
+        if self.backend_name != "auto" or self._auto_moved:
+            # (after auto's move to reference: torch would refuse the model again, warning again)
             self.backend.check_batch_size(self.model, batch_size)
             return
         backend = resolve_backend("auto", self.model, self.device, self.config, batch_size=batch_size)

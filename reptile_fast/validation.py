@@ -288,17 +288,24 @@ def out_of_memory_or_raise(exc: BaseException, hint: str) -> str:
     return message
 
 
-def as_flags(message: str, names) -> str:
+def as_flags(message: str, names, keep=()) -> str:
     """``message`` (a library error) in a command line's words: each setting of ``names`` that the
     message names as the library spells it, ``inner_batch_size`` or ``iterations=100``, becomes the
     flag that sets it, ``--inner-batch-size`` / ``--iterations 100``.  Plain words without an
     underscore ("shots", "seed") are changed only in the ``name=value`` form, as they also occur
-    in ordinary prose."""
+    in ordinary prose.  Paths are left as they are: the strings of ``keep`` (the command's own
+    paths, e.g. its ``--out``) and every word with a ``/`` or ``\\`` in it (a folder named
+    ``seed=3`` or ``inner_lr`` is not a setting)."""
     import re
 
-    for name in sorted(names, key=len, reverse=True):  # (outer_lr_final before outer_lr)
-        flag = "--" + name.replace("_", "-")
-        message = re.sub(rf"(?<![\w-]){re.escape(name)}=(?=\S)", flag + " ", message)
-        if "_" in name:
-            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=])", flag, message)
-    return message
+    protected = [re.escape(str(k)) for k in sorted({str(k) for k in keep if k}, key=len, reverse=True)]
+    parts = re.split("(" + "|".join([*protected, r"[^\s'\"]*[/\\][^\s'\"]*"]) + ")", message)
+    for i in range(0, len(parts), 2):  # (odd indices: the protected strings)
+        part = parts[i]
+        for name in sorted(names, key=len, reverse=True):  # (outer_lr_final before outer_lr)
+            flag = "--" + name.replace("_", "-")
+            part = re.sub(rf"(?<![\w-]){re.escape(name)}=(?=\S)", flag + " ", part)
+            if "_" in name:
+                part = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=])", flag, part)
+        parts[i] = part
+    return "".join(parts)
