@@ -9,6 +9,7 @@ import torch.nn as nn
 from reptile_fast import NonFiniteError, Reptile
 from reptile_fast.core import OuterUpdate, all_finite
 from reptile_fast.tasks.base import TaskBatch, sample_indices
+from test_auto_fallback import DataDependentIf, _tasks  # (tests/ is on sys.path under pytest)
 
 
 # ---------------------------------------------------------------- auto's move to reference
@@ -23,10 +24,6 @@ class DropoutThenIf(nn.Module):
     def forward(self, x):
         y = self.lin(nn.functional.dropout(x, 0.5, True))
         return y if y.sum() > 0 else -y
-
-
-def _tasks(g, n=3):
-    return TaskBatch(torch.randn(n, 12, 3, generator=g), torch.randn(n, 12, 2, generator=g))
 
 
 @pytest.mark.parametrize("call", ["meta_step", "evaluate"])
@@ -55,17 +52,6 @@ def test_the_move_reruns_on_the_rng_as_before_the_refused_call(call):
     assert auto.backend.name == "reference"
     for a, b in zip(*outs):
         assert torch.equal(a, b)
-
-
-
-class DataDependentIf(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 2)
-
-    def forward(self, x):
-        y = self.lin(x)
-        return y if y.sum() > 0 else -y
 
 
 def test_after_the_move_a_new_batch_size_stays_on_reference():
