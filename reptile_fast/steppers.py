@@ -112,18 +112,7 @@ class EagerStepper(Stepper):
 
     def step(self, tasks: TaskBatch, plan: torch.Tensor, eps, iteration: int) -> torch.Tensor:
         """One meta-step on ``T`` tasks with plan ``[T, R, B]``; returns the mean loss (0-dim)."""
-        mark = RngMark(self.named[0][1].device) if self.fallback is not None else None
-        try:
-            result = self.backend.inner_loop(self.model, tasks, plan, self.config)
-        except UnsupportedModelError as exc:
-            backend = self.fallback(exc) if self.fallback is not None else None
-            if backend is None:
-                raise
-            # (the inner loop raised before φ changed: the same draws run on the new backend, and
-            # the model's own random operations draw from the RNG as it was before the call)
-            mark.restore()
-            self.move_to(backend, str(exc))
-            result = backend.inner_loop(self.model, tasks, plan, self.config)
+        result = self.call_backend("inner_loop", self.model, tasks, plan, self.config)
         reduced = self.reducer(per_task_deltas(self.named, result), result.losses)
         if self.reducer is not self._checked_reducer:  # another reducer's first answer (metadata only)
             self._check_reduced(reduced)
@@ -131,6 +120,22 @@ class EagerStepper(Stepper):
         mean_deltas, mean_loss = reduced
         self.outer.apply(mean_deltas, mean_loss, eps, iteration)
         return mean_loss
+
+    def call_backend(self, method: str, *args):
+        """``self.backend.<method>(*args)``; where the backend refuses the model as it runs and
+        ``fallback`` gives another, the call again on that one, which every later call uses."""
+        mark = RngMark(self.named[0][1].device) if self.fallback is not None else None
+        try:
+            return getattr(self.backend, method)(*args)
+        except UnsupportedModelError as exc:
+            backend = self.fallback(exc) if mark is not None else None
+            if backend is None:
+                raise
+            # (the refused call raised before φ changed: the same draws run on the new backend, and
+            # the model's own random operations draw from the RNG as it was before the call)
+            mark.restore()
+            self.move_to(backend, str(exc))
+            return getattr(backend, method)(*args)
 
     def move_to(self, backend: Backend, reason: str) -> None:
         """Run every later meta-step on ``backend`` (``reason``: why, in ``fit``'s stats as

@@ -21,8 +21,8 @@ from .model_watch import check_followable, structure_key
 from .loop import (DEFAULT_LOG_EVERY, Callback, CheckedDraws, FunctionCallback, HistoryCallback, ProgressCallback,
                    StreamSampler, TrainingLoop)
 from .signals import TrainingInterrupted
-from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, RngMark,
-                       check_compiled_options, check_compiled_supported)
+from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_options,
+                       check_compiled_supported)
 from .tasks.base import TaskBatch, sample_indices
 from .trainer_state import load_trainer_state, trainer_hparams, trainer_state_dict
 from .validation import (check_fit_args, check_float, check_inner_options, check_int, check_meta_model,
@@ -168,17 +168,9 @@ class Reptile(HyperParameters):
         return backend
 
     def _inner(self, method: str, *args):
-        """``self.backend.<method>(*args)``, with auto's move to reference (``_auto_fallback``)."""
-        mark = RngMark(self.device) if self._eager.fallback is not None else None
-        try:
-            return getattr(self.backend, method)(*args)
-        except UnsupportedModelError as exc:
-            backend = self._auto_fallback(exc) if mark is not None else None
-            if backend is None:
-                raise
-            mark.restore()  # (the refused call may have drawn a dropout mask: rerun on the same RNG)
-            self._eager.move_to(backend, str(exc))
-            return getattr(backend, method)(*args)
+        """``self.backend.<method>(*args)``, with auto's move to reference (``_auto_fallback``),
+        through the eager stepper, which then runs the meta-steps on reference too."""
+        return self._eager.call_backend(method, *args)
 
     def _follow_batch_size(self, batch_size: int) -> None:
         """A new ``inner_batch_size``: a named backend that cannot take it refuses it
