@@ -196,6 +196,20 @@ class _StepSnapshot:
         state = optimizer.state
         memo = {id(p): p for p in self.params}
         saved, live, buffers = [], [], {}
+
+        def keep(v: torch.Tensor) -> None:
+            """Copy ``v`` into its kept buffer, once per tensor (a parameter is put back with φ)."""
+            if id(v) in memo:
+                return
+            memo[id(v)] = v
+            kept = self._buffers.get(id(v))
+            if kept is None or kept[0] is not v or kept[1].shape != v.shape \
+                    or kept[1].dtype != v.dtype or kept[1].device != v.device:
+                kept = (v, torch.empty_like(v))
+            buffers[id(v)] = kept
+            kept[1].copy_(v)  # (one by one: Adam's step count may sit on the CPU)
+            live.append(kept)
+
         for p in self.params:
             own = state.get(p)  # (one Tensor.__hash__ call, and no entry made in the defaultdict)
             if own is None:
@@ -204,16 +218,7 @@ class _StepSnapshot:
             entry = {}
             for k, v in own.items():
                 if isinstance(v, torch.Tensor):
-                    key = id(v)
-                    if key not in memo:  # once per tensor; a parameter is put back with φ
-                        memo[key] = v
-                        kept = self._buffers.get(key)
-                        if kept is None or kept[0] is not v or kept[1].shape != v.shape \
-                                or kept[1].dtype != v.dtype or kept[1].device != v.device:
-                            kept = (v, torch.empty_like(v))
-                        buffers[key] = kept
-                        kept[1].copy_(v)  # (one by one: Adam's step count may sit on the CPU)
-                        live.append(kept)
+                    keep(v)
                     entry[k] = v
                 else:
                     try:
@@ -228,15 +233,8 @@ class _StepSnapshot:
         for group in optimizer.param_groups:
             values = {k: v for k, v in group.items() if k != "params"}
             for v in values.values():
-                if isinstance(v, torch.Tensor) and id(v) not in memo:
-                    memo[id(v)] = v
-                    kept = self._buffers.get(id(v))
-                    if kept is None or kept[0] is not v or kept[1].shape != v.shape \
-                            or kept[1].dtype != v.dtype or kept[1].device != v.device:
-                        kept = (v, torch.empty_like(v))
-                    buffers[id(v)] = kept
-                    kept[1].copy_(v)
-                    live.append(kept)
+                if isinstance(v, torch.Tensor):
+                    keep(v)
             groups.append(values)
         self._buffers = buffers  # tensors the state no longer holds are let go
         return saved, live, groups
