@@ -16,7 +16,8 @@ reads — raises ``NonFiniteError`` naming the first bad meta-step, with φ exac
 meta-step before it.  (An outer ``torch.optim`` optimizer cannot be skipped on the device: with
 one, every meta-step reads one flag after the optimizer's step, which is undone, state included,
 if the meta-step's loss or deltas were not finite, or the step overflowed φ or the optimizer's
-per-parameter state.)
+per-parameter state.  An optimizer with step hooks reads the deltas' flag before its step too,
+and skips it when they are not finite, so its hooks see no step that is then undone.)
 """
 from __future__ import annotations
 
@@ -173,6 +174,25 @@ def check_outer_optimizer_kind(optimizer: torch.optim.Optimizer) -> None:
                                      f"capturable=False")
 
 
+def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` runs step hooks (its own or torch's global ones)."""
+    from torch.optim import optimizer as optim_module
+    return bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)
+                or getattr(optimizer, "_optimizer_step_post_hooks", None)
+                or getattr(optim_module, "_global_optimizer_pre_hooks", None)
+                or getattr(optim_module, "_global_optimizer_post_hooks", None))
+
+
+def _copied(value, memo: dict):
+    """A deep copy of a non-tensor optimizer value, or the value itself where it cannot be copied."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value  # (most values: no deepcopy machinery per meta-step)
+    try:
+        return copy.deepcopy(value, memo)
+    except Exception:  # noqa: BLE001 - not copyable (TypeError, pickling errors): keep it
+        return value
+
+
 class _StepSnapshot:
     """φ, an outer optimizer's per-parameter state and its param groups' values (other than the
     parameters) as before its step, to put back when the step is undone.
@@ -221,20 +241,23 @@ class _StepSnapshot:
                     keep(v)
                     entry[k] = v
                 else:
-                    try:
-                        entry[k] = copy.deepcopy(v, memo)
-                    except Exception:  # noqa: BLE001 - not copyable (TypeError, pickling errors): keep it
-                        entry[k] = v
+                    entry[k] = _copied(v, memo)
             saved.append(entry)
         # A param group's own values: an optimizer may keep state there (D-Adaptation's and
-        # Prodigy's step count and scale d), which an undone step must not keep either.  Shallow
-        # copies (a step replaces a number; a tensor value is copied like the state's).
+        # Prodigy's step count and scale d), which an undone step must not keep either.  A tensor
+        # value is copied like the state's; others are deep-copied as the state's are (a list the
+        # step appends to in place would otherwise keep the undone step's entry).
         groups = []
         for group in optimizer.param_groups:
-            values = {k: v for k, v in group.items() if k != "params"}
-            for v in values.values():
+            values = {}
+            for k, v in group.items():
+                if k == "params":
+                    continue
                 if isinstance(v, torch.Tensor):
                     keep(v)
+                    values[k] = v
+                else:
+                    values[k] = _copied(v, memo)
             groups.append(values)
         self._buffers = buffers  # tensors the state no longer holds are let go
         return saved, live, groups
@@ -311,6 +334,11 @@ class OuterUpdate:
         optimizer = self.outer_optimizer
         finite = all_finite([mean_loss, *mean_deltas])
         check_outer_optimizer_lr(optimizer, tensors[0].dtype)  # a scheduler may have set it
+        if _has_step_hooks(optimizer) and not bool(finite & self._healthy):
+            # Step hooks (an EMA of the weights, a step counter) would see a step that is then
+            # undone: with hooks, bad deltas skip the step, for one more host read per meta-step.
+            self._mark_bad(finite, iteration)
+            return
         if self._snapshot is None:
             self._snapshot = _StepSnapshot(tensors)
         taken = self._snapshot.take(optimizer)

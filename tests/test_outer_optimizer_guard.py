@@ -250,3 +250,72 @@ def test_one_host_read_per_meta_step_and_no_nan_reaches_the_optimizer(monkeypatc
     assert torch.equal(w.detach(), phi_before), "φ"
     _assert_same_state(_state(opt, [w]), state_before)
     assert all(torch.isfinite(g).all() for g in opt.seen), "a NaN gradient reached the optimizer"
+
+
+class _AppendsToItsGroup(torch.optim.SGD):
+    """SGD that records each step's size in a list held by its param group (changed in place)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        for group in self.param_groups:
+            group["history"] = []
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["history"].append(len(group["history"]))
+        return super().step(closure)
+
+
+def test_an_undone_step_puts_back_a_param_group_list_changed_in_place():
+    """The param-group snapshot was shallow: a list the step appended to kept the undone step's
+    entry."""
+    from reptile_fast.core import OuterUpdate
+
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = _AppendsToItsGroup([w], lr=0.1)
+    update = OuterUpdate([("w", w)], opt)
+    update.apply([torch.ones(3)], torch.zeros(()), 1.0, 1)
+    update.check()
+    assert opt.param_groups[0]["history"] == [0]
+    update.apply([torch.full((3,), float("nan"))], torch.zeros(()), 1.0, 2)
+    with pytest.raises(NonFiniteError, match="meta-step 2"):
+        update.check()
+    assert opt.param_groups[0]["history"] == [0], "the undone step's entry was kept"
+    update.apply([torch.ones(3)], torch.zeros(()), 1.0, 3)
+    update.check()
+    assert opt.param_groups[0]["history"] == [0, 1]
+
+
+@pytest.mark.parametrize("where", ["optimizer", "global"])
+def test_step_hooks_never_see_a_step_with_non_finite_deltas(where):
+    """The step ran on every meta-step (NaN set to 0) and was undone after: a post-step hook (an EMA
+    of the weights, a step counter) saw the undone step.  With hooks, bad deltas skip the step."""
+    from reptile_fast.core import OuterUpdate
+
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    seen = []
+    hook = lambda optimizer, args, kwargs: seen.append(w.detach().clone())  # noqa: E731
+    if where == "optimizer":
+        handle = opt.register_step_post_hook(hook)
+    else:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        handle = register_optimizer_step_post_hook(hook)
+    try:
+        update = OuterUpdate([("w", w)], opt)
+        update.apply([torch.ones(3)], torch.zeros(()), 1.0, 1)
+        update.check()
+        assert len(seen) == 1
+        state_before, phi_before = _state(opt, [w]), w.detach().clone()
+        update.apply([torch.full((3,), float("nan"))], torch.zeros(()), 1.0, 2)
+        update.apply([torch.ones(3)], torch.zeros(()), 1.0, 3)  # skipped until the check
+        assert len(seen) == 1, f"hooks ran on {len(seen) - 1} skipped step(s)"
+        with pytest.raises(NonFiniteError, match="meta-step 2"):
+            update.check()
+        assert torch.equal(w.detach(), phi_before), "φ"
+        _assert_same_state(_state(opt, [w]), state_before)
+        update.apply([torch.ones(3)], torch.zeros(()), 1.0, 4)
+        update.check()
+        assert len(seen) == 2 and torch.equal(seen[-1], w.detach())
+    finally:
+        handle.remove()
