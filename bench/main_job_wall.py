@@ -13,7 +13,9 @@ Each round, in a rotating order so that the shared machine's drifting load hits 
 Whole process wall time (subprocess start to exit, imports included).  Optionally, once each:
 ``--baseline REV`` — the main job of an earlier commit (``git archive REV``, e.g. 3f7f800, whose
 compiled path was ``torch.compile``'s ``scan``), cold and warm; ``--seed-program`` — the seed's
-own ``seed_program.py`` (its 30000 iterations and its demo; ``SEED_THREADS=1`` pins its threads).
+own ``seed_program.py`` (its 30000 iterations and its demo; ``SEED_THREADS=1`` pins its threads);
+``--no-compiler`` — each round also runs the main job as on a slim image with no C or C++ compiler
+(``PATH`` an empty folder, ``CC``/``CXX`` unset, warm caches otherwise): the eager fallback.
 
     python -m bench.main_job_wall --rounds 5 --jax-python /work/venvs/cpu/bin/python \\
         --baseline 3f7f800 --seed-program --out bench/results/main_job_wall_cpu.json
@@ -72,9 +74,19 @@ def _timed(cmd, *, env, cwd=None, metrics: Path = None) -> dict:
             raise RuntimeError(f"{' '.join(map(str, cmd))}: post-adaptation MSE {mse!r} is not a trained model's "
                                f"(<= {MAX_TRAINED_MSE}), so its time is not a result")
         out.update({k: m[k] for k in ("post_adaptation_mse", "train_seconds", "compile_seconds", "eval_seconds",
-                                      "ms_per_iteration", "import_seconds", "eval_compile_seconds")
+                                      "ms_per_iteration", "import_seconds", "eval_compile_seconds", "backend",
+                                      "mode")
                     if k in m})
     return out
+
+
+def no_compiler_env(env: dict, empty: Path) -> dict:
+    """``env`` as on a machine with no C or C++ compiler: nothing on ``PATH`` (the interpreter is
+    called by its full path) and no ``CC``/``CXX``."""
+    empty.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in env.items() if k not in ("CC", "CXX")}
+    env["PATH"] = str(empty)
+    return env
 
 
 def main_job(python: str, src: Path, out: Path, env: dict) -> dict:
@@ -103,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--jax-python", default=None, help="interpreter that has JAX (default: --python)")
     p.add_argument("--baseline", default=None, help="also time this git revision's main job once, cold and warm")
     p.add_argument("--seed-program", action="store_true", help="also time the seed's own program once")
+    p.add_argument("--no-compiler", action="store_true",
+                   help="each round, also time the main job with no C/C++ compiler on PATH (the eager fallback)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "main_job_wall_cpu.json"))
     args = p.parse_args(argv)
     jax_python = args.jax_python or args.python
@@ -111,6 +125,8 @@ def main(argv=None) -> int:
 
     series = {"cold": [], "warm": [], "jax": []}
     ratios = {"cold_over_jax": [], "warm_over_jax": []}
+    if args.no_compiler:
+        series["no_compiler"], ratios["no_compiler_over_warm"] = [], []
     result = {"experiment": "the main job (reptile-fast sine, defaults: the seed's experiment) wall time, "
                             "cold (empty compile caches) and warm, beside the same experiment in JAX",
               "main_job_command": "python -m reptile_fast sine --out <tmp> --no-progress",
@@ -121,7 +137,7 @@ def main(argv=None) -> int:
         """Write what has been measured so far (a crash or Ctrl-C later keeps it)."""
         if series["cold"] and series["warm"] and series["jax"]:
             result["summary"] = {k: summary(v) for k, v in series.items()}
-            done = min(len(ratios["cold_over_jax"]), len(ratios["warm_over_jax"]))
+            done = min(len(v) for v in ratios.values())
             if done:
                 result["ratios"] = {k: {"per_round": v, "median": statistics.median(v)} for k, v in ratios.items()}
                 result["targets"] = {"cold_over_jax_max": 2.0, "warm_over_jax_max": 1.0,
@@ -143,16 +159,27 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             env = _fresh_cache_env(tmp / f"caches{r}")
             order = [("cold", "warm", "jax"), ("jax", "cold", "warm"), ("cold", "jax", "warm")][r % 3]
+            if args.no_compiler:  # after cold, on the caches it filled (which hold no program it can use)
+                order = order + ("no_compiler",) if r % 2 == 0 else ("cold", "no_compiler") + tuple(
+                    k for k in order if k != "cold")
             got = {}
             for kind in order:
                 if kind == "jax":
                     got[kind] = jax_job(jax_python, tmp / "jax")
+                elif kind == "no_compiler":
+                    got[kind] = main_job(args.python, ROOT, tmp / "job", no_compiler_env(env, tmp / "no_bin"))
+                    if got[kind].get("mode") != "eager":
+                        raise RuntimeError(f"the main job without a compiler ran mode {got[kind].get('mode')!r}, "
+                                           f"not the eager fallback: a compiler was still found")
                 else:  # warm always runs after cold, on the caches cold filled
                     got[kind] = main_job(args.python, ROOT, tmp / "job", env)
                 series[kind].append(got[kind])
                 print(r, kind, json.dumps(got[kind]), flush=True)
             ratios["cold_over_jax"].append(got["cold"]["wall_seconds"] / got["jax"]["wall_seconds"])
             ratios["warm_over_jax"].append(got["warm"]["wall_seconds"] / got["jax"]["wall_seconds"])
+            if args.no_compiler:
+                ratios["no_compiler_over_warm"].append(got["no_compiler"]["wall_seconds"]
+                                                       / got["warm"]["wall_seconds"])
             write()
         if args.baseline:
             src = tmp / "baseline"
