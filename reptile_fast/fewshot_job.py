@@ -124,6 +124,16 @@ def omniglot_preset(ways: int) -> Dict[str, Any]:
                 eval_batch_size=5)
 
 
+def _tasks(what: str, data, **settings) -> Omniglot:
+    """``Omniglot(data, **settings)``; its ValueError (too few classes or images) says which of the
+    job's task sets, and with which settings, ``what``, cannot be drawn (the family's own words
+    named neither the set nor --train-shots)."""
+    try:
+        return Omniglot(data, **settings)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
 def _trainer(config: OmniglotConfig, model) -> Reptile:
     return Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                    inner_batch_size=config.inner_batch_size, outer_lr=config.outer_lr,
@@ -216,10 +226,12 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
                          f"({train_alphabets}): nothing is left to test on")
     log(f"train alphabets ({len(train_alphabets)}): {', '.join(train_alphabets)}")
     log(f"test alphabets ({len(test_alphabets)}, training alphabets removed): {', '.join(test_alphabets)}")
-    train_dist = Omniglot(train_data, ways=config.ways, shots=config.train_shots, query_shots=0,
-                          rotations=ROTATIONS)
-    test_sets = {k: Omniglot(test_data, ways=config.ways, shots=k, query_shots=config.query_shots,
-                             alphabets=test_alphabets) for k in config.shots}
+    train_dist = _tasks(f"training tasks from --train (ways={config.ways}, train_shots={config.train_shots} "
+                        f"images per class)", train_data, ways=config.ways, shots=config.train_shots,
+                        query_shots=0, rotations=ROTATIONS)
+    test_sets = {k: _tasks(f"{k}-shot test tasks from --test's held-out alphabets (ways={config.ways}, shots={k}, "
+                           f"query_shots={config.query_shots})", test_data, ways=config.ways, shots=k,
+                           query_shots=config.query_shots, alphabets=test_alphabets) for k in config.shots}
     load_s = time.perf_counter() - t_load
 
     torch.manual_seed(config.seed)

@@ -133,3 +133,21 @@ def test_dropin_refuses_a_model_with_every_parameter_frozen():
     model = reference.MLP(1, 4, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="every model parameter is frozen"):
         reptile_fast.reptile(model, 2, reference.sample_task, reference.perform_k_training_steps, progress=False)
+
+
+@pytest.mark.parametrize("flags, named, not_named", [
+    # training set too small for --train-shots: it said "tasks need shots + --query-shots = 5"
+    (["--train-shots", "5"], ["training tasks from --train", "--train-shots 5", "need shots = 5"], ["--query-shots"]),
+    (["--train-shots", "1", "--inner-batch-size", "2", "--shots", "1", "4"],
+     ["4-shot test tasks from --test", "--shots 4", "--query-shots 1", "4 + 1 = 5"], ["training tasks"]),
+    (["--ways", "4", "--train-shots", "1", "--inner-batch-size", "2"],
+     ["test tasks from --test's held-out alphabets", "--ways 4", "give 3"], ["training tasks"]),
+])
+def test_omniglot_job_says_which_task_set_is_too_small(tmp_path, capsys, flags, named, not_named):
+    train = make_folder(tmp_path / "a", {"Alpha": 3, "Beta": 2}, prefix="small1")  # 4 images per character
+    test = make_folder(tmp_path / "b", {"Gamma": 3}, prefix="small2")
+    assert main(["omniglot", "--train", str(train), "--test", str(test), "--ways", "3", "--iterations", "1",
+                 "--eval-tasks", "1", "--validate-every", "0", "--threads", "1", "--no-progress",
+                 "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert all(w in err for w in named) and not any(w in err for w in not_named), err
