@@ -17,6 +17,31 @@ from reptile_fast.dropin import ReferencePathWarning
 from reptile_fast.fewshot_job import OmniglotConfig, config_from_args
 
 
+# ---------------------------------------------------------------------- reference vs the seed program
+def test_reference_is_the_seed_program_at_other_settings(seed_module):
+    """Another width, k, epsilon, task size and minibatch size: reference.reptile (and its MLP)
+    end bitwise where the seed's program does, and leave the global RNG in the same state."""
+    def task(module):
+        def sample_task():  # 23 points: k·N // batch = 2·23 // 7 = 6 steps of randperm(23)[:7]
+            x, y, loss = module.sample_task()
+            return x[:23], y[:23], loss
+        return sample_task
+
+    runs = []
+    for module in (seed_module, reference):
+        torch.manual_seed(2)
+        model = module.MLP(1, 17, 1)
+        inner = lambda m, t, k, f=module.perform_k_training_steps: f(m, t, k, batch_size=7)  # noqa: E731
+        torch.manual_seed(9)
+        kwargs = {} if module is seed_module else {"progress": False}
+        module.reptile(model, 4, task(module), inner, 2, 0.37, **kwargs)
+        runs.append((model, torch.get_rng_state()))
+    (seed_model, seed_rng), (ours, our_rng) = runs
+    for (name, a), b in zip(seed_model.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name
+    assert torch.equal(seed_rng, our_rng)
+
+
 # ---------------------------------------------------------------------- drop-in: frozen parameters
 def _frozen_mlp():
     torch.manual_seed(0)
