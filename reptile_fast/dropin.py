@@ -16,7 +16,8 @@ Which path runs (``stats["path"]`` names it, with the trainer's backend names):
       with ``backend`` — "auto" is "compiled" (the whole meta-step of a CPU MLP compiled) when
       the model fits it, else the trainer's "auto" (the fastest backend that fits; the fused
       Triton kernel on a GPU);
-    * otherwise (a custom inner loop, another loss, the seed's loop on non-1-D data): path
+    * otherwise (a custom inner loop, another loss, the seed's loop on non-1-D data, a model
+      with frozen parameters, which the seed's loop leaves as they are): path
       "reference", the seed's loop — the user's inner loop on a deep copy per task, then the
       trainer's outer update — with one warning (``ReferencePathWarning``) saying why.
 
@@ -196,8 +197,21 @@ def _check_args(model, nb_iterations, sample_task, perform_k_training_steps, k, 
     return nb_iterations, k, epsilon, meta_batch_size, chunk_size
 
 
-def _reference_reason(any_shape: bool, task, kind) -> Optional[str]:
-    """Why the fast paths cannot run the standard inner loop on this task (None when they can)."""
+def _reference_reason(model: nn.Module, any_shape: bool, task, kind) -> Optional[str]:
+    """Why the fast paths cannot run the standard inner loop on this model and task (None when
+    they can)."""
+    named = list(model.named_parameters())
+    frozen = [n for n, p in named if not p.requires_grad]
+    if len(frozen) == len(named):
+        # the seed's loop fails in loss.backward() ("element 0 of tensors does not require grad")
+        raise ValueError(f"every model parameter is frozen (requires_grad=False): {frozen}; the standard inner "
+                         f"loop has nothing to train — unfreeze the parameters to meta-learn")
+    if frozen:
+        # the seed's loop runs such a model: torch.optim skips a parameter without a gradient, so it
+        # stays as it was (ε·(φ̃ − φ) = 0); the trainer refuses frozen parameters (its batched paths
+        # would train them), which made the drop-in fail on a model the seed runs
+        return (f"the model has frozen parameters (requires_grad=False) {frozen}, which the seed's loop leaves "
+                f"as they are and the fast paths would train")
     x, y, loss_fct = task
     if kind is None:
         return (f"the task's loss_fct ({type(loss_fct).__name__}) is not nn.MSELoss() or "
@@ -371,7 +385,7 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
             raise TypeError(f"sample_task() (call 1): x dtype {first[0].dtype} differs from the model's {dtype} "
                             f"(the inner loop feeds x to the model as it is)")
         kind = _loss_kind(first[2])
-        reason = _reference_reason(any_shape, first, kind)
+        reason = _reference_reason(model, any_shape, first, kind)
         steps = k * first[0].shape[0] // batch
         if reason is None and (steps < 1 or epsilon == 0):
             # the model does not move; the seed's loop still draws every task (and, for ε = 0, trains

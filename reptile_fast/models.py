@@ -98,9 +98,10 @@ class MiniImageNetConvNet(nn.Module):
     logits.  The pooling rounds up (``ceil_mode``), as the official code's "same"-padded
     pooling does: 84 → 42 → 21 → 11 → 6, so the classifier sees 32 × 6 × 6 features.
 
-    ``pool_first=True`` gives the official code's order, conv → max-pool → BatchNorm → ReLU
-    (openai/supervised-reptile ``MiniImageNetModel``): not the same function, since BatchNorm's
-    statistics are then taken over the pooled activations.
+    This is the official code's function (openai/supervised-reptile ``MiniImageNetModel``:
+    conv → BatchNorm → max-pool → ReLU per block; ReLU and max-pooling commute, so its order and
+    this one compute the same values).  ``pool_first=True`` is another net, conv → max-pool →
+    BatchNorm → ReLU, whose BatchNorm statistics are taken over the pooled activations.
     """
 
     def __init__(self, n_classes: int = 5, in_channels: int = 3, channels: int = 32,

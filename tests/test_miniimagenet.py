@@ -94,9 +94,9 @@ def test_miniimagenet_net_shapes():
     kinds = [type(m).__name__ for m in net.features]
     assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 4
     assert all(m.out_channels == 32 and m.kernel_size == (3, 3) for m in net.features if isinstance(m, torch.nn.Conv2d))
-    official = MiniImageNetConvNet(pool_first=True)
-    assert [type(m).__name__ for m in official.features] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] * 4
-    assert official(torch.rand(2, 3, 84, 84)).shape == (2, 5)
+    pooled_first = MiniImageNetConvNet(pool_first=True)  # not the official net: test_review_qa22
+    assert [type(m).__name__ for m in pooled_first.features] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] * 4
+    assert pooled_first(torch.rand(2, 3, 84, 84)).shape == (2, 5)
     with pytest.raises(ValueError, match="n_classes"):
         MiniImageNetConvNet(0)
     with pytest.raises(TypeError, match="pool_first"):

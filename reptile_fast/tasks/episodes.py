@@ -13,7 +13,7 @@ import torch
 
 from .base import TaskBatch, _check_generator, _check_positive_int, uniform_keys
 
-__all__ = ["Episodes", "draw_episode_plan", "check_ways"]
+__all__ = ["Episodes", "draw_episode_plan", "check_ways", "images_needed"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,14 @@ def check_ways(ways) -> int:
     if ways < 2:
         raise ValueError(f"ways must be >= 2 (N-way classification needs at least 2 classes), got {ways}")
     return ways
+
+
+def images_needed(shots: int, query_shots: int) -> str:
+    """The images per class an image family's tasks need, in its settings' words, for its errors
+    ("shots + query_shots = 5" read as the query set's fault where ``sample`` needs ``shots`` only)."""
+    if not query_shots:
+        return f"shots = {shots}"
+    return f"shots + query_shots = {shots} + {query_shots} = {shots + query_shots}"
 
 
 def draw_episode_plan(counts: torch.Tensor, n_tasks: int, ways: int, per_class: int, *,

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .base import TaskBatch, _check_device, _check_positive_int
-from .episodes import Episodes, check_ways, draw_episode_plan
+from .episodes import Episodes, check_ways, draw_episode_plan, images_needed
 from .images import decode_rgb
 from ..validation import check_bool, check_int
 
@@ -79,7 +79,7 @@ class MiniImageNet:
         if int(self.counts.min()) < need:
             i = int(self.counts.argmin())
             raise ValueError(f"class {self.classes[i]} has {int(self.counts[i])} images; tasks need "
-                             f"shots + query_shots = {need} per class")
+                             f"{images_needed(self.shots, self.query_shots)} per class")
         if self.ways > len(self.classes):
             raise ValueError(f"{self.ways}-way tasks need {self.ways} classes; {split} has {len(self.classes)}")
         self._check_disjoint_from_training(set(by_class))

@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .base import TaskBatch, _check_device, _check_positive_int
-from .episodes import Episodes, check_ways, draw_episode_plan
+from .episodes import Episodes, check_ways, draw_episode_plan, images_needed
 from .images import decode_grey
 from ..validation import check_int
 
@@ -223,7 +223,7 @@ class Omniglot:
             i = int(counts.argmin())
             a, c = data.characters[int(self.char_ids[i])]
             raise ValueError(f"character {a}/{c} has {int(counts[i])} images; tasks need "
-                             f"shots + query_shots = {need} per class")
+                             f"{images_needed(self.shots, self.query_shots)} per class")
         if self.ways > self.n_classes:
             raise ValueError(f"{self.ways}-way tasks need {self.ways} classes; the selected alphabets "
                              f"give {self.n_classes} ({len(self.char_ids)} characters × "
