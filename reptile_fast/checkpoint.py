@@ -54,23 +54,39 @@ def _umask() -> int:
     return 0o022
 
 
+def _write_failed(path: Path, exc: OSError, what: str = "") -> OSError:
+    """``exc`` (a full disk, a read-only or unwritable directory, ...) as the same kind of
+    ``OSError`` naming the file: torch and the OS name none, or a temporary (``[Errno 28] No space
+    left on device``)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    kept = f"the existing {path.name} there is unchanged" if path.exists() else "nothing was written"
+    return OSError(exc.errno, f"cannot write {path}{what}: {reason} ({kept})")
+
+
 def _atomic_write(path: PathLike, write) -> Path:
-    """Write through ``write(fileobj)`` into a temporary file beside ``path``, fsync, rename."""
+    """Write through ``write(fileobj)`` into a temporary file beside ``path``, fsync, rename.
+
+    An ``OSError`` on the way (a full disk, an unwritable directory) leaves ``path`` as it was and
+    is raised as the same kind of ``OSError`` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise _write_failed(path, exc) from exc
         raise
     # Make the rename itself durable.
     try:
@@ -435,7 +451,13 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
         # latest name always points at a complete file (the rename below is atomic).  A damaged
         # latest is not kept: copied over checkpoint.prev.pt (the file a run resumes from when
         # its latest is damaged) it would leave no loadable checkpoint should this write fail.
-        _link_or_copy(path, directory / PREVIOUS_NAME)
+        try:
+            _link_or_copy(path, directory / PREVIOUS_NAME)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise _write_failed(directory / PREVIOUS_NAME, exc, f" (the copy of {CHECKPOINT_NAME} kept before it is "
+                                                                f"replaced); {CHECKPOINT_NAME} is unchanged") from exc
     return atomic_torch_save(state, path)
 
 

@@ -1,0 +1,115 @@
+"""Review qa21: checkpoints, exact resume, interruption, validation (issue 6) and distributed
+training (issue 14).  Tiny models and few meta-steps: the whole file runs in seconds."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+import reptile_fast.checkpoint as checkpoint_module
+from reptile_fast import MLP, Reptile, Sine, load_checkpoint, save_checkpoint
+
+
+def _adam_trainer(params=None, cls=torch.optim.Adam, **kwargs):
+    """A width-8 sine MLP with an outer optimizer over ``params(model)`` (default: model order)."""
+    torch.manual_seed(0)
+    model = MLP(hidden_dim=8)
+    chosen = list(model.parameters()) if params is None else params(model)
+    return Reptile(model, backend="torch", inner_steps=2, inner_batch_size=5,
+                   outer_optimizer=cls(chosen, lr=1e-3, **kwargs))
+
+
+def _fit(trainer, iterations, **kwargs):
+    return trainer.fit(Sine(), iterations, meta_batch_size=2, progress=False, **kwargs)
+
+
+def _snapshot(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+# ------------------------------------------------------------------ outer-optimizer state checks
+def test_outer_optimizer_state_for_other_parameter_shapes_is_refused_before_anything_changes(tmp_path):
+    # torch's Optimizer.load_state_dict pairs saved states with parameters by position and checks
+    # only the counts: an optimizer built over the parameters in another order took Adam moments of
+    # other shapes, and the first resumed meta-step failed inside torch ("output with shape [1]
+    # doesn't match the broadcast shape [8, 1]") with the trainer already at the checkpoint's φ.
+    _fit(_adam_trainer(), 3, checkpoint_dir=tmp_path, generator=torch.Generator().manual_seed(0))
+    other = _adam_trainer(params=lambda m: list(m.parameters())[::-1])
+    before = _snapshot(other)
+    with pytest.raises(ValueError, match=r"outer_optimizer state does not fit .*'exp_avg' of parameter 0 .*"
+                                         r"shape \(8, 1\), the parameter's is \(1,\)"):
+        _fit(other, 6, checkpoint_dir=tmp_path, resume_from=tmp_path, generator=torch.Generator())
+    assert other.iteration == 0 and not other.outer_optimizer.state
+    assert all(torch.equal(v, before[k]) for k, v in other.model.state_dict().items())
+
+
+def test_outer_optimizer_state_holding_nan_is_refused(tmp_path):
+    trainer = _adam_trainer()
+    _fit(trainer, 2)
+    state = trainer.state_dict()
+    state["outer_optimizer"]["state"][1]["exp_avg_sq"][0] = float("nan")
+    fresh = _adam_trainer()
+    with pytest.raises(ValueError, match="'exp_avg_sq' of parameter 1 .* NaN or inf"):
+        fresh.load_state_dict(state)
+    assert fresh.iteration == 0 and not fresh.outer_optimizer.state
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"), reason="torch.optim.Adafactor needs torch >= 2.5")
+def test_factored_optimizer_states_still_resume_exactly(tmp_path):
+    # Adafactor keeps [rows, 1] / [1, cols] factors of a matrix parameter's second moment: the
+    # shape check must take them
+    def run(**kwargs):
+        trainer = _adam_trainer(cls=torch.optim.Adafactor)
+        return trainer, _fit(trainer, kwargs.pop("iterations"), generator=kwargs.pop("generator"), **kwargs)
+
+    whole, _ = run(iterations=4, generator=torch.Generator().manual_seed(1))
+    run(iterations=2, generator=torch.Generator().manual_seed(1), checkpoint_dir=tmp_path)
+    resumed, _ = run(iterations=4, generator=torch.Generator(), checkpoint_dir=tmp_path, resume_from=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.parameters(), resumed.model.parameters()))
+
+
+# ------------------------------------------------------------------ failed writes name the file
+def _fail_fsync(monkeypatch, code=errno.ENOSPC):
+    def fsync(fd):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(checkpoint_module.os, "fsync", fsync)
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_last_one(tmp_path, monkeypatch):
+    # before: "[Errno 28] No space left on device", naming no file (the CLI printed just that)
+    trainer = _adam_trainer()
+    _fit(trainer, 2, checkpoint_dir=tmp_path, generator=torch.Generator().manual_seed(0))
+    _fail_fsync(monkeypatch)
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'checkpoint.pt'}: No space left on device "
+                                      r"\(the existing checkpoint.pt there is unchanged\)") as info:
+        _fit(trainer, 4, checkpoint_dir=tmp_path, checkpoint_every=1, generator=torch.Generator().manual_seed(0))
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path)["trainer"]["iteration"] == 2
+    assert {p.name for p in tmp_path.iterdir()} == {"checkpoint.pt", "checkpoint.prev.pt"}  # no temporaries
+
+
+def test_an_unwritable_directory_keeps_the_error_kind_and_names_the_file(tmp_path, monkeypatch):
+    trainer = _adam_trainer()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".checkpoint.pt.x.tmp"))
+    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError, match=rf"cannot write {tmp_path / 'checkpoint.pt'}: Permission denied "
+                                              r"\(nothing was written\)"):
+        save_checkpoint(tmp_path, trainer)
+
+
+def test_a_failed_copy_to_the_previous_checkpoint_names_it(tmp_path, monkeypatch):
+    trainer = _adam_trainer()
+    save_checkpoint(tmp_path, trainer)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint_module, "_link_or_copy", full)
+    with pytest.raises(OSError, match=r"cannot write .*checkpoint.prev.pt \(the copy of checkpoint.pt kept before it "
+                                      r"is replaced\); checkpoint.pt is unchanged: No space left on device"):
+        save_checkpoint(tmp_path, trainer)
+    assert load_checkpoint(tmp_path)["trainer"]["iteration"] == 0
