@@ -30,7 +30,24 @@ def trainer_hparams(trainer) -> Dict[str, Any]:
         "adam_betas": list(c.adam_betas), "backend": trainer.backend_name,
         "outer_optimizer": None if trainer.outer_optimizer is None else type(trainer.outer_optimizer).__name__,
         "model": type(trainer.model).__name__,
+        "modules": model_modules(trainer.model),
     }
+
+
+def model_modules(model) -> list:
+    """``["name:Class", ...]`` for every submodule (the root is ``""``): the architecture beyond the
+    parameters' names and shapes, e.g. an MLP's activation, which a resume into a model with the
+    same parameters but another activation would otherwise change without a word."""
+    return [f"{name}:{type(m).__name__}" for name, m in model.named_modules()]
+
+
+def _config_difference(key: str, saved, now) -> str:
+    """One line for a hyper-parameter that differs; for the module list, the first module that does."""
+    if key == "modules" and isinstance(saved, list):
+        n = min(len(saved), len(now))
+        k = next((i for i in range(n) if saved[i] != now[i]), n)
+        return f"modules: saved {saved[k] if k < len(saved) else None!r}, now {now[k] if k < len(now) else None!r}"
+    return f"{key}: saved {saved!r}, now {now!r}"
 
 
 def trainer_state_dict(trainer) -> Dict[str, Any]:
@@ -145,7 +162,7 @@ def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
         raise ValueError(f"state['total_iterations'] must be None or an int >= 1, got {total!r}")
     if isinstance(saved_config, Mapping):
         mine = trainer_hparams(trainer)
-        diffs = [f"{k}: saved {saved_config[k]!r}, now {mine[k]!r}" for k in sorted(mine)
+        diffs = [_config_difference(k, saved_config[k], mine[k]) for k in sorted(mine)
                  if k in saved_config and k != "backend" and saved_config[k] != mine[k]]
         if diffs:
             warnings.warn("resuming with different hyper-parameters (" + "; ".join(diffs) +

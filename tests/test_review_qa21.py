@@ -113,3 +113,21 @@ def test_a_failed_copy_to_the_previous_checkpoint_names_it(tmp_path, monkeypatch
                                       r"is replaced\); checkpoint.pt is unchanged: No space left on device"):
         save_checkpoint(tmp_path, trainer)
     assert load_checkpoint(tmp_path)["trainer"]["iteration"] == 0
+
+
+# ------------------------------------------------------------------ another architecture, same parameters
+def test_resuming_into_a_model_with_another_activation_warns(tmp_path):
+    # the parameters' names, shapes and dtypes are all the same: before, the tanh run continued as a
+    # ReLU one without a word, while another inner_lr warned
+    torch.manual_seed(0)
+    trainer = Reptile(MLP(hidden_dim=8), backend="torch", inner_steps=2, inner_batch_size=5)
+    _fit(trainer, 2, checkpoint_dir=tmp_path, generator=torch.Generator().manual_seed(0))
+    relu = Reptile(MLP(hidden_dim=8, activation="relu"), backend="torch", inner_steps=2, inner_batch_size=5)
+    with pytest.warns(UserWarning, match=r"different hyper-parameters \(modules: saved 'network.1:Tanh', "
+                                         r"now 'network.1:ReLU'\)"):
+        relu.load_state_dict(load_checkpoint(tmp_path)["trainer"])
+    deeper = Reptile(MLP(hidden_dim=8, depth=3), backend="torch", inner_steps=2, inner_batch_size=5)
+    state = deeper.state_dict()
+    state["config"] = {**state["config"], "modules": state["config"]["modules"][:-2]}
+    with pytest.warns(UserWarning, match=r"modules: saved None, now 'network.5:Tanh'"):
+        deeper.load_state_dict(state)
