@@ -131,3 +131,49 @@ def test_resuming_into_a_model_with_another_activation_warns(tmp_path):
     state["config"] = {**state["config"], "modules": state["config"]["modules"][:-2]}
     with pytest.warns(UserWarning, match=r"modules: saved None, now 'network.5:Tanh'"):
         deeper.load_state_dict(state)
+
+
+# ------------------------------------------------------------------ distributed: a derived tolerance
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_ranks_mean_reduction_is_one_process_within_the_summation_bound(tmp_path):
+    """One meta-step of T = 7 tasks split 3 + 4 over two gloo ranks, reduction "mean", against one
+    process, within a bound derived from fp32 summation (u = 2^-24), not a chosen tolerance.
+
+    Per element, with D_i the per-task updates and S = Σ|D_i|: one process's ``D.mean(0)`` is the
+    exact mean m within (T−1)·u·S/T + u·|m| (any summation order); the ranks' sums of 3 and 4 tasks,
+    added in rank order, then divided, within ((n_r − 1) + (W − 1))·u·S/T + u·|m| ≤ the same.  So the
+    two means differ by at most 2·((T−1)·u·S/T + u·|m|), and φ + ε·mean by ε·(1+u) times that plus
+    one rounding of each result (u·|φ'| each).  The reference backend computes each task's update
+    independently of how the tasks are split, so the D_i are the same on both sides.  The bound is
+    far below what a wrong reduction gives (the mean of the two ranks' means, checked here)."""
+    import _dist_worker as W
+    from reptile_fast.distributed import DistContext, IndexedSampler, distributed_fit
+
+    T = 7
+    s = dict(name="bound", backend="reference", reduction="mean", iterations=1, meta_batch_size=T)
+    assert W.run_job(2, tmp_path, [s]) == [0, 0]
+    ranks = [torch.load(tmp_path / f"bound.{r}.pt") for r in range(2)]
+    assert ranks[0]["error"] is None and ranks[1]["error"] is None, [r["error"] for r in ranks]
+    (tmp_path / "one").mkdir()
+    one = W.single_process(s, tmp_path / "one")
+    assert one["error"] is None
+
+    cfg = {**W.BASE, **s}
+    trainer = W.make_trainer(cfg)
+    phi = dict(trainer.model.named_parameters())
+    sampler = IndexedSampler(Sine(), T, seed=cfg["seed"], plan_rows=trainer.inner_steps,
+                             batch_size=trainer.inner_batch_size)
+    tasks, plans = sampler.draw_step(0)
+    adapted = trainer.adapt(tasks, trainer.inner_steps, plans).params
+    u, eps = 2.0 ** -24, trainer.outer_lr
+    for name, p in phi.items():
+        assert torch.equal(ranks[1]["params"][name], ranks[0]["params"][name])  # φ identical on both ranks
+        d = (adapted[name] - p.detach()).double()
+        m, big_s = d.mean(0), d.abs().sum(0)
+        want = one["params"][name].double()
+        bound = eps * (1 + u) * 2 * ((T - 1) * u * big_s / T + u * m.abs()) + 2 * u * want.abs()
+        gap = (ranks[0]["params"][name].double() - want).abs()
+        assert (gap <= bound * (1 + 1e-6)).all(), f"{name}: {(gap - bound).max()} beyond the bound"
+        wrong = eps * ((d[:3].mean(0) + d[3:].mean(0)) / 2 - m).abs()  # the mean of the ranks' means
+        assert (wrong > 10 * bound).any(), name
