@@ -3,6 +3,7 @@ training (issue 14).  Tiny models and few meta-steps: the whole file runs in sec
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -177,3 +178,33 @@ def test_two_ranks_mean_reduction_is_one_process_within_the_summation_bound(tmp_
         assert (gap <= bound * (1 + 1e-6)).all(), f"{name}: {(gap - bound).max()} beyond the bound"
         wrong = eps * ((d[:3].mean(0) + d[3:].mean(0)) / 2 - m).abs()  # the mean of the ranks' means
         assert (wrong > 10 * bound).any(), name
+
+
+# ------------------------------------------------------------------ the omniglot job's validation history
+def test_a_damaged_validation_history_never_stops_an_omniglot_resume(tmp_path, capsys):
+    # validation.json is monitoring beside the checkpoint: a damaged one made --resume fail with
+    # json's "Expecting ',' delimiter" (naming no file) or a KeyError traceback
+    from _fake_omniglot import make_folder, make_zip
+    from reptile_fast.cli import main
+
+    train = make_zip(make_folder(tmp_path / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
+                     tmp_path / "small1.zip")
+    test = make_folder(tmp_path / "b", {"Beta": 2, "Gamma": 3}, prefix="images_background_small2")
+    out = tmp_path / "run"
+    assert main(["omniglot", "--train", str(train), "--test", str(test), "--ways", "3", "--shots", "1",
+                 "--train-shots", "2", "--inner-batch-size", "3", "--inner-steps", "1", "--eval-steps", "1",
+                 "--eval-batch-size", "2", "--eval-tasks", "2", "--validation-tasks", "2", "--validate-every", "1",
+                 "--iterations", "2", "--checkpoint-every", "1", "--threads", "1", "--no-progress",
+                 "--out", str(out)]) == 0
+    whole = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    for i, content in enumerate(['[{"iteration": 1, "accuracy": 0.5}', '[{"accuracy": 0.5}]', '{"iteration": 1}']):
+        (out / "validation.json").write_text(content)
+        capsys.readouterr()
+        again = tmp_path / f"again{i}"
+        assert main(["omniglot", "--resume", str(out / "checkpoint.prev.pt"), "--out", str(again),
+                     "--no-progress"]) == 0, content
+        said = capsys.readouterr()
+        assert f"note: {out / 'validation.json'} cannot be read" in said.out + said.err, content
+        resumed = torch.load(again / "model.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+        assert [v["iteration"] for v in json.loads((again / "validation.json").read_text())] == [2]
