@@ -55,7 +55,8 @@ def trainer_state_dict(trainer) -> Dict[str, Any]:
 
     Returns ``{"model": model.state_dict() (parameters and buffers), "outer_optimizer":
     its state_dict or None, "iteration", "total_iterations", "config": hparams(), "meta_batch_size":
-    the last ``fit``'s, or None}``.  Like
+    the last ``fit``'s, or None, "draw_chunk": the chunk size its ``draw_chunks`` draws depended on,
+    or None}``.  Like
     ``nn.Module.state_dict`` the tensors are references: save or deep-copy to snapshot.
     """
     return {
@@ -65,6 +66,7 @@ def trainer_state_dict(trainer) -> Dict[str, Any]:
         "total_iterations": trainer.total_iterations,
         "config": trainer_hparams(trainer),
         "meta_batch_size": getattr(trainer, "meta_batch_size", None),
+        "draw_chunk": getattr(trainer, "draw_chunk", None),
     }
 
 

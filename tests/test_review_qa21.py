@@ -208,3 +208,32 @@ def test_a_damaged_validation_history_never_stops_an_omniglot_resume(tmp_path, c
         resumed = torch.load(again / "model.pt", weights_only=True)["state_dict"]
         assert all(torch.equal(resumed[k], whole[k]) for k in whole)
         assert [v["iteration"] for v in json.loads((again / "validation.json").read_text())] == [2]
+
+
+# ------------------------------------------------------------------ draw_chunks: the chunk size is part of the run
+def test_resuming_a_chunk_drawn_run_with_another_chunk_size_warns(tmp_path):
+    # fit(draw_chunks=True) draws [c·j, c·(j+1)) at once, c = checkpoint_every: a checkpoint on a
+    # multiple of both the old and the new c (35 for 7 and 5) continued on other draws without a word
+    def trainer():
+        torch.manual_seed(0)
+        return Reptile(MLP(hidden_dim=8), backend="compiled", inner_steps=2, inner_batch_size=5)
+
+    def fit(t, iterations, every, directory, generator, draw_chunks=True, **kwargs):
+        return t.fit(Sine(), iterations, meta_batch_size=2, progress=False, generator=generator,
+                     draw_chunks=draw_chunks, checkpoint_every=every, checkpoint_dir=directory, **kwargs)
+
+    whole = trainer()
+    fit(whole, 50, 7, tmp_path / "whole", torch.Generator().manual_seed(1))
+    fit(trainer(), 35, 7, tmp_path / "part", torch.Generator().manual_seed(1))
+    assert load_checkpoint(tmp_path / "part")["trainer"]["draw_chunk"] == 7
+    for every, draw_chunks, words in ((5, True, "in chunks of 7 meta-steps .*, this fit in chunks of 5"),
+                                      (7, False, "in chunks of 7 meta-steps .*, this fit step by step")):
+        with pytest.warns(UserWarning, match=f"drew its tasks and plans {words}.*: other draws"):
+            fit(trainer(), 50, every, tmp_path / f"r{every}", torch.Generator(), draw_chunks=draw_chunks,
+                resume_from=tmp_path / "part")
+    resumed = trainer()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same chunks: exact, and no warning
+        fit(resumed, 50, 7, tmp_path / "same", torch.Generator(), resume_from=tmp_path / "part")
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.parameters(), resumed.model.parameters()))
