@@ -445,6 +445,13 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"model entry {name} holds NaN or inf values: not writing a checkpoint from it "
                              f"(the previous one in {directory} is kept)")
+    if getattr(trainer, "outer_optimizer", None) is not None and state["trainer"]["outer_optimizer"] is not None:
+        from .trainer_state import optimizer_state_problem
+
+        problem = optimizer_state_problem(trainer.outer_optimizer, state["trainer"]["outer_optimizer"])
+        if problem is not None:  # loading would refuse it
+            raise ValueError(f"outer optimizer: {problem}; not writing a checkpoint from it (the previous one in "
+                             f"{directory} is kept)")
     path = directory / CHECKPOINT_NAME
     if path.exists() and _intact(path):
         # Keep the previous checkpoint under its own name before the new one replaces it; the

@@ -237,3 +237,12 @@ def test_resuming_a_chunk_drawn_run_with_another_chunk_size_warns(tmp_path):
         warnings.simplefilter("error")  # the same chunks: exact, and no warning
         fit(resumed, 50, 7, tmp_path / "same", torch.Generator(), resume_from=tmp_path / "part")
     assert all(torch.equal(a, b) for a, b in zip(whole.model.parameters(), resumed.model.parameters()))
+
+
+def test_a_checkpoint_is_never_written_from_an_outer_optimizer_state_that_loading_refuses(tmp_path):
+    trainer = _adam_trainer()
+    _fit(trainer, 2, checkpoint_dir=tmp_path, generator=torch.Generator().manual_seed(0))
+    trainer.outer_optimizer.state[trainer.model.network[0].weight]["exp_avg"].fill_(float("inf"))
+    with pytest.raises(ValueError, match="'exp_avg' of parameter 0 .* NaN or inf values; not writing a checkpoint"):
+        save_checkpoint(tmp_path, trainer)
+    assert load_checkpoint(tmp_path)["trainer"]["iteration"] == 2
