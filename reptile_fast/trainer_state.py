@@ -78,10 +78,13 @@ def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved: Mapping[str
     ("output with shape [1] doesn't match the broadcast shape [8, 1]") after the trainer had been
     restored; a NaN/inf moment made every meta-step non-finite.
 
-    A per-parameter state tensor with dimensions must have the parameter's number of dimensions,
-    each of its sizes the parameter's or 1 (Adafactor keeps ``[rows, 1]`` / ``[1, cols]``
-    factors); floating-point ones must be finite.
+    For ``torch.optim``'s own optimizers (another optimizer's state may hold other shapes, e.g. a
+    preconditioner matrix, or use inf): a per-parameter state tensor with dimensions must have the
+    parameter's number of dimensions, each of its sizes the parameter's or 1 (Adafactor keeps
+    ``[rows, 1]`` / ``[1, cols]`` factors), and floating-point ones must be finite.
     """
+    if not type(optimizer).__module__.startswith("torch.optim"):
+        return None
     groups, state = saved.get("param_groups"), saved.get("state")
     if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping) \
             or not all(isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups):

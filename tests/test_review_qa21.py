@@ -246,3 +246,15 @@ def test_a_checkpoint_is_never_written_from_an_outer_optimizer_state_that_loadin
     with pytest.raises(ValueError, match="'exp_avg' of parameter 0 .* NaN or inf values; not writing a checkpoint"):
         save_checkpoint(tmp_path, trainer)
     assert load_checkpoint(tmp_path)["trainer"]["iteration"] == 2
+
+
+def test_another_libraries_optimizer_state_is_left_to_it(tmp_path):
+    # a preconditioner [n, n] for an [n, 1] parameter is that optimizer's business: not refused
+    class Preconditioned(torch.optim.SGD):
+        pass
+    Preconditioned.__module__ = "someones_optimizers"
+    trainer = _adam_trainer(cls=Preconditioned)
+    _fit(trainer, 1)
+    state = trainer.state_dict()
+    state["outer_optimizer"]["state"][0] = {"preconditioner": torch.eye(8)}
+    _adam_trainer(cls=Preconditioned).load_state_dict(state)
