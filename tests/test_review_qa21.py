@@ -134,10 +134,30 @@ def test_resuming_into_a_model_with_another_activation_warns(tmp_path):
         deeper.load_state_dict(state)
 
 
-# ------------------------------------------------------------------ distributed: a derived tolerance
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
-def test_two_ranks_mean_reduction_is_one_process_within_the_summation_bound(tmp_path):
+# ------------------------------------------------------------------ distributed (one 2-rank gloo job)
+BOUND_T = 7  # tasks of the bound scenario's meta-step, split 3 + 4
+TWO_RANK_SCENARIOS = [
+    dict(name="bound", backend="reference", reduction="mean", iterations=1, meta_batch_size=BOUND_T),
+    # SIGTERM to rank 1 after meta-step 3 of 4: the next periodic agreement would be at meta-step 11
+    dict(name="late-signal", iterations=4, signal_at=3, stop_check_every=10),
+]
+needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def two_rank_job(tmp_path_factory):
+    import _dist_worker as W
+
+    out = tmp_path_factory.mktemp("qa21_two_ranks")
+    scenarios = [dict(s, checkpoint_dir=str(out / "late-ckpt")) if s["name"] == "late-signal" else s
+                 for s in TWO_RANK_SCENARIOS]
+    assert W.run_job(2, out, scenarios) == [0, 0]
+    return out
+
+
+@needs_gloo
+def test_two_ranks_mean_reduction_is_one_process_within_the_summation_bound(two_rank_job, tmp_path):
     """One meta-step of T = 7 tasks split 3 + 4 over two gloo ranks, reduction "mean", against one
     process, within a bound derived from fp32 summation (u = 2^-24), not a chosen tolerance.
 
@@ -149,15 +169,12 @@ def test_two_ranks_mean_reduction_is_one_process_within_the_summation_bound(tmp_
     independently of how the tasks are split, so the D_i are the same on both sides.  The bound is
     far below what a wrong reduction gives (the mean of the two ranks' means, checked here)."""
     import _dist_worker as W
-    from reptile_fast.distributed import DistContext, IndexedSampler, distributed_fit
+    from reptile_fast.distributed import IndexedSampler
 
-    T = 7
-    s = dict(name="bound", backend="reference", reduction="mean", iterations=1, meta_batch_size=T)
-    assert W.run_job(2, tmp_path, [s]) == [0, 0]
-    ranks = [torch.load(tmp_path / f"bound.{r}.pt") for r in range(2)]
+    T, s = BOUND_T, TWO_RANK_SCENARIOS[0]
+    ranks = [torch.load(two_rank_job / f"bound.{r}.pt") for r in range(2)]
     assert ranks[0]["error"] is None and ranks[1]["error"] is None, [r["error"] for r in ranks]
-    (tmp_path / "one").mkdir()
-    one = W.single_process(s, tmp_path / "one")
+    one = W.single_process(s, tmp_path)
     assert one["error"] is None
 
     cfg = {**W.BASE, **s}
@@ -258,3 +275,14 @@ def test_another_libraries_optimizer_state_is_left_to_it(tmp_path):
     state = trainer.state_dict()
     state["outer_optimizer"]["state"][0] = {"preconditioner": torch.eye(8)}
     _adam_trainer(cls=Preconditioned).load_state_dict(state)
+
+
+@needs_gloo
+def test_a_signal_after_the_last_stop_agreement_still_stops_every_rank(two_rank_job):
+    # the rank that got it printed "finishing the current meta-step and writing a checkpoint", then
+    # every rank returned normally: the signal was dropped (a torchrun job went on to its evaluation)
+    for r in range(2):
+        error = torch.load(two_rank_job / f"late-signal.{r}.pt")["error"]
+        assert error is not None and error[0] == "TrainingInterrupted", (r, error)
+        assert f"by SIGTERM after meta-step 4 of 4 (rank {r} of 2" in error[1], error[1]
+    assert load_checkpoint(two_rank_job / "late-ckpt")["trainer"]["iteration"] == 4

@@ -94,6 +94,21 @@ class _RankCallback(Callback):
             self._next = loop.iteration + next_agreement_gap(per_step, self.stop_every)
             self._last_iteration, self._last_time = loop.iteration, time.monotonic()
 
+    def on_end(self, loop) -> None:
+        """One last agreement when the run ends on its own: a signal received after the last
+        periodic one (up to ``stop_every`` meta-steps before the end) was dropped — the rank that
+        got it returned normally, and a job under torchrun went on past the SIGTERM (the CLI to its
+        evaluation).  Every rank ends the same fit here (a non-finite step raises before, on every
+        rank alike), so all of them take part; a signal makes all of them raise."""
+        if not self.agree or self.stopped or not self.context.is_distributed:
+            return
+        values = torch.tensor([float(self.signals.received or 0)], dtype=torch.float64, device=self.context.device)
+        signum = self.context.all_reduce_(values, f"agreement on stopping after meta-step {loop.iteration} (the last)",
+                                          op="max").item()
+        self.agreements += 1
+        if signum:
+            self.signum, self.stopped = int(signum), True
+
 
 def next_agreement_gap(seconds_per_step: float, at_most: int) -> int:
     """Meta-steps until the next stop agreement: ``at_most``, or fewer so that they take about
