@@ -28,10 +28,11 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
+
+from .validation import check_loadable
 
 __all__ = ["validate_checkpoint", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
            "CHECKPOINT_NAME", "PREVIOUS_NAME", "FORMAT", "VERSION",
@@ -343,28 +344,6 @@ def restore_rng_state(state: Mapping[str, Any], generator: Optional[torch.Genera
 
 
 # ---------------------------------------------------------------------------------- save
-_SAFE_SCALARS = (str, int, float, bool, type(None))
-
-
-def _check_loadable(obj, where: str) -> None:
-    """Raise ``TypeError`` if ``obj`` holds something ``weights_only`` loading would refuse."""
-    # Exact types: subclasses (torch's TorchVersion is a str) are globals weights_only refuses.
-    if isinstance(obj, torch.Tensor) or type(obj) in _SAFE_SCALARS:
-        return
-    if type(obj) in (dict, OrderedDict):
-        for k, v in obj.items():
-            if not isinstance(k, (str, int)):
-                raise TypeError(f"{where}: keys must be str or int, got {type(k).__name__}")
-            _check_loadable(v, f"{where}[{k!r}]")
-        return
-    if type(obj) in (list, tuple):
-        for i, v in enumerate(obj):
-            _check_loadable(v, f"{where}[{i}]")
-        return
-    raise TypeError(f"{where} is a {type(obj).__name__}; a checkpoint holds only tensors, dicts, lists, "
-                    f"strings, numbers and None (so that it loads with weights_only=True)")
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` an exact copy of ``src`` atomically (a hard link where the filesystem allows)."""
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
@@ -438,7 +417,7 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
         "extra": {str(k): v for k, v in (extra or {}).items()},
         "info": {"torch": str(torch.__version__), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
-    _check_loadable(state, "checkpoint")
+    check_loadable(state, "checkpoint")
     # never replace the last good checkpoint with one that loading would refuse
     _validate(state, directory / CHECKPOINT_NAME)
     for name, value in state["trainer"]["model"].items():

@@ -286,3 +286,19 @@ def test_a_signal_after_the_last_stop_agreement_still_stops_every_rank(two_rank_
         assert error is not None and error[0] == "TrainingInterrupted", (r, error)
         assert f"by SIGTERM after meta-step 4 of 4 (rank {r} of 2" in error[1], error[1]
     assert load_checkpoint(two_rank_job / "late-ckpt")["trainer"]["iteration"] == 4
+
+
+# ------------------------------------------------------------------ checkpoint_extra is checked before training
+def test_an_unstorable_checkpoint_extra_is_refused_before_the_first_meta_step(tmp_path):
+    # a numpy scalar (or a set) in checkpoint_extra failed at the first checkpoint, after
+    # checkpoint_every meta-steps, which were lost with nothing written
+    import numpy as np
+    from reptile_fast.distributed import distributed_fit
+
+    for run in (lambda t, extra: _fit(t, 5, checkpoint_dir=tmp_path, checkpoint_every=4, checkpoint_extra=extra),
+                lambda t, extra: distributed_fit(t, Sine(), 5, meta_batch_size=2, seed=0, progress=False,
+                                                 checkpoint_dir=tmp_path, checkpoint_extra=extra)):
+        trainer = _adam_trainer()
+        with pytest.raises(TypeError, match=r"checkpoint_extra\['lr'\] is a float32; a checkpoint holds only"):
+            run(trainer, {"lr": np.float32(0.1)})
+        assert trainer.iteration == 0 and not (tmp_path / "checkpoint.pt").exists()

@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import CHECKPOINT_NAME
 from ..loop import DEFAULT_LOG_EVERY, Callback
 from ..signals import DeferredSignals, TrainingInterrupted, signal_name
-from ..validation import check_bool, check_int
+from ..validation import check_bool, check_int, check_loadable
 from .context import DistContext, setup_from_env
 from .reducers import make_reducer
 from .sampler import DEFAULT_BLOCK_SIZE, IndexedSampler
@@ -222,6 +222,9 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
             raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
     if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
         raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
+    if checkpoint_extra is not None and checkpoint_dir is not None:
+        # on every rank before any collective (rank 0 alone writes, and alone found it, at its first save)
+        check_loadable({str(k): v for k, v in checkpoint_extra.items()}, "checkpoint_extra")
     ctx = context if context is not None else setup_from_env(device=trainer.device)
     if not isinstance(ctx, DistContext):
         raise TypeError(f"context must be a DistContext, got {type(ctx).__name__}")
