@@ -26,7 +26,7 @@ from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerSte
 from .tasks.base import TaskBatch, sample_indices
 from .trainer_state import load_trainer_state, trainer_hparams, trainer_state_dict
 from .validation import (check_fit_args, check_float, check_inner_options, check_int, check_meta_model,
-                         out_of_memory_message)
+                         check_optimizer_storable, out_of_memory_message)
 
 __all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
 
@@ -368,6 +368,7 @@ class Reptile(HyperParameters):
         # Paths are checked before anything changes, so a typo costs nothing.
         ckpt_dir = None if checkpoint_dir is None else prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
         if ckpt_dir is not None:
+            check_optimizer_storable(self.outer_optimizer)
             remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
         history, resumed_latest, saved = [], False, {}
         if resume_from is not None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from numbers import Integral, Real
 
 __all__ = ["check_int", "check_float", "check_device", "check_meta_model", "check_inner_options", "argparse_number",
-           "check_loadable"]
+           "check_loadable", "check_optimizer_storable"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -237,8 +237,19 @@ def check_loadable(obj, where: str) -> None:
         for i, v in enumerate(obj):
             check_loadable(v, f"{where}[{i}]")
         return
-    raise TypeError(f"{where} is a {type(obj).__name__}; a checkpoint holds only tensors, dicts, lists, "
+    hint = " (a numpy scalar: convert it with float() or int())" if type(obj).__module__ == "numpy" else ""
+    raise TypeError(f"{where} is a {type(obj).__name__}{hint}; a checkpoint holds only tensors, dicts, lists, "
                     f"strings, numbers and None (so that it loads with weights_only=True)")
+
+
+def check_optimizer_storable(optimizer) -> None:
+    """``check_loadable`` on an outer optimizer's hyper-parameters (its param groups without the
+    parameters), for a run that writes checkpoints: ``Adam(params, lr=np.float32(1e-3))`` trains,
+    but its state could not be saved, and that was found at the first checkpoint, after the
+    meta-steps up to it (at the end, without ``checkpoint_every``)."""
+    if optimizer is not None:
+        check_loadable([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+                       "outer_optimizer.param_groups")
 
 
 #: the hooks ``loop.TrainingLoop`` calls on every callback (``loop.Callback`` defines them all)

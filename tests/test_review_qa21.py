@@ -299,6 +299,24 @@ def test_an_unstorable_checkpoint_extra_is_refused_before_the_first_meta_step(tm
                 lambda t, extra: distributed_fit(t, Sine(), 5, meta_batch_size=2, seed=0, progress=False,
                                                  checkpoint_dir=tmp_path, checkpoint_extra=extra)):
         trainer = _adam_trainer()
-        with pytest.raises(TypeError, match=r"checkpoint_extra\['lr'\] is a float32; a checkpoint holds only"):
+        with pytest.raises(TypeError, match=r"checkpoint_extra\[.lr.\] is a float32 \(a numpy scalar.*\); "
+                                            r"a checkpoint holds only"):
             run(trainer, {"lr": np.float32(0.1)})
         assert trainer.iteration == 0 and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_an_outer_optimizer_with_numpy_hyper_parameters_is_refused_before_training_when_checkpointing(tmp_path):
+    # Adam(lr=np.float32(1e-3)) trains, but its param groups cannot be saved: the first checkpoint
+    # failed after the meta-steps up to it (the end of the run without checkpoint_every)
+    import numpy as np
+    from reptile_fast.distributed import distributed_fit
+
+    for run in (lambda t: _fit(t, 3, checkpoint_dir=tmp_path),
+                lambda t: distributed_fit(t, Sine(), 3, meta_batch_size=2, seed=0, progress=False,
+                                          checkpoint_dir=tmp_path)):
+        trainer = _adam_trainer(betas=(np.float64(0.9), 0.999))
+        with pytest.raises(TypeError, match=r"outer_optimizer.param_groups\[0\]\['betas'\]\[0\] is a float64 "
+                                            r"\(a numpy scalar: convert it with float\(\) or int\(\)\)"):
+            run(trainer)
+        assert trainer.iteration == 0 and not (tmp_path / "checkpoint.pt").exists()
+    _fit(_adam_trainer(betas=(np.float64(0.9), 0.999)), 2)  # without checkpoints nothing is stored: it trains
