@@ -320,3 +320,17 @@ def test_an_outer_optimizer_with_numpy_hyper_parameters_is_refused_before_traini
             run(trainer)
         assert trainer.iteration == 0 and not (tmp_path / "checkpoint.pt").exists()
     _fit(_adam_trainer(betas=(np.float64(0.9), 0.999)), 2)  # without checkpoints nothing is stored: it trains
+
+
+def test_distributed_fit_raises_a_read_only_checkpoint_dir_as_an_oserror(tmp_path, monkeypatch):
+    # rank 0's error is re-raised on every rank by name: a plain OSError (a read-only file system,
+    # EROFS) became a ValueError, unlike Reptile.fit's
+    from reptile_fast.distributed import distributed_fit
+
+    def read_only(path, what="checkpoint_dir"):
+        raise OSError(errno.EROFS, f"cannot create {what} {path}: Read-only file system")
+    monkeypatch.setattr(checkpoint_module, "prepare_checkpoint_directory", read_only)
+    with pytest.raises(OSError, match="cannot create checkpoint_dir .*: Read-only file system") as info:
+        distributed_fit(_adam_trainer(), Sine(), 2, meta_batch_size=2, seed=0, progress=False,
+                        checkpoint_dir=tmp_path / "ro")
+    assert type(info.value) is OSError and info.value.errno == errno.EROFS

@@ -131,19 +131,26 @@ def _check_ranks_agree(ctx: DistContext, settings: Dict[str, Any]) -> None:
 def _on_main(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any:
     """``fn()`` on rank 0, its result sent to every rank; an error it raises (a file or directory
     that cannot be read or written) is raised on every rank alike, so no rank is left waiting in
-    a collective the others never reach."""
+    a collective the others never reach.  An ``OSError`` with an errno is raised as
+    ``OSError(errno, message)``, the same kind on every rank (a read-only disk's plain ``OSError``
+    became a ``ValueError``)."""
     payload = None
     if ctx.is_main:
         try:
             payload = ("ok", fn())
         except (OSError, ValueError, TypeError) as exc:
-            payload = ("error", type(exc).__name__, str(exc))
+            code = exc.errno if isinstance(exc, OSError) else None
+            payload = ("error", type(exc).__name__, exc.strerror if code is not None and exc.strerror else str(exc),
+                       code)
     payload = ctx.broadcast_object(payload, what)
     if payload[0] == "error":
+        _, name, message, code = payload
+        if code is not None:
+            raise OSError(code, message)  # FileNotFoundError, PermissionError, ... by errno
         kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError,
                 "TypeError": TypeError, "NotADirectoryError": NotADirectoryError,
-                "IsADirectoryError": IsADirectoryError}.get(payload[1], ValueError)
-        raise kind(payload[2])
+                "IsADirectoryError": IsADirectoryError}.get(name, ValueError)
+        raise kind(message)
     return payload[1]
 
 
