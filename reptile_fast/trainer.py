@@ -372,9 +372,9 @@ class Reptile(HyperParameters):
             remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
         history, resumed_latest, saved = [], False, {}
         if resume_from is not None:
-            history, resumed_latest, saved = resume_for_fit(self, resume_from, generator, iterations, ckpt_dir,
-                                                     meta_batch_size=meta_batch_size if sampler is None else None,
-                                                     one_stream=sampler is None)
+            history, resumed_latest, saved = resume_for_fit(
+                self, resume_from, generator, iterations, ckpt_dir,
+                meta_batch_size=meta_batch_size if sampler is None else None, one_stream=sampler is None)
             if self.iteration > iterations:  # as without resume_from (and the CLI's --resume)
                 where = "" if isinstance(resume_from, Mapping) else f" {resume_from}"  # a dict: rank 0's, sent
                 raise ValueError(f"the checkpoint{where} is at meta-step {self.iteration}, beyond "
