@@ -363,8 +363,9 @@ class Reptile(HyperParameters):
         checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
         if reducer is not None and (self.compiled_options is not None or fused_demanded):
-            raise ValueError("this backend applies its own outer update (compiled / fused); a reducer needs "
-                             "an eager backend")
+            raise ValueError(f"backend {self.backend_name!r} applies its own outer update in one process (the "
+                             f"compiled program, or triton's {{'fused': True}}); a reducer (distributed_fit across "
+                             f"processes) needs an eager backend: auto, torch, reference, or triton without 'fused'")
         # Paths are checked before anything changes, so a typo costs nothing.
         ckpt_dir = None if checkpoint_dir is None else prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
         if ckpt_dir is not None:

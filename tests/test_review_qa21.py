@@ -334,3 +334,15 @@ def test_distributed_fit_raises_a_read_only_checkpoint_dir_as_an_oserror(tmp_pat
         distributed_fit(_adam_trainer(), Sine(), 2, meta_batch_size=2, seed=0, progress=False,
                         checkpoint_dir=tmp_path / "ro")
     assert type(info.value) is OSError and info.value.errno == errno.EROFS
+
+
+def test_a_reducer_with_a_fused_backend_is_refused_in_distributed_terms():
+    # the message said "(compiled / fused); a reducer needs an eager backend": distributed_fit's user
+    # passed no reducer and got no hint which backend to use
+    from reptile_fast.core import local_mean
+
+    torch.manual_seed(0)
+    trainer = Reptile(MLP(hidden_dim=8), backend="compiled", inner_steps=2, inner_batch_size=5)
+    with pytest.raises(ValueError, match=r"backend 'compiled' applies its own outer update in one process .*"
+                                         r"distributed_fit across processes\) needs an eager backend: auto, torch"):
+        trainer.fit(Sine(), 2, meta_batch_size=2, progress=False, reducer=local_mean)
