@@ -20,7 +20,8 @@ def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: O
                    meta_batch_size: Optional[int] = None, one_stream: bool = False):
     """Restore ``trainer`` (and every RNG) from ``resume_from`` for ``fit``.
 
-    Returns ``(loss history so far, whether resume_from is ckpt_dir's latest checkpoint)``; warns
+    Returns ``(loss history so far, whether resume_from is ckpt_dir's latest checkpoint, the
+    checkpoint's trainer state)``; warns
     when an annealed run is resumed with another total than it was started with, and when the
     checkpoint's run drew another ``meta_batch_size`` (when both are known).  ``one_stream``: this
     fit draws its tasks from one generator stream; a checkpoint of a run that drew them by global
@@ -64,7 +65,7 @@ def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: O
     latest = None if ckpt_dir is None else ckpt_dir / CHECKPOINT_NAME
     is_latest = latest is not None and latest.exists() and \
         latest.resolve() == resolve_checkpoint_path(resume_from).resolve()
-    return history, is_latest
+    return history, is_latest, ckpt["trainer"]
 
 
 class CheckpointCallback(Callback):

@@ -28,10 +28,11 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
+
+from .validation import check_loadable
 
 __all__ = ["validate_checkpoint", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
            "CHECKPOINT_NAME", "PREVIOUS_NAME", "FORMAT", "VERSION",
@@ -54,23 +55,39 @@ def _umask() -> int:
     return 0o022
 
 
+def _write_failed(path: Path, exc: OSError, what: str = "") -> OSError:
+    """``exc`` (a full disk, a read-only or unwritable directory, ...) as the same kind of
+    ``OSError`` naming the file: torch and the OS name none, or a temporary (``[Errno 28] No space
+    left on device``)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    kept = f"the existing {path.name} there is unchanged" if path.exists() else "nothing was written"
+    return OSError(exc.errno, f"cannot write {path}{what}: {reason} ({kept})")
+
+
 def _atomic_write(path: PathLike, write) -> Path:
-    """Write through ``write(fileobj)`` into a temporary file beside ``path``, fsync, rename."""
+    """Write through ``write(fileobj)`` into a temporary file beside ``path``, fsync, rename.
+
+    An ``OSError`` on the way (a full disk, an unwritable directory) leaves ``path`` as it was and
+    is raised as the same kind of ``OSError`` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise _write_failed(path, exc) from exc
         raise
     # Make the rename itself durable.
     try:
@@ -327,28 +344,6 @@ def restore_rng_state(state: Mapping[str, Any], generator: Optional[torch.Genera
 
 
 # ---------------------------------------------------------------------------------- save
-_SAFE_SCALARS = (str, int, float, bool, type(None))
-
-
-def _check_loadable(obj, where: str) -> None:
-    """Raise ``TypeError`` if ``obj`` holds something ``weights_only`` loading would refuse."""
-    # Exact types: subclasses (torch's TorchVersion is a str) are globals weights_only refuses.
-    if isinstance(obj, torch.Tensor) or type(obj) in _SAFE_SCALARS:
-        return
-    if type(obj) in (dict, OrderedDict):
-        for k, v in obj.items():
-            if not isinstance(k, (str, int)):
-                raise TypeError(f"{where}: keys must be str or int, got {type(k).__name__}")
-            _check_loadable(v, f"{where}[{k!r}]")
-        return
-    if type(obj) in (list, tuple):
-        for i, v in enumerate(obj):
-            _check_loadable(v, f"{where}[{i}]")
-        return
-    raise TypeError(f"{where} is a {type(obj).__name__}; a checkpoint holds only tensors, dicts, lists, "
-                    f"strings, numbers and None (so that it loads with weights_only=True)")
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` an exact copy of ``src`` atomically (a hard link where the filesystem allows)."""
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
@@ -422,20 +417,33 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
         "extra": {str(k): v for k, v in (extra or {}).items()},
         "info": {"torch": str(torch.__version__), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
-    _check_loadable(state, "checkpoint")
+    check_loadable(state, "checkpoint")
     # never replace the last good checkpoint with one that loading would refuse
     _validate(state, directory / CHECKPOINT_NAME)
     for name, value in state["trainer"]["model"].items():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"model entry {name} holds NaN or inf values: not writing a checkpoint from it "
                              f"(the previous one in {directory} is kept)")
+    if getattr(trainer, "outer_optimizer", None) is not None and state["trainer"]["outer_optimizer"] is not None:
+        from .trainer_state import optimizer_state_problem
+
+        problem = optimizer_state_problem(trainer.outer_optimizer, state["trainer"]["outer_optimizer"])
+        if problem is not None:  # loading would refuse it
+            raise ValueError(f"outer optimizer: {problem}; not writing a checkpoint from it (the previous one in "
+                             f"{directory} is kept)")
     path = directory / CHECKPOINT_NAME
     if path.exists() and _intact(path):
         # Keep the previous checkpoint under its own name before the new one replaces it; the
         # latest name always points at a complete file (the rename below is atomic).  A damaged
         # latest is not kept: copied over checkpoint.prev.pt (the file a run resumes from when
         # its latest is damaged) it would leave no loadable checkpoint should this write fail.
-        _link_or_copy(path, directory / PREVIOUS_NAME)
+        try:
+            _link_or_copy(path, directory / PREVIOUS_NAME)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise _write_failed(directory / PREVIOUS_NAME, exc, f" (the copy of {CHECKPOINT_NAME} kept before it is "
+                                                                f"replaced); {CHECKPOINT_NAME} is unchanged") from exc
     return atomic_torch_save(state, path)
 
 

@@ -215,6 +215,27 @@ def run_omniglot(config: OmniglotConfig, out: os.PathLike, *, progress: bool = T
             context.close()
 
 
+def read_validation(path: Path, start: int, log) -> List[dict]:
+    """The validation points of ``path`` (``validation.json`` beside the checkpoint resumed) up to
+    meta-step ``start``.  Monitoring only: a file that is damaged or not the job's (not a list of
+    ``{"iteration": int, ...}``) is reported through ``log`` and the history restarts empty, so it
+    never stops a resume (it failed with json's "Expecting ',' delimiter", naming no file, or a
+    KeyError traceback); the training itself resumes exactly either way."""
+    if not path.exists():
+        return []
+    try:
+        points = json.loads(path.read_text())
+        if not isinstance(points, list) or not all(
+                isinstance(v, dict) and isinstance(v.get("iteration"), int) and not isinstance(v["iteration"], bool)
+                for v in points):
+            raise ValueError('not a list of {"iteration": int, ...} entries')
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log(f"note: {path} cannot be read ({exc}): the validation history before meta-step {start} is left out "
+            f"(training resumes exactly all the same)")
+        return []
+    return [v for v in points if v["iteration"] <= start]
+
+
 def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log, context) -> dict:
     t_load = time.perf_counter()
     train_data = load_omniglot_images(config.train)
@@ -247,9 +268,7 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
         indexed = indexed or (ckpt["extra"].get("sampler") or {}).get("kind") == "indexed"
         if start > config.iterations:
             raise ValueError(f"the checkpoint {resume} is at meta-step {start}, beyond iterations={config.iterations}")
-        vpath = Path(resolve_checkpoint_path(resume)).parent / VALIDATION_NAME
-        if vpath.exists():
-            validation = [v for v in json.loads(vpath.read_text()) if v["iteration"] <= start]
+        validation = read_validation(Path(resolve_checkpoint_path(resume)).parent / VALIDATION_NAME, start, log)
     elif (out / CHECKPOINT_NAME).exists():
         log(f"note: {out} already holds a checkpoint; this new run replaces it. Use --resume {out} to continue it.")
 

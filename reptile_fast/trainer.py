@@ -26,7 +26,7 @@ from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerSte
 from .tasks.base import TaskBatch, sample_indices
 from .trainer_state import load_trainer_state, trainer_hparams, trainer_state_dict
 from .validation import (check_fit_args, check_float, check_inner_options, check_int, check_meta_model,
-                         out_of_memory_message)
+                         check_optimizer_storable, out_of_memory_message)
 
 __all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
 
@@ -128,6 +128,8 @@ class Reptile(HyperParameters):
         self.last_fit_stats: Optional[dict] = None
         #: the meta-batch of the last ``fit`` that drew its own tasks (recorded in checkpoints)
         self.meta_batch_size: Optional[int] = None
+        #: ... and the chunk size its ``draw_chunks`` draws depended on (None: drawn step by step)
+        self.draw_chunk: Optional[int] = None
 
     def _use_backend(self, backend) -> None:
         """Run the inner loops on ``backend`` (built or swapped in between fits) from now on."""
@@ -361,17 +363,19 @@ class Reptile(HyperParameters):
         checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
         if reducer is not None and (self.compiled_options is not None or fused_demanded):
-            raise ValueError("this backend applies its own outer update (compiled / fused); a reducer needs "
-                             "an eager backend")
+            raise ValueError(f"backend {self.backend_name!r} applies its own outer update in one process (the "
+                             f"compiled program, or triton's {{'fused': True}}); a reducer (distributed_fit across "
+                             f"processes) needs an eager backend: auto, torch, reference, or triton without 'fused'")
         # Paths are checked before anything changes, so a typo costs nothing.
         ckpt_dir = None if checkpoint_dir is None else prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
         if ckpt_dir is not None:
+            check_optimizer_storable(self.outer_optimizer)
             remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
-        history, resumed_latest = [], False
+        history, resumed_latest, saved = [], False, {}
         if resume_from is not None:
-            history, resumed_latest = resume_for_fit(self, resume_from, generator, iterations, ckpt_dir,
-                                                     meta_batch_size=meta_batch_size if sampler is None else None,
-                                                     one_stream=sampler is None)
+            history, resumed_latest, saved = resume_for_fit(
+                self, resume_from, generator, iterations, ckpt_dir,
+                meta_batch_size=meta_batch_size if sampler is None else None, one_stream=sampler is None)
             if self.iteration > iterations:  # as without resume_from (and the CLI's --resume)
                 where = "" if isinstance(resume_from, Mapping) else f" {resume_from}"  # a dict: rank 0's, sent
                 raise ValueError(f"the checkpoint{where} is at meta-step {self.iteration}, beyond "
@@ -388,7 +392,18 @@ class Reptile(HyperParameters):
         stepper = self.stepper(meta_batch_size, chunk=checkpoint_every, announce=announce)
         if reducer is not None and stepper is self._fused:
             stepper = self._eager  # the environment's fused preference: a reducer needs the eager stepper
-        if (resume_from is not None and draw_chunks and self.iteration % stepper.chunk
+        # the chunk size whose draws a draw_chunks run makes (None: step by step, as chunks of 1 draw)
+        draw_chunk = stepper.chunk if draw_chunks and stepper.chunk > 1 else None
+        self.draw_chunk = draw_chunk
+        if "draw_chunk" in saved and saved["draw_chunk"] != draw_chunk and self.iteration < iterations:
+            import warnings
+
+            def drawn(chunk):
+                return "step by step" if chunk is None else f"in chunks of {chunk} meta-steps (draw_chunks=True)"
+            warnings.warn(f"the checkpoint's run drew its tasks and plans {drawn(saved['draw_chunk'])}, this fit "
+                          f"{drawn(draw_chunk)}: other draws, so the result will differ from an uninterrupted run "
+                          f"(resume with the same draw_chunks and checkpoint_every)", stacklevel=2)
+        elif (resume_from is not None and draw_chunks and self.iteration % stepper.chunk
                 and self.iteration < iterations):
             # chunk-drawn runs draw [c·j, c·(j+1)) at once: a run ended inside one of those chunks
             # (its total was not a multiple of c) and extended drew that chunk's first part apart

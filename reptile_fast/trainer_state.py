@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
 from .losses import loss_name
 
-__all__ = ["trainer_hparams", "trainer_state_dict", "load_trainer_state"]
+__all__ = ["trainer_hparams", "trainer_state_dict", "load_trainer_state", "optimizer_state_problem"]
 
 
 def trainer_hparams(trainer) -> Dict[str, Any]:
@@ -30,7 +30,24 @@ def trainer_hparams(trainer) -> Dict[str, Any]:
         "adam_betas": list(c.adam_betas), "backend": trainer.backend_name,
         "outer_optimizer": None if trainer.outer_optimizer is None else type(trainer.outer_optimizer).__name__,
         "model": type(trainer.model).__name__,
+        "modules": model_modules(trainer.model),
     }
+
+
+def model_modules(model) -> list:
+    """``["name:Class", ...]`` for every submodule (the root is ``""``): the architecture beyond the
+    parameters' names and shapes, e.g. an MLP's activation, which a resume into a model with the
+    same parameters but another activation would otherwise change without a word."""
+    return [f"{name}:{type(m).__name__}" for name, m in model.named_modules()]
+
+
+def _config_difference(key: str, saved, now) -> str:
+    """One line for a hyper-parameter that differs; for the module list, the first module that does."""
+    if key == "modules" and isinstance(saved, list):
+        n = min(len(saved), len(now))
+        k = next((i for i in range(n) if saved[i] != now[i]), n)
+        return f"modules: saved {saved[k] if k < len(saved) else None!r}, now {now[k] if k < len(now) else None!r}"
+    return f"{key}: saved {saved!r}, now {now!r}"
 
 
 def trainer_state_dict(trainer) -> Dict[str, Any]:
@@ -38,7 +55,8 @@ def trainer_state_dict(trainer) -> Dict[str, Any]:
 
     Returns ``{"model": model.state_dict() (parameters and buffers), "outer_optimizer":
     its state_dict or None, "iteration", "total_iterations", "config": hparams(), "meta_batch_size":
-    the last ``fit``'s, or None}``.  Like
+    the last ``fit``'s, or None, "draw_chunk": the chunk size its ``draw_chunks`` draws depended on,
+    or None}``.  Like
     ``nn.Module.state_dict`` the tensors are references: save or deep-copy to snapshot.
     """
     return {
@@ -48,7 +66,47 @@ def trainer_state_dict(trainer) -> Dict[str, Any]:
         "total_iterations": trainer.total_iterations,
         "config": trainer_hparams(trainer),
         "meta_batch_size": getattr(trainer, "meta_batch_size", None),
+        "draw_chunk": getattr(trainer, "draw_chunk", None),
     }
+
+
+def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> Optional[str]:
+    """What makes ``saved`` (an ``optimizer.state_dict()``) unfit for ``optimizer``'s parameters,
+    or None.  torch's ``load_state_dict`` pairs the saved per-parameter states with the
+    parameters by position and checks only the counts: a state of another shape (parameters
+    listed in another order) loaded without a word, and the first outer step failed inside torch
+    ("output with shape [1] doesn't match the broadcast shape [8, 1]") after the trainer had been
+    restored; a NaN/inf moment made every meta-step non-finite.
+
+    For ``torch.optim``'s own optimizers (another optimizer's state may hold other shapes, e.g. a
+    preconditioner matrix, or use inf): a per-parameter state tensor with dimensions must have the
+    parameter's number of dimensions, each of its sizes the parameter's or 1 (Adafactor keeps
+    ``[rows, 1]`` / ``[1, cols]`` factors), and floating-point ones must be finite.
+    """
+    if not type(optimizer).__module__.startswith("torch.optim"):
+        return None
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping) \
+            or not all(isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups):
+        return None  # malformed at the top: torch's own load_state_dict names it
+    ids = [i for g in groups for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(ids) != len(params):
+        return None  # torch's load_state_dict refuses other counts, naming them
+    for position, (key, p) in enumerate(zip(ids, params)):
+        entries = state.get(key)
+        if not isinstance(entries, Mapping):
+            continue
+        for name, v in entries.items():
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue
+            if v.dim() != p.dim() or any(s not in (1, n) for s, n in zip(v.shape, p.shape)):
+                return (f"the state {name!r} of parameter {position} (in the optimizer's order) has shape "
+                        f"{tuple(v.shape)}, the parameter's is {tuple(p.shape)}: build the outer optimizer over "
+                        f"the model's parameters in the same order as the run that wrote it")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return f"the state {name!r} of parameter {position} (in the optimizer's order) holds NaN or inf values"
+    return None
 
 
 def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
@@ -109,12 +167,15 @@ def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
         raise ValueError(f"state['total_iterations'] must be None or an int >= 1, got {total!r}")
     if isinstance(saved_config, Mapping):
         mine = trainer_hparams(trainer)
-        diffs = [f"{k}: saved {saved_config[k]!r}, now {mine[k]!r}" for k in sorted(mine)
+        diffs = [_config_difference(k, saved_config[k], mine[k]) for k in sorted(mine)
                  if k in saved_config and k != "backend" and saved_config[k] != mine[k]]
         if diffs:
             warnings.warn("resuming with different hyper-parameters (" + "; ".join(diffs) +
                           "): the run will not match an uninterrupted one", stacklevel=2)
     if opt_state is not None:
+        problem = optimizer_state_problem(trainer.outer_optimizer, opt_state)
+        if problem is not None:
+            raise ValueError(f"the saved outer_optimizer state does not fit this optimizer's parameters: {problem}")
         backup = trainer.outer_optimizer.state_dict()
         try:
             trainer.outer_optimizer.load_state_dict(opt_state)

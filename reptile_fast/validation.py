@@ -7,7 +7,8 @@ import re
 from collections.abc import Mapping
 from numbers import Integral, Real
 
-__all__ = ["check_int", "check_float", "check_device", "check_meta_model", "check_inner_options", "argparse_number"]
+__all__ = ["check_int", "check_float", "check_device", "check_meta_model", "check_inner_options", "argparse_number",
+           "check_loadable", "check_optimizer_storable"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -212,6 +213,45 @@ def argparse_number(kind: type, *, allow_zero: bool):
     return convert
 
 
+_SAFE_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_loadable(obj, where: str) -> None:
+    """Raise ``TypeError`` naming ``where`` if ``obj`` holds something a checkpoint cannot (what
+    ``torch.load(weights_only=True)`` would refuse): only tensors, dicts and lists of them, str,
+    int, float, bool and None.  Exact types: subclasses (torch's TorchVersion is a str, numpy's
+    float64 a float) are globals that weights_only refuses."""
+    from collections import OrderedDict
+
+    import torch
+
+    if isinstance(obj, torch.Tensor) or type(obj) in _SAFE_SCALARS:
+        return
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: keys must be str or int, got {type(k).__name__}")
+            check_loadable(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            check_loadable(v, f"{where}[{i}]")
+        return
+    hint = " (a numpy scalar: convert it with float() or int())" if type(obj).__module__ == "numpy" else ""
+    raise TypeError(f"{where} is a {type(obj).__name__}{hint}; a checkpoint holds only tensors, dicts, lists, "
+                    f"strings, numbers and None (so that it loads with weights_only=True)")
+
+
+def check_optimizer_storable(optimizer) -> None:
+    """``check_loadable`` on an outer optimizer's hyper-parameters (its param groups without the
+    parameters), for a run that writes checkpoints: ``Adam(params, lr=np.float32(1e-3))`` trains,
+    but its state could not be saved, and that was found at the first checkpoint, after the
+    meta-steps up to it (at the end, without ``checkpoint_every``)."""
+    if optimizer is not None:
+        check_loadable([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+                       "outer_optimizer.param_groups")
+
+
 #: the hooks ``loop.TrainingLoop`` calls on every callback (``loop.Callback`` defines them all)
 CALLBACK_HOOKS = ("on_start", "wants_read", "on_read", "on_chunk_end", "on_end", "on_abort")
 
@@ -261,6 +301,9 @@ def check_fit_args(task_distribution, iterations, *, meta_batch_size, generator,
         raise ValueError("draw_chunks is how fit's own sampler draws; a given sampler draws as it likes")
     if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
         raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
+    if checkpoint_extra is not None and checkpoint_dir is not None:
+        # found at the first checkpoint before: after checkpoint_every meta-steps, which were lost
+        check_loadable({str(k): v for k, v in checkpoint_extra.items()}, "checkpoint_extra")
 
 
 _OOM_WORDS = ("can't allocate memory", "out of memory", "cannot allocate memory")

@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import CHECKPOINT_NAME
 from ..loop import DEFAULT_LOG_EVERY, Callback
 from ..signals import DeferredSignals, TrainingInterrupted, signal_name
-from ..validation import check_bool, check_int
+from ..validation import check_bool, check_int, check_loadable, check_optimizer_storable
 from .context import DistContext, setup_from_env
 from .reducers import make_reducer
 from .sampler import DEFAULT_BLOCK_SIZE, IndexedSampler
@@ -94,6 +94,21 @@ class _RankCallback(Callback):
             self._next = loop.iteration + next_agreement_gap(per_step, self.stop_every)
             self._last_iteration, self._last_time = loop.iteration, time.monotonic()
 
+    def on_end(self, loop) -> None:
+        """One last agreement when the run ends on its own: a signal received after the last
+        periodic one (up to ``stop_every`` meta-steps before the end) was dropped — the rank that
+        got it returned normally, and a job under torchrun went on past the SIGTERM (the CLI to its
+        evaluation).  Every rank ends the same fit here (a non-finite step raises before, on every
+        rank alike), so all of them take part; a signal makes all of them raise."""
+        if not self.agree or self.stopped or not self.context.is_distributed:
+            return
+        values = torch.tensor([float(self.signals.received or 0)], dtype=torch.float64, device=self.context.device)
+        signum = self.context.all_reduce_(values, f"agreement on stopping after meta-step {loop.iteration} (the last)",
+                                          op="max").item()
+        self.agreements += 1
+        if signum:
+            self.signum, self.stopped = int(signum), True
+
 
 def next_agreement_gap(seconds_per_step: float, at_most: int) -> int:
     """Meta-steps until the next stop agreement: ``at_most``, or fewer so that they take about
@@ -116,19 +131,26 @@ def _check_ranks_agree(ctx: DistContext, settings: Dict[str, Any]) -> None:
 def _on_main(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any:
     """``fn()`` on rank 0, its result sent to every rank; an error it raises (a file or directory
     that cannot be read or written) is raised on every rank alike, so no rank is left waiting in
-    a collective the others never reach."""
+    a collective the others never reach.  An ``OSError`` with an errno is raised as
+    ``OSError(errno, message)``, the same kind on every rank (a read-only disk's plain ``OSError``
+    became a ``ValueError``)."""
     payload = None
     if ctx.is_main:
         try:
             payload = ("ok", fn())
         except (OSError, ValueError, TypeError) as exc:
-            payload = ("error", type(exc).__name__, str(exc))
+            code = exc.errno if isinstance(exc, OSError) else None
+            payload = ("error", type(exc).__name__, exc.strerror if code is not None and exc.strerror else str(exc),
+                       code)
     payload = ctx.broadcast_object(payload, what)
     if payload[0] == "error":
+        _, name, message, code = payload
+        if code is not None:
+            raise OSError(code, message)  # FileNotFoundError, PermissionError, ... by errno
         kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError,
                 "TypeError": TypeError, "NotADirectoryError": NotADirectoryError,
-                "IsADirectoryError": IsADirectoryError}.get(payload[1], ValueError)
-        raise kind(payload[2])
+                "IsADirectoryError": IsADirectoryError}.get(name, ValueError)
+        raise kind(message)
     return payload[1]
 
 
@@ -207,6 +229,11 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
             raise ValueError("checkpoint_every needs checkpoint_dir: where should checkpoints go?")
     if checkpoint_extra is not None and not isinstance(checkpoint_extra, Mapping):
         raise TypeError(f"checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
+    if checkpoint_extra is not None and checkpoint_dir is not None:
+        # on every rank before any collective (rank 0 alone writes, and alone found it, at its first save)
+        check_loadable({str(k): v for k, v in checkpoint_extra.items()}, "checkpoint_extra")
+    if checkpoint_dir is not None:
+        check_optimizer_storable(getattr(trainer, "outer_optimizer", None))
     ctx = context if context is not None else setup_from_env(device=trainer.device)
     if not isinstance(ctx, DistContext):
         raise TypeError(f"context must be a DistContext, got {type(ctx).__name__}")
