@@ -38,9 +38,14 @@ __all__ = ["validate_checkpoint", "atomic_write_bytes", "atomic_write_text", "at
            "CHECKPOINT_NAME", "PREVIOUS_NAME", "FORMAT", "VERSION",
            "save_checkpoint", "load_checkpoint", "restore_checkpoint", "resolve_checkpoint_path",
            "capture_rng_state", "restore_rng_state", "rng_state_problem", "prepare_directory", "prepare_checkpoint_directory",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "CheckpointReplacedWarning"]
 
 PathLike = Union[str, os.PathLike]
+
+
+class CheckpointReplacedWarning(UserWarning):
+    """A new run (``fit`` at meta-step 0 without ``resume_from``) was given a ``checkpoint_dir``
+    that already holds a checkpoint: its saves replace it (the CLI jobs print their own note)."""
 
 
 def _umask() -> int:

@@ -5,6 +5,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional
 
@@ -12,8 +13,8 @@ import torch
 
 from .backends import UnsupportedModelError
 from .backends.base import functional_call
-from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
-                         prepare_directory)
+from .checkpoint import (CHECKPOINT_NAME, CheckpointReplacedWarning, atomic_torch_save, atomic_write_json,
+                         load_checkpoint, prepare_directory)
 from .models import MLP
 from .tasks import Sine
 from .trainer import Reptile
@@ -137,17 +138,20 @@ def train_job(trainer, task_distribution, *, iterations: int, meta_batch_size: i
     ``checkpoint_every`` meta-steps (0: at the end and on signals only)."""
     common = dict(meta_batch_size=meta_batch_size, progress=progress, callback=callback, checkpoint_dir=out,
                   checkpoint_every=checkpoint_every or None, resume_from=resume, checkpoint_extra=extra)
-    if indexed:
-        from .distributed import distributed_fit
+    with warnings.catch_warnings():
+        # the job printed its own note for a checkpoint it replaces (the only one: not once per rank)
+        warnings.simplefilter("ignore", CheckpointReplacedWarning)
+        if indexed:
+            from .distributed import distributed_fit
 
-        return distributed_fit(trainer, task_distribution, iterations, seed=seed, context=context, **common)
-    # On the CPU every meta-step's tasks and plans are drawn as every backend draws them (Reptile.fit's
-    # default), so the job's model does not depend on --checkpoint-every or on the backend's chunking,
-    # and extending a finished run with --resume is exact; at meta-batch 1 the compiled path then
-    # runs 31.4k instead of 37.5k tasks/s (bench/results/native_meta_batch_cpu.json).  The fused CUDA-graph stepper
-    # draws a chunk at once: per-step draws would be launches between its graph replays.
-    return trainer.fit(task_distribution, iterations, generator=torch.Generator().manual_seed(seed),
-                       draw_chunks=trainer.device.type == "cuda", **common)
+            return distributed_fit(trainer, task_distribution, iterations, seed=seed, context=context, **common)
+        # On the CPU every meta-step's tasks and plans are drawn as every backend draws them (Reptile.fit's
+        # default), so the job's model does not depend on --checkpoint-every or on the backend's chunking,
+        # and extending a finished run with --resume is exact; at meta-batch 1 the compiled path then
+        # runs 31.4k instead of 37.5k tasks/s (bench/results/native_meta_batch_cpu.json).  The fused CUDA-graph
+        # stepper draws a chunk at once: per-step draws would be launches between its graph replays.
+        return trainer.fit(task_distribution, iterations, generator=torch.Generator().manual_seed(seed),
+                           draw_chunks=trainer.device.type == "cuda", **common)
 
 
 def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True,

@@ -348,7 +348,8 @@ class Reptile(HyperParameters):
         updates to means, eager steppers only), ``callbacks`` (more ``loop.Callback`` objects).
         """
         from .callbacks import CheckpointCallback, SignalCallback, resume_for_fit
-        from .checkpoint import CHECKPOINT_NAME, prepare_checkpoint_directory, remove_stale_temporaries
+        from .checkpoint import (CHECKPOINT_NAME, CheckpointReplacedWarning, prepare_checkpoint_directory,
+                                 remove_stale_temporaries)
         from .compiled_step import single_thread
         from .signals import DEFAULT_SIGNALS, DeferredSignals
 
@@ -371,6 +372,15 @@ class Reptile(HyperParameters):
         if ckpt_dir is not None:
             check_optimizer_storable(self.outer_optimizer)
             remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
+            if resume_from is None and self.iteration == 0 and (ckpt_dir / CHECKPOINT_NAME).is_file():
+                # another run's checkpoint: after two saves neither it nor checkpoint.prev.pt is left
+                import warnings
+
+                warnings.warn(CheckpointReplacedWarning(
+                    f"checkpoint_dir {ckpt_dir} already holds a checkpoint ({CHECKPOINT_NAME}) and this fit starts "
+                    f"a new run (no resume_from): its saves replace it, and the one after keeps none of it; "
+                    f"pass resume_from={str(ckpt_dir)!r} to continue that run, or another checkpoint_dir"),
+                    stacklevel=2)
         history, resumed_latest, saved = [], False, {}
         if resume_from is not None:
             history, resumed_latest, saved = resume_for_fit(

@@ -313,3 +313,45 @@ def test_json_outputs_are_strict_json_with_null_for_nonfinite(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict token {c}")) == {
         "mse": None, "per_k": [1.5, None], "nested": {"x": None, "ok": 2.0}, "n": 3}
+
+
+def test_a_new_fit_into_a_folder_holding_another_runs_checkpoint_warns(tmp_path):
+    """Nothing a user wrote is lost without a word: a fresh ``fit`` (meta-step 0, no resume_from)
+    given a checkpoint_dir that holds another run's checkpoint replaced it silently (after two saves
+    neither checkpoint.pt nor checkpoint.prev.pt was left).  Continuing the same trainer, resuming,
+    or an empty folder do not warn; the CLI jobs print their own note instead."""
+    import warnings
+
+    from reptile_fast.checkpoint import CheckpointReplacedWarning
+
+    def fresh():
+        torch.manual_seed(0)
+        return Reptile(MLP(1, 8, 1), backend="reference")
+
+    first = fresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointReplacedWarning)  # an empty folder: no warning
+        first.fit(Sine(), 2, generator=torch.Generator().manual_seed(0), progress=False, checkpoint_dir=tmp_path)
+        # the same trainer going on (meta-step 2 onwards) continues its own run
+        first.fit(Sine(), 3, generator=torch.Generator().manual_seed(1), progress=False, checkpoint_dir=tmp_path)
+        fresh().fit(Sine(), 4, generator=torch.Generator(), progress=False, checkpoint_dir=tmp_path,
+                    resume_from=tmp_path)
+    with pytest.warns(CheckpointReplacedWarning, match="already holds a checkpoint.*resume_from="):
+        fresh().fit(Sine(), 1, generator=torch.Generator().manual_seed(0), progress=False, checkpoint_dir=tmp_path)
+
+
+def test_the_sine_job_notes_a_replaced_checkpoint_once(tmp_path, capsys):
+    """The CLI job prints its note; fit's warning is not shown as well."""
+    import warnings
+
+    from reptile_fast.cli import main
+
+    args = ["sine", "--iterations", "2", "--backend", "reference", "--out", str(tmp_path), "--no-progress",
+            "--eval-tasks", "2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    assert capsys.readouterr().err.count("already holds a checkpoint") == 1
+    assert not [w for w in record if "already holds a checkpoint" in str(w.message)]
