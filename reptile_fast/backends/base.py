@@ -89,6 +89,30 @@ class Backend:
     """Base class of inner-loop backends; subclasses set ``name`` and implement ``inner_loop``."""
 
     name: ClassVar[str] = "?"
+    #: check a plan's values (in ``[0, points)``: one host read per call) in ``check_plan``.
+    #: ``Reptile`` turns it off: it checks plans where they enter (a user's plan, a sampler's
+    #: draws), so that a meta-step reads nothing on the host.
+    validate: bool = True
+
+    def check_plan(self, tasks: TaskBatch, indices) -> None:
+        """TypeError/ValueError unless ``indices`` is a long ``[T, R >= 1, B >= 1]`` plan for
+        ``tasks`` (``T = tasks.n_tasks``) on their device, with values in ``[0, N)`` when
+        ``validate`` (one host read).  A backend called directly, without ``Reptile``'s checks,
+        took a 2-D plan, another task count, negative indices (Python's wrap-around: other
+        points) or int32 plans silently, and failed on indices ``>= N`` with torch's IndexError."""
+        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long:
+            raise TypeError(f"indices must be a torch.long tensor [tasks, rows, batch], got "
+                            f"{getattr(indices, 'dtype', type(indices).__name__)}")
+        if indices.dim() != 3 or indices.shape[0] != tasks.n_tasks or indices.shape[1] < 1 or indices.shape[2] < 1:
+            raise ValueError(f"indices must have shape [tasks={tasks.n_tasks}, rows >= 1, batch >= 1], "
+                             f"got {tuple(indices.shape)}")
+        if indices.device != tasks.device:
+            raise ValueError(f"indices are on {indices.device} but the tasks on {tasks.device}")
+        if self.validate:
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(indices)).tolist())
+            if lo < 0 or hi >= tasks.n_points:
+                raise ValueError(f"indices must lie in [0, {tasks.n_points}) (the tasks' points), got values "
+                                 f"in [{lo}, {hi}]")
 
     def auto_candidate(self, device: torch.device) -> bool:
         """Whether ``backend="auto"`` may pick this backend on ``device`` (before ``check_supported``).

@@ -213,9 +213,7 @@ class TorchBackend(Backend):
 
     def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
                    config: InnerConfig) -> InnerResult:
-        if indices.dim() != 3 or indices.shape[0] != tasks.n_tasks:
-            raise ValueError(f"indices must have shape [tasks={tasks.n_tasks}, rows, batch], "
-                             f"got {tuple(indices.shape)}")
+        self.check_plan(tasks, indices)
         steps = config.train_steps(indices.shape[1])
         if steps < 1:
             raise ValueError(f"the plan has {indices.shape[1]} rows: no inner step to take")

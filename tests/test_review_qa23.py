@@ -1,0 +1,92 @@
+"""Review qa23: one Reptile API over every backend (issues 3, 4, 11) — the defects found.
+
+Tiny models and few steps: the Triton cases run under the interpreter (conftest sets it).
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from reptile_fast import Reptile, TaskBatch, sample_indices
+from reptile_fast.backends import InnerConfig, get_backend
+
+
+def _mlp(d_in=2, hidden=5, d_out=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
+
+
+def _tasks(T=3, N=8, d_in=2, d_out=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TaskBatch(torch.randn(T, N, d_in, generator=g), torch.randn(T, N, d_out, generator=g))
+
+
+# ---------------------------------------------------------------- backends called directly
+BAD_PLANS = [
+    # (what, plan from a good [3, 2, 4] plan for 3 tasks of 8 points, error, words in the message)
+    ("negative index", lambda p: p.masked_fill(p == p[0, 0, 0], -1), ValueError, "[0, 8)"),
+    ("index == points", lambda p: p.masked_fill(p == p[0, 0, 0], 8), ValueError, "[0, 8)"),
+    ("fewer tasks", lambda p: p[:2], ValueError, "tasks=3"),
+    ("2-D plan", lambda p: p[:, 0], ValueError, "tasks=3"),
+    ("int32 plan", lambda p: p.int(), TypeError, "torch.long"),
+    ("no rows", lambda p: p[:, :0], ValueError, "rows >= 1"),
+]
+
+
+@pytest.mark.parametrize("name", ["reference", "torch"])
+@pytest.mark.parametrize("what, bad, error, words", BAD_PLANS, ids=[c[0] for c in BAD_PLANS])
+def test_backends_called_directly_refuse_bad_plans_by_name(name, what, bad, error, words):
+    """``get_backend(...).inner_loop`` is the documented plug-in point of issue 11.  Without
+    ``Reptile``'s checks, reference and torch took a negative index (Python's wrap-around: another
+    point than the plan said), a plan for fewer tasks (reference: only those tasks, silently), a
+    2-D plan (reference: one point per step) and int32 plans, and failed on an index == N with
+    torch's IndexError; backend triton refused all of them by name."""
+    tasks = _tasks()
+    plan = sample_indices(3, 2, 8, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(error, match="indices") as info:
+        get_backend(name).inner_loop(_mlp(), tasks, bad(plan), InnerConfig(lr=0.1))
+    assert words in str(info.value)
+
+
+def test_trainer_turns_the_backends_plan_read_off_and_results_are_unchanged():
+    """The backends' own value check is one host read per call: ``Reptile`` (which checks plans
+    where they enter) turns it off, so a meta-step still reads nothing; the numbers are those of
+    the backend called directly."""
+    tasks = _tasks()
+    plan = sample_indices(3, 2, 8, 4, generator=torch.Generator().manual_seed(1))
+    for name in ("reference", "torch"):
+        assert get_backend(name).validate is True
+        model = _mlp()
+        trainer = Reptile(model, backend=name, inner_steps=2, inner_batch_size=4, inner_lr=0.1)
+        assert trainer.backend.validate is False
+        direct = get_backend(name).inner_loop(_mlp(), tasks, plan, InnerConfig(lr=0.1))
+        via = trainer.adapt(tasks, 2, plan)
+        for n in direct.params:
+            assert torch.equal(direct.params[n], via.params[n]), (name, n)
+        assert torch.equal(direct.losses, via.losses)
+
+
+# ---------------------------------------------------------------- trusted batches' labels
+BACKENDS = [("reference", None), ("torch", None), ("triton", None), ("triton", {"kernel": "v2", "fused": True})]
+
+
+@pytest.mark.parametrize("backend, options", BACKENDS, ids=["reference", "torch", "triton", "triton-fused"])
+def test_trusted_batch_with_a_negative_label_is_refused_on_every_backend(backend, options):
+    """``TaskBatch.trusted(x, y)`` without ``n_classes`` is checked by the trainer with one read of
+    the labels.  That read took only the maximum: a negative label failed deep inside torch on
+    reference/torch (IndexError / RuntimeError) and was trained on silently by backend triton
+    (whose own label check the trainer turns off): the kernel read a logit outside the row."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (2, 8), generator=g)
+    y[1, 2] = -3
+    tasks = TaskBatch.trusted(torch.randn(2, 8, 2, generator=g), y)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Reptile(model, backend=backend, backend_options=options, loss="cross_entropy",
+                      inner_steps=2, inner_batch_size=4)
+    with pytest.raises(ValueError, match="non-negative"):
+        trainer.meta_step(tasks)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # a trusted batch with valid labels still trains (its bound read from the labels)
+    y[1, 2] = 2
+    trainer.meta_step(TaskBatch.trusted(tasks.x, y))
+    trainer.check_finite()
