@@ -90,3 +90,15 @@ def test_trusted_batch_with_a_negative_label_is_refused_on_every_backend(backend
     y[1, 2] = 2
     trainer.meta_step(TaskBatch.trusted(tasks.x, y))
     trainer.check_finite()
+
+
+def test_eager_stepper_refuses_a_run_of_no_meta_steps_by_name():
+    """``Stepper.run(tasks, plans, eps, first_iteration)`` is the documented protocol; an empty
+    ``eps`` was a ZeroDivisionError in the eager stepper (the fused one named it)."""
+    from reptile_fast.steppers import EagerStepper
+
+    model = _mlp()
+    stepper = EagerStepper(get_backend("torch"), model, InnerConfig(lr=0.1))
+    plan = sample_indices(3, 2, 8, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="at least one meta-step"):
+        stepper.run(_tasks(), plan, [], 1)
