@@ -228,6 +228,15 @@ class Reptile(HyperParameters):
         self.checker = InputChecker(self.model, self.loss, self.device, self.dtype)
         self._structure = key
 
+    def _check_params_kept(self) -> None:
+        """``adapt``/``evaluate``: the ``ValueError`` of ``meta_step``/``fit`` for parameters
+        replaced, moved or cast since construction (they failed deep inside torch or a kernel
+        launcher, or adapted parameters the trainer does not own).  A swapped parameter-free layer
+        or another train/eval mode needs nothing rebuilt here: the backends read the model as it is."""
+        key = structure_key(self.model)
+        if key != self._structure:
+            check_followable(self._structure, key)
+
     def plan_rows(self, steps: int) -> int:
         """Rows of a minibatch plan for ``steps`` inner steps (FOMAML adds its meta-gradient's batch)."""
         return steps + 1 if self.config.algorithm == "fomaml" else steps
@@ -495,6 +504,7 @@ class Reptile(HyperParameters):
         Returns the ``InnerResult``: adapted parameters ``[T, *shape]`` and losses ``[T, steps]``.
         """
         steps = check_int("steps", steps)
+        self._check_params_kept()
         self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
         if indices is None:
             indices = sample_indices(tasks.n_tasks, steps, tasks.n_points, self.inner_batch_size,
@@ -511,6 +521,7 @@ class Reptile(HyperParameters):
         batches of 10, i.e. ``steps=160``.
         """
         steps = check_int("steps", steps, 0)
+        self._check_params_kept()
         self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
         self.check_finite()
         if steps == 0:

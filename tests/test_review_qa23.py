@@ -102,3 +102,45 @@ def test_eager_stepper_refuses_a_run_of_no_meta_steps_by_name():
     plan = sample_indices(3, 2, 8, 4, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="at least one meta-step"):
         stepper.run(_tasks(), plan, [], 1)
+
+
+ADAPT_BACKENDS = [("reference", None), ("torch", None), ("triton", None), ("compiled", None)]
+
+
+@pytest.mark.parametrize("backend, options", ADAPT_BACKENDS, ids=[b for b, _ in ADAPT_BACKENDS])
+def test_adapt_and_evaluate_refuse_a_cast_or_replaced_model_as_meta_step_does(backend, options):
+    """README: parameters replaced after ``Reptile(...)`` or a model moved or cast are refused with a
+    ValueError.  ``meta_step``/``fit`` did; ``adapt``/``evaluate`` did not look: after
+    ``model.double()`` they failed deep inside (torch's "mat1 and mat2 must have the same dtype",
+    the Triton launcher's TypeError), and after a Linear was swapped in they adapted a model the
+    trainer no longer trains.  A swapped parameter-free layer is still followed."""
+    tasks = _tasks(T=2, N=8, d_in=2, d_out=3)
+    model = _mlp()
+    trainer = Reptile(model, backend=backend, backend_options=options, inner_steps=2, inner_batch_size=4)
+    plan = sample_indices(2, 2, 8, 4, generator=torch.Generator().manual_seed(1))
+    model.double()
+    for call in (lambda: trainer.adapt(tasks, 2, plan), lambda: trainer.evaluate(tasks, 2, plan),
+                 lambda: trainer.evaluate(tasks, 0)):
+        with pytest.raises(ValueError, match="moved or cast"):
+            call()
+    model.float()  # the same parameter objects, back in their dtype: the trainer takes it again
+    trainer.adapt(tasks, 2, plan)
+
+    model[0] = nn.Linear(2, 5)
+    with pytest.raises(ValueError, match="replaced"):
+        trainer.adapt(tasks, 2, plan)
+    with pytest.raises(ValueError, match="replaced"):
+        trainer.evaluate(tasks, 2, plan)
+
+    model = _mlp()
+    trainer = Reptile(model, backend=backend, backend_options=options, inner_steps=2, inner_batch_size=4)
+    model[1] = nn.ReLU()  # followed: the same numbers as a trainer built for the new model
+    fresh = Reptile(_mlp_relu(), backend="reference", inner_steps=2, inner_batch_size=4)
+    torch.testing.assert_close(trainer.evaluate(tasks, 2, plan), fresh.evaluate(tasks, 2, plan),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _mlp_relu():
+    model = _mlp()
+    model[1] = nn.ReLU()
+    return model
