@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .backends import InnerConfig, InnerResult, UnsupportedModelError, resolve_backend
+from .backends.base import ALGORITHMS, INNER_OPTIMIZERS
 from .compat import InputChecker
 from .hyperparams import HyperParameters
 from .core import NonFiniteError, Reducer, check_outer_optimizer_kind, check_outer_optimizer_lr
@@ -30,8 +31,6 @@ from .validation import (check_fit_args, check_float, check_inner_options, check
 
 __all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
 
-ALGORITHMS = ("reptile", "fomaml")
-INNER_OPTIMIZERS = ("sgd", "adam")
 
 
 class Reptile(HyperParameters):

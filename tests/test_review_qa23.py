@@ -144,3 +144,14 @@ def _mlp_relu():
     model = _mlp()
     model[1] = nn.ReLU()
     return model
+
+
+@pytest.mark.parametrize("field, value", [("optimizer", "rmsprop"), ("optimizer", "Adam"), ("algorithm", "maml")])
+def test_inner_config_refuses_unknown_names(field, value):
+    """``InnerConfig`` is what a backend called directly gets: backend torch ran plain SGD for an
+    unknown optimizer ("rmsprop", "Adam") and both reference and torch ran plain Reptile for
+    algorithm "maml", silently (only ``Reptile``'s own checks named them)."""
+    with pytest.raises(ValueError, match=value):
+        InnerConfig(**{field: value})
+    with pytest.raises(ValueError, match=value):
+        Reptile(_mlp(), **{"inner_optimizer" if field == "optimizer" else field: value})

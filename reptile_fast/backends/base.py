@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from ..tasks.base import TaskBatch
 
-__all__ = ["InnerConfig", "InnerResult", "Backend", "UnsupportedModelError", "functional_call"]
+__all__ = ["InnerConfig", "InnerResult", "Backend", "UnsupportedModelError", "functional_call", "INNER_OPTIMIZERS",
+           "ALGORITHMS"]
 
 
 def functional_call(model: nn.Module, tensors, args: tuple):
@@ -32,6 +33,11 @@ def functional_call(model: nn.Module, tensors, args: tuple):
         for m, params, buffers in saved:
             m._parameters.update(params)
             m._buffers.update(buffers)
+
+
+#: the inner optimizers and algorithms an ``InnerConfig`` may name (every backend knows them)
+INNER_OPTIMIZERS = ("sgd", "adam")
+ALGORITHMS = ("reptile", "fomaml")
 
 
 class UnsupportedModelError(ValueError):
@@ -59,6 +65,14 @@ class InnerConfig:
     grad_weights: Optional[Tuple[float, ...]] = None
     adam_betas: Tuple[float, float] = (0.0, 0.999)
     adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        # a backend called directly (no Reptile check before it) ran plain SGD for "rmsprop" or
+        # "Adam" (torch) and plain Reptile for "maml" (torch and reference), silently
+        if self.optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"inner optimizer must be one of {INNER_OPTIMIZERS}, got {self.optimizer!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
 
     @property
     def needs_meta_grads(self) -> bool:

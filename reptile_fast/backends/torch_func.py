@@ -34,14 +34,13 @@ from torch.func import grad, vmap
 
 from ..losses import loss_name, resolve_loss
 from ..tasks.base import TaskBatch
-from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError, functional_call
+from .base import (ALGORITHMS, INNER_OPTIMIZERS, Backend, InnerConfig, InnerResult, UnsupportedModelError,
+                   functional_call)
 from .mlp_batched import (FAST_LOSSES, StackedMLP, default_task_block, gather_minibatches, mlp_forward,
                           mlp_inner_loop)
 
 __all__ = ["TorchBackend", "StackedAdam"]
 
-_OPTIMIZERS = ("sgd", "adam")
-_ALGORITHMS = ("reptile", "fomaml")
 
 
 class StackedAdam:
@@ -161,11 +160,11 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ dispatch
     def check_supported(self, model: nn.Module, device: torch.device, config: InnerConfig) -> None:
-        if config.optimizer not in _OPTIMIZERS:
-            raise UnsupportedModelError(f"backend 'torch' supports inner optimizers {_OPTIMIZERS}, "
+        if config.optimizer not in INNER_OPTIMIZERS:
+            raise UnsupportedModelError(f"backend 'torch' supports inner optimizers {INNER_OPTIMIZERS}, "
                                         f"got {config.optimizer!r}")
-        if config.algorithm not in _ALGORITHMS:
-            raise UnsupportedModelError(f"backend 'torch' supports algorithms {_ALGORITHMS}, "
+        if config.algorithm not in ALGORITHMS:
+            raise UnsupportedModelError(f"backend 'torch' supports algorithms {ALGORITHMS}, "
                                         f"got {config.algorithm!r}")
         resolve_loss(config.loss)
         check_vmappable(model)
