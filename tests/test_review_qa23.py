@@ -155,3 +155,11 @@ def test_inner_config_refuses_unknown_names(field, value):
         InnerConfig(**{field: value})
     with pytest.raises(ValueError, match=value):
         Reptile(_mlp(), **{"inner_optimizer" if field == "optimizer" else field: value})
+
+
+@pytest.mark.parametrize("name", ["reference", "torch"])
+def test_backends_refuse_grad_weights_that_do_not_match_the_plan(name):
+    """Reference took surplus ``grad_weights`` silently (the extra ones unused), torch named them."""
+    plan = sample_indices(3, 2, 8, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="grad_weights has 3 entries for 2 inner steps"):
+        get_backend(name).inner_loop(_mlp(), _tasks(), plan, InnerConfig(grad_weights=(1.0, 1.0, 1.0)))

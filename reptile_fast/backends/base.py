@@ -108,12 +108,13 @@ class Backend:
     #: draws), so that a meta-step reads nothing on the host.
     validate: bool = True
 
-    def check_plan(self, tasks: TaskBatch, indices) -> None:
+    def check_plan(self, tasks: TaskBatch, indices, config: Optional[InnerConfig] = None) -> None:
         """TypeError/ValueError unless ``indices`` is a long ``[T, R >= 1, B >= 1]`` plan for
         ``tasks`` (``T = tasks.n_tasks``) on their device, with values in ``[0, N)`` when
-        ``validate`` (one host read).  A backend called directly, without ``Reptile``'s checks,
-        took a 2-D plan, another task count, negative indices (Python's wrap-around: other
-        points) or int32 plans silently, and failed on indices ``>= N`` with torch's IndexError."""
+        ``validate`` (one host read), and ``config.grad_weights`` (if any) holds one weight per
+        inner step.  A backend called directly, without ``Reptile``'s checks, took a 2-D plan,
+        another task count, negative indices (Python's wrap-around: other points), int32 plans or
+        surplus grad_weights silently, and failed on indices ``>= N`` with torch's IndexError."""
         if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long:
             raise TypeError(f"indices must be a torch.long tensor [tasks, rows, batch], got "
                             f"{getattr(indices, 'dtype', type(indices).__name__)}")
@@ -122,6 +123,10 @@ class Backend:
                              f"got {tuple(indices.shape)}")
         if indices.device != tasks.device:
             raise ValueError(f"indices are on {indices.device} but the tasks on {tasks.device}")
+        if config is not None and config.grad_weights is not None:
+            steps = config.train_steps(indices.shape[1])
+            if len(config.grad_weights) != steps:
+                raise ValueError(f"grad_weights has {len(config.grad_weights)} entries for {steps} inner steps")
         if self.validate:
             lo, hi = (int(v) for v in torch.stack(torch.aminmax(indices)).tolist())
             if lo < 0 or hi >= tasks.n_points:

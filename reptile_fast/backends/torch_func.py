@@ -212,12 +212,10 @@ class TorchBackend(Backend):
 
     def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
                    config: InnerConfig) -> InnerResult:
-        self.check_plan(tasks, indices)
+        self.check_plan(tasks, indices, config)
         steps = config.train_steps(indices.shape[1])
         if steps < 1:
             raise ValueError(f"the plan has {indices.shape[1]} rows: no inner step to take")
-        if config.grad_weights is not None and len(config.grad_weights) != steps:
-            raise ValueError(f"grad_weights has {len(config.grad_weights)} entries for {steps} inner steps")
         spec = self._fast_spec(model, tasks, config)
         if spec is not None:
             return self._mlp_inner_loop(model, tasks, indices, config, spec)
