@@ -163,3 +163,21 @@ def test_backends_refuse_grad_weights_that_do_not_match_the_plan(name):
     plan = sample_indices(3, 2, 8, 4, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="grad_weights has 3 entries for 2 inner steps"):
         get_backend(name).inner_loop(_mlp(), _tasks(), plan, InnerConfig(grad_weights=(1.0, 1.0, 1.0)))
+
+
+@pytest.mark.parametrize("name", ["reference", "torch", "triton"])
+def test_backend_evaluate_refuses_params_that_do_not_match_the_model_or_tasks(name):
+    """``Backend.evaluate(model, params, tasks, config)`` with a parameter missing took the model's
+    own tensor for it (``functional_call``), silently; with more tasks' rows than tasks,
+    reference and triton evaluated the first ones, silently."""
+    model, tasks = _mlp(), _tasks()
+    plan = sample_indices(3, 2, 8, 4, generator=torch.Generator().manual_seed(1))
+    backend = get_backend(name)
+    params = backend.inner_loop(model, tasks, plan, InnerConfig(lr=0.1)).params
+    missing = {n: v for n, v in params.items() if n != "0.bias"}
+    with pytest.raises(ValueError, match=r"missing \['0.bias'\]"):
+        backend.evaluate(model, missing, tasks, InnerConfig())
+    doubled = {n: torch.cat([v, v]) for n, v in params.items()}
+    with pytest.raises(ValueError, match="tasks=3"):
+        backend.evaluate(model, doubled, tasks, InnerConfig())
+    assert backend.evaluate(model, params, tasks, InnerConfig()).shape == (3,)

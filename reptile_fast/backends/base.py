@@ -133,6 +133,24 @@ class Backend:
                 raise ValueError(f"indices must lie in [0, {tasks.n_points}) (the tasks' points), got values "
                                  f"in [{lo}, {hi}]")
 
+    @staticmethod
+    def check_params(model: nn.Module, params, n_tasks: int) -> None:
+        """TypeError/ValueError unless ``params`` maps exactly the model's parameter names to
+        tensors ``[n_tasks, *shape]`` (what ``evaluate`` takes).  ``functional_call`` took the
+        model's own tensor for a missing name and ignored an unknown one, silently; a wrong task
+        count was used in part (reference) or failed inside torch."""
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a dict name -> [tasks, *shape], got {type(params).__name__}")
+        named = dict(model.named_parameters())
+        if set(params) != set(named):
+            raise ValueError(f"params must hold exactly the model's parameters: missing "
+                             f"{[n for n in named if n not in params]}, unknown {[n for n in params if n not in named]}")
+        for n, p in named.items():
+            v = params[n]
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != (n_tasks, *p.shape):
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"params[{n!r}] must be [tasks={n_tasks}, *{tuple(p.shape)}], got {got}")
+
     def auto_candidate(self, device: torch.device) -> bool:
         """Whether ``backend="auto"`` may pick this backend on ``device`` (before ``check_supported``).
 
@@ -169,6 +187,7 @@ class Backend:
         """
         from ..losses import resolve_loss
 
+        self.check_params(model, params, tasks.n_tasks)
         loss_fn = resolve_loss(config.loss)
         buffers = {k: v.clone() for k, v in model.named_buffers()}
         out = []

@@ -305,6 +305,7 @@ class TorchBackend(Backend):
         statistics, and the model's running statistics stay untouched.
         """
         T = tasks.n_tasks
+        self.check_params(model, params, T)
         with torch.no_grad():
             if self.uses_fast_path(model, tasks, InnerConfig(loss=config.loss)):
                 spec = self.mlp_spec(model)
