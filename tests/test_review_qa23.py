@@ -181,3 +181,32 @@ def test_backend_evaluate_refuses_params_that_do_not_match_the_model_or_tasks(na
     with pytest.raises(ValueError, match="tasks=3"):
         backend.evaluate(model, doubled, tasks, InnerConfig())
     assert backend.evaluate(model, params, tasks, InnerConfig()).shape == (3,)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_torch_mlp_path_is_as_close_to_float64_as_the_reference_over_the_seeds_evaluation(seed):
+    """The seed's evaluation adapts the sine MLP for 160 SGD steps (``evaluate(tasks, 160)``).
+    The batched-MLP path fused each bias update (and a one-input-feature weight's) into
+    ``baddbmm_(ones, g, alpha=-lr)``; on a ``[1, B] @ [B, out]`` product MKL's alpha rounds to ~3
+    ulps of the parameter, where SGD's ``add_(grad, alpha=-lr)`` rounds once, so after 160 steps
+    the parameters sat 2.1-3.9x farther from a float64 run than the fp32 reference's (seeds 0-4),
+    against the README's "both sit equally close to a float64 run".  The same fp32 operations in
+    another summation order measure 0.8-1.06x; 1.5x leaves room for that spread."""
+    from reptile_fast import MLP, Sine
+
+    g = torch.Generator().manual_seed(seed)
+    tasks = Sine().sample(4, generator=g)
+    plan = sample_indices(4, 160, 50, 10, generator=g)
+    torch.manual_seed(seed)
+    model = MLP()
+    model64 = MLP().double()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    oracle = get_backend("reference").inner_loop(model64, tasks.to(dtype=torch.float64), plan, InnerConfig()).params
+    ref = get_backend("reference").inner_loop(model, tasks, plan, InnerConfig()).params
+    fast = get_backend("torch")
+    assert fast.uses_fast_path(model, tasks, InnerConfig())
+    got = fast.inner_loop(model, tasks, plan, InnerConfig()).params
+
+    def dist(params):
+        return max((params[n].double() - oracle[n]).abs().max().item() for n in oracle)
+    assert dist(got) <= 1.5 * dist(ref), (dist(got), dist(ref))
