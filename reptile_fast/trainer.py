@@ -32,7 +32,6 @@ from .validation import (check_fit_args, check_float, check_inner_options, check
 __all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
 
 
-
 class Reptile(HyperParameters):
     """Reptile meta-training of ``model`` in place (Nichol, Achiam, Schulman 2018).
 

@@ -143,8 +143,8 @@ class Backend:
             raise TypeError(f"params must be a dict name -> [tasks, *shape], got {type(params).__name__}")
         named = dict(model.named_parameters())
         if set(params) != set(named):
-            raise ValueError(f"params must hold exactly the model's parameters: missing "
-                             f"{[n for n in named if n not in params]}, unknown {[n for n in params if n not in named]}")
+            missing, unknown = [n for n in named if n not in params], [n for n in params if n not in named]
+            raise ValueError(f"params must hold exactly the model's parameters: missing {missing}, unknown {unknown}")
         for n, p in named.items():
             v = params[n]
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != (n_tasks, *p.shape):

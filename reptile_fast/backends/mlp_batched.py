@@ -22,9 +22,9 @@ The floating-point operations are the reference backend's (``F.linear``, ``aten:
 ``p + (−lr)·g`` as one fused multiply-add) except for three documented differences: the order of
 the additions inside a matrix product (MKL picks different kernels for one ``[B, in]`` matrix and
 a batch of them); the fused SGD update of a wide weight does not round ``gᵀh`` before the
-multiply-add (≤ 1 ulp of lr·g); and, on CPU by default, tanh computed as 2·σ(2z) − 1 (``fast_tanh``: ``torch.tanh`` is a
-scalar loop on CPU and would cost more than all the matrix products at large meta-batches; the
-two agree to ~1.2e-7 absolute in fp32).  Adapted parameters agree with the reference backend within the
+multiply-add (≤ 1 ulp of lr·g); and, on CPU by default, tanh computed as 2·σ(2z) − 1
+(``fast_tanh``: ``torch.tanh`` is a scalar loop on CPU and would cost more than all the matrix
+products at large meta-batches; the two agree to ~1.2e-7 absolute in fp32).  Adapted parameters agree with the reference backend within the
 project's rtol 1e-5 / atol 1e-6, and both sit equally close to a float64 run
 (tests/test_backend_torch.py).
 

@@ -42,7 +42,6 @@ from .mlp_batched import (FAST_LOSSES, StackedMLP, default_task_block, gather_mi
 __all__ = ["TorchBackend", "StackedAdam"]
 
 
-
 class StackedAdam:
     """``torch.optim.Adam`` (no weight decay, no amsgrad) for ``T`` tasks' stacked parameters.
 
