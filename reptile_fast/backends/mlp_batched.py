@@ -24,9 +24,10 @@ the additions inside a matrix product (MKL picks different kernels for one ``[B,
 a batch of them); the fused SGD update of a wide weight does not round ``gᵀh`` before the
 multiply-add (≤ 1 ulp of lr·g); and, on CPU by default, tanh computed as 2·σ(2z) − 1
 (``fast_tanh``: ``torch.tanh`` is a scalar loop on CPU and would cost more than all the matrix
-products at large meta-batches; the two agree to ~1.2e-7 absolute in fp32).  Adapted parameters agree with the reference backend within the
-project's rtol 1e-5 / atol 1e-6, and both sit equally close to a float64 run
-(tests/test_backend_torch.py).
+products at large meta-batches; the two agree to ~1.2e-7 absolute in fp32).  Adapted parameters
+agree with the reference backend within the project's rtol 1e-5 / atol 1e-6, and both sit
+equally close to a float64 run (tests/test_backend_torch.py; over 160 inner steps
+tests/test_review_qa23.py).
 
 Large meta-batches: ``task_block`` runs the plain-SGD inner loops over blocks of tasks (even
 sizes, ≥ 2 tasks) whose weights fit an L2 cache (``default_task_block``: 2 MiB of per-task state,
