@@ -314,6 +314,10 @@ class BackendProvider(Provider):
     def backend_instance(self):
         if self._instance is None:
             self._instance = self._make()
+            if "validate" not in self.options:
+                # timed as Reptile runs it: the plans are sample_indices' (in range by
+                # construction), so no per-call read of their values (a device sync on a GPU)
+                self._instance.validate = False
         return self._instance
 
     def unavailable(self, device: torch.device) -> Optional[str]:

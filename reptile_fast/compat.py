@@ -91,7 +91,12 @@ class InputChecker:
             raise TypeError("loss 'cross_entropy' needs long class labels [tasks, points]; got float targets")
         n_classes = tasks.n_classes
         if tasks.is_classification and n_classes is None:  # a trusted batch without a bound: one read
-            n_classes = int(tasks.y.max()) + 1
+            # both ends: a negative label failed deep inside torch (reference, torch) and was read
+            # outside the logits by the Triton kernel (whose own check the trainer turns off)
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(tasks.y)).tolist())
+            if lo < 0:
+                raise ValueError(f"TaskBatch.y class labels must be non-negative, got {lo}")
+            n_classes = hi + 1
         # x's dtype too: which embeddings read integer inputs is found by the probe (float x: none)
         key = (tuple(tasks.x.shape[2:]), tasks.x.dtype, tuple(tasks.y.shape[2:]), tasks.y.dtype, n_classes)
         if key in self._seen:

@@ -164,6 +164,8 @@ class EagerStepper(Stepper):
 
     def run(self, tasks, plans, eps, first_iteration):
         m = len(eps)
+        if m < 1:  # (a ZeroDivisionError below)
+            raise ValueError(f"run needs at least one meta-step's eps, got {m}")
         if m == 1:
             return self.step(tasks, plans, eps[0], first_iteration).reshape(1)
         T = tasks.n_tasks // m

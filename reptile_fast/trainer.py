@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .backends import InnerConfig, InnerResult, UnsupportedModelError, resolve_backend
+from .backends.base import ALGORITHMS, INNER_OPTIMIZERS
 from .compat import InputChecker
 from .hyperparams import HyperParameters
 from .core import NonFiniteError, Reducer, check_outer_optimizer_kind, check_outer_optimizer_lr
@@ -29,9 +30,6 @@ from .validation import (check_fit_args, check_float, check_inner_options, check
                          check_optimizer_storable, out_of_memory_message)
 
 __all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
-
-ALGORITHMS = ("reptile", "fomaml")
-INNER_OPTIMIZERS = ("sgd", "adam")
 
 
 class Reptile(HyperParameters):
@@ -229,6 +227,15 @@ class Reptile(HyperParameters):
         self._make_fused()
         self.checker = InputChecker(self.model, self.loss, self.device, self.dtype)
         self._structure = key
+
+    def _check_params_kept(self) -> None:
+        """``adapt``/``evaluate``: the ``ValueError`` of ``meta_step``/``fit`` for parameters
+        replaced, moved or cast since construction (they failed deep inside torch or a kernel
+        launcher, or adapted parameters the trainer does not own).  A swapped parameter-free layer
+        or another train/eval mode needs nothing rebuilt here: the backends read the model as it is."""
+        key = structure_key(self.model)
+        if key != self._structure:
+            check_followable(self._structure, key)
 
     def plan_rows(self, steps: int) -> int:
         """Rows of a minibatch plan for ``steps`` inner steps (FOMAML adds its meta-gradient's batch)."""
@@ -520,6 +527,7 @@ class Reptile(HyperParameters):
         Returns the ``InnerResult``: adapted parameters ``[T, *shape]`` and losses ``[T, steps]``.
         """
         steps = check_int("steps", steps)
+        self._check_params_kept()
         self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
         if indices is None:
             indices = sample_indices(tasks.n_tasks, steps, tasks.n_points, self.inner_batch_size,
@@ -536,6 +544,7 @@ class Reptile(HyperParameters):
         batches of 10, i.e. ``steps=160``.
         """
         steps = check_int("steps", steps, 0)
+        self._check_params_kept()
         self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
         self.check_finite()
         if steps == 0:

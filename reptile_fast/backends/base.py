@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from ..tasks.base import TaskBatch
 
-__all__ = ["InnerConfig", "InnerResult", "Backend", "UnsupportedModelError", "functional_call"]
+__all__ = ["InnerConfig", "InnerResult", "Backend", "UnsupportedModelError", "functional_call", "INNER_OPTIMIZERS",
+           "ALGORITHMS"]
 
 
 def functional_call(model: nn.Module, tensors, args: tuple):
@@ -32,6 +33,11 @@ def functional_call(model: nn.Module, tensors, args: tuple):
         for m, params, buffers in saved:
             m._parameters.update(params)
             m._buffers.update(buffers)
+
+
+#: the inner optimizers and algorithms an ``InnerConfig`` may name (every backend knows them)
+INNER_OPTIMIZERS = ("sgd", "adam")
+ALGORITHMS = ("reptile", "fomaml")
 
 
 class UnsupportedModelError(ValueError):
@@ -59,6 +65,14 @@ class InnerConfig:
     grad_weights: Optional[Tuple[float, ...]] = None
     adam_betas: Tuple[float, float] = (0.0, 0.999)
     adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        # a backend called directly (no Reptile check before it) ran plain SGD for "rmsprop" or
+        # "Adam" (torch) and plain Reptile for "maml" (torch and reference), silently
+        if self.optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"inner optimizer must be one of {INNER_OPTIMIZERS}, got {self.optimizer!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
 
     @property
     def needs_meta_grads(self) -> bool:
@@ -89,6 +103,53 @@ class Backend:
     """Base class of inner-loop backends; subclasses set ``name`` and implement ``inner_loop``."""
 
     name: ClassVar[str] = "?"
+    #: check a plan's values (in ``[0, points)``: one host read per call) in ``check_plan``.
+    #: ``Reptile`` turns it off: it checks plans where they enter (a user's plan, a sampler's
+    #: draws), so that a meta-step reads nothing on the host.
+    validate: bool = True
+
+    def check_plan(self, tasks: TaskBatch, indices, config: Optional[InnerConfig] = None) -> None:
+        """TypeError/ValueError unless ``indices`` is a long ``[T, R >= 1, B >= 1]`` plan for
+        ``tasks`` (``T = tasks.n_tasks``) on their device, with values in ``[0, N)`` when
+        ``validate`` (one host read), and ``config.grad_weights`` (if any) holds one weight per
+        inner step.  A backend called directly, without ``Reptile``'s checks, took a 2-D plan,
+        another task count, negative indices (Python's wrap-around: other points), int32 plans or
+        surplus grad_weights silently, and failed on indices ``>= N`` with torch's IndexError."""
+        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long:
+            raise TypeError(f"indices must be a torch.long tensor [tasks, rows, batch], got "
+                            f"{getattr(indices, 'dtype', type(indices).__name__)}")
+        if indices.dim() != 3 or indices.shape[0] != tasks.n_tasks or indices.shape[1] < 1 or indices.shape[2] < 1:
+            raise ValueError(f"indices must have shape [tasks={tasks.n_tasks}, rows >= 1, batch >= 1], "
+                             f"got {tuple(indices.shape)}")
+        if indices.device != tasks.device:
+            raise ValueError(f"indices are on {indices.device} but the tasks on {tasks.device}")
+        if config is not None and config.grad_weights is not None:
+            steps = config.train_steps(indices.shape[1])
+            if len(config.grad_weights) != steps:
+                raise ValueError(f"grad_weights has {len(config.grad_weights)} entries for {steps} inner steps")
+        if self.validate:
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(indices)).tolist())
+            if lo < 0 or hi >= tasks.n_points:
+                raise ValueError(f"indices must lie in [0, {tasks.n_points}) (the tasks' points), got values "
+                                 f"in [{lo}, {hi}]")
+
+    @staticmethod
+    def check_params(model: nn.Module, params, n_tasks: int) -> None:
+        """TypeError/ValueError unless ``params`` maps exactly the model's parameter names to
+        tensors ``[n_tasks, *shape]`` (what ``evaluate`` takes).  ``functional_call`` took the
+        model's own tensor for a missing name and ignored an unknown one, silently; a wrong task
+        count was used in part (reference) or failed inside torch."""
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a dict name -> [tasks, *shape], got {type(params).__name__}")
+        named = dict(model.named_parameters())
+        if set(params) != set(named):
+            missing, unknown = [n for n in named if n not in params], [n for n in params if n not in named]
+            raise ValueError(f"params must hold exactly the model's parameters: missing {missing}, unknown {unknown}")
+        for n, p in named.items():
+            v = params[n]
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != (n_tasks, *p.shape):
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"params[{n!r}] must be [tasks={n_tasks}, *{tuple(p.shape)}], got {got}")
 
     def auto_candidate(self, device: torch.device) -> bool:
         """Whether ``backend="auto"`` may pick this backend on ``device`` (before ``check_supported``).
@@ -126,6 +187,7 @@ class Backend:
         """
         from ..losses import resolve_loss
 
+        self.check_params(model, params, tasks.n_tasks)
         loss_fn = resolve_loss(config.loss)
         buffers = {k: v.clone() for k, v in model.named_buffers()}
         out = []

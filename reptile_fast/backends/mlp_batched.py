@@ -12,19 +12,22 @@ elementwise ops, with no autograd graph and no ``vmap`` dispatch:
     backward  g_L = dloss/dz_L  (the formulas of aten's mse_loss / nll_loss / log_softmax backward)
               dW_l = g_lᵀ h_l,  db_l = Σ_rows g_l,  g_{l-1} = act'(g_l W_l)   (bmm, aten *_backward)
     update    SGD fused into the backward matmuls: W ← W − lr·gᵀh as ``W.baddbmm_(gᵀ, h, alpha=-lr)``
-              (no gradient tensor is written); with Adam or ``grad_weights`` the gradients go to
-              a flat buffer and ``flat.add_(grad_flat, alpha=-lr)`` / ``optimizer.step`` apply them
+              (no weight gradient is written; biases and one-input-feature weights as SGD's
+              ``add_(grad, alpha=-lr)``: see ``_run_backward_sgd``); with Adam or ``grad_weights``
+              the gradients go to a flat buffer and ``flat.add_(grad_flat, alpha=-lr)`` /
+              ``optimizer.step`` apply them
 
 The floating-point operations are the reference backend's (``F.linear``, ``aten::tanh_backward``,
 ``aten::mse_loss_backward``'s ``norm · (pred − y)``, ``_log_softmax_backward_data``, SGD's
 ``p + (−lr)·g`` as one fused multiply-add) except for three documented differences: the order of
 the additions inside a matrix product (MKL picks different kernels for one ``[B, in]`` matrix and
-a batch of them); the fused SGD update does not round ``gᵀh`` before the multiply-add (≤ 1 ulp
-of lr·g); and, on CPU by default, tanh computed as 2·σ(2z) − 1 (``fast_tanh``: ``torch.tanh`` is a
-scalar loop on CPU and would cost more than all the matrix products at large meta-batches; the
-two agree to ~1.2e-7 absolute in fp32).  Adapted parameters agree with the reference backend within the
-project's rtol 1e-5 / atol 1e-6, and both sit equally close to a float64 run
-(tests/test_backend_torch.py).
+a batch of them); the fused SGD update of a wide weight does not round ``gᵀh`` before the
+multiply-add (≤ 1 ulp of lr·g); and, on CPU by default, tanh computed as 2·σ(2z) − 1
+(``fast_tanh``: ``torch.tanh`` is a scalar loop on CPU and would cost more than all the matrix
+products at large meta-batches; the two agree to ~1.2e-7 absolute in fp32).  Adapted parameters
+agree with the reference backend within the project's rtol 1e-5 / atol 1e-6, and both sit
+equally close to a float64 run (tests/test_backend_torch.py; over 160 inner steps
+tests/test_review_qa23.py).
 
 Large meta-batches: ``task_block`` runs the plain-SGD inner loops over blocks of tasks (even
 sizes, ≥ 2 tasks) whose weights fit an L2 cache (``default_task_block``: 2 MiB of per-task state,
@@ -298,9 +301,9 @@ def _run_backward(layers: list, acts: Sequence[str], hs, out: torch.Tensor, g: t
             g = _activation_backward(acts[l - 1], gh, h)
 
 
-def _sgd_layers(spec: MLPSpec, params: StackedMLP, batch: int) -> list:
+def _sgd_layers(spec: MLPSpec, params: StackedMLP) -> list:
     """Per layer, from the last: ``(l, W, W update-view, transposed, b as [T, 1, out])`` for
-    ``_run_backward_sgd``, and the ``[T, 1, B]`` ones that sum a minibatch inside a matmul."""
+    ``_run_backward_sgd``."""
     T = params.n_tasks
     layers = []
     for l in range(spec.n_layers - 1, -1, -1):
@@ -308,18 +311,24 @@ def _sgd_layers(spec: MLPSpec, params: StackedMLP, batch: int) -> list:
         transposed = spec.dims[l] == 1  # see _backward_layers
         layers.append((l, W, W.view(T, 1, W.shape[1]) if transposed else W, transposed,
                        b.view(T, 1, b.shape[1])))
-    return layers, params.weights[0].new_ones((T, 1, batch))
+    return layers
 
 
-def _run_backward_sgd(layers: list, ones: torch.Tensor, acts: Sequence[str], hs, out: torch.Tensor,
-                      g: torch.Tensor, lr: float) -> None:
+def _run_backward_sgd(layers: list, acts: Sequence[str], hs, out: torch.Tensor, g: torch.Tensor,
+                      lr: float) -> None:
     """Backward pass fused with the SGD step: ``W ← W − lr·(gᵀh)`` inside the matmul
-    (``baddbmm_``, alpha = −lr), and ``b ← b − lr·Σ_rows g`` as a ``[1, B] @ g`` product.
+    (``baddbmm_``, alpha = −lr) for a weight with more than one input feature, and, as
+    ``torch.optim.SGD``'s ``add_(grad, alpha=-lr)``, ``b ← b − lr·Σ_rows g`` and the update of a
+    weight with one input feature (a ``[1, B] @ [B, out]`` product).
 
     Each layer's update comes after the gradient it passes down was computed from its
-    pre-update weights.  No gradient tensor is written: at large meta-batches this halves the
-    memory traffic of a step.  (Compared with ``torch.optim.SGD``'s ``add_(grad, alpha=-lr)``
-    the product's sum is not rounded before the update: a difference of ≤ 1 ulp of lr·grad.)
+    pre-update weights.  No weight gradient of a wide layer is written: at large meta-batches
+    this halves the memory traffic of a step.  (Compared with ``torch.optim.SGD``'s ``add_`` the
+    product's sum is not rounded before the update: a difference of ≤ 1 ulp of lr·grad.)  The
+    one-row products are not fused: MKL's ``baddbmm_`` with ``alpha`` on a ``[T, 1, B] @ [T, B,
+    out]`` product was up to ~3 ulps of the *parameter* from the exact update (measured 2.2e-7
+    for values in [-1, 1], against 6.5e-8 for ``add_``), so after 160 inner steps (the seed's
+    evaluation) the sine MLP's biases sat 2-3x farther from a float64 run than the reference's.
     """
     if acts[-1] != "identity":
         g = _activation_backward(acts[-1], g, out)
@@ -331,10 +340,10 @@ def _run_backward_sgd(layers: list, ones: torch.Tensor, acts: Sequence[str], hs,
             gh = g * W if W.shape[1] == 1 else torch.bmm(g, W)
             g_next = _activation_backward(acts[l - 1], gh, h)
         if transposed:
-            W_upd.baddbmm_(h.transpose(1, 2), g, alpha=neg_lr)
+            W_upd.add_(torch.bmm(h.transpose(1, 2), g), alpha=neg_lr)
         else:
             W_upd.baddbmm_(g.transpose(1, 2), h, alpha=neg_lr)
-        b.baddbmm_(ones, g, alpha=neg_lr)
+        b.add_(torch.sum(g, 1, keepdim=True), alpha=neg_lr)
         g = g_next
 
 
@@ -429,7 +438,7 @@ def mlp_inner_loop(spec: MLPSpec, params: StackedMLP, xs: torch.Tensor, ys: torc
         raise ValueError("a block of tasks (StackedMLP.block) runs only the fused SGD inner loop")
     grads = bwd = None
     if fused:
-        sgd_layers, ones = _sgd_layers(spec, params, xs.shape[2])
+        sgd_layers = _sgd_layers(spec, params)
     if not fused or fomaml:
         grads = StackedMLP.empty(spec, T, dtype=params.weights[0].dtype, device=params.weights[0].device)
         bwd = _backward_layers(spec, params, grads)
@@ -442,7 +451,7 @@ def mlp_inner_loop(spec: MLPSpec, params: StackedMLP, xs: torch.Tensor, ys: torc
         out, hs = _run_forward(fwd, xs[s], fast_tanh)
         g = _output_grad(loss, out, ys[s], saved[s])
         if fused:
-            _run_backward_sgd(sgd_layers, ones, acts, hs, out, g, lr)
+            _run_backward_sgd(sgd_layers, acts, hs, out, g, lr)
             continue
         _run_backward(bwd, acts, hs, out, g)
         if acc is not None:

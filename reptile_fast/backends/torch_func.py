@@ -34,14 +34,12 @@ from torch.func import grad, vmap
 
 from ..losses import loss_name, resolve_loss
 from ..tasks.base import TaskBatch
-from .base import Backend, InnerConfig, InnerResult, UnsupportedModelError, functional_call
+from .base import (ALGORITHMS, INNER_OPTIMIZERS, Backend, InnerConfig, InnerResult, UnsupportedModelError,
+                   functional_call)
 from .mlp_batched import (FAST_LOSSES, StackedMLP, default_task_block, gather_minibatches, mlp_forward,
                           mlp_inner_loop)
 
 __all__ = ["TorchBackend", "StackedAdam"]
-
-_OPTIMIZERS = ("sgd", "adam")
-_ALGORITHMS = ("reptile", "fomaml")
 
 
 class StackedAdam:
@@ -161,11 +159,11 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ dispatch
     def check_supported(self, model: nn.Module, device: torch.device, config: InnerConfig) -> None:
-        if config.optimizer not in _OPTIMIZERS:
-            raise UnsupportedModelError(f"backend 'torch' supports inner optimizers {_OPTIMIZERS}, "
+        if config.optimizer not in INNER_OPTIMIZERS:
+            raise UnsupportedModelError(f"backend 'torch' supports inner optimizers {INNER_OPTIMIZERS}, "
                                         f"got {config.optimizer!r}")
-        if config.algorithm not in _ALGORITHMS:
-            raise UnsupportedModelError(f"backend 'torch' supports algorithms {_ALGORITHMS}, "
+        if config.algorithm not in ALGORITHMS:
+            raise UnsupportedModelError(f"backend 'torch' supports algorithms {ALGORITHMS}, "
                                         f"got {config.algorithm!r}")
         resolve_loss(config.loss)
         check_vmappable(model)
@@ -213,14 +211,10 @@ class TorchBackend(Backend):
 
     def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
                    config: InnerConfig) -> InnerResult:
-        if indices.dim() != 3 or indices.shape[0] != tasks.n_tasks:
-            raise ValueError(f"indices must have shape [tasks={tasks.n_tasks}, rows, batch], "
-                             f"got {tuple(indices.shape)}")
+        self.check_plan(tasks, indices, config)
         steps = config.train_steps(indices.shape[1])
         if steps < 1:
             raise ValueError(f"the plan has {indices.shape[1]} rows: no inner step to take")
-        if config.grad_weights is not None and len(config.grad_weights) != steps:
-            raise ValueError(f"grad_weights has {len(config.grad_weights)} entries for {steps} inner steps")
         spec = self._fast_spec(model, tasks, config)
         if spec is not None:
             return self._mlp_inner_loop(model, tasks, indices, config, spec)
@@ -310,6 +304,7 @@ class TorchBackend(Backend):
         statistics, and the model's running statistics stay untouched.
         """
         T = tasks.n_tasks
+        self.check_params(model, params, T)
         with torch.no_grad():
             if self.uses_fast_path(model, tasks, InnerConfig(loss=config.loss)):
                 spec = self.mlp_spec(model)
