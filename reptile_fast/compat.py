@@ -78,10 +78,11 @@ class InputChecker:
             raise TypeError(f"tasks must be a reptile_fast.TaskBatch, got {type(tasks).__name__}")
         if tasks.device != self.device:
             raise ValueError(f"tasks are on {tasks.device} but the model is on {self.device}")
+        hint = f" (draw the tasks in it: e.g. Sine(dtype={self.dtype}))"
         if tasks.x.is_floating_point() and tasks.x.dtype != self.dtype:
-            raise TypeError(f"tasks.x dtype {tasks.x.dtype} differs from the model's {self.dtype}")
+            raise TypeError(f"tasks.x dtype {tasks.x.dtype} differs from the model's {self.dtype}{hint}")
         if tasks.y.is_floating_point() and tasks.y.dtype != self.dtype:  # x holds integer ids
-            raise TypeError(f"tasks.y dtype {tasks.y.dtype} differs from the model's {self.dtype}")
+            raise TypeError(f"tasks.y dtype {tasks.y.dtype} differs from the model's {self.dtype}{hint}")
         if tasks.n_points < min_points:
             raise ValueError(f"inner_batch_size ({min_points}) exceeds the tasks' points ({tasks.n_points})")
         name = loss_name(self.loss)

@@ -177,3 +177,63 @@ def test_sampling_on_an_unavailable_device_is_a_clear_error(device):
         Sine().sample_steps(2, 1, 5, 10, device=device)
     with pytest.raises(ValueError, match="is not available on this machine"):
         sample_indices(2, 5, 50, 10, device=device)
+
+
+# ------------------------------------------------------------------ Sine's dtype
+def test_sine_float64_tasks_are_the_same_draws_computed_in_float64():
+    """A float64 model had no Sine tasks to train on (float32 only: 'tasks.x dtype differs').
+    ``Sine(dtype=torch.float64)`` computes y = a·sin(x + b) in float64 from the very draws of the
+    float32 family, so it is the float64 oracle of the same tasks."""
+    g32, g64 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    t32 = Sine().sample(7, generator=g32)
+    t64 = Sine(dtype=torch.float64).sample(7, generator=g64)
+    assert t64.x.dtype == t64.y.dtype == torch.float64 and t32.x.dtype == torch.float32
+    a, b = Sine().sample_params(7, generator=torch.Generator().manual_seed(5))  # float64 draws
+    grid = torch.linspace(-5.0, 5.0, 50, dtype=torch.float64)
+    want = a[:, None] * torch.sin(grid[None, :] + b[:, None])
+    assert torch.equal(t64.x[0, :, 0], grid) and torch.equal(t64.y[..., 0], want), "y64"
+    # the float32 tasks are these rounded: |a|·(sin's and the sum's rounding) ≲ 4 ulp of 5·(1 + 12)
+    assert (t32.y.double() - t64.y).abs().max() <= 4 * 2.0 ** -24 * 5.0 * 13
+    assert torch.equal(g32.get_state(), g64.get_state()), "both consumed the generator alike"
+    steps64, plans64 = Sine(dtype=torch.float64).sample_steps(2, 3, 5, 10, generator=torch.Generator().manual_seed(1))
+    steps32, plans32 = Sine().sample_steps(2, 3, 5, 10, generator=torch.Generator().manual_seed(1))
+    assert steps64.y.dtype == torch.float64 and torch.equal(plans64, plans32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sine_low_precision_tasks_are_the_float32_tasks_rounded_once(dtype):
+    t32 = Sine().sample(4, generator=torch.Generator().manual_seed(2))
+    t = Sine(dtype=dtype).sample(4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(t.x, t32.x.to(dtype)) and torch.equal(t.y, t32.y.to(dtype))
+
+
+def test_sine_dtype_is_checked():
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        Sine(dtype=torch.int64)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        Sine(dtype="float64")
+    with pytest.raises(ValueError, match="amplitude must be at most 65504 in magnitude for torch.float16"):
+        Sine(amplitude=(1.0, 1e5), dtype=torch.float16)
+    with pytest.raises(ValueError, match="too wide for a torch.float16 grid"):
+        Sine(x_range=(-1e5, 1e5), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_a_float64_model_trains_on_float64_sine_tasks(backend):
+    """Every CPU backend trains a float64 MLP on them, equal to the reference to float64 rounding;
+    float32 tasks for it are refused with a hint naming the way out."""
+    from reptile_fast import MLP, Reptile
+
+    def run(name):
+        torch.manual_seed(0)
+        trainer = Reptile(MLP(1, 16, 1).double(), backend=name)
+        trainer.fit(Sine(dtype=torch.float64), 4, meta_batch_size=2, progress=False,
+                    generator=torch.Generator().manual_seed(3))
+        return trainer
+
+    ref, fast = run("reference"), run(backend)
+    for (name, a), b in zip(ref.model.named_parameters(), fast.model.parameters()):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(TypeError, match=r"Sine\(dtype=torch.float64\)"):
+        ref.fit(Sine(), 5, progress=False)

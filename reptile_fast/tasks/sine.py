@@ -27,11 +27,14 @@ def _check_range(name: str, value) -> Tuple[float, float]:
     return lo, hi
 
 
-def _as_float32(name: str, value) -> torch.Tensor:
-    """``value`` (numbers, a tensor or an array) as float32 ``[T, 1]``; TypeError naming ``name``
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _as_real(name: str, value, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` (numbers, a tensor or an array) as ``dtype`` ``[T, 1]``; TypeError naming ``name``
     for anything else (torch said "new(): invalid data type 'str'" or "must be real number")."""
     try:
-        return torch.as_tensor(value, dtype=torch.float32).reshape(-1, 1)
+        return torch.as_tensor(value, dtype=dtype).reshape(-1, 1)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{name} must be numbers (a tensor, an array or a list), got {value!r:.80}") from None
 
@@ -46,24 +49,39 @@ class Sine:
         phase: (low, high) of the uniform phase; the seed's is (0, 2π).
         n_points: points on the grid (the seed's 50).
         x_range: the grid's ends (the seed's (-5, 5)).
+        dtype: the tasks' floating dtype, the model's (the seed's float32).  float64 tasks are
+            computed in float64 from the same draws (a float64 model's oracle); float16 and
+            bfloat16 ones are the float32 tasks rounded once.
     """
 
     def __init__(self, amplitude=(0.1, 5.0), phase=(0.0, 2 * math.pi), n_points: int = 50,
-                 x_range=(-5.0, 5.0)):
+                 x_range=(-5.0, 5.0), dtype: torch.dtype = torch.float32):
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype must be one of {', '.join(map(str, _DTYPES))}, got {dtype!r}")
+        self.dtype = dtype
         self.amplitude = _check_range("amplitude", amplitude)
         self.phase = _check_range("phase", phase)
         self.n_points = _check_positive_int("n_points", n_points)
         self.x_range = _check_range("x_range", x_range)
         if not bool(torch.isfinite(self.grid()).all()):  # (-3e38, 3e38): the grid's step overflows
-            raise ValueError(f"x_range {x_range!r} is too wide for a float32 grid of {self.n_points} points")
+            raise ValueError(f"x_range {x_range!r} is too wide for a {self.dtype} grid of {self.n_points} points")
+        top = torch.finfo(dtype).max
+        if max(map(abs, self.amplitude)) > top:  # float16's 65504: y would be inf
+            raise ValueError(f"amplitude must be at most {top:.6g} in magnitude for {dtype} tasks, got {amplitude!r}")
 
     def __repr__(self) -> str:
+        dtype = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"
         return (f"Sine(amplitude={self.amplitude}, phase={self.phase}, n_points={self.n_points}, "
-                f"x_range={self.x_range})")
+                f"x_range={self.x_range}{dtype})")
 
     def grid(self, device=None) -> torch.Tensor:
-        """The shared inputs, float32 ``[n_points]``."""
-        return torch.linspace(self.x_range[0], self.x_range[1], self.n_points, device=device)
+        """The shared inputs, ``[n_points]`` in the tasks' dtype."""
+        return torch.linspace(self.x_range[0], self.x_range[1], self.n_points, device=device,
+                              dtype=self._compute_dtype()).to(self.dtype)
+
+    def _compute_dtype(self) -> torch.dtype:
+        """float64 tasks are computed in float64; every other dtype as the seed computes (float32)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     def sample_params(self, n_tasks: int, *, generator: Optional[torch.Generator] = None):
         """Amplitudes and phases, float64 ``[n_tasks]`` each, drawn on the generator's device."""
@@ -79,17 +97,21 @@ class Sine:
 
     def make(self, amplitude: torch.Tensor, phase: torch.Tensor, device=None) -> TaskBatch:
         """Tasks with the given amplitudes and phases (``[T]`` each), as the seed computes them:
-        ``float32(a) * sin(grid + float32(b))``.  Validated (they are the caller's numbers)."""
+        ``float32(a) * sin(grid + float32(b))`` (in float64 for ``dtype=torch.float64``; rounded to
+        float16/bfloat16 after).  Validated (they are the caller's numbers)."""
         return self._make(amplitude, phase, device, trusted=False)
 
     def _make(self, amplitude, phase, device, *, trusted: bool) -> TaskBatch:
-        a, b = (_as_float32(name, v) for name, v in (("amplitude", amplitude), ("phase", phase)))
+        real = self._compute_dtype()
+        a, b = (_as_real(name, v, real) for name, v in (("amplitude", amplitude), ("phase", phase)))
         if a.shape != b.shape:
             raise ValueError(f"amplitude and phase must have the same length, got {a.shape[0]} and {b.shape[0]}")
         a, b = a.to(device), b.to(device)
-        x = self.grid(device).unsqueeze(0)
+        x = torch.linspace(self.x_range[0], self.x_range[1], self.n_points, device=device, dtype=real).unsqueeze(0)
         y = a * torch.sin(x + b)
         xs, ys = x.expand(a.shape[0], -1).unsqueeze(-1).contiguous(), y.unsqueeze(-1)
+        if self.dtype != real:
+            xs, ys = xs.to(self.dtype), ys.to(self.dtype)
         return TaskBatch.trusted(xs, ys) if trusted else TaskBatch(xs, ys)
 
     def sample_steps(self, n_steps: int, n_tasks: int, plan_rows: int, batch_size: int, *,
@@ -127,7 +149,7 @@ class Sine:
 
     def sample(self, n_tasks: int, *, generator: Optional[torch.Generator] = None,
                device=None) -> TaskBatch:
-        """``n_tasks`` tasks: x float32 ``[T, n_points, 1]`` (the grid), y float32 ``[T, n_points, 1]``."""
+        """``n_tasks`` tasks: x ``[T, n_points, 1]`` (the grid), y ``[T, n_points, 1]``, in ``dtype``."""
         device = _check_device(device)
         a, b = self.sample_params(n_tasks, generator=generator)
         # drawn from finite ranges: nothing to validate (no host read in a training loop)
