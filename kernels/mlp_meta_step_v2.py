@@ -1195,6 +1195,10 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
         if _overlaps_any(partials, (c.phi, out, c.x, c.y, c.indices)):
             raise ValueError("partials must not overlap params_flat, out, x, y or indices")
         part_stride = partials.stride(0)
+    # ε is read by every program of the second launch, after the first wrote the partials and while
+    # other programs write out: ε inside either buffer gave a silently wrong step size
+    if isinstance(eps, torch.Tensor) and _overlaps_any(eps_t, (out, partials)):
+        raise ValueError("eps must not overlap out or partials (they are written before or while ε is read)")
     loss_part = torch.empty(n_programs, device=device, dtype=torch.float32)
     losses = torch.empty(T, c.steps, device=device, dtype=torch.float32) if task_losses else loss_part
     mean_loss = torch.empty(1, device=device, dtype=torch.float32)
@@ -1257,6 +1261,9 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
             raise ValueError(f"scratch must be a contiguous [{n_params}] tensor, got {tuple(scratch.shape)}")
         if _overlaps_any(scratch, (params_flat, c.x, c.y, c.indices, state, iteration, loss_out)):
             raise ValueError("scratch must not overlap params_flat, x, y, indices, state, iteration or loss_out")
+        if isinstance(eps, torch.Tensor) and _overlaps(scratch, eps):
+            # the three-launch path writes the proposed φ there before its update reads ε
+            raise ValueError("eps must not overlap scratch (the proposed φ is written before ε is read)")
     n_programs = grid_size(T, device, config)
     if n_programs > 1:
         res = meta_step(x, y, indices, params_flat, dims, activations, lr=lr, eps=eps, loss=loss, steps=steps,

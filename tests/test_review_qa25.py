@@ -1,0 +1,48 @@
+"""QA25's review of kernel v2's launchers (issue 12): what each fix pins.
+
+Under the Triton interpreter without CUDA (tests/conftest.py); tiny models, one launch or none.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from reptile_fast import MLP, sample_indices  # noqa: E402
+from reptile_fast.kernels import meta_step_guard as G  # noqa: E402
+from reptile_fast.kernels import mlp_meta_step_v2 as V  # noqa: E402
+from test_kernel_mlp_meta_step_v2 import regression_tasks, spec_of  # noqa: E402
+
+
+def _problem(T=3):
+    torch.manual_seed(0)
+    spec, _, phi = spec_of(MLP(2, 8, 1, depth=1))
+    tasks = regression_tasks(T, 8, 2, 1, seed=1)
+    plan = sample_indices(T, 2, 8, 4, generator=torch.Generator().manual_seed(2))
+    return (tasks.x, tasks.y, plan, phi, spec.dims, spec.activations), phi.numel()
+
+
+def test_meta_step_refuses_eps_inside_out_or_partials():
+    """ε as a device tensor that lies inside ``out`` or ``partials``: the first launch wrote the
+    partial sums (or another program of the second wrote φ') before ε was read, so the update ran
+    with a step size taken from those sums, silently (1-40-40-1: max |Δφ| 6e-3 against eps=0.5)."""
+    args, n = _problem()
+    out = torch.zeros(n)
+    out[0] = 0.5
+    with pytest.raises(ValueError, match="eps must not overlap out or partials"):
+        V.meta_step(*args, lr=0.02, eps=out[:1], out=out)
+    partials = torch.zeros(V.grid_size(3, torch.device("cpu"), V.V2Config()), n)
+    partials[0, 0] = 0.5
+    with pytest.raises(ValueError, match="eps must not overlap out or partials"):
+        V.meta_step(*args, lr=0.02, eps=partials[0, :1], partials=partials)
+
+
+def test_guarded_meta_step_refuses_eps_inside_scratch():
+    """guarded_meta_step's scratch is the proposed φ of its three-launch path: ε inside it is the
+    same silent error, refused under scratch's name on both paths (as its other overlaps are)."""
+    args, n = _problem()
+    scratch = torch.zeros(n)
+    for programs in (1, 3):
+        with pytest.raises(ValueError, match="eps must not overlap scratch"):
+            V.guarded_meta_step(*args, lr=0.02, eps=scratch[:1], state=G.new_state("cpu"),
+                                iteration=torch.ones(1, dtype=torch.int64), loss_out=torch.zeros(1),
+                                config=V.V2Config(max_programs=programs), scratch=scratch)
