@@ -1255,6 +1255,12 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     # neither may overlap an input or each other (check_state has checked loss_out against φ)
     if _overlaps_any(loss_out, (c.x, c.y, c.indices, state, iteration)):
         raise ValueError("loss_out must not overlap x, y, indices, state or iteration")
+    # φ and the state are rewritten in place: over the data they would overwrite the caller's
+    # inputs (the README's rule for every written buffer), silently
+    if _overlaps_any(params_flat, (c.x, c.y, c.indices)):
+        raise ValueError("params_flat must not overlap x, y or indices (it is updated in place)")
+    if _overlaps_any(state, (c.x, c.y, c.indices)):
+        raise ValueError("state must not overlap x, y or indices (it is rewritten)")
     if scratch is not None:
         _check_tensor("scratch", scratch, torch.float32, 1, device)
         if scratch.shape[0] != n_params or not scratch.is_contiguous():

@@ -46,3 +46,18 @@ def test_guarded_meta_step_refuses_eps_inside_scratch():
             V.guarded_meta_step(*args, lr=0.02, eps=scratch[:1], state=G.new_state("cpu"),
                                 iteration=torch.ones(1, dtype=torch.int64), loss_out=torch.zeros(1),
                                 config=V.V2Config(max_programs=programs), scratch=scratch)
+
+
+
+def test_guarded_meta_step_refuses_phi_or_state_over_its_inputs():
+    """guarded_meta_step rewrites params_flat and state in place: lying over x or the plan they
+    overwrote the caller's data, silently (its loss_out and scratch were refused there already)."""
+    args, n = _problem()
+    x, y, plan, phi, dims, acts = args
+    kw = dict(lr=0.02, eps=0.5, iteration=torch.ones(1, dtype=torch.int64), loss_out=torch.zeros(1))
+    xs = torch.cat([phi, x.reshape(-1)])  # φ then the inputs, in one buffer; φ's last element over x[0]
+    with pytest.raises(ValueError, match="params_flat must not overlap x, y or indices"):
+        V.guarded_meta_step(xs[n:].view_as(x), y, plan, xs[1:n + 1], dims, acts, state=G.new_state("cpu"), **kw)
+    packed = torch.cat([torch.tensor([1, 0]), plan.reshape(-1)])  # the state's second element over the plan's first
+    with pytest.raises(ValueError, match="state must not overlap x, y or indices"):
+        V.guarded_meta_step(x, y, packed[2:].view_as(plan), phi.clone(), dims, acts, state=packed[1:3], **kw)
