@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 # v1's input checks: one copy for every launcher
-from .mlp_inner_loop import _check_tensor, _overlaps, _overlaps_any
+from .mlp_inner_loop import _check_tensor, _launch_device, _overlaps, _overlaps_any
 
 __all__ = ["accept_step", "check_state", "new_state", "compile_for_target", "BLOCK"]
 
@@ -136,7 +136,8 @@ def accept_step(phi: torch.Tensor, new: torch.Tensor, loss: torch.Tensor, state:
     if not isinstance(loss, torch.Tensor) or loss.dtype != torch.float32 or loss.device != phi.device \
             or loss.numel() != 1:
         raise TypeError(f"loss must be a one-element torch.float32 tensor on {phi.device}")
-    _accept_kernel[(1,)](phi, new, loss, state, iteration, loss_out, phi.numel(), BLOCK=BLOCK, num_warps=4)
+    with _launch_device(phi.device):
+        _accept_kernel[(1,)](phi, new, loss, state, iteration, loss_out, phi.numel(), BLOCK=BLOCK, num_warps=4)
 
 
 def compile_for_target(arch: int = 90):

@@ -40,6 +40,7 @@ cannot run it with numpy >= 2.4: its scalar ``__index__`` rejects 1-element arra
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -773,6 +774,14 @@ def _check_values(indices: torch.Tensor, steps: int, n_points: int, y: torch.Ten
         raise ValueError(f"class labels must lie in [0, {n_classes}) for a model with {n_classes} outputs")
 
 
+def _launch_device(device: torch.device):
+    """The context every launcher launches in: ``torch.cuda.device(device)`` on CUDA, else a
+    no-op.  Triton launches on the *current* CUDA device and its current stream, not on the
+    tensors' device: tensors on cuda:1 from a process whose current device is cuda:0 ran on GPU 0
+    (an illegal address, or a race with cuda:1's stream)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -949,29 +958,30 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     else:
         grad_scale, loss_count = 1.0 / B, float(B)
     kernel, meta = _kernel_and_meta(dims, activations, loss, B, precision, config)
-    # -- launch
-    if config.mode == "registers":
-        grid = (triton.cdiv(T, config.tasks_per_program),)
-        kernel[grid](
-            x, y, indices, phi, out, out_losses,
-            T, N, B, steps, R * B, row_stride, config.tasks_per_program,
-            float(lr), grad_scale, loss_count, **meta)
-    else:
-        max_programs = config.max_programs
-        if max_programs is None:
-            max_programs = (8 * torch.cuda.get_device_properties(device).multi_processor_count
-                            if device.type == "cuda" else T)
-        n_programs = min(T, max_programs)
-        scratch_stride = B * (sum(_padded_dims(dims)) + 2 * max(dims))
-        if scratch_stride >= 2 ** 31:
-            raise ValueError(f"inner batch {B} is too large: one program's scratch would exceed 2^31 elements")
-        if scratch_fill is None:
-            scratch = torch.empty(n_programs, scratch_stride, device=device, dtype=torch.float32)
+    # -- launch (on the tensors' device: Triton launches on the current one)
+    with _launch_device(device):
+        if config.mode == "registers":
+            grid = (triton.cdiv(T, config.tasks_per_program),)
+            kernel[grid](
+                x, y, indices, phi, out, out_losses,
+                T, N, B, steps, R * B, row_stride, config.tasks_per_program,
+                float(lr), grad_scale, loss_count, **meta)
         else:
-            scratch = torch.full((n_programs, scratch_stride), scratch_fill, device=device,
-                                 dtype=torch.float32)
-        kernel[(n_programs,)](
-            x, y, indices, phi, out, out_losses, scratch, scratch_stride,
-            T, N, B, steps, R * B, row_stride, n_params, n_programs, triton.cdiv(T, n_programs),
-            float(lr), grad_scale, loss_count, **meta)
+            max_programs = config.max_programs
+            if max_programs is None:
+                max_programs = (8 * torch.cuda.get_device_properties(device).multi_processor_count
+                                if device.type == "cuda" else T)
+            n_programs = min(T, max_programs)
+            scratch_stride = B * (sum(_padded_dims(dims)) + 2 * max(dims))
+            if scratch_stride >= 2 ** 31:
+                raise ValueError(f"inner batch {B} is too large: one program's scratch would exceed 2^31 elements")
+            if scratch_fill is None:
+                scratch = torch.empty(n_programs, scratch_stride, device=device, dtype=torch.float32)
+            else:
+                scratch = torch.full((n_programs, scratch_stride), scratch_fill, device=device,
+                                     dtype=torch.float32)
+            kernel[(n_programs,)](
+                x, y, indices, phi, out, out_losses, scratch, scratch_stride,
+                T, N, B, steps, R * B, row_stride, n_params, n_programs, triton.cdiv(T, n_programs),
+                float(lr), grad_scale, loss_count, **meta)
     return out, out_losses

@@ -68,7 +68,7 @@ from reptile_fast.mlp_math import ACTIVATION_CODES
 
 # v1's flat parameter layout, layer loads/stores, activation derivatives (autograd's formulas: no
 # special function involved) and input checks: one copy for both kernels
-from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_int_field, _check_number, _check_tensor, _check_values, _overlaps, _overlaps_any, _load_layer, _store_layer,  # noqa: F401
+from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_int_field, _check_number, _check_tensor, _check_values, _launch_device, _overlaps, _overlaps_any, _load_layer, _store_layer,  # noqa: F401
                              n_flat_params, param_layout)
 # the fused stepper's finiteness rule (one NaN/inf test for both kernels)
 from .meta_step_guard import _is_bad, accept_step, check_state
@@ -1206,16 +1206,17 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
     meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, True, False, task_losses)
     scratch, scr_stride = _scratch(c.dims, meta, n_programs, device, config)
     n_losses = float(T * max(c.steps, 1)) if c.steps else float("nan")
-    # (the FINALIZE pointers are not read: placeholders of their types)
-    _meta_step_kernel[(n_programs,)](
-        c.x, c.y, c.indices, c.phi, partials, loss_part, partials, losses, scratch, scr_stride,
-        eps_t, c.indices, c.indices, mean_loss,
-        T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, part_stride, 0, n_programs, n_params,
-        float(lr), grad_scale, loss_count, float(T), n_losses, **meta)
-    block = 1024
-    _outer_update_kernel[(triton.cdiv(n_params, block),)](
-        c.phi, partials, loss_part, eps_t, out, mean_loss, n_params, part_stride, n_programs,
-        float(T), n_losses, BLOCK=block, num_warps=4)
+    with _launch_device(device):  # Triton launches on the current device, not the tensors'
+        # (the FINALIZE pointers are not read: placeholders of their types)
+        _meta_step_kernel[(n_programs,)](
+            c.x, c.y, c.indices, c.phi, partials, loss_part, partials, losses, scratch, scr_stride,
+            eps_t, c.indices, c.indices, mean_loss,
+            T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, part_stride, 0, n_programs, n_params,
+            float(lr), grad_scale, loss_count, float(T), n_losses, **meta)
+        block = 1024
+        _outer_update_kernel[(triton.cdiv(n_params, block),)](
+            c.phi, partials, loss_part, eps_t, out, mean_loss, n_params, part_stride, n_programs,
+            float(T), n_losses, BLOCK=block, num_warps=4)
     return MetaStepResult(out, mean_loss.reshape(()), losses if task_losses else None)
 
 
@@ -1285,11 +1286,12 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, True, False, False,
                  finalize=True)
     scr, scr_stride = _scratch(c.dims, meta, 1, device, config)
-    _meta_step_kernel[(1,)](
-        c.x, c.y, c.indices, params_flat, partials, loss_part, partials, loss_part, scr, scr_stride,
-        eps_t, state, iteration, loss_out,
-        T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, part_stride, 0, 1, n_params,
-        float(lr), grad_scale, loss_count, float(T), n_losses, **meta)
+    with _launch_device(device):  # Triton launches on the current device, not the tensors'
+        _meta_step_kernel[(1,)](
+            c.x, c.y, c.indices, params_flat, partials, loss_part, partials, loss_part, scr, scr_stride,
+            eps_t, state, iteration, loss_out,
+            T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, part_stride, 0, 1, n_params,
+            float(lr), grad_scale, loss_count, float(T), n_losses, **meta)
 
 
 def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_flat: torch.Tensor,
@@ -1336,9 +1338,10 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
     meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, False, True, True)
     scratch, scr_stride = _scratch(c.dims, meta, n_programs, device, config)
-    _meta_step_kernel[(n_programs,)](
-        c.x, c.y, c.indices, c.phi, out, out_losses, out, out_losses, scratch, scr_stride,
-        out_losses, c.indices, c.indices, out_losses,  # FINALIZE's pointers: unused placeholders
-        T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, 0, row_stride, n_programs, n_params,
-        float(lr), grad_scale, loss_count, float(T), float(T * max(c.steps, 1)), **meta)
+    with _launch_device(device):  # Triton launches on the current device, not the tensors'
+        _meta_step_kernel[(n_programs,)](
+            c.x, c.y, c.indices, c.phi, out, out_losses, out, out_losses, scratch, scr_stride,
+            out_losses, c.indices, c.indices, out_losses,  # FINALIZE's pointers: unused placeholders
+            T, x.shape[1], c.batch, c.indices.shape[1] * c.batch, 0, row_stride, n_programs, n_params,
+            float(lr), grad_scale, loss_count, float(T), float(T * max(c.steps, 1)), **meta)
     return out, out_losses

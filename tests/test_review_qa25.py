@@ -61,3 +61,39 @@ def test_guarded_meta_step_refuses_phi_or_state_over_its_inputs():
     packed = torch.cat([torch.tensor([1, 0]), plan.reshape(-1)])  # the state's second element over the plan's first
     with pytest.raises(ValueError, match="state must not overlap x, y or indices"):
         V.guarded_meta_step(x, y, packed[2:].view_as(plan), phi.clone(), dims, acts, state=packed[1:3], **kw)
+
+
+def test_every_launcher_launches_on_its_tensors_device(monkeypatch):
+    """Triton launches on the *current* CUDA device and stream, not the tensors': tensors on cuda:1
+    from a process whose current device is cuda:0 ran on GPU 0 (an illegal address).  Every public
+    launcher now enters ``_launch_device(x.device)`` (``torch.cuda.device`` on CUDA) around its
+    launches; here, without a GPU, that each one does, with the tensors' device."""
+    import contextlib
+
+    from reptile_fast.kernels import mlp_inner_loop as K
+
+    seen = []
+
+    def record(device):
+        seen.append(device)
+        return contextlib.nullcontext()
+
+    for module in (K, V, G):
+        monkeypatch.setattr(module, "_launch_device", record)
+    args, n = _problem(T=2)
+    x, y, plan, phi, dims, acts = args
+    params = V.unflatten_params(phi, dims)
+    cases = {
+        "mlp_inner_loop": lambda: K.mlp_inner_loop(x, y, plan, params, acts, lr=0.02),
+        "inner_loop": lambda: V.inner_loop(*args, lr=0.02),
+        "meta_step": lambda: V.meta_step(*args, lr=0.02, eps=0.5),
+        "guarded_meta_step": lambda: V.guarded_meta_step(
+            *args[:3], phi.clone(), *args[4:], lr=0.02, eps=0.5, state=G.new_state("cpu"),
+            iteration=torch.ones(1, dtype=torch.int64), loss_out=torch.zeros(1), config=V.V2Config(max_programs=1)),
+        "accept_step": lambda: G.accept_step(phi.clone(), phi.clone(), torch.zeros(1), G.new_state("cpu"),
+                                             torch.ones(1, dtype=torch.int64), torch.zeros(1)),
+    }
+    for name, call in cases.items():
+        seen.clear()
+        call()
+        assert seen == [x.device], f"{name} launched outside its tensors' device context: {seen}"
