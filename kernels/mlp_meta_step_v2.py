@@ -1145,7 +1145,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
         params_flat: float32 ``[n_params]`` φ, flat in ``param_layout(dims)`` order.
         dims: feature sizes ``(D0, D1, …, D_L)``; activations: ``L`` names (``ACTIVATION_CODES``).
         lr: inner SGD learning rate; eps: outer step size ε, a float or a 1-element float32
-            tensor on x's device.
+            tensor on x's device (not inside ``out`` or ``partials``: both are written first).
         loss: "mse" (mean over ``B · D_L``) or "cross_entropy" (mean over ``B``).
         steps: inner steps ``<= R`` (default ``R``).
         precision: "ieee" (default), "tf32x3" or "tf32" for the wide layers' ``tl.dot``.
@@ -1239,7 +1239,8 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     Args as ``meta_step``, plus ``state`` int64 ``[2]`` (``meta_step_guard.new_state``),
     ``iteration`` int64 (1 element), ``loss_out`` float32 (1 element), and ``scratch``: optional
     float32 ``[n_params]`` for the proposed φ of the multi-program path.  ``params_flat`` must
-    be contiguous (it is updated in place).  ``check_values`` as in ``meta_step``: pass False
+    be contiguous and, like ``state``, lie outside ``x``, ``y`` and ``indices`` (both are updated in
+    place); ε outside ``scratch``.  ``check_values`` as in ``meta_step``: pass False
     for a launch without host synchronisation.
     """
     check_state(params_flat, state, iteration, loss_out)
