@@ -344,3 +344,31 @@ def test_compiled_eager_mode_anneals_epsilon_within_a_chunk():
         out[backend] = trainer.model
     for (n, a), b in zip(out["compiled"].named_parameters(), out["reference"].parameters()):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=n)
+
+
+# ---------------------------------------------------------------------- the Stepper protocol
+def test_eager_stepper_run_of_several_meta_steps_equals_single_meta_steps():
+    """``Stepper.run(tasks, plans, eps, first_iteration)`` takes ``m = len(eps)`` meta-steps: on
+    the eager stepper each with its own ε and number — the same φ as ``m`` ``meta_step`` calls,
+    and a non-finite second meta-step reported as meta-step ``first_iteration + 1``."""
+    model = _mlp()
+    tasks = _tasks(T=4)
+    plans = sample_indices(4, 2, 9, 3, generator=torch.Generator().manual_seed(6))
+    a = Reptile(copy.deepcopy(model), backend="torch", inner_steps=2, inner_batch_size=3, inner_lr=0.1)
+    b = Reptile(copy.deepcopy(model), backend="torch", inner_steps=2, inner_batch_size=3, inner_lr=0.1)
+    a.stepper(2).run(tasks, plans, [0.5, 0.25], 1)
+    a.check_finite()
+    b.meta_step(tasks[:2], plans[:2], outer_lr=0.5)
+    b.meta_step(tasks[2:], plans[2:], outer_lr=0.25)
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
+    bad = TaskBatch(tasks.x.clone(), tasks.y.clone())
+    bad.y[3, :] = float("nan")
+    before = [p.detach().clone() for p in a.model.parameters()]
+    a.stepper(2).run(bad, plans, [0.5, 0.25], 7)
+    with pytest.raises(NonFiniteError) as info:
+        a.check_finite()
+    assert info.value.iteration == 8
+    b.meta_step(tasks[:2], plans[:2], outer_lr=0.5)  # meta-step 7 applied, meta-step 8 skipped
+    for (n, p), q, p0 in zip(a.model.named_parameters(), b.model.parameters(), before):
+        assert torch.equal(p, q) and not torch.equal(p, p0), n
