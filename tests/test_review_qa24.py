@@ -372,3 +372,33 @@ def test_eager_stepper_run_of_several_meta_steps_equals_single_meta_steps():
     b.meta_step(tasks[:2], plans[:2], outer_lr=0.5)  # meta-step 7 applied, meta-step 8 skipped
     for (n, p), q, p0 in zip(a.model.named_parameters(), b.model.parameters(), before):
         assert torch.equal(p, q) and not torch.equal(p, p0), n
+
+
+# ------------------------------------------------------------------------------- the sine job
+def test_sine_job_metrics_and_schedule_are_what_the_flags_say(tmp_path):
+    """``reptile-fast sine``: ``--outer-lr-final`` reaches the trainer (it was dropped silently
+    under a mutation, the run then trained at a constant ε), and metrics.json's pre-/post-
+    adaptation MSE are the saved model's loss on the job's held-out tasks at φ and after
+    ``--eval-steps`` steps (swapping them passed every CLI test)."""
+    from reptile_fast import MLP, Sine
+    from reptile_fast.checkpoint import load_checkpoint
+    from reptile_fast.cli import main
+    from reptile_fast.jobs import SINE_POINTS, derived_seed
+
+    out = tmp_path / "run"
+    assert main(["sine", "--iterations", "6", "--meta-batch-size", "2", "--outer-lr", "0.5", "--outer-lr-final", "0",
+                 "--eval-tasks", "3", "--eval-steps", "4", "--backend", "torch", "--seed", "3", "--hidden-dim", "8",
+                 "--out", str(out), "--no-progress"]) == 0
+    ckpt = load_checkpoint(out)
+    config = ckpt["trainer"]["config"]
+    assert config["outer_lr"] == 0.5 and config["outer_lr_final"] == 0.0
+    metrics = __import__("json").loads((out / "metrics.json").read_text())
+    model = MLP(1, 8, 1)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True)["state_dict"])
+    trainer = Reptile(model, backend="torch")
+    gen = torch.Generator().manual_seed(derived_seed(3, 1_000_003))  # the job's held-out stream
+    held_out = Sine(n_points=SINE_POINTS).sample(3, generator=gen)
+    post = float(trainer.evaluate(held_out, 4, generator=gen).mean())
+    pre = float(trainer.evaluate(held_out, 0).mean())
+    assert math.isclose(metrics["post_adaptation_mse"], post, rel_tol=RTOL)
+    assert math.isclose(metrics["pre_adaptation_mse"], pre, rel_tol=RTOL)
