@@ -402,3 +402,35 @@ def test_sine_job_metrics_and_schedule_are_what_the_flags_say(tmp_path):
     pre = float(trainer.evaluate(held_out, 0).mean())
     assert math.isclose(metrics["post_adaptation_mse"], post, rel_tol=RTOL)
     assert math.isclose(metrics["pre_adaptation_mse"], pre, rel_tol=RTOL)
+
+
+# --------------------------------------------------------------------------- the omniglot job
+def test_omniglot_job_uses_its_eval_batch_size_and_anneals(tmp_path, monkeypatch):
+    """``reptile-fast omniglot``: every evaluation (validation and test) adapts on minibatches of
+    ``--eval-batch-size`` support images (the whole support set instead passed every test), and
+    the trainer anneals ε to ``outer_lr_final`` (0 by default, the paper's; dropped under a
+    mutation, the run trained at a constant ε = 1 with every test green)."""
+    from _fake_omniglot import make_folder, make_zip
+    from reptile_fast import fewshot_job
+    from reptile_fast.checkpoint import load_checkpoint
+    from reptile_fast.cli import main
+
+    seen = []
+    real = fewshot_job.evaluate_episodes
+
+    def spy(trainer, episodes, **kw):
+        seen.append(kw["batch_size"])
+        return real(trainer, episodes, **kw)
+
+    monkeypatch.setattr(fewshot_job, "evaluate_episodes", spy)
+    train = make_zip(make_folder(tmp_path / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
+                     tmp_path / "small1.zip")
+    test = make_folder(tmp_path / "b", {"Gamma": 3}, prefix="images_background_small2")
+    out = tmp_path / "run"
+    assert main(["omniglot", "--train", str(train), "--test", str(test), "--ways", "3", "--shots", "1",
+                 "--train-shots", "2", "--inner-batch-size", "3", "--inner-steps", "1", "--eval-steps", "1",
+                 "--eval-batch-size", "2", "--eval-tasks", "2", "--validation-tasks", "2", "--validate-every", "2",
+                 "--iterations", "2", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    assert len(seen) >= 2 and set(seen) == {2}  # validation at meta-step 2 and the test evaluation
+    config = load_checkpoint(out)["trainer"]["config"]
+    assert config["outer_lr"] == 1.0 and config["outer_lr_final"] == 0.0
