@@ -434,3 +434,20 @@ def test_omniglot_job_uses_its_eval_batch_size_and_anneals(tmp_path, monkeypatch
     assert len(seen) >= 2 and set(seen) == {2}  # validation at meta-step 2 and the test evaluation
     config = load_checkpoint(out)["trainer"]["config"]
     assert config["outer_lr"] == 1.0 and config["outer_lr_final"] == 0.0
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_evaluate_at_phi_equals_a_float64_oracle_with_two_outputs(backend):
+    """``evaluate(tasks, 0)``: each task's MSE over all its points *and* output features at φ, as
+    ``F.mse_loss`` averages (a sum over the outputs on the MLP fast path was caught only by one
+    derandomized hypothesis example).  7 points, fewer than the default inner_batch_size 10:
+    steps=0 draws no minibatch, yet it was refused ("inner_batch_size (10) exceeds the tasks'
+    points (7)")."""
+    model = _mlp()
+    tasks = _tasks(T=3, n=7)
+    got = Reptile(copy.deepcopy(model), backend=backend).evaluate(tasks, 0)
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = torch.stack([nn.functional.mse_loss(m64(tasks.x[i].double()), tasks.y[i].double())
+                            for i in range(3)])
+    torch.testing.assert_close(got.double(), want, rtol=RTOL, atol=ATOL)
