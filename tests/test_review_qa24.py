@@ -451,3 +451,24 @@ def test_evaluate_at_phi_equals_a_float64_oracle_with_two_outputs(backend):
         want = torch.stack([nn.functional.mse_loss(m64(tasks.x[i].double()), tasks.y[i].double())
                             for i in range(3)])
     torch.testing.assert_close(got.double(), want, rtol=RTOL, atol=ATOL)
+
+
+def test_fit_callback_sees_each_meta_steps_own_outer_lr_in_a_chunk():
+    """``fit(callback=...)`` on a chunked path (backend "compiled", chunks of 4): the callback gets
+    every meta-step's number, loss and its own annealed ε (the chunk's first ε for all of them
+    passed every test), and the losses are the history's."""
+    from reptile_fast import MLP, Sine
+
+    torch.manual_seed(0)
+    trainer = Reptile(MLP(1, 8, 1), backend="compiled", backend_options={"mode": "eager", "chunk": 4},
+                      inner_steps=2, inner_batch_size=5, outer_lr=0.5, outer_lr_final=0.1)
+    seen = []
+    history = trainer.fit(Sine(), 10, generator=torch.Generator().manual_seed(1), progress=False,
+                          callback=lambda i, m: seen.append((i, m["iteration"], m["outer_lr"], m["loss"])))
+    assert [s[0] for s in seen] == [s[1] for s in seen] == list(range(1, 11))
+    assert [s[2] for s in seen] == pytest.approx([0.5 + (0.1 - 0.5) * k / 10 for k in range(10)], rel=1e-12)
+    assert [s[3] for s in seen] == history["loss"]
+    torch.manual_seed(0)  # without a callback the loop reads once, at the end: the same history, in order
+    quiet = Reptile(MLP(1, 8, 1), backend="compiled", backend_options={"mode": "eager", "chunk": 4},
+                    inner_steps=2, inner_batch_size=5, outer_lr=0.5, outer_lr_final=0.1)
+    assert quiet.fit(Sine(), 10, generator=torch.Generator().manual_seed(1), progress=False)["loss"] == history["loss"]
