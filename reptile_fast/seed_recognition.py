@@ -58,11 +58,21 @@ def standard_inner_loop(model, task, k, batch_size=10):
 def _code_fingerprint(code: types.CodeType) -> tuple:
     """The instruction stream with local-variable names and nested code objects normalised: two
     functions with equal fingerprints run the same operations on the same globals."""
-    out = []
+    kept, index = [], {}
     for ins in dis.get_instructions(code):
-        if ins.opname in ("NOP", "RESUME", "CACHE", "EXTENDED_ARG"):
-            continue
-        if "FAST" in ins.opname or "DEREF" in ins.opname or "CLOSURE" in ins.opname or ins.opname == "MAKE_CELL":
+        index[ins.offset] = len(kept)  # (a skipped instruction: the next kept one's number)
+        if ins.opname not in ("NOP", "RESUME", "CACHE", "EXTENDED_ARG"):
+            kept.append(ins)
+    # A jump's target as an instruction number, not a byte offset: 3.11 compiles ``torch.f(...)``
+    # to LOAD_ATTR (4 cache entries) in a module that imports torch, else to LOAD_METHOD (10), so
+    # the seed's loop defined where torch is imported elsewhere (a notebook cell, exec'd text) had
+    # other offsets and was not recognised.
+    jumps = set(dis.hasjrel) | set(dis.hasjabs)
+    out = []
+    for ins in kept:
+        if ins.opcode in jumps:
+            arg = index.get(ins.argval, ins.argval)
+        elif "FAST" in ins.opname or "DEREF" in ins.opname or "CLOSURE" in ins.opname or ins.opname == "MAKE_CELL":
             arg = ins.arg  # slot number: names of locals do not matter
         elif isinstance(ins.argval, types.CodeType):
             arg = _code_fingerprint(ins.argval)

@@ -545,7 +545,8 @@ class Reptile(HyperParameters):
         """
         steps = check_int("steps", steps, 0)
         self._check_params_kept()
-        self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
+        # (steps=0 draws no minibatch: tasks with fewer points than inner_batch_size are evaluated)
+        self.checker.tasks(tasks, self.inner_batch_size if indices is None and steps else 1)
         self.check_finite()
         if steps == 0:
             params = {n: p.detach().unsqueeze(0).expand(tasks.n_tasks, *p.shape)
