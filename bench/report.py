@@ -60,6 +60,13 @@ def records_from_pytest_benchmark(data: Dict[str, Any]) -> Tuple[List[dict], dic
         records.append(s)
     mi = data.get("machine_info", {})
     stamp = dict(mi.get("reptile_fast") or {})
+    # a JSON written without bench/conftest.py's stamp: pytest-benchmark's own machine fields
+    cpu = mi.get("cpu") if isinstance(mi.get("cpu"), dict) else {}
+    for key, value in (("cpu", cpu.get("brand_raw") or mi.get("processor") or mi.get("machine")),
+                       ("cpu_count", cpu.get("count")), ("python", mi.get("python_version")),
+                       ("platform", " ".join(filter(None, (mi.get("system"), mi.get("release")))))):
+        if value not in (None, ""):
+            stamp.setdefault(key, value)
     stamp.setdefault("date", data.get("datetime"))
     commit = data.get("commit_info") or {}
     if commit.get("id"):
@@ -87,16 +94,28 @@ def _size(r: dict) -> Tuple[int, int, int, int]:
     return (r.get("depth", 2), r["width"], r["steps"], r.get("inner_batch", 10))
 
 
+def _valid_seconds(x: Any) -> bool:
+    """A usable time: a finite number > 0 (a NaN, 0 or missing median is no measurement)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _point_id(r: dict) -> str:
+    return str(r.get("point") or f"T{r.get('meta_batch', '?')}-H{r.get('width', '?')}-S{r.get('steps', '?')}")
+
+
 def derive(records: Iterable[dict]) -> List[dict]:
     """Each timed record with ``tasks_per_s``, ``steps_per_s``, ``flops_per_s``, ``pct_peak``,
     ``x_seed`` (and ``x_seed_from`` when the seed's rate comes from another meta-batch) and
-    ``x_torch`` added; records that were not timed pass through unchanged."""
+    ``x_torch`` added; records that were not timed pass through unchanged, and a record marked
+    ok whose median time is not a finite positive number (NaN, 0, missing) becomes
+    ``status="invalid"`` with the reason, so it reaches the "Not timed" table, never a rate."""
     out = []
-    timed = [dict(r) for r in records if r.get("status", "ok") == "ok" and r.get("seconds")]
+    records = list(records)
+    timed = [dict(r) for r in records if r.get("status", "ok") == "ok" and _valid_seconds(r.get("seconds"))]
     for r in timed:
         s = r["seconds"]
         r["tasks_per_s"] = r["meta_batch"] / s
-        r["best_tasks_per_s"] = r["meta_batch"] / r["seconds_min"] if r.get("seconds_min") else None
+        r["best_tasks_per_s"] = r["meta_batch"] / r["seconds_min"] if _valid_seconds(r.get("seconds_min")) else None
         r["steps_per_s"] = r["meta_batch"] * r["steps"] / s
         r["flops_per_s"] = r["flops"] / s if r.get("flops") else None
         peak = r.get("peak_flops_per_s")
@@ -114,7 +133,14 @@ def derive(records: Iterable[dict]) -> List[dict]:
         torch_r = by.get(("torch", size, T))
         r["x_torch"] = r["tasks_per_s"] / torch_r["tasks_per_s"] if torch_r else None
     out.extend(timed)
-    out.extend(dict(r) for r in records if not (r.get("status", "ok") == "ok" and r.get("seconds")))
+    for r in records:
+        if r.get("status", "ok") == "ok" and _valid_seconds(r.get("seconds")):
+            continue
+        r = dict(r)
+        if r.get("status", "ok") == "ok":
+            r.update(status="invalid", point=_point_id(r),
+                     reason=f"median time {r.get('seconds')!r} s is not a finite positive number")
+        out.append(r)
     return out
 
 
@@ -129,7 +155,7 @@ def _fmt(x: Optional[float], digits: int = 3) -> str:
 
 
 def _rate(x: Optional[float]) -> str:
-    if x is None:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if x >= scale:
@@ -162,9 +188,11 @@ def render_markdown(derived: Sequence[dict], stamp: dict, *, title: str, extras:
             lines.append(f"| {k} | `{v}` |" if k == "command" else f"| {k} | {v} |")
     if source:
         lines.append(f"| data | `{source}` |")
-    lines += ["", "Every timed provider was first checked against the fp32 reference backend (adapted "
-              "parameters within rtol 1e-5 / atol 1e-6 on up to 16 tasks spread over the meta-batch; "
-              "tf32 variants: relative error against a float64 oracle under their bound). Times are "
+    lines += ["", "Every timed provider was first checked on every input set its timing cycles through "
+              "(bench/providers.py's gate): every task's update φ̃ − φ against a float64 oracle's, within "
+              "a bound derived for its precision (fp32 or tf32), and fp32 providers' adapted parameters "
+              "against the fp32 reference backend (rtol 1e-5 / atol 1e-6) on up to 16 tasks spread over "
+              "the meta-batch. Times are "
               "medians of seconds per call (one meta-batch of inner loops, all tasks); \"best\" uses the "
               "fastest round instead (less disturbed by other jobs on a shared machine); FLOP counts "
               "follow bench/flops.py; % peak is against the fp32 matmul rate (TF32 off) measured in "
@@ -224,8 +252,9 @@ def _stamp_line(stamp: dict) -> str:
 
 def plot_tasks_per_s(derived: Sequence[dict], stamp: dict, path) -> Optional[Path]:
     """tasks/s against meta-batch, log–log, one line per provider, one panel per model size that
-    has at least two meta-batches."""
-    panels = [(k, rows) for k, rows in _groups(derived) if len({r["meta_batch"] for r in rows}) >= 2]
+    has at least two meta-batches (when no size has two, one panel per size, points only)."""
+    groups = _groups(derived)
+    panels = [(k, rows) for k, rows in groups if len({r["meta_batch"] for r in rows}) >= 2] or groups
     if not panels:
         return None
     fig, axes = _figure(len(panels))
@@ -316,8 +345,9 @@ def main(argv=None) -> int:
     ap.add_argument("--title", default=None)
     args = ap.parse_args(argv)
     records, stamp, extras = load_results(args.json)
-    if not any(r.get("status", "ok") == "ok" for r in records):
-        raise SystemExit(f"{args.json}: no timed results (was the sweep run with --benchmark-enable?)")
+    if not any("tasks_per_s" in r for r in derive(records)):
+        raise SystemExit(f"{args.json}: no timed results with a finite positive time (was the sweep run "
+                         f"with --benchmark-enable?)")
     prefix = args.out or str(Path(args.json).with_suffix(""))
     title = args.title or f"Inner-loop benchmark — {stamp.get('gpu') or stamp.get('cpu') or 'unknown device'}"
     for p in write_report(records, stamp, prefix, title=title, extras=extras, source=args.json):

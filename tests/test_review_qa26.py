@@ -1,0 +1,131 @@
+"""QA26's review of the benchmark suite's report and FLOP counts and of the CLI's error messages.
+Each test failed before its fix (NOTES-qa26.md)."""
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.flops import inner_loop_flops, inner_step_flops
+from bench.report import derive, load_results, main as report_main, render_markdown, write_report
+from reptile_fast import MLP
+from reptile_fast.cli import main
+
+
+def _bench(provider, T, median, width=64, steps=5):
+    return {"stats": {"median": median, "min": median, "iqr": 0.0, "rounds": 3, "iterations": 1},
+            "extra_info": {"provider": provider, "meta_batch": T, "width": width, "depth": 2, "steps": steps,
+                           "inner_batch": 10, "flops": 1e6 * T, "check": {"max_abs_err": 0.0},
+                           "peak": {"matmul_flops_per_s": 1e11}}}
+
+
+def _write(path, benches, machine_info=None):
+    data = {"benchmarks": benches, "datetime": "2026-01-01T00:00:00",
+            "machine_info": {"reptile_fast": {"cpu": "test cpu", "torch": "x", "command": "pytest"}}
+            if machine_info is None else machine_info}
+    path.write_text(json.dumps(data))  # NaN is written as JSON's NaN literal, as json.dump does
+    return path
+
+
+def test_report_puts_nan_and_zero_times_under_not_timed(tmp_path):
+    """A NaN median became a "nan tasks/s" row (and NaN speed-ups beside it); a 0 median a
+    blank "| seed | ok |  |  |" row.  Both are no measurement: "Not timed", status invalid."""
+    src = _write(tmp_path / "r.json", [_bench("seed", 32, float("nan")), _bench("reference", 32, 0.0),
+                                       _bench("torch", 32, 1e-3), _bench("torch", 256, 4e-3)])
+    records, stamp, _ = load_results(src)
+    derived = derive(records)
+    timed = [r for r in derived if "tasks_per_s" in r]
+    assert sorted((r["provider"], r["meta_batch"]) for r in timed) == [("torch", 32), ("torch", 256)]
+    assert all(math.isfinite(r["tasks_per_s"]) and r["x_seed"] is None for r in timed)
+    invalid = {r["provider"]: r for r in derived if r.get("status") == "invalid"}
+    assert set(invalid) == {"seed", "reference"} and invalid["seed"]["point"] == "T32-H64-S5"
+    md = render_markdown(derived, stamp, title="t")
+    assert "nan" not in md.lower().replace("nan s is not", "")
+    assert "| seed | invalid | median time nan s is not a finite positive number | T32-H64-S5 |" in md
+    assert "| reference | invalid | median time 0.0 s is not a finite positive number | T32-H64-S5 |" in md
+
+
+def test_report_refuses_a_json_without_any_valid_time(tmp_path):
+    src = _write(tmp_path / "r.json", [_bench("torch", 32, float("nan"))])
+    with pytest.raises(SystemExit, match="no timed results"):
+        report_main([str(src), "--out", str(tmp_path / "o")])
+
+
+def test_report_with_one_meta_batch_still_plots_tasks_per_s(tmp_path):
+    """One size only: the tasks/s plot was silently left out (it needed two meta-batches)."""
+    src = _write(tmp_path / "r.json", [_bench("seed", 256, 0.3), _bench("torch", 256, 5e-3)])
+    records, stamp, _ = load_results(src)
+    written = write_report(records, stamp, tmp_path / "one", title="t")
+    assert [p.name for p in written] == ["one.md", "one_tasks_per_s.png", "one_speedup.png"]
+
+
+def test_report_stamps_a_plain_pytest_benchmark_json(tmp_path):
+    """Without bench/conftest.py's stamp (another conftest, an older run) the report said
+    "unknown device" and stamped no machine or Python: pytest-benchmark's own fields are used."""
+    mi = {"cpu": {"brand_raw": "Some CPU 9000", "count": 8}, "python_version": "3.12.1", "system": "Linux",
+          "release": "6.1"}
+    src = _write(tmp_path / "r.json", [_bench("torch", 32, 1e-3)], machine_info=mi)
+    _, stamp, _ = load_results(src)
+    assert stamp["cpu"] == "Some CPU 9000" and stamp["cpu_count"] == 8 and stamp["python"] == "3.12.1"
+    assert stamp["platform"] == "Linux 6.1" and stamp["date"] == "2026-01-01T00:00:00"
+
+
+# ---------------------------------------------------------------- FLOP counts, derived by hand
+def test_flops_two_layer_mlp_by_hand_mse_and_cross_entropy():
+    # dims (3, 5, 2), B = 4: layer 0 3x5 (hidden, tanh), layer 1 5x2
+    mse = inner_step_flops((3, 5, 2), 4)
+    assert mse["forward"] == (2 * 4 * 3 * 5 + 4 * 5 + 4 * 5) + (2 * 4 * 5 * 2 + 4 * 2)  # 160 + 88
+    assert mse["loss"] == 3 * 4 * 2 + 1
+    # dL/dout 2·B·C; layer 0: dW + db + tanh' (no dx); layer 1: dW + db + dx
+    assert mse["backward"] == 2 * 4 * 2 + (120 + 20 + 60) + (80 + 8 + 80)
+    assert mse["update"] == 2 * (3 * 5 + 5 + 5 * 2 + 2)
+    assert mse["matmul"] == 2 * 120 + 3 * 80
+    ce = inner_step_flops((3, 5, 2), 4, loss="cross_entropy")
+    assert ce["forward"] == mse["forward"] and ce["update"] == mse["update"] and ce["matmul"] == mse["matmul"]
+    assert ce["loss"] == 4 * (4 * 2 + 3) + 1
+    assert ce["backward"] == 4 * (2 * 2 + 1) + (120 + 20 + 60) + (80 + 8 + 80)
+    assert ce["total"] == ce["forward"] + ce["loss"] + ce["backward"] + ce["update"] == 745
+    assert inner_loop_flops((3, 5, 2), 4, 3, 7, loss="cross_entropy") == 21 * 745
+
+
+def test_flops_three_layer_mlp_by_hand():
+    # dims (2, 4, 6, 3), B = 5
+    f = inner_step_flops((2, 4, 6, 3), 5)
+    fwd = (2 * 5 * 2 * 4 + 5 * 4 + 5 * 4) + (2 * 5 * 4 * 6 + 5 * 6 + 5 * 6) + (2 * 5 * 6 * 3 + 5 * 3)
+    bwd = 2 * 5 * 3 + (80 + 20 + 3 * 20) + (240 + 30 + 240 + 3 * 30) + (180 + 15 + 180)
+    assert (f["forward"], f["loss"], f["backward"]) == (fwd, 3 * 5 * 3 + 1, bwd)
+    assert f["update"] == 2 * (2 * 4 + 4 + 4 * 6 + 6 + 6 * 3 + 3)
+    ce = inner_step_flops((2, 4, 6, 3), 5, "cross_entropy")
+    assert ce["loss"] == 5 * (4 * 3 + 3) + 1 and ce["backward"] == bwd - 2 * 5 * 3 + 5 * (2 * 3 + 1)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        inner_step_flops((2, 4, 6, 3), 5, "hinge")
+
+
+@pytest.mark.parametrize("dims", [(3, 5, 2), (2, 4, 6, 3)])
+def test_cross_entropy_matmul_flops_match_torch_flop_counter(dims):
+    model = MLP(dims[0], output_dim=dims[-1], hidden_dims=list(dims[1:-1]))
+    x, y = torch.randn(4, dims[0]), torch.randint(0, dims[-1], (4,))
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert inner_step_flops(dims, 4, "cross_entropy")["matmul"] == counter.get_total_flops()
+
+
+# ---------------------------------------------------------------- CLI: errors name the flag
+def test_sine_seed_and_threads_errors_name_the_flag(tmp_path, capsys):
+    """--seed 2**64 said "seed must be < 2**64", --threads 99999 "threads 99999 exceeds …":
+    neither named the flag (every other bad value does, "argument --iterations: …")."""
+    with pytest.raises(SystemExit) as stop:
+        main(["sine", "--seed", str(2 ** 64), "--out", str(tmp_path / "a"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"--seed {2 ** 64}" in err and "seed must be < 2**64" in err
+    too_many = (torch.get_num_threads() or 1) + 10_000
+    assert main(["sine", "--threads", str(too_many), "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert f"--threads {too_many} exceeds" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def test_omniglot_runs_seed_error_names_the_flag(tmp_path, capsys):
+    assert main(["omniglot-runs", "--runs", str(tmp_path), "--model", str(tmp_path / "m"),
+                 "--seed", str(2 ** 64)]) == 2
+    assert f"--seed {2 ** 64}" in capsys.readouterr().err
