@@ -188,11 +188,18 @@ def render_markdown(derived: Sequence[dict], stamp: dict, *, title: str, extras:
             lines.append(f"| {k} | `{v}` |" if k == "command" else f"| {k} | {v} |")
     if source:
         lines.append(f"| data | `{source}` |")
-    lines += ["", "Every timed provider was first checked on every input set its timing cycles through "
-              "(bench/providers.py's gate): every task's update φ̃ − φ against a float64 oracle's, within "
-              "a bound derived for its precision (fp32 or tf32), and fp32 providers' adapted parameters "
-              "against the fp32 reference backend (rtol 1e-5 / atol 1e-6) on up to 16 tasks spread over "
-              "the meta-batch. Times are "
+    timed = [r for r in derived if "tasks_per_s" in r]
+    if timed and all("update_margin" in (r.get("check") or {}) for r in timed):
+        gate = ("Every timed provider was first checked on every input set its timing cycles through "
+                "(bench/providers.py's gate): every task's update φ̃ − φ against a float64 oracle's, within "
+                "a bound derived for its precision (fp32 or tf32), and fp32 providers' adapted parameters "
+                "against the fp32 reference backend (rtol 1e-5 / atol 1e-6) on up to 16 tasks spread over "
+                "the meta-batch.")
+    else:  # results made before the per-task update gate (their check records have no update_margin)
+        gate = ("Every timed provider was first checked against the fp32 reference backend (adapted "
+                "parameters within rtol 1e-5 / atol 1e-6 on up to 16 tasks spread over the meta-batch; "
+                "tf32 variants: relative error against a float64 oracle under their bound).")
+    lines += ["", gate + " Times are "
               "medians of seconds per call (one meta-batch of inner loops, all tasks); \"best\" uses the "
               "fastest round instead (less disturbed by other jobs on a shared machine); FLOP counts "
               "follow bench/flops.py; % peak is against the fp32 matmul rate (TF32 off) measured in "
@@ -245,6 +252,17 @@ def _figure(ncols: int, width: float = 6.0, height: float = 4.5):
     return fig, axes
 
 
+def _save(fig, path) -> Path:
+    """The figure as PNG, written atomically (a rerun over a committed result never leaves half a file)."""
+    import io
+
+    from reptile_fast.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return Path(atomic_write_bytes(path, buf.getvalue()))
+
+
 def _stamp_line(stamp: dict) -> str:
     dev = stamp.get("gpu") or stamp.get("cpu") or stamp.get("device") or "?"
     return f"{dev} · torch {stamp.get('torch', '?')} · {str(stamp.get('date', ''))[:10]}"
@@ -270,8 +288,7 @@ def plot_tasks_per_s(derived: Sequence[dict], stamp: dict, path) -> Optional[Pat
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"Inner-loop throughput — {_stamp_line(stamp)}")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_speedups(derived: Sequence[dict], stamp: dict, path) -> Optional[Path]:
@@ -306,8 +323,7 @@ def plot_speedups(derived: Sequence[dict], stamp: dict, path) -> Optional[Path]:
         if provs:
             ax.legend()
     fig.suptitle(f"Speed-ups — {_stamp_line(stamp)}")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return _save(fig, path)
 
 
 def headline(derived: Sequence[dict], width: int = 64, steps: int = 5) -> List[str]:
@@ -324,12 +340,14 @@ def headline(derived: Sequence[dict], width: int = 64, steps: int = 5) -> List[s
 
 def write_report(records: Sequence[dict], stamp: dict, prefix, *, title: str, extras: Optional[dict] = None,
                  source: Optional[str] = None, summary: Optional[Sequence[str]] = None) -> List[Path]:
-    """Write ``PREFIX.md`` and the two plots; returns the paths written."""
+    """Write ``PREFIX.md`` and the two plots (each atomically); returns the paths written."""
+    from reptile_fast.checkpoint import atomic_write_text
+
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     derived = derive(records)
     md = prefix.with_name(prefix.name + ".md")
-    md.write_text(render_markdown(derived, stamp, title=title, extras=extras, source=source, summary=summary))
+    atomic_write_text(md, render_markdown(derived, stamp, title=title, extras=extras, source=source, summary=summary))
     written = [md]
     for fn, suffix in ((plot_tasks_per_s, "_tasks_per_s.png"), (plot_speedups, "_speedup.png")):
         p = fn(derived, stamp, prefix.with_name(prefix.name + suffix))

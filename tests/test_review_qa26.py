@@ -46,6 +46,19 @@ def test_report_puts_nan_and_zero_times_under_not_timed(tmp_path):
     assert "| reference | invalid | median time 0.0 s is not a finite positive number | T32-H64-S5 |" in md
 
 
+def test_report_describes_the_gate_its_records_went_through(tmp_path):
+    """The report said every provider was compared with the fp32 reference "on up to 16 tasks"
+    also for runs checked by the per-task float64 update gate (issue 16); records that carry the
+    gate's update_margin are now described as such, older ones as before."""
+    new = _bench("torch", 32, 1e-3)
+    new["extra_info"]["check"] = {"max_abs_err": 0.0, "update_margin": 0.01}
+    records, stamp, _ = load_results(_write(tmp_path / "n.json", [new]))
+    assert "every task's update" in render_markdown(derive(records), stamp, title="t")
+    records, stamp, _ = load_results(_write(tmp_path / "o.json", [_bench("torch", 32, 1e-3)]))
+    md = render_markdown(derive(records), stamp, title="t")
+    assert "every task's update" not in md and "on up to 16 tasks" in md
+
+
 def test_report_refuses_a_json_without_any_valid_time(tmp_path):
     src = _write(tmp_path / "r.json", [_bench("torch", 32, float("nan"))])
     with pytest.raises(SystemExit, match="no timed results"):
