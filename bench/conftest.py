@@ -25,12 +25,13 @@ _LOAD_AT_START = []
 
 
 def pytest_configure(config):
-    from bench.providers import bench_mode
+    from bench.providers import bench_device, bench_mode
 
     if hasattr(os, "getloadavg"):
         _LOAD_AT_START.append(round(os.getloadavg()[0], 2))
     try:
         bench_mode()
+        bench_device()
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     threads = os.environ.get("REPTILE_BENCH_THREADS")

@@ -142,3 +142,20 @@ def test_omniglot_runs_seed_error_names_the_flag(tmp_path, capsys):
     assert main(["omniglot-runs", "--runs", str(tmp_path), "--model", str(tmp_path / "m"),
                  "--seed", str(2 ** 64)]) == 2
     assert f"--seed {2 ** 64}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the bench's environment switches
+@pytest.mark.parametrize("value, words", [("foo", "must be 'cpu', 'cuda' or 'cuda:N'"),
+                                          ("meta", "must be 'cpu', 'cuda' or 'cuda:N'"),
+                                          ("cuda:99", "")])
+def test_bench_device_variable_is_checked_by_name(monkeypatch, value, words):
+    """REPTILE_BENCH_DEVICE=foo was a RuntimeError from torch at collection ("Expected one of cpu,
+    cuda, ..."), =cuda on a CPU machine a failure inside torch.cuda in every test."""
+    from bench.providers import bench_device
+
+    monkeypatch.setenv("REPTILE_BENCH_DEVICE", value)
+    with pytest.raises(ValueError, match="REPTILE_BENCH_DEVICE") as err:
+        bench_device()
+    assert words in str(err.value)
+    monkeypatch.setenv("REPTILE_BENCH_DEVICE", "cpu")
+    assert bench_device() == torch.device("cpu")
