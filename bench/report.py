@@ -49,9 +49,9 @@ def records_from_pytest_benchmark(data: Dict[str, Any]) -> Tuple[List[dict], dic
             ei.setdefault("depth", len(ei["dims"]) - 2)
         if not {"provider", "meta_batch", "width", "steps"} <= set(ei):
             continue  # not an inner-loop throughput benchmark
-        stats = b["stats"]
+        stats = b.get("stats") or {}  # none: an invalid record ("Not timed"), not a crash
         peak = ei.pop("peak", None) or {}
-        records.append({**ei, "status": "ok", "seconds": stats["median"], "seconds_min": stats["min"],
+        records.append({**ei, "status": "ok", "seconds": stats.get("median"), "seconds_min": stats.get("min"),
                         "seconds_iqr": stats.get("iqr"), "rounds": stats.get("rounds"),
                         "iterations": stats.get("iterations"),
                         "peak_flops_per_s": peak.get("matmul_flops_per_s"),
@@ -80,8 +80,14 @@ def records_from_pytest_benchmark(data: Dict[str, Any]) -> Tuple[List[dict], dic
 
 
 def load_results(path) -> Tuple[List[dict], dict, dict]:
-    """(records, stamp, extras) from either JSON format; extras holds the GPU check's targets."""
-    data = json.loads(Path(path).read_text())
+    """(records, stamp, extras) from either JSON format; extras holds the GPU check's targets.
+    A file that is neither is a ``ValueError`` naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        data = {}
     if "records" in data:
         return list(data["records"]), dict(data.get("stamp", {})), dict(data.get("extras", {}))
     if "benchmarks" in data:
@@ -139,7 +145,8 @@ def derive(records: Iterable[dict]) -> List[dict]:
         r = dict(r)
         if r.get("status", "ok") == "ok":
             r.update(status="invalid", point=_point_id(r),
-                     reason=f"median time {r.get('seconds')!r} s is not a finite positive number")
+                     reason="no median time" if r.get("seconds") is None
+                     else f"median time {r['seconds']!r} s is not a finite positive number")
         out.append(r)
     return out
 
@@ -362,7 +369,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output prefix (default: the JSON path without .json)")
     ap.add_argument("--title", default=None)
     args = ap.parse_args(argv)
-    records, stamp, extras = load_results(args.json)
+    try:
+        records, stamp, extras = load_results(args.json)
+    except (OSError, ValueError) as exc:
+        ap.error(str(exc))
     if not any("tasks_per_s" in r for r in derive(records)):
         raise SystemExit(f"{args.json}: no timed results with a finite positive time (was the sweep run "
                          f"with --benchmark-enable?)")

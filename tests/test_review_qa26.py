@@ -65,6 +65,23 @@ def test_report_refuses_a_json_without_any_valid_time(tmp_path):
         report_main([str(src), "--out", str(tmp_path / "o")])
 
 
+def test_report_command_names_a_bad_file_with_exit_code_2(tmp_path, capsys):
+    """A missing file, a file that is not JSON, or JSON of another shape were tracebacks
+    (FileNotFoundError, JSONDecodeError, ValueError; exit 1); a benchmark without stats a KeyError."""
+    (tmp_path / "bad.json").write_text("{bad")
+    (tmp_path / "list.json").write_text("[1]")
+    for name, words in (("missing.json", "No such file"), ("bad.json", "not JSON"),
+                        ("list.json", "neither pytest-benchmark JSON")):
+        with pytest.raises(SystemExit) as stop:
+            report_main([str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and name in err and words in err
+    no_stats = _bench("seed", 32, 1.0)
+    del no_stats["stats"]
+    records, _, _ = load_results(_write(tmp_path / "s.json", [no_stats, _bench("torch", 32, 1e-3)]))
+    assert [r["reason"] for r in derive(records) if r.get("status") == "invalid"] == ["no median time"]
+
+
 def test_report_with_one_meta_batch_still_plots_tasks_per_s(tmp_path):
     """One size only: the tasks/s plot was silently left out (it needed two meta-batches)."""
     src = _write(tmp_path / "r.json", [_bench("seed", 256, 0.3), _bench("torch", 256, 5e-3)])
