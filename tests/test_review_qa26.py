@@ -176,3 +176,13 @@ def test_bench_device_variable_is_checked_by_name(monkeypatch, value, words):
     assert words in str(err.value)
     monkeypatch.setenv("REPTILE_BENCH_DEVICE", "cpu")
     assert bench_device() == torch.device("cpu")
+
+
+@pytest.mark.parametrize("flag, value", [("--hidden-dim", 2_000_000), ("--eval-tasks", 10 ** 11)])
+def test_out_of_memory_names_the_size_that_did_not_fit(tmp_path, capsys, flag, value):
+    """A 2000000-wide MLP (16 TB) or 1e11 held-out tasks ran out of memory with "--meta-batch-size 1
+    does not fit in this machine's memory; lower it": the one flag that was fine."""
+    code = main(["sine", flag, str(value), "--iterations", "1", "--backend", "torch", "--eval-steps", "1",
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "out of memory" in err and f"{flag} {value}" in err and "Traceback" not in err
