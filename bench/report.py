@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["load_results", "records_from_pytest_benchmark", "derive", "render_markdown",
+__all__ = ["load_results", "records_from_pytest_benchmark", "records_from_gpu_check", "derive", "render_markdown",
            "plot_tasks_per_s", "plot_speedups", "headline", "write_report"]
 
 PROVIDER_ORDER = ("seed", "reference", "torch-vmap", "torch", "torch-compile", "triton", "triton-graphs",
@@ -79,6 +79,51 @@ def records_from_pytest_benchmark(data: Dict[str, Any]) -> Tuple[List[dict], dic
     return records, stamp
 
 
+def _width_from_flops(flops, T: int, depth: int, steps: int, batch: int) -> Optional[int]:
+    """The hidden width of a row that did not record it (GPU checks before it did), from its FLOP
+    count; None when no width up to 4096 gives that count."""
+    from bench.flops import inner_loop_flops
+
+    for w in range(1, 4097):
+        if inner_loop_flops((1,) + (w,) * depth + (1,), batch, steps, T) == flops:
+            return w
+    return None
+
+
+def records_from_gpu_check(data: Dict[str, Any]) -> Tuple[List[dict], dict]:
+    """Records and stamp from ``bench/gpu_check.py``'s results.json: the inner-loop rows of its
+    timing stage (one meta-batch of inner loops per call, ``ms`` per call; the whole-job rows,
+    ``fit-*`` and ``cli-*``, are not inner-loop throughputs and are left out), the stamp from its
+    env stage, the fp32 peak it measured there."""
+    stages = data.get("stages") or {}
+    env = stages.get("env") or {}
+    stamp = {k: v for k, v in env.items() if isinstance(v, (str, int, float)) and k != "fp32_matmul_flops_per_s"}
+    peak = env.get("fp32_matmul_flops_per_s")
+    if isinstance(peak, (int, float)):
+        stamp["fp32_matmul_peak_gflops"] = peak / 1e9
+    stamp["checked"] = ("Every timed row was first checked by bench/gpu_check.py's timing stage: the kernel "
+                        "variants' every task's update against a float64 oracle (check_variant), the "
+                        "providers by bench/providers.py's gate (every task's update against a float64 "
+                        "oracle, fp32 providers also against the fp32 reference); rows that failed are "
+                        "under \"Not timed\".")
+    records = []
+    for r in (stages.get("timing") or {}).get("rows", []):
+        prov = str(r.get("provider", "?"))
+        if "T" not in r or "meta_steps" in r or prov.startswith(("fit-", "cli-")) or prov == "*":
+            continue
+        depth, steps, batch = r.get("depth", 2), r.get("steps", 5), r.get("inner_batch", 10)
+        width = r.get("width") or _width_from_flops(r.get("flops"), r["T"], depth, steps, batch)
+        rec = {"provider": prov, "meta_batch": r["T"], "width": width, "depth": depth, "steps": steps,
+               "inner_batch": batch, "flops": r.get("flops"), "peak_flops_per_s": peak, "timer": r.get("timer")}
+        if r.get("ms") is not None and "status" not in r and width is not None:
+            rec.update(status="ok", seconds=r["ms"] / 1e3, seconds_min=r.get("ms_min", r["ms"]) / 1e3)
+        else:
+            rec.update(status=r.get("status", "invalid"), point=f"T{r['T']}",
+                       reason=r.get("reason") or ("no time" if r.get("ms") is None else "no model size"))
+        records.append(rec)
+    return records, stamp
+
+
 def load_results(path) -> Tuple[List[dict], dict, dict]:
     """(records, stamp, extras) from either JSON format; extras holds the GPU check's targets.
     A file that is neither is a ``ValueError`` naming it."""
@@ -93,7 +138,11 @@ def load_results(path) -> Tuple[List[dict], dict, dict]:
     if "benchmarks" in data:
         records, stamp = records_from_pytest_benchmark(data)
         return records, stamp, {}
-    raise ValueError(f"{path}: neither pytest-benchmark JSON ('benchmarks') nor a GPU-check result ('records')")
+    if isinstance(data.get("stages"), dict):  # bench/gpu_check.py's results.json
+        records, stamp = records_from_gpu_check(data)
+        return records, stamp, {}
+    raise ValueError(f"{path}: neither pytest-benchmark JSON ('benchmarks') nor a GPU-check result "
+                     f"('stages' or 'records')")
 
 
 def _size(r: dict) -> Tuple[int, int, int, int]:
@@ -196,7 +245,9 @@ def render_markdown(derived: Sequence[dict], stamp: dict, *, title: str, extras:
     if source:
         lines.append(f"| data | `{source}` |")
     timed = [r for r in derived if "tasks_per_s" in r]
-    if timed and all("update_margin" in (r.get("check") or {}) for r in timed):
+    if stamp.get("checked"):  # the producer's own words for its check (the GPU check)
+        gate = str(stamp["checked"])
+    elif timed and all("update_margin" in (r.get("check") or {}) for r in timed):
         gate = ("Every timed provider was first checked on every input set its timing cycles through "
                 "(bench/providers.py's gate): every task's update φ̃ − φ against a float64 oracle's, within "
                 "a bound derived for its precision (fp32 or tf32), and fp32 providers' adapted parameters "

@@ -186,3 +186,23 @@ def test_out_of_memory_names_the_size_that_did_not_fit(tmp_path, capsys, flag, v
                  "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "out of memory" in err and f"{flag} {value}" in err and "Traceback" not in err
+
+
+def test_report_reads_the_gpu_checks_results_json(tmp_path):
+    """bench.report's docstring and --help promise the GPU check's results.json, but since the GPU
+    check was rewritten into stages (its rows under stages.timing.rows) the report refused it:
+    "neither pytest-benchmark JSON ('benchmarks') nor a GPU-check result ('records')"."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu_check_cpu_smoke" / "results.json"
+    records, stamp, _ = load_results(src)
+    timed = {(r["provider"], r["meta_batch"]): r for r in derive(records) if "tasks_per_s" in r}
+    # the committed smoke run: width 16 (from its FLOP count: older rows do not record it), T = 1 and 2
+    assert {r["width"] for r in timed.values()} == {16} and ("torch", 2) in timed and ("v1", 1) in timed
+    assert timed[("torch", 2)]["seconds"] == pytest.approx(1.179214996227529e-3)
+    assert not any(p.startswith(("fit-", "cli-")) for p, _ in timed)  # whole-job rows are not inner loops
+    assert stamp["command"].startswith("bench/gpu_check.sh") and stamp["fp32_matmul_peak_gflops"] > 0
+    out = tmp_path / "gc"
+    assert report_main([str(src), "--out", str(out)]) == 0
+    md = (tmp_path / "gc.md").read_text()
+    assert "## MLP 1-16-16-1, 5 inner steps of 10 points" in md and "gpu_check.py's timing stage" in md
