@@ -206,3 +206,21 @@ def test_report_reads_the_gpu_checks_results_json(tmp_path):
     assert report_main([str(src), "--out", str(out)]) == 0
     md = (tmp_path / "gc.md").read_text()
     assert "## MLP 1-16-16-1, 5 inner steps of 10 points" in md and "gpu_check.py's timing stage" in md
+
+
+def test_plain_setting_names_opening_an_error_become_flags():
+    """`reptile-fast omniglot --ways 1` said "ways must be >= 2, got 1" (check_int's words; as_flags
+    changed plain names only in the name=value form), and a one-letter path such as `--test y`
+    protected the "y" inside "ways" from being changed at all."""
+    from reptile_fast.validation import as_flags
+
+    assert as_flags("ways must be >= 2, got 1", ["ways", "shots"], keep=["x", "y"]) == "--ways must be >= 2, got 1"
+    assert as_flags("shots must be an int, got str", ["shots"]) == "--shots must be an int, got str"
+    assert as_flags("the ways must be two", ["ways"]) == "the ways must be two"  # prose stays
+    assert as_flags("output directory seed=3 exists", ["seed"], keep=["seed=3"]) == "output directory seed=3 exists"
+
+
+def test_omniglot_ways_error_names_the_flag(tmp_path, capsys):
+    assert main(["omniglot", "--train", str(tmp_path), "--test", str(tmp_path), "--ways", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--ways must be >= 2, got 1" in capsys.readouterr().err
