@@ -224,3 +224,31 @@ def test_omniglot_ways_error_names_the_flag(tmp_path, capsys):
     assert main(["omniglot", "--train", str(tmp_path), "--test", str(tmp_path), "--ways", "1",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--ways must be >= 2, got 1" in capsys.readouterr().err
+
+
+def test_native_meta_batch_checks_the_timed_meta_batch(monkeypatch):
+    """bench.native_meta_batch checked every backend at min(T, 32) tasks, so backend torch's task
+    blocks (63 tasks for the sine MLP), which start only above that, were timed at meta-batch
+    256 and 1024 without a check.  The check now runs the timed meta-batch, and a backend that
+    is wrong only on large meta-batches is refused."""
+    import bench.native_meta_batch as nmb
+
+    monkeypatch.setattr(nmb, "BACKENDS", {"torch": {"task_block": 16}})
+    out = nmb.check(40)  # 3 blocks of 16 tasks
+    assert out["torch"]["tasks"] == 40 and out["torch"]["ok"]
+
+    from reptile_fast.backends import get_backend
+
+    TorchBackend = type(get_backend("torch"))
+    real = TorchBackend.inner_loop
+
+    def wrong_above_32(self, model, tasks, indices, config, *a, **k):
+        res = real(self, model, tasks, indices, config, *a, **k)
+        if tasks.n_tasks > 32:
+            for v in res.params.values():
+                v[-1] = v[0]  # the last task gets the first one's answer
+        return res
+
+    monkeypatch.setattr(TorchBackend, "inner_loop", wrong_above_32)
+    assert nmb.check(40)["torch"]["ok"] is False
+    assert nmb.check(8)["torch"]["ok"] is True
