@@ -252,3 +252,17 @@ def test_native_meta_batch_checks_the_timed_meta_batch(monkeypatch):
     monkeypatch.setattr(TorchBackend, "inner_loop", wrong_above_32)
     assert nmb.check(40)["torch"]["ok"] is False
     assert nmb.check(8)["torch"]["ok"] is True
+
+
+def test_recorded_commands_can_be_run_again(monkeypatch):
+    """The stamp joined arguments with spaces: `-k "test_inner_loop_speed and torch-T4"` was recorded
+    as `-k test_inner_loop_speed and torch-T4`, which a shell does not take back."""
+    import shlex
+
+    from bench.env import command_line, machine_stamp
+
+    monkeypatch.setattr("sys.argv", ["bench/x.py", "-k", "speed and torch", "--out", "a b.json"])
+    cmd = machine_stamp()["command"]
+    assert shlex.split(cmd)[1:] == ["bench/x.py", "-k", "speed and torch", "--out", "a b.json"]
+    assert command_line("REPTILE_BENCH=full", "python", "-m", "pytest", "-k", "a and b") == \
+        "REPTILE_BENCH=full python -m pytest -k 'a and b'"
