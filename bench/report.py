@@ -429,7 +429,11 @@ def main(argv=None) -> int:
                          f"with --benchmark-enable?)")
     prefix = args.out or str(Path(args.json).with_suffix(""))
     title = args.title or f"Inner-loop benchmark — {stamp.get('gpu') or stamp.get('cpu') or 'unknown device'}"
-    for p in write_report(records, stamp, prefix, title=title, extras=extras, source=args.json):
+    try:
+        written = write_report(records, stamp, prefix, title=title, extras=extras, source=args.json)
+    except OSError as exc:  # --out in a folder that cannot be made or written
+        ap.error(f"--out {prefix}: {exc}")
+    for p in written:
         print(p)
     for line in headline(derive(records)):
         print(line)

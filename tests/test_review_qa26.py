@@ -76,6 +76,11 @@ def test_report_command_names_a_bad_file_with_exit_code_2(tmp_path, capsys):
             report_main([str(tmp_path / name)])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and name in err and words in err
+    src = _write(tmp_path / "ok.json", [_bench("torch", 32, 1e-3)])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as stop:  # --out inside a file: was a FileExistsError traceback
+        report_main([str(src), "--out", str(tmp_path / "file" / "r")])
+    assert stop.value.code == 2 and "--out" in capsys.readouterr().err
     no_stats = _bench("seed", 32, 1.0)
     del no_stats["stats"]
     records, _, _ = load_results(_write(tmp_path / "s.json", [no_stats, _bench("torch", 32, 1e-3)]))
