@@ -25,12 +25,13 @@ _LOAD_AT_START = []
 
 
 def pytest_configure(config):
-    from bench.providers import bench_mode
+    from bench.providers import bench_device, bench_mode
 
     if hasattr(os, "getloadavg"):
         _LOAD_AT_START.append(round(os.getloadavg()[0], 2))
     try:
         bench_mode()
+        bench_device()
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     threads = os.environ.get("REPTILE_BENCH_THREADS")
@@ -45,13 +46,13 @@ def pytest_configure(config):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from bench.env import machine_stamp
+    from bench.env import command_line, machine_stamp
     from bench.providers import bench_device, bench_mode
 
     stamp = {**machine_stamp(), "mode": bench_mode(), "device": str(bench_device())}
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("REPTILE_BENCH", "REPTILE_BENCH_DEVICE",
-                                                               "REPTILE_BENCH_THREADS") if os.environ.get(k))
-    stamp["command"] = " ".join(filter(None, [env, "python -m pytest", *config.invocation_params.args]))
+    env = [f"{k}={os.environ[k]}" for k in ("REPTILE_BENCH", "REPTILE_BENCH_DEVICE", "REPTILE_BENCH_THREADS")
+           if os.environ.get(k)]
+    stamp["command"] = command_line(*env, "python", "-m", "pytest", *config.invocation_params.args)
     if hasattr(os, "getloadavg"):
         # The CPU may be shared: the 1-minute load average at the start and end of the run.
         stamp["loadavg_1min"] = f"{_LOAD_AT_START[0] if _LOAD_AT_START else '?'} -> {os.getloadavg()[0]:.2f}"

@@ -4,7 +4,14 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
 import sys
+
+
+def command_line(*parts) -> str:
+    """A command as a shell would take it back: each argument quoted where needed (an argument
+    with a space, ``-k "speed and torch"``, was written bare and could not be rerun as recorded)."""
+    return shlex.join(str(p) for p in parts)
 
 
 def machine_stamp() -> dict:
@@ -12,7 +19,7 @@ def machine_stamp() -> dict:
 
     stamp = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "command": command_line(os.path.basename(sys.executable), *sys.argv),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),

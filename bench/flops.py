@@ -7,7 +7,11 @@ copying weights count 0.  Per inner step of one task with layer sizes ``d_0 … 
 
 - forward: Σ_l 2·B·d_l·d_{l+1} (matmul) + B·d_{l+1} (bias) + B·d_{l+1} (activation, hidden only);
 - loss (MSE): 3·B·d_L (difference, square, sum) + 1 (mean);
-- backward: 2·B·d_L (dL/dout) + Σ_l [2·B·d_l·d_{l+1} (dW) + B·d_{l+1} (db) +
+  loss (cross-entropy over C = d_L classes, a stable log-softmax): B·(4·C + 3) + 1 (per point:
+  max, shift, exp and sum over the C logits, one log, the target's shifted logit minus it, the
+  sum over points; then the mean);
+- backward: dL/dout (MSE: 2·B·d_L; cross-entropy: B·(2·C + 1): softmax = exp / sum, minus the
+  one-hot target at one entry, times 1/B) + Σ_l [2·B·d_l·d_{l+1} (dW) + B·d_{l+1} (db) +
   2·B·d_l·d_{l+1} (dx, not for the first layer) + 3·B·d_{l+1} (activation derivative, hidden only)];
 - update (SGD): 2 per parameter.
 
@@ -21,7 +25,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["inner_step_flops", "inner_loop_flops", "measure_matmul_peak", "measure_bmm_rate",
+__all__ = ["LOSSES", "inner_step_flops", "inner_loop_flops", "measure_matmul_peak", "measure_bmm_rate",
            "time_calls", "synchronize"]
 
 
@@ -32,14 +36,20 @@ def _check_dims(dims: Sequence[int]) -> tuple:
     return dims
 
 
-def inner_step_flops(dims: Sequence[int], batch: int) -> Dict[str, int]:
-    """FLOP of one SGD inner step of one task (MSE loss): ``{"forward", "loss", "backward",
-    "update", "total", "matmul"}`` for an MLP with layer sizes ``dims = (d_0, …, d_L)`` and
-    minibatch ``batch``; "matmul" is the part of forward + backward spent in matrix products
-    (what ``torch.utils.flop_counter`` counts)."""
+#: the losses ``inner_step_flops`` counts
+LOSSES = ("mse", "cross_entropy")
+
+
+def inner_step_flops(dims: Sequence[int], batch: int, loss: str = "mse") -> Dict[str, int]:
+    """FLOP of one SGD inner step of one task: ``{"forward", "loss", "backward", "update",
+    "total", "matmul"}`` for an MLP with layer sizes ``dims = (d_0, …, d_L)``, minibatch
+    ``batch`` and ``loss`` "mse" or "cross_entropy" (over ``d_L`` classes); "matmul" is the part
+    of forward + backward spent in matrix products (what ``torch.utils.flop_counter`` counts)."""
     dims = _check_dims(dims)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     B, L = int(batch), len(dims) - 1
     fwd = bwd = mm = 0
     for l in range(L):
@@ -48,19 +58,25 @@ def inner_step_flops(dims: Sequence[int], batch: int) -> Dict[str, int]:
         fwd += 2 * B * i * o + B * o + (B * o if hidden else 0)
         bwd += 2 * B * i * o + B * o + (2 * B * i * o if l > 0 else 0) + (3 * B * o if hidden else 0)
         mm += 2 * B * i * o * (3 if l > 0 else 2)
-    loss = 3 * B * dims[-1] + 1
-    bwd += 2 * B * dims[-1]
+    C = dims[-1]
+    if loss == "mse":
+        loss_flops = 3 * B * C + 1
+        bwd += 2 * B * C
+    else:
+        loss_flops = B * (4 * C + 3) + 1
+        bwd += B * (2 * C + 1)
     n_params = sum(dims[l] * dims[l + 1] + dims[l + 1] for l in range(L))
     update = 2 * n_params
-    return {"forward": fwd, "loss": loss, "backward": bwd, "update": update,
-            "total": fwd + loss + bwd + update, "matmul": mm}
+    return {"forward": fwd, "loss": loss_flops, "backward": bwd, "update": update,
+            "total": fwd + loss_flops + bwd + update, "matmul": mm}
 
 
-def inner_loop_flops(dims: Sequence[int], batch: int, steps: int, n_tasks: int = 1) -> int:
-    """FLOP of ``n_tasks`` tasks' inner loops of ``steps`` SGD steps each."""
+def inner_loop_flops(dims: Sequence[int], batch: int, steps: int, n_tasks: int = 1, loss: str = "mse") -> int:
+    """FLOP of ``n_tasks`` tasks' inner loops of ``steps`` SGD steps each (``loss`` as in
+    ``inner_step_flops``)."""
     if steps < 1 or n_tasks < 1:
         raise ValueError(f"steps and n_tasks must be >= 1, got {steps}, {n_tasks}")
-    return inner_step_flops(dims, batch)["total"] * int(steps) * int(n_tasks)
+    return inner_step_flops(dims, batch, loss)["total"] * int(steps) * int(n_tasks)
 
 
 def synchronize(device) -> None:

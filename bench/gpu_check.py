@@ -589,6 +589,7 @@ def stage_timing(log, device, smoke, budget, results, out):
     rows = results["stages"].setdefault("timing", {"rows": []})["rows"]
 
     def record(**r):
+        r.update(width=width, depth=len(dims) - 2, steps=STEPS, inner_batch=BATCH)  # for bench.report
         r["flops"] = inner_loop_flops(dims, BATCH, STEPS, r["T"])
         if "ms" in r and r["ms"]:
             r["tasks_per_s"] = r["T"] / (r["ms"] / 1e3)

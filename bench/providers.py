@@ -152,9 +152,20 @@ def bench_mode() -> str:
 
 
 def bench_device() -> torch.device:
-    """``REPTILE_BENCH_DEVICE`` if set, else CUDA when present, else the CPU."""
+    """``REPTILE_BENCH_DEVICE`` if set (cpu, cuda or cuda:N; a ``ValueError`` naming the variable
+    otherwise, or for CUDA on a machine without it), else CUDA when present, else the CPU."""
     name = os.environ.get("REPTILE_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"REPTILE_BENCH_DEVICE must be 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"REPTILE_BENCH_DEVICE must be 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"REPTILE_BENCH_DEVICE={name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"REPTILE_BENCH_DEVICE={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 # ---------------------------------------------------------------------------------- problems

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["load_results", "records_from_pytest_benchmark", "derive", "render_markdown",
+__all__ = ["load_results", "records_from_pytest_benchmark", "records_from_gpu_check", "derive", "render_markdown",
            "plot_tasks_per_s", "plot_speedups", "headline", "write_report"]
 
 PROVIDER_ORDER = ("seed", "reference", "torch-vmap", "torch", "torch-compile", "triton", "triton-graphs",
@@ -49,9 +49,9 @@ def records_from_pytest_benchmark(data: Dict[str, Any]) -> Tuple[List[dict], dic
             ei.setdefault("depth", len(ei["dims"]) - 2)
         if not {"provider", "meta_batch", "width", "steps"} <= set(ei):
             continue  # not an inner-loop throughput benchmark
-        stats = b["stats"]
+        stats = b.get("stats") or {}  # none: an invalid record ("Not timed"), not a crash
         peak = ei.pop("peak", None) or {}
-        records.append({**ei, "status": "ok", "seconds": stats["median"], "seconds_min": stats["min"],
+        records.append({**ei, "status": "ok", "seconds": stats.get("median"), "seconds_min": stats.get("min"),
                         "seconds_iqr": stats.get("iqr"), "rounds": stats.get("rounds"),
                         "iterations": stats.get("iterations"),
                         "peak_flops_per_s": peak.get("matmul_flops_per_s"),
@@ -60,6 +60,13 @@ def records_from_pytest_benchmark(data: Dict[str, Any]) -> Tuple[List[dict], dic
         records.append(s)
     mi = data.get("machine_info", {})
     stamp = dict(mi.get("reptile_fast") or {})
+    # a JSON written without bench/conftest.py's stamp: pytest-benchmark's own machine fields
+    cpu = mi.get("cpu") if isinstance(mi.get("cpu"), dict) else {}
+    for key, value in (("cpu", cpu.get("brand_raw") or mi.get("processor") or mi.get("machine")),
+                       ("cpu_count", cpu.get("count")), ("python", mi.get("python_version")),
+                       ("platform", " ".join(filter(None, (mi.get("system"), mi.get("release")))))):
+        if value not in (None, ""):
+            stamp.setdefault(key, value)
     stamp.setdefault("date", data.get("datetime"))
     commit = data.get("commit_info") or {}
     if commit.get("id"):
@@ -72,31 +79,98 @@ def records_from_pytest_benchmark(data: Dict[str, Any]) -> Tuple[List[dict], dic
     return records, stamp
 
 
+def _width_from_flops(flops, T: int, depth: int, steps: int, batch: int) -> Optional[int]:
+    """The hidden width of a row that did not record it (GPU checks before it did), from its FLOP
+    count; None when no width up to 4096 gives that count."""
+    from bench.flops import inner_loop_flops
+
+    for w in range(1, 4097):
+        if inner_loop_flops((1,) + (w,) * depth + (1,), batch, steps, T) == flops:
+            return w
+    return None
+
+
+def records_from_gpu_check(data: Dict[str, Any]) -> Tuple[List[dict], dict]:
+    """Records and stamp from ``bench/gpu_check.py``'s results.json: the inner-loop rows of its
+    timing stage (one meta-batch of inner loops per call, ``ms`` per call; the whole-job rows,
+    ``fit-*`` and ``cli-*``, are not inner-loop throughputs and are left out), the stamp from its
+    env stage, the fp32 peak it measured there."""
+    stages = data.get("stages") or {}
+    env = stages.get("env") or {}
+    stamp = {k: v for k, v in env.items() if isinstance(v, (str, int, float)) and k != "fp32_matmul_flops_per_s"}
+    peak = env.get("fp32_matmul_flops_per_s")
+    if isinstance(peak, (int, float)):
+        stamp["fp32_matmul_peak_gflops"] = peak / 1e9
+    stamp["checked"] = ("Every timed row was first checked by bench/gpu_check.py's timing stage: the kernel "
+                        "variants' every task's update against a float64 oracle (check_variant), the "
+                        "providers by bench/providers.py's gate (every task's update against a float64 "
+                        "oracle, fp32 providers also against the fp32 reference); rows that failed are "
+                        "under \"Not timed\".")
+    records = []
+    for r in (stages.get("timing") or {}).get("rows", []):
+        prov = str(r.get("provider", "?"))
+        if "T" not in r or "meta_steps" in r or prov.startswith(("fit-", "cli-")) or prov == "*":
+            continue
+        depth, steps, batch = r.get("depth", 2), r.get("steps", 5), r.get("inner_batch", 10)
+        width = r.get("width") or _width_from_flops(r.get("flops"), r["T"], depth, steps, batch)
+        rec = {"provider": prov, "meta_batch": r["T"], "width": width, "depth": depth, "steps": steps,
+               "inner_batch": batch, "flops": r.get("flops"), "peak_flops_per_s": peak, "timer": r.get("timer")}
+        if r.get("ms") is not None and "status" not in r and width is not None:
+            rec.update(status="ok", seconds=r["ms"] / 1e3, seconds_min=r.get("ms_min", r["ms"]) / 1e3)
+        else:
+            rec.update(status=r.get("status", "invalid"), point=f"T{r['T']}",
+                       reason=r.get("reason") or ("no time" if r.get("ms") is None else "no model size"))
+        records.append(rec)
+    return records, stamp
+
+
 def load_results(path) -> Tuple[List[dict], dict, dict]:
-    """(records, stamp, extras) from either JSON format; extras holds the GPU check's targets."""
-    data = json.loads(Path(path).read_text())
+    """(records, stamp, extras) from either JSON format; extras holds the GPU check's targets.
+    A file that is neither is a ``ValueError`` naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        data = {}
     if "records" in data:
         return list(data["records"]), dict(data.get("stamp", {})), dict(data.get("extras", {}))
     if "benchmarks" in data:
         records, stamp = records_from_pytest_benchmark(data)
         return records, stamp, {}
-    raise ValueError(f"{path}: neither pytest-benchmark JSON ('benchmarks') nor a GPU-check result ('records')")
+    if isinstance(data.get("stages"), dict):  # bench/gpu_check.py's results.json
+        records, stamp = records_from_gpu_check(data)
+        return records, stamp, {}
+    raise ValueError(f"{path}: neither pytest-benchmark JSON ('benchmarks') nor a GPU-check result "
+                     f"('stages' or 'records')")
 
 
 def _size(r: dict) -> Tuple[int, int, int, int]:
     return (r.get("depth", 2), r["width"], r["steps"], r.get("inner_batch", 10))
 
 
+def _valid_seconds(x: Any) -> bool:
+    """A usable time: a finite number > 0 (a NaN, 0 or missing median is no measurement)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _point_id(r: dict) -> str:
+    return str(r.get("point") or f"T{r.get('meta_batch', '?')}-H{r.get('width', '?')}-S{r.get('steps', '?')}")
+
+
 def derive(records: Iterable[dict]) -> List[dict]:
     """Each timed record with ``tasks_per_s``, ``steps_per_s``, ``flops_per_s``, ``pct_peak``,
     ``x_seed`` (and ``x_seed_from`` when the seed's rate comes from another meta-batch) and
-    ``x_torch`` added; records that were not timed pass through unchanged."""
+    ``x_torch`` added; records that were not timed pass through unchanged, and a record marked
+    ok whose median time is not a finite positive number (NaN, 0, missing) becomes
+    ``status="invalid"`` with the reason, so it reaches the "Not timed" table, never a rate."""
     out = []
-    timed = [dict(r) for r in records if r.get("status", "ok") == "ok" and r.get("seconds")]
+    records = list(records)
+    timed = [dict(r) for r in records if r.get("status", "ok") == "ok" and _valid_seconds(r.get("seconds"))]
     for r in timed:
         s = r["seconds"]
         r["tasks_per_s"] = r["meta_batch"] / s
-        r["best_tasks_per_s"] = r["meta_batch"] / r["seconds_min"] if r.get("seconds_min") else None
+        r["best_tasks_per_s"] = r["meta_batch"] / r["seconds_min"] if _valid_seconds(r.get("seconds_min")) else None
         r["steps_per_s"] = r["meta_batch"] * r["steps"] / s
         r["flops_per_s"] = r["flops"] / s if r.get("flops") else None
         peak = r.get("peak_flops_per_s")
@@ -114,7 +188,15 @@ def derive(records: Iterable[dict]) -> List[dict]:
         torch_r = by.get(("torch", size, T))
         r["x_torch"] = r["tasks_per_s"] / torch_r["tasks_per_s"] if torch_r else None
     out.extend(timed)
-    out.extend(dict(r) for r in records if not (r.get("status", "ok") == "ok" and r.get("seconds")))
+    for r in records:
+        if r.get("status", "ok") == "ok" and _valid_seconds(r.get("seconds")):
+            continue
+        r = dict(r)
+        if r.get("status", "ok") == "ok":
+            r.update(status="invalid", point=_point_id(r),
+                     reason="no median time" if r.get("seconds") is None
+                     else f"median time {r['seconds']!r} s is not a finite positive number")
+        out.append(r)
     return out
 
 
@@ -129,7 +211,7 @@ def _fmt(x: Optional[float], digits: int = 3) -> str:
 
 
 def _rate(x: Optional[float]) -> str:
-    if x is None:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if x >= scale:
@@ -162,9 +244,20 @@ def render_markdown(derived: Sequence[dict], stamp: dict, *, title: str, extras:
             lines.append(f"| {k} | `{v}` |" if k == "command" else f"| {k} | {v} |")
     if source:
         lines.append(f"| data | `{source}` |")
-    lines += ["", "Every timed provider was first checked against the fp32 reference backend (adapted "
-              "parameters within rtol 1e-5 / atol 1e-6 on up to 16 tasks spread over the meta-batch; "
-              "tf32 variants: relative error against a float64 oracle under their bound). Times are "
+    timed = [r for r in derived if "tasks_per_s" in r]
+    if stamp.get("checked"):  # the producer's own words for its check (the GPU check)
+        gate = str(stamp["checked"])
+    elif timed and all("update_margin" in (r.get("check") or {}) for r in timed):
+        gate = ("Every timed provider was first checked on every input set its timing cycles through "
+                "(bench/providers.py's gate): every task's update φ̃ − φ against a float64 oracle's, within "
+                "a bound derived for its precision (fp32 or tf32), and fp32 providers' adapted parameters "
+                "against the fp32 reference backend (rtol 1e-5 / atol 1e-6) on up to 16 tasks spread over "
+                "the meta-batch.")
+    else:  # results made before the per-task update gate (their check records have no update_margin)
+        gate = ("Every timed provider was first checked against the fp32 reference backend (adapted "
+                "parameters within rtol 1e-5 / atol 1e-6 on up to 16 tasks spread over the meta-batch; "
+                "tf32 variants: relative error against a float64 oracle under their bound).")
+    lines += ["", gate + " Times are "
               "medians of seconds per call (one meta-batch of inner loops, all tasks); \"best\" uses the "
               "fastest round instead (less disturbed by other jobs on a shared machine); FLOP counts "
               "follow bench/flops.py; % peak is against the fp32 matmul rate (TF32 off) measured in "
@@ -217,6 +310,17 @@ def _figure(ncols: int, width: float = 6.0, height: float = 4.5):
     return fig, axes
 
 
+def _save(fig, path) -> Path:
+    """The figure as PNG, written atomically (a rerun over a committed result never leaves half a file)."""
+    import io
+
+    from reptile_fast.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return Path(atomic_write_bytes(path, buf.getvalue()))
+
+
 def _stamp_line(stamp: dict) -> str:
     dev = stamp.get("gpu") or stamp.get("cpu") or stamp.get("device") or "?"
     return f"{dev} · torch {stamp.get('torch', '?')} · {str(stamp.get('date', ''))[:10]}"
@@ -224,8 +328,9 @@ def _stamp_line(stamp: dict) -> str:
 
 def plot_tasks_per_s(derived: Sequence[dict], stamp: dict, path) -> Optional[Path]:
     """tasks/s against meta-batch, log–log, one line per provider, one panel per model size that
-    has at least two meta-batches."""
-    panels = [(k, rows) for k, rows in _groups(derived) if len({r["meta_batch"] for r in rows}) >= 2]
+    has at least two meta-batches (when no size has two, one panel per size, points only)."""
+    groups = _groups(derived)
+    panels = [(k, rows) for k, rows in groups if len({r["meta_batch"] for r in rows}) >= 2] or groups
     if not panels:
         return None
     fig, axes = _figure(len(panels))
@@ -241,8 +346,7 @@ def plot_tasks_per_s(derived: Sequence[dict], stamp: dict, path) -> Optional[Pat
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"Inner-loop throughput — {_stamp_line(stamp)}")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_speedups(derived: Sequence[dict], stamp: dict, path) -> Optional[Path]:
@@ -277,8 +381,7 @@ def plot_speedups(derived: Sequence[dict], stamp: dict, path) -> Optional[Path]:
         if provs:
             ax.legend()
     fig.suptitle(f"Speed-ups — {_stamp_line(stamp)}")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return _save(fig, path)
 
 
 def headline(derived: Sequence[dict], width: int = 64, steps: int = 5) -> List[str]:
@@ -295,12 +398,14 @@ def headline(derived: Sequence[dict], width: int = 64, steps: int = 5) -> List[s
 
 def write_report(records: Sequence[dict], stamp: dict, prefix, *, title: str, extras: Optional[dict] = None,
                  source: Optional[str] = None, summary: Optional[Sequence[str]] = None) -> List[Path]:
-    """Write ``PREFIX.md`` and the two plots; returns the paths written."""
+    """Write ``PREFIX.md`` and the two plots (each atomically); returns the paths written."""
+    from reptile_fast.checkpoint import atomic_write_text
+
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     derived = derive(records)
     md = prefix.with_name(prefix.name + ".md")
-    md.write_text(render_markdown(derived, stamp, title=title, extras=extras, source=source, summary=summary))
+    atomic_write_text(md, render_markdown(derived, stamp, title=title, extras=extras, source=source, summary=summary))
     written = [md]
     for fn, suffix in ((plot_tasks_per_s, "_tasks_per_s.png"), (plot_speedups, "_speedup.png")):
         p = fn(derived, stamp, prefix.with_name(prefix.name + suffix))
@@ -315,12 +420,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output prefix (default: the JSON path without .json)")
     ap.add_argument("--title", default=None)
     args = ap.parse_args(argv)
-    records, stamp, extras = load_results(args.json)
-    if not any(r.get("status", "ok") == "ok" for r in records):
-        raise SystemExit(f"{args.json}: no timed results (was the sweep run with --benchmark-enable?)")
+    try:
+        records, stamp, extras = load_results(args.json)
+    except (OSError, ValueError) as exc:
+        ap.error(str(exc))
+    if not any("tasks_per_s" in r for r in derive(records)):
+        raise SystemExit(f"{args.json}: no timed results with a finite positive time (was the sweep run "
+                         f"with --benchmark-enable?)")
     prefix = args.out or str(Path(args.json).with_suffix(""))
     title = args.title or f"Inner-loop benchmark — {stamp.get('gpu') or stamp.get('cpu') or 'unknown device'}"
-    for p in write_report(records, stamp, prefix, title=title, extras=extras, source=args.json):
+    try:
+        written = write_report(records, stamp, prefix, title=title, extras=extras, source=args.json)
+    except OSError as exc:  # --out in a folder that cannot be made or written
+        ap.error(f"--out {prefix}: {exc}")
+    for p in written:
         print(p)
     for line in headline(derive(records)):
         print(line)

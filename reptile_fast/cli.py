@@ -132,7 +132,11 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     main_rank = is_main()  # rank 0 of a torchrun job (or the only process) prints the results
-    oom_hint = f"--meta-batch-size {config.meta_batch_size} does not fit in this machine's memory; lower it"
+    # the three sizes a run allocates by (a huge --hidden-dim or --eval-tasks used to be blamed on
+    # --meta-batch-size 1)
+    oom_hint = (f"--meta-batch-size {config.meta_batch_size} with --hidden-dim {config.hidden_dim} (training) "
+                f"or --eval-tasks {config.eval_tasks} (the held-out evaluation) does not fit in this "
+                f"machine's memory; lower the one that is too large")
     try:
         metrics = run_sine(config, out, progress=not args.no_progress, resume=resume)
     except TrainingInterrupted as exc:

@@ -558,7 +558,7 @@ def run_command(args) -> int:
             metrics = run_omniglot_runs(args.runs, args.model, args.out, seed=args.seed,
                                         transductive=args.transductive, log=log)
         except (OSError, ValueError, TypeError) as exc:
-            return _err(str(exc))
+            return _err(as_flags(str(exc), ("seed",), keep=paths))
         print(json.dumps(metrics, indent=2))
         return 0
     try:

@@ -34,7 +34,9 @@ def check_seed(seed: int) -> None:
     """A job's seed: the held-out and validation streams are seeded from it, and a seed at or above
     2**64 failed there ("Overflow when unpacking long long") after the whole training."""
     if seed >= SEED_LIMIT:
-        raise ValueError(f"seed must be < 2**64 (torch generators take 64-bit seeds), got {seed}")
+        # name=value: the CLI's as_flags turns it into "--seed N"
+        raise ValueError(f"seed={seed} is out of range: seed must be < 2**64 (torch generators take "
+                         f"64-bit seeds)")
 
 
 def check_threads(threads: int) -> None:
@@ -42,7 +44,7 @@ def check_threads(threads: int) -> None:
     far more than the machine has ended in a crash (``--threads 100000``: SIGSEGV), not an error."""
     cpus = os.cpu_count() or 1
     if threads > cpus:
-        raise ValueError(f"threads {threads} exceeds the {cpus} CPUs of this machine: use at most {cpus} "
+        raise ValueError(f"threads={threads} exceeds the {cpus} CPUs of this machine: use at most {cpus} "
                          f"(0: torch's default)")
 
 

@@ -336,12 +336,15 @@ def as_flags(message: str, names, keep=()) -> str:
     message names as the library spells it, ``inner_batch_size`` or ``iterations=100``, becomes the
     flag that sets it, ``--inner-batch-size`` / ``--iterations 100``.  Plain words without an
     underscore ("shots", "seed") are changed only in the ``name=value`` form, as they also occur
-    in ordinary prose.  Paths are left as they are: the strings of ``keep`` (the command's own
+    in ordinary prose, and as the subject that opens the message (``check_int``'s "ways must be
+    >= 2, got 1" → "--ways must be >= 2, got 1").  Paths are left as they are: the strings of ``keep`` (the command's own
     paths, e.g. its ``--out``) and every word with a ``/`` or ``\\`` in it (a folder named
     ``seed=3`` or ``inner_lr`` is not a setting)."""
     import re
 
-    protected = [re.escape(str(k)) for k in sorted({str(k) for k in keep if k}, key=len, reverse=True)]
+    # whole words only: a path "y" must not protect the "y" inside "ways"
+    protected = [rf"(?<!\w){re.escape(str(k))}(?!\w)"
+                 for k in sorted({str(k) for k in keep if k}, key=len, reverse=True)]
     parts = re.split("(" + "|".join([*protected, r"[^\s'\"]*[/\\][^\s'\"]*"]) + ")", message)
     for i in range(0, len(parts), 2):  # (odd indices: the protected strings)
         part = parts[i]
@@ -350,5 +353,7 @@ def as_flags(message: str, names, keep=()) -> str:
             part = re.sub(rf"(?<![\w-]){re.escape(name)}=(?=\S)", flag + " ", part)
             if "_" in name:
                 part = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=])", flag, part)
+            elif i == 0:
+                part = re.sub(rf"^{re.escape(name)}(?= must\b)", flag, part)
         parts[i] = part
     return "".join(parts)
