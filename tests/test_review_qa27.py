@@ -443,3 +443,87 @@ def test_guard_keeps_the_first_bad_meta_step_through_a_second_bad_one():
         G.accept_step(phi, new, torch.tensor([0.5]), state, torch.tensor([iteration]), out)
     assert state.tolist() == [0, 12]
     assert torch.equal(phi, torch.zeros(n))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_callable_loss_is_the_loss_minimised(backend):
+    """A custom callable loss (mean absolute error, plus a squared term so the gradient is not
+    sign-only): every task's SGD inner loop against the same loop in float64 with autograd.
+
+    Catches: ``resolve_loss`` handing back a built-in loss for a callable (the MSE minimised
+    instead, silently)."""
+    from reptile_fast.backends import InnerConfig
+    from reptile_fast.backends.reference import ReferenceBackend
+    from reptile_fast.backends.torch_func import TorchBackend
+
+    def l1_plus(pred, target):
+        d = pred - target
+        return d.abs().mean() + 0.1 * d.square().mean()
+
+    model, tasks = _mlp(), _tasks(T=2, n=9)
+    plan = sample_indices(2, 3, 9, 4, generator=torch.Generator().manual_seed(10))
+    be = ReferenceBackend() if backend == "reference" else TorchBackend()
+    got = be.inner_loop(model, tasks, plan, InnerConfig(lr=0.1, loss=l1_plus)).params
+    m64 = copy.deepcopy(model).double()
+    for i in range(2):
+        params = {n: p.detach().double() for n, p in model.named_parameters()}
+        for s in range(3):
+            leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+            ind = plan[i, s]
+            value = l1_plus(torch.func.functional_call(m64, leaves, (tasks.x[i][ind].double(),)),
+                            tasks.y[i][ind].double())
+            grads = torch.autograd.grad(value, list(leaves.values()))
+            params = {n: p - 0.1 * g for (n, p), g in zip(params.items(), grads)}
+        for n, want in params.items():
+            torch.testing.assert_close(got[n][i].double(), want, rtol=RTOL, atol=ATOL, msg=f"task {i} {n}")
+
+
+def test_mean_reducer_sums_a_float16_meta_batch_in_float32():
+    """``MeanReducer`` across processes with a float16 model (one rank's view: the collectives
+    are the identity): three tasks whose inner losses are 30000 each sum past float16's 65504,
+    yet the mean loss is 30000 and the mean update that of ``local_mean``.
+
+    Catches: the sums travelling in the model's dtype (an inf/inf NaN meta-step in float16)."""
+    from reptile_fast.core import local_mean
+    from reptile_fast.distributed.context import DistContext
+    from reptile_fast.distributed.reducers import MeanReducer
+
+    class OneRankView(DistContext):
+        is_distributed = True
+
+        def all_reduce_(self, tensor, what, op="sum"):
+            return tensor
+
+        def all_gather(self, tensor, what):
+            return [tensor]
+
+    g = torch.Generator().manual_seed(12)
+    deltas = [torch.randn(3, 4, 2, generator=g).half(), torch.randn(3, 4, generator=g).half()]
+    losses = torch.full((3, 2), 30000.0, dtype=torch.float16)
+    for collective in ("all_reduce", "all_gather"):
+        mean, loss = MeanReducer(OneRankView(), collective)(deltas, losses)
+        assert loss.dtype == torch.float16 and float(loss) == 30000.0
+        want, _ = local_mean(deltas, losses)
+        for a, b in zip(mean, want):
+            assert a.dtype == torch.float16
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_the_compiled_backend_gives_back_the_thread_count():
+    """Backend "compiled" runs its programs on one thread and restores the caller's count
+    afterwards (here 2, set by the test), for ``meta_step`` and ``fit`` alike.
+
+    Catches: ``single_thread`` not restoring it (every later torch op of the process would run on
+    one thread)."""
+    from reptile_fast import MLP, Reptile, Sine
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        trainer = Reptile(MLP(1, 8, 1), backend="compiled", backend_options={"mode": "eager"})
+        trainer.meta_step(Sine().sample(1, generator=torch.Generator().manual_seed(0)))
+        assert torch.get_num_threads() == 2
+        trainer.fit(Sine(), 2, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
