@@ -527,3 +527,46 @@ def test_the_compiled_backend_gives_back_the_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_kernel_v2_two_streamed_padded_layers_in_a_row():
+    """``V2Config(stream=True)`` on 1-40-40-40-1: two streamed 40 x 40 layers (padded to 64) in a
+    row (the suite streams one at a time).  The fused meta-step equals the float64 oracle.
+
+    (Written for mutation K17, the scratch copy padded with 1e-3 instead of zeros, which it does
+    not catch: the streamed K-loops read only ``k < D_IN`` and every write is masked, so padding
+    never reaches a real unit; kept as coverage of a streamed chain against an independent oracle.)"""
+    pytest.importorskip("triton")
+    from reptile_fast import MLP
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    torch.manual_seed(46)
+    model = MLP(1, 40, 1, depth=3)
+    spec = extract_mlp_spec(model)
+    names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
+    phi = torch.cat([model.get_parameter(n).detach().reshape(-1) for n in names])
+    tasks = _tasks(T=2, n=12, d_in=1, d_out=1)
+    plan = sample_indices(2, 2, 12, 5, generator=torch.Generator().manual_seed(47))
+    want, _ = _oracle_meta_step(model, tasks, plan, inner_lr=0.05, eps=0.5)
+    res = V.meta_step(tasks.x, tasks.y, plan, phi, spec.dims, list(spec.activations), lr=0.05, eps=0.5,
+                      config=V.V2Config(stream=True, max_programs=1, accumulate="memory"))
+    torch.testing.assert_close(res.params.double(), torch.cat([want[n].reshape(-1) for n in names]),
+                               rtol=RTOL, atol=ATOL)
+
+
+# ------------------------------------------------------------------------ hyper-parameters
+def test_outer_lr_final_cannot_be_set_beside_an_outer_optimizer():
+    """``outer_lr_final`` anneals the interpolation step; with an outer ``torch.optim`` optimizer
+    it would be ignored, so setting it is refused — at construction and as a property later.
+
+    Catches: the property's check dropped (a schedule set between fits silently did nothing)."""
+    from reptile_fast import Reptile
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="outer_lr_final"):
+        Reptile(model, outer_optimizer=opt, outer_lr_final=0.01)
+    trainer = Reptile(model, outer_optimizer=opt)
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        trainer.outer_lr_final = 0.01
+    assert trainer.outer_lr_final is None
