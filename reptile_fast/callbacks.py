@@ -119,9 +119,9 @@ class CheckpointCallback(Callback):
         with torch.no_grad():
             for name, p in self.trainer.model.named_parameters():
                 if not bool(torch.isfinite(p).all()):
-                    raise self.explain(NonFiniteError(
-                        f"after meta-step {self.trainer.iteration}: parameter {name} holds NaN/inf; no "
-                        f"checkpoint was written", iteration=self.trainer.iteration))
+                    # fit names the last good checkpoint (``explain``) once, for every NonFiniteError
+                    raise NonFiniteError(f"after meta-step {self.trainer.iteration}: parameter {name} holds "
+                                         f"NaN/inf; no checkpoint was written.", iteration=self.trainer.iteration)
         self.last_path = str(save_checkpoint(self.directory, self.trainer, generator=self.generator,
                                              history={"loss": self.history}, extra=self.extra))
         self.last_saved = self.trainer.iteration
