@@ -230,35 +230,24 @@ class _StepSnapshot:
             kept[1].copy_(v)  # (one by one: Adam's step count may sit on the CPU)
             live.append(kept)
 
+        def snapshot(values) -> dict:
+            """``values`` as they are now: tensors kept in buffers, the rest deep-copied."""
+            out = {}
+            for k, v in values:
+                if isinstance(v, torch.Tensor):
+                    keep(v)
+                    out[k] = v
+                else:
+                    out[k] = _copied(v, memo)
+            return out
+
         for p in self.params:
             own = state.get(p)  # (one Tensor.__hash__ call, and no entry made in the defaultdict)
-            if own is None:
-                saved.append(None)
-                continue
-            entry = {}
-            for k, v in own.items():
-                if isinstance(v, torch.Tensor):
-                    keep(v)
-                    entry[k] = v
-                else:
-                    entry[k] = _copied(v, memo)
-            saved.append(entry)
+            saved.append(None if own is None else snapshot(own.items()))
         # A param group's own values: an optimizer may keep state there (D-Adaptation's and
-        # Prodigy's step count and scale d), which an undone step must not keep either.  A tensor
-        # value is copied like the state's; others are deep-copied as the state's are (a list the
-        # step appends to in place would otherwise keep the undone step's entry).
-        groups = []
-        for group in optimizer.param_groups:
-            values = {}
-            for k, v in group.items():
-                if k == "params":
-                    continue
-                if isinstance(v, torch.Tensor):
-                    keep(v)
-                    values[k] = v
-                else:
-                    values[k] = _copied(v, memo)
-            groups.append(values)
+        # Prodigy's step count and scale d), which an undone step must not keep either (a list the
+        # step appends to in place included: deep copies, as the state's).
+        groups = [snapshot((k, v) for k, v in group.items() if k != "params") for group in optimizer.param_groups]
         self._buffers = buffers  # tensors the state no longer holds are let go
         return saved, live, groups
 
