@@ -46,3 +46,39 @@ def test_triton_still_checks_plan_values_and_runs_a_good_plan():
     want = get_backend("reference").inner_loop(model, tasks, plan, InnerConfig(lr=0.1))
     for n, p in want.params.items():
         torch.testing.assert_close(got.params[n], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/data/run/checkpoint.pt"),
+                                   OSError(18, "Invalid cross-device link", "/a/.tmp", None, "/b/checkpoint.pt")])
+def test_an_os_error_on_rank_0_keeps_the_file_it_names(error):
+    """``distributed_fit`` reads the checkpoint and checks ``checkpoint_dir`` on rank 0 and raises
+    its error on every rank.  This session re-raised an errno-carrying ``OSError`` as
+    ``OSError(errno, strerror)``: the OS's own errors keep the path in ``filename``, not in the
+    message, so ``[Errno 13] Permission denied: '/data/run/checkpoint.pt'`` reached the user as
+    ``[Errno 13] Permission denied``, naming no file (before the session: ``str(exc)``, path
+    included)."""
+    from reptile_fast.distributed.context import DistContext
+    from reptile_fast.distributed.training import _on_main
+
+    def fail():
+        raise error
+
+    with pytest.raises(type(error)) as info:
+        _on_main(DistContext.single(), fail, "a test read")
+    assert str(info.value) == str(error)
+    assert info.value.errno == error.errno and info.value.filename == error.filename
+
+
+def test_a_library_os_error_on_rank_0_is_raised_as_it_was():
+    """The library's own errors (``OSError(errno, message naming the path)``, no filename) and
+    the other kinds keep their kind and message."""
+    from reptile_fast.distributed.context import DistContext
+    from reptile_fast.distributed.training import _on_main
+
+    for error in (FileNotFoundError(2, "cannot create checkpoint_dir /x: No such file or directory"),
+                  FileNotFoundError("checkpoint /x does not exist"), ValueError("bad checkpoint /x")):
+        def fail():
+            raise error
+        with pytest.raises(type(error)) as info:
+            _on_main(DistContext.single(), fail, "a test read")
+        assert str(info.value) == str(error)
