@@ -108,16 +108,19 @@ class Backend:
     #: draws), so that a meta-step reads nothing on the host.
     validate: bool = True
 
-    def check_plan(self, tasks: TaskBatch, indices, config: Optional[InnerConfig] = None) -> None:
+    def check_plan(self, tasks: TaskBatch, indices, config: Optional[InnerConfig] = None, *,
+                   values: Optional[bool] = None) -> None:
         """TypeError/ValueError unless ``indices`` is a long ``[T, R >= 1, B >= 1]`` plan for
         ``tasks`` (``T = tasks.n_tasks``) on their device, with values in ``[0, N)`` when
-        ``validate`` (one host read), and ``config.grad_weights`` (if any) holds one weight per
-        inner step.  A backend called directly, without ``Reptile``'s checks, took a 2-D plan,
+        ``values`` (default: ``validate``; one host read), and ``config.grad_weights`` (if any)
+        holds one weight per inner step.  A backend called directly, without ``Reptile``'s checks, took a 2-D plan,
         another task count, negative indices (Python's wrap-around: other points), int32 plans or
         surplus grad_weights silently, and failed on indices ``>= N`` with torch's IndexError."""
         if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long:
             raise TypeError(f"indices must be a torch.long tensor [tasks, rows, batch], got "
                             f"{getattr(indices, 'dtype', type(indices).__name__)}")
+        if indices.layout != torch.strided:  # (torch's NotImplementedError at the value read, or in the loop)
+            raise TypeError(f"indices must be a dense tensor, got layout {indices.layout}")
         if indices.dim() != 3 or indices.shape[0] != tasks.n_tasks or indices.shape[1] < 1 or indices.shape[2] < 1:
             raise ValueError(f"indices must have shape [tasks={tasks.n_tasks}, rows >= 1, batch >= 1], "
                              f"got {tuple(indices.shape)}")
@@ -127,7 +130,7 @@ class Backend:
             steps = config.train_steps(indices.shape[1])
             if len(config.grad_weights) != steps:
                 raise ValueError(f"grad_weights has {len(config.grad_weights)} entries for {steps} inner steps")
-        if self.validate:
+        if self.validate if values is None else values:
             lo, hi = (int(v) for v in torch.stack(torch.aminmax(indices)).tolist())
             if lo < 0 or hi >= tasks.n_points:
                 raise ValueError(f"indices must lie in [0, {tasks.n_points}) (the tasks' points), got values "

@@ -310,13 +310,10 @@ class TritonBackend(Backend):
                              f"got {y.dtype} {tuple(y.shape)}")
         if loss == "cross_entropy" and not tasks.is_classification:
             raise ValueError(f"loss 'cross_entropy' needs long class labels [tasks, points], got {y.dtype}")
-        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or indices.dim() != 3 \
-                or indices.shape[0] != tasks.n_tasks:
-            raise ValueError(f"indices must be a long [tasks={tasks.n_tasks}, steps, batch] tensor, got "
-                             f"{getattr(indices, 'dtype', type(indices).__name__)} "
-                             f"{tuple(getattr(indices, 'shape', ()))}")
-        if indices.device != x.device:
-            raise ValueError(f"indices are on {indices.device} but the tasks on {x.device}")
+        # the other backends' plan rules and errors (a TypeError for an int32 plan, a ValueError for
+        # a plan of 0 rows, which this backend ran as no inner step); the values are checked below,
+        # with the labels, in one host read
+        self.check_plan(tasks, indices, values=False)
         if self.validate:
             # the launchers' own check (one sync for plan and labels), on every row of the plan
             _kernels()._check_values(indices, indices.shape[1], tasks.n_points, y, loss, spec.dims[-1])

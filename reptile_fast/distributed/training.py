@@ -132,21 +132,24 @@ def _on_main(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any:
     """``fn()`` on rank 0, its result sent to every rank; an error it raises (a file or directory
     that cannot be read or written) is raised on every rank alike, so no rank is left waiting in
     a collective the others never reach.  An ``OSError`` with an errno is raised as
-    ``OSError(errno, message)``, the same kind on every rank (a read-only disk's plain ``OSError``
-    became a ``ValueError``)."""
+    ``OSError(errno, message, filename, None, filename2)``, the same kind on every rank (a read-only disk's plain
+    ``OSError`` became a ``ValueError``), with the file it names (the OS's own errors, e.g.
+    ``[Errno 13] Permission denied: 'path'``, carry the path there, not in their message)."""
     payload = None
     if ctx.is_main:
         try:
             payload = ("ok", fn())
         except (OSError, ValueError, TypeError) as exc:
             code = exc.errno if isinstance(exc, OSError) else None
+            names = tuple(None if code is None or f is None else str(f)
+                          for f in (getattr(exc, "filename", None), getattr(exc, "filename2", None)))
             payload = ("error", type(exc).__name__, exc.strerror if code is not None and exc.strerror else str(exc),
-                       code)
+                       code, names)
     payload = ctx.broadcast_object(payload, what)
     if payload[0] == "error":
-        _, name, message, code = payload
-        if code is not None:
-            raise OSError(code, message)  # FileNotFoundError, PermissionError, ... by errno
+        _, name, message, code, (filename, filename2) = payload
+        if code is not None:  # FileNotFoundError, PermissionError, ... by errno
+            raise OSError(code, message, filename, None, filename2)
         kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError,
                 "TypeError": TypeError, "NotADirectoryError": NotADirectoryError,
                 "IsADirectoryError": IsADirectoryError}.get(name, ValueError)
