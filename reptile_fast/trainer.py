@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
@@ -150,8 +151,6 @@ class Reptile(HyperParameters):
         vmap refuses an operation of the model as it runs (``.item()``, a data-dependent ``if``,
         boolean-mask indexing, a reentrant checkpoint: seen only in the forward, after auto chose);
         None otherwise (the error stands).  The refused call had not changed φ."""
-        import warnings
-
         from .backends.torch_func import vmap_refused
 
         cause = exc.__cause__
@@ -381,8 +380,6 @@ class Reptile(HyperParameters):
             remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
             if resume_from is None and self.iteration == 0 and (ckpt_dir / CHECKPOINT_NAME).is_file():
                 # another run's checkpoint: after two saves neither it nor checkpoint.prev.pt is left
-                import warnings
-
                 warnings.warn(CheckpointReplacedWarning(
                     f"checkpoint_dir {ckpt_dir} already holds a checkpoint ({CHECKPOINT_NAME}) and this fit starts "
                     f"a new run (no resume_from): its saves replace it, and the one after keeps none of it; "
@@ -413,8 +410,6 @@ class Reptile(HyperParameters):
         draw_chunk = stepper.chunk if draw_chunks and stepper.chunk > 1 else None
         self.draw_chunk = draw_chunk
         if "draw_chunk" in saved and saved["draw_chunk"] != draw_chunk and self.iteration < iterations:
-            import warnings
-
             def drawn(chunk):
                 return "step by step" if chunk is None else f"in chunks of {chunk} meta-steps (draw_chunks=True)"
             warnings.warn(f"the checkpoint's run drew its tasks and plans {drawn(saved['draw_chunk'])}, this fit "
@@ -424,8 +419,6 @@ class Reptile(HyperParameters):
                 and self.iteration < iterations):
             # chunk-drawn runs draw [c·j, c·(j+1)) at once: a run ended inside one of those chunks
             # (its total was not a multiple of c) and extended drew that chunk's first part apart
-            import warnings
-
             warnings.warn(f"the checkpoint's run ended at meta-step {self.iteration}, inside a chunk of "
                           f"{stepper.chunk} meta-steps whose tasks and plans this fit draws at once "
                           f"(draw_chunks=True): extended to {iterations}, the result will differ from an "
