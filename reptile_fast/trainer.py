@@ -33,6 +33,15 @@ from .validation import (check_fit_args, check_float, check_inner_options, check
 __all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
 
 
+def _takes_batch(backend, model: nn.Module, batch_size: int) -> bool:
+    """Whether ``backend`` runs inner minibatches of ``batch_size`` points for ``model``."""
+    try:
+        backend.check_batch_size(model, batch_size)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
 class Reptile(HyperParameters):
     """Reptile meta-training of ``model`` in place (Nichol, Achiam, Schulman 2018).
 
@@ -119,6 +128,7 @@ class Reptile(HyperParameters):
                                   batch_size=self.inner_batch_size)
         self.checker = InputChecker(model, loss, self.device, self.dtype)
         self._auto_moved = False  # auto moved to reference (_auto_fallback): it stays there
+        self._plan_home = None  # auto's backend while a user's plan runs on another (_follow_plan)
         self._use_backend(backend)
         self._structure = structure_key(model)
         self.iteration = 0
@@ -190,7 +200,29 @@ class Reptile(HyperParameters):
             except UnsupportedModelError:
                 pass
         self.check_finite()  # report a pending non-finite step of the old steppers first
+        self._plan_home = None
         self._use_backend(backend)
+
+    def _follow_plan(self, batch_size: int) -> None:
+        """A plan of ``batch_size`` points given to ``meta_step``/``adapt``: under ``backend="auto"``,
+        where the trainer's backend cannot take it (kernel v2: at most 32 points), the call runs on
+        the backend ``auto`` picks for that size, and so do the next ones until a plan the first
+        backend takes (a named backend refuses the plan with its ``UnsupportedModelError``)."""
+        if self.backend_name != "auto" or self._auto_moved:
+            return
+        home = self._plan_home
+        if home is None:
+            if batch_size == self.inner_batch_size or _takes_batch(self.backend, self.model, batch_size):
+                return
+            backend = resolve_backend("auto", self.model, self.device, self.config, batch_size=batch_size)
+            self.check_finite()  # report a pending non-finite step of the old steppers first
+            home = self.backend
+            self._use_backend(backend)
+            self._plan_home = home
+        elif batch_size == self.inner_batch_size or _takes_batch(home, self.model, batch_size):
+            self.check_finite()
+            self._plan_home = None
+            self._use_backend(home)
 
     def _set_config(self, config: InnerConfig) -> None:
         """Use ``config`` (and the current inner_steps) from the next meta-step on."""
@@ -302,6 +334,7 @@ class Reptile(HyperParameters):
                                      generator=generator, device=self.device)
         else:
             self.checker.indices(indices, tasks, rows)
+            self._follow_plan(indices.shape[2])
         eps = self.outer_lr_at(self.iteration) if outer_lr is None else check_float("outer_lr", outer_lr)
         # a user's plan may use another minibatch size than inner_batch_size, as on every backend
         stepper = self.stepper(tasks.n_tasks, chunk=1, batch=indices.shape[2])
@@ -527,6 +560,7 @@ class Reptile(HyperParameters):
                                      generator=generator, device=self.device)
         else:
             self.checker.indices(indices, tasks, steps)
+            self._follow_plan(indices.shape[2])
         return self._inner("inner_loop", self.model, tasks, indices, self._adapt_config())
 
     def evaluate(self, tasks: TaskBatch, steps: int, indices: Optional[torch.Tensor] = None, *,

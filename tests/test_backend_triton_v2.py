@@ -248,3 +248,48 @@ def test_auto_follows_inner_batch_size_across_v2s_limit(device, monkeypatch):
         named = Reptile(copy.deepcopy(model).to(device), backend="triton", backend_options={"kernel": "v2"})
         with pytest.raises(UnsupportedModelError, match="inner batches up to"):
             named.inner_batch_size = MAX_BATCH_V2 + 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_follows_a_plan_beyond_v2s_limit(device, monkeypatch):
+    """Under backend="auto" with kernel v2, a plan of more points than v2 takes, passed to meta_step
+    or adapt, runs on backend torch (v2's UnsupportedModelError before), the next plan within the
+    limit on triton again; φ and the adapted parameters match the reference throughout.  A named
+    triton backend still refuses such a plan."""
+    from reptile_fast.backends.torch_func import TorchBackend
+    from reptile_fast.kernels.mlp_meta_step_v2 import MAX_BATCH_V2
+
+    monkeypatch.setenv(KERNEL_ENV, "v2")
+    monkeypatch.setattr(TritonBackend, "auto_candidate", lambda self, dev: True)
+    torch.manual_seed(0)
+    model = MLP(1, 16, 1, depth=1)
+    twin = copy.deepcopy(model)
+    trainer = Reptile(model.to(device), backend="auto", inner_steps=2)
+    ref = Reptile(twin, backend="reference", inner_steps=2)
+    home = trainer.backend
+    assert isinstance(home, TritonBackend) and home.kernel == "v2"
+    gen = torch.Generator().manual_seed(1)
+    big = MAX_BATCH_V2 + 1
+    for batch, want in [(big, TorchBackend), (big, TorchBackend), (10, TritonBackend), (big, TorchBackend),
+                        (trainer.inner_batch_size, TritonBackend)]:
+        tasks = Sine(n_points=40).sample(2, generator=gen)
+        indices = sample_indices(2, 2, tasks.n_points, batch, generator=gen)
+        trainer.meta_step(tasks.to(device), indices.to(device))
+        ref.meta_step(tasks, indices)
+        assert isinstance(trainer.backend, want), f"plan of {batch} points: {type(trainer.backend).__name__}"
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name, k=batch: f"φ '{n}' after a plan of {k} points\n{m}")
+    assert trainer.backend is home  # the first backend itself (its kernel, its stepper) came back
+    assert trainer.inner_batch_size == 10  # a per-call plan changes no setting
+    tasks = Sine(n_points=40).sample(2, generator=gen)
+    indices = sample_indices(2, 3, tasks.n_points, big, generator=gen)
+    got, want_res = trainer.adapt(tasks.to(device), 3, indices.to(device)), ref.adapt(tasks, 3, indices)
+    assert isinstance(trainer.backend, TorchBackend)
+    for name, p in want_res.params.items():
+        torch.testing.assert_close(got.params[name].detach().cpu(), p.detach(), rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, n=name: f"adapted '{n}' with a plan of {big} points\n{m}")
+    named = Reptile(copy.deepcopy(model).to(device), backend="triton", inner_steps=2,
+                    backend_options={"kernel": "v2"})
+    with pytest.raises(UnsupportedModelError, match="inner batches up to"):
+        named.meta_step(tasks.to(device), indices[:, :2].to(device))
