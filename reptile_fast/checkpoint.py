@@ -18,6 +18,7 @@ one before it, kept until the new one is in place).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,6 +39,7 @@ __all__ = ["validate_checkpoint", "atomic_write_bytes", "atomic_write_text", "at
            "CHECKPOINT_NAME", "PREVIOUS_NAME", "FORMAT", "VERSION",
            "save_checkpoint", "load_checkpoint", "restore_checkpoint", "resolve_checkpoint_path",
            "capture_rng_state", "restore_rng_state", "rng_state_problem", "prepare_directory", "prepare_checkpoint_directory",
+           "removed_if_left_empty",
            "remove_stale_temporaries", "CheckpointReplacedWarning"]
 
 PathLike = Union[str, os.PathLike]
@@ -175,6 +177,28 @@ def prepare_directory(path: PathLike, what: str = "directory") -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise PermissionError(f"{what} {path} is not writable")
     return path
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(path: PathLike):
+    """Within it, the folders that do not exist yet of ``path`` and its parents (made by
+    ``prepare_directory`` inside) are removed again, deepest first, if the block raises while
+    they are still empty: a job stopped by a mistyped data path or flag leaves no empty ``--out``
+    behind.  ``os.rmdir`` removes only empty folders: nothing written is touched."""
+    try:
+        p = Path(path)
+        new = [d for d in (p, *p.parents) if not d.exists() and not d.is_symlink()]
+    except (TypeError, ValueError, OSError):  # a bad path: prepare_directory names it
+        new = []
+    try:
+        yield
+    except BaseException:
+        for d in new:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (a checkpoint was written), or already gone
+                break
+        raise
 
 
 def prepare_checkpoint_directory(path: PathLike, what: str = "checkpoint_dir") -> Path:

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
-                         prepare_directory, resolve_checkpoint_path)
+                         prepare_directory, removed_if_left_empty, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
 from .jobs import check_seed, check_threads, derived_seed, resume_hint, train_job
 from .models import OmniglotConvNet
@@ -201,18 +201,19 @@ def run_omniglot(config: OmniglotConfig, out: os.PathLike, *, progress: bool = T
     problem = _check_device(config.device, "device")  # else torch's RuntimeError, from deep inside
     if problem:
         raise ValueError(problem)
-    out = prepare_directory(out, "output directory")
-    from .distributed import setup_from_env
+    with removed_if_left_empty(out):  # a bad --train/--test path leaves no empty --out behind
+        out = prepare_directory(out, "output directory")
+        from .distributed import setup_from_env
 
-    # Under torchrun (WORLD_SIZE > 1) this joins the job: gloo on the CPU, NCCL on cuda:LOCAL_RANK.
-    context = setup_from_env(device=config.device)
-    quiet = log if context.is_main else (lambda message: None)  # rank 0 alone reports
-    try:
-        return _with_threads(config.threads, lambda: _run(config, out, context.device, progress, resume, quiet,
-                                                          context))
-    finally:
-        if not context.failed:
-            context.close()
+        # Under torchrun (WORLD_SIZE > 1) this joins the job: gloo on the CPU, NCCL on cuda:LOCAL_RANK.
+        context = setup_from_env(device=config.device)
+        quiet = log if context.is_main else (lambda message: None)  # rank 0 alone reports
+        try:
+            return _with_threads(config.threads, lambda: _run(config, out, context.device, progress, resume,
+                                                              quiet, context))
+        finally:
+            if not context.failed:
+                context.close()
 
 
 def read_validation(path: Path, start: int, log) -> List[dict]:
@@ -381,8 +382,10 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
     check_seed(seed)
     config, trainer = load_trained(model_dir)
     # checked before the evaluation, named like the omniglot job's --out
-    out_dir = prepare_directory(out if out is not None else model_dir, "output directory")
-    episodes, names = load_official_runs(runs)
+    out_dir = out if out is not None else model_dir
+    with removed_if_left_empty(out_dir):
+        out_dir = prepare_directory(out_dir, "output directory")
+        episodes, names = load_official_runs(runs)
     if config.ways != episodes.ways:
         raise ValueError(f"the model in {model_dir} was trained for {config.ways}-way tasks; the official "
                          f"runs are {episodes.ways}-way: train one with --ways {episodes.ways}")

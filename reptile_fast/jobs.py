@@ -14,7 +14,7 @@ import torch
 from .backends import UnsupportedModelError
 from .backends.base import functional_call
 from .checkpoint import (CHECKPOINT_NAME, CheckpointReplacedWarning, atomic_torch_save, atomic_write_json,
-                         load_checkpoint, prepare_directory)
+                         load_checkpoint, prepare_directory, removed_if_left_empty)
 from .models import MLP
 from .tasks import Sine
 from .trainer import Reptile
@@ -173,12 +173,13 @@ def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True,
     from .distributed import setup_from_env
 
     # Under torchrun (WORLD_SIZE > 1) this joins the job: gloo on the CPU, NCCL on cuda:LOCAL_RANK.
-    context = setup_from_env(device=config.device)
-    try:
-        return _run_sine_ranked(config, out, context, progress=progress, resume=resume)
-    finally:
-        if not context.failed:
-            context.close()
+    with removed_if_left_empty(out):  # a bad --resume leaves no empty --out behind
+        context = setup_from_env(device=config.device)
+        try:
+            return _run_sine_ranked(config, out, context, progress=progress, resume=resume)
+        finally:
+            if not context.failed:
+                context.close()
 
 
 def _run_sine_ranked(config: SineConfig, out, context, *, progress: bool, resume) -> dict:

@@ -186,3 +186,46 @@ def test_run_omniglot_names_a_bad_device(data, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device cuda: CUDA is not available"):
         run_omniglot(config("cuda"), tmp_path / "c", progress=False)
+
+
+def test_a_job_stopped_by_a_bad_data_path_leaves_no_empty_out(data, tmp_path, capsys):
+    """A mistyped --train made --out (and its missing parents) before the data was read, and the
+    error left them behind empty; a folder that existed, and whatever is in it, stays."""
+    missing = str(tmp_path / "no-such-omniglot")
+    out = tmp_path / "new" / "run"
+    args = tiny_args(data, out)
+    args[args.index("--train") + 1] = missing
+    assert main(args) == 2
+    assert missing in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert main(args[:-1] + [str(kept / "run")]) == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    args[-1] = str(kept)
+    assert main(args) == 2
+    assert (kept / "notes.txt").read_text() == "mine"  # an existing --out is never removed
+    runs_out = tmp_path / "runs-out"
+    assert main(["omniglot-runs", "--runs", missing, "--model", str(tmp_path / "no-model"),
+                 "--out", str(runs_out)]) == 2
+    assert not runs_out.exists()
+
+
+def test_removed_if_left_empty_removes_only_what_it_made_and_left_empty(tmp_path):
+    from reptile_fast.checkpoint import prepare_directory, removed_if_left_empty
+
+    with pytest.raises(KeyError):
+        with removed_if_left_empty(tmp_path / "a" / "b"):
+            prepare_directory(tmp_path / "a" / "b")
+            raise KeyError("stop")
+    assert sorted(tmp_path.iterdir()) == []
+    with pytest.raises(KeyError):
+        with removed_if_left_empty(tmp_path / "c" / "d"):
+            prepare_directory(tmp_path / "c" / "d")
+            (tmp_path / "c" / "d" / "checkpoint.pt").write_bytes(b"x")
+            raise KeyError("stop")
+    assert (tmp_path / "c" / "d" / "checkpoint.pt").exists()  # written: kept with its parents
+    with removed_if_left_empty(tmp_path / "e"):
+        prepare_directory(tmp_path / "e")
+    assert (tmp_path / "e").is_dir()  # no error: kept even while empty
