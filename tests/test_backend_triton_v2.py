@@ -213,14 +213,9 @@ def test_v2_inner_batch_beyond_its_limit_is_refused_when_the_trainer_is_built(de
                    backend_options={"kernel": "v1"}).inner_batch_size == too_big
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_auto_follows_inner_batch_size_across_v2s_limit(device, monkeypatch):
-    """Under backend="auto" a new inner_batch_size gives the backend a trainer built with it gets:
-    beyond kernel v2's limit auto picks torch (session 7 refused the setting instead), back within
-    it triton again; the trained φ matches the reference either way."""
-    from reptile_fast.backends.torch_func import TorchBackend
-    from reptile_fast.kernels.mlp_meta_step_v2 import MAX_BATCH_V2
-
+def _auto_v2_trainers(device, monkeypatch):
+    """``(model, twin, trainer, ref)``: a small MLP under backend="auto" with kernel v2 chosen
+    through the environment, and its twin under backend "reference" (2 inner steps each)."""
     monkeypatch.setenv(KERNEL_ENV, "v2")
     # on the CPU auto never picks the interpreter: let it, so the GPU's choice is tested here
     monkeypatch.setattr(TritonBackend, "auto_candidate", lambda self, dev: True)
@@ -230,6 +225,18 @@ def test_auto_follows_inner_batch_size_across_v2s_limit(device, monkeypatch):
     trainer = Reptile(model.to(device), backend="auto", inner_steps=2)
     ref = Reptile(twin, backend="reference", inner_steps=2)
     assert isinstance(trainer.backend, TritonBackend) and trainer.backend.kernel == "v2"
+    return model, twin, trainer, ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_follows_inner_batch_size_across_v2s_limit(device, monkeypatch):
+    """Under backend="auto" a new inner_batch_size gives the backend a trainer built with it gets:
+    beyond kernel v2's limit auto picks torch (session 7 refused the setting instead), back within
+    it triton again; the trained φ matches the reference either way."""
+    from reptile_fast.backends.torch_func import TorchBackend
+    from reptile_fast.kernels.mlp_meta_step_v2 import MAX_BATCH_V2
+
+    model, twin, trainer, ref = _auto_v2_trainers(device, monkeypatch)
     gen = torch.Generator().manual_seed(1)
     for batch, want in [(MAX_BATCH_V2 + 1, TorchBackend), (10, TritonBackend)]:
         trainer.inner_batch_size = batch
@@ -259,15 +266,8 @@ def test_auto_follows_a_plan_beyond_v2s_limit(device, monkeypatch):
     from reptile_fast.backends.torch_func import TorchBackend
     from reptile_fast.kernels.mlp_meta_step_v2 import MAX_BATCH_V2
 
-    monkeypatch.setenv(KERNEL_ENV, "v2")
-    monkeypatch.setattr(TritonBackend, "auto_candidate", lambda self, dev: True)
-    torch.manual_seed(0)
-    model = MLP(1, 16, 1, depth=1)
-    twin = copy.deepcopy(model)
-    trainer = Reptile(model.to(device), backend="auto", inner_steps=2)
-    ref = Reptile(twin, backend="reference", inner_steps=2)
+    model, twin, trainer, ref = _auto_v2_trainers(device, monkeypatch)
     home = trainer.backend
-    assert isinstance(home, TritonBackend) and home.kernel == "v2"
     gen = torch.Generator().manual_seed(1)
     big = MAX_BATCH_V2 + 1
     for batch, want in [(big, TorchBackend), (big, TorchBackend), (10, TritonBackend), (big, TorchBackend),
