@@ -40,3 +40,63 @@ def test_taskbatch_zero_dim_tensor_and_out_of_range_index():
     assert tb[torch.tensor([True, False, True])].n_tasks == 2
     trainer = Reptile(MLP(2, hidden_dim=4, output_dim=3), loss="cross_entropy", inner_batch_size=2)
     assert trainer.evaluate(tb[torch.tensor(1)], 1).shape == (1,)
+
+
+def _sine_task(n=20):
+    x = torch.linspace(-5, 5, n)
+    return x, torch.sin(x)
+
+
+def test_dropin_names_the_sample_task_call_that_returned_nan():
+    """A NaN target from the 7th sample_task() call was reported as "task_distribution.sample(3,
+    ...) raised: ... (fit's arguments to it: n_tasks = ...)": names of an API the drop-in caller
+    never used, and not which call.  Now the call is named, for every meta-batch and chunk size."""
+    import torch.nn as nn
+
+    from reptile_fast import reptile
+
+    for kw in (dict(meta_batch_size=3), dict(meta_batch_size=2, chunk_size=1), dict(backend="torch")):
+        calls = [0]
+
+        def sample_task():
+            calls[0] += 1
+            x, y = _sine_task()
+            if calls[0] == 7:
+                y[4] = float("nan")
+            return x, y, nn.MSELoss()
+
+        with pytest.raises(ValueError, match=r"sample_task\(\) \(call 7\).*NaN") as info:
+            reptile(MLP(hidden_dim=4), 10, sample_task, progress=False, **kw)
+        assert "task_distribution" not in str(info.value) and "fit's" not in str(info.value)
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_dropin_seed_inner_loop_on_class_labels_is_a_clear_error(outputs):
+    """The README lists the seed's perform_k_training_steps as a standard inner loop for
+    nn.CrossEntropyLoss; on class labels [N] it unsqueezes them to [B, 1], which cross-entropy
+    refuses: the drop-in warned, ran the seed's loop and surfaced torch's RuntimeError ("0D or 1D
+    target tensor expected, multi-target not supported") from deep inside.  Now a ValueError up
+    front says why and what to pass; the global RNG and the model are left as they were."""
+    import copy
+    import warnings
+
+    import torch.nn as nn
+
+    from reptile_fast import reference, reptile
+
+    def sample_task():
+        x, _ = _sine_task()
+        return x, (x > 0).long(), nn.CrossEntropyLoss()
+
+    model = MLP(hidden_dim=4, output_dim=outputs)
+    before = copy.deepcopy(model)
+    state = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ReferencePathWarning before the error
+        with pytest.raises(ValueError, match=r"perform_k_training_steps=None") as info:
+            reptile(model, 3, sample_task, reference.perform_k_training_steps, progress=False)
+    assert "unsqueeze" in str(info.value) and "call 1" in str(info.value)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
+    if outputs > 1:  # what the message advises runs
+        assert reptile(model, 3, sample_task, None, progress=False)["path"] == "compiled"
