@@ -423,8 +423,9 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         kind = _loss_kind(first[2])
         reason = _reference_reason(model, any_shape, first, kind)
         steps = k * first[0].shape[0] // batch
-        failure = _seed_loop_error(model, first, batch) if reason is not None and not any_shape and steps >= 1 \
-            else None
+        # (only for the named losses: a user's loss_fct is not called an extra time)
+        failure = _seed_loop_error(model, first, batch) if (reason is not None and not any_shape and steps >= 1
+                                                            and kind is not None) else None
         if failure is not None:
             x, y, _ = first
             raise ValueError(
