@@ -60,6 +60,11 @@ class ReferencePathWarning(UserWarning):
     """The drop-in runs the (slow, exact) reference loop; the message says why."""
 
 
+class SampleTaskError(ValueError):
+    """A task from ``sample_task()`` that the drop-in refuses, named by its call.  (A subclass:
+    the training loop passes it on as it is instead of wording it as ``fit``'s own draw.)"""
+
+
 # ---------------------------------------------------------------------- tasks
 def _loss_kind(loss_fct) -> Optional[str]:
     """"mse" / "cross_entropy" when the fast paths compute exactly this loss; else None."""
@@ -126,7 +131,20 @@ class _SampleTaskSource:
             x, y, _ = self._next()
             xs.append(points(x))
             ys.append(y if self.kind == "cross_entropy" else points(y))
-        return TaskBatch(torch.stack(xs).to(device), torch.stack(ys).to(device))
+        try:
+            return TaskBatch(torch.stack(xs).to(device), torch.stack(ys).to(device))
+        except ValueError:
+            # name the sample_task() call (the values are read again only on this failure path);
+            # the loop worded it as fit's draw ("task_distribution.sample(2, ...) raised: ... fit's
+            # arguments to it: n_tasks = ..."), names a drop-in caller never used
+            first_call = self.calls - n + 1
+            for j, (x, y) in enumerate(zip(xs, ys)):
+                try:
+                    TaskBatch(x[None], y[None])
+                except ValueError as exc:
+                    raise SampleTaskError(f"sample_task() (call {first_call + j}) returned a task the fast path "
+                                          f"cannot train on: {exc}") from None
+            raise
 
 
 class _SineSource:
@@ -226,6 +244,24 @@ def _reference_reason(model: nn.Module, any_shape: bool, task, kind) -> Optional
         return f"cross-entropy targets must be long class labels [N], got {y.dtype} {tuple(y.shape)}"
     if y.dim() > 2:
         return f"targets must be [N] or [N, out], got {tuple(y.shape)}"
+    return None
+
+
+def _seed_loop_error(model: nn.Module, task, batch: int) -> Optional[str]:
+    """torch's error when the seed's ``perform_k_training_steps`` cannot compute its first
+    minibatch's loss on ``task`` (``loss_fct(model(x[ind].unsqueeze(-1)), y[ind].unsqueeze(-1))``:
+    e.g. class labels, unsqueezed to ``[B, 1]``, which ``nn.CrossEntropyLoss`` refuses), else None.
+
+    The seed's own loop raises the same error at its first step; the reference path ran it and
+    the caller saw torch's traceback after a warning.  Run on a copy in eval mode with the RNG
+    state restored: the global RNG and the model are left as they were."""
+    x, y, loss_fct = task
+    ind = torch.arange(min(batch, x.shape[0]), device=x.device)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            loss_fct(copy.deepcopy(model).eval()(x[ind].unsqueeze(-1)), y[ind].unsqueeze(-1))
+    except RuntimeError as exc:
+        return f"{type(exc).__name__}: {exc}"
     return None
 
 
@@ -387,6 +423,17 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         kind = _loss_kind(first[2])
         reason = _reference_reason(model, any_shape, first, kind)
         steps = k * first[0].shape[0] // batch
+        # (only for the named losses: a user's loss_fct is not called an extra time)
+        failure = _seed_loop_error(model, first, batch) if (reason is not None and not any_shape and steps >= 1
+                                                            and kind is not None) else None
+        if failure is not None:
+            x, y, _ = first
+            raise ValueError(
+                f"sample_task() (call 1): the seed's perform_k_training_steps cannot train on this task (x "
+                f"{tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype}): its first minibatch's loss, "
+                f"loss_fct(model(x[ind].unsqueeze(-1)), y[ind].unsqueeze(-1)), raises {failure} (the seed's own "
+                f"loop fails the same way). Pass perform_k_training_steps=None to train on [N, in] inputs, "
+                f"[N, out] targets or class labels [N]")
         if reason is None and (steps < 1 or epsilon == 0):
             # the model does not move; the seed's loop still draws every task (and, for ε = 0, trains
             # on each), which the reference path does as the seed does, rather than refusing the call

@@ -147,13 +147,24 @@ class TaskBatch:
         return TaskBatch(x, y)  # a cast can overflow to inf: validate again
 
     def __getitem__(self, item) -> "TaskBatch":
-        """Select tasks: ``tasks[0:4]`` or ``tasks[[0, 2]]`` keeps the task dimension."""
+        """Select tasks: ``tasks[0:4]`` or ``tasks[[0, 2]]`` keeps the task dimension.
+
+        Only the task dimension is indexed: a tuple (``tasks[:, :5]``, ``tasks[..., :1]``) is a
+        ``TypeError`` (it used to slice x's features and y's points apart into a batch that failed
+        deep inside a backend); an int (a 0-dim integer tensor too) outside ``[-T, T)`` an ``IndexError``."""
+        if isinstance(item, torch.Tensor) and item.dim() == 0 and not item.is_floating_point() \
+                and item.dtype != torch.bool:
+            item = int(item)  # tasks[torch.argmax(losses)] selects that task, as an int does
         if isinstance(item, numbers.Integral) and not isinstance(item, bool):  # numpy's ints too
-            item = int(item)
+            item, n = int(item), self.x.shape[0]
+            if not -n <= item < n:
+                raise IndexError(f"TaskBatch[{item}]: task index out of range for {n} tasks")
             item = slice(item, item + 1 if item != -1 else None)
         try:
             if isinstance(item, (str, bytes)):  # torch warned of "multidimensional indexing", then failed
                 raise TypeError("a string selects no tasks")
+            if item is None or isinstance(item, tuple):
+                raise TypeError("only the task dimension can be indexed")
             x, y = self.x[item], self.y[item]
         except TypeError as exc:
             raise TypeError(f"TaskBatch[{item!r}]: select tasks with an int, a slice, a list of ints or an "
