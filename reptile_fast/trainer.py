@@ -359,8 +359,8 @@ class Reptile(HyperParameters):
         (``checkpoint_every``, else their ``chunk`` option).  ``draw_chunks=True`` lets them draw
         a chunk's tasks and plans in one call each instead: faster at small meta-batches (for a
         task distribution without ``sample_steps``, much faster), the same distribution, but
-        other draws than the other backends' (and than another chunk size's); the CLI sine job
-        and the drop-in use it.  Continues from ``self.iteration`` (a restored trainer
+        other draws than the other backends' (and than another chunk size's); the drop-in (and
+        the CLI sine job on CUDA) use it.  Continues from ``self.iteration`` (a restored trainer
         resumes).  Returns ``{"loss": [...]}``: every meta-step's mean inner loss, preceded by
         the checkpoint's when resuming.  ``last_fit_stats`` holds the timings.
 
