@@ -712,31 +712,44 @@ def stage_timing(log, device, smoke, budget, results, out):
             record(T=T, provider="*", status="error", reason=f"problem: {exc}")
             continue
         inner_means = {}  # (kernel, precision) -> per input set, mean over tasks of (φ̃ − φ): checked inner variants
+
+        def check_sets(variant, fns):
+            """(why the outputs of ``fns`` (one launcher per input set, each called) are wrong, or None;
+            the inner variants' per-set means of φ̃ − φ)."""
+            means = []
+            for r, (fn, (tasks, plan)) in enumerate(zip(fns, sets)):
+                got = fn.result()
+                inner = inner_means.get(variant[1:3])
+                wrong = check_variant(variant, got, model, tasks, plan, phi, oracle_updates(prob, r),
+                                      inner_mean=None if inner is None else inner[r])
+                if wrong:
+                    return f"input set {r}: {wrong}", means
+                if variant[3] == "inner":
+                    means.append((got.detach().double() - phi.detach().double()).mean(0))
+            return None, means
         for variant in (SMOKE_VARIANTS if smoke else VARIANTS):
             if budget.left() < 15:
                 record(T=T, provider=variant[0], status="skipped", reason="time budget spent")
                 continue
             try:
                 fns = [launcher(variant, T, device, dims, tasks, plan, params, phi) for tasks, plan in sets]
-                wrong, means = None, []
-                for r, (fn, (tasks, plan)) in enumerate(zip(fns, sets)):
+                for fn in fns:
                     fn()  # compiles (set 0) outside the timing; every set's output is checked before timing
-                    got = fn.result()
-                    inner = inner_means.get(variant[1:3])
-                    wrong = check_variant(variant, got, model, tasks, plan, phi, oracle_updates(prob, r),
-                                          inner_mean=None if inner is None else inner[r])
-                    if wrong:
-                        wrong = f"input set {r}: {wrong}"
-                        break
-                    if variant[3] == "inner":
-                        means.append((got.detach().double() - phi.detach().double()).mean(0))
+                wrong, means = check_sets(variant, fns)
                 if wrong:
                     record(T=T, provider=variant[0], status="wrong", reason=f"not timed: {wrong}")
                     continue
-                if variant[3] == "inner":
-                    inner_means[variant[1:3]] = means
                 rotation = Rotation(fns)
                 ms, timer = _time_ms(rotation, device, graph=True, sets=rotation.sets)
+                # the timed calls (graph replays on a GPU) wrote the same output buffers: their last
+                # answers are checked too, so a replay that computes something else is no result
+                after, _ = check_sets(variant, fns)
+                if after:
+                    record(T=T, provider=variant[0], status="wrong", ms_not_a_result=ms,
+                           reason=f"the timed calls' outputs are wrong: {after}")
+                    continue
+                if variant[3] == "inner":
+                    inner_means[variant[1:3]] = means
                 record(T=T, provider=variant[0], ms=ms, timer=timer, input_sets=rotation.sets)
             except Exception as exc:  # noqa: BLE001
                 record(T=T, provider=variant[0], status="error", reason=f"{type(exc).__name__}: {exc}")

@@ -180,3 +180,36 @@ def test_gpu_check_timing_rotates_over_input_sets_checked_first(tmp_path, monkey
         assert v1["status"] == "wrong" and "input set 1" in v1["reason"] and "ms" not in v1, v1
         torch_row = next(r for r in rows if r["provider"] == "torch" and r["T"] == T)
         assert torch_row["input_sets"] == R and "ms" in torch_row
+
+
+def test_gpu_check_rechecks_the_outputs_of_the_timed_calls(tmp_path, monkeypatch):
+    """The timed calls (on a GPU: replays of a captured CUDA graph) were never looked at: a
+    launch right when called alone and wrong when replayed was timed.  Their outputs are now
+    checked after the timing; such a case is recorded as wrong, its time kept apart."""
+    pytest.importorskip("triton")
+    from bench import gpu_check as G
+
+    def launcher(variant, T, device, dims, tasks, plan, params, phi):
+        res, n_calls = {}, [0]
+
+        def fn():
+            n_calls[0] += 1
+            model = G.problem(T, device, seed=11, width=dims[1])[0]
+            r = ReferenceBackend().inner_loop(model, tasks, plan, InnerConfig(lr=G.LR)).params
+            flat = torch.cat([r[k].reshape(T, -1) for k, _ in model.named_parameters()], 1)
+            if variant[0] == "v2-meta" and n_calls[0] > 1:  # right once, then stale
+                flat = phi.expand(T, -1)
+            res["out"] = flat if variant[3] == "inner" else phi + G.EPS * (flat - phi).mean(0)
+
+        fn.result = lambda: res["out"]
+        return fn
+
+    monkeypatch.setattr(G, "launcher", launcher)
+    monkeypatch.setattr(G, "fit_rows", lambda *a, **k: [])
+    monkeypatch.setattr(G, "cli_sine_row", lambda *a, **k: {"provider": "cli-sine-gpu", "T": 1, "status": "skipped"})
+    rows = G.stage_timing(lambda *a: None, torch.device("cpu"), True, G.Budget(300), {"stages": {}}, tmp_path)["rows"]
+    bad = [r for r in rows if r["provider"] == "v2-meta"]
+    assert bad and all(r["status"] == "wrong" and "timed calls" in r["reason"] and "ms" not in r
+                       and r["ms_not_a_result"] > 0 for r in bad), bad
+    good = [r for r in rows if r["provider"] == "v2s-meta"]
+    assert good and all("ms" in r for r in good), good
