@@ -67,6 +67,7 @@ def test_gpu_sweep_cpu_smoke(tmp_path):
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert {r["T"] for r in rows} == {1, 5}
     assert all(r.get("ok") and "ms" in r for r in rows), [r for r in rows if not r.get("ok")]
+    assert all(r["input_sets"] == 2 for r in rows), rows  # every setting rotated over the smoke's sets
     assert any(r["config"].get("stream") for r in rows) and any(not r["config"] for r in rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.log"]
 
