@@ -21,7 +21,9 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
    Then timing, each case checked first (a kernel variant's output on every task against a
    float64 oracle within the benchmark gate's bound for its precision, ``check_variant``; the
    torch/vmap/JAX/seed providers through ``bench.providers.check_prepared``): a wrong one is
-   recorded as "wrong" and not timed.  Kernel alone (``triton.testing.do_bench_cudagraph``: a CUDA graph of the launches,
+   recorded as "wrong" and not timed.  Every case is checked and timed on the same ``ROTATIONS``
+   input sets (tasks + plans, built before any timing; each timed call runs every set once, so
+   no set's cached data or lucky values flatter a provider).  Kernel alone (``triton.testing.do_bench_cudagraph``: a CUDA graph of the launches,
    timed with CUDA events, so Python launch overhead and input checks are not counted) for
    T in {4096, 1, 65536, 256} (``TIMED_T``, in that order) x variant x precision; beside torch batched (events, and under a
    CUDA graph), torch vmap, JAX, the seed's loop (small T), and the whole v2 meta-step under one
@@ -69,6 +71,11 @@ VARIANTS = [("v1", "v1", "ieee", "inner"), ("v1-tf32x3", "v1", "tf32x3", "inner"
             ("v2-meta-tf32", "v2", "tf32", "meta"),
             # wide layers streamed through a per-program scratch (V2Config(stream=True), 4 warps)
             ("v2s", "v2s", "ieee", "inner"), ("v2s-meta", "v2s", "ieee", "meta")]
+#: input sets (tasks + plans) the timing stage rotates over: every timed call runs each once, so
+#: no kernel variant or provider is timed on one set's cached data or lucky values (issue 5)
+ROTATIONS = 3
+#: the CPU smoke's (interpreter: seconds per launch): enough to exercise the rotation
+SMOKE_ROTATIONS = 2
 #: seconds the main job (``cli_sine_row``) may take on a GPU
 CLI_TIMEOUT = 45.0
 #: the CPU smoke's (interpreter) subset: each code path once
@@ -232,6 +239,16 @@ class Deadline:
 # ------------------------------------------------------------------------------------- problems
 def problem(T, device, seed=0, width=64):
     """Sine tasks, plans and the seed MLP's φ (flat and per layer), drawn on the device."""
+    model, params, phi, sets = problem_sets(T, device, 1, seed=seed, width=width)
+    return model, sets[0][0], sets[0][1], params, phi
+
+
+def problem_sets(T, device, n_sets, seed=0, width=64):
+    """The seed MLP's φ and ``n_sets`` input sets of T sine tasks and their plans, drawn on the
+    device from one generator (set 0 is ``problem``'s).  The timing stage rotates over them.
+
+    Returns ``(model, params, phi, [(tasks, plan), ...])``: per-layer and flat ``[n]`` φ; tasks
+    x, y ``[T, N_POINTS, 1]``, plans long ``[T, STEPS, BATCH]``."""
     import torch
 
     from reptile_fast import MLP, Sine, sample_indices
@@ -241,10 +258,27 @@ def problem(T, device, seed=0, width=64):
         torch.manual_seed(seed)
         model = MLP(1, width, 1).to(device)
     g = torch.Generator(device=device).manual_seed(seed + 1)
-    tasks = Sine(n_points=N_POINTS).sample(T, generator=g, device=device)
-    plan = sample_indices(T, STEPS, N_POINTS, BATCH, generator=g).to(device)
+    sets = []
+    for _ in range(n_sets):
+        tasks = Sine(n_points=N_POINTS).sample(T, generator=g, device=device)
+        sets.append((tasks, sample_indices(T, STEPS, N_POINTS, BATCH, generator=g).to(device)))
     params = [p.detach() for p in model.parameters()]
-    return model, tasks, plan, params, V.flat_params(params)
+    return model, params, V.flat_params(params), sets
+
+
+class Rotation:
+    """One call runs every input set's launch once, in turn (``fns[0]() … fns[R-1]()``): what the
+    timing stage times, so each set is timed equally often whatever number of calls the timer
+    makes (``do_bench_cudagraph`` captures a graph of a number of calls it chooses); the time per
+    set is the time per call / ``sets``."""
+
+    def __init__(self, fns):
+        self.fns = list(fns)
+        self.sets = len(self.fns)
+
+    def __call__(self):
+        for fn in self.fns:
+            fn()
 
 
 def launcher(variant, T, device, dims, tasks, plan, params, phi):
@@ -283,24 +317,69 @@ def launcher(variant, T, device, dims, tasks, plan, params, phi):
     return fn
 
 
-_ORACLE_FLAT: dict = {}  # check_variant's one-entry cache: (oracle, device, flat, norms, mean)
+#: check_variant's cache of the oracles' flat forms on the device, oldest first:
+#: ``{id(oracle): (oracle, device, flat, norms, mean, path_ratio)}``; at most ``ORACLE_CACHE`` entries
+_ORACLE_FLAT: dict = {}
+#: entries kept (the timing stage checks every variant on each of its ROTATIONS input sets)
+ORACLE_CACHE = 4
 
 
-def check_variant(variant, result, model, tasks, plan, phi, oracle):
+def _oracle_flat(oracle, names, T, device):
+    """``(flat [T, n], norms [T], mean [n], path_ratio [T] or None)`` of a float64 oracle on
+    ``device``, built once per oracle: at T = 65536 the flat form is 2.3 GB of float64, and every
+    variant (a sweep: 33 settings) is checked against the same oracles."""
+    import torch
+
+    hit = _ORACLE_FLAT.get(id(oracle))
+    if hit is None or hit[0] is not oracle or hit[1] != device:
+        want = torch.cat([oracle[n].reshape(T, -1) for n in names], 1).to(device)
+        norms = want.norm(dim=1)
+        path = getattr(oracle, "path", None)
+        ratio = None if path is None else path.to(device) / norms
+        while len(_ORACLE_FLAT) >= ORACLE_CACHE:
+            _ORACLE_FLAT.pop(next(iter(_ORACLE_FLAT)))
+        hit = _ORACLE_FLAT[id(oracle)] = (oracle, device, want, norms, want.mean(0), ratio)
+    return hit[2:]
+
+
+def _meta_allowed(point, precision, phi64, norms, path_ratio, T):
+    """The absolute error a correct fused meta-step's (φ' − φ)/ε may have against the tasks' mean
+    float64 update: the tasks' own bounds (mean of b_i·‖Δ_i‖), the fp32 sum over T tasks (worst
+    case γ_{T−1}·mean‖Δ_i‖, any summation order) and φ' = φ + ε·m stored in fp32."""
+    from bench.providers import GATE_K, UNIT_ROUNDOFF, update_error_bound
+
+    u = UNIT_ROUNDOFF["fp32"]
+    bound = update_error_bound(point, precision, phi64.norm() / norms, path_ratio)
+    return (float((bound * norms).mean())
+            + GATE_K * ((T - 1) * u / (1 - (T - 1) * u) * float(norms.mean()) + u * float(phi64.norm()) * (1 + 1 / EPS)))
+
+
+def check_variant(variant, result, model, tasks, plan, phi, oracle, inner_mean=None):
     """Why ``result`` (a launcher's output after a call) is not a result, or None when it is: the
     benchmark gate's bound (``bench.providers.update_error_bound``, per precision: "tf32" for
-    tf32, "fp32" for ieee and tf32x3) against the float64 oracle ``oracle`` (``float64_updates``
-    of this problem), on every task.
+    tf32, "fp32" for ieee and tf32x3; with the oracle's path ratio when it has one) against the
+    float64 oracle ``oracle`` (``float64_updates`` of this problem), on every task.
+
+    A meta variant's mean is checked against the mean of the tasks' float64 updates.  The tasks'
+    updates point different ways (‖mean Δ‖ ≈ mean ‖Δ_i‖ / 2.7 for sine tasks), so there the tf32
+    bound, a sum of per-task bounds, can pass the 0.1 error of a meta-step at 90 % of the inner
+    learning rate: beyond ``GATE_CAP`` it cannot verify the variant alone.  ``inner_mean`` (the
+    mean over tasks of ``result − φ`` of the same kernel and precision's "inner" variant, which
+    passed the per-task gate on this input set) then verifies it: the two run the same per-task
+    arithmetic, so their means may differ by no more than twice the fp32 allowance.  (Used only
+    there: that the two paths' tf32 roundings agree to fp32 level is an assumption a GPU run
+    must confirm; where it fails the variant is refused, never timed wrong.)
 
     Args:
         variant: a ``VARIANTS`` entry; "inner" results are ``[T, n]`` adapted flat parameters,
             "meta" results the flat ``[n]`` φ after the outer update (ε = ``EPS``).
         result: the output on the device; model, tasks, plan, phi: the problem (``problem``).
-        oracle: ``{name: [T, *shape]}`` float64 updates.
+        oracle: ``{name: [T, *shape]}`` float64 updates (``float64_updates``: with ``.path``).
+        inner_mean: float64 ``[n]`` on the result's device, or None.
     """
     import torch
 
-    from bench.providers import GATE_CAP, GATE_K, UNIT_ROUNDOFF, update_error_bound
+    from bench.providers import GATE_CAP, update_error_bound
 
     _, _, prec, what = variant
     precision = "tf32" if prec == "tf32" else "fp32"
@@ -308,20 +387,14 @@ def check_variant(variant, result, model, tasks, plan, phi, oracle):
     names = [n for n, _ in model.named_parameters()]
     dims = (tasks.x.shape[-1],) + tuple(p.shape[0] for n, p in model.named_parameters() if n.endswith("weight"))
     point = type("P", (), {"steps": STEPS, "dims": dims})()
-    # on the result's device, the oracle's flat form built once per oracle: at T = 65536 it is
-    # 2.3 GB of float64, and a sweep checks 33 settings against one oracle
     device = result.device
-    cached = _ORACLE_FLAT.get("key")
-    if cached is None or cached[0] is not oracle or cached[1] != device:
-        want = torch.cat([oracle[n].reshape(T, -1) for n in names], 1).to(device)
-        _ORACLE_FLAT["key"] = (oracle, device, want, want.norm(dim=1), want.mean(0))
-    _, _, want, norms, mean = _ORACLE_FLAT["key"]
+    want, norms, mean, ratio = _oracle_flat(oracle, names, T, device)
     phi64 = phi.detach().double().to(device)
-    bound = update_error_bound(point, precision, phi64.norm() / norms)
     got = result.detach().double()
     if not bool(torch.isfinite(got).all()):
         return "non-finite values in its output"
     if what == "inner":
+        bound = update_error_bound(point, precision, phi64.norm() / norms, ratio)
         err = (got - phi64 - want).norm(dim=1) / norms
         bad = ~(err <= bound)
         if bool((bound > GATE_CAP).any()):
@@ -331,17 +404,21 @@ def check_variant(variant, result, model, tasks, plan, phi, oracle):
             return (f"its update differs from float64 on {int(bad.sum())} of {T} tasks (task {i}: rel err "
                     f"{float(err[i]):.3g} > bound {float(bound[i]):.3g}, {precision})")
         return None
-    # meta: (φ' − φ)/ε against the tasks' mean update; allowed: the tasks' own bounds, the fp32 sum
-    # over T tasks (worst case γ_{T−1}·mean‖Δᵢ‖, any summation order) and φ' = φ + ε·m stored in fp32
-    u = UNIT_ROUNDOFF["fp32"]
-    allowed = (float((bound * norms).mean())
-               + GATE_K * ((T - 1) * u / (1 - (T - 1) * u) * float(norms.mean()) + u * float(phi64.norm()) * (1 + 1 / EPS)))
-    rel_allowed = allowed / float(mean.norm())
-    if not rel_allowed <= GATE_CAP:
-        return f"cannot be verified: allowed rel err {rel_allowed:.3g} > {GATE_CAP}"
-    rel = float(((got - phi64) / EPS - mean).norm() / mean.norm())
+    step = (got - phi64) / EPS
+    rel_allowed = _meta_allowed(point, precision, phi64, norms, ratio, T) / float(mean.norm())
+    rel = float((step - mean).norm() / mean.norm())
     if not rel <= rel_allowed:
         return f"its outer update differs from float64 (rel err {rel:.3g} > allowed {rel_allowed:.3g}, {precision})"
+    if rel_allowed <= GATE_CAP:
+        return None
+    if inner_mean is None:
+        return (f"cannot be verified: allowed rel err {rel_allowed:.3g} > {GATE_CAP} ({precision}; no checked "
+                f"inner variant of the same kernel and precision to compare with)")
+    allowed = 2 * _meta_allowed(point, "fp32", phi64, norms, ratio, T) / float(inner_mean.norm())
+    rel_inner = float((step - inner_mean).norm() / inner_mean.norm())
+    if not rel_inner <= allowed:
+        return (f"its outer update differs from the mean of its inner variant's checked updates (rel err "
+                f"{rel_inner:.3g} > allowed {allowed:.3g}; float64 alone allows {rel_allowed:.3g} > {GATE_CAP})")
     return None
 
 
@@ -564,23 +641,25 @@ def stage_correctness(log, device, smoke, rows=None):
     return {"rows": rows}
 
 
-def _time_ms(fn, device, graph):
-    """Median-free mean ms of fn: a CUDA graph of launches timed with events (do_bench_cudagraph),
-    or events around each call (do_bench); on the CPU one host-clock call (meaningless)."""
+def _time_ms(fn, device, graph, sets=1):
+    """Mean ms per input set of fn, which runs ``sets`` input sets per call (``Rotation``): a CUDA
+    graph of calls timed with events (do_bench_cudagraph), or events around each call (do_bench);
+    on the CPU one host-clock call (meaningless)."""
     if device.type != "cuda":
         t0 = time.perf_counter()
         fn()
-        return 1e3 * (time.perf_counter() - t0), "host clock, 1 call (interpreter)"
+        return 1e3 * (time.perf_counter() - t0) / sets, "host clock, 1 call (interpreter)"
     import triton.testing as tt
 
     if graph:
-        return tt.do_bench_cudagraph(fn, rep=40), "do_bench_cudagraph (CUDA graph of launches, events)"
-    return tt.do_bench(fn, warmup=10, rep=60), "do_bench (events around each call)"
+        return tt.do_bench_cudagraph(fn, rep=40) / sets, "do_bench_cudagraph (CUDA graph of launches, events)"
+    return tt.do_bench(fn, warmup=10, rep=60) / sets, "do_bench (events around each call)"
 
 
 def stage_timing(log, device, smoke, budget, results, out):
     from bench.flops import inner_loop_flops
-    from bench.providers import Point, check_prepared, float64_updates, get_provider, make_problem
+    from bench.providers import Point, Problem, check_prepared, get_provider, oracle_updates
+    from reptile_fast.backends import InnerConfig
 
     Ts = (1, 2) if smoke else TIMED_T
     width = 16 if smoke else 64
@@ -616,48 +695,73 @@ def stage_timing(log, device, smoke, budget, results, out):
     except Exception as exc:  # noqa: BLE001
         rows.append({"provider": "fit-v2-graphs", "T": 1, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
     save(out, results)
+    n_sets = SMOKE_ROTATIONS if smoke else ROTATIONS
+    results["stages"]["timing"]["rotations"] = n_sets
     for T in Ts:
         if budget.left() < 20:
             record(T=T, provider="*", status="skipped", reason="time budget spent")
             continue
+        _ORACLE_FLAT.clear()  # the previous T's oracles (2.3 GB each at T = 65536)
         try:
-            model, tasks, plan, params, phi = problem(T, device, seed=11, width=width)
+            # n_sets input sets, built here, outside every timed region; the same sets (and
+            # float64 oracles, cached in the Problem) for every kernel variant and provider of this T
+            model, params, phi, sets = problem_sets(T, device, n_sets, seed=11, width=width)
+            prob = Problem(Point(meta_batch=T, width=width, steps=STEPS, inner_batch=BATCH, n_points=N_POINTS, lr=LR),
+                           device, model, [t for t, _ in sets], [p for _, p in sets], InnerConfig(lr=LR, loss="mse"))
         except Exception as exc:  # noqa: BLE001
             record(T=T, provider="*", status="error", reason=f"problem: {exc}")
             continue
-        oracle = None
+        inner_means = {}  # (kernel, precision) -> per input set, mean over tasks of (φ̃ − φ): checked inner variants
+
+        def check_sets(variant, fns):
+            """(why the outputs of ``fns`` (one launcher per input set, each called) are wrong, or None;
+            the inner variants' per-set means of φ̃ − φ)."""
+            means = []
+            for r, (fn, (tasks, plan)) in enumerate(zip(fns, sets)):
+                got = fn.result()
+                inner = inner_means.get(variant[1:3])
+                wrong = check_variant(variant, got, model, tasks, plan, phi, oracle_updates(prob, r),
+                                      inner_mean=None if inner is None else inner[r])
+                if wrong:
+                    return f"input set {r}: {wrong}", means
+                if variant[3] == "inner":
+                    means.append((got.detach().double() - phi.detach().double()).mean(0))
+            return None, means
         for variant in (SMOKE_VARIANTS if smoke else VARIANTS):
             if budget.left() < 15:
                 record(T=T, provider=variant[0], status="skipped", reason="time budget spent")
                 continue
             try:
-                fn = launcher(variant, T, device, dims, tasks, plan, params, phi)
-                fn()  # compile outside the timing; its output is checked before anything is timed
-                if oracle is None:
-                    oracle = float64_updates(model, tasks.x, tasks.y, plan, LR)
-                wrong = check_variant(variant, fn.result(), model, tasks, plan, phi, oracle)
+                fns = [launcher(variant, T, device, dims, tasks, plan, params, phi) for tasks, plan in sets]
+                for fn in fns:
+                    fn()  # compiles (set 0) outside the timing; every set's output is checked before timing
+                wrong, means = check_sets(variant, fns)
                 if wrong:
                     record(T=T, provider=variant[0], status="wrong", reason=f"not timed: {wrong}")
                     continue
-                ms, timer = _time_ms(fn, device, graph=True)
-                record(T=T, provider=variant[0], ms=ms, timer=timer)
+                rotation = Rotation(fns)
+                ms, timer = _time_ms(rotation, device, graph=True, sets=rotation.sets)
+                # the timed calls (graph replays on a GPU) wrote the same output buffers: their last
+                # answers are checked too, so a replay that computes something else is no result
+                after, _ = check_sets(variant, fns)
+                if after:
+                    record(T=T, provider=variant[0], status="wrong", ms_not_a_result=ms,
+                           reason=f"the timed calls' outputs are wrong: {after}")
+                    continue
+                if variant[3] == "inner":
+                    inner_means[variant[1:3]] = means
+                record(T=T, provider=variant[0], ms=ms, timer=timer, input_sets=rotation.sets)
             except Exception as exc:  # noqa: BLE001
                 record(T=T, provider=variant[0], status="error", reason=f"{type(exc).__name__}: {exc}")
         # the whole v2 meta-step, sampling included, under one CUDA graph
         if device.type == "cuda" and budget.left() > 15:
             try:
                 ms = _graphed_full_meta_step_ms(T, device, dims)
-                record(T=T, provider="v2-meta-graph-full", ms=ms,
+                record(T=T, provider="v2-meta-graph-full", ms=ms, input_sets="fresh each replay",
                        timer="one CUDA graph: device sampling + plans + meta-step, events around 20 replays")
             except Exception as exc:  # noqa: BLE001
                 record(T=T, provider="v2-meta-graph-full", status="error", reason=f"{type(exc).__name__}: {exc}")
-        # torch / vmap / jax / seed through bench.providers (inner loop of every task)
-        point = Point(meta_batch=T, width=width, steps=STEPS)
-        try:
-            prob = make_problem(point, device, gen_device=device if device.type == "cuda" else None)
-        except Exception as exc:  # noqa: BLE001
-            record(T=T, provider="providers", status="error", reason=str(exc))
-            continue
+        # torch / vmap / jax / seed through bench.providers (inner loop of every task), on the same sets
         for name in ("torch", "torch-graph", "torch-vmap", "jax", "seed")[:(2 if smoke else 5)]:
             if budget.left() < 15:
                 record(T=T, provider=name, status="skipped", reason="time budget spent")
@@ -677,22 +781,25 @@ def stage_timing(log, device, smoke, budget, results, out):
                     record(T=T, provider=name, status="skipped", reason=reason)
                     continue
                 prepared = prov.prepare(prob)
-                checked, _ = check_prepared(prov, prepared, prob)  # runs it; every task vs float64
+                checked, _ = check_prepared(prov, prepared, prob)  # runs it; every task of every set vs float64
                 if not checked.ok:
                     record(T=T, provider=name, status="wrong", reason=f"not timed: {checked.message}")
                     continue
-                if prepared.sync is not None:  # JAX: host clock around block_until_ready
+                if prepared.sync is not None:  # JAX: host clock around block_until_ready; run(i) rotates
                     from bench.flops import time_calls
 
                     t = time_calls(prepared.run, device, sync=prepared.sync, min_time=0.1, repeats=3, warmup=1,
                                    max_time=2.0)
-                    record(T=T, provider=name, ms=1e3 * t["median"], timer="host clock + block_until_ready")
+                    record(T=T, provider=name, ms=1e3 * t["median"], timer="host clock + block_until_ready",
+                           input_sets=prob.rotations)
                 else:
-                    ms, timer = _time_ms(lambda: prepared.run(0), device, graph=name == "torch-graph")
-                    record(T=T, provider=name, ms=ms, timer=timer)
+                    rotation = Rotation([lambda r=r: prepared.run(r) for r in range(prob.rotations)])
+                    ms, timer = _time_ms(rotation, device, graph=name == "torch-graph", sets=rotation.sets)
+                    record(T=T, provider=name, ms=ms, timer=timer, input_sets=rotation.sets)
             except Exception as exc:  # noqa: BLE001
                 record(T=T, provider=name, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
         save(out, results)
+    _ORACLE_FLAT.clear()
     return results["stages"]["timing"]
 
 
@@ -999,7 +1106,9 @@ def summary_lines(results: dict) -> list:
             if r["provider"] not in provs and r["provider"] != "*" and not r["provider"].startswith(("fit-", "cli-")):
                 provs.append(r["provider"])
         Ts = sorted({r["T"] for r in timing})
-        lines.append("tasks/s (kernel alone: CUDA graph + events; % = of the fp32 matmul rate):")
+        lines.append(f"tasks/s (kernel alone: CUDA graph + events, rotating over "
+                     f"{(results['stages'].get('timing') or {}).get('rotations', 1)} input sets; "
+                     f"% = of the fp32 matmul rate):")
         lines.append(f"  {'provider':>18} " + " ".join(f"{'T=' + str(T):>20}" for T in Ts))
         for p in provs:
             cells = []

@@ -12,6 +12,8 @@ steps of 10 points, precision "ieee".  Before it is timed, every setting's outer
 default's included) is checked against a float64 oracle (``bench.gpu_check.check_variant``), and
 its φ against the default setting's (the settings change only the order of the outer sum: equal
 within fp32 rounding of a T-term mean, rtol 1e-5 / atol 1e-6), so no wrong answer is timed.
+Every setting runs on the GPU check's rotating input sets (``ROTATIONS``; each checked, each
+timed call runs every set once).
 
 Timing: ``triton.testing.do_bench_cudagraph`` (a CUDA graph of launches, CUDA events).  Writes
 ``OUT_DIR/sweep.json`` after every T (a kill loses at most one T) and prints the table, best first.
@@ -43,22 +45,45 @@ def settings(T: int, smoke: bool):
 
 
 def sweep_T(T, device, width, smoke, budget, log, rows=None):
-    """Every setting at T tasks, checked then timed; rows appended to ``rows`` as they are made
-    (``main`` passes sweep.json's list, so a run cut short by its deadline keeps them)."""
+    """Every setting at T tasks, checked then timed, on the GPU check's rotating input sets
+    (``bench.gpu_check.problem_sets``: every set checked, each timed call runs every set once);
+    rows appended to ``rows`` as they are made (``main`` passes sweep.json's list, so a run cut
+    short by its deadline keeps them)."""
     import torch
 
-    from bench.gpu_check import ACTS, EPS, LR, _time_ms, check_variant, problem
+    from bench.gpu_check import (ACTS, EPS, LR, ROTATIONS, SMOKE_ROTATIONS, Rotation, _time_ms, check_variant,
+                                 problem_sets)
     from bench.providers import float64_updates
     from reptile_fast.kernels import meta_step_guard as G
     from reptile_fast.kernels import mlp_meta_step_v2 as V
 
     dims = (1, width, width, 1)
-    model, tasks, plan, _, phi = problem(T, device, seed=21, width=width)
-    oracle = None
+    model, _, phi, sets = problem_sets(T, device, SMOKE_ROTATIONS if smoke else ROTATIONS, seed=21, width=width)
+    oracles = [None] * len(sets)
     eps = torch.full((1,), EPS, device=device)
     it = torch.ones(1, dtype=torch.int64, device=device)
     rows = [] if rows is None else rows
-    want = None
+    want = None  # the default setting's φ per input set
+
+    def launch(cfg, tasks, plan):
+        """fn() for one input set, and result() its φ after the first call."""
+        if T == 1:  # the fused stepper's one-launch meta-step, applied in place
+            work, state, loss_out = phi.clone(), G.new_state(device), torch.empty(1, device=device)
+
+            def fn():
+                V.guarded_meta_step(tasks.x, tasks.y, plan, work, dims, ACTS, lr=LR, eps=eps, state=state,
+                                    iteration=it, loss_out=loss_out, config=cfg, check_values=False)
+
+            # timed replays keep stepping φ: start each setting from the same φ, check the first call
+            return fn, work
+        new = torch.empty_like(phi)
+
+        def fn():
+            V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=eps, config=cfg, out=new,
+                        check_values=False)
+
+        return fn, new
+
     for kw in settings(T, smoke):
         if budget.left() < 10:
             rows.append({"T": T, "config": kw, "status": "skipped", "reason": "time budget spent"})
@@ -66,39 +91,33 @@ def sweep_T(T, device, width, smoke, budget, log, rows=None):
         row = {"T": T, "config": kw, "launch": "guarded_meta_step" if T == 1 else "meta_step"}
         try:
             cfg = V.V2Config(**kw)
-            if T == 1:  # the fused stepper's one-launch meta-step, applied in place
-                work, state, loss_out = phi.clone(), G.new_state(device), torch.empty(1, device=device)
-
-                def fn():
-                    V.guarded_meta_step(tasks.x, tasks.y, plan, work, dims, ACTS, lr=LR, eps=eps, state=state,
-                                        iteration=it, loss_out=loss_out, config=cfg, check_values=False)
-
+            fns, got = [], []
+            for tasks, plan in sets:
+                fn, buf = launch(cfg, tasks, plan)
                 fn()
-                got = work.clone()
-                # timed replays keep stepping φ: start each setting from the same φ, check once
-            else:
-                new = torch.empty_like(phi)
-
-                def fn():
-                    V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=eps, config=cfg, out=new,
-                                check_values=False)
-
-                fn()
-                got = new.clone()
+                fns.append(fn)
+                got.append(buf.clone())
             # every setting's outer update against the float64 oracle (the default's included: the
             # settings are compared with it, so it must be right itself), then with the default's φ
-            if oracle is None:
-                oracle = float64_updates(model, tasks.x, tasks.y, plan, LR)
-            wrong = check_variant(("sweep", "v2", "ieee", "meta"), got, model, tasks, plan, phi, oracle)
+            wrong = None
+            for r, (tasks, plan) in enumerate(sets):
+                if oracles[r] is None:
+                    oracles[r] = float64_updates(model, tasks.x, tasks.y, plan, LR)
+                wrong = check_variant(("sweep", "v2", "ieee", "meta"), got[r], model, tasks, plan, phi, oracles[r])
+                if wrong:
+                    wrong = f"input set {r}: {wrong}"
+                    break
             if want is None and not wrong:
                 want = got
             if want is not None:
-                row["max_abs_vs_default"] = float((got - want).abs().max())
-            row["ok"] = (not wrong and want is not None and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6))
-                         and bool(torch.isfinite(got).all()))
+                row["max_abs_vs_default"] = max(float((g - w).abs().max()) for g, w in zip(got, want))
+            row["ok"] = (not wrong and want is not None
+                         and all(bool(torch.allclose(g, w, rtol=1e-5, atol=1e-6)) for g, w in zip(got, want))
+                         and all(bool(torch.isfinite(g).all()) for g in got))
             if row["ok"]:
-                ms, timer = _time_ms(fn, device, graph=True)
-                row.update(ms=ms, timer=timer, tasks_per_s=T / (ms / 1e3))
+                rotation = Rotation(fns)
+                ms, timer = _time_ms(rotation, device, graph=True, sets=rotation.sets)
+                row.update(ms=ms, timer=timer, tasks_per_s=T / (ms / 1e3), input_sets=rotation.sets)
             else:
                 row["status"] = "not timed: " + (wrong or "result differs from the default setting's")
         except Exception as exc:  # noqa: BLE001 - recorded; the other settings go on

@@ -145,21 +145,27 @@ def test_tf32_bound_passes_tf32_rounding_and_the_fp32_bound_does_not(small):
 
 
 def test_bound_follows_the_derivation():
-    """b = K·S·(u32·ρ + L·u): linear in steps, in ρ (fp32 storage) and per precision."""
-    rho = torch.tensor([0.0, 100.0])
+    """b = K·(S·u32·ρ + L·u·A): the storage term linear in steps and ρ (fp32 in both precisions),
+    the products' term in the path ratio A and per precision; without A, S stands for it."""
+    rho, path = torch.tensor([0.0, 100.0]), torch.tensor([1.0, 3.0])
     pt = Point(meta_batch=2, width=64, steps=5)  # L = 3
-    b32, b_tf = update_error_bound(pt, "fp32", rho), update_error_bound(pt, "tf32", rho)
-    torch.testing.assert_close(b32[0], torch.tensor(4.0 * 5 * 3 * 2.0 ** -24))
-    torch.testing.assert_close(b_tf[1] - b_tf[0], b32[1] - b32[0])  # storage term is fp32 in both
-    torch.testing.assert_close(b_tf[0], torch.tensor(4.0 * 5 * 3 * 2.0 ** -11))
-    assert float(update_error_bound(Point(meta_batch=2, width=64, steps=32), "tf32", rho).max()) < GATE_CAP
+    b32, b_tf = update_error_bound(pt, "fp32", rho, path), update_error_bound(pt, "tf32", rho, path)
+    torch.testing.assert_close(b32[0], torch.tensor(4.0 * 3 * 2.0 ** -24))
+    torch.testing.assert_close(b_tf[0], torch.tensor(4.0 * 3 * 2.0 ** -11))
+    torch.testing.assert_close(b_tf[1] - 3 * b_tf[0], b32[1] - 3 * b32[0])  # storage term is fp32 in both
+    torch.testing.assert_close(b_tf[1] - 3 * b_tf[0], torch.tensor(4.0 * 5 * 100 * 2.0 ** -24))
+    torch.testing.assert_close(update_error_bound(pt, "tf32", rho), update_error_bound(pt, "tf32", rho, torch.full((2,), 5.0)))
+    # 32 steps: the products' term does not grow with the steps (the storage term does)
+    pt32 = Point(meta_batch=2, width=64, steps=32)
+    torch.testing.assert_close(update_error_bound(pt32, "tf32", rho[:1], path[:1]), b_tf[:1])
     with pytest.raises(ValueError, match="precision"):
         update_error_bound(pt, "bf16", rho)
 
 
-def test_a_bound_too_loose_to_tell_half_the_learning_rate_is_refused():
-    """tf32 at 60 steps: the derived bound passes GATE_CAP, so nothing at that point is trusted."""
-    problem = make_problem(Point(meta_batch=2, width=8, steps=60, inner_batch=5), "cpu")
+def test_a_bound_too_loose_to_tell_a_tenth_off_the_learning_rate_is_refused():
+    """tf32 at 60 steps of lr 0.3 (float64 path ratios 10-13: the steps turn): the derived bound
+    passes GATE_CAP, so nothing at that point is trusted in tf32; the fp32 bound still holds."""
+    problem = make_problem(Point(meta_batch=2, width=8, steps=60, inner_batch=5, lr=0.3), "cpu")
     result = check(Broken("correct", "tf32"), problem)
     assert not result.ok and "cannot be verified" in result.message
     assert check(Broken("correct", "fp32"), problem).ok

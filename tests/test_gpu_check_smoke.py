@@ -35,6 +35,10 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert all(special[f]["max_rel_err_in_2^-23"] <= special[f]["stated_bound"] for f in ("exp", "tanh", "sigmoid", "log"))
     timed = {(r["provider"], r["T"]) for r in stages["timing"]["rows"] if "ms" in r}
     assert {("v1", 1), ("v2-meta", 2), ("torch", 1)} <= timed
+    # every timed case rotated over the stage's input sets (recorded), the same number for all
+    assert stages["timing"]["rotations"] == 2
+    assert all(r["input_sets"] == 2 for r in stages["timing"]["rows"] if "ms" in r and r["T"] in (1, 2)
+               and not r["provider"].startswith(("fit-", "cli-"))), stages["timing"]["rows"]
     assert stages["sanitizer"]["status"] == "skipped"
     cli = next(r for r in stages["timing"]["rows"] if r["provider"] == "cli-sine-gpu")
     assert cli["returncode"] == 0 and cli["post_adaptation_mse"] > 0, cli
@@ -63,6 +67,7 @@ def test_gpu_sweep_cpu_smoke(tmp_path):
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert {r["T"] for r in rows} == {1, 5}
     assert all(r.get("ok") and "ms" in r for r in rows), [r for r in rows if not r.get("ok")]
+    assert all(r["input_sets"] == 2 for r in rows), rows  # every setting rotated over the smoke's sets
     assert any(r["config"].get("stream") for r in rows) and any(not r["config"] for r in rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.log"]
 
