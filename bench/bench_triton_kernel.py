@@ -109,8 +109,8 @@ def _errors(result, model, tasks, indices, k=8):
 def _update_gate(backend, model, sets, precision: str):
     """Refuse (pytest.fail) unless, on every timed input set, every task's update φ̃ᵢ − φ is
     within the benchmark gate's bound of the float64 oracle's (``bench.providers``:
-    ``float64_updates`` and ``update_error_bound``: K·S·(2⁻²⁴·‖φ‖/‖Δᵢ‖ + L·u), u = 2⁻²⁴ for
-    "fp32", 2⁻¹¹ for "tf32").  A variant returning φ or running at half the learning rate scores
+    ``float64_updates`` and ``update_error_bound``: K·(S·2⁻²⁴·‖φ‖/‖Δᵢ‖ + L·u·Aᵢ), u = 2⁻²⁴ for
+    "fp32", 2⁻¹¹ for "tf32", Aᵢ the float64 path's length over ‖Δᵢ‖).  A variant returning φ or running at half the learning rate scores
     1 or 0.5 and is refused; so is one wrong on a single task, and one that ignores new inputs
     (each set is run and checked on its own)."""
     from bench.providers import GATE_CAP, float64_updates, update_error_bound
@@ -125,7 +125,7 @@ def _update_gate(backend, model, sets, precision: str):
         want = torch.cat([oracle[n].reshape(tasks.n_tasks, -1) for n in names], 1)
         norm = want.norm(dim=1)
         rel = (got - want).norm(dim=1) / norm
-        bound = update_error_bound(point, precision, phi.norm() / norm)
+        bound = update_error_bound(point, precision, phi.norm() / norm, path_ratio=oracle.path / norm)
         if bool((bound > GATE_CAP).any()):
             pytest.fail(f"input set {k}: the {precision} bound ({float(bound.max()):.3g}) is too loose to verify; not timed")
         if not bool((rel <= bound).all()):
