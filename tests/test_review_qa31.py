@@ -1,0 +1,107 @@
+"""QA31: the CPU backends' numerics against a float64 oracle, and dtype mismatches on direct calls.
+
+The promise tested: a fast backend sits as close to a float64 run as the reference backend (the
+seed's deep-copied module and torch.optim) does.  One seed cannot test that in bfloat16, where a
+single rounding decision moves a whole trajectory, so each check runs many seeds and asks whether
+the seed-by-seed comparison is consistent with "equally close": under that hypothesis, which of the
+two is closer on a seed is a fair coin, so the number of seeds where the backend is farther is
+Binomial(n, 1/2) (ties — bitwise equal results — dropped).  A count whose one-sided p-value is
+below 1e-3 is refused.  Before the fix, the torch backend's MLP path computed tanh as 2σ(2z) − 1
+(an absolute, not relative, ~ulp(1) error) with inner Adam and for FOMAML's meta-gradient too: it
+was farther than the reference on 80-94 of 100 seeds (p < 1e-9) in float32 and bfloat16.
+bench/numerics_grid.py sweeps the whole grid (bench/results/numerics_grid_cpu.json).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from reptile_fast import MLP, Sine, TaskBatch, sample_indices
+from reptile_fast.backends import InnerConfig, get_backend
+
+#: a one-sided sign-test p-value below this refuses "as close to float64 as the reference"
+P_REFUSE = 1e-3
+
+
+def _sign_test_p(farther: int, n: int) -> float:
+    """P(X >= farther) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(farther, n + 1)) / 2 ** n
+
+
+def _distances(backend, dtype, config: InnerConfig, seeds: int, n_tasks: int = 2):
+    """Per seed, (backend's, reference's) distance from the float64 oracle: of the adapted
+    parameters (Reptile) or of the meta-gradients (FOMAML).  The oracle is backend "reference" in
+    float64 on the same (rounded) parameters, tasks and plan, so only the arithmetic differs."""
+    reference = get_backend("reference")
+    key = "meta_grads" if config.algorithm == "fomaml" else "params"
+    out = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = MLP().to(dtype)
+        model64 = MLP().double()
+        model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+        g = torch.Generator().manual_seed(seed)
+        t = Sine(dtype=torch.float64).sample(n_tasks, generator=g)
+        tasks = TaskBatch(t.x.to(dtype), t.y.to(dtype))
+        idx = sample_indices(n_tasks, 5 + (config.algorithm == "fomaml"), 50, 10, generator=g)  # 5 inner steps
+        oracle = getattr(reference.inner_loop(model64, TaskBatch(tasks.x.double(), tasks.y.double()), idx, config), key)
+
+        def dist(result):
+            got = getattr(result, key)
+            return math.sqrt(sum(float(((got[n].double() - oracle[n]) ** 2).sum()) for n in oracle))
+
+        out.append((dist(backend.inner_loop(model, tasks, idx, config)),
+                    dist(reference.inner_loop(model, tasks, idx, config))))
+    return out
+
+
+def _farther_count(pairs):
+    untied = [(a, b) for a, b in pairs if a != b]
+    return sum(a > b for a, b in untied), len(untied)
+
+
+@pytest.mark.parametrize("dtype, optimizer, algorithm, seeds", [
+    (torch.float32, "adam", "reptile", 100),
+    (torch.bfloat16, "adam", "reptile", 100),
+    (torch.float32, "sgd", "fomaml", 64),
+])
+def test_torch_backend_is_as_close_to_float64_as_the_reference(dtype, optimizer, algorithm, seeds):
+    """Inner Adam (float32, bfloat16) and FOMAML's meta-gradient on the sine MLP 1-64-64-1 tanh:
+    backend "torch" (its batched-MLP path) is farther from the float64 oracle than the reference
+    on about half the seeds, not on 80-94% of them as with tanh through the sigmoid.
+
+    Catches: ``default_fast_tanh`` turning 2σ(2z) − 1 on for Adam / FOMAML / grad_weights again."""
+    config = InnerConfig(lr=0.02, optimizer=optimizer, algorithm=algorithm)
+    farther, n = _farther_count(_distances(get_backend("torch"), dtype, config, seeds))
+    assert _sign_test_p(farther, n) >= P_REFUSE, (
+        f"backend torch is farther from float64 than the reference on {farther} of {n} seeds "
+        f"(p = {_sign_test_p(farther, n):.2g} under 'equally close')")
+
+
+def test_the_sign_test_refuses_tanh_through_the_sigmoid_under_adam():
+    """The statistic above has the power to see the drift it guards against: forcing
+    ``fast_tanh=True`` with inner Adam in float32 is refused (farther on ~83 of 100 seeds)."""
+    config = InnerConfig(lr=0.02, optimizer="adam")
+    farther, n = _farther_count(_distances(get_backend("torch", fast_tanh=True), torch.float32, config, 100))
+    assert _sign_test_p(farther, n) < P_REFUSE
+
+
+@pytest.mark.parametrize("config", [InnerConfig(optimizer="adam"), InnerConfig(algorithm="fomaml"),
+                                    InnerConfig(grad_weights=(1.0, 0.5, 0.25))])
+def test_default_tanh_is_torch_tanh_where_gradients_reach_the_result(config):
+    """With Adam, FOMAML or grad_weights the default MLP path equals ``fast_tanh=False`` bit for
+    bit (plain SGD Reptile keeps the sigmoid form, which is as close as the reference there)."""
+    torch.manual_seed(0)
+    model = MLP()
+    tasks = Sine().sample(3, generator=torch.Generator().manual_seed(1))
+    rows = 4 if config.algorithm == "fomaml" else 3
+    idx = sample_indices(3, rows, 50, 10, generator=torch.Generator().manual_seed(2))
+    a = get_backend("torch").inner_loop(model, tasks, idx, config)
+    b = get_backend("torch", fast_tanh=False).inner_loop(model, tasks, idx, config)
+    for n in a.params:
+        assert torch.equal(a.params[n], b.params[n]), n
+        if a.meta_grads is not None:
+            assert torch.equal(a.meta_grads[n], b.meta_grads[n]), n
