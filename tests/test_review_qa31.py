@@ -105,3 +105,50 @@ def test_default_tanh_is_torch_tanh_where_gradients_reach_the_result(config):
         assert torch.equal(a.params[n], b.params[n]), n
         if a.meta_grads is not None:
             assert torch.equal(a.meta_grads[n], b.meta_grads[n]), n
+
+
+# ---------------------------------------------------------------- dtypes on direct backend calls
+
+def _plan(n_tasks=2, rows=2):
+    return sample_indices(n_tasks, rows, 50, 10, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("task_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_direct_inner_loop_refuses_tasks_of_another_dtype_by_name(backend, task_dtype):
+    """A backend called directly (``get_backend``) with float16/bfloat16/float64 tasks on a
+    float32 model: a TypeError naming both dtypes (it failed inside torch with "mat1 and mat2 must
+    have the same dtype" / "Input dtypes must be the same")."""
+    t = Sine().sample(2, generator=torch.Generator().manual_seed(1))
+    tasks = TaskBatch(t.x.to(task_dtype), t.y.to(task_dtype))
+    with pytest.raises(TypeError, match=rf"tasks.x dtype {task_dtype} differs from the model's torch.float32"):
+        get_backend(backend).inner_loop(MLP(), tasks, _plan(), InnerConfig())
+    # x right, y another dtype cannot be built: TaskBatch refuses it where it is made
+    with pytest.raises(TypeError, match="y dtype"):
+        TaskBatch(t.x, t.y.to(task_dtype))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_direct_inner_loop_refuses_a_model_of_two_dtypes(backend):
+    """One layer in float64, the rest float32: a TypeError listing the dtypes (Reptile refused it;
+    the backends failed inside torch with "expected scalar type Double but found Float")."""
+    model = MLP()
+    next(m for m in model.modules() if isinstance(m, nn.Linear)).double()
+    with pytest.raises(TypeError, match=r"share one floating-point dtype.*float32.*float64"):
+        get_backend(backend).inner_loop(model, Sine().sample(2, generator=torch.Generator().manual_seed(1)),
+                                        _plan(), InnerConfig())
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float64])
+def test_direct_evaluate_refuses_params_of_another_dtype(backend, param_dtype):
+    """``evaluate`` with adapted params in another dtype than the model's: a TypeError naming the
+    parameter.  Before: reference failed inside torch, torch's MLP path returned float64 losses
+    computed from float64 params (another precision, silently)."""
+    model = MLP()
+    tasks = Sine().sample(2, generator=torch.Generator().manual_seed(1))
+    params = {n: p.detach().expand(2, *p.shape).to(param_dtype) for n, p in model.named_parameters()}
+    with pytest.raises(TypeError, match=rf"params\['.*'\] is {param_dtype} but the model's parameter is torch.float32"):
+        get_backend(backend).evaluate(model, params, tasks, InnerConfig())
+    ok = {n: v.float() for n, v in params.items()}
+    assert get_backend(backend).evaluate(model, ok, tasks, InnerConfig()).dtype == torch.float32
