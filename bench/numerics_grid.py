@@ -192,7 +192,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--out", default="bench/results/numerics_grid_cpu.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the measurement is about rounding: one thread, one summation order
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> dict:
     labels = args.backends.split(",")
     if "triton" in labels and os.environ.get("TRITON_INTERPRET") != "1":
         labels.remove("triton")  # run with TRITON_INTERPRET=1 to include it

@@ -152,3 +152,24 @@ def test_direct_evaluate_refuses_params_of_another_dtype(backend, param_dtype):
         get_backend(backend).evaluate(model, params, tasks, InnerConfig())
     ok = {n: v.float() for n, v in params.items()}
     assert get_backend(backend).evaluate(model, ok, tasks, InnerConfig()).dtype == torch.float32
+
+
+def test_numerics_grid_bench_runs_and_summarises(tmp_path):
+    """``bench.numerics_grid`` (the sweep behind NOTES-qa31 and bench/results/numerics_grid_cpu.json)
+    runs end to end on a small grid, and its sign test is the binomial one."""
+    import json
+
+    from bench.numerics_grid import _sign_test, main, summarise
+
+    out = tmp_path / "grid.json"
+    threads = torch.get_num_threads()
+    main(["--seeds", "2", "--models", "sine", "--dtypes", "float32", "--backends", "reference,torch", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # the sweep runs on one thread and puts the count back
+    cells = json.loads(out.read_text())["cells"]
+    assert {(c["optimizer"], c["algorithm"]) for c in cells} == {(o, a) for o in ("sgd", "adam") for a in ("reptile", "fomaml")}
+    fomaml = next(c for c in cells if c["algorithm"] == "fomaml")
+    assert set(fomaml["summary"]) == {"inner", "meta_grad", "meta_step"}
+    assert 0 < fomaml["summary"]["meta_step"]["torch"]["median"] < 1e-4  # fp32 rounding, not a wrong answer
+    assert _sign_test(5, 5) == pytest.approx(2 / 32) and _sign_test(0, 5) == pytest.approx(2 / 32)
+    s = summarise({"reference": [1.0, 1.0, 1.0], "x": [2.0, 2.0, 1.0]})["x"]
+    assert s["frac_worse"] == 1.0 and s["ties"] == 1 and s["ratio_geomean"] == pytest.approx(2.0)
