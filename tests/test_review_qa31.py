@@ -33,10 +33,10 @@ def _sign_test_p(farther: int, n: int) -> float:
 
 def _distances(backend, dtype, config: InnerConfig, seeds: int, n_tasks: int = 2):
     """Per seed, (backend's, reference's) distance from the float64 oracle: of the adapted
-    parameters (Reptile) or of the meta-gradients (FOMAML).  The oracle is backend "reference" in
+    parameters (Reptile) or of the meta-gradients (FOMAML, Σ w_s g_s).  The oracle is backend "reference" in
     float64 on the same (rounded) parameters, tasks and plan, so only the arithmetic differs."""
     reference = get_backend("reference")
-    key = "meta_grads" if config.algorithm == "fomaml" else "params"
+    key = "meta_grads" if config.needs_meta_grads else "params"
     out = []
     for seed in range(seeds):
         torch.manual_seed(seed)
@@ -63,18 +63,20 @@ def _farther_count(pairs):
     return sum(a > b for a, b in untied), len(untied)
 
 
-@pytest.mark.parametrize("dtype, optimizer, algorithm, seeds", [
-    (torch.float32, "adam", "reptile", 100),
-    (torch.bfloat16, "adam", "reptile", 100),
-    (torch.float32, "sgd", "fomaml", 64),
+@pytest.mark.parametrize("dtype, optimizer, algorithm, weights, seeds", [
+    (torch.float32, "adam", "reptile", None, 100),
+    (torch.bfloat16, "adam", "reptile", None, 100),
+    (torch.float32, "sgd", "fomaml", None, 64),
+    (torch.float32, "sgd", "reptile", (1.0, 0.5, 0.25, 0.125, 0.0625), 64),
 ])
-def test_torch_backend_is_as_close_to_float64_as_the_reference(dtype, optimizer, algorithm, seeds):
-    """Inner Adam (float32, bfloat16) and FOMAML's meta-gradient on the sine MLP 1-64-64-1 tanh:
-    backend "torch" (its batched-MLP path) is farther from the float64 oracle than the reference
-    on about half the seeds, not on 80-94% of them as with tanh through the sigmoid.
+def test_torch_backend_is_as_close_to_float64_as_the_reference(dtype, optimizer, algorithm, weights, seeds):
+    """Inner Adam (float32, bfloat16), FOMAML's meta-gradient and Σ w_s g_s (``grad_weights``) on
+    the sine MLP 1-64-64-1 tanh: backend "torch" (its batched-MLP path) is farther from the
+    float64 oracle than the reference on about half the seeds, not on 80-100% of them as with
+    tanh through the sigmoid (grad_weights: 100 of 100).
 
     Catches: ``default_fast_tanh`` turning 2σ(2z) − 1 on for Adam / FOMAML / grad_weights again."""
-    config = InnerConfig(lr=0.02, optimizer=optimizer, algorithm=algorithm)
+    config = InnerConfig(lr=0.02, optimizer=optimizer, algorithm=algorithm, grad_weights=weights)
     farther, n = _farther_count(_distances(get_backend("torch"), dtype, config, seeds))
     assert _sign_test_p(farther, n) >= P_REFUSE, (
         f"backend torch is farther from float64 than the reference on {farther} of {n} seeds "
