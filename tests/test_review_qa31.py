@@ -67,7 +67,7 @@ def _farther_count(pairs):
     (torch.float32, "adam", "reptile", None, 100),
     (torch.bfloat16, "adam", "reptile", None, 100),
     (torch.float32, "sgd", "fomaml", None, 64),
-    (torch.float32, "sgd", "reptile", (1.0, 0.5, 0.25, 0.125, 0.0625), 64),
+    (torch.float32, "sgd", "reptile", (1.0, 0.5, 0.25, 0.125, 0.0625), 100),
 ])
 def test_torch_backend_is_as_close_to_float64_as_the_reference(dtype, optimizer, algorithm, weights, seeds):
     """Inner Adam (float32, bfloat16), FOMAML's meta-gradient and Σ w_s g_s (``grad_weights``) on
