@@ -13,6 +13,7 @@ bench/numerics_grid.py sweeps the whole grid (bench/results/numerics_grid_cpu.js
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -31,30 +32,38 @@ def _sign_test_p(farther: int, n: int) -> float:
     return sum(math.comb(n, i) for i in range(farther, n + 1)) / 2 ** n
 
 
-def _distances(backend, dtype, config: InnerConfig, seeds: int, n_tasks: int = 2):
-    """Per seed, (backend's, reference's) distance from the float64 oracle: of the adapted
-    parameters (Reptile) or of the meta-gradients (FOMAML, Σ w_s g_s).  The oracle is backend "reference" in
-    float64 on the same (rounded) parameters, tasks and plan, so only the arithmetic differs."""
+@functools.lru_cache(maxsize=None)
+def _seed_case(dtype, config: InnerConfig, seed: int, n_tasks: int = 2):
+    """One seed's sine MLP, tasks and plan in ``dtype``, the float64 oracle's result and the
+    reference backend's distance from it (cached: the power test reuses the Adam test's seeds).
+    The oracle is backend "reference" in float64 on the same (rounded) parameters, tasks and plan,
+    so only the arithmetic differs; distances are of the adapted parameters (Reptile) or of the
+    meta-gradients (FOMAML, Σ w_s g_s)."""
     reference = get_backend("reference")
     key = "meta_grads" if config.needs_meta_grads else "params"
+    torch.manual_seed(seed)
+    model = MLP().to(dtype)
+    model64 = MLP().double()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    g = torch.Generator().manual_seed(seed)
+    t = Sine(dtype=torch.float64).sample(n_tasks, generator=g)
+    tasks = TaskBatch(t.x.to(dtype), t.y.to(dtype))
+    idx = sample_indices(n_tasks, 5 + (config.algorithm == "fomaml"), 50, 10, generator=g)  # 5 inner steps
+    oracle = getattr(reference.inner_loop(model64, TaskBatch(tasks.x.double(), tasks.y.double()), idx, config), key)
+
+    def dist(result):
+        got = getattr(result, key)
+        return math.sqrt(sum(float(((got[n].double() - oracle[n]) ** 2).sum()) for n in oracle))
+
+    return model, tasks, idx, dist, dist(reference.inner_loop(model, tasks, idx, config))
+
+
+def _distances(backend, dtype, config: InnerConfig, seeds: int):
+    """Per seed, (backend's, reference's) distance from the float64 oracle (``_seed_case``)."""
     out = []
     for seed in range(seeds):
-        torch.manual_seed(seed)
-        model = MLP().to(dtype)
-        model64 = MLP().double()
-        model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-        g = torch.Generator().manual_seed(seed)
-        t = Sine(dtype=torch.float64).sample(n_tasks, generator=g)
-        tasks = TaskBatch(t.x.to(dtype), t.y.to(dtype))
-        idx = sample_indices(n_tasks, 5 + (config.algorithm == "fomaml"), 50, 10, generator=g)  # 5 inner steps
-        oracle = getattr(reference.inner_loop(model64, TaskBatch(tasks.x.double(), tasks.y.double()), idx, config), key)
-
-        def dist(result):
-            got = getattr(result, key)
-            return math.sqrt(sum(float(((got[n].double() - oracle[n]) ** 2).sum()) for n in oracle))
-
-        out.append((dist(backend.inner_loop(model, tasks, idx, config)),
-                    dist(reference.inner_loop(model, tasks, idx, config))))
+        model, tasks, idx, dist, ref = _seed_case(dtype, config, seed)
+        out.append((dist(backend.inner_loop(model, tasks, idx, config)), ref))
     return out
 
 
