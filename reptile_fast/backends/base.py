@@ -137,6 +137,31 @@ class Backend:
                                  f"in [{lo}, {hi}]")
 
     @staticmethod
+    def check_data(model: nn.Module, tasks: TaskBatch) -> torch.dtype:
+        """The model's parameter dtype; TypeError unless its parameters share one floating dtype
+        and the tasks' float tensors (``x`` ``[T, N, ...]`` unless integer ids, ``y`` unless long
+        labels) have it, ValueError unless the tasks are on the parameters' device.
+
+        ``Reptile`` checks this where data enters; a backend called directly failed deep inside
+        torch ("mat1 and mat2 must have the same dtype", "Input dtypes must be the same") for
+        float16 tasks on a float32 model or a model of two dtypes."""
+        params = list(model.parameters())
+        if not params:
+            raise ValueError("model has no parameters")
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1 or not params[0].is_floating_point():
+            raise TypeError(f"model parameters must share one floating-point dtype, found "
+                            f"{sorted(map(str, dtypes))}")
+        dtype, device = params[0].dtype, params[0].device
+        if tasks.device != device:
+            raise ValueError(f"tasks are on {tasks.device} but the model's parameters on {device}")
+        for name, t in (("x", tasks.x), ("y", tasks.y)):
+            if t.is_floating_point() and t.dtype != dtype:
+                raise TypeError(f"tasks.{name} dtype {t.dtype} differs from the model's {dtype}: draw the "
+                                f"tasks in it (e.g. Sine(dtype={dtype})) or convert the model")
+        return dtype
+
+    @staticmethod
     def check_params(model: nn.Module, params, n_tasks: int) -> None:
         """TypeError/ValueError unless ``params`` maps exactly the model's parameter names to
         tensors ``[n_tasks, *shape]`` (what ``evaluate`` takes).  ``functional_call`` took the
@@ -153,6 +178,12 @@ class Backend:
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != (n_tasks, *p.shape):
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"params[{n!r}] must be [tasks={n_tasks}, *{tuple(p.shape)}], got {got}")
+            if v.dtype != p.dtype:
+                # reference and torch's generic path failed inside torch; torch's MLP path computed
+                # in the params' dtype, silently another precision than the model's
+                raise TypeError(f"params[{n!r}] is {v.dtype} but the model's parameter is {p.dtype}")
+            if v.device != p.device:
+                raise ValueError(f"params[{n!r}] is on {v.device} but the model's parameter on {p.device}")
 
     def auto_candidate(self, device: torch.device) -> bool:
         """Whether ``backend="auto"`` may pick this backend on ``device`` (before ``check_supported``).
@@ -191,6 +222,7 @@ class Backend:
         from ..losses import resolve_loss
 
         self.check_params(model, params, tasks.n_tasks)
+        self.check_data(model, tasks)
         loss_fn = resolve_loss(config.loss)
         buffers = {k: v.clone() for k, v in model.named_buffers()}
         out = []

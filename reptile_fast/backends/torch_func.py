@@ -12,7 +12,7 @@ Two paths behind one backend, chosen per call:
 Both follow the reference backend's floating-point operations (``torch.optim.SGD``'s
 ``add_(grad, alpha=-lr)``, ``torch.optim.Adam``'s single-tensor algorithm), so the adapted
 parameters agree with it to rounding (the MLP path's documented differences: matmul summation
-order, SGD fused into the matmul, tanh as 2σ(2z) − 1 on CPU; see ``mlp_batched``).
+order, SGD fused into the matmul, tanh as 2σ(2z) − 1 for plain SGD on CPU; see ``mlp_batched``).
 ``TorchBackend(fast_mlp=False)`` forces the generic path; ``uses_fast_path`` says which one a
 call takes.
 
@@ -132,7 +132,10 @@ class TorchBackend(Backend):
         fast_mlp: use the batched-matmul path for plain MLPs (the default); False forces the
             generic ``vmap`` path for every model.
         fast_tanh: on the MLP path, tanh as 2σ(2z) − 1 (vectorised; within ~1e-7 of
-            ``torch.tanh``).  None (default): on CPU only, where ``torch.tanh`` is a scalar loop.
+            ``torch.tanh``, absolute).  None (default): on CPU only, where ``torch.tanh`` is a
+            scalar loop, and for plain SGD Reptile only (``mlp_batched.default_fast_tanh``: with
+            Adam, FOMAML or ``inner_grad_weights`` its absolute error put the results farther
+            from a float64 run than the reference's).
         task_block: on the MLP path with SGD (no FOMAML, no ``inner_grad_weights``), run the
             inner loops this many tasks at a time, so that a block's stacked weights stay in cache
             through all its inner steps (same results: the tasks' arithmetic is independent).
@@ -197,11 +200,6 @@ class TorchBackend(Backend):
             return spec if name == "cross_entropy" else None
         return spec if name == "mse" and tasks.y.shape[2] == spec.dims[-1] else None
 
-    def _fast_tanh(self, device: torch.device) -> bool:
-        from .mlp_batched import default_fast_tanh
-
-        return default_fast_tanh(device) if self.fast_tanh is None else self.fast_tanh
-
     def _task_block(self, spec, tasks: TaskBatch, batch: int) -> Optional[int]:
         if self.task_block != "auto":
             return self.task_block
@@ -212,6 +210,7 @@ class TorchBackend(Backend):
     def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
                    config: InnerConfig) -> InnerResult:
         self.check_plan(tasks, indices, config)
+        self.check_data(model, tasks)
         steps = config.train_steps(indices.shape[1])
         if steps < 1:
             raise ValueError(f"the plan has {indices.shape[1]} rows: no inner step to take")
@@ -235,7 +234,7 @@ class TorchBackend(Backend):
             if config.optimizer == "adam" else None
         out = mlp_inner_loop(spec, params, xs, ys, lr=config.lr, loss=loss_name(config.loss),
                              fomaml=config.algorithm == "fomaml", grad_weights=config.grad_weights,
-                             fast_tanh=self._fast_tanh(tasks.device), optimizer=adam,
+                             fast_tanh=self.fast_tanh, optimizer=adam,
                              task_block=self._task_block(spec, tasks, indices.shape[2]), init=named)
         adapted = out.params.named()
         meta = None
@@ -305,6 +304,7 @@ class TorchBackend(Backend):
         """
         T = tasks.n_tasks
         self.check_params(model, params, T)
+        self.check_data(model, tasks)
         with torch.no_grad():
             if self.uses_fast_path(model, tasks, InnerConfig(loss=config.loss)):
                 spec = self.mlp_spec(model)
