@@ -70,8 +70,8 @@ V2_GRID = [
     ("33-64-64-64-1", (33, 64, 64, 64, 1), ("relu", "tanh", "sigmoid", "identity"), "mse", 16, 5),
 ]
 
-#: v1 ``--cases grid``: (name, dims, activations, loss, batch, precision); feature sizes to 256,
-#: either variant (chosen by ``choose_launch_config``), any batch
+#: v1 ``--cases grid``: (name, dims, activations, loss, batch, precision[, forced mode]); feature
+#: sizes to 256, either variant (chosen by ``choose_launch_config`` unless forced), any batch
 V1_GRID = [
     ("1-1", (1, 1), ("identity",), "mse", 1, "ieee"),
     ("sine-1-64-64-1", *SINE, "mse", 10, "tf32x3"),
@@ -83,6 +83,8 @@ V1_GRID = [
     ("64x5-wide", (64,) * 6, ("tanh",) * 4 + ("identity",), "mse", 10, "ieee"),
     ("ce-4-64-64-5-relu", (4, 64, 64, 5), ("relu", "relu", "identity"), "cross_entropy", 10, "ieee"),
     ("1-200-3-b33", (1, 200, 3), ("tanh", "identity"), "mse", 33, "tf32x3"),
+    # the largest tile a forced registers variant may hold (mlp_inner_loop._REGISTERS_MAX_TILE)
+    ("128-256-forced-registers", (128, 256), ("identity",), "mse", 10, "ieee", "registers"),
 ]
 
 PTX_FACTS = {"mma": r"\bmma\.sync", "wgmma": r"\bwgmma\.", "ex2.approx": r"\bex2\.approx",
@@ -119,7 +121,10 @@ def facts(kernel, arch: int) -> dict:
     ``maxnreg`` and ``uncapped``: ptxas -v of the same PTX without the cap (what ptxas would
     choose on its own)."""
     ptx = kernel.asm["ptx"]
+    # global scratch: a kernel that needs it makes every launch call Triton's runtime allocator
+    # (an error unless one is set; an allocation inside a CUDA-graph capture)
     row = {"shared_bytes": kernel.metadata.shared,
+           "global_scratch_bytes": getattr(kernel.metadata, "global_scratch_size", None),
            "ptx": {k: len(re.findall(p, ptx)) for k, p in PTX_FACTS.items()}}
     if ptxas_path() is None:
         row["ptxas"] = "not found in the Triton wheel"
@@ -241,8 +246,8 @@ def grid_rows(arch: int = 90, log=None):
                                             write_adapted=mode == "adapt", write_losses=mode == "adapt",
                                             finalize=mode == "meta-step-1", ones=ones)
             rows.append(_record(row, build, arch, log))
-    for name, dims, acts, loss, batch, prec in V1_GRID:
-        config = K.choose_launch_config(dims, batch)
+    for name, dims, acts, loss, batch, prec, *forced in V1_GRID:
+        config = K.choose_launch_config(dims, batch, mode=forced[0] if forced else None)
         row = {"kernel": "v1", "case": name, "dims": list(dims), "activations": list(acts), "loss": loss,
                "batch": batch, "precision": prec, "mode": config.mode, "num_warps": config.num_warps,
                "arch": f"sm_{arch}a", "triton": triton.__version__}

@@ -30,6 +30,11 @@ import sys
 from typing import Dict, List, Tuple
 
 import numpy as np
+import triton
+
+#: frames in these files are Triton's interpreter machinery or this checker, not kernel code
+_SKIP = (os.path.dirname(triton.__file__), os.path.abspath(__file__))
+
 
 class _Site:
     """Where an access happened: the kernel-code frames (innermost first) and the pointer tensor."""
@@ -41,7 +46,7 @@ class _Site:
         f = sys._getframe(2)
         # up to the interpreter's grid loop (beyond it: the host launcher)
         while f is not None and type(f.f_locals.get("self")).__name__ != "GridExecutor":
-            if os.path.basename(os.path.dirname(f.f_code.co_filename)) == "kernels":
+            if not f.f_code.co_filename.startswith(_SKIP):  # the kernel's code, not Triton's or ours
                 frames.append(f)
                 lines.append(f"{f.f_code.co_name}:{f.f_lineno}")
             f = f.f_back
