@@ -43,6 +43,50 @@ V1_CASES = [
     ("2-256-256-3", (2, 256, 256, 3), ("tanh", "tanh", "identity"), "mse", 10, None),
 ]
 
+#: ``--cases grid``: configurations the public API can reach, beyond the records' sine cases:
+#: (name, dims, activations, loss, batch, steps); feature sizes 1-64, depths 1-5, batch 1-32,
+#: steps 0-16, every activation, MSE and cross-entropy with 2-64 classes
+V2_GRID = [
+    ("1-1", (1, 1), ("identity",), "mse", 1, 1),
+    ("1-2-1", (1, 2, 1), ("tanh", "identity"), "mse", 2, 3),
+    ("3-5-2-sigmoid", (3, 5, 2), ("sigmoid", "identity"), "mse", 5, 2),
+    ("5-5", (5, 5), ("identity",), "mse", 1, 1),
+    ("4x5-narrow-relu", (4, 4, 4, 4, 4, 4), ("relu",) * 4 + ("identity",), "mse", 32, 8),
+    ("1-64-1", (1, 64, 1), ("tanh", "identity"), "mse", 10, 5),
+    ("sine-1-64-64-1", *SINE, "mse", 10, 5),
+    ("sine-b32-s1", *SINE, "mse", 32, 1),
+    ("ce-2-16-3-relu", (2, 16, 3), ("relu", "identity"), "cross_entropy", 16, 4),
+    ("64-64-sigmoid", (64, 64), ("sigmoid",), "mse", 17, 3),
+    ("ce-17-33-64-7", (17, 33, 64, 7), ("tanh", "relu", "identity"), "cross_entropy", 7, 5),
+    ("64x5-wide", (64,) * 6, ("tanh",) * 4 + ("identity",), "mse", 10, 5),
+    ("1-8x4-1-sigmoid", (1, 8, 8, 8, 8, 1), ("sigmoid",) * 4 + ("identity",), "mse", 4, 2),
+    ("64-1", (64, 1), ("identity",), "mse", 3, 2),
+    ("1-64", (1, 64), ("identity",), "mse", 3, 2),
+    ("ce-4-64-64-5-relu", (4, 64, 64, 5), ("relu", "relu", "identity"), "cross_entropy", 10, 5),
+    ("ce-10-64-2", (10, 64, 2), ("relu", "identity"), "cross_entropy", 25, 6),
+    ("ce-3-20-64-s0", (3, 20, 64), ("tanh", "identity"), "cross_entropy", 8, 0),
+    ("64-3-64", (64, 3, 64), ("tanh", "identity"), "mse", 12, 2),
+    ("16-16-16-sigmoid-b1-s16", (16, 16, 16), ("sigmoid", "sigmoid"), "mse", 1, 16),
+    ("33-64-64-64-1", (33, 64, 64, 64, 1), ("relu", "tanh", "sigmoid", "identity"), "mse", 16, 5),
+]
+
+#: v1 ``--cases grid``: (name, dims, activations, loss, batch, precision[, forced mode]); feature
+#: sizes to 256, either variant (chosen by ``choose_launch_config`` unless forced), any batch
+V1_GRID = [
+    ("1-1", (1, 1), ("identity",), "mse", 1, "ieee"),
+    ("sine-1-64-64-1", *SINE, "mse", 10, "tf32x3"),
+    ("3-5-2-sigmoid", (3, 5, 2), ("sigmoid", "identity"), "mse", 5, "tf32"),
+    ("2-256-256-3", (2, 256, 256, 3), ("tanh", "tanh", "identity"), "mse", 10, "ieee"),
+    ("256-256-b1", (256, 256), ("sigmoid",), "mse", 1, "tf32x3"),
+    ("1-17-1-b100", (1, 17, 1), ("relu", "identity"), "mse", 100, "ieee"),
+    ("ce-64-256", (64, 256), ("identity",), "cross_entropy", 20, "tf32"),
+    ("64x5-wide", (64,) * 6, ("tanh",) * 4 + ("identity",), "mse", 10, "ieee"),
+    ("ce-4-64-64-5-relu", (4, 64, 64, 5), ("relu", "relu", "identity"), "cross_entropy", 10, "ieee"),
+    ("1-200-3-b33", (1, 200, 3), ("tanh", "identity"), "mse", 33, "tf32x3"),
+    # the largest tile a forced registers variant may hold (mlp_inner_loop._REGISTERS_MAX_TILE)
+    ("128-256-forced-registers", (128, 256), ("identity",), "mse", 10, "ieee", "registers"),
+]
+
 PTX_FACTS = {"mma": r"\bmma\.sync", "wgmma": r"\bwgmma\.", "ex2.approx": r"\bex2\.approx",
              "lg2.approx": r"\blg2\.approx", "div.full": r"\bdiv\.full", "div.rn": r"\bdiv\.rn",
              "ld.local": r"\bld\.local", "st.local": r"\bst\.local"}
@@ -77,7 +121,10 @@ def facts(kernel, arch: int) -> dict:
     ``maxnreg`` and ``uncapped``: ptxas -v of the same PTX without the cap (what ptxas would
     choose on its own)."""
     ptx = kernel.asm["ptx"]
+    # global scratch: a kernel that needs it makes every launch call Triton's runtime allocator
+    # (an error unless one is set; an allocation inside a CUDA-graph capture)
     row = {"shared_bytes": kernel.metadata.shared,
+           "global_scratch_bytes": getattr(kernel.metadata, "global_scratch_size", None),
            "ptx": {k: len(re.findall(p, ptx)) for k, p in PTX_FACTS.items()}}
     if ptxas_path() is None:
         row["ptxas"] = "not found in the Triton wheel"
@@ -167,6 +214,49 @@ def guard_rows(arch: int = 90, log=None):
     return [_record(row, lambda: G.compile_for_target(arch), arch, log)]
 
 
+def grid_rows(arch: int = 90, log=None):
+    """The ``--cases grid`` compiles: every ``V2_GRID`` case as a meta-step ("ieee"), adapt
+    ("tf32x3") and a one-program meta-step ("tf32", FINALIZE, compiled as the JIT compiles a
+    meta-batch-1 launch: ``n_tasks`` and ``n_programs`` the constant 1, ``batch`` too when 1),
+    plus the streamed variant of each when the model has a wide x wide layer; every ``V1_GRID``
+    case at its precision; the guard."""
+    import triton
+
+    from reptile_fast.kernels import mlp_inner_loop as K
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    rows = []
+    for name, dims, acts, loss, batch, steps in V2_GRID:
+        combos = [("ieee", "meta-step", False), ("tf32x3", "adapt", False), ("tf32", "meta-step-1", False)]
+        if any(V._uses_dot(dims)):
+            combos += [("ieee", "meta-step", True), ("tf32", "adapt", True), ("ieee", "meta-step-1", True)]
+        for prec, mode, stream in combos:
+            config = V.V2Config(stream=stream)
+            meta = V._meta(dims, acts, loss, batch, steps, prec, config, True, False, False)
+            ones = (("n_tasks", "n_programs") if mode == "meta-step-1" else ()) + (("batch",) if batch == 1 else ())
+            row = {"kernel": "v2-stream" if stream else "v2", "case": name, "dims": list(dims),
+                   "activations": list(acts), "loss": loss, "batch": batch, "steps": steps, "precision": prec,
+                   "mode": mode, "num_warps": meta["num_warps"], "ones": list(ones), "arch": f"sm_{arch}a",
+                   "triton": triton.__version__}
+
+            def build(dims=dims, acts=acts, loss=loss, batch=batch, steps=steps, prec=prec, mode=mode,
+                      config=config, ones=ones):
+                return V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=prec,
+                                            config=config, arch=arch, accumulate=mode.startswith("meta-step"),
+                                            write_adapted=mode == "adapt", write_losses=mode == "adapt",
+                                            finalize=mode == "meta-step-1", ones=ones)
+            rows.append(_record(row, build, arch, log))
+    for name, dims, acts, loss, batch, prec, *forced in V1_GRID:
+        config = K.choose_launch_config(dims, batch, mode=forced[0] if forced else None)
+        row = {"kernel": "v1", "case": name, "dims": list(dims), "activations": list(acts), "loss": loss,
+               "batch": batch, "precision": prec, "mode": config.mode, "num_warps": config.num_warps,
+               "arch": f"sm_{arch}a", "triton": triton.__version__}
+        rows.append(_record(row, lambda dims=dims, acts=acts, loss=loss, batch=batch, prec=prec, config=config:
+                            K.compile_for_target(dims, acts, loss=loss, batch=batch, precision=prec, config=config,
+                                                 arch=arch), arch, log))
+    return rows + guard_rows(arch, log=log)
+
+
 def line(r: dict) -> str:
     head = f"{r['kernel']} {r['case']:22s} {r['precision']:6s} {r['mode']:9s} w{r['num_warps']}"
     if "error" in r:
@@ -183,9 +273,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", choices=("v1", "v2", "all"), default="v2")
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--cases", choices=("all", "gpu", "smoke"), default="all",
+    ap.add_argument("--cases", choices=("all", "gpu", "smoke", "grid"), default="all",
                     help="all: every case (the records in bench/results); gpu: the sine MLP, every precision "
-                         "and mode at 4 and 8 warps, plus v1 (the GPU check's stage 2); smoke: one compile each")
+                         "and mode at 4 and 8 warps, plus v1 (the GPU check's stage 2); smoke: one compile each; "
+                         "grid: V2_GRID / V1_GRID, the configurations the public API can reach (--kernel ignored)")
     ap.add_argument("--out", help="write {stamp, rows} JSON here")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -216,10 +307,12 @@ def main(argv=None) -> int:
              "smoke": {"cases": V2_CASES[:1], "precisions": ("ieee",), "modes": ("meta-step",), "warps": (8,),
                        "streams": (False,)}}
     v1_kw = {"all": {}, "gpu": {"cases": V1_CASES[:1]}, "smoke": {"cases": V1_CASES[:1], "precisions": ("ieee",)}}
-    if args.kernel in ("v2", "all"):
+    if args.cases == "grid":
+        rows += grid_rows(args.arch, log=print)
+    elif args.kernel in ("v2", "all"):
         rows += v2_rows(args.arch, log=print, **v2_kw[args.cases])
         rows += guard_rows(args.arch, log=print)
-    if args.kernel in ("v1", "all"):
+    if args.kernel in ("v1", "all") and args.cases != "grid":
         rows += v1_rows(args.arch, log=print, **v1_kw[args.cases])
     _on_row = None
     if args.out:

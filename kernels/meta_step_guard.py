@@ -69,6 +69,9 @@ def _accept_kernel(
         ok = start + cols < n
         v = tl.load(new_ptr + start + cols, mask=ok, other=0.0)
         tl.store(phi_ptr + start + cols, v, mask=ok & accept_cols)  # writes nothing if skipped
+    # WAR: every thread's reads of the state above before one thread rewrites it below (a thread
+    # that read it late saw the new flags; harmless for these values, but a race all the same)
+    tl.debug_barrier()
     newly_bad = (healthy != 0) & (n_bad > 0)
     tl.store(state_ptr + 1 + one, tl.where(newly_bad, iteration, first_bad))
     tl.store(state_ptr + one, tl.where(accept, 1, 0).to(tl.int64))

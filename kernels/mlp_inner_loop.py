@@ -57,7 +57,8 @@ from reptile_fast.validation import check_bool
 
 __all__ = [
     "ACTIVATION_CODES", "LOSS_CODES", "MAX_LAYERS", "MAX_FEATURES", "INTERPRETED", "LaunchConfig",
-    "padded", "param_layout", "n_flat_params", "choose_launch_config", "split_params",
+    "padded", "param_layout", "n_flat_params", "choose_launch_config", "registers_unsupported_reason",
+    "split_params",
     "mlp_inner_loop", "compile_for_target",
 ]
 
@@ -666,6 +667,26 @@ class LaunchConfig:
 #: Tuning on a GPU is issue 7's.
 _REGISTERS_TILE_LIMIT = 16 * 64
 _REGISTERS_WEIGHT_LIMIT = 8192
+#: What a *forced* registers variant (``mode="registers"``) can run at all: its largest padded
+#: tile (a layer's ``[P_OUT, P_IN]`` weights or the ``[BLOCK_B, widest]`` activations) at most
+#: this many elements.  Each ``tl.dot`` stages its operands in shared memory, and a CUDA block may
+#: use at most 227 KB of it on H100/H200 (sm_90); the interpreter has no such limit.  Compiled
+#: for sm_90a (Triton 3.8, no GPU; NOTES-qa29.md): tiles of 128 x 256 take 140-148 KB, 512 x 64
+#: 200 KB; 256 x 256 weights 280 KB and 256 x 256 activations 311 KB, which no launch can get.
+_REGISTERS_MAX_TILE = 128 * 256
+
+
+def registers_unsupported_reason(dims: Sequence[int], block_b: int) -> Optional[str]:
+    """Why the registers variant cannot run feature sizes ``dims`` at padded batch ``block_b``
+    on a GPU (None when it can): a tile beyond ``_REGISTERS_MAX_TILE`` elements."""
+    pad = [padded(d) for d in dims]
+    tiles = [(o, i) for i, o in zip(pad[:-1], pad[1:])] + [(block_b, max(pad))]
+    rows, cols = max(tiles, key=lambda t: t[0] * t[1])
+    if rows * cols > _REGISTERS_MAX_TILE:
+        return (f"the 'registers' variant keeps whole padded tiles on chip: a {rows} x {cols} tile exceeds its limit "
+                f"of {_REGISTERS_MAX_TILE} elements (its dots' shared memory would exceed a GPU block's 227 KB); "
+                f"use mode 'tiled' (the default for this model)")
+    return None
 
 
 def choose_launch_config(dims: Sequence[int], batch: int, *, mode: Optional[str] = None,
@@ -928,6 +949,10 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         config = choose_launch_config(dims, B)
     elif not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig (or None), got {type(config).__name__}")
+    if config.mode == "registers":
+        reason = registers_unsupported_reason(dims, max(config.block_b, padded(B)))
+        if reason:
+            raise ValueError(reason)
     x, y, indices = x.contiguous(), y.contiguous(), indices.contiguous()
     n_params = n_flat_params(dims)
     # -- allocate

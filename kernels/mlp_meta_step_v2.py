@@ -352,6 +352,10 @@ def _layer_forward(a, w, b, w_scr, a_scr, ACT: tl.constexpr, D_IN: tl.constexpr,
         rows = tl.arange(0, BLOCK_B)
         cin = tl.arange(0, P_IN)
         cout = tl.arange(0, P_OUT)
+        # WAR: the previous step's reads of this input (the backward pass of the layer below,
+        # ``_stashed``, which has no barrier of its own when that layer is not streamed) before
+        # other threads overwrite it
+        tl.debug_barrier()
         tl.store(a_scr + rows[:, None] * P_IN + cin[None, :], a)
         tl.debug_barrier()
         z = tl.zeros((BLOCK_B, P_OUT), dtype=tl.float32)
@@ -729,8 +733,12 @@ def _meta_step_kernel(
                 _layer_write(part_row, phi_ptr, w4, b4, scr + WOFF4, OFF4, D4, D5, P4, P5, S4, True, TILE)
             # the next task's read-modify-write may run on other threads
             tl.debug_barrier()
-        elif S0 or S1 or S2 or S3 or S4:
-            tl.debug_barrier()  # the reads of the streamed weights before the next task's copy
+        if ACCUMULATE != 2:
+            if S0 or S1 or S2 or S3 or S4:
+                # WAR: every read of the streamed weights (``_layer_write``, ``_layer_final``)
+                # before the next task's ``_layer_init`` overwrites them (ACCUMULATE 2 has had
+                # its barrier above)
+                tl.debug_barrier()
     if ACCUMULATE == 1:
         # every program writes its whole partial row (zeros if it ran no task)
         _store_layer(part_row, acc_w0, acc_b0, 0, D0, D1, P0, P1)
@@ -762,8 +770,13 @@ def _outer_update_kernel(phi_ptr, part_ptr, loss_part_ptr, eps_ptr, new_phi_ptr,
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_params
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    # row p at a pointer advanced by part_stride per row (64-bit address arithmetic): the offset
+    # p * part_stride in int32 overflowed once n_programs * part_stride >= 2^31 (a caller's
+    # partials with a wide row stride, or a grid of ~100k programs on the widest model)
+    row = part_ptr + cols
     for p in range(0, n_programs):
-        acc += tl.load(part_ptr + p * part_stride + cols, mask=ok, other=0.0)
+        acc += tl.load(row, mask=ok, other=0.0)
+        row += part_stride
     eps = tl.load(eps_ptr + tl.arange(0, 1))
     phi = tl.load(phi_ptr + cols, mask=ok, other=0.0)
     # the trainer's φ + ε · mean_i(φ̃_i − φ); mean = sum / T with an IEEE division, as torch's mean
@@ -970,8 +983,13 @@ def grid_size(T: int, device: torch.device, config: V2Config) -> int:
 def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss: str = "mse",
                        batch: int = 10, steps: int = 5, precision: str = "ieee",
                        config: Optional[V2Config] = None, arch: int = 90, accumulate: bool = True,
-                       write_adapted: bool = False, write_losses: bool = False, finalize: bool = False):
+                       write_adapted: bool = False, write_losses: bool = False, finalize: bool = False,
+                       ones: Sequence[str] = ()):
     """Compile the v2 meta-step kernel ahead of time for CUDA ``sm_<arch>`` (no GPU needed).
+
+    ``ones``: integer arguments that are 1 at the launch being reproduced (e.g. ``n_tasks``,
+    ``n_programs``, ``batch`` at meta-batch 1 / batch 1): Triton's JIT compiles an int argument
+    equal to 1 as the constant 1, a different kernel from the ``i32`` one compiled otherwise.
 
     Needs the module imported without ``TRITON_INTERPRET=1``.  Returns Triton's ``CompiledKernel``
     (``.asm["ptx"]``, ``.metadata.shared``; run ptxas -v on the PTX for registers / spills)."""
@@ -990,6 +1008,10 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
                 "loss_ptr": "*fp32", "scr_ptr": "*fp32", "eps_ptr": "*fp32", "state_ptr": "*i64",
                 "iter_ptr": "*i64", "loss_out_ptr": "*fp32"}
     floats = ("lr", "grad_scale", "loss_count", "n_tasks_f", "n_losses_f")
+    unknown = set(ones) - set(kernel.arg_names) | (set(ones) & (set(meta) | set(pointers) | set(floats)))
+    if unknown:
+        raise ValueError(f"ones must name integer arguments of the kernel, got {sorted(unknown)}")
+    meta.update({name: 1 for name in ones})
     signature = {name: "constexpr" if name in meta else pointers.get(name, "fp32" if name in floats else "i32")
                  for name in kernel.arg_names}
     source = triton.compiler.ASTSource(kernel, signature, constexprs=meta)

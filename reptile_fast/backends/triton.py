@@ -269,6 +269,8 @@ class TritonBackend(Backend):
             reason = _kernels_v2().unsupported_reason(spec.dims, 1)
             if reason:
                 raise UnsupportedModelError(f"backend 'triton': {reason}")
+        else:
+            self._check_v1_launch(spec.dims, 1)
         for n, p in model.named_parameters():
             if p.dtype != torch.float32:
                 raise UnsupportedModelError(f"backend 'triton' supports float32 parameters only, "
@@ -282,6 +284,19 @@ class TritonBackend(Backend):
             reason = _kernels_v2().unsupported_reason(self._spec(model).dims, batch_size)
             if reason:
                 raise UnsupportedModelError(f"backend 'triton': {reason}")
+        else:
+            self._check_v1_launch(self._spec(model).dims, batch_size)
+
+    def _check_v1_launch(self, dims, batch_size: int) -> None:
+        """UnsupportedModelError when ``launch`` forces v1's registers variant on tiles it cannot
+        hold on a GPU (``mlp_inner_loop.registers_unsupported_reason``)."""
+        if self.launch.get("mode") != "registers":
+            return
+        k = _kernels()
+        block_b = max(self.launch.get("block_b", k.MIN_BLOCK), k.padded(batch_size))
+        reason = k.registers_unsupported_reason(dims, block_b)
+        if reason:
+            raise UnsupportedModelError(f"backend 'triton': launch={{'mode': 'registers'}}: {reason}")
 
     @staticmethod
     def _check_config(config: InnerConfig) -> str:
@@ -346,6 +361,7 @@ class TritonBackend(Backend):
                                      check_values=False)  # _check_data checked them (validate)
             split = k2.unflatten_params
         else:
+            self._check_v1_launch(spec.dims, indices.shape[2])
             launch = k.choose_launch_config(spec.dims, indices.shape[2], **self.launch)
 
             def run(x, y, idx, *phi):
