@@ -513,6 +513,53 @@ def _rel(a, b64):
     return float((a.double().cpu() - b64).norm() / b64.norm().clamp_min(1e-300))
 
 
+def _v2_repeatability(log, device, smoke, width):
+    """Kernel v2 run again and again on the same inputs, for each way it keeps its data (streamed
+    wide layers or not, sums in registers or memory): bitwise the same φ, loss and adapted rows.
+    A missing barrier between a store and another thread's load of the same global address (the
+    kind QA29 found and fixed in the streamed variant under the interpreter's race checker) is
+    invisible to compute-sanitizer's racecheck (shared memory only) and to one comparison with a
+    reference; at T=4096 warps drift, so such a race shows as runs that differ.  One row per
+    configuration: ``bitwise`` and the largest difference seen."""
+    import torch
+
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    T, runs = (5, 2) if smoke else (4096, 20)  # smoke: the code path only (each interpreted call ~0.7 s)
+    dims = (1, width, width, 1)
+    _, tasks, plan, _, phi = problem(T, device, seed=9, width=width)
+    n = V.n_flat_params(dims)  # adapted rows are padded to a multiple of 4: the padding is not written
+    rows = []
+    for stream in (False, True):
+        for accumulate in ("registers", "memory"):
+            row = {"variant": f"v2-repeat-{'stream' if stream else 'regs'}-{accumulate}", "T": T, "runs": runs}
+            try:
+                cfg = V.V2Config(stream=stream, accumulate=accumulate, max_programs=2 if smoke else None)
+                first = V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=EPS, config=cfg)
+                # (adapt's launches too, on the GPU; the smoke keeps to the meta-step)
+                adapt = (lambda: V.inner_loop(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, config=cfg)) \
+                    if not smoke else None
+                first_in = adapt() if adapt else None
+                worst = 0.0
+                same = True
+                for _ in range(runs - 1):
+                    res = V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=EPS, config=cfg)
+                    same = same and bool(torch.equal(res.params, first.params) and torch.equal(res.loss, first.loss))
+                    worst = max(worst, float((res.params - first.params).abs().max()))
+                    if adapt:
+                        out, losses = adapt()
+                        same = same and bool(torch.equal(out[:, :n], first_in[0][:, :n])
+                                             and torch.equal(losses, first_in[1]))
+                        worst = max(worst, float((out[:, :n] - first_in[0][:, :n]).abs().max()))
+                row["bitwise"] = same
+                row["max_abs_diff"] = worst
+            except Exception as exc:  # noqa: BLE001 - recorded; the other configurations go on
+                row["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            rows.append(row)
+            log("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    return rows
+
+
 def stage_correctness(log, device, smoke, rows=None):
     """Every variant at T=64 (smoke: T=4) on NaN-poisoned outputs vs the references.  ``rows``:
     a list the rows are appended to as they are made (``main`` keeps it in results.json's stage
@@ -611,6 +658,7 @@ def stage_correctness(log, device, smoke, rows=None):
         row["error"] = f"{type(exc).__name__}: {exc}"[:1000]
     rows.append(row)
     log("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    rows.extend(_v2_repeatability(log, device, smoke, width))
     # special functions against float64 on this device
     try:
         import importlib
@@ -1067,6 +1115,21 @@ def run_target(kind: str) -> int:
         # one line per variant: a tool stopped at its time cap still shows in sanitizer.log / ncu.log
         # which variants it covered (its error summary comes only at the end)
         print(f"[target {kind}] {variant[0]} T={T}: ran twice", flush=True)
+    if kind == "tiny":
+        # the paths QA29's race fixes touched (synccheck: barriers inside loops), compiled by stage 3:
+        # the streamed layers with the sums in registers, and one program finishing a meta-step
+        from reptile_fast.kernels import meta_step_guard as G
+        from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+        cfg = V.V2Config(stream=True, accumulate="registers")
+        for _ in range(2):
+            V.meta_step(tasks.x, tasks.y, plan, phi, DIMS, ACTS, lr=LR, eps=EPS, config=cfg)
+        _, t1, p1, _, phi1 = problem(1, device, seed=8)
+        V.guarded_meta_step(t1.x, t1.y, p1, phi1.clone(), DIMS, ACTS, lr=LR, eps=EPS, state=G.new_state(device),
+                            iteration=torch.ones(1, dtype=torch.int64, device=device),
+                            loss_out=torch.empty(1, device=device))
+        torch.cuda.synchronize()
+        print(f"[target {kind}] v2s-registers T={T} and v2-guarded T=1: ran", flush=True)
     return 0
 
 
@@ -1096,7 +1159,7 @@ def summary_lines(results: dict) -> list:
                 f"{k} {v['max_rel_err_in_2^-23']:.2f}/{v['stated_bound']}" for k, v in r.items() if isinstance(v, dict)))
         else:
             keys = ("ok_rtol1e-5", "max_abs_vs_ref32", "rel_vs_f64", "max_abs_vs_trainer", "unwritten", "deterministic",
-                    "bitwise_vs_three_launches", "accepted")
+                    "bitwise_vs_three_launches", "accepted", "runs", "bitwise", "max_abs_diff")
             lines.append(f"correctness {r['variant']}: " + ", ".join(
                 f"{k} {r[k]:.2g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in keys if k in r))
     timing = (results["stages"].get("timing") or {}).get("rows") or []

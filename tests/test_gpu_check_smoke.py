@@ -31,6 +31,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert "error" not in corr[name] and corr[name]["ok_rtol1e-5"], corr[name]
         assert corr[name]["unwritten"] == 0
     assert corr["v2-meta"]["deterministic"]
+    repeat = [r for r in corr.values() if r["variant"].startswith("v2-repeat-")]
+    assert len(repeat) == 4 and all("error" not in r and r["bitwise"] for r in repeat), repeat
     special = corr["special-functions"]
     assert all(special[f]["max_rel_err_in_2^-23"] <= special[f]["stated_bound"] for f in ("exp", "tanh", "sigmoid", "log"))
     timed = {(r["provider"], r["T"]) for r in stages["timing"]["rows"] if "ms" in r}
