@@ -814,6 +814,25 @@ def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.devi
         raise ValueError(f"{name} is on {t.device}, expected {device} like x")
 
 
+def _check_targets(y, loss: str, T: int, N: int, d_out: int, device: torch.device) -> None:
+    """y: float32 ``[T, N, d_out]`` for "mse", int64 labels ``[T, N]`` for "cross_entropy"; a
+    dtype of the other loss's kind names the ``loss=`` that takes it."""
+    want = torch.float32 if loss == "mse" else torch.int64
+    if isinstance(y, torch.Tensor) and y.dtype != want:
+        other = ("int64 class labels need loss='cross_entropy'" if loss == "mse" and not y.is_floating_point()
+                 else "float targets need loss='mse'" if loss != "mse" and y.is_floating_point() else None)
+        raise TypeError(f"y must be {want} for loss {loss!r}, got {y.dtype}" + (f" ({other})" if other else ""))
+    if loss == "mse":
+        _check_tensor("y", y, torch.float32, 3, device)
+        if tuple(y.shape) != (T, N, d_out):
+            raise ValueError(f"y must have shape {(T, N, d_out)} for loss 'mse', got {tuple(y.shape)}")
+    else:
+        _check_tensor("y", y, torch.int64, 2, device)
+        if tuple(y.shape) != (T, N):
+            raise ValueError(f"y must be class labels of shape {(T, N)} for loss 'cross_entropy', "
+                             f"got {tuple(y.shape)}")
+
+
 def _span(t: torch.Tensor) -> Tuple[int, int]:
     """The byte range ``[lo, hi)`` that a non-empty tensor's elements lie in (strides >= 0)."""
     lo = t.data_ptr()
@@ -919,15 +938,7 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         raise ValueError(f"feature sizes {dims} exceed the kernel's limit of {MAX_FEATURES}")
     if loss not in LOSS_CODES:
         raise ValueError(f"loss must be one of {sorted(LOSS_CODES)}, got {loss!r}")
-    if loss == "mse":
-        _check_tensor("y", y, torch.float32, 3, device)
-        if tuple(y.shape) != (T, N, dims[-1]):
-            raise ValueError(f"y must have shape {(T, N, dims[-1])} for loss 'mse', got {tuple(y.shape)}")
-    else:
-        _check_tensor("y", y, torch.int64, 2, device)
-        if tuple(y.shape) != (T, N):
-            raise ValueError(f"y must be class labels of shape {(T, N)} for loss 'cross_entropy', "
-                             f"got {tuple(y.shape)}")
+    _check_targets(y, loss, T, N, dims[-1], device)
     _check_tensor("indices", indices, torch.int64, 3, device)
     if indices.shape[0] != T or indices.shape[2] < 1:
         raise ValueError(f"indices must have shape [T={T}, steps, batch>=1], got {tuple(indices.shape)}")

@@ -68,7 +68,7 @@ from reptile_fast.mlp_math import ACTIVATION_CODES
 
 # v1's flat parameter layout, layer loads/stores, activation derivatives (autograd's formulas: no
 # special function involved) and input checks: one copy for both kernels
-from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_int_field, _check_number, _check_tensor, _check_values, _launch_device, _overlaps, _overlaps_any, _load_layer, _store_layer,  # noqa: F401
+from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_targets, _check_int_field, _check_number, _check_tensor, _check_values, _launch_device, _overlaps, _overlaps_any, _load_layer, _store_layer,  # noqa: F401
                              n_flat_params, param_layout)
 # the fused stepper's finiteness rule (one NaN/inf test for both kernels)
 from .meta_step_guard import _is_bad, accept_step, check_state
@@ -1074,15 +1074,7 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
     if phi.shape[0] != n_flat_params(dims):
         raise ValueError(f"params_flat must hold {n_flat_params(dims)} parameters for dims {list(dims)}, "
                          f"got {phi.shape[0]}")
-    if loss == "mse":
-        _check_tensor("y", y, torch.float32, 3, device)
-        if tuple(y.shape) != (T, N, dims[-1]):
-            raise ValueError(f"y must have shape {(T, N, dims[-1])} for loss 'mse', got {tuple(y.shape)}")
-    else:
-        _check_tensor("y", y, torch.int64, 2, device)
-        if tuple(y.shape) != (T, N):
-            raise ValueError(f"y must be class labels of shape {(T, N)} for loss 'cross_entropy', "
-                             f"got {tuple(y.shape)}")
+    _check_targets(y, loss, T, N, dims[-1], device)
     _check_tensor("indices", indices, torch.int64, 3, device)
     if indices.shape[0] != T or indices.shape[2] < 1:
         raise ValueError(f"indices must have shape [T={T}, steps, batch>=1], got {tuple(indices.shape)}")

@@ -100,3 +100,26 @@ def test_dropin_seed_inner_loop_on_class_labels_is_a_clear_error(outputs):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
     if outputs > 1:  # what the message advises runs
         assert reptile(model, 3, sample_task, None, progress=False)["path"] == "compiled"
+
+
+def test_kernel_launchers_name_the_loss_that_takes_the_targets():
+    """V.meta_step / V.inner_loop / mlp_inner_loop with int64 labels and the default loss said only
+    "y must be torch.float32, got torch.int64"; float targets with loss="cross_entropy" likewise."""
+    pytest.importorskip("triton")
+    from reptile_fast.kernels import mlp_inner_loop as K
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    dims, acts = (2, 4, 3), ("tanh", "identity")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 2, generator=g)
+    labels = torch.randint(0, 3, (2, 6), generator=g)
+    idx = torch.randint(0, 6, (2, 1, 3), generator=g)
+    params = [torch.randn(4, 2), torch.zeros(4), torch.randn(3, 4), torch.zeros(3)]
+    phi = V.flat_params(params)
+    for call in (lambda: V.meta_step(x, labels, idx, phi, dims, acts, lr=0.1, eps=0.5),
+                 lambda: V.inner_loop(x, labels, idx, phi, dims, acts, lr=0.1),
+                 lambda: K.mlp_inner_loop(x, labels, idx, params, acts, lr=0.1)):
+        with pytest.raises(TypeError, match=r"int64 class labels need loss='cross_entropy'"):
+            call()
+    with pytest.raises(TypeError, match=r"float targets need loss='mse'"):
+        V.meta_step(x, torch.randn(2, 6, 3), idx, phi, dims, acts, lr=0.1, eps=0.5, loss="cross_entropy")
