@@ -72,3 +72,18 @@ def test_cleanup_keeps_a_folder_reached_through_a_missing_one(tmp_path, monkeypa
                 raise ValueError("a mistyped flag")
         assert (tmp_path / "mine").is_dir() and (tmp_path / "link").is_symlink(), out
         assert not (tmp_path / "n1").exists() and list((tmp_path / "real").iterdir()) == [], out
+
+
+def test_taskbatch_takes_a_0dim_numpy_integer_array():
+    """``tasks[np.asarray(2)]`` selects task 2 like ``tasks[np.int64(2)]`` and ``tasks[torch.tensor(2)]``
+    (it was an IndexError "must select one or more tasks"); a 0-dim bool array stays refused."""
+    np = pytest.importorskip("numpy")
+    tasks = Sine(n_points=5).sample(4, generator=torch.Generator().manual_seed(0))
+    for i in (2, -1):
+        for index in (np.asarray(i), np.asarray(i, dtype=np.int32), np.asarray(i, dtype=np.int64)[()]):
+            got = tasks[index]
+            assert got.n_tasks == 1 and torch.equal(got.x, tasks[i].x) and torch.equal(got.y, tasks[i].y)
+    with pytest.raises(IndexError, match="out of range for 4 tasks"):
+        tasks[np.asarray(4)]
+    with pytest.raises(IndexError):
+        tasks[np.asarray(True)]
