@@ -87,3 +87,19 @@ def test_taskbatch_takes_a_0dim_numpy_integer_array():
         tasks[np.asarray(4)]
     with pytest.raises(IndexError):
         tasks[np.asarray(True)]
+
+
+def test_official_runs_of_other_ways_leave_no_empty_out(tmp_path, monkeypatch):
+    """``omniglot-runs`` with runs of another number of ways than the model's: the error came after
+    the cleanup's block, so the --out it had made stayed behind, empty."""
+    from _fake_omniglot import make_runs
+    from reptile_fast import fewshot_job
+    from reptile_fast.fewshot_job import OmniglotConfig, run_omniglot_runs
+
+    five_way = OmniglotConfig(train=["-"], test="-", ways=5)
+    monkeypatch.setattr(fewshot_job, "load_trained", lambda model_dir: (five_way, None))
+    runs = make_runs(tmp_path / "data", n_runs=1, ways=3)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ValueError, match="trained for 5-way tasks"):
+        run_omniglot_runs(runs, tmp_path / "model", out)
+    assert not (tmp_path / "new").exists()
