@@ -184,9 +184,12 @@ def removed_if_left_empty(path: PathLike):
     """Within it, the folders that do not exist yet of ``path`` and its parents (made by
     ``prepare_directory`` inside) are removed again, deepest first, if the block raises while
     they are still empty: a job stopped by a mistyped data path or flag leaves no empty ``--out``
-    behind.  ``os.rmdir`` removes only empty folders: nothing written is touched."""
+    behind.  ``os.rmdir`` removes only empty folders: nothing written is touched.  The folders
+    are those of the path as the kernel resolves it (``os.path.realpath``: symlinks followed,
+    ``..`` after them), so an existing folder reached through a missing one (``new/../mine``:
+    ``new`` missing, ``mine`` the user's) is not taken for a new one."""
     try:
-        p = Path(path)
+        p = Path(os.path.realpath(os.fspath(path)))
         new = [d for d in (p, *p.parents) if not d.exists() and not d.is_symlink()]
     except (TypeError, ValueError, OSError):  # a bad path: prepare_directory names it
         new = []

@@ -383,28 +383,29 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
     config, trainer = load_trained(model_dir)
     # checked before the evaluation, named like the omniglot job's --out
     out_dir = out if out is not None else model_dir
+    # (an error up to the write, e.g. runs of other ways, leaves no empty --out behind)
     with removed_if_left_empty(out_dir):
         out_dir = prepare_directory(out_dir, "output directory")
         episodes, names = load_official_runs(runs)
-    if config.ways != episodes.ways:
-        raise ValueError(f"the model in {model_dir} was trained for {config.ways}-way tasks; the official "
-                         f"runs are {episodes.ways}-way: train one with --ways {episodes.ways}")
-    transductive = config.transductive if transductive is None else transductive
-    gen = torch.Generator().manual_seed(seed)
-    result = evaluate_episodes(trainer, episodes, steps=config.eval_steps,
-                               batch_size=min(config.eval_batch_size, episodes.support.n_points),
-                               transductive=transductive, generator=gen)
-    nn = score_predictions(nearest_neighbour_predictions(episodes), episodes.query.y)
-    per_run = {n: 1.0 - float(a) for n, a in zip(names, result.per_task)}
-    metrics = {"error_rate": 1.0 - result.accuracy, "error_rate_ci95": result.as_dict()["ci95"],
-               "per_run_error": per_run, "nearest_neighbour_error_rate": 1.0 - nn.accuracy,
-               "transductive": transductive, "eval_steps": config.eval_steps, "seed": seed,
-               "model": str(model_dir), "runs": str(runs)}
-    for n in names:
-        log(f"{n}: error {100 * per_run[n]:.1f} %")
-    log(f"error rate over {len(names)} runs: {100 * metrics['error_rate']:.2f} % "
-        f"(pixel 1-NN: {100 * metrics['nearest_neighbour_error_rate']:.2f} %)")
-    atomic_write_json(out_dir / "runs_metrics.json", metrics)
+        if config.ways != episodes.ways:
+            raise ValueError(f"the model in {model_dir} was trained for {config.ways}-way tasks; the official "
+                             f"runs are {episodes.ways}-way: train one with --ways {episodes.ways}")
+        transductive = config.transductive if transductive is None else transductive
+        gen = torch.Generator().manual_seed(seed)
+        result = evaluate_episodes(trainer, episodes, steps=config.eval_steps,
+                                   batch_size=min(config.eval_batch_size, episodes.support.n_points),
+                                   transductive=transductive, generator=gen)
+        nn = score_predictions(nearest_neighbour_predictions(episodes), episodes.query.y)
+        per_run = {n: 1.0 - float(a) for n, a in zip(names, result.per_task)}
+        metrics = {"error_rate": 1.0 - result.accuracy, "error_rate_ci95": result.as_dict()["ci95"],
+                   "per_run_error": per_run, "nearest_neighbour_error_rate": 1.0 - nn.accuracy,
+                   "transductive": transductive, "eval_steps": config.eval_steps, "seed": seed,
+                   "model": str(model_dir), "runs": str(runs)}
+        for n in names:
+            log(f"{n}: error {100 * per_run[n]:.1f} %")
+        log(f"error rate over {len(names)} runs: {100 * metrics['error_rate']:.2f} % "
+            f"(pixel 1-NN: {100 * metrics['nearest_neighbour_error_rate']:.2f} %)")
+        atomic_write_json(out_dir / "runs_metrics.json", metrics)
     return metrics
 
 

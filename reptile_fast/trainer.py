@@ -196,6 +196,9 @@ class Reptile(HyperParameters):
             # the class alone said nothing (kernel v2 kept for 40 points when auto now picks v1)
             try:
                 self.backend.check_batch_size(self.model, batch_size)
+                # auto's pick for the new size: a backend a plan moved away from (_follow_plan)
+                # no longer is the trainer's own (it may not take the new size)
+                self._plan_home = None
                 return
             except UnsupportedModelError:
                 pass
@@ -204,21 +207,24 @@ class Reptile(HyperParameters):
         self._use_backend(backend)
 
     def _follow_plan(self, batch_size: int) -> None:
-        """A plan of ``batch_size`` points given to ``meta_step``/``adapt``: under ``backend="auto"``,
+        """A plan of ``batch_size`` points for ``meta_step``/``adapt``/``fit``: under ``backend="auto"``,
         where the trainer's backend cannot take it (kernel v2: at most 32 points), the call runs on
         the backend ``auto`` picks for that size, and so do the next ones until a plan the first
-        backend takes (a named backend refuses the plan with its ``UnsupportedModelError``)."""
-        if self.backend_name != "auto" or self._auto_moved:
-            return
+        backend takes — a user's, or one drawn at ``inner_batch_size`` (``fit``'s) — brings it back
+        (a named backend refuses the plan with its ``UnsupportedModelError``).  No device read
+        unless the backend changes."""
         home = self._plan_home
         if home is None:
-            if batch_size == self.inner_batch_size or _takes_batch(self.backend, self.model, batch_size):
+            if (batch_size == self.inner_batch_size or self.backend_name != "auto" or self._auto_moved
+                    or _takes_batch(self.backend, self.model, batch_size)):
                 return
             backend = resolve_backend("auto", self.model, self.device, self.config, batch_size=batch_size)
             self.check_finite()  # report a pending non-finite step of the old steppers first
             home = self.backend
             self._use_backend(backend)
             self._plan_home = home
+        elif self._auto_moved:  # auto's move to reference: it stays there
+            self._plan_home = None
         elif batch_size == self.inner_batch_size or _takes_batch(home, self.model, batch_size):
             self.check_finite()
             self._plan_home = None
@@ -334,7 +340,7 @@ class Reptile(HyperParameters):
                                      generator=generator, device=self.device)
         else:
             self.checker.indices(indices, tasks, rows)
-            self._follow_plan(indices.shape[2])
+        self._follow_plan(indices.shape[2])
         eps = self.outer_lr_at(self.iteration) if outer_lr is None else check_float("outer_lr", outer_lr)
         # a user's plan may use another minibatch size than inner_batch_size, as on every backend
         stepper = self.stepper(tasks.n_tasks, chunk=1, batch=indices.shape[2])
@@ -401,6 +407,7 @@ class Reptile(HyperParameters):
         # numpy integers pass the checks; plain ints from here on (the checkpoint stores some of them)
         iterations, meta_batch_size, log_every = int(iterations), int(meta_batch_size), int(log_every)
         checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
+        self._follow_plan(self.inner_batch_size)  # back from a user's plan auto ran elsewhere
         fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
         if reducer is not None and (self.compiled_options is not None or fused_demanded):
             raise ValueError(f"backend {self.backend_name!r} applies its own outer update in one process (the "
@@ -560,7 +567,7 @@ class Reptile(HyperParameters):
                                      generator=generator, device=self.device)
         else:
             self.checker.indices(indices, tasks, steps)
-            self._follow_plan(indices.shape[2])
+        self._follow_plan(indices.shape[2])
         return self._inner("inner_loop", self.model, tasks, indices, self._adapt_config())
 
     def evaluate(self, tasks: TaskBatch, steps: int, indices: Optional[torch.Tensor] = None, *,

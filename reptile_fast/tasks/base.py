@@ -151,10 +151,13 @@ class TaskBatch:
 
         Only the task dimension is indexed: a tuple (``tasks[:, :5]``, ``tasks[..., :1]``) is a
         ``TypeError`` (it used to slice x's features and y's points apart into a batch that failed
-        deep inside a backend); an int (a 0-dim integer tensor too) outside ``[-T, T)`` an ``IndexError``."""
+        deep inside a backend); an int (a 0-dim integer tensor or numpy array too) outside
+        ``[-T, T)`` an ``IndexError``."""
         if isinstance(item, torch.Tensor) and item.dim() == 0 and not item.is_floating_point() \
                 and item.dtype != torch.bool:
             item = int(item)  # tasks[torch.argmax(losses)] selects that task, as an int does
+        elif getattr(item, "ndim", None) == 0 and getattr(getattr(item, "dtype", None), "kind", "") in ("i", "u"):
+            item = int(item)  # a 0-dim numpy integer array (np.asarray(i)), as a numpy integer
         if isinstance(item, numbers.Integral) and not isinstance(item, bool):  # numpy's ints too
             item, n = int(item), self.x.shape[0]
             if not -n <= item < n:
