@@ -169,3 +169,77 @@ def test_a_malformed_rng_state_is_refused_before_the_trainer_changes(tmp_path, p
     with pytest.raises(ValueError, match=f"malformed {part.split()[0]} RNG state"):
         restore_checkpoint(target, ckpt)
     assert all(torch.equal(before[k], v) for k, v in target.model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------ trainer_state
+def test_resuming_on_another_backend_does_not_warn():
+    """The backend is how the same meta-step is computed, not a hyper-parameter: loading a
+    "reference" trainer's state into a "torch" one gives no warning (a changed inner_lr does).
+
+    Catches: ``load_trainer_state`` comparing the saved ``backend`` too (every resume on another
+    backend then warned that the run would not match an uninterrupted one)."""
+    import warnings
+
+    state = _trainer().state_dict()
+    torch.manual_seed(0)
+    other = Reptile(MLP(1, 8, 1), backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.load_state_dict(state)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"inner_lr: saved 0\.02, now 0\.01"):
+        Reptile(MLP(1, 8, 1), backend="torch", inner_lr=0.01).load_state_dict(state)
+
+
+def _adam_trainer(seed=0):
+    torch.manual_seed(seed)
+    model = MLP(1, 8, 1)
+    return Reptile(model, backend="reference", outer_optimizer=torch.optim.Adam(model.parameters(), lr=1e-3))
+
+
+def test_an_outer_optimizer_state_on_one_side_only_is_refused_before_anything_changes():
+    """A state written without an outer optimizer loaded into a trainer with one (its moments
+    would silently restart), and the reverse: a ValueError saying to build the trainer with the
+    same ``outer_optimizer``, the model unchanged.
+
+    Catches: ``load_trainer_state`` without its check that both sides have (or lack) one."""
+    plain, with_adam = _trainer(seed=1), _adam_trainer(seed=1)
+    _fit(with_adam, 1)
+    for source, target in ((plain, _adam_trainer(seed=2)), (with_adam, _trainer(seed=2))):
+        before = _params(target)
+        with pytest.raises(ValueError, match="outer_optimizer state but this trainer has.*same outer_optimizer"):
+            target.load_state_dict(source.state_dict())
+        assert all(torch.equal(before[k], v) for k, v in target.model.state_dict().items())
+
+
+def test_an_optimizer_moment_with_fewer_dimensions_than_its_parameter_is_refused():
+    """Adam's ``exp_avg`` of the ``[8, 1]`` first weight saved flattened to ``[8]``: the sizes
+    agree position by position, the number of dimensions does not; a ValueError naming the
+    state and both shapes.
+
+    Catches: ``optimizer_state_problem`` comparing sizes only (zip stops at the shorter shape:
+    the state was accepted and the first outer step failed inside torch)."""
+    source = _adam_trainer(seed=1)
+    _fit(source, 1)
+    state = source.state_dict()
+    moments = state["outer_optimizer"]["state"][0]
+    assert tuple(moments["exp_avg"].shape) == (8, 1)
+    moments["exp_avg"] = moments["exp_avg"].reshape(8)
+    with pytest.raises(ValueError, match=r"'exp_avg' of parameter 0 .* shape \(8,\), the parameter's is \(8, 1\)"):
+        _adam_trainer(seed=2).load_state_dict(state)
+
+
+@pytest.mark.parametrize("total, ok", [(1, True), (None, True), (0, False)])
+def test_a_schedule_length_below_one_is_refused(total, ok):
+    """``state['total_iterations']``: None or an int >= 1 (the annealing schedule divides by it).
+
+    Catches: ``load_trainer_state`` accepting 0."""
+    state = _trainer(seed=1).state_dict()
+    state["total_iterations"] = total
+    target = _trainer(seed=2)
+    if ok:
+        target.load_state_dict(state)
+        assert target.total_iterations == total
+    else:
+        with pytest.raises(ValueError, match=r"total_iterations'\] must be None or an int >= 1, got 0"):
+            target.load_state_dict(state)
