@@ -243,3 +243,69 @@ def test_a_schedule_length_below_one_is_refused(total, ok):
     else:
         with pytest.raises(ValueError, match=r"total_iterations'\] must be None or an int >= 1, got 0"):
             target.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------ callbacks
+def test_resuming_a_finished_run_from_its_own_folder_writes_nothing(tmp_path):
+    """A run of 2 meta-steps with a checkpoint after each, resumed from its own folder with the
+    same total: nothing to train, and both checkpoints stay as they were (the previous one still
+    meta-step 1: a needless save would have turned it into a second copy of the latest).
+
+    Catches: ``resume_for_fit`` not recognising that ``resume_from`` is the folder's latest
+    checkpoint (``fit`` then saved it again at the end)."""
+    from reptile_fast.checkpoint import PREVIOUS_NAME
+
+    _fit(_trainer(), 2, checkpoint_dir=tmp_path, checkpoint_every=1)
+    latest = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    assert load_checkpoint(tmp_path / PREVIOUS_NAME)["trainer"]["iteration"] == 1
+    resumed = _trainer(seed=5)
+    _fit(resumed, 2, checkpoint_dir=tmp_path, resume_from=tmp_path)
+    assert resumed.iteration == 2
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == latest
+    assert load_checkpoint(tmp_path / PREVIOUS_NAME)["trainer"]["iteration"] == 1
+
+
+# ------------------------------------------------------------------------------ loop
+def test_a_plan_samplers_indices_must_lie_below_the_tasks_points():
+    """``PlanSampler`` (a fixed plan) handed to ``fit`` with a task check of its own (so ``fit``
+    trusts it): an index equal to the tasks' number of points is refused, naming the range.
+
+    Catches: ``PlanSampler.draw`` comparing ``hi > n_points`` (an index one past the last point
+    reached the backend's gather)."""
+    from reptile_fast.loop import PlanSampler
+
+    trainer = _trainer()
+    rows = trainer.plan_rows(trainer.inner_steps)
+    indices = torch.zeros(2, 1, rows, 3, dtype=torch.long)
+
+    def sampler(indices):
+        return PlanSampler(Sine(n_points=10), indices, generator=torch.Generator().manual_seed(0),
+                           check=lambda tasks: trainer.checker.tasks(tasks, 1))
+    assert sampler(indices).checked
+    trainer.fit(Sine(n_points=10), 1, sampler=sampler(indices), progress=False)  # in range: trains
+    indices = indices.clone()
+    indices[1, 0, 0, 0] = 10
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 10\), got values in \[0, 10\]"):
+        trainer.fit(Sine(n_points=10), 2, sampler=sampler(indices), progress=False)
+
+
+def test_a_custom_sampler_drawing_too_few_tasks_is_refused():
+    """A ``Sampler`` whose ``draw`` returns one task for a meta-step of ``meta_batch_size=2``:
+    ``fit`` says how many it needs (the eager stepper would train on one task per meta-step).
+
+    Catches: ``CheckedDraws`` without its count check."""
+    from reptile_fast import sample_indices
+    from reptile_fast.loop import Sampler
+
+    trainer = _trainer()
+    rows = trainer.plan_rows(trainer.inner_steps)
+
+    class OneTask(Sampler):
+        def draw(self, first_iteration, m):
+            tasks = Sine().sample(m, generator=torch.Generator().manual_seed(first_iteration))
+            return tasks, sample_indices(m, rows, tasks.n_points, trainer.inner_batch_size)
+
+    before = _params(trainer)
+    with pytest.raises(ValueError, match=r"1 meta-step\(s\) of 2 tasks .* need 2 tasks, got 1"):
+        trainer.fit(Sine(), 1, meta_batch_size=2, sampler=OneTask(), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
