@@ -309,3 +309,42 @@ def test_a_custom_sampler_drawing_too_few_tasks_is_refused():
     with pytest.raises(ValueError, match=r"1 meta-step\(s\) of 2 tasks .* need 2 tasks, got 1"):
         trainer.fit(Sine(), 1, meta_batch_size=2, sampler=OneTask(), progress=False)
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_run_stopped_by_a_callback_still_reads_its_last_losses():
+    """A callback that stops the loop after the first meta-step, ``log_every`` far away: the
+    run ends with that meta-step's loss in the history (and its finiteness checked).
+
+    Catches: ``TrainingLoop.run`` without its final read of the pending losses."""
+    from reptile_fast.loop import Callback
+
+    class StopAfterFirst(Callback):
+        def on_chunk_end(self, loop, read):
+            loop.stop()
+
+    trainer = _trainer()
+    history = trainer.fit(Sine(), 5, meta_batch_size=2, generator=torch.Generator().manual_seed(0),
+                          progress=False, log_every=100, callbacks=[StopAfterFirst()])
+    assert trainer.iteration == 1 and len(history["loss"]) == 1
+
+
+def test_a_chunk_drawn_at_once_names_both_factors_of_the_task_count():
+    """A task family refusing a draw of 6 tasks, drawn as 3 meta-steps at once of
+    ``meta_batch_size=2``: the error says the 6 are 3 meta-steps x meta_batch_size=2.
+
+    Catches: ``StreamSampler._sample`` naming only ``meta_batch_size=2`` (the user's setting
+    that looks fine) for a chunk's draw."""
+    from reptile_fast.loop import StreamSampler
+
+    class AtMostFive:
+        def sample(self, n, *, generator=None, device=None):
+            if n > 5:
+                raise ValueError(f"n_tasks must be at most 5, got {n}")
+            return Sine().sample(n, generator=generator, device=device)
+
+    sampler = StreamSampler(AtMostFive(), 2, 1, 5, generator=None, device=torch.device("cpu"), draw_chunks=True)
+    sampler.draw(1, 2)
+    with pytest.raises(ValueError, match=r"sample\(6, \.\.\.\) raised: n_tasks must be at most 5, got 6 "
+                                         r"\(fit's arguments to it: n_tasks = 3 meta-steps drawn at once x "
+                                         r"meta_batch_size=2\)"):
+        sampler.draw(1, 3)
