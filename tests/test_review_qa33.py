@@ -348,3 +348,33 @@ def test_a_chunk_drawn_at_once_names_both_factors_of_the_task_count():
                                          r"\(fit's arguments to it: n_tasks = 3 meta-steps drawn at once x "
                                          r"meta_batch_size=2\)"):
         sampler.draw(1, 3)
+
+
+def test_callbacks_hear_of_an_aborted_run():
+    """A task family failing at the second meta-step: every callback's ``on_abort`` gets the
+    error (the progress bar closes there; a user's callback may flush its logs), ``on_end`` none.
+
+    Catches: ``TrainingLoop.run`` not calling ``on_abort``."""
+    from reptile_fast.loop import Callback
+
+    class Flaky:
+        calls = 0
+
+        def sample(self, n, *, generator=None, device=None):
+            Flaky.calls += 1
+            if Flaky.calls == 2:
+                raise RuntimeError("the data server went away")
+            return Sine().sample(n, generator=generator, device=device)
+
+    class Record(Callback):
+        seen = []
+
+        def on_abort(self, loop, exc):
+            self.seen.append(("abort", loop.iteration, str(exc)))
+
+        def on_end(self, loop):
+            self.seen.append(("end",))
+
+    with pytest.raises(RuntimeError, match="went away"):
+        _trainer().fit(Flaky(), 3, progress=False, callbacks=[Record()])
+    assert Record.seen == [("abort", 1, "the data server went away")]
