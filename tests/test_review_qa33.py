@@ -378,3 +378,39 @@ def test_callbacks_hear_of_an_aborted_run():
     with pytest.raises(RuntimeError, match="went away"):
         _trainer().fit(Flaky(), 3, progress=False, callbacks=[Record()])
     assert Record.seen == [("abort", 1, "the data server went away")]
+
+
+# ------------------------------------------------------------------------------ compat
+def test_a_trusted_batch_with_a_negative_class_label_is_refused():
+    """``TaskBatch.trusted`` skips the constructor's checks; a label -1 in it is still refused
+    by the trainer's input check with the label named (torch's cross-entropy raised IndexError
+    from inside the inner loop, and the Triton kernel read outside the logits).
+
+    Catches: ``InputChecker.tasks`` testing ``lo < -1`` (or not at all)."""
+    from reptile_fast import TaskBatch
+
+    torch.manual_seed(0)
+    trainer = Reptile(MLP(2, 8, 3), backend="reference", loss="cross_entropy")
+    y = torch.randint(0, 3, (2, 10))
+    y[1, 4] = -1
+    before = _params(trainer)
+    with pytest.raises(ValueError, match="class labels must be non-negative, got -1"):
+        trainer.meta_step(TaskBatch.trusted(torch.randn(2, 10, 2), y))
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_float_targets_of_another_dtype_beside_integer_ids_are_refused():
+    """Integer ids as inputs (an embedding model, float32) with float64 targets: the
+    ``TaskBatch`` cannot compare x's dtype with y's, so the trainer names y's dtype.
+
+    Catches: ``InputChecker.tasks`` without its check of y's dtype (the float64 targets then
+    promoted the loss to float64 silently, or failed inside a kernel)."""
+    import torch.nn as nn
+    from reptile_fast import TaskBatch
+
+    torch.manual_seed(0)
+    trainer = Reptile(nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(4, 1)), backend="reference")
+    x = torch.randint(0, 5, (2, 10, 1))
+    with pytest.raises(TypeError, match="tasks.y dtype torch.float64 differs from the model's torch.float32"):
+        trainer.meta_step(TaskBatch(x, torch.randn(2, 10, 1, dtype=torch.float64)))
+    trainer.meta_step(TaskBatch(x, torch.randn(2, 10, 1)))
