@@ -414,3 +414,17 @@ def test_float_targets_of_another_dtype_beside_integer_ids_are_refused():
     with pytest.raises(TypeError, match="tasks.y dtype torch.float64 differs from the model's torch.float32"):
         trainer.meta_step(TaskBatch(x, torch.randn(2, 10, 1, dtype=torch.float64)))
     trainer.meta_step(TaskBatch(x, torch.randn(2, 10, 1)))
+
+
+def test_a_plan_on_the_meta_device_is_refused_by_name():
+    """``meta_step(tasks, indices=...)`` with a plan on the meta device (shape and dtype right,
+    no data): a ValueError saying so, the model unchanged.
+
+    Catches: ``compat._check_dense_plan`` without its meta check (torch then failed reading the
+    plan's range: "Tensor.item() cannot be called on meta tensors")."""
+    trainer = _trainer()
+    rows = trainer.plan_rows(trainer.inner_steps)
+    before = _params(trainer)
+    with pytest.raises(ValueError, match="indices are on the meta device"):
+        trainer.meta_step(Sine().sample(2), indices=torch.zeros(2, rows, 5, dtype=torch.long, device="meta"))
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
