@@ -428,3 +428,15 @@ def test_a_plan_on_the_meta_device_is_refused_by_name():
     with pytest.raises(ValueError, match="indices are on the meta device"):
         trainer.meta_step(Sine().sample(2), indices=torch.zeros(2, rows, 5, dtype=torch.long, device="meta"))
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------ validation
+def test_checkpoint_every_without_a_folder_is_refused():
+    """``fit(checkpoint_every=1)`` without ``checkpoint_dir``: a ValueError asking where the
+    checkpoints should go, before any meta-step (else the run wrote none, silently).
+
+    Catches: ``check_fit_args`` without that check."""
+    trainer = _trainer()
+    with pytest.raises(ValueError, match="checkpoint_every needs checkpoint_dir"):
+        _fit(trainer, 2, checkpoint_every=1)
+    assert trainer.iteration == 0
