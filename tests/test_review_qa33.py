@@ -440,3 +440,31 @@ def test_checkpoint_every_without_a_folder_is_refused():
     with pytest.raises(ValueError, match="checkpoint_every needs checkpoint_dir"):
         _fit(trainer, 2, checkpoint_every=1)
     assert trainer.iteration == 0
+
+
+def test_draw_chunks_with_a_given_sampler_is_refused():
+    """``draw_chunks`` is how ``fit``'s own sampler draws: with ``sampler=`` it would be
+    ignored, so it is a ValueError naming both.
+
+    Catches: ``check_fit_args`` without that check."""
+    from reptile_fast.loop import StreamSampler
+
+    trainer = _trainer()
+    sampler = StreamSampler(Sine(), 2, trainer.plan_rows(trainer.inner_steps), trainer.inner_batch_size,
+                            generator=None, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="draw_chunks is how fit's own sampler draws"):
+        trainer.fit(Sine(), 1, meta_batch_size=2, sampler=sampler, draw_chunks=True, progress=False)
+
+
+def test_a_cuda_index_past_the_visible_devices_is_refused(monkeypatch):
+    """``check_device("cuda:1")`` on a machine that shows one CUDA device (faked here): a
+    ValueError saying how many are visible; ``cuda:0`` passes.
+
+    Catches: ``device_unavailable`` comparing ``index > device_count()``."""
+    from reptile_fast.validation import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"device cuda:1: only 1 CUDA device\(s\) visible"):
+        check_device("cuda:1")
