@@ -468,3 +468,30 @@ def test_a_cuda_index_past_the_visible_devices_is_refused(monkeypatch):
     assert check_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match=r"device cuda:1: only 1 CUDA device\(s\) visible"):
         check_device("cuda:1")
+
+
+def test_a_numpy_key_deep_in_checkpoint_extra_is_refused_before_writing(tmp_path):
+    """``save_checkpoint(extra={"m": {np.int64(3): 1.0}})``: a TypeError naming the key's type,
+    and no file (``torch.load(weights_only=True)`` refuses numpy's int64, so the checkpoint
+    could never be loaded).
+
+    Catches: ``check_loadable`` checking dict values but not keys."""
+    with pytest.raises(TypeError, match=r"keys must be str or int, got int64"):
+        save_checkpoint(tmp_path, _trainer(), extra={"m": {np.int64(3): 1.0}})
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
+# ------------------------------------------------------------------------------ cli
+def test_a_config_error_opening_with_a_plain_setting_name_is_worded_as_its_flag(tmp_path, capsys):
+    """``reptile-fast omniglot --ways 1``: the config's "ways must be >= 2" is reported as
+    "--ways must be >= 2" (exit 2), before any data is read or folder made.
+
+    Catches: ``validation.as_flags`` not turning a plain word that opens the message into its
+    flag (the error named a setting the command line does not have)."""
+    from reptile_fast.cli import main
+
+    out = tmp_path / "out"
+    assert main(["omniglot", "--train", str(tmp_path / "a"), "--test", str(tmp_path / "b"), "--ways", "1",
+                 "--out", str(out)]) == 2
+    assert "error: --ways must be >= 2, got 1" in capsys.readouterr().err
+    assert not out.exists()
