@@ -495,3 +495,27 @@ def test_a_config_error_opening_with_a_plain_setting_name_is_worded_as_its_flag(
                  "--out", str(out)]) == 2
     assert "error: --ways must be >= 2, got 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ task families
+@pytest.mark.parametrize("cache", [True, False])
+def test_miniimagenet_without_a_cache_reads_each_image_again(tmp_path, cache):
+    """Two classes of two solid 4x4 images; after a first draw every image is rewritten black:
+    ``cache=False`` reads the new pixels at the next draw, ``cache=True`` keeps the decoded ones.
+
+    Catches: ``MiniImageNet._image`` caching whatever ``cache`` says (memory grows with every
+    image of the split)."""
+    from PIL import Image
+    from reptile_fast.tasks import MiniImageNet
+
+    (tmp_path / "images").mkdir()
+    names = [f"n{c}_{k}.png" for c in (1, 2) for k in range(2)]
+    for name in names:
+        Image.fromarray(np.full((4, 4, 3), 200, dtype=np.uint8)).save(tmp_path / "images" / name)
+    (tmp_path / "train.csv").write_text("filename,label\n" + "".join(f"{n},{n[:2]}\n" for n in names))
+    dist = MiniImageNet(tmp_path, "train", ways=2, shots=2, query_shots=0, image_size=4, cache=cache)
+    assert bool((dist.sample(1).x == 200 / 255).all())
+    for name in names:
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
+    x = dist.sample(1).x
+    assert bool((x == (200 / 255 if cache else 0.0)).all())
