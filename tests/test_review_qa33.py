@@ -519,3 +519,18 @@ def test_miniimagenet_without_a_cache_reads_each_image_again(tmp_path, cache):
         Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
     x = dist.sample(1).x
     assert bool((x == (200 / 255 if cache else 0.0)).all())
+
+
+# ------------------------------------------------------------------------------ jobs
+def test_derived_seeds_wrap_at_two_to_the_64():
+    """The jobs' held-out and validation streams are seeded ``seed + offset`` wrapped to 64
+    bits: unchanged below 2**64, 0 at exactly 2**64, and always a seed torch takes.
+
+    Catches: ``jobs.derived_seed`` wrapping modulo 2**64 - 1 (another held-out set for the
+    largest seeds than documented)."""
+    from reptile_fast.jobs import SEED_LIMIT, derived_seed
+
+    assert derived_seed(5, 1_000_003) == 1_000_008
+    assert derived_seed(SEED_LIMIT - 2, 1) == SEED_LIMIT - 1
+    assert derived_seed(SEED_LIMIT - 1, 1) == 0 and derived_seed(SEED_LIMIT - 1, 1_000_003) == 1_000_002
+    torch.Generator().manual_seed(derived_seed(SEED_LIMIT - 1, 0))
