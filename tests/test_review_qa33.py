@@ -534,3 +534,14 @@ def test_derived_seeds_wrap_at_two_to_the_64():
     assert derived_seed(SEED_LIMIT - 2, 1) == SEED_LIMIT - 1
     assert derived_seed(SEED_LIMIT - 1, 1) == 0 and derived_seed(SEED_LIMIT - 1, 1_000_003) == 1_000_002
     torch.Generator().manual_seed(derived_seed(SEED_LIMIT - 1, 0))
+
+
+def test_sine_amplitude_and_phase_are_drawn_independently():
+    """2000 tasks' amplitudes and phases: each spans its range and the two are uncorrelated
+    (|r| < 0.1; independent draws give |r| ~ 0.02 at this size, one shared uniform r = 1).
+
+    Catches: ``Sine._params`` taking the phase from the amplitude's uniform row."""
+    a, b = Sine().sample_params(2000, generator=torch.Generator().manual_seed(0))
+    assert 0.1 <= float(a.min()) and float(a.max()) <= 5.0 and 0.0 <= float(b.min()) and float(b.max()) <= 2 * np.pi
+    r = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    assert abs(r) < 0.1, r
