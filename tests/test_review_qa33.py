@@ -545,3 +545,40 @@ def test_sine_amplitude_and_phase_are_drawn_independently():
     assert 0.1 <= float(a.min()) and float(a.max()) <= 5.0 and 0.0 <= float(b.min()) and float(b.max()) <= 2 * np.pi
     r = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
     assert abs(r) < 0.1, r
+
+
+def test_a_sine_checkpoint_with_settings_this_version_does_not_know_is_named():
+    """A sine job's checkpoint config holding a setting this version lacks: a ValueError naming
+    it and the checkpoint (not ``SineConfig``'s "unexpected keyword argument" TypeError).
+
+    Catches: ``sine_config_from_checkpoint`` without its check of unknown settings."""
+    from dataclasses import asdict
+
+    from reptile_fast.jobs import SineConfig, sine_config_from_checkpoint
+
+    saved = {"extra": {"job": "sine", "job_config": {**asdict(SineConfig(iterations=7)), "warp_drive": 9}}}
+    with pytest.raises(ValueError, match=r"checkpoint X holds sine settings this version does not know: \['warp_drive'\]"):
+        sine_config_from_checkpoint(saved, "checkpoint X")
+    del saved["extra"]["job_config"]["warp_drive"]
+    assert sine_config_from_checkpoint(saved).iterations == 7
+
+
+def test_the_sine_job_gives_back_torchs_thread_count(tmp_path):
+    """``run_sine`` with ``threads=1`` on a process set to 2 threads: 2 again afterwards (a
+    notebook running the job keeps its own setting).
+
+    Catches: ``_run_sine_ranked`` not restoring ``torch.get_num_threads()``."""
+    import os
+
+    from reptile_fast.jobs import SineConfig, run_sine
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 CPUs")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_sine(SineConfig(iterations=1, hidden_dim=4, eval_tasks=1, eval_steps=1, backend="reference",
+                            checkpoint_every=0, threads=1), tmp_path, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
