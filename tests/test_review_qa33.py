@@ -582,3 +582,44 @@ def test_the_sine_job_gives_back_torchs_thread_count(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------------ cli
+def test_the_sine_command_defaults_its_folder_and_resumes_from_a_checkpoint_file(tmp_path, monkeypatch, capsys):
+    """``reptile-fast sine`` without ``--out`` writes into ``runs/sine``; ``--resume
+    runs/sine/checkpoint.pt`` (the file, not the folder) without ``--out`` continues there.
+
+    Catches: the CLI's default folder, and ``--resume FILE`` taking the file itself as the
+    output folder (it then failed: "output directory ... exists and is not a directory")."""
+    from reptile_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    small = ["--hidden-dim", "4", "--eval-tasks", "1", "--eval-steps", "1", "--backend", "reference", "--no-progress"]
+    assert main(["sine", "--iterations", "1", *small]) == 0
+    out = tmp_path / "runs" / "sine"
+    assert load_checkpoint(out)["trainer"]["iteration"] == 1 and (out / "metrics.json").is_file()
+    assert main(["sine", "--resume", str(out / CHECKPOINT_NAME), "--iterations", "2", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    assert load_checkpoint(out)["trainer"]["iteration"] == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["sine"]
+
+
+# ------------------------------------------------------------------------------ seed_recognition
+def test_the_seeds_sample_task_text_over_another_pi_is_not_the_seeds():
+    """The seed's ``sample_task`` source run where ``np`` is not numpy (its ``np.pi`` is 3): not
+    recognised as the seed's (the drop-in must call it, not draw ``Sine`` tasks for it); over
+    the real numpy it is.
+
+    Catches: ``is_seed_sample_task`` comparing the code only, not the globals it reads."""
+    import types
+
+    import torch.nn as nn
+    from reptile_fast.seed_recognition import _SEED_SAMPLE_TASK_SOURCE, is_seed_sample_task
+
+    def defined_over(np_module):
+        namespace = {"torch": torch, "nn": nn, "np": np_module}
+        exec(_SEED_SAMPLE_TASK_SOURCE, namespace)
+        return namespace["sample_task"]
+
+    assert is_seed_sample_task(defined_over(np))
+    assert not is_seed_sample_task(defined_over(types.SimpleNamespace(pi=3.0)))
