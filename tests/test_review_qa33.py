@@ -623,3 +623,43 @@ def test_the_seeds_sample_task_text_over_another_pi_is_not_the_seeds():
 
     assert is_seed_sample_task(defined_over(np))
     assert not is_seed_sample_task(defined_over(types.SimpleNamespace(pi=3.0)))
+
+
+@pytest.mark.parametrize("raised, code, words", [
+    (KeyboardInterrupt(), 130, "interrupted without writing a new checkpoint; the last one in {out} (if any) is "
+                               "intact: continue with reptile-fast sine --resume {out}"),
+    ("non-finite", 3, "no checkpoint had been written yet"),
+])
+def test_the_sine_command_reports_a_stopped_run_with_its_exit_code(tmp_path, monkeypatch, capsys, raised, code, words):
+    """The job stopped by a second Ctrl-C (KeyboardInterrupt: exit 130, how to continue) or by a
+    non-finite meta-step before any checkpoint (exit 3, documented in ``main``): the message and
+    the code say which.
+
+    Catches: the CLI's KeyboardInterrupt message without the ``--resume`` line, and exit 2 (bad
+    input) for a diverged run."""
+    import reptile_fast.jobs as jobs
+    from reptile_fast.cli import main
+    from reptile_fast.core import NonFiniteError
+
+    def stopped(*args, **kwargs):
+        raise raised if isinstance(raised, BaseException) else NonFiniteError("meta-step 1 is not finite", iteration=1)
+    monkeypatch.setattr(jobs, "run_sine", stopped)
+    out = tmp_path / "o"
+    assert main(["sine", "--out", str(out), "--no-progress"]) == code
+    assert words.format(out=out) in capsys.readouterr().err
+
+
+def test_native_library_keys_differ_between_the_native_and_the_portable_flags():
+    """A library compiled with ``-march=native`` and the portable one are cached under
+    different names (the portable build is the fallback for a CPU where the native one fails).
+
+    Catches: ``native_build.library_key`` leaving the flags out of the hash."""
+    from reptile_fast import native_build
+
+    cc = native_build.find_compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    source = "int f(void) { return 1; }"
+    native = native_build.library_key(source, cc, native_build._FLAGS)
+    assert native != native_build.library_key(source, cc, native_build._FLAGS_PORTABLE)
+    assert native == native_build.library_key(source, cc, native_build._FLAGS)
