@@ -663,3 +663,32 @@ def test_native_library_keys_differ_between_the_native_and_the_portable_flags():
     native = native_build.library_key(source, cc, native_build._FLAGS)
     assert native != native_build.library_key(source, cc, native_build._FLAGS_PORTABLE)
     assert native == native_build.library_key(source, cc, native_build._FLAGS)
+
+
+# ------------------------------------------------------------------------------ fewshot_job
+def test_an_omniglot_evaluation_batch_larger_than_the_smallest_support_set_is_refused():
+    """``shots=[1, 5]`` with ``eval_batch_size=10`` at 5 ways: the 1-shot support set holds 5
+    images, so the setting is refused naming it (it would be capped silently for that test).
+
+    Catches: ``OmniglotConfig`` checking against the largest K instead of the smallest."""
+    from reptile_fast.fewshot_job import OmniglotConfig
+
+    assert OmniglotConfig(train=["a"], test="b", shots=[1, 5], eval_batch_size=5).eval_batch_size == 5
+    with pytest.raises(ValueError, match=r"eval_batch_size 10 exceeds the support set of 5 × 1 images"):
+        OmniglotConfig(train=["a"], test="b", shots=[1, 5], eval_batch_size=10)
+
+
+def test_a_resumed_omniglot_run_keeps_the_validation_point_of_its_checkpoint(tmp_path):
+    """Validation points at meta-steps 2, 4, 6, resumed from the checkpoint of meta-step 4: the
+    points up to and including 4 are kept (4 was measured on exactly the resumed parameters).
+
+    Catches: ``read_validation`` dropping the point at the resumed meta-step."""
+    import json
+
+    from reptile_fast.fewshot_job import read_validation
+
+    path = tmp_path / "validation.json"
+    path.write_text(json.dumps([{"iteration": i, "accuracy": i / 10} for i in (2, 4, 6)]))
+    notes = []
+    assert [v["iteration"] for v in read_validation(path, 4, notes.append)] == [2, 4]
+    assert notes == []
