@@ -692,3 +692,13 @@ def test_a_resumed_omniglot_run_keeps_the_validation_point_of_its_checkpoint(tmp
     notes = []
     assert [v["iteration"] for v in read_validation(path, 4, notes.append)] == [2, 4]
     assert notes == []
+
+
+def test_a_sine_range_given_high_before_low_is_refused():
+    """``Sine(amplitude=(1.0, 0.5))``: a ValueError asking for low <= high (a reversed range
+    drew amplitudes in [0.5, 1] by a negative width, silently); a point range (1, 1) is fine.
+
+    Catches: ``tasks.sine._check_range`` comparing ``hi <= lo - 1``."""
+    assert Sine(amplitude=(1.0, 1.0)).amplitude == (1.0, 1.0)
+    with pytest.raises(ValueError, match=r"amplitude must have low <= high, got \(1\.0, 0\.5\)"):
+        Sine(amplitude=(1.0, 0.5))
