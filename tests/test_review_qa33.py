@@ -702,3 +702,25 @@ def test_a_sine_range_given_high_before_low_is_refused():
     assert Sine(amplitude=(1.0, 1.0)).amplitude == (1.0, 1.0)
     with pytest.raises(ValueError, match=r"amplitude must have low <= high, got \(1\.0, 0\.5\)"):
         Sine(amplitude=(1.0, 0.5))
+
+
+def test_omniglot_runs_follow_the_transductive_flag_over_the_models(tmp_path):
+    """``run_omniglot_runs(..., transductive=True)`` on a model trained non-transductively
+    evaluates (and reports) transductively; ``None`` keeps the model's setting.
+
+    Catches: ``run_omniglot_runs`` ignoring its ``transductive`` argument."""
+    import json
+
+    from reptile_fast.fewshot_job import run_omniglot_runs
+    from test_fewshot_job import main, make_folder, make_runs, make_zip, tiny_args  # the job's own tiny data
+
+    root = tmp_path / "data"
+    data = {"train": str(make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
+                                  root / "small1.zip")),
+            "test": str(make_folder(root / "b", {"Beta": 2, "Gamma": 3}, prefix="images_background_small2"))}
+    model = root / "run"
+    assert main([*tiny_args(data, model), "--iterations", "1", "--validate-every", "0"]) == 0
+    runs = make_runs(tmp_path, n_runs=1, ways=3)
+    assert json.loads((model / "config.json").read_text())["transductive"] is False
+    assert run_omniglot_runs(runs, model, tmp_path / "t", transductive=True, log=lambda m: None)["transductive"] is True
+    assert run_omniglot_runs(runs, model, tmp_path / "n", log=lambda m: None)["transductive"] is False
