@@ -704,6 +704,17 @@ def test_a_sine_range_given_high_before_low_is_refused():
         Sine(amplitude=(1.0, 0.5))
 
 
+def _tiny_omniglot(root):
+    """The omniglot job's tiny data (``tests/test_fewshot_job.py``'s) under ``root``: ``(data,
+    main, tiny_args)``."""
+    from test_fewshot_job import main, make_folder, make_zip, tiny_args
+
+    data = {"train": str(make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
+                                  root / "small1.zip")),
+            "test": str(make_folder(root / "b", {"Beta": 2, "Gamma": 3}, prefix="images_background_small2"))}
+    return data, main, tiny_args
+
+
 def test_omniglot_runs_follow_the_transductive_flag_over_the_models(tmp_path):
     """``run_omniglot_runs(..., transductive=True)`` on a model trained non-transductively
     evaluates (and reports) transductively; ``None`` keeps the model's setting.
@@ -712,15 +723,36 @@ def test_omniglot_runs_follow_the_transductive_flag_over_the_models(tmp_path):
     import json
 
     from reptile_fast.fewshot_job import run_omniglot_runs
-    from test_fewshot_job import main, make_folder, make_runs, make_zip, tiny_args  # the job's own tiny data
+    from test_fewshot_job import make_runs
 
-    root = tmp_path / "data"
-    data = {"train": str(make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
-                                  root / "small1.zip")),
-            "test": str(make_folder(root / "b", {"Beta": 2, "Gamma": 3}, prefix="images_background_small2"))}
-    model = root / "run"
+    data, main, tiny_args = _tiny_omniglot(tmp_path / "data")
+    model = tmp_path / "run"
     assert main([*tiny_args(data, model), "--iterations", "1", "--validate-every", "0"]) == 0
     runs = make_runs(tmp_path, n_runs=1, ways=3)
     assert json.loads((model / "config.json").read_text())["transductive"] is False
     assert run_omniglot_runs(runs, model, tmp_path / "t", transductive=True, log=lambda m: None)["transductive"] is True
     assert run_omniglot_runs(runs, model, tmp_path / "n", log=lambda m: None)["transductive"] is False
+
+
+
+def test_a_resumed_omniglot_runs_time_per_meta_step_counts_only_the_steps_it_ran(tmp_path, monkeypatch):
+    """The job's clock faked to advance 1 s per reading (training then takes exactly 1 s): a
+    run of 1 meta-step resumed to 3 reports 1000 / 2 ms per meta-step, not 1000 / 3.
+
+    Catches: ``ms_per_iteration`` dividing by all of ``iterations`` after a resume."""
+    import itertools
+    import json
+    import types
+
+    import reptile_fast.fewshot_job as fewshot_job
+
+    data, main, tiny_args = _tiny_omniglot(tmp_path / "data")
+    out = tmp_path / "run"
+    quick = ["--validate-every", "0", "--checkpoint-every", "0"]
+    assert main([*tiny_args(data, out), "--iterations", "1", *quick]) == 0
+    clock = itertools.count()
+    monkeypatch.setattr(fewshot_job, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    with pytest.warns(UserWarning, match="annealed the outer step over 1 iterations, this fit over 3"):
+        assert main(["omniglot", "--resume", str(out), "--iterations", "3", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_iteration"] == 1 and metrics["ms_per_iteration"] == 500.0
