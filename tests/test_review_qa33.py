@@ -756,3 +756,39 @@ def test_a_resumed_omniglot_runs_time_per_meta_step_counts_only_the_steps_it_ran
         assert main(["omniglot", "--resume", str(out), "--iterations", "3", "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_iteration"] == 1 and metrics["ms_per_iteration"] == 500.0
+
+
+def test_a_cc_with_arguments_is_found_and_its_arguments_key_the_cache(monkeypatch):
+    """``CC="cc -DREPTILE_QA"``: the compiler is the first word found on PATH, the further words
+    are passed to it and are part of the cache key (a library built with other arguments is
+    another library).
+
+    Catches: ``find_compiler`` looking up the whole ``$CC`` string (no compiler found), and
+    ``_compiler_extra_args`` dropping the further words."""
+    import shutil
+
+    from reptile_fast import native_build
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("CC", cc)
+    plain = native_build.library_key("int f(void) { return 1; }", cc, native_build._FLAGS)
+    monkeypatch.setenv("CC", f"{cc} -DREPTILE_QA")
+    assert native_build.find_compiler() == cc
+    assert native_build._compiler_extra_args() == ["-DREPTILE_QA"]
+    assert native_build.library_key("int f(void) { return 1; }", cc, native_build._FLAGS) != plain
+
+
+# ------------------------------------------------------------------------------ seed_recognition (batch sizes)
+@pytest.mark.parametrize("batch, expected", [(4, 4), (0, None), (True, None), (2.0, None)])
+def test_a_partial_of_the_standard_loop_needs_a_positive_int_batch_size(batch, expected):
+    """``functools.partial(standard_inner_loop, batch_size=...)`` is the standard loop only with
+    a positive int batch size (0, True or 2.0 would reach the fast paths as a minibatch size).
+
+    Catches: ``classify_inner_loop`` taking any int (bool included, 0 included)."""
+    import functools
+
+    from reptile_fast.seed_recognition import is_standard_inner_loop, standard_inner_loop
+
+    assert is_standard_inner_loop(functools.partial(standard_inner_loop, batch_size=batch)) == expected
