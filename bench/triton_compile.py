@@ -228,15 +228,14 @@ def grid_rows(arch: int = 90, log=None):
     rows = []
     for name, dims, acts, loss, batch, steps in V2_GRID:
         combos = [("ieee", "meta-step", False), ("tf32x3", "adapt", False), ("tf32", "meta-step-1", False)]
-        if any(V._uses_dot(dims)):
+        if any(V.uses_dot(dims)):
             combos += [("ieee", "meta-step", True), ("tf32", "adapt", True), ("ieee", "meta-step-1", True)]
         for prec, mode, stream in combos:
             config = V.V2Config(stream=stream)
-            meta = V._meta(dims, acts, loss, batch, steps, prec, config, True, False, False)
             ones = (("n_tasks", "n_programs") if mode == "meta-step-1" else ()) + (("batch",) if batch == 1 else ())
             row = {"kernel": "v2-stream" if stream else "v2", "case": name, "dims": list(dims),
                    "activations": list(acts), "loss": loss, "batch": batch, "steps": steps, "precision": prec,
-                   "mode": mode, "num_warps": meta["num_warps"], "ones": list(ones), "arch": f"sm_{arch}a",
+                   "mode": mode, "num_warps": V.num_warps_for(dims, config), "ones": list(ones), "arch": f"sm_{arch}a",
                    "triton": triton.__version__}
 
             def build(dims=dims, acts=acts, loss=loss, batch=batch, steps=steps, prec=prec, mode=mode,

@@ -830,9 +830,17 @@ def feature_tile(d: int) -> int:
     return p if d <= NARROW_MAX else max(16, p)
 
 
-def _uses_dot(dims: Sequence[int]):
+def uses_dot(dims: Sequence[int]):
     """Per layer: True when both its sides are wide (``tl.dot``), False for a narrow side."""
     return [d_in > NARROW_MAX and d_out > NARROW_MAX for d_in, d_out in zip(dims[:-1], dims[1:])]
+
+
+def num_warps_for(dims: Sequence[int], config: Optional["V2Config"] = None) -> int:
+    """The warps per program a launch of ``dims`` with ``config`` uses: ``config.num_warps``, else
+    8 for a model with a wide x wide layer that is not streamed (Triton's fp32 FMA ``tl.dot``
+    keeps its operands in registers), 4 otherwise."""
+    config = _config(config)
+    return config.num_warps or (8 if any(uses_dot(dims)) and not config.stream else 4)
 
 
 def unsupported_reason(dims: Sequence[int], batch: int) -> Optional[str]:
@@ -910,7 +918,7 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
     n_layers = len(dims) - 1
     d = list(dims) + [1] * (MAX_LAYERS + 1 - len(dims))
     p = [feature_tile(v) for v in d]
-    dots = _uses_dot(dims) + [False] * (MAX_LAYERS - n_layers)
+    dots = uses_dot(dims) + [False] * (MAX_LAYERS - n_layers)
     acts = [ACTIVATION_CODES[a] for a in activations] + [0] * (MAX_LAYERS - n_layers)
     block_b = triton.next_power_of_2(int(batch))
     if any(dots):
@@ -938,7 +946,7 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
                 **{f"WOFF{l}": layout.get(f"w{l}", 0) for l in range(MAX_LAYERS)},
                 **{f"AOFF{l}": layout.get(f"a{l}", 0) for l in range(MAX_LAYERS)}, GOFF=layout.get("g", 0),
                 TILE=STREAM_TILE,
-                num_warps=config.num_warps or (8 if any(dots) and not config.stream else 4), num_stages=1,
+                num_warps=num_warps_for(dims, config), num_stages=1,
                 **({"maxnreg": STREAM_MAX_REGISTERS} if any(streamed) else {}))
 
 
@@ -948,7 +956,7 @@ def _scratch_layout(dims: Sequence[int], block_b: int):
     length (a multiple of 4: 16-byte aligned rows)."""
     p = [feature_tile(v) for v in dims]
     layout, off, widest = {}, 0, 0
-    for l, dot in enumerate(_uses_dot(dims)):
+    for l, dot in enumerate(uses_dot(dims)):
         if dot:
             layout[f"w{l}"] = off
             off += p[l + 1] * p[l]
@@ -962,7 +970,7 @@ def _scratch_layout(dims: Sequence[int], block_b: int):
 
 def _scratch(dims, meta, n_programs, device, config: V2Config):
     """The streamed layers' scratch ``[n_programs, row]`` (a 1-element dummy when not streaming)."""
-    if not config.stream or not any(_uses_dot(dims)):
+    if not config.stream or not any(uses_dot(dims)):
         return torch.empty(1, device=device, dtype=torch.float32), 0
     _, row = _scratch_layout(dims, meta["BLOCK_B"])
     return torch.empty(n_programs, row, device=device, dtype=torch.float32), row

@@ -521,7 +521,7 @@ def test_config_validation_and_support():
         V.V2Config(stream=1)
     layout, row = V._scratch_layout((1, 64, 64, 1), 16)
     assert layout == {"w1": 0, "a1": 4096, "g": 4096 + 1024} and row == 4096 + 2048
-    assert V._uses_dot((1, 64, 64, 1)) == [False, True, False]
+    assert V.uses_dot((1, 64, 64, 1)) == [False, True, False]
 
 
 def test_partials_with_overlapping_rows_or_over_phi_are_refused():
