@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _checkpoint_files import flip_a_data_bit
 from reptile_fast import MLP, Reptile, Sine
 from reptile_fast.checkpoint import (CHECKPOINT_NAME, capture_rng_state, load_checkpoint, restore_checkpoint,
                                      save_checkpoint)
@@ -83,19 +84,6 @@ def test_a_state_that_loading_would_refuse_is_never_written(tmp_path):
     load_checkpoint(tmp_path)
 
 
-def _flip_a_data_bit(path):
-    """One bit of a tensor record's bytes flipped: the archive reads, its CRC-32 does not match."""
-    import zipfile
-
-    with zipfile.ZipFile(path) as z:
-        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size >= 64)
-    data = bytearray(path.read_bytes())
-    name_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little")
-    extra_len = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
-    data[info.header_offset + 30 + name_len + extra_len + 17] ^= 0x04
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("damage", ["truncated", "bit flip"])
 def test_a_damaged_latest_checkpoint_never_replaces_the_previous_one(tmp_path, damage):
     """Save, save, damage the latest, save again: ``checkpoint.prev.pt`` is still a loadable
@@ -114,7 +102,7 @@ def test_a_damaged_latest_checkpoint_never_replaces_the_previous_one(tmp_path, d
     if damage == "truncated":
         latest.write_bytes(latest.read_bytes()[:200])
     else:
-        _flip_a_data_bit(latest)
+        flip_a_data_bit(latest)
     trainer.iteration = 2
     save_checkpoint(tmp_path, trainer)
     assert load_checkpoint(tmp_path / PREVIOUS_NAME)["trainer"]["iteration"] == 0
