@@ -142,9 +142,10 @@ class Backend:
         and the tasks' float tensors (``x`` ``[T, N, ...]`` unless integer ids, ``y`` unless long
         labels) have it, ValueError unless the tasks are on the parameters' device.
 
-        ``Reptile`` checks this where data enters; a backend called directly failed deep inside
-        torch ("mat1 and mat2 must have the same dtype", "Input dtypes must be the same") for
-        float16 tasks on a float32 model or a model of two dtypes."""
+        Backends call it while ``validate`` (called directly: without it they failed deep inside
+        torch, "mat1 and mat2 must have the same dtype", for float16 tasks on a float32 model or
+        a model of two dtypes); inside ``Reptile`` the trainer checks the same where data enters
+        and sets ``validate=False``, so a meta-step does not check twice."""
         params = list(model.parameters())
         if not params:
             raise ValueError("model has no parameters")
@@ -222,7 +223,8 @@ class Backend:
         from ..losses import resolve_loss
 
         self.check_params(model, params, tasks.n_tasks)
-        self.check_data(model, tasks)
+        if self.validate:  # inside Reptile its InputChecker checked the data where it entered
+            self.check_data(model, tasks)
         loss_fn = resolve_loss(config.loss)
         buffers = {k: v.clone() for k, v in model.named_buffers()}
         out = []

@@ -28,7 +28,8 @@ class ReferenceBackend(Backend):
 
     def inner_loop(self, model, tasks, indices, config: InnerConfig) -> InnerResult:
         self.check_plan(tasks, indices, config)
-        self.check_data(model, tasks)
+        if self.validate:  # inside Reptile its InputChecker checked the data where it entered
+            self.check_data(model, tasks)
         # The inner loop is training (autograd + torch.optim) even when the caller evaluates
         # under torch.no_grad() / inference_mode(), as the batched backends' torch.func does.
         with torch.inference_mode(False), torch.enable_grad():

@@ -210,7 +210,8 @@ class TorchBackend(Backend):
     def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
                    config: InnerConfig) -> InnerResult:
         self.check_plan(tasks, indices, config)
-        self.check_data(model, tasks)
+        if self.validate:  # inside Reptile its InputChecker checked the data where it entered
+            self.check_data(model, tasks)
         steps = config.train_steps(indices.shape[1])
         if steps < 1:
             raise ValueError(f"the plan has {indices.shape[1]} rows: no inner step to take")
@@ -304,7 +305,8 @@ class TorchBackend(Backend):
         """
         T = tasks.n_tasks
         self.check_params(model, params, T)
-        self.check_data(model, tasks)
+        if self.validate:  # inside Reptile its InputChecker checked the data where it entered
+            self.check_data(model, tasks)
         with torch.no_grad():
             if self.uses_fast_path(model, tasks, InnerConfig(loss=config.loss)):
                 spec = self.mlp_spec(model)
