@@ -14,7 +14,8 @@ __all__ = ["HyperParameters"]
 
 
 class HyperParameters:
-    """``inner_lr``, ``inner_steps``, ``inner_batch_size``, ``outer_lr``, ``outer_lr_final``.
+    """``inner_lr``, ``inner_steps``, ``inner_batch_size``, ``outer_lr``, ``outer_lr_final``,
+    ``total_iterations``.
 
     Checked as the constructor checks them, and followed by every stepper: a new inner setting
     goes through ``self._set_config`` (the subclass rebuilds the compiled and fused programs,
@@ -99,6 +100,17 @@ class HyperParameters:
                 raise ValueError("outer_lr_final anneals the interpolation step; with outer_optimizer "
                                  "use a torch.optim.lr_scheduler instead")
         self._outer_lr_final = value
+
+    @property
+    def total_iterations(self) -> Optional[int]:
+        """The total meta-steps of the last ``fit`` (the length of ``outer_lr_final``'s schedule;
+        saved in checkpoints), or None before any ``fit``."""
+        return self._total_iterations
+
+    @total_iterations.setter
+    def total_iterations(self, value) -> None:
+        # checked as a checkpoint's is at load: a 0 set by hand was saved, then refused at resume
+        self._total_iterations = None if value is None else check_int("total_iterations", value)
 
     def _not_fitting(self, name: str) -> None:
         # fit builds its sampler (plan rows, minibatch size) and stepper (the compiled program bakes

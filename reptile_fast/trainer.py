@@ -430,11 +430,7 @@ class Reptile(HyperParameters):
             history, resumed_latest, saved = resume_for_fit(
                 self, resume_from, generator, iterations, ckpt_dir,
                 meta_batch_size=meta_batch_size if sampler is None else None, one_stream=sampler is None)
-            if self.iteration > iterations:  # as without resume_from (and the CLI's --resume)
-                where = "" if isinstance(resume_from, Mapping) else f" {resume_from}"  # a dict: rank 0's, sent
-                raise ValueError(f"the checkpoint{where} is at meta-step {self.iteration}, beyond "
-                                 f"iterations={iterations} (the total number of meta-steps); pass a total of at "
-                                 f"least {self.iteration}")
+            # (a checkpoint beyond ``iterations`` is refused inside, before anything is restored)
         elif self.iteration >= iterations:
             raise ValueError(f"iterations={iterations} is the total number of meta-steps, and this trainer has "
                              f"already taken {self.iteration}; pass a larger total to train further")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from reptile_fast import MLP, NonFiniteError, Reptile, Sine, TaskBatch
-from reptile_fast.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from reptile_fast.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_checkpoint, save_checkpoint
 from reptile_fast.cli import main
 from reptile_fast.signals import DeferredSignals, TrainingInterrupted
 
@@ -323,3 +323,21 @@ def test_resuming_with_another_meta_batch_warns(tmp_path):
                   resume_from=tmp_path)
         hit = [w for w in caught if "tasks per meta-step" in str(w.message)]
         assert bool(hit) == warns, (batch, [str(w.message) for w in caught])
+
+
+@pytest.mark.parametrize("value, error, words", [(0, ValueError, "total_iterations must be >= 1, got 0"),
+                                                 (2.5, TypeError, "total_iterations must be an int, got float"),
+                                                 (True, TypeError, "total_iterations must be an int, got bool")])
+def test_total_iterations_set_by_hand_is_checked_as_a_checkpoint_is(tmp_path, value, error, words):
+    """A 0 set by hand was saved into the checkpoint and refused only when resuming from it."""
+    trainer = make_trainer()
+    with pytest.raises(error, match=words):
+        trainer.total_iterations = value
+    assert trainer.total_iterations is None
+    trainer.total_iterations = 7  # what a later fit's schedule would see; saved and loaded as is
+    save_checkpoint(tmp_path, trainer)
+    again = make_trainer()
+    restore_checkpoint(again, tmp_path)
+    assert again.total_iterations == 7
+    again.total_iterations = None
+    assert again.outer_lr_at(3) == again.outer_lr
