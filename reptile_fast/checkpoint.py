@@ -165,7 +165,16 @@ def prepare_directory(path: PathLike, what: str = "directory") -> Path:
         # mkdir fails on it with FileExistsError, which would be blamed on a parent below
         raise NotADirectoryError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                break
+            except FileNotFoundError:
+                # a parent made a moment ago was removed again before its child was made: another
+                # job that had counted it as its own new folder and stopped early
+                # (``removed_if_left_empty``); make it again
+                if attempt == 2:
+                    raise
     except (FileExistsError, NotADirectoryError):
         parent = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         raise NotADirectoryError(f"cannot create {what} {path}: "

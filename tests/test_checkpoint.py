@@ -348,3 +348,28 @@ def test_the_sine_job_notes_a_replaced_checkpoint_once(tmp_path, capsys):
         assert main(args) == 0
     assert capsys.readouterr().err.count("already holds a checkpoint") == 1
     assert not [w for w in record if "already holds a checkpoint" in str(w.message)]
+
+
+def test_prepare_directory_makes_a_parent_again_that_another_job_removed(tmp_path, monkeypatch):
+    """Two jobs making runs/a and runs/b, runs new: the one stopped early removes the empty runs
+    it counted as its own (``removed_if_left_empty``) between the other's ``mkdir`` of runs and
+    of runs/b, whose ``Path.mkdir(parents=True)`` then raised FileNotFoundError."""
+    from pathlib import Path
+
+    from reptile_fast.checkpoint import prepare_directory
+
+    real, calls = Path.mkdir, []
+
+    def raced(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 1:  # what the second os.mkdir inside Path.mkdir raises in that race
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", raced)
+    out = prepare_directory(tmp_path / "runs" / "b", "--out")
+    assert out.is_dir() and calls[0] == calls[1] == out  # tried again after the race
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (_ for _ in ()).throw(
+        FileNotFoundError(2, "No such file or directory", str(self))))
+    with pytest.raises(OSError, match="cannot create --out .*c: No such file or directory"):
+        prepare_directory(tmp_path / "runs" / "c", "--out")  # not forever: three tries
