@@ -281,6 +281,18 @@ class Rotation:
             fn()
 
 
+def _kept_outputs(prepared, n_sets):
+    """``(Rotation, last)``: one call runs ``prepared.run(r)`` for every input set r, keeping its
+    output in ``last[r]`` (a list).  Under a CUDA graph the outputs kept are the last captured
+    call's, in the graph's memory: after the replays they hold what the timed replays computed."""
+    last = [None] * n_sets
+
+    def run(r):
+        last[r] = prepared.run(r)
+
+    return Rotation([lambda r=r: run(r) for r in range(n_sets)]), last
+
+
 def launcher(variant, T, device, dims, tasks, plan, params, phi):
     """fn() launching one variant with preallocated outputs (what do_bench_cudagraph replays)."""
     import torch
@@ -706,7 +718,7 @@ def _time_ms(fn, device, graph, sets=1):
 
 def stage_timing(log, device, smoke, budget, results, out):
     from bench.flops import inner_loop_flops
-    from bench.providers import Point, Problem, check_prepared, get_provider, oracle_updates
+    from bench.providers import Point, Prepared, Problem, check_prepared, get_provider, oracle_updates
     from reptile_fast.backends import InnerConfig
 
     Ts = (1, 2) if smoke else TIMED_T
@@ -841,8 +853,18 @@ def stage_timing(log, device, smoke, budget, results, out):
                     record(T=T, provider=name, ms=1e3 * t["median"], timer="host clock + block_until_ready",
                            input_sets=prob.rotations)
                 else:
-                    rotation = Rotation([lambda r=r: prepared.run(r) for r in range(prob.rotations)])
-                    ms, timer = _time_ms(rotation, device, graph=name == "torch-graph", sets=rotation.sets)
+                    graph = name == "torch-graph"
+                    rotation, last = _kept_outputs(prepared, prob.rotations)
+                    ms, timer = _time_ms(rotation, device, graph=graph, sets=rotation.sets)
+                    if graph:
+                        # as the kernel variants': the graph replays (a capture of the provider's
+                        # code, not the eager call checked above) wrote the outputs of the last
+                        # captured call of each set; a replay that computes something else is no result
+                        after, _ = check_prepared(prov, Prepared(last.__getitem__, prepared.to_params), prob)
+                        if not after.ok:
+                            record(T=T, provider=name, status="wrong", ms_not_a_result=ms,
+                                   reason=f"the timed calls' outputs are wrong: {after.message}")
+                            continue
                     record(T=T, provider=name, ms=ms, timer=timer, input_sets=rotation.sets)
             except Exception as exc:  # noqa: BLE001
                 record(T=T, provider=name, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])

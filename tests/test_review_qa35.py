@@ -1,0 +1,321 @@
+"""QA35: the GPU check's CUDA-only branches (bench/gpu_check.py, bench/gpu_sweep.py, bench/report.py)
+run on the CPU under a fake CUDA, so a Python-level bug there does not spend the one GPU run.
+
+The fake (``fake_cuda``): ``torch.device("cuda")`` is passed as the device, so every
+``device.type == "cuda"`` branch is taken; a ``TorchFunctionMode`` turns every "cuda" device
+argument into the CPU (tensors live on the CPU, Triton kernels run under the interpreter);
+``torch.Generator``, ``torch.cuda.*`` (Event, Stream, CUDAGraph, graph, synchronize, properties)
+and ``triton.testing.do_bench_cudagraph`` / ``do_bench`` are stand-ins with Triton 3.6's
+signatures (triton/testing.py at v3.6.0: ``do_bench_cudagraph(fn, rep=20, grad_to_none=None,
+quantiles=None, return_mode="mean")`` and ``do_bench(fn, warmup=25, rep=100, grad_to_none=None,
+quantiles=None, return_mode="mean")``, both returning a float of ms).  While a fake graph is
+being captured, a host read of a tensor (``.item()``, ``.tolist()``, ``bool()``, ``float()``,
+``.cpu()``, ``.numpy()``) outside Triton's interpreter raises, as CUDA refuses a sync during a
+capture.  A capture runs its body once (the captured work), a replay runs nothing.
+"""
+import contextlib
+import inspect
+import json
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+pytest.importorskip("triton")
+
+from bench import gpu_check as G  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- the fake CUDA
+class _State:
+    capturing = False
+    captures = 0
+    replays = 0
+    syncs_in_capture = []
+
+
+def _to_cpu(v):
+    if isinstance(v, torch.device) and v.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(v, str) and (v == "cuda" or v.startswith("cuda:")):
+        return "cpu"
+    return v
+
+
+_HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+               torch.Tensor.__int__, torch.Tensor.cpu, torch.Tensor.numpy}
+
+
+class _CudaOnCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = {k: _to_cpu(v) for k, v in (kwargs or {}).items()}
+        args = tuple(_to_cpu(a) for a in args)
+        if _State.capturing and func in _HOST_READS and not _in_interpreter():
+            _State.syncs_in_capture.append(getattr(func, "__name__", str(func)))
+            raise RuntimeError("fake CUDA: operation not permitted when stream is capturing (a host read)")
+        return func(*args, **kwargs)
+
+
+def _in_interpreter():
+    f = sys._getframe(2)
+    while f is not None:
+        if "triton" in f.f_code.co_filename and "interpreter" in f.f_code.co_filename:
+            return True
+        f = f.f_back
+    return False
+
+
+_RealGenerator = torch.Generator
+
+
+class _GenMeta(type(_RealGenerator)):
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, _RealGenerator) if cls is _CpuGenerator else type.__instancecheck__(cls, obj)
+
+
+class _CpuGenerator(_RealGenerator, metaclass=_GenMeta):
+    def __new__(cls, device="cpu"):
+        return _RealGenerator.__new__(cls, "cpu")
+
+    def __init__(self, device="cpu"):
+        pass
+
+
+class _Event:
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        assert self.t is not None and end.t is not None, "elapsed_time of an event never recorded"
+        return 1e3 * (end.t - self.t)
+
+
+class _Stream:
+    def __init__(self, device=None, priority=0):
+        pass
+
+    def wait_stream(self, other):
+        assert isinstance(other, _Stream), other
+
+    def synchronize(self):
+        pass
+
+
+class _CUDAGraph:
+    def __init__(self, *a, **k):
+        self.captured = False
+
+    def replay(self):
+        assert self.captured, "replay of a graph never captured"
+        _State.replays += 1
+
+
+@contextlib.contextmanager
+def _graph(g, pool=None, stream=None, capture_error_mode="global"):
+    assert isinstance(g, _CUDAGraph), g
+    assert not _State.capturing, "nested capture"
+    _State.capturing = True
+    try:
+        yield g
+    finally:
+        _State.capturing = False
+    g.captured = True
+    _State.captures += 1
+
+
+def _synchronize(device=None):
+    if _State.capturing:
+        _State.syncs_in_capture.append("torch.cuda.synchronize")
+        raise RuntimeError("fake CUDA: synchronize while capturing")
+
+
+def do_bench_cudagraph(fn, rep=20, grad_to_none=None, quantiles=None, return_mode="mean"):
+    """Triton 3.6's: warm-up call, an estimate call, a graph of ``n_repeat`` calls captured (its
+    calls are what the replays compute), mean ms per call."""
+    assert return_mode in ["min", "max", "mean", "median", "all"]
+    fn()
+    fn()
+    g = _CUDAGraph()
+    with _graph(g):
+        for _ in range(2):
+            fn()
+    g.replay()
+    do_bench_cudagraph.calls.append(rep)
+    return 0.25
+
+
+do_bench_cudagraph.calls = []
+
+
+def do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+    """Triton 3.6's: events around each call, mean ms."""
+    assert return_mode in ["min", "max", "mean", "median", "all"]
+    for _ in range(3):
+        fn()
+    do_bench.calls.append((warmup, rep))
+    return 0.5
+
+
+do_bench.calls = []
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """``torch.device("cuda")`` that runs on the CPU (see the module docstring)."""
+    import triton.testing as tt
+
+    real = inspect.signature(tt.do_bench_cudagraph), inspect.signature(tt.do_bench)
+    # the fakes take what Triton 3.6's take (and the installed Triton's, whatever its version)
+    assert set(inspect.signature(do_bench_cudagraph).parameters) <= set(real[0].parameters) | {"rep"}
+    props = types.SimpleNamespace(name="FAKE H200", multi_processor_count=132, major=9, minor=0,
+                                  total_memory=141 * 2 ** 30)
+    for name, value in (("is_available", lambda: True), ("device_count", lambda: 1),
+                        ("get_device_properties", lambda d=None: props),
+                        ("get_device_capability", lambda d=None: (9, 0)), ("synchronize", _synchronize),
+                        ("Event", _Event), ("Stream", _Stream), ("current_stream", lambda d=None: _Stream()),
+                        ("stream", lambda s: contextlib.nullcontext()), ("set_stream", lambda s: None),
+                        ("CUDAGraph", _CUDAGraph), ("graph", _graph),
+                        ("is_current_stream_capturing", lambda: _State.capturing),
+                        ("device", lambda d: contextlib.nullcontext())):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch, "Generator", _CpuGenerator)
+    monkeypatch.setattr(tt, "do_bench_cudagraph", do_bench_cudagraph)
+    monkeypatch.setattr(tt, "do_bench", do_bench)
+    _State.capturing, _State.captures, _State.replays, _State.syncs_in_capture = False, 0, 0, []
+    do_bench_cudagraph.calls.clear()
+    do_bench.calls.clear()
+    cuda = torch.device("cuda")  # made outside the mode, which turns torch.device("cuda") into the CPU
+    with _CudaOnCpu():
+        yield cuda
+    assert not _State.syncs_in_capture, _State.syncs_in_capture
+
+
+def test_the_fake_runs_cuda_tensors_on_the_cpu(fake_cuda):
+    x = torch.randn(3, device=fake_cuda)
+    g = torch.Generator(device=fake_cuda).manual_seed(0)
+    assert x.device.type == "cpu" and isinstance(g, torch.Generator) and torch.rand(2, generator=g).shape == (2,)
+    with pytest.raises(RuntimeError, match="capturing"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            float(x.sum())
+    _State.syncs_in_capture.clear()
+
+
+def test_triton_36_bench_signatures_are_what_time_ms_calls():
+    """_time_ms calls do_bench_cudagraph(fn, rep=40) and do_bench(fn, warmup=10, rep=60) and
+    divides the float they return: Triton 3.6's signatures (triton/testing.py, v3.6.0) and the
+    installed Triton's take those keywords."""
+    import triton.testing as tt
+
+    for fn, kw in ((tt.do_bench_cudagraph, {"rep"}), (tt.do_bench, {"warmup", "rep"})):
+        params = inspect.signature(fn).parameters
+        assert kw <= set(params) and params["return_mode"].default == "mean" and params["quantiles"].default is None
+    src = inspect.getsource(G._time_ms)
+    assert "do_bench_cudagraph(fn, rep=40)" in src and "do_bench(fn, warmup=10, rep=60)" in src
+
+
+def test_time_ms_on_cuda_divides_the_bench_result_by_the_sets(fake_cuda):
+    calls = []
+    rot = G.Rotation([lambda: calls.append(0), lambda: calls.append(1)])
+    ms, timer = G._time_ms(rot, fake_cuda, graph=True, sets=rot.sets)
+    assert ms == 0.25 / 2 and "cudagraph" in timer and do_bench_cudagraph.calls == [40]
+    ms, timer = G._time_ms(rot, fake_cuda, graph=False, sets=rot.sets)
+    assert ms == 0.5 / 2 and "events" in timer and do_bench.calls == [(10, 60)]
+    assert calls[:4] == [0, 1, 0, 1]
+
+
+# ----------------------------------------------------------------------------- timing stage on "CUDA"
+def _stage_timing(device, tmp_path, smoke=True):
+    results = {"stages": {"env": {"fp32_matmul_flops_per_s": 1e12}}}
+    return G.stage_timing(lambda *a: None, device, smoke, G.Budget(600), results, tmp_path)
+
+
+def test_torch_graph_outputs_of_the_timed_replays_are_checked(fake_cuda, tmp_path, monkeypatch):
+    """The torch-under-CUDA-graph provider was checked before timing (an eager call) but not
+    after: a graph whose replays compute something else was timed as a result.  Now its timed
+    calls' outputs are checked as the kernel variants' are; such a row is "wrong", its time kept
+    apart; the eager torch row, and torch-graph when the replays are right, stay timed."""
+    from bench import providers as P
+
+    prov = P.get_provider("torch")
+    real_prepare = prov.prepare
+
+    def prepare(problem):
+        prepared = real_prepare(problem)
+
+        def run(i):
+            out = prepared.run(i)
+            if _State.capturing and tamper[0]:  # what the captured graph computes: φ unchanged
+                model = problem.model
+                T = problem.point.meta_batch
+                out.params.update({n: p.detach().expand(T, *p.shape).clone() for n, p in model.named_parameters()})
+            return out
+
+        return P.Prepared(run, prepared.to_params, prepared.sync)
+
+    monkeypatch.setattr(prov, "prepare", prepare)
+    monkeypatch.setattr(G, "SMOKE_VARIANTS", [])
+    monkeypatch.setattr(G, "fit_rows", lambda *a, **k: [])
+    monkeypatch.setattr(G, "cli_sine_row", lambda *a, **k: {"provider": "cli-sine-gpu", "T": 1, "status": "skipped"})
+    monkeypatch.setattr(G, "_graphed_full_meta_step_ms", lambda T, device, dims: 1.0)
+    for tampered in (True, False):
+        tamper = [tampered]
+        rows = _stage_timing(fake_cuda, tmp_path)["rows"]
+        graph = [r for r in rows if r["provider"] == "torch-graph"]
+        eager = [r for r in rows if r["provider"] == "torch"]
+        assert len(graph) == 2 and len(eager) == 2, rows
+        assert all("ms" in r and r["input_sets"] == G.SMOKE_ROTATIONS for r in eager), eager
+        if tampered:
+            assert all(r.get("status") == "wrong" and "timed calls" in r["reason"] and "ms" not in r
+                       and r["ms_not_a_result"] > 0 for r in graph), graph
+        else:
+            assert all("ms" in r and "status" not in r for r in graph), graph
+        full = [r for r in rows if r["provider"] == "v2-meta-graph-full"]
+        assert [r["T"] for r in full] == [1, 2] and all(r["ms"] == 1.0 for r in full)
+    lines = G.summary_lines({"stages": {"timing": {"rows": rows}}, "seconds": {}})
+    assert any(line.strip().startswith("torch-graph") for line in lines)
+
+
+def test_whole_meta_step_under_one_graph_runs_on_fake_cuda(fake_cuda):
+    """_graphed_full_meta_step_ms: warm-up on a side stream, one capture, replays between events,
+    no host read inside the capture; φ checked finite after."""
+    ms = G._graphed_full_meta_step_ms(1, fake_cuda, (1, 8, 8, 1), replays=2)
+    assert ms >= 0 and _State.captures == 1 and _State.replays == 3  # one after the capture, two timed
+
+
+def test_timing_stage_at_gpu_sizes_times_each_provider_or_says_why(fake_cuda, tmp_path, monkeypatch):
+    """The non-smoke provider loop (torch, torch-graph, torch-vmap, jax, seed) and the main job's
+    CUDA branch on a fake GPU, at T=1 and a T beyond the seed's and vmap's limits."""
+    seen = {}
+
+    def cli(log, out, timeout, smoke=False):
+        seen["cli"] = (timeout, smoke)
+        return {"provider": "cli-sine-gpu", "T": 1, "wall_seconds": 1.5, "status": "skipped"}
+
+    monkeypatch.setattr(G, "TIMED_T", (1, 40))
+    monkeypatch.setattr(G, "VARIANTS", [])
+    monkeypatch.setattr(G, "fit_rows", lambda *a, **k: [])
+    monkeypatch.setattr(G, "cli_sine_row", cli)
+    monkeypatch.setattr(G, "_graphed_full_meta_step_ms", lambda T, device, dims: 1.0)
+    stage = _stage_timing(fake_cuda, tmp_path, smoke=False)
+    assert stage["rotations"] == G.ROTATIONS
+    assert seen["cli"] == (G.CLI_TIMEOUT, False)
+    by = {(r["provider"], r["T"]): r for r in stage["rows"]}
+    for name in ("torch", "torch-graph", "torch-vmap", "seed"):
+        assert "ms" in by[(name, 1)] and by[(name, 1)]["input_sets"] == G.ROTATIONS, by[(name, 1)]
+    assert by[("seed", 40)]["status"] == "skipped" and "ms" in by[("torch-vmap", 40)]
+    assert "ms" in by[("jax", 1)] or by[("jax", 1)]["status"] == "skipped"
+    lines = G.summary_lines({"stages": {"timing": stage}, "seconds": {}})
+    assert any("T=1: fastest" in line or "seed" in line for line in lines)
