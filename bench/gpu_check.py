@@ -1109,12 +1109,33 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
         _CHILDREN.discard(proc)
         with open(logf, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n{text}\n[rc {rc}]\n\n")
-        summary = [l for l in text.splitlines() if "ERROR SUMMARY" in l or "Duration" in l or "Throughput" in l
-                   or "Achieved Occupancy" in l or "Registers Per Thread" in l or "Theoretical Occupancy" in l]
-        res[tool] = {"returncode": rc, "seconds": round(time.monotonic() - t0, 1), "summary": summary[:20],
+        summary = tool_summary(text)
+        res[tool] = {"returncode": rc, "seconds": round(time.monotonic() - t0, 1), "summary": summary,
                      "tail": text[-1500:]}
-        log(f"  {tool}: rc {rc}; " + " | ".join(s.strip() for s in summary[:8]))
+        log(f"  {tool}: rc {rc}; " + " | ".join(summary[:8]))
     return res
+
+
+#: a tool's lines that say it could not do its job (ncu's "==ERROR== ERR_NVGPUCTRPERM ...",
+#: "==WARNING== No kernels were profiled.", compute-sanitizer's "========= Error: ...")
+_TOOL_PROBLEMS = ("==ERROR==", "==WARNING==", "========= Error", "========= Target application")
+#: a tool's figures kept for the summary, per profiled kernel in ncu's order: compute-sanitizer's
+#: error count; ncu's SpeedOfLight headline (Memory and Compute (SM) Throughput, Duration) and
+#: Occupancy (Theoretical, Achieved); the kernel's line (name, grid x block, "Context 1, ...")
+_TOOL_FIGURES = ("ERROR SUMMARY", "Duration", "Memory Throughput", "Compute (SM) Throughput",
+                 "Theoretical Occupancy", "Achieved Occupancy", "Registers Per Thread", ", Context ")
+
+
+def tool_summary(text: str, limit: int = 24) -> list:
+    """The lines of compute-sanitizer's or ncu's text output worth a summary, stripped: first
+    any line saying the tool could not do its job (``_TOOL_PROBLEMS``), then its figures
+    (``_TOOL_FIGURES``), at most ``limit`` in all.  (Matching every "Throughput" kept ncu's DRAM,
+    L1 and L2 lines, 6 per kernel, and the summary's first four lines never reached the
+    occupancy nor an "==ERROR==" saying why nothing was measured.)"""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    problems = [line for line in lines if line.startswith(_TOOL_PROBLEMS)]
+    figures = [line for line in lines if not line.startswith(_TOOL_PROBLEMS) and any(k in line for k in _TOOL_FIGURES)]
+    return (problems[:limit // 3] + figures)[:limit]
 
 
 def run_target(kind: str) -> int:
@@ -1241,9 +1262,9 @@ def summary_lines(results: dict) -> list:
         st = results["stages"].get(name) or {}
         for tool, r in st.items():
             if isinstance(r, dict):
-                lines.append(f"{tool}: rc {r.get('returncode')} " + " | ".join(s.strip() for s in r.get("summary", [])[:4]))
-            elif tool == "reason":
-                lines.append(f"{name}: skipped ({r})")
+                lines.append(f"{tool}: rc {r.get('returncode')} " + " | ".join(s.strip() for s in r.get("summary", [])[:7]))
+            elif tool == "reason":  # skipped, or the stage's error / the deadline's cut
+                lines.append(f"{name}: {st.get('status', 'skipped')} ({r})")
     return lines
 
 

@@ -319,3 +319,119 @@ def test_timing_stage_at_gpu_sizes_times_each_provider_or_says_why(fake_cuda, tm
     assert "ms" in by[("jax", 1)] or by[("jax", 1)]["status"] == "skipped"
     lines = G.summary_lines({"stages": {"timing": stage}, "seconds": {}})
     assert any("T=1: fastest" in line or "seed" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- stages 5-6 on "CUDA"
+# Text in the formats the tools print (composed here with this project's kernel; the layout is
+# ncu's text report as shown in public ncu outputs, e.g. nvcc4jupyter's docs/source/usage.rst
+# ("Section: GPU Speed Of Light Throughput" table) and Nsight Compute's Occupancy section; and
+# compute-sanitizer's "=========" lines as in NVIDIA's compute-sanitizer documentation).
+NCU_KERNEL = """\
+  _meta_step_kernel (528, 1, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    ----------------------- ----------- ------------
+    Metric Name             Metric Unit Metric Value
+    ----------------------- ----------- ------------
+    DRAM Frequency                  Ghz         2.62
+    SM Frequency                    Ghz         1.75
+    Elapsed Cycles                cycle      123,456
+    Memory Throughput                 %        12.34
+    DRAM Throughput                   %         3.21
+    Duration                         us        70.55
+    L1/TEX Cache Throughput           %        20.10
+    L2 Cache Throughput               %         4.20
+    SM Active Cycles              cycle   120,000.50
+    Compute (SM) Throughput           %        61.70
+    ----------------------- ----------- ------------
+
+    Section: Occupancy
+    ------------------------------- ----------- ------------
+    Metric Name                     Metric Unit Metric Value
+    ------------------------------- ----------- ------------
+    Block Limit SM                        block           32
+    Block Limit Registers                 block            4
+    Block Limit Shared Mem                block            9
+    Block Limit Warps                     block           16
+    Theoretical Active Warps per SM        warp           16
+    Theoretical Occupancy                     %           25
+    Achieved Occupancy                        %        23.80
+    Achieved Active Warps Per SM           warp        15.23
+    ------------------------------- ----------- ------------
+"""
+NCU_OUT = ("==PROF== Connected to process 4242 (/usr/bin/python3.12)\n"
+           + "".join(f'==PROF== Profiling "_meta_step_kernel" - {i}: 0%....50%....100% - 9 passes\n' for i in range(3))
+           + "==PROF== Disconnected from process 4242\n[4242] python3.12@127.0.0.1\n" + NCU_KERNEL * 3)
+NCU_NO_PERMISSION = ("==PROF== Connected to process 4243 (/usr/bin/python3.12)\n"
+                     "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU Performance "
+                     "Counters on the target device 0.\n==PROF== Disconnected from process 4243\n"
+                     "==WARNING== No kernels were profiled.\n")
+SANITIZER_CLEAN = "[target tiny] v1 T=16: ran twice\n========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n"
+SANITIZER_ERRORS = """\
+========= COMPUTE-SANITIZER
+========= Invalid __global__ read of size 4 bytes
+=========     at _meta_step_kernel+0x1a40
+=========     by thread (31,0,0) in block (2,0,0)
+=========     Address 0x7f2b4c000400 is out of bounds
+=========
+========= Target application returned an error
+========= ERROR SUMMARY: 1 error
+"""
+
+
+class _Proc:
+    def __init__(self, out, rc, hang=False):
+        self.out, self.returncode, self.hang, self.pid = out, rc, hang, -1
+
+    def communicate(self, timeout=None):
+        if self.hang:
+            self.hang = False
+            raise subprocess.TimeoutExpired("tool", timeout)
+        return self.out, ""
+
+
+def test_sanitizer_and_ncu_stages_read_the_tools_real_output(fake_cuda, tmp_path, monkeypatch):
+    """Stages 5 and 6 on a GPU: each tool's command, its log, and a summary that shows the
+    kernel's line, throughput and occupancy, or the line saying why the tool measured nothing
+    (e.g. ncu without access to the performance counters); a tool past its time cap is killed."""
+    outputs = {"memcheck": (SANITIZER_CLEAN, 0, False), "initcheck": (SANITIZER_ERRORS, 9, False),
+               "synccheck": ("========= COMPUTE-SANITIZER\n", 0, True), "ncu": (NCU_OUT, 0, False)}
+    cmds, killed = [], []
+
+    def start(cmd, **kw):
+        cmds.append(cmd)
+        tool = "ncu" if cmd[0].endswith("ncu") else cmd[cmd.index("--tool") + 1]
+        return _Proc(*outputs[tool])
+
+    monkeypatch.setattr(G, "find_tool", lambda name: f"/opt/fake/{name}")
+    monkeypatch.setattr(G, "_start", start)
+    monkeypatch.setattr(G, "_kill_group", lambda proc: killed.append(proc))
+    san = G.stage_tools(lambda *a: None, tmp_path, fake_cuda, "sanitizer", 30, ("memcheck", "initcheck", "synccheck"))
+    assert san["memcheck"]["returncode"] == 0 and san["memcheck"]["summary"] == ["========= ERROR SUMMARY: 0 errors"]
+    assert san["initcheck"]["returncode"] == 9
+    assert san["initcheck"]["summary"][0] == "========= Target application returned an error"
+    assert san["synccheck"]["returncode"] == "timeout after 30 s" and len(killed) == 1
+    assert all(c[1:3] == ["--tool", t] and "--target" in c and c[-2:] == ["tiny", str(tmp_path)]
+               for c, t in zip(cmds, ("memcheck", "initcheck", "synccheck")))
+    assert (tmp_path / "sanitizer.log").read_text().count("[rc ") == 3
+    ncu = G.stage_tools(lambda *a: None, tmp_path, fake_cuda, "ncu", 45, ("ncu",))["ncu"]
+    first = ncu["summary"][:6]
+    assert first[0].startswith("_meta_step_kernel (528, 1, 1)x(128, 1, 1)")
+    assert [line.split("  ")[0] for line in first[1:]] == ["Memory Throughput", "Duration", "Compute (SM) Throughput",
+                                                            "Theoretical Occupancy", "Achieved Occupancy"]
+    assert "regex:_meta_step_kernel" in cmds[-1] and cmds[-1][-2:] == ["profile", str(tmp_path)]
+    outputs["ncu"] = (NCU_NO_PERMISSION, 1, False)
+    denied = G.stage_tools(lambda *a: None, tmp_path, fake_cuda, "ncu", 45, ("ncu",))
+    assert denied["ncu"]["summary"][0].startswith("==ERROR== ERR_NVGPUCTRPERM")
+    lines = G.summary_lines({"stages": {"sanitizer": san, "ncu": denied}, "seconds": {}})
+    assert any(line.startswith("ncu: rc 1 ==ERROR== ERR_NVGPUCTRPERM") for line in lines), lines
+    assert any("Achieved Occupancy" in line for line in G.summary_lines({"stages": {"ncu": {"ncu": ncu}},
+                                                                         "seconds": {}}))
+
+
+def test_summary_says_a_tool_stage_failed_or_was_cut_not_skipped():
+    """A sanitizer stage that raised ({"status": "error", "reason": ...}) or that the deadline cut
+    short read "sanitizer: skipped (...)" in the summary."""
+    lines = G.summary_lines({"stages": {"sanitizer": {"status": "error", "reason": "OSError: boom"},
+                                        "ncu": {"status": "skipped", "reason": "needs CUDA and the tool"}},
+                             "seconds": {}})
+    assert "sanitizer: error (OSError: boom)" in lines and "ncu: skipped (needs CUDA and the tool)" in lines
