@@ -185,6 +185,7 @@ def fake_cuda(monkeypatch):
     for name, value in (("is_available", lambda: True), ("device_count", lambda: 1),
                         ("get_device_properties", lambda d=None: props),
                         ("get_device_capability", lambda d=None: (9, 0)), ("synchronize", _synchronize),
+                        ("get_device_name", lambda d=None: props.name), ("current_device", lambda: 0),
                         ("Event", _Event), ("Stream", _Stream), ("current_stream", lambda d=None: _Stream()),
                         ("stream", lambda s: contextlib.nullcontext()), ("set_stream", lambda s: None),
                         ("CUDAGraph", _CUDAGraph), ("graph", _graph),
@@ -435,3 +436,75 @@ def test_summary_says_a_tool_stage_failed_or_was_cut_not_skipped():
                                         "ncu": {"status": "skipped", "reason": "needs CUDA and the tool"}},
                              "seconds": {}})
     assert "sanitizer: error (OSError: boom)" in lines and "ncu: skipped (needs CUDA and the tool)" in lines
+
+
+# ----------------------------------------------------------------------------- stages 1-2, the tools' child
+def test_env_stage_and_compile_arch_on_a_gpu(fake_cuda, tmp_path, monkeypatch):
+    """Stage 1's GPU branch (properties, nvidia-smi absent or not, the matmul rate at the GPU's
+    default size) and stage 2's target architecture from the device's capability."""
+    from bench import flops
+
+    peak_calls, started = [], []
+    monkeypatch.setattr(flops, "measure_matmul_peak",
+                        lambda device, n=None, min_time=0.3: peak_calls.append((device.type, n, min_time))
+                        or {"flops_per_s": 5e13})
+    env = G.stage_env(lambda *a: None, fake_cuda, smoke=False)
+    assert (env["gpu"], env["sms"], env["capability"], env["memory_gib"]) == ("FAKE H200", 132, "9.0", 141.0)
+    assert isinstance(env["nvidia_smi"], str) and env["fp32_matmul_flops_per_s"] == 5e13
+    assert peak_calls == [("cuda", None, 0.3)]
+    json.dumps(env, default=str)  # results.json takes it
+
+    class _Popen:
+        pid = -1
+
+    monkeypatch.setattr(G, "_start", lambda cmd, **kw: started.append((cmd, kw)) or _Popen())
+    job = G.BackgroundCompile(lambda *a: None, tmp_path, fake_cuda, smoke=False, timeout=30)
+    cmd, kw = started[0]
+    assert job.arch == 90 and cmd[cmd.index("--arch") + 1] == "90" and cmd[cmd.index("--cases") + 1] == "gpu"
+    assert "TRITON_INTERPRET" not in kw["env"]
+
+
+def test_the_tools_child_runs_its_launches_on_a_gpu(fake_cuda, monkeypatch, capsys):
+    """run_target, the process compute-sanitizer (``--target tiny``: every variant at T=16) and
+    ncu (``--target profile``: v2-meta and v2s-meta at T=4096) run, on a fake GPU: each variant's
+    launcher called twice, then the tiny target's streamed and guarded meta-steps, one line per
+    variant.  The kernels are stand-ins that bind their arguments to the real launchers'
+    signatures (a wrong keyword or argument count fails here, not in the tool's child)."""
+    from reptile_fast.kernels import mlp_inner_loop as K
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    calls = []
+    for mod, name in ((K, "mlp_inner_loop"), (V, "inner_loop"), (V, "meta_step"), (V, "guarded_meta_step")):
+        sig = inspect.signature(getattr(mod, name))
+        monkeypatch.setattr(mod, name, lambda *a, _s=sig, _n=name, **k: calls.append((_n, _s.bind(*a, **k).arguments)))
+    assert G.run_target("tiny") == 0
+    out = capsys.readouterr().out
+    assert all(f"[target tiny] {v[0]} T=16: ran twice" in out for v in G.VARIANTS)
+    assert "v2s-registers T=16 and v2-guarded T=1: ran" in out
+    assert len(calls) == 2 * len(G.VARIANTS) + 3 and calls[-1][0] == "guarded_meta_step"
+    assert all(c[1]["x"].shape[0] == 16 for c in calls[:-1])
+    calls.clear()
+    assert G.run_target("profile") == 0
+    out = capsys.readouterr().out
+    assert out.count("[target profile]") == 2 and "v2s-meta T=4096: ran twice" in out
+    assert [c[0] for c in calls] == ["meta_step"] * 4 and calls[0][1]["x"].shape[0] == 4096
+
+
+def test_fused_stepper_chunk_program_captures_without_a_host_read(fake_cuda):
+    """The fused stepper's chunk program through the real ``_CudaGraph`` (torch.cuda.graph) on a
+    fake GPU: captured once, replayed for the next chunks, no host read inside the capture; a
+    capture that raises puts the caller's stream back and re-raises."""
+    from reptile_fast import MLP, Reptile, Sine
+    from reptile_fast.backends import triton as TB
+
+    torch.manual_seed(0)
+    tri = Reptile(MLP(1, 8, 1).to(fake_cuda), backend="triton", inner_steps=2, inner_batch_size=5,
+                  backend_options={"kernel": "v2", "fused": True, "cuda_graphs": True, "chunk": 2})
+    tri._fused._capture, tri._fused.cuda_graphs = TB._CudaGraph, True  # its device is the CPU here
+    tri.fit(Sine(), 6, meta_batch_size=1, progress=False, handle_signals=False, draw_chunks=True)
+    assert _State.captures == 1 and _State.replays == 2 and tri.last_fit_stats["mode"] == "graphs"
+    streams = []
+    torch.cuda.set_stream = streams.append  # (monkeypatched by the fixture: restored after)
+    with pytest.raises(ZeroDivisionError):
+        TB._CudaGraph(lambda: 1 / 0)
+    assert len(streams) == 1 and isinstance(streams[0], _Stream)
