@@ -55,6 +55,8 @@ _HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, to
 
 class _CudaOnCpu(TorchFunctionMode):
     def __torch_function__(self, func, types_, args=(), kwargs=None):
+        if func is torch.device:  # torch.device("cuda") stays a CUDA device: its .type picks the branches
+            return func(*args, **(kwargs or {}))
         kwargs = {k: _to_cpu(v) for k, v in (kwargs or {}).items()}
         args = tuple(_to_cpu(a) for a in args)
         if _State.capturing and func in _HOST_READS and not _in_interpreter():
@@ -198,9 +200,8 @@ def fake_cuda(monkeypatch):
     _State.capturing, _State.captures, _State.replays, _State.syncs_in_capture = False, 0, 0, []
     do_bench_cudagraph.calls.clear()
     do_bench.calls.clear()
-    cuda = torch.device("cuda")  # made outside the mode, which turns torch.device("cuda") into the CPU
     with _CudaOnCpu():
-        yield cuda
+        yield torch.device("cuda")
     assert not _State.syncs_in_capture, _State.syncs_in_capture
 
 
@@ -508,3 +509,105 @@ def test_fused_stepper_chunk_program_captures_without_a_host_read(fake_cuda):
     with pytest.raises(ZeroDivisionError):
         TB._CudaGraph(lambda: 1 / 0)
     assert len(streams) == 1 and isinstance(streams[0], _Stream)
+
+
+# ----------------------------------------------------------------------------- the sweep, the report
+def test_sweep_main_on_a_gpu_sweeps_the_gpu_sizes_and_tables_them(fake_cuda, tmp_path, monkeypatch):
+    """bench/gpu_check.sh --sweep on a GPU: T = 1, 4096, 65536 at width 64, the GPU's stamp;
+    sweep.json and the table after every T, whatever rows a T made (timed, not timed, error)."""
+    from bench import gpu_sweep as S
+
+    seen = []
+
+    def sweep_T(T, device, width, smoke, budget, log, rows=None):
+        seen.append((T, device.type, width, smoke))
+        rows.append({"T": T, "config": {}, "launch": "meta_step", "ok": True, "ms": 0.5, "tasks_per_s": T / 5e-4,
+                     "input_sets": 3, "timer": "do_bench_cudagraph"})
+        rows.append({"T": T, "config": {"num_warps": 8}, "ok": False, "status": "not timed: wrong"})
+        if T == 65536:
+            raise RuntimeError("CUDA out of memory")
+        return rows
+
+    monkeypatch.setattr(S, "sweep_T", sweep_T)
+    assert S.main([str(tmp_path)]) == 0
+    assert seen == [(1, "cuda", 64, False), (4096, "cuda", 64, False), (65536, "cuda", 64, False)]
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["stamp"]["gpu"] == "FAKE H200" and data["stamp"]["sms"] == 132 and data["mode"] == "gpu"
+    assert any(r.get("status") == "error" and "out of memory" in r["reason"] for r in data["rows"])
+    assert data["table"][0].startswith("T=1: 1 settings timed; default 0.5000 ms")
+
+
+def _gpu_shaped_results():
+    """results.json as a GPU run writes it: every row shape the GPU path makes (GPU stamp, compile
+    rows, whole-job rows, graph rows, wrong rows with their time kept apart, errors, skips)."""
+    common = {"width": 64, "depth": 2, "steps": 5, "inner_batch": 10}
+
+    def timed(provider, T, ms, **kw):
+        return {"provider": provider, "T": T, "ms": ms, "timer": "do_bench_cudagraph", "input_sets": 3,
+                "tasks_per_s": T / (ms / 1e3), "flops": 1e6 * T, "flops_per_s": 1e9 * T / ms,
+                "pct_fp32_matmul_peak": 1.0, **common, **kw}
+
+    rows = [
+        {"provider": "fit-v2-graphs-check", "T": 1, "meta_steps": 300, "mode": "graphs", "fallback_reason": None,
+         "bitwise_graphs_vs_launches": True, "phi_max_abs_vs_torch": 1e-7, "phi_rel_vs_torch_movement": 1e-6,
+         "ok": True},
+        {"provider": "fit-v2-graphs", "T": 1, "meta_steps": 30000, "mode": "graphs", "fallback_reason": None,
+         "train_seconds": 0.6, "ms": 0.02, "finite": True, "timer": "host clock", "seed_setting_30000_s": 0.6},
+        {"provider": "fit-v2-launches", "T": 1, "status": "skipped", "reason": "time budget spent"},
+        {"provider": "cli-sine-gpu", "T": 1, "status": "timeout after 45 s", "command": "python -m reptile_fast sine"},
+        timed("v2-meta", 4096, 0.08), timed("v2-meta", 1, 0.01), timed("torch", 4096, 2.0), timed("torch", 1, 0.5),
+        timed("torch-vmap", 4096, 9.0), timed("jax", 4096, 3.0, timer="host clock + block_until_ready"),
+        timed("seed", 1, 2.0), timed("v2-meta-graph-full", 1, 0.02, input_sets="fresh each replay"),
+        {"provider": "torch-graph", "T": 4096, "status": "wrong", "ms_not_a_result": 1.5,
+         "reason": "the timed calls' outputs are wrong: | pipes | and\nnewlines", **common, "flops": 1e6},
+        {"provider": "v1", "T": 65536, "status": "error", "reason": "OutOfMemoryError: CUDA out of memory", **common},
+        {"provider": "seed", "T": 4096, "status": "skipped", "reason": "the seed loop is timed up to T=32", **common},
+        {"provider": "*", "T": 256, "status": "skipped", "reason": "time budget spent", **common},
+    ]
+    compile_rows = [{"kernel": "v2", "case": "sine-1-64-64-1", "precision": "ieee", "mode": "meta-step", "num_warps": 4,
+                     "registers": 128, "spill_store_bytes": 0, "shared_bytes": 2048,
+                     "ptx": {"mma": 0, "wgmma": 0, "ex2.approx": 0, "div.full": 0}},
+                    {"kernel": "v1", "case": "sine-1-64-64-1", "precision": "tf32", "mode": "registers",
+                     "num_warps": 8, "error": "CompilationError: out of resources"}]
+    return {"stages": {
+        "env": {"gpu": "NVIDIA H200", "sms": 132, "torch": "2.11.0", "triton": "3.6.0", "jax": "0.6.0",
+                "date": "2026-12-04", "mode": "gpu", "command": "bench/gpu_check.sh /out",
+                "fp32_matmul_flops_per_s": 5e13, "tools": {"ncu": "/usr/local/cuda/bin/ncu"}},
+        "compile": {"status": "timeout after 110 s", "arch": 90, "rows": compile_rows},
+        "correctness": {"rows": [{"variant": "v1", "T": 64, "ok_rtol1e-5": True, "max_abs_vs_ref32": 1e-7},
+                                 {"variant": "v2-tf32", "T": 64, "error": "RuntimeError: x"},
+                                 {"variant": "special-functions",
+                                  "exp": {"max_rel_err_in_2^-23": 1.2, "stated_bound": 2.0}}]},
+        "timing": {"rows": rows, "rotations": 3},
+        "sanitizer": {"memcheck": {"returncode": 0, "summary": ["========= ERROR SUMMARY: 0 errors"]},
+                      "synccheck": {"returncode": "timeout after 40 s", "summary": []}},
+        "ncu": {"status": "cut short", "reason": "cut short: the run passed its deadline"}},
+        "seconds": {"env": 3.0, "timing": 170.0, "total": 350.0}, "budget_s": 345}
+
+
+def test_summary_and_report_read_every_row_shape_a_gpu_run_writes(tmp_path):
+    """summary.txt (printed last by the GPU run) and ``python -m bench.report results.json`` (run
+    on its results afterwards) take every row shape only the GPU path makes."""
+    from bench import report as R
+
+    results = _gpu_shaped_results()
+    lines = G.summary_lines(results)
+    text = "\n".join(lines)
+    assert "summary ERROR" not in text and "NVIDIA H200 (132 SMs)" in lines[0]
+    assert "T=4096: fastest Triton variant v2-meta: 112.5x torch-vmap, 25.0x torch, 37.5x jax" in text
+    assert "fit-v2-graphs: 0.0200 ms per meta-step (graphs) -> 30000 meta-steps 0.60 s" in text
+    assert "as one graphed meta-step each: 0.0200 ms -> 0.60 s" in text
+    assert "ncu: cut short (cut short: the run passed its deadline)" in text and "synccheck: rc timeout" in text
+    assert "main job on the GPU" in text and "status timeout after 45 s" in text
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    records, stamp, _ = R.load_results(path)
+    derived = R.derive(records)
+    timed = {(r["provider"], r["meta_batch"]) for r in derived if "tasks_per_s" in r}
+    assert timed == {("v2-meta", 4096), ("v2-meta", 1), ("torch", 4096), ("torch", 1), ("torch-vmap", 4096),
+                     ("jax", 4096), ("seed", 1), ("v2-meta-graph-full", 1)}
+    assert stamp["gpu"] == "NVIDIA H200" and stamp["fp32_matmul_peak_gflops"] == 5e4
+    assert R.main([str(path), "--out", str(tmp_path / "gpu")]) == 0
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| torch-graph | wrong | the timed calls' outputs are wrong: / pipes / and newlines | T4096 |" in md
+    assert "OutOfMemoryError" in md and (tmp_path / "gpu_tasks_per_s.png").exists()
