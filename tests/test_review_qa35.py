@@ -611,3 +611,38 @@ def test_summary_and_report_read_every_row_shape_a_gpu_run_writes(tmp_path):
     md = (tmp_path / "gpu.md").read_text()
     assert "| torch-graph | wrong | the timed calls' outputs are wrong: / pipes / and newlines | T4096 |" in md
     assert "OutOfMemoryError" in md and (tmp_path / "gpu_tasks_per_s.png").exists()
+
+
+def test_sweep_rechecks_the_outputs_of_the_timed_calls(tmp_path, monkeypatch):
+    """The sweep checked each setting's first call, then timed graph replays whose outputs nobody
+    looked at (the GPU check re-checks its kernel variants' timed calls; the sweep did not): a
+    setting whose replays compute something else was timed as a result.  Now at T > 1 the timed
+    calls' outputs are checked too; such a setting is "wrong", its time kept apart."""
+    from bench import gpu_sweep as S
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    real_meta_step, real_time_ms = V.meta_step, G._time_ms
+    timing = [False]
+
+    def meta_step(x, y, plan, phi, *a, out=None, config=None, **kw):
+        if timing[0] and config.num_warps == 4:  # the replays of one setting: φ left as it was
+            out.copy_(phi)
+            return None
+        return real_meta_step(x, y, plan, phi, *a, out=out, config=config, **kw)
+
+    def time_ms(*a, **k):
+        timing[0] = True
+        try:
+            return real_time_ms(*a, **k)
+        finally:
+            timing[0] = False
+
+    monkeypatch.setattr(V, "meta_step", meta_step)
+    monkeypatch.setattr(G, "_time_ms", time_ms)
+    monkeypatch.setattr(S, "settings", lambda T, smoke: iter([{}, {"num_warps": 4, "accumulate": "memory"}]))
+    rows = S.sweep_T(3, torch.device("cpu"), 8, True, G.Budget(300), lambda *a: None)
+    default, bad = rows
+    assert default["ok"] and "ms" in default and default["input_sets"] == G.SMOKE_ROTATIONS, default
+    assert not bad["ok"] and "ms" not in bad and bad["ms_not_a_result"] > 0, bad
+    assert bad["status"].startswith("wrong: the timed calls' outputs: input set 0: its outer update differs")
+    assert S.table(rows)[0].startswith("T=3: 1 settings timed")
