@@ -50,7 +50,8 @@ def _to_cpu(v):
 
 
 _HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
-               torch.Tensor.__int__, torch.Tensor.cpu, torch.Tensor.numpy}
+               torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy,
+               torch.Tensor.is_nonzero, torch.equal, torch.allclose, torch.Tensor.equal, torch.Tensor.allclose}
 
 
 class _CudaOnCpu(TorchFunctionMode):
@@ -288,6 +289,20 @@ def test_torch_graph_outputs_of_the_timed_replays_are_checked(fake_cuda, tmp_pat
         assert [r["T"] for r in full] == [1, 2] and all(r["ms"] == 1.0 for r in full)
     lines = G.summary_lines({"stages": {"timing": {"rows": rows}}, "seconds": {}})
     assert any(line.strip().startswith("torch-graph") for line in lines)
+
+
+def test_every_timed_launcher_captures_without_a_host_read(fake_cuda):
+    """What do_bench_cudagraph captures on the GPU: each kernel variant's launcher (``launcher``:
+    preallocated outputs, ``check_values=False``) reads nothing on the host inside a capture
+    (CUDA refuses a sync there: the variant would be recorded as an error, not timed)."""
+    model, tasks, plan, params, phi = G.problem(1, fake_cuda, seed=3, width=8)
+    for variant in G.VARIANTS:
+        fn = G.launcher(variant, 1, fake_cuda, (1, 8, 8, 1), tasks, plan, params, phi)
+        fn()  # compiles, outside the capture (as do_bench_cudagraph's warm-up call)
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            fn()
+        assert torch.isfinite(fn.result()).all(), variant
+    assert _State.captures == len(G.VARIANTS)
 
 
 def test_whole_meta_step_under_one_graph_runs_on_fake_cuda(fake_cuda):
