@@ -814,7 +814,9 @@ def stage_timing(log, device, smoke, budget, results, out):
             except Exception as exc:  # noqa: BLE001
                 record(T=T, provider=variant[0], status="error", reason=f"{type(exc).__name__}: {exc}")
         # the whole v2 meta-step, sampling included, under one CUDA graph
-        if device.type == "cuda" and budget.left() > 15:
+        if device.type == "cuda" and budget.left() <= 15:  # said, as the other cases' skips are
+            record(T=T, provider="v2-meta-graph-full", status="skipped", reason="time budget spent")
+        elif device.type == "cuda":
             try:
                 ms = _graphed_full_meta_step_ms(T, device, dims)
                 record(T=T, provider="v2-meta-graph-full", ms=ms, input_sets="fresh each replay",

@@ -661,3 +661,32 @@ def test_sweep_rechecks_the_outputs_of_the_timed_calls(tmp_path, monkeypatch):
     assert not bad["ok"] and "ms" not in bad and bad["ms_not_a_result"] > 0, bad
     assert bad["status"].startswith("wrong: the timed calls' outputs: input set 0: its outer update differs")
     assert S.table(rows)[0].startswith("T=3: 1 settings timed")
+
+
+def test_a_spent_budget_on_a_gpu_records_every_case_it_skips(fake_cuda, tmp_path, monkeypatch):
+    """The timing stage's budget paths on a GPU (never taken by the CPU smoke): the main job, each
+    kernel variant, the whole graphed meta-step and each provider say "skipped" when the time is
+    spent (the graphed meta-step was left out of the table without a word), later T as "*"."""
+    real_sets = G.problem_sets
+    spent = [False]
+
+    class Budget(G.Budget):
+        def left(self):
+            return 10.0 if spent[0] else 25.0
+
+    def problem_sets(*a, **k):
+        spent[0] = True  # the time runs out once the first T's problem is built
+        return real_sets(*a, **k)
+
+    monkeypatch.setattr(G, "TIMED_T", (1, 2))
+    monkeypatch.setattr(G, "VARIANTS", G.VARIANTS[:2])
+    monkeypatch.setattr(G, "problem_sets", problem_sets)
+    monkeypatch.setattr(G, "fit_rows", lambda *a, **k: [])
+    results = {"stages": {}}
+    rows = G.stage_timing(lambda *a: None, fake_cuda, False, Budget(25), results, tmp_path)["rows"]
+    by = {(r["provider"], r["T"]): r for r in rows}
+    assert by[("cli-sine-gpu", 1)]["status"] == "skipped" and "time budget" in by[("cli-sine-gpu", 1)]["reason"]
+    for name in ("v1", "v1-tf32x3", "v2-meta-graph-full", "torch", "torch-graph", "torch-vmap", "jax", "seed"):
+        assert by[(name, 1)]["status"] == "skipped" and "ms" not in by[(name, 1)], (name, by.get((name, 1)))
+    assert by[("*", 2)]["status"] == "skipped"
+    assert "summary ERROR" not in "\n".join(G.summary_lines({"stages": results["stages"], "seconds": {}}))
