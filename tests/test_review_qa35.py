@@ -690,3 +690,32 @@ def test_a_spent_budget_on_a_gpu_records_every_case_it_skips(fake_cuda, tmp_path
         assert by[(name, 1)]["status"] == "skipped" and "ms" not in by[(name, 1)], (name, by.get((name, 1)))
     assert by[("*", 2)]["status"] == "skipped"
     assert "summary ERROR" not in "\n".join(G.summary_lines({"stages": results["stages"], "seconds": {}}))
+
+
+def test_main_on_a_gpu_writes_results_and_summary(fake_cuda, tmp_path, monkeypatch):
+    """main's GPU path (budget 345 s, the tools' stages with their GPU time caps, results.json
+    and summary.txt, exit 0), stages 1, 5, 6 on the fake GPU; without CUDA it says so (exit 2)."""
+    from bench import flops
+
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda device, n=None, min_time=0.3: {"flops_per_s": 5e13})
+    monkeypatch.setattr(G, "find_tool", lambda name: f"/opt/fake/{name}")
+    caps = []
+
+    def start(cmd, **kw):
+        caps.append(cmd)
+        return _Proc(NCU_OUT if cmd[0].endswith("ncu") else SANITIZER_CLEAN, 0)
+
+    monkeypatch.setattr(G, "_start", start)
+    real_tools = G.stage_tools
+    monkeypatch.setattr(G, "stage_tools", lambda log, out, device, name, timeout, tools:
+                        caps.append((name, timeout)) or real_tools(log, out, device, name, timeout, tools))
+    out = tmp_path / "gpu"
+    assert G.main([str(out), "--stages", "1,5,6"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["budget_s"] == 345 and results["stages"]["env"]["gpu"] == "FAKE H200"
+    assert [c for c in caps if isinstance(c, tuple)] == [("sanitizer", 40), ("ncu", 45)]
+    summary = (out / "summary.txt").read_text()
+    assert "FAKE H200 (132 SMs)" in summary and "memcheck: rc 0 ========= ERROR SUMMARY: 0 errors" in summary
+    assert "Achieved Occupancy" in summary
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert G.main([str(tmp_path / "none")]) == 2
