@@ -719,3 +719,77 @@ def test_main_on_a_gpu_writes_results_and_summary(fake_cuda, tmp_path, monkeypat
     assert "Achieved Occupancy" in summary
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert G.main([str(tmp_path / "none")]) == 2
+
+
+# ----------------------------------------------------------------------------- GPU-size branches of stage 3-4
+def test_repeatability_at_gpu_size_compares_meta_steps_and_adapted_rows(fake_cuda, monkeypatch):
+    """_v2_repeatability's GPU branch (T=4096, 20 runs, adapt's launches compared too; the smoke
+    runs the meta-step only).  Stand-in kernels (bound to the real signatures) return the same
+    answers every run except one configuration's adapted rows on one run: only that row is not
+    bitwise, and its largest difference is recorded."""
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    sigs = {name: inspect.signature(getattr(V, name)) for name in ("meta_step", "inner_loop")}
+    n_adapt = {}
+
+    def meta_step(*a, **k):
+        args = sigs["meta_step"].bind(*a, **k).arguments
+        phi = args["params_flat"]
+        return V.MetaStepResult(phi + 1.0, phi.sum(), None)
+
+    def inner_loop(*a, **k):
+        args = sigs["inner_loop"].bind(*a, **k).arguments
+        cfg, T = args["config"], args["x"].shape[0]
+        key = (cfg.stream, cfg.accumulate)
+        n_adapt[key] = n_adapt.get(key, 0) + 1
+        n = V.n_flat_params(args["dims"])
+        out = torch.zeros(T, -(-n // 4) * 4)
+        if key == (True, "memory") and n_adapt[key] == 7:  # one run's rows differ
+            out[5, 3] = 0.25
+        return out, torch.zeros(T, 5)
+
+    monkeypatch.setattr(V, "meta_step", meta_step)
+    monkeypatch.setattr(V, "inner_loop", inner_loop)
+    rows = G._v2_repeatability(lambda *a: None, fake_cuda, False, 8)
+    assert [r["variant"] for r in rows] == ["v2-repeat-regs-registers", "v2-repeat-regs-memory",
+                                            "v2-repeat-stream-registers", "v2-repeat-stream-memory"]
+    assert all("error" not in r and r["T"] == 4096 and r["runs"] == 20 for r in rows), rows
+    assert [r["bitwise"] for r in rows] == [True, True, True, False]
+    assert rows[3]["max_abs_diff"] == 0.25 and n_adapt[(False, "registers")] == 20
+
+
+def test_main_job_row_on_a_gpu_is_a_time_only_for_a_trained_model(tmp_path, monkeypatch):
+    """cli_sine_row's GPU branch (the smoke skips it): the job's command, its metrics copied out,
+    and its times kept apart as *_not_a_result when it failed or did not train (post-adaptation
+    MSE above bench.main_job_wall.MAX_TRAINED_MSE); a job past its time cap is a timeout row."""
+    from bench.main_job_wall import MAX_TRAINED_MSE
+
+    seen = []
+
+    def run(mse, rc=0):
+        def fake(cmd, timeout, **kw):
+            seen.append((cmd, timeout, kw["env"]))
+            if mse == "timeout":
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "metrics.json").write_text(json.dumps({"post_adaptation_mse": mse, "train_seconds": 0.8,
+                                                          "ms_per_iteration": 0.027, "backend": "triton",
+                                                          "mode": "graphs", "fallback_reason": None}))
+            return subprocess.CompletedProcess(cmd, rc, "done\n", "")
+        return fake
+
+    monkeypatch.setattr(G, "_run", run(0.01))
+    good = G.cli_sine_row(lambda *a: None, tmp_path, timeout=45.0)
+    cmd, timeout, env = seen[-1]
+    assert cmd[cmd.index("--device") + 1] == "cuda" and cmd[cmd.index("--backend") + 1] == "triton" and timeout == 45.0
+    assert env["REPTILE_FAST_TRITON_CUDA_GRAPHS"] == "1" and "TRITON_INTERPRET" not in env
+    assert good["train_seconds"] == 0.8 and good["mode"] == "graphs" and "status" not in good, good
+    assert json.loads((tmp_path / "sine_gpu_metrics.json").read_text())["post_adaptation_mse"] == 0.01
+    for mse, rc in ((10 * MAX_TRAINED_MSE, 0), (0.01, 1), (float("nan"), 0)):
+        monkeypatch.setattr(G, "_run", run(mse, rc))
+        bad = G.cli_sine_row(lambda *a: None, tmp_path, timeout=45.0)
+        assert bad["status"].startswith("wrong:") and "train_seconds" not in bad, bad
+        assert bad["train_seconds_not_a_result"] == 0.8 and bad["wall_seconds_not_a_result"] >= 0
+    monkeypatch.setattr(G, "_run", run("timeout"))
+    assert G.cli_sine_row(lambda *a: None, tmp_path, timeout=45.0)["status"] == "timeout after 45 s"
