@@ -281,6 +281,18 @@ class Rotation:
             fn()
 
 
+def _kept_outputs(prepared, n_sets):
+    """``(Rotation, last)``: one call runs ``prepared.run(r)`` for every input set r, keeping its
+    output in ``last[r]`` (a list).  Under a CUDA graph the outputs kept are the last captured
+    call's, in the graph's memory: after the replays they hold what the timed replays computed."""
+    last = [None] * n_sets
+
+    def run(r):
+        last[r] = prepared.run(r)
+
+    return Rotation([lambda r=r: run(r) for r in range(n_sets)]), last
+
+
 def launcher(variant, T, device, dims, tasks, plan, params, phi):
     """fn() launching one variant with preallocated outputs (what do_bench_cudagraph replays)."""
     import torch
@@ -706,7 +718,7 @@ def _time_ms(fn, device, graph, sets=1):
 
 def stage_timing(log, device, smoke, budget, results, out):
     from bench.flops import inner_loop_flops
-    from bench.providers import Point, Problem, check_prepared, get_provider, oracle_updates
+    from bench.providers import Point, Prepared, Problem, check_prepared, get_provider, oracle_updates
     from reptile_fast.backends import InnerConfig
 
     Ts = (1, 2) if smoke else TIMED_T
@@ -802,7 +814,9 @@ def stage_timing(log, device, smoke, budget, results, out):
             except Exception as exc:  # noqa: BLE001
                 record(T=T, provider=variant[0], status="error", reason=f"{type(exc).__name__}: {exc}")
         # the whole v2 meta-step, sampling included, under one CUDA graph
-        if device.type == "cuda" and budget.left() > 15:
+        if device.type == "cuda" and budget.left() <= 15:  # said, as the other cases' skips are
+            record(T=T, provider="v2-meta-graph-full", status="skipped", reason="time budget spent")
+        elif device.type == "cuda":
             try:
                 ms = _graphed_full_meta_step_ms(T, device, dims)
                 record(T=T, provider="v2-meta-graph-full", ms=ms, input_sets="fresh each replay",
@@ -841,8 +855,18 @@ def stage_timing(log, device, smoke, budget, results, out):
                     record(T=T, provider=name, ms=1e3 * t["median"], timer="host clock + block_until_ready",
                            input_sets=prob.rotations)
                 else:
-                    rotation = Rotation([lambda r=r: prepared.run(r) for r in range(prob.rotations)])
-                    ms, timer = _time_ms(rotation, device, graph=name == "torch-graph", sets=rotation.sets)
+                    graph = name == "torch-graph"
+                    rotation, last = _kept_outputs(prepared, prob.rotations)
+                    ms, timer = _time_ms(rotation, device, graph=graph, sets=rotation.sets)
+                    if graph:
+                        # as the kernel variants': the graph replays (a capture of the provider's
+                        # code, not the eager call checked above) wrote the outputs of the last
+                        # captured call of each set; a replay that computes something else is no result
+                        after, _ = check_prepared(prov, Prepared(last.__getitem__, prepared.to_params), prob)
+                        if not after.ok:
+                            record(T=T, provider=name, status="wrong", ms_not_a_result=ms,
+                                   reason=f"the timed calls' outputs are wrong: {after.message}")
+                            continue
                     record(T=T, provider=name, ms=ms, timer=timer, input_sets=rotation.sets)
             except Exception as exc:  # noqa: BLE001
                 record(T=T, provider=name, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
@@ -1087,12 +1111,33 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
         _CHILDREN.discard(proc)
         with open(logf, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n{text}\n[rc {rc}]\n\n")
-        summary = [l for l in text.splitlines() if "ERROR SUMMARY" in l or "Duration" in l or "Throughput" in l
-                   or "Achieved Occupancy" in l or "Registers Per Thread" in l or "Theoretical Occupancy" in l]
-        res[tool] = {"returncode": rc, "seconds": round(time.monotonic() - t0, 1), "summary": summary[:20],
+        summary = tool_summary(text)
+        res[tool] = {"returncode": rc, "seconds": round(time.monotonic() - t0, 1), "summary": summary,
                      "tail": text[-1500:]}
-        log(f"  {tool}: rc {rc}; " + " | ".join(s.strip() for s in summary[:8]))
+        log(f"  {tool}: rc {rc}; " + " | ".join(summary[:8]))
     return res
+
+
+#: a tool's lines that say it could not do its job (ncu's "==ERROR== ERR_NVGPUCTRPERM ...",
+#: "==WARNING== No kernels were profiled.", compute-sanitizer's "========= Error: ...")
+_TOOL_PROBLEMS = ("==ERROR==", "==WARNING==", "========= Error", "========= Target application")
+#: a tool's figures kept for the summary, per profiled kernel in ncu's order: compute-sanitizer's
+#: error count; ncu's SpeedOfLight headline (Memory and Compute (SM) Throughput, Duration) and
+#: Occupancy (Theoretical, Achieved); the kernel's line (name, grid x block, "Context 1, ...")
+_TOOL_FIGURES = ("ERROR SUMMARY", "Duration", "Memory Throughput", "Compute (SM) Throughput",
+                 "Theoretical Occupancy", "Achieved Occupancy", "Registers Per Thread", ", Context ")
+
+
+def tool_summary(text: str, limit: int = 24) -> list:
+    """The lines of compute-sanitizer's or ncu's text output worth a summary, stripped: first
+    any line saying the tool could not do its job (``_TOOL_PROBLEMS``), then its figures
+    (``_TOOL_FIGURES``), at most ``limit`` in all.  (Matching every "Throughput" kept ncu's DRAM,
+    L1 and L2 lines, 6 per kernel, and the summary's first four lines never reached the
+    occupancy nor an "==ERROR==" saying why nothing was measured.)"""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    problems = [line for line in lines if line.startswith(_TOOL_PROBLEMS)]
+    figures = [line for line in lines if not line.startswith(_TOOL_PROBLEMS) and any(k in line for k in _TOOL_FIGURES)]
+    return (problems[:limit // 3] + figures)[:limit]
 
 
 def run_target(kind: str) -> int:
@@ -1219,9 +1264,9 @@ def summary_lines(results: dict) -> list:
         st = results["stages"].get(name) or {}
         for tool, r in st.items():
             if isinstance(r, dict):
-                lines.append(f"{tool}: rc {r.get('returncode')} " + " | ".join(s.strip() for s in r.get("summary", [])[:4]))
-            elif tool == "reason":
-                lines.append(f"{name}: skipped ({r})")
+                lines.append(f"{tool}: rc {r.get('returncode')} " + " | ".join(s.strip() for s in r.get("summary", [])[:7]))
+            elif tool == "reason":  # skipped, or the stage's error / the deadline's cut
+                lines.append(f"{name}: {st.get('status', 'skipped')} ({r})")
     return lines
 
 

@@ -11,7 +11,9 @@ at T = 1, one launch, what the fused CUDA-graph stepper replays), sine MLP 1-64-
 steps of 10 points, precision "ieee".  Before it is timed, every setting's outer update (the
 default's included) is checked against a float64 oracle (``bench.gpu_check.check_variant``), and
 its φ against the default setting's (the settings change only the order of the outer sum: equal
-within fp32 rounding of a T-term mean, rtol 1e-5 / atol 1e-6), so no wrong answer is timed.
+within fp32 rounding of a T-term mean, rtol 1e-5 / atol 1e-6), so no wrong answer is timed;
+at T > 1 the timed calls' (graph replays') outputs are checked the same way after the timing, and a
+setting whose replays compute something else is recorded as wrong, its time kept apart.
 Every setting runs on the GPU check's rotating input sets (``ROTATIONS``; each checked, each
 timed call runs every set once).
 
@@ -84,6 +86,20 @@ def sweep_T(T, device, width, smoke, budget, log, rows=None):
 
         return fn, new
 
+    def check(phis):
+        """Why the φ of each input set in ``phis`` is not the outer update (float64 oracle), or None."""
+        for r, (tasks, plan) in enumerate(sets):
+            if oracles[r] is None:
+                oracles[r] = float64_updates(model, tasks.x, tasks.y, plan, LR)
+            wrong = check_variant(("sweep", "v2", "ieee", "meta"), phis[r], model, tasks, plan, phi, oracles[r])
+            if wrong:
+                return f"input set {r}: {wrong}"
+        return None
+
+    def differs(phis):
+        """Whether ``phis`` differ from the default setting's beyond fp32 summation order."""
+        return want is None or not all(bool(torch.allclose(g, w, rtol=1e-5, atol=1e-6)) for g, w in zip(phis, want))
+
     for kw in settings(T, smoke):
         if budget.left() < 10:
             rows.append({"T": T, "config": kw, "status": "skipped", "reason": "time budget spent"})
@@ -91,33 +107,34 @@ def sweep_T(T, device, width, smoke, budget, log, rows=None):
         row = {"T": T, "config": kw, "launch": "guarded_meta_step" if T == 1 else "meta_step"}
         try:
             cfg = V.V2Config(**kw)
-            fns, got = [], []
+            fns, bufs, got = [], [], []
             for tasks, plan in sets:
                 fn, buf = launch(cfg, tasks, plan)
                 fn()
                 fns.append(fn)
+                bufs.append(buf)
                 got.append(buf.clone())
             # every setting's outer update against the float64 oracle (the default's included: the
             # settings are compared with it, so it must be right itself), then with the default's φ
-            wrong = None
-            for r, (tasks, plan) in enumerate(sets):
-                if oracles[r] is None:
-                    oracles[r] = float64_updates(model, tasks.x, tasks.y, plan, LR)
-                wrong = check_variant(("sweep", "v2", "ieee", "meta"), got[r], model, tasks, plan, phi, oracles[r])
-                if wrong:
-                    wrong = f"input set {r}: {wrong}"
-                    break
+            wrong = check(got)
             if want is None and not wrong:
                 want = got
             if want is not None:
                 row["max_abs_vs_default"] = max(float((g - w).abs().max()) for g, w in zip(got, want))
-            row["ok"] = (not wrong and want is not None
-                         and all(bool(torch.allclose(g, w, rtol=1e-5, atol=1e-6)) for g, w in zip(got, want))
+            row["ok"] = (not wrong and want is not None and not differs(got)
                          and all(bool(torch.isfinite(g).all()) for g in got))
             if row["ok"]:
                 rotation = Rotation(fns)
                 ms, timer = _time_ms(rotation, device, graph=True, sets=rotation.sets)
-                row.update(ms=ms, timer=timer, tasks_per_s=T / (ms / 1e3), input_sets=rotation.sets)
+                # the timed calls (graph replays on a GPU) wrote each set's `new`: their last answers
+                # are checked as the first call's were (T = 1: the replays step φ on from the checked
+                # first call, so there is no fixed answer to hold them to)
+                after = None if T == 1 else (check(bufs) or ("its φ differs from the default setting's"
+                                                             if differs(bufs) else None))
+                if after:
+                    row.update(ok=False, ms_not_a_result=ms, status=f"wrong: the timed calls' outputs: {after}")
+                else:
+                    row.update(ms=ms, timer=timer, tasks_per_s=T / (ms / 1e3), input_sets=rotation.sets)
             else:
                 row["status"] = "not timed: " + (wrong or "result differs from the default setting's")
         except Exception as exc:  # noqa: BLE001 - recorded; the other settings go on
