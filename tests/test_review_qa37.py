@@ -489,12 +489,19 @@ _DIST_SCRIPT = textwrap.dedent(r'''
                "--eval-tasks", "2", "--eval-steps", "1", "--checkpoint-every", "2", "--no-progress",
                "--out", os.path.join(out, "cli")])
     res = {{"cli_rc": rc}}
-    # the few-shot job under torchrun too (3 tasks over 2 ranks; validation on rank 0)
+    # the few-shot job under torchrun too (3 tasks over 2 ranks). Every rank validates (rank 0
+    # alone writes): a rank waiting in a collective for rank 0's validation failed after the
+    # timeout, as if rank 0 had hung. Counted here: rank 0 also runs the final test.
+    import reptile_fast.fewshot_job as J
+    calls, real = [], J.evaluate_episodes
+    J.evaluate_episodes = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
     res["omniglot_rc"] = main(["omniglot", "--train", {zip1!r}, "--test", {zip2!r}, "--ways", "3",
                                "--train-shots", "2", "--iterations", "2", "--meta-batch-size", "3",
                                "--inner-steps", "2", "--eval-tasks", "2", "--eval-steps", "1",
                                "--validate-every", "1", "--validation-tasks", "2", "--no-progress",
                                "--out", os.path.join(out, "omni")])
+    J.evaluate_episodes = real
+    res["omniglot_evaluations"] = len(calls)
     # 2. the Python API: ordered reduction (reference backend) and a meta-batch below the ranks
     torch.manual_seed(10 + rank)  # other initial seeds: rank 0's φ is broadcast
     trainer = Reptile(MLP(1, 8, 1), backend="reference", inner_steps=2, outer_lr=0.3)
@@ -538,6 +545,8 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, fake_data):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["cli_rc"] == r1["cli_rc"] == r0["omniglot_rc"] == r1["omniglot_rc"] == 0
+    # two validations on every rank (so none waits for rank 0's), and rank 0's final test
+    assert (r0["omniglot_evaluations"], r1["omniglot_evaluations"]) == (3, 2)
     # a meta-batch below the number of ranks: refused on every rank, saying so
     assert "smaller than the number of processes" in r0["small"] and r0["small"] == r1["small"]
 
