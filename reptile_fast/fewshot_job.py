@@ -292,10 +292,15 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
         return score_predictions(torch.cat(preds), labels), score_predictions(torch.cat(nn_preds), labels)
 
     def callback(iteration: int, metrics: Mapping) -> None:
-        if config.validate_every and iteration % config.validate_every == 0 and context.is_main:
+        if config.validate_every and iteration % config.validate_every == 0:
             # Its own generator per validation point: the training stream is untouched, so a
             # resumed run is exactly an uninterrupted one.  Monitoring only, no model selection.
+            # Under torchrun every rank validates (the same φ and episodes: the same result) and
+            # rank 0 alone writes: ranks waiting for rank 0's validation in the next collective
+            # failed when it took longer than the timeout, as if rank 0 had hung.
             result, _ = evaluate(test_sets[k0], config.validation_tasks, derived_seed(7919 * config.seed, iteration))
+            if not context.is_main:
+                return
             validation.append({"iteration": iteration, **result.as_dict()})
             atomic_write_json(out / VALIDATION_NAME, validation)
             if not progress:
