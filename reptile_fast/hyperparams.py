@@ -109,6 +109,12 @@ class HyperParameters:
 
     @total_iterations.setter
     def total_iterations(self, value) -> None:
+        if getattr(self, "_fitting", False):
+            # fit anneals over its own ``iterations``: a change from a callback was ignored by the
+            # running fit, yet saved in its checkpoints (a resume then warned of a total it never used)
+            raise ValueError("total_iterations cannot change while fit runs (it anneals outer_lr to "
+                             "outer_lr_final over its iterations argument); pass the new total as fit's "
+                             "iterations instead")
         # checked as a checkpoint's is at load: a 0 set by hand was saved, then refused at resume
         self._total_iterations = None if value is None else check_int("total_iterations", value)
 
