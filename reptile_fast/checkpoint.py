@@ -176,6 +176,11 @@ def prepare_directory(path: PathLike, what: str = "directory") -> Path:
                 if attempt == 2:
                     raise
     except (FileExistsError, NotADirectoryError):
+        # a parent that is a symbolic link to nothing: mkdir meets it as FileExistsError too
+        dangling = next((p for p in path.parents if p.is_symlink() and not p.exists()), None)
+        if dangling is not None:
+            raise NotADirectoryError(f"cannot create {what} {path}: {dangling} is a symbolic link to "
+                                     f"{os.readlink(dangling)}, which does not exist") from None
         parent = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         raise NotADirectoryError(f"cannot create {what} {path}: "
                                  f"{parent if parent is not None else 'a parent'} is a file, not a directory") from None

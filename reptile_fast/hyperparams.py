@@ -104,7 +104,9 @@ class HyperParameters:
     @property
     def total_iterations(self) -> Optional[int]:
         """The total meta-steps of the last ``fit`` (the length of ``outer_lr_final``'s schedule;
-        saved in checkpoints), or None before any ``fit``."""
+        saved in checkpoints, restored with them), or None before any ``fit``.  Settable between
+        fits (``outer_lr_at`` and ``meta_step`` follow it); a running ``fit`` anneals over its own
+        ``iterations`` and refuses a change."""
         return self._total_iterations
 
     @total_iterations.setter

@@ -39,3 +39,21 @@ def test_total_iterations_cannot_change_while_fit_runs(tmp_path):
         warnings.simplefilter("error")  # the checkpoint's total is the one the run used: no warning
         again.fit(Sine(), 4, meta_batch_size=2, progress=False, resume_from=tmp_path)
     assert again.iteration == 4 and again.total_iterations == 4
+
+
+def test_a_parent_that_is_a_symbolic_link_to_nothing_is_named(tmp_path):
+    """``--out runs/b`` with ``runs`` a symbolic link whose target was removed (a moved data disk):
+    mkdir meets it as FileExistsError, which was reported as "a parent is a file, not a
+    directory" (no file anywhere); the link itself was already named this way."""
+    from reptile_fast.checkpoint import prepare_directory
+
+    (tmp_path / "runs").symlink_to(tmp_path / "gone" / "runs")
+    for out in (tmp_path / "runs" / "b", tmp_path / "runs" / "b" / "c"):
+        with pytest.raises(NotADirectoryError) as info:
+            prepare_directory(out, "--out")
+        assert str(info.value) == (f"cannot create --out {out}: {tmp_path / 'runs'} is a symbolic link to "
+                                   f"{tmp_path / 'gone' / 'runs'}, which does not exist")
+    assert not (tmp_path / "gone").exists()
+    (tmp_path / "afile").write_text("x")  # a real file parent: named as before
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'afile'} is a file, not a directory"):
+        prepare_directory(tmp_path / "afile" / "b", "--out")
