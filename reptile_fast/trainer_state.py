@@ -116,6 +116,11 @@ def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
     non-finite parameters, or an outer optimizer present on one side only.  Hyper-parameters
     that differ from this trainer's give a warning (the run then differs from the original).
     """
+    if getattr(trainer, "_fitting", False):
+        # fit's loop counts its own meta-steps and anneals over its own total: φ rewound under it
+        # was saved with the loop's count (and total_iterations, refused mid-fit, after the rest)
+        raise ValueError("load_state_dict cannot run while fit runs (its loop keeps its own meta-step count "
+                         "and schedule); load between fits, or continue a run with fit(..., resume_from=...)")
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a dict from Reptile.state_dict(), got {type(state).__name__}")
     missing = [k for k in ("model", "outer_optimizer", "iteration", "total_iterations") if k not in state]

@@ -57,3 +57,35 @@ def test_a_parent_that_is_a_symbolic_link_to_nothing_is_named(tmp_path):
     (tmp_path / "afile").write_text("x")  # a real file parent: named as before
     with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'afile'} is a file, not a directory"):
         prepare_directory(tmp_path / "afile" / "b", "--out")
+
+
+def test_load_state_dict_while_fit_runs_is_refused_before_anything_changes():
+    """A callback's ``trainer.load_state_dict(earlier)`` rewound φ under fit's loop, which went on
+    counting its own meta-steps: the run ended at ``iteration`` 5 holding φ two meta-steps short
+    of it (and with ``total_iterations`` refused mid-fit, the load stopped half-way: φ and
+    iteration loaded, the total not).  Now it is refused before anything changes."""
+    trainer = _trainer()
+    trainer.fit(Sine(), 1, meta_batch_size=2, progress=False)
+    earlier = trainer.state_dict()
+    earlier = {**earlier, "model": {k: v.clone() for k, v in earlier["model"].items()}}
+    reference = _trainer()
+    reference.fit(Sine(), 1, meta_batch_size=2, progress=False)
+    raised = []
+
+    def callback(i, _metrics):
+        if i == 3:
+            before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+            with pytest.raises(ValueError, match="load_state_dict cannot run while fit runs"):
+                trainer.load_state_dict(earlier)
+            assert trainer.iteration == 3 and trainer.total_iterations == 5
+            assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+            raised.append(i)
+
+    torch.manual_seed(7)
+    trainer.fit(Sine(), 5, meta_batch_size=2, progress=False, callback=callback)
+    torch.manual_seed(7)
+    reference.fit(Sine(), 5, meta_batch_size=2, progress=False)
+    assert raised == [3] and trainer.iteration == 5
+    assert all(torch.equal(v, reference.model.state_dict()[k]) for k, v in trainer.model.state_dict().items())
+    trainer.load_state_dict(earlier)  # between fits, as before
+    assert trainer.iteration == 1 and trainer.total_iterations == 1
