@@ -89,3 +89,42 @@ def test_load_state_dict_while_fit_runs_is_refused_before_anything_changes():
     assert all(torch.equal(v, reference.model.state_dict()[k]) for k, v in trainer.model.state_dict().items())
     trainer.load_state_dict(earlier)  # between fits, as before
     assert trainer.iteration == 1 and trainer.total_iterations == 1
+
+
+def test_a_checkpoint_past_the_total_is_refused_from_every_source_before_anything_changes(tmp_path):
+    """fit's own "checkpoint past the total" check (after the restore) was removed as dead code:
+    ``resume_for_fit`` refuses first.  Every source a resume comes from — the directory, its
+    checkpoint.pt, the checkpoint.prev.pt a damaged latest points to, a dict (rank 0's, sent to
+    the other ranks) — is refused with the same words, the trainer, torch's RNG and the
+    generator untouched."""
+    from reptile_fast.callbacks import resume_for_fit
+    from reptile_fast.checkpoint import load_checkpoint
+
+    write = dict(meta_batch_size=2, progress=False, generator=torch.Generator().manual_seed(0))
+    _trainer().fit(Sine(), 4, checkpoint_dir=tmp_path, checkpoint_every=2, **write)
+    assert load_checkpoint(tmp_path / "checkpoint.prev.pt")["trainer"]["iteration"] == 2
+    (tmp_path / "checkpoint.pt").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="checkpoint.prev.pt may be intact"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "other").mkdir()
+    _trainer().fit(Sine(), 4, checkpoint_dir=tmp_path / "other", **write)
+    sources = [(tmp_path / "other", 4, f" {tmp_path / 'other'}"),
+               (tmp_path / "other" / "checkpoint.pt", 4, f" {tmp_path / 'other' / 'checkpoint.pt'}"),
+               (tmp_path / "checkpoint.prev.pt", 2, f" {tmp_path / 'checkpoint.prev.pt'}"),
+               (load_checkpoint(tmp_path / "other"), 4, "")]
+    for source, at, where in sources:
+        trainer = _trainer()
+        trainer.meta_step(Sine().sample(2, generator=torch.Generator().manual_seed(1)))
+        phi = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        gen = torch.Generator().manual_seed(5)
+        rng, gen_state = torch.get_rng_state(), gen.get_state()
+        total = at - 1
+        with pytest.raises(ValueError) as info:
+            trainer.fit(Sine(), total, meta_batch_size=2, generator=gen, progress=False, resume_from=source)
+        assert str(info.value) == (f"the checkpoint{where} is at meta-step {at}, beyond iterations={total} (the "
+                                   f"total number of meta-steps); pass a total of at least {at}")
+        assert trainer.iteration == 1 and trainer.total_iterations is None
+        assert all(torch.equal(v, phi[k]) for k, v in trainer.model.state_dict().items())
+        assert torch.equal(torch.get_rng_state(), rng) and torch.equal(gen.get_state(), gen_state)
+        history, _, _ = resume_for_fit(trainer, source, gen, 4, None)  # the same source, its run's total
+        assert trainer.iteration == at and len(history) == at
