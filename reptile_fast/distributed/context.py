@@ -122,7 +122,9 @@ class DistContext:
     def from_group(cls, group=None, *, device=None, timeout=None) -> "DistContext":
         """Use an initialised process group (the default one when ``group`` is None).
 
-        ``device``: where this rank trains; by default ``cuda:LOCAL_RANK`` for NCCL, else the CPU.
+        ``device``: where this rank trains; by default, for NCCL, the current CUDA device (the one
+        ``torch.cuda.set_device`` chose: ``setup_from_env(device="cuda")`` sets ``cuda:LOCAL_RANK``),
+        else the CPU; "cuda" without an index means the current CUDA device too.
         ``timeout`` only labels error messages here: the group's own timeout applies.
         """
         import torch.distributed as dist
