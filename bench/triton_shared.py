@@ -61,7 +61,10 @@ def _stop_after_shared_allocation():
             ptx_version = NV.get_ptx_version_from_options(options, self.target.arch)
             pm = ir.pass_manager(src.context)
             passes.ttgpuir.add_combine_tensor_select_and_if(pm)
-            passes.ttgpuir.add_allocate_warp_groups(pm, False)
+            try:
+                passes.ttgpuir.add_allocate_warp_groups(pm, False)  # Triton >= 3.7: (pm, consan)
+            except TypeError:
+                passes.ttgpuir.add_allocate_warp_groups(pm)  # Triton 3.6
             passes.convert.add_scf_to_cf(pm)
             passes.gluon.add_inliner(pm)
             nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, capability, ptx_version)
