@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "bench" / "results" / "triton-shared-sm90-triton3.8.json"
 VALIDATE = ROOT / "bench" / "results" / "triton-shared-sm90-validate-triton3.8.json"
 REGISTERS_BEFORE = ROOT / "bench" / "results" / "triton-shared-sm90-registers-before-qa36-triton3.8.json"
-LOSS_TILES = ROOT / "bench" / "results" / "triton-shared-sm90-loss-triton3.8.json"
+VALIDATE_36 = ROOT / "bench" / "results" / "triton-shared-sm90-validate-triton3.6.json"
 #: the opt-in shared memory of a CUDA block on sm_90 (H100/H200): 227 KB
 LIMIT = 232_448
 
@@ -125,19 +125,23 @@ def test_default_and_documented_launches_are_accepted(precision):
 def test_shortcut_is_the_compilers_number():
     """The records' fast path stops Triton after its shared-memory allocation; on these rows the
     whole compile (LLVM, ptxas) was run too and gave the same ``metadata.shared``."""
-    rows = _rows(VALIDATE, "v1-tiled")
+    rows = _rows(VALIDATE, "v1-tiled") + _rows(VALIDATE_36, "v1-tiled")
     assert len(rows) >= 10
     assert all(r["full_shared_bytes"] == r["shared_bytes"] for r in rows), rows
 
 
-def test_estimate_bounds_the_recorded_compiler_numbers():
-    """For every recorded v1 tiled launch (blocks 16-256, stages 1-3, warps 1-32, every
-    precision; loss tiles up to 256 x 256 with cross-entropy): the estimate is never below Triton's number (so nothing over the limit is
-    accepted), and at most one operand buffer plus one accumulator tile above it,
-    ``(BM·BK + BK·BN + BM·BN) x 4`` bytes (the stated margin); it refuses every row over the
-    limit, and at most 11 of those within it (NOTES-qa36.md lists them)."""
-    rows = _rows(GRID, "v1-tiled") + _rows(LOSS_TILES, "v1-tiled") + _rows(VALIDATE, "v1-tiled")
-    assert len(rows) > 500
+@pytest.mark.parametrize("triton_version, max_false_refusals", [("3.8", 11), ("3.6", 23)])
+def test_estimate_bounds_the_recorded_compiler_numbers(triton_version, max_false_refusals):
+    """For every recorded v1 tiled launch (blocks 16-256, stages 1-4, warps 1-32, every
+    precision; with Triton 3.8 also loss tiles up to 256 x 256 with cross-entropy), on Triton 3.8
+    (this venv) and 3.6 (the GPU machines'): the estimate is never below Triton's number (so
+    nothing over the limit is accepted), and at most one operand buffer plus one accumulator tile
+    above it, ``(BM·BK + BK·BN + BM·BN) x 4`` bytes (the stated margin); it refuses every row
+    over the limit, and at most 11 (3.8) / 23 (3.6) of those within it (NOTES-qa36.md lists them)."""
+    results = ROOT / "bench" / "results"
+    rows = [r for f in sorted(results.glob(f"triton-shared-sm90-*triton{triton_version}.json"))
+            if "registers-before" not in f.name for r in _rows(f, "v1-tiled")]
+    assert len(rows) > 600
     false_refusals = 0
     for r in rows:
         est = K.tiled_shared_bytes(_tiled(r), r["precision"])
@@ -148,7 +152,7 @@ def test_estimate_bounds_the_recorded_compiler_numbers():
         if r["shared_bytes"] > LIMIT:
             assert refused, r
         false_refusals += refused and r["shared_bytes"] <= LIMIT
-    assert false_refusals <= 11
+    assert false_refusals <= max_false_refusals
 
 
 def test_v2_forced_options_stay_within_a_block():
