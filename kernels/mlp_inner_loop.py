@@ -58,6 +58,7 @@ from reptile_fast.validation import check_bool
 __all__ = [
     "ACTIVATION_CODES", "LOSS_CODES", "MAX_LAYERS", "MAX_FEATURES", "INTERPRETED", "LaunchConfig",
     "padded", "param_layout", "n_flat_params", "choose_launch_config", "registers_unsupported_reason",
+    "SHARED_MEMORY_LIMIT", "tiled_shared_bytes", "launch_unsupported_reason",
     "split_params",
     "mlp_inner_loop", "compile_for_target",
 ]
@@ -617,7 +618,8 @@ class LaunchConfig:
             activations stream through global memory in tiles).
         num_warps: warps per program.
         num_stages: software-pipelining depth of the tiled variant's K loops (1 = none: the
-            least register pressure; these loops are short).
+            least register pressure; these loops are short).  The registers variant always
+            compiles with 1 (it has no K loop; extra stages only buffered its gathers).
         block_b: padded batch of the registers variant (a power of two >= 16).
         block_m, block_n, block_k: tile sizes of the tiled variant (powers of two >= 16).
         tasks_per_program: registers variant: tasks each program runs one after the other.
@@ -689,6 +691,64 @@ def registers_unsupported_reason(dims: Sequence[int], block_b: int) -> Optional[
     return None
 
 
+#: Shared memory one CUDA block may use on sm_90 (H100 / H200): 227 KB, the opt-in maximum Triton
+#: launches with.  A kernel that needs more fails at its launch with Triton's ``OutOfResources``.
+SHARED_MEMORY_LIMIT = 232_448
+#: ieee (fp32 FMA) dots: the layout-conversion scratch next to the staged operands was at most
+#: 2 KB per warp over the record grid (8 KB at 4 warps, 32 KB at 32) and never above the
+#: accumulator tile; the estimate allows twice that per warp.
+_FMA_SCRATCH_PER_WARP = 4096
+
+
+def tiled_shared_bytes(config: LaunchConfig, precision: str = "ieee") -> int:
+    """Estimate, from above, of the shared memory (bytes) of the tiled variant's kernel on sm_90a.
+
+    Every GEMM of the tiled kernel is a K loop of ``tl.dot`` on ``[BLOCK_M, BLOCK_K] x [BLOCK_K,
+    BLOCK_N]`` fp32 tiles, and every one has the same tile shape, so the kernel needs what one
+    such loop needs (loops that are not live together reuse the memory):
+
+    * the dot's operands staged in shared memory, ``(BM·BK + BK·BN) x 4`` bytes per buffer, with
+      ``num_stages`` buffers where the operands feed tensor cores and the loads are pipelined
+      (``"tf32x3"``; ``"tf32"`` on Hopper's wgmma: ``BLOCK_M`` a multiple of 64 at >= 4 warps),
+      else ``max(1, num_stages - 1)`` (fp32 FMA dots, ``"tf32"`` on mma.sync);
+    * layout-conversion scratch: at most the accumulator tile ``BM·BN x 4`` (for "ieee" also at
+      most ``_FMA_SCRATCH_PER_WARP`` per warp); for "tf32x3" on wgmma at least its B operand
+      ``BK·BN x 4`` once more.
+
+    Checked against Triton 3.8's allocation for sm_90a over block sizes 16-256, stages 1-4,
+    warps 1-32 and every precision (``bench/results/triton-shared-sm90-triton3.8.json``, made by
+    ``python -m bench.triton_shared``): never below the compiler's number; see NOTES-qa36.md for
+    how far above.
+    """
+    bm, bn, bk, stages = config.block_m, config.block_n, config.block_k, config.num_stages
+    operands = (bm * bk + bk * bn) * 4
+    accumulator = bm * bn * 4
+    if precision == "ieee":
+        return max(1, stages - 1) * operands + min(accumulator, _FMA_SCRATCH_PER_WARP * config.num_warps)
+    wgmma = bm % 64 == 0 and config.num_warps >= 4
+    if precision == "tf32x3":
+        return stages * operands + (max(accumulator, bk * bn * 4) if wgmma else accumulator)
+    return (stages if wgmma else max(1, stages - 1)) * operands + accumulator
+
+
+def launch_unsupported_reason(dims: Sequence[int], batch: int, config: LaunchConfig,
+                              precision: str = "ieee") -> Optional[str]:
+    """Why ``config`` cannot launch on an sm_90 GPU for feature sizes ``dims`` at inner batch
+    ``batch`` (None when it can): the registers variant's tiles (``registers_unsupported_reason``)
+    or the tiled variant's shared memory (``tiled_shared_bytes`` above ``SHARED_MEMORY_LIMIT``).
+    The interpreter has no such limits, so this is checked on every device."""
+    if config.mode == "registers":
+        return registers_unsupported_reason(dims, max(config.block_b, padded(batch)))
+    need = tiled_shared_bytes(config, precision)
+    if need > SHARED_MEMORY_LIMIT:
+        return (f"the 'tiled' variant's blocks block_m={config.block_m} x block_n={config.block_n} x "
+                f"block_k={config.block_k} at num_stages={config.num_stages} (num_warps={config.num_warps}, "
+                f"precision {precision!r}) need about {need:,} bytes of shared memory, over the "
+                f"{SHARED_MEMORY_LIMIT:,} a GPU block may use (227 KB, sm_90): use smaller block sizes or "
+                f"num_stages (the defaults are 16 x 64 x 32 at 1 stage)")
+    return None
+
+
 def choose_launch_config(dims: Sequence[int], batch: int, *, mode: Optional[str] = None,
                          num_warps: Optional[int] = None, **overrides) -> LaunchConfig:
     """The default launch for an MLP with feature sizes ``dims`` and inner batch ``batch``.
@@ -729,6 +789,10 @@ def _kernel_and_meta(dims: Sequence[int], activations: Sequence[str], loss: str,
                 LOSS=LOSS_CODES[loss], PRECISION=precision, num_warps=config.num_warps,
                 num_stages=config.num_stages)
     if config.mode == "registers":
+        # num_stages is the tiled variant's K-loop pipelining; here Triton would pipeline the step
+        # loop's gather into extra shared buffers: 1-64-1 at batch 512 (a tile within
+        # _REGISTERS_MAX_TILE) needs 233,472 B at 2 stages, over a block's 232,448 (sm_90a)
+        meta["num_stages"] = 1
         p = [padded(v) for v in d]
         meta.update(P0=p[0], P1=p[1], P2=p[2], P3=p[3], P4=p[4], P5=p[5],
                     BLOCK_B=max(config.block_b, padded(batch)))
@@ -960,10 +1024,9 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         config = choose_launch_config(dims, B)
     elif not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be a LaunchConfig (or None), got {type(config).__name__}")
-    if config.mode == "registers":
-        reason = registers_unsupported_reason(dims, max(config.block_b, padded(B)))
-        if reason:
-            raise ValueError(reason)
+    reason = launch_unsupported_reason(dims, B, config, precision)
+    if reason:
+        raise ValueError(reason)
     x, y, indices = x.contiguous(), y.contiguous(), indices.contiguous()
     n_params = n_flat_params(dims)
     # -- allocate

@@ -288,15 +288,16 @@ class TritonBackend(Backend):
             self._check_v1_launch(self._spec(model).dims, batch_size)
 
     def _check_v1_launch(self, dims, batch_size: int) -> None:
-        """UnsupportedModelError when ``launch`` forces v1's registers variant on tiles it cannot
-        hold on a GPU (``mlp_inner_loop.registers_unsupported_reason``)."""
-        if self.launch.get("mode") != "registers":
-            return
+        """UnsupportedModelError when ``launch`` forces kernel v1 into a launch no GPU block can
+        run: the registers variant on tiles it cannot hold, or tiled blocks / stages whose shared
+        memory exceeds a block's (``mlp_inner_loop.launch_unsupported_reason``)."""
+        if not self.launch:
+            return  # the defaults fit (16 x 64 x 32 tiles at 1 stage; registers only for small models)
         k = _kernels()
-        block_b = max(self.launch.get("block_b", k.MIN_BLOCK), k.padded(batch_size))
-        reason = k.registers_unsupported_reason(dims, block_b)
+        config = k.choose_launch_config(dims, batch_size, **self.launch)
+        reason = k.launch_unsupported_reason(dims, batch_size, config, self.precision)
         if reason:
-            raise UnsupportedModelError(f"backend 'triton': launch={{'mode': 'registers'}}: {reason}")
+            raise UnsupportedModelError(f"backend 'triton': launch={self.launch!r}: {reason}")
 
     @staticmethod
     def _check_config(config: InnerConfig) -> str:
