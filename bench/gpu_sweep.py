@@ -35,22 +35,38 @@ from pathlib import Path
 SWEEP_T = (1, 4096, 65536)
 
 
-def settings(T: int, smoke: bool):
-    """V2Config keyword sets for T tasks: the default first (the correctness baseline)."""
+#: the settings swept by default (``--warps``, ``--per-sm``, ``--accumulate``, ``--stream`` narrow them)
+GRID = {"warps": (4, 8), "accumulate": ("registers", "memory"), "stream": (False, True), "per_sm": (1, 2, 4, 8)}
+
+
+def settings(T: int, smoke: bool, precision: str = "ieee", grid=None):
+    """V2Config keyword sets for T tasks: the default first (the correctness baseline).
+
+    ``grid``: ``GRID``'s keys, each a tuple of values ("default" in ``accumulate``: the kernel's own
+    choice, the field left out).  Streamed layers are exact fp32 whatever the precision, so with
+    ``precision`` other than "ieee" they are another computation, not a setting: left out."""
     yield {}
-    warps, accumulate, stream = (4, 8), ("registers", "memory"), (False, True)
-    per_sm = (1,) if T == 1 else (1, 2, 4, 8)  # one task: one program whatever the grid
+    g = dict(GRID, **(grid or {}))
+    warps, accumulate, stream, per_sm = g["warps"], g["accumulate"], g["stream"], g["per_sm"]
+    if precision != "ieee":
+        stream = tuple(s for s in stream if not s)
+    if T == 1:  # one task: one program whatever the grid
+        per_sm = per_sm[:1]
     if smoke:  # each code path once
-        warps, accumulate, per_sm = (4,), ("memory",), per_sm[:2]
+        warps, accumulate, per_sm = warps[:1], accumulate[-1:], per_sm[:2]
     for w, acc, st, p in itertools.product(warps, accumulate, stream, per_sm):
-        yield {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p}
+        kw = {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p}
+        if acc == "default":
+            del kw["accumulate"]
+        yield kw
 
 
-def sweep_T(T, device, width, smoke, budget, log, rows=None):
+def sweep_T(T, device, width, smoke, budget, log, rows=None, precision="ieee", grid=None):
     """Every setting at T tasks, checked then timed, on the GPU check's rotating input sets
     (``bench.gpu_check.problem_sets``: every set checked, each timed call runs every set once);
     rows appended to ``rows`` as they are made (``main`` passes sweep.json's list, so a run cut
-    short by its deadline keeps them)."""
+    short by its deadline keeps them).  ``precision``: the kernel's ("ieee", "tf32x3", "tf32");
+    ``grid``: ``settings``'s."""
     import torch
 
     from bench.gpu_check import (ACTS, EPS, LR, ROTATIONS, SMOKE_ROTATIONS, Rotation, _time_ms, check_variant,
@@ -74,24 +90,44 @@ def sweep_T(T, device, width, smoke, budget, log, rows=None):
 
             def fn():
                 V.guarded_meta_step(tasks.x, tasks.y, plan, work, dims, ACTS, lr=LR, eps=eps, state=state,
-                                    iteration=it, loss_out=loss_out, config=cfg, check_values=False)
+                                    iteration=it, loss_out=loss_out, precision=precision, config=cfg,
+                                    check_values=False)
 
             # timed replays keep stepping φ: start each setting from the same φ, check the first call
             return fn, work
         new = torch.empty_like(phi)
 
         def fn():
-            V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=eps, config=cfg, out=new,
-                        check_values=False)
+            V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=eps, precision=precision, config=cfg,
+                        out=new, check_values=False)
 
         return fn, new
+
+    inner_means = [None] * len(sets)
+
+    def inner_mean(r, tasks, plan):
+        """tf32: the mean over tasks of the default setting's per-task updates (``inner_loop``, the
+        same per-task arithmetic), once they pass the per-task gate; ``check_variant`` verifies a
+        tf32 mean against it where the tf32 bound alone is too loose (None for other precisions)."""
+        if precision != "tf32":
+            return None
+        if inner_means[r] is None:
+            adapted, _ = V.inner_loop(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, precision=precision,
+                                      check_values=False)
+            got = adapted[:, :phi.numel()]
+            wrong = check_variant(("sweep", "v2", precision, "inner"), got, model, tasks, plan, phi, oracles[r])
+            if wrong:
+                raise RuntimeError(f"the tf32 inner loop (the meta-steps' verifier) is wrong: {wrong}")
+            inner_means[r] = (got.double() - phi.double()).mean(0)
+        return inner_means[r]
 
     def check(phis):
         """Why the φ of each input set in ``phis`` is not the outer update (float64 oracle), or None."""
         for r, (tasks, plan) in enumerate(sets):
             if oracles[r] is None:
                 oracles[r] = float64_updates(model, tasks.x, tasks.y, plan, LR)
-            wrong = check_variant(("sweep", "v2", "ieee", "meta"), phis[r], model, tasks, plan, phi, oracles[r])
+            wrong = check_variant(("sweep", "v2", precision, "meta"), phis[r], model, tasks, plan, phi, oracles[r],
+                                  inner_mean=inner_mean(r, tasks, plan))
             if wrong:
                 return f"input set {r}: {wrong}"
         return None
@@ -100,11 +136,12 @@ def sweep_T(T, device, width, smoke, budget, log, rows=None):
         """Whether ``phis`` differ from the default setting's beyond fp32 summation order."""
         return want is None or not all(bool(torch.allclose(g, w, rtol=1e-5, atol=1e-6)) for g, w in zip(phis, want))
 
-    for kw in settings(T, smoke):
+    for kw in settings(T, smoke, precision, grid):
         if budget.left() < 10:
             rows.append({"T": T, "config": kw, "status": "skipped", "reason": "time budget spent"})
             continue
-        row = {"T": T, "config": kw, "launch": "guarded_meta_step" if T == 1 else "meta_step"}
+        row = {"T": T, "config": kw, "precision": precision,
+               "launch": "guarded_meta_step" if T == 1 else "meta_step"}
         try:
             cfg = V.V2Config(**kw)
             fns, bufs, got = [], [], []
@@ -211,12 +248,54 @@ def table(rows):
     return lines
 
 
+def _ints(ap, flag, text):
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"{flag} takes comma-separated integers, got {text!r}")
+    if not vals or any(v < 1 for v in vals):
+        ap.error(f"{flag} takes comma-separated integers >= 1, got {text!r}")
+    return vals
+
+
+def _grid_args(ap, args):
+    """``settings``'s grid from the command line (only the flags given)."""
+    grid = {}
+    if args.warps is not None:
+        grid["warps"] = tuple(_ints(ap, "--warps", args.warps))
+        if any(w not in (1, 2, 4, 8, 16) for w in grid["warps"]):
+            ap.error(f"--warps takes powers of two in 1..16, got {args.warps!r}")
+    if args.per_sm is not None:
+        grid["per_sm"] = tuple(_ints(ap, "--per-sm", args.per_sm))
+    if args.accumulate is not None:
+        grid["accumulate"] = tuple(v.strip() for v in args.accumulate.split(",") if v.strip())
+        if not grid["accumulate"] or any(v not in ("registers", "memory", "default") for v in grid["accumulate"]):
+            ap.error(f"--accumulate takes registers, memory, default; got {args.accumulate!r}")
+    if args.stream is not None:
+        words = [v.strip() for v in args.stream.split(",") if v.strip()]
+        if not words or any(v not in ("on", "off") for v in words):
+            ap.error(f"--stream takes on, off; got {args.stream!r}")
+        grid["stream"] = tuple(v == "on" for v in words)
+    return grid
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_sweep", description=__doc__.splitlines()[0])
     ap.add_argument("out", help="output directory")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, Triton interpreter")
     ap.add_argument("--budget", type=float, default=None, help="seconds in all (default 220 on a GPU, 120 smoke)")
+    ap.add_argument("--precision", default="ieee", choices=("ieee", "tf32x3", "tf32"),
+                    help="the kernel's precision (default ieee); others leave streamed settings out")
+    ap.add_argument("--T", default=None, help="comma-separated task counts (default 1,4096,65536; smoke 1,5)")
+    ap.add_argument("--warps", default=None, help="comma-separated warps per program (default 4,8)")
+    ap.add_argument("--per-sm", default=None, help="comma-separated programs per SM (default 1,2,4,8)")
+    ap.add_argument("--accumulate", default=None,
+                    help="comma-separated: registers, memory, default (the kernel's choice); default registers,memory")
+    ap.add_argument("--stream", default=None, help="comma-separated: off, on (default both)")
     args = ap.parse_args(argv)
+    grid, Ts_arg = _grid_args(ap, args), None
+    if args.T is not None:
+        Ts_arg = tuple(_ints(ap, "--T", args.T))
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before a kernel module is imported
     from bench.gpu_check import Budget, Log
@@ -240,13 +319,15 @@ def main(argv=None) -> int:
         return 2
     else:
         device, Ts, width = torch.device("cuda"), SWEEP_T, 64
+    if Ts_arg is not None:
+        Ts = Ts_arg
     stamp = machine_stamp()
     stamp["command"] = "python -m bench.gpu_sweep " + " ".join(sys.argv[1:] if argv is None else argv)
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         stamp.update(gpu=p.name, sms=p.multi_processor_count)
     results = {"stamp": stamp, "mode": "cpu-smoke (timings meaningless)" if args.cpu_smoke else "gpu",
-               "dims": [1, width, width, 1], "rows": []}
+               "dims": [1, width, width, 1], "precision": args.precision, "rows": []}
     from bench.gpu_check import DEADLINE_GRACE
 
     deadline = _Deadline(budget.seconds + DEADLINE_GRACE, out, results, log, elapsed=budget.elapsed()).start()
@@ -255,7 +336,8 @@ def main(argv=None) -> int:
             t0 = time.monotonic()
             deadline.T = T
             try:
-                sweep_T(T, device, width, args.cpu_smoke, budget, log, rows=results["rows"])
+                sweep_T(T, device, width, args.cpu_smoke, budget, log, rows=results["rows"],
+                        precision=args.precision, grid=grid)
             except Exception as exc:  # noqa: BLE001
                 results["rows"].append({"T": T, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
                 log(traceback.format_exc())

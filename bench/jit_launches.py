@@ -179,8 +179,8 @@ def _patch_host(monkey):
     monkey.append((V, "grid_size", V.grid_size))
     K.INTERPRETED = V.INTERPRETED = True
 
-    def n_programs(T, device, config):
-        cap = config.max_programs if config.max_programs is not None else config.programs_per_sm * SMS
+    def n_programs(T, device, config, dims=()):
+        cap = config.max_programs if config.max_programs is not None else V.programs_per_sm_for(dims, config) * SMS
         return max(1, min(T, cap))
 
     V.grid_size = n_programs

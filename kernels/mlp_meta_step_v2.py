@@ -836,11 +836,26 @@ def uses_dot(dims: Sequence[int]):
 
 
 def num_warps_for(dims: Sequence[int], config: Optional["V2Config"] = None) -> int:
-    """The warps per program a launch of ``dims`` with ``config`` uses: ``config.num_warps``, else
-    8 for a model with a wide x wide layer that is not streamed (Triton's fp32 FMA ``tl.dot``
-    keeps its operands in registers), 4 otherwise."""
+    """The warps per program a launch of ``dims`` with ``config`` uses: ``config.num_warps``, else 4.
+
+    A model with a wide x wide layer spills at 4 warps (Triton's fp32 FMA ``tl.dot`` keeps its
+    operands in registers: 255 registers and 464 B of spill for the sine MLP's ieee meta-step on
+    sm_90a, Triton 3.6) and not at 8, yet 4 warps with ``programs_per_sm`` 2 ran it 1.36-1.56x
+    faster than 8 warps with 4 on an H200, in every precision, at T = 4096 and 65536: two programs
+    per SM (255 registers x 128 threads each) against one (bench/results/gpu-h200-2026-12-04,
+    sweep*/).  2 warps ran slower than 4."""
     config = _config(config)
-    return config.num_warps or (8 if any(uses_dot(dims)) and not config.stream else 4)
+    return config.num_warps or 4
+
+
+def programs_per_sm_for(dims: Sequence[int], config: Optional["V2Config"] = None) -> int:
+    """Persistent programs per SM a launch of ``dims`` with ``config`` uses: ``config.programs_per_sm``,
+    else 2 for a model with a wide x wide layer that is not streamed (measured best with 4 warps on
+    an H200: see ``num_warps_for``; 4 per SM was 1-14 % slower, 1 per SM 8-50 % slower), 4
+    otherwise (streamed: 4 and 8 per SM were 7-10 % faster than 2 on the same H200; narrow models:
+    not measured on a GPU yet, they hold few registers, so more programs fit an SM)."""
+    config = _config(config)
+    return config.programs_per_sm or (2 if any(uses_dot(dims)) and not config.stream else 4)
 
 
 def unsupported_reason(dims: Sequence[int], batch: int) -> Optional[str]:
@@ -865,10 +880,10 @@ class V2Config:
     """How v2 launches.
 
     Attributes:
-        num_warps: warps per program; None: 4 for models without a wide x wide layer, 8 with one
-            (Triton's fp32 FMA dot keeps its operands in registers: at 4 warps the 64 x 64 layer
-            spills; sm_90a figures in bench/results/triton-compile-sm90-v2-*.json).
-        programs_per_sm: persistent grid = min(T, programs_per_sm × SM count) on a GPU.
+        num_warps: warps per program; None: 4 (``num_warps_for``: measured on an H200; with a
+            wide x wide layer 4 warps spill, and still ran faster than 8).
+        programs_per_sm: persistent grid = min(T, programs_per_sm × SM count) on a GPU; None: 2
+            for a model with a wide x wide layer, 4 otherwise (``programs_per_sm_for``).
         max_programs: a fixed grid cap instead (tests use it to make programs loop over tasks);
             under the interpreter the default is min(T, 8).
         preload: load each task's whole plan up front (None: when it fits ``PRELOAD_LIMIT``).
@@ -879,14 +894,15 @@ class V2Config:
         stream: wide x wide layers keep their weights in a per-program scratch row and run their
             products as fp32 K-loops (see "streamed wide layers"): at most 128 registers (no
             spills at 4 warps, sm_90a, Triton 3.6 and 3.8, by ahead-of-time compilation), extra
-            L1 traffic and barriers; exact fp32 whatever ``precision`` says.  Off by default
-            although it meets the register goal: no GPU timing of either variant exists yet, so
-            nothing shows that the occupancy it buys outweighs its scratch traffic and barriers
-            (and it would silently turn "tf32x3" / "tf32" into fp32).
+            L1 traffic and barriers; exact fp32 whatever ``precision`` says.  Off by default:
+            on an H200 its best setting (4 warps, 4 per SM) ran the sine meta-step 1.6x slower
+            than the unstreamed default's (1.66 against 1.00 ms at T = 4096, 24.2 against 14.9 ms
+            at 65536; bench/results/gpu-h200-2026-12-04/sweep/), and it would silently turn
+            "tf32x3" / "tf32" into fp32.
     """
 
     num_warps: Optional[int] = None
-    programs_per_sm: int = 4
+    programs_per_sm: Optional[int] = None
     max_programs: Optional[int] = None
     preload: Optional[bool] = None
     accumulate: Optional[str] = None
@@ -896,12 +912,13 @@ class V2Config:
         # ints only (not bools, not 4.0): True passed as one program, 4.0 reached the launch
         for name in ("num_warps", "programs_per_sm", "max_programs"):
             v = getattr(self, name)
-            if v is not None or name == "programs_per_sm":
+            if v is not None:
                 _check_int_field(name, v)
         if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be a power of two in 1..16, got {self.num_warps}")
-        if not isinstance(self.programs_per_sm, int) or self.programs_per_sm < 1:
-            raise ValueError(f"programs_per_sm must be an int >= 1, got {self.programs_per_sm!r}")
+        if self.programs_per_sm is not None and (not isinstance(self.programs_per_sm, int)
+                                                 or self.programs_per_sm < 1):
+            raise ValueError(f"programs_per_sm must be None or an int >= 1, got {self.programs_per_sm!r}")
         if self.max_programs is not None and (not isinstance(self.max_programs, int) or self.max_programs < 1):
             raise ValueError(f"max_programs must be None or an int >= 1, got {self.max_programs!r}")
         if self.preload not in (None, True, False):
@@ -976,13 +993,14 @@ def _scratch(dims, meta, n_programs, device, config: V2Config):
     return torch.empty(n_programs, row, device=device, dtype=torch.float32), row
 
 
-def grid_size(T: int, device: torch.device, config: V2Config) -> int:
-    """Programs of the persistent grid for ``T`` tasks: ``min(T, programs_per_sm × SMs)`` on a GPU
-    (``max_programs`` instead when set; 8 under the interpreter)."""
+def grid_size(T: int, device: torch.device, config: V2Config, dims: Sequence[int] = ()) -> int:
+    """Programs of the persistent grid for ``T`` tasks of a model with feature sizes ``dims``:
+    ``min(T, programs_per_sm × SMs)`` on a GPU (``programs_per_sm_for``; ``max_programs`` instead
+    when set; 8 under the interpreter)."""
     if config.max_programs is not None:
         cap = config.max_programs
     elif device.type == "cuda":
-        cap = config.programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+        cap = programs_per_sm_for(dims, config) * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         cap = 8
     return max(1, min(T, cap))
@@ -1189,7 +1207,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
     device = x.device
     T = x.shape[0]
     n_params = n_flat_params(c.dims)
-    n_programs = grid_size(T, device, config)
+    n_programs = grid_size(T, device, config, c.dims)
     eps_t = _eps_tensor(eps, device)
     if out is None:
         out = torch.empty(n_params, device=device, dtype=torch.float32)
@@ -1294,7 +1312,7 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
         if isinstance(eps, torch.Tensor) and _overlaps(scratch, eps):
             # the three-launch path writes the proposed φ there before its update reads ε
             raise ValueError("eps must not overlap scratch (the proposed φ is written before ε is read)")
-    n_programs = grid_size(T, device, config)
+    n_programs = grid_size(T, device, config, c.dims)
     if n_programs > 1:
         res = meta_step(x, y, indices, params_flat, dims, activations, lr=lr, eps=eps, loss=loss, steps=steps,
                         precision=precision, config=config, out=scratch, check_values=False)
@@ -1357,7 +1375,7 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
             raise ValueError(f"out_losses must be a contiguous [{T}, {c.steps}] tensor, got {tuple(out_losses.shape)}")
         if _overlaps_any(out_losses, (out, c.phi, c.x, c.y, c.indices)):
             raise ValueError("out_losses must not overlap out, params_flat, x, y or indices")
-    n_programs = grid_size(T, device, config)
+    n_programs = grid_size(T, device, config, c.dims)
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
     meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, False, True, True)
     scratch, scr_stride = _scratch(c.dims, meta, n_programs, device, config)

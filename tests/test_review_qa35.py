@@ -534,7 +534,8 @@ def test_sweep_main_on_a_gpu_sweeps_the_gpu_sizes_and_tables_them(fake_cuda, tmp
 
     seen = []
 
-    def sweep_T(T, device, width, smoke, budget, log, rows=None):
+    def sweep_T(T, device, width, smoke, budget, log, rows=None, precision="ieee", grid=None):
+        assert precision == "ieee" and not grid  # the command line's defaults
         seen.append((T, device.type, width, smoke))
         rows.append({"T": T, "config": {}, "launch": "meta_step", "ok": True, "ms": 0.5, "tasks_per_s": T / 5e-4,
                      "input_sets": 3, "timer": "do_bench_cudagraph"})
@@ -654,7 +655,7 @@ def test_sweep_rechecks_the_outputs_of_the_timed_calls(tmp_path, monkeypatch):
 
     monkeypatch.setattr(V, "meta_step", meta_step)
     monkeypatch.setattr(G, "_time_ms", time_ms)
-    monkeypatch.setattr(S, "settings", lambda T, smoke: iter([{}, {"num_warps": 4, "accumulate": "memory"}]))
+    monkeypatch.setattr(S, "settings", lambda T, smoke, *a: iter([{}, {"num_warps": 4, "accumulate": "memory"}]))
     rows = S.sweep_T(3, torch.device("cpu"), 8, True, G.Budget(300), lambda *a: None)
     default, bad = rows
     assert default["ok"] and "ms" in default and default["input_sets"] == G.SMOKE_ROTATIONS, default
