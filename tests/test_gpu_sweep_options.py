@@ -1,0 +1,110 @@
+"""bench/gpu_sweep.py's command line: the precision and the grid of settings to sweep, and
+kernel v2's launch defaults chosen from the H200 sweep (bench/results/gpu-h200-2026-12-04)."""
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before a kernel module is imported
+
+pytest.importorskip("triton")
+
+from bench import gpu_sweep as S  # noqa: E402
+
+
+def _configs(*args, **kw):
+    return list(S.settings(*args, **kw))
+
+
+def test_default_grid_is_the_full_sweep():
+    got = _configs(4096, False)
+    assert got[0] == {}  # the default first: the correctness baseline
+    assert len(got) == 1 + 2 * 2 * 2 * 4
+    assert {c["stream"] for c in got[1:]} == {False, True}
+    assert _configs(1, False)[1:] == [c for c in got[1:] if c["programs_per_sm"] == 1]
+
+
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_other_precisions_leave_streamed_settings_out(precision):
+    # streamed layers compute in fp32 whatever the precision: another computation, not a setting
+    got = _configs(4096, False, precision)
+    assert got[0] == {} and len(got) == 1 + 2 * 2 * 4
+    assert not any(c["stream"] for c in got[1:])
+    assert any(c["stream"] for c in _configs(4096, False, "ieee")[1:])
+
+
+def test_grid_narrows_and_default_accumulation_leaves_the_field_out():
+    got = _configs(4096, False, "ieee", {"warps": (4,), "per_sm": (2, 4), "accumulate": ("default",),
+                                         "stream": (False,)})
+    assert got == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 2},
+                   {"num_warps": 4, "stream": False, "programs_per_sm": 4}]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--warps", "3"], "--warps"),
+    (["--warps", "four"], "--warps"),
+    (["--per-sm", "0"], "--per-sm"),
+    (["--T", "1,x"], "--T"),
+    (["--accumulate", "shared"], "--accumulate"),
+    (["--stream", "yes"], "--stream"),
+    (["--precision", "fp16"], "--precision"),
+])
+def test_bad_flags_are_refused_with_the_flag_named(argv, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        S.main([str(tmp_path), "--cpu-smoke", *argv])
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "sweep.json").exists()
+
+
+def test_cpu_smoke_sweeps_tf32_checked_against_float64(tmp_path):
+    """The whole path at tiny sizes: tf32 meta-steps verified through the inner loop's mean,
+    rows stamped with the precision, every setting checked before timing."""
+    rc = S.main([str(tmp_path), "--cpu-smoke", "--precision", "tf32", "--T", "5", "--warps", "4",
+                 "--per-sm", "1,2", "--accumulate", "default", "--stream", "off"])
+    assert rc == 0
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["precision"] == "tf32"
+    rows = data["rows"]
+    assert [r["config"] for r in rows] == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 1},
+                                           {"num_warps": 4, "stream": False, "programs_per_sm": 2}]
+    assert all(r["T"] == 5 and r["precision"] == "tf32" and r["ok"] and "ms" in r for r in rows), rows
+
+
+def test_sweep_refuses_a_wrong_tf32_meta_step(monkeypatch):
+    """A tf32 meta-step that moves φ at the wrong rate is not timed (the inner loop's mean, which
+    verifies tf32 means, is itself checked against float64 first)."""
+    import torch
+
+    from bench import gpu_check as G
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    real = V.meta_step
+
+    def half_step(*args, **kw):
+        res = real(*args, **kw)
+        phi = args[3]
+        kw["out"].copy_(phi + 0.5 * (kw["out"] - phi))
+        return res
+
+    monkeypatch.setattr(V, "meta_step", half_step)
+    monkeypatch.setattr(S, "settings", lambda T, smoke, *a: iter([{}]))
+    rows = S.sweep_T(5, torch.device("cpu"), 8, True, G.Budget(120), lambda *a: None, precision="tf32")
+    assert len(rows) == 1 and not rows[0]["ok"] and "ms" not in rows[0]
+    assert "outer update differs from float64" in rows[0]["status"], rows[0]
+
+
+def test_v2_launch_defaults_follow_the_h200_sweep():
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    sine, narrow = (1, 64, 64, 1), (1, 4, 1)
+    assert V.num_warps_for(sine) == 4 and V.num_warps_for(narrow) == 4
+    assert V.programs_per_sm_for(sine) == 2  # wide x wide layer in registers
+    assert V.programs_per_sm_for(sine, V.V2Config(stream=True)) == 4
+    assert V.programs_per_sm_for(narrow) == 4
+    assert V.programs_per_sm_for(sine, V.V2Config(programs_per_sm=8)) == 8
+    assert V.num_warps_for(sine, V.V2Config(num_warps=8)) == 8
+    with pytest.raises(ValueError, match="programs_per_sm"):
+        V.V2Config(programs_per_sm=0)
+    with pytest.raises(TypeError, match="programs_per_sm"):
+        V.V2Config(programs_per_sm=2.0)
