@@ -177,7 +177,7 @@ def test_sweep_deadline_keeps_the_rows_of_a_hung_T(tmp_path):
     out = tmp_path / "out"
     script = ("import sys, time\n"
               "from bench import gpu_sweep as S\n"
-              "def hung(T, device, width, smoke, budget, log, rows=None):\n"
+              "def hung(T, device, width, smoke, budget, log, rows=None, **kw):\n"
               "    rows.append({'T': T, 'config': {}, 'ok': True, 'ms': 1.0, 'tasks_per_s': 1e3 * T})\n"
               "    time.sleep(120)\n"
               "S.sweep_T = hung\n"

@@ -363,7 +363,7 @@ def test_gpu_sweep_deadline_counts_from_the_budget_start(tmp_path, monkeypatch):
         def elapsed(self):
             return super().elapsed() + 7.0
 
-    def no_sweep(T, device, width, smoke, budget, log, rows=None):
+    def no_sweep(T, device, width, smoke, budget, log, rows=None, **kw):
         return rows
 
     monkeypatch.setattr(S, "_Deadline", Recorded)
