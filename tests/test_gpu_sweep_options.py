@@ -108,3 +108,21 @@ def test_v2_launch_defaults_follow_the_h200_sweep():
         V.V2Config(programs_per_sm=0)
     with pytest.raises(TypeError, match="programs_per_sm"):
         V.V2Config(programs_per_sm=2.0)
+
+
+def test_gpu_check_summary_names_the_fastest_variant_per_precision():
+    """The H200 run's summary said "fastest Triton variant v2-tf32: ... 2.6x jax": a tf32 figure
+    (error ~2e-5) where a reader looks for the exact default's.  Each precision has its own line."""
+    from bench import gpu_check as G
+
+    def timed(provider, T, tasks_per_s):
+        return {"provider": provider, "T": T, "ms": T / tasks_per_s * 1e3, "tasks_per_s": tasks_per_s}
+
+    rows = [timed("v2", 4096, 4.0e6), timed("v2-tf32x3", 4096, 7.0e6), timed("v2-tf32", 4096, 10.0e6),
+            timed("v1-tf32", 4096, 6.0e6), timed("jax", 4096, 4.0e6), timed("torch", 4096, 2.0e6)]
+    results = {"stages": {"env": {"gpu": "X", "sms": 1, "mode": "gpu"}, "timing": {"rows": rows, "rotations": 3}},
+               "seconds": {}, "budget_s": 1}
+    text = "\n".join(G.summary_lines(results))
+    assert "T=4096: fastest ieee Triton variant v2: 2.0x torch, 1.0x jax" in text
+    assert "T=4096: fastest tf32x3 Triton variant v2-tf32x3: 3.5x torch, 1.8x jax" in text
+    assert "T=4096: fastest tf32 Triton variant v2-tf32: 5.0x torch, 2.5x jax" in text

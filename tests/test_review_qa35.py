@@ -610,7 +610,7 @@ def test_summary_and_report_read_every_row_shape_a_gpu_run_writes(tmp_path):
     lines = G.summary_lines(results)
     text = "\n".join(lines)
     assert "summary ERROR" not in text and "NVIDIA H200 (132 SMs)" in lines[0]
-    assert "T=4096: fastest Triton variant v2-meta: 112.5x torch-vmap, 25.0x torch, 37.5x jax" in text
+    assert "T=4096: fastest ieee Triton variant v2-meta: 112.5x torch-vmap, 25.0x torch, 37.5x jax" in text
     assert "fit-v2-graphs: 0.0200 ms per meta-step (graphs) -> 30000 meta-steps 0.60 s" in text
     assert "as one graphed meta-step each: 0.0200 ms -> 0.60 s" in text
     assert "ncu: cut short (cut short: the run passed its deadline)" in text and "synccheck: rc timeout" in text
