@@ -27,7 +27,9 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
    timed with CUDA events, so Python launch overhead and input checks are not counted) for
    T in {4096, 1, 65536, 256} (``TIMED_T``, in that order) x variant x precision; beside torch batched (events, and under a
    CUDA graph), torch vmap, JAX, the seed's loop (small T), and the whole v2 meta-step under one
-   CUDA graph (task sampling and plans on the device, inner loops, outer update, ε on the device).
+   CUDA graph (task sampling and plans on the device, inner loops, outer update, ε on the device),
+   checked as the others are: the replays before and after its timed ones against the float64
+   oracle of the tasks and plans they sampled (``check_full_meta_step``).
 5. compute-sanitizer memcheck, initcheck, synccheck at T=16, each under a timeout.
 6. ncu SpeedOfLight + Occupancy of one T=4096 v2 meta-step launch (when ncu exists).
 
@@ -382,6 +384,10 @@ def check_variant(variant, result, model, tasks, plan, phi, oracle, inner_mean=N
     there: that the two paths' tf32 roundings agree to fp32 level is an assumption a GPU run
     must confirm; where it fails the variant is refused, never timed wrong.)
 
+    Where no finite bound exists (a task's float64 update or the tasks' mean update of norm 0, a
+    non-finite oracle) the answer is "cannot be verified: ...", never a pass and never a crash; a
+    meta result beyond the absolute allowance is still wrong when the mean update is zero.
+
     Args:
         variant: a ``VARIANTS`` entry; "inner" results are ``[T, n]`` adapted flat parameters,
             "meta" results the flat ``[n]`` φ after the outer update (ε = ``EPS``).
@@ -407,6 +413,10 @@ def check_variant(variant, result, model, tasks, plan, phi, oracle, inner_mean=N
         return "non-finite values in its output"
     if what == "inner":
         bound = update_error_bound(point, precision, phi64.norm() / norms, ratio)
+        if not bool(torch.isfinite(bound).all()):  # a task's float64 update of norm 0, or a non-finite oracle
+            i = int((~torch.isfinite(bound)).nonzero()[0])
+            return (f"cannot be verified: the {precision} bound is not finite on {int((~torch.isfinite(bound)).sum())} "
+                    f"of {T} tasks (task {i}: bound {float(bound[i])}, float64 update norm {float(norms[i]):.3g})")
         err = (got - phi64 - want).norm(dim=1) / norms
         bad = ~(err <= bound)
         if bool((bound > GATE_CAP).any()):
@@ -417,8 +427,23 @@ def check_variant(variant, result, model, tasks, plan, phi, oracle, inner_mean=N
                     f"{float(err[i]):.3g} > bound {float(bound[i]):.3g}, {precision})")
         return None
     step = (got - phi64) / EPS
-    rel_allowed = _meta_allowed(point, precision, phi64, norms, ratio, T) / float(mean.norm())
-    rel = float((step - mean).norm() / mean.norm())
+    # compared in absolute terms (‖step − mean‖ against the absolute allowance), divided by ‖mean‖
+    # only to report and to cap: a mean float64 update of norm 0 divides nothing by zero, and a
+    # non-finite allowance (a task's update of norm 0, a non-finite oracle) verifies nothing
+    allowed_abs = _meta_allowed(point, precision, phi64, norms, ratio, T)
+    mean_norm = float(mean.norm())
+    err_abs = float((step - mean).norm())
+    if not math.isfinite(allowed_abs) or not math.isfinite(mean_norm):
+        return (f"cannot be verified: the allowed error of its outer update is not finite ({allowed_abs}, "
+                f"{precision}; norm of the tasks' mean float64 update {mean_norm:.3g})")
+    if mean_norm == 0:
+        if not err_abs <= allowed_abs:
+            return (f"its outer update differs from float64 (abs err {err_abs:.3g} > allowed {allowed_abs:.3g}, "
+                    f"{precision}; the tasks' mean float64 update is zero)")
+        return (f"cannot be verified: the tasks' mean float64 update is zero (norm 0), so no relative bound "
+                f"(abs err {err_abs:.3g} <= allowed {allowed_abs:.3g}, {precision})")
+    rel_allowed = allowed_abs / mean_norm
+    rel = err_abs / mean_norm
     if not rel <= rel_allowed:
         return f"its outer update differs from float64 (rel err {rel:.3g} > allowed {rel_allowed:.3g}, {precision})"
     if rel_allowed <= GATE_CAP:
@@ -426,8 +451,13 @@ def check_variant(variant, result, model, tasks, plan, phi, oracle, inner_mean=N
     if inner_mean is None:
         return (f"cannot be verified: allowed rel err {rel_allowed:.3g} > {GATE_CAP} ({precision}; no checked "
                 f"inner variant of the same kernel and precision to compare with)")
-    allowed = 2 * _meta_allowed(point, "fp32", phi64, norms, ratio, T) / float(inner_mean.norm())
-    rel_inner = float((step - inner_mean).norm() / inner_mean.norm())
+    allowed_inner = 2 * _meta_allowed(point, "fp32", phi64, norms, ratio, T)
+    inner_norm = float(inner_mean.norm())
+    if not (math.isfinite(allowed_inner) and math.isfinite(inner_norm) and inner_norm > 0):
+        return (f"cannot be verified: allowed rel err {rel_allowed:.3g} > {GATE_CAP} ({precision}) and its inner "
+                f"variant's mean update (norm {inner_norm:.3g}, allowance {allowed_inner}) gives no finite bound")
+    allowed = allowed_inner / inner_norm
+    rel_inner = float((step - inner_mean).norm()) / inner_norm
     if not rel_inner <= allowed:
         return (f"its outer update differs from the mean of its inner variant's checked updates (rel err "
                 f"{rel_inner:.3g} > allowed {allowed:.3g}; float64 alone allows {rel_allowed:.3g} > {GATE_CAP})")
@@ -818,9 +848,16 @@ def stage_timing(log, device, smoke, budget, results, out):
             record(T=T, provider="v2-meta-graph-full", status="skipped", reason="time budget spent")
         elif device.type == "cuda":
             try:
-                ms = _graphed_full_meta_step_ms(T, device, dims)
-                record(T=T, provider="v2-meta-graph-full", ms=ms, input_sets="fresh each replay",
-                       timer="one CUDA graph: device sampling + plans + meta-step, events around 20 replays")
+                full = _graphed_full_meta_step(T, device, dims)
+                if full["wrong"] and full["ms"] is None:
+                    record(T=T, provider="v2-meta-graph-full", status="wrong", reason=f"not timed: {full['wrong']}")
+                elif full["wrong"]:
+                    record(T=T, provider="v2-meta-graph-full", status="wrong", ms_not_a_result=full["ms"],
+                           reason=f"the timed graph is wrong: {full['wrong']}")
+                else:
+                    record(T=T, provider="v2-meta-graph-full", ms=full["ms"], input_sets="fresh each replay",
+                           timer="one CUDA graph: device sampling + plans + meta-step, events around 20 replays",
+                           checked="the replays before and after the timed ones vs float64 (their sampled tasks)")
             except Exception as exc:  # noqa: BLE001
                 record(T=T, provider="v2-meta-graph-full", status="error", reason=f"{type(exc).__name__}: {exc}")
         # torch / vmap / jax / seed through bench.providers (inner loop of every task), on the same sets
@@ -1035,27 +1072,95 @@ def fit_rows(log, device, smoke, budget):
     return rows
 
 
-def _graphed_full_meta_step_ms(T, device, dims, replays=20):
-    """ms per meta-step of one CUDA graph: sine tasks and plans sampled on the device (default
-    CUDA RNG), the fused v2 meta-step, φ copied back; ε a device tensor."""
+#: what the graphed whole meta-step runs: kernel v2's fused meta-step at ``V.meta_step``'s defaults
+#: (ieee, ``V2Config()``), checked as the "v2-meta" variant is
+FULL_VARIANT = ("v2-meta-graph-full", "v2", "ieee", "meta")
+
+
+def check_full_meta_step(dims, x, y, plan, phi_before, phi_after):
+    """Why ``phi_after`` is not the v2 meta-step of ``phi_before`` on the tasks ``x``, ``y`` and
+    plans ``plan`` that a replay of the graphed whole meta-step sampled (read back from the graph's
+    memory), or None: ``check_variant``'s meta-level check (``FULL_VARIANT``: the fp32 bound)
+    against the float64 oracle (``bench.providers.float64_updates``) of these tasks, plans and φ.
+    Where float64 alone allows more than ``GATE_CAP`` (large T), kernel v2's inner loop on the
+    same data, itself checked per task against the oracle, gives the mean it is compared with, as
+    in the timing stage."""
+    import torch
+
+    from bench.providers import float64_updates
+    from reptile_fast import MLP
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+    from reptile_fast.tasks.base import TaskBatch
+
+    with torch.random.fork_rng(devices=[]):  # its initial values are replaced: the RNG's state is kept
+        model = MLP(dims[0], output_dim=dims[-1], hidden_dims=list(dims[1:-1]), activation=ACTS[0])
+    model = model.to(phi_before.device)
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), V.unflatten_params(phi_before, dims)):
+            p.copy_(v)
+    tasks = TaskBatch(x, y)
+    oracle = float64_updates(model, x, y, plan, LR)
+    try:
+        why = check_variant(FULL_VARIANT, phi_after, model, tasks, plan, phi_before, oracle)
+        if why is None or not why.startswith("cannot be verified") or "no checked inner variant" not in why:
+            return why
+        n = V.n_flat_params(dims)
+        adapted, _ = V.inner_loop(x, y, plan, phi_before, dims, ACTS[:len(dims) - 2] + ("identity",), lr=LR)
+        inner = ("v2", "v2", FULL_VARIANT[2], "inner")
+        wrong = check_variant(inner, adapted[:, :n], model, tasks, plan, phi_before, oracle)
+        if wrong:
+            return f"{why}; its inner variant on the same tasks does not verify it: {wrong}"
+        inner_mean = (adapted[:, :n].double() - phi_before.double()).mean(0)
+        return check_variant(FULL_VARIANT, phi_after, model, tasks, plan, phi_before, oracle, inner_mean=inner_mean)
+    finally:  # used once: its flat form (2.3 GB at T = 65536) leaves check_variant's cache
+        _ORACLE_FLAT.pop(id(oracle), None)
+
+
+def _capture_graph(fn):
+    """A CUDA graph of ``fn()``, captured on the current stream: each replay runs what it launched."""
+    import torch
+
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def _graphed_full_meta_step(T, device, dims, replays=20, check=None):
+    """The whole v2 meta-step in one CUDA graph, checked and timed: sine tasks and plans sampled
+    on the device (default CUDA RNG, fresh each replay), the fused v2 meta-step, φ copied back; ε
+    a device tensor.
+
+    Nothing is timed before it is checked: the replay before the timed ones and one after them
+    are each checked (``check(dims, x, y, plan, φ before, φ after)``, None: the module's
+    ``check_full_meta_step``: the tasks and plans are read back from the graph's memory, where
+    every replay writes them; φ before is copied outside the graph, so the graph and its timing
+    are what they were).
+
+    Returns ``{"ms": ms per meta-step of ``replays`` replays between events, or None when the
+    replay before them is wrong (not timed), "wrong": None or why a checked replay is not a
+    result}``; with "wrong" set, "ms" is no result."""
     import torch
 
     from reptile_fast.kernels import mlp_meta_step_v2 as V
 
+    check = check_full_meta_step if check is None else check
     n = V.n_flat_params(dims)
     phi = torch.randn(n, device=device) * 0.1
     new = torch.empty_like(phi)
     eps = torch.full((1,), EPS, device=device)
     grid = torch.linspace(-5, 5, N_POINTS, device=device)
     acts = ACTS[:len(dims) - 2] + ("identity",)
+    seen = {}  # the last sampled tasks and plans: the graph's own tensors after its capture
 
     def step():
         u = torch.rand(2, T, 1, device=device)
         amp, phase = 0.1 + 4.9 * u[0], math.pi * 2 * u[1]
-        x = grid.expand(T, N_POINTS).unsqueeze(-1)
+        x = grid.expand(T, N_POINTS).unsqueeze(-1).contiguous()
         y = (amp * torch.sin(grid + phase)).unsqueeze(-1)
         plan = torch.rand(T, STEPS, N_POINTS, device=device).argsort(-1)[..., :BATCH]
-        V.meta_step(x.contiguous(), y, plan, phi, dims, acts, lr=LR, eps=eps, out=new, check_values=False)
+        seen.update(x=x, y=y, plan=plan)
+        V.meta_step(x, y, plan, phi, dims, acts, lr=LR, eps=eps, out=new, check_values=False)
         phi.copy_(new)
 
     s = torch.cuda.Stream()
@@ -1064,20 +1169,27 @@ def _graphed_full_meta_step_ms(T, device, dims, replays=20):
         for _ in range(2):
             step()
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    g.replay()
-    torch.cuda.synchronize()
+    g = _capture_graph(step)
+    before = torch.empty_like(phi)
+
+    def checked_replay():
+        before.copy_(phi)
+        g.replay()
+        torch.cuda.synchronize()
+        return check(dims, seen["x"], seen["y"], seen["plan"], before, phi)
+
+    wrong = checked_replay()
+    if wrong:
+        return {"ms": None, "wrong": f"the replay before the timed ones: {wrong}"}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
         g.replay()
     end.record()
     torch.cuda.synchronize()
-    if not torch.isfinite(phi).all():
-        raise FloatingPointError("φ went non-finite in the graphed meta-steps")
-    return start.elapsed_time(end) / replays
+    ms = start.elapsed_time(end) / replays
+    wrong = checked_replay()
+    return {"ms": ms, "wrong": f"the replay after the timed ones: {wrong}" if wrong else None}
 
 
 def stage_tools(log, out, device, tool_name, timeout, tools):

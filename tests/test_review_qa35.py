@@ -272,7 +272,7 @@ def test_torch_graph_outputs_of_the_timed_replays_are_checked(fake_cuda, tmp_pat
     monkeypatch.setattr(G, "SMOKE_VARIANTS", [])
     monkeypatch.setattr(G, "fit_rows", lambda *a, **k: [])
     monkeypatch.setattr(G, "cli_sine_row", lambda *a, **k: {"provider": "cli-sine-gpu", "T": 1, "status": "skipped"})
-    monkeypatch.setattr(G, "_graphed_full_meta_step_ms", lambda T, device, dims: 1.0)
+    monkeypatch.setattr(G, "_graphed_full_meta_step", lambda T, device, dims: {"ms": 1.0, "wrong": None})
     for tampered in (True, False):
         tamper = [tampered]
         rows = _stage_timing(fake_cuda, tmp_path)["rows"]
@@ -306,10 +306,13 @@ def test_every_timed_launcher_captures_without_a_host_read(fake_cuda):
 
 
 def test_whole_meta_step_under_one_graph_runs_on_fake_cuda(fake_cuda):
-    """_graphed_full_meta_step_ms: warm-up on a side stream, one capture, replays between events,
-    no host read inside the capture; φ checked finite after."""
-    ms = G._graphed_full_meta_step_ms(1, fake_cuda, (1, 8, 8, 1), replays=2)
-    assert ms >= 0 and _State.captures == 1 and _State.replays == 3  # one after the capture, two timed
+    """_graphed_full_meta_step: warm-up on a side stream, one capture, no host read inside the
+    capture.  This fake's replays run nothing, so φ does not move: the replay checked before the
+    timed ones is wrong against float64 and nothing is timed (QA40; tests/test_review_qa40.py runs
+    it under a fake whose replays rerun the captured step, and checks the timed path)."""
+    full = G._graphed_full_meta_step(1, fake_cuda, (1, 8, 8, 1), replays=2)
+    assert full["ms"] is None and full["wrong"].startswith("the replay before the timed ones: its outer update differs")
+    assert _State.captures == 1 and _State.replays == 1  # the checked one; none timed
 
 
 def test_timing_stage_at_gpu_sizes_times_each_provider_or_says_why(fake_cuda, tmp_path, monkeypatch):
@@ -325,7 +328,7 @@ def test_timing_stage_at_gpu_sizes_times_each_provider_or_says_why(fake_cuda, tm
     monkeypatch.setattr(G, "VARIANTS", [])
     monkeypatch.setattr(G, "fit_rows", lambda *a, **k: [])
     monkeypatch.setattr(G, "cli_sine_row", cli)
-    monkeypatch.setattr(G, "_graphed_full_meta_step_ms", lambda T, device, dims: 1.0)
+    monkeypatch.setattr(G, "_graphed_full_meta_step", lambda T, device, dims: {"ms": 1.0, "wrong": None})
     stage = _stage_timing(fake_cuda, tmp_path, smoke=False)
     assert stage["rotations"] == G.ROTATIONS
     assert seen["cli"] == (G.CLI_TIMEOUT, False)
