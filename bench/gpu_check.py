@@ -30,6 +30,9 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
    CUDA graph (task sampling and plans on the device, inner loops, outer update, ε on the device),
    checked as the others are: the replays before and after its timed ones against the float64
    oracle of the tasks and plans they sampled (``check_full_meta_step``).
+   Every capture is thread-local (``CAPTURE_ERROR_MODE``: another thread's CUDA calls, e.g. JAX's
+   stream polling, cannot invalidate it); a failed one is an error row, the run recovers
+   (``_recover_after_capture``) and later error rows say they came after it.
 5. compute-sanitizer memcheck, initcheck, synccheck at T=16, each under a timeout.
 6. ncu SpeedOfLight + Occupancy of one T=4096 v2 meta-step launch (when ncu exists).
 
@@ -44,7 +47,9 @@ sine_gpu_metrics.json (the main job's metrics; the job's other files stay in a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -731,10 +736,109 @@ def stage_correctness(log, device, smoke, rows=None):
     return {"rows": rows}
 
 
+#: the capture mode of the timing stage's CUDA graphs (``_capture``).  torch.cuda.graph's default,
+#: "global" (what Triton's do_bench_cudagraph gets), forbids the CUDA calls CUDA deems unsafe in
+#: *every* thread of the process while a capture runs, and such a call from another thread
+#: invalidates the capture (cudaErrorStreamCaptureInvalidated).  Once JAX has run on the GPU,
+#: XLA's stream executor polls its streams from a background thread (cuStreamQuery, every few
+#: seconds, until the process ends), and when a poll fails it closes that stream's host-callback
+#: registry for good.  That is the likely cause of the H200 run of 2026-12-04 (defaults-w4-pps2):
+#: v1-tf32x3's capture at T = 1 invalidated, then every JAX row "Callback registry is closed".
+#: "thread_local" ignores other threads and keeps the check for this one (a host sync inside a
+#: captured call still fails the capture).
+CAPTURE_ERROR_MODE = "thread_local"
+
+
+class CaptureFailed(RuntimeError):
+    """A CUDA-graph capture of the timing stage failed (its body or its end raised); the message
+    has the original error, ``__cause__`` is the original exception."""
+
+
+@contextlib.contextmanager
+def _capture(graph_cm, cuda_graph, *args, **kwargs):
+    """``graph_cm(cuda_graph, ...)`` (``torch.cuda.graph``) for the timing stage: mode
+    ``CAPTURE_ERROR_MODE`` unless given; Python's cyclic garbage collector off during the capture
+    (it could free another library's device buffers, e.g. JAX arrays, whose CUDA calls this
+    thread may not make while capturing); any failure raised as ``CaptureFailed``; the current
+    stream restored (torch.cuda.graph leaves its capture stream current when ending the capture
+    raises)."""
+    import torch
+
+    kwargs.setdefault("capture_error_mode", CAPTURE_ERROR_MODE)
+    stream = torch.cuda.current_stream()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with graph_cm(cuda_graph, *args, **kwargs):
+            yield
+    except Exception as exc:
+        # ending an invalidated capture raises again: the first error says which call failed
+        first = exc.__context__
+        first = f" (after {type(first).__name__}: {str(first)[:200]})" if first is not None else ""
+        raise CaptureFailed(f"CUDA-graph capture failed: {type(exc).__name__}: {exc}{first}") from exc
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        torch.cuda.set_stream(stream)
+
+
+@contextlib.contextmanager
+def _captures_guarded():
+    """While a timer runs, ``torch.cuda.graph(g)`` (how Triton's do_bench_cudagraph captures) goes
+    through ``_capture``.  Yields a list with one entry per capture made that way (empty: the
+    timer captured some other way, in its own mode)."""
+    import torch
+
+    real, seen = torch.cuda.graph, []
+
+    def graph(cuda_graph, *args, **kwargs):
+        seen.append(cuda_graph)
+        return _capture(real, cuda_graph, *args, **kwargs)
+
+    torch.cuda.graph = graph
+    try:
+        yield seen
+    finally:
+        torch.cuda.graph = real
+
+
+def _recover_after_capture(device, jax_used=False) -> dict:
+    """After a ``CaptureFailed``: whether CUDA (and JAX, if it already ran here) still work.
+
+    The capture has ended (torch.cuda.graph ends it even when its body raised); torch cleared the
+    runtime's last error when it raised (c10_cuda_check_implementation calls cudaGetLastError),
+    and an invalidated capture is no sticky error.  So: synchronize, run a probe and read it back.
+    A failure means the context is lost and every later CUDA row will fail; it is recorded here
+    rather than found out row by row.  JAX cannot be repaired from here (XLA does not reopen a
+    closed callback registry): a failed probe says that its later rows will fail."""
+    import torch
+
+    state = {}
+    try:
+        torch.cuda.synchronize(device)
+        state["cuda_usable"] = float((torch.arange(4, device=device, dtype=torch.float32) * 2).sum()) == 12.0
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001
+        state.update(cuda_usable=False, cuda_error=f"{type(exc).__name__}: {exc}"[:300])
+    if jax_used:
+        try:
+            import numpy as np
+
+            from bench import jax_peer
+
+            jax = jax_peer.load_jax()
+            x = jax.device_put(np.arange(4, dtype=np.float32), jax_peer._jax_device(device))
+            state["jax_usable"] = float(jax.block_until_ready(x * 2).sum()) == 12.0
+        except Exception as exc:  # noqa: BLE001
+            state.update(jax_usable=False, jax_error=f"{type(exc).__name__}: {exc}"[:300])
+    return state
+
+
 def _time_ms(fn, device, graph, sets=1):
     """Mean ms per input set of fn, which runs ``sets`` input sets per call (``Rotation``): a CUDA
-    graph of calls timed with events (do_bench_cudagraph), or events around each call (do_bench);
-    on the CPU one host-clock call (meaningless)."""
+    graph of calls timed with events (do_bench_cudagraph, capturing through ``_capture``), or
+    events around each call (do_bench); on the CPU one host-clock call (meaningless).  A failed
+    capture raises ``CaptureFailed``."""
     if device.type != "cuda":
         t0 = time.perf_counter()
         fn()
@@ -742,7 +846,10 @@ def _time_ms(fn, device, graph, sets=1):
     import triton.testing as tt
 
     if graph:
-        return tt.do_bench_cudagraph(fn, rep=40) / sets, "do_bench_cudagraph (CUDA graph of launches, events)"
+        with _captures_guarded() as seen:
+            ms = tt.do_bench_cudagraph(fn, rep=40)
+        mode = f"{CAPTURE_ERROR_MODE} capture" if seen else "the timer's own capture"
+        return ms / sets, f"do_bench_cudagraph (CUDA graph of launches, {mode}, events)"
     return tt.do_bench(fn, warmup=10, rep=60) / sets, "do_bench (events around each call)"
 
 
@@ -755,7 +862,10 @@ def stage_timing(log, device, smoke, budget, results, out):
     width = 16 if smoke else 64
     dims = (1, width, width, 1)
     peak = (results["stages"].get("env") or {}).get("fp32_matmul_flops_per_s")
-    rows = results["stages"].setdefault("timing", {"rows": []})["rows"]
+    stage = results["stages"].setdefault("timing", {"rows": []})
+    rows = stage["rows"]
+    #: "provider at T=…" of every failed CUDA-graph capture so far; jax_used: JAX ran on the device
+    failed_captures, jax_used = [], [False]
 
     def record(**r):
         r.update(width=width, depth=len(dims) - 2, steps=STEPS, inner_batch=BATCH)  # for bench.report
@@ -765,9 +875,26 @@ def stage_timing(log, device, smoke, budget, results, out):
             r["flops_per_s"] = r["flops"] / (r["ms"] / 1e3)
             if peak:
                 r["pct_fp32_matmul_peak"] = 100 * r["flops_per_s"] / peak
+        if r.get("status") == "error" and failed_captures and not r.get("capture_failed"):
+            # a failed capture can leave the context or another library's stream unusable (in the
+            # 2026-12-04 run every later JAX row failed): a later error says it came after one
+            r["after_failed_capture"] = ", ".join(failed_captures)
+            r["reason"] = f"after the failed CUDA-graph capture of {r['after_failed_capture']}: {r.get('reason', '')}"
         rows.append(r)
         log(f"  T={r['T']:>6} {r['provider']:>16}: " + (f"{r['ms']:.4f} ms  {r.get('tasks_per_s', 0):,.0f} tasks/s"
                                                          if "ms" in r else f"{r.get('status')}: {r.get('reason', '')[:150]}"))
+
+    def record_error(T, provider, exc, limit=None):
+        """An error row; after a failed capture (``CaptureFailed``) the run recovers
+        (``_recover_after_capture``), and the row and ``capture_failures`` say what still works."""
+        if not isinstance(exc, CaptureFailed):
+            record(T=T, provider=provider, status="error", reason=f"{type(exc).__name__}: {exc}"[:limit])
+            return
+        recovery = _recover_after_capture(device, jax_used=jax_used[0])
+        record(T=T, provider=provider, status="error", reason=str(exc)[:limit], capture_failed=True, recovery=recovery)
+        failed_captures.append(f"{provider} at T={T}")
+        stage.setdefault("capture_failures", []).append({"provider": provider, "T": T, **recovery})
+        log(f"  after the failed capture of {provider} at T={T}: " + ", ".join(f"{k} {v}" for k, v in recovery.items()))
 
     # the seed's setting through Reptile.fit first: the issue's headline goal (< 1 s on one GPU)
     try:
@@ -786,7 +913,7 @@ def stage_timing(log, device, smoke, budget, results, out):
         rows.append({"provider": "fit-v2-graphs", "T": 1, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
     save(out, results)
     n_sets = SMOKE_ROTATIONS if smoke else ROTATIONS
-    results["stages"]["timing"]["rotations"] = n_sets
+    stage["rotations"] = n_sets
     for T in Ts:
         if budget.left() < 20:
             record(T=T, provider="*", status="skipped", reason="time budget spent")
@@ -823,8 +950,11 @@ def stage_timing(log, device, smoke, budget, results, out):
                 continue
             try:
                 fns = [launcher(variant, T, device, dims, tasks, plan, params, phi) for tasks, plan in sets]
+                # every set's launch, with the arguments the capture will use (the same closures),
+                # runs here first: it compiles and loads the kernel (set 0) and allocates outside
+                # any capture; every set's output is checked before timing
                 for fn in fns:
-                    fn()  # compiles (set 0) outside the timing; every set's output is checked before timing
+                    fn()
                 wrong, means = check_sets(variant, fns)
                 if wrong:
                     record(T=T, provider=variant[0], status="wrong", reason=f"not timed: {wrong}")
@@ -842,7 +972,7 @@ def stage_timing(log, device, smoke, budget, results, out):
                     inner_means[variant[1:3]] = means
                 record(T=T, provider=variant[0], ms=ms, timer=timer, input_sets=rotation.sets)
             except Exception as exc:  # noqa: BLE001
-                record(T=T, provider=variant[0], status="error", reason=f"{type(exc).__name__}: {exc}")
+                record_error(T, variant[0], exc)
         # the whole v2 meta-step, sampling included, under one CUDA graph
         if device.type == "cuda" and budget.left() <= 15:  # said, as the other cases' skips are
             record(T=T, provider="v2-meta-graph-full", status="skipped", reason="time budget spent")
@@ -859,8 +989,11 @@ def stage_timing(log, device, smoke, budget, results, out):
                            timer="one CUDA graph: device sampling + plans + meta-step, events around 20 replays",
                            checked="the replays before and after the timed ones vs float64 (their sampled tasks)")
             except Exception as exc:  # noqa: BLE001
-                record(T=T, provider="v2-meta-graph-full", status="error", reason=f"{type(exc).__name__}: {exc}")
-        # torch / vmap / jax / seed through bench.providers (inner loop of every task), on the same sets
+                record_error(T, "v2-meta-graph-full", exc)
+        # torch / vmap / jax / seed through bench.providers (inner loop of every task), on the same sets.
+        # JAX stays after the captures of this T: ordering within a T would not keep it away from
+        # them (its stream-polling thread runs from its first use to the end of the process);
+        # CAPTURE_ERROR_MODE does.
         for name in ("torch", "torch-graph", "torch-vmap", "jax", "seed")[:(2 if smoke else 5)]:
             if budget.left() < 15:
                 record(T=T, provider=name, status="skipped", reason="time budget spent")
@@ -879,6 +1012,7 @@ def stage_timing(log, device, smoke, budget, results, out):
                 if reason:
                     record(T=T, provider=name, status="skipped", reason=reason)
                     continue
+                jax_used[0] = jax_used[0] or name == "jax"
                 prepared = prov.prepare(prob)
                 checked, _ = check_prepared(prov, prepared, prob)  # runs it; every task of every set vs float64
                 if not checked.ok:
@@ -906,7 +1040,7 @@ def stage_timing(log, device, smoke, budget, results, out):
                             continue
                     record(T=T, provider=name, ms=ms, timer=timer, input_sets=rotation.sets)
             except Exception as exc:  # noqa: BLE001
-                record(T=T, provider=name, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
+                record_error(T, name, exc, limit=500)
         save(out, results)
     _ORACLE_FLAT.clear()
     return results["stages"]["timing"]
@@ -1121,7 +1255,7 @@ def _capture_graph(fn):
     import torch
 
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with _capture(torch.cuda.graph, g):  # as the timers' captures (CAPTURE_ERROR_MODE)
         fn()
     return g
 
@@ -1339,6 +1473,14 @@ def summary_lines(results: dict) -> list:
                 else:
                     cells.append(f"{r['tasks_per_s']:>12,.0f} {r.get('pct_fp32_matmul_peak', 0):>6.2f}%")
             lines.append(f"  {p:>18} " + " ".join(cells))
+        caps = (results["stages"].get("timing") or {}).get("capture_failures") or []
+        if caps:  # and what still worked after each (_recover_after_capture)
+            lines.append("  failed CUDA-graph captures: " + "; ".join(
+                f"{c['provider']} at T={c['T']} (after it: "
+                + ", ".join(f"{k} {c[k]}" for k in ("cuda_usable", "jax_usable") if k in c) + ")" for c in caps))
+            after = [f"{r['provider']} T={r['T']}" for r in timing if r.get("after_failed_capture")]
+            if after:
+                lines.append("  errors after a failed capture: " + ", ".join(after))
         lines.append("  targets at T=4096: >= 10x torch-vmap, >= 3x torch, >= 3x jax, >= 30% of fp32 peak; "
                      "T=1: >= 50x the seed loop")
 
