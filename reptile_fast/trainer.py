@@ -34,9 +34,10 @@ __all__ = ["Reptile", "NonFiniteError", "TrainingInterrupted"]
 
 
 def _takes_batch(backend, model: nn.Module, batch_size: int) -> bool:
-    """Whether ``backend`` runs inner minibatches of ``batch_size`` points for ``model``."""
+    """Whether ``backend`` runs a plan of ``batch_size`` points for ``model`` (asked without
+    changing it: ``check_plan_size``)."""
     try:
-        backend.check_batch_size(model, batch_size)
+        backend.check_plan_size(model, batch_size)
     except UnsupportedModelError:
         return False
     return True
@@ -189,6 +190,7 @@ class Reptile(HyperParameters):
         if self.backend_name != "auto" or self._auto_moved:
             # (after auto's move to reference: torch would refuse the model again, warning again)
             self.backend.check_batch_size(self.model, batch_size)
+            self._follow_fused()
             return
         backend = resolve_backend("auto", self.model, self.device, self.config, batch_size=batch_size)
         if type(backend) is type(self.backend):
@@ -199,6 +201,7 @@ class Reptile(HyperParameters):
                 # auto's pick for the new size: a backend a plan moved away from (_follow_plan)
                 # no longer is the trainer's own (it may not take the new size)
                 self._plan_home = None
+                self._follow_fused()
                 return
             except UnsupportedModelError:
                 pass
@@ -230,6 +233,20 @@ class Reptile(HyperParameters):
             self._plan_home = None
             self._use_backend(home)
 
+    def _follow_fused(self) -> None:
+        """After the backend took a new inner batch size: its fused stepper comes or goes with it
+        (triton under kernel "auto" with the environment's fused preference: v1 beyond kernel v2's
+        32 points has none, v2 within them again)."""
+        if bool(getattr(self.backend, "fused", False)) == self._fused_wanted:
+            return
+        try:
+            self.check_finite()  # report a pending non-finite step of the old steppers first
+        except NonFiniteError:
+            # the setting is refused: the backend goes back to the old size's kernel
+            self.backend.check_batch_size(self.model, self.inner_batch_size)
+            raise
+        self._make_fused()
+
     def _set_config(self, config: InnerConfig) -> None:
         """Use ``config`` (and the current inner_steps) from the next meta-step on."""
         if self._fused is not None:
@@ -242,7 +259,9 @@ class Reptile(HyperParameters):
     # ------------------------------------------------------------------ steppers
     def _make_fused(self) -> None:
         self._fused = None
-        if getattr(self.backend, "fused", False):
+        # what the backend asked for when it was built (a preference it gave way on included)
+        self._fused_wanted = bool(getattr(self.backend, "fused", False))
+        if self._fused_wanted:
             try:
                 self._fused = self.backend.make_stepper(self.model, self.config, self.outer_optimizer)
             except UnsupportedModelError:
@@ -285,8 +304,15 @@ class Reptile(HyperParameters):
         the fused one (triton ``{"fused": True}``; with CUDA graphs its chunk is made a divisor of
         ``chunk``) or the eager one (the backend's inner loop)."""
         if self.compiled_options is None:
+            fused = self._fused
+            takes = getattr(fused, "takes_batch", None)
+            if (takes is not None and batch is not None and not getattr(self.backend, "fused_explicit", True)
+                    and not takes(batch)):
+                # the environment's fused preference gives way for a plan kernel v2 cannot run
+                # (under kernel "auto" the eager stepper runs it on v1)
+                fused = None
             # the fused stepper draws chunks when it replays CUDA graphs (boundaries on chunk's multiples)
-            return self._fused.set_chunk(n_tasks, chunk) if self._fused is not None else self._eager
+            return fused.set_chunk(n_tasks, chunk) if fused is not None else self._eager
         opts = self.compiled_options
         chunk = chunk or opts.get("chunk", DEFAULT_CHUNK)
         if chunk * n_tasks > CHUNK_MAX_TASKS:  # cut to a divisor: boundaries stay on chunk's multiples

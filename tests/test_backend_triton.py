@@ -187,7 +187,7 @@ def test_launch_overrides_reach_the_kernel(device, monkeypatch):
 
     monkeypatch.setattr(K, "mlp_inner_loop", spy)
     got = TritonBackend(launch={"mode": "tiled", "max_programs": 2}).inner_loop(model, tasks, indices, InnerConfig())
-    default = TritonBackend().inner_loop(model, tasks, indices, InnerConfig())
+    default = TritonBackend(kernel="v1").inner_loop(model, tasks, indices, InnerConfig())  # (auto: v2 here)
     assert seen[0].mode == "tiled" and seen[0].max_programs == 2, seen[0]
     assert seen[1] != seen[0], "the default launch should differ from the override"
     want = ReferenceBackend().inner_loop(copy.deepcopy(model).cpu(), tasks.to("cpu"), indices.cpu(), InnerConfig())

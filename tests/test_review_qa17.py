@@ -138,12 +138,15 @@ def test_auto_asks_its_own_backend_about_a_new_inner_batch_size(monkeypatch):
     monkeypatch.setattr(TritonBackend, "auto_candidate", lambda self, dev: True)
     trainer = Reptile(MLP(1, 8, 1, depth=1), backend="auto", inner_steps=1)
     assert isinstance(trainer.backend, TritonBackend) and trainer.backend.kernel == "v2"
-    monkeypatch.delenv(KERNEL_ENV)
+    monkeypatch.delenv(KERNEL_ENV)  # the default kernel, "auto", from here on
+    v2_backend = trainer.backend
     trainer.inner_batch_size = 40
     trainer.backend.check_batch_size(trainer.model, 40)  # the backend in use takes it
-    assert trainer.backend.kernel == "v1"  # what a trainer built now under auto gets
-    trainer.inner_batch_size = 10  # v1 takes 10 too: kept
-    assert trainer.backend.kernel == "v1"
+    assert trainer.backend is not v2_backend  # the named-v2 backend refused 40: replaced
+    assert (trainer.backend.kernel_option, trainer.backend.kernel) == ("auto", "v1")  # what a trainer built now gets
+    auto_backend = trainer.backend
+    trainer.inner_batch_size = 10  # the auto-kernel backend takes 10 too: kept, and back on v2
+    assert trainer.backend is auto_backend and trainer.backend.kernel == "v2"
 
 
 def test_a_draw_error_about_inner_batch_size_does_not_blame_meta_batch_size():

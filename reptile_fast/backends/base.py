@@ -198,7 +198,14 @@ class Backend:
     def check_batch_size(self, model: nn.Module, batch_size: int) -> None:
         """Raise ``UnsupportedModelError`` when this backend cannot run inner minibatches of
         ``batch_size`` points (checked when the trainer is built and when its
-        ``inner_batch_size`` changes, not at the first meta-step)."""
+        ``inner_batch_size`` changes, not at the first meta-step).  It may adapt the backend to
+        the new size (backend "triton" under kernel "auto" resolves its kernel for it)."""
+
+    def check_plan_size(self, model: nn.Module, batch_size: int) -> None:
+        """Raise ``UnsupportedModelError`` when this backend cannot run one call's plan of
+        ``batch_size`` points; unlike ``check_batch_size``, changes nothing (the trainer asks it
+        about a plan passed to ``meta_step`` / ``adapt``).  Default: ``check_batch_size``."""
+        self.check_batch_size(model, batch_size)
 
     def inner_loop(self, model: nn.Module, tasks: TaskBatch, indices: torch.Tensor,
                    config: InnerConfig) -> InnerResult:

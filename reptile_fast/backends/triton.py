@@ -3,19 +3,30 @@
 Runs models that ``reptile_fast.mlp_spec.extract_mlp_spec`` recognises (chains of ``nn.Linear``
 with bias and tanh / relu / sigmoid / identity: reptile_fast's ``MLP``, a plain ``nn.Sequential``,
 the seed's ``MLP``) with 1 to 5 Linear layers and feature sizes up to 256, float32, inner SGD,
-loss "mse" or "cross_entropy", algorithm "reptile".  The kernel is in
-``reptile_fast.kernels.mlp_inner_loop``; this module only checks, dispatches and names results.
+loss "mse" or "cross_entropy", algorithm "reptile".  The kernels are in
+``reptile_fast.kernels.mlp_inner_loop`` (v1) and ``reptile_fast.kernels.mlp_meta_step_v2`` (v2);
+this module only checks, picks the kernel, dispatches and names results.
 
 On a CUDA device it is what ``backend="auto"`` picks for such models.  On the CPU it runs only
 under the Triton interpreter (``TRITON_INTERPRET=1`` set before the kernel module is imported),
 which is for tests: ``auto_candidate`` keeps "auto" from picking it there.
 
 Options (``Reptile`` builds backends by name, so each also has a process-wide default):
-    kernel: "v1" (default: ``kernels/mlp_inner_loop.py``, any supported model) or "v2"
-        (``kernels/mlp_meta_step_v2.py``: persistent grid, narrow layers without ``tl.dot``
-        padding, bounded-error tanh / sigmoid / softmax; feature sizes <= 64, inner batch <= 32).
-        v1 stays the default until a GPU measurement shows v2 faster.  Default:
-        ``$REPTILE_FAST_TRITON_KERNEL`` or ``DEFAULT_KERNEL``.
+    kernel: "auto" (default), "v1" (``kernels/mlp_inner_loop.py``: any supported model and inner
+        batch) or "v2" (``kernels/mlp_meta_step_v2.py``: persistent grid, narrow layers without
+        ``tl.dot`` padding, bounded-error tanh / sigmoid / softmax; feature sizes <= 64, inner
+        batch <= 32, else ``UnsupportedModelError``).  On an H200 v2 ran faster than v1 at every
+        meta-batch T >= 256 in every precision, and at T = 1 in ieee and tf32x3
+        (bench/results/gpu-h200-2026-12-04/defaults-w4-pps2), so "auto" runs v2 where it can
+        run the model and v1 where it cannot: resolved from the model's feature sizes in
+        ``check_supported`` and again from the inner batch size in ``check_batch_size`` (v1
+        beyond 32 points, v2 again within them); a plan passed to ``meta_step`` / ``adapt``
+        runs on the kernel its own minibatch size picks (v1 for more than 32 points).
+        ``fused=True`` pins v2 (a demand: models v2 cannot run are refused), and so do launch
+        fields only ``V2Config`` has; fields only ``LaunchConfig`` has pin v1.  ``kernel`` is the
+        kernel that runs the model ("auto" until resolved), ``kernel_option`` what was asked
+        for, ``last_kernel`` the one that ran the last ``inner_loop`` call.  Default:
+        ``$REPTILE_FAST_TRITON_KERNEL`` ("auto", "v1" or "v2") or ``DEFAULT_KERNEL``.
     precision: ``tl.dot`` input precision, "ieee" (default; matches the reference up to
         summation order), "tf32x3" (tensor cores, three tf32 products per product: near-fp32
         accuracy) or "tf32" (tensor cores; inputs rounded to a 10-bit mantissa, so ~1e-3
@@ -29,15 +40,17 @@ Options (``Reptile`` builds backends by name, so each also has a process-wide de
         tasks and plans (default ``DEFAULT_GRAPH_CHUNK``).
     launch: launch overrides for tuning: ``LaunchConfig`` fields (``mode``, ``num_warps``, tile
         sizes, …) for v1, ``V2Config`` fields (``num_warps``, ``programs_per_sm``, ``max_programs``,
-        ``preload``, ``accumulate``, ``stream``) for v2.
+        ``preload``, ``accumulate``, ``stream``) for v2.  Under "auto", fields of one kernel only
+        pin it; the shared ones (``num_warps``, ``max_programs``) must suit both kernels.
     validate: check plan indices and class labels are in range (one device sync per call).
         ``Reptile`` turns it off unless its ``backend_options`` set it: the trainer checks plans
         and labels where they enter (``compat.InputChecker``, ``loop.Sampler.checked``).
-    fused: with kernel "v2", ``make_stepper`` gives the training loop ``TritonFusedStepper``
-        (inner loops and outer update fused; ``Reptile`` picks it when this is set).  Default:
-        off, or ``$REPTILE_FAST_TRITON_FUSED=1`` (how the CLI jobs opt in), a preference that
-        applies only where the fused stepper runs: kernel v2 (``$REPTILE_FAST_TRITON_KERNEL=v2``),
-        no outer optimizer, no cross-process reducer; elsewhere the eager stepper runs.
+    fused: with kernel "v2" (or "auto", which it then pins to v2), ``make_stepper`` gives the
+        training loop ``TritonFusedStepper`` (inner loops and outer update fused; ``Reptile``
+        picks it when this is set).  Default: off, or ``$REPTILE_FAST_TRITON_FUSED=1`` (how the
+        CLI jobs opt in), a preference that applies only where the fused stepper runs: kernel v2
+        (named, or resolved by "auto" for the model and inner batch size; a plan of more points
+        runs eagerly), no outer optimizer, no cross-process reducer; elsewhere the eager stepper runs.
 
 ``TritonFusedStepper`` runs whole meta-steps through kernel v2's fused outer update (a
 ``steppers.Stepper``: ``chunk``, ``name``, ``run``, ``check``).
@@ -66,9 +79,10 @@ __all__ = ["TritonBackend", "TritonFusedStepper", "DEFAULT_PRECISION", "DEFAULT_
            "KERNEL_ENV", "CUDA_GRAPHS_ENV", "FUSED_ENV", "DEFAULT_GRAPH_CHUNK", "GRAPH_MAX_TASKS"]
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
-KERNELS = ("v1", "v2")
-#: kernel of ``TritonBackend()`` when neither the argument nor the environment says otherwise
-DEFAULT_KERNEL = "v1"
+KERNELS = ("auto", "v1", "v2")
+#: kernel of ``TritonBackend()`` when neither the argument nor the environment says otherwise:
+#: "auto" runs v2 where it can run the model and inner batch size, v1 elsewhere
+DEFAULT_KERNEL = "auto"
 KERNEL_ENV = "REPTILE_FAST_TRITON_KERNEL"
 #: ``tl.dot`` input precision of ``TritonBackend()`` when neither the argument nor the
 #: environment variable says otherwise.
@@ -155,6 +169,40 @@ def _check_launch(kernel: str, launch: dict) -> None:
     k.LaunchConfig(**{"mode": "tiled", "num_warps": 4, **launch})
 
 
+def _launch_fields():
+    """(v1's ``LaunchConfig`` fields, v2's ``V2Config`` fields)."""
+    return set(_kernels().LaunchConfig.__dataclass_fields__), set(_kernels_v2().V2Config.__dataclass_fields__)
+
+
+def _launch_kernel(launch: dict) -> Optional[str]:
+    """Under kernel "auto": the kernel that ``launch`` pins — "v1" when it names ``LaunchConfig``
+    fields v2 lacks (``mode``, tile sizes, ...), "v2" when it names ``V2Config`` fields v1 lacks
+    (``programs_per_sm``, ``preload``, ...), None for none or only shared ones (``num_warps``,
+    ``max_programs``).  TypeError for a field of neither, or fields of both kernels."""
+    if not launch:
+        return None
+    v1, v2 = _launch_fields()
+    unknown = sorted(set(launch) - v1 - v2)
+    if unknown:
+        raise TypeError(f"launch options are LaunchConfig fields for kernel v1 ({', '.join(sorted(v1))}) or "
+                        f"V2Config fields for kernel v2 ({', '.join(sorted(v2))}), got {unknown}")
+    only_v1, only_v2 = sorted(set(launch) - v2), sorted(set(launch) - v1)
+    if only_v1 and only_v2:
+        raise TypeError(f"launch names fields of kernel v1 only ({only_v1}) and of kernel v2 only ({only_v2}): "
+                        f"one launch config runs one kernel")
+    return "v1" if only_v1 else "v2" if only_v2 else None
+
+
+def _check_launch_both(launch: dict) -> None:
+    """Launch fields both kernels have, under kernel "auto" (either may run): valid for both."""
+    for kernel in ("v1", "v2"):
+        try:
+            _check_launch(kernel, launch)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} (kernel {kernel}'s launch: under kernel 'auto' either kernel may run, so "
+                            f"fields both have must suit both; or name the kernel)") from None
+
+
 def _env_flag(name: str) -> bool:
     """An opt-in environment variable: "1" on, "0" or unset off; anything else ("yes", "true") is a
     ValueError naming it (it meant off silently: the user asked for a mode and ran another)."""
@@ -176,22 +224,20 @@ class TritonBackend(Backend):
             kernel = os.environ.get(KERNEL_ENV, DEFAULT_KERNEL)
         if kernel not in KERNELS:
             raise ValueError(f"triton kernel must be one of {KERNELS} (argument or ${KERNEL_ENV}), got {kernel!r}")
+        #: the kernel asked for (argument, else ``$REPTILE_FAST_TRITON_KERNEL``, else "auto");
+        #: ``kernel`` is the one that runs the model
+        self.kernel_option = kernel
         #: fused was an argument (a demand) rather than the environment's preference, which
         #: applies only where the fused stepper can run (kernel v2, no outer optimizer, no reducer)
         self.fused_explicit = fused is not None
-        if fused is None:
-            fused = _env_flag(FUSED_ENV) and kernel == "v2"
-        if not isinstance(fused, bool):
+        if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
-        if fused and kernel != "v2":
+        if fused and kernel == "v1":
             raise ValueError(f"fused=True (the whole meta-step in kernel v2) needs kernel='v2' (argument or "
                              f"${KERNEL_ENV}=v2)")
-        self.fused = fused
-        if chunk is not None:
-            if not fused:
-                raise ValueError("chunk (meta-steps per CUDA-graph replay) needs fused=True")
-            chunk = check_int("chunk", chunk)
-        self.chunk = chunk
+        self._fused_arg = fused
+        # the environment's preference (read, and a bad value refused, only when no argument says)
+        self._fused_pref = _env_flag(FUSED_ENV) if fused is None else False
         if precision is None:
             precision = os.environ.get(PRECISION_ENV, DEFAULT_PRECISION)
         if precision not in PRECISIONS:
@@ -204,14 +250,76 @@ class TritonBackend(Backend):
         validate = check_bool("validate", validate)
         if launch is not None and not isinstance(launch, dict):
             raise TypeError(f"launch must be a dict of LaunchConfig fields, got {type(launch).__name__}")
-        self.kernel = kernel
         self.precision = precision
         self.cuda_graphs = cuda_graphs
         self.launch = dict(launch or {})
+        # A named kernel is the kernel.  Under "auto", fused=True (a demand: only v2 runs it) or
+        # launch fields of one kernel only pin that kernel; otherwise it is resolved per model.
+        if kernel != "auto":
+            pinned: Optional[str] = kernel
+        elif fused:
+            pinned = "v2"
+        else:
+            pinned = _launch_kernel(self.launch)
+        self._pinned = pinned
+        #: auto's kernel for the model and inner batch size last checked (None until then)
+        self._resolved: Optional[str] = None
+        self._batch_size: Optional[int] = None
+        #: the kernel that ran the last ``inner_loop`` call (a per-call plan of more points than
+        #: v2 takes runs on v1 under "auto"); None before the first
+        self.last_kernel: Optional[str] = None
         # a misspelt or out-of-range launch field fails here, not at the first meta-step
-        _check_launch(kernel, self.launch)
+        if pinned is not None:
+            try:
+                _check_launch(pinned, self.launch)
+            except TypeError as exc:
+                if kernel != "auto" or not fused:
+                    raise
+                raise TypeError(f"{exc} (fused=True runs kernel v2)") from None
+        else:
+            _check_launch_both(self.launch)
+        if chunk is not None:
+            if not (fused or (fused is None and self._fused_pref and pinned != "v1")):
+                raise ValueError("chunk (meta-steps per CUDA-graph replay) needs fused=True")
+            chunk = check_int("chunk", chunk)
+        self.chunk = chunk
         self.validate = validate
         self._graphs: "OrderedDict[tuple, _GraphedLaunch]" = OrderedDict()
+
+    @property
+    def kernel(self) -> str:
+        """The kernel that runs the model: "v1" or "v2".  A named kernel (``kernel_option`` "v1" /
+        "v2") from the start; under "auto" the one pinned by ``fused=True`` or by launch fields,
+        else the one resolved for the model (``check_supported``) and inner batch size
+        (``check_batch_size``): "v2" where kernel v2 runs them, else "v1" — and "auto" until then."""
+        return self._pinned or self._resolved or "auto"
+
+    @property
+    def fused(self) -> bool:
+        """Whether ``make_stepper`` gives the fused stepper: ``fused`` as passed, else the
+        environment's preference where the kernel is v2 (named, pinned or resolved)."""
+        if self._fused_arg is not None:
+            return self._fused_arg
+        return self._fused_pref and self.kernel == "v2"
+
+    def _kernel_for(self, dims, batch_size: int) -> str:
+        """The kernel for an MLP of feature sizes ``dims`` and minibatches of ``batch_size``
+        points: the named or pinned one, else v2 where it runs them, else v1."""
+        if self._pinned is not None:
+            return self._pinned
+        return "v2" if _kernels_v2().supports_v2(dims, batch_size) else "v1"
+
+    def _checked_kernel(self, dims, batch_size: int) -> str:
+        """``_kernel_for``, checked: ``UnsupportedModelError`` where that kernel cannot run it
+        (named or pinned v2 beyond its limits; v1 with a launch no GPU block can run)."""
+        kernel = self._kernel_for(dims, batch_size)
+        if kernel == "v2":
+            reason = _kernels_v2().unsupported_reason(dims, batch_size)
+            if reason:
+                raise UnsupportedModelError(f"backend 'triton': {reason}")
+        else:
+            self._check_v1_launch(dims, batch_size)
+        return kernel
 
     def make_stepper(self, model: nn.Module, config: InnerConfig, outer_optimizer=None) -> "TritonFusedStepper":
         """The fused meta-step stepper for ``model`` (``fused=True``): kernel v2's inner loops and
@@ -265,12 +373,8 @@ class TritonBackend(Backend):
         if max(spec.dims) > k.MAX_FEATURES:
             raise UnsupportedModelError(f"backend 'triton' supports feature sizes up to {k.MAX_FEATURES}, "
                                         f"the model has {list(spec.dims)}")
-        if self.kernel == "v2":
-            reason = _kernels_v2().unsupported_reason(spec.dims, 1)
-            if reason:
-                raise UnsupportedModelError(f"backend 'triton': {reason}")
-        else:
-            self._check_v1_launch(spec.dims, 1)
+        # (the inner batch size comes with check_batch_size: until then the last one checked, or 1)
+        kernel = self._checked_kernel(spec.dims, self._batch_size or 1)
         for n, p in model.named_parameters():
             if p.dtype != torch.float32:
                 raise UnsupportedModelError(f"backend 'triton' supports float32 parameters only, "
@@ -278,14 +382,18 @@ class TritonBackend(Backend):
             if p.device != device:
                 raise UnsupportedModelError(f"backend 'triton': parameter '{n}' is on {p.device}, not {device}")
         self._check_config(config)
+        self._resolved = kernel
 
     def check_batch_size(self, model: nn.Module, batch_size: int) -> None:
-        if self.kernel == "v2":
-            reason = _kernels_v2().unsupported_reason(self._spec(model).dims, batch_size)
-            if reason:
-                raise UnsupportedModelError(f"backend 'triton': {reason}")
-        else:
-            self._check_v1_launch(self._spec(model).dims, batch_size)
+        """``Backend.check_batch_size``; under kernel "auto" it also resolves the kernel for the new
+        size (v1 beyond kernel v2's 32 points, v2 again within them) instead of refusing it."""
+        self._resolved = self._checked_kernel(self._spec(model).dims, batch_size)
+        self._batch_size = batch_size
+
+    def check_plan_size(self, model: nn.Module, batch_size: int) -> None:
+        """``check_batch_size`` for one call's plan, changing nothing (under "auto" such a plan
+        runs on the kernel its own size picks)."""
+        self._checked_kernel(self._spec(model).dims, batch_size)
 
     def _check_v1_launch(self, dims, batch_size: int) -> None:
         """UnsupportedModelError when ``launch`` forces kernel v1 into a launch no GPU block can
@@ -349,11 +457,11 @@ class TritonBackend(Backend):
         named = dict(model.named_parameters())
         layer_names = [n for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
         params = [named[n].detach() for n in layer_names]
-        if self.kernel == "v2":
+        # a named or pinned kernel; under "auto" the one this plan's minibatch size picks (a plan
+        # of more points than v2 takes runs on v1, like an inner batch size beyond them)
+        kernel = self._checked_kernel(spec.dims, indices.shape[2])
+        if kernel == "v2":
             k2 = _kernels_v2()
-            reason = k2.unsupported_reason(spec.dims, indices.shape[2])
-            if reason:
-                raise UnsupportedModelError(f"backend 'triton': {reason}")
             launch = _v2_config(self.launch)
 
             def run(x, y, idx, *phi):
@@ -362,7 +470,6 @@ class TritonBackend(Backend):
                                      check_values=False)  # _check_data checked them (validate)
             split = k2.unflatten_params
         else:
-            self._check_v1_launch(spec.dims, indices.shape[2])
             launch = k.choose_launch_config(spec.dims, indices.shape[2], **self.launch)
 
             def run(x, y, idx, *phi):
@@ -374,9 +481,10 @@ class TritonBackend(Backend):
         inputs = (tasks.x, tasks.y, indices, *params)
         with _on(tasks.x.device):
             if self.cuda_graphs and tasks.x.is_cuda and torch.cuda.is_available():
-                flat, losses = self._graphed(run, inputs, (self.kernel, spec, loss, config.lr, steps, launch))
+                flat, losses = self._graphed(run, inputs, (kernel, spec, loss, config.lr, steps, launch))
             else:
                 flat, losses = run(*inputs)
+        self.last_kernel = kernel
         by_name = dict(zip(layer_names, split(flat, spec.dims)))
         return InnerResult(params={n: by_name[n] for n in named}, losses=losses)
 
@@ -499,6 +607,10 @@ class TritonFusedStepper(Stepper):
         self._graphs: "OrderedDict[tuple, _Replay]" = OrderedDict()
         self._state = _guard().new_state(device)
         self._n_params = _kernels_v2().n_flat_params(self.spec.dims)
+
+    def takes_batch(self, batch_size: int) -> bool:
+        """Whether kernel v2 runs plans of ``batch_size`` points for this model."""
+        return _kernels_v2().supports_v2(self.spec.dims, batch_size)
 
     def set_chunk(self, n_tasks: int, every: Optional[int] = None) -> "TritonFusedStepper":
         """Meta-steps per ``run`` for meta-batches of ``n_tasks``: the default, capped so that a
