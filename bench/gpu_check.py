@@ -34,7 +34,8 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
    stream polling, cannot invalidate it); a failed one is an error row, the run recovers
    (``_recover_after_capture``) and later error rows say they came after it.
 5. compute-sanitizer memcheck, initcheck, synccheck at T=16, each under a timeout.
-6. ncu SpeedOfLight + Occupancy of one T=4096 v2 meta-step launch (when ncu exists).
+6. ncu SpeedOfLight + Occupancy of T=4096 v2 meta-step launches (default, streamed, prefetching;
+   when ncu exists).
 
 A run that cannot end by itself (a GPU call that never returns) is ended ``DEADLINE_GRACE`` s after
 the budget (355 s on a GPU): results.json with the rows made so far, summary.txt, children
@@ -77,7 +78,10 @@ VARIANTS = [("v1", "v1", "ieee", "inner"), ("v1-tf32x3", "v1", "tf32x3", "inner"
             ("v2-meta", "v2", "ieee", "meta"), ("v2-meta-tf32x3", "v2", "tf32x3", "meta"),
             ("v2-meta-tf32", "v2", "tf32", "meta"),
             # wide layers streamed through a per-program scratch (V2Config(stream=True), 4 warps)
-            ("v2s", "v2s", "ieee", "inner"), ("v2s-meta", "v2s", "ieee", "meta")]
+            ("v2s", "v2s", "ieee", "inner"), ("v2s-meta", "v2s", "ieee", "meta"),
+            # minibatches prefetched a step ahead (V2Config(preload="prefetch")): no cross-thread
+            # selection from a preloaded plan (sm_90a: 35 barriers per inner step against 45)
+            ("v2p", "v2p", "ieee", "inner"), ("v2p-meta", "v2p", "ieee", "meta")]
 #: input sets (tasks + plans) the timing stage rotates over: every timed call runs each once, so
 #: no kernel variant or provider is timed on one set's cached data or lucky values (issue 5)
 ROTATIONS = 3
@@ -86,7 +90,15 @@ SMOKE_ROTATIONS = 2
 #: seconds the main job (``cli_sine_row``) may take on a GPU
 CLI_TIMEOUT = 45.0
 #: the CPU smoke's (interpreter) subset: each code path once
-SMOKE_VARIANTS = [v for v in VARIANTS if v[0] in ("v1", "v2-tf32x3", "v2-meta", "v2s-meta")]
+SMOKE_VARIANTS = [v for v in VARIANTS if v[0] in ("v1", "v2-tf32x3", "v2-meta", "v2s-meta", "v2p-meta")]
+
+
+def v2_config(kernel: str):
+    """The ``V2Config`` of a v2 ``VARIANTS`` kernel name: "v2" (defaults), "v2s" (streamed wide
+    layers), "v2p" (minibatches prefetched a step ahead)."""
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    return V.V2Config(stream=kernel == "v2s", preload="prefetch" if kernel == "v2p" else None)
 
 
 class Log:
@@ -320,7 +332,7 @@ def launcher(variant, T, device, dims, tasks, plan, params, phi):
         fn.result = lambda: out[:, :n]
         return fn
     acts = ACTS[:len(dims) - 2] + ("identity",)
-    config = V.V2Config(stream=kernel == "v2s")
+    config = v2_config(kernel)
     if what == "inner":
         out = torch.empty(T, -(-n // 4) * 4, device=device)
         losses = torch.empty(T, STEPS, device=device)
@@ -653,7 +665,7 @@ def stage_correctness(log, device, smoke, rows=None):
                                      out_losses=losses, scratch_fill=float("nan"))
                 else:
                     V.inner_loop(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, precision=prec, out=out,
-                                 out_losses=losses, config=V.V2Config(stream=kernel == "v2s"))
+                                 out_losses=losses, config=v2_config(kernel))
                 got = out[:, :n]
                 row["unwritten"] = int(torch.isnan(got).sum()) + int(torch.isnan(losses).sum())
                 row["wrote_past_row"] = bool(not torch.isnan(out[:, n:]).all())
@@ -669,7 +681,7 @@ def stage_correctness(log, device, smoke, rows=None):
                                   inner_steps=STEPS, inner_batch_size=BATCH)
                 want = trainer.meta_step(cpu_tasks, cpu_plan)
                 want_phi = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
-                cfg = V.V2Config(stream=kernel == "v2s")
+                cfg = v2_config(kernel)
                 res = V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=EPS, precision=prec,
                                   config=cfg, out=torch.full_like(phi, float("nan")))
                 again = V.meta_step(tasks.x, tasks.y, plan, phi, dims, ACTS, lr=LR, eps=EPS, precision=prec,
@@ -1337,7 +1349,7 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
     for tool in tools:
         if tool_name == "ncu":
             cmd = [exe, "--section", "SpeedOfLight", "--section", "Occupancy", "--clock-control", "none",
-                   "-k", "regex:_meta_step_kernel", "--launch-skip", "1", "--launch-count", "3",
+                   "-k", "regex:_meta_step_kernel", "--launch-skip", "1", "--launch-count", "5",
                    sys.executable, "-m", "bench.gpu_check", "--target", "profile", str(out)]
         else:
             cmd = [exe, "--tool", tool, "--error-exitcode", "9", sys.executable, "-m", "bench.gpu_check",
@@ -1388,7 +1400,7 @@ def tool_summary(text: str, limit: int = 24) -> list:
 
 def run_target(kind: str) -> int:
     """Child process for the sanitizer ("tiny": every variant at T=16) and ncu ("profile": the v2
-    meta-step at T=4096, launched twice).
+    meta-step at T=4096, default, streamed and prefetching, each launched twice).
 
     Sizes whose Triton specialisations stages 3-4 compiled already (T = 64, 4096: task and program
     counts divisible by 16), so the child loads them from Triton's disk cache instead of compiling
@@ -1398,7 +1410,8 @@ def run_target(kind: str) -> int:
     device = torch.device("cuda")
     T = 16 if kind == "tiny" else 4096
     model, tasks, plan, params, phi = problem(T, device, seed=3)
-    for variant in (VARIANTS if kind == "tiny" else [v for v in VARIANTS if v[0] in ("v2-meta", "v2s-meta")]):
+    profiled = ("v2-meta", "v2s-meta", "v2p-meta")
+    for variant in (VARIANTS if kind == "tiny" else [v for v in VARIANTS if v[0] in profiled]):
         fn = launcher(variant, T, device, DIMS, tasks, plan, params, phi)
         fn()
         fn()
@@ -1434,13 +1447,16 @@ def summary_lines(results: dict) -> list:
         lines.append(f"stage {name}: {status or 'done'} ({results['seconds'].get(name, '?')} s)")
     comp = (results["stages"].get("compile") or {}).get("rows") or []
     if comp:
-        lines.append("compile (sm_XXa): kernel case precision mode warps -> regs, spill B, shared B, mma/wgmma, ex2.approx, div.full")
-        for r in comp[:24]:
+        lines.append("compile (sm_XXa): kernel case precision mode warps -> regs, spill B, shared B, mma/wgmma, "
+                     "ex2.approx, div.full, largest inner loop: instructions/barriers")
+        for r in comp[:40]:
             p = r.get("ptx", {})
+            loop = (r.get("sass") or {}).get("loop") or {}
             lines.append(f"  {r['kernel']} {r['case']} {r['precision']} {r['mode']} w{r['num_warps']} -> "
                          + (r["error"][:80] if "error" in r else
                             f"{r.get('registers')} regs, {r.get('spill_store_bytes')} B, {r.get('shared_bytes')} B, "
-                            f"{p.get('mma')}/{p.get('wgmma')}, {p.get('ex2.approx')}, {p.get('div.full')}"))
+                            f"{p.get('mma')}/{p.get('wgmma')}, {p.get('ex2.approx')}, {p.get('div.full')}, "
+                            f"{loop.get('instructions', '?')}/{loop.get('BAR', '?')}"))
     corr = (results["stages"].get("correctness") or {}).get("rows") or []
     for r in corr:
         if "error" in r:

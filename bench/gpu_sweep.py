@@ -5,7 +5,8 @@
 
 The GPU check (``bench/gpu_check.sh``) times each kernel variant at its default settings; this
 sweeps the settings ``V2Config`` exposes -- warps per program, programs per SM (the persistent
-grid), where a program accumulates its tasks' updates, streamed wide layers -- for the fused
+grid), where a program accumulates its tasks' updates, streamed wide layers, how minibatches are
+loaded (the whole plan up front, or prefetched a step ahead) -- for the fused
 meta-step (``meta_step``: T = 4096 and 65536 tasks) and for the seed's setting (``guarded_meta_step``
 at T = 1, one launch, what the fused CUDA-graph stepper replays), sine MLP 1-64-64-1, 5 inner
 steps of 10 points, precision "ieee".  Before it is timed, every setting's outer update (the
@@ -35,29 +36,35 @@ from pathlib import Path
 SWEEP_T = (1, 4096, 65536)
 
 
-#: the settings swept by default (``--warps``, ``--per-sm``, ``--accumulate``, ``--stream`` narrow them)
-GRID = {"warps": (4, 8), "accumulate": ("registers", "memory"), "stream": (False, True), "per_sm": (1, 2, 4, 8)}
+#: the settings swept by default (``--warps``, ``--per-sm``, ``--accumulate``, ``--stream``, ``--preload``
+#: narrow them); "default" in ``accumulate`` / ``preload``: the kernel's own choice (the field left out)
+GRID = {"warps": (4, 8), "accumulate": ("registers", "memory"), "stream": (False, True), "per_sm": (1, 2, 4, 8),
+        "preload": ("default", "prefetch")}
 
 
 def settings(T: int, smoke: bool, precision: str = "ieee", grid=None):
     """V2Config keyword sets for T tasks: the default first (the correctness baseline).
 
-    ``grid``: ``GRID``'s keys, each a tuple of values ("default" in ``accumulate``: the kernel's own
-    choice, the field left out).  Streamed layers are exact fp32 whatever the precision, so with
-    ``precision`` other than "ieee" they are another computation, not a setting: left out."""
+    ``grid``: ``GRID``'s keys, each a tuple of values ("default" in ``accumulate`` / ``preload``: the
+    kernel's own choice, the field left out).  Streamed layers are exact fp32 whatever the precision,
+    so with ``precision`` other than "ieee" they are another computation, not a setting: left out;
+    they run with the default preload only (prefetching is swept on the unstreamed kernel)."""
     yield {}
     g = dict(GRID, **(grid or {}))
-    warps, accumulate, stream, per_sm = g["warps"], g["accumulate"], g["stream"], g["per_sm"]
+    warps, accumulate, stream, per_sm, preload = g["warps"], g["accumulate"], g["stream"], g["per_sm"], g["preload"]
     if precision != "ieee":
         stream = tuple(s for s in stream if not s)
     if T == 1:  # one task: one program whatever the grid
         per_sm = per_sm[:1]
     if smoke:  # each code path once
-        warps, accumulate, per_sm = warps[:1], accumulate[-1:], per_sm[:2]
-    for w, acc, st, p in itertools.product(warps, accumulate, stream, per_sm):
-        kw = {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p}
-        if acc == "default":
-            del kw["accumulate"]
+        warps, accumulate, per_sm, preload = warps[:1], accumulate[-1:], per_sm[:2], preload[-1:]
+    for w, acc, st, p, pre in itertools.product(warps, accumulate, stream, per_sm, preload):
+        if st and pre != "default" and "default" in preload:
+            continue
+        kw = {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p, "preload": pre}
+        for field, value in (("accumulate", acc), ("preload", pre)):
+            if value == "default":
+                del kw[field]
         yield kw
 
 
@@ -276,6 +283,11 @@ def _grid_args(ap, args):
         if not words or any(v not in ("on", "off") for v in words):
             ap.error(f"--stream takes on, off; got {args.stream!r}")
         grid["stream"] = tuple(v == "on" for v in words)
+    if args.preload is not None:
+        words = [v.strip() for v in args.preload.split(",") if v.strip()]
+        if not words or any(v not in ("default", "prefetch", "on", "off") for v in words):
+            ap.error(f"--preload takes default, prefetch, on, off; got {args.preload!r}")
+        grid["preload"] = tuple({"on": True, "off": False}.get(v, v) for v in words)
     return grid
 
 
@@ -292,6 +304,9 @@ def main(argv=None) -> int:
     ap.add_argument("--accumulate", default=None,
                     help="comma-separated: registers, memory, default (the kernel's choice); default registers,memory")
     ap.add_argument("--stream", default=None, help="comma-separated: off, on (default both)")
+    ap.add_argument("--preload", default=None,
+                    help="comma-separated: default (the kernel's choice), prefetch, on (whole plan up front), "
+                         "off (loaded at each step); default: default,prefetch")
     args = ap.parse_args(argv)
     grid, Ts_arg = _grid_args(ap, args), None
     if args.T is not None:

@@ -211,9 +211,9 @@ def run_sites(rec: Recorder, quick: bool) -> None:
                                      out_losses=losses, scratch_fill=float("nan"))
                 else:
                     V.inner_loop(tasks.x, tasks.y, plan, phi, dims, C.ACTS, lr=C.LR, precision=prec, out=out,
-                                 out_losses=losses, config=V.V2Config(stream=kernel == "v2s"))
+                                 out_losses=losses, config=C.v2_config(kernel))
             else:
-                cfg = V.V2Config(stream=kernel == "v2s")
+                cfg = C.v2_config(kernel)
                 V.meta_step(tasks.x, tasks.y, plan, phi, dims, C.ACTS, lr=C.LR, eps=C.EPS, precision=prec,
                             config=cfg, out=torch.full_like(phi, float("nan")))
                 V.meta_step(tasks.x, tasks.y, plan, phi, dims, C.ACTS, lr=C.LR, eps=C.EPS, precision=prec,
@@ -255,7 +255,7 @@ def run_sites(rec: Recorder, quick: bool) -> None:
                         check_values=False)
     # stage 5 (sanitizer: T = 16, every variant) and stage 6 (ncu: T = 4096, the meta variants)
     for kind, T, variants in (("tiny", 16, C.VARIANTS),
-                              ("profile", 4096, [v for v in C.VARIANTS if v[0] in ("v2-meta", "v2s-meta")])):
+                              ("profile", 4096, [v for v in C.VARIANTS if v[0] in ("v2-meta", "v2s-meta", "v2p-meta")])):
         if quick and T > 256:
             continue
         model, tasks, plan, params, phi = C.problem(T, cpu, seed=3)

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 SINE = ((1, 64, 64, 1), ("tanh", "tanh", "identity"))
 
@@ -114,6 +115,49 @@ def _ptxas(ptx: str, arch: int) -> dict:
             "stack_frame_bytes": int(stack.group(1)) if stack else None}
 
 
+def nvdisasm_path():
+    import triton
+
+    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    return p if p.exists() else None
+
+
+#: SASS opcodes counted in the inner-step loop (``sass_loop_facts``)
+SASS_COUNTED = ("BAR", "FFMA", "LDS", "STS", "SHFL", "LDL", "STL", "LDG", "STG", "MUFU", "HMMA")
+
+
+def sass_loop_facts(cubin: bytes) -> Optional[dict]:
+    """Static counts of the kernel's SASS (nvdisasm from the Triton wheel) in its largest innermost
+    loop — for kernel v2 with its weights in registers, the inner-step loop (streamed layers: one
+    of their K-loops): instructions issued per step by each thread, barriers
+    (``BAR``), shared-memory (``LDS``/``STS``), shuffles, spills (``LDL``/``STL``), global loads and
+    stores, special-function (``MUFU``) and tensor-core (``HMMA``) instructions.  A one-warp-per-
+    scheduler program (T = 1) waits out every barrier and dependent latency, so these counts are the
+    latency proxy available without a GPU; None without nvdisasm."""
+    tool = nvdisasm_path()
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "k.cubin"
+        f.write_bytes(cubin)
+        sass = subprocess.run([str(tool), "-c", str(f)], capture_output=True, text=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(sass) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(sass)
+             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    innermost = [(a, b) for a, b in loops if not any(a < c and d < b for c, d in loops if (c, d) != (a, b))]
+    if not innermost:
+        return {"loop": None}
+
+    def ops(lines):
+        return [m.group(2) for line in lines
+                if (m := re.match(r"\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line))]
+
+    a, b = max(innermost, key=lambda ab: len(ops(sass[ab[0]:ab[1] + 1])))
+    body = ops(sass[a:b + 1])
+    return {"loop": {"instructions": len(body), **{k: body.count(k) for k in SASS_COUNTED}},
+            "kernel_instructions": len(ops(sass))}
+
+
 def facts(kernel, arch: int) -> dict:
     """Registers / spills (ptxas -v), shared bytes and PTX instruction counts of a CompiledKernel.
 
@@ -130,6 +174,9 @@ def facts(kernel, arch: int) -> dict:
         row["ptxas"] = "not found in the Triton wheel"
         return row
     row.update(_ptxas(ptx, arch))
+    cubin = kernel.asm.get("cubin")
+    if cubin:
+        row["sass"] = sass_loop_facts(cubin)
     cap = re.search(r"^\.maxnreg (\d+)", ptx, flags=re.M)
     if cap:
         row["maxnreg"] = int(cap.group(1))
@@ -157,31 +204,36 @@ def _record(row: dict, compile_fn, arch: int, log) -> dict:
 
 
 def v2_rows(arch: int = 90, warps=(4, 8), cases=V2_CASES, precisions=V2_PRECISIONS, modes=V2_MODES,
-            streams=(False, True), log=None):
+            streams=(False, True), preloads=(None, "prefetch"), log=None):
     """Compile kernel v2 for every case x precision x mode x warps (and the streamed variant,
-    whose wide layers ignore the precision: "ieee" only); one dict per compile."""
+    whose wide layers ignore the precision: "ieee" only; and minibatches prefetched a step ahead,
+    ``V2Config(preload="prefetch")``, in "ieee" meta-steps); one dict per compile."""
     import triton
 
     from reptile_fast.kernels import mlp_meta_step_v2 as V
 
-    combos = [(prec, mode, nw, False) for prec in precisions for mode in modes for nw in warps]
+    combos = [(prec, mode, nw, False, None) for prec in precisions for mode in modes for nw in warps]
     if True in streams:
-        combos += [("ieee", mode, nw, True) for mode in modes for nw in warps]
+        combos += [("ieee", mode, nw, True, None) for mode in modes for nw in warps]
     if "meta-step" in modes:  # one program finishing the meta-step itself (FINALIZE: meta-batch 1)
-        combos += [("ieee", "meta-step-1", nw, stream) for stream in streams for nw in warps]
+        combos += [("ieee", "meta-step-1", nw, stream, None) for stream in streams for nw in warps]
+        combos += [("ieee", mode, nw, False, pre) for pre in preloads if pre is not None
+                   for mode in ("meta-step", "meta-step-1") for nw in warps]
     rows = []
     for name, dims, acts, loss, batch, steps in cases:
-        for prec, mode, nw, stream in combos:
-            row = {"kernel": "v2-stream" if stream else "v2", "case": name, "dims": list(dims),
+        for prec, mode, nw, stream, pre in combos:
+            kernel = "v2-stream" if stream else f"v2-{pre}" if pre else "v2"
+            row = {"kernel": kernel, "case": name, "dims": list(dims),
                    "activations": list(acts), "loss": loss, "batch": batch, "steps": steps, "precision": prec,
                    "mode": mode, "num_warps": nw, "arch": f"sm_{arch}a", "triton": triton.__version__}
 
             def build(dims=dims, acts=acts, loss=loss, batch=batch, steps=steps, prec=prec, mode=mode, nw=nw,
-                      stream=stream):
+                      stream=stream, pre=pre):
                 return V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=prec,
-                                            config=V.V2Config(num_warps=nw, stream=stream), arch=arch,
+                                            config=V.V2Config(num_warps=nw, stream=stream, preload=pre), arch=arch,
                                             accumulate=mode.startswith("meta-step"), write_adapted=mode == "adapt",
-                                            write_losses=mode == "adapt", finalize=mode == "meta-step-1")
+                                            write_losses=mode == "adapt", finalize=mode == "meta-step-1",
+                                            ones=("n_tasks", "n_programs") if mode == "meta-step-1" else ())
             rows.append(_record(row, build, arch, log))
     return rows
 
@@ -265,7 +317,15 @@ def line(r: dict) -> str:
            f"{r['uncapped']['spill_store_bytes']}/{r['uncapped']['spill_load_bytes']} B)") if "maxnreg" in r else ""
     return (f"{head}: {r.get('registers')} regs, spill {r.get('spill_store_bytes')}/{r.get('spill_load_bytes')} B{cap}, "
             f"shared {r.get('shared_bytes')} B, mma {p.get('mma')} wgmma {p.get('wgmma')} "
-            f"ex2.approx {p.get('ex2.approx')} div.full {p.get('div.full')} div.rn {p.get('div.rn')}")
+            f"ex2.approx {p.get('ex2.approx')} div.full {p.get('div.full')} div.rn {p.get('div.rn')}{_sass_line(r)}")
+
+
+def _sass_line(r: dict) -> str:
+    loop = (r.get("sass") or {}).get("loop")
+    if not loop:
+        return ""
+    return (f"; largest inner loop {loop['instructions']} instr, {loop['BAR']} BAR, {loop['FFMA']} FFMA, "
+            f"{loop['LDS']}/{loop['STS']} LDS/STS, {loop['LDL']}/{loop['STL']} LDL/STL, {loop['LDG']} LDG")
 
 
 def main(argv=None) -> int:
@@ -304,7 +364,7 @@ def main(argv=None) -> int:
         _on_row = lambda row: (done.append(row), write(done))  # noqa: E731
     v2_kw = {"all": {}, "gpu": {"cases": V2_CASES[:1]},
              "smoke": {"cases": V2_CASES[:1], "precisions": ("ieee",), "modes": ("meta-step",), "warps": (8,),
-                       "streams": (False,)}}
+                       "streams": (False,), "preloads": (None,)}}
     v1_kw = {"all": {}, "gpu": {"cases": V1_CASES[:1]}, "smoke": {"cases": V1_CASES[:1], "precisions": ("ieee",)}}
     if args.cases == "grid":
         rows += grid_rows(args.arch, log=print)

@@ -453,6 +453,26 @@ def _loss_tile(out, target, label, row_ok, grad_scale, LOSS: tl.constexpr, D_OUT
 
 
 @triton.jit
+def _minibatch(x_ptr, y_ptr, point, ok, D0: tl.constexpr, P0: tl.constexpr, DL: tl.constexpr,
+               PL: tl.constexpr, LOSS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The inputs ``[BB, P0]``, float targets ``[BB, PL]`` (MSE; zeros for CE) and labels ``[BB]``
+    (CE; the row numbers for MSE) of the points ``point [BB]`` (global point numbers); rows not
+    ``ok`` are zero and never read."""
+    rows = tl.arange(0, BLOCK_B)
+    c0 = tl.arange(0, P0)
+    cl = tl.arange(0, PL)
+    a0 = tl.load(x_ptr + point[:, None] * D0 + c0[None, :], mask=ok[:, None] & (c0[None, :] < D0), other=0.0)
+    if LOSS == 0:
+        target = tl.load(y_ptr + point[:, None] * DL + cl[None, :], mask=ok[:, None] & (cl[None, :] < DL),
+                         other=0.0)
+        label = rows
+    else:
+        target = tl.zeros((BLOCK_B, PL), dtype=tl.float32)
+        label = tl.load(y_ptr + point, mask=ok, other=0)
+    return a0, target, label
+
+
+@triton.jit
 def _select_step(all_steps, s, S_P: tl.constexpr):
     """Row ``s`` of a ``[S_P, BB, C]`` register tensor (masked sum: exact)."""
     sel = tl.arange(0, S_P)[:, None, None] == s
@@ -589,7 +609,7 @@ def _meta_step_kernel(
     for t in range(pid, n_tasks, n_programs):
         point0 = t * n_points
         plan_row = idx_ptr + t * idx_stride
-        if PRELOAD:
+        if PRELOAD == 1:
             # the whole plan of this task: indices [S_P, BB], inputs [S_P, BB, P0], targets
             idx_all = tl.load(plan_row + steps_r[:, None] * batch + rows[None, :], mask=plan_ok, other=0)
             pt_all = point0 + idx_all
@@ -600,6 +620,13 @@ def _meta_step_kernel(
                                 mask=plan_ok[:, :, None] & (cl[None, None, :] < DL), other=0.0)
             else:
                 lab_all = tl.load(y_ptr + pt_all, mask=plan_ok, other=0)
+        if PRELOAD == 2:
+            # prefetch: step 0's minibatch now, step 1's indices; each step then loads the next
+            # step's points and the indices of the one after (their latency hidden behind a step)
+            idx_n = tl.load(plan_row + rows, mask=row_ok & (STEPS > 0), other=0)
+            a0_n, target_n, label_n = _minibatch(x_ptr, y_ptr, point0 + idx_n, row_ok & (STEPS > 0),
+                                                 D0, P0, DL, PL, LOSS, BLOCK_B)
+            idx_n = tl.load(plan_row + batch + rows, mask=row_ok & (STEPS > 1), other=0)
         w0, b0 = _layer_init(phi_ptr, scr + WOFF0, 0, D0, D1, P0, P1, S0, TILE)
         if N_LAYERS > 1:
             w1, b1 = _layer_init(phi_ptr, scr + WOFF1, OFF1, D1, D2, P1, P2, S1, TILE)
@@ -613,7 +640,14 @@ def _meta_step_kernel(
             tl.debug_barrier()  # the copies of φ before the first read of the scratch
         for s in range(0, STEPS):
             # this step's minibatch
-            if PRELOAD:
+            if PRELOAD == 2:
+                a0 = a0_n
+                target = target_n
+                label = label_n
+                a0_n, target_n, label_n = _minibatch(x_ptr, y_ptr, point0 + idx_n, row_ok & (s + 1 < STEPS),
+                                                     D0, P0, DL, PL, LOSS, BLOCK_B)
+                idx_n = tl.load(plan_row + (s + 2) * batch + rows, mask=row_ok & (s + 2 < STEPS), other=0)
+            elif PRELOAD == 1:
                 a0 = _select_step(x_all, s, S_P)
                 if LOSS == 0:
                     target = _select_step(y_all, s, S_P)
@@ -886,7 +920,12 @@ class V2Config:
             for a model with a wide x wide layer, 4 otherwise (``programs_per_sm_for``).
         max_programs: a fixed grid cap instead (tests use it to make programs loop over tasks);
             under the interpreter the default is min(T, 8).
-        preload: load each task's whole plan up front (None: when it fits ``PRELOAD_LIMIT``).
+        preload: how a task's minibatches reach its steps: True, the whole plan loaded up front
+            and each step's rows selected from it (a masked reduction across threads); False,
+            each step loads its own rows (an index load, then the dependent point loads, waited
+            for); "prefetch", each step loads the next step's rows and the indices of the one
+            after, so their latency hides behind a step and nothing is selected across threads;
+            None: True when the plan fits ``PRELOAD_LIMIT``, else False.
         accumulate: where a program sums its tasks' φ̃ − φ in a meta-step: "registers" (a second
             copy of the weights in registers) or "memory" (its own partial row, read-modified-
             written once per task, L1/L2-resident); None: "registers" while the padded weights
@@ -904,7 +943,7 @@ class V2Config:
     num_warps: Optional[int] = None
     programs_per_sm: Optional[int] = None
     max_programs: Optional[int] = None
-    preload: Optional[bool] = None
+    preload: Union[None, bool, str] = None
     accumulate: Optional[str] = None
     stream: bool = False
 
@@ -921,8 +960,8 @@ class V2Config:
             raise ValueError(f"programs_per_sm must be None or an int >= 1, got {self.programs_per_sm!r}")
         if self.max_programs is not None and (not isinstance(self.max_programs, int) or self.max_programs < 1):
             raise ValueError(f"max_programs must be None or an int >= 1, got {self.max_programs!r}")
-        if self.preload not in (None, True, False):
-            raise ValueError(f"preload must be None, True or False, got {self.preload!r}")
+        if not (self.preload is None or isinstance(self.preload, bool) or self.preload == "prefetch"):
+            raise ValueError(f"preload must be None, True, False or 'prefetch', got {self.preload!r}")
         if not isinstance(self.stream, bool):
             raise ValueError(f"stream must be True or False, got {self.stream!r}")
         if self.accumulate not in (None, "registers", "memory"):
@@ -951,13 +990,15 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
     preload = config.preload
     if preload is None:
         preload = s_p * block_b * (p[0] + p[n_layers]) <= PRELOAD_LIMIT
+    # 0: load at the step, 1: whole plan up front, 2: prefetch one step ahead
+    preload = 2 if preload == "prefetch" else int(bool(preload))
     return dict(N_LAYERS=n_layers, D0=d[0], D1=d[1], D2=d[2], D3=d[3], D4=d[4], D5=d[5],
                 P0=p[0], P1=p[1], P2=p[2], P3=p[3], P4=p[4], P5=p[5],
                 ACT0=acts[0], ACT1=acts[1], ACT2=acts[2], ACT3=acts[3], ACT4=acts[4],
                 DOT0=dots[0], DOT1=dots[1], DOT2=dots[2], DOT3=dots[3], DOT4=dots[4],
                 DL=d[n_layers], PL=p[n_layers], LOSS=LOSS_CODES[loss], BLOCK_B=block_b,
                 STEPS=int(steps), S_P=s_p,
-                PRELOAD=bool(preload), PRECISION=precision, ACCUMULATE=accumulate,
+                PRELOAD=preload, PRECISION=precision, ACCUMULATE=accumulate,
                 WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses, FINALIZE=finalize,
                 S0=streamed[0], S1=streamed[1], S2=streamed[2], S3=streamed[3], S4=streamed[4],
                 **{f"WOFF{l}": layout.get(f"w{l}", 0) for l in range(MAX_LAYERS)},

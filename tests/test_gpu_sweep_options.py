@@ -19,8 +19,11 @@ def _configs(*args, **kw):
 def test_default_grid_is_the_full_sweep():
     got = _configs(4096, False)
     assert got[0] == {}  # the default first: the correctness baseline
-    assert len(got) == 1 + 2 * 2 * 2 * 4
+    # unstreamed: warps x accumulate x per-SM x (default, prefetch); streamed: default preload only
+    assert len(got) == 1 + 2 * 2 * 4 * 2 + 2 * 2 * 4
     assert {c["stream"] for c in got[1:]} == {False, True}
+    assert {c.get("preload", "default") for c in got[1:] if not c["stream"]} == {"default", "prefetch"}
+    assert all("preload" not in c for c in got[1:] if c["stream"])
     assert _configs(1, False)[1:] == [c for c in got[1:] if c["programs_per_sm"] == 1]
 
 
@@ -28,16 +31,21 @@ def test_default_grid_is_the_full_sweep():
 def test_other_precisions_leave_streamed_settings_out(precision):
     # streamed layers compute in fp32 whatever the precision: another computation, not a setting
     got = _configs(4096, False, precision)
-    assert got[0] == {} and len(got) == 1 + 2 * 2 * 4
+    assert got[0] == {} and len(got) == 1 + 2 * 2 * 4 * 2
     assert not any(c["stream"] for c in got[1:])
     assert any(c["stream"] for c in _configs(4096, False, "ieee")[1:])
 
 
 def test_grid_narrows_and_default_accumulation_leaves_the_field_out():
     got = _configs(4096, False, "ieee", {"warps": (4,), "per_sm": (2, 4), "accumulate": ("default",),
-                                         "stream": (False,)})
+                                         "stream": (False,), "preload": ("default",)})
     assert got == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 2},
                    {"num_warps": 4, "stream": False, "programs_per_sm": 4}]
+    got = _configs(4096, False, "ieee", {"warps": (4,), "per_sm": (2,), "accumulate": ("default",),
+                                         "stream": (False, True), "preload": ("prefetch", True)})
+    # no "default" preload asked for: the streamed kernel runs the ones asked for too
+    assert got == [{}] + [{"num_warps": 4, "stream": st, "programs_per_sm": 2, "preload": pre}
+                          for st in (False, True) for pre in ("prefetch", True)]
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -47,6 +55,7 @@ def test_grid_narrows_and_default_accumulation_leaves_the_field_out():
     (["--T", "1,x"], "--T"),
     (["--accumulate", "shared"], "--accumulate"),
     (["--stream", "yes"], "--stream"),
+    (["--preload", "maybe"], "--preload"),
     (["--precision", "fp16"], "--precision"),
 ])
 def test_bad_flags_are_refused_with_the_flag_named(argv, words, tmp_path, capsys):
@@ -61,7 +70,7 @@ def test_cpu_smoke_sweeps_tf32_checked_against_float64(tmp_path):
     """The whole path at tiny sizes: tf32 meta-steps verified through the inner loop's mean,
     rows stamped with the precision, every setting checked before timing."""
     rc = S.main([str(tmp_path), "--cpu-smoke", "--precision", "tf32", "--T", "5", "--warps", "4",
-                 "--per-sm", "1,2", "--accumulate", "default", "--stream", "off"])
+                 "--per-sm", "1,2", "--accumulate", "default", "--stream", "off", "--preload", "default"])
     assert rc == 0
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["precision"] == "tf32"
@@ -126,3 +135,17 @@ def test_gpu_check_summary_names_the_fastest_variant_per_precision():
     assert "T=4096: fastest ieee Triton variant v2: 2.0x torch, 1.0x jax" in text
     assert "T=4096: fastest tf32x3 Triton variant v2-tf32x3: 3.5x torch, 1.8x jax" in text
     assert "T=4096: fastest tf32 Triton variant v2-tf32: 5.0x torch, 2.5x jax" in text
+
+
+def test_cpu_smoke_sweeps_prefetch_checked(tmp_path):
+    """A prefetching setting (``--preload prefetch``) is checked against float64 and the default
+    before it is timed, like every other setting; ``off`` reaches V2Config as False."""
+    for word, value in (("prefetch", "prefetch"), ("off", False)):
+        out = tmp_path / word
+        rc = S.main([str(out), "--cpu-smoke", "--T", "5", "--warps", "4", "--per-sm", "1",
+                     "--accumulate", "default", "--stream", "off", "--preload", word])
+        assert rc == 0
+        rows = json.loads((out / "sweep.json").read_text())["rows"]
+        assert [r["config"] for r in rows] == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 1,
+                                                    "preload": value}]
+        assert all(r["ok"] and "ms" in r for r in rows), rows

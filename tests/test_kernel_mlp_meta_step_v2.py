@@ -281,7 +281,7 @@ def test_cross_entropy(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("preload", [True, False])
+@pytest.mark.parametrize("preload", [True, False, "prefetch"])
 def test_unplanned_points_are_never_read(device, preload):
     """Points outside the plan hold NaN: an unmasked read of one would poison the result."""
     torch.manual_seed(19)
@@ -333,17 +333,51 @@ def test_37_tasks_on_8_programs_and_one_task(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_options_give_the_same_result(device):
-    """preload on/off, warps, accumulation mode: the same arithmetic."""
+    """preload on/off/prefetch, warps, accumulation mode: the same arithmetic."""
     torch.manual_seed(25)
     model = MLP(2, 20, 1).to(device)
     tasks = regression_tasks(5, 12, 2, 1, seed=26)
     indices = sample_indices(5, 3, 12, 4, generator=torch.Generator().manual_seed(27))
     base, base_losses = run_inner(model, tasks, indices, device)
-    for cfg in ({"preload": False}, {"num_warps": 2, "max_programs": 2}):
+    for cfg in ({"preload": False}, {"preload": "prefetch"}, {"num_warps": 2, "max_programs": 2}):
         p, l = run_inner(model, tasks, indices, device, **cfg)
         for n in base:
             torch.testing.assert_close(p[n], base[n], rtol=0, atol=0, msg=f"{cfg}: '{n}'")
         torch.testing.assert_close(l, base_losses, rtol=0, atol=0, msg=f"{cfg}: losses")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_prefetch_matches_preload_at_every_step_count(device, loss):
+    """preload="prefetch" (each step loads the next step's rows, the indices two steps ahead) gives
+    the preloaded plan's result bit for bit, for 0-3 inner steps — the steps where the look-ahead
+    runs past the last step and must load nothing — on a plan with more rows than steps, for 5
+    tasks on 2 programs (a program's second task starts its look-ahead afresh), and matches the
+    reference backend."""
+    torch.manual_seed(45)
+    if loss == "mse":
+        model = MLP(1, 20, 1).to(device)
+        tasks = regression_tasks(5, 12, 1, 1, seed=46)
+    else:
+        model = MLP(3, 20, 4).to(device)
+        tasks = classification_tasks(5, 12, 3, 4, seed=46)
+    spec, _, phi = spec_of(model)
+    indices = sample_indices(5, 4, 12, 3, generator=torch.Generator().manual_seed(47))
+    for steps in (0, 1, 2, 3):
+        runs = {}
+        for preload in (True, "prefetch"):
+            flat, losses = V.inner_loop(tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device),
+                                        spec.dims, spec.activations, lr=0.1, loss=loss, steps=steps,
+                                        config=V.V2Config(preload=preload, max_programs=2))
+            runs[preload] = (flat[:, :spec.n_params], losses)  # a row's alignment padding is unwritten
+        for what, a, b in (("adapted parameters", runs[True][0], runs["prefetch"][0]),
+                           ("inner losses", runs[True][1], runs["prefetch"][1])):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{loss}, {steps} steps: {what}\n{m}")
+        if steps:
+            expected = reference_inner(model, tasks, indices[:, :steps], lr=0.1, loss=loss)
+            params = dict(zip([n for n, _ in model.named_parameters()],
+                              V.unflatten_params(runs["prefetch"][0], spec.dims)))
+            assert_inner_matches(params, runs["prefetch"][1], expected, f"prefetch, {loss}, {steps} steps")
 
 
 @pytest.mark.parametrize("device", DEVICES)
