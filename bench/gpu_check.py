@@ -34,8 +34,9 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
    stream polling, cannot invalidate it); a failed one is an error row, the run recovers
    (``_recover_after_capture``) and later error rows say they came after it.
 5. compute-sanitizer memcheck, initcheck, synccheck at T=16, each under a timeout.
-6. ncu SpeedOfLight + Occupancy of T=4096 v2 meta-step launches (default, streamed, prefetching;
-   when ncu exists).
+6. ncu SpeedOfLight, Occupancy, WarpStateStats and SchedulerStats of v2 meta-step launches
+   (``PROFILED``: default, streamed and prefetching at T=4096; default and prefetching at T=1,
+   where one program runs alone on its SM; when ncu exists).
 
 A run that cannot end by itself (a GPU call that never returns) is ended ``DEADLINE_GRACE`` s after
 the budget (355 s on a GPU): results.json with the rows made so far, summary.txt, children
@@ -1348,8 +1349,9 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
     logf = out / ("ncu.log" if tool_name == "ncu" else "sanitizer.log")
     for tool in tools:
         if tool_name == "ncu":
-            cmd = [exe, "--section", "SpeedOfLight", "--section", "Occupancy", "--clock-control", "none",
-                   "-k", "regex:_meta_step_kernel", "--launch-skip", "1", "--launch-count", "5",
+            cmd = [exe, "--section", "SpeedOfLight", "--section", "Occupancy", "--section", "WarpStateStats",
+                   "--section", "SchedulerStats", "--clock-control", "none",
+                   "-k", "regex:_meta_step_kernel", "--launch-count", str(len(PROFILED)),
                    sys.executable, "-m", "bench.gpu_check", "--target", "profile", str(out)]
         else:
             cmd = [exe, "--tool", tool, "--error-exitcode", "9", sys.executable, "-m", "bench.gpu_check",
@@ -1369,7 +1371,7 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
         _CHILDREN.discard(proc)
         with open(logf, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n{text}\n[rc {rc}]\n\n")
-        summary = tool_summary(text)
+        summary = tool_summary(text, limit=64 if tool_name == "ncu" else 24)
         res[tool] = {"returncode": rc, "seconds": round(time.monotonic() - t0, 1), "summary": summary,
                      "tail": text[-1500:]}
         log(f"  {tool}: rc {rc}; " + " | ".join(summary[:8]))
@@ -1383,7 +1385,11 @@ _TOOL_PROBLEMS = ("==ERROR==", "==WARNING==", "========= Error", "========= Targ
 #: error count; ncu's SpeedOfLight headline (Memory and Compute (SM) Throughput, Duration) and
 #: Occupancy (Theoretical, Achieved); the kernel's line (name, grid x block, "Context 1, ...")
 _TOOL_FIGURES = ("ERROR SUMMARY", "Duration", "Memory Throughput", "Compute (SM) Throughput",
-                 "Theoretical Occupancy", "Achieved Occupancy", "Registers Per Thread", ", Context ")
+                 "Theoretical Occupancy", "Achieved Occupancy", "Registers Per Thread", ", Context ",
+                 # WarpStateStats / SchedulerStats: cycles between a warp's instructions, issue slots
+                 # used, and the rule text naming the stall that dominates
+                 "Warp Cycles Per Issued Instruction", "Issued Warp Per Scheduler", "No Eligible",
+                 "cycles being stalled")
 
 
 def tool_summary(text: str, limit: int = 24) -> list:
@@ -1398,9 +1404,14 @@ def tool_summary(text: str, limit: int = 24) -> list:
     return (problems[:limit // 3] + figures)[:limit]
 
 
+#: what ncu profiles (``run_target("profile")``), in launch order: (variant, T); each variant's
+#: meta-step launches ``_meta_step_kernel`` once, the kernel ncu's filter selects
+PROFILED = (("v2-meta", 4096), ("v2s-meta", 4096), ("v2p-meta", 4096), ("v2-meta", 1), ("v2p-meta", 1))
+
+
 def run_target(kind: str) -> int:
-    """Child process for the sanitizer ("tiny": every variant at T=16) and ncu ("profile": the v2
-    meta-step at T=4096, default, streamed and prefetching, each launched twice).
+    """Child process for the sanitizer ("tiny": every variant at T=16, each launched twice) and
+    ncu ("profile": ``PROFILED``, each launched once).
 
     Sizes whose Triton specialisations stages 3-4 compiled already (T = 64, 4096: task and program
     counts divisible by 16), so the child loads them from Triton's disk cache instead of compiling
@@ -1408,10 +1419,21 @@ def run_target(kind: str) -> int:
     import torch
 
     device = torch.device("cuda")
-    T = 16 if kind == "tiny" else 4096
+    if kind == "profile":
+        # ncu profiles every _meta_step_kernel launch here (PROFILED order), each launched once:
+        # at T = 4096 what limits throughput, at T = 1 (the seed's meta-batch: one program alone
+        # on its SM) what limits latency -- WarpStateStats says what the warps wait on
+        problems = {T: problem(T, device, seed=3) for T in sorted({T for _, T in PROFILED})}
+        for name, T in PROFILED:
+            _, tasks, plan, params, phi = problems[T]
+            variant = next(v for v in VARIANTS if v[0] == name)
+            launcher(variant, T, device, DIMS, tasks, plan, params, phi)()
+            torch.cuda.synchronize()
+            print(f"[target {kind}] {name} T={T}: ran once", flush=True)
+        return 0
+    T = 16
     model, tasks, plan, params, phi = problem(T, device, seed=3)
-    profiled = ("v2-meta", "v2s-meta", "v2p-meta")
-    for variant in (VARIANTS if kind == "tiny" else [v for v in VARIANTS if v[0] in profiled]):
+    for variant in VARIANTS:
         fn = launcher(variant, T, device, DIMS, tasks, plan, params, phi)
         fn()
         fn()

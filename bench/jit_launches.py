@@ -253,15 +253,15 @@ def run_sites(rec: Recorder, quick: bool) -> None:
             x = torch.linspace(-5, 5, C.N_POINTS).expand(T, C.N_POINTS).unsqueeze(-1).contiguous()
             V.meta_step(x, tasks.y, plan, phi, dims, C.ACTS, lr=C.LR, eps=eps, out=torch.empty_like(phi),
                         check_values=False)
-    # stage 5 (sanitizer: T = 16, every variant) and stage 6 (ncu: T = 4096, the meta variants)
-    for kind, T, variants in (("tiny", 16, C.VARIANTS),
-                              ("profile", 4096, [v for v in C.VARIANTS if v[0] in ("v2-meta", "v2s-meta", "v2p-meta")])):
+    # stage 5 (sanitizer: T = 16, every variant) and stage 6 (ncu: C.PROFILED)
+    targets = [("tiny", v, 16) for v in C.VARIANTS]
+    targets += [("profile", next(v for v in C.VARIANTS if v[0] == name), T) for name, T in C.PROFILED]
+    for kind, variant, T in targets:
         if quick and T > 256:
             continue
         model, tasks, plan, params, phi = C.problem(T, cpu, seed=3)
-        for variant in variants:
-            with rec.at(f"target {kind} {variant[0]} T={T}"):
-                C.launcher(variant, T, cpu, dims, tasks, plan, params, phi)()
+        with rec.at(f"target {kind} {variant[0]} T={T}"):
+            C.launcher(variant, T, cpu, dims, tasks, plan, params, phi)()
     # the sweep (bench/gpu_sweep.py): guarded_meta_step at T = 1, meta_step at 4096 and 65536
     for T in ((1,) if quick else (1, 4096, 65536)):
         model, tasks, plan, _, phi = C.problem(T, cpu, seed=21, width=64)

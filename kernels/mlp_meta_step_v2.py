@@ -453,22 +453,22 @@ def _loss_tile(out, target, label, row_ok, grad_scale, LOSS: tl.constexpr, D_OUT
 
 
 @triton.jit
-def _minibatch(x_ptr, y_ptr, point, ok, D0: tl.constexpr, P0: tl.constexpr, DL: tl.constexpr,
+def _minibatch(x_task, y_task, idx, ok, D0: tl.constexpr, P0: tl.constexpr, DL: tl.constexpr,
                PL: tl.constexpr, LOSS: tl.constexpr, BLOCK_B: tl.constexpr):
     """The inputs ``[BB, P0]``, float targets ``[BB, PL]`` (MSE; zeros for CE) and labels ``[BB]``
-    (CE; the row numbers for MSE) of the points ``point [BB]`` (global point numbers); rows not
-    ``ok`` are zero and never read."""
+    (CE; the row numbers for MSE) of the task's points ``idx [BB]`` (int32 point numbers within the
+    task; ``x_task``, ``y_task``: the task's first point); rows not ``ok`` are zero and never read."""
     rows = tl.arange(0, BLOCK_B)
     c0 = tl.arange(0, P0)
     cl = tl.arange(0, PL)
-    a0 = tl.load(x_ptr + point[:, None] * D0 + c0[None, :], mask=ok[:, None] & (c0[None, :] < D0), other=0.0)
+    a0 = tl.load(x_task + idx[:, None] * D0 + c0[None, :], mask=ok[:, None] & (c0[None, :] < D0), other=0.0)
     if LOSS == 0:
-        target = tl.load(y_ptr + point[:, None] * DL + cl[None, :], mask=ok[:, None] & (cl[None, :] < DL),
+        target = tl.load(y_task + idx[:, None] * DL + cl[None, :], mask=ok[:, None] & (cl[None, :] < DL),
                          other=0.0)
         label = rows
     else:
         target = tl.zeros((BLOCK_B, PL), dtype=tl.float32)
-        label = tl.load(y_ptr + point, mask=ok, other=0)
+        label = tl.load(y_task + idx, mask=ok, other=0)
     return a0, target, label
 
 
@@ -623,10 +623,14 @@ def _meta_step_kernel(
         if PRELOAD == 2:
             # prefetch: step 0's minibatch now, step 1's indices; each step then loads the next
             # step's points and the indices of the one after (their latency hidden behind a step)
-            idx_n = tl.load(plan_row + rows, mask=row_ok & (STEPS > 0), other=0)
-            a0_n, target_n, label_n = _minibatch(x_ptr, y_ptr, point0 + idx_n, row_ok & (STEPS > 0),
+            # (indices as int32 offsets from the task's first point: the launcher checked them
+            # against n_points, an int32; fewer registers carried across the step than int64)
+            x_task = x_ptr + point0 * D0
+            y_task = y_ptr + point0 * DL if LOSS == 0 else y_ptr + point0
+            idx_n = tl.load(plan_row + rows, mask=row_ok & (STEPS > 0), other=0).to(tl.int32)
+            a0_n, target_n, label_n = _minibatch(x_task, y_task, idx_n, row_ok & (STEPS > 0),
                                                  D0, P0, DL, PL, LOSS, BLOCK_B)
-            idx_n = tl.load(plan_row + batch + rows, mask=row_ok & (STEPS > 1), other=0)
+            idx_n = tl.load(plan_row + batch + rows, mask=row_ok & (STEPS > 1), other=0).to(tl.int32)
         w0, b0 = _layer_init(phi_ptr, scr + WOFF0, 0, D0, D1, P0, P1, S0, TILE)
         if N_LAYERS > 1:
             w1, b1 = _layer_init(phi_ptr, scr + WOFF1, OFF1, D1, D2, P1, P2, S1, TILE)
@@ -644,9 +648,10 @@ def _meta_step_kernel(
                 a0 = a0_n
                 target = target_n
                 label = label_n
-                a0_n, target_n, label_n = _minibatch(x_ptr, y_ptr, point0 + idx_n, row_ok & (s + 1 < STEPS),
+                a0_n, target_n, label_n = _minibatch(x_task, y_task, idx_n, row_ok & (s + 1 < STEPS),
                                                      D0, P0, DL, PL, LOSS, BLOCK_B)
-                idx_n = tl.load(plan_row + (s + 2) * batch + rows, mask=row_ok & (s + 2 < STEPS), other=0)
+                idx_n = tl.load(plan_row + (s + 2) * batch + rows, mask=row_ok & (s + 2 < STEPS),
+                                other=0).to(tl.int32)
             elif PRELOAD == 1:
                 a0 = _select_step(x_all, s, S_P)
                 if LOSS == 0:

@@ -120,3 +120,30 @@ def test_tool_stage_timeout_kills_the_python_the_tool_runs(tmp_path, monkeypatch
     else:
         os.kill(pid, 9)
         pytest.fail("the tool's child outlived the timeout")
+
+
+def test_ncu_profiles_every_profiled_launch_with_the_stall_sections(tmp_path, monkeypatch):
+    """Stage 6's ncu command: every ``PROFILED`` launch selected (no skip, count = len(PROFILED)),
+    the sections that say what warps wait on (WarpStateStats, SchedulerStats), and its stall
+    figures kept in the summary."""
+    from types import SimpleNamespace
+
+    from bench import gpu_check as GC
+
+    argsfile = tmp_path / "args"
+    tool = tmp_path / "fake-ncu"
+    tool.write_text(f"#!/bin/bash\necho \"$@\" > {argsfile}\n"
+                    "echo '    Warp Cycles Per Issued Instruction           cycle        41.20'\n"
+                    "echo '          On average, each warp of this kernel spends 18.9 cycles being stalled waiting "
+                    "for sibling warps at a CTA barrier.'\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(GC, "find_tool", lambda name: str(tool))
+    res = GC.stage_tools(lambda *a: None, tmp_path, SimpleNamespace(type="cuda"), "ncu", 10, ("ncu",))
+    args = argsfile.read_text().split()
+    assert "--launch-skip" not in args
+    assert args[args.index("--launch-count") + 1] == str(len(GC.PROFILED))
+    sections = [args[i + 1] for i, a in enumerate(args) if a == "--section"]
+    assert {"SpeedOfLight", "Occupancy", "WarpStateStats", "SchedulerStats"} <= set(sections)
+    summary = res["ncu"]["summary"]
+    assert any("Warp Cycles Per Issued Instruction" in line for line in summary)
+    assert any("cycles being stalled" in line for line in summary)

@@ -485,7 +485,7 @@ def test_env_stage_and_compile_arch_on_a_gpu(fake_cuda, tmp_path, monkeypatch):
 
 def test_the_tools_child_runs_its_launches_on_a_gpu(fake_cuda, monkeypatch, capsys):
     """run_target, the process compute-sanitizer (``--target tiny``: every variant at T=16) and
-    ncu (``--target profile``: v2-meta, v2s-meta and v2p-meta at T=4096) run, on a fake GPU: each variant's
+    ncu (``--target profile``: ``PROFILED``, v2 meta-steps at T=4096 and T=1, each once) run, on a fake GPU: each variant's
     launcher called twice, then the tiny target's streamed and guarded meta-steps, one line per
     variant.  The kernels are stand-ins that bind their arguments to the real launchers'
     signatures (a wrong keyword or argument count fails here, not in the tool's child)."""
@@ -505,9 +505,11 @@ def test_the_tools_child_runs_its_launches_on_a_gpu(fake_cuda, monkeypatch, caps
     calls.clear()
     assert G.run_target("profile") == 0
     out = capsys.readouterr().out
-    assert out.count("[target profile]") == 3 and "v2s-meta T=4096: ran twice" in out
-    assert "v2p-meta T=4096: ran twice" in out
-    assert [c[0] for c in calls] == ["meta_step"] * 6 and calls[0][1]["x"].shape[0] == 4096
+    # G.PROFILED, each launched once: ncu's --launch-count is len(G.PROFILED)
+    assert out.count("[target profile]") == len(G.PROFILED) == 5
+    assert all(f"[target profile] {name} T={T}: ran once" in out for name, T in G.PROFILED)
+    assert [c[0] for c in calls] == ["meta_step"] * 5
+    assert [c[1]["x"].shape[0] for c in calls] == [T for _, T in G.PROFILED]
 
 
 def test_fused_stepper_chunk_program_captures_without_a_host_read(fake_cuda):
