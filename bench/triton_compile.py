@@ -34,7 +34,8 @@ V2_CASES = [
 ]
 V2_PRECISIONS = ("ieee", "tf32x3", "tf32")
 #: v2 launch modes: the meta-step (partials, no per-task outputs) and adapt (per-task outputs); the
-#: meta-step also as "meta-step-1" (one program applies the update and the guard: FINALIZE)
+#: meta-step also as "meta-step-1" (one task, one program: it applies the update and the guard from its
+#: registers, FINALIZE with ONE_TASK, as ``guarded_meta_step`` launches at T = 1)
 V2_MODES = ("meta-step", "adapt")
 
 #: v1 cases: (name, dims, activations, loss, batch, forced mode or None)
@@ -233,6 +234,7 @@ def v2_rows(arch: int = 90, warps=(4, 8), cases=V2_CASES, precisions=V2_PRECISIO
                                             config=V.V2Config(num_warps=nw, stream=stream, preload=pre), arch=arch,
                                             accumulate=mode.startswith("meta-step"), write_adapted=mode == "adapt",
                                             write_losses=mode == "adapt", finalize=mode == "meta-step-1",
+                                            one_task=mode == "meta-step-1",
                                             ones=("n_tasks", "n_programs") if mode == "meta-step-1" else ())
             rows.append(_record(row, build, arch, log))
     return rows
@@ -295,7 +297,8 @@ def grid_rows(arch: int = 90, log=None):
                 return V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=prec,
                                             config=config, arch=arch, accumulate=mode.startswith("meta-step"),
                                             write_adapted=mode == "adapt", write_losses=mode == "adapt",
-                                            finalize=mode == "meta-step-1", ones=ones)
+                                            finalize=mode == "meta-step-1", one_task=mode == "meta-step-1",
+                                            ones=ones)
             rows.append(_record(row, build, arch, log))
     for name, dims, acts, loss, batch, prec, *forced in V1_GRID:
         config = K.choose_launch_config(dims, batch, mode=forced[0] if forced else None)

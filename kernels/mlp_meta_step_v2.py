@@ -521,6 +521,20 @@ def _accept_from_partials(phi_ptr, part_row, loss_sum, eps_ptr, state_ptr, iter_
     tl.store(loss_out_ptr + one, loss)
 
 
+@triton.jit
+def _one_task_update(w, b, p_w, p_b, eps, n_bad):
+    """A layer's proposed φ after a one-task meta-step, ``φ + ε·(0 + (φ̃ − φ))``, and ``n_bad``
+    plus its non-finite count.  Bitwise what ``_accept_from_partials`` computes from the partial
+    row for T = 1: that row is a zero-started sum ``0 + (φ̃ − φ)`` (``_accumulate_layer`` onto
+    ``_zero_layer``'s zeros), read into another zero-started sum (0 + that: the same value), and
+    divided by T = 1 (exact in IEEE arithmetic, signed zeros and infinities included).  Padded
+    tile entries are 0 (φ̃'s padding never moves): finite, and never stored."""
+    new_w = p_w + eps * (0.0 + (w - p_w))
+    new_b = p_b + eps * (0.0 + (b - p_b))
+    n_bad += tl.sum(tl.sum(_is_bad(new_w), axis=1), axis=0) + tl.sum(_is_bad(new_b), axis=0)
+    return new_w, new_b, n_bad
+
+
 # ----------------------------------------------------------------------------- the meta-step kernel
 @triton.jit
 def _meta_step_kernel(
@@ -561,7 +575,7 @@ def _meta_step_kernel(
     AOFF3: tl.constexpr, AOFF4: tl.constexpr, GOFF: tl.constexpr, TILE: tl.constexpr,
     # what to write
     ACCUMULATE: tl.constexpr, WRITE_ADAPTED: tl.constexpr, WRITE_LOSSES: tl.constexpr,
-    FINALIZE: tl.constexpr,
+    FINALIZE: tl.constexpr, ONE_TASK: tl.constexpr,
 ):
     OFF1: tl.constexpr = D1 * D0 + D1
     OFF2: tl.constexpr = OFF1 + D2 * D1 + D2
@@ -728,6 +742,48 @@ def _meta_step_kernel(
                 _layer_write(out_row, phi_ptr, w3, b3, scr + WOFF3, OFF3, D3, D4, P3, P4, S3, False, TILE)
             if N_LAYERS > 4:
                 _layer_write(out_row, phi_ptr, w4, b4, scr + WOFF4, OFF4, D4, D5, P4, P5, S4, False, TILE)
+        if ONE_TASK:
+            # FINALIZE of a one-task meta-batch (the seed's setting): φ̃ is in this program's
+            # registers, so the update and the guard use them directly -- no partial row written,
+            # re-read and summed (ACCUMULATE is 0); bitwise the three-launch path (_one_task_update).
+            # Never with streamed layers (``_meta``), whose weights live in the scratch row.
+            eps = tl.load(eps_ptr)
+            loss_one = tl.math.div_rn(tl.zeros((1,), dtype=tl.float32) + loss_acc, n_losses_f)
+            n_bad = tl.sum(_is_bad(loss_one), axis=0)
+            p_w0, p_b0 = _load_layer(phi_ptr, 0, D0, D1, P0, P1)
+            w0, b0, n_bad = _one_task_update(w0, b0, p_w0, p_b0, eps, n_bad)
+            if N_LAYERS > 1:
+                p_w1, p_b1 = _load_layer(phi_ptr, OFF1, D1, D2, P1, P2)
+                w1, b1, n_bad = _one_task_update(w1, b1, p_w1, p_b1, eps, n_bad)
+            if N_LAYERS > 2:
+                p_w2, p_b2 = _load_layer(phi_ptr, OFF2, D2, D3, P2, P3)
+                w2, b2, n_bad = _one_task_update(w2, b2, p_w2, p_b2, eps, n_bad)
+            if N_LAYERS > 3:
+                p_w3, p_b3 = _load_layer(phi_ptr, OFF3, D3, D4, P3, P4)
+                w3, b3, n_bad = _one_task_update(w3, b3, p_w3, p_b3, eps, n_bad)
+            if N_LAYERS > 4:
+                p_w4, p_b4 = _load_layer(phi_ptr, OFF4, D4, D5, P4, P5)
+                w4, b4, n_bad = _one_task_update(w4, b4, p_w4, p_b4, eps, n_bad)
+            one = tl.arange(0, 1)
+            healthy = tl.load(state_ptr + one)
+            first_bad = tl.load(state_ptr + 1 + one)
+            iteration = tl.load(iter_ptr + one)
+            accept = (n_bad == 0) & (healthy != 0)  # [1]
+            take = tl.sum(accept.to(tl.int32), axis=0) > 0
+            tl.debug_barrier()  # every thread's read of φ above before any write of it below
+            if take:
+                _store_layer(phi_ptr, w0, b0, 0, D0, D1, P0, P1)
+                if N_LAYERS > 1:
+                    _store_layer(phi_ptr, w1, b1, OFF1, D1, D2, P1, P2)
+                if N_LAYERS > 2:
+                    _store_layer(phi_ptr, w2, b2, OFF2, D2, D3, P2, P3)
+                if N_LAYERS > 3:
+                    _store_layer(phi_ptr, w3, b3, OFF3, D3, D4, P3, P4)
+                if N_LAYERS > 4:
+                    _store_layer(phi_ptr, w4, b4, OFF4, D4, D5, P4, P5)
+            tl.store(state_ptr + 1 + one, tl.where((healthy != 0) & (n_bad > 0), iteration, first_bad))
+            tl.store(state_ptr + one, tl.where(accept, 1, 0).to(tl.int64))
+            tl.store(loss_out_ptr + one, loss_one)
         if ACCUMULATE == 1:
             # streamed layers: their weights back into registers for the sums in registers
             w0 = _layer_final(w0, scr + WOFF0, P0, P1, S0)
@@ -791,7 +847,7 @@ def _meta_step_kernel(
             _store_layer(part_row, acc_w4, acc_b4, OFF4, D4, D5, P4, P5)
     if ACCUMULATE > 0:
         tl.store(loss_part_ptr + pid + tl.arange(0, 1), loss_acc)
-    if FINALIZE:
+    if FINALIZE and not ONE_TASK:
         # One program ran every task: it applies the outer update and the guard itself (no
         # second and third launch).  The partial row's writes by every thread before its reads.
         tl.debug_barrier()
@@ -974,8 +1030,11 @@ class V2Config:
 
 
 def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
-          accumulate: bool, write_adapted: bool, write_losses: bool, finalize: bool = False):
-    """Compile-time arguments of ``_meta_step_kernel`` (plus num_warps / num_stages)."""
+          accumulate: bool, write_adapted: bool, write_losses: bool, finalize: bool = False,
+          one_task: bool = False):
+    """Compile-time arguments of ``_meta_step_kernel`` (plus num_warps / num_stages).  ``one_task``
+    (with ``finalize``): the launch runs exactly one task, whose φ̃ the program updates φ with from
+    its registers (no partial sums: ACCUMULATE 0); ignored when a layer is streamed."""
     n_layers = len(dims) - 1
     d = list(dims) + [1] * (MAX_LAYERS + 1 - len(dims))
     p = [feature_tile(v) for v in d]
@@ -991,7 +1050,10 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
     if mode is None:
         weights = sum(a * b for a, b in zip(p[:n_layers], p[1:n_layers + 1]))
         mode = "registers" if weights <= ACC_REGISTERS_LIMIT else "memory"
-    accumulate = (1 if mode == "registers" else 2) if accumulate else 0
+    # not with streamed layers: their whole weight tiles in registers at once for the update would
+    # break the streamed kernel's 128-register cap (Triton 3.6 spilled); they sum in the partial row
+    one_task = bool(finalize and one_task and not any(streamed))
+    accumulate = (1 if mode == "registers" else 2) if accumulate and not one_task else 0
     preload = config.preload
     if preload is None:
         preload = s_p * block_b * (p[0] + p[n_layers]) <= PRELOAD_LIMIT
@@ -1004,7 +1066,7 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
                 DL=d[n_layers], PL=p[n_layers], LOSS=LOSS_CODES[loss], BLOCK_B=block_b,
                 STEPS=int(steps), S_P=s_p,
                 PRELOAD=preload, PRECISION=precision, ACCUMULATE=accumulate,
-                WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses, FINALIZE=finalize,
+                WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses, FINALIZE=finalize, ONE_TASK=one_task,
                 S0=streamed[0], S1=streamed[1], S2=streamed[2], S3=streamed[3], S4=streamed[4],
                 **{f"WOFF{l}": layout.get(f"w{l}", 0) for l in range(MAX_LAYERS)},
                 **{f"AOFF{l}": layout.get(f"a{l}", 0) for l in range(MAX_LAYERS)}, GOFF=layout.get("g", 0),
@@ -1056,7 +1118,7 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
                        batch: int = 10, steps: int = 5, precision: str = "ieee",
                        config: Optional[V2Config] = None, arch: int = 90, accumulate: bool = True,
                        write_adapted: bool = False, write_losses: bool = False, finalize: bool = False,
-                       ones: Sequence[str] = ()):
+                       one_task: bool = False, ones: Sequence[str] = ()):
     """Compile the v2 meta-step kernel ahead of time for CUDA ``sm_<arch>`` (no GPU needed).
 
     ``ones``: integer arguments that are 1 at the launch being reproduced (e.g. ``n_tasks``,
@@ -1072,7 +1134,7 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
 
     config = _config(config)
     meta = _meta(dims, activations, loss, batch, steps, precision, config, accumulate, write_adapted,
-                 write_losses, finalize)
+                 write_losses, finalize, one_task)
     options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
     kernel = _meta_step_kernel
     pointers = {"x_ptr": "*fp32", "y_ptr": "*fp32" if loss == "mse" else "*i64", "idx_ptr": "*i64",
@@ -1370,8 +1432,9 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     loss_part = torch.empty(1, device=device, dtype=torch.float32)
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])
     n_losses = float(T * max(c.steps, 1)) if c.steps else float("nan")
+    # one task (the seed's meta-batch): the update straight from the program's registers
     meta = _meta(c.dims, c.activations, loss, c.batch, c.steps, precision, config, True, False, False,
-                 finalize=True)
+                 finalize=True, one_task=T == 1)
     scr, scr_stride = _scratch(c.dims, meta, 1, device, config)
     with _launch_device(device):  # Triton launches on the current device, not the tensors'
         _meta_step_kernel[(1,)](

@@ -138,6 +138,10 @@ CASES = [  # (T, dims, V2Config fields): one program (one launch) unless max_pro
     (1, (1, 24, 1), {}),
     (3, (1, 16, 16, 1), {"max_programs": 1, "accumulate": "memory"}),  # partial row in memory (1-64-64-1's mode)
     (3, (1, 16, 16, 1), {"max_programs": 2}),  # two programs: meta_step + accept_step
+    # one task: the update straight from the program's registers (no partial row)
+    (1, (1, 16, 16, 1), {"stream": True}),
+    (1, (1, 16, 16, 1), {"preload": "prefetch", "accumulate": "memory"}),
+    (1, (1, 8, 8, 8, 8, 1), {}),  # five layers
 ]
 
 
@@ -169,6 +173,57 @@ def test_guarded_meta_step_is_bitwise_meta_step_then_accept_step(device, T, dims
         assert got_state.tolist() == [1, 0] and not torch.equal(got_phi, phi), "an accepted step moved φ"
     else:
         assert got_state.tolist() == [0, 9] and torch.equal(got_phi, phi), "a skipped step left φ"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dims", [(3, 16, 4), (3, 20, 20, 5)])
+def test_one_task_cross_entropy_is_bitwise_meta_step_then_accept_step(device, dims):
+    """T = 1 with class labels (cross-entropy): the one-launch update from the registers equals
+    meta_step + accept_step bit for bit (φ, loss slot, state)."""
+    from reptile_fast import sample_indices
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(1, 20, dims[0], generator=g) * 2).to(device)
+    y = torch.randint(0, dims[-1], (1, 20), generator=g).to(device)
+    plan = sample_indices(1, 3, 20, 5, generator=g).to(device)
+    phi = (torch.randn(V.n_flat_params(dims), generator=g) * 0.3).to(device)
+    acts = ("relu",) * (len(dims) - 2) + ("identity",)
+    got_phi, want_phi = phi.clone(), phi.clone()
+    got_state, want_state = G.new_state(device), G.new_state(device)
+    it = torch.tensor([2], device=device)
+    got_loss, want_loss = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    V.guarded_meta_step(x, y, plan, got_phi, dims, acts, lr=0.1, eps=0.4, state=got_state, iteration=it,
+                        loss_out=got_loss, loss="cross_entropy")
+    res = V.meta_step(x, y, plan, want_phi, dims, acts, lr=0.1, eps=0.4, loss="cross_entropy")
+    G.accept_step(want_phi, res.params, res.loss, want_state, it, want_loss)
+    assert torch.equal(got_phi, want_phi) and not torch.equal(got_phi, phi), "φ"
+    assert torch.equal(got_state, want_state) and got_state.tolist() == [1, 0], "state"
+    assert torch.equal(got_loss, want_loss), "loss slot"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dims", [(1, 16, 16, 1), (1, 24, 1)])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflow: the point
+def test_one_task_rejects_an_update_that_overflows_with_a_finite_loss(device, dims):
+    """T = 1 (one launch, φ̃ from the registers): a finite inner loss whose outer update overflows
+    (ε = 1e38, large inner steps) is skipped, bitwise as meta_step + accept_step skip it."""
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    x, y, plan, phi = _problem(1, dims, 11, device)
+    acts = ("tanh",) * (len(dims) - 2) + ("identity",)
+    got_phi, want_phi = phi.clone(), phi.clone()
+    got_state, want_state = G.new_state(device), G.new_state(device)
+    it = torch.tensor([4], device=device)
+    got_loss, want_loss = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    V.guarded_meta_step(x, y, plan, got_phi, dims, acts, lr=5.0, eps=1e38, state=got_state, iteration=it,
+                        loss_out=got_loss)
+    res = V.meta_step(x, y, plan, want_phi, dims, acts, lr=5.0, eps=1e38)
+    G.accept_step(want_phi, res.params, res.loss, want_state, it, want_loss)
+    assert torch.isfinite(got_loss).all() and not torch.isfinite(res.params).all(), \
+        "the case must have a finite loss and a non-finite update"
+    assert got_state.tolist() == [0, 4] and torch.equal(got_phi, phi), "the overflowing step was applied"
+    assert torch.equal(got_state, want_state) and torch.equal(got_loss, want_loss)
 
 
 @pytest.mark.parametrize("device", DEVICES)
