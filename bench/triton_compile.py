@@ -134,7 +134,8 @@ def sass_loop_facts(cubin: bytes) -> Optional[dict]:
     (``BAR``), shared-memory (``LDS``/``STS``), shuffles, spills (``LDL``/``STL``), global loads and
     stores, special-function (``MUFU``) and tensor-core (``HMMA``) instructions.  A one-warp-per-
     scheduler program (T = 1) waits out every barrier and dependent latency, so these counts are the
-    latency proxy available without a GPU; None without nvdisasm."""
+    latency proxy available without a GPU; ``loops``: the same counts for every loop, in code
+    order; ``outside_loops``: for the code outside every loop.  None without nvdisasm."""
     tool = nvdisasm_path()
     if tool is None:
         return None
@@ -153,9 +154,19 @@ def sass_loop_facts(cubin: bytes) -> Optional[dict]:
         return [m.group(2) for line in lines
                 if (m := re.match(r"\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line))]
 
+    def counts(lines):
+        body = ops(lines)
+        return {"instructions": len(body), **{k: body.count(k) for k in SASS_COUNTED}}
+
     a, b = max(innermost, key=lambda ab: len(ops(sass[ab[0]:ab[1] + 1])))
-    body = ops(sass[a:b + 1])
-    return {"loop": {"instructions": len(body), **{k: body.count(k) for k in SASS_COUNTED}},
+    inside = set()
+    for c, d in loops:
+        inside.update(range(c, d + 1))
+    # every loop (nested ones counted in each enclosing loop too) in code order, and the code outside
+    # all loops (run once per program, or once per task in a task loop)
+    return {"loop": counts(sass[a:b + 1]),
+            "loops": [counts(sass[c:d + 1]) for c, d in sorted(set(loops))],
+            "outside_loops": counts([line for i, line in enumerate(sass) if i not in inside]),
             "kernel_instructions": len(ops(sass))}
 
 
