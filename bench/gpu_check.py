@@ -35,8 +35,8 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
    (``_recover_after_capture``) and later error rows say they came after it.
 5. compute-sanitizer memcheck, initcheck, synccheck at T=16, each under a timeout.
 6. ncu SpeedOfLight, Occupancy, WarpStateStats and SchedulerStats of v2 meta-step launches
-   (``PROFILED``: default, streamed and prefetching at T=4096; default and prefetching at T=1,
-   where one program runs alone on its SM; when ncu exists).
+   (``PROFILED``: default, streamed and prefetching at T=4096; default and prefetching one-task
+   guarded meta-steps at T=1, the seed's launch, one program alone on its SM; when ncu exists).
 
 A run that cannot end by itself (a GPU call that never returns) is ended ``DEADLINE_GRACE`` s after
 the budget (355 s on a GPU): results.json with the rows made so far, summary.txt, children
@@ -1404,9 +1404,30 @@ def tool_summary(text: str, limit: int = 24) -> list:
     return (problems[:limit // 3] + figures)[:limit]
 
 
-#: what ncu profiles (``run_target("profile")``), in launch order: (variant, T); each variant's
-#: meta-step launches ``_meta_step_kernel`` once, the kernel ncu's filter selects
+#: what ncu profiles (``run_target("profile")``), in launch order: (variant, T); each launches
+#: ``_meta_step_kernel`` (the kernel ncu's filter selects) once: ``profile_launch``
 PROFILED = (("v2-meta", 4096), ("v2s-meta", 4096), ("v2p-meta", 4096), ("v2-meta", 1), ("v2p-meta", 1))
+
+
+def profile_launch(name: str, T: int, device, prob):
+    """The call ncu profiles for a ``PROFILED`` entry on ``prob`` (``problem(T, ...)``): at T = 1 the
+    one-task guarded meta-step -- the one launch the seed's fused stepper replays (update and guard
+    from the program's registers) -- with the variant's config; else the variant's ``launcher``."""
+    import torch
+
+    _, tasks, plan, params, phi = prob
+    variant = next(v for v in VARIANTS if v[0] == name)
+    if T != 1:
+        return launcher(variant, T, device, DIMS, tasks, plan, params, phi)
+    from reptile_fast.kernels import meta_step_guard as G
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    def fn():
+        V.guarded_meta_step(tasks.x, tasks.y, plan, phi.clone(), DIMS, ACTS, lr=LR, eps=EPS, state=G.new_state(device),
+                            iteration=torch.ones(1, dtype=torch.int64, device=device),
+                            loss_out=torch.empty(1, device=device), precision=variant[2],
+                            config=v2_config(variant[1]), check_values=False)
+    return fn
 
 
 def run_target(kind: str) -> int:
@@ -1421,13 +1442,11 @@ def run_target(kind: str) -> int:
     device = torch.device("cuda")
     if kind == "profile":
         # ncu profiles every _meta_step_kernel launch here (PROFILED order), each launched once:
-        # at T = 4096 what limits throughput, at T = 1 (the seed's meta-batch: one program alone
-        # on its SM) what limits latency -- WarpStateStats says what the warps wait on
+        # at T = 4096 what limits throughput, at T = 1 (the seed's one-launch guarded meta-step:
+        # one program alone on its SM) what limits latency -- WarpStateStats says what warps wait on
         problems = {T: problem(T, device, seed=3) for T in sorted({T for _, T in PROFILED})}
         for name, T in PROFILED:
-            _, tasks, plan, params, phi = problems[T]
-            variant = next(v for v in VARIANTS if v[0] == name)
-            launcher(variant, T, device, DIMS, tasks, plan, params, phi)()
+            profile_launch(name, T, device, problems[T])()
             torch.cuda.synchronize()
             print(f"[target {kind}] {name} T={T}: ran once", flush=True)
         return 0

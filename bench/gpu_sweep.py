@@ -48,7 +48,9 @@ def settings(T: int, smoke: bool, precision: str = "ieee", grid=None):
     ``grid``: ``GRID``'s keys, each a tuple of values ("default" in ``accumulate`` / ``preload``: the
     kernel's own choice, the field left out).  Streamed layers are exact fp32 whatever the precision,
     so with ``precision`` other than "ieee" they are another computation, not a setting: left out;
-    they run with the default preload only (prefetching is swept on the unstreamed kernel)."""
+    when "default" is among the preload values swept they run with it only (prefetching is swept on
+    the unstreamed kernel), else with the values given (``smoke`` keeps only the last preload value,
+    "prefetch" by default: its streamed settings prefetch too)."""
     yield {}
     g = dict(GRID, **(grid or {}))
     warps, accumulate, stream, per_sm, preload = g["warps"], g["accumulate"], g["stream"], g["per_sm"], g["preload"]

@@ -254,14 +254,15 @@ def run_sites(rec: Recorder, quick: bool) -> None:
             V.meta_step(x, tasks.y, plan, phi, dims, C.ACTS, lr=C.LR, eps=eps, out=torch.empty_like(phi),
                         check_values=False)
     # stage 5 (sanitizer: T = 16, every variant) and stage 6 (ncu: C.PROFILED)
-    targets = [("tiny", v, 16) for v in C.VARIANTS]
-    targets += [("profile", next(v for v in C.VARIANTS if v[0] == name), T) for name, T in C.PROFILED]
-    for kind, variant, T in targets:
+    for variant in C.VARIANTS:
+        model, tasks, plan, params, phi = C.problem(16, cpu, seed=3)
+        with rec.at(f"target tiny {variant[0]} T=16"):
+            C.launcher(variant, 16, cpu, dims, tasks, plan, params, phi)()
+    for name, T in C.PROFILED:
         if quick and T > 256:
             continue
-        model, tasks, plan, params, phi = C.problem(T, cpu, seed=3)
-        with rec.at(f"target {kind} {variant[0]} T={T}"):
-            C.launcher(variant, T, cpu, dims, tasks, plan, params, phi)()
+        with rec.at(f"target profile {name} T={T}"):
+            C.profile_launch(name, T, cpu, C.problem(T, cpu, seed=3))()
     # the sweep (bench/gpu_sweep.py): guarded_meta_step at T = 1, meta_step at 4096 and 65536
     for T in ((1,) if quick else (1, 4096, 65536)):
         model, tasks, plan, _, phi = C.problem(T, cpu, seed=21, width=64)

@@ -124,15 +124,16 @@ def nvdisasm_path():
 
 
 #: SASS opcodes counted in the inner-step loop (``sass_loop_facts``)
-SASS_COUNTED = ("BAR", "FFMA", "LDS", "STS", "SHFL", "LDL", "STL", "LDG", "STG", "MUFU", "HMMA")
+SASS_COUNTED = ("BAR", "FFMA", "LDS", "STS", "SHFL", "LDL", "STL", "LDG", "STG", "MUFU", "HMMA", "HGMMA")
 
 
 def sass_loop_facts(cubin: bytes) -> Optional[dict]:
     """Static counts of the kernel's SASS (nvdisasm from the Triton wheel) in its largest innermost
     loop — for kernel v2 with its weights in registers, the inner-step loop (streamed layers: one
-    of their K-loops): instructions issued per step by each thread, barriers
-    (``BAR``), shared-memory (``LDS``/``STS``), shuffles, spills (``LDL``/``STL``), global loads and
-    stores, special-function (``MUFU``) and tensor-core (``HMMA``) instructions.  A one-warp-per-
+    of their K-loops): instructions issued per step by each thread, barriers (``BAR``),
+    shared-memory (``LDS``/``STS``), shuffles, spills (``LDL``/``STL``), global loads and stores,
+    special-function (``MUFU``) and tensor-core (``HMMA``: mma.sync, ``HGMMA``: wgmma) instructions
+    (a loop is a branch back to an earlier label, ``BRA`` with any modifier).  A one-warp-per-
     scheduler program (T = 1) waits out every barrier and dependent latency, so these counts are the
     latency proxy available without a GPU; ``loops``: the same counts for every loop, in code
     order; ``outside_loops``: for the code outside every loop.  None without nvdisasm."""
@@ -145,7 +146,7 @@ def sass_loop_facts(cubin: bytes) -> Optional[dict]:
         sass = subprocess.run([str(tool), "-c", str(f)], capture_output=True, text=True).stdout.splitlines()
     labels = {m.group(1): i for i, line in enumerate(sass) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
     loops = [(labels[m.group(1)], i) for i, line in enumerate(sass)
-             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+             if (m := re.search(r"\bBRA(?:\.[A-Z]+)*\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
     innermost = [(a, b) for a, b in loops if not any(a < c and d < b for c, d in loops if (c, d) != (a, b))]
     if not innermost:
         return {"loop": None}

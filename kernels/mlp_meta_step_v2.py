@@ -474,9 +474,10 @@ def _minibatch(x_task, y_task, idx, ok, D0: tl.constexpr, P0: tl.constexpr, DL: 
 
 @triton.jit
 def _select_step(all_steps, s, S_P: tl.constexpr):
-    """Row ``s`` of a ``[S_P, BB, C]`` register tensor (masked sum: exact)."""
+    """Row ``s`` of a ``[S_P, BB, C]`` register tensor (masked sum: exact).  The other rows count as
+    -0.0, not +0.0: x + (-0.0) is x for every x, a -0.0 input included (+0.0 turned it into +0.0)."""
     sel = tl.arange(0, S_P)[:, None, None] == s
-    return tl.sum(tl.where(sel, all_steps, 0.0), axis=0)
+    return tl.sum(tl.where(sel, all_steps, -0.0), axis=0)
 
 
 @triton.jit

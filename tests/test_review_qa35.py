@@ -508,8 +508,10 @@ def test_the_tools_child_runs_its_launches_on_a_gpu(fake_cuda, monkeypatch, caps
     # G.PROFILED, each launched once: ncu's --launch-count is len(G.PROFILED)
     assert out.count("[target profile]") == len(G.PROFILED) == 5
     assert all(f"[target profile] {name} T={T}: ran once" in out for name, T in G.PROFILED)
-    assert [c[0] for c in calls] == ["meta_step"] * 5
+    # T = 1: the seed's one launch (the one-task guarded meta-step), with the variant's config
+    assert [c[0] for c in calls] == ["meta_step" if T > 1 else "guarded_meta_step" for _, T in G.PROFILED]
     assert [c[1]["x"].shape[0] for c in calls] == [T for _, T in G.PROFILED]
+    assert [c[1]["config"].preload for c in calls if c[0] == "guarded_meta_step"] == [None, "prefetch"]
 
 
 def test_fused_stepper_chunk_program_captures_without_a_host_read(fake_cuda):

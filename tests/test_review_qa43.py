@@ -213,3 +213,32 @@ def test_v2config_preload_values():
     codes = {pre: V._meta(dims, acts, "mse", 4, 3, "ieee", V.V2Config(preload=pre), True, False, False)["PRELOAD"]
              for pre in (True, False, "prefetch")}
     assert codes == {True: 1, False: 0, "prefetch": 2}
+
+
+# ----------------------------------------------------------------------------- the preloaded plan's row selection
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the interpreter's tl.sum (numpy's) turns a sum of -0.0s into +0.0; "
+                           "a GPU's reduction adds the elements only")
+def test_select_step_keeps_signed_zeros():
+    """``_select_step`` (preload=True: a step's rows picked from the whole preloaded plan by a
+    masked sum) returns the row bit for bit, -0.0 included: the other rows enter the sum as -0.0
+    (with +0.0 a -0.0 input came back +0.0, while preload False / "prefetch" keep it)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pick(src, dst, s, S_P: tl.constexpr, BB: tl.constexpr, C: tl.constexpr):
+        i = tl.arange(0, S_P)[:, None, None] * (BB * C) + tl.arange(0, BB)[None, :, None] * C \
+            + tl.arange(0, C)[None, None, :]
+        row = V._select_step(tl.load(src + i), s, S_P)
+        tl.store(dst + tl.arange(0, BB)[:, None] * C + tl.arange(0, C)[None, :], row)
+
+    src = torch.tensor([-0.0, 0.0, 1.5, -2.0, float("inf"), -0.0, 3.0, -0.0]).repeat(8).reshape(4, 4, 4)
+    src[1] = -0.0
+    src[2, 0] = float("-inf")
+    for s in range(4):
+        dst = torch.full((4, 4), float("nan"))
+        src, dst = src.cuda(), dst.cuda()
+        pick[(1,)](src, dst, s, S_P=4, BB=4, C=4)
+        src, dst = src.cpu(), dst.cpu()
+        assert torch.equal(dst.view(torch.int32), src[s].view(torch.int32)), f"step {s}: {dst} != {src[s]}"
