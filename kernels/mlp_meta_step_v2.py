@@ -488,6 +488,17 @@ def _select_step_int(all_steps, s, S_P: tl.constexpr):
 
 # ----------------------------------------------------------------------------- the fused finish
 @triton.jit
+def _write_guard(state_ptr, loss_out_ptr, healthy, first_bad, iteration, n_bad, accept, loss):
+    """The guard's state after a meta-step (``meta_step_guard``'s rule): ``[healthy, first bad]`` —
+    the step's number recorded as the first bad one if the state was healthy and the step is not
+    finite, healthy only if accepted — and the mean loss into its slot.  All ``[1]`` tensors."""
+    one = tl.arange(0, 1)
+    tl.store(state_ptr + 1 + one, tl.where((healthy != 0) & (n_bad > 0), iteration, first_bad))
+    tl.store(state_ptr + one, tl.where(accept, 1, 0).to(tl.int64))
+    tl.store(loss_out_ptr + one, loss)
+
+
+@triton.jit
 def _accept_from_partials(phi_ptr, part_row, loss_sum, eps_ptr, state_ptr, iter_ptr, loss_out_ptr,
                           n_params, n_tasks_f, n_losses_f, BLOCK: tl.constexpr):
     """With one program: φ ← φ + ε·Σ/T from this program's partial row, under the guard's rule
@@ -517,9 +528,7 @@ def _accept_from_partials(phi_ptr, part_row, loss_sum, eps_ptr, state_ptr, iter_
         acc = tl.zeros((BLOCK,), dtype=tl.float32) + tl.load(part_row + start + cols, mask=ok, other=0.0)
         phi = tl.load(phi_ptr + start + cols, mask=ok, other=0.0)
         tl.store(phi_ptr + start + cols, phi + eps * tl.math.div_rn(acc, n_tasks_f), mask=ok & take)
-    tl.store(state_ptr + 1 + one, tl.where((healthy != 0) & (n_bad > 0), iteration, first_bad))
-    tl.store(state_ptr + one, tl.where(accept, 1, 0).to(tl.int64))
-    tl.store(loss_out_ptr + one, loss)
+    _write_guard(state_ptr, loss_out_ptr, healthy, first_bad, iteration, n_bad, accept, loss)
 
 
 @triton.jit
@@ -782,9 +791,7 @@ def _meta_step_kernel(
                     _store_layer(phi_ptr, w3, b3, OFF3, D3, D4, P3, P4)
                 if N_LAYERS > 4:
                     _store_layer(phi_ptr, w4, b4, OFF4, D4, D5, P4, P5)
-            tl.store(state_ptr + 1 + one, tl.where((healthy != 0) & (n_bad > 0), iteration, first_bad))
-            tl.store(state_ptr + one, tl.where(accept, 1, 0).to(tl.int64))
-            tl.store(loss_out_ptr + one, loss_one)
+            _write_guard(state_ptr, loss_out_ptr, healthy, first_bad, iteration, n_bad, accept, loss_one)
         if ACCUMULATE == 1:
             # streamed layers: their weights back into registers for the sums in registers
             w0 = _layer_final(w0, scr + WOFF0, P0, P1, S0)
