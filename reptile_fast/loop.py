@@ -20,10 +20,15 @@ import torch
 from .tasks.base import TaskBatch, concat_draws, sample_indices
 
 __all__ = ["Sampler", "StreamSampler", "PlanSampler", "CheckedDraws", "Callback", "HistoryCallback", "ProgressCallback",
-           "FunctionCallback", "TrainingLoop", "DEFAULT_LOG_EVERY"]
+           "FunctionCallback", "TrainingLoop", "DEFAULT_LOG_EVERY", "GRAPH_READ_CHUNKS", "default_log_every"]
 
 #: meta-steps between reads of device values in ``fit`` (progress loss, history, finiteness)
 DEFAULT_LOG_EVERY = 100
+#: ``Reptile.fit``'s default read interval when its stepper replays CUDA graphs: this many chunks.
+#: A read waits for every queued chunk, and the host draws the next chunk only after it, so each
+#: read leaves the GPU idle for one chunk's host work (draws, copies, the replay's launch): once per
+#: chunk at ``DEFAULT_LOG_EVERY`` = the default chunk of 100, once per ten chunks with this.
+GRAPH_READ_CHUNKS = 10
 
 
 class Sampler:
@@ -263,6 +268,15 @@ class FunctionCallback(Callback):
         first = loop.iteration - len(losses) + 1
         for k, (loss, eps) in enumerate(zip(losses, loop.read_outer_lrs)):
             self.fn(first + k, {"loss": loss, "outer_lr": eps, "iteration": first + k})
+
+
+def default_log_every(stepper) -> int:
+    """``Reptile.fit``'s read interval when the caller gives none: ``DEFAULT_LOG_EVERY``, or
+    ``GRAPH_READ_CHUNKS`` chunks for a stepper that replays CUDA graphs (``stepper.cuda_graphs``:
+    triton's fused stepper on CUDA), where each read costs an idle GPU for one chunk's host work."""
+    if getattr(stepper, "cuda_graphs", False) is True:
+        return max(DEFAULT_LOG_EVERY, GRAPH_READ_CHUNKS * int(stepper.chunk))
+    return DEFAULT_LOG_EVERY
 
 
 class TrainingLoop:

@@ -20,7 +20,7 @@ from .hyperparams import HyperParameters
 from .core import NonFiniteError, Reducer, check_outer_optimizer_kind, check_outer_optimizer_lr
 from .losses import resolve_loss
 from .model_watch import check_followable, structure_key
-from .loop import (DEFAULT_LOG_EVERY, Callback, CheckedDraws, FunctionCallback, HistoryCallback, ProgressCallback,
+from .loop import (default_log_every, Callback, CheckedDraws, FunctionCallback, HistoryCallback, ProgressCallback,
                    StreamSampler, TrainingLoop)
 from .signals import TrainingInterrupted
 from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_options,
@@ -380,7 +380,7 @@ class Reptile(HyperParameters):
             checkpoint_dir: Optional[Union[str, os.PathLike]] = None, checkpoint_every: Optional[int] = None,
             resume_from: Optional[Union[str, os.PathLike]] = None,
             checkpoint_extra: Optional[Mapping[str, Any]] = None, handle_signals: bool = True,
-            log_every: int = DEFAULT_LOG_EVERY, sampler=None, reducer: Optional[Reducer] = None,
+            log_every: Optional[int] = None, sampler=None, reducer: Optional[Reducer] = None,
             callbacks: Sequence[Callback] = (), draw_chunks: bool = False) -> Dict[str, list]:
         """Meta-train until ``iterations`` meta-steps in all, ``meta_batch_size`` tasks each.
 
@@ -396,7 +396,9 @@ class Reptile(HyperParameters):
         resumes).  Returns ``{"loss": [...]}``: every meta-step's mean inner loss, preceded by
         the checkpoint's when resuming.  ``last_fit_stats`` holds the timings.
 
-        Device values (losses, finiteness) are read every ``log_every`` meta-steps, at
+        Device values (losses, finiteness) are read every ``log_every`` meta-steps (None, the
+        default: 100, or 10 chunks when the stepper replays CUDA graphs -- triton's fused stepper
+        on CUDA -- as a read idles the GPU while the host draws the next chunk), at
         checkpoints and at the end — and after every meta-step while a ``callback(iteration,
         {"loss", "outer_lr", "iteration"})`` is given, as it is called after each.  A non-finite meta-step
         raises ``NonFiniteError`` at the next read naming it; φ and ``iteration`` are then as
@@ -431,7 +433,8 @@ class Reptile(HyperParameters):
                        draw_chunks=draw_chunks, reducer=reducer, callbacks=callbacks, progress=progress,
                        handle_signals=handle_signals)
         # numpy integers pass the checks; plain ints from here on (the checkpoint stores some of them)
-        iterations, meta_batch_size, log_every = int(iterations), int(meta_batch_size), int(log_every)
+        iterations, meta_batch_size = int(iterations), int(meta_batch_size)
+        log_every = None if log_every is None else int(log_every)
         checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         self._follow_plan(self.inner_batch_size)  # back from a user's plan auto ran elsewhere
         fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
@@ -517,7 +520,8 @@ class Reptile(HyperParameters):
             with threads, DeferredSignals(deferred, enabled=handle_signals,
                                           checkpointing=ckpt_dir is not None) as signals:
                 loop = TrainingLoop(self, stepper, sampler, iterations, callbacks=[*cbs, SignalCallback(signals, ckpt)],
-                                    outer_lr_at=lambda i: self.outer_lr_at(i, iterations), log_every=log_every)
+                                    outer_lr_at=lambda i: self.outer_lr_at(i, iterations),
+                                    log_every=default_log_every(stepper) if log_every is None else log_every)
                 try:
                     self._fitting = True
                     loop.run()

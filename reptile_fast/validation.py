@@ -283,7 +283,8 @@ def check_fit_args(task_distribution, iterations, *, meta_batch_size, generator,
         raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
     check_int("iterations", iterations)
     check_int("meta_batch_size", meta_batch_size)
-    check_int("log_every", log_every)
+    if log_every is not None:
+        check_int("log_every", log_every)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if callback is not None and not callable(callback):

@@ -627,7 +627,7 @@ def fit_cases(tmp):
                          ("log_every", int_palette(1)), ("checkpoint_every", int_palette(1))]:
         for label, value, expect, plain in palette:
             extra = {"checkpoint_dir": str(tmp / f"ck-{arg}-{label}")} if arg == "checkpoint_every" else {}
-            if arg == "checkpoint_every" and label == "None":
+            if arg in ("checkpoint_every", "log_every") and label == "None":  # None: none / the default
                 expect, plain = ACCEPT, None
             cases.append(Case(f"fit({arg}=)", label, lambda a=arg, v=value, e=extra: _fit(**{a: v}, **e), expect,
                               (arg,), (lambda a=arg, p=plain, e=extra: _fit(**{a: p}, **e)) if expect != REJECT

@@ -221,3 +221,33 @@ def test_fused_and_graphs_from_the_environment(monkeypatch):
     assert TritonBackend().fused is False, "kernel v1: the fused preference does not apply"
     with pytest.raises(ValueError, match="REPTILE_FAST_TRITON_KERNEL=v2"):
         TritonBackend(fused=True)
+
+
+def test_graph_replays_read_every_ten_chunks_by_default(monkeypatch):
+    """A read waits for every queued chunk and the next chunk is drawn after it, so each read
+    idles the GPU for a chunk's host work: with CUDA-graph replays fit reads every
+    ``GRAPH_READ_CHUNKS`` chunks unless ``log_every`` is given (and at the end); without graphs,
+    every ``DEFAULT_LOG_EVERY`` meta-steps (made 4 here, so that a short run shows it).  Reads
+    counted through a callback's ``on_read``."""
+    from reptile_fast import loop as L
+
+    monkeypatch.setattr(L, "DEFAULT_LOG_EVERY", 4)
+    assert L.GRAPH_READ_CHUNKS == 10
+
+    class Reads(L.Callback):
+        def __init__(self):
+            self.at = []
+
+        def on_read(self, loop, losses):
+            self.at.append(loop.iteration)
+
+    model = MLP(1, 8, 1)
+    for options, log_every, want in ((dict(OPTIONS, chunk=2), None, [20, 24]),      # 10 chunks of 2
+                                     (dict(OPTIONS, chunk=2), 6, [6, 12, 18, 24]),   # as given
+                                     ({"kernel": "v2", "fused": True}, None, [4, 8, 12, 16, 20, 24])):
+        t = _trainer(model, "cpu", options)
+        reads = Reads()
+        t.fit(None, 24, meta_batch_size=T, sampler=FixedDraws(24, "cpu"), progress=False, handle_signals=False,
+              log_every=log_every, callbacks=[reads])
+        assert t.last_fit_stats["mode"] == ("graphs" if options.get("cuda_graphs") else "launches")
+        assert reads.at == want, f"{options}, log_every={log_every}: reads at {reads.at}"

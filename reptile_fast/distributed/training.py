@@ -224,6 +224,8 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
     iterations = check_int("iterations", iterations, 1)
     meta_batch_size = check_int("meta_batch_size", meta_batch_size, 1)
     stop_check_every = check_int("stop_check_every", stop_check_every, 1)
+    # an int here (Reptile.fit's None, "its default", would reach the ranks' loops as None)
+    log_every = check_int("log_every", log_every, 1)
     check_bool("progress", progress)
     check_bool("handle_signals", handle_signals)
     if checkpoint_every is not None:
