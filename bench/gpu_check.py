@@ -1207,7 +1207,8 @@ def fit_rows(log, device, smoke, budget):
             t.fit(Sine(), iterations, generator=g, progress=False, handle_signals=False, draw_chunks=True)
             st = t.last_fit_stats
             row.update(mode=st["mode"], fallback_reason=st["fallback_reason"], train_seconds=st["train_seconds"],
-                       ms=st["ms_per_iteration"], finite=bool(torch.isfinite(phi(t)).all()),
+                       ms=st["ms_per_iteration"], reads_every=st.get("log_every"),
+                       finite=bool(torch.isfinite(phi(t)).all()),
                        timer="host clock around Reptile.fit's loop (draws, copies, replays, reads)")
             if name == "fit-v2-graphs":
                 row["seed_setting_30000_s"] = 30000 * st["ms_per_iteration"] / 1e3

@@ -544,7 +544,8 @@ class Reptile(HyperParameters):
                         "fallback_reason": getattr(stepper, "fallback_reason", None),
                         "compile_seconds": getattr(stepper, "compile_seconds", 0.0),
                         "train_seconds": loop.train_seconds,
-                        "ms_per_iteration": 1e3 * loop.train_seconds / max(done, 1)}
+                        "ms_per_iteration": 1e3 * loop.train_seconds / max(done, 1),
+                        "log_every": loop.log_every}
         finally:
             if reducer is not None:
                 stepper.reducer = previous_reducer

@@ -251,3 +251,4 @@ def test_graph_replays_read_every_ten_chunks_by_default(monkeypatch):
               log_every=log_every, callbacks=[reads])
         assert t.last_fit_stats["mode"] == ("graphs" if options.get("cuda_graphs") else "launches")
         assert reads.at == want, f"{options}, log_every={log_every}: reads at {reads.at}"
+        assert t.last_fit_stats["log_every"] == want[0]
