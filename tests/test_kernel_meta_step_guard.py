@@ -175,6 +175,20 @@ def test_guarded_meta_step_is_bitwise_meta_step_then_accept_step(device, T, dims
         assert got_state.tolist() == [0, 9] and torch.equal(got_phi, phi), "a skipped step left φ"
 
 
+def _one_launch_and_three(x, y, plan, phi, dims, acts, it, **kw):
+    """guarded_meta_step (one launch at T = 1) and meta_step + accept_step on copies of φ, from a
+    healthy state: ((φ, state, loss slot) of each, the meta_step result)."""
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    device = x.device
+    runs = [[phi.clone(), G.new_state(device), torch.zeros(1, device=device)] for _ in range(2)]
+    (got_phi, got_state, got_loss), (want_phi, want_state, want_loss) = runs
+    V.guarded_meta_step(x, y, plan, got_phi, dims, acts, state=got_state, iteration=it, loss_out=got_loss, **kw)
+    res = V.meta_step(x, y, plan, want_phi, dims, acts, **kw)
+    G.accept_step(want_phi, res.params, res.loss, want_state, it, want_loss)
+    return runs, res
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dims", [(3, 16, 4), (3, 20, 20, 5)])
 def test_one_task_cross_entropy_is_bitwise_meta_step_then_accept_step(device, dims):
@@ -189,14 +203,8 @@ def test_one_task_cross_entropy_is_bitwise_meta_step_then_accept_step(device, di
     plan = sample_indices(1, 3, 20, 5, generator=g).to(device)
     phi = (torch.randn(V.n_flat_params(dims), generator=g) * 0.3).to(device)
     acts = ("relu",) * (len(dims) - 2) + ("identity",)
-    got_phi, want_phi = phi.clone(), phi.clone()
-    got_state, want_state = G.new_state(device), G.new_state(device)
-    it = torch.tensor([2], device=device)
-    got_loss, want_loss = torch.zeros(1, device=device), torch.zeros(1, device=device)
-    V.guarded_meta_step(x, y, plan, got_phi, dims, acts, lr=0.1, eps=0.4, state=got_state, iteration=it,
-                        loss_out=got_loss, loss="cross_entropy")
-    res = V.meta_step(x, y, plan, want_phi, dims, acts, lr=0.1, eps=0.4, loss="cross_entropy")
-    G.accept_step(want_phi, res.params, res.loss, want_state, it, want_loss)
+    ((got_phi, got_state, got_loss), (want_phi, want_state, want_loss)), _ = _one_launch_and_three(
+        x, y, plan, phi, dims, acts, torch.tensor([2], device=device), lr=0.1, eps=0.4, loss="cross_entropy")
     assert torch.equal(got_phi, want_phi) and not torch.equal(got_phi, phi), "φ"
     assert torch.equal(got_state, want_state) and got_state.tolist() == [1, 0], "state"
     assert torch.equal(got_loss, want_loss), "loss slot"
@@ -208,18 +216,10 @@ def test_one_task_cross_entropy_is_bitwise_meta_step_then_accept_step(device, di
 def test_one_task_rejects_an_update_that_overflows_with_a_finite_loss(device, dims):
     """T = 1 (one launch, φ̃ from the registers): a finite inner loss whose outer update overflows
     (ε = 1e38, large inner steps) is skipped, bitwise as meta_step + accept_step skip it."""
-    from reptile_fast.kernels import mlp_meta_step_v2 as V
-
     x, y, plan, phi = _problem(1, dims, 11, device)
     acts = ("tanh",) * (len(dims) - 2) + ("identity",)
-    got_phi, want_phi = phi.clone(), phi.clone()
-    got_state, want_state = G.new_state(device), G.new_state(device)
-    it = torch.tensor([4], device=device)
-    got_loss, want_loss = torch.zeros(1, device=device), torch.zeros(1, device=device)
-    V.guarded_meta_step(x, y, plan, got_phi, dims, acts, lr=5.0, eps=1e38, state=got_state, iteration=it,
-                        loss_out=got_loss)
-    res = V.meta_step(x, y, plan, want_phi, dims, acts, lr=5.0, eps=1e38)
-    G.accept_step(want_phi, res.params, res.loss, want_state, it, want_loss)
+    ((got_phi, got_state, got_loss), (_, want_state, want_loss)), res = _one_launch_and_three(
+        x, y, plan, phi, dims, acts, torch.tensor([4], device=device), lr=5.0, eps=1e38)
     assert torch.isfinite(got_loss).all() and not torch.isfinite(res.params).all(), \
         "the case must have a finite loss and a non-finite update"
     assert got_state.tolist() == [0, 4] and torch.equal(got_phi, phi), "the overflowing step was applied"
