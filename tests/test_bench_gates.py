@@ -467,3 +467,18 @@ def test_checkpoint_overhead_times_nothing_that_trained_otherwise_or_loads_wrong
         next(trainer.model.parameters()).add_(1.0)
     with pytest.raises(SystemExit, match="differs from what was saved"):
         check_round_trip(trainer, loaded, 5)
+
+
+def test_gpu_check_fit_rows_for_tf32x3_are_checked_and_named_by_precision():
+    """gpu_check timed the seed's fit in ieee only; its tf32x3 rows (``FIT_PRECISIONS``) carry the
+    precision in their names and fields, and are checked against backend torch before timing."""
+    pytest.importorskip("triton")
+    from bench import gpu_check as G
+
+    assert "tf32x3" in G.FIT_PRECISIONS
+    rows = G.fit_rows_for(lambda *a: None, torch.device("cpu"), True, G.Budget(120), "tf32x3")
+    assert [r["provider"] for r in rows] == ["fit-v2-graphs-check-tf32x3", "fit-v2-graphs-tf32x3"], rows
+    check, timed = rows
+    assert check["precision"] == timed["precision"] == "tf32x3"
+    assert check["ok"] is True and check["phi_rel_vs_torch_movement"] <= G.FIT_CHECK_REL, check
+    assert timed["finite"] is True and timed["ms"] > 0, timed
