@@ -15,6 +15,19 @@ torch.backends.cudnn.allow_tf32 = False
 
 
 
+#: what a run on a CUDA machine without TRITON_INTERPRET=1 must be told: the kernels compile for the
+#: GPU there, so tests that launch a Triton kernel on CPU tensors (most of the suite's kernel
+#: tests, written for the interpreter) fail with "needs a CUDA device, or TRITON_INTERPRET=1"
+CUDA_RUN_NOTE = ("CUDA present and TRITON_INTERPRET is not 1: Triton kernels compile for the GPU. "
+                 "The CUDA cases: python -m pytest -q -m gpu; everything else (the CPU suite, kernels "
+                 "under the interpreter): CUDA_VISIBLE_DEVICES= python -m pytest -q")
+
+
+def pytest_report_header(config):
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return CUDA_RUN_NOTE
+
+
 def pytest_configure(config):
     # Triton 3.6's interpreter breaks on loops with runtime bounds under NumPy >= 2.4
     # (triton-lang/triton#9171): every kernel test would fail with a cryptic TypeError.
