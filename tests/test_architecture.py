@@ -98,3 +98,18 @@ def test_bench_uses_public_names_only():
                 if isinstance(base, ast.Name) and (base.id in aliases or base.id == "reptile_fast"):
                     offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert not offenders, "bench/ uses private names:\n" + "\n".join(offenders)
+
+
+def test_no_test_module_switches_on_the_interpreter_unconditionally():
+    """Only a condition may set ``TRITON_INTERPRET`` at a module's top level in tests/ and bench/
+    (conftest: when there is no CUDA).  An unconditional ``os.environ.setdefault(...)`` in a test
+    module ran at collection on an H200 and switched every kernel imported after it to the
+    interpreter, so the CUDA cases failed inside it (bench/results/gpu-h200-2026-12-04-s16/
+    pytest-gpu/pytest_gpu_first_try_interpreter_leak.log)."""
+    offenders = []
+    for path in sorted([*(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*.py")]):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.Expr, ast.Assign)) and "TRITON_INTERPRET" in ast.unparse(node) \
+                    and "environ" in ast.unparse(node):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"set TRITON_INTERPRET only under a condition: {offenders}"

@@ -24,7 +24,7 @@ from reptile_fast.kernels import meta_step_guard as G  # noqa: E402
 from reptile_fast.kernels import mlp_meta_step_v2 as V  # noqa: E402
 from reptile_fast.mlp_spec import extract_mlp_spec  # noqa: E402
 from reptile_fast.tasks import TaskBatch  # noqa: E402
-from _triton_devices import DEVICES  # noqa: E402
+from _triton_devices import DEVICES, assert_same_across_configs  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
 ULP1 = 2.0 ** -23
@@ -185,7 +185,7 @@ def test_seed_mlp_sine_each_precision(device, precision):
     # bench/results/triton-tf32-emulated-cpu.json), so 1e-3 leaves ~45x room for the
     # hardware's rounding and accumulation order
     for name, want in ref64.params.items():
-        e, e_ref = rel_err(params[name], want), rel_err(ref32.params[name], want)
+        e, e_ref = rel_err(params[name].cpu(), want), rel_err(ref32.params[name], want)
         bound = {"ieee": 2 * e_ref + ULP1, "tf32x3": 2 * e_ref + ULP1, "tf32": 1e-3}[precision]
         assert e <= bound, f"{precision} on {device}: '{name}' rel. error vs float64 {e:.3g} > {bound:.3g}"
 
@@ -252,7 +252,7 @@ def test_streamed_padded_layers_meta_step(device):
     indices = sample_indices(5, 3, 50, 10, generator=torch.Generator().manual_seed(45))
     expected = reference_inner(model, tasks, indices)
     named = dict(model.named_parameters())
-    want_phi = phi + 0.5 * torch.cat([(expected.params[n] - named[n].detach().cpu()).mean(0).reshape(-1)
+    want_phi = phi.cpu() + 0.5 * torch.cat([(expected.params[n] - named[n].detach().cpu()).mean(0).reshape(-1)
                                       for n in names])
     args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
     for acc in ("memory", "registers"):
@@ -315,7 +315,7 @@ def test_37_tasks_on_8_programs_and_one_task(device):
         expected = reference_inner(model, tasks, indices)
         params, losses = run_inner(model, tasks, indices, device, max_programs=8, row_pad=5)
         assert_inner_matches(params, losses, expected, f"{T} tasks on 8 programs")
-        want_phi = phi + 0.5 * torch.cat([(expected.params[n] - p.detach().cpu()).mean(0).reshape(-1)
+        want_phi = phi.cpu() + 0.5 * torch.cat([(expected.params[n] - p.detach().cpu()).mean(0).reshape(-1)
                                           for n, p in model.named_parameters()])
         for mode in (("memory",) if T > 1 else ("registers",)):
             # partial sums poisoned too: every program must write its whole row
@@ -333,7 +333,8 @@ def test_37_tasks_on_8_programs_and_one_task(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_options_give_the_same_result(device):
-    """preload on/off/prefetch, warps, accumulation mode: the same arithmetic."""
+    """preload on/off/prefetch, warps and programs: the same arithmetic (bit for bit under the
+    interpreter; on a GPU each setting is its own compiled kernel: ``assert_same_across_configs``)."""
     torch.manual_seed(25)
     model = MLP(2, 20, 1).to(device)
     tasks = regression_tasks(5, 12, 2, 1, seed=26)
@@ -342,18 +343,18 @@ def test_options_give_the_same_result(device):
     for cfg in ({"preload": False}, {"preload": "prefetch"}, {"num_warps": 2, "max_programs": 2}):
         p, l = run_inner(model, tasks, indices, device, **cfg)
         for n in base:
-            torch.testing.assert_close(p[n], base[n], rtol=0, atol=0, msg=f"{cfg}: '{n}'")
-        torch.testing.assert_close(l, base_losses, rtol=0, atol=0, msg=f"{cfg}: losses")
+            assert_same_across_configs(p[n], base[n], device, f"{cfg}: '{n}'")
+        assert_same_across_configs(l, base_losses, device, f"{cfg}: losses")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_prefetch_matches_preload_at_every_step_count(device, loss):
     """preload="prefetch" (each step loads the next step's rows, the indices two steps ahead) gives
-    the preloaded plan's result bit for bit, for 0-3 inner steps — the steps where the look-ahead
-    runs past the last step and must load nothing — on a plan with more rows than steps, for 5
-    tasks on 2 programs (a program's second task starts its look-ahead afresh), and matches the
-    reference backend."""
+    the preloaded plan's result (bit for bit under the interpreter: ``assert_same_across_configs``)
+    for 0-3 inner steps — the steps where the look-ahead runs past the last step and must load
+    nothing — on a plan with more rows than steps, for 5 tasks on 2 programs (a program's second
+    task starts its look-ahead afresh), and matches the reference backend."""
     torch.manual_seed(45)
     if loss == "mse":
         model = MLP(1, 20, 1).to(device)
@@ -372,7 +373,7 @@ def test_prefetch_matches_preload_at_every_step_count(device, loss):
             runs[preload] = (flat[:, :spec.n_params], losses)  # a row's alignment padding is unwritten
         for what, a, b in (("adapted parameters", runs[True][0], runs["prefetch"][0]),
                            ("inner losses", runs[True][1], runs["prefetch"][1])):
-            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{loss}, {steps} steps: {what}\n{m}")
+            assert_same_across_configs(b, a, device, f"{loss}, {steps} steps: {what}")
         if steps:
             expected = reference_inner(model, tasks, indices[:, :steps], lr=0.1, loss=loss)
             params = dict(zip([n for n, _ in model.named_parameters()],
@@ -389,7 +390,7 @@ def test_zero_steps(device):
     flat, losses = V.inner_loop(tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device),
                                 spec.dims, spec.activations, lr=0.02, steps=0)
     assert losses.shape == (2, 0)
-    torch.testing.assert_close(flat[:, :spec.n_params].cpu(), phi.expand(2, -1), rtol=0, atol=0)
+    torch.testing.assert_close(flat[:, :spec.n_params].cpu(), phi.cpu().expand(2, -1), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- the fused outer update
