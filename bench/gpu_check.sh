@@ -5,6 +5,9 @@
 #                                           Triton kernels under TRITON_INTERPRET=1 (CI runs it)
 #   bench/gpu_check.sh --sweep OUT_DIR      kernel v2's launch settings swept (bench/gpu_sweep.py,
 #                                           <= ~4 minutes): the second call of a GPU session
+#   bench/gpu_check.sh --tests OUT_DIR      the test suite's CUDA cases (pytest -m gpu) on the GPU,
+#                                           killed after TESTS_BUDGET seconds (default 300); every
+#                                           failure printed as it happens into OUT_DIR/pytest_gpu.log
 # Extra flags go to bench/gpu_check.py (--stages 1,3,4  --budget SECONDS).  Needs no installs:
 # torch and triton (JAX, nvcc, ncu, compute-sanitizer are used when present); runs from the source
 # tree.  results.json in OUT_DIR is rewritten after every stage; the summary table is printed last.
@@ -37,11 +40,23 @@ cleanup() {
 trap cleanup EXIT
 # --sweep anywhere among the arguments (--cpu-smoke --sweep OUT failed: only a first --sweep counted)
 SWEEP=0
+TESTS=0
 ARGS=()
 for a in "$@"; do
-  if [ "$a" = "--sweep" ]; then SWEEP=1; else ARGS+=("$a"); fi
+  if [ "$a" = "--sweep" ]; then SWEEP=1; elif [ "$a" = "--tests" ]; then TESTS=1; else ARGS+=("$a"); fi
 done
-if [ "$SWEEP" = 1 ]; then
+if [ "$TESTS" = 1 ]; then
+  # -m gpu: the CUDA cases (tests/conftest.py explains the split); a cold Triton cache compiles
+  # every case's kernel first (session 16: > 290 s cold, 80 s warm on an H200)
+  OUT_DIR=${ARGS[${#ARGS[@]}-1]:?"--tests needs OUT_DIR"}
+  mkdir -p "$OUT_DIR"
+  timeout -k 10 "${TESTS_BUDGET:-300}" $PY -m pytest -q -m gpu -p no:cacheprovider \
+    -p bench.pytest_failures_now -rfE --durations=10 > "$OUT_DIR/pytest_gpu.log" 2>&1
+  rc=$?
+  echo "rc=$rc$([ $rc = 124 ] && echo " (killed after TESTS_BUDGET=${TESTS_BUDGET:-300} s)")" >> "$OUT_DIR/pytest_gpu.log"
+  grep -E "^=== FAILED|passed|failed|skipped|^rc=" "$OUT_DIR/pytest_gpu.log" | tail -40
+  exit $rc
+elif [ "$SWEEP" = 1 ]; then
   $PY -m bench.gpu_sweep ${ARGS[@]+"${ARGS[@]}"}
 else
   $PY -m bench.gpu_check ${ARGS[@]+"${ARGS[@]}"}

@@ -147,3 +147,36 @@ def test_ncu_profiles_every_profiled_launch_with_the_stall_sections(tmp_path, mo
     summary = res["ncu"]["summary"]
     assert any("Warp Cycles Per Issued Instruction" in line for line in summary)
     assert any("cycles being stalled" in line for line in summary)
+
+
+def test_failures_are_printed_as_they_happen(tmp_path):
+    """bench/pytest_failures_now: a failure's report is in the output before the run goes on (a run
+    killed by its timeout keeps the failures seen so far)."""
+    (tmp_path / "test_two.py").write_text("def test_bad():\n    assert 1 == 2, 'one is not two'\n\n"
+                                          "def test_after():\n    print('RAN AFTER')\n")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                           "-p", "bench.pytest_failures_now", str(tmp_path / "test_two.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 1, out[-2000:]
+    report = out.index("=== FAILED test_two.py::test_bad (call)")
+    assert "one is not two" in out[report:] and report < out.index("RAN AFTER"), out[-2000:]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+@pytest.mark.parametrize("budget", ["1", "300"])
+def test_gpu_check_tests_mode(tmp_path, budget):
+    """bench/gpu_check.sh --tests OUT: pytest -m gpu into OUT/pytest_gpu.log with its exit status;
+    without CUDA every selected case skips (rc 0); a budget too short to finish is killed (rc 124)
+    and says so."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
+    env.update(PYTHON=sys.executable, TESTS_BUDGET=budget, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--tests", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "pytest_gpu.log").read_text()
+    if budget == "1":
+        assert proc.returncode == 124 and log.rstrip().endswith("rc=124 (killed after TESTS_BUDGET=1 s)"), log[-2000:]
+    else:
+        assert proc.returncode == 0 and re.search(r"\d+ skipped, \d+ deselected", log), log[-2000:]
+        assert log.rstrip().endswith("rc=0") and " passed" not in log, log[-2000:]
