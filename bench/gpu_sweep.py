@@ -36,10 +36,11 @@ from pathlib import Path
 SWEEP_T = (1, 4096, 65536)
 
 
-#: the settings swept by default (``--warps``, ``--per-sm``, ``--accumulate``, ``--stream``, ``--preload``
-#: narrow them); "default" in ``accumulate`` / ``preload``: the kernel's own choice (the field left out)
+#: the settings swept by default (``--warps``, ``--per-sm``, ``--accumulate``, ``--stream``, ``--preload``,
+#: ``--flat`` narrow or widen them); "default" in ``accumulate`` / ``preload`` / ``flat``: the kernel's own
+#: choice (the field left out)
 GRID = {"warps": (4, 8), "accumulate": ("registers", "memory"), "stream": (False, True), "per_sm": (1, 2, 4, 8),
-        "preload": ("default", "prefetch")}
+        "preload": ("default", "prefetch"), "flat": ("default",)}
 
 
 def settings(T: int, smoke: bool, precision: str = "ieee", grid=None):
@@ -54,17 +55,20 @@ def settings(T: int, smoke: bool, precision: str = "ieee", grid=None):
     yield {}
     g = dict(GRID, **(grid or {}))
     warps, accumulate, stream, per_sm, preload = g["warps"], g["accumulate"], g["stream"], g["per_sm"], g["preload"]
+    flat = g["flat"]
     if precision != "ieee":
         stream = tuple(s for s in stream if not s)
     if T == 1:  # one task: one program whatever the grid
         per_sm = per_sm[:1]
     if smoke:  # each code path once
         warps, accumulate, per_sm, preload = warps[:1], accumulate[-1:], per_sm[:2], preload[-1:]
-    for w, acc, st, p, pre in itertools.product(warps, accumulate, stream, per_sm, preload):
+    for w, acc, st, p, pre, fl in itertools.product(warps, accumulate, stream, per_sm, preload, flat):
         if st and pre != "default" and "default" in preload:
             continue
-        kw = {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p, "preload": pre}
-        for field, value in (("accumulate", acc), ("preload", pre)):
+        if st and fl != "default" and "default" in flat:  # 2-D 1-wide layers: swept unstreamed
+            continue
+        kw = {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p, "preload": pre, "flat": fl}
+        for field, value in (("accumulate", acc), ("preload", pre), ("flat", fl)):
             if value == "default":
                 del kw[field]
         yield kw
@@ -290,6 +294,11 @@ def _grid_args(ap, args):
         if not words or any(v not in ("default", "prefetch", "on", "off") for v in words):
             ap.error(f"--preload takes default, prefetch, on, off; got {args.preload!r}")
         grid["preload"] = tuple({"on": True, "off": False}.get(v, v) for v in words)
+    if args.flat is not None:
+        words = [v.strip() for v in args.flat.split(",") if v.strip()]
+        if not words or any(v not in ("default", "on", "off") for v in words):
+            ap.error(f"--flat takes default, on, off; got {args.flat!r}")
+        grid["flat"] = tuple({"on": True, "off": False}.get(v, v) for v in words)
     return grid
 
 
@@ -309,6 +318,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preload", default=None,
                     help="comma-separated: default (the kernel's choice), prefetch, on (whole plan up front), "
                          "off (loaded at each step); default: default,prefetch")
+    ap.add_argument("--flat", default=None,
+                    help="comma-separated: default (the kernel's choice), on, off (V2Config.flat: 1-wide layers "
+                         "in 2-D or as 3-D products); default: default")
     args = ap.parse_args(argv)
     grid, Ts_arg = _grid_args(ap, args), None
     if args.T is not None:

@@ -231,14 +231,25 @@ def _accumulate_layer(row, phi_ptr, w, b, OFF: tl.constexpr, D_IN: tl.constexpr,
 
 
 @triton.jit
-def _forward(a, w, b, ACT: tl.constexpr, D_OUT: tl.constexpr, P_OUT: tl.constexpr,
-             DOT: tl.constexpr, PRECISION: tl.constexpr):
+def _forward(a, w, b, ACT: tl.constexpr, D_OUT: tl.constexpr, P_IN: tl.constexpr, P_OUT: tl.constexpr,
+             DOT: tl.constexpr, FLAT: tl.constexpr, PRECISION: tl.constexpr):
     """act(a @ w.T + b): ``[BB, P_IN] -> [BB, P_OUT]``; padded columns are exactly 0.
 
-    DOT: ``tl.dot`` (both sides wide); else a broadcast-multiply-sum in fp32, e.g. the outer
-    product of a 1-wide input with a 64-wide weight column, or a 64 -> 1 row reduction."""
+    DOT: ``tl.dot`` (both sides wide); else a broadcast-multiply-sum in fp32 over a
+    ``[BB, P_OUT, P_IN]`` product -- or, with FLAT, a 1-wide side in 2-D: a 1-wide input as the
+    outer product ``a [BB, 1] * w.T [1, P_OUT]``, a 1-wide output as the row reduction
+    ``Σ_i a[:, i] w[0, i]``.  The 3-D product's layouts cost shared-memory round trips and
+    barriers every step (sm_90a, Triton 3.6: 32 of the 1-64-1 MLP's inner step's barriers come
+    from its two 1-wide layers).  FLAT only where a ``tl.dot`` fixes the step's layouts: without
+    one, Triton carried the selected minibatch rows' layout (each row's 64 units in one thread,
+    8 copies) through the whole step (1-64-1: 8x the FMAs and 4 KB of spill).  A sum over a
+    1-long axis is its one term, so the numbers do not change."""
     if DOT:
         z = tl.dot(a, tl.trans(w), input_precision=PRECISION)
+    elif FLAT and P_IN == 1:
+        z = a * tl.trans(w)
+    elif FLAT and P_OUT == 1:
+        z = tl.sum(a * w, axis=1, keep_dims=True)
     else:
         z = tl.sum(a[:, None, :] * w[None, :, :], axis=2)
     h = _activation(z + b[None, :], ACT)
@@ -250,21 +261,31 @@ def _forward(a, w, b, ACT: tl.constexpr, D_OUT: tl.constexpr, P_OUT: tl.constexp
 
 @triton.jit
 def _backward(g, a_in, a_out, w, b, lr, ACT: tl.constexpr, INPUT_GRAD: tl.constexpr,
-              DOT: tl.constexpr, PRECISION: tl.constexpr):
+              P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, FLAT: tl.constexpr,
+              PRECISION: tl.constexpr):
     """Backward through ``a_out = act(a_in @ w.T + b)`` and the SGD step on ``w, b``.
 
     ``g``: dL/d a_out ``[BB, P_OUT]`` (zero on padded rows).  Returns ``(dL/d a_in`` before the
     previous layer's activation, ``[BB, P_IN]`` (g itself when not INPUT_GRAD), ``w - lr dW,
     b - lr db)``; dL/d a_in uses w before its update, as autograd does."""
     g = _activation_grad(g, a_out, ACT)
+    # with FLAT, 1-wide sides in 2-D, as in ``_forward``
     if DOT:
         grad_w = tl.dot(tl.trans(g), a_in, input_precision=PRECISION)
+    elif FLAT and P_IN == 1:
+        grad_w = tl.trans(tl.sum(g * a_in, axis=0, keep_dims=True))
+    elif FLAT and P_OUT == 1:
+        grad_w = tl.sum(g * a_in, axis=0, keep_dims=True)
     else:
         grad_w = tl.sum(g[:, :, None] * a_in[:, None, :], axis=0)
     grad_b = tl.sum(g, axis=0)
     if INPUT_GRAD:
         if DOT:
             g_in = tl.dot(g, w, input_precision=PRECISION)
+        elif FLAT and P_OUT == 1:
+            g_in = g * w
+        elif FLAT and P_IN == 1:
+            g_in = tl.sum(g * tl.trans(w), axis=1, keep_dims=True)
         else:
             # reduced over the last axis on purpose: Triton (3.6) rewrites sum(a[:, :, None] *
             # b[None, :, :], axis=1) into a tl.dot with the default (tf32) precision
@@ -347,7 +368,7 @@ def _layer_write(row, phi_ptr, w, b, w_scr, OFF: tl.constexpr, D_IN: tl.constexp
 @triton.jit
 def _layer_forward(a, w, b, w_scr, a_scr, ACT: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
                    P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, S: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+                   FLAT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
     if S:
         rows = tl.arange(0, BLOCK_B)
         cin = tl.arange(0, P_IN)
@@ -368,7 +389,7 @@ def _layer_forward(a, w, b, w_scr, a_scr, ACT: tl.constexpr, D_IN: tl.constexpr,
             if D_OUT < P_OUT:
                 h = tl.where(cout[None, :] < D_OUT, h, 0.0)
     else:
-        h = _forward(a, w, b, ACT, D_OUT, P_OUT, DOT, PRECISION)
+        h = _forward(a, w, b, ACT, D_OUT, P_IN, P_OUT, DOT, FLAT, PRECISION)
     return h
 
 
@@ -376,7 +397,7 @@ def _layer_forward(a, w, b, w_scr, a_scr, ACT: tl.constexpr, D_IN: tl.constexpr,
 def _layer_backward(g, a_in, a_out, w, b, lr, batch, w_scr, a_scr, g_scr, ACT: tl.constexpr,
                     INPUT_GRAD: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
                     P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, S: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, TILE: tl.constexpr):
+                    FLAT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, TILE: tl.constexpr):
     if S:
         rows = tl.arange(0, BLOCK_B)
         cin = tl.arange(0, P_IN)
@@ -409,7 +430,7 @@ def _layer_backward(g, a_in, a_out, w, b, lr, batch, w_scr, a_scr, g_scr, ACT: t
         tl.debug_barrier()  # the new W and the reads of g_scr before the next use
         b = b - lr * grad_b
     else:
-        g_in, w, b = _backward(g, a_in, a_out, w, b, lr, ACT, INPUT_GRAD, DOT, PRECISION)
+        g_in, w, b = _backward(g, a_in, a_out, w, b, lr, ACT, INPUT_GRAD, P_IN, P_OUT, DOT, FLAT, PRECISION)
     return g_in, w, b
 
 
@@ -578,6 +599,8 @@ def _meta_step_kernel(
     DL: tl.constexpr, PL: tl.constexpr, LOSS: tl.constexpr, BLOCK_B: tl.constexpr,
     STEPS: tl.constexpr, S_P: tl.constexpr,
     PRELOAD: tl.constexpr, PRECISION: tl.constexpr,
+    # 1-wide layers in 2-D (``_forward``: where a tl.dot, not streamed, fixes the step's layouts)
+    FLAT: tl.constexpr,
     # streamed layers (S_l = DOT_l and stream) and their scratch offsets
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, S4: tl.constexpr,
     WOFF0: tl.constexpr, WOFF1: tl.constexpr, WOFF2: tl.constexpr, WOFF3: tl.constexpr,
@@ -698,23 +721,23 @@ def _meta_step_kernel(
                     label = tl.load(y_ptr + point, mask=row_ok, other=0)
             # forward; a_l is kept for the backward pass
             a1 = _layer_forward(a0, w0, b0, scr + WOFF0, scr + AOFF0, ACT0, D0, D1, P0, P1, DOT0, S0,
-                                PRECISION, BLOCK_B)
+                                FLAT, PRECISION, BLOCK_B)
             out = a1
             if N_LAYERS > 1:
                 a2 = _layer_forward(a1, w1, b1, scr + WOFF1, scr + AOFF1, ACT1, D1, D2, P1, P2, DOT1, S1,
-                                    PRECISION, BLOCK_B)
+                                    FLAT, PRECISION, BLOCK_B)
                 out = a2
             if N_LAYERS > 2:
                 a3 = _layer_forward(a2, w2, b2, scr + WOFF2, scr + AOFF2, ACT2, D2, D3, P2, P3, DOT2, S2,
-                                    PRECISION, BLOCK_B)
+                                    FLAT, PRECISION, BLOCK_B)
                 out = a3
             if N_LAYERS > 3:
                 a4 = _layer_forward(a3, w3, b3, scr + WOFF3, scr + AOFF3, ACT3, D3, D4, P3, P4, DOT3, S3,
-                                    PRECISION, BLOCK_B)
+                                    FLAT, PRECISION, BLOCK_B)
                 out = a4
             if N_LAYERS > 4:
                 a5 = _layer_forward(a4, w4, b4, scr + WOFF4, scr + AOFF4, ACT4, D4, D5, P4, P5, DOT4, S4,
-                                    PRECISION, BLOCK_B)
+                                    FLAT, PRECISION, BLOCK_B)
                 out = a5
             g, loss_sum = _loss_tile(out, target, label, row_ok, grad_scale, LOSS, DL, PL)
             step_loss = tl.math.div_rn(loss_sum, loss_count)
@@ -724,22 +747,22 @@ def _meta_step_kernel(
             # backward and SGD, last layer first; a streamed layer's input re-read from its scratch
             if N_LAYERS > 4:
                 g, w4, b4 = _layer_backward(g, a4, a5, w4, b4, lr, batch, scr + WOFF4, scr + AOFF4, scr + GOFF,
-                                            ACT4, True, D4, D5, P4, P5, DOT4, S4, PRECISION, BLOCK_B, TILE)
+                                            ACT4, True, D4, D5, P4, P5, DOT4, S4, FLAT, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 3:
                 g, w3, b3 = _layer_backward(g, a3, _stashed(a4, scr + AOFF4, P4, S4, BLOCK_B), w3, b3, lr, batch,
                                             scr + WOFF3, scr + AOFF3, scr + GOFF,
-                                            ACT3, True, D3, D4, P3, P4, DOT3, S3, PRECISION, BLOCK_B, TILE)
+                                            ACT3, True, D3, D4, P3, P4, DOT3, S3, FLAT, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 2:
                 g, w2, b2 = _layer_backward(g, a2, _stashed(a3, scr + AOFF3, P3, S3, BLOCK_B), w2, b2, lr, batch,
                                             scr + WOFF2, scr + AOFF2, scr + GOFF,
-                                            ACT2, True, D2, D3, P2, P3, DOT2, S2, PRECISION, BLOCK_B, TILE)
+                                            ACT2, True, D2, D3, P2, P3, DOT2, S2, FLAT, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 1:
                 g, w1, b1 = _layer_backward(g, a1, _stashed(a2, scr + AOFF2, P2, S2, BLOCK_B), w1, b1, lr, batch,
                                             scr + WOFF1, scr + AOFF1, scr + GOFF,
-                                            ACT1, True, D1, D2, P1, P2, DOT1, S1, PRECISION, BLOCK_B, TILE)
+                                            ACT1, True, D1, D2, P1, P2, DOT1, S1, FLAT, PRECISION, BLOCK_B, TILE)
             g, w0, b0 = _layer_backward(g, a0, _stashed(a1, scr + AOFF1, P1, S1, BLOCK_B), w0, b0, lr, batch,
                                         scr + WOFF0, scr + AOFF0, scr + GOFF,
-                                        ACT0, False, D0, D1, P0, P1, DOT0, S0, PRECISION, BLOCK_B, TILE)
+                                        ACT0, False, D0, D1, P0, P1, DOT0, S0, FLAT, PRECISION, BLOCK_B, TILE)
         if WRITE_ADAPTED:
             # a streamed layer straight from its scratch, a tile at a time
             out_row = out_ptr + t * out_stride
@@ -1007,6 +1030,11 @@ class V2Config:
             than the unstreamed default's (1.66 against 1.00 ms at T = 4096, 24.2 against 14.9 ms
             at 65536; bench/results/gpu-h200-2026-12-04/sweep/), and it would silently turn
             "tf32x3" / "tf32" into fp32.
+        flat: a 1-wide input or output layer (the sine MLP's) in 2-D -- an outer product, a row
+            reduction -- instead of a 3-D broadcast product (``_forward``); the same numbers, ~40 %
+            fewer barriers per inner step for the sine MLP (sm_90a, by ahead-of-time compilation;
+            not yet timed on a GPU).  None: on where a wide x wide layer runs ``tl.dot`` (not
+            streamed); without one, Triton lays the whole step out badly (1-64-1: 8x the FMAs).
     """
 
     num_warps: Optional[int] = None
@@ -1015,6 +1043,7 @@ class V2Config:
     preload: Union[None, bool, str] = None
     accumulate: Optional[str] = None
     stream: bool = False
+    flat: Optional[bool] = None
 
     def __post_init__(self) -> None:
         # ints only (not bools, not 4.0): True passed as one program, 4.0 reached the launch
@@ -1033,6 +1062,8 @@ class V2Config:
             raise ValueError(f"preload must be None, True, False or 'prefetch', got {self.preload!r}")
         if not isinstance(self.stream, bool):
             raise ValueError(f"stream must be True or False, got {self.stream!r}")
+        if not (self.flat is None or isinstance(self.flat, bool)):
+            raise ValueError(f"flat must be None, True or False, got {self.flat!r}")
         if self.accumulate not in (None, "registers", "memory"):
             raise ValueError(f"accumulate must be None, 'registers' or 'memory', got {self.accumulate!r}")
 
@@ -1067,13 +1098,17 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
         preload = s_p * block_b * (p[0] + p[n_layers]) <= PRELOAD_LIMIT
     # 0: load at the step, 1: whole plan up front, 2: prefetch one step ahead
     preload = 2 if preload == "prefetch" else int(bool(preload))
+    flat = config.flat
+    if flat is None:  # where a tl.dot fixes the step's layouts (``V2Config.flat``)
+        flat = any(d and not st for d, st in zip(dots, streamed))
     return dict(N_LAYERS=n_layers, D0=d[0], D1=d[1], D2=d[2], D3=d[3], D4=d[4], D5=d[5],
                 P0=p[0], P1=p[1], P2=p[2], P3=p[3], P4=p[4], P5=p[5],
                 ACT0=acts[0], ACT1=acts[1], ACT2=acts[2], ACT3=acts[3], ACT4=acts[4],
                 DOT0=dots[0], DOT1=dots[1], DOT2=dots[2], DOT3=dots[3], DOT4=dots[4],
                 DL=d[n_layers], PL=p[n_layers], LOSS=LOSS_CODES[loss], BLOCK_B=block_b,
                 STEPS=int(steps), S_P=s_p,
-                PRELOAD=preload, PRECISION=precision, ACCUMULATE=accumulate,
+                PRELOAD=preload, PRECISION=precision, FLAT=flat,
+                ACCUMULATE=accumulate,
                 WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses, FINALIZE=finalize, ONE_TASK=one_task,
                 S0=streamed[0], S1=streamed[1], S2=streamed[2], S3=streamed[3], S4=streamed[4],
                 **{f"WOFF{l}": layout.get(f"w{l}", 0) for l in range(MAX_LAYERS)},

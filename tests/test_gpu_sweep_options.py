@@ -59,6 +59,7 @@ def test_grid_narrows_and_default_accumulation_leaves_the_field_out():
     (["--accumulate", "shared"], "--accumulate"),
     (["--stream", "yes"], "--stream"),
     (["--preload", "maybe"], "--preload"),
+    (["--flat", "2d"], "--flat"),
     (["--precision", "fp16"], "--precision"),
 ])
 def test_bad_flags_are_refused_with_the_flag_named(argv, words, tmp_path, capsys):
@@ -152,3 +153,25 @@ def test_cpu_smoke_sweeps_prefetch_checked(tmp_path):
         assert [r["config"] for r in rows] == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 1,
                                                     "preload": value}]
         assert all(r["ok"] and "ms" in r for r in rows), rows
+
+
+def test_flat_is_swept_only_when_asked_and_unstreamed():
+    """``V2Config.flat`` (1-wide layers in 2-D): the default grid leaves it to the kernel; ``--flat
+    default,off`` adds the 3-D form beside each unstreamed setting (streamed ones keep the default)."""
+    assert all("flat" not in c for c in _configs(4096, False))
+    got = _configs(1, False, "ieee", {"warps": (4,), "per_sm": (2,), "accumulate": ("default",),
+                                      "stream": (False, True), "preload": ("default",), "flat": ("default", False)})
+    assert got == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 2},
+                   {"num_warps": 4, "stream": False, "programs_per_sm": 2, "flat": False},
+                   {"num_warps": 4, "stream": True, "programs_per_sm": 2}]
+
+
+def test_cpu_smoke_sweeps_flat_off_checked(tmp_path):
+    """``--flat off`` reaches V2Config as False and is checked against float64 and the default
+    before it is timed."""
+    rc = S.main([str(tmp_path), "--cpu-smoke", "--T", "5", "--warps", "4", "--per-sm", "1",
+                 "--accumulate", "default", "--stream", "off", "--preload", "default", "--flat", "off"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 1, "flat": False}]
+    assert all(r["ok"] and "ms" in r for r in rows), rows

@@ -332,6 +332,41 @@ def test_37_tasks_on_8_programs_and_one_task(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [
+    # (in, hidden, out, activation, loss): 1-wide input and output around a tl.dot (flat by default);
+    # a 1-wide hidden layer between wide ones (the input-gradient forms of both 1-wide sides); classes
+    (1, [16, 16], 1, "tanh", "mse"),
+    (3, [16, 16, 1, 16], 2, "sigmoid", "mse"),
+    (1, [16, 16], 3, "relu", "cross_entropy"),
+], ids=lambda c: f"{c[0]}-{'-'.join(map(str, c[1]))}-{c[2]}-{c[3]}-{c[4]}")
+def test_flat_one_wide_layers_match_the_3d_products(device, case):
+    """``V2Config(flat=...)``: 1-wide layers as 2-D outer products / row reductions or as 3-D
+    broadcast products -- the same sums -- against each other (``assert_same_across_configs``) and
+    the reference backend, for the inner loop and the fused meta-step (5 tasks on 2 programs)."""
+    d_in, hidden, d_out, act, loss = case
+    torch.manual_seed(61)
+    model = MLP(d_in, output_dim=d_out, hidden_dims=hidden, activation=act).to(device)
+    spec, names, phi = spec_of(model)
+    tasks = (regression_tasks(5, 12, d_in, d_out, seed=62) if loss == "mse"
+             else classification_tasks(5, 12, d_in, d_out, seed=62))
+    indices = sample_indices(5, 3, 12, 4, generator=torch.Generator().manual_seed(63))
+    assert V._meta(spec.dims, spec.activations, loss, 4, 3, "ieee", V.V2Config(), True, False, False)["FLAT"]
+    args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
+    runs = {}
+    for flat in (None, True, False):
+        cfg = V.V2Config(flat=flat, max_programs=2)
+        out, losses = V.inner_loop(*args, lr=0.1, loss=loss, config=cfg)
+        res = V.meta_step(*args, lr=0.1, eps=0.5, loss=loss, config=cfg)
+        runs[flat] = (out[:, :spec.n_params], losses, res.params, res.loss)
+    for flat in (None, False):
+        for what, a, b in zip(("adapted", "losses", "meta φ", "meta loss"), runs[True], runs[flat]):
+            assert_same_across_configs(b, a, device, f"{case}, flat={flat} against True: {what}")
+    params = dict(zip(names, V.unflatten_params(runs[True][0], spec.dims)))
+    assert_inner_matches(params, runs[True][1], reference_inner(model, tasks, indices, lr=0.1, loss=loss),
+                         f"{case}, flat")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_options_give_the_same_result(device):
     """preload on/off/prefetch, warps and programs: the same arithmetic (bit for bit under the
     interpreter; on a GPU each setting is its own compiled kernel: ``assert_same_across_configs``)."""

@@ -148,7 +148,7 @@ def _v2_config(launch: dict):
         return _kernels_v2().V2Config(**launch)
     except TypeError as exc:
         raise TypeError(f"launch options for kernel v2 are V2Config fields (num_warps, programs_per_sm, "
-                        f"max_programs, preload, accumulate, stream): {exc}") from None
+                        f"max_programs, preload, accumulate, stream, flat): {exc}") from None
 
 
 def _check_launch(kernel: str, launch: dict) -> None:

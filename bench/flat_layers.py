@@ -1,0 +1,82 @@
+"""Kernel v2's 1-wide layers in 2-D (``V2Config(flat=...)``) against the 3-D broadcast products, by
+ahead-of-time compilation (no GPU): static counts of the inner-step loop's SASS.
+
+    python -m bench.flat_layers [--arch 90] [--out bench/results/FILE.json]
+
+For every ``bench.triton_compile.V2_GRID`` case (the configurations the public API can reach) and
+the sine MLP's one-task meta-step (the seed's setting), the fused meta-step compiled with
+``flat=False`` and with the kernel's default (``flat=None``: on where a ``tl.dot`` runs): registers,
+spill, and the largest inner loop's instructions, barriers (``BAR``), shared-memory loads/stores,
+shuffles and FFMAs (``bench.triton_compile.sass_loop_facts``).  At T = 1 one program waits out
+every barrier and shared-memory round trip of its steps, so these counts are the latency proxy
+available without a GPU; they are records of a compiler version, not timings.  Run without
+``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+COUNTS = ("instructions", "BAR", "LDS", "STS", "SHFL", "FFMA", "LDL", "STL")
+
+
+def rows(arch: int = 90, log=None) -> list:
+    import triton
+
+    from bench.triton_compile import SINE, V2_GRID, facts
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    cases = [(name, dims, acts, loss, batch, steps, False) for name, dims, acts, loss, batch, steps in V2_GRID]
+    cases.append(("sine-1-64-64-1-one-task", *SINE, "mse", 10, 5, True))
+    out = []
+    for name, dims, acts, loss, batch, steps, one in cases:
+        row = {"case": name, "dims": list(dims), "loss": loss, "batch": batch, "steps": steps,
+               "mode": "meta-step-1" if one else "meta-step", "arch": f"sm_{arch}a", "triton": triton.__version__,
+               "flat_by_default": V._meta(dims, acts, loss, batch, steps, "ieee", V.V2Config(), True, False,
+                                          False)["FLAT"]}
+        for label, flat in (("3d", False), ("default", None)):
+            kw = dict(finalize=True, one_task=True, ones=("n_tasks", "n_programs")) if one else {}
+            try:
+                k = V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps,
+                                         config=V.V2Config(flat=flat), accumulate=True, **kw)
+                f = facts(k, arch)
+                loop = (f.get("sass") or {}).get("loop") or {}
+                row[label] = {"registers": f.get("registers"), "spill_store_bytes": f.get("spill_store_bytes"),
+                              **{c: loop.get(c) for c in COUNTS}}
+            except Exception as exc:  # noqa: BLE001 - recorded per case
+                row[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        out.append(row)
+        if log:
+            a, b = row["3d"], row["default"]
+            log(f"{name} (flat by default: {row['flat_by_default']}): instructions {a.get('instructions')} -> "
+                f"{b.get('instructions')}, BAR {a.get('BAR')} -> {b.get('BAR')}, STS {a.get('STS')} -> "
+                f"{b.get('STS')}, spill {a.get('spill_store_bytes')} -> {b.get('spill_store_bytes')} B")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--out", help="write {stamp, rows} JSON here")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the JIT kernels")
+    result = rows(args.arch, log=print)
+    if args.out:
+        from bench.env import machine_stamp
+
+        stamp = {**machine_stamp(), "python_executable": sys.executable,
+                 "command": " ".join(["python -m bench.flat_layers", *(argv if argv is not None else sys.argv[1:])])}
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "note": "compile only (no GPU): static SASS counts of the "
+                                   "largest inner loop; '3d' = V2Config(flat=False), 'default' = the kernel's "
+                                   "choice", "rows": result}, indent=1) + "\n")
+        tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
