@@ -35,8 +35,7 @@ def rows(arch: int = 90, log=None) -> list:
     for name, dims, acts, loss, batch, steps, one in cases:
         row = {"case": name, "dims": list(dims), "loss": loss, "batch": batch, "steps": steps,
                "mode": "meta-step-1" if one else "meta-step", "arch": f"sm_{arch}a", "triton": triton.__version__,
-               "flat_by_default": V._meta(dims, acts, loss, batch, steps, "ieee", V.V2Config(), True, False,
-                                          False)["FLAT"]}
+               "flat_by_default": V.flat_for(dims)}
         for label, flat in (("3d", False), ("default", None)):
             kw = dict(finalize=True, one_task=True, ones=("n_tasks", "n_programs")) if one else {}
             try:

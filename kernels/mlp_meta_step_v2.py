@@ -78,7 +78,7 @@ __all__ = [
     "ACCURACY", "MAX_LAYERS", "MAX_FEATURES_V2", "MAX_BATCH_V2", "NARROW_MAX", "PRECISIONS",
     "INTERPRETED", "V2Config", "MetaStepResult", "supports_v2", "unsupported_reason", "feature_tile",
     "param_layout", "n_flat_params", "flat_params", "unflatten_params", "meta_step", "guarded_meta_step",
-    "inner_loop", "compile_for_target", "grid_size",
+    "inner_loop", "compile_for_target", "grid_size", "flat_for",
 ]
 
 #: loss name -> compile-time code (as v1)
@@ -974,6 +974,15 @@ def num_warps_for(dims: Sequence[int], config: Optional["V2Config"] = None) -> i
     return config.num_warps or 4
 
 
+def flat_for(dims: Sequence[int], config: Optional["V2Config"] = None) -> bool:
+    """Whether a launch of ``dims`` with ``config`` runs its 1-wide layers in 2-D (``V2Config.flat``):
+    ``config.flat``, else True where a wide x wide layer runs ``tl.dot`` unstreamed."""
+    config = _config(config)
+    if config.flat is not None:
+        return config.flat
+    return any(uses_dot(dims)) and not config.stream
+
+
 def programs_per_sm_for(dims: Sequence[int], config: Optional["V2Config"] = None) -> int:
     """Persistent programs per SM a launch of ``dims`` with ``config`` uses: ``config.programs_per_sm``,
     else 2 for a model with a wide x wide layer that is not streamed (measured best with 4 warps on
@@ -1098,16 +1107,13 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
         preload = s_p * block_b * (p[0] + p[n_layers]) <= PRELOAD_LIMIT
     # 0: load at the step, 1: whole plan up front, 2: prefetch one step ahead
     preload = 2 if preload == "prefetch" else int(bool(preload))
-    flat = config.flat
-    if flat is None:  # where a tl.dot fixes the step's layouts (``V2Config.flat``)
-        flat = any(d and not st for d, st in zip(dots, streamed))
     return dict(N_LAYERS=n_layers, D0=d[0], D1=d[1], D2=d[2], D3=d[3], D4=d[4], D5=d[5],
                 P0=p[0], P1=p[1], P2=p[2], P3=p[3], P4=p[4], P5=p[5],
                 ACT0=acts[0], ACT1=acts[1], ACT2=acts[2], ACT3=acts[3], ACT4=acts[4],
                 DOT0=dots[0], DOT1=dots[1], DOT2=dots[2], DOT3=dots[3], DOT4=dots[4],
                 DL=d[n_layers], PL=p[n_layers], LOSS=LOSS_CODES[loss], BLOCK_B=block_b,
                 STEPS=int(steps), S_P=s_p,
-                PRELOAD=preload, PRECISION=precision, FLAT=flat,
+                PRELOAD=preload, PRECISION=precision, FLAT=flat_for(dims, config),
                 ACCUMULATE=accumulate,
                 WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses, FINALIZE=finalize, ONE_TASK=one_task,
                 S0=streamed[0], S1=streamed[1], S2=streamed[2], S3=streamed[3], S4=streamed[4],

@@ -350,7 +350,8 @@ def test_flat_one_wide_layers_match_the_3d_products(device, case):
     tasks = (regression_tasks(5, 12, d_in, d_out, seed=62) if loss == "mse"
              else classification_tasks(5, 12, d_in, d_out, seed=62))
     indices = sample_indices(5, 3, 12, 4, generator=torch.Generator().manual_seed(63))
-    assert V._meta(spec.dims, spec.activations, loss, 4, 3, "ieee", V.V2Config(), True, False, False)["FLAT"]
+    assert V.flat_for(spec.dims) and V._meta(spec.dims, spec.activations, loss, 4, 3, "ieee", V.V2Config(), True,
+                                             False, False)["FLAT"]
     args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
     runs = {}
     for flat in (None, True, False):
@@ -364,6 +365,21 @@ def test_flat_one_wide_layers_match_the_3d_products(device, case):
     params = dict(zip(names, V.unflatten_params(runs[True][0], spec.dims)))
     assert_inner_matches(params, runs[True][1], reference_inner(model, tasks, indices, lr=0.1, loss=loss),
                          f"{case}, flat")
+
+
+def test_flat_by_default_only_where_a_dot_fixes_the_layouts():
+    """``flat_for``: on for the sine MLP (a 64 x 64 tl.dot), off without a wide x wide layer
+    (1-64-1), off when the wide layers are streamed (no tl.dot), and what the config says if it
+    says; the kernel's FLAT follows it.  Anything but None/True/False is refused by name."""
+    sine = (1, 64, 64, 1)
+    assert V.flat_for(sine) and not V.flat_for((1, 64, 1)) and not V.flat_for(sine, V.V2Config(stream=True))
+    assert not V.flat_for(sine, V.V2Config(flat=False)) and V.flat_for((1, 64, 1), V.V2Config(flat=True))
+    acts = ("tanh", "tanh", "identity")
+    for cfg in (V.V2Config(), V.V2Config(flat=False), V.V2Config(stream=True)):
+        assert V._meta(sine, acts, "mse", 10, 5, "ieee", cfg, True, False, False)["FLAT"] == V.flat_for(sine, cfg)
+    for bad in (1, "on", 0.0):
+        with pytest.raises(ValueError, match="flat must be None, True or False"):
+            V.V2Config(flat=bad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
