@@ -82,7 +82,10 @@ VARIANTS = [("v1", "v1", "ieee", "inner"), ("v1-tf32x3", "v1", "tf32x3", "inner"
             ("v2s", "v2s", "ieee", "inner"), ("v2s-meta", "v2s", "ieee", "meta"),
             # minibatches prefetched a step ahead (V2Config(preload="prefetch")): no cross-thread
             # selection from a preloaded plan (sm_90a: 35 barriers per inner step against 45)
-            ("v2p", "v2p", "ieee", "inner"), ("v2p-meta", "v2p", "ieee", "meta")]
+            ("v2p", "v2p", "ieee", "inner"), ("v2p-meta", "v2p", "ieee", "meta"),
+            # 1-wide layers as 3-D broadcast products (V2Config(flat=False)): the kernel before
+            # ``flat``, timed beside it in the same run (sm_90a: 40 barriers per inner step against 25)
+            ("v2-3d", "v2-3d", "ieee", "inner"), ("v2-3d-meta", "v2-3d", "ieee", "meta")]
 #: input sets (tasks + plans) the timing stage rotates over: every timed call runs each once, so
 #: no kernel variant or provider is timed on one set's cached data or lucky values (issue 5)
 ROTATIONS = 3
@@ -91,15 +94,16 @@ SMOKE_ROTATIONS = 2
 #: seconds the main job (``cli_sine_row``) may take on a GPU
 CLI_TIMEOUT = 45.0
 #: the CPU smoke's (interpreter) subset: each code path once
-SMOKE_VARIANTS = [v for v in VARIANTS if v[0] in ("v1", "v2-tf32x3", "v2-meta", "v2s-meta", "v2p-meta")]
+SMOKE_VARIANTS = [v for v in VARIANTS if v[0] in ("v1", "v2-tf32x3", "v2-meta", "v2s-meta", "v2p-meta", "v2-3d-meta")]
 
 
 def v2_config(kernel: str):
     """The ``V2Config`` of a v2 ``VARIANTS`` kernel name: "v2" (defaults), "v2s" (streamed wide
-    layers), "v2p" (minibatches prefetched a step ahead)."""
+    layers), "v2p" (minibatches prefetched a step ahead), "v2-3d" (1-wide layers as 3-D products)."""
     from reptile_fast.kernels import mlp_meta_step_v2 as V
 
-    return V.V2Config(stream=kernel == "v2s", preload="prefetch" if kernel == "v2p" else None)
+    return V.V2Config(stream=kernel == "v2s", preload="prefetch" if kernel == "v2p" else None,
+                      flat=False if kernel == "v2-3d" else None)
 
 
 class Log:
