@@ -14,12 +14,6 @@ available without a GPU; they are records of a compiler version, not timings.  R
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-from pathlib import Path
-
 COUNTS = ("instructions", "BAR", "LDS", "STS", "SHFL", "FFMA", "LDL", "STL")
 
 
@@ -57,24 +51,10 @@ def rows(arch: int = 90, log=None) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--out", help="write {stamp, rows} JSON here")
-    args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        ap.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the JIT kernels")
-    result = rows(args.arch, log=print)
-    if args.out:
-        from bench.env import machine_stamp
+    from bench.triton_compile import record_main
 
-        stamp = {**machine_stamp(), "python_executable": sys.executable,
-                 "command": " ".join(["python -m bench.flat_layers", *(argv if argv is not None else sys.argv[1:])])}
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stamp": stamp, "note": "compile only (no GPU): static SASS counts of the "
-                                   "largest inner loop; '3d' = V2Config(flat=False), 'default' = the kernel's "
-                                   "choice", "rows": result}, indent=1) + "\n")
-        tmp.replace(args.out)
-    return 0
+    return record_main("flat_layers", __doc__, rows, "compile only (no GPU): static SASS counts of the largest "
+                       "inner loop; '3d' = V2Config(flat=False), 'default' = the kernel's choice", argv)
 
 
 if __name__ == "__main__":

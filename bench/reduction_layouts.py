@@ -16,12 +16,8 @@ version, never test assertions.  Run without ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -113,24 +109,9 @@ def rows(arch: int = 90, cases=CASES, variants=VARIANTS, log=None) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--out", help="write {stamp, rows} JSON here")
-    args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        ap.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the JIT kernels")
-    result = rows(args.arch, log=print)
-    if args.out:
-        from bench.env import machine_stamp
+    from bench.triton_compile import record_main
 
-        stamp = {**machine_stamp(), "python_executable": sys.executable,
-                 "command": " ".join(["python -m bench.reduction_layouts",
-                                      *(argv if argv is not None else sys.argv[1:])])}
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stamp": stamp, "note": __doc__.split("\n\n")[2].replace("\n", " "),
-                                   "rows": result}, indent=1) + "\n")
-        tmp.replace(args.out)
-    return 0
+    return record_main("reduction_layouts", __doc__, rows, __doc__.split("\n\n")[2].replace("\n", " "), argv)
 
 
 if __name__ == "__main__":

@@ -343,6 +343,28 @@ def _sass_line(r: dict) -> str:
             f"{loop['LDS']}/{loop['STS']} LDS/STS, {loop['LDL']}/{loop['STL']} LDL/STL, {loop['LDG']} LDG")
 
 
+def record_main(module: str, doc: str, rows_fn, note: str, argv=None) -> int:
+    """The command line of a compile-only record (``python -m bench.MODULE [--arch 90] [--out FILE]``):
+    refuses ``TRITON_INTERPRET=1``, runs ``rows_fn(arch, log=print)`` and writes ``{stamp, note,
+    rows}`` to ``--out`` atomically (a temporary file, then a rename)."""
+    ap = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--out", help="write {stamp, note, rows} JSON here")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the JIT kernels")
+    result = rows_fn(args.arch, log=print)
+    if args.out:
+        from bench.env import machine_stamp
+
+        stamp = {**machine_stamp(), "python_executable": sys.executable,
+                 "command": " ".join([f"python -m bench.{module}", *(argv if argv is not None else sys.argv[1:])])}
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "note": note, "rows": result}, indent=1) + "\n")
+        tmp.replace(args.out)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", choices=("v1", "v2", "all"), default="v2")
