@@ -1585,6 +1585,12 @@ def summary_lines(results: dict) -> list:
                 if best:
                     ratios = ", ".join(f"{best[0] / rate(b, T):.1f}x {b}" for b in base if rate(b, T))
                     lines.append(f"  T={T}: fastest {prec} Triton variant {best[1]}: {ratios or 'no baseline timed'}")
+        # a kernel change against the kernel without it, timed in this run (V2Config.flat)
+        for new, old in (("v2", "v2-3d"), ("v2-meta", "v2-3d-meta")):
+            pairs = [f"T={T} {rate(new, T) / rate(old, T):.2f}x" for T in sorted({r["T"] for r in timing})
+                     if rate(new, T) and rate(old, T)]
+            if pairs:
+                lines.append(f"  1-wide layers in 2-D ({new}) against 3-D ({old}), tasks/s ratio: " + ", ".join(pairs))
         for check in (r for r in timing if r["provider"].startswith("fit-v2-graphs-check")):
             lines.append(f"  Reptile.fit, seed setting, fused v2 stepper ({check.get('precision', 'ieee')}): " + ", ".join(
                 f"{k} {check[k]}" for k in ("ok", "mode", "bitwise_graphs_vs_launches", "phi_max_abs_vs_torch",
