@@ -5,7 +5,7 @@ ahead-of-time compilation (no GPU): static counts of the inner-step loop's SASS.
 
 For every ``bench.triton_compile.V2_GRID`` case (the configurations the public API can reach) and
 the sine MLP's one-task meta-step (the seed's setting), the fused meta-step compiled with
-``flat=False`` and with the kernel's default (``flat=None``: on where a ``tl.dot`` runs): registers,
+``flat=False``, with the kernel's default (``flat_for``) and with ``flat=True``: registers,
 spill, and the largest inner loop's instructions, barriers (``BAR``), shared-memory loads/stores,
 shuffles and FFMAs (``bench.triton_compile.sass_loop_facts``).  At T = 1 one program waits out
 every barrier and shared-memory round trip of its steps, so these counts are the latency proxy
@@ -25,12 +25,14 @@ def rows(arch: int = 90, log=None) -> list:
 
     cases = [(name, dims, acts, loss, batch, steps, False) for name, dims, acts, loss, batch, steps in V2_GRID]
     cases.append(("sine-1-64-64-1-one-task", *SINE, "mse", 10, 5, True))
+    # batch 32 (padded rows above 16) with a preloaded plan of 5 steps: where the default stays 3-D
+    cases.append(("sine-b32-s5", *SINE, "mse", 32, 5, False))
     out = []
     for name, dims, acts, loss, batch, steps, one in cases:
         row = {"case": name, "dims": list(dims), "loss": loss, "batch": batch, "steps": steps,
                "mode": "meta-step-1" if one else "meta-step", "arch": f"sm_{arch}a", "triton": triton.__version__,
-               "flat_by_default": V.flat_for(dims)}
-        for label, flat in (("3d", False), ("default", None)):
+               "flat_by_default": V.flat_for(dims, batch, steps)}
+        for label, flat in (("3d", False), ("default", None), ("on", True)):
             kw = dict(finalize=True, one_task=True, ones=("n_tasks", "n_programs")) if one else {}
             try:
                 k = V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps,
@@ -43,10 +45,9 @@ def rows(arch: int = 90, log=None) -> list:
                 row[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         out.append(row)
         if log:
-            a, b = row["3d"], row["default"]
-            log(f"{name} (flat by default: {row['flat_by_default']}): instructions {a.get('instructions')} -> "
-                f"{b.get('instructions')}, BAR {a.get('BAR')} -> {b.get('BAR')}, STS {a.get('STS')} -> "
-                f"{b.get('STS')}, spill {a.get('spill_store_bytes')} -> {b.get('spill_store_bytes')} B")
+            log(f"{name} (flat by default: {row['flat_by_default']}): " + "; ".join(
+                f"{label} {r.get('instructions')} instr, {r.get('BAR')} BAR, {r.get('STS')} STS, "
+                f"{r.get('spill_store_bytes')} B spill" for label, r in ((k, row[k]) for k in ("3d", "default", "on"))))
     return out
 
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     from bench.triton_compile import record_main
 
     return record_main("flat_layers", __doc__, rows, "compile only (no GPU): static SASS counts of the largest "
-                       "inner loop; '3d' = V2Config(flat=False), 'default' = the kernel's choice", argv)
+                       "inner loop; '3d' = V2Config(flat=False), 'default' = the kernel's choice, 'on' = flat=True", argv)
 
 
 if __name__ == "__main__":

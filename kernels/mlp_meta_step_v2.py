@@ -974,13 +974,34 @@ def num_warps_for(dims: Sequence[int], config: Optional["V2Config"] = None) -> i
     return config.num_warps or 4
 
 
-def flat_for(dims: Sequence[int], config: Optional["V2Config"] = None) -> bool:
-    """Whether a launch of ``dims`` with ``config`` runs its 1-wide layers in 2-D (``V2Config.flat``):
-    ``config.flat``, else True where a wide x wide layer runs ``tl.dot`` unstreamed."""
+def flat_for(dims: Sequence[int], batch: int, steps: int, config: Optional["V2Config"] = None) -> bool:
+    """Whether a launch of ``dims`` at ``batch`` points and ``steps`` inner steps with ``config`` runs
+    its 1-wide layers in 2-D (``V2Config.flat``): ``config.flat``, else True where a wide x wide
+    layer runs ``tl.dot`` unstreamed -- except with a preloaded plan at a padded batch above 16,
+    where Triton laid the 2-D step out in the selected rows' layout (sine MLP, batch 32, 2-5
+    steps, sm_90a: 1.9x the instructions and 12.8 KB of spill; bench/results/triton-flat-layers-*)."""
     config = _config(config)
     if config.flat is not None:
         return config.flat
-    return any(uses_dot(dims)) and not config.stream
+    if not any(uses_dot(dims)) or config.stream:
+        return False
+    preload, block_b, _ = _plan_layout(dims, batch, steps, config)
+    return not (preload == 1 and block_b > 16)
+
+
+def _plan_layout(dims: Sequence[int], batch: int, steps: int, config: "V2Config"):
+    """(PRELOAD code, BLOCK_B, S_P) of a launch: 0 each step's rows loaded at the step, 1 the whole
+    plan up front (``config.preload`` None: when it fits ``PRELOAD_LIMIT``), 2 prefetched."""
+    n_layers = len(dims) - 1
+    p = [feature_tile(v) for v in dims]
+    block_b = triton.next_power_of_2(int(batch))
+    if any(uses_dot(dims)):
+        block_b = max(16, block_b)  # tl.dot's M (forward) and K (weight gradient)
+    s_p = triton.next_power_of_2(max(1, int(steps)))
+    preload = config.preload
+    if preload is None:
+        preload = s_p * block_b * (p[0] + p[n_layers]) <= PRELOAD_LIMIT
+    return (2 if preload == "prefetch" else int(bool(preload))), block_b, s_p
 
 
 def programs_per_sm_for(dims: Sequence[int], config: Optional["V2Config"] = None) -> int:
@@ -1042,8 +1063,10 @@ class V2Config:
         flat: a 1-wide input or output layer (the sine MLP's) in 2-D -- an outer product, a row
             reduction -- instead of a 3-D broadcast product (``_forward``); the same numbers, ~40 %
             fewer barriers per inner step for the sine MLP (sm_90a, by ahead-of-time compilation;
-            not yet timed on a GPU).  None: on where a wide x wide layer runs ``tl.dot`` (not
-            streamed); without one, Triton lays the whole step out badly (1-64-1: 8x the FMAs).
+            not yet timed on a GPU).  None: ``flat_for`` -- on where a wide x wide layer runs
+            ``tl.dot`` (not streamed), except with a preloaded plan at a padded batch above 16;
+            elsewhere Triton laid the whole 2-D step out badly (1-64-1: 8x the FMAs; the sine
+            MLP at batch 32: 1.9x the instructions, 12.8 KB of spill).
     """
 
     num_warps: Optional[int] = None
@@ -1088,10 +1111,7 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
     p = [feature_tile(v) for v in d]
     dots = uses_dot(dims) + [False] * (MAX_LAYERS - n_layers)
     acts = [ACTIVATION_CODES[a] for a in activations] + [0] * (MAX_LAYERS - n_layers)
-    block_b = triton.next_power_of_2(int(batch))
-    if any(dots):
-        block_b = max(16, block_b)  # tl.dot's M (forward) and K (weight gradient)
-    s_p = triton.next_power_of_2(max(1, int(steps)))
+    preload, block_b, s_p = _plan_layout(dims, batch, steps, config)
     streamed = [dot and config.stream for dot in dots]
     layout, _ = _scratch_layout(dims, block_b) if config.stream else ({}, 0)
     mode = config.accumulate
@@ -1102,18 +1122,13 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
     # break the streamed kernel's 128-register cap (Triton 3.6 spilled); they sum in the partial row
     one_task = bool(finalize and one_task and not any(streamed))
     accumulate = (1 if mode == "registers" else 2) if accumulate and not one_task else 0
-    preload = config.preload
-    if preload is None:
-        preload = s_p * block_b * (p[0] + p[n_layers]) <= PRELOAD_LIMIT
-    # 0: load at the step, 1: whole plan up front, 2: prefetch one step ahead
-    preload = 2 if preload == "prefetch" else int(bool(preload))
     return dict(N_LAYERS=n_layers, D0=d[0], D1=d[1], D2=d[2], D3=d[3], D4=d[4], D5=d[5],
                 P0=p[0], P1=p[1], P2=p[2], P3=p[3], P4=p[4], P5=p[5],
                 ACT0=acts[0], ACT1=acts[1], ACT2=acts[2], ACT3=acts[3], ACT4=acts[4],
                 DOT0=dots[0], DOT1=dots[1], DOT2=dots[2], DOT3=dots[3], DOT4=dots[4],
                 DL=d[n_layers], PL=p[n_layers], LOSS=LOSS_CODES[loss], BLOCK_B=block_b,
                 STEPS=int(steps), S_P=s_p,
-                PRELOAD=preload, PRECISION=precision, FLAT=flat_for(dims, config),
+                PRELOAD=preload, PRECISION=precision, FLAT=flat_for(dims, batch, steps, config),
                 ACCUMULATE=accumulate,
                 WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses, FINALIZE=finalize, ONE_TASK=one_task,
                 S0=streamed[0], S1=streamed[1], S2=streamed[2], S3=streamed[3], S4=streamed[4],

@@ -350,7 +350,7 @@ def test_flat_one_wide_layers_match_the_3d_products(device, case):
     tasks = (regression_tasks(5, 12, d_in, d_out, seed=62) if loss == "mse"
              else classification_tasks(5, 12, d_in, d_out, seed=62))
     indices = sample_indices(5, 3, 12, 4, generator=torch.Generator().manual_seed(63))
-    assert V.flat_for(spec.dims) and V._meta(spec.dims, spec.activations, loss, 4, 3, "ieee", V.V2Config(), True,
+    assert V.flat_for(spec.dims, 4, 3) and V._meta(spec.dims, spec.activations, loss, 4, 3, "ieee", V.V2Config(), True,
                                              False, False)["FLAT"]
     args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
     runs = {}
@@ -369,14 +369,23 @@ def test_flat_one_wide_layers_match_the_3d_products(device, case):
 
 def test_flat_by_default_only_where_a_dot_fixes_the_layouts():
     """``flat_for``: on for the sine MLP (a 64 x 64 tl.dot), off without a wide x wide layer
-    (1-64-1), off when the wide layers are streamed (no tl.dot), and what the config says if it
-    says; the kernel's FLAT follows it.  Anything but None/True/False is refused by name."""
+    (1-64-1), off when the wide layers are streamed (no tl.dot), off for a preloaded plan at a
+    padded batch above 16, and what the config says if it says; the kernel's FLAT follows it.
+    Anything but None/True/False is refused by name."""
     sine = (1, 64, 64, 1)
-    assert V.flat_for(sine) and not V.flat_for((1, 64, 1)) and not V.flat_for(sine, V.V2Config(stream=True))
-    assert not V.flat_for(sine, V.V2Config(flat=False)) and V.flat_for((1, 64, 1), V.V2Config(flat=True))
+    assert V.flat_for(sine, 10, 5) and not V.flat_for((1, 64, 1), 10, 5)
+    assert not V.flat_for(sine, 10, 5, V.V2Config(stream=True))
+    assert not V.flat_for(sine, 10, 5, V.V2Config(flat=False)) and V.flat_for((1, 64, 1), 10, 5, V.V2Config(flat=True))
+    # a preloaded plan at a padded batch above 16: 3-D (the 2-D step was laid out badly there);
+    # the same batch loaded step by step or prefetched stays 2-D
+    assert not V.flat_for(sine, 32, 5) and not V.flat_for(sine, 17, 5, V.V2Config(preload=True))
+    assert V.flat_for(sine, 32, 5, V.V2Config(preload=False)) and V.flat_for(sine, 32, 5, V.V2Config(preload="prefetch"))
+    assert V.flat_for(sine, 16, 16)
     acts = ("tanh", "tanh", "identity")
-    for cfg in (V.V2Config(), V.V2Config(flat=False), V.V2Config(stream=True)):
-        assert V._meta(sine, acts, "mse", 10, 5, "ieee", cfg, True, False, False)["FLAT"] == V.flat_for(sine, cfg)
+    for batch, cfg in ((10, V.V2Config()), (10, V.V2Config(flat=False)), (10, V.V2Config(stream=True)),
+                       (32, V.V2Config()), (32, V.V2Config(preload=False))):
+        got = V._meta(sine, acts, "mse", batch, 5, "ieee", cfg, True, False, False)["FLAT"]
+        assert got == V.flat_for(sine, batch, 5, cfg), (batch, cfg)
     for bad in (1, "on", 0.0):
         with pytest.raises(ValueError, match="flat must be None, True or False"):
             V.V2Config(flat=bad)
