@@ -3,8 +3,9 @@ ahead-of-time compilation (no GPU): static counts of the inner-step loop's SASS.
 
     python -m bench.flat_layers [--arch 90] [--out bench/results/FILE.json]
 
-For every ``bench.triton_compile.V2_GRID`` case (the configurations the public API can reach) and
-the sine MLP's one-task meta-step (the seed's setting), the fused meta-step compiled with
+For every ``bench.triton_compile.V2_GRID`` case (the configurations the public API can reach), the
+sine MLP's one-task meta-step (the seed's setting) in each precision and the sine MLP at batch 32,
+the fused meta-step compiled with
 ``flat=False``, with the kernel's default (``flat_for``) and with ``flat=True``: registers,
 spill, and the largest inner loop's instructions, barriers (``BAR``), shared-memory loads/stores,
 shuffles and FFMAs (``bench.triton_compile.sass_loop_facts``).  At T = 1 one program waits out
@@ -23,19 +24,21 @@ def rows(arch: int = 90, log=None) -> list:
     from bench.triton_compile import SINE, V2_GRID, facts
     from reptile_fast.kernels import mlp_meta_step_v2 as V
 
-    cases = [(name, dims, acts, loss, batch, steps, False) for name, dims, acts, loss, batch, steps in V2_GRID]
-    cases.append(("sine-1-64-64-1-one-task", *SINE, "mse", 10, 5, True))
+    cases = [(name, dims, acts, loss, batch, steps, False, "ieee") for name, dims, acts, loss, batch, steps in V2_GRID]
+    # the seed's setting in each precision (tensor cores for the 64 x 64 layer in tf32x3 / tf32)
+    cases += [(f"sine-1-64-64-1-one-task{'' if p == 'ieee' else '-' + p}", *SINE, "mse", 10, 5, True, p)
+              for p in ("ieee", "tf32x3", "tf32")]
     # batch 32 (padded rows above 16) with a preloaded plan of 5 steps: where the default stays 3-D
-    cases.append(("sine-b32-s5", *SINE, "mse", 32, 5, False))
+    cases.append(("sine-b32-s5", *SINE, "mse", 32, 5, False, "ieee"))
     out = []
-    for name, dims, acts, loss, batch, steps, one in cases:
-        row = {"case": name, "dims": list(dims), "loss": loss, "batch": batch, "steps": steps,
+    for name, dims, acts, loss, batch, steps, one, precision in cases:
+        row = {"case": name, "dims": list(dims), "loss": loss, "batch": batch, "steps": steps, "precision": precision,
                "mode": "meta-step-1" if one else "meta-step", "arch": f"sm_{arch}a", "triton": triton.__version__,
                "flat_by_default": V.flat_for(dims, batch, steps)}
         for label, flat in (("3d", False), ("default", None), ("on", True)):
             kw = dict(finalize=True, one_task=True, ones=("n_tasks", "n_programs")) if one else {}
             try:
-                k = V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps,
+                k = V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=precision,
                                          config=V.V2Config(flat=flat), accumulate=True, **kw)
                 f = facts(k, arch)
                 loop = (f.get("sass") or {}).get("loop") or {}
