@@ -240,10 +240,10 @@ def _forward(a, w, b, ACT: tl.constexpr, D_OUT: tl.constexpr, P_IN: tl.constexpr
     outer product ``a [BB, 1] * w.T [1, P_OUT]``, a 1-wide output as the row reduction
     ``Σ_i a[:, i] w[0, i]``.  The 3-D product's layouts cost shared-memory round trips and
     barriers every step (sm_90a, Triton 3.6: 32 of the 1-64-1 MLP's inner step's barriers come
-    from its two 1-wide layers).  FLAT only where a ``tl.dot`` fixes the step's layouts: without
-    one, Triton carried the selected minibatch rows' layout (each row's 64 units in one thread,
-    8 copies) through the whole step (1-64-1: 8x the FMAs and 4 KB of spill).  A sum over a
-    1-long axis is its one term, so the numbers do not change."""
+    from its two 1-wide layers).  FLAT as ``flat_for`` decides (where a ``tl.dot`` fixes the
+    step's layouts: without one, Triton carried the selected minibatch rows' layout -- each row's
+    64 units in one thread, 8 copies -- through the whole step; 1-64-1: 8x the FMAs and 4 KB of
+    spill).  A sum over a 1-long axis is its one term, so the numbers do not change."""
     if DOT:
         z = tl.dot(a, tl.trans(w), input_precision=PRECISION)
     elif FLAT and P_IN == 1:
@@ -599,7 +599,7 @@ def _meta_step_kernel(
     DL: tl.constexpr, PL: tl.constexpr, LOSS: tl.constexpr, BLOCK_B: tl.constexpr,
     STEPS: tl.constexpr, S_P: tl.constexpr,
     PRELOAD: tl.constexpr, PRECISION: tl.constexpr,
-    # 1-wide layers in 2-D (``_forward``: where a tl.dot, not streamed, fixes the step's layouts)
+    # 1-wide layers in 2-D (``_forward``; ``flat_for`` decides)
     FLAT: tl.constexpr,
     # streamed layers (S_l = DOT_l and stream) and their scratch offsets
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, S4: tl.constexpr,
