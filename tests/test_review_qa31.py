@@ -7,8 +7,8 @@ the seed-by-seed comparison is consistent with "equally close": under that hypot
 two is closer on a seed is a fair coin, so the number of seeds where the backend is farther is
 Binomial(n, 1/2) (ties — bitwise equal results — dropped); a count whose one-sided p-value is
 below 1e-3 refuses "equally close" (``test_the_sign_test_refuses_tanh_through_the_sigmoid_under_adam``).
-Which one is closer depends on the machine's BLAS (session 16's AMD EPYC: the batched FOMAML
-meta-gradient 1.28x farther on 31 of 32 seeds), so the backends are held to the project's fp32
+Which one is closer depends on the machine (session 16's AMD EPYC: the batched FOMAML
+meta-gradient 1.28x farther on 30 of 32 seeds, bench/results/numerics_grid_cpu_amd_epyc.json), so the backends are held to the project's fp32
 bound instead -- at most 2x the reference's distance, in the median over seeds -- and the
 tanh defect is caught exactly (the default path equals ``fast_tanh=False`` bit for bit).  Before the fix, the torch backend's MLP path computed tanh as 2σ(2z) − 1
 (an absolute, not relative, ~ulp(1) error) with inner Adam and for FOMAML's meta-gradient too: it
@@ -92,7 +92,7 @@ def test_torch_backend_is_as_close_to_float64_as_the_reference(dtype, optimizer,
     # Within the project's fp32 bound: at most 2x the reference's distance from float64, in the
     # median over seeds.  Not the sign test: which one is closer depends on the machine's BLAS --
     # on an AMD EPYC (session 16, torch 2.14.1) the batched path's FOMAML meta-gradient sat 1.28x
-    # farther than the reference's on 31 of 32 seeds (its sums over a minibatch's rows), where
+    # farther than the reference's on 30 of 32 seeds (bench/results/numerics_grid_cpu_amd_epyc.json), where
     # the earlier machines gave "equally close".  The defect this guards against (2σ(2z) − 1 for
     # Adam / FOMAML / grad_weights) is caught exactly by
     # test_default_tanh_is_torch_tanh_where_gradients_reach_the_result below.
