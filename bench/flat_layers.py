@@ -15,13 +15,8 @@ available without a GPU; they are records of a compiler version, not timings.  R
 """
 from __future__ import annotations
 
-COUNTS = ("instructions", "BAR", "LDS", "STS", "SHFL", "FFMA", "LDL", "STL")
-
-
 def rows(arch: int = 90, log=None) -> list:
-    import triton
-
-    from bench.triton_compile import SINE, V2_GRID, facts
+    from bench.triton_compile import SINE, V2_GRID, option_rows
     from reptile_fast.kernels import mlp_meta_step_v2 as V
 
     cases = [(name, dims, acts, loss, batch, steps, False, "ieee") for name, dims, acts, loss, batch, steps in V2_GRID]
@@ -30,28 +25,8 @@ def rows(arch: int = 90, log=None) -> list:
               for p in ("ieee", "tf32x3", "tf32")]
     # batch 32 (padded rows above 16) with a preloaded plan of 5 steps: where the default stays 3-D
     cases.append(("sine-b32-s5", *SINE, "mse", 32, 5, False, "ieee"))
-    out = []
-    for name, dims, acts, loss, batch, steps, one, precision in cases:
-        row = {"case": name, "dims": list(dims), "loss": loss, "batch": batch, "steps": steps, "precision": precision,
-               "mode": "meta-step-1" if one else "meta-step", "arch": f"sm_{arch}a", "triton": triton.__version__,
-               "flat_by_default": V.flat_for(dims, batch, steps)}
-        for label, flat in (("3d", False), ("default", None), ("on", True)):
-            kw = dict(finalize=True, one_task=True, ones=("n_tasks", "n_programs")) if one else {}
-            try:
-                k = V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=precision,
-                                         config=V.V2Config(flat=flat), accumulate=True, **kw)
-                f = facts(k, arch)
-                loop = (f.get("sass") or {}).get("loop") or {}
-                row[label] = {"registers": f.get("registers"), "spill_store_bytes": f.get("spill_store_bytes"),
-                              **{c: loop.get(c) for c in COUNTS}}
-            except Exception as exc:  # noqa: BLE001 - recorded per case
-                row[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        out.append(row)
-        if log:
-            log(f"{name} (flat by default: {row['flat_by_default']}): " + "; ".join(
-                f"{label} {r.get('instructions')} instr, {r.get('BAR')} BAR, {r.get('STS')} STS, "
-                f"{r.get('spill_store_bytes')} B spill" for label, r in ((k, row[k]) for k in ("3d", "default", "on"))))
-    return out
+    return option_rows("flat", (("3d", False), ("default", None), ("on", True)), cases, arch, log,
+                       default=lambda dims, batch, steps, precision: V.flat_for(dims, batch, steps))
 
 
 def main(argv=None) -> int:

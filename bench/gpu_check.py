@@ -35,8 +35,10 @@ rewritten (atomically) after every stage, so a kill loses at most the stage in f
    (``_recover_after_capture``) and later error rows say they came after it.
 5. compute-sanitizer memcheck, initcheck, synccheck at T=16, each under a timeout.
 6. ncu SpeedOfLight, Occupancy, WarpStateStats and SchedulerStats of v2 meta-step launches
-   (``PROFILED``: default, streamed and prefetching at T=4096; default and prefetching one-task
-   guarded meta-steps at T=1, the seed's launch, one program alone on its SM; when ncu exists).
+   (``PROFILED``: default, batch-major, batch-major with 3-D 1-wide layers and streamed at T=4096;
+   default and batch-major one-task guarded meta-steps at T=1, the seed's launch, one program alone
+   on its SM; when ncu exists), then a second pass over the same launches for shared-memory
+   wavefronts and bank conflicts (``NCU_SHARED_METRICS``).
 
 A run that cannot end by itself (a GPU call that never returns) is ended ``DEADLINE_GRACE`` s after
 the budget (355 s on a GPU): results.json with the rows made so far, summary.txt, children
@@ -83,8 +85,12 @@ VARIANTS = [("v1", "v1", "ieee", "inner"), ("v1-tf32x3", "v1", "tf32x3", "inner"
             # minibatches prefetched a step ahead (V2Config(preload="prefetch")): no cross-thread
             # selection from a preloaded plan (sm_90a: 35 barriers per inner step against 45)
             ("v2p", "v2p", "ieee", "inner"), ("v2p-meta", "v2p", "ieee", "meta"),
-            # 1-wide layers as 3-D broadcast products (V2Config(flat=False)): the kernel before
-            # ``flat``, timed beside it in the same run (sm_90a: 40 barriers per inner step against 25)
+            # wide x wide products batch-major (V2Config(transpose=False)): the kernel before
+            # ``transpose``, timed beside it in the same run (sm_90a, ieee: 196 spill loads/stores and
+            # 25 barriers per inner step against none and 10)
+            ("v2-bm", "v2-bm", "ieee", "inner"), ("v2-bm-meta", "v2-bm", "ieee", "meta"),
+            # and 1-wide layers as 3-D broadcast products too (flat=False, transpose=False): the
+            # kernel timed in session 16 (40 barriers per inner step)
             ("v2-3d", "v2-3d", "ieee", "inner"), ("v2-3d-meta", "v2-3d", "ieee", "meta")]
 #: input sets (tasks + plans) the timing stage rotates over: every timed call runs each once, so
 #: no kernel variant or provider is timed on one set's cached data or lucky values (issue 5)
@@ -94,16 +100,19 @@ SMOKE_ROTATIONS = 2
 #: seconds the main job (``cli_sine_row``) may take on a GPU
 CLI_TIMEOUT = 45.0
 #: the CPU smoke's (interpreter) subset: each code path once
-SMOKE_VARIANTS = [v for v in VARIANTS if v[0] in ("v1", "v2-tf32x3", "v2-meta", "v2s-meta", "v2p-meta", "v2-3d-meta")]
+SMOKE_VARIANTS = [v for v in VARIANTS if v[0] in ("v1", "v2-tf32x3", "v2-meta", "v2s-meta", "v2p-meta", "v2-bm-meta",
+                                                  "v2-3d-meta")]
 
 
 def v2_config(kernel: str):
     """The ``V2Config`` of a v2 ``VARIANTS`` kernel name: "v2" (defaults), "v2s" (streamed wide
-    layers), "v2p" (minibatches prefetched a step ahead), "v2-3d" (1-wide layers as 3-D products)."""
+    layers), "v2p" (minibatches prefetched a step ahead), "v2-bm" (wide x wide products batch-major),
+    "v2-3d" (batch-major and 1-wide layers as 3-D products)."""
     from reptile_fast.kernels import mlp_meta_step_v2 as V
 
     return V.V2Config(stream=kernel == "v2s", preload="prefetch" if kernel == "v2p" else None,
-                      flat=False if kernel == "v2-3d" else None)
+                      flat=False if kernel == "v2-3d" else None,
+                      transpose=False if kernel in ("v2-bm", "v2-3d") else None)
 
 
 class Log:
@@ -1377,8 +1386,11 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
     logf = out / ("ncu.log" if tool_name == "ncu" else "sanitizer.log")
     for tool in tools:
         if tool_name == "ncu":
-            cmd = [exe, "--section", "SpeedOfLight", "--section", "Occupancy", "--section", "WarpStateStats",
-                   "--section", "SchedulerStats", "--clock-control", "none",
+            # the shared-memory metrics in a pass of their own: a metric this ncu does not know
+            # fails only that pass, not the sections'
+            what = (["--section", "SpeedOfLight", "--section", "Occupancy", "--section", "WarpStateStats",
+                     "--section", "SchedulerStats"] if tool == "ncu" else ["--metrics", ",".join(NCU_SHARED_METRICS)])
+            cmd = [exe, *what, "--clock-control", "none",
                    "-k", "regex:_meta_step_kernel", "--launch-count", str(len(PROFILED)),
                    sys.executable, "-m", "bench.gpu_check", "--target", "profile", str(out)]
         else:
@@ -1417,7 +1429,9 @@ _TOOL_FIGURES = ("ERROR SUMMARY", "Duration", "Memory Throughput", "Compute (SM)
                  # WarpStateStats / SchedulerStats: cycles between a warp's instructions, issue slots
                  # used, and the rule text naming the stall that dominates
                  "Warp Cycles Per Issued Instruction", "Issued Warp Per Scheduler", "No Eligible",
-                 "cycles being stalled")
+                 "cycles being stalled",
+                 # the ncu-shared pass: shared-memory wavefronts, bank conflicts, instructions
+                 "mem_shared_op_", "sass__inst_executed_shared_", "gpu__time_duration")
 
 
 def tool_summary(text: str, limit: int = 24) -> list:
@@ -1434,7 +1448,16 @@ def tool_summary(text: str, limit: int = 24) -> list:
 
 #: what ncu profiles (``run_target("profile")``), in launch order: (variant, T); each launches
 #: ``_meta_step_kernel`` (the kernel ncu's filter selects) once: ``profile_launch``
-PROFILED = (("v2-meta", 4096), ("v2s-meta", 4096), ("v2p-meta", 4096), ("v2-meta", 1), ("v2p-meta", 1))
+PROFILED = (("v2-meta", 4096), ("v2-bm-meta", 4096), ("v2-3d-meta", 4096), ("v2s-meta", 4096), ("v2-meta", 1),
+            ("v2-bm-meta", 1))
+#: the second ncu pass's metrics (``ncu-shared``): shared-memory wavefronts and the bank conflicts
+#: among them (wavefronts beyond the minimum an access needs), per load / store instruction
+NCU_SHARED_METRICS = ("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
+                      "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
+                      "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",
+                      "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum",
+                      "sass__inst_executed_shared_loads", "sass__inst_executed_shared_stores",
+                      "gpu__time_duration.sum")
 
 
 def profile_launch(name: str, T: int, device, prob):
@@ -1585,12 +1608,17 @@ def summary_lines(results: dict) -> list:
                 if best:
                     ratios = ", ".join(f"{best[0] / rate(b, T):.1f}x {b}" for b in base if rate(b, T))
                     lines.append(f"  T={T}: fastest {prec} Triton variant {best[1]}: {ratios or 'no baseline timed'}")
-        # a kernel change against the kernel without it, timed in this run (V2Config.flat)
-        for new, old in (("v2", "v2-3d"), ("v2-meta", "v2-3d-meta")):
+        # a kernel change against the kernel without it, timed in this run (V2Config.transpose,
+        # V2Config.flat)
+        for what, new, old in (("wide x wide products feature-major", "v2", "v2-bm"),
+                               ("wide x wide products feature-major", "v2-meta", "v2-bm-meta"),
+                               ("1-wide layers in 2-D", "v2-bm", "v2-3d"),
+                               ("1-wide layers in 2-D", "v2-bm-meta", "v2-3d-meta"),
+                               ("both", "v2-meta", "v2-3d-meta")):
             pairs = [f"T={T} {rate(new, T) / rate(old, T):.2f}x" for T in sorted({r["T"] for r in timing})
                      if rate(new, T) and rate(old, T)]
             if pairs:
-                lines.append(f"  1-wide layers in 2-D ({new}) against 3-D ({old}), tasks/s ratio: " + ", ".join(pairs))
+                lines.append(f"  {what} ({new}) against not ({old}), tasks/s ratio: " + ", ".join(pairs))
         for check in (r for r in timing if r["provider"].startswith("fit-v2-graphs-check")):
             lines.append(f"  Reptile.fit, seed setting, fused v2 stepper ({check.get('precision', 'ieee')}): " + ", ".join(
                 f"{k} {check[k]}" for k in ("ok", "mode", "bitwise_graphs_vs_launches", "phi_max_abs_vs_torch",
@@ -1682,7 +1710,8 @@ def main(argv=None) -> int:
                                                  results, out), 170),
             ("5", "sanitizer", lambda: stage_tools(log, out, device, "sanitizer", max(10, min(40, (budget.left() - 45) / 3)),
                                                    ("memcheck", "initcheck", "synccheck")), 120),
-            ("6", "ncu", lambda: stage_tools(log, out, device, "ncu", max(10, min(45, budget.left() - 5)), ("ncu",)), 45),
+            ("6", "ncu", lambda: stage_tools(log, out, device, "ncu", max(10, min(30, (budget.left() - 5) / 2)),
+                                             ("ncu", "ncu-shared")), 60),
         ]
         pending = []  # stage 2's compile, running beside stage 3
 

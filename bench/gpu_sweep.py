@@ -37,10 +37,10 @@ SWEEP_T = (1, 4096, 65536)
 
 
 #: the settings swept by default (``--warps``, ``--per-sm``, ``--accumulate``, ``--stream``, ``--preload``,
-#: ``--flat`` narrow or widen them); "default" in ``accumulate`` / ``preload`` / ``flat``: the kernel's own
-#: choice (the field left out)
+#: ``--flat``, ``--transpose`` narrow or widen them); "default" in ``accumulate`` / ``preload`` / ``flat`` /
+#: ``transpose``: the kernel's own choice (the field left out)
 GRID = {"warps": (4, 8), "accumulate": ("registers", "memory"), "stream": (False, True), "per_sm": (1, 2, 4, 8),
-        "preload": ("default", "prefetch"), "flat": ("default",)}
+        "preload": ("default", "prefetch"), "flat": ("default",), "transpose": ("default",)}
 
 
 def settings(T: int, smoke: bool, precision: str = "ieee", grid=None):
@@ -55,20 +55,23 @@ def settings(T: int, smoke: bool, precision: str = "ieee", grid=None):
     yield {}
     g = dict(GRID, **(grid or {}))
     warps, accumulate, stream, per_sm, preload = g["warps"], g["accumulate"], g["stream"], g["per_sm"], g["preload"]
-    flat = g["flat"]
+    flat, transpose = g["flat"], g["transpose"]
     if precision != "ieee":
         stream = tuple(s for s in stream if not s)
     if T == 1:  # one task: one program whatever the grid
         per_sm = per_sm[:1]
     if smoke:  # each code path once
         warps, accumulate, per_sm, preload = warps[:1], accumulate[-1:], per_sm[:2], preload[-1:]
-    for w, acc, st, p, pre, fl in itertools.product(warps, accumulate, stream, per_sm, preload, flat):
+    for w, acc, st, p, pre, fl, tr in itertools.product(warps, accumulate, stream, per_sm, preload, flat, transpose):
         if st and pre != "default" and "default" in preload:
             continue
         if st and fl != "default" and "default" in flat:  # 2-D 1-wide layers: swept unstreamed
             continue
-        kw = {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p, "preload": pre, "flat": fl}
-        for field, value in (("accumulate", acc), ("preload", pre), ("flat", fl)):
+        if st and tr != "default" and "default" in transpose:  # a streamed layer has no tl.dot to transpose
+            continue
+        kw = {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p, "preload": pre, "flat": fl,
+              "transpose": tr}
+        for field, value in (("accumulate", acc), ("preload", pre), ("flat", fl), ("transpose", tr)):
             if value == "default":
                 del kw[field]
         yield kw
@@ -299,6 +302,11 @@ def _grid_args(ap, args):
         if not words or any(v not in ("default", "on", "off") for v in words):
             ap.error(f"--flat takes default, on, off; got {args.flat!r}")
         grid["flat"] = tuple({"on": True, "off": False}.get(v, v) for v in words)
+    if args.transpose is not None:
+        words = [v.strip() for v in args.transpose.split(",") if v.strip()]
+        if not words or any(v not in ("default", "on", "off") for v in words):
+            ap.error(f"--transpose takes default, on, off; got {args.transpose!r}")
+        grid["transpose"] = tuple({"on": True, "off": False}.get(v, v) for v in words)
     return grid
 
 
@@ -321,6 +329,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flat", default=None,
                     help="comma-separated: default (the kernel's choice), on, off (V2Config.flat: 1-wide layers "
                          "in 2-D or as 3-D products); default: default")
+    ap.add_argument("--transpose", default=None,
+                    help="comma-separated: default (the kernel's choice), on, off (V2Config.transpose: wide x wide "
+                         "products feature-major or batch-major); default: default")
     args = ap.parse_args(argv)
     grid, Ts_arg = _grid_args(ap, args), None
     if args.T is not None:

@@ -343,6 +343,81 @@ def _sass_line(r: dict) -> str:
             f"{loop['LDS']}/{loop['STS']} LDS/STS, {loop['LDL']}/{loop['STL']} LDL/STL, {loop['LDG']} LDG")
 
 
+def dot_operand_bytes(ttgir: str) -> list:
+    """Per ``tt.dot`` of a kernel's TTGIR whose output has a blocked layout (Triton's fp32 FMA dot):
+    its shape ``[M, K] x [K, N]``, the output layout's ``sizePerThread`` / ``threadsPerWarp`` /
+    ``warpsPerCTA``, and ``operand_bytes``: the bytes of A and B the warps need from shared memory
+    per product, each warp reading every element its output tile needs once -- Σ over warps of
+    (its distinct rows + its distinct columns) x K x 4.  A layout fact (bank conflicts only add
+    wavefronts on top; a GPU's profiler measures those).  A dim whose layout tile (size x threads x
+    warps) exceeds the shape holds copies: a warp covers min(shape, size x threads) of it."""
+    layouts = {}
+    for m in re.finditer(r"^#(blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = "
+                         r"\[([\d, ]+)\], warpsPerCTA = \[([\d, ]+)\]", ttgir, flags=re.M):
+        layouts[m.group(1)] = [[int(v) for v in g.split(",")] for g in m.groups()[1:]]
+    out = []
+    for m in re.finditer(r"tt\.dot [^:\n]*: tensor<(\d+)x(\d+)xf32,[^\n]*?\*\s*tensor<(\d+)x(\d+)xf32,[^\n]*?->\s*"
+                         r"tensor<(\d+)x(\d+)xf32, #(blocked\d*)>", ttgir):
+        M, K, _, N = (int(v) for v in m.groups()[:4])
+        lay = layouts.get(m.group(7))
+        if lay is None:
+            continue
+        spt, tpw, wpc = lay
+        per_warp = [shape // w if shape >= s * t * w else min(shape, s * t)
+                    for shape, s, t, w in zip((M, N), spt, tpw, wpc)]
+        warps = wpc[0] * wpc[1]
+        out.append({"shape": [M, K, N], "sizePerThread": spt, "threadsPerWarp": tpw, "warpsPerCTA": wpc,
+                    "operand_bytes": warps * (per_warp[0] + per_warp[1]) * K * 4})
+    return out
+
+
+#: SASS counts an option record keeps per variant (``option_rows``)
+OPTION_COUNTS = ("instructions", "BAR", "LDS", "STS", "SHFL", "FFMA", "LDL", "STL")
+
+
+def option_rows(option: str, variants, cases, arch: int = 90, log=None, default=None) -> list:
+    """One row per case: kernel v2's fused meta-step compiled with ``V2Config(option=value)`` for each
+    ``(label, value)`` of ``variants`` (value None: the kernel's own choice); per variant: registers,
+    spill and the largest inner loop's ``OPTION_COUNTS`` (``sass_loop_facts``), or the error.
+
+    cases: ``(name, dims, activations, loss, batch, steps, one_task, precision[, num_warps])``;
+    ``one_task``: compiled as ``guarded_meta_step`` launches at T = 1 (one program, FINALIZE).
+    default: ``(dims, batch, steps, precision) -> bool``, the kernel's choice, recorded per row."""
+    import triton
+
+    from reptile_fast.kernels import mlp_meta_step_v2 as V
+
+    out = []
+    for name, dims, acts, loss, batch, steps, one, precision, *warps in cases:
+        nw = warps[0] if warps else None
+        row = {"case": name, "dims": list(dims), "loss": loss, "batch": batch, "steps": steps, "precision": precision,
+               "mode": "meta-step-1" if one else "meta-step", "num_warps": V.num_warps_for(dims, V.V2Config(num_warps=nw)),
+               "arch": f"sm_{arch}a", "triton": triton.__version__}
+        if default is not None:
+            row[f"{option}_by_default"] = default(dims, batch, steps, precision)
+        for label, value in variants:
+            kw = dict(finalize=True, one_task=True, ones=("n_tasks", "n_programs")) if one else {}
+            try:
+                k = V.compile_for_target(dims, acts, loss=loss, batch=batch, steps=steps, precision=precision,
+                                         config=V.V2Config(num_warps=nw, **{option: value}), accumulate=True, **kw)
+                f = facts(k, arch)
+                loop = (f.get("sass") or {}).get("loop") or {}
+                dots = dot_operand_bytes(k.asm["ttgir"])
+                row[label] = {"registers": f.get("registers"), "spill_store_bytes": f.get("spill_store_bytes"),
+                              **{c: loop.get(c) for c in OPTION_COUNTS},
+                              "dot_operand_bytes": sum(d["operand_bytes"] for d in dots), "dots": dots}
+            except Exception as exc:  # noqa: BLE001 - recorded per case
+                row[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        out.append(row)
+        if log:
+            log(f"{name} {precision} w{row['num_warps']}: " + "; ".join(
+                f"{label} {r.get('instructions')} instr, {r.get('BAR')} BAR, {r.get('LDS')}/{r.get('STS')} LDS/STS, "
+                f"{r.get('LDL')}/{r.get('STL')} LDL/STL, {r.get('registers')} regs, {r.get('spill_store_bytes')} B spill, "
+                f"{r.get('dot_operand_bytes')} B dot operands"
+                for label, r in ((lab, row[lab]) for lab, _ in variants)))
+    return out
+
+
 def record_main(module: str, doc: str, rows_fn, note: str, argv=None) -> int:
     """The command line of a compile-only record (``python -m bench.MODULE [--arch 90] [--out FILE]``):
     refuses ``TRITON_INTERPRET=1``, runs ``rows_fn(arch, log=print)`` and writes ``{stamp, note,

@@ -78,7 +78,7 @@ __all__ = [
     "ACCURACY", "MAX_LAYERS", "MAX_FEATURES_V2", "MAX_BATCH_V2", "NARROW_MAX", "PRECISIONS",
     "INTERPRETED", "V2Config", "MetaStepResult", "supports_v2", "unsupported_reason", "feature_tile",
     "param_layout", "n_flat_params", "flat_params", "unflatten_params", "meta_step", "guarded_meta_step",
-    "inner_loop", "compile_for_target", "grid_size", "flat_for",
+    "inner_loop", "compile_for_target", "grid_size", "flat_for", "transpose_for",
 ]
 
 #: loss name -> compile-time code (as v1)
@@ -232,7 +232,7 @@ def _accumulate_layer(row, phi_ptr, w, b, OFF: tl.constexpr, D_IN: tl.constexpr,
 
 @triton.jit
 def _forward(a, w, b, ACT: tl.constexpr, D_OUT: tl.constexpr, P_IN: tl.constexpr, P_OUT: tl.constexpr,
-             DOT: tl.constexpr, FLAT: tl.constexpr, PRECISION: tl.constexpr):
+             DOT: tl.constexpr, FLAT: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr):
     """act(a @ w.T + b): ``[BB, P_IN] -> [BB, P_OUT]``; padded columns are exactly 0.
 
     DOT: ``tl.dot`` (both sides wide); else a broadcast-multiply-sum in fp32 over a
@@ -243,8 +243,17 @@ def _forward(a, w, b, ACT: tl.constexpr, D_OUT: tl.constexpr, P_IN: tl.constexpr
     from its two 1-wide layers).  FLAT as ``flat_for`` decides (where a ``tl.dot`` fixes the
     step's layouts: without one, Triton carried the selected minibatch rows' layout -- each row's
     64 units in one thread, 8 copies -- through the whole step; 1-64-1: 8x the FMAs and 4 KB of
-    spill).  A sum over a 1-long axis is its one term, so the numbers do not change."""
-    if DOT:
+    spill).  A sum over a 1-long axis is its one term, so the numbers do not change.
+
+    TRANS (``transpose_for``): the ``tl.dot`` feature-major, ``(w @ a.T).T``, the backward's input
+    gradient ``(w.T @ g.T).T`` likewise.  Each sum is the same sum over the same k in the same
+    order (Triton's fp32 FMA dot runs k ascending per output), but the dot's output is then
+    ``[P_OUT, BB]``, whose layout splits the feature axis across warps: each warp reads a 16-row
+    slice of ``w`` instead of all of it, and at 4 warps the step no longer spills (sine MLP, sm_90a,
+    ieee: bench/results/triton-transposed-dots-sm90-*.json)."""
+    if DOT and TRANS:
+        z = tl.trans(tl.dot(w, tl.trans(a), input_precision=PRECISION))
+    elif DOT:
         z = tl.dot(a, tl.trans(w), input_precision=PRECISION)
     elif FLAT and P_IN == 1:
         z = a * tl.trans(w)
@@ -262,7 +271,7 @@ def _forward(a, w, b, ACT: tl.constexpr, D_OUT: tl.constexpr, P_IN: tl.constexpr
 @triton.jit
 def _backward(g, a_in, a_out, w, b, lr, ACT: tl.constexpr, INPUT_GRAD: tl.constexpr,
               P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, FLAT: tl.constexpr,
-              PRECISION: tl.constexpr):
+              TRANS: tl.constexpr, PRECISION: tl.constexpr):
     """Backward through ``a_out = act(a_in @ w.T + b)`` and the SGD step on ``w, b``.
 
     ``g``: dL/d a_out ``[BB, P_OUT]`` (zero on padded rows).  Returns ``(dL/d a_in`` before the
@@ -280,7 +289,9 @@ def _backward(g, a_in, a_out, w, b, lr, ACT: tl.constexpr, INPUT_GRAD: tl.conste
         grad_w = tl.sum(g[:, :, None] * a_in[:, None, :], axis=0)
     grad_b = tl.sum(g, axis=0)
     if INPUT_GRAD:
-        if DOT:
+        if DOT and TRANS:
+            g_in = tl.trans(tl.dot(tl.trans(w), tl.trans(g), input_precision=PRECISION))
+        elif DOT:
             g_in = tl.dot(g, w, input_precision=PRECISION)
         elif FLAT and P_OUT == 1:
             g_in = g * w
@@ -368,7 +379,7 @@ def _layer_write(row, phi_ptr, w, b, w_scr, OFF: tl.constexpr, D_IN: tl.constexp
 @triton.jit
 def _layer_forward(a, w, b, w_scr, a_scr, ACT: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
                    P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, S: tl.constexpr,
-                   FLAT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+                   FLAT: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
     if S:
         rows = tl.arange(0, BLOCK_B)
         cin = tl.arange(0, P_IN)
@@ -389,7 +400,7 @@ def _layer_forward(a, w, b, w_scr, a_scr, ACT: tl.constexpr, D_IN: tl.constexpr,
             if D_OUT < P_OUT:
                 h = tl.where(cout[None, :] < D_OUT, h, 0.0)
     else:
-        h = _forward(a, w, b, ACT, D_OUT, P_IN, P_OUT, DOT, FLAT, PRECISION)
+        h = _forward(a, w, b, ACT, D_OUT, P_IN, P_OUT, DOT, FLAT, TRANS, PRECISION)
     return h
 
 
@@ -397,7 +408,7 @@ def _layer_forward(a, w, b, w_scr, a_scr, ACT: tl.constexpr, D_IN: tl.constexpr,
 def _layer_backward(g, a_in, a_out, w, b, lr, batch, w_scr, a_scr, g_scr, ACT: tl.constexpr,
                     INPUT_GRAD: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
                     P_IN: tl.constexpr, P_OUT: tl.constexpr, DOT: tl.constexpr, S: tl.constexpr,
-                    FLAT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, TILE: tl.constexpr):
+                    FLAT: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, TILE: tl.constexpr):
     if S:
         rows = tl.arange(0, BLOCK_B)
         cin = tl.arange(0, P_IN)
@@ -430,7 +441,7 @@ def _layer_backward(g, a_in, a_out, w, b, lr, batch, w_scr, a_scr, g_scr, ACT: t
         tl.debug_barrier()  # the new W and the reads of g_scr before the next use
         b = b - lr * grad_b
     else:
-        g_in, w, b = _backward(g, a_in, a_out, w, b, lr, ACT, INPUT_GRAD, P_IN, P_OUT, DOT, FLAT, PRECISION)
+        g_in, w, b = _backward(g, a_in, a_out, w, b, lr, ACT, INPUT_GRAD, P_IN, P_OUT, DOT, FLAT, TRANS, PRECISION)
     return g_in, w, b
 
 
@@ -599,8 +610,9 @@ def _meta_step_kernel(
     DL: tl.constexpr, PL: tl.constexpr, LOSS: tl.constexpr, BLOCK_B: tl.constexpr,
     STEPS: tl.constexpr, S_P: tl.constexpr,
     PRELOAD: tl.constexpr, PRECISION: tl.constexpr,
-    # 1-wide layers in 2-D (``_forward``; ``flat_for`` decides)
-    FLAT: tl.constexpr,
+    # 1-wide layers in 2-D (``_forward``; ``flat_for`` decides); wide x wide products feature-major
+    # (``_forward``; ``transpose_for`` decides)
+    FLAT: tl.constexpr, TRANS: tl.constexpr,
     # streamed layers (S_l = DOT_l and stream) and their scratch offsets
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, S4: tl.constexpr,
     WOFF0: tl.constexpr, WOFF1: tl.constexpr, WOFF2: tl.constexpr, WOFF3: tl.constexpr,
@@ -721,23 +733,23 @@ def _meta_step_kernel(
                     label = tl.load(y_ptr + point, mask=row_ok, other=0)
             # forward; a_l is kept for the backward pass
             a1 = _layer_forward(a0, w0, b0, scr + WOFF0, scr + AOFF0, ACT0, D0, D1, P0, P1, DOT0, S0,
-                                FLAT, PRECISION, BLOCK_B)
+                                FLAT, TRANS, PRECISION, BLOCK_B)
             out = a1
             if N_LAYERS > 1:
                 a2 = _layer_forward(a1, w1, b1, scr + WOFF1, scr + AOFF1, ACT1, D1, D2, P1, P2, DOT1, S1,
-                                    FLAT, PRECISION, BLOCK_B)
+                                    FLAT, TRANS, PRECISION, BLOCK_B)
                 out = a2
             if N_LAYERS > 2:
                 a3 = _layer_forward(a2, w2, b2, scr + WOFF2, scr + AOFF2, ACT2, D2, D3, P2, P3, DOT2, S2,
-                                    FLAT, PRECISION, BLOCK_B)
+                                    FLAT, TRANS, PRECISION, BLOCK_B)
                 out = a3
             if N_LAYERS > 3:
                 a4 = _layer_forward(a3, w3, b3, scr + WOFF3, scr + AOFF3, ACT3, D3, D4, P3, P4, DOT3, S3,
-                                    FLAT, PRECISION, BLOCK_B)
+                                    FLAT, TRANS, PRECISION, BLOCK_B)
                 out = a4
             if N_LAYERS > 4:
                 a5 = _layer_forward(a4, w4, b4, scr + WOFF4, scr + AOFF4, ACT4, D4, D5, P4, P5, DOT4, S4,
-                                    FLAT, PRECISION, BLOCK_B)
+                                    FLAT, TRANS, PRECISION, BLOCK_B)
                 out = a5
             g, loss_sum = _loss_tile(out, target, label, row_ok, grad_scale, LOSS, DL, PL)
             step_loss = tl.math.div_rn(loss_sum, loss_count)
@@ -747,22 +759,22 @@ def _meta_step_kernel(
             # backward and SGD, last layer first; a streamed layer's input re-read from its scratch
             if N_LAYERS > 4:
                 g, w4, b4 = _layer_backward(g, a4, a5, w4, b4, lr, batch, scr + WOFF4, scr + AOFF4, scr + GOFF,
-                                            ACT4, True, D4, D5, P4, P5, DOT4, S4, FLAT, PRECISION, BLOCK_B, TILE)
+                                            ACT4, True, D4, D5, P4, P5, DOT4, S4, FLAT, TRANS, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 3:
                 g, w3, b3 = _layer_backward(g, a3, _stashed(a4, scr + AOFF4, P4, S4, BLOCK_B), w3, b3, lr, batch,
                                             scr + WOFF3, scr + AOFF3, scr + GOFF,
-                                            ACT3, True, D3, D4, P3, P4, DOT3, S3, FLAT, PRECISION, BLOCK_B, TILE)
+                                            ACT3, True, D3, D4, P3, P4, DOT3, S3, FLAT, TRANS, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 2:
                 g, w2, b2 = _layer_backward(g, a2, _stashed(a3, scr + AOFF3, P3, S3, BLOCK_B), w2, b2, lr, batch,
                                             scr + WOFF2, scr + AOFF2, scr + GOFF,
-                                            ACT2, True, D2, D3, P2, P3, DOT2, S2, FLAT, PRECISION, BLOCK_B, TILE)
+                                            ACT2, True, D2, D3, P2, P3, DOT2, S2, FLAT, TRANS, PRECISION, BLOCK_B, TILE)
             if N_LAYERS > 1:
                 g, w1, b1 = _layer_backward(g, a1, _stashed(a2, scr + AOFF2, P2, S2, BLOCK_B), w1, b1, lr, batch,
                                             scr + WOFF1, scr + AOFF1, scr + GOFF,
-                                            ACT1, True, D1, D2, P1, P2, DOT1, S1, FLAT, PRECISION, BLOCK_B, TILE)
+                                            ACT1, True, D1, D2, P1, P2, DOT1, S1, FLAT, TRANS, PRECISION, BLOCK_B, TILE)
             g, w0, b0 = _layer_backward(g, a0, _stashed(a1, scr + AOFF1, P1, S1, BLOCK_B), w0, b0, lr, batch,
                                         scr + WOFF0, scr + AOFF0, scr + GOFF,
-                                        ACT0, False, D0, D1, P0, P1, DOT0, S0, FLAT, PRECISION, BLOCK_B, TILE)
+                                        ACT0, False, D0, D1, P0, P1, DOT0, S0, FLAT, TRANS, PRECISION, BLOCK_B, TILE)
         if WRITE_ADAPTED:
             # a streamed layer straight from its scratch, a tile at a time
             out_row = out_ptr + t * out_stride
@@ -989,6 +1001,23 @@ def flat_for(dims: Sequence[int], batch: int, steps: int, config: Optional["V2Co
     return not (preload == 1 and block_b > 16)
 
 
+def transpose_for(dims: Sequence[int], batch: int, precision: str = "ieee",
+                  config: Optional["V2Config"] = None) -> bool:
+    """Whether a launch of ``dims`` at ``batch`` points in ``precision`` with ``config`` computes its
+    wide x wide products feature-major (``V2Config.transpose``): ``config.transpose``, else True for
+    "ieee" where a wide x wide layer runs ``tl.dot`` unstreamed at a padded batch of 16 (the
+    issue's sine setting, batch 10: the step's spill gone).  Not for "tf32x3" / "tf32": there the
+    feature-major dot became a warpgroup MMA with 0.8 KB of spill (tf32x3) and twice the
+    instructions per step (tf32); not above 16 rows: the sine MLP at batch 32 and one step spilled
+    12.9 KB (sm_90a, Triton 3.6: bench/results/triton-transposed-dots-sm90-*.json)."""
+    config = _config(config)
+    if config.transpose is not None:
+        return config.transpose
+    if precision != "ieee" or config.stream or not any(uses_dot(dims)):
+        return False
+    return triton.next_power_of_2(int(batch)) <= 16
+
+
 def _plan_layout(dims: Sequence[int], batch: int, steps: int, config: "V2Config"):
     """(PRELOAD code, BLOCK_B, S_P) of a launch: 0 each step's rows loaded at the step, 1 the whole
     plan up front (``config.preload`` None: when it fits ``PRELOAD_LIMIT``), 2 prefetched."""
@@ -1067,6 +1096,13 @@ class V2Config:
             ``tl.dot`` (not streamed), except with a preloaded plan at a padded batch above 16;
             elsewhere Triton laid the whole 2-D step out badly (1-64-1: 8x the FMAs; the sine
             MLP at batch 32: 1.9x the instructions, 12.8 KB of spill).
+        transpose: the wide x wide products feature-major, ``(w @ a.T).T`` (``_forward``): the
+            same sums in the same order, another register layout -- the FMA dot's warps split the
+            64 features, not the 16 batch rows, so each warp reads a slice of the weights, not all
+            of them.  Sine MLP, ieee, sm_90a (Triton 3.6, by ahead-of-time compilation; not yet
+            timed on a GPU): no spill inside the inner step at 4 warps (was 196 local loads and
+            stores per step), 10 barriers per step (was 25), 128 registers at 8 warps (was 255).
+            None: ``transpose_for`` -- on in "ieee" where a wide x wide layer runs ``tl.dot``.
     """
 
     num_warps: Optional[int] = None
@@ -1076,6 +1112,7 @@ class V2Config:
     accumulate: Optional[str] = None
     stream: bool = False
     flat: Optional[bool] = None
+    transpose: Optional[bool] = None
 
     def __post_init__(self) -> None:
         # ints only (not bools, not 4.0): True passed as one program, 4.0 reached the launch
@@ -1096,6 +1133,8 @@ class V2Config:
             raise ValueError(f"stream must be True or False, got {self.stream!r}")
         if not (self.flat is None or isinstance(self.flat, bool)):
             raise ValueError(f"flat must be None, True or False, got {self.flat!r}")
+        if not (self.transpose is None or isinstance(self.transpose, bool)):
+            raise ValueError(f"transpose must be None, True or False, got {self.transpose!r}")
         if self.accumulate not in (None, "registers", "memory"):
             raise ValueError(f"accumulate must be None, 'registers' or 'memory', got {self.accumulate!r}")
 
@@ -1129,6 +1168,7 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
                 DL=d[n_layers], PL=p[n_layers], LOSS=LOSS_CODES[loss], BLOCK_B=block_b,
                 STEPS=int(steps), S_P=s_p,
                 PRELOAD=preload, PRECISION=precision, FLAT=flat_for(dims, batch, steps, config),
+                TRANS=transpose_for(dims, batch, precision, config),
                 ACCUMULATE=accumulate,
                 WRITE_ADAPTED=write_adapted, WRITE_LOSSES=write_losses, FINALIZE=finalize, ONE_TASK=one_task,
                 S0=streamed[0], S1=streamed[1], S2=streamed[2], S3=streamed[3], S4=streamed[4],

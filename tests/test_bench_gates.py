@@ -484,14 +484,19 @@ def test_gpu_check_fit_rows_for_tf32x3_are_checked_and_named_by_precision():
     assert timed["finite"] is True and timed["ms"] > 0, timed
 
 
-def test_summary_compares_flat_with_the_3d_kernel_in_the_same_run():
-    """gpu_check's summary: the flat default against ``V2Config(flat=False)`` as tasks/s ratios per
+def test_summary_compares_each_kernel_change_with_the_kernel_without_it_in_the_same_run():
+    """gpu_check's summary: the feature-major default against ``V2Config(transpose=False)`` (v2-bm),
+    that against 3-D 1-wide layers too (v2-3d), and the default against v2-3d, as tasks/s ratios per
     T, from rows of the same run only (a T missing either side is left out; a wrong row has no rate)."""
     from bench import gpu_check as G
 
-    rows = [{"provider": "v2-meta", "T": 1, "tasks_per_s": 30.0}, {"provider": "v2-3d-meta", "T": 1, "tasks_per_s": 20.0},
+    rows = [{"provider": "v2-meta", "T": 1, "tasks_per_s": 30.0}, {"provider": "v2-bm-meta", "T": 1, "tasks_per_s": 24.0},
+            {"provider": "v2-3d-meta", "T": 1, "tasks_per_s": 20.0},
             {"provider": "v2-meta", "T": 4096, "tasks_per_s": 9.0}, {"provider": "v2-3d-meta", "T": 4096, "status": "wrong"},
+            {"provider": "v2-bm-meta", "T": 4096, "tasks_per_s": 6.0},
             {"provider": "v2", "T": 4096, "tasks_per_s": 5.0}, {"provider": "v2-3d", "T": 4096, "tasks_per_s": 4.0}]
-    lines = [l for l in G.summary_lines({"stages": {"timing": {"rows": rows}}, "seconds": {}}) if "1-wide" in l]
-    assert lines == ["  1-wide layers in 2-D (v2) against 3-D (v2-3d), tasks/s ratio: T=4096 1.25x",
-                     "  1-wide layers in 2-D (v2-meta) against 3-D (v2-3d-meta), tasks/s ratio: T=1 1.50x"]
+    lines = [l for l in G.summary_lines({"stages": {"timing": {"rows": rows}}, "seconds": {}}) if "against not" in l]
+    assert lines == [
+        "  wide x wide products feature-major (v2-meta) against not (v2-bm-meta), tasks/s ratio: T=1 1.25x, T=4096 1.50x",
+        "  1-wide layers in 2-D (v2-bm-meta) against not (v2-3d-meta), tasks/s ratio: T=1 1.20x",
+        "  both (v2-meta) against not (v2-3d-meta), tasks/s ratio: T=1 1.50x"]

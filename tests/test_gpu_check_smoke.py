@@ -144,9 +144,38 @@ def test_ncu_profiles_every_profiled_launch_with_the_stall_sections(tmp_path, mo
     assert args[args.index("--launch-count") + 1] == str(len(GC.PROFILED))
     sections = [args[i + 1] for i, a in enumerate(args) if a == "--section"]
     assert {"SpeedOfLight", "Occupancy", "WarpStateStats", "SchedulerStats"} <= set(sections)
+    assert "--metrics" not in args
     summary = res["ncu"]["summary"]
     assert any("Warp Cycles Per Issued Instruction" in line for line in summary)
     assert any("cycles being stalled" in line for line in summary)
+
+
+def test_ncu_second_pass_counts_shared_memory_wavefronts_and_bank_conflicts(tmp_path, monkeypatch):
+    """Stage 6's "ncu-shared" pass: the same ``PROFILED`` launches with ``NCU_SHARED_METRICS`` (shared
+    loads' and stores' wavefronts and bank conflicts) and no sections, its figures in the summary;
+    stage 6 runs both passes."""
+    import inspect
+    from types import SimpleNamespace
+
+    from bench import gpu_check as GC
+
+    argsfile = tmp_path / "args"
+    tool = tmp_path / "fake-ncu"
+    tool.write_text(f"#!/bin/bash\necho \"$@\" > {argsfile}\n"
+                    "echo '    l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum            1,234'\n"
+                    "echo '    l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum                5,678'\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(GC, "find_tool", lambda name: str(tool))
+    res = GC.stage_tools(lambda *a: None, tmp_path, SimpleNamespace(type="cuda"), "ncu", 10, ("ncu-shared",))
+    args = argsfile.read_text().split()
+    assert "--section" not in args
+    assert args[args.index("--metrics") + 1].split(",") == list(GC.NCU_SHARED_METRICS)
+    assert args[args.index("--launch-count") + 1] == str(len(GC.PROFILED))
+    assert "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum" in GC.NCU_SHARED_METRICS
+    summary = res["ncu-shared"]["summary"]
+    assert any("bank_conflicts" in line and "1,234" in line for line in summary)
+    assert any("wavefronts_mem_shared_op_ld" in line for line in summary)
+    assert '("ncu", "ncu-shared")' in inspect.getsource(GC.main)
 
 
 def test_failures_are_printed_as_they_happen(tmp_path):

@@ -60,6 +60,7 @@ def test_grid_narrows_and_default_accumulation_leaves_the_field_out():
     (["--stream", "yes"], "--stream"),
     (["--preload", "maybe"], "--preload"),
     (["--flat", "2d"], "--flat"),
+    (["--transpose", "yes"], "--transpose"),
     (["--precision", "fp16"], "--precision"),
 ])
 def test_bad_flags_are_refused_with_the_flag_named(argv, words, tmp_path, capsys):
@@ -164,6 +165,32 @@ def test_flat_is_swept_only_when_asked_and_unstreamed():
     assert got == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 2},
                    {"num_warps": 4, "stream": False, "programs_per_sm": 2, "flat": False},
                    {"num_warps": 4, "stream": True, "programs_per_sm": 2}]
+
+
+def test_transpose_is_swept_only_when_asked_and_unstreamed():
+    """``V2Config.transpose`` (wide x wide products feature-major): the default grid leaves it to the
+    kernel; ``--transpose default,off`` adds batch-major beside each unstreamed setting (a streamed
+    layer has no ``tl.dot``: it keeps the default)."""
+    assert all("transpose" not in c for c in _configs(4096, False))
+    got = _configs(1, False, "ieee", {"warps": (4, 8), "per_sm": (2,), "accumulate": ("default",),
+                                      "stream": (False, True), "preload": ("default",),
+                                      "transpose": ("default", False)})
+    assert got == [{}] + [c for w in (4, 8) for c in (
+        {"num_warps": w, "stream": False, "programs_per_sm": 2},
+        {"num_warps": w, "stream": False, "programs_per_sm": 2, "transpose": False},
+        {"num_warps": w, "stream": True, "programs_per_sm": 2})]
+
+
+def test_cpu_smoke_sweeps_transpose_off_checked(tmp_path):
+    """``--transpose off`` reaches V2Config as False and is checked against float64 and the default
+    before it is timed."""
+    rc = S.main([str(tmp_path), "--cpu-smoke", "--T", "5", "--warps", "4", "--per-sm", "1",
+                 "--accumulate", "default", "--stream", "off", "--preload", "default", "--transpose", "off"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 1,
+                                                "transpose": False}]
+    assert all(r["ok"] and "ms" in r for r in rows), rows
 
 
 def test_cpu_smoke_sweeps_flat_off_checked(tmp_path):

@@ -392,6 +392,72 @@ def test_flat_by_default_only_where_a_dot_fixes_the_layouts():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [
+    # (in, hidden, out, activation, loss): the sine MLP's shape narrowed (two 1-wide sides around one
+    # wide x wide layer); three wide x wide layers in a row with cross-entropy; a 1-wide hidden layer
+    # between wide ones; a wide layer that is not a power of two (padded features)
+    (1, [16, 16], 1, "tanh", "mse"),
+    (5, [16, 32, 16], 3, "relu", "cross_entropy"),
+    (3, [16, 16, 1, 16], 2, "sigmoid", "mse"),
+    (2, [20, 17], 1, "tanh", "mse"),
+], ids=lambda c: f"{c[0]}-{'-'.join(map(str, c[1]))}-{c[2]}-{c[3]}-{c[4]}")
+def test_transposed_products_match_batch_major(device, case):
+    """``V2Config(transpose=...)``: the wide x wide products feature-major, ``(w @ a.T).T``, or batch-
+    major, ``a @ w.T`` -- the same sums -- against each other (within fp32 summation-order rounding)
+    and the reference backend, for the inner loop and the fused meta-step (5 tasks on 2 programs), with the
+    1-wide layers in 2-D and in 3-D."""
+    d_in, hidden, d_out, act, loss = case
+    torch.manual_seed(71)
+    model = MLP(d_in, output_dim=d_out, hidden_dims=hidden, activation=act).to(device)
+    spec, names, phi = spec_of(model)
+    tasks = (regression_tasks(5, 12, d_in, d_out, seed=72) if loss == "mse"
+             else classification_tasks(5, 12, d_in, d_out, seed=72))
+    indices = sample_indices(5, 3, 12, 4, generator=torch.Generator().manual_seed(73))
+    assert V._meta(spec.dims, spec.activations, loss, 4, 3, "ieee", V.V2Config(), True, False, False)["TRANS"]
+    args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
+    expected = reference_inner(model, tasks, indices, lr=0.1, loss=loss)
+    for flat in (True, False):
+        runs = {}
+        for transpose in (True, False):
+            cfg = V.V2Config(transpose=transpose, flat=flat, max_programs=2)
+            out, losses = V.inner_loop(*args, lr=0.1, loss=loss, config=cfg)
+            res = V.meta_step(*args, lr=0.1, eps=0.5, loss=loss, config=cfg)
+            runs[transpose] = (out[:, :spec.n_params], losses, res.params, res.loss)
+        # not bit for bit even under the interpreter: NumPy's matmul of the transposed operands may
+        # add the k terms in another order (compiled, the FMA dot adds them k ascending either way)
+        for what, a, b in zip(("adapted", "losses", "meta φ", "meta loss"), runs[False], runs[True]):
+            torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL, msg=lambda m, what=what: (
+                f"{case}, flat={flat}, transposed against batch-major: {what} beyond fp32 summation-order "
+                f"rounding\n{m}"))
+        params = dict(zip(names, V.unflatten_params(runs[True][0], spec.dims)))
+        assert_inner_matches(params, runs[True][1], expected, f"{case}, flat={flat}, transposed")
+
+
+def test_transposed_by_default_only_in_ieee_with_a_dot_at_16_rows():
+    """``transpose_for``: on for the sine MLP in "ieee" at batch 10 (16 padded rows), off in
+    "tf32x3" / "tf32" (the feature-major dot became a warpgroup MMA with spills there), off above
+    16 padded rows (12.9 KB of spill at batch 32), off without a wide x wide layer and when the
+    wide layers are streamed (no ``tl.dot``), and what the config says if it says; the kernel's
+    TRANS follows it.  Anything but None/True/False is refused by name."""
+    sine, acts = (1, 64, 64, 1), ("tanh", "tanh", "identity")
+    assert V.transpose_for(sine, 10) and V.transpose_for(sine, 16, "ieee") and V.transpose_for(sine, 1)
+    assert not V.transpose_for(sine, 17) and not V.transpose_for(sine, 32)
+    assert not V.transpose_for(sine, 10, "tf32x3") and not V.transpose_for(sine, 10, "tf32")
+    assert not V.transpose_for((1, 64, 1), 10) and not V.transpose_for(sine, 10, "ieee", V.V2Config(stream=True))
+    assert not V.transpose_for(sine, 10, "ieee", V.V2Config(transpose=False))
+    assert V.transpose_for(sine, 32, "tf32", V.V2Config(transpose=True))
+    for precision in V.PRECISIONS:
+        for batch in (10, 32):
+            for cfg in (V.V2Config(), V.V2Config(transpose=False), V.V2Config(transpose=True),
+                        V.V2Config(stream=True)):
+                got = V._meta(sine, acts, "mse", batch, 5, precision, cfg, True, False, False)["TRANS"]
+                assert got == V.transpose_for(sine, batch, precision, cfg), (precision, batch, cfg)
+    for bad in (1, "on", 0.0):
+        with pytest.raises(ValueError, match="transpose must be None, True or False"):
+            V.V2Config(transpose=bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_options_give_the_same_result(device):
     """preload on/off/prefetch, warps and programs: the same arithmetic (bit for bit under the
     interpreter; on a GPU each setting is its own compiled kernel: ``assert_same_across_configs``)."""
