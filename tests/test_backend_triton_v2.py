@@ -131,6 +131,10 @@ def test_kernel_option_and_environment(monkeypatch):
     backend = TritonBackend(kernel="v2", fused=True, launch={"stream": True})
     stepper = backend.make_stepper(MLP(1, 8, 1, depth=1).to(device), InnerConfig())
     assert isinstance(stepper, TritonFusedStepper) and stepper.launch.stream
+    # every V2Config field reaches v2 by name (flat, transpose: the layouts' options)
+    stepper = TritonBackend(kernel="v2", fused=True, launch={"transpose": False, "flat": False}).make_stepper(
+        MLP(1, 8, 1, depth=1).to(device), InnerConfig())
+    assert stepper.launch.transpose is False and stepper.launch.flat is False
     with pytest.raises(UnsupportedModelError, match="outer_optimizer"):
         backend.make_stepper(MLP().to(device), InnerConfig(), outer_optimizer=object())
 
