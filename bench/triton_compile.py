@@ -157,7 +157,12 @@ def sass_loop_facts(cubin: bytes) -> Optional[dict]:
 
     def counts(lines):
         body = ops(lines)
-        return {"instructions": len(body), **{k: body.count(k) for k in SASS_COUNTED}}
+        # shared-memory accesses by width (LDS = 32-bit, LDS.64, LDS.128): what a warp's access can
+        # cost in wavefronts depends on it
+        widths = [m.group(1) for line in lines
+                  if (m := re.match(r"\s*/\*[0-9a-f]+\*/\s*(?:@!?U?P\w+\s+)?((?:LDS|STS)(?:\.U?(?:64|128))?)\b", line))]
+        return {"instructions": len(body), **{k: body.count(k) for k in SASS_COUNTED},
+                "shared_by_width": {w: widths.count(w) for w in sorted(set(widths))}}
 
     a, b = max(innermost, key=lambda ab: len(ops(sass[ab[0]:ab[1] + 1])))
     inside = set()
@@ -372,7 +377,7 @@ def dot_operand_bytes(ttgir: str) -> list:
 
 
 #: SASS counts an option record keeps per variant (``option_rows``)
-OPTION_COUNTS = ("instructions", "BAR", "LDS", "STS", "SHFL", "FFMA", "LDL", "STL")
+OPTION_COUNTS = ("instructions", "BAR", "LDS", "STS", "SHFL", "FFMA", "LDL", "STL", "shared_by_width")
 
 
 def option_rows(option: str, variants, cases, arch: int = 90, log=None, default=None) -> list:
