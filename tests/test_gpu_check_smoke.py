@@ -122,24 +122,32 @@ def test_tool_stage_timeout_kills_the_python_the_tool_runs(tmp_path, monkeypatch
         pytest.fail("the tool's child outlived the timeout")
 
 
-def test_ncu_profiles_every_profiled_launch_with_the_stall_sections(tmp_path, monkeypatch):
-    """Stage 6's ncu command: every ``PROFILED`` launch selected (no skip, count = len(PROFILED)),
-    the sections that say what warps wait on (WarpStateStats, SchedulerStats), and its stall
-    figures kept in the summary."""
+def _run_fake_ncu(tmp_path, monkeypatch, tool_name, lines):
+    """Stage 6's ``tool_name`` pass with a stand-in ncu that records its arguments and prints
+    ``lines``: ``(stage_tools' result, the arguments)``."""
     from types import SimpleNamespace
 
     from bench import gpu_check as GC
 
     argsfile = tmp_path / "args"
     tool = tmp_path / "fake-ncu"
-    tool.write_text(f"#!/bin/bash\necho \"$@\" > {argsfile}\n"
-                    "echo '    Warp Cycles Per Issued Instruction           cycle        41.20'\n"
-                    "echo '          On average, each warp of this kernel spends 18.9 cycles being stalled waiting "
-                    "for sibling warps at a CTA barrier.'\n")
+    tool.write_text(f"#!/bin/bash\necho \"$@\" > {argsfile}\n" + "".join(f"echo '{line}'\n" for line in lines))
     tool.chmod(0o755)
     monkeypatch.setattr(GC, "find_tool", lambda name: str(tool))
-    res = GC.stage_tools(lambda *a: None, tmp_path, SimpleNamespace(type="cuda"), "ncu", 10, ("ncu",))
-    args = argsfile.read_text().split()
+    res = GC.stage_tools(lambda *a: None, tmp_path, SimpleNamespace(type="cuda"), "ncu", 10, (tool_name,))
+    return res, argsfile.read_text().split()
+
+
+def test_ncu_profiles_every_profiled_launch_with_the_stall_sections(tmp_path, monkeypatch):
+    """Stage 6's ncu command: every ``PROFILED`` launch selected (no skip, count = len(PROFILED)),
+    the sections that say what warps wait on (WarpStateStats, SchedulerStats), and its stall
+    figures kept in the summary."""
+    from bench import gpu_check as GC
+
+    res, args = _run_fake_ncu(tmp_path, monkeypatch, "ncu", [
+        "    Warp Cycles Per Issued Instruction           cycle        41.20",
+        "          On average, each warp of this kernel spends 18.9 cycles being stalled waiting for sibling "
+        "warps at a CTA barrier."])
     assert "--launch-skip" not in args
     assert args[args.index("--launch-count") + 1] == str(len(GC.PROFILED))
     sections = [args[i + 1] for i, a in enumerate(args) if a == "--section"]
@@ -155,19 +163,12 @@ def test_ncu_second_pass_counts_shared_memory_wavefronts_and_bank_conflicts(tmp_
     loads' and stores' wavefronts and bank conflicts) and no sections, its figures in the summary;
     stage 6 runs both passes."""
     import inspect
-    from types import SimpleNamespace
 
     from bench import gpu_check as GC
 
-    argsfile = tmp_path / "args"
-    tool = tmp_path / "fake-ncu"
-    tool.write_text(f"#!/bin/bash\necho \"$@\" > {argsfile}\n"
-                    "echo '    l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum            1,234'\n"
-                    "echo '    l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum                5,678'\n")
-    tool.chmod(0o755)
-    monkeypatch.setattr(GC, "find_tool", lambda name: str(tool))
-    res = GC.stage_tools(lambda *a: None, tmp_path, SimpleNamespace(type="cuda"), "ncu", 10, ("ncu-shared",))
-    args = argsfile.read_text().split()
+    res, args = _run_fake_ncu(tmp_path, monkeypatch, "ncu-shared", [
+        "    l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum            1,234",
+        "    l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum                5,678"])
     assert "--section" not in args
     assert args[args.index("--metrics") + 1].split(",") == list(GC.NCU_SHARED_METRICS)
     assert args[args.index("--launch-count") + 1] == str(len(GC.PROFILED))

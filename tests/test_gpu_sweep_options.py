@@ -181,24 +181,13 @@ def test_transpose_is_swept_only_when_asked_and_unstreamed():
         {"num_warps": w, "stream": True, "programs_per_sm": 2})]
 
 
-def test_cpu_smoke_sweeps_transpose_off_checked(tmp_path):
-    """``--transpose off`` reaches V2Config as False and is checked against float64 and the default
-    before it is timed."""
+@pytest.mark.parametrize("option", ["flat", "transpose"])
+def test_cpu_smoke_sweeps_a_layout_option_off_checked(tmp_path, option):
+    """``--flat off`` / ``--transpose off`` reach V2Config as False and are checked against float64
+    and the default before they are timed."""
     rc = S.main([str(tmp_path), "--cpu-smoke", "--T", "5", "--warps", "4", "--per-sm", "1",
-                 "--accumulate", "default", "--stream", "off", "--preload", "default", "--transpose", "off"])
+                 "--accumulate", "default", "--stream", "off", "--preload", "default", f"--{option}", "off"])
     assert rc == 0
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
-    assert [r["config"] for r in rows] == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 1,
-                                                "transpose": False}]
-    assert all(r["ok"] and "ms" in r for r in rows), rows
-
-
-def test_cpu_smoke_sweeps_flat_off_checked(tmp_path):
-    """``--flat off`` reaches V2Config as False and is checked against float64 and the default
-    before it is timed."""
-    rc = S.main([str(tmp_path), "--cpu-smoke", "--T", "5", "--warps", "4", "--per-sm", "1",
-                 "--accumulate", "default", "--stream", "off", "--preload", "default", "--flat", "off"])
-    assert rc == 0
-    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
-    assert [r["config"] for r in rows] == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 1, "flat": False}]
+    assert [r["config"] for r in rows] == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 1, option: False}]
     assert all(r["ok"] and "ms" in r for r in rows), rows

@@ -331,6 +331,21 @@ def test_37_tasks_on_8_programs_and_one_task(device):
                                        msg=lambda m: f"{T} tasks, accumulate={mode}: mean loss\n{m}")
 
 
+def _layout_case(device, case, seed):
+    """A layout option test's problem: ``case`` = (in, hidden, out, activation, loss); an MLP, 5
+    tasks of 12 points, a plan of 3 steps of 4 points.  Returns ``(model, spec, names, phi, tasks,
+    indices, args)``, ``args`` the kernel calls' first six arguments on ``device``."""
+    d_in, hidden, d_out, act, loss = case
+    torch.manual_seed(seed)
+    model = MLP(d_in, output_dim=d_out, hidden_dims=hidden, activation=act).to(device)
+    spec, names, phi = spec_of(model)
+    tasks = (regression_tasks(5, 12, d_in, d_out, seed=seed + 1) if loss == "mse"
+             else classification_tasks(5, 12, d_in, d_out, seed=seed + 1))
+    indices = sample_indices(5, 3, 12, 4, generator=torch.Generator().manual_seed(seed + 2))
+    args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
+    return model, spec, names, phi, tasks, indices, args
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [
     # (in, hidden, out, activation, loss): 1-wide input and output around a tl.dot (flat by default);
@@ -343,16 +358,10 @@ def test_flat_one_wide_layers_match_the_3d_products(device, case):
     """``V2Config(flat=...)``: 1-wide layers as 2-D outer products / row reductions or as 3-D
     broadcast products -- the same sums -- against each other (``assert_same_across_configs``) and
     the reference backend, for the inner loop and the fused meta-step (5 tasks on 2 programs)."""
-    d_in, hidden, d_out, act, loss = case
-    torch.manual_seed(61)
-    model = MLP(d_in, output_dim=d_out, hidden_dims=hidden, activation=act).to(device)
-    spec, names, phi = spec_of(model)
-    tasks = (regression_tasks(5, 12, d_in, d_out, seed=62) if loss == "mse"
-             else classification_tasks(5, 12, d_in, d_out, seed=62))
-    indices = sample_indices(5, 3, 12, 4, generator=torch.Generator().manual_seed(63))
+    loss = case[-1]
+    model, spec, names, phi, tasks, indices, args = _layout_case(device, case, seed=61)
     assert V.flat_for(spec.dims, 4, 3) and V._meta(spec.dims, spec.activations, loss, 4, 3, "ieee", V.V2Config(), True,
                                              False, False)["FLAT"]
-    args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
     runs = {}
     for flat in (None, True, False):
         cfg = V.V2Config(flat=flat, max_programs=2)
@@ -406,15 +415,9 @@ def test_transposed_products_match_batch_major(device, case):
     major, ``a @ w.T`` -- the same sums -- against each other (within fp32 summation-order rounding)
     and the reference backend, for the inner loop and the fused meta-step (5 tasks on 2 programs), with the
     1-wide layers in 2-D and in 3-D."""
-    d_in, hidden, d_out, act, loss = case
-    torch.manual_seed(71)
-    model = MLP(d_in, output_dim=d_out, hidden_dims=hidden, activation=act).to(device)
-    spec, names, phi = spec_of(model)
-    tasks = (regression_tasks(5, 12, d_in, d_out, seed=72) if loss == "mse"
-             else classification_tasks(5, 12, d_in, d_out, seed=72))
-    indices = sample_indices(5, 3, 12, 4, generator=torch.Generator().manual_seed(73))
+    loss = case[-1]
+    model, spec, names, phi, tasks, indices, args = _layout_case(device, case, seed=71)
     assert V._meta(spec.dims, spec.activations, loss, 4, 3, "ieee", V.V2Config(), True, False, False)["TRANS"]
-    args = (tasks.x.to(device), tasks.y.to(device), indices.to(device), phi.to(device), spec.dims, spec.activations)
     expected = reference_inner(model, tasks, indices, lr=0.1, loss=loss)
     for flat in (True, False):
         runs = {}
