@@ -8,7 +8,10 @@ sine MLP's one-task meta-step (the seed's setting) in each precision and the sin
 the fused meta-step compiled with
 ``flat=False``, with the kernel's default (``flat_for``) and with ``flat=True``: registers,
 spill, and the largest inner loop's instructions, barriers (``BAR``), shared-memory loads/stores,
-shuffles and FFMAs (``bench.triton_compile.sass_loop_facts``).  At T = 1 one program waits out
+shuffles and FFMAs (``bench.triton_compile.sass_loop_facts``).  Every other option is the kernel's
+default at the time of the run: the committed records (session 16) had the products batch-major;
+since ``V2Config.transpose`` (session 17) a re-run compiles them feature-major where
+``transpose_for`` says so (``bench/transposed_dots.py`` compares the two).  At T = 1 one program waits out
 every barrier and shared-memory round trip of its steps, so these counts are the latency proxy
 available without a GPU; they are records of a compiler version, not timings.  Run without
 ``TRITON_INTERPRET=1``.

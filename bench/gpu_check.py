@@ -57,6 +57,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1376,8 +1377,17 @@ def _graphed_full_meta_step(T, device, dims, replays=20, check=None):
     return {"ms": ms, "wrong": f"the replay after the timed ones: {wrong}" if wrong else None}
 
 
-def stage_tools(log, out, device, tool_name, timeout, tools):
-    """compute-sanitizer (memcheck / initcheck / synccheck) or ncu over `--target tiny|profile`."""
+#: a tool run gets at least this many seconds, else it is skipped ("time budget spent")
+TOOL_MIN_SECONDS = 8
+
+
+def stage_tools(log, out, device, tool_name, timeout, tools, on_result=None):
+    """compute-sanitizer (memcheck / initcheck / synccheck) or ncu over `--target tiny|profile`.
+
+    timeout: seconds per tool run, or a callable giving them when each run starts (so a later run
+    gets what the budget has left, and is skipped when that is below ``TOOL_MIN_SECONDS``); on_result: called with
+    the results so far after each run (the caller saves them: a run cut by the deadline keeps the
+    runs before it)."""
     exe = find_tool("compute-sanitizer" if tool_name != "ncu" else "ncu")
     if device.type != "cuda" or exe is None:
         return {"status": "skipped", "reason": "needs CUDA and the tool" + ("" if exe else " (not found)")}
@@ -1385,11 +1395,19 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
     res = {}
     logf = out / ("ncu.log" if tool_name == "ncu" else "sanitizer.log")
     for tool in tools:
+        seconds = timeout() if callable(timeout) else timeout
+        if callable(timeout) and seconds < TOOL_MIN_SECONDS:
+            res[tool] = {"status": "skipped", "reason": f"time budget spent ({max(0.0, seconds):.0f} s left for it)"}
+            log(f"  {tool}: skipped, {res[tool]['reason']}")
+            if on_result:
+                on_result(dict(res))
+            continue
         if tool_name == "ncu":
             # the shared-memory metrics in a pass of their own: a metric this ncu does not know
             # fails only that pass, not the sections'
             what = (["--section", "SpeedOfLight", "--section", "Occupancy", "--section", "WarpStateStats",
-                     "--section", "SchedulerStats"] if tool == "ncu" else ["--metrics", ",".join(NCU_SHARED_METRICS)])
+                     "--section", "SchedulerStats"] if tool == "ncu"
+                    else ["--metrics", ",".join(NCU_SHARED_METRICS), "--print-units", "base"])
             cmd = [exe, *what, "--clock-control", "none",
                    "-k", "regex:_meta_step_kernel", "--launch-count", str(len(PROFILED)),
                    sys.executable, "-m", "bench.gpu_check", "--target", "profile", str(out)]
@@ -1401,21 +1419,42 @@ def stage_tools(log, out, device, tool_name, timeout, tools):
         # only the tool can leave that python on the GPU through ncu and the session's sweep)
         proc = _start(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
+            stdout, stderr = proc.communicate(timeout=seconds)
             text, rc = stdout + stderr, proc.returncode
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             stdout, stderr = proc.communicate()
             text = (stdout or "") + (stderr or "")
-            rc = f"timeout after {timeout} s"
+            rc = f"timeout after {seconds:.0f} s"
         _CHILDREN.discard(proc)
         with open(logf, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n{text}\n[rc {rc}]\n\n")
         summary = tool_summary(text, limit=64 if tool_name == "ncu" else 24)
         res[tool] = {"returncode": rc, "seconds": round(time.monotonic() - t0, 1), "summary": summary,
                      "tail": text[-1500:]}
+        if tool == "ncu-shared":
+            res[tool]["table"] = ncu_metric_table(text)
         log(f"  {tool}: rc {rc}; " + " | ".join(summary[:8]))
+        if on_result:
+            on_result(dict(res))
     return res
+
+
+def ncu_metric_table(text: str) -> list:
+    """ncu's ``--metrics`` output (``--print-units base``: counts as counts, durations in ns) per profiled
+    kernel, in launch order, paired with ``PROFILED``:
+    ``[{"variant", "T", "kernel": the kernel's line, "metrics": {name: number}}]`` (ncu prints one
+    block per kernel -- its line, then ``name [unit] value`` rows -- and the launches are
+    ``PROFILED`` in order; a block beyond ``PROFILED`` gets no variant)."""
+    blocks = []
+    for line in text.splitlines():
+        if re.match(r"\s*_meta_step_kernel \(", line):
+            blocks.append({"kernel": line.strip(), "metrics": {}})
+        elif blocks and (m := re.match(r"\s*([a-z][a-z0-9_]*__[a-z0-9_.]+)\s+(?:\S+\s+)?([\d,]+(?:\.\d+)?)\s*$", line)):
+            blocks[-1]["metrics"][m.group(1)] = float(m.group(2).replace(",", ""))  # base units (--print-units)
+    for i, b in enumerate(blocks):
+        b["variant"], b["T"] = PROFILED[i] if i < len(PROFILED) else (None, None)
+    return blocks
 
 
 #: a tool's lines that say it could not do its job (ncu's "==ERROR== ERR_NVGPUCTRPERM ...",
@@ -1614,7 +1653,7 @@ def summary_lines(results: dict) -> list:
                                ("wide x wide products feature-major", "v2-meta", "v2-bm-meta"),
                                ("1-wide layers in 2-D", "v2-bm", "v2-3d"),
                                ("1-wide layers in 2-D", "v2-bm-meta", "v2-3d-meta"),
-                               ("both", "v2-meta", "v2-3d-meta")):
+                               ("both", "v2", "v2-3d"), ("both", "v2-meta", "v2-3d-meta")):
             pairs = [f"T={T} {rate(new, T) / rate(old, T):.2f}x" for T in sorted({r["T"] for r in timing})
                      if rate(new, T) and rate(old, T)]
             if pairs:
@@ -1642,7 +1681,20 @@ def summary_lines(results: dict) -> list:
     for name in ("sanitizer", "ncu"):
         st = results["stages"].get(name) or {}
         for tool, r in st.items():
-            if isinstance(r, dict):
+            if isinstance(r, dict) and r.get("status") == "skipped":
+                lines.append(f"{tool}: skipped ({r.get('reason')})")
+            elif isinstance(r, dict) and r.get("table"):  # ncu-shared: one line per profiled launch
+                for row in r["table"]:
+                    m = row["metrics"]
+                    lines.append(f"{tool} {row['variant']} T={row['T']}: " + ", ".join(
+                        f"{what} {m[k]:,.0f}" for what, k in (
+                            ("shared ld wavefronts", "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum"),
+                            ("of them bank conflicts", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum"),
+                            ("st wavefronts", "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum"),
+                            ("st conflicts", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"),
+                            ("ld instructions", "sass__inst_executed_shared_loads"),
+                            ("ns", "gpu__time_duration.sum")) if k in m))
+            elif isinstance(r, dict):
                 lines.append(f"{tool}: rc {r.get('returncode')} " + " | ".join(s.strip() for s in r.get("summary", [])[:7]))
             elif tool == "reason":  # skipped, or the stage's error / the deadline's cut
                 lines.append(f"{name}: {st.get('status', 'skipped')} ({r})")
@@ -1700,6 +1752,12 @@ def main(argv=None) -> int:
     deadline = Deadline(budget.seconds + DEADLINE_GRACE, out, results, log, elapsed=budget.elapsed()).start()
     try:
         # (number, name, function, cap in seconds on a GPU)
+        def save_tool_results(name):
+            def on_result(partial):  # a stage's tool runs so far, saved as each one ends
+                results["stages"][name] = {**partial, "status": "running"}
+                save(out, results)
+            return on_result
+
         stages = [
             ("1", "env", lambda: stage_env(log, device, args.cpu_smoke), 30),
             ("2", "compile", lambda: BackgroundCompile(log, out, device, args.cpu_smoke,
@@ -1710,8 +1768,10 @@ def main(argv=None) -> int:
                                                  results, out), 170),
             ("5", "sanitizer", lambda: stage_tools(log, out, device, "sanitizer", max(10, min(40, (budget.left() - 45) / 3)),
                                                    ("memcheck", "initcheck", "synccheck")), 120),
-            ("6", "ncu", lambda: stage_tools(log, out, device, "ncu", max(10, min(30, (budget.left() - 5) / 2)),
-                                             ("ncu", "ncu-shared")), 60),
+            # two passes, each given what the budget has left when it starts (at most 30 s), each
+            # saved as it ends
+            ("6", "ncu", lambda: stage_tools(log, out, device, "ncu", lambda: min(30.0, budget.left() - 5),
+                                             ("ncu", "ncu-shared"), on_result=save_tool_results("ncu")), 60),
         ]
         pending = []  # stage 2's compile, running beside stage 3
 

@@ -26,8 +26,9 @@ Design (what differs from v1, ``kernels/mlp_inner_loop.py``):
   order (deterministic: no atomics, the same order on every run for a given grid) and applies
   ``φ + ε·Σ/T``, ε read from a device tensor (so a CUDA graph can replay with a new ε).
   Per-task adapted parameters and per-step losses are written only when asked (adapt/evaluate).
-* **Where the wide weights live.** By default in registers (Triton's fp32 FMA ``tl.dot`` then
-  needs ~250 registers at 8 warps for a 64 x 64 layer); with ``V2Config(stream=True)`` in a
+* **Where the wide weights live.** By default in registers (the sine MLP's ieee meta-step, sm_90a:
+  255 registers at 4 warps on Triton 3.6, 168 on 3.8, 128 at 8 warps, its products feature-major:
+  ``V2Config.transpose``); with ``V2Config(stream=True)`` in a
   per-program scratch row, the products running as fp32 K-loops of rank-1 updates.  The streamed
   kernel never holds a whole ``[P_OUT, P_IN]`` tile: weights are copied, updated and written
   ``STREAM_TILE`` elements at a time (Triton 3.6 otherwise keeps one 64-bit scratch address per
@@ -976,12 +977,13 @@ def uses_dot(dims: Sequence[int]):
 def num_warps_for(dims: Sequence[int], config: Optional["V2Config"] = None) -> int:
     """The warps per program a launch of ``dims`` with ``config`` uses: ``config.num_warps``, else 4.
 
-    A model with a wide x wide layer spills at 4 warps (Triton's fp32 FMA ``tl.dot`` keeps its
-    operands in registers: 255 registers and 464 B of spill for the sine MLP's ieee meta-step on
-    sm_90a, Triton 3.6) and not at 8, yet 4 warps with ``programs_per_sm`` 2 ran it 1.36-1.56x
-    faster than 8 warps with 4 on an H200, in every precision, at T = 4096 and 65536: two programs
-    per SM (255 registers x 128 threads each) against one (bench/results/gpu-h200-2026-12-04,
-    sweep*/).  2 warps ran slower than 4."""
+    Measured with the products batch-major (before ``V2Config.transpose``): the sine MLP's ieee
+    meta-step spilled at 4 warps (255 registers, 464 B on sm_90a, Triton 3.6) and not at 8, yet 4
+    warps with ``programs_per_sm`` 2 ran it 1.36-1.56x faster than 8 warps with 4 on an H200, in
+    every precision, at T = 4096 and 65536: two programs per SM against one
+    (bench/results/gpu-h200-2026-12-04, sweep*/); 2 warps ran slower than 4.  Feature-major (the
+    ieee default since), 4 warps no longer spill inside the inner step and 8 warps need 128
+    registers (two 8-warp programs fit an SM): not yet measured on a GPU, so 4 stays."""
     config = _config(config)
     return config.num_warps or 4
 
@@ -1102,7 +1104,8 @@ class V2Config:
             of them.  Sine MLP, ieee, sm_90a (Triton 3.6, by ahead-of-time compilation; not yet
             timed on a GPU): no spill inside the inner step at 4 warps (was 196 local loads and
             stores per step), 10 barriers per step (was 25), 128 registers at 8 warps (was 255).
-            None: ``transpose_for`` -- on in "ieee" where a wide x wide layer runs ``tl.dot``.
+            None: ``transpose_for`` -- on in "ieee" where a wide x wide layer runs ``tl.dot``
+            unstreamed at a padded batch of at most 16 rows.
     """
 
     num_warps: Optional[int] = None

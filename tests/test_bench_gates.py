@@ -499,4 +499,5 @@ def test_summary_compares_each_kernel_change_with_the_kernel_without_it_in_the_s
     assert lines == [
         "  wide x wide products feature-major (v2-meta) against not (v2-bm-meta), tasks/s ratio: T=1 1.25x, T=4096 1.50x",
         "  1-wide layers in 2-D (v2-bm-meta) against not (v2-3d-meta), tasks/s ratio: T=1 1.20x",
+        "  both (v2) against not (v2-3d), tasks/s ratio: T=4096 1.25x",
         "  both (v2-meta) against not (v2-3d-meta), tasks/s ratio: T=1 1.50x"]

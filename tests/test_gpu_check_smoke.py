@@ -161,9 +161,7 @@ def test_ncu_profiles_every_profiled_launch_with_the_stall_sections(tmp_path, mo
 def test_ncu_second_pass_counts_shared_memory_wavefronts_and_bank_conflicts(tmp_path, monkeypatch):
     """Stage 6's "ncu-shared" pass: the same ``PROFILED`` launches with ``NCU_SHARED_METRICS`` (shared
     loads' and stores' wavefronts and bank conflicts) and no sections, its figures in the summary;
-    stage 6 runs both passes."""
-    import inspect
-
+    stage 6 runs both passes (``tests/test_review_qa35.py::test_main_on_a_gpu_writes_results_and_summary``)."""
     from bench import gpu_check as GC
 
     res, args = _run_fake_ncu(tmp_path, monkeypatch, "ncu-shared", [
@@ -173,10 +171,71 @@ def test_ncu_second_pass_counts_shared_memory_wavefronts_and_bank_conflicts(tmp_
     assert args[args.index("--metrics") + 1].split(",") == list(GC.NCU_SHARED_METRICS)
     assert args[args.index("--launch-count") + 1] == str(len(GC.PROFILED))
     assert "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum" in GC.NCU_SHARED_METRICS
+    assert args[args.index("--print-units") + 1] == "base"
     summary = res["ncu-shared"]["summary"]
     assert any("bank_conflicts" in line and "1,234" in line for line in summary)
     assert any("wavefronts_mem_shared_op_ld" in line for line in summary)
-    assert '("ncu", "ncu-shared")' in inspect.getsource(GC.main)
+
+
+NCU_METRICS_OUT = """==PROF== Connected to process 1460
+  _meta_step_kernel (264, 1, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: Command line profiler metrics
+    ---------------------------------------------------------- ----------- ------------
+    Metric Name                                                Metric Unit Metric Value
+    ---------------------------------------------------------- ----------- ------------
+    gpu__time_duration.sum                                              ns      982,180
+    l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum                 1,234,567
+    l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum                     5,678,901
+    sass__inst_executed_shared_loads                               inst        345,678
+  _meta_step_kernel (264, 1, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: Command line profiler metrics
+    l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum                     9,999,999
+"""
+
+
+def test_ncu_metric_table_pairs_each_kernel_block_with_its_profiled_launch():
+    """``ncu_metric_table``: one row per ``_meta_step_kernel`` block in ncu's order, named by
+    ``PROFILED`` in launch order, its metrics as numbers (thousands separators dropped, units
+    skipped); the summary prints one line per launch."""
+    from bench import gpu_check as GC
+
+    table = GC.ncu_metric_table(NCU_METRICS_OUT)
+    assert [(r["variant"], r["T"]) for r in table] == list(GC.PROFILED[:2])
+    assert table[0]["metrics"] == {"gpu__time_duration.sum": 982180.0,
+                                   "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum": 1234567.0,
+                                   "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum": 5678901.0,
+                                   "sass__inst_executed_shared_loads": 345678.0}
+    assert table[1]["metrics"] == {"l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum": 9999999.0}
+    results = {"stages": {"ncu": {"ncu-shared": {"returncode": 0, "summary": [], "table": table}}}, "seconds": {}}
+    lines = [l for l in GC.summary_lines(results) if l.startswith("ncu-shared")]
+    v, T = GC.PROFILED[0]
+    assert lines[0] == (f"ncu-shared {v} T={T}: shared ld wavefronts 5,678,901, of them bank conflicts 1,234,567, "
+                        "ld instructions 345,678, ns 982,180")
+    assert len(lines) == 2
+
+
+def test_a_tool_run_gets_what_the_budget_has_left_or_is_skipped(tmp_path, monkeypatch):
+    """stage_tools with a callable timeout: each run's seconds are asked for when it starts; a run
+    left less than ``TOOL_MIN_SECONDS`` is skipped (not started) and says so; ``on_result`` sees
+    the results after every run, so a later run cut by the deadline leaves the earlier ones saved."""
+    from types import SimpleNamespace
+
+    from bench import gpu_check as GC
+
+    tool = tmp_path / "fake-ncu"
+    tool.write_text("#!/bin/bash\necho ran >> " + str(tmp_path / "runs") + "\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(GC, "find_tool", lambda name: str(tool))
+    left = iter([20.0, 3.0])
+    seen = []
+    res = GC.stage_tools(lambda *a: None, tmp_path, SimpleNamespace(type="cuda"), "ncu", lambda: next(left),
+                         ("ncu", "ncu-shared"), on_result=seen.append)
+    assert (tmp_path / "runs").read_text().split() == ["ran"]
+    assert res["ncu"]["returncode"] == 0
+    assert res["ncu-shared"]["status"] == "skipped" and "time budget" in res["ncu-shared"]["reason"]
+    assert [sorted(r) for r in seen] == [["ncu"], ["ncu", "ncu-shared"]]
+    line = [l for l in GC.summary_lines({"stages": {"ncu": res}, "seconds": {}}) if l.startswith("ncu-shared")]
+    assert line == ["ncu-shared: skipped (time budget spent (3 s left for it))"]
 
 
 def test_failures_are_printed_as_they_happen(tmp_path):

@@ -716,13 +716,15 @@ def test_main_on_a_gpu_writes_results_and_summary(fake_cuda, tmp_path, monkeypat
 
     monkeypatch.setattr(G, "_start", start)
     real_tools = G.stage_tools
-    monkeypatch.setattr(G, "stage_tools", lambda log, out, device, name, timeout, tools:
-                        caps.append((name, timeout)) or real_tools(log, out, device, name, timeout, tools))
+    monkeypatch.setattr(G, "stage_tools", lambda log, out, device, name, timeout, tools, **kw:
+                        caps.append((name, timeout() if callable(timeout) else timeout))
+                        or real_tools(log, out, device, name, timeout, tools, **kw))
     out = tmp_path / "gpu"
     assert G.main([str(out), "--stages", "1,5,6"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["budget_s"] == 345 and results["stages"]["env"]["gpu"] == "FAKE H200"
-    # ncu: two passes (sections, then the shared-memory metrics), each capped at 30 s
+    # ncu: two passes (sections, then the shared-memory metrics), each given what the budget has
+    # left when it starts, at most 30 s
     assert [c for c in caps if isinstance(c, tuple)] == [("sanitizer", 40), ("ncu", 30)]
     ncu_runs = [c for c in caps if isinstance(c, list) and c[0].endswith("ncu")]
     assert len(ncu_runs) == 2 and "--section" in ncu_runs[0] and "--metrics" in ncu_runs[1]
