@@ -324,6 +324,11 @@ def _sgd_layers(spec: MLPSpec, params: StackedMLP) -> list:
     return layers
 
 
+#: True only to reproduce the form before session 17 (``bench.numerics_per_layer --fused-output-update``):
+#: a one-output-feature layer's SGD step fused into its product like a wide layer's
+_FUSED_ONE_OUTPUT_UPDATE = False
+
+
 def _run_backward_sgd(layers: list, acts: Sequence[str], hs, out: torch.Tensor, g: torch.Tensor,
                       lr: float) -> None:
     """Backward pass fused with the SGD step: ``W ← W − lr·(gᵀh)`` inside the matmul
@@ -343,7 +348,8 @@ def _run_backward_sgd(layers: list, acts: Sequence[str], hs, out: torch.Tensor, 
     The output layer of one feature (the sine MLP's 64 -> 1) had stayed fused: on an AMD EPYC (torch
     2.14.1) its adapted weights sat 2.5x farther from float64 than the reference's, and FOMAML's
     meta-gradients of the hidden layers, computed through them, 1.2-1.5x (QA31's 1.28x); unfused,
-    every layer's ratio is 0.87-1.02 over 32 seeds (bench/results/numerics_grid_cpu_amd_epyc.json).
+    every layer's ratio is 0.87-1.02 over 32 seeds (bench/results/numerics_per_layer_cpu_amd_epyc*.json,
+    bench/results/numerics_grid_cpu_amd_epyc*.json).
     """
     if acts[-1] != "identity":
         g = _activation_backward(acts[-1], g, out)
@@ -356,7 +362,7 @@ def _run_backward_sgd(layers: list, acts: Sequence[str], hs, out: torch.Tensor, 
             g_next = _activation_backward(acts[l - 1], gh, h)
         if transposed:
             W_upd.add_(torch.bmm(h.transpose(1, 2), g), alpha=neg_lr)
-        elif W_upd.shape[1] == 1:  # one output feature: gᵀh is a one-row product too
+        elif W_upd.shape[1] == 1 and not _FUSED_ONE_OUTPUT_UPDATE:  # one output feature: gᵀh is one row too
             W_upd.add_(torch.bmm(g.transpose(1, 2), h), alpha=neg_lr)
         else:
             W_upd.baddbmm_(g.transpose(1, 2), h, alpha=neg_lr)
