@@ -673,7 +673,7 @@ _REGISTERS_WEIGHT_LIMIT = 8192
 #: tile (a layer's ``[P_OUT, P_IN]`` weights or the ``[BLOCK_B, widest]`` activations) at most
 #: this many elements.  Each ``tl.dot`` stages its operands in shared memory, and a CUDA block may
 #: use at most 227 KB of it on H100/H200 (sm_90); the interpreter has no such limit.  Compiled
-#: for sm_90a (Triton 3.8, no GPU; NOTES-qa29.md): tiles of 128 x 256 take 140-148 KB, 512 x 64
+#: for sm_90a (Triton 3.8, no GPU; the README's "Backend triton" section): tiles of 128 x 256 take 140-148 KB, 512 x 64
 #: 200 KB; 256 x 256 weights 280 KB and 256 x 256 activations 311 KB, which no launch can get.
 _REGISTERS_MAX_TILE = 128 * 256
 
@@ -717,8 +717,8 @@ def tiled_shared_bytes(config: LaunchConfig, precision: str = "ieee") -> int:
 
     Checked against Triton 3.8's allocation for sm_90a over block sizes 16-256, stages 1-4,
     warps 1-32 and every precision (``bench/results/triton-shared-sm90-triton3.8.json``, made by
-    ``python -m bench.triton_shared``): never below the compiler's number; see NOTES-qa36.md for
-    how far above.
+    ``python -m bench.triton_shared``): never below the compiler's number, and at most one operand
+    buffer plus one accumulator tile above it (the README's "Backend triton" section).
     """
     bm, bn, bk, stages = config.block_m, config.block_n, config.block_k, config.num_stages
     operands = (bm * bk + bk * bn) * 4

@@ -97,7 +97,8 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 #: (16 fp32 registers per thread at 4 warps).
 PRELOAD_LIMIT = 2048
 #: ``V2Config(accumulate=None)`` keeps the meta-step's sums in registers up to this many padded
-#: weights (1-64-1: 128), in memory beyond (1-64-64-1: 4224; sm_90a ptxas: see NOTES-kernel.md).
+#: weights (1-64-1: 128), in memory beyond (1-64-64-1: 4224; sm_90a registers per setting:
+#: bench/results/triton-compile-sm90-v2-*.json).
 ACC_REGISTERS_LIMIT = 1024
 #: A streamed layer's weights are copied, updated and written this many elements at a time (8 fp32
 #: registers per thread at 4 warps), never as a whole ``[P_OUT, P_IN]`` register tile.

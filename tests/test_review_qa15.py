@@ -1,6 +1,6 @@
 """QA15 review: defects found acting as the held-out checks of issues 2, 3, 6, 8 and 11 would.
 
-Each test failed on the code before its fix (named in NOTES-qa15.md)."""
+Each test failed on the code before its fix (named in NOTES-qa15.md (folded into the README since; ``git show 2a9d83a:NOTES-qa15.md``))."""
 import warnings
 
 import pytest

@@ -1,6 +1,6 @@
 """QA19's review of issue 3 (backend "torch" for any nn.Module) and issue 15 (the CPU experience).
 
-Each test here failed on the code before its fix (see NOTES-qa19.md)."""
+Each test here failed on the code before its fix (see NOTES-qa19.md (folded into the README since; ``git show f6653e3:NOTES-qa19.md``))."""
 import copy
 
 import pytest

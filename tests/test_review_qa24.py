@@ -1,5 +1,5 @@
 """QA24's mutation audit: each test here fails under a deliberate, realistic breakage of the
-library that the rest of the suite let through (see NOTES-qa24.md for the table).
+library that the rest of the suite let through (see NOTES-qa24.md (folded into the README since; ``git show 84b67f4:NOTES-qa24.md``) for the table).
 
 Oracles are float64 loops written with torch.autograd, independent of the library's backends;
 fp32 results are compared at the project's rtol 1e-5 / atol 1e-6 (a few inner steps of a tiny

@@ -1,5 +1,5 @@
 """QA26's review of the benchmark suite's report and FLOP counts and of the CLI's error messages.
-Each test failed before its fix (NOTES-qa26.md)."""
+Each test failed before its fix (NOTES-qa26.md (folded into the README since; ``git show 56b4dbf:NOTES-qa26.md``))."""
 import json
 import math
 

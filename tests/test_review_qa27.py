@@ -1,7 +1,7 @@
 """QA27's mutation audit (the modules QA24's left aside: kernels, compiled_step, torch_func,
 mlp_math, losses, models, signals, callbacks, distributed, tasks, plots): each test here fails
 under a deliberate, realistic breakage of the library that the rest of the suite let through
-(NOTES-qa27.md has the table).
+(NOTES-qa27.md (folded into the README since; ``git show 67b5024:NOTES-qa27.md``) has the table).
 
 Oracles are float64 loops written with torch.autograd, independent of the library's code paths;
 fp32 results are compared at the project's rtol 1e-5 / atol 1e-6 (a few inner steps of a tiny

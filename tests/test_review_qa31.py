@@ -178,7 +178,7 @@ def test_direct_evaluate_refuses_params_of_another_dtype(backend, param_dtype):
 
 
 def test_numerics_grid_bench_runs_and_summarises(tmp_path):
-    """``bench.numerics_grid`` (the sweep behind NOTES-qa31 and bench/results/numerics_grid_cpu.json)
+    """``bench.numerics_grid`` (the sweep behind NOTES-qa31.md (folded into the README since; ``git show 4ac46e4:NOTES-qa31.md``) and bench/results/numerics_grid_cpu.json)
     runs end to end on a small grid, and its sign test is the binomial one."""
     import json
 

@@ -2,7 +2,7 @@
 trainer_state, callbacks, hyperparams, model_watch, validation, compat, loop, jobs, fewshot_job,
 cli, the task families, seed_recognition, native_select, native_build): each test here fails
 under a deliberate, realistic breakage of the library that the rest of the suite let through
-(NOTES-qa33.md has the table).  Tiny models, one to three meta-steps: the file runs in seconds."""
+(NOTES-qa33.md (folded into the README since; ``git show c88d181:NOTES-qa33.md``) has the table).  Tiny models, one to three meta-steps: the file runs in seconds."""
 import random
 
 import numpy as np

@@ -137,7 +137,7 @@ def test_estimate_bounds_the_recorded_compiler_numbers(triton_version, max_false
     (this venv) and 3.6 (the GPU machines'): the estimate is never below Triton's number (so
     nothing over the limit is accepted), and at most one operand buffer plus one accumulator tile
     above it, ``(BM·BK + BK·BN + BM·BN) x 4`` bytes (the stated margin); it refuses every row
-    over the limit, and at most 11 (3.8) / 23 (3.6) of those within it (NOTES-qa36.md lists them)."""
+    over the limit, and at most 11 (3.8) / 23 (3.6) of those within it (NOTES-qa36.md (folded into the README since; ``git show b3be1db:NOTES-qa36.md``) lists them)."""
     results = ROOT / "bench" / "results"
     rows = [r for f in sorted(results.glob(f"triton-shared-sm90-*triton{triton_version}.json"))
             if "registers-before" not in f.name for r in _rows(f, "v1-tiled")]
