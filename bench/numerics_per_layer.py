@@ -12,7 +12,8 @@ ratio over seeds and on how many seeds backend torch was farther.
 
 ``--fused-output-update``: the one-output-feature layer's SGD step fused into its one-row weight
 gradient product, ``W.baddbmm_(gᵀ, h, alpha=−lr)``, as backend torch did before session 17 (the
-form QA31 found 1.28x farther on an AMD EPYC), for the comparison; the default is the code as it is.
+form QA31 found 1.28x farther on an AMD EPYC; ``mlp_batched.fused_one_output_update``), for the
+comparison; the default is the code as it is.
 """
 from __future__ import annotations
 
@@ -28,20 +29,7 @@ from bench.env import machine_stamp
 from bench.numerics_grid import BATCH, LR, STEPS, T, _cast, make_model, make_tasks
 from reptile_fast import sample_indices
 from reptile_fast.backends import InnerConfig, get_backend
-
-
-@contextlib.contextmanager
-def fused_output_update():
-    """Backend torch's plain-SGD step of a one-output-feature layer as before session 17: the
-    update fused into the product (``Tensor.baddbmm_`` on ``[T, 1, B] @ [T, B, in]`` with
-    alpha = −lr) instead of the gradient, then SGD's ``add_`` (``mlp_batched._FUSED_ONE_OUTPUT_UPDATE``)."""
-    from reptile_fast.backends import mlp_batched as MB
-
-    MB._FUSED_ONE_OUTPUT_UPDATE = True
-    try:
-        yield
-    finally:
-        MB._FUSED_ONE_OUTPUT_UPDATE = False
+from reptile_fast.backends import mlp_batched as MB
 
 
 def ratios(seeds: int, algorithm: str) -> dict:
@@ -81,7 +69,7 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # rounding, not speed: one thread, one summation order
     try:
-        with fused_output_update() if args.fused_output_update else contextlib.nullcontext():
+        with MB.fused_one_output_update() if args.fused_output_update else contextlib.nullcontext():
             logs = ratios(args.seeds, args.algorithm)
     finally:
         torch.set_num_threads(threads)

@@ -6,7 +6,7 @@ from reptile_fast.backends import mlp_batched as MB
 
 def test_rows_per_tensor_and_the_fused_form_is_restored(tmp_path):
     plain = NPL.ratios(2, "fomaml")
-    with NPL.fused_output_update():
+    with MB.fused_one_output_update():
         assert MB._FUSED_ONE_OUTPUT_UPDATE
         fused = NPL.ratios(2, "fomaml")
     assert not MB._FUSED_ONE_OUTPUT_UPDATE

@@ -50,6 +50,7 @@ Example (one meta-batch of SGD inner loops, as ``TorchBackend`` runs it)::
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -59,7 +60,8 @@ from ..mlp_math import ACTIVATIONS, FAST_LOSSES, output_grad
 from ..mlp_spec import MLPSpec
 
 __all__ = ["StackedMLP", "MLPInnerOutput", "gather_minibatches", "stack_mlp_params", "mlp_forward",
-           "mlp_inner_loop", "default_fast_tanh", "default_task_block", "TASK_BLOCK_BYTES", "FAST_LOSSES"]
+           "mlp_inner_loop", "default_fast_tanh", "default_task_block", "TASK_BLOCK_BYTES", "FAST_LOSSES",
+           "fused_one_output_update"]
 
 
 
@@ -324,9 +326,23 @@ def _sgd_layers(spec: MLPSpec, params: StackedMLP) -> list:
     return layers
 
 
-#: True only to reproduce the form before session 17 (``bench.numerics_per_layer --fused-output-update``):
-#: a one-output-feature layer's SGD step fused into its product like a wide layer's
+#: True only inside ``fused_one_output_update()``: a one-output-feature layer's SGD step fused into
+#: its product like a wide layer's (the form before session 17)
 _FUSED_ONE_OUTPUT_UPDATE = False
+
+
+@contextlib.contextmanager
+def fused_one_output_update():
+    """Within this context, the plain-SGD step of a layer with one output feature is fused into its
+    one-row weight-gradient product (``W.baddbmm_(gᵀ, h, alpha=-lr)``) as before session 17, which
+    rounds ``-lr·(gᵀh)`` before the add: for ``bench.numerics_per_layer --fused-output-update``'s
+    comparison only (``_run_backward_sgd`` explains why it is not the default)."""
+    global _FUSED_ONE_OUTPUT_UPDATE
+    before, _FUSED_ONE_OUTPUT_UPDATE = _FUSED_ONE_OUTPUT_UPDATE, True
+    try:
+        yield
+    finally:
+        _FUSED_ONE_OUTPUT_UPDATE = before
 
 
 def _run_backward_sgd(layers: list, acts: Sequence[str], hs, out: torch.Tensor, g: torch.Tensor,
