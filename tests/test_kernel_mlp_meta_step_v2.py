@@ -436,6 +436,36 @@ def test_transposed_products_match_batch_major(device, case):
         assert_inner_matches(params, runs[True][1], expected, f"{case}, flat={flat}, transposed")
 
 
+@pytest.mark.skipif(not V.INTERPRETED, reason="records tl.dot operands under the Triton interpreter")
+def test_transposed_products_reach_the_dots(monkeypatch):
+    """The feature-major path is the one that runs: each ``tl.dot``'s operand shapes recorded under
+    the interpreter (``InterpreterBuilder.create_dot``) for one wide x wide layer, 32 -> 64, at 16
+    padded rows (batch 4).  Feature-major the forward is ``w [64, 32] @ a.T [32, 16]`` and the
+    input gradient ``w.T [32, 64] @ g.T [64, 16]``; batch-major ``a [16, 32] @ w.T [32, 64]`` and
+    ``g [16, 64] @ w [64, 32]``; the weight gradient ``g.T [64, 16] @ a [16, 32]`` either way.
+    (``test_transposed_products_match_batch_major`` cannot tell the two apart: the same sums.)"""
+    from triton.runtime import interpreter
+    seen = []
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def recording(self, a, b, *rest):
+        seen.append((tuple(a.data.shape), tuple(b.data.shape)))
+        return create_dot(self, a, b, *rest)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", recording)
+    _, spec, _, _, _, _, args = _layout_case("cpu", (2, [32, 64], 1, "tanh", "mse"), seed=72)
+    grad_w = ((64, 16), (16, 32))
+    expected = {True: {((64, 32), (32, 16)), ((32, 64), (64, 16)), grad_w},   # the default in ieee
+                False: {((16, 32), (32, 64)), ((16, 64), (64, 32)), grad_w}}
+    for transpose, config in ((True, V.V2Config(max_programs=2)),
+                              (False, V.V2Config(transpose=False, max_programs=2))):
+        for run in (V.inner_loop, V.meta_step):
+            seen.clear()
+            kwargs = dict(eps=0.5) if run is V.meta_step else {}
+            run(*args, lr=0.1, config=config, **kwargs)
+            assert set(seen) == expected[transpose], (run.__name__, config, sorted(set(seen)))
+
+
 def test_transposed_by_default_only_in_ieee_with_a_dot_at_16_rows():
     """``transpose_for``: on for the sine MLP in "ieee" at batch 10 (16 padded rows), off in
     "tf32x3" / "tf32" (the feature-major dot became a warpgroup MMA with spills there), off above
