@@ -37,10 +37,11 @@ SWEEP_T = (1, 4096, 65536)
 
 
 #: the settings swept by default (``--warps``, ``--per-sm``, ``--accumulate``, ``--stream``, ``--preload``,
-#: ``--flat``, ``--transpose`` narrow or widen them); "default" in ``accumulate`` / ``preload`` / ``flat`` /
-#: ``transpose``: the kernel's own choice (the field left out)
+#: ``--flat``, ``--transpose``, ``--max-registers`` narrow or widen them); "default" in ``accumulate`` /
+#: ``preload`` / ``flat`` / ``transpose`` / ``max_registers``: the kernel's own choice (the field left out)
 GRID = {"warps": (4, 8), "accumulate": ("registers", "memory"), "stream": (False, True), "per_sm": (1, 2, 4, 8),
-        "preload": ("default", "prefetch"), "flat": ("default",), "transpose": ("default",)}
+        "preload": ("default", "prefetch"), "flat": ("default",), "transpose": ("default",),
+        "max_registers": ("default",)}
 
 
 def settings(T: int, smoke: bool, precision: str = "ieee", grid=None):
@@ -55,14 +56,15 @@ def settings(T: int, smoke: bool, precision: str = "ieee", grid=None):
     yield {}
     g = dict(GRID, **(grid or {}))
     warps, accumulate, stream, per_sm, preload = g["warps"], g["accumulate"], g["stream"], g["per_sm"], g["preload"]
-    flat, transpose = g["flat"], g["transpose"]
+    flat, transpose, caps = g["flat"], g["transpose"], g["max_registers"]
     if precision != "ieee":
         stream = tuple(s for s in stream if not s)
     if T == 1:  # one task: one program whatever the grid
         per_sm = per_sm[:1]
     if smoke:  # each code path once
         warps, accumulate, per_sm, preload = warps[:1], accumulate[-1:], per_sm[:2], preload[-1:]
-    for w, acc, st, p, pre, fl, tr in itertools.product(warps, accumulate, stream, per_sm, preload, flat, transpose):
+    for w, acc, st, p, pre, fl, tr, cap in itertools.product(warps, accumulate, stream, per_sm, preload, flat, transpose,
+                                                              caps):
         if st and pre != "default" and "default" in preload:
             continue
         if st and fl != "default" and "default" in flat:  # 2-D 1-wide layers: swept unstreamed
@@ -70,8 +72,9 @@ def settings(T: int, smoke: bool, precision: str = "ieee", grid=None):
         if st and tr != "default" and "default" in transpose:  # a streamed layer has no tl.dot to transpose
             continue
         kw = {"num_warps": w, "accumulate": acc, "stream": st, "programs_per_sm": p, "preload": pre, "flat": fl,
-              "transpose": tr}
-        for field, value in (("accumulate", acc), ("preload", pre), ("flat", fl), ("transpose", tr)):
+              "transpose": tr, "max_registers": cap}
+        for field, value in (("accumulate", acc), ("preload", pre), ("flat", fl), ("transpose", tr),
+                             ("max_registers", cap)):
             if value == "default":
                 del kw[field]
         yield kw
@@ -307,6 +310,11 @@ def _grid_args(ap, args):
         if not words or any(v not in ("default", "on", "off") for v in words):
             ap.error(f"--transpose takes default, on, off; got {args.transpose!r}")
         grid["transpose"] = tuple({"on": True, "off": False}.get(v, v) for v in words)
+    if args.max_registers is not None:
+        words = [v.strip() for v in args.max_registers.split(",") if v.strip()]
+        if not words or not all(v == "default" or (v.isdigit() and 32 <= int(v) <= 255) for v in words):
+            ap.error(f"--max-registers takes default or ints in 32..255; got {args.max_registers!r}")
+        grid["max_registers"] = tuple(v if v == "default" else int(v) for v in words)
     return grid
 
 
@@ -332,6 +340,9 @@ def main(argv=None) -> int:
     ap.add_argument("--transpose", default=None,
                     help="comma-separated: default (the kernel's choice), on, off (V2Config.transpose: wide x wide "
                          "products feature-major or batch-major); default: default")
+    ap.add_argument("--max-registers", default=None,
+                    help="comma-separated: default (the kernel's choice: no cap unless streamed), or per-thread "
+                         "register caps in 32..255 (V2Config.max_registers, PTX .maxnreg); default: default")
     args = ap.parse_args(argv)
     grid, Ts_arg = _grid_args(ap, args), None
     if args.T is not None:

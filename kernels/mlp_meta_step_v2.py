@@ -105,6 +105,8 @@ ACC_REGISTERS_LIMIT = 1024
 STREAM_TILE = 1024
 #: Register cap (ptxas ``.maxnreg``) of a kernel with streamed layers: 4 programs of 4 warps per SM
 STREAM_MAX_REGISTERS = 128
+#: the smallest ``V2Config.max_registers`` taken (below it nearly every value would live in local memory)
+MIN_REGISTER_CAP = 32
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: Error bounds of the special functions, relative to the float64 value, in units of
@@ -1107,6 +1109,15 @@ class V2Config:
             stores per step), 10 barriers per step (was 25), 128 registers at 8 warps (was 255).
             None: ``transpose_for`` -- on in "ieee" where a wide x wide layer runs ``tl.dot``
             unstreamed at a padded batch of at most 16 rows.
+        max_registers: a per-thread register cap for ptxas (PTX ``.maxnreg``, 32..255): what
+            lets more programs share an SM (65536 registers per SM: 4 programs of 4 warps at 128)
+            at the cost of spilling to local memory (L1).  None: ``STREAM_MAX_REGISTERS`` when a
+            layer is streamed, else no cap.  The same arithmetic either way (only where values
+            live changes); ignored under the interpreter.  Sine MLP, ieee, 4 warps, sm_90a, by
+            ahead-of-time compilation (``python -m bench.register_cap``): uncapped Triton 3.6
+            takes 255 registers and 3.8 168, without spills inside the inner step; capped at
+            128, ~70 local loads/stores per inner step.  Not yet timed on a GPU: the GPU sweep's
+            ``--max-registers`` times it.
     """
 
     num_warps: Optional[int] = None
@@ -1117,6 +1128,7 @@ class V2Config:
     stream: bool = False
     flat: Optional[bool] = None
     transpose: Optional[bool] = None
+    max_registers: Optional[int] = None
 
     def __post_init__(self) -> None:
         # ints only (not bools, not 4.0): True passed as one program, 4.0 reached the launch
@@ -1139,6 +1151,11 @@ class V2Config:
             raise ValueError(f"flat must be None, True or False, got {self.flat!r}")
         if not (self.transpose is None or isinstance(self.transpose, bool)):
             raise ValueError(f"transpose must be None, True or False, got {self.transpose!r}")
+        if self.max_registers is not None:
+            _check_int_field("max_registers", self.max_registers)
+            if not MIN_REGISTER_CAP <= self.max_registers <= 255:
+                raise ValueError(f"max_registers must be None or an int in {MIN_REGISTER_CAP}..255 (ptxas's "
+                                 f"per-thread register cap), got {self.max_registers}")
         if self.accumulate not in (None, "registers", "memory"):
             raise ValueError(f"accumulate must be None, 'registers' or 'memory', got {self.accumulate!r}")
 
@@ -1180,7 +1197,16 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
                 **{f"AOFF{l}": layout.get(f"a{l}", 0) for l in range(MAX_LAYERS)}, GOFF=layout.get("g", 0),
                 TILE=STREAM_TILE,
                 num_warps=num_warps_for(dims, config), num_stages=1,
-                **({"maxnreg": STREAM_MAX_REGISTERS} if any(streamed) else {}))
+                **register_cap(dims, config))
+
+
+def register_cap(dims: Sequence[int], config: Optional[V2Config] = None) -> dict:
+    """The launch option capping registers per thread: ``{"maxnreg": n}``, or ``{}`` for none
+    (``V2Config.max_registers``; else ``STREAM_MAX_REGISTERS`` when a wide layer is streamed)."""
+    config = _config(config)
+    if config.max_registers is not None:
+        return {"maxnreg": config.max_registers}
+    return {"maxnreg": STREAM_MAX_REGISTERS} if config.stream and any(uses_dot(dims)) else {}
 
 
 def _scratch_layout(dims: Sequence[int], block_b: int):

@@ -61,6 +61,8 @@ def test_grid_narrows_and_default_accumulation_leaves_the_field_out():
     (["--preload", "maybe"], "--preload"),
     (["--flat", "2d"], "--flat"),
     (["--transpose", "yes"], "--transpose"),
+    (["--max-registers", "16"], "--max-registers"),
+    (["--max-registers", "lots"], "--max-registers"),
     (["--precision", "fp16"], "--precision"),
 ])
 def test_bad_flags_are_refused_with_the_flag_named(argv, words, tmp_path, capsys):
@@ -181,13 +183,27 @@ def test_transpose_is_swept_only_when_asked_and_unstreamed():
         {"num_warps": w, "stream": True, "programs_per_sm": 2})]
 
 
-@pytest.mark.parametrize("option", ["flat", "transpose"])
-def test_cpu_smoke_sweeps_a_layout_option_off_checked(tmp_path, option):
-    """``--flat off`` / ``--transpose off`` reach V2Config as False and are checked against float64
-    and the default before they are timed."""
+def test_register_caps_are_swept_only_when_asked():
+    """``V2Config.max_registers``: the default grid leaves it to the kernel; ``--max-registers
+    default,128`` adds the cap beside each setting, streamed ones included (there it replaces the
+    streamed kernel's own cap)."""
+    assert all("max_registers" not in c for c in _configs(4096, False))
+    got = _configs(4096, False, "ieee", {"warps": (4,), "per_sm": (2, 4), "accumulate": ("default",),
+                                         "stream": (False, True), "preload": ("default",),
+                                         "max_registers": ("default", 128)})
+    assert got == [{}] + [dict({"num_warps": 4, "stream": st, "programs_per_sm": p}, **cap)
+                          for st in (False, True) for p in (2, 4) for cap in ({}, {"max_registers": 128})]
+
+
+@pytest.mark.parametrize("option, word, value", [("flat", "off", False), ("transpose", "off", False),
+                                                 ("max_registers", "128", 128)])
+def test_cpu_smoke_sweeps_a_layout_option_checked(tmp_path, option, word, value):
+    """``--flat off`` / ``--transpose off`` / ``--max-registers 128`` reach V2Config and are checked
+    against float64 and the default before they are timed."""
     rc = S.main([str(tmp_path), "--cpu-smoke", "--T", "5", "--warps", "4", "--per-sm", "1",
-                 "--accumulate", "default", "--stream", "off", "--preload", "default", f"--{option}", "off"])
+                 "--accumulate", "default", "--stream", "off", "--preload", "default",
+                 f"--{option.replace('_', '-')}", word])
     assert rc == 0
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
-    assert [r["config"] for r in rows] == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 1, option: False}]
+    assert [r["config"] for r in rows] == [{}, {"num_warps": 4, "stream": False, "programs_per_sm": 1, option: value}]
     assert all(r["ok"] and "ms" in r for r in rows), rows

@@ -490,16 +490,37 @@ def test_transposed_by_default_only_in_ieee_with_a_dot_at_16_rows():
             V.V2Config(transpose=bad)
 
 
+def test_register_cap_reaches_the_launch_and_is_checked():
+    """``V2Config(max_registers=n)``: the launch's ptxas cap (``maxnreg``) whatever else is set,
+    the streamed kernel's own cap when not set and a layer is streamed, no cap otherwise; anything
+    but None or an int in 32..255 is refused by name."""
+    sine, acts = (1, 64, 64, 1), ("tanh", "tanh", "identity")
+
+    def cap(cfg, dims=sine):
+        return V._meta(dims, acts[-len(dims) + 1:], "mse", 10, 5, "ieee", cfg, True, False, False).get("maxnreg")
+
+    assert cap(V.V2Config()) is None and cap(V.V2Config(max_registers=None)) is None
+    assert cap(V.V2Config(stream=True)) == V.STREAM_MAX_REGISTERS
+    assert cap(V.V2Config(max_registers=160)) == 160 and cap(V.V2Config(stream=True, max_registers=96)) == 96
+    assert cap(V.V2Config(stream=True), dims=(1, 64, 1)) is None  # no wide x wide layer: nothing streamed
+    assert V.register_cap(sine, V.V2Config(max_registers=255)) == {"maxnreg": 255}
+    for bad, kind in ((31, ValueError), (256, ValueError), (0, ValueError), (128.0, TypeError), (True, TypeError),
+                      ("128", TypeError)):
+        with pytest.raises(kind, match="max_registers"):
+            V.V2Config(max_registers=bad)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_options_give_the_same_result(device):
-    """preload on/off/prefetch, warps and programs: the same arithmetic (bit for bit under the
-    interpreter; on a GPU each setting is its own compiled kernel: ``assert_same_across_configs``)."""
+    """preload on/off/prefetch, warps and programs, a register cap: the same arithmetic (bit for bit
+    under the interpreter; on a GPU each setting is its own compiled kernel: ``assert_same_across_configs``)."""
     torch.manual_seed(25)
     model = MLP(2, 20, 1).to(device)
     tasks = regression_tasks(5, 12, 2, 1, seed=26)
     indices = sample_indices(5, 3, 12, 4, generator=torch.Generator().manual_seed(27))
     base, base_losses = run_inner(model, tasks, indices, device)
-    for cfg in ({"preload": False}, {"preload": "prefetch"}, {"num_warps": 2, "max_programs": 2}):
+    for cfg in ({"preload": False}, {"preload": "prefetch"}, {"num_warps": 2, "max_programs": 2},
+                {"max_registers": 64}):
         p, l = run_inner(model, tasks, indices, device, **cfg)
         for n in base:
             assert_same_across_configs(p[n], base[n], device, f"{cfg}: '{n}'")

@@ -40,7 +40,7 @@ Options (``Reptile`` builds backends by name, so each also has a process-wide de
         tasks and plans (default ``DEFAULT_GRAPH_CHUNK``).
     launch: launch overrides for tuning: ``LaunchConfig`` fields (``mode``, ``num_warps``, tile
         sizes, …) for v1, ``V2Config`` fields (``num_warps``, ``programs_per_sm``, ``max_programs``,
-        ``preload``, ``accumulate``, ``stream``, ``flat``, ``transpose``) for v2.  Under "auto", fields of one kernel only
+        ``preload``, ``accumulate``, ``stream``, ``flat``, ``transpose``, ``max_registers``) for v2.  Under "auto", fields of one kernel only
         pin it; the shared ones (``num_warps``, ``max_programs``) must suit both kernels.
     validate: check plan indices and class labels are in range (one device sync per call).
         ``Reptile`` turns it off unless its ``backend_options`` set it: the trainer checks plans
@@ -148,7 +148,7 @@ def _v2_config(launch: dict):
         return _kernels_v2().V2Config(**launch)
     except TypeError as exc:
         raise TypeError(f"launch options for kernel v2 are V2Config fields (num_warps, programs_per_sm, "
-                        f"max_programs, preload, accumulate, stream, flat, transpose): {exc}") from None
+                        f"max_programs, preload, accumulate, stream, flat, transpose, max_registers): {exc}") from None
 
 
 def _check_launch(kernel: str, launch: dict) -> None:
