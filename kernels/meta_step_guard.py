@@ -86,6 +86,8 @@ def new_state(device) -> torch.Tensor:
 def check_state(phi: torch.Tensor, state: torch.Tensor, iteration: torch.Tensor, loss_out: torch.Tensor) -> None:
     """TypeError/ValueError unless φ is a contiguous float32 vector and ``state`` (int64 [2]),
     ``iteration`` (int64, 1 element) and ``loss_out`` (float32, 1 element) are on its device."""
+    if not isinstance(phi, torch.Tensor):
+        raise TypeError(f"params_flat (phi) must be a torch.Tensor, got {type(phi).__name__}")
     device = phi.device
     _check_tensor("phi", phi, torch.float32, 1, device)
     if not phi.is_contiguous():

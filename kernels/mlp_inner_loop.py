@@ -82,9 +82,13 @@ def _tanh(x):
     # libdevice's tanh does not exist under the interpreter, so tanh is built from exp alike on
     # both: (1 - e^{-2|x|}) / (1 + e^{-2|x|}) cancels for small |x|, where the odd Taylor series
     # (terms to x^15, truncation error < 1e-9 relative for |x| < 0.4) is used instead.
+    # Beyond |x| = 0.7 as 1 - 2e / (1 + e): (1 - e) / (1 + e) rounds to 1 once e is below half an
+    # ulp, from |x| = 8.66 where tanh reaches 1 only at 9.01 (and the gradient 1 - y² went to 0).
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
-    big = (1.0 - e) / (1.0 + e)
+    near = ax < 0.7
+    q = tl.where(near, 1.0 - e, 2.0 * e) / (1.0 + e)
+    big = tl.where(near, q, 1.0 - q)
     x2 = x * x
     p = -1.4558343870513183e-03  # -929569/638512875
     p = p * x2 + 3.5921280365724810e-03  # 21844/6081075
@@ -103,7 +107,7 @@ def _activation(z, ACT: tl.constexpr):
     if ACT == 1:
         z = _tanh(z)
     elif ACT == 2:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z <= 0.0, 0.0, z)  # NaN stays NaN, as in torch (tl.maximum returned the 0)
     elif ACT == 3:
         z = 1.0 / (1.0 + tl.exp(-z))
     return z
@@ -115,7 +119,7 @@ def _activation_grad(g, a, ACT: tl.constexpr):
     if ACT == 1:
         g = g * (1.0 - a * a)
     elif ACT == 2:
-        g = tl.where(a > 0.0, g, 0.0)
+        g = tl.where(a <= 0.0, 0.0, g)  # torch's threshold_backward: a NaN output passes the gradient on
     elif ACT == 3:
         g = g * (1.0 - a) * a
     return g
@@ -603,10 +607,14 @@ def split_params(flat: torch.Tensor, dims: Sequence[int]) -> List[torch.Tensor]:
     return views
 
 
-def _check_int_field(name: str, v) -> None:
-    """TypeError unless ``v`` is an int (not a bool, not a float with an integral value)."""
-    if isinstance(v, bool) or not isinstance(v, int):
+def _check_int_field(name: str, v, owner=None) -> None:
+    """TypeError unless ``v`` is an integer (not a bool, not a float with an integral value).
+    NumPy integers are taken (as ``dims`` and ``steps`` are) and stored on ``owner`` (a frozen
+    config dataclass) as a Python int."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {v!r}")
+    if owner is not None and type(v) is not int:
+        object.__setattr__(owner, name, int(v))
 
 
 @dataclass(frozen=True)
@@ -643,9 +651,9 @@ class LaunchConfig:
         # ints only: 4.0 == 4 passed the range checks and reached the launch (a float grid, a
         # float warp count); True == 1 likewise
         for name in ("num_warps", "num_stages", "block_b", "block_m", "block_n", "block_k", "tasks_per_program"):
-            _check_int_field(name, getattr(self, name))
+            _check_int_field(name, getattr(self, name), self)
         if self.max_programs is not None:
-            _check_int_field("max_programs", self.max_programs)
+            _check_int_field("max_programs", self.max_programs, self)
         if self.num_warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"num_warps must be a power of two in 1..32, got {self.num_warps}")
         if self.num_stages < 1:
@@ -828,9 +836,17 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+#: the largest finite float32: the kernels take their scalars as fp32
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _check_number(name: str, v) -> float:
-    """``v`` as a Python float if it is a finite real number (numpy scalars included)."""
+    """``v`` as a Python float if it is a finite real number (numpy scalars included) that float32
+    holds (the kernels take it as fp32: a larger one would run as inf)."""
     if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v):
+        if abs(float(v)) > FLOAT32_MAX:
+            raise ValueError(f"{name} must be at most {FLOAT32_MAX:.4g} in magnitude (the kernel takes it as "
+                             f"float32), got {v!r}")
         return float(v)
     raise ValueError(f"{name} must be a finite number, got {v!r}")
 
@@ -870,6 +886,12 @@ def _launch_device(device: torch.device):
 def _check_tensor(name: str, t, dtype: torch.dtype, dim: int, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        # a sparse tensor failed in .contiguous() with "unsupported memory format option"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: the kernel needs its values (a CUDA device, or the CPU "
+                         f"under TRITON_INTERPRET=1)")
     if t.dtype != dtype:
         raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
     if t.dim() != dim:
@@ -987,7 +1009,7 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     if len(activations) != n_layers:
         raise ValueError(f"need one activation per layer ({n_layers}), got {len(activations)}")
     for a in activations:
-        if a not in ACTIVATION_CODES:
+        if not isinstance(a, str) or a not in ACTIVATION_CODES:
             raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {a!r}")
     dims = [D0]
     for l in range(n_layers):
@@ -1000,7 +1022,7 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         dims.append(w.shape[0])
     if max(dims) > MAX_FEATURES:
         raise ValueError(f"feature sizes {dims} exceed the kernel's limit of {MAX_FEATURES}")
-    if loss not in LOSS_CODES:
+    if not isinstance(loss, str) or loss not in LOSS_CODES:
         raise ValueError(f"loss must be one of {sorted(LOSS_CODES)}, got {loss!r}")
     _check_targets(y, loss, T, N, dims[-1], device)
     _check_tensor("indices", indices, torch.int64, 3, device)
