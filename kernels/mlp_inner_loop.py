@@ -82,13 +82,11 @@ def _tanh(x):
     # libdevice's tanh does not exist under the interpreter, so tanh is built from exp alike on
     # both: (1 - e^{-2|x|}) / (1 + e^{-2|x|}) cancels for small |x|, where the odd Taylor series
     # (terms to x^15, truncation error < 1e-9 relative for |x| < 0.4) is used instead.
-    # Beyond |x| = 0.7 as 1 - 2e / (1 + e): (1 - e) / (1 + e) rounds to 1 once e is below half an
-    # ulp, from |x| = 8.66 where tanh reaches 1 only at 9.01 (and the gradient 1 - y² went to 0).
+    # As 1 - 2e / (1 + e): (1 - e) / (1 + e) rounds 1 ± e to 1 once e is below half an ulp, from
+    # |x| = 8.66, where tanh reaches 1 only at 9.01 (and the gradient 1 - y² went to 0 there).
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
-    near = ax < 0.7
-    q = tl.where(near, 1.0 - e, 2.0 * e) / (1.0 + e)
-    big = tl.where(near, q, 1.0 - q)
+    big = 1.0 - 2.0 * e / (1.0 + e)
     x2 = x * x
     p = -1.4558343870513183e-03  # -929569/638512875
     p = p * x2 + 3.5921280365724810e-03  # 21844/6081075
