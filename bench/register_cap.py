@@ -8,7 +8,7 @@ An SM holds 65536 registers: 4-warp programs at 255 registers fit 2 per SM, at 1
 four.  More programs per SM hide more of each program's latency (barriers, shared-memory round
 trips: a T = 4096 launch runs ~15 tasks per program one after another), and a cap below what
 ptxas chooses buys them with spills to local memory (L1-resident at these sizes).  Which wins is
-a GPU's measurement (``bench/gpu_check.sh --sweep ... --max-registers none,128,160 --per-sm 2,3,4``);
+a GPU's measurement (``bench/gpu_check.sh --sweep ... --max-registers default,168,128 --per-sm 2,3,4``);
 this records what each cap costs in spills, for the sine MLP's meta-step in each precision, the
 seed's one-task meta-step, and the Omniglot-style cross-entropy MLP.  Run without
 ``TRITON_INTERPRET=1``.

@@ -94,9 +94,10 @@ def check_state(phi: torch.Tensor, state: torch.Tensor, iteration: torch.Tensor,
         raise ValueError("phi must be contiguous (it is updated in place)")
     for name, t, dtype in (("state", state, torch.int64), ("iteration", iteration, torch.int64),
                            ("loss_out", loss_out, torch.float32)):
-        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != device:
-            raise TypeError(f"{name} must be a {dtype} tensor on {device}, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}")
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != device or t.layout != torch.strided:
+            raise TypeError(f"{name} must be a {dtype} tensor on {device} (dense), got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}"
+                            f"{'' if getattr(t, 'layout', torch.strided) == torch.strided else ' (' + str(t.layout) + ')'}")
     if iteration.numel() != 1 or loss_out.numel() != 1 or state.shape != (2,):
         raise ValueError(f"iteration and loss_out hold one element and state two, got "
                          f"{iteration.numel()}, {loss_out.numel()}, {tuple(state.shape)}")

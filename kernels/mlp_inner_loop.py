@@ -841,7 +841,13 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 def _check_number(name: str, v) -> float:
     """``v`` as a Python float if it is a finite real number (numpy scalars included) that float32
     holds (the kernels take it as fp32: a larger one would run as inf)."""
-    if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v):
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:  # an int beyond float64 (10**400)
+            finite = False
+        if not finite:
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
         if abs(float(v)) > FLOAT32_MAX:
             raise ValueError(f"{name} must be at most {FLOAT32_MAX:.4g} in magnitude (the kernel takes it as "
                              f"float32), got {v!r}")

@@ -113,6 +113,8 @@ def test_scalars_beyond_float32_are_refused():
             K.mlp_inner_loop(x, y, idx, list(V.unflatten_params(phi, dims)), acts, lr=lr)
     with pytest.raises(ValueError, match=r"eps must be at most 3\.403e\+38"):
         V.meta_step(x, y, idx, phi, dims, acts, lr=0.1, eps=1e39)
+    with pytest.raises(ValueError, match="lr must be a finite number"):  # beyond float64: OverflowError before
+        V.inner_loop(x, y, idx, phi, dims, acts, lr=10 ** 400)
 
 
 def test_names_that_are_not_strings_are_refused_by_name():
@@ -144,6 +146,14 @@ def test_sparse_and_meta_tensors_are_refused():
     meta = [t.to("meta") for t in (x, y, idx, phi)]
     with pytest.raises(ValueError, match="meta device"):
         V.inner_loop(*meta, dims, acts, lr=0.1)
+    with pytest.raises(ValueError, match="eps as a tensor must be one dense float32 element"):
+        V.meta_step(x, y, idx, phi, dims, acts, lr=0.1, eps=torch.tensor([0.5]).to_sparse())
+    one = dict(x=x[:1], y=y[:1], indices=idx[:1], params_flat=phi.clone(), dims=dims, activations=acts, lr=0.1,
+               eps=0.5, state=G.new_state("cpu"), iteration=torch.ones(1, dtype=torch.int64), loss_out=torch.empty(1))
+    for name in ("state", "iteration", "loss_out"):
+        bad = dict(one, **{name: one[name].to_sparse()})
+        with pytest.raises(TypeError, match=f"{name} must be a .* tensor on cpu \\(dense\\)"):
+            V.guarded_meta_step(**bad)
 
 
 def test_shape_helpers_take_defaults_and_refuse_what_cannot_run():
