@@ -95,9 +95,8 @@ def check_state(phi: torch.Tensor, state: torch.Tensor, iteration: torch.Tensor,
     for name, t, dtype in (("state", state, torch.int64), ("iteration", iteration, torch.int64),
                            ("loss_out", loss_out, torch.float32)):
         if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != device or t.layout != torch.strided:
-            raise TypeError(f"{name} must be a {dtype} tensor on {device} (dense), got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}"
-                            f"{'' if getattr(t, 'layout', torch.strided) == torch.strided else ' (' + str(t.layout) + ')'}")
+            got = (f"{t.dtype} {t.layout} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__)
+            raise TypeError(f"{name} must be a {dtype} tensor on {device} (dense), got {got}")
     if iteration.numel() != 1 or loss_out.numel() != 1 or state.shape != (2,):
         raise ValueError(f"iteration and loss_out hold one element and state two, got "
                          f"{iteration.numel()}, {loss_out.numel()}, {tuple(state.shape)}")

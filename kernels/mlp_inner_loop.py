@@ -80,10 +80,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @triton.jit
 def _tanh(x):
     # libdevice's tanh does not exist under the interpreter, so tanh is built from exp alike on
-    # both: (1 - e^{-2|x|}) / (1 + e^{-2|x|}) cancels for small |x|, where the odd Taylor series
-    # (terms to x^15, truncation error < 1e-9 relative for |x| < 0.4) is used instead.
-    # As 1 - 2e / (1 + e): (1 - e) / (1 + e) rounds 1 ± e to 1 once e is below half an ulp, from
-    # |x| = 8.66, where tanh reaches 1 only at 9.01 (and the gradient 1 - y² went to 0 there).
+    # both: 1 - 2e / (1 + e), e = e^{-2|x|}, cancels for small |x|, where the odd Taylor series
+    # (terms to x^15, truncation error < 1e-9 relative for |x| < 0.4) is used instead.  Not
+    # (1 - e) / (1 + e): that rounds 1 ± e to 1 once e is below half an ulp, from |x| = 8.66,
+    # where tanh reaches 1 only at 9.01 (and the gradient 1 - y² went to 0 there).
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
     big = 1.0 - 2.0 * e / (1.0 + e)
