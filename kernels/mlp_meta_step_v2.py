@@ -189,7 +189,7 @@ def _tanh(x):
     (0.26).
     As many operations as the former form; written as ``1 - div_rn(2e, 1 + e)`` instead (the same
     numbers) Triton 3.6 spilled inside the sine MLP's inner step on sm_90a (15 / 13 LDL / STL per
-    step, against none)."""
+    step, against none; an ad-hoc compile, not recorded)."""
     ax = tl.abs(x)
     e = _exp(-2.0 * ax)
     big = tl.fma(-2.0, tl.math.div_rn(e, 1.0 + e), 1.0)
