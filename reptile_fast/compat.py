@@ -249,6 +249,8 @@ class InputChecker:
                              f"got {tuple(indices.shape)}")
         if indices.device != self.device:
             raise ValueError(f"indices are on {indices.device} but the model is on {self.device}")
+        if indices.numel() == 0:  # a plan of 0 steps (evaluate(steps=0, indices=...)): nothing to range-check
+            return indices
         lo, hi = (int(v) for v in torch.stack([indices.min(), indices.max()]).tolist())
         if lo < 0 or hi >= tasks.n_points:
             raise ValueError(f"indices must lie in [0, {tasks.n_points}), got values in [{lo}, {hi}]")

@@ -154,7 +154,9 @@ class _SineSource:
     def __init__(self, first):
         from .tasks.sine import Sine
 
-        self.pending, self.sine = first, Sine()
+        # in the first task's dtype: the seed's linspace follows torch's default dtype (float64
+        # under torch.set_default_dtype(torch.float64)), so its later tasks would too
+        self.pending, self.sine = first, Sine(dtype=first[0].dtype)
 
     def sample(self, n: int, *, generator=None, device=None) -> TaskBatch:
         if self.pending is None:
@@ -482,7 +484,8 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
             trainer = None
     if trainer is None:
         trainer = make_trainer(backend, options or None)
-    if is_seed_sample_task(sample_task) and kind == "mse" and first[0].shape == (50,):
+    if (is_seed_sample_task(sample_task) and kind == "mse" and first[0].shape == (50,)
+            and first[0].dtype in (torch.float32, torch.float64) and first[1].dtype == first[0].dtype):
         source = _SineSource(first)
         stats["tasks"] = "the seed's sample_task, drawn vectorised (reptile_fast.Sine)"
     else:

@@ -15,7 +15,7 @@ __all__ = ["HyperParameters"]
 
 class HyperParameters:
     """``inner_lr``, ``inner_steps``, ``inner_batch_size``, ``outer_lr``, ``outer_lr_final``,
-    ``total_iterations``.
+    ``total_iterations``; and, read-only, ``loss`` and ``outer_optimizer``.
 
     Checked as the constructor checks them, and followed by every stepper: a new inner setting
     goes through ``self._set_config`` (the subclass rebuilds the compiled and fused programs,
@@ -119,6 +119,30 @@ class HyperParameters:
                              "iterations instead")
         # checked as a checkpoint's is at load: a 0 set by hand was saved, then refused at resume
         self._total_iterations = None if value is None else check_int("total_iterations", value)
+
+    # Fixed at construction: the inner loop's config, the steppers and the input checks are built
+    # around them.  A plain attribute was assigned silently and ignored by training, yet recorded in
+    # hparams() and checkpoints (QA45).
+    @property
+    def loss(self):
+        """The inner loss given to the constructor ("mse", "cross_entropy" or a callable)."""
+        return self._loss
+
+    @loss.setter
+    def loss(self, value) -> None:
+        raise AttributeError("loss is fixed when the Reptile is built (the inner loop and its input checks are "
+                             "made for it); build a new Reptile(model, loss=...) to train with another loss")
+
+    @property
+    def outer_optimizer(self):
+        """The ``torch.optim`` optimizer given to the constructor, or None (the interpolation update)."""
+        return self._outer_optimizer
+
+    @outer_optimizer.setter
+    def outer_optimizer(self, value) -> None:
+        raise AttributeError("outer_optimizer is fixed when the Reptile is built (the outer update is made for "
+                             "it); build a new Reptile(model, outer_optimizer=...), or change the optimizer's "
+                             "param_groups (e.g. its lr, or with a torch.optim.lr_scheduler)")
 
     def _not_fitting(self, name: str) -> None:
         # fit builds its sampler (plan rows, minibatch size) and stepper (the compiled program bakes

@@ -92,6 +92,29 @@ def _standard_fingerprints() -> Dict[tuple, bool]:
             _code_fingerprint(standard_inner_loop.__code__): True}
 
 
+@functools.lru_cache(maxsize=None)
+def _grad_mode_wrapper_code() -> Optional[types.CodeType]:
+    """The code of the wrapper torch's grad-mode decorators make (``@torch.no_grad()`` & co.)."""
+    return getattr(torch.no_grad()(lambda: None), "__code__", None)
+
+
+def _unwrap_grad_mode(fn):
+    """``fn`` seen through torch's own grad-mode decorators (the seed's ``sample_task`` is
+    ``@torch.no_grad()``), and through nothing else: any other wrapper -- a ``functools.wraps``
+    decorator of the user's -- may change what the function computes, so it stays in place and
+    the function is not recognised (``inspect.unwrap`` recognised such wrappers as the seed's)."""
+    grad_modes = (torch.no_grad, torch.enable_grad, torch.inference_mode, torch.set_grad_enabled)
+    while getattr(fn, "__code__", None) is _grad_mode_wrapper_code() and hasattr(fn, "__wrapped__"):
+        try:
+            factory = inspect.getclosurevars(fn).nonlocals.get("ctx_factory")
+        except (TypeError, ValueError):
+            return fn
+        if not isinstance(getattr(factory, "__self__", None), grad_modes):
+            return fn
+        fn = fn.__wrapped__
+    return fn
+
+
 def classify_inner_loop(fn) -> Tuple[Optional[int], bool]:
     """``(batch_size, any_shape)`` for a standard inner loop; ``(None, False)`` otherwise."""
     if fn is None:
@@ -101,7 +124,7 @@ def classify_inner_loop(fn) -> Tuple[Optional[int], bool]:
         if fn.args or set(fn.keywords) - {"batch_size"}:
             return None, False
         keywords, fn = fn.keywords, fn.func
-    fn = inspect.unwrap(fn)
+    # no unwrapping: a wrapper (functools.wraps) may call the seed's loop with other arguments
     code = getattr(fn, "__code__", None)
     any_shape = _standard_fingerprints().get(_code_fingerprint(code)) if isinstance(code, types.CodeType) else None
     if any_shape is None or fn.__globals__.get("torch") is not torch:
@@ -141,14 +164,14 @@ def _seed_sample_task_fingerprints() -> Dict[tuple, str]:
     module = compile(_SEED_SAMPLE_TASK_SOURCE, "<seed sample_task>", "exec")
     seed_code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
     return {_code_fingerprint(seed_code): "np",
-            _code_fingerprint(inspect.unwrap(reference.sample_task).__code__): "math"}
+            _code_fingerprint(_unwrap_grad_mode(reference.sample_task).__code__): "math"}
 
 
 def is_seed_sample_task(fn) -> bool:
     """Whether ``fn`` is the seed's ``sample_task`` (its code, with ``torch``, ``nn`` and ``np`` /
     ``math`` bound to the real modules): sine tasks a·sin(x + b), a ~ U[0.1, 5], b ~ U[0, 2π],
     x = linspace(−5, 5, 50), MSE."""
-    fn = inspect.unwrap(fn)
+    fn = _unwrap_grad_mode(fn)
     code = getattr(fn, "__code__", None)
     if not isinstance(code, types.CodeType) or code.co_argcount or code.co_kwonlyargcount:
         return False

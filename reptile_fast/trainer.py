@@ -25,7 +25,7 @@ from .loop import (default_log_every, Callback, CheckedDraws, FunctionCallback, 
 from .signals import TrainingInterrupted
 from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_options,
                        check_compiled_supported)
-from .tasks.base import TaskBatch, sample_indices
+from .tasks.base import TaskBatch, _check_generator, sample_indices
 from .trainer_state import load_trainer_state, trainer_hparams, trainer_state_dict
 from .validation import (check_fit_args, check_float, check_inner_options, check_int, check_meta_model,
                          check_optimizer_storable, out_of_memory_message)
@@ -88,7 +88,7 @@ class Reptile(HyperParameters):
         if outer_lr_final is not None:
             outer_lr_final = check_float("outer_lr_final", outer_lr_final, allow_zero=True)
         resolve_loss(loss)
-        self.loss = loss
+        self._loss = loss
         weights, betas = check_inner_options(inner_steps=self.inner_steps, algorithm=algorithm,
                                              inner_optimizer=inner_optimizer, inner_grad_weights=inner_grad_weights,
                                              adam_betas=adam_betas, algorithms=ALGORITHMS, optimizers=INNER_OPTIMIZERS)
@@ -102,7 +102,7 @@ class Reptile(HyperParameters):
             if outer_lr_final is not None:
                 raise ValueError("outer_lr_final anneals the interpolation step; with outer_optimizer "
                                  "use a torch.optim.lr_scheduler instead")
-        self.outer_optimizer = outer_optimizer
+        self._outer_optimizer = outer_optimizer
         self.outer_lr_final = outer_lr_final
         self.config = InnerConfig(lr=inner_lr, optimizer=inner_optimizer, loss=loss, algorithm=algorithm,
                                   grad_weights=weights, adam_betas=betas)
@@ -610,6 +610,11 @@ class Reptile(HyperParameters):
         self.checker.tasks(tasks, self.inner_batch_size if indices is None and steps else 1)
         self.check_finite()
         if steps == 0:
+            # nothing is drawn, but the arguments are checked as for steps > 0: a wrong plan or
+            # generator passed silently here and raised only once steps grew (QA45)
+            _check_generator(generator)
+            if indices is not None:
+                self.checker.indices(indices, tasks, 0)
             params = {n: p.detach().unsqueeze(0).expand(tasks.n_tasks, *p.shape)
                       for n, p in self.model.named_parameters()}
         else:

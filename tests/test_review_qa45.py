@@ -1,0 +1,119 @@
+"""QA45: an adversarial review of the public API (session 19); each test failed before its fix.
+
+1. The drop-in recognised a *wrapped* function as the seed's own (``inspect.unwrap`` followed any
+   ``functools.wraps`` wrapper): a wrapper calling the seed's inner loop with ``batch_size=25`` ran
+   as 5 steps of 10 points, and a wrapper of the seed's ``sample_task`` that shifts y was replaced
+   by clean ``Sine`` tasks after its first call -- other maths, no warning.  Now only torch's own
+   grad-mode decorators (the seed's ``@torch.no_grad()``) are seen through.
+2. The drop-in with the seed's ``sample_task`` under ``torch.set_default_dtype(torch.float64)``:
+   the later tasks were drawn float32 (``Sine()``), a TypeError at the second meta-step (naming a
+   ``Sine`` the caller never used), after silently promoted float32 tasks on the chunked path.
+3. ``trainer.loss = ...`` and ``trainer.outer_optimizer = ...`` were plain attributes: assigned,
+   ignored by training, yet reported by ``hparams()`` and saved in checkpoints.  Now read-only.
+4. ``evaluate(tasks, steps=0, indices=..., generator=...)`` ignored a wrong plan or generator that
+   ``steps=1`` refuses.
+"""
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from reptile_fast import MLP, Reptile, Sine, reference, reptile
+from reptile_fast.seed_recognition import classify_inner_loop, is_seed_sample_task
+
+
+# ------------------------------------------------------------------ 1. wrapped seed functions
+def test_a_wrapper_of_the_seed_functions_is_not_the_seed():
+    @functools.wraps(reference.perform_k_training_steps)
+    def inner_with_other_batch(model, task, k):
+        return reference.perform_k_training_steps(model, task, k, batch_size=25)
+
+    @functools.wraps(reference.sample_task)
+    def shifted_tasks():
+        x, y, loss = reference.sample_task()
+        return x, y + 100.0, loss
+
+    assert classify_inner_loop(reference.perform_k_training_steps)[0] == 10  # the seed's own: recognised
+    assert classify_inner_loop(inner_with_other_batch) == (None, False)
+    assert is_seed_sample_task(reference.sample_task)  # @torch.no_grad() is seen through
+    assert is_seed_sample_task(torch.enable_grad()(reference.sample_task.__wrapped__))
+    assert not is_seed_sample_task(shifted_tasks)
+
+
+def test_the_dropin_trains_on_what_a_wrapped_sample_task_returns():
+    """The shifted tasks' targets are ~100, so every meta-step's mean inner loss stays ~1e4 when
+    they are what is trained on (the clean sines that replaced them gave ~10 from the second)."""
+    @functools.wraps(reference.sample_task)
+    def shifted_tasks():
+        x, y, loss = reference.sample_task()
+        return x, y + 100.0, loss
+
+    torch.manual_seed(0)
+    stats = reptile(MLP(), 4, shifted_tasks, None, k=1, epsilon=0.01, progress=False, backend="auto",
+                    chunk_size=2, generator=torch.Generator().manual_seed(0))
+    assert stats["tasks"] == "sample_task() calls"
+    assert len(stats["loss"]) == 4 and min(stats["loss"]) > 1000, stats["loss"]
+
+
+def test_a_wrapped_inner_loop_runs_on_the_reference_path():
+    @functools.wraps(reference.perform_k_training_steps)
+    def inner_with_other_batch(model, task, k):
+        return reference.perform_k_training_steps(model, task, k, batch_size=25)
+
+    torch.manual_seed(0)
+    model = MLP()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = reptile(model, 2, reference.sample_task, inner_with_other_batch, k=1, progress=False)
+    assert stats["path"] == "reference"
+    assert any(type(w.message).__name__ == "ReferencePathWarning" for w in caught)
+
+
+# ------------------------------------------------------------------ 2. float64 default dtype
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_dropin_with_the_seed_sample_task_in_float64(backend):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = MLP()
+        assert next(model.parameters()).dtype == torch.float64
+        stats = reptile(model, 5, reference.sample_task, None, k=1, progress=False, backend=backend,
+                        chunk_size=2, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(previous)
+    assert stats["tasks"].startswith("the seed's sample_task")
+    assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------ 3. fixed at construction
+def test_loss_and_outer_optimizer_are_read_only():
+    model = MLP(1, 8, 1)
+    trainer = Reptile(model, backend="torch")
+    with pytest.raises(AttributeError, match="loss is fixed.*build a new Reptile"):
+        trainer.loss = nn.L1Loss()
+    with pytest.raises(AttributeError, match="outer_optimizer is fixed.*build a new Reptile"):
+        trainer.outer_optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    assert trainer.loss == "mse" and trainer.outer_optimizer is None
+    assert trainer.hparams()["loss"] == "mse"
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    assert Reptile(model, backend="torch", outer_optimizer=opt).outer_optimizer is opt
+
+
+# ------------------------------------------------------------------ 4. evaluate(steps=0)
+def test_evaluate_at_zero_steps_checks_its_plan_and_generator():
+    trainer = Reptile(MLP(1, 8, 1), backend="torch")
+    tasks = Sine().sample(3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="indices must be a torch.Tensor"):
+        trainer.evaluate(tasks, 0, "garbage")
+    with pytest.raises(TypeError, match="indices must be torch.long"):
+        trainer.evaluate(tasks, 0, torch.zeros(3, 0, 10))
+    with pytest.raises(ValueError, match="indices must have shape"):
+        trainer.evaluate(tasks, 0, torch.zeros(3, 2, 10, dtype=torch.long))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        trainer.evaluate(tasks, 0, generator=5)
+    at_phi = trainer.evaluate(tasks, 0)
+    assert torch.equal(trainer.evaluate(tasks, 0, torch.zeros(3, 0, 10, dtype=torch.long)), at_phi)
+    assert torch.equal(trainer.evaluate(tasks, 0, generator=torch.Generator()), at_phi)
