@@ -164,6 +164,19 @@ def check_meta_model(model):
     return params, params[0].device, params[0].dtype
 
 
+def _real_number(w) -> float:
+    """``w`` as a float if it is a real number (Python, NumPy or a 0-dim real tensor), else TypeError."""
+    import torch
+
+    if isinstance(w, torch.Tensor):
+        if w.dim() != 0 or w.dtype == torch.bool or w.is_complex():
+            raise TypeError
+        return float(w)
+    if isinstance(w, bool) or not isinstance(w, Real):
+        raise TypeError
+    return float(w)
+
+
 def check_inner_options(*, inner_steps: int, algorithm: str, inner_optimizer: str, inner_grad_weights,
                         adam_betas, algorithms, optimizers):
     """``(grad_weights tuple or None, betas tuple)`` after checking the inner loop's options."""
@@ -178,9 +191,11 @@ def check_inner_options(*, inner_steps: int, algorithm: str, inner_optimizer: st
         try:
             if isinstance(inner_grad_weights, (str, bytes)):  # "12345" would read as five weights
                 raise TypeError
-            weights = tuple(float(w) for w in inner_grad_weights)
+            weights = tuple(_real_number(w) for w in inner_grad_weights)
         except (TypeError, ValueError):
-            raise TypeError("inner_grad_weights must be a sequence of numbers") from None
+            # (True read as 1.0, and a [k, 1] tensor's rows as numbers, before)
+            raise TypeError("inner_grad_weights must be a sequence of numbers (real numbers, not bools; a "
+                            "tensor must be 1-D)") from None
         if len(weights) != inner_steps:
             raise ValueError(f"inner_grad_weights must have inner_steps={inner_steps} entries, got {len(weights)}")
         if not all(math.isfinite(w) for w in weights):

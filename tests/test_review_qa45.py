@@ -117,3 +117,22 @@ def test_evaluate_at_zero_steps_checks_its_plan_and_generator():
     at_phi = trainer.evaluate(tasks, 0)
     assert torch.equal(trainer.evaluate(tasks, 0, torch.zeros(3, 0, 10, dtype=torch.long)), at_phi)
     assert torch.equal(trainer.evaluate(tasks, 0, generator=torch.Generator()), at_phi)
+
+
+# ------------------------------------------------------------------ 5. inner_grad_weights
+@pytest.mark.parametrize("weights, error, match", [
+    ((True,) * 3, TypeError, "sequence of numbers"),             # read as 1.0 before
+    (torch.ones(3, 1), TypeError, "sequence of numbers"),        # a [k, 1] tensor's rows read as numbers
+    ((1e39,) * 3, ValueError, "at most 3.403e\\+38"),    # inf in float32: a NonFiniteError blaming the rates
+])
+def test_inner_grad_weights_refused_by_name(weights, error, match):
+    with pytest.raises(error, match=match):
+        Reptile(MLP(1, 8, 1), backend="torch", inner_steps=3, inner_grad_weights=weights)
+
+
+def test_inner_grad_weights_take_real_numbers_of_any_kind():
+    import numpy as np
+
+    for weights in ((1, 2.5, np.float32(3)), torch.tensor([1.0, 2.0, 3.0]), np.ones(3)):
+        trainer = Reptile(MLP(1, 8, 1), backend="torch", inner_steps=3, inner_grad_weights=weights)
+        assert all(isinstance(w, float) for w in trainer.config.grad_weights)
