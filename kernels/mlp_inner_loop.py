@@ -244,8 +244,12 @@ def _inner_loop_registers_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_B)
     row_ok = rows < batch
+    # Rows past the batch (the padding up to BLOCK_B) repeat the minibatch's first point, their
+    # loss gradient masked to 0: finite wherever the real rows are.  Zero inputs there could
+    # overflow (a bias chain alone reaching inf) and 0 x inf made NaN in the weight gradients.
+    row_src = tl.where(row_ok, rows, 0)
     c0 = tl.arange(0, P0)
-    x_ok = row_ok[:, None] & (c0[None, :] < D0)
+    x_ok = (rows[:, None] < BLOCK_B) & (c0[None, :] < D0)
     for i in range(0, tasks_per_program):
         t = pid * tasks_per_program + i
         if t < n_tasks:
@@ -261,7 +265,7 @@ def _inner_loop_registers_kernel(
                 w4, b4 = _load_layer(phi_ptr, OFF4, D4, D5, P4, P5)
             for s in range(0, n_steps):
                 # gather this step's minibatch through the plan
-                idx = tl.load(idx_ptr + t * idx_stride + s * batch + rows, mask=row_ok, other=0)
+                idx = tl.load(idx_ptr + t * idx_stride + s * batch + row_src)
                 point = t * n_points + idx
                 a0 = tl.load(x_ptr + point[:, None] * D0 + c0[None, :], mask=x_ok, other=0.0)
                 # forward; a_l is kept for the backward pass
@@ -596,12 +600,14 @@ def _check_flat_width(flat, dims: Sequence[int]) -> None:
 
 
 def split_params(flat: torch.Tensor, dims: Sequence[int]) -> List[torch.Tensor]:
-    """Views ``[W_0 [T, D1, D0], b_0 [T, D1], …]`` into a flat ``[T, >= n_params]`` buffer."""
+    """Views ``[W_0 [..., D1, D0], b_0 [..., D1], …]`` into a flat ``[..., >= n_params]`` buffer
+    (``[T, n_params]`` rows as the kernel writes them, or one row ``[n_params]``)."""
     _check_flat_width(flat, dims)
     views = []
     for (w_off, b_off), d_in, d_out in zip(param_layout(dims), dims[:-1], dims[1:]):
-        views.append(flat[:, w_off:b_off].view(flat.shape[0], d_out, d_in))
-        views.append(flat[:, b_off:b_off + d_out])
+        # (``flat[:, ...]`` raised a bare IndexError on one 1-D row, which the width check accepts)
+        views.append(flat[..., w_off:b_off].unflatten(-1, (d_out, d_in)))
+        views.append(flat[..., b_off:b_off + d_out])
     return views
 
 
@@ -1026,6 +1032,8 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         dims.append(w.shape[0])
     if max(dims) > MAX_FEATURES:
         raise ValueError(f"feature sizes {dims} exceed the kernel's limit of {MAX_FEATURES}")
+    if dims[-1] < 1:  # MSE's 2 / (batch * outputs) divided by zero (a bare ZeroDivisionError)
+        raise ValueError(f"the last layer has 0 output features (dims {dims}): there is no loss to train on")
     if not isinstance(loss, str) or loss not in LOSS_CODES:
         raise ValueError(f"loss must be one of {sorted(LOSS_CODES)}, got {loss!r}")
     _check_targets(y, loss, T, N, dims[-1], device)

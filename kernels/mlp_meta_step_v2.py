@@ -506,7 +506,8 @@ def _minibatch(x_task, y_task, idx, ok, D0: tl.constexpr, P0: tl.constexpr, DL: 
                PL: tl.constexpr, LOSS: tl.constexpr, BLOCK_B: tl.constexpr):
     """The inputs ``[BB, P0]``, float targets ``[BB, PL]`` (MSE; zeros for CE) and labels ``[BB]``
     (CE; the row numbers for MSE) of the task's points ``idx [BB]`` (int32 point numbers within the
-    task; ``x_task``, ``y_task``: the task's first point); rows not ``ok`` are zero and never read."""
+    task; ``x_task``, ``y_task``: the task's first point); rows not ``ok`` (a step past the last) are
+    zero and never read."""
     rows = tl.arange(0, BLOCK_B)
     c0 = tl.arange(0, P0)
     cl = tl.arange(0, PL)
@@ -648,10 +649,15 @@ def _meta_step_kernel(
     scr = scr_ptr + pid * scr_stride
     rows = tl.arange(0, BLOCK_B)
     row_ok = rows < batch
+    # Rows past the batch (the padding up to BLOCK_B) repeat the minibatch's first point, their
+    # loss gradient masked to 0: finite wherever the real rows are.  Zero inputs there could
+    # overflow (a bias chain alone reaching inf) and 0 x inf made NaN in the weight gradients.
+    row_src = tl.where(row_ok, rows, 0)
+    all_rows = rows < BLOCK_B
     c0 = tl.arange(0, P0)
     cl = tl.arange(0, PL)
     steps_r = tl.arange(0, S_P)
-    plan_ok = (steps_r[:, None] < STEPS) & row_ok[None, :]
+    plan_ok = (steps_r[:, None] < STEPS) & all_rows[None, :]
     # Σ(φ̃ − φ) over this program's tasks, layer by layer: in registers (ACCUMULATE == 1) or in
     # this program's own partial row (ACCUMULATE == 2: no registers, a cached read-modify-write
     # per task); and Σ of their inner losses
@@ -687,7 +693,7 @@ def _meta_step_kernel(
         plan_row = idx_ptr + t * idx_stride
         if PRELOAD == 1:
             # the whole plan of this task: indices [S_P, BB], inputs [S_P, BB, P0], targets
-            idx_all = tl.load(plan_row + steps_r[:, None] * batch + rows[None, :], mask=plan_ok, other=0)
+            idx_all = tl.load(plan_row + steps_r[:, None] * batch + row_src[None, :], mask=plan_ok, other=0)
             pt_all = point0 + idx_all
             x_all = tl.load(x_ptr + pt_all[:, :, None] * D0 + c0[None, None, :],
                             mask=plan_ok[:, :, None] & (c0[None, None, :] < D0), other=0.0)
@@ -703,10 +709,10 @@ def _meta_step_kernel(
             # against n_points, an int32; fewer registers carried across the step than int64)
             x_task = x_ptr + point0 * D0
             y_task = y_ptr + point0 * DL if LOSS == 0 else y_ptr + point0
-            idx_n = tl.load(plan_row + rows, mask=row_ok & (STEPS > 0), other=0).to(tl.int32)
-            a0_n, target_n, label_n = _minibatch(x_task, y_task, idx_n, row_ok & (STEPS > 0),
+            idx_n = tl.load(plan_row + row_src, mask=all_rows & (STEPS > 0), other=0).to(tl.int32)
+            a0_n, target_n, label_n = _minibatch(x_task, y_task, idx_n, all_rows & (STEPS > 0),
                                                  D0, P0, DL, PL, LOSS, BLOCK_B)
-            idx_n = tl.load(plan_row + batch + rows, mask=row_ok & (STEPS > 1), other=0).to(tl.int32)
+            idx_n = tl.load(plan_row + batch + row_src, mask=all_rows & (STEPS > 1), other=0).to(tl.int32)
         w0, b0 = _layer_init(phi_ptr, scr + WOFF0, 0, D0, D1, P0, P1, S0, TILE)
         if N_LAYERS > 1:
             w1, b1 = _layer_init(phi_ptr, scr + WOFF1, OFF1, D1, D2, P1, P2, S1, TILE)
@@ -724,9 +730,9 @@ def _meta_step_kernel(
                 a0 = a0_n
                 target = target_n
                 label = label_n
-                a0_n, target_n, label_n = _minibatch(x_task, y_task, idx_n, row_ok & (s + 1 < STEPS),
+                a0_n, target_n, label_n = _minibatch(x_task, y_task, idx_n, all_rows & (s + 1 < STEPS),
                                                      D0, P0, DL, PL, LOSS, BLOCK_B)
-                idx_n = tl.load(plan_row + (s + 2) * batch + rows, mask=row_ok & (s + 2 < STEPS),
+                idx_n = tl.load(plan_row + (s + 2) * batch + row_src, mask=all_rows & (s + 2 < STEPS),
                                 other=0).to(tl.int32)
             elif PRELOAD == 1:
                 a0 = _select_step(x_all, s, S_P)
@@ -737,17 +743,17 @@ def _meta_step_kernel(
                     target = tl.zeros((BLOCK_B, PL), dtype=tl.float32)
                     label = _select_step_int(lab_all, s, S_P)
             else:
-                idx = tl.load(plan_row + s * batch + rows, mask=row_ok, other=0)
+                idx = tl.load(plan_row + s * batch + row_src)
                 point = point0 + idx
                 a0 = tl.load(x_ptr + point[:, None] * D0 + c0[None, :],
-                             mask=row_ok[:, None] & (c0[None, :] < D0), other=0.0)
+                             mask=all_rows[:, None] & (c0[None, :] < D0), other=0.0)
                 if LOSS == 0:
                     target = tl.load(y_ptr + point[:, None] * DL + cl[None, :],
-                                     mask=row_ok[:, None] & (cl[None, :] < DL), other=0.0)
+                                     mask=all_rows[:, None] & (cl[None, :] < DL), other=0.0)
                     label = rows
                 else:
                     target = tl.zeros((BLOCK_B, PL), dtype=tl.float32)
-                    label = tl.load(y_ptr + point, mask=row_ok, other=0)
+                    label = tl.load(y_ptr + point)
             # forward; a_l is kept for the backward pass
             a1 = _layer_forward(a0, w0, b0, scr + WOFF0, scr + AOFF0, ACT0, D0, D1, P0, P1, DOT0, S0,
                                 FLAT, TRANS, PRECISION, BLOCK_B)

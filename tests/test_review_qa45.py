@@ -136,3 +136,57 @@ def test_inner_grad_weights_take_real_numbers_of_any_kind():
     for weights in ((1, 2.5, np.float32(3)), torch.tensor([1.0, 2.0, 3.0]), np.ones(3)):
         trainer = Reptile(MLP(1, 8, 1), backend="torch", inner_steps=3, inner_grad_weights=weights)
         assert all(isinstance(w, float) for w in trainer.config.grad_weights)
+
+
+# ------------------------------------------------------------------ 6. the kernels' padded rows
+def _overflowing_padding_model():
+    """1-1-1-1 Linear chain: finite on the real points (x = 1) but inf at x = 0, which the kernels'
+    padded batch rows (3 real rows padded to 16) used to hold: 0 x inf in the weight gradient."""
+    m = nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 1), nn.Linear(1, 1))
+    with torch.no_grad():
+        m[0].weight.fill_(-1e20)
+        m[0].bias.fill_(1e20)   # 0 at x = 1, 1e20 at x = 0
+        m[1].weight.fill_(1e20)
+        m[1].bias.fill_(0.5)    # 0.5 at x = 1, inf at x = 0
+        m[2].weight.fill_(0.3)
+        m[2].bias.fill_(0.1)
+    return m
+
+
+@pytest.mark.parametrize("options", [{"kernel": "v1"}, {"kernel": "v2"}, {"kernel": "v1", "launch": {"mode": "tiled"}}],
+                         ids=["v1-registers", "v2", "v1-tiled"])
+def test_padded_rows_stay_finite_where_the_real_rows_are(options):
+    import copy
+
+    pytest.importorskip("triton")
+    from reptile_fast import TaskBatch
+
+    m = _overflowing_padding_model()
+    tasks = TaskBatch(torch.ones(1, 4, 1), torch.zeros(1, 4, 1))
+    plan = torch.tensor([[[0, 1, 2]]])
+    want = Reptile(copy.deepcopy(m), inner_lr=0.1, inner_steps=1, inner_batch_size=3,
+                   backend="reference").adapt(tasks, 1, plan)
+    got = Reptile(copy.deepcopy(m), inner_lr=0.1, inner_steps=1, inner_batch_size=3, backend="triton",
+                  backend_options=options).adapt(tasks, 1, plan)
+    for name, value in want.params.items():
+        assert torch.isfinite(got.params[name]).all(), (name, got.params[name])
+        torch.testing.assert_close(got.params[name], value, rtol=1e-6, atol=0, msg=name)
+    torch.testing.assert_close(got.losses, want.losses, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------ 7. kernel v1's launcher
+def test_v1_refuses_a_zero_wide_output_and_splits_one_row():
+    pytest.importorskip("triton")
+    from reptile_fast.kernels import mlp_inner_loop as K
+
+    x, y = torch.randn(1, 4, 2), torch.zeros(1, 4, 0)
+    plan = torch.tensor([[[0, 1, 2]]])
+    with pytest.raises(ValueError, match="0 output features"):  # a bare ZeroDivisionError before
+        K.mlp_inner_loop(x, y, plan, [torch.randn(0, 2), torch.randn(0)], ["identity"], lr=0.1)
+    dims = [1, 3, 2]
+    flat = torch.arange(1.0 * (3 * 1 + 3 + 2 * 3 + 2))  # the 1-3-2 MLP's 14 parameters
+    row = K.split_params(flat, dims)  # one 1-D row: a bare IndexError before
+    rows = K.split_params(flat[None].expand(2, -1), dims)
+    assert [tuple(v.shape) for v in row] == [(3, 1), (3,), (2, 3), (2,)]
+    for a, b in zip(row, rows):
+        assert torch.equal(a, b[0]) and torch.equal(a, b[1])
