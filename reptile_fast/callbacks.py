@@ -54,7 +54,8 @@ def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: O
                               name="state" if isinstance(resume_from, Mapping) else str(resume_from))
     history = [float(v) for v in ckpt["history"].get("loss", torch.zeros(0)).tolist()]
     saved_total = ckpt["trainer"]["total_iterations"]
-    if trainer.outer_lr_final is not None and saved_total is not None and saved_total != iterations:
+    if (trainer.outer_lr_final is not None and trainer.outer_lr_final != trainer.outer_lr
+            and saved_total is not None and saved_total != iterations):  # a flat schedule has no total
         warnings.warn(f"the checkpoint's run annealed the outer step over {saved_total} iterations, "
                       f"this fit over {iterations}: the result will differ from an uninterrupted run",
                       stacklevel=3)

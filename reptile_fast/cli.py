@@ -113,6 +113,11 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
             base = sine_config_from_checkpoint(load_checkpoint(resume), f"checkpoint {resume}")
         except (OSError, ValueError, TypeError) as exc:
             return _error(f"--resume {args.resume}: {exc}")
+        if "seed" in given and given["seed"] != base.seed:
+            # the checkpoint's random streams continue: a new seed was announced and recorded in
+            # config.json, yet trained nothing differently (the held-out evaluation alone used it)
+            return _error(f"--seed {given['seed']}: the checkpoint's run has seed {base.seed}, and a resumed run "
+                          f"continues its random streams; drop --seed, or start a new run with it")
         for key, value in given.items():
             if getattr(base, key) != value and is_main():
                 print(f"note: --{key.replace('_', '-')} {value} overrides the checkpoint's "
@@ -134,8 +139,9 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     main_rank = is_main()  # rank 0 of a torchrun job (or the only process) prints the results
     # the three sizes a run allocates by (a huge --hidden-dim or --eval-tasks used to be blamed on
     # --meta-batch-size 1)
-    oom_hint = (f"--meta-batch-size {config.meta_batch_size} with --hidden-dim {config.hidden_dim} (training) "
-                f"or --eval-tasks {config.eval_tasks} (the held-out evaluation) does not fit in this "
+    oom_hint = (f"--meta-batch-size {config.meta_batch_size} with --hidden-dim {config.hidden_dim} and "
+                f"--inner-steps {config.inner_steps} (training) or --eval-tasks {config.eval_tasks} with "
+                f"--eval-steps {config.eval_steps} (the held-out evaluation) does not fit in this "
                 f"machine's memory; lower the one that is too large")
     try:
         metrics = run_sine(config, out, progress=not args.no_progress, resume=resume)

@@ -23,7 +23,7 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory, removed_if_left_empty, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
-from .jobs import check_seed, check_threads, derived_seed, resume_hint, train_job
+from .jobs import check_seed, check_threads, derived_seed, other_run_note, resume_hint, train_job
 from .models import OmniglotConvNet
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
@@ -270,6 +270,7 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
         if start > config.iterations:
             raise ValueError(f"the checkpoint {resume} is at meta-step {start}, beyond iterations={config.iterations}")
         validation = read_validation(Path(resolve_checkpoint_path(resume)).parent / VALIDATION_NAME, start, log)
+        other_run_note(resume, out, "omniglot", True, log)
     elif (out / CHECKPOINT_NAME).exists():
         log(f"note: {out} already holds a checkpoint; this new run replaces it. Use --resume {out} to continue it.")
 
@@ -520,6 +521,12 @@ def config_from_args(args):
                              f"or start a new run")
         from .distributed import is_main
 
+        saved_seed = extra["job_config"].get("seed")
+        if "seed" in given and saved_seed is not None and given["seed"] != saved_seed:
+            # as in the sine job: the checkpoint's random streams continue, a new seed would only be
+            # recorded (and change the validation and test episodes mid-run)
+            raise ValueError(f"--seed {given['seed']}: the checkpoint's run has seed {saved_seed}, and a resumed "
+                             f"run continues its random streams; drop --seed, or start a new run with it")
         for key, value in given.items():
             saved = extra["job_config"].get(key)
             if saved != value and is_main():  # as the sine job says it: the run then differs
@@ -577,8 +584,10 @@ def run_command(args) -> int:
     problem = _check_device(config.device)
     if problem:
         return _err(problem)
-    oom_hint = (f"--meta-batch-size {config.meta_batch_size} (or the batch sizes) does not fit in this "
-                f"machine's memory; lower it")
+    oom_hint = (f"--meta-batch-size {config.meta_batch_size} with --inner-steps {config.inner_steps} and "
+                f"--inner-batch-size {config.inner_batch_size} (training), or --eval-steps {config.eval_steps} "
+                f"with --eval-batch-size {config.eval_batch_size} (validation and the final evaluation) does "
+                f"not fit in this machine's memory; lower the one that is too large")
     try:
         metrics = run_omniglot(config, out, progress=not args.no_progress, resume=resume, log=log)
     except TrainingInterrupted as exc:
@@ -587,6 +596,11 @@ def run_command(args) -> int:
         return exc.exit_code
     except DistributedError as exc:
         return _err(f"{exc}{resume_hint(out)}", 4)
+    except KeyboardInterrupt:
+        # a second Ctrl-C (stop at once) or one during the final evaluation: a traceback and death by
+        # signal before, where the sine job says this
+        return _err(f"interrupted without writing a new checkpoint; the last one in {out} (if any) is "
+                    f"intact: continue with reptile-fast omniglot --resume {out}", 130)
     except NonFiniteError as exc:
         return _err(f"{exc}", 3) if main_rank else 3
     except (OSError, ValueError, TypeError) as exc:

@@ -7,6 +7,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -121,6 +122,20 @@ def sine_config_from_checkpoint(ckpt: Mapping[str, Any], source="checkpoint") ->
     return SineConfig(**saved)
 
 
+def other_run_note(resume, out: Path, job: str, main: bool, log=None) -> None:
+    """Say so when a resumed run writes into ``out`` while ``out`` holds another run's checkpoint
+    (``--resume A --out B``): its checkpoint, model and metrics are replaced, as by a new run there,
+    which says so too (a resume replaced them silently)."""
+    from .checkpoint import resolve_checkpoint_path
+
+    source = Path(resolve_checkpoint_path(resume)).resolve().parent
+    if main and (out / CHECKPOINT_NAME).exists() and source != out.resolve():
+        message = (f"note: {out} already holds a checkpoint of another run; this resumed run (from {source}) "
+                   f"replaces it and that run's outputs (its checkpoint is kept as the previous one until the "
+                   f"next save). Use --resume {out} to continue that run instead, or another --out.")
+        (log or (lambda m: print(m, file=sys.stderr)))(message)
+
+
 def resume_hint(out) -> str:
     """The "--resume OUT" line after a failed distributed job, only where OUT holds a checkpoint
     (a job that failed to start has none, and --resume OUT would then fail)."""
@@ -194,6 +209,7 @@ def _run_sine_ranked(config: SineConfig, out, context, *, progress: bool, resume
                              f"iterations={config.iterations}")
         # A run that drew tasks by global index (torchrun) continues that way, with any number of processes.
         indexed = indexed or (ckpt["extra"].get("sampler") or {}).get("kind") == "indexed"
+        other_run_note(resume, out, "sine", context.is_main)
     elif (out / CHECKPOINT_NAME).exists() and context.is_main:
         print(f"note: {out} already holds a checkpoint; this new run replaces it (the old one is kept "
               f"as the previous checkpoint until the next save). Use --resume {out} to continue it.",

@@ -346,7 +346,9 @@ class Reptile(HyperParameters):
     def outer_lr_at(self, iteration: int, total: Optional[int] = None) -> float:
         """ε at ``iteration`` of ``total``: linear from ``outer_lr`` to ``outer_lr_final``."""
         total = total if total is not None else self.total_iterations
-        if self.outer_lr_final is None or not total:
+        # a flat schedule is ε itself (frac·ε + (1 − frac)·ε rounds away from ε at some fractions,
+        # which made the result depend on the total: QA45)
+        if self.outer_lr_final is None or not total or self.outer_lr_final == self.outer_lr:
             return self.outer_lr
         frac = min(max(iteration / total, 0.0), 1.0)
         return frac * self.outer_lr_final + (1 - frac) * self.outer_lr
