@@ -121,3 +121,38 @@ def test_a_flat_schedule_is_exactly_outer_lr_and_resumes_without_warning(tmp_pat
                     resume_from=tmp_path / "checkpoint.pt")
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
+
+
+TWO_JOBS = r'''
+import os, sys
+from reptile_fast.jobs import SineConfig, run_sine
+out = sys.argv[1]
+for i in range(2):
+    run_sine(SineConfig(iterations=50, meta_batch_size=2, hidden_dim=32, eval_tasks=500, eval_steps=100,
+                        backend="torch"),
+             os.path.join(out, f"job{i}"), progress=False)
+    print("rank", os.environ["RANK"], "job", i, "done", flush=True)
+'''
+
+
+def test_two_jobs_in_one_torchrun_process(tmp_path):
+    """Each job makes and closes its own process group.  Rank 0 alone evaluates and writes, so
+    rank 1 makes the second job's group first; it then met the first group's entries in torchrun's
+    store (torch names every new default group alike) and the job failed at its first collective
+    after the timeout (30 s here).  Each group this process makes now has its own store prefix."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "two_jobs.py"
+    script.write_text(TWO_JOBS)
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "REPTILE_FAST_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("job 1 done") == 2
+    assert (tmp_path / "job1" / "metrics.json").is_file()

@@ -299,6 +299,10 @@ class DistContext:
         self.close()
 
 
+#: default groups this process has made (``setup_from_env``): each gets its own store prefix
+_GROUPS_MADE = 0
+
+
 def setup_from_env(*, device: Union[str, torch.device, None] = None, timeout=None,
                    backend: Optional[str] = None) -> DistContext:
     """The context of this process, from torchrun's environment.
@@ -349,8 +353,18 @@ def setup_from_env(*, device: Union[str, torch.device, None] = None, timeout=Non
     elif backend == "nccl":
         raise ValueError("the NCCL backend needs device cuda; use gloo for CPU training")
     kwargs = {"device_id": dev} if backend == "nccl" else {}
+    global _GROUPS_MADE
     try:
-        dist.init_process_group(backend=backend, timeout=td, rank=rank, world_size=world_size, **kwargs)
+        # The rendezvous store of torchrun's environment, under a prefix of its own for each group
+        # this process makes: torch names every new default group alike, so a second job in the
+        # same processes (a group made again after the first job's close) read the first group's
+        # stale addresses from the store when one rank got there first, and hung or failed
+        # (QA45).  Every rank makes its groups in the same order, so the prefixes agree.
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=td))
+        store = dist.PrefixStore(f"reptile_fast/group{_GROUPS_MADE}/", store)
+        _GROUPS_MADE += 1
+        dist.init_process_group(backend=backend, timeout=td, rank=rank, world_size=world_size, store=store,
+                                **kwargs)
     except (RuntimeError, ConnectionError) as exc:  # DistStoreError, DistNetworkError: RuntimeErrors
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DistributedError(
