@@ -1140,7 +1140,7 @@ class V2Config:
             live changes); ignored under the interpreter.  Sine MLP, ieee, 4 warps, sm_90a, by
             ahead-of-time compilation (``python -m bench.register_cap``): uncapped Triton 3.6
             takes 255 registers and 3.8 168, without spills inside the inner step; capped at
-            128, 73 (3.6) / 81 (3.8) local loads and stores per inner step.  Not yet timed on a GPU: the GPU sweep's
+            128, 60 (3.6) / 81 (3.8) local loads and stores per inner step.  Not yet timed on a GPU: the GPU sweep's
             ``--max-registers`` times it.
     """
 
