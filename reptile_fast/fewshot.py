@@ -181,7 +181,9 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
         transductive: predict all query images of a task in one batch (see module doc).
             A model with more outputs than ``episodes.ways`` predicts among the first ``ways``.
         generator: draws the adaptation minibatches (one plan for all tasks, drawn first, so
-            the result does not depend on ``max_images``).
+            the result of a deterministic model does not depend on ``max_images``; a model that
+            draws random numbers itself, e.g. ``nn.Dropout`` in train mode, draws them from the
+            global stream chunk by chunk, so its masks -- and its result -- depend on the chunking).
         max_images: images per batched forward pass; tasks are processed in chunks under it.
     """
     from .trainer import Reptile

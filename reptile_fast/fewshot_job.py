@@ -270,7 +270,7 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
         if start > config.iterations:
             raise ValueError(f"the checkpoint {resume} is at meta-step {start}, beyond iterations={config.iterations}")
         validation = read_validation(Path(resolve_checkpoint_path(resume)).parent / VALIDATION_NAME, start, log)
-        other_run_note(resume, out, "omniglot", True, log)
+        other_run_note(resume, out, True, log)
     elif (out / CHECKPOINT_NAME).exists():
         log(f"note: {out} already holds a checkpoint; this new run replaces it. Use --resume {out} to continue it.")
 

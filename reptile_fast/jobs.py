@@ -122,7 +122,7 @@ def sine_config_from_checkpoint(ckpt: Mapping[str, Any], source="checkpoint") ->
     return SineConfig(**saved)
 
 
-def other_run_note(resume, out: Path, job: str, main: bool, log=None) -> None:
+def other_run_note(resume, out: Path, main: bool, log=None) -> None:
     """Say so when a resumed run writes into ``out`` while ``out`` holds another run's checkpoint
     (``--resume A --out B``): its checkpoint, model and metrics are replaced, as by a new run there,
     which says so too (a resume replaced them silently)."""
@@ -209,7 +209,7 @@ def _run_sine_ranked(config: SineConfig, out, context, *, progress: bool, resume
                              f"iterations={config.iterations}")
         # A run that drew tasks by global index (torchrun) continues that way, with any number of processes.
         indexed = indexed or (ckpt["extra"].get("sampler") or {}).get("kind") == "indexed"
-        other_run_note(resume, out, "sine", context.is_main)
+        other_run_note(resume, out, context.is_main)
     elif (out / CHECKPOINT_NAME).exists() and context.is_main:
         print(f"note: {out} already holds a checkpoint; this new run replaces it (the old one is kept "
               f"as the previous checkpoint until the next save). Use --resume {out} to continue it.",

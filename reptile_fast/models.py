@@ -41,6 +41,9 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int = 1, hidden_dim: int = 64, output_dim: int = 1, *,
                  depth: int = 2, hidden_dims: Sequence[int] | None = None, activation: str = "tanh"):
         super().__init__()
+        if not isinstance(activation, str):  # a list raised a bare "unhashable type: 'list'"
+            raise TypeError(f"activation must be a name (one of {sorted(ACTIVATIONS)}), got "
+                            f"{type(activation).__name__}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if hidden_dims is None:

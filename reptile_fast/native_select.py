@@ -102,7 +102,8 @@ def smallest_k(keys: torch.Tensor, k: int) -> Optional[torch.Tensor]:
     """Indices of the ``k`` smallest keys of every row, ascending by key: long ``[..., k]`` for
     finite float64 CPU ``keys [..., n]`` — what ``keys.topk(k, dim=-1, largest=False, sorted=True)
     .indices`` gives.  None when this function does not apply (no C compiler, another dtype or
-    device, ``k`` outside ``[1, min(n, MAX_K)]``): the caller then uses ``topk``."""
+    device, ``k`` outside ``[1, min(n, MAX_K)]``, a row with fewer than ``k`` keys below +inf):
+    the caller then uses ``topk``."""
     if (keys.dtype != torch.float64 or keys.device.type != "cpu" or keys.dim() < 1
             or not 1 <= k <= min(keys.shape[-1], MAX_K)):
         return None
@@ -115,4 +116,8 @@ def smallest_k(keys: torch.Tensor, k: int) -> Optional[torch.Tensor]:
     rows = keys.numel() // n
     if rows:
         fn(rows, n, keys.data_ptr(), out.data_ptr())
+        # a row with fewer than k keys below +inf (NaN or inf keys) keeps the buffer's -1 entries,
+        # which would index the last point: topk's answer instead (QA45)
+        if int(out.min()) < 0:
+            return None
     return out

@@ -107,11 +107,13 @@ class Reptile(HyperParameters):
         self.config = InnerConfig(lr=inner_lr, optimizer=inner_optimizer, loss=loss, algorithm=algorithm,
                                   grad_weights=weights, adam_betas=betas)
         info = torch.finfo(self.dtype)
-        if weights is not None and any(abs(w) > info.max for w in weights):
-            # the outer direction Σ w_i g_i is formed in the parameters' dtype: 1e39 became inf there, and
-            # the NonFiniteError that followed advised lowering inner_lr / outer_lr
-            raise ValueError(f"inner_grad_weights must be at most {info.max:.4g} in magnitude (the largest "
-                             f"{self.dtype} the outer direction is formed in), got {max(weights, key=abs)!r}")
+        # the outer direction Σ w_i g_i multiplies each weight as a Python number, in at least float32
+        # (a float16 model's product too): 1e39 became inf there for float32 parameters, and the
+        # NonFiniteError that followed advised lowering inner_lr / outer_lr
+        top = torch.finfo(torch.promote_types(self.dtype, torch.float32)).max
+        if weights is not None and any(abs(w) > top for w in weights):
+            raise ValueError(f"inner_grad_weights must be at most {top:.4g} in magnitude (the largest number "
+                             f"the outer direction is formed with), got {max(weights, key=abs)!r}")
         if inner_optimizer == "adam" and self.config.adam_eps <= info.smallest_normal * info.eps / 2:
             # every backend adds eps in the parameters' dtype: 1e-8 is 0 in float16, and the first
             # step divided 0 by 0 where a gradient element was 0 (a NonFiniteError at meta-step 1

@@ -128,6 +128,7 @@ import os, sys
 from reptile_fast.jobs import SineConfig, run_sine
 out = sys.argv[1]
 for i in range(2):
+    # rank 0 evaluates (500 tasks x 100 steps) and writes alone, so rank 1 reaches the next job first
     run_sine(SineConfig(iterations=50, meta_batch_size=2, hidden_dim=32, eval_tasks=500, eval_steps=100,
                         backend="torch"),
              os.path.join(out, f"job{i}"), progress=False)
@@ -139,7 +140,9 @@ def test_two_jobs_in_one_torchrun_process(tmp_path):
     """Each job makes and closes its own process group.  Rank 0 alone evaluates and writes, so
     rank 1 makes the second job's group first; it then met the first group's entries in torchrun's
     store (torch names every new default group alike) and the job failed at its first collective
-    after the timeout (30 s here).  Each group this process makes now has its own store prefix."""
+    after the timeout (30 s here).  Each group this process makes now has its own store prefix.
+    The failure depends on timing: without the fix this test failed in 3 of 4 runs here (and in
+    5 of 6 in a reviewer's), with it in none of 6."""
     import os
     import subprocess
     import sys

@@ -140,6 +140,10 @@ class TaskBatch:
         """Move to ``device``; ``dtype`` casts the float inputs and float targets (integer ids and
         class labels keep theirs)."""
         device = _check_device(device)  # torch's RuntimeError listed every device type it knows
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            # torch.long truncated float inputs into integer "ids" (QA45)
+            raise TypeError(f"dtype must be a floating torch.dtype (it casts the float inputs and targets), "
+                            f"got {dtype!r}")
         x = self.x.to(device=device, dtype=dtype if self.x.is_floating_point() else None)
         y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
         if dtype is None or (x.dtype == self.x.dtype and y.dtype == self.y.dtype):

@@ -39,7 +39,9 @@ class Episodes:
                 raise TypeError(f"Episodes.{name} must be a TaskBatch, got {type(tb).__name__}")
             if not tb.is_classification:
                 raise TypeError(f"Episodes.{name}.y must be long class labels [tasks, points]")
-        object.__setattr__(self, "ways", _check_positive_int("ways", self.ways))  # frozen; numpy ints as ints
+        # frozen; numpy ints as ints; 1-way tasks refused as the task families refuse them (they score
+        # 100 % whatever the model does: QA45)
+        object.__setattr__(self, "ways", check_ways(self.ways))
         s, q = self.support, self.query
         if s.n_tasks != q.n_tasks:
             raise ValueError(f"support has {s.n_tasks} tasks but query has {q.n_tasks}")

@@ -198,6 +198,18 @@ class Omniglot:
         self.rotations = _check_rotations(rotations)
         if exclude_alphabets is None:
             exclude_alphabets = ()
+        # each read once, into a tuple: an iterator (a generator, map, filter) was used up by the
+        # check below, so exclude_alphabets=iter(train.alphabets) excluded nothing (QA45)
+        for name, given in (("alphabets", alphabets), ("exclude_alphabets", exclude_alphabets)):
+            if given is not None and not isinstance(given, str):
+                try:
+                    given = tuple(given)
+                except TypeError:
+                    raise TypeError(f"{name} must be a list of alphabet names, got {type(given).__name__}") from None
+                if name == "alphabets":
+                    alphabets = given
+                else:
+                    exclude_alphabets = given
         data = sources if isinstance(sources, OmniglotImages) else load_omniglot_images(sources, image_size)
         self.data = data
         present = set(data.alphabets)

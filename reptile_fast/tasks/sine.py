@@ -34,9 +34,14 @@ def _as_real(name: str, value, dtype: torch.dtype) -> torch.Tensor:
     """``value`` (numbers, a tensor or an array) as ``dtype`` ``[T, 1]``; TypeError naming ``name``
     for anything else (torch said "new(): invalid data type 'str'" or "must be real number")."""
     try:
-        return torch.as_tensor(value, dtype=dtype).reshape(-1, 1)
+        t = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be numbers (a tensor, an array or a list), got {value!r:.80}") from None
+        t = None
+    # bools read as 0 / 1 and complex numbers lost their imaginary part (only torch's warning): refused
+    if t is None or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must be real numbers (a tensor, an array or a list), got {value!r:.80}") from None
+    # converted from ``value`` itself: Python floats read as float32 first lost float64 digits
+    return torch.as_tensor(value, dtype=dtype).reshape(-1, 1)
 
 
 class Sine:
@@ -106,6 +111,7 @@ class Sine:
         a, b = (_as_real(name, v, real) for name, v in (("amplitude", amplitude), ("phase", phase)))
         if a.shape != b.shape:
             raise ValueError(f"amplitude and phase must have the same length, got {a.shape[0]} and {b.shape[0]}")
+        device = _check_device(device)  # a bad or unavailable one failed inside torch (QA45)
         a, b = a.to(device), b.to(device)
         x = torch.linspace(self.x_range[0], self.x_range[1], self.n_points, device=device, dtype=real).unsqueeze(0)
         y = a * torch.sin(x + b)
