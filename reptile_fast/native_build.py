@@ -157,7 +157,10 @@ def _compile(source: str, cc: str, flags: Sequence[str], path: Path) -> None:
             msg = (res.stderr or res.stdout or "").strip().splitlines()
             raise NativeCompilerError(f"{os.path.basename(cc)} {' '.join(flags)} failed: "
                                       f"{msg[0] if msg else 'exit ' + str(res.returncode)}")
-        fd, tmp_dst = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+        try:  # (the cache folder removed meanwhile, no inodes left: a bare OSError crashed fit, QA45)
+            fd, tmp_dst = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+        except OSError as exc:
+            raise NativeCompilerError(f"cannot write in {path.parent}: {exc}") from exc
         os.close(fd)
         try:
             shutil.copyfile(out, tmp_dst)
@@ -180,7 +183,9 @@ def load_library(source: str, prefix: str, *, progress: Optional[Callable[[str],
     errors = []
     directory = _usable_cache_dir()
     for flags in (_FLAGS, _FLAGS_PORTABLE):
-        path = directory / f"{prefix}_{library_key(source, cc, flags)}.so"
+        # absolute: dlopen searches the system's library path for a name without a slash, so a
+        # relative REPTILE_FAST_CACHE_DIR (".") compiled every time and never loaded (QA45)
+        path = Path(os.path.abspath(directory)) / f"{prefix}_{library_key(source, cc, flags)}.so"
         hit = path.exists()
         if not hit:
             if progress is not None:

@@ -533,6 +533,12 @@ class NativeProgram:
             shapes += [(spec.dims[l + 1], spec.dims[l]), (spec.dims[l + 1],)]
         if len(params) != len(shapes) or any(tuple(p.shape) != s for p, s in zip(params, shapes)):
             raise ValueError(f"params must have shapes {shapes}, got {[tuple(p.shape) for p in params]}")
+        # everything the C program reads through a pointer: dense CPU memory (a meta tensor's
+        # data_ptr() is 0, and the program crashed the interpreter: QA45)
+        for name, t in (("xs", xs), ("ys", ys), ("eps", eps), *((f"params[{i}]", p) for i, p in enumerate(params))):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.layout != torch.strided:
+                raise ValueError(f"{name} must be a dense CPU tensor, got "
+                                 f"{type(t).__name__ if not isinstance(t, torch.Tensor) else f'{t.layout} on {t.device}'}")
         flat = torch.cat([p.detach().reshape(-1).to(self.dtype) for p in params])
         xs = xs.contiguous()
         ys = ys.contiguous()
