@@ -98,18 +98,23 @@ def _grad_mode_wrapper_code() -> Optional[types.CodeType]:
     return getattr(torch.no_grad()(lambda: None), "__code__", None)
 
 
-def _unwrap_grad_mode(fn):
+def _unwrap_grad_mode(fn, *, enabling_only: bool = False):
     """``fn`` seen through torch's own grad-mode decorators (the seed's ``sample_task`` is
     ``@torch.no_grad()``), and through nothing else: any other wrapper -- a ``functools.wraps``
     decorator of the user's -- may change what the function computes, so it stays in place and
-    the function is not recognised (``inspect.unwrap`` recognised such wrappers as the seed's)."""
+    the function is not recognised (``inspect.unwrap`` recognised such wrappers as the seed's).
+    ``enabling_only``: only through decorators that turn gradients on (``torch.enable_grad()``,
+    ``torch.set_grad_enabled(True)``), the ones an inner loop's maths is the same under."""
     grad_modes = (torch.no_grad, torch.enable_grad, torch.inference_mode, torch.set_grad_enabled)
     while getattr(fn, "__code__", None) is _grad_mode_wrapper_code() and hasattr(fn, "__wrapped__"):
         try:
-            factory = inspect.getclosurevars(fn).nonlocals.get("ctx_factory")
+            mode = getattr(inspect.getclosurevars(fn).nonlocals.get("ctx_factory"), "__self__", None)
         except (TypeError, ValueError):
             return fn
-        if not isinstance(getattr(factory, "__self__", None), grad_modes):
+        if not isinstance(mode, grad_modes):
+            return fn
+        if enabling_only and not (isinstance(mode, torch.enable_grad)
+                                  or (isinstance(mode, torch.set_grad_enabled) and getattr(mode, "mode", None) is True)):
             return fn
         fn = fn.__wrapped__
     return fn
@@ -124,7 +129,9 @@ def classify_inner_loop(fn) -> Tuple[Optional[int], bool]:
         if fn.args or set(fn.keywords) - {"batch_size"}:
             return None, False
         keywords, fn = fn.keywords, fn.func
-    # no unwrapping: a wrapper (functools.wraps) may call the seed's loop with other arguments
+    # no unwrapping but through a decorator that turns gradients on: any other wrapper
+    # (functools.wraps) may call the seed's loop with other arguments, or without gradients
+    fn = _unwrap_grad_mode(fn, enabling_only=True)
     code = getattr(fn, "__code__", None)
     any_shape = _standard_fingerprints().get(_code_fingerprint(code)) if isinstance(code, types.CodeType) else None
     if any_shape is None or fn.__globals__.get("torch") is not torch:

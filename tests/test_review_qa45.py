@@ -37,6 +37,9 @@ def test_a_wrapper_of_the_seed_functions_is_not_the_seed():
 
     assert classify_inner_loop(reference.perform_k_training_steps)[0] == 10  # the seed's own: recognised
     assert classify_inner_loop(inner_with_other_batch) == (None, False)
+    # through a decorator that turns gradients on (the same maths), not one that turns them off
+    assert classify_inner_loop(torch.enable_grad()(reference.perform_k_training_steps))[0] == 10
+    assert classify_inner_loop(torch.no_grad()(reference.perform_k_training_steps)) == (None, False)
     assert is_seed_sample_task(reference.sample_task)  # @torch.no_grad() is seen through
     assert is_seed_sample_task(torch.enable_grad()(reference.sample_task.__wrapped__))
     assert not is_seed_sample_task(shifted_tasks)
