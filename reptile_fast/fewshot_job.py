@@ -23,7 +23,7 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory, removed_if_left_empty, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
-from .jobs import check_seed, check_threads, derived_seed, other_run_note, resume_hint, train_job
+from .jobs import check_seed, check_threads, derived_seed, replaced_run_note, resume_hint, train_job
 from .models import OmniglotConvNet
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
@@ -270,9 +270,7 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
         if start > config.iterations:
             raise ValueError(f"the checkpoint {resume} is at meta-step {start}, beyond iterations={config.iterations}")
         validation = read_validation(Path(resolve_checkpoint_path(resume)).parent / VALIDATION_NAME, start, log)
-        other_run_note(resume, out, True, log)
-    elif (out / CHECKPOINT_NAME).exists():
-        log(f"note: {out} already holds a checkpoint; this new run replaces it. Use --resume {out} to continue it.")
+    replaced_run_note(out, resume, True, log)
 
     k0 = config.shots[0]
 

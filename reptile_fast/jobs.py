@@ -122,18 +122,25 @@ def sine_config_from_checkpoint(ckpt: Mapping[str, Any], source="checkpoint") ->
     return SineConfig(**saved)
 
 
-def other_run_note(resume, out: Path, main: bool, log=None) -> None:
-    """Say so when a resumed run writes into ``out`` while ``out`` holds another run's checkpoint
-    (``--resume A --out B``): its checkpoint, model and metrics are replaced, as by a new run there,
-    which says so too (a resume replaced them silently)."""
+def replaced_run_note(out: Path, resume, main: bool, log=None) -> None:
+    """Say so when this run's saves will replace another run's in ``out``: a new run into a folder
+    that holds a checkpoint, or a resumed run writing into another run's folder (``--resume A
+    --out B``; a resume replaced B's checkpoint, model and metrics silently before QA45)."""
     from .checkpoint import resolve_checkpoint_path
 
-    source = Path(resolve_checkpoint_path(resume)).resolve().parent
-    if main and (out / CHECKPOINT_NAME).exists() and source != out.resolve():
+    if not main or not (out / CHECKPOINT_NAME).exists():
+        return
+    if resume is None:
+        message = (f"note: {out} already holds a checkpoint; this new run replaces it (the old one is kept "
+                   f"as the previous checkpoint until the next save). Use --resume {out} to continue it.")
+    else:
+        source = Path(resolve_checkpoint_path(resume)).resolve().parent
+        if source == out.resolve():
+            return
         message = (f"note: {out} already holds a checkpoint of another run; this resumed run (from {source}) "
                    f"replaces it and that run's outputs (its checkpoint is kept as the previous one until the "
                    f"next save). Use --resume {out} to continue that run instead, or another --out.")
-        (log or (lambda m: print(m, file=sys.stderr)))(message)
+    (log or (lambda m: print(m, file=sys.stderr)))(message)
 
 
 def resume_hint(out) -> str:
@@ -209,11 +216,7 @@ def _run_sine_ranked(config: SineConfig, out, context, *, progress: bool, resume
                              f"iterations={config.iterations}")
         # A run that drew tasks by global index (torchrun) continues that way, with any number of processes.
         indexed = indexed or (ckpt["extra"].get("sampler") or {}).get("kind") == "indexed"
-        other_run_note(resume, out, context.is_main)
-    elif (out / CHECKPOINT_NAME).exists() and context.is_main:
-        print(f"note: {out} already holds a checkpoint; this new run replaces it (the old one is kept "
-              f"as the previous checkpoint until the next save). Use --resume {out} to continue it.",
-              file=sys.stderr)
+    replaced_run_note(out, resume, context.is_main)
     if indexed and config.backend == "compiled":
         raise ValueError("--backend compiled runs one process drawing from one random stream; under torchrun "
                          "(or resuming a torchrun run) use --backend auto, torch or reference")
