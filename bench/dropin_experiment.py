@@ -19,11 +19,17 @@ the protocol of ``bench/results/seed_experiment_cpu.json``.
     python -m bench.dropin_experiment --speed
     python -m bench.dropin_experiment --quality --seeds 0 1 2
 
-The machine is shared: every ratio is between numbers measured in the same run.
+The machine is shared: every ratio is between numbers measured in the same run.  Nothing is
+timed before it is checked (before QA46 a program that returned φ unchanged was timed): the
+drop-in, fed the seed's own task and randperm draws for 20 iterations, must end where the seed's
+loop ends (rtol 1e-5 / atol 1e-6, ``check_dropin``), and each meta-step program's φ after its
+chunk must lie within ``GATE_K`` times backend reference's fp32 distance of a float64 reference
+run on the same draws (``check_program``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -32,6 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.env import machine_stamp
+from bench.providers import GATE_K
 from bench.seed_experiment import held_out_mse, load_seed
 
 import reptile_fast
@@ -57,7 +64,32 @@ def time_seed_loop(mod, iterations: int, threads: int) -> float:
         torch.set_num_threads(before)
 
 
+def check_dropin(mod, sample_task, iterations: int = 20, seed: int = 7) -> None:
+    """``SystemExit`` unless the drop-in, fed ``sample_task``'s tasks and the seed's randperm plans
+    as the seed's loop draws them, ends where ``mod.reptile`` ends (rtol 1e-5 / atol 1e-6)."""
+    torch.manual_seed(seed)
+    tasks, plans = [], []
+    for _ in range(iterations):  # the seed's order: a task, then its inner loop's randperms
+        task = sample_task()
+        n = task[0].shape[0]
+        tasks.append(task)
+        plans.append(torch.stack([torch.randperm(n)[:10] for _ in range(n // 10)]))
+    torch.manual_seed(0)
+    seed_model = mod.MLP()
+    fast_model = copy.deepcopy(seed_model)
+    torch.manual_seed(seed)
+    mod.reptile(seed_model, iterations, sample_task, mod.perform_k_training_steps)
+    replay = iter(tasks)
+    reptile_fast.reptile(fast_model, iterations, lambda: next(replay), mod.perform_k_training_steps,
+                         progress=False, indices=torch.stack(plans)[:, None])
+    for (name, a), b in zip(seed_model.named_parameters(), fast_model.parameters()):
+        if not torch.allclose(b, a, rtol=1e-5, atol=1e-6):
+            raise SystemExit(f"the drop-in ends {float((b - a).abs().max()):.3g} from the seed's loop on {name} "
+                             f"after {iterations} iterations of the same draws: not timed")
+
+
 def time_dropin(mod, sample_task, repeats: int) -> dict:
+    check_dropin(mod, sample_task)
     runs = []
     for r in range(repeats):
         torch.manual_seed(r)
@@ -75,16 +107,41 @@ def time_dropin(mod, sample_task, repeats: int) -> dict:
             "ms_per_iteration_median": 1e3 * statistics.median(after) / ITERATIONS}
 
 
+def _reference_phi(model, tasks, plans, dtype) -> torch.Tensor:
+    """φ (float64) after one backend-reference meta-step per task of ``tasks`` (ε 0.1), in ``dtype``."""
+    from reptile_fast import Reptile, TaskBatch
+
+    m = copy.deepcopy(model).to(dtype)
+    trainer = Reptile(m, backend="reference")
+    for i in range(tasks.n_tasks):
+        trainer.meta_step(TaskBatch.trusted(tasks.x[i:i + 1].to(dtype), tasks.y[i:i + 1].to(dtype)),
+                          plans[i:i + 1], outer_lr=0.1)
+    return torch.cat([p.detach().reshape(-1).double() for p in m.parameters()])
+
+
+def check_program(name: str, new, phi32: torch.Tensor, phi64: torch.Tensor) -> None:
+    """``SystemExit`` unless a program's φ is within ``GATE_K`` times backend reference's fp32
+    distance of the float64 run (both after the same chunk of meta-steps)."""
+    got = torch.cat([p.detach().reshape(-1).double() for p in new])
+    err, allowed = float((got - phi64).norm()), GATE_K * float((phi32 - phi64).norm())
+    if not err <= allowed:
+        raise SystemExit(f"meta-step program {name!r} is wrong: φ {err:.3g} from the float64 run, allowed "
+                         f"{allowed:.3g} ({GATE_K}× backend reference's fp32 error): not timed")
+
+
 def time_programs(chunk: int = 500, rounds: int = 20) -> dict:
     """The meta-step program alone (seed MLP, meta-batch 1): compile seconds and µs/iteration,
-    the variants timed in interleaved rounds so that the machine's load hits them alike."""
+    the variants timed in interleaved rounds so that the machine's load hits them alike, each
+    checked first (``check_program``)."""
     spec = extract_mlp_spec(reptile_fast.reference.MLP())
     model = reptile_fast.reference.MLP()
     live = [model.get_parameter(n).detach() for pair in zip(spec.weight_names, spec.bias_names) for n in pair]
     gen = torch.Generator().manual_seed(0)
     tasks = Sine().sample(chunk, generator=gen)
-    xs, ys = gather_chunk(tasks, sample_indices(chunk, 5, 50, 10, generator=gen), 1)
+    plans = sample_indices(chunk, 5, 50, 10, generator=gen)
+    xs, ys = gather_chunk(tasks, plans, 1)
     eps = torch.full((chunk,), 0.1)
+    phi32, phi64 = (_reference_phi(model, tasks, plans, d) for d in (torch.float32, torch.float64))
     variants = {
         "native (generated C, cached on disk; the default)": ("native", None),
         "scan (fused_inner_loop under torch.compile)": ("scan", compiled_step.fused_inner_loop),
@@ -97,6 +154,7 @@ def time_programs(chunk: int = 500, rounds: int = 20) -> dict:
         program = compiled_step.MetaStepProgram(spec, lr=0.02, loss="mse", steps=5, n_tasks=1, batch=10,
                                                 dtype=torch.float32, mode=mode, inner=inner)
         programs[name] = program.prepare()
+        check_program(name, program(live, xs, ys, eps)[0], phi32, phi64)
     times = {name: [] for name in programs}
     for _ in range(rounds):
         for name, program in programs.items():
@@ -182,6 +240,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--speed", action="store_true")
     p.add_argument("--quality", action="store_true")
+    p.add_argument("--programs-only", action="store_true",
+                   help="time only the meta-step program variants (each checked first); writes "
+                        "bench/results/meta_step_programs_cpu.json unless --out")
     p.add_argument("--repeats", type=int, default=3, help="drop-in runs of 30000 iterations (speed)")
     p.add_argument("--seed-iterations", type=int, default=2000, help="iterations of the seed's loop timed (speed)")
     p.add_argument("--no-programs", dest="programs", action="store_false",
@@ -190,8 +251,16 @@ def main():
     p.add_argument("--eval-tasks", type=int, default=200)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.programs_only:
+        torch.set_num_threads(1)
+        result = {"experiment": "the meta-step program alone (seed MLP, meta-batch 1, chunks of 500), each variant "
+                                "checked against a float64 reference run before timing",
+                  "variants": time_programs()}
+        result.update(machine_stamp())
+        write(args.out or "bench/results/meta_step_programs_cpu.json", result)
+        return
     if not (args.speed or args.quality):
-        p.error("choose --speed and/or --quality")
+        p.error("choose --speed, --quality and/or --programs-only")
     if args.speed:
         speed(args)
     if args.quality:

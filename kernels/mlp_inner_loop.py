@@ -1061,6 +1061,7 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     reason = launch_unsupported_reason(dims, B, config, precision)
     if reason:
         raise ValueError(reason)
+    given = (x, y, indices)  # the caller's: outputs must not overlap them either (QA46)
     x, y, indices = x.contiguous(), y.contiguous(), indices.contiguous()
     n_params = n_flat_params(dims)
     # -- allocate
@@ -1074,7 +1075,7 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
                              f"overlap, got shape {tuple(out.shape)} stride {out.stride()}")
         # the tiled variant keeps each task's working weights in its out row while other programs
         # read x, y and the plan: an overlap corrupts them silently
-        if _overlaps(out, x) or _overlaps(out, y) or _overlaps(out, indices):
+        if _overlaps_any(out, (x, y, indices, *given)):
             raise ValueError("out must not overlap x, y or indices (programs read them while others write their rows)")
         row_stride = out.stride(0)
     if out_losses is None:
@@ -1083,7 +1084,7 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         _check_tensor("out_losses", out_losses, torch.float32, 2, device)
         if tuple(out_losses.shape) != (T, steps) or not out_losses.is_contiguous():
             raise ValueError(f"out_losses must be a contiguous [{T}, {steps}] tensor, got {tuple(out_losses.shape)}")
-        if any(_overlaps(out_losses, t) for t in (out, x, y, indices)):
+        if _overlaps_any(out_losses, (out, x, y, indices, *given)):
             raise ValueError("out_losses must not overlap out, x, y or indices")
     phi = torch.cat([p.detach().reshape(-1) for p in params])
     if loss == "mse":

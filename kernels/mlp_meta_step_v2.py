@@ -1324,6 +1324,19 @@ class _Checked(NamedTuple):
     activations: Tuple[str, ...]
     steps: int
     batch: int
+    #: the caller's x, y, indices and φ before ``.contiguous()``: an output must not overlap them
+    #: either (checked against the copies alone, an out over a strided x was accepted and wrote
+    #: into the caller's tensor: QA46)
+    given: Tuple[torch.Tensor, ...] = ()
+
+    @property
+    def data(self) -> Tuple[torch.Tensor, ...]:
+        """x, y and indices as the kernel reads them and as the caller holds them."""
+        return (self.x, self.y, self.indices, *self.given[:3])
+
+    @property
+    def phis(self) -> Tuple[torch.Tensor, ...]:
+        return (self.phi, *self.given[3:])
 
 
 def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precision,
@@ -1386,7 +1399,7 @@ def _check_inputs(x, y, indices, phi, dims, activations, lr, loss, steps, precis
     if check_bool("check_values", check_values):
         _check_values(indices, steps, N, y, loss, dims[-1])
     return _Checked(x.contiguous(), y.contiguous(), indices.contiguous(), phi.contiguous(), dims,
-                    activations, steps, B)
+                    activations, steps, B, (x, y, indices, phi))
 
 
 def _config(config) -> "V2Config":
@@ -1483,11 +1496,11 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
         _check_tensor("out", out, torch.float32, 1, device)
         if out.shape[0] != n_params or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous [{n_params}] tensor, got {tuple(out.shape)}")
-        if _overlaps(out, c.phi):
+        if _overlaps_any(out, c.phis):
             raise ValueError("out must not alias or overlap params_flat (the update reads φ while writing)")
         # the README's rule for every caller buffer: the inputs are never written (a later meta-step
         # or the caller would read the new φ as its data)
-        if _overlaps_any(out, (c.x, c.y, c.indices)):
+        if _overlaps_any(out, c.data):
             raise ValueError("out must not overlap x, y or indices")
     part_stride = -(-n_params // 4) * 4
     if partials is None:
@@ -1500,7 +1513,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
                              f"that do not overlap, got shape {tuple(partials.shape)} stride {partials.stride()}")
         # each program writes its row while others read φ, and the second launch reads the rows
         # while writing out: an overlap gives wrong sums or a corrupted φ, silently
-        if _overlaps_any(partials, (c.phi, out, c.x, c.y, c.indices)):
+        if _overlaps_any(partials, (*c.phis, out, *c.data)):
             raise ValueError("partials must not overlap params_flat, out, x, y or indices")
         part_stride = partials.stride(0)
     # ε is read by every program of the second launch, after the first wrote the partials and while
@@ -1563,19 +1576,19 @@ def guarded_meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, p
     n_params = n_flat_params(c.dims)
     # loss_out is written, and scratch (the proposed φ) is written then read while φ is written:
     # neither may overlap an input or each other (check_state has checked loss_out against φ)
-    if _overlaps_any(loss_out, (c.x, c.y, c.indices, state, iteration)):
+    if _overlaps_any(loss_out, (*c.data, state, iteration)):
         raise ValueError("loss_out must not overlap x, y, indices, state or iteration")
     # φ and the state are rewritten in place: over the data they would overwrite the caller's
     # inputs (the README's rule for every written buffer), silently
-    if _overlaps_any(params_flat, (c.x, c.y, c.indices)):
+    if _overlaps_any(params_flat, c.data):
         raise ValueError("params_flat must not overlap x, y or indices (it is updated in place)")
-    if _overlaps_any(state, (c.x, c.y, c.indices)):
+    if _overlaps_any(state, c.data):
         raise ValueError("state must not overlap x, y or indices (it is rewritten)")
     if scratch is not None:
         _check_tensor("scratch", scratch, torch.float32, 1, device)
         if scratch.shape[0] != n_params or not scratch.is_contiguous():
             raise ValueError(f"scratch must be a contiguous [{n_params}] tensor, got {tuple(scratch.shape)}")
-        if _overlaps_any(scratch, (params_flat, c.x, c.y, c.indices, state, iteration, loss_out)):
+        if _overlaps_any(scratch, (params_flat, *c.data, state, iteration, loss_out)):
             raise ValueError("scratch must not overlap params_flat, x, y, indices, state, iteration or loss_out")
         if isinstance(eps, torch.Tensor) and _overlaps(scratch, eps):
             # the three-launch path writes the proposed φ there before its update reads ε
@@ -1633,7 +1646,7 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
             raise ValueError(f"out must be a row-contiguous [T={T}, >={n_params}] buffer with rows that do not "
                              f"overlap, got shape {tuple(out.shape)} stride {out.stride()}")
         row_stride = out.stride(0)
-        if _overlaps_any(out, (c.phi, c.x, c.y, c.indices)):
+        if _overlaps_any(out, (*c.phis, *c.data)):
             raise ValueError("out must not overlap params_flat, x, y or indices (programs read them while "
                              "others write their rows)")
     if out_losses is None:
@@ -1642,7 +1655,7 @@ def inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_f
         _check_tensor("out_losses", out_losses, torch.float32, 2, device)
         if tuple(out_losses.shape) != (T, c.steps) or not out_losses.is_contiguous():
             raise ValueError(f"out_losses must be a contiguous [{T}, {c.steps}] tensor, got {tuple(out_losses.shape)}")
-        if _overlaps_any(out_losses, (out, c.phi, c.x, c.y, c.indices)):
+        if _overlaps_any(out_losses, (out, *c.phis, *c.data)):
             raise ValueError("out_losses must not overlap out, params_flat, x, y or indices")
     n_programs = grid_size(T, device, config, c.dims)
     grad_scale, loss_count = _scalars(loss, c.batch, c.dims[-1])

@@ -22,7 +22,7 @@ _nonneg_float = _number(float, allow_zero=True)
 #: sine flags that set a ``SineConfig`` field (argparse dest == field name).
 CONFIG_FLAGS = ("iterations", "meta_batch_size", "outer_lr", "outer_lr_final", "inner_lr", "inner_steps",
                 "inner_batch_size", "backend", "device", "seed", "eval_tasks", "eval_steps",
-                "checkpoint_every", "hidden_dim", "threads")
+                "checkpoint_every", "hidden_dim", "threads", "indexed_tasks")
 
 
 def _version_string() -> str:
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     sine.add_argument("--checkpoint-every", type=_nonneg_int, metavar="N",
                       help=f"write OUT/checkpoint.pt every N meta-steps; 0: only at the end and on "
                            f"Ctrl-C/SIGTERM (default {d.checkpoint_every})")
+    sine.add_argument("--indexed-tasks", action="store_true", default=None,
+                      help="draw task j of meta-step t from (seed, t, j), as under torchrun (always there): one "
+                           "process then trains what N processes train (default: one random stream, the "
+                           "compiled path's)")
     sine.add_argument("--resume", metavar="DIR",
                       help="continue the run whose checkpoint is in DIR (its --out, or a checkpoint "
                            "file) with the settings stored in it; flags given as well override them")

@@ -116,6 +116,10 @@ class InputChecker:
                 raise ValueError(f"cross_entropy needs logits [batch, classes]; the model gives {tuple(out.shape)}")
             if n_classes > out.shape[1]:
                 raise ValueError(f"class label {n_classes - 1} out of range for a model with {out.shape[1]} outputs")
+            if out.shape[1] < 2:
+                # a softmax over one logit is 1 whatever the weights: the loss was 0 and nothing trained (QA46)
+                raise ValueError(f"cross_entropy needs a model with at least 2 outputs (one per class); this one "
+                                 f"gives {out.shape[1]}, so its loss is 0 and the inner steps would not train it")
         if name is None:
             self._check_callable_loss(out, tasks)
         self._seen.add(key)
@@ -237,7 +241,8 @@ class InputChecker:
                              "without autograd): the inner steps would have no gradient")
 
     def indices(self, indices: torch.Tensor, tasks: TaskBatch, rows: int) -> torch.Tensor:
-        """A user's plan: long ``[T, rows, B]`` on the model's device, values in ``[0, N)``."""
+        """A user's plan: long ``[T, rows, B]`` on the model's device, values in ``[0, N)``; returned
+        contiguous (every backend then sees the plain layout, whose results the tests pin)."""
         if not isinstance(indices, torch.Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dtype != torch.long:
@@ -254,4 +259,4 @@ class InputChecker:
         lo, hi = (int(v) for v in torch.stack([indices.min(), indices.max()]).tolist())
         if lo < 0 or hi >= tasks.n_points:
             raise ValueError(f"indices must lie in [0, {tasks.n_points}), got values in [{lo}, {hi}]")
-        return indices
+        return indices.contiguous()

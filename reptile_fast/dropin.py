@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import numbers
 import warnings
@@ -69,6 +70,19 @@ class SampleTaskError(ValueError):
 def _loss_kind(loss_fct) -> Optional[str]:
     """"mse" / "cross_entropy" when the fast paths compute exactly this loss; else None."""
     return loss_name(loss_fct) if callable(loss_fct) else None
+
+
+def _owned(task):
+    """``sample_task()``'s ``(x, y, loss_fct)`` with its tensors copied, for the fast paths.  They
+    keep tasks before training on them (the first while they pick a path, a meta-batch or a chunk
+    to stack); a ``sample_task`` that refills one tensor each call then trained every kept task on
+    the last one's data, silently (QA46).  The seed uses each task at once, so copies give its
+    numbers.  (The reference path draws each task just before its inner loop instead.)"""
+    if not isinstance(task, (tuple, list)):
+        return task  # refused by _check_task, naming its type
+    items = [t.clone() if isinstance(t, torch.Tensor) else t for t in task]
+    make = getattr(type(task), "_make", None)  # a namedtuple keeps its type
+    return make(items) if callable(make) else type(task)(items) if type(task) in (tuple, list) else tuple(items)
 
 
 def _check_task(task, i: int):
@@ -114,7 +128,7 @@ class _SampleTaskSource:
         if self.pending is not None:
             task, self.pending = self.pending, None
             return task
-        task = _check_task(self.sample_task(), self.calls)
+        task = _check_task(_owned(self.sample_task()), self.calls)
         self.calls += 1
         x, y, loss_fct = task
         if (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype) != self.signature or _loss_kind(loss_fct) != self.kind:
@@ -275,11 +289,14 @@ class _RawTaskSampler(Sampler):
         self.sample_task, self.pending, self.T = sample_task, first, meta_batch_size
 
     def draw(self, first_iteration: int, m: int):
-        tasks = []
-        for _ in range(m * self.T):
-            task, self.pending = (self.pending, None) if self.pending is not None else (self.sample_task(), None)
-            tasks.append(task)
-        return tasks, None
+        # drawn one at a time as the stepper reaches each task, as the seed draws a task just before
+        # its inner loop: a sample_task that refills one buffer (or a custom format the inner loop
+        # writes to) sees the seed's order of calls, with nothing copied (QA46)
+        def tasks():
+            for _ in range(m * self.T):
+                task, self.pending = (self.pending, None) if self.pending is not None else (self.sample_task(), None)
+                yield task
+        return tasks(), None
 
 
 class _SeedLoopStepper(Stepper):
@@ -316,9 +333,10 @@ class _SeedLoopStepper(Stepper):
         return [g.detach() for g in result]
 
     def run(self, tasks, plans, eps, first_iteration):
+        tasks = iter(tasks)  # drawn lazily (``_RawTaskSampler``): each task right before its inner loop
         for step in range(len(eps)):
             adapted = [self._adapted(self.inner(copy.deepcopy(self.model), task, self.k))
-                       for task in tasks[step * self.T:(step + 1) * self.T]]
+                       for task in itertools.islice(tasks, self.T)]
             with torch.no_grad():
                 deltas = [torch.stack([a[j] for a in adapted]) - p for j, (_, p) in enumerate(self.named)]
                 self.outer.apply([d.mean(0) for d in deltas], torch.zeros(()), eps[step], first_iteration + step)
@@ -415,7 +433,7 @@ def reptile(model: nn.Module, nb_iterations: int, sample_task: Callable,
         reason = (f"perform_k_training_steps ({name}) is not the standard inner loop (the seed's "
                   f"perform_k_training_steps), so the fast paths cannot know what it computes")
     else:
-        first = _check_task(first, 0)
+        first = _check_task(_owned(first), 0)
         dtype = next(model.parameters()).dtype
         if first[0].dtype != dtype:
             # the standard loop feeds x to the model as it is: on the reference path (chosen for the

@@ -23,11 +23,11 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory, removed_if_left_empty, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
-from .jobs import check_seed, check_threads, derived_seed, replaced_run_note, resume_hint, train_job
+from .jobs import check_seed, check_threads, derived_seed, replaced_run_note, resume_hint, train_job, uses_indexed_tasks
 from .models import OmniglotConvNet
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
-from .validation import check_device, check_float, check_int
+from .validation import check_bool, check_device, check_float, check_int
 
 __all__ = ["OmniglotConfig", "omniglot_preset", "run_omniglot", "run_omniglot_runs", "add_parser",
            "run_command", "config_from_args", "load_trained", "OMNIGLOT_JOB"]
@@ -76,6 +76,8 @@ class OmniglotConfig:
     backend: str = "auto"
     checkpoint_every: int = 1000
     threads: int = 0
+    # tasks drawn by global index, as under torchrun: one process trains what N processes train
+    indexed_tasks: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.train, (str, os.PathLike)):
@@ -110,6 +112,7 @@ class OmniglotConfig:
                              f"{self.ways} × {min(self.shots)} images")
         if not isinstance(self.transductive, bool):
             raise TypeError("transductive must be a bool")
+        self.indexed_tasks = check_bool("indexed_tasks", self.indexed_tasks)
         for name in ("backend", "device"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string")
@@ -262,14 +265,14 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
 
     start = 0
     validation: List[dict] = []
-    indexed = context.is_distributed  # tasks drawn by global index: the same run on any number of ranks
+    ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
         start = ckpt["trainer"]["iteration"]
-        indexed = indexed or (ckpt["extra"].get("sampler") or {}).get("kind") == "indexed"
         if start > config.iterations:
             raise ValueError(f"the checkpoint {resume} is at meta-step {start}, beyond iterations={config.iterations}")
         validation = read_validation(Path(resolve_checkpoint_path(resume)).parent / VALIDATION_NAME, start, log)
+    indexed = uses_indexed_tasks(config, context, ckpt)  # by global index: the same run on any number of ranks
     replaced_run_note(out, resume, True, log)
 
     k0 = config.shots[0]
@@ -417,7 +420,7 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
 _FLAGS = ("ways", "shots", "iterations", "meta_batch_size", "inner_steps", "inner_batch_size", "inner_lr",
           "train_shots", "outer_lr", "outer_lr_final", "eval_steps", "eval_batch_size", "eval_tasks",
           "query_shots", "transductive", "validate_every", "validation_tasks", "seed", "device", "backend",
-          "checkpoint_every", "threads")
+          "checkpoint_every", "threads", "indexed_tasks")
 
 
 def add_parser(subparsers) -> None:
@@ -464,6 +467,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=_nonneg_int, help="CPU threads, 0 = torch's default (default 0)")
     p.add_argument("--checkpoint-every", type=_nonneg_int, metavar="N",
                    help=f"write OUT/checkpoint.pt every N meta-steps; 0: only at the end (default {d.checkpoint_every})")
+    p.add_argument("--indexed-tasks", action="store_true", default=None,
+                   help="draw task j of meta-step t from (seed, t, j), as under torchrun (always there): one "
+                        "process then trains what N processes train (default: one random stream)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its stored settings "
                    "(flags given as well override them)")
     p.add_argument("--out", help="output directory (default runs/omniglot, or DIR with --resume)")

@@ -46,6 +46,19 @@ class HyperParameters:
         if value > top:
             raise ValueError(f"inner_lr must be at most {top:.4g} (the largest {self.dtype} the model's inner "
                              f"steps can multiply by), got {value}")
+        return self._nonzero_in_dtype("inner_lr", value)
+
+    def _nonzero_in_dtype(self, name: str, value: float) -> float:
+        """``value``, refused when it is 0 in the dtype the steps multiply by it in (the parameters'
+        dtype, at least float32: torch computes float16 steps in float32): ``outer_lr=1e-46`` trained
+        nothing in float32, silently (QA46)."""
+        import torch
+
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        if float(torch.tensor(value, dtype=dtype)) == 0.0:
+            tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+            raise ValueError(f"{name}={value!r} is 0 in {dtype} (below {tiny:.3g}), so the steps would not "
+                             f"move the parameters; use a larger rate")
         return value
 
     @property
@@ -85,7 +98,12 @@ class HyperParameters:
 
     @outer_lr.setter
     def outer_lr(self, value) -> None:
-        self._outer_lr = check_float("outer_lr", value)
+        value = self._nonzero_in_dtype("outer_lr", check_float("outer_lr", value))
+        if getattr(self, "_outer_optimizer", None) is not None:
+            # accepted and ignored before, yet recorded in hparams() and checkpoints (QA46)
+            raise ValueError("outer_lr is the interpolation step ε, which the outer_optimizer replaces: set "
+                             "the optimizer's lr (its param_groups, or a torch.optim.lr_scheduler) instead")
+        self._outer_lr = value
 
     @property
     def outer_lr_final(self) -> Optional[float]:

@@ -19,7 +19,7 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointReplacedWarning, atomic_torc
 from .models import MLP
 from .tasks import Sine
 from .trainer import Reptile
-from .validation import check_float, check_int
+from .validation import check_bool, check_float, check_int
 
 __all__ = ["SineConfig", "run_sine", "SEED_CONFIG", "sine_config_from_checkpoint", "SINE_JOB"]
 
@@ -79,6 +79,9 @@ class SineConfig:
     # CPU threads for the run (0: torch's default).  The sine job's ops are tiny: one thread
     # avoids OpenMP fork/join costs that dominate them and is robust on a busy machine.
     threads: int = 1
+    # draw task j of meta-step t from (seed, t, j), as every run under torchrun does: a run in one
+    # process then trains what N processes train (default: one generator, the other backends' draws)
+    indexed_tasks: bool = False
 
     def __post_init__(self) -> None:
         for name, minimum in (("iterations", 1), ("meta_batch_size", 1), ("inner_steps", 1),
@@ -98,9 +101,75 @@ class SineConfig:
         for name in ("backend", "device"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        self.indexed_tasks = check_bool("indexed_tasks", self.indexed_tasks)
 
 
 SEED_CONFIG = SineConfig()
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this process can still fill on Linux: ``MemAvailable`` + ``SwapFree``, capped by a
+    cgroup v2 limit; None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        avail = info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), int(g.read().strip())
+        if limit != "max":
+            try:  # page cache the kernel reclaims before it kills: not in use
+                with open("/sys/fs/cgroup/memory.stat") as f:
+                    stat = dict(line.split() for line in f if len(line.split()) == 2)
+                used -= int(stat.get("inactive_file", 0))
+            except (OSError, ValueError):
+                pass
+            avail = min(avail, int(limit) - max(used, 0))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_sine_memory(config: SineConfig, device: torch.device) -> None:
+    """``MemoryError`` before training when the held-out evaluation cannot fit.
+
+    Its tensors are allocated lazily by Linux: a large ``--eval-tasks`` got its memory, trained,
+    and was then killed by the kernel's out-of-memory killer while filling it in (exit 137, no
+    message, nothing written: QA46).  The estimate is a lower bound — the held-out tasks' points
+    and one adapted copy of the parameters per task, which evaluation holds all at once — so a
+    refusal is right.  (Training's meta-batch fails at its first allocation or runs in task blocks.)"""
+    if device.type != "cpu":
+        return  # a GPU allocation fails at once, with the message the CLI reports
+    avail = available_memory()
+    if avail is None:
+        return
+    h = config.hidden_dim
+    params = (1 * h + h) + (h * h + h) + (h * 1 + 1)
+    need = config.eval_tasks * 4 * (params + 2 * SINE_POINTS)
+    if need > avail:
+        raise MemoryError(f"the held-out evaluation needs at least {need / 2**30:.1f} GiB ({config.eval_tasks} "
+                          f"tasks), more than the {avail / 2**30:.1f} GiB this machine has free")
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process (its agent sets ``TORCHELASTIC_RUN_ID``; a
+    ``WORLD_SIZE`` alone may be a cluster's or a container's).  A new job run there draws tasks by
+    global index whatever the number of processes, so ``--nproc_per_node 1`` and ``2`` train the
+    same model (QA46: one process drew from a generator, two by index)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def uses_indexed_tasks(config, context, checkpoint=None) -> bool:
+    """A job's draws: by global index across processes, with ``config.indexed_tasks``, or, for a new
+    run, under torchrun; a resumed run alone draws as its checkpoint did (a one-generator run goes
+    on from its generator, also under a one-process torchrun)."""
+    if context.is_distributed or config.indexed_tasks:
+        return True
+    if checkpoint is not None:
+        return (checkpoint["extra"].get("sampler") or {}).get("kind") == "indexed"
+    return launched_by_torchrun()
 
 
 def sine_config_from_checkpoint(ckpt: Mapping[str, Any], source="checkpoint") -> SineConfig:
@@ -207,19 +276,21 @@ def run_sine(config: SineConfig, out: os.PathLike, *, progress: bool = True,
 def _run_sine_ranked(config: SineConfig, out, context, *, progress: bool, resume) -> dict:
     out = prepare_directory(out, "output directory")
     start_iteration = 0
-    indexed = context.is_distributed
+    ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
         start_iteration = ckpt["trainer"]["iteration"]
         if start_iteration > config.iterations:
             raise ValueError(f"the checkpoint {resume} is at meta-step {start_iteration}, beyond "
                              f"iterations={config.iterations}")
-        # A run that drew tasks by global index (torchrun) continues that way, with any number of processes.
-        indexed = indexed or (ckpt["extra"].get("sampler") or {}).get("kind") == "indexed"
+    # A run that drew tasks by global index (torchrun) continues that way, with any number of processes.
+    indexed = uses_indexed_tasks(config, context, ckpt)
     replaced_run_note(out, resume, context.is_main)
+    if context.is_main:  # rank 0 alone evaluates
+        check_sine_memory(config, context.device)
     if indexed and config.backend == "compiled":
         raise ValueError("--backend compiled runs one process drawing from one random stream; under torchrun "
-                         "(or resuming a torchrun run) use --backend auto, torch or reference")
+                         "(or with --indexed-tasks, or resuming such a run) use --backend auto, torch or reference")
     device = context.device
     if config.threads:
         previous_threads = torch.get_num_threads()

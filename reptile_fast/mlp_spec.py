@@ -208,8 +208,23 @@ def _check_autograd_agrees(model: nn.Module, spec: MLPSpec) -> None:
                 f"MLP paths do not run it")
 
 
+def global_module_hooks() -> tuple:
+    """The keys of torch's global module hooks (``nn.modules.module.register_module_forward_hook``
+    and its kin), which every module's forward and backward run: ``()`` when there are none."""
+    from torch.nn.modules import module as M
+
+    names = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+             "_global_backward_hooks")
+    return tuple((n, tuple(getattr(M, n))) for n in names if getattr(M, n, None))
+
+
 def _check_no_hooks(model: nn.Module, modules=None) -> None:
-    # Hand-written forward/backward code would silently skip what a hook does.
+    # Hand-written forward/backward code would silently skip what a hook does; torch's global
+    # module hooks too (registered after Reptile(...) they were skipped silently: QA46).
+    registered = global_module_hooks()
+    if registered:
+        raise UnsupportedModelError(f"global module hooks are registered ({', '.join(n for n, _ in registered)} "
+                                    f"in torch.nn.modules.module), which the fused MLP paths would not run")
     for m in model.modules() if modules is None else modules:
         if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None) \
                 or getattr(m, "_backward_pre_hooks", None):

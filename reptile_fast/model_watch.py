@@ -7,6 +7,8 @@ import contextlib
 
 import torch.nn as nn
 
+from .mlp_spec import global_module_hooks
+
 __all__ = ["structure_key", "check_followable", "modes_kept"]
 
 
@@ -31,6 +33,9 @@ def structure_key(model: nn.Module) -> tuple:
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             hooks.append((tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks),
                           tuple(m._backward_pre_hooks)))
+    # torch's global module hooks run in every module's forward: a path built without them must
+    # follow them (QA46: one registered after Reptile(...) was skipped by the fused MLP paths)
+    hooks.append(global_module_hooks())
     params = [p for m in modules for p in m._parameters.values() if p is not None]
     return tuple(hooks), tuple(map(id, params)), tuple((p.dtype, p.device) for p in params)
 

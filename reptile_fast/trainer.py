@@ -55,7 +55,8 @@ class Reptile(HyperParameters):
         model: any ``nn.Module``; updated in place.  Its buffers (e.g. BatchNorm running
             statistics) are not meta-learned: as in the seed, each task trains a copy.
         inner_lr, inner_steps, inner_batch_size: the inner loop (seed: 0.02, 5, 10).
-        outer_lr: ε, the interpolation step (seed: 0.1).
+        outer_lr: ε, the interpolation step (seed: 0.1); unused with ``outer_optimizer``, whose lr
+            is the outer step (and is what ``meta_step``/``fit`` report as "outer_lr").
         outer_lr_final: if set, ε anneals linearly from ``outer_lr`` to this over ``fit``'s
             iterations (the paper's schedule).
         loss: "mse", "cross_entropy" or a callable ``(prediction, target) -> scalar``.
@@ -346,7 +347,16 @@ class Reptile(HyperParameters):
 
     # ------------------------------------------------------------------ schedule
     def outer_lr_at(self, iteration: int, total: Optional[int] = None) -> float:
-        """ε at ``iteration`` of ``total``: linear from ``outer_lr`` to ``outer_lr_final``."""
+        """ε at ``iteration`` of ``total``: linear from ``outer_lr`` to ``outer_lr_final``.
+
+        With an ``outer_optimizer`` the outer step is the optimizer's: its first param group's
+        ``lr`` now (what ``meta_step`` and ``fit`` report as "outer_lr"; ``outer_lr`` is unused)."""
+        if self.outer_optimizer is not None:
+            # reported the unused outer_lr before (QA46); SGD(lr) makes exactly ε = lr's update
+            lr = self.outer_optimizer.param_groups[0]["lr"]
+            if isinstance(lr, torch.Tensor):  # a tensor lr: a number when that reads no device
+                return float(lr) if lr.device.type == "cpu" else lr.detach().clone()
+            return float(lr)
         total = total if total is not None else self.total_iterations
         # a flat schedule is ε itself (frac·ε + (1 − frac)·ε rounds away from ε at some fractions,
         # which made the result depend on the total: QA45)
@@ -362,7 +372,7 @@ class Reptile(HyperParameters):
 
         ``indices``: long ``[T, inner_steps, B]`` plan (``inner_steps + 1`` rows for FOMAML),
         drawn with ``sample_indices`` from ``generator`` when None.  ``outer_lr``: ε for this
-        step (default: the schedule's).  Returns ``{"loss": mean inner-loop minibatch loss as a
+        step (default: the schedule's; not with an ``outer_optimizer``, whose lr is the step).  Returns ``{"loss": mean inner-loop minibatch loss as a
         0-dim tensor, "outer_lr": ε, "iteration": i}``.  Reads no tensor value on the host once
         a task shape has been seen: a non-finite step is skipped on the device and reported by
         ``check_finite`` (``fit`` does it at its reads).
@@ -374,9 +384,14 @@ class Reptile(HyperParameters):
             indices = sample_indices(tasks.n_tasks, rows, tasks.n_points, self.inner_batch_size,
                                      generator=generator, device=self.device)
         else:
-            self.checker.indices(indices, tasks, rows)
+            indices = self.checker.indices(indices, tasks, rows)
         self._follow_plan(indices.shape[2])
-        eps = self.outer_lr_at(self.iteration) if outer_lr is None else check_float("outer_lr", outer_lr)
+        if outer_lr is not None and self.outer_optimizer is not None:
+            # it was accepted, ignored, and returned as the step taken (QA46)
+            raise ValueError("meta_step's outer_lr sets the interpolation step ε, which an outer_optimizer "
+                             "replaces: set the optimizer's lr (its param_groups) instead")
+        eps = self.outer_lr_at(self.iteration) if outer_lr is None else \
+            self._nonzero_in_dtype("outer_lr", check_float("outer_lr", outer_lr))
         # a user's plan may use another minibatch size than inner_batch_size, as on every backend
         stepper = self.stepper(tasks.n_tasks, chunk=1, batch=indices.shape[2])
         loss = stepper.run(tasks, indices, [eps], self.iteration + 1)[0]
@@ -602,7 +617,7 @@ class Reptile(HyperParameters):
             indices = sample_indices(tasks.n_tasks, steps, tasks.n_points, self.inner_batch_size,
                                      generator=generator, device=self.device)
         else:
-            self.checker.indices(indices, tasks, steps)
+            indices = self.checker.indices(indices, tasks, steps)
         self._follow_plan(indices.shape[2])
         return self._inner("inner_loop", self.model, tasks, indices, self._adapt_config())
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import re
 from collections.abc import Mapping
@@ -296,6 +297,11 @@ def check_fit_args(task_distribution, iterations, *, meta_batch_size, generator,
 
     if sampler is None and (not hasattr(task_distribution, "sample") or not callable(task_distribution.sample)):
         raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
+    if sampler is None and isinstance(task_distribution, type) \
+            and inspect.isfunction(inspect.getattr_static(task_distribution, "sample", None)):
+        # fit(Sine, ...): "Sine.sample() missing 1 required positional argument" named no argument (QA46)
+        raise TypeError(f"task_distribution must be an instance, got the class {task_distribution.__name__} "
+                        f"(pass {task_distribution.__name__}(...))")
     check_int("iterations", iterations)
     check_int("meta_batch_size", meta_batch_size)
     if log_every is not None:

@@ -82,7 +82,10 @@ def gather_minibatches(x: torch.Tensor, y: torch.Tensor,
     x, y = x.detach(), y.detach()
     T = x.shape[0]
     rows = torch.arange(T, device=x.device).view(1, T, 1)
-    plan = indices.transpose(0, 1)  # [R, T, B]
+    # a contiguous plan first: the gathered tensors' layout follows the plan's strides, and the
+    # batched products then summed in another order (a transposed plan's result differed by a
+    # rounding step from the same values laid out plainly: QA46)
+    plan = indices.contiguous().transpose(0, 1)  # [R, T, B]
     return x[rows, plan], y[rows, plan]
 
 

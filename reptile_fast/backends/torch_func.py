@@ -42,6 +42,50 @@ from .mlp_batched import (FAST_LOSSES, StackedMLP, default_task_block, gather_mi
 __all__ = ["TorchBackend", "StackedAdam"]
 
 
+class _BufferCapture(nn.Module):
+    """``model(x)`` and then every named buffer as its slot holds it after the forward.
+
+    Writes in place land in the copies ``functional_call`` was given; a forward that *reassigns*
+    a buffer (``self.mu = 0.5 * self.mu + ...``) puts a new tensor into the slot, which
+    ``functional_call`` drops when it puts the slots back, so the task's next step saw the old
+    value (QA46: φ 0.056 away from reference's deep copies, silently).  Read inside the call,
+    both kinds carry over to the next step, as in a deep-copied module.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def __call__(self, x, names):
+        # not through Module.__call__: torch's global hooks would run on this wrapper too (and
+        # see its (output, buffers) pair); they run on the model's own modules inside ``forward``
+        return self.forward(x, names)
+
+    def forward(self, x, names):
+        # a buffer registered under two names (``register_buffer("alias", self.c.mu)``) is one
+        # slot per name, given the same tensor; a forward that reassigns one name unties them,
+        # which one stacked copy per task cannot carry
+        before = list(self.m.named_buffers(remove_duplicate=False))
+        out = self.m(x)
+        after = dict(self.m.named_buffers(remove_duplicate=False))
+        groups: Dict[int, list] = {}
+        for n, b in before:
+            groups.setdefault(id(b), []).append(n)
+        for group in groups.values():
+            if len(group) > 1 and any(after.get(n) is not after.get(group[0]) for n in group[1:]):
+                raise UnsupportedModelError(f"the model's forward reassigned one of the buffer names {group}, which "
+                                            f"share one tensor; backend torch keeps one copy per task of each "
+                                            f"shared buffer (use backend 'reference')")
+        buffers = {}
+        for n in names:
+            b = after.get(n)
+            if not isinstance(b, torch.Tensor):
+                raise UnsupportedModelError(f"the model's forward set buffer '{n}' to {type(b).__name__}; backend "
+                                            f"torch carries each task's buffers from step to step as tensors")
+            buffers[n] = b
+        return out, buffers
+
+
 class StackedAdam:
     """``torch.optim.Adam`` (no weight decay, no amsgrad) for ``T`` tasks' stacked parameters.
 
@@ -248,12 +292,15 @@ class TorchBackend(Backend):
     @staticmethod
     def _functional_loss(model: nn.Module, loss_fn: Callable) -> Callable:
         """One task's ``(params, buffers, x, y) -> (loss, (loss, new_buffers))``."""
+        wrapper = _BufferCapture(model)
 
         def task_loss(params, buffers, x, y):
             # functional_call writes BatchNorm's running statistics into the buffers it is given:
             # give it this task's own copies and hand them back, as a deep-copied module keeps them.
-            buffers = {k: v.clone() for k, v in buffers.items()}
-            loss = loss_fn(functional_call(model, (params, buffers), (x,)), y)
+            state = {"m." + k: v for k, v in params.items()}
+            state.update({"m." + k: v.clone() for k, v in buffers.items()})
+            out, buffers = functional_call(wrapper, state, (x, tuple(buffers)))
+            loss = loss_fn(out, y)
             if loss.dim() != 0:
                 loss = loss.reshape(())
             return loss, (loss.detach(), buffers)

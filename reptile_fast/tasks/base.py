@@ -172,6 +172,12 @@ class TaskBatch:
                 raise TypeError("a string selects no tasks")
             if item is None or isinstance(item, tuple):
                 raise TypeError("only the task dimension can be indexed")
+            if isinstance(item, numbers.Real) and not isinstance(item, numbers.Integral):
+                raise TypeError(f"a {type(item).__name__} is not a task index")  # torch's own words before (QA46)
+            if isinstance(item, slice) and item.step is not None and item.step < 1:
+                # torch's "step must be greater than zero" named no TaskBatch
+                raise ValueError(f"TaskBatch[{item!r}]: a slice's step must be positive (reverse with a list or "
+                                 f"tensor of indices: tasks[torch.arange(T - 1, -1, -1)])")
             x, y = self.x[item], self.y[item]
         except TypeError as exc:
             raise TypeError(f"TaskBatch[{item!r}]: select tasks with an int, a slice, a list of ints or an "

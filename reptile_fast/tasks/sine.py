@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -13,10 +14,17 @@ __all__ = ["Sine"]
 
 
 def _check_range(name: str, value) -> Tuple[float, float]:
+    # real numbers only: float() of each item took "15" as the range (1.0, 5.0), strings, bytes and
+    # bools as numbers (QA46)
+    pair = None if isinstance(value, (str, bytes, bytearray)) else value
     try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+        items = list(pair)
+    except TypeError:
+        items = []
+    if len(items) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                  for v in items):
+        raise TypeError(f"{name} must be a (low, high) pair of numbers, got {value!r}")
+    lo, hi = (float(v) for v in items)
     # tasks are float32: a bound beyond its range became inf (amplitude), NaN (phase: sin(inf)) or
     # a RuntimeError inside torch.linspace (x_range)
     top = torch.finfo(torch.float32).max
