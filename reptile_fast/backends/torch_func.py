@@ -55,6 +55,8 @@ class _BufferCapture(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.m = model
+        # a buffer registered under two names (checked in forward only then)
+        self.shared = len(list(model.named_buffers(remove_duplicate=False))) != len(list(model.named_buffers()))
 
     def __call__(self, x, names):
         # not through Module.__call__: torch's global hooks would run on this wrapper too (and
@@ -65,7 +67,7 @@ class _BufferCapture(nn.Module):
         # a buffer registered under two names (``register_buffer("alias", self.c.mu)``) is one
         # slot per name, given the same tensor; a forward that reassigns one name unties them,
         # which one stacked copy per task cannot carry
-        before = list(self.m.named_buffers(remove_duplicate=False))
+        before = list(self.m.named_buffers(remove_duplicate=False)) if self.shared else ()
         out = self.m(x)
         after = dict(self.m.named_buffers(remove_duplicate=False))
         groups: Dict[int, list] = {}
