@@ -135,11 +135,12 @@ def main(argv=None) -> int:
                       "with other jobs (load average recorded per run), so ratios are taken within a round"}
     def write(final: bool = False) -> None:
         """Write what has been measured so far (a crash or Ctrl-C later keeps it)."""
-        if series["cold"] and series["warm"] and series["jax"]:
-            result["summary"] = {k: summary(v) for k, v in series.items()}
-            done = min(len(v) for v in ratios.values())
-            if done:
-                result["ratios"] = {k: {"per_round": v, "median": statistics.median(v)} for k, v in ratios.items()}
+        if series["cold"] and series["warm"] and (series["jax"] or not has_jax):
+            result["summary"] = {k: summary(v) for k, v in series.items() if v}
+            measured = {k: v for k, v in ratios.items() if v}
+            if measured:
+                result["ratios"] = {k: {"per_round": v, "median": statistics.median(v)} for k, v in measured.items()}
+            if has_jax and ratios["cold_over_jax"]:
                 result["targets"] = {"cold_over_jax_max": 2.0, "warm_over_jax_max": 1.0,
                                      "cold_met": result["ratios"]["cold_over_jax"]["median"] <= 2.0,
                                      "warm_met": result["ratios"]["warm_over_jax"]["median"] <= 1.0}
@@ -154,6 +155,12 @@ def main(argv=None) -> int:
                                      capture_output=True, text=True).stdout.strip()
     except OSError:
         jax_version = None
+    # without JAX the main job's series still run (the no-compiler one included), with no ratios to
+    # JAX; before QA46 a missing JAX crashed the run after its first two jobs, writing nothing
+    has_jax = bool(jax_version)
+    if not has_jax:
+        result["jax_skipped"] = f"JAX is not importable by {jax_python}: pass --jax-python an interpreter that has it"
+        print(f"main_job_wall: {result['jax_skipped']}; timing the main job alone", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="main_job_wall_") as tmp:
         tmp = Path(tmp)
         for r in range(args.rounds):
@@ -162,6 +169,7 @@ def main(argv=None) -> int:
             if args.no_compiler:  # after cold, on the caches it filled (which hold no program it can use)
                 order = order + ("no_compiler",) if r % 2 == 0 else ("cold", "no_compiler") + tuple(
                     k for k in order if k != "cold")
+            order = tuple(k for k in order if k != "jax" or has_jax)
             got = {}
             for kind in order:
                 if kind == "jax":
@@ -175,8 +183,9 @@ def main(argv=None) -> int:
                     got[kind] = main_job(args.python, ROOT, tmp / "job", env)
                 series[kind].append(got[kind])
                 print(r, kind, json.dumps(got[kind]), flush=True)
-            ratios["cold_over_jax"].append(got["cold"]["wall_seconds"] / got["jax"]["wall_seconds"])
-            ratios["warm_over_jax"].append(got["warm"]["wall_seconds"] / got["jax"]["wall_seconds"])
+            if has_jax:
+                ratios["cold_over_jax"].append(got["cold"]["wall_seconds"] / got["jax"]["wall_seconds"])
+                ratios["warm_over_jax"].append(got["warm"]["wall_seconds"] / got["jax"]["wall_seconds"])
             if args.no_compiler:
                 ratios["no_compiler_over_warm"].append(got["no_compiler"]["wall_seconds"]
                                                        / got["warm"]["wall_seconds"])
@@ -189,12 +198,13 @@ def main(argv=None) -> int:
             subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
             env = _fresh_cache_env(tmp / "caches_baseline")
             base = {"revision": args.baseline}
-            for kind in ("cold", "warm", "jax"):
+            for kind in ("cold", "warm", "jax") if has_jax else ("cold", "warm"):
                 base[kind] = (jax_job(jax_python, tmp / "jax") if kind == "jax" else
                               main_job(args.python, src, tmp / "job", env))
                 print("baseline", kind, json.dumps(base[kind]), flush=True)
-            base["cold_over_jax"] = base["cold"]["wall_seconds"] / base["jax"]["wall_seconds"]
-            base["warm_over_jax"] = base["warm"]["wall_seconds"] / base["jax"]["wall_seconds"]
+            if has_jax:
+                base["cold_over_jax"] = base["cold"]["wall_seconds"] / base["jax"]["wall_seconds"]
+                base["warm_over_jax"] = base["warm"]["wall_seconds"] / base["jax"]["wall_seconds"]
             result["baseline"] = base
             write()
         if args.seed_program:

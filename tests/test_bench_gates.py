@@ -321,6 +321,33 @@ def test_main_job_wall_refuses_a_run_whose_answer_is_wrong_or_missing(tmp_path):
             job(bad)
 
 
+def test_main_job_wall_without_jax_times_the_main_job_alone(tmp_path, monkeypatch):
+    """The README's `python -m bench.main_job_wall --rounds 3 --no-compiler --out ...` crashed after
+    its first two jobs where JAX is not installed (it is not a dependency), writing nothing (QA46)."""
+    import json
+    import sys
+
+    from bench import main_job_wall as W
+
+    ran = []
+
+    def fake_job(python, src, out, env):
+        ran.append(env.get("PATH", ""))
+        return {"wall_seconds": 1.0 + len(ran), "mode": "eager" if "no_bin" in env.get("PATH", "") else "native"}
+
+    monkeypatch.setattr(W, "main_job", fake_job)
+    monkeypatch.setattr(W, "jax_job", lambda *a: pytest.fail("JAX is not importable here: its job must not run"))
+    out = tmp_path / "wall.json"
+    no_jax = tmp_path / "python-without-jax"  # an interpreter path that cannot import jax
+    no_jax.write_text("#!/bin/sh\nexit 1\n")
+    no_jax.chmod(0o755)
+    W.main(["--rounds", "2", "--no-compiler", "--jax-python", str(no_jax), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["complete"] and "jax_skipped" in result and "targets" not in result
+    assert set(result["summary"]) == {"cold", "warm", "no_compiler"} and len(ran) == 6
+    assert set(result["ratios"]) == {"no_compiler_over_warm"}
+
+
 # ---------------------------------------------------------------------------- the GPU check's timing stage
 def _gpu_check_problem(T=6):
     pytest.importorskip("triton")
