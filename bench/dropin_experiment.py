@@ -119,14 +119,15 @@ def _reference_phi(model, tasks, plans, dtype) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).double() for p in m.parameters()])
 
 
-def check_program(name: str, new, phi32: torch.Tensor, phi64: torch.Tensor) -> None:
+def check_program(name: str, new, phi32: torch.Tensor, phi64: torch.Tensor) -> dict:
     """``SystemExit`` unless a program's φ is within ``GATE_K`` times backend reference's fp32
-    distance of the float64 run (both after the same chunk of meta-steps)."""
+    distance of the float64 run (both after the same chunk of meta-steps); else the check's numbers."""
     got = torch.cat([p.detach().reshape(-1).double() for p in new])
     err, allowed = float((got - phi64).norm()), GATE_K * float((phi32 - phi64).norm())
     if not err <= allowed:
         raise SystemExit(f"meta-step program {name!r} is wrong: φ {err:.3g} from the float64 run, allowed "
                          f"{allowed:.3g} ({GATE_K}× backend reference's fp32 error): not timed")
+    return {"phi_err_vs_float64": err, "allowed": allowed}
 
 
 def time_programs(chunk: int = 500, rounds: int = 20) -> dict:
@@ -149,12 +150,12 @@ def time_programs(chunk: int = 500, rounds: int = 20) -> dict:
         "eager (mlp_batched.mlp_inner_loop, no compiler)": ("eager", None),
         "scan (mlp_batched.mlp_inner_loop compiled)": ("scan", compiled_step.eager_inner_loop),
     }
-    programs, out = {}, {}
+    programs, out, checks = {}, {}, {}
     for name, (mode, inner) in variants.items():
         program = compiled_step.MetaStepProgram(spec, lr=0.02, loss="mse", steps=5, n_tasks=1, batch=10,
                                                 dtype=torch.float32, mode=mode, inner=inner)
         programs[name] = program.prepare()
-        check_program(name, program(live, xs, ys, eps)[0], phi32, phi64)
+        checks[name] = check_program(name, program(live, xs, ys, eps)[0], phi32, phi64)
     times = {name: [] for name in programs}
     for _ in range(rounds):
         for name, program in programs.items():
@@ -164,7 +165,7 @@ def time_programs(chunk: int = 500, rounds: int = 20) -> dict:
     for name, program in programs.items():
         out[name] = {"mode": program.mode, "compile_seconds": program.compile_seconds,
                      "us_per_iteration_median": statistics.median(times[name]),
-                     "us_per_iteration_min": min(times[name]), "rounds": rounds}
+                     "us_per_iteration_min": min(times[name]), "rounds": rounds, "check": checks[name]}
         print(name, out[name], flush=True)
     return out
 

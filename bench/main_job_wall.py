@@ -223,8 +223,8 @@ def main(argv=None) -> int:
                                                      if threads else "torch's default")
                 print("seed", json.dumps(result["seed_program"]), flush=True)
     write(final=True)
-    print(json.dumps({"summary": result["summary"], "ratios": {k: v["median"] for k, v in result["ratios"].items()}},
-                     indent=2))
+    print(json.dumps({"summary": result.get("summary"),
+                      "ratios": {k: v["median"] for k, v in result.get("ratios", {}).items()}}, indent=2))
     print("wrote", args.out)
     return 0
 

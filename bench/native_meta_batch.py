@@ -96,7 +96,7 @@ def check(T: int) -> dict:
       rounded to fp32 and summed in task order (a running sum, as the compiled program adds
       them: 3× the pairwise error at T = 1024), whichever is larger.  (φ after a mean over 1024
       tasks at ε = 0.1 hid one task at 90 % of its update inside fp32 rounding: QA46; at ε = T
-      that task is ~500× the bound.)"""
+      that task is 26–430× the bound, depending on which task it is.)"""
     from bench.providers import GATE_K
 
     draws = _FixedDraws(2, T)

@@ -1061,7 +1061,7 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
     reason = launch_unsupported_reason(dims, B, config, precision)
     if reason:
         raise ValueError(reason)
-    given = (x, y, indices)  # the caller's: outputs must not overlap them either (QA46)
+    given = (x, y, indices, *params)  # the caller's: outputs must not overlap them either (QA46)
     x, y, indices = x.contiguous(), y.contiguous(), indices.contiguous()
     n_params = n_flat_params(dims)
     # -- allocate
@@ -1076,7 +1076,8 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         # the tiled variant keeps each task's working weights in its out row while other programs
         # read x, y and the plan: an overlap corrupts them silently
         if _overlaps_any(out, (x, y, indices, *given)):
-            raise ValueError("out must not overlap x, y or indices (programs read them while others write their rows)")
+            raise ValueError("out must not overlap x, y, indices or params (programs read them while others write "
+                             "their rows)")
         row_stride = out.stride(0)
     if out_losses is None:
         out_losses = torch.empty(T, steps, device=device, dtype=torch.float32)
@@ -1085,7 +1086,7 @@ def mlp_inner_loop(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
         if tuple(out_losses.shape) != (T, steps) or not out_losses.is_contiguous():
             raise ValueError(f"out_losses must be a contiguous [{T}, {steps}] tensor, got {tuple(out_losses.shape)}")
         if _overlaps_any(out_losses, (out, x, y, indices, *given)):
-            raise ValueError("out_losses must not overlap out, x, y or indices")
+            raise ValueError("out_losses must not overlap out, x, y, indices or params")
     phi = torch.cat([p.detach().reshape(-1) for p in params])
     if loss == "mse":
         grad_scale, loss_count = 2.0 / (B * dims[-1]), float(B * dims[-1])

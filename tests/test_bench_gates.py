@@ -341,11 +341,15 @@ def test_main_job_wall_without_jax_times_the_main_job_alone(tmp_path, monkeypatc
     no_jax = tmp_path / "python-without-jax"  # an interpreter path that cannot import jax
     no_jax.write_text("#!/bin/sh\nexit 1\n")
     no_jax.chmod(0o755)
-    W.main(["--rounds", "2", "--no-compiler", "--jax-python", str(no_jax), "--out", str(out)])
+    assert W.main(["--rounds", "2", "--no-compiler", "--jax-python", str(no_jax), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["complete"] and "jax_skipped" in result and "targets" not in result
     assert set(result["summary"]) == {"cold", "warm", "no_compiler"} and len(ran) == 6
     assert set(result["ratios"]) == {"no_compiler_over_warm"}
+    # without --no-compiler: no ratio at all, still a complete record and exit 0
+    assert W.main(["--rounds", "1", "--jax-python", str(no_jax), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] and set(result["summary"]) == {"cold", "warm"} and "ratios" not in result
 
 
 # ---------------------------------------------------------------------------- the GPU check's timing stage

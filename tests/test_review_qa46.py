@@ -510,4 +510,26 @@ def test_kernel_outputs_may_not_overlap_a_strided_input():
     phis = buf[2000:2000 + 2 * n][::2]  # a strided φ
     with pytest.raises(ValueError, match="out must not .*overlap params_flat"):
         V.meta_step(x0, y, idx, phis, dims, acts, lr=0.1, eps=0.1, out=buf[2000:2000 + n])
+    with pytest.raises(ValueError, match="out must not overlap params_flat"):
+        V.inner_loop(x0, y, idx, phis, dims, acts, lr=0.1, out=buf[2000:2000 + T * n].view(T, n))
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        V.meta_step(x, y, idx, phi, dims, acts, lr=0.1, eps=0.1, out=buf[:n])
+    with pytest.raises(ValueError, match="out_losses must not overlap"):
+        K1.mlp_inner_loop(x0, ys, idx, ps, acts, lr=0.1, out_losses=buf[1000:1000 + T * R].view(T, R))
+    ibuf = torch.randint(0, N, (4096,))
+    idx_s = ibuf[:T * R * 2 * B].view(T, R, 2 * B)[:, :, ::2]  # a strided plan
+    with pytest.raises(ValueError, match="out must not overlap"):
+        V.inner_loop(x0, y, idx_s, phi, dims, acts, lr=0.1, out=ibuf.view(torch.float32)[:T * n].view(T, n))
+    # guarded_meta_step's outputs against a strided x
+    state_over_x = buf.view(torch.int64)[:new_state("cpu").numel()]  # x's memory seen as int64
+    for name, kwargs in (("loss_out", dict(loss_out=buf[:1])), ("state", dict(state=state_over_x))):
+        args = dict(lr=0.1, eps=0.1, state=new_state("cpu"), iteration=torch.tensor([1]), loss_out=torch.zeros(1))
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=f"{name} must not overlap"):
+            V.guarded_meta_step(x, y, idx, phi.clone(), dims, acts, **args)
+    # v1: out over the caller's weights (it copies them into one φ first)
+    wbuf = torch.randn(4096)
+    pv = [wbuf[0:4].view(4, 1), wbuf[4:8], wbuf[8:12].view(1, 4), wbuf[12:13]]
+    with pytest.raises(ValueError, match="out must not overlap .*params"):
+        K1.mlp_inner_loop(x0, y, idx, pv, acts, lr=0.1, out=wbuf[:T * n].view(T, n))
     assert torch.equal(x, x0)  # nothing was written
