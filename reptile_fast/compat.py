@@ -78,7 +78,7 @@ class InputChecker:
             raise TypeError(f"tasks must be a reptile_fast.TaskBatch, got {type(tasks).__name__}")
         if tasks.device != self.device:
             raise ValueError(f"tasks are on {tasks.device} but the model is on {self.device}")
-        hint = f" (draw the tasks in it: e.g. Sine(dtype={self.dtype}))"
+        hint = f" (draw the tasks in it, e.g. Sine(dtype={self.dtype}), or convert them: tasks.to(dtype={self.dtype}))"
         if tasks.x.is_floating_point() and tasks.x.dtype != self.dtype:
             raise TypeError(f"tasks.x dtype {tasks.x.dtype} differs from the model's {self.dtype}{hint}")
         if tasks.y.is_floating_point() and tasks.y.dtype != self.dtype:  # x holds integer ids

@@ -87,11 +87,16 @@ def score_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> FewSho
     """Per-task accuracy of ``predictions`` against ``labels`` (both long ``[T, Q]``)."""
     for name, t in (("predictions", predictions), ("labels", labels)):
         if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor of class labels [tasks, queries], got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}")
+            # a numpy array was named by its dtype alone ("got int64": QA46)
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be an integer tensor (a torch.Tensor) of class labels [tasks, queries], "
+                            f"got {got}")
     if predictions.shape != labels.shape or predictions.dim() != 2:
         raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must "
                          f"both be [tasks, queries]")
+    if predictions.numel() == 0:  # accuracy NaN, or mean_ci95's own words, before (QA46)
+        raise ValueError(f"predictions and labels must hold at least one task and one query, got "
+                         f"{tuple(predictions.shape)}")
     per_task = (predictions.to(labels.device) == labels).double().mean(1).cpu()
     acc, ci = mean_ci95(per_task)
     return FewShotResult(acc, ci, per_task, predictions.cpu())

@@ -23,6 +23,12 @@
    137, nothing written); it is now refused before training with the CLI's out-of-memory line.
 10. The kernel launchers checked output overlaps against their contiguous copies of the inputs,
     so an output over a strided caller tensor was accepted and written into it.
+11. Few-shot inputs: the official runs' folder with a missing file (a raw FileNotFoundError) or
+    two copies (collapsed into one silently); Omniglot alphabets of non-strings ("unhashable");
+    an image_size that the preloaded images silently overrode; Episodes.to had no dtype and gave
+    a raw error on "meta"; score_predictions on empty inputs (accuracy NaN); Mini-ImageNet CSV
+    fields with spaces (a shared class passed the disjointness check); an RGBA image's transparent
+    background read as ink.
 
 A review of these fixes added: the buffer-carrying wrapper runs no hooks itself (a global hook saw
 its (output, buffers) pair); a shared buffer that a forward unties is refused on backend torch;
@@ -533,3 +539,95 @@ def test_kernel_outputs_may_not_overlap_a_strided_input():
     with pytest.raises(ValueError, match="out must not overlap .*params"):
         K1.mlp_inner_loop(x0, y, idx, pv, acts, lr=0.1, out=wbuf[:T * n].view(T, n))
     assert torch.equal(x, x0)  # nothing was written
+
+
+# ------------------------------------------------------------------ 11. few-shot inputs (QA46i)
+def test_official_runs_missing_file_in_a_folder_and_two_copies_are_named(tmp_path):
+    from _fake_omniglot import make_runs
+
+    from reptile_fast.tasks.omniglot import load_official_runs
+
+    base = make_runs(tmp_path / "a")
+    (base / "run01" / "test" / "item02.png").unlink()  # a raw FileNotFoundError before
+    with pytest.raises(ValueError, match="missing"):
+        load_official_runs(base)
+    both = tmp_path / "both"
+    make_runs(both / "copyA")
+    make_runs(both / "copyB")  # two copies collapsed silently into one set of runs
+    with pytest.raises(ValueError, match="twice"):
+        load_official_runs(both)
+
+
+def test_omniglot_alphabets_of_non_strings_and_a_conflicting_image_size_are_named(tmp_path):
+    from _fake_omniglot import make_folder
+
+    from reptile_fast.tasks.omniglot import Omniglot, load_omniglot_images
+
+    root = make_folder(tmp_path, {"Alpha": 3, "Beta": 2})
+    with pytest.raises(TypeError, match="alphabets must be a list of alphabet names .strings., got a list"):
+        Omniglot(root, ways=2, shots=1, alphabets=[["Alpha"]])
+    images = load_omniglot_images(root)
+    with pytest.raises(ValueError, match="image_size=105 but the preloaded images are 28"):
+        Omniglot(images, ways=2, shots=1, image_size=105)
+    assert Omniglot(images, ways=2, shots=1, image_size=28).sample(1).x.shape[-1] == 28
+
+
+def test_episodes_to_casts_and_refuses_the_meta_device(tmp_path):
+    from _fake_omniglot import make_folder
+
+    from reptile_fast.tasks.omniglot import Omniglot
+
+    eps = Omniglot(make_folder(tmp_path, {"Alpha": 3}), ways=2, shots=1).sample_episodes(
+        2, generator=torch.Generator().manual_seed(0))
+    cast = eps.to(dtype=torch.float64)
+    assert cast.support.x.dtype == cast.query.x.dtype == torch.float64 and cast.support.y.dtype == torch.long
+    with pytest.raises(ValueError, match="meta device holds no data"):
+        eps.to("meta")
+
+
+def test_score_predictions_refuses_empty_and_non_tensor_inputs():
+    np = pytest.importorskip("numpy")
+    from reptile_fast.fewshot import score_predictions
+
+    p = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least one task and one query"):
+        score_predictions(p[:, :0], p[:, :0])
+    with pytest.raises(ValueError, match="at least one task and one query"):
+        score_predictions(p[:0], p[:0])
+    with pytest.raises(TypeError, match="a torch.Tensor. of class labels .*got ndarray"):
+        score_predictions(np.zeros((2, 3), dtype=np.int64), p)
+    assert score_predictions(p, p).accuracy == 1.0
+
+
+def test_miniimagenet_csv_fields_are_stripped(tmp_path):
+    from PIL import Image
+
+    from reptile_fast.tasks import MiniImageNet
+
+    (tmp_path / "images").mkdir()
+    rows = {"train": ["n001", "n002"], "test": ["n001", "n003"]}  # n001 in both, written " n001" in test
+    for split, classes in rows.items():
+        lines = ["filename,label"]
+        for cls in classes:
+            for k in range(2):
+                name = f"{split}{cls}{k}.png"
+                Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
+                lines.append(f"{name}, {cls}" if split == "test" else f"{name},{cls}")
+        (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="share 1 classes"):
+        MiniImageNet(tmp_path, "test", ways=2, shots=1, image_size=8)
+
+
+def test_a_transparent_background_decodes_as_background():
+    from PIL import Image
+    import io
+
+    from reptile_fast.tasks.images import decode_grey
+
+    img = Image.new("RGBA", (20, 20), (0, 0, 0, 0))  # transparent black: a viewer shows white
+    for i in range(5, 15):
+        img.putpixel((i, 10), (0, 0, 0, 255))  # an opaque black stroke
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    x = decode_grey(buf.getvalue(), 20)
+    assert float(x[10, 5:15].min()) == 1.0 and float(x[0].max()) == 0.0  # ink 1, background 0

@@ -140,6 +140,8 @@ class TaskBatch:
         """Move to ``device``; ``dtype`` casts the float inputs and float targets (integer ids and
         class labels keep theirs)."""
         device = _check_device(device)  # torch's RuntimeError listed every device type it knows
+        if device is not None and torch.device(device).type == "meta":
+            raise ValueError("TaskBatch.to: the meta device holds no data (tasks must hold their values)")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             # torch.long truncated float inputs into integer "ids" (QA45)
             raise TypeError(f"dtype must be a floating torch.dtype (it casts the float inputs and targets), "

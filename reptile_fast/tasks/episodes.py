@@ -64,8 +64,10 @@ class Episodes:
     def device(self) -> torch.device:
         return self.support.device
 
-    def to(self, device=None) -> "Episodes":
-        return Episodes(self.support.to(device), self.query.to(device), self.ways)
+    def to(self, device=None, dtype=None) -> "Episodes":
+        """Move to ``device``; ``dtype`` casts the images (labels stay long), as ``TaskBatch.to``:
+        a float64 model's episodes are ``episodes.to(dtype=torch.float64)``."""
+        return Episodes(self.support.to(device, dtype), self.query.to(device, dtype), self.ways)
 
     def __getitem__(self, item) -> "Episodes":
         """Select tasks (keeps the task dimension), e.g. ``episodes[0:50]``."""

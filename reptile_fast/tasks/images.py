@@ -28,6 +28,11 @@ def decode_grey(data: bytes, size: int, *, name: str = "image", invert: bool = T
     Image = require_pil()
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if "A" in img.getbands() or "transparency" in img.info:
+                # transparent pixels over white, as a viewer shows them: convert("L") drops the
+                # alpha, so a transparent background (black RGB under alpha 0) read as ink (QA46)
+                rgba = img.convert("RGBA")
+                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             grey = img.convert("L").resize((size, size), Image.BOX)
             raw = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
     except (OSError, ValueError, SyntaxError) as exc:

@@ -62,6 +62,9 @@ class MiniImageNet:
         for n, row in enumerate(rows[1:], start=2):
             if not row:
                 continue
+            # fields stripped, as the header is: " n00" was another class than "n00", so a class
+            # shared with the training split passed the disjointness check (QA46)
+            row = [c.strip() for c in row]
             if len(row) != 2 or not row[0] or not row[1]:
                 raise ValueError(f"{csv_path}:{n}: expected 'filename,label', got {row!r}")
             if row[0] in first_line:
@@ -95,7 +98,7 @@ class MiniImageNet:
             if not path.is_file():
                 continue
             with open(path, newline="") as f:
-                labels = {row[1] for row in list(csv.reader(f))[1:] if len(row) == 2}
+                labels = {row[1].strip() for row in list(csv.reader(f))[1:] if len(row) == 2}
             shared = sorted(classes & labels)
             if shared:
                 raise ValueError(f"{self.split}.csv and {other}.csv share {len(shared)} classes (e.g. {shared[0]}): "

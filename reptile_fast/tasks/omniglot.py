@@ -210,6 +210,10 @@ class Omniglot:
                     alphabets = given
                 else:
                     exclude_alphabets = given
+        if isinstance(sources, OmniglotImages) and image_size != 28 and image_size != sources.image_size:
+            # the preloaded images' size was kept, silently (QA46)
+            raise ValueError(f"image_size={image_size} but the preloaded images are {sources.image_size}×"
+                             f"{sources.image_size}: load them at that size (load_omniglot_images(..., image_size))")
         data = sources if isinstance(sources, OmniglotImages) else load_omniglot_images(sources, image_size)
         self.data = data
         present = set(data.alphabets)
@@ -218,6 +222,9 @@ class Omniglot:
                 continue
             if isinstance(given, str):
                 raise TypeError(f"{name} must be a list of alphabet names, not one string")
+            if not all(isinstance(a, str) for a in given):  # [["Greek"]] failed as "unhashable type" (QA46)
+                bad = next(a for a in given if not isinstance(a, str))
+                raise TypeError(f"{name} must be a list of alphabet names (strings), got a {type(bad).__name__}")
             unknown = sorted(set(given) - present)
             if unknown and name == "alphabets":
                 raise ValueError(f"alphabets {unknown} are not in the data (it has {sorted(present)})")
@@ -341,6 +348,9 @@ def load_official_runs(path: PathLike, image_size: int = 28) -> Tuple[Episodes, 
         for n in names:
             parts = [p for p in n.split("/") if p]
             if len(parts) >= 2 and parts[-1] == "class_labels.txt" and _RUN.match(parts[-2]):
+                if parts[-2] in runs:  # two copies of the runs: they collapsed into one silently (QA46)
+                    raise ValueError(f"{path} holds {parts[-2]} twice ({runs[parts[-2]]} and {n}): give one copy "
+                                     f"of the official runs")
                 runs[parts[-2]] = n
         if not runs:
             raise ValueError(f"no runNN/class_labels.txt found in {path}: not the official runs layout")
@@ -368,8 +378,9 @@ def load_official_runs(path: PathLike, image_size: int = 28) -> Tuple[Episodes, 
             qx.append(torch.stack([decode_grey(read(prefix + "test/" + t), image_size, name=f"{run}/test/{t}")
                                    for t, _ in pairs]))
             qy.append(torch.tensor([label[c] for _, c in pairs]))
-    except KeyError as exc:
-        raise ValueError(f"{path}: a file named in class_labels.txt is missing: {exc}") from None
+    except (KeyError, FileNotFoundError) as exc:  # a zip's KeyError, a folder's FileNotFoundError (QA46)
+        missing = exc.args[0] if isinstance(exc, KeyError) else exc.filename
+        raise ValueError(f"{path}: a file named in class_labels.txt is missing: {missing!r}") from None
     finally:
         if zf is not None:
             zf.close()
