@@ -1094,19 +1094,6 @@ class _FixedDraws:
         return TaskBatch.trusted(self.x[rows], self.y[rows]), self.plans[rows]
 
 
-class _Float64Draws:
-    """A ``_FixedDraws``' tasks in float64 (the same plans): the float64 oracle's inputs."""
-
-    def __init__(self, draws: _FixedDraws):
-        self.draws = draws
-
-    def draw(self, first_iteration, m):
-        from reptile_fast.tasks.base import TaskBatch
-
-        tasks, plans = self.draws.draw(first_iteration, m)
-        return TaskBatch.trusted(tasks.x.double(), tasks.y.double()), plans
-
-
 def cli_sine_row(log, out: Path, timeout: float, smoke: bool = False) -> dict:
     """The main job on the GPU: ``reptile-fast sine --device cuda --backend triton`` (the seed's
     experiment, 30000 meta-steps + the held-out evaluation) with the fused v2 stepper and CUDA
@@ -1234,7 +1221,9 @@ def fit_rows_for(log, device, smoke, budget, precision="ieee"):
         # float64), and how far a correct fp32 implementation (backend torch) lands from it
         torch.manual_seed(0)
         oracle = Reptile(MLP(1, width, 1).double().to(device), backend="torch")
-        oracle.fit(None, n_check, sampler=_Float64Draws(draws), progress=False, handle_signals=False)
+        from bench.providers import Float64Draws
+
+        oracle.fit(None, n_check, sampler=Float64Draws(draws), progress=False, handle_signals=False)
         phi64 = phi(oracle)
         row["phi_err_vs_float64"] = float((runs["graphs"][0].double() - phi64).norm())
         row["torch_fp32_err_vs_float64"] = float((runs["torch"][0].double() - phi64).norm())

@@ -69,19 +69,6 @@ def _trainer(backend, outer_lr=0.1, dtype=torch.float32):
     return Reptile(MLP().to(dtype), backend=backend, outer_lr=outer_lr, backend_options=BACKENDS.get(backend))
 
 
-class _Float64:
-    """A sampler's draws in float64 (the same plans): the float64 oracle's inputs."""
-
-    def __init__(self, draws):
-        self.draws = draws
-
-    def draw(self, first_iteration, m):
-        from reptile_fast import TaskBatch
-
-        tasks, plans = self.draws.draw(first_iteration, m)
-        return TaskBatch.trusted(tasks.x.double(), tasks.y.double()), plans
-
-
 def _phi(trainer):
     return torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
 
@@ -97,7 +84,7 @@ def check(T: int) -> dict:
       them: 3× the pairwise error at T = 1024), whichever is larger.  (φ after a mean over 1024
       tasks at ε = 0.1 hid one task at 90 % of its update inside fp32 rounding: QA46; at ε = T
       that task is 26–430× the bound, depending on which task it is.)"""
-    from bench.providers import GATE_K
+    from bench.providers import GATE_K, Float64Draws
 
     draws = _FixedDraws(2, T)
     fit = dict(meta_batch_size=T, sampler=draws, progress=False, handle_signals=False)
@@ -107,9 +94,9 @@ def check(T: int) -> dict:
     ref32, ref64 = _trainer("reference", float(T)), _trainer("reference", float(T), torch.float64)
     phi0 = _phi(ref32)
     ref32.fit(None, 1, **fit)
-    ref64.fit(None, 1, **{**fit, "sampler": _Float64(draws)})
+    ref64.fit(None, 1, **{**fit, "sampler": Float64Draws(draws)})
     phi64 = _phi(ref64)
-    tasks64, plans = _Float64(draws).draw(1, 1)
+    tasks64, plans = Float64Draws(draws).draw(1, 1)
     fresh = _trainer("reference", float(T), torch.float64)
     adapted = fresh.adapt(tasks64, STEPS, plans).params
     names = [n for n, _ in fresh.model.named_parameters()]

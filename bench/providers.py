@@ -36,7 +36,7 @@ __all__ = ["bench_mode", "bench_device", "ProviderSkip", "Point", "Problem", "Pr
            "CheckResult", "PROVIDERS", "provider_names", "get_provider", "make_problem", "check_prepared",
            "check_subset", "sweep_points", "SMOKE_POINTS", "RTOL", "ATOL", "TIMED_LIMITS",
            "COMPILE_POINTS", "timed_skip_reason", "UNIT_ROUNDOFF", "GATE_K", "GATE_CAP",
-           "update_error_bound", "oracle_updates", "float64_updates", "Updates"]
+           "update_error_bound", "oracle_updates", "float64_updates", "Updates", "Float64Draws"]
 
 #: The project's equivalence tolerance for fp32 results against the fp32 reference.
 RTOL, ATOL = 1e-5, 1e-6
@@ -778,3 +778,18 @@ def check_prepared(provider: Provider, prepared: Prepared, problem: Problem, *,
             msg = f"differs from the checked torch output on some of all {T} tasks in {off} (max |diff| {worst_diff:.3g})"
     return CheckResult(not msg, max_abs, rel64, ref_rel64, T, msg, update_rel_err=worst["err"],
                        update_bound=worst["bound"], update_margin=worst["margin"], rotations_checked=R), first
+
+
+class Float64Draws:
+    """A ``loop.Sampler``'s draws with their tasks in float64 (the same plans): the inputs of a
+    float64 oracle run through ``Reptile.fit(sampler=...)`` (the fit checks of bench.gpu_check
+    and bench.native_meta_batch)."""
+
+    def __init__(self, draws):
+        self.draws = draws
+
+    def draw(self, first_iteration, m):
+        from reptile_fast.tasks.base import TaskBatch
+
+        tasks, plans = self.draws.draw(first_iteration, m)
+        return TaskBatch.trusted(tasks.x.double(), tasks.y.double()), plans
