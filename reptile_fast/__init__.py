@@ -4,7 +4,8 @@ Public API:
     Reptile                          the trainer (one API over every backend)
     reptile                          drop-in for the seed's reptile() call, on the fast backends
     ReferencePathWarning             the drop-in runs the reference loop (the message says why)
-    TaskBatch, sample_indices        the data every backend shares
+    TaskBatch, sample_indices        the data every backend shares (epoch_indices: the official
+                                     code's epoch-by-epoch minibatches)
     tasks.Sine                       the seed's sine-wave task family
     Omniglot, MiniImageNet           few-shot image classification tasks (fewshot: evaluation)
     MLP, OmniglotConvNet, MiniImageNetConvNet   models
@@ -20,12 +21,13 @@ from .dropin import ReferencePathWarning, reptile
 from .models import MLP, MiniImageNetConvNet, OmniglotConvNet
 from .signals import TrainingInterrupted
 from .core import NonFiniteError
-from .tasks import Episodes, MiniImageNet, Omniglot, Sine, TaskBatch, sample_indices
+from .tasks import Episodes, MiniImageNet, Omniglot, Sine, TaskBatch, epoch_indices, sample_indices
 from .trainer import Reptile
 
 __version__ = "0.1.0"
 
 __all__ = ["Reptile", "reptile", "ReferencePathWarning", "NonFiniteError", "TrainingInterrupted", "TaskBatch",
-           "sample_indices", "Sine", "Omniglot", "MiniImageNet", "Episodes", "MLP", "OmniglotConvNet",
+           "sample_indices", "epoch_indices", "Sine", "Omniglot", "MiniImageNet", "Episodes", "MLP",
+           "OmniglotConvNet",
            "MiniImageNetConvNet", "save_checkpoint",
            "load_checkpoint", "reference", "tasks", "__version__"]

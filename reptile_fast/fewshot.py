@@ -34,7 +34,7 @@ from torch.func import vmap
 
 from .backends.base import functional_call
 from .model_watch import modes_kept
-from .tasks.base import sample_indices
+from .tasks.base import check_minibatches, draw_plan
 from .tasks.episodes import Episodes
 from .validation import check_bool, check_int
 
@@ -178,7 +178,7 @@ def query_logits(model: nn.Module, params: Dict[str, torch.Tensor], support_x: t
 
 def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: int,
                       transductive: bool = False, generator: Optional[torch.Generator] = None,
-                      max_images: int = DEFAULT_MAX_IMAGES) -> FewShotResult:
+                      max_images: int = DEFAULT_MAX_IMAGES, minibatches: Optional[str] = None) -> FewShotResult:
     """Adapt on each episode's support set, predict its query set, score (see the module doc).
 
     Args:
@@ -193,6 +193,11 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
             draws random numbers itself, e.g. ``nn.Dropout`` in train mode, draws them from the
             global stream chunk by chunk, so its masks -- and its result -- depend on the chunking).
         max_images: images per batched forward pass; tasks are processed in chunks under it.
+        minibatches: how the adaptation minibatches are drawn (default: the trainer's
+            ``minibatches``): "fresh" draws each step's ``batch_size`` support images anew;
+            "epochs" reads the shuffled support set in order, reshuffling when it is used up, as
+            the official code's evaluation does (5-way 5-shot, 50 steps of 5: each support image
+            used exactly 10 times).
     """
     from .trainer import Reptile
 
@@ -211,8 +216,9 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
     if batch_size > S:
         raise ValueError(f"batch_size ({batch_size}) exceeds the support set ({S} images per task)")
     model = trainer.model
-    indices = sample_indices(episodes.n_tasks, steps, S, batch_size, generator=generator,
-                             device=trainer.device)
+    minibatches = trainer.minibatches if minibatches is None else check_minibatches(minibatches)
+    indices = draw_plan(minibatches, episodes.n_tasks, steps, S, batch_size, generator=generator,
+                        device=trainer.device)
     per_task = max(Q * (S + 1) if not transductive else Q, batch_size)
     chunk = max(1, min(episodes.n_tasks, max_images // per_task))
     preds = []

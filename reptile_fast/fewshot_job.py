@@ -25,6 +25,7 @@ from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, 
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
 from .jobs import check_seed, check_threads, derived_seed, replaced_run_note, resume_hint, train_job, uses_indexed_tasks
 from .models import OmniglotConvNet
+from .tasks.base import MINIBATCHES, check_minibatches
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
 from .validation import check_bool, check_device, check_float, check_int
@@ -78,6 +79,9 @@ class OmniglotConfig:
     threads: int = 0
     # tasks drawn by global index, as under torchrun: one process trains what N processes train
     indexed_tasks: bool = False
+    # inner minibatches, training and test: "fresh" (each step's drawn anew) or "epochs" (each
+    # task's images shuffled and read in order, as the official code's _mini_batches)
+    minibatches: str = "fresh"
 
     def __post_init__(self) -> None:
         if isinstance(self.train, (str, os.PathLike)):
@@ -113,6 +117,7 @@ class OmniglotConfig:
         if not isinstance(self.transductive, bool):
             raise TypeError("transductive must be a bool")
         self.indexed_tasks = check_bool("indexed_tasks", self.indexed_tasks)
+        self.minibatches = check_minibatches(self.minibatches)
         for name in ("backend", "device"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string")
@@ -141,7 +146,7 @@ def _trainer(config: OmniglotConfig, model) -> Reptile:
     return Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                    inner_batch_size=config.inner_batch_size, outer_lr=config.outer_lr,
                    outer_lr_final=config.outer_lr_final, loss="cross_entropy",
-                   inner_optimizer="adam", backend=config.backend)
+                   inner_optimizer="adam", backend=config.backend, minibatches=config.minibatches)
 
 
 def _with_threads(threads: int, fn):
@@ -380,7 +385,8 @@ def load_trained(model_dir: os.PathLike, device="cpu"):
 
 
 def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[os.PathLike] = None, *,
-                      seed: int = 0, transductive: Optional[bool] = None, log=print) -> dict:
+                      seed: int = 0, transductive: Optional[bool] = None, log=print,
+                      minibatches: Optional[str] = None) -> dict:
     """Adapt a trained model on each official run's 20 training images, classify its 20 test
     images; write ``runs_metrics.json`` (``error_rate``: the mean over runs, a fraction, and
     each run's error) into ``out`` (default: ``model_dir``).  Raises ``ValueError`` for a model
@@ -398,15 +404,17 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
             raise ValueError(f"the model in {model_dir} was trained for {config.ways}-way tasks; the official "
                              f"runs are {episodes.ways}-way: train one with --ways {episodes.ways}")
         transductive = config.transductive if transductive is None else transductive
+        minibatches = config.minibatches if minibatches is None else check_minibatches(minibatches)
         gen = torch.Generator().manual_seed(seed)
         result = evaluate_episodes(trainer, episodes, steps=config.eval_steps,
                                    batch_size=min(config.eval_batch_size, episodes.support.n_points),
-                                   transductive=transductive, generator=gen)
+                                   transductive=transductive, generator=gen, minibatches=minibatches)
         nn = score_predictions(nearest_neighbour_predictions(episodes), episodes.query.y)
         per_run = {n: 1.0 - float(a) for n, a in zip(names, result.per_task)}
         metrics = {"error_rate": 1.0 - result.accuracy, "error_rate_ci95": result.as_dict()["ci95"],
                    "per_run_error": per_run, "nearest_neighbour_error_rate": 1.0 - nn.accuracy,
-                   "transductive": transductive, "eval_steps": config.eval_steps, "seed": seed,
+                   "transductive": transductive, "minibatches": minibatches, "eval_steps": config.eval_steps,
+                   "seed": seed,
                    "model": str(model_dir), "runs": str(runs)}
         for n in names:
             log(f"{n}: error {100 * per_run[n]:.1f} %")
@@ -420,7 +428,7 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
 _FLAGS = ("ways", "shots", "iterations", "meta_batch_size", "inner_steps", "inner_batch_size", "inner_lr",
           "train_shots", "outer_lr", "outer_lr_final", "eval_steps", "eval_batch_size", "eval_tasks",
           "query_shots", "transductive", "validate_every", "validation_tasks", "seed", "device", "backend",
-          "checkpoint_every", "threads", "indexed_tasks")
+          "checkpoint_every", "threads", "indexed_tasks", "minibatches")
 
 
 def add_parser(subparsers) -> None:
@@ -470,6 +478,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--indexed-tasks", action="store_true", default=None,
                    help="draw task j of meta-step t from (seed, t, j), as under torchrun (always there): one "
                         "process then trains what N processes train (default: one random stream)")
+    p.add_argument("--minibatches", choices=list(MINIBATCHES),
+                   help="inner minibatches in training and test: fresh (each step's drawn anew) or epochs (each "
+                        "task's images shuffled and read in order, reshuffled when used up, as the official code) "
+                        "(default fresh)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its stored settings "
                    "(flags given as well override them)")
     p.add_argument("--out", help="output directory (default runs/omniglot, or DIR with --resume)")
@@ -484,6 +496,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--out", metavar="DIR", help="where runs_metrics.json goes (default: --model)")
     r.add_argument("--seed", type=_nonneg_int, default=0, help="draws the adaptation minibatches (default 0)")
     r.add_argument("--transductive", action="store_true", default=None, help="(default: as the model's run)")
+    r.add_argument("--minibatches", choices=list(MINIBATCHES), default=None,
+                   help="adaptation minibatches: fresh or epochs (default: as the model's run)")
 
 
 def _err(message: str, code: int = 2) -> int:
@@ -576,7 +590,8 @@ def run_command(args) -> int:
     if args.command == "omniglot-runs":
         try:
             metrics = run_omniglot_runs(args.runs, args.model, args.out, seed=args.seed,
-                                        transductive=args.transductive, log=log)
+                                        transductive=args.transductive, log=log,
+                                        minibatches=args.minibatches)
         except (OSError, ValueError, TypeError) as exc:
             return _err(as_flags(str(exc), ("seed",), keep=paths))
         print(json.dumps(metrics, indent=2))

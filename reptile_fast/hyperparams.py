@@ -14,8 +14,8 @@ __all__ = ["HyperParameters"]
 
 
 class HyperParameters:
-    """``inner_lr``, ``inner_steps``, ``inner_batch_size``, ``outer_lr``, ``outer_lr_final``,
-    ``total_iterations``; and, read-only, ``loss`` and ``outer_optimizer``.
+    """``inner_lr``, ``inner_steps``, ``inner_batch_size``, ``minibatches``, ``outer_lr``,
+    ``outer_lr_final``, ``total_iterations``; and, read-only, ``loss`` and ``outer_optimizer``.
 
     Checked as the constructor checks them, and followed by every stepper: a new inner setting
     goes through ``self._set_config`` (the subclass rebuilds the compiled and fused programs,
@@ -104,6 +104,20 @@ class HyperParameters:
             raise ValueError("outer_lr is the interpolation step ε, which the outer_optimizer replaces: set "
                              "the optimizer's lr (its param_groups, or a torch.optim.lr_scheduler) instead")
         self._outer_lr = value
+
+    @property
+    def minibatches(self) -> str:
+        """How every plan this trainer draws picks its minibatches (``tasks.MINIBATCHES``):
+        "fresh" (each step's drawn anew, as the seed) or "epochs" (each task's points shuffled and
+        read in order, as the official supervised-reptile code)."""
+        return self._minibatches
+
+    @minibatches.setter
+    def minibatches(self, value) -> None:
+        from .tasks.base import check_minibatches
+
+        self._not_fitting("minibatches")
+        self._minibatches = check_minibatches(value)
 
     @property
     def outer_lr_final(self) -> Optional[float]:

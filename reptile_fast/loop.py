@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .tasks.base import TaskBatch, concat_draws, sample_indices
+from .tasks.base import TaskBatch, check_minibatches, concat_draws, draw_plan
 
 __all__ = ["Sampler", "StreamSampler", "PlanSampler", "CheckedDraws", "Callback", "HistoryCallback", "ProgressCallback",
            "FunctionCallback", "TrainingLoop", "DEFAULT_LOG_EVERY", "GRAPH_READ_CHUNKS", "default_log_every"]
@@ -47,7 +47,8 @@ class Sampler:
 
 class StreamSampler(Sampler):
     """Tasks from ``task_distribution.sample(T, generator=, device=)``, then their plans from
-    ``sample_indices`` with the same generator: one stream of draws, in meta-step order.
+    ``sample_indices`` (``minibatches="epochs"``: ``epoch_indices``) with the same generator: one
+    stream of draws, in meta-step order.
 
     A chunk of ``m`` meta-steps gets, by default, exactly the draws of ``m`` single meta-steps
     (meta-step by meta-step: tasks, then plans), so a stepper that runs chunks (backend
@@ -68,11 +69,13 @@ class StreamSampler(Sampler):
     """
 
     def __init__(self, task_distribution, meta_batch_size: int, rows: int, batch: int, *,
-                 generator: Optional[torch.Generator], device, check=None, draw_chunks: bool = False):
+                 generator: Optional[torch.Generator], device, check=None, draw_chunks: bool = False,
+                 minibatches: str = "fresh"):
         self.dist, self.T, self.rows, self.batch = task_distribution, meta_batch_size, rows, batch
+        self.minibatches = check_minibatches(minibatches)
         self.generator, self.device, self.check = generator, device, check
         self.draw_chunks = bool(draw_chunks)
-        self.checked = check is not None  # plans from sample_indices: in range by construction
+        self.checked = check is not None  # plans drawn here: in range by construction
 
     def _failed(self, what: str, exc: ValueError, settings: str) -> ValueError:
         """``exc`` from the task family's draw, the call first, then which of fit's settings its
@@ -97,7 +100,8 @@ class StreamSampler(Sampler):
         return tasks
 
     def _plans(self, n: int, n_points: int) -> torch.Tensor:
-        return sample_indices(n, self.rows, n_points, self.batch, generator=self.generator, device=self.device)
+        return draw_plan(self.minibatches, n, self.rows, n_points, self.batch, generator=self.generator,
+                         device=self.device)
 
     def draw(self, first_iteration: int, m: int):
         if m == 1 or self.draw_chunks:
@@ -105,7 +109,8 @@ class StreamSampler(Sampler):
             if self.check is not None:
                 self.check(tasks)
             return tasks, self._plans(m * self.T, tasks.n_points)
-        steps = getattr(self.dist, "sample_steps", None)
+        # (sample_steps draws "fresh" plans: other minibatches are drawn meta-step by meta-step)
+        steps = getattr(self.dist, "sample_steps", None) if self.minibatches == "fresh" else None
         if callable(steps):  # the same draws, computed in one go (e.g. Sine)
             try:
                 tasks, plans = steps(m, self.T, self.rows, self.batch, generator=self.generator, device=self.device)

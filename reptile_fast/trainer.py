@@ -25,7 +25,7 @@ from .loop import (default_log_every, Callback, CheckedDraws, FunctionCallback, 
 from .signals import TrainingInterrupted
 from .steppers import (CHUNK_MAX_TASKS, DEFAULT_CHUNK, CompiledStepper, EagerStepper, check_compiled_options,
                        check_compiled_supported)
-from .tasks.base import TaskBatch, _check_generator, sample_indices
+from .tasks.base import TaskBatch, _check_generator, draw_plan
 from .trainer_state import load_trainer_state, trainer_hparams, trainer_state_dict
 from .validation import (check_fit_args, check_float, check_inner_options, check_int, check_meta_model,
                          check_optimizer_storable, out_of_memory_message)
@@ -71,6 +71,11 @@ class Reptile(HyperParameters):
             pseudo-gradient (φ − φ̃ for Reptile) instead of the interpolation update.
         backend_options: keyword arguments for the named backend, e.g. ``{"precision": "tf32"}``
             for "triton", ``{"mode": "eager", "chunk": 100}`` for "compiled" (not with "auto").
+        minibatches: how the plans this trainer draws (``fit``, ``meta_step``, ``adapt``,
+            ``evaluate`` without ``indices``) pick each inner step's points: "fresh" (the seed:
+            ``sample_indices``, distinct points drawn anew every step) or "epochs" (the official
+            supervised-reptile code: each task's points shuffled and read in order, reshuffled
+            when used up: ``epoch_indices``).
     """
 
     def __init__(self, model: nn.Module, *, inner_lr: float = 0.02, inner_steps: int = 5,
@@ -79,12 +84,14 @@ class Reptile(HyperParameters):
                  backend: str = "auto", inner_optimizer: str = "sgd", algorithm: str = "reptile",
                  inner_grad_weights: Optional[Sequence[float]] = None,
                  outer_optimizer: Optional[torch.optim.Optimizer] = None,
-                 adam_betas=(0.0, 0.999), backend_options: Optional[dict] = None):
+                 adam_betas=(0.0, 0.999), backend_options: Optional[dict] = None,
+                 minibatches: str = "fresh"):
         params, self.device, self.dtype = check_meta_model(model)
         self.model = model
         inner_lr = self._checked_inner_lr(inner_lr)
         self._inner_steps = check_int("inner_steps", inner_steps)
         self.inner_batch_size = inner_batch_size
+        self.minibatches = minibatches
         self.outer_lr = outer_lr
         if outer_lr_final is not None:
             outer_lr_final = check_float("outer_lr_final", outer_lr_final, allow_zero=True)
@@ -371,9 +378,10 @@ class Reptile(HyperParameters):
         """One outer update whose meta-batch is ``tasks`` (``T`` tasks on the model's device).
 
         ``indices``: long ``[T, inner_steps, B]`` plan (``inner_steps + 1`` rows for FOMAML),
-        drawn with ``sample_indices`` from ``generator`` when None.  ``outer_lr``: ε for this
-        step (default: the schedule's; not with an ``outer_optimizer``, whose lr is the step).  Returns ``{"loss": mean inner-loop minibatch loss as a
-        0-dim tensor, "outer_lr": ε, "iteration": i}``.  Reads no tensor value on the host once
+        drawn from ``generator`` as ``minibatches`` says (``sample_indices`` for "fresh") when
+        None.  ``outer_lr``: ε for this step (default: the schedule's; not with an
+        ``outer_optimizer``, whose lr is the step).  Returns ``{"loss": mean inner-loop minibatch
+        loss as a 0-dim tensor, "outer_lr": ε, "iteration": i}``.  Reads no tensor value on the host once
         a task shape has been seen: a non-finite step is skipped on the device and reported by
         ``check_finite`` (``fit`` does it at its reads).
         """
@@ -381,8 +389,8 @@ class Reptile(HyperParameters):
         self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
         rows = self.plan_rows(self.inner_steps)
         if indices is None:
-            indices = sample_indices(tasks.n_tasks, rows, tasks.n_points, self.inner_batch_size,
-                                     generator=generator, device=self.device)
+            indices = draw_plan(self.minibatches, tasks.n_tasks, rows, tasks.n_points, self.inner_batch_size,
+                                generator=generator, device=self.device)
         else:
             indices = self.checker.indices(indices, tasks, rows)
         self._follow_plan(indices.shape[2])
@@ -409,7 +417,8 @@ class Reptile(HyperParameters):
         """Meta-train until ``iterations`` meta-steps in all, ``meta_batch_size`` tasks each.
 
         Tasks come from ``task_distribution.sample(meta_batch_size, generator=..., device=...)``
-        and plans from ``sample_indices`` with the same generator (the global RNG when None),
+        and plans as ``minibatches`` says (``sample_indices`` for "fresh", ``epoch_indices`` for
+        "epochs") with the same generator (the global RNG when None),
         meta-step by meta-step, so every backend trains on the same draws for a given generator
         — also backend "compiled" and triton's fused graphs, which run chunks of meta-steps
         (``checkpoint_every``, else their ``chunk`` option).  ``draw_chunks=True`` lets them draw
@@ -517,7 +526,7 @@ class Reptile(HyperParameters):
             sampler = StreamSampler(task_distribution, meta_batch_size, self.plan_rows(self.inner_steps),
                                     self.inner_batch_size, generator=generator, device=self.device,
                                     check=lambda tasks: self.checker.tasks(tasks, self.inner_batch_size),
-                                    draw_chunks=draw_chunks)
+                                    draw_chunks=draw_chunks, minibatches=self.minibatches)
         elif not getattr(sampler, "checked", False):
             rows = self.plan_rows(self.inner_steps)
             sampler = CheckedDraws(sampler, lambda tasks, plans: (self.checker.tasks(tasks, 1),
@@ -614,8 +623,8 @@ class Reptile(HyperParameters):
         self._check_params_kept()
         self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
         if indices is None:
-            indices = sample_indices(tasks.n_tasks, steps, tasks.n_points, self.inner_batch_size,
-                                     generator=generator, device=self.device)
+            indices = draw_plan(self.minibatches, tasks.n_tasks, steps, tasks.n_points, self.inner_batch_size,
+                                generator=generator, device=self.device)
         else:
             indices = self.checker.indices(indices, tasks, steps)
         self._follow_plan(indices.shape[2])

@@ -23,7 +23,8 @@ def trainer_hparams(trainer) -> Dict[str, Any]:
     c = trainer.config
     return {
         "inner_lr": trainer.inner_lr, "inner_steps": trainer.inner_steps,
-        "inner_batch_size": trainer.inner_batch_size, "outer_lr": trainer.outer_lr,
+        "inner_batch_size": trainer.inner_batch_size, "minibatches": trainer.minibatches,
+        "outer_lr": trainer.outer_lr,
         "outer_lr_final": trainer.outer_lr_final, "loss": loss, "inner_optimizer": c.optimizer,
         "algorithm": c.algorithm,
         "inner_grad_weights": None if c.grad_weights is None else list(c.grad_weights),
@@ -172,6 +173,8 @@ def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
         raise ValueError(f"state['total_iterations'] must be None or an int >= 1, got {total!r}")
     if isinstance(saved_config, Mapping):
         mine = trainer_hparams(trainer)
+        # checkpoints written before minibatches existed drew every plan "fresh"
+        saved_config = {"minibatches": "fresh", **saved_config}
         diffs = [_config_difference(k, saved_config[k], mine[k]) for k in sorted(mine)
                  if k in saved_config and k != "backend" and saved_config[k] != mine[k]]
         if diffs:

@@ -1,13 +1,13 @@
 """Tasks and minibatch plans drawn by global task index, so that N ranks train what one process does.
 
-The meta-batch of meta-step ``t`` holds global tasks ``j = 0 … T-1``.  They are cut into fixed
-blocks of ``K = min(block_size, T)`` consecutive tasks (the last block may be shorter); block
-``b`` is drawn from a ``torch.Generator`` seeded with ``stream_seed(seed, t, b)``:
-``task_distribution.sample(K_b, generator=g)`` then ``sample_indices(K_b, rows, N, B,
-generator=g)``.  Task ``j``'s points and plan therefore depend only on ``(seed, t, j)`` and the
-run's fixed ``T`` and ``K`` — never on the number of ranks or on which rank draws it.  Rank ``r``
-of ``W`` takes the contiguous slice ``[r·T // W, (r+1)·T // W)`` (sizes differ by at most one when
-``W`` does not divide ``T``), drawing the blocks that overlap it.
+The meta-batch of meta-step ``t`` holds global tasks ``j = 0 … T-1``. They are cut into fixed blocks
+of ``K = min(block_size, T)`` consecutive tasks (the last block may be shorter); block ``b`` is
+drawn from a ``torch.Generator`` seeded with ``stream_seed(seed, t, b)``:
+``task_distribution.sample(K_b, generator=g)`` then ``sample_indices(K_b, rows, N, B, generator=g)``
+(``epoch_indices`` for ``minibatches="epochs"``). Task ``j``'s points and plan therefore depend only
+on ``(seed, t, j)`` and the run's fixed ``T`` and ``K`` — never on the number of ranks or on which
+rank draws it. Rank ``r`` of ``W`` takes the contiguous slice ``[r·T // W, (r+1)·T // W)`` (sizes
+differ by at most one when ``W`` does not divide ``T``), drawing the blocks that overlap it.
 
 Why blocks and not one generator per task: a task distribution's ``sample`` is called once per
 block, and at meta-batch 4096 one call per task costs more than the inner loops
@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..tasks.base import TaskBatch, _check_device, concat_draws, sample_indices
+from ..tasks.base import TaskBatch, _check_device, check_minibatches, concat_draws, draw_plan
 from ..validation import check_int
 
 __all__ = ["IndexedSampler", "split_tasks", "stream_seed", "DEFAULT_BLOCK_SIZE", "SAMPLER_KIND"]
@@ -85,10 +85,11 @@ class IndexedSampler:
 
     def __init__(self, task_distribution, meta_batch_size: int, *, seed: int, plan_rows: int,
                  batch_size: int, device=None, rank: int = 0, world_size: int = 1,
-                 block_size: int = DEFAULT_BLOCK_SIZE, check=None):
+                 block_size: int = DEFAULT_BLOCK_SIZE, check=None, minibatches: str = "fresh"):
         if not hasattr(task_distribution, "sample") or not callable(task_distribution.sample):
             raise TypeError("task_distribution must have a sample(n_tasks, *, generator, device) method")
         self.task_distribution = task_distribution
+        self.minibatches = check_minibatches(minibatches)
         self.meta_batch_size = check_int("meta_batch_size", meta_batch_size, 1)
         self.seed = check_int("seed", seed, 0)
         if self.seed >= 2 ** 64:  # streams are seeded from its low 64 bits: seed 2**64 would be seed 0
@@ -121,8 +122,8 @@ class IndexedSampler:
         if not isinstance(tasks, TaskBatch) or tasks.n_tasks != n:
             raise TypeError(f"task_distribution.sample({n}) must return a TaskBatch of {n} tasks, got "
                             + (f"{tasks.n_tasks} tasks" if isinstance(tasks, TaskBatch) else type(tasks).__name__))
-        plan = sample_indices(n, self.plan_rows, tasks.n_points, self.batch_size, generator=g,
-                              device=self.device)
+        plan = draw_plan(self.minibatches, n, self.plan_rows, tasks.n_points, self.batch_size, generator=g,
+                         device=self.device)
         return tasks, plan
 
     def draw_step(self, iteration: int) -> Tuple[TaskBatch, torch.Tensor]:

@@ -253,7 +253,8 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
                              plan_rows=trainer.plan_rows(trainer.inner_steps), batch_size=trainer.inner_batch_size,
                              device=trainer.device, rank=ctx.rank, world_size=ctx.world_size,
                              block_size=block_size,
-                             check=lambda tasks: trainer.checker.tasks(tasks, trainer.inner_batch_size))
+                             check=lambda tasks: trainer.checker.tasks(tasks, trainer.inner_batch_size),
+                             minibatches=getattr(trainer, "minibatches", "fresh"))
     _check_ranks_agree(ctx, {
         "iterations": iterations, "meta_batch_size": meta_batch_size, "seed": seed, "block_size": block_size,
         "reduction": reduction, "trainer": trainer.hparams(), "iteration": trainer.iteration,

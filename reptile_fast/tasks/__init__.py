@@ -1,9 +1,9 @@
 """Task families and the shared task/plan types."""
-from .base import TaskBatch, TaskDistribution, sample_indices
+from .base import MINIBATCHES, TaskBatch, TaskDistribution, draw_plan, epoch_indices, sample_indices
 from .episodes import Episodes
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot, load_official_runs
 from .sine import Sine
 
-__all__ = ["TaskBatch", "TaskDistribution", "sample_indices", "Sine", "Episodes", "Omniglot",
-           "load_official_runs", "MiniImageNet"]
+__all__ = ["TaskBatch", "TaskDistribution", "sample_indices", "epoch_indices", "draw_plan", "MINIBATCHES",
+           "Sine", "Episodes", "Omniglot", "load_official_runs", "MiniImageNet"]

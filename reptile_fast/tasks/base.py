@@ -16,7 +16,8 @@ import torch
 from ..native_select import smallest_k
 from ..validation import check_device, check_int, out_of_memory_message
 
-__all__ = ["TaskBatch", "TaskDistribution", "sample_indices", "concat_draws"]
+__all__ = ["TaskBatch", "TaskDistribution", "sample_indices", "epoch_indices", "draw_plan", "MINIBATCHES",
+           "concat_draws"]
 
 #: integer inputs a TaskBatch takes besides floats: ids for an ``nn.Embedding`` (any value; the
 #: model's forward range-checks them)
@@ -282,6 +283,69 @@ def sample_indices(
     keys = uniform_keys("n_tasks x inner_steps x n_points", n_tasks, inner_steps, n_points, generator=generator,
                         device=draw_device)
     return plan_from_keys(keys, batch_size).to(device=device if device is not None else draw_device)
+
+
+#: how a plan's minibatches are drawn (``Reptile(minibatches=...)``, ``draw_plan``): "fresh", each
+#: step's minibatch drawn anew (the seed: ``sample_indices``); "epochs", each task's points
+#: shuffled and cut into consecutive minibatches, reshuffled when used up (the official
+#: supervised-reptile code's ``_mini_batches``: ``epoch_indices``)
+MINIBATCHES = ("fresh", "epochs")
+
+
+def check_minibatches(value) -> str:
+    """``value`` if it names a way of drawing minibatches (``MINIBATCHES``), else a clear error."""
+    if not isinstance(value, str):
+        raise TypeError(f"minibatches must be one of {', '.join(map(repr, MINIBATCHES))}, got "
+                        f"{type(value).__name__}")
+    if value not in MINIBATCHES:
+        raise ValueError(f"minibatches must be one of {', '.join(map(repr, MINIBATCHES))}, got {value!r}")
+    return value
+
+
+def epoch_indices(
+    n_tasks: int,
+    inner_steps: int,
+    n_points: int,
+    batch_size: int,
+    *,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+) -> torch.Tensor:
+    """Draw a minibatch plan epoch by epoch: long ``[n_tasks, inner_steps, batch_size]``.
+
+    Each task's ``n_points`` indices are shuffled and read in order, ``batch_size`` per step;
+    when they run out a new shuffle follows, and a minibatch may straddle two shuffles (then it
+    can hold a point twice), as the official supervised-reptile code's ``_mini_batches`` does.
+    With ``inner_steps · batch_size = n_points`` every point is used exactly once per inner loop
+    (5-way 10-shot training, 5 steps of 10); ``sample_indices`` draws each step afresh instead.
+    Shuffles are argsorts of float64 uniforms drawn on the generator's device, so a seeded
+    generator gives the same plan wherever it is used.
+    """
+    n_tasks = _check_positive_int("n_tasks", n_tasks)
+    inner_steps = _check_positive_int("inner_steps", inner_steps)
+    n_points = _check_positive_int("n_points", n_points)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    if batch_size > n_points:
+        # the official code takes it (a minibatch then spans shuffles), but every other plan
+        # refuses it, and a minibatch larger than the task is almost surely a mistake
+        raise ValueError(f"batch_size ({batch_size}) must not exceed n_points ({n_points})")
+    draw_device = _check_generator(generator)
+    device = _check_device(device)
+    used = inner_steps * batch_size
+    epochs = -(-used // n_points)
+    keys = uniform_keys("n_tasks x epochs x n_points", n_tasks, epochs, n_points, generator=generator,
+                        device=draw_device)
+    order = keys.argsort(dim=-1).view(n_tasks, epochs * n_points)[:, :used]
+    return order.reshape(n_tasks, inner_steps, batch_size).to(
+        device=device if device is not None else draw_device)
+
+
+def draw_plan(minibatches: str, n_tasks: int, inner_steps: int, n_points: int, batch_size: int, *,
+              generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """The plan ``minibatches`` names (``MINIBATCHES``): ``sample_indices`` for "fresh",
+    ``epoch_indices`` for "epochs"; the same arguments and result shape."""
+    draw = sample_indices if check_minibatches(minibatches) == "fresh" else epoch_indices
+    return draw(n_tasks, inner_steps, n_points, batch_size, generator=generator, device=device)
 
 
 def plan_from_keys(keys: torch.Tensor, batch_size: int) -> torch.Tensor:
