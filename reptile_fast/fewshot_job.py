@@ -121,6 +121,7 @@ class OmniglotConfig:
         for name in ("backend", "device"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string")
+            setattr(self, name, str(getattr(self, name)))  # numpy's str_ as the str it equals (QA47)
 
 
 def omniglot_preset(ways: int) -> Dict[str, Any]:
@@ -378,7 +379,8 @@ def load_trained(model_dir: os.PathLike, device="cpu"):
     if not isinstance(saved, dict) or saved.get("model") != "OmniglotConvNet" or "config" not in saved:
         raise ValueError(f"{path} was not written by the omniglot job")
     known = {f.name for f in fields(OmniglotConfig)}
-    config = OmniglotConfig(**{k: v for k, v in saved["config"].items() if k in known})
+    # a model saved before --minibatches existed was trained (and tested) on fresh minibatches
+    config = OmniglotConfig(**{"minibatches": "fresh", **{k: v for k, v in saved["config"].items() if k in known}})
     model = OmniglotConvNet(config.ways).to(device)
     model.load_state_dict(saved["state_dict"])
     return config, _trainer(config, model)
@@ -546,11 +548,12 @@ def config_from_args(args):
             raise ValueError(f"--seed {given['seed']}: the checkpoint's run has seed {saved_seed}, and a resumed "
                              f"run continues its random streams; drop --seed, or start a new run with it")
         for key, value in given.items():
-            saved = extra["job_config"].get(key)
+            saved = {"minibatches": "fresh", **extra["job_config"]}.get(key)
             if saved != value and is_main():  # as the sine job says it: the run then differs
                 print(f"note: --{key.replace('_', '-')} {value} overrides the checkpoint's {saved!r}",
                       file=sys.stderr)
-        settings = {**extra["job_config"], **given}
+        # a run saved before --minibatches existed drew its minibatches fresh
+        settings = {"minibatches": "fresh", **extra["job_config"], **given}
         shots = settings.get("shots")
         shots = [shots] if isinstance(shots, int) else shots
         if "eval_batch_size" not in given and isinstance(settings.get("eval_batch_size"), int) \

@@ -101,6 +101,7 @@ class SineConfig:
         for name in ("backend", "device"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+            setattr(self, name, str(getattr(self, name)))  # numpy's str_ as the str it equals (QA47)
         self.indexed_tasks = check_bool("indexed_tasks", self.indexed_tasks)
 
 

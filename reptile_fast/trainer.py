@@ -87,6 +87,10 @@ class Reptile(HyperParameters):
                  adam_betas=(0.0, 0.999), backend_options: Optional[dict] = None,
                  minibatches: str = "fresh"):
         params, self.device, self.dtype = check_meta_model(model)
+        # numpy's str_ names as the plain strs they equal: hparams() and checkpoints hold them, and a
+        # checkpoint refused np.str_ after the whole fit had run (QA47)
+        loss, backend, inner_optimizer, algorithm = (str(v) if isinstance(v, str) else v
+                                                     for v in (loss, backend, inner_optimizer, algorithm))
         self.model = model
         inner_lr = self._checked_inner_lr(inner_lr)
         self._inner_steps = check_int("inner_steps", inner_steps)

@@ -239,3 +239,36 @@ def test_omniglot_job_takes_epoch_minibatches(data, tmp_path, capsys):
     assert exc.value.code == 2 and "invalid choice: 'cycle'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="minibatches must be one of"):
         OmniglotConfig(train=[data["train"]], test=data["test"], minibatches="cycle")
+
+
+def test_runs_saved_before_the_setting_existed_keep_fresh_minibatches(data, tmp_path, capsys):
+    """A checkpoint or model.pt written before --minibatches existed has no such key: its run drew
+    fresh minibatches, so a resume and omniglot-runs keep drawing them, whatever the default."""
+    out = tmp_path / "old"
+    args = ["omniglot", "--train", data["train"], "--test", data["test"], "--ways", "3", "--shots", "1",
+            "--train-shots", "2", "--inner-batch-size", "3", "--inner-steps", "2", "--eval-steps", "2",
+            "--eval-batch-size", "3", "--eval-tasks", "2", "--validate-every", "0", "--iterations", "2",
+            "--checkpoint-every", "1", "--threads", "1", "--no-progress", "--minibatches", "fresh",
+            "--out", str(out)]
+    assert main(args) == 0
+    for name in ("checkpoint.prev.pt", "model.pt"):  # as the old code wrote them
+        saved = torch.load(out / name, weights_only=True)
+        config = saved["extra"]["job_config"] if name != "model.pt" else saved["config"]
+        del config["minibatches"]
+        if name != "model.pt":
+            del saved["trainer"]["config"]["minibatches"]
+        torch.save(saved, out / name)
+    resumed = tmp_path / "resumed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "resuming with different hyper-parameters"
+        assert main(["omniglot", "--resume", str(out / "checkpoint.prev.pt"), "--out", str(resumed),
+                     "--no-progress"]) == 0
+    assert json.loads((resumed / "config.json").read_text())["minibatches"] == "fresh"
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="minibatches: saved 'fresh', now 'epochs'"):
+        assert main(["omniglot", "--resume", str(out / "checkpoint.prev.pt"), "--out", str(tmp_path / "r2"),
+                     "--no-progress", "--minibatches", "epochs"]) == 0
+    assert "note: --minibatches epochs overrides the checkpoint's 'fresh'" in capsys.readouterr().err
+    runs = make_runs(tmp_path, n_runs=1, ways=3)
+    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(out), "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "runs_metrics.json").read_text())["minibatches"] == "fresh"

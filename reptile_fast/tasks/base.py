@@ -299,7 +299,8 @@ def check_minibatches(value) -> str:
                         f"{type(value).__name__}")
     if value not in MINIBATCHES:
         raise ValueError(f"minibatches must be one of {', '.join(map(repr, MINIBATCHES))}, got {value!r}")
-    return value
+    # the plain str (numpy's str_ compares equal, but a checkpoint cannot hold it: QA47)
+    return MINIBATCHES[MINIBATCHES.index(value)]
 
 
 def epoch_indices(
