@@ -112,10 +112,11 @@ def test_defaults_are_the_papers_protocol(data):
     five, _, _ = config_from_args(parser.parse_args(["omniglot", "--train", "x", "--test", "y"]))
     assert (five.ways, five.inner_lr, five.inner_batch_size, five.inner_steps, five.train_shots,
             five.meta_batch_size, five.outer_lr, five.outer_lr_final, five.iterations, five.eval_steps,
-            five.eval_batch_size, five.transductive) == (5, 1e-3, 10, 5, 10, 5, 1.0, 0.0, 100000, 50, 5, False)
+            five.eval_batch_size, five.transductive, five.minibatches) == \
+        (5, 1e-3, 10, 5, 10, 5, 1.0, 0.0, 100000, 50, 5, False, "epochs")
     twenty, _, _ = config_from_args(parser.parse_args(["omniglot", "--train", "x", "--test", "y", "--ways", "20"]))
     assert (twenty.inner_batch_size, twenty.inner_steps, twenty.inner_lr, twenty.iterations,
-            twenty.eval_batch_size) == (20, 10, 5e-4, 200000, 10)
+            twenty.eval_batch_size, twenty.minibatches) == (20, 10, 5e-4, 200000, 10, "epochs")
     flagged, _, _ = config_from_args(parser.parse_args(["omniglot", "--train", "x", "--test", "y", "--ways", "20",
                                                         "--inner-lr", "0.01", "--transductive"]))
     assert flagged.inner_lr == 0.01 and flagged.transductive and flagged.inner_steps == 10
