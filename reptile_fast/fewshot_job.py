@@ -124,7 +124,8 @@ class OmniglotConfig:
         for name in ("backend", "device"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string")
-            setattr(self, name, str(getattr(self, name)))  # numpy's str_ as the str it equals (QA47)
+            # numpy's str_ (and a str-valued Enum) as the plain str it equals (QA47)
+            setattr(self, name, str.__str__(getattr(self, name)))
 
 
 def omniglot_preset(ways: int) -> Dict[str, Any]:

@@ -101,7 +101,8 @@ class SineConfig:
         for name in ("backend", "device"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
-            setattr(self, name, str(getattr(self, name)))  # numpy's str_ as the str it equals (QA47)
+            # numpy's str_ (and a str-valued Enum) as the plain str it equals (QA47)
+            setattr(self, name, str.__str__(getattr(self, name)))
         self.indexed_tasks = check_bool("indexed_tasks", self.indexed_tasks)
 
 

@@ -89,7 +89,8 @@ class Reptile(HyperParameters):
         params, self.device, self.dtype = check_meta_model(model)
         # numpy's str_ names as the plain strs they equal: hparams() and checkpoints hold them, and a
         # checkpoint refused np.str_ after the whole fit had run (QA47)
-        loss, backend, inner_optimizer, algorithm = (str(v) if isinstance(v, str) else v
+        # (str.__str__: the string's own characters, also for a str-valued Enum, whose str() is its name)
+        loss, backend, inner_optimizer, algorithm = (str.__str__(v) if isinstance(v, str) else v
                                                      for v in (loss, backend, inner_optimizer, algorithm))
         self.model = model
         inner_lr = self._checked_inner_lr(inner_lr)

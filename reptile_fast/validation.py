@@ -253,8 +253,9 @@ def check_loadable(obj, where: str) -> None:
         for i, v in enumerate(obj):
             check_loadable(v, f"{where}[{i}]")
         return
-    hint = (" (a numpy scalar: convert it with str(), float() or int())" if type(obj).__module__ == "numpy"
-            else "")
+    hint = ("" if type(obj).__module__ != "numpy" else
+            " (a numpy scalar: convert it with str())" if isinstance(obj, str) else
+            " (a numpy scalar: convert it with float() or int())")
     raise TypeError(f"{where} is a {type(obj).__name__}{hint}; a checkpoint holds only tensors, dicts, lists, "
                     f"strings, numbers and None (so that it loads with weights_only=True)")
 

@@ -217,22 +217,40 @@ def data(tmp_path_factory):
     return {"train": str(train), "test": str(test), "root": root}
 
 
-def test_omniglot_job_takes_epoch_minibatches(data, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["omniglot", "--train", data["train"], "--test", data["test"], "--ways", "3", "--shots", "1",
+def test_omniglot_job_takes_epoch_minibatches(data, tmp_path, capsys, monkeypatch):
+    import reptile_fast.fewshot_job as job
+
+    drawn = []  # the kind of every plan the job draws (training, then the test)
+    real = job.Reptile
+
+    class Spied(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            drawn.append(self.minibatches)
+
+    monkeypatch.setattr(job, "Reptile", Spied)
+    base = ["omniglot", "--train", data["train"], "--test", data["test"], "--ways", "3", "--shots", "1",
             "--train-shots", "2", "--inner-batch-size", "3", "--inner-steps", "2", "--eval-steps", "2",
             "--eval-batch-size", "3", "--eval-tasks", "2", "--validate-every", "0", "--iterations", "2",
-            "--threads", "1", "--no-progress", "--minibatches", "epochs", "--out", str(out)]
-    assert main(args) == 0
-    assert json.loads((out / "config.json").read_text())["minibatches"] == "epochs"
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["trainer"]["config"]["minibatches"] == "epochs"
+            "--threads", "1", "--no-progress"]
+    # the job's default is the official code's, and the flag chooses the other
+    for flag, expected in (([], "epochs"), (["--minibatches", "fresh"], "fresh"), (["--minibatches", "epochs"],
+                                                                                   "epochs")):
+        out = tmp_path / f"run-{expected}-{len(flag)}"
+        drawn.clear()
+        assert main(base + flag + ["--out", str(out)]) == 0
+        assert drawn == [expected], flag
+        assert json.loads((out / "config.json").read_text())["minibatches"] == expected
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert ckpt["trainer"]["config"]["minibatches"] == expected
     runs = make_runs(tmp_path, n_runs=1, ways=3)
-    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(out), "--out", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "runs_metrics.json").read_text())["minibatches"] == "epochs"
-    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(out), "--out", str(tmp_path),
-                 "--minibatches", "fresh"]) == 0
+    model = tmp_path / "run-fresh-2"
+    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(model), "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "runs_metrics.json").read_text())["minibatches"] == "fresh"
+    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(model), "--out", str(tmp_path),
+                 "--minibatches", "epochs"]) == 0
+    assert json.loads((tmp_path / "runs_metrics.json").read_text())["minibatches"] == "epochs"
+    args = base + ["--out", str(tmp_path / "x")]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(args[:-2] + ["--minibatches", "cycle", "--out", str(tmp_path / "x")])

@@ -212,6 +212,20 @@ def test_qa47_numpy_string_options_are_stored_as_str(tmp_path, name, value):
     assert load_checkpoint(tmp_path)["trainer"]["config"][name] == value
 
 
+@pytest.mark.parametrize("name, value", [("minibatches", "epochs"), ("loss", "mse"), ("backend", "torch"),
+                                         ("inner_optimizer", "adam"), ("algorithm", "fomaml")])
+def test_str_valued_enum_options_are_taken_as_their_value(tmp_path, name, value):
+    """A ``class Option(str, Enum)`` member equals its value; ``str()`` of it is its name
+    ("Option.x"), which the first numpy-string fix stored (and then refused as unknown)."""
+    import enum
+
+    option = enum.Enum("Option", {"x": value}, type=str).x
+    t = Reptile(MLP(1, 4, 1), **{"backend": "torch", name: option})
+    t.fit(Sine(), 2, progress=False, checkpoint_dir=tmp_path, generator=g(0))
+    assert load_checkpoint(tmp_path)["trainer"]["config"][name] == value
+    assert type(t.hparams()[name]) is str
+
+
 # --------------------------------------------------------------------------- fit on every backend
 def _backend_or_skip(backend: str):
     if backend == "triton":
@@ -578,3 +592,19 @@ def test_qa47_omniglot_test_evaluation_uses_the_runs_minibatches(omniglot_data, 
     points = {n for _, n in drawn}
     assert kinds == {"epochs"}, drawn
     assert {6, 3} <= points, drawn  # training tasks (3 ways x 2 shots) and 1-shot test episodes (3 images)
+
+
+def test_job_configs_take_numpy_and_enum_strings_as_str():
+    """The jobs' configs store backend/device as the plain str (their checkpoints hold them)."""
+    import enum
+
+    from reptile_fast.fewshot_job import OmniglotConfig
+    from reptile_fast.jobs import SineConfig
+
+    backend = enum.Enum("Backend", {"t": "torch"}, type=str).t
+    for config in (SineConfig(backend=backend, device=np.str_("cpu")),
+                   OmniglotConfig(train=["a.zip"], test="b.zip", backend=backend, device=np.str_("cpu"),
+                                  minibatches=np.str_("fresh"))):
+        assert (config.backend, config.device) == ("torch", "cpu")
+        assert type(config.backend) is str and type(config.device) is str
+    assert type(config.minibatches) is str
