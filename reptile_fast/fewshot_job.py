@@ -25,6 +25,7 @@ from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, 
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
 from .jobs import check_seed, check_threads, derived_seed, replaced_run_note, resume_hint, train_job, uses_indexed_tasks
 from .models import OmniglotConvNet
+from .backends.reference import ADAM_STATES, check_adam_state
 from .tasks.base import MINIBATCHES, check_minibatches
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
@@ -85,6 +86,9 @@ class OmniglotConfig:
     # points over "fresh" at 800 meta-steps, seeds 0 and 1, bench/results/omniglot_minibatches_cpu*.json)
     # or "fresh" (each step's drawn anew, as the Python API's default)
     minibatches: str = "epochs"
+    # the inner Adam's state: "fresh" per task (tasks batched) or "carried" from task to task as the
+    # official code keeps one optimizer (tasks one after another: backend reference)
+    adam_state: str = "fresh"
 
     def __post_init__(self) -> None:
         if isinstance(self.train, (str, os.PathLike)):
@@ -126,6 +130,10 @@ class OmniglotConfig:
                 raise TypeError(f"{name} must be a string")
             # numpy's str_ (and a str-valued Enum) as the plain str it equals (QA47)
             setattr(self, name, str.__str__(getattr(self, name)))
+        if self.adam_state == "carried" and self.backend not in ("auto", "reference"):
+            raise ValueError(f"adam_state 'carried' (--adam-state carried) runs the tasks one after another on "
+                             f"backend reference; got backend {self.backend!r}: drop --backend or give reference")
+        self.adam_state = check_adam_state(self.adam_state, "adam", "reference")
 
 
 def omniglot_preset(ways: int) -> Dict[str, Any]:
@@ -151,7 +159,9 @@ def _trainer(config: OmniglotConfig, model) -> Reptile:
     return Reptile(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                    inner_batch_size=config.inner_batch_size, outer_lr=config.outer_lr,
                    outer_lr_final=config.outer_lr_final, loss="cross_entropy",
-                   inner_optimizer="adam", backend=config.backend, minibatches=config.minibatches)
+                   inner_optimizer="adam", minibatches=config.minibatches, adam_state=config.adam_state,
+                   # a carried Adam state runs the tasks one after another: on backend reference
+                   backend="reference" if config.adam_state == "carried" else config.backend)
 
 
 def _with_threads(threads: int, fn):
@@ -356,7 +366,9 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
         "backend": trainer.backend.name, "device": str(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "world_size": context.world_size, "task_sampler": "indexed" if indexed else "generator",
-        "protocol": ("adapt on the support set (inner Adam, fresh state per task), predict the query set; "
+        "protocol": ("adapt on the support set (inner Adam, " +
+                     ("starting from the Adam state training left" if config.adam_state == "carried" else
+                      "fresh state per task") + f"; {config.minibatches} minibatches), predict the query set; "
                      + ("transductive: all queries of a task in one batch" if config.transductive else
                         "non-transductive: each query image in a batch with the support set") +
                      "; BatchNorm on batch statistics"),
@@ -364,7 +376,9 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
     _plot_curves(history["loss"], validation, out / "learning_curve.png")
     cfg = {**asdict(config), "world_size": context.world_size}
     atomic_torch_save({"state_dict": model.state_dict(), "config": cfg, "model": "OmniglotConvNet",
-                       "ways": config.ways}, out / "model.pt")
+                       "ways": config.ways,
+                       # --adam-state carried: the test tasks start from the Adam state training left
+                       "inner_optimizer": trainer.carried_adam_state}, out / "model.pt")
     atomic_write_json(out / "config.json", cfg)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
@@ -387,7 +401,12 @@ def load_trained(model_dir: os.PathLike, device="cpu"):
     config = OmniglotConfig(**{"minibatches": "fresh", **{k: v for k, v in saved["config"].items() if k in known}})
     model = OmniglotConvNet(config.ways).to(device)
     model.load_state_dict(saved["state_dict"])
-    return config, _trainer(config, model)
+    trainer = _trainer(config, model)
+    if config.adam_state == "carried":
+        # the Adam state training left, which every test task starts from (through the trainer's
+        # checked restore: shapes and finiteness; the model's own parameters, unchanged)
+        trainer.load_state_dict({**trainer.state_dict(), "inner_optimizer": saved.get("inner_optimizer")})
+    return config, trainer
 
 
 def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[os.PathLike] = None, *,
@@ -434,7 +453,7 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
 _FLAGS = ("ways", "shots", "iterations", "meta_batch_size", "inner_steps", "inner_batch_size", "inner_lr",
           "train_shots", "outer_lr", "outer_lr_final", "eval_steps", "eval_batch_size", "eval_tasks",
           "query_shots", "transductive", "validate_every", "validation_tasks", "seed", "device", "backend",
-          "checkpoint_every", "threads", "indexed_tasks", "minibatches")
+          "checkpoint_every", "threads", "indexed_tasks", "minibatches", "adam_state")
 
 
 def add_parser(subparsers) -> None:
@@ -488,6 +507,11 @@ def add_parser(subparsers) -> None:
                    help="inner minibatches in training and test: fresh (each step's drawn anew) or epochs (each "
                         "task's images shuffled and read in order, reshuffled when used up, as the official code) "
                         f"(default {d.minibatches})")
+    p.add_argument("--adam-state", choices=list(ADAM_STATES),
+                   help="the inner Adam's state: fresh for every task (tasks batched), or carried from task to "
+                        "task and meta-step to meta-step as the official code's one optimizer (tasks one after "
+                        f"another, backend reference; the tests start from the state training left) "
+                        f"(default {d.adam_state})")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its stored settings "
                    "(flags given as well override them)")
     p.add_argument("--out", help="output directory (default runs/omniglot, or DIR with --resume)")

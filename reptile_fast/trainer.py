@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .backends import InnerConfig, InnerResult, UnsupportedModelError, resolve_backend
 from .backends.base import ALGORITHMS, INNER_OPTIMIZERS
+from .backends.reference import CarriedOptimizerState, check_adam_state
 from .compat import InputChecker
 from .hyperparams import HyperParameters
 from .core import NonFiniteError, Reducer, check_outer_optimizer_kind, check_outer_optimizer_lr
@@ -71,6 +72,12 @@ class Reptile(HyperParameters):
             pseudo-gradient (φ − φ̃ for Reptile) instead of the interpolation update.
         backend_options: keyword arguments for the named backend, e.g. ``{"precision": "tf32"}``
             for "triton", ``{"mode": "eager", "chunk": 100}`` for "compiled" (not with "auto").
+        adam_state: with ``inner_optimizer="adam"``: "fresh" (each task's inner loop starts from a
+            new Adam state, so tasks are independent and run batched) or "carried" (one Adam state
+            carried from task to task and meta-step to meta-step, as the official supervised-reptile
+            code keeps one optimizer; ``adapt``/``evaluate`` start every task from the state
+            training left and keep it unchanged, as its ``evaluate`` does).  "carried" runs the
+            tasks one after another, on ``backend="reference"`` only; its state is checkpointed.
         minibatches: how the plans this trainer draws (``fit``, ``meta_step``, ``adapt``,
             ``evaluate`` without ``indices``) pick each inner step's points: "fresh" (the seed:
             ``sample_indices``, distinct points drawn anew every step) or "epochs" (the official
@@ -85,7 +92,7 @@ class Reptile(HyperParameters):
                  inner_grad_weights: Optional[Sequence[float]] = None,
                  outer_optimizer: Optional[torch.optim.Optimizer] = None,
                  adam_betas=(0.0, 0.999), backend_options: Optional[dict] = None,
-                 minibatches: str = "fresh"):
+                 minibatches: str = "fresh", adam_state: str = "fresh"):
         params, self.device, self.dtype = check_meta_model(model)
         # numpy's str_ names as the plain strs they equal: hparams() and checkpoints hold them, and a
         # checkpoint refused np.str_ after the whole fit had run (QA47)
@@ -139,6 +146,9 @@ class Reptile(HyperParameters):
         if backend_options is not None and not isinstance(backend_options, dict):
             raise TypeError(f"backend_options must be a dict, got {type(backend_options).__name__}")
         self.backend_name = backend
+        self._adam_state = check_adam_state(adam_state, inner_optimizer, backend)
+        #: the inner Adam's state carried from task to task (adam_state="carried"), or None
+        self._carried = CarriedOptimizerState() if self._adam_state == "carried" else None
         self.compiled_options: Optional[dict] = None
         if backend == "compiled":
             self.compiled_options = check_compiled_options(backend_options)
@@ -164,6 +174,8 @@ class Reptile(HyperParameters):
     def _use_backend(self, backend) -> None:
         """Run the inner loops on ``backend`` (built or swapped in between fits) from now on."""
         self.backend = backend
+        if self._carried is not None:  # (backend "reference", the one adam_state="carried" runs on)
+            backend.carried = self._carried
         if hasattr(backend, "validate") and "validate" not in (self._backend_options or {}):
             # The trainer checks plans and labels where they enter (InputChecker, checked samplers):
             # a backend's own per-call check would read the device every meta-step.
@@ -287,6 +299,17 @@ class Reptile(HyperParameters):
             except UnsupportedModelError:
                 if getattr(self.backend, "fused_explicit", True):
                     raise
+
+    @property
+    def adam_state(self) -> str:
+        """"fresh" or "carried" (read-only: see the constructor)."""
+        return self._adam_state
+
+    @property
+    def carried_adam_state(self) -> Optional[dict]:
+        """The carried inner Adam's ``state_dict()`` (``adam_state="carried"``; None before the first
+        task, and with "fresh").  A reference, like ``state_dict``'s tensors."""
+        return None if self._carried is None else self._carried.state
 
     def _check_structure(self) -> None:
         """Follow a layer swapped in the model since the steppers were built (an activation: the
@@ -633,7 +656,9 @@ class Reptile(HyperParameters):
         else:
             indices = self.checker.indices(indices, tasks, steps)
         self._follow_plan(indices.shape[2])
-        return self._inner("inner_loop", self.model, tasks, indices, self._adapt_config())
+        # with a carried Adam state: every task starts from the state training left, unchanged after
+        with self._carried.frozen() if self._carried is not None else contextlib.nullcontext():
+            return self._inner("inner_loop", self.model, tasks, indices, self._adapt_config())
 
     def evaluate(self, tasks: TaskBatch, steps: int, indices: Optional[torch.Tensor] = None, *,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
@@ -24,6 +25,7 @@ def trainer_hparams(trainer) -> Dict[str, Any]:
     return {
         "inner_lr": trainer.inner_lr, "inner_steps": trainer.inner_steps,
         "inner_batch_size": trainer.inner_batch_size, "minibatches": trainer.minibatches,
+        "adam_state": getattr(trainer, "adam_state", "fresh"),
         "outer_lr": trainer.outer_lr,
         "outer_lr_final": trainer.outer_lr_final, "loss": loss, "inner_optimizer": c.optimizer,
         "algorithm": c.algorithm,
@@ -57,7 +59,8 @@ def trainer_state_dict(trainer) -> Dict[str, Any]:
     Returns ``{"model": model.state_dict() (parameters and buffers), "outer_optimizer":
     its state_dict or None, "iteration", "total_iterations", "config": hparams(), "meta_batch_size":
     the last ``fit``'s, or None, "draw_chunk": the chunk size its ``draw_chunks`` draws depended on,
-    or None}``.  Like
+    or None, "inner_optimizer": the carried inner Adam's state_dict (``adam_state="carried"``) or
+    None}``.  Like
     ``nn.Module.state_dict`` the tensors are references: save or deep-copy to snapshot.
     """
     return {
@@ -68,7 +71,36 @@ def trainer_state_dict(trainer) -> Dict[str, Any]:
         "config": trainer_hparams(trainer),
         "meta_batch_size": getattr(trainer, "meta_batch_size", None),
         "draw_chunk": getattr(trainer, "draw_chunk", None),
+        # adam_state="carried": the inner Adam's state the next task starts from
+        "inner_optimizer": getattr(trainer, "carried_adam_state", None),
     }
+
+
+def carried_state_problem(model, saved) -> Optional[str]:
+    """What makes ``saved`` unfit as the carried inner Adam state of ``model`` (None: nothing):
+    a ``torch.optim.Adam`` ``state_dict()`` over the model's parameters, in their order, with
+    finite moments of each parameter's shape."""
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping) \
+            or not isinstance(saved.get("param_groups"), (list, tuple)):
+        return "it is not a torch.optim.Adam state_dict() (a dict with 'state' and 'param_groups')"
+    params = [p for _, p in model.named_parameters()]
+    ids = [i for g in saved["param_groups"] if isinstance(g, Mapping) for i in g.get("params", ())]
+    if len(ids) != len(params):
+        return f"it holds the state of {len(ids)} parameters, the model has {len(params)}"
+    for position, (key, p) in enumerate(zip(ids, params)):
+        entries = saved["state"].get(key)
+        if entries is None:  # (Adam keeps no state for a parameter no loss has reached)
+            continue
+        if not isinstance(entries, Mapping):
+            return f"the state of parameter {position} is a {type(entries).__name__}, not a dict"
+        for name in ("exp_avg", "exp_avg_sq"):
+            v = entries.get(name)
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape) or not v.is_floating_point():
+                return (f"its {name!r} of parameter {position} is not a floating-point tensor of the parameter's "
+                        f"shape {tuple(p.shape)}")
+            if not bool(torch.isfinite(v).all()):
+                return f"its {name!r} of parameter {position} is not finite"
+    return None
 
 
 def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> Optional[str]:
@@ -173,13 +205,21 @@ def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
         raise ValueError(f"state['total_iterations'] must be None or an int >= 1, got {total!r}")
     if isinstance(saved_config, Mapping):
         mine = trainer_hparams(trainer)
-        # checkpoints written before minibatches existed drew every plan "fresh"
-        saved_config = {"minibatches": "fresh", **saved_config}
+        # checkpoints written before minibatches / adam_state existed drew every plan "fresh" and
+        # gave every task a fresh Adam
+        saved_config = {"minibatches": "fresh", "adam_state": "fresh", **saved_config}
         diffs = [_config_difference(k, saved_config[k], mine[k]) for k in sorted(mine)
                  if k in saved_config and k != "backend" and saved_config[k] != mine[k]]
         if diffs:
             warnings.warn("resuming with different hyper-parameters (" + "; ".join(diffs) +
                           "): the run will not match an uninterrupted one", stacklevel=2)
+    carried = getattr(trainer, "_carried", None)
+    inner_state = state.get("inner_optimizer")
+    if carried is not None and inner_state is not None:
+        problem = carried_state_problem(trainer.model, inner_state)
+        if problem is not None:
+            raise ValueError(f"state['inner_optimizer'] (the carried inner Adam state) does not fit this model: "
+                             f"{problem}")
     if opt_state is not None:
         problem = optimizer_state_problem(trainer.outer_optimizer, opt_state)
         if problem is not None:
@@ -192,5 +232,8 @@ def load_trainer_state(trainer, state: Mapping[str, Any]) -> None:
             raise ValueError(f"the saved outer_optimizer state does not fit this optimizer: {exc}") from None
     with torch.no_grad():
         trainer.model.load_state_dict(model_state, strict=True)
+    if carried is not None:
+        # (a copy: the caller's dict stays theirs; None where the run had none, a "fresh" run's)
+        carried.state = None if inner_state is None else copy.deepcopy(dict(inner_state))
     trainer.iteration = iteration
     trainer.total_iterations = total

@@ -252,7 +252,8 @@ def reptile_constructor_cases():
             ("backend", ["torch"], ["cuda", "", None, 1, ["torch"], "Torch", "compiled "]),
             ("inner_optimizer", ["sgd"], ["SGD", "adamw", None, 0, ""]),
             ("algorithm", ["reptile"], ["maml", None, 0, ""]),
-            ("minibatches", ["fresh"], ["Epochs", "epoch", None, 1, "", ["epochs"], b"fresh"])]
+            ("minibatches", ["fresh"], ["Epochs", "epoch", None, 1, "", ["epochs"], b"fresh"]),
+            ("adam_state", ["fresh"], ["Carried", "shared", None, 0, "", ["carried"], "carried"])]
     for arg, _, bads in strs:
         for bad in bads:
             cases.append(Case(f"Reptile({arg}=)", repr(bad), lambda a=arg, v=bad: _trainer(**{a: v}) if a != "backend"

@@ -11,7 +11,29 @@ import torch
 from ..losses import resolve_loss
 from .base import Backend, InnerConfig, InnerResult
 
-__all__ = ["ReferenceBackend"]
+__all__ = ["ReferenceBackend", "CarriedOptimizerState", "ADAM_STATES", "check_adam_state"]
+
+#: ``Reptile(adam_state=...)``: "fresh", a new inner Adam per task (tasks independent, batched
+#: backends); "carried", one Adam state carried from task to task (the official code's)
+ADAM_STATES = ("fresh", "carried")
+
+
+def check_adam_state(value, inner_optimizer, backend) -> str:
+    """``value`` as a plain str if it names an ``ADAM_STATES`` entry that ``inner_optimizer`` and
+    ``backend`` can run, else a TypeError/ValueError naming what to change."""
+    if not isinstance(value, str):
+        raise TypeError(f"adam_state must be one of {', '.join(map(repr, ADAM_STATES))}, got {type(value).__name__}")
+    if value not in ADAM_STATES:
+        raise ValueError(f"adam_state must be one of {', '.join(map(repr, ADAM_STATES))}, got {value!r}")
+    value = ADAM_STATES[ADAM_STATES.index(value)]
+    if value == "carried" and inner_optimizer != "adam":
+        raise ValueError(f"adam_state='carried' carries the inner Adam's state from task to task; the inner "
+                         f"optimizer is {inner_optimizer!r}: pass inner_optimizer='adam'")
+    if value == "carried" and backend != "reference":
+        raise ValueError(f"adam_state='carried' runs the tasks one after another, each from the Adam state the "
+                         f"task before left, which only backend 'reference' does; got backend={backend!r}: pass "
+                         f"backend='reference'")
+    return value
 
 
 def make_inner_optimizer(params, config: InnerConfig) -> torch.optim.Optimizer:
@@ -23,8 +45,53 @@ def make_inner_optimizer(params, config: InnerConfig) -> torch.optim.Optimizer:
     raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
 
 
+class CarriedOptimizerState:
+    """One inner-optimizer state carried from task to task (``Reptile(adam_state="carried")``),
+    as the official supervised-reptile code keeps one Adam for all its inner loops.
+
+    ``state``: a ``torch.optim`` ``state_dict()`` (None before the first task).  A training call
+    (``update`` True) starts each task from the state the previous task left and keeps the last
+    task's, provided every value in it is finite (a non-finite meta-step, which the outer update
+    skips, leaves it as it was); an adaptation call (``frozen()``) starts every task from the
+    same, unchanged state, as the official ``evaluate`` restores it after each test task.
+    """
+
+    def __init__(self, state=None):
+        self.state = state
+        self.update = True
+
+    def frozen(self):
+        """A context in which inner loops read the state and never change it."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            before, self.update = self.update, False
+            try:
+                yield self
+            finally:
+                self.update = before
+        return ctx()
+
+    def start(self, optimizer: torch.optim.Optimizer, state) -> None:
+        if state is not None:
+            # the moments and step count only: the learning rate and betas stay this optimizer's
+            # (the trainer's current settings); a deep copy, since load_state_dict keeps the tensors
+            # it is given and Adam updates them in place, which would change the carried state
+            optimizer.load_state_dict({"state": copy.deepcopy(state["state"]),
+                                       "param_groups": optimizer.state_dict()["param_groups"]})
+
+    def keep(self, state) -> None:
+        tensors = [v for per in state["state"].values() for v in per.values() if isinstance(v, torch.Tensor)]
+        if all(bool(torch.isfinite(t).all()) for t in tensors):
+            self.state = state
+
+
 class ReferenceBackend(Backend):
     name = "reference"
+    #: a ``CarriedOptimizerState`` the inner loops start from and update, or None (a fresh
+    #: optimizer per task, the seed's way)
+    carried = None
 
     def inner_loop(self, model, tasks, indices, config: InnerConfig) -> InnerResult:
         self.check_plan(tasks, indices, config)
@@ -43,10 +110,14 @@ class ReferenceBackend(Backend):
         adapted = {n: [] for n in names}
         meta = {n: [] for n in names} if config.needs_meta_grads else None
         losses = torch.empty(T, steps, dtype=next(model.parameters()).dtype, device=tasks.device)
+        carried = self.carried
+        state = carried.state if carried is not None else None
         for i in range(T):
             task_model = copy.deepcopy(model)
             params = list(task_model.parameters())
             optimizer = make_inner_optimizer(params, config)
+            if carried is not None:
+                carried.start(optimizer, state)
             acc = [torch.zeros_like(p) for p in params] if config.grad_weights is not None else None
             for s in range(steps):
                 ind = indices[i, s]
@@ -74,6 +145,10 @@ class ReferenceBackend(Backend):
                     meta[n].append(a)
             for n, p in zip(names, params):
                 adapted[n].append(p.detach())
+            if carried is not None and carried.update:
+                state = optimizer.state_dict()  # the next task starts from it
+        if carried is not None and carried.update and state is not None:
+            carried.keep(state)
         stacked = {n: torch.stack(v) for n, v in adapted.items()}
         meta_stacked = {n: torch.stack(v) for n, v in meta.items()} if meta is not None else None
         return InnerResult(params=stacked, losses=losses, meta_grads=meta_stacked)

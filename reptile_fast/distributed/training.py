@@ -246,6 +246,11 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         raise ValueError(f"this rank trains on {ctx.device} but the model is on {trainer.device}: move the "
                          f"model to context.device before building the trainer")
     reducer = make_reducer(reduction, ctx)
+    if ctx.is_distributed and getattr(trainer, "adam_state", "fresh") == "carried":
+        # each task starts from the Adam state the task before it left: one chain, one process
+        raise ValueError("adam_state='carried' runs every task after the one before it (one Adam state "
+                         "carried along), which cannot be split across processes: train it in one process, "
+                         "or use adam_state='fresh'")
     if ctx.is_distributed and trainer.compiled_options is not None:
         raise ValueError("backend 'compiled' applies its own outer update in one process; across processes "
                          "use an eager backend (auto, torch, reference, triton)")
