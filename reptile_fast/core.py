@@ -370,6 +370,12 @@ class OuterUpdate:
         self._first_bad = torch.where(first, torch.full_like(self._first_bad, iteration), self._first_bad)
         self._healthy = self._healthy & finite
 
+    @property
+    def healthy(self) -> torch.Tensor:
+        """0-dim bool on the device: no meta-step since the last ``check`` was bad, so the last one
+        was applied (a bad one and every later one are skipped until the check)."""
+        return self._healthy
+
     def first_bad(self) -> int:
         """The first non-finite meta-step since the last ``check`` (0: none).  Reads the device."""
         return int(self._first_bad)

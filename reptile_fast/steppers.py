@@ -119,6 +119,9 @@ class EagerStepper(Stepper):
             self._checked_reducer = self.reducer
         mean_deltas, mean_loss = reduced
         self.outer.apply(mean_deltas, mean_loss, eps, iteration)
+        carried = getattr(self.backend, "carried", None)
+        if carried is not None:  # adam_state="carried": its state moves on with φ only (one read)
+            carried.commit(bool(self.outer.healthy))
         return mean_loss
 
     def call_backend(self, method: str, *args):

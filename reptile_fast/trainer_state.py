@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
@@ -93,6 +94,14 @@ def carried_state_problem(model, saved) -> Optional[str]:
             continue
         if not isinstance(entries, Mapping):
             return f"the state of parameter {position} is a {type(entries).__name__}, not a dict"
+        step = entries.get("step")
+        if isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point():
+            step = float(step)
+        elif isinstance(step, torch.Tensor) and step.numel() == 1 and not step.dtype == torch.bool:
+            step = int(step)
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step < 0:
+            return (f"its 'step' of parameter {position} is {entries.get('step')!r}: Adam's step count must be "
+                    f"a finite number >= 0")
         for name in ("exp_avg", "exp_avg_sq"):
             v = entries.get(name)
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape) or not v.is_floating_point():

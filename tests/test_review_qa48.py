@@ -8,7 +8,7 @@ adapts, and restores it after each task (the official ``evaluate``).  Where rept
 definitions are used (its FOMAML meta-gradient: the raw gradient on a final minibatch; its
 ``inner_grad_weights``: D = −Σ w_s g_s) the oracle states them explicitly.
 
-Each test says how it can fail.  Bugs found are kept as ``xfail(strict=True)``.
+Each test says how it can fail.  The three bugs found (the first three below) are fixed.
 """
 from __future__ import annotations
 
@@ -123,13 +123,11 @@ def same_state(a, b):
     return all(set(a[k]) == set(b[k]) and all(torch.equal(a[k][n], b[k][n]) for n in a[k]) for k in a)
 
 
-# ----------------------------------------------------------------------------- findings (xfail)
-@pytest.mark.xfail(strict=True, reason="QA48 finding 1: the skipped meta-steps after a non-finite one still "
-                   "advance the carried Adam state (reference.py keep()), while phi and iteration are rewound")
+# ----------------------------------------------------------------------------- findings (fixed)
 def test_meta_steps_skipped_after_a_non_finite_one_leave_the_carried_state_as_phi():
     # The guard skips the bad meta-step AND every later one until check_finite ("no later meta-step was
     # applied"), rewinding iteration; the carried state must be the one after the last applied step.
-    # Fails today: the good meta-step 3 (skipped) advanced the state from step 10 to step 20.
+    # Failed before the fix: the good meta-step 3 (skipped) advanced the state from step 10 to step 20.
     torch.manual_seed(0)
     trainer = carried(MLP(1, 8, 1), inner_steps=5)
     (tasks, plan), = draws(1, rows=5)
@@ -143,12 +141,10 @@ def test_meta_steps_skipped_after_a_non_finite_one_leave_the_carried_state_as_ph
     assert same_state(trainer.carried_adam_state["state"], kept["state"])
 
 
-@pytest.mark.xfail(strict=True, reason="QA48 finding 2: a meta-step whose update overflows (finite Adam moments, "
-                   "non-finite adapted parameters / loss) is skipped, yet its Adam state is kept")
 def test_a_non_finite_update_with_finite_moments_keeps_the_state_as_it_was():
     # Cross-entropy gradients are bounded, so Adam's moments stay finite while lr=3e38 steps push the
     # bias to ±inf: the outer guard skips the meta-step (NonFiniteError at meta-step 1, iteration 0);
-    # the carried state must still be None (as before it).  Fails today: it holds step 2.
+    # the carried state must still be None (as before it).  Failed before the fix: it held step 2.
     torch.manual_seed(0)
     model = nn.Linear(2, 3)
     trainer = carried(model, inner_lr=3e38, inner_steps=2, inner_batch_size=6, loss="cross_entropy")
@@ -161,11 +157,9 @@ def test_a_non_finite_update_with_finite_moments_keeps_the_state_as_it_was():
     assert trainer.carried_adam_state is None
 
 
-@pytest.mark.xfail(strict=True, reason="QA48 finding 3: carried_state_problem checks exp_avg/exp_avg_sq only; a "
-                   "missing or NaN 'step' loads and fails later (KeyError deep in torch / a NonFiniteError)")
 @pytest.mark.parametrize("bad_step", ["missing", "nan"])
 def test_a_carried_state_with_a_bad_step_count_is_refused_on_load(bad_step):
-    # Fails today: load_state_dict accepts it.
+    # Failed before the fix: load_state_dict accepted it.
     torch.manual_seed(1)
     a = carried(MLP(1, 8, 1), inner_steps=2)
     (tasks, plan), = draws(1, rows=2)

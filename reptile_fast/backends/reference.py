@@ -50,14 +50,16 @@ class CarriedOptimizerState:
     as the official supervised-reptile code keeps one Adam for all its inner loops.
 
     ``state``: a ``torch.optim`` ``state_dict()`` (None before the first task).  A training call
-    (``update`` True) starts each task from the state the previous task left and keeps the last
-    task's, provided every value in it is finite (a non-finite meta-step, which the outer update
-    skips, leaves it as it was); an adaptation call (``frozen()``) starts every task from the
-    same, unchanged state, as the official ``evaluate`` restores it after each test task.
+    (``update`` True) starts each task from the state the previous task left and leaves the last
+    task's as ``pending``; the stepper ``commit``s it once the outer update is applied, only if
+    that meta-step was applied (a non-finite meta-step, and every one the outer guard skips after
+    it, leave the state as φ: as it was).  An adaptation call (``frozen()``) starts every task
+    from the same, unchanged state, as the official ``evaluate`` restores it after each test task.
     """
 
     def __init__(self, state=None):
         self.state = state
+        self.pending = None
         self.update = True
 
     def frozen(self):
@@ -81,10 +83,14 @@ class CarriedOptimizerState:
             optimizer.load_state_dict({"state": copy.deepcopy(state["state"]),
                                        "param_groups": optimizer.state_dict()["param_groups"]})
 
-    def keep(self, state) -> None:
-        tensors = [v for per in state["state"].values() for v in per.values() if isinstance(v, torch.Tensor)]
+    def commit(self, applied: bool) -> None:
+        """Keep the pending state if its meta-step was ``applied`` and its moments are finite."""
+        pending, self.pending = self.pending, None
+        if pending is None or not applied:
+            return
+        tensors = [v for per in pending["state"].values() for v in per.values() if isinstance(v, torch.Tensor)]
         if all(bool(torch.isfinite(t).all()) for t in tensors):
-            self.state = state
+            self.state = pending
 
 
 class ReferenceBackend(Backend):
@@ -147,8 +153,8 @@ class ReferenceBackend(Backend):
                 adapted[n].append(p.detach())
             if carried is not None and carried.update:
                 state = optimizer.state_dict()  # the next task starts from it
-        if carried is not None and carried.update and state is not None:
-            carried.keep(state)
+        if carried is not None and carried.update:
+            carried.pending = state  # committed by the stepper if the meta-step is applied
         stacked = {n: torch.stack(v) for n, v in adapted.items()}
         meta_stacked = {n: torch.stack(v) for n, v in meta.items()} if meta is not None else None
         return InnerResult(params=stacked, losses=losses, meta_grads=meta_stacked)
