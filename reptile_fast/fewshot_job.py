@@ -27,6 +27,7 @@ from .jobs import check_seed, check_threads, derived_seed, replaced_run_note, re
 from .models import OmniglotConvNet
 from .backends.reference import ADAM_STATES, check_adam_state
 from .tasks.base import MINIBATCHES, check_minibatches
+from .tasks.images import PIXELS
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
 from .validation import check_bool, check_device, check_float, check_int
@@ -89,6 +90,11 @@ class OmniglotConfig:
     # the inner Adam's state: "fresh" per task (tasks batched) or "carried" from task to task as the
     # official code keeps one optimizer (tasks one after another: backend reference)
     adam_state: str = "fresh"
+    # the net and the pixels: "torch" / "area" (PyTorch's layers; area-averaged images, strokes 1 on 0)
+    # or "official" (TensorFlow's padding, BatchNorm ε and initialisation; nearest-neighbour
+    # images, white 1 and ink 0), as the official code builds and reads them
+    net: str = "torch"
+    pixels: str = "area"
 
     def __post_init__(self) -> None:
         if isinstance(self.train, (str, os.PathLike)):
@@ -134,6 +140,12 @@ class OmniglotConfig:
             raise ValueError(f"adam_state 'carried' (--adam-state carried) runs the tasks one after another on "
                              f"backend reference; got backend {self.backend!r}: drop --backend or give reference")
         self.adam_state = check_adam_state(self.adam_state, "adam", "reference")
+        for name, choices in (("net", NETS), ("pixels", PIXELS)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                raise (TypeError if not isinstance(value, str) else ValueError)(
+                    f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            setattr(self, name, choices[choices.index(value)])
 
 
 def omniglot_preset(ways: int) -> Dict[str, Any]:
@@ -153,6 +165,14 @@ def _tasks(what: str, data, **settings) -> Omniglot:
         return Omniglot(data, **settings)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
+
+
+#: ``--net``: "torch" (``OmniglotConvNet``'s defaults) or "official" (``OmniglotConvNet.official``)
+NETS = ("torch", "official")
+
+
+def _net(config: OmniglotConfig) -> OmniglotConvNet:
+    return OmniglotConvNet.official(config.ways) if config.net == "official" else OmniglotConvNet(config.ways)
 
 
 def _trainer(config: OmniglotConfig, model) -> Reptile:
@@ -262,8 +282,8 @@ def read_validation(path: Path, start: int, log) -> List[dict]:
 
 def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log, context) -> dict:
     t_load = time.perf_counter()
-    train_data = load_omniglot_images(config.train)
-    test_data = load_omniglot_images([config.test])
+    train_data = load_omniglot_images(config.train, pixels=config.pixels)
+    test_data = load_omniglot_images([config.test], pixels=config.pixels)
     train_alphabets = train_data.alphabets
     test_alphabets = [a for a in test_data.alphabets if a not in set(train_alphabets)]
     if not test_alphabets:
@@ -280,7 +300,7 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
     load_s = time.perf_counter() - t_load
 
     torch.manual_seed(config.seed)
-    model = OmniglotConvNet(config.ways).to(device)
+    model = _net(config).to(device)
     trainer = _trainer(config, model)
 
     start = 0
@@ -399,7 +419,7 @@ def load_trained(model_dir: os.PathLike, device="cpu"):
     known = {f.name for f in fields(OmniglotConfig)}
     # a model saved before --minibatches existed was trained (and tested) on fresh minibatches
     config = OmniglotConfig(**{"minibatches": "fresh", **{k: v for k, v in saved["config"].items() if k in known}})
-    model = OmniglotConvNet(config.ways).to(device)
+    model = _net(config).to(device)
     model.load_state_dict(saved["state_dict"])
     trainer = _trainer(config, model)
     if config.adam_state == "carried":
@@ -424,7 +444,7 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
     # (an error up to the write, e.g. runs of other ways, leaves no empty --out behind)
     with removed_if_left_empty(out_dir):
         out_dir = prepare_directory(out_dir, "output directory")
-        episodes, names = load_official_runs(runs)
+        episodes, names = load_official_runs(runs, pixels=config.pixels)
         if config.ways != episodes.ways:
             raise ValueError(f"the model in {model_dir} was trained for {config.ways}-way tasks; the official "
                              f"runs are {episodes.ways}-way: train one with --ways {episodes.ways}")
@@ -453,7 +473,7 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
 _FLAGS = ("ways", "shots", "iterations", "meta_batch_size", "inner_steps", "inner_batch_size", "inner_lr",
           "train_shots", "outer_lr", "outer_lr_final", "eval_steps", "eval_batch_size", "eval_tasks",
           "query_shots", "transductive", "validate_every", "validation_tasks", "seed", "device", "backend",
-          "checkpoint_every", "threads", "indexed_tasks", "minibatches", "adam_state")
+          "checkpoint_every", "threads", "indexed_tasks", "minibatches", "adam_state", "net", "pixels")
 
 
 def add_parser(subparsers) -> None:
@@ -512,6 +532,13 @@ def add_parser(subparsers) -> None:
                         "task and meta-step to meta-step as the official code's one optimizer (tasks one after "
                         f"another, backend reference; the tests start from the state training left) "
                         f"(default {d.adam_state})")
+    p.add_argument("--net", choices=list(NETS),
+                   help="torch: the conv net with PyTorch's layers; official: TensorFlow's 'same' padding, "
+                        f"BatchNorm eps 1e-3 and Glorot initialisation, as the official code (default {d.net})")
+    p.add_argument("--pixels", choices=list(PIXELS),
+                   help="area: images area-averaged to 28x28, strokes 1 on 0; official: nearest-neighbour, white 1 "
+                        f"and ink 0, as the official code reads them; omniglot-runs reads the runs so too "
+                        f"(default {d.pixels})")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its stored settings "
                    "(flags given as well override them)")
     p.add_argument("--out", help="output directory (default runs/omniglot, or DIR with --resume)")

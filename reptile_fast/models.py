@@ -6,10 +6,61 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .validation import check_bool
+from .validation import check_bool, check_float
 
-__all__ = ["MLP", "OmniglotConvNet", "MiniImageNetConvNet", "ACTIVATIONS"]
+__all__ = ["MLP", "OmniglotConvNet", "MiniImageNetConvNet", "ACTIVATIONS", "SamePad2d", "NET_INITS",
+           "OMNIGLOT_PADDINGS"]
+
+#: ``init=`` of the conv nets: "torch" (PyTorch's layer defaults) or "glorot" (Glorot-uniform
+#: weights and zero biases, TensorFlow's defaults, which the official code's nets use)
+NET_INITS = ("torch", "glorot")
+#: ``OmniglotConvNet(padding=...)``: "torch" (``padding=1`` on every side) or "same" (TensorFlow's)
+OMNIGLOT_PADDINGS = ("torch", "same")
+
+
+def _choice(what: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise (TypeError if not isinstance(value, str) else ValueError)(
+            f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return choices[choices.index(value)]
+
+
+def _initialise(model: nn.Module, init: str) -> None:
+    """Glorot-uniform weights and zero biases for every conv and linear layer ("glorot"): the
+    fans of ``nn.init.xavier_uniform_`` are TensorFlow's (receptive field × channels for a conv
+    kernel, inputs and outputs for a dense one); BatchNorm keeps γ = 1, β = 0 in both."""
+    if init == "glorot":
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
+class SamePad2d(nn.Module):
+    """TensorFlow's ``padding='same'`` before a ``kernel_size`` window at ``stride``: the output
+    has ``ceil(H / stride)`` rows, and an odd total padding puts the extra row (column) after,
+    i.e. at the bottom (right).  For 3×3 at stride 2: 0 before and 1 after on even sizes, 1 and
+    1 on odd ones, where ``nn.Conv2d(padding=1)`` always pads 1 and 1."""
+
+    def __init__(self, kernel_size: int, stride: int):
+        super().__init__()
+        self.kernel_size, self.stride = int(kernel_size), int(stride)
+
+    @staticmethod
+    def _pads(n: int, k: int, s: int):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        return total // 2, total - total // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = self._pads(x.shape[-2], self.kernel_size, self.stride)
+        left, right = self._pads(x.shape[-1], self.kernel_size, self.stride)
+        return F.pad(x, (left, right, top, bottom))
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
 
 ACTIVATIONS = {
     "tanh": nn.Tanh,
@@ -70,10 +121,17 @@ class OmniglotConvNet(nn.Module):
     """The paper's Omniglot net: 4 × [conv 3×3, ``channels``, stride 2, BatchNorm, ReLU] + linear.
 
     Input ``[batch, in_channels, H, W]`` (28×28 in the paper), output ``[batch, n_classes]`` logits.
+
+    The defaults are PyTorch's layers (``padding=1``, BatchNorm ε = 1e-5, PyTorch's initialisation).
+    ``padding="same", bn_eps=1e-3, init="glorot"`` is the official code's net as TensorFlow builds
+    it (``OmniglotConvNet.official(n)``): TensorFlow's "same" padding (``SamePad2d`` before an
+    unpadded conv: 0 rows before and 1 after at 28 and 14), ``tf.layers.batch_normalization``'s
+    ε and Glorot-uniform kernels with zero biases.  Same shapes (28 → 14 → 7 → 4 → 2).
     """
 
     def __init__(self, n_classes: int = 5, in_channels: int = 1, channels: int = 64,
-                 image_size: int = 28, n_blocks: int = 4):
+                 image_size: int = 28, n_blocks: int = 4, *, padding: str = "torch", bn_eps: float = 1e-5,
+                 init: str = "torch"):
         super().__init__()
         for name, v in (("n_classes", n_classes), ("in_channels", in_channels), ("channels", channels),
                         ("image_size", image_size), ("n_blocks", n_blocks)):
@@ -81,14 +139,24 @@ class OmniglotConvNet(nn.Module):
                 raise ValueError(f"OmniglotConvNet {name} must be a positive int, got {v!r}")
         n_classes, in_channels, channels, image_size, n_blocks = map(
             int, (n_classes, in_channels, channels, image_size, n_blocks))
+        padding = _choice("OmniglotConvNet padding", padding, OMNIGLOT_PADDINGS)
+        bn_eps = check_float("OmniglotConvNet bn_eps", bn_eps)
+        init = _choice("OmniglotConvNet init", init, NET_INITS)
         blocks: list[nn.Module] = []
         c, s = in_channels, image_size
         for _ in range(n_blocks):
-            blocks += [nn.Conv2d(c, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels),
-                       nn.ReLU()]
+            conv = [nn.Conv2d(c, channels, 3, stride=2, padding=1)] if padding == "torch" else \
+                [SamePad2d(3, 2), nn.Conv2d(c, channels, 3, stride=2, padding=0)]
+            blocks += [*conv, nn.BatchNorm2d(channels, eps=bn_eps), nn.ReLU()]
             c, s = channels, (s + 1) // 2
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Linear(channels * s * s, n_classes)
+        _initialise(self, init)
+
+    @classmethod
+    def official(cls, n_classes: int = 5, **kwargs) -> "OmniglotConvNet":
+        """The official code's Omniglot net (TensorFlow's padding, BatchNorm ε and initialisation)."""
+        return cls(n_classes, **{"padding": "same", "bn_eps": 1e-3, "init": "glorot", **kwargs})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).flatten(1))
@@ -105,10 +173,13 @@ class MiniImageNetConvNet(nn.Module):
     conv → BatchNorm → max-pool → ReLU per block; ReLU and max-pooling commute, so its order and
     this one compute the same values).  ``pool_first=True`` is another net, conv → max-pool →
     BatchNorm → ReLU, whose BatchNorm statistics are taken over the pooled activations.
+    ``bn_eps=1e-3, init="glorot"`` (``MiniImageNetConvNet.official(n)``): TensorFlow's BatchNorm ε
+    and Glorot-uniform kernels with zero biases, as the official code builds it.
     """
 
     def __init__(self, n_classes: int = 5, in_channels: int = 3, channels: int = 32,
-                 image_size: int = 84, n_blocks: int = 4, pool_first: bool = False):
+                 image_size: int = 84, n_blocks: int = 4, pool_first: bool = False, *, bn_eps: float = 1e-5,
+                 init: str = "torch"):
         super().__init__()
         for name, v in (("n_classes", n_classes), ("in_channels", in_channels), ("channels", channels),
                         ("image_size", image_size), ("n_blocks", n_blocks)):
@@ -117,15 +188,24 @@ class MiniImageNetConvNet(nn.Module):
         n_classes, in_channels, channels, image_size, n_blocks = map(
             int, (n_classes, in_channels, channels, image_size, n_blocks))
         pool_first = check_bool("MiniImageNetConvNet pool_first", pool_first)  # numpy's bool too
+        bn_eps = check_float("MiniImageNetConvNet bn_eps", bn_eps)
+        init = _choice("MiniImageNetConvNet init", init, NET_INITS)
         blocks: list[nn.Module] = []
         c, s = in_channels, image_size
         for _ in range(n_blocks):
             conv, pool = nn.Conv2d(c, channels, 3, padding=1), nn.MaxPool2d(2, ceil_mode=True)
-            norm_relu = [nn.BatchNorm2d(channels), nn.ReLU()]
+            norm_relu = [nn.BatchNorm2d(channels, eps=bn_eps), nn.ReLU()]
             blocks += [conv, pool, *norm_relu] if pool_first else [conv, *norm_relu, pool]
             c, s = channels, (s + 1) // 2
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Linear(channels * s * s, n_classes)
+        _initialise(self, init)
+
+    @classmethod
+    def official(cls, n_classes: int = 5, **kwargs) -> "MiniImageNetConvNet":
+        """The official code's Mini-ImageNet net (TensorFlow's BatchNorm ε and initialisation; its
+        stride-1 "same" convolutions pad 1 and 1, as ``padding=1`` does)."""
+        return cls(n_classes, **{"bn_eps": 1e-3, "init": "glorot", **kwargs})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).flatten(1))

@@ -18,13 +18,24 @@ def require_pil():
     return Image
 
 
-def decode_grey(data: bytes, size: int, *, name: str = "image", invert: bool = True) -> torch.Tensor:
+#: how Omniglot images become pixels (``decode_grey(pixels=...)``): "area", area-averaged and
+#: inverted (strokes 1 on 0); "official", as the official supervised-reptile code reads them
+PIXELS = ("area", "official")
+
+
+def decode_grey(data: bytes, size: int, *, name: str = "image", invert: bool = True,
+                pixels: str = "area") -> torch.Tensor:
     """A PNG/JPEG file's bytes as float32 ``[size, size]`` in [0, 1].
 
-    Resized with area averaging (``Image.BOX``), which keeps thin pen strokes that nearest-
-    neighbour resizing of a 105×105 binary image can drop.  ``invert=True`` maps white to 0 and
-    black to 1, so Omniglot's strokes are 1 on a 0 background.
+    ``pixels="area"``: resized with area averaging (``Image.BOX``), which keeps thin pen strokes
+    that nearest-neighbour resizing of a 105×105 binary image can drop; ``invert=True`` maps
+    white to 0 and black to 1, so Omniglot's strokes are 1 on a 0 background.
+    ``pixels="official"``: as the official code's ``Image.open(f).resize((28, 28))`` on
+    Omniglot's 1-bit PNGs (Pillow resizes mode "1" by nearest neighbour) then ``np.array``:
+    nearest-neighbour, white = 1, ink = 0 (``invert`` is ignored).
     """
+    if pixels not in PIXELS:
+        raise ValueError(f"pixels must be one of {', '.join(map(repr, PIXELS))}, got {pixels!r}")
     Image = require_pil()
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -33,12 +44,12 @@ def decode_grey(data: bytes, size: int, *, name: str = "image", invert: bool = T
                 # alpha, so a transparent background (black RGB under alpha 0) read as ink (QA46)
                 rgba = img.convert("RGBA")
                 img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            grey = img.convert("L").resize((size, size), Image.BOX)
+            grey = img.convert("L").resize((size, size), Image.BOX if pixels == "area" else Image.NEAREST)
             raw = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
     except (OSError, ValueError, SyntaxError) as exc:
         raise ValueError(f"cannot decode {name} as an image: {exc}") from None
     x = raw.reshape(size, size).to(torch.float32) / 255.0
-    return 1.0 - x if invert else x
+    return 1.0 - x if invert and pixels == "area" else x
 
 
 def decode_rgb(data: bytes, size: int, *, name: str = "image") -> torch.Tensor:

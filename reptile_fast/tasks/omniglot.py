@@ -26,7 +26,7 @@ import torch
 
 from .base import TaskBatch, _check_device, _check_positive_int
 from .episodes import Episodes, check_ways, draw_episode_plan, images_needed
-from .images import decode_grey
+from .images import PIXELS, decode_grey
 from ..validation import check_int
 
 __all__ = ["Omniglot", "OmniglotImages", "load_omniglot_images", "load_official_runs", "ROTATIONS"]
@@ -100,22 +100,32 @@ class OmniglotImages:
     """
 
     def __init__(self, images: torch.Tensor, characters: List[Tuple[str, str]], table: torch.Tensor,
-                 counts: torch.Tensor, image_size: int):
+                 counts: torch.Tensor, image_size: int, pixels: str = "area"):
         self.images, self.characters, self.table, self.counts = images, characters, table, counts
-        self.image_size = image_size
+        self.image_size, self.pixels = image_size, pixels
 
     @property
     def alphabets(self) -> List[str]:
         return sorted({a for a, _ in self.characters})
 
 
-def load_omniglot_images(sources, image_size: int = 28) -> OmniglotImages:
+def _check_pixels(pixels) -> str:
+    if not isinstance(pixels, str) or pixels not in PIXELS:
+        raise (TypeError if not isinstance(pixels, str) else ValueError)(
+            f"pixels must be one of {', '.join(map(repr, PIXELS))}, got {pixels!r}")
+    return PIXELS[PIXELS.index(pixels)]
+
+
+def load_omniglot_images(sources, image_size: int = 28, pixels: str = "area") -> OmniglotImages:
     """Read every ``alphabet/characterNN/*.png`` under ``sources`` (folders or zips).
 
     Several sources are merged; an image present in two of them (same alphabet, character and
-    file name: small1 and small2 share Greek and Latin) is read once.
+    file name: small1 and small2 share Greek and Latin) is read once.  ``pixels``: "area"
+    (area-averaged, strokes 1 on 0) or "official" (the official code's: nearest-neighbour,
+    white 1, ink 0; ``images.decode_grey``).
     """
     image_size = check_int("image_size", image_size, 1)
+    pixels = _check_pixels(pixels)
     paths = _sources(sources)
     files: Dict[Tuple[str, str], Dict[str, Path]] = {}  # character -> file name -> its source
     for path in paths:
@@ -147,12 +157,12 @@ def load_omniglot_images(sources, image_size: int = 28) -> OmniglotImages:
         for (alphabet, character, fname), read in _png_entries(src):
             name = f"{alphabet}/{character}/{fname}"
             if name in want:
-                out[want.pop(name), 0] = decode_grey(read(), image_size, name=f"{src}:{name}")
+                out[want.pop(name), 0] = decode_grey(read(), image_size, name=f"{src}:{name}", pixels=pixels)
     counts = torch.tensor([len(r) for r in rows], dtype=torch.long)
     table = torch.full((len(rows), int(counts.max())), -1, dtype=torch.long)
     for ci, row in enumerate(rows):
         table[ci, :len(row)] = torch.tensor(row)
-    return OmniglotImages(out, characters, table, counts, image_size)
+    return OmniglotImages(out, characters, table, counts, image_size, pixels)
 
 
 def _check_rotations(rotations) -> Tuple[int, ...]:
@@ -187,11 +197,15 @@ class Omniglot:
         alphabets: keep only these alphabets (None: all); ``exclude_alphabets``: drop these
             (None: none).
         image_size: side of the square images (28 in the paper).
+        pixels: "area" (area-averaged resize, strokes 1 on a 0 background) or "official" (as the
+            official code reads them: nearest-neighbour resize, white 1, ink 0).  Preloaded
+            images keep theirs (another value given here is refused).
     """
 
     def __init__(self, sources, *, ways: int = 5, shots: int = 1, query_shots: int = 1,
                  rotations: Sequence[int] = (0,), alphabets: Optional[Sequence[str]] = None,
-                 exclude_alphabets: Optional[Sequence[str]] = (), image_size: int = 28):
+                 exclude_alphabets: Optional[Sequence[str]] = (), image_size: int = 28,
+                 pixels: Optional[str] = None):
         self.ways = check_ways(ways)
         self.shots = _check_positive_int("shots", shots)
         self.query_shots = check_int("query_shots", query_shots, 0)
@@ -214,7 +228,13 @@ class Omniglot:
             # the preloaded images' size was kept, silently (QA46)
             raise ValueError(f"image_size={image_size} but the preloaded images are {sources.image_size}×"
                              f"{sources.image_size}: load them at that size (load_omniglot_images(..., image_size))")
-        data = sources if isinstance(sources, OmniglotImages) else load_omniglot_images(sources, image_size)
+        if pixels is not None:
+            pixels = _check_pixels(pixels)
+        if isinstance(sources, OmniglotImages) and pixels is not None and pixels != sources.pixels:
+            raise ValueError(f"pixels={pixels!r} but the preloaded images were read with pixels="
+                             f"{sources.pixels!r}: load them so (load_omniglot_images(..., pixels=...))")
+        data = sources if isinstance(sources, OmniglotImages) else \
+            load_omniglot_images(sources, image_size, pixels or "area")
         self.data = data
         present = set(data.alphabets)
         for name, given in (("alphabets", alphabets), ("exclude_alphabets", exclude_alphabets)):
@@ -318,16 +338,18 @@ class Omniglot:
 _RUN = re.compile(r"^run(\d+)$")
 
 
-def load_official_runs(path: PathLike, image_size: int = 28) -> Tuple[Episodes, List[str]]:
+def load_official_runs(path: PathLike, image_size: int = 28, pixels: str = "area") -> Tuple[Episodes, List[str]]:
     """The 20 official one-shot runs of Lake et al. 2015 (``all_runs.zip`` or its extracted folder).
 
     Each ``runNN/`` holds ``training/classMM.png`` (one image of each of 20 characters of one
     alphabet), ``test/itemMM.png`` and ``class_labels.txt`` (lines ``runNN/test/itemMM.png
     runNN/training/classKK.png``).  Returns ``(episodes, run_names)``: one 20-way 1-shot
     episode per run, support ``[R, 20, 1, S, S]`` with labels ``classMM → MM - 1`` and query
-    ``[R, 20, 1, S, S]`` labelled through ``class_labels.txt``.  For evaluation only.
+    ``[R, 20, 1, S, S]`` labelled through ``class_labels.txt``.  For evaluation only.  ``pixels``:
+    as ``load_omniglot_images`` (the model's training images must be read the same way).
     """
     image_size = check_int("image_size", image_size, 1)
+    pixels = _check_pixels(pixels)
     if not isinstance(path, (str, os.PathLike)):  # Path(None): "expected str, bytes or os.PathLike object"
         raise TypeError(f"path must be the official runs' zip or folder, got {type(path).__name__}")
     path = Path(path)
@@ -372,10 +394,12 @@ def load_official_runs(path: PathLike, image_size: int = 28) -> Tuple[Episodes, 
                 raise ValueError(f"{path}:{run}: class_labels.txt names {classes} but training/ holds "
                                  f"{train_files}")
             label = {c: i for i, c in enumerate(classes)}
-            sx.append(torch.stack([decode_grey(read(prefix + "training/" + c), image_size, name=f"{run}/training/{c}")
+            sx.append(torch.stack([decode_grey(read(prefix + "training/" + c), image_size, name=f"{run}/training/{c}",
+                                               pixels=pixels)
                                    for c in classes]))
             sy.append(torch.arange(len(classes)))
-            qx.append(torch.stack([decode_grey(read(prefix + "test/" + t), image_size, name=f"{run}/test/{t}")
+            qx.append(torch.stack([decode_grey(read(prefix + "test/" + t), image_size, name=f"{run}/test/{t}",
+                                               pixels=pixels)
                                    for t, _ in pairs]))
             qy.append(torch.tensor([label[c] for _, c in pairs]))
     except (KeyError, FileNotFoundError) as exc:  # a zip's KeyError, a folder's FileNotFoundError (QA46)
