@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     config, trainer = load_trained(args.model)
     metrics_path = Path(args.model) / "metrics.json"
     train_alphabets = json.loads(metrics_path.read_text())["train_alphabets"] if metrics_path.exists() else []
-    data = load_omniglot_images([args.test])
+    data = load_omniglot_images([args.test], pixels=config.pixels)
     alphabets = [a for a in data.alphabets if a not in set(train_alphabets)]
     rows = []
     for k in args.shots:

@@ -36,8 +36,8 @@ def main() -> None:
               "results": []}
     for name in ("5way", "20way"):
         config, trainer = load_trained(Path(args.models) / name)
-        train_alphabets = load_omniglot_images(config.train).alphabets
-        test_data = load_omniglot_images([config.test])
+        train_alphabets = load_omniglot_images(config.train, pixels=config.pixels).alphabets
+        test_data = load_omniglot_images([config.test], pixels=config.pixels)
         for k in config.shots:
             dist = Omniglot(test_data, ways=config.ways, shots=k, query_shots=config.query_shots,
                             exclude_alphabets=train_alphabets)

@@ -596,6 +596,15 @@ def config_from_args(args):
                              f"or start a new run")
         from .distributed import is_main
 
+        # what a run saved before these flags existed used (their defaults then)
+        saved_config = {"minibatches": "fresh", "adam_state": "fresh", "net": "torch", "pixels": "area",
+                        **extra["job_config"]}
+        for key, what in (("net", "the checkpoint's model is the {!r} net (its layers and parameter names)"),
+                          ("pixels", "the checkpoint's run read its images with --pixels {!r}, and a resumed "
+                                     "run would train and test on images read another way")):
+            if key in given and given[key] != saved_config[key]:
+                raise ValueError(f"--{key} {given[key]}: " + what.format(saved_config[key]) +
+                                 f"; resume without --{key}, or start a new run with it")
         saved_seed = extra["job_config"].get("seed")
         if "seed" in given and saved_seed is not None and given["seed"] != saved_seed:
             # as in the sine job: the checkpoint's random streams continue, a new seed would only be
@@ -603,12 +612,11 @@ def config_from_args(args):
             raise ValueError(f"--seed {given['seed']}: the checkpoint's run has seed {saved_seed}, and a resumed "
                              f"run continues its random streams; drop --seed, or start a new run with it")
         for key, value in given.items():
-            saved = {"minibatches": "fresh", **extra["job_config"]}.get(key)
+            saved = saved_config.get(key)
             if saved != value and is_main():  # as the sine job says it: the run then differs
                 print(f"note: --{key.replace('_', '-')} {value} overrides the checkpoint's {saved!r}",
                       file=sys.stderr)
-        # a run saved before --minibatches existed drew its minibatches fresh
-        settings = {"minibatches": "fresh", **extra["job_config"], **given}
+        settings = {**saved_config, **given}
         shots = settings.get("shots")
         shots = [shots] if isinstance(shots, int) else shots
         if "eval_batch_size" not in given and isinstance(settings.get("eval_batch_size"), int) \

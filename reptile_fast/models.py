@@ -125,7 +125,7 @@ class OmniglotConvNet(nn.Module):
     The defaults are PyTorch's layers (``padding=1``, BatchNorm ε = 1e-5, PyTorch's initialisation).
     ``padding="same", bn_eps=1e-3, init="glorot"`` is the official code's net as TensorFlow builds
     it (``OmniglotConvNet.official(n)``): TensorFlow's "same" padding (``SamePad2d`` before an
-    unpadded conv: 0 rows before and 1 after at 28 and 14), ``tf.layers.batch_normalization``'s
+    unpadded conv: 0 rows before and 1 after at the even sizes 28, 14 and 4, 1 and 1 at 7), ``tf.layers.batch_normalization``'s
     ε and Glorot-uniform kernels with zero biases.  Same shapes (28 → 14 → 7 → 4 → 2).
     """
 

@@ -3,8 +3,9 @@
 Reads the standard layout ``alphabet/characterNN/*.png`` from a folder or straight from the
 official zips (``images_background.zip``, ``images_background_small1.zip``,
 ``images_evaluation.zip`` …; nothing is extracted), at any depth (``images_background/Greek/…``
-and ``Greek/…`` both work).  Images become float32 ``[1, 28, 28]`` with strokes 1 on a 0
-background (area-averaged resize, see ``images.decode_grey``).
+and ``Greek/…`` both work).  Images become float32 ``[1, 28, 28]``, by default with strokes 1 on
+a 0 background (area-averaged resize); ``pixels="official"`` reads them as the official code does
+(nearest-neighbour, white 1, ink 0; see ``images.decode_grey``).
 
 Classes are characters; ``rotations=(0, 90, 180, 270)`` adds each character's rotations as
 extra classes (the paper's augmentation, for training only).  Classes are split by alphabet
@@ -97,6 +98,7 @@ class OmniglotImages:
         characters: ``[(alphabet, character), ...]``, sorted; class ``c`` of this list.
         table: long ``[n_characters, max_count]``: the image indices of each character
             (padded with -1), ``counts``: long ``[n_characters]``.
+        image_size: S; pixels: how they were read ("area" or "official", ``images.PIXELS``).
     """
 
     def __init__(self, images: torch.Tensor, characters: List[Tuple[str, str]], table: torch.Tensor,
