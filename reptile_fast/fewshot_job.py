@@ -30,7 +30,7 @@ from .tasks.base import MINIBATCHES, check_minibatches
 from .tasks.images import PIXELS
 from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
 from .trainer import Reptile
-from .validation import check_bool, check_device, check_float, check_int
+from .validation import check_bool, check_choice, check_device, check_float, check_int
 
 __all__ = ["OmniglotConfig", "omniglot_preset", "run_omniglot", "run_omniglot_runs", "add_parser",
            "run_command", "config_from_args", "load_trained", "OMNIGLOT_JOB"]
@@ -140,12 +140,8 @@ class OmniglotConfig:
             raise ValueError(f"adam_state 'carried' (--adam-state carried) runs the tasks one after another on "
                              f"backend reference; got backend {self.backend!r}: drop --backend or give reference")
         self.adam_state = check_adam_state(self.adam_state, "adam", "reference")
-        for name, choices in (("net", NETS), ("pixels", PIXELS)):
-            value = getattr(self, name)
-            if not isinstance(value, str) or value not in choices:
-                raise (TypeError if not isinstance(value, str) else ValueError)(
-                    f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-            setattr(self, name, choices[choices.index(value)])
+        self.net = check_choice("net", self.net, NETS)
+        self.pixels = check_choice("pixels", self.pixels, PIXELS)
 
 
 def omniglot_preset(ways: int) -> Dict[str, Any]:

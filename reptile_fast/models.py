@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .validation import check_bool, check_float
+from .validation import check_bool, check_choice, check_float
 
 __all__ = ["MLP", "OmniglotConvNet", "MiniImageNetConvNet", "ACTIVATIONS", "SamePad2d", "NET_INITS",
            "OMNIGLOT_PADDINGS"]
@@ -18,13 +18,6 @@ __all__ = ["MLP", "OmniglotConvNet", "MiniImageNetConvNet", "ACTIVATIONS", "Same
 NET_INITS = ("torch", "glorot")
 #: ``OmniglotConvNet(padding=...)``: "torch" (``padding=1`` on every side) or "same" (TensorFlow's)
 OMNIGLOT_PADDINGS = ("torch", "same")
-
-
-def _choice(what: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise (TypeError if not isinstance(value, str) else ValueError)(
-            f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return choices[choices.index(value)]
 
 
 def _initialise(model: nn.Module, init: str) -> None:
@@ -139,9 +132,9 @@ class OmniglotConvNet(nn.Module):
                 raise ValueError(f"OmniglotConvNet {name} must be a positive int, got {v!r}")
         n_classes, in_channels, channels, image_size, n_blocks = map(
             int, (n_classes, in_channels, channels, image_size, n_blocks))
-        padding = _choice("OmniglotConvNet padding", padding, OMNIGLOT_PADDINGS)
+        padding = check_choice("OmniglotConvNet padding", padding, OMNIGLOT_PADDINGS)
         bn_eps = check_float("OmniglotConvNet bn_eps", bn_eps)
-        init = _choice("OmniglotConvNet init", init, NET_INITS)
+        init = check_choice("OmniglotConvNet init", init, NET_INITS)
         blocks: list[nn.Module] = []
         c, s = in_channels, image_size
         for _ in range(n_blocks):
@@ -189,7 +182,7 @@ class MiniImageNetConvNet(nn.Module):
             int, (n_classes, in_channels, channels, image_size, n_blocks))
         pool_first = check_bool("MiniImageNetConvNet pool_first", pool_first)  # numpy's bool too
         bn_eps = check_float("MiniImageNetConvNet bn_eps", bn_eps)
-        init = _choice("MiniImageNetConvNet init", init, NET_INITS)
+        init = check_choice("MiniImageNetConvNet init", init, NET_INITS)
         blocks: list[nn.Module] = []
         c, s = in_channels, image_size
         for _ in range(n_blocks):

@@ -36,6 +36,17 @@ def check_bool(name: str, value) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def check_choice(name: str, value, choices) -> str:
+    """``value`` as the plain str among ``choices`` it equals (numpy's str_ and a str-valued Enum
+    compare equal to it, but a checkpoint cannot hold them); TypeError for a non-string, ValueError
+    for another string, each naming ``name`` and the choices."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {', '.join(map(repr, choices))}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return choices[list(choices).index(value)]
+
+
 def check_float(name: str, value, *, allow_zero: bool = False) -> float:
     """``value`` as a finite float > 0 (>= 0 with ``allow_zero``); TypeError/ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, Real):

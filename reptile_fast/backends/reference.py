@@ -9,6 +9,7 @@ import copy
 import torch
 
 from ..losses import resolve_loss
+from ..validation import check_choice
 from .base import Backend, InnerConfig, InnerResult
 
 __all__ = ["ReferenceBackend", "CarriedOptimizerState", "ADAM_STATES", "check_adam_state"]
@@ -21,11 +22,7 @@ ADAM_STATES = ("fresh", "carried")
 def check_adam_state(value, inner_optimizer, backend) -> str:
     """``value`` as a plain str if it names an ``ADAM_STATES`` entry that ``inner_optimizer`` and
     ``backend`` can run, else a TypeError/ValueError naming what to change."""
-    if not isinstance(value, str):
-        raise TypeError(f"adam_state must be one of {', '.join(map(repr, ADAM_STATES))}, got {type(value).__name__}")
-    if value not in ADAM_STATES:
-        raise ValueError(f"adam_state must be one of {', '.join(map(repr, ADAM_STATES))}, got {value!r}")
-    value = ADAM_STATES[ADAM_STATES.index(value)]
+    value = check_choice("adam_state", value, ADAM_STATES)
     if value == "carried" and inner_optimizer != "adam":
         raise ValueError(f"adam_state='carried' carries the inner Adam's state from task to task; the inner "
                          f"optimizer is {inner_optimizer!r}: pass inner_optimizer='adam'")

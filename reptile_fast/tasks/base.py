@@ -14,7 +14,7 @@ import numbers
 import torch
 
 from ..native_select import smallest_k
-from ..validation import check_device, check_int, out_of_memory_message
+from ..validation import check_choice, check_device, check_int, out_of_memory_message
 
 __all__ = ["TaskBatch", "TaskDistribution", "sample_indices", "epoch_indices", "draw_plan", "MINIBATCHES",
            "concat_draws"]
@@ -294,13 +294,7 @@ MINIBATCHES = ("fresh", "epochs")
 
 def check_minibatches(value) -> str:
     """``value`` if it names a way of drawing minibatches (``MINIBATCHES``), else a clear error."""
-    if not isinstance(value, str):
-        raise TypeError(f"minibatches must be one of {', '.join(map(repr, MINIBATCHES))}, got "
-                        f"{type(value).__name__}")
-    if value not in MINIBATCHES:
-        raise ValueError(f"minibatches must be one of {', '.join(map(repr, MINIBATCHES))}, got {value!r}")
-    # the plain str (numpy's str_ compares equal, but a checkpoint cannot hold it: QA47)
-    return MINIBATCHES[MINIBATCHES.index(value)]
+    return check_choice("minibatches", value, MINIBATCHES)  # the plain str (QA47)
 
 
 def epoch_indices(

@@ -5,6 +5,8 @@ import io
 
 import torch
 
+from ..validation import check_choice
+
 __all__ = ["require_pil", "decode_grey", "decode_rgb"]
 
 
@@ -34,8 +36,7 @@ def decode_grey(data: bytes, size: int, *, name: str = "image", invert: bool = T
     Omniglot's 1-bit PNGs (Pillow resizes mode "1" by nearest neighbour) then ``np.array``:
     nearest-neighbour, white = 1, ink = 0 (``invert`` is ignored).
     """
-    if pixels not in PIXELS:
-        raise ValueError(f"pixels must be one of {', '.join(map(repr, PIXELS))}, got {pixels!r}")
+    pixels = check_choice("pixels", pixels, PIXELS)
     Image = require_pil()
     try:
         with Image.open(io.BytesIO(data)) as img:

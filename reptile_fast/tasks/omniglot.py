@@ -28,7 +28,7 @@ import torch
 from .base import TaskBatch, _check_device, _check_positive_int
 from .episodes import Episodes, check_ways, draw_episode_plan, images_needed
 from .images import PIXELS, decode_grey
-from ..validation import check_int
+from ..validation import check_choice, check_int
 
 __all__ = ["Omniglot", "OmniglotImages", "load_omniglot_images", "load_official_runs", "ROTATIONS"]
 
@@ -112,10 +112,7 @@ class OmniglotImages:
 
 
 def _check_pixels(pixels) -> str:
-    if not isinstance(pixels, str) or pixels not in PIXELS:
-        raise (TypeError if not isinstance(pixels, str) else ValueError)(
-            f"pixels must be one of {', '.join(map(repr, PIXELS))}, got {pixels!r}")
-    return PIXELS[PIXELS.index(pixels)]
+    return check_choice("pixels", pixels, PIXELS)
 
 
 def load_omniglot_images(sources, image_size: int = 28, pixels: str = "area") -> OmniglotImages:
