@@ -376,6 +376,8 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
         "train_characters": train_dist.n_characters, "train_classes": train_dist.n_classes,
         "test_characters": test_sets[k0].n_characters,
         "iterations": config.iterations, "resumed_from_iteration": start,
+        "minibatches": config.minibatches, "adam_state": config.adam_state, "net": config.net,
+        "pixels": config.pixels,
         "train_seconds": train_s, "eval_seconds": eval_s, "load_seconds": load_s,
         "ms_per_iteration": 1e3 * train_s / max(config.iterations - start, 1),
         "final_inner_loss": history["loss"][-1] if history["loss"] else None,
@@ -427,14 +429,22 @@ def load_trained(model_dir: os.PathLike, device="cpu"):
 
 def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[os.PathLike] = None, *,
                       seed: int = 0, transductive: Optional[bool] = None, log=print,
-                      minibatches: Optional[str] = None) -> dict:
+                      minibatches: Optional[str] = None, threads: Optional[int] = None) -> dict:
     """Adapt a trained model on each official run's 20 training images, classify its 20 test
     images; write ``runs_metrics.json`` (``error_rate``: the mean over runs, a fraction, and
     each run's error) into ``out`` (default: ``model_dir``).  Raises ``ValueError`` for a model
-    trained with another number of ways than the runs'."""
+    trained with another number of ways than the runs'.  ``threads``: CPU threads (default: the
+    model's run's ``threads``; 0: torch's default)."""
     seed = check_int("seed", seed, 0)
     check_seed(seed)
     config, trainer = load_trained(model_dir)
+    threads = config.threads if threads is None else check_int("threads", threads, 0)
+    return _with_threads(threads, lambda: _official_runs(runs, model_dir, out, config, trainer, seed=seed,
+                                                         transductive=transductive, log=log,
+                                                         minibatches=minibatches))
+
+
+def _official_runs(runs, model_dir, out, config, trainer, *, seed, transductive, log, minibatches) -> dict:
     # checked before the evaluation, named like the omniglot job's --out
     out_dir = out if out is not None else model_dir
     # (an error up to the write, e.g. runs of other ways, leaves no empty --out behind)
@@ -455,7 +465,7 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
         metrics = {"error_rate": 1.0 - result.accuracy, "error_rate_ci95": result.as_dict()["ci95"],
                    "per_run_error": per_run, "nearest_neighbour_error_rate": 1.0 - nn.accuracy,
                    "transductive": transductive, "minibatches": minibatches, "eval_steps": config.eval_steps,
-                   "seed": seed,
+                   "seed": seed, "adam_state": config.adam_state, "net": config.net, "pixels": config.pixels,
                    "model": str(model_dir), "runs": str(runs)}
         for n in names:
             log(f"{n}: error {100 * per_run[n]:.1f} %")
@@ -536,7 +546,8 @@ def add_parser(subparsers) -> None:
                         f"and ink 0, as the official code reads them; omniglot-runs reads the runs so too "
                         f"(default {d.pixels})")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its stored settings "
-                   "(flags given as well override them)")
+                   "(flags given as well override them, except --ways, --seed, --net and --pixels, which "
+                   "must be the run's)")
     p.add_argument("--out", help="output directory (default runs/omniglot, or DIR with --resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -549,6 +560,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--out", metavar="DIR", help="where runs_metrics.json goes (default: --model)")
     r.add_argument("--seed", type=_nonneg_int, default=0, help="draws the adaptation minibatches (default 0)")
     r.add_argument("--transductive", action="store_true", default=None, help="(default: as the model's run)")
+    r.add_argument("--threads", type=_nonneg_int, default=None,
+                   help="CPU threads, 0 = torch's default (default: the model's run's --threads)")
     r.add_argument("--minibatches", choices=list(MINIBATCHES), default=None,
                    help="adaptation minibatches: fresh or epochs (default: as the model's run)")
 
@@ -653,7 +666,7 @@ def run_command(args) -> int:
         try:
             metrics = run_omniglot_runs(args.runs, args.model, args.out, seed=args.seed,
                                         transductive=args.transductive, log=log,
-                                        minibatches=args.minibatches)
+                                        minibatches=args.minibatches, threads=args.threads)
         except (OSError, ValueError, TypeError) as exc:
             return _err(as_flags(str(exc), ("seed",), keep=paths))
         print(json.dumps(metrics, indent=2))

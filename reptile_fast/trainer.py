@@ -77,7 +77,8 @@ class Reptile(HyperParameters):
             carried from task to task and meta-step to meta-step, as the official supervised-reptile
             code keeps one optimizer; ``adapt``/``evaluate`` start every task from the state
             training left and keep it unchanged, as its ``evaluate`` does).  "carried" runs the
-            tasks one after another, on ``backend="reference"`` only; its state is checkpointed.
+            tasks one after another, on backend "reference" only ("auto" picks it; another
+            named backend is refused); its state is checkpointed.
         minibatches: how the plans this trainer draws (``fit``, ``meta_step``, ``adapt``,
             ``evaluate`` without ``indices``) pick each inner step's points: "fresh" (the seed:
             ``sample_indices``, distinct points drawn anew every step) or "epochs" (the official
@@ -145,6 +146,8 @@ class Reptile(HyperParameters):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         if backend_options is not None and not isinstance(backend_options, dict):
             raise TypeError(f"backend_options must be a dict, got {type(backend_options).__name__}")
+        if isinstance(adam_state, str) and adam_state == "carried" and backend == "auto":
+            backend = "reference"  # the one backend that carries it: auto's only pick
         self.backend_name = backend
         self._adam_state = check_adam_state(adam_state, inner_optimizer, backend)
         #: the inner Adam's state carried from task to task (adam_state="carried"), or None

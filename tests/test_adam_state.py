@@ -141,9 +141,12 @@ def test_settings_that_cannot_carry_are_refused_by_name():
     model = MLP(1, 4, 1)
     with pytest.raises(ValueError, match="inner_optimizer='adam'"):
         Reptile(model, backend="reference", adam_state="carried")
-    for backend in ("auto", "torch", "compiled"):
+    for backend in ("torch", "compiled", "triton"):
         with pytest.raises(ValueError, match="pass backend='reference'"):
             Reptile(model, backend=backend, inner_optimizer="adam", adam_state="carried")
+    # auto picks the one backend that carries the state
+    auto = Reptile(model, inner_optimizer="adam", adam_state="carried")
+    assert auto.backend.name == "reference" and auto.backend_name == "reference"
     with pytest.raises(ValueError, match="adam_state must be one of 'fresh', 'carried', got 'shared'"):
         Reptile(model, adam_state="shared")
     with pytest.raises(TypeError, match="adam_state must be one of"):

@@ -173,9 +173,26 @@ def test_omniglot_job_builds_and_reads_as_the_official_code(data, tmp_path, monk
     assert isinstance(trainer.model.features[0], SamePad2d) and trainer.model.features[2].eps == 1e-3
     saved = torch.load(out / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in saved.items())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {k: metrics[k] for k in ("minibatches", "adam_state", "net", "pixels")} == \
+        {"minibatches": "epochs", "adam_state": "fresh", "net": "official", "pixels": "official"}
     runs = make_runs(tmp_path, n_runs=1, ways=3)
-    assert main(["omniglot-runs", "--runs", str(runs), "--model", str(out), "--out", str(tmp_path)]) == 0
-    assert read == [{"pixels": "official"}]
+    threads = []  # the threads the runs' evaluation ran with: the model's run's (1), or --threads
+    real_eval = job.evaluate_episodes
+    monkeypatch.setattr(job, "evaluate_episodes",
+                        lambda *a, **kw: threads.append(torch.get_num_threads()) or real_eval(*a, **kw))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["omniglot-runs", "--runs", str(runs), "--model", str(out), "--out", str(tmp_path)]) == 0
+        assert main(["omniglot-runs", "--runs", str(runs), "--model", str(out), "--out", str(tmp_path),
+                     "--threads", "2"]) == 0
+        assert threads == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert read == [{"pixels": "official"}] * 2
+    written = json.loads((tmp_path / "runs_metrics.json").read_text())
+    assert (written["net"], written["pixels"], written["adam_state"]) == ("official", "official", "fresh")
     # a model saved before the options existed is the default net on area pixels
     old = tmp_path / "old"
     assert main(base + ["--out", str(old)]) == 0
