@@ -66,3 +66,12 @@ def make_runs(root: Path, n_runs: int = 2, ways: int = 3) -> Path:
             lines.append(f"run{r + 1:02d}/test/item{k + 1:02d}.png run{r + 1:02d}/training/class{int(perm[k]) + 1:02d}.png")
         (run / "class_labels.txt").write_text("\n".join(lines) + "\n")
     return base
+
+
+def job_data(root: Path) -> dict:
+    """A tiny training zip (alphabets Alpha, Beta) and test folder (Gamma) for the omniglot job:
+    ``{"train": zip path, "test": folder path, "root": root}``."""
+    train = make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
+                     root / "small1.zip")
+    test = make_folder(root / "b", {"Gamma": 3}, prefix="images_background_small2")
+    return {"train": str(train), "test": str(test), "root": root}

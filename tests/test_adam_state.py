@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _fake_omniglot import make_folder, make_runs, make_zip
+from _fake_omniglot import job_data, make_runs
 from reptile_fast import MLP, NonFiniteError, Reptile, Sine, TaskBatch
 from reptile_fast.cli import main
 from reptile_fast.tasks import sample_indices
@@ -209,11 +209,7 @@ def test_one_process_distributed_fit_carries_the_state():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adam_state_job")
-    train = make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
-                     root / "small1.zip")
-    test = make_folder(root / "b", {"Gamma": 3}, prefix="images_background_small2")
-    return {"train": str(train), "test": str(test)}
+    return job_data(tmp_path_factory.mktemp("adam_state_job"))
 
 
 def test_omniglot_job_carries_the_state_resumes_exactly_and_tests_from_it(data, tmp_path, capsys):

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from _fake_omniglot import make_folder, make_runs, make_zip
+from _fake_omniglot import job_data, make_runs
 from reptile_fast import MLP, Reptile, Sine, TaskBatch, epoch_indices
 from reptile_fast.cli import main
 from reptile_fast.distributed.sampler import IndexedSampler
@@ -210,11 +210,7 @@ def test_evaluate_episodes_follows_the_trainer_or_its_argument():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("minibatches_job")
-    train = make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
-                     root / "small1.zip")
-    test = make_folder(root / "b", {"Gamma": 3}, prefix="images_background_small2")
-    return {"train": str(train), "test": str(test), "root": root}
+    return job_data(tmp_path_factory.mktemp("minibatches_job"))
 
 
 def test_omniglot_job_takes_epoch_minibatches(data, tmp_path, capsys, monkeypatch):

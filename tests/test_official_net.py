@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _fake_omniglot import make_folder, make_runs, make_zip
+from _fake_omniglot import job_data, make_runs
 from reptile_fast import MiniImageNetConvNet, OmniglotConvNet
 from reptile_fast.cli import main
 from reptile_fast.models import SamePad2d
@@ -124,11 +124,7 @@ def test_official_pixels_are_the_official_loaders():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("official_net_job")
-    train = make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
-                     root / "small1.zip")
-    test = make_folder(root / "b", {"Gamma": 3}, prefix="images_background_small2")
-    return {"train": str(train), "test": str(test), "root": root}
+    return job_data(tmp_path_factory.mktemp("official_net_job"))
 
 
 def test_loaders_take_the_official_pixels(data, tmp_path):

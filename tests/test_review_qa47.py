@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from _fake_omniglot import make_folder, make_runs, make_zip
+from _fake_omniglot import job_data, make_runs
 from reptile_fast import MLP, Reptile, Sine, TaskBatch, epoch_indices, sample_indices
 from reptile_fast.checkpoint import load_checkpoint
 from reptile_fast.cli import main
@@ -523,11 +523,7 @@ def test_qa47_evaluate_episodes_default_and_override_against_an_oracle():
 # --------------------------------------------------------------------------- the omniglot CLI
 @pytest.fixture(scope="module")
 def omniglot_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qa47_omniglot")
-    train = make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
-                     root / "small1.zip")
-    test = make_folder(root / "b", {"Gamma": 3}, prefix="images_background_small2")
-    return {"train": str(train), "test": str(test)}
+    return job_data(tmp_path_factory.mktemp("qa47_omniglot"))
 
 
 def _omniglot_args(data, out, *extra):

@@ -251,6 +251,19 @@ def _allocated(names: str, sizes: Tuple[int, ...], make: Callable[[], torch.Tens
         raise ValueError(f"{names} = {' x '.join(map(str, sizes))}: {message}") from None
 
 
+def _plan_arguments(n_tasks, inner_steps, n_points, batch_size, generator, device, why: str):
+    """A plan function's arguments checked: ``(n_tasks, inner_steps, n_points, batch_size, the
+    generator's device, device)``; a minibatch larger than the task is refused (``why``: the
+    function's reason)."""
+    n_tasks = _check_positive_int("n_tasks", n_tasks)
+    inner_steps = _check_positive_int("inner_steps", inner_steps)
+    n_points = _check_positive_int("n_points", n_points)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    if batch_size > n_points:
+        raise ValueError(f"batch_size ({batch_size}) must not exceed n_points ({n_points}): {why}")
+    return n_tasks, inner_steps, n_points, batch_size, _check_generator(generator), _check_device(device)
+
+
 def sample_indices(
     n_tasks: int,
     inner_steps: int,
@@ -267,17 +280,8 @@ def sample_indices(
     that the seed draws at every inner step.  Drawn on the generator's device (CPU by default)
     and moved to ``device``, so a seeded generator gives the same plan wherever it is used.
     """
-    n_tasks = _check_positive_int("n_tasks", n_tasks)
-    inner_steps = _check_positive_int("inner_steps", inner_steps)
-    n_points = _check_positive_int("n_points", n_points)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    if batch_size > n_points:
-        raise ValueError(
-            f"batch_size ({batch_size}) must not exceed n_points ({n_points}): "
-            f"a minibatch holds distinct points"
-        )
-    draw_device = _check_generator(generator)
-    device = _check_device(device)
+    n_tasks, inner_steps, n_points, batch_size, draw_device, device = _plan_arguments(
+        n_tasks, inner_steps, n_points, batch_size, generator, device, "a minibatch holds distinct points")
     # A uniformly random permutation per (task, step): argsort of i.i.d. uniforms.  Ties have
     # probability ~N^2 / 2^24 per row in fp32, so draw in float64 where they are negligible.
     keys = uniform_keys("n_tasks x inner_steps x n_points", n_tasks, inner_steps, n_points, generator=generator,
@@ -316,20 +320,14 @@ def epoch_indices(
     Shuffles are argsorts of float64 uniforms drawn on the generator's device, so a seeded
     generator gives the same plan wherever it is used.
     """
-    n_tasks = _check_positive_int("n_tasks", n_tasks)
-    inner_steps = _check_positive_int("inner_steps", inner_steps)
-    n_points = _check_positive_int("n_points", n_points)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    if batch_size > n_points:
-        # the official code takes it (a minibatch then spans shuffles), but every other plan
-        # refuses it, and a minibatch larger than the task is almost surely a mistake
-        raise ValueError(f"batch_size ({batch_size}) must not exceed n_points ({n_points})")
-    draw_device = _check_generator(generator)
-    device = _check_device(device)
+    # (the official code takes a minibatch larger than the task, spanning shuffles; every other
+    # plan refuses it, and it is almost surely a mistake)
+    n_tasks, inner_steps, n_points, batch_size, draw_device, device = _plan_arguments(
+        n_tasks, inner_steps, n_points, batch_size, generator, device, "a minibatch is at most one task's points")
     used = inner_steps * batch_size
     epochs = -(-used // n_points)
-    keys = uniform_keys("n_tasks x epochs x n_points", n_tasks, epochs, n_points, generator=generator,
-                        device=draw_device)
+    keys = uniform_keys(f"n_tasks x epochs (inner_steps x batch_size / n_points, rounded up: {epochs}) x n_points",
+                        n_tasks, epochs, n_points, generator=generator, device=draw_device)
     order = keys.argsort(dim=-1).view(n_tasks, epochs * n_points)[:, :used]
     return order.reshape(n_tasks, inner_steps, batch_size).to(
         device=device if device is not None else draw_device)
