@@ -4,6 +4,7 @@ Slow and obviously right: the oracle the batched backends are compared with.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -59,18 +60,14 @@ class CarriedOptimizerState:
         self.pending = None
         self.update = True
 
+    @contextlib.contextmanager
     def frozen(self):
         """A context in which inner loops read the state and never change it."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            before, self.update = self.update, False
-            try:
-                yield self
-            finally:
-                self.update = before
-        return ctx()
+        before, self.update = self.update, False
+        try:
+            yield self
+        finally:
+            self.update = before
 
     def start(self, optimizer: torch.optim.Optimizer, state) -> None:
         if state is not None:
