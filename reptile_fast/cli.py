@@ -104,7 +104,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     from .checkpoint import load_checkpoint, resolve_checkpoint_path
     from .distributed import DistributedError, is_main
     from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
-    from .signals import TrainingInterrupted
+    from .signals import TrainingInterrupted, sigterm_as_interrupt
     from .trainer import NonFiniteError
     from .validation import as_flags, out_of_memory_message, out_of_memory_or_raise
 
@@ -148,7 +148,8 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
                 f"--eval-steps {config.eval_steps} (the held-out evaluation) does not fit in this "
                 f"machine's memory; lower the one that is too large")
     try:
-        metrics = run_sine(config, out, progress=not args.no_progress, resume=resume)
+        with sigterm_as_interrupt():  # SIGTERM after training (evaluation, outputs): a message, exit 143
+            metrics = run_sine(config, out, progress=not args.no_progress, resume=resume)
     except TrainingInterrupted as exc:
         if main_rank:
             print(f"reptile-fast: {exc.__class__.__name__}: stopped after meta-step {exc.iteration}; "
@@ -160,9 +161,9 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
         from .jobs import resume_hint
 
         return _error(f"{exc}{resume_hint(out)}", 4)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # (Terminated too: SIGTERM, exit 143)
         return _error(f"interrupted without writing a new checkpoint; the last one in {out} (if any) is "
-                      f"intact: continue with reptile-fast sine --resume {out}", 130)
+                      f"intact: continue with reptile-fast sine --resume {out}", getattr(exc, "exit_code", 130))
     except NonFiniteError as exc:
         if not main_rank:  # every rank stops at the same meta-step; rank 0 reports it and its checkpoint
             return 3

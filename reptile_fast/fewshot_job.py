@@ -652,7 +652,7 @@ def config_from_args(args):
 def run_command(args) -> int:
     """Run ``omniglot`` or ``omniglot-runs`` from parsed arguments; returns the exit status."""
     from .distributed import DistributedError, is_main
-    from .signals import TrainingInterrupted
+    from .signals import TrainingInterrupted, sigterm_as_interrupt
     from .trainer import NonFiniteError
     from .validation import as_flags, out_of_memory_message, out_of_memory_or_raise
 
@@ -683,18 +683,19 @@ def run_command(args) -> int:
                 f"with --eval-batch-size {config.eval_batch_size} (validation and the final evaluation) does "
                 f"not fit in this machine's memory; lower the one that is too large")
     try:
-        metrics = run_omniglot(config, out, progress=not args.no_progress, resume=resume, log=log)
+        with sigterm_as_interrupt():  # SIGTERM after training (evaluation, outputs): a message, exit 143
+            metrics = run_omniglot(config, out, progress=not args.no_progress, resume=resume, log=log)
     except TrainingInterrupted as exc:
         log(f"reptile-fast: stopped after meta-step {exc.iteration}; checkpoint written to {exc.checkpoint}.\n"
             f"Resume with: reptile-fast omniglot --resume {out}")
         return exc.exit_code
     except DistributedError as exc:
         return _err(f"{exc}{resume_hint(out)}", 4)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # a second Ctrl-C (stop at once) or one during the final evaluation: a traceback and death by
-        # signal before, where the sine job says this
+        # signal before, where the sine job says this; SIGTERM there (Terminated) exits 143
         return _err(f"interrupted without writing a new checkpoint; the last one in {out} (if any) is "
-                    f"intact: continue with reptile-fast omniglot --resume {out}", 130)
+                    f"intact: continue with reptile-fast omniglot --resume {out}", getattr(exc, "exit_code", 130))
     except NonFiniteError as exc:
         return _err(f"{exc}", 3) if main_rank else 3
     except (OSError, ValueError, TypeError) as exc:

@@ -8,12 +8,14 @@ thread (Python allows no other) and the previous handlers are restored on exit.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import threading
 from typing import Dict, Iterable, Optional
 
-__all__ = ["DeferredSignals", "TrainingInterrupted", "signal_name"]
+__all__ = ["DeferredSignals", "TrainingInterrupted", "Terminated", "sigterm_as_interrupt", "signal_name"]
 
 DEFAULT_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
                         if s is not None)
@@ -52,6 +54,41 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "training interrupted"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (a CLI job's final evaluation, say), raised as Ctrl-C raises
+    ``KeyboardInterrupt``; ``exit_code`` 143, the shell's convention."""
+
+    exit_code = 128 + int(getattr(signal, "SIGTERM", 15))
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt(enabled: Optional[bool] = None):
+    """While the context runs, SIGTERM raises ``Terminated`` in the main thread (its default
+    action killed the process without a word: a job stopped during its final evaluation printed
+    no way to resume).  ``DeferredSignals`` inside the context still defers it during training
+    and puts this handler back after.  Nothing is installed outside the main thread, nor when
+    not ``enabled`` (default: in one process only; under torchrun with several processes a rank
+    blocked in a collective runs no Python handler, and torchrun's SIGTERM must end it as before)."""
+    if enabled is None:
+        try:
+            enabled = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+        except ValueError:
+            enabled = True
+    sigterm = getattr(signal, "SIGTERM", None)
+    if not enabled or sigterm is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise Terminated(f"{signal_name(signum)} received")
+
+    previous = signal.signal(sigterm, handler)
+    try:
+        yield
+    finally:
+        signal.signal(sigterm, previous if previous is not None else signal.SIG_DFL)
 
 
 class DeferredSignals:
