@@ -28,7 +28,8 @@ from .models import OmniglotConvNet
 from .backends.reference import ADAM_STATES, check_adam_state
 from .tasks.base import MINIBATCHES, check_minibatches
 from .tasks.images import PIXELS
-from .tasks.omniglot import ROTATIONS, Omniglot, load_official_runs, load_omniglot_images
+from .tasks.omniglot import (OFFICIAL_TRAIN_CHARACTERS, ROTATIONS, Omniglot, load_official_runs, load_omniglot_images,
+                             official_character_split)
 from .trainer import Reptile
 from .validation import check_bool, check_choice, check_device, check_float, check_int
 
@@ -95,6 +96,13 @@ class OmniglotConfig:
     # images, white 1 and ink 0), as the official code builds and reads them
     net: str = "torch"
     pixels: str = "area"
+    # how characters are split between training and test: "alphabets" (--test's alphabets that are
+    # not in --train's, the default) or "official" (--train and --test read together and split by
+    # character as the official code: train_characters of them drawn by Python's random seeded
+    # with split_seed, the official --seed's default 0; the rest are the test set)
+    split: str = "alphabets"
+    split_seed: int = 0
+    train_characters: int = OFFICIAL_TRAIN_CHARACTERS
 
     def __post_init__(self) -> None:
         if isinstance(self.train, (str, os.PathLike)):
@@ -102,7 +110,10 @@ class OmniglotConfig:
         self.train = [str(p) for p in self.train]
         if not self.train:
             raise ValueError("train: give at least one Omniglot folder or zip to meta-train on")
-        if not isinstance(self.test, (str, os.PathLike)) or not str(self.test):
+        self.split = check_choice("split", self.split, SPLITS)
+        if self.split == "official" and self.test in ("", None):
+            self.test = ""  # --split official: --train may hold every alphabet
+        elif not isinstance(self.test, (str, os.PathLike)) or not str(self.test):
             raise ValueError("test: give the Omniglot folder or zip to test on")
         self.test = str(self.test)
         if isinstance(self.shots, Integral):
@@ -115,7 +126,8 @@ class OmniglotConfig:
                               ("inner_batch_size", 1), ("train_shots", 1), ("eval_steps", 1),
                               ("eval_batch_size", 1), ("eval_tasks", 1), ("query_shots", 1),
                               ("validate_every", 0), ("validation_tasks", 1), ("seed", 0),
-                              ("checkpoint_every", 0), ("threads", 0)):
+                              ("checkpoint_every", 0), ("threads", 0), ("split_seed", 0),
+                              ("train_characters", 1)):
             setattr(self, name, check_int(name, getattr(self, name), minimum))  # numpy ints as ints
         check_seed(self.seed)
         for name in ("inner_lr", "outer_lr"):
@@ -142,6 +154,10 @@ class OmniglotConfig:
         self.adam_state = check_adam_state(self.adam_state, "adam", "reference")
         self.net = check_choice("net", self.net, NETS)
         self.pixels = check_choice("pixels", self.pixels, PIXELS)
+
+
+#: ``--split``: by alphabet (the default) or the official code's split by character
+SPLITS = ("alphabets", "official")
 
 
 def omniglot_preset(ways: int) -> Dict[str, Any]:
@@ -276,23 +292,51 @@ def read_validation(path: Path, start: int, log) -> List[dict]:
     return [v for v in points if v["iteration"] <= start]
 
 
+def _official_split_tasks(config: OmniglotConfig, log):
+    """``(training tasks, {K: test tasks})`` of ``--split official``: --train and --test read
+    together (the official code's one folder of all alphabets), split by character with
+    ``official_character_split``; training characters with their rotations, test ones without."""
+    data = load_omniglot_images(config.train + ([config.test] if config.test else []), pixels=config.pixels)
+    try:
+        train_chars, test_chars = official_character_split(data.characters, seed=config.split_seed,
+                                                           n_train=config.train_characters)
+    except ValueError as exc:
+        raise ValueError(f"--split official with train_characters {config.train_characters}: {exc}") from None
+    log(f"official split (split_seed {config.split_seed}): {len(train_chars)} training characters "
+        f"and {len(test_chars)} test characters of {len(data.characters)}, from {len(data.alphabets)} alphabets")
+    train_dist = _tasks(f"training tasks from the official split's {len(train_chars)} training characters "
+                        f"(ways={config.ways}, train_shots={config.train_shots} images per class)", data,
+                        ways=config.ways, shots=config.train_shots, query_shots=0, rotations=ROTATIONS,
+                        characters=train_chars)
+    test_sets = {k: _tasks(f"{k}-shot test tasks from the official split's {len(test_chars)} test characters "
+                           f"(ways={config.ways}, shots={k}, query_shots={config.query_shots})", data,
+                           ways=config.ways, shots=k, query_shots=config.query_shots, characters=test_chars)
+                 for k in config.shots}
+    return train_dist, test_sets
+
+
 def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log, context) -> dict:
     t_load = time.perf_counter()
-    train_data = load_omniglot_images(config.train, pixels=config.pixels)
-    test_data = load_omniglot_images([config.test], pixels=config.pixels)
-    train_alphabets = train_data.alphabets
-    test_alphabets = [a for a in test_data.alphabets if a not in set(train_alphabets)]
-    if not test_alphabets:
-        raise ValueError(f"every alphabet of --test {config.test} is also in the training data "
-                         f"({train_alphabets}): nothing is left to test on")
-    log(f"train alphabets ({len(train_alphabets)}): {', '.join(train_alphabets)}")
-    log(f"test alphabets ({len(test_alphabets)}, training alphabets removed): {', '.join(test_alphabets)}")
-    train_dist = _tasks(f"training tasks from --train (ways={config.ways}, train_shots={config.train_shots} "
-                        f"images per class)", train_data, ways=config.ways, shots=config.train_shots,
-                        query_shots=0, rotations=ROTATIONS)
-    test_sets = {k: _tasks(f"{k}-shot test tasks from --test's held-out alphabets (ways={config.ways}, shots={k}, "
-                           f"query_shots={config.query_shots})", test_data, ways=config.ways, shots=k,
-                           query_shots=config.query_shots, alphabets=test_alphabets) for k in config.shots}
+    if config.split == "official":
+        train_dist, test_sets = _official_split_tasks(config, log)
+        train_alphabets, test_alphabets = train_dist.alphabets, test_sets[config.shots[0]].alphabets
+    else:
+        train_data = load_omniglot_images(config.train, pixels=config.pixels)
+        test_data = load_omniglot_images([config.test], pixels=config.pixels)
+        train_alphabets = train_data.alphabets
+        test_alphabets = [a for a in test_data.alphabets if a not in set(train_alphabets)]
+        if not test_alphabets:
+            raise ValueError(f"every alphabet of --test {config.test} is also in the training data "
+                             f"({train_alphabets}): nothing is left to test on")
+        log(f"train alphabets ({len(train_alphabets)}): {', '.join(train_alphabets)}")
+        log(f"test alphabets ({len(test_alphabets)}, training alphabets removed): {', '.join(test_alphabets)}")
+        train_dist = _tasks(f"training tasks from --train (ways={config.ways}, train_shots={config.train_shots} "
+                            f"images per class)", train_data, ways=config.ways, shots=config.train_shots,
+                            query_shots=0, rotations=ROTATIONS)
+        test_sets = {k: _tasks(f"{k}-shot test tasks from --test's held-out alphabets (ways={config.ways}, "
+                               f"shots={k}, query_shots={config.query_shots})", test_data, ways=config.ways,
+                               shots=k, query_shots=config.query_shots, alphabets=test_alphabets)
+                     for k in config.shots}
     load_s = time.perf_counter() - t_load
 
     torch.manual_seed(config.seed)
@@ -364,7 +408,8 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
                         "transductive": config.transductive,
                         "nearest_neighbour_accuracy": nn.accuracy,
                         "nearest_neighbour_ci95": None if math.isnan(nn.ci95) else nn.ci95})
-        log(f"{config.ways}-way {k}-shot on held-out alphabets: {100 * result.accuracy:.2f} % "
+        held_out = "held-out characters" if config.split == "official" else "held-out alphabets"
+        log(f"{config.ways}-way {k}-shot on {held_out}: {100 * result.accuracy:.2f} % "
             f"± {100 * (result.ci95 if not math.isnan(result.ci95) else 0):.2f} over {config.eval_tasks} tasks "
             f"(pixel 1-NN: {100 * nn.accuracy:.2f} %)")
     eval_s = time.perf_counter() - t1
@@ -377,7 +422,10 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
         "test_characters": test_sets[k0].n_characters,
         "iterations": config.iterations, "resumed_from_iteration": start,
         "minibatches": config.minibatches, "adam_state": config.adam_state, "net": config.net,
-        "pixels": config.pixels,
+        "pixels": config.pixels, "split": config.split,
+        **({"split_seed": config.split_seed,
+            "test_character_names": ["/".join(c) for c in test_sets[k0].characters]}
+           if config.split == "official" else {}),
         "train_seconds": train_s, "eval_seconds": eval_s, "load_seconds": load_s,
         "ms_per_iteration": 1e3 * train_s / max(config.iterations - start, 1),
         "final_inner_loss": history["loss"][-1] if history["loss"] else None,
@@ -466,7 +514,12 @@ def _official_runs(runs, model_dir, out, config, trainer, *, seed, transductive,
                    "per_run_error": per_run, "nearest_neighbour_error_rate": 1.0 - nn.accuracy,
                    "transductive": transductive, "minibatches": minibatches, "eval_steps": config.eval_steps,
                    "seed": seed, "adam_state": config.adam_state, "net": config.net, "pixels": config.pixels,
-                   "model": str(model_dir), "runs": str(runs)}
+                   "split": config.split, "model": str(model_dir), "runs": str(runs)}
+        if config.split == "official":
+            # the runs' characters come from the evaluation alphabets, which the official split trains on too
+            log(f"note: the model in {model_dir} was trained with --split official, on characters of every "
+                f"alphabet: some of the runs' characters may have been among them, so this is not a "
+                f"held-out-alphabet result")
         for n in names:
             log(f"{n}: error {100 * per_run[n]:.1f} %")
         log(f"error rate over {len(names)} runs: {100 * metrics['error_rate']:.2f} % "
@@ -479,7 +532,8 @@ def _official_runs(runs, model_dir, out, config, trainer, *, seed, transductive,
 _FLAGS = ("ways", "shots", "iterations", "meta_batch_size", "inner_steps", "inner_batch_size", "inner_lr",
           "train_shots", "outer_lr", "outer_lr_final", "eval_steps", "eval_batch_size", "eval_tasks",
           "query_shots", "transductive", "validate_every", "validation_tasks", "seed", "device", "backend",
-          "checkpoint_every", "threads", "indexed_tasks", "minibatches", "adam_state", "net", "pixels")
+          "checkpoint_every", "threads", "indexed_tasks", "minibatches", "adam_state", "net", "pixels",
+          "split", "split_seed", "train_characters")
 
 
 def add_parser(subparsers) -> None:
@@ -500,7 +554,8 @@ def add_parser(subparsers) -> None:
                     "protocol for --ways 5, and for --ways 20 its 20-way settings.")
     p.add_argument("--train", action="append", metavar="PATH",
                    help="Omniglot folder or zip to meta-train on (repeatable)")
-    p.add_argument("--test", metavar="PATH", help="Omniglot folder or zip to test on")
+    p.add_argument("--test", metavar="PATH", help="Omniglot folder or zip to test on (with --split official: read "
+                   "with --train and split by character)")
     p.add_argument("--ways", type=_positive_int, help=f"N (default {d.ways}; 20 selects the 20-way preset)")
     p.add_argument("--shots", type=_positive_int, nargs="+", help="K of the tests; several K are all "
                    "tested, the first is metrics.json's test_accuracy (default 1)")
@@ -545,9 +600,18 @@ def add_parser(subparsers) -> None:
                    help="area: images area-averaged to 28x28, strokes 1 on 0; official: nearest-neighbour, white 1 "
                         f"and ink 0, as the official code reads them; omniglot-runs reads the runs so too "
                         f"(default {d.pixels})")
+    p.add_argument("--split", choices=list(SPLITS),
+                   help="alphabets: train on --train's alphabets, test on --test's others; official: read --train "
+                        "and --test together (--test optional) and split them by character as the official code: "
+                        "--train-characters of them drawn with --split-seed for training, the rest for testing "
+                        f"(default {d.split})")
+    p.add_argument("--split-seed", type=_nonneg_int,
+                   help=f"--split official's draw: the official code's --seed (default {d.split_seed})")
+    p.add_argument("--train-characters", type=_positive_int,
+                   help=f"--split official's training characters (default {d.train_characters} of all 1623)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its stored settings "
-                   "(flags given as well override them, except --ways, --seed, --net and --pixels, which "
-                   "must be the run's)")
+                   "(flags given as well override them, except --ways, --seed, --net, --pixels and the "
+                   "split's, which must be the run's)")
     p.add_argument("--out", help="output directory (default runs/omniglot, or DIR with --resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -607,13 +671,18 @@ def config_from_args(args):
 
         # what a run saved before these flags existed used (their defaults then)
         saved_config = {"minibatches": "fresh", "adam_state": "fresh", "net": "torch", "pixels": "area",
+                        "split": "alphabets", "split_seed": 0, "train_characters": OFFICIAL_TRAIN_CHARACTERS,
                         **extra["job_config"]}
         for key, what in (("net", "the checkpoint's model is the {!r} net (its layers and parameter names)"),
                           ("pixels", "the checkpoint's run read its images with --pixels {!r}, and a resumed "
-                                     "run would train and test on images read another way")):
+                                     "run would train and test on images read another way"),
+                          *((k, "the checkpoint's run split its characters with --" + k.replace("_", "-") +
+                             " {!r}, and a resumed run would train and test on other characters")
+                            for k in ("split", "split_seed", "train_characters"))):
             if key in given and given[key] != saved_config[key]:
-                raise ValueError(f"--{key} {given[key]}: " + what.format(saved_config[key]) +
-                                 f"; resume without --{key}, or start a new run with it")
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"{flag} {given[key]}: " + what.format(saved_config[key]) +
+                                 f"; resume without {flag}, or start a new run with it")
         saved_seed = extra["job_config"].get("seed")
         if "seed" in given and saved_seed is not None and given["seed"] != saved_seed:
             # as in the sine job: the checkpoint's random streams continue, a new seed would only be
@@ -635,8 +704,9 @@ def config_from_args(args):
             settings["eval_batch_size"] = min(settings["eval_batch_size"], settings["ways"] * min(shots))
         out = args.out if args.out is not None else str(resume.parent)
     else:
-        if "train" not in given or "test" not in given:
-            raise ValueError("omniglot needs --train PATH and --test PATH (or --resume DIR)")
+        if "train" not in given or ("test" not in given and given.get("split") != "official"):
+            raise ValueError("omniglot needs --train PATH and --test PATH (or --resume DIR; with --split "
+                             "official, --train PATH alone: every alphabet)")
         ways = given.get("ways", 5)
         preset = omniglot_preset(ways)
         # The preset's batch sizes are capped at what a task holds (fewer ways or shots than the

@@ -2,8 +2,8 @@
 from .base import MINIBATCHES, TaskBatch, TaskDistribution, draw_plan, epoch_indices, sample_indices
 from .episodes import Episodes
 from .miniimagenet import MiniImageNet
-from .omniglot import Omniglot, load_official_runs
+from .omniglot import Omniglot, load_official_runs, official_character_split
 from .sine import Sine
 
 __all__ = ["TaskBatch", "TaskDistribution", "sample_indices", "epoch_indices", "draw_plan", "MINIBATCHES",
-           "Sine", "Episodes", "Omniglot", "load_official_runs", "MiniImageNet"]
+           "Sine", "Episodes", "Omniglot", "load_official_runs", "official_character_split", "MiniImageNet"]

@@ -9,7 +9,9 @@ a 0 background (area-averaged resize); ``pixels="official"`` reads them as the o
 
 Classes are characters; ``rotations=(0, 90, 180, 270)`` adds each character's rotations as
 extra classes (the paper's augmentation, for training only).  Classes are split by alphabet
-(``alphabets=`` / ``exclude_alphabets=``), so test alphabets can be kept out of training.
+(``alphabets=`` / ``exclude_alphabets=``), so test alphabets can be kept out of training, or by
+character (``characters=``; ``official_character_split`` draws the official code's split: 1200
+characters of all alphabets for training, the rest for testing).
 
 ``load_official_runs`` reads the 20 within-alphabet 20-way one-shot runs of Lake et al. 2015
 (``all_runs.zip``) for evaluation only.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import random
 import re
 import zipfile
 from pathlib import Path
@@ -30,9 +33,12 @@ from .episodes import Episodes, check_ways, draw_episode_plan, images_needed
 from .images import PIXELS, decode_grey
 from ..validation import check_choice, check_int
 
-__all__ = ["Omniglot", "OmniglotImages", "load_omniglot_images", "load_official_runs", "ROTATIONS"]
+__all__ = ["Omniglot", "OmniglotImages", "load_omniglot_images", "load_official_runs", "ROTATIONS",
+           "official_character_split", "OFFICIAL_TRAIN_CHARACTERS"]
 
 ROTATIONS = (0, 90, 180, 270)
+#: training characters of the official code's split (openai/supervised-reptile ``split_dataset``)
+OFFICIAL_TRAIN_CHARACTERS = 1200
 PathLike = Union[str, os.PathLike]
 
 
@@ -164,6 +170,49 @@ def load_omniglot_images(sources, image_size: int = 28, pixels: str = "area") ->
     return OmniglotImages(out, characters, table, counts, image_size, pixels)
 
 
+def official_character_split(characters: Sequence[Tuple[str, str]], *, seed: int = 0,
+                             n_train: int = OFFICIAL_TRAIN_CHARACTERS
+                             ) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
+    """The official code's split of Omniglot's characters: ``(train, test)``.
+
+    The official code (openai/supervised-reptile) reads every character of both official sets
+    (all 50 alphabets in one folder), sorted by alphabet then character, seeds Python's
+    ``random`` with its ``--seed`` (default 0), shuffles the list once and keeps the first 1200
+    for training (with 90° rotations) and the other 423 for testing (without).  This is that
+    shuffle, on a private ``random.Random(seed)`` (Python's shuffle depends only on the seed and
+    the list's length, so the same characters in the same order give the same split; the global
+    ``random`` state is not touched).
+
+    Args:
+        characters: ``[(alphabet, character), ...]`` — e.g. ``OmniglotImages.characters`` (sorted,
+            as the official code lists them; given in another order, they are sorted first).
+        seed: the official run's ``--seed``, a non-negative int.
+        n_train: training characters (the official 1200), at least 1 and fewer than the characters
+            given (the rest are the test set).
+    Returns:
+        ``(train, test)``: lists of ``(alphabet, character)``, ``train`` in the shuffled order's
+        first ``n_train``, ``test`` the rest (each as the official lists them).
+    """
+    seed = check_int("seed", seed, 0)
+    n_train = check_int("n_train", n_train, 1)
+    if isinstance(characters, (str, bytes)):
+        raise TypeError("characters must be a list of (alphabet, character) pairs, not one string")
+    try:
+        chars = [tuple(c) for c in characters]
+    except TypeError:
+        raise TypeError("characters must be a list of (alphabet, character) pairs") from None
+    if not all(len(c) == 2 and all(isinstance(part, str) for part in c) for c in chars):
+        raise TypeError("characters must be a list of (alphabet, character) pairs of strings")
+    if len(set(chars)) != len(chars):
+        raise ValueError("characters lists a character twice")
+    if n_train >= len(chars):
+        raise ValueError(f"n_train={n_train} leaves no test character: the data has {len(chars)} characters "
+                         f"(the official split keeps {OFFICIAL_TRAIN_CHARACTERS} of all 1623 for training)")
+    chars = sorted(chars)
+    random.Random(seed).shuffle(chars)
+    return chars[:n_train], chars[n_train:]
+
+
 def _check_rotations(rotations) -> Tuple[int, ...]:
     # int() would read "90" as 90 and truncate 90.5 to 90: only whole numbers of degrees are taken
     message = f"rotations must be a sequence of int degrees among {ROTATIONS}, got {rotations!r}"
@@ -181,6 +230,25 @@ def _check_rotations(rotations) -> Tuple[int, ...]:
     return rots
 
 
+def _check_characters(characters, data: OmniglotImages) -> set:
+    """``characters`` as a set of ``(alphabet, character)`` pairs that are all in ``data``."""
+    if isinstance(characters, (str, bytes)):
+        raise TypeError("characters must be a list of (alphabet, character) pairs, not one string")
+    try:
+        pairs = [tuple(c) if not isinstance(c, (str, bytes)) else c for c in characters]
+    except TypeError:
+        raise TypeError(f"characters must be a list of (alphabet, character) pairs, "
+                        f"got {type(characters).__name__}") from None
+    for c in pairs:
+        if not (isinstance(c, tuple) and len(c) == 2 and all(isinstance(part, str) for part in c)):
+            raise TypeError(f"characters must be (alphabet, character) pairs of strings, got {c!r}")
+    unknown = sorted(set(pairs) - set(data.characters))
+    if unknown:
+        raise ValueError(f"characters {unknown[:5]}{' …' if len(unknown) > 5 else ''} "
+                         f"({len(unknown)} in all) are not in the data")
+    return set(pairs)
+
+
 class Omniglot:
     """N-way K-shot Omniglot tasks: ``sample`` for meta-training, ``sample_episodes`` for testing.
 
@@ -195,6 +263,8 @@ class Omniglot:
             paper's training augmentation; ``(0,)`` (the default) for testing.
         alphabets: keep only these alphabets (None: all); ``exclude_alphabets``: drop these
             (None: none).
+        characters: keep only these ``(alphabet, character)`` pairs (None: all), within the
+            alphabets kept — e.g. one side of ``official_character_split``.
         image_size: side of the square images (28 in the paper).
         pixels: "area" (area-averaged resize, strokes 1 on a 0 background) or "official" (as the
             official code reads them: nearest-neighbour resize, white 1, ink 0).  Preloaded
@@ -204,7 +274,7 @@ class Omniglot:
     def __init__(self, sources, *, ways: int = 5, shots: int = 1, query_shots: int = 1,
                  rotations: Sequence[int] = (0,), alphabets: Optional[Sequence[str]] = None,
                  exclude_alphabets: Optional[Sequence[str]] = (), image_size: int = 28,
-                 pixels: Optional[str] = None):
+                 pixels: Optional[str] = None, characters: Optional[Sequence[Tuple[str, str]]] = None):
         self.ways = check_ways(ways)
         self.shots = _check_positive_int("shots", shots)
         self.query_shots = check_int("query_shots", query_shots, 0)
@@ -249,12 +319,16 @@ class Omniglot:
                 raise ValueError(f"alphabets {unknown} are not in the data (it has {sorted(present)})")
         keep = set(present) if alphabets is None else set(alphabets)
         keep -= set(exclude_alphabets)
-        self.char_ids = torch.tensor([i for i, (a, _) in enumerate(data.characters) if a in keep],
-                                     dtype=torch.long)
+        wanted = None if characters is None else _check_characters(characters, data)
+        self.char_ids = torch.tensor([i for i, (a, c) in enumerate(data.characters)
+                                      if a in keep and (wanted is None or (a, c) in wanted)], dtype=torch.long)
         if self.char_ids.numel() == 0:
             raise ValueError("no characters left after selecting alphabets "
-                             f"(data has {sorted(present)}, kept {sorted(keep)})")
-        self.alphabets = sorted(keep & present)
+                             f"(data has {sorted(present)}, kept {sorted(keep)})"
+                             + ("" if wanted is None else f" and the {len(wanted)} characters given"))
+        # the alphabets that hold a kept character (with ``characters``, not every kept alphabet does)
+        self.alphabets = sorted({data.characters[int(i)][0] for i in self.char_ids})
+        self._selected_characters = None if wanted is None else self.characters
         counts = data.counts[self.char_ids]
         need = self.shots + self.query_shots
         if int(counts.min()) < need:
@@ -289,7 +363,7 @@ class Omniglot:
     def subset(self, **changes) -> "Omniglot":
         """A copy with other settings (``ways``, ``shots``, ``alphabets`` …), sharing the images."""
         kw = dict(ways=self.ways, shots=self.shots, query_shots=self.query_shots,
-                  rotations=self.rotations, alphabets=self.alphabets)
+                  rotations=self.rotations, alphabets=self.alphabets, characters=self._selected_characters)
         kw.update(changes)
         return Omniglot(self.data, **kw)
 
