@@ -26,8 +26,9 @@ def modes_kept(model: nn.Module):
 
 def structure_key(model: nn.Module) -> tuple:
     """``(modules with their train/eval mode and hooks, parameter ids, (dtype, device) per
-    parameter)``: about 10 µs for an MLP."""
-    modules, hooks = list(model.modules()), []
+    parameter, parameter names, requires_grad per parameter)``: about 10 µs for an MLP."""
+    named = list(model.named_modules())
+    modules, hooks = [m for _, m in named], []
     for m in modules:
         hooks.append((id(m), m.training))  # a forward may branch on the mode: programs follow it
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
@@ -37,7 +38,13 @@ def structure_key(model: nn.Module) -> tuple:
     # follow them (QA46: one registered after Reptile(...) was skipped by the fused MLP paths)
     hooks.append(global_module_hooks())
     params = [p for m in modules for p in m._parameters.values() if p is not None]
-    return tuple(hooks), tuple(map(id, params)), tuple((p.dtype, p.device) for p in params)
+    # names: torch.nn.utils.prune renames "weight" to "weight_orig", the same Parameter object
+    # (QA50: a KeyError in the outer update); requires_grad: a parameter frozen after construction
+    # (QA50: backend reference left it, the batched backends trained it)
+    names = tuple(f"{prefix}.{k}" if prefix else k for prefix, m in named
+                  for k, p in m._parameters.items() if p is not None)
+    return (tuple(hooks), tuple(map(id, params)), tuple((p.dtype, p.device) for p in params), names,
+            tuple(p.requires_grad for p in params))
 
 
 def check_followable(built_for: tuple, now: tuple) -> None:
@@ -49,6 +56,17 @@ def check_followable(built_for: tuple, now: tuple) -> None:
                          "with parameters swapped in, or a parameter reassigned): the outer update "
                          "would not reach them; build a new Reptile (and outer optimizer) for the "
                          "changed model")
+    if now[3] != built_for[3]:
+        was, new = next((a, b) for a, b in zip(built_for[3], now[3]) if a != b)
+        raise ValueError(f"the model's parameter {was!r} was renamed {new!r} after Reptile(...) was built "
+                         f"(torch.nn.utils.prune, say): its checks, programs and outer update are for the "
+                         f"old names; build a new Reptile for the changed model")
+    if now[4] != built_for[4]:
+        changed = [n for n, a, b in zip(now[3], built_for[4], now[4]) if a != b]
+        raise ValueError(f"requires_grad of the model's parameters {changed} changed after Reptile(...) was "
+                         f"built: Reptile meta-learns every parameter (the seed's loop would skip a frozen "
+                         f"one while the batched backends train it, so a model with frozen parameters is "
+                         f"refused); set requires_grad=True again, or remove them and build a new Reptile")
     if now[2] != built_for[2]:
         was, new = next((a, b) for a, b in zip(built_for[2], now[2]) if a != b)
         raise ValueError(f"the model was moved or cast after Reptile(...) was built (from {was[0]} on {was[1]} "

@@ -169,6 +169,13 @@ def check_meta_model(model):
         # rather than two answers, refuse.
         raise ValueError(f"model has frozen parameters (requires_grad=False): {frozen}; "
                          f"Reptile meta-learns every parameter — remove them or unfreeze them")
+    sparse = [n or "the model" for n, m in model.named_modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    if sparse:
+        # sparse gradients: vmap, torch.optim's Adam and the outer update's means cannot take them
+        # (QA50: errors from inside torch); dense ones are the same values
+        raise ValueError(f"{sparse}: an nn.Embedding/EmbeddingBag with sparse=True (sparse gradients) is not "
+                         f"supported; build it with sparse=False (the same gradients, dense)")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not bool(torch.isfinite(p).all()):

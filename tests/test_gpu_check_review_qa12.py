@@ -62,7 +62,7 @@ def test_deadline_ends_a_hung_run_with_its_rows_and_a_summary(tmp_path):
               "    time.sleep(120)\n"
               "GC.stage_correctness = hung\n"
               "GC.DEADLINE_GRACE = 1.0  # (10 s on a real run)\n"
-              f"sys.exit(GC.main(['--cpu-smoke', '--budget', '25', '--stages', '3', {str(out)!r}]))\n")
+              f"sys.exit(GC.main(['--cpu-smoke', '--budget', '15', '--stages', '3', {str(out)!r}]))\n")
     _run_until_cut_short(script)
     results = json.loads((out / "results.json").read_text())
     corr = results["stages"]["correctness"]
@@ -183,7 +183,7 @@ def test_sweep_deadline_keeps_the_rows_of_a_hung_T(tmp_path):
               "S.sweep_T = hung\n"
               "import bench.gpu_check as GC\n"
               "GC.DEADLINE_GRACE = 1.0  # (10 s on a real run)\n"
-              f"sys.exit(S.main(['--cpu-smoke', '--budget', '20', {str(out)!r}]))\n")
+              f"sys.exit(S.main(['--cpu-smoke', '--budget', '12', {str(out)!r}]))\n")
     _run_until_cut_short(script)
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert rows[0]["ms"] == 1.0 and rows[-1]["status"] == "cut short" and rows[-1]["T"] == 1, rows

@@ -169,13 +169,14 @@ def _poison_unplanned(x, y, plan, steps, loss):
 @pytest.mark.parametrize("loss, dims, batch", [("mse", (2, 6, 3), 3), ("cross_entropy", (3, 20, 5), 1),
                                                ("mse", (1, 8, 1), 32)])
 def test_prefetch_every_step_count_many_tasks_per_program(device, loss, dims, batch):
-    """preload "prefetch" against True and False (``assert_same_across_configs``) for 0..5 inner steps on a plan with two
+    """preload "prefetch" against True and False (``assert_same_across_configs``) for 0, 1, 2 and 5 inner steps
+    (none; one, where nothing is fetched ahead; the first look-ahead; several) on a plan with two
     more rows than steps (garbage indices there), 7 tasks on 3 programs (tasks 3 and 6 start a
     program's look-ahead afresh), batch 1 (a padded row block) to 32, NaN at every unplanned point."""
     acts = ("tanh", "identity")
     T, N = 7, 40
     x0, y0, phi, g = _data(T, N, dims, loss, 30 + batch, device)
-    for steps in range(0, 6):
+    for steps in (0, 1, 2, 5):  # (3 and 4 added 1/3 of the time and no new case: CI time)
         plan = _garbage_plan(T, steps + 2, steps, N, batch, g, device)
         x, y = _poison_unplanned(x0, y0, plan, steps, loss)
         runs = {}

@@ -87,6 +87,21 @@ class CarriedOptimizerState:
             self.state = pending
 
 
+def task_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(model)`` for one task's inner loop, with the tensors a forward left in plain
+    attributes copied detached.  deepcopy refuses a tensor that is not a graph leaf ("Only Tensors
+    created explicitly by the user (graph leaves) support the deepcopy protocol"), and a forward
+    leaves such tensors behind: an activation kept for plotting (``self.features = h``, after the
+    trainer's own input check ran a forward), ``torch.nn.utils.prune``'s masked weight (recomputed
+    from ``weight_orig`` before each forward).  Parameters and buffers are leaves: copied as is."""
+    memo = {}
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     #: a ``CarriedOptimizerState`` the inner loops start from and update, or None (a fresh
@@ -113,7 +128,7 @@ class ReferenceBackend(Backend):
         carried = self.carried
         state = carried.state if carried is not None else None
         for i in range(T):
-            task_model = copy.deepcopy(model)
+            task_model = task_copy(model)
             params = list(task_model.parameters())
             optimizer = make_inner_optimizer(params, config)
             if carried is not None:
