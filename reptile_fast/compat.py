@@ -192,6 +192,11 @@ class InputChecker:
                 for h in handles:
                     h.remove()
         self._id_readers[(tuple(tasks.x.shape[2:]), tasks.x.dtype)] = tuple(found)
+        if isinstance(out, (tuple, list, dict)) and loss_name(self.loss) is None and _output_leaves(out) is None:
+            # a callable loss was given: what it cannot take is an output holding something else (QA50)
+            raise TypeError(f"the model returns a {type(out).__name__} that holds something other than tensors "
+                            f"(None, a number, a string); a callable loss takes a tensor or a tuple, list or dict "
+                            f"of tensors: return only tensors")
         if not isinstance(out, torch.Tensor) and (loss_name(self.loss) is not None or _output_leaves(out) is None):
             raise TypeError(f"the model must return a tensor (predictions [batch, ...]) for the loss, got "
                             f"{type(out).__name__} (a tuple, list or dict of tensors, e.g. several heads, "

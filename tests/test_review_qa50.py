@@ -419,3 +419,24 @@ def test_a_loss_module_changed_after_construction_is_followed_or_refused():
         trainer.meta_step(_tasks(), _plans(1)[0])
         got[backend] = _flat(model)
     torch.testing.assert_close(got["torch"], got["reference"], rtol=RTOL, atol=ATOL)
+
+
+def test_an_output_holding_none_with_a_callable_loss_says_what_is_wrong():
+    """QA50 (minor, fixed): ``(out, None)`` with a callable loss was refused saying it "needs a
+    callable loss" -- one was given; the message now names what the output holds."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.l(x), None
+
+    trainer = Reptile(TwoHeads(), backend="torch", loss=lambda out, y: ((out[0] - y) ** 2).mean(), **KW)
+    with pytest.raises(TypeError, match="holds something other than tensors") as info:
+        trainer.meta_step(_tasks(), _plans(1)[0])
+    assert "needs a callable loss" not in str(info.value)
+    # with a named loss the older message stays: a named loss takes one tensor
+    trainer = Reptile(TwoHeads(), backend="torch", loss="mse", **KW)
+    with pytest.raises(TypeError, match="needs a callable loss"):
+        trainer.meta_step(_tasks(), _plans(1)[0])
