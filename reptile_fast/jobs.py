@@ -233,9 +233,21 @@ def train_job(trainer, task_distribution, *, iterations: int, meta_batch_size: i
     ``checkpoint_every`` meta-steps (0: at the end and on signals only)."""
     common = dict(meta_batch_size=meta_batch_size, progress=progress, callback=callback, checkpoint_dir=out,
                   checkpoint_every=checkpoint_every or None, resume_from=resume, checkpoint_extra=extra)
+    default_show = warnings.showwarning
+
+    def as_note(message, category, filename, lineno, file=None, line=None):
+        """The library's own warnings (a resume whose flags make it differ from an uninterrupted
+        run) as the job's other notes are printed: one line, rank 0 alone; before, a Python
+        UserWarning with a file and line followed the job's own note on the same change."""
+        if os.path.basename(os.path.dirname(str(filename))) != "reptile_fast":
+            return default_show(message, category, filename, lineno, file, line)
+        if context.is_main:
+            print(f"note: {message}", file=sys.stderr)
+
     with warnings.catch_warnings():
         # the job printed its own note for a checkpoint it replaces (the only one: not once per rank)
         warnings.simplefilter("ignore", CheckpointReplacedWarning)
+        warnings.showwarning = as_note  # (catch_warnings puts the default back)
         if indexed:
             from .distributed import distributed_fit
 

@@ -152,3 +152,48 @@ def test_as_flags_changes_setting_names_only():
                     "--inner-batch-size 4", names) == (
         "beyond --iterations 3; --outer-lr-final and --outer-lr; shots: give K; my_inner_batch_size; "
         "--inner-batch-size 4")
+
+
+def test_a_resume_that_changes_the_run_says_so_in_notes_not_python_warnings(tmp_path, capsys):
+    """A resume whose flags make it differ from an uninterrupted run (another --meta-batch-size):
+    the job's own note, then the library's warning printed as a note -- not a Python
+    ``UserWarning`` with its file and line (the known nit of sessions 20-21).  torch's own
+    warnings keep Python's format (only the library's become notes)."""
+    import warnings
+
+    args = ["--eval-tasks", "1", "--eval-steps", "1", "--no-progress"]
+    assert main(["sine", "--iterations", "2", "--out", str(tmp_path / "a"), *args]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["sine", "--resume", str(tmp_path / "a"), "--iterations", "3", "--meta-batch-size", "2",
+                     "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the checkpoint's run drew 1 tasks per meta-step, this fit 2" in err, err
+    assert "UserWarning" not in err
+
+
+def test_other_warnings_during_a_job_keep_pythons_format(monkeypatch, tmp_path):
+    """The notes are for the library's warnings only: another module's warning (here one raised from
+    a stand-in 'torch' file) goes to Python's own display."""
+    import warnings
+
+    from reptile_fast import jobs
+
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda *a, **k: shown.append(a))
+
+    class FitWarns:
+        def fit(self, *a, **k):
+            warnings.warn_explicit("from elsewhere", UserWarning, "/x/torch/nn/modules/module.py", 1)
+            warnings.warn_explicit("from the library", UserWarning, jobs.__file__, 1)
+            return {"loss": []}
+
+        device = type("D", (), {"type": "cpu"})()
+
+    ctx = type("C", (), {"is_main": True})()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        jobs.train_job(FitWarns(), None, iterations=1, meta_batch_size=1, seed=0, indexed=False, context=ctx,
+                       progress=False, out=tmp_path, checkpoint_every=0, resume=None, extra={})
+    assert [str(a[0]) for a in shown] == ["from elsewhere"]
