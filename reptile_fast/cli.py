@@ -106,7 +106,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
     from .signals import TrainingInterrupted, sigterm_as_interrupt
     from .trainer import NonFiniteError
-    from .validation import as_flags, out_of_memory_message, out_of_memory_or_raise
+    from .validation import as_flags, flag_words_nonfinite, out_of_memory_message, out_of_memory_or_raise
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     paths = (args.out, args.resume)  # left as they are in errors worded with flags (as_flags)
@@ -117,6 +117,11 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
             base = sine_config_from_checkpoint(load_checkpoint(resume), f"checkpoint {resume}")
         except (OSError, ValueError, TypeError) as exc:
             return _error(f"--resume {args.resume}: {exc}")
+        if "hidden_dim" in given and given["hidden_dim"] != base.hidden_dim:
+            # the saved model's shape: a resumed run cannot change it (QA51: a note said it overrode
+            # it, then the checkpoint failed to load, in the library's words)
+            return _error(f"--hidden-dim {given['hidden_dim']}: the checkpoint's model is {base.hidden_dim} wide "
+                          f"(its weights' shapes); resume without --hidden-dim, or start a new run with it")
         if "seed" in given and given["seed"] != base.seed:
             # the checkpoint's random streams continue: a new seed was announced and recorded in
             # config.json, yet trained nothing differently (the held-out evaluation alone used it)
@@ -170,7 +175,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
         hint = (f"the last good checkpoint ({exc.checkpoint}, meta-step {exc.checkpoint_iteration}) was kept; "
                 f"continue from it with lower learning rates: reptile-fast sine --resume {out} "
                 f"--inner-lr ... --outer-lr ..." if exc.checkpoint else "no checkpoint had been written yet")
-        print(f"reptile-fast: error: {exc.__cause__ or exc}\n{hint}", file=sys.stderr)
+        print(f"reptile-fast: error: {flag_words_nonfinite(exc.__cause__ or exc)}\n{hint}", file=sys.stderr)
         return 3
     except (ValueError, TypeError, OSError) as exc:
         # the library's out-of-memory ValueErrors name its arguments: here the flag is what to lower

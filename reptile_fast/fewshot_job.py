@@ -724,7 +724,7 @@ def run_command(args) -> int:
     from .distributed import DistributedError, is_main
     from .signals import TrainingInterrupted, sigterm_as_interrupt
     from .trainer import NonFiniteError
-    from .validation import as_flags, out_of_memory_message, out_of_memory_or_raise
+    from .validation import as_flags, flag_words_nonfinite, out_of_memory_message, out_of_memory_or_raise
 
     flags = [f.name for f in fields(OmniglotConfig)]
     # the command's paths are left as they are in errors worded with flags (as_flags)
@@ -767,7 +767,7 @@ def run_command(args) -> int:
         return _err(f"interrupted without writing a new checkpoint; the last one in {out} (if any) is "
                     f"intact: continue with reptile-fast omniglot --resume {out}", getattr(exc, "exit_code", 130))
     except NonFiniteError as exc:
-        return _err(f"{exc}", 3) if main_rank else 3
+        return _err(flag_words_nonfinite(exc), 3) if main_rank else 3
     except (OSError, ValueError, TypeError) as exc:
         # the library's out-of-memory ValueErrors name its arguments: here the flags are what to lower
         return _err(isinstance(exc, ValueError) and out_of_memory_message(exc, oom_hint)

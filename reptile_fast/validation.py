@@ -373,6 +373,14 @@ def out_of_memory_or_raise(exc: BaseException, hint: str) -> str:
     return message
 
 
+def flag_words_nonfinite(exc) -> str:
+    """A non-finite meta-step's message with its hint in the CLI's words (``--inner-lr`` /
+    ``--outer-lr``; ``as_flags`` leaves "inner_lr/outer_lr" alone, as it reads like a path)."""
+    from .core import NONFINITE_HINT
+
+    return str(exc).replace(NONFINITE_HINT, "Lower --inner-lr / --outer-lr or check the data.")
+
+
 def as_flags(message: str, names, keep=()) -> str:
     """``message`` (a library error) in a command line's words: each setting of ``names`` that the
     message names as the library spells it, ``inner_batch_size`` or ``iterations=100``, becomes the
