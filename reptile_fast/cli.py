@@ -103,7 +103,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
 
     from .checkpoint import load_checkpoint, resolve_checkpoint_path
     from .distributed import DistributedError, is_main
-    from .jobs import SineConfig, run_sine, sine_config_from_checkpoint
+    from .jobs import SineConfig, library_warnings_as_notes, run_sine, sine_config_from_checkpoint
     from .signals import TrainingInterrupted, sigterm_as_interrupt
     from .trainer import NonFiniteError
     from .validation import as_flags, flag_words_nonfinite, out_of_memory_message, out_of_memory_or_raise
@@ -153,7 +153,8 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
                 f"--eval-steps {config.eval_steps} (the held-out evaluation) does not fit in this "
                 f"machine's memory; lower the one that is too large")
     try:
-        with sigterm_as_interrupt():  # SIGTERM after training (evaluation, outputs): a message, exit 143
+        with sigterm_as_interrupt(), library_warnings_as_notes(main_rank):
+            # (SIGTERM after training, in the evaluation or the outputs: a message, exit 143)
             metrics = run_sine(config, out, progress=not args.no_progress, resume=resume)
     except TrainingInterrupted as exc:
         if main_rank:

@@ -23,7 +23,8 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory, removed_if_left_empty, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
-from .jobs import check_seed, check_threads, derived_seed, replaced_run_note, resume_hint, train_job, uses_indexed_tasks
+from .jobs import (check_seed, check_threads, derived_seed, library_warnings_as_notes, replaced_run_note, resume_hint,
+                   train_job, uses_indexed_tasks)
 from .models import OmniglotConvNet
 from .backends.reference import ADAM_STATES, check_adam_state
 from .tasks.base import MINIBATCHES, check_minibatches
@@ -111,6 +112,11 @@ class OmniglotConfig:
         if not self.train:
             raise ValueError("train: give at least one Omniglot folder or zip to meta-train on")
         self.split = check_choice("split", self.split, SPLITS)
+        if self.split != "official":
+            for name, default in (("split_seed", 0), ("train_characters", OFFICIAL_TRAIN_CHARACTERS)):
+                if getattr(self, name) != default:  # it would do nothing, and config.json would record it
+                    raise ValueError(f"{name} {getattr(self, name)} draws the official split by character: give "
+                                     f"split='official' with it, or drop it")
         if self.split == "official" and self.test in ("", None):
             self.test = ""  # --split official: --train may hold every alphabet
         elif not isinstance(self.test, (str, os.PathLike)) or not str(self.test):
@@ -348,6 +354,15 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
+        saved_test = ckpt.get("extra", {}).get("split_test_characters")
+        now_test = ["/".join(c) for c in test_sets[config.shots[0]].characters]
+        if config.split == "official" and saved_test is not None and saved_test != now_test:
+            # another pool of characters shuffles into another split: the resumed run would train on
+            # characters of the run's test set (QA52), which its accuracy would then count
+            raise ValueError(f"the official split of --train {config.train} and --test {config.test or '(none)'} "
+                             f"is not the checkpoint's run's ({len(saved_test)} test characters, now "
+                             f"{len(now_test)}, {len(set(saved_test) ^ set(now_test))} of them different): "
+                             f"resume with the run's --train and --test data")
         start = ckpt["trainer"]["iteration"]
         if start > config.iterations:
             raise ValueError(f"the checkpoint {resume} is at meta-step {start}, beyond iterations={config.iterations}")
@@ -391,6 +406,8 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
 
     t0 = time.perf_counter()
     extra = {"job": OMNIGLOT_JOB, "job_config": asdict(config)}
+    if config.split == "official":  # what a resume must find again (its --train/--test may have moved)
+        extra["split_test_characters"] = ["/".join(c) for c in test_sets[k0].characters]
     history = train_job(trainer, train_dist, iterations=config.iterations, meta_batch_size=config.meta_batch_size,
                         seed=config.seed, indexed=indexed, context=context, progress=progress, out=out,
                         checkpoint_every=config.checkpoint_every, resume=resume, extra=extra, callback=callback)
@@ -753,7 +770,8 @@ def run_command(args) -> int:
                 f"with --eval-batch-size {config.eval_batch_size} (validation and the final evaluation) does "
                 f"not fit in this machine's memory; lower the one that is too large")
     try:
-        with sigterm_as_interrupt():  # SIGTERM after training (evaluation, outputs): a message, exit 143
+        with sigterm_as_interrupt(), library_warnings_as_notes(main_rank):
+            # (SIGTERM after training, in the evaluation or the outputs: a message, exit 143)
             metrics = run_omniglot(config, out, progress=not args.no_progress, resume=resume, log=log)
     except TrainingInterrupted as exc:
         log(f"reptile-fast: stopped after meta-step {exc.iteration}; checkpoint written to {exc.checkpoint}.\n"

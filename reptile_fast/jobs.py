@@ -1,6 +1,7 @@
 """The jobs the CLI runs, as plain functions (the CLI only parses arguments)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -224,6 +225,27 @@ def resume_hint(out) -> str:
     return f"\nContinue from the last checkpoint with --resume {out}"
 
 
+@contextlib.contextmanager
+def library_warnings_as_notes(is_main: bool = True):
+    """Within a CLI command: the library's own warnings (a resume whose flags make it differ from
+    an uninterrupted run) printed as the job's other notes are, ``note: ...`` on one line, by rank
+    0 alone — they followed the job's own note as a Python ``UserWarning`` with a file and line.
+    Other modules' warnings keep Python's display, and Python callers of ``run_sine`` /
+    ``run_omniglot`` keep the warnings themselves (``warnings.catch_warnings(record=True)``,
+    ``pytest.warns``): only the command line swaps the display."""
+    default_show = warnings.showwarning
+
+    def as_note(message, category, filename, lineno, file=None, line=None):
+        if os.path.basename(os.path.dirname(str(filename))) != "reptile_fast":
+            return default_show(message, category, filename, lineno, file, line)
+        if is_main:
+            print(f"note: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = as_note  # (catch_warnings puts the default back)
+        yield
+
+
 def train_job(trainer, task_distribution, *, iterations: int, meta_batch_size: int, seed: int, indexed: bool,
               context, progress: bool, out, checkpoint_every: int, resume, extra: Mapping[str, Any],
               callback=None) -> dict:
@@ -233,21 +255,9 @@ def train_job(trainer, task_distribution, *, iterations: int, meta_batch_size: i
     ``checkpoint_every`` meta-steps (0: at the end and on signals only)."""
     common = dict(meta_batch_size=meta_batch_size, progress=progress, callback=callback, checkpoint_dir=out,
                   checkpoint_every=checkpoint_every or None, resume_from=resume, checkpoint_extra=extra)
-    default_show = warnings.showwarning
-
-    def as_note(message, category, filename, lineno, file=None, line=None):
-        """The library's own warnings (a resume whose flags make it differ from an uninterrupted
-        run) as the job's other notes are printed: one line, rank 0 alone; before, a Python
-        UserWarning with a file and line followed the job's own note on the same change."""
-        if os.path.basename(os.path.dirname(str(filename))) != "reptile_fast":
-            return default_show(message, category, filename, lineno, file, line)
-        if context.is_main:
-            print(f"note: {message}", file=sys.stderr)
-
     with warnings.catch_warnings():
         # the job printed its own note for a checkpoint it replaces (the only one: not once per rank)
         warnings.simplefilter("ignore", CheckpointReplacedWarning)
-        warnings.showwarning = as_note  # (catch_warnings puts the default back)
         if indexed:
             from .distributed import distributed_fit
 

@@ -169,6 +169,13 @@ def check_meta_model(model):
         # rather than two answers, refuse.
         raise ValueError(f"model has frozen parameters (requires_grad=False): {frozen}; "
                          f"Reptile meta-learns every parameter — remove them or unfreeze them")
+    views = _parameter_views(model, params)
+    if views:
+        # functional_call swaps the parameters, not a tensor computed from one when the model was
+        # built; a task's deep copy would detach it (QA52): the tied use would train other maths
+        raise ValueError(f"{views} hold a view of a parameter outside the parameters and buffers (e.g. "
+                         f"self.w = self.layer.weight.t() in __init__): the inner loop's copies of the "
+                         f"parameters would not reach it; compute it in forward (self.layer.weight.t())")
     sparse = [n or "the model" for n, m in model.named_modules()
               if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     if sparse:
@@ -181,6 +188,21 @@ def check_meta_model(model):
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"model parameter {name} contains NaN or infinite values")
     return params, params[0].device, params[0].dtype
+
+
+def _parameter_views(model, params) -> list:
+    """Names of the tensors a module holds outside its parameters and buffers that share storage
+    with a parameter (a view such as ``self.enc.weight.view(...)`` kept as an attribute)."""
+    from .backends.reference import attribute_tensors
+
+    def storage(t):
+        try:
+            return t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (meta, sparse)
+            return None
+
+    owned = {storage(p) for p in params} - {None, 0}
+    return [name for name, t in attribute_tensors(model) if storage(t) in owned]
 
 
 def _real_number(w) -> float:

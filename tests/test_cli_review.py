@@ -173,27 +173,34 @@ def test_a_resume_that_changes_the_run_says_so_in_notes_not_python_warnings(tmp_
     assert "UserWarning" not in err
 
 
-def test_other_warnings_during_a_job_keep_pythons_format(monkeypatch, tmp_path):
+def test_other_warnings_during_a_job_keep_pythons_format(monkeypatch, capsys):
     """The notes are for the library's warnings only: another module's warning (here one raised from
-    a stand-in 'torch' file) goes to Python's own display."""
+    a stand-in 'torch' file) goes to Python's own display; rank > 0 prints no note."""
     import warnings
 
     from reptile_fast import jobs
 
     shown = []
     monkeypatch.setattr(warnings, "showwarning", lambda *a, **k: shown.append(a))
+    for is_main in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with jobs.library_warnings_as_notes(is_main):
+                warnings.warn_explicit("from elsewhere", UserWarning, "/x/torch/nn/modules/module.py", 1)
+                warnings.warn_explicit("from the library", UserWarning, jobs.__file__, 1)
+        assert capsys.readouterr().err == ("note: from the library\n" if is_main else "")
+    assert [str(a[0]) for a in shown] == ["from elsewhere"] * 2
 
-    class FitWarns:
-        def fit(self, *a, **k):
-            warnings.warn_explicit("from elsewhere", UserWarning, "/x/torch/nn/modules/module.py", 1)
-            warnings.warn_explicit("from the library", UserWarning, jobs.__file__, 1)
-            return {"loss": []}
 
-        device = type("D", (), {"type": "cpu"})()
+def test_python_callers_of_the_jobs_keep_the_librarys_warnings(tmp_path):
+    """``run_sine`` from Python (not the command line) keeps warnings as warnings: recorded by
+    ``catch_warnings(record=True)`` / ``pytest.warns`` (QA52: a first version printed them as
+    notes inside the job itself, where no Python caller could catch them)."""
+    import pytest as _pytest
 
-    ctx = type("C", (), {"is_main": True})()
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        jobs.train_job(FitWarns(), None, iterations=1, meta_batch_size=1, seed=0, indexed=False, context=ctx,
-                       progress=False, out=tmp_path, checkpoint_every=0, resume=None, extra={})
-    assert [str(a[0]) for a in shown] == ["from elsewhere"]
+    from reptile_fast.jobs import SineConfig, run_sine
+
+    small = dict(eval_tasks=1, eval_steps=1)
+    run_sine(SineConfig(iterations=2, **small), tmp_path, progress=False)
+    with _pytest.warns(UserWarning, match="drew 1 tasks per meta-step, this fit 2"):
+        run_sine(SineConfig(iterations=3, meta_batch_size=2, **small), tmp_path, progress=False, resume=tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 
@@ -13,7 +14,8 @@ from ..losses import resolve_loss
 from ..validation import check_choice
 from .base import Backend, InnerConfig, InnerResult
 
-__all__ = ["ReferenceBackend", "CarriedOptimizerState", "ADAM_STATES", "check_adam_state"]
+__all__ = ["ReferenceBackend", "CarriedOptimizerState", "ADAM_STATES", "check_adam_state", "task_copy",
+           "attribute_tensors"]
 
 #: ``Reptile(adam_state=...)``: "fresh", a new inner Adam per task (tasks independent, batched
 #: backends); "carried", one Adam state carried from task to task (the official code's)
@@ -87,18 +89,46 @@ class CarriedOptimizerState:
             self.state = pending
 
 
+@functools.lru_cache(maxsize=1)
+def _module_internals() -> frozenset:
+    return frozenset(vars(torch.nn.Module()))
+
+
+def attribute_tensors(model: torch.nn.Module):
+    """``(name, tensor)`` for every tensor a module holds outside its parameters and buffers: plain
+    attributes, and the values of the dicts, lists and tuples among them (``self.acts["h"] = h``,
+    the forward-hook pattern), a few levels deep."""
+    def walk(name, value, depth):
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            yield name, value
+        elif depth < 4 and isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(f"{name}[{k!r}]", v, depth + 1)
+        elif depth < 4 and isinstance(value, (list, tuple)):
+            for k, v in enumerate(value):
+                yield from walk(f"{name}[{k}]", v, depth + 1)
+
+    internal = _module_internals()
+    for prefix, m in model.named_modules():
+        for key, value in vars(m).items():
+            if key in internal:  # nn.Module's own bookkeeping (parameters, buffers, hooks)
+                continue
+            yield from walk(f"{prefix}.{key}" if prefix else key, value, 0)
+
+
 def task_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """``copy.deepcopy(model)`` for one task's inner loop, with the tensors a forward left in plain
-    attributes copied detached.  deepcopy refuses a tensor that is not a graph leaf ("Only Tensors
-    created explicitly by the user (graph leaves) support the deepcopy protocol"), and a forward
-    leaves such tensors behind: an activation kept for plotting (``self.features = h``, after the
-    trainer's own input check ran a forward), ``torch.nn.utils.prune``'s masked weight (recomputed
-    from ``weight_orig`` before each forward).  Parameters and buffers are leaves: copied as is."""
+    """``copy.deepcopy(model)`` for one task's inner loop, with the tensors a forward left outside
+    the parameters and buffers copied detached.  deepcopy refuses a tensor that is not a graph
+    leaf ("Only Tensors created explicitly by the user (graph leaves) support the deepcopy
+    protocol"), and a forward leaves such tensors behind: an activation kept for plotting
+    (``self.features = h``, or in a dict, after the trainer's own input check ran a forward),
+    ``torch.nn.utils.prune``'s masked weight (recomputed from ``weight_orig`` before each forward).
+    A view of a parameter kept as an attribute is refused when the trainer is built
+    (``validation.check_model``): detached, it would untie silently."""
     memo = {}
-    for m in model.modules():
-        for value in vars(m).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
+    for _, value in attribute_tensors(model):
+        if not value.is_leaf:
+            memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)
 
 

@@ -337,7 +337,8 @@ class Omniglot:
             raise ValueError(f"character {a}/{c} has {int(counts[i])} images; tasks need "
                              f"{images_needed(self.shots, self.query_shots)} per class")
         if self.ways > self.n_classes:
-            raise ValueError(f"{self.ways}-way tasks need {self.ways} classes; the selected alphabets "
+            raise ValueError(f"{self.ways}-way tasks need {self.ways} classes; the selected "
+                             f"{'alphabets' if wanted is None else 'characters'} "
                              f"give {self.n_classes} ({len(self.char_ids)} characters × "
                              f"{len(self.rotations)} rotations)")
         # class c ↔ character char_ids[c // R] rotated by rotations[c % R]
