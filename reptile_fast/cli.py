@@ -103,10 +103,10 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
 
     from .checkpoint import load_checkpoint, resolve_checkpoint_path
     from .distributed import DistributedError, is_main
-    from .jobs import SineConfig, library_warnings_as_notes, run_sine, sine_config_from_checkpoint
+    from .jobs import SineConfig, flag_words_nonfinite, library_warnings_as_notes, run_sine, sine_config_from_checkpoint
     from .signals import TrainingInterrupted, sigterm_as_interrupt
     from .trainer import NonFiniteError
-    from .validation import as_flags, flag_words_nonfinite, out_of_memory_message, out_of_memory_or_raise
+    from .validation import as_flags, out_of_memory_message, out_of_memory_or_raise
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     paths = (args.out, args.resume)  # left as they are in errors worded with flags (as_flags)

@@ -23,8 +23,8 @@ import torch
 from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, load_checkpoint,
                          prepare_directory, removed_if_left_empty, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
-from .jobs import (check_seed, check_threads, derived_seed, library_warnings_as_notes, replaced_run_note, resume_hint,
-                   train_job, uses_indexed_tasks)
+from .jobs import (check_seed, check_threads, derived_seed, flag_words_nonfinite, library_warnings_as_notes,
+                   replaced_run_note, resume_hint, train_job, uses_indexed_tasks)
 from .models import OmniglotConvNet
 from .backends.reference import ADAM_STATES, check_adam_state
 from .tasks.base import MINIBATCHES, check_minibatches
@@ -741,7 +741,7 @@ def run_command(args) -> int:
     from .distributed import DistributedError, is_main
     from .signals import TrainingInterrupted, sigterm_as_interrupt
     from .trainer import NonFiniteError
-    from .validation import as_flags, flag_words_nonfinite, out_of_memory_message, out_of_memory_or_raise
+    from .validation import as_flags, out_of_memory_message, out_of_memory_or_raise
 
     flags = [f.name for f in fields(OmniglotConfig)]
     # the command's paths are left as they are in errors worded with flags (as_flags)

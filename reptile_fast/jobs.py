@@ -17,6 +17,7 @@ from .backends import UnsupportedModelError
 from .backends.base import functional_call
 from .checkpoint import (CHECKPOINT_NAME, CheckpointReplacedWarning, atomic_torch_save, atomic_write_json,
                          load_checkpoint, prepare_directory, removed_if_left_empty)
+from .core import NONFINITE_HINT
 from .models import MLP
 from .tasks import Sine
 from .trainer import Reptile
@@ -223,6 +224,12 @@ def resume_hint(out) -> str:
     if not (Path(out) / CHECKPOINT_NAME).is_file():
         return f"\nNo checkpoint was written to {out}: start the job again."
     return f"\nContinue from the last checkpoint with --resume {out}"
+
+
+def flag_words_nonfinite(exc) -> str:
+    """A non-finite meta-step's message with its hint in the CLI's words (``--inner-lr`` /
+    ``--outer-lr``; ``as_flags`` leaves "inner_lr/outer_lr" alone, as it reads like a path)."""
+    return str(exc).replace(NONFINITE_HINT, "Lower --inner-lr / --outer-lr or check the data.")
 
 
 @contextlib.contextmanager

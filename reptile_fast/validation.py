@@ -190,11 +190,40 @@ def check_meta_model(model):
     return params, params[0].device, params[0].dtype
 
 
+@functools.lru_cache(maxsize=1)
+def _module_internals() -> frozenset:
+    import torch.nn as nn
+
+    return frozenset(vars(nn.Module()))
+
+
+def attribute_tensors(model):
+    """``(name, tensor)`` for every tensor a module of ``model`` holds outside its parameters and
+    buffers: plain attributes, and the values of the dicts, lists and tuples among them
+    (``self.acts["h"] = h``, the forward-hook pattern), a few levels deep."""
+    import torch
+
+    def walk(name, value, depth):
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            yield name, value
+        elif depth < 4 and isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(f"{name}[{k!r}]", v, depth + 1)
+        elif depth < 4 and isinstance(value, (list, tuple)):
+            for k, v in enumerate(value):
+                yield from walk(f"{name}[{k}]", v, depth + 1)
+
+    internal = _module_internals()
+    for prefix, m in model.named_modules():
+        for key, value in vars(m).items():
+            if key in internal:  # nn.Module's own bookkeeping (parameters, buffers, hooks)
+                continue
+            yield from walk(f"{prefix}.{key}" if prefix else key, value, 0)
+
+
 def _parameter_views(model, params) -> list:
     """Names of the tensors a module holds outside its parameters and buffers that share storage
     with a parameter (a view such as ``self.enc.weight.view(...)`` kept as an attribute)."""
-    from .backends.reference import attribute_tensors
-
     def storage(t):
         try:
             return t.untyped_storage().data_ptr()
@@ -393,14 +422,6 @@ def out_of_memory_or_raise(exc: BaseException, hint: str) -> str:
     if message is None:
         raise exc
     return message
-
-
-def flag_words_nonfinite(exc) -> str:
-    """A non-finite meta-step's message with its hint in the CLI's words (``--inner-lr`` /
-    ``--outer-lr``; ``as_flags`` leaves "inner_lr/outer_lr" alone, as it reads like a path)."""
-    from .core import NONFINITE_HINT
-
-    return str(exc).replace(NONFINITE_HINT, "Lower --inner-lr / --outer-lr or check the data.")
 
 
 def as_flags(message: str, names, keep=()) -> str:

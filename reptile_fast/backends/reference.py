@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 
 import torch
 
 from ..losses import resolve_loss
-from ..validation import check_choice
+from ..validation import attribute_tensors, check_choice
 from .base import Backend, InnerConfig, InnerResult
 
-__all__ = ["ReferenceBackend", "CarriedOptimizerState", "ADAM_STATES", "check_adam_state", "task_copy",
-           "attribute_tensors"]
+__all__ = ["ReferenceBackend", "CarriedOptimizerState", "ADAM_STATES", "check_adam_state", "task_copy"]
 
 #: ``Reptile(adam_state=...)``: "fresh", a new inner Adam per task (tasks independent, batched
 #: backends); "carried", one Adam state carried from task to task (the official code's)
@@ -87,33 +85,6 @@ class CarriedOptimizerState:
         tensors = [v for per in pending["state"].values() for v in per.values() if isinstance(v, torch.Tensor)]
         if all(bool(torch.isfinite(t).all()) for t in tensors):
             self.state = pending
-
-
-@functools.lru_cache(maxsize=1)
-def _module_internals() -> frozenset:
-    return frozenset(vars(torch.nn.Module()))
-
-
-def attribute_tensors(model: torch.nn.Module):
-    """``(name, tensor)`` for every tensor a module holds outside its parameters and buffers: plain
-    attributes, and the values of the dicts, lists and tuples among them (``self.acts["h"] = h``,
-    the forward-hook pattern), a few levels deep."""
-    def walk(name, value, depth):
-        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-            yield name, value
-        elif depth < 4 and isinstance(value, dict):
-            for k, v in value.items():
-                yield from walk(f"{name}[{k!r}]", v, depth + 1)
-        elif depth < 4 and isinstance(value, (list, tuple)):
-            for k, v in enumerate(value):
-                yield from walk(f"{name}[{k}]", v, depth + 1)
-
-    internal = _module_internals()
-    for prefix, m in model.named_modules():
-        for key, value in vars(m).items():
-            if key in internal:  # nn.Module's own bookkeeping (parameters, buffers, hooks)
-                continue
-            yield from walk(f"{prefix}.{key}" if prefix else key, value, 0)
 
 
 def task_copy(model: torch.nn.Module) -> torch.nn.Module:
