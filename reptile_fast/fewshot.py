@@ -221,7 +221,7 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
                         device=trainer.device)
     per_task = max(Q * (S + 1) if not transductive else Q, batch_size)
     chunk = max(1, min(episodes.n_tasks, max_images // per_task))
-    preds = []
+    preds, finite = [], []
     with modes_kept(model):  # each submodule's own mode, put back after
         model.train()  # BatchNorm on batch statistics, as the official code evaluates
         for start in range(0, episodes.n_tasks, chunk):
@@ -235,6 +235,14 @@ def evaluate_episodes(trainer, episodes: Episodes, *, steps: int, batch_size: in
                                  f"{episodes.ways}-way tasks need at least {episodes.ways} classes")
             # labels are 0..ways-1: a model with more outputs predicts among the first ``ways``
             preds.append(logits[..., :episodes.ways].argmax(-1))
+            finite.append(torch.isfinite(logits[..., :episodes.ways]).flatten(1).all(1))
+    finite = torch.cat(finite)
+    if not bool(finite.all()):  # one read for the whole evaluation
+        # argmax of NaN logits picks class 0: an accuracy of 1/ways that looks like a bad model (QA53)
+        bad = (~finite).nonzero().flatten()
+        raise ValueError(f"the adapted model's outputs are NaN or infinite on {bad.numel()} of "
+                         f"{episodes.n_tasks} test tasks (the first: task {int(bad[0])}): its adaptation "
+                         f"diverged (lower the inner learning rate) or the model's parameters are not finite")
     return score_predictions(torch.cat(preds), episodes.query.y)
 
 

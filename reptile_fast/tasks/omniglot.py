@@ -265,7 +265,8 @@ class Omniglot:
             (None: none).
         characters: keep only these ``(alphabet, character)`` pairs (None: all), within the
             alphabets kept — e.g. one side of ``official_character_split``.
-        image_size: side of the square images (28 in the paper).
+        image_size: side of the square images (None: 28, the paper's, or the preloaded images'
+            size; a size other than the preloaded images' is refused).
         pixels: "area" (area-averaged resize, strokes 1 on a 0 background) or "official" (as the
             official code reads them: nearest-neighbour resize, white 1, ink 0).  Preloaded
             images keep theirs (another value given here is refused).
@@ -273,7 +274,7 @@ class Omniglot:
 
     def __init__(self, sources, *, ways: int = 5, shots: int = 1, query_shots: int = 1,
                  rotations: Sequence[int] = (0,), alphabets: Optional[Sequence[str]] = None,
-                 exclude_alphabets: Optional[Sequence[str]] = (), image_size: int = 28,
+                 exclude_alphabets: Optional[Sequence[str]] = (), image_size: Optional[int] = None,
                  pixels: Optional[str] = None, characters: Optional[Sequence[Tuple[str, str]]] = None):
         self.ways = check_ways(ways)
         self.shots = _check_positive_int("shots", shots)
@@ -293,7 +294,11 @@ class Omniglot:
                     alphabets = given
                 else:
                     exclude_alphabets = given
-        if isinstance(sources, OmniglotImages) and image_size != 28 and image_size != sources.image_size:
+        if image_size is not None:
+            image_size = check_int("image_size", image_size, 1)
+        # (an explicit 28, the old default's value, on preloaded images of another size was taken for
+        # "not given" and ignored: QA53)
+        if isinstance(sources, OmniglotImages) and image_size is not None and image_size != sources.image_size:
             # the preloaded images' size was kept, silently (QA46)
             raise ValueError(f"image_size={image_size} but the preloaded images are {sources.image_size}×"
                              f"{sources.image_size}: load them at that size (load_omniglot_images(..., image_size))")
@@ -303,7 +308,7 @@ class Omniglot:
             raise ValueError(f"pixels={pixels!r} but the preloaded images were read with pixels="
                              f"{sources.pixels!r}: load them so (load_omniglot_images(..., pixels=...))")
         data = sources if isinstance(sources, OmniglotImages) else \
-            load_omniglot_images(sources, image_size, pixels or "area")
+            load_omniglot_images(sources, 28 if image_size is None else image_size, pixels or "area")
         self.data = data
         present = set(data.alphabets)
         for name, given in (("alphabets", alphabets), ("exclude_alphabets", exclude_alphabets)):
