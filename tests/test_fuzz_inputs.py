@@ -850,6 +850,8 @@ def task_family_cases(tmp):
                               (lambda a=arg, p=plain: Omniglot(data, **{a: p}, **({"ways": 2} if a != "ways" else {}))
                                .sample(2, generator=torch.Generator().manual_seed(0))) if expect != REJECT else None))
     for label, value, expect, plain in int_palette(28):
+        if label == "None":  # image_size=None is the default (28, or the preloaded images' size; QA53)
+            expect, plain = ACCEPT, None
         cases.append(Case("Omniglot(image_size=)", label, lambda v=value: Omniglot(data, ways=2, image_size=v).sample(
             2, generator=torch.Generator().manual_seed(0)), expect, ("image_size",),
             (lambda p=plain: Omniglot(data, ways=2, image_size=p).sample(2, generator=torch.Generator().manual_seed(0)))
