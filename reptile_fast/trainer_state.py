@@ -52,7 +52,15 @@ def model_module_settings(model) -> list:
     so the ranks of a distributed run compared none of them (QA53: BatchNorm ε 1e-5 on one rank,
     1e-3 on another trained without a word).  A separate key: checkpoints written before it existed
     resume without a difference being reported."""
-    return [f"{name}:{m.extra_repr()}" for name, m in model.named_modules() if m.extra_repr()]
+    out = []
+    for name, m in model.named_modules():
+        try:
+            settings = m.extra_repr()
+        except Exception:  # noqa: BLE001 - a user module's extra_repr failing must not stop a checkpoint
+            settings = f"<extra_repr failed in {type(m).__name__}>"
+        if settings:
+            out.append(f"{name}:{settings}")
+    return out
 
 
 def _config_difference(key: str, saved, now) -> str:

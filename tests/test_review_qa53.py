@@ -335,3 +335,19 @@ def test_qa53_bug_ranks_built_with_another_batchnorm_eps_are_refused(two_rank_jo
         err = r["bn_eps"]["error"]
         assert err is not None and err[0] == "ValueError" and ("eps" in err[1] or "different" in err[1]), \
             f"ranks with BatchNorm eps 1e-5 and 1e-3 trained together: {err}"
+
+
+def test_module_settings_survive_an_extra_repr_that_raises(tmp_path):
+    """``hparams()["module_settings"]`` (added for QA53) reads every module's ``extra_repr()``: a
+    user module whose ``extra_repr`` raises must not stop ``hparams()`` or a checkpoint."""
+    import torch.nn as nn
+
+    from reptile_fast import Reptile
+
+    class Odd(nn.Linear):
+        def extra_repr(self):
+            raise AttributeError("not set up yet")
+
+    trainer = Reptile(nn.Sequential(Odd(3, 2)), backend="reference")
+    assert "0:<extra_repr failed in Odd>" in trainer.hparams()["module_settings"]
+    trainer.load_state_dict(trainer.state_dict())
