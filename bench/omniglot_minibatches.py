@@ -24,17 +24,16 @@ Everything is written to ``--result`` with the machine stamp.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from bench.env import machine_stamp
+from bench.omniglot_pairs import ci_or_none, paired, protocol_arguments
 from reptile_fast.checkpoint import atomic_write_json
-from reptile_fast.fewshot import evaluate_episodes, mean_ci95
+from reptile_fast.fewshot import evaluate_episodes
 from reptile_fast.fewshot_job import OmniglotConfig, load_trained, omniglot_preset, run_omniglot
 from reptile_fast.tasks import MINIBATCHES
 from reptile_fast.tasks.omniglot import Omniglot, load_omniglot_images
@@ -42,31 +41,9 @@ from reptile_fast.tasks.omniglot import Omniglot, load_omniglot_images
 WAYS = 5
 
 
-def _ci(value: float):
-    return None if math.isnan(value) else value
-
-
-def _paired(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """Mean and 95 % half-width of the per-task differences ``a - b``."""
-    mean, half = mean_ci95(a - b)
-    return {"mean": mean, "ci95": _ci(half), "n_tasks": int(a.numel()),
-            "tasks_a_better": int((a > b).sum()), "tasks_b_better": int((a < b).sum())}
-
-
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--data", default="../shared/data/omniglot",
-                   help="folder with images_background_small1.zip (train) and images_background_small2.zip (test)")
-    p.add_argument("--out-dir", default="runs/omniglot_minibatches", help="the two job runs go to OUT/fresh, OUT/epochs")
-    p.add_argument("--iterations", type=int, default=800)
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--eval-tasks", type=int, default=200)
-    p.add_argument("--eval-steps", type=int, default=None, help="adaptation steps (default: the preset's 50)")
-    p.add_argument("--job-eval-tasks", type=int, default=10,
-                   help="episodes of the job's own test, reproduced here as a check")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--result", default="bench/results/omniglot_minibatches_cpu.json")
+    p = protocol_arguments(__doc__.split("\n", 1)[0], result="bench/results/omniglot_minibatches_cpu.json",
+                           out_dir="runs/omniglot_minibatches", out_dir_help="the two job runs go to OUT/fresh, OUT/epochs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -166,7 +143,7 @@ def main(argv=None) -> dict:
                 "a": {"train_minibatches": a[0], "eval_minibatches": a[1]},
                 "b": {"train_minibatches": b[0], "eval_minibatches": b[1]},
                 "same_adaptation_minibatches": a[1] == b[1],
-                **_paired(per_task[(*a, k)], per_task[(*b, k)])})
+                **paired(per_task[(*a, k)], per_task[(*b, k)])})
             d = record["paired_differences"][-1]
             print(f"{k}-shot {what} [{a} - {b}]: {100 * d['mean']:+.2f} ± {100 * (d['ci95'] or 0):.2f} points",
                   flush=True)

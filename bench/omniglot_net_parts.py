@@ -18,8 +18,6 @@ same adaptation plans, so differences are paired per task (mean and 1.96 · std 
 """
 from __future__ import annotations
 
-import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,9 +25,10 @@ from pathlib import Path
 import torch
 
 from bench.env import machine_stamp
+from bench.omniglot_pairs import ci_or_none, paired, protocol_arguments
 from reptile_fast import OmniglotConvNet, Reptile
 from reptile_fast.checkpoint import atomic_write_json
-from reptile_fast.fewshot import evaluate_episodes, mean_ci95
+from reptile_fast.fewshot import evaluate_episodes
 from reptile_fast.fewshot_job import OmniglotConfig, omniglot_preset
 from reptile_fast.tasks.omniglot import ROTATIONS, Omniglot, load_omniglot_images
 
@@ -41,22 +40,11 @@ VARIANTS = {"default": {}, "same padding": {"padding": "same"}, "bn eps 1e-3": {
 JOB_RUNS = {"default": "torch-area", "official": "official-area"}
 
 
-def _ci(value: float):
-    return None if math.isnan(value) else value
-
-
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--data", default="../shared/data/omniglot",
-                   help="folder with images_background_small1.zip (train) and images_background_small2.zip (test)")
-    p.add_argument("--iterations", type=int, default=800)
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--eval-tasks", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p = protocol_arguments(__doc__.split("\n", 1)[0], result="bench/results/omniglot_net_parts_cpu.json",
+                           job_check=False)
     p.add_argument("--check-runs", default="runs/omniglot_net_pixels",
                    help="bench.omniglot_net_pixels's --out-dir: its job models are the check")
-    p.add_argument("--result", default="bench/results/omniglot_net_parts_cpu.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -117,17 +105,16 @@ def main(argv=None) -> dict:
                                        transductive=cfg.transductive, generator=gen, minibatches=cfg.minibatches)
             per_task[name, k] = result.per_task
             record["cells"].append({"variant": name, "ways": WAYS, "shots": k, **result.as_dict()})
-            print(f"{name:14s} {k}-shot: {100 * result.accuracy:.2f} % ± {100 * (_ci(result.ci95) or 0):.2f}",
+            print(f"{name:14s} {k}-shot: {100 * result.accuracy:.2f} % ± {100 * (ci_or_none(result.ci95) or 0):.2f}",
                   flush=True)
             save()
     for k in args.shots:
         for name in VARIANTS:
             if name == "default":
                 continue
-            mean, half = mean_ci95(per_task[name, k] - per_task["default", k])
-            record["paired_differences"].append({"what": f"{name} - default", "shots": k, "mean": mean,
-                                                 "ci95": _ci(half), "n_tasks": args.eval_tasks})
-            print(f"{k}-shot {name} - default: {100 * mean:+.2f} ± {100 * (_ci(half) or 0):.2f} points", flush=True)
+            d = {"what": f"{name} - default", "shots": k, **paired(per_task[name, k], per_task["default", k])}
+            record["paired_differences"].append(d)
+            print(f"{k}-shot {name} - default: {100 * d['mean']:+.2f} ± {100 * (d['ci95'] or 0):.2f} points", flush=True)
     record["per_task_accuracy"] = {f"{n}/{k}-shot": v.tolist() for (n, k), v in per_task.items()}
     record["settings"] = {"ways": WAYS, "shots": args.shots, "iterations": args.iterations,
                           "eval_tasks": args.eval_tasks, "eval_steps": cfg.eval_steps, "seed": args.seed,

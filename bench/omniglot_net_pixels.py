@@ -17,18 +17,17 @@ check that this evaluation is the job's.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from bench.env import machine_stamp
+from bench.omniglot_pairs import ci_or_none, paired, protocol_arguments
 from reptile_fast.checkpoint import atomic_write_json
-from reptile_fast.fewshot import evaluate_episodes, mean_ci95
+from reptile_fast.fewshot import evaluate_episodes
 from reptile_fast.fewshot_job import OmniglotConfig, load_trained, omniglot_preset, run_omniglot
 from reptile_fast.tasks.omniglot import Omniglot, load_omniglot_images
 
@@ -36,30 +35,9 @@ WAYS = 5
 NETS, PIXELS = ("torch", "official"), ("area", "official")
 
 
-def _ci(value: float):
-    return None if math.isnan(value) else value
-
-
-def _paired(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """Mean and 95 % half-width of the per-task differences ``a - b``."""
-    mean, half = mean_ci95(a - b)
-    return {"mean": mean, "ci95": _ci(half), "n_tasks": int(a.numel()),
-            "tasks_a_better": int((a > b).sum()), "tasks_b_better": int((a < b).sum())}
-
-
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--data", default="../shared/data/omniglot",
-                   help="folder with images_background_small1.zip (train) and images_background_small2.zip (test)")
-    p.add_argument("--out-dir", default="runs/omniglot_net_pixels", help="the runs go to OUT/<net>-<pixels>")
-    p.add_argument("--iterations", type=int, default=800)
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--eval-tasks", type=int, default=200)
-    p.add_argument("--eval-steps", type=int, default=None, help="adaptation steps (default: the preset's 50)")
-    p.add_argument("--job-eval-tasks", type=int, default=10, help="the job's own test episodes (the check)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--result", default="bench/results/omniglot_net_pixels_cpu.json")
+    p = protocol_arguments(__doc__.split("\n", 1)[0], result="bench/results/omniglot_net_pixels_cpu.json",
+                           out_dir="runs/omniglot_net_pixels", out_dir_help="the runs go to OUT/<net>-<pixels>")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -153,7 +131,7 @@ def main(argv=None) -> dict:
         for what, a, b in pairs:
             record["paired_differences"].append({
                 "what": what, "shots": k, "ways": WAYS, "a": {"net": a[0], "pixels": a[1]},
-                "b": {"net": b[0], "pixels": b[1]}, **_paired(per_task[(*a, k)], per_task[(*b, k)])})
+                "b": {"net": b[0], "pixels": b[1]}, **paired(per_task[(*a, k)], per_task[(*b, k)])})
             d = record["paired_differences"][-1]
             print(f"{k}-shot {what}: {100 * d['mean']:+.2f} ± {100 * (d['ci95'] or 0):.2f} points", flush=True)
     record["per_task_accuracy"] = {f"{n}-{px}/{k}-shot": v.tolist() for (n, px, k), v in per_task.items()}

@@ -75,3 +75,17 @@ def job_data(root: Path) -> dict:
                      root / "small1.zip")
     test = make_folder(root / "b", {"Gamma": 3}, prefix="images_background_small2")
     return {"train": str(train), "test": str(test), "root": root}
+
+
+def bench_data(root: Path) -> Path:
+    """``root/data`` laid out as the paired Omniglot experiments read it (``bench/omniglot_*.py``):
+    ``images_background_small1.zip`` (Alpha, Beta; 10 images per character: the 5-way preset's 10
+    training shots) and ``images_background_small2.zip`` (Beta, which the training data removes
+    from the test, Gamma, Delta; 6 images: 5-shot tests with one query)."""
+    data = root / "data"
+    data.mkdir()
+    make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, images=10, prefix="images_background_small1"),
+             data / "images_background_small1.zip")
+    make_zip(make_folder(root / "b", {"Beta": 2, "Gamma": 3, "Delta": 3}, images=6, prefix="images_background_small2"),
+             data / "images_background_small2.zip")
+    return data

@@ -5,22 +5,14 @@ import json
 
 import torch
 
-from _fake_omniglot import make_folder, make_zip
+from _fake_omniglot import bench_data
 from bench.omniglot_minibatches import main
 
 MINIBATCHES = ("fresh", "epochs")
 
 
 def test_writes_every_cell_and_pair(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    # 5-way training on 10 images per class (the preset's train_shots); 5-shot tests need 6 images
-    # per character of the held-out alphabets (Beta is in both: removed from the test set)
-    make_zip(make_folder(tmp_path / "a", {"Alpha": 3, "Beta": 2}, images=10, prefix="images_background_small1"),
-             data / "images_background_small1.zip")
-    make_zip(make_folder(tmp_path / "b", {"Beta": 2, "Gamma": 3, "Delta": 3}, images=6,
-                         prefix="images_background_small2"),
-             data / "images_background_small2.zip")
+    data = bench_data(tmp_path)
     result = tmp_path / "result.json"
     threads = torch.get_num_threads()
     try:  # main sets one thread for the process: the suite's setting is put back after

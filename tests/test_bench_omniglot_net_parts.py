@@ -6,19 +6,13 @@ import json
 
 import torch
 
-from _fake_omniglot import make_folder, make_zip
+from _fake_omniglot import bench_data
 from bench.omniglot_net_parts import VARIANTS, main
 from reptile_fast.fewshot_job import OmniglotConfig, omniglot_preset, run_omniglot
 
 
 def test_variants_train_as_the_job_and_pair_per_task(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    make_zip(make_folder(tmp_path / "a", {"Alpha": 3, "Beta": 2}, images=10, prefix="images_background_small1"),
-             data / "images_background_small1.zip")
-    make_zip(make_folder(tmp_path / "b", {"Beta": 2, "Gamma": 3, "Delta": 3}, images=6,
-                         prefix="images_background_small2"),
-             data / "images_background_small2.zip")
+    data = bench_data(tmp_path)
     threads = torch.get_num_threads()
     try:  # main sets one thread for the process: the suite's setting is put back after
         for net in ("torch", "official"):  # the job's own models, as bench.omniglot_net_pixels makes them
