@@ -95,7 +95,7 @@ def task_copy(model: torch.nn.Module) -> torch.nn.Module:
     (``self.features = h``, or in a dict, after the trainer's own input check ran a forward),
     ``torch.nn.utils.prune``'s masked weight (recomputed from ``weight_orig`` before each forward).
     A view of a parameter kept as an attribute is refused when the trainer is built
-    (``validation.check_model``): detached, it would untie silently."""
+    (``validation.check_meta_model``): detached, it would untie silently."""
     memo = {}
     for _, value in attribute_tensors(model):
         if not value.is_leaf:
