@@ -22,6 +22,7 @@ setup(
         "torch>=2.11,<2.16",  # tested: 2.11 (the GPU machine's), 2.13, 2.14.1 and 2.15.0; nothing older
         "numpy",
         "matplotlib",
+        "pillow",  # the Omniglot loaders decode PNGs (also a dependency of matplotlib's)
         "tqdm",
     ],
     extras_require={

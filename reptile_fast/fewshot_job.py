@@ -499,11 +499,21 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
     images; write ``runs_metrics.json`` (``error_rate``: the mean over runs, a fraction, and
     each run's error) into ``out`` (default: ``model_dir``).  Raises ``ValueError`` for a model
     trained with another number of ways than the runs'.  ``threads``: CPU threads (default: the
-    model's run's ``threads``; 0: torch's default)."""
+    model's run's ``threads``, at most this machine's CPUs; 0: torch's default).  Raises
+    ``ValueError`` for ``threads`` above this machine's CPUs."""
     seed = check_int("seed", seed, 0)
     check_seed(seed)
+    if threads is not None:
+        check_threads(check_int("threads", threads, 0))
     config, trainer = load_trained(model_dir)
-    threads = config.threads if threads is None else check_int("threads", threads, 0)
+    if threads is None:
+        # the model may come from a bigger machine: its count here would oversubscribe (or, far
+        # beyond the CPUs, crash inside OpenMP), so it is capped, with a note
+        threads, cpus = config.threads, os.cpu_count() or 1
+        if threads > cpus:
+            log(f"note: the model's run used --threads {threads}; this machine has {cpus} CPUs: "
+                f"running with {cpus}")
+            threads = cpus
     return _with_threads(threads, lambda: _official_runs(runs, model_dir, out, config, trainer, seed=seed,
                                                          transductive=transductive, log=log,
                                                          minibatches=minibatches))
@@ -755,7 +765,7 @@ def run_command(args) -> int:
                                         transductive=args.transductive, log=log,
                                         minibatches=args.minibatches, threads=args.threads)
         except (OSError, ValueError, TypeError) as exc:
-            return _err(as_flags(str(exc), ("seed",), keep=paths))
+            return _err(as_flags(str(exc), ("seed", "threads"), keep=paths))
         print(json.dumps(metrics, indent=2))
         return 0
     try:

@@ -193,7 +193,12 @@ class CheckedDraws(Sampler):
             raise ValueError(f"{m} meta-step(s) of {self.per_step} tasks (fit's meta_batch_size) need "
                              f"{m * self.per_step} tasks, got {n}: a sampler's draw(first_iteration, m) must "
                              f"return m * meta_batch_size tasks and plans")
-        self.check(tasks, plans)
+        try:
+            self.check(tasks, plans)
+        except (TypeError, ValueError) as exc:
+            # (the check's own words, with the sampler named: the user's code made the draw)
+            raise type(exc)(f"{type(self.sampler).__name__}.draw(first_iteration, m) returned a draw the trainer "
+                            f"cannot take: {exc}") from None
         return tasks, plans
 
 
