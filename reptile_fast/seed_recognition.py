@@ -98,6 +98,22 @@ def _grad_mode_wrapper_code() -> Optional[types.CodeType]:
     return getattr(torch.no_grad()(lambda: None), "__code__", None)
 
 
+def _is_grad_mode_wrapper_code(code) -> bool:
+    """Whether ``code`` is that wrapper's code.  torch 2.15 names each wrapper's code after its
+    context manager (``code.replace(co_name="enable_grad")``, for stack traces): a copy per
+    decorated function, equal to the reference wrapper's but for the names, so the names are
+    set alike before comparing (torch <= 2.14: the one code object itself)."""
+    ref = _grad_mode_wrapper_code()
+    if not isinstance(code, types.CodeType) or ref is None:
+        return False
+    if code is ref:
+        return True
+    names = {"co_name": ref.co_name}
+    if hasattr(ref, "co_qualname"):
+        names["co_qualname"] = ref.co_qualname
+    return code.co_filename == ref.co_filename and code.replace(**names) == ref
+
+
 def _unwrap_grad_mode(fn, *, enabling_only: bool = False):
     """``fn`` seen through torch's own grad-mode decorators (the seed's ``sample_task`` is
     ``@torch.no_grad()``), and through nothing else: any other wrapper -- a ``functools.wraps``
@@ -106,7 +122,7 @@ def _unwrap_grad_mode(fn, *, enabling_only: bool = False):
     ``enabling_only``: only through decorators that turn gradients on (``torch.enable_grad()``,
     ``torch.set_grad_enabled(True)``), the ones an inner loop's maths is the same under."""
     grad_modes = (torch.no_grad, torch.enable_grad, torch.inference_mode, torch.set_grad_enabled)
-    while getattr(fn, "__code__", None) is _grad_mode_wrapper_code() and hasattr(fn, "__wrapped__"):
+    while _is_grad_mode_wrapper_code(getattr(fn, "__code__", None)) and hasattr(fn, "__wrapped__"):
         try:
             mode = getattr(inspect.getclosurevars(fn).nonlocals.get("ctx_factory"), "__self__", None)
         except (TypeError, ValueError):
