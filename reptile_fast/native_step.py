@@ -23,8 +23,11 @@ library.
 Layout: every matrix is padded to whole vectors of this CPU's widest vector (``vector_bytes``) and
 kept in the layout its products read (``W [out][in]``, ``Wᵀ [in][out]``, or both with the same
 numbers: the SGD step updates ``W`` and copies it into ``Wᵀ`` by in-register block transposes,
-cheaper than a second weight-gradient product); products are register tiles of explicit vectors
-(GCC/Clang ``vector_size``) with the reduction index innermost.
+cheaper than a second weight-gradient product; with AVX-512 in fp32 half of a 16 × 16 block's
+interleaving is done by 16-byte loads and inserts, which need no shuffle port.  A task's last
+inner step skips that copy — nothing reads its ``Wᵀ`` — and φ's ``Wᵀ`` is transposed from φ's ``W``
+once per meta-step instead of being averaged: the same numbers, QA57); products are register
+tiles of explicit vectors (GCC/Clang ``vector_size``) with the reduction index innermost.
 
 Arithmetic (fp32 or fp64, the parameters' dtype): the reference's formulas in a fixed order —
 ``z = b + Σ_i h_i W_{oi}`` (i ascending; outputs narrower than half a vector: lane-wise partial
@@ -34,7 +37,9 @@ sums, then the lanes in order), the aten backward formulas (``tanh_backward`` ``
 minibatch in row order.  ``a·b + c`` becomes one fused multiply-add where the CPU has one
 (``-ffp-contract=fast``: one rounding instead of two); nothing is reassociated (no
 ``-ffast-math``).  In fp32, tanh and the sigmoid's exponential are branch-free polynomials
-(Cephes' ``tanhf``/``expf``, within 2 ulp) so that the compiler vectorises them; fp64 and the
+(Cephes' ``tanhf``/``expf``, within 2 ulp) so that the compiler vectorises them (tanh is also
+written out on whole vectors, operation for operation: bitwise the same on all 2^32 inputs, with
+fewer instructions than GCC's masked vectorisation of the scalar function); fp64 and the
 cross-entropy's exp/log use libm.  NaN/inf propagate (the callers check each chunk).  Results
 agree with the reference backend within the project's rtol 1e-5 / atol 1e-6, and fp64 within
 1e-10 (tests/test_native_step.py); a given CPU, compiler and flags give bitwise-repeatable results.
@@ -96,6 +101,44 @@ static inline float rf_tanh(float x) {
     return a < 0.625f ? small : big;
 }
 static inline float rf_sigmoid(float x) { return 1.0f / (1.0f + rf_exp(-x)); }
+/* rf_tanh on a whole vector, operation for operation (the same expressions, so the same fused
+   multiply-adds): bitwise rf_tanh in every lane (checked on all 2^32 inputs).  Written out
+   because GCC's vectorisation of rf_tanh computes both branches under masks, with more
+   instructions.  exp's argument 2|x| is >= 0 or NaN, so its lower clamp never applies. */
+typedef int32_t rf_ivec __attribute__((vector_size(sizeof(vec))));
+typedef uint32_t rf_uvec __attribute__((vector_size(sizeof(vec))));
+#if defined(__AVX512F__) && VL == 16
+#define RF_MIN(c, t) _mm512_min_ps(c, t)  /* c < t ? c : t (t when NaN), as t > c ? c : t */
+#define RF_SEL_LT(a, c, x, y) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, c, _CMP_LT_OQ), y, x)
+#define RF_COPYSIGN(m, s) ((vec)_mm512_ternarylogic_epi32((__m512i)(m), (__m512i)(s), _mm512_set1_epi32(0x7fffffff), 0xe4))
+#else
+static inline vec rf_vsel(rf_ivec m, vec a, vec b) { return (vec)((m & (rf_ivec)a) | (~m & (rf_ivec)b)); }
+#define RF_MIN(c, t) rf_vsel((t) > (c), c, t)
+#define RF_SEL_LT(a, c, x, y) rf_vsel((a) < (c), x, y)
+#define RF_COPYSIGN(m, s) ((vec)(((rf_ivec)(m) & 0x7fffffff) | ((rf_ivec)(s) & (int32_t)0x80000000)))
+#endif
+static inline vec rf_vtanh(vec x) {
+    const vec a = (vec)((rf_ivec)x & 0x7fffffff);
+    const vec z = x * x;
+    const vec small = ((((-5.70498872745E-3f * z + 2.06390887954E-2f) * z - 5.37397155531E-2f) * z
+                        + 1.33314422036E-1f) * z - 3.33332819422E-1f) * z * x + x;
+    vec t = 2.0f * a;
+    t = RF_MIN(VZERO + 88.3762626647949f, t);
+    const vec vf = t * 1.44269504088896341f + 12582912.0f;
+    const vec n = vf - 12582912.0f;
+    vec r = t - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vec p = VZERO + 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    const vec e = p * (r * r) + r + 1.0f;
+    const vec scale = (vec)((((rf_uvec)vf - 0x4B400000u) + 127u) << 23);
+    const vec big = RF_COPYSIGN(1.0f - 2.0f / (e * scale + 1.0f), x);
+    return RF_SEL_LT(a, VZERO + 0.625f, small, big);
+}
 """
 
 _MATH_F64 = r"""
@@ -186,6 +229,32 @@ def _gemm(w: _Emitter, *, R: int, K: int, NV: int, VL: int, a, brow, init, epi, 
             w.close()
 
 
+def _emit_transpose_avx512_f32(w: _Emitter) -> None:
+    """Inside ``transpose``'s block loop: a whole 16 × 16 fp32 block (all its rows inside the matrix)
+    with AVX-512, where two of the four interleaving rounds are loads: register ``y[p][v]`` gathers
+    the 4-float column group ``p`` of rows ``v, v + 4, v + 8, v + 12`` (one 16-byte load and three
+    inserts from memory, which may run on either vector port), then a 4 × 4 transpose inside every
+    128-bit lane (the only shuffles: half of the generic version's, which all need port 5).  The
+    same numbers moved: the results are bitwise those of the generic version."""
+    w("#if defined(__AVX512F__)")
+    w.open("if (bo * 16 + 16 <= rows)")
+    w("const float *restrict s0 = src + (bo * 16) * ss + bi * 16;")
+    for p in range(4):
+        for v in range(4):
+            w(f"__m512 y{p}_{v} = _mm512_castps128_ps512(_mm_load_ps(s0 + {v} * ss + {4 * p}));")
+            for q in range(1, 4):
+                w(f"y{p}_{v} = _mm512_insertf32x4(y{p}_{v}, _mm_load_ps(s0 + {4 * q + v} * ss + {4 * p}), {q});")
+        w(f"const __m512 t{p}_0 = _mm512_unpacklo_ps(y{p}_0, y{p}_1), t{p}_1 = _mm512_unpackhi_ps(y{p}_0, y{p}_1);")
+        w(f"const __m512 t{p}_2 = _mm512_unpacklo_ps(y{p}_2, y{p}_3), t{p}_3 = _mm512_unpackhi_ps(y{p}_2, y{p}_3);")
+        for u, (f, a, b) in enumerate((("lo", 0, 2), ("hi", 0, 2), ("lo", 1, 3), ("hi", 1, 3))):
+            c = 4 * p + u
+            w(f"if (bi * 16 + {c} < cols) _mm512_store_ps(dst + (bi * 16 + {c}) * ds + bo * 16, _mm512_castpd_ps("
+              f"_mm512_unpack{f}_pd(_mm512_castps_pd(t{p}_{a}), _mm512_castps_pd(t{p}_{b}))));")
+    w("continue;")
+    w.close()
+    w("#endif")
+
+
 def _emit_transpose(w: _Emitter, VL: int, size: int) -> None:
     """Emit ``transpose(src, ss, rows, nbi, dst, ds, cols, nbo)``: ``dst[i][o] = src[o][i]`` for ``o <
     rows``, ``i < cols`` (``ss``, ``ds`` row strides; ``nbi``, ``nbo`` blocks of VL along i and o),
@@ -205,6 +274,8 @@ def _emit_transpose(w: _Emitter, VL: int, size: int) -> None:
     w.open("static inline void transpose(const real *restrict src, int ss, int rows, int nbi, "
            "real *restrict dst, int ds, int cols, int nbo)")
     w.open("for (int bo = 0; bo < nbo; bo++) for (int bi = 0; bi < nbi; bi++)")
+    if VL == 16 and size == 4:
+        _emit_transpose_avx512_f32(w)
     n_rounds = VL.bit_length() - 1
     for j in range(VL):
         w(f"vec r0_{j} = bo * VL + {j} < rows ? LD(src + (bo * VL + {j}) * ss + bi * VL) : VZERO;")
@@ -280,12 +351,31 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
         pos += P[l + 1]
     NS = pos
     maxp = max(P)
+    # layers whose Wᵀ is W's block transpose: within a task the last inner step need not copy W
+    # into Wᵀ (nothing reads it before the next task starts from PHI); DS and the outer update skip
+    # those Wᵀ blocks and PHI's Wᵀ is transposed from PHI's W once per meta-step instead (the
+    # elementwise operations on W and on Wᵀ are the same on the same numbers: the same bits)
+    tw = [l for l in range(L) if transpose and has_W[l] and has_WT[l]]
+    skip = sorted((state[f"WT{l}"], state[f"WT{l}"] + dims[l] * P[l + 1]) for l in tw)
+    ranges, start = [], 0
+    for a, b in skip:
+        if a > start:
+            ranges.append((start, a))
+        start = b
+    if start < NS:
+        ranges.append((start, NS))
+
+    def over_state(body: str) -> None:
+        """``body`` (a statement on index ``k``) for every vector of the state outside ``skip``."""
+        for a, b in ranges:
+            w(f"for (int k = {a}; k < {b}; k += VL) {body}")
     neg_lr = _lit(-lr, real)
 
     w = _Emitter()
     w(f"/* reptile_fast native meta-step v{_VERSION}: dims={dims} acts={acts} loss={loss} lr={lr!r} "
       f"S={S} T={T} B={B} {real}, {VB}-byte vectors */")
     w("#include <math.h>\n#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>")
+    w("#if defined(__AVX512F__)\n#include <immintrin.h>\n#endif")
     w(f"typedef {real} real;")
     w(f"typedef real vec __attribute__((vector_size({VB})));")
     w(f"#define VL {VL}")
@@ -327,7 +417,7 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
               f"PHI[{state[f'WT{l}']} + i * {P[l + 1]} + o] = phi[{Wo} + o * {I} + i];")
         w(f"for (int o = 0; o < {O}; o++) PHI[{state[f'b{l}']} + o] = phi[{bo} + o];")
     w.open("for (int64_t m = 0; m < M; m++)")
-    w(f"for (int k = 0; k < {NS}; k += VL) ST(DS + k, VZERO);")
+    over_state("ST(DS + k, VZERO);")
     w.open(f"for (int t = 0; t < {T}; t++)")
     w(f"for (int k = 0; k < {NS}; k += VL) ST(TH + k, LD(PHI + k));")
     w.open(f"for (int s = 0; s < {S}; s++)")
@@ -356,7 +446,9 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
                   brow=lambda k, WT=WT, l=l: f"TH + {WT} + {k} * {P[l + 1]}",
                   init=lambda r, c, bias=bias: f"LD(TH + {bias + c * VL})",
                   epi=lambda r, c, acc, Hout=Hout, l=l: w(f"ST({Hout} + {r} * {P[l + 1]} + {c * VL}, {acc});"))
-            if acts[l] != "identity":
+            if acts[l] == "tanh" and real == "float":
+                w(f"for (int k = 0; k < {B * P[l + 1]}; k += VL) ST({Hout} + k, rf_vtanh(LD({Hout} + k)));")
+            elif acts[l] != "identity":
                 w(f"for (int k = 0; k < {B * P[l + 1]}; k++) {Hout}[k] = {_act(acts[l], f'{Hout}[k]')};")
                 if acts[l] == "sigmoid" and O % VL:
                     w(f"for (int b = 0; b < {B}; b++) for (int o = {O}; o < {P[l + 1]}; o++) {Hout}[b * {P[l + 1]} + o] = 0;")
@@ -421,7 +513,9 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
                       f"+ splat({neg_lr}) * {acc});"))
         if has_WT[l] and has_W[l] and transpose:
             # WT ← Wᵀ: the same numbers as applying the gradient to WT, for a third of a product
-            w(f"transpose(TH + {state[f'W{l}']}, {P[l]}, {O}, {P[l] // VL}, TH + {state[f'WT{l}']}, {P[l + 1]}, {I}, {P[l + 1] // VL});")
+            if S > 1:
+                w(f"if (s < {S - 1}) transpose(TH + {state[f'W{l}']}, {P[l]}, {O}, {P[l] // VL}, "
+                  f"TH + {state[f'WT{l}']}, {P[l + 1]}, {I}, {P[l + 1] // VL});")
         elif has_WT[l]:
             # WT[i][:] += (−lr) Σ_b H[b][i] G[b][:]
             WTl = state[f"WT{l}"]
@@ -442,12 +536,15 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
         if l > 0:
             w("{ real *tmp = G; G = GH; GH = tmp; }")
     w.close()  # steps
-    w(f"for (int k = 0; k < {NS}; k += VL) ST(DS + k, LD(DS + k) + (LD(TH + k) - LD(PHI + k)));")
+    over_state("ST(DS + k, LD(DS + k) + (LD(TH + k) - LD(PHI + k)));")
     w.close()  # tasks
     if T == 1:
-        w(f"for (int k = 0; k < {NS}; k += VL) ST(PHI + k, LD(PHI + k) + splat(eps[m]) * LD(DS + k));")
+        over_state("ST(PHI + k, LD(PHI + k) + splat(eps[m]) * LD(DS + k));")
     else:
-        w(f"for (int k = 0; k < {NS}; k += VL) ST(PHI + k, LD(PHI + k) + splat(eps[m]) * (LD(DS + k) / splat({T})));")
+        over_state(f"ST(PHI + k, LD(PHI + k) + splat(eps[m]) * (LD(DS + k) / splat({T})));")
+    for l in tw:
+        I, O = dims[l], dims[l + 1]
+        w(f"transpose(PHI + {state[f'W{l}']}, {P[l]}, {O}, {P[l] // VL}, PHI + {state[f'WT{l}']}, {P[l + 1]}, {I}, {P[l + 1] // VL});")
     w.close()  # meta-steps
     # PHI -> phi (torch layout), from the layout each layer keeps
     for l in range(L):
