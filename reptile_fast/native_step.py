@@ -101,6 +101,11 @@ static inline float rf_tanh(float x) {
     return a < 0.625f ? small : big;
 }
 static inline float rf_sigmoid(float x) { return 1.0f / (1.0f + rf_exp(-x)); }
+"""
+
+#: after ``_MATH_F32``, where ``vec``, ``VL`` and ``VZERO`` are defined (``_MATH_F32`` itself
+#: compiles on its own: tests/test_review_qa24.py checks its functions against float64)
+_MATH_F32_VEC = r"""
 /* rf_tanh on a whole vector, operation for operation (the same expressions, so the same fused
    multiply-adds): bitwise rf_tanh in every lane (checked on all 2^32 inputs).  Written out
    because GCC's vectorisation of rf_tanh computes both branches under masks, with more
@@ -385,7 +390,7 @@ def generate_source(spec: MLPSpec, *, lr: float, loss: str, steps: int, n_tasks:
     w("static inline vec splat(real s) { return (vec){" + ", ".join(["s"] * VL) + "}; }")
     if transpose and any(has_W[l] and has_WT[l] for l in range(L)):
         _emit_transpose(w, VL, size)
-    w(_MATH_F32 if real == "float" else _MATH_F64)
+    w(_MATH_F32 + _MATH_F32_VEC if real == "float" else _MATH_F64)
     w.open("int rf_meta_steps(int64_t M, const real *restrict xs, const void *restrict ys_,"
            " const real *restrict eps, real *restrict phi, real *restrict losses)")
     # work memory (one allocation per call: concurrent calls never share it), aligned to VB
