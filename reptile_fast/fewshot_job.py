@@ -504,7 +504,8 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
     seed = check_int("seed", seed, 0)
     check_seed(seed)
     if threads is not None:
-        check_threads(check_int("threads", threads, 0))
+        threads = check_int("threads", threads, 0)
+        check_threads(threads)
     config, trainer = load_trained(model_dir)
     if threads is None:
         # the model may come from a bigger machine: its count here would oversubscribe (or, far
