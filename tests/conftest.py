@@ -61,6 +61,15 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _threads_restored():
+    # a test that sets torch's thread count (the jobs' --threads, a bench script's main) leaves the
+    # next test the session's one thread
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield

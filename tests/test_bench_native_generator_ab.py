@@ -17,14 +17,7 @@ pytestmark = [pytest.mark.skipif(find_compiler() is None, reason="no C compiler"
               pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # main sets one thread for the process
-
-
-def test_head_against_this_tree_is_bitwise_and_timed(tmp_path, one_thread):
+def test_head_against_this_tree_is_bitwise_and_timed(tmp_path):
     from bench.native_generator_ab import CHECKS, main
 
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -40,7 +33,7 @@ def test_head_against_this_tree_is_bitwise_and_timed(tmp_path, one_thread):
     assert r["stamp"]["command"].startswith("python") or "native_generator_ab" in r["stamp"]["command"]
 
 
-def test_a_program_that_differs_is_reported_and_not_timed(tmp_path, monkeypatch, one_thread):
+def test_a_program_that_differs_is_reported_and_not_timed(tmp_path, monkeypatch):
     import bench.native_generator_ab as ab
     from reptile_fast import native_step
 

@@ -22,14 +22,6 @@ RTOL, ATOL = 1e-5, 1e-6
 KW = dict(inner_steps=3, inner_batch_size=4, inner_lr=0.05, outer_lr=0.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tasks(T=3, n=12, fin=5, fout=2, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return TaskBatch(torch.randn(T, n, fin, generator=g).to(dtype), torch.randn(T, n, fout, generator=g).to(dtype))

@@ -35,14 +35,6 @@ _TINY = ["--ways", "2", "--shots", "1", "--train-shots", "2", "--inner-batch-siz
          "--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return job_data(tmp_path_factory.mktemp("qa52_job"))

@@ -18,19 +18,11 @@ from _fake_omniglot import job_data, make_folder, make_runs
 from reptile_fast import Reptile, TaskBatch
 from reptile_fast.cli import main
 from reptile_fast.fewshot import evaluate_episodes
-from reptile_fast.tasks import Episodes, Omniglot, official_character_split
+from reptile_fast.tasks import Episodes, official_character_split
 from reptile_fast.tasks.omniglot import load_omniglot_images
 
 _TINY = ["--ways", "2", "--train-shots", "2", "--inner-batch-size", "2", "--inner-steps", "2",
          "--eval-steps", "3", "--eval-tasks", "6", "--threads", "1", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
