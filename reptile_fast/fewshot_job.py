@@ -145,8 +145,7 @@ class OmniglotConfig:
         if self.eval_batch_size > self.ways * min(self.shots):
             raise ValueError(f"eval_batch_size {self.eval_batch_size} exceeds the support set of "
                              f"{self.ways} × {min(self.shots)} images")
-        if not isinstance(self.transductive, bool):
-            raise TypeError("transductive must be a bool")
+        self.transductive = check_bool("transductive", self.transductive)  # numpy's bool too, as a bool
         self.indexed_tasks = check_bool("indexed_tasks", self.indexed_tasks)
         self.minibatches = check_minibatches(self.minibatches)
         for name in ("backend", "device"):
@@ -503,6 +502,9 @@ def run_omniglot_runs(runs: os.PathLike, model_dir: os.PathLike, out: Optional[o
     ``ValueError`` for ``threads`` above this machine's CPUs."""
     seed = check_int("seed", seed, 0)
     check_seed(seed)
+    if transductive is not None:
+        # as a plain bool: numpy's bool would pass the evaluation and then fail runs_metrics.json's write (QA56)
+        transductive = check_bool("transductive", transductive)
     if threads is not None:
         threads = check_int("threads", threads, 0)
         check_threads(threads)

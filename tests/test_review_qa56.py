@@ -187,6 +187,29 @@ def test_official_runs_follow_the_models_settings_and_keep_the_callers_threads(o
     assert (m["minibatches"], m["transductive"]) == ("epochs", True)
 
 
+def test_official_runs_take_numpys_bool_for_transductive_and_refuse_a_string(official_runs, tmp_path):
+    """``run_omniglot_runs(transductive=numpy.bool_(False))`` runs as ``False`` and writes
+    runs_metrics.json with a JSON bool; a string is refused before any evaluation, naming
+    ``transductive``; ``OmniglotConfig`` takes numpy's bool as ``indexed_tasks`` already did.
+
+    Kills (QA56's report): numpy's bool passed through unchecked — the evaluation ran, then writing
+    runs_metrics.json failed (numpy bool is not JSON-serialisable) and the result was lost."""
+    np = pytest.importorskip("numpy")
+    from reptile_fast.fewshot_job import OmniglotConfig, run_omniglot_runs
+
+    validated, _ = official_runs
+    runs = make_runs(tmp_path, n_runs=1, ways=2)
+    out = tmp_path / "out"
+    m = run_omniglot_runs(runs, validated, out, transductive=np.bool_(False), threads=1, log=lambda *a: None)
+    assert m["transductive"] is False
+    assert json.loads((out / "runs_metrics.json").read_text())["transductive"] is False
+    with pytest.raises(TypeError, match="transductive"):
+        run_omniglot_runs(runs, validated, tmp_path / "never", transductive="no", threads=1, log=lambda *a: None)
+    assert not (tmp_path / "never").exists()
+    config = OmniglotConfig(train=["-"], test="-", transductive=np.bool_(True))
+    assert config.transductive is True
+
+
 
 def test_official_runs_label_each_query_by_its_own_line_whatever_the_lines_order(tmp_path):
     """``load_official_runs`` labels each test item through its own ``class_labels.txt`` line; a file
