@@ -1103,7 +1103,11 @@ def cli_sine_row(log, out: Path, timeout: float, smoke: bool = False) -> dict:
     # goes to a temporary folder and only its metrics come back (sine_gpu_metrics.json).
     import tempfile
 
-    run_dir = Path(tempfile.mkdtemp(prefix="reptile_fast_sine_gpu_")) / "run"
+    with tempfile.TemporaryDirectory(prefix="reptile_fast_sine_gpu_") as tmp:  # removed after the row
+        return _cli_sine_row_in(log, out, timeout, smoke, Path(tmp) / "run")
+
+
+def _cli_sine_row_in(log, out: Path, timeout: float, smoke: bool, run_dir: Path) -> dict:
     env = dict(os.environ, REPTILE_FAST_TRITON_KERNEL="v2", REPTILE_FAST_TRITON_FUSED="1",
                REPTILE_FAST_TRITON_CUDA_GRAPHS="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -396,6 +396,7 @@ def test_cli_under_torchrun_trains_one_model_and_rank_0_alone_writes(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "REPTILE_FAST_DIST_TIMEOUT": "60"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(tmp_path / "torchrun_logs"),  # not a torchelastic_* folder left in /tmp
            "-m", "reptile_fast", "sine", "--iterations", "6", "--meta-batch-size", "5", "--backend", "torch",
            "--eval-tasks", "4", "--eval-steps", "3", "--checkpoint-every", "3", "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)

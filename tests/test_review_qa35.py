@@ -800,6 +800,8 @@ def test_main_job_row_on_a_gpu_is_a_time_only_for_a_trained_model(tmp_path, monk
     assert env["REPTILE_FAST_TRITON_CUDA_GRAPHS"] == "1" and "TRITON_INTERPRET" not in env
     assert good["train_seconds"] == 0.8 and good["mode"] == "graphs" and "status" not in good, good
     assert json.loads((tmp_path / "sine_gpu_metrics.json").read_text())["post_adaptation_mse"] == 0.01
+    # the job's own folder (five files) is a temporary one, removed after the row
+    assert not Path(cmd[cmd.index("--out") + 1]).parent.exists()
     for mse, rc in ((10 * MAX_TRAINED_MSE, 0), (0.01, 1), (float("nan"), 0)):
         monkeypatch.setattr(G, "_run", run(mse, rc))
         bad = G.cli_sine_row(lambda *a: None, tmp_path, timeout=45.0)

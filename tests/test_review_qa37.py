@@ -548,7 +548,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, fake_data):
                                           zip2=str(fake_data["zip2"])))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "REPTILE_FAST_DIST_TIMEOUT": "60"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], env=env, capture_output=True, text=True, timeout=240)
+                           "--log-dir", str(tmp_path / "torchrun_logs"), str(script)], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["cli_rc"] == r1["cli_rc"] == r0["omniglot_rc"] == r1["omniglot_rc"] == 0
