@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6,<3.10"],  # tested: 3.6, 3.8 and 3.9 (interpreter, sm_90a AOT); nothing older
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],  # xdist: the suite on every core
     },
     entry_points={"console_scripts": ["reptile-fast=reptile_fast.cli:main"]},
 )
