@@ -25,9 +25,15 @@ Two variants of the same arithmetic, picked per model by ``choose_launch_config`
   phases and the cache round trips.  The grid is capped (8 programs per SM) and each program
   loops over tasks, which bounds the scratch.
 
-Register use (ptxas for sm_90a, compile only, Triton 3.6 and 3.9): 1-64-64-1 / batch 10 in the
-registers variant: 242-255 registers, no spills at 8 warps (4 warps spill ~1 KB); tiled 2-256-256-3
-at 4 warps: 128-168 registers, no spills.  Speed is measured by ``bench/bench_triton_kernel.py``.
+Register use (ptxas for sm_90a, compile only, Triton 3.8 and 3.6): 1-64-64-1 / batch 10 in the
+registers variant: 229-255 registers, no spills at 8 warps (4 warps spill ~1 KB); tiled 2-256-256-3
+at 4 warps: 128-168 registers, no spills (bench/results/triton-compile-sm90-v1-*-session24.json).
+Speed is measured by ``bench/bench_triton_kernel.py``.
+
+exp, log, tanh, sigmoid and every division inside the kernels come from
+``special_functions.py`` (fp32 FMA arithmetic and ``tl.math.div_rn``): on NVIDIA ``tl.exp``,
+``tl.log`` and ``/`` lower to approximate instructions, so the same accuracy bound
+(``special_functions.ACCURACY``) holds on a GPU and under the interpreter.
 
 Arithmetic is fp32 with fp32 accumulation.  ``tl.dot`` uses ``input_precision="ieee"`` by default
 (results equal the reference up to summation order); ``"tf32"`` is an option for speed.  The
@@ -55,6 +61,10 @@ import triton.language as tl
 from reptile_fast.mlp_math import ACTIVATION_CODES
 from reptile_fast.validation import check_bool
 
+# exp / log / tanh / sigmoid in fp32 FMA arithmetic: the same error bound on a GPU as under the
+# interpreter (tl.exp, tl.log and "/" lower to approximate instructions on NVIDIA)
+from .special_functions import _exp, _log, _sigmoid, _tanh
+
 __all__ = [
     "ACTIVATION_CODES", "LOSS_CODES", "MAX_LAYERS", "MAX_FEATURES", "INTERPRETED", "LaunchConfig",
     "padded", "param_layout", "n_flat_params", "choose_launch_config", "registers_unsupported_reason",
@@ -78,28 +88,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ----------------------------------------------------------------------------- device helpers
 @triton.jit
-def _tanh(x):
-    # libdevice's tanh does not exist under the interpreter, so tanh is built from exp alike on
-    # both: 1 - 2e / (1 + e), e = e^{-2|x|}, cancels for small |x|, where the odd Taylor series
-    # (terms to x^15, truncation error < 1e-9 relative for |x| < 0.4) is used instead.  Not
-    # (1 - e) / (1 + e): that rounds 1 ± e to 1 once e is below half an ulp, from |x| = 8.66,
-    # where tanh reaches 1 only at 9.01 (and the gradient 1 - y² went to 0 there).
-    ax = tl.abs(x)
-    e = tl.exp(-2.0 * ax)
-    big = 1.0 - 2.0 * e / (1.0 + e)
-    x2 = x * x
-    p = -1.4558343870513183e-03  # -929569/638512875
-    p = p * x2 + 3.5921280365724810e-03  # 21844/6081075
-    p = p * x2 - 8.8632355299021966e-03  # -1382/155925
-    p = p * x2 + 2.1869488536155203e-02  # 62/2835
-    p = p * x2 - 5.3968253968253968e-02  # -17/315
-    p = p * x2 + 1.3333333333333333e-01  # 2/15
-    p = p * x2 - 3.3333333333333333e-01  # -1/3
-    small = x + x * x2 * p
-    return tl.where(ax < 0.4, small, tl.where(x < 0.0, -big, big))
-
-
-@triton.jit
 def _activation(z, ACT: tl.constexpr):
     """act(z) for ACT in ACTIVATION_CODES (0 identity, 1 tanh, 2 relu, 3 sigmoid)."""
     if ACT == 1:
@@ -107,7 +95,7 @@ def _activation(z, ACT: tl.constexpr):
     elif ACT == 2:
         z = tl.where(z <= 0.0, 0.0, z)  # NaN stays NaN, as in torch (tl.maximum returned the 0)
     elif ACT == 3:
-        z = 1.0 / (1.0 + tl.exp(-z))
+        z = _sigmoid(z)
     return z
 
 
@@ -150,13 +138,14 @@ def _loss_tile(out, y_ptr, point, row_ok, grad_scale,
         label = tl.load(y_ptr + point, mask=row_ok, other=0)
         z = tl.where(col_ok[None, :], out, float("-inf"))
         z_max = tl.max(z, axis=1)
-        e = tl.exp(z - z_max[:, None])
+        e = _exp(z - z_max[:, None])
         e_sum = tl.sum(e, axis=1)
         is_label = cols[None, :] == label[:, None]
         z_label = tl.sum(tl.where(is_label, out, 0.0), axis=1)
-        row_loss = z_max + tl.log(e_sum) - z_label
+        row_loss = z_max + _log(e_sum) - z_label  # e_sum >= 1: the max's own term is e^0
         s = tl.sum(tl.where(row_ok, row_loss, 0.0), axis=0)
-        g = tl.where(ok, (e / e_sum[:, None] - tl.where(is_label, 1.0, 0.0)) * grad_scale, 0.0)
+        p = tl.math.div_rn(e, e_sum[:, None])
+        g = tl.where(ok, (p - tl.where(is_label, 1.0, 0.0)) * grad_scale, 0.0)
     return g, s
 
 
@@ -294,7 +283,7 @@ def _inner_loop_registers_kernel(
                     g, loss_sum = _loss_tile(out, y_ptr, point, row_ok, grad_scale, LOSS, D4, P4)
                 else:
                     g, loss_sum = _loss_tile(out, y_ptr, point, row_ok, grad_scale, LOSS, D5, P5)
-                tl.store(loss_ptr + t * n_steps + s, loss_sum / loss_count)
+                tl.store(loss_ptr + t * n_steps + s, tl.math.div_rn(loss_sum, loss_count))
                 # backward and SGD, last layer first
                 if N_LAYERS > 4:
                     g, w4, b4 = _backward_layer(g, a4, a5, w4, b4, lr, ACT4, True, PRECISION)
@@ -533,7 +522,7 @@ def _inner_loop_tiled_kernel(
                 else:
                     loss = _tiled_loss(a5_ptr, y_ptr, plan, g_ptr, point0, batch, grad_scale,
                                        LOSS, ACT4, D5, P_OUT, BLOCK_M)
-                tl.store(loss_ptr + t * n_steps + s, loss / loss_count)
+                tl.store(loss_ptr + t * n_steps + s, tl.math.div_rn(loss, loss_count))
                 tl.debug_barrier()
                 # backward and SGD, last layer first; dL/dz alternates between the two buffers
                 g_cur = g_ptr
