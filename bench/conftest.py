@@ -45,6 +45,9 @@ def pytest_configure(config):
             os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 
+# optional: pytest-benchmark's own hooks (without the plugin, e.g. on a GPU image that lacks it,
+# pytest would refuse these as unknown hooks and run nothing)
+@pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
     from bench.env import command_line, machine_stamp
     from bench.providers import bench_device, bench_mode
@@ -78,6 +81,7 @@ def pytest_runtest_logreport(report):
                        "status": "skipped" if report.skipped else "failed", "reason": reason})
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["reptile_fast_not_timed"] = list(_NOT_TIMED)
 

@@ -269,3 +269,21 @@ def test_gpu_check_tests_mode(tmp_path, budget):
     else:
         assert proc.returncode == 0 and re.search(r"\d+ skipped, \d+ deselected", log), log[-2000:]
         assert log.rstrip().endswith("rc=0") and " passed" not in log, log[-2000:]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_gpu_check_tests_mode_without_pytest_benchmark(tmp_path):
+    """--tests on a machine without pytest-benchmark (pyproject's addopts name its
+    --benchmark-disable, which pytest alone refuses with rc 4): the cases still run."""
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "pytest_benchmark.py").write_text("raise ImportError('not installed here')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
+    env.update(PYTHON=sys.executable, TESTS_BUDGET="300", CUDA_VISIBLE_DEVICES="",
+               PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",  # no installed plugin, as on such a machine
+               PYTHONPATH=os.pathsep.join([str(fake), str(ROOT), env.get("PYTHONPATH", "")]))
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--tests", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = (out / "pytest_gpu.log").read_text()
+    assert proc.returncode == 0 and re.search(r"\d+ skipped, \d+ deselected", log), log[-2000:]
