@@ -218,6 +218,62 @@ def test_cuda_graphs_give_the_same_results():
     assert len(graphed._graphs) == 1
 
 
+def test_a_failed_inner_loop_capture_warns_and_launches_plainly(monkeypatch):
+    """A CUDA-graph capture that raises (e.g. an operation a capture refuses) is not the user's
+    error: ``inner_loop`` warns once naming it, returns the plain launch's results, and launches
+    plainly from then on (as the fused stepper's capture failure does)."""
+    import reptile_fast.backends.triton as T
+
+    captures = []
+
+    def failing_capture(run, inputs):
+        captures.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(T, "_GraphedLaunch", failing_capture)
+    backend = TritonBackend(cuda_graphs=True)
+    x = torch.arange(3.0)
+    with pytest.warns(RuntimeWarning, match="capturing the inner-loop launch in a CUDA graph failed"):
+        out = backend._graphed(lambda t: (t * 2, t + 1), (x,), ("settings",))
+    torch.testing.assert_close(out[0], x * 2, rtol=0, atol=0, msg="the plain launch's first output")
+    assert backend.graph_fallback_reason == "RuntimeError: operation not permitted when stream is capturing"
+    assert captures == [1] and not backend._graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_a_failed_capture_on_the_gpu_gives_the_plain_results(monkeypatch):
+    """A real capture that fails on the GPU (an operation inside the capture raising): the
+    caller's stream is put back and the results are the plain launch's, bit for bit."""
+    torch.manual_seed(11)
+    model = MLP().cuda()
+    gen = torch.Generator().manual_seed(12)
+    tasks = Sine().sample(1, generator=gen).to("cuda")
+    indices = sample_indices(1, 5, 50, 10, generator=gen).cuda()
+    want = TritonBackend().inner_loop(model, tasks, indices, InnerConfig())
+
+    import importlib
+
+    def refusing(fn):
+        def wrapped(*args, **kwargs):
+            if torch.cuda.is_current_stream_capturing():  # as an operation a capture refuses
+                raise RuntimeError("capture refused")
+            return fn(*args, **kwargs)
+        return wrapped
+
+    v1 = importlib.import_module("reptile_fast.kernels.mlp_inner_loop")
+    v2 = importlib.import_module("reptile_fast.kernels.mlp_meta_step_v2")
+    monkeypatch.setattr(v1, "mlp_inner_loop", refusing(v1.mlp_inner_loop))
+    monkeypatch.setattr(v2, "inner_loop", refusing(v2.inner_loop))
+    stream = torch.cuda.current_stream()
+    graphed = TritonBackend(cuda_graphs=True)
+    with pytest.warns(RuntimeWarning, match="capture refused"):
+        got = graphed.inner_loop(model, tasks, indices, InnerConfig())
+    assert torch.cuda.current_stream() == stream
+    for n in want.params:
+        torch.testing.assert_close(got.params[n], want.params[n], rtol=0, atol=0, msg=f"'{n}' after a failed capture")
+
+
 def test_check_supported_takes_cuda_without_an_index(monkeypatch):
     """device "cuda" is the current CUDA device: parameters report theirs as "cuda:0", which must
     not read as another device (the GPU benchmarks pass torch.device("cuda"))."""

@@ -128,8 +128,15 @@ class _GraphedLaunch:
             run(*self.inputs)  # compiles the kernel outside the capture
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = run(*self.inputs)
+        caller = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.outputs = run(*self.inputs)
+        except BaseException:
+            # as _CudaGraph: an invalidated capture can leave its capture stream current
+            torch.cuda.set_stream(caller)
+            torch.cuda.synchronize()
+            raise
 
     def __call__(self, inputs):
         for static, t in zip(self.inputs, inputs):
@@ -285,6 +292,8 @@ class TritonBackend(Backend):
         self.chunk = chunk
         self.validate = validate
         self._graphs: "OrderedDict[tuple, _GraphedLaunch]" = OrderedDict()
+        #: why inner_loop stopped capturing CUDA graphs (a failed capture), or None
+        self.graph_fallback_reason: Optional[str] = None
 
     @property
     def kernel(self) -> str:
@@ -480,7 +489,8 @@ class TritonBackend(Backend):
 
         inputs = (tasks.x, tasks.y, indices, *params)
         with _on(tasks.x.device):
-            if self.cuda_graphs and tasks.x.is_cuda and torch.cuda.is_available():
+            if (self.cuda_graphs and self.graph_fallback_reason is None and tasks.x.is_cuda
+                    and torch.cuda.is_available()):
                 flat, losses = self._graphed(run, inputs, (kernel, spec, loss, config.lr, steps, launch))
             else:
                 flat, losses = run(*inputs)
@@ -492,7 +502,14 @@ class TritonBackend(Backend):
         key = settings + tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         graphed = self._graphs.get(key)
         if graphed is None:
-            graphed = _GraphedLaunch(run, inputs)
+            try:
+                graphed = _GraphedLaunch(run, inputs)
+            except Exception as exc:  # noqa: BLE001 - any capture failure: warn, launch plainly from now on
+                self.graph_fallback_reason = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"backend 'triton': capturing the inner-loop launch in a CUDA graph failed "
+                              f"({self.graph_fallback_reason}); running the same launch without graphs",
+                              RuntimeWarning, stacklevel=4)
+                return run(*inputs)
             self._graphs[key] = graphed
             if len(self._graphs) > _GRAPH_CACHE_SIZE:
                 self._graphs.popitem(last=False)
