@@ -352,7 +352,9 @@ def test_three_ranks_equal_one_process_and_resume_a_two_rank_checkpoint(two_rank
 
 @pytest.mark.parametrize("fault", ["die", "hang"])
 def test_a_dead_or_hung_rank_stops_the_job_with_a_clear_error(tmp_path, fault):
-    timeout = 3.0
+    # the process group's timeout also bounds the rendezvous and meta-steps 1-2's collectives: a
+    # rank starved longer than it on a loaded machine (pytest -n) would fail before the fault (QA59)
+    timeout = 10.0
     s = dict(name=fault, iterations=50, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1,
              **{f"{fault}_at": 2})
     codes = W.run_job(2, tmp_path, [s], timeout=timeout, wait=60, grace=1)

@@ -20,8 +20,12 @@ def test_gpu_check_cpu_smoke(tmp_path):
     env["PYTHON"] = sys.executable
     # stages 1 (env), 3 (correctness), 4 (timing), 5-6 (skipped without CUDA): the compile stage
     # is bench/bench_triton_kernel.py's test_kernel_compiles_for_sm90
+    # --budget: the smoke's default 240 s is a GPU session's limit, not this test's; under a parallel
+    # run (pytest -n) on 2 loaded cores the run took 160 s and its timed cases were near the skip
+    # threshold ("time budget spent").  480 + the 10 s deadline grace stays under timeout=600.
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", str(tmp_path),
-                           "--stages", "1,3,4,5,6"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           "--stages", "1,3,4,5,6", "--budget", "480"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     stages = results["stages"]
@@ -63,8 +67,11 @@ def test_gpu_sweep_cpu_smoke(tmp_path):
     counted only as the first argument.)"""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
     env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", "--sweep", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # --budget: the sweep's smoke default (120 s) took 112-115 s under pytest -n 4 on 2 cores, and a
+    # setting started past 110 s is "skipped: time budget spent" (seen at load ~9).  480 + the 10 s
+    # deadline grace stays under timeout=600.
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", "--sweep", "--budget", "480",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert {r["T"] for r in rows} == {1, 5}

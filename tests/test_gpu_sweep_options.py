@@ -76,8 +76,10 @@ def test_bad_flags_are_refused_with_the_flag_named(argv, words, tmp_path, capsys
 def test_cpu_smoke_sweeps_tf32_checked_against_float64(tmp_path):
     """The whole path at tiny sizes: tf32 meta-steps verified through the inner loop's mean,
     rows stamped with the precision, every setting checked before timing."""
-    rc = S.main([str(tmp_path), "--cpu-smoke", "--precision", "tf32", "--T", "5", "--warps", "4",
-                 "--per-sm", "1,2", "--accumulate", "default", "--stream", "off", "--preload", "default"])
+    # --budget 480 in these in-process sweeps: the smoke default (120 s) skips settings past 110 s and its
+    # deadline os._exit(3)s at 130 s, which would kill a pytest-xdist worker; one call took 51 s under -n 4
+    rc = S.main([str(tmp_path), "--cpu-smoke", "--budget", "480", "--precision", "tf32", "--T", "5",
+                 "--warps", "4", "--per-sm", "1,2", "--accumulate", "default", "--stream", "off", "--preload", "default"])
     assert rc == 0
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["precision"] == "tf32"
@@ -149,7 +151,7 @@ def test_cpu_smoke_sweeps_prefetch_checked(tmp_path):
     before it is timed, like every other setting; ``off`` reaches V2Config as False."""
     for word, value in (("prefetch", "prefetch"), ("off", False)):
         out = tmp_path / word
-        rc = S.main([str(out), "--cpu-smoke", "--T", "5", "--warps", "4", "--per-sm", "1",
+        rc = S.main([str(out), "--cpu-smoke", "--budget", "480", "--T", "5", "--warps", "4", "--per-sm", "1",
                      "--accumulate", "default", "--stream", "off", "--preload", word])
         assert rc == 0
         rows = json.loads((out / "sweep.json").read_text())["rows"]
@@ -200,7 +202,7 @@ def test_register_caps_are_swept_only_when_asked():
 def test_cpu_smoke_sweeps_a_layout_option_checked(tmp_path, option, word, value):
     """``--flat off`` / ``--transpose off`` / ``--max-registers 128`` reach V2Config and are checked
     against float64 and the default before they are timed."""
-    rc = S.main([str(tmp_path), "--cpu-smoke", "--T", "5", "--warps", "4", "--per-sm", "1",
+    rc = S.main([str(tmp_path), "--cpu-smoke", "--budget", "480", "--T", "5", "--warps", "4", "--per-sm", "1",
                  "--accumulate", "default", "--stream", "off", "--preload", "default",
                  f"--{option.replace('_', '-')}", word])
     assert rc == 0
