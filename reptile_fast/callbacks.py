@@ -159,6 +159,7 @@ class SignalCallback(Callback):
     def on_end(self, loop):
         if self.signals.received is None:
             return
+        self.signals.acted_on = True
         directory = self.checkpoint.directory
         if directory is None:
             raise TrainingInterrupted(

@@ -107,6 +107,8 @@ class DeferredSignals:
         self.enabled = enabled
         self.checkpointing = checkpointing  # only for the message: whether a checkpoint follows
         self.received: Optional[int] = None
+        #: set by the caller that stops on ``received`` (so ``__exit__`` does not deliver it again)
+        self.acted_on = False
         self.installed = False
         self._previous: Dict[int, object] = {}
 
@@ -132,7 +134,7 @@ class DeferredSignals:
         self.installed = False
 
     def __enter__(self) -> "DeferredSignals":
-        self.received = None
+        self.received, self.acted_on = None, False
         if self.enabled and threading.current_thread() is threading.main_thread():
             for signum in self.signals:
                 self._previous[signum] = signal.getsignal(signum)
@@ -140,6 +142,12 @@ class DeferredSignals:
             self.installed = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.installed:
             self._restore()
+            if exc_type is None and self.received is not None and not self.acted_on:
+                # Recorded after the caller's last look (fit's: after its final checkpoint) and
+                # not acted on: delivered now to the handlers put back, as if it had arrived a
+                # moment later, instead of being dropped (a job would have run on into its
+                # evaluation, the user's Ctrl-C or SIGTERM lost: QA59).
+                signal.raise_signal(self.received)

@@ -122,6 +122,23 @@ def test_second_signal_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+def test_a_signal_not_acted_on_is_delivered_on_exit_not_dropped():
+    """A signal recorded after the caller's last look (fit's: after its final checkpoint) reaches
+    the handler put back when the scope ends (here Python's SIGINT handler: KeyboardInterrupt);
+    one that was acted on (an exception leaving the scope) is not delivered twice."""
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as info:
+        with DeferredSignals() as sig:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert sig.received == signal.SIGINT  # recorded, not raised, inside the scope
+    assert "second" not in str(info.value)
+    assert signal.getsignal(signal.SIGINT) is previous
+    with pytest.raises(TrainingInterrupted):  # acted on: the caller's own exception, nothing after it
+        with DeferredSignals():
+            os.kill(os.getpid(), signal.SIGINT)
+            raise TrainingInterrupted("stopped", signal_number=signal.SIGINT, iteration=1, checkpoint=None)
+
+
 def test_no_handlers_outside_the_main_thread(tmp_path):
     previous = signal.getsignal(signal.SIGINT)
     errors, seen = [], []

@@ -76,6 +76,7 @@ class _RankCallback(Callback):
         if not self.context.is_distributed:  # nobody to agree with: stop after this meta-step
             if self.signals.received is not None:
                 self.signum, self.stopped = self.signals.received, True
+                self.signals.acted_on = True  # distributed_fit raises on it after the scope
                 loop.stop()
             return
         if loop.iteration >= self._next:  # the same meta-steps on every rank
@@ -89,6 +90,7 @@ class _RankCallback(Callback):
             self.agreements += 1
             if signum:
                 self.signum, self.stopped = int(signum), True
+                self.signals.acted_on = True
                 loop.stop()
                 return
             self._next = loop.iteration + next_agreement_gap(per_step, self.stop_every)
@@ -108,6 +110,7 @@ class _RankCallback(Callback):
         self.agreements += 1
         if signum:
             self.signum, self.stopped = int(signum), True
+            self.signals.acted_on = True
 
 
 def next_agreement_gap(seconds_per_step: float, at_most: int) -> int:
