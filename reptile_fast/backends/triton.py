@@ -127,16 +127,9 @@ class _GraphedLaunch:
         with torch.cuda.stream(stream):
             run(*self.inputs)  # compiles the kernel outside the capture
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        caller = torch.cuda.current_stream()
-        try:
-            with torch.cuda.graph(self.graph):
-                self.outputs = run(*self.inputs)
-        except BaseException:
-            # as _CudaGraph: an invalidated capture can leave its capture stream current
-            torch.cuda.set_stream(caller)
-            torch.cuda.synchronize()
-            raise
+        captured = []
+        self.graph = _CudaGraph(lambda: captured.append(run(*self.inputs)))  # (a failed capture: the stream put back)
+        self.outputs = captured[0]
 
     def __call__(self, inputs):
         for static, t in zip(self.inputs, inputs):

@@ -76,7 +76,6 @@ class _RankCallback(Callback):
         if not self.context.is_distributed:  # nobody to agree with: stop after this meta-step
             if self.signals.received is not None:
                 self.signum, self.stopped = self.signals.received, True
-                self.signals.acted_on = True  # distributed_fit raises on it after the scope
                 loop.stop()
             return
         if loop.iteration >= self._next:  # the same meta-steps on every rank
@@ -90,7 +89,6 @@ class _RankCallback(Callback):
             self.agreements += 1
             if signum:
                 self.signum, self.stopped = int(signum), True
-                self.signals.acted_on = True
                 loop.stop()
                 return
             self._next = loop.iteration + next_agreement_gap(per_step, self.stop_every)
@@ -110,7 +108,6 @@ class _RankCallback(Callback):
         self.agreements += 1
         if signum:
             self.signum, self.stopped = int(signum), True
-            self.signals.acted_on = True
 
 
 def next_agreement_gap(seconds_per_step: float, at_most: int) -> int:
@@ -298,6 +295,7 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         # Nobody leaves before rank 0's last checkpoint is complete (a launcher stops every
         # rank when one exits with an error code, as an interrupted one does).
         ctx.barrier(f"barrier after the checkpoint of meta-step {trainer.iteration}")
+        signals.acted_on = ranks.stopped  # raised below; a later signal is delivered as the scope ends
     if ranks.stopped:
         signum = ranks.signum
         path = os.path.join(str(checkpoint_dir), CHECKPOINT_NAME)
