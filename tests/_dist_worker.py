@@ -191,10 +191,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_job(world_size: int, out, scenarios, *, timeout: float = 20.0, wait: float = 120.0,
+def run_job(world_size: int, out, scenarios, *, timeout: float = 60.0, wait: float = 120.0,
             grace: float = 30.0):
     """Start the ranks, wait for rank 0 (at most ``wait`` s) and then the others (``grace`` s
-    more), kill stragglers; returns the exit codes."""
+    more), kill stragglers; returns the exit codes.  ``timeout`` is the process group's: only a
+    test of a dead or hung rank needs it short; elsewhere it only bounds a failure, and a short one
+    fails a healthy job whose rank a loaded machine starves (pytest -n, QA59)."""
     # forkserver: one server process imports torch once, and every rank is a fork of it
     # (spawn would import torch per rank, ~2.5 s each; a fork of this process could inherit
     # its thread pools).

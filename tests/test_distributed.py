@@ -448,7 +448,7 @@ def test_a_bad_checkpoint_dir_is_refused_on_every_rank_and_the_group_stays_usabl
     codes = W.run_job(2, tmp_path, [dict(name="baddir", checkpoint_dir=str(tmp_path / "afile"), checkpoint_every=1),
                                     dict(name="four", iterations=4, checkpoint_dir=ckpt),
                                     dict(name="past", iterations=3, resume_from=ckpt),
-                                    dict(name="next", iterations=2)], timeout=10, wait=60, grace=10)
+                                    dict(name="next", iterations=2)], wait=120, grace=10)
     assert codes == [0, 0], codes
     for res in _results(tmp_path, "baddir", 2):
         assert res["error"] is not None and res["error"][0] == "NotADirectoryError", res["error"]

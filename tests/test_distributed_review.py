@@ -132,7 +132,7 @@ def three_ranks(tmp_path_factory):
                  dict(name="sigint", iterations=6, checkpoint_dir=str(out / "sigint"), signal_at=2,
                       signal=2, stop_check_every=1),
                  dict(name="after", iterations=2)]
-    codes = W.run_job(3, out, scenarios, timeout=15)
+    codes = W.run_job(3, out, scenarios)
     assert codes == [0, 0, 0], codes
     return out
 
