@@ -26,6 +26,7 @@ import triton.language as tl
 
 # v1's input checks: one copy for every launcher
 from .mlp_inner_loop import _check_tensor, _launch_device, _overlaps, _overlaps_any
+from .special_functions import COMPILE_OPTIONS
 
 __all__ = ["accept_step", "check_state", "new_state", "compile_for_target", "BLOCK"]
 
@@ -142,7 +143,8 @@ def accept_step(phi: torch.Tensor, new: torch.Tensor, loss: torch.Tensor, state:
             or loss.numel() != 1:
         raise TypeError(f"loss must be a one-element torch.float32 tensor on {phi.device}")
     with _launch_device(phi.device):
-        _accept_kernel[(1,)](phi, new, loss, state, iteration, loss_out, phi.numel(), BLOCK=BLOCK, num_warps=4)
+        _accept_kernel[(1,)](phi, new, loss, state, iteration, loss_out, phi.numel(), BLOCK=BLOCK,
+                             num_warps=4, **COMPILE_OPTIONS)
 
 
 def compile_for_target(arch: int = 90):
@@ -153,4 +155,4 @@ def compile_for_target(arch: int = 90):
     signature = {"phi_ptr": "*fp32", "new_ptr": "*fp32", "loss_ptr": "*fp32", "state_ptr": "*i64",
                  "iteration_ptr": "*i64", "loss_out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
     source = triton.compiler.ASTSource(_accept_kernel, signature, constexprs={"BLOCK": BLOCK})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, **COMPILE_OPTIONS})

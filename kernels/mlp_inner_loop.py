@@ -63,7 +63,7 @@ from reptile_fast.validation import check_bool
 
 # exp / log / tanh / sigmoid in fp32 FMA arithmetic: the same error bound on a GPU as under the
 # interpreter (tl.exp, tl.log and "/" lower to approximate instructions on NVIDIA)
-from .special_functions import _exp, _log, _sigmoid, _tanh
+from .special_functions import COMPILE_OPTIONS, _exp, _log, _sigmoid, _tanh
 
 __all__ = [
     "ACTIVATION_CODES", "LOSS_CODES", "MAX_LAYERS", "MAX_FEATURES", "INTERPRETED", "LaunchConfig",
@@ -788,7 +788,7 @@ def _kernel_and_meta(dims: Sequence[int], activations: Sequence[str], loss: str,
     meta = dict(N_LAYERS=len(dims) - 1, D0=d[0], D1=d[1], D2=d[2], D3=d[3], D4=d[4], D5=d[5],
                 ACT0=acts[0], ACT1=acts[1], ACT2=acts[2], ACT3=acts[3], ACT4=acts[4],
                 LOSS=LOSS_CODES[loss], PRECISION=precision, num_warps=config.num_warps,
-                num_stages=config.num_stages)
+                num_stages=config.num_stages, **COMPILE_OPTIONS)
     if config.mode == "registers":
         # num_stages is the tiled variant's K-loop pipelining; here Triton would pipeline the step
         # loop's gather into extra shared buffers: 1-64-1 at batch 512 (a tile within
@@ -819,7 +819,7 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
 
     config = config or choose_launch_config(dims, batch)
     kernel, meta = _kernel_and_meta(dims, activations, loss, batch, precision, config)
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages", *COMPILE_OPTIONS)}
     pointers = {"x_ptr": "*fp32", "y_ptr": "*fp32" if loss == "mse" else "*i64", "idx_ptr": "*i64",
                 "phi_ptr": "*fp32", "out_ptr": "*fp32", "loss_ptr": "*fp32", "scratch_ptr": "*fp32"}
     floats = ("lr", "grad_scale", "loss_count")

@@ -72,7 +72,7 @@ from reptile_fast.mlp_math import ACTIVATION_CODES
 from .mlp_inner_loop import (_activation_grad, _check_flat_width, _check_targets, _check_int_field, _check_number, _check_tensor, _check_values, _launch_device, _overlaps, _overlaps_any, _load_layer, _store_layer,  # noqa: F401
                              n_flat_params, param_layout)
 # fp32 special functions with bounded error on every device (shared with v1)
-from .special_functions import ACCURACY, _exp, _log, _sigmoid, _tanh  # noqa: F401
+from .special_functions import ACCURACY, COMPILE_OPTIONS, _exp, _log, _sigmoid, _tanh  # noqa: F401
 # the fused stepper's finiteness rule (one NaN/inf test for both kernels)
 from .meta_step_guard import _is_bad, accept_step, check_state
 from reptile_fast.validation import check_bool
@@ -1123,7 +1123,7 @@ def _meta(dims, activations, loss, batch, steps, precision, config: V2Config,
                 **{f"AOFF{l}": layout.get(f"a{l}", 0) for l in range(MAX_LAYERS)}, GOFF=layout.get("g", 0),
                 TILE=STREAM_TILE,
                 num_warps=num_warps_for(dims, config), num_stages=1,
-                **register_cap(dims, config))
+                **register_cap(dims, config), **COMPILE_OPTIONS)
 
 
 def register_cap(dims: Sequence[int], config: Optional[V2Config] = None) -> dict:
@@ -1197,7 +1197,7 @@ def compile_for_target(dims: Sequence[int], activations: Sequence[str], *, loss:
     config = _config(config)
     meta = _meta(dims, activations, loss, batch, steps, precision, config, accumulate, write_adapted,
                  write_losses, finalize, one_task)
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg", *COMPILE_OPTIONS) if k in meta}
     kernel = _meta_step_kernel
     pointers = {"x_ptr": "*fp32", "y_ptr": "*fp32" if loss == "mse" else "*i64", "idx_ptr": "*i64",
                 "phi_ptr": "*fp32", "part_ptr": "*fp32", "loss_part_ptr": "*fp32", "out_ptr": "*fp32",
@@ -1439,7 +1439,7 @@ def meta_step(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, params_fl
         block = 1024
         _outer_update_kernel[(triton.cdiv(n_params, block),)](
             c.phi, partials, loss_part, eps_t, out, mean_loss, n_params, part_stride, n_programs,
-            float(T), n_losses, BLOCK=block, num_warps=4)
+            float(T), n_losses, BLOCK=block, num_warps=4, **COMPILE_OPTIONS)
     return MetaStepResult(out, mean_loss.reshape(()), losses if task_losses else None)
 
 
