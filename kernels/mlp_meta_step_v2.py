@@ -1069,6 +1069,11 @@ class V2Config:
             raise ValueError(f"programs_per_sm must be None or an int >= 1, got {self.programs_per_sm!r}")
         if self.max_programs is not None and (not isinstance(self.max_programs, int) or self.max_programs < 1):
             raise ValueError(f"max_programs must be None or an int >= 1, got {self.max_programs!r}")
+        # numpy's bools are taken as the bools they equal (and stored as bools)
+        for name in ("preload", "stream", "flat", "transpose"):
+            v = getattr(self, name)
+            if type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool"):
+                object.__setattr__(self, name, check_bool(name, v))
         if not (self.preload is None or isinstance(self.preload, bool) or self.preload == "prefetch"):
             raise ValueError(f"preload must be None, True, False or 'prefetch', got {self.preload!r}")
         if not isinstance(self.stream, bool):

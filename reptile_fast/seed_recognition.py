@@ -12,6 +12,7 @@ import dis
 import functools
 import inspect
 import math
+import numbers
 import types
 from typing import Dict, Optional, Tuple
 
@@ -153,8 +154,9 @@ def classify_inner_loop(fn) -> Tuple[Optional[int], bool]:
     if any_shape is None or fn.__globals__.get("torch") is not torch:
         return None, False
     batch = keywords.get("batch_size", (fn.__defaults__ or (None,))[-1])
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         return None, False
+    batch = int(batch)  # numpy's integers too (the seed's loop slices with them alike)
     return batch, any_shape
 
 

@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import math
+import types
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
@@ -36,7 +39,59 @@ def trainer_hparams(trainer) -> Dict[str, Any]:
         "model": type(trainer.model).__name__,
         "modules": model_modules(trainer.model),
         "module_settings": model_module_settings(trainer.model),
+        "loss_settings": loss_settings(trainer.loss),
     }
+
+
+def _plain(value, depth: int = 0) -> str:
+    """A deterministic description of a loss setting: the same on every process and run (no
+    memory address), so ranks and resumes compare what it computes with."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu")
+        if t.numel() <= 16:
+            return f"tensor({t.tolist()!r}, dtype={t.dtype})"
+        digest = hashlib.sha1(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+        return f"tensor(shape={tuple(t.shape)}, dtype={t.dtype}, sha1={digest})"
+    if isinstance(value, (tuple, list)) and depth < 2:
+        return "(" + ", ".join(_plain(v, depth + 1) for v in value) + ")"
+    if isinstance(value, functools.partial) and depth < 2:
+        parts = [_plain(value.func, depth + 1), *(_plain(v, depth + 1) for v in value.args),
+                 *(f"{k}={_plain(v, depth + 1)}" for k, v in sorted(value.keywords.items()))]
+        return f"partial({', '.join(parts)})"
+    name = getattr(value, "__qualname__", None)
+    if isinstance(name, str) and callable(value):
+        name = f"{getattr(value, '__module__', '?')}.{name}"
+        code = getattr(value, "__code__", None)
+        if "<" in name and isinstance(code, types.CodeType):
+            # a lambda or a nested function: its name does not tell two apart, its code does (a
+            # module-level function's name does: not its code, which a library upgrade changes)
+            body = hashlib.sha1(code.co_code + repr(code.co_consts).encode() + repr(code.co_names).encode())
+            name += f"#{body.hexdigest()[:12]}"
+        return name
+    return f"<{type(value).__qualname__}>"
+
+
+def loss_settings(loss) -> Optional[str]:
+    """What a custom inner loss computes with, beyond its name (None for a built-in loss): an
+    ``nn.Module`` loss's plain attributes and buffers (a Huber loss's δ, a cross-entropy's label
+    smoothing, class weights, ignored index and reduction), a ``functools.partial``'s function and
+    arguments, a function's code.  ``"loss"`` names only the class or function, so a resume with
+    ``HuberLoss(delta=5)`` after ``HuberLoss(delta=0.5)`` (or another lambda) warned of nothing
+    (QA62).  A separate key: checkpoints written before it existed resume without a difference
+    being reported."""
+    if loss_name(loss) is not None:
+        return None
+    if isinstance(loss, (types.FunctionType, types.BuiltinFunctionType, functools.partial)) \
+            or not hasattr(loss, "__dict__"):
+        return _plain(loss)
+    # an object (an nn.Module loss, an instance of a class with __call__): its plain attributes
+    settings = [f"{k}={_plain(v)}" for k, v in sorted(vars(loss).items()) if not k.startswith("_") and k != "training"]
+    if isinstance(loss, torch.nn.Module):
+        settings += [f"{k}={_plain(v)}" for k, v in loss.named_buffers()]
+        settings += [f"{k}={_plain(v)}" for k, v in loss.named_parameters()]
+    return f"{type(loss).__module__}.{type(loss).__qualname__}({', '.join(settings)})"
 
 
 def model_modules(model) -> list:

@@ -34,6 +34,7 @@ from torch.func import grad, vmap
 
 from ..losses import loss_name, resolve_loss
 from ..tasks.base import TaskBatch
+from ..validation import check_bool
 from .base import (ALGORITHMS, INNER_OPTIMIZERS, Backend, InnerConfig, InnerResult, UnsupportedModelError,
                    functional_call)
 from .mlp_batched import (FAST_LOSSES, StackedMLP, default_task_block, gather_minibatches, mlp_forward,
@@ -193,10 +194,9 @@ class TorchBackend(Backend):
 
     def __init__(self, fast_mlp: bool = True, fast_tanh: Optional[bool] = None,
                  task_block: Union[int, str, None] = "auto"):
-        if not isinstance(fast_mlp, bool):
-            raise TypeError(f"fast_mlp must be a bool, got {type(fast_mlp).__name__}")
-        if fast_tanh is not None and not isinstance(fast_tanh, bool):
-            raise TypeError(f"fast_tanh must be a bool or None, got {type(fast_tanh).__name__}")
+        fast_mlp = check_bool("fast_mlp", fast_mlp)  # numpy's bool too, stored as a bool
+        if fast_tanh is not None:
+            fast_tanh = check_bool("fast_tanh (or None)", fast_tanh)
         if isinstance(task_block, numbers.Integral) and not isinstance(task_block, bool):
             task_block = int(task_block)  # numpy's integers too (a count), stored as an int
         if not (task_block is None or (isinstance(task_block, str) and task_block == "auto") or

@@ -230,8 +230,8 @@ class TritonBackend(Backend):
         #: fused was an argument (a demand) rather than the environment's preference, which
         #: applies only where the fused stepper can run (kernel v2, no outer optimizer, no reducer)
         self.fused_explicit = fused is not None
-        if fused is not None and not isinstance(fused, bool):
-            raise TypeError(f"fused must be True or False, got {fused!r}")
+        if fused is not None:
+            fused = check_bool("fused", fused)  # numpy's bool too
         if fused and kernel == "v1":
             raise ValueError(f"fused=True (the whole meta-step in kernel v2) needs kernel='v2' (argument or "
                              f"${KERNEL_ENV}=v2)")
@@ -600,8 +600,7 @@ class TritonFusedStepper(Stepper):
         names = [n for pair in zip(self.spec.weight_names, self.spec.bias_names) for n in pair]
         self.live = [model.get_parameter(n) for n in names]
         self.launch = _v2_config(self.backend.launch)
-        if not isinstance(cuda_graphs, bool):
-            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        cuda_graphs = check_bool("cuda_graphs", cuda_graphs)
         # _capture(body) -> object with replay(): tests put an un-captured stand-in here to run
         # the replay bookkeeping on the CPU; on CUDA it is a real graph
         self._capture = _capture or (_CudaGraph if device.type == "cuda" else None)
