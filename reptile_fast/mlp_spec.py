@@ -235,21 +235,45 @@ def _check_no_hooks(model: nn.Module, modules=None) -> None:
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def module_attributes(modules) -> tuple:
+    """The plain attributes of ``modules`` a forward may compute with, as hashable tokens: numbers
+    and strings by value, functions (``self.act = torch.tanh``) and other callables by identity.
+    A traced MLP holds them as constants (fx records ``self.act(x)`` as a call of torch.tanh), so
+    a change must re-trace it (QA61: ``model.act = torch.relu`` after a first meta-step kept the
+    fused paths on tanh while backend reference trained ReLU).  Tensors and other objects are
+    left out: a forward that stores its output on ``self`` must not rebuild programs every call."""
+    out = []
+    for m in modules:
+        for k, v in m.__dict__.items():
+            if k[0] == "_" or k == "training":  # a Module's own state: ~20 entries, all "_"
+                continue
+            if isinstance(v, _SCALARS):
+                out.append((id(m), k, type(v), v))
+            elif callable(v) and not isinstance(v, (nn.Module, torch.Tensor)):
+                out.append((id(m), k, id(v)))
+    return tuple(out)
+
 
 def cached_mlp_spec(model: nn.Module) -> MLPSpec:
     """``extract_mlp_spec`` cached per model (fx tracing costs about a millisecond).
 
-    The cache is keyed on the identity and train/eval mode of every submodule and every parameter's
-    name and shape, so a layer swapped in place (``model.network[1] = nn.ReLU()``) or a forward
-    branching on ``self.training`` after ``model.eval()`` is re-traced; hooks are checked on
-    every call because they can be added at any time.
+    The cache is keyed on the identity and train/eval mode of every submodule, every parameter's
+    name and shape and the modules' plain attributes (``module_attributes``), so a layer swapped
+    in place (``model.network[1] = nn.ReLU()``), an activation function reassigned
+    (``model.act = torch.relu``) or a forward branching on ``self.training`` after
+    ``model.eval()`` is re-traced; hooks are checked on every call because they can be added at
+    any time.
     """
     # the trace follows Python branches on ``self.training``: a mode switch is re-traced too.
     # Built from the modules' own dicts: named_parameters() made this key ~4x dearer, and the
     # torch backend asks for it every meta-step (a parameter slot is (its module, its name)).
     modules = list(model.modules())
     key = (tuple((id(m), m.training) for m in modules),
-           tuple((id(m), n, tuple(p.shape)) for m in modules for n, p in m._parameters.items() if p is not None))
+           tuple((id(m), n, tuple(p.shape)) for m in modules for n, p in m._parameters.items() if p is not None),
+           module_attributes(modules))
     hit = _CACHE.get(model)
     if hit is not None and hit[0] == key:
         _check_no_hooks(model, modules)

@@ -7,7 +7,7 @@ import contextlib
 
 import torch.nn as nn
 
-from .mlp_spec import global_module_hooks
+from .mlp_spec import global_module_hooks, module_attributes
 
 __all__ = ["structure_key", "check_followable", "modes_kept"]
 
@@ -25,8 +25,9 @@ def modes_kept(model: nn.Module):
 
 
 def structure_key(model: nn.Module) -> tuple:
-    """``(modules with their train/eval mode and hooks, parameter ids, (dtype, device) per
-    parameter, parameter names, requires_grad per parameter)``: about 20 µs for an MLP."""
+    """``(modules with their train/eval mode, hooks and plain attributes, parameter ids,
+    (dtype, device) per parameter, parameter names, requires_grad per parameter)``: about 20 µs
+    for an MLP."""
     named = list(model.named_modules())
     modules, hooks = [m for _, m in named], []
     for m in modules:
@@ -43,6 +44,9 @@ def structure_key(model: nn.Module) -> tuple:
     # (QA50: backend reference left it, the batched backends trained it)
     names = tuple(f"{prefix}.{k}" if prefix else k for prefix, m in named
                   for k, p in m._parameters.items() if p is not None)
+    # a forward's plain attributes (an activation held as ``self.act = torch.tanh``): programs
+    # traced with the old ones are rebuilt (QA61)
+    hooks.append(module_attributes(modules))
     return (tuple(hooks), tuple(map(id, params)), tuple((p.dtype, p.device) for p in params), names,
             tuple(p.requires_grad for p in params))
 
