@@ -1,9 +1,10 @@
 """Few-shot evaluation: adapt on each task's support set, predict its query set, score.
 
-The protocol of the paper's official code (openai/supervised-reptile), spelled out, with two
-declared differences (README, "Differences from the official code"): each adaptation step's
-minibatch is drawn afresh (the official code cycles through the shuffled support set), and the
-inner Adam starts fresh per test task (the official one starts from training's final state).
+The protocol of the paper's official code (openai/supervised-reptile), spelled out.  Adaptation
+minibatches follow the trainer's ``minibatches``: "epochs" cycles through the shuffled support
+set as the official code does (the job's default), "fresh" draws each step's anew (the Python
+API's default).  The inner Adam starts fresh per test task, or, with ``adam_state="carried"``,
+from the state training left, as the official code (README, "Differences from the official code").
 
 * **Adaptation**: a fresh copy of φ per task takes ``steps`` inner steps (the trainer's inner
   optimizer and learning rate) on minibatches of ``batch_size`` support images (50 steps of 5

@@ -568,6 +568,8 @@ _FLAGS = ("ways", "shots", "iterations", "meta_batch_size", "inner_steps", "inne
 
 def add_parser(subparsers) -> None:
     """Register ``omniglot`` and ``omniglot-runs`` on the CLI's subparsers."""
+    import argparse
+
     from .backends import BACKENDS
 
     from .validation import argparse_number as _number
@@ -601,8 +603,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval-batch-size", type=_positive_int, help="support images per adaptation step (default 5; 10 at 20-way)")
     p.add_argument("--eval-tasks", type=_positive_int, help=f"test tasks (default {d.eval_tasks})")
     p.add_argument("--query-shots", type=_positive_int, help=f"query images per class (default {d.query_shots})")
-    p.add_argument("--transductive", action="store_true", default=None,
-                   help="predict all query images of a task in one batch (default: each with the support set)")
+    # --no-transductive too: a resumed transductive run can be turned back (QA60)
+    p.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=None,
+                   help="predict all query images of a task in one batch (default: each with the support set; "
+                        "on --resume, as the run's)")
     p.add_argument("--validate-every", type=_nonneg_int, help=f"meta-steps between validations, 0 = none (default {d.validate_every})")
     p.add_argument("--validation-tasks", type=_positive_int, help=f"(default {d.validation_tasks})")
     p.add_argument("--seed", type=_nonneg_int, help=f"(default {d.seed})")
@@ -653,7 +657,9 @@ def add_parser(subparsers) -> None:
     r.add_argument("--model", required=True, metavar="DIR", help="the --out folder of an omniglot run")
     r.add_argument("--out", metavar="DIR", help="where runs_metrics.json goes (default: --model)")
     r.add_argument("--seed", type=_nonneg_int, default=0, help="draws the adaptation minibatches (default 0)")
-    r.add_argument("--transductive", action="store_true", default=None, help="(default: as the model's run)")
+    r.add_argument("--transductive", action=argparse.BooleanOptionalAction, default=None,
+                   help="all query images of a task in one batch, or (--no-transductive) each with the "
+                        "support set (default: as the model's run)")
     r.add_argument("--threads", type=_nonneg_int, default=None,
                    help="CPU threads, 0 = torch's default (default: the model's run's --threads)")
     r.add_argument("--minibatches", choices=list(MINIBATCHES), default=None,

@@ -81,19 +81,26 @@ def _png_entries(path: Path) -> Iterable[Tuple[Tuple[str, str, str], object]]:
 
 
 def _character_dirs(path: Path) -> Iterable[Tuple[str, str]]:
-    """``(alphabet, character)`` of every ``alphabet/character*/`` folder (a zip's explicit
-    folder entries; a zip without them has no empty folders to find)."""
+    """``(alphabet, character)`` of every ``alphabet/character*/`` folder that holds no folder
+    (a zip's explicit folder entries; a zip without them has no empty folders to find).  A
+    folder with subfolders is no character, whatever its name: ``data/characters/images_background/…``
+    was taken for an empty character and the whole source refused (QA60)."""
     if path.is_dir():
         for d in sorted(path.rglob("character*")):
-            if d.is_dir() and "__MACOSX" not in d.relative_to(path).parts and d.parent != path:
+            if d.is_dir() and "__MACOSX" not in d.relative_to(path).parts and d.parent != path \
+                    and not any(c.is_dir() for c in d.iterdir()):
                 yield d.parent.name, d.name
     else:
         with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                parts = [p for p in name.split("/") if p]
-                if name.endswith("/") and len(parts) >= 2 and parts[-1].startswith("character") \
-                        and "__MACOSX" not in parts:
-                    yield parts[-2], parts[-1]
+            names = zf.namelist()
+        entries = [([p for p in name.split("/") if p], name.endswith("/")) for name in names]
+        # folders with a folder inside: every ancestor of an entry's own folder
+        parents = {tuple(parts[:k]) for parts, is_dir in entries
+                   for k in range(1, len(parts) - (0 if is_dir else 1))}
+        for parts, is_dir in entries:
+            if is_dir and len(parts) >= 2 and parts[-1].startswith("character") and "__MACOSX" not in parts \
+                    and tuple(parts) not in parents:
+                yield parts[-2], parts[-1]
 
 
 class OmniglotImages:
