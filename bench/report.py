@@ -109,8 +109,10 @@ def records_from_gpu_check(data: Dict[str, Any]) -> Tuple[List[dict], dict]:
     records = []
     for r in (stages.get("timing") or {}).get("rows", []):
         prov = str(r.get("provider", "?"))
-        if "T" not in r or "meta_steps" in r or prov.startswith(("fit-", "cli-")) or prov == "*":
+        if "T" not in r or "meta_steps" in r or prov.startswith(("fit-", "cli-")):
             continue
+        if prov == "*":  # a whole meta-batch not timed (its problem failed, the budget ran out): said (QA64)
+            prov = "* (every provider)"
         depth, steps, batch = r.get("depth", 2), r.get("steps", 5), r.get("inner_batch", 10)
         width = r.get("width") or _width_from_flops(r.get("flops"), r["T"], depth, steps, batch)
         rec = {"provider": prov, "meta_batch": r["T"], "width": width, "depth": depth, "steps": steps,
