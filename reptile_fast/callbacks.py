@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 
@@ -92,6 +92,10 @@ class CheckpointCallback(Callback):
         self.last_path: Optional[str] = None
         self.last_saved: Optional[int] = None
         self._chunk_start: Optional[int] = None
+        #: ``exchange(save_or_None)``: a collective every rank of a distributed run enters at the
+        #: same meta-steps (each due checkpoint, and once at the end) that runs the save on rank 0
+        #: and raises its error on every rank (``distributed_fit`` sets it); None: save alone
+        self.exchange: Optional[Callable[[Optional[Callable[[], None]]], None]] = None
 
     def on_start(self, loop):
         self._chunk_start = loop.start
@@ -108,12 +112,18 @@ class CheckpointCallback(Callback):
         return self._due(loop)
 
     def on_chunk_end(self, loop, read):
-        if self._due(loop) and self.last_saved != loop.iteration:
-            self.save()
+        if self._due(loop):
+            if self.exchange is not None:
+                self.exchange(self.save if self.last_saved != loop.iteration else None)
+            elif self.last_saved != loop.iteration:
+                self.save()
         self._chunk_start = loop.iteration
 
     def on_end(self, loop):
-        if self.directory is not None and self.last_saved != self.trainer.iteration:
+        due = self.directory is not None and self.last_saved != self.trainer.iteration
+        if self.exchange is not None:  # every rank exchanges here, whether or not rank 0 saves
+            self.exchange(self.save if due else None)
+        elif due:
             self.save()
 
     def save(self) -> None:

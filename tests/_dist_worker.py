@@ -20,7 +20,7 @@ BASE = dict(backend="torch", reduction="mean", iterations=4, meta_batch_size=7, 
             outer_optimizer=False, algorithm="reptile", checkpoint_dir=None, checkpoint_every=None,
             resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02,
             stop_check_every=10, meta_batch_size_last_rank=None, backend_options=None, adam_lr=0.01,
-            adam_lr_last_rank=None, group_ranks=None, thread_last_rank=False)
+            adam_lr_last_rank=None, group_ranks=None, thread_last_rank=False, save_fails_at=None)
 
 
 def make_trainer(s):
@@ -157,6 +157,20 @@ def run_scenario(s, context, out: Path) -> None:
         return check_reducers({**s, "world_size": context.world_size}, context, out)
     t0 = time.perf_counter()
     result = {"params": None, "history": None, "error": None}
+    restore = None
+    if s["save_fails_at"] is not None and (context is None or context.is_main):
+        # rank 0's disk fills up: its saves from meta-step save_fails_at on raise ENOSPC
+        import errno
+
+        import reptile_fast.callbacks as cb
+
+        original, restore = cb.save_checkpoint, cb.save_checkpoint
+
+        def full_disk(directory, trainer, **kw):
+            if trainer.iteration >= s["save_fails_at"]:
+                raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+            return original(directory, trainer, **kw)
+        cb.save_checkpoint = full_disk
     try:
         trainer, history = train(s, context)
         result["params"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -165,6 +179,13 @@ def run_scenario(s, context, out: Path) -> None:
         result["error"] = (type(exc).__name__, str(exc))
         if isinstance(exc, FloatingPointError):  # NonFiniteError: φ as it was left
             result["params"] = {k: v.detach().clone() for k, v in _last_trainer[0].model.state_dict().items()}
+        if isinstance(exc, OSError):
+            result["errno"] = exc.errno
+    finally:
+        if restore is not None:
+            import reptile_fast.callbacks as cb
+
+            cb.save_checkpoint = restore
     result["seconds"] = time.perf_counter() - t0
     rank = context.rank if context is not None else 0
     torch.save(result, out / f"{s['name']}.{rank}.pt")

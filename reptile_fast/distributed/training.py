@@ -12,14 +12,16 @@ every rank at the same read.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
 from ..checkpoint import CHECKPOINT_NAME
+from ..core import NonFiniteError
 from ..loop import DEFAULT_LOG_EVERY, Callback
-from ..signals import DeferredSignals, TrainingInterrupted, signal_name
+from ..signals import DEFAULT_SIGNALS, DeferredSignals, TrainingInterrupted, signal_name
 from ..validation import check_bool, check_int, check_loadable, check_optimizer_storable
 from .context import DistContext, setup_from_env
 from .reducers import make_reducer
@@ -49,9 +51,13 @@ class _RankCallback(Callback):
     """
 
     def __init__(self, context: DistContext, signals: DeferredSignals, checkpoint_every: Optional[int],
-                 stop_every: int, agree: bool):
+                 stop_every: int, agree: bool, checkpointing: bool = False):
         self.context, self.signals = context, signals
         self.checkpoint_every, self.stop_every = checkpoint_every, stop_every
+        # with a checkpoint_dir: rank 0's saves are exchanged (``_save_exchange``) at each due
+        # checkpoint and at the end, where the other ranks enter the same collective
+        self.exchange = _save_exchange(context) if checkpointing and context.is_distributed else None
+        self._chunk_start = 0
         # Whether the ranks agree on stopping: the setting every rank compared at the start, not
         # ``signals.installed`` (False on a rank training outside the main thread, which would
         # then skip the all-reduce the others wait in)
@@ -66,11 +72,31 @@ class _RankCallback(Callback):
         # the first agreement after one meta-step: it measures how long they take
         self._last_iteration, self._last_time = loop.iteration, time.monotonic()
         self._next = loop.iteration + 1
+        self._chunk_start = loop.iteration  # the loop's start
+        if self.exchange is not None and self.context.is_main:
+            from ..callbacks import CheckpointCallback
+
+            for cb in loop.callbacks:  # fit's checkpoint: its saves go through the exchange
+                if isinstance(cb, CheckpointCallback) and cb.directory is not None:
+                    cb.exchange = self.exchange
+
+    def _exchange_due(self, loop) -> None:
+        """The other ranks' side of rank 0's checkpoint exchange (``CheckpointCallback._due``'s
+        schedule: a multiple of ``checkpoint_every`` reached within the chunk that ended)."""
+        every, start = self.checkpoint_every, self._chunk_start
+        self._chunk_start = loop.iteration
+        if self.exchange is not None and not self.context.is_main and every is not None \
+                and loop.iteration // every > start // every:
+            self.exchange(None)
 
     def wants_read(self, loop) -> bool:
         return self.checkpoint_every is not None and loop.iteration % self.checkpoint_every == 0
 
     def on_chunk_end(self, loop, read):
+        self._agree(loop)
+        self._exchange_due(loop)  # after the agreement, as rank 0's checkpoint callback comes after this one
+
+    def _agree(self, loop) -> None:
         if not self.agree:
             return
         if not self.context.is_distributed:  # nobody to agree with: stop after this meta-step
@@ -100,14 +126,15 @@ class _RankCallback(Callback):
         got it returned normally, and a job under torchrun went on past the SIGTERM (the CLI to its
         evaluation).  Every rank ends the same fit here (a non-finite step raises before, on every
         rank alike), so all of them take part; a signal makes all of them raise."""
-        if not self.agree or self.stopped or not self.context.is_distributed:
-            return
-        values = torch.tensor([float(self.signals.received or 0)], dtype=torch.float64, device=self.context.device)
-        signum = self.context.all_reduce_(values, f"agreement on stopping after meta-step {loop.iteration} (the last)",
-                                          op="max").item()
-        self.agreements += 1
-        if signum:
-            self.signum, self.stopped = int(signum), True
+        if self.agree and not self.stopped and self.context.is_distributed:
+            values = torch.tensor([float(self.signals.received or 0)], dtype=torch.float64, device=self.context.device)
+            signum = self.context.all_reduce_(values, f"agreement on stopping after meta-step {loop.iteration} "
+                                                      f"(the last)", op="max").item()
+            self.agreements += 1
+            if signum:
+                self.signum, self.stopped = int(signum), True
+        if self.exchange is not None and not self.context.is_main:
+            self.exchange(None)  # rank 0's final checkpoint (CheckpointCallback.on_end), after this
 
 
 def next_agreement_gap(seconds_per_step: float, at_most: int) -> int:
@@ -139,22 +166,36 @@ def _on_main(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any:
     if ctx.is_main:
         try:
             payload = ("ok", fn())
-        except (OSError, ValueError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any kind: a rank left waiting would hang the job
             code = exc.errno if isinstance(exc, OSError) else None
             names = tuple(None if code is None or f is None else str(f)
                           for f in (getattr(exc, "filename", None), getattr(exc, "filename2", None)))
             payload = ("error", type(exc).__name__, exc.strerror if code is not None and exc.strerror else str(exc),
-                       code, names)
+                       code, names, getattr(exc, "iteration", None) if isinstance(exc, NonFiniteError) else None)
     payload = ctx.broadcast_object(payload, what)
     if payload[0] == "error":
-        _, name, message, code, (filename, filename2) = payload
+        _, name, message, code, (filename, filename2), iteration = payload
         if code is not None:  # FileNotFoundError, PermissionError, ... by errno
             raise OSError(code, message, filename, None, filename2)
+        if name == "NonFiniteError":
+            raise NonFiniteError(message, iteration=iteration)
         kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError,
                 "TypeError": TypeError, "NotADirectoryError": NotADirectoryError,
                 "IsADirectoryError": IsADirectoryError}.get(name, ValueError)
         raise kind(message)
     return payload[1]
+
+
+def _save_exchange(ctx: DistContext) -> Callable[[Optional[Callable[[], None]]], None]:
+    """``exchange(save)``: rank 0 runs ``save`` (its checkpoint; None: nothing due there) and every
+    rank raises its error alike (``_on_main``), at meta-steps every rank knows: each due
+    checkpoint and the end of the run.  A save that failed on rank 0 alone (a full disk, a
+    permission) left the other ranks in the next meta-step's collective until the process
+    group's timeout (300 s by default), then blaming a dead rank (QA63)."""
+    def exchange(save: Optional[Callable[[], None]]) -> None:
+        _on_main(ctx, save if save is not None and ctx.is_main else (lambda: None),
+                 "broadcast of the checkpoint's outcome")
+    return exchange
 
 
 def _load_on_main(ctx: DistContext, source) -> Dict[str, Any]:
@@ -268,7 +309,7 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         # apply other updates to the same mean, and φ would differ across ranks from the first step
         "outer_optimizer": None if trainer.outer_optimizer is None else
         repr([{k: v for k, v in sorted(g.items()) if k != "params"} for g in trainer.outer_optimizer.param_groups]),
-        "resume": resume_from is not None, "checkpointing": checkpoint_dir is not None and handle_signals,
+        "resume": resume_from is not None, "checkpointing": checkpoint_dir is not None, "handle_signals": handle_signals,
         "log_every": log_every, "checkpoint_every": checkpoint_every, "stop_check_every": stop_check_every,
         "callback": callback is not None})
     _prepare_on_main(ctx, checkpoint_dir)
@@ -283,9 +324,12 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
     ctx.broadcast_module(trainer.model, "broadcast of the initial parameters from rank 0")
     extra = {**(checkpoint_extra or {}), "sampler": sampler.state_dict(), "world_size": ctx.world_size}
     main = ctx.is_main
-    checkpointing = handle_signals and checkpoint_dir is not None
-    with DeferredSignals(enabled=checkpointing) as signals:
-        ranks = _RankCallback(ctx, signals, checkpoint_every, stop_check_every, agree=checkpointing)
+    # as fit: SIGINT and SIGTERM deferred with a checkpoint_dir, SIGINT alone without one (a Ctrl-C
+    # in the middle of a meta-step left φ one step ahead of trainer.iteration: QA63)
+    deferred = DEFAULT_SIGNALS if checkpoint_dir is not None else (signal.SIGINT,)
+    with DeferredSignals(deferred, enabled=handle_signals, checkpointing=checkpoint_dir is not None) as signals:
+        ranks = _RankCallback(ctx, signals, checkpoint_every, stop_check_every, agree=handle_signals,
+                              checkpointing=checkpoint_dir is not None)
         history = trainer.fit(
             task_distribution, iterations, meta_batch_size=sampler.n_local, generator=None,
             progress=progress and main, callback=callback, checkpoint_dir=checkpoint_dir if main else None,
@@ -296,6 +340,12 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         # rank when one exits with an error code, as an interrupted one does).
         ctx.barrier(f"barrier after the checkpoint of meta-step {trainer.iteration}")
         signals.acted_on = ranks.stopped  # raised below; a later signal is delivered as the scope ends
+    if ranks.stopped and checkpoint_dir is None:
+        raise TrainingInterrupted(
+            f"training interrupted by {signal_name(ranks.signum)} after meta-step {trainer.iteration} of "
+            f"{iterations} ({ctx.describe()}); no checkpoint_dir was given, so no checkpoint was written. The "
+            f"model and trainer.iteration are as after meta-step {trainer.iteration} on every rank",
+            signal_number=ranks.signum, iteration=trainer.iteration, checkpoint=None)
     if ranks.stopped:
         signum = ranks.signum
         path = os.path.join(str(checkpoint_dir), CHECKPOINT_NAME)
