@@ -510,9 +510,9 @@ def test_miniimagenet_without_a_cache_reads_each_image_again(tmp_path, cache):
 
 
 # ------------------------------------------------------------------------------ jobs
-def test_derived_seeds_wrap_at_two_to_the_64():
+def test_derived_seeds_wrap_at_the_seed_limit():
     """The jobs' held-out and validation streams are seeded ``seed + offset`` wrapped to 64
-    bits: unchanged below 2**64, 0 at exactly 2**64, and always a seed torch takes.
+    bits: unchanged below SEED_LIMIT (2**32 since QA67), 0 at exactly SEED_LIMIT, and always a seed torch takes.
 
     Catches: ``jobs.derived_seed`` wrapping modulo 2**64 - 1 (another held-out set for the
     largest seeds than documented)."""

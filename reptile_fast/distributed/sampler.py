@@ -2,7 +2,8 @@
 
 The meta-batch of meta-step ``t`` holds global tasks ``j = 0 … T-1``. They are cut into fixed blocks
 of ``K = min(block_size, T)`` consecutive tasks (the last block may be shorter); block ``b`` is
-drawn from a ``torch.Generator`` seeded with ``stream_seed(seed, t, b)``:
+drawn from a ``torch.Generator`` seeded with ``stream_seed(seed, t, b, n_blocks=⌈T/K⌉)`` (a
+32-bit seed distinct for every block of the run: ``STREAMS``):
 ``task_distribution.sample(K_b, generator=g)`` then ``sample_indices(K_b, rows, N, B, generator=g)``
 (``epoch_indices`` for ``minibatches="epochs"``). Task ``j``'s points and plan therefore depend only
 on ``(seed, t, j)`` and the run's fixed ``T`` and ``K`` — never on the number of ranks or on which
@@ -22,10 +23,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..tasks.base import TaskBatch, _check_device, check_minibatches, concat_draws, draw_plan
+from ..tasks.base import TaskBatch, _allocated, _check_device, check_minibatches, concat_draws, draw_plan
 from ..validation import check_int
 
-__all__ = ["IndexedSampler", "split_tasks", "stream_seed", "DEFAULT_BLOCK_SIZE", "SAMPLER_KIND"]
+__all__ = ["IndexedSampler", "split_tasks", "stream_seed", "DEFAULT_BLOCK_SIZE", "SAMPLER_KIND", "STREAMS"]
 
 DEFAULT_BLOCK_SIZE = 64
 SAMPLER_KIND = "indexed"
@@ -40,9 +41,42 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def stream_seed(seed: int, iteration: int, block: int) -> int:
-    """The 64-bit seed of block ``block`` of meta-step ``iteration`` (nested SplitMix64 hashing)."""
-    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ iteration) ^ block)
+_MASK32 = (1 << 32) - 1
+#: How stream seeds are made (stored in checkpoints as the sampler's ``"streams"``):
+#: 1: a 64-bit SplitMix64 hash of ``(seed, t, b)`` — but torch's CPU generator (mt19937) keeps only
+#:    the low 32 bits of a seed, so streams of one run repeated by the birthday bound (QA67: at
+#:    meta-batch 1 and seed 0, meta-steps 18540 and 147296 drew the same task; 24 repeated blocks
+#:    in 30000 meta-steps at meta-batch 1024); kept to resume such runs exactly;
+#: 2: 32-bit seeds distinct within a run: stream ``k = t·n_blocks + b`` gets ``mix32(k + h)``,
+#:    ``h`` the run seed's 32-bit hash and ``mix32`` a bijection of 32-bit words.
+STREAMS = 2
+
+
+def _mix32(x: int) -> int:
+    """A bijective 32-bit mix (xorshift-multiply, C. Wellons' "lowbias32")."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def stream_seed(seed: int, iteration: int, block: int, *, n_blocks: int = 1, streams: int = STREAMS) -> int:
+    """The generator seed of block ``block`` (of ``n_blocks`` per meta-step) of meta-step ``iteration``.
+
+    ``streams`` 2 (the default): a 32-bit seed, distinct for every ``(iteration, block)`` of a run
+    while ``iteration·n_blocks + block < 2**32`` (a ``ValueError`` beyond: torch's CPU generator
+    has no more distinct seeds); 1: the former 64-bit hash (``STREAMS``), for old checkpoints."""
+    if streams == 1:
+        return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ iteration) ^ block)
+    if streams != 2:
+        raise ValueError(f"streams must be 1 or 2, got {streams!r}")
+    k = iteration * n_blocks + block
+    if k > _MASK32:
+        raise ValueError(f"meta-step {iteration + 1} needs random stream {k} of this run, beyond the 2**32 "
+                         f"distinct seeds of torch's CPU generator: use fewer meta-steps, a larger block_size "
+                         f"or a smaller meta-batch")
+    return _mix32((k + (_splitmix64(seed & _MASK64) & _MASK32)) & _MASK32)
 
 
 def split_tasks(meta_batch_size: int, world_size: int, rank: int) -> Tuple[int, int]:
@@ -101,6 +135,10 @@ class IndexedSampler:
         self.rank, self.world_size = rank, world_size
         self.lo, self.hi = split_tasks(self.meta_batch_size, world_size, rank)
         self._k = min(self.block_size, self.meta_batch_size)
+        self._n_blocks = -(-self.meta_batch_size // self._k)
+        #: how this run's stream seeds are made (``STREAMS``; a resumed run keeps its checkpoint's)
+        self.streams = STREAMS
+        self._fits = False  # _check_fits passed
         self._generator = torch.Generator()  # reseeded per block: cheaper than a new one
         if check is not None and not callable(check):
             raise TypeError(f"check must be callable, got {type(check).__name__}")
@@ -117,7 +155,7 @@ class IndexedSampler:
         start = block * self._k
         n = min(self._k, self.meta_batch_size - start)
         g = self._generator
-        g.manual_seed(stream_seed(self.seed, iteration, block))
+        g.manual_seed(stream_seed(self.seed, iteration, block, n_blocks=self._n_blocks, streams=self.streams))
         tasks = self.task_distribution.sample(n, generator=g, device=self.device)
         if not isinstance(tasks, TaskBatch) or tasks.n_tasks != n:
             raise TypeError(f"task_distribution.sample({n}) must return a TaskBatch of {n} tasks, got "
@@ -137,10 +175,22 @@ class IndexedSampler:
         parts = []
         for block in range(first, last + 1):
             tasks, plan = self._draw_block(iteration, block)
+            if not self._fits and block == first:
+                self._check_fits(tasks, plan)
             start = block * self._k
             a, b = max(self.lo - start, 0), min(self.hi - start, tasks.n_tasks)
             parts.append((tasks, plan) if (a, b) == (0, tasks.n_tasks) else (tasks[a:b], plan[a:b]))
         return concat_draws(parts)
+
+    def _check_fits(self, tasks: TaskBatch, plan: torch.Tensor) -> None:
+        """Once: whether this rank's share of a meta-step fits in memory, judged from its first block.
+        Blocks are drawn one at a time and joined at the end, so a meta-batch far beyond memory
+        (2**40 tasks) drew blocks for ever instead of failing as ``fit``'s one draw does (QA67)."""
+        per_task = sum(t.numel() * t.element_size() for t in (tasks.x, tasks.y, plan)) // max(tasks.n_tasks, 1)
+        probe = _allocated("meta_batch_size", (self.n_local, max(per_task, 1)),
+                           lambda: torch.empty(self.n_local * max(per_task, 1), dtype=torch.uint8, device=self.device))
+        del probe
+        self._fits = True
 
     def draw(self, first_iteration: int, m: int = 1) -> Tuple[TaskBatch, torch.Tensor]:
         """Meta-steps ``first_iteration … first_iteration + m − 1`` (1-based, the training loop's
@@ -156,7 +206,7 @@ class IndexedSampler:
     def state_dict(self) -> Dict[str, Any]:
         """What a checkpoint stores: with the iteration, everything that decides the draws."""
         return {"kind": SAMPLER_KIND, "seed": self.seed, "meta_batch_size": self.meta_batch_size,
-                "block_size": self.block_size}
+                "block_size": self.block_size, "streams": self.streams}
 
     def check_resumable(self, saved: Optional[Mapping[str, Any]], source="the checkpoint") -> None:
         """Raise ``ValueError`` unless ``saved`` (a ``state_dict()``) draws the same tasks as this sampler."""
@@ -170,3 +220,10 @@ class IndexedSampler:
         if diffs:
             raise ValueError(f"{source} drew its tasks with other settings ({'; '.join(diffs)}): resuming "
                              f"would not continue the same run; use the saved values")
+        # the run goes on drawing as it began: a checkpoint written before "streams" existed drew
+        # from the former (64-bit, truncated) seeds
+        streams = saved.get("streams", 1)
+        if streams not in (1, 2):
+            raise ValueError(f"{source} drew its tasks from random streams of kind {streams!r}, which this "
+                             f"version does not know (1 or 2)")
+        self.streams = streams

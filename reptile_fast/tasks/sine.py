@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import (TaskBatch, _check_device, _check_generator, _check_positive_int, empty_keys, plan_from_keys,
+from .base import (TaskBatch, _allocated, _check_device, _check_generator, _check_positive_int, empty_keys, plan_from_keys,
                    uniform_keys)
 
 __all__ = ["Sine"]
@@ -76,7 +76,10 @@ class Sine:
         self.phase = _check_range("phase", phase)
         self.n_points = _check_positive_int("n_points", n_points)
         self.x_range = _check_range("x_range", x_range)
-        if not bool(torch.isfinite(self.grid()).all()):  # (-3e38, 3e38): the grid's step overflows
+        # the grid made once here: a count too large for memory is a ValueError naming n_points, not
+        # torch's "Storage size calculation overflowed" / allocator error (QA67)
+        grid = _allocated("n_points", (self.n_points,), self.grid)
+        if not bool(torch.isfinite(grid).all()):  # (-3e38, 3e38): the grid's step overflows
             raise ValueError(f"x_range {x_range!r} is too wide for a {self.dtype} grid of {self.n_points} points")
         top = torch.finfo(dtype).max
         if max(map(abs, self.amplitude)) > top:  # float16's 65504: y would be inf
