@@ -11,9 +11,10 @@ from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint_pa
                          save_checkpoint, validate_checkpoint)
 from .core import NonFiniteError
 from .loop import Callback
+from .model_watch import check_followable, structure_key
 from .signals import DeferredSignals, TrainingInterrupted, signal_name
 
-__all__ = ["CheckpointCallback", "SignalCallback", "resume_for_fit"]
+__all__ = ["CheckpointCallback", "SignalCallback", "ModelWatchCallback", "resume_for_fit"]
 
 
 def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: Optional[Path], *,
@@ -183,3 +184,32 @@ class SignalCallback(Callback):
             f"Reptile.fit(..., resume_from={str(directory)!r}) "
             f"(or `reptile-fast sine --resume {directory}` for the CLI's job)",
             signal_number=self.signals.received, iteration=loop.iteration, checkpoint=self.checkpoint.last_path)
+
+
+class ModelWatchCallback(Callback):
+    """A model changed by a callback while ``fit`` runs (a layer swapped, a hook registered, an
+    activation attribute reassigned): the eager steppers read the model every meta-step and follow
+    it, but a program built when ``fit`` started (backend compiled's, triton's fused stepper) would
+    go on computing the old model without a word (QA65) — so for those it is a ``ValueError`` at
+    the end of the chunk in which it happened; parameters replaced, moved or renamed are refused on
+    every backend (``model_watch.check_followable``).  ``fit`` adds it only after user callbacks
+    (the only code that runs inside ``fit``), so plain runs pay nothing.
+
+    Args:
+        trainer: the ``Reptile``; ``built_for``: ``structure_key`` of the model the steppers were
+            built for; ``follows``: whether the running stepper reads the model every meta-step.
+    """
+
+    def __init__(self, trainer, built_for: tuple, follows: bool, stepper_name: str):
+        self.trainer, self.built_for, self.follows, self.stepper_name = trainer, built_for, follows, stepper_name
+
+    def on_chunk_end(self, loop, read):
+        now = structure_key(self.trainer.model)
+        if now == self.built_for:
+            return
+        check_followable(self.built_for, now)
+        if not self.follows:
+            raise ValueError(f"the model changed during fit, before meta-step {loop.iteration + 1} (a layer swapped, "
+                             f"a hook registered or a module attribute set, by a callback): the {self.stepper_name} "
+                             f"program was built for the model as fit found it and cannot follow; change the model "
+                             f"between fit calls (the next fit rebuilds it), or train on backend torch or reference")

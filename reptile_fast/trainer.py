@@ -484,7 +484,7 @@ class Reptile(HyperParameters):
         drawing each meta-step's tasks and plans), ``reducer`` (``core.Reducer``: per-task
         updates to means, eager steppers only), ``callbacks`` (more ``loop.Callback`` objects).
         """
-        from .callbacks import CheckpointCallback, SignalCallback, resume_for_fit
+        from .callbacks import CheckpointCallback, ModelWatchCallback, SignalCallback, resume_for_fit
         from .checkpoint import (CHECKPOINT_NAME, CheckpointReplacedWarning, prepare_checkpoint_directory,
                                  remove_stale_temporaries)
         from .compiled_step import single_thread
@@ -567,8 +567,12 @@ class Reptile(HyperParameters):
                                   extra=checkpoint_extra)
         if resumed_latest:
             ckpt.last_saved, ckpt.last_path = self.iteration, str(ckpt_dir / CHECKPOINT_NAME)
+        watch = []
+        if callback is not None or callbacks:  # user code runs inside fit: it may change the model
+            follows = isinstance(stepper, EagerStepper)
+            watch = [ModelWatchCallback(self, self._structure, follows, getattr(stepper, "name", "compiled"))]
         cbs = [HistoryCallback(history), ProgressCallback(progress),
-               *([FunctionCallback(callback)] if callback is not None else []), *callbacks, ckpt]
+               *([FunctionCallback(callback)] if callback is not None else []), *callbacks, *watch, ckpt]
         previous_reducer = getattr(stepper, "reducer", None)
         if reducer is not None:
             stepper.reducer = reducer
