@@ -154,8 +154,10 @@ class OmniglotConfig:
             # numpy's str_ (and a str-valued Enum) as the plain str it equals (QA47)
             setattr(self, name, str.__str__(getattr(self, name)))
         if self.adam_state == "carried" and self.backend not in ("auto", "reference"):
-            raise ValueError(f"adam_state 'carried' (--adam-state carried) runs the tasks one after another on "
-                             f"backend reference; got backend {self.backend!r}: drop --backend or give reference")
+            # in the library's words; the CLI turns adam_state=carried into --adam-state carried (QA66:
+            # the flag was written out too, and then appeared twice)
+            raise ValueError(f"adam_state=carried runs the tasks one after another on backend reference; got "
+                             f"backend={self.backend}: leave backend as auto or give reference")
         self.adam_state = check_adam_state(self.adam_state, "adam", "reference")
         self.net = check_choice("net", self.net, NETS)
         self.pixels = check_choice("pixels", self.pixels, PIXELS)
@@ -614,7 +616,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend", choices=["auto", *sorted(BACKENDS)], help=f"(default {d.backend})")
     p.add_argument("--threads", type=_nonneg_int, help="CPU threads, 0 = torch's default (default 0)")
     p.add_argument("--checkpoint-every", type=_nonneg_int, metavar="N",
-                   help=f"write OUT/checkpoint.pt every N meta-steps; 0: only at the end (default {d.checkpoint_every})")
+                   help=f"write OUT/checkpoint.pt every N meta-steps; 0: only at the end and on Ctrl-C/SIGTERM "
+                        f"(default {d.checkpoint_every})")
     p.add_argument("--indexed-tasks", action="store_true", default=None,
                    help="draw task j of meta-step t from (seed, t, j), as under torchrun (always there): one "
                         "process then trains what N processes train (default: one random stream)")

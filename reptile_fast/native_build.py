@@ -179,6 +179,10 @@ def load_library(source: str, prefix: str, *, progress: Optional[Callable[[str],
     NativeCompilerError when there is no compiler or every attempt fails (the message says why)."""
     cc = find_compiler()
     if cc is None:
+        env = os.environ.get("CC", "")
+        if env.strip():  # the user named one: say which, not "set CC" (QA66)
+            raise NativeCompilerError(f"$CC={env!r} names no program found on PATH (fix it, or unset CC to use "
+                                      f"cc, gcc or clang)")
         raise NativeCompilerError("no C compiler found (set CC, or install gcc or clang)")
     errors = []
     directory = _usable_cache_dir()
