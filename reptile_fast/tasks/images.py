@@ -25,6 +25,34 @@ def require_pil():
 PIXELS = ("area", "official")
 
 
+def _eight_bit(img, Image):
+    """``img`` with 8-bit levels: Pillow's ``convert`` clips a 16-bit (``I;16*``), 32-bit integer
+    (``I``) or float (``F``) image's values at 255 instead of scaling them, so 50 % grey in a 16-bit
+    PNG read as white and a float TIFF's 0.5 as black (QA69).  16-bit values are scaled by
+    255/65535; float ones (taken as [0, 1]) by 255; 32-bit integers by their own type's range."""
+    mode = img.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return img
+    import numpy as np
+
+    a = np.asarray(img)
+    if mode == "F":
+        a = np.clip(np.nan_to_num(a.astype(np.float64), nan=0.0), 0.0, 1.0) * 255.0
+    else:
+        top = 65535.0 if mode.startswith("I;16") else float(np.iinfo(np.int32).max)
+        a = np.clip(a.astype(np.float64), 0.0, top) * (255.0 / top)
+    return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
+
+
+def _over_white(img, Image):
+    """Transparent pixels over white, as a viewer shows them: ``convert`` drops the alpha, so a
+    transparent background (black RGB under alpha 0) read as ink (QA46; RGB images too: QA69)."""
+    if "A" in img.getbands() or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img
+
+
 def decode_grey(data: bytes, size: int, *, name: str = "image", invert: bool = True,
                 pixels: str = "area") -> torch.Tensor:
     """A PNG/JPEG file's bytes as float32 ``[size, size]`` in [0, 1].
@@ -40,11 +68,7 @@ def decode_grey(data: bytes, size: int, *, name: str = "image", invert: bool = T
     Image = require_pil()
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if "A" in img.getbands() or "transparency" in img.info:
-                # transparent pixels over white, as a viewer shows them: convert("L") drops the
-                # alpha, so a transparent background (black RGB under alpha 0) read as ink (QA46)
-                rgba = img.convert("RGBA")
-                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            img = _over_white(_eight_bit(img, Image), Image)
             grey = img.convert("L").resize((size, size), Image.BOX if pixels == "area" else Image.NEAREST)
             raw = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
     except (OSError, ValueError, SyntaxError) as exc:
@@ -58,7 +82,7 @@ def decode_rgb(data: bytes, size: int, *, name: str = "image") -> torch.Tensor:
     Image = require_pil()
     try:
         with Image.open(io.BytesIO(data)) as img:
-            rgb = img.convert("RGB")
+            rgb = _over_white(_eight_bit(img, Image), Image).convert("RGB")
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.BILINEAR)
             raw = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)

@@ -55,7 +55,7 @@ class MiniImageNet:
                                     f"and ROOT/images/)")
         by_class: Dict[str, List[str]] = {}
         first_line: Dict[str, int] = {}
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's) too: QA69
             rows = list(csv.reader(f))
         if not rows or [c.strip() for c in rows[0][:2]] != ["filename", "label"]:
             raise ValueError(f"{csv_path}: the first line must be the header 'filename,label'")
@@ -67,6 +67,7 @@ class MiniImageNet:
             row = [c.strip() for c in row]
             if len(row) != 2 or not row[0] or not row[1]:
                 raise ValueError(f"{csv_path}:{n}: expected 'filename,label', got {row!r}")
+            row[0] = os.path.normpath(row[0])  # "a.png" and "./a.png" are one image (QA69)
             if row[0] in first_line:
                 # the same image twice could be drawn as both a support and a query image
                 raise ValueError(f"{csv_path}:{n}: image {row[0]} is listed again (first on line "
@@ -97,7 +98,7 @@ class MiniImageNet:
             path = self.root / f"{other}.csv"
             if not path.is_file():
                 continue
-            with open(path, newline="") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:
                 labels = {row[1].strip() for row in list(csv.reader(f))[1:] if len(row) == 2}
             shared = sorted(classes & labels)
             if shared:
