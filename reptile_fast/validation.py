@@ -276,6 +276,10 @@ def check_inner_options(*, inner_steps: int, algorithm: str, inner_optimizer: st
         raise TypeError("adam_betas must be a pair of numbers") from None
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
+    if inner_optimizer != "adam" and betas != (0.0, 0.999):
+        # unused, yet recorded in hparams() and checkpoints as if they shaped the run (QA68)
+        raise ValueError(f"adam_betas={betas} apply to inner_optimizer='adam'; with inner_optimizer="
+                         f"{inner_optimizer!r} leave them at their default (0.0, 0.999)")
     return weights, betas
 
 

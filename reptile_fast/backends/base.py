@@ -73,6 +73,9 @@ class InnerConfig:
             raise ValueError(f"inner optimizer must be one of {INNER_OPTIMIZERS}, got {self.optimizer!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.grad_weights is not None and self.algorithm != "reptile":
+            # every backend ran plain FOMAML and ignored the weights (QA68), as Reptile refuses
+            raise ValueError("inner_grad_weights defines its own outer direction; use it with algorithm='reptile'")
 
     @property
     def needs_meta_grads(self) -> bool:
