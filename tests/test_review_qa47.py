@@ -442,7 +442,7 @@ def test_qa47_adapt_evaluate_and_meta_step_draw_epoch_plans_with_repeats():
 # --------------------------------------------------------------------------- distributed
 def test_qa47_distributed_fit_one_process_draws_indexed_epoch_plans():
     """distributed_fit in one process with minibatches="epochs": block b of meta-step t drawn from
-    a generator seeded by stream_seed(seed, t, b), tasks then the epoch plan (README, "Which tasks
+    a generator seeded by stream_seed(seed, t, b, n_blocks=⌈T/block⌉), tasks then the epoch plan (README, "Which tasks
     go where").  Fails if the distributed sampler ignored the trainer's setting."""
     T, steps, B, iters, seed, block = 5, 3, 20, 3, 4, 2
     kw = dict(inner_steps=steps, inner_batch_size=B, outer_lr=0.5)
@@ -453,7 +453,7 @@ def test_qa47_distributed_fit_one_process_draws_indexed_epoch_plans():
         for t in range(iters):
             parts = []
             for b in range(0, T, block):
-                gen = g(stream_seed(seed, t, b // block))
+                gen = g(stream_seed(seed, t, b // block, n_blocks=-(-T // block)))
                 tasks = Sine().sample(min(block, T - b), generator=gen)
                 parts.append((tasks, draw_plan(minibatches, tasks.n_tasks, steps, 50, B, generator=gen)))
             tasks = TaskBatch(torch.cat([p[0].x for p in parts]), torch.cat([p[0].y for p in parts]))
