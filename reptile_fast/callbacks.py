@@ -1,6 +1,7 @@
 """Training-loop callbacks for checkpoints and signals (the loop itself is ``reptile_fast.loop``)."""
 from __future__ import annotations
 
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional
@@ -182,7 +183,7 @@ class SignalCallback(Callback):
             f"training interrupted by {signal_name(self.signals.received)} after meta-step {loop.iteration} "
             f"of {loop.iterations}; checkpoint written to {self.checkpoint.last_path}. Resume with "
             f"Reptile.fit(..., resume_from={str(directory)!r}) "
-            f"(or `reptile-fast sine --resume {directory}` for the CLI's job)",
+            f"(or `reptile-fast sine --resume {shlex.quote(str(directory))}` for the CLI's job)",
             signal_number=self.signals.received, iteration=loop.iteration, checkpoint=self.checkpoint.last_path)
 
 

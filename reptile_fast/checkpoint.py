@@ -39,7 +39,7 @@ __all__ = ["validate_checkpoint", "atomic_write_bytes", "atomic_write_text", "at
            "CHECKPOINT_NAME", "PREVIOUS_NAME", "FORMAT", "VERSION",
            "save_checkpoint", "load_checkpoint", "restore_checkpoint", "resolve_checkpoint_path",
            "capture_rng_state", "restore_rng_state", "rng_state_problem", "prepare_directory", "prepare_checkpoint_directory",
-           "removed_if_left_empty",
+           "removed_if_left_empty", "directory_lock", "DirectoryInUseError", "LOCK_NAME",
            "remove_stale_temporaries", "CheckpointReplacedWarning"]
 
 PathLike = Union[str, os.PathLike]
@@ -408,10 +408,61 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             tmp.unlink()
 
 
+#: the file a run holds (``flock``) while it saves into a checkpoint directory
+LOCK_NAME = ".reptile_fast.lock"
+
+
+class DirectoryInUseError(OSError):
+    """Another run holds the checkpoint directory (``directory_lock``)."""
+
+
+@contextlib.contextmanager
+def directory_lock(directory: PathLike):
+    """Hold ``directory/.reptile_fast.lock`` (an exclusive, non-blocking ``flock``) for the block:
+    two runs saving into one folder replaced each other's checkpoints — a ``--resume`` continued
+    whichever had saved last — and a run starting there deleted the other's save in flight as a
+    stale temporary (QA72).  A second holder (another process, or another ``fit`` of this one) gets
+    ``DirectoryInUseError`` naming the first's pid; the lock file goes when the block ends.  Where
+    ``flock`` is missing or unsupported (Windows, some network filesystems) the block runs
+    unlocked, as before."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = os.path.join(os.fspath(directory), LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a directory we cannot write: the save fails later, with its own message
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise DirectoryInUseError(
+                f"{directory} is in use by another run (pid {pid}) saving checkpoints there: two runs in one "
+                f"folder would replace each other's checkpoints; wait for it to end, or use another folder") from None
+        except OSError:  # flock unsupported here
+            yield
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):  # the folder as the run found it (an empty one is removed)
+                os.unlink(path)
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
 def remove_stale_temporaries(directory: PathLike) -> None:
     """Delete temporaries a killed writer left in a checkpoint directory (``.checkpoint.pt.*.tmp``).
 
-    Only for a directory that one run owns: a concurrent writer's temporary would go too.
+    Only for a directory that one run owns (``directory_lock``): a concurrent writer's temporary
+    would go too.
     """
     for pattern in (f".{CHECKPOINT_NAME}.*.tmp", f".{PREVIOUS_NAME}.*.tmp"):
         for stale in Path(directory).glob(pattern):

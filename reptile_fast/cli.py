@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import List, Optional
 
@@ -159,7 +160,7 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
     except TrainingInterrupted as exc:
         if main_rank:
             print(f"reptile-fast: {exc.__class__.__name__}: stopped after meta-step {exc.iteration}; "
-                  f"checkpoint written to {exc.checkpoint}.\nResume with: reptile-fast sine --resume {out}"
+                  f"checkpoint written to {exc.checkpoint}.\nResume with: reptile-fast sine --resume {shlex.quote(str(out))}"
                   + (" (under torchrun with any number of processes, or alone)"
                      if "WORLD_SIZE" in os.environ else ""), file=sys.stderr)
         return exc.exit_code
@@ -169,12 +170,12 @@ def _run_sine_command(parser: argparse.ArgumentParser, args) -> int:
         return _error(f"{exc}{resume_hint(out)}", 4)
     except KeyboardInterrupt as exc:  # (Terminated too: SIGTERM, exit 143)
         return _error(f"interrupted without writing a new checkpoint; the last one in {out} (if any) is "
-                      f"intact: continue with reptile-fast sine --resume {out}", getattr(exc, "exit_code", 130))
+                      f"intact: continue with reptile-fast sine --resume {shlex.quote(str(out))}", getattr(exc, "exit_code", 130))
     except NonFiniteError as exc:
         if not main_rank:  # every rank stops at the same meta-step; rank 0 reports it and its checkpoint
             return 3
         hint = (f"the last good checkpoint ({exc.checkpoint}, meta-step {exc.checkpoint_iteration}) was kept; "
-                f"continue from it with lower learning rates: reptile-fast sine --resume {out} "
+                f"continue from it with lower learning rates: reptile-fast sine --resume {shlex.quote(str(out))} "
                 f"--inner-lr ... --outer-lr ..." if exc.checkpoint else "no checkpoint had been written yet")
         print(f"reptile-fast: error: {flag_words_nonfinite(exc.__cause__ or exc)}\n{hint}", file=sys.stderr)
         return 3

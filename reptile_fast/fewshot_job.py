@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -370,6 +371,11 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
         validation = read_validation(Path(resolve_checkpoint_path(resume)).parent / VALIDATION_NAME, start, log)
     indexed = uses_indexed_tasks(config, context, ckpt)  # by global index: the same run on any number of ranks
     replaced_run_note(out, resume, True, log)
+    old_points = Path(out) / VALIDATION_NAME
+    if resume is None and context.is_main and old_points.is_file():
+        # another run's points: a new run that validated nothing listed them as its own, and a later
+        # --resume of this run read them as its history (QA72); kept beside, as checkpoint.prev.pt is
+        os.replace(old_points, old_points.with_name("validation.prev.json"))
 
     k0 = config.shots[0]
 
@@ -797,7 +803,7 @@ def run_command(args) -> int:
             metrics = run_omniglot(config, out, progress=not args.no_progress, resume=resume, log=log)
     except TrainingInterrupted as exc:
         log(f"reptile-fast: stopped after meta-step {exc.iteration}; checkpoint written to {exc.checkpoint}.\n"
-            f"Resume with: reptile-fast omniglot --resume {out}")
+            f"Resume with: reptile-fast omniglot --resume {shlex.quote(str(out))}")
         return exc.exit_code
     except DistributedError as exc:
         return _err(f"{exc}{resume_hint(out)}", 4)
@@ -805,7 +811,7 @@ def run_command(args) -> int:
         # a second Ctrl-C (stop at once) or one during the final evaluation: a traceback and death by
         # signal before, where the sine job says this; SIGTERM there (Terminated) exits 143
         return _err(f"interrupted without writing a new checkpoint; the last one in {out} (if any) is "
-                    f"intact: continue with reptile-fast omniglot --resume {out}", getattr(exc, "exit_code", 130))
+                    f"intact: continue with reptile-fast omniglot --resume {shlex.quote(str(out))}", getattr(exc, "exit_code", 130))
     except NonFiniteError as exc:
         return _err(flag_words_nonfinite(exc), 3) if main_rank else 3
     except (OSError, ValueError, TypeError) as exc:

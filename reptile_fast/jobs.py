@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -15,7 +16,7 @@ import torch
 
 from .backends import UnsupportedModelError
 from .backends.base import functional_call
-from .checkpoint import (CHECKPOINT_NAME, CheckpointReplacedWarning, atomic_torch_save, atomic_write_json,
+from .checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointReplacedWarning, atomic_torch_save, atomic_write_json,
                          load_checkpoint, prepare_directory, removed_if_left_empty)
 from .core import NONFINITE_HINT
 from .models import MLP
@@ -208,14 +209,17 @@ def replaced_run_note(out: Path, resume, main: bool, log=None) -> None:
         return
     if resume is None:
         message = (f"note: {out} already holds a checkpoint; this new run replaces it (the old one is kept "
-                   f"as the previous checkpoint until the next save). Use --resume {out} to continue it.")
+                   f"as the previous checkpoint until the next save). Use --resume {shlex.quote(str(out))} to continue it.")
     else:
-        source = Path(resolve_checkpoint_path(resume)).resolve().parent
-        if source == out.resolve():
+        resumed = Path(resolve_checkpoint_path(resume)).resolve()
+        source = resumed.parent
+        # this run's own checkpoints, not any file kept in its folder (QA72: another run's copy kept
+        # as out/a_step3.pt replaced out's run without a word)
+        if resumed in ((out / CHECKPOINT_NAME).resolve(), (out / PREVIOUS_NAME).resolve()):
             return
         message = (f"note: {out} already holds a checkpoint of another run; this resumed run (from {source}) "
                    f"replaces it and that run's outputs (its checkpoint is kept as the previous one until the "
-                   f"next save). Use --resume {out} to continue that run instead, or another --out.")
+                   f"next save). Use --resume {shlex.quote(str(out))} to continue that run instead, or another --out.")
     (log or (lambda m: print(m, file=sys.stderr)))(message)
 
 
@@ -226,7 +230,7 @@ def resume_hint(out) -> str:
 
     if not (Path(out) / CHECKPOINT_NAME).is_file():
         return f"\nNo checkpoint was written to {out}: start the job again."
-    return f"\nContinue from the last checkpoint with --resume {out}"
+    return f"\nContinue from the last checkpoint with --resume {shlex.quote(str(out))}"
 
 
 def flag_words_nonfinite(exc) -> str:

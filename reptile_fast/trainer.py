@@ -486,7 +486,7 @@ class Reptile(HyperParameters):
         """
         from .callbacks import CheckpointCallback, ModelWatchCallback, SignalCallback, resume_for_fit
         from .checkpoint import (CHECKPOINT_NAME, CheckpointReplacedWarning, prepare_checkpoint_directory,
-                                 remove_stale_temporaries)
+                                 directory_lock, remove_stale_temporaries)
         from .compiled_step import single_thread
         from .signals import DEFAULT_SIGNALS, DeferredSignals
 
@@ -510,7 +510,6 @@ class Reptile(HyperParameters):
         ckpt_dir = None if checkpoint_dir is None else prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
         if ckpt_dir is not None:
             check_optimizer_storable(self.outer_optimizer)
-            remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
             if resume_from is None and self.iteration == 0 and (ckpt_dir / CHECKPOINT_NAME).is_file():
                 # another run's checkpoint: after two saves neither it nor checkpoint.prev.pt is left
                 warnings.warn(CheckpointReplacedWarning(
@@ -579,6 +578,11 @@ class Reptile(HyperParameters):
         # The compiled program's meta-steps are tiny: one thread for the whole loop (draws and
         # gathers included); OpenMP fork/join on a busy 2-core machine costs ~10x their work.
         threads = single_thread() if isinstance(stepper, CompiledStepper) else contextlib.nullcontext()
+        # the folder is this run's while it trains: another run saving there is refused (QA72)
+        folder = contextlib.ExitStack()
+        if ckpt_dir is not None:
+            folder.enter_context(directory_lock(ckpt_dir))
+            remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
         try:
             if isinstance(stepper, CompiledStepper):
                 stepper.prepare()  # compile before the clock and the progress bar start
@@ -615,6 +619,7 @@ class Reptile(HyperParameters):
                         "ms_per_iteration": 1e3 * loop.train_seconds / max(done, 1),
                         "log_every": loop.log_every}
         finally:
+            folder.close()
             if reducer is not None:
                 stepper.reducer = previous_reducer
         return {"loss": history}

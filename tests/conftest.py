@@ -12,6 +12,9 @@ if not torch.cuda.is_available():
 # Correctness tests compare fp32 results to the last float: no TF32 anywhere.
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+# ... and fp32 products in fp32 on every device: "medium" ran them in bf16 on CPUs with bf16 matrix
+# units (QA71), a setting a user's environment could leave on
+torch.set_float32_matmul_precision("highest")
 
 
 

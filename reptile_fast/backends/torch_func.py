@@ -178,7 +178,7 @@ class TorchBackend(Backend):
     Args:
         fast_mlp: use the batched-matmul path for plain MLPs (the default); False forces the
             generic ``vmap`` path for every model.
-        fast_tanh: on the MLP path, tanh as 2σ(2z) − 1 (vectorised; within ~1e-7 of
+        fast_tanh: on the MLP path, tanh as 2σ(2z) − 1 (vectorised; within 1.8e-7 of
             ``torch.tanh``, absolute).  None (default): on CPU only, where ``torch.tanh`` is a
             scalar loop, and for plain SGD Reptile only (``mlp_batched.default_fast_tanh``: with
             Adam, FOMAML or ``inner_grad_weights`` its absolute error put the results farther
