@@ -416,6 +416,42 @@ class DirectoryInUseError(OSError):
     """Another run holds the checkpoint directory (``directory_lock``)."""
 
 
+def _lock_fd(path: str):
+    """An fd holding ``flock(path)``, or None where locking is unavailable (no ``fcntl``, a folder
+    we cannot write, a filesystem without ``flock``).  The lock file is removed by its holder when
+    done, so a lock taken on a file already unlinked (opened just before that) holds nothing: the
+    fd's inode is checked against the path's, and the open is retried."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a directory we cannot write: the save fails later, with its own message
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DirectoryInUseError(
+                f"{os.path.dirname(path)} is in use by another run (pid {pid}) saving checkpoints there: two runs "
+                f"in one folder would replace each other's checkpoints; wait for it to end, or use another folder"
+            ) from None
+        except OSError:  # flock unsupported here
+            os.close(fd)
+            return None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:  # removed meanwhile
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the previous holder's file, unlinked: take the new one
+    return None
+
+
 @contextlib.contextmanager
 def directory_lock(directory: PathLike):
     """Hold ``directory/.reptile_fast.lock`` (an exclusive, non-blocking ``flock``) for the block:
@@ -425,36 +461,18 @@ def directory_lock(directory: PathLike):
     ``DirectoryInUseError`` naming the first's pid; the lock file goes when the block ends.  Where
     ``flock`` is missing or unsupported (Windows, some network filesystems) the block runs
     unlocked, as before."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
     path = os.path.join(os.fspath(directory), LOCK_NAME)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # a directory we cannot write: the save fails later, with its own message
+    fd = _lock_fd(path)
+    if fd is None:
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise DirectoryInUseError(
-                f"{directory} is in use by another run (pid {pid}) saving checkpoints there: two runs in one "
-                f"folder would replace each other's checkpoints; wait for it to end, or use another folder") from None
-        except OSError:  # flock unsupported here
-            yield
-            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):  # the folder as the run found it (an empty one is removed)
-                os.unlink(path)
+        yield
     finally:
+        with contextlib.suppress(OSError):  # the folder as the run found it (an empty one is removed)
+            os.unlink(path)
         os.close(fd)  # (releases the lock)
 
 

@@ -444,7 +444,8 @@ class Reptile(HyperParameters):
             resume_from: Optional[Union[str, os.PathLike]] = None,
             checkpoint_extra: Optional[Mapping[str, Any]] = None, handle_signals: bool = True,
             log_every: Optional[int] = None, sampler=None, reducer: Optional[Reducer] = None,
-            callbacks: Sequence[Callback] = (), draw_chunks: bool = False) -> Dict[str, list]:
+            callbacks: Sequence[Callback] = (), draw_chunks: bool = False,
+            _folder_held: bool = False) -> Dict[str, list]:
         """Meta-train until ``iterations`` meta-steps in all, ``meta_batch_size`` tasks each.
 
         Tasks come from ``task_distribution.sample(meta_batch_size, generator=..., device=...)``
@@ -508,121 +509,122 @@ class Reptile(HyperParameters):
                              f"processes) needs an eager backend: auto, torch, reference, or triton without 'fused'")
         # Paths are checked before anything changes, so a typo costs nothing.
         ckpt_dir = None if checkpoint_dir is None else prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
-        if ckpt_dir is not None:
-            check_optimizer_storable(self.outer_optimizer)
-            if resume_from is None and self.iteration == 0 and (ckpt_dir / CHECKPOINT_NAME).is_file():
-                # another run's checkpoint: after two saves neither it nor checkpoint.prev.pt is left
-                warnings.warn(CheckpointReplacedWarning(
-                    f"checkpoint_dir {ckpt_dir} already holds a checkpoint ({CHECKPOINT_NAME}) and this fit starts "
-                    f"a new run (no resume_from): its saves replace it, and the one after keeps none of it; "
-                    f"pass resume_from={str(ckpt_dir)!r} to continue that run, or another checkpoint_dir"),
-                    stacklevel=2)
-        history, resumed_latest, saved = [], False, {}
-        if resume_from is not None:
-            history, resumed_latest, saved = resume_for_fit(
-                self, resume_from, generator, iterations, ckpt_dir,
-                meta_batch_size=meta_batch_size if sampler is None else None, one_stream=sampler is None)
-            # (a checkpoint beyond ``iterations`` is refused inside, before anything is restored)
-        elif self.iteration >= iterations:
-            raise ValueError(f"iterations={iterations} is the total number of meta-steps, and this trainer has "
-                             f"already taken {self.iteration}; pass a larger total to train further")
-        self.total_iterations = iterations
-        if sampler is None:
-            self.meta_batch_size = meta_batch_size
+        # the folder is this run's from here: another run saving there is refused before anything of
+        # this trainer changes (QA72, QA73); distributed_fit holds it for rank 0 already
+        held = directory_lock(ckpt_dir) if ckpt_dir is not None and not _folder_held else contextlib.nullcontext()
+        with held:
+            if ckpt_dir is not None:
+                remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
+            if ckpt_dir is not None:
+                check_optimizer_storable(self.outer_optimizer)
+                if resume_from is None and self.iteration == 0 and (ckpt_dir / CHECKPOINT_NAME).is_file():
+                    # another run's checkpoint: after two saves neither it nor checkpoint.prev.pt is left
+                    warnings.warn(CheckpointReplacedWarning(
+                        f"checkpoint_dir {ckpt_dir} already holds a checkpoint ({CHECKPOINT_NAME}) and this fit starts "
+                        f"a new run (no resume_from): its saves replace it, and the one after keeps none of it; "
+                        f"pass resume_from={str(ckpt_dir)!r} to continue that run, or another checkpoint_dir"),
+                        stacklevel=2)
+            history, resumed_latest, saved = [], False, {}
+            if resume_from is not None:
+                history, resumed_latest, saved = resume_for_fit(
+                    self, resume_from, generator, iterations, ckpt_dir,
+                    meta_batch_size=meta_batch_size if sampler is None else None, one_stream=sampler is None)
+                # (a checkpoint beyond ``iterations`` is refused inside, before anything is restored)
+            elif self.iteration >= iterations:
+                raise ValueError(f"iterations={iterations} is the total number of meta-steps, and this trainer has "
+                                 f"already taken {self.iteration}; pass a larger total to train further")
+            self.total_iterations = iterations
+            if sampler is None:
+                self.meta_batch_size = meta_batch_size
 
-        announce = (lambda msg: print(f"reptile_fast: {msg}", file=sys.stderr, flush=True)) if progress else None
-        stepper = self.stepper(meta_batch_size, chunk=checkpoint_every, announce=announce)
-        if reducer is not None and stepper is self._fused:
-            stepper = self._eager  # the environment's fused preference: a reducer needs the eager stepper
-        # the chunk size whose draws a draw_chunks run makes (None: step by step, as chunks of 1 draw)
-        draw_chunk = stepper.chunk if draw_chunks and stepper.chunk > 1 else None
-        self.draw_chunk = draw_chunk
-        if "draw_chunk" in saved and saved["draw_chunk"] != draw_chunk and self.iteration < iterations:
-            def drawn(chunk):
-                return "step by step" if chunk is None else f"in chunks of {chunk} meta-steps (draw_chunks=True)"
-            warnings.warn(f"the checkpoint's run drew its tasks and plans {drawn(saved['draw_chunk'])}, this fit "
-                          f"{drawn(draw_chunk)}: other draws, so the result will differ from an uninterrupted run "
-                          f"(resume with the same draw_chunks and checkpoint_every)", stacklevel=2)
-        elif (resume_from is not None and draw_chunks and self.iteration % stepper.chunk
-                and self.iteration < iterations):
-            # chunk-drawn runs draw [c·j, c·(j+1)) at once: a run ended inside one of those chunks
-            # (its total was not a multiple of c) and extended drew that chunk's first part apart
-            warnings.warn(f"the checkpoint's run ended at meta-step {self.iteration}, inside a chunk of "
-                          f"{stepper.chunk} meta-steps whose tasks and plans this fit draws at once "
-                          f"(draw_chunks=True): extended to {iterations}, the result will differ from an "
-                          f"uninterrupted run (checkpoints every multiple of the chunk resume exactly)",
-                          stacklevel=2)
-        if sampler is None:
-            sampler = StreamSampler(task_distribution, meta_batch_size, self.plan_rows(self.inner_steps),
-                                    self.inner_batch_size, generator=generator, device=self.device,
-                                    check=lambda tasks: self.checker.tasks(tasks, self.inner_batch_size),
-                                    draw_chunks=draw_chunks, minibatches=self.minibatches)
-        elif not getattr(sampler, "checked", False):
-            rows = self.plan_rows(self.inner_steps)
-            sampler = CheckedDraws(sampler, lambda tasks, plans: (self.checker.tasks(tasks, 1),
-                                                                  self.checker.indices(plans, tasks, rows)),
-                                   per_step=meta_batch_size)
-        ckpt = CheckpointCallback(self, ckpt_dir, checkpoint_every, generator=generator, history=history,
-                                  extra=checkpoint_extra)
-        if resumed_latest:
-            ckpt.last_saved, ckpt.last_path = self.iteration, str(ckpt_dir / CHECKPOINT_NAME)
-        watch = []
-        if callback is not None or callbacks:  # user code runs inside fit: it may change the model
-            follows = isinstance(stepper, EagerStepper)
-            watch = [ModelWatchCallback(self, self._structure, follows, getattr(stepper, "name", "compiled"))]
-        cbs = [HistoryCallback(history), ProgressCallback(progress),
-               *([FunctionCallback(callback)] if callback is not None else []), *callbacks, *watch, ckpt]
-        previous_reducer = getattr(stepper, "reducer", None)
-        if reducer is not None:
-            stepper.reducer = reducer
-        # The compiled program's meta-steps are tiny: one thread for the whole loop (draws and
-        # gathers included); OpenMP fork/join on a busy 2-core machine costs ~10x their work.
-        threads = single_thread() if isinstance(stepper, CompiledStepper) else contextlib.nullcontext()
-        # the folder is this run's while it trains: another run saving there is refused (QA72)
-        folder = contextlib.ExitStack()
-        if ckpt_dir is not None:
-            folder.enter_context(directory_lock(ckpt_dir))
-            remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
-        try:
-            if isinstance(stepper, CompiledStepper):
-                stepper.prepare()  # compile before the clock and the progress bar start
-            # Without a checkpoint_dir only SIGINT is deferred (SIGTERM keeps its default): a Ctrl-C
-            # raised in the middle of a meta-step could leave φ one step ahead of self.iteration.
-            deferred = DEFAULT_SIGNALS if ckpt_dir is not None else (signal.SIGINT,)
-            with threads, DeferredSignals(deferred, enabled=handle_signals,
-                                          checkpointing=ckpt_dir is not None) as signals:
-                loop = TrainingLoop(self, stepper, sampler, iterations, callbacks=[*cbs, SignalCallback(signals, ckpt)],
-                                    outer_lr_at=lambda i: self.outer_lr_at(i, iterations),
-                                    log_every=default_log_every(stepper) if log_every is None else log_every)
-                try:
-                    self._fitting = True
-                    loop.run()
-                except NonFiniteError as exc:
-                    raise ckpt.explain(exc) from exc
-                except (RuntimeError, MemoryError) as exc:
-                    # draws that fit but inner loops that do not (per-task parameters and
-                    # activations outgrow the draws): as the draws' and the compiled program's
-                    # errors, a ValueError saying which setting to lower (φ is as before the step)
-                    oom = out_of_memory_message(exc, f"lower meta_batch_size ({meta_batch_size}) or "
-                                                     f"inner_batch_size ({self.inner_batch_size})")
-                    if oom is None:
-                        raise
-                    raise ValueError(f"meta-step {self.iteration + 1}: {oom}") from exc
-                finally:
-                    self._fitting = False
-                    done = loop.iteration - loop.start
-                    self.last_fit_stats = {
-                        "stepper": stepper.name, "mode": getattr(stepper, "mode", "eager"),
-                        "fallback_reason": getattr(stepper, "fallback_reason", None),
-                        "compile_seconds": getattr(stepper, "compile_seconds", 0.0),
-                        "train_seconds": loop.train_seconds,
-                        "ms_per_iteration": 1e3 * loop.train_seconds / max(done, 1),
-                        "log_every": loop.log_every}
-        finally:
-            folder.close()
+            announce = (lambda msg: print(f"reptile_fast: {msg}", file=sys.stderr, flush=True)) if progress else None
+            stepper = self.stepper(meta_batch_size, chunk=checkpoint_every, announce=announce)
+            if reducer is not None and stepper is self._fused:
+                stepper = self._eager  # the environment's fused preference: a reducer needs the eager stepper
+            # the chunk size whose draws a draw_chunks run makes (None: step by step, as chunks of 1 draw)
+            draw_chunk = stepper.chunk if draw_chunks and stepper.chunk > 1 else None
+            self.draw_chunk = draw_chunk
+            if "draw_chunk" in saved and saved["draw_chunk"] != draw_chunk and self.iteration < iterations:
+                def drawn(chunk):
+                    return "step by step" if chunk is None else f"in chunks of {chunk} meta-steps (draw_chunks=True)"
+                warnings.warn(f"the checkpoint's run drew its tasks and plans {drawn(saved['draw_chunk'])}, this fit "
+                              f"{drawn(draw_chunk)}: other draws, so the result will differ from an uninterrupted run "
+                              f"(resume with the same draw_chunks and checkpoint_every)", stacklevel=2)
+            elif (resume_from is not None and draw_chunks and self.iteration % stepper.chunk
+                    and self.iteration < iterations):
+                # chunk-drawn runs draw [c·j, c·(j+1)) at once: a run ended inside one of those chunks
+                # (its total was not a multiple of c) and extended drew that chunk's first part apart
+                warnings.warn(f"the checkpoint's run ended at meta-step {self.iteration}, inside a chunk of "
+                              f"{stepper.chunk} meta-steps whose tasks and plans this fit draws at once "
+                              f"(draw_chunks=True): extended to {iterations}, the result will differ from an "
+                              f"uninterrupted run (checkpoints every multiple of the chunk resume exactly)",
+                              stacklevel=2)
+            if sampler is None:
+                sampler = StreamSampler(task_distribution, meta_batch_size, self.plan_rows(self.inner_steps),
+                                        self.inner_batch_size, generator=generator, device=self.device,
+                                        check=lambda tasks: self.checker.tasks(tasks, self.inner_batch_size),
+                                        draw_chunks=draw_chunks, minibatches=self.minibatches)
+            elif not getattr(sampler, "checked", False):
+                rows = self.plan_rows(self.inner_steps)
+                sampler = CheckedDraws(sampler, lambda tasks, plans: (self.checker.tasks(tasks, 1),
+                                                                      self.checker.indices(plans, tasks, rows)),
+                                       per_step=meta_batch_size)
+            ckpt = CheckpointCallback(self, ckpt_dir, checkpoint_every, generator=generator, history=history,
+                                      extra=checkpoint_extra)
+            if resumed_latest:
+                ckpt.last_saved, ckpt.last_path = self.iteration, str(ckpt_dir / CHECKPOINT_NAME)
+            watch = []
+            if callback is not None or callbacks:  # user code runs inside fit: it may change the model
+                follows = isinstance(stepper, EagerStepper)
+                watch = [ModelWatchCallback(self, self._structure, follows, getattr(stepper, "name", "compiled"))]
+            cbs = [HistoryCallback(history), ProgressCallback(progress),
+                   *([FunctionCallback(callback)] if callback is not None else []), *callbacks, *watch, ckpt]
+            previous_reducer = getattr(stepper, "reducer", None)
             if reducer is not None:
-                stepper.reducer = previous_reducer
-        return {"loss": history}
+                stepper.reducer = reducer
+            # The compiled program's meta-steps are tiny: one thread for the whole loop (draws and
+            # gathers included); OpenMP fork/join on a busy 2-core machine costs ~10x their work.
+            threads = single_thread() if isinstance(stepper, CompiledStepper) else contextlib.nullcontext()
+            try:
+                if isinstance(stepper, CompiledStepper):
+                    stepper.prepare()  # compile before the clock and the progress bar start
+                # Without a checkpoint_dir only SIGINT is deferred (SIGTERM keeps its default): a Ctrl-C
+                # raised in the middle of a meta-step could leave φ one step ahead of self.iteration.
+                deferred = DEFAULT_SIGNALS if ckpt_dir is not None else (signal.SIGINT,)
+                with threads, DeferredSignals(deferred, enabled=handle_signals,
+                                              checkpointing=ckpt_dir is not None) as signals:
+                    loop = TrainingLoop(self, stepper, sampler, iterations,
+                                        callbacks=[*cbs, SignalCallback(signals, ckpt)],
+                                        outer_lr_at=lambda i: self.outer_lr_at(i, iterations),
+                                        log_every=default_log_every(stepper) if log_every is None else log_every)
+                    try:
+                        self._fitting = True
+                        loop.run()
+                    except NonFiniteError as exc:
+                        raise ckpt.explain(exc) from exc
+                    except (RuntimeError, MemoryError) as exc:
+                        # draws that fit but inner loops that do not (per-task parameters and
+                        # activations outgrow the draws): as the draws' and the compiled program's
+                        # errors, a ValueError saying which setting to lower (φ is as before the step)
+                        oom = out_of_memory_message(exc, f"lower meta_batch_size ({meta_batch_size}) or "
+                                                         f"inner_batch_size ({self.inner_batch_size})")
+                        if oom is None:
+                            raise
+                        raise ValueError(f"meta-step {self.iteration + 1}: {oom}") from exc
+                    finally:
+                        self._fitting = False
+                        done = loop.iteration - loop.start
+                        self.last_fit_stats = {
+                            "stepper": stepper.name, "mode": getattr(stepper, "mode", "eager"),
+                            "fallback_reason": getattr(stepper, "fallback_reason", None),
+                            "compile_seconds": getattr(stepper, "compile_seconds", 0.0),
+                            "train_seconds": loop.train_seconds,
+                            "ms_per_iteration": 1e3 * loop.train_seconds / max(done, 1),
+                            "log_every": loop.log_every}
+            finally:
+                if reducer is not None:
+                    stepper.reducer = previous_reducer
+            return {"loss": history}
 
     # ------------------------------------------------------------------ state
     def hparams(self) -> Dict[str, Any]:

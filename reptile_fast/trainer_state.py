@@ -67,10 +67,28 @@ def _plain(value, depth: int = 0) -> str:
         if "<" in name and isinstance(code, types.CodeType):
             # a lambda or a nested function: its name does not tell two apart, its code does (a
             # module-level function's name does: not its code, which a library upgrade changes)
-            body = hashlib.sha1(code.co_code + repr(code.co_consts).encode() + repr(code.co_names).encode())
-            name += f"#{body.hexdigest()[:12]}"
+            name += f"#{_code_digest(code)[:12]}"
+        if isinstance(value, types.MethodType):
+            name += f" of {type(value.__self__).__module__}.{type(value.__self__).__qualname__}"
         return name
     return f"<{type(value).__qualname__}>"
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """A digest of what ``code`` computes, the same in every process: its bytecode, names and
+    constants, nested code objects by their own digest (their repr holds a memory address and the
+    file's path and line: ranks refused a nested function's loss as "different settings", QA73)
+    and frozensets sorted (their order follows the process's string hashing)."""
+    def const(c) -> str:
+        if isinstance(c, types.CodeType):
+            return "code:" + _code_digest(c)
+        if isinstance(c, frozenset):
+            return "frozenset(" + ",".join(sorted(map(const, c))) + ")"
+        if isinstance(c, tuple):
+            return "(" + ",".join(map(const, c)) + ")"
+        return repr(c)
+    parts = [code.co_code, repr(code.co_names).encode(), *(const(c).encode() for c in code.co_consts)]
+    return hashlib.sha1(b"\x00".join(parts)).hexdigest()
 
 
 def loss_settings(loss) -> Optional[str]:
@@ -83,7 +101,7 @@ def loss_settings(loss) -> Optional[str]:
     being reported."""
     if loss_name(loss) is not None:
         return None
-    if isinstance(loss, (types.FunctionType, types.BuiltinFunctionType, functools.partial)) \
+    if isinstance(loss, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)) \
             or not hasattr(loss, "__dict__"):
         return _plain(loss)
     # an object (an nn.Module loss, an instance of a class with __call__): its plain attributes

@@ -20,7 +20,8 @@ BASE = dict(backend="torch", reduction="mean", iterations=4, meta_batch_size=7, 
             outer_optimizer=False, algorithm="reptile", checkpoint_dir=None, checkpoint_every=None,
             resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02,
             stop_check_every=10, meta_batch_size_last_rank=None, backend_options=None, adam_lr=0.01,
-            adam_lr_last_rank=None, group_ranks=None, thread_last_rank=False, save_fails_at=None)
+            adam_lr_last_rank=None, group_ranks=None, thread_last_rank=False, save_fails_at=None,
+            hold_folder=False)
 
 
 def make_trainer(s):
@@ -171,6 +172,14 @@ def run_scenario(s, context, out: Path) -> None:
                 raise OSError(errno.ENOSPC, "No space left on device", str(directory))
             return original(directory, trainer, **kw)
         cb.save_checkpoint = full_disk
+    held = None
+    if s["hold_folder"] and (context is None or context.is_main):
+        # another run holds the checkpoint folder (its lock), in rank 0's process
+        from reptile_fast.checkpoint import directory_lock
+
+        Path(s["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)
+        held = directory_lock(s["checkpoint_dir"])
+        held.__enter__()
     try:
         trainer, history = train(s, context)
         result["params"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -186,6 +195,8 @@ def run_scenario(s, context, out: Path) -> None:
             import reptile_fast.callbacks as cb
 
             cb.save_checkpoint = restore
+        if held is not None:
+            held.__exit__(None, None, None)
     result["seconds"] = time.perf_counter() - t0
     rank = context.rank if context is not None else 0
     torch.save(result, out / f"{s['name']}.{rank}.pt")

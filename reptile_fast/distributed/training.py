@@ -11,6 +11,7 @@ every rank at the same read.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -179,9 +180,11 @@ def _on_main(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any:
             raise OSError(code, message, filename, None, filename2)
         if name == "NonFiniteError":
             raise NonFiniteError(message, iteration=iteration)
+        from ..checkpoint import DirectoryInUseError
+
         kind = {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError,
                 "TypeError": TypeError, "NotADirectoryError": NotADirectoryError,
-                "IsADirectoryError": IsADirectoryError}.get(name, ValueError)
+                "IsADirectoryError": IsADirectoryError, "DirectoryInUseError": DirectoryInUseError}.get(name, ValueError)
         raise kind(message)
     return payload[1]
 
@@ -206,15 +209,19 @@ def _load_on_main(ctx: DistContext, source) -> Dict[str, Any]:
     return _on_main(ctx, lambda: load_checkpoint(source), "broadcast of the checkpoint to resume from")
 
 
-def _prepare_on_main(ctx: DistContext, checkpoint_dir) -> None:
-    """Rank 0 (the one that writes) creates and checks ``checkpoint_dir`` before training: a bad
-    one raised on rank 0 alone inside ``fit`` while the other ranks entered the first meta-step's
-    collective (they then reported a dead rank, or gloo aborted on mismatched collectives)."""
-    from ..checkpoint import prepare_checkpoint_directory
+def _prepare_on_main(ctx: DistContext, checkpoint_dir, folder: contextlib.ExitStack) -> None:
+    """Rank 0 (the one that writes) creates and checks ``checkpoint_dir`` before training, and
+    takes the folder's lock (``checkpoint.directory_lock``, held by ``folder`` until the run ends):
+    a bad folder, or one another run holds, raised on rank 0 alone inside ``fit`` while the other
+    ranks entered the first meta-step's collective (they then reported a dead rank, or gloo
+    aborted on mismatched collectives: QA73 for the lock)."""
+    from ..checkpoint import directory_lock, prepare_checkpoint_directory, remove_stale_temporaries
 
     def check() -> None:
         if checkpoint_dir is not None:
-            prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
+            directory = prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
+            folder.enter_context(directory_lock(directory))
+            remove_stale_temporaries(directory)
     _on_main(ctx, check, "broadcast of the checkpoint directory's check")
 
 
@@ -312,46 +319,48 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         "resume": resume_from is not None, "checkpointing": checkpoint_dir is not None, "handle_signals": handle_signals,
         "log_every": log_every, "checkpoint_every": checkpoint_every, "stop_check_every": stop_check_every,
         "callback": callback is not None})
-    _prepare_on_main(ctx, checkpoint_dir)
-    resume = None
-    if resume_from is not None:
-        ckpt = _load_on_main(ctx, resume_from)
-        sampler.check_resumable(ckpt["extra"].get("sampler"), f"checkpoint {resume_from}")
-        # Rank 0 resumes from the path (fit then knows whether it is the directory's latest
-        # checkpoint); the others from the dict rank 0 sent.
-        resume = resume_from if ctx.is_main else ckpt
-    # Rank 0's φ and buffers everywhere: ranks built from other initial seeds start identical.
-    ctx.broadcast_module(trainer.model, "broadcast of the initial parameters from rank 0")
-    extra = {**(checkpoint_extra or {}), "sampler": sampler.state_dict(), "world_size": ctx.world_size}
-    main = ctx.is_main
-    # as fit: SIGINT and SIGTERM deferred with a checkpoint_dir, SIGINT alone without one (a Ctrl-C
-    # in the middle of a meta-step left φ one step ahead of trainer.iteration: QA63)
-    deferred = DEFAULT_SIGNALS if checkpoint_dir is not None else (signal.SIGINT,)
-    with DeferredSignals(deferred, enabled=handle_signals, checkpointing=checkpoint_dir is not None) as signals:
-        ranks = _RankCallback(ctx, signals, checkpoint_every, stop_check_every, agree=handle_signals,
-                              checkpointing=checkpoint_dir is not None)
-        history = trainer.fit(
-            task_distribution, iterations, meta_batch_size=sampler.n_local, generator=None,
-            progress=progress and main, callback=callback, checkpoint_dir=checkpoint_dir if main else None,
-            checkpoint_every=checkpoint_every if main else None, resume_from=resume,
-            checkpoint_extra=extra, handle_signals=False, log_every=log_every, sampler=sampler,
-            reducer=reducer if ctx.is_distributed else None, callbacks=[ranks])
-        # Nobody leaves before rank 0's last checkpoint is complete (a launcher stops every
-        # rank when one exits with an error code, as an interrupted one does).
-        ctx.barrier(f"barrier after the checkpoint of meta-step {trainer.iteration}")
-        signals.acted_on = ranks.stopped  # raised below; a later signal is delivered as the scope ends
-    if ranks.stopped and checkpoint_dir is None:
-        raise TrainingInterrupted(
-            f"training interrupted by {signal_name(ranks.signum)} after meta-step {trainer.iteration} of "
-            f"{iterations} ({ctx.describe()}); no checkpoint_dir was given, so no checkpoint was written. The "
-            f"model and trainer.iteration are as after meta-step {trainer.iteration} on every rank",
-            signal_number=ranks.signum, iteration=trainer.iteration, checkpoint=None)
-    if ranks.stopped:
-        signum = ranks.signum
-        path = os.path.join(str(checkpoint_dir), CHECKPOINT_NAME)
-        raise TrainingInterrupted(
-            f"training interrupted by {signal_name(signum)} after meta-step {trainer.iteration} of "
-            f"{iterations} ({ctx.describe()}); rank 0 wrote the checkpoint {path}. Resume with "
-            f"resume_from={str(checkpoint_dir)!r}, with any number of processes",
-            signal_number=signum, iteration=trainer.iteration, checkpoint=path)
-    return history
+    with contextlib.ExitStack() as folder:  # rank 0: the checkpoint folder's lock, for the whole run
+        _prepare_on_main(ctx, checkpoint_dir, folder)
+        resume = None
+        if resume_from is not None:
+            ckpt = _load_on_main(ctx, resume_from)
+            sampler.check_resumable(ckpt["extra"].get("sampler"), f"checkpoint {resume_from}")
+            # Rank 0 resumes from the path (fit then knows whether it is the directory's latest
+            # checkpoint); the others from the dict rank 0 sent.
+            resume = resume_from if ctx.is_main else ckpt
+        # Rank 0's φ and buffers everywhere: ranks built from other initial seeds start identical.
+        ctx.broadcast_module(trainer.model, "broadcast of the initial parameters from rank 0")
+        extra = {**(checkpoint_extra or {}), "sampler": sampler.state_dict(), "world_size": ctx.world_size}
+        main = ctx.is_main
+        # as fit: SIGINT and SIGTERM deferred with a checkpoint_dir, SIGINT alone without one (a Ctrl-C
+        # in the middle of a meta-step left φ one step ahead of trainer.iteration: QA63)
+        deferred = DEFAULT_SIGNALS if checkpoint_dir is not None else (signal.SIGINT,)
+        with DeferredSignals(deferred, enabled=handle_signals, checkpointing=checkpoint_dir is not None) as signals:
+            ranks = _RankCallback(ctx, signals, checkpoint_every, stop_check_every, agree=handle_signals,
+                                  checkpointing=checkpoint_dir is not None)
+            history = trainer.fit(
+                task_distribution, iterations, meta_batch_size=sampler.n_local, generator=None,
+                progress=progress and main, callback=callback, checkpoint_dir=checkpoint_dir if main else None,
+                checkpoint_every=checkpoint_every if main else None, resume_from=resume,
+                checkpoint_extra=extra, handle_signals=False, log_every=log_every, sampler=sampler,
+                reducer=reducer if ctx.is_distributed else None, callbacks=[ranks],
+                _folder_held=main and checkpoint_dir is not None)
+            # Nobody leaves before rank 0's last checkpoint is complete (a launcher stops every
+            # rank when one exits with an error code, as an interrupted one does).
+            ctx.barrier(f"barrier after the checkpoint of meta-step {trainer.iteration}")
+            signals.acted_on = ranks.stopped  # raised below; a later signal is delivered as the scope ends
+        if ranks.stopped and checkpoint_dir is None:
+            raise TrainingInterrupted(
+                f"training interrupted by {signal_name(ranks.signum)} after meta-step {trainer.iteration} of "
+                f"{iterations} ({ctx.describe()}); no checkpoint_dir was given, so no checkpoint was written. The "
+                f"model and trainer.iteration are as after meta-step {trainer.iteration} on every rank",
+                signal_number=ranks.signum, iteration=trainer.iteration, checkpoint=None)
+        if ranks.stopped:
+            signum = ranks.signum
+            path = os.path.join(str(checkpoint_dir), CHECKPOINT_NAME)
+            raise TrainingInterrupted(
+                f"training interrupted by {signal_name(signum)} after meta-step {trainer.iteration} of "
+                f"{iterations} ({ctx.describe()}); rank 0 wrote the checkpoint {path}. Resume with "
+                f"resume_from={str(checkpoint_dir)!r}, with any number of processes",
+                signal_number=signum, iteration=trainer.iteration, checkpoint=path)
+        return history

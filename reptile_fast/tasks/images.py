@@ -29,7 +29,8 @@ def _eight_bit(img, Image):
     """``img`` with 8-bit levels: Pillow's ``convert`` clips a 16-bit (``I;16*``), 32-bit integer
     (``I``) or float (``F``) image's values at 255 instead of scaling them, so 50 % grey in a 16-bit
     PNG read as white and a float TIFF's 0.5 as black (QA69).  16-bit values are scaled by
-    255/65535; float ones (taken as [0, 1]) by 255; 32-bit integers by their own type's range."""
+    255/65535 (32-bit integer ones too when they all lie in [0, 65535], as a 16-bit PNG's do when
+    Pillow opens it as "I"; else by int32's range); float ones (taken as [0, 1]) by 255."""
     mode = img.mode
     if not (mode.startswith("I;16") or mode in ("I", "F")):
         return img
@@ -39,7 +40,9 @@ def _eight_bit(img, Image):
     if mode == "F":
         a = np.clip(np.nan_to_num(a.astype(np.float64), nan=0.0), 0.0, 1.0) * 255.0
     else:
-        top = 65535.0 if mode.startswith("I;16") else float(np.iinfo(np.int32).max)
+        # "I" holds a 16-bit PNG's values too (Pillow versions differ: QA73): 16-bit where they fit
+        top = 65535.0 if mode.startswith("I;16") or (a.size and a.min() >= 0 and a.max() <= 65535) \
+            else float(np.iinfo(np.int32).max)
         a = np.clip(a.astype(np.float64), 0.0, top) * (255.0 / top)
     return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
 
