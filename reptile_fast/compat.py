@@ -186,6 +186,13 @@ class InputChecker:
             except Exception as exc:  # noqa: BLE001 - re-raised with the shapes that caused it
                 if found:  # an id out of range among the probed points: say so, not torch's IndexError
                     self._check_ids(tasks.x, found)
+                if not tasks.x.dtype.is_floating_point and not any(isinstance(m, nn.Embedding)
+                                                                    for m in self.model.modules()):
+                    # integer ids are for a model that starts with an nn.Embedding (QA74: the
+                    # message blamed the shape, torch's dtype complaint last)
+                    raise ValueError(f"the model cannot take task inputs of dtype {tasks.x.dtype}: integer inputs "
+                                     f"are ids, for a model that starts with an nn.Embedding, and this model takes "
+                                     f"floating inputs; convert x, e.g. TaskBatch(x.float(), y)") from exc
                 raise ValueError(f"the model cannot take task inputs of shape {tuple(tasks.x.shape[2:])} "
                                  f"per point: {exc}") from exc
             finally:
