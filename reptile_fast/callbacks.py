@@ -15,7 +15,14 @@ from .loop import Callback
 from .model_watch import check_followable, structure_key
 from .signals import DeferredSignals, TrainingInterrupted, signal_name
 
-__all__ = ["CheckpointCallback", "SignalCallback", "ModelWatchCallback", "resume_for_fit"]
+__all__ = ["CheckpointCallback", "SignalCallback", "ModelWatchCallback", "checkpoint_due", "resume_for_fit"]
+
+
+def checkpoint_due(chunk_start: int, iteration: int, every: Optional[int]) -> bool:
+    """Whether a checkpoint is due after the chunk ``(chunk_start, iteration]``: a multiple of
+    ``every`` reached within it (the one schedule of ``CheckpointCallback`` and of the other ranks'
+    side of a distributed run's checkpoint exchange)."""
+    return every is not None and iteration // every > chunk_start // every
 
 
 def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: Optional[Path], *,
@@ -105,10 +112,10 @@ class CheckpointCallback(Callback):
     def _due(self, loop) -> bool:
         """A multiple of ``every`` was reached within the chunk that just ended (a run that does not
         start on a multiple, e.g. after ``meta_step`` calls, still saves at every multiple it passes)."""
-        if self.directory is None or self.every is None:
+        if self.directory is None:
             return False
-        start = loop.start if self._chunk_start is None else self._chunk_start
-        return loop.iteration // self.every > start // self.every
+        return checkpoint_due(loop.start if self._chunk_start is None else self._chunk_start, loop.iteration,
+                              self.every)
 
     def wants_read(self, loop) -> bool:
         return self._due(loop)

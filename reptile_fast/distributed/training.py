@@ -84,10 +84,11 @@ class _RankCallback(Callback):
     def _exchange_due(self, loop) -> None:
         """The other ranks' side of rank 0's checkpoint exchange (``CheckpointCallback._due``'s
         schedule: a multiple of ``checkpoint_every`` reached within the chunk that ended)."""
-        every, start = self.checkpoint_every, self._chunk_start
-        self._chunk_start = loop.iteration
-        if self.exchange is not None and not self.context.is_main and every is not None \
-                and loop.iteration // every > start // every:
+        from ..callbacks import checkpoint_due
+
+        start, self._chunk_start = self._chunk_start, loop.iteration
+        if self.exchange is not None and not self.context.is_main \
+                and checkpoint_due(start, loop.iteration, self.checkpoint_every):
             self.exchange(None)
 
     def wants_read(self, loop) -> bool:
