@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import reptile_fast.checkpoint as ckpt_mod
-from _fake_omniglot import make_folder, make_zip
+from _fake_omniglot import job_data
 from reptile_fast import MLP, Reptile, Sine
 from reptile_fast.checkpoint import LOCK_NAME, DirectoryInUseError, load_checkpoint
 from reptile_fast.cli import main
@@ -112,11 +112,7 @@ def test_resuming_a_file_kept_in_another_runs_folder_says_it_replaces_that_run(t
 
 @pytest.fixture(scope="module")
 def omniglot_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qa72_omni")
-    train = make_zip(make_folder(root / "a", {"Alpha": 3, "Beta": 2}, prefix="images_background_small1"),
-                     root / "small1.zip")
-    test = make_folder(root / "b", {"Beta": 2, "Gamma": 3}, prefix="images_background_small2")
-    return {"train": str(train), "test": str(test)}
+    return job_data(tmp_path_factory.mktemp("qa72_omni"))
 
 
 def _omniglot(data, out, *extra):
