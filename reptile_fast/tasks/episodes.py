@@ -55,6 +55,17 @@ class Episodes:
         for name, tb in (("support", s), ("query", q)):
             if int(tb.y.max()) >= self.ways:
                 raise ValueError(f"{name} label {int(tb.y.max())} out of range for {self.ways}-way tasks")
+        # a query class its task's support set lacks is scored against a class the learner never
+        # adapted on: the accuracy comes out lower with nothing said (a labelling slip, e.g. support
+        # and query labelled by different class orders)
+        shown = torch.zeros(s.n_tasks, self.ways, dtype=torch.bool, device=s.device)
+        shown.scatter_(1, s.y, True)
+        missing = ~shown.gather(1, q.y)
+        if bool(missing.any()):
+            task, point = (int(v) for v in missing.nonzero()[0])
+            raise ValueError(f"query label {int(q.y[task, point])} of task {task} (point {point}) is no "
+                             f"class of that task's support set (its labels: "
+                             f"{sorted(set(s.y[task].tolist()))}): every query class needs support examples")
 
     @property
     def n_tasks(self) -> int:
