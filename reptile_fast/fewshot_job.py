@@ -365,6 +365,17 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
                              f"is not the checkpoint's run's ({len(saved_test)} test characters, now "
                              f"{len(now_test)}, {len(set(saved_test) ^ set(now_test))} of them different): "
                              f"resume with the run's --train and --test data")
+        saved_trained = ckpt.get("extra", {}).get("trained_alphabets")
+        if config.split != "official" and isinstance(saved_trained, list):
+            # another --train on resume: the held-out alphabets are --test's minus the *new* training
+            # alphabets, so an alphabet the checkpoint's run trained on could be tested on (QA80)
+            seen = sorted(set(saved_trained) & set(test_alphabets))
+            if seen:
+                raise ValueError(f"the checkpoint's run trained on the alphabets {seen}, which --train "
+                                 f"{config.train} lacks and --test {config.test} would test on as held-out "
+                                 f"alphabets: resume with the run's --train, or give a --test without them")
+            # metrics.json lists every alphabet the model has trained on, before the resume too
+            train_alphabets = sorted(set(train_alphabets) | set(saved_trained))
         start = ckpt["trainer"]["iteration"]
         if start > config.iterations:
             raise ValueError(f"the checkpoint {resume} is at meta-step {start}, beyond iterations={config.iterations}")
@@ -413,6 +424,8 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
 
     t0 = time.perf_counter()
     extra = {"job": OMNIGLOT_JOB, "job_config": asdict(config)}
+    if config.split != "official":  # what a resume must keep out of its test set (QA80)
+        extra["trained_alphabets"] = list(train_alphabets)
     if config.split == "official":  # what a resume must find again (its --train/--test may have moved)
         extra["split_test_characters"] = ["/".join(c) for c in test_sets[k0].characters]
     history = train_job(trainer, train_dist, iterations=config.iterations, meta_batch_size=config.meta_batch_size,
