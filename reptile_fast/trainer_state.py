@@ -9,6 +9,7 @@ import copy
 import functools
 import hashlib
 import math
+import re
 import types
 import warnings
 from typing import Any, Dict, Mapping, Optional
@@ -101,6 +102,9 @@ def loss_settings(loss) -> Optional[str]:
     being reported."""
     if loss_name(loss) is not None:
         return None
+    scripted = _scripted_settings(loss)
+    if scripted is not None:
+        return scripted
     if isinstance(loss, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)) \
             or not hasattr(loss, "__dict__"):
         return _plain(loss)
@@ -110,6 +114,38 @@ def loss_settings(loss) -> Optional[str]:
         settings += [f"{k}={_plain(v)}" for k, v in loss.named_buffers()]
         settings += [f"{k}={_plain(v)}" for k, v in loss.named_parameters()]
     return f"{type(loss).__module__}.{type(loss).__qualname__}({', '.join(settings)})"
+
+
+def _scripted_settings(loss) -> Optional[str]:
+    """A TorchScript loss's settings, or None for any other loss: scripting folds a module's
+    constants (a Huber loss's δ) into its code and keeps its attributes out of ``vars()``, so
+    ``HuberLoss(delta=5)`` and ``HuberLoss(delta=0.5)`` scripted read alike (QA73).  Described by
+    each (sub)module's forward code, the plain attributes that code reads, and its tensors; the same
+    in every process (TorchScript's per-process class-name mangling is left out)."""
+    jit = torch.jit
+    if isinstance(loss, jit.ScriptFunction):
+        return f"torch.jit.ScriptFunction {loss.qualified_name}(code sha1={_script_code_digest(loss.code)})"
+    if not isinstance(loss, jit.ScriptModule):
+        return None
+    parts = []
+    for name, module in loss.named_modules():
+        try:
+            code = module.code
+        except (AttributeError, RuntimeError):  # a submodule without forward
+            continue
+        reader = re.match(r"\s*def forward\(\s*(\w+)", code)
+        read = sorted(set(re.findall(rf"\b{reader.group(1)}\.(\w+)", code))) if reader else []
+        values = [f"{a}={_plain(getattr(module, a))}" for a in read
+                  if not isinstance(getattr(module, a, None), (torch.nn.Module, torch.Tensor))]
+        parts.append(f"{name or '.'}:{_script_code_digest(code)}({', '.join(values)})")
+    parts += [f"{k}={_plain(v)}" for k, v in loss.named_buffers()]
+    parts += [f"{k}={_plain(v)}" for k, v in loss.named_parameters()]
+    return f"torch.jit.ScriptModule {loss.original_name}({'; '.join(parts)})"
+
+
+def _script_code_digest(code: str) -> str:
+    # TorchScript renames a class compiled again in one process (``___torch_mangle_3``)
+    return hashlib.sha1(re.sub(r"___torch_mangle_\d+\.", "", code).encode()).hexdigest()[:16]
 
 
 def model_modules(model) -> list:

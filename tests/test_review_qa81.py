@@ -3,6 +3,8 @@
 1. ``Episodes`` whose query set holds a class its task's support set lacks was accepted: that query
    point is scored against a class the learner never adapted on, and the accuracy came out lower
    with nothing said (QA69).
+2. A TorchScript loss's settings were not recorded in ``hparams()["loss_settings"]`` (QA73): a
+   resume with another scripted Huber δ warned of nothing.
 """
 import pytest
 import torch
@@ -27,3 +29,89 @@ def test_episodes_accept_queries_drawn_from_each_tasks_own_support_classes():
     # a task may use fewer classes than ``ways`` as long as its queries are among them
     ep = _episodes([[2, 0, 1], [1, 1, 0]], [[0, 1, 2], [0, 1, 1]], 3)
     assert ep.n_tasks == 2
+
+
+# ----------------------------------------------------------------------------- scripted losses
+# 2. A TorchScript loss's settings were not recorded (QA73): scripting folds a Huber loss's δ into
+#    its code and keeps a module's attributes out of ``vars()``, so a resume with another δ, or ranks
+#    with different scripted losses, compared equal settings.
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import torch.nn as nn  # noqa: E402
+
+from reptile_fast import MLP, Reptile, Sine  # noqa: E402
+from reptile_fast.trainer_state import loss_settings  # noqa: E402
+
+
+def _scripted(module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still served
+        return torch.jit.script(module)
+
+
+def _resume_warnings(first, second, tmp_path):
+    def fit(loss, iterations, **kw):
+        torch.manual_seed(0)
+        trainer = Reptile(MLP(hidden_dim=8), backend="torch", loss=loss)
+        trainer.fit(Sine(), iterations, progress=False, generator=torch.Generator().manual_seed(1),
+                    checkpoint_dir=tmp_path, **kw)
+    fit(first, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(second, 4, resume_from=tmp_path)
+    return [str(w.message) for w in caught if "different hyper-parameters" in str(w.message)]
+
+
+def test_resume_with_another_scripted_huber_delta_warns(tmp_path):
+    got = _resume_warnings(_scripted(nn.HuberLoss(delta=0.5)), _scripted(nn.HuberLoss(delta=5.0)), tmp_path)
+    assert got and "loss_settings" in got[0], got
+
+
+def test_resume_with_the_same_scripted_loss_does_not_warn(tmp_path):
+    assert _resume_warnings(_scripted(nn.HuberLoss(delta=0.5)), _scripted(nn.HuberLoss(delta=0.5)), tmp_path) == []
+
+
+_SETTINGS_IN_A_NEW_PROCESS = """
+import warnings, torch
+warnings.simplefilter("ignore", FutureWarning)
+from reptile_fast.trainer_state import loss_settings
+print(loss_settings(torch.jit.script(torch.nn.HuberLoss(delta=0.5))))
+"""
+
+
+def test_scripted_loss_settings_are_the_same_in_another_process():
+    # ranks compare them: a digest that moved with the process would refuse every scripted loss
+    _scripted(nn.HuberLoss(delta=3.0))  # TorchScript renames a class it compiles again in a process
+    here = loss_settings(_scripted(nn.HuberLoss(delta=0.5)))
+    there = subprocess.run([sys.executable, "-c", _SETTINGS_IN_A_NEW_PROCESS], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert here == there and "HuberLoss" in here
+
+
+def test_scripted_functions_are_told_apart_by_their_code():
+    def a(x, y):
+        return ((x - y) ** 2).mean()
+
+    def b(x, y):
+        return ((x - y) ** 2).mean() * 2.0
+    sa, sb = _scripted(a), _scripted(b)
+    assert loss_settings(sa) != loss_settings(sb)
+    assert loss_settings(sa) == loss_settings(_scripted(a))
+
+
+class _ScaledSquares(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale  # an attribute, not a constant: read at run time by the scripted code
+
+    def forward(self, prediction, target):
+        return ((prediction - target) ** 2).mean() * self.scale
+
+
+def test_scripted_modules_are_told_apart_by_their_attributes():
+    two, three = _scripted(_ScaledSquares(2.0)), _scripted(_ScaledSquares(3.0))
+    assert loss_settings(two) != loss_settings(three)
+    assert loss_settings(two) == loss_settings(_scripted(_ScaledSquares(2.0)))
+    assert "scale=2.0" in loss_settings(two)
