@@ -5,6 +5,7 @@
    with nothing said (QA69).
 2. A TorchScript loss's settings were not recorded in ``hparams()["loss_settings"]`` (QA73): a
    resume with another scripted Huber δ warned of nothing.
+3. ``MiniImageNet`` read only the CSV layout, not the class folders the official code reads (QA69).
 """
 import pytest
 import torch
@@ -115,3 +116,62 @@ def test_scripted_modules_are_told_apart_by_their_attributes():
     assert loss_settings(two) != loss_settings(three)
     assert loss_settings(two) == loss_settings(_scripted(_ScaledSquares(2.0)))
     assert "scale=2.0" in loss_settings(two)
+
+
+# ----------------------------------------------------------------------------- Mini-ImageNet class folders
+# 3. Only the CSV layout was read (QA69): the class-folder layout the official supervised-reptile code
+#    reads (ROOT/{train,val,test}/<class>/<image>, as its fetch_data.sh writes it) was refused as
+#    "ROOT/train.csv does not exist".
+import numpy as np  # noqa: E402
+
+from reptile_fast.tasks import MiniImageNet  # noqa: E402
+
+_SPLITS = {"train": ["n01", "n02", "n03"], "val": ["n04", "n05"], "test": ["n06", "n07", "n08"]}
+
+
+def _write_both_layouts(root, suffix=".JPEG"):
+    """The same images in both layouts: ``csv/`` (CSV, images/) and ``folders/`` (class folders)."""
+    from PIL import Image
+
+    (root / "csv" / "images").mkdir(parents=True)
+    for split, classes in _SPLITS.items():
+        lines = ["filename,label"]
+        for cls in classes:
+            (root / "folders" / split / cls).mkdir(parents=True)
+            for k in range(3):
+                # PNG data under either name: decoded exactly, so the layouts' images compare bitwise
+                img = Image.fromarray(np.full((6, 6, 3), (10 * int(cls[1:]), 40 * k, 7), dtype=np.uint8))
+                name = f"{cls}_{k}"
+                img.save(root / "csv" / "images" / f"{name}.png")
+                img.save(root / "folders" / split / cls / f"{name}{suffix}", format="PNG")
+                lines.append(f"{name}.png,{cls}")
+        (root / "csv" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_class_folders_give_the_episodes_the_csv_layout_gives(tmp_path):
+    _write_both_layouts(tmp_path)
+    (tmp_path / "folders" / "train" / "n01" / "Thumbs.db").write_bytes(b"not an image")  # ignored
+    for split in _SPLITS:
+        a = MiniImageNet(tmp_path / "csv", split, ways=2, shots=2, query_shots=1, image_size=6)
+        b = MiniImageNet(tmp_path / "folders", split, ways=2, shots=2, query_shots=1, image_size=6)
+        assert a.classes == b.classes == _SPLITS[split]
+        ea = a.sample_episodes(4, generator=torch.Generator().manual_seed(3))
+        eb = b.sample_episodes(4, generator=torch.Generator().manual_seed(3))
+        for name in ("support", "query"):
+            assert torch.equal(getattr(ea, name).x, getattr(eb, name).x), (split, name)
+            assert torch.equal(getattr(ea, name).y, getattr(eb, name).y), (split, name)
+
+
+def test_class_folders_are_checked_as_the_csv_layout_is(tmp_path):
+    _write_both_layouts(tmp_path, suffix=".jpg")
+    root = tmp_path / "folders"
+    (root / "test" / "n02").mkdir()  # a training class in the test split
+    for name in ("a.jpg", "b.jpg"):
+        (root / "test" / "n02" / name).write_bytes((root / "train" / "n02" / "n02_0.jpg").read_bytes())
+    with pytest.raises(ValueError, match=r"test/ and train/ share 1 classes \(e.g. n02\)"):
+        MiniImageNet(root, "test", ways=2, shots=1, query_shots=1, image_size=6)
+    (root / "val" / "n09").mkdir()  # an empty class folder
+    with pytest.raises(ValueError, match=r"class folder .*n09 holds no image"):
+        MiniImageNet(root, "val", ways=2, shots=1, query_shots=1, image_size=6)
+    with pytest.raises(FileNotFoundError, match=r"neither val\.csv \(with images/\) nor a val/ folder"):
+        MiniImageNet(tmp_path / "nowhere", "val")
