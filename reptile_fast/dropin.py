@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import math
 import numbers
 import warnings
@@ -186,7 +185,11 @@ class _SineSource:
 
 # ---------------------------------------------------------------------- validation
 def _int_arg(name: str, value, minimum: int = 1) -> int:
-    # the seed's loop takes any integer (``range(nb_iterations)``, ``k * N // batch_size``): numpy's too
+    # the seed's loop takes any integer (``range(nb_iterations)``, ``k * N // batch_size``): numpy's
+    # too, and a 0-dim integer tensor (``range(torch.tensor(3))``), as epsilon takes a 0-dim tensor
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+            and not value.is_floating_point() and not value.is_complex()):
+        value = value.item()
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = int(value)
     return check_int(name, value, minimum)
@@ -249,7 +252,7 @@ def _reference_reason(model: nn.Module, any_shape: bool, task, kind) -> Optional
     x, y, loss_fct = task
     if kind is None:
         return (f"the task's loss_fct ({type(loss_fct).__name__}) is not nn.MSELoss() or "
-                f"nn.CrossEntropyLoss() with default settings")
+                f"nn.CrossEntropyLoss() with default settings (no hooks, no forward of its own)")
     if not any_shape and (x.dim() != 1 or y.dim() != 1 or kind != "mse"):
         return (f"the seed's perform_k_training_steps unsqueezes 1-D data; with x {tuple(x.shape)}, "
                 f"y {tuple(y.shape)} {y.dtype} it computes something else than the standard loop "
@@ -292,11 +295,27 @@ class _RawTaskSampler(Sampler):
         # drawn one at a time as the stepper reaches each task, as the seed draws a task just before
         # its inner loop: a sample_task that refills one buffer (or a custom format the inner loop
         # writes to) sees the seed's order of calls, with nothing copied (QA46)
-        def tasks():
-            for _ in range(m * self.T):
-                task, self.pending = (self.pending, None) if self.pending is not None else (self.sample_task(), None)
-                yield task
-        return tasks(), None
+        return _LazyTasks(self, m * self.T), None
+
+    def next_task(self):
+        task, self.pending = (self.pending, None) if self.pending is not None else (self.sample_task(), None)
+        return task
+
+
+class _LazyTasks:
+    """``n`` tasks of a ``_RawTaskSampler``, each drawn when the stepper asks for it (``next``).
+    Not a generator: a ``StopIteration`` from ``sample_task`` (a ``lambda: next(it)`` over too few
+    tasks) reaches the caller as the seed's loop raises it; a generator turned it into
+    ``RuntimeError: generator raised StopIteration`` (QA79)."""
+
+    def __init__(self, sampler: "_RawTaskSampler", n: int):
+        self.sampler, self.left = sampler, n
+
+    def next(self):
+        if self.left <= 0:
+            raise RuntimeError("the reference path asked for more tasks than the meta-steps drawn")
+        self.left -= 1
+        return self.sampler.next_task()
 
 
 class _SeedLoopStepper(Stepper):
@@ -333,10 +352,11 @@ class _SeedLoopStepper(Stepper):
         return [g.detach() for g in result]
 
     def run(self, tasks, plans, eps, first_iteration):
-        tasks = iter(tasks)  # drawn lazily (``_RawTaskSampler``): each task right before its inner loop
+        # drawn lazily (``_LazyTasks``): each task right before its inner loop; called, not iterated,
+        # so a StopIteration from sample_task is not taken for the end of the tasks
         for step in range(len(eps)):
-            adapted = [self._adapted(self.inner(copy.deepcopy(self.model), task, self.k))
-                       for task in itertools.islice(tasks, self.T)]
+            adapted = [self._adapted(self.inner(copy.deepcopy(self.model), tasks.next(), self.k))
+                       for _ in range(self.T)]
             with torch.no_grad():
                 deltas = [torch.stack([a[j] for a in adapted]) - p for j, (_, p) in enumerate(self.named)]
                 self.outer.apply([d.mean(0) for d in deltas], torch.zeros(()), eps[step], first_iteration + step)
@@ -350,11 +370,19 @@ class _Counter:
     iteration = 0
 
 
+class _ProgressWithoutLoss(ProgressCallback):
+    """The bar without a loss: the user's inner loop reports none (the stepper's NaN placeholders
+    showed as ``loss=nan``, which reads as a diverged run)."""
+
+    def on_read(self, loop, losses):
+        pass
+
+
 def _run_reference_path(model, nb_iterations, sample_task, inner, k, epsilon, meta_batch_size, first,
                         progress) -> dict:
     stepper = _SeedLoopStepper(model, inner, k, meta_batch_size)
     loop = TrainingLoop(_Counter(), stepper, _RawTaskSampler(sample_task, first, meta_batch_size), nb_iterations,
-                        outer_lr_at=lambda i: epsilon, callbacks=[ProgressCallback(progress)])
+                        outer_lr_at=lambda i: epsilon, callbacks=[_ProgressWithoutLoss(progress)])
     loop.run()
     return {"loss": [], "compile_seconds": 0.0, "train_seconds": loop.train_seconds,
             "ms_per_iteration": 1e3 * loop.train_seconds / nb_iterations, "mode": None, "fallback_reason": None}

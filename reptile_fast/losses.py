@@ -29,6 +29,15 @@ def resolve_loss(loss: Union[str, LossFn]) -> LossFn:
     raise TypeError(f"loss must be a name in {sorted(LOSSES)} or a callable, got {type(loss).__name__}")
 
 
+def _global_module_hooks() -> bool:
+    """Whether torch's global module hooks (``nn.modules.module.register_module_forward_hook`` and
+    its kin) are registered: every module's call runs them, a loss module's too."""
+    from torch.nn.modules import module as M
+
+    return any(getattr(M, n, None) for n in ("_global_forward_pre_hooks", "_global_forward_hooks",
+                                             "_global_backward_pre_hooks", "_global_backward_hooks"))
+
+
 def loss_name(loss: Union[str, LossFn]) -> str | None:
     """The built-in name of ``loss`` (fast paths specialise on these), or None for a custom callable.
 
@@ -41,7 +50,12 @@ def loss_name(loss: Union[str, LossFn]) -> str | None:
     for name, fn in LOSSES.items():
         if loss is fn:
             return name
-    if isinstance(loss, torch.nn.Module) and (loss._forward_hooks or loss._forward_pre_hooks):
+    if isinstance(loss, torch.nn.Module) and (loss._forward_hooks or loss._forward_pre_hooks or loss._backward_hooks
+                                              or loss._backward_pre_hooks or "forward" in vars(loss)
+                                              or _global_module_hooks()):
+        # what the module computes is not (only) the named loss: a hook of its own (a backward hook
+        # scaling the gradient too), torch's global module hooks, or a forward set on the instance
+        # (the fast paths computed the plain loss while the seed's loop ran these: QA79)
         return None
     if type(loss) is torch.nn.MSELoss and loss.reduction == "mean":
         return "mse"
