@@ -140,19 +140,27 @@ def available_memory() -> Optional[int]:
     return avail
 
 
-def check_sine_memory(config: SineConfig, device: torch.device) -> None:
-    """``MemoryError`` before training when the held-out evaluation cannot fit.
+def check_sine_memory(config: SineConfig, device: torch.device, world_size: int = 1) -> None:
+    """``MemoryError`` before training when the meta-batch's draws or the held-out evaluation
+    cannot fit.
 
-    Its tensors are allocated lazily by Linux: a large ``--eval-tasks`` got its memory, trained,
+    Their tensors are allocated lazily by Linux: a large ``--eval-tasks`` got its memory, trained,
     and was then killed by the kernel's out-of-memory killer while filling it in (exit 137, no
-    message, nothing written: QA46).  The estimate is a lower bound — the held-out tasks' points
-    and one adapted copy of the parameters per task, which evaluation holds all at once — so a
-    refusal is right.  (Training's meta-batch fails at its first allocation or runs in task blocks.)"""
+    message, nothing written: QA46); so was a ``--meta-batch-size`` whose draws each fit in RAM
+    but not together (QA77: 10**8 tasks, killed while drawing).  The estimates are lower bounds —
+    a meta-step's tasks (x and y) and plans for this process's share of the meta-batch, which every
+    backend draws at once; the held-out tasks' points and one adapted copy of the parameters per
+    task, which evaluation holds all at once — so a refusal is right."""
     if device.type != "cpu":
         return  # a GPU allocation fails at once, with the message the CLI reports
     avail = available_memory()
     if avail is None:
         return
+    share = config.meta_batch_size // max(int(world_size), 1)
+    train_need = share * (4 * 2 * SINE_POINTS + 8 * config.inner_steps * config.inner_batch_size)
+    if train_need > avail:
+        raise MemoryError(f"a meta-step's draws need at least {train_need / 2**30:.1f} GiB ({share} tasks), more "
+                          f"than the {avail / 2**30:.1f} GiB this machine has free")
     h = config.hidden_dim
     params = (1 * h + h) + (h * h + h) + (h * 1 + 1)
     need = config.eval_tasks * 4 * (params + 2 * SINE_POINTS)
@@ -325,7 +333,7 @@ def _run_sine_ranked(config: SineConfig, out, context, *, progress: bool, resume
     indexed = uses_indexed_tasks(config, context, ckpt)
     replaced_run_note(out, resume, context.is_main)
     if context.is_main:  # rank 0 alone evaluates
-        check_sine_memory(config, context.device)
+        check_sine_memory(config, context.device, context.world_size)
     if indexed and config.backend == "compiled":
         raise ValueError("--backend compiled runs one process drawing from one random stream; under torchrun "
                          "(or with --indexed-tasks, or resuming such a run) use --backend auto, torch or reference")

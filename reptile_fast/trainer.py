@@ -413,7 +413,8 @@ class Reptile(HyperParameters):
         None.  ``outer_lr``: ε for this step (default: the schedule's; not with an
         ``outer_optimizer``, whose lr is the step).  Returns ``{"loss": mean inner-loop minibatch
         loss as a 0-dim tensor, "outer_lr": ε, "iteration": i}``.  Reads no tensor value on the host once
-        a task shape has been seen: a non-finite step is skipped on the device and reported by
+        a task shape has been seen (integer ids for an ``nn.Embedding`` excepted: their range is
+        read every call): a non-finite step is skipped on the device and reported by
         ``check_finite`` (``fit`` does it at its reads).
         """
         self._check_structure()
@@ -633,7 +634,9 @@ class Reptile(HyperParameters):
 
     def state_dict(self) -> Dict[str, Any]:
         """``{"model": model.state_dict(), "outer_optimizer": its state_dict or None, "iteration",
-        "total_iterations", "config": hparams()}`` (references, like ``nn.Module.state_dict``)."""
+        "total_iterations", "config": hparams(), "meta_batch_size", "draw_chunk",
+        "inner_optimizer": the carried inner Adam's state or None}`` (references, like
+        ``nn.Module.state_dict``; ``reptile_fast.trainer_state.trainer_state_dict``)."""
         self.check_finite()
         return trainer_state_dict(self)
 
