@@ -242,6 +242,12 @@ def resolve_checkpoint_path(path: PathLike) -> Path:
     if path.is_dir():
         file = path / CHECKPOINT_NAME
         if not file.exists():
+            previous = path / PREVIOUS_NAME
+            if previous.is_file():
+                # the latest was lost (deleted, or a crash between the two files' renames): the
+                # one before it is the run's newest, and naming it saves the user a search (QA72)
+                raise FileNotFoundError(f"no {CHECKPOINT_NAME} in directory {path}, but {previous} is there "
+                                        f"(the checkpoint before the latest): resume from that file")
             raise FileNotFoundError(f"no checkpoint in directory {path}: expected {file} (written by "
                                     f"fit(checkpoint_dir=...) or `reptile-fast sine --out DIR`)")
         path = file

@@ -6,6 +6,7 @@
 2. A TorchScript loss's settings were not recorded in ``hparams()["loss_settings"]`` (QA73): a
    resume with another scripted Huber δ warned of nothing.
 3. ``MiniImageNet`` read only the CSV layout, not the class folders the official code reads (QA69).
+4. A checkpoint folder holding only ``checkpoint.prev.pt`` was "no checkpoint in directory" (QA72).
 """
 import pytest
 import torch
@@ -175,3 +176,25 @@ def test_class_folders_are_checked_as_the_csv_layout_is(tmp_path):
         MiniImageNet(root, "val", ways=2, shots=1, query_shots=1, image_size=6)
     with pytest.raises(FileNotFoundError, match=r"neither val\.csv \(with images/\) nor a val/ folder"):
         MiniImageNet(tmp_path / "nowhere", "val")
+
+
+# ----------------------------------------------------------------------------- a folder with only the previous checkpoint
+# 4. ``--resume DIR`` / ``resume_from=DIR`` where only ``checkpoint.prev.pt`` is left (the latest
+#    deleted, or lost in a crash between the two files' renames) said only "no checkpoint in
+#    directory" (QA72): the user had to find the run's newest save by hand.
+from reptile_fast.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME  # noqa: E402
+
+
+def test_a_folder_with_only_the_previous_checkpoint_names_it(tmp_path):
+    def fit(iterations, **kw):
+        torch.manual_seed(0)
+        trainer = Reptile(MLP(hidden_dim=8), backend="torch")
+        trainer.fit(Sine(), iterations, progress=False, generator=torch.Generator().manual_seed(1),
+                    checkpoint_dir=tmp_path, checkpoint_every=2, **kw)
+        return trainer
+    fit(4)
+    (tmp_path / CHECKPOINT_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=f"no {CHECKPOINT_NAME} in directory .* but .*{PREVIOUS_NAME} "
+                                                f"is there .*resume from that file"):
+        fit(6, resume_from=tmp_path)
+    assert fit(6, resume_from=tmp_path / PREVIOUS_NAME).iteration == 6  # what the message says works
