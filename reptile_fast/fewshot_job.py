@@ -25,6 +25,7 @@ from .checkpoint import (CHECKPOINT_NAME, atomic_torch_save, atomic_write_json, 
                          prepare_directory, removed_if_left_empty, resolve_checkpoint_path)
 from .fewshot import evaluate_episodes, nearest_neighbour_predictions, score_predictions
 from .jobs import (check_seed, check_threads, derived_seed, flag_words_nonfinite, library_warnings_as_notes,
+                   outputs_after_training,
                    replaced_run_note, resume_hint, train_job, uses_indexed_tasks)
 from .models import OmniglotConvNet
 from .backends.reference import ADAM_STATES, check_adam_state
@@ -476,14 +477,15 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
                         "non-transductive: each query image in a batch with the support set") +
                      "; BatchNorm on batch statistics"),
     }
-    _plot_curves(history["loss"], validation, out / "learning_curve.png")
-    cfg = {**asdict(config), "world_size": context.world_size}
-    atomic_torch_save({"state_dict": model.state_dict(), "config": cfg, "model": "OmniglotConvNet",
-                       "ways": config.ways,
-                       # --adam-state carried: the test tasks start from the Adam state training left
-                       "inner_optimizer": trainer.carried_adam_state}, out / "model.pt")
-    atomic_write_json(out / "config.json", cfg)
-    atomic_write_json(out / "metrics.json", metrics)
+    with outputs_after_training(out, trainer.iteration, "omniglot"):
+        _plot_curves(history["loss"], validation, out / "learning_curve.png")
+        cfg = {**asdict(config), "world_size": context.world_size}
+        atomic_torch_save({"state_dict": model.state_dict(), "config": cfg, "model": "OmniglotConvNet",
+                           "ways": config.ways,
+                           # --adam-state carried: the test tasks start from the Adam state training left
+                           "inner_optimizer": trainer.carried_adam_state}, out / "model.pt")
+        atomic_write_json(out / "config.json", cfg)
+        atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 

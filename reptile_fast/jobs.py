@@ -241,6 +241,23 @@ def resume_hint(out) -> str:
     return f"\nContinue from the last checkpoint with --resume {shlex.quote(str(out))}"
 
 
+@contextlib.contextmanager
+def outputs_after_training(out, iteration: int, command: str):
+    """Writing a finished run's outputs: an ``OSError`` (a full disk, an unwritable file) says, in
+    its own kind and errno, that the training is safe in the checkpoint and how to write the
+    outputs without training again (it named only the file before: QA72)."""
+    try:
+        yield
+    except OSError as exc:
+        # (its text without the "[Errno N]" prefix, which the new error's str() puts back)
+        what = str(exc) if exc.errno is None or exc.strerror is None else \
+            exc.strerror + (f": {exc.filename!r}" if exc.filename is not None else "")
+        raise OSError(exc.errno, f"{what} — the training finished: {Path(out) / CHECKPOINT_NAME} holds "
+                                 f"meta-step {iteration}; once the problem is fixed, `reptile-fast {command} "
+                                 f"--resume {shlex.quote(str(out))}` writes the outputs without training "
+                                 f"again") from exc
+
+
 def flag_words_nonfinite(exc) -> str:
     """A non-finite meta-step's message with its hint in the CLI's words (``--inner-lr`` /
     ``--outer-lr``; ``as_flags`` leaves "inner_lr/outer_lr" alone, as it reads like a path)."""
@@ -419,12 +436,13 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
         xg = demo.x[0]
         before = model(xg)
         after = functional_call(model, {k: v[0] for k, v in adapted.items()}, (xg,))
-    plot_before_after(xg.squeeze(-1).cpu(), before.squeeze(-1).cpu(), after.squeeze(-1).cpu(),
-                      demo.y[0].squeeze(-1).cpu(), out / "figure.png",
-                      title=f"Reptile on a held-out sine task ({config.iterations} meta-steps)")
-    plot_learning_curve(history["loss"], out / "learning_curve.png")
-    cfg = {**asdict(config), "world_size": context.world_size}
-    atomic_torch_save({"state_dict": model.state_dict(), "config": cfg}, out / "model.pt")
-    atomic_write_json(out / "config.json", cfg)
-    atomic_write_json(out / "metrics.json", metrics)
+    with outputs_after_training(out, trainer.iteration, "sine"):
+        plot_before_after(xg.squeeze(-1).cpu(), before.squeeze(-1).cpu(), after.squeeze(-1).cpu(),
+                          demo.y[0].squeeze(-1).cpu(), out / "figure.png",
+                          title=f"Reptile on a held-out sine task ({config.iterations} meta-steps)")
+        plot_learning_curve(history["loss"], out / "learning_curve.png")
+        cfg = {**asdict(config), "world_size": context.world_size}
+        atomic_torch_save({"state_dict": model.state_dict(), "config": cfg}, out / "model.pt")
+        atomic_write_json(out / "config.json", cfg)
+        atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -7,6 +7,7 @@
    resume with another scripted Huber δ warned of nothing.
 3. ``MiniImageNet`` read only the CSV layout, not the class folders the official code reads (QA69).
 4. A checkpoint folder holding only ``checkpoint.prev.pt`` was "no checkpoint in directory" (QA72).
+5. A failed output write after training did not say the checkpoint holds the finished run (QA72).
 """
 import pytest
 import torch
@@ -198,3 +199,36 @@ def test_a_folder_with_only_the_previous_checkpoint_names_it(tmp_path):
                                                 f"is there .*resume from that file"):
         fit(6, resume_from=tmp_path)
     assert fit(6, resume_from=tmp_path / PREVIOUS_NAME).iteration == 6  # what the message says works
+
+
+# ----------------------------------------------------------------------------- outputs after training
+# 5. A job whose outputs could not be written after training (a full disk, an unwritable file) named
+#    only the file (QA72): nothing said the training was safe in the checkpoint, nor how to write the
+#    outputs without training again.
+import errno  # noqa: E402
+
+from reptile_fast.cli import main as cli_main  # noqa: E402
+
+
+def test_a_failed_output_write_after_training_says_the_checkpoint_holds_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "metrics.json").mkdir(parents=True)  # the last output's name taken by a folder: its write fails
+    args = ["sine", "--out", str(out), "--iterations", "6", "--eval-tasks", "2", "--eval-steps", "2", "--no-progress",
+            "--backend", "torch"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json" in err and "[Errno 21] [Errno" not in err, err
+    assert f"{out / 'checkpoint.pt'} holds meta-step 6" in err and f"reptile-fast sine --resume {out}" in err, err
+    (out / "metrics.json").rmdir()
+    # what the message says: the outputs are written without training again
+    assert cli_main(["sine", "--resume", str(out), "--no-progress"]) == 0
+    assert (out / "metrics.json").is_file() and "resumed_from_iteration\": 6" in (out / "metrics.json").read_text()
+
+
+def test_the_outputs_error_keeps_the_errors_kind_and_errno(tmp_path):
+    from reptile_fast.jobs import outputs_after_training
+
+    with pytest.raises(PermissionError) as info:
+        with outputs_after_training(tmp_path, 3, "omniglot"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "model.pt"))
+    assert info.value.errno == errno.EACCES and "model.pt" in str(info.value) and "omniglot --resume" in str(info.value)
