@@ -530,8 +530,14 @@ class _CudaGraph:
     def __init__(self, body: Callable[[], None]):
         self.graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.current_stream()
+        # Captured on a stream of the current device (the launches': callers are inside
+        # ``_on(device)``).  torch.cuda.graph's own capture stream is one per process, made on the
+        # device current at the first capture, and entering it makes that device current: a later
+        # capture for another device (cuda:1 after cuda:0) recorded nothing, ran the body eagerly
+        # on the tensors' device, and every replay of the empty graph did nothing.
+        capture_stream = torch.cuda.Stream(torch.cuda.current_device())
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=capture_stream):
                 body()
         except BaseException:
             # an invalidated capture can leave its capture stream current (torch's __exit__ ends
