@@ -126,10 +126,12 @@ def time_calls(fn: Callable[[int], object], device, *, sync: Optional[Callable[[
     for _ in range(repeats):
         if use_events:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            # on ``device``'s stream: the current device's would time nothing of a cuda:1 call (QA83)
+            stream = torch.cuda.current_stream(device)
+            start.record(stream)
             for _ in range(n):
                 call()
-            end.record()
+            end.record(stream)
             end.synchronize()
             per_call.append(start.elapsed_time(end) / 1e3 / n)
         else:

@@ -433,7 +433,7 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
                         seed=config.seed, indexed=indexed, context=context, progress=progress, out=out,
                         checkpoint_every=config.checkpoint_every, resume=resume, extra=extra, callback=callback)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     train_s = time.perf_counter() - t0
     if not context.is_main:  # rank 0 alone evaluates and writes the outputs
         return {"rank": context.rank, "world_size": context.world_size}

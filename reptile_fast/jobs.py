@@ -390,7 +390,7 @@ def _run_sine(config: SineConfig, out, device: torch.device, start_iteration: in
                         seed=config.seed, indexed=indexed, context=context, progress=progress, out=out,
                         checkpoint_every=config.checkpoint_every, resume=resume, extra=extra)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     train_s = time.perf_counter() - t0
     if not context.is_main:  # rank 0 alone evaluates and writes the outputs
         return {"rank": context.rank, "world_size": context.world_size}

@@ -484,7 +484,7 @@ class TritonBackend(Backend):
         with _on(tasks.x.device):
             if (self.cuda_graphs and self.graph_fallback_reason is None and tasks.x.is_cuda
                     and torch.cuda.is_available()):
-                flat, losses = self._graphed(run, inputs, (kernel, spec, loss, config.lr, steps, launch))
+                flat, losses = self._graphed(run, inputs, (kernel, spec, loss, config.lr, steps, launch, self.precision))
             else:
                 flat, losses = run(*inputs)
         self.last_kernel = kernel
