@@ -72,7 +72,8 @@ def resume_for_fit(trainer, resume_from, generator, iterations: int, ckpt_dir: O
     if meta_batch_size is not None and saved_batch is not None and saved_batch != meta_batch_size:
         warnings.warn(f"the checkpoint's run drew {saved_batch} tasks per meta-step, this fit {meta_batch_size}: "
                       f"the result will differ from an uninterrupted run", stacklevel=3)
-    latest = None if ckpt_dir is None else ckpt_dir / CHECKPOINT_NAME
+    # (a dict is no file: resolve_checkpoint_path raised TypeError for it, after the restore)
+    latest = None if ckpt_dir is None or isinstance(resume_from, Mapping) else ckpt_dir / CHECKPOINT_NAME
     is_latest = latest is not None and latest.exists() and \
         latest.resolve() == resolve_checkpoint_path(resume_from).resolve()
     return history, is_latest, ckpt["trainer"]

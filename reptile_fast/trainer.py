@@ -473,9 +473,10 @@ class Reptile(HyperParameters):
         Checkpoints and exact resume:
             checkpoint_dir: write ``checkpoint_dir/checkpoint.pt`` (``reptile_fast.checkpoint``)
                 at the end, on SIGINT/SIGTERM, and every ``checkpoint_every`` meta-steps if set.
-            resume_from: a checkpoint file or directory: restore φ, the outer optimizer, the
-                iteration, the loss history and every RNG (``generator``'s included) first, so
-                that the run ends with exactly the parameters of an uninterrupted one.
+            resume_from: a checkpoint file or directory (or ``load_checkpoint``'s dict): restore
+                φ, the outer optimizer, the iteration, the loss history and every RNG
+                (``generator``'s included) first, so that the run ends with exactly the
+                parameters of an uninterrupted one.
             checkpoint_extra: the caller's data stored in every checkpoint (``"extra"``).
             handle_signals: SIGINT (Ctrl-C) and, with ``checkpoint_dir``, SIGTERM (main thread
                 only) finish the current chunk, write a checkpoint (with ``checkpoint_dir``) and
