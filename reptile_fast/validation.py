@@ -271,9 +271,11 @@ def check_inner_options(*, inner_steps: int, algorithm: str, inner_optimizer: st
         if not all(math.isfinite(w) for w in weights):
             raise ValueError("inner_grad_weights must be finite")
     try:
-        betas = tuple(float(b) for b in adam_betas)
+        if isinstance(adam_betas, (str, bytes, Mapping)):  # "09" read as (0.0, 9.0), a dict as its keys (QA76)
+            raise TypeError
+        betas = tuple(_real_number(b) for b in adam_betas)
     except (TypeError, ValueError):
-        raise TypeError("adam_betas must be a pair of numbers") from None
+        raise TypeError("adam_betas must be a pair of numbers (real numbers, not bools or strings)") from None
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
     if inner_optimizer != "adam" and betas != (0.0, 0.999):

@@ -8,6 +8,7 @@
 3. ``MiniImageNet`` read only the CSV layout, not the class folders the official code reads (QA69).
 4. A checkpoint folder holding only ``checkpoint.prev.pt`` was "no checkpoint in directory" (QA72).
 5. A failed output write after training did not say the checkpoint holds the finished run (QA72).
+6. ``adam_betas`` took a string ("09" as (0.0, 9.0)) or a dict (its keys) as a pair (QA76).
 """
 import pytest
 import torch
@@ -232,3 +233,19 @@ def test_the_outputs_error_keeps_the_errors_kind_and_errno(tmp_path):
         with outputs_after_training(tmp_path, 3, "omniglot"):
             raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "model.pt"))
     assert info.value.errno == errno.EACCES and "model.pt" in str(info.value) and "omniglot --resume" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- adam_betas
+# 6. ``adam_betas="09"`` was read as the pair (0.0, 9.0) and a dict as its keys (QA76); a string is
+#    refused as ``inner_grad_weights`` refuses one.
+@pytest.mark.parametrize("betas", ["09", b"09", {0.9: 1, 0.99: 2}, (True, 0.999), ("0.9", "0.999")])
+def test_adam_betas_refuse_strings_dicts_and_bools(betas):
+    with pytest.raises(TypeError, match="adam_betas must be a pair of numbers"):
+        Reptile(MLP(hidden_dim=4), inner_optimizer="adam", adam_betas=betas)
+
+
+def test_adam_betas_take_numbers_of_any_kind():
+    import numpy as np
+
+    for betas in ((0.5, 0.9), [np.float32(0.5), np.float64(0.9)], torch.tensor([0.5, 0.9], dtype=torch.float64)):
+        assert Reptile(MLP(hidden_dim=4), inner_optimizer="adam", adam_betas=betas).config.adam_betas == (0.5, 0.9)
