@@ -324,7 +324,33 @@ def _official_split_tasks(config: OmniglotConfig, log):
     return train_dist, test_sets
 
 
+def check_omniglot_memory(config: OmniglotConfig, device: torch.device, world_size: int = 1) -> None:
+    """``MemoryError`` before loading and training when one meta-step cannot fit in this machine's
+    free memory (CPU): Linux hands memory out as it is filled, so a ``--meta-batch-size`` whose
+    allocations each fit but not together was killed by the out-of-memory killer (exit 137, no
+    message) instead of refused (QA77).  A lower bound: this process's share of the meta-batch ×
+    (its images and labels + one adapted copy of the net's parameters, which every backend holds
+    per task for the outer update)."""
+    from .jobs import available_memory
+
+    if device.type != "cpu":
+        return  # a GPU allocation fails at once, with the message the CLI reports
+    avail = available_memory()
+    if avail is None:
+        return
+    share = config.meta_batch_size // max(int(world_size), 1)
+    images = config.ways * config.train_shots
+    n_params = sum(p.numel() for p in _net(config).parameters())
+    need = share * (images * (4 * 28 * 28 + 8) + 4 * n_params)
+    if need > avail:
+        raise MemoryError(f"a meta-step needs at least {need / 2**30:.1f} GiB ({share} tasks of {images} images "
+                          f"and a copy of the net's {n_params} parameters each), more than the "
+                          f"{avail / 2**30:.1f} GiB this machine has free")
+
+
 def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log, context) -> dict:
+    if context.is_main:
+        check_omniglot_memory(config, device, context.world_size)
     t_load = time.perf_counter()
     if config.split == "official":
         train_dist, test_sets = _official_split_tasks(config, log)

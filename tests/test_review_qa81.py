@@ -9,6 +9,7 @@
 4. A checkpoint folder holding only ``checkpoint.prev.pt`` was "no checkpoint in directory" (QA72).
 5. A failed output write after training did not say the checkpoint holds the finished run (QA72).
 6. ``adam_betas`` took a string ("09" as (0.0, 9.0)) or a dict (its keys) as a pair (QA76).
+7. The omniglot job had no memory check before training (QA77): an oversized meta-batch was killed.
 """
 import pytest
 import torch
@@ -249,3 +250,39 @@ def test_adam_betas_take_numbers_of_any_kind():
 
     for betas in ((0.5, 0.9), [np.float32(0.5), np.float64(0.9)], torch.tensor([0.5, 0.9], dtype=torch.float64)):
         assert Reptile(MLP(hidden_dim=4), inner_optimizer="adam", adam_betas=betas).config.adam_betas == (0.5, 0.9)
+
+
+# ----------------------------------------------------------------------------- omniglot memory
+# 7. The omniglot job had no memory check before training (QA77, found and not fixed there): a
+#    --meta-batch-size whose allocations each fit but not together was killed by the out-of-memory
+#    killer (exit 137, no message) where the sine job says "out of memory" and exits 2.
+from _fake_omniglot import job_data  # noqa: E402
+
+
+def test_omniglot_meta_batch_beyond_memory_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    from reptile_fast import jobs
+
+    data = job_data(tmp_path / "data")
+    monkeypatch.setattr(jobs, "available_memory", lambda: 64 << 20)  # 64 MiB "free"
+    base = ["omniglot", "--train", data["train"], "--test", data["test"], "--ways", "3", "--shots", "1",
+            "--train-shots", "2", "--inner-batch-size", "3", "--inner-steps", "1", "--eval-steps", "1",
+            "--eval-batch-size", "3", "--eval-tasks", "2", "--validate-every", "0", "--iterations", "1",
+            "--threads", "1", "--no-progress"]
+    out = tmp_path / "r"
+    # 1000 tasks: their images and one copy of the net's ~110k parameters each, ~0.45 GB
+    assert cli_main([*base, "--meta-batch-size", "1000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--meta-batch-size 1000" in err, err
+    assert not out.exists()  # refused before loading, training or writing anything
+    assert cli_main([*base, "--meta-batch-size", "2", "--out", str(out)]) == 0  # what fits still runs
+
+
+def test_omniglot_memory_check_counts_this_process_share(monkeypatch):
+    from reptile_fast import jobs
+    from reptile_fast.fewshot_job import OmniglotConfig, check_omniglot_memory
+
+    monkeypatch.setattr(jobs, "available_memory", lambda: 64 << 20)
+    config = OmniglotConfig(train=["t.zip"], test="t", meta_batch_size=1000)
+    with pytest.raises(MemoryError, match="a meta-step needs at least"):
+        check_omniglot_memory(config, torch.device("cpu"))
+    check_omniglot_memory(config, torch.device("cpu"), world_size=100)  # 10 tasks each
