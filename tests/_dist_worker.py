@@ -21,7 +21,7 @@ BASE = dict(backend="torch", reduction="mean", iterations=4, meta_batch_size=7, 
             resume_from=None, signal_at=None, die_at=None, hang_at=None, perturb=False, inner_lr=0.02,
             stop_check_every=10, meta_batch_size_last_rank=None, backend_options=None, adam_lr=0.01,
             adam_lr_last_rank=None, group_ranks=None, thread_last_rank=False, save_fails_at=None,
-            hold_folder=False)
+            hold_folder=False, tasks_last_rank=None, backend_options_last_rank=None, adam_stepped_last_rank=False)
 
 
 def make_trainer(s):
@@ -49,7 +49,15 @@ def train(s, context):
     """One scenario's training on this rank; returns (trainer, history)."""
     last = context.rank == context.world_size - 1
     trainer = make_trainer({**s, "perturb_rank": context.rank if s.get("perturb") else 0,
-                            **({"adam_lr": s["adam_lr_last_rank"]} if last and s.get("adam_lr_last_rank") else {})})
+                            **({"adam_lr": s["adam_lr_last_rank"]} if last and s.get("adam_lr_last_rank") else {}),
+                            **({"backend_options": s["backend_options_last_rank"]}
+                               if last and s.get("backend_options_last_rank") is not None else {})})
+    if last and s.get("adam_stepped_last_rank"):
+        # this rank's outer optimizer holds state the others' do not (as one loaded on a rank alone)
+        for p in trainer.model.parameters():
+            p.grad = torch.ones_like(p)
+        trainer.outer_optimizer.step()
+        trainer.outer_optimizer.zero_grad(set_to_none=True)
     _last_trainer[:] = [trainer]
 
     def callback(iteration, _metrics):
@@ -87,7 +95,9 @@ def _fit(s, trainer, context, meta_batch_size, callback):
     from reptile_fast import Sine
     from reptile_fast.distributed import distributed_fit
 
-    return distributed_fit(trainer, Sine(), s["iterations"], meta_batch_size=meta_batch_size,
+    last = context is not None and context.rank == context.world_size - 1
+    tasks = Sine(**s["tasks_last_rank"]) if last and s.get("tasks_last_rank") else Sine()
+    return distributed_fit(trainer, tasks, s["iterations"], meta_batch_size=meta_batch_size,
                            seed=s["seed"], context=context, reduction=s["reduction"], progress=False,
                            # only where needed: a callback makes every rank read every meta-step
                            callback=callback if (s["signal_at"] or s["die_at"] or s["hang_at"]) else None,

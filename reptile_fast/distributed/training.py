@@ -12,6 +12,8 @@ every rank at the same read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import os
 import signal
 import time
@@ -157,6 +159,56 @@ def _check_ranks_agree(ctx: DistContext, settings: Dict[str, Any]) -> None:
                          + ". Every rank must build the same trainer and call distributed_fit with the same arguments")
 
 
+@dataclasses.dataclass(frozen=True)
+class _TasksProbe:
+    """What a rank's task distribution draws: compared by its class and ``digest``, not by its
+    repr (which may hold a machine's own data path, e.g. ``MiniImageNet``'s root); ``shown``
+    names it in the refusal."""
+    digest: str  # the probe task's sha1, or what its draw raised
+    kind: str  # the distribution's class
+    shown: str = dataclasses.field(compare=False)
+
+    def __repr__(self) -> str:
+        return f"{self.shown} (probe task {self.digest[:12] if self.digest.isalnum() else self.digest})"
+
+
+#: the probe's generator seed: any fixed value (the run's own streams are not touched)
+_PROBE_SEED = 0x5EED
+
+
+def _tasks_probe(task_distribution, device) -> _TasksProbe:
+    """One task drawn from a fixed seed, hashed: the ranks compare it, so a rank whose task
+    distribution is set up otherwise (another amplitude range or ``n_points`` for ``Sine``, another
+    way / shot count, other data) is refused instead of training on other tasks than the rest
+    (QA84: it trained without a word, and no longer what one process trains).  A draw that fails
+    is recorded, not raised here (every rank must reach the comparison; training raises it)."""
+    shown = repr(task_distribution) if type(task_distribution).__repr__ is not object.__repr__ \
+        else type(task_distribution).__qualname__
+    try:
+        tasks = task_distribution.sample(1, generator=torch.Generator().manual_seed(_PROBE_SEED), device=device)
+        h = hashlib.sha1()
+        for t in (tasks.x, tasks.y):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+        digest = h.hexdigest()
+    except Exception as exc:  # noqa: BLE001 - reported by the first draw, on every rank
+        digest = f"a draw that raised {type(exc).__name__}"  # (its message may hold an address)
+    return _TasksProbe(digest, f"{type(task_distribution).__module__}.{type(task_distribution).__qualname__}", shown)
+
+
+def _optimizer_state_to_cpu(value):
+    """An optimizer's ``state_dict()`` with its tensors on the CPU (sent by pickle: a rank must not
+    unpickle rank 0's ``cuda:0`` tensors onto its own GPU 0)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu")
+    if isinstance(value, dict):
+        return {k: _optimizer_state_to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_optimizer_state_to_cpu(v) for v in value)
+    return value
+
+
 def _on_main(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any:
     """``fn()`` on rank 0, its result sent to every rank; an error it raises (a file or directory
     that cannot be read or written) is raised on every rank alike, so no rank is left waiting in
@@ -240,8 +292,10 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
 
     Args:
         trainer: a ``Reptile`` on this rank's device (``context.device``); every rank builds the
-            same one (rank 0's φ is broadcast at the start, so the ranks begin identical).
-        task_distribution: ``sample(n, *, generator, device) -> TaskBatch``.
+            same one (rank 0's φ and outer optimizer state are broadcast at the start, so the ranks
+            begin identical).
+        task_distribution: ``sample(n, *, generator, device) -> TaskBatch``, drawing from ``generator``
+            alone; every rank's must draw the same tasks (one probe task is compared at the start).
         iterations: the total number of meta-steps (continues from ``trainer.iteration``).
         meta_batch_size: ``T``, the global number of tasks per meta-step (split over the ranks;
             uneven shares are fine; fewer tasks than ranks is refused).
@@ -317,6 +371,10 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
         # apply other updates to the same mean, and φ would differ across ranks from the first step
         "outer_optimizer": None if trainer.outer_optimizer is None else
         repr([{k: v for k, v in sorted(g.items()) if k != "params"} for g in trainer.outer_optimizer.param_groups]),
+        # settings of the named backend (triton's precision or kernel, torch's fast_tanh): they change
+        # a rank's per-task bits, so its tasks' updates were not those one process computes (QA84)
+        "backend_options": dict(getattr(trainer, "_backend_options", None) or {}),
+        "tasks": _tasks_probe(task_distribution, trainer.device) if ctx.is_distributed else None,
         "resume": resume_from is not None, "checkpointing": checkpoint_dir is not None, "handle_signals": handle_signals,
         "log_every": log_every, "checkpoint_every": checkpoint_every, "stop_check_every": stop_check_every,
         "callback": callback is not None})
@@ -331,6 +389,14 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
             resume = resume_from if ctx.is_main else ckpt
         # Rank 0's φ and buffers everywhere: ranks built from other initial seeds start identical.
         ctx.broadcast_module(trainer.model, "broadcast of the initial parameters from rank 0")
+        if ctx.is_distributed and trainer.outer_optimizer is not None and resume is None:
+            # ... and its outer optimizer's state (Adam's moments and step count): with φ alone, ranks whose
+            # optimizers held other state (one loaded or stepped on rank 0 alone) applied other updates to
+            # the same mean, and φ differed across ranks from the first meta-step (QA84)
+            state = ctx.broadcast_object(_optimizer_state_to_cpu(trainer.outer_optimizer.state_dict()) if ctx.is_main
+                                         else None, "broadcast of the outer optimizer's state from rank 0")
+            if not ctx.is_main:
+                trainer.outer_optimizer.load_state_dict(state)
         extra = {**(checkpoint_extra or {}), "sampler": sampler.state_dict(), "world_size": ctx.world_size}
         main = ctx.is_main
         # as fit: SIGINT and SIGTERM deferred with a checkpoint_dir, SIGINT alone without one (a Ctrl-C
