@@ -18,7 +18,7 @@ compiler's identity, its flags and the CPU's feature flags, so a later process l
 milliseconds; the first one compiles it in about 0.5 s of CPU (``torch.compile``'s ``scan`` of
 the same program takes 10–25 s, in every process: inductor does not cache it across processes).
 Files are written to a temporary name and renamed: concurrent processes never load a half-written
-library.
+library; each ends in its own digest, checked before loading (a damaged file is compiled afresh).
 
 Layout: every matrix is padded to whole vectors of this CPU's widest vector (``vector_bytes``) and
 kept in the layout its products read (``W [out][in]``, ``Wᵀ [in][out]``, or both with the same
@@ -53,7 +53,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from .mlp_spec import MLPSpec
-from .native_build import (_FLAGS, NativeCompilerError, _cpu_identity, _usable_cache_dir, cache_dir,
+from .native_build import (_FLAGS, NativeCompilerError, _cpu_identity, _intact, _usable_cache_dir, cache_dir,
                            find_compiler, library_key, load_library)
 
 __all__ = ["NativeProgram", "NativeCompilerError", "find_compiler", "cache_dir", "generate_source"]
@@ -597,7 +597,7 @@ class NativeProgram:
         if cc is None:
             return None
         path = _usable_cache_dir() / f"meta_step_{self._key(cc, _FLAGS)}.so"
-        return path if path.exists() else None
+        return path if _intact(path) else None
 
     def build(self, progress: Optional[Callable[[str], None]] = None) -> "NativeProgram":
         """Load the cached library or compile it (``progress(message)`` is told before a compile)."""
