@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from reptile_fast.validation import check_device
+
 # v1's input checks: one copy for every launcher
 from .mlp_inner_loop import _check_tensor, _launch_device, _overlaps, _overlaps_any
 from .special_functions import COMPILE_OPTIONS
@@ -81,6 +83,8 @@ def _accept_kernel(
 
 def new_state(device) -> torch.Tensor:
     """A fresh guard state: int64 ``[2]`` = (healthy = 1, first bad iteration = 0)."""
+    # an unknown name failed inside torch (a RuntimeError listing every device type)
+    device = None if device is None else check_device(device)
     return torch.tensor([1, 0], dtype=torch.int64, device=device)
 
 
@@ -140,8 +144,9 @@ def accept_step(phi: torch.Tensor, new: torch.Tensor, loss: torch.Tensor, state:
         # other threads may still read new in pass 2 when the loss and the flags are written
         raise ValueError("loss_out and state must not overlap new")
     if not isinstance(loss, torch.Tensor) or loss.dtype != torch.float32 or loss.device != phi.device \
-            or loss.numel() != 1:
-        raise TypeError(f"loss must be a one-element torch.float32 tensor on {phi.device}")
+            or loss.layout != torch.strided or loss.numel() != 1:
+        # (a sparse one reached the launch: "Cannot access storage of SparseTensorImpl")
+        raise TypeError(f"loss must be a one-element dense torch.float32 tensor on {phi.device}")
     with _launch_device(phi.device):
         _accept_kernel[(1,)](phi, new, loss, state, iteration, loss_out, phi.numel(), BLOCK=BLOCK,
                              num_warps=4, **COMPILE_OPTIONS)

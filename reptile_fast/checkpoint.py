@@ -269,6 +269,7 @@ def capture_rng_state(generator: Optional[torch.Generator] = None) -> Dict[str, 
     """
     import numpy as np
 
+    _check_generator(generator)
     np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
     py_version, py_internal, py_gauss_next = random.getstate()
     cuda = None
@@ -286,7 +287,15 @@ def capture_rng_state(generator: Optional[torch.Generator] = None) -> Dict[str, 
     }
 
 
+def _check_generator(generator) -> None:
+    """TypeError unless ``generator`` is a ``torch.Generator`` or None (a string failed with an
+    AttributeError for ``get_state`` or ``device``)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def _check_generator_compatible(rng: Mapping, generator: Optional[torch.Generator], source) -> None:
+    _check_generator(generator)
     saved = rng.get("generator")
     if saved is not None and generator is None:
         raise ValueError(f"checkpoint {source} was written by a run that drew tasks from a "
@@ -523,6 +532,10 @@ def save_checkpoint(directory: PathLike, trainer, *, generator: Optional[torch.G
     for what, value in (("history", history), ("extra", extra)):
         if value is not None and not isinstance(value, Mapping):
             raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
+        # keys are stored as strings: {1: "a", "1": "b"} came back as {"1": "b"}, an entry lost
+        if value is not None and len({str(k) for k in value}) != len(value):
+            raise ValueError(f"{what} has keys that are one key as strings (a checkpoint stores str(key)): "
+                             f"{sorted(map(repr, value))[:6]}")
     curves = {}
     for k, v in (history or {}).items():
         try:
@@ -706,9 +719,16 @@ def restore_checkpoint(trainer, source, *, generator: Optional[torch.Generator] 
     before it changes anything.  ``name``: how messages call a dict ``source`` (default "state").
     Returns the checkpoint dict (its ``history`` and ``extra``).
     """
-    ckpt = source if isinstance(source, Mapping) else load_checkpoint(source)
+    # a Reptile: an nn.Module has load_state_dict too, but not the trainer's (torch's missing keys)
+    if not callable(getattr(trainer, "load_state_dict", None)) or not hasattr(trainer, "iteration"):
+        raise TypeError(f"trainer must be a reptile_fast.Reptile, got {type(trainer).__name__}")
+    _check_generator(generator)
     if name is None:
         name = source if not isinstance(source, Mapping) else "state"
+    ckpt = source if isinstance(source, Mapping) else load_checkpoint(source)
+    if not isinstance(ckpt.get("trainer"), Mapping):  # a dict without one failed with KeyError 'trainer'
+        raise ValueError(f"checkpoint {name} has no 'trainer' entry (the trainer's state_dict(), which "
+                         f"load_checkpoint's dict holds)")
     problem = rng_state_problem(ckpt.get("rng"))
     if problem is not None:  # before the trainer changes (a file was checked by load_checkpoint)
         raise ValueError(f"checkpoint {name} has {problem}")

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from ..core import local_mean  # the one-process reduction: one definition for every path
+from ..core import local_mean as _local_mean  # the one-process reduction: one definition for every path
 from .context import DistContext
 
 __all__ = ["local_mean", "MeanReducer", "OrderedGather", "make_reducer", "REDUCTIONS"]
@@ -54,15 +54,31 @@ def _same_layout(full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 
 def _check(deltas, losses) -> int:
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 2:
-        raise ValueError(f"losses must be a [tasks, steps] tensor, got "
-                         f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}")
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 2 or not losses.is_floating_point():
+        raise ValueError(f"losses must be a [tasks, steps] floating-point tensor, got "
+                         f"{(tuple(losses.shape), losses.dtype) if isinstance(losses, torch.Tensor) else type(losses).__name__}")
     n = losses.shape[0]
+    if n < 1:  # the mean of no task's update is NaN
+        raise ValueError("losses holds no task: a reducer needs this rank's updates of at least one task")
+    # a tensor would be read row by row as parameters, None failed with "not iterable", and the
+    # collectives take their dtype from deltas[0]
+    if isinstance(deltas, (str, bytes)) or not isinstance(deltas, Sequence) or not deltas:
+        raise TypeError(f"deltas must be a non-empty list of [tasks, *shape] tensors (one per parameter), got "
+                        f"{type(deltas).__name__}{' (empty)' if isinstance(deltas, Sequence) else ''}")
     for i, d in enumerate(deltas):
-        if not isinstance(d, torch.Tensor) or d.dim() < 1 or d.shape[0] != n:
-            raise ValueError(f"deltas[{i}] must be a [tasks={n}, *shape] tensor, got "
-                             f"{tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__}")
+        if not isinstance(d, torch.Tensor) or d.dim() < 1 or d.shape[0] != n or not d.is_floating_point():
+            raise ValueError(f"deltas[{i}] must be a [tasks={n}, *shape] floating-point tensor, got "
+                             f"{(tuple(d.shape), d.dtype) if isinstance(d, torch.Tensor) else type(d).__name__}")
     return n
+
+
+def local_mean(deltas: Sequence[torch.Tensor], losses: torch.Tensor):
+    """The one-process reduction (``core.local_mean``: ``d.mean(0)`` per parameter, ``losses.mean()``)
+    with its arguments checked: ``ValueError``/``TypeError`` naming ``deltas`` or ``losses`` for
+    anything but one meta-step's updates of at least one task (the stepper calls the unchecked
+    ``core.local_mean`` on its own deltas)."""
+    _check(deltas, losses)
+    return _local_mean(deltas, losses)
 
 
 class MeanReducer:
@@ -94,7 +110,7 @@ class MeanReducer:
     def __call__(self, deltas: Sequence[torch.Tensor], losses: torch.Tensor):
         _check(deltas, losses)
         if not self.context.is_distributed:
-            return local_mean(deltas, losses)
+            return _local_mean(deltas, losses)
         self.calls += 1
         # The sums travel in at least float32: in a float16 model's dtype the loss sum of a few
         # tasks overflowed (inf/inf: a NaN meta-step where one process trains), and float16 /
@@ -137,7 +153,7 @@ class OrderedGather:
     def __call__(self, deltas: Sequence[torch.Tensor], losses: torch.Tensor):
         n = _check(deltas, losses)
         if not self.context.is_distributed:
-            return local_mean(deltas, losses)
+            return _local_mean(deltas, losses)
         self.calls += 1
         ctx = self.context
         sizes = ctx.all_gather(torch.tensor([n], dtype=torch.long, device=losses.device),
@@ -155,7 +171,7 @@ class OrderedGather:
         parts = torch.split(full, widths, dim=1)
         full_deltas = [_same_layout(p.reshape(total, *d.shape[1:]).to(d.dtype), d) for p, d in zip(parts, deltas)]
         full_losses = _same_layout(parts[-1].to(losses.dtype), losses)
-        return local_mean(full_deltas, full_losses)
+        return _local_mean(full_deltas, full_losses)
 
 
 def make_reducer(reduction: str, context: DistContext):

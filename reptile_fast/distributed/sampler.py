@@ -66,7 +66,27 @@ def stream_seed(seed: int, iteration: int, block: int, *, n_blocks: int = 1, str
 
     ``streams`` 2 (the default): a 32-bit seed, distinct for every ``(iteration, block)`` of a run
     while ``iteration·n_blocks + block < 2**32`` (a ``ValueError`` beyond: torch's CPU generator
-    has no more distinct seeds); 1: the former 64-bit hash (``STREAMS``), for old checkpoints."""
+    has no more distinct seeds); 1: the former 64-bit hash (``STREAMS``), for old checkpoints.
+
+    ``TypeError``/``ValueError`` naming the argument for anything but ints (numpy's too) with
+    ``0 <= seed < 2**64``, ``iteration >= 0``, ``n_blocks >= 1`` and ``0 <= block < n_blocks`` (with
+    streams 2 a block beyond ``n_blocks`` is another meta-step's stream)."""
+    # (checked here, not in ``_stream_seed``: the sampler calls that per block with checked values)
+    seed = check_int("seed", seed, 0)
+    if seed >= 2 ** 64:  # streams are seeded from its low 64 bits: seed 2**64 would be seed 0
+        raise ValueError(f"seed must be < 2**64, got {seed}")
+    iteration = check_int("iteration", iteration, 0)
+    block = check_int("block", block, 0)
+    n_blocks = check_int("n_blocks", n_blocks, 1)
+    streams = check_int("streams", streams, 1)
+    if streams == 2 and block >= n_blocks:
+        raise ValueError(f"block must be < n_blocks ({n_blocks}), got {block}: its stream would be block "
+                         f"{block % n_blocks} of meta-step {iteration + block // n_blocks}")
+    return _stream_seed(seed, iteration, block, n_blocks=n_blocks, streams=streams)
+
+
+def _stream_seed(seed: int, iteration: int, block: int, *, n_blocks: int = 1, streams: int = STREAMS) -> int:
+    """``stream_seed`` without the checks of its arguments (Python ints in range)."""
     if streams == 1:
         return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ iteration) ^ block)
     if streams != 2:
@@ -155,7 +175,7 @@ class IndexedSampler:
         start = block * self._k
         n = min(self._k, self.meta_batch_size - start)
         g = self._generator
-        g.manual_seed(stream_seed(self.seed, iteration, block, n_blocks=self._n_blocks, streams=self.streams))
+        g.manual_seed(_stream_seed(self.seed, iteration, block, n_blocks=self._n_blocks, streams=self.streams))
         tasks = self.task_distribution.sample(n, generator=g, device=self.device)
         if not isinstance(tasks, TaskBatch) or tasks.n_tasks != n:
             raise TypeError(f"task_distribution.sample({n}) must return a TaskBatch of {n} tasks, got "

@@ -92,6 +92,7 @@ class Sine:
 
     def grid(self, device=None) -> torch.Tensor:
         """The shared inputs, ``[n_points]`` in the tasks' dtype."""
+        device = _check_device(device)  # an unknown name failed inside torch (a RuntimeError)
         return torch.linspace(self.x_range[0], self.x_range[1], self.n_points, device=device,
                               dtype=self._compute_dtype()).to(self.dtype)
 
