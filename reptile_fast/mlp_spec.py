@@ -7,6 +7,7 @@ plain ``nn.Sequential`` and a user's module wrapping one (like the seed's ``MLP`
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Tuple
@@ -24,6 +25,42 @@ _MODULE_ACTS = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Iden
 _FUNCTION_ACTS = {torch.tanh: "tanh", torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid",
                   F.sigmoid: "sigmoid", F.tanh: "tanh"}
 _METHOD_ACTS = {"tanh": "tanh", "relu": "relu", "sigmoid": "sigmoid"}
+
+
+class _OwnThreadTracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer, seen only by the thread that traces.  ``trace`` replaces
+    ``nn.Module.__call__`` and ``__getattr__`` process-wide while it runs: a module called in
+    another thread meanwhile (another trainer's training, or its own check) raised NameError
+    "module is not installed as a submodule" or got this trace's proxies, and two traces in two
+    threads put the methods back in the wrong order, leaving every later module call in the
+    process broken (QA89).  Other threads' calls here go to the module as without a trace;
+    ``_TRACE_LOCK`` keeps two traces from overlapping."""
+
+    def __init__(self):
+        super().__init__()
+        self._thread = threading.get_ident()
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+#: one fx trace at a time in this process (see ``_OwnThreadTracer``)
+_TRACE_LOCK = threading.RLock()
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``, safe while other threads run modules or trace."""
+    with _TRACE_LOCK:
+        tracer = _OwnThreadTracer()
+        graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 @dataclass(frozen=True)
@@ -76,7 +113,7 @@ def extract_mlp_spec(model: nn.Module) -> MLPSpec:
             raise UnsupportedModelError("nn.Linear has no bias; only Linear layers with bias are supported")
         return MLPSpec((model.in_features, model.out_features), ("identity",), ("weight",), ("bias",))
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = _trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "not a plain chain"
         raise UnsupportedModelError(f"{type(model).__name__} cannot be traced as a Linear/activation chain: {exc}") from None
     modules = dict(gm.named_modules())

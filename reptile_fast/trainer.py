@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
@@ -42,6 +43,45 @@ def _takes_batch(backend, model: nn.Module, batch_size: int) -> bool:
     except UnsupportedModelError:
         return False
     return True
+
+
+_TRAINING_LOCK = threading.Lock()
+#: id of a trainer, or of a parameter, that a running ``fit`` or ``meta_step`` updates -> "fit"/"meta_step"
+_TRAINING: Dict[int, str] = {}
+
+
+class _ModelClaim:
+    """Marks ``trainer`` and its model's parameters as being trained until ``release()`` (or the
+    end of a ``with`` block); raises ``ValueError`` if a running ``fit``/``meta_step`` already
+    trains either.  Two fits of one trainer, or of two trainers sharing a model, in two threads
+    updated φ in place at once: one's result silently replaced the other's, or they interleaved
+    (nondeterministic), each reporting its own iterations; a ``fit`` or ``meta_step`` called from a
+    ``fit`` callback took meta-steps the running loop did not count (QA89)."""
+
+    def __init__(self, trainer: "Reptile", what: str):
+        self.keys = [id(trainer)] + [id(p) for p in trainer.model.parameters()]
+        with _TRAINING_LOCK:
+            running = next((_TRAINING[k] for k in self.keys if k in _TRAINING), None)
+            if running is not None:
+                raise ValueError(f"{what} cannot run while a {running} trains this model (called from a fit "
+                                 f"callback, or from another thread): a Reptile updates its model in place, so "
+                                 f"give each concurrent training its own model (copy.deepcopy) and its own Reptile")
+            for k in self.keys:
+                _TRAINING[k] = what
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            with _TRAINING_LOCK:
+                for k in self.keys:
+                    _TRAINING.pop(k, None)
+            self.held = False
+
+    def __enter__(self) -> "_ModelClaim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class Reptile(HyperParameters):
@@ -417,26 +457,27 @@ class Reptile(HyperParameters):
         read every call): a non-finite step is skipped on the device and reported by
         ``check_finite`` (``fit`` does it at its reads).
         """
-        self._check_structure()
-        self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
-        rows = self.plan_rows(self.inner_steps)
-        if indices is None:
-            indices = draw_plan(self.minibatches, tasks.n_tasks, rows, tasks.n_points, self.inner_batch_size,
-                                generator=generator, device=self.device)
-        else:
-            indices = self.checker.indices(indices, tasks, rows)
-        self._follow_plan(indices.shape[2])
-        if outer_lr is not None and self.outer_optimizer is not None:
-            # it was accepted, ignored, and returned as the step taken (QA46)
-            raise ValueError("meta_step's outer_lr sets the interpolation step ε, which an outer_optimizer "
-                             "replaces: set the optimizer's lr (its param_groups) instead")
-        eps = self.outer_lr_at(self.iteration) if outer_lr is None else \
-            self._nonzero_in_dtype("outer_lr", check_float("outer_lr", outer_lr))
-        # a user's plan may use another minibatch size than inner_batch_size, as on every backend
-        stepper = self.stepper(tasks.n_tasks, chunk=1, batch=indices.shape[2])
-        loss = stepper.run(tasks, indices, [eps], self.iteration + 1)[0]
-        self.iteration += 1
-        return {"loss": loss, "outer_lr": eps, "iteration": self.iteration}
+        with _ModelClaim(self, "meta_step"):
+            self._check_structure()
+            self.checker.tasks(tasks, self.inner_batch_size if indices is None else 1)
+            rows = self.plan_rows(self.inner_steps)
+            if indices is None:
+                indices = draw_plan(self.minibatches, tasks.n_tasks, rows, tasks.n_points, self.inner_batch_size,
+                                    generator=generator, device=self.device)
+            else:
+                indices = self.checker.indices(indices, tasks, rows)
+            self._follow_plan(indices.shape[2])
+            if outer_lr is not None and self.outer_optimizer is not None:
+                # it was accepted, ignored, and returned as the step taken (QA46)
+                raise ValueError("meta_step's outer_lr sets the interpolation step ε, which an outer_optimizer "
+                                 "replaces: set the optimizer's lr (its param_groups) instead")
+            eps = self.outer_lr_at(self.iteration) if outer_lr is None else \
+                self._nonzero_in_dtype("outer_lr", check_float("outer_lr", outer_lr))
+            # a user's plan may use another minibatch size than inner_batch_size, as on every backend
+            stepper = self.stepper(tasks.n_tasks, chunk=1, batch=indices.shape[2])
+            loss = stepper.run(tasks, indices, [eps], self.iteration + 1)[0]
+            self.iteration += 1
+            return {"loss": loss, "outer_lr": eps, "iteration": self.iteration}
 
     def fit(self, task_distribution, iterations: int, *, meta_batch_size: int = 1,
             generator: Optional[torch.Generator] = None, progress: bool = True,
@@ -503,18 +544,27 @@ class Reptile(HyperParameters):
         iterations, meta_batch_size = int(iterations), int(meta_batch_size)
         log_every = None if log_every is None else int(log_every)
         checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
-        self._follow_plan(self.inner_batch_size)  # back from a user's plan auto ran elsewhere
-        fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
-        if reducer is not None and (self.compiled_options is not None or fused_demanded):
-            raise ValueError(f"backend {self.backend_name!r} applies its own outer update in one process (the "
-                             f"compiled program, or triton's {{'fused': True}}); a reducer (distributed_fit across "
-                             f"processes) needs an eager backend: auto, torch, reference, or triton without 'fused'")
-        # Paths are checked before anything changes, so a typo costs nothing.
-        ckpt_dir = None if checkpoint_dir is None else prepare_checkpoint_directory(checkpoint_dir, "checkpoint_dir")
-        # the folder is this run's from here: another run saving there is refused before anything of
-        # this trainer changes (QA72, QA73); distributed_fit holds it for rank 0 already
-        held = directory_lock(ckpt_dir) if ckpt_dir is not None and not _folder_held else contextlib.nullcontext()
-        with held:
+        # refused here, before anything changes, while another fit or meta_step trains this model
+        claim = _ModelClaim(self, "fit")
+        try:
+            self._follow_plan(self.inner_batch_size)  # back from a user's plan auto ran elsewhere
+            fused_demanded = self._fused is not None and getattr(self.backend, "fused_explicit", True)
+            if reducer is not None and (self.compiled_options is not None or fused_demanded):
+                raise ValueError(f"backend {self.backend_name!r} applies its own outer update in one process (the "
+                                 f"compiled program, or triton's {{'fused': True}}); a reducer (distributed_fit "
+                                 f"across processes) needs an eager backend: auto, torch, reference, or triton "
+                                 f"without 'fused'")
+            # Paths are checked before anything changes, so a typo costs nothing.
+            ckpt_dir = None if checkpoint_dir is None else prepare_checkpoint_directory(checkpoint_dir,
+                                                                                        "checkpoint_dir")
+            # the folder is this run's from here: another run saving there is refused before anything of
+            # this trainer changes (QA72, QA73); distributed_fit holds it for rank 0 already
+            held = (directory_lock(ckpt_dir) if ckpt_dir is not None and not _folder_held
+                    else contextlib.nullcontext())
+        except BaseException:
+            claim.release()
+            raise
+        with claim, held:
             if ckpt_dir is not None:
                 remove_stale_temporaries(ckpt_dir)  # left by a run killed in the middle of a save
             if ckpt_dir is not None:
