@@ -252,10 +252,12 @@ def outputs_after_training(out, iteration: int, command: str):
         # (its text without the "[Errno N]" prefix, which the new error's str() puts back)
         what = str(exc) if exc.errno is None or exc.strerror is None else \
             exc.strerror + (f": {exc.filename!r}" if exc.filename is not None else "")
-        raise OSError(exc.errno, f"{what} — the training finished: {Path(out) / CHECKPOINT_NAME} holds "
-                                 f"meta-step {iteration}; once the problem is fixed, `reptile-fast {command} "
-                                 f"--resume {shlex.quote(str(out))}` writes the outputs without training "
-                                 f"again") from exc
+        message = (f"{what} — the training finished: {Path(out) / CHECKPOINT_NAME} holds meta-step {iteration}; "
+                   f"once the problem is fixed, `reptile-fast {command} --resume {shlex.quote(str(out))}` writes "
+                   f"the outputs without training again")
+        # (an error without errno, e.g. Pillow's "encoder error -2 when writing image file", read
+        # "[Errno None] ..." as OSError(None, message): QA90)
+        raise (OSError(message) if exc.errno is None else OSError(exc.errno, message)) from exc
 
 
 def flag_words_nonfinite(exc) -> str:

@@ -50,6 +50,20 @@ _TRAINING_LOCK = threading.Lock()
 _TRAINING: Dict[int, str] = {}
 
 
+def _forget_claims_in_child() -> None:
+    """A forked child trains its own copies of the models: the fits running in the parent (in
+    other threads, or the one whose callback forked) do not train them there (QA90: a child forked
+    from a fit callback, or by a process pool beside a fit in a thread, was refused its own
+    meta_step or fit as "called from a fit callback, or from another thread")."""
+    global _TRAINING_LOCK
+    _TRAINING_LOCK = threading.Lock()  # (another thread may have held it at the fork)
+    _TRAINING.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_claims_in_child)
+
+
 class _ModelClaim:
     """Marks ``trainer`` and its model's parameters as being trained until ``release()`` (or the
     end of a ``with`` block); raises ``ValueError`` if a running ``fit``/``meta_step`` already

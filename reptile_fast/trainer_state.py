@@ -129,18 +129,34 @@ def _scripted_settings(loss) -> Optional[str]:
         return None
     parts = []
     for name, module in loss.named_modules():
-        try:
-            code = module.code
-        except (AttributeError, RuntimeError):  # a submodule without forward
+        codes = _script_method_codes(module)
+        if not codes:  # a submodule without compiled methods
             continue
-        reader = re.match(r"\s*def forward\(\s*(\w+)", code)
-        read = sorted(set(re.findall(rf"\b{reader.group(1)}\.(\w+)", code))) if reader else []
-        values = [f"{a}={_plain(getattr(module, a))}" for a in read
-                  if not isinstance(getattr(module, a, None), (torch.nn.Module, torch.Tensor))]
-        parts.append(f"{name or '.'}:{_script_code_digest(code)}({', '.join(values)})")
+        read = set()
+        for code in codes:
+            reader = re.match(r"\s*def \w+\(\s*(\w+)", code)
+            if reader:
+                read |= set(re.findall(rf"\b{reader.group(1)}\.(\w+)", code))
+        # (its own buffers and parameters are listed below; a plain tensor attribute is not: QA90)
+        own = {k for k, _ in module.named_buffers(recurse=False)} | \
+            {k for k, _ in module.named_parameters(recurse=False)}
+        values = [f"{a}={_plain(getattr(module, a))}" for a in sorted(read)
+                  if a not in own and not isinstance(getattr(module, a, None), torch.nn.Module)]
+        parts.append(f"{name or '.'}:{_script_code_digest(''.join(codes))}({', '.join(values)})")
     parts += [f"{k}={_plain(v)}" for k, v in loss.named_buffers()]
     parts += [f"{k}={_plain(v)}" for k, v in loss.named_parameters()]
     return f"torch.jit.ScriptModule {loss.original_name}({'; '.join(parts)})"
+
+
+def _script_method_codes(module) -> list:
+    """The code of every compiled method of a ScriptModule, ``forward`` first: a forward that calls
+    a helper method (``self._loss(a, b)``) shows only the call, the constants and attributes the
+    loss computes with are in the helper's code (QA90)."""
+    try:
+        names = sorted(module._c._method_names(), key=lambda n: (n != "forward", n))
+        return [module._c._get_method(n).code for n in names]
+    except (AttributeError, RuntimeError):
+        return []
 
 
 def _script_code_digest(code: str) -> str:

@@ -403,9 +403,16 @@ def check_fit_args(task_distribution, iterations, *, meta_batch_size, generator,
     if checkpoint_extra is not None and checkpoint_dir is not None:
         # found at the first checkpoint before: after checkpoint_every meta-steps, which were lost
         check_loadable({str(k): v for k, v in checkpoint_extra.items()}, "checkpoint_extra")
-        if len({str(k) for k in checkpoint_extra}) != len(checkpoint_extra):  # save_checkpoint refuses them
-            raise ValueError(f"checkpoint_extra has keys that are one key as strings (a checkpoint stores "
-                             f"str(key)): {sorted(map(repr, checkpoint_extra))[:6]}")
+        check_distinct_keys(checkpoint_extra, "checkpoint_extra")
+
+
+def check_distinct_keys(value: Mapping, what: str) -> None:
+    """``ValueError`` when keys of ``value`` are one key as strings (``{1: "a", "1": "b"}``): a
+    checkpoint stores ``str(key)``, so ``save_checkpoint`` refuses them (``fit`` and
+    ``distributed_fit`` before training: QA88, QA90)."""
+    if len({str(k) for k in value}) != len(value):
+        raise ValueError(f"{what} has keys that are one key as strings (a checkpoint stores "
+                         f"str(key)): {sorted(map(repr, value))[:6]}")
 
 
 _OOM_WORDS = ("can't allocate memory", "out of memory", "cannot allocate memory")

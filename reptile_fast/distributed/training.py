@@ -25,7 +25,7 @@ from ..checkpoint import CHECKPOINT_NAME
 from ..core import NonFiniteError
 from ..loop import DEFAULT_LOG_EVERY, Callback
 from ..signals import DEFAULT_SIGNALS, DeferredSignals, TrainingInterrupted, signal_name
-from ..validation import check_bool, check_int, check_loadable, check_optimizer_storable
+from ..validation import check_bool, check_distinct_keys, check_int, check_loadable, check_optimizer_storable
 from .context import DistContext, setup_from_env
 from .reducers import make_reducer
 from .sampler import DEFAULT_BLOCK_SIZE, IndexedSampler
@@ -340,6 +340,8 @@ def distributed_fit(trainer, task_distribution, iterations: int, *, meta_batch_s
     if checkpoint_extra is not None and checkpoint_dir is not None:
         # on every rank before any collective (rank 0 alone writes, and alone found it, at its first save)
         check_loadable({str(k): v for k, v in checkpoint_extra.items()}, "checkpoint_extra")
+        # (fit refuses them on rank 0 alone, after the collectives began: the others reported a dead rank)
+        check_distinct_keys(checkpoint_extra, "checkpoint_extra")
     if checkpoint_dir is not None:
         check_optimizer_storable(getattr(trainer, "outer_optimizer", None))
     ctx = context if context is not None else setup_from_env(device=trainer.device)

@@ -6,7 +6,7 @@ Two layouts are read:
   ``filename,label`` and one image per line;
 * the class-folder layout, as the official supervised-reptile code reads it (its
   ``fetch_data.sh`` writes it): ``ROOT/{train,val,test}/<class>/<image>`` (``.jpg``, ``.jpeg``,
-  ``.png``, any case; other files are ignored).
+  ``.png``, any case; other files, hidden files and folders and macOS's ``__MACOSX`` are ignored).
 
 A split's CSV is read where it exists, its folder otherwise.  Images are read lazily when an
 episode first uses them (the training split is 38400 images) and kept decoded as uint8 when
@@ -92,7 +92,7 @@ class MiniImageNet:
                     labels = {row[1].strip() for row in list(csv.reader(f))[1:] if len(row) == 2}
                 name = f"{other}.csv"
             elif folder.is_dir():
-                labels, name = {p.name for p in folder.iterdir() if p.is_dir()}, f"{other}/"
+                labels, name = {p.name for p in _class_dirs(folder)}, f"{other}/"
             else:
                 continue
             shared = sorted(classes & labels)
@@ -181,12 +181,21 @@ def _read_csv(csv_path: Path) -> Dict[str, List[str]]:
     return by_class
 
 
+def _class_dirs(folder: Path) -> List[Path]:
+    """A split folder's class folders, sorted: not hidden ones (``.ipynb_checkpoints``) nor macOS
+    archive debris (``__MACOSX``)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
+
+
 def _read_class_folders(folder: Path) -> Dict[str, List[str]]:
     """``{class: [SPLIT/class/file, ...]}`` (sorted) from a split's class folders."""
     by_class: Dict[str, List[str]] = {}
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for class_dir in _class_dirs(folder):
+        # (macOS's AppleDouble debris "._n01_0.jpg", beside each image a Mac copies to another disk,
+        # was read as an image, which failed to decode mid-training: QA90, as Omniglot skips it)
         images = sorted(p.name for p in class_dir.iterdir()
-                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+                        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
         if not images:
             # skipped, it would leave one class fewer without a word (as Omniglot's empty folders)
             raise ValueError(f"class folder {class_dir} holds no image ({', '.join(IMAGE_SUFFIXES)})")
