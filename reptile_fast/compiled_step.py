@@ -278,6 +278,7 @@ class MetaStepProgram:
         """
         if self._ready:
             return self
+        self._check_sizes()
         order = MODES[MODES.index(self.requested_mode):]
         errors = []
         no_cxx: Optional[str] = None  # asked only when a torch.compile mode is reached (importing inductor costs seconds)
@@ -312,6 +313,19 @@ class MetaStepProgram:
                               f"'{mode}' path instead ({self.fallback_reason})", RuntimeWarning, stacklevel=3)
             return self
         raise RuntimeError("no meta-step mode could run: " + "; ".join(errors))  # eager never fails
+
+    def _check_sizes(self) -> None:
+        """A ``ValueError`` naming fit's arguments when a 2-meta-step chunk's inputs hold more bytes
+        than a 64-bit size: every mode failed on them with torch's "Storage size calculation
+        overflowed" / "Overflow when unpacking long long", reported as a RuntimeError traceback
+        (``reptile-fast sine --inner-steps 2**63``, QA82)."""
+        dims, T, S, B = self.spec.dims, self.n_tasks, self.steps, self.batch
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_point = max(dims[0] * itemsize, 8 if self.loss == "cross_entropy" else dims[-1] * itemsize)
+        if 2 * S * T * B * per_point >= 2 ** 63:
+            raise ValueError(f"meta_batch_size={T} tasks x inner_steps={S} x inner_batch_size={B} points: a "
+                             f"meta-step's inputs need more bytes than a 64-bit size holds; lower "
+                             f"meta_batch_size, inner_steps or inner_batch_size")
 
     def _try_build(self, mode: str, progress) -> Callable:
         """``_build(mode)`` run once on a dummy chunk; a ``torch.compile`` mode that fails with the

@@ -113,6 +113,10 @@ class OmniglotConfig:
         self.train = [str(p) for p in self.train]
         if not self.train:
             raise ValueError("train: give at least one Omniglot folder or zip to meta-train on")
+        if "" in self.train:
+            # Path("") is the current folder: an unset shell variable trained on whatever was there,
+            # and config.json recorded "" for a later --resume to read elsewhere (QA82)
+            raise ValueError("train: an empty path would read the current folder; give the Omniglot folder or zip")
         self.split = check_choice("split", self.split, SPLITS)
         if self.split != "official":
             for name, default in (("split_seed", 0), ("train_characters", OFFICIAL_TRAIN_CHARACTERS)):
@@ -517,6 +521,10 @@ def _run(config: OmniglotConfig, out: Path, device, progress: bool, resume, log,
 
 def load_trained(model_dir: os.PathLike, device="cpu"):
     """``(config, trainer)`` from an omniglot job's output folder (its ``model.pt``)."""
+    if isinstance(model_dir, (str, os.PathLike)) and os.fspath(model_dir) == "":
+        # Path("") is the current folder (QA82: its model.pt was used without a word)
+        raise ValueError("model: an empty path would read the current folder; give the --out folder of a "
+                         "`reptile-fast omniglot` run")
     path = Path(model_dir)
     path = path / "model.pt" if path.is_dir() else path
     if not path.is_file():

@@ -46,12 +46,16 @@ def _sources(sources) -> List[Path]:
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     try:
+        sources = list(sources)
         paths = [Path(s) for s in sources]
     except TypeError:
         raise TypeError("sources must be a path or a list of paths (folders or .zip files)") from None
     if not paths:
         raise ValueError("sources is empty: give at least one Omniglot folder or zip")
-    for p in paths:
+    for s, p in zip(sources, paths):
+        if os.fspath(s) == "":  # Path("") is the current folder, read without a word before QA82
+            raise ValueError("an Omniglot source is an empty path, which would read the current folder: "
+                             "give a folder or zip")
         if not p.exists():
             raise FileNotFoundError(f"Omniglot source {p} does not exist")
         if not (p.is_dir() or zipfile.is_zipfile(p)):
@@ -438,6 +442,9 @@ def load_official_runs(path: PathLike, image_size: int = 28, pixels: str = "area
     pixels = _check_pixels(pixels)
     if not isinstance(path, (str, os.PathLike)):  # Path(None): "expected str, bytes or os.PathLike object"
         raise TypeError(f"path must be the official runs' zip or folder, got {type(path).__name__}")
+    if os.fspath(path) == "":  # Path("") is the current folder (QA82)
+        raise ValueError("the official runs' path is empty, which would read the current folder: give "
+                         "all_runs.zip or its extracted folder")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"official runs {path} do not exist")
