@@ -163,10 +163,13 @@ def check_sine_memory(config: SineConfig, device: torch.device, world_size: int 
                           f"than the {avail / 2**30:.1f} GiB this machine has free")
     h = config.hidden_dim
     params = (1 * h + h) + (h * h + h) + (h * 1 + 1)
-    need = config.eval_tasks * 4 * (params + 2 * SINE_POINTS)
+    # ... and its plan (int64 [tasks, --eval-steps, batch]): a huge --eval-steps was reported as an
+    # --inner-steps problem by the plan's own size check (QA82)
+    need = config.eval_tasks * (4 * (params + 2 * SINE_POINTS) + 8 * config.eval_steps * config.inner_batch_size)
     if need > avail:
         raise MemoryError(f"the held-out evaluation needs at least {need / 2**30:.1f} GiB ({config.eval_tasks} "
-                          f"tasks), more than the {avail / 2**30:.1f} GiB this machine has free")
+                          f"tasks, {config.eval_steps} steps each), more than the {avail / 2**30:.1f} GiB this "
+                          f"machine has free")
 
 
 def launched_by_torchrun() -> bool:

@@ -10,6 +10,7 @@
 5. A failed output write after training did not say the checkpoint holds the finished run (QA72).
 6. ``adam_betas`` took a string ("09" as (0.0, 9.0)) or a dict (its keys) as a pair (QA76).
 7. The omniglot job had no memory check before training (QA77): an oversized meta-batch was killed.
+8. A huge ``--eval-steps`` was blamed on ``--inner-steps`` (QA82).
 """
 import pytest
 import torch
@@ -286,3 +287,16 @@ def test_omniglot_memory_check_counts_this_process_share(monkeypatch):
     with pytest.raises(MemoryError, match="a meta-step needs at least"):
         check_omniglot_memory(config, torch.device("cpu"))
     check_omniglot_memory(config, torch.device("cpu"), world_size=100)  # 10 tasks each
+
+
+# ----------------------------------------------------------------------------- --eval-steps beyond memory
+# 8. ``--eval-steps 10**30`` was reported as "... --inner-steps x n_points ... more bytes than a 64-bit
+#    size holds" (QA82): the held-out evaluation's plan was left out of the job's memory check, and
+#    the plan's own size check names the library's inner_steps.
+def test_a_huge_eval_steps_is_refused_naming_the_evaluation_flags(tmp_path, capsys):
+    code = cli_main(["sine", "--iterations", "2", "--eval-tasks", "2", "--eval-steps", str(10 ** 30), "--no-progress",
+                     "--backend", "torch", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"--eval-steps {10 ** 30}" in err and "--inner-steps 5 (training)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
