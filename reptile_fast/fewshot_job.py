@@ -335,11 +335,9 @@ def check_omniglot_memory(config: OmniglotConfig, device: torch.device, world_si
     message) instead of refused (QA77).  A lower bound: this process's share of the meta-batch ×
     (its images and labels + one adapted copy of the net's parameters, which every backend holds
     per task for the outer update)."""
-    from .jobs import available_memory
+    from .jobs import free_memory_for
 
-    if device.type != "cpu":
-        return  # a GPU allocation fails at once, with the message the CLI reports
-    avail = available_memory()
+    avail = free_memory_for(device)
     if avail is None:
         return
     share = config.meta_batch_size // max(int(world_size), 1)

@@ -140,6 +140,13 @@ def available_memory() -> Optional[int]:
     return avail
 
 
+def free_memory_for(device: torch.device) -> Optional[int]:
+    """The bytes a job's memory checks compare with: the machine's free memory for a CPU run
+    (``available_memory``), None where it is unknown or the device is a GPU (whose allocation fails
+    at once, with the message the CLI reports)."""
+    return available_memory() if device.type == "cpu" else None
+
+
 def check_sine_memory(config: SineConfig, device: torch.device, world_size: int = 1) -> None:
     """``MemoryError`` before training when the meta-batch's draws or the held-out evaluation
     cannot fit.
@@ -151,9 +158,7 @@ def check_sine_memory(config: SineConfig, device: torch.device, world_size: int 
     a meta-step's tasks (x and y) and plans for this process's share of the meta-batch, which every
     backend draws at once; the held-out tasks' points and one adapted copy of the parameters per
     task, which evaluation holds all at once — so a refusal is right."""
-    if device.type != "cpu":
-        return  # a GPU allocation fails at once, with the message the CLI reports
-    avail = available_memory()
+    avail = free_memory_for(device)
     if avail is None:
         return
     share = config.meta_batch_size // max(int(world_size), 1)
